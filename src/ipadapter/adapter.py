@@ -1,0 +1,147 @@
+"""One IP-Adapter as a module: its projection head and, per UNet attention layer (by name), K'/V' and LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ipadapter.layers import AttentionLayer, attention_layers
+from ipadapter.projection.detect import ProjectionConfig, build_projection
+from ipadapter.variants import get_variant
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What the adapter is; recorded in the project's own files, detected from keys for published ones."""
+
+    variant: str
+    projection: ProjectionConfig
+    lora_rank: int = 0
+    encoder: str = ""
+    base: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.projection.tokens
+
+    @property
+    def cross_dim(self) -> int:
+        return self.projection.cross_dim
+
+    def to_metadata(self) -> dict[str, str]:
+        import json
+
+        return {
+            "format": "ipadapter/1", "variant": self.variant, "projection": json.dumps(self.projection.to_dict()),
+            "lora_rank": str(self.lora_rank), "encoder": self.encoder, "base": self.base, "tokens": str(self.tokens),
+            "extra": json.dumps(self.extra),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> "AdapterConfig":
+        import json
+
+        return cls(
+            variant=meta["variant"], projection=ProjectionConfig(**json.loads(meta["projection"])),
+            lora_rank=int(meta.get("lora_rank", "0")), encoder=meta.get("encoder", ""), base=meta.get("base", ""),
+            extra=json.loads(meta.get("extra", "{}")),
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class LoRA(nn.Module):
+    """Low-rank delta `up(down(x))`; key names `down`/`up` as in the FaceID files."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.normal_(self.down.weight, std=1 / rank)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x.to(self.down.weight.dtype)))
+
+
+class AdapterLayer(nn.Module):
+    """The adapter's weights at one attention layer: image K'/V' (cross-attention only), optional LoRA."""
+
+    def __init__(self, layer: AttentionLayer, cross_dim: int, lora_rank: int = 0, image_branch: bool = True) -> None:
+        super().__init__()
+        self.has_ip = layer.cross and image_branch
+        if self.has_ip:
+            self.to_k_ip = nn.Linear(cross_dim, layer.width, bias=False)
+            self.to_v_ip = nn.Linear(cross_dim, layer.width, bias=False)
+        self.has_lora = lora_rank > 0
+        if self.has_lora:
+            kv_in = layer.cross_dim if layer.cross else layer.width
+            query_dim = layer.width
+            self.to_q_lora = LoRA(query_dim, layer.width, lora_rank)
+            self.to_k_lora = LoRA(kv_in, layer.width, lora_rank)
+            self.to_v_lora = LoRA(kv_in, layer.width, lora_rank)
+            self.to_out_lora = LoRA(layer.width, query_dim, lora_rank)
+
+
+def layer_key(name: str) -> str:
+    """ModuleDict keys cannot hold dots; layer names never hold '-'."""
+    return name.replace(".", "-")
+
+
+class IPAdapter(nn.Module):
+    """A loaded (or new, trainable) adapter, independent of any UNet until attached.
+
+    `layers` is keyed by the UNet layer's module path (dots as '-'), never by position.
+    """
+
+    def __init__(self, config: AdapterConfig, layers: list[AttentionLayer]) -> None:
+        super().__init__()
+        variant = get_variant(config.variant)
+        self.config = config
+        self.variant = variant
+        self.image_proj = build_projection(config.projection, shortcut=variant.shortcut)
+        self.layers = nn.ModuleDict(
+            {layer_key(l.name): AdapterLayer(l, config.cross_dim, config.lora_rank)
+             for l in layers if l.cross or config.lora_rank}
+        )
+        self.layer_specs = {l.name: l for l in layers}
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, config: AdapterConfig, *, init_from_unet: bool = True) -> "IPAdapter":
+        """A new adapter shaped for `unet`; K'/V' start as copies of each layer's to_k/to_v (the paper's init)."""
+        adapter = cls(config, attention_layers(unet))
+        if init_from_unet:
+            with torch.no_grad():
+                for name, layer in adapter.named_layers():
+                    if layer.has_ip:
+                        attn = unet.get_submodule(name)
+                        if attn.to_k.weight.shape == layer.to_k_ip.weight.shape:
+                            layer.to_k_ip.weight.copy_(attn.to_k.weight)
+                            layer.to_v_ip.weight.copy_(attn.to_v.weight)
+        return adapter
+
+    def named_layers(self) -> list[tuple[str, AdapterLayer]]:
+        return [(k.replace("-", "."), m) for k, m in self.layers.items()]
+
+    def layer(self, name: str) -> AdapterLayer | None:
+        return self.layers[layer_key(name)] if layer_key(name) in self.layers else None
+
+    def project(self, *features: torch.Tensor) -> torch.Tensor:
+        """Encoder features → tokens (B, T, C). FaceID-Plus takes (id_embeds, patches)."""
+        return self.image_proj(*features)
+
+    def layer_state_dict(self) -> dict[str, torch.Tensor]:
+        """Name-keyed tensors: "{layer name}.to_k_ip.weight", "{layer name}.to_q_lora.down.weight", ..."""
+        return {f"{name}.{k}": v for name, layer in self.named_layers() for k, v in layer.state_dict().items()}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype

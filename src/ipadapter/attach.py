@@ -1,0 +1,146 @@
+"""Attach adapters to a UNet and detach them, PEFT-style: check everything first, keep the originals, restore them.
+
+This is the only module that touches the UNet's attention processors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ipadapter.adapter import IPAdapter
+from ipadapter.attention import IPAttnProcessor
+from ipadapter.errors import IPAdapterError
+from ipadapter.layers import attention_layers
+from ipadapter.runtime import AdapterPrompt, Runtime
+
+_FAMILIES = {768: "SD 1.5", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def family_of(cross_dim: int) -> str:
+    return _FAMILIES.get(cross_dim, f"a model with {cross_dim}-wide text tokens")
+
+
+def check_compatible(unet: nn.Module, adapter: IPAdapter, name: str = "adapter") -> None:
+    """Raise one sentence saying what does not fit, before anything is changed."""
+    layers = {l.name: l for l in attention_layers(unet)}
+    cross = [l for l in layers.values() if l.cross]
+    if not cross:
+        raise IPAdapterError("this UNet has no cross-attention layers to attach an IP-Adapter to")
+    unet_dim = cross[0].cross_dim
+    if adapter.config.cross_dim != unet_dim:
+        raise IPAdapterError(
+            f"{name} was made for {family_of(adapter.config.cross_dim)} (token width {adapter.config.cross_dim}) but "
+            f"this UNet is {family_of(unet_dim)} (width {unet_dim}); use an adapter made for {family_of(unet_dim)}"
+        )
+    ip_layers = [n for n, l in adapter.named_layers() if l.has_ip]
+    missing = [l.name for l in cross if l.name not in ip_layers]
+    extra = [n for n, l in adapter.named_layers() if n not in layers]
+    if missing or extra:
+        raise IPAdapterError(
+            f"{name} has weights for {len(ip_layers)} cross-attention layers but this UNet has {len(cross)}"
+            + (f" (first unknown layer: {extra[0]})" if extra else f" (first missing: {missing[0]})")
+            + "; it was made for another UNet architecture"
+        )
+    for n, weights in adapter.named_layers():
+        if weights.has_ip and weights.to_k_ip.weight.shape[0] != layers[n].width:
+            raise IPAdapterError(
+                f"{name}'s layer {n} is {weights.to_k_ip.weight.shape[0]} wide but the UNet's is {layers[n].width}"
+            )
+
+
+class Attachment:
+    """Adapters attached to one UNet. `runtime` carries the per-generation prompts to the processors."""
+
+    def __init__(self, unet: nn.Module, adapters: Mapping[str, IPAdapter], scheduler: Any = None) -> None:
+        self.unet = unet
+        self.adapters = dict(adapters)
+        self.scheduler = scheduler
+        self.runtime = Runtime()
+        self.rows: int | None = None
+        self._originals: dict[str, Any] = {}
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._originals)
+
+    def _install(self) -> None:
+        per_layer: dict[str, dict[str, nn.Module]] = {}
+        for adapter_name, adapter in self.adapters.items():
+            for layer_name, weights in adapter.named_layers():
+                per_layer.setdefault(layer_name, {})[adapter_name] = weights
+        layers = {l.name: l for l in attention_layers(self.unet)}
+        for layer_name, weights in per_layer.items():
+            attn = self.unet.get_submodule(layer_name)
+            self._originals[layer_name] = attn.processor
+            attn.set_processor(IPAttnProcessor(layers[layer_name], attn.processor, self.runtime, weights))
+        self._hook = self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+
+    def _before_unet(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        self.runtime.latent_hw = tuple(sample.shape[-2:])
+        if self.rows is not None:
+            self.runtime.cfg = sample.shape[0] == 2 * self.rows
+        self.runtime.progress = self._progress(timestep)
+
+    def _progress(self, timestep: Any) -> float | None:
+        """Fraction of the denoising run at this UNet call, from the scheduler's own timestep list."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is None or timestep is None or len(timesteps) == 0:
+            return None
+        t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
+        index = int(torch.argmin((timesteps - t).abs()))
+        return index / len(timesteps)
+
+    def check_intact(self) -> None:
+        """The adapter is silently lost when something replaces processors after attaching; say so instead."""
+        for name in self._originals:
+            if not isinstance(self.unet.get_submodule(name).processor, IPAttnProcessor):
+                raise IPAdapterError(
+                    f"the attention processor of {name} was replaced after the adapter was attached (for example by "
+                    "set_attn_processor or enable_xformers_memory_efficient_attention); attach the adapter again"
+                )
+
+    def set_prompts(self, prompts: Mapping[str, AdapterPrompt], *, rows: int | None = None, cfg: bool = False) -> None:
+        """Prompts for the next UNet calls; `rows` (prompts × images) lets the hook recognise a CFG batch."""
+        unknown = set(prompts) - set(self.adapters)
+        if unknown:
+            raise IPAdapterError(f"no adapter named {sorted(unknown)[0]!r}; attached: {', '.join(self.adapters)}")
+        self.rows = rows
+        self.runtime.set(prompts, cfg=cfg)
+
+    def clear(self) -> None:
+        self.rows = None
+        self.runtime.clear()
+
+    def detach(self) -> None:
+        """Put back the exact processor objects that were there before; the UNet is as if never touched."""
+        for name, original in self._originals.items():
+            self.unet.get_submodule(name).set_processor(original)
+        self._originals.clear()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def attach(
+    unet: nn.Module, adapters: IPAdapter | list[IPAdapter] | Mapping[str, IPAdapter], *, scheduler: Any = None
+) -> Attachment:
+    """Attach one or several adapters (named "0", "1", ... unless a mapping is given) to `unet`."""
+    if isinstance(adapters, IPAdapter):
+        adapters = [adapters]
+    if not isinstance(adapters, Mapping):
+        adapters = {str(i): a for i, a in enumerate(adapters)}
+    if any(isinstance(p, IPAttnProcessor) for p in unet.attn_processors.values()):
+        raise IPAdapterError("this UNet already has adapters attached; detach them first or attach all together")
+    for name, adapter in adapters.items():
+        check_compatible(unet, adapter, f"adapter {name!r}")
+        adapter.to(device=unet.device, dtype=unet.dtype)
+    attachment = Attachment(unet, adapters, scheduler)
+    attachment._install()
+    return attachment

@@ -1,0 +1,48 @@
+"""Entry point: wires the subcommands, maps user errors to one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module exposes `register(subparsers)`; the subcommand it adds sets `func(args) -> int`.
+COMMANDS = ("generate", "encode", "train", "evaluate", "miniature", "app")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipadapter", description="Image prompts for Stable Diffusion (IP-Adapter).")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"ipadapter.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"ipadapter.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ipadapter.errors import IPAdapterError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or getattr(args, "sub_debug", False)
+    try:
+        return int(args.func(args) or 0)
+    except IPAdapterError as err:
+        if debug:
+            raise
+        print(f"ipadapter: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ipadapter: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

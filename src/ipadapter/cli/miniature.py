@@ -1,0 +1,88 @@
+"""`ipadapter miniature`: write shapes-world datasets, train the miniature models, export the shipped weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ipadapter.errors import IPAdapterError
+
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _data(args: argparse.Namespace) -> int:
+    from ipadapter.miniature.world import write_dataset
+
+    if args.n < 1:
+        raise IPAdapterError(f"--n must be at least 1, not {args.n}.")
+    manifest = write_dataset(args.out, args.n, args.seed, args.split)
+    print(f"wrote {args.n} {args.split} images and {manifest}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ipadapter.miniature.recipes import run_recipe
+
+    if args.steps is not None and args.steps < 1:
+        raise IPAdapterError(f"--steps must be at least 1, not {args.steps}.")
+    _threads(args)
+    run_recipe(args.recipe, Path(args.out), args.steps, args.resume)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ipadapter.miniature.recipes import evaluate_base
+
+    _threads(args)
+    report = evaluate_base(Path(args.out), n=args.n)
+    for split in ("train", "heldout"):
+        print(split, {k: round(v, 3) for k, v in report[split]["accuracy"].items()})
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ipadapter.miniature.recipes import export
+
+    _threads(args)
+    sizes = export(Path(args.out))
+    print("exported (MB):", {k: round(v, 2) for k, v in sizes.items()})
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ipadapter.miniature.recipes import DEFAULT_OUT, RECIPES
+
+    parser = subparsers.add_parser("miniature", help="the offline shapes-world base models (data, training, export)")
+    sub = parser.add_subparsers(dest="miniature_command", required=True)
+
+    data = sub.add_parser("data", help="write PNGs + manifest.jsonl (image_file, text, attrs)")
+    data.add_argument("--out", required=True, help="output folder")
+    data.add_argument("--n", type=int, default=1000, help="number of images")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--split", choices=("train", "heldout"), default="train",
+                      help="heldout draws only the held-out (shape, colour, background colour) triples")
+    data.set_defaults(func=_data)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", default=str(DEFAULT_OUT), help="run folder (checkpoints, logs, trained models)")
+    common.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+    train = sub.add_parser("train", parents=[common], help="run a training recipe (fixed seeds)")
+    train.add_argument("recipe", choices=sorted(RECIPES), help="; ".join(f"{k}: {r.help}" for k, r in RECIPES.items()))
+    train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("evaluate", parents=[common], help="judge accuracy of the base model's samples")
+    evaluate.add_argument("--n", type=int, default=64, help="samples per split")
+    evaluate.set_defaults(func=_evaluate)
+
+    export = sub.add_parser("export", parents=[common], help="write fp16 weights into the package assets")
+    export.set_defaults(func=_export)

@@ -1,0 +1,40 @@
+"""Where the shipped miniature weights live, and one clear error (naming the recipe that rebuilds them) if not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ipadapter.errors import IPAdapterError
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+PIPELINE_DIR = ASSETS_DIR / "pipeline"
+JUDGE_DIR = ASSETS_DIR / "judge"
+
+_REBUILD = {
+    "pipeline": "ipadapter miniature train clip && ipadapter miniature train vae && "
+    "ipadapter miniature train unet && ipadapter miniature export",
+    "judge": "ipadapter miniature train judge && ipadapter miniature export",
+}
+
+
+def _require(path: Path, marker: str, what: str) -> Path:
+    if not (path / marker).is_file():
+        raise IPAdapterError(
+            f"The miniature {what} is missing ({path / marker} not found); rebuild it with `{_REBUILD[what]}`."
+        )
+    return path
+
+
+def pipeline_path() -> Path:
+    """The tiny Stable Diffusion folder (also holds `image_encoder/` and `feature_extractor/` for IP-Adapter)."""
+    return _require(PIPELINE_DIR, "model_index.json", "pipeline")
+
+
+def image_encoder_path() -> Path:
+    """The adapters' image encoder: the tiny CLIP's vision tower (`CLIPVisionModelWithProjection`)."""
+    return _require(pipeline_path() / "image_encoder", "config.json", "pipeline")
+
+
+def judge_path() -> Path:
+    """The judge folder: `classifier.*` and the independent judge CLIP in `clip/`."""
+    return _require(JUDGE_DIR, "classifier.safetensors", "judge")

@@ -1,0 +1,269 @@
+"""The tiny Stable Diffusion of the shapes world: VAE, latent/text caches, UNet, and the exported pipeline folder.
+
+The UNet trains on cached VAE latents and cached text-encoder states (computed once), because on a 2-core CPU
+running the VAE and the text tower on every step would cost more than the UNet itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ipadapter.miniature import tokenizer as tok
+from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
+from ipadapter.miniature.world import SIZE_PX, caption, make_batch
+
+LATENT_CHANNELS = 4
+LATENT_PX = SIZE_PX // 4
+TRAIN_TIMESTEPS = 1000
+UNCOND_PROB = 0.1
+
+
+def vae_config() -> dict:
+    """64x64x3 <-> 16x16x4, ~1M parameters (a size measured to reconstruct stripes and checkers)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=32,
+        sample_size=SIZE_PX,
+    )
+
+
+def unet_config(cross_attention_dim: int, widths: tuple[int, ...] = (64, 128, 128)) -> dict:
+    """16x16x4 latents; cross-attention at 8x8 and 4x4 and in the mid block; 4 heads (head_dim >= 16)."""
+    return dict(
+        sample_size=LATENT_PX,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=widths,
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, 64, 64, 3] -> float [N, 3, 64, 64] in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(
+    out_dir: str | Path,
+    steps: int = 500,
+    seed: int = 1,
+    batch: int = 32,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    resume: bool = False,
+    name: str = "vae",
+):
+    """Reconstruction (MSE + L1) with a tiny KL term; saves `out_dir/name/` with `scaling_factor` set to 1/latent std."""
+    from diffusers import AutoencoderKL
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**vae_config())
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    run = TrainRun(out, name, steps, {"vae": vae}, optimizer, resume=resume)
+    log.info("%s: %d parameters", name, sum(p.numel() for p in vae.parameters()))
+    vae.train()
+    for step in range(run.start_step, steps):
+        images, _ = make_batch(seed * 1_000_003 + step, batch)
+        x = to_model_range(images)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / (LATENT_CHANNELS * LATENT_PX * LATENT_PX)
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + kl_weight * kl
+        run.set_lr(step, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        run.step_done(step + 1, loss.item())
+    vae.eval()
+    with torch.no_grad():
+        images, _ = make_batch(seed + 7, 256)
+        x = to_model_range(images)
+        latents = vae.encode(x).latent_dist.mean
+        mse = F.mse_loss(vae.decode(latents).sample.clamp(-1, 1), x).item()
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    final = out / name
+    vae.save_pretrained(final)
+    log.info(
+        "%s: saved to %s (final loss %.4f, eval MSE %.4f, scaling_factor %.3f, %.1f min)",
+        name, final, run.last_loss, mse, vae.config.scaling_factor, run.elapsed_s() / 60,
+    )
+    return vae
+
+
+@torch.no_grad()
+def build_cache(out_dir: str | Path, vae_dir: str | Path, clip_dir: str | Path, n: int = 16384, seed: int = 2) -> Path:
+    """Encode `n` training scenes once: scaled VAE latent means, text states, and the empty caption's states."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    path = Path(out_dir) / "unet_cache.pt"
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    text_encoder = CLIPTextModel.from_pretrained(clip_dir).eval()
+    tokenizer = tok.load_tokenizer(clip_dir)
+    images, attrs = make_batch(seed, n)
+    latents, states = [], []
+    for i in range(0, n, 256):
+        x = to_model_range(images[i : i + 256])
+        latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        ids = _ids(tokenizer, [caption(a) for a in attrs[i : i + 256]])
+        states.append(text_encoder(input_ids=ids).last_hidden_state)
+        log.info("cache: %d/%d", min(n, i + 256), n)
+    empty = text_encoder(input_ids=_ids(tokenizer, [""])).last_hidden_state
+    cache = {"latents": torch.cat(latents), "text": torch.cat(states).half(), "empty": empty}
+    atomic_torch_save(cache, path)
+    log.info("cache: latents std %.3f saved to %s", cache["latents"].std().item(), path)
+    return path
+
+
+def _ids(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def training_scheduler():
+    """Stable Diffusion's DDPM noise schedule (scaled linear betas), epsilon prediction."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False,
+    )
+
+
+def sampling_scheduler():
+    """The pipeline's DDIM scheduler, on the same betas as training."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(training_scheduler().config, set_alpha_to_one=False, steps_offset=1)
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """EMA with a warm-up (decay grows from 0.1) so early weights do not dominate a short run."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - d)
+
+
+def train_unet(
+    out_dir: str | Path,
+    cache_path: str | Path,
+    steps: int = 1200,
+    seed: int = 3,
+    batch: int = 64,
+    lr: float = 5e-4,
+    ema_decay: float = 0.995,
+    widths: tuple[int, ...] = (64, 128, 128),
+    resume: bool = False,
+    name: str = "unet",
+):
+    """Epsilon-MSE on cached latents; 10% of captions replaced by the empty caption (for guidance). Saves the EMA."""
+    from diffusers import UNet2DConditionModel
+
+    out = Path(out_dir)
+    cache = torch.load(cache_path, map_location="cpu", weights_only=True)
+    latents, text, empty = cache["latents"], cache["text"], cache["empty"]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config(text.shape[-1], widths))
+    ema = UNet2DConditionModel(**unet_config(text.shape[-1], widths))
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    run = TrainRun(out, name, steps, {"unet": unet, "ema": ema}, optimizer, resume=resume)
+    log.info("%s: %d parameters, %d cached pairs", name, sum(p.numel() for p in unet.parameters()), len(latents))
+    noise_scheduler = training_scheduler()
+    unet.train()
+    for step in range(run.start_step, steps):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        x0 = latents[idx]
+        cond = text[idx].float()
+        drop = torch.rand(batch, generator=g) < UNCOND_PROB
+        cond[drop] = empty.expand(int(drop.sum()), -1, -1)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(TRAIN_TIMESTEPS, (batch,), generator=g)
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        run.set_lr(step, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        _ema_update(ema, unet, step, ema_decay)
+        run.step_done(step + 1, loss.item())
+    final = out / name
+    ema.save_pretrained(final)
+    log.info("%s: EMA saved to %s (final loss %.4f, %.1f min)", name, final, run.last_loss, run.elapsed_s() / 60)
+    return ema
+
+
+def assemble_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Path, dtype=torch.float32):
+    """A `StableDiffusionPipeline` whose text encoder and image encoder are the two towers of the tiny CLIP."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
+
+    from ipadapter.miniature.tiny_clip import image_processor
+
+    clip = CLIPModel.from_pretrained(clip_dir)
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    vision_config = clip.config.vision_config
+    vision_config.projection_dim = clip.config.projection_dim
+    image_encoder = CLIPVisionModelWithProjection(vision_config)
+    image_encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
+    image_encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir),
+        text_encoder=text_encoder,
+        tokenizer=tok.load_tokenizer(clip_dir),
+        unet=UNet2DConditionModel.from_pretrained(unet_dir),
+        scheduler=sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=image_processor(),
+        image_encoder=image_encoder,
+        requires_safety_checker=False,
+    )
+    return pipe.to(dtype=dtype)
+
+
+def save_pipeline(pipe, out: str | Path, half: bool = False) -> Path:
+    """Save as a standard diffusers folder (safetensors); `half` stores fp16 weights for shipping."""
+    out = Path(out)
+    if half:
+        pipe = pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    if half:
+        pipe.to(dtype=torch.float32)
+    index = json.loads((out / "model_index.json").read_text())
+    log.info("pipeline saved to %s: %s", out, sorted(k for k in index if not k.startswith("_")))
+    return out
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], seed: int = 0, steps: int = 25, guidance: float = 5.0) -> np.ndarray:
+    """Text-to-image with DDIM; returns uint8 [N, 64, 64, 3]."""
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe(
+        prompts, height=SIZE_PX, width=SIZE_PX, num_inference_steps=steps, guidance_scale=guidance,
+        generator=generator, output_type="np",
+    )
+    return (np.clip(out.images, 0, 1) * 255 + 0.5).astype(np.uint8)

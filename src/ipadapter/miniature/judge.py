@@ -1,0 +1,179 @@
+"""The judge: an attribute classifier (small CNN, one head per attribute) and an independently trained judge CLIP.
+
+Both are used only to measure generated images, never to train what they measure: the classifier gives
+per-attribute accuracy, the judge CLIP gives CLIP-I / CLIP-T style similarities with weights the adapters never saw.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ipadapter.miniature import tiny_clip
+from ipadapter.miniature.runloop import TrainRun, log
+from ipadapter.miniature.world import ATTRIBUTES, SIZE_PX, Attrs, caption, make_batch
+
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
+CLASSIFIER_CONFIG = "classifier.json"
+JUDGE_CLIP_SIZE = tiny_clip.ClipSize(hidden=96, layers=3, heads=4, projection=96)
+
+
+class AttributeClassifier(nn.Module):
+    """Four strided conv blocks keep a 4x4 spatial map (position and size need it), then one linear head each."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        chans = (3, width, 2 * width, 4 * width, 4 * width)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(chans, chans[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(chans[-1] * 16, 256), nn.ReLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in ATTRIBUTES.items()})
+        self.width = width
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features(pixel_values)
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+def _labels(attrs: list[Attrs]) -> torch.Tensor:
+    return torch.tensor([a.label() for a in attrs])
+
+
+def _degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Blur half the batch and add mild noise: generated images are softer than drawn ones, the judge must not care."""
+    soft = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear", align_corners=False)
+    pick = (torch.rand(len(x), 1, 1, 1, generator=g) < 0.5).float()
+    x = pick * soft + (1 - pick) * x
+    return x + 0.05 * torch.randn(x.shape, generator=g)
+
+
+def train_classifier(
+    out_dir: str | Path, steps: int = 600, seed: int = 11, batch: int = 128, lr: float = 2e-3, resume: bool = False,
+    name: str = "classifier",
+) -> AttributeClassifier:
+    """Cross-entropy summed over the six heads, on fresh train-split batches; saves `out_dir/judge/classifier.*`."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    model = AttributeClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    run = TrainRun(out, name, steps, {"model": model}, optimizer, resume=resume)
+    log.info("%s: %d parameters", name, sum(p.numel() for p in model.parameters()))
+    model.train()
+    for step in range(run.start_step, steps):
+        images, attrs = make_batch(seed * 1_000_003 + step, batch)
+        logits = model(_degrade(tiny_clip.pixels(images), g=torch.Generator().manual_seed(step)))
+        labels = _labels(attrs)
+        loss = sum(F.cross_entropy(logits[n], labels[:, i]) for i, n in enumerate(ATTRIBUTES))
+        run.set_lr(step, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.step_done(step + 1, loss.item())
+    model.eval()
+    final = out / "judge"
+    final.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, final / CLASSIFIER_WEIGHTS)
+    (final / CLASSIFIER_CONFIG).write_text(json.dumps({"width": model.width, "attributes": ATTRIBUTES}, indent=2))
+    log.info("%s: saved to %s (final loss %.4f, %.1f min)", name, final, run.last_loss, run.elapsed_s() / 60)
+    return model
+
+
+def train_judge(out_dir: str | Path, steps: int = 600, resume: bool = False) -> dict[str, float]:
+    """Judge CLIP (seed 10, smaller than the adapters' CLIP) and classifier; returns held-out accuracies."""
+    out = Path(out_dir)
+    tiny_clip.train_clip(out, name="judge_clip", steps=steps, seed=10, size=JUDGE_CLIP_SIZE, resume=resume)
+    train_classifier(out, steps=steps, resume=resume)
+    judge = Judge.load(out / "judge", clip_dir=out / "judge_clip")
+    images, attrs = make_batch(12345, 2048, "heldout")
+    report = judge.accuracy(images, attrs)
+    (out / "judge_eval.json").write_text(json.dumps({"heldout_n": 2048, "accuracy": report}, indent=2))
+    log.info("judge: held-out accuracy %s", report)
+    return report
+
+
+def to_uint8(images) -> np.ndarray:
+    """PIL images, a list of arrays, or an array ([N,H,W,3] uint8 or float in [0,1]) -> uint8 [N, 64, 64, 3]."""
+    from PIL import Image
+
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        arr = images
+    else:
+        arr = np.stack([
+            np.asarray(im.convert("RGB").resize((SIZE_PX, SIZE_PX), Image.BICUBIC))
+            if isinstance(im, Image.Image) else np.asarray(im)
+            for im in images
+        ])
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
+    if arr.shape[1:3] != (SIZE_PX, SIZE_PX):
+        arr = np.stack([np.asarray(Image.fromarray(a).resize((SIZE_PX, SIZE_PX), Image.BICUBIC)) for a in arr])
+    return arr
+
+
+class Judge:
+    """Loaded judge: `predict`/`accuracy` from the classifier, `image_similarity`/`text_score` from the judge CLIP."""
+
+    def __init__(self, classifier: AttributeClassifier, clip, tokenizer) -> None:
+        self.classifier = classifier.eval()
+        self.clip = clip.eval()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, judge_dir: str | Path, clip_dir: str | Path | None = None) -> "Judge":
+        """`judge_dir` holds classifier.* and (unless `clip_dir` is given) the judge CLIP in `clip/`."""
+        from safetensors.torch import load_file
+        from transformers import CLIPModel
+
+        from ipadapter.miniature.tokenizer import load_tokenizer
+
+        judge_dir = Path(judge_dir)
+        config = json.loads((judge_dir / CLASSIFIER_CONFIG).read_text())
+        classifier = AttributeClassifier(width=config["width"])
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(judge_dir / CLASSIFIER_WEIGHTS).items()}
+        classifier.load_state_dict(state)
+        clip_dir = Path(clip_dir) if clip_dir is not None else judge_dir / "clip"
+        clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32)
+        return cls(classifier, clip, load_tokenizer(clip_dir))
+
+    @torch.no_grad()
+    def predict(self, images) -> list[dict[str, str]]:
+        logits = self.classifier(tiny_clip.pixels(to_uint8(images)))
+        index = {n: logits[n].argmax(dim=1).tolist() for n in ATTRIBUTES}
+        return [{n: ATTRIBUTES[n][index[n][i]] for n in ATTRIBUTES} for i in range(len(index["shape"]))]
+
+    def accuracy(self, images, attrs: list[Attrs]) -> dict[str, float]:
+        """Fraction correct per attribute, plus "all" (every attribute right)."""
+        predictions = self.predict(images)
+        truth = [asdict(a) for a in attrs]
+        report = {n: float(np.mean([p[n] == t[n] for p, t in zip(predictions, truth)])) for n in ATTRIBUTES}
+        report["all"] = float(np.mean([all(p[n] == t[n] for n in ATTRIBUTES) for p, t in zip(predictions, truth)]))
+        return report
+
+    @torch.no_grad()
+    def image_similarity(self, images_a, images_b) -> torch.Tensor:
+        """Cosine of judge-CLIP image embeddings, pairwise by position (CLIP-I)."""
+        a = tiny_clip.embed(self.clip, images=tiny_clip.pixels(to_uint8(images_a)))
+        b = tiny_clip.embed(self.clip, images=tiny_clip.pixels(to_uint8(images_b)))
+        return (a * b).sum(dim=-1)
+
+    @torch.no_grad()
+    def text_score(self, images, texts: list[str]) -> torch.Tensor:
+        """Cosine of judge-CLIP image and caption embeddings, pairwise by position (CLIP-T)."""
+        image_emb = tiny_clip.embed(self.clip, images=tiny_clip.pixels(to_uint8(images)))
+        text_emb = tiny_clip.embed(self.clip, ids=tiny_clip.tokenize(self.tokenizer, texts))
+        return (image_emb * text_emb).sum(dim=-1)
+
+
+def caption_batch(seed: int, n: int, split: str) -> tuple[list[str], list[Attrs]]:
+    """Captions and attributes of `n` scenes (the images are not needed to prompt a text-to-image model)."""
+    _, attrs = make_batch(seed, n, split)
+    return [caption(a) for a in attrs], attrs

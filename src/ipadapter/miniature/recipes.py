@@ -1,0 +1,135 @@
+"""The recipe table: every shipped miniature model is rebuilt by one named function with fixed seeds and sizes.
+
+Order: `clip` and `vae` (independent, can run at once), `judge` (independent), then `unet` (needs clip + vae;
+evaluates with the judge when present), then `export` (fp16 copies into the package's assets).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ipadapter.errors import IPAdapterError
+from ipadapter.miniature import assets, base_model, judge, tiny_clip
+from ipadapter.miniature.runloop import log
+
+DEFAULT_OUT = Path("runs/miniature")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """`run(out, steps, resume)`; `steps` is the default the shipped weights were trained with."""
+
+    run: Callable[[Path, int, bool], object]
+    steps: int
+    needs: tuple[str, ...] = ()
+    help: str = ""
+
+
+def _clip(out: Path, steps: int, resume: bool) -> object:
+    return tiny_clip.train_clip(out, name="clip", steps=steps, seed=0, batch=128, lr=1e-3, resume=resume)
+
+
+def _vae(out: Path, steps: int, resume: bool) -> object:
+    return base_model.train_vae(out, steps=steps, seed=1, batch=16, lr=1e-3, resume=resume)
+
+
+def _judge(out: Path, steps: int, resume: bool) -> object:
+    return judge.train_judge(out, steps=steps, resume=resume)
+
+
+def _unet(out: Path, steps: int, resume: bool) -> object:
+    cache = out / "unet_cache.pt"
+    if not cache.exists():
+        base_model.build_cache(out, out / "vae", out / "clip")
+    base_model.train_unet(out, cache, steps=steps, seed=3, resume=resume)
+    pipe = base_model.assemble_pipeline(out / "vae", out / "clip", out / "unet")
+    base_model.save_pipeline(pipe, out / "pipeline")
+    if (out / "judge" / judge.CLASSIFIER_WEIGHTS).exists():
+        evaluate_base(out)
+    return pipe
+
+
+RECIPES: dict[str, Recipe] = {
+    "clip": Recipe(_clip, 800, help="tiny CLIP (text encoder + adapters' image encoder)"),
+    "vae": Recipe(_vae, 800, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x4"),
+    "judge": Recipe(_judge, 600, help="judge CLIP + attribute classifier (measurement only)"),
+    "unet": Recipe(_unet, 1400, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
+}
+
+
+def run_recipe(name: str, out: Path = DEFAULT_OUT, steps: int | None = None, resume: bool = False) -> object:
+    """Run one recipe; checks that the models it builds on exist first."""
+    if name not in RECIPES:
+        raise IPAdapterError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.")
+    recipe = RECIPES[name]
+    for need in recipe.needs:
+        if not (out / need / "config.json").exists():
+            raise IPAdapterError(f"Recipe {name!r} needs {out / need}; run `ipadapter miniature train {need}` first.")
+    return recipe.run(out, steps or recipe.steps, resume)
+
+
+def _grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    padded = np.concatenate([images, np.zeros((rows * cols - n, h, w, c), images.dtype)])
+    return padded.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def evaluate_base(out: Path = DEFAULT_OUT, n: int = 64, steps: int = 25, guidance: float = 5.0) -> dict:
+    """Judge accuracy of text-to-image samples for train-split and held-out captions -> base_eval.json + PNG grids."""
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    scorer = judge.Judge.load(out / "judge", clip_dir=out / "judge_clip")
+    report: dict = {"n": n, "ddim_steps": steps, "guidance": guidance}
+    for split, seed in (("train", 777), ("heldout", 778)):
+        prompts, attrs = judge.caption_batch(seed, n, split)
+        images = base_model.sample(pipe, prompts, seed=seed, steps=steps, guidance=guidance)
+        report[split] = {
+            "accuracy": scorer.accuracy(images, attrs),
+            "clip_t": float(scorer.text_score(images, prompts).mean()),
+        }
+        Image.fromarray(_grid(images)).resize((8 * 128, -(-n // 8) * 128), Image.NEAREST).save(
+            out / f"base_samples_{split}.png"
+        )
+        log.info("base eval %s: %s", split, report[split])
+    (out / "base_eval.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def export(out: Path = DEFAULT_OUT, assets_dir: Path = assets.ASSETS_DIR) -> dict[str, float]:
+    """Write fp16 safetensors of the pipeline and the judge into the package; returns sizes in MB."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPModel
+
+    from ipadapter.miniature.tokenizer import load_tokenizer
+
+    for path in (out / "pipeline" / "model_index.json", out / "judge" / judge.CLASSIFIER_WEIGHTS):
+        if not path.exists():
+            raise IPAdapterError(f"Cannot export: {path} is missing; run the recipes first (see docs/miniature.md).")
+    pipe_dir, judge_dir = assets_dir / "pipeline", assets_dir / "judge"
+    for d in (pipe_dir, judge_dir):
+        if d.exists():
+            shutil.rmtree(d)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
+    base_model.save_pipeline(pipe, pipe_dir, half=True)
+    judge_dir.mkdir(parents=True)
+    state = load_file(out / "judge" / judge.CLASSIFIER_WEIGHTS)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, judge_dir / judge.CLASSIFIER_WEIGHTS)
+    shutil.copy(out / "judge" / judge.CLASSIFIER_CONFIG, judge_dir / judge.CLASSIFIER_CONFIG)
+    clip = CLIPModel.from_pretrained(out / "judge_clip", torch_dtype=torch.float32).half()
+    clip.save_pretrained(judge_dir / "clip", safe_serialization=True)
+    load_tokenizer(out / "judge_clip").save_pretrained(judge_dir / "clip")
+    sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20 for d in (pipe_dir, judge_dir)}
+    log.info("exported to %s: %s MB", assets_dir, {k: round(v, 2) for k, v in sizes.items()})
+    return sizes

@@ -1,0 +1,116 @@
+"""Shared machinery of the miniature training runs: log lines, learning-rate schedule, atomic resumable checkpoints.
+
+CPU hours are the bottleneck, so every run checkpoints every few minutes and resumes bit-for-bit where it stopped
+(batches are a pure function of the step, so no data-loader state needs saving).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ipadapter.errors import IPAdapterError
+
+log = logging.getLogger("ipadapter.miniature")
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 50, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to `floor * peak` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temporary file, then rename, so a kill mid-write never leaves a truncated checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class TrainRun:
+    """One named run in `out_dir`: `<name>.log`, `<name>.ckpt.pt`; call `step_done` once per optimiser step."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        name: str,
+        total_steps: int,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        resume: bool = False,
+        checkpoint_every_s: float = 180.0,
+        log_every: int = 10,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.total_steps = total_steps
+        self.modules = modules
+        self.optimizer = optimizer
+        self.checkpoint_every_s = checkpoint_every_s
+        self.log_every = log_every
+        self.ckpt_path = self.out_dir / f"{name}.ckpt.pt"
+        self._attach_log_file()
+        self.start_step = self._load() if resume else 0
+        self._last_save = time.monotonic()
+        self._t0 = time.monotonic()
+        self._losses: list[float] = []
+        self.last_loss = float("nan")
+
+    def _attach_log_file(self) -> None:
+        path = str(self.out_dir / f"{self.name}.log")
+        if not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in log.handlers):
+            handler = logging.FileHandler(path)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+    def _load(self) -> int:
+        if not self.ckpt_path.exists():
+            raise IPAdapterError(f"--resume was given but there is no checkpoint at {self.ckpt_path}.")
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        for key, module in self.modules.items():
+            module.load_state_dict(state["modules"][key])
+        self.optimizer.load_state_dict(state["optimizer"])
+        log.info("%s: resumed from %s at step %d", self.name, self.ckpt_path, state["step"])
+        return int(state["step"])
+
+    def save(self, step: int) -> None:
+        state = {
+            "step": step,
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(),
+        }
+        atomic_torch_save(state, self.ckpt_path)
+        self._last_save = time.monotonic()
+
+    def set_lr(self, step: int, peak: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = cosine_lr(step, self.total_steps, peak)
+
+    def step_done(self, step: int, loss: float) -> None:
+        """`step` is the number of completed steps; logs the mean loss and checkpoints on a timer and at the end."""
+        self._losses.append(loss)
+        if step % self.log_every == 0 or step == self.total_steps:
+            self.last_loss = sum(self._losses) / len(self._losses)
+            self._losses.clear()
+            done = step - self.start_step
+            rate = (time.monotonic() - self._t0) / max(1, done)
+            eta = rate * (self.total_steps - step)
+            log.info(
+                "%s step %d/%d loss %.4f lr %.2e %.2fs/step eta %.1fmin",
+                self.name, step, self.total_steps, self.last_loss,
+                self.optimizer.param_groups[0]["lr"], rate, eta / 60,
+            )
+        if step == self.total_steps or time.monotonic() - self._last_save > self.checkpoint_every_s:
+            self.save(step)
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self._t0

@@ -1,0 +1,217 @@
+"""The miniature "shapes world": one object on a patterned background, drawn with numpy, captioned with a fixed grammar.
+
+Caption grammar (every caption has exactly this word order, so each attribute sits at a fixed slot):
+
+    a {size} {colour} {shape} at the {position} on a {bg_colour} {pattern} background
+
+with `pattern` one of "plain", "horizontal striped", "vertical striped", "checkered", "gradient" and `position`
+one of "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right".
+Example: "a large red circle at the top left on a blue horizontal striped background".
+
+A fixed set of (shape, colour, bg_colour) triples, `HELD_OUT`, never appears in the training split, so a model's
+accuracy on them measures composition rather than memorisation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZE_PX = 64
+_SUPERSAMPLE = 2
+
+SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 35),
+    "orange": (245, 135, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 165, 50),
+    "cyan": (40, 205, 215),
+    "blue": (35, 60, 215),
+    "purple": (135, 45, 175),
+    "white": (245, 245, 245),
+}
+COLOURS = tuple(PALETTE)
+SIZES = ("small", "medium", "large")
+POSITIONS = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)
+PATTERNS = ("plain", "horizontal striped", "vertical striped", "checkered", "gradient")
+
+# Attribute name -> its values; the order is the order of the judge's classification heads.
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "colour": COLOURS,
+    "size": SIZES,
+    "position": POSITIONS,
+    "bg_colour": COLOURS,
+    "pattern": PATTERNS,
+}
+
+_HALF_EXTENT = {"small": 6.0, "medium": 10.0, "large": 14.0}
+_GRID = (16.0, 32.0, 48.0)
+
+
+def _held_out_triples() -> frozenset[tuple[str, str, str]]:
+    """Two triples per shape, spread over all colours; the background offset is never 0 so colour != bg colour."""
+    triples = set()
+    for s, shape in enumerate(SHAPES):
+        for k in range(2):
+            c = (2 * s + 3 * k) % len(COLOURS)
+            b = (c + 1 + s + k) % len(COLOURS)
+            triples.add((shape, COLOURS[c], COLOURS[b]))
+    return frozenset(triples)
+
+
+HELD_OUT: frozenset[tuple[str, str, str]] = _held_out_triples()
+
+
+@dataclass(frozen=True)
+class Attrs:
+    """One scene: the six attributes a caption names and the judge classifies."""
+
+    shape: str
+    colour: str
+    size: str
+    position: str
+    bg_colour: str
+    pattern: str
+
+    @property
+    def triple(self) -> tuple[str, str, str]:
+        return (self.shape, self.colour, self.bg_colour)
+
+    def label(self) -> list[int]:
+        """Class indices in `ATTRIBUTES` order (targets of the judge's heads)."""
+        return [ATTRIBUTES[name].index(getattr(self, name)) for name in ATTRIBUTES]
+
+
+def caption(attrs: Attrs) -> str:
+    """The one caption of a scene, in the grammar documented at the top of this module."""
+    return (
+        f"a {attrs.size} {attrs.colour} {attrs.shape} at the {attrs.position} "
+        f"on a {attrs.bg_colour} {attrs.pattern} background"
+    )
+
+
+def sample_attrs(rng: np.random.Generator, split: str = "train") -> Attrs:
+    """Draw a scene; "train" rejects held-out triples, "heldout" draws only them."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+    if split == "heldout":
+        triples = sorted(HELD_OUT)
+        shape, colour, bg = triples[rng.integers(len(triples))]
+    else:
+        while True:
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            colour = COLOURS[rng.integers(len(COLOURS))]
+            bg = COLOURS[rng.integers(len(COLOURS))]
+            if bg != colour and (shape, colour, bg) not in HELD_OUT:
+                break
+    return Attrs(
+        shape=shape,
+        colour=colour,
+        size=SIZES[rng.integers(len(SIZES))],
+        position=POSITIONS[rng.integers(len(POSITIONS))],
+        bg_colour=bg,
+        pattern=PATTERNS[rng.integers(len(PATTERNS))],
+    )
+
+
+def _variant(rgb: np.ndarray) -> np.ndarray:
+    """A lighter (dark colours) or darker (light colours) shade, so patterns never hide the background colour."""
+    luminance = float(rgb @ np.array([0.299, 0.587, 0.114])) / 255.0
+    target = 0.0 if luminance > 0.6 else 255.0
+    return rgb + 0.35 * (target - rgb)
+
+
+def _grid(scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in 64-px units on a grid `scale` times finer."""
+    yy, xx = np.mgrid[0 : SIZE_PX * scale, 0 : SIZE_PX * scale].astype(np.float32)
+    return (yy + 0.5) / scale, (xx + 0.5) / scale
+
+
+# Patterns are axis-aligned on whole pixels and need no anti-aliasing; shape edges are drawn 2x finer.
+_BG_YY, _BG_XX = _grid(1)
+_YY, _XX = _grid(_SUPERSAMPLE)
+
+
+def _background(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
+    base = np.array(PALETTE[attrs.bg_colour], dtype=np.float32)
+    other = _variant(base)
+    period = 8.0
+    phase = float(rng.integers(8))
+    if attrs.pattern == "plain":
+        weight = np.zeros((SIZE_PX, SIZE_PX), np.float32)
+    elif attrs.pattern == "horizontal striped":
+        weight = (((_BG_YY + phase) // (period / 2)) % 2).astype(np.float32)
+    elif attrs.pattern == "vertical striped":
+        weight = (((_BG_XX + phase) // (period / 2)) % 2).astype(np.float32)
+    elif attrs.pattern == "checkered":
+        weight = ((((_BG_XX + phase) // period) + ((_BG_YY + phase) // period)) % 2).astype(np.float32)
+    else:
+        weight = _BG_YY / SIZE_PX
+    return base + weight[..., None] * (other - base)
+
+
+def _shape_mask(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
+    r = _HALF_EXTENT[attrs.size] + float(rng.uniform(-1.0, 1.0))
+    row, col = divmod(POSITIONS.index(attrs.position), 3)
+    cx = _GRID[col] + float(rng.uniform(-2.0, 2.0))
+    cy = _GRID[row] + float(rng.uniform(-2.0, 2.0))
+    dx, dy = _XX - cx, _YY - cy
+    ax, ay = np.abs(dx), np.abs(dy)
+    if attrs.shape == "circle":
+        mask = dx * dx + dy * dy <= r * r
+    elif attrs.shape == "square":
+        mask = np.maximum(ax, ay) <= 0.85 * r
+    elif attrs.shape == "triangle":
+        mask = (dy <= 0.8 * r) & (ax <= (dy + r) / 1.8)
+    elif attrs.shape == "diamond":
+        mask = ax + ay <= 1.1 * r
+    elif attrs.shape == "ring":
+        d2 = dx * dx + dy * dy
+        mask = (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    else:
+        arm = 0.33 * r
+        mask = ((ax <= arm) & (ay <= r)) | ((ay <= arm) & (ax <= r))
+    return mask.astype(np.float32)
+
+
+def draw(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
+    """Render a scene as uint8 [64, 64, 3]; `rng` only jitters position, size and stripe phase."""
+    background = _background(attrs, rng)
+    s = _SUPERSAMPLE
+    coverage = _shape_mask(attrs, rng).reshape(SIZE_PX, s, SIZE_PX, s).mean(axis=(1, 3))[..., None]
+    colour = np.array(PALETTE[attrs.colour], dtype=np.float32)
+    image = background + coverage * (colour - background)
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+
+
+def make_batch(seed: int, n: int, split: str = "train") -> tuple[np.ndarray, list[Attrs]]:
+    """`n` scenes and their images [n, 64, 64, 3] uint8, a pure function of (seed, n, split)."""
+    rng = np.random.default_rng(seed)
+    attrs = [sample_attrs(rng, split) for _ in range(n)]
+    images = np.stack([draw(a, rng) for a in attrs])
+    return images, attrs
+
+
+def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train") -> Path:
+    """Write `n` PNGs and `manifest.jsonl` (image_file relative to out_dir, text, attrs); returns the manifest path."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    images, attrs = make_batch(seed, n, split)
+    manifest = out / "manifest.jsonl"
+    with open(manifest, "w", encoding="utf-8") as f:
+        for i, (image, a) in enumerate(zip(images, attrs)):
+            name = f"images/{split}_{i:06d}.png"
+            Image.fromarray(image).save(out / name)
+            record = {"image_file": name, "text": caption(a), "attrs": asdict(a)}
+            f.write(json.dumps(record) + "\n")
+    return manifest

@@ -1,0 +1,108 @@
+"""Read a projection head's architecture from its weights (no flags from the user), and build it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ipadapter.errors import IPAdapterError
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """Everything needed to rebuild a head; `in_dim` is what the encoder must deliver (global dim or patch width)."""
+
+    head: str
+    in_dim: int
+    cross_dim: int
+    tokens: int
+    dim: int = 0
+    depth: int = 0
+    heads: int = 0
+    dim_head: int = 64
+    ff_mult: int = 4
+    hidden_dim: int = 0
+    clip_dim: int = 0
+
+    def to_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+
+def _depth(state: dict[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}layers\.(\d+)\.")
+    found = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def _perceiver(state: dict[str, torch.Tensor], prefix: str, dim_head: int = 64) -> dict[str, int]:
+    dim = state[f"{prefix}proj_in.weight"].shape[0]
+    inner = state[f"{prefix}layers.0.0.to_q.weight"].shape[0]
+    ff_inner = state[f"{prefix}layers.0.1.1.weight"].shape[0]
+    return {"dim": dim, "depth": _depth(state, prefix), "heads": inner // dim_head, "dim_head": dim_head,
+            "ff_mult": ff_inner // dim}
+
+
+def detect_projection(state: dict[str, torch.Tensor]) -> ProjectionConfig:
+    """Recognise the head from `image_proj` keys and shapes (REFERENCE §3's rules, as data-driven checks)."""
+    try:
+        if "proj.weight" in state:
+            cross = state["norm.weight"].shape[0]
+            rows, in_dim = state["proj.weight"].shape
+            return ProjectionConfig("linear", in_dim=in_dim, cross_dim=cross, tokens=rows // cross)
+        if "proj.3.weight" in state:
+            hidden, in_dim = state["proj.0.weight"].shape
+            return ProjectionConfig("token_mlp", in_dim=in_dim, cross_dim=state["proj.3.weight"].shape[0], tokens=0,
+                                    hidden_dim=hidden)
+        if "perceiver_resampler.proj_in.weight" in state:
+            cross = state["norm.weight"].shape[0]
+            hidden, id_dim = state["proj.0.weight"].shape
+            p = _perceiver(state, "perceiver_resampler.")
+            return ProjectionConfig(
+                "faceid_plus", in_dim=id_dim, cross_dim=cross, tokens=state["proj.2.weight"].shape[0] // cross,
+                hidden_dim=hidden, clip_dim=state["perceiver_resampler.proj_in.weight"].shape[1],
+                depth=p["depth"], heads=p["heads"], ff_mult=p["ff_mult"], dim=cross,
+            )
+        if "norm.weight" in state and "proj.0.weight" in state and "latents" not in state:
+            cross = state["norm.weight"].shape[0]
+            hidden, id_dim = state["proj.0.weight"].shape
+            return ProjectionConfig("faceid", in_dim=id_dim, cross_dim=cross,
+                                    tokens=state["proj.2.weight"].shape[0] // cross, hidden_dim=hidden)
+        if "latents" in state:
+            p = _perceiver(state, "")
+            return ProjectionConfig(
+                "resampler", in_dim=state["proj_in.weight"].shape[1], cross_dim=state["proj_out.weight"].shape[0],
+                tokens=state["latents"].shape[1], **p,
+            )
+    except KeyError as err:
+        raise IPAdapterError(f"the image projection weights are incomplete: missing {err.args[0]!r}") from None
+    raise IPAdapterError(
+        "the file's image projection matches no IP-Adapter family (keys: " + ", ".join(sorted(state)[:6]) + ", ...)"
+    )
+
+
+def build_projection(config: ProjectionConfig, *, shortcut: bool = False) -> nn.Module:
+    """An untrained head of the given architecture (load weights into it afterwards)."""
+    from ipadapter.projection.faceid import FaceIDPlusProjection, FaceIDProjection
+    from ipadapter.projection.linear import LinearProjection
+    from ipadapter.projection.resampler import Resampler
+    from ipadapter.projection.token_mlp import TokenMLPProjection
+
+    c = config
+    builders = {
+        "linear": lambda: LinearProjection(in_dim=c.in_dim, cross_dim=c.cross_dim, tokens=c.tokens),
+        "token_mlp": lambda: TokenMLPProjection(in_dim=c.in_dim, cross_dim=c.cross_dim, hidden_dim=c.hidden_dim),
+        "resampler": lambda: Resampler(in_dim=c.in_dim, dim=c.dim, out_dim=c.cross_dim, depth=c.depth, heads=c.heads,
+                                       dim_head=c.dim_head, queries=c.tokens, ff_mult=c.ff_mult),
+        "faceid": lambda: FaceIDProjection(id_dim=c.in_dim, hidden_dim=c.hidden_dim, cross_dim=c.cross_dim,
+                                           tokens=c.tokens),
+        "faceid_plus": lambda: FaceIDPlusProjection(
+            id_dim=c.in_dim, hidden_dim=c.hidden_dim, cross_dim=c.cross_dim, tokens=c.tokens, clip_dim=c.clip_dim,
+            depth=c.depth, heads=c.heads, dim_head=c.dim_head, ff_mult=c.ff_mult, shortcut=shortcut,
+        ),
+    }
+    if c.head not in builders:
+        raise IPAdapterError(f"unknown projection head {c.head!r}; valid: {', '.join(builders)}")
+    return builders[c.head]()

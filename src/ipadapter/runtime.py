@@ -1,0 +1,101 @@
+"""Per-generation state the attention processors read: which references, with what weights, at which step.
+
+Set once per generation (or per training batch); the processors cache what does not change across denoising
+steps (batched tokens, K'/V') until the next `Runtime.set`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ipadapter.errors import IPAdapterError
+
+SCALING_MODES = ("v", "kv", "kv_penalty", "k_mean_v")
+
+
+@dataclass
+class Reference:
+    """One image prompt for one adapter, already projected to tokens.
+
+    cond/uncond: (R, T, C) with R = 1 (shared by the whole batch) or R = number of prompts in the batch.
+    mask: (H, W) in [0, 1], 1 = apply; any size and aspect ratio. weight: multiplies this reference's values.
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class AdapterPrompt:
+    """How one adapter acts during one generation."""
+
+    references: list[Reference]
+    scale: float = 1.0
+    layer_weights: dict[str, float] | None = None
+    uncond_layers: frozenset[str] = frozenset()
+    start: float = 0.0
+    end: float = 1.0
+    schedule: Callable[[float], float] | None = None
+    scaling: str = "v"
+    lora_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.scale):
+            raise IPAdapterError(f"the adapter scale must be a finite number, got {self.scale}")
+        if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0) or self.start > self.end:
+            raise IPAdapterError(f"the step window must satisfy 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
+        if self.scaling not in SCALING_MODES:
+            raise IPAdapterError(f"unknown embeds scaling {self.scaling!r}; valid: {', '.join(SCALING_MODES)}")
+
+    def layer_weight(self, layer: str) -> float:
+        base = 1.0 if self.layer_weights is None else self.layer_weights.get(layer, 0.0)
+        return self.scale * base
+
+    def step_factor(self, progress: float | None) -> float:
+        """0 outside [start, end), else the schedule's value (1 without one). No progress known → always on."""
+        if progress is None:
+            return 1.0 if self.start < self.end else 0.0
+        if not (self.start <= progress < self.end):
+            return 0.0
+        return 1.0 if self.schedule is None else float(self.schedule(progress))
+
+
+@dataclass
+class Runtime:
+    """Shared by every processor of one attachment."""
+
+    prompts: dict[str, AdapterPrompt] = field(default_factory=dict)
+    cfg: bool = False
+    progress: float | None = None
+    latent_hw: tuple[int, int] | None = None
+    cache_kv: bool = True
+    generation: int = 0
+
+    def set(self, prompts: dict[str, AdapterPrompt], *, cfg: bool) -> None:
+        self.prompts, self.cfg = dict(prompts), cfg
+        self.progress = None
+        self.generation += 1
+
+    def clear(self) -> None:
+        self.set({}, cfg=False)
+
+    def batch_tokens(self, tokens: torch.Tensor, uncond: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Lay (R, T, C) tokens out along a UNet batch: [uncond rows; cond rows] under CFG, repeated per image."""
+        halves = [(uncond if uncond is not None else torch.zeros_like(tokens)), tokens] if self.cfg else [tokens]
+        if batch % len(halves):
+            raise IPAdapterError(f"a classifier-free-guidance batch must be even, got {batch}")
+        per_half = batch // len(halves)
+        laid = []
+        for t in halves:
+            if per_half % t.shape[0]:
+                raise IPAdapterError(
+                    f"{t.shape[0]} image prompts cannot be spread over a batch of {per_half}; give one per prompt"
+                )
+            laid.append(t.repeat_interleave(per_half // t.shape[0], dim=0))
+        return torch.cat(laid, dim=0)  # (batch, T, C)

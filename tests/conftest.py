@@ -1,0 +1,25 @@
+"""Tiny models with real architectures and random weights, built in the tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests import factories  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def sd15_unet():
+    return factories.sd15_unet()
+
+
+@pytest.fixture(scope="session")
+def sdxl_unet():
+    return factories.sdxl_unet()

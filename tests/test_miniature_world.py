@@ -1,0 +1,126 @@
+"""Fast checks of the miniature world, its tokenizer, and a 2-step smoke run of every training function."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ipadapter.miniature import base_model, judge, recipes, tiny_clip, world
+from ipadapter.miniature import tokenizer as tok
+
+TINY_CLIP = tiny_clip.ClipSize(hidden=32, layers=1, heads=2, projection=32)
+
+
+def test_world_is_deterministic_from_seed():
+    a_images, a_attrs = world.make_batch(5, 16)
+    b_images, b_attrs = world.make_batch(5, 16)
+    c_images, _ = world.make_batch(6, 16)
+    assert a_images.shape == (16, 64, 64, 3) and a_images.dtype == np.uint8
+    assert np.array_equal(a_images, b_images) and a_attrs == b_attrs
+    assert not np.array_equal(a_images, c_images)
+
+
+def test_held_out_triples_never_in_train_split():
+    _, attrs = world.make_batch(0, 3000, "train")
+    assert not {a.triple for a in attrs} & world.HELD_OUT
+    assert all(a.colour != a.bg_colour for a in attrs)
+    _, held = world.make_batch(0, 200, "heldout")
+    assert {a.triple for a in held} <= world.HELD_OUT
+    assert {s for s, _, _ in world.HELD_OUT} == set(world.SHAPES)
+
+
+def test_caption_names_every_attribute_in_grammar_order():
+    _, attrs = world.make_batch(1, 50)
+    for a in attrs:
+        text = world.caption(a)
+        assert text == (
+            f"a {a.size} {a.colour} {a.shape} at the {a.position} on a {a.bg_colour} {a.pattern} background"
+        )
+        assert text.index(a.colour) < text.index(" on a ") < text.rindex(a.bg_colour)
+
+
+def test_object_and_background_colours_are_drawn():
+    attrs = world.Attrs("square", "red", "large", "center", "blue", "plain")
+    image = world.draw(attrs, np.random.default_rng(0))
+    assert tuple(image[32, 32]) == world.PALETTE["red"]
+    assert tuple(image[2, 2]) == world.PALETTE["blue"]
+
+
+def test_tokenizer_round_trip_through_clip_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok.save_tokenizer(tmp_path)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    assert tokenizer.model_max_length == tok.MAX_LENGTH
+    _, attrs = world.make_batch(2, 100)
+    for a in attrs:
+        text = world.caption(a)
+        ids = tokenizer(text).input_ids
+        assert len(ids) == len(text.split()) + 2, "every word must be exactly one token"
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id == 1
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    word_ids = {tokenizer(w).input_ids[1] for w in tok.vocabulary_words()}
+    assert len(word_ids) == len(tok.vocabulary_words())
+
+
+def test_dataset_writer(tmp_path):
+    manifest = world.write_dataset(tmp_path, 4, seed=0, split="heldout")
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(records) == 4
+    for r in records:
+        assert (tmp_path / r["image_file"]).is_file()
+        assert r["text"] == world.caption(world.Attrs(**r["attrs"]))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """Every training function for 2 steps at tiny sizes, chained as the recipes chain them."""
+    out = tmp_path_factory.mktemp("miniature")
+    torch.set_num_threads(1)
+    tiny_clip.train_clip(out, name="clip", steps=2, size=TINY_CLIP, batch=8)
+    tiny_clip.train_clip(out, name="judge_clip", steps=2, seed=10, size=TINY_CLIP, batch=8)
+    judge.train_classifier(out, steps=2, batch=8)
+    base_model.train_vae(out, steps=2, batch=2)
+    cache = base_model.build_cache(out, out / "vae", out / "clip", n=8)
+    base_model.train_unet(out, cache, steps=2, batch=4, widths=(32, 32, 32))
+    pipe = base_model.assemble_pipeline(out / "vae", out / "clip", out / "unet")
+    base_model.save_pipeline(pipe, out / "pipeline")
+    return out
+
+
+def test_training_resumes_from_checkpoint(smoke_run):
+    tiny_clip.train_clip(smoke_run, name="clip", steps=3, size=TINY_CLIP, batch=8, resume=True)
+    assert "resumed from" in (smoke_run / "clip.log").read_text()
+
+
+def test_pipeline_folder_loads_and_generates(smoke_run):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    pipe = StableDiffusionPipeline.from_pretrained(smoke_run / "pipeline", torch_dtype=torch.float32)
+    images = base_model.sample(pipe, ["a small red circle at the center on a blue plain background"], steps=2)
+    assert images.shape == (1, 64, 64, 3)
+    encoder = CLIPVisionModelWithProjection.from_pretrained(smoke_run / "pipeline" / "image_encoder")
+    out = encoder(pixel_values=torch.zeros(1, 3, 64, 64), output_hidden_states=True)
+    assert out.image_embeds.shape == (1, TINY_CLIP.projection)
+    assert out.hidden_states[-2].shape == (1, 65, TINY_CLIP.hidden)
+
+
+def test_export_is_fp16_and_loads_in_fp32(smoke_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    sizes = recipes.export(smoke_run, assets_dir=tmp_path)
+    assert set(sizes) == {"pipeline", "judge"}
+    with safe_open(tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", torch_dtype=torch.float32)
+    assert pipe.unet.dtype == torch.float32 and pipe.image_encoder is not None
+    scorer = judge.Judge.load(tmp_path / "judge")
+    images, attrs = world.make_batch(0, 4, "heldout")
+    report = scorer.accuracy(images, attrs)
+    assert set(report) == set(world.ATTRIBUTES) | {"all"}
+    assert scorer.text_score(images, [world.caption(a) for a in attrs]).shape == (4,)
