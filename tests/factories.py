@@ -107,3 +107,89 @@ def ip_adapter_state(unet: UNet2DConditionModel, *, lora_rank: int = 0, seed: in
 def published(unet: UNet2DConditionModel, family: str, cross: int, lora_rank: int = 0, seed: int = 1) -> dict:
     torch.manual_seed(seed)
     return {"image_proj": image_proj_state(family, cross), "ip_adapter": ip_adapter_state(unet, lora_rank=lora_rank, seed=seed)}
+
+
+def tiny_tokenizer(folder) -> "CLIPTokenizer":
+    """A character-level CLIPTokenizer written to `folder` (no download)."""
+    import json
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + string.digits + ",.!":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=16)
+
+
+def tiny_text_encoder(hidden: int, seed: int = 0, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=80, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=16, projection_dim=projection or hidden,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+    return model.eval()
+
+
+def tiny_image_encoder(seed: int = 0, projection_dim: int = 24, hidden: int = 40):
+    """CLIPVisionModelWithProjection at 32 px, patch 8 → 17 tokens; global dim 24, patch width 40."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=8, projection_dim=projection_dim)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPVisionModelWithProjection(config).eval(), processor
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=32).eval()
+
+
+def tiny_sd15_pipeline(tmp_path):
+    """A StableDiffusionPipeline with the SD-1.5 block layout at toy sizes (32 px images, 16x16 latents)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = tmp_path / "tok"
+    folder.mkdir(exist_ok=True)
+    pipe = StableDiffusionPipeline(
+        unet=sd15_unet(), vae=tiny_vae(), text_encoder=tiny_text_encoder(SD15_CROSS), tokenizer=tiny_tokenizer(folder),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    folder = tmp_path / "tok"
+    folder.mkdir(exist_ok=True)
+    tok = tiny_tokenizer(folder)
+    pipe = StableDiffusionXLPipeline(
+        unet=sdxl_unet(), vae=tiny_vae(), text_encoder=tiny_text_encoder(32), text_encoder_2=tiny_text_encoder(32, 1, 32),
+        tokenizer=tok, tokenizer_2=tok, scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"),
+        image_encoder=None, feature_extractor=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_image(seed: int = 0, size: int = 48):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))

@@ -24,18 +24,24 @@ def family_of(cross_dim: int) -> str:
     return _FAMILIES.get(cross_dim, f"a model with {cross_dim}-wide text tokens")
 
 
-def check_compatible(unet: nn.Module, adapter: IPAdapter, name: str = "adapter") -> None:
-    """Raise one sentence saying what does not fit, before anything is changed."""
-    layers = {l.name: l for l in attention_layers(unet)}
-    cross = [l for l in layers.values() if l.cross]
+def check_cross_dim(unet: nn.Module, cross_dim: int, name: str = "adapter") -> None:
+    """The commonest mistake (an SD 1.5 adapter on SDXL, or the reverse) named as such."""
+    cross = [l for l in attention_layers(unet) if l.cross]
     if not cross:
         raise IPAdapterError("this UNet has no cross-attention layers to attach an IP-Adapter to")
     unet_dim = cross[0].cross_dim
-    if adapter.config.cross_dim != unet_dim:
+    if cross_dim != unet_dim:
         raise IPAdapterError(
-            f"{name} was made for {family_of(adapter.config.cross_dim)} (token width {adapter.config.cross_dim}) but "
-            f"this UNet is {family_of(unet_dim)} (width {unet_dim}); use an adapter made for {family_of(unet_dim)}"
+            f"{name} was made for {family_of(cross_dim)} (token width {cross_dim}) but this UNet is "
+            f"{family_of(unet_dim)} (width {unet_dim}); use an adapter made for {family_of(unet_dim)}"
         )
+
+
+def check_compatible(unet: nn.Module, adapter: IPAdapter, name: str = "adapter") -> None:
+    """Raise one sentence saying what does not fit, before anything is changed."""
+    check_cross_dim(unet, adapter.config.cross_dim, name)
+    layers = {l.name: l for l in attention_layers(unet)}
+    cross = [l for l in layers.values() if l.cross]
     ip_layers = [n for n, l in adapter.named_layers() if l.has_ip]
     missing = [l.name for l in cross if l.name not in ip_layers]
     extra = [n for n, l in adapter.named_layers() if n not in layers]

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ipadapter.adapter import AdapterConfig, IPAdapter
+from ipadapter.attach import check_compatible, check_cross_dim
 from ipadapter.errors import IPAdapterError
 from ipadapter.layers import AttentionLayer, attention_layers
 from ipadapter.projection.detect import detect_projection
@@ -139,10 +140,11 @@ def load_adapter(
     else:
         ip = split(flat, "ip_adapter")
         config = detect_variant(image_proj, ip, hint=path.name)
+        check_cross_dim(unet, config.cross_dim, path.name)
         by_name = _by_index_to_by_name(ip, layers, path)
     if variant:
         config = AdapterConfig(**{**config.__dict__, "variant": variant})
-    from ipadapter.attach import check_compatible
+    check_cross_dim(unet, config.cross_dim, path.name)
 
     adapter = IPAdapter(config, layers)
     _load_into(adapter, image_proj, by_name, path)

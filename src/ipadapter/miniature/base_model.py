@@ -68,6 +68,7 @@ def train_vae(
     kl_weight: float = 1e-6,
     resume: bool = False,
     name: str = "vae",
+    eval_n: int = 256,
 ):
     """Reconstruction (MSE + L1) with a tiny KL term; saves `out_dir/name/` with `scaling_factor` set to 1/latent std."""
     from diffusers import AutoencoderKL
@@ -94,7 +95,7 @@ def train_vae(
         run.step_done(step + 1, loss.item())
     vae.eval()
     with torch.no_grad():
-        images, _ = make_batch(seed + 7, 256)
+        images, _ = make_batch(seed + 7, eval_n)
         x = to_model_range(images)
         latents = vae.encode(x).latent_dist.mean
         mse = F.mse_loss(vae.decode(latents).sample.clamp(-1, 1), x).item()
@@ -225,7 +226,7 @@ def assemble_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str |
 
     clip = CLIPModel.from_pretrained(clip_dir)
     text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    text_encoder.load_state_dict(clip.text_model.state_dict())
     vision_config = clip.config.vision_config
     vision_config.projection_dim = clip.config.projection_dim
     image_encoder = CLIPVisionModelWithProjection(vision_config)

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import torch
 
-from ipadapter.errors import IPAdapterError
-
 log = logging.getLogger("ipadapter.miniature")
 
 
@@ -74,7 +72,8 @@ class TrainRun:
 
     def _load(self) -> int:
         if not self.ckpt_path.exists():
-            raise IPAdapterError(f"--resume was given but there is no checkpoint at {self.ckpt_path}.")
+            log.info("%s: no checkpoint at %s, starting from step 0", self.name, self.ckpt_path)
+            return 0
         state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         for key, module in self.modules.items():
             module.load_state_dict(state["modules"][key])

@@ -1,0 +1,161 @@
+"""Image encoders: CLIP vision (global embeddings or penultimate patch features) and face identity (ArcFace).
+
+The unconditional input of each kind (REFERENCE §5) depends only on the encoder, so it is computed once and kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ipadapter.errors import IPAdapterError
+
+_ENCODER_FAMILIES = {1024: "OpenCLIP ViT-H/14", 1280: "OpenCLIP ViT-bigG/14"}
+
+
+def _describe(dim: int, kind: str) -> str:
+    name = _ENCODER_FAMILIES.get(dim) if kind == "global" else {1280: "ViT-H/14", 1664: "ViT-bigG/14"}.get(dim)
+    return f"{dim}-d{f' ({name})' if name else ''}"
+
+
+class ImageEncoder:
+    """A `CLIPVisionModelWithProjection` with its own image processor."""
+
+    def __init__(self, model: torch.nn.Module, processor: object, name: str = "") -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self.name = name or getattr(model.config, "_name_or_path", "") or "clip-vision"
+        self._uncond_patches: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike, *, subfolder: str | None = None, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "ImageEncoder":
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        try:
+            model = CLIPVisionModelWithProjection.from_pretrained(str(source), torch_dtype=dtype, **kwargs)
+        except (OSError, ValueError) as err:
+            where = f"{source}{'/' + subfolder if subfolder else ''}"
+            raise IPAdapterError(
+                f"could not load a CLIP vision encoder from {where} (not found offline, or not a CLIP vision "
+                f"model): {str(err).splitlines()[0][:160]}"
+            ) from None
+        try:
+            processor = CLIPImageProcessor.from_pretrained(str(source), **kwargs)
+        except (OSError, ValueError):
+            size = model.config.image_size
+            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        return cls(model.to(device), processor, name=f"{source}{'/' + subfolder if subfolder else ''}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def global_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def patch_dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def identity(self) -> str:
+        """Name + hash of the config: recorded with saved embeddings and caches, checked when they are reused."""
+        config = json.dumps(self.model.config.to_dict(), sort_keys=True, default=str)
+        return f"{self.name}#{hashlib.sha256(config.encode()).hexdigest()[:12]}"
+
+    def dim(self, features: str) -> int:
+        return self.global_dim if features == "global" else self.patch_dim
+
+    def check_fits(self, in_dim: int, features: str, adapter_name: str = "the adapter") -> None:
+        if self.dim(features) != in_dim:
+            raise IPAdapterError(
+                f"{adapter_name} expects {_describe(in_dim, features)} {features} image features but the image "
+                f"encoder {self.name} gives {_describe(self.dim(features), features)}; use the encoder the adapter was "
+                "trained with (h94/IP-Adapter: models/image_encoder is ViT-H, sdxl_models/image_encoder is bigG; "
+                "'_vit-h' SDXL adapters need ViT-H)"
+            )
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values
+        return pixels.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, features: str) -> torch.Tensor:
+        if features == "global":
+            return self.model(pixel_values=pixels).image_embeds  # (B, D)
+        return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # (B, P, H)
+
+    def encode(self, images: list[Image.Image], features: str) -> torch.Tensor:
+        return self.encode_pixels(self.pixel_values(images), features)
+
+    def uncond(self, features: str) -> torch.Tensor:
+        """Global: a zero embedding. Patch: the encoder's output for zero pixel values (cached: it never changes)."""
+        if features == "global":
+            return torch.zeros(1, self.global_dim, device=self.device, dtype=self.dtype)
+        key = (self.device, self.dtype)
+        if key not in self._uncond_patches:
+            size = self.model.config.image_size
+            zeros = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
+            self._uncond_patches[key] = self.encode_pixels(zeros, "patch")
+        return self._uncond_patches[key]
+
+
+def load_face_embedding(source: str | os.PathLike | list[float] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A precomputed 512-d ArcFace embedding from `.npy`, `.pt`/`.pth` (tensors only), or a list → (1, 512)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise IPAdapterError(f"face embedding file not found: {path}")
+        try:
+            if path.suffix == ".npy":
+                data = torch.from_numpy(np.load(path, allow_pickle=False))
+            else:
+                data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any decoding failure is the same user error
+            raise IPAdapterError(f"{path} is not a readable face embedding (.npy or tensor .pt): {err}") from None
+    else:
+        data = torch.as_tensor(np.asarray(source, dtype=np.float32))
+    if not isinstance(data, torch.Tensor) or data.numel() % 512 or data.numel() == 0:
+        raise IPAdapterError(f"a face embedding must hold 512 values per face, got {getattr(data, 'shape', data)!r}")
+    return data.float().reshape(-1, 512)
+
+
+class FaceAnalyzer:
+    """ArcFace embeddings and aligned face crops via insightface (optional dependency), largest face first."""
+
+    def __init__(self, name: str = "buffalo_l", det_size: int = 640) -> None:
+        try:
+            from insightface.app import FaceAnalysis
+        except ImportError:
+            raise IPAdapterError(
+                "computing face embeddings needs insightface (pip install 'ipadapter[face]'); or pass a precomputed "
+                "512-d ArcFace embedding (.npy/.pt) instead"
+            ) from None
+        self.app = FaceAnalysis(name=name, providers=["CPUExecutionProvider"])
+        self.app.prepare(ctx_id=-1, det_size=(det_size, det_size))
+
+    def analyze(self, image: Image.Image, source: str = "the image") -> tuple[torch.Tensor, Image.Image]:
+        """(1, 512) normed embedding of the largest face, and its 224-px aligned crop for the Plus variants."""
+        from insightface.utils import face_align
+
+        bgr = np.asarray(image.convert("RGB"))[:, :, ::-1]
+        faces = self.app.get(bgr)
+        if not faces:
+            raise IPAdapterError(f"no face found in {source}; use a clearer frontal photo or a precomputed embedding")
+        face = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+        crop = face_align.norm_crop(bgr, landmark=face.kps, image_size=224)
+        return torch.from_numpy(face.normed_embedding).float()[None], Image.fromarray(crop[:, :, ::-1].copy())

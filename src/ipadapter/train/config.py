@@ -1,0 +1,213 @@
+"""What a training run is: one dataclass, loadable from YAML or TOML, every field overridable by a CLI flag.
+
+Defaults are the paper's recipe (REFERENCE §1): AdamW lr 1e-4 constant, weight decay 0.01, batch 8 per device,
+512 px (shortest side → 512, centre crop), condition dropout 5% image / 5% text / 5% both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ipadapter.errors import IPAdapterError
+
+TRAIN_VARIANTS = ("base", "plus", "full", "faceid", "faceid-plus", "faceid-plusv2")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Paths are strings so the config serialises as written."""
+
+    # what to train, on what
+    base: str = ""
+    image_encoder: str = ""
+    data: str = ""
+    data_root: str = ""
+    variant: str = "base"
+    output: str = "runs/ip-adapter"
+    init_from: str = ""
+    # the paper's recipe
+    max_steps: int = 1000
+    batch_size: int = 8
+    resolution: int = 512
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    seed: int = 42
+    drop_image: float = 0.05
+    drop_text: float = 0.05
+    drop_both: float = 0.05
+    # adapter shape (0 = the variant's default)
+    num_tokens: int = 0
+    lora_rank: int = 128
+    id_dim: int = 512
+    # options
+    grad_accum: int = 1
+    max_grad_norm: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.0
+    noise_offset: float = 0.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    prediction_type: str = ""
+    # data pipeline
+    cache: str = ""
+    cache_dtype: str = "float16"
+    num_workers: int = 2
+    # checkpoints, logs, validation
+    resume: str = ""
+    save_every: int = 1000
+    keep_checkpoints: int = 1
+    log_every: int = 10
+    validate_every: int = 0
+    validation_images: list[str] = field(default_factory=list)
+    validation_prompts: list[str] = field(default_factory=lambda: [""])
+    validation_steps: int = 30
+    validation_guidance: float = 7.5
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- validation: every message names the bad value -------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        def need(cond: bool, message: str) -> None:
+            if not cond:
+                raise IPAdapterError(message)
+
+        need(self.variant in TRAIN_VARIANTS, f"unknown variant {self.variant!r}; valid: {', '.join(TRAIN_VARIANTS)}")
+        need(self.mixed_precision in MIXED_PRECISION,
+             f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
+        need(self.prediction_type in ("", "epsilon", "v_prediction"),
+             f"prediction_type must be epsilon or v_prediction (empty: as the base model), not {self.prediction_type!r}")
+        need(self.cache_dtype in ("float16", "bfloat16", "float32"),
+             f"cache_dtype must be float16, bfloat16 or float32, not {self.cache_dtype!r}")
+        for name in ("max_steps", "batch_size", "resolution", "grad_accum", "save_every", "keep_checkpoints",
+                     "log_every", "validation_steps", "id_dim"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("num_tokens", "lora_rank", "warmup_steps", "validate_every", "num_workers"):
+            need(getattr(self, name) >= 0, f"{name} must be 0 or more, not {getattr(self, name)}")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "noise_offset", "adam_epsilon"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, not {value}")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, not {self.learning_rate}")
+        for name in ("adam_beta1", "adam_beta2", "ema_decay"):
+            value = getattr(self, name)
+            need(0.0 <= value < 1.0, f"{name} must be in [0, 1), not {value}")
+        for name in ("drop_image", "drop_text", "drop_both"):
+            value = getattr(self, name)
+            need(0.0 <= value <= 1.0, f"{name} must be a probability in [0, 1], not {value}")
+        total = self.drop_image + self.drop_text + self.drop_both
+        need(total <= 1.0 + 1e-9, f"drop_image + drop_text + drop_both must be <= 1, not {total:g}")
+        need(bool(self.validation_prompts), "validation_prompts must hold at least one prompt (\"\" for image only)")
+        return self
+
+    def check_ready(self) -> None:
+        """What a run needs that a partial config (a file plus flags still to come) may lack."""
+        if not self.base:
+            raise IPAdapterError("no base model: give --base (a diffusers pipeline folder or Hub id) or `base:` in the config")
+        if not self.data and not self.cache_complete():
+            raise IPAdapterError("no training data: give --data (a JSON/JSONL manifest or a tar shard pattern)")
+        if self.needs_image_encoder and not self.image_encoder:
+            raise IPAdapterError(f"variant {self.variant!r} needs --image-encoder (a CLIP vision model folder or Hub id)")
+
+    def cache_complete(self) -> bool:
+        return bool(self.cache) and (Path(self.cache) / "index.json").is_file()
+
+    @property
+    def needs_image_encoder(self) -> bool:
+        return self.variant != "faceid"
+
+    @property
+    def needs_id_embeds(self) -> bool:
+        return self.variant.startswith("faceid")
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "the config") -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise IPAdapterError(f"{source}: unknown field {unknown[0]!r}; valid fields: {', '.join(known)}")
+        converted = {k: _coerce(known[k], v, source) for k, v in values.items()}
+        return cls(**converted)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """A YAML (.yaml/.yml) or TOML (.toml) file, then `overrides` (e.g. CLI flags) on top."""
+        values = read_config_file(path) if path else {}
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(values, source=str(path) if path else "the flags")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise IPAdapterError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python < 3.11
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise IPAdapterError(f"config file {path} must end in .yaml, .yml or .toml")
+    except IPAdapterError:
+        raise
+    except Exception as err:  # the parsers' own error types differ; all mean "not valid syntax"
+        raise IPAdapterError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise IPAdapterError(f"{path} must hold a mapping of field: value, not a {type(data).__name__}")
+    return data
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                return [value]
+            return [str(v) for v in value]
+        if value is None:
+            return ""
+        return str(value)
+    except (TypeError, ValueError):
+        raise IPAdapterError(f"{source}: {f.name} must be {kind}, not {value!r}") from None

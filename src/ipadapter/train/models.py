@@ -1,0 +1,228 @@
+"""The frozen models a run trains against, from a diffusers pipeline folder (or Hub id) and a CLIP vision folder.
+
+A base is a folder with `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler` (+ `text_encoder_2`, `tokenizer_2`
+for SDXL). An image encoder is a `CLIPVisionModelWithProjection` folder, with its `CLIPImageProcessor` when saved
+(a default processor sized to the encoder otherwise). Loaders raise `IPAdapterError` sentences, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ipadapter.errors import IPAdapterError
+
+
+@dataclass
+class BaseModels:
+    """The base pipeline's parts. Encoders may be None when training from a feature cache."""
+
+    unet: nn.Module
+    scheduler_config: dict[str, Any]
+    vae: nn.Module | None = None
+    tokenizers: list[Any] = field(default_factory=list)
+    text_encoders: list[nn.Module] = field(default_factory=list)
+    name: str = ""
+
+    @property
+    def is_sdxl(self) -> bool:
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def cross_dim(self) -> int:
+        dim = self.unet.config.cross_attention_dim
+        return dim if isinstance(dim, int) else dim[0]
+
+
+@dataclass
+class ImageEncoder:
+    model: nn.Module
+    processor: Any
+    name: str = ""
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.projection_dim
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def patch_tokens(self) -> int:
+        c = self.model.config
+        return (c.image_size // c.patch_size) ** 2 + 1
+
+
+def _from_pretrained(cls: Any, source: str, what: str, **kwargs: Any) -> Any:
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        where = f"{source}/{kwargs['subfolder']}" if kwargs.get("subfolder") else source
+        raise IPAdapterError(f"cannot load the {what} from {where}: {str(err).splitlines()[0][:200]}") from None
+
+
+def _has(source: str, subfolder: str) -> bool:
+    path = Path(source)
+    return (path / subfolder).is_dir() if path.is_dir() else True
+
+
+def base_configs(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The UNet's and VAE's configs (no weights read): enough to check a resolution before loading anything."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    def config(cls: Any, sub: str) -> dict[str, Any]:
+        try:
+            return dict(cls.load_config(source, subfolder=sub))
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise IPAdapterError(f"cannot read {source}/{sub}: {str(err).splitlines()[0][:200]}") from None
+
+    return config(UNet2DConditionModel, "unet"), config(AutoencoderKL, "vae")
+
+
+def resolution_step(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> int:
+    """Pixel sizes must be multiples of the VAE's downscale × the UNet's."""
+    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    unet_scale = 2 ** (len(unet_config["down_block_types"]) - 1)
+    return vae_scale * unet_scale
+
+
+def check_resolution(resolution: int, unet_config: dict[str, Any], vae_config: dict[str, Any]) -> None:
+    step = resolution_step(unet_config, vae_config)
+    if resolution % step:
+        lower, upper = max(step, resolution - resolution % step), resolution - resolution % step + step
+        raise IPAdapterError(
+            f"resolution {resolution} does not fit this base model: it must be a multiple of {step} (VAE downscale × "
+            f"UNet downscale); try {lower} or {upper}"
+        )
+
+
+def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseModels:
+    """UNet and scheduler config always; VAE and text encoder(s) unless a feature cache replaces them."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    unet = _from_pretrained(UNet2DConditionModel, source, "UNet", subfolder="unet")
+    scheduler = dict(DDPMScheduler.load_config(source, subfolder="scheduler")) if Path(source, "scheduler").is_dir() or \
+        not Path(source).is_dir() else None
+    if scheduler is None:
+        raise IPAdapterError(f"{source} has no scheduler folder; a diffusers pipeline folder has unet, vae, scheduler, ...")
+    models = BaseModels(unet=unet, scheduler_config=scheduler, name=str(source))
+    if vae:
+        models.vae = load_vae(source)
+    if encoders:
+        models.tokenizers, models.text_encoders = load_text_encoders(source, sdxl=models.is_sdxl)
+    return models
+
+
+def load_vae(source: str) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return _from_pretrained(AutoencoderKL, source, "VAE", subfolder="vae")
+
+
+def load_text_encoders(source: str, *, sdxl: bool) -> tuple[list[Any], list[nn.Module]]:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizers = [_from_pretrained(CLIPTokenizer, source, "tokenizer", subfolder="tokenizer")]
+    encoders = [_from_pretrained(CLIPTextModel, source, "text encoder", subfolder="text_encoder")]
+    if sdxl:
+        if not _has(source, "text_encoder_2"):
+            raise IPAdapterError(f"{source} is an SDXL base but has no text_encoder_2 folder")
+        tokenizers.append(_from_pretrained(CLIPTokenizer, source, "tokenizer 2", subfolder="tokenizer_2"))
+        encoders.append(_from_pretrained(CLIPTextModelWithProjection, source, "text encoder 2", subfolder="text_encoder_2"))
+    for e in encoders:
+        freeze(e)
+    return tokenizers, encoders
+
+
+def load_image_encoder(source: str) -> ImageEncoder:
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    model = _from_pretrained(CLIPVisionModelWithProjection, source, "image encoder")
+    try:
+        processor = CLIPImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        processor = default_processor(model.config.image_size)
+    return ImageEncoder(model=model, processor=processor, name=str(source))
+
+
+def default_processor(size: int) -> Any:
+    """CLIP's preprocessing (shortest side → size, centre crop, CLIP mean/std) sized to the encoder."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def freeze(*modules: nn.Module | None) -> None:
+    for m in modules:
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+
+
+# ---- running the frozen encoders (the parts the feature cache replaces) ------------------------------------------
+@torch.no_grad()
+def encode_text(models: BaseModels, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, L, C) prompt embeddings (+ (B, P) pooled for SDXL), as the base's own pipeline computes them."""
+    if models.is_sdxl:
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
+            ids = _tokenize(tokenizer, texts).to(device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            if getattr(out, "text_embeds", None) is not None:  # the second encoder's projected pooled output
+                pooled = out.text_embeds
+        return torch.cat(hidden, dim=-1), pooled  # (B, L, C1+C2), (B, P)
+    ids = _tokenize(models.tokenizers[0], texts).to(device)
+    return models.text_encoders[0](ids)[0], None
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_images(encoder: ImageEncoder, pixel_values: torch.Tensor, kind: str) -> torch.Tensor:
+    """"global": `image_embeds` (B, D); "patch": penultimate hidden states (B, 257, H)."""
+    dtype = next(encoder.model.parameters()).dtype
+    out = encoder.model(pixel_values.to(encoder.model.device, dtype), output_hidden_states=(kind == "patch"))
+    return out.image_embeds if kind == "global" else out.hidden_states[-2]
+
+
+@torch.no_grad()
+def encode_latents(vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std (B, 4, h, w); a latent is `mean + std · ε`, scaled by the caller."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def scale_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae_config.scaling_factor
+
+
+# ---- identity of models, for the cache's fingerprint ---------------------------------------------------------------
+def module_fingerprint(module: nn.Module | None, samples: int = 256) -> str:
+    """A hash of the config and of a strided sample of every tensor: different weights give a different hash."""
+    if module is None:
+        return ""
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().flatten()
+        step = max(1, flat.numel() // samples)
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(flat[::step][:samples].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,136 @@
+"""Checkpoint files: formats, round trips, variant detection, and every bad file turned into one sentence."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ipadapter import IPAdapterError, load_adapter, save_adapter, save_published
+from ipadapter.checkpoint import published_state_dict
+from tests import factories
+
+
+def _flat(state: dict) -> dict:
+    return {f"{g}.{k}": v.contiguous() for g, t in state.items() for k, v in t.items()}
+
+
+@pytest.mark.parametrize("family,tokens", [("base", 4), ("plus", 16), ("full", 257), ("faceid", 4),
+                                           ("faceid-portrait", 16), ("faceid-plus", 4)])
+def test_variant_and_tokens_detected_from_keys(sd15_unet, family, tokens, tmp_path) -> None:
+    lora = 8 if family in ("faceid", "faceid-plus") else 0
+    state = factories.published(sd15_unet, family, factories.SD15_CROSS, lora_rank=lora)
+    save_file(_flat(state), tmp_path / "a.safetensors")
+    adapter = load_adapter(tmp_path / "a.safetensors", sd15_unet)
+    assert (adapter.config.variant, adapter.config.tokens, adapter.config.lora_rank) == (family, tokens, lora)
+
+
+def test_plusv2_told_apart_by_file_name(sd15_unet, tmp_path) -> None:
+    state = factories.published(sd15_unet, "faceid-plus", factories.SD15_CROSS)
+    torch.save(state, tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
+    assert load_adapter(tmp_path / "ip-adapter-faceid-plusv2_sd15.bin", sd15_unet).config.variant == "faceid-plusv2"
+
+
+def test_bin_safetensors_and_own_format_round_trip(sd15_unet, tmp_path) -> None:
+    state = factories.published(sd15_unet, "faceid", factories.SD15_CROSS, lora_rank=4)
+    torch.save(state, tmp_path / "a.bin")
+    a = load_adapter(tmp_path / "a.bin", sd15_unet)
+    again = published_state_dict(a, sd15_unet)
+    for group in state:
+        assert set(again[group]) == set(state[group])
+        assert all(torch.equal(again[group][k], state[group][k]) for k in state[group])
+    b = load_adapter(save_published(a, sd15_unet, tmp_path / "p.safetensors"), sd15_unet)
+    c = load_adapter(save_adapter(a, tmp_path / "own.safetensors"), sd15_unet)
+    for other in (b, c):
+        assert other.config.variant == "faceid"
+        sa, so = a.state_dict(), other.state_dict()
+        assert set(sa) == set(so) and all(torch.equal(sa[k], so[k]) for k in sa)
+
+
+def test_own_format_is_keyed_by_layer_name(sd15_unet, tmp_path) -> None:
+    from safetensors import safe_open
+
+    state = factories.published(sd15_unet, "base", factories.SD15_CROSS)
+    torch.save(state, tmp_path / "a.bin")
+    path = save_adapter(load_adapter(tmp_path / "a.bin", sd15_unet), tmp_path / "own.safetensors")
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert "layers.mid_block.attentions.0.transformer_blocks.0.attn2.to_k_ip.weight" in keys
+    assert torch.equal(
+        safe_open(str(path), "pt").get_tensor("layers.mid_block.attentions.0.transformer_blocks.0.attn2.to_k_ip.weight"),
+        state["ip_adapter"]["31.to_k_ip.weight"],
+    ), "index 31 is the mid block in SD 1.5's checkpoint order"
+    assert meta["variant"] == "base" and meta["tokens"] == "4"
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/ipadapter-pwned",))
+
+
+def test_pickle_with_code_is_refused(sd15_unet, tmp_path) -> None:
+    torch.save({"image_proj": {"x": Evil()}, "ip_adapter": {}}, tmp_path / "evil.bin")
+    with pytest.raises(IPAdapterError, match="refusing to load"):
+        load_adapter(tmp_path / "evil.bin", sd15_unet)
+    assert not os.path.exists("/tmp/ipadapter-pwned")
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_truncated_file(sd15_unet, tmp_path, suffix) -> None:
+    state = factories.published(sd15_unet, "base", factories.SD15_CROSS)
+    path = tmp_path / f"a{suffix}"
+    torch.save(state, path) if suffix == ".bin" else save_file(_flat(state), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(IPAdapterError, match="truncated or corrupt"):
+        load_adapter(path, sd15_unet)
+
+
+def test_missing_file_and_wrong_content(sd15_unet, tmp_path) -> None:
+    with pytest.raises(IPAdapterError, match="not found"):
+        load_adapter(tmp_path / "nope.bin", sd15_unet)
+    save_file({"foo": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(IPAdapterError, match="not an IP-Adapter file"):
+        load_adapter(tmp_path / "other.safetensors", sd15_unet)
+
+
+def test_sd15_adapter_on_sdxl_unet_says_so(sd15_unet, sdxl_unet, tmp_path) -> None:
+    torch.save(factories.published(sd15_unet, "base", factories.SD15_CROSS), tmp_path / "a.bin")
+    with pytest.raises(IPAdapterError) as err:
+        load_adapter(tmp_path / "a.bin", sdxl_unet)
+    assert "another base model" in str(err.value) or "made for" in str(err.value)
+
+
+def test_wrong_cross_dim_names_both_families(sd15_unet, tmp_path) -> None:
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.attach import check_compatible
+    from ipadapter.layers import attention_layers
+    from ipadapter.projection import ProjectionConfig
+
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=2048, tokens=4))
+    with pytest.raises(IPAdapterError, match="SDXL"):
+        check_compatible(sd15_unet, IPAdapter(config, attention_layers(sd15_unet)))
+
+
+def test_hub_id_offline_without_cache_is_one_sentence(sd15_unet, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(IPAdapterError, match="local Hugging Face cache|could not fetch"):
+        load_adapter("h94/IP-Adapter", sd15_unet, subfolder="models", weight_name="ip-adapter_sd15.bin")
+
+
+def test_hub_id_resolves_from_local_cache(sd15_unet, tmp_path, monkeypatch) -> None:
+    """Offline use works from the cache: lay a file out as huggingface_hub caches it and load by repo id."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--h94--IP-Adapter" / "snapshots" / ("a" * 40) / "models"
+    snap.mkdir(parents=True)
+    (cache / "models--h94--IP-Adapter" / "refs").mkdir()
+    (cache / "models--h94--IP-Adapter" / "refs" / "main").write_text("a" * 40)
+    torch.save(factories.published(sd15_unet, "base", factories.SD15_CROSS), snap / "ip-adapter_sd15.bin")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    adapter = load_adapter("h94/IP-Adapter", sd15_unet, subfolder="models", weight_name="ip-adapter_sd15.bin")
+    assert adapter.config.variant == "base"

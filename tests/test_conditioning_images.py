@@ -1,0 +1,206 @@
+"""Loading references in any mode, preparing them, tiling them, and the tile-pooling enhancer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter.conditioning.images import enhance_features, grid_tiles, load_image, prepare_image, tile_image
+from ipadapter.errors import IPAdapterError
+
+
+def pixel(image: Image.Image, xy=(0, 0)) -> tuple[int, ...]:
+    assert image.mode == "RGB"
+    return image.getpixel(xy)
+
+
+MODES = {
+    "RGBA half-transparent red": (Image.new("RGBA", (4, 4), (255, 0, 0, 128)), (255, 127, 127)),
+    "LA transparent": (Image.new("LA", (4, 4), (0, 0)), (255, 255, 255)),
+    "L": (Image.new("L", (4, 4), 77), (77, 77, 77)),
+    "1": (Image.new("1", (4, 4), 1), (255, 255, 255)),
+    "CMYK": (Image.new("CMYK", (4, 4), (0, 255, 255, 0)), (255, 0, 0)),
+    "YCbCr": (Image.new("RGB", (4, 4), (10, 200, 30)).convert("YCbCr"), None),
+    "I;16": (Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16)), (128, 128, 128)),
+    "I 16-bit": (Image.fromarray(np.full((4, 4), 65535, dtype=np.int32)), (255, 255, 255)),
+    "I 8-bit range": (Image.fromarray(np.full((4, 4), 200, dtype=np.int32)), (200, 200, 200)),
+    "F unit": (Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)), (128, 128, 128)),
+    "F 8-bit range": (Image.fromarray(np.full((4, 4), 100.0, dtype=np.float32)), (100, 100, 100)),
+}
+
+
+@pytest.mark.parametrize("case", list(MODES))
+def test_any_mode_becomes_rgb(case: str) -> None:
+    image, rgb = MODES[case]
+    got = load_image(image)
+    assert got.size == (4, 4)
+    if rgb is None:
+        assert all(abs(a - b) <= 3 for a, b in zip(pixel(got), (10, 200, 30)))
+    else:
+        assert all(abs(a - b) <= 1 for a, b in zip(pixel(got), rgb)), pixel(got)
+
+
+def test_palette_with_transparency_and_black_background(tmp_path) -> None:
+    p = Image.new("P", (4, 4), 1)
+    p.putpalette([0, 255, 0, 255, 0, 0] + [0] * 762)
+    p.info["transparency"] = 1
+    path = tmp_path / "palette.png"
+    p.save(path)
+    assert pixel(load_image(path)) == (255, 255, 255)
+    assert pixel(load_image(path, background=(0, 0, 0))) == (0, 0, 0)
+
+
+def test_sixteen_bit_png_file(tmp_path) -> None:
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((3, 5), 65535, dtype=np.uint16)).save(path)
+    assert pixel(load_image(path)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path) -> None:
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    got = load_image(path)
+    assert got.size == (20, 40)
+    assert pixel(got, (10, 5))[2] > 200  # the blue half is now on top
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n broken"])
+def test_unreadable_files_name_the_file(tmp_path, content: bytes) -> None:
+    path = tmp_path / "reference-42.png"
+    path.write_bytes(content)
+    with pytest.raises(IPAdapterError, match="reference-42.png"):
+        load_image(path)
+
+
+def test_missing_file_and_folder(tmp_path) -> None:
+    with pytest.raises(IPAdapterError, match="not found: .*nowhere.png"):
+        load_image(tmp_path / "nowhere.png")
+    with pytest.raises(IPAdapterError, match="is a folder"):
+        load_image(tmp_path)
+
+
+def test_zero_size_image() -> None:
+    with pytest.raises(IPAdapterError, match="no pixels"):
+        load_image(Image.new("RGB", (0, 5)))
+
+
+def halves(size=(200, 100), vertical=False) -> Image.Image:
+    """Red first half, blue second half (left/right, or top/bottom)."""
+    image = Image.new("RGB", size, (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, size[0] // 2, size[1]) if not vertical else (0, 0, size[0], size[1] // 2))
+    return image
+
+
+@pytest.mark.parametrize("crop,colour", [("left", (255, 0, 0)), ("right", (0, 0, 255))])
+def test_crop_position_wide(crop: str, colour) -> None:
+    got = prepare_image(halves(), 32, crop=crop, resample="nearest")
+    assert got.size == (32, 32) and pixel(got, (16, 16)) == colour
+
+
+@pytest.mark.parametrize("crop,colour", [("top", (255, 0, 0)), ("bottom", (0, 0, 255))])
+def test_crop_position_tall(crop: str, colour) -> None:
+    got = prepare_image(halves((100, 200), vertical=True), 32, crop=crop, resample="nearest")
+    assert pixel(got, (16, 16)) == colour
+
+
+def test_center_crop_keeps_both_halves() -> None:
+    got = prepare_image(halves(), 32, crop="center", resample="nearest")
+    assert pixel(got, (2, 16)) == (255, 0, 0) and pixel(got, (29, 16)) == (0, 0, 255)
+
+
+def test_pad_to_square_keeps_everything() -> None:
+    got = prepare_image(halves(), 64, pad=True, fill=(0, 255, 0), resample="nearest")
+    assert got.size == (64, 64)
+    assert pixel(got, (32, 2)) == (0, 255, 0) and pixel(got, (32, 61)) == (0, 255, 0)
+    assert pixel(got, (2, 32)) == (255, 0, 0) and pixel(got, (61, 32)) == (0, 0, 255)
+
+
+def test_target_width_height_and_filters() -> None:
+    assert prepare_image(halves(), (48, 24)).size == (48, 24)
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 90, 3), dtype=np.uint8))
+    a, b = prepare_image(noisy, 32, resample="nearest"), prepare_image(noisy, 32, resample="bilinear")
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(IPAdapterError, match="valid: nearest, bilinear, bicubic, lanczos"):
+        prepare_image(noisy, 32, resample="area")
+    with pytest.raises(IPAdapterError, match="valid: center, top, bottom, left, right"):
+        prepare_image(noisy, 32, crop="middle")
+
+
+def test_sharpening_raises_edge_contrast() -> None:
+    soft = prepare_image(halves(), 32, resample="bilinear")
+    sharp = prepare_image(halves(), 32, resample="bilinear", sharpen=1.0)
+    assert np.array_equal(np.asarray(soft), np.asarray(prepare_image(halves(), 32, resample="bilinear", sharpen=0.0)))
+    edge = lambda im: np.abs(np.diff(np.asarray(im, dtype=np.float64)[:, :, 0], axis=1)).max()  # noqa: E731
+    assert edge(sharp) > edge(soft)
+
+
+def test_tiles_of_a_wide_reference() -> None:
+    tiles = tile_image(halves((512, 256)), 256, 64)
+    assert [t.box for t in tiles] == [(0, 0, 256, 256), (128, 0, 384, 256), (256, 0, 512, 256)]
+    masks = [t.mask() for t in tiles]
+    assert all(m.shape == (256, 512) for m in masks)
+    assert masks[1][:, 128:384].eq(1).all() and masks[1].sum() == 256 * 256
+    assert torch.stack(masks).amax(0).eq(1).all(), "the tiles cover the picture"
+    assert tiles[0].image.size == (256, 256)
+    small = tiles[1].mask((32, 64))
+    assert small.shape == (32, 64) and small[:, 16:48].eq(1).all() and small.sum() == 32 * 32
+
+
+def test_fit_scales_the_short_side_to_the_tile() -> None:
+    tiles = tile_image(halves((1000, 400)), 200, 50)
+    assert {t.grid for t in tiles} == {(200, 500)}
+    assert all(t.image.size == (200, 200) for t in tiles)
+
+
+def test_full_scale_tiles_of_a_large_image() -> None:
+    tiles = tile_image(halves((600, 300)), 256, 32, fit=False)
+    lefts, tops = sorted({t.box[0] for t in tiles}), sorted({t.box[1] for t in tiles})
+    assert lefts == [0, 172, 344] and tops == [0, 44]
+    assert all(b - a <= 256 - 32 for a, b in zip(lefts, lefts[1:]))
+    assert len(tiles) == 6 and all(t.grid == (300, 600) for t in tiles)
+
+
+def test_bad_tiles() -> None:
+    with pytest.raises(IPAdapterError, match="overlap"):
+        tile_image(halves(), 64, 64)
+
+
+def test_grid_tiles() -> None:
+    parts = grid_tiles(halves((10, 6)), 2, 3)
+    assert [p.size for p in parts] == [(3, 3), (4, 3), (3, 3)] * 2
+
+
+def test_enhancer_on_global_features() -> None:
+    whole, tiles = torch.randn(2, 8), [torch.randn(2, 8) for _ in range(4)]
+    expected = 0.3 * whole + 0.7 * (tiles[0] + tiles[1] + tiles[2] + tiles[3]) / 4
+    torch.testing.assert_close(enhance_features(whole, tiles, (2, 2), 0.3), expected)
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_enhancer_pools_a_mosaic_of_tile_patches(class_token: bool) -> None:
+    rows, cols, g, d, b = 2, 3, 2, 5, 1
+    head = int(class_token)
+    whole = torch.randn(b, head + g * g, d)
+    tiles = [torch.randn(b, head + g * g, d) for _ in range(rows * cols)]
+    got = enhance_features(whole, tiles, (rows, cols), ratio=0.0)
+    # Mosaic pixel (Y, X) comes from tile (Y // g, X // g), patch (Y % g, X % g); pooled cell (i, j) averages the
+    # mosaic rows [i·rows, (i+1)·rows) and columns [j·cols, (j+1)·cols).
+    for i in range(g):
+        for j in range(g):
+            cells = [tiles[(y // g) * cols + x // g][0, head + (y % g) * g + x % g]
+                     for y in range(i * rows, (i + 1) * rows) for x in range(j * cols, (j + 1) * cols)]
+            torch.testing.assert_close(got[0, head + i * g + j], torch.stack(cells).mean(0))
+    if class_token:
+        torch.testing.assert_close(got[0, 0], torch.stack([t[0, 0] for t in tiles]).mean(0))
+    torch.testing.assert_close(enhance_features(whole, tiles, (rows, cols), ratio=1.0), whole)
+
+
+def test_enhancer_errors() -> None:
+    with pytest.raises(IPAdapterError, match="needs 4 tile features, got 3"):
+        enhance_features(torch.randn(1, 8), [torch.randn(1, 8)] * 3, (2, 2))
