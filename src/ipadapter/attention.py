@@ -136,9 +136,10 @@ class IPAttnProcessor(nn.Module):
 
     def _groups(self, prompt: AdapterPrompt) -> list[tuple[int, list[int], torch.Tensor | None]]:
         """Unmasked references share one attention over their concatenated tokens; each masked one is its own."""
-        plain = [i for i, r in enumerate(prompt.references) if r.mask is None]
+        here = [i for i, r in enumerate(prompt.references) if r.weight_at(self.layer.name) != 0.0]
+        plain = [i for i in here if prompt.references[i].mask is None]
         groups = [(0, plain, None)] if plain else []
-        groups += [(1 + i, [i], r.mask) for i, r in enumerate(prompt.references) if r.mask is not None]
+        groups += [(1 + i, [i], prompt.references[i].mask) for i in here if prompt.references[i].mask is not None]
         return groups
 
     def _kv(
@@ -157,8 +158,9 @@ class IPAttnProcessor(nn.Module):
             # "Precise" layers: the reference moves to the unconditional rows, pushing guidance away from it.
             uncond = ref.cond if precise else ref.uncond
             tokens = self.runtime.batch_tokens(ref.cond, uncond, batch).to(weights.to_k_ip.weight.dtype)
+            factor = ref.weight_at(self.layer.name)
             ks.append(weights.to_k_ip(tokens))
-            vs.append(weights.to_v_ip(tokens) * ref.weight if ref.weight != 1.0 else weights.to_v_ip(tokens))
+            vs.append(weights.to_v_ip(tokens) * factor if factor != 1.0 else weights.to_v_ip(tokens))
         k, v = torch.cat(ks, dim=1).to(dtype), torch.cat(vs, dim=1).to(dtype)  # (B, T, width)
         if cacheable:
             if self._cache_generation != self.runtime.generation:

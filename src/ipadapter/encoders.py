@@ -114,8 +114,10 @@ class ImageEncoder:
         return self._uncond_patches[key]
 
 
-def load_face_embedding(source: str | os.PathLike | list[float] | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A precomputed 512-d ArcFace embedding from `.npy`, `.pt`/`.pth` (tensors only), or a list → (1, 512)."""
+def load_face_embedding(
+    source: str | os.PathLike | list[float] | np.ndarray | torch.Tensor, dim: int = 512
+) -> torch.Tensor:
+    """A precomputed ArcFace embedding (512-d) from `.npy`, `.pt`/`.pth` (tensors only), or a list → (N, dim)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -129,9 +131,9 @@ def load_face_embedding(source: str | os.PathLike | list[float] | np.ndarray | t
             raise IPAdapterError(f"{path} is not a readable face embedding (.npy or tensor .pt): {err}") from None
     else:
         data = torch.as_tensor(np.asarray(source, dtype=np.float32))
-    if not isinstance(data, torch.Tensor) or data.numel() % 512 or data.numel() == 0:
-        raise IPAdapterError(f"a face embedding must hold 512 values per face, got {getattr(data, 'shape', data)!r}")
-    return data.float().reshape(-1, 512)
+    if not isinstance(data, torch.Tensor) or data.numel() % dim or data.numel() == 0:
+        raise IPAdapterError(f"a face embedding must hold {dim} values per face, got {getattr(data, 'shape', data)!r}")
+    return data.float().reshape(-1, dim)
 
 
 class FaceAnalyzer:

@@ -22,13 +22,19 @@ class Reference:
     """One image prompt for one adapter, already projected to tokens.
 
     cond/uncond: (R, T, C) with R = 1 (shared by the whole batch) or R = number of prompts in the batch.
-    mask: (H, W) in [0, 1], 1 = apply; any size and aspect ratio. weight: multiplies this reference's values.
+    mask: (H, W) in [0, 1], 1 = apply; any size and aspect ratio. weight: multiplies this reference's values;
+    layer_weights: per-layer factors of this reference alone (None = 1 everywhere, missing names = 0).
     """
 
     cond: torch.Tensor
     uncond: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     weight: float = 1.0
+    layer_weights: dict[str, float] | None = None
+
+    def weight_at(self, layer: str) -> float:
+        """This reference's own factor at a layer (presets like "style and composition" give each image its layers)."""
+        return self.weight if self.layer_weights is None else self.weight * self.layer_weights.get(layer, 0.0)
 
 
 @dataclass

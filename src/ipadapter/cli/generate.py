@@ -1,0 +1,150 @@
+"""`ipadapter generate`: image-prompted generation from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ipadapter.errors import IPAdapterError
+
+EXAMPLES = """examples:
+  ipadapter generate --image ref.png --out out.png                      # bundled miniature model
+  ipadapter generate --image ref.png --prompt "on a green checker background" --scale 0.7
+  ipadapter generate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter h94/IP-Adapter \\
+      --subfolder models --weight-name ip-adapter_sd15.bin --image ref.png --out out.png
+"""
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--base/--adapter/--image-encoder, shared by generate, encode, evaluate and app."""
+    p.add_argument("--base", help="diffusers pipeline folder or Hub id (default: the bundled miniature model)")
+    p.add_argument("--adapter", action="append", help="adapter file, folder or Hub repo id (repeatable)")
+    p.add_argument("--weight-name", action="append", help="adapter file name inside --adapter (per --adapter)")
+    p.add_argument("--subfolder", action="append", help="subfolder inside --adapter (per --adapter)")
+    p.add_argument("--image-encoder", help="CLIP vision folder or Hub id, 'owner/repo/subfolder' allowed")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: float16 on cuda, else float32")
+    p.add_argument("--scheduler", help="a diffusers scheduler class to use instead of the base model's own")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images prompted by reference images", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    p.add_argument("--image", action="append", default=[], help="reference image (repeatable)")
+    p.add_argument("--prompt", default="", help="text prompt (default: empty = image-only prompting)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--scale", type=finite_float, default=1.0, help="image prompt weight λ (default 1.0)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 25 miniature, else the pipeline's)")
+    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--out", default="out.png", help="output PNG; several images become OUT-0.png, OUT-1.png, ...")
+    p.add_argument("--lora-scale", type=finite_float, default=1.0, help="FaceID LoRA strength (ComfyUI uses 0.6)")
+    p.add_argument("--s-scale", type=finite_float, default=1.0, help="FaceID-PlusV2 shortcut scale")
+    p.add_argument("--face-embed", action="append", default=[], help="precomputed ArcFace embedding .npy/.pt")
+    p.add_argument("--mask", action="append", default=[], help="mask image per --image (white = apply)")
+    p.add_argument("--start", type=finite_float, default=0.0, help="fraction of the run where the adapter starts")
+    p.add_argument("--end", type=finite_float, default=1.0, help="fraction of the run where it stops")
+    p.add_argument("--preset", help="layer-weight preset (e.g. 'style transfer', 'ease in'); see docs/control.md")
+    p.add_argument("--combine", default="concat", help="concat, add, subtract, average, norm average, max, min")
+    p.add_argument("--image-weight", action="append", type=finite_float, help="weight per --image")
+    p.add_argument("--negative-image", help="an image to steer away from")
+    p.add_argument("--noise", help="noise negative TYPE:STRENGTH (fade, dissolve, gaussian, shuffle)")
+    p.add_argument("--content-subtract", help="words whose CLIP text embedding is removed from the image's")
+    p.add_argument("--content-strength", type=finite_float, default=1.0)
+    p.add_argument("--embeds-scaling", default="v", help="v, kv, kv_penalty, k_mean_v")
+    p.add_argument("--crop", default="center", help="center, top, bottom, left, right")
+    p.add_argument("--tiles", action="store_true", help="tile large or non-square references, each tile masked")
+    p.add_argument("--embeds", help="saved embeddings (from `ipadapter encode`) instead of --image")
+    p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
+    p.set_defaults(func=run)
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise IPAdapterError(f"--out must name a .png file, got {out}")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def save_atomic(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ipadapter.conditioning.images import load_image
+    from ipadapter.conditioning.masks import load_masks
+    from ipadapter.conditioning.negatives import parse_noise
+    from ipadapter.loading import load_prompter, text_embeds_for
+    from ipadapter.request import GenerationRequest, build_prompt
+
+    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
+        raise IPAdapterError("--num-images and --steps must be at least 1")
+    if not args.image and not args.embeds and not args.prompt:
+        raise IPAdapterError("give --image (or --embeds), --prompt, or both")
+    paths = output_paths(args.out, args.num_images)
+    images = [load_image(p) for p in args.image]
+    request = GenerationRequest(
+        images=images, prompt=args.prompt, negative_prompt=args.negative_prompt, scale=args.scale,
+        masks=load_masks(args.mask, len(images)) if args.mask else [], start=args.start, end=args.end,
+        preset=args.preset, combine=args.combine, image_weights=args.image_weight,
+        negative_image=load_image(args.negative_image) if args.negative_image else None,
+        noise=parse_noise(args.noise) if args.noise else None, content_strength=args.content_strength,
+        embeds_scaling=args.embeds_scaling, crop=args.crop, tiles=args.tiles, lora_scale=args.lora_scale,
+        seed=args.seed,
+    )
+    request.validate()
+    loaded = load_prompter(args)
+    prompter = loaded.prompter
+    if args.face_embed:
+        from ipadapter.encoders import load_face_embedding
+
+        _, ip = prompter.adapter(None)
+        dim = ip.config.projection.in_dim
+        request.face_embeds = torch.cat([load_face_embedding(f, dim) for f in args.face_embed])
+    if args.embeds:
+        from ipadapter.conditioning.embeds_file import EncoderIdentity, load_embeds
+
+        _, ip = prompter.adapter(None)
+        saved = load_embeds(args.embeds, encoder=EncoderIdentity.of(prompter.encoder.model), features=ip.variant.features)
+        request.features = tuple(saved.tensors[k] for k in sorted(saved.tensors) if k.startswith("cond"))
+    if args.content_subtract:
+        request.content_text_embeds = text_embeds_for(loaded, args.content_subtract)
+    for adapter in prompter.adapters.values():
+        if adapter.variant.shortcut:
+            adapter.image_proj.s_scale = args.s_scale
+    prompts = build_prompt(prompter, request)
+    images_out = prompter.generate(
+        prompts, prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
+        steps=args.steps or loaded.default_steps, guidance=args.guidance if args.guidance is not None else loaded.default_guidance,
+        seed=args.seed, width=args.width, height=args.height,
+    )
+    for image, path in zip(images_out, paths):
+        save_atomic(image, path)
+        print(path)
+    return 0

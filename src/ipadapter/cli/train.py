@@ -1,0 +1,95 @@
+"""`ipadapter train`: a config file (YAML/TOML) and/or flags; every config field is also a flag, flags win."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import MISSING, fields
+
+HELP = {
+    "base": "diffusers pipeline folder or Hub id (unet, vae, text_encoder, tokenizer, scheduler; + _2 for SDXL)",
+    "image_encoder": "CLIPVisionModelWithProjection folder or Hub id (its CLIPImageProcessor if saved)",
+    "data": "JSON/JSONL manifest of {image_file, text[, id_embed_file]} or a tar shard pattern (data-{00000..00099}.tar)",
+    "data_root": "folder that manifest paths are relative to (default: the manifest's folder)",
+    "variant": "adapter variant to train",
+    "output": "run folder: checkpoints/, logs/ (TensorBoard), validation/, the final adapter files",
+    "init_from": "start from this adapter file (published .bin/.safetensors or ours) instead of a new adapter",
+    "max_steps": "optimizer steps to train for",
+    "batch_size": "samples per process per micro-batch (paper: 8 per GPU)",
+    "resolution": "training size in pixels: shortest side → resolution, centre crop (paper: 512)",
+    "learning_rate": "AdamW learning rate (paper: 1e-4, constant)",
+    "weight_decay": "AdamW weight decay (paper: 0.01)",
+    "seed": "seed of everything random (initialisation, data order, noise, dropout)",
+    "drop_image": "probability of dropping only the image condition (paper: 0.05)",
+    "drop_text": "probability of dropping only the text (paper: 0.05)",
+    "drop_both": "probability of dropping both (paper: 0.05)",
+    "num_tokens": "image tokens (0: the variant's default: 4 base/FaceID, 16 plus)",
+    "lora_rank": "LoRA rank of the FaceID variants (published: 128)",
+    "id_dim": "length of the FaceID identity embeddings (ArcFace: 512)",
+    "grad_accum": "gradient accumulation steps",
+    "max_grad_norm": "clip gradients to this norm (0: off)",
+    "warmup_steps": "linear LR warm-up steps (0: none, the paper's constant LR)",
+    "ema_decay": "keep an EMA of the weights with this decay and write it as the final adapter (0: off)",
+    "noise_offset": "noise offset (0: off)",
+    "mixed_precision": "frozen models in this precision and autocast; the adapter trains in fp32",
+    "gradient_checkpointing": "recompute UNet activations in the backward pass (less memory, slower)",
+    "prediction_type": "override the base scheduler's prediction type (epsilon, v_prediction)",
+    "cache": "feature cache folder: built on the first run, reused afterwards (refused if models/settings differ)",
+    "cache_dtype": "storage dtype of cached features",
+    "num_workers": "decoding threads",
+    "resume": "continue from a checkpoint: 'latest' (this output's, or start fresh), an output folder or a state folder",
+    "save_every": "save a checkpoint every N steps (and at the end)",
+    "keep_checkpoints": "how many checkpoints to keep",
+    "log_every": "log loss/LR to TensorBoard every N steps",
+    "validate_every": "write a validation grid PNG every N steps (0: never)",
+    "validation_images": "reference images for validation (default: the data's first 4)",
+    "validation_prompts": "prompts for validation (\"\" = image only)",
+    "validation_steps": "DDIM steps for validation samples",
+    "validation_guidance": "classifier-free guidance for validation samples",
+}
+
+EXAMPLES = """examples:
+  ipadapter train --config configs/sd15-base.yaml
+  ipadapter train --base runwayml/stable-diffusion-v1-5 --image-encoder h94/IP-Adapter/models/image_encoder \\
+      --data data/train.jsonl --variant plus --output runs/plus --cache cache/plus
+  accelerate launch --num_processes 8 --config_file deepspeed_zero2.yaml -m ipadapter.cli.main train --config my.yaml
+  ipadapter train --config my.yaml --resume latest
+"""
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ipadapter.train import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("accelerate", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    config = TrainConfig.load(args.config, overrides)
+    train(config)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ipadapter.train.config import MIXED_PRECISION, TRAIN_VARIANTS, TrainConfig
+
+    parser = subparsers.add_parser(
+        "train", help="train an IP-Adapter (the paper's recipe), on one GPU or many (accelerate launch)",
+        description="Train an IP-Adapter. Every field of the config file is also a flag; flags override the file.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default="", help="YAML or TOML config file")
+    parser.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
+    choices = {"variant": TRAIN_VARIANTS, "mixed_precision": MIXED_PRECISION,
+               "prediction_type": ("", "epsilon", "v_prediction"), "cache_dtype": ("float16", "bfloat16", "float32")}
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        text = f"{HELP.get(f.name, '')} (default: {default!r})"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.type.startswith("list"):
+            parser.add_argument(flag, dest=f.name, nargs="*", default=None, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices.get(f.name), help=text)
+    parser.set_defaults(func=_run)

@@ -1,0 +1,114 @@
+"""A generation request as data, and how its control options become the processors' `AdapterPrompt`s.
+
+The CLI, the app and the evaluation all build a `GenerationRequest`; `build_prompt` turns reference images and
+options (crop, tiles, masks, combine mode, negatives, content subtraction, presets, window, scaling) into tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ipadapter.conditioning.combine import combine
+from ipadapter.conditioning.images import prepare_image, tile_image
+from ipadapter.conditioning.negatives import noise_negative, subtract_content
+from ipadapter.conditioning.presets import preset
+from ipadapter.conditioning.schedules import check_window
+from ipadapter.errors import IPAdapterError
+from ipadapter.prompter import ImagePrompter
+from ipadapter.runtime import AdapterPrompt, Reference
+
+
+@dataclass
+class GenerationRequest:
+    """Everything a user can ask of one image-prompted generation (CLI flags map one to one)."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    prompt: str = ""
+    negative_prompt: str = ""
+    scale: float = 1.0
+    masks: list[torch.Tensor] = field(default_factory=list)
+    start: float = 0.0
+    end: float = 1.0
+    preset: str | None = None
+    combine: str = "concat"
+    image_weights: list[float] | None = None
+    negative_image: Image.Image | None = None
+    noise: tuple[str, float] | None = None
+    content_text_embeds: torch.Tensor | None = None
+    content_strength: float = 1.0
+    embeds_scaling: str = "v"
+    crop: str = "center"
+    tiles: bool = False
+    features: tuple[torch.Tensor, ...] | None = None
+    lora_scale: float = 1.0
+    face_embeds: torch.Tensor | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not math.isfinite(self.scale):
+            raise IPAdapterError(f"--scale must be a finite number, got {self.scale}")
+        check_window(self.start, self.end)
+        if self.masks and len(self.masks) != len(self.images):
+            raise IPAdapterError(f"got {len(self.masks)} mask(s) for {len(self.images)} reference image(s); give one per image")
+        if self.tiles and self.masks:
+            raise IPAdapterError("--tiles makes its own per-tile masks; do not combine it with --mask")
+
+
+def _prepared(prompter: ImagePrompter, images: list[Image.Image], crop: str) -> list[Image.Image]:
+    """Crop position is applied before the encoder's own resize + centre crop (which then changes nothing)."""
+    if crop == "center" or prompter.encoder is None:
+        return images
+    size = prompter.encoder.model.config.image_size
+    return [prepare_image(img, size, crop=crop) for img in images]
+
+
+def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: str | None = None) -> dict[str, AdapterPrompt]:
+    """The adapter prompt(s) for one request: tokens computed here, once per generation."""
+    request.validate()
+    name, ip = prompter.adapter(adapter)
+    images, masks = list(request.images), list(request.masks) or [None] * len(request.images)
+    if request.tiles and images:
+        tiled = [t for img in images for t in tile_image(img)]
+        images, masks = [t.image for t in tiled], [t.mask() for t in tiled]
+    images = _prepared(prompter, images, request.crop)
+    features = request.features
+    if features is None:
+        if not images:
+            return {}
+        features = prompter.features(ip, images, request.face_embeds)
+    if request.content_text_embeds is not None:
+        features = (subtract_content(features[0], request.content_text_embeds, request.content_strength, ip.variant),
+                    *features[1:])
+    weights = request.image_weights
+    if request.combine != "concat" and features[0].shape[0] > 1:
+        if any(m is not None for m in masks):
+            raise IPAdapterError("masked references cannot be combined into one; use --combine concat with --mask")
+        count = features[0].shape[0]
+        features = tuple(combine([f[i : i + 1] for i in range(count)], request.combine, weights) for f in features)
+        masks, weights = [None], None
+    negative = None
+    if request.negative_image is not None:
+        negative = [request.negative_image]
+    elif request.noise is not None and images:
+        kind, strength = request.noise
+        negative = [noise_negative(img, kind, strength, seed=request.seed) for img in images]
+        if features[0].shape[0] != len(negative):
+            negative = negative[:1]
+    _, refs = prompter.references(adapter=name, features=features, negative=negative, masks=masks, weights=weights)
+    layer_weights, uncond_layers = None, frozenset()
+    if request.preset:
+        chosen = preset(request.preset, prompter.pipe.unet, references=len(refs))
+        uncond_layers = chosen.uncond_layers
+        if chosen.references == 1:
+            layer_weights = chosen.layer_weights[0]
+        else:
+            for ref, per_ref in zip(refs, chosen.layer_weights):
+                ref.layer_weights = per_ref
+            refs = refs[: chosen.references]
+    return {name: AdapterPrompt(refs, scale=request.scale, layer_weights=layer_weights, uncond_layers=uncond_layers,
+                                start=request.start, end=request.end, scaling=request.embeds_scaling,
+                                lora_scale=request.lora_scale)}

@@ -1,0 +1,98 @@
+"""`ipadapter generate` end to end on tiny local models, and its one-line errors for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter.cli.main import main
+from tests import factories
+
+FAMILIES = ["base", "plus", "full", "faceid", "faceid-plus"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A saved SD-1.5-layout pipeline folder with its own image_encoder/, as `from_pretrained` reads it."""
+    root = tmp_path_factory.mktemp("base")
+    pipe = factories.tiny_sd15_pipeline(root)
+    encoder, processor = factories.tiny_image_encoder()
+    pipe.save_pretrained(root / "pipe")
+    encoder.save_pretrained(root / "pipe" / "image_encoder")
+    processor.save_pretrained(root / "pipe" / "feature_extractor")
+    for family in FAMILIES:
+        torch.save(factories.published(pipe.unet, family, factories.SD15_CROSS, lora_rank=4 if "faceid" in family else 0),
+                   root / f"{family}.bin")
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(root / "ref.png")
+    np.save(root / "face.npy", np.random.default_rng(0).standard_normal(16).astype(np.float32))
+    return root
+
+
+def _run(tiny_base, *extra: str, out=None) -> int:
+    out = out or tiny_base / "out.png"
+    return main(["generate", "--base", str(tiny_base / "pipe"), "--image", str(tiny_base / "ref.png"), "--out", str(out),
+                 "--steps", "2", "--width", "32", "--height", "32", *extra])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_each_family(tiny_base, family, tmp_path, capsys) -> None:
+    extra = ["--adapter", str(tiny_base / f"{family}.bin")]
+    if "faceid" in family:
+        extra += ["--face-embed", str(tiny_base / "face.npy")]
+    out = tmp_path / "x.png"
+    assert _run(tiny_base, *extra, "--num-images", "2", out=out) == 0
+    for i in range(2):
+        assert Image.open(tmp_path / f"x-{i}.png").size == (32, 32)
+
+
+def test_generate_with_control_flags(tiny_base, tmp_path) -> None:
+    Image.fromarray(np.full((17, 29), 255, np.uint8)).save(tmp_path / "mask.png")
+    assert _run(tiny_base, "--adapter", str(tiny_base / "base.bin"), "--mask", str(tmp_path / "mask.png"),
+                "--start", "0.2", "--end", "0.8", "--embeds-scaling", "kv", "--noise", "fade:0.3",
+                "--preset", "ease in", "--crop", "top", out=tmp_path / "c.png") == 0
+    assert (tmp_path / "c.png").is_file()
+
+
+BAD = {
+    "missing image": (["--image", "nope.png"], "not found"),
+    "non-image": (["--image", "{root}/face.npy"], "cannot read"),
+    "non-finite scale": (["--scale", "nan"], "finite"),
+    "bad window": (["--start", "0.9", "--end", "0.1"], "start"),
+    "unknown preset": (["--preset", "nope"], "valid"),
+    "missing adapter": (["--adapter", "{root}/none.bin"], "not found"),
+    "mask count": (["--mask", "{root}/ref.png", "--mask", "{root}/ref.png"], "mask"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_writes_nothing(tiny_base, case, tmp_path, capsys) -> None:
+    flags, words = BAD[case]
+    flags = [f.format(root=tiny_base) for f in flags]
+    if "--adapter" not in flags:
+        flags = ["--adapter", str(tiny_base / "base.bin"), *flags]
+    with pytest.raises(SystemExit) if case == "non-finite scale" else _nothing():
+        code = _run(tiny_base, *flags, out=tmp_path / "o.png")
+        assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) >= 1 and "Traceback" not in err and words in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_zero_size_image(tiny_base, tmp_path, capsys) -> None:
+    Image.new("RGB", (1, 1)).save(tmp_path / "z.png")
+    data = (tmp_path / "z.png").read_bytes()
+    (tmp_path / "z.png").write_bytes(data.replace(b"\x00\x00\x00\x01\x00\x00\x00\x01", b"\x00\x00\x00\x00\x00\x00\x00\x00", 1))
+    code = main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin"),
+                 "--image", str(tmp_path / "z.png"), "--out", str(tmp_path / "o.png")])
+    assert code == 2 and "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
