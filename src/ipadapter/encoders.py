@@ -5,8 +5,6 @@ The unconditional input of each kind (REFERENCE §5) depends only on the encoder
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ipadapter.embed_cache import EmbeddingCache
 from ipadapter.errors import IPAdapterError
 
 _ENCODER_FAMILIES = {1024: "OpenCLIP ViT-H/14", 1280: "OpenCLIP ViT-bigG/14"}
@@ -27,11 +26,13 @@ def _describe(dim: int, kind: str) -> str:
 class ImageEncoder:
     """A `CLIPVisionModelWithProjection` with its own image processor."""
 
-    def __init__(self, model: torch.nn.Module, processor: object, name: str = "") -> None:
+    def __init__(self, model: torch.nn.Module, processor: object, name: str = "", cache: EmbeddingCache | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
         self.name = name or getattr(model.config, "_name_or_path", "") or "clip-vision"
+        self.cache = cache if cache is not None else EmbeddingCache()
         self._uncond_patches: dict[tuple, torch.Tensor] = {}
+        self._identity = self.identity()
 
     @classmethod
     def from_pretrained(
@@ -74,8 +75,10 @@ class ImageEncoder:
 
     def identity(self) -> str:
         """Name + hash of the config: recorded with saved embeddings and caches, checked when they are reused."""
-        config = json.dumps(self.model.config.to_dict(), sort_keys=True, default=str)
-        return f"{self.name}#{hashlib.sha256(config.encode()).hexdigest()[:12]}"
+        from ipadapter.conditioning.embeds_file import EncoderIdentity
+
+        ident = EncoderIdentity.of(self.model, self.name)
+        return f"{ident.name}#{ident.config_hash}"
 
     def dim(self, features: str) -> int:
         return self.global_dim if features == "global" else self.patch_dim
@@ -100,7 +103,16 @@ class ImageEncoder:
         return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # (B, P, H)
 
     def encode(self, images: list[Image.Image], features: str) -> torch.Tensor:
-        return self.encode_pixels(self.pixel_values(images), features)
+        """Features per image; images seen before (same pixels, same encoder) come from the LRU cache."""
+        found = [self.cache.get(self._identity, features, img) for img in images]
+        todo = [img for img, f in zip(images, found) if f is None]
+        if todo:
+            fresh = iter(self.encode_pixels(self.pixel_values(todo), features))
+            for i, img in enumerate(images):
+                if found[i] is None:
+                    found[i] = next(fresh)
+                    self.cache.put(self._identity, features, img, found[i])
+        return torch.stack([f.to(self.device, self.dtype) for f in found])
 
     def uncond(self, features: str) -> torch.Tensor:
         """Global: a zero embedding. Patch: the encoder's output for zero pixel values (cached: it never changes)."""

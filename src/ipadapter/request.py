@@ -83,6 +83,8 @@ def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: s
     if request.content_text_embeds is not None:
         features = (subtract_content(features[0], request.content_text_embeds, request.content_strength, ip.variant),
                     *features[1:])
+    if not any(m is not None for m in masks):
+        masks = [None] * features[0].shape[0]
     weights = request.image_weights
     if request.combine != "concat" and features[0].shape[0] > 1:
         if any(m is not None for m in masks):
