@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs everything and runs the main job: image-prompted generation on the bundled miniature model (CPU, offline).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+mkdir -p out
+ipadapter generate --image examples/reference.png --num-images 4 --out out/demo.png
+ipadapter generate --image examples/reference.png --prompt "a small green cross at the bottom right" --scale 0.6 \
+  --num-images 4 --out out/demo-text.png
+echo "wrote out/demo-*.png"
