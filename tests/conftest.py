@@ -12,7 +12,8 @@ import torch  # noqa: E402
 
 from tests import factories  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Toy-sized models gain nothing from threads, and contention with other processes makes them much slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

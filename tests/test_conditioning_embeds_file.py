@@ -34,6 +34,8 @@ def test_identity_ignores_the_path_but_not_the_architecture() -> None:
     b = EncoderIdentity.of({**vit().to_dict(), "_name_or_path": "/elsewhere", "transformers_version": "0.0"})
     assert a.config_hash == b.config_hash
     assert EncoderIdentity.of(vit(48)).config_hash != a.config_hash
+    face = EncoderIdentity.of("buffalo_l")
+    assert face.name == "buffalo_l" and face.config_hash != EncoderIdentity.of("antelopev2").config_hash
 
 
 def test_another_encoder_is_refused_naming_the_one_that_made_the_file(tmp_path) -> None:

@@ -186,8 +186,10 @@ def test_block_weights_by_hand_on_sdxl(unets) -> None:
 
 @pytest.mark.parametrize("scales,message", [
     ({"down": {"block_0": 1.0}}, "no block 'block_0' with attentions; valid: block_1, block_2"),
-    ({"up": {"block_0": [1.0, 0.0]}}, "up_blocks.0 has 3 attentions but 2 weights"),
-    ({"mid": [1.0, 2.0]}, "mid block has one attention"),
+    ({"up": {"block_0": [1.0, 0.0]}}, "up_blocks.0 has 3 attention\\(s\\) but 2 weights"),
+    ({"mid": [1.0, 2.0]}, "the mid block has 1 attention\\(s\\) but 2 weights"),
+    ({"mid": {"block_0": 1.0}}, "mid block takes a number"),
+    ({"up": {"block_0": "high"}}, "up_blocks.0 takes a number or a list of numbers"),
     ({"middle": 1.0}, "unknown part 'middle'"),
 ])
 def test_block_weight_errors(unets, scales: dict, message: str) -> None:

@@ -68,6 +68,7 @@ class Attachment:
         self.runtime = Runtime()
         self.rows: int | None = None
         self._originals: dict[str, Any] = {}
+        self._cross_names = frozenset(l.name for l in attention_layers(unet) if l.cross)
         self._hook: torch.utils.hooks.RemovableHandle | None = None
 
     @property
@@ -117,6 +118,17 @@ class Attachment:
         unknown = set(prompts) - set(self.adapters)
         if unknown:
             raise IPAdapterError(f"no adapter named {sorted(unknown)[0]!r}; attached: {', '.join(self.adapters)}")
+        known = self._cross_names
+        for name, prompt in prompts.items():
+            names = set(prompt.layer_weights or ()) | set(prompt.uncond_layers)
+            for ref in prompt.references:
+                names |= set(ref.layer_weights or ())
+            unknown = sorted(names - known)
+            if unknown:
+                raise IPAdapterError(
+                    f"adapter {name!r}: layer weights name {unknown[0]!r}, which is not a cross-attention layer of this "
+                    "UNet (a weight map made for another base model?)"
+                )
         self.rows = rows
         self.runtime.set(prompts, cfg=cfg)
 

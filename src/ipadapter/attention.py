@@ -41,7 +41,8 @@ def resize_mask(mask: torch.Tensor, seq_len: int, latent_hw: tuple[int, int] | N
     if lo == hi:
         flat = mask.new_full((gh * gw,), float(lo))
     else:
-        flat = F.interpolate(mask[None, None].float(), size=(gh, gw), mode="bicubic").flatten()
+        # Bicubic as diffusers, clamped: its overshoot near an edge would otherwise subtract the reference there.
+        flat = F.interpolate(mask[None, None].float(), size=(gh, gw), mode="bicubic").clamp(0, 1).flatten()
     if flat.numel() < seq_len:
         flat = torch.cat([flat, flat.new_zeros(seq_len - flat.numel())])
     return flat[:seq_len, None]
@@ -136,7 +137,8 @@ class IPAttnProcessor(nn.Module):
 
     def _groups(self, prompt: AdapterPrompt) -> list[tuple[int, list[int], torch.Tensor | None]]:
         """Unmasked references share one attention over their concatenated tokens; each masked one is its own."""
-        here = [i for i, r in enumerate(prompt.references) if r.weight_at(self.layer.name) != 0.0]
+        precise = self.layer.name in prompt.uncond_layers
+        here = [i for i, r in enumerate(prompt.references) if precise or r.weight_at(self.layer.name) != 0.0]
         plain = [i for i in here if prompt.references[i].mask is None]
         groups = [(0, plain, None)] if plain else []
         groups += [(1 + i, [i], prompt.references[i].mask) for i in here if prompt.references[i].mask is not None]
@@ -158,7 +160,7 @@ class IPAttnProcessor(nn.Module):
             # "Precise" layers: the reference moves to the unconditional rows, pushing guidance away from it.
             uncond = ref.cond if precise else ref.uncond
             tokens = self.runtime.batch_tokens(ref.cond, uncond, batch).to(weights.to_k_ip.weight.dtype)
-            factor = ref.weight_at(self.layer.name)
+            factor = ref.weight if precise else ref.weight_at(self.layer.name)
             ks.append(weights.to_k_ip(tokens))
             vs.append(weights.to_v_ip(tokens) * factor if factor != 1.0 else weights.to_v_ip(tokens))
         k, v = torch.cat(ks, dim=1).to(dtype), torch.cat(vs, dim=1).to(dtype)  # (B, T, width)

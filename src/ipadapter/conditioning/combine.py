@@ -7,9 +7,10 @@ Definitions, with weights entering as stated:
 - add:          Σ w_i·e_i.
 - subtract:     w_1·e_1 − mean_{i>1}(w_i·e_i); needs at least two images.
 - average:      Σ w_i·e_i / Σ w_i — a weighted mean: the weights are relative importances, (1, 1) and (2, 2) agree.
-- norm average: the weighted mean of the unit vectors e_i/‖e_i‖ (norm over D), rescaled to the weighted mean of
-                the norms ‖e_i‖: every image pulls the direction equally hard whatever its feature magnitude, and the
-                result keeps a typical magnitude instead of shrinking as a plain mean of dissimilar vectors does.
+- norm average: the weighted mean of the unit vectors e_i/‖e_i‖ (norm over D), rescaled to the weighted mean
+                of the norms ‖e_i‖: every image pulls the direction equally hard whatever its feature magnitude,
+                and the result keeps a typical magnitude instead of shrinking as a plain mean of dissimilar
+                vectors does.
 - max / min:    element-wise over the weighted features w_i·e_i.
 Combining before projection differs from projecting each image and averaging the tokens: the heads are not linear
 (LayerNorm, attention), so mean-then-project ≠ project-then-mean. Concat of global features, projected with
@@ -64,7 +65,9 @@ COMBINE_MODES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
 }
 
 
-def combine(embeds: Sequence[torch.Tensor], mode: str = "concat", weights: Sequence[float] | None = None) -> torch.Tensor:
+def combine(
+    embeds: Sequence[torch.Tensor], mode: str = "concat", weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """Combine per-image encoder features as defined in this module's docstring."""
     if mode not in COMBINE_MODES:
         raise IPAdapterError(f"unknown combine mode {mode!r}; valid: {', '.join(COMBINE_MODES)}")

@@ -27,8 +27,11 @@ from ipadapter.variants import VARIANTS
 
 FORMAT = "ipadapter-embeds/1"
 FEATURE_KINDS = tuple(dict.fromkeys(v.features for v in VARIANTS.values()))
-# Config entries that say where or with which library version a model was saved, not what it computes.
-_VOLATILE = frozenset({"_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"})
+# Config entries that say where, how or with which library version a model was loaded, not what it computes.
+_VOLATILE = frozenset({
+    "_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype", "_attn_implementation",
+    "_attn_implementation_autoset", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
+})
 
 
 def _stable(config: Any) -> Any:
@@ -48,11 +51,14 @@ class EncoderIdentity:
 
     @classmethod
     def of(cls, encoder: Any, name: str | None = None) -> "EncoderIdentity":
-        """From a model with a `.config` (transformers), a config object, or a plain dict describing the encoder."""
-        config = getattr(encoder, "config", encoder)
+        """From a model with a `.config` (transformers), a config object, a dict, or just a name (e.g. "buffalo_l").
+
+        The hash covers the architecture, not the weights: two fine-tunes of one architecture hash alike.
+        """
+        config = {"name": encoder} if isinstance(encoder, str) else getattr(encoder, "config", encoder)
         as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         text = json.dumps(_stable(as_dict), sort_keys=True, default=str)
-        name = name or as_dict.get("_name_or_path") or as_dict.get("model_type") or "unnamed encoder"
+        name = name or next((as_dict[k] for k in ("_name_or_path", "model_type", "name") if as_dict.get(k)), "encoder")
         return cls(str(name), hashlib.sha256(text.encode()).hexdigest()[:16])
 
 

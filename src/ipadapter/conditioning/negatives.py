@@ -107,11 +107,13 @@ def subtract_content(
     variant = get_variant(variant) if isinstance(variant, str) else variant
     if variant.features != "global":
         raise IPAdapterError(
-            f"content subtraction works only on global-embedding adapters; {variant.name!r} uses {variant.features} features"
+            "content subtraction works only on global-embedding adapters; "
+            f"{variant.name!r} uses {variant.features} features"
         )
     if text_embeds.shape[-1] != image_embeds.shape[-1]:
         raise IPAdapterError(
-            f"the text embedding is {text_embeds.shape[-1]}-wide but the image embedding {image_embeds.shape[-1]}-wide; "
+            f"the text embedding is {text_embeds.shape[-1]}-wide but the image embedding "
+            f"{image_embeds.shape[-1]}-wide; "
             "use the CLIP text model that pairs with the image encoder"
         )
     return image_embeds - k * text_embeds.to(image_embeds.dtype)

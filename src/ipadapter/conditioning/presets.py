@@ -14,6 +14,10 @@ InstantStyle names up_blocks.1 for style and down_blocks.2 for layout at block l
 inside those blocks as in SDXL: style = up_blocks.1.attentions.1 (t8), layout = down_blocks.2.attentions.1 (t5).
 Both are the second attention of the first 1280-wide up block and the last attention of the last 1280-wide down
 block, exactly as in SDXL, so a preset means the same thing on both families.
+
+"Precise" presets: the layer of the other role — layout for "style transfer precise", style for "composition
+precise" — receives the reference on the unconditional rows only, so guidance pushes away from the reference's
+layout (or style) while the kept layer pulls towards its style (or layout). Other layers stay silent.
 """
 
 from __future__ import annotations
@@ -93,8 +97,8 @@ PRESET_NAMES = tuple(WEIGHT_TYPES) + tuple(NAMED_PRESETS)
 class LayerPreset:
     """What a preset sets: one layer-weight map per reference image, and the "precise" layers.
 
-    A preset with several references (style and composition) needs one `AdapterPrompt` per reference, e.g. the
-    same adapter attached under two names.
+    layer_weights[i] is for the i-th reference image: with one entry it is `AdapterPrompt.layer_weights`; with
+    several (style and composition) each goes to its image's `Reference.layer_weights`.
     """
 
     name: str
@@ -156,11 +160,13 @@ def preset(name: str, unet_or_layers: nn.Module | Sequence[AttentionLayer], *, r
 def _block_values(value: float | Sequence[float], count: int, where: str) -> list[float]:
     if isinstance(value, (int, float)):
         return [float(value)] * count
+    if not (isinstance(value, Sequence) and all(isinstance(v, (int, float)) for v in value)):
+        raise IPAdapterError(f"{where} takes a number or a list of numbers, got {value!r}")
     values = [float(v) for v in value]
     if len(values) == 1:
         return values * count
     if len(values) != count:
-        raise IPAdapterError(f"{where} has {count} attentions but {len(values)} weights were given")
+        raise IPAdapterError(f"{where} has {count} attention(s) but {len(values)} weights were given")
     return values
 
 
@@ -188,8 +194,8 @@ def block_weights(
     for part, value in scales.items():
         blocks = {b: names for (p, b), names in transformers.items() if p == part}
         if part == "mid":
-            if not isinstance(value, (int, float)) and len(value) != 1:
-                raise IPAdapterError(f"the mid block has one attention but {len(value)} weights were given")
+            if isinstance(value, Mapping):
+                raise IPAdapterError("the mid block takes a number (or a one-element list), not per-block weights")
             value = {"block_0": value}
         elif not isinstance(value, Mapping):
             value = {f"block_{b}": value for b in blocks}

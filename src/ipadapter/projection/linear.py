@@ -17,4 +17,4 @@ class LinearProjection(nn.Module):
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
         x = self.proj(embeds.to(self.proj.weight.dtype))  # (B, N*C)
-        return self.norm(x.reshape(-1, self.tokens, self.cross_dim))  # (B, N, C)
+        return self.norm(x.reshape(embeds.shape[0], -1, self.cross_dim))  # (B, N, C); (B, I, D) → (B, I·N, C)
