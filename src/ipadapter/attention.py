@@ -72,6 +72,7 @@ class IPAttnProcessor(nn.Module):
                 active.append((name, prompt, weights, w))
         return active
 
+    @torch.compiler.disable
     def __call__(
         self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any,
