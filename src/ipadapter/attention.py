@@ -57,7 +57,7 @@ class IPAttnProcessor(nn.Module):
         self.original = original
         self.runtime = runtime
         self.adapters = nn.ModuleDict(adapters)
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple, object] = {}
         self._cache_generation = -1
 
     def _active(self, progress: float | None) -> list[tuple[str, AdapterPrompt, AdapterLayer, float]]:
@@ -180,26 +180,57 @@ class IPAttnProcessor(nn.Module):
             if not self.runtime.cfg:
                 return 0
             w = prompt.scale * prompt.step_factor(self.runtime.progress)
-        total = 0
+        parts = []
         for group, refs, mask in self._groups(prompt):
             k, v = self._kv(name, prompt, weights, group, refs, batch, query.dtype)
             out_scale = w
             if prompt.scaling != "v":
                 k, v, out_scale = scale_embeds(k, v, w, prompt.scaling, self.layer.width)
-            k = k.view(batch, -1, heads, head_dim).transpose(1, 2)
-            v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)
-            o = o.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+            parts.append((k, v, out_scale, self._mask(name, group, mask, seq_len, query.device)))
+        total = 0
+        for o, (_, _, out_scale, m) in zip(self._attend(query, parts), parts):
             if out_scale != 1.0:
                 o = o * out_scale
             if precise:
                 o = o * torch.arange(batch, device=o.device).lt(batch // 2).to(o.dtype)[:, None, None]
-            if mask is not None:
-                m = resize_mask(mask.to(query.device), seq_len, self.runtime.latent_hw)
-                if not bool((m == 1).all()):
-                    o = o * m.to(o.dtype)
+            if m is not None:
+                o = o * m.to(o.dtype)
             total = total + o
         return total
+
+    @staticmethod
+    def _attend(query: torch.Tensor, parts: list[tuple]) -> list[torch.Tensor]:
+        """softmax(Q K'ᵀ/√d) V' per reference group; groups of equal length (masked references) in one call."""
+        batch, heads, _, head_dim = query.shape
+        lengths = {k.shape[1] for k, *_ in parts}
+        if len(parts) > 1 and len(lengths) == 1:
+            k = torch.cat([p[0] for p in parts]).view(len(parts) * batch, -1, heads, head_dim).transpose(1, 2)
+            v = torch.cat([p[1] for p in parts]).view(len(parts) * batch, -1, heads, head_dim).transpose(1, 2)
+            q = query.repeat(len(parts), 1, 1, 1)  # (G·B, h, L, d)
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+            o = o.transpose(1, 2).reshape(len(parts), batch, -1, heads * head_dim).to(query.dtype)
+            return list(o.unbind(0))
+        outs = []
+        for k, v, *_ in parts:
+            k = k.view(batch, -1, heads, head_dim).transpose(1, 2)
+            v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)
+            outs.append(o.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype))
+        return outs
+
+    def _mask(self, name: str, group: int, mask: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        """The mask on this layer's token grid (None when it is all ones), resized once per generation."""
+        if mask is None:
+            return None
+        key = ("mask", name, group, seq_len, self.runtime.latent_hw, device)
+        if self._cache_generation == self.runtime.generation and key in self._cache:
+            return self._cache[key]
+        m = resize_mask(mask.to(device), seq_len, self.runtime.latent_hw)
+        m = None if bool((m == 1).all()) else m
+        if self._cache_generation != self.runtime.generation:
+            self._cache, self._cache_generation = {}, self.runtime.generation
+        self._cache[key] = m
+        return m
 
 
 def scale_embeds(k: torch.Tensor, v: torch.Tensor, w: float, mode: str, width: int) -> tuple[torch.Tensor, torch.Tensor, float]:
