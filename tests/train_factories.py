@@ -178,4 +178,12 @@ def write_shards(folder: Path, n: int, per_shard: int, *, corrupt_every: int = 0
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-    return str(folder / "{00000..%05d}.tar" % ((n - 1) // per_shard))
+    return str(folder / ("{00000..%05d}.tar" % ((n - 1) // per_shard)))
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide state (mixed precision, ...); tests that build Accelerators start clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -109,8 +109,61 @@ def train_vae(
     return vae
 
 
+def train_vae_decoder(
+    out_dir: str | Path,
+    steps: int = 800,
+    seed: int = 4,
+    batch: int = 16,
+    lr: float = 5e-4,
+    latent_noise: float = 0.1,
+    resume: bool = False,
+    name: str = "vae_decoder",
+):
+    """Fine-tune only the decoder of `out_dir/vae` and save the whole VAE to `out_dir/name/`.
+
+    The encoder (and so every cached latent the UNet trains on) stays fixed, so this can run alongside the UNet.
+    Latents get noise of up to `latent_noise` (in scaled units) so the decoder tolerates the UNet's small errors.
+    """
+    from diffusers import AutoencoderKL
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    vae.requires_grad_(False)
+    decoder = [vae.post_quant_conv, vae.decoder]
+    params = [p for m in decoder for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    run = TrainRun(out, name, steps, {"vae": vae}, optimizer, resume=resume)
+    log.info("%s: %d trainable parameters (decoder only)", name, sum(p.numel() for p in params))
+    vae.train()
+    sf = vae.config.scaling_factor
+    for step in range(run.start_step, steps):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        images, _ = make_batch(seed * 1_000_003 + step, batch)
+        x = to_model_range(images)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+            level = torch.rand(batch, 1, 1, 1, generator=g) * latent_noise / sf
+            z = z + level * torch.randn(z.shape, generator=g)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        run.set_lr(step, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        run.step_done(step + 1, loss.item())
+    vae.eval()
+    final = out / name
+    vae.save_pretrained(final)
+    log.info("%s: saved to %s (final loss %.4f, %.1f min)", name, final, run.last_loss, run.elapsed_s() / 60)
+    return vae
+
+
 @torch.no_grad()
-def build_cache(out_dir: str | Path, vae_dir: str | Path, clip_dir: str | Path, n: int = 16384, seed: int = 2) -> Path:
+def build_cache(out_dir: str | Path, vae_dir: str | Path, clip_dir: str | Path, n: int = 8192, seed: int = 2) -> Path:
     """Encode `n` training scenes once: scaled VAE latent means, text states, and the empty caption's states."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
@@ -151,10 +204,13 @@ def training_scheduler():
 
 
 def sampling_scheduler():
-    """The pipeline's DDIM scheduler, on the same betas as training."""
+    """The pipeline's DDIM scheduler, on the same betas as training; "trailing" spacing starts at t=999, the
+    noise level closest to the pure noise sampling starts from."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(training_scheduler().config, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler.from_config(
+        training_scheduler().config, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing"
+    )
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
@@ -173,11 +229,17 @@ def train_unet(
     batch: int = 64,
     lr: float = 5e-4,
     ema_decay: float = 0.995,
+    offset_noise: float = 0.2,
     widths: tuple[int, ...] = (64, 128, 128),
     resume: bool = False,
     name: str = "unet",
 ):
-    """Epsilon-MSE on cached latents; 10% of captions replaced by the empty caption (for guidance). Saves the EMA."""
+    """Epsilon-MSE on cached latents; 10% of captions replaced by the empty caption (for guidance). Saves the EMA.
+
+    `offset_noise` adds a per-channel constant to the noise: on 16x16 latents the mean of x_T still leaks the
+    background colour at t=999, so without it the UNet learns to read colours from the noise instead of the
+    text and samples from pure noise come out washed out.
+    """
     from diffusers import UNet2DConditionModel
 
     out = Path(out_dir)
@@ -202,6 +264,7 @@ def train_unet(
         cond[drop] = empty.expand(int(drop.sum()), -1, -1)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(TRAIN_TIMESTEPS, (batch,), generator=g)
+        noise = noise + offset_noise * torch.randn(batch, x0.shape[1], 1, 1, generator=g)
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
         run.set_lr(step, lr)

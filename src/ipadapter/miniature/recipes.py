@@ -1,7 +1,8 @@
 """The recipe table: every shipped miniature model is rebuilt by one named function with fixed seeds and sizes.
 
-Order: `clip` and `vae` (independent, can run at once), `judge` (independent), then `unet` (needs clip + vae;
-evaluates with the judge when present), then `export` (fp16 copies into the package's assets).
+Order: `clip` and `vae` (independent, can run at once), `judge` (independent), then `unet` (needs clip + vae) and
+`decoder` (needs vae; keeps the encoder, so it can run alongside `unet`); whichever of those two ends last assembles
+`pipeline/` and evaluates it with the judge. Then `export` (fp16 copies into the package's assets).
 """
 
 from __future__ import annotations
@@ -49,7 +50,18 @@ def _unet(out: Path, steps: int, resume: bool) -> object:
     if not cache.exists():
         base_model.build_cache(out, out / "vae", out / "clip")
     base_model.train_unet(out, cache, steps=steps, seed=3, resume=resume)
-    pipe = base_model.assemble_pipeline(out / "vae", out / "clip", out / "unet")
+    return assemble(out)
+
+
+def _decoder(out: Path, steps: int, resume: bool) -> object:
+    base_model.train_vae_decoder(out, steps=steps, seed=4, resume=resume)
+    return assemble(out) if (out / "unet" / "config.json").exists() else None
+
+
+def assemble(out: Path = DEFAULT_OUT) -> object:
+    """`out/pipeline/` from clip + unet + the fine-tuned decoder (plain vae if absent); evaluates if the judge exists."""
+    vae_dir = out / "vae_decoder" if (out / "vae_decoder" / "config.json").exists() else out / "vae"
+    pipe = base_model.assemble_pipeline(vae_dir, out / "clip", out / "unet")
     base_model.save_pipeline(pipe, out / "pipeline")
     if (out / "judge" / judge.CLASSIFIER_WEIGHTS).exists():
         evaluate_base(out)
@@ -59,8 +71,9 @@ def _unet(out: Path, steps: int, resume: bool) -> object:
 RECIPES: dict[str, Recipe] = {
     "clip": Recipe(_clip, 800, help="tiny CLIP (text encoder + adapters' image encoder)"),
     "vae": Recipe(_vae, 800, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x4"),
-    "judge": Recipe(_judge, 600, help="judge CLIP + attribute classifier (measurement only)"),
-    "unet": Recipe(_unet, 1400, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
+    "judge": Recipe(_judge, 500, help="judge CLIP + attribute classifier (measurement only)"),
+    "unet": Recipe(_unet, 1200, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
+    "decoder": Recipe(_decoder, 700, needs=("vae",), help="fine-tune the VAE decoder only (latents unchanged)"),
 }
 
 

@@ -63,11 +63,13 @@ class TrainRun:
         self.last_loss = float("nan")
 
     def _attach_log_file(self) -> None:
-        path = str(self.out_dir / f"{self.name}.log")
-        if not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in log.handlers):
-            handler = logging.FileHandler(path)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-            log.addHandler(handler)
+        """Send the package log to this run's file only (a process may run several runs one after another)."""
+        for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+            log.removeHandler(handler)
+            handler.close()
+        handler = logging.FileHandler(self.out_dir / f"{self.name}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
         log.setLevel(logging.INFO)
 
     def _load(self) -> int:

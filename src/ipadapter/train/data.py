@@ -350,7 +350,8 @@ class Batches:
                  *, workers: int = 0, max_consecutive_skips: int = 10_000) -> None:
         self.stream, self.decode, self.batch_size = stream, decode, batch_size
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
-        self.max_consecutive_skips = max_consecutive_skips
+        records = getattr(stream, "records", None)  # a manifest: a whole epoch of failures is enough to know
+        self.max_consecutive_skips = len(records) + 1 if records is not None else max_consecutive_skips
         self.exhausted = False
         self._warned: Counter = Counter()
 
@@ -385,8 +386,8 @@ class Batches:
                         logger.warning("skipping sample %s: %s", record.key, result)
                 else:
                     batch.append(result)
-            if misses > self.max_consecutive_skips and not batch:
-                raise IPAdapterError(f"no usable sample in {misses} tries: {dict(self.stream.skipped)}")
+            if misses >= self.max_consecutive_skips and not batch:
+                raise IPAdapterError(f"no usable sample in {misses} tries ({describe_skips(self.stream.skipped)})")
         return batch
 
     def close(self) -> None:

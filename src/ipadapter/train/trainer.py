@@ -10,7 +10,7 @@ noise (epsilon) or the velocity (v-prediction), as the base's scheduler says, on
 from __future__ import annotations
 
 import logging
-import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from ipadapter.adapter import AdapterConfig, IPAdapter
@@ -30,8 +31,8 @@ from ipadapter.runtime import AdapterPrompt, Reference
 from ipadapter.train import dropout
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import (
-    Batches, Decoder, IndexedStream, Record, ShardStream, collate, describe_skips, expand_shards, is_shard_pattern,
-    read_manifest, sdxl_time_ids,
+    Batches, Decoder, IndexedStream, Record, ShardStream, SkipSample, collate, describe_skips, expand_shards,
+    is_shard_pattern, read_manifest, sdxl_time_ids,
 )
 from ipadapter.train.models import (
     BaseModels, ImageEncoder, base_configs, check_resolution, encode_images, encode_latents, encode_text, freeze,
@@ -135,6 +136,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     step_times: list[float] = field(default_factory=list)
+    adapter: IPAdapter | None = None  # the trained adapter (EMA weights when EMA is on), detached
 
 
 @dataclass
@@ -221,20 +223,26 @@ def _prepare_cache(run: _Run, given_models: BaseModels | None, given_encoder: Im
         if given_encoder is not None:
             processor, encoder_id = given_encoder.processor, module_fingerprint(given_encoder.model)
         else:
-            from transformers import CLIPImageProcessor
+            from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+            from ipadapter.train.models import default_processor
 
             try:
                 processor = CLIPImageProcessor.from_pretrained(config.image_encoder)
-            except (OSError, ValueError):
-                processor = None  # resolved with the model below, when building
+            except (OSError, ValueError):  # none saved: the default one the encoder will be given (configs only)
+                try:
+                    processor = default_processor(CLIPVisionConfig.from_pretrained(config.image_encoder).image_size)
+                except (OSError, ValueError) as err:
+                    raise IPAdapterError(f"cannot read the image encoder {config.image_encoder}: {err}") from None
             encoder_id = folder_fingerprint(config.image_encoder, [""])
     else:
         encoder_id = ""
     fp = fingerprint(config=config, base_id=_base_identity(config, given_models), encoder_id=encoder_id,
                      processor=processor, features=run.features, sdxl=run.sdxl)
     if config.cache_complete():
-        check_fingerprint(cache_dir, fp)
-        logger.info("training from the feature cache %s", cache_dir)
+        index = check_fingerprint(cache_dir, fp)
+        logger.info("training from the feature cache %s (%d samples; when built: %s)", cache_dir, index["rows"],
+                    describe_skips(Counter(index["skipped"])))
         return CacheReader(cache_dir)
     if not config.data:
         raise IPAdapterError(f"{cache_dir} holds no complete feature cache and no --data was given to build one")
@@ -242,9 +250,6 @@ def _prepare_cache(run: _Run, given_models: BaseModels | None, given_encoder: Im
     run.models = given_models or load_base(config.base, encoders=True, vae=True)
     if run.features:
         run.encoder = given_encoder or load_image_encoder(config.image_encoder)
-        if processor is None:  # no processor saved: the default one the encoder will use; fingerprint it as such
-            fp["image processor"] = fingerprint(config=config, base_id="", encoder_id="", processor=run.encoder.processor,
-                                                features="", sdxl=False)["image processor"]
     device = acc.device
     for m in (run.models.vae, *run.models.text_encoders, run.encoder.model if run.encoder else None):
         if m is not None:
@@ -256,6 +261,7 @@ def _prepare_cache(run: _Run, given_models: BaseModels | None, given_encoder: Im
     build_cache(cache_dir, batches=batches, encode=lambda ex: _encode_for_cache(run, ex), constants=_constants(run),
                 fp=fp, accelerator=acc, dtype=dtype)
     batches.close()
+    logger.info("feature cache built: %s", describe_skips(batches.skipped))
     if given_models is None:
         run.models = None  # the frozen encoders leave memory before training starts
     run.encoder = None if given_encoder is None else given_encoder
@@ -353,7 +359,7 @@ def _validation_set(run: _Run, reader: Any, count: int = 4):
         for r in records:
             try:
                 examples.append(decode(r))
-            except Exception:  # a bad reference is skipped here as in training
+            except SkipSample:  # a bad reference is skipped here as in training
                 continue
             if len(examples) == count:
                 break
@@ -429,8 +435,10 @@ def train(
         raise IPAdapterError(f"variant {config.variant!r} needs an image encoder")
     output = Path(config.output)
 
-    # 1. accelerator
+    # 1. accelerator (several processes on a machine without GPUs: gloo on CPU, as CI runs it)
+    cpu_world = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=cpu_world,
         gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision, log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
@@ -482,6 +490,7 @@ def train(
     device = accelerator.device
     freeze(m.unet, m.vae, *m.text_encoders, run.encoder.model if run.encoder else None)
     base_name = config.base or m.name or "in-memory base"
+    base_id = module_fingerprint(m.unet)  # before any cast: the same UNet in another precision is the same base
     if config.init_from:
         adapter = _init_from(config, m.unet)
     else:
@@ -509,7 +518,6 @@ def train(
     attachment.runtime.cache_kv = False  # every batch brings new tokens; never reuse K'/V'
     adapter.to(device=device, dtype=torch.float32).requires_grad_(True)
     module = TrainModule(m.unet, adapter, attachment)
-    base_id = module_fingerprint(m.unet)
 
     # 5. optimizer (AdamW, constant LR after an optional warm-up: scheduler steps count every process)
     params = [p for p in adapter.parameters() if p.requires_grad]
@@ -518,7 +526,10 @@ def train(
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(config.warmup_steps * world))
     ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
 
-    # 6. one prepare
+    # 6. one prepare (DeepSpeed infers its micro-batch from dataloaders; ours streams itself, so say it)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
     module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
     _register_adapter_hooks(accelerator, adapter)
     if ema is not None:
@@ -583,9 +594,7 @@ def train(
             step_loss = float(accelerator.reduce(loss_sum / micro, reduction="mean"))
             loss_sum.zero_()
             micro = 0
-            now = time.perf_counter()
-            result.step_times.append(now - last)
-            last = now
+            result.step_times.append(time.perf_counter() - last)  # data + forward/backward + optimizer
             result.losses.append(step_loss)
             bar.update(1)
             skipped = sum(stream.skipped.values())
@@ -594,16 +603,22 @@ def train(
                 accelerator.log({"train/loss": step_loss, "train/lr": lr_scheduler.get_last_lr()[0],
                                  "data/skipped": skipped}, step=step)
             if step % config.save_every == 0 or step == config.max_steps:
-                per_rank = gather_object([{"data": stream.state_dict(), "skipped": dict(stream.skipped)}])
+                checksum = float(sum(p.detach().double().sum() for p in params))  # replicas must agree
+                per_rank = gather_object([{"data": stream.state_dict(), "skipped": dict(stream.skipped),
+                                           "checksum": checksum}])
                 save_checkpoint(accelerator, output, {
                     "step": step, "variant": config.variant, "base": base_name, "base_id": base_id,
                     "num_processes": world, "data": [p["data"] for p in per_rank],
-                    "skipped": [p["skipped"] for p in per_rank],
+                    "skipped": [p["skipped"] for p in per_rank], "weight_checksums": [p["checksum"] for p in per_rank],
                 }, keep=config.keep_checkpoints)
             if vset is not None and step % config.validate_every == 0:
                 _validate(run, vset, step, m.unet, adapter, attachment)
             if on_step is not None:
                 on_step(step, step_loss)
+            last = time.perf_counter()  # checkpoints, validation and callbacks are not step time
+    except BaseException:
+        attachment.detach()  # a stopped run leaves the caller's UNet as it was
+        raise
     finally:
         bar.close()
         batches.close()
@@ -617,13 +632,23 @@ def train(
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to()
-        result.published = save_published(adapter, m.unet, output / PUBLISHED_NAME)
-        result.own = save_adapter(adapter, output / OWN_NAME)
+        try:
+            result.published = save_published(adapter, m.unet, output / PUBLISHED_NAME)
+            result.own = save_adapter(adapter, output / OWN_NAME)
+        except (OSError, RuntimeError, SafetensorError) as err:
+            from ipadapter.train.checkpoint import latest_checkpoint
+
+            raise IPAdapterError(
+                f"could not write the final adapter to {output} ({str(err).splitlines()[0][:160]}); the training state "
+                f"{latest_checkpoint(output)} is intact: free space and run again with --resume latest"
+            ) from None
         message = f"done at step {step}: {describe_skips(totals)}; adapter written to {result.published}"
         logger.info(message)
-        tqdm.write(message)
+        if not logger.hasHandlers():  # used as a library without logging set up: still say it once
+            tqdm.write(message)
     accelerator.end_training()
     attachment.detach()
+    result.adapter = adapter
     return result
 
 

@@ -1,0 +1,48 @@
+"""`ipadapter app`: the local web page for image prompting (needs the `app` extra: pip install 'ipadapter[app]')."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from ipadapter.cli.generate import add_model_flags
+from ipadapter.errors import IPAdapterError
+
+EXAMPLES = """examples:
+  ipadapter app                                    # bundled miniature model, http://127.0.0.1:7860
+  ipadapter app --port 8000 --max-upload-mb 5 --max-side 2048
+  ipadapter app --base stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter h94/IP-Adapter \\
+      --subfolder models --weight-name ip-adapter_sd15.bin
+  ipadapter app --host 0.0.0.0                     # reachable from other machines: only on a network you trust
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help="start the local web app", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload in MB (default 20)")
+    p.add_argument("--max-side", type=int, default=4096, help="largest accepted image side in pixels (default 4096)")
+    p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise IPAdapterError(f"--port must be between 1 and 65535, got {args.port}")
+    try:
+        from ipadapter.app.ui import build_ui, launch
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        raise IPAdapterError("the app needs Gradio: pip install 'ipadapter[app]'") from None
+    from ipadapter.app.limits import MB, UploadLimits
+    from ipadapter.app.service import GenerationService
+
+    limits = UploadLimits(max_bytes=round(args.max_upload_mb * MB), max_side=args.max_side)
+    workdir = tempfile.mkdtemp(prefix="ipadapter-app-")
+    service = GenerationService.from_args(args, limits=limits, workdir=workdir)
+    launch(build_ui(service), host=args.host, port=args.port, limits=limits)
+    return 0

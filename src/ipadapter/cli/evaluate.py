@@ -1,0 +1,185 @@
+"""`ipadapter evaluate`: generate over a manifest under a protocol, measure, and write the report."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+from ipadapter.cli.generate import add_model_flags, finite_float
+from ipadapter.errors import IPAdapterError
+
+EXAMPLES = """examples:
+  ipadapter evaluate --out eval/miniature                      # bundled miniature model, its judge, held-out scenes
+  ipadapter evaluate --out eval/sweep --scales 0,0.5,1 --samples 2 --limit 8
+  ipadapter evaluate --protocol paper-table1 --manifest coco_val2017.jsonl --out eval/table1 \\
+      --base stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter h94/IP-Adapter --subfolder models \\
+      --weight-name ip-adapter_sd15.bin
+  ipadapter manifest coco annotations/captions_val2017.json val2017/ --out coco_val2017.jsonl
+  ipadapter manifest dreambench dreambooth/dataset/ --out dreambench.jsonl
+"""
+
+
+def parse_scales(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(finite_float(part.strip()) for part in text.split(",") if part.strip())
+    except argparse.ArgumentTypeError as err:
+        raise IPAdapterError(f"--scales must be a comma list of numbers: {err}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ipadapter.evaluate.protocols import PROTOCOLS
+
+    p = sub.add_parser("evaluate", help="measure adapters under a protocol: CLIP-I, CLIP-T, DINO-I, FID, LPIPS, face ID",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    p.add_argument("--manifest", help="JSONL of {image_file, text} (default on the miniature model: held-out scenes)")
+    p.add_argument("--out", required=True, help="run folder: samples/, results.json, report.md, PNGs (resumable)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="preset (default: miniature without --base, else paper-table1); flags override its fields")
+    p.add_argument("--scales", help="comma list of image prompt scales, e.g. 0,0.5,1.0")
+    p.add_argument("--samples", type=int, help="samples per reference and scale")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="sample k of reference i uses seed + 10000·i + k")
+    p.add_argument("--judge", help="judge CLIP folder or Hub id (a full CLIPModel)")
+    p.add_argument("--prompt-mode", choices=("empty", "text"),
+                   help="generate from the image alone (empty) or with the manifest text (text)")
+    p.add_argument("--limit", type=int, help="use the first N references (the miniature manifest has N, default 12)")
+    p.add_argument("--name", action="append", help="method name per --adapter for the tables")
+    p.add_argument("--dino", help="DINOv2 folder or cached Hub id for DINO-I (default facebook/dinov2-base)")
+    p.add_argument("--inception", help="inception-2015-12-05.pt TorchScript file for FID")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
+    p.set_defaults(func=run)
+
+    m = sub.add_parser("manifest", help="write an evaluation manifest from COCO captions or a DreamBench folder",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = m.add_subparsers(dest="manifest_kind", required=True)
+    coco = kinds.add_parser("coco", help="COCO captions JSON + image folder → one entry per image (first caption)")
+    coco.add_argument("captions", help="captions_val2017.json")
+    coco.add_argument("images", help="the folder holding the COCO images")
+    coco.add_argument("--limit", type=int, help="first N images by id")
+    dream = kinds.add_parser("dreambench", help="DreamBench folder → subject × prompt entries")
+    dream.add_argument("folder", help="folder with one subfolder per subject and prompts_and_classes.txt")
+    dream.add_argument("--images-per-subject", type=int, default=1)
+    for kind in (coco, dream):
+        kind.add_argument("--out", required=True, help="manifest .jsonl to write")
+        kind.set_defaults(func=write_manifest_command)
+
+
+def write_manifest_command(args: argparse.Namespace) -> int:
+    from ipadapter.evaluate.manifests import from_coco_captions, from_dreambench, read_manifest
+
+    if args.manifest_kind == "coco":
+        path = from_coco_captions(args.captions, args.images, args.out, limit=args.limit)
+    else:
+        path = from_dreambench(args.folder, args.out, images_per_subject=args.images_per_subject)
+    manifest = read_manifest(path)
+    print(f"wrote {path}: {len(manifest.entries)} entries, {len(manifest.skipped)} skipped")
+    for line in manifest.skipped[:20]:
+        print(f"  skipped {line}")
+    return 0
+
+
+def method_names(args: argparse.Namespace, count: int) -> list[str]:
+    if args.name:
+        if len(args.name) != count:
+            raise IPAdapterError(f"give --name once per adapter ({count}), not {len(args.name)} times")
+        return list(args.name)
+    if not args.adapter:
+        return ["miniature base adapter"]
+    names = [Path(w or a).stem for a, w in zip(args.adapter, args.weight_name or [None] * count)]
+    return [n if names.count(n) == 1 else f"{n} ({i})" for i, n in enumerate(names)]
+
+
+def load_manifest(args: argparse.Namespace, chosen, out: Path):
+    from ipadapter.evaluate.manifests import read_manifest
+
+    if args.manifest:
+        return read_manifest(args.manifest, limit=args.limit)
+    if chosen.name == "miniature":
+        from ipadapter.evaluate.miniature import miniature_manifest
+
+        return read_manifest(miniature_manifest(out / "references", args.limit or 12))
+    raise IPAdapterError(f"the {chosen.name} protocol needs --manifest ({chosen.references})")
+
+
+def judge_loaders(source: str, device: str):
+    """(judge CLIP loader, attribute-classifier loader); "miniature" means the bundled judge's models."""
+    from ipadapter.evaluate.judges import ClipJudge
+    from ipadapter.evaluate.protocols import MINIATURE_JUDGE
+
+    def judge() -> ClipJudge:
+        if source != MINIATURE_JUDGE:
+            return ClipJudge.load(source, device=device)
+        from ipadapter.miniature.assets import judge_path
+        from ipadapter.miniature.tiny_clip import image_processor
+
+        return ClipJudge.load(judge_path() / "clip", processor=image_processor())
+
+    def attributes():
+        from ipadapter.miniature.assets import judge_path
+        from ipadapter.miniature.judge import Judge
+
+        return Judge.load(judge_path())
+
+    return judge, attributes
+
+
+def run(args: argparse.Namespace) -> int:
+    from ipadapter.evaluate.protocols import deviations, protocol
+    from ipadapter.evaluate.report import Report, write_report
+    from ipadapter.evaluate.runner import Plan, generate, prompter_sampler
+    from ipadapter.evaluate.scoring import build_toolbox, score
+    from ipadapter.loading import load_prompter
+
+    chosen = protocol(args.protocol or ("paper-table1" if args.base else "miniature"))
+    for flag in ("samples", "steps", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise IPAdapterError(f"--{flag} must be at least 1")
+    out = Path(args.out)
+    scales = parse_scales(args.scales) or chosen.scales
+    samples = args.samples or chosen.samples
+    empty_prompt = chosen.empty_prompt if args.prompt_mode is None else args.prompt_mode == "empty"
+    judge_source = args.judge or chosen.judge
+    args.scheduler = args.scheduler or chosen.scheduler
+    device = args.device or "cpu"
+    manifest = load_manifest(args, chosen, out)
+
+    # Measuring models first: a wrong judge should fail before hours of generation, not after.
+    judge, attributes = judge_loaders(judge_source, device)
+    has_attrs = any(e.attrs for e in manifest.entries)
+    box = build_toolbox(chosen.metrics, judge, dino=args.dino, inception=args.inception,
+                        attributes=attributes if has_attrs else None, device=device)
+    loaded = load_prompter(args)
+    loaded.prompter.pipe.set_progress_bar_config(disable=True)
+    names = method_names(args, len(loaded.prompter.adapters))
+    steps = args.steps or chosen.steps or loaded.default_steps
+    guidance = args.guidance if args.guidance is not None else chosen.guidance or loaded.default_guidance
+    settings = {"manifest_sha256": hashlib.sha256(manifest.path.read_bytes()).hexdigest()[:16], "base": loaded.base,
+                "adapters": args.adapter or ["miniature base"], "weight_names": args.weight_name,
+                "image_encoder": args.image_encoder, "steps": steps, "guidance": guidance,
+                "scheduler": args.scheduler, "width": args.width, "height": args.height, "dtype": args.dtype}
+    plan = Plan(tuple(names), scales, samples, args.seed, empty_prompt, settings)
+    sampler = prompter_sampler(loaded.prompter, dict(zip(names, loaded.prompter.adapters)), steps=steps,
+                               guidance=guidance, width=args.width, height=args.height)
+    generate(plan, manifest.entries, out, sampler)
+
+    rows = score(plan, manifest.entries, out, box)
+    used = {"samples": samples, "scales": list(scales), "steps": steps, "guidance": guidance,
+            "scheduler": args.scheduler, "empty_prompt": empty_prompt, "judge": judge_source,
+            "references": len(manifest.entries)}
+    report = Report(chosen, {**used, "seed": args.seed, "methods": names},
+                    deviations(chosen, used), judge_source, rows, manifest.skipped, box.skipped)
+    paths = write_report(report, plan, manifest.entries, out)
+    for row in rows:
+        shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float) and k != "scale"}
+        print(f"{row['name']} @ {row['scale']:g}: {shown}")
+    if manifest.skipped:
+        print(f"skipped {len(manifest.skipped)} reference(s); listed in {paths['markdown']}")
+    print(f"wrote {paths['results']} and {paths['markdown']}")
+    return 0

@@ -1,0 +1,84 @@
+"""The judge CLIP: any `transformers.CLIPModel` with its tokenizer and image processor, used only to measure.
+
+The paper's judge is openai/clip-vit-large-patch14; the miniature model has its own independently trained one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ipadapter.errors import IPAdapterError
+
+PAPER_JUDGE = "openai/clip-vit-large-patch14"
+
+
+def pooled(output: object) -> torch.Tensor:
+    """`get_*_features` return a tensor in transformers 4 and an output with `pooler_output` in 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class ClipJudge:
+    """Unit-norm CLIP image and text embeddings; CLIP-I and CLIP-T are dot products of these."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, processor: object, name: str = "") -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.name = name
+
+    @classmethod
+    def load(cls, source: str | os.PathLike, *, processor: object | None = None, device: str = "cpu") -> "ClipJudge":
+        """A folder or Hub id holding a full CLIP (both towers); anything else is a user error."""
+        from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+        try:
+            config = AutoConfig.from_pretrained(str(source))
+        except (OSError, ValueError) as err:
+            raise IPAdapterError(f"could not load the judge {source}: {str(err).splitlines()[0][:160]}") from None
+        if not isinstance(config, CLIPConfig):
+            raise IPAdapterError(
+                f"the judge must be a CLIP with image and text towers (CLIPModel), but {source} is a "
+                f"{type(config).__name__.removesuffix('Config') or 'different'} model"
+            )
+        try:
+            model = CLIPModel.from_pretrained(str(source), torch_dtype=torch.float32).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+        except (OSError, ValueError) as err:
+            raise IPAdapterError(f"could not load the judge CLIP {source}: {str(err).splitlines()[0][:160]}") from None
+        if processor is None:
+            try:
+                processor = CLIPImageProcessor.from_pretrained(str(source))
+            except (OSError, ValueError):
+                size = config.vision_config.image_size
+                processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        return cls(model, tokenizer, processor, name=str(source))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def image_embeds(self, images: Sequence[Image.Image], batch: int = 32) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), batch):
+            chunk = [im.convert("RGB") for im in images[i : i + batch]]
+            pixels = self.processor(images=chunk, return_tensors="pt").pixel_values.to(self.device)
+            out.append(F.normalize(pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1))
+        return torch.cat(out).cpu()
+
+    @torch.no_grad()
+    def text_embeds(self, texts: Sequence[str], batch: int = 64) -> torch.Tensor:
+        """Captions longer than the text tower's positions are truncated, as CLIPScore does."""
+        limit = self.model.config.text_config.max_position_embeddings
+        out = []
+        for i in range(0, len(texts), batch):
+            tokens = self.tokenizer(list(texts[i : i + batch]), padding=True, truncation=True, max_length=limit,
+                                    return_tensors="pt").to(self.device)
+            features = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+            out.append(F.normalize(pooled(features).float(), dim=-1))
+        return torch.cat(out).cpu()

@@ -1,0 +1,137 @@
+"""Seeded, batched, resumable generation over references × methods × scales × samples.
+
+Every sample has its own seed (`sample_seed`), so an image does not depend on which others shared its batch: a
+rerun generates exactly the missing samples and gets the images an uninterrupted run would have. Samples are
+written atomically to DIR/samples/<method>/scale-<s>/<ref>-<k>.png; a PNG on disk is a finished sample.
+DIR/plan.json pins the settings that define the images, so a resumed run cannot mix two models' samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from ipadapter.errors import IPAdapterError
+from ipadapter.evaluate.files import save_png, slug, write_json
+from ipadapter.evaluate.manifests import Entry
+
+log = logging.getLogger(__name__)
+SEED_STRIDE = 10_000  # sample k of reference i uses seed + i·SEED_STRIDE + k (the same seeds at every scale)
+
+
+@dataclass(frozen=True)
+class Job:
+    """The missing samples of one (method, reference, scale): one batched generator call."""
+
+    method: str
+    entry: Entry
+    scale: float
+    prompt: str
+    samples: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+
+# (job, reference image) -> one image per seed, in order.
+SampleFn = Callable[[Job, Image.Image], list[Image.Image]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """`settings` are what makes the images (models, steps, guidance, size, seed, prompt mode): pinned on disk."""
+
+    methods: tuple[str, ...]
+    scales: tuple[float, ...]
+    samples: int
+    seed: int
+    empty_prompt: bool
+    settings: dict
+
+    def pinned(self) -> dict:
+        """As JSON reads it back (tuples become lists), so a rerun compares equal."""
+        return json.loads(json.dumps({**self.settings, "seed": self.seed, "empty_prompt": self.empty_prompt}))
+
+
+def sample_seed(seed: int, ref_index: int, sample: int) -> int:
+    return seed + ref_index * SEED_STRIDE + sample
+
+
+def sample_path(out: Path, method: str, scale: float, ref_index: int, sample: int) -> Path:
+    return out / "samples" / slug(method) / f"scale-{scale:g}" / f"{ref_index:05d}-{sample:02d}.png"
+
+
+def jobs(plan: Plan, entries: Sequence[Entry], out: Path) -> list[Job]:
+    """What is still missing, grouped per (method, reference, scale)."""
+    todo = []
+    for method in plan.methods:
+        for scale in plan.scales:
+            for entry in entries:
+                missing = tuple(k for k in range(plan.samples)
+                                if not sample_path(out, method, scale, entry.index, k).is_file())
+                if missing:
+                    todo.append(Job(method, entry, scale, "" if plan.empty_prompt else entry.text, missing,
+                                    tuple(sample_seed(plan.seed, entry.index, k) for k in missing)))
+    return todo
+
+
+def pin(plan: Plan, out: Path) -> None:
+    """Record the plan's settings, or check they equal those of the samples already in `out`."""
+    path = out / "plan.json"
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(before) | set(plan.pinned()) if before.get(k) != plan.pinned().get(k))
+        if changed:
+            raise IPAdapterError(
+                f"{out} holds samples made with other settings ({', '.join(changed)}); use another --out or remove it"
+            )
+    else:
+        write_json(path, plan.pinned())
+
+
+def generate(plan: Plan, entries: Sequence[Entry], out: Path, sample: SampleFn, progress: bool = True) -> int:
+    """Generate every missing sample; returns how many were generated now. Safe to interrupt at any point."""
+    out.mkdir(parents=True, exist_ok=True)
+    pin(plan, out)
+    todo = jobs(plan, entries, out)
+    total = len(plan.methods) * len(plan.scales) * len(entries) * plan.samples
+    remaining = sum(len(j.samples) for j in todo)
+    log.info("%d of %d samples to generate (%d already on disk)", remaining, total, total - remaining)
+    done = 0
+    with tqdm(total=total, initial=total - remaining, desc="generating", unit="img", disable=not progress) as bar:
+        for job in todo:
+            images = sample(job, job.entry.image())
+            if len(images) != len(job.seeds):
+                raise RuntimeError(f"the sampler returned {len(images)} images for {len(job.seeds)} seeds")
+            for k, image in zip(job.samples, images):
+                save_png(image, sample_path(out, job.method, job.scale, job.entry.index, k))
+            done += len(images)
+            bar.update(len(images))
+            write_json(out / "progress.json", {"total": total, "done": total - remaining + done, "time": time.time()})
+    return done
+
+
+def prompter_sampler(prompter, adapters: dict[str, str], *, steps: int | None, guidance: float | None,
+                     width: int | None = None, height: int | None = None) -> SampleFn:
+    """Image-prompted generation with an `ImagePrompter`: one call per job, one seeded generator per sample."""
+    import torch
+
+    from ipadapter.request import GenerationRequest, build_prompt
+
+    def sample(job: Job, reference: Image.Image) -> list[Image.Image]:
+        request = GenerationRequest(images=[reference], prompt=job.prompt, scale=job.scale)
+        prompts = build_prompt(prompter, request, adapter=adapters[job.method])
+        generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
+        return prompter.generate(prompts, prompt=job.prompt, num_images=len(job.seeds), steps=steps,
+                                 guidance=guidance, width=width, height=height, generator=generators)
+
+    return sample
+
+
+def load_samples(plan: Plan, entry: Entry, method: str, scale: float, out: Path) -> list[Image.Image]:
+    return [Image.open(sample_path(out, method, scale, entry.index, k)).convert("RGB") for k in range(plan.samples)]

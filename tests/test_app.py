@@ -1,0 +1,334 @@
+"""The web app: upload limits, masks, the reproducing command and the service on a tiny model; then the real page
+in headless Chromium (skipped with a reason when gradio, Playwright or Debian's chromium is missing)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter.app.command import generate_argv, generate_command, model_flags
+from ipadapter.app.form import Form
+from ipadapter.app.limits import UploadLimits, open_upload
+from ipadapter.app.masks import fit_mask, mask_from_editor
+from ipadapter.app.service import GenerationService
+from ipadapter.cli.main import build_parser, main
+from ipadapter.errors import IPAdapterError
+from ipadapter.loading import load_prompter
+from tests import factories
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MODEL_ARGS = {"adapter": None, "weight_name": None, "subfolder": None, "image_encoder": None, "device": "cpu",
+              "dtype": None, "scheduler": None}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A saved SD-1.5-layout pipeline with its image encoder, a base adapter, and a few upload files."""
+    root = tmp_path_factory.mktemp("app")
+    pipe = factories.tiny_sd15_pipeline(root)
+    encoder, processor = factories.tiny_image_encoder()
+    pipe.save_pretrained(root / "pipe")
+    encoder.save_pretrained(root / "pipe" / "image_encoder")
+    processor.save_pretrained(root / "pipe" / "feature_extractor")
+    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), root / "base.bin")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(root / "ref.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "other.png")
+    Image.new("RGB", (80, 80)).save(root / "big.png")
+    (root / "notes.txt").write_text("not a picture\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def service(tiny, tmp_path_factory) -> GenerationService:
+    args = argparse.Namespace(base=str(tiny / "pipe"), **{**MODEL_ARGS, "adapter": [str(tiny / "base.bin")]})
+    return GenerationService(load_prompter(args), model_flags(args), limits=UploadLimits(max_bytes=50_000, max_side=64),
+                             workdir=tmp_path_factory.mktemp("work"))
+
+
+def _form(tiny: Path, **kw) -> Form:
+    return Form(**{"references": [str(tiny / "ref.png")], "prompt": "a cat", "steps": 2, **kw})
+
+
+# --- limits ----------------------------------------------------------------------------------------------------
+
+def test_upload_within_limits_is_rgb(tiny) -> None:
+    image = open_upload(tiny / "ref.png", UploadLimits(), "reference 1")
+    assert image.mode == "RGB" and image.size == (60, 40)
+
+
+REFUSED = {
+    "non-image": ("notes.txt", UploadLimits(), "reference 1 (notes.txt) is not an image"),
+    "too many bytes": ("ref.png", UploadLimits(max_bytes=100), "uploads are limited to"),
+    "too wide": ("ref.png", UploadLimits(max_side=50), "60x40 px; images are limited to 50 px"),
+    "gone": ("missing.png", UploadLimits(), "upload it again"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refused_uploads_say_why_in_one_sentence(tiny, case) -> None:
+    name, limits, words = REFUSED[case]
+    with pytest.raises(IPAdapterError, match=re.escape(words)) as info:
+        open_upload(tiny / name, limits, "reference 1")
+    assert "\n" not in str(info.value) and str(tiny) not in str(info.value), "name the file, not the server's path"
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(IPAdapterError, match="positive"):
+        UploadLimits(max_bytes=0)
+
+
+# --- form and masks ---------------------------------------------------------------------------------------------
+
+FORM_ERRORS = {
+    "nothing to go on": ({"references": [], "prompt": "  "}, "upload a reference image, type a prompt"),
+    "zero steps": ({"steps": 0}, "steps"),
+    "too many images": ({"num_images": 99}, "number of images"),
+    "negative seed": ({"seed": -1}, "seed"),
+    "mask without reference": ({"masks": [None, Image.new("L", (8, 8))]}, "mask 2 has no reference"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORM_ERRORS))
+def test_form_mistakes(tiny, case) -> None:
+    changes, words = FORM_ERRORS[case]
+    with pytest.raises(IPAdapterError, match=re.escape(words)):
+        _form(tiny, **changes).check()
+
+
+def test_strokes_are_the_mask_whatever_their_colour() -> None:
+    background = Image.new("RGB", (20, 10), "white")
+    layer = Image.new("RGBA", (20, 10), (0, 0, 0, 0))
+    layer.paste((200, 30, 30, 255), (0, 0, 5, 10))
+    mask = np.asarray(mask_from_editor({"background": background, "layers": [layer], "composite": background}))
+    assert mask.shape == (10, 20) and mask[:, :5].min() == 255 and mask[:, 5:].max() == 0
+
+
+def test_uploaded_picture_is_the_mask_without_strokes() -> None:
+    picture = Image.new("RGB", (8, 8), (255, 255, 255))
+    empty = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    mask = mask_from_editor({"background": picture, "layers": [empty], "composite": picture})
+    assert mask.mode == "L" and np.asarray(mask).min() == 255
+
+
+@pytest.mark.parametrize("value", [None, {}, {"background": None, "layers": [], "composite": None}])
+def test_empty_editor_is_no_mask(value) -> None:
+    assert mask_from_editor(value) is None
+
+
+def test_mask_is_stretched_to_its_reference() -> None:
+    assert fit_mask(Image.new("L", (7, 3)), (60, 40)).size == (60, 40)
+
+
+# --- the reproducing command ------------------------------------------------------------------------------------
+
+def test_command_quotes_what_a_shell_would_expand(tiny) -> None:
+    form = _form(tiny, prompt="it's $(rm -rf ~) `x` \"quoted\"", negative_prompt="a; b", preset="style transfer",
+                 start=0.2, end=0.8, combine="average", negative_image="/up/neg ative.png", seed=7, num_images=2)
+    argv = generate_argv(["--base", "/m y/pipe"], form, ["/w/mask-1.png"])
+    assert shlex.split(generate_command(["--base", "/m y/pipe"], form, ["/w/mask-1.png"])) == argv
+    flags = dict(zip(argv[2::2], argv[3::2]))
+    assert flags["--prompt"] == form.prompt and flags["--negative-image"] == "/up/neg ative.png"
+    assert (flags["--start"], flags["--end"], flags["--num-images"]) == ("0.2", "0.8", "2")
+
+
+def test_model_flags_repeat_per_adapter() -> None:
+    args = argparse.Namespace(base="b", **{**MODEL_ARGS, "adapter": ["a1", "a2"], "weight_name": ["w1", "w2"]})
+    assert model_flags(args) == ["--base", "b", "--adapter", "a1", "--adapter", "a2", "--weight-name", "w1",
+                                 "--weight-name", "w2", "--device", "cpu"]
+
+
+def test_app_binds_to_loopback_by_default() -> None:
+    args = build_parser().parse_args(["app"])
+    assert (args.host, args.port) == ("127.0.0.1", 7860)
+
+
+def test_app_refuses_a_bad_port(capsys) -> None:
+    assert main(["app", "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err
+
+
+# --- the service on a tiny model -------------------------------------------------------------------------------
+
+def test_command_reproduces_the_result(service, tiny, tmp_path) -> None:
+    odd_mask = Image.new("L", (17, 29), 0)
+    odd_mask.paste(255, (0, 0, 9, 29))
+    form = _form(tiny, references=[str(tiny / "ref.png"), str(tiny / "other.png")], masks=[odd_mask],
+                 negative_image=str(tiny / "other.png"), start=0.0, end=0.5, scale=0.7, seed=3)
+    steps_seen: list[tuple[int, int]] = []
+    result = service.generate(form, lambda done, total: steps_seen.append((done, total)))
+    assert steps_seen == [(1, 2), (2, 2)]
+    assert result.notes == ["mask 1 (17x29) was stretched to its reference's 60x40"]
+    argv = shlex.split(result.command)
+    assert argv[:2] == ["ipadapter", "generate"] and argv.count("--mask") == 2
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli.png")
+    assert main(argv[1:]) == 0
+    again = np.asarray(Image.open(tmp_path / "cli.png"))
+    assert np.array_equal(np.asarray(result.images[0]), again), "the command must give the page's pixels"
+
+
+def test_references_are_encoded_once(service, tiny) -> None:
+    cache = service.loaded.prompter.encoder.cache
+    service.generate(_form(tiny))
+    misses = cache.misses
+    service.generate(_form(tiny, seed=1, num_images=2))
+    assert cache.misses == misses and cache.hits > 0
+
+
+SERVICE_ERRORS = {
+    "non-image": ({"references": ["notes.txt"]}, "reference 1 (notes.txt) is not an image"),
+    "oversized": ({"references": ["ref.png"], "negative_image": "big.png"}, "the negative image (big.png) is 80x80 px"),
+    "empty": ({"references": [], "prompt": ""}, "upload a reference image, type a prompt"),
+    "masks with combine": ({"references": ["ref.png", "other.png"], "masks": [Image.new("L", (4, 4))],
+                            "combine": "average"}, "masked references cannot be combined"),
+    "bad window": ({"start": 0.9, "end": 0.1}, "start"),
+}
+
+
+@pytest.mark.parametrize("case", list(SERVICE_ERRORS))
+def test_service_refuses_with_a_message(service, tiny, case) -> None:
+    changes, words = dict(SERVICE_ERRORS[case][0]), SERVICE_ERRORS[case][1]
+    if "references" in changes:
+        changes["references"] = [str(tiny / name) for name in changes["references"]]
+    if "negative_image" in changes:
+        changes["negative_image"] = str(tiny / changes["negative_image"])
+    with pytest.raises(IPAdapterError, match=re.escape(words)):
+        service.generate(_form(tiny, **changes))
+
+
+def test_concurrent_requests_take_turns(service, tiny, monkeypatch) -> None:
+    prompter = service.loaded.prompter
+    running, overlap, original = [0], [False], prompter.generate
+
+    def watched(*args, **kwargs):
+        running[0] += 1
+        overlap[0] |= running[0] > 1
+        time.sleep(0.05)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(prompter, "generate", watched)
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda s=s: results.append(service.generate(_form(tiny, seed=s))))
+               for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 3 and not overlap[0]
+
+
+def test_page_previews_images_and_names_the_rest(tiny) -> None:
+    pytest.importorskip("gradio")
+    from ipadapter.app.ui import check_references
+
+    previews, message = check_references([str(tiny / "ref.png"), str(tiny / "notes.txt")], UploadLimits())
+    assert len(previews) == 1 and "reference 2 (notes.txt) is not an image" in message
+
+
+# --- end to end in headless Chromium ----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def app_url(tiny, tmp_path):
+    """`ipadapter app` on a free loopback port, in its own process, stopped after the test."""
+    pytest.importorskip("gradio")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "uploads"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "app.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ipadapter.cli.main", "app", "--base", str(tiny / "pipe"),
+                                 "--adapter", str(tiny / "base.bin"), "--device", "cpu", "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 40
+        while not _answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the app did not come up:\n{(tmp_path / 'app.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def browser():
+    """Debian's chromium under Playwright (never a downloaded browser); a fresh profile each launch."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the e2e test drives Chromium with Playwright")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no {CHROMIUM}: run scripts/ci-browser.sh (Debian's chromium package)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, timeout=30_000)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_page_generates_and_refuses_a_non_image(browser, app_url, tiny) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(20_000)
+    page.goto(app_url)
+    page.locator("#references input[type=file]").set_input_files(str(tiny / "ref.png"))
+    page.locator("#previews img").first.wait_for()
+    page.locator("#prompt textarea").fill("a cat")
+    page.locator("#steps input[type=number]").fill("2")
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for()
+    page.wait_for_function("() => [...document.querySelectorAll('#gallery img')].some(i => i.naturalWidth > 0)")
+    command = page.locator("#command").inner_text()
+    assert "ipadapter generate" in command and "ref.png" in command and "--steps 2" in command
+    if os.environ.get("IPADAPTER_APP_SCREENSHOT"):
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=os.environ["IPADAPTER_APP_SCREENSHOT"], full_page=True)
+
+    page.locator("#references input[type=file]").set_input_files(str(tiny / "notes.txt"))
+    page.locator("#message").get_by_text("reference 2 (notes.txt) is not an image").wait_for()
+    assert _answers(app_url), "the app must keep serving after a refused upload"
+    page.locator("#references button[aria-label=Clear]").click()
+    page.locator("#references input[type=file]").set_input_files(str(tiny / "ref.png"))
+    page.locator("#message").get_by_text("is not an image").wait_for(state="detached")
+    page.locator("#previews img").first.wait_for()
+    page.locator("#seed input").fill("1")
+    page.locator("#generate").click()
+    page.locator("#command").get_by_text("--seed 1").wait_for()
+    page.close()

@@ -1,0 +1,96 @@
+"""`ipadapter evaluate` end to end on a tiny local pipeline with a tiny judge CLIP; its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter.cli.main import main
+from ipadapter.evaluate.manifests import write_manifest
+from tests import factories
+from tests import test_evaluate_factories as eval_factories
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    pipe = factories.tiny_sd15_pipeline(root)
+    encoder, processor = factories.tiny_image_encoder()
+    pipe.save_pretrained(root / "pipe")
+    encoder.save_pretrained(root / "pipe" / "image_encoder")
+    processor.save_pretrained(root / "pipe" / "feature_extractor")
+    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), root / "base.bin")
+    eval_factories.save_judge(root / "judge")
+    for i in range(2):
+        factories.reference_image(i).save(root / f"ref{i}.png")
+    write_manifest(root / "refs.jsonl", [{"image_file": "ref0.png", "text": "a red circle"},
+                                         {"image_file": "missing.png", "text": "x"},
+                                         {"image_file": "ref1.png", "text": "a blue square"}])
+    return root
+
+
+def _args(root, out, *extra):
+    return ["evaluate", "--base", str(root / "pipe"), "--adapter", str(root / "base.bin"), "--manifest",
+            str(root / "refs.jsonl"), "--out", str(out), "--judge", str(root / "judge"), "--steps", "2",
+            "--width", "32", "--height", "32", *extra]
+
+
+def test_evaluate_writes_results_markdown_and_pngs_and_resumes(setup, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_args(setup, out, "--scales", "0,1", "--samples", "2")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == "paper-table1" and not results["comparable"]
+    assert [(r["name"], r["scale"], r["samples"]) for r in results["runs"]] == [("base", 0.0, 4), ("base", 1.0, 4)]
+    for run in results["runs"]:
+        assert -1 <= run["clip_i"] <= 1 and -1 <= run["clip_t_cos"] <= 1 and 0 <= run["clip_t"] <= 2.5
+    assert len(results["skipped_references"]) == 1 and "missing.png" in results["skipped_references"][0]
+    report = (out / "report.md").read_text()
+    assert "| scale |" in report and "Not comparable" in report and "steps: 2 (protocol: 50)" in report
+    assert "Open unCLIP" in report and "missing.png" in report
+    for png in ("scale_sweep.png", "grid-base.png"):
+        assert Image.open(out / png).size[0] > 100
+    samples = {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.png")}
+    assert len(samples) == 8
+    assert main(_args(setup, out, "--scales", "0,1", "--samples", "2")) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.png")} == samples
+    assert "wrote" in capsys.readouterr().out
+
+
+BAD = {
+    "judge not a CLIP": (["--judge", "{root}/pipe/image_encoder"], "must be a CLIP"),
+    "empty manifest": (["--manifest", "{root}/empty.jsonl"], "no usable references"),
+    "bad scales": (["--scales", "0,x"], "--scales"),
+    "no manifest for paper protocol": (["--manifest", ""], "needs --manifest"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line(setup, case, tmp_path, capsys) -> None:
+    (setup / "empty.jsonl").write_text("")
+    flags, words = BAD[case]
+    code = main(_args(setup, tmp_path / "o", *[f.format(root=setup) for f in flags]))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and words in err
+    assert not (tmp_path / "o" / "samples").exists()
+
+
+def test_without_model_flags_it_evaluates_the_bundled_miniature_with_its_judge(setup, tmp_path, monkeypatch, capsys) -> None:
+    from ipadapter.miniature import assets
+
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    eval_factories.fake_miniature_assets(tmp_path / "assets", setup / "pipe",
+                                         factories.published(pipe.unet, "base", factories.SD15_CROSS))
+    monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path / "assets")
+    monkeypatch.setattr(assets, "PIPELINE_DIR", tmp_path / "assets" / "pipeline")
+    monkeypatch.setattr(assets, "JUDGE_DIR", tmp_path / "assets" / "judge")
+    out = tmp_path / "mini"
+    assert main(["evaluate", "--out", str(out), "--limit", "2", "--samples", "1", "--scales", "0,1", "--steps", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == "miniature" and results["judge"] == "miniature" and results["deviations"]
+    assert [r["scale"] for r in results["runs"]] == [0.0, 1.0]
+    assert all({"clip_i", "clip_t", "attributes"} <= set(r) for r in results["runs"])
+    assert (out / "references" / "manifest.jsonl").is_file() and (out / "scale_sweep.png").is_file()
+    assert "Judge-classifier agreement" in (out / "report.md").read_text()

@@ -1,0 +1,109 @@
+"""Resumable generation: an interrupted run continues without redoing or losing samples."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from ipadapter.errors import IPAdapterError
+from ipadapter.evaluate.manifests import read_manifest, write_manifest
+from ipadapter.evaluate.runner import Plan, generate, jobs, sample_path, sample_seed
+from tests import factories
+
+
+class Crash(Exception):
+    pass
+
+
+class FakeSampler:
+    """Solid images whose colour encodes the seed; counts calls and can crash after `crash_after` calls."""
+
+    def __init__(self, crash_after: int | None = None) -> None:
+        self.calls, self.seeds, self.crash_after = 0, [], crash_after
+
+    def __call__(self, job, reference):
+        if self.crash_after is not None and self.calls >= self.crash_after:
+            raise Crash
+        self.calls += 1
+        self.seeds += [(job.scale, s) for s in job.seeds]
+        return [Image.new("RGB", (8, 8), (s % 256, s // 256 % 256, 0)) for s in job.seeds]
+
+
+@pytest.fixture
+def entries(tmp_path):
+    for i in range(3):
+        factories.reference_image(i, size=16).save(tmp_path / f"r{i}.png")
+    return read_manifest(write_manifest(tmp_path / "m.jsonl", [{"image_file": f"r{i}.png", "text": f"t{i}"}
+                                                             for i in range(3)])).entries
+
+
+PLAN = Plan(("m",), (0.5, 1.0), samples=2, seed=7, empty_prompt=True, settings={"steps": 2})
+
+
+def _samples(out):
+    return {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.png")}
+
+
+def test_interrupted_run_resumes_without_redoing_or_losing_samples(tmp_path, entries) -> None:
+    out = tmp_path / "run"
+    first = FakeSampler(crash_after=2)
+    with pytest.raises(Crash):
+        generate(PLAN, entries, out, first, progress=False)
+    before = _samples(out)
+    assert len(before) == 4 and first.calls == 2
+    second = FakeSampler()
+    assert generate(PLAN, entries, out, second, progress=False) == 8
+    assert second.calls == 4 and not set(first.seeds) & set(second.seeds), "no sample generated twice"
+    assert len(set(first.seeds) | set(second.seeds)) == 12
+    after = _samples(out)
+    assert len(after) == 12 and all(after[p] == t for p, t in before.items()), "finished samples untouched"
+    for e in entries:
+        for k in range(2):
+            seed = sample_seed(7, e.index, k)
+            assert Image.open(sample_path(out, "m", 1.0, e.index, k)).getpixel((0, 0))[:2] == (seed % 256, seed // 256)
+    third = FakeSampler()
+    assert generate(PLAN, entries, out, third, progress=False) == 0 and third.calls == 0
+
+
+def test_a_partly_written_batch_regenerates_only_its_missing_sample(tmp_path, entries) -> None:
+    out = tmp_path / "run"
+    generate(PLAN, entries, out, FakeSampler(), progress=False)
+    sample_path(out, "m", 0.5, 1, 1).unlink()
+    (todo,) = jobs(PLAN, entries, out)
+    assert todo.samples == (1,) and todo.seeds == (sample_seed(7, 1, 1),)
+    again = FakeSampler()
+    generate(PLAN, entries, out, again, progress=False)
+    assert again.seeds == [(0.5, sample_seed(7, 1, 1))]
+
+
+def test_more_samples_or_scales_extend_a_run_but_other_settings_are_refused(tmp_path, entries) -> None:
+    out = tmp_path / "run"
+    generate(PLAN, entries, out, FakeSampler(), progress=False)
+    wider = Plan(("m",), (0.5, 1.0, 2.0), samples=3, seed=7, empty_prompt=True, settings={"steps": 2})
+    extra = FakeSampler()
+    generate(wider, entries, out, extra, progress=False)
+    assert len(extra.seeds) == 3 * 3 * 3 - 12
+    with pytest.raises(IPAdapterError, match="steps"):
+        generate(Plan(("m",), (1.0,), 2, 7, True, {"steps": 5}), entries, out, FakeSampler(), progress=False)
+
+
+def test_prompter_sampler_images_do_not_depend_on_their_batch(tmp_path) -> None:
+    import numpy as np
+    import torch
+
+    from ipadapter import load_adapter
+    from ipadapter.encoders import ImageEncoder
+    from ipadapter.evaluate.manifests import Entry
+    from ipadapter.evaluate.runner import Job, prompter_sampler
+    from ipadapter.prompter import ImagePrompter
+
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), tmp_path / "a.bin")
+    encoder, processor = factories.tiny_image_encoder()
+    prompter = ImagePrompter(pipe, load_adapter(tmp_path / "a.bin", pipe.unet), ImageEncoder(encoder, processor))
+    sample = prompter_sampler(prompter, {"m": "0"}, steps=2, guidance=5.0, width=32, height=32)
+    entry, ref = Entry(0, tmp_path / "r.png", "a cat"), factories.reference_image(0)
+    both = sample(Job("m", entry, 0.7, "a cat", (0, 1), (5, 6)), ref)
+    alone = sample(Job("m", entry, 0.7, "a cat", (1,), (6,)), ref)
+    a, b = np.asarray(both[1], np.int16), np.asarray(alone[0], np.int16)
+    assert np.abs(a - b).max() <= 1 and not np.array_equal(np.asarray(both[0]), np.asarray(both[1]))

@@ -1,0 +1,70 @@
+"""Aggregation over the samples on disk, with injected feature networks (FID, LPIPS, face ID) and a tiny judge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ipadapter.evaluate import extractors, metrics
+from ipadapter.evaluate.judges import ClipJudge
+from ipadapter.evaluate.manifests import read_manifest, write_manifest
+from ipadapter.evaluate.runner import Plan, load_samples, sample_path
+from ipadapter.evaluate.scoring import Toolbox, score_run
+from tests import factories
+from tests import test_evaluate_factories as eval_factories
+
+PLAN = Plan(("ip",), (1.0,), samples=2, seed=0, empty_prompt=False, settings={})
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """Three references; sample 0 is a copy of its reference, sample 1 another random image."""
+    records = []
+    for i in range(3):
+        factories.reference_image(i, 32).save(tmp_path / f"r{i}.png")
+        records.append({"image_file": f"r{i}.png", "text": "a red circle"})
+        for k, image in enumerate((factories.reference_image(i, 32), factories.reference_image(100 + i, 32))):
+            sample_path(tmp_path, "ip", 1.0, i, k).parent.mkdir(parents=True, exist_ok=True)
+            image.save(sample_path(tmp_path, "ip", 1.0, i, k))
+    return tmp_path, read_manifest(write_manifest(tmp_path / "m.jsonl", records)).entries
+
+
+def _features(images) -> np.ndarray:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with torch.no_grad():
+        return net(extractors.normalized(images, 32, (0.5,) * 3, (0.5,) * 3)).numpy()
+
+
+def test_row_aggregates_each_metric_as_its_definition(run_dir) -> None:
+    out, entries = run_dir
+    net = torch.nn.Conv2d(3, 4, 3)
+    box = Toolbox(judge=ClipJudge.load(eval_factories.save_judge(out / "judge")), inception=_features,
+                  lpips=extractors.feature_distance(net, size=32), dino=lambda ims: torch.from_numpy(_features(ims)))
+    row = score_run(PLAN, entries, out, "ip", 1.0, box, chunk=2)
+    gens = [im for e in entries for im in load_samples(PLAN, e, "ip", 1.0, out)]
+    refs = [e.image() for e in entries]
+    clip_i = metrics.clip_i(box.judge, gens, refs, per_reference=2)
+    assert clip_i[0::2].min() > 0.999 and row["clip_i"] == pytest.approx(float(clip_i.mean()), abs=1e-6)
+    cos = metrics.clip_t(box.judge, gens, ["a red circle"] * 3, per_text=2)
+    assert row["clip_t_cos"] == pytest.approx(float(cos.mean()), abs=1e-6)
+    assert row["clip_t"] == pytest.approx(float(metrics.clip_score(cos).mean()), abs=1e-6)
+    assert row["fid"] == pytest.approx(metrics.fid(_features(gens), _features(refs)), rel=1e-6)
+    groups = [gens[2 * i : 2 * i + 2] for i in range(3)]
+    assert row["lpips"] == pytest.approx(metrics.diversity(groups, box.lpips), rel=1e-6)
+    assert row["dino_i"] == pytest.approx(float(metrics.embedding_cosine(box.dino, gens, refs, 2).mean()), abs=1e-6)
+    assert (row["references"], row["samples"]) == (3, 6)
+
+
+def test_generations_without_a_face_are_counted_not_averaged(run_dir) -> None:
+    out, entries = run_dir
+
+    def faces(images):
+        rows = torch.ones(len(images), 4)
+        rows[1] = float("nan")  # the second image of each call has "no face"
+        return rows
+
+    row = score_run(PLAN, entries, out, "ip", 1.0, Toolbox(face=faces), chunk=3)
+    # generation 1 has no face, and reference 1 has none, so its two samples cannot be compared either
+    assert row["face_id"] == pytest.approx(1.0) and row["face_missing"] == 3

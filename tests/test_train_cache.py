@@ -1,0 +1,101 @@
+"""The feature cache: built once, reused, refused for other models or settings; training from it works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipadapter import IPAdapterError
+from ipadapter.train import TrainConfig, train
+from ipadapter.train.cache import CacheReader
+from ipadapter.train.models import ImageEncoder, encode_images
+from tests import train_factories as tf
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    tf.reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cache")
+    manifest = tf.write_images(tmp / "data", 5, corrupt=1)
+    models, encoder = tf.in_memory()
+    config = TrainConfig(data=str(manifest), output=str(tmp / "out"), resolution=tf.RES, batch_size=2, max_steps=2,
+                         num_workers=0, variant="plus", cache=str(tmp / "cache"), save_every=1000)
+    result = train(config, models=models, image_encoder=encoder, log_with=None)
+    tf.reset_accelerate()
+    return {"config": config, "models": models, "encoder": encoder, "result": result}
+
+
+def test_cache_holds_every_good_sample_and_the_dropped_constants(cached) -> None:
+    reader = CacheReader(cached["config"].cache)
+    assert reader.index["rows"] == 5 and reader.index["skipped"] == {"undecodable image": 1}
+    row = reader(reader.records()[0])
+    assert set(row) == {"latent_mean", "latent_std", "text_embeds", "image"}
+    assert row["latent_mean"].shape == (4, tf.RES // 2, tf.RES // 2) and row["image"].shape == (17, 40)
+    # a dropped patch-variant image = the encoder's features of zero pixel values
+    enc: ImageEncoder = cached["encoder"]
+    zeros = encode_images(enc, torch.zeros(1, 3, 32, 32), "patch")[0]
+    torch.testing.assert_close(reader.constants["uncond_image"], zeros)
+    assert cached["result"].step == 2
+
+
+def test_training_from_cache_reuses_it_without_encoders(cached, tmp_path) -> None:
+    """A second run reads the cache; its frozen encoders are never called (here: they would raise)."""
+    models, encoder = cached["models"], cached["encoder"]
+
+    def boom(*a, **k):
+        raise AssertionError("a frozen encoder ran although the cache holds its outputs")
+
+    hooks = [m.register_forward_pre_hook(boom) for m in (models.vae, encoder.model, *models.text_encoders)]
+    try:
+        config = cached["config"].replace(output=str(tmp_path / "again"))
+        result = train(config, models=models, image_encoder=encoder, log_with=None)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"resolution": 20}, "resolution"),
+    ({"cache_dtype": "float32"}, "cache_dtype"),
+    ({"variant": "base"}, "features"),
+    ("other encoder", "image encoder"),
+    ("other vae", "base \\(VAE \\+ text encoders\\)"),
+])
+def test_cache_refuses_other_models_or_settings(cached, tmp_path, change, field) -> None:
+    models, encoder = cached["models"], cached["encoder"]
+    config = cached["config"].replace(output=str(tmp_path / "o"))
+    if change == "other encoder":
+        encoder = ImageEncoder(model=tf.image_encoder(seed=77), processor=encoder.processor)
+    elif change == "other vae":
+        models = type(models)(**{**models.__dict__, "vae": tf.vae(seed=77)})
+    else:
+        config = config.replace(**change)
+    with pytest.raises(IPAdapterError, match=f"feature cache .* was built with {field} = .* but this run has"):
+        train(config, models=models, image_encoder=encoder, log_with=None)
+
+
+def test_folder_models_cache_reused_without_loading_encoders(tmp_path, monkeypatch) -> None:
+    """From folders (an encoder without a saved processor): the second run loads only the UNet."""
+    from ipadapter.train import trainer
+
+    base, encoder = tf.write_base(tmp_path / "base"), tf.write_image_encoder(tmp_path / "enc", processor=False)
+    config = TrainConfig(base=str(base), image_encoder=str(encoder), data=str(tf.write_images(tmp_path / "d", 3)),
+                         output=str(tmp_path / "o1"), cache=str(tmp_path / "cache"), resolution=tf.RES, batch_size=2,
+                         max_steps=1, num_workers=0)
+    train(config, log_with=None)
+    tf.reset_accelerate()
+
+    def no(*a, **k):
+        raise AssertionError("a frozen encoder was loaded although the cache holds its outputs")
+
+    monkeypatch.setattr(trainer, "load_image_encoder", no)
+    monkeypatch.setattr(trainer, "load_text_encoders", no)
+    monkeypatch.setattr(trainer, "load_vae", no)
+    result = train(config.replace(output=str(tmp_path / "o2")), log_with=None)
+    assert result.step == 1

@@ -1,0 +1,112 @@
+"""TrainConfig (files, flags, validation), the adapter shapes per variant, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipadapter import IPAdapter, IPAdapterError
+from ipadapter.cli.main import main
+from ipadapter.train.config import TrainConfig
+from ipadapter.train.trainer import adapter_config_for
+from tests import train_factories as tf
+
+
+def test_yaml_and_toml_load_and_flags_override(tmp_path) -> None:
+    (tmp_path / "c.yaml").write_text("base: b\nvariant: plus\nlearning_rate: 2e-4\nvalidation_prompts: [a, b]\n")
+    (tmp_path / "c.toml").write_text('base = "b"\nvariant = "plus"\nlearning-rate = 2e-4\ngradient_checkpointing = true\n')
+    y = TrainConfig.load(tmp_path / "c.yaml", {"batch_size": 2, "variant": None})
+    t = TrainConfig.load(tmp_path / "c.toml")
+    assert (y.variant, y.learning_rate, y.batch_size, y.validation_prompts) == ("plus", 2e-4, 2, ["a", "b"])
+    assert (t.learning_rate, t.gradient_checkpointing) == (2e-4, True)
+    assert TrainConfig().weight_decay == 0.01 and TrainConfig().learning_rate == 1e-4  # the paper's recipe
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"variant": "huge"}, "unknown variant 'huge'"),
+    ({"batch_size": 0}, "batch_size must be at least 1, not 0"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number >= 0, not nan"),
+    ({"drop_image": 1.5}, "drop_image must be a probability in \\[0, 1\\], not 1.5"),
+    ({"drop_image": 0.5, "drop_text": 0.5, "drop_both": 0.5}, "must be <= 1, not 1.5"),
+    ({"mixed_precision": "fp8"}, "mixed_precision must be one of no, fp16, bf16, not 'fp8'"),
+    ({"ema_decay": 1.0}, "ema_decay must be in \\[0, 1\\), not 1.0"),
+    ({"max_steps": "many"}, "max_steps must be int, not 'many'"),
+    ({"colour": 1}, "unknown field 'colour'"),
+])
+def test_validation_names_the_bad_value(values, message) -> None:
+    with pytest.raises(IPAdapterError, match=message):
+        TrainConfig.from_dict(values)
+
+
+def test_adapter_shapes_per_variant_table() -> None:
+    """SD 1.5 + ViT-H widths give the published shapes (REFERENCE §2)."""
+    vit_h = dict(embed_dim=1024, hidden_dim=1280, patch_tokens=257)
+    table = {
+        ("base", 768): ("linear", 4, 0, 0, 0),
+        ("plus", 768): ("resampler", 16, 768, 12, 0),
+        ("plus", 2048): ("resampler", 16, 1280, 20, 0),  # SDXL plus vit-h: dim 1280, 20 heads
+        ("full", 768): ("token_mlp", 257, 0, 0, 0),
+        ("faceid", 768): ("faceid", 4, 0, 0, 128),
+        ("faceid-plusv2", 768): ("faceid_plus", 4, 768, 12, 128),
+    }
+    for (variant, cross), (head, tokens, dim, heads, rank) in table.items():
+        c = adapter_config_for(variant, cross_dim=cross, **vit_h)
+        assert (c.projection.head, c.projection.tokens, c.projection.dim, c.projection.heads, c.lora_rank) == \
+            (head, tokens, dim, heads, rank), variant
+    assert adapter_config_for("faceid", cross_dim=768).projection.hidden_dim == 1024
+
+
+def test_sd15_base_adapter_has_the_papers_22m_trainable_parameters() -> None:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # SD 1.5's real UNet config, no memory
+        unet = UNet2DConditionModel(cross_attention_dim=768)
+        adapter = IPAdapter.for_unet(unet, adapter_config_for("base", cross_dim=768, embed_dim=1024))
+    assert sum(p.numel() for p in adapter.parameters()) == 22_319_616
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    tf.reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return tf.write_base(root / "base"), tf.write_image_encoder(root / "enc"), tf.write_images(root / "data", 3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resolution", "18"], "resolution 18 does not fit this base model: it must be a multiple of 4"),
+    (["--data", "{empty}"], "is empty: no training samples"),
+    (["--data", "{wrong}"], "entry 1 has no 'text' field"),
+    (["--data", "{shards}"], "no tar shards matched"),
+    (["--variant", "faceid"], "has no 'id_embed_file' field"),
+    (["--base", "{missing}"], "cannot read"),
+    (["--learning-rate", "-1"], "learning_rate must be a finite number >= 0, not -1.0"),
+])
+def test_cli_bad_input_is_one_line(base_folder, tmp_path, capsys, extra, message) -> None:
+    base, encoder, data = base_folder
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "wrong.jsonl").write_text('{"image_file": "a.png", "caption": "x"}\n')
+    names = {"{empty}": tmp_path / "empty.jsonl", "{wrong}": tmp_path / "wrong.jsonl",
+             "{shards}": tmp_path / "s-{000..009}.tar", "{missing}": tmp_path / "nowhere"}
+    extra = [str(names.get(e, e)) for e in extra]
+    argv = ["train", "--base", str(base), "--image-encoder", str(encoder), "--data", str(data), "--output",
+            str(tmp_path / "out"), "--resolution", "16", "--max-steps", "1", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ipadapter: error: ") and message in err[0], err
+
+
+def test_cli_config_file_with_flag_override_trains(base_folder, tmp_path) -> None:
+    base, encoder, data = base_folder
+    config = tmp_path / "run.yaml"
+    config.write_text(f"base: {base}\nimage_encoder: {encoder}\ndata: {data}\nresolution: 16\nbatch_size: 2\n"
+                      f"max_steps: 5\noutput: {tmp_path / 'out'}\n")
+    assert main(["train", "--config", str(config), "--max-steps", "1", "--num-workers", "0"]) == 0
+    out = tmp_path / "out"
+    assert (out / "ip-adapter.safetensors").is_file() and (out / "adapter.ipadapter.safetensors").is_file()
+    assert '"max_steps": 1' in (out / "config.json").read_text()
+    assert list((out / "logs").rglob("events.out.tfevents*"))  # TensorBoard

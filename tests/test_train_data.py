@@ -1,0 +1,186 @@
+"""Data: manifests, shards, skipping, preprocessing, resumable streams; condition dropout rates."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter import IPAdapterError
+from ipadapter.train import dropout
+from ipadapter.train.data import (
+    Batches, Decoder, IndexedStream, ShardStream, center_crop, expand_shards, read_manifest, sdxl_time_ids,
+)
+from tests import train_factories as tf
+
+
+def test_manifest_paths_relative_to_its_folder_or_data_root(tmp_path) -> None:
+    manifest = tf.write_images(tmp_path / "d", 2)
+    records = read_manifest(manifest)
+    assert records[0].image == tmp_path / "d" / "img0.png" and records[0].text == "a red square"
+    moved = tmp_path / "elsewhere" / "m.jsonl"
+    moved.parent.mkdir()
+    moved.write_text(manifest.read_text())
+    assert read_manifest(moved, data_root=str(tmp_path / "d"))[1].image == tmp_path / "d" / "img1.png"
+    as_list = tmp_path / "d" / "list.json"
+    as_list.write_text(json.dumps([json.loads(l) for l in manifest.read_text().splitlines()]))
+    assert [r.image for r in read_manifest(as_list)] == [r.image for r in records]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("\n\n", "is empty"),
+    ('{"image": "a.png", "text": "x"}\n', "entry 1 has no 'image_file' field"),
+    ('{"image_file": "a.png"}\n', "no 'text' field"),
+    ('["a.png"]', "is a str"),
+    ('{"image_file": "a.png", "text": 3}\n', "must be strings"),
+    ("{not json\n", "not valid JSON"),
+])
+def test_bad_manifests_are_one_line_errors(tmp_path, content, message) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text(content)
+    with pytest.raises(IPAdapterError, match=message):
+        read_manifest(path)
+
+
+def test_faceid_manifest_needs_id_embed_file(tmp_path) -> None:
+    manifest = tf.write_images(tmp_path, 2)
+    with pytest.raises(IPAdapterError, match="id_embed_file.*ArcFace"):
+        read_manifest(manifest, need_id=True)
+
+
+def test_no_shards_matched(tmp_path) -> None:
+    with pytest.raises(IPAdapterError, match="no tar shards matched"):
+        expand_shards(str(tmp_path / "data-{00000..00003}.tar"))
+
+
+def test_shards_stream_skip_corrupt_and_resume_exactly(tmp_path) -> None:
+    pattern = tf.write_shards(tmp_path / "shards", 10, per_shard=4, corrupt_every=5)
+    shards = expand_shards(pattern)
+    assert len(shards) == 3
+    (tmp_path / "shards" / "00002.tar").write_bytes((tmp_path / "shards" / "00002.tar").read_bytes()[:700])  # truncated
+    decode = Decoder(16)
+    stream = ShardStream(shards, seed=1)
+    batches = Batches(stream, decode, 3)
+    first = [e["key"] for _ in range(3) for e in batches.next_batch()]
+    state = stream.state_dict()
+    following = [e["key"] for _ in range(3) for e in batches.next_batch()]
+    assert batches.skipped["undecodable image"] >= 1
+    again = ShardStream(shards, seed=1)
+    again.load_state_dict(state)
+    assert [e["key"] for _ in range(3) for e in Batches(again, decode, 3).next_batch()] == following
+    assert len(set(first)) > 1
+
+
+def test_shards_split_over_processes(tmp_path) -> None:
+    shards = expand_shards(tf.write_shards(tmp_path, 8, per_shard=2))
+    seen = []
+    for rank in range(2):
+        s = ShardStream(shards, rank=rank, world=2, seed=0, single_pass=True)
+        while (r := s.next_record()) is not None:
+            seen.append(r.key)
+    assert sorted(seen) == [f"{i:09d}" for i in range(8)]
+    one = ShardStream(shards[:1], rank=1, world=2, single_pass=True)  # fewer shards than processes: every 2nd sample
+    assert [one.next_record().key, one.next_record()] == ["000000001", None]
+
+
+def test_manifest_stream_is_a_seeded_permutation_per_epoch_and_resumes(tmp_path) -> None:
+    records = read_manifest(tf.write_images(tmp_path, 5))
+    s = IndexedStream(records, seed=3)
+    epoch0 = [s.next_record().key for _ in range(5)]
+    assert sorted(epoch0) == ["1", "2", "3", "4", "5"]
+    s.next_record()
+    state = s.state_dict()
+    rest = [s.next_record().key for _ in range(7)]
+    t = IndexedStream(records, seed=3)
+    t.load_state_dict(state)
+    assert [t.next_record().key for _ in range(7)] == rest
+    halves = [IndexedStream(records, rank=r, world=2, seed=3, single_pass=True) for r in range(2)]
+    keys = [rec.key for h in halves for rec in iter(h.next_record, None)]
+    assert sorted(keys) == sorted(epoch0)
+
+
+def test_centre_crop_and_sdxl_conditioning() -> None:
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    pixels, original, crop = center_crop(image, 16)
+    assert pixels.shape == (3, 16, 16) and original == (20, 40) and crop == (0, 8)
+    assert torch.allclose(pixels[0], torch.ones(16, 16)) and torch.allclose(pixels[1], -torch.ones(16, 16))
+    assert sdxl_time_ids([original], [crop], 16).tolist() == [[20, 40, 0, 8, 16, 16]]
+
+
+def test_clip_sees_the_uncropped_image(tmp_path) -> None:
+    """The reference script gives CLIP the whole image: a wide image's left edge reaches CLIP's input, not the VAE's."""
+    from transformers import CLIPImageProcessor
+
+    arr = np.zeros((20, 60, 3), np.uint8)
+    arr[:, :20] = (255, 255, 255)  # white left third, cut off by the 20 px centre crop
+    path = tmp_path / "wide.png"
+    Image.fromarray(arr).save(path)
+    proc = CLIPImageProcessor(size={"shortest_edge": 20}, crop_size={"height": 20, "width": 20}, do_center_crop=False)
+    out = Decoder(20, proc)(read_manifest(_one(tmp_path, "wide.png"))[0])
+    assert out["pixels"].max() < -0.99  # the VAE's crop is all black
+    assert out["clip"].shape[-1] == 60 and out["clip"][0, :, :20].mean() > 1.0  # CLIP got the white part
+
+
+def _one(tmp_path, name):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"image_file": name, "text": "x"}) + "\n")
+    return path
+
+
+def test_bad_id_embeddings_are_skipped(tmp_path) -> None:
+    manifest = tf.write_images(tmp_path, 2, id_dim=8)
+    np.save(tmp_path / "id1.npy", np.zeros(5, np.float32))
+    decode = Decoder(16, None, id_dim=8)
+    records = read_manifest(manifest, need_id=True)
+    assert decode(records[0])["id"].shape == (8,)
+    batches = Batches(IndexedStream(records, shuffle=False, single_pass=True), decode, 2)
+    assert len(batches.next_batch()) == 1 and batches.skipped == {"ID embedding not 8 finite values": 1}
+
+
+# ---- condition dropout ----------------------------------------------------------------------------------------------
+def test_dropout_rates_one_draw_per_sample() -> None:
+    """n = 400k draws; each rate within 5 binomial standard deviations (sd = sqrt(p(1-p)/n) ≈ 3.4e-4 for p = 0.05)."""
+    n = 400_000
+    drops = dropout.draw(n, 0.05, 0.05, 0.05, generator=torch.Generator().manual_seed(0))
+    image_only = (drops.image & ~drops.text).float().mean().item()
+    text_only = (drops.text & ~drops.image).float().mean().item()
+    both = (drops.image & drops.text).float().mean().item()
+    for rate, p in ((image_only, 0.05), (text_only, 0.05), (both, 0.05),
+                    (drops.image.float().mean().item(), 0.10), (drops.text.float().mean().item(), 0.10)):
+        assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), (rate, p)
+
+
+def test_dropped_values_per_variant() -> None:
+    mask = torch.tensor([True, False, True])
+    embeds = torch.randn(3, 4)
+    out = dropout.replace_rows(embeds, mask, 0.0)  # global: zero embedding
+    assert out[0].abs().sum() == 0 and torch.equal(out[1], embeds[1]) and out[2].abs().sum() == 0
+    patches = torch.randn(3, 5, 6)
+    uncond = torch.randn(5, 6)  # patch: the encoder's output on zero pixels, computed once
+    out = dropout.replace_rows(patches, mask, uncond)
+    assert torch.equal(out[0], uncond) and torch.equal(out[1], patches[1])
+    assert dropout.drop_texts(["a", "b", "c"], mask) == ["", "b", ""]
+
+
+def test_a_manifest_of_only_bad_samples_stops_with_a_sentence(tmp_path) -> None:
+    manifest = tf.write_images(tmp_path, 0, corrupt=1, missing=2)
+    batches = Batches(IndexedStream(read_manifest(manifest)), Decoder(16), 2)
+    with pytest.raises(IPAdapterError, match=r"no usable sample in 4 tries \(skipped 4 sample\(s\): .*missing image file"):
+        batches.next_batch()
+
+
+def test_id_embeddings_from_npy_and_pt(tmp_path) -> None:
+    from ipadapter.train.data import SkipSample, load_id_embed
+
+    value = torch.randn(8)
+    np.save(tmp_path / "a.npy", value.numpy())
+    torch.save(value, tmp_path / "b.pt")
+    assert torch.equal(load_id_embed(tmp_path / "a.npy", 8), value)
+    assert torch.equal(load_id_embed(tmp_path / "b.pt", 8), value)
+    with pytest.raises(SkipSample, match="missing ID embedding file"):
+        load_id_embed(tmp_path / "c.npy", 8)
