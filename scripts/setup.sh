@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
   pip install --quiet "torch==2.13.0"
 fi
-pip install --quiet -c constraints.txt -e ".[test]"
+pip install --quiet -c constraints.txt -e ".[test,app,e2e]"
