@@ -72,7 +72,7 @@ RECIPES: dict[str, Recipe] = {
     "clip": Recipe(_clip, 800, help="tiny CLIP (text encoder + adapters' image encoder)"),
     "vae": Recipe(_vae, 800, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x4"),
     "judge": Recipe(_judge, 500, help="judge CLIP + attribute classifier (measurement only)"),
-    "unet": Recipe(_unet, 1200, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
+    "unet": Recipe(_unet, 2000, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
     "decoder": Recipe(_decoder, 700, needs=("vae",), help="fine-tune the VAE decoder only (latents unchanged)"),
 }
 
