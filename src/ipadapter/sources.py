@@ -34,7 +34,8 @@ def miniature_adapter(name: str = "base") -> AdapterSource:
     path = ASSETS_DIR / "adapters" / f"{name}.safetensors"
     if not path.is_file():
         raise IPAdapterError(
-            f"the miniature {name} adapter is missing ({path}); rebuild it with `ipadapter miniature train adapter-{name}`"
+            f"the miniature {name} adapter is missing ({path}); rebuild it with the recipe in docs/miniature.md "
+            "(`ipadapter miniature data` then `ipadapter train --variant base ...`)"
         )
     return AdapterSource(str(path))
 
