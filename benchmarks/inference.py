@@ -148,11 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     def diffusers_full(masked: bool = False):
         def run():
             if masked:
-                from diffusers.image_processor import IPAdapterMaskProcessor
-
-                m = IPAdapterMaskProcessor().preprocess([m_.numpy()[None] * 255 for m_ in masks], height=res, width=res)
+                m = torch.stack(masks)[None]  # (1, images, H, W): diffusers' binarised mask layout
                 ref_pipe(prompt="a photo", ip_adapter_image=[[images[0], images[1]]],
-                         cross_attention_kwargs={"ip_adapter_masks": [m.reshape(1, 2, res, res)]}, **gen)
+                         cross_attention_kwargs={"ip_adapter_masks": [m]}, **gen)
             else:
                 ref_pipe(prompt="a photo", ip_adapter_image=images[0], **gen)
         return run
