@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,17 +23,25 @@ def test_two_processes_train_in_sync(tmp_path) -> None:
     base, encoder = tf.write_base(tmp_path / "base"), tf.write_image_encoder(tmp_path / "enc")
     data = tf.write_images(tmp_path / "data", 6, corrupt=1)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
-           "-m", "ipadapter.cli.main", "train", "--base", str(base), "--image-encoder", str(encoder),
-           "--data", str(data), "--output", str(out), "--resolution", str(tf.RES), "--batch-size", "2",
-           "--max-steps", "2", "--num-workers", "0", "--learning-rate", "1e-3"]
+    def command() -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port()),
+                "-m", "ipadapter.cli.main", "train", "--base", str(base), "--image-encoder", str(encoder),
+                "--data", str(data), "--output", str(out), "--resolution", str(tf.RES), "--batch-size", "2",
+                "--max-steps", "2", "--num-workers", "0", "--learning-rate", "1e-3"]
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    try:  # ~20 s here; the generous limit only guards against a hung rendezvous on a loaded machine
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"2-process run timed out; output tail:\n{(err.stderr or b'')[-3000:]!r}") from None
+    # ~15 s here. One gloo rendezvous in a full CI-like run hung once (not reproduced in isolation, under investigation):
+    # a bounded wait and one fresh attempt on a new port keep a hung rendezvous from hanging the suite.
+    for attempt in range(2):
+        try:
+            proc = subprocess.run(command(), capture_output=True, text=True, timeout=150, env=env)
+            break
+        except subprocess.TimeoutExpired as err:
+            if attempt:
+                raise AssertionError(f"2-process run timed out twice; output tail:\n{(err.stderr or b'')[-3000:]!r}") from None
+            shutil.rmtree(out, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state_dir = out / "checkpoints" / "state-00000002"
     state = json.loads((state_dir / "trainer_state.json").read_text())
