@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ipadapter.adapter import AdapterConfig, IPAdapter
+from ipadapter.atomic import save_safetensors
 from ipadapter.attach import check_compatible, check_cross_dim
 from ipadapter.errors import IPAdapterError
 from ipadapter.layers import AttentionLayer, attention_layers
@@ -175,15 +175,7 @@ def _load_into(adapter: IPAdapter, image_proj: dict[str, torch.Tensor], by_name:
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """safetensors written to a temporary file and renamed: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_safetensors(tensors, path, metadata)
 
 
 def published_state_dict(adapter: IPAdapter, unet: nn.Module) -> dict[str, dict[str, torch.Tensor]]:

@@ -76,8 +76,9 @@ class ImagePrompter:
 
     def uncond_features(self, adapter: IPAdapter, count: int) -> Features:
         kind = adapter.variant.features
-        if kind == "global" or kind == "patch":
-            return (self.encoder.uncond(kind).expand(count, *self.encoder.uncond(kind).shape[1:]),)
+        if kind in ("global", "patch"):
+            uncond = self.encoder.uncond(kind)
+            return (uncond.expand(count, *uncond.shape[1:]),)
         zeros = torch.zeros(count, adapter.config.projection.in_dim, device=adapter.device, dtype=adapter.dtype)
         if kind == "faceid":
             return (zeros,)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -86,17 +85,8 @@ def output_paths(out: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
-def save_atomic(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run(args: argparse.Namespace) -> int:
+    from ipadapter.atomic import save_png
     from ipadapter.conditioning.images import load_image
     from ipadapter.conditioning.masks import load_masks
     from ipadapter.conditioning.negatives import parse_noise
@@ -145,6 +135,6 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, width=args.width, height=args.height,
     )
     for image, path in zip(images_out, paths):
-        save_atomic(image, path)
+        save_png(image, path)
         print(path)
     return 0

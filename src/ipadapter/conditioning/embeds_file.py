@@ -12,16 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from ipadapter.atomic import save_safetensors
 from ipadapter.errors import IPAdapterError
 from ipadapter.variants import VARIANTS
 
@@ -81,16 +79,7 @@ def save_embeds(
         raise IPAdapterError("there are no embeddings to save")
     metadata = {"format": FORMAT, "encoder": encoder.name, "encoder_config_hash": encoder.config_hash,
                 "features": features, "extra": json.dumps(dict(extra or {}))}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors(tensors, path, metadata)
 
 
 def load_embeds(

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ipadapter.evaluate.files import save_png, slug, write_json, write_text
+from ipadapter.atomic import save_png, write_text
+from ipadapter.evaluate.files import slug, write_json
 from ipadapter.evaluate.manifests import Entry
 from ipadapter.evaluate.protocols import Protocol
 from ipadapter.evaluate.published import PROTOCOLS as PUBLISHED_PROTOCOLS

@@ -19,7 +19,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ipadapter.errors import IPAdapterError
-from ipadapter.evaluate.files import save_png, slug, write_json
+from ipadapter.atomic import save_png
+from ipadapter.evaluate.files import slug, write_json
 from ipadapter.evaluate.manifests import Entry
 
 log = logging.getLogger(__name__)

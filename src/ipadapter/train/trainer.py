@@ -38,12 +38,17 @@ from ipadapter.train.models import (
     BaseModels, ImageEncoder, base_configs, check_resolution, encode_images, encode_latents, encode_text, freeze,
     load_base, load_image_encoder, load_text_encoders, load_vae, module_fingerprint,
 )
+from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
 
-# What each variant's projection reads from the image encoder ("" = no CLIP features).
-FEATURES = {"base": "global", "plus": "patch", "full": "patch", "faceid": "", "faceid-plus": "patch",
-            "faceid-plusv2": "patch"}
+# The CLIP features each variant reads (from the variant table; "" = none, FaceID-Plus takes the face crop's patches).
+_CLIP_FEATURES = {"global": "global", "patch": "patch", "faceid": "", "faceid+patch": "patch"}
+
+
+def clip_features(variant: str) -> str:
+    return _CLIP_FEATURES[get_variant(variant).features]
+
 PUBLISHED_NAME = "ip-adapter.safetensors"
 OWN_NAME = "adapter.ipadapter.safetensors"
 
@@ -458,7 +463,7 @@ def train(
         found = read_state(early).get("variant")
         if found != config.variant:  # refused before any weights load
             raise IPAdapterError(f"cannot resume from {early}: it trains variant {found!r}, this run {config.variant!r}")
-    run = _Run(config=config, accelerator=accelerator, features=FEATURES[config.variant],
+    run = _Run(config=config, accelerator=accelerator, features=clip_features(config.variant),
                sdxl=unet_config.get("addition_embed_type") == "text_time", vae_config=vae_config)
     if config.cache:
         run.cache = _prepare_cache(run, models, image_encoder)

@@ -88,8 +88,6 @@ def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
 def save_png(grid: np.ndarray, path: Path) -> Path:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    from ipadapter.atomic import save_png as save_image
+
+    return save_image(Image.fromarray(grid), path)
