@@ -1,28 +1,83 @@
-"""Inference speed: plain pipeline vs ipadapter vs diffusers' built-in IP-Adapter, same weights, one process.
+"""Inference speed and peak memory: plain pipeline vs ipadapter vs diffusers' `load_ip_adapter`, same weights.
 
-Random weights with the real SD 1.5 (and SDXL) architectures; runs are interleaved and medians reported, as ratios
-against the plain pipeline measured in the same run. Prints a markdown table.
+Models: random weights, real architectures, nothing downloaded; only the image resolution is reduced for a CPU (and
+the text encoders' vocabulary, to the tiny test tokenizer's: an embedding table, no compute).
+  SD 1.5  its UNet, VAE and CLIP-L text encoder; a Plus adapter (resampler, 16 tokens, as ip-adapter-plus_sd15) on
+          a ViT-H/14 image encoder at full size (32 layers, width 1280, 224 px): with the default 8 steps, row (b) is
+          the issue's target setting. `--vith-layers` shortens the encoder (and then says so in the table).
+  SDXL    its full UNet (2.6 B parameters, real config, nothing reduced), VAE, CLIP-L and OpenCLIP-bigG text
+          encoders; the base SDXL adapter (4 tokens from the global bigG embedding, as ip-adapter_sdxl) on a
+          ViT-bigG/14 image encoder with its real width (1664, MLP 8192, 224 px) but 8 of its 48 layers
+          (`--bigg-layers`): the full 1.8 B-parameter encoder (7.4 GB at fp32) does not fit in this machine's 23 GB
+          next to the 10.3 GB UNet, the 2.9 GB of text encoders and the adapter (1.4 GB: K'/V' for 70 layers) held
+          once by ipadapter and once by diffusers. A shallower encoder only understates what ipadapter saves.
 
-    python benchmarks/inference.py                 # CPU-sized defaults (256 px, 8 steps)
-    python benchmarks/inference.py --device cuda --resolution 512 --steps 30 --repeats 5 --sdxl
+Cases per architecture: (a) a full generation, encoding included (cold caches: the reference and the unconditional
+image both go through the encoder); (b) a second generation with the same reference (diffusers caches nothing, so its
+(b) is its (a) run); (c) two masked references, encoding included; (d) the UNet alone over a generation's steps, the
+adapter's tokens given, reported per step: the adapter's overhead per denoising step, its once-per-generation
+work (K'/V' of the image tokens) included.
+
+Time: one process. The three implementations share one pipeline (one UNet: the SDXL one is 10 GB at fp32) and are
+switched between runs, outside the timed region, by swapping the attention processors (and diffusers'
+`encoder_hid_proj`): ipadapter attaches/detaches through its public API, so "plain" is the untouched UNet. One
+warm-up pass (none for (d): the generations ran the same UNet shapes), then the cases run interleaved `--repeats`
+times; medians. Latents of ipadapter and diffusers are compared (same seed, same weights): the last column is their
+largest difference, next to the output's largest magnitude.
+
+Peak memory: every implementation of every architecture runs in a fresh process that builds only what that
+implementation needs (forked from a forkserver that has imported torch and diffusers but built nothing, so a child
+starts in a second instead of re-importing). The child runs (a), (b), (c) in order, as a user's process would
+(plain: the same plain generation three times, so each row compares the same k-th generation of a process).
+CPU: right before each generation it collects garbage, returns freed heap to the OS (malloc_trim) and resets the
+kernel's RSS high-water mark (Linux /proc/self/clear_refs "5"); the number is VmHWM minus the RSS at that moment:
+what the generation adds above the loaded models, every byte counted (tensors, allocator slack, Python objects).
+`ru_maxrss` cannot be reset, so it would report model construction's transient peaks (a state dict loaded next to
+its module) instead; a torch.profiler memory profile sees tensor allocations only. CUDA:
+`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus `memory_allocated` at that moment. A
+"models loaded" row gives the memory of what each child built.
+
+    python benchmarks/inference.py            # CPU defaults: SD1.5 128 px 8 steps, SDXL 128 px 4 steps
+    python benchmarks/inference.py --quick    # smoke run: tiny models, 1 repeat, < 1 min
+    python benchmarks/inference.py --device cuda --resolution 512 --sdxl-resolution 1024 --sdxl-steps 30 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import ctypes
+import gc
+import multiprocessing
+import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from tests import factories  # noqa: E402  (tiny tokenizer; the models below are full-size)
+from tests import factories  # noqa: E402  (tiny tokenizer and the --quick models; the others are full-size)
+
+MiB = 2**20
+PROMPT = "a photo"
+IMPLS = ("plain", "ipadapter", "diffusers")
+CASES = {
+    "full": "(a) full generation, encoding included",
+    "second": "(b) second generation, same reference",
+    "masked": "(c) two masked references, encoding included",
+}
+ARCH_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+TARGET = dict(steps=8, vith_layers=32, ratio=0.85, step_overhead=0.005)
 
 SD15_UNET = dict(
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
@@ -36,208 +91,505 @@ SDXL_UNET = dict(
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816, sample_size=128,
 )
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
+TEXT = dict(vocab_size=80, bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=77)  # tiny vocab
+CLIP_L_TEXT = dict(TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+BIGG_TEXT = dict(TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 projection_dim=1280, hidden_act="gelu")
 VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224,
-             patch_size=14, projection_dim=1024)
+             patch_size=14, projection_dim=1024, hidden_act="gelu")
+VIT_BIGG = dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48, num_attention_heads=16, image_size=224,
+                patch_size=14, projection_dim=1280, hidden_act="gelu")
 
 
-def build_sd15(device: str, dtype: torch.dtype, small_encoder: bool):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+@dataclass(frozen=True)
+class Setting:
+    """One architecture's configuration; picklable, it travels to the memory processes."""
+
+    arch: str
+    device: str
+    dtype: str
+    resolution: int
+    steps: int
+    encoder_layers: int
+    quick: bool
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def guidance(self) -> float:
+        return 7.5 if self.arch == "sd15" else 5.0
+
+    @property
+    def is_target(self) -> bool:
+        return (self.arch == "sd15" and not self.quick and self.steps == TARGET["steps"]
+                and self.encoder_layers == TARGET["vith_layers"])
+
+    def describe(self) -> str:
+        if self.quick:
+            return f"{ARCH_NAMES[self.arch]}: tiny test models, {self.resolution} px, {self.steps} steps"
+        if self.arch == "sd15":
+            return (f"SD1.5: Plus adapter, ViT-H/14 encoder {self.encoder_layers} of 32 layers, {self.resolution} px, "
+                    f"{self.steps} steps, guidance {self.guidance}")
+        return (f"SDXL: full UNet, base adapter, ViT-bigG/14 encoder {self.encoder_layers} of 48 layers, "
+                f"{self.resolution} px, {self.steps} steps, guidance {self.guidance}")
+
+
+def build_pipeline(s: Setting, folder: Path) -> Any:
+    """The architecture's diffusers pipeline (random weights), without any IP-Adapter."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, max_position_embeddings=77, vocab_size=80,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    tok = factories.tiny_tokenizer(Path(tempfile.mkdtemp()))
-    tok.model_max_length = 77
-    vision = VIT_H if not small_encoder else dict(VIT_H, num_hidden_layers=4)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
-    processor = CLIPImageProcessor()
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok,
-                                   scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                           beta_end=0.012, clip_sample=False, set_alpha_to_one=False),
-                                   safety_checker=None, feature_extractor=processor, image_encoder=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype), encoder.to(device, dtype).eval(), processor
+    if s.quick:
+        return factories.tiny_sd15_pipeline(folder) if s.arch == "sd15" else factories.tiny_sdxl_pipeline(folder)
+    tokenizer = factories.tiny_tokenizer(folder)
+    tokenizer.model_max_length = 77
+    vae = AutoencoderKL(**SD_VAE)  # SDXL's VAE has the same architecture
+    text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+    if s.arch == "sd15":
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1)
+        return StableDiffusionPipeline(unet=UNet2DConditionModel(**SD15_UNET), vae=vae, text_encoder=text,
+                                       tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1)
+    return StableDiffusionXLPipeline(
+        unet=UNet2DConditionModel(**SDXL_UNET), vae=vae, text_encoder=text,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**BIGG_TEXT)), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, scheduler=scheduler, image_encoder=None, feature_extractor=None,
+    )
 
 
-def plus_state(unet, cross: int, seed: int = 0) -> dict:
-    """A Plus (resampler) adapter in the published layout, ViT-H patch features in, sized for `unet`."""
+def build_encoder(s: Setting) -> tuple[torch.nn.Module, Any]:
+    """CLIP vision encoder and its processor: ViT-H for SD 1.5's Plus adapter, ViT-bigG for SDXL's base adapter."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(1)
+    if s.quick:
+        return factories.tiny_image_encoder()
+    config = dict(VIT_H if s.arch == "sd15" else VIT_BIGG, num_hidden_layers=s.encoder_layers)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).eval(), CLIPImageProcessor()
+
+
+def adapter_state(s: Setting, unet: torch.nn.Module, encoder: torch.nn.Module) -> tuple[str, dict]:
+    """A random adapter in the published layout: SD 1.5 Plus on patch features, SDXL base on the global embedding."""
     from ipadapter.adapter import AdapterConfig, IPAdapter
     from ipadapter.checkpoint import published_state_dict
     from ipadapter.projection import ProjectionConfig
 
-    torch.manual_seed(seed)
-    heads = max(1, cross // 64)
-    config = AdapterConfig("plus", ProjectionConfig("resampler", in_dim=1280, cross_dim=cross, tokens=16, dim=cross,
-                                                    depth=4, heads=heads))
-    adapter = IPAdapter.for_unet(unet, config)
-    return published_state_dict(adapter, unet)
+    torch.manual_seed(2)
+    cross = unet.config.cross_attention_dim
+    if s.arch == "sd15":
+        projection = ProjectionConfig("resampler", in_dim=encoder.config.hidden_size, cross_dim=cross, tokens=16,
+                                      dim=cross, depth=4, heads=max(1, cross // 64))
+        name, variant = "ip-adapter-plus_sd15.bin", "plus"
+    else:
+        projection = ProjectionConfig("linear", in_dim=encoder.config.projection_dim, cross_dim=cross, tokens=4)
+        name, variant = "ip-adapter_sdxl.bin", "base"
+    adapter = IPAdapter.for_unet(unet, AdapterConfig(variant, projection))  # on the CPU, fp32: as files ship
+    return name, published_state_dict(adapter, unet)
 
 
-def timed(fn) -> float:
-    if torch.cuda.is_available():
+Run = tuple[Callable[[], None], Callable[[], torch.Tensor]]  # (untimed setup, timed run returning its output)
+
+
+class Bench:
+    """One architecture's pipeline with the implementations asked for, all on one UNet; `use` switches them."""
+
+    def __init__(self, s: Setting, impls: tuple[str, ...]) -> None:
+        from ipadapter import load_adapter
+        from ipadapter.encoders import ImageEncoder
+
+        self.setting = s
+        self._tmp = tempfile.TemporaryDirectory()
+        folder = Path(self._tmp.name)
+        self.pipe = build_pipeline(s, folder).to(s.device, s.torch_dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        unet = self.pipe.unet
+        self.plain_procs = dict(unet.attn_processors)
+        self.diffusers_procs = self.diffusers_proj = self.adapter = self.encoder = self.prompter = None
+        if set(impls) - {"plain"}:
+            model, self.processor = build_encoder(s)
+            self.encoder_model = model.to(s.device, s.torch_dtype)
+            weight_name, state = adapter_state(s, unet, self.encoder_model)
+            torch.save(state, folder / weight_name)
+            del state
+        if "diffusers" in impls:
+            self.pipe.load_ip_adapter(str(folder), subfolder="", weight_name=weight_name, image_encoder_folder=None)
+            self.pipe.image_encoder, self.pipe.feature_extractor = self.encoder_model, self.processor
+            self.diffusers_procs, self.diffusers_proj = dict(unet.attn_processors), unet.encoder_hid_proj
+        if "ipadapter" in impls:
+            self.adapter = load_adapter(folder / weight_name, unet).to(s.device, s.torch_dtype)
+            self.encoder = ImageEncoder(self.encoder_model, self.processor)
+        self.images = [factories.reference_image(i, 256) for i in range(2)]
+        # Left and right halves, 8 px per latent as in SD's images: bicubic downsampling by 8 or more has no
+        # overshoot at the edge, which ipadapter clamps and diffusers does not (the outputs would differ there).
+        side = 8 * (s.resolution // self.pipe.vae_scale_factor)
+        self.masks = [torch.zeros(side, side), torch.zeros(side, side)]
+        self.masks[0][:, : side // 2] = 1
+        self.masks[1][:, side // 2 :] = 1
+        self.use("plain")
+
+    def use(self, impl: str, *, cold: bool = False) -> None:
+        """Put `impl` on the shared UNet; `cold`: ipadapter with empty encoder caches, as in a fresh process."""
+        from ipadapter.encoders import ImageEncoder
+        from ipadapter.prompter import ImagePrompter
+
+        if self.prompter is not None:
+            self.prompter.detach()
+            self.prompter = None
+        unet = self.pipe.unet
+        # The projection first: diffusers' Plus resampler has attention layers of its own, in diffusers_procs.
+        unet.encoder_hid_proj = self.diffusers_proj if impl == "diffusers" else None
+        unet.set_attn_processor(dict(self.diffusers_procs if impl == "diffusers" else self.plain_procs))
+        if impl == "ipadapter":
+            if cold:
+                self.encoder = ImageEncoder(self.encoder_model, self.processor)
+            self.prompter = ImagePrompter(self.pipe, self.adapter, self.encoder)
+
+    def generate(self, impl: str, case: str) -> torch.Tensor:
+        """One generation (latents out) of `case`; only ipadapter's runs differ between (a) and (b)."""
+        from ipadapter import AdapterPrompt
+
+        s = self.setting
+        masked = case == "masked"
+        images = self.images if masked else self.images[:1]
+        gen = dict(height=s.resolution, width=s.resolution, output_type="latent")
+        if impl == "ipadapter":
+            name, refs = self.prompter.references(images, masks=self.masks if masked else None)
+            out = self.prompter.generate({name: AdapterPrompt(refs)}, prompt=PROMPT, steps=s.steps,
+                                         guidance=s.guidance, seed=0, **gen)
+            return torch.stack(out)
+        extra: dict[str, Any] = {}
+        if impl == "diffusers":
+            extra["ip_adapter_image"] = [images] if masked else images[0]
+            if masked:  # (1, images, H, W): diffusers' layout for one adapter's masks
+                extra["cross_attention_kwargs"] = {"ip_adapter_masks": [torch.stack(self.masks)[None]]}
+        return self.pipe(prompt=PROMPT, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                         generator=torch.Generator("cpu").manual_seed(0), **gen, **extra).images
+
+    def generation_run(self, impl: str, case: str) -> Run:
+        """(a) and (c) start from empty encoder caches; (b) from the reference and the unconditional image cached."""
+
+        def setup() -> None:
+            self.use(impl, cold=case != "second")
+            if impl == "ipadapter" and case == "second":
+                self.prompter.references(self.images[:1])  # untimed; a no-op once (a) has run: both are cached
+
+        return setup, lambda: self.generate(impl, case)
+
+    def step_runs(self) -> dict[str, Run]:
+        """The UNet alone for one generation's steps, batch 2 (CFG), the adapter's input given to both."""
+        from ipadapter import AdapterPrompt, Reference
+
+        s, unet = self.setting, self.pipe.unet
+        kw = dict(device=s.device, dtype=s.torch_dtype)
+        torch.manual_seed(3)
+        lat = s.resolution // self.pipe.vae_scale_factor
+        sample = torch.randn(2, unet.config.in_channels, lat, lat, **kw)
+        text = torch.randn(2, self.pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, **kw)
+        added: dict[str, torch.Tensor] = {}
+        if unet.config.addition_embed_type == "text_time":
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            size = [s.resolution, s.resolution, 0, 0, s.resolution, s.resolution]
+            added = {"text_embeds": torch.randn(2, pooled, **kw), "time_ids": torch.tensor([size] * 2, **kw)}
+        c = self.encoder_model.config
+        if self.adapter.variant.features == "patch":  # row 0: unconditional, row 1: the reference
+            features = torch.randn(2, 1, (c.image_size // c.patch_size) ** 2 + 1, c.hidden_size, **kw)
+        else:
+            features = torch.randn(2, 1, c.projection_dim, **kw)
+        with torch.no_grad():
+            tokens = self.adapter.project(features[:, 0])
+        timesteps = [999 - i * 1000 // s.steps for i in range(s.steps)]
+
+        @torch.no_grad()
+        def loop(**extra: Any) -> torch.Tensor:
+            for t in timesteps:
+                out = unet(sample, t, encoder_hidden_states=text, added_cond_kwargs={**added, **extra}).sample
+            return out
+
+        def ours_setup() -> None:
+            self.use("ipadapter")
+            self.prompter.attachment.set_prompts(
+                {next(iter(self.prompter.adapters)): AdapterPrompt([Reference(cond=tokens[1:], uncond=tokens[:1])])},
+                rows=1)
+
+        return {"plain": (lambda: self.use("plain"), loop), "ipadapter": (ours_setup, loop),
+                "diffusers": (lambda: self.use("diffusers"), lambda: loop(image_embeds=[features]))}
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def quiet() -> None:
+    """diffusers warns on every `image_encoder_folder=None` load and transformers on missing torchvision: noise here."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
-def interleave(runs: dict, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for k, fn in runs.items():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for k, fn in runs.items():
-            times[k].append(timed(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
+def interleave(
+    runs: dict[Any, Run], repeats: int, device: str, warmup: bool = True
+) -> tuple[dict[Any, float], dict[Any, torch.Tensor]]:
+    """Median seconds of each run (setups untimed) and its last output: a warm-up pass, then `repeats` passes."""
+    times: dict[Any, list[float]] = {k: [] for k in runs}
+    outputs: dict[Any, torch.Tensor] = {}
+    for i in range(int(not warmup), repeats + 1):
+        for key, (setup, run) in runs.items():
+            setup()
+            sync(device)
+            start = time.perf_counter()
+            outputs[key] = run()
+            sync(device)
+            if i:
+                times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}, outputs
+
+
+@dataclass
+class Row:
+    label: str
+    plain: float
+    ours: float
+    diffusers: float
+    diff: float | None = None  # largest |ipadapter − diffusers| over the outputs
+    scale: float | None = None  # largest |diffusers output|, for scale
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.diffusers
+
+
+def compare(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
+    """(largest |ours − theirs|, largest |theirs|)."""
+    ours, theirs = ours.float().cpu(), theirs.float().cpu()
+    return float((ours - theirs).abs().max()), float(theirs.abs().max())
+
+
+def time_arch(s: Setting, repeats: int) -> list[Row]:
+    """Rows (a)-(d) of one architecture, timed in this process."""
+    bench = Bench(s, IMPLS)
+    arch = ARCH_NAMES[s.arch]
+    keys = [("plain", "full"), ("ipadapter", "full"), ("ipadapter", "second"), ("diffusers", "full"),
+            ("ipadapter", "masked"), ("diffusers", "masked")]
+    t, out = interleave({k: bench.generation_run(*k) for k in keys}, repeats, s.device)
+    rows = []
+    for case, label in CASES.items():
+        theirs = "masked" if case == "masked" else "full"
+        if case == "second" and s.is_target:
+            label += " **(issue target: ≤ 0.85x)**"
+        rows.append(Row(f"{arch} {label}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
+                        *compare(out["ipadapter", case], out["diffusers", theirs])))
+    st, so = interleave(bench.step_runs(), repeats, s.device, warmup=False)  # the generations warmed the UNet
+    lat = s.resolution // bench.pipe.vae_scale_factor
+    rows.append(Row(f"{arch} (d) UNet alone, per step ({s.steps} steps, {lat}x{lat} latents, batch 2)",
+                    st["plain"] / s.steps, st["ipadapter"] / s.steps, st["diffusers"] / s.steps,
+                    *compare(so["ipadapter"], so["diffusers"])))
+    bench.close()
+    return rows
+
+
+def _status(field: str) -> int:
+    """A size from /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class Memory:
+    """Bytes in use now and the peak since `reset`: the process's RSS on CPU (Linux), the CUDA allocator on GPU."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def reset(self) -> int:
+        """Settle, restart the peak at the current use, and return that use."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: the baseline holds live memory only
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # the kernel's RSS high-water mark := current RSS
+        except OSError as err:
+            raise RuntimeError(f"cannot reset the peak RSS ({err}); run with --no-memory") from None
+        return _status("VmRSS")
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return _status("VmHWM")
+
+
+def measure_memory(s: Setting, impl: str) -> dict[str, float]:
+    """MiB of the models `impl` needs, and the peak each case's generation adds above them (a fresh process)."""
+    quiet()
+    memory = Memory(s.device)
+    start = memory.reset()
+    bench = Bench(s, (impl,))
+    result = {"loaded": (memory.reset() - start) / MiB}
+    for case in CASES:
+        setup, run = bench.generation_run(impl, case)
+        setup()
+        before = memory.reset()
+        run()
+        result[case] = (memory.peak() - before) / MiB
+    bench.close()
+    return result
+
+
+def memory_arch(s: Setting, context: Any) -> list[Row]:
+    """Memory rows of one architecture, each implementation measured in its own fresh process."""
+    found = {}
+    for impl in IMPLS:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            found[impl] = pool.submit(measure_memory, s, impl).result()
+    arch = ARCH_NAMES[s.arch]
+    labels = {"loaded": "models loaded (MiB)", **{k: f"{v}: peak above the models (MiB)" for k, v in CASES.items()}}
+    return [Row(f"{arch} {label}", *(found[i][key] for i in IMPLS)) for key, label in labels.items()]
+
+
+def forkserver() -> Any:
+    """Fresh processes that start with torch/diffusers/transformers imported and nothing built."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([
+        "torch", "diffusers", "transformers", "ipadapter.prompter", "tests.factories",
+        "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+        "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl", "transformers.models.clip.modeling_clip",
+    ])
+    return context
+
+
+def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> list[str]:
+    """The issue's targets, each with what this run measured."""
+    lines = []
+    for row in rows:
+        if "(d) UNet alone" in row.label:
+            over = row.ours / row.plain - 1
+            lines.append(f"- {row.label.split()[0]} adapter overhead per denoising step: {100 * over:+.2f}% of the plain "
+                         f"UNet (target ≤ +{100 * TARGET['step_overhead']:.1f}%): {'met' if over <= TARGET['step_overhead'] else 'NOT met'}")
+    target = [r for r in rows if "issue target" in r.label]
+    if target:
+        r = target[0].ratio
+        lines.append(f"- Second generation, same reference, Plus, 8 steps, full ViT-H: {r:.2f}x diffusers' time (target "
+                     f"≤ {TARGET['ratio']}x): {'met' if r <= TARGET['ratio'] else 'NOT met'}")
+    elif any(s.arch == "sd15" for s in settings):
+        lines.append("- The issue's target setting (SD1.5 Plus, 8 steps, 32-layer ViT-H, full size) was not run.")
+    slower = [r.label for r in rows if r.ours > r.diffusers]
+    lines.append("- Rows slower than diffusers: " + (", ".join(slower) if slower else "none"))
+    if memory:
+        higher = [r.label for r in memory if r.ours > r.diffusers]
+        lines.append("- Memory rows above diffusers': " + (", ".join(higher) if higher else "none"))
+    return lines
+
+
+def render(header: list[str], rows: list[Row], memory: list[Row], notes: list[str]) -> str:
+    out = [*header, "",
+           "| case | plain (s) | ipadapter (s) | diffusers (s) | ipadapter overhead | diffusers overhead "
+           "| ipadapter / diffusers | outputs: max abs diff ipadapter vs diffusers (max abs output) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.label} | {r.plain:.3f} | {r.ours:.3f} | {r.diffusers:.3f} | {100 * (r.ours / r.plain - 1):+.1f}% "
+                   f"| {100 * (r.diffusers / r.plain - 1):+.1f}% | {r.ratio:.2f}x | {r.diff:.1e} ({r.scale:.3g}) |")
+    if memory:
+        out += ["", "| memory | plain | ipadapter | diffusers | ipadapter / diffusers |", "|---|---|---|---|---|"]
+        for r in memory:
+            ratio = f"{r.ratio:.2f}x" if r.diffusers > 0 else "–"
+            out.append(f"| {r.label} | {r.plain:.1f} | {r.ours:.1f} | {r.diffusers:.1f} | {ratio} |")
+    return "\n".join(out + ["", *notes, ""])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, else float32")
+    ap.add_argument("--archs", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
+    ap.add_argument("--resolution", type=int, default=128, help="SD 1.5 image size (px)")
+    ap.add_argument("--steps", type=int, default=8, help="SD 1.5 denoising steps (the target setting: 8)")
+    ap.add_argument("--vith-layers", type=int, default=32, help="ViT-H encoder depth (full: 32)")
+    ap.add_argument("--sdxl-resolution", type=int, default=128)
+    ap.add_argument("--sdxl-steps", type=int, default=4)
+    ap.add_argument("--bigg-layers", type=int, default=8, help="ViT-bigG encoder depth (full: 48)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure peak memory in fresh processes")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny models, 32 px, 2 steps, 1 repeat")
+    ap.add_argument("--out", type=Path, help="markdown output (default: benchmarks/results/inference-<device>[-quick].md)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.resolution = args.sdxl_resolution = 32
+        args.steps = args.sdxl_steps = 2
+        args.repeats = 1
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"inference-{args.device}{'-quick' if args.quick else ''}.md"
+    return args
+
+
+def settings_of(args: argparse.Namespace) -> list[Setting]:
+    base = Setting("sd15", args.device, args.dtype, args.resolution, args.steps, args.vith_layers, args.quick)
+    known = {"sd15": base,
+             "sdxl": replace(base, arch="sdxl", resolution=args.sdxl_resolution, steps=args.sdxl_steps,
+                             encoder_layers=args.bigg_layers)}
+    return [known[a] for a in args.archs.split(",")]
+
+
+def benchmark(args: argparse.Namespace) -> tuple[list[Row], list[Row], list[str]]:
+    """Memory first (the children run while this process holds no model), then time; returns rows and notes."""
+    quiet()
+    settings = settings_of(args)
+    memory: list[Row] = []
+    notes: list[str] = []
+    if args.memory:
+        context = forkserver()
+        for s in settings:
+            t = time.perf_counter()
+            memory += memory_arch(s, context)
+            notes.append(f"- {ARCH_NAMES[s.arch]} memory processes: {time.perf_counter() - t:.0f} s")
+    rows: list[Row] = []
+    for s in settings:
+        t = time.perf_counter()
+        rows += time_arch(s, args.repeats)
+        gc.collect()
+        notes.append(f"- {ARCH_NAMES[s.arch]} timing: {time.perf_counter() - t:.0f} s")
+    return rows, memory, verdicts(settings, rows, memory) + notes
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--resolution", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--small-encoder", action="store_true", help="4-layer ViT-H-width encoder (faster on CPU)")
-    ap.add_argument("--sdxl", action="store_true", help="also time an SDXL-architecture UNet (per-step)")
-    ap.add_argument("--sdxl-latent", type=int, default=32)
-    args = ap.parse_args(argv)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device == "cuda" else torch.float32)
-
-    from ipadapter import AdapterPrompt, Reference, attach, load_adapter
-    from ipadapter.encoders import ImageEncoder
-    from ipadapter.prompter import ImagePrompter
-
-    pipe, encoder, processor = build_sd15(args.device, dtype, args.small_encoder)
-    ref_pipe = copy.deepcopy(pipe)
-    folder = Path(tempfile.mkdtemp())
-    state = plus_state(pipe.unet, 768)
-    torch.save(state, folder / "ip-adapter-plus_sd15.bin")
-    ref_pipe.load_ip_adapter(str(folder), subfolder="", weight_name="ip-adapter-plus_sd15.bin", image_encoder_folder=None)
-    ref_pipe.image_encoder, ref_pipe.feature_extractor = encoder, processor
-    ours = ImagePrompter(pipe, load_adapter(folder / "ip-adapter-plus_sd15.bin", pipe.unet), ImageEncoder(encoder, processor))
-    images = [factories.reference_image(i, 256) for i in range(3)]
-    res = args.resolution
-    gen = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=res, width=res, output_type="latent")
-    masks = [torch.zeros(res, res), torch.zeros(res, res)]
-    masks[0][:, : res // 2] = 1
-    masks[1][:, res // 2 :] = 1
-
-    def plain():
-        ours.attachment.clear()
-        pipe(prompt="a photo", **gen)
-
-    def ours_full(fresh: bool, masked: bool = False):
-        def run():
-            if fresh:
-                ours.encoder.cache._items.clear()
-            refs = images[:2] if masked else images[:1]
-            _, r = ours.references(refs, masks=masks if masked else None)
-            ours.generate({"0": AdapterPrompt(r)}, prompt="a photo", **{k: v for k, v in gen.items()
-                           if k not in ("num_inference_steps", "guidance_scale")}, steps=args.steps, guidance=7.5)
-        return run
-
-    def diffusers_full(masked: bool = False):
-        def run():
-            if masked:
-                m = torch.stack(masks)[None]  # (1, images, H, W): diffusers' binarised mask layout
-                ref_pipe(prompt="a photo", ip_adapter_image=[[images[0], images[1]]],
-                         cross_attention_kwargs={"ip_adapter_masks": [m]}, **gen)
-            else:
-                ref_pipe(prompt="a photo", ip_adapter_image=images[0], **gen)
-        return run
-
-    rows = []
-    t = interleave({"plain": plain, "ours_first": ours_full(True), "ours_second": ours_full(False),
-                    "diffusers": diffusers_full(), "ours_masked": ours_full(False, True),
-                    "diffusers_masked": diffusers_full(True)}, args.repeats)
-    rows.append(("SD1.5 Plus, full generation (encoding included)", t["plain"], t["ours_first"], t["diffusers"]))
-    rows.append(("SD1.5 Plus, second generation, same reference", t["plain"], t["ours_second"], t["diffusers"]))
-    rows.append(("SD1.5 Plus, two masked references", t["plain"], t["ours_masked"], t["diffusers_masked"]))
-
-    # Per denoising step: the UNet alone, batch 2 (CFG), adapter tokens precomputed for both implementations.
-    lat = res // 8
-    sample = torch.randn(2, 4, lat, lat, device=args.device, dtype=dtype)
-    text = torch.randn(2, 77, 768, device=args.device, dtype=dtype)
-    patches = torch.randn(2, 1, 257, 1280, device=args.device, dtype=dtype)
-    unet_ref = ref_pipe.unet
-
-    adapter = ours.adapters["0"]
-    with torch.no_grad():
-        tokens = adapter.project(patches[:, 0])
-    ours.attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens[1:], uncond=tokens[:1])])}, rows=1)
-    prompts = ours.attachment.runtime.prompts  # one generation: K'/V' computed on the first step, reused after
-
-    @torch.no_grad()
-    def step_plain():
-        ours.attachment.runtime.prompts = {}
-        pipe.unet(sample, 500, encoder_hidden_states=text)
-
-    @torch.no_grad()
-    def step_ours():
-        ours.attachment.runtime.prompts = prompts
-        pipe.unet(sample, 500, encoder_hidden_states=text)
-
-    @torch.no_grad()
-    def step_diffusers():
-        unet_ref(sample, 500, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [patches]})
-
-    s = interleave({"plain": step_plain, "ours": step_ours, "diffusers": step_diffusers}, max(args.repeats, 5))
-    rows.append((f"SD1.5 UNet step, {lat}x{lat} latents, batch 2", s["plain"], s["ours"], s["diffusers"]))
-
-    if args.sdxl:
-        from diffusers import UNet2DConditionModel
-
-        del pipe, ref_pipe, unet_ref
-        torch.manual_seed(0)
-        xl = UNet2DConditionModel(**SDXL_UNET).to(args.device, dtype).eval()
-        xl_ref = copy.deepcopy(xl)
-        st = plus_state(xl, 2048)
-        xl_ref._load_ip_adapter_weights([copy.deepcopy(st)], low_cpu_mem_usage=False)
-        torch.save(st, folder / "ip-adapter-plus_sdxl_vit-h.bin")
-        att = attach(xl, load_adapter(folder / "ip-adapter-plus_sdxl_vit-h.bin", xl))
-        n = args.sdxl_latent
-        xs = torch.randn(2, 4, n, n, device=args.device, dtype=dtype)
-        xt = torch.randn(2, 77, 2048, device=args.device, dtype=dtype)
-        added = {"text_embeds": torch.randn(2, 1280, device=args.device, dtype=dtype),
-                 "time_ids": torch.randn(2, 6, device=args.device, dtype=dtype)}
-        with torch.no_grad():
-            xtok = att.adapters["0"].project(patches[:, 0])
-
-        att.set_prompts({"0": AdapterPrompt([Reference(cond=xtok[1:], uncond=xtok[:1])])}, rows=1)
-        xl_prompts = att.runtime.prompts
-
-        @torch.no_grad()
-        def xl_plain():
-            att.runtime.prompts = {}
-            xl(xs, 500, encoder_hidden_states=xt, added_cond_kwargs=added)
-
-        @torch.no_grad()
-        def xl_ours():
-            att.runtime.prompts = xl_prompts
-            xl(xs, 500, encoder_hidden_states=xt, added_cond_kwargs=added)
-
-        @torch.no_grad()
-        def xl_diffusers():
-            xl_ref(xs, 500, encoder_hidden_states=xt, added_cond_kwargs={**added, "image_embeds": [patches]})
-
-        x = interleave({"plain": xl_plain, "ours": xl_ours, "diffusers": xl_diffusers}, max(args.repeats, 3))
-        rows.append((f"SDXL UNet step, {n}x{n} latents, batch 2", x["plain"], x["ours"], x["diffusers"]))
-
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nDevice: {device}; dtype {dtype}; {res}px, {args.steps} steps; medians of {args.repeats}+ interleaved runs\n")
-    print("| case | plain (s) | ipadapter (s) | diffusers (s) | ipadapter overhead | diffusers overhead | ipadapter / diffusers |")
-    print("|---|---|---|---|---|---|---|")
-    for name, p, o, d in rows:
-        print(f"| {name} | {p:.3f} | {o:.3f} | {d:.3f} | {100 * (o / p - 1):+.1f}% | {100 * (d / p - 1):+.1f}% | {o / d:.2f}x |")
+    args = parse_args(argv)
+    start = time.perf_counter()
+    rows, memory, notes = benchmark(args)
+    if args.device.startswith("cuda"):
+        device = torch.cuda.get_device_name()
+    else:
+        load = ", load average %.1f at the end" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+        device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}"
+    command = " ".join(["python benchmarks/inference.py", *(sys.argv[1:] if argv is None else argv)])
+    header = [f"# Inference benchmark{' (quick smoke run)' if args.quick else ''}", "", f"`{command}`", "",
+              f"Device: {device}; {args.dtype}; medians of {args.repeats} interleaved runs after a warm-up pass; "
+              f"total {time.perf_counter() - start:.0f} s. Random weights, real architectures:", "",
+              *(f"- {s.describe()}" for s in settings_of(args))]
+    text = render(header, rows, memory, notes)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    print(f"written to {args.out}")
     return 0
 
 

@@ -54,7 +54,8 @@ def build_models(tmp: Path, small_encoder: bool):
     from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
-    from ipadapter.train.models import BaseModels, ImageEncoder
+    from ipadapter.encoders import ImageEncoder
+    from ipadapter.train.models import BaseModels
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -77,7 +78,7 @@ def build_models(tmp: Path, small_encoder: bool):
     tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp / "tokenizer")))
     models = BaseModels(unet=unet.eval(), scheduler_config=dict(scheduler.config), vae=vae.eval(),
                         tokenizers=[tokenizer], text_encoders=[text.eval()], name="sd15-random")
-    encoder = ImageEncoder(model=image.eval(), processor=CLIPImageProcessor(), name="vit-h-random")
+    encoder = ImageEncoder(image, CLIPImageProcessor(), name="vit-h-random")
     counts = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in
               (("unet", unet), ("vae", vae), ("text encoder", text), ("image encoder", image))}
     return models, encoder, counts, time.perf_counter() - t0
@@ -119,7 +120,7 @@ class PlainLoop:
             m.requires_grad_(False)
         g = torch.Generator().manual_seed(0)
         self.adapter = IPAdapter.for_unet(self.unet, adapter_config_for("base", cross_dim=768,
-                                                                        embed_dim=encoder.embed_dim))
+                                                                        embed_dim=encoder.global_dim))
         self.attachment = attach(self.unet, self.adapter)
         self.attachment.runtime.cache_kv = False
         self.adapter.float().requires_grad_(True)

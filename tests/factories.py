@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -170,6 +172,22 @@ def tiny_sd15_pipeline(tmp_path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_tiny_sd15_pipeline(root: Path, adapters: tuple[str, ...] = ("base",)) -> Path:
+    """`tiny_sd15_pipeline` saved as `root/pipe` with its image_encoder/ and feature_extractor/, as `from_pretrained`
+    reads it, and a published-layout adapter `root/{family}.bin` per family (LoRA rank 4 for FaceID); returns the
+    pipeline folder. Shared by the command-line, evaluation and app tests, which load models from disk."""
+    pipe = tiny_sd15_pipeline(root)
+    encoder, processor = tiny_image_encoder()
+    folder = root / "pipe"
+    pipe.save_pretrained(folder)
+    encoder.save_pretrained(folder / "image_encoder")
+    processor.save_pretrained(folder / "feature_extractor")
+    for family in adapters:
+        state = published(pipe.unet, family, SD15_CROSS, lora_rank=4 if "faceid" in family else 0)
+        torch.save(state, root / f"{family}.bin")
+    return folder
 
 
 def tiny_sdxl_pipeline(tmp_path):

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ipadapter.app.command import generate_argv, generate_command, model_flags
@@ -41,12 +40,7 @@ MODEL_ARGS = {"adapter": None, "weight_name": None, "subfolder": None, "image_en
 def tiny(tmp_path_factory) -> Path:
     """A saved SD-1.5-layout pipeline with its image encoder, a base adapter, and a few upload files."""
     root = tmp_path_factory.mktemp("app")
-    pipe = factories.tiny_sd15_pipeline(root)
-    encoder, processor = factories.tiny_image_encoder()
-    pipe.save_pretrained(root / "pipe")
-    encoder.save_pretrained(root / "pipe" / "image_encoder")
-    processor.save_pretrained(root / "pipe" / "feature_extractor")
-    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), root / "base.bin")
+    factories.save_tiny_sd15_pipeline(root)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(root / "ref.png")
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "other.png")

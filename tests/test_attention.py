@@ -110,3 +110,81 @@ def test_kv_cache_gives_same_output_and_is_invalidated(sd15_unet) -> None:
     assert torch.equal(first, cached)
     torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
     assert (other - first).abs().max() > 1e-4
+
+
+def _concat_adapter(unet):
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.layers import attention_layers
+    from ipadapter.projection.detect import ProjectionConfig
+
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=24, cross_dim=factories.SD15_CROSS, tokens=4),
+                           attention="concat")
+    return IPAdapter(config, attention_layers(unet))
+
+
+def test_concat_mode_equals_plain_unet_on_concatenated_context() -> None:
+    """The "simple adapter" ablation is, by definition, the frozen UNet reading [text tokens; image tokens]."""
+    unet = factories.sd15_unet()
+    adapter = _concat_adapter(unet)
+    assert not any(p for n, p in adapter.named_parameters() if n.startswith("layers."))  # only the projection trains
+    g = torch.Generator().manual_seed(3)
+    cond, uncond = torch.randn(1, 4, factories.SD15_CROSS, generator=g), torch.randn(1, 4, factories.SD15_CROSS, generator=g)
+    sample = torch.randn(2, 4, 16, 16, generator=g)
+    text = torch.randn(2, 6, factories.SD15_CROSS, generator=g)
+    with torch.no_grad():
+        expected = unet(sample, 500, encoder_hidden_states=torch.cat([text, torch.cat([uncond, cond])], dim=1)).sample
+        plain = unet(sample, 500, encoder_hidden_states=text).sample
+    att = attach(unet, adapter)
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=cond, uncond=uncond)])}, cfg=True)
+    with torch.no_grad():
+        got = unet(sample, 500, encoder_hidden_states=text).sample
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=cond, uncond=uncond)], scale=0.0)}, cfg=True)
+        off = unet(sample, 500, encoder_hidden_states=text).sample
+    att.detach()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(off, plain)
+
+
+def test_concat_weight_is_a_log_bias_on_image_columns() -> None:
+    """Closed form for one attention layer: weight w multiplies the image tokens' unnormalised attention by w."""
+    unet = factories.sd15_unet()
+    name = next(n for n, p in unet.attn_processors.items() if "attn2" in n).rsplit(".processor", 1)[0]
+    attn = unet.get_submodule(name)
+    adapter = _concat_adapter(unet)
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(1, 16, attn.to_q.in_features, generator=g)
+    text = torch.randn(1, 6, factories.SD15_CROSS, generator=g)
+    tokens = torch.randn(1, 4, factories.SD15_CROSS, generator=g)
+    w = 0.3
+    with torch.no_grad():
+        q = attn.to_q(hidden).view(1, 16, attn.heads, -1).transpose(1, 2)
+        ctx = torch.cat([text, tokens], dim=1)
+        k = attn.to_k(ctx).view(1, 10, attn.heads, -1).transpose(1, 2)
+        v = attn.to_v(ctx).view(1, 10, attn.heads, -1).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).exp()
+        scores[..., 6:] *= w
+        probs = scores / scores.sum(-1, keepdim=True)
+        expected = attn.to_out[0]((probs @ v).transpose(1, 2).reshape(1, 16, -1))
+    att = attach(unet, adapter)
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)], scale=w)})
+    with torch.no_grad():
+        got = attn(hidden, encoder_hidden_states=text)
+    att.detach()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_concat_adapter_round_trips_own_format_and_refuses_published(tmp_path) -> None:
+    import pytest
+
+    from ipadapter.checkpoint import save_adapter, save_published
+    from ipadapter.errors import IPAdapterError
+
+    unet = factories.sd15_unet()
+    adapter = _concat_adapter(unet)
+    save_adapter(adapter, tmp_path / "simple.safetensors")
+    loaded = load_adapter(tmp_path / "simple.safetensors", unet)
+    assert loaded.config.attention == "concat"
+    for k, v in adapter.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    with pytest.raises(IPAdapterError, match="no published layout"):
+        save_published(adapter, unet, tmp_path / "published.safetensors")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ipadapter.cli.main import main
@@ -17,14 +16,7 @@ FAMILIES = ["base", "plus", "full", "faceid", "faceid-plus"]
 def tiny_base(tmp_path_factory):
     """A saved SD-1.5-layout pipeline folder with its own image_encoder/, as `from_pretrained` reads it."""
     root = tmp_path_factory.mktemp("base")
-    pipe = factories.tiny_sd15_pipeline(root)
-    encoder, processor = factories.tiny_image_encoder()
-    pipe.save_pretrained(root / "pipe")
-    encoder.save_pretrained(root / "pipe" / "image_encoder")
-    processor.save_pretrained(root / "pipe" / "feature_extractor")
-    for family in FAMILIES:
-        torch.save(factories.published(pipe.unet, family, factories.SD15_CROSS, lora_rank=4 if "faceid" in family else 0),
-                   root / f"{family}.bin")
+    factories.save_tiny_sd15_pipeline(root, adapters=tuple(FAMILIES))
     Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(root / "ref.png")
     np.save(root / "face.npy", np.random.default_rng(0).standard_normal(16).astype(np.float32))
     return root

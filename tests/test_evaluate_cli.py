@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from ipadapter.cli.main import main
@@ -17,12 +16,7 @@ from tests import test_evaluate_factories as eval_factories
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    pipe = factories.tiny_sd15_pipeline(root)
-    encoder, processor = factories.tiny_image_encoder()
-    pipe.save_pretrained(root / "pipe")
-    encoder.save_pretrained(root / "pipe" / "image_encoder")
-    processor.save_pretrained(root / "pipe" / "feature_extractor")
-    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), root / "base.bin")
+    factories.save_tiny_sd15_pipeline(root)
     eval_factories.save_judge(root / "judge")
     for i in range(2):
         factories.reference_image(i).save(root / f"ref{i}.png")

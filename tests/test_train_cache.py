@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ipadapter import IPAdapterError
+from ipadapter.encoders import ImageEncoder
 from ipadapter.train import TrainConfig, train
 from ipadapter.train.cache import CacheReader
-from ipadapter.train.models import ImageEncoder, encode_images
 from tests import train_factories as tf
 
 
@@ -38,7 +38,7 @@ def test_cache_holds_every_good_sample_and_the_dropped_constants(cached) -> None
     assert row["latent_mean"].shape == (4, tf.RES // 2, tf.RES // 2) and row["image"].shape == (17, 40)
     # a dropped patch-variant image = the encoder's features of zero pixel values
     enc: ImageEncoder = cached["encoder"]
-    zeros = encode_images(enc, torch.zeros(1, 3, 32, 32), "patch")[0]
+    zeros = enc.encode_pixels(torch.zeros(1, 3, 32, 32), "patch")[0]
     torch.testing.assert_close(reader.constants["uncond_image"], zeros)
     assert cached["result"].step == 2
 
@@ -71,7 +71,7 @@ def test_cache_refuses_other_models_or_settings(cached, tmp_path, change, field)
     models, encoder = cached["models"], cached["encoder"]
     config = cached["config"].replace(output=str(tmp_path / "o"))
     if change == "other encoder":
-        encoder = ImageEncoder(model=tf.image_encoder(seed=77), processor=encoder.processor)
+        encoder = ImageEncoder(tf.image_encoder(seed=77), encoder.processor)
     elif change == "other vae":
         models = type(models)(**{**models.__dict__, "vae": tf.vae(seed=77)})
     else:
@@ -94,7 +94,7 @@ def test_folder_models_cache_reused_without_loading_encoders(tmp_path, monkeypat
     def no(*a, **k):
         raise AssertionError("a frozen encoder was loaded although the cache holds its outputs")
 
-    monkeypatch.setattr(trainer, "load_image_encoder", no)
+    monkeypatch.setattr(ImageEncoder, "from_pretrained", no)
     monkeypatch.setattr(trainer, "load_text_encoders", no)
     monkeypatch.setattr(trainer, "load_vae", no)
     result = train(config.replace(output=str(tmp_path / "o2")), log_with=None)

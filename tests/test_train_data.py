@@ -88,6 +88,58 @@ def test_shards_split_over_processes(tmp_path) -> None:
     assert [one.next_record().key, one.next_record()] == ["000000001", None]
 
 
+def _keys(stream: ShardStream, n: int) -> list[str]:
+    return [stream.next_record().key for _ in range(n)]
+
+
+@pytest.mark.parametrize("world, shard_count", [(1, 4), (2, 4), (2, 1)])  # (2, 1): both processes read one shard
+def test_shuffle_buffer_shuffles_samples_once_per_epoch_and_resumes_exactly(tmp_path, world, shard_count) -> None:
+    shards = expand_shards(tf.write_shards(tmp_path, 40, per_shard=10))[:shard_count]
+    per_rank = 10 * shard_count // world
+    for rank in range(world):
+        def stream(buffer: int = 6, seed: int = 0) -> ShardStream:
+            return ShardStream(shards, rank=rank, world=world, seed=seed, shuffle_buffer=buffer)
+
+        plain, shuffled = _keys(stream(0), 3 * per_rank), _keys(stream(), 3 * per_rank)
+        assert shuffled != plain and _keys(stream(), 3 * per_rank) == shuffled  # another order, the same for a seed
+        assert _keys(stream(seed=1), per_rank) != shuffled[:per_rank]
+        for epoch in range(3):  # every sample of this process once per epoch
+            window = slice(epoch * per_rank, (epoch + 1) * per_rank)
+            assert sorted(shuffled[window]) == sorted(plain[window]) and len(set(shuffled[window])) == per_rank
+        buffered = []
+        for cut in (0, 1, 5, per_rank - 1, per_rank, per_rank + 3, 2 * per_rank + 2):  # epoch ends included
+            first = stream()
+            _keys(first, cut)
+            state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint holds it
+            buffered.append(len(state["buffer"]))
+            resumed = stream()
+            resumed.load_state_dict(state)
+            assert _keys(resumed, 3 * per_rank - cut) == shuffled[cut:]
+        assert max(buffered) == min(5, per_rank - 1)  # the resumed streams rebuilt a buffer
+
+
+def test_shuffle_buffer_mixes_across_shards(tmp_path) -> None:
+    shards = expand_shards(tf.write_shards(tmp_path, 40, per_shard=10))
+    plain = _keys(ShardStream(shards, shuffle_buffer=0), 40)
+    shuffled = _keys(ShardStream(shards, shuffle_buffer=25), 40)
+    shard_of = {k: i // 10 for i, k in enumerate(plain)}  # the shard each key was read from, in reading order
+    assert any(shard_of[k] >= 2 for k in shuffled[:10])  # a third shard's sample among the first ten drawn
+
+
+def test_shuffle_buffer_resume_counts_a_damaged_shard_once(tmp_path) -> None:
+    shards = expand_shards(tf.write_shards(tmp_path, 24, per_shard=8))
+    (tmp_path / "00001.tar").write_bytes((tmp_path / "00001.tar").read_bytes()[:5000])  # truncated mid-shard
+    full = ShardStream(shards, seed=0, shuffle_buffer=10)
+    keys = _keys(full, 30)
+    first = ShardStream(shards, seed=0, shuffle_buffer=10)
+    _keys(first, 12)
+    resumed = ShardStream(shards, seed=0, shuffle_buffer=10)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    resumed.skipped.update(first.skipped)  # as the trainer restores the counts
+    assert _keys(resumed, 18) == keys[12:]
+    assert resumed.skipped == full.skipped == {"unreadable shard": 2}
+
+
 def test_manifest_stream_is_a_seeded_permutation_per_epoch_and_resumes(tmp_path) -> None:
     records = read_manifest(tf.write_images(tmp_path, 5))
     s = IndexedStream(records, seed=3)

@@ -14,7 +14,7 @@ from ipadapter import IPAdapterError, attach, load_adapter
 from ipadapter.train import TrainConfig, train
 from ipadapter.train.checkpoint import latest_checkpoint
 from ipadapter.train.data import Decoder, collate, read_manifest
-from ipadapter.train.models import encode_images, encode_text
+from ipadapter.train.models import encode_text
 from ipadapter.train.trainer import adapter_config_for
 from ipadapter import IPAdapter
 from tests import train_factories as tf
@@ -43,7 +43,7 @@ def eval_loss(models, encoder, adapter, manifest, draws: int = 6) -> float:
     vae, unet = models.vae, models.unet
     latents = vae.encode(batch["pixels"]).latent_dist.mean * vae.config.scaling_factor
     text, _ = encode_text(models, batch["text"], torch.device("cpu"))
-    feats = encode_images(encoder, batch["clip"], "global")
+    feats = encoder.encode_pixels(batch["clip"], "global")
     sched = DDPMScheduler.from_config(models.scheduler_config)
     g = torch.Generator().manual_seed(123)
     att = attach(unet, adapter)
@@ -131,12 +131,18 @@ def _weights(path):
     return load_file(str(path))
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path) -> None:
-    """Options on (grad accumulation, clipping, warm-up, EMA, noise offset, dropout): the state must carry them all."""
-    manifest = tf.write_images(tmp_path / "data", 6, corrupt=1)
+@pytest.mark.parametrize("source", ["manifest", "shards"])
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, source) -> None:
+    """Options on (grad accumulation, clipping, warm-up, EMA, noise offset, dropout): the state must carry them all.
+    Shards: with a sample shuffle buffer smaller than an epoch, so the state holds a partly filled buffer."""
+    if source == "manifest":
+        manifest = tf.write_images(tmp_path / "data", 6, corrupt=1)
+    else:
+        manifest = tf.write_shards(tmp_path / "shards", 7, per_shard=2, corrupt_every=4)
     models, encoder = tf.in_memory()
     options = dict(max_steps=4, batch_size=2, save_every=2, grad_accum=2, max_grad_norm=0.5, warmup_steps=2,
-                   ema_decay=0.9, noise_offset=0.05, learning_rate=1e-3, drop_image=0.2, drop_text=0.2, drop_both=0.2)
+                   ema_decay=0.9, noise_offset=0.05, learning_rate=1e-3, drop_image=0.2, drop_text=0.2, drop_both=0.2,
+                   shuffle_buffer=4)
     full = train(_config(tmp_path / "a", manifest, **options), models=models, image_encoder=encoder, log_with=None)
 
     class Killed(Exception):
@@ -149,7 +155,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path) -> None:
     config = _config(tmp_path / "b", manifest, **options)
     with pytest.raises(Killed):
         train(config, models=models, image_encoder=encoder, log_with=None, on_step=kill_at_3)
-    assert json.loads((latest_checkpoint(config.output) / "trainer_state.json").read_text())["step"] == 2
+    state = json.loads((latest_checkpoint(config.output) / "trainer_state.json").read_text())
+    assert state["step"] == 2 and (source == "manifest" or state["data"][0]["buffer"])
     resumed = train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
     assert resumed.step == 4
     a, b = _weights(full.published), _weights(resumed.published)
@@ -207,6 +214,24 @@ def test_sdxl_v_prediction_bf16_checkpointing_trains(tmp_path) -> None:
     assert result.step == 2 and all(np.isfinite(result.losses))
     assert (result.output / "validation" / "step-00000002.png").is_file()
     assert result.adapter.config.projection.cross_dim == 2 * tf.CROSS
+
+
+def test_simple_adapter_ablation_trains_only_the_projection(tmp_path) -> None:
+    """attention="concat": the UNet's frozen to_k/to_v read the image tokens; the projection is all that learns."""
+    manifest = tf.write_images(tmp_path / "data", 4)
+    models, encoder = tf.in_memory()
+    before = copy.deepcopy(models.unet.state_dict())
+    config = _config(tmp_path, manifest, attention="concat", max_steps=2, batch_size=2, learning_rate=1e-2)
+    result = train(config, models=models, image_encoder=encoder, log_with=None)
+    assert result.published is None  # no published layout exists for it
+    own = load_adapter(result.own, models.unet)
+    assert own.config.attention == "concat" and not own.layer_state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in models.unet.state_dict().items())
+    with pytest.raises(IPAdapterError, match="'concat' attention, this run 'decoupled'"):
+        train(config.replace(attention="decoupled", resume=config.output, max_steps=3), models=models,
+              image_encoder=encoder, log_with=None)
+    with pytest.raises(IPAdapterError, match="base variant"):
+        config.replace(variant="plus").validate()
 
 
 @pytest.mark.parametrize("variant", ["full", "faceid", "faceid-plusv2"])

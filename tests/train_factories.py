@@ -111,7 +111,8 @@ def in_memory(*, sdxl: bool = False, prediction_type: str = "epsilon"):
     """(BaseModels, ImageEncoder) without touching disk."""
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
-    from ipadapter.train.models import BaseModels, ImageEncoder
+    from ipadapter.encoders import ImageEncoder
+    from ipadapter.train.models import BaseModels
 
     import tempfile
 
@@ -121,7 +122,7 @@ def in_memory(*, sdxl: bool = False, prediction_type: str = "epsilon"):
     models = BaseModels(unet=unet(3, sdxl=sdxl), scheduler_config=dict(scheduler(prediction_type).config), vae=vae(2),
                         tokenizers=[tok] * len(encoders), text_encoders=encoders, name="tiny")
     proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return models, ImageEncoder(model=image_encoder(4), processor=proc, name="tiny-clip")
+    return models, ImageEncoder(image_encoder(4), proc, name="tiny-clip")
 
 
 COLOURS = [(230, 40, 40), (40, 200, 60), (40, 60, 230), (230, 220, 40), (200, 40, 200), (40, 200, 200)]

@@ -9,7 +9,7 @@ from torch import nn
 
 from ipadapter.layers import AttentionLayer, attention_layers
 from ipadapter.projection.detect import ProjectionConfig, build_projection
-from ipadapter.variants import get_variant
+from ipadapter.variants import ATTENTION_MODES, get_variant
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,15 @@ class AdapterConfig:
     encoder: str = ""
     base: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    # "decoupled": the paper's separate K'/V' per layer; "concat": the paper's "simple adapter" ablation, image
+    # tokens appended to the text tokens of the frozen cross-attention (only the projection is trained).
+    attention: str = "decoupled"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            from ipadapter.errors import IPAdapterError
+
+            raise IPAdapterError(f"unknown attention mode {self.attention!r}; valid: {', '.join(ATTENTION_MODES)}")
 
     @property
     def tokens(self) -> int:
@@ -37,7 +46,7 @@ class AdapterConfig:
         return {
             "format": "ipadapter/1", "variant": self.variant, "projection": json.dumps(self.projection.to_dict()),
             "lora_rank": str(self.lora_rank), "encoder": self.encoder, "base": self.base, "tokens": str(self.tokens),
-            "extra": json.dumps(self.extra),
+            "extra": json.dumps(self.extra), "attention": self.attention,
         }
 
     @classmethod
@@ -47,7 +56,7 @@ class AdapterConfig:
         return cls(
             variant=meta["variant"], projection=ProjectionConfig(**json.loads(meta["projection"])),
             lora_rank=int(meta.get("lora_rank", "0")), encoder=meta.get("encoder", ""), base=meta.get("base", ""),
-            extra=json.loads(meta.get("extra", "{}")),
+            extra=json.loads(meta.get("extra", "{}")), attention=meta.get("attention", "decoupled"),
         )
 
     def as_dict(self) -> dict:
@@ -69,12 +78,18 @@ class LoRA(nn.Module):
 
 
 class AdapterLayer(nn.Module):
-    """The adapter's weights at one attention layer: image K'/V' (cross-attention only), optional LoRA."""
+    """The adapter's weights at one attention layer: image K'/V' (cross-attention only), optional LoRA.
 
-    def __init__(self, layer: AttentionLayer, cross_dim: int, lora_rank: int = 0, image_branch: bool = True) -> None:
+    A "concat" adapter has no weights of its own here: its tokens go through the layer's frozen to_k/to_v.
+    """
+
+    def __init__(
+        self, layer: AttentionLayer, cross_dim: int, lora_rank: int = 0, image_branch: bool = True, concat: bool = False,
+    ) -> None:
         super().__init__()
         self.has_ip = layer.cross and image_branch
-        if self.has_ip:
+        self.concat = concat and self.has_ip
+        if self.has_ip and not self.concat:
             self.to_k_ip = nn.Linear(cross_dim, layer.width, bias=False)
             self.to_v_ip = nn.Linear(cross_dim, layer.width, bias=False)
         self.has_lora = lora_rank > 0
@@ -105,7 +120,7 @@ class IPAdapter(nn.Module):
         self.variant = variant
         self.image_proj = build_projection(config.projection, shortcut=variant.shortcut)
         self.layers = nn.ModuleDict(
-            {layer_key(l.name): AdapterLayer(l, config.cross_dim, config.lora_rank)
+            {layer_key(l.name): AdapterLayer(l, config.cross_dim, config.lora_rank, concat=config.attention == "concat")
              for l in layers if l.cross or config.lora_rank}
         )
         self.layer_specs = {l.name: l for l in layers}
@@ -117,7 +132,7 @@ class IPAdapter(nn.Module):
         if init_from_unet:
             with torch.no_grad():
                 for name, layer in adapter.named_layers():
-                    if layer.has_ip:
+                    if layer.has_ip and not layer.concat:
                         attn = unet.get_submodule(name)
                         if attn.to_k.weight.shape == layer.to_k_ip.weight.shape:
                             layer.to_k_ip.weight.copy_(attn.to_k.weight)

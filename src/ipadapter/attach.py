@@ -52,7 +52,7 @@ def check_compatible(unet: nn.Module, adapter: IPAdapter, name: str = "adapter")
             + "; it was made for another UNet architecture"
         )
     for n, weights in adapter.named_layers():
-        if weights.has_ip and weights.to_k_ip.weight.shape[0] != layers[n].width:
+        if weights.has_ip and not weights.concat and weights.to_k_ip.weight.shape[0] != layers[n].width:
             raise IPAdapterError(
                 f"{name}'s layer {n} is {weights.to_k_ip.weight.shape[0]} wide but the UNet's is {layers[n].width}"
             )

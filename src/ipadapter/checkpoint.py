@@ -187,6 +187,8 @@ def published_state_dict(adapter: IPAdapter, unet: nn.Module) -> dict[str, dict[
 
 def save_published(adapter: IPAdapter, unet: nn.Module, path: str | os.PathLike) -> Path:
     """The published flat safetensors layout (`image_proj.*`, `ip_adapter.{index}.*`), loadable by diffusers."""
+    if adapter.config.attention != "decoupled":
+        raise IPAdapterError(f"a {adapter.config.attention!r} adapter has no published layout; save it with save_adapter")
     nested = published_state_dict(adapter, unet)
     flat = {f"{group}.{k}": v for group, tensors in nested.items() for k, v in tensors.items()}
     return atomic_save(flat, path)

@@ -23,6 +23,10 @@ def _describe(dim: int, kind: str) -> str:
     return f"{dim}-d{f' ({name})' if name else ''}"
 
 
+def _where(source: str | os.PathLike, subfolder: str | None) -> str:
+    return f"{source}{'/' + subfolder if subfolder else ''}"
+
+
 class ImageEncoder:
     """A `CLIPVisionModelWithProjection` with its own image processor."""
 
@@ -37,25 +41,44 @@ class ImageEncoder:
     @classmethod
     def from_pretrained(
         cls, source: str | os.PathLike, *, subfolder: str | None = None, device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
     ) -> "ImageEncoder":
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        """CLIP vision weights and their processor; `dtype="auto"` keeps the checkpoint's own dtype."""
+        from transformers import CLIPVisionModelWithProjection
 
         kwargs = {"subfolder": subfolder} if subfolder else {}
         try:
             model = CLIPVisionModelWithProjection.from_pretrained(str(source), torch_dtype=dtype, **kwargs)
         except (OSError, ValueError) as err:
-            where = f"{source}{'/' + subfolder if subfolder else ''}"
             raise IPAdapterError(
-                f"could not load a CLIP vision encoder from {where} (not found offline, or not a CLIP vision "
-                f"model): {str(err).splitlines()[0][:160]}"
+                f"could not load a CLIP vision encoder from {_where(source, subfolder)} (not found offline, or not a "
+                f"CLIP vision model): {str(err).splitlines()[0][:160]}"
             ) from None
+        processor = cls.load_processor(source, subfolder=subfolder, image_size=model.config.image_size)
+        return cls(model.to(device), processor, name=_where(source, subfolder))
+
+    @staticmethod
+    def load_processor(
+        source: str | os.PathLike, *, subfolder: str | None = None, image_size: int | None = None
+    ) -> object:
+        """The `CLIPImageProcessor` saved with the encoder, else CLIP's preprocessing (shortest side → size, centre
+        crop, CLIP mean/std) sized to the encoder. Reads configs only, so a run training from a feature cache can check
+        the cache's fingerprint without loading the weights."""
+        from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+        kwargs = {"subfolder": subfolder} if subfolder else {}
         try:
-            processor = CLIPImageProcessor.from_pretrained(str(source), **kwargs)
+            return CLIPImageProcessor.from_pretrained(str(source), **kwargs)
         except (OSError, ValueError):
-            size = model.config.image_size
-            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        return cls(model.to(device), processor, name=f"{source}{'/' + subfolder if subfolder else ''}")
+            pass
+        if image_size is None:
+            try:
+                image_size = CLIPVisionConfig.from_pretrained(str(source), **kwargs).image_size
+            except (OSError, ValueError) as err:
+                raise IPAdapterError(f"could not read the CLIP vision config of {_where(source, subfolder)}: "
+                                     f"{str(err).splitlines()[0][:160]}") from None
+        return CLIPImageProcessor(size={"shortest_edge": image_size},
+                                  crop_size={"height": image_size, "width": image_size})
 
     @property
     def device(self) -> torch.device:
@@ -72,6 +95,12 @@ class ImageEncoder:
     @property
     def patch_dim(self) -> int:
         return int(self.model.config.hidden_size)
+
+    @property
+    def patch_tokens(self) -> int:
+        """Patch features per image: the grid's patches plus the class token."""
+        config = self.model.config
+        return (config.image_size // config.patch_size) ** 2 + 1
 
     def identity(self) -> str:
         """Name + hash of the config: recorded with saved embeddings and caches, checked when they are reused."""
@@ -98,6 +127,9 @@ class ImageEncoder:
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, features: str) -> torch.Tensor:
+        """Features of a preprocessed batch, never cached: the trainer's batches arrive as pixel tensors on the CPU, so
+        they are moved to the encoder's device and dtype here."""
+        pixels = pixels.to(self.device, self.dtype)
         if features == "global":
             return self.model(pixel_values=pixels).image_embeds  # (B, D)
         return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # (B, P, H)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,11 +11,13 @@ import torch
 from ipadapter.checkpoint import load_adapter
 from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError
-from ipadapter.prompter import ImagePrompter, load_pipeline
+from ipadapter.prompter import ImagePrompter, fuse_base_lora, load_pipeline
 from ipadapter.sources import AdapterSource, default_image_encoder, miniature_adapter, miniature_base, split_hub_path
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MINIATURE_STEPS, MINIATURE_GUIDANCE = 25, 5.0
+# --adapter keywords for the shipped miniature adapters (asset names)
+MINIATURE_ADAPTERS = {"miniature": "base", "miniature-plus": "plus", "miniature-simple": "simple"}
 
 
 @dataclass
@@ -40,7 +43,29 @@ def adapter_sources(args: Any) -> list[AdapterSource]:
         return [miniature_adapter()] if not args.base else []
     names = _aligned(args.weight_name, len(args.adapter), "--weight-name")
     subs = _aligned(args.subfolder, len(args.adapter), "--subfolder")
-    return [AdapterSource(a, s, w) for a, s, w in zip(args.adapter, subs, names)]
+    return [miniature_adapter(MINIATURE_ADAPTERS[a]) if a in MINIATURE_ADAPTERS else AdapterSource(a, s, w)
+            for a, s, w in zip(args.adapter, subs, names)]
+
+
+def controlnet_source(name: str) -> str:
+    """"miniature" names the shipped mask ControlNet of the miniature model; anything else is a folder or Hub id."""
+    if name == "miniature":
+        from ipadapter.miniature.assets import controlnet_path
+
+        return str(controlnet_path())
+    return name
+
+
+def base_lora_source(name: str) -> str:
+    """"miniature-custom" names the shipped LoRA of the miniature custom model; anything else is a file or folder,
+    checked here so a wrong path is reported before a base model is loaded."""
+    if name == "miniature-custom":
+        from ipadapter.miniature.assets import custom_lora_path
+
+        return str(custom_lora_path())
+    if not Path(name).exists():
+        raise IPAdapterError(f"LoRA not found: {name}")
+    return name
 
 
 def load_prompter(args: Any) -> Loaded:
@@ -52,7 +77,14 @@ def load_prompter(args: Any) -> Loaded:
     sources = adapter_sources(args)
     if not sources:
         raise IPAdapterError("give --adapter (a file, folder or Hub repo id) to use an image prompt with --base")
+    base_lora = base_lora_source(args.base_lora) if getattr(args, "base_lora", None) else None
     pipe = load_pipeline(base, device=device, dtype=dtype, scheduler=args.scheduler)
+    if base_lora:
+        pipe = fuse_base_lora(pipe, base_lora, args.base_lora_scale)
+    if getattr(args, "controlnet", None):
+        from ipadapter.prompter import add_controlnet
+
+        pipe = add_controlnet(pipe, controlnet_source(args.controlnet))
     adapters = {str(i): load_adapter(s.source, pipe.unet, subfolder=s.subfolder, weight_name=s.weight_name)
                 for i, s in enumerate(sources)}
     if args.image_encoder:

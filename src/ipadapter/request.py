@@ -19,7 +19,7 @@ from ipadapter.conditioning.presets import preset
 from ipadapter.conditioning.schedules import check_window
 from ipadapter.errors import IPAdapterError
 from ipadapter.prompter import ImagePrompter
-from ipadapter.runtime import AdapterPrompt, Reference
+from ipadapter.runtime import AdapterPrompt
 
 
 @dataclass

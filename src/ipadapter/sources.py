@@ -35,7 +35,7 @@ def miniature_adapter(name: str = "base") -> AdapterSource:
     if not path.is_file():
         raise IPAdapterError(
             f"the miniature {name} adapter is missing ({path}); rebuild it with the recipe in docs/miniature.md "
-            "(`ipadapter miniature data` then `ipadapter train --variant base ...`)"
+            f"(`ipadapter miniature train adapter{'' if name == 'base' else '-' + name}` then `ipadapter miniature export`)"
         )
     return AdapterSource(str(path))
 

@@ -43,6 +43,11 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+# How an adapter's image tokens enter the UNet: the paper's decoupled cross-attention, or its "simple adapter"
+# ablation (tokens concatenated to the text tokens of the frozen cross-attention).
+ATTENTION_MODES = ("decoupled", "concat")
+
+
 def get_variant(name: str) -> Variant:
     from ipadapter.errors import IPAdapterError
 

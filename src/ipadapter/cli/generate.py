@@ -13,6 +13,8 @@ from ipadapter.errors import IPAdapterError
 EXAMPLES = """examples:
   ipadapter generate --image ref.png --out out.png                      # bundled miniature model
   ipadapter generate --image ref.png --prompt "on a green checker background" --scale 0.7
+  ipadapter generate --image ref.png --base-lora miniature-custom       # a custom model fine-tuned from the base
+  ipadapter generate --image ref.png --controlnet miniature --control-image mask.png   # object where the mask is
   ipadapter generate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter h94/IP-Adapter \\
       --subfolder models --weight-name ip-adapter_sd15.bin --image ref.png --out out.png
 """
@@ -31,7 +33,8 @@ def finite_float(text: str) -> float:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--base/--adapter/--image-encoder, shared by generate, encode, evaluate and app."""
     p.add_argument("--base", help="diffusers pipeline folder or Hub id (default: the bundled miniature model)")
-    p.add_argument("--adapter", action="append", help="adapter file, folder or Hub repo id (repeatable)")
+    p.add_argument("--adapter", action="append", help="adapter file, folder or Hub repo id (repeatable); the bundled "
+                   "miniature adapters: miniature (default), miniature-plus, miniature-simple")
     p.add_argument("--weight-name", action="append", help="adapter file name inside --adapter (per --adapter)")
     p.add_argument("--subfolder", action="append", help="subfolder inside --adapter (per --adapter)")
     p.add_argument("--image-encoder", help="CLIP vision folder or Hub id, 'owner/repo/subfolder' allowed")
@@ -56,6 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--out", default="out.png", help="output PNG; several images become OUT-0.png, OUT-1.png, ...")
     p.add_argument("--lora-scale", type=finite_float, default=1.0, help="FaceID LoRA strength (ComfyUI uses 0.6)")
+    p.add_argument("--base-lora", help="a custom model's LoRA (file or folder, diffusers or kohya format), fused into "
+                   "--base before the adapter attaches; 'miniature-custom' = the bundled two-tone-style LoRA")
+    p.add_argument("--base-lora-scale", type=finite_float, default=1.0,
+                   help="strength of --base-lora (default 1.0; --lora-scale is the FaceID adapter's own LoRA)")
     p.add_argument("--s-scale", type=finite_float, default=1.0, help="FaceID-PlusV2 shortcut scale")
     p.add_argument("--face-embed", action="append", default=[], help="precomputed ArcFace embedding .npy/.pt")
     p.add_argument("--mask", action="append", default=[], help="mask image per --image (white = apply)")
@@ -72,6 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", default="center", help="center, top, bottom, left, right")
     p.add_argument("--tiles", action="store_true", help="tile large or non-square references, each tile masked")
     p.add_argument("--embeds", help="saved embeddings (from `ipadapter encode`) instead of --image")
+    p.add_argument("--controlnet", help="ControlNet folder or Hub id ('owner/repo/subfolder' allowed); 'miniature' = "
+                   "the bundled mask ControlNet of the miniature model")
+    p.add_argument("--control-image", help="the ControlNet's conditioning image (miniature: the object's mask, white on black)")
+    p.add_argument("--control-scale", type=finite_float, default=1.0, help="ControlNet conditioning scale (default 1.0)")
     p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run)
 
@@ -83,6 +94,20 @@ def output_paths(out: str, count: int) -> list[Path]:
     if count == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def control_kwargs(args: argparse.Namespace) -> dict:
+    """The ControlNet pipeline's `image` / `controlnet_conditioning_scale`, checked before any model is loaded."""
+    from ipadapter.conditioning.images import load_image
+
+    if args.control_image and not args.controlnet:
+        raise IPAdapterError("--control-image needs --controlnet (a ControlNet folder or Hub id, or 'miniature')")
+    if not args.controlnet:
+        return {}
+    if not args.control_image:
+        raise IPAdapterError("--controlnet needs --control-image (the conditioning image, e.g. the object's mask)")
+    return {"image": load_image(args.control_image, background=(0, 0, 0)),
+            "controlnet_conditioning_scale": args.control_scale}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     request.validate()
+    control = control_kwargs(args)
     loaded = load_prompter(args)
     prompter = loaded.prompter
     if args.face_embed:
@@ -132,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     images_out = prompter.generate(
         prompts, prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
         steps=args.steps or loaded.default_steps, guidance=args.guidance if args.guidance is not None else loaded.default_guidance,
-        seed=args.seed, width=args.width, height=args.height,
+        seed=args.seed, width=args.width, height=args.height, **control,
     )
     for image, path in zip(images_out, paths):
         save_png(image, path)

@@ -22,7 +22,7 @@ def _data(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise IPAdapterError(f"--n must be at least 1, not {args.n}.")
-    manifest = write_dataset(args.out, args.n, args.seed, args.split)
+    manifest = write_dataset(args.out, args.n, args.seed, args.split, masks=args.masks)
     print(f"wrote {args.n} {args.split} images and {manifest}")
     return 0
 
@@ -47,6 +47,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quality(args: argparse.Namespace) -> int:
+    from ipadapter.miniature.quality import Setup, evaluate
+
+    if args.n < 1 or args.steps < 1:
+        raise IPAdapterError(f"--n and --steps must be at least 1 (got {args.n}, {args.steps}).")
+    _threads(args)
+    results = evaluate(Path(args.out), n=args.n, setup=Setup(steps=args.steps))
+    for name, row in results["rows"].items():
+        print(f"{name}: CLIP-I {row['clip_i']:.3f}", {k: round(v, 2) for k, v in row["agreement"].items()})
+    for name, target in results["targets"].items():
+        print({True: "met", False: "NOT met", None: "not measured"}[target["met"]], "-", name)
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from ipadapter.miniature.recipes import export
 
@@ -68,6 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--split", choices=("train", "heldout"), default="train",
                       help="heldout draws only the held-out (shape, colour, background colour) triples")
+    data.add_argument("--masks", action="store_true",
+                      help="also write each object's mask (masks/*.png, mask_file): control images for the ControlNet")
     data.set_defaults(func=_data)
 
     common = argparse.ArgumentParser(add_help=False)
@@ -83,6 +100,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("evaluate", parents=[common], help="judge accuracy of the base model's samples")
     evaluate.add_argument("--n", type=int, default=64, help="samples per split")
     evaluate.set_defaults(func=_evaluate)
+
+    quality = sub.add_parser("eval", help="quality report of the shipped adapters (the paper's Table 1 in miniature)")
+    quality.add_argument("--out", default="eval/miniature-quality", help="report folder (report.md, results.json, PNGs)")
+    quality.add_argument("--n", type=int, default=48, help="held-out references")
+    quality.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
+    quality.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    quality.set_defaults(func=_quality)
 
     export = sub.add_parser("export", parents=[common], help="write fp16 weights into the package assets")
     export.set_defaults(func=_export)

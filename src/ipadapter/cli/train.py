@@ -12,6 +12,8 @@ HELP = {
     "data": "JSON/JSONL manifest of {image_file, text[, id_embed_file]} or a tar shard pattern (data-{00000..00099}.tar)",
     "data_root": "folder that manifest paths are relative to (default: the manifest's folder)",
     "variant": "adapter variant to train",
+    "attention": "decoupled (the paper's IP-Adapter) or concat (its 'simple adapter' ablation: image tokens appended "
+                 "to the text tokens of the frozen cross-attention; base variant only)",
     "output": "run folder: checkpoints/, logs/ (TensorBoard), validation/, the final adapter files",
     "init_from": "start from this adapter file (published .bin/.safetensors or ours) instead of a new adapter",
     "max_steps": "optimizer steps to train for",
@@ -37,6 +39,8 @@ HELP = {
     "cache": "feature cache folder: built on the first run, reused afterwards (refused if models/settings differ)",
     "cache_dtype": "storage dtype of cached features",
     "num_workers": "decoding threads",
+    "shuffle_buffer": "tar shards: samples held in the sample-level shuffle buffer, as webdataset's shuffle(n) "
+                      "(0: shard order only)",
     "resume": "continue from a checkpoint: 'latest' (this output's, or start fresh), an output folder or a state folder",
     "save_every": "save a checkpoint every N steps (and at the end)",
     "keep_checkpoints": "how many checkpoints to keep",
@@ -70,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ipadapter.train.config import MIXED_PRECISION, TRAIN_VARIANTS, TrainConfig
+    from ipadapter.train.config import ATTENTION_MODES, MIXED_PRECISION, TRAIN_VARIANTS, TrainConfig
 
     parser = subparsers.add_parser(
         "train", help="train an IP-Adapter (the paper's recipe), on one GPU or many (accelerate launch)",
@@ -79,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", default="", help="YAML or TOML config file")
     parser.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
-    choices = {"variant": TRAIN_VARIANTS, "mixed_precision": MIXED_PRECISION,
+    choices = {"variant": TRAIN_VARIANTS, "attention": ATTENTION_MODES, "mixed_precision": MIXED_PRECISION,
                "prediction_type": ("", "epsilon", "v_prediction"), "cache_dtype": ("float16", "bfloat16", "float32")}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -9,11 +9,15 @@ from ipadapter.errors import IPAdapterError
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 PIPELINE_DIR = ASSETS_DIR / "pipeline"
 JUDGE_DIR = ASSETS_DIR / "judge"
+CUSTOM_LORA_DIR = ASSETS_DIR / "custom_lora"
+CONTROLNET_DIR = ASSETS_DIR / "controlnet"
 
 _REBUILD = {
     "pipeline": "ipadapter miniature train clip && ipadapter miniature train vae && "
     "ipadapter miniature train unet && ipadapter miniature export",
     "judge": "ipadapter miniature train judge && ipadapter miniature export",
+    "custom LoRA": "ipadapter miniature train custom && ipadapter miniature export",
+    "controlnet": "ipadapter miniature train controlnet && ipadapter miniature export",
 }
 
 
@@ -38,3 +42,14 @@ def image_encoder_path() -> Path:
 def judge_path() -> Path:
     """The judge folder: `classifier.*` and the independent judge CLIP in `clip/`."""
     return _require(JUDGE_DIR, "classifier.safetensors", "judge")
+
+
+def controlnet_path() -> Path:
+    """The miniature ControlNet (object mask -> layout), a `ControlNetModel` folder for the miniature pipeline."""
+    return _require(CONTROLNET_DIR, "config.json", "controlnet")
+
+
+def custom_lora_path() -> Path:
+    """The miniature custom model's LoRA (diffusers format, "two-tone" style), for `load_lora_weights`."""
+    name = "pytorch_lora_weights.safetensors"
+    return _require(CUSTOM_LORA_DIR, name, "custom LoRA") / name

@@ -221,6 +221,33 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: 
             e.lerp_(p, 1 - d)
 
 
+def noisy_batch(
+    noise_scheduler, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor, batch: int, g: torch.Generator,
+    offset_noise: float, text_drop: float = UNCOND_PROB,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx, noisy latents, t, text states, noise) for a batch drawn from cached latents/text states with `g` (so a
+    step's batch is a function of its seed); `text_drop` of the captions become the empty caption, and the noise
+    gets a per-channel offset. Every recipe on the frozen UNet draws its batches here, in this order."""
+    idx = torch.randint(len(latents), (batch,), generator=g)
+    x0 = latents[idx]
+    cond = text[idx].float()
+    drop = torch.rand(batch, generator=g) < text_drop
+    cond[drop] = empty.expand(int(drop.sum()), -1, -1)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(TRAIN_TIMESTEPS, (batch,), generator=g)
+    noise = noise + offset_noise * torch.randn(batch, x0.shape[1], 1, 1, generator=g)
+    return idx, noise_scheduler.add_noise(x0, noise, t), t, cond, noise
+
+
+def diffusion_loss(
+    unet, noise_scheduler, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor, batch: int,
+    g: torch.Generator, offset_noise: float,
+) -> torch.Tensor:
+    """Epsilon MSE of `unet` on a `noisy_batch`."""
+    _, noisy, t, cond, noise = noisy_batch(noise_scheduler, latents, text, empty, batch, g, offset_noise)
+    return F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
+
+
 def train_unet(
     out_dir: str | Path,
     cache_path: str | Path,
@@ -257,16 +284,7 @@ def train_unet(
     unet.train()
     for step in range(run.start_step, steps):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(len(latents), (batch,), generator=g)
-        x0 = latents[idx]
-        cond = text[idx].float()
-        drop = torch.rand(batch, generator=g) < UNCOND_PROB
-        cond[drop] = empty.expand(int(drop.sum()), -1, -1)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(TRAIN_TIMESTEPS, (batch,), generator=g)
-        noise = noise + offset_noise * torch.randn(batch, x0.shape[1], 1, 1, generator=g)
-        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        loss = diffusion_loss(unet, noise_scheduler, latents, text, empty, batch, g, offset_noise)
         run.set_lr(step, lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ipadapter.errors import IPAdapterError
-from ipadapter.miniature import assets, base_model, judge, tiny_clip
+from ipadapter.miniature import adapters, assets, base_model, judge, tiny_clip
 from ipadapter.miniature.runloop import log
 
 DEFAULT_OUT = Path("runs/miniature")
@@ -58,6 +58,18 @@ def _decoder(out: Path, steps: int, resume: bool) -> object:
     return assemble(out) if (out / "unet" / "config.json").exists() else None
 
 
+def _controlnet(out: Path, steps: int, resume: bool) -> object:
+    from ipadapter.miniature import controlnet
+
+    return controlnet.run(out, steps, resume)
+
+
+def _custom(out: Path, steps: int, resume: bool) -> object:
+    from ipadapter.miniature import custom_model
+
+    return custom_model.run(out, steps, resume)
+
+
 def assemble(out: Path = DEFAULT_OUT) -> object:
     """`out/pipeline/` from clip + unet + the fine-tuned decoder (plain vae if absent); evaluates if the judge exists."""
     vae_dir = out / "vae_decoder" if (out / "vae_decoder" / "config.json").exists() else out / "vae"
@@ -68,12 +80,22 @@ def assemble(out: Path = DEFAULT_OUT) -> object:
     return pipe
 
 
+def _adapter(name: str) -> Callable[[Path, int, bool], object]:
+    return lambda out, steps, resume: adapters.train_adapter(out, name, steps, resume)
+
+
 RECIPES: dict[str, Recipe] = {
     "clip": Recipe(_clip, 800, help="tiny CLIP (text encoder + adapters' image encoder)"),
     "vae": Recipe(_vae, 800, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x4"),
     "judge": Recipe(_judge, 500, help="judge CLIP + attribute classifier (measurement only)"),
     "unet": Recipe(_unet, 2000, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
     "decoder": Recipe(_decoder, 700, needs=("vae",), help="fine-tune the VAE decoder only (latents unchanged)"),
+    "custom": Recipe(_custom, 700, help="a custom model: LoRA on the shipped UNet, two-tone scenes"),
+    "adapter": Recipe(_adapter("base"), adapters.ADAPTERS["base"].steps, help="IP-Adapter (base: 4 tokens)"),
+    "adapter-plus": Recipe(_adapter("plus"), adapters.ADAPTERS["plus"].steps, help="IP-Adapter Plus (resampler)"),
+    "adapter-simple": Recipe(_adapter("simple"), adapters.ADAPTERS["simple"].steps,
+                             help="the paper's simple-adapter ablation (tokens concatenated to the text)"),
+    "controlnet": Recipe(_controlnet, 400, needs=("unet",), help="ControlNet on the object mask (frozen pipeline)"),
 }
 
 
@@ -120,11 +142,13 @@ def evaluate_base(out: Path = DEFAULT_OUT, n: int = 64, steps: int = 25, guidanc
 
 
 def export(out: Path = DEFAULT_OUT, assets_dir: Path = assets.ASSETS_DIR) -> dict[str, float]:
-    """Write fp16 safetensors of the pipeline and the judge into the package; returns sizes in MB."""
+    """Write fp16 safetensors of the pipeline, the judge and the ControlNet into the package; returns sizes in MB."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
     from transformers import CLIPModel
 
+    from ipadapter.miniature.controlnet import export_controlnet
+    from ipadapter.miniature.custom_model import export_custom
     from ipadapter.miniature.tokenizer import load_tokenizer
 
     for path in (out / "pipeline" / "model_index.json", out / "judge" / judge.CLASSIFIER_WEIGHTS):
@@ -144,5 +168,10 @@ def export(out: Path = DEFAULT_OUT, assets_dir: Path = assets.ASSETS_DIR) -> dic
     clip.save_pretrained(judge_dir / "clip", safe_serialization=True)
     load_tokenizer(out / "judge_clip").save_pretrained(judge_dir / "clip")
     sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20 for d in (pipe_dir, judge_dir)}
+    if (out / "custom_lora" / "pytorch_lora_weights.safetensors").is_file():
+        sizes["custom_lora"] = export_custom(out, assets_dir)
+    if (out / "controlnet" / "config.json").is_file():
+        sizes["controlnet"] = export_controlnet(out, assets_dir)
+    sizes.update({f"adapter {k}": v for k, v in adapters.export_adapters(out, assets_dir).items()})
     log.info("exported to %s: %s MB", assets_dir, {k: round(v, 2) for k, v in sizes.items()})
     return sizes

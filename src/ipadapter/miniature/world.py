@@ -43,6 +43,11 @@ POSITIONS = (
     "bottom left", "bottom", "bottom right",
 )
 PATTERNS = ("plain", "horizontal striped", "vertical striped", "checkered", "gradient")
+# Rendering styles. "two-tone" draws the lower half of the object (of its bounding box) in the 35% shade the
+# background patterns use: the custom style a custom model is fine-tuned on. The scene and every attribute stay
+# those of "plain", the original world. Finer styles (outlines, hatching) are erased by the 16x16x4 VAE and are
+# beyond the base UNet, which draws objects as blobs (docs/miniature.md, "Custom model").
+STYLES = ("plain", "two-tone")
 
 # Attribute name -> its values; the order is the order of the judge's classification heads.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -184,34 +189,70 @@ def _shape_mask(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
     return mask.astype(np.float32)
 
 
-def draw(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
-    """Render a scene as uint8 [64, 64, 3]; `rng` only jitters position, size and stripe phase."""
+def draw_with_mask(attrs: Attrs, rng: np.random.Generator, style: str = "plain") -> tuple[np.ndarray, np.ndarray]:
+    """The image of `draw` and the object's mask: float32 [64, 64] coverage in [0, 1] (fractional on the
+    anti-aliased edge). Consumes `rng` exactly as `draw` does, so both give the same image for the same state;
+    every style consumes it the same way, so a seed gives the same scene in each style."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, not {style!r}")
     background = _background(attrs, rng)
     s = _SUPERSAMPLE
-    coverage = _shape_mask(attrs, rng).reshape(SIZE_PX, s, SIZE_PX, s).mean(axis=(1, 3))[..., None]
+    coverage = _shape_mask(attrs, rng).reshape(SIZE_PX, s, SIZE_PX, s).mean(axis=(1, 3))
     colour = np.array(PALETTE[attrs.colour], dtype=np.float32)
-    image = background + coverage * (colour - background)
-    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+    if style == "two-tone":
+        rows = np.flatnonzero(coverage.max(axis=1) > 0)
+        lower = (_BG_YY > (rows[0] + rows[-1] + 1) / 2).astype(np.float32)[..., None]
+        colour = colour + lower * (_variant(colour) - colour)
+    image = background + coverage[..., None] * (colour - background)
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8), coverage
 
 
-def make_batch(seed: int, n: int, split: str = "train") -> tuple[np.ndarray, list[Attrs]]:
-    """`n` scenes and their images [n, 64, 64, 3] uint8, a pure function of (seed, n, split)."""
-    rng = np.random.default_rng(seed)
-    attrs = [sample_attrs(rng, split) for _ in range(n)]
-    images = np.stack([draw(a, rng) for a in attrs])
+def draw(attrs: Attrs, rng: np.random.Generator, style: str = "plain") -> np.ndarray:
+    """Render a scene as uint8 [64, 64, 3]; `rng` only jitters position, size and stripe phase."""
+    return draw_with_mask(attrs, rng, style)[0]
+
+
+def make_batch(seed: int, n: int, split: str = "train", style: str = "plain") -> tuple[np.ndarray, list[Attrs]]:
+    """`n` scenes and their images [n, 64, 64, 3] uint8, a pure function of (seed, n, split, style); the scenes
+    (attributes and jitter) do not depend on `style`."""
+    images, _, attrs = make_masked_batch(seed, n, split, style)
     return images, attrs
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train") -> Path:
-    """Write `n` PNGs and `manifest.jsonl` (image_file relative to out_dir, text, attrs); returns the manifest path."""
+def make_masked_batch(
+    seed: int, n: int, split: str = "train", style: str = "plain"
+) -> tuple[np.ndarray, np.ndarray, list[Attrs]]:
+    """`make_batch` plus the object masks [n, 64, 64] float32 in [0, 1]; the same images for the same arguments."""
+    rng = np.random.default_rng(seed)
+    attrs = [sample_attrs(rng, split) for _ in range(n)]
+    drawn = [draw_with_mask(a, rng, style) for a in attrs]
+    return np.stack([d[0] for d in drawn]), np.stack([d[1] for d in drawn]), attrs
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """A mask as the ControlNet's conditioning picture: white object on black, 8-bit greyscale."""
+    return Image.fromarray((np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L")
+
+
+def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train", masks: bool = False) -> Path:
+    """Write `n` PNGs and `manifest.jsonl` (image_file relative to out_dir, text, attrs); returns the manifest path.
+
+    `masks` also writes each object's mask (`masks/*.png`, white object on black) and its `mask_file`, the
+    control images of the miniature ControlNet; the images and other fields do not change.
+    """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images, attrs = make_batch(seed, n, split)
+    if masks:
+        (out / "masks").mkdir(exist_ok=True)
+    images, object_masks, attrs = make_masked_batch(seed, n, split)
     manifest = out / "manifest.jsonl"
     with open(manifest, "w", encoding="utf-8") as f:
-        for i, (image, a) in enumerate(zip(images, attrs)):
+        for i, (image, mask, a) in enumerate(zip(images, object_masks, attrs)):
             name = f"images/{split}_{i:06d}.png"
             Image.fromarray(image).save(out / name)
             record = {"image_file": name, "text": caption(a), "attrs": asdict(a)}
+            if masks:
+                record["mask_file"] = f"masks/{split}_{i:06d}.png"
+                mask_image(mask).save(out / record["mask_file"])
             f.write(json.dumps(record) + "\n")
     return manifest

@@ -57,10 +57,16 @@ def read_state(path: Path) -> dict[str, Any]:
         raise IPAdapterError(f"{path} is not a readable training checkpoint ({err})") from None
 
 
-def check_resumable(state: dict[str, Any], path: Path, *, variant: str, base_id: str, base: str, world: int) -> None:
+def check_resumable(
+    state: dict[str, Any], path: Path, *, variant: str, base_id: str, base: str, world: int, attention: str = "decoupled",
+) -> None:
     if state.get("variant") != variant:
         raise IPAdapterError(
             f"cannot resume from {path}: it trains variant {state.get('variant')!r}, this run variant {variant!r}"
+        )
+    if state.get("attention", attention) != attention:
+        raise IPAdapterError(
+            f"cannot resume from {path}: it trains {state['attention']!r} attention, this run {attention!r}"
         )
     if state.get("base_id") != base_id:
         raise IPAdapterError(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.variants import ATTENTION_MODES
 
 TRAIN_VARIANTS = ("base", "plus", "full", "faceid", "faceid-plus", "faceid-plusv2")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -29,6 +30,7 @@ class TrainConfig:
     data: str = ""
     data_root: str = ""
     variant: str = "base"
+    attention: str = "decoupled"
     output: str = "runs/ip-adapter"
     init_from: str = ""
     # the paper's recipe
@@ -61,6 +63,7 @@ class TrainConfig:
     cache: str = ""
     cache_dtype: str = "float16"
     num_workers: int = 2
+    shuffle_buffer: int = 1000
     # checkpoints, logs, validation
     resume: str = ""
     save_every: int = 1000
@@ -82,6 +85,10 @@ class TrainConfig:
                 raise IPAdapterError(message)
 
         need(self.variant in TRAIN_VARIANTS, f"unknown variant {self.variant!r}; valid: {', '.join(TRAIN_VARIANTS)}")
+        need(self.attention in ATTENTION_MODES,
+             f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION_MODES)}")
+        need(self.attention == "decoupled" or self.variant == "base",
+             f"attention {self.attention!r} (the simple-adapter ablation) is for the base variant, not {self.variant!r}")
         need(self.mixed_precision in MIXED_PRECISION,
              f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
         need(self.prediction_type in ("", "epsilon", "v_prediction"),
@@ -91,7 +98,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "resolution", "grad_accum", "save_every", "keep_checkpoints",
                      "log_every", "validation_steps", "id_dim"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("num_tokens", "lora_rank", "warmup_steps", "validate_every", "num_workers"):
+        for name in ("num_tokens", "lora_rank", "warmup_steps", "validate_every", "num_workers", "shuffle_buffer"):
             need(getattr(self, name) >= 0, f"{name} must be 0 or more, not {getattr(self, name)}")
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "noise_offset", "adam_epsilon"):
             value = getattr(self, name)

@@ -2,7 +2,8 @@
 
 Both are read as a resumable stream per process: a cursor (epoch, position) says exactly where the next sample
 comes from, so `--resume` continues with the sample an uninterrupted run would have seen. Manifests are shuffled
-per epoch by a seeded permutation; shards are shuffled at the shard level (img2dataset writes them in random order).
+per epoch by a seeded permutation; shards are shuffled at the shard level and, through a bounded shuffle buffer
+(webdataset's `shuffle(n)`), at the sample level.
 A sample that cannot be used (missing file, undecodable image, bad ID embedding, unreadable shard) is skipped,
 counted by reason and reported; it never stops the run.
 """
@@ -10,6 +11,7 @@ counted by reason and reported; it never stops the run.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -203,62 +205,117 @@ class IndexedStream:
 
 class ShardStream:
     """Records streamed from tar shards. With at least as many shards as processes each process reads its own
-    shards; otherwise every process reads all shards and keeps every world-th sample."""
+    shards; otherwise every process reads all shards and keeps every world-th sample.
+
+    Shards come in a seeded order per epoch; `shuffle_buffer` > 0 also shuffles samples, as webdataset's
+    `shuffle(n)`: records are read into a bounded buffer and each next record is drawn from it at random. The buffer
+    is emptied at the end of an epoch, so every sample still comes once per epoch. The k-th draw of an epoch is a
+    hash of (seed, epoch, rank, k), and the state names the buffered records by their place in the shards, so a
+    resumed stream re-reads exactly those (undecoded, from the oldest one's shard up to the read position) and goes
+    on with the sequence an uninterrupted one would have produced.
+    """
 
     def __init__(self, shards: list[str], *, rank: int = 0, world: int = 1, seed: int = 0, need_id: bool = False,
-                 single_pass: bool = False) -> None:
+                 single_pass: bool = False, shuffle_buffer: int = 0) -> None:
         self.shards, self.rank, self.world, self.seed, self.need_id = shards, rank, world, seed, need_id
-        self.single_pass = single_pass
+        self.single_pass, self.shuffle_buffer = single_pass, shuffle_buffer
         self.by_shard = len(shards) >= world
         self.epoch, self.shard_pos, self.sample, self.counter = 0, 0, 0, 0
+        self.drawn = 0  # records given out this epoch: the index of the next draw
         self.skipped: Counter = Counter()
         self._it: Iterator[dict[str, bytes]] | None = None
-        self._yielded_this_epoch = 0
+        self._buffer: list[tuple[tuple[int, int], dict[str, bytes]]] = []  # ((shard_pos, sample), tar group)
+        self._restore: list[tuple[int, int]] = []  # buffered places of a loaded state, re-read on the next record
+        self._epoch_read = False
 
     def _my_shards(self) -> list[str]:
         order = [self.shards[i] for i in epoch_permutation(len(self.shards), self.seed, self.epoch)]
         return order[self.rank :: self.world] if self.by_shard else order
 
-    def _open(self) -> None:
+    def _read(self) -> tuple[tuple[int, int], dict[str, bytes]] | None:
+        """This process's next group of the epoch with its place (shard position, sample number), None at its end."""
         shards = self._my_shards()
-        self._it = iter_tar_groups(shards[self.shard_pos], self.skipped)
-        for _ in range(self.sample):  # resume: skip what was consumed before (no decoding)
-            if next(self._it, None) is None:
-                break
-
-    def next_record(self) -> Record | None:
-        while True:
+        while self.shard_pos < len(shards):
             if self._it is None:
-                self._open()
+                self._it = iter_tar_groups(shards[self.shard_pos], self.skipped)
+                for _ in range(self.sample):  # resume: skip what was consumed before (no decoding)
+                    if next(self._it, None) is None:
+                        break
             group = next(self._it, None)
             if group is None:
                 self._it, self.sample = None, 0
                 self.shard_pos += 1
-                if self.shard_pos >= len(self._my_shards()):
-                    if self.single_pass:
-                        self.shard_pos -= 1
-                        return None
-                    if self._yielded_this_epoch == 0:
-                        raise IPAdapterError(
-                            f"process {self.rank} found no samples in a full pass over its {len(self._my_shards())} "
-                            f"shard(s) ({dict(self.skipped) or 'empty shards'})"
-                        )
-                    self.epoch, self.shard_pos, self.counter, self._yielded_this_epoch = self.epoch + 1, 0, 0, 0
                 continue
             self.sample += 1
             self.counter += 1
             if not self.by_shard and (self.counter - 1) % self.world != self.rank:
                 continue
-            self._yielded_this_epoch += 1
-            return shard_record(group, need_id=self.need_id)
+            return (self.shard_pos, self.sample), group
+        return None
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "sample": self.sample, "counter": self.counter}
+    def _draw(self, n: int) -> int:
+        """The epoch's `drawn`-th pick among n: a pure function of its inputs, so no generator state is saved."""
+        key = f"{self.seed}:{self.epoch}:{self.rank}:{self.drawn}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % n
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def next_record(self) -> Record | None:
+        if self._restore:
+            self._reread(self._restore)
+        while True:
+            while len(self._buffer) < max(1, self.shuffle_buffer) and not self._epoch_read:
+                item = self._read()
+                if item is None:
+                    self._epoch_read = True
+                else:
+                    self._buffer.append(item)
+            if self._buffer:
+                k = self._draw(len(self._buffer)) if len(self._buffer) > 1 else 0
+                self._buffer[k], self._buffer[-1] = self._buffer[-1], self._buffer[k]
+                self.drawn += 1
+                return shard_record(self._buffer.pop()[1], need_id=self.need_id)
+            if self.single_pass:
+                return None
+            if self.drawn == 0:
+                raise IPAdapterError(
+                    f"process {self.rank} found no samples in a full pass over its {len(self._my_shards())} "
+                    f"shard(s) ({dict(self.skipped) or 'empty shards'})"
+                )
+            self.epoch, self.shard_pos, self.sample, self.counter, self.drawn = self.epoch + 1, 0, 0, 0, 0
+            self._it, self._epoch_read = None, False
+
+    def _reread(self, places: list[tuple[int, int]]) -> None:
+        """Rebuild a loaded state's buffer: read from the oldest buffered record's shard up to the read position,
+        keeping the buffered groups in their saved order, and leave the reader at that position."""
+        shards, wanted = self._my_shards(), set(places)
+        found: dict[tuple[int, int], dict[str, bytes]] = {}
+        for pos in range(min(places)[0], min(self.shard_pos, len(shards) - 1) + 1):
+            at_cursor = pos == self.shard_pos
+            # shards before the read position were read (and their damage counted) before the state was saved
+            it = iter_tar_groups(shards[pos], self.skipped if at_cursor else Counter())
+            sample = 0
+            while not at_cursor or sample < self.sample:
+                group = next(it, None)
+                if group is None:
+                    break
+                sample += 1
+                if (pos, sample) in wanted:
+                    found[(pos, sample)] = group
+            if at_cursor:
+                self._it = it
+        self._buffer = [(place, found[place]) for place in places if place in found]
+        self._restore = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "sample": self.sample, "counter": self.counter,
+                "drawn": self.drawn, "buffer": [list(place) for place, _ in self._buffer]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.shard_pos = int(state["epoch"]), int(state["shard_pos"])
         self.sample, self.counter = int(state["sample"]), int(state["counter"])
-        self._it, self._yielded_this_epoch = None, 1
+        # states saved before the buffer existed hold none; their process had yielded this epoch (drawn ≥ 1)
+        self.drawn = int(state.get("drawn", 1))
+        self._restore = [(int(pos), int(sample)) for pos, sample in state.get("buffer", [])]
+        self._it, self._buffer, self._epoch_read = None, [], False
 
 
 # ---- decoding ------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""The frozen models a run trains against, from a diffusers pipeline folder (or Hub id) and a CLIP vision folder.
+"""The frozen base a run trains against, from a diffusers pipeline folder (or Hub id).
 
 A base is a folder with `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler` (+ `text_encoder_2`, `tokenizer_2`
-for SDXL). An image encoder is a `CLIPVisionModelWithProjection` folder, with its `CLIPImageProcessor` when saved
-(a default processor sized to the encoder otherwise). Loaders raise `IPAdapterError` sentences, never tracebacks.
+for SDXL). The image encoder is `ipadapter.encoders.ImageEncoder`, the one inference uses. Loaders raise
+`IPAdapterError` sentences, never tracebacks.
 """
 
 from __future__ import annotations
@@ -38,26 +38,6 @@ class BaseModels:
     def cross_dim(self) -> int:
         dim = self.unet.config.cross_attention_dim
         return dim if isinstance(dim, int) else dim[0]
-
-
-@dataclass
-class ImageEncoder:
-    model: nn.Module
-    processor: Any
-    name: str = ""
-
-    @property
-    def embed_dim(self) -> int:
-        return self.model.config.projection_dim
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.model.config.hidden_size
-
-    @property
-    def patch_tokens(self) -> int:
-        c = self.model.config
-        return (c.image_size // c.patch_size) ** 2 + 1
 
 
 def _from_pretrained(cls: Any, source: str, what: str, **kwargs: Any) -> Any:
@@ -141,24 +121,6 @@ def load_text_encoders(source: str, *, sdxl: bool) -> tuple[list[Any], list[nn.M
     return tokenizers, encoders
 
 
-def load_image_encoder(source: str) -> ImageEncoder:
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    model = _from_pretrained(CLIPVisionModelWithProjection, source, "image encoder")
-    try:
-        processor = CLIPImageProcessor.from_pretrained(source)
-    except (OSError, ValueError):
-        processor = default_processor(model.config.image_size)
-    return ImageEncoder(model=model, processor=processor, name=str(source))
-
-
-def default_processor(size: int) -> Any:
-    """CLIP's preprocessing (shortest side → size, centre crop, CLIP mean/std) sized to the encoder."""
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
 def freeze(*modules: nn.Module | None) -> None:
     for m in modules:
         if m is not None:
@@ -186,14 +148,6 @@ def encode_text(models: BaseModels, texts: list[str], device: torch.device) -> t
 def _tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
-
-
-@torch.no_grad()
-def encode_images(encoder: ImageEncoder, pixel_values: torch.Tensor, kind: str) -> torch.Tensor:
-    """"global": `image_embeds` (B, D); "patch": penultimate hidden states (B, 257, H)."""
-    dtype = next(encoder.model.parameters()).dtype
-    out = encoder.model(pixel_values.to(encoder.model.device, dtype), output_hidden_states=(kind == "patch"))
-    return out.image_embeds if kind == "global" else out.hidden_states[-2]
 
 
 @torch.no_grad()

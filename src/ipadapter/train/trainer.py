@@ -9,6 +9,7 @@ noise (epsilon) or the velocity (v-prediction), as the base's scheduler says, on
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ from torch import nn
 
 from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.attach import Attachment, attach
+from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError
 from ipadapter.projection.detect import ProjectionConfig
 from ipadapter.runtime import AdapterPrompt, Reference
@@ -35,8 +37,8 @@ from ipadapter.train.data import (
     is_shard_pattern, read_manifest, sdxl_time_ids,
 )
 from ipadapter.train.models import (
-    BaseModels, ImageEncoder, base_configs, check_resolution, encode_images, encode_latents, encode_text, freeze,
-    load_base, load_image_encoder, load_text_encoders, load_vae, module_fingerprint,
+    BaseModels, base_configs, check_resolution, encode_latents, encode_text, freeze, load_base, load_text_encoders,
+    load_vae, module_fingerprint,
 )
 from ipadapter.variants import get_variant
 
@@ -56,7 +58,7 @@ OWN_NAME = "adapter.ipadapter.safetensors"
 # ---- the adapter's shape, from the variant and the models' widths (a table, tested as one) ------------------------
 def adapter_config_for(
     variant: str, *, cross_dim: int, embed_dim: int = 0, hidden_dim: int = 0, patch_tokens: int = 0, id_dim: int = 512,
-    num_tokens: int = 0, lora_rank: int = 128, encoder: str = "", base: str = "",
+    num_tokens: int = 0, lora_rank: int = 128, encoder: str = "", base: str = "", attention: str = "decoupled",
 ) -> AdapterConfig:
     """A new adapter's config. Plus: REFERENCE §2's resampler (depth 4, dim_head 64, 16 queries, ff ×4) with width
     min(C, encoder width) — 768 for SD 1.5 and 1280 for SDXL with ViT-H, as published; FaceID: ID MLP 512 → 1024."""
@@ -81,7 +83,7 @@ def adapter_config_for(
     else:
         raise IPAdapterError(f"variant {variant!r} cannot be trained")
     rank = lora_rank if variant.startswith("faceid") else 0
-    return AdapterConfig(variant=variant, projection=proj, lora_rank=rank, encoder=encoder, base=base)
+    return AdapterConfig(variant=variant, projection=proj, lora_rank=rank, encoder=encoder, base=base, attention=attention)
 
 
 class TrainModule(nn.Module):
@@ -166,9 +168,15 @@ class _Run:
 def _stream(config: TrainConfig, rank: int, world: int, *, single_pass: bool = False, shuffle: bool = True):
     if is_shard_pattern(config.data):
         return ShardStream(expand_shards(config.data), rank=rank, world=world, seed=config.seed,
-                           need_id=config.needs_id_embeds, single_pass=single_pass)
+                           need_id=config.needs_id_embeds, single_pass=single_pass,
+                           shuffle_buffer=config.shuffle_buffer if shuffle else 0)
     records = read_manifest(config.data, config.data_root, need_id=config.needs_id_embeds)
     return IndexedStream(records, rank=rank, world=world, seed=config.seed, shuffle=shuffle, single_pass=single_pass)
+
+
+def _load_image_encoder(config: TrainConfig) -> ImageEncoder:
+    """In the checkpoint's own dtype, as transformers loads the text encoders; the run casts it where it trains."""
+    return ImageEncoder.from_pretrained(config.image_encoder, dtype="auto")
 
 
 def _decoder(run: _Run) -> Decoder:
@@ -187,7 +195,7 @@ def _encode_for_cache(run: _Run, examples: list[dict[str, Any]]) -> dict[str, to
         out["pooled"] = pooled
         out["time_ids"] = sdxl_time_ids(batch["original_size"], batch["crop"], run.config.resolution)
     if run.features:
-        out["image"] = encode_images(run.encoder, batch["clip"], run.features)
+        out["image"] = run.encoder.encode_pixels(batch["clip"], run.features)
     if "id" in batch:
         out["id"] = batch["id"]
     return out
@@ -200,11 +208,8 @@ def _constants(run: _Run) -> dict[str, torch.Tensor]:
     out = {"uncond_text": text[0]}
     if pooled is not None:
         out["uncond_pooled"] = pooled[0]
-    if run.features == "global":
-        out["uncond_image"] = torch.zeros(run.encoder.embed_dim)
-    elif run.features == "patch":
-        size = run.encoder.model.config.image_size
-        out["uncond_image"] = encode_images(run.encoder, torch.zeros(1, 3, size, size), "patch")[0]
+    if run.features:
+        out["uncond_image"] = run.encoder.uncond(run.features)[0]
     return {k: v.float().cpu() for k, v in out.items()}
 
 
@@ -228,17 +233,7 @@ def _prepare_cache(run: _Run, given_models: BaseModels | None, given_encoder: Im
         if given_encoder is not None:
             processor, encoder_id = given_encoder.processor, module_fingerprint(given_encoder.model)
         else:
-            from transformers import CLIPImageProcessor, CLIPVisionConfig
-
-            from ipadapter.train.models import default_processor
-
-            try:
-                processor = CLIPImageProcessor.from_pretrained(config.image_encoder)
-            except (OSError, ValueError):  # none saved: the default one the encoder will be given (configs only)
-                try:
-                    processor = default_processor(CLIPVisionConfig.from_pretrained(config.image_encoder).image_size)
-                except (OSError, ValueError) as err:
-                    raise IPAdapterError(f"cannot read the image encoder {config.image_encoder}: {err}") from None
+            processor = ImageEncoder.load_processor(config.image_encoder)
             encoder_id = folder_fingerprint(config.image_encoder, [""])
     else:
         encoder_id = ""
@@ -254,7 +249,7 @@ def _prepare_cache(run: _Run, given_models: BaseModels | None, given_encoder: Im
     logger.info("building the feature cache %s (one pass over the data)", cache_dir)
     run.models = given_models or load_base(config.base, encoders=True, vae=True)
     if run.features:
-        run.encoder = given_encoder or load_image_encoder(config.image_encoder)
+        run.encoder = given_encoder or _load_image_encoder(config)
     device = acc.device
     for m in (run.models.vae, *run.models.text_encoders, run.encoder.model if run.encoder else None):
         if m is not None:
@@ -308,9 +303,9 @@ def _inputs(run: _Run, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tenso
             added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(device, dtype)}
         image = None
         if run.features == "global":
-            image = dropout.replace_rows(encode_images(run.encoder, batch["clip"], "global").float(), drops.image, 0.0)
+            image = dropout.replace_rows(run.encoder.encode_pixels(batch["clip"], "global").float(), drops.image, 0.0)
         elif run.features == "patch":  # a dropped image is zero pixel values through the encoder
-            image = encode_images(run.encoder, dropout.replace_rows(batch["clip"], drops.image, 0.0), "patch").float()
+            image = run.encoder.encode_pixels(dropout.replace_rows(batch["clip"], drops.image, 0.0), "patch").float()
     features: tuple[torch.Tensor, ...] = ()
     if config.needs_id_embeds:
         features = (dropout.replace_rows(batch["id"].to(device).float(), drops.image, 0.0),)
@@ -350,7 +345,7 @@ def _validation_set(run: _Run, reader: Any, count: int = 4):
         if run.features:
             uncond += (run.constants["uncond_image"][None],)
     else:
-        encoder = run.encoder or (load_image_encoder(config.image_encoder) if run.features else None)
+        encoder = run.encoder or (_load_image_encoder(config) if run.features else None)
         if encoder is not None:
             encoder.model.to(device)
         decode = Decoder(config.resolution, encoder.processor if encoder else None,
@@ -376,12 +371,9 @@ def _validation_set(run: _Run, reader: Any, count: int = 4):
         if config.needs_id_embeds:
             feats += (batch["id"],)
             uncond += (torch.zeros_like(batch["id"][:1]),)
-        if run.features == "global":
-            feats += (encode_images(encoder, batch["clip"], "global").float().cpu(),)
-            uncond += (torch.zeros(1, encoder.embed_dim),)
-        elif run.features == "patch":
-            feats += (encode_images(encoder, batch["clip"], "patch").float().cpu(),)
-            uncond += (encode_images(encoder, torch.zeros_like(batch["clip"][:1]), "patch").float().cpu(),)
+        if run.features:
+            feats += (encoder.encode_pixels(batch["clip"], run.features).float().cpu(),)
+            uncond += (encoder.uncond(run.features).float().cpu(),)
     return ValidationSet(features=feats, uncond_features=uncond, reference_pixels=pixels, reference_latents=latents,
                          prompt_embeds=prompts.float().cpu(), negative_embeds=negative.float().cpu(),
                          prompt_pooled=None if pooled is None else pooled.float().cpu(),
@@ -473,7 +465,7 @@ def train(
     else:
         stream = _stream(config, rank, world)
         if run.features:
-            run.encoder = image_encoder or load_image_encoder(config.image_encoder)
+            run.encoder = image_encoder or _load_image_encoder(config)
         decode = _decoder(run)
     run.batches = batches = Batches(stream, decode, config.batch_size, workers=config.num_workers)
 
@@ -504,12 +496,13 @@ def train(
             sample = run.constants["uncond_image"]
             widths = {"embed_dim": sample.shape[-1], "hidden_dim": sample.shape[-1], "patch_tokens": sample.shape[0]}
         elif enc is not None:
-            widths = {"embed_dim": enc.embed_dim, "hidden_dim": enc.hidden_dim, "patch_tokens": enc.patch_tokens}
+            widths = {"embed_dim": enc.global_dim, "hidden_dim": enc.patch_dim, "patch_tokens": enc.patch_tokens}
         else:
             widths = {}
         adapter_config = adapter_config_for(
             config.variant, cross_dim=m.cross_dim, id_dim=config.id_dim, num_tokens=config.num_tokens,
-            lora_rank=config.lora_rank, encoder=config.image_encoder, base=base_name, **widths,
+            lora_rank=config.lora_rank, encoder=config.image_encoder, base=base_name, attention=config.attention,
+            **widths,
         )
         adapter = IPAdapter.for_unet(m.unet, adapter_config)  # K'/V' = copies of to_k/to_v (full precision)
     m.unet.to(device, run.weight_dtype)
@@ -548,7 +541,8 @@ def train(
     resume_path = resolve_resume(config.resume, output) if config.resume else None
     if resume_path is not None:
         state = read_state(resume_path)
-        check_resumable(state, resume_path, variant=config.variant, base_id=base_id, base=base_name, world=world)
+        check_resumable(state, resume_path, variant=config.variant, base_id=base_id, base=base_name, world=world,
+                        attention=config.attention)
         accelerator.load_state(str(resume_path))
         step = int(state["step"])
         stream.load_state_dict(state["data"][rank])
@@ -612,7 +606,8 @@ def train(
                 per_rank = gather_object([{"data": stream.state_dict(), "skipped": dict(stream.skipped),
                                            "checksum": checksum}])
                 save_checkpoint(accelerator, output, {
-                    "step": step, "variant": config.variant, "base": base_name, "base_id": base_id,
+                    "step": step, "variant": config.variant, "attention": config.attention, "base": base_name,
+                    "base_id": base_id,
                     "num_processes": world, "data": [p["data"] for p in per_rank],
                     "skipped": [p["skipped"] for p in per_rank], "weight_checksums": [p["checksum"] for p in per_rank],
                 }, keep=config.keep_checkpoints)
@@ -638,7 +633,9 @@ def train(
         if ema is not None:
             ema.copy_to()
         try:
-            result.published = save_published(adapter, m.unet, output / PUBLISHED_NAME)
+            # the simple-adapter ablation has no published layout (no to_k_ip/to_v_ip): own format only
+            if adapter.config.attention == "decoupled":
+                result.published = save_published(adapter, m.unet, output / PUBLISHED_NAME)
             result.own = save_adapter(adapter, output / OWN_NAME)
         except (OSError, RuntimeError, SafetensorError) as err:
             from ipadapter.train.checkpoint import latest_checkpoint
@@ -647,10 +644,17 @@ def train(
                 f"could not write the final adapter to {output} ({str(err).splitlines()[0][:160]}); the training state "
                 f"{latest_checkpoint(output)} is intact: free space and run again with --resume latest"
             ) from None
-        message = f"done at step {step}: {describe_skips(totals)}; adapter written to {result.published}"
+        message = f"done at step {step}: {describe_skips(totals)}; adapter written to {result.published or result.own}"
         logger.info(message)
         if not logger.hasHandlers():  # used as a library without logging set up: still say it once
             tqdm.write(message)
+    # The DDP wrapper goes before the process group. Left to the end of this function, torch's Reducer would drop the
+    # last reference to a gloo group and join its worker threads holding the GIL, while a worker may still need the GIL
+    # to release the last collective's tensors: that rank then hangs after training. The group's own Python object
+    # releases the GIL in its destructor.
+    accelerator.free_memory()
+    del module
+    gc.collect()
     accelerator.end_training()
     attachment.detach()
     result.adapter = adapter

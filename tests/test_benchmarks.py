@@ -1,0 +1,32 @@
+"""The inference benchmark's smoke run on tiny models: every row is there and ipadapter computes what diffusers does.
+
+No timing assertions: the numbers of a smoke run on toy models mean nothing.
+"""
+
+from __future__ import annotations
+
+from benchmarks import inference
+
+
+def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
+    args = inference.parse_args(["--quick", "--no-memory", "--out", str(tmp_path / "bench.md")])
+    rows, memory, notes = inference.benchmark(args)
+    assert memory == []
+    for arch in ("SD1.5", "SDXL"):
+        for case in ("(a)", "(b)", "(c)", "(d)"):
+            found = [r for r in rows if r.label.startswith(f"{arch} {case}")]
+            assert len(found) == 1, f"{arch} {case}: {[r.label for r in rows]}"
+            r = found[0]
+            assert min(r.plain, r.ours, r.diffusers) > 0
+            # Same seed, same weights: the latents of ipadapter and diffusers agree (as in test_parity_diffusers).
+            assert r.diff <= 1e-4 + 1e-4 * r.scale, f"{r.label}: |Δ| {r.diff} at output scale {r.scale}"
+    text = inference.render(["# t"], rows, memory, notes)
+    assert all(r.label in text for r in rows) and "Rows slower than diffusers" in text
+
+
+def test_memory_of_one_configuration(tmp_path) -> None:
+    """The child's measurement, run in this process: models loaded and each case's peak, in MiB."""
+    setting = inference.settings_of(inference.parse_args(["--quick", "--archs", "sd15"]))[0]
+    found = inference.measure_memory(setting, "ipadapter")
+    assert set(found) == {"loaded", "full", "second", "masked"}
+    assert found["loaded"] > 0 and all(v >= 0 for v in found.values())

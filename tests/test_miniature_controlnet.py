@@ -1,0 +1,264 @@
+"""The miniature ControlNet: object masks from the world, the model and its recipe at toy sizes, and
+`ipadapter generate --controlnet` against diffusers' own ControlNet pipeline and IP-Adapter on the same weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter.cli.main import build_parser, main
+from ipadapter.miniature import base_model, controlnet, recipes, world
+from ipadapter.miniature import tokenizer as tok
+from tests import factories
+
+GEN = ["--steps", "2", "--width", "32", "--height", "32", "--guidance", "6.0", "--seed", "3"]
+
+
+def test_masked_batch_has_the_same_images_as_make_batch() -> None:
+    images, attrs = world.make_batch(11, 24, "heldout")
+    masked, masks, masked_attrs = world.make_masked_batch(11, 24, "heldout")
+    assert np.array_equal(images, masked) and attrs == masked_attrs
+    assert masks.shape == (24, 64, 64) and masks.dtype == np.float32
+    assert masks.min() == 0.0 and masks.max() == 1.0
+
+
+def test_mask_is_where_the_object_is_drawn() -> None:
+    """Redraw each scene with another object colour from the same random state: exactly the masked pixels change,
+    and fully covered pixels have the object's palette colour."""
+    _, attrs = world.make_batch(3, 40)
+    for i, a in enumerate(attrs):
+        image, mask = world.draw_with_mask(a, np.random.default_rng(i))
+        other = next(c for c in world.COLOURS if c not in (a.colour, a.bg_colour))
+        recoloured = world.draw(replace(a, colour=other), np.random.default_rng(i))
+        changed = (image != recoloured).any(axis=-1)
+        assert np.array_equal(changed, mask > 0), a
+        assert (image[mask == 1] == world.PALETTE[a.colour]).all()
+        assert mask.sum() > 20
+
+
+def test_dataset_writer_masks_change_nothing_else(tmp_path) -> None:
+    plain = world.write_dataset(tmp_path / "plain", 3, seed=4)
+    with_masks = world.write_dataset(tmp_path / "masked", 3, seed=4, masks=True)
+    _, masks, _ = world.make_masked_batch(4, 3)
+    for a, b, mask in zip(plain.read_text().splitlines(), with_masks.read_text().splitlines(), masks):
+        a, b = json.loads(a), json.loads(b)
+        assert "mask_file" not in a and {k: b[k] for k in a} == a
+        assert (tmp_path / "plain" / a["image_file"]).read_bytes() == (tmp_path / "masked" / b["image_file"]).read_bytes()
+        saved = np.asarray(Image.open(tmp_path / "masked" / b["mask_file"]))
+        assert saved.shape == (64, 64) and np.abs(saved / 255.0 - mask).max() <= 0.5 / 255
+
+
+def _tiny_unet(cross: int = 32):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**base_model.unet_config(cross, widths=(32, 32, 32))).eval()
+
+
+def test_controlnet_maps_a_64px_mask_to_the_latent_grid_and_starts_as_a_no_op() -> None:
+    unet = _tiny_unet()
+    cn = controlnet.build_controlnet(unet).eval()
+    mask = world.make_masked_batch(0, 2)[1]
+    cond = controlnet.mask_condition(controlnet._mask_u8(mask))
+    assert cond.shape == (2, 3, 64, 64) and 0.0 <= cond.min() and cond.max() == 1.0
+    assert cn.controlnet_cond_embedding(cond).shape == (2, 32, base_model.LATENT_PX, base_model.LATENT_PX)
+    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        down, mid = cn(x, 10, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+        plain = unet(x, 10, encoder_hidden_states=text).sample
+        steered = unet(x, 10, encoder_hidden_states=text, down_block_additional_residuals=down,
+                       mid_block_additional_residual=mid).sample
+    assert torch.equal(plain, steered), "zero convolutions: an untrained ControlNet must not change the UNet"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder with a toy miniature-layout `pipeline/` (miniature VAE and tokenizer, tiny text tower and UNet)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = tmp_path_factory.mktemp("cn_run")
+    tok.save_tokenizer(out / "tok")
+    tokenizer = tok.load_tokenizer(out / "tok")
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2,
+                                       max_position_embeddings=tokenizer.model_max_length, bos_token_id=0,
+                                       eos_token_id=1, pad_token_id=1))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**base_model.vae_config()), text_encoder=text, tokenizer=tokenizer, unet=_tiny_unet(),
+        scheduler=base_model.sampling_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out / "pipeline")
+    return out
+
+
+def test_recipe_trains_exports_and_resumes(tiny_run, tmp_path) -> None:
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from safetensors import safe_open
+
+    cache = controlnet.build_cache(tiny_run, tiny_run / "pipeline", n=8)
+    data = torch.load(cache, weights_only=True)
+    assert data["masks"].dtype == torch.uint8 and data["masks"].shape == (8, 64, 64)
+    assert data["latents"].shape == (8, 4, 16, 16)
+    trained = controlnet.train_controlnet(tiny_run, cache, tiny_run / "pipeline", steps=2, batch=2)
+    assert any(p.abs().sum() > 0 for p in trained.controlnet_down_blocks.parameters()), "zero convs must learn"
+    controlnet.train_controlnet(tiny_run, cache, tiny_run / "pipeline", steps=3, batch=2, resume=True)
+    assert "resumed from" in (tiny_run / "controlnet.log").read_text()
+
+    size = controlnet.export_controlnet(tiny_run, tmp_path)
+    weights = tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors"
+    assert size == pytest.approx(sum(f.stat().st_size for f in (tmp_path / "controlnet").iterdir()) / 2**20)
+    with safe_open(weights, "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    pipe = controlnet.controlnet_pipeline(tiny_run / "pipeline", tmp_path / "controlnet")
+    assert isinstance(pipe, StableDiffusionControlNetPipeline) and pipe.controlnet.dtype == torch.float32
+    assert isinstance(ControlNetModel.from_pretrained(tiny_run / "controlnet"), ControlNetModel)
+
+
+def test_recipe_is_registered_and_checks_what_it_needs(tmp_path) -> None:
+    from ipadapter.errors import IPAdapterError
+
+    assert "controlnet" in recipes.RECIPES
+    with pytest.raises(IPAdapterError, match="train unet"):
+        recipes.run_recipe("controlnet", tmp_path, steps=1)
+
+
+def test_mask_iou_scores_the_object_against_its_own_mask() -> None:
+    images, masks, attrs = world.make_masked_batch(8, 6)
+    for image, mask, a in zip(images, masks, attrs):
+        assert controlnet.mask_iou(image, mask, a) > 0.7
+        assert controlnet.mask_iou(image, np.roll(mask, 32, axis=(0, 1)), a) < 0.2
+
+
+# --- `ipadapter generate --controlnet` ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A saved SD-1.5-layout pipeline with an image encoder, a base adapter, a ControlNet whose zero convolutions are
+    randomised (so it visibly acts), a 32-px reference and a mask."""
+    root = tmp_path_factory.mktemp("cn_base")
+    pipe = factories.tiny_sd15_pipeline(root)
+    encoder, processor = factories.tiny_image_encoder()
+    pipe.save_pretrained(root / "pipe")
+    encoder.save_pretrained(root / "pipe" / "image_encoder")
+    processor.save_pretrained(root / "pipe" / "feature_extractor")
+    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), root / "base.bin")
+    torch.manual_seed(5)
+    cn = controlnet.build_controlnet(pipe.unet, channels=(16, 32))
+    with torch.no_grad():
+        for zero in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+            zero.weight.normal_(0, 0.05)
+    cn.save_pretrained(root / "cn")
+    factories.reference_image(seed=2, size=32).save(root / "ref.png")
+    world.mask_image(world.make_masked_batch(1, 1)[1][0]).save(root / "mask.png")
+    return root
+
+
+def _cli(root, out, *extra: str) -> int:
+    return main(["generate", "--base", str(root / "pipe"), "--adapter", str(root / "base.bin"), "--image",
+                 str(root / "ref.png"), "--prompt", "a red", "--out", str(out), *GEN, *extra])
+
+
+def _diffusers(root, *, scale: float, control_scale: float = 1.0) -> np.ndarray:
+    """diffusers alone: its ControlNet pipeline, its IP-Adapter loader, the same files."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    base = StableDiffusionPipeline.from_pretrained(root / "pipe", safety_checker=None)
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=ControlNetModel.from_pretrained(root / "cn"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(root), subfolder="", weight_name="base.bin", image_encoder_folder=None)
+    pipe.image_encoder = CLIPVisionModelWithProjection.from_pretrained(root / "pipe" / "image_encoder")
+    pipe.feature_extractor = CLIPImageProcessor.from_pretrained(root / "pipe" / "feature_extractor")
+    pipe.set_ip_adapter_scale(scale)
+    mask = Image.open(root / "mask.png").convert("RGB")
+    image = pipe(prompt="a red", ip_adapter_image=Image.open(root / "ref.png").convert("RGB"), image=mask,
+                 controlnet_conditioning_scale=control_scale, num_inference_steps=2, guidance_scale=6.0,
+                 height=32, width=32, generator=torch.Generator().manual_seed(3)).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_cli_controlnet_generation_equals_diffusers(tiny_base, tmp_path, scale: float) -> None:
+    out = tmp_path / "o.png"
+    assert _cli(tiny_base, out, "--scale", str(scale), "--controlnet", str(tiny_base / "cn"),
+                "--control-image", str(tiny_base / "mask.png"), "--control-scale", "0.8") == 0
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(got - _diffusers(tiny_base, scale=scale, control_scale=0.8)).max() <= 1
+    assert _cli(tiny_base, tmp_path / "plain.png", "--scale", str(scale)) == 0
+    assert np.abs(got - np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)).max() > 3, "ControlNet unused"
+
+
+def test_adapter_is_on_the_unet_never_on_the_controlnet(tiny_base) -> None:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from ipadapter.attention import IPAttnProcessor
+    from ipadapter.loading import load_prompter
+
+    args = build_parser().parse_args(["generate", "--base", str(tiny_base / "pipe"), "--adapter",
+                                      str(tiny_base / "base.bin"), "--controlnet", str(tiny_base / "cn")])
+    pipe = load_prompter(args).prompter.pipe
+    assert isinstance(pipe, StableDiffusionControlNetPipeline)
+    assert any(isinstance(p, IPAttnProcessor) for p in pipe.unet.attn_processors.values())
+    assert not any(isinstance(p, IPAttnProcessor) for p in pipe.controlnet.attn_processors.values())
+
+
+def test_sdxl_base_gets_the_sdxl_controlnet_pipeline(tmp_path) -> None:
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from ipadapter.prompter import add_controlnet
+
+    pipe = factories.tiny_sdxl_pipeline(tmp_path)
+    controlnet.build_controlnet(pipe.unet, channels=(16, 32)).save_pretrained(tmp_path / "cn")
+    cn_pipe = add_controlnet(pipe, tmp_path / "cn")
+    assert isinstance(cn_pipe, StableDiffusionXLControlNetPipeline) and cn_pipe.unet is pipe.unet
+    image = cn_pipe("a cat", image=Image.new("RGB", (32, 32)), num_inference_steps=1, height=32, width=32,
+                    output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_miniature_keyword_uses_the_shipped_controlnet(tmp_path) -> None:
+    from ipadapter.loading import controlnet_source
+    from ipadapter.miniature.assets import CONTROLNET_DIR
+
+    if not (CONTROLNET_DIR / "config.json").is_file():
+        pytest.skip("the miniature ControlNet is not exported yet")
+    assert controlnet_source("miniature") == str(CONTROLNET_DIR)
+    images, masks, _ = world.make_masked_batch(2, 1, "heldout")
+    Image.fromarray(images[0]).save(tmp_path / "ref.png")
+    world.mask_image(masks[0]).save(tmp_path / "mask.png")
+    assert main(["generate", "--image", str(tmp_path / "ref.png"), "--controlnet", "miniature", "--control-image",
+                 str(tmp_path / "mask.png"), "--steps", "2", "--out", str(tmp_path / "o.png")]) == 0
+    assert Image.open(tmp_path / "o.png").size == (64, 64)
+
+
+BAD = {
+    "control image without controlnet": (["--control-image", "{root}/mask.png"], "--control-image needs --controlnet"),
+    "controlnet without control image": (["--controlnet", "{root}/cn"], "--controlnet needs --control-image"),
+    "missing control image": (["--controlnet", "{root}/cn", "--control-image", "{root}/none.png"], "not found"),
+    "control image not an image": (["--controlnet", "{root}/cn", "--control-image", "{root}/base.bin"], "cannot read"),
+    "missing controlnet": (["--controlnet", "{root}/none", "--control-image", "{root}/mask.png"],
+                           "ControlNet folder not found"),
+    "controlnet for another base": (["--controlnet", "{root}/xl", "--control-image", "{root}/mask.png"],
+                                    "another base model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_control_input_is_one_line_and_writes_nothing(tiny_base, case, tmp_path, capsys) -> None:
+    if case == "controlnet for another base" and not (tiny_base / "xl").exists():
+        controlnet.build_controlnet(factories.sdxl_unet(), channels=(16, 32)).save_pretrained(tiny_base / "xl")
+    flags, words = BAD[case]
+    assert _cli(tiny_base, tmp_path / "o.png", *[f.format(root=tiny_base) for f in flags]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ipadapter: error:")]
+    assert len(errors) == 1 and words in errors[0] and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())
