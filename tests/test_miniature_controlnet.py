@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from ipadapter.cli.main import build_parser, main
@@ -54,7 +55,6 @@ def test_dataset_writer_masks_change_nothing_else(tmp_path) -> None:
 
 
 def _tiny_unet(cross: int = 32):
-    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     return UNet2DConditionModel(**base_model.unet_config(cross, widths=(32, 32, 32))).eval()
@@ -145,14 +145,9 @@ def tiny_base(tmp_path_factory):
     """A saved SD-1.5-layout pipeline with an image encoder, a base adapter, a ControlNet whose zero convolutions are
     randomised (so it visibly acts), a 32-px reference and a mask."""
     root = tmp_path_factory.mktemp("cn_base")
-    pipe = factories.tiny_sd15_pipeline(root)
-    encoder, processor = factories.tiny_image_encoder()
-    pipe.save_pretrained(root / "pipe")
-    encoder.save_pretrained(root / "pipe" / "image_encoder")
-    processor.save_pretrained(root / "pipe" / "feature_extractor")
-    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), root / "base.bin")
+    unet = UNet2DConditionModel.from_pretrained(factories.save_tiny_sd15_pipeline(root) / "unet")
     torch.manual_seed(5)
-    cn = controlnet.build_controlnet(pipe.unet, channels=(16, 32))
+    cn = controlnet.build_controlnet(unet, channels=(16, 32))
     with torch.no_grad():
         for zero in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
             zero.weight.normal_(0, 0.05)

@@ -11,6 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from ipadapter.cli.main import main
@@ -82,13 +83,8 @@ def _random_lora(unet, seed: int = 0, rank: int = 4):
 def tiny(tmp_path_factory):
     """A saved SD-1.5-layout pipeline with image encoder, a base adapter, a LoRA of its UNet and a reference."""
     root = tmp_path_factory.mktemp("custom")
-    pipe = factories.tiny_sd15_pipeline(root)
-    encoder, processor = factories.tiny_image_encoder()
-    pipe.save_pretrained(root / "pipe")
-    encoder.save_pretrained(root / "pipe" / "image_encoder")
-    processor.save_pretrained(root / "pipe" / "feature_extractor")
-    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), root / "base.bin")
-    custom_model.save_lora(_random_lora(pipe.unet), root / "lora")
+    unet = UNet2DConditionModel.from_pretrained(factories.save_tiny_sd15_pipeline(root) / "unet")
+    custom_model.save_lora(_random_lora(unet), root / "lora")
     Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(root / "ref.png")
     return root
 

@@ -173,18 +173,26 @@ def build_cache(out_dir: str | Path, vae_dir: str | Path, clip_dir: str | Path, 
     text_encoder = CLIPTextModel.from_pretrained(clip_dir).eval()
     tokenizer = tok.load_tokenizer(clip_dir)
     images, attrs = make_batch(seed, n)
+    cache = encode_scenes(vae, text_encoder, tokenizer, images, attrs, "cache")
+    atomic_torch_save(cache, path)
+    log.info("cache: latents std %.3f saved to %s", cache["latents"].std().item(), path)
+    return path
+
+
+@torch.no_grad()
+def encode_scenes(vae, text_encoder, tokenizer, images: np.ndarray, attrs: list, label: str) -> dict[str, torch.Tensor]:
+    """What every recipe on the frozen UNet trains from: scaled VAE latent means, fp16 caption states, and the empty
+    caption's states (for dropped text), encoded in chunks of 256."""
+    n = len(images)
     latents, states = [], []
     for i in range(0, n, 256):
         x = to_model_range(images[i : i + 256])
         latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
         ids = _ids(tokenizer, [caption(a) for a in attrs[i : i + 256]])
         states.append(text_encoder(input_ids=ids).last_hidden_state)
-        log.info("cache: %d/%d", min(n, i + 256), n)
+        log.info("%s: %d/%d", label, min(n, i + 256), n)
     empty = text_encoder(input_ids=_ids(tokenizer, [""])).last_hidden_state
-    cache = {"latents": torch.cat(latents), "text": torch.cat(states).half(), "empty": empty}
-    atomic_torch_save(cache, path)
-    log.info("cache: latents std %.3f saved to %s", cache["latents"].std().item(), path)
-    return path
+    return {"latents": torch.cat(latents), "text": torch.cat(states).half(), "empty": empty}
 
 
 def _ids(tokenizer, texts: list[str]) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ipadapter.errors import IPAdapterError
 from ipadapter.miniature import tokenizer as tok
-from ipadapter.miniature.base_model import _ids, noisy_batch, to_model_range, training_scheduler
+from ipadapter.miniature.base_model import encode_scenes, noisy_batch, training_scheduler
 from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
 from ipadapter.miniature.world import (
     POSITIONS, SIZE_PX, SIZES, Attrs, caption, draw_with_mask, make_masked_batch, mask_image,
@@ -61,17 +61,8 @@ def build_cache(out_dir: str | Path, pipeline_dir: str | Path, n: int = 4096, se
     text_encoder = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder").eval()
     tokenizer = tok.load_tokenizer(pipeline_dir / "tokenizer")
     images, masks, attrs = make_masked_batch(seed, n)
-    latents, states = [], []
-    for i in range(0, n, 256):
-        x = to_model_range(images[i : i + 256])
-        latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-        states.append(text_encoder(input_ids=_ids(tokenizer, [caption(a) for a in attrs[i : i + 256]])).last_hidden_state)
-        log.info("controlnet cache: %d/%d", min(n, i + 256), n)
-    empty = text_encoder(input_ids=_ids(tokenizer, [""])).last_hidden_state
-    cache = {
-        "latents": torch.cat(latents), "text": torch.cat(states).half(), "empty": empty,
-        "masks": torch.from_numpy(_mask_u8(masks)),
-    }
+    cache = encode_scenes(vae, text_encoder, tokenizer, images, attrs, "controlnet cache")
+    cache["masks"] = torch.from_numpy(_mask_u8(masks))
     atomic_torch_save(cache, path)
     log.info("controlnet cache: %d scenes saved to %s", n, path)
     return path

@@ -66,15 +66,7 @@ def build_style_cache(out_dir: str | Path, pipeline_dir: str | Path, n: int = 40
     path = Path(out_dir) / "custom_cache.pt"
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32)
     images, attrs = make_batch(seed, n, style=STYLE)
-    latents, states = [], []
-    for i in range(0, n, 256):
-        x = base_model.to_model_range(images[i : i + 256])
-        latents.append(pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)
-        ids = base_model._ids(pipe.tokenizer, [caption(a) for a in attrs[i : i + 256]])
-        states.append(pipe.text_encoder(input_ids=ids).last_hidden_state)
-        log.info("custom cache: %d/%d", min(n, i + 256), n)
-    empty = pipe.text_encoder(input_ids=base_model._ids(pipe.tokenizer, [""])).last_hidden_state
-    cache = {"latents": torch.cat(latents), "text": torch.cat(states).half(), "empty": empty}
+    cache = base_model.encode_scenes(pipe.vae, pipe.text_encoder, pipe.tokenizer, images, attrs, "custom cache")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(cache, path)
     log.info("custom cache: %d pairs, latents std %.3f, saved to %s", n, cache["latents"].std().item(), path)

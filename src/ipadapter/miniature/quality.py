@@ -204,6 +204,9 @@ def evaluate(out: Path, n: int = 48, setup: Setup | None = None,
     if sweep_base is not None and sweep:
         results["sweep"] = {}
         for scale in SWEEP_SCALES:
+            if scale == sweep_base.scale:  # the table's row: same prompts, seed and scale, so the same images
+                results["sweep"][str(scale)] = results["rows"][sweep_base.name]["agreement"]
+                continue
             condition = replace(sweep_base, scale=scale)
             prompts = [_prompt(condition, r, s) for r, s in zip(refs, shapes)]
             images = generator.run(condition, ref_images, prompts, masks, seed=REFERENCE_SEED)
