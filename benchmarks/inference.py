@@ -13,10 +13,11 @@ the text encoders' vocabulary, to the tiny test tokenizer's: an embedding table,
           once by ipadapter and once by diffusers. A shallower encoder only understates what ipadapter saves.
 
 Cases per architecture: (a) a full generation, encoding included (cold caches: the reference and the unconditional
-image both go through the encoder); (b) a second generation with the same reference (diffusers caches nothing, so its
-(b) is its (a) run); (c) two masked references, encoding included; (d) the UNet alone over a generation's steps, the
-adapter's tokens given, reported per step: the adapter's overhead per denoising step, its once-per-generation
-work (K'/V' of the image tokens) included.
+image both go through the encoder); (b) a second generation with the same reference: ipadapter's
+prompter has just run an untimed generation with it, as a UI re-running does (diffusers caches nothing, so its (b) is
+its (a) run); (c) two masked references, encoding included; (d) the UNet alone over a generation's steps at
+`--step-latents` (default 32x32, the issue's per-step setting), the adapter's tokens given, reported per step: the
+adapter's overhead per denoising step, its once-per-generation work (K'/V' of the image tokens) included.
 
 Time: one process. The three implementations share one pipeline (one UNet: the SDXL one is 10 GB at fp32) and are
 switched between runs, outside the timed region, by swapping the attention processors (and diffusers'
@@ -32,6 +33,10 @@ starts in a second instead of re-importing). The child runs (a), (b), (c) in ord
 CPU: right before each generation it collects garbage, returns freed heap to the OS (malloc_trim) and resets the
 kernel's RSS high-water mark (Linux /proc/self/clear_refs "5"); the number is VmHWM minus the RSS at that moment:
 what the generation adds above the loaded models, every byte counted (tensors, allocator slack, Python objects).
+The children run with a fixed glibc mmap threshold (64 KiB): otherwise the allocator's adaptive threshold makes
+the same allocations cost tens of MiB more or less depending on the heap's history (measured: one process, the
+same plain generation, 167 or 248 MiB). Before "models loaded" is read every weight is read once, so a
+memory-mapped checkpoint counts there and not in the first generation.
 `ru_maxrss` cannot be reset, so it would report model construction's transient peaks (a state dict loaded next to
 its module) instead; a torch.profiler memory profile sees tensor allocations only. CUDA:
 `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus `memory_allocated` at that moment. A
@@ -114,6 +119,7 @@ class Setting:
     steps: int
     encoder_layers: int
     quick: bool
+    step_latents: int
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,11 +137,11 @@ class Setting:
     def describe(self) -> str:
         if self.quick:
             return f"{ARCH_NAMES[self.arch]}: tiny test models, {self.resolution} px, {self.steps} steps"
+        steps = f"{self.steps} steps, guidance {self.guidance}; (d) at {self.step_latents}x{self.step_latents} latents"
         if self.arch == "sd15":
-            return (f"SD1.5: Plus adapter, ViT-H/14 encoder {self.encoder_layers} of 32 layers, {self.resolution} px, "
-                    f"{self.steps} steps, guidance {self.guidance}")
+            return f"SD1.5: Plus adapter, ViT-H/14 encoder {self.encoder_layers} of 32 layers, {self.resolution} px, {steps}"
         return (f"SDXL: full UNet, base adapter, ViT-bigG/14 encoder {self.encoder_layers} of 48 layers, "
-                f"{self.resolution} px, {self.steps} steps, guidance {self.guidance}")
+                f"{self.resolution} px, {steps}")
 
 
 def build_pipeline(s: Setting, folder: Path) -> Any:
@@ -275,12 +281,13 @@ class Bench:
                          generator=torch.Generator("cpu").manual_seed(0), **gen, **extra).images
 
     def generation_run(self, impl: str, case: str) -> Run:
-        """(a) and (c) start from empty encoder caches; (b) from the reference and the unconditional image cached."""
+        """(a) and (c) start from a fresh attachment with empty caches; (b) is the generation after an untimed one
+        with the same reference and the same attachment, as in a UI re-running a generation."""
 
         def setup() -> None:
             self.use(impl, cold=case != "second")
             if impl == "ipadapter" and case == "second":
-                self.prompter.references(self.images[:1])  # untimed; a no-op once (a) has run: both are cached
+                self.generate(impl, case)
 
         return setup, lambda: self.generate(impl, case)
 
@@ -291,7 +298,7 @@ class Bench:
         s, unet = self.setting, self.pipe.unet
         kw = dict(device=s.device, dtype=s.torch_dtype)
         torch.manual_seed(3)
-        lat = s.resolution // self.pipe.vae_scale_factor
+        lat = s.step_latents
         sample = torch.randn(2, unet.config.in_channels, lat, lat, **kw)
         text = torch.randn(2, self.pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, **kw)
         added: dict[str, torch.Tensor] = {}
@@ -322,6 +329,16 @@ class Bench:
 
         return {"plain": (lambda: self.use("plain"), loop), "ipadapter": (ours_setup, loop),
                 "diffusers": (lambda: self.use("diffusers"), lambda: loop(image_embeds=[features]))}
+
+    def touch(self) -> None:
+        """Read every weight once: a memory-mapped checkpoint (diffusers loads its adapter that way) is then resident,
+        so "models loaded" counts it instead of the first generation paging it in."""
+        modules = [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
+        modules += [m for m in (self.adapter, getattr(self, "encoder_model", None)) if m is not None]
+        with torch.no_grad():
+            for module in modules:
+                for t in [*module.parameters(), *module.buffers()]:
+                    t.sum()
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -394,7 +411,7 @@ def time_arch(s: Setting, repeats: int) -> list[Row]:
         rows.append(Row(f"{arch} {label}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
                         *compare(out["ipadapter", case], out["diffusers", theirs])))
     st, so = interleave(bench.step_runs(), repeats, s.device, warmup=False)  # the generations warmed the UNet
-    lat = s.resolution // bench.pipe.vae_scale_factor
+    lat = s.step_latents
     rows.append(Row(f"{arch} (d) UNet alone, per step ({s.steps} steps, {lat}x{lat} latents, batch 2)",
                     st["plain"] / s.steps, st["ipadapter"] / s.steps, st["diffusers"] / s.steps,
                     *compare(so["ipadapter"], so["diffusers"])))
@@ -444,6 +461,7 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
     memory = Memory(s.device)
     start = memory.reset()
     bench = Bench(s, (impl,))
+    bench.touch()
     result = {"loaded": (memory.reset() - start) / MiB}
     for case in CASES:
         setup, run = bench.generation_run(impl, case)
@@ -468,6 +486,10 @@ def memory_arch(s: Setting, context: Any) -> list[Row]:
 
 def forkserver() -> Any:
     """Fresh processes that start with torch/diffusers/transformers imported and nothing built."""
+    # glibc's allocator adapts its mmap threshold to past frees, so the same allocations can raise the RSS peak by
+    # tens of MiB or not depending on the heap's history; a fixed threshold returns every large buffer on free and
+    # makes the peak that of the live tensors (read at the children's start; this process is unaffected).
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([
         "torch", "diffusers", "transformers", "ipadapter.prompter", "tests.factories",
@@ -527,6 +549,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sdxl-resolution", type=int, default=128)
     ap.add_argument("--sdxl-steps", type=int, default=4)
     ap.add_argument("--bigg-layers", type=int, default=8, help="ViT-bigG encoder depth (full: 48)")
+    ap.add_argument("--step-latents", type=int, default=32,
+                    help="latent size of the (d) rows (the issue's per-step setting: 32, i.e. 256 px for SD 1.5)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="measure peak memory in fresh processes")
@@ -536,6 +560,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.resolution = args.sdxl_resolution = 32
         args.steps = args.sdxl_steps = 2
+        args.step_latents = 8
         args.repeats = 1
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.out = args.out or ROOT / "benchmarks" / "results" / f"inference-{args.device}{'-quick' if args.quick else ''}.md"
@@ -543,7 +568,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings_of(args: argparse.Namespace) -> list[Setting]:
-    base = Setting("sd15", args.device, args.dtype, args.resolution, args.steps, args.vith_layers, args.quick)
+    base = Setting("sd15", args.device, args.dtype, args.resolution, args.steps, args.vith_layers, args.quick,
+                   args.step_latents)
     known = {"sd15": base,
              "sdxl": replace(base, arch="sdxl", resolution=args.sdxl_resolution, steps=args.sdxl_steps,
                              encoder_layers=args.bigg_layers)}

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from ipadapter.layers import attention_layers
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 SD15_CROSS = 32
 SDXL_CROSS = 64

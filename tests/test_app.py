@@ -269,7 +269,8 @@ def app_url(tiny, tmp_path):
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 40
-        while not _answers(url):
+        # Our process must say it serves this port: another server that took the port meanwhile must not pass.
+        while f"127.0.0.1:{port}" not in (tmp_path / "app.log").read_text() or not _answers(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the app did not come up:\n{(tmp_path / 'app.log').read_text()[-2000:]}")
             time.sleep(0.3)

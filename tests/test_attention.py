@@ -188,3 +188,81 @@ def test_concat_adapter_round_trips_own_format_and_refuses_published(tmp_path) -
         assert torch.equal(loaded.state_dict()[k], v)
     with pytest.raises(IPAdapterError, match="no published layout"):
         save_published(adapter, unet, tmp_path / "published.safetensors")
+
+
+def _counting_kv(adapter) -> list[int]:
+    calls: list[int] = []
+    for _, layer in adapter.named_layers():
+        if layer.has_ip:
+            layer.to_k_ip.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_kv_carried_to_next_generation_only_while_tokens_and_weights_are_the_same(sd15_unet) -> None:
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.projection import ProjectionConfig
+
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    adapter = IPAdapter.for_unet(sd15_unet, config)
+    calls = _counting_kv(adapter)
+    att = attach(sd15_unet, adapter)
+    a = torch.randn(1, 4, 32)
+
+    def generation(tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        before = len(calls)
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)])})
+        out = run_unet(sd15_unet, "sd15", 2)
+        return out, len(calls) - before
+
+    first, computed = generation(a)
+    assert computed == len([1 for _, l in adapter.named_layers() if l.has_ip])  # once per layer, not per call
+    again, computed = generation(a.clone())  # equal tokens in another tensor: same K'/V'
+    assert computed == 0 and torch.equal(again, first)
+    with torch.no_grad():
+        for _, layer in adapter.named_layers():
+            layer.to_v_ip.weight.mul_(2)  # weights changed in place: cached K'/V' must not be served
+    changed, computed = generation(a)
+    assert computed > 0 and (changed - first).abs().max() > 1e-4
+    other, computed = generation(a + 1)
+    assert computed > 0 and (other - changed).abs().max() > 1e-4
+    att.runtime.cache_kv = False
+    uncached, _ = generation(a)
+    att.detach()
+    torch.testing.assert_close(changed, uncached, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_references_together_equal_each_alone() -> None:
+    """Closed form: before `to_out` the image terms add up, so at one layer the output with references {A, B masked;
+    C plain} equals out(A) + out(B) + out(C) − 2·out(none); A and B take the one-call path, each alone the SDPA path."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from ipadapter.adapter import AdapterLayer
+    from ipadapter.attention import IPAttnProcessor
+    from ipadapter.layers import AttentionLayer
+    from ipadapter.runtime import Runtime
+
+    torch.manual_seed(0)
+    width, cross, hw = 64, 32, (6, 5)
+    attn = Attention(width, cross_attention_dim=cross, heads=4, dim_head=16).eval()
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    layer = AttentionLayer(name, 0, True, width, cross, "down", 0, 0, 0)
+    runtime = Runtime()
+    proc = IPAttnProcessor(layer, AttnProcessor2_0(), runtime, {"a": AdapterLayer(layer, cross)})
+    x, text = torch.randn(4, hw[0] * hw[1], width), torch.randn(4, 7, cross)
+    masks = [torch.rand(12, 10), (torch.rand(12, 10) > 0.5).float()]
+    refs = [Reference(cond=torch.randn(1, 3, cross), uncond=torch.randn(1, 3, cross), mask=masks[0], weight=0.7),
+            Reference(cond=torch.randn(1, 3, cross), uncond=torch.randn(1, 3, cross), mask=masks[1]),
+            Reference(cond=torch.randn(1, 3, cross), weight=1.3)]
+
+    def run(chosen: list[Reference], precise: bool) -> torch.Tensor:
+        uncond_layers = frozenset({name}) if precise else frozenset()
+        runtime.set({"a": AdapterPrompt(chosen, scale=0.8, uncond_layers=uncond_layers)} if chosen else {}, cfg=True)
+        runtime.latent_hw = hw
+        with torch.no_grad():
+            return proc(attn, x, text)
+
+    for precise in (False, True):
+        together = run(refs, precise)
+        alone = sum(run([r], precise) for r in refs) - 2 * run([], precise)
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+        assert (together - run(refs[2:], precise)).abs().max() > 1e-3  # the masked references do act

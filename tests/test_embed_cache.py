@@ -33,9 +33,9 @@ def test_size_zero_disables_and_lru_evicts_by_bytes() -> None:
     assert len(calls) == 2 and len(encoder.cache) == 0
     cache = EmbeddingCache(max_bytes=2 * 24 * 4)
     for i in range(3):
-        cache.put("e", "global", factories.reference_image(i), torch.zeros(24))
-    assert len(cache) == 2 and cache.get("e", "global", factories.reference_image(0)) is None
-    assert cache.get("e", "global", factories.reference_image(2)) is not None
+        cache.put(("e", i), torch.zeros(24))
+    assert len(cache) == 2 and cache.get(("e", 0)) is None
+    assert cache.get(("e", 2)) is not None
 
 
 def test_other_encoder_does_not_reuse_entries() -> None:
@@ -48,3 +48,46 @@ def test_other_encoder_does_not_reuse_entries() -> None:
     first.encode([img], "global")
     other.encode([img], "global")
     assert len(calls_a) == 1 and len(calls_b) == 1
+
+
+def _prompter(cache: EmbeddingCache):
+    from ipadapter import load_adapter
+    from ipadapter.prompter import ImagePrompter
+
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    pipe = factories.tiny_sd15_pipeline(folder)
+    torch.save(factories.published(pipe.unet, "plus", factories.SD15_CROSS), folder / "plus.bin")
+    adapter = load_adapter(folder / "plus.bin", pipe.unet)
+    encoder, _ = _counting_encoder(cache)
+    projections: list[int] = []
+    adapter.image_proj.register_forward_hook(lambda *a: projections.append(a[1][0].shape[0]))
+    return ImagePrompter(pipe, adapter, encoder), adapter, projections
+
+
+def test_repeated_reference_and_uncond_skip_the_projection_head() -> None:
+    prompter, adapter, projections = _prompter(EmbeddingCache())
+    img = factories.reference_image(4)
+    _, first = prompter.references([img, img])
+    assert projections == [1, 1], "two equal images: one row projected; the unconditional row once"
+    _, again = prompter.references([img])
+    assert projections == [1, 1], "a repeated reference and the unconditional image come from the cache"
+    with torch.no_grad():
+        fresh = adapter.project(*prompter.features(adapter, [img]))
+    torch.testing.assert_close(again[0].cond, fresh, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        next(adapter.image_proj.parameters()).mul_(1.5)  # the adapter's weights changed in place
+    del projections[:]
+    _, changed = prompter.references([img])
+    assert projections == [1, 1], "new weights: the reference and the unconditional image are projected again"
+    assert (changed[0].cond - first[0].cond).abs().max() > 1e-4
+
+
+def test_size_zero_projects_every_time() -> None:
+    prompter, _, projections = _prompter(EmbeddingCache(max_bytes=0))
+    img = factories.reference_image(5)
+    prompter.references([img])
+    prompter.references([img])
+    assert projections == [1, 1, 1, 1]

@@ -15,10 +15,6 @@ GEN = dict(num_inference_steps=3, guidance_scale=6.0, height=32, width=32)
 
 
 def _adapter_file(pipe, family: str, folder, cross: int = factories.SD15_CROSS, seed: int = 1):
-    from ipadapter.checkpoint import _by_index_to_by_name, _load_into, detect_variant
-    from ipadapter.adapter import IPAdapter
-    from ipadapter.layers import attention_layers
-
     state = factories.published(pipe.unet, family, cross, seed=seed)
     torch.save(state, folder / f"{family}.bin")
     return folder / f"{family}.bin"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -107,6 +108,9 @@ def layer_key(name: str) -> str:
     return name.replace(".", "-")
 
 
+_UIDS = itertools.count()
+
+
 class IPAdapter(nn.Module):
     """A loaded (or new, trainable) adapter, independent of any UNet until attached.
 
@@ -124,6 +128,7 @@ class IPAdapter(nn.Module):
              for l in layers if l.cross or config.lora_rank}
         )
         self.layer_specs = {l.name: l for l in layers}
+        self.uid = next(_UIDS)
 
     @classmethod
     def for_unet(cls, unet: nn.Module, config: AdapterConfig, *, init_from_unet: bool = True) -> "IPAdapter":
@@ -148,6 +153,11 @@ class IPAdapter(nn.Module):
     def project(self, *features: torch.Tensor) -> torch.Tensor:
         """Encoder features → tokens (B, T, C). FaceID-Plus takes (id_embeds, patches)."""
         return self.image_proj(*features)
+
+    def projection_key(self) -> tuple:
+        """Changes whenever the projection's output could: another adapter object, weights updated in place
+        (load_state_dict, an optimizer step), moved or cast. Keys the projected-token cache."""
+        return (self.uid, *((p.data_ptr(), p._version) for p in self.image_proj.parameters()))
 
     def layer_state_dict(self) -> dict[str, torch.Tensor]:
         """Name-keyed tensors: "{layer name}.to_k_ip.weight", "{layer name}.to_q_lora.down.weight", ..."""

@@ -68,6 +68,7 @@ class Attachment:
         self.runtime = Runtime()
         self.rows: int | None = None
         self._originals: dict[str, Any] = {}
+        self._processors: list[IPAttnProcessor] = []
         self._cross_names = frozenset(l.name for l in attention_layers(unet) if l.cross)
         self._hook: torch.utils.hooks.RemovableHandle | None = None
 
@@ -84,7 +85,9 @@ class Attachment:
         for layer_name, weights in per_layer.items():
             attn = self.unet.get_submodule(layer_name)
             self._originals[layer_name] = attn.processor
-            attn.set_processor(IPAttnProcessor(layers[layer_name], attn.processor, self.runtime, weights))
+            processor = IPAttnProcessor(layers[layer_name], attn.processor, self.runtime, weights)
+            self._processors.append(processor)
+            attn.set_processor(processor)
         self._hook = self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
 
     def _before_unet(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -136,11 +139,17 @@ class Attachment:
         self.rows = None
         self.runtime.clear()
 
+    def clear_cache(self) -> None:
+        """Forget the K'/V' kept for the next generation (a few MiB at most): frees them, or forces recomputation."""
+        for processor in self._processors:
+            processor.clear_cache()
+
     def detach(self) -> None:
         """Put back the exact processor objects that were there before; the UNet is as if never touched."""
         for name, original in self._originals.items():
             self.unet.get_submodule(name).set_processor(original)
         self._originals.clear()
+        self._processors.clear()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

@@ -1,12 +1,14 @@
-"""A bounded LRU of reference embeddings keyed by image content, so a repeated reference never re-runs the encoder.
+"""A bounded LRU keyed by content, so a repeated reference never re-runs the encoder nor the projection head.
 
-Keys include the encoder's identity and the features kind: a changed encoder never serves stale entries.
+It holds encoder features (keyed by encoder identity, features kind and image pixels) and projected tokens (keyed by
+adapter identity and the features' bytes): a changed encoder or adapter never serves stale entries.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Hashable
 
 import torch
 from PIL import Image
@@ -18,6 +20,19 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
+def tensor_key(*tensors: torch.Tensor | None) -> str:
+    """A digest of the tensors' values, dtypes and shapes (equal content → equal key, wherever the tensors live)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        if t is None:
+            digest.update(b"none")
+            continue
+        t = t.detach().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class EmbeddingCache:
     """LRU by bytes: `max_bytes` = 0 disables caching entirely."""
 
@@ -25,14 +40,13 @@ class EmbeddingCache:
         if max_bytes < 0:
             raise ValueError(f"cache size must be >= 0 bytes, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, str, str], torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = 0
 
-    def get(self, encoder: str, kind: str, image: Image.Image) -> torch.Tensor | None:
+    def get(self, key: Hashable) -> torch.Tensor | None:
         if not self.max_bytes:
             return None
-        key = (encoder, kind, image_key(image))
         found = self._items.get(key)
         if found is None:
             self.misses += 1
@@ -41,18 +55,21 @@ class EmbeddingCache:
         self.hits += 1
         return found
 
-    def put(self, encoder: str, kind: str, image: Image.Image, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        size = _nbytes(value)
         if not self.max_bytes or size > self.max_bytes:
             return
-        key = (encoder, kind, image_key(image))
         if key in self._items:
-            self.bytes -= self._items.pop(key).numel() * value.element_size()
+            self.bytes -= _nbytes(self._items.pop(key))
         self._items[key] = value.detach()
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= _nbytes(old)
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ipadapter.embed_cache import EmbeddingCache
+from ipadapter.embed_cache import EmbeddingCache, image_key
 from ipadapter.errors import IPAdapterError
 
 _ENCODER_FAMILIES = {1024: "OpenCLIP ViT-H/14", 1280: "OpenCLIP ViT-bigG/14"}
@@ -136,14 +136,15 @@ class ImageEncoder:
 
     def encode(self, images: list[Image.Image], features: str) -> torch.Tensor:
         """Features per image; images seen before (same pixels, same encoder) come from the LRU cache."""
-        found = [self.cache.get(self._identity, features, img) for img in images]
+        keys = [(self._identity, features, image_key(img)) for img in images]
+        found = [self.cache.get(key) for key in keys]
         todo = [img for img, f in zip(images, found) if f is None]
         if todo:
             fresh = iter(self.encode_pixels(self.pixel_values(todo), features))
-            for i, img in enumerate(images):
+            for i, key in enumerate(keys):
                 if found[i] is None:
                     found[i] = next(fresh)
-                    self.cache.put(self._identity, features, img, found[i])
+                    self.cache.put(key, found[i])
         return torch.stack([f.to(self.device, self.dtype) for f in found])
 
     def uncond(self, features: str) -> torch.Tensor:

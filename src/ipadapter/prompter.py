@@ -15,6 +15,7 @@ from PIL import Image
 
 from ipadapter.adapter import IPAdapter
 from ipadapter.attach import Attachment, attach
+from ipadapter.embed_cache import EmbeddingCache, tensor_key
 from ipadapter.encoders import FaceAnalyzer, ImageEncoder
 from ipadapter.errors import IPAdapterError
 from ipadapter.runtime import AdapterPrompt, Reference
@@ -31,6 +32,8 @@ class ImagePrompter:
     ) -> None:
         self.pipe = pipe
         self.encoder = image_encoder
+        # Shared with the encoder: one size bound for its features and the adapters' projected tokens.
+        self.cache = image_encoder.cache if image_encoder is not None else EmbeddingCache()
         self.face_analyzer = face_analyzer
         self.attachment: Attachment = attach(pipe.unet, adapters, scheduler=pipe.scheduler)
         self.adapters = self.attachment.adapters
@@ -86,7 +89,22 @@ class ImagePrompter:
 
     @torch.no_grad()
     def project(self, adapter: IPAdapter, features: Features) -> torch.Tensor:
-        return adapter.project(*(f.to(adapter.device, adapter.dtype) for f in features))
+        """Tokens (N, T, C) of N feature rows. A row this adapter projected before (same values, same weights) comes
+        from the cache: a repeated reference, and the unconditional image, skip the projection head (a Plus
+        resampler costs about as much as a denoising step)."""
+        features = tuple(f.to(adapter.device, adapter.dtype) for f in features)
+        version = adapter.projection_key()
+        keys = [("tokens", version, tensor_key(*(f[i] for f in features))) for i in range(features[0].shape[0])]
+        found: dict[tuple, torch.Tensor | None] = {}
+        for key in keys:
+            if key not in found:
+                found[key] = self.cache.get(key)
+        todo = [keys.index(k) for k, v in found.items() if v is None]
+        if todo:
+            for i, tokens in zip(todo, adapter.project(*(f[todo] for f in features))):
+                found[keys[i]] = tokens
+                self.cache.put(keys[i], tokens)
+        return torch.stack([found[k] for k in keys])
 
     def references(
         self, images: Sequence[Image.Image] | None = None, *, adapter: str | None = None,

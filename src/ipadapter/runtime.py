@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ipadapter.embed_cache import tensor_key
 from ipadapter.errors import IPAdapterError
 
 SCALING_MODES = ("v", "kv", "kv_penalty", "k_mean_v")
@@ -31,6 +32,14 @@ class Reference:
     mask: torch.Tensor | None = None
     weight: float = 1.0
     layer_weights: dict[str, float] | None = None
+    _key: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def tokens_key(self) -> str:
+        """A digest of the tokens, computed once per Reference: K'/V' of equal tokens are reused across generations."""
+        ids = (id(self.cond), id(self.uncond))
+        if self._key[:2] != ids:
+            self._key = (*ids, tensor_key(self.cond, self.uncond))
+        return self._key[2]
 
     def weight_at(self, layer: str) -> float:
         """This reference's own factor at a layer (presets like "style and composition" give each image its layers)."""
