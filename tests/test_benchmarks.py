@@ -13,7 +13,7 @@ def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
     rows, memory, notes = inference.benchmark(args)
     assert memory == []
     for arch in ("SD1.5", "SDXL"):
-        for case in ("(a)", "(b)", "(c)", "(d)"):
+        for case in ("(a)", "(b)", "(c)", "(d)", "(e)"):
             found = [r for r in rows if r.label.startswith(f"{arch} {case}")]
             assert len(found) == 1, f"{arch} {case}: {[r.label for r in rows]}"
             r = found[0]

@@ -36,6 +36,10 @@ def test_size_zero_disables_and_lru_evicts_by_bytes() -> None:
         cache.put(("e", i), torch.zeros(24))
     assert len(cache) == 2 and cache.get(("e", 0)) is None
     assert cache.get(("e", 2)) is not None
+    cache.resize(24 * 4)  # room for one entry: the least recently used one goes
+    assert len(cache) == 1 and cache.get(("e", 2)) is not None and cache.bytes == 24 * 4
+    cache.resize(0)
+    assert len(cache) == 0 and cache.bytes == 0
 
 
 def test_other_encoder_does_not_reuse_entries() -> None:

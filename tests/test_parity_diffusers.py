@@ -117,3 +117,31 @@ def test_several_adapters_and_images_equal_diffusers(arch: str) -> None:
     got = run_unet(unet, arch, 2)
     att.detach()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_output_equals_diffusers_in_the_same_precision(dtype: torch.dtype, tmp_path) -> None:
+    """The fp16/bf16 path: UNet, adapter and tokens in `dtype`, against diffusers' IP-Adapter cast the same way."""
+    unet = factories.sd15_unet()
+    state = factories.published(unet, "plus", factories.SD15_CROSS)
+    torch.save(state, tmp_path / "plus.bin")
+    f = features("plus", batch=2)
+    ref, embeds = diffusers_unet(unet, [state], ["plus"], [f])
+    g = torch.Generator().manual_seed(7)
+    sample = torch.randn(2, 4, 16, 16, generator=g).to(dtype)
+    text = torch.randn(2, 6, factories.SD15_CROSS, generator=g).to(dtype)
+    with torch.no_grad():
+        expected = ref.to(dtype)(sample, 500, encoder_hidden_states=text,
+                                 added_cond_kwargs={"image_embeds": [e.to(dtype) for e in embeds]}).sample
+        plain = unet.to(dtype)(sample, 500, encoder_hidden_states=text).sample
+    adapter = load_adapter(tmp_path / "plus.bin", unet)
+    att = attach(unet, adapter)  # casts the adapter to the UNet's dtype
+    with torch.no_grad():
+        tokens = adapter.project(f["patch"][:, 0].to(dtype))
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)])})
+        got = unet(sample, 500, encoder_hidden_states=text).sample
+    att.detach()
+    assert got.dtype == dtype and adapter.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+    assert (expected.float() - plain.float()).abs().max() > 10 * tol  # the image prompt does act

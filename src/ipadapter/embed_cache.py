@@ -44,6 +44,15 @@ class EmbeddingCache:
         self.bytes = 0
         self.hits = self.misses = 0
 
+    def resize(self, max_bytes: int) -> None:
+        """A new bound, evicting least recently used entries down to it (0: empty and disabled)."""
+        if max_bytes < 0:
+            raise ValueError(f"cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = max_bytes
+        while self._items and self.bytes > max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= _nbytes(old)
+
     def get(self, key: Hashable) -> torch.Tensor | None:
         if not self.max_bytes:
             return None

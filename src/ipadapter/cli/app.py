@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload in MB (default 20)")
     p.add_argument("--max-side", type=int, default=4096, help="largest accepted image side in pixels (default 4096)")
+    p.add_argument("--cache-mb", type=float, default=256.0,
+                   help="memory for reference embeddings and projected tokens, reused while the app runs (0: off)")
     p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run)
 
@@ -32,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise IPAdapterError(f"--port must be between 1 and 65535, got {args.port}")
+    if not args.cache_mb >= 0:
+        raise IPAdapterError(f"--cache-mb must be 0 (off) or more, got {args.cache_mb}")
     try:
         from ipadapter.app.ui import build_ui, launch
     except ModuleNotFoundError as err:
@@ -44,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
     limits = UploadLimits(max_bytes=round(args.max_upload_mb * MB), max_side=args.max_side)
     workdir = tempfile.mkdtemp(prefix="ipadapter-app-")
     service = GenerationService.from_args(args, limits=limits, workdir=workdir)
+    service.loaded.prompter.cache.resize(round(args.cache_mb * MB))
     launch(build_ui(service), host=args.host, port=args.port, limits=limits)
     return 0
