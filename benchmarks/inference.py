@@ -530,10 +530,11 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
         r = target[0].ratio
         lines.append(f"- Second generation, same reference, Plus, 8 steps, full ViT-H: {r:.2f}x diffusers' time (target "
                      f"≤ {TARGET['ratio']}x): {'met' if r <= TARGET['ratio'] else 'NOT met'}")
-    elif any(s.arch == "sd15" for s in settings):
+    elif rows and any(s.arch == "sd15" for s in settings):
         lines.append("- The issue's target setting (SD1.5 Plus, 8 steps, 32-layer ViT-H, full size) was not run.")
     slower = [r.label for r in rows if r.ours > r.diffusers]
-    lines.append("- Rows slower than diffusers: " + (", ".join(slower) if slower else "none"))
+    if rows:
+        lines.append("- Rows slower than diffusers: " + (", ".join(slower) if slower else "none"))
     if memory:
         higher = [r.label for r in memory if r.ours > r.diffusers]
         lines.append("- Memory rows above diffusers': " + (", ".join(higher) if higher else "none"))
@@ -541,10 +542,11 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
 
 
 def render(header: list[str], rows: list[Row], memory: list[Row], notes: list[str]) -> str:
-    out = [*header, "",
-           "| case | plain (s) | ipadapter (s) | diffusers (s) | ipadapter overhead | diffusers overhead "
-           "| ipadapter / diffusers | outputs: max abs diff ipadapter vs diffusers (max abs output) |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [*header]
+    if rows:
+        out += ["", "| case | plain (s) | ipadapter (s) | diffusers (s) | ipadapter overhead | diffusers overhead "
+                "| ipadapter / diffusers | outputs: max abs diff ipadapter vs diffusers (max abs output) |",
+                "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r.label} | {r.plain:.3f} | {r.ours:.3f} | {r.diffusers:.3f} | {100 * (r.ours / r.plain - 1):+.1f}% "
                    f"| {100 * (r.diffusers / r.plain - 1):+.1f}% | {r.ratio:.2f}x | {r.diff:.1e} ({r.scale:.3g}) |")
