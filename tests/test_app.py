@@ -7,12 +7,9 @@ import argparse
 import os
 import re
 import shlex
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +25,8 @@ from ipadapter.cli.main import build_parser, main
 from ipadapter.errors import IPAdapterError
 from ipadapter.loading import load_prompter
 from tests import factories
+from tests.app_process import CHROMIUM, CHROMIUM_FLAGS, answers, serving
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MODEL_ARGS = {"adapter": None, "weight_name": None, "subfolder": None, "image_encoder": None, "device": "cpu",
               "dtype": None, "scheduler": None}
 
@@ -242,48 +237,20 @@ def test_page_previews_images_and_names_the_rest(tiny) -> None:
 
 # --- end to end in headless Chromium ----------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def app_url(tiny, tmp_path):
     """`ipadapter app` on a free loopback port, in its own process, stopped after the test."""
     pytest.importorskip("gradio")
-    port = _free_port()
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "uploads"), "GRADIO_ANALYTICS_ENABLED": "False",
+    env = {"GRADIO_TEMP_DIR": str(tmp_path / "uploads"), "GRADIO_ANALYTICS_ENABLED": "False",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    with open(tmp_path / "app.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ipadapter.cli.main", "app", "--base", str(tiny / "pipe"),
-                                 "--adapter", str(tiny / "base.bin"), "--device", "cpu", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 40
-        # Our process must say it serves this port: another server that took the port meanwhile must not pass.
-        while f"127.0.0.1:{port}" not in (tmp_path / "app.log").read_text() or not _answers(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the app did not come up:\n{(tmp_path / 'app.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
+    app_args = ["--base", str(tiny / "pipe"), "--adapter", str(tiny / "base.bin"), "--device", "cpu"]
+    with ExitStack() as stack:
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+            url = stack.enter_context(serving(app_args, tmp_path, env, timeout_s=40))
+        except RuntimeError as err:
+            pytest.fail(str(err))
+        yield url
 
 
 @pytest.fixture
@@ -317,7 +284,7 @@ def test_page_generates_and_refuses_a_non_image(browser, app_url, tiny) -> None:
 
     page.locator("#references input[type=file]").set_input_files(str(tiny / "notes.txt"))
     page.locator("#message").get_by_text("reference 2 (notes.txt) is not an image").wait_for()
-    assert _answers(app_url), "the app must keep serving after a refused upload"
+    assert answers(app_url), "the app must keep serving after a refused upload"
     page.locator("#references button[aria-label=Clear]").click()
     page.locator("#references input[type=file]").set_input_files(str(tiny / "ref.png"))
     page.locator("#message").get_by_text("is not an image").wait_for(state="detached")

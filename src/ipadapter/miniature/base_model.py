@@ -87,11 +87,7 @@ def train_vae(
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / (LATENT_CHANNELS * LATENT_PX * LATENT_PX)
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + kl_weight * kl
-        run.set_lr(step, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        run.optimize(step, loss, lr, vae.parameters())
         run.step_done(step + 1, loss.item())
     vae.eval()
     with torch.no_grad():
@@ -149,11 +145,7 @@ def train_vae_decoder(
             z = z + level * torch.randn(z.shape, generator=g)
         recon = vae.decode(z).sample
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        run.set_lr(step, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        run.optimize(step, loss, lr, params)
         run.step_done(step + 1, loss.item())
     vae.eval()
     final = out / name
@@ -293,11 +285,7 @@ def train_unet(
     for step in range(run.start_step, steps):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         loss = diffusion_loss(unet, noise_scheduler, latents, text, empty, batch, g, offset_noise)
-        run.set_lr(step, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
+        run.optimize(step, loss, lr, unet.parameters())
         _ema_update(ema, unet, step, ema_decay)
         run.step_done(step + 1, loss.item())
     final = out / name

@@ -105,11 +105,7 @@ def train_controlnet(
         pred = unet(noisy, t, encoder_hidden_states=cond, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid).sample
         loss = F.mse_loss(pred, noise)
-        run.set_lr(step, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        optimizer.step()
+        run.optimize(step, loss, lr, controlnet.parameters())
         run.step_done(step + 1, loss.item())
     controlnet.eval()
     final = out / name

@@ -108,11 +108,7 @@ def train_custom(
     for step in range(run.start_step, steps):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         loss = base_model.diffusion_loss(unet, noise_scheduler, latents, text, empty, batch, g, offset_noise)
-        run.set_lr(step, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        run.optimize(step, loss, lr, params)
         run.step_done(step + 1, loss.item())
     path = save_lora(unet, out / LORA_DIR)
     log.info("%s: LoRA saved to %s (final loss %.4f, %.1f min)", name, path, run.last_loss, run.elapsed_s() / 60)

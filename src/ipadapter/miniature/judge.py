@@ -73,10 +73,7 @@ def train_classifier(
         logits = model(_degrade(tiny_clip.pixels(images), g=torch.Generator().manual_seed(step)))
         labels = _labels(attrs)
         loss = sum(F.cross_entropy(logits[n], labels[:, i]) for i, n in enumerate(ATTRIBUTES))
-        run.set_lr(step, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        run.optimize(step, loss, lr)
         run.step_done(step + 1, loss.item())
     model.eval()
     final = out / "judge"

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -95,6 +96,15 @@ class TrainRun:
     def set_lr(self, step: int, peak: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = cosine_lr(step, self.total_steps, peak)
+
+    def optimize(self, step: int, loss: torch.Tensor, peak_lr: float, clip: Iterable[torch.Tensor] | None = None) -> None:
+        """One optimiser step at `step`'s cosine learning rate; `clip`: parameters whose gradient norm is cut to 1."""
+        self.set_lr(step, peak_lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        self.optimizer.step()
 
     def step_done(self, step: int, loss: float) -> None:
         """`step` is the number of completed steps; logs the mean loss and checkpoints on a timer and at the end."""

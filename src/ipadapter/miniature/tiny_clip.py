@@ -135,12 +135,8 @@ def train_clip(
     for step in range(run.start_step, steps):
         images, attrs = make_batch(seed * 1_000_003 + step, batch)
         ids = tokenize(tokenizer, [caption(a) for a in attrs] + [caption(_swapped(a)) for a in attrs])
-        run.set_lr(step, lr)
         loss = contrastive_loss(model, pixels(images), ids, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        run.optimize(step, loss, lr, model.parameters())
         run.step_done(step + 1, loss.item())
     model.eval()
     final = out / name
