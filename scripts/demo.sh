@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs everything and runs the main job: image-prompted generation on the bundled miniature model (CPU, offline).
+# Installs the core into .venv (or $IPADAPTER_VENV) and runs the main job: image-prompted generation on the bundled
+# miniature model (CPU, offline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+source "${IPADAPTER_VENV:-.venv}/bin/activate"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p out
 ipadapter generate --image examples/reference.png --num-images 4 --out out/demo.png

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Installs ipadapter and its dependencies. A CPU build of torch is installed first when no torch is present,
-# so that pip does not pull a multi-gigabyte CUDA build on machines without a GPU.
+# Installs ipadapter, editable, into the virtual environment .venv (or $IPADAPTER_VENV), created when missing.
+# Arguments: the extras to install besides the core, comma-separated (e.g. `test`, `train,eval`); none: the core.
+# The tested versions in constraints.txt are used. A CPU build of torch goes in first when the venv has no torch, so
+# that pip does not pull a multi-gigabyte CUDA build on a machine without a GPU (on a GPU machine, install the torch
+# you want into the venv first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python -c "import torch" 2>/dev/null; then
-  pip install --quiet "torch==2.13.0"
+venv="${IPADAPTER_VENV:-.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  "${PYTHON:-python3}" -m venv "$venv"
 fi
-pip install --quiet -c constraints.txt -e ".[test,app,e2e]"
+python="$venv/bin/python"
+if ! "$python" -c "import torch" 2>/dev/null; then
+  "$python" -m pip install --quiet "torch==2.13.0"
+fi
+"$python" -m pip install --quiet -c constraints.txt -e ".${1:+[$1]}"

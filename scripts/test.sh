@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs everything and runs the test suite (offline, CPU).
+# Installs ipadapter with the test extra (everything the suite needs) into .venv (or $IPADAPTER_VENV), then runs the
+# test suite there (offline, CPU). Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
 bash scripts/ci-browser.sh  # Debian chromium for the web app's browser test
+source "${IPADAPTER_VENV:-.venv}/bin/activate"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python -m pytest "$@"

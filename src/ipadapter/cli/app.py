@@ -7,6 +7,7 @@ import tempfile
 
 from ipadapter.cli.generate import add_model_flags
 from ipadapter.errors import IPAdapterError
+from ipadapter.extras import needs
 
 EXAMPLES = """examples:
   ipadapter app                                    # bundled miniature model, http://127.0.0.1:7860
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="memory for reference embeddings and projected tokens, reused while the app runs (0: off)")
     p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run)
+    needs(p, "app")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,14 +38,9 @@ def run(args: argparse.Namespace) -> int:
         raise IPAdapterError(f"--port must be between 1 and 65535, got {args.port}")
     if not args.cache_mb >= 0:
         raise IPAdapterError(f"--cache-mb must be 0 (off) or more, got {args.cache_mb}")
-    try:
-        from ipadapter.app.ui import build_ui, launch
-    except ModuleNotFoundError as err:
-        if err.name != "gradio":
-            raise
-        raise IPAdapterError("the app needs Gradio: pip install 'ipadapter[app]'") from None
     from ipadapter.app.limits import MB, UploadLimits
     from ipadapter.app.service import GenerationService
+    from ipadapter.app.ui import build_ui, launch
 
     limits = UploadLimits(max_bytes=round(args.max_upload_mb * MB), max_side=args.max_side)
     workdir = tempfile.mkdtemp(prefix="ipadapter-app-")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ipadapter.cli.generate import add_model_flags, finite_float
 from ipadapter.errors import IPAdapterError
+from ipadapter.extras import needs
 
 EXAMPLES = """examples:
   ipadapter evaluate --out eval/miniature                      # bundled miniature model, its judge, held-out scenes
@@ -55,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run)
+    needs(p, "eval")
 
     m = sub.add_parser("manifest", help="write an evaluation manifest from COCO captions or a DreamBench folder",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -27,10 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ipadapter.errors import IPAdapterError
+    from ipadapter.extras import missing
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if message := missing(args):
+        print(message, file=sys.stderr)
+        return 2
     debug = args.debug or getattr(args, "sub_debug", False)
     try:
         return int(args.func(args) or 0)

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.extras import needs
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -96,6 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.set_defaults(func=_train)
+    needs(train, "train")  # the adapter recipes run `ipadapter train`
 
     evaluate = sub.add_parser("evaluate", parents=[common], help="judge accuracy of the base model's samples")
     evaluate.add_argument("--n", type=int, default=64, help="samples per split")
@@ -107,6 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
     quality.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     quality.set_defaults(func=_quality)
+    needs(quality, "eval")
 
     export = sub.add_parser("export", parents=[common], help="write fp16 weights into the package assets")
     export.set_defaults(func=_export)

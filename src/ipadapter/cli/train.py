@@ -6,6 +6,8 @@ import argparse
 import logging
 from dataclasses import MISSING, fields
 
+from ipadapter.extras import needs
+
 HELP = {
     "base": "diffusers pipeline folder or Hub id (unet, vae, text_encoder, tokenizer, scheduler; + _2 for SDXL)",
     "image_encoder": "CLIPVisionModelWithProjection folder or Hub id (its CLIPImageProcessor if saved)",
@@ -97,3 +99,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             kind = {"int": int, "float": float}.get(f.type, str)
             parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices.get(f.name), help=text)
     parser.set_defaults(func=_run)
+    needs(parser, "train")
