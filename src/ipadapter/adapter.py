@@ -156,8 +156,10 @@ class IPAdapter(nn.Module):
 
     def projection_key(self) -> tuple:
         """Changes whenever the projection's output could: another adapter object, weights updated in place
-        (load_state_dict, an optimizer step), moved or cast. Keys the projected-token cache."""
-        return (self.uid, *((p.data_ptr(), p._version) for p in self.image_proj.parameters()))
+        (load_state_dict, an optimizer step), moved or cast, FaceID-PlusV2's `s_scale` changed. Keys the
+        projected-token cache."""
+        settings = getattr(self.image_proj, "s_scale", None)
+        return (self.uid, settings, *((p.data_ptr(), p._version) for p in self.image_proj.parameters()))
 
     def layer_state_dict(self) -> dict[str, torch.Tensor]:
         """Name-keyed tensors: "{layer name}.to_k_ip.weight", "{layer name}.to_q_lora.down.weight", ..."""

@@ -125,9 +125,13 @@ def _by_index_to_by_name(ip: dict[str, torch.Tensor], layers: list[AttentionLaye
 
 def load_adapter(
     source: str | os.PathLike, unet: nn.Module, *, subfolder: str | None = None, weight_name: str | None = None,
-    variant: str | None = None,
+    variant: str | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
 ) -> IPAdapter:
-    """Load any published or own adapter file for `unet`: variant and sizes read from the file itself."""
+    """Load any published or own adapter file for `unet`: variant and sizes read from the file itself.
+
+    The adapter is new, so it is placed where it will run: on the UNet's device and in its dtype unless `device` /
+    `dtype` say otherwise (training loads fp32 weights for a low-precision UNet).
+    """
     path = resolve(source, subfolder=subfolder, weight_name=weight_name)
     flat, meta = read_file(path)
     if not any(k.startswith(("image_proj.", "ip_adapter.", "layers.")) for k in flat):
@@ -149,7 +153,7 @@ def load_adapter(
     adapter = IPAdapter(config, layers)
     _load_into(adapter, image_proj, by_name, path)
     check_compatible(unet, adapter, path.name)
-    return adapter.to(dtype=next(iter(flat.values())).dtype) if flat else adapter
+    return adapter.to(device=device or unet.device, dtype=dtype or unet.dtype)
 
 
 def _load_into(adapter: IPAdapter, image_proj: dict[str, torch.Tensor], by_name: dict[str, torch.Tensor], path: Path) -> None:

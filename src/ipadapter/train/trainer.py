@@ -512,9 +512,9 @@ def train(
                 frozen.to(device, run.weight_dtype)
     if config.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
+    adapter.to(device=device, dtype=torch.float32).requires_grad_(True)  # trained in fp32 whatever the UNet's dtype
     attachment = attach(m.unet, {"0": adapter})
     attachment.runtime.cache_kv = False  # every batch brings new tokens; never reuse K'/V'
-    adapter.to(device=device, dtype=torch.float32).requires_grad_(True)
     module = TrainModule(m.unet, adapter, attachment)
 
     # 5. optimizer (AdamW, constant LR after an optional warm-up: scheduler steps count every process)
@@ -666,14 +666,14 @@ def _init_from(config: TrainConfig, unet: nn.Module) -> IPAdapter:
     from ipadapter import load_adapter
     from ipadapter.variants import get_variant
 
-    loaded = load_adapter(config.init_from, unet)
+    loaded = load_adapter(config.init_from, unet, dtype=torch.float32)
     if get_variant(loaded.config.variant).head != get_variant(config.variant).head:
         raise IPAdapterError(
             f"--init-from {config.init_from} is a {loaded.config.variant!r} adapter; this run trains {config.variant!r}"
         )
     if loaded.config.variant != config.variant:  # faceid-plus and -plusv2 share weights; the shortcut is the variant's
-        loaded = load_adapter(config.init_from, unet, variant=config.variant)
-    return loaded.float()
+        loaded = load_adapter(config.init_from, unet, variant=config.variant, dtype=torch.float32)
+    return loaded
 
 
 def _register_adapter_hooks(accelerator: Any, adapter: IPAdapter) -> None:
