@@ -36,7 +36,7 @@ def resolve(source: str | os.PathLike, *, subfolder: str | None = None, weight_n
         candidate = path.joinpath(*(p for p in (subfolder, weight_name) if p))
         if candidate.is_file():
             return candidate
-        raise IPAdapterError(f"no adapter file {candidate} (give --weight-name and --subfolder inside {path})")
+        raise IPAdapterError(f"no adapter file {candidate} (give weight_name= and subfolder= inside {path})")
     if path.suffix in {".bin", ".safetensors", ".pt", ".pth"} or str(source).startswith((".", "/")):
         raise IPAdapterError(f"adapter file not found: {source}")
     if not weight_name:

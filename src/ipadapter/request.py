@@ -24,11 +24,10 @@ from ipadapter.runtime import AdapterPrompt
 
 @dataclass
 class GenerationRequest:
-    """Everything a user can ask of one image-prompted generation (CLI flags map one to one)."""
+    """Everything a user can ask of one image prompt (CLI flags map one to one); the text prompt, seed for the
+    pipeline and image count go to `ImagePrompter.generate` directly."""
 
     images: list[Image.Image] = field(default_factory=list)
-    prompt: str = ""
-    negative_prompt: str = ""
     scale: float = 1.0
     masks: list[torch.Tensor] = field(default_factory=list)
     start: float = 0.0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +43,32 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: float16 on cuda, else float32")
     p.add_argument("--scheduler", help="a diffusers scheduler class to use instead of the base model's own")
+
+
+# `load_prompter`'s parameters → the flags that set them: its errors name parameters ("weight_names="), a user of
+# the command line reads the flag instead.
+MODEL_PARAMETERS = {
+    "base": "--base", "adapters": "--adapter", "subfolders": "--subfolder", "subfolder": "--subfolder",
+    "weight_names": "--weight-name", "weight_name": "--weight-name", "image_encoder": "--image-encoder",
+    "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "base_lora": "--base-lora",
+    "controlnet": "--controlnet",
+}
+_PARAMETER = re.compile(r"\b(" + "|".join(MODEL_PARAMETERS) + r")=")
+
+
+def load_from_flags(args: argparse.Namespace) -> Any:
+    """`loading.load_prompter` with the model flags (those of `add_model_flags`, and generate's LoRA/ControlNet)."""
+    from ipadapter.loading import load_prompter
+
+    try:
+        return load_prompter(
+            base=args.base, adapters=args.adapter or (), subfolders=args.subfolder or (),
+            weight_names=args.weight_name or (), image_encoder=args.image_encoder, device=args.device,
+            dtype=args.dtype, scheduler=args.scheduler, base_lora=getattr(args, "base_lora", None),
+            base_lora_scale=getattr(args, "base_lora_scale", 1.0), controlnet=getattr(args, "controlnet", None),
+        )
+    except IPAdapterError as err:
+        raise IPAdapterError(_PARAMETER.sub(lambda m: MODEL_PARAMETERS[m.group(1)], str(err))) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -115,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from ipadapter.conditioning.images import load_image
     from ipadapter.conditioning.masks import load_masks
     from ipadapter.conditioning.negatives import parse_noise
-    from ipadapter.loading import load_prompter, text_embeds_for
+    from ipadapter.loading import text_embeds_for
     from ipadapter.request import GenerationRequest, build_prompt
 
     if args.num_images < 1 or (args.steps is not None and args.steps < 1):
@@ -125,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     paths = output_paths(args.out, args.num_images)
     images = [load_image(p) for p in args.image]
     request = GenerationRequest(
-        images=images, prompt=args.prompt, negative_prompt=args.negative_prompt, scale=args.scale,
+        images=images, scale=args.scale,
         masks=load_masks(args.mask, len(images)) if args.mask else [], start=args.start, end=args.end,
         preset=args.preset, combine=args.combine, image_weights=args.image_weight,
         negative_image=load_image(args.negative_image) if args.negative_image else None,
@@ -135,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     )
     request.validate()
     control = control_kwargs(args)
-    loaded = load_prompter(args)
+    loaded = load_from_flags(args)
     prompter = loaded.prompter
     if args.face_embed:
         from ipadapter.encoders import load_face_embedding
