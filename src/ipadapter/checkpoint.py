@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,8 +23,10 @@ from ipadapter.attach import check_compatible, check_cross_dim
 from ipadapter.errors import IPAdapterError
 from ipadapter.layers import AttentionLayer, attention_layers
 from ipadapter.projection.detect import detect_projection
+from ipadapter.variants import detect_variant_name, get_variant
 
 _INDEX_KEY = re.compile(r"^(\d+)\.(.+)$")
+VIT_H_TOKENS = 257  # ViT-H/14 at 224 px: 16 x 16 patches and the class token
 _LORA_RANK_KEY = "to_q_lora.down.weight"
 
 
@@ -91,19 +94,15 @@ def split(flat: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]
 
 
 def detect_variant(image_proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor], hint: str = "") -> AdapterConfig:
-    """Variant, tokens and widths from keys and shapes; `hint` (the file name) only tells FaceID-Plus v1 from v2."""
+    """Variant, tokens and widths from keys and shapes, the variant from the table's detection rules; `hint` (the
+    file name) only tells FaceID-Plus v1 from v2."""
     projection = detect_projection(image_proj)
-    if projection.head == "token_mlp":
-        projection = type(projection)(**{**projection.to_dict(), "tokens": 257})
     lora_rank = next((v.shape[0] for k, v in ip.items() if k.endswith(_LORA_RANK_KEY)), 0)
-    head_to_variant = {"linear": "base", "resampler": "plus", "token_mlp": "full"}
-    if projection.head in head_to_variant:
-        variant = head_to_variant[projection.head]
-    elif projection.head == "faceid":
-        variant = "faceid" if lora_rank or projection.tokens != 16 else "faceid-portrait"
-    else:
-        variant = "faceid-plusv2" if "v2" in hint.lower() else "faceid-plus"
-    return AdapterConfig(variant=variant, projection=projection, lora_rank=lora_rank)
+    variant = get_variant(detect_variant_name(projection.head, tokens=projection.tokens, lora_rank=lora_rank,
+                                              file_name=hint))
+    if not variant.tokens:  # one token per encoder token: the published files are all for ViT-H/14
+        projection = replace(projection, tokens=VIT_H_TOKENS)
+    return AdapterConfig(variant=variant.name, projection=projection, lora_rank=lora_rank)
 
 
 def _by_index_to_by_name(ip: dict[str, torch.Tensor], layers: list[AttentionLayer], path: Path) -> dict[str, torch.Tensor]:

@@ -52,7 +52,7 @@ def _encoder_for(
     """The CLIP image encoder the adapters need (None when all take face embeddings only)."""
     if isinstance(image_encoder, ImageEncoder):
         return image_encoder
-    if all(a.variant.features == "faceid" for a in adapters.values()):
+    if not any(a.variant.clip for a in adapters.values()):
         return None
     if image_encoder is not None:
         found = split_hub_path(str(image_encoder))

@@ -48,13 +48,15 @@ class ImagePrompter:
             self._check_encoder(name, adapter)
 
     def _check_encoder(self, name: str, adapter: IPAdapter) -> None:
-        features = adapter.variant.features
-        if features in ("global", "patch"):
-            if self.encoder is None:
-                raise IPAdapterError(f"adapter {name!r} ({adapter.config.variant}) needs a CLIP image encoder")
-            self.encoder.check_fits(adapter.config.projection.in_dim, features, f"adapter {name!r}")
-        elif features == "faceid+patch" and self.encoder is not None:
-            self.encoder.check_fits(adapter.config.projection.clip_dim, "patch", f"adapter {name!r}")
+        variant = adapter.variant
+        if not variant.clip:
+            return
+        if self.encoder is None:
+            if variant.face_id:  # the crop's patches may come precomputed
+                return
+            raise IPAdapterError(f"adapter {name!r} ({variant.name}) needs a CLIP image encoder")
+        width = adapter.config.projection.clip_dim if variant.face_id else adapter.config.projection.in_dim
+        self.encoder.check_fits(width, variant.clip, f"adapter {name!r}")
 
     def adapter(self, name: str | None) -> tuple[str, IPAdapter]:
         if name is None:
@@ -66,10 +68,11 @@ class ImagePrompter:
         return name, self.adapters[name]
 
     def features(self, adapter: IPAdapter, images: Sequence[Image.Image], face_embeds: torch.Tensor | None = None) -> Features:
-        """Encoder features for a list of images, shaped as the adapter's head takes them."""
-        kind = adapter.variant.features
-        if kind in ("global", "patch"):
-            return (self.encoder.encode(list(images), kind),)
+        """Encoder features for a list of images, shaped as the adapter's head takes them: (ID embeddings, CLIP
+        features of the face crops) for FaceID variants, CLIP features alone otherwise."""
+        variant = adapter.variant
+        if not variant.face_id:
+            return (self.encoder.encode(list(images), variant.clip),)
         ids = face_embeds
         crops = list(images)
         if ids is None:
@@ -78,21 +81,21 @@ class ImagePrompter:
             pairs = [analyzer.analyze(img, f"reference {i}") for i, img in enumerate(images)]
             ids, crops = torch.cat([p[0] for p in pairs]), [p[1] for p in pairs]
         ids = ids.to(adapter.device, adapter.dtype)
-        if kind == "faceid":
+        if not variant.clip:
             return (ids,)
         if self.encoder is None:
-            raise IPAdapterError(f"{adapter.config.variant} needs a CLIP image encoder for the face crop")
-        return ids, self.encoder.encode(crops, "patch")
+            raise IPAdapterError(f"{variant.name} needs a CLIP image encoder for the face crop")
+        return ids, self.encoder.encode(crops, variant.clip)
 
     def uncond_features(self, adapter: IPAdapter, count: int) -> Features:
-        kind = adapter.variant.features
-        if kind in ("global", "patch"):
-            uncond = self.encoder.uncond(kind)
-            return (uncond.expand(count, *uncond.shape[1:]),)
+        """The variant's unconditional input: a zero embedding for global and ID features, the encoder's output on
+        zero pixels for patch features."""
+        variant = adapter.variant
+        clip = self.encoder.uncond(variant.clip) if variant.clip else None
+        if not variant.face_id:
+            return (clip.expand(count, *clip.shape[1:]),)
         zeros = torch.zeros(count, adapter.config.projection.in_dim, device=adapter.device, dtype=adapter.dtype)
-        if kind == "faceid":
-            return (zeros,)
-        return zeros, self.encoder.uncond("patch").expand(count, -1, -1)
+        return (zeros,) if clip is None else (zeros, clip.expand(count, *clip.shape[1:]))
 
     @torch.no_grad()
     def project(self, adapter: IPAdapter, features: Features) -> torch.Tensor:

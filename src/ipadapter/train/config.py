@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter.errors import IPAdapterError
-from ipadapter.variants import ATTENTION_MODES
+from ipadapter.variants import ATTENTION_MODES, TRAINABLE, get_variant
 
-TRAIN_VARIANTS = ("base", "plus", "full", "faceid", "faceid-plus", "faceid-plusv2")
+TRAIN_VARIANTS = TRAINABLE
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -129,11 +129,11 @@ class TrainConfig:
 
     @property
     def needs_image_encoder(self) -> bool:
-        return self.variant != "faceid"
+        return bool(get_variant(self.variant).clip)
 
     @property
     def needs_id_embeds(self) -> bool:
-        return self.variant.startswith("faceid")
+        return get_variant(self.variant).face_id
 
     # ---- loading ----------------------------------------------------------------------------------------------
     @classmethod

@@ -28,7 +28,7 @@ from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.attach import Attachment, attach
 from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError
-from ipadapter.projection.detect import ProjectionConfig
+from ipadapter.projection.detect import new_projection
 from ipadapter.runtime import AdapterPrompt, Reference
 from ipadapter.train import dropout
 from ipadapter.train.config import TrainConfig
@@ -44,46 +44,29 @@ from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
 
-# The CLIP features each variant reads (from the variant table; "" = none, FaceID-Plus takes the face crop's patches).
-_CLIP_FEATURES = {"global": "global", "patch": "patch", "faceid": "", "faceid+patch": "patch"}
-
-
 def clip_features(variant: str) -> str:
-    return _CLIP_FEATURES[get_variant(variant).features]
+    """The CLIP features a variant reads ("" = none), from the variant table."""
+    return get_variant(variant).clip
 
 PUBLISHED_NAME = "ip-adapter.safetensors"
 OWN_NAME = "adapter.ipadapter.safetensors"
 
 
-# ---- the adapter's shape, from the variant and the models' widths (a table, tested as one) ------------------------
+# ---- the adapter's shape, from the variant table and the models' widths (tested as a table) -------------------
 def adapter_config_for(
     variant: str, *, cross_dim: int, embed_dim: int = 0, hidden_dim: int = 0, patch_tokens: int = 0, id_dim: int = 512,
     num_tokens: int = 0, lora_rank: int = 128, encoder: str = "", base: str = "", attention: str = "decoupled",
 ) -> AdapterConfig:
-    """A new adapter's config. Plus: REFERENCE §2's resampler (depth 4, dim_head 64, 16 queries, ff ×4) with width
-    min(C, encoder width) — 768 for SD 1.5 and 1280 for SDXL with ViT-H, as published; FaceID: ID MLP 512 → 1024."""
-    def heads(dim: int) -> int:
-        return max(1, dim // 64)
-
-    if variant == "base":
-        proj = ProjectionConfig("linear", in_dim=embed_dim, cross_dim=cross_dim, tokens=num_tokens or 4)
-    elif variant == "plus":
-        dim = min(cross_dim, hidden_dim)
-        proj = ProjectionConfig("resampler", in_dim=hidden_dim, cross_dim=cross_dim, tokens=num_tokens or 16, dim=dim,
-                                depth=4, heads=heads(dim), dim_head=64, ff_mult=4)
-    elif variant == "full":
-        proj = ProjectionConfig("token_mlp", in_dim=hidden_dim, cross_dim=cross_dim, tokens=patch_tokens,
-                                hidden_dim=hidden_dim)
-    elif variant == "faceid":
-        proj = ProjectionConfig("faceid", in_dim=id_dim, cross_dim=cross_dim, tokens=num_tokens or 4, hidden_dim=2 * id_dim)
-    elif variant in ("faceid-plus", "faceid-plusv2"):
-        proj = ProjectionConfig("faceid_plus", in_dim=id_dim, cross_dim=cross_dim, tokens=num_tokens or 4,
-                                hidden_dim=2 * id_dim, clip_dim=hidden_dim, dim=cross_dim, depth=4,
-                                heads=heads(cross_dim), dim_head=64, ff_mult=4)
-    else:
+    """A new adapter's config: the variant's head shaped by `new_projection`, its token count unless `num_tokens`
+    is given (a per-token head has one token per encoder token, `patch_tokens`), LoRA of `lora_rank` if it has any."""
+    v = get_variant(variant)
+    if not v.trainable:
         raise IPAdapterError(f"variant {variant!r} cannot be trained")
-    rank = lora_rank if variant.startswith("faceid") else 0
-    return AdapterConfig(variant=variant, projection=proj, lora_rank=rank, encoder=encoder, base=base, attention=attention)
+    tokens = (num_tokens or v.tokens) if v.tokens else patch_tokens
+    proj = new_projection(v.head, cross_dim=cross_dim, tokens=tokens, embed_dim=embed_dim, hidden_dim=hidden_dim,
+                          id_dim=id_dim)
+    return AdapterConfig(variant=variant, projection=proj, lora_rank=lora_rank if v.lora else 0, encoder=encoder,
+                         base=base, attention=attention)
 
 
 class TrainModule(nn.Module):
@@ -664,7 +647,6 @@ def train(
 def _init_from(config: TrainConfig, unet: nn.Module) -> IPAdapter:
     """Start from a published (or own) checkpoint; its variant must be the one being trained."""
     from ipadapter import load_adapter
-    from ipadapter.variants import get_variant
 
     loaded = load_adapter(config.init_from, unet, dtype=torch.float32)
     if get_variant(loaded.config.variant).head != get_variant(config.variant).head:
