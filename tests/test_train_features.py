@@ -84,7 +84,7 @@ def test_trainer_loads_the_inference_encoder_from_a_folder(tmp_path, saved_proce
     from transformers import CLIPImageProcessor
 
     folder = tf.write_image_encoder(tmp_path / "enc", processor=saved_processor)
-    encoder = trainer._load_image_encoder(TrainConfig(image_encoder=str(folder)))
+    encoder = trainer.load_image_encoder(TrainConfig(image_encoder=str(folder)))
     assert isinstance(encoder, ImageEncoder)
     assert (encoder.global_dim, encoder.patch_dim, encoder.patch_tokens) == (24, 40, 17)
     default = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

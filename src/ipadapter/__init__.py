@@ -7,7 +7,7 @@
 
 from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.attach import Attachment, attach
-from ipadapter.checkpoint import load_adapter, save_adapter, save_published
+from ipadapter.checkpoint import adapter_from_state_dict, load_adapter, save_adapter, save_published
 from ipadapter.errors import IPAdapterError
 from ipadapter.loading import load
 from ipadapter.prompter import ImagePrompter
@@ -16,6 +16,6 @@ from ipadapter.variants import VARIANTS
 
 __all__ = [
     "AdapterConfig", "AdapterPrompt", "Attachment", "IPAdapter", "IPAdapterError", "ImagePrompter", "Reference",
-    "VARIANTS", "attach", "load", "load_adapter", "save_adapter", "save_published",
+    "VARIANTS", "adapter_from_state_dict", "attach", "load", "load_adapter", "save_adapter", "save_published",
 ]
 __version__ = "0.1.0"

@@ -157,7 +157,7 @@ def _stream(config: TrainConfig, rank: int, world: int, *, single_pass: bool = F
     return IndexedStream(records, rank=rank, world=world, seed=config.seed, shuffle=shuffle, single_pass=single_pass)
 
 
-def _load_image_encoder(config: TrainConfig) -> ImageEncoder:
+def load_image_encoder(config: TrainConfig) -> ImageEncoder:
     """In the checkpoint's own dtype, as transformers loads the text encoders; the run casts it where it trains."""
     return ImageEncoder.from_pretrained(config.image_encoder, dtype="auto")
 
@@ -232,7 +232,7 @@ def _prepare_cache(run: _Run, given_models: BaseModels | None, given_encoder: Im
     logger.info("building the feature cache %s (one pass over the data)", cache_dir)
     run.models = given_models or load_base(config.base, encoders=True, vae=True)
     if run.features:
-        run.encoder = given_encoder or _load_image_encoder(config)
+        run.encoder = given_encoder or load_image_encoder(config)
     device = acc.device
     for m in (run.models.vae, *run.models.text_encoders, run.encoder.model if run.encoder else None):
         if m is not None:
@@ -328,7 +328,7 @@ def _validation_set(run: _Run, reader: Any, count: int = 4):
         if run.features:
             uncond += (run.constants["uncond_image"][None],)
     else:
-        encoder = run.encoder or (_load_image_encoder(config) if run.features else None)
+        encoder = run.encoder or (load_image_encoder(config) if run.features else None)
         if encoder is not None:
             encoder.model.to(device)
         decode = Decoder(config.resolution, encoder.processor if encoder else None,
@@ -448,7 +448,7 @@ def train(
     else:
         stream = _stream(config, rank, world)
         if run.features:
-            run.encoder = image_encoder or _load_image_encoder(config)
+            run.encoder = image_encoder or load_image_encoder(config)
         decode = _decoder(run)
     run.batches = batches = Batches(stream, decode, config.batch_size, workers=config.num_workers)
 
@@ -671,14 +671,7 @@ def _register_adapter_hooks(accelerator: Any, adapter: IPAdapter) -> None:
     def load_hook(models: list, input_dir: str) -> None:
         from safetensors.torch import load_file
 
-        flat = load_file(str(Path(input_dir) / "adapter.safetensors"))
-        with torch.no_grad():
-            adapter.image_proj.load_state_dict({k[len("image_proj."):]: v for k, v in flat.items()
-                                                if k.startswith("image_proj.")})
-            layers = {k[len("layers."):]: v for k, v in flat.items() if k.startswith("layers.")}
-            for name, layer in adapter.named_layers():
-                prefix = name + "."
-                layer.load_state_dict({k[len(prefix):]: v for k, v in layers.items() if k.startswith(prefix)})
+        adapter.load_state_dict(load_file(str(Path(input_dir) / "adapter.safetensors")))
         while models:
             models.pop()
 
