@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,6 +136,9 @@ class IPAdapter(nn.Module):
              for l in layers if l.cross or config.lora_rank}
         )
         self.uid = next(_UIDS)
+        self.weights_version = 0
+        for module in self.modules():  # a load into any part of the adapter changes its weights
+            module.register_load_state_dict_post_hook(self._weights_loaded)
 
     @classmethod
     def for_unet(cls, unet: nn.Module, config: AdapterConfig, *, init_from_unet: bool = True) -> "IPAdapter":
@@ -165,12 +169,22 @@ class IPAdapter(nn.Module):
         """Encoder features → tokens (B, T, C). FaceID-Plus takes (id_embeds, patches)."""
         return self.image_proj(*features)
 
+    def _weights_loaded(self, module: nn.Module, incompatible_keys: Any) -> None:
+        self.weights_changed()
+
+    def weights_changed(self) -> None:
+        """Say that the weights changed in place (an optimizer step, a manual edit): tokens and K'/V' cached for the
+        old weights are not served again. Loads (`load_state_dict` on any part), moves and casts need no call."""
+        self.weights_version += 1
+
+    def weights_token(self) -> tuple:
+        """Equal while the weights are: this adapter object, its load/change count, its device and dtype."""
+        return (self.uid, self.weights_version, self.device, self.dtype)
+
     def projection_key(self) -> tuple:
-        """Changes whenever the projection's output could: another adapter object, weights updated in place
-        (load_state_dict, an optimizer step), moved or cast, FaceID-PlusV2's `s_scale` changed. Keys the
-        projected-token cache."""
-        settings = getattr(self.image_proj, "s_scale", None)
-        return (self.uid, settings, *((p.data_ptr(), p._version) for p in self.image_proj.parameters()))
+        """Keys the projected-token cache: the weights token and the head's one setting that is not a weight,
+        FaceID-PlusV2's `s_scale`."""
+        return (*self.weights_token(), getattr(self.image_proj, "s_scale", None))
 
     @property
     def device(self) -> torch.device:

@@ -133,7 +133,7 @@ class Attachment:
                     "UNet (a weight map made for another base model?)"
                 )
         self.rows = rows
-        self.runtime.set(prompts, cfg=cfg)
+        self.runtime.set(prompts, cfg=cfg, weights={name: self.adapters[name].weights_token() for name in prompts})
 
     def clear(self) -> None:
         self.rows = None

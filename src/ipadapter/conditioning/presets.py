@@ -95,7 +95,7 @@ PRESET_NAMES = tuple(WEIGHT_TYPES) + tuple(NAMED_PRESETS)
 
 @dataclass(frozen=True)
 class LayerPreset:
-    """What a preset sets: one layer-weight map per reference image, and the "precise" layers.
+    """What a preset sets: one layer-weight map per reference image, and the uncond layers ("precise" presets).
 
     layer_weights[i] is for the i-th reference image: with one entry it is `AdapterPrompt.layer_weights`; with
     several (style and composition) each goes to its image's `Reference.layer_weights`.

@@ -571,6 +571,7 @@ def train(
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            adapter.weights_changed()
             if ema is not None:
                 ema.update()
             step_loss = float(accelerator.reduce(loss_sum / micro, reduction="mean"))
@@ -615,6 +616,7 @@ def train(
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to()
+            adapter.weights_changed()
         try:
             # the simple-adapter ablation has no published layout (no to_k_ip/to_v_ip): own format only
             if adapter.config.attention == "decoupled":
