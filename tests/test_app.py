@@ -9,6 +9,7 @@ import re
 import shlex
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -45,10 +46,12 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def service(tiny, tmp_path_factory) -> GenerationService:
+def service(tiny, tmp_path_factory) -> Iterator[GenerationService]:
     args = argparse.Namespace(base=str(tiny / "pipe"), **{**MODEL_ARGS, "adapter": [str(tiny / "base.bin")]})
-    return GenerationService(load_from_flags(args), model_flags(args), limits=UploadLimits(max_bytes=50_000, max_side=64),
-                             workdir=tmp_path_factory.mktemp("work"))
+    service = GenerationService(load_from_flags(args), model_flags(args),
+                                limits=UploadLimits(max_bytes=50_000, max_side=64), workdir=tmp_path_factory.mktemp("work"))
+    yield service
+    service.loaded.prompter.detach()
 
 
 def _form(tiny: Path, **kw) -> Form:
