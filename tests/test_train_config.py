@@ -39,7 +39,7 @@ def test_validation_names_the_bad_value(values, message) -> None:
 
 
 def test_adapter_shapes_per_variant_table() -> None:
-    """SD 1.5 + ViT-H widths give the published shapes (REFERENCE §2)."""
+    """SD 1.5 + ViT-H widths give the published shapes (docs/checkpoints.md §1)."""
     vit_h = dict(embed_dim=1024, hidden_dim=1280, patch_tokens=257)
     table = {
         ("base", 768): ("linear", 4, 0, 0, 0),

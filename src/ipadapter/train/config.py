@@ -1,6 +1,6 @@
 """What a training run is: one dataclass, loadable from YAML or TOML, every field overridable by a CLI flag.
 
-Defaults are the paper's recipe (REFERENCE §1): AdamW lr 1e-4 constant, weight decay 0.01, batch 8 per device,
+Defaults are the paper's recipe (docs/checkpoints.md §5): AdamW lr 1e-4 constant, weight decay 0.01, batch 8 per device,
 512 px (shortest side → 512, centre crop), condition dropout 5% image / 5% text / 5% both.
 """
 
