@@ -148,6 +148,9 @@ def load_prompter(
         pipe = fuse_base_lora(pipe, lora, base_lora_scale)
     if controlnet:
         pipe = add_controlnet(pipe, controlnet_source(controlnet))
+    if image_encoder is None:  # the base folder's own, else the one beside the first adapter
+        found = default_image_encoder(base, sources[0])
+        image_encoder = "/".join(part for part in found if part) if found else None
     prompter = load(pipe, [s.source for s in sources], subfolder=[s.subfolder for s in sources],
                     weight_name=[s.weight_name for s in sources], image_encoder=image_encoder)
     return Loaded(prompter, base, miniature, MINIATURE_STEPS if miniature else None,

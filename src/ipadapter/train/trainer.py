@@ -44,9 +44,11 @@ from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
 
+
 def clip_features(variant: str) -> str:
     """The CLIP features a variant reads ("" = none), from the variant table."""
     return get_variant(variant).clip
+
 
 PUBLISHED_NAME = "ip-adapter.safetensors"
 OWN_NAME = "adapter.ipadapter.safetensors"
