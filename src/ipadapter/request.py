@@ -49,12 +49,12 @@ class GenerationRequest:
 
     def validate(self) -> None:
         if not math.isfinite(self.scale):
-            raise IPAdapterError(f"--scale must be a finite number, got {self.scale}")
+            raise IPAdapterError(f"scale= must be a finite number, got {self.scale}")
         check_window(self.start, self.end)
         if self.masks and len(self.masks) != len(self.images):
             raise IPAdapterError(f"got {len(self.masks)} mask(s) for {len(self.images)} reference image(s); give one per image")
         if self.tiles and self.masks:
-            raise IPAdapterError("--tiles makes its own per-tile masks; do not combine it with --mask")
+            raise IPAdapterError("tiles= makes its own per-tile masks; do not combine it with masks=")
 
 
 def _prepared(prompter: ImagePrompter, images: list[Image.Image], crop: str) -> list[Image.Image]:
@@ -87,7 +87,7 @@ def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: s
     weights = request.image_weights
     if request.combine != "concat" and features[0].shape[0] > 1:
         if any(m is not None for m in masks):
-            raise IPAdapterError("masked references cannot be combined into one; use --combine concat with --mask")
+            raise IPAdapterError("masked references cannot be combined into one; use combine=concat with masks=")
         count = features[0].shape[0]
         features = tuple(combine([f[i : i + 1] for i in range(count)], request.combine, weights) for f in features)
         masks, weights = [None], None

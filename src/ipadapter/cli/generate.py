@@ -45,15 +45,21 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="a diffusers scheduler class to use instead of the base model's own")
 
 
-# `load_prompter`'s parameters → the flags that set them: its errors name parameters ("weight_names="), a user of
-# the command line reads the flag instead.
-MODEL_PARAMETERS = {
+# Library parameters → the flags that set them: library errors name parameters ("weight_names="), a user of the
+# command line reads the flag instead (`load_prompter`'s and `GenerationRequest`'s).
+PARAMETER_FLAGS = {
     "base": "--base", "adapters": "--adapter", "subfolders": "--subfolder", "subfolder": "--subfolder",
     "weight_names": "--weight-name", "weight_name": "--weight-name", "image_encoder": "--image-encoder",
     "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "base_lora": "--base-lora",
-    "controlnet": "--controlnet",
+    "controlnet": "--controlnet", "scale": "--scale", "tiles": "--tiles", "masks": "--mask", "combine": "--combine",
 }
-_PARAMETER = re.compile(r"\b(" + "|".join(MODEL_PARAMETERS) + r")=")
+_PARAMETER = re.compile(r"\b(" + "|".join(PARAMETER_FLAGS) + r")=(?=(\w?))")
+
+
+def as_flags(err: IPAdapterError) -> IPAdapterError:
+    """The same error with the parameters it names written as the command line's flags ("combine=concat" →
+    "--combine concat", "give weight_names= once" → "give --weight-name once")."""
+    return IPAdapterError(_PARAMETER.sub(lambda m: PARAMETER_FLAGS[m.group(1)] + (" " if m.group(2) else ""), str(err)))
 
 
 def load_from_flags(args: argparse.Namespace) -> Any:
@@ -68,7 +74,7 @@ def load_from_flags(args: argparse.Namespace) -> Any:
             base_lora_scale=getattr(args, "base_lora_scale", 1.0), controlnet=getattr(args, "controlnet", None),
         )
     except IPAdapterError as err:
-        raise IPAdapterError(_PARAMETER.sub(lambda m: MODEL_PARAMETERS[m.group(1)], str(err))) from None
+        raise as_flags(err) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -139,6 +145,13 @@ def control_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _generate(args)
+    except IPAdapterError as err:
+        raise as_flags(err) from None
+
+
+def _generate(args: argparse.Namespace) -> int:
     from ipadapter.atomic import save_png
     from ipadapter.conditioning.images import load_image
     from ipadapter.conditioning.masks import load_masks
