@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,10 +18,21 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def sd15_unet():
+def sd15_unet_template():
     return factories.sd15_unet()
 
 
 @pytest.fixture(scope="session")
-def sdxl_unet():
+def sdxl_unet_template():
     return factories.sdxl_unet()
+
+
+@pytest.fixture
+def sd15_unet(sd15_unet_template):
+    """A fresh copy per test: a test that fails while an adapter is attached cannot leave it on the next test's UNet."""
+    return copy.deepcopy(sd15_unet_template)
+
+
+@pytest.fixture
+def sdxl_unet(sdxl_unet_template):
+    return copy.deepcopy(sdxl_unet_template)

@@ -9,6 +9,7 @@ import re
 import shlex
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ipadapter.app.masks import fit_mask, mask_from_editor
 from ipadapter.app.service import GenerationService
 from ipadapter.cli.main import build_parser, main
 from ipadapter.errors import IPAdapterError
-from ipadapter.loading import load_prompter
+from ipadapter.cli.generate import load_from_flags
 from tests import factories
 from tests.app_process import CHROMIUM, CHROMIUM_FLAGS, answers, serving
 
@@ -45,10 +46,12 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def service(tiny, tmp_path_factory) -> GenerationService:
+def service(tiny, tmp_path_factory) -> Iterator[GenerationService]:
     args = argparse.Namespace(base=str(tiny / "pipe"), **{**MODEL_ARGS, "adapter": [str(tiny / "base.bin")]})
-    return GenerationService(load_prompter(args), model_flags(args), limits=UploadLimits(max_bytes=50_000, max_side=64),
-                             workdir=tmp_path_factory.mktemp("work"))
+    service = GenerationService(load_from_flags(args), model_flags(args),
+                                limits=UploadLimits(max_bytes=50_000, max_side=64), workdir=tmp_path_factory.mktemp("work"))
+    yield service
+    service.loaded.prompter.detach()
 
 
 def _form(tiny: Path, **kw) -> Form:

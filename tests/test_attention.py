@@ -220,9 +220,15 @@ def test_kv_carried_to_next_generation_only_while_tokens_and_weights_are_the_sam
     assert computed == 0 and torch.equal(again, first)
     with torch.no_grad():
         for _, layer in adapter.named_layers():
-            layer.to_v_ip.weight.mul_(2)  # weights changed in place: cached K'/V' must not be served
+            layer.to_v_ip.weight.mul_(2)  # weights changed in place and said so: cached K'/V' must not be served
+    adapter.weights_changed()
     changed, computed = generation(a)
     assert computed > 0 and (changed - first).abs().max() > 1e-4
+    adapter.load_state_dict(adapter.state_dict())  # a load counts as a change by itself
+    _, computed = generation(a)
+    assert computed > 0
+    changed, computed = generation(a)
+    assert computed == 0 and (changed - first).abs().max() > 1e-4
     other, computed = generation(a + 1)
     assert computed > 0 and (other - changed).abs().max() > 1e-4
     att.runtime.cache_kv = False
@@ -254,15 +260,15 @@ def test_masked_references_together_equal_each_alone() -> None:
             Reference(cond=torch.randn(1, 3, cross), uncond=torch.randn(1, 3, cross), mask=masks[1]),
             Reference(cond=torch.randn(1, 3, cross), weight=1.3)]
 
-    def run(chosen: list[Reference], precise: bool) -> torch.Tensor:
-        uncond_layers = frozenset({name}) if precise else frozenset()
+    def run(chosen: list[Reference], uncond_layer: bool) -> torch.Tensor:
+        uncond_layers = frozenset({name}) if uncond_layer else frozenset()
         runtime.set({"a": AdapterPrompt(chosen, scale=0.8, uncond_layers=uncond_layers)} if chosen else {}, cfg=True)
         runtime.latent_hw = hw
         with torch.no_grad():
             return proc(attn, x, text)
 
-    for precise in (False, True):
-        together = run(refs, precise)
-        alone = sum(run([r], precise) for r in refs) - 2 * run([], precise)
+    for uncond_layer in (False, True):
+        together = run(refs, uncond_layer)
+        alone = sum(run([r], uncond_layer) for r in refs) - 2 * run([], uncond_layer)
         torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-        assert (together - run(refs[2:], precise)).abs().max() > 1e-3  # the masked references do act
+        assert (together - run(refs[2:], uncond_layer)).abs().max() > 1e-3  # the masked references do act

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ipadapter import IPAdapterError, load_adapter, save_adapter, save_published
+from ipadapter import IPAdapterError, adapter_from_state_dict, load_adapter, save_adapter, save_published
 from ipadapter.checkpoint import published_state_dict
 from tests import factories
 
@@ -115,8 +115,9 @@ def test_wrong_cross_dim_names_both_families(sd15_unet, tmp_path) -> None:
 
 def test_hub_id_offline_without_cache_is_one_sentence(sd15_unet, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(IPAdapterError, match="local Hugging Face cache|could not fetch"):
+    with pytest.raises(IPAdapterError, match="local Hugging Face cache|could not fetch") as info:
         load_adapter("h94/IP-Adapter", sd15_unet, subfolder="models", weight_name="ip-adapter_sd15.bin")
+    assert "\n" not in str(info.value)
 
 
 def test_hub_id_resolves_from_local_cache(sd15_unet, tmp_path, monkeypatch) -> None:
@@ -134,3 +135,24 @@ def test_hub_id_resolves_from_local_cache(sd15_unet, tmp_path, monkeypatch) -> N
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     adapter = load_adapter("h94/IP-Adapter", sd15_unet, subfolder="models", weight_name="ip-adapter_sd15.bin")
     assert adapter.config.variant == "base"
+
+
+def test_module_keys_are_the_own_file_keys(sd15_unet, tmp_path) -> None:
+    from safetensors import safe_open
+
+    state = factories.published(sd15_unet, "faceid", factories.SD15_CROSS, lora_rank=4)
+    adapter = adapter_from_state_dict(state, sd15_unet)
+    with safe_open(str(save_adapter(adapter, tmp_path / "own.safetensors")), "pt") as f:
+        assert set(f.keys()) == set(adapter.state_dict())
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    assert adapter.get_submodule(f"layers.{name}") is adapter.layer(name)
+
+
+def test_in_memory_state_dict_loads_like_the_file(sd15_unet, tmp_path) -> None:
+    """Nested (as in .bin files) and flat (as in .safetensors) published layouts give the file's adapter."""
+    state = factories.published(sd15_unet, "plus", factories.SD15_CROSS)
+    torch.save(state, tmp_path / "plus.bin")
+    expected = load_adapter(tmp_path / "plus.bin", sd15_unet).state_dict()
+    for given in (state, _flat(state)):
+        got = adapter_from_state_dict(given, sd15_unet).state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)

@@ -125,7 +125,7 @@ def layer_call(unet, name: str, x: torch.Tensor, text: torch.Tensor) -> torch.Te
 
 
 def expected_layer(unet, adapter, name: str, x, text, tokens, w: float, mode: str, rows=None) -> torch.Tensor:
-    """REFERENCE §7's scaling modes for one layer: V only, K+V, K+V with C penalty, K + mean(V) with penalty."""
+    """The scaling modes of docs/control.md for one layer: V only, K+V, K+V with C penalty, K + mean(V) with penalty."""
     attn, ip = unet.get_submodule(name), adapter.layer(name)
     with torch.no_grad():
         q = attn.to_q(x)

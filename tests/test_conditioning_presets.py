@@ -25,7 +25,7 @@ SDXL_T = [
     "up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "up_blocks.1.attentions.2",
 ]
 
-# REFERENCE §7 evaluated by hand, one value per t.
+# The weight-type formulas of docs/control.md evaluated by hand, one value per t.
 SD15_TYPES = {
     "linear": [1.0] * 16,
     "ease in": [1.0, 0.940625, 0.88125, 0.821875, 0.7625, 0.703125, 0.64375, 0.584375,

@@ -82,11 +82,16 @@ def test_repeated_reference_and_uncond_skip_the_projection_head() -> None:
         fresh = adapter.project(*prompter.features(adapter, [img]))
     torch.testing.assert_close(again[0].cond, fresh, atol=1e-6, rtol=1e-6)
     with torch.no_grad():
-        next(adapter.image_proj.parameters()).mul_(1.5)  # the adapter's weights changed in place
+        next(adapter.image_proj.parameters()).mul_(1.5)  # the adapter's weights changed in place, and it is told
+    adapter.weights_changed()
     del projections[:]
     _, changed = prompter.references([img])
     assert projections == [1, 1], "new weights: the reference and the unconditional image are projected again"
     assert (changed[0].cond - first[0].cond).abs().max() > 1e-4
+    adapter.image_proj.load_state_dict(adapter.image_proj.state_dict())  # a load of any part counts by itself
+    del projections[:]
+    prompter.references([img])
+    assert projections == [1, 1]
 
 
 def test_size_zero_projects_every_time() -> None:

@@ -196,11 +196,11 @@ def test_adapter_is_on_the_unet_never_on_the_controlnet(tiny_base) -> None:
     from diffusers import StableDiffusionControlNetPipeline
 
     from ipadapter.attention import IPAttnProcessor
-    from ipadapter.loading import load_prompter
+    from ipadapter.cli.generate import load_from_flags
 
     args = build_parser().parse_args(["generate", "--base", str(tiny_base / "pipe"), "--adapter",
                                       str(tiny_base / "base.bin"), "--controlnet", str(tiny_base / "cn")])
-    pipe = load_prompter(args).prompter.pipe
+    pipe = load_from_flags(args).prompter.pipe
     assert isinstance(pipe, StableDiffusionControlNetPipeline)
     assert any(isinstance(p, IPAttnProcessor) for p in pipe.unet.attn_processors.values())
     assert not any(isinstance(p, IPAttnProcessor) for p in pipe.controlnet.attn_processors.values())

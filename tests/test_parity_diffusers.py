@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 
-from ipadapter import AdapterPrompt, Reference, attach, load_adapter
-from ipadapter.layers import attention_layers
+from ipadapter import AdapterPrompt, Reference, adapter_from_state_dict, attach, load_adapter
 from tests import factories
 
 FAMILIES = ["base", "plus", "full", "faceid", "faceid-plus", "faceid-plusv2"]
@@ -99,14 +98,7 @@ def test_several_adapters_and_images_equal_diffusers(arch: str) -> None:
             proc.scale = [0.7, 0.4]
     expected = run_unet(ref, arch, 2, added_cond_kwargs={"image_embeds": embeds})
 
-    from ipadapter.checkpoint import _by_index_to_by_name, _load_into, detect_variant
-    from ipadapter.adapter import IPAdapter
-
-    adapters = []
-    for st in states:
-        a = IPAdapter(detect_variant(st["image_proj"], st["ip_adapter"]), attention_layers(unet))
-        _load_into(a, st["image_proj"], _by_index_to_by_name(st["ip_adapter"], attention_layers(unet), "x"), "x")
-        adapters.append(a)
+    adapters = [adapter_from_state_dict(st, unet) for st in states]
     att = attach(unet, adapters)
     prompts = {}
     for i, (fam, a, f) in enumerate(zip(families, adapters, f_list)):
@@ -134,8 +126,8 @@ def test_low_precision_output_equals_diffusers_in_the_same_precision(dtype: torc
         expected = ref.to(dtype)(sample, 500, encoder_hidden_states=text,
                                  added_cond_kwargs={"image_embeds": [e.to(dtype) for e in embeds]}).sample
         plain = unet.to(dtype)(sample, 500, encoder_hidden_states=text).sample
-    adapter = load_adapter(tmp_path / "plus.bin", unet)
-    att = attach(unet, adapter)  # casts the adapter to the UNet's dtype
+    adapter = load_adapter(tmp_path / "plus.bin", unet)  # made in the UNet's dtype
+    att = attach(unet, adapter)
     with torch.no_grad():
         tokens = adapter.project(f["patch"][:, 0].to(dtype))
         att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)])})

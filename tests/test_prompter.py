@@ -96,3 +96,25 @@ def test_saved_published_file_loads_in_diffusers(tmp_path) -> None:
     expected = _diffusers_images(factories.tiny_sd15_pipeline, tmp_path, out, encoder, processor)
     _, got = _ours(pipe, out, encoder, processor)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_changed_s_scale_gives_new_faceid_plusv2_tokens(tmp_path) -> None:
+    """The projected-token cache must not serve tokens made with another `s_scale` (V2's shortcut weight)."""
+    from types import SimpleNamespace
+
+    unet = factories.sd15_unet()
+    torch.save(factories.published(unet, "faceid-plusv2", factories.SD15_CROSS, lora_rank=4), tmp_path / "v2.bin")
+    adapter = load_adapter(tmp_path / "v2.bin", unet, variant="faceid-plusv2")
+    prompter = ImagePrompter(SimpleNamespace(unet=unet, scheduler=None), adapter)
+    try:
+        g = torch.Generator().manual_seed(0)
+        features = (torch.randn(1, 16, generator=g), torch.randn(1, 5, 40, generator=g))
+        first = prompter.project(adapter, features)
+        adapter.image_proj.s_scale = 0.25
+        second = prompter.project(adapter, features)
+        with torch.no_grad():
+            expected = adapter.project(*features)
+        torch.testing.assert_close(second, expected, rtol=0, atol=0)
+        assert not torch.equal(first, second)
+    finally:
+        prompter.detach()

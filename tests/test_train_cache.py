@@ -9,24 +9,24 @@ from ipadapter import IPAdapterError
 from ipadapter.encoders import ImageEncoder
 from ipadapter.train import TrainConfig, train
 from ipadapter.train.cache import CacheReader
-from tests import train_factories as tf
+from tests import factories
 
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield
-    tf.reset_accelerate()
+    factories.reset_accelerate()
 
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache")
-    manifest = tf.write_images(tmp / "data", 5, corrupt=1)
-    models, encoder = tf.in_memory()
-    config = TrainConfig(data=str(manifest), output=str(tmp / "out"), resolution=tf.RES, batch_size=2, max_steps=2,
+    manifest = factories.write_images(tmp / "data", 5, corrupt=1)
+    models, encoder = factories.in_memory()
+    config = TrainConfig(data=str(manifest), output=str(tmp / "out"), resolution=factories.RES, batch_size=2, max_steps=2,
                          num_workers=0, variant="plus", cache=str(tmp / "cache"), save_every=1000)
     result = train(config, models=models, image_encoder=encoder, log_with=None)
-    tf.reset_accelerate()
+    factories.reset_accelerate()
     return {"config": config, "models": models, "encoder": encoder, "result": result}
 
 
@@ -35,7 +35,7 @@ def test_cache_holds_every_good_sample_and_the_dropped_constants(cached) -> None
     assert reader.index["rows"] == 5 and reader.index["skipped"] == {"undecodable image": 1}
     row = reader(reader.records()[0])
     assert set(row) == {"latent_mean", "latent_std", "text_embeds", "image"}
-    assert row["latent_mean"].shape == (4, tf.RES // 2, tf.RES // 2) and row["image"].shape == (17, 40)
+    assert row["latent_mean"].shape == (4, factories.RES // 2, factories.RES // 2) and row["image"].shape == (17, 40)
     # a dropped patch-variant image = the encoder's features of zero pixel values
     enc: ImageEncoder = cached["encoder"]
     zeros = enc.encode_pixels(torch.zeros(1, 3, 32, 32), "patch")[0]
@@ -71,9 +71,9 @@ def test_cache_refuses_other_models_or_settings(cached, tmp_path, change, field)
     models, encoder = cached["models"], cached["encoder"]
     config = cached["config"].replace(output=str(tmp_path / "o"))
     if change == "other encoder":
-        encoder = ImageEncoder(tf.image_encoder(seed=77), encoder.processor)
+        encoder = ImageEncoder(factories.image_encoder(seed=77), encoder.processor)
     elif change == "other vae":
-        models = type(models)(**{**models.__dict__, "vae": tf.vae(seed=77)})
+        models = type(models)(**{**models.__dict__, "vae": factories.vae(seed=77)})
     else:
         config = config.replace(**change)
     with pytest.raises(IPAdapterError, match=f"feature cache .* was built with {field} = .* but this run has"):
@@ -84,12 +84,12 @@ def test_folder_models_cache_reused_without_loading_encoders(tmp_path, monkeypat
     """From folders (an encoder without a saved processor): the second run loads only the UNet."""
     from ipadapter.train import trainer
 
-    base, encoder = tf.write_base(tmp_path / "base"), tf.write_image_encoder(tmp_path / "enc", processor=False)
-    config = TrainConfig(base=str(base), image_encoder=str(encoder), data=str(tf.write_images(tmp_path / "d", 3)),
-                         output=str(tmp_path / "o1"), cache=str(tmp_path / "cache"), resolution=tf.RES, batch_size=2,
+    base, encoder = factories.write_base(tmp_path / "base"), factories.write_image_encoder(tmp_path / "enc", processor=False)
+    config = TrainConfig(base=str(base), image_encoder=str(encoder), data=str(factories.write_images(tmp_path / "d", 3)),
+                         output=str(tmp_path / "o1"), cache=str(tmp_path / "cache"), resolution=factories.RES, batch_size=2,
                          max_steps=1, num_workers=0)
     train(config, log_with=None)
-    tf.reset_accelerate()
+    factories.reset_accelerate()
 
     def no(*a, **k):
         raise AssertionError("a frozen encoder was loaded although the cache holds its outputs")

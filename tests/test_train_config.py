@@ -9,7 +9,7 @@ from ipadapter import IPAdapter, IPAdapterError
 from ipadapter.cli.main import main
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.trainer import adapter_config_for
-from tests import train_factories as tf
+from tests import factories
 
 
 def test_yaml_and_toml_load_and_flags_override(tmp_path) -> None:
@@ -39,7 +39,7 @@ def test_validation_names_the_bad_value(values, message) -> None:
 
 
 def test_adapter_shapes_per_variant_table() -> None:
-    """SD 1.5 + ViT-H widths give the published shapes (REFERENCE §2)."""
+    """SD 1.5 + ViT-H widths give the published shapes (docs/checkpoints.md §1)."""
     vit_h = dict(embed_dim=1024, hidden_dim=1280, patch_tokens=257)
     table = {
         ("base", 768): ("linear", 4, 0, 0, 0),
@@ -68,13 +68,13 @@ def test_sd15_base_adapter_has_the_papers_22m_trainable_parameters() -> None:
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield
-    tf.reset_accelerate()
+    factories.reset_accelerate()
 
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    return tf.write_base(root / "base"), tf.write_image_encoder(root / "enc"), tf.write_images(root / "data", 3)
+    return factories.write_base(root / "base"), factories.write_image_encoder(root / "enc"), factories.write_images(root / "data", 3)
 
 
 @pytest.mark.parametrize("extra, message", [

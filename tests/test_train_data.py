@@ -15,11 +15,11 @@ from ipadapter.train import dropout
 from ipadapter.train.data import (
     Batches, Decoder, IndexedStream, ShardStream, center_crop, expand_shards, read_manifest, sdxl_time_ids,
 )
-from tests import train_factories as tf
+from tests import factories
 
 
 def test_manifest_paths_relative_to_its_folder_or_data_root(tmp_path) -> None:
-    manifest = tf.write_images(tmp_path / "d", 2)
+    manifest = factories.write_images(tmp_path / "d", 2)
     records = read_manifest(manifest)
     assert records[0].image == tmp_path / "d" / "img0.png" and records[0].text == "a red square"
     moved = tmp_path / "elsewhere" / "m.jsonl"
@@ -48,7 +48,7 @@ def test_bad_manifests_are_one_line_errors(tmp_path, content, message) -> None:
 
 
 def test_faceid_manifest_needs_id_embed_file(tmp_path) -> None:
-    manifest = tf.write_images(tmp_path, 2)
+    manifest = factories.write_images(tmp_path, 2)
     with pytest.raises(IPAdapterError, match="id_embed_file.*ArcFace"):
         read_manifest(manifest, need_id=True)
 
@@ -59,7 +59,7 @@ def test_no_shards_matched(tmp_path) -> None:
 
 
 def test_shards_stream_skip_corrupt_and_resume_exactly(tmp_path) -> None:
-    pattern = tf.write_shards(tmp_path / "shards", 10, per_shard=4, corrupt_every=5)
+    pattern = factories.write_shards(tmp_path / "shards", 10, per_shard=4, corrupt_every=5)
     shards = expand_shards(pattern)
     assert len(shards) == 3
     (tmp_path / "shards" / "00002.tar").write_bytes((tmp_path / "shards" / "00002.tar").read_bytes()[:700])  # truncated
@@ -77,7 +77,7 @@ def test_shards_stream_skip_corrupt_and_resume_exactly(tmp_path) -> None:
 
 
 def test_shards_split_over_processes(tmp_path) -> None:
-    shards = expand_shards(tf.write_shards(tmp_path, 8, per_shard=2))
+    shards = expand_shards(factories.write_shards(tmp_path, 8, per_shard=2))
     seen = []
     for rank in range(2):
         s = ShardStream(shards, rank=rank, world=2, seed=0, single_pass=True)
@@ -94,7 +94,7 @@ def _keys(stream: ShardStream, n: int) -> list[str]:
 
 @pytest.mark.parametrize("world, shard_count", [(1, 4), (2, 4), (2, 1)])  # (2, 1): both processes read one shard
 def test_shuffle_buffer_shuffles_samples_once_per_epoch_and_resumes_exactly(tmp_path, world, shard_count) -> None:
-    shards = expand_shards(tf.write_shards(tmp_path, 40, per_shard=10))[:shard_count]
+    shards = expand_shards(factories.write_shards(tmp_path, 40, per_shard=10))[:shard_count]
     per_rank = 10 * shard_count // world
     for rank in range(world):
         def stream(buffer: int = 6, seed: int = 0) -> ShardStream:
@@ -119,7 +119,7 @@ def test_shuffle_buffer_shuffles_samples_once_per_epoch_and_resumes_exactly(tmp_
 
 
 def test_shuffle_buffer_mixes_across_shards(tmp_path) -> None:
-    shards = expand_shards(tf.write_shards(tmp_path, 40, per_shard=10))
+    shards = expand_shards(factories.write_shards(tmp_path, 40, per_shard=10))
     plain = _keys(ShardStream(shards, shuffle_buffer=0), 40)
     shuffled = _keys(ShardStream(shards, shuffle_buffer=25), 40)
     shard_of = {k: i // 10 for i, k in enumerate(plain)}  # the shard each key was read from, in reading order
@@ -127,7 +127,7 @@ def test_shuffle_buffer_mixes_across_shards(tmp_path) -> None:
 
 
 def test_shuffle_buffer_resume_counts_a_damaged_shard_once(tmp_path) -> None:
-    shards = expand_shards(tf.write_shards(tmp_path, 24, per_shard=8))
+    shards = expand_shards(factories.write_shards(tmp_path, 24, per_shard=8))
     (tmp_path / "00001.tar").write_bytes((tmp_path / "00001.tar").read_bytes()[:5000])  # truncated mid-shard
     full = ShardStream(shards, seed=0, shuffle_buffer=10)
     keys = _keys(full, 30)
@@ -141,7 +141,7 @@ def test_shuffle_buffer_resume_counts_a_damaged_shard_once(tmp_path) -> None:
 
 
 def test_manifest_stream_is_a_seeded_permutation_per_epoch_and_resumes(tmp_path) -> None:
-    records = read_manifest(tf.write_images(tmp_path, 5))
+    records = read_manifest(factories.write_images(tmp_path, 5))
     s = IndexedStream(records, seed=3)
     epoch0 = [s.next_record().key for _ in range(5)]
     assert sorted(epoch0) == ["1", "2", "3", "4", "5"]
@@ -185,7 +185,7 @@ def _one(tmp_path, name):
 
 
 def test_bad_id_embeddings_are_skipped(tmp_path) -> None:
-    manifest = tf.write_images(tmp_path, 2, id_dim=8)
+    manifest = factories.write_images(tmp_path, 2, id_dim=8)
     np.save(tmp_path / "id1.npy", np.zeros(5, np.float32))
     decode = Decoder(16, None, id_dim=8)
     records = read_manifest(manifest, need_id=True)
@@ -220,7 +220,7 @@ def test_dropped_values_per_variant() -> None:
 
 
 def test_a_manifest_of_only_bad_samples_stops_with_a_sentence(tmp_path) -> None:
-    manifest = tf.write_images(tmp_path, 0, corrupt=1, missing=2)
+    manifest = factories.write_images(tmp_path, 0, corrupt=1, missing=2)
     batches = Batches(IndexedStream(read_manifest(manifest)), Decoder(16), 2)
     with pytest.raises(IPAdapterError, match=r"no usable sample in 4 tries \(skipped 4 sample\(s\): .*missing image file"):
         batches.next_batch()

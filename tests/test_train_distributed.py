@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ipadapter import load_adapter
-from tests import train_factories as tf
+from tests import factories
 
 TIMEOUT_S = 240  # ~25 s here on a loaded 2-core machine
 
@@ -62,14 +62,14 @@ def _launch(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Co
 
 
 def test_two_processes_train_in_sync(tmp_path) -> None:
-    base, encoder = tf.write_base(tmp_path / "base"), tf.write_image_encoder(tmp_path / "enc")
-    data = tf.write_images(tmp_path / "data", 6, corrupt=1)
+    base, encoder = factories.write_base(tmp_path / "base"), factories.write_image_encoder(tmp_path / "enc")
+    data = factories.write_images(tmp_path / "data", 6, corrupt=1)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()),
                "-m", "ipadapter.cli.main", "train", "--base", str(base), "--image-encoder", str(encoder),
-               "--data", str(data), "--output", str(out), "--resolution", str(tf.RES), "--batch-size", "2",
+               "--data", str(data), "--output", str(out), "--resolution", str(factories.RES), "--batch-size", "2",
                "--max-steps", "2", "--num-workers", "0", "--learning-rate", "1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = _launch(command, env, cwd=tmp_path)

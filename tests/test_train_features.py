@@ -11,26 +11,26 @@ from ipadapter.encoders import ImageEncoder
 from ipadapter.train import TrainConfig, train, trainer
 from ipadapter.train.cache import CacheReader
 from ipadapter.train.data import Decoder, read_manifest
-from tests import train_factories as tf
+from tests import factories
 
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield
-    tf.reset_accelerate()
+    factories.reset_accelerate()
 
 
 @torch.no_grad()
 def clip_features(pixels: torch.Tensor, kind: str) -> torch.Tensor:
     """transformers alone, on a fresh copy of the factories' encoder (same seed, same weights)."""
-    model = tf.image_encoder(4)
+    model = factories.image_encoder(4)
     if kind == "global":
         return model(pixel_values=pixels).image_embeds
     return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 
 
 def _config(tmp_path, variant: str, **kw) -> TrainConfig:
-    values = dict(data=str(tf.write_images(tmp_path / "data", 4)), output=str(tmp_path / "out"), resolution=tf.RES,
+    values = dict(data=str(factories.write_images(tmp_path / "data", 4)), output=str(tmp_path / "out"), resolution=factories.RES,
                   batch_size=2, max_steps=2, num_workers=0, save_every=1000, variant=variant, drop_text=0.0,
                   drop_both=0.0)
     values.update(kw)
@@ -56,7 +56,7 @@ def test_training_batches_get_clip_features(tmp_path, monkeypatch, variant, drop
 
     monkeypatch.setattr(trainer, "collate", recording_collate)
     monkeypatch.setattr(trainer.TrainModule, "forward", recording_forward)
-    models, encoder = tf.in_memory()
+    models, encoder = factories.in_memory()
     train(_config(tmp_path, variant, drop_image=drop_image), models=models, image_encoder=encoder, log_with=None)
     assert len(batches) == len(features) == 2
     for batch, (got,) in zip(batches, features):
@@ -67,10 +67,10 @@ def test_training_batches_get_clip_features(tmp_path, monkeypatch, variant, drop
 @pytest.mark.parametrize("variant, kind", [("base", "global"), ("plus", "patch")])
 def test_cached_features_are_clip_features(tmp_path, variant, kind) -> None:
     config = _config(tmp_path, variant, cache=str(tmp_path / "cache"), cache_dtype="float32", max_steps=1)
-    models, encoder = tf.in_memory()
+    models, encoder = factories.in_memory()
     train(config, models=models, image_encoder=encoder, log_with=None)
     reader = CacheReader(config.cache)
-    decode = Decoder(tf.RES, encoder.processor)
+    decode = Decoder(factories.RES, encoder.processor)
     pixels = torch.stack([decode(r)["clip"] for r in read_manifest(config.data)])  # cache rows: manifest order
     cached = torch.stack([reader(r)["image"] for r in reader.records()])
     torch.testing.assert_close(cached, clip_features(pixels, kind))
@@ -83,8 +83,8 @@ def test_trainer_loads_the_inference_encoder_from_a_folder(tmp_path, saved_proce
     """The saved processor, or CLIP's default sized to the encoder (the cache fingerprint hashes its settings)."""
     from transformers import CLIPImageProcessor
 
-    folder = tf.write_image_encoder(tmp_path / "enc", processor=saved_processor)
-    encoder = trainer._load_image_encoder(TrainConfig(image_encoder=str(folder)))
+    folder = factories.write_image_encoder(tmp_path / "enc", processor=saved_processor)
+    encoder = trainer.load_image_encoder(TrainConfig(image_encoder=str(folder)))
     assert isinstance(encoder, ImageEncoder)
     assert (encoder.global_dim, encoder.patch_dim, encoder.patch_tokens) == (24, 40, 17)
     default = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

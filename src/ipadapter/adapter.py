@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,10 +61,6 @@ class AdapterConfig:
             extra=json.loads(meta.get("extra", "{}")), attention=meta.get("attention", "decoupled"),
         )
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 class LoRA(nn.Module):
     """Low-rank delta `up(down(x))`; key names `down`/`up` as in the FaceID files."""
 
@@ -103,9 +100,19 @@ class AdapterLayer(nn.Module):
             self.to_out_lora = LoRA(layer.width, query_dim, lora_rank)
 
 
-def layer_key(name: str) -> str:
-    """ModuleDict keys cannot hold dots; layer names never hold '-'."""
-    return name.replace(".", "-")
+def _nested(layers: dict[str, nn.Module]) -> nn.ModuleDict:
+    """Modules placed at their UNet module paths ("down_blocks.1....attn2" → down_blocks/1/.../attn2), so the
+    adapter's state-dict keys are the layer names themselves: the own file format is `adapter.state_dict()`."""
+    root = nn.ModuleDict()
+    for name, module in layers.items():
+        *parents, leaf = name.split(".")
+        node = root
+        for part in parents:
+            if part not in node:
+                node[part] = nn.ModuleDict()
+            node = node[part]
+        node[leaf] = module
+    return root
 
 
 _UIDS = itertools.count()
@@ -114,7 +121,8 @@ _UIDS = itertools.count()
 class IPAdapter(nn.Module):
     """A loaded (or new, trainable) adapter, independent of any UNet until attached.
 
-    `layers` is keyed by the UNet layer's module path (dots as '-'), never by position.
+    `layers` holds one `AdapterLayer` at each UNet attention layer's module path, never by position; state-dict
+    keys: "image_proj.*" and "layers.{layer name}.to_k_ip.weight", ... (the project's own file format).
     """
 
     def __init__(self, config: AdapterConfig, layers: list[AttentionLayer]) -> None:
@@ -123,12 +131,14 @@ class IPAdapter(nn.Module):
         self.config = config
         self.variant = variant
         self.image_proj = build_projection(config.projection, shortcut=variant.shortcut)
-        self.layers = nn.ModuleDict(
-            {layer_key(l.name): AdapterLayer(l, config.cross_dim, config.lora_rank, concat=config.attention == "concat")
+        self.layers = _nested(
+            {l.name: AdapterLayer(l, config.cross_dim, config.lora_rank, concat=config.attention == "concat")
              for l in layers if l.cross or config.lora_rank}
         )
-        self.layer_specs = {l.name: l for l in layers}
         self.uid = next(_UIDS)
+        self.weights_version = 0
+        for module in self.modules():  # a load into any part of the adapter changes its weights
+            module.register_load_state_dict_post_hook(self._weights_loaded)
 
     @classmethod
     def for_unet(cls, unet: nn.Module, config: AdapterConfig, *, init_from_unet: bool = True) -> "IPAdapter":
@@ -145,23 +155,36 @@ class IPAdapter(nn.Module):
         return adapter
 
     def named_layers(self) -> list[tuple[str, AdapterLayer]]:
-        return [(k.replace("-", "."), m) for k, m in self.layers.items()]
+        """(UNet layer name, its weights), in the UNet's checkpoint order."""
+        return [(name, m) for name, m in self.layers.named_modules() if isinstance(m, AdapterLayer)]
 
     def layer(self, name: str) -> AdapterLayer | None:
-        return self.layers[layer_key(name)] if layer_key(name) in self.layers else None
+        try:
+            found = self.layers.get_submodule(name)
+        except AttributeError:
+            return None
+        return found if isinstance(found, AdapterLayer) else None
 
     def project(self, *features: torch.Tensor) -> torch.Tensor:
         """Encoder features → tokens (B, T, C). FaceID-Plus takes (id_embeds, patches)."""
         return self.image_proj(*features)
 
-    def projection_key(self) -> tuple:
-        """Changes whenever the projection's output could: another adapter object, weights updated in place
-        (load_state_dict, an optimizer step), moved or cast. Keys the projected-token cache."""
-        return (self.uid, *((p.data_ptr(), p._version) for p in self.image_proj.parameters()))
+    def _weights_loaded(self, module: nn.Module, incompatible_keys: Any) -> None:
+        self.weights_changed()
 
-    def layer_state_dict(self) -> dict[str, torch.Tensor]:
-        """Name-keyed tensors: "{layer name}.to_k_ip.weight", "{layer name}.to_q_lora.down.weight", ..."""
-        return {f"{name}.{k}": v for name, layer in self.named_layers() for k, v in layer.state_dict().items()}
+    def weights_changed(self) -> None:
+        """Say that the weights changed in place (an optimizer step, a manual edit): tokens and K'/V' cached for the
+        old weights are not served again. Loads (`load_state_dict` on any part), moves and casts need no call."""
+        self.weights_version += 1
+
+    def weights_token(self) -> tuple:
+        """Equal while the weights are: this adapter object, its load/change count, its device and dtype."""
+        return (self.uid, self.weights_version, self.device, self.dtype)
+
+    def projection_key(self) -> tuple:
+        """Keys the projected-token cache: the weights token and the head's one setting that is not a weight,
+        FaceID-PlusV2's `s_scale`."""
+        return (*self.weights_token(), getattr(self.image_proj, "s_scale", None))
 
     @property
     def device(self) -> torch.device:

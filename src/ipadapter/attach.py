@@ -133,7 +133,7 @@ class Attachment:
                     "UNet (a weight map made for another base model?)"
                 )
         self.rows = rows
-        self.runtime.set(prompts, cfg=cfg)
+        self.runtime.set(prompts, cfg=cfg, weights={name: self.adapters[name].weights_token() for name in prompts})
 
     def clear(self) -> None:
         self.rows = None
@@ -158,7 +158,11 @@ class Attachment:
 def attach(
     unet: nn.Module, adapters: IPAdapter | list[IPAdapter] | Mapping[str, IPAdapter], *, scheduler: Any = None
 ) -> Attachment:
-    """Attach one or several adapters (named "0", "1", ... unless a mapping is given) to `unet`."""
+    """Attach one or several adapters (named "0", "1", ... unless a mapping is given) to `unet`.
+
+    The adapters are used as given: never moved nor cast (a trainable fp32 adapter on a bf16 UNet stays fp32; the
+    processors cast at their boundaries). They must be on the UNet's device.
+    """
     if isinstance(adapters, IPAdapter):
         adapters = [adapters]
     if not isinstance(adapters, Mapping):
@@ -167,7 +171,11 @@ def attach(
         raise IPAdapterError("this UNet already has adapters attached; detach them first or attach all together")
     for name, adapter in adapters.items():
         check_compatible(unet, adapter, f"adapter {name!r}")
-        adapter.to(device=unet.device, dtype=unet.dtype)
+        if adapter.device != unet.device:
+            raise IPAdapterError(
+                f"adapter {name!r} is on {adapter.device} but the UNet on {unet.device}; move it first "
+                "(adapter.to(unet.device)) or load it for this UNet (load_adapter places it on the UNet's device)"
+            )
     attachment = Attachment(unet, adapters, scheduler)
     attachment._install()
     return attachment

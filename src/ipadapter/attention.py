@@ -2,15 +2,17 @@
 
 Z = softmax(Q Kᵀ/√d) V + Σ_adapters Σ_groups w · mask ⊙ softmax(Q K'ᵀ/√d) V', summed before `to_out`
 (decoupled cross-attention), plus optional FaceID LoRA deltas on q/k/v/out. The paper's "simple adapter" ablation
-(`attention="concat"`) instead appends the image tokens to the text tokens of the frozen attention. When nothing of ours acts on a call
-(scale 0, outside the step window, layer weight 0, no prompt set) it hands the call to the layer's original
-processor, so the output is bitwise the base model's.
+(`attention="concat"`) instead appends the image tokens to the text tokens of the frozen attention. When nothing of
+ours acts on a call (scale 0, outside the step window, layer weight 0, no prompt set) it hands the call to the
+layer's original processor, so the output is bitwise the base model's. The optimisations are described in the
+README ("How it works"); the data flow around this module in docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Hashable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +51,81 @@ def resize_mask(mask: torch.Tensor, seq_len: int, latent_hw: tuple[int, int] | N
     return flat[:seq_len, None]
 
 
+class Group(NamedTuple):
+    """References attended together: `id` 0 holds the unmasked ones (one attention over their concatenated tokens),
+    `1 + i` the masked reference i alone (its mask weights the output)."""
+
+    id: int
+    refs: tuple[int, ...]
+    mask: torch.Tensor | None
+
+
+class AdapterPlan(NamedTuple):
+    """One adapter at one layer for one generation (the prompt is fixed until the next `Runtime.set`).
+
+    layer_weight: scale × the prompt's weight for this layer (0 without image K'/V' here); uncond_layer: the layer is
+    one of the prompt's `uncond_layers` (the reference moves to the unconditional rows); lora_scale: 0 without LoRA.
+    """
+
+    name: str
+    prompt: AdapterPrompt
+    weights: AdapterLayer
+    layer_weight: float
+    uncond_layer: bool
+    lora_scale: float
+    groups: tuple[Group, ...]
+
+
+class KVKey(NamedTuple):
+    """What K'/V' of a reference group depend on: the adapter and its weights (`IPAdapter.weights_token`), the
+    UNet batch layout (size, CFG or not, uncond layer), the query's dtype and device, and each reference's tokens
+    (by content digest) with its value factor."""
+
+    adapter: str
+    weights: Hashable
+    batch: int
+    cfg: bool
+    uncond_layer: bool
+    dtype: torch.dtype
+    device: torch.device
+    refs: tuple[tuple[str, float], ...]
+
+
+class KVCache:
+    """K'/V' per `KVKey`, for the current generation and the one before: a generation reuses what the previous one
+    made under the same key (a UI re-running with the same reference), anything older is dropped."""
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self._now: dict[KVKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._before: dict[KVKey, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def roll(self, generation: int) -> None:
+        if generation != self.generation:
+            self._before, self._now, self.generation = self._now, {}, generation
+
+    def get(self, key: KVKey) -> tuple[torch.Tensor, torch.Tensor] | None:
+        found = self._now.get(key)
+        if found is None:
+            found = self._before.pop(key, None)
+            if found is not None:
+                self._now[key] = found
+        return found
+
+    def put(self, key: KVKey, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._now[key] = kv
+
+    def clear(self) -> None:
+        self._now, self._before = {}, {}
+
+
 class IPAttnProcessor(nn.Module):
     """Replaces one attention layer's processor while adapters are attached; keeps the original to restore it.
 
-    K'/V' of a reference are computed once per generation, and carried into the next generation when its tokens
-    and the adapter's weights are unchanged (a UI re-running with the same reference); resized masks are per
-    generation. Image attention is added to the text attention in place, in the heads layout, before `to_out`.
+    Per generation (each `Runtime.set`) it resolves a plan once: which adapters act here, with which layer weight,
+    LoRA scale and reference groups; per call only the step window's factor is applied. K'/V' come from a `KVCache`,
+    resized masks are kept for the generation. Image attention is added to the text attention in the heads layout,
+    before `to_out`, in place when autograd is off.
     """
 
     def __init__(self, layer: AttentionLayer, original: Any, runtime: Runtime, adapters: dict[str, AdapterLayer]) -> None:
@@ -63,41 +134,54 @@ class IPAttnProcessor(nn.Module):
         self.original = original
         self.runtime = runtime
         self.adapters = nn.ModuleDict(adapters)
-        self._generation = -1
-        self._kv_now: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._kv_before: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._masks: dict[tuple, torch.Tensor | None] = {}
+        self.kv = KVCache()
+        self._plan: list[AdapterPlan] = []
+        self._plan_generation = -1
+        self._maps: dict[tuple, torch.Tensor | None] = {}
 
     def clear_cache(self) -> None:
-        self._kv_now, self._kv_before, self._masks = {}, {}, {}
+        self.kv.clear()
+        self._maps = {}
 
-    def _roll(self) -> None:
-        """At a new generation: K'/V' used in the last one stay reusable, older ones and all masks are dropped."""
-        if self._generation != self.runtime.generation:
-            self._kv_before, self._kv_now, self._masks = self._kv_now, {}, {}
-            self._generation = self.runtime.generation
+    def plan(self) -> list[AdapterPlan]:
+        """The adapters with a prompt this generation and something to do at this layer (resolved once)."""
+        if self._plan_generation != self.runtime.generation:
+            self._plan, self._maps = [], {}
+            self._plan_generation = self.runtime.generation
+            for name, weights in self.adapters.items():
+                prompt = self.runtime.prompts.get(name)
+                if prompt is None:
+                    continue
+                uncond_layer = weights.has_ip and self.layer.name in prompt.uncond_layers
+                layer_weight = prompt.layer_weight(self.layer.name) if weights.has_ip else 0.0
+                lora_scale = prompt.lora_scale if weights.has_lora else 0.0
+                if layer_weight != 0.0 or lora_scale != 0.0 or uncond_layer:
+                    groups = self._groups(prompt, uncond_layer) if weights.has_ip else ()
+                    self._plan.append(AdapterPlan(name, prompt, weights, layer_weight, uncond_layer, lora_scale, groups))
+        return self._plan
 
-    def _active(self, progress: float | None) -> list[tuple[str, AdapterPrompt, AdapterLayer, float]]:
-        active = []
-        for name, weights in self.adapters.items():
-            prompt = self.runtime.prompts.get(name)
-            if prompt is None:
-                continue
-            w = prompt.layer_weight(self.layer.name) * prompt.step_factor(progress) if weights.has_ip else 0.0
-            lora = weights.has_lora and prompt.lora_scale != 0.0
-            if w != 0.0 or lora or (weights.has_ip and self.layer.name in prompt.uncond_layers):
-                active.append((name, prompt, weights, w))
-        return active
+    def _groups(self, prompt: AdapterPrompt, uncond_layer: bool) -> tuple[Group, ...]:
+        """Unmasked references share one attention over their concatenated tokens; each masked one is its own."""
+        refs = prompt.references
+        here = [i for i, r in enumerate(refs) if uncond_layer or r.weight_at(self.layer.name) != 0.0]
+        plain = tuple(i for i in here if refs[i].mask is None)
+        return ((Group(0, plain, None),) if plain else ()) + tuple(
+            Group(1 + i, (i,), refs[i].mask) for i in here if refs[i].mask is not None
+        )
 
     @torch.compiler.disable
     def __call__(
         self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any,
     ) -> torch.Tensor:
-        active = self._active(self.runtime.progress)
+        progress = self.runtime.progress
+        # (plan, weight at this step): a plan acts when its image weight, LoRA or uncond layer does.
+        active = [(p, p.layer_weight * p.prompt.step_factor(progress) if p.layer_weight else 0.0) for p in self.plan()]
+        active = [(p, w) for p, w in active if w != 0.0 or p.lora_scale != 0.0 or p.uncond_layer]
         if not active:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        self._roll()
+        self.kv.roll(self.runtime.generation)
+        inplace = not torch.is_grad_enabled()
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -118,16 +202,16 @@ class IPAttnProcessor(nn.Module):
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
 
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        for _, prompt, weights, _ in active:
-            if weights.has_lora and prompt.lora_scale:
-                s = prompt.lora_scale
-                query = query + s * weights.to_q_lora(hidden_states).to(query.dtype)
-                key = key + s * weights.to_k_lora(context).to(key.dtype)
-                value = value + s * weights.to_v_lora(context).to(value.dtype)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)  # (B, L, h*d)
+        for p, _ in active:
+            if p.lora_scale:
+                query = query + p.lora_scale * p.weights.to_q_lora(hidden_states).to(query.dtype)
+                key = key + p.lora_scale * p.weights.to_k_lora(context).to(key.dtype)
+                value = value + p.lora_scale * p.weights.to_v_lora(context).to(value.dtype)
 
-        concat = [(n, p, wt, w) for n, p, wt, w in active if wt.concat and w > 0.0]
-        if concat and self.layer.cross and encoder_hidden_states is not None:
+        cross = self.layer.cross and encoder_hidden_states is not None
+        concat = [(p, w) for p, w in active if p.weights.concat and w > 0.0]
+        if concat and cross:
             key, value, attention_mask = self._concat(attn, concat, key, value, attention_mask, batch)
 
         heads = attn.heads
@@ -141,16 +225,16 @@ class IPAttnProcessor(nn.Module):
             key = attn.norm_k(key)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
 
-        if self.layer.cross and encoder_hidden_states is not None:
-            for name, prompt, weights, w in active:
-                if weights.has_ip and not weights.concat and (w != 0.0 or self.layer.name in prompt.uncond_layers):
-                    out = self._add_image(out, name, prompt, weights, w, query, seq_len)
+        if cross:
+            for p, w in active:
+                if p.weights.has_ip and not p.weights.concat and (w != 0.0 or p.uncond_layer):
+                    out = self._add_image(out, p, w, query, seq_len, inplace)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)  # (B, L, h*d)
 
         hidden = attn.to_out[0](out)
-        for _, prompt, weights, _ in active:
-            if weights.has_lora and prompt.lora_scale:
-                hidden = hidden + prompt.lora_scale * weights.to_out_lora(out).to(hidden.dtype)
+        for p, _ in active:
+            if p.lora_scale:
+                hidden = hidden + p.lora_scale * p.weights.to_out_lora(out).to(hidden.dtype)
         hidden = attn.to_out[1](hidden)
         if input_ndim == 4:
             hidden = hidden.transpose(-1, -2).reshape(batch, channel, height, width)
@@ -159,8 +243,8 @@ class IPAttnProcessor(nn.Module):
         return hidden / attn.rescale_output_factor
 
     def _concat(
-        self, attn: nn.Module, concat: list[tuple[str, AdapterPrompt, AdapterLayer, float]], key: torch.Tensor,
-        value: torch.Tensor, attention_mask: torch.Tensor | None, batch: int,
+        self, attn: nn.Module, concat: list[tuple[AdapterPlan, float]], key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, batch: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The "simple adapter": image tokens through the frozen to_k/to_v, appended to the text keys and values.
 
@@ -168,8 +252,8 @@ class IPAttnProcessor(nn.Module):
         multiplied by w (w = 1: the plain concatenation the ablation trains with).
         """
         keys, values, bias = [key], [value], [key.new_zeros(key.shape[1])]
-        for name, prompt, _, w in concat:
-            tokens = torch.cat([self.runtime.batch_tokens(r.cond, r.uncond, batch) for r in prompt.references], dim=1)
+        for p, w in concat:
+            tokens = torch.cat([self.runtime.batch_tokens(r.cond, r.uncond, batch) for r in p.prompt.references], dim=1)
             tokens = tokens.to(key.dtype)
             keys.append(attn.to_k(tokens))
             values.append(attn.to_v(tokens))
@@ -182,135 +266,114 @@ class IPAttnProcessor(nn.Module):
             return key, value, torch.cat([attention_mask, pad], dim=-1)
         return key, value, (bias.view(1, 1, 1, -1) if bool(bias.any()) else None)
 
-    def _groups(self, prompt: AdapterPrompt) -> list[tuple[int, list[int], torch.Tensor | None]]:
-        """Unmasked references share one attention over their concatenated tokens; each masked one is its own."""
-        precise = self.layer.name in prompt.uncond_layers
-        here = [i for i, r in enumerate(prompt.references) if precise or r.weight_at(self.layer.name) != 0.0]
-        plain = [i for i in here if prompt.references[i].mask is None]
-        groups = [(0, plain, None)] if plain else []
-        groups += [(1 + i, [i], prompt.references[i].mask) for i in here if prompt.references[i].mask is not None]
-        return groups
-
-    def _kv(
-        self, name: str, prompt: AdapterPrompt, weights: AdapterLayer, refs: list[int], query: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K'/V' (B, h, T, d) of a reference group laid out on the batch: computed once per generation, and reused
-        by the next while the tokens (by content) and the adapter's weights (in place updates, moves) are the same."""
+    def _kv(self, p: AdapterPlan, refs: tuple[int, ...], query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K'/V' (B, h, T, d) of a reference group laid out on the batch, from the cache when its key is there."""
         batch, heads, _, head_dim = query.shape
-        precise = self.layer.name in prompt.uncond_layers
-        # "Precise" layers: the reference moves to the unconditional rows, pushing guidance away from it.
-        chosen = [(prompt.references[i], prompt.references[i].weight if precise
-                   else prompt.references[i].weight_at(self.layer.name)) for i in refs]
-        cacheable = self.runtime.cache_kv and not torch.is_grad_enabled()
-        if cacheable:
-            key = (name, batch, self.runtime.cfg, precise, query.dtype, query.device,
-                   *(_version(p) for p in (weights.to_k_ip.weight, weights.to_v_ip.weight)),
-                   *((ref.tokens_key(), factor) for ref, factor in chosen))
-            found = self._kv_now.get(key) or self._kv_before.pop(key, None)
+        # An uncond layer takes each reference at its plain weight (presets weight it there by the layer list).
+        chosen = [(p.prompt.references[i], p.prompt.references[i].weight if p.uncond_layer
+                   else p.prompt.references[i].weight_at(self.layer.name)) for i in refs]
+        token = self.runtime.weights.get(p.name)
+        key = None
+        if self.runtime.cache_kv and token is not None and not torch.is_grad_enabled():
+            key = KVKey(p.name, token, batch, self.runtime.cfg, p.uncond_layer, query.dtype, query.device,
+                        tuple((ref.tokens_key(), factor) for ref, factor in chosen))
+            found = self.kv.get(key)
             if found is not None:
-                self._kv_now[key] = found
                 return found
         # Distinct token rows only (equal CFG halves and repeated images are laid out afterwards), all in one call:
         # projecting a few tokens reads the whole K'/V' weight, so one read serves every row.
         rows: list[torch.Tensor] = []
         for ref, _ in chosen:
             rows.append(ref.cond)
-            source = ref.cond if precise else ref.uncond
+            source = ref.cond if p.uncond_layer else ref.uncond
             if self.runtime.cfg and source is not None and source is not ref.cond:
                 rows.append(source)
+        weights = p.weights
         tokens = torch.cat(rows).to(weights.to_k_ip.weight.dtype)
         parts = [t.split([r.shape[0] for r in rows]) for t in (weights.to_k_ip(tokens), weights.to_v_ip(tokens))]
         projected = {id(r): (k, v) for r, k, v in zip(rows, *parts)}
         ks, vs = [], []
         for ref, factor in chosen:
-            source = ref.cond if precise else ref.uncond
+            source = ref.cond if p.uncond_layer else ref.uncond
             cond, uncond = projected[id(ref.cond)], projected.get(id(source)) if self.runtime.cfg else None
             ks.append(self.runtime.batch_tokens(cond[0], uncond and uncond[0], batch))
             v = self.runtime.batch_tokens(cond[1], uncond and uncond[1], batch)
             vs.append(v * factor if factor != 1.0 else v)
         k, v = (torch.cat(t, dim=1).to(query.dtype).view(batch, -1, heads, head_dim).transpose(1, 2) for t in (ks, vs))
-        if cacheable:
-            self._kv_now[key] = (k, v)
+        if key is not None:
+            self.kv.put(key, (k, v))
         return k, v
 
     def _add_image(
-        self, out: torch.Tensor, name: str, prompt: AdapterPrompt, weights: AdapterLayer, w: float,
-        query: torch.Tensor, seq_len: int,
+        self, out: torch.Tensor, p: AdapterPlan, w: float, query: torch.Tensor, seq_len: int, inplace: bool,
     ) -> torch.Tensor:
         """out + Σ_groups w · mask ⊙ softmax(Q K'ᵀ/√d) V', all (B, h, L, d): the unmasked references in one SDPA
         call, the masked ones together in one more (`_add_masked`)."""
-        precise = self.layer.name in prompt.uncond_layers
-        if precise:
+        if p.uncond_layer:
             if not self.runtime.cfg:
                 return out
-            w = prompt.scale * prompt.step_factor(self.runtime.progress)
-        groups = self._groups(prompt)
-        masked = [g for g in groups if g[2] is not None]
-        if len(masked) > 1 and prompt.scaling == "v":
-            out = self._add_masked(out, name, prompt, weights, w, query, seq_len, masked, precise)
-            groups = [g for g in groups if g[2] is None]
-        for group, refs, mask in groups:
-            k, v = self._kv(name, prompt, weights, refs, query)
+            w = p.prompt.scale * p.prompt.step_factor(self.runtime.progress)
+        groups = p.groups
+        masked = [g for g in groups if g.mask is not None]
+        if len(masked) > 1 and p.prompt.scaling == "v":
+            out = self._add_masked(out, p, w, query, seq_len, masked, inplace)
+            groups = tuple(g for g in groups if g.mask is None)
+        for group in groups:
+            k, v = self._kv(p, group.refs, query)
             scale = w
-            if prompt.scaling != "v":
-                k, v, scale = scale_embeds(k, v, w, prompt.scaling, self.layer.width)
+            if p.prompt.scaling != "v":
+                k, v, scale = scale_embeds(k, v, w, p.prompt.scaling, self.layer.width)
             o = F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)
-            out = _accumulate(out, o, scale, self._weight_map(name, group, mask, precise, query, seq_len))
+            out = _accumulate(out, o, scale, self._weight_map(p, group, query, seq_len), inplace)
         return out
 
     def _add_masked(
-        self, out: torch.Tensor, name: str, prompt: AdapterPrompt, weights: AdapterLayer, w: float,
-        query: torch.Tensor, seq_len: int, groups: list[tuple[int, list[int], torch.Tensor | None]], precise: bool,
+        self, out: torch.Tensor, p: AdapterPlan, w: float, query: torch.Tensor, seq_len: int, groups: list[Group],
+        inplace: bool,
     ) -> torch.Tensor:
         """Several masked references in one attention: Q against all their K' at once, a softmax per reference over
         its own tokens, each weighted by its mask, and one product with all their V'. Batching SDPA instead needs a
         copy of Q per reference; on CPU at SD 1.5 layer sizes this is 1.1-3x faster than one SDPA call each."""
-        k, v = self._kv(name, prompt, weights, [refs[0] for _, refs, _ in groups], query)  # (B, h, R·T, d)
-        key = ("masked", name, tuple(g for g, _, _ in groups), seq_len, self.runtime.latent_hw, query.shape[0],
-               precise, query.dtype, query.device)
-        if key not in self._masks:
-            maps = [self._weight_map(name, g, mask, precise, query, seq_len) for g, _, mask in groups]
+        k, v = self._kv(p, tuple(g.refs[0] for g in groups), query)  # (B, h, R·T, d)
+        key = ("masked", p.name, tuple(g.id for g in groups), seq_len, self.runtime.latent_hw, query.shape[0],
+               query.dtype, query.device)
+        if key not in self._maps:
+            maps = [self._weight_map(p, g, query, seq_len) for g in groups]
             maps = [m if m is not None else query.new_ones(1, 1, 1, 1) for m in maps]
             shape = torch.broadcast_shapes(*(m.shape for m in maps))
-            self._masks[key] = torch.stack([m.expand(shape) for m in maps], dim=3)
-        maps = self._masks[key]  # (B or 1, 1, L or 1, R, 1)
+            self._maps[key] = torch.stack([m.expand(shape) for m in maps], dim=3)
+        maps = self._maps[key]  # (B or 1, 1, L or 1, R, 1)
         batch, heads, length, head_dim = query.shape
-        scores = torch.matmul(query, k.transpose(-1, -2))
-        grad = scores.requires_grad
-        scores = scores * head_dim**-0.5 if grad else scores.mul_(head_dim**-0.5)  # SDPA's scale
+        scores = torch.matmul(query, k.transpose(-1, -2))  # (B, h, L, R·T)
+        scores = scores.mul_(head_dim**-0.5) if inplace else scores * head_dim**-0.5  # SDPA's scale
         probs = scores.view(batch, heads, length, len(groups), -1).softmax(dim=-1)
-        probs = probs * maps if grad else probs.mul_(maps)
-        return _accumulate(out, torch.matmul(probs.view(batch, heads, length, -1), v), w, None)
+        probs = probs.mul_(maps) if inplace else probs * maps
+        return _accumulate(out, torch.matmul(probs.view(batch, heads, length, -1), v), w, None, inplace)
 
-    def _weight_map(
-        self, name: str, group: int, mask: torch.Tensor | None, precise: bool, query: torch.Tensor, seq_len: int,
-    ) -> torch.Tensor | None:
+    def _weight_map(self, p: AdapterPlan, group: Group, query: torch.Tensor, seq_len: int) -> torch.Tensor | None:
         """Per-token and per-row factors (B or 1, 1, L or 1, 1) of a group: its mask on this layer's token grid, and
-        for a "precise" layer the unconditional rows only; None when all ones. Made once per generation."""
-        if mask is None and not precise:
+        on an uncond layer the unconditional rows only; None when all ones. Made once per generation."""
+        if group.mask is None and not p.uncond_layer:
             return None
         batch = query.shape[0]
-        key = (name, group, seq_len, self.runtime.latent_hw, batch, precise, query.device, query.dtype)
-        if key not in self._masks:
+        key = (p.name, group.id, seq_len, self.runtime.latent_hw, batch, query.device, query.dtype)
+        if key not in self._maps:
             m = None
-            if mask is not None:
-                m = resize_mask(mask.to(query.device), seq_len, self.runtime.latent_hw)
+            if group.mask is not None:
+                m = resize_mask(group.mask.to(query.device), seq_len, self.runtime.latent_hw)
                 m = None if bool((m == 1).all()) else m.to(query.dtype)[None, None]  # (1, 1, L, 1)
-            if precise:
+            if p.uncond_layer:
                 rows = torch.arange(batch, device=query.device).lt(batch // 2).to(query.dtype)[:, None, None, None]
                 m = rows if m is None else m * rows
-            self._masks[key] = m
-        return self._masks[key]
+            self._maps[key] = m
+        return self._maps[key]
 
 
-def _version(t: torch.Tensor) -> tuple[int, int]:
-    """Identifies a tensor's current values: in-place updates bump `_version`, a move or cast changes the pointer."""
-    return t.data_ptr(), t._version
-
-
-def _accumulate(out: torch.Tensor, o: torch.Tensor, scale: float, weights: torch.Tensor | None) -> torch.Tensor:
-    """out + scale · weights ⊙ o; in place when autograd records neither (it may keep `out` for SDPA's backward)."""
-    if out.requires_grad or o.requires_grad:
+def _accumulate(
+    out: torch.Tensor, o: torch.Tensor, scale: float, weights: torch.Tensor | None, inplace: bool,
+) -> torch.Tensor:
+    """out + scale · weights ⊙ o; in place only with autograd off (it may keep `out` for SDPA's backward)."""
+    if not inplace:
         return out + scale * (o if weights is None else o * weights)
     if weights is None:
         return out.add_(o, alpha=scale)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,10 +23,12 @@ from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.atomic import save_safetensors
 from ipadapter.attach import check_compatible, check_cross_dim
 from ipadapter.errors import IPAdapterError
-from ipadapter.layers import AttentionLayer, attention_layers
+from ipadapter.layers import attention_layers
 from ipadapter.projection.detect import detect_projection
+from ipadapter.variants import detect_variant_name, get_variant
 
 _INDEX_KEY = re.compile(r"^(\d+)\.(.+)$")
+VIT_H_TOKENS = 257  # ViT-H/14 at 224 px: 16 x 16 patches and the class token
 _LORA_RANK_KEY = "to_q_lora.down.weight"
 
 
@@ -36,7 +41,7 @@ def resolve(source: str | os.PathLike, *, subfolder: str | None = None, weight_n
         candidate = path.joinpath(*(p for p in (subfolder, weight_name) if p))
         if candidate.is_file():
             return candidate
-        raise IPAdapterError(f"no adapter file {candidate} (give --weight-name and --subfolder inside {path})")
+        raise IPAdapterError(f"no adapter file {candidate} (give weight_name= and subfolder= inside {path})")
     if path.suffix in {".bin", ".safetensors", ".pt", ".pth"} or str(source).startswith((".", "/")):
         raise IPAdapterError(f"adapter file not found: {source}")
     if not weight_name:
@@ -77,13 +82,18 @@ def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise IPAdapterError(f"{path} is not a readable checkpoint (truncated or corrupt?): {str(err)[:160]}") from None
     if not isinstance(data, dict):
         raise IPAdapterError(f"{path} holds a {type(data).__name__}, not an IP-Adapter state dict")
+    return flatten(data), {}
+
+
+def flatten(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The published `.bin` nesting ({"image_proj": {...}, "ip_adapter": {...}}) as flat "group.key" tensors."""
     flat: dict[str, torch.Tensor] = {}
-    for group, tensors in data.items():
-        if isinstance(tensors, dict):
+    for group, tensors in state.items():
+        if isinstance(tensors, Mapping):
             flat.update({f"{group}.{k}": v for k, v in tensors.items()})
         elif isinstance(tensors, torch.Tensor):
             flat[group] = tensors
-    return flat, {}
+    return flat
 
 
 def split(flat: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -91,86 +101,92 @@ def split(flat: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]
 
 
 def detect_variant(image_proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor], hint: str = "") -> AdapterConfig:
-    """Variant, tokens and widths from keys and shapes; `hint` (the file name) only tells FaceID-Plus v1 from v2."""
+    """Variant, tokens and widths from keys and shapes, the variant from the table's detection rules; `hint` (the
+    file name) only tells FaceID-Plus v1 from v2."""
     projection = detect_projection(image_proj)
-    if projection.head == "token_mlp":
-        projection = type(projection)(**{**projection.to_dict(), "tokens": 257})
     lora_rank = next((v.shape[0] for k, v in ip.items() if k.endswith(_LORA_RANK_KEY)), 0)
-    head_to_variant = {"linear": "base", "resampler": "plus", "token_mlp": "full"}
-    if projection.head in head_to_variant:
-        variant = head_to_variant[projection.head]
-    elif projection.head == "faceid":
-        variant = "faceid" if lora_rank or projection.tokens != 16 else "faceid-portrait"
-    else:
-        variant = "faceid-plusv2" if "v2" in hint.lower() else "faceid-plus"
-    return AdapterConfig(variant=variant, projection=projection, lora_rank=lora_rank)
+    variant = get_variant(detect_variant_name(projection.head, tokens=projection.tokens, lora_rank=lora_rank,
+                                              file_name=hint))
+    if not variant.tokens:  # one token per encoder token: the published files are all for ViT-H/14
+        projection = replace(projection, tokens=VIT_H_TOKENS)
+    return AdapterConfig(variant=variant.name, projection=projection, lora_rank=lora_rank)
 
 
-def _by_index_to_by_name(ip: dict[str, torch.Tensor], layers: list[AttentionLayer], path: Path) -> dict[str, torch.Tensor]:
+def published_to_own(flat: Mapping[str, torch.Tensor], unet: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The one conversion from the published layout: "ip_adapter.{index}.{rest}" → "layers.{layer name}.{rest}",
+    the index being the layer's position in `unet.attn_processors` (docs/checkpoints.md)."""
+    layers = attention_layers(unet)
     by_index = {l.index: l.name for l in layers}
-    converted = {}
-    for key, value in ip.items():
+    own = {k: v for k, v in flat.items() if k.startswith("image_proj.")}
+    for key, value in split(flat, "ip_adapter").items():
         m = _INDEX_KEY.match(key)
         if not m:
-            raise IPAdapterError(f"{path}: unexpected key {key!r} in ip_adapter weights")
+            raise IPAdapterError(f"{name}: unexpected key {key!r} in ip_adapter weights")
         index = int(m.group(1))
         if index not in by_index:
             raise IPAdapterError(
-                f"{path} has weights for attention layer {index} but this UNet has {len(layers)} attention layers; "
+                f"{name} has weights for attention layer {index} but this UNet has {len(layers)} attention layers; "
                 "the adapter was made for another base model"
             )
-        converted[f"{by_index[index]}.{m.group(2)}"] = value
-    return converted
+        own[f"layers.{by_index[index]}.{m.group(2)}"] = value
+    return own
+
+
+def adapter_from_state_dict(
+    state: Mapping[str, Any], unet: nn.Module, *, metadata: Mapping[str, str] | None = None, variant: str | None = None,
+    name: str = "the state dict", device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+) -> IPAdapter:
+    """An adapter for `unet` from tensors in memory: the published layout (nested as in the `.bin` files, or flat
+    "image_proj.*" / "ip_adapter.{index}.*" as in `.safetensors`; variant and sizes detected, `name` — the file
+    name — tells FaceID-PlusV2) or the project's own (`adapter.state_dict()` keys with `metadata`).
+
+    Placed on the UNet's device and in its dtype unless `device` / `dtype` say otherwise; everything is checked
+    before any weight is copied, so a wrong file fails with a sentence, not a half-load.
+    """
+    flat = flatten(state)
+    if not any(k.startswith(("image_proj.", "ip_adapter.", "layers.")) for k in flat):
+        raise IPAdapterError(f"{name} is not an IP-Adapter file (no image_proj / ip_adapter weights)")
+    if metadata and metadata.get("format", "").startswith("ipadapter/"):
+        config, own = AdapterConfig.from_metadata(dict(metadata)), flat
+    else:
+        config = detect_variant(split(flat, "image_proj"), split(flat, "ip_adapter"), hint=Path(name).name)
+        check_cross_dim(unet, config.cross_dim, name)
+        own = published_to_own(flat, unet, name)
+    if variant:
+        config = replace(config, variant=variant)
+    check_cross_dim(unet, config.cross_dim, name)
+    adapter = IPAdapter(config, attention_layers(unet))
+    _check_fits(adapter, own, name)
+    adapter.load_state_dict(own)
+    check_compatible(unet, adapter, name)
+    return adapter.to(device=device or unet.device, dtype=dtype or unet.dtype)
 
 
 def load_adapter(
     source: str | os.PathLike, unet: nn.Module, *, subfolder: str | None = None, weight_name: str | None = None,
-    variant: str | None = None,
+    variant: str | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
 ) -> IPAdapter:
-    """Load any published or own adapter file for `unet`: variant and sizes read from the file itself."""
+    """Load any published or own adapter file for `unet` (`adapter_from_state_dict` on its tensors): variant and
+    sizes read from the file itself; placed on the UNet's device and in its dtype unless `device` / `dtype` say
+    otherwise (training loads fp32 weights for a low-precision UNet)."""
     path = resolve(source, subfolder=subfolder, weight_name=weight_name)
     flat, meta = read_file(path)
-    if not any(k.startswith(("image_proj.", "ip_adapter.", "layers.")) for k in flat):
-        raise IPAdapterError(f"{path} is not an IP-Adapter file (no image_proj / ip_adapter weights)")
-    layers = attention_layers(unet)
-    image_proj = split(flat, "image_proj")
-    if meta.get("format", "").startswith("ipadapter/"):
-        config = AdapterConfig.from_metadata(meta)
-        by_name = split(flat, "layers")
-    else:
-        ip = split(flat, "ip_adapter")
-        config = detect_variant(image_proj, ip, hint=path.name)
-        check_cross_dim(unet, config.cross_dim, path.name)
-        by_name = _by_index_to_by_name(ip, layers, path)
-    if variant:
-        config = AdapterConfig(**{**config.__dict__, "variant": variant})
-    check_cross_dim(unet, config.cross_dim, path.name)
-
-    adapter = IPAdapter(config, layers)
-    _load_into(adapter, image_proj, by_name, path)
-    check_compatible(unet, adapter, path.name)
-    return adapter.to(dtype=next(iter(flat.values())).dtype) if flat else adapter
+    return adapter_from_state_dict(flat, unet, metadata=meta, variant=variant, name=str(path), device=device,
+                                   dtype=dtype)
 
 
-def _load_into(adapter: IPAdapter, image_proj: dict[str, torch.Tensor], by_name: dict[str, torch.Tensor], path: Path) -> None:
-    """Shapes are compared before anything is copied, so a wrong file fails with a sentence, not a half-load."""
-    expected_proj = adapter.image_proj.state_dict()
-    expected_layers = adapter.layer_state_dict()
-    for got, want, what in ((image_proj, expected_proj, "image projection"), (by_name, expected_layers, "layer")):
-        missing = sorted(set(want) - set(got))
-        unexpected = sorted(set(got) - set(want))
-        if missing or unexpected:
-            detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-            raise IPAdapterError(f"{path}: {what} weights do not fit this UNet ({detail}); wrong base model or file?")
-        for k, v in got.items():
-            if v.shape != want[k].shape:
-                raise IPAdapterError(
-                    f"{path}: {what} weight {k} has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}"
-                )
-    adapter.image_proj.load_state_dict(image_proj)
-    for name, layer in adapter.named_layers():
-        prefix = name + "."
-        layer.load_state_dict({k[len(prefix):]: v for k, v in by_name.items() if k.startswith(prefix)})
+def _check_fits(adapter: IPAdapter, state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Keys and shapes compared before anything is copied."""
+    want = adapter.state_dict()
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or unexpected:
+        key = missing[0] if missing else unexpected[0]
+        what = "image projection" if key.startswith("image_proj.") else "layer"
+        detail = f"missing {key}" if missing else f"unexpected {key}"
+        raise IPAdapterError(f"{name}: {what} weights do not fit this UNet ({detail}); wrong base model or file?")
+    for key, value in state.items():
+        if value.shape != want[key].shape:
+            raise IPAdapterError(f"{name}: weight {key} has shape {tuple(value.shape)}, expected {tuple(want[key].shape)}")
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
@@ -195,7 +211,6 @@ def save_published(adapter: IPAdapter, unet: nn.Module, path: str | os.PathLike)
 
 
 def save_adapter(adapter: IPAdapter, path: str | os.PathLike) -> Path:
-    """The project's own format: name-keyed tensors plus metadata (variant, tokens, encoder, base family)."""
-    flat = {f"image_proj.{k}": v for k, v in adapter.image_proj.state_dict().items()}
-    flat.update({f"layers.{k}": v for k, v in adapter.layer_state_dict().items()})
-    return atomic_save(flat, path, metadata=adapter.config.to_metadata())
+    """The project's own format: `adapter.state_dict()` (keys are layer names) plus metadata (variant, tokens,
+    encoder, base family)."""
+    return atomic_save(dict(adapter.state_dict()), path, metadata=adapter.config.to_metadata())

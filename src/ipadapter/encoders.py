@@ -1,6 +1,6 @@
 """Image encoders: CLIP vision (global embeddings or penultimate patch features) and face identity (ArcFace).
 
-The unconditional input of each kind (REFERENCE §5) depends only on the encoder, so it is computed once and kept.
+The unconditional input of each kind (docs/checkpoints.md §4) depends only on the encoder, so it is computed once and kept.
 """
 
 from __future__ import annotations

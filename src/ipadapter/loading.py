@@ -1,17 +1,21 @@
-"""From user-level names (flags, app fields) to a ready `ImagePrompter`: base, adapters, encoder, defaults."""
+"""From names to a ready `ImagePrompter`: `load` for a pipeline in hand, `load_prompter` for the whole model by name."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ipadapter.adapter import IPAdapter
 from ipadapter.checkpoint import load_adapter
-from ipadapter.encoders import ImageEncoder
+from ipadapter.encoders import FaceAnalyzer, ImageEncoder
 from ipadapter.errors import IPAdapterError
-from ipadapter.prompter import ImagePrompter, fuse_base_lora, load_pipeline
+from ipadapter.pipelines import add_controlnet, fuse_base_lora, load_pipeline
+from ipadapter.prompter import ImagePrompter
 from ipadapter.sources import AdapterSource, default_image_encoder, miniature_adapter, miniature_base, split_hub_path
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,22 +33,73 @@ class Loaded:
     default_guidance: float | None
 
 
-def _aligned(values: list[str] | None, count: int, flag: str) -> list[str | None]:
-    values = values or []
+PathLike = str | os.PathLike
+
+
+def _per_adapter(value: str | Sequence[str | None] | None, count: int, parameter: str) -> list[str | None]:
+    """One value for every adapter, or one per adapter (as diffusers' `load_ip_adapter` takes them)."""
+    values = [value] if value is None or isinstance(value, str) else list(value)
     if len(values) in (0, 1):
         return (values or [None]) * count
     if len(values) != count:
-        raise IPAdapterError(f"give {flag} once, or once per --adapter ({count}), not {len(values)} times")
+        raise IPAdapterError(f"give {parameter}= once, or once per adapter ({count}), not {len(values)} times")
     return values
 
 
-def adapter_sources(args: Any) -> list[AdapterSource]:
-    if not args.adapter:
-        return [miniature_adapter()] if not args.base else []
-    names = _aligned(args.weight_name, len(args.adapter), "--weight-name")
-    subs = _aligned(args.subfolder, len(args.adapter), "--subfolder")
+def _encoder_for(
+    pipe: Any, sources: list[AdapterSource], adapters: Mapping[str, IPAdapter], image_encoder: PathLike | ImageEncoder | None,
+) -> ImageEncoder | None:
+    """The CLIP image encoder the adapters need (None when all take face embeddings only)."""
+    if isinstance(image_encoder, ImageEncoder):
+        return image_encoder
+    if not any(a.variant.clip for a in adapters.values()):
+        return None
+    if image_encoder is not None:
+        found = split_hub_path(str(image_encoder))
+    else:
+        found = default_image_encoder(getattr(pipe, "name_or_path", None), sources[0]) if sources else None
+    if found is None:
+        raise IPAdapterError("cannot tell which image encoder this adapter needs; give image_encoder=")
+    return ImageEncoder.from_pretrained(found[0], subfolder=found[1], device=pipe.unet.device, dtype=pipe.unet.dtype)
+
+
+def load(
+    pipe: Any, adapter: PathLike | Sequence[PathLike], *, subfolder: str | Sequence[str | None] | None = None,
+    weight_name: str | Sequence[str | None] | None = None, adapter_name: str | Sequence[str] | None = None,
+    image_encoder: PathLike | ImageEncoder | None = None, face_analyzer: FaceAnalyzer | None = None,
+) -> ImagePrompter:
+    """Adapters attached to a diffusers pipeline, ready to `generate`: the one call a diffusers user expects.
+
+    `adapter`: a file, a folder or a Hub repo id, or a list of them; `subfolder` and `weight_name` locate the file
+    inside it (one value, or one per adapter). `adapter_name` names them (default "0", "1", ...). `image_encoder`: a
+    CLIP vision folder or Hub id ("owner/repo/subfolder" allowed), or left out to use the one beside the adapter or in
+    the pipeline's folder. Detach with `prompter.detach()` or use the result as a context manager.
+    """
+    paths = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
+    if not paths:
+        raise IPAdapterError("give at least one adapter")
+    names = _per_adapter(adapter_name, len(paths), "adapter_name") if adapter_name is not None else None
+    if names is not None and len(set(names)) != len(names):
+        raise IPAdapterError(f"adapter names must differ, got {', '.join(map(str, names))}")
+    sources = [AdapterSource(str(p), s, w) for p, s, w in zip(
+        paths, _per_adapter(subfolder, len(paths), "subfolder"), _per_adapter(weight_name, len(paths), "weight_name"))]
+    keys = names or [str(i) for i in range(len(sources))]
+    adapters = {str(k): load_adapter(s.source, pipe.unet, subfolder=s.subfolder, weight_name=s.weight_name)
+                for k, s in zip(keys, sources)}
+    encoder = _encoder_for(pipe, sources, adapters, image_encoder)
+    return ImagePrompter(pipe, adapters, encoder, face_analyzer)
+
+
+def adapter_sources(
+    adapters: Sequence[str], *, base: str | None, subfolders: Sequence[str] = (), weight_names: Sequence[str] = (),
+) -> list[AdapterSource]:
+    """The adapters to load; with neither adapters nor a base, the bundled miniature adapter."""
+    if not adapters:
+        return [miniature_adapter()] if not base else []
+    names = _per_adapter(list(weight_names), len(adapters), "weight_name")
+    subs = _per_adapter(list(subfolders), len(adapters), "subfolder")
     return [miniature_adapter(MINIATURE_ADAPTERS[a]) if a in MINIATURE_ADAPTERS else AdapterSource(a, s, w)
-            for a, s, w in zip(args.adapter, subs, names)]
+            for a, s, w in zip(adapters, subs, names)]
 
 
 def controlnet_source(name: str) -> str:
@@ -68,36 +123,36 @@ def base_lora_source(name: str) -> str:
     return name
 
 
-def load_prompter(args: Any) -> Loaded:
-    """Build everything the flags name (any object with generate's model attributes works)."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
-    miniature = not args.base
-    base = str(miniature_base()) if miniature else args.base
-    sources = adapter_sources(args)
+def load_prompter(
+    *, base: str | None = None, adapters: Sequence[str] = (), subfolders: Sequence[str] = (),
+    weight_names: Sequence[str] = (), image_encoder: str | None = None, device: str | None = None,
+    dtype: str | None = None, scheduler: str | None = None, base_lora: str | None = None, base_lora_scale: float = 1.0,
+    controlnet: str | None = None,
+) -> Loaded:
+    """Everything from names: the base pipeline (the bundled miniature model when `base` is None), a fused custom
+    LoRA, a ControlNet, the adapters (file, folder, Hub id, or a miniature keyword) and their image encoder.
+    `dtype`: "float32", "float16" or "bfloat16" (default float16 on CUDA, else float32)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is not None and dtype not in DTYPES:
+        raise IPAdapterError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype] if dtype else (torch.float16 if device == "cuda" else torch.float32)
+    miniature = not base
+    base = str(miniature_base()) if miniature else base
+    sources = adapter_sources(adapters, base=None if miniature else base, subfolders=subfolders,
+                              weight_names=weight_names)
     if not sources:
-        raise IPAdapterError("give --adapter (a file, folder or Hub repo id) to use an image prompt with --base")
-    base_lora = base_lora_source(args.base_lora) if getattr(args, "base_lora", None) else None
-    pipe = load_pipeline(base, device=device, dtype=dtype, scheduler=args.scheduler)
-    if base_lora:
-        pipe = fuse_base_lora(pipe, base_lora, args.base_lora_scale)
-    if getattr(args, "controlnet", None):
-        from ipadapter.prompter import add_controlnet
-
-        pipe = add_controlnet(pipe, controlnet_source(args.controlnet))
-    adapters = {str(i): load_adapter(s.source, pipe.unet, subfolder=s.subfolder, weight_name=s.weight_name)
-                for i, s in enumerate(sources)}
-    if args.image_encoder:
-        encoder_source = split_hub_path(args.image_encoder)
-    else:
-        encoder_source = default_image_encoder(base, sources[0])
-    needs_clip = any(a.variant.features != "faceid" for a in adapters.values())
-    encoder = None
-    if needs_clip:
-        if encoder_source is None:
-            raise IPAdapterError("cannot tell which image encoder this adapter needs; give --image-encoder")
-        encoder = ImageEncoder.from_pretrained(encoder_source[0], subfolder=encoder_source[1], device=device, dtype=dtype)
-    prompter = ImagePrompter(pipe, adapters, encoder)
+        raise IPAdapterError("give adapters= (a file, folder or Hub repo id) to use an image prompt with base=")
+    lora = base_lora_source(base_lora) if base_lora else None
+    pipe = load_pipeline(base, device=device, dtype=torch_dtype, scheduler=scheduler)
+    if lora:
+        pipe = fuse_base_lora(pipe, lora, base_lora_scale)
+    if controlnet:
+        pipe = add_controlnet(pipe, controlnet_source(controlnet))
+    if image_encoder is None:  # the base folder's own, else the one beside the first adapter
+        found = default_image_encoder(base, sources[0])
+        image_encoder = "/".join(part for part in found if part) if found else None
+    prompter = load(pipe, [s.source for s in sources], subfolder=[s.subfolder for s in sources],
+                    weight_name=[s.weight_name for s in sources], image_encoder=image_encoder)
     return Loaded(prompter, base, miniature, MINIATURE_STEPS if miniature else None,
                   MINIATURE_GUIDANCE if miniature else None)
 

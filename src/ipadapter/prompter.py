@@ -6,7 +6,6 @@ T2I-Adapter, LCM): only the UNet's cross-attention processors change, so a Contr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,13 +17,21 @@ from ipadapter.attach import Attachment, attach
 from ipadapter.embed_cache import EmbeddingCache, tensor_key
 from ipadapter.encoders import FaceAnalyzer, ImageEncoder
 from ipadapter.errors import IPAdapterError
+from ipadapter.pipelines import add_controlnet, fuse_base_lora, load_pipeline
 from ipadapter.runtime import AdapterPrompt, Reference
+
+# The pipeline builders lived here; their home is ipadapter.pipelines (the miniature recipes still import them here).
+__all__ = ["Features", "ImagePrompter", "add_controlnet", "fuse_base_lora", "load_pipeline"]
 
 Features = tuple[torch.Tensor, ...]
 
 
 class ImagePrompter:
-    """Adapters (by name) attached to `pipe.unet`, with the encoders they need."""
+    """Adapters (by name) attached to `pipe.unet`, with the encoders they need.
+
+    Attached from construction until `detach()`, or for the duration of a `with` block: on exit every attention
+    processor of the UNet is the original object again and the pipeline's outputs are bitwise its own.
+    """
 
     def __init__(
         self, pipe: Any, adapters: IPAdapter | Sequence[IPAdapter] | Mapping[str, IPAdapter],
@@ -41,13 +48,15 @@ class ImagePrompter:
             self._check_encoder(name, adapter)
 
     def _check_encoder(self, name: str, adapter: IPAdapter) -> None:
-        features = adapter.variant.features
-        if features in ("global", "patch"):
-            if self.encoder is None:
-                raise IPAdapterError(f"adapter {name!r} ({adapter.config.variant}) needs a CLIP image encoder")
-            self.encoder.check_fits(adapter.config.projection.in_dim, features, f"adapter {name!r}")
-        elif features == "faceid+patch" and self.encoder is not None:
-            self.encoder.check_fits(adapter.config.projection.clip_dim, "patch", f"adapter {name!r}")
+        variant = adapter.variant
+        if not variant.clip:
+            return
+        if self.encoder is None:
+            if variant.face_id:  # the crop's patches may come precomputed
+                return
+            raise IPAdapterError(f"adapter {name!r} ({variant.name}) needs a CLIP image encoder")
+        width = adapter.config.projection.clip_dim if variant.face_id else adapter.config.projection.in_dim
+        self.encoder.check_fits(width, variant.clip, f"adapter {name!r}")
 
     def adapter(self, name: str | None) -> tuple[str, IPAdapter]:
         if name is None:
@@ -59,10 +68,11 @@ class ImagePrompter:
         return name, self.adapters[name]
 
     def features(self, adapter: IPAdapter, images: Sequence[Image.Image], face_embeds: torch.Tensor | None = None) -> Features:
-        """Encoder features for a list of images, shaped as the adapter's head takes them."""
-        kind = adapter.variant.features
-        if kind in ("global", "patch"):
-            return (self.encoder.encode(list(images), kind),)
+        """Encoder features for a list of images, shaped as the adapter's head takes them: (ID embeddings, CLIP
+        features of the face crops) for FaceID variants, CLIP features alone otherwise."""
+        variant = adapter.variant
+        if not variant.face_id:
+            return (self.encoder.encode(list(images), variant.clip),)
         ids = face_embeds
         crops = list(images)
         if ids is None:
@@ -71,21 +81,21 @@ class ImagePrompter:
             pairs = [analyzer.analyze(img, f"reference {i}") for i, img in enumerate(images)]
             ids, crops = torch.cat([p[0] for p in pairs]), [p[1] for p in pairs]
         ids = ids.to(adapter.device, adapter.dtype)
-        if kind == "faceid":
+        if not variant.clip:
             return (ids,)
         if self.encoder is None:
-            raise IPAdapterError(f"{adapter.config.variant} needs a CLIP image encoder for the face crop")
-        return ids, self.encoder.encode(crops, "patch")
+            raise IPAdapterError(f"{variant.name} needs a CLIP image encoder for the face crop")
+        return ids, self.encoder.encode(crops, variant.clip)
 
     def uncond_features(self, adapter: IPAdapter, count: int) -> Features:
-        kind = adapter.variant.features
-        if kind in ("global", "patch"):
-            uncond = self.encoder.uncond(kind)
-            return (uncond.expand(count, *uncond.shape[1:]),)
+        """The variant's unconditional input: a zero embedding for global and ID features, the encoder's output on
+        zero pixels for patch features."""
+        variant = adapter.variant
+        clip = self.encoder.uncond(variant.clip) if variant.clip else None
+        if not variant.face_id:
+            return (clip.expand(count, *clip.shape[1:]),)
         zeros = torch.zeros(count, adapter.config.projection.in_dim, device=adapter.device, dtype=adapter.dtype)
-        if kind == "faceid":
-            return (zeros,)
-        return zeros, self.encoder.uncond("patch").expand(count, -1, -1)
+        return (zeros,) if clip is None else (zeros, clip.expand(count, *clip.shape[1:]))
 
     @torch.no_grad()
     def project(self, adapter: IPAdapter, features: Features) -> torch.Tensor:
@@ -139,21 +149,19 @@ class ImagePrompter:
         ]
 
     def generate(
-        self, references: Sequence[Image.Image] | Mapping[str, list[Reference] | AdapterPrompt] | None = None, *,
+        self, references: Image.Image | Sequence[Image.Image] | Mapping[str, Any] | None = None, *,
         prompt: str | list[str] = "", negative_prompt: str | list[str] = "", scale: float = 1.0, num_images: int = 1,
         steps: int | None = None, guidance: float | None = None, seed: int | None = None,
         width: int | None = None, height: int | None = None, **pipe_kwargs: Any,
     ) -> list[Image.Image]:
-        """Images from the pipeline with the image prompts applied. `references`: PIL images for the only adapter,
-        or a mapping adapter name → references / full `AdapterPrompt` (per-layer weights, window, masks, ...)."""
-        if references is None or isinstance(references, Mapping) and not references:
-            prompts: dict[str, AdapterPrompt] = {}
-        elif isinstance(references, Mapping):
-            prompts = {k: v if isinstance(v, AdapterPrompt) else AdapterPrompt(list(v), scale=scale)
-                       for k, v in references.items()}
-        else:
-            name, refs = self.references(list(references))
-            prompts = {name: AdapterPrompt(refs, scale=scale)}
+        """Images from the pipeline with the image prompts applied. `references`: a PIL image or a list of them for
+        the only adapter, or a mapping adapter name → image(s), `Reference`s, or a full `AdapterPrompt` (per-layer
+        weights, window, masks, ...). `scale` applies to all but the `AdapterPrompt`s, which carry their own."""
+        if references is None:
+            references = {}
+        elif not isinstance(references, Mapping):
+            references = {self.adapter(None)[0]: references}
+        prompts = {name: self._prompt(name, given, scale) for name, given in references.items()}
         if not prompts and not (prompt if isinstance(prompt, str) else any(prompt)):
             raise IPAdapterError("give a reference image, a text prompt, or both")
         self.attachment.check_intact()
@@ -172,111 +180,19 @@ class ImagePrompter:
             self.attachment.clear()
         return list(out.images)
 
+    def _prompt(self, name: str, given: Any, scale: float) -> AdapterPrompt:
+        if isinstance(given, AdapterPrompt):
+            return given
+        given = [given] if isinstance(given, Image.Image) else list(given)
+        if not given or all(isinstance(g, Image.Image) for g in given):
+            given = self.references(given, adapter=name)[1]
+        return AdapterPrompt(given, scale=scale)
+
     def detach(self) -> None:
         self.attachment.detach()
 
+    def __enter__(self) -> ImagePrompter:
+        return self
 
-def load_pipeline(
-    base: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32, scheduler: str | None = None,
-) -> Any:
-    """Any diffusers pipeline folder or Hub id; its own saved scheduler unless `scheduler` names another class."""
-    import diffusers
-
-    try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {str(err).splitlines()[0][:200]}") from None
-    if scheduler:
-        cls = getattr(diffusers, scheduler, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise IPAdapterError(f"unknown scheduler {scheduler!r} (use a diffusers class name such as DDIMScheduler)")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    if getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None
-    pipe.set_progress_bar_config(leave=False)
-    return pipe.to(device)
-
-
-def _lora_error(err: Exception) -> str:
-    """diffusers' or peft's reason a LoRA did not load, as one short clause (theirs list every layer)."""
-    text = str(err).strip()
-    if "size mismatch" in text:
-        last = text.splitlines()[-1].strip()[:160]
-        return f"its shapes differ from this model's, it was made for another base model ({last})"
-    if "not found in the base model" in text:
-        return "none of its layers exist in this model, it was made for another base model"
-    return text.splitlines()[0][:200]
-
-
-def fuse_base_lora(pipe: Any, source: str | os.PathLike, scale: float = 1.0) -> Any:
-    """Turn `pipe` into the custom model a LoRA file (or a folder holding one) describes: load it with diffusers,
-    fuse it at `scale`, then drop the LoRA layers. Only weight values change, no module or attention processor, so
-    adapters attach to the result as to any base model, and fusing before or after attaching gives the same images."""
-    import logging
-    import warnings
-    from pathlib import Path
-
-    from diffusers.utils import logging as diffusers_logging
-
-    path = Path(source)
-    if not path.exists():
-        raise IPAdapterError(f"LoRA not found: {source}")
-    if not hasattr(pipe, "load_lora_weights"):
-        raise IPAdapterError(f"{type(pipe).__name__} cannot load a LoRA (use a Stable Diffusion 1.5 / 2.x / SDXL base)")
-    folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(logging.CRITICAL)  # its own log lines repeat what the error below says
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="base_lora")
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise IPAdapterError(f"could not load the LoRA {source}: {_lora_error(err)}") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    if not any("base_lora" in names for names in pipe.get_list_adapters().values()):
-        raise IPAdapterError(f"no layer of this base model matches the LoRA {source}; it was made for another model")
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["base_lora"])
-    pipe.unload_lora_weights()
-    return pipe
-
-
-def add_controlnet(pipe: Any, source: str | os.PathLike) -> Any:
-    """The ControlNet pipeline of `pipe`'s family (SD 1.5 / 2.x or SDXL) on `pipe`'s own components, so the UNet an
-    adapter attaches to is the same object; the ControlNet (folder, Hub id, or "owner/repo/subfolder") gets the
-    UNet's device and dtype. A ControlNet made for another base model is refused here, not mid-generation."""
-    import diffusers
-    from diffusers.utils import logging as diffusers_logging
-
-    from ipadapter.sources import split_hub_path
-
-    if isinstance(pipe, diffusers.StableDiffusionXLPipeline):
-        cls = diffusers.StableDiffusionXLControlNetPipeline
-    elif isinstance(pipe, diffusers.StableDiffusionPipeline):
-        cls = diffusers.StableDiffusionControlNetPipeline
-    else:
-        raise IPAdapterError(
-            f"a ControlNet needs a Stable Diffusion 1.5 / 2.x or SDXL text-to-image base, not {type(pipe).__name__}"
-        )
-    repo, subfolder = split_hub_path(str(source))
-    if str(repo).startswith((".", os.sep)) and not os.path.exists(repo):
-        raise IPAdapterError(f"ControlNet folder not found: {source}")
-    try:
-        controlnet = diffusers.ControlNetModel.from_pretrained(repo, subfolder=subfolder, torch_dtype=pipe.unet.dtype)
-    except (OSError, ValueError) as err:
-        raise IPAdapterError(f"could not load a ControlNet from {source}: {str(err).splitlines()[0][:200]}") from None
-    mine, base = controlnet.config, pipe.unet.config
-    widths, base_widths = tuple(mine.block_out_channels), tuple(base.block_out_channels)
-    if mine.cross_attention_dim != base.cross_attention_dim or widths != base_widths:
-        raise IPAdapterError(
-            f"the ControlNet {source} was made for another base model (widths {widths}, text width "
-            f"{mine.cross_attention_dim}; this UNet: {base_widths}, {base.cross_attention_dim})"
-        )
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # from_pipe's dtype cast warns once per model though nothing changes
-    try:
-        out = cls.from_pipe(pipe, controlnet=controlnet.to(pipe.unet.device), torch_dtype=pipe.unet.dtype)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return out
+    def __exit__(self, *exc: object) -> None:
+        self.detach()

@@ -24,11 +24,10 @@ from ipadapter.runtime import AdapterPrompt
 
 @dataclass
 class GenerationRequest:
-    """Everything a user can ask of one image-prompted generation (CLI flags map one to one)."""
+    """Everything a user can ask of one image prompt (CLI flags map one to one); the text prompt, seed for the
+    pipeline and image count go to `ImagePrompter.generate` directly."""
 
     images: list[Image.Image] = field(default_factory=list)
-    prompt: str = ""
-    negative_prompt: str = ""
     scale: float = 1.0
     masks: list[torch.Tensor] = field(default_factory=list)
     start: float = 0.0
@@ -50,12 +49,12 @@ class GenerationRequest:
 
     def validate(self) -> None:
         if not math.isfinite(self.scale):
-            raise IPAdapterError(f"--scale must be a finite number, got {self.scale}")
+            raise IPAdapterError(f"scale= must be a finite number, got {self.scale}")
         check_window(self.start, self.end)
         if self.masks and len(self.masks) != len(self.images):
             raise IPAdapterError(f"got {len(self.masks)} mask(s) for {len(self.images)} reference image(s); give one per image")
         if self.tiles and self.masks:
-            raise IPAdapterError("--tiles makes its own per-tile masks; do not combine it with --mask")
+            raise IPAdapterError("tiles= makes its own per-tile masks; do not combine it with masks=")
 
 
 def _prepared(prompter: ImagePrompter, images: list[Image.Image], crop: str) -> list[Image.Image]:
@@ -88,7 +87,7 @@ def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: s
     weights = request.image_weights
     if request.combine != "concat" and features[0].shape[0] > 1:
         if any(m is not None for m in masks):
-            raise IPAdapterError("masked references cannot be combined into one; use --combine concat with --mask")
+            raise IPAdapterError("masked references cannot be combined into one; use combine=concat with masks=")
         count = features[0].shape[0]
         features = tuple(combine([f[i : i + 1] for i in range(count)], request.combine, weights) for f in features)
         masks, weights = [None], None

@@ -7,7 +7,7 @@ steps (batched tokens, K'/V') until the next `Runtime.set`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -91,9 +91,13 @@ class Runtime:
     latent_hw: tuple[int, int] | None = None
     cache_kv: bool = True
     generation: int = 0
+    weights: dict[str, Hashable] = field(default_factory=dict)
 
-    def set(self, prompts: dict[str, AdapterPrompt], *, cfg: bool) -> None:
+    def set(self, prompts: dict[str, AdapterPrompt], *, cfg: bool, weights: dict[str, Hashable] | None = None) -> None:
+        """A new generation's prompts; `weights`: each adapter's `IPAdapter.weights_token()` (K'/V' are reused
+        across generations only under an equal token, so without one they are computed every time)."""
         self.prompts, self.cfg = dict(prompts), cfg
+        self.weights = dict(weights or {})
         self.progress = None
         self.generation += 1
 

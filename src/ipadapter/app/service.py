@@ -58,9 +58,9 @@ class GenerationService:
     @classmethod
     def from_args(cls, args: Any, *, limits: UploadLimits, workdir: str | Path) -> GenerationService:
         """Load the model the flags name (as `ipadapter generate` does), once."""
-        from ipadapter.loading import load_prompter
+        from ipadapter.cli.generate import load_from_flags
 
-        return cls(load_prompter(args), model_flags(args), limits=limits, workdir=workdir)
+        return cls(load_from_flags(args), model_flags(args), limits=limits, workdir=workdir)
 
     def _masks(self, form: Form, references: list[Image.Image]) -> Masks:
         """One mask file per reference when any is given (the others act everywhere), each the reference's size."""
@@ -92,7 +92,7 @@ class GenerationService:
         negative = open_upload(form.negative_image, self.limits, "the negative image") if form.negative_image else None
         masks = self._masks(form, references)
         request = GenerationRequest(
-            images=references, prompt=form.prompt, negative_prompt=form.negative_prompt, scale=form.scale,
+            images=references, scale=form.scale,
             masks=masks.tensors, start=form.start, end=form.end, preset=form.preset or None, combine=form.combine,
             negative_image=negative, seed=form.seed,
         )

@@ -25,12 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from ipadapter.conditioning.embeds_file import EncoderIdentity, save_embeds
     from ipadapter.conditioning.images import load_image
     from ipadapter.errors import IPAdapterError
-    from ipadapter.loading import load_prompter
+    from ipadapter.cli.generate import load_from_flags
 
     if not args.out.endswith(".safetensors"):
         raise IPAdapterError(f"--out must name a .safetensors file, got {args.out}")
     images = [load_image(p) for p in args.image]
-    loaded = load_prompter(args)
+    loaded = load_from_flags(args)
     prompter = loaded.prompter
     _, adapter = prompter.adapter(None)
     if prompter.encoder is None:

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from ipadapter.evaluate.report import Report, write_report
     from ipadapter.evaluate.runner import Plan, generate, prompter_sampler
     from ipadapter.evaluate.scoring import build_toolbox, score
-    from ipadapter.loading import load_prompter
+    from ipadapter.cli.generate import load_from_flags
 
     chosen = protocol(args.protocol or ("paper-table1" if args.base else "miniature"))
     for flag in ("samples", "steps", "limit"):
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     has_attrs = any(e.attrs for e in manifest.entries)
     box = build_toolbox(chosen.metrics, judge, dino=args.dino, inception=args.inception,
                         attributes=attributes if has_attrs else None, device=device)
-    loaded = load_prompter(args)
+    loaded = load_from_flags(args)
     loaded.prompter.pipe.set_progress_bar_config(disable=True)
     names = method_names(args, len(loaded.prompter.adapters))
     steps = args.steps or chosen.steps or loaded.default_steps

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +43,38 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: float16 on cuda, else float32")
     p.add_argument("--scheduler", help="a diffusers scheduler class to use instead of the base model's own")
+
+
+# Library parameters → the flags that set them: library errors name parameters ("weight_names="), a user of the
+# command line reads the flag instead (`load_prompter`'s and `GenerationRequest`'s).
+PARAMETER_FLAGS = {
+    "base": "--base", "adapters": "--adapter", "subfolders": "--subfolder", "subfolder": "--subfolder",
+    "weight_names": "--weight-name", "weight_name": "--weight-name", "image_encoder": "--image-encoder",
+    "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "base_lora": "--base-lora",
+    "controlnet": "--controlnet", "scale": "--scale", "tiles": "--tiles", "masks": "--mask", "combine": "--combine",
+}
+_PARAMETER = re.compile(r"\b(" + "|".join(PARAMETER_FLAGS) + r")=(?=(\w?))")
+
+
+def as_flags(err: IPAdapterError) -> IPAdapterError:
+    """The same error with the parameters it names written as the command line's flags ("combine=concat" →
+    "--combine concat", "give weight_names= once" → "give --weight-name once")."""
+    return IPAdapterError(_PARAMETER.sub(lambda m: PARAMETER_FLAGS[m.group(1)] + (" " if m.group(2) else ""), str(err)))
+
+
+def load_from_flags(args: argparse.Namespace) -> Any:
+    """`loading.load_prompter` with the model flags (those of `add_model_flags`, and generate's LoRA/ControlNet)."""
+    from ipadapter.loading import load_prompter
+
+    try:
+        return load_prompter(
+            base=args.base, adapters=args.adapter or (), subfolders=args.subfolder or (),
+            weight_names=args.weight_name or (), image_encoder=args.image_encoder, device=args.device,
+            dtype=args.dtype, scheduler=args.scheduler, base_lora=getattr(args, "base_lora", None),
+            base_lora_scale=getattr(args, "base_lora_scale", 1.0), controlnet=getattr(args, "controlnet", None),
+        )
+    except IPAdapterError as err:
+        raise as_flags(err) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -111,11 +145,18 @@ def control_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _generate(args)
+    except IPAdapterError as err:
+        raise as_flags(err) from None
+
+
+def _generate(args: argparse.Namespace) -> int:
     from ipadapter.atomic import save_png
     from ipadapter.conditioning.images import load_image
     from ipadapter.conditioning.masks import load_masks
     from ipadapter.conditioning.negatives import parse_noise
-    from ipadapter.loading import load_prompter, text_embeds_for
+    from ipadapter.loading import text_embeds_for
     from ipadapter.request import GenerationRequest, build_prompt
 
     if args.num_images < 1 or (args.steps is not None and args.steps < 1):
@@ -125,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     paths = output_paths(args.out, args.num_images)
     images = [load_image(p) for p in args.image]
     request = GenerationRequest(
-        images=images, prompt=args.prompt, negative_prompt=args.negative_prompt, scale=args.scale,
+        images=images, scale=args.scale,
         masks=load_masks(args.mask, len(images)) if args.mask else [], start=args.start, end=args.end,
         preset=args.preset, combine=args.combine, image_weights=args.image_weight,
         negative_image=load_image(args.negative_image) if args.negative_image else None,
@@ -135,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     )
     request.validate()
     control = control_kwargs(args)
-    loaded = load_prompter(args)
+    loaded = load_from_flags(args)
     prompter = loaded.prompter
     if args.face_embed:
         from ipadapter.encoders import load_face_embedding

@@ -1,4 +1,4 @@
-"""Fine control over the image prompt (issue 6): pure building blocks the generation code and CLI compose.
+"""Fine control over the image prompt : pure building blocks the generation code and CLI compose.
 
 presets: per-layer weights; schedules: step windows and per-step weights; combine: several references into one;
 negatives: noise negatives and content subtraction; images / masks: loading and preparing references and masks;

@@ -5,7 +5,7 @@ Everything returned is keyed by cross-attention layer name (`AttentionLayer.name
 count transformer models in execution order (down → mid → up, `AttentionLayer.transformer`), never in checkpoint
 order (down → up → mid): the mid block is t6 of 16 in SD 1.5 and t4 of 11 in SDXL, not the last.
 
-Weights here are relative: the `w` of REFERENCE §7's formulas is `AdapterPrompt.scale`, which the attention
+Weights here are relative: the `w` of the formulas in docs/control.md is `AdapterPrompt.scale`, which the attention
 processor multiplies in.
 
 Style and layout layers (InstantStyle). SDXL, as published: style = up_blocks.0.attentions.1 (t6), layout =
@@ -95,7 +95,7 @@ PRESET_NAMES = tuple(WEIGHT_TYPES) + tuple(NAMED_PRESETS)
 
 @dataclass(frozen=True)
 class LayerPreset:
-    """What a preset sets: one layer-weight map per reference image, and the "precise" layers.
+    """What a preset sets: one layer-weight map per reference image, and the uncond layers ("precise" presets).
 
     layer_weights[i] is for the i-th reference image: with one entry it is `AdapterPrompt.layer_weights`; with
     several (style and composition) each goes to its image's `Reference.layer_weights`.

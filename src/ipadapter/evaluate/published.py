@@ -1,4 +1,4 @@
-"""Published numbers (REFERENCE.md §8) as data, each with its source and the protocol it was measured under."""
+"""Published numbers (docs/checkpoints.md §7) as data, each with its source and the protocol it was measured under."""
 
 from __future__ import annotations
 

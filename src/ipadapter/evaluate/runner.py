@@ -125,7 +125,7 @@ def prompter_sampler(prompter, adapters: dict[str, str], *, steps: int | None, g
     from ipadapter.request import GenerationRequest, build_prompt
 
     def sample(job: Job, reference: Image.Image) -> list[Image.Image]:
-        request = GenerationRequest(images=[reference], prompt=job.prompt, scale=job.scale)
+        request = GenerationRequest(images=[reference], scale=job.scale)
         prompts = build_prompt(prompter, request, adapter=adapters[job.method])
         generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
         return prompter.generate(prompts, prompt=job.prompt, num_images=len(job.seeds), steps=steps,

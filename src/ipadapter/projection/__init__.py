@@ -3,7 +3,7 @@
 Module names copy the published checkpoints' `image_proj` keys, so loading is a key-for-key copy.
 """
 
-from ipadapter.projection.detect import ProjectionConfig, build_projection, detect_projection
+from ipadapter.projection.detect import ProjectionConfig, build_projection, detect_projection, new_projection
 from ipadapter.projection.faceid import FaceIDPlusProjection, FaceIDProjection
 from ipadapter.projection.linear import LinearProjection
 from ipadapter.projection.resampler import Resampler
@@ -18,4 +18,5 @@ __all__ = [
     "TokenMLPProjection",
     "build_projection",
     "detect_projection",
+    "new_projection",
 ]

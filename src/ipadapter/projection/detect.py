@@ -46,7 +46,7 @@ def _perceiver(state: dict[str, torch.Tensor], prefix: str, dim_head: int = 64) 
 
 
 def detect_projection(state: dict[str, torch.Tensor]) -> ProjectionConfig:
-    """Recognise the head from `image_proj` keys and shapes (REFERENCE §3's rules, as data-driven checks)."""
+    """Recognise the head from `image_proj` keys and shapes (the rules of docs/checkpoints.md)."""
     try:
         if "proj.weight" in state:
             cross = state["norm.weight"].shape[0]
@@ -81,6 +81,31 @@ def detect_projection(state: dict[str, torch.Tensor]) -> ProjectionConfig:
     raise IPAdapterError(
         "the file's image projection matches no IP-Adapter family (keys: " + ", ".join(sorted(state)[:6]) + ", ...)"
     )
+
+
+def new_projection(
+    head: str, *, cross_dim: int, tokens: int, embed_dim: int = 0, hidden_dim: int = 0, id_dim: int = 512,
+) -> ProjectionConfig:
+    """The shape of a new (untrained) head as the published ones are built (docs/checkpoints.md): resamplers of
+    depth 4, 64-wide heads, feed-forward ×4, width min(C, encoder width); FaceID's ID MLP 512 → 1024 → N·C.
+    `embed_dim`: the encoder's global width; `hidden_dim`: its patch width."""
+    dim = min(cross_dim, hidden_dim)
+    shapes = {
+        "linear": lambda: ProjectionConfig("linear", in_dim=embed_dim, cross_dim=cross_dim, tokens=tokens),
+        "resampler": lambda: ProjectionConfig("resampler", in_dim=hidden_dim, cross_dim=cross_dim, tokens=tokens,
+                                              dim=dim, depth=4, heads=max(1, dim // 64), dim_head=64, ff_mult=4),
+        "token_mlp": lambda: ProjectionConfig("token_mlp", in_dim=hidden_dim, cross_dim=cross_dim, tokens=tokens,
+                                              hidden_dim=hidden_dim),
+        "faceid": lambda: ProjectionConfig("faceid", in_dim=id_dim, cross_dim=cross_dim, tokens=tokens,
+                                           hidden_dim=2 * id_dim),
+        "faceid_plus": lambda: ProjectionConfig(
+            "faceid_plus", in_dim=id_dim, cross_dim=cross_dim, tokens=tokens, hidden_dim=2 * id_dim,
+            clip_dim=hidden_dim, dim=cross_dim, depth=4, heads=max(1, cross_dim // 64), dim_head=64, ff_mult=4,
+        ),
+    }
+    if head not in shapes:
+        raise IPAdapterError(f"unknown projection head {head!r}; valid: {', '.join(shapes)}")
+    return shapes[head]()
 
 
 def build_projection(config: ProjectionConfig, *, shortcut: bool = False) -> nn.Module:

@@ -1,6 +1,6 @@
 """What a training run is: one dataclass, loadable from YAML or TOML, every field overridable by a CLI flag.
 
-Defaults are the paper's recipe (REFERENCE §1): AdamW lr 1e-4 constant, weight decay 0.01, batch 8 per device,
+Defaults are the paper's recipe (docs/checkpoints.md §5): AdamW lr 1e-4 constant, weight decay 0.01, batch 8 per device,
 512 px (shortest side → 512, centre crop), condition dropout 5% image / 5% text / 5% both.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter.errors import IPAdapterError
-from ipadapter.variants import ATTENTION_MODES
+from ipadapter.variants import ATTENTION_MODES, TRAINABLE, get_variant
 
-TRAIN_VARIANTS = ("base", "plus", "full", "faceid", "faceid-plus", "faceid-plusv2")
+TRAIN_VARIANTS = TRAINABLE
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -129,11 +129,11 @@ class TrainConfig:
 
     @property
     def needs_image_encoder(self) -> bool:
-        return self.variant != "faceid"
+        return bool(get_variant(self.variant).clip)
 
     @property
     def needs_id_embeds(self) -> bool:
-        return self.variant.startswith("faceid")
+        return get_variant(self.variant).face_id
 
     # ---- loading ----------------------------------------------------------------------------------------------
     @classmethod

@@ -198,10 +198,6 @@ class IndexedStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.pos, self._order = int(state["epoch"]), int(state["pos"]), None
 
-    @property
-    def epoch_size(self) -> int:
-        return len(self._epoch_order())
-
 
 class ShardStream:
     """Records streamed from tar shards. With at least as many shards as processes each process reads its own

@@ -1,7 +1,7 @@
 """Condition dropout as the paper trains it: one uniform draw per sample decides image-only, text-only or both.
 
 u < p_image → drop the image; p_image ≤ u < p_image + p_text → drop the text; then up to + p_both → drop both.
-What "dropped" means is the variant's own unconditional input (REFERENCE §5): a zero embedding for global features,
+What "dropped" means is the variant's own unconditional input (docs/checkpoints.md §4): a zero embedding for global features,
 the encoder's output on zero pixels for patch features, a zero ID embedding for FaceID.
 """
 

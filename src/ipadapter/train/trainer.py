@@ -28,7 +28,7 @@ from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.attach import Attachment, attach
 from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError
-from ipadapter.projection.detect import ProjectionConfig
+from ipadapter.projection.detect import new_projection
 from ipadapter.runtime import AdapterPrompt, Reference
 from ipadapter.train import dropout
 from ipadapter.train.config import TrainConfig
@@ -44,46 +44,31 @@ from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
 
-# The CLIP features each variant reads (from the variant table; "" = none, FaceID-Plus takes the face crop's patches).
-_CLIP_FEATURES = {"global": "global", "patch": "patch", "faceid": "", "faceid+patch": "patch"}
-
 
 def clip_features(variant: str) -> str:
-    return _CLIP_FEATURES[get_variant(variant).features]
+    """The CLIP features a variant reads ("" = none), from the variant table."""
+    return get_variant(variant).clip
+
 
 PUBLISHED_NAME = "ip-adapter.safetensors"
 OWN_NAME = "adapter.ipadapter.safetensors"
 
 
-# ---- the adapter's shape, from the variant and the models' widths (a table, tested as one) ------------------------
+# ---- the adapter's shape, from the variant table and the models' widths (tested as a table) -------------------
 def adapter_config_for(
     variant: str, *, cross_dim: int, embed_dim: int = 0, hidden_dim: int = 0, patch_tokens: int = 0, id_dim: int = 512,
     num_tokens: int = 0, lora_rank: int = 128, encoder: str = "", base: str = "", attention: str = "decoupled",
 ) -> AdapterConfig:
-    """A new adapter's config. Plus: REFERENCE §2's resampler (depth 4, dim_head 64, 16 queries, ff ×4) with width
-    min(C, encoder width) — 768 for SD 1.5 and 1280 for SDXL with ViT-H, as published; FaceID: ID MLP 512 → 1024."""
-    def heads(dim: int) -> int:
-        return max(1, dim // 64)
-
-    if variant == "base":
-        proj = ProjectionConfig("linear", in_dim=embed_dim, cross_dim=cross_dim, tokens=num_tokens or 4)
-    elif variant == "plus":
-        dim = min(cross_dim, hidden_dim)
-        proj = ProjectionConfig("resampler", in_dim=hidden_dim, cross_dim=cross_dim, tokens=num_tokens or 16, dim=dim,
-                                depth=4, heads=heads(dim), dim_head=64, ff_mult=4)
-    elif variant == "full":
-        proj = ProjectionConfig("token_mlp", in_dim=hidden_dim, cross_dim=cross_dim, tokens=patch_tokens,
-                                hidden_dim=hidden_dim)
-    elif variant == "faceid":
-        proj = ProjectionConfig("faceid", in_dim=id_dim, cross_dim=cross_dim, tokens=num_tokens or 4, hidden_dim=2 * id_dim)
-    elif variant in ("faceid-plus", "faceid-plusv2"):
-        proj = ProjectionConfig("faceid_plus", in_dim=id_dim, cross_dim=cross_dim, tokens=num_tokens or 4,
-                                hidden_dim=2 * id_dim, clip_dim=hidden_dim, dim=cross_dim, depth=4,
-                                heads=heads(cross_dim), dim_head=64, ff_mult=4)
-    else:
+    """A new adapter's config: the variant's head shaped by `new_projection`, its token count unless `num_tokens`
+    is given (a per-token head has one token per encoder token, `patch_tokens`), LoRA of `lora_rank` if it has any."""
+    v = get_variant(variant)
+    if not v.trainable:
         raise IPAdapterError(f"variant {variant!r} cannot be trained")
-    rank = lora_rank if variant.startswith("faceid") else 0
-    return AdapterConfig(variant=variant, projection=proj, lora_rank=rank, encoder=encoder, base=base, attention=attention)
+    tokens = (num_tokens or v.tokens) if v.tokens else patch_tokens
+    proj = new_projection(v.head, cross_dim=cross_dim, tokens=tokens, embed_dim=embed_dim, hidden_dim=hidden_dim,
+                          id_dim=id_dim)
+    return AdapterConfig(variant=variant, projection=proj, lora_rank=lora_rank if v.lora else 0, encoder=encoder,
+                         base=base, attention=attention)
 
 
 class TrainModule(nn.Module):
@@ -174,7 +159,7 @@ def _stream(config: TrainConfig, rank: int, world: int, *, single_pass: bool = F
     return IndexedStream(records, rank=rank, world=world, seed=config.seed, shuffle=shuffle, single_pass=single_pass)
 
 
-def _load_image_encoder(config: TrainConfig) -> ImageEncoder:
+def load_image_encoder(config: TrainConfig) -> ImageEncoder:
     """In the checkpoint's own dtype, as transformers loads the text encoders; the run casts it where it trains."""
     return ImageEncoder.from_pretrained(config.image_encoder, dtype="auto")
 
@@ -249,7 +234,7 @@ def _prepare_cache(run: _Run, given_models: BaseModels | None, given_encoder: Im
     logger.info("building the feature cache %s (one pass over the data)", cache_dir)
     run.models = given_models or load_base(config.base, encoders=True, vae=True)
     if run.features:
-        run.encoder = given_encoder or _load_image_encoder(config)
+        run.encoder = given_encoder or load_image_encoder(config)
     device = acc.device
     for m in (run.models.vae, *run.models.text_encoders, run.encoder.model if run.encoder else None):
         if m is not None:
@@ -345,7 +330,7 @@ def _validation_set(run: _Run, reader: Any, count: int = 4):
         if run.features:
             uncond += (run.constants["uncond_image"][None],)
     else:
-        encoder = run.encoder or (_load_image_encoder(config) if run.features else None)
+        encoder = run.encoder or (load_image_encoder(config) if run.features else None)
         if encoder is not None:
             encoder.model.to(device)
         decode = Decoder(config.resolution, encoder.processor if encoder else None,
@@ -465,7 +450,7 @@ def train(
     else:
         stream = _stream(config, rank, world)
         if run.features:
-            run.encoder = image_encoder or _load_image_encoder(config)
+            run.encoder = image_encoder or load_image_encoder(config)
         decode = _decoder(run)
     run.batches = batches = Batches(stream, decode, config.batch_size, workers=config.num_workers)
 
@@ -512,9 +497,9 @@ def train(
                 frozen.to(device, run.weight_dtype)
     if config.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
+    adapter.to(device=device, dtype=torch.float32).requires_grad_(True)  # trained in fp32 whatever the UNet's dtype
     attachment = attach(m.unet, {"0": adapter})
     attachment.runtime.cache_kv = False  # every batch brings new tokens; never reuse K'/V'
-    adapter.to(device=device, dtype=torch.float32).requires_grad_(True)
     module = TrainModule(m.unet, adapter, attachment)
 
     # 5. optimizer (AdamW, constant LR after an optional warm-up: scheduler steps count every process)
@@ -588,6 +573,7 @@ def train(
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            adapter.weights_changed()
             if ema is not None:
                 ema.update()
             step_loss = float(accelerator.reduce(loss_sum / micro, reduction="mean"))
@@ -632,6 +618,7 @@ def train(
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to()
+            adapter.weights_changed()
         try:
             # the simple-adapter ablation has no published layout (no to_k_ip/to_v_ip): own format only
             if adapter.config.attention == "decoupled":
@@ -664,16 +651,15 @@ def train(
 def _init_from(config: TrainConfig, unet: nn.Module) -> IPAdapter:
     """Start from a published (or own) checkpoint; its variant must be the one being trained."""
     from ipadapter import load_adapter
-    from ipadapter.variants import get_variant
 
-    loaded = load_adapter(config.init_from, unet)
+    loaded = load_adapter(config.init_from, unet, dtype=torch.float32)
     if get_variant(loaded.config.variant).head != get_variant(config.variant).head:
         raise IPAdapterError(
             f"--init-from {config.init_from} is a {loaded.config.variant!r} adapter; this run trains {config.variant!r}"
         )
     if loaded.config.variant != config.variant:  # faceid-plus and -plusv2 share weights; the shortcut is the variant's
-        loaded = load_adapter(config.init_from, unet, variant=config.variant)
-    return loaded.float()
+        loaded = load_adapter(config.init_from, unet, variant=config.variant, dtype=torch.float32)
+    return loaded
 
 
 def _register_adapter_hooks(accelerator: Any, adapter: IPAdapter) -> None:
@@ -689,14 +675,7 @@ def _register_adapter_hooks(accelerator: Any, adapter: IPAdapter) -> None:
     def load_hook(models: list, input_dir: str) -> None:
         from safetensors.torch import load_file
 
-        flat = load_file(str(Path(input_dir) / "adapter.safetensors"))
-        with torch.no_grad():
-            adapter.image_proj.load_state_dict({k[len("image_proj."):]: v for k, v in flat.items()
-                                                if k.startswith("image_proj.")})
-            layers = {k[len("layers."):]: v for k, v in flat.items() if k.startswith("layers.")}
-            for name, layer in adapter.named_layers():
-                prefix = name + "."
-                layer.load_state_dict({k[len(prefix):]: v for k, v in layers.items() if k.startswith(prefix)})
+        adapter.load_state_dict(load_file(str(Path(input_dir) / "adapter.safetensors")))
         while models:
             models.pop()
 

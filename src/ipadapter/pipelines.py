@@ -1,0 +1,119 @@
+"""Building the diffusers pipeline an adapter attaches to: load one, fuse a custom model's LoRA, add a ControlNet.
+
+Each returns a pipeline whose UNet is the object adapters attach to; none touches attention processors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ipadapter.errors import IPAdapterError
+
+
+def load_pipeline(
+    base: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32, scheduler: str | None = None,
+) -> Any:
+    """Any diffusers pipeline folder or Hub id; its own saved scheduler unless `scheduler` names another class."""
+    import diffusers
+
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {str(err).splitlines()[0][:200]}") from None
+    if scheduler:
+        cls = getattr(diffusers, scheduler, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise IPAdapterError(f"unknown scheduler {scheduler!r} (use a diffusers class name such as DDIMScheduler)")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    pipe.set_progress_bar_config(leave=False)
+    return pipe.to(device)
+
+
+def _lora_error(err: Exception) -> str:
+    """diffusers' or peft's reason a LoRA did not load, as one short clause (theirs list every layer)."""
+    text = str(err).strip()
+    if "size mismatch" in text:
+        last = text.splitlines()[-1].strip()[:160]
+        return f"its shapes differ from this model's, it was made for another base model ({last})"
+    if "not found in the base model" in text:
+        return "none of its layers exist in this model, it was made for another base model"
+    return text.splitlines()[0][:200]
+
+
+def fuse_base_lora(pipe: Any, source: str | os.PathLike, scale: float = 1.0) -> Any:
+    """Turn `pipe` into the custom model a LoRA file (or a folder holding one) describes: load it with diffusers,
+    fuse it at `scale`, then drop the LoRA layers. Only weight values change, no module or attention processor, so
+    adapters attach to the result as to any base model, and fusing before or after attaching gives the same images."""
+    import logging
+    import warnings
+    from pathlib import Path
+
+    from diffusers.utils import logging as diffusers_logging
+
+    path = Path(source)
+    if not path.exists():
+        raise IPAdapterError(f"LoRA not found: {source}")
+    if not hasattr(pipe, "load_lora_weights"):
+        raise IPAdapterError(f"{type(pipe).__name__} cannot load a LoRA (use a Stable Diffusion 1.5 / 2.x / SDXL base)")
+    folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL)  # its own log lines repeat what the error below says
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="base_lora")
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise IPAdapterError(f"could not load the LoRA {source}: {_lora_error(err)}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if not any("base_lora" in names for names in pipe.get_list_adapters().values()):
+        raise IPAdapterError(f"no layer of this base model matches the LoRA {source}; it was made for another model")
+    pipe.fuse_lora(lora_scale=scale, adapter_names=["base_lora"])
+    pipe.unload_lora_weights()
+    return pipe
+
+
+def add_controlnet(pipe: Any, source: str | os.PathLike) -> Any:
+    """The ControlNet pipeline of `pipe`'s family (SD 1.5 / 2.x or SDXL) on `pipe`'s own components, so the UNet an
+    adapter attaches to is the same object; the ControlNet (folder, Hub id, or "owner/repo/subfolder") gets the
+    UNet's device and dtype. A ControlNet made for another base model is refused here, not mid-generation."""
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
+
+    from ipadapter.sources import split_hub_path
+
+    if isinstance(pipe, diffusers.StableDiffusionXLPipeline):
+        cls = diffusers.StableDiffusionXLControlNetPipeline
+    elif isinstance(pipe, diffusers.StableDiffusionPipeline):
+        cls = diffusers.StableDiffusionControlNetPipeline
+    else:
+        raise IPAdapterError(
+            f"a ControlNet needs a Stable Diffusion 1.5 / 2.x or SDXL text-to-image base, not {type(pipe).__name__}"
+        )
+    repo, subfolder = split_hub_path(str(source))
+    if str(repo).startswith((".", os.sep)) and not os.path.exists(repo):
+        raise IPAdapterError(f"ControlNet folder not found: {source}")
+    try:
+        controlnet = diffusers.ControlNetModel.from_pretrained(repo, subfolder=subfolder, torch_dtype=pipe.unet.dtype)
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"could not load a ControlNet from {source}: {str(err).splitlines()[0][:200]}") from None
+    mine, base = controlnet.config, pipe.unet.config
+    widths, base_widths = tuple(mine.block_out_channels), tuple(base.block_out_channels)
+    if mine.cross_attention_dim != base.cross_attention_dim or widths != base_widths:
+        raise IPAdapterError(
+            f"the ControlNet {source} was made for another base model (widths {widths}, text width "
+            f"{mine.cross_attention_dim}; this UNet: {base_widths}, {base.cross_attention_dim})"
+        )
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # from_pipe's dtype cast warns once per model though nothing changes
+    try:
+        out = cls.from_pipe(pipe, controlnet=controlnet.to(pipe.unet.device), torch_dtype=pipe.unet.dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return out

@@ -1,0 +1,112 @@
+"""`ipadapter.load`, the one-call API: the README's example as written, diffusers' images, exact restoration."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ipadapter
+from ipadapter import IPAdapterError
+from ipadapter.encoders import ImageEncoder
+from tests import factories
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN = dict(num_inference_steps=3, guidance_scale=6.0, height=32, width=32)
+
+
+def _readme_python() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return re.search(r"From Python:\n\n```python\n(.*?)```", readme, re.S).group(1)
+
+
+def _cache_repo(cache: Path, repo: str) -> Path:
+    """A snapshot folder laid out as huggingface_hub caches `repo`, so its id resolves offline."""
+    entry = cache / ("models--" + repo.replace("/", "--"))
+    snapshot = entry / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0" * 40)
+    return snapshot
+
+
+def test_readme_python_example_runs_as_written(tmp_path) -> None:
+    """The example's Hub ids resolve from a local cache holding a tiny SD 1.5 pipeline and a tiny base adapter."""
+    cache = tmp_path / "hub"
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    pipe.save_pretrained(_cache_repo(cache, "stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    models = _cache_repo(cache, "h94/IP-Adapter") / "models"
+    models.mkdir()
+    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), models / "ip-adapter_sd15.bin")
+    encoder, processor = factories.tiny_image_encoder()
+    encoder.save_pretrained(models / "image_encoder")
+    processor.save_pretrained(models / "image_encoder")
+    work = tmp_path / "work"
+    work.mkdir()
+    factories.reference_image().save(work / "ref.jpg")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _readme_python()], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (work / "out.png").stat().st_size > 0
+
+
+def _adapter_file(pipe, folder: Path, family: str = "base", seed: int = 1) -> Path:
+    torch.save(factories.published(pipe.unet, family, factories.SD15_CROSS, seed=seed), folder / f"{family}.bin")
+    return folder / f"{family}.bin"
+
+
+def test_load_generates_diffusers_images_and_the_context_restores_the_pipeline(tmp_path) -> None:
+    encoder, processor = factories.tiny_image_encoder()
+    reference = factories.reference_image()
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    weight = _adapter_file(pipe, tmp_path)
+    oracle = factories.tiny_sd15_pipeline(tmp_path)
+    oracle.load_ip_adapter(str(tmp_path), subfolder="", weight_name=weight.name, image_encoder_folder=None)
+    oracle.image_encoder, oracle.feature_extractor = encoder, processor
+    oracle.set_ip_adapter_scale(0.7)
+    expected = oracle(prompt="a red", ip_adapter_image=reference, generator=torch.Generator().manual_seed(0),
+                      output_type="np", **GEN).images
+
+    before = dict(pipe.unet.attn_processors)
+    plain = pipe(prompt="a red", generator=torch.Generator().manual_seed(0), output_type="np", **GEN).images
+    with ipadapter.load(pipe, str(tmp_path), weight_name=weight.name,
+                        image_encoder=ImageEncoder(encoder, processor)) as prompter:
+        got = prompter.generate(reference, prompt="a red", scale=0.7, seed=0, steps=3, guidance=6.0, height=32,
+                                width=32, output_type="np")
+    np.testing.assert_allclose(np.stack(got), expected, atol=1e-4)
+    after = pipe.unet.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    again = pipe(prompt="a red", generator=torch.Generator().manual_seed(0), output_type="np", **GEN).images
+    np.testing.assert_array_equal(again, plain)
+
+
+def test_load_finds_the_encoder_in_the_pipeline_folder_and_names_several_adapters(tmp_path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    folder = factories.save_tiny_sd15_pipeline(tmp_path, adapters=("base", "plus"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    with ipadapter.load(pipe, [tmp_path / "base.bin", tmp_path / "plus.bin"], adapter_name=["look", "shape"]) as p:
+        assert set(p.adapters) == {"look", "shape"} and p.encoder is not None
+        with pytest.raises(IPAdapterError, match="several adapters"):
+            p.generate(factories.reference_image(), steps=1, height=32, width=32)
+        images = p.generate({"look": factories.reference_image(0), "shape": [factories.reference_image(1)]},
+                            steps=1, height=32, width=32)
+        assert len(images) == 1
+
+
+def test_load_errors_name_parameters(tmp_path) -> None:
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    weight = _adapter_file(pipe, tmp_path)
+    with pytest.raises(IPAdapterError, match=r"give weight_name= once, or once per adapter \(2\)"):
+        ipadapter.load(pipe, [weight, weight], weight_name=["a", "b", "c"])
+    with pytest.raises(IPAdapterError, match="give image_encoder="):
+        ipadapter.load(pipe, weight)
+    assert not any("IPAttn" in type(p).__name__ for p in pipe.unet.attn_processors.values())

@@ -1,0 +1,34 @@
+"""The variant table: every row is detectable, buildable, and describes its inputs as the published files need."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipadapter.projection import build_projection, new_projection
+from ipadapter.variants import TRAINABLE, VARIANTS, detect_variant_name
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_row_is_what_detection_returns_for_its_own_description(name: str) -> None:
+    v = VARIANTS[name]
+    tokens = v.when_tokens if v.when_tokens is not None else v.tokens
+    lora = 8 if (v.lora if v.when_lora is None else v.when_lora) else 0
+    assert detect_variant_name(v.head, tokens=tokens, lora_rank=lora, file_name=f"ip-adapter-{v.when_file or ''}.bin") == name
+
+
+def test_published_inputs_per_variant() -> None:
+    """The inputs of the published families: base global CLIP, plus/full patches, FaceID an ArcFace embedding,
+    FaceID-Plus both (the ID embedding and the face crop's patches)."""
+    assert {n: v.features for n, v in VARIANTS.items()} == {
+        "base": "global", "plus": "patch", "full": "patch", "faceid": "faceid", "faceid-portrait": "faceid",
+        "faceid-plus": "faceid+patch", "faceid-plusv2": "faceid+patch",
+    }
+    assert [n for n, v in VARIANTS.items() if v.shortcut] == ["faceid-plusv2"]
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_every_trainable_head_builds(name: str) -> None:
+    v = VARIANTS[name]
+    config = new_projection(v.head, cross_dim=64, tokens=v.tokens or 5, embed_dim=24, hidden_dim=40, id_dim=16)
+    assert config.head == v.head and config.tokens == (v.tokens or 5)
+    build_projection(config, shortcut=v.shortcut)
