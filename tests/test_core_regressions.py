@@ -400,3 +400,90 @@ def test_cli_refuses_a_bin_whose_pickle_runs_code_and_runs_none_of_it(tmp_path, 
     assert code != 0 and "Traceback" not in err and "refusing" in err.splitlines()[-1]
     assert not marker.exists(), "unpickling ran the file's code"
     assert not (tmp_path / "out.png").exists()
+
+
+# Per-generation state: what a prompt accepts, how tokens are laid out on the batch, and what is carried over.
+
+
+BAD_PROMPTS = {
+    "nan scale": (dict(scale=float("nan")), "the adapter scale must be a finite number, got nan"),
+    "infinite scale": (dict(scale=float("inf")), "the adapter scale must be a finite number, got inf"),
+    "start below 0": (dict(start=-0.1), "the step window must satisfy 0 <= start <= end <= 1, got start=-0.1, end=1.0"),
+    "end above 1": (dict(start=0.2, end=1.5), "the step window must satisfy 0 <= start <= end <= 1, got start=0.2, end=1.5"),
+    "start after end": (dict(start=0.8, end=0.2), "the step window must satisfy 0 <= start <= end <= 1, got start=0.8, end=0.2"),
+    "unknown scaling": (dict(scaling="vk"), "unknown embeds scaling 'vk'; valid: v, kv, kv_penalty, k_mean_v"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROMPTS))
+def test_adapter_prompt_refuses_bad_values_with_a_sentence(case: str) -> None:
+    import re
+
+    values, message = BAD_PROMPTS[case]
+    with pytest.raises(IPAdapterError, match=f"^{re.escape(message)}$"):
+        AdapterPrompt([Reference(cond=torch.zeros(1, 4, CROSS))], **values)
+
+
+def test_a_batch_the_references_cannot_be_laid_on_is_refused_with_a_sentence(sd15_unet) -> None:
+    import re
+
+    adapter = _random_adapter(sd15_unet)
+    att = attach(sd15_unet, adapter)
+    try:
+        cases = [(3, True, 1, "a classifier-free-guidance batch must be even, got 3"),
+                 (2, False, 3, "3 image prompts cannot be spread over a batch of 2; give one per prompt")]
+        for batch, cfg, rows, message in cases:
+            att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(rows, 4, CROSS))])}, cfg=cfg)
+            with pytest.raises(IPAdapterError, match=f"^{re.escape(message)}$"):
+                run_unet(sd15_unet, "sd15", batch)
+    finally:
+        att.detach()
+
+
+def test_carried_over_k_v_follow_changed_negative_tokens_and_reassigned_references(tmp_path) -> None:
+    """Under CFG, generation after generation on one attachment: a new negative with the same positive, then the
+    same Reference object given other positive, then other negative tokens. Each equals diffusers with the image
+    embeddings of that generation ([negative; positive] rows)."""
+    unet = factories.sd15_unet()
+    state = factories.published(unet, "base", CROSS)
+    g = torch.Generator().manual_seed(9)
+    pos = [torch.randn(1, 1, 24, generator=g) for _ in range(2)]
+    neg = [torch.randn(1, 1, 24, generator=g) for _ in range(2)]
+    ref_unet = diffusers_unet(unet, [state], ["base"], [features("base", batch=2)])[0]
+    adapter = load_adapter(_saved(tmp_path, state, "a.bin"), unet)
+    with torch.no_grad():
+        tokens = {id(f): adapter.project(f[:, 0]) for f in pos + neg}
+    att = attach(unet, adapter)
+    reference = Reference(cond=tokens[id(pos[0])], uncond=tokens[id(neg[0])])
+    steps = [(pos[0], neg[0], reference)]
+    reference = Reference(cond=tokens[id(pos[0])], uncond=tokens[id(neg[1])])
+    steps.append((pos[0], neg[1], reference))
+    steps.append((pos[1], neg[1], reference))  # the same object, its fields reassigned below
+    steps.append((pos[1], neg[0], reference))
+    for i, (p, n, r) in enumerate(steps):
+        r.cond, r.uncond = tokens[id(p)], tokens[id(n)]
+        expected = run_unet(ref_unet, "sd15", 2, added_cond_kwargs={"image_embeds": [torch.cat([n, p])]})
+        att.set_prompts({"0": AdapterPrompt([r])}, cfg=True)
+        got = run_unet(unet, "sd15", 2)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=f"generation {i}")
+    att.detach()
+
+
+def test_changed_masks_between_generations_equal_diffusers(tmp_path) -> None:
+    unet = factories.sd15_unet()
+    state = factories.published(unet, "base", CROSS)
+    f = features("base", batch=2, images=2)
+    ref, embeds = diffusers_unet(unet, [state], ["base"], [f])
+    adapter = load_adapter(_saved(tmp_path, state, "a.bin"), unet)
+    with torch.no_grad():
+        tokens = [adapter.project(f["global"][:, i]) for i in range(2)]
+    att = attach(unet, adapter)
+    left, top = torch.zeros(64, 64), torch.zeros(64, 64)
+    left[:, :32], top[:32] = 1, 1
+    for masks in [(left, top), (1 - left, 1 - top), (left, 1 - left)]:
+        expected = run_unet(ref, "sd15", 2, added_cond_kwargs={"image_embeds": embeds},
+                            cross_attention_kwargs={"ip_adapter_masks": [torch.stack(masks)[None]]})
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=t, mask=m) for t, m in zip(tokens, masks)])})
+        got = run_unet(unet, "sd15", 2)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    att.detach()
