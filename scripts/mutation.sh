@@ -60,7 +60,7 @@ equivalent = {line.split("#")[0].strip() for line in Path(sys.argv[1]).read_text
 stats = json.loads(Path("mutants/mutmut-cicd-stats.json").read_text())
 status = dict(l.strip().rsplit(": ", 1) for l in Path("survivors.txt").read_text().splitlines() if ": " in l)
 alive = {name: s for name, s in status.items() if s not in ("killed", "timeout", "skipped")}
-argued = [name for name in alive if name in equivalent]
+argued = [name for name, s in alive.items() if name in equivalent and s == "survived"]
 tested = stats["total"] - stats["skipped"] - len(argued)
 killed = stats["killed"] + stats["timeout"]
 score = 100.0 * killed / tested if tested else 0.0
@@ -69,7 +69,7 @@ print(f"mutants: {stats['total']} (killed {stats['killed']}, timeout {stats['tim
       f"{len(argued)} argued equivalent) in {sys.argv[2]} s")
 print(f"score: {score:.1f}% of {tested} non-equivalent mutants killed")
 for name, s in alive.items():
-    if name not in equivalent:
+    if name not in argued:
         print(f"  {s}: {name}")
 sys.exit(0 if score >= float(sys.argv[3]) else 1)
 EOF
