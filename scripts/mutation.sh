@@ -25,7 +25,8 @@ tests=(test_core_regressions.py test_attention.py test_parity_diffusers.py test_
 if ! "$python" -c "import mutmut" 2>/dev/null; then
   "$python" -m pip install --quiet "mutmut>=3.8,<4"
 fi
-mutmut="$("$python" -c 'import shutil, sys, os; print(shutil.which("mutmut", path=os.path.dirname(sys.executable)) or "mutmut")')"
+mutmut="$("$python" -c 'import os, sys; print(os.path.dirname(sys.executable))')/mutmut"
+[ -x "$mutmut" ] || mutmut=mutmut
 
 work="${MUTATION_DIR:-$(mktemp -d -t ipadapter-mutation.XXXXXX)}"
 mkdir -p "$work"
@@ -48,7 +49,8 @@ rm -rf "$work/src" "$work/tests" "$work/mutants"
 cd "$work"
 start=$(date +%s)
 # The original src/ must not be importable: mutmut puts mutants/src first on sys.path.
-env -u PYTHONPATH HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice -n "${NICE:-19}" "$mutmut" run --max-children "${JOBS:-1}" >/dev/null
+env -u PYTHONPATH HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  nice -n "${NICE:-19}" "$mutmut" run --max-children "${JOBS:-1}"
 elapsed=$(( $(date +%s) - start ))
 "$mutmut" export-cicd-stats >/dev/null
 "$mutmut" results > survivors.txt || true

@@ -179,7 +179,8 @@ def test_own_format_file_with_a_missing_extra_or_misshapen_key_is_refused(sd15_u
 
     from ipadapter import save_adapter
 
-    good = save_adapter(load_adapter(_saved(tmp_path, _base_state(sd15_unet), "a.bin"), sd15_unet), tmp_path / "own.safetensors")
+    adapter = load_adapter(_saved(tmp_path, _base_state(sd15_unet), "a.bin"), sd15_unet)
+    good = save_adapter(adapter, tmp_path / "own.safetensors")
     with safe_open(str(good), "pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     layer_key = next(k for k in tensors if k.startswith("layers.") and k.endswith("to_v_ip.weight"))
@@ -262,8 +263,8 @@ def test_per_prompt_references_with_several_images_per_prompt_equal_each_prompt_
         adapter = IPAdapter(config, attention_layers(unet))
     prompts, images = 2, 2
     g = torch.Generator().manual_seed(5)
-    refs = [Reference(cond=torch.randn(prompts, 4, CROSS, generator=g), uncond=torch.randn(prompts, 4, CROSS, generator=g),
-                      weight=wt) for wt in (1.0, 0.7)]
+    refs = [Reference(cond=torch.randn(prompts, 4, CROSS, generator=g),
+                      uncond=torch.randn(prompts, 4, CROSS, generator=g), weight=wt) for wt in (1.0, 0.7)]
     rows = 2 * prompts * images
     sample, text = torch.randn(rows, 4, 16, 16, generator=g), torch.randn(rows, 6, CROSS, generator=g)
     att = attach(unet, adapter)
@@ -405,12 +406,13 @@ def test_cli_refuses_a_bin_whose_pickle_runs_code_and_runs_none_of_it(tmp_path, 
 # Per-generation state: what a prompt accepts, how tokens are laid out on the batch, and what is carried over.
 
 
+WINDOW = "the step window must satisfy 0 <= start <= end <= 1, got "
 BAD_PROMPTS = {
     "nan scale": (dict(scale=float("nan")), "the adapter scale must be a finite number, got nan"),
     "infinite scale": (dict(scale=float("inf")), "the adapter scale must be a finite number, got inf"),
-    "start below 0": (dict(start=-0.1), "the step window must satisfy 0 <= start <= end <= 1, got start=-0.1, end=1.0"),
-    "end above 1": (dict(start=0.2, end=1.5), "the step window must satisfy 0 <= start <= end <= 1, got start=0.2, end=1.5"),
-    "start after end": (dict(start=0.8, end=0.2), "the step window must satisfy 0 <= start <= end <= 1, got start=0.8, end=0.2"),
+    "start below 0": (dict(start=-0.1), WINDOW + "start=-0.1, end=1.0"),
+    "end above 1": (dict(start=0.2, end=1.5), WINDOW + "start=0.2, end=1.5"),
+    "start after end": (dict(start=0.8, end=0.2), WINDOW + "start=0.8, end=0.2"),
     "unknown scaling": (dict(scaling="vk"), "unknown embeds scaling 'vk'; valid: v, kv, kv_penalty, k_mean_v"),
 }
 
