@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Mutation testing of the core with mutmut 3: small bugs are put into the core modules one at a time and the fast
+# core tests are run against each; a mutant no test fails on "survives". A developer's periodic check, not part of CI
+# (the whole core takes hours on two cores): docs/testing.md has the last result, the time it takes and the survivors.
+#
+#   scripts/mutation.sh                           # every core module
+#   scripts/mutation.sh runtime.py layers.py      # some of them (paths under src/ipadapter/, globs allowed)
+#
+# Works from a fresh clone: mutmut (the "mutation" extra) is installed when missing. Runs in a scratch copy of src/ and
+# tests/ (MUTATION_DIR, default a new temporary folder, kept for `cd $MUTATION_DIR && mutmut browse`), so the
+# working tree never holds a mutant. The score counts killed and timed-out mutants over all tested ones, leaving out
+# those listed in scripts/mutation-equivalent.txt (argued equivalent in docs/testing.md). Exits 1 below MIN_SCORE.
+# Environment: PYTHON (default python), JOBS (mutants run in parallel, default 1), NICE (default 19), MIN_SCORE (95).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+python="${PYTHON:-python}"
+core=(attention.py adapter.py attach.py runtime.py layers.py checkpoint.py "projection/*" "conditioning/*" encoders.py
+      prompter.py)
+# The fast tests of the core (no app, training, evaluation, miniature or benchmark tests, no torch.compile).
+tests=(test_core_regressions.py test_attention.py test_parity_diffusers.py test_checkpoint.py test_prompter.py
+       test_pipelines.py test_embed_cache.py test_conditioning_attention.py test_conditioning_combine.py
+       test_conditioning_embeds_file.py test_conditioning_images.py test_conditioning_masks.py
+       test_conditioning_negatives.py test_conditioning_presets.py test_conditioning_schedules.py)
+
+if ! "$python" -c "import mutmut" 2>/dev/null; then
+  "$python" -m pip install --quiet "mutmut>=3.8,<4"
+fi
+mutmut="$("$python" -c 'import os, sys; print(os.path.dirname(sys.executable))')/mutmut"
+[ -x "$mutmut" ] || mutmut=mutmut
+
+work="${MUTATION_DIR:-$(mktemp -d -t ipadapter-mutation.XXXXXX)}"
+mkdir -p "$work"
+rm -rf "$work/src" "$work/tests" "$work/mutants"
+(cd "$root" && tar --exclude=__pycache__ -cf - src tests pyproject.toml) | tar -xf - -C "$work"
+{
+  echo "[mutmut]"
+  echo "source_paths = src"
+  echo "only_mutate ="
+  for m in "${@:-${core[@]}}"; do echo "    src/ipadapter/$m"; done
+  echo "pytest_add_cli_args_test_selection ="
+  for t in "${tests[@]}"; do echo "    tests/$t"; done
+  echo "pytest_add_cli_args ="
+  echo "    -m"
+  echo "    not slow"
+  echo "    -p"
+  echo "    no:cacheprovider"
+} > "$work/setup.cfg"
+
+cd "$work"
+start=$(date +%s)
+# The original src/ must not be importable: mutmut puts mutants/src first on sys.path.
+env -u PYTHONPATH HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  nice -n "${NICE:-19}" "$mutmut" run --max-children "${JOBS:-1}"
+elapsed=$(( $(date +%s) - start ))
+"$mutmut" export-cicd-stats >/dev/null
+"$mutmut" results > survivors.txt || true
+"$python" - "$root/scripts/mutation-equivalent.txt" "$elapsed" "${MIN_SCORE:-95}" <<'EOF'
+import json, sys
+from pathlib import Path
+
+equivalent = {line.split("#")[0].strip() for line in Path(sys.argv[1]).read_text().splitlines()} - {""}
+stats = json.loads(Path("mutants/mutmut-cicd-stats.json").read_text())
+status = dict(l.strip().rsplit(": ", 1) for l in Path("survivors.txt").read_text().splitlines() if ": " in l)
+alive = {name: s for name, s in status.items() if s not in ("killed", "timeout", "skipped")}
+argued = [name for name, s in alive.items() if name in equivalent and s == "survived"]
+tested = stats["total"] - stats["skipped"] - len(argued)
+killed = stats["killed"] + stats["timeout"]
+score = 100.0 * killed / tested if tested else 0.0
+print(f"mutants: {stats['total']} (killed {stats['killed']}, timeout {stats['timeout']}, survived {stats['survived']}, "
+      f"no tests {stats['no_tests']}, suspicious {stats['suspicious']}, skipped {stats['skipped']}; "
+      f"{len(argued)} argued equivalent) in {sys.argv[2]} s")
+print(f"score: {score:.1f}% of {tested} non-equivalent mutants killed")
+for name, s in alive.items():
+    if name not in argued:
+        print(f"  {s}: {name}")
+sys.exit(0 if score >= float(sys.argv[3]) else 1)
+EOF
+echo "details: cd $work && $mutmut results / $mutmut show NAME / $mutmut browse"
