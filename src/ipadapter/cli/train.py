@@ -65,8 +65,6 @@ def _run(args: argparse.Namespace) -> int:
     from ipadapter.train import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("accelerate", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = TrainConfig.load(args.config, overrides)
     train(config)

@@ -424,6 +424,7 @@ def train(
 
     from ipadapter.checkpoint import save_adapter, save_published
     from ipadapter.atomic import write_text
+    from ipadapter.validation import output_folder
     from ipadapter.train.checkpoint import check_resumable, load_checkpoint, read_state, resume_point, save_checkpoint
 
     config.validate()
@@ -431,7 +432,7 @@ def train(
         config.check_ready()
     elif config.needs_image_encoder and image_encoder is None and not config.image_encoder:
         raise IPAdapterError(f"variant {config.variant!r} needs an image encoder")
-    output = Path(config.output)
+    output = output_folder(config.output, "--output")
 
     # 1. accelerator (several processes on a machine without GPUs: gloo on CPU, as CI runs it)
     cpu_world = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
