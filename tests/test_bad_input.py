@@ -163,6 +163,9 @@ CASES = {
     "manifest not utf-8": (TRAIN.replace("data/data.jsonl", "latin1.jsonl"), "is not UTF-8 text"),
     "train output is a file": (TRAIN.replace("{o}/run", "{w}/afile"), "is a file, not a folder"),
     "train bad resolution": (TRAIN + " --resolution 18", "must be a multiple of 4"),
+    "train missing local base": (TRAIN.replace("{w}/tbase", "./nonexistent"), "--base ./nonexistent not found"),
+    "evaluate out is a file": ("evaluate --out {w}/afile --limit 1", "is a file, not a folder"),
+    "evaluate huge seed": ("evaluate --out {o}/eval --seed -3", "--seed must be a whole number"),
     "miniature data out is a file": ("miniature data --out {w}/afile --n 2", "is a file"),
 }
 
