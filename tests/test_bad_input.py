@@ -192,6 +192,30 @@ def test_bad_input_is_one_line_and_changes_nothing(world, tmp_path, capsys, case
     assert _snapshot(world) == world_before
 
 
+def test_error_after_loading_models_is_the_only_stderr_line(world, tmp_path) -> None:
+    """A separate process, as users run it: the pipeline loads (diffusers' deprecations, loading bars), then the
+    image encoder is refused. Without --verbose, the refusal is all of stderr."""
+    import subprocess
+    import sys
+
+    argv = (GENERATE + " --image-encoder {w}/pipe/text_encoder").format(w=world, o=tmp_path).split()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    for name in ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)
+    quiet = subprocess.run([sys.executable, "-m", "ipadapter.cli.main", *argv], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip().splitlines() == [quiet.stderr.strip()], quiet.stderr
+    assert "not a CLIP vision model" in quiet.stderr
+
+
+def test_training_skips_an_image_over_the_pixel_limit(world) -> None:
+    from ipadapter.train.data import SkipSample, open_image
+
+    with pytest.raises(SkipSample, match="over the pixel limit"):
+        open_image(world / "bomb.png")
+    assert open_image(world / "ref.png").size == (60, 40)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
 def test_read_only_output_folder_is_refused_before_generating(world, tmp_path, capsys) -> None:
     folder = tmp_path / "ro"

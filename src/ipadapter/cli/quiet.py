@@ -19,6 +19,7 @@ LIBRARIES = ("transformers", "diffusers", "accelerate", "huggingface_hub", "torc
 ENVIRONMENT = {
     "TRANSFORMERS_VERBOSITY": "error",
     "DIFFUSERS_VERBOSITY": "error",
+    "ACCELERATE_LOG_LEVEL": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "PYTHONWARNINGS": "ignore",
