@@ -422,10 +422,10 @@ def train(
     from accelerate.utils import ProjectConfiguration, gather_object, set_seed
     from tqdm.auto import tqdm
 
-    from ipadapter.checkpoint import save_adapter, save_published
     from ipadapter.atomic import write_text
-    from ipadapter.validation import output_folder
+    from ipadapter.checkpoint import save_adapter, save_published
     from ipadapter.train.checkpoint import check_resumable, load_checkpoint, read_state, resume_point, save_checkpoint
+    from ipadapter.validation import output_folder
 
     config.validate()
     if models is None:
