@@ -77,7 +77,7 @@ def check_model_args(args: Any) -> str:
     if args.image_encoder:
         model_source(args.image_encoder, "--image-encoder", subfolders=True)
     if getattr(args, "controlnet", None) and args.controlnet != "miniature":
-        model_source(args.controlnet, "--controlnet", subfolders=True)
+        model_source(args.controlnet, "--controlnet", subfolders=True, label="ControlNet folder")
     for adapter in args.adapter or []:
         if adapter not in MINIATURE_ADAPTERS:
             model_source(adapter, "--adapter")
