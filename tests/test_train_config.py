@@ -83,7 +83,7 @@ def base_folder(tmp_path_factory):
     (["--data", "{wrong}"], "entry 1 has no 'text' field"),
     (["--data", "{shards}"], "no tar shards matched"),
     (["--variant", "faceid"], "has no 'id_embed_file' field"),
-    (["--base", "{missing}"], "cannot read"),
+    (["--base", "{missing}"], "not found"),
     (["--learning-rate", "-1"], "learning_rate must be a finite number >= 0, not -1.0"),
 ])
 def test_cli_bad_input_is_one_line(base_folder, tmp_path, capsys, extra, message) -> None:

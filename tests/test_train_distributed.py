@@ -78,7 +78,8 @@ def test_two_processes_train_in_sync(tmp_path) -> None:
     state = json.loads((state_dir / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and len(state["data"]) == 2
     assert all(d["epoch"] > 0 or d["pos"] >= 4 for d in state["data"])  # each process read its own ≥ 4 samples
-    assert (state_dir / "random_states_0.pkl").is_file() and (state_dir / "random_states_1.pkl").is_file()
+    assert (state_dir / "rng-0.safetensors").is_file() and (state_dir / "rng-1.safetensors").is_file()
+    assert not list(state_dir.glob("*.pkl"))  # no pickles in a checkpoint
     a, b = state["weight_checksums"]
     assert a == b  # gradients were averaged: the replicas hold the same weights
     from diffusers import UNet2DConditionModel

@@ -30,6 +30,21 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def save_pngs(images: list[Image.Image], paths: list[Path]) -> list[Path]:
+    """Several PNGs, all or none: every image is written to a temporary file first, then all are renamed."""
+    tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
+    try:
+        for image, path, tmp in zip(images, paths, tmps):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(tmp, format="PNG")
+        for path, tmp in zip(paths, tmps):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    return list(paths)
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with replacing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -23,6 +23,7 @@ from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.atomic import save_safetensors
 from ipadapter.attach import check_compatible, check_cross_dim
 from ipadapter.errors import IPAdapterError
+from ipadapter.finite import require_finite
 from ipadapter.layers import attention_layers
 from ipadapter.projection.detect import detect_projection
 from ipadapter.variants import detect_variant_name, get_variant
@@ -61,7 +62,13 @@ def resolve(source: str | os.PathLike, *, subfolder: str | None = None, weight_n
 
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flat tensors and metadata of any supported file, without unpickling code."""
+    """Flat tensors and metadata of any supported file, without unpickling code; NaN or Inf is refused by name."""
+    flat, meta = _read_tensors(path)
+    require_finite(flat, str(path))
+    return flat, meta
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise IPAdapterError(f"adapter file not found: {path}")
     if path.suffix == ".safetensors":

@@ -48,12 +48,21 @@ class ImageEncoder:
 
         kwargs = {"subfolder": subfolder} if subfolder else {}
         try:
-            model = CLIPVisionModelWithProjection.from_pretrained(str(source), torch_dtype=dtype, **kwargs)
-        except (OSError, ValueError) as err:
+            model, info = CLIPVisionModelWithProjection.from_pretrained(
+                str(source), dtype=dtype, output_loading_info=True, **kwargs)
+        except (OSError, ValueError, RuntimeError) as err:
+            reason = ("its weights do not fit a CLIP vision model (a text encoder?)" if isinstance(err, RuntimeError)
+                      else str(err).splitlines()[0][:160])
             raise IPAdapterError(
                 f"could not load a CLIP vision encoder from {_where(source, subfolder)} (not found offline, or not a "
-                f"CLIP vision model): {str(err).splitlines()[0][:160]}"
+                f"CLIP vision model): {reason}"
             ) from None
+        missing = info.get("missing_keys") or []
+        if missing:
+            raise IPAdapterError(
+                f"{_where(source, subfolder)} is not a CLIP vision encoder: {len(missing)} of its weights are missing "
+                f"(e.g. {sorted(missing)[0]}); give a CLIPVisionModelWithProjection folder or Hub id"
+            )
         processor = cls.load_processor(source, subfolder=subfolder, image_size=model.config.image_size)
         return cls(model.to(device), processor, name=_where(source, subfolder))
 

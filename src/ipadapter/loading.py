@@ -17,6 +17,7 @@ from ipadapter.errors import IPAdapterError
 from ipadapter.pipelines import add_controlnet, fuse_base_lora, load_pipeline
 from ipadapter.prompter import ImagePrompter
 from ipadapter.sources import AdapterSource, default_image_encoder, miniature_adapter, miniature_base, split_hub_path
+from ipadapter.validation import check_device, model_source
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MINIATURE_STEPS, MINIATURE_GUIDANCE = 25, 5.0
@@ -121,6 +122,38 @@ def base_lora_source(name: str) -> str:
     if not Path(name).exists():
         raise IPAdapterError(f"LoRA not found: {name}")
     return name
+
+
+def check_model_args(args: Any) -> str:
+    """The model flags checked without loading anything: the device exists, local paths exist. Returns the device."""
+    device = check_device(args.device)
+    if args.base:
+        model_source(args.base, "--base")
+    if args.image_encoder:
+        model_source(args.image_encoder, "--image-encoder", subfolders=True)
+    if getattr(args, "controlnet", None) and args.controlnet != "miniature":
+        model_source(args.controlnet, "--controlnet", subfolders=True, label="ControlNet folder")
+    for adapter in args.adapter or []:
+        if adapter not in MINIATURE_ADAPTERS:
+            model_source(adapter, "--adapter")
+    return device
+
+
+def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
+    """(size step, default (width, height)) of a base pipeline from its UNet and VAE configs, no weights read:
+    sizes are multiples of the VAE's downscale, the default is the UNet's sample size times it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    source = str(miniature_base()) if not base else base
+    try:
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
+        vae = AutoencoderKL.load_config(source, subfolder="vae")
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"cannot read the base model {source}: {str(err).splitlines()[0][:200]}") from None
+    step = 2 ** (len(vae["block_out_channels"]) - 1)
+    sample = unet["sample_size"]
+    height, width = (sample, sample) if isinstance(sample, int) else sample
+    return step, (width * step, height * step)
 
 
 def load_prompter(

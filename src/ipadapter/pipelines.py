@@ -20,7 +20,7 @@ def load_pipeline(
     import diffusers
 
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(base), torch_dtype=dtype)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(base), dtype=dtype)
     except (OSError, ValueError, EnvironmentError) as err:
         raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {str(err).splitlines()[0][:200]}") from None
     if scheduler:
@@ -99,7 +99,7 @@ def add_controlnet(pipe: Any, source: str | os.PathLike) -> Any:
     if str(repo).startswith((".", os.sep)) and not os.path.exists(repo):
         raise IPAdapterError(f"ControlNet folder not found: {source}")
     try:
-        controlnet = diffusers.ControlNetModel.from_pretrained(repo, subfolder=subfolder, torch_dtype=pipe.unet.dtype)
+        controlnet = diffusers.ControlNetModel.from_pretrained(repo, subfolder=subfolder, dtype=pipe.unet.dtype)
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not load a ControlNet from {source}: {str(err).splitlines()[0][:200]}") from None
     mine, base = controlnet.config, pipe.unet.config
@@ -112,7 +112,7 @@ def add_controlnet(pipe: Any, source: str | os.PathLike) -> Any:
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # from_pipe's dtype cast warns once per model though nothing changes
     try:
-        out = cls.from_pipe(pipe, controlnet=controlnet.to(pipe.unet.device), torch_dtype=pipe.unet.dtype)
+        out = cls.from_pipe(pipe, controlnet=controlnet.to(pipe.unet.device), dtype=pipe.unet.dtype)
     finally:
         diffusers_logging.set_verbosity(verbosity)
     out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ipadapter.conditioning.images import load_image
 from ipadapter.errors import IPAdapterError
+from ipadapter.validation import check_pixels
 
 MB = 2**20
 
@@ -46,9 +47,12 @@ def open_upload(path: str | os.PathLike, limits: UploadLimits, what: str) -> Ima
     try:
         with Image.open(path) as probe:
             width, height = probe.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise IPAdapterError(f"{label} declares more pixels than an image may have; upload a smaller image") from None
+    except (OSError, ValueError, SyntaxError):
         raise IPAdapterError(f"{label} is not an image; upload a PNG, JPEG or WebP file") from None
     limits.check_size(width, height, label)
+    check_pixels(width, height, label)
     try:
         return load_image(path)
     except IPAdapterError:

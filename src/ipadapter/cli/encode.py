@@ -26,9 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from ipadapter.conditioning.images import load_image
     from ipadapter.errors import IPAdapterError
     from ipadapter.cli.generate import load_from_flags
+    from ipadapter.loading import check_model_args
+    from ipadapter.validation import output_file
 
-    if not args.out.endswith(".safetensors"):
-        raise IPAdapterError(f"--out must name a .safetensors file, got {args.out}")
+    check_model_args(args)
+    output_file(args.out, "--out", ".safetensors")
     images = [load_image(p) for p in args.image]
     loaded = load_from_flags(args)
     prompter = loaded.prompter

@@ -138,12 +138,19 @@ def run(args: argparse.Namespace) -> int:
     from ipadapter.evaluate.runner import Plan, generate, prompter_sampler
     from ipadapter.evaluate.scoring import build_toolbox, score
     from ipadapter.cli.generate import load_from_flags
+    from ipadapter.loading import base_geometry, check_model_args
+    from ipadapter.validation import check_not_negative, check_seed, generation_size, output_folder
 
     chosen = protocol(args.protocol or ("paper-table1" if args.base else "miniature"))
     for flag in ("samples", "steps", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise IPAdapterError(f"--{flag} must be at least 1")
-    out = Path(args.out)
+    check_model_args(args)
+    check_seed(args.seed)
+    check_not_negative([("--guidance", args.guidance)])
+    out = output_folder(args.out, "--out")
+    if args.width is not None or args.height is not None:
+        args.width, args.height = generation_size(args.width, args.height, *base_geometry(args.base))
     scales = parse_scales(args.scales) or chosen.scales
     samples = args.samples or chosen.samples
     empty_prompt = chosen.empty_prompt if args.prompt_mode is None else args.prompt_mode == "empty"

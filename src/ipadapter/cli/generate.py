@@ -11,6 +11,9 @@ from typing import Any
 import torch
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.validation import (
+    check_not_negative, check_seed, generation_size, output_file, regular_file,
+)
 
 EXAMPLES = """examples:
   ipadapter generate --image ref.png --out out.png                      # bundled miniature model
@@ -87,11 +90,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=finite_float, default=1.0, help="image prompt weight λ (default 1.0)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 25 miniature, else the pipeline's)")
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="0 to 2**64-1 (default 0)")
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--out", default="out.png", help="output PNG; several images become OUT-0.png, OUT-1.png, ...")
+    p.add_argument("--width", type=int, help="output width in pixels, a multiple of the base's step (8 for Stable "
+                   "Diffusion); alone, the height follows the base's default aspect (square)")
+    p.add_argument("--height", type=int, help="output height; alone, the width follows the base's default aspect")
+    p.add_argument("--out", default="out.png", help="output PNG; several images become OUT-0.png, OUT-1.png, ... "
+                   "(written all or none)")
     p.add_argument("--lora-scale", type=finite_float, default=1.0, help="FaceID LoRA strength (ComfyUI uses 0.6)")
     p.add_argument("--base-lora", help="a custom model's LoRA (file or folder, diffusers or kohya format), fused into "
                    "--base before the adapter attaches; 'miniature-custom' = the bundled two-tone-style LoRA")
@@ -122,12 +127,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def output_paths(out: str, count: int) -> list[Path]:
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise IPAdapterError(f"--out must name a .png file, got {out}")
+    path = output_file(out, "--out", ".png")
     if count == 1:
         return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+    return [output_file(path.with_name(f"{path.stem}-{i}{path.suffix}"), "--out") for i in range(count)]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about the flags that can be wrong, checked before a file is read or a model loaded."""
+    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
+        raise IPAdapterError("--num-images and --steps must be at least 1")
+    if not args.image and not args.embeds and not args.prompt:
+        raise IPAdapterError("give --image (or --embeds), --prompt, or both")
+    check_seed(args.seed)
+    check_not_negative([("--scale", args.scale), ("--guidance", args.guidance), ("--s-scale", args.s_scale),
+                        ("--control-scale", args.control_scale), ("--content-strength", args.content_strength)])
+    if args.embeds and args.image:
+        raise IPAdapterError("give --image or --embeds, not both (--embeds already holds the images' features)")
+    if args.embeds and (args.tiles or args.mask or args.crop != "center"):
+        raise IPAdapterError("--tiles, --mask and --crop act on --image; saved --embeds cannot be re-cropped or tiled")
+    if args.combine != "concat" and len(args.image) < 2 and not args.embeds:
+        raise IPAdapterError(f"--combine {args.combine} merges several --image references; give at least two")
+    if args.image_weight and len(args.image_weight) != len(args.image):
+        raise IPAdapterError(f"got {len(args.image_weight)} --image-weight for {len(args.image)} --image; give one per image")
+    if args.negative_image and args.noise:
+        raise IPAdapterError("give --negative-image or --noise, not both (each is the negative reference)")
+    if args.embeds:
+        regular_file(args.embeds, "embeddings file")
+    for face in args.face_embed:
+        regular_file(face, "face embedding")
 
 
 def control_kwargs(args: argparse.Namespace) -> dict:
@@ -152,18 +180,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ipadapter.atomic import save_png
+    from ipadapter.atomic import save_pngs
+    from ipadapter.conditioning.embeds_file import check_features
     from ipadapter.conditioning.images import load_image
     from ipadapter.conditioning.masks import load_masks
     from ipadapter.conditioning.negatives import parse_noise
-    from ipadapter.loading import text_embeds_for
+    from ipadapter.loading import base_geometry, check_model_args, text_embeds_for
     from ipadapter.request import GenerationRequest, build_prompt
 
-    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
-        raise IPAdapterError("--num-images and --steps must be at least 1")
-    if not args.image and not args.embeds and not args.prompt:
-        raise IPAdapterError("give --image (or --embeds), --prompt, or both")
+    check_args(args)
+    check_model_args(args)
     paths = output_paths(args.out, args.num_images)
+    width, height = args.width, args.height
+    if width is not None or height is not None:
+        step, default = base_geometry(args.base)
+        width, height = generation_size(width, height, step, default)
     images = [load_image(p) for p in args.image]
     request = GenerationRequest(
         images=images, scale=args.scale,
@@ -188,8 +219,12 @@ def _generate(args: argparse.Namespace) -> int:
         from ipadapter.conditioning.embeds_file import EncoderIdentity, load_embeds
 
         _, ip = prompter.adapter(None)
+        if prompter.encoder is None or ip.variant.features not in ("global", "patch"):
+            raise IPAdapterError("--embeds holds CLIP features; this adapter takes face embeddings (--face-embed)")
         saved = load_embeds(args.embeds, encoder=EncoderIdentity.of(prompter.encoder.model), features=ip.variant.features)
-        request.features = tuple(saved.tensors[k] for k in sorted(saved.tensors) if k.startswith("cond"))
+        enc = prompter.encoder
+        tail = (enc.global_dim,) if ip.variant.features == "global" else (enc.patch_tokens, enc.patch_dim)
+        request.features = check_features(args.embeds, saved.tensors, tail)
     if args.content_subtract:
         request.content_text_embeds = text_embeds_for(loaded, args.content_subtract)
     for adapter in prompter.adapters.values():
@@ -199,9 +234,12 @@ def _generate(args: argparse.Namespace) -> int:
     images_out = prompter.generate(
         prompts, prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
         steps=args.steps or loaded.default_steps, guidance=args.guidance if args.guidance is not None else loaded.default_guidance,
-        seed=args.seed, width=args.width, height=args.height, **control,
+        seed=args.seed, width=width, height=height, **control,
     )
-    for image, path in zip(images_out, paths):
-        save_png(image, path)
+    try:
+        save_pngs(images_out, paths)
+    except OSError as err:
+        raise IPAdapterError(f"could not write {args.out} ({err.strerror or err}); no image was written") from None
+    for path in paths:
         print(path)
     return 0

@@ -10,9 +10,17 @@ import sys
 COMMANDS = ("generate", "encode", "train", "evaluate", "miniature", "app")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage mistakes are one line too (the usage is one `--help` away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ipadapter", description="Image prompts for Stable Diffusion (IP-Adapter).")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser = Parser(prog="ipadapter", description="Image prompts for Stable Diffusion (IP-Adapter).")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks (and library warnings)")
+    parser.add_argument("--verbose", action="store_true", help="show library warnings and loading bars")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
@@ -22,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", dest="sub_verbose", action="store_true",
+                             help="show library warnings and loading bars")
     return parser
 
 
@@ -36,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr)
         return 2
     debug = args.debug or getattr(args, "sub_debug", False)
+    if not (debug or args.verbose or getattr(args, "sub_verbose", False)):
+        from ipadapter.cli.quiet import quiet_libraries
+
+        quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except IPAdapterError as err:

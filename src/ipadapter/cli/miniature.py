@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ipadapter.errors import IPAdapterError
 from ipadapter.extras import needs
+from ipadapter.validation import output_folder
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -23,6 +24,9 @@ def _data(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise IPAdapterError(f"--n must be at least 1, not {args.n}.")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise IPAdapterError(f"--out {args.out} is a file; the dataset needs a folder")
+    output_folder(args.out, "--out")
     manifest = write_dataset(args.out, args.n, args.seed, args.split, masks=args.masks)
     print(f"wrote {args.n} {args.split} images and {manifest}")
     return 0

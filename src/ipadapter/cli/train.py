@@ -43,9 +43,11 @@ HELP = {
     "num_workers": "decoding threads",
     "shuffle_buffer": "tar shards: samples held in the sample-level shuffle buffer, as webdataset's shuffle(n) "
                       "(0: shard order only)",
-    "resume": "continue from a checkpoint: 'latest' (this output's, or start fresh), an output folder or a state folder",
+    "resume": "continue from a checkpoint: 'latest' (this output's newest complete state, found by scanning when the "
+              "'latest' pointer is missing or damaged; a fresh start only when the output holds no run), an output "
+              "folder or a state folder",
     "save_every": "save a checkpoint every N steps (and at the end)",
-    "keep_checkpoints": "how many checkpoints to keep",
+    "keep_checkpoints": "how many checkpoints to keep (only states older than a newly saved, verified one go)",
     "log_every": "log loss/LR to TensorBoard every N steps",
     "validate_every": "write a validation grid PNG every N steps (0: never)",
     "validation_images": "reference images for validation (default: the data's first 4)",
@@ -67,8 +69,6 @@ def _run(args: argparse.Namespace) -> int:
     from ipadapter.train import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("accelerate", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = TrainConfig.load(args.config, overrides)
     train(config)

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from ipadapter.atomic import save_safetensors
 from ipadapter.errors import IPAdapterError
+from ipadapter.finite import require_finite
 from ipadapter.variants import VARIANTS
 
 FORMAT = "ipadapter-embeds/1"
@@ -96,8 +97,13 @@ def load_embeds(
         raise IPAdapterError(f"cannot read {path} as a safetensors embeddings file ({e})") from None
     if metadata.get("format") != FORMAT:
         raise IPAdapterError(f"{path} is not an ipadapter embeddings file (written by `ipadapter encode`)")
-    saved = SavedEmbeds(tensors, EncoderIdentity(metadata["encoder"], metadata["encoder_config_hash"]),
-                        metadata["features"], json.loads(metadata.get("extra", "{}")))
+    try:
+        extra = json.loads(metadata.get("extra", "{}"))
+        saved = SavedEmbeds(tensors, EncoderIdentity(metadata["encoder"], metadata["encoder_config_hash"]),
+                            metadata["features"], extra if isinstance(extra, dict) else {})
+    except (KeyError, json.JSONDecodeError) as err:
+        raise IPAdapterError(f"{path} has damaged metadata ({type(err).__name__}: {err}); encode the images again") from None
+    require_finite(tensors, str(path))
     if encoder is not None and encoder.config_hash != saved.encoder.config_hash:
         raise IPAdapterError(
             f"{path} was encoded with {saved.encoder.name!r} (config {saved.encoder.config_hash}) but this run uses "
@@ -106,3 +112,15 @@ def load_embeds(
     if features is not None and features != saved.features:
         raise IPAdapterError(f"{path} holds {saved.features} features but this adapter needs {features} features")
     return saved
+
+
+def check_features(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], tail: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """The file's `cond.*` features in order, each (N, *tail) as the current encoder makes them."""
+    keys = sorted(k for k in tensors if k.startswith("cond"))
+    if not keys:
+        raise IPAdapterError(f"{path} holds no image embeddings (no cond.* tensors); encode the images again")
+    for key in keys:
+        shape = tuple(tensors[key].shape)
+        if len(shape) != len(tail) + 1 or shape[1:] != tail or shape[0] < 1:
+            raise IPAdapterError(f"{path}: {key} has shape {shape}, but this encoder makes (N, {', '.join(map(str, tail))})")
+    return tuple(tensors[k] for k in keys)

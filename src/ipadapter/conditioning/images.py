@@ -16,7 +16,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.validation import check_pixels, regular_file
 
 WHITE = (255, 255, 255)
 RESAMPLING = {
@@ -67,15 +67,13 @@ def load_image(source: str | os.PathLike | Image.Image, *, background: tuple[int
         if isinstance(source, Image.Image):
             image = source
         else:
-            if Path(source).is_dir():
-                raise IPAdapterError(f"{name} is a folder, not an image file")
+            regular_file(source, "image file")
             image = Image.open(source)
+            check_pixels(image.width, image.height, name)  # from the header, before the pixels are decoded
             image.load()
         image = ImageOps.exif_transpose(image)
     except IPAdapterError:
         raise
-    except FileNotFoundError:
-        raise IPAdapterError(f"image file not found: {name}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise IPAdapterError(f"cannot read {name} as an image ({type(e).__name__}: {e})") from None
     if image.width == 0 or image.height == 0:

@@ -46,7 +46,7 @@ class ClipJudge:
                 f"{type(config).__name__.removesuffix('Config') or 'different'} model"
             )
         try:
-            model = CLIPModel.from_pretrained(str(source), torch_dtype=torch.float32).to(device)
+            model = CLIPModel.from_pretrained(str(source), dtype=torch.float32).to(device)
             tokenizer = AutoTokenizer.from_pretrained(str(source))
         except (OSError, ValueError) as err:
             raise IPAdapterError(f"could not load the judge CLIP {source}: {str(err).splitlines()[0][:160]}") from None

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ipadapter.conditioning.images import load_image
 from ipadapter.errors import IPAdapterError
+from ipadapter.validation import read_utf8
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def read_manifest(path: str | Path, limit: int | None = None) -> Manifest:
     if not path.is_file():
         raise IPAdapterError(f"manifest not found: {path}")
     entries, skipped = [], []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in read_utf8(path, "manifest").splitlines() if line.strip()]
     for number, line in enumerate(lines, start=1):
         if limit is not None and len(entries) >= limit:
             break

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.validation import model_source
 from ipadapter.variants import ATTENTION_MODES, TRAINABLE, get_variant
 
 TRAIN_VARIANTS = TRAINABLE
@@ -119,6 +120,9 @@ class TrainConfig:
         """What a run needs that a partial config (a file plus flags still to come) may lack."""
         if not self.base:
             raise IPAdapterError("no base model: give --base (a diffusers pipeline folder or Hub id) or `base:` in the config")
+        model_source(self.base, "--base")
+        if self.image_encoder:
+            model_source(self.image_encoder, "--image-encoder", subfolders=True)
         if not self.data and not self.cache_complete():
             raise IPAdapterError("no training data: give --data (a JSON/JSONL manifest or a tar shard pattern)")
         if self.needs_image_encoder and not self.image_encoder:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.validation import check_pixels, read_utf8
 
 logger = logging.getLogger("ipadapter.train")
 
@@ -57,16 +58,21 @@ def read_manifest(path: str | Path, data_root: str = "", *, need_id: bool = Fals
     if not path.is_file():
         raise IPAdapterError(f"manifest not found: {path}")
     root = Path(data_root) if data_root else path.parent
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "manifest")
     entries: list[tuple[int, Any]] = []
-    stripped = text.lstrip()
-    try:
-        if stripped.startswith("["):
+    if text.lstrip().startswith("["):
+        try:
             entries = list(enumerate(json.loads(text), start=1))
-        else:
-            entries = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    except json.JSONDecodeError as err:
-        raise IPAdapterError(f"{path} is not valid JSON/JSONL: {err.msg} at line {err.lineno}") from None
+        except json.JSONDecodeError as err:
+            raise IPAdapterError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}") from None
+    else:
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append((n, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise IPAdapterError(f"{path} is not valid JSON lines: {err.msg} at line {n}") from None
     if not entries:
         raise IPAdapterError(f"manifest {path} is empty: no training samples")
     required = ("image_file", "text") + (("id_embed_file",) if need_id else ())
@@ -324,8 +330,11 @@ def open_image(source: Path | bytes | None, what: str = "image") -> Any:
         raise SkipSample(f"missing {what} file")
     try:
         image = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
+        check_pixels(image.width, image.height, what)  # from the header: a small file may declare a huge picture
         image.load()
         return image.convert("RGB")
+    except IPAdapterError:
+        raise SkipSample(f"{what} over the pixel limit") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise SkipSample(f"undecodable {what}") from None
 

@@ -407,15 +407,17 @@ def train(
     from accelerate.utils import ProjectConfiguration, gather_object, set_seed
     from tqdm.auto import tqdm
 
+    from ipadapter.atomic import write_text
     from ipadapter.checkpoint import save_adapter, save_published
-    from ipadapter.train.checkpoint import check_resumable, read_state, resolve_resume, save_checkpoint
+    from ipadapter.train.checkpoint import check_resumable, load_checkpoint, read_state, resume_point, save_checkpoint
+    from ipadapter.validation import output_folder
 
     config.validate()
     if models is None:
         config.check_ready()
     elif config.needs_image_encoder and image_encoder is None and not config.image_encoder:
         raise IPAdapterError(f"variant {config.variant!r} needs an image encoder")
-    output = Path(config.output)
+    output = output_folder(config.output, "--output")
 
     # 1. accelerator (several processes on a machine without GPUs: gloo on CPU, as CI runs it)
     cpu_world = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -425,9 +427,6 @@ def train(
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(config.to_json())
 
     # 2. data (the base's configs are enough to refuse a bad resolution before any weights load)
     if models is not None:
@@ -435,11 +434,11 @@ def train(
     else:
         unet_config, vae_config = base_configs(config.base)
     check_resolution(config.resolution, unet_config, vae_config)
-    if config.resume and config.resume != "latest" or (config.resume == "latest" and resolve_resume("latest", output)):
-        early = resolve_resume(config.resume, output)
-        found = read_state(early).get("variant")
+    resume_path = resume_point(config.resume, output, say=logger.warning if accelerator.is_main_process else logger.debug)
+    if resume_path is not None:
+        found = read_state(resume_path).get("variant")
         if found != config.variant:  # refused before any weights load
-            raise IPAdapterError(f"cannot resume from {early}: it trains variant {found!r}, this run {config.variant!r}")
+            raise IPAdapterError(f"cannot resume from {resume_path}: it trains variant {found!r}, this run {config.variant!r}")
     run = _Run(config=config, accelerator=accelerator, features=clip_features(config.variant),
                sdxl=unet_config.get("addition_embed_type") == "text_time", vae_config=vae_config)
     if config.cache:
@@ -515,26 +514,23 @@ def train(
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
     module, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
     _register_adapter_hooks(accelerator, adapter)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    if log_with and accelerator.is_main_process:
-        accelerator.init_trackers("train", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                   for k, v in config.to_dict().items()})
 
-    # 7. resume
+    # 7. resume (every file verified first); the output folder is written only once all checks have passed
     step = 0
-    resume_path = resolve_resume(config.resume, output) if config.resume else None
     if resume_path is not None:
         state = read_state(resume_path)
         check_resumable(state, resume_path, variant=config.variant, base_id=base_id, base=base_name, world=world,
                         attention=config.attention)
-        accelerator.load_state(str(resume_path))
+        load_checkpoint(accelerator, resume_path, adapter, ema)
         step = int(state["step"])
         stream.load_state_dict(state["data"][rank])
         stream.skipped.update(state["skipped"][rank])
         logger.info("resumed from %s at step %d", resume_path, step)
-    elif config.resume and config.resume != "latest":
-        raise IPAdapterError(f"--resume {config.resume}: no checkpoint found")
+    if accelerator.is_main_process:
+        write_text(output / "config.json", config.to_json())
+    if log_with and accelerator.is_main_process:
+        accelerator.init_trackers("train", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                   for k, v in config.to_dict().items()})
 
     vset = None
     if config.validate_every and accelerator.is_main_process:
@@ -596,7 +592,7 @@ def train(
                     "base_id": base_id,
                     "num_processes": world, "data": [p["data"] for p in per_rank],
                     "skipped": [p["skipped"] for p in per_rank], "weight_checksums": [p["checksum"] for p in per_rank],
-                }, keep=config.keep_checkpoints)
+                }, keep=config.keep_checkpoints, ema=ema)
             if vset is not None and step % config.validate_every == 0:
                 _validate(run, vset, step, m.unet, adapter, attachment)
             if on_step is not None:

@@ -1,0 +1,44 @@
+"""Library chatter off for command-line runs, so a user's error is the one line on stderr.
+
+transformers, diffusers, accelerate and huggingface_hub log warnings (deprecations, missing optional trackers,
+backend fallbacks) and draw loading bars that say nothing a user can act on. Unless `--verbose` or `--debug` is
+given, their loggers are set to errors only, their loading bars are off, and Python warnings are ignored. The
+denoising and training progress bars are plain tqdm and stay. Environment variables carry the same settings to
+worker processes (`accelerate launch`) and to libraries imported later; a value the user has set is kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import warnings
+
+LIBRARIES = ("transformers", "diffusers", "accelerate", "huggingface_hub", "torch", "PIL", "httpx", "gradio")
+ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "ACCELERATE_LOG_LEVEL": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+def quiet_libraries() -> None:
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    warnings.simplefilter("ignore")
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for package in ("transformers", "diffusers"):
+        if importlib.util.find_spec(package) is None:
+            continue
+        lib_logging = importlib.import_module(f"{package}.utils.logging")
+        lib_logging.set_verbosity_error()
+        lib_logging.disable_progress_bar()
+    if importlib.util.find_spec("huggingface_hub") is not None:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
