@@ -194,10 +194,8 @@ def check_resumable(
 
 
 def adapter_tensors(adapter: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights under the names the checkpoint's adapter.safetensors uses."""
-    flat = {f"image_proj.{k}": v for k, v in adapter.image_proj.state_dict().items()}
-    flat.update({f"layers.{k}": v for k, v in adapter.layer_state_dict().items()})
-    return flat
+    """The adapter's weights under the names the checkpoint's adapter.safetensors uses (the own file format)."""
+    return dict(adapter.state_dict())
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
