@@ -15,25 +15,26 @@ import torch.nn.functional as F
 
 from ipadapter.miniature import tokenizer as tok
 from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
-from ipadapter.miniature.world import SIZE_PX, caption, make_batch
+from ipadapter.miniature.world import SIZE_PX, caption, make_batch, make_masked_batch
 
-LATENT_CHANNELS = 4
+LATENT_CHANNELS = 8
 LATENT_PX = SIZE_PX // 4
 TRAIN_TIMESTEPS = 1000
 UNCOND_PROB = 0.1
 
 
 def vae_config() -> dict:
-    """64x64x3 <-> 16x16x4, ~1M parameters (a size measured to reconstruct stripes and checkers)."""
+    """64x64x3 <-> 16x16x8, ~1M parameters. Eight latent channels (not SD's four): with four, a small object is
+    three latent pixels of four numbers and its shape did not survive (a judge read 33% of small shapes back)."""
     return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=32,
+        norm_num_groups=16,
         sample_size=SIZE_PX,
     )
 
@@ -59,18 +60,27 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def object_weights(masks: np.ndarray, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights [N, 1, 64, 64]: 1, plus `weight` on the object and a 1-px ring around it (its edge
+    decides the shape, and it is a few percent of the pixels)."""
+    m = torch.from_numpy(masks).float().unsqueeze(1)
+    return 1.0 + weight * F.max_pool2d(m, 3, stride=1, padding=1)
+
+
 def train_vae(
     out_dir: str | Path,
-    steps: int = 500,
+    steps: int = 2500,
     seed: int = 1,
-    batch: int = 32,
+    batch: int = 16,
     lr: float = 1e-3,
     kl_weight: float = 1e-6,
+    object_weight: float = 4.0,
     resume: bool = False,
     name: str = "vae",
     eval_n: int = 256,
 ):
-    """Reconstruction (MSE + L1) with a tiny KL term; saves `out_dir/name/` with `scaling_factor` set to 1/latent std."""
+    """Object-weighted reconstruction (MSE + L1) with a tiny KL term; saves `out_dir/name/` with `scaling_factor`
+    set to 1/latent std."""
     from diffusers import AutoencoderKL
 
     out = Path(out_dir)
@@ -81,12 +91,13 @@ def train_vae(
     log.info("%s: %d parameters", name, sum(p.numel() for p in vae.parameters()))
     vae.train()
     for step in range(run.start_step, steps):
-        images, _ = make_batch(seed * 1_000_003 + step, batch)
+        images, masks, _ = make_masked_batch(seed * 1_000_003 + step, batch)
         x = to_model_range(images)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
+        w = object_weights(masks, object_weight)
         kl = posterior.kl().mean() / (LATENT_CHANNELS * LATENT_PX * LATENT_PX)
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + kl_weight * kl
+        loss = (w * ((recon - x) ** 2 + 0.5 * (recon - x).abs())).mean() / w.mean() + kl_weight * kl
         run.optimize(step, loss, lr, vae.parameters())
         run.step_done(step + 1, loss.item())
     vae.eval()

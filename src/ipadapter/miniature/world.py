@@ -15,7 +15,7 @@ accuracy on them measures composition rather than memorisation.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,52 @@ def caption(attrs: Attrs) -> str:
         f"a {attrs.size} {attrs.colour} {attrs.shape} at the {attrs.position} "
         f"on a {attrs.bg_colour} {attrs.pattern} background"
     )
+
+
+SLOTS = tuple(ATTRIBUTES)
+
+
+def partial_caption(attrs: Attrs, keep: frozenset[str] | set[str]) -> str:
+    """The caption naming only the slots in `keep`, in the grammar's order; "" when nothing is kept.
+
+    The object phrase appears when any object slot is kept, with "object" standing in for an unnamed shape; the
+    background phrase when its colour or pattern is kept. With every slot kept this is `caption(attrs)`. Examples:
+    {colour, shape} -> "a red circle"; {bg_colour, pattern} -> "on a blue checkered background".
+    """
+    words: list[str] = []
+    if keep & {"shape", "colour", "size", "position"}:
+        words.append("a")
+        words += [getattr(attrs, slot) for slot in ("size", "colour") if slot in keep]
+        words.append(attrs.shape if "shape" in keep else "object")
+        if "position" in keep:
+            words += ["at", "the", attrs.position]
+    if keep & {"bg_colour", "pattern"}:
+        words += ["on", "a"] + [getattr(attrs, slot) for slot in ("bg_colour", "pattern") if slot in keep]
+        words.append("background")
+    return " ".join(words)
+
+
+def random_slots(rng: np.random.Generator, full: float = 0.5) -> frozenset[str]:
+    """Slots a training caption names: all of them with probability `full`, else a random non-empty subset
+    (each slot kept with probability 1/2), so partial prompts are in the training distribution."""
+    if rng.random() < full:
+        return frozenset(SLOTS)
+    while True:
+        keep = frozenset(slot for slot in SLOTS if rng.random() < 0.5)
+        if keep:
+            return keep
+
+
+def with_slot(attrs: Attrs, slot: str, rng: np.random.Generator) -> Attrs:
+    """`attrs` with one slot changed to another value (object and background colours kept different)."""
+    current = getattr(attrs, slot)
+    forbidden = {current}
+    if slot == "colour":
+        forbidden.add(attrs.bg_colour)
+    if slot == "bg_colour":
+        forbidden.add(attrs.colour)
+    choices = [v for v in ATTRIBUTES[slot] if v not in forbidden]
+    return replace(attrs, **{slot: choices[rng.integers(len(choices))]})
 
 
 def sample_attrs(rng: np.random.Generator, split: str = "train") -> Attrs:
