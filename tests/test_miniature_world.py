@@ -85,8 +85,8 @@ def smoke_run(tmp_path_factory):
     judge.train_classifier(out, steps=2, batch=8)
     base_model.train_vae(out, steps=2, batch=2, eval_n=8)
     base_model.train_vae_decoder(out, steps=2, batch=2)
-    cache = base_model.build_cache(out, out / "vae", out / "clip", n=8)
-    base_model.train_unet(out, cache, steps=2, batch=4, widths=(32, 32, 32))
+    cache = base_model.build_cache(out, out / "vae", n=8)
+    base_model.train_unet(out, cache, out / "clip", steps=2, batch=4, widths=(32, 32, 32))
     pipe = base_model.assemble_pipeline(out / "vae_decoder", out / "clip", out / "unet")
     base_model.save_pipeline(pipe, out / "pipeline")
     return out

@@ -97,6 +97,11 @@ class Attrs:
         return [ATTRIBUTES[name].index(getattr(self, name)) for name in ATTRIBUTES]
 
 
+def attrs_from_label(label: list[int]) -> Attrs:
+    """The inverse of `Attrs.label`."""
+    return Attrs(**{name: values[i] for (name, values), i in zip(ATTRIBUTES.items(), label)})
+
+
 def caption(attrs: Attrs) -> str:
     """The one caption of a scene, in the grammar documented at the top of this module."""
     return (
