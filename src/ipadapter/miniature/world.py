@@ -285,23 +285,31 @@ def mask_image(mask: np.ndarray) -> Image.Image:
     return Image.fromarray((np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L")
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train", masks: bool = False) -> Path:
+def write_dataset(
+    out_dir: str | Path, n: int, seed: int, split: str = "train", masks: bool = False, partial: float = 0.0
+) -> Path:
     """Write `n` PNGs and `manifest.jsonl` (image_file relative to out_dir, text, attrs); returns the manifest path.
 
     `masks` also writes each object's mask (`masks/*.png`, white object on black) and its `mask_file`, the
-    control images of the miniature ControlNet; the images and other fields do not change.
+    control images of the miniature ControlNet; the images and other fields do not change. `partial` is the share of
+    captions that name a random subset of the slots (`partial_caption`, the empty caption included), so a model
+    trained on the manifest must take what the text leaves out from elsewhere (an adapter: from the image).
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     if masks:
         (out / "masks").mkdir(exist_ok=True)
     images, object_masks, attrs = make_masked_batch(seed, n, split)
+    rng = np.random.default_rng(seed + 1)
     manifest = out / "manifest.jsonl"
     with open(manifest, "w", encoding="utf-8") as f:
         for i, (image, mask, a) in enumerate(zip(images, object_masks, attrs)):
             name = f"images/{split}_{i:06d}.png"
             Image.fromarray(image).save(out / name)
-            record = {"image_file": name, "text": caption(a), "attrs": asdict(a)}
+            text = caption(a)
+            if rng.random() < partial:
+                text = partial_caption(a, frozenset(slot for slot in SLOTS if rng.random() < 0.5))
+            record = {"image_file": name, "text": text, "attrs": asdict(a)}
             if masks:
                 record["mask_file"] = f"masks/{split}_{i:06d}.png"
                 mask_image(mask).save(out / record["mask_file"])
