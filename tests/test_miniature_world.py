@@ -85,8 +85,8 @@ def smoke_run(tmp_path_factory):
     judge.train_classifier(out, steps=2, batch=8)
     base_model.train_vae(out, steps=2, batch=2, eval_n=8)
     base_model.train_vae_decoder(out, steps=2, batch=2)
-    cache = base_model.build_cache(out, out / "vae", out / "clip", n=8)
-    base_model.train_unet(out, cache, steps=2, batch=4, widths=(32, 32, 32))
+    cache = base_model.build_cache(out, out / "vae", n=8)
+    base_model.train_unet(out, cache, out / "clip", steps=2, batch=4, widths=(32, 32, 32))
     pipe = base_model.assemble_pipeline(out / "vae_decoder", out / "clip", out / "unet")
     base_model.save_pipeline(pipe, out / "pipeline")
     return out
@@ -125,3 +125,48 @@ def test_export_is_fp16_and_loads_in_fp32(smoke_run, tmp_path):
     report = scorer.accuracy(images, attrs)
     assert set(report) == set(world.ATTRIBUTES) | {"all"}
     assert scorer.text_score(images, [world.caption(a) for a in attrs]).shape == (4,)
+
+
+def test_partial_caption_names_exactly_the_kept_slots():
+    a = world.Attrs("circle", "red", "large", "top left", "blue", "checkered")
+    assert world.partial_caption(a, frozenset(world.SLOTS)) == world.caption(a)
+    assert world.partial_caption(a, {"colour", "shape"}) == "a red circle"
+    assert world.partial_caption(a, {"bg_colour", "pattern"}) == "on a blue checkered background"
+    assert world.partial_caption(a, {"position"}) == "a object at the top left"
+    assert world.partial_caption(a, set()) == ""
+    words = set(tok.vocabulary_words())
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        text = world.partial_caption(a, world.random_slots(rng))
+        assert set(text.split()) <= words and len(text.split()) + 2 <= tok.MAX_LENGTH
+
+
+def test_with_slot_changes_one_slot_and_keeps_colours_apart():
+    rng = np.random.default_rng(1)
+    _, attrs = world.make_batch(3, 50)
+    for a in attrs:
+        for slot in world.SLOTS:
+            b = world.with_slot(a, slot, rng)
+            changed = [s for s in world.SLOTS if getattr(a, s) != getattr(b, s)]
+            assert changed == [slot] and b.colour != b.bg_colour
+        assert world.attrs_from_label(a.label()) == a
+
+
+def test_snapshot_resume_restores_fp16_weights_and_rewarms(tmp_path):
+    from ipadapter.miniature.runloop import REWARM_STEPS, TrainRun, cosine_lr, write_snapshot
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    run = TrainRun(tmp_path, "toy", 1000, {"model": model}, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    run.save(500)
+    write_snapshot(tmp_path / "toy.ckpt.pt", tmp_path / "toy.state.safetensors")
+    (tmp_path / "toy.ckpt.pt").unlink()
+    fresh = torch.nn.Linear(4, 3)
+    resumed = TrainRun(tmp_path, "toy", 1000, {"model": fresh}, torch.optim.AdamW(fresh.parameters(), lr=1e-3),
+                       resume=True)
+    assert resumed.start_step == 500
+    assert torch.equal(fresh.weight, model.weight.half().float())
+    resumed.set_lr(500, 1e-3)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cosine_lr(500, 1000, 1e-3) / REWARM_STEPS)
+    resumed.set_lr(500 + REWARM_STEPS, 1e-3)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cosine_lr(500 + REWARM_STEPS, 1000, 1e-3))

@@ -34,7 +34,7 @@ class Recipe:
 
 
 def _clip(out: Path, steps: int, resume: bool) -> object:
-    return tiny_clip.train_clip(out, name="clip", steps=steps, seed=0, batch=128, lr=1e-3, resume=resume)
+    return tiny_clip.train_clip(out, name="clip", steps=steps, seed=0, batch=64, lr=1e-3, resume=resume)
 
 
 def _vae(out: Path, steps: int, resume: bool) -> object:
@@ -48,8 +48,8 @@ def _judge(out: Path, steps: int, resume: bool) -> object:
 def _unet(out: Path, steps: int, resume: bool) -> object:
     cache = out / "unet_cache.pt"
     if not cache.exists():
-        base_model.build_cache(out, out / "vae", out / "clip")
-    base_model.train_unet(out, cache, steps=steps, seed=3, resume=resume)
+        base_model.build_cache(out, out / "vae")
+    base_model.train_unet(out, cache, out / "clip", steps=steps, seed=3, resume=resume)
     return assemble(out)
 
 
@@ -85,10 +85,10 @@ def _adapter(name: str) -> Callable[[Path, int, bool], object]:
 
 
 RECIPES: dict[str, Recipe] = {
-    "clip": Recipe(_clip, 800, help="tiny CLIP (text encoder + adapters' image encoder)"),
-    "vae": Recipe(_vae, 800, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x4"),
+    "clip": Recipe(_clip, 1200, help="tiny CLIP (text encoder + adapters' image encoder)"),
+    "vae": Recipe(_vae, 2000, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x8"),
     "judge": Recipe(_judge, 500, help="judge CLIP + attribute classifier (measurement only)"),
-    "unet": Recipe(_unet, 2000, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
+    "unet": Recipe(_unet, 10000, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
     "decoder": Recipe(_decoder, 700, needs=("vae",), help="fine-tune the VAE decoder only (latents unchanged)"),
     "custom": Recipe(_custom, 700, help="a custom model: LoRA on the shipped UNet, two-tone scenes"),
     "adapter": Recipe(_adapter("base"), adapters.ADAPTERS["base"].steps, help="IP-Adapter (base: 4 tokens)"),

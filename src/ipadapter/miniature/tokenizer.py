@@ -14,9 +14,9 @@ from pathlib import Path
 from ipadapter.miniature.world import ATTRIBUTES
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-MAX_LENGTH = 24
+MAX_LENGTH = 16
 _EOW = "</w>"
-_GRAMMAR_WORDS = ("a", "at", "the", "on", "background", "striped")
+_GRAMMAR_WORDS = ("a", "at", "the", "on", "background", "striped", "object")
 
 
 def vocabulary_words() -> list[str]:

@@ -15,7 +15,7 @@ accuracy on them measures composition rather than memorisation.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +97,63 @@ class Attrs:
         return [ATTRIBUTES[name].index(getattr(self, name)) for name in ATTRIBUTES]
 
 
+def attrs_from_label(label: list[int]) -> Attrs:
+    """The inverse of `Attrs.label`."""
+    return Attrs(**{name: values[i] for (name, values), i in zip(ATTRIBUTES.items(), label)})
+
+
 def caption(attrs: Attrs) -> str:
     """The one caption of a scene, in the grammar documented at the top of this module."""
     return (
         f"a {attrs.size} {attrs.colour} {attrs.shape} at the {attrs.position} "
         f"on a {attrs.bg_colour} {attrs.pattern} background"
     )
+
+
+SLOTS = tuple(ATTRIBUTES)
+
+
+def partial_caption(attrs: Attrs, keep: frozenset[str] | set[str]) -> str:
+    """The caption naming only the slots in `keep`, in the grammar's order; "" when nothing is kept.
+
+    The object phrase appears when any object slot is kept, with "object" standing in for an unnamed shape; the
+    background phrase when its colour or pattern is kept. With every slot kept this is `caption(attrs)`. Examples:
+    {colour, shape} -> "a red circle"; {bg_colour, pattern} -> "on a blue checkered background".
+    """
+    words: list[str] = []
+    if keep & {"shape", "colour", "size", "position"}:
+        words.append("a")
+        words += [getattr(attrs, slot) for slot in ("size", "colour") if slot in keep]
+        words.append(attrs.shape if "shape" in keep else "object")
+        if "position" in keep:
+            words += ["at", "the", attrs.position]
+    if keep & {"bg_colour", "pattern"}:
+        words += ["on", "a"] + [getattr(attrs, slot) for slot in ("bg_colour", "pattern") if slot in keep]
+        words.append("background")
+    return " ".join(words)
+
+
+def random_slots(rng: np.random.Generator, full: float = 0.5) -> frozenset[str]:
+    """Slots a training caption names: all of them with probability `full`, else a random non-empty subset
+    (each slot kept with probability 1/2), so partial prompts are in the training distribution."""
+    if rng.random() < full:
+        return frozenset(SLOTS)
+    while True:
+        keep = frozenset(slot for slot in SLOTS if rng.random() < 0.5)
+        if keep:
+            return keep
+
+
+def with_slot(attrs: Attrs, slot: str, rng: np.random.Generator) -> Attrs:
+    """`attrs` with one slot changed to another value (object and background colours kept different)."""
+    current = getattr(attrs, slot)
+    forbidden = {current}
+    if slot == "colour":
+        forbidden.add(attrs.bg_colour)
+    if slot == "bg_colour":
+        forbidden.add(attrs.colour)
+    choices = [v for v in ATTRIBUTES[slot] if v not in forbidden]
+    return replace(attrs, **{slot: choices[rng.integers(len(choices))]})
 
 
 def sample_attrs(rng: np.random.Generator, split: str = "train") -> Attrs:
@@ -234,23 +285,31 @@ def mask_image(mask: np.ndarray) -> Image.Image:
     return Image.fromarray((np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L")
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train", masks: bool = False) -> Path:
+def write_dataset(
+    out_dir: str | Path, n: int, seed: int, split: str = "train", masks: bool = False, partial: float = 0.0
+) -> Path:
     """Write `n` PNGs and `manifest.jsonl` (image_file relative to out_dir, text, attrs); returns the manifest path.
 
     `masks` also writes each object's mask (`masks/*.png`, white object on black) and its `mask_file`, the
-    control images of the miniature ControlNet; the images and other fields do not change.
+    control images of the miniature ControlNet; the images and other fields do not change. `partial` is the share of
+    captions that name a random subset of the slots (`partial_caption`, the empty caption included), so a model
+    trained on the manifest must take what the text leaves out from elsewhere (an adapter: from the image).
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     if masks:
         (out / "masks").mkdir(exist_ok=True)
     images, object_masks, attrs = make_masked_batch(seed, n, split)
+    rng = np.random.default_rng(seed + 1)
     manifest = out / "manifest.jsonl"
     with open(manifest, "w", encoding="utf-8") as f:
         for i, (image, mask, a) in enumerate(zip(images, object_masks, attrs)):
             name = f"images/{split}_{i:06d}.png"
             Image.fromarray(image).save(out / name)
-            record = {"image_file": name, "text": caption(a), "attrs": asdict(a)}
+            text = caption(a)
+            if rng.random() < partial:
+                text = partial_caption(a, frozenset(slot for slot in SLOTS if rng.random() < 0.5))
+            record = {"image_file": name, "text": text, "attrs": asdict(a)}
             if masks:
                 record["mask_file"] = f"masks/{split}_{i:06d}.png"
                 mask_image(mask).save(out / record["mask_file"])

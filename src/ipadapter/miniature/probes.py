@@ -1,0 +1,134 @@
+"""Stage checks of the miniature models: what each stage carries, measured before the next one is trained on it.
+
+A stage below its ceiling caps every stage after it, so each recipe's output is measured on held-out scenes:
+linear probes on the image encoder's features, caption-vs-one-slot-changed retrieval for the text tower, the judge
+on VAE reconstructions, and the judge on text-to-image samples (full and partial captions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ipadapter.miniature import tiny_clip
+from ipadapter.miniature.world import (
+    ATTRIBUTES, SLOTS, Attrs, caption, make_batch, partial_caption, random_slots,
+)
+
+
+def _labels(attrs: list[Attrs]) -> torch.Tensor:
+    return torch.tensor([a.label() for a in attrs])
+
+
+def linear_probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, iters: int = 300,
+) -> dict[str, float]:
+    """Held-out accuracy of one multinomial logistic regression per attribute (standardised features, L2)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    report = {}
+    for i, (name, values) in enumerate(ATTRIBUTES.items()):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(train_x.shape[1], len(values))
+        optimizer = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(iters):
+            optimizer.zero_grad()
+            F.cross_entropy(head(train_x), train_y[:, i]).backward()
+            optimizer.step()
+        with torch.no_grad():
+            report[name] = float((head(test_x).argmax(1) == test_y[:, i]).float().mean())
+    return report
+
+
+@torch.no_grad()
+def image_features(encoder, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global `image_embeds`, flattened penultimate patch tokens) of a `CLIPVisionModelWithProjection`."""
+    out = encoder(pixel_values=tiny_clip.pixels(images), output_hidden_states=True)
+    return out.image_embeds, out.hidden_states[-2].flatten(1)
+
+
+def encoder_probes(encoder, n_train: int = 3072, n_test: int = 1024) -> dict[str, dict[str, float]]:
+    """Linear probes trained on train-split scenes, tested on held-out scenes: global embedding and patch tokens."""
+    train_images, train_attrs = make_batch(2024, n_train, "train")
+    test_images, test_attrs = make_batch(2025, n_test, "heldout")
+    train_g, train_p = image_features(encoder, train_images)
+    test_g, test_p = image_features(encoder, test_images)
+    ytr, yte = _labels(train_attrs), _labels(test_attrs)
+    return {"global": linear_probe(train_g, ytr, test_g, yte), "patch": linear_probe(train_p, ytr, test_p, yte)}
+
+
+@torch.no_grad()
+def text_told_apart(clip, tokenizer, n: int = 256) -> dict[str, float]:
+    """Per slot: how often a held-out image is closer to its own caption than to every caption that changes only
+    that slot (all other values), with the CLIP's own embeddings."""
+    images, attrs = make_batch(2026, n, "heldout")
+    image_emb = tiny_clip.embed(clip, images=tiny_clip.pixels(images))
+    report = {}
+    for slot in SLOTS:
+        wins = 0
+        for emb, a in zip(image_emb, attrs):
+            own = getattr(a, slot)
+            texts = [caption(a)] + [caption(_set(a, slot, v)) for v in ATTRIBUTES[slot] if v != own]
+            sims = tiny_clip.embed(clip, ids=tiny_clip.tokenize(tokenizer, texts)) @ emb
+            wins += int(sims.argmax() == 0)
+        report[slot] = wins / n
+    return report
+
+
+def _set(a: Attrs, slot: str, value: str) -> Attrs:
+    from dataclasses import replace
+
+    return replace(a, **{slot: value})
+
+
+@torch.no_grad()
+def vae_ceiling(vae, judge, n: int = 512) -> dict[str, float]:
+    """Judge accuracy on VAE reconstructions (latent means) of held-out scenes: the ceiling of every later stage."""
+    from ipadapter.miniature.base_model import to_model_range
+
+    images, attrs = make_batch(2027, n, "heldout")
+    x = to_model_range(images)
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return judge.accuracy(((recon.permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).astype(np.uint8), attrs)
+
+
+def partial_accuracy(judge, images: np.ndarray, attrs: list[Attrs], keeps: list[frozenset[str]]) -> dict[str, float]:
+    """Per attribute, judge accuracy over the samples whose caption named it."""
+    predictions = judge.predict(images)
+    report = {}
+    for slot in SLOTS:
+        hits = [p[slot] == getattr(a, slot) for p, a, k in zip(predictions, attrs, keeps) if slot in k]
+        report[slot] = float(np.mean(hits)) if hits else float("nan")
+    return report
+
+
+def base_text_only(pipe, judge, n: int = 64, partial: bool = False, seed: int = 778, steps: int = 25,
+                   guidance: float = 5.0) -> dict[str, float]:
+    """Judge accuracy of text-to-image samples for held-out scenes, from full captions or random partial ones
+    (then scored only on the slots each caption names)."""
+    from ipadapter.miniature.base_model import sample
+
+    _, attrs = make_batch(seed, n, "heldout")
+    rng = np.random.default_rng(seed)
+    keeps = [random_slots(rng, full=0.0) if partial else frozenset(SLOTS) for _ in attrs]
+    images = sample(pipe, [partial_caption(a, k) for a, k in zip(attrs, keeps)], seed=seed, steps=steps,
+                    guidance=guidance)
+    return partial_accuracy(judge, images, attrs, keeps)
+
+
+def load_clip(clip_dir: str | Path):
+    """The tiny CLIP, its tokenizer, and its vision tower as the `CLIPVisionModelWithProjection` adapters use."""
+    from transformers import CLIPModel, CLIPVisionModelWithProjection
+
+    from ipadapter.miniature.tokenizer import load_tokenizer
+
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    config = clip.config.vision_config
+    config.projection_dim = clip.config.projection_dim
+    encoder = CLIPVisionModelWithProjection(config).eval()
+    encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
+    encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return clip, load_tokenizer(clip_dir), encoder
