@@ -67,7 +67,7 @@ def test_controlnet_maps_a_64px_mask_to_the_latent_grid_and_starts_as_a_no_op() 
     cond = controlnet.mask_condition(controlnet._mask_u8(mask))
     assert cond.shape == (2, 3, 64, 64) and 0.0 <= cond.min() and cond.max() == 1.0
     assert cn.controlnet_cond_embedding(cond).shape == (2, 32, base_model.LATENT_PX, base_model.LATENT_PX)
-    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 32)
+    x, text = torch.randn(2, base_model.LATENT_CHANNELS, 16, 16), torch.randn(2, 5, 32)
     with torch.no_grad():
         down, mid = cn(x, 10, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
         plain = unet(x, 10, encoder_hidden_states=text).sample
@@ -106,7 +106,7 @@ def test_recipe_trains_exports_and_resumes(tiny_run, tmp_path) -> None:
     cache = controlnet.build_cache(tiny_run, tiny_run / "pipeline", n=8)
     data = torch.load(cache, weights_only=True)
     assert data["masks"].dtype == torch.uint8 and data["masks"].shape == (8, 64, 64)
-    assert data["latents"].shape == (8, 4, 16, 16)
+    assert data["latents"].shape == (8, base_model.LATENT_CHANNELS, 16, 16)
     trained = controlnet.train_controlnet(tiny_run, cache, tiny_run / "pipeline", steps=2, batch=2)
     assert any(p.abs().sum() > 0 for p in trained.controlnet_down_blocks.parameters()), "zero convs must learn"
     controlnet.train_controlnet(tiny_run, cache, tiny_run / "pipeline", steps=3, batch=2, resume=True)
