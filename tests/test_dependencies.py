@@ -102,8 +102,9 @@ def deferred(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     return False
 
 
-def third_party_imports(path: Path) -> list[tuple[str, bool]]:
-    """(top-level module, whether the import is deferred) for each import of a third-party module."""
+def imported_names(path: Path, members: bool = False) -> list[tuple[str, bool]]:
+    """(dotted name, whether the import is deferred) for each absolute import in `path`; `members` adds
+    `module.member` for every `from module import member`."""
     tree = ast.parse(path.read_text(), str(path))
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     found = []
@@ -111,33 +112,27 @@ def third_party_imports(path: Path) -> list[tuple[str, bool]]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+            names = [node.module, *((f"{node.module}.{a.name}" for a in node.names) if members else ())]
         else:
             continue
-        for name in names:
-            top = name.split(".")[0]
-            if top not in sys.stdlib_module_names and top not in FIRST_PARTY:
-                found.append((top, deferred(node, parents)))
+        found += [(name, deferred(node, parents)) for name in names]
     return found
+
+
+def third_party_imports(path: Path) -> list[tuple[str, bool]]:
+    """(top-level module, whether the import is deferred) for each import of a third-party module."""
+    tops = [(name.split(".")[0], lazy) for name, lazy in imported_names(path)]
+    return [(top, lazy) for top, lazy in tops if top not in sys.stdlib_module_names and top not in FIRST_PARTY]
 
 
 def first_party_imports(path: Path) -> list[tuple[Path, bool]]:
     """(source file, whether the import is deferred) for each import of an ipadapter module."""
-    tree = ast.parse(path.read_text(), str(path))
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-        else:
-            continue
-        for name in names:
-            base = ROOT / "src" / name.replace(".", "/")
-            for file in (base.with_suffix(".py"), base / "__init__.py"):
-                if name.startswith("ipadapter") and file.is_file():
-                    found.append((file, deferred(node, parents)))
+    for name, lazy in imported_names(path, members=True):
+        base = ROOT / "src" / name.replace(".", "/")
+        for file in (base.with_suffix(".py"), base / "__init__.py"):
+            if name.startswith("ipadapter") and file.is_file():
+                found.append((file, lazy))
     return found
 
 
