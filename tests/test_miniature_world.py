@@ -82,6 +82,7 @@ def smoke_run(tmp_path_factory):
     torch.set_num_threads(1)
     tiny_clip.train_clip(out, name="clip", steps=2, size=TINY_CLIP, batch=8)
     tiny_clip.train_clip(out, name="judge_clip", steps=2, seed=10, size=TINY_CLIP, batch=8)
+    tiny_clip.train_image_encoder(out, out / "clip", steps=2, batch=4, patch=16)
     judge.train_classifier(out, steps=2, batch=8)
     base_model.train_vae(out, steps=2, batch=2, eval_n=8)
     base_model.train_vae_decoder(out, steps=2, batch=2)
@@ -90,6 +91,15 @@ def smoke_run(tmp_path_factory):
     pipe = base_model.assemble_pipeline(out / "vae_decoder", out / "clip", out / "unet")
     base_model.save_pipeline(pipe, out / "pipeline")
     return out
+
+
+def test_image_encoder_reads_in_the_text_towers_space(smoke_run):
+    from transformers import CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(smoke_run / "image_encoder")
+    out = encoder(pixel_values=tiny_clip.pixels(world.make_batch(0, 2)[0]), output_hidden_states=True)
+    assert out.image_embeds.shape == (2, TINY_CLIP.projection)
+    assert out.hidden_states[-2].shape == (2, 1 + (64 // 16) ** 2, TINY_CLIP.hidden)
 
 
 def test_training_resumes_from_checkpoint(smoke_run):

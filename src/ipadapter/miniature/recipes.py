@@ -37,6 +37,10 @@ def _clip(out: Path, steps: int, resume: bool) -> object:
     return tiny_clip.train_clip(out, name="clip", steps=steps, seed=0, batch=64, lr=1e-3, resume=resume)
 
 
+def _image_encoder(out: Path, steps: int, resume: bool) -> object:
+    return tiny_clip.train_image_encoder(out, out / "clip", steps=steps, resume=resume)
+
+
 def _vae(out: Path, steps: int, resume: bool) -> object:
     return base_model.train_vae(out, steps=steps, seed=1, batch=16, lr=1e-3, resume=resume)
 
@@ -86,6 +90,8 @@ def _adapter(name: str) -> Callable[[Path, int, bool], object]:
 
 RECIPES: dict[str, Recipe] = {
     "clip": Recipe(_clip, 1200, help="tiny CLIP (text encoder + adapters' image encoder)"),
+    "image-encoder": Recipe(_image_encoder, 3000, needs=("clip",),
+                            help="the adapters' image encoder (4 px patches) against the frozen text tower"),
     "vae": Recipe(_vae, 2000, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x8"),
     "judge": Recipe(_judge, 500, help="judge CLIP + attribute classifier (measurement only)"),
     "unet": Recipe(_unet, 6000, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),

@@ -252,10 +252,10 @@ def train_image_encoder(
     out_dir: str | Path,
     clip_dir: str | Path,
     name: str = "image_encoder",
-    steps: int = 1500,
+    steps: int = 3000,
     seed: int = 20,
     patch: int = 4,
-    batch: int = 64,
+    batch: int = 32,
     lr: float = 1e-3,
     resume: bool = False,
 ):
