@@ -348,18 +348,14 @@ def train_unet(
 def assemble_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Path, dtype=torch.float32):
     """A `StableDiffusionPipeline` whose text encoder and image encoder are the two towers of the tiny CLIP."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
+    from transformers import CLIPModel, CLIPTextModel
 
-    from ipadapter.miniature.tiny_clip import image_processor
+    from ipadapter.miniature.tiny_clip import image_processor, vision_tower
 
     clip = CLIPModel.from_pretrained(clip_dir)
     text_encoder = CLIPTextModel(clip.config.text_config)
     text_encoder.load_state_dict(clip.text_model.state_dict())
-    vision_config = clip.config.vision_config
-    vision_config.projection_dim = clip.config.projection_dim
-    image_encoder = CLIPVisionModelWithProjection(vision_config)
-    image_encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
-    image_encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    image_encoder = vision_tower(clip)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae_dir),
         text_encoder=text_encoder,

@@ -7,6 +7,7 @@ on VAE reconstructions, and the judge on text-to-image samples (full and partial
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,6 @@ from ipadapter.miniature import tiny_clip
 from ipadapter.miniature.world import (
     ATTRIBUTES, SLOTS, Attrs, caption, make_batch, partial_caption, random_slots,
 )
-
-
-def _labels(attrs: list[Attrs]) -> torch.Tensor:
-    return torch.tensor([a.label() for a in attrs])
 
 
 def linear_probe(
@@ -56,7 +53,7 @@ def encoder_probes(encoder, n_train: int = 3072, n_test: int = 1024) -> dict[str
     test_images, test_attrs = make_batch(2025, n_test, "heldout")
     train_g, train_p = image_features(encoder, train_images)
     test_g, test_p = image_features(encoder, test_images)
-    ytr, yte = _labels(train_attrs), _labels(test_attrs)
+    ytr, yte = tiny_clip.labels(train_attrs), tiny_clip.labels(test_attrs)
     return {"global": linear_probe(train_g, ytr, test_g, yte), "patch": linear_probe(train_p, ytr, test_p, yte)}
 
 
@@ -71,17 +68,11 @@ def text_told_apart(clip, tokenizer, n: int = 256) -> dict[str, float]:
         wins = 0
         for emb, a in zip(image_emb, attrs):
             own = getattr(a, slot)
-            texts = [caption(a)] + [caption(_set(a, slot, v)) for v in ATTRIBUTES[slot] if v != own]
+            texts = [caption(a)] + [caption(replace(a, **{slot: v})) for v in ATTRIBUTES[slot] if v != own]
             sims = tiny_clip.embed(clip, ids=tiny_clip.tokenize(tokenizer, texts)) @ emb
             wins += int(sims.argmax() == 0)
         report[slot] = wins / n
     return report
-
-
-def _set(a: Attrs, slot: str, value: str) -> Attrs:
-    from dataclasses import replace
-
-    return replace(a, **{slot: value})
 
 
 @torch.no_grad()
@@ -121,14 +112,9 @@ def base_text_only(pipe, judge, n: int = 64, partial: bool = False, seed: int = 
 
 def load_clip(clip_dir: str | Path):
     """The tiny CLIP, its tokenizer, and its vision tower as the `CLIPVisionModelWithProjection` adapters use."""
-    from transformers import CLIPModel, CLIPVisionModelWithProjection
+    from transformers import CLIPModel
 
     from ipadapter.miniature.tokenizer import load_tokenizer
 
     clip = CLIPModel.from_pretrained(clip_dir).eval()
-    config = clip.config.vision_config
-    config.projection_dim = clip.config.projection_dim
-    encoder = CLIPVisionModelWithProjection(config).eval()
-    encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
-    encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-    return clip, load_tokenizer(clip_dir), encoder
+    return clip, load_tokenizer(clip_dir), tiny_clip.vision_tower(clip).eval()

@@ -73,6 +73,18 @@ def vision_config(size: ClipSize, patch: int):
     )
 
 
+def vision_tower(clip):
+    """A `CLIPModel`'s vision tower and projection as the `CLIPVisionModelWithProjection` adapters read."""
+    from transformers import CLIPVisionModelWithProjection
+
+    config = clip.config.vision_config
+    config.projection_dim = clip.config.projection_dim
+    encoder = CLIPVisionModelWithProjection(config)
+    encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
+    encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return encoder
+
+
 def pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, 64, 64, 3] -> normalised float [N, 3, 64, 64], identical to the exported CLIPImageProcessor."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
@@ -173,6 +185,20 @@ def augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return pick * soft + (1 - pick) * images + 0.02 * torch.randn(images.shape, generator=g)
 
 
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over n unit-norm image embeddings and text_emb = [their n captions; k hard negatives per
+    image, grouped by image]: each image against every caption and its own negatives, each caption against every
+    image."""
+    n = len(image_emb)
+    scale = log_scale.exp().clamp(max=100)
+    in_batch = image_emb @ text_emb[:n].t()
+    own = torch.einsum("nd,nkd->nk", image_emb, text_emb[n:].view(n, (len(text_emb) - n) // n, -1))
+    target = torch.arange(n)
+    return 0.5 * (
+        F.cross_entropy(scale * torch.cat([in_batch, own], dim=1), target) + F.cross_entropy(scale * in_batch.t(), target)
+    )
+
+
 def clip_loss(model, heads: ClipObjective, images: torch.Tensor, attrs: list[Attrs], tokenizer,
               rng: np.random.Generator) -> torch.Tensor:
     """InfoNCE with every scene's one-slot-changed captions as extra negatives for its image, plus the read-out
@@ -186,14 +212,8 @@ def clip_loss(model, heads: ClipObjective, images: torch.Tensor, attrs: list[Att
     image_features = model.visual_projection(vision.pooler_output)
     text = model.text_model(input_ids=ids)
     text_features = model.text_projection(text.pooler_output)
-    image_emb, text_emb = F.normalize(image_features, dim=-1), F.normalize(text_features[: -n], dim=-1)
-    scale = model.logit_scale.exp().clamp(max=100)
-    in_batch = image_emb @ text_emb[:n].t()
-    per_scene = len(negatives) // n
-    own = torch.einsum("nd,nkd->nk", image_emb, text_emb[n:].view(n, per_scene, -1))
-    target = torch.arange(n)
-    contrastive = 0.5 * (
-        F.cross_entropy(scale * torch.cat([in_batch, own], dim=1), target) + F.cross_entropy(scale * in_batch.t(), target)
+    contrastive = contrastive_loss(
+        F.normalize(image_features, dim=-1), F.normalize(text_features[: -n], dim=-1), model.logit_scale
     )
     full, some = labels(attrs), labels(attrs, keep)
     text_labels = torch.cat([full, some])
@@ -289,16 +309,7 @@ def train_image_encoder(
             ids = tokenize(tokenizer, [caption(a) for a in attrs] + negatives)
             text_emb = F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output), dim=-1)
         out_v = encoder(pixel_values=augment(pixels(images), g), output_hidden_states=True)
-        image_emb = F.normalize(out_v.image_embeds, dim=-1)
-        n = len(attrs)
-        in_batch = image_emb @ text_emb[:n].t()
-        own = torch.einsum("nd,nkd->nk", image_emb, text_emb[n:].view(n, len(negatives) // n, -1))
-        target = torch.arange(n)
-        logit_scale = scale.exp().clamp(max=100)
-        contrastive = 0.5 * (
-            F.cross_entropy(logit_scale * torch.cat([in_batch, own], dim=1), target)
-            + F.cross_entropy(logit_scale * in_batch.t(), target)
-        )
+        contrastive = contrastive_loss(F.normalize(out_v.image_embeds, dim=-1), text_emb, scale)
         full = labels(attrs)
         loss = contrastive + heads.image.loss(out_v.image_embeds, full) + heads.patches.loss(
             out_v.hidden_states[-2][:, 1:].mean(dim=1), full
