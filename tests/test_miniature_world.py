@@ -102,6 +102,17 @@ def test_image_encoder_reads_in_the_text_towers_space(smoke_run):
     assert out.hidden_states[-2].shape == (2, 1 + (64 // 16) ** 2, TINY_CLIP.hidden)
 
 
+def test_pipeline_takes_the_trained_image_encoder_when_given(smoke_run):
+    from transformers import CLIPVisionModelWithProjection
+
+    pipe = base_model.assemble_pipeline(smoke_run / "vae", smoke_run / "clip", smoke_run / "unet", smoke_run / "image_encoder")
+    saved = CLIPVisionModelWithProjection.from_pretrained(smoke_run / "image_encoder")
+    pixels = tiny_clip.pixels(world.make_batch(1, 2)[0])
+    assert torch.equal(pipe.image_encoder(pixel_values=pixels).image_embeds, saved(pixel_values=pixels).image_embeds)
+    assert pipe.image_encoder.config.patch_size == 16 != base_model.assemble_pipeline(
+        smoke_run / "vae", smoke_run / "clip", smoke_run / "unet").image_encoder.config.patch_size
+
+
 def test_training_resumes_from_checkpoint(smoke_run):
     tiny_clip.train_clip(smoke_run, name="clip", steps=3, size=TINY_CLIP, batch=8, resume=True)
     assert "resumed from" in (smoke_run / "clip.log").read_text()
@@ -126,6 +137,14 @@ def test_export_is_fp16_and_loads_in_fp32(smoke_run, tmp_path):
 
     sizes = recipes.export(smoke_run, assets_dir=tmp_path)
     assert set(sizes) == {"pipeline", "judge"}
+    kept = tmp_path / "kept"
+    (kept / "judge").mkdir(parents=True)
+    (kept / "judge" / "marker").write_text("shipped judge")
+    no_judge = tmp_path / "run_without_judge"
+    no_judge.mkdir()
+    (no_judge / "pipeline").symlink_to(smoke_run / "pipeline")
+    assert set(recipes.export(no_judge, assets_dir=kept)) == {"pipeline"}
+    assert (kept / "judge" / "marker").read_text() == "shipped judge", "a run without a judge keeps the shipped one"
     with safe_open(tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", torch_dtype=torch.float32)

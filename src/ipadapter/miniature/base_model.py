@@ -345,17 +345,27 @@ def train_unet(
     return ema
 
 
-def assemble_pipeline(vae_dir: str | Path, clip_dir: str | Path, unet_dir: str | Path, dtype=torch.float32):
-    """A `StableDiffusionPipeline` whose text encoder and image encoder are the two towers of the tiny CLIP."""
+def assemble_pipeline(
+    vae_dir: str | Path,
+    clip_dir: str | Path,
+    unet_dir: str | Path,
+    image_encoder_dir: str | Path | None = None,
+    dtype=torch.float32,
+):
+    """A `StableDiffusionPipeline` whose text encoder is the tiny CLIP's text tower; the adapters' image encoder is
+    `image_encoder_dir` when given (the 4 px patch encoder), else the CLIP's own vision tower."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
     from ipadapter.miniature.tiny_clip import image_processor, vision_tower
 
     clip = CLIPModel.from_pretrained(clip_dir)
     text_encoder = CLIPTextModel(clip.config.text_config)
     text_encoder.load_state_dict(clip.text_model.state_dict())
-    image_encoder = vision_tower(clip)
+    if image_encoder_dir is None:
+        image_encoder = vision_tower(clip)
+    else:
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder_dir)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae_dir),
         text_encoder=text_encoder,

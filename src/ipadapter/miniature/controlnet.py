@@ -137,7 +137,7 @@ def controlnet_pipeline(pipeline_dir: str | Path, controlnet_dir: str | Path):
 
     from ipadapter.prompter import add_controlnet
 
-    pipe = add_controlnet(StableDiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32), controlnet_dir)
+    pipe = add_controlnet(StableDiffusionPipeline.from_pretrained(pipeline_dir, dtype=torch.float32), controlnet_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -251,7 +251,7 @@ def export_controlnet(out: Path, assets_dir: Path) -> float:
     tmp = assets_dir / ".controlnet.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model = ControlNetModel.from_pretrained(source, torch_dtype=torch.float32).half()
+    model = ControlNetModel.from_pretrained(source, dtype=torch.float32).half()
     model.save_pretrained(tmp, safe_serialization=True)
     if target.exists():
         shutil.rmtree(target)

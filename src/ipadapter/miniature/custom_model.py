@@ -64,7 +64,7 @@ def build_style_cache(out_dir: str | Path, pipeline_dir: str | Path, n: int = 40
     from diffusers import StableDiffusionPipeline
 
     path = Path(out_dir) / "custom_cache.pt"
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
     images, attrs = make_batch(seed, n, style=STYLE)
     cache = base_model.encode_scenes(pipe.vae, pipe.text_encoder, pipe.tokenizer, images, attrs, "custom cache")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def train_custom(
     cache = torch.load(cache_path, map_location="cpu", weights_only=True)
     latents, text, empty = cache["latents"], cache["text"], cache["empty"]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", dtype=torch.float32)
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(rank))
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -235,14 +235,24 @@ def reuse_check(
     return report
 
 
-def evaluate(out: Path, lora: Path) -> dict:
-    """Both checks of the LoRA `lora` on the shipped pipeline, the reuse one with the shipped base adapter (when
-    present) -> `out/custom_eval.json`, `out/custom_check.png`, `out/custom_reuse.png`."""
+def base_pipeline(out: Path) -> Path:
+    """The pipeline a LoRA is trained for: the run folder's own `out/pipeline` when it has one, else the shipped one."""
     from ipadapter.miniature import assets
 
-    pipeline_dir, judge_dir = assets.pipeline_path(), assets.judge_path()
+    own = out / "pipeline"
+    return own if (own / "model_index.json").is_file() else assets.pipeline_path()
+
+
+def evaluate(out: Path, lora: Path) -> dict:
+    """Both checks of the LoRA `lora` on its pipeline, the reuse one with that pipeline's base adapter (the run
+    folder's, else the shipped one, when present) -> `out/custom_eval.json`, `out/custom_check.png`,
+    `out/custom_reuse.png`."""
+    from ipadapter.miniature import assets
+
+    pipeline_dir, judge_dir = base_pipeline(out), assets.judge_path()
     report = {"style": style_check(pipeline_dir, lora, judge_dir, out / "custom_check.png")}
-    adapter = assets.ASSETS_DIR / "adapters" / "base.safetensors"
+    own = out / "adapter-base" / "adapter.ipadapter.safetensors"
+    adapter = own if pipeline_dir == out / "pipeline" else assets.ASSETS_DIR / "adapters" / "base.safetensors"
     if adapter.is_file():
         report["reuse"] = reuse_check(adapter, pipeline_dir, lora, judge_dir, out / "custom_reuse.png")
     write_text(out / "custom_eval.json", json.dumps(report, indent=2))
@@ -250,13 +260,11 @@ def evaluate(out: Path, lora: Path) -> dict:
 
 
 def run(out: Path, steps: int, resume: bool) -> Path:
-    """The `custom` recipe on the shipped pipeline (the one the LoRA ships for): style cache (once), LoRA
-    training, then `evaluate`."""
-    from ipadapter.miniature import assets
-
+    """The `custom` recipe on `base_pipeline(out)`: style cache (once), LoRA training, then `evaluate`."""
+    pipeline_dir = base_pipeline(out)
     cache = out / "custom_cache.pt"
     if not cache.exists():
-        build_style_cache(out, assets.pipeline_path())
-    lora = train_custom(out, assets.pipeline_path(), cache, steps=steps, resume=resume)
+        build_style_cache(out, pipeline_dir)
+    lora = train_custom(out, pipeline_dir, cache, steps=steps, resume=resume)
     evaluate(out, lora)
     return lora

@@ -75,9 +75,11 @@ def _custom(out: Path, steps: int, resume: bool) -> object:
 
 
 def assemble(out: Path = DEFAULT_OUT) -> object:
-    """`out/pipeline/` from clip + unet + the fine-tuned decoder (plain vae if absent); evaluates if the judge exists."""
+    """`out/pipeline/` from clip + unet + the fine-tuned decoder (plain vae if absent) + the image encoder (the CLIP's
+    vision tower if absent); evaluates if the judge exists."""
     vae_dir = out / "vae_decoder" if (out / "vae_decoder" / "config.json").exists() else out / "vae"
-    pipe = base_model.assemble_pipeline(vae_dir, out / "clip", out / "unet")
+    encoder_dir = out / "image_encoder" if (out / "image_encoder" / "config.json").exists() else None
+    pipe = base_model.assemble_pipeline(vae_dir, out / "clip", out / "unet", encoder_dir)
     base_model.save_pipeline(pipe, out / "pipeline")
     if (out / "judge" / judge.CLASSIFIER_WEIGHTS).exists():
         evaluate_base(out)
@@ -128,7 +130,7 @@ def evaluate_base(out: Path = DEFAULT_OUT, n: int = 64, steps: int = 25, guidanc
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     scorer = judge.Judge.load(out / "judge", clip_dir=out / "judge_clip")
     report: dict = {"n": n, "ddim_steps": steps, "guidance": guidance}
@@ -148,32 +150,26 @@ def evaluate_base(out: Path = DEFAULT_OUT, n: int = 64, steps: int = 25, guidanc
 
 
 def export(out: Path = DEFAULT_OUT, assets_dir: Path = assets.ASSETS_DIR) -> dict[str, float]:
-    """Write fp16 safetensors of the pipeline, the judge and the ControlNet into the package; returns sizes in MB."""
+    """Write fp16 safetensors of the pipeline, the judge (when the run folder trained one; the shipped judge is kept
+    otherwise: it measures images, whatever drew them), the ControlNet, the LoRA and the adapters into the package;
+    returns sizes in MB."""
     from diffusers import StableDiffusionPipeline
-    from safetensors.torch import load_file, save_file
-    from transformers import CLIPModel
 
     from ipadapter.miniature.controlnet import export_controlnet
     from ipadapter.miniature.custom_model import export_custom
-    from ipadapter.miniature.tokenizer import load_tokenizer
 
-    for path in (out / "pipeline" / "model_index.json", out / "judge" / judge.CLASSIFIER_WEIGHTS):
-        if not path.exists():
-            raise IPAdapterError(f"Cannot export: {path} is missing; run the recipes first (see docs/miniature.md).")
-    pipe_dir, judge_dir = assets_dir / "pipeline", assets_dir / "judge"
-    for d in (pipe_dir, judge_dir):
-        if d.exists():
-            shutil.rmtree(d)
-    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", torch_dtype=torch.float32)
+    if not (out / "pipeline" / "model_index.json").exists():
+        raise IPAdapterError(
+            f"Cannot export: {out / 'pipeline' / 'model_index.json'} is missing; run the recipes first (see docs/miniature.md)."
+        )
+    pipe_dir = assets_dir / "pipeline"
+    if pipe_dir.exists():
+        shutil.rmtree(pipe_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
     base_model.save_pipeline(pipe, pipe_dir, half=True)
-    judge_dir.mkdir(parents=True)
-    state = load_file(out / "judge" / judge.CLASSIFIER_WEIGHTS)
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, judge_dir / judge.CLASSIFIER_WEIGHTS)
-    shutil.copy(out / "judge" / judge.CLASSIFIER_CONFIG, judge_dir / judge.CLASSIFIER_CONFIG)
-    clip = CLIPModel.from_pretrained(out / "judge_clip", torch_dtype=torch.float32).half()
-    clip.save_pretrained(judge_dir / "clip", safe_serialization=True)
-    load_tokenizer(out / "judge_clip").save_pretrained(judge_dir / "clip")
-    sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20 for d in (pipe_dir, judge_dir)}
+    sizes = {"pipeline": _size_mb(pipe_dir)}
+    if (out / "judge" / judge.CLASSIFIER_WEIGHTS).exists():
+        sizes["judge"] = _export_judge(out, assets_dir / "judge")
     if (out / "custom_lora" / "pytorch_lora_weights.safetensors").is_file():
         sizes["custom_lora"] = export_custom(out, assets_dir)
     if (out / "controlnet" / "config.json").is_file():
@@ -181,3 +177,25 @@ def export(out: Path = DEFAULT_OUT, assets_dir: Path = assets.ASSETS_DIR) -> dic
     sizes.update({f"adapter {k}": v for k, v in adapters.export_adapters(out, assets_dir).items()})
     log.info("exported to %s: %s MB", assets_dir, {k: round(v, 2) for k, v in sizes.items()})
     return sizes
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def _export_judge(out: Path, judge_dir: Path) -> float:
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPModel
+
+    from ipadapter.miniature.tokenizer import load_tokenizer
+
+    if judge_dir.exists():
+        shutil.rmtree(judge_dir)
+    judge_dir.mkdir(parents=True)
+    state = load_file(out / "judge" / judge.CLASSIFIER_WEIGHTS)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, judge_dir / judge.CLASSIFIER_WEIGHTS)
+    shutil.copy(out / "judge" / judge.CLASSIFIER_CONFIG, judge_dir / judge.CLASSIFIER_CONFIG)
+    clip = CLIPModel.from_pretrained(out / "judge_clip", dtype=torch.float32).half()
+    clip.save_pretrained(judge_dir / "clip", safe_serialization=True)
+    load_tokenizer(out / "judge_clip").save_pretrained(judge_dir / "clip")
+    return _size_mb(judge_dir)
