@@ -2,6 +2,7 @@
 small enough to commit, or restore such a folder into a run folder.
 
     python scripts/miniature_snapshot.py save RUN_DIR STATE_DIR --stage unet --models clip vae
+    python scripts/miniature_snapshot.py save RUN_DIR STATE_DIR --models clip vae unet image_encoder adapter-base
     python scripts/miniature_snapshot.py restore STATE_DIR RUN_DIR
     ipadapter miniature train unet --out RUN_DIR --resume     # continues from the snapshot
 """
@@ -15,15 +16,18 @@ from pathlib import Path
 from ipadapter.miniature.runloop import write_snapshot
 
 
-def save(run: Path, state: Path, stage: str, models: list[str]) -> None:
+def save(run: Path, state: Path, stage: str | None, models: list[str]) -> None:
+    """Copy the finished model folders `models` (or a training run's folder) and snapshot the running `stage`."""
     state.mkdir(parents=True, exist_ok=True)
     for name in models:
         target = state / name
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(run / name, target)
-    step = write_snapshot(run / f"{stage}.ckpt.pt", state / f"{stage}.state.safetensors")
-    print(f"{stage} at step {step} and {', '.join(models)} saved to {state}")
+    if stage is not None:
+        step = write_snapshot(run / f"{stage}.ckpt.pt", state / f"{stage}.state.safetensors")
+        print(f"{stage} at step {step} saved to {state}")
+    print(f"{', '.join(models) or 'no model folders'} copied to {state}")
 
 
 def restore(state: Path, run: Path) -> None:
@@ -42,7 +46,7 @@ def main() -> None:
     s = sub.add_parser("save")
     s.add_argument("run", type=Path)
     s.add_argument("state", type=Path)
-    s.add_argument("--stage", required=True)
+    s.add_argument("--stage", help="a running miniature recipe (`<stage>.ckpt.pt`) to snapshot")
     s.add_argument("--models", nargs="*", default=[])
     r = sub.add_parser("restore")
     r.add_argument("state", type=Path)

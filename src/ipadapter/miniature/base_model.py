@@ -287,7 +287,7 @@ def train_unet(
     out_dir: str | Path,
     cache_path: str | Path,
     clip_dir: str | Path,
-    steps: int = 6000,
+    steps: int = 2600,
     seed: int = 3,
     batch: int = 64,
     lr: float = 8e-4,

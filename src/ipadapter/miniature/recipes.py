@@ -96,7 +96,7 @@ RECIPES: dict[str, Recipe] = {
                             help="the adapters' image encoder (4 px patches) against the frozen text tower"),
     "vae": Recipe(_vae, 2000, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x8"),
     "judge": Recipe(_judge, 500, help="judge CLIP + attribute classifier (measurement only)"),
-    "unet": Recipe(_unet, 6000, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
+    "unet": Recipe(_unet, 2600, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
     "decoder": Recipe(_decoder, 700, needs=("vae",), help="fine-tune the VAE decoder only (latents unchanged)"),
     "custom": Recipe(_custom, 700, help="a custom model: LoRA on the shipped UNet, two-tone scenes"),
     "adapter": Recipe(_adapter("base"), adapters.ADAPTERS["base"].steps, help="IP-Adapter (base: 4 tokens)"),
