@@ -115,6 +115,11 @@ class KVCache:
     def put(self, key: KVKey, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._now[key] = kv
 
+    def settle(self) -> None:
+        """The generation has taken what it reuses: drop the rest of the previous one's (they would otherwise
+        stay alive through this generation, on top of its own K'/V')."""
+        self._before = {}
+
     def clear(self) -> None:
         self._now, self._before = {}, {}
 
@@ -235,6 +240,7 @@ class IPAttnProcessor(nn.Module):
             terms = self._build(p, batch, self.heads, dtype, device, sizes) if p.weights.has_ip else ()
             prepared.append(Prepared(p, names.index(p.name), torch.tensor(image, device=device),
                                      torch.tensor(p.lora_scale, device=device), terms))
+        self.kv.settle()
         self._prepared, self._prepared_key = prepared, key
 
     def forget_prepared(self) -> None:
@@ -387,6 +393,8 @@ class IPAttnProcessor(nn.Module):
             terms = self._build(p, batch, heads, query.dtype, query.device, (seq_len,))
             if keep:
                 self._terms[key] = terms
+                if {q.name for q in self._plan if q.weights.has_ip} <= {k[0] for k in self._terms}:
+                    self.kv.settle()
         return terms
 
     def _build(
