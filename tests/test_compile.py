@@ -1,42 +1,92 @@
-"""A torch.compile'd UNet keeps working with adapters attached, and a scale change takes effect without recompiling."""
+"""A torch.compile'd UNet with adapters attached: one graph, no graph break, and no recompilation when the scale,
+per-layer weights, step window or references change; every output equal to the eager UNet's."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from ipadapter import AdapterPrompt, Reference, attach
 from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.projection import ProjectionConfig
 
+CROSS = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 
-def test_compiled_unet_scale_change_takes_effect_without_recompiling() -> None:
-    from torch._dynamo.utils import counters
 
+@pytest.fixture(scope="module")
+def tiny() -> tuple[UNet2DConditionModel, IPAdapter]:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=8, cross_attention_dim=16, attention_head_dim=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=8,
     ).eval()
-    adapter = IPAdapter.for_unet(unet, AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=16, tokens=4)))
-    att = attach(unet, adapter)
-    tokens, sample, text = torch.randn(1, 4, 16), torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=16, tokens=4))
+    return unet, IPAdapter.for_unet(unet, config)
+
+
+def test_compiled_unet_traces_once_and_follows_scale_weights_window_and_references(tiny) -> None:
+    from torch._dynamo.utils import counters
+
+    unet, adapter = tiny
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(4)
+    att = attach(unet, adapter, scheduler=scheduler)
+    tokens, uncond = torch.randn(1, 4, 16), torch.randn(1, 4, 16)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    prompts = [
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond)], scale=1.0),
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond)], scale=0.5),
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond)], scale=0.0),
+        AdapterPrompt([Reference(cond=torch.randn(1, 4, 16), uncond=uncond, weight=0.3)], scale=0.7),
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond)], layer_weights={CROSS: 2.0}),
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond)], start=0.5, end=1.0),
+    ]
     torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(unet, backend="eager")
+    outputs = []
+    try:
+        for prompt in prompts:
+            att.set_prompts({"0": prompt}, rows=1)
+            for t in scheduler.timesteps[:3:2]:  # progress 0 and 0.5: inside and outside the window of the last
+                with torch.no_grad():
+                    got = compiled(sample, t, encoder_hidden_states=text).sample
+                    eager = unet(sample, t, encoder_hidden_states=text).sample
+                torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+                outputs.append(got)
+        assert counters["stats"]["unique_graphs"] == 1, "one graph, never recompiled"
+        assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    finally:
+        att.detach()
+    first, half, zero, other, layered = outputs[0], outputs[2], outputs[4], outputs[6], outputs[8]
+    for changed in (half, zero, other, layered):
+        assert (first - changed).abs().max() > 1e-4, "each change must act on the compiled output"
+    off, on = (outputs[10] - zero).abs().max(), (outputs[11] - outputs[5]).abs().max()  # vs scale 0 at each step
+    assert off < 1e-6 < on, "the window: off at progress 0, on at 0.5"
 
-    def run(scale: float) -> torch.Tensor:
-        att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)], scale=scale)})
-        with torch.no_grad():
-            return compiled(sample, 500, encoder_hidden_states=text).sample
 
-    first = run(1.0)
-    graphs = counters["stats"]["unique_graphs"]
-    half, zero = run(0.5), run(0.0)
-    assert counters["stats"]["unique_graphs"] == graphs, "a scale change must not recompile"
-    att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)], scale=0.5)})
-    with torch.no_grad():
-        eager = unet(sample, 500, encoder_hidden_states=text).sample
-    torch.testing.assert_close(half, eager, atol=1e-5, rtol=1e-5)
-    assert (first - half).abs().max() > 1e-4 and (half - zero).abs().max() > 1e-4
-    att.detach()
+def test_compiled_masked_references_equal_eager_and_new_images_do_not_recompile(tiny) -> None:
+    from torch._dynamo.utils import counters
+
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(unet, backend="eager")
+    try:
+        for scale in (1.0, 0.4):
+            a, b = torch.randn(1, 4, 16), torch.randn(1, 4, 16)
+            prompt = AdapterPrompt([Reference(cond=a, mask=mask), Reference(cond=b, mask=1 - mask)], scale=scale)
+            att.set_prompts({"0": prompt}, rows=1)
+            with torch.no_grad():
+                got = compiled(sample, 500, encoder_hidden_states=text).sample
+                eager = unet(sample, 500, encoder_hidden_states=text).sample
+            torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    finally:
+        att.detach()

@@ -5,6 +5,7 @@ This is the only module that touches the UNet's attention processors.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,6 +72,7 @@ class Attachment:
         self._processors: list[IPAttnProcessor] = []
         self._cross_names = frozenset(l.name for l in attention_layers(unet) if l.cross)
         self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._prepared = False
 
     @property
     def attached(self) -> bool:
@@ -85,18 +87,30 @@ class Attachment:
         for layer_name, weights in per_layer.items():
             attn = self.unet.get_submodule(layer_name)
             self._originals[layer_name] = attn.processor
-            processor = IPAttnProcessor(layers[layer_name], attn.processor, self.runtime, weights)
+            processor = IPAttnProcessor(layers[layer_name], attn.processor, self.runtime, weights, heads=attn.heads)
             self._processors.append(processor)
             attn.set_processor(processor)
         self._hook = self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
 
+    @torch.compiler.disable
     def _before_unet(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Runs before every UNet call, outside any compiled graph: the call's layout and progress; for a compiled
+        UNet (`torch.compile(unet)`) also each processor's terms and the step factors as tensors."""
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         self.runtime.latent_hw = tuple(sample.shape[-2:])
         if self.rows is not None:
             self.runtime.cfg = sample.shape[0] == 2 * self.rows
         self.runtime.progress = self._progress(timestep)
+        if _in_compiled_module():
+            self.runtime.refresh_step_tensor(sample.device)
+            for processor in self._processors:
+                processor.prepare(sample.shape[0], sample.dtype, sample.device)
+            self._prepared = True
+        elif self._prepared:
+            for processor in self._processors:
+                processor.forget_prepared()
+            self._prepared = False
 
     def _progress(self, timestep: Any) -> float | None:
         """Fraction of the denoising run at this UNet call, from the scheduler's own timestep list."""
@@ -153,6 +167,12 @@ class Attachment:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+def _in_compiled_module() -> bool:
+    """True inside `torch.compile(module)`'s call (dynamo's flag; False where this torch version lacks it)."""
+    flag = getattr(sys.modules.get("torch._dynamo.eval_frame"), "_is_in_optimized_module", None)
+    return bool(flag is not None and flag())
 
 
 def attach(

@@ -115,74 +115,180 @@ class KVCache:
     def put(self, key: KVKey, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._now[key] = kv
 
+    def settle(self) -> None:
+        """The generation has taken what it reuses: drop the rest of the previous one's (they would otherwise
+        stay alive through this generation, on top of its own K'/V')."""
+        self._before = {}
+
     def clear(self) -> None:
         self._now, self._before = {}, {}
+
+
+class Term(NamedTuple):
+    """One image attention of one adapter at one layer, made once per generation and batch layout.
+
+    k/v: K'/V' (B, h, T, d) of its references (`together` > 0: that many masked references in one attention, their
+    tokens concatenated); maps: (query tokens, per-token weights or None) for each token count prepared.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    maps: tuple[tuple[int, torch.Tensor | None], ...]
+    together: int
+
+
+class Act(NamedTuple):
+    """What one adapter does at one call: its image weight and LoRA scale now (floats eager, tensors compiled) and,
+    compiled, its terms prepared before the UNet ran."""
+
+    plan: AdapterPlan
+    image: float | torch.Tensor
+    lora: float | torch.Tensor
+    terms: tuple[Term, ...] | None = None
+
+
+class Prepared(NamedTuple):
+    """An adapter's share of a compiled call, made before the UNet runs: its position in the runtime's step factors,
+    its image weight and LoRA scale as tensors (changing them changes no graph), and its terms."""
+
+    plan: AdapterPlan
+    index: int
+    image: torch.Tensor
+    lora: torch.Tensor
+    terms: tuple[Term, ...]
 
 
 class IPAttnProcessor(nn.Module):
     """Replaces one attention layer's processor while adapters are attached; keeps the original to restore it.
 
     Per generation (each `Runtime.set`) it resolves a plan once: which adapters act here, with which layer weight,
-    LoRA scale and reference groups; per call only the step window's factor is applied. K'/V' come from a `KVCache`,
-    resized masks are kept for the generation. Image attention is added to the text attention in the heads layout,
-    before `to_out`, in place when autograd is off.
+    LoRA scale and reference groups; per batch layout it makes the terms once (K'/V' from a `KVCache`, masks on
+    the layer's token grid); per call only the step window's factor is applied. Image attention is added to the
+    text attention in the heads layout, before `to_out`, in place when autograd is off.
+
+    Under `torch.compile` the call is traced whole (no graph break): the attachment calls `prepare` before each
+    UNet call, outside the graph, and the traced call reads only tensors (weights, step factors, K'/V', masks) and
+    the plan's structure, so changing the scale, weights or references recompiles nothing.
     """
 
-    def __init__(self, layer: AttentionLayer, original: Any, runtime: Runtime, adapters: dict[str, AdapterLayer]) -> None:
+    def __init__(
+        self, layer: AttentionLayer, original: Any, runtime: Runtime, adapters: dict[str, AdapterLayer],
+        heads: int | None = None,
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.original = original
         self.runtime = runtime
         self.adapters = nn.ModuleDict(adapters)
+        self.heads = heads
         self.kv = KVCache()
         self._plan: list[AdapterPlan] = []
         self._plan_generation = -1
         self._maps: dict[tuple, torch.Tensor | None] = {}
+        self._terms: dict[tuple, tuple[Term, ...]] = {}
+        self._prepared: list[Prepared] | None = None
+        self._prepared_key: tuple | None = None
 
     def clear_cache(self) -> None:
         self.kv.clear()
-        self._maps = {}
+        self._maps, self._terms = {}, {}
+        self._prepared = self._prepared_key = None
 
     def plan(self) -> list[AdapterPlan]:
         """The adapters with a prompt this generation and something to do at this layer (resolved once)."""
         if self._plan_generation != self.runtime.generation:
-            self._plan, self._maps = [], {}
+            self._plan, self._maps, self._terms = self._resolve(every=False), {}, {}
             self._plan_generation = self.runtime.generation
-            for name, weights in self.adapters.items():
-                prompt = self.runtime.prompts.get(name)
-                if prompt is None:
-                    continue
-                uncond_layer = weights.has_ip and self.layer.name in prompt.uncond_layers
-                layer_weight = prompt.layer_weight(self.layer.name) if weights.has_ip else 0.0
-                lora_scale = prompt.lora_scale if weights.has_lora else 0.0
-                if layer_weight != 0.0 or lora_scale != 0.0 or uncond_layer:
-                    groups = self._groups(prompt, uncond_layer) if weights.has_ip else ()
-                    self._plan.append(AdapterPlan(name, prompt, weights, layer_weight, uncond_layer, lora_scale, groups))
         return self._plan
 
-    def _groups(self, prompt: AdapterPrompt, uncond_layer: bool) -> tuple[Group, ...]:
+    def _resolve(self, every: bool) -> list[AdapterPlan]:
+        """Each prompted adapter's plan here; `every`: also those whose weights are 0 now, with all references (the
+        compiled path's structure must not depend on a weight's value)."""
+        plans = []
+        for name, weights in self.adapters.items():
+            prompt = self.runtime.prompts.get(name)
+            if prompt is None:
+                continue
+            uncond_layer = weights.has_ip and self.layer.name in prompt.uncond_layers
+            layer_weight = prompt.layer_weight(self.layer.name) if weights.has_ip else 0.0
+            lora_scale = prompt.lora_scale if weights.has_lora else 0.0
+            if every or layer_weight != 0.0 or lora_scale != 0.0 or uncond_layer:
+                groups = self._groups(prompt, uncond_layer, every) if weights.has_ip else ()
+                plans.append(AdapterPlan(name, prompt, weights, layer_weight, uncond_layer, lora_scale, groups))
+        return plans
+
+    def _groups(self, prompt: AdapterPrompt, uncond_layer: bool, every: bool = False) -> tuple[Group, ...]:
         """Unmasked references share one attention over their concatenated tokens; each masked one is its own."""
         refs = prompt.references
-        here = [i for i, r in enumerate(refs) if uncond_layer or r.weight_at(self.layer.name) != 0.0]
+        here = [i for i, r in enumerate(refs) if every or uncond_layer or r.weight_at(self.layer.name) != 0.0]
         plain = tuple(i for i in here if refs[i].mask is None)
         return ((Group(0, plain, None),) if plain else ()) + tuple(
             Group(1 + i, (i,), refs[i].mask) for i in here if refs[i].mask is not None
         )
 
-    @torch.compiler.disable
+    def prepare(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Make the compiled call's plan, weights and terms for this generation and batch layout (once)."""
+        key = (self.runtime.generation, batch, self.runtime.cfg, dtype, device, self.runtime.latent_hw)
+        if key == self._prepared_key:
+            return
+        self.plan()  # a new generation resets the per-generation caches the terms are made from
+        names = list(self.runtime.prompts)
+        sizes = grid_sizes(self.runtime.latent_hw)
+        prepared = []
+        for p in self._resolve(every=True):
+            image = p.prompt.scale if p.uncond_layer else p.layer_weight
+            terms = self._build(p, batch, self.heads, dtype, device, sizes) if p.weights.has_ip else ()
+            prepared.append(Prepared(p, names.index(p.name), torch.tensor(image, device=device),
+                                     torch.tensor(p.lora_scale, device=device), terms))
+        self.kv.settle()
+        self._prepared, self._prepared_key = prepared, key
+
+    def forget_prepared(self) -> None:
+        """The UNet runs uncompiled again: what `prepare` made would go stale."""
+        self._prepared = self._prepared_key = None
+
     def __call__(
         self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any,
     ) -> torch.Tensor:
-        progress = self.runtime.progress
-        # (plan, weight at this step): a plan acts when its image weight, LoRA or uncond layer does.
-        active = [(p, p.layer_weight * p.prompt.step_factor(progress) if p.layer_weight else 0.0) for p in self.plan()]
-        active = [(p, w) for p, w in active if w != 0.0 or p.lora_scale != 0.0 or p.uncond_layer]
-        if not active:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        self.kv.roll(self.runtime.generation)
-        inplace = not torch.is_grad_enabled()
+        if torch.compiler.is_compiling():
+            if self._prepared is None:  # compiled without the attachment's hook before it (e.g. `unet.compile()`)
+                return self._uncompiled(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            factors = self.runtime.step_tensor
+            acts = [Act(c.plan, c.image * factors[c.index], c.lora, c.terms) for c in self._prepared]
+            return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, acts)
+        return self._eager(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
+    @torch.compiler.disable
+    def _uncompiled(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The eager call inside a compiled graph that nothing prepared for: a graph break, but right."""
+        return self._eager(*args, **kwargs)
+
+    def _eager(
+        self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any,
+    ) -> torch.Tensor:
+        """The call with float weights; nothing of ours acting hands it to the original processor (bitwise)."""
+        factors = self.runtime.step_factors()
+        acts = []
+        for p in self.plan():
+            f = factors[p.name]
+            if p.uncond_layer and not p.weights.concat:
+                image = p.prompt.scale * f if self.runtime.cfg else 0.0
+            else:
+                image = p.layer_weight * f if p.layer_weight else 0.0
+            if image != 0.0 or p.lora_scale != 0.0:
+                acts.append(Act(p, image, p.lora_scale))
+        if not acts:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, acts)
+
+    def _attend(
+        self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None, temb: torch.Tensor | None, acts: list[Act],
+    ) -> torch.Tensor:
+        """The layer's attention with `acts` added: LoRA on q/k/v/out, image attention before `to_out`."""
+        inplace = not torch.is_grad_enabled()
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -203,14 +309,14 @@ class IPAttnProcessor(nn.Module):
             context = attn.norm_encoder_hidden_states(context)
 
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)  # (B, L, h*d)
-        for p, _ in active:
-            if p.lora_scale:
-                query = query + p.lora_scale * p.weights.to_q_lora(hidden_states).to(query.dtype)
-                key = key + p.lora_scale * p.weights.to_k_lora(context).to(key.dtype)
-                value = value + p.lora_scale * p.weights.to_v_lora(context).to(value.dtype)
+        loras = [a for a in acts if a.plan.weights.has_lora and (isinstance(a.lora, torch.Tensor) or a.lora)]
+        for a in loras:
+            query = query + a.lora * a.plan.weights.to_q_lora(hidden_states).to(query.dtype)
+            key = key + a.lora * a.plan.weights.to_k_lora(context).to(key.dtype)
+            value = value + a.lora * a.plan.weights.to_v_lora(context).to(value.dtype)
 
         cross = self.layer.cross and encoder_hidden_states is not None
-        concat = [(p, w) for p, w in active if p.weights.concat and w > 0.0]
+        concat = [a for a in acts if a.plan.weights.concat and (isinstance(a.image, torch.Tensor) or a.image > 0.0)]
         if concat and cross:
             key, value, attention_mask = self._concat(attn, concat, key, value, attention_mask, batch)
 
@@ -226,15 +332,18 @@ class IPAttnProcessor(nn.Module):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
 
         if cross:
-            for p, w in active:
-                if p.weights.has_ip and not p.weights.concat and (w != 0.0 or p.uncond_layer):
-                    out = self._add_image(out, p, w, query, seq_len, inplace)
+            for a in acts:
+                p = a.plan
+                if not p.weights.has_ip or p.weights.concat or (p.uncond_layer and not self.runtime.cfg):
+                    continue
+                if isinstance(a.image, torch.Tensor) or a.image != 0.0:
+                    terms = a.terms if a.terms is not None else self._terms_of(p, query, seq_len)
+                    out = self._add_image(out, p, a.image, terms, query, seq_len, inplace)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)  # (B, L, h*d)
 
         hidden = attn.to_out[0](out)
-        for p, _ in active:
-            if p.lora_scale:
-                hidden = hidden + p.lora_scale * p.weights.to_out_lora(out).to(hidden.dtype)
+        for a in loras:
+            hidden = hidden + a.lora * a.plan.weights.to_out_lora(out).to(hidden.dtype)
         hidden = attn.to_out[1](hidden)
         if input_ndim == 4:
             hidden = hidden.transpose(-1, -2).reshape(batch, channel, height, width)
@@ -243,39 +352,81 @@ class IPAttnProcessor(nn.Module):
         return hidden / attn.rescale_output_factor
 
     def _concat(
-        self, attn: nn.Module, concat: list[tuple[AdapterPlan, float]], key: torch.Tensor, value: torch.Tensor,
+        self, attn: nn.Module, concat: list[Act], key: torch.Tensor, value: torch.Tensor,
         attention_mask: torch.Tensor | None, batch: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The "simple adapter": image tokens through the frozen to_k/to_v, appended to the text keys and values.
 
         A weight w becomes an additive log(w) on the image columns' logits, i.e. their unnormalised attention is
-        multiplied by w (w = 1: the plain concatenation the ablation trains with).
+        multiplied by w (w = 1: the plain concatenation the ablation trains with; w ≤ 0 on the compiled path: −inf,
+        the columns drop out as the eager path leaves them out).
         """
         keys, values, bias = [key], [value], [key.new_zeros(key.shape[1])]
-        for p, w in concat:
-            tokens = torch.cat([self.runtime.batch_tokens(r.cond, r.uncond, batch) for r in p.prompt.references], dim=1)
+        for a in concat:
+            tokens = torch.cat([self.runtime.batch_tokens(r.cond, r.uncond, batch) for r in a.plan.prompt.references],
+                               dim=1)
             tokens = tokens.to(key.dtype)
             keys.append(attn.to_k(tokens))
             values.append(attn.to_v(tokens))
-            bias.append(key.new_full((tokens.shape[1],), math.log(w)))
+            if isinstance(a.image, torch.Tensor):
+                bias.append(a.image.clamp_min(0).log().to(key.dtype).expand(tokens.shape[1]))
+            else:
+                bias.append(key.new_full((tokens.shape[1],), math.log(a.image)))
         key, value, bias = torch.cat(keys, dim=1), torch.cat(values, dim=1), torch.cat(bias)
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:
                 attention_mask = torch.zeros_like(attention_mask, dtype=key.dtype).masked_fill(~attention_mask, -math.inf)
             pad = bias[attention_mask.shape[-1]:].expand(*attention_mask.shape[:-1], -1)
             return key, value, torch.cat([attention_mask, pad], dim=-1)
-        return key, value, (bias.view(1, 1, 1, -1) if bool(bias.any()) else None)
+        if torch.compiler.is_compiling() or bool(bias.any()):
+            return key, value, bias.view(1, 1, 1, -1)
+        return key, value, None
 
-    def _kv(self, p: AdapterPlan, refs: tuple[int, ...], query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _terms_of(self, p: AdapterPlan, query: torch.Tensor, seq_len: int) -> tuple[Term, ...]:
+        """The eager call's terms, made at the generation's first call of this layout and kept for the next calls
+        (made anew at every call while autograd records or without a weights token: training)."""
+        batch, heads = query.shape[0], query.shape[1]
+        keep = self.runtime.cache_kv and not torch.is_grad_enabled() and self.runtime.weights.get(p.name) is not None
+        key = (p.name, batch, self.runtime.cfg, seq_len, self.runtime.latent_hw, query.dtype, query.device)
+        terms = self._terms.get(key) if keep else None
+        if terms is None:
+            terms = self._build(p, batch, heads, query.dtype, query.device, (seq_len,))
+            if keep:
+                self._terms[key] = terms
+                if {q.name for q in self._plan if q.weights.has_ip} <= {k[0] for k in self._terms}:
+                    self.kv.settle()
+        return terms
+
+    def _build(
+        self, p: AdapterPlan, batch: int, heads: int, dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...],
+    ) -> tuple[Term, ...]:
+        """The terms of a plan: several masked references in one (with the "v" scaling), the rest one per group,
+        each with its weights for every token count in `sizes`."""
+        self.kv.roll(self.runtime.generation)
+        layout = (batch, heads, dtype, device)
+        groups, terms = p.groups, []
+        masked = [g for g in groups if g.mask is not None]
+        if len(masked) > 1 and p.prompt.scaling == "v":
+            k, v = self._kv(p, tuple(g.refs[0] for g in masked), *layout)  # (B, h, R·T, d)
+            terms.append(Term(k, v, tuple((n, self._stacked_maps(p, masked, n, batch, dtype, device)) for n in sizes),
+                              len(masked)))
+            groups = tuple(g for g in groups if g.mask is None)
+        for group in groups:
+            k, v = self._kv(p, group.refs, *layout)
+            terms.append(Term(k, v, tuple((n, self._weight_map(p, group, n, batch, dtype, device)) for n in sizes), 0))
+        return tuple(terms)
+
+    def _kv(
+        self, p: AdapterPlan, refs: tuple[int, ...], batch: int, heads: int, dtype: torch.dtype, device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """K'/V' (B, h, T, d) of a reference group laid out on the batch, from the cache when its key is there."""
-        batch, heads, _, head_dim = query.shape
         # An uncond layer takes each reference at its plain weight (presets weight it there by the layer list).
         chosen = [(p.prompt.references[i], p.prompt.references[i].weight if p.uncond_layer
                    else p.prompt.references[i].weight_at(self.layer.name)) for i in refs]
         token = self.runtime.weights.get(p.name)
         key = None
         if self.runtime.cache_kv and token is not None and not torch.is_grad_enabled():
-            key = KVKey(p.name, token, batch, self.runtime.cfg, p.uncond_layer, query.dtype, query.device,
+            key = KVKey(p.name, token, batch, self.runtime.cfg, p.uncond_layer, dtype, device,
                         tuple((ref.tokens_key(), factor) for ref, factor in chosen))
             found = self.kv.get(key)
             if found is not None:
@@ -299,88 +450,106 @@ class IPAttnProcessor(nn.Module):
             ks.append(self.runtime.batch_tokens(cond[0], uncond and uncond[0], batch))
             v = self.runtime.batch_tokens(cond[1], uncond and uncond[1], batch)
             vs.append(v * factor if factor != 1.0 else v)
-        k, v = (torch.cat(t, dim=1).to(query.dtype).view(batch, -1, heads, head_dim).transpose(1, 2) for t in (ks, vs))
+        head_dim = ks[0].shape[-1] // heads
+        k, v = (torch.cat(t, dim=1).to(dtype).view(batch, -1, heads, head_dim).transpose(1, 2) for t in (ks, vs))
         if key is not None:
             self.kv.put(key, (k, v))
         return k, v
 
     def _add_image(
-        self, out: torch.Tensor, p: AdapterPlan, w: float, query: torch.Tensor, seq_len: int, inplace: bool,
+        self, out: torch.Tensor, p: AdapterPlan, w: float | torch.Tensor, terms: tuple[Term, ...],
+        query: torch.Tensor, seq_len: int, inplace: bool,
     ) -> torch.Tensor:
-        """out + Σ_groups w · mask ⊙ softmax(Q K'ᵀ/√d) V', all (B, h, L, d): the unmasked references in one SDPA
-        call, the masked ones together in one more (`_add_masked`)."""
-        if p.uncond_layer:
-            if not self.runtime.cfg:
-                return out
-            w = p.prompt.scale * p.prompt.step_factor(self.runtime.progress)
-        groups = p.groups
-        masked = [g for g in groups if g.mask is not None]
-        if len(masked) > 1 and p.prompt.scaling == "v":
-            out = self._add_masked(out, p, w, query, seq_len, masked, inplace)
-            groups = tuple(g for g in groups if g.mask is None)
-        for group in groups:
-            k, v = self._kv(p, group.refs, query)
+        """out + Σ_terms w · mask ⊙ softmax(Q K'ᵀ/√d) V', all (B, h, L, d): the unmasked references in one SDPA
+        call, several masked ones together in one more (`_add_together`)."""
+        for term in terms:
+            weights = next(m for n, m in term.maps if n == seq_len)
+            k, v = term.k, term.v
+            if k.dtype != query.dtype:  # compiled under autocast: prepared at the UNet's dtype
+                k, v = k.to(query.dtype), v.to(query.dtype)
+            if term.together:
+                out = _add_together(out, w, k, v, weights, term.together, query, inplace)
+                continue
             scale = w
             if p.prompt.scaling != "v":
                 k, v, scale = scale_embeds(k, v, w, p.prompt.scaling, self.layer.width)
             o = F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)
-            out = _accumulate(out, o, scale, self._weight_map(p, group, query, seq_len), inplace)
+            out = _accumulate(out, o, scale, weights, inplace)
         return out
 
-    def _add_masked(
-        self, out: torch.Tensor, p: AdapterPlan, w: float, query: torch.Tensor, seq_len: int, groups: list[Group],
-        inplace: bool,
+    def _stacked_maps(
+        self, p: AdapterPlan, groups: list[Group], seq_len: int, batch: int, dtype: torch.dtype, device: torch.device,
     ) -> torch.Tensor:
-        """Several masked references in one attention: Q against all their K' at once, a softmax per reference over
-        its own tokens, each weighted by its mask, and one product with all their V'. Batching SDPA instead needs a
-        copy of Q per reference; on CPU at SD 1.5 layer sizes this is 1.1-3x faster than one SDPA call each."""
-        k, v = self._kv(p, tuple(g.refs[0] for g in groups), query)  # (B, h, R·T, d)
-        key = ("masked", p.name, tuple(g.id for g in groups), seq_len, self.runtime.latent_hw, query.shape[0],
-               query.dtype, query.device)
-        if key not in self._maps:
-            maps = [self._weight_map(p, g, query, seq_len) for g in groups]
-            maps = [m if m is not None else query.new_ones(1, 1, 1, 1) for m in maps]
-            shape = torch.broadcast_shapes(*(m.shape for m in maps))
-            self._maps[key] = torch.stack([m.expand(shape) for m in maps], dim=3)
-        maps = self._maps[key]  # (B or 1, 1, L or 1, R, 1)
-        batch, heads, length, head_dim = query.shape
-        scores = torch.matmul(query, k.transpose(-1, -2))  # (B, h, L, R·T)
-        scores = scores.mul_(head_dim**-0.5) if inplace else scores * head_dim**-0.5  # SDPA's scale
-        probs = scores.view(batch, heads, length, len(groups), -1).softmax(dim=-1)
-        probs = probs.mul_(maps) if inplace else probs * maps
-        return _accumulate(out, torch.matmul(probs.view(batch, heads, length, -1), v), w, None, inplace)
+        """The masked references' weights side by side (B or 1, 1, L or 1, R, 1), for one attention over all."""
+        maps = [self._weight_map(p, g, seq_len, batch, dtype, device) for g in groups]
+        maps = [m if m is not None else torch.ones(1, 1, 1, 1, dtype=dtype, device=device) for m in maps]
+        shape = torch.broadcast_shapes(*(m.shape for m in maps))
+        return torch.stack([m.expand(shape) for m in maps], dim=3)
 
-    def _weight_map(self, p: AdapterPlan, group: Group, query: torch.Tensor, seq_len: int) -> torch.Tensor | None:
+    def _weight_map(
+        self, p: AdapterPlan, group: Group, seq_len: int, batch: int, dtype: torch.dtype, device: torch.device,
+    ) -> torch.Tensor | None:
         """Per-token and per-row factors (B or 1, 1, L or 1, 1) of a group: its mask on this layer's token grid, and
         on an uncond layer the unconditional rows only; None when all ones. Made once per generation."""
         if group.mask is None and not p.uncond_layer:
             return None
-        batch = query.shape[0]
-        key = (p.name, group.id, seq_len, self.runtime.latent_hw, batch, query.device, query.dtype)
+        key = (p.name, group.id, seq_len, self.runtime.latent_hw, batch, device, dtype)
         if key not in self._maps:
             m = None
             if group.mask is not None:
-                m = resize_mask(group.mask.to(query.device), seq_len, self.runtime.latent_hw)
-                m = None if bool((m == 1).all()) else m.to(query.dtype)[None, None]  # (1, 1, L, 1)
+                m = resize_mask(group.mask.to(device), seq_len, self.runtime.latent_hw)
+                m = None if bool((m == 1).all()) else m.to(dtype)[None, None]  # (1, 1, L, 1)
             if p.uncond_layer:
-                rows = torch.arange(batch, device=query.device).lt(batch // 2).to(query.dtype)[:, None, None, None]
+                rows = torch.arange(batch, device=device).lt(batch // 2).to(dtype)[:, None, None, None]
                 m = rows if m is None else m * rows
             self._maps[key] = m
         return self._maps[key]
 
 
-def _accumulate(
-    out: torch.Tensor, o: torch.Tensor, scale: float, weights: torch.Tensor | None, inplace: bool,
+def _add_together(
+    out: torch.Tensor, w: float | torch.Tensor, k: torch.Tensor, v: torch.Tensor, maps: torch.Tensor, together: int,
+    query: torch.Tensor, inplace: bool,
 ) -> torch.Tensor:
-    """out + scale · weights ⊙ o; in place only with autograd off (it may keep `out` for SDPA's backward)."""
-    if not inplace:
+    """Several masked references in one attention: Q against all their K' at once, a softmax per reference over
+    its own tokens, each weighted by its mask, and one product with all their V'. Batching SDPA instead needs a
+    copy of Q per reference; on CPU at SD 1.5 layer sizes this is 1.1-3x faster than one SDPA call each."""
+    batch, heads, length, head_dim = query.shape
+    scores = torch.matmul(query, k.transpose(-1, -2))  # (B, h, L, R·T)
+    scores = scores.mul_(head_dim**-0.5) if inplace else scores * head_dim**-0.5  # SDPA's scale
+    probs = scores.view(batch, heads, length, together, -1).softmax(dim=-1)
+    probs = probs.mul_(maps) if inplace else probs * maps
+    return _accumulate(out, torch.matmul(probs.view(batch, heads, length, -1), v), w, None, inplace)
+
+
+def grid_sizes(latent_hw: tuple[int, int] | None) -> tuple[int, ...]:
+    """The token counts a layer can have on this latent (each down-sampling halves it, rounding up): the
+    candidates `token_grid` matches, so masks can be resized for each before a compiled call."""
+    if latent_hw is None:
+        return ()
+    h, w = latent_hw
+    sizes = []
+    for _ in range(8):
+        if h * w not in sizes:
+            sizes.append(h * w)
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return tuple(sizes)
+
+
+def _accumulate(
+    out: torch.Tensor, o: torch.Tensor, scale: float | torch.Tensor, weights: torch.Tensor | None, inplace: bool,
+) -> torch.Tensor:
+    """out + scale · weights ⊙ o; in place only with autograd off (it may keep `out` for SDPA's backward) and a
+    float scale (the compiled path's tensor scale is fused by the compiler instead)."""
+    if not inplace or isinstance(scale, torch.Tensor):
         return out + scale * (o if weights is None else o * weights)
     if weights is None:
         return out.add_(o, alpha=scale)
     return out.addcmul_(o, weights, value=scale)
 
 
-def scale_embeds(k: torch.Tensor, v: torch.Tensor, w: float, mode: str, width: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def scale_embeds(
+    k: torch.Tensor, v: torch.Tensor, w: float | torch.Tensor, mode: str, width: int,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """ComfyUI's embeds scaling modes; returns (k, v, factor still to apply to the output)."""
     if mode == "kv":
         return k * w, v * w, 1.0

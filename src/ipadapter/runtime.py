@@ -1,7 +1,8 @@
 """Per-generation state the attention processors read: which references, with what weights, at which step.
 
 Set once per generation (or per training batch); the processors cache what does not change across denoising
-steps (batched tokens, K'/V') until the next `Runtime.set`.
+steps (batched tokens, K'/V') until the next `Runtime.set`. The step window's factors are computed once per UNet
+call for all layers (`step_factors`), and as a tensor for a compiled UNet (`refresh_step_tensor`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class Runtime:
     cache_kv: bool = True
     generation: int = 0
     weights: dict[str, Hashable] = field(default_factory=dict)
+    step_tensor: torch.Tensor | None = field(default=None, repr=False)
+    _factors: tuple[tuple, dict[str, float]] = field(default=((), {}), init=False, repr=False)
 
     def set(self, prompts: dict[str, AdapterPrompt], *, cfg: bool, weights: dict[str, Hashable] | None = None) -> None:
         """A new generation's prompts; `weights`: each adapter's `IPAdapter.weights_token()` (K'/V' are reused
@@ -103,6 +106,23 @@ class Runtime:
 
     def clear(self) -> None:
         self.set({}, cfg=False)
+
+    def step_factors(self) -> dict[str, float]:
+        """Each prompt's `step_factor` at the current progress, computed once per UNet call for all its layers."""
+        at = (self.generation, self.progress)
+        if self._factors[0] != at:
+            self._factors = (at, {name: p.step_factor(self.progress) for name, p in self.prompts.items()})
+        return self._factors[1]
+
+    def refresh_step_tensor(self, device: torch.device) -> None:
+        """`step_tensor` := the step factors in `prompts` order, one float32 tensor: what a compiled UNet reads, so a
+        new step changes a tensor's value and no traced constant."""
+        values = list(self.step_factors().values())
+        current = self.step_tensor
+        if current is not None and current.device == device and current.shape[0] == len(values):
+            current.copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)
+        else:
+            self.step_tensor = torch.tensor(values, dtype=torch.float32, device=device)
 
     def batch_tokens(self, tokens: torch.Tensor, uncond: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Lay (R, T, C) tokens out along a UNet batch: [uncond rows; cond rows] under CFG, repeated per image."""
