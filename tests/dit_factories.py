@@ -1,0 +1,110 @@
+"""Tiny diffusion transformers (FLUX, SD 3) and their pipelines, with adapter files in the published layouts.
+
+Real diffusers classes with small configs: the key layouts and shape patterns are the published ones, only sizes
+shrink. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests import factories
+
+FLUX_JOINT = 32  # joint_attention_dim: T5 width, and the IP tokens' width in the XLabs files
+FLUX_WIDTH = 32  # 2 heads × 16
+CLIP_DIM = 24  # tiny CLIP ViT-L/14 stand-in: image_embeds width (factories.image_encoder)
+
+
+def flux_transformer(seed: int = 0, *, joint: int = FLUX_JOINT, double: int = 2):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=double, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=joint, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    ).eval()
+
+
+def _rand(g: torch.Generator, *shape: int, scale: float = 0.3) -> torch.Tensor:
+    return torch.randn(*shape, generator=g) * scale
+
+
+def xlabs_state(*, tokens: int = 4, cross: int = FLUX_JOINT, width: int = FLUX_WIDTH, blocks: int = 2,
+                clip_dim: int = CLIP_DIM, seed: int = 1) -> dict[str, torch.Tensor]:
+    """An XLabs FLUX IP-Adapter file's tensors (flat keys as in `ip_adapter.safetensors`)."""
+    g = torch.Generator().manual_seed(seed)
+    flat = {
+        "ip_adapter_proj_model.proj.weight": _rand(g, tokens * cross, clip_dim),
+        "ip_adapter_proj_model.proj.bias": _rand(g, tokens * cross),
+        "ip_adapter_proj_model.norm.weight": 1 + _rand(g, cross, scale=0.1),
+        "ip_adapter_proj_model.norm.bias": _rand(g, cross, scale=0.1),
+    }
+    for i in range(blocks):
+        for kv in "kv":
+            prefix = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj"
+            flat[f"{prefix}.weight"] = _rand(g, width, cross)
+            flat[f"{prefix}.bias"] = _rand(g, width)
+    return flat
+
+
+def xlabs_as_diffusers(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The same tensors as diffusers' FLUX loader hands them to the transformer (its own key renaming, written out
+    here from the XLabs names so the oracle reads exactly the file's tensors)."""
+    out: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        if key.startswith("ip_adapter_proj_model."):
+            out["image_proj"][key.split(".", 1)[1]] = value.clone()
+        else:
+            _, i, _, name, kind = key.split(".")
+            kv = "k" if "_k_proj" in name else "v"
+            out["ip_adapter"][f"{i}.to_{kv}_ip.{kind}"] = value.clone()
+    return out
+
+
+def flux_vae(seed: int = 2):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=1, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5).eval()
+
+
+def t5(seed: int = 6, d_model: int = FLUX_JOINT):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=80, d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    return T5EncoderModel(cfg).eval()
+
+
+def flux_pipeline(folder: Path, seed: int = 0):
+    """A FluxPipeline with tiny random weights; `folder` receives its tokenizers (CLIP-style for both encoders: the
+    pipeline only calls them). The image encoder is not part of it, as with the published FLUX checkpoints."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(factories.write_tokenizer(folder / "tok")))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=flux_vae(2 + seed),
+        text_encoder=factories.text_encoder(1 + seed), tokenizer=tok, text_encoder_2=t5(6 + seed),
+        tokenizer_2=tok, transformer=flux_transformer(seed),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_flux_base(root: Path) -> Path:
+    """A FLUX pipeline folder with an image_encoder/ beside it, as `ipadapter generate --base` reads it."""
+    pipe = flux_pipeline(root / "parts")
+    folder = root / "flux"
+    pipe.save_pretrained(folder)
+    factories.write_image_encoder(folder / "image_encoder")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    return folder
