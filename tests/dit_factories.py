@@ -108,3 +108,50 @@ def save_flux_base(root: Path) -> Path:
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "FluxPipeline"
     return folder
+
+
+# ---- SD 3 / 3.5 (InstantX layout) -------------------------------------------------------------------------------
+
+SD3_WIDTH = 32  # 4 heads × 8: the joint blocks' width, which is also the IP tokens' width
+SIGLIP_DIM = 40  # tiny SigLIP hidden size (the published encoder: so400m, 1152)
+# diffusers' renaming of the InstantX resampler keys, undone so the factory writes the published names
+_INSTANTX_NAMES = [("ln0", "0.norm1"), ("ln1", "0.norm2"), ("attn.to_q", "0.to_q"), ("attn.to_kv", "0.to_kv"),
+                   ("attn.to_out.0", "0.to_out"), ("adaln_norm", "1.0"), ("ff.net.0.proj", "1.1"),
+                   ("ff.net.2", "1.3"), ("adaln_proj", "2.1")]
+
+
+def sd3_transformer(seed: int = 0, *, layers: int = 2):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=8,
+                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                 pooled_projection_dim=64, out_channels=4).eval()
+
+
+def instantx_state(*, blocks: int = 2, width: int = SD3_WIDTH, feature_dim: int = SIGLIP_DIM, queries: int = 8,
+                   hidden: int = 64, timestep_dim: int = 16, seed: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+    """An InstantX SD 3.5 IP-Adapter `.bin`'s nested tensors, random, in the published key names."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    g = torch.Generator().manual_seed(seed)
+    proj = IPAdapterTimeImageProjection(embed_dim=feature_dim, output_dim=width, hidden_dim=hidden, depth=4,
+                                        heads=hidden // 64, num_queries=queries, timestep_in_dim=timestep_dim)
+    image_proj = {}
+    for key, value in proj.state_dict().items():
+        if key.startswith("layers."):
+            _, idx, rest = key.split(".", 2)
+            for ours, theirs in _INSTANTX_NAMES:
+                if rest.startswith(ours + "."):
+                    rest = theirs + rest[len(ours):]
+                    break
+            key = f"layers.{idx}.{rest}"
+        image_proj[key] = _rand(g, *value.shape, scale=0.2) + (1.0 if "norm" in key and key.endswith("weight") else 0)
+    ip = {}
+    for i in range(blocks):
+        proc = SD3IPAdapterJointAttnProcessor2_0(width, width, width // 4, timesteps_emb_dim=hidden)
+        for key, value in proc.state_dict().items():
+            ip[f"{i}.{key}"] = _rand(g, *value.shape, scale=0.2) + (1.0 if key.startswith("norm_") and
+                                                                     key.endswith(".weight") and "linear" not in key else 0)
+    return {"image_proj": image_proj, "ip_adapter": ip}

@@ -71,6 +71,13 @@ class DiTAdapter(IPAdapter):
         for module in self.layers.modules():
             module.register_load_state_dict_post_hook(self._weights_loaded)
 
+    def project(self, *features: torch.Tensor) -> torch.Tensor:
+        """FLUX: tokens. SD 3: the features themselves, since its head needs the timestep; the attachment runs the
+        head once per transformer call (dit/attach.py)."""
+        if self.config.base == "sd3":
+            return features[0].to(self.dtype)
+        return super().project(*features)
+
     def named_layers(self) -> list[tuple[str, BlockWeights]]:
         """(block name, its weights), in block order."""
         return [(n, m) for n, m in self.layers.named_modules() if isinstance(m, (FluxBlockWeights, JointBlockWeights))]

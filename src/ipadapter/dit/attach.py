@@ -104,6 +104,8 @@ class DiTAttachment:
         """SD 3: each acting adapter's references through its timestep-aware resampler, once for all blocks."""
         self.step.tokens, self.step.temb = {}, {}
         for name, prompt in self.runtime.prompts.items():
+            if prompt.scale == 0.0 or prompt.step_factor(self.runtime.progress) == 0.0:
+                continue
             adapter = self.adapters[name]
             rows = [self.runtime.batch_tokens(r.cond, r.uncond, batch) for r in prompt.references]
             if not rows:
