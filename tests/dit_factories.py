@@ -120,12 +120,12 @@ _INSTANTX_NAMES = [("ln0", "0.norm1"), ("ln1", "0.norm2"), ("attn.to_q", "0.to_q
                    ("ff.net.2", "1.3"), ("adaln_proj", "2.1")]
 
 
-def sd3_transformer(seed: int = 0, *, layers: int = 2):
+def sd3_transformer(seed: int = 0, *, layers: int = 2, joint: int = 32):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     return SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=8,
-                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=joint,
                                  pooled_projection_dim=64, out_channels=4).eval()
 
 
@@ -155,3 +155,45 @@ def instantx_state(*, blocks: int = 2, width: int = SD3_WIDTH, feature_dim: int 
             ip[f"{i}.{key}"] = _rand(g, *value.shape, scale=0.2) + (1.0 if key.startswith("norm_") and
                                                                      key.endswith(".weight") and "linear" not in key else 0)
     return {"image_proj": image_proj, "ip_adapter": ip}
+
+
+def siglip(seed: int = 7):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    cfg = SiglipVisionConfig(hidden_size=SIGLIP_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=24, patch_size=8)  # 3 × 3 = 9 patches
+    return SiglipVisionModel(cfg).eval()
+
+
+def sd3_pipeline(folder: Path, seed: int = 0):
+    """A StableDiffusion3Pipeline with tiny random weights (CLIP-style tokenizers for all three text encoders: the
+    pipeline only calls them). T5 is 64 wide: the two CLIP encoders' hidden states (32 + 32) are padded to it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(factories.write_tokenizer(folder / "tok")))
+    torch.manual_seed(2 + seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=sd3_transformer(seed, joint=64), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=factories.text_encoder(1 + seed, projection=True), tokenizer=tok,
+        text_encoder_2=factories.text_encoder(5 + seed, projection=True), tokenizer_2=tok,
+        text_encoder_3=t5(6 + seed, d_model=64), tokenizer_3=tok,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_sd3_base(root: Path) -> Path:
+    """An SD 3 pipeline folder with a SigLIP image_encoder/ beside it."""
+    from transformers import SiglipImageProcessor
+
+    folder = root / "sd3"
+    sd3_pipeline(root / "parts").save_pretrained(folder)
+    siglip().save_pretrained(folder / "image_encoder")
+    SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(folder / "image_encoder")
+    return folder

@@ -159,3 +159,66 @@ def test_own_format_round_trip_and_wrong_base(tmp_path) -> None:
         dit_adapter_from_state_dict(df.instantx_state(), df.flux_transformer())
     with pytest.raises(IPAdapterError, match="has weights for 3 blocks but this transformer has 2"):
         dit_adapter_from_state_dict(df.instantx_state(blocks=3), model)
+
+
+# ---- through the pipeline ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd3_base(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("sd3")
+    folder = df.save_sd3_base(root)
+    state = df.instantx_state()
+    torch.save(state, root / "ip-adapter.bin")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "ref.png")
+    return root, folder, state
+
+
+def test_pipeline_images_equal_diffusers(sd3_base) -> None:
+    """StableDiffusion3Pipeline under CFG: our adapter's final image equals diffusers' SD 3 IP-Adapter fed the same
+    SigLIP features (its negative: zero features, as ours)."""
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+    from PIL import Image
+
+    import ipadapter
+
+    root, folder, state = sd3_base
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    reference = Image.open(root / "ref.png")
+    prompter = ipadapter.load(pipe, str(root / "ip-adapter.bin"))
+    feats = prompter.encoder.encode([reference], "patch")
+    common = dict(num_inference_steps=2, width=16, height=16, guidance_scale=4.0, max_sequence_length=8,
+                  output_type="np")
+    ours = prompter.generate(reference, prompt="a cat", scale=0.6, seed=1, steps=2, guidance=4.0, width=16,
+                             height=16, max_sequence_length=8, output_type="np")
+    prompter.detach()
+    plain = pipe(prompt="a cat", generator=torch.Generator().manual_seed(1), **common).images
+    ref = copy.deepcopy(pipe)
+    ref.transformer._load_ip_adapter_weights(copy.deepcopy(state), low_cpu_mem_usage=False)
+    ref.set_ip_adapter_scale(0.6)
+    expected = ref(prompt="a cat", ip_adapter_image_embeds=torch.cat([torch.zeros_like(feats), feats]),
+                   generator=torch.Generator().manual_seed(1), **common).images
+    assert np.abs(expected - plain).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(ours[0]), expected[0], atol=TOL, rtol=0)
+
+
+def test_cli_generate_on_an_sd3_pipeline(sd3_base, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from ipadapter.cli.main import main
+
+    root, folder, _ = sd3_base
+    out = tmp_path / "x.png"
+    argv = ["generate", "--base", str(folder), "--adapter", str(root / "ip-adapter.bin"), "--image",
+            str(root / "ref.png"), "--out", str(out), "--steps", "2", "--width", "16", "--height", "16"]
+    assert main(argv) == 0
+    assert Image.open(out).size == (16, 16)
+    capsys.readouterr()
+    assert main([*argv, "--preset", "style transfer"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "per-block weights" in err[0]

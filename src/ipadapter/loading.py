@@ -18,6 +18,7 @@ from ipadapter.encoders import FaceAnalyzer, ImageEncoder
 from ipadapter.errors import IPAdapterError
 from ipadapter.pipelines import add_controlnet, fuse_base_lora, load_pipeline
 from ipadapter.prompter import ImagePrompter
+from ipadapter.siglip import encoder_class
 from ipadapter.sources import AdapterSource, default_image_encoder, miniature_adapter, miniature_base, split_hub_path
 from ipadapter.validation import check_device, model_source
 
@@ -64,7 +65,8 @@ def _encoder_for(
     if found is None:
         raise IPAdapterError("cannot tell which image encoder this adapter needs; give image_encoder=")
     denoiser = denoiser_of(pipe)
-    return ImageEncoder.from_pretrained(found[0], subfolder=found[1], device=denoiser.device, dtype=denoiser.dtype)
+    cls = encoder_class(found[0], found[1])
+    return cls.from_pretrained(found[0], subfolder=found[1], device=denoiser.device, dtype=denoiser.dtype)
 
 
 def load(
