@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from ipadapter.checkpoint import save_adapter
 from ipadapter.dit.attach import attach_dit
@@ -209,23 +210,19 @@ def test_pipeline_images_equal_diffusers(flux_base, true_cfg: float) -> None:
     reference = Image.open(root / "ref.png")
     prompter = ipadapter.load(pipe, str(root / "ip_adapter.safetensors"))
     embeds = prompter.encoder.encode([reference], "global")
-    kwargs = dict(prompt="a cat", num_inference_steps=2, width=16, height=16, guidance_scale=3.5,
-                  true_cfg_scale=true_cfg, max_sequence_length=8, output_type="np")
-    ours = prompter.generate(reference, scale=0.7, seed=1, **{k: v for k, v in kwargs.items() if k not in (
-        "num_inference_steps", "guidance_scale", "width", "height")}, steps=2, guidance=3.5, width=16, height=16,
-        negative_prompt="blurry" if true_cfg > 1 else "")
+    negative = "blurry" if true_cfg > 1 else None
+    common = dict(prompt="a cat", true_cfg_scale=true_cfg, max_sequence_length=8, output_type="np")
+    ours = prompter.generate(reference, scale=0.7, seed=1, steps=2, guidance=3.5, width=16, height=16,
+                             negative_prompt=negative or "", **common)
     prompter.detach()
-    plain = pipe(**kwargs, negative_prompt="blurry" if true_cfg > 1 else None,
-                 generator=torch.Generator().manual_seed(1)).images
+    common.update(num_inference_steps=2, guidance_scale=3.5, width=16, height=16, negative_prompt=negative)
+    plain = pipe(**common, generator=torch.Generator().manual_seed(1)).images
     ref = copy.deepcopy(pipe)
-    ref.transformer._load_ip_adapter_weights(
-        [df.xlabs_as_diffusers(dict(__import__("safetensors.torch").torch.load_file(str(root / "ip_adapter.safetensors"))))],
-        low_cpu_mem_usage=False)
-    for proc in ref.transformer.attn_processors.values():
-        if hasattr(proc, "scale"):
-            proc.scale = [0.7]
-    expected = ref(**kwargs, negative_prompt="blurry" if true_cfg > 1 else None,
-                   ip_adapter_image_embeds=[embeds[None]], negative_ip_adapter_image_embeds=[torch.zeros_like(embeds)[None]],
+    ref.transformer._load_ip_adapter_weights([df.xlabs_as_diffusers(load_file(str(root / "ip_adapter.safetensors")))],
+                                             low_cpu_mem_usage=False)
+    ref.set_ip_adapter_scale(0.7)
+    expected = ref(**common, ip_adapter_image_embeds=[embeds[None]],
+                   negative_ip_adapter_image_embeds=[torch.zeros_like(embeds)[None]],
                    generator=torch.Generator().manual_seed(1)).images
     assert np.abs(expected - plain).max() > 1e-3
     np.testing.assert_allclose(np.asarray(ours[0]), expected[0], atol=TOL, rtol=0)
@@ -240,6 +237,8 @@ def test_cli_generate_on_a_flux_pipeline(flux_base, tmp_path, capsys) -> None:
             str(root / "ref.png"), "--out", str(out), "--steps", "2", "--width", "16", "--height", "16"]
     assert main(argv) == 0
     assert Image.open(out).size == (16, 16)
+    assert main([*argv, "--true-cfg", "4", "--out", str(tmp_path / "cfg.png")]) == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "cfg.png")))
     capsys.readouterr()
     unet_file = tmp_path / "sd15.bin"
     torch.save(factories.published(factories.sd15_unet(), "base", factories.SD15_CROSS), unet_file)

@@ -219,6 +219,7 @@ def test_cli_generate_on_an_sd3_pipeline(sd3_base, tmp_path, capsys) -> None:
     assert main(argv) == 0
     assert Image.open(out).size == (16, 16)
     capsys.readouterr()
-    assert main([*argv, "--preset", "style transfer"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "per-block weights" in err[0]
+    for extra, message in ((["--preset", "style transfer"], "per-block weights"), (["--true-cfg", "4"], "FLUX's option")):
+        assert main([*argv, *extra]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]

@@ -177,8 +177,11 @@ class ImagePrompter:
         if seed is not None:
             kwargs["generator"] = torch.Generator(device="cpu").manual_seed(seed)
         try:
-            # An empty negative prompt is passed as None so SDXL keeps its zeroed negative embeddings.
-            out = self.pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=num_images,
+            # An empty negative prompt is passed as None so SDXL keeps its zeroed negative embeddings; FLUX's true CFG
+            # runs only with a negative prompt, so there an empty one is passed as such.
+            true_cfg = pipe_kwargs.get("true_cfg_scale", 1.0) > 1.0
+            out = self.pipe(prompt=prompt, negative_prompt=negative_prompt or ("" if true_cfg else None),
+                            num_images_per_prompt=num_images,
                             **kwargs, **pipe_kwargs)
         finally:
             self.attachment.clear()
