@@ -178,8 +178,10 @@ def test_wrong_files_are_one_sentence(tmp_path) -> None:
         dit_adapter_from_state_dict(unet_file, model)
     from ipadapter.checkpoint import adapter_from_state_dict
 
-    with pytest.raises(IPAdapterError, match="is an IP-Adapter for a FLUX transformer, not for this UNet"):
-        adapter_from_state_dict(df.xlabs_state(), factories.sd15_unet())
+    for metadata in (None, {"format": "pt"}):  # the published safetensors carry {"format": "pt"}
+        with pytest.raises(IPAdapterError, match="is an IP-Adapter for a FLUX transformer, not for this UNet"):
+            adapter_from_state_dict(df.xlabs_state(), factories.sd15_unet(), metadata=metadata)
+    assert dit_adapter_from_state_dict(df.xlabs_state(), model, metadata={"format": "pt"}).config.variant == "flux"
 
 
 # ---- through the pipeline ---------------------------------------------------------------------------------------

@@ -153,7 +153,8 @@ def adapter_from_state_dict(
     before any weight is copied, so a wrong file fails with a sentence, not a half-load.
     """
     flat = flatten(state)
-    layout = published_layout(flat) if not metadata else (metadata.get("base") or "unet")
+    own_format = bool(metadata) and metadata.get("format", "").startswith("ipadapter/")
+    layout = (metadata.get("base") or "unet") if own_format else published_layout(flat)
     if layout in DESCRIPTIONS and layout != "unet":
         raise IPAdapterError(f"{name} is an IP-Adapter for {DESCRIPTIONS[layout]}, not for this UNet; give --base a "
                              "pipeline of that model")

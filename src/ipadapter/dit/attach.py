@@ -17,6 +17,7 @@ from torch import nn
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.dit.blocks import DESCRIPTIONS, TIMESTEP_SCALE, dit_blocks, dit_kind
 from ipadapter.dit.flux_attention import FluxIPProcessor
+from ipadapter.dit.joint_attention import JointIPProcessor
 from ipadapter.dit.plan import BlockProcessor
 from ipadapter.dit.step import StepState
 from ipadapter.errors import IPAdapterError
@@ -69,7 +70,7 @@ class DiTAttachment:
         return bool(self._originals)
 
     def _install(self) -> None:
-        processor_class = FluxIPProcessor if self.kind == "flux" else _joint_processor()
+        processor_class = FluxIPProcessor if self.kind == "flux" else JointIPProcessor
         per_block: dict[str, dict[str, nn.Module]] = {}
         for adapter_name, adapter in self.adapters.items():
             for block_name, weights in adapter.named_layers():
@@ -178,12 +179,6 @@ def _grid(ids: torch.Tensor) -> tuple[int, int]:
     """FLUX's image-token grid from its position ids (row, column in channels 1 and 2)."""
     ids = ids.reshape(-1, ids.shape[-1])
     return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-
-
-def _joint_processor() -> type[BlockProcessor]:
-    from ipadapter.dit.joint_attention import JointIPProcessor
-
-    return JointIPProcessor
 
 
 def attach_dit(

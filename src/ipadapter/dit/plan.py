@@ -13,6 +13,7 @@ from torch import nn
 
 from ipadapter.attention import Group, resize_mask
 from ipadapter.dit.blocks import Block
+from ipadapter.dit.step import StepState
 from ipadapter.runtime import AdapterPrompt, Runtime
 
 
@@ -40,7 +41,7 @@ class BlockProcessor(nn.Module):
     """The state every transformer block processor shares: the original processor (restored on detach, called
     whenever nothing of ours acts), the runtime, this block's adapter weights, the per-generation plan and masks."""
 
-    def __init__(self, block: Block, original: object, runtime: Runtime, step: object,
+    def __init__(self, block: Block, original: object, runtime: Runtime, step: StepState,
                  adapters: dict[str, nn.Module]) -> None:
         super().__init__()
         self.block = block
