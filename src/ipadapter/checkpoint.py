@@ -160,7 +160,7 @@ def adapter_from_state_dict(
                              "pipeline of that model")
     if not any(k.startswith(("image_proj.", "ip_adapter.", "layers.")) for k in flat):
         raise IPAdapterError(f"{name} is not an IP-Adapter file (no image_proj / ip_adapter weights)")
-    if metadata and metadata.get("format", "").startswith("ipadapter/"):
+    if own_format:
         config, own = AdapterConfig.from_metadata(dict(metadata)), flat
     else:
         config = detect_variant(split(flat, "image_proj"), split(flat, "ip_adapter"), hint=Path(name).name)

@@ -12,7 +12,7 @@ import torch
 
 from ipadapter.adapter import IPAdapter
 from ipadapter.checkpoint import load_adapter
-from ipadapter.dit.blocks import TIMESTEP_SCALE, denoiser_of, dit_kind
+from ipadapter.dit.blocks import denoiser_of, is_dit
 from ipadapter.dit.checkpoint import load_dit_adapter
 from ipadapter.encoders import FaceAnalyzer, ImageEncoder
 from ipadapter.errors import IPAdapterError
@@ -91,7 +91,7 @@ def load(
         paths, _per_adapter(subfolder, len(paths), "subfolder"), _per_adapter(weight_name, len(paths), "weight_name"))]
     keys = names or [str(i) for i in range(len(sources))]
     denoiser = denoiser_of(pipe)
-    loader = load_dit_adapter if dit_kind(denoiser) in TIMESTEP_SCALE else load_adapter
+    loader = load_dit_adapter if is_dit(denoiser) else load_adapter
     adapters = {str(k): loader(s.source, denoiser, subfolder=s.subfolder, weight_name=s.weight_name)
                 for k, s in zip(keys, sources)}
     encoder = _encoder_for(pipe, sources, adapters, image_encoder)

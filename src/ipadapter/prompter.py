@@ -15,7 +15,7 @@ from PIL import Image
 from ipadapter.adapter import IPAdapter
 from ipadapter.attach import Attachment, attach
 from ipadapter.dit.attach import DiTAttachment, attach_dit
-from ipadapter.dit.blocks import TIMESTEP_SCALE, denoiser_of, dit_kind
+from ipadapter.dit.blocks import denoiser_of, is_dit
 from ipadapter.embed_cache import EmbeddingCache, tensor_key
 from ipadapter.encoders import FaceAnalyzer, ImageEncoder
 from ipadapter.errors import IPAdapterError
@@ -45,7 +45,7 @@ class ImagePrompter:
         self.cache = image_encoder.cache if image_encoder is not None else EmbeddingCache()
         self.face_analyzer = face_analyzer
         denoiser = denoiser_of(pipe)
-        attach_to = attach_dit if dit_kind(denoiser) in TIMESTEP_SCALE else attach
+        attach_to = attach_dit if is_dit(denoiser) else attach
         self.attachment: Attachment | DiTAttachment = attach_to(denoiser, adapters, scheduler=pipe.scheduler)
         self.adapters = self.attachment.adapters
         for name, adapter in self.adapters.items():

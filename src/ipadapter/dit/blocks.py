@@ -41,6 +41,11 @@ def dit_kind(model: nn.Module) -> str | None:
     return None
 
 
+def is_dit(model: nn.Module) -> bool:
+    """Whether adapters attach to `model` through this package (FLUX, SD 3) rather than the UNet path."""
+    return dit_kind(model) in TIMESTEP_SCALE
+
+
 def denoiser_of(pipe: Any) -> nn.Module:
     """The model adapters attach to: the pipeline's UNet, else its transformer."""
     model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -51,8 +56,7 @@ def denoiser_of(pipe: Any) -> nn.Module:
 
 def dit_blocks(model: nn.Module) -> list[Block]:
     """The adapted blocks of a FLUX or SD 3 transformer, in file order."""
-    kind = dit_kind(model)
-    if kind not in TIMESTEP_SCALE:
+    if not is_dit(model):
         raise IPAdapterError(f"{type(model).__name__} is not a FLUX or SD 3 transformer")
     found = []
     for i, block in enumerate(model.transformer_blocks):
