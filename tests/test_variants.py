@@ -13,16 +13,21 @@ def test_each_row_is_what_detection_returns_for_its_own_description(name: str) -
     v = VARIANTS[name]
     tokens = v.when_tokens if v.when_tokens is not None else v.tokens
     lora = 8 if (v.lora if v.when_lora is None else v.when_lora) else 0
-    assert detect_variant_name(v.head, tokens=tokens, lora_rank=lora, file_name=f"ip-adapter-{v.when_file or ''}.bin") == name
+    assert detect_variant_name(v.head, tokens=tokens, lora_rank=lora, file_name=f"ip-adapter-{v.when_file or ''}.bin",
+                               denoiser=v.denoiser) == name
 
 
 def test_published_inputs_per_variant() -> None:
     """The inputs of the published families: base global CLIP, plus/full patches, FaceID an ArcFace embedding,
-    FaceID-Plus both (the ID embedding and the face crop's patches)."""
+    FaceID-Plus both (the ID embedding and the face crop's patches); XLabs FLUX the global CLIP ViT-L/14 embedding,
+    InstantX SD 3.5 SigLIP patches."""
     assert {n: v.features for n, v in VARIANTS.items()} == {
         "base": "global", "plus": "patch", "full": "patch", "faceid": "faceid", "faceid-portrait": "faceid",
-        "faceid-plus": "faceid+patch", "faceid-plusv2": "faceid+patch",
+        "faceid-plus": "faceid+patch", "faceid-plusv2": "faceid+patch", "flux": "global", "flux-v2": "global",
+        "sd3": "patch",
     }
+    assert {n: v.denoiser for n, v in VARIANTS.items() if v.denoiser != "unet"} == {
+        "flux": "flux", "flux-v2": "flux", "sd3": "sd3"}
     assert [n for n, v in VARIANTS.items() if v.shortcut] == ["faceid-plusv2"]
 
 

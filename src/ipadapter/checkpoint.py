@@ -22,6 +22,8 @@ from torch import nn
 from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.atomic import save_safetensors
 from ipadapter.attach import check_compatible, check_cross_dim
+from ipadapter.dit.blocks import DESCRIPTIONS
+from ipadapter.dit.layouts import published_layout
 from ipadapter.errors import IPAdapterError
 from ipadapter.finite import require_finite
 from ipadapter.layers import attention_layers
@@ -151,9 +153,14 @@ def adapter_from_state_dict(
     before any weight is copied, so a wrong file fails with a sentence, not a half-load.
     """
     flat = flatten(state)
+    own_format = bool(metadata) and metadata.get("format", "").startswith("ipadapter/")
+    layout = (metadata.get("base") or "unet") if own_format else published_layout(flat)
+    if layout in DESCRIPTIONS and layout != "unet":
+        raise IPAdapterError(f"{name} is an IP-Adapter for {DESCRIPTIONS[layout]}, not for this UNet; give --base a "
+                             "pipeline of that model")
     if not any(k.startswith(("image_proj.", "ip_adapter.", "layers.")) for k in flat):
         raise IPAdapterError(f"{name} is not an IP-Adapter file (no image_proj / ip_adapter weights)")
-    if metadata and metadata.get("format", "").startswith("ipadapter/"):
+    if own_format:
         config, own = AdapterConfig.from_metadata(dict(metadata)), flat
     else:
         config = detect_variant(split(flat, "image_proj"), split(flat, "ip_adapter"), hint=Path(name).name)

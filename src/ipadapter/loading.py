@@ -12,10 +12,13 @@ import torch
 
 from ipadapter.adapter import IPAdapter
 from ipadapter.checkpoint import load_adapter
+from ipadapter.dit.blocks import denoiser_of, is_dit
+from ipadapter.dit.checkpoint import load_dit_adapter
 from ipadapter.encoders import FaceAnalyzer, ImageEncoder
 from ipadapter.errors import IPAdapterError
 from ipadapter.pipelines import add_controlnet, fuse_base_lora, load_pipeline
 from ipadapter.prompter import ImagePrompter
+from ipadapter.siglip import encoder_class
 from ipadapter.sources import AdapterSource, default_image_encoder, miniature_adapter, miniature_base, split_hub_path
 from ipadapter.validation import check_device, model_source
 
@@ -61,7 +64,9 @@ def _encoder_for(
         found = default_image_encoder(getattr(pipe, "name_or_path", None), sources[0]) if sources else None
     if found is None:
         raise IPAdapterError("cannot tell which image encoder this adapter needs; give image_encoder=")
-    return ImageEncoder.from_pretrained(found[0], subfolder=found[1], device=pipe.unet.device, dtype=pipe.unet.dtype)
+    denoiser = denoiser_of(pipe)
+    cls = encoder_class(found[0], found[1])
+    return cls.from_pretrained(found[0], subfolder=found[1], device=denoiser.device, dtype=denoiser.dtype)
 
 
 def load(
@@ -85,7 +90,9 @@ def load(
     sources = [AdapterSource(str(p), s, w) for p, s, w in zip(
         paths, _per_adapter(subfolder, len(paths), "subfolder"), _per_adapter(weight_name, len(paths), "weight_name"))]
     keys = names or [str(i) for i in range(len(sources))]
-    adapters = {str(k): load_adapter(s.source, pipe.unet, subfolder=s.subfolder, weight_name=s.weight_name)
+    denoiser = denoiser_of(pipe)
+    loader = load_dit_adapter if is_dit(denoiser) else load_adapter
+    adapters = {str(k): loader(s.source, denoiser, subfolder=s.subfolder, weight_name=s.weight_name)
                 for k, s in zip(keys, sources)}
     encoder = _encoder_for(pipe, sources, adapters, image_encoder)
     return ImagePrompter(pipe, adapters, encoder, face_analyzer)
@@ -140,20 +147,34 @@ def check_model_args(args: Any) -> str:
 
 
 def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
-    """(size step, default (width, height)) of a base pipeline from its UNet and VAE configs, no weights read:
-    sizes are multiples of the VAE's downscale, the default is the UNet's sample size times it."""
+    """(size step, default (width, height)) of a base pipeline from its denoiser and VAE configs, no weights read.
+    UNet: multiples of the VAE's downscale, default the UNet's sample size times it. FLUX: its 2 × 2 latent packing
+    doubles the step, default 128 latents a side (the pipeline's own). SD 3: the step times the patch size, default
+    the transformer's sample size."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     source = str(miniature_base()) if not base else base
     try:
-        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
         vae = AutoencoderKL.load_config(source, subfolder="vae")
+        step = 2 ** (len(vae["block_out_channels"]) - 1)
+        if (Path(source) / "transformer" / "config.json").is_file():
+            return _transformer_geometry(source, step)
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"cannot read the base model {source}: {str(err).splitlines()[0][:200]}") from None
-    step = 2 ** (len(vae["block_out_channels"]) - 1)
     sample = unet["sample_size"]
     height, width = (sample, sample) if isinstance(sample, int) else sample
     return step, (width * step, height * step)
+
+
+def _transformer_geometry(source: str, vae_step: int) -> tuple[int, tuple[int, int]]:
+    import json
+
+    config = json.loads((Path(source) / "transformer" / "config.json").read_text())
+    if config.get("_class_name") == "FluxTransformer2DModel":
+        return vae_step * 2, (128 * vae_step, 128 * vae_step)
+    size = config.get("sample_size", 128) * vae_step
+    return vae_step * config.get("patch_size", 1), (size, size)
 
 
 def load_prompter(

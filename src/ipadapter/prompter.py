@@ -14,6 +14,8 @@ from PIL import Image
 
 from ipadapter.adapter import IPAdapter
 from ipadapter.attach import Attachment, attach
+from ipadapter.dit.attach import DiTAttachment, attach_dit
+from ipadapter.dit.blocks import denoiser_of, is_dit
 from ipadapter.embed_cache import EmbeddingCache, tensor_key
 from ipadapter.encoders import FaceAnalyzer, ImageEncoder
 from ipadapter.errors import IPAdapterError
@@ -27,7 +29,7 @@ Features = tuple[torch.Tensor, ...]
 
 
 class ImagePrompter:
-    """Adapters (by name) attached to `pipe.unet`, with the encoders they need.
+    """Adapters (by name) attached to `pipe.unet` (or `pipe.transformer` for FLUX and SD 3), with the encoders they need.
 
     Attached from construction until `detach()`, or for the duration of a `with` block: on exit every attention
     processor of the UNet is the original object again and the pipeline's outputs are bitwise its own.
@@ -42,7 +44,9 @@ class ImagePrompter:
         # Shared with the encoder: one size bound for its features and the adapters' projected tokens.
         self.cache = image_encoder.cache if image_encoder is not None else EmbeddingCache()
         self.face_analyzer = face_analyzer
-        self.attachment: Attachment = attach(pipe.unet, adapters, scheduler=pipe.scheduler)
+        denoiser = denoiser_of(pipe)
+        attach_to = attach_dit if is_dit(denoiser) else attach
+        self.attachment: Attachment | DiTAttachment = attach_to(denoiser, adapters, scheduler=pipe.scheduler)
         self.adapters = self.attachment.adapters
         for name, adapter in self.adapters.items():
             self._check_encoder(name, adapter)
@@ -173,8 +177,11 @@ class ImagePrompter:
         if seed is not None:
             kwargs["generator"] = torch.Generator(device="cpu").manual_seed(seed)
         try:
-            # An empty negative prompt is passed as None so SDXL keeps its zeroed negative embeddings.
-            out = self.pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=num_images,
+            # An empty negative prompt is passed as None so SDXL keeps its zeroed negative embeddings; FLUX's true CFG
+            # runs only with a negative prompt, so there an empty one is passed as such.
+            true_cfg = pipe_kwargs.get("true_cfg_scale", 1.0) > 1.0
+            out = self.pipe(prompt=prompt, negative_prompt=negative_prompt or ("" if true_cfg else None),
+                            num_images_per_prompt=num_images,
                             **kwargs, **pipe_kwargs)
         finally:
             self.attachment.clear()

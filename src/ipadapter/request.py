@@ -102,6 +102,9 @@ def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: s
     _, refs = prompter.references(adapter=name, features=features, negative=negative, masks=masks, weights=weights)
     layer_weights, uncond_layers = None, frozenset()
     if request.preset:
+        if getattr(prompter.pipe, "unet", None) is None:
+            raise IPAdapterError("preset= names UNet layers; on FLUX and SD 3 give per-block weights instead "
+                                 "(AdapterPrompt.layer_weights keyed by block names such as transformer_blocks.0.attn)")
         chosen = preset(request.preset, prompter.pipe.unet, references=len(refs))
         uncond_layers = chosen.uncond_layers
         if chosen.references == 1:

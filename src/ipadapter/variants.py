@@ -23,7 +23,9 @@ class Variant:
     lora: it carries LoRA deltas on every attention layer. shortcut: FaceID-PlusV2's
     `id_tokens + s_scale · perceiver(...)`, not visible in the keys. Detection, among variants of one head: a row
     with `when_tokens` / `when_lora` / `when_file` is chosen when all of those hold, the plain row otherwise.
-    trainable: `ipadapter train` can make it.
+    trainable: `ipadapter train` can make it. denoiser: the model its weights sit in, "unet" (SD 1.5 / 2.x / SDXL /
+    Kolors), "flux" (FLUX double-stream blocks) or "sd3" (SD 3 / 3.5 joint blocks); detection looks only at rows of
+    the file's own denoiser.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Variant:
     when_lora: bool | None = None
     when_file: str | None = None
     description: str = ""
+    denoiser: str = "unet"
 
     @property
     def features(self) -> str:
@@ -68,6 +71,12 @@ VARIANTS: dict[str, Variant] = {
                 description="ID tokens as perceiver latents over CLIP patches of the face + LoRA"),
         Variant("faceid-plusv2", "faceid_plus", "patch", face_id=True, lora=True, shortcut=True,
                 when_file="v2", description="FaceID-Plus with the ID-token shortcut (s_scale)"),
+        Variant("flux", "linear", "global", trainable=False, denoiser="flux",
+                description="XLabs FLUX v1: CLIP ViT-L/14 embedding → 4 tokens on the double-stream blocks"),
+        Variant("flux-v2", "linear", "global", tokens=16, trainable=False, when_tokens=16, denoiser="flux",
+                description="XLabs FLUX v2: CLIP ViT-L/14 embedding → 16 tokens on the double-stream blocks"),
+        Variant("sd3", "time_resampler", "patch", tokens=64, trainable=False, denoiser="sd3",
+                description="InstantX SD 3.5: SigLIP patches → timestep-aware resampler on every joint block"),
     )
 }
 TRAINABLE = tuple(name for name, v in VARIANTS.items() if v.trainable)
@@ -83,10 +92,12 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
-def detect_variant_name(head: str, *, tokens: int, lora_rank: int, file_name: str = "") -> str:
-    """The variant of a published file from its projection head and what its weights and name show."""
-    rows = [v for v in VARIANTS.values() if v.head == head and v.detected_by(tokens=tokens, lora_rank=lora_rank,
-                                                                            file_name=file_name)]
+def detect_variant_name(
+    head: str, *, tokens: int, lora_rank: int, file_name: str = "", denoiser: str = "unet",
+) -> str:
+    """The variant of a published file from its denoiser, projection head and what its weights and name show."""
+    rows = [v for v in VARIANTS.values() if v.head == head and v.denoiser == denoiser
+            and v.detected_by(tokens=tokens, lora_rank=lora_rank, file_name=file_name)]
     if not rows:
         raise IPAdapterError(f"no adapter variant has a {head!r} projection head")
     return max(rows, key=lambda v: v.specific).name

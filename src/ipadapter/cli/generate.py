@@ -22,6 +22,9 @@ EXAMPLES = """examples:
   ipadapter generate --image ref.png --controlnet miniature --control-image mask.png   # object where the mask is
   ipadapter generate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter h94/IP-Adapter \\
       --subfolder models --weight-name ip-adapter_sd15.bin --image ref.png --out out.png
+  ipadapter generate --base black-forest-labs/FLUX.1-dev --adapter XLabs-AI/flux-ip-adapter \\
+      --weight-name ip_adapter.safetensors --image-encoder openai/clip-vit-large-patch14 --image ref.png \\
+      --true-cfg 4 --scale 0.7 --out out.png
 """
 
 
@@ -89,7 +92,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--scale", type=finite_float, default=1.0, help="image prompt weight λ (default 1.0)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 25 miniature, else the pipeline's)")
-    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (FLUX: its distilled "
+                   "guidance, default 3.5)")
+    p.add_argument("--true-cfg", type=finite_float, help="FLUX only: true classifier-free guidance scale, a second "
+                   "transformer call per step with --negative-prompt and the unconditional image tokens (XLabs v1 "
+                   "wants about 4, v2 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="0 to 2**64-1 (default 0)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--width", type=int, help="output width in pixels, a multiple of the base's step (8 for Stable "
@@ -140,7 +147,8 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.image and not args.embeds and not args.prompt:
         raise IPAdapterError("give --image (or --embeds), --prompt, or both")
     check_seed(args.seed)
-    check_not_negative([("--scale", args.scale), ("--guidance", args.guidance), ("--s-scale", args.s_scale),
+    check_not_negative([("--scale", args.scale), ("--guidance", args.guidance), ("--true-cfg", args.true_cfg),
+                        ("--s-scale", args.s_scale),
                         ("--control-scale", args.control_scale), ("--content-strength", args.content_strength)])
     if args.embeds and args.image:
         raise IPAdapterError("give --image or --embeds, not both (--embeds already holds the images' features)")
@@ -230,6 +238,10 @@ def _generate(args: argparse.Namespace) -> int:
     for adapter in prompter.adapters.values():
         if adapter.variant.shortcut:
             adapter.image_proj.s_scale = args.s_scale
+    if args.true_cfg is not None:
+        if type(getattr(prompter.pipe, "transformer", None)).__name__ != "FluxTransformer2DModel":
+            raise IPAdapterError("--true-cfg is FLUX's option; other bases take --guidance")
+        control["true_cfg_scale"] = args.true_cfg
     prompts = build_prompt(prompter, request)
     images_out = prompter.generate(
         prompts, prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,

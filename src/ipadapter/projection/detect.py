@@ -13,7 +13,8 @@ from ipadapter.errors import IPAdapterError
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    """Everything needed to rebuild a head; `in_dim` is what the encoder must deliver (global dim or patch width)."""
+    """Everything needed to rebuild a head; `in_dim` is what the encoder must deliver (global dim or patch width).
+    For the SD 3 "time_resampler" head `hidden_dim` is the width of its sinusoidal timestep features."""
 
     head: str
     in_dim: int
@@ -113,6 +114,7 @@ def build_projection(config: ProjectionConfig, *, shortcut: bool = False) -> nn.
     from ipadapter.projection.faceid import FaceIDPlusProjection, FaceIDProjection
     from ipadapter.projection.linear import LinearProjection
     from ipadapter.projection.resampler import Resampler
+    from ipadapter.projection.time_resampler import TimeResampler
     from ipadapter.projection.token_mlp import TokenMLPProjection
 
     c = config
@@ -127,6 +129,9 @@ def build_projection(config: ProjectionConfig, *, shortcut: bool = False) -> nn.
             id_dim=c.in_dim, hidden_dim=c.hidden_dim, cross_dim=c.cross_dim, tokens=c.tokens, clip_dim=c.clip_dim,
             depth=c.depth, heads=c.heads, dim_head=c.dim_head, ff_mult=c.ff_mult, shortcut=shortcut,
         ),
+        "time_resampler": lambda: TimeResampler(in_dim=c.in_dim, dim=c.dim, out_dim=c.cross_dim, depth=c.depth,
+                                                heads=c.heads, dim_head=c.dim_head, queries=c.tokens,
+                                                ff_mult=c.ff_mult, timestep_dim=c.hidden_dim),
     }
     if c.head not in builders:
         raise IPAdapterError(f"unknown projection head {c.head!r}; valid: {', '.join(builders)}")

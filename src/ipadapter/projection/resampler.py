@@ -27,7 +27,10 @@ class PerceiverAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        x, latents = self.norm1(x), self.norm2(latents)
+        return self.attend(self.norm1(x), self.norm2(latents))
+
+    def attend(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The attention of normalised features and latents (the SD 3 head modulates the latents' norm first)."""
         b, q_len, _ = latents.shape
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)

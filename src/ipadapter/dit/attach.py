@@ -1,0 +1,202 @@
+"""Attach adapters to a FLUX or SD 3 transformer and detach them: check everything first, keep the original
+processors, restore exactly those objects. The only module that touches a transformer's attention processors.
+
+A pre-hook on the transformer tells the processors, before each call, where the run is (the step window), the
+image-token grid (masks), whether the call is the negative prompt's (FLUX true CFG), and for SD 3 the
+time-conditioned tokens of every reference at this timestep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ipadapter.dit.adapter import DiTAdapter
+from ipadapter.dit.blocks import DESCRIPTIONS, TIMESTEP_SCALE, dit_blocks, dit_kind
+from ipadapter.dit.flux_attention import FluxIPProcessor
+from ipadapter.dit.joint_attention import JointIPProcessor
+from ipadapter.dit.plan import BlockProcessor
+from ipadapter.dit.step import StepState
+from ipadapter.errors import IPAdapterError
+from ipadapter.runtime import AdapterPrompt, Runtime
+
+# The transformer's forward: (hidden_states, encoder_hidden_states, pooled_projections, timestep, ...) for both.
+_TIMESTEP_POSITION = 3
+
+
+def check_fits(model: nn.Module, adapter: DiTAdapter, name: str = "adapter") -> None:
+    """One sentence saying what does not fit, before anything changes."""
+    kind = dit_kind(model)
+    if adapter.config.base != kind:
+        raise IPAdapterError(
+            f"{name} is an IP-Adapter for {DESCRIPTIONS.get(adapter.config.base, adapter.config.base)} but this base "
+            f"is {DESCRIPTIONS.get(kind, type(model).__name__)}; use an adapter made for it"
+        )
+    blocks = {b.name: b for b in dit_blocks(model)}
+    mine = dict(adapter.named_layers())
+    if set(mine) != set(blocks):
+        raise IPAdapterError(
+            f"{name} has weights for {len(mine)} blocks but this transformer has {len(blocks)}; it was made for "
+            "another model size"
+        )
+    for block_name, weights in mine.items():
+        if weights.to_k_ip.out_features != blocks[block_name].width:
+            raise IPAdapterError(
+                f"{name}'s block {block_name} is {weights.to_k_ip.out_features} wide but the transformer's is "
+                f"{blocks[block_name].width}; it was made for another model size"
+            )
+
+
+class DiTAttachment:
+    """Adapters attached to one transformer; the same interface as `attach.Attachment` for the prompter."""
+
+    def __init__(self, model: nn.Module, adapters: Mapping[str, DiTAdapter], scheduler: Any = None) -> None:
+        self.model = model
+        self.kind = dit_kind(model)
+        self.adapters = dict(adapters)
+        self.scheduler = scheduler
+        self.runtime = Runtime()
+        self.step = StepState()
+        self.rows: int | None = None
+        self._originals: dict[str, Any] = {}
+        self._processors: list[BlockProcessor] = []
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._originals)
+
+    def _install(self) -> None:
+        processor_class = FluxIPProcessor if self.kind == "flux" else JointIPProcessor
+        per_block: dict[str, dict[str, nn.Module]] = {}
+        for adapter_name, adapter in self.adapters.items():
+            for block_name, weights in adapter.named_layers():
+                per_block.setdefault(block_name, {})[adapter_name] = weights
+        for block in dit_blocks(self.model):
+            attn = self.model.get_submodule(block.name)
+            self._originals[block.name] = attn.processor
+            processor = processor_class(block, attn.processor, self.runtime, self.step, per_block[block.name])
+            self._processors.append(processor)
+            attn.set_processor(processor)
+        self._hook = self.model.register_forward_pre_hook(self._before_call, with_kwargs=True)
+
+    def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        timestep = args[_TIMESTEP_POSITION] if len(args) > _TIMESTEP_POSITION else kwargs.get("timestep")
+        if self.kind == "flux":
+            ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
+            self.runtime.latent_hw = None if ids is None else _grid(ids)
+        else:
+            patch = self.model.config.patch_size
+            self.runtime.latent_hw = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
+            if self.rows is not None:
+                self.runtime.cfg = hidden.shape[0] == 2 * self.rows
+        self.runtime.progress = self._progress(timestep)
+        current = (self.runtime.generation, None if timestep is None else float(torch.as_tensor(timestep).flatten()[0]))
+        self.step.negative = self.kind == "flux" and current == self.step.last and timestep is not None
+        self.step.last = current
+        if self.kind == "sd3":
+            self._time_tokens(timestep, hidden.shape[0])
+
+    def _time_tokens(self, timestep: Any, batch: int) -> None:
+        """SD 3: each acting adapter's references through its timestep-aware resampler, once for all blocks."""
+        self.step.tokens, self.step.temb = {}, {}
+        for name, prompt in self.runtime.prompts.items():
+            if prompt.scale == 0.0 or prompt.step_factor(self.runtime.progress) == 0.0:
+                continue
+            adapter = self.adapters[name]
+            rows = [self.runtime.batch_tokens(r.cond, r.uncond, batch) for r in prompt.references]
+            if not rows:
+                continue
+            t = torch.as_tensor(timestep, device=adapter.device).flatten()
+            t = t.expand(batch) if t.numel() == 1 else t
+            features = torch.cat(rows).to(adapter.dtype)
+            tokens, temb = adapter.image_proj(features, t.repeat(len(rows)))
+            self.step.tokens[name] = list(tokens.split(batch))
+            self.step.temb[name] = temb[:batch]
+
+    def _progress(self, timestep: Any) -> float | None:
+        """Fraction of the denoising run at this call, from the scheduler's own timestep list."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is None or timestep is None or len(timesteps) == 0:
+            return None
+        t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype) * TIMESTEP_SCALE[self.kind]
+        return int(torch.argmin((timesteps - t).abs())) / len(timesteps)
+
+    def check_intact(self) -> None:
+        for name in self._originals:
+            if not isinstance(self.model.get_submodule(name).processor, BlockProcessor):
+                raise IPAdapterError(
+                    f"the attention processor of {name} was replaced after the adapter was attached (for example by "
+                    "set_attn_processor); attach the adapter again"
+                )
+
+    def set_prompts(self, prompts: Mapping[str, AdapterPrompt], *, rows: int | None = None, cfg: bool = False) -> None:
+        """Prompts for the next transformer calls; `rows` (prompts × images) lets SD 3's hook recognise a CFG batch."""
+        unknown = set(prompts) - set(self.adapters)
+        if unknown:
+            raise IPAdapterError(f"no adapter named {sorted(unknown)[0]!r}; attached: {', '.join(self.adapters)}")
+        known = set(self._originals)
+        for name, prompt in prompts.items():
+            names = set(prompt.layer_weights or ()) | set(prompt.uncond_layers)
+            for ref in prompt.references:
+                names |= set(ref.layer_weights or ())
+            if prompt.uncond_layers:
+                raise IPAdapterError(f"adapter {name!r}: unconditional layers are a UNet preset; a transformer has none")
+            stray = sorted(names - known)
+            if stray:
+                raise IPAdapterError(
+                    f"adapter {name!r}: layer weights name {stray[0]!r}, which is not an adapted block of this "
+                    f"transformer (blocks are named like {next(iter(known))!r})"
+                )
+        self.rows = rows
+        self.runtime.set(prompts, cfg=cfg, weights={name: self.adapters[name].weights_token() for name in prompts})
+        self.step.last = ()
+
+    def clear(self) -> None:
+        self.rows = None
+        self.runtime.clear()
+
+    def clear_cache(self) -> None:
+        for processor in self._processors:
+            processor.clear_cache()
+
+    def detach(self) -> None:
+        """Put back the exact processor objects that were there before."""
+        for name, original in self._originals.items():
+            self.model.get_submodule(name).set_processor(original)
+        self._originals.clear()
+        self._processors.clear()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _grid(ids: torch.Tensor) -> tuple[int, int]:
+    """FLUX's image-token grid from its position ids (row, column in channels 1 and 2)."""
+    ids = ids.reshape(-1, ids.shape[-1])
+    return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+
+
+def attach_dit(
+    model: nn.Module, adapters: DiTAdapter | list[DiTAdapter] | Mapping[str, DiTAdapter], *, scheduler: Any = None,
+) -> DiTAttachment:
+    """Attach one or several adapters (named "0", "1", ... unless a mapping is given) to a FLUX or SD 3 transformer."""
+    if isinstance(adapters, nn.Module):
+        adapters = [adapters]
+    if not isinstance(adapters, Mapping):
+        adapters = {str(i): a for i, a in enumerate(adapters)}
+    if any(isinstance(p, BlockProcessor) for p in model.attn_processors.values()):
+        raise IPAdapterError("this transformer already has adapters attached; detach them first or attach all together")
+    for name, adapter in adapters.items():
+        if not isinstance(adapter, DiTAdapter):
+            raise IPAdapterError(f"adapter {name!r} is an IP-Adapter for a UNet; this base is {DESCRIPTIONS[dit_kind(model)]}")
+        check_fits(model, adapter, f"adapter {name!r}")
+        if adapter.device != model.device:
+            raise IPAdapterError(f"adapter {name!r} is on {adapter.device} but the transformer on {model.device}; move it first")
+    attachment = DiTAttachment(model, adapters, scheduler)
+    attachment._install()
+    return attachment

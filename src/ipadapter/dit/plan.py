@@ -1,0 +1,93 @@
+"""Which adapters act at one transformer block during one generation, and with which reference groups.
+
+Resolved once per generation (each `Runtime.set`), as attention.py does for UNet layers; per call only the step
+window's factor is applied.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ipadapter.attention import Group, resize_mask
+from ipadapter.dit.blocks import Block
+from ipadapter.dit.step import StepState
+from ipadapter.runtime import AdapterPrompt, Runtime
+
+
+class BlockPlan(NamedTuple):
+    """One adapter at one block: its prompt, weights, scale × layer weight, and reference groups."""
+
+    name: str
+    prompt: AdapterPrompt
+    weights: nn.Module
+    layer_weight: float
+    groups: tuple[Group, ...]
+
+
+def reference_groups(prompt: AdapterPrompt, block: str) -> tuple[Group, ...]:
+    """Unmasked references share one attention over their concatenated tokens; each masked one is its own."""
+    refs = prompt.references
+    here = [i for i, r in enumerate(refs) if r.weight_at(block) != 0.0]
+    plain = tuple(i for i in here if refs[i].mask is None)
+    return ((Group(0, plain, None),) if plain else ()) + tuple(
+        Group(1 + i, (i,), refs[i].mask) for i in here if refs[i].mask is not None
+    )
+
+
+class BlockProcessor(nn.Module):
+    """The state every transformer block processor shares: the original processor (restored on detach, called
+    whenever nothing of ours acts), the runtime, this block's adapter weights, the per-generation plan and masks."""
+
+    def __init__(self, block: Block, original: object, runtime: Runtime, step: StepState,
+                 adapters: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.block = block
+        self.original = original
+        self.runtime = runtime
+        self.step = step
+        self.adapters = nn.ModuleDict(adapters)
+        self._plan: list[BlockPlan] = []
+        self._generation = -1
+        self._cache: dict[tuple, object] = {}
+
+    def clear_cache(self) -> None:
+        self._cache = {}
+
+    def plan(self) -> list[BlockPlan]:
+        if self._generation != self.runtime.generation:
+            self._plan, self._cache, self._generation = [], {}, self.runtime.generation
+            for name, weights in self.adapters.items():
+                prompt = self.runtime.prompts.get(name)
+                weight = prompt.layer_weight(self.block.name) if prompt is not None else 0.0
+                if weight != 0.0:
+                    self._plan.append(BlockPlan(name, prompt, weights, weight,
+                                                reference_groups(prompt, self.block.name)))
+        return self._plan
+
+    def active(self) -> list[tuple[BlockPlan, float]]:
+        """(plan, its weight at this step) for every plan that acts now."""
+        progress = self.runtime.progress
+        acting = [(p, p.layer_weight * p.prompt.step_factor(progress)) for p in self.plan()]
+        return [(p, w) for p, w in acting if w != 0.0]
+
+    def factors(self, p: BlockPlan, group: Group) -> list[float]:
+        """Each reference's own factor here (it multiplies that reference's values)."""
+        return [p.prompt.references[i].weight_at(self.block.name) for i in group.refs]
+
+    def mask_map(self, p: BlockPlan, group: Group, seq_len: int, like: torch.Tensor) -> torch.Tensor | None:
+        """A masked group's (1, 1, L, 1) weights on the image-token grid, made once per generation."""
+        if group.mask is None:
+            return None
+        key = ("mask", p.name, group.id, seq_len, self.runtime.latent_hw, like.device, like.dtype)
+        if key not in self._cache:
+            m = resize_mask(group.mask.to(like.device), seq_len, self.runtime.latent_hw)
+            self._cache[key] = m.to(like.dtype)[None, None]
+        return self._cache[key]
+
+
+def heads_layout(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, h·d) → (B, h, T, d)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)

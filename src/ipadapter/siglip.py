@@ -1,0 +1,69 @@
+"""The SigLIP vision encoder the SD 3.5 IP-Adapter reads (InstantX: so400m-patch14-384), behind `ImageEncoder`'s API.
+
+Its features are the penultimate hidden states (no class token, so patches only); there is no global embedding.
+The unconditional input is zero features, as the SD 3 pipeline and InstantX's training use (not the encoder's
+output on zero pixels, which the CLIP Plus adapters use).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ipadapter.encoders import ImageEncoder, _where
+from ipadapter.errors import IPAdapterError
+
+
+class SiglipEncoder(ImageEncoder):
+    """A `SiglipVisionModel` (a full SigLIP checkpoint loads its vision tower) with its image processor."""
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike, *, subfolder: str | None = None, device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+    ) -> "SiglipEncoder":
+        from transformers import SiglipImageProcessor, SiglipVisionModel
+
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        try:
+            model = SiglipVisionModel.from_pretrained(str(source), dtype=dtype, **kwargs)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise IPAdapterError(f"could not load a SigLIP vision encoder from {_where(source, subfolder)}: "
+                                 f"{str(err).splitlines()[0][:160]}") from None
+        try:
+            processor = SiglipImageProcessor.from_pretrained(str(source), **kwargs)
+        except (OSError, ValueError):
+            size = model.config.image_size
+            processor = SiglipImageProcessor(size={"height": size, "width": size})
+        return cls(model.to(device), processor, name=_where(source, subfolder))
+
+    @property
+    def global_dim(self) -> int:
+        return 0
+
+    @property
+    def patch_tokens(self) -> int:
+        config = self.model.config
+        return (config.image_size // config.patch_size) ** 2
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, features: str) -> torch.Tensor:
+        if features != "patch":
+            raise IPAdapterError("a SigLIP encoder gives patch features only; this adapter needs a CLIP encoder")
+        pixels = pixels.to(self.device, self.dtype)
+        return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # (B, P, H)
+
+    def uncond(self, features: str) -> torch.Tensor:
+        return torch.zeros(1, self.patch_tokens, self.patch_dim, device=self.device, dtype=self.dtype)
+
+
+def encoder_class(source: str, subfolder: str | None) -> type[ImageEncoder]:
+    """SigLIP for a folder whose config says so, CLIP otherwise (whose loader reports a missing folder)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, **({"subfolder": subfolder} if subfolder else {}))
+    except (OSError, ValueError):
+        return ImageEncoder
+    return SiglipEncoder if "siglip" in getattr(config, "model_type", "") else ImageEncoder

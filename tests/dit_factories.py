@@ -1,0 +1,199 @@
+"""Tiny diffusion transformers (FLUX, SD 3) and their pipelines, with adapter files in the published layouts.
+
+Real diffusers classes with small configs: the key layouts and shape patterns are the published ones, only sizes
+shrink. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests import factories
+
+FLUX_JOINT = 32  # joint_attention_dim: T5 width, and the IP tokens' width in the XLabs files
+FLUX_WIDTH = 32  # 2 heads × 16
+CLIP_DIM = 24  # tiny CLIP ViT-L/14 stand-in: image_embeds width (factories.image_encoder)
+
+
+def flux_transformer(seed: int = 0, *, joint: int = FLUX_JOINT, double: int = 2):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=double, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=joint, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    ).eval()
+
+
+def _rand(g: torch.Generator, *shape: int, scale: float = 0.3) -> torch.Tensor:
+    return torch.randn(*shape, generator=g) * scale
+
+
+def xlabs_state(*, tokens: int = 4, cross: int = FLUX_JOINT, width: int = FLUX_WIDTH, blocks: int = 2,
+                clip_dim: int = CLIP_DIM, seed: int = 1) -> dict[str, torch.Tensor]:
+    """An XLabs FLUX IP-Adapter file's tensors (flat keys as in `ip_adapter.safetensors`)."""
+    g = torch.Generator().manual_seed(seed)
+    flat = {
+        "ip_adapter_proj_model.proj.weight": _rand(g, tokens * cross, clip_dim),
+        "ip_adapter_proj_model.proj.bias": _rand(g, tokens * cross),
+        "ip_adapter_proj_model.norm.weight": 1 + _rand(g, cross, scale=0.1),
+        "ip_adapter_proj_model.norm.bias": _rand(g, cross, scale=0.1),
+    }
+    for i in range(blocks):
+        for kv in "kv":
+            prefix = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj"
+            flat[f"{prefix}.weight"] = _rand(g, width, cross)
+            flat[f"{prefix}.bias"] = _rand(g, width)
+    return flat
+
+
+def xlabs_as_diffusers(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The same tensors as diffusers' FLUX loader hands them to the transformer (its own key renaming, written out
+    here from the XLabs names so the oracle reads exactly the file's tensors)."""
+    out: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        if key.startswith("ip_adapter_proj_model."):
+            out["image_proj"][key.split(".", 1)[1]] = value.clone()
+        else:
+            _, i, _, name, kind = key.split(".")
+            kv = "k" if "_k_proj" in name else "v"
+            out["ip_adapter"][f"{i}.to_{kv}_ip.{kind}"] = value.clone()
+    return out
+
+
+def flux_vae(seed: int = 2):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=1, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5).eval()
+
+
+def t5(seed: int = 6, d_model: int = FLUX_JOINT):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=80, d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    return T5EncoderModel(cfg).eval()
+
+
+def flux_pipeline(folder: Path, seed: int = 0):
+    """A FluxPipeline with tiny random weights; `folder` receives its tokenizers (CLIP-style for both encoders: the
+    pipeline only calls them). The image encoder is not part of it, as with the published FLUX checkpoints."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(factories.write_tokenizer(folder / "tok")))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=flux_vae(2 + seed),
+        text_encoder=factories.text_encoder(1 + seed), tokenizer=tok, text_encoder_2=t5(6 + seed),
+        tokenizer_2=tok, transformer=flux_transformer(seed),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_flux_base(root: Path) -> Path:
+    """A FLUX pipeline folder with an image_encoder/ beside it, as `ipadapter generate --base` reads it."""
+    pipe = flux_pipeline(root / "parts")
+    folder = root / "flux"
+    pipe.save_pretrained(folder)
+    factories.write_image_encoder(folder / "image_encoder")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    return folder
+
+
+# ---- SD 3 / 3.5 (InstantX layout) -------------------------------------------------------------------------------
+
+SD3_WIDTH = 32  # 4 heads × 8: the joint blocks' width, which is also the IP tokens' width
+SIGLIP_DIM = 40  # tiny SigLIP hidden size (the published encoder: so400m, 1152)
+# diffusers' renaming of the InstantX resampler keys, undone so the factory writes the published names
+_INSTANTX_NAMES = [("ln0", "0.norm1"), ("ln1", "0.norm2"), ("attn.to_q", "0.to_q"), ("attn.to_kv", "0.to_kv"),
+                   ("attn.to_out.0", "0.to_out"), ("adaln_norm", "1.0"), ("ff.net.0.proj", "1.1"),
+                   ("ff.net.2", "1.3"), ("adaln_proj", "2.1")]
+
+
+def sd3_transformer(seed: int = 0, *, layers: int = 2, joint: int = 32):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=8,
+                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=joint,
+                                 pooled_projection_dim=64, out_channels=4).eval()
+
+
+def instantx_state(*, blocks: int = 2, width: int = SD3_WIDTH, feature_dim: int = SIGLIP_DIM, queries: int = 8,
+                   hidden: int = 64, timestep_dim: int = 16, seed: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+    """An InstantX SD 3.5 IP-Adapter `.bin`'s nested tensors, random, in the published key names."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    g = torch.Generator().manual_seed(seed)
+    proj = IPAdapterTimeImageProjection(embed_dim=feature_dim, output_dim=width, hidden_dim=hidden, depth=4,
+                                        heads=hidden // 64, num_queries=queries, timestep_in_dim=timestep_dim)
+    image_proj = {}
+    for key, value in proj.state_dict().items():
+        if key.startswith("layers."):
+            _, idx, rest = key.split(".", 2)
+            for ours, theirs in _INSTANTX_NAMES:
+                if rest.startswith(ours + "."):
+                    rest = theirs + rest[len(ours):]
+                    break
+            key = f"layers.{idx}.{rest}"
+        image_proj[key] = _rand(g, *value.shape, scale=0.2) + (1.0 if "norm" in key and key.endswith("weight") else 0)
+    ip = {}
+    for i in range(blocks):
+        proc = SD3IPAdapterJointAttnProcessor2_0(width, width, width // 4, timesteps_emb_dim=hidden)
+        for key, value in proc.state_dict().items():
+            ip[f"{i}.{key}"] = _rand(g, *value.shape, scale=0.2) + (1.0 if key.startswith("norm_") and
+                                                                     key.endswith(".weight") and "linear" not in key else 0)
+    return {"image_proj": image_proj, "ip_adapter": ip}
+
+
+def siglip(seed: int = 7):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    cfg = SiglipVisionConfig(hidden_size=SIGLIP_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=24, patch_size=8)  # 3 × 3 = 9 patches
+    return SiglipVisionModel(cfg).eval()
+
+
+def sd3_pipeline(folder: Path, seed: int = 0):
+    """A StableDiffusion3Pipeline with tiny random weights (CLIP-style tokenizers for all three text encoders: the
+    pipeline only calls them). T5 is 64 wide: the two CLIP encoders' hidden states (32 + 32) are padded to it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(factories.write_tokenizer(folder / "tok")))
+    torch.manual_seed(2 + seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=sd3_transformer(seed, joint=64), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=factories.text_encoder(1 + seed, projection=True), tokenizer=tok,
+        text_encoder_2=factories.text_encoder(5 + seed, projection=True), tokenizer_2=tok,
+        text_encoder_3=t5(6 + seed, d_model=64), tokenizer_3=tok,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_sd3_base(root: Path) -> Path:
+    """An SD 3 pipeline folder with a SigLIP image_encoder/ beside it."""
+    from transformers import SiglipImageProcessor
+
+    folder = root / "sd3"
+    sd3_pipeline(root / "parts").save_pretrained(folder)
+    siglip().save_pretrained(folder / "image_encoder")
+    SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(folder / "image_encoder")
+    return folder

@@ -1,0 +1,70 @@
+"""Training a FLUX adapter on the flow-matching loss: the loss on a fixed batch falls, and the result, written in
+XLabs' layout, loads in diffusers' FLUX loader and gives diffusers the same transformer output as ours."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ipadapter.dit.attach import attach_dit
+from ipadapter.dit.checkpoint import load_dit_adapter
+from ipadapter.dit.train_flux import draw_drop, encode, flow_matching_loss, save_xlabs, train_flux_adapter
+from ipadapter.encoders import ImageEncoder
+from tests import dit_factories as df
+from tests import factories
+
+
+def test_dropout_rates_are_five_percent_each() -> None:
+    drop = draw_drop(200_000, torch.Generator().manual_seed(0))
+    rates = [float((drop == code).float().mean()) for code in (1, 2, 3)]
+    assert all(abs(r - 0.05) < 0.003 for r in rates)
+
+
+def test_loss_falls_and_the_file_loads_in_diffusers(tmp_path) -> None:
+    from transformers import CLIPImageProcessor
+
+    pipe = df.flux_pipeline(tmp_path)
+    encoder = ImageEncoder(factories.image_encoder(), CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), name="tiny-clip")
+    colours = [(230, 40, 40), (40, 200, 60), (40, 60, 230), (230, 220, 40)]
+    images = [Image.fromarray(np.full((16, 16, 3), c, np.uint8)) for c in colours]
+    captions = ["a square"] * 4  # the text says nothing of the colour: only the image prompt can
+    data = encode(pipe, encoder, images, captions, 16, max_sequence_length=8)
+    g = torch.Generator().manual_seed(5)
+    sigma, noise = torch.rand(4, generator=g) * 0.5 + 0.5, torch.randn(data.latents.shape, generator=g)
+    keep = torch.zeros(4, dtype=torch.long)
+
+    def fixed_loss(adapter) -> float:
+        attachment = attach_dit(pipe.transformer, adapter)
+        with torch.no_grad():
+            loss = float(flow_matching_loss(attachment, adapter, data, sigma=sigma, noise=noise, drop=keep))
+        attachment.detach()
+        return loss
+
+    from ipadapter.dit.train_flux import new_flux_adapter
+
+    torch.manual_seed(0)
+    start = new_flux_adapter(pipe.transformer, clip_dim=encoder.global_dim)
+    before = fixed_loss(start)
+    trained, losses = train_flux_adapter(pipe, encoder, images, captions, steps=60, size=16, adapter=start, lr=3e-3,
+                                         max_sequence_length=8)
+    after = fixed_loss(trained)
+    assert len(losses) == 60 and after < 0.9 * before
+
+    path = save_xlabs(trained, tmp_path / "trained" / "ip_adapter.safetensors")
+    ours = load_dit_adapter(path, pipe.transformer)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), trained.state_dict().values()))
+    pipe.load_ip_adapter(str(path.parent), weight_name=path.name, image_encoder_pretrained_model_name_or_path=None)
+    x = {"hidden_states": data.latents, "encoder_hidden_states": data.text, "pooled_projections": data.pooled,
+         "timestep": sigma, "img_ids": data.image_ids, "txt_ids": data.text_ids}
+    with torch.no_grad():
+        expected = pipe.transformer(**x, joint_attention_kwargs={"ip_adapter_image_embeds": [data.clip[:, None]]}).sample
+    pipe.unload_ip_adapter()
+    from ipadapter.runtime import AdapterPrompt, Reference
+
+    attachment = attach_dit(pipe.transformer, ours)
+    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=ours.project(data.clip))])}, rows=4)
+    with torch.no_grad():
+        got = pipe.transformer(**x).sample
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
