@@ -31,6 +31,8 @@ PLACES = {
     "src/ipadapter/train/": "train",
     "src/ipadapter/evaluate/": "eval",
     "src/ipadapter/miniature/quality.py": "eval",
+    "src/ipadapter/miniature/report.py": "eval",
+    "src/ipadapter/miniature/protocol.py": "eval",
     "src/ipadapter/app/": "app",
     "tests/": "test",
     "benchmarks/": "test",  # imported by tests/test_benchmarks.py

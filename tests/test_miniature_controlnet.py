@@ -209,7 +209,7 @@ def test_adapter_is_on_the_unet_never_on_the_controlnet(tiny_base) -> None:
 def test_sdxl_base_gets_the_sdxl_controlnet_pipeline(tmp_path) -> None:
     from diffusers import StableDiffusionXLControlNetPipeline
 
-    from ipadapter.prompter import add_controlnet
+    from ipadapter.pipelines import add_controlnet
 
     pipe = factories.tiny_sdxl_pipeline(tmp_path)
     controlnet.build_controlnet(pipe.unet, channels=(16, 32)).save_pretrained(tmp_path / "cn")
@@ -222,7 +222,7 @@ def test_sdxl_base_gets_the_sdxl_controlnet_pipeline(tmp_path) -> None:
 
 def test_miniature_keyword_uses_the_shipped_controlnet(tmp_path) -> None:
     from ipadapter.loading import controlnet_source
-    from ipadapter.miniature.assets import CONTROLNET_DIR
+    from ipadapter.bundled import CONTROLNET_DIR
 
     if not (CONTROLNET_DIR / "config.json").is_file():
         pytest.skip("the miniature ControlNet is not exported yet")
