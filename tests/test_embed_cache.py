@@ -45,9 +45,9 @@ def test_size_zero_disables_and_lru_evicts_by_bytes() -> None:
 def test_other_encoder_does_not_reuse_entries() -> None:
     cache = EmbeddingCache()
     first, calls_a = _counting_encoder(cache, seed=0)
-    other, calls_b = _counting_encoder(cache, seed=0)
-    other.model.config.hidden_act = "gelu"  # a different encoder configuration → a different identity
-    other._identity = other.identity()
+    model, calls_b = _counting_encoder(cache, seed=0)
+    model.model.config.hidden_act = "gelu"  # a different encoder configuration → a different identity
+    other = ImageEncoder(model.model, model.processor, name="tiny0", cache=cache)  # same name, other identity
     img = factories.reference_image(3)
     first.encode([img], "global")
     other.encode([img], "global")

@@ -64,7 +64,7 @@ def test_controlnet_maps_a_64px_mask_to_the_latent_grid_and_starts_as_a_no_op() 
     unet = _tiny_unet()
     cn = controlnet.build_controlnet(unet).eval()
     mask = world.make_masked_batch(0, 2)[1]
-    cond = controlnet.mask_condition(controlnet._mask_u8(mask))
+    cond = controlnet.mask_condition(controlnet.mask_u8(mask))
     assert cond.shape == (2, 3, 64, 64) and 0.0 <= cond.min() and cond.max() == 1.0
     assert cn.controlnet_cond_embedding(cond).shape == (2, 32, base_model.LATENT_PX, base_model.LATENT_PX)
     x, text = torch.randn(2, base_model.LATENT_CHANNELS, 16, 16), torch.randn(2, 5, 32)

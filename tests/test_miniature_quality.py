@@ -12,7 +12,7 @@ import torch
 from ipadapter.miniature import quality
 from ipadapter.miniature.models import Models
 from ipadapter.miniature.quality import CONDITIONS, QUICK, Condition, asked_for, check_targets, other_shapes, prompt_for
-from ipadapter.miniature.world import ATTRIBUTES, COLOURS, Attrs, caption
+from ipadapter.miniature.world import ATTRIBUTES, COLOURS, Attrs
 
 REF = Attrs("circle", "red", "large", "top left", "blue", "checkered")
 MASK_SCENE = Attrs("cross", "green", "small", "bottom right", "white", "plain")

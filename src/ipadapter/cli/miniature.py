@@ -55,8 +55,8 @@ def _quality(args: argparse.Namespace) -> int:
     size = replace(size, references=args.n or size.references, steps=args.steps or size.steps)
     if args.models is not None and not Path(args.models).is_dir():
         raise IPAdapterError(f"--models {args.models} is not a folder")
-    output_folder(args.out, "--out")
     models = Models.from_folder(args.models) if args.models else None
+    output_folder(args.out, "--out")
     _threads(args)
     results = evaluate(Path(args.out), models=models, size=size)
     for name, row in results["rows"].items():

@@ -44,7 +44,7 @@ def mask_condition(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
     return m[:, None].expand(-1, 3, -1, -1)
 
 
-def _mask_u8(masks: np.ndarray) -> np.ndarray:
+def mask_u8(masks: np.ndarray) -> np.ndarray:
     """Coverage in [0, 1] -> the 8-bit values a saved mask PNG holds, so training sees exactly what users give."""
     return (np.clip(masks, 0, 1) * 255 + 0.5).astype(np.uint8)
 
@@ -62,7 +62,7 @@ def build_cache(out_dir: str | Path, pipeline_dir: str | Path, n: int = 4096, se
     tokenizer = tok.load_tokenizer(pipeline_dir / "tokenizer")
     images, masks, attrs = make_masked_batch(seed, n)
     cache = encode_scenes(vae, text_encoder, tokenizer, images, attrs, "controlnet cache")
-    cache["masks"] = torch.from_numpy(_mask_u8(masks))
+    cache["masks"] = torch.from_numpy(mask_u8(masks))
     atomic_torch_save(cache, path)
     log.info("controlnet cache: %d scenes saved to %s", n, path)
     return path
@@ -204,7 +204,7 @@ def evaluate_controlnet(out: Path, n: int = 24, steps: int = 25, guidance: float
                      report[f"{mode}_prompt_controlnet_{scale:g}"])
     prompter.detach()
     write_text(out / "controlnet_eval.json", json.dumps(report, indent=2))
-    columns = [("reference", refs), ("mask", _mask_u8(masks)), ("with ControlNet", samples[("image", 1.0)]),
+    columns = [("reference", refs), ("mask", mask_u8(masks)), ("with ControlNet", samples[("image", 1.0)]),
                ("without", samples[("image", 0.0)])]
     save_png(image_grid([(title, [Image.fromarray(a) for a in arrays]) for title, arrays in columns]),
              out / "controlnet_samples.png")

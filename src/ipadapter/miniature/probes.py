@@ -41,10 +41,15 @@ def linear_probe(
 
 
 @torch.no_grad()
-def image_features(encoder, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global `image_embeds`, flattened penultimate patch tokens) of a `CLIPVisionModelWithProjection`."""
-    out = encoder(pixel_values=tiny_clip.pixels(images), output_hidden_states=True)
-    return out.image_embeds, out.hidden_states[-2].flatten(1)
+def image_features(encoder, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global `image_embeds`, flattened penultimate patch tokens) of a `CLIPVisionModelWithProjection`, in batches
+    (a 257-token encoder's attention maps for thousands of images at once would not fit in memory)."""
+    globals_, patches = [], []
+    for start in range(0, len(images), batch):
+        out = encoder(pixel_values=tiny_clip.pixels(images[start : start + batch]), output_hidden_states=True)
+        globals_.append(out.image_embeds)
+        patches.append(out.hidden_states[-2].flatten(1))
+    return torch.cat(globals_), torch.cat(patches)
 
 
 def encoder_probes(encoder, n_train: int = 3072, n_test: int = 1024, iters: int = 300) -> dict[str, dict[str, float]]:
@@ -100,9 +105,12 @@ def vae_ceiling(vae, judge, n: int = 512) -> dict[str, float]:
     from ipadapter.miniature.base_model import to_model_range
 
     images, attrs = make_batch(2027, n, "heldout")
-    x = to_model_range(images)
-    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    return judge.accuracy(((recon.permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).astype(np.uint8), attrs)
+    recon = []
+    for start in range(0, n, 128):
+        x = to_model_range(images[start : start + 128])
+        recon.append(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1))
+    pixels = ((torch.cat(recon).permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).astype(np.uint8)
+    return judge.accuracy(pixels, attrs)
 
 
 def partial_accuracy(

@@ -24,8 +24,9 @@ from ipadapter.errors import IPAdapterError
 from ipadapter.miniature import probes
 from ipadapter.miniature.models import Loaded, Models
 from ipadapter.miniature.runloop import log
-from ipadapter.miniature.world import ATTRIBUTES, SHAPES, Attrs, caption, make_batch, make_masked_batch, mask_image
-from ipadapter.miniature.world import PALETTE, POSITIONS
+from ipadapter.miniature.world import (
+    ATTRIBUTES, PALETTE, POSITIONS, SHAPES, Attrs, caption, make_batch, make_masked_batch, mask_image,
+)
 
 REFERENCE_SEED, MASK_SEED, SHAPE_SEED, PIL_SEED = 9100, 9200, 9300, 9400
 # The text of the "+ text" condition names only the new shape: naming colours would make colour agreement trivial.
