@@ -10,7 +10,6 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,12 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ipadapter.atomic import save_safetensors, write_text
+from ipadapter.evaluate.judges import ClipJudge
 from ipadapter.miniature import tiny_clip
 from ipadapter.miniature.runloop import TrainRun, log
 from ipadapter.miniature.world import ATTRIBUTES, SIZE_PX, Attrs, caption, make_batch
-
-if TYPE_CHECKING:  # the evaluation's modules load only when a judge is used (they need the eval extra)
-    from ipadapter.evaluate.judges import ClipJudge
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_CONFIG = "classifier.json"
@@ -135,8 +132,6 @@ class Judge:
         """`judge_dir` holds classifier.* and (unless `clip_dir` is given) the judge CLIP in `clip/`."""
         from safetensors.torch import load_file
 
-        from ipadapter.evaluate.judges import ClipJudge
-
         judge_dir = Path(judge_dir)
         config = json.loads((judge_dir / CLASSIFIER_CONFIG).read_text())
         classifier = AttributeClassifier(width=config["width"])
@@ -161,7 +156,7 @@ class Judge:
 
     def image_similarity(self, images_a, images_b) -> torch.Tensor:
         """CLIP-I pairwise by position (`ipadapter.evaluate.metrics.clip_i`)."""
-        from ipadapter.evaluate.metrics import clip_i
+        from ipadapter.evaluate.metrics import clip_i  # needs the eval extra (scipy)
 
         return clip_i(self.clip, as_pil(images_a), as_pil(images_b))
 
