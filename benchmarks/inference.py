@@ -266,8 +266,8 @@ class Bench:
         images = self.images if masked else self.images[:1]
         gen = dict(height=s.resolution, width=s.resolution, output_type="latent")
         if impl == "ipadapter":
-            name, refs = self.prompter.references(images, masks=self.masks if masked else None)
-            out = self.prompter.generate({name: AdapterPrompt(refs)}, prompt=PROMPT, steps=s.steps,
+            refs = self.prompter.references(images, masks=self.masks if masked else None)
+            out = self.prompter.generate(AdapterPrompt(refs), prompt=PROMPT, steps=s.steps,
                                          guidance=s.guidance, seed=0, **gen)
             return torch.stack(out)
         extra: dict[str, Any] = {}

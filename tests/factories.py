@@ -122,19 +122,10 @@ def published(unet: UNet2DConditionModel, family: str, cross: int, lora_rank: in
 
 
 def tiny_tokenizer(folder) -> "CLIPTokenizer":
-    """A character-level CLIPTokenizer written to `folder` (no download)."""
-    import json
-    import string
-
+    """A character-level CLIPTokenizer (16 positions) written to `folder` and read back (no download)."""
     from transformers import CLIPTokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in string.ascii_lowercase + string.digits + ",.!":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=16)
+    return CLIPTokenizer.from_pretrained(str(write_tokenizer(Path(folder), max_length=16)))
 
 
 def tiny_text_encoder(hidden: int, seed: int = 0, projection: int | None = None):
@@ -229,8 +220,9 @@ RES = 16  # pixels: VAE ÷2, UNet ÷2 → resolution must be a multiple of 4
 
 
 def write_tokenizer(folder: Path, max_length: int = 8) -> Path:
+    """A character-level CLIP tokenizer folder (vocabulary < 80, the tiny text encoders' size)."""
     folder.mkdir(parents=True, exist_ok=True)
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.!"
     vocab = {BOS: 0, EOS: 1}
     for c in chars:
         vocab.setdefault(c, len(vocab))
@@ -244,25 +236,6 @@ def write_tokenizer(folder: Path, max_length: int = 8) -> Path:
     (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS,
                                                                  "pad_token": EOS, "unk_token": EOS}))
     return folder
-
-
-def text_encoder(seed: int = 1, *, projection: bool = False, hidden: int = CROSS):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=80, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, projection_dim=hidden,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
-
-
-def vae(seed: int = 2):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=RES).eval()
 
 
 def unet(seed: int = 3, *, sdxl: bool = False):
@@ -288,26 +261,17 @@ def scheduler(prediction_type: str = "epsilon"):
                          prediction_type=prediction_type)
 
 
-def image_encoder(seed: int = 4):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, projection_dim=24)
-    return CLIPVisionModelWithProjection(cfg).eval()
-
-
 def write_base(folder: Path, *, sdxl: bool = False, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """A diffusers pipeline folder with tiny random weights."""
     folder.mkdir(parents=True, exist_ok=True)
     unet(3 + seed, sdxl=sdxl).save_pretrained(folder / "unet")
-    vae(2 + seed).save_pretrained(folder / "vae")
+    tiny_vae(2 + seed).save_pretrained(folder / "vae")
     scheduler(prediction_type).save_pretrained(folder / "scheduler")
     write_tokenizer(folder / "tokenizer")
-    text_encoder(1 + seed).save_pretrained(folder / "text_encoder")
+    tiny_text_encoder(CROSS, 1 + seed).save_pretrained(folder / "text_encoder")
     if sdxl:
         write_tokenizer(folder / "tokenizer_2")
-        text_encoder(5 + seed, projection=True).save_pretrained(folder / "text_encoder_2")
+        tiny_text_encoder(CROSS, 5 + seed, projection=CROSS).save_pretrained(folder / "text_encoder_2")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
 
@@ -315,7 +279,7 @@ def write_base(folder: Path, *, sdxl: bool = False, prediction_type: str = "epsi
 def write_image_encoder(folder: Path, seed: int = 4, *, processor: bool = True) -> Path:
     from transformers import CLIPImageProcessor
 
-    image_encoder(seed).save_pretrained(folder)
+    tiny_image_encoder(seed)[0].save_pretrained(folder)
     if processor:
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
@@ -332,11 +296,11 @@ def in_memory(*, sdxl: bool = False, prediction_type: str = "epsilon"):
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(Path(tmp) / "tok")))
-    encoders = [text_encoder(1)] + ([text_encoder(5, projection=True)] if sdxl else [])
-    models = BaseModels(unet=unet(3, sdxl=sdxl), scheduler_config=dict(scheduler(prediction_type).config), vae=vae(2),
+    encoders = [tiny_text_encoder(CROSS, 1)] + ([tiny_text_encoder(CROSS, 5, projection=CROSS)] if sdxl else [])
+    models = BaseModels(unet=unet(3, sdxl=sdxl), scheduler_config=dict(scheduler(prediction_type).config), vae=tiny_vae(2),
                         tokenizers=[tok] * len(encoders), text_encoders=encoders, name="tiny")
     proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return models, ImageEncoder(image_encoder(4), proc, name="tiny-clip")
+    return models, ImageEncoder(tiny_image_encoder(4)[0], proc, name="tiny-clip")
 
 
 COLOURS = [(230, 40, 40), (40, 200, 60), (40, 60, 230), (230, 220, 40), (200, 40, 200), (40, 200, 200)]
@@ -402,3 +366,59 @@ def reset_accelerate() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+# ---- measuring models of the evaluation tests -----------------------------------------------------------
+def tiny_clip(seed: int = 0, image_size: int = 32):
+    """A `CLIPModel` whose text tower reads `tiny_tokenizer` ids (vocab 80, 16 positions), 8 px patches."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(common, vocab_size=80, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(common, image_size=image_size, patch_size=8), projection_dim=24,
+    )
+    return CLIPModel(config).eval()
+
+
+def save_judge(folder, image_size: int = 32) -> str:
+    """A judge CLIP folder as `ClipJudge.load` reads it (model, tokenizer, image processor)."""
+    from transformers import CLIPImageProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_clip(image_size=image_size).save_pretrained(folder)
+    tiny_tokenizer(folder).save_pretrained(folder)
+    size = {"shortest_edge": image_size}, {"height": image_size, "width": image_size}
+    CLIPImageProcessor(size=size[0], crop_size=size[1]).save_pretrained(folder)
+    return str(folder)
+
+
+def fake_miniature_assets(root, pipe_dir, adapter_state) -> None:
+    """An assets folder laid out as `ipadapter.bundled` expects, with tiny random models (64-px judge)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ipadapter.miniature.judge import CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, AttributeClassifier
+    from ipadapter.miniature.world import ATTRIBUTES
+
+    shutil.copytree(pipe_dir, root / "pipeline")
+    (root / "adapters").mkdir(parents=True)
+    flat = {f"{part}.{k}": v.contiguous() for part, sd in adapter_state.items() for k, v in sd.items()}
+    save_file(flat, root / "adapters" / "base.safetensors")
+    judge = root / "judge"
+    save_judge(judge / "clip", image_size=64)
+    torch.manual_seed(0)
+    save_file(AttributeClassifier(width=8).state_dict(), judge / CLASSIFIER_WEIGHTS)
+    (judge / CLASSIFIER_CONFIG).write_text(json.dumps({"width": 8, "attributes": ATTRIBUTES}))
+
+
+def save_dino(folder) -> str:
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)
+    Dinov2Model(config).eval().save_pretrained(folder)
+    return str(folder)

@@ -234,8 +234,8 @@ def test_changed_reference_weight_between_generations_of_a_prompter_equals_diffu
         diffusers_pipe.set_ip_adapter_scale(weight)
         expected = diffusers_pipe(prompt="a red", ip_adapter_image=image, num_inference_steps=2, guidance_scale=6.0,
                                   generator=torch.Generator().manual_seed(0), **gen).images
-        name, refs = prompter.references([image], weights=[weight])
-        got = prompter.generate({name: refs}, prompt="a red", seed=0, steps=2, guidance=6.0, **gen)
+        refs = prompter.references([image], weights=[weight])
+        got = prompter.generate(refs, prompt="a red", seed=0, steps=2, guidance=6.0, **gen)
         torch.testing.assert_close(torch.from_numpy(got[0]), torch.from_numpy(expected[0]), atol=1e-4, rtol=0,
                                    msg=f"reference weight {weight}")
     prompter.detach()

@@ -30,7 +30,10 @@ PLACES = {
     "src/ipadapter/": None,
     "src/ipadapter/train/": "train",
     "src/ipadapter/evaluate/": "eval",
+    "src/ipadapter/evaluate/judges.py": None,  # CLIP judges on the core's torch + transformers (the miniature's judge)
     "src/ipadapter/miniature/quality.py": "eval",
+    "src/ipadapter/miniature/report.py": "eval",
+    "src/ipadapter/miniature/protocol.py": "eval",
     "src/ipadapter/app/": "app",
     "tests/": "test",
     "benchmarks/": "test",  # imported by tests/test_benchmarks.py

@@ -45,9 +45,9 @@ def test_size_zero_disables_and_lru_evicts_by_bytes() -> None:
 def test_other_encoder_does_not_reuse_entries() -> None:
     cache = EmbeddingCache()
     first, calls_a = _counting_encoder(cache, seed=0)
-    other, calls_b = _counting_encoder(cache, seed=0)
-    other.model.config.hidden_act = "gelu"  # a different encoder configuration → a different identity
-    other._identity = other.identity()
+    model, calls_b = _counting_encoder(cache, seed=0)
+    model.model.config.hidden_act = "gelu"  # a different encoder configuration → a different identity
+    other = ImageEncoder(model.model, model.processor, name="tiny0", cache=cache)  # same name, other identity
     img = factories.reference_image(3)
     first.encode([img], "global")
     other.encode([img], "global")
@@ -74,9 +74,9 @@ def _prompter(cache: EmbeddingCache):
 def test_repeated_reference_and_uncond_skip_the_projection_head() -> None:
     prompter, adapter, projections = _prompter(EmbeddingCache())
     img = factories.reference_image(4)
-    _, first = prompter.references([img, img])
+    first = prompter.references([img, img])
     assert projections == [1, 1], "two equal images: one row projected; the unconditional row once"
-    _, again = prompter.references([img])
+    again = prompter.references([img])
     assert projections == [1, 1], "a repeated reference and the unconditional image come from the cache"
     with torch.no_grad():
         fresh = adapter.project(*prompter.features(adapter, [img]))
@@ -85,7 +85,7 @@ def test_repeated_reference_and_uncond_skip_the_projection_head() -> None:
         next(adapter.image_proj.parameters()).mul_(1.5)  # the adapter's weights changed in place, and it is told
     adapter.weights_changed()
     del projections[:]
-    _, changed = prompter.references([img])
+    changed = prompter.references([img])
     assert projections == [1, 1], "new weights: the reference and the unconditional image are projected again"
     assert (changed[0].cond - first[0].cond).abs().max() > 1e-4
     adapter.image_proj.load_state_dict(adapter.image_proj.state_dict())  # a load of any part counts by itself

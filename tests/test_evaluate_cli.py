@@ -10,14 +10,13 @@ from PIL import Image
 from ipadapter.cli.main import main
 from ipadapter.evaluate.manifests import write_manifest
 from tests import factories
-from tests import test_evaluate_factories as eval_factories
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     factories.save_tiny_sd15_pipeline(root)
-    eval_factories.save_judge(root / "judge")
+    factories.save_judge(root / "judge")
     for i in range(2):
         factories.reference_image(i).save(root / f"ref{i}.png")
     write_manifest(root / "refs.jsonl", [{"image_file": "ref0.png", "text": "a red circle"},
@@ -72,14 +71,14 @@ def test_bad_input_is_one_line(setup, case, tmp_path, capsys) -> None:
 
 
 def test_without_model_flags_it_evaluates_the_bundled_miniature_with_its_judge(setup, tmp_path, monkeypatch, capsys) -> None:
-    from ipadapter.miniature import assets
+    from ipadapter import bundled
 
     pipe = factories.tiny_sd15_pipeline(tmp_path)
-    eval_factories.fake_miniature_assets(tmp_path / "assets", setup / "pipe",
+    factories.fake_miniature_assets(tmp_path / "assets", setup / "pipe",
                                          factories.published(pipe.unet, "base", factories.SD15_CROSS))
-    monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path / "assets")
-    monkeypatch.setattr(assets, "PIPELINE_DIR", tmp_path / "assets" / "pipeline")
-    monkeypatch.setattr(assets, "JUDGE_DIR", tmp_path / "assets" / "judge")
+    monkeypatch.setattr(bundled, "ASSETS_DIR", tmp_path / "assets")
+    monkeypatch.setattr(bundled, "PIPELINE_DIR", tmp_path / "assets" / "pipeline")
+    monkeypatch.setattr(bundled, "JUDGE_DIR", tmp_path / "assets" / "judge")
     out = tmp_path / "mini"
     assert main(["evaluate", "--out", str(out), "--limit", "2", "--samples", "1", "--scales", "0,1", "--steps", "2"]) == 0
     results = json.loads((out / "results.json").read_text())

@@ -11,12 +11,11 @@ from ipadapter.errors import IPAdapterError
 from ipadapter.evaluate import extractors, metrics
 from ipadapter.evaluate.judges import ClipJudge, pooled
 from tests import factories
-from tests import test_evaluate_factories as eval_factories
 
 
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
-    return eval_factories.save_judge(tmp_path_factory.mktemp("judge"))
+    return factories.save_judge(tmp_path_factory.mktemp("judge"))
 
 
 def test_fid_of_a_set_with_itself_is_zero() -> None:
@@ -91,7 +90,7 @@ def test_a_judge_that_is_not_a_clip_is_a_user_error(tmp_path) -> None:
 def test_dino_i_is_the_cls_token_cosine(tmp_path) -> None:
     from transformers import Dinov2Model
 
-    path = eval_factories.save_dino(tmp_path / "dino")
+    path = factories.save_dino(tmp_path / "dino")
     embed = extractors.dino_embedder(path)
     images = [factories.reference_image(s) for s in range(3)]
     model = Dinov2Model.from_pretrained(path).eval()

@@ -7,8 +7,8 @@ import json
 import torch
 
 from ipadapter.evaluate.manifests import read_manifest
-from ipadapter.evaluate.miniature import attribute_agreement, miniature_manifest
 from ipadapter.miniature.judge import AttributeClassifier, Judge
+from ipadapter.miniature.protocol import miniature_manifest
 from ipadapter.miniature.world import ATTRIBUTES, HELD_OUT, Attrs, caption
 
 
@@ -32,8 +32,10 @@ def test_reference_scenes_use_held_out_triples(tmp_path) -> None:
 
 def test_attribute_agreement_reports_every_attribute_and_all(tmp_path) -> None:
     torch.manual_seed(0)
-    judge = Judge(AttributeClassifier(width=8), torch.nn.Linear(1, 1), tokenizer=None)
+    judge = Judge(AttributeClassifier(width=8), clip=None)
     manifest = read_manifest(miniature_manifest(tmp_path, 3))
     images = [e.image() for e in manifest.entries]
-    report = attribute_agreement(judge, images, [e.attrs for e in manifest.entries])
+    report = judge.accuracy(images, [e.attrs for e in manifest.entries])
     assert set(report) == set(ATTRIBUTES) | {"all"} and all(0 <= v <= 1 for v in report.values())
+    predicted = [Attrs(**p) for p in judge.predict(images)]
+    assert judge.accuracy(images, predicted) == dict.fromkeys([*ATTRIBUTES, "all"], 1.0)

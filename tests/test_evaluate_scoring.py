@@ -12,7 +12,6 @@ from ipadapter.evaluate.manifests import read_manifest, write_manifest
 from ipadapter.evaluate.runner import Plan, load_samples, sample_path
 from ipadapter.evaluate.scoring import Toolbox, score_run
 from tests import factories
-from tests import test_evaluate_factories as eval_factories
 
 PLAN = Plan(("ip",), (1.0,), samples=2, seed=0, empty_prompt=False, settings={})
 
@@ -40,7 +39,7 @@ def _features(images) -> np.ndarray:
 def test_row_aggregates_each_metric_as_its_definition(run_dir) -> None:
     out, entries = run_dir
     net = torch.nn.Conv2d(3, 4, 3)
-    box = Toolbox(judge=ClipJudge.load(eval_factories.save_judge(out / "judge")), inception=_features,
+    box = Toolbox(judge=ClipJudge.load(factories.save_judge(out / "judge")), inception=_features,
                   lpips=extractors.feature_distance(net, size=32), dino=lambda ims: torch.from_numpy(_features(ims)))
     row = score_run(PLAN, entries, out, "ip", 1.0, box, chunk=2)
     gens = [im for e in entries for im in load_samples(PLAN, e, "ip", 1.0, out)]

@@ -64,7 +64,7 @@ def test_controlnet_maps_a_64px_mask_to_the_latent_grid_and_starts_as_a_no_op() 
     unet = _tiny_unet()
     cn = controlnet.build_controlnet(unet).eval()
     mask = world.make_masked_batch(0, 2)[1]
-    cond = controlnet.mask_condition(controlnet._mask_u8(mask))
+    cond = controlnet.mask_condition(controlnet.mask_u8(mask))
     assert cond.shape == (2, 3, 64, 64) and 0.0 <= cond.min() and cond.max() == 1.0
     assert cn.controlnet_cond_embedding(cond).shape == (2, 32, base_model.LATENT_PX, base_model.LATENT_PX)
     x, text = torch.randn(2, base_model.LATENT_CHANNELS, 16, 16), torch.randn(2, 5, 32)
@@ -209,7 +209,7 @@ def test_adapter_is_on_the_unet_never_on_the_controlnet(tiny_base) -> None:
 def test_sdxl_base_gets_the_sdxl_controlnet_pipeline(tmp_path) -> None:
     from diffusers import StableDiffusionXLControlNetPipeline
 
-    from ipadapter.prompter import add_controlnet
+    from ipadapter.pipelines import add_controlnet
 
     pipe = factories.tiny_sdxl_pipeline(tmp_path)
     controlnet.build_controlnet(pipe.unet, channels=(16, 32)).save_pretrained(tmp_path / "cn")
@@ -222,7 +222,7 @@ def test_sdxl_base_gets_the_sdxl_controlnet_pipeline(tmp_path) -> None:
 
 def test_miniature_keyword_uses_the_shipped_controlnet(tmp_path) -> None:
     from ipadapter.loading import controlnet_source
-    from ipadapter.miniature.assets import CONTROLNET_DIR
+    from ipadapter.bundled import CONTROLNET_DIR
 
     if not (CONTROLNET_DIR / "config.json").is_file():
         pytest.skip("the miniature ControlNet is not exported yet")

@@ -27,9 +27,9 @@ def _original_batch(seed: int, n: int, split: str = "train") -> tuple[np.ndarray
     attrs = [world.sample_attrs(rng, split) for _ in range(n)]
     images, masks = [], []
     for a in attrs:
-        background = world._background(a, rng)
-        s = world._SUPERSAMPLE
-        coverage = world._shape_mask(a, rng).reshape(64, s, 64, s).mean(axis=(1, 3))[..., None]
+        background = world.background(a, rng)
+        s = world.SUPERSAMPLE
+        coverage = world.shape_mask(a, rng).reshape(64, s, 64, s).mean(axis=(1, 3))[..., None]
         colour = np.array(world.PALETTE[a.colour], dtype=np.float32)
         images.append(np.clip(background + coverage * (colour - background) + 0.5, 0, 255).astype(np.uint8))
         masks.append(coverage[..., 0])
@@ -123,7 +123,8 @@ def test_base_lora_at_adapter_scale_0_is_diffusers_fused_pipeline(tiny, tmp_path
 def test_fusing_before_or_after_attaching_gives_the_same_images(tiny) -> None:
     from ipadapter.checkpoint import load_adapter
     from ipadapter.encoders import ImageEncoder
-    from ipadapter.prompter import ImagePrompter, fuse_base_lora, load_pipeline
+    from ipadapter.pipelines import fuse_base_lora, load_pipeline
+    from ipadapter.prompter import ImagePrompter
 
     encoder = ImageEncoder.from_pretrained(str(tiny / "pipe"), subfolder="image_encoder")
     ref = [Image.open(tiny / "ref.png")]
@@ -152,9 +153,9 @@ def test_fusing_before_or_after_attaching_gives_the_same_images(tiny) -> None:
 
 def test_shipped_keyword_names_the_asset(monkeypatch, tmp_path) -> None:
     from ipadapter.loading import base_lora_source
-    from ipadapter.miniature import assets
+    from ipadapter import bundled
 
-    monkeypatch.setattr(assets, "CUSTOM_LORA_DIR", tmp_path)
+    monkeypatch.setattr(bundled, "CUSTOM_LORA_DIR", tmp_path)
     with pytest.raises(IPAdapterError, match="ipadapter miniature train custom"):
         base_lora_source("miniature-custom")
     (tmp_path / custom_model.LORA_WEIGHT_NAME).write_bytes(b"")
@@ -194,7 +195,7 @@ def test_train_resume_export_and_load(tiny, tmp_path) -> None:
     through; the saved LoRA is the peft model (via diffusers' loader); the export is fp16 and loads too."""
     from safetensors import safe_open
 
-    from ipadapter.prompter import fuse_base_lora, load_pipeline
+    from ipadapter.pipelines import fuse_base_lora, load_pipeline
 
     cache = custom_model.build_style_cache(tmp_path, tiny / "pipe", n=8, seed=0)
     straight = custom_model.train_custom(tmp_path / "a", tiny / "pipe", cache, steps=2, batch=4)

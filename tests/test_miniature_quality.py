@@ -1,4 +1,5 @@
-"""`ipadapter miniature eval`: what each condition asks for, the target verdicts, and one real run on the shipped model."""
+"""`ipadapter miniature eval`: what each condition asks for, the target verdicts, PIL references, and quick runs on
+the shipped (v1) models and on a rebuild's folder layout (v2)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from ipadapter.miniature import quality
-from ipadapter.miniature.quality import CONDITIONS, Condition, Setup, asked_for, check_targets
-from ipadapter.miniature.world import Attrs, caption
+from ipadapter.miniature.models import Models
+from ipadapter.miniature.quality import CONDITIONS, QUICK, Condition, asked_for, check_targets, other_shapes, prompt_for
+from ipadapter.miniature.world import ATTRIBUTES, COLOURS, Attrs
 
 REF = Attrs("circle", "red", "large", "top left", "blue", "checkered")
 MASK_SCENE = Attrs("cross", "green", "small", "bottom right", "white", "plain")
@@ -19,67 +21,184 @@ MASK_SCENE = Attrs("cross", "green", "small", "bottom right", "white", "plain")
 def test_asked_for_takes_each_attribute_from_its_source() -> None:
     by_name = {c.name: c for c in CONDITIONS}
     assert asked_for(by_name["IP-Adapter, image only"], REF, "square", MASK_SCENE) == REF
-    assert asked_for(by_name["text only (reference caption)"], REF, "square", MASK_SCENE) == REF
     assert asked_for(by_name["IP-Adapter + text (another shape)"], REF, "square", MASK_SCENE) == replace(REF, shape="square")
     control = asked_for(by_name["ControlNet (mask) + IP-Adapter"], REF, "square", MASK_SCENE)
     assert control == Attrs("cross", "red", "small", "bottom right", "blue", "checkered")
 
 
 def test_shape_prompt_never_names_a_colour() -> None:
-    from ipadapter.miniature.world import COLOURS
-
-    text = quality._prompt(Condition("t", adapter="base", prompt="shape"), REF, "square")
+    text = prompt_for(Condition("t", adapter="base", prompt="shape"), "square")
     assert "square" in text and not set(text.split()) & set(COLOURS)
-    assert quality._prompt(Condition("t", prompt="caption"), REF, "square") == caption(REF)
-    assert all(s != r.shape for s, r in zip(quality._shapes([REF] * 50), [REF] * 50))
+    assert prompt_for(Condition("t", adapter="base"), "square") == ""
+    assert all(s != r.shape for s, r in zip(other_shapes([REF] * 50), [REF] * 50))
 
 
-def _row(clip_i: float, **agreement: float) -> dict:
-    full = {a: 0.0 for a in ("shape", "colour", "size", "position", "bg_colour", "pattern")} | agreement
-    return {"clip_i": clip_i, "agreement": full}
+@pytest.mark.parametrize("side", [48, 200])
+def test_pil_references_draw_the_asked_scene_at_any_size(side) -> None:
+    """Independent of the world's renderer: the object's pixels are exactly its palette colour, centred on its grid
+    cell, and the rest is the background colour."""
+    import numpy as np
+
+    from ipadapter.miniature.world import PALETTE
+
+    scene = replace(REF, shape="square", pattern="plain", size="large", position="bottom right")
+    pixels = np.asarray(quality.draw_with_pil(scene, side))
+    assert pixels.shape == (side, side, 3)
+    obj = (pixels == PALETTE["red"]).all(axis=-1)
+    assert ((pixels == PALETTE["blue"]).all(axis=-1) | obj).mean() > 0.97
+    ys, xs = np.nonzero(obj)
+    k = side / 64
+    assert abs(xs.mean() - 48 * k) <= 1 and abs(ys.mean() - 48 * k) <= 1
+    assert abs((xs.max() - xs.min() + 1) - 2 * 0.85 * 14 * k) <= 2
+
+
+def _agreement(**values: float) -> dict:
+    return dict.fromkeys(ATTRIBUTES, 0.0) | values
+
+
+def _results(rows: dict, stages: dict | None = None, sweep: dict | None = None) -> dict:
+    return {"rows": {k: {"clip_i": c, "agreement": a} for k, (c, a) in rows.items()}, "stages": stages or {},
+            "sweep": sweep}
 
 
 def test_targets_are_judged_on_the_right_rows() -> None:
-    rows = {
-        "IP-Adapter, image only": _row(0.6, colour=0.9, bg_colour=0.8, pattern=0.85),
-        "IP-Adapter + text (another shape)": _row(0.5, shape=0.72, colour=0.69, bg_colour=0.9),
-        "simple adapter (ablation), image only": _row(0.4),
+    good = _agreement(colour=0.9, bg_colour=0.86, pattern=0.85, shape=0.7, size=0.71)
+    results = _results({
+        "IP-Adapter, image only": (0.60, good),
+        "IP-Adapter Plus, image only": (0.62, good | {"position": 0.1}),
+        "simple adapter (ablation), image only": (0.58, good),
+        "IP-Adapter on the custom model, image only": (0.6, good | {"colour": 0.84}),
+        "IP-Adapter, image only, PIL-drawn references": (0.5, good | {"bg_colour": 0.80}),
+    }, stages={"vae": dict.fromkeys(ATTRIBUTES, 0.95), "base_full": dict.fromkeys(ATTRIBUTES, 0.9) | {"shape": 0.79}},
+        sweep={"0.3": _agreement(shape=0.5, colour=0.9, bg_colour=0.9),
+               "1.0": _agreement(shape=0.71, colour=0.7, bg_colour=0.8)})
+    verdicts = {name.split(":")[0]: t["met"] for name, t in check_targets(results).items()}
+    assert verdicts == {
+        "image encoder": None, "text encoder": None, "VAE reconstruction": True, "base, text only, full caption": False,
+        "base, partial captions": None, "IP-Adapter, image only": True, "Plus, image only": True,
+        "image + text at the best scale": True, "decoupled vs simple adapter": None,
+        "same adapter on the custom model": False, "ControlNet (mask) + image": None, "PIL-drawn references": False,
     }
-    verdicts = [t["met"] for t in check_targets(rows).values()]
-    assert verdicts == [True, False, True]
-    del rows["simple adapter (ablation), image only"]
-    assert [t["met"] for t in check_targets(rows).values()][2] is None
+    best = next(t for n, t in check_targets(results).items() if n.startswith("image + text"))
+    assert best["measured"]["scale"] == 1.0
 
 
-def test_scale_zero_equals_the_plain_pipeline_and_report_is_written(tmp_path) -> None:
+def test_bundled_folder_reads_as_the_v1_layout() -> None:
+    from ipadapter import bundled
+
+    models = Models.bundled()
+    assert models.pipeline == bundled.PIPELINE_DIR and models.clip is None and models.image_encoder is None
+    assert models.judge == bundled.JUDGE_DIR
+    assert models.missing("base") is None or "adapter" in models.missing("base")
+
+
+def test_scale_zero_equals_the_plain_pipeline(tmp_path) -> None:
     """The eval's generation path against diffusers called directly: at scale 0 the adapter must not act."""
     from diffusers import StableDiffusionPipeline
-
-    setup = Setup(steps=2, batch=2)
-    if not setup.adapters["base"].is_file():
-        pytest.skip("the shipped miniature adapter is missing")
-    off = Condition("off", adapter="base", scale=0.0)
-    generator = quality.Generator(setup, {"base"})
-    from ipadapter.miniature.world import make_batch
     from PIL import Image
 
+    from ipadapter.miniature.models import Loaded
+    from ipadapter.miniature.world import make_batch
+
+    models = Models.bundled()
+    if models.missing("base"):
+        pytest.skip("the shipped miniature adapter is missing")
+    size = replace(QUICK, batch=2)
     arrays, _ = make_batch(1, 2, "heldout")
     refs = [Image.fromarray(a) for a in arrays]
-    got = generator.run(off, refs, ["", ""], [], seed=5)
-    pipe = StableDiffusionPipeline.from_pretrained(setup.pipeline, torch_dtype=torch.float32)
+    got = quality.generate(Loaded(models), Condition("off", adapter="base", scale=0.0), refs, ["", ""], [], size,
+                           seed=5)
+    pipe = StableDiffusionPipeline.from_pretrained(models.pipeline, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(prompt=["", ""], num_inference_steps=2, guidance_scale=setup.guidance,
+    expected = pipe(prompt=["", ""], num_inference_steps=size.steps, guidance_scale=size.guidance,
                     generator=torch.Generator().manual_seed(5)).images
     for a, b in zip(got, expected):
         assert a.tobytes() == b.tobytes()
 
-    results = quality.evaluate(tmp_path, n=2, setup=setup, conditions=(CONDITIONS[0], CONDITIONS[1]), sweep=False)
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["rows"]) == {CONDITIONS[0].name, CONDITIONS[1].name} == set(results["rows"])
+
+def _check_report(out, results) -> None:
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"].keys() == results["rows"].keys()
     for row in saved["rows"].values():
         assert all(0.0 <= v <= 1.0 for v in row["agreement"].values())
-    assert "| text only (reference caption) |" in (tmp_path / "report.md").read_text()
-    assert (tmp_path / "agreement.png").stat().st_size > 0 and (tmp_path / "samples.png").stat().st_size > 0
+    stages = saved["stages"]
+    for values in (stages["image_encoder"]["global"], stages["vae"], stages["base_full"]):
+        assert set(values) - {"all"} == set(ATTRIBUTES) and all(0.0 <= v <= 1.0 for v in values.values())
+    assert set(stages["text_encoder"]["state_gap"]) == set(ATTRIBUTES)
+    report = (out / "report.md").read_text()
+    assert "## Stages" in report and "## Targets" in report
+    for png in ("agreement.png", "samples.png"):
+        assert (out / png).stat().st_size > 0
+
+
+def test_quick_report_on_the_bundled_models(tmp_path) -> None:
+    models = Models.bundled()
+    if models.missing("base"):
+        pytest.skip("the shipped miniature adapter is missing")
+    results = quality.evaluate(tmp_path, models, QUICK)
+    _check_report(tmp_path, results)
+    assert "told_apart" not in results["stages"]["text_encoder"]  # a pipeline folder keeps no text projection
+    assert "| IP-Adapter, image only, PIL-drawn references |" in (tmp_path / "report.md").read_text()
+
+
+def _stage_folder(root, bundled_pipeline):
+    """A rebuild's layout made from the bundled pipeline: clip/ (its two towers in one CLIPModel), vae/, unet/, a
+    separate random image_encoder/ with 4 px patches, and the bundled base adapter as trained."""
+    import shutil
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
+
+    from ipadapter.miniature.tiny_clip import image_processor
+
+    text_model = CLIPTextModel.from_pretrained(bundled_pipeline / "text_encoder")
+    vision = CLIPVisionModelWithProjection.from_pretrained(bundled_pipeline / "image_encoder")
+    config = CLIPConfig(text_config=text_model.config.to_dict(), vision_config=vision.config.to_dict(),
+                        projection_dim=vision.config.projection_dim)
+    clip = CLIPModel(config)
+    clip.text_model.load_state_dict(text_model.state_dict())
+    clip.vision_model.load_state_dict(vision.vision_model.state_dict())
+    clip.save_pretrained(root / "clip")
+    shutil.copytree(bundled_pipeline / "tokenizer", root / "clip", dirs_exist_ok=True)
+    for part in ("vae", "unet"):
+        shutil.copytree(bundled_pipeline / part, root / part)
+    torch.manual_seed(0)
+    encoder_config = vision.config
+    encoder_config.patch_size = 4
+    CLIPVisionModelWithProjection(encoder_config).save_pretrained(root / "image_encoder")
+    image_processor().save_pretrained(root / "image_encoder")
+    (root / "adapter-base").mkdir()
+    shutil.copy(bundled_pipeline.parent / "adapters" / "base.safetensors",
+                root / "adapter-base" / "adapter.ipadapter.safetensors")
+    return root
+
+
+def test_quick_report_on_a_rebuild_folder_uses_its_image_encoder(tmp_path) -> None:
+    from ipadapter import bundled
+
+    models = Models.bundled()
+    if models.missing("base"):
+        pytest.skip("the shipped miniature adapter is missing")
+    folder = Models.from_folder(_stage_folder(tmp_path / "v2", bundled.PIPELINE_DIR))
+    assert folder.pipeline is None and folder.image_encoder == tmp_path / "v2" / "image_encoder"
+    assert set(folder.adapters) == {"base"} and folder.judge == bundled.JUDGE_DIR
+    from ipadapter.miniature.models import Loaded
+
+    loaded = Loaded(folder)
+    assert loaded.encoder.model.config.patch_size == 4  # the separate encoder, not the CLIP's 8 px vision tower
+    out = tmp_path / "report"
+    results = quality.evaluate(out, folder, QUICK, conditions=CONDITIONS[:1])
+    _check_report(out, results)
+    assert set(results["stages"]["text_encoder"]["told_apart"]) == set(ATTRIBUTES)
+    assert set(results["skipped"]) == set() and results["models"]["image_encoder"].endswith("image_encoder")
+
+
+def test_a_folder_without_models_is_one_clear_error(tmp_path, capsys) -> None:
+    from ipadapter.cli.main import main
+
+    assert main(["miniature", "eval", "--models", str(tmp_path), "--out", str(tmp_path / "o"), "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no miniature model" in err
+    assert not (tmp_path / "o" / "results.json").exists()
 
 
 def test_adapter_recipes_train_with_the_project_trainer(tmp_path, monkeypatch) -> None:
@@ -88,10 +207,11 @@ def test_adapter_recipes_train_with_the_project_trainer(tmp_path, monkeypatch) -
     import shutil
 
     from ipadapter import load_adapter
-    from ipadapter.miniature import adapters, assets
+    from ipadapter import bundled
+    from ipadapter.miniature import adapters
     from ipadapter.miniature.recipes import run_recipe
 
-    shutil.copytree(assets.PIPELINE_DIR, tmp_path / "pipeline")
+    shutil.copytree(bundled.PIPELINE_DIR, tmp_path / "pipeline")
     monkeypatch.setattr(adapters, "DATA_SIZE", 8)
     own = run_recipe("adapter-simple", tmp_path, steps=1)
     assert (tmp_path / "adapter_data" / "manifest.jsonl").read_text().count("\n") == 8

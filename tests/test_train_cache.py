@@ -71,9 +71,9 @@ def test_cache_refuses_other_models_or_settings(cached, tmp_path, change, field)
     models, encoder = cached["models"], cached["encoder"]
     config = cached["config"].replace(output=str(tmp_path / "o"))
     if change == "other encoder":
-        encoder = ImageEncoder(factories.image_encoder(seed=77), encoder.processor)
+        encoder = ImageEncoder(factories.tiny_image_encoder(seed=77)[0], encoder.processor)
     elif change == "other vae":
-        models = type(models)(**{**models.__dict__, "vae": factories.vae(seed=77)})
+        models = type(models)(**{**models.__dict__, "vae": factories.tiny_vae(seed=77)})
     else:
         config = config.replace(**change)
     with pytest.raises(IPAdapterError, match=f"feature cache .* was built with {field} = .* but this run has"):

@@ -23,7 +23,7 @@ def _fresh_accelerate_state():
 @torch.no_grad()
 def clip_features(pixels: torch.Tensor, kind: str) -> torch.Tensor:
     """transformers alone, on a fresh copy of the factories' encoder (same seed, same weights)."""
-    model = factories.image_encoder(4)
+    model = factories.tiny_image_encoder(4)[0]
     if kind == "global":
         return model(pixel_values=pixels).image_embeds
     return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]

@@ -113,7 +113,7 @@ def adapter_sources(
 def controlnet_source(name: str) -> str:
     """"miniature" names the shipped mask ControlNet of the miniature model; anything else is a folder or Hub id."""
     if name == "miniature":
-        from ipadapter.miniature.assets import controlnet_path
+        from ipadapter.bundled import controlnet_path
 
         return str(controlnet_path())
     return name
@@ -123,7 +123,7 @@ def base_lora_source(name: str) -> str:
     """"miniature-custom" names the shipped LoRA of the miniature custom model; anything else is a file or folder,
     checked here so a wrong path is reported before a base model is loaded."""
     if name == "miniature-custom":
-        from ipadapter.miniature.assets import custom_lora_path
+        from ipadapter.bundled import custom_lora_path
 
         return str(custom_lora_path())
     if not Path(name).exists():

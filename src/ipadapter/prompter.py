@@ -19,11 +19,7 @@ from ipadapter.dit.blocks import denoiser_of, is_dit
 from ipadapter.embed_cache import EmbeddingCache, tensor_key
 from ipadapter.encoders import FaceAnalyzer, ImageEncoder
 from ipadapter.errors import IPAdapterError
-from ipadapter.pipelines import add_controlnet, fuse_base_lora, load_pipeline
 from ipadapter.runtime import AdapterPrompt, Reference
-
-# The pipeline builders lived here; their home is ipadapter.pipelines (the miniature recipes still import them here).
-__all__ = ["Features", "ImagePrompter", "add_controlnet", "fuse_base_lora", "load_pipeline"]
 
 Features = tuple[torch.Tensor, ...]
 
@@ -125,9 +121,9 @@ class ImagePrompter:
         features: Features | None = None, negative: Sequence[Image.Image] | Features | None = None,
         face_embeds: torch.Tensor | None = None, masks: Sequence[torch.Tensor | None] | None = None,
         weights: Sequence[float] | None = None,
-    ) -> tuple[str, list[Reference]]:
-        """One `Reference` per image (tokens computed here, once), for the named adapter."""
-        name, ip = self.adapter(adapter)
+    ) -> list[Reference]:
+        """One `Reference` per image (tokens computed here, once), for the named adapter (or the only one)."""
+        _, ip = self.adapter(adapter)
         if features is None:
             if not images:
                 raise IPAdapterError("give at least one reference image (or precomputed embeddings)")
@@ -147,7 +143,7 @@ class ImagePrompter:
         weights = list(weights) if weights is not None else [1.0] * count
         if len(masks) != count or len(weights) != count:
             raise IPAdapterError(f"{len(masks)} masks / {len(weights)} weights for {count} reference images")
-        return name, [
+        return [
             Reference(cond=cond[i : i + 1], uncond=uncond[i : i + 1], mask=masks[i], weight=weights[i])
             for i in range(count)
         ]
@@ -192,7 +188,7 @@ class ImagePrompter:
             return given
         given = [given] if isinstance(given, Image.Image) else list(given)
         if not given or all(isinstance(g, Image.Image) for g in given):
-            given = self.references(given, adapter=name)[1]
+            given = self.references(given, adapter=name)
         return AdapterPrompt(given, scale=scale)
 
     def detach(self) -> None:

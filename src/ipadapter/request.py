@@ -99,7 +99,7 @@ def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: s
         negative = [noise_negative(img, kind, strength, seed=request.seed) for img in images]
         if features[0].shape[0] != len(negative):
             negative = negative[:1]
-    _, refs = prompter.references(adapter=name, features=features, negative=negative, masks=masks, weights=weights)
+    refs = prompter.references(adapter=name, features=features, negative=negative, masks=masks, weights=weights)
     layer_weights, uncond_layers = None, frozenset()
     if request.preset:
         if getattr(prompter.pipe, "unet", None) is None:

@@ -22,14 +22,14 @@ class AdapterSource:
 
 
 def miniature_base() -> Path:
-    from ipadapter.miniature.assets import pipeline_path
+    from ipadapter.bundled import pipeline_path
 
     return pipeline_path()
 
 
 def miniature_adapter(name: str = "base") -> AdapterSource:
     from ipadapter.errors import IPAdapterError
-    from ipadapter.miniature.assets import ASSETS_DIR
+    from ipadapter.bundled import ASSETS_DIR
 
     path = ASSETS_DIR / "adapters" / f"{name}.safetensors"
     if not path.is_file():

@@ -6,7 +6,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from ipadapter.cli.generate import add_model_flags, finite_float
+from ipadapter.cli.generate import add_model_flags, as_flags, finite_float, with_flags
 from ipadapter.errors import IPAdapterError
 from ipadapter.extras import needs
 
@@ -104,7 +104,7 @@ def load_manifest(args: argparse.Namespace, chosen, out: Path):
     if args.manifest:
         return read_manifest(args.manifest, limit=args.limit)
     if chosen.name == "miniature":
-        from ipadapter.evaluate.miniature import miniature_manifest
+        from ipadapter.miniature.protocol import miniature_manifest
 
         return read_manifest(miniature_manifest(out / "references", args.limit or 12))
     raise IPAdapterError(f"the {chosen.name} protocol needs --manifest ({chosen.references})")
@@ -118,21 +118,26 @@ def judge_loaders(source: str, device: str):
     def judge() -> ClipJudge:
         if source != MINIATURE_JUDGE:
             return ClipJudge.load(source, device=device)
-        from ipadapter.miniature.assets import judge_path
-        from ipadapter.miniature.tiny_clip import image_processor
+        from ipadapter.miniature.protocol import clip_judge
 
-        return ClipJudge.load(judge_path() / "clip", processor=image_processor())
+        return clip_judge()
 
     def attributes():
-        from ipadapter.miniature.assets import judge_path
-        from ipadapter.miniature.judge import Judge
+        from ipadapter.miniature.protocol import attribute_judge
 
-        return Judge.load(judge_path())
+        return attribute_judge()
 
     return judge, attributes
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _evaluate(args)
+    except IPAdapterError as err:
+        raise as_flags(err) from None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from ipadapter.evaluate.protocols import deviations, protocol
     from ipadapter.evaluate.report import Report, write_report
     from ipadapter.evaluate.runner import Plan, generate, prompter_sampler
@@ -164,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     has_attrs = any(e.attrs for e in manifest.entries)
     box = build_toolbox(chosen.metrics, judge, dino=args.dino, inception=args.inception,
                         attributes=attributes if has_attrs else None, device=device)
+    box.skipped = {metric: with_flags(why) for metric, why in box.skipped.items()}
     loaded = load_from_flags(args)
     loaded.prompter.pipe.set_progress_bar_config(disable=True)
     names = method_names(args, len(loaded.prompter.adapters))

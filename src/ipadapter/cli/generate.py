@@ -58,14 +58,20 @@ PARAMETER_FLAGS = {
     "weight_names": "--weight-name", "weight_name": "--weight-name", "image_encoder": "--image-encoder",
     "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "base_lora": "--base-lora",
     "controlnet": "--controlnet", "scale": "--scale", "tiles": "--tiles", "masks": "--mask", "combine": "--combine",
+    "noise": "--noise", "dino": "--dino", "inception": "--inception",
 }
 _PARAMETER = re.compile(r"\b(" + "|".join(PARAMETER_FLAGS) + r")=(?=(\w?))")
 
 
-def as_flags(err: IPAdapterError) -> IPAdapterError:
-    """The same error with the parameters it names written as the command line's flags ("combine=concat" →
+def with_flags(text: str) -> str:
+    """`text` with the parameters it names written as the command line's flags ("combine=concat" →
     "--combine concat", "give weight_names= once" → "give --weight-name once")."""
-    return IPAdapterError(_PARAMETER.sub(lambda m: PARAMETER_FLAGS[m.group(1)] + (" " if m.group(2) else ""), str(err)))
+    return _PARAMETER.sub(lambda m: PARAMETER_FLAGS[m.group(1)] + (" " if m.group(2) else ""), text)
+
+
+def as_flags(err: IPAdapterError) -> IPAdapterError:
+    """The same error as the command line's user reads it (`with_flags`)."""
+    return IPAdapterError(with_flags(str(err)))
 
 
 def load_from_flags(args: argparse.Namespace) -> Any:

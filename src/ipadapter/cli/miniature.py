@@ -1,4 +1,4 @@
-"""`ipadapter miniature`: write shapes-world datasets, train the miniature models, export the shipped weights."""
+"""`ipadapter miniature`: write shapes-world datasets, train the miniature models, export the shipped weights, and\nmeasure them (`eval`; `evaluate` is the same command)."""
 
 from __future__ import annotations
 
@@ -42,23 +42,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from ipadapter.miniature.recipes import evaluate_base
-
-    _threads(args)
-    report = evaluate_base(Path(args.out), n=args.n)
-    for split in ("train", "heldout"):
-        print(split, {k: round(v, 3) for k, v in report[split]["accuracy"].items()})
-    return 0
-
-
 def _quality(args: argparse.Namespace) -> int:
-    from ipadapter.miniature.quality import Setup, evaluate
+    from dataclasses import replace
 
-    if args.n < 1 or args.steps < 1:
-        raise IPAdapterError(f"--n and --steps must be at least 1 (got {args.n}, {args.steps}).")
+    from ipadapter.miniature.models import Models
+    from ipadapter.miniature.quality import QUICK, Size, evaluate
+
+    size = QUICK if args.quick else Size()
+    for flag in ("n", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise IPAdapterError(f"--{flag} must be at least 1, not {getattr(args, flag)}.")
+    size = replace(size, references=args.n or size.references, steps=args.steps or size.steps)
+    if args.models is not None and not Path(args.models).is_dir():
+        raise IPAdapterError(f"--models {args.models} is not a folder")
+    models = Models.from_folder(args.models) if args.models else None
+    output_folder(args.out, "--out")
     _threads(args)
-    results = evaluate(Path(args.out), n=args.n, setup=Setup(steps=args.steps))
+    results = evaluate(Path(args.out), models=models, size=size)
     for name, row in results["rows"].items():
         print(f"{name}: CLIP-I {row['clip_i']:.3f}", {k: round(v, 2) for k, v in row["agreement"].items()})
     for name, target in results["targets"].items():
@@ -103,14 +103,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_train)
     needs(train, "train")  # the adapter recipes run `ipadapter train`
 
-    evaluate = sub.add_parser("evaluate", parents=[common], help="judge accuracy of the base model's samples")
-    evaluate.add_argument("--n", type=int, default=64, help="samples per split")
-    evaluate.set_defaults(func=_evaluate)
-
-    quality = sub.add_parser("eval", help="quality report of the shipped adapters (the paper's Table 1 in miniature)")
+    quality = sub.add_parser(
+        "eval", aliases=["evaluate"],
+        help="the quality report: every stage (encoders, VAE, base model) then the adapters, on held-out scenes")
     quality.add_argument("--out", default="eval/miniature-quality", help="report folder (report.md, results.json, PNGs)")
-    quality.add_argument("--n", type=int, default=48, help="held-out references")
-    quality.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
+    quality.add_argument("--models", help="a model folder: the bundled layout (pipeline/, adapters/, ...) or a "
+                         "rebuild's (clip/, vae/, unet/, image_encoder/, ...); default: the bundled models")
+    quality.add_argument("--quick", action="store_true", help="tiny sizes: the whole report in seconds (a smoke test)")
+    quality.add_argument("--n", type=int, default=None, help="held-out references (default 48)")
+    quality.add_argument("--steps", type=int, default=None, help="DDIM steps per image (default 25)")
     quality.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     quality.set_defaults(func=_quality)
     needs(quality, "eval")

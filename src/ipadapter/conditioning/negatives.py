@@ -86,12 +86,12 @@ def noise_negative(image: Image.Image, kind: str, strength: float, *, seed: int 
 
 
 def parse_noise(text: str) -> tuple[str, float]:
-    """"TYPE:STRENGTH" (the CLI's --noise) → (type, strength); the strength defaults to 0.5 when left out."""
+    """"TYPE:STRENGTH" (a request's `noise`, as text) → (type, strength); the strength defaults to 0.5 when left out."""
     kind, _, value = text.partition(":")
     try:
         strength = float(value) if value else 0.5
     except ValueError:
-        raise IPAdapterError(f"--noise takes TYPE:STRENGTH such as dissolve:0.4, got {text!r}") from None
+        raise IPAdapterError(f"noise= takes TYPE:STRENGTH such as dissolve:0.4, got {text!r}") from None
     _check(kind, strength)
     return kind, strength
 

@@ -39,7 +39,7 @@ def dino_embedder(source: str | os.PathLike = DINO_DEFAULT, device: str = "cpu")
     except (OSError, ValueError):
         raise MetricUnavailable(
             f"DINO-I needs the DINOv2 model {source} (Dinov2Model) in a local folder or the Hugging Face cache; "
-            "download it once (huggingface-cli download facebook/dinov2-base) or pass --dino FOLDER"
+            "download it once (huggingface-cli download facebook/dinov2-base) or give dino=FOLDER"
         ) from None
     try:
         processor = AutoImageProcessor.from_pretrained(str(source), local_files_only=True)
@@ -82,7 +82,7 @@ def inception_features(path: str | os.PathLike | None = None, device: str = "cpu
     if found is None:
         raise MetricUnavailable(
             f"FID needs the Inception-v3 TorchScript file {INCEPTION_FILE} (StyleGAN2-ADA metrics); put it at "
-            f"{inception_candidates(None)[0]} or pass --inception FILE"
+            f"{inception_candidates(None)[0]} or give inception=FILE"
         )
     try:
         model = torch.jit.load(str(found), map_location=device).eval()

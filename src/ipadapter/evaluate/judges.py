@@ -1,12 +1,15 @@
-"""The judge CLIP: any `transformers.CLIPModel` with its tokenizer and image processor, used only to measure.
+"""The judges: a CLIP (any `transformers.CLIPModel` with its tokenizer and image processor) for CLIP-I / CLIP-T, and
+an attribute judge for worlds whose scenes have known attributes. Both are used only to measure.
 
-The paper's judge is openai/clip-vit-large-patch14; the miniature model has its own independently trained one.
+The paper's judge is openai/clip-vit-large-patch14; the miniature model has its own independently trained CLIP and
+attribute classifier (`ipadapter.miniature.judge.Judge`, an `AttributeJudge`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -82,3 +85,11 @@ class ClipJudge:
             features = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
             out.append(F.normalize(pooled(features).float(), dim=-1))
         return torch.cat(out).cpu()
+
+
+class AttributeJudge(Protocol):
+    """Reads named attributes (shape, colour, ...) off images; what per-attribute agreement is measured with."""
+
+    def accuracy(self, images: Sequence[Image.Image], attrs: Sequence[Mapping[str, str]]) -> dict[str, float]:
+        """Per attribute, the fraction of images whose judged value is the asked-for one; "all": every one right."""
+        ...

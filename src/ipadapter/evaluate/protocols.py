@@ -58,7 +58,7 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
     "miniature": Protocol(
         "miniature", "the bundled shapes world: held-out scenes, the reference's object asked on another background",
-        "held-out shapes-world scenes (built automatically; see `miniature_manifest`)",
+        "held-out shapes-world scenes (built automatically; see `ipadapter.miniature.protocol`)",
         ("clip_i", "clip_t", "attributes"), samples=2, scales=(0.0, 0.25, 0.5, 0.75, 1.0), steps=None,
         guidance=None, scheduler=None, empty_prompt=False, judge=MINIATURE_JUDGE,
     ),

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ipadapter.atomic import save_png, write_text
 from ipadapter.evaluate.files import slug, write_json
+from ipadapter.evaluate.grid import image_grid
 from ipadapter.evaluate.manifests import Entry
 from ipadapter.evaluate.protocols import Protocol
 from ipadapter.evaluate.published import PROTOCOLS as PUBLISHED_PROTOCOLS
@@ -116,17 +117,10 @@ def write_markdown(report: Report, out: Path, images: dict[str, list[str]]) -> P
 def sample_grid(plan: Plan, entries: Sequence[Entry], out: Path, method: str) -> Image.Image:
     """Rows: references; columns: the reference, then its first sample at each scale (header: the scale)."""
     shown = entries[:GRID_REFERENCES]
-    cols = 1 + len(plan.scales)
-    header = 16
-    grid = Image.new("RGB", (cols * CELL, header + len(shown) * CELL), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, title in enumerate(["reference", *(f"scale {s:g}" for s in plan.scales)]):
-        draw.text((c * CELL + 4, 2), title, fill="black")
-    for r, entry in enumerate(shown):
-        cells = [entry.image(), *(Image.open(sample_path(out, method, s, entry.index, 0)) for s in plan.scales)]
-        for c, cell in enumerate(cells):
-            grid.paste(cell.convert("RGB").resize((CELL, CELL), Image.BICUBIC), (c * CELL, header + r * CELL))
-    return grid
+    columns = [("reference", [e.image() for e in shown])]
+    columns += [(f"scale {s:g}", [Image.open(sample_path(out, method, s, e.index, 0)) for e in shown])
+                for s in plan.scales]
+    return image_grid(columns, cell=CELL)
 
 
 def sweep_plot(report: Report, path: Path) -> bool:

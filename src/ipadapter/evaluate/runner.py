@@ -89,7 +89,7 @@ def pin(plan: Plan, out: Path) -> None:
         changed = sorted(k for k in set(before) | set(plan.pinned()) if before.get(k) != plan.pinned().get(k))
         if changed:
             raise IPAdapterError(
-                f"{out} holds samples made with other settings ({', '.join(changed)}); use another --out or remove it"
+                f"{out} holds samples made with other settings ({', '.join(changed)}); use another output folder or remove it"
             )
     else:
         write_json(path, plan.pinned())

@@ -12,9 +12,8 @@ import torch
 
 from ipadapter.errors import IPAdapterError
 from ipadapter.evaluate import extractors, metrics
-from ipadapter.evaluate.judges import ClipJudge
+from ipadapter.evaluate.judges import AttributeJudge, ClipJudge
 from ipadapter.evaluate.manifests import Entry
-from ipadapter.evaluate.miniature import attribute_agreement
 from ipadapter.evaluate.runner import Plan, load_samples
 
 log = logging.getLogger(__name__)
@@ -30,13 +29,13 @@ class Toolbox:
     inception: extractors.FeatureFn | None = None
     lpips: extractors.Distance | None = None
     face: metrics.EmbedFn | None = None
-    attributes: object | None = None  # the miniature judge (its attribute classifier)
+    attributes: AttributeJudge | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
 
 def build_toolbox(
     wanted: Sequence[str], judge: Callable[[], ClipJudge], *, dino: str | None = None, inception: str | None = None,
-    attributes: Callable[[], object] | None = None, device: str = "cpu",
+    attributes: Callable[[], AttributeJudge] | None = None, device: str = "cpu",
 ) -> Toolbox:
     """Load what `wanted` needs; an absent optional network becomes a `skipped` message, never a failed run."""
     box = Toolbox()
@@ -57,7 +56,7 @@ def build_toolbox(
                 log.warning("skipping %s: %s", metric, err)
     if "attributes" in wanted:
         if attributes is None:
-            box.skipped["attributes"] = "per-attribute agreement needs the miniature judge and a manifest with attrs"
+            box.skipped["attributes"] = "per-attribute agreement needs an attribute judge and a manifest with attrs"
         else:
             try:
                 box.attributes = attributes()
@@ -101,7 +100,7 @@ def score_run(plan: Plan, entries: Sequence[Entry], out: Path, method: str, scal
             asked = [(im, e.attrs) for i, e in enumerate(part) if e.attrs for im in gens[i * k : (i + 1) * k]]
             if asked:
                 images, attrs = zip(*asked)
-                agreement.append((attribute_agreement(box.attributes, images, attrs), len(asked)))
+                agreement.append((box.attributes.accuracy(list(images), list(attrs)), len(asked)))
     row: dict = {"name": method, "scale": scale, "references": len(entries), "samples": len(entries) * k}
     if box.judge is not None:
         cos = torch.tensor(pairs["clip_t_cos"])

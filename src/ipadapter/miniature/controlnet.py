@@ -44,7 +44,7 @@ def mask_condition(masks: np.ndarray | torch.Tensor) -> torch.Tensor:
     return m[:, None].expand(-1, 3, -1, -1)
 
 
-def _mask_u8(masks: np.ndarray) -> np.ndarray:
+def mask_u8(masks: np.ndarray) -> np.ndarray:
     """Coverage in [0, 1] -> the 8-bit values a saved mask PNG holds, so training sees exactly what users give."""
     return (np.clip(masks, 0, 1) * 255 + 0.5).astype(np.uint8)
 
@@ -62,7 +62,7 @@ def build_cache(out_dir: str | Path, pipeline_dir: str | Path, n: int = 4096, se
     tokenizer = tok.load_tokenizer(pipeline_dir / "tokenizer")
     images, masks, attrs = make_masked_batch(seed, n)
     cache = encode_scenes(vae, text_encoder, tokenizer, images, attrs, "controlnet cache")
-    cache["masks"] = torch.from_numpy(_mask_u8(masks))
+    cache["masks"] = torch.from_numpy(mask_u8(masks))
     atomic_torch_save(cache, path)
     log.info("controlnet cache: %d scenes saved to %s", n, path)
     return path
@@ -135,7 +135,7 @@ def controlnet_pipeline(pipeline_dir: str | Path, controlnet_dir: str | Path):
     """The miniature `StableDiffusionControlNetPipeline` in fp32, built as `ipadapter generate --controlnet` builds it."""
     from diffusers import StableDiffusionPipeline
 
-    from ipadapter.prompter import add_controlnet
+    from ipadapter.pipelines import add_controlnet
 
     pipe = add_controlnet(StableDiffusionPipeline.from_pretrained(pipeline_dir, dtype=torch.float32), controlnet_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -144,10 +144,10 @@ def controlnet_pipeline(pipeline_dir: str | Path, controlnet_dir: str | Path):
 
 def _foreground(image: np.ndarray, attrs: Attrs) -> np.ndarray:
     """Pixels nearer the object's palette colour than to the background colour or its pattern shade."""
-    from ipadapter.miniature.world import PALETTE, _variant
+    from ipadapter.miniature.world import PALETTE, shade
 
     bg = np.array(PALETTE[attrs.bg_colour], np.float32)
-    centres = np.stack([np.array(PALETTE[attrs.colour], np.float32), bg, _variant(bg)])
+    centres = np.stack([np.array(PALETTE[attrs.colour], np.float32), bg, shade(bg)])
     dist = ((image.astype(np.float32)[..., None, :] - centres) ** 2).sum(-1)
     return dist.argmin(-1) == 0
 
@@ -170,8 +170,9 @@ def evaluate_controlnet(out: Path, n: int = 24, steps: int = 25, guidance: float
 
     from ipadapter.checkpoint import load_adapter
     from ipadapter.encoders import ImageEncoder
+    from ipadapter.atomic import save_png, write_text
+    from ipadapter.evaluate.grid import image_grid
     from ipadapter.miniature import judge
-    from ipadapter.miniature.recipes import _grid
     from ipadapter.prompter import ImagePrompter
     from ipadapter.sources import miniature_adapter
 
@@ -202,12 +203,11 @@ def evaluate_controlnet(out: Path, n: int = 24, steps: int = 25, guidance: float
             log.info("controlnet eval %s prompt, control scale %g: %s", mode, scale,
                      report[f"{mode}_prompt_controlnet_{scale:g}"])
     prompter.detach()
-    (out / "controlnet_eval.json").write_text(json.dumps(report, indent=2))
-    mask_rgb = np.repeat(_mask_u8(masks)[..., None], 3, axis=-1)
-    rows = np.stack([refs, mask_rgb, samples[("image", 1.0)], samples[("image", 0.0)]], axis=1).reshape(-1, SIZE_PX, SIZE_PX, 3)
-    Image.fromarray(_grid(rows, cols=8)).resize((8 * 128, -(-len(rows) // 8) * 128), Image.NEAREST).save(
-        out / "controlnet_samples.png"
-    )
+    write_text(out / "controlnet_eval.json", json.dumps(report, indent=2))
+    columns = [("reference", refs), ("mask", mask_u8(masks)), ("with ControlNet", samples[("image", 1.0)]),
+               ("without", samples[("image", 0.0)])]
+    save_png(image_grid([(title, [Image.fromarray(a) for a in arrays]) for title, arrays in columns]),
+             out / "controlnet_samples.png")
     return report
 
 

@@ -20,7 +20,7 @@ import torch
 from ipadapter.atomic import replacing, save_png, save_safetensors, write_text
 from ipadapter.miniature import base_model
 from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
-from ipadapter.miniature.world import PALETTE, Attrs, _variant, caption, make_batch
+from ipadapter.miniature.world import PALETTE, Attrs, caption, make_batch, shade
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -135,7 +135,7 @@ def export_custom(out: str | Path, assets_dir: str | Path) -> float:
 
 def load_base(pipeline_dir: str | Path, lora: str | Path | None = None, lora_scale: float = 1.0) -> Any:
     """The miniature pipeline (fp32, CPU, quiet), with `lora` fused into it when given: the custom model."""
-    from ipadapter.prompter import fuse_base_lora, load_pipeline
+    from ipadapter.pipelines import fuse_base_lora, load_pipeline
 
     pipe = load_pipeline(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -150,23 +150,24 @@ def two_tone_score(images: np.ndarray, attrs: Sequence[Attrs], tolerance: float 
     scores = []
     for image, a in zip(images.astype(np.float32), attrs):
         colour = np.array(PALETTE[a.colour], dtype=np.float32)
-        shade = np.linalg.norm(image - _variant(colour), axis=-1) < tolerance
-        near = shade | (np.linalg.norm(image - colour, axis=-1) < tolerance)
+        shaded = np.linalg.norm(image - shade(colour), axis=-1) < tolerance
+        near = shaded | (np.linalg.norm(image - colour, axis=-1) < tolerance)
         if near.sum() < 4:
             continue
         rows = np.flatnonzero(near.any(axis=1))
         lower = np.arange(image.shape[0])[:, None] >= (rows[0] + rows[-1] + 2) // 2
         below, above = near & lower, near & ~lower
-        scores.append((shade[below].mean() if below.any() else 0.0) - (shade[above].mean() if above.any() else 0.0))
+        scores.append((shaded[below].mean() if below.any() else 0.0) - (shaded[above].mean() if above.any() else 0.0))
     return float(np.mean(scores)) if scores else 0.0
 
 
-def _grid(rows: list[np.ndarray], zoom: int = 2):
-    """Rows of [N, 64, 64, 3] images -> one PIL image, each row a strip, scaled `zoom` times."""
+def _grid(columns: dict[str, np.ndarray], count: int = 16):
+    """Titled columns of [N, 64, 64, 3] images, `count` rows (the evaluation's one grid helper)."""
     from PIL import Image
 
-    strip = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    return Image.fromarray(strip).resize((strip.shape[1] * zoom, strip.shape[0] * zoom), Image.NEAREST)
+    from ipadapter.evaluate.grid import image_grid
+
+    return image_grid([(title, [Image.fromarray(a) for a in arrays[:count]]) for title, arrays in columns.items()])
 
 
 def style_check(
@@ -175,7 +176,7 @@ def style_check(
 ) -> dict:
     """Text-to-image on the base and on the custom model at each LoRA `scales` (same captions, same seed): the
     two-tone score (the style) and the judge's accuracy (the text still followed); `out_png` gets rows drawn
-    plain / drawn two-tone / base / custom at each scale."""
+    columns drawn plain / drawn two-tone / base / custom at each scale."""
     from ipadapter.miniature.judge import Judge
 
     styled, attrs = make_batch(seed, n, split="train", style=STYLE)
@@ -184,15 +185,15 @@ def style_check(
     judge = Judge.load(judge_dir)
     report: dict = {"n": n, "ddim_steps": steps, "guidance": guidance,
                     "drawn": {"plain": two_tone_score(plain, attrs), "two_tone": two_tone_score(styled, attrs)}}
-    rows = [plain, styled]
+    columns = {"drawn plain": plain, "drawn two-tone": styled}
     for label, scale in (("base", None), *((f"custom x{s:g}", s) for s in scales)):
         pipe = load_base(pipeline_dir) if scale is None else load_base(pipeline_dir, lora, scale)
         images = base_model.sample(pipe, prompts, seed=seed, steps=steps, guidance=guidance)
         report[label] = {"two_tone": two_tone_score(images, attrs), "accuracy": judge.accuracy(images, attrs)}
         log.info("style check %s: %s", label, report[label])
-        rows.append(images)
+        columns[label] = images
     if out_png is not None:
-        save_png(_grid([r[:16] for r in rows]), out_png)
+        save_png(_grid(columns), out_png)
     return report
 
 
@@ -230,29 +231,29 @@ def reuse_check(
                          "two_tone": two_tone_score(samples[label], attrs)}
         log.info("reuse check %s: %s", label, report[label])
     if out_png is not None:
-        k = min(n, 16)
-        save_png(_grid([references[:k], samples["base"][:k], samples["custom"][:k]]), out_png)
+        save_png(_grid({"reference": references, "base model": samples["base"], "custom model": samples["custom"]}),
+                 out_png)
     return report
 
 
 def base_pipeline(out: Path) -> Path:
     """The pipeline a LoRA is trained for: the run folder's own `out/pipeline` when it has one, else the shipped one."""
-    from ipadapter.miniature import assets
+    from ipadapter import bundled
 
     own = out / "pipeline"
-    return own if (own / "model_index.json").is_file() else assets.pipeline_path()
+    return own if (own / "model_index.json").is_file() else bundled.pipeline_path()
 
 
 def evaluate(out: Path, lora: Path) -> dict:
     """Both checks of the LoRA `lora` on its pipeline, the reuse one with that pipeline's base adapter (the run
     folder's, else the shipped one, when present) -> `out/custom_eval.json`, `out/custom_check.png`,
     `out/custom_reuse.png`."""
-    from ipadapter.miniature import assets
+    from ipadapter import bundled
 
-    pipeline_dir, judge_dir = base_pipeline(out), assets.judge_path()
+    pipeline_dir, judge_dir = base_pipeline(out), bundled.judge_path()
     report = {"style": style_check(pipeline_dir, lora, judge_dir, out / "custom_check.png")}
     own = out / "adapter-base" / "adapter.ipadapter.safetensors"
-    adapter = own if pipeline_dir == out / "pipeline" else assets.ASSETS_DIR / "adapters" / "base.safetensors"
+    adapter = own if pipeline_dir == out / "pipeline" else bundled.ASSETS_DIR / "adapters" / "base.safetensors"
     if adapter.is_file():
         report["reuse"] = reuse_check(adapter, pipeline_dir, lora, judge_dir, out / "custom_reuse.png")
     write_text(out / "custom_eval.json", json.dumps(report, indent=2))

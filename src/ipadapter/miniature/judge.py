@@ -7,6 +7,7 @@ per-attribute accuracy, the judge CLIP gives CLIP-I / CLIP-T style similarities 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipadapter.atomic import save_safetensors, write_text
+from ipadapter.evaluate.judges import ClipJudge
 from ipadapter.miniature import tiny_clip
 from ipadapter.miniature.runloop import TrainRun, log
 from ipadapter.miniature.world import ATTRIBUTES, SIZE_PX, Attrs, caption, make_batch
@@ -42,10 +45,6 @@ class AttributeClassifier(nn.Module):
         return {name: head(h) for name, head in self.heads.items()}
 
 
-def _labels(attrs: list[Attrs]) -> torch.Tensor:
-    return torch.tensor([a.label() for a in attrs])
-
-
 def _degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Blur half the batch and add mild noise: generated images are softer than drawn ones, the judge must not care."""
     soft = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear", align_corners=False)
@@ -59,8 +58,6 @@ def train_classifier(
     name: str = "classifier",
 ) -> AttributeClassifier:
     """Cross-entropy summed over the six heads, on fresh train-split batches; saves `out_dir/judge/classifier.*`."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     torch.manual_seed(seed)
     model = AttributeClassifier()
@@ -71,15 +68,14 @@ def train_classifier(
     for step in range(run.start_step, steps):
         images, attrs = make_batch(seed * 1_000_003 + step, batch)
         logits = model(_degrade(tiny_clip.pixels(images), g=torch.Generator().manual_seed(step)))
-        labels = _labels(attrs)
+        labels = tiny_clip.labels(attrs)
         loss = sum(F.cross_entropy(logits[n], labels[:, i]) for i, n in enumerate(ATTRIBUTES))
         run.optimize(step, loss, lr)
         run.step_done(step + 1, loss.item())
     model.eval()
     final = out / "judge"
-    final.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, final / CLASSIFIER_WEIGHTS)
-    (final / CLASSIFIER_CONFIG).write_text(json.dumps({"width": model.width, "attributes": ATTRIBUTES}, indent=2))
+    save_safetensors(model.state_dict(), final / CLASSIFIER_WEIGHTS)
+    write_text(final / CLASSIFIER_CONFIG, json.dumps({"width": model.width, "attributes": ATTRIBUTES}, indent=2))
     log.info("%s: saved to %s (final loss %.4f, %.1f min)", name, final, run.last_loss, run.elapsed_s() / 60)
     return model
 
@@ -99,7 +95,7 @@ def evaluate_judge(out_dir: str | Path) -> dict[str, float]:
     judge = Judge.load(out / "judge", clip_dir=out / "judge_clip")
     images, attrs = make_batch(12345, 2048, "heldout")
     report = judge.accuracy(images, attrs)
-    (out / "judge_eval.json").write_text(json.dumps({"heldout_n": 2048, "accuracy": report}, indent=2))
+    write_text(out / "judge_eval.json", json.dumps({"heldout_n": 2048, "accuracy": report}, indent=2))
     log.info("judge: held-out accuracy %s", report)
     return report
 
@@ -124,20 +120,17 @@ def to_uint8(images) -> np.ndarray:
 
 
 class Judge:
-    """Loaded judge: `predict`/`accuracy` from the classifier, `image_similarity`/`text_score` from the judge CLIP."""
+    """Loaded judge: `predict`/`accuracy` from the classifier (an `AttributeJudge` of `ipadapter evaluate`),
+    `image_similarity`/`text_score` (CLIP-I / CLIP-T) from the judge CLIP, a `ClipJudge` like the paper's."""
 
-    def __init__(self, classifier: AttributeClassifier, clip, tokenizer) -> None:
+    def __init__(self, classifier: AttributeClassifier, clip: ClipJudge) -> None:
         self.classifier = classifier.eval()
-        self.clip = clip.eval()
-        self.tokenizer = tokenizer
+        self.clip = clip
 
     @classmethod
     def load(cls, judge_dir: str | Path, clip_dir: str | Path | None = None) -> "Judge":
         """`judge_dir` holds classifier.* and (unless `clip_dir` is given) the judge CLIP in `clip/`."""
         from safetensors.torch import load_file
-        from transformers import CLIPModel
-
-        from ipadapter.miniature.tokenizer import load_tokenizer
 
         judge_dir = Path(judge_dir)
         config = json.loads((judge_dir / CLASSIFIER_CONFIG).read_text())
@@ -145,8 +138,7 @@ class Judge:
         state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(judge_dir / CLASSIFIER_WEIGHTS).items()}
         classifier.load_state_dict(state)
         clip_dir = Path(clip_dir) if clip_dir is not None else judge_dir / "clip"
-        clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32)
-        return cls(classifier, clip, load_tokenizer(clip_dir))
+        return cls(classifier, ClipJudge.load(clip_dir, processor=tiny_clip.image_processor()))
 
     @torch.no_grad()
     def predict(self, images) -> list[dict[str, str]]:
@@ -154,27 +146,32 @@ class Judge:
         index = {n: logits[n].argmax(dim=1).tolist() for n in ATTRIBUTES}
         return [{n: ATTRIBUTES[n][index[n][i]] for n in ATTRIBUTES} for i in range(len(index["shape"]))]
 
-    def accuracy(self, images, attrs: list[Attrs]) -> dict[str, float]:
-        """Fraction correct per attribute, plus "all" (every attribute right)."""
+    def accuracy(self, images, attrs: Sequence[Attrs | Mapping[str, str]]) -> dict[str, float]:
+        """Fraction correct per attribute, plus "all" (every attribute right); `attrs` as `Attrs` or dicts."""
         predictions = self.predict(images)
-        truth = [asdict(a) for a in attrs]
+        truth = [a if isinstance(a, Mapping) else asdict(a) for a in attrs]
         report = {n: float(np.mean([p[n] == t[n] for p, t in zip(predictions, truth)])) for n in ATTRIBUTES}
         report["all"] = float(np.mean([all(p[n] == t[n] for n in ATTRIBUTES) for p, t in zip(predictions, truth)]))
         return report
 
-    @torch.no_grad()
     def image_similarity(self, images_a, images_b) -> torch.Tensor:
-        """Cosine of judge-CLIP image embeddings, pairwise by position (CLIP-I)."""
-        a = tiny_clip.embed(self.clip, images=tiny_clip.pixels(to_uint8(images_a)))
-        b = tiny_clip.embed(self.clip, images=tiny_clip.pixels(to_uint8(images_b)))
-        return (a * b).sum(dim=-1)
+        """CLIP-I pairwise by position (`ipadapter.evaluate.metrics.clip_i`)."""
+        from ipadapter.evaluate.metrics import clip_i  # needs the eval extra (scipy)
 
-    @torch.no_grad()
+        return clip_i(self.clip, as_pil(images_a), as_pil(images_b))
+
     def text_score(self, images, texts: list[str]) -> torch.Tensor:
-        """Cosine of judge-CLIP image and caption embeddings, pairwise by position (CLIP-T)."""
-        image_emb = tiny_clip.embed(self.clip, images=tiny_clip.pixels(to_uint8(images)))
-        text_emb = tiny_clip.embed(self.clip, ids=tiny_clip.tokenize(self.tokenizer, texts))
-        return (image_emb * text_emb).sum(dim=-1)
+        """Raw CLIP-T cosine pairwise by position (`ipadapter.evaluate.metrics.clip_t`)."""
+        from ipadapter.evaluate.metrics import clip_t
+
+        return clip_t(self.clip, as_pil(images), texts)
+
+
+def as_pil(images) -> list:
+    """Any image form `to_uint8` takes, as PIL images (what the judge CLIP's processor reads)."""
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in to_uint8(images)]
 
 
 def caption_batch(seed: int, n: int, split: str) -> tuple[list[str], list[Attrs]]:

@@ -41,20 +41,44 @@ def linear_probe(
 
 
 @torch.no_grad()
-def image_features(encoder, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global `image_embeds`, flattened penultimate patch tokens) of a `CLIPVisionModelWithProjection`."""
-    out = encoder(pixel_values=tiny_clip.pixels(images), output_hidden_states=True)
-    return out.image_embeds, out.hidden_states[-2].flatten(1)
+def image_features(encoder, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global `image_embeds`, flattened penultimate patch tokens) of a `CLIPVisionModelWithProjection`, in batches
+    (a 257-token encoder's attention maps for thousands of images at once would not fit in memory)."""
+    globals_, patches = [], []
+    for start in range(0, len(images), batch):
+        out = encoder(pixel_values=tiny_clip.pixels(images[start : start + batch]), output_hidden_states=True)
+        globals_.append(out.image_embeds)
+        patches.append(out.hidden_states[-2].flatten(1))
+    return torch.cat(globals_), torch.cat(patches)
 
 
-def encoder_probes(encoder, n_train: int = 3072, n_test: int = 1024) -> dict[str, dict[str, float]]:
+def encoder_probes(encoder, n_train: int = 3072, n_test: int = 1024, iters: int = 300) -> dict[str, dict[str, float]]:
     """Linear probes trained on train-split scenes, tested on held-out scenes: global embedding and patch tokens."""
     train_images, train_attrs = make_batch(2024, n_train, "train")
     test_images, test_attrs = make_batch(2025, n_test, "heldout")
     train_g, train_p = image_features(encoder, train_images)
     test_g, test_p = image_features(encoder, test_images)
     ytr, yte = tiny_clip.labels(train_attrs), tiny_clip.labels(test_attrs)
-    return {"global": linear_probe(train_g, ytr, test_g, yte), "patch": linear_probe(train_p, ytr, test_p, yte)}
+    return {"global": linear_probe(train_g, ytr, test_g, yte, iters),
+            "patch": linear_probe(train_p, ytr, test_p, yte, iters)}
+
+
+@torch.no_grad()
+def text_state_gap(text_encoder, tokenizer, n: int = 64) -> dict[str, float]:
+    """Per slot: the mean relative L2 distance between the text states (`last_hidden_state`, what the UNet reads) of
+    a held-out caption and of the same caption with only that slot changed, over every other value. Near 0: the
+    UNet is not told which value the caption names."""
+    _, attrs = make_batch(2026, n, "heldout")
+    report = {}
+    for slot in SLOTS:
+        gaps = []
+        for a in attrs:
+            own = getattr(a, slot)
+            texts = [caption(a)] + [caption(replace(a, **{slot: v})) for v in ATTRIBUTES[slot] if v != own]
+            states = text_encoder(input_ids=tiny_clip.tokenize(tokenizer, texts)).last_hidden_state.flatten(1)
+            gaps += ((states[1:] - states[0]).norm(dim=1) / states[0].norm()).tolist()
+        report[slot] = float(np.mean(gaps))
+    return report
 
 
 @torch.no_grad()
@@ -81,23 +105,28 @@ def vae_ceiling(vae, judge, n: int = 512) -> dict[str, float]:
     from ipadapter.miniature.base_model import to_model_range
 
     images, attrs = make_batch(2027, n, "heldout")
-    x = to_model_range(images)
-    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    return judge.accuracy(((recon.permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).astype(np.uint8), attrs)
+    recon = []
+    for start in range(0, n, 128):
+        x = to_model_range(images[start : start + 128])
+        recon.append(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1))
+    pixels = ((torch.cat(recon).permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).astype(np.uint8)
+    return judge.accuracy(pixels, attrs)
 
 
-def partial_accuracy(judge, images: np.ndarray, attrs: list[Attrs], keeps: list[frozenset[str]]) -> dict[str, float]:
-    """Per attribute, judge accuracy over the samples whose caption named it."""
+def partial_accuracy(
+    judge, images: np.ndarray, attrs: list[Attrs], keeps: list[frozenset[str]],
+) -> dict[str, float | None]:
+    """Per attribute, judge accuracy over the samples whose caption named it (None: no caption named it)."""
     predictions = judge.predict(images)
     report = {}
     for slot in SLOTS:
         hits = [p[slot] == getattr(a, slot) for p, a, k in zip(predictions, attrs, keeps) if slot in k]
-        report[slot] = float(np.mean(hits)) if hits else float("nan")
+        report[slot] = float(np.mean(hits)) if hits else None
     return report
 
 
 def base_text_only(pipe, judge, n: int = 64, partial: bool = False, seed: int = 778, steps: int = 25,
-                   guidance: float = 5.0) -> dict[str, float]:
+                   guidance: float = 5.0) -> dict[str, float | None]:
     """Judge accuracy of text-to-image samples for held-out scenes, from full captions or random partial ones
     (then scored only on the slots each caption names)."""
     from ipadapter.miniature.base_model import sample

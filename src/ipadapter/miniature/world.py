@@ -315,3 +315,7 @@ def write_dataset(
                 mask_image(mask).save(out / record["mask_file"])
             f.write(json.dumps(record) + "\n")
     return manifest
+
+# Public names of drawing steps read elsewhere (tests of the drawing formula; the ControlNet's colour mask): `shade`
+# is a pattern's second colour, 35% lighter (dark colours) or darker (light colours).
+background, shape_mask, shade, SUPERSAMPLE = _background, _shape_mask, _variant, _SUPERSAMPLE

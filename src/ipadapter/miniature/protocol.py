@@ -1,4 +1,4 @@
-"""The miniature protocol's references and its extra metric, from the shapes world and its independent judge.
+"""The `miniature` protocol of `ipadapter evaluate`: its references (from the shapes world) and its judges.
 
 Each reference is a held-out scene (a (shape, colour, background colour) triple no model saw in training); the
 text asks for the reference's object on another background. So CLIP-I rewards copying the reference, CLIP-T
@@ -7,13 +7,14 @@ rewards following the text, and the scale sweep shows the trade-off between the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ipadapter.atomic import save_png
+from ipadapter.evaluate.judges import AttributeJudge, ClipJudge
 from ipadapter.evaluate.manifests import write_manifest
 from ipadapter.miniature.world import COLOURS, PATTERNS, Attrs, caption, make_batch
 
@@ -30,19 +31,29 @@ def other_background(attrs: Attrs, rng: np.random.Generator) -> Attrs:
 def miniature_manifest(out_dir: str | Path, n: int, seed: int = REFERENCE_SEED) -> Path:
     """Write `n` held-out reference PNGs and manifest.jsonl; `attrs` are the asked-for scene (object + new background)."""
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     images, attrs = make_batch(seed, n, "heldout")
     rng = np.random.default_rng(seed + 1)
     records = []
     for i, (image, scene) in enumerate(zip(images, attrs)):
         target = other_background(scene, rng)
         name = f"images/heldout_{i:04d}.png"
-        Image.fromarray(image).save(out / name)
+        save_png(Image.fromarray(image), out / name)
         records.append({"image_file": name, "text": caption(target), "attrs": asdict(target),
                         "reference_text": caption(scene)})
     return write_manifest(out / "manifest.jsonl", records)
 
 
-def attribute_agreement(judge, images: Sequence[Image.Image], attrs: Sequence[dict]) -> dict[str, float]:
-    """Fraction of generations whose judged attribute equals the asked-for one, per attribute and "all"."""
-    return judge.accuracy(list(images), [Attrs(**a) for a in attrs])
+def clip_judge(judge_dir: str | Path | None = None) -> ClipJudge:
+    """The judge CLIP of the bundled judge (or of `judge_dir`): CLIP-I / CLIP-T under `ipadapter evaluate`."""
+    from ipadapter.bundled import judge_path
+    from ipadapter.miniature.tiny_clip import image_processor
+
+    return ClipJudge.load(Path(judge_dir or judge_path()) / "clip", processor=image_processor())
+
+
+def attribute_judge(judge_dir: str | Path | None = None) -> AttributeJudge:
+    """The bundled judge's attribute classifier (or `judge_dir`'s): per-attribute agreement."""
+    from ipadapter.bundled import judge_path
+    from ipadapter.miniature.judge import Judge
+
+    return Judge.load(judge_dir or judge_path())
