@@ -56,7 +56,7 @@ def test_the_folder_is_complete(finished) -> None:
 def test_published_file_of_the_folder_loads_in_diffusers(finished) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    models, encoder, result = finished["models"], finished["encoder"], finished["result"]
+    models, result = finished["models"], finished["result"]
     pipe = StableDiffusionPipeline(
         vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0],
         unet=copy.deepcopy(models.unet), scheduler=DDIMScheduler.from_config(models.scheduler_config),
@@ -64,8 +64,11 @@ def test_published_file_of_the_folder_loads_in_diffusers(finished) -> None:
     )
     pipe.load_ip_adapter(str(result.output), subfolder="", weight_name="ip-adapter.safetensors",
                          image_encoder_folder=None)
+    from safetensors.torch import load_file
+
     loaded = pipe.unet.encoder_hid_proj.image_projection_layers[0]
-    torch.testing.assert_close(loaded.image_embeds.weight, result.adapter.projection.proj.weight)
+    published = load_file(str(result.output / "ip-adapter.safetensors"))
+    torch.testing.assert_close(loaded.image_embeds.weight, published["image_proj.proj.weight"])
 
 
 def test_validation_metrics_are_clip_i_and_clip_t_of_the_shown_images(finished) -> None:
@@ -89,7 +92,7 @@ def test_validation_metrics_are_clip_i_and_clip_t_of_the_shown_images(finished) 
 def test_validation_reaches_tensorboard(finished) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(finished["result"].output / "logs"))
+    events = EventAccumulator(str(finished["result"].output / "logs" / "train"))
     events.Reload()
     tags = events.Tags()
     assert {"validation/clip_i", "validation/clip_t", "train/loss", "train/nonfinite_steps"} <= set(tags["scalars"])

@@ -59,19 +59,21 @@ def test_a_nan_batch_is_skipped_and_leaves_the_weights_unchanged(tmp_path, monke
 
 def test_fp16_scaler_decides_and_lowers_its_scale() -> None:
     """accelerate's optimizer wrapper with a real GradScaler: Inf gradients skip the step, finite ones apply."""
+    from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
+    Accelerator(cpu=True)  # the wrapper reads accelerate's process state
     weight = torch.nn.Parameter(torch.ones(3))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     optimizer = AcceleratedOptimizer(torch.optim.SGD([weight], lr=0.1), device_placement=False, scaler=scaler)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda i: 1.0)
     accelerator = SimpleNamespace(scaler=scaler, clip_grad_norm_=lambda *a: None)
 
-    weight.grad = torch.tensor([1.0, float("inf"), 1.0])
+    scaler.scale((weight * torch.tensor([1.0, float("inf"), 1.0])).sum()).backward()
     assert step.optimizer_step(accelerator, optimizer, schedule, [weight], 0.0) is False
     assert torch.equal(weight.detach(), torch.ones(3)) and scaler.get_scale() < 2.0**8
     assert schedule.last_epoch == 0
-    weight.grad = torch.full((3,), scaler.get_scale())  # a scaled gradient of 1
+    scaler.scale(weight.sum()).backward()  # a gradient of 1, scaled
     assert step.optimizer_step(accelerator, optimizer, schedule, [weight], 0.0) is True
     torch.testing.assert_close(weight.detach(), torch.full((3,), 0.9))
     assert schedule.last_epoch == 1

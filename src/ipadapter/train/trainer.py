@@ -30,16 +30,10 @@ from ipadapter.errors import IPAdapterError
 from ipadapter.projection.detect import new_projection
 from ipadapter.runtime import AdapterPrompt, Reference
 from ipadapter.train.config import TrainConfig
-from ipadapter.train.data import (
-    Batches, Decoder, IndexedStream, Record, ShardStream, collate, describe_skips, expand_shards, is_shard_pattern,
-    read_manifest, sdxl_time_ids,
-)
-from ipadapter.train.buckets import bucket_sizes, image_size, nearest_bucket
-from ipadapter.train.models import (
-    BaseModels, base_configs, check_resolution, encode_latents, encode_text, freeze, load_base, module_fingerprint,
-    resolution_step,
-)
-from ipadapter.train.step import diffusion_loss, encode_clip, optimizer_step, project_references
+from ipadapter.train.data import Batches, collate, describe_skips
+from ipadapter.train.feed import data_phase
+from ipadapter.train.models import BaseModels, base_configs, freeze, load_base, module_fingerprint
+from ipadapter.train.step import diffusion_loss, optimizer_step, project_references
 from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
@@ -157,119 +151,6 @@ class _Run:
     base_id: str = ""
 
 
-# ---- data phase -----------------------------------------------------------------------------------------------------
-def _stream(config: TrainConfig, rank: int, world: int, *, single_pass: bool = False, shuffle: bool = True,
-            buckets: list[tuple[int, int]] | None = None):
-    """The raw data of this process; with `buckets`, a manifest's epoch order gives batches of one bucket each."""
-    if is_shard_pattern(config.data):
-        return ShardStream(expand_shards(config.data), rank=rank, world=world, seed=config.seed,
-                           need_id=config.needs_id_embeds, single_pass=single_pass,
-                           shuffle_buffer=config.shuffle_buffer if shuffle else 0)
-    records = read_manifest(config.data, config.data_root, need_id=config.needs_id_embeds,
-                            references=config.references)
-    groups = None
-    if buckets:
-        sizes = [image_size(r.image) for r in records]
-        groups = [buckets.index(nearest_bucket(s, buckets)) if s else -1 for s in sizes]
-    return IndexedStream(records, rank=rank, world=world, seed=config.seed, shuffle=shuffle, single_pass=single_pass,
-                         groups=groups, batch_size=config.batch_size)
-
-
-def load_image_encoder(config: TrainConfig) -> ImageEncoder:
-    """In the checkpoint's own dtype, as transformers loads the text encoders; the run casts it where it trains."""
-    return ImageEncoder.from_pretrained(config.image_encoder, dtype="auto")
-
-
-def _decoder(run: _Run) -> Decoder:
-    processor = run.encoder.processor if run.features else None
-    return Decoder(run.config.resolution, processor, run.config.id_dim if run.config.needs_id_embeds else 0,
-                   references=run.config.references, buckets=run.buckets)
-
-
-def _encode_for_cache(run: _Run, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The frozen models on one batch, without dropout: what a cache row holds."""
-    device = run.accelerator.device
-    batch = collate(examples)
-    mean, std = encode_latents(run.models.vae, batch["pixels"])
-    text, pooled = encode_text(run.models, batch["text"], device)
-    out = {"latent_mean": mean, "latent_std": std, "text_embeds": text}
-    if pooled is not None:
-        out["pooled"] = pooled
-        out["time_ids"] = sdxl_time_ids(batch["original_size"], batch["crop"], batch["pixels"].shape[-2:])
-    if run.features:
-        out["image"] = encode_clip(run.encoder, batch["clip"], run.features)
-    if "id" in batch:
-        out["id"] = batch["id"]
-    return out
-
-
-@torch.no_grad()
-def _constants(run: _Run) -> dict[str, torch.Tensor]:
-    """The dropped inputs: the empty prompt's embeddings; the image features of a dropped image."""
-    text, pooled = encode_text(run.models, [""], run.accelerator.device)
-    out = {"uncond_text": text[0]}
-    if pooled is not None:
-        out["uncond_pooled"] = pooled[0]
-    if run.features:
-        out["uncond_image"] = run.encoder.uncond(run.features)[0]
-    return {k: v.float().cpu() for k, v in out.items()}
-
-
-def _base_identity(config: TrainConfig, models: BaseModels | None) -> str:
-    from ipadapter.train.cache import folder_fingerprint
-
-    if models is not None:
-        parts = [module_fingerprint(models.vae)] + [module_fingerprint(e) for e in models.text_encoders]
-        return "|".join(parts)
-    return folder_fingerprint(config.base, ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"])
-
-
-def _prepare_cache(run: _Run, given_models: BaseModels | None, given_encoder: ImageEncoder | None):
-    """Check the cache's fingerprint, or build it (loading the frozen encoders only for that), and open it."""
-    from ipadapter.train.cache import CacheReader, build_cache, check_fingerprint, fingerprint, folder_fingerprint
-
-    config, acc = run.config, run.accelerator
-    cache_dir = Path(config.cache)
-    processor = None
-    if run.features:
-        if given_encoder is not None:
-            processor, encoder_id = given_encoder.processor, module_fingerprint(given_encoder.model)
-        else:
-            processor = ImageEncoder.load_processor(config.image_encoder)
-            encoder_id = folder_fingerprint(config.image_encoder, [""])
-    else:
-        encoder_id = ""
-    fp = fingerprint(config=config, base_id=_base_identity(config, given_models), encoder_id=encoder_id,
-                     processor=processor, features=run.features, sdxl=run.sdxl)
-    if config.cache_complete():
-        index = check_fingerprint(cache_dir, fp)
-        logger.info("training from the feature cache %s (%d samples; when built: %s)", cache_dir, index["rows"],
-                    describe_skips(Counter(index["skipped"])))
-        return CacheReader(cache_dir)
-    if not config.data:
-        raise IPAdapterError(f"{cache_dir} holds no complete feature cache and no --data was given to build one")
-    logger.info("building the feature cache %s (one pass over the data)", cache_dir)
-    run.models = given_models or load_base(config.base, encoders=True, vae=True)
-    if run.features:
-        run.encoder = given_encoder or load_image_encoder(config)
-    device = acc.device
-    for m in (run.models.vae, *run.models.text_encoders, run.encoder.model if run.encoder else None):
-        if m is not None:
-            freeze(m)
-            m.to(device)
-    stream = _stream(config, acc.process_index, acc.num_processes, single_pass=True, shuffle=False)
-    batches = Batches(stream, _decoder(run), config.batch_size, workers=config.num_workers)
-    dtype = getattr(torch, config.cache_dtype)
-    build_cache(cache_dir, batches=batches, encode=lambda ex: _encode_for_cache(run, ex), constants=_constants(run),
-                fp=fp, accelerator=acc, dtype=dtype)
-    batches.close()
-    logger.info("feature cache built: %s", describe_skips(batches.skipped))
-    if given_models is None:
-        run.models = None  # the frozen encoders leave memory before training starts
-    run.encoder = None if given_encoder is None else given_encoder
-    return CacheReader(cache_dir)
-
-
 # ---- the phases ---------------------------------------------------------------------------------------------------
 NONFINITE_LIMIT = 50  # consecutive skipped steps after which a run stops: its learning rate or data is broken
 
@@ -286,37 +167,6 @@ def _accelerator_phase(config: TrainConfig, log_with: str | None) -> Any:
         gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision, log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
-
-
-def _data_phase(run: _Run, models: BaseModels | None, image_encoder: ImageEncoder | None,
-                unet_config: dict[str, Any]) -> None:
-    """Refuse what can be refused from configs alone, then open the data: the feature cache or the raw stream."""
-    from ipadapter.train.checkpoint import read_state, resume_point
-
-    config, acc = run.config, run.accelerator
-    rank, world = acc.process_index, acc.num_processes
-    check_resolution(config.resolution, unet_config, run.vae_config)
-    run.resume_path = resume_point(config.resume, Path(config.output),
-                                   say=logger.warning if acc.is_main_process else logger.debug)
-    if run.resume_path is not None:
-        found = read_state(run.resume_path).get("variant")
-        if found != config.variant:  # refused before any weights load
-            raise IPAdapterError(f"cannot resume from {run.resume_path}: it trains variant {found!r}, this run "
-                                 f"{config.variant!r}")
-    if config.cache:
-        run.cache = _prepare_cache(run, models, image_encoder)
-        run.constants = run.cache.constants
-        run.stream = IndexedStream(run.cache.records(), rank=rank, world=world, seed=config.seed)
-        decode: Callable[[Record], dict[str, Any]] = run.cache
-    else:
-        if config.buckets:
-            run.buckets = bucket_sizes(config.resolution, resolution_step(unet_config, run.vae_config))
-            logger.info("aspect-ratio buckets (height × width): %s", ", ".join(f"{h}×{w}" for h, w in run.buckets))
-        run.stream = _stream(config, rank, world, buckets=run.buckets)
-        if run.features:
-            run.encoder = image_encoder or load_image_encoder(config)
-        decode = _decoder(run)
-    run.batches = Batches(run.stream, decode, config.batch_size, workers=config.num_workers)
 
 
 def _model_phase(run: _Run, models: BaseModels | None) -> tuple[IPAdapter, Attachment, TrainModule]:
@@ -597,7 +447,7 @@ def train(
     run = _Run(config=config, accelerator=accelerator, features=clip_features(config.variant),
                sdxl=unet_config.get("addition_embed_type") == "text_time", vae_config=vae_config)
     # 2. data; 3. seed; 4. models
-    _data_phase(run, models, image_encoder, unet_config)
+    data_phase(run, models, image_encoder, unet_config)
     set_seed(config.seed)
     adapter, attachment, module = _model_phase(run, models)
     # 5. optimizer, one prepare (DeepSpeed infers its micro-batch from dataloaders; ours streams itself, so say it)

@@ -31,7 +31,7 @@ class ValidationReference:
 def validation_references(run: Any, count: int = 4) -> list[ValidationReference]:
     """`validation_images` (in groups of `references`), else the condition images of the data's first samples."""
     from ipadapter.train.data import SkipSample, load_id_embed, open_image
-    from ipadapter.train.trainer import _stream
+    from ipadapter.train.feed import open_stream
 
     config = run.config
     k = config.references
@@ -44,7 +44,7 @@ def validation_references(run: Any, count: int = 4) -> list[ValidationReference]
             except SkipSample as skip:
                 logger.warning("validation reference %s not used: %s", paths[i], skip)
     else:
-        stream = _stream(config, 0, 1, single_pass=True, shuffle=False)
+        stream = open_stream(config, 0, 1, single_pass=True, shuffle=False)
         for _ in range(4 * count):
             record = stream.next_record()
             if record is None or len(found) == count:
@@ -110,7 +110,7 @@ class Validator:
         """VAE, text models and image encoder: the run's own, or loaded for this validation when it trains from the
         feature cache (they leave memory again afterwards)."""
         from ipadapter.train.models import freeze, load_text_encoders, load_vae
-        from ipadapter.train.trainer import load_image_encoder
+        from ipadapter.train.feed import load_image_encoder
 
         run = self.run_state
         config, device, m = run.config, run.accelerator.device, run.models
