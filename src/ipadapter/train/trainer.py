@@ -149,6 +149,8 @@ class _Run:
     buckets: list[tuple[int, int]] | None = None
     base_name: str = ""
     base_id: str = ""
+    noise_scheduler: Any = None  # DDPM, from the base's scheduler config
+    prediction: str = "epsilon"
 
 
 # ---- the phases ---------------------------------------------------------------------------------------------------
@@ -172,11 +174,18 @@ def _accelerator_phase(config: TrainConfig, log_with: str | None) -> Any:
 def _model_phase(run: _Run, models: BaseModels | None) -> tuple[IPAdapter, Attachment, TrainModule]:
     """Everything frozen, in the run's precision (an SDXL VAE stays fp32 under fp16: it overflows in half
     precision); then the adapter, new or `init_from`, attached in fp32 and trainable."""
+    from diffusers import DDPMScheduler
+
     config, acc = run.config, run.accelerator
     if run.models is None:
         run.models = models or load_base(config.base, encoders=not config.cache, vae=not config.cache)
     m = run.models
     run.scheduler_config = m.scheduler_config
+    run.noise_scheduler = DDPMScheduler.from_config(m.scheduler_config)
+    run.prediction = config.prediction_type or run.noise_scheduler.config.prediction_type
+    if run.prediction not in ("epsilon", "v_prediction"):
+        raise IPAdapterError(f"the base's scheduler predicts {run.prediction!r}; only epsilon and v_prediction are "
+                             "supported")
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
     device = acc.device
     freeze(m.unet, m.vae, *m.text_encoders, run.encoder.model if run.encoder else None)
@@ -284,16 +293,11 @@ def _save_state(run: _Run, step: int, nonfinite: int, opt: _Optimization) -> Non
 def _loop(run: _Run, module: Any, adapter: IPAdapter, opt: _Optimization, result: TrainResult, *, start: int,
           nonfinite: int, log_with: str | None, on_step: Callable[[int, float], None] | None) -> None:
     """Micro-batches until `max_steps` optimizer steps: loss, guarded step, EMA, bar, logs, checkpoints, validation."""
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     from ipadapter.train.model_folder import append_loss
 
     config, acc = run.config, run.accelerator
-    noise_scheduler = DDPMScheduler.from_config(run.scheduler_config)
-    prediction = config.prediction_type or noise_scheduler.config.prediction_type
-    if prediction not in ("epsilon", "v_prediction"):
-        raise IPAdapterError(f"the base's scheduler predicts {prediction!r}; only epsilon and v_prediction are supported")
     validation = _validation_phase(run) if config.validate_every and acc.is_main_process else None
     step, consecutive = start, 0
     bar = tqdm(total=config.max_steps, initial=step, desc="training", unit="step",
@@ -305,7 +309,7 @@ def _loop(run: _Run, module: Any, adapter: IPAdapter, opt: _Optimization, result
         while step < config.max_steps:
             batch = collate(run.batches.next_batch())
             with acc.accumulate(module):
-                loss = diffusion_loss(run, module, noise_scheduler, prediction, batch)
+                loss = diffusion_loss(run, module, run.noise_scheduler, run.prediction, batch)
                 acc.backward(loss)
                 applied = True
                 if acc.sync_gradients:
@@ -345,7 +349,7 @@ def _loop(run: _Run, module: Any, adapter: IPAdapter, opt: _Optimization, result
             if step % config.save_every == 0 or step == config.max_steps:
                 _save_state(run, step, nonfinite, opt)
             if validation is not None and step % config.validate_every == 0:
-                module = _validate_and_reattach(run, validation, module, adapter, step, result)
+                _validate_and_reattach(run, validation, module, adapter, step, result)
             if on_step is not None:
                 on_step(step, step_loss)
             last = time.perf_counter()  # checkpoints, validation and callbacks are not step time
@@ -362,7 +366,7 @@ def _validation_phase(run: _Run) -> Any:
 
 
 def _validate_and_reattach(run: _Run, validator: Any, module: Any, adapter: IPAdapter, step: int,
-                           result: TrainResult) -> Any:
+                           result: TrainResult) -> None:
     """Validation generates through `ImagePrompter` on a pipeline of the training UNet: the training attachment
     steps aside for it and comes back afterwards."""
     inner = run.accelerator.unwrap_model(module)
@@ -371,7 +375,6 @@ def _validate_and_reattach(run: _Run, validator: Any, module: Any, adapter: IPAd
         result.validation[step] = validator.run(step, adapter)
     finally:
         inner.attachment = _attach_for_training(run.models.unet, adapter)
-    return module
 
 
 def _finish(run: _Run, adapter: IPAdapter, opt: _Optimization, result: TrainResult) -> None:
