@@ -132,6 +132,8 @@ class TrainConfig:
         for stage in self.stages:
             need(parse_stage(stage) is not None,
                  f"stages must be RESOLUTION:STEPS with positive integers (e.g. 512:8000), not {stage!r}")
+        need(not self.validate_every or bool(self.data or self.validation_images),
+             "validation needs --validation-images or --data (a feature cache holds features, not images)")
         need(bool(self.validation_prompts), "validation_prompts must hold at least one prompt (\"\" for image only)")
         return self
 
