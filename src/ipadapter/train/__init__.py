@@ -1,8 +1,9 @@
 """`ipadapter train`: the paper's training recipe for every adapter variant, on one machine or many.
 
-Layout: config (what to train) ← data, buckets, dropout, cache (what it sees) ← models (the frozen base) ← step (one
-guarded step) ← trainer (the phases, in accelerate's fixed order) ← checkpoint, validate, model_folder; stages (a
-sequence of runs), memory (optimizer choice, the dry-run estimate). The CLI (`ipadapter.cli.train`) is a thin layer over `train`.
+Layout: config (what to train) ← data, buckets, dropout, cache (what it sees), feed (the data phase) ← models (the
+frozen base), shapes (a new adapter's shape) ← step (one guarded step) ← trainer (the phases, in accelerate's fixed
+order) ← checkpoint, validate, model_folder; stages (a sequence of runs); memory (optimizer choice, the dry-run
+estimate). The CLI (`ipadapter.cli.train`) is a thin layer over `train`.
 """
 
 from ipadapter.train.config import TrainConfig

@@ -101,7 +101,7 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estima
 
     from ipadapter.adapter import IPAdapter
     from ipadapter.train.models import base_configs, resolution_step
-    from ipadapter.train.trainer import adapter_config_for
+    from ipadapter.train.shapes import adapter_config_for
 
     unet_config, vae_config = base_configs(config.base)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)

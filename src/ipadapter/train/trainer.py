@@ -23,16 +23,16 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ipadapter.adapter import AdapterConfig, IPAdapter
+from ipadapter.adapter import IPAdapter
 from ipadapter.attach import Attachment, attach
 from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError
-from ipadapter.projection.detect import new_projection
 from ipadapter.runtime import AdapterPrompt, Reference
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import Batches, collate, describe_skips
 from ipadapter.train.feed import data_phase
 from ipadapter.train.models import BaseModels, base_configs, freeze, load_base, module_fingerprint
+from ipadapter.train.shapes import adapter_config_for
 from ipadapter.train.step import diffusion_loss, optimizer_step, project_references
 from ipadapter.variants import get_variant
 
@@ -46,23 +46,6 @@ def clip_features(variant: str) -> str:
 
 PUBLISHED_NAME = "ip-adapter.safetensors"
 OWN_NAME = "adapter.ipadapter.safetensors"
-
-
-# ---- the adapter's shape, from the variant table and the models' widths (tested as a table) -------------------
-def adapter_config_for(
-    variant: str, *, cross_dim: int, embed_dim: int = 0, hidden_dim: int = 0, patch_tokens: int = 0, id_dim: int = 512,
-    num_tokens: int = 0, lora_rank: int = 128, encoder: str = "", base: str = "", attention: str = "decoupled",
-) -> AdapterConfig:
-    """A new adapter's config: the variant's head shaped by `new_projection`, its token count unless `num_tokens`
-    is given (a per-token head has one token per encoder token, `patch_tokens`), LoRA of `lora_rank` if it has any."""
-    v = get_variant(variant)
-    if not v.trainable:
-        raise IPAdapterError(f"variant {variant!r} cannot be trained")
-    tokens = (num_tokens or v.tokens) if v.tokens else patch_tokens
-    proj = new_projection(v.head, cross_dim=cross_dim, tokens=tokens, embed_dim=embed_dim, hidden_dim=hidden_dim,
-                          id_dim=id_dim)
-    return AdapterConfig(variant=variant, projection=proj, lora_rank=lora_rank if v.lora else 0, encoder=encoder,
-                         base=base, attention=attention)
 
 
 class TrainModule(nn.Module):
