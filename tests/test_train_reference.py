@@ -161,3 +161,26 @@ def test_reference_count_must_match(tmp_path) -> None:
     plain = factories.write_images(tmp_path / "plain", 2)
     with pytest.raises(IPAdapterError, match=r"entry 1 has 1 reference image\(s\).*ref_image_file as a list of 2"):
         read_manifest(plain, references=2)
+
+
+def test_faceid_reads_face_crops_and_one_id_per_reference(tmp_path) -> None:
+    """FaceID: `face_image_file` (the aligned crop) is what CLIP sees, with one ID embedding per reference."""
+    import numpy as np
+
+    folder = tmp_path / "data"
+    factories.write_images(folder, 1)
+    crops = [_solid(folder / f"face{k}.png", c) for k, c in enumerate([(250, 200, 180), (90, 60, 40)])]
+    ids = []
+    for k in range(2):
+        np.save(folder / f"id{k}.npy", np.full(8, k + 1, np.float32))
+        ids.append(f"id{k}.npy")
+    entry = {"image_file": "img0.png", "text": "x", "face_image_file": crops, "id_embed_file": ids,
+             "ref_image_file": "img0.png"}  # the face crop wins for FaceID variants
+    manifest = folder / "faces.jsonl"
+    manifest.write_text(json.dumps(entry) + "\n")
+    (record,) = read_manifest(manifest, need_id=True, references=2)
+    _, encoder = factories.in_memory()
+    example = Decoder(factories.RES, encoder.processor, id_dim=8, references=2)(record)
+    faces = [Image.open(folder / c).convert("RGB") for c in crops]
+    torch.testing.assert_close(example["clip"], encoder.processor(images=faces, return_tensors="pt").pixel_values)
+    torch.testing.assert_close(example["id"], torch.tensor([[1.0] * 8, [2.0] * 8]))
