@@ -198,10 +198,10 @@ def main() -> None:
         config = TrainConfig(data=str(manifest), output=str(tmp / "run"), cache=str(tmp / "cache"),
                              resolution=args.resolution, batch_size=args.batch, max_steps=args.steps + 1,
                              save_every=10_000, num_workers=2, seed=0)
-        from ipadapter.train import trainer as trainer_module
+        from ipadapter.train import feed as feed_module
 
         build = {}
-        real_build = trainer_module._prepare_cache
+        real_build = feed_module.prepare_cache
 
         def timed_prepare(*a, **k):
             s = time.perf_counter()
@@ -213,11 +213,11 @@ def main() -> None:
             print(f"  cached step {step}: loss {loss:.4f}", flush=True)
             plain_loop.step()
 
-        trainer_module._prepare_cache = timed_prepare
+        feed_module.prepare_cache = timed_prepare
         t0 = time.perf_counter()
         result = train(config, models=models, image_encoder=encoder, log_with=None, on_step=after_step)
         total = time.perf_counter() - t0
-        trainer_module._prepare_cache = real_build
+        feed_module.prepare_cache = real_build
         plain = plain_loop.times[1:]
         cached = result.step_times[1:]
         reader = CacheReader(tmp / "cache")

@@ -82,7 +82,7 @@ def test_cache_refuses_other_models_or_settings(cached, tmp_path, change, field)
 
 def test_folder_models_cache_reused_without_loading_encoders(tmp_path, monkeypatch) -> None:
     """From folders (an encoder without a saved processor): the second run loads only the UNet."""
-    from ipadapter.train import trainer
+    from ipadapter.train import models
 
     base, encoder = factories.write_base(tmp_path / "base"), factories.write_image_encoder(tmp_path / "enc", processor=False)
     config = TrainConfig(base=str(base), image_encoder=str(encoder), data=str(factories.write_images(tmp_path / "d", 3)),
@@ -95,7 +95,7 @@ def test_folder_models_cache_reused_without_loading_encoders(tmp_path, monkeypat
         raise AssertionError("a frozen encoder was loaded although the cache holds its outputs")
 
     monkeypatch.setattr(ImageEncoder, "from_pretrained", no)
-    monkeypatch.setattr(trainer, "load_text_encoders", no)
-    monkeypatch.setattr(trainer, "load_vae", no)
+    monkeypatch.setattr(models, "load_text_encoders", no)
+    monkeypatch.setattr(models, "load_vae", no)
     result = train(config.replace(output=str(tmp_path / "o2")), log_with=None)
     assert result.step == 1

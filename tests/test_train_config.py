@@ -32,6 +32,9 @@ def test_yaml_and_toml_load_and_flags_override(tmp_path) -> None:
     ({"ema_decay": 1.0}, "ema_decay must be in \\[0, 1\\), not 1.0"),
     ({"max_steps": "many"}, "max_steps must be int, not 'many'"),
     ({"colour": 1}, "unknown field 'colour'"),
+    ({"optimizer": "sgd"}, "optimizer must be one of adamw, adamw8bit, not 'sgd'"),
+    ({"references": 0}, "references must be at least 1, not 0"),
+    ({"validate_every": 10, "cache": "c"}, "validation needs --validation-images or --data"),
 ])
 def test_validation_names_the_bad_value(values, message) -> None:
     with pytest.raises(IPAdapterError, match=message):

@@ -161,7 +161,7 @@ def test_centre_crop_and_sdxl_conditioning() -> None:
     pixels, original, crop = center_crop(image, 16)
     assert pixels.shape == (3, 16, 16) and original == (20, 40) and crop == (0, 8)
     assert torch.allclose(pixels[0], torch.ones(16, 16)) and torch.allclose(pixels[1], -torch.ones(16, 16))
-    assert sdxl_time_ids([original], [crop], 16).tolist() == [[20, 40, 0, 8, 16, 16]]
+    assert sdxl_time_ids([original], [crop], (16, 16)).tolist() == [[20, 40, 0, 8, 16, 16]]
 
 
 def test_clip_sees_the_uncropped_image(tmp_path) -> None:

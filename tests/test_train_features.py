@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ipadapter.encoders import ImageEncoder
-from ipadapter.train import TrainConfig, train, trainer
+from ipadapter.train import TrainConfig, feed, train, trainer
 from ipadapter.train.cache import CacheReader
 from ipadapter.train.data import Decoder, read_manifest
 from tests import factories
@@ -84,7 +84,7 @@ def test_trainer_loads_the_inference_encoder_from_a_folder(tmp_path, saved_proce
     from transformers import CLIPImageProcessor
 
     folder = factories.write_image_encoder(tmp_path / "enc", processor=saved_processor)
-    encoder = trainer.load_image_encoder(TrainConfig(image_encoder=str(folder)))
+    encoder = feed.load_image_encoder(TrainConfig(image_encoder=str(folder)))
     assert isinstance(encoder, ImageEncoder)
     assert (encoder.global_dim, encoder.patch_dim, encoder.patch_tokens) == (24, 40, 17)
     default = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

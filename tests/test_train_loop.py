@@ -234,17 +234,23 @@ def test_simple_adapter_ablation_trains_only_the_projection(tmp_path) -> None:
         config.replace(variant="plus").validate()
 
 
-@pytest.mark.parametrize("variant", ["full", "faceid", "faceid-plusv2"])
-def test_other_variants_train_and_reload(tmp_path, variant) -> None:
+@pytest.mark.parametrize("variant", ["plus", "full", "faceid", "faceid-plus", "faceid-plusv2"])
+def test_other_variants_train_reload_and_fine_tune(tmp_path, variant) -> None:
     manifest = factories.write_images(tmp_path / "data", 4, id_dim=8)
     models, encoder = factories.in_memory()
-    config = _config(tmp_path, manifest, variant=variant, max_steps=1, batch_size=2, id_dim=8, lora_rank=4)
+    config = _config(tmp_path / "a", manifest, variant=variant, max_steps=1, batch_size=2, id_dim=8, lora_rank=4)
     result = train(config, models=models, image_encoder=encoder, log_with=None)
     loaded = load_adapter(result.published, models.unet)
     assert loaded.config.projection.head == result.adapter.config.projection.head
     assert (loaded.config.lora_rank == 4) == variant.startswith("faceid")
     own = load_adapter(result.own, models.unet)
     assert own.config.variant == variant
+    factories.reset_accelerate()
+    # --init-from the published file: one more step at lr ~ 0 starts from, and keeps, exactly those weights
+    again = train(config.replace(output=str(tmp_path / "b"), init_from=str(result.published), learning_rate=1e-12,
+                                 weight_decay=0.0), models=models, image_encoder=encoder, log_with=None)
+    start, after = _weights(result.published), _weights(again.published)
+    assert start.keys() == after.keys() and all(torch.allclose(start[k], after[k], atol=1e-6) for k in start)
 
 
 def test_init_from_a_published_checkpoint(tmp_path) -> None:

@@ -11,7 +11,8 @@ from ipadapter.extras import needs
 HELP = {
     "base": "diffusers pipeline folder or Hub id (unet, vae, text_encoder, tokenizer, scheduler; + _2 for SDXL)",
     "image_encoder": "CLIPVisionModelWithProjection folder or Hub id (its CLIPImageProcessor if saved)",
-    "data": "JSON/JSONL manifest of {image_file, text[, id_embed_file]} or a tar shard pattern (data-{00000..00099}.tar)",
+    "data": "JSON/JSONL manifest of {image_file, text[, ref_image_file, id_embed_file]} or a tar shard pattern "
+            "(data-{00000..00099}.tar)",
     "data_root": "folder that manifest paths are relative to (default: the manifest's folder)",
     "variant": "adapter variant to train",
     "attention": "decoupled (the paper's IP-Adapter) or concat (its 'simple adapter' ablation: image tokens appended "
@@ -37,6 +38,14 @@ HELP = {
     "noise_offset": "noise offset (0: off)",
     "mixed_precision": "frozen models in this precision and autocast; the adapter trains in fp32",
     "gradient_checkpointing": "recompute UNet activations in the backward pass (less memory, slower)",
+    "optimizer": "adamw, or adamw8bit (bitsandbytes' 8-bit states; falls back to adamw with a warning if it is "
+                 "not installed)",
+    "references": "reference images per sample (manifest ref_image_file lists; their tokens are concatenated)",
+    "buckets": "aspect-ratio buckets of about resolution² pixels (SDXL's size/crop conditioning follows) instead of "
+               "square centre crops; not with --cache",
+    "stages": "resolution stages RESOLUTION:STEPS, run in order, each from the previous stage's adapter "
+              "(e.g. --stages 512:8000 1024:2000)",
+    "validation_judge": "a CLIP (both towers) folder or Hub id: CLIP-I and CLIP-T of the validation images",
     "prediction_type": "override the base scheduler's prediction type (epsilon, v_prediction)",
     "cache": "feature cache folder: built on the first run, reused afterwards (refused if models/settings differ)",
     "cache_dtype": "storage dtype of cached features",
@@ -71,12 +80,22 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = TrainConfig.load(args.config, overrides)
+    if args.dry_run:
+        from ipadapter.errors import IPAdapterError
+        from ipadapter.train.memory import estimate, report
+
+        if not config.base:
+            raise IPAdapterError("--dry-run needs --base (a diffusers pipeline folder or Hub id)")
+        if config.needs_image_encoder and not config.image_encoder:
+            raise IPAdapterError(f"variant {config.variant!r} needs --image-encoder")
+        print(report(config, estimate(config)))
+        return 0
     train(config)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ipadapter.train.config import ATTENTION_MODES, MIXED_PRECISION, TRAIN_VARIANTS, TrainConfig
+    from ipadapter.train.config import ATTENTION_MODES, MIXED_PRECISION, OPTIMIZERS, TRAIN_VARIANTS, TrainConfig
 
     parser = subparsers.add_parser(
         "train", help="train an IP-Adapter (the paper's recipe), on one GPU or many (accelerate launch)",
@@ -85,8 +104,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", default="", help="YAML or TOML config file")
     parser.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print parameters, trainable parameters and the estimated peak memory per batch size "
+                             "(models built from their configs, no weights read), then stop")
     choices = {"variant": TRAIN_VARIANTS, "attention": ATTENTION_MODES, "mixed_precision": MIXED_PRECISION,
-               "prediction_type": ("", "epsilon", "v_prediction"), "cache_dtype": ("float16", "bfloat16", "float32")}
+               "prediction_type": ("", "epsilon", "v_prediction"), "cache_dtype": ("float16", "bfloat16", "float32"),
+               "optimizer": OPTIMIZERS}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()

@@ -19,6 +19,15 @@ from ipadapter.variants import ATTENTION_MODES, TRAINABLE, get_variant
 
 TRAIN_VARIANTS = TRAINABLE
 MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def parse_stage(text: str) -> tuple[int, int] | None:
+    """"512:8000" → (512, 8000); None when it is not two positive integers."""
+    parts = str(text).split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])
 
 
 @dataclass
@@ -34,6 +43,7 @@ class TrainConfig:
     attention: str = "decoupled"
     output: str = "runs/ip-adapter"
     init_from: str = ""
+    references: int = 1  # condition images per sample (ref_image_file lists); their tokens are concatenated
     # the paper's recipe
     max_steps: int = 1000
     batch_size: int = 8
@@ -59,12 +69,15 @@ class TrainConfig:
     noise_offset: float = 0.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
     prediction_type: str = ""
     # data pipeline
     cache: str = ""
     cache_dtype: str = "float16"
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    buckets: bool = False  # aspect-ratio buckets of about resolution² pixels instead of square centre crops
+    stages: list[str] = field(default_factory=list)  # "RESOLUTION:STEPS" each, run in order (e.g. 512:8000 1024:2000)
     # checkpoints, logs, validation
     resume: str = ""
     save_every: int = 1000
@@ -75,6 +88,7 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=lambda: [""])
     validation_steps: int = 30
     validation_guidance: float = 7.5
+    validation_judge: str = ""  # a CLIP (both towers) for CLIP-I / CLIP-T of the validation images
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,10 +108,11 @@ class TrainConfig:
              f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
         need(self.prediction_type in ("", "epsilon", "v_prediction"),
              f"prediction_type must be epsilon or v_prediction (empty: as the base model), not {self.prediction_type!r}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         need(self.cache_dtype in ("float16", "bfloat16", "float32"),
              f"cache_dtype must be float16, bfloat16 or float32, not {self.cache_dtype!r}")
         for name in ("max_steps", "batch_size", "resolution", "grad_accum", "save_every", "keep_checkpoints",
-                     "log_every", "validation_steps", "id_dim"):
+                     "log_every", "validation_steps", "id_dim", "references"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("num_tokens", "lora_rank", "warmup_steps", "validate_every", "num_workers", "shuffle_buffer"):
             need(getattr(self, name) >= 0, f"{name} must be 0 or more, not {getattr(self, name)}")
@@ -113,6 +128,12 @@ class TrainConfig:
             need(0.0 <= value <= 1.0, f"{name} must be a probability in [0, 1], not {value}")
         total = self.drop_image + self.drop_text + self.drop_both
         need(total <= 1.0 + 1e-9, f"drop_image + drop_text + drop_both must be <= 1, not {total:g}")
+        need(not (self.buckets and self.cache), "buckets cannot be used with a feature cache (its rows have one size)")
+        for stage in self.stages:
+            need(parse_stage(stage) is not None,
+                 f"stages must be RESOLUTION:STEPS with positive integers (e.g. 512:8000), not {stage!r}")
+        need(not self.validate_every or bool(self.data or self.validation_images),
+             "validation needs --validation-images or --data (a feature cache holds features, not images)")
         need(bool(self.validation_prompts), "validation_prompts must hold at least one prompt (\"\" for image only)")
         return self
 

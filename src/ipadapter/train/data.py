@@ -10,6 +10,7 @@ counted by reason and reported; it never stops the run.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import io
@@ -19,7 +20,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.train.buckets import grouped_order, nearest_bucket
 from ipadapter.validation import check_pixels, read_utf8
 
 logger = logging.getLogger("ipadapter.train")
@@ -45,15 +47,35 @@ class Record:
 
     key: str
     text: str | None
-    image: Path | bytes | None
-    id_embed: Path | tuple[str, bytes] | None = None
-    face_image: Path | bytes | None = None
+    image: Path | bytes | None  # the target: what the UNet learns to denoise
+    id_embeds: list[Path | tuple[str, bytes]] = field(default_factory=list)  # one per reference (FaceID)
+    refs: list[Path | bytes] = field(default_factory=list)  # the condition images; none: the target itself
     row: tuple[int, int] | None = None  # (cache file, row) for cached features
 
 
 # ---- sources --------------------------------------------------------------------------------------------------------
-def read_manifest(path: str | Path, data_root: str = "", *, need_id: bool = False) -> list[Record]:
-    """`{"image_file", "text"}` per entry (+ `"id_embed_file"` for FaceID), as a JSON list or JSON lines."""
+def _file_list(entry: dict[str, Any], name: str, root: Path, where: str) -> list[Path]:
+    """A field holding one file name or a list of them, as paths under `root` (absent or empty: none)."""
+    value = entry.get(name)
+    if value in (None, "", []):
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+        raise IPAdapterError(f"{where}: {name} must be a file name or a list of file names")
+    return [root / v for v in items]
+
+
+def reference_fields(face_id: bool) -> tuple[str, str]:
+    """Where a manifest entry names its condition images, in order of precedence: FaceID variants read the face
+    crop (`face_image_file`), the others `ref_image_file`; either field serves when the other is absent."""
+    return ("face_image_file", "ref_image_file") if face_id else ("ref_image_file", "face_image_file")
+
+
+def read_manifest(path: str | Path, data_root: str = "", *, need_id: bool = False, references: int = 1) -> list[Record]:
+    """`{"image_file", "text"}` per entry (+ `"id_embed_file"` for FaceID), as a JSON list or JSON lines.
+
+    `image_file` is the target. The condition is `ref_image_file` (or `face_image_file`; a name or a list of
+    `references` names) when given, else the target itself; FaceID entries give one ID embedding per reference."""
     path = Path(path)
     if not path.is_file():
         raise IPAdapterError(f"manifest not found: {path}")
@@ -87,11 +109,18 @@ def read_manifest(path: str | Path, data_root: str = "", *, need_id: bool = Fals
             raise IPAdapterError(f"{where} has no {missing[0]!r} field{hint}; it has: {', '.join(sorted(entry)) or 'none'}")
         if not isinstance(entry["text"], str) or not isinstance(entry["image_file"], str):
             raise IPAdapterError(f"{where}: image_file and text must be strings")
-        records.append(Record(
-            key=str(entry.get("id", n)), text=entry["text"], image=root / entry["image_file"],
-            id_embed=root / entry["id_embed_file"] if need_id else None,
-            face_image=root / entry["face_image_file"] if entry.get("face_image_file") else None,
-        ))
+        first, second = reference_fields(need_id)
+        refs = _file_list(entry, first, root, where) or _file_list(entry, second, root, where)
+        ids = _file_list(entry, "id_embed_file", root, where) if need_id else []
+        count = len(refs) or 1
+        if count != references or (need_id and len(ids) != references):
+            given = f"{count} reference image(s)" + (f" and {len(ids)} ID embedding(s)" if need_id else "")
+            raise IPAdapterError(
+                f"{where} has {given}; this run conditions on {references} per sample (references: {references}; "
+                f"give {first} as a list of {references})"
+            )
+        records.append(Record(key=str(entry.get("id", n)), text=entry["text"], image=root / entry["image_file"],
+                              id_embeds=ids, refs=refs))
     return records
 
 
@@ -157,9 +186,26 @@ def shard_record(group: dict[str, bytes], *, need_id: bool) -> Record:
             text = meta.get("caption") or meta.get("text")
         except (json.JSONDecodeError, AttributeError):
             text = None
-    id_embed = next(((e, group[e]) for e in ID_EXTS if e in group), None) if need_id else None
-    face = group.get("face.jpg") or group.get("face.png")
-    return Record(key=key, text=text, image=image, id_embed=id_embed, face_image=face)
+    ids = _members(group, "", ID_EXTS) or _members(group, "id", ID_EXTS) if need_id else []
+    first, second = ("face", "ref") if need_id else ("ref", "face")
+    refs = _members(group, first, IMAGE_EXTS) or _members(group, second, IMAGE_EXTS)
+    return Record(key=key, text=text, image=image, id_embeds=ids, refs=[data for _, data in refs])
+
+
+def _members(group: dict[str, bytes], stem: str, exts: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """`{key}.{stem}.{ext}` (one), else `{key}.{stem}0.{ext}`, `{key}.{stem}1.{ext}`, ... (several), as (ext, bytes).
+    An empty stem is the bare `{key}.{ext}`."""
+    def one(name: str) -> tuple[str, bytes] | None:
+        prefix = f"{name}." if name else ""
+        return next(((e, group[prefix + e]) for e in exts if prefix + e in group), None)
+
+    single = one(stem)
+    if single is not None or not stem:
+        return [single] if single is not None else []
+    found = []
+    while (item := one(f"{stem}{len(found)}")) is not None:
+        found.append(item)
+    return found
 
 
 # ---- resumable per-process streams ---------------------------------------------------------------------------------
@@ -172,10 +218,11 @@ class IndexedStream:
     """Records of an indexable list (manifest or cache rows); process `rank` of `world` takes perm[rank::world]."""
 
     def __init__(self, records: list[Record], *, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True,
-                 single_pass: bool = False) -> None:
+                 single_pass: bool = False, groups: list[int] | None = None, batch_size: int = 1) -> None:
         if len(records) < world:
             raise IPAdapterError(f"{len(records)} training samples cannot be split over {world} processes")
         self.records, self.rank, self.world, self.seed, self.shuffle = records, rank, world, seed, shuffle
+        self.groups, self.batch_size = groups, batch_size  # groups: batches of one group each (buckets)
         self.single_pass = single_pass
         self.epoch, self.pos = 0, 0
         self.skipped: Counter = Counter()
@@ -185,6 +232,9 @@ class IndexedStream:
         if self._order is None:
             perm = epoch_permutation(len(self.records), self.seed, self.epoch) if self.shuffle else list(range(len(self.records)))
             self._order = perm[self.rank :: self.world]
+            if self.groups is not None:
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 7919 + self.rank)
+                self._order = grouped_order(self._order, self.groups, self.batch_size, g)
         return self._order
 
     def next_record(self) -> Record | None:
@@ -339,9 +389,7 @@ def open_image(source: Path | bytes | None, what: str = "image") -> Any:
         raise SkipSample(f"undecodable {what}") from None
 
 
-def load_id_embed(source: Path | tuple[str, bytes] | None, id_dim: int) -> torch.Tensor:
-    if source is None:
-        raise SkipSample("no ID embedding")
+def load_id_embed(source: Path | tuple[str, bytes], id_dim: int) -> torch.Tensor:
     if isinstance(source, Path):
         if not source.is_file():
             raise SkipSample("missing ID embedding file")
@@ -362,42 +410,63 @@ def load_id_embed(source: Path | tuple[str, bytes] | None, id_dim: int) -> torch
     return value
 
 
-def center_crop(image: Any, resolution: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Shortest side → resolution (bilinear), centre crop; pixels in [-1, 1], plus SDXL's size/crop conditioning."""
+def center_crop(image: Any, resolution: int | tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Scaled (bilinear) to cover `resolution` (a side, or (height, width)), centre crop; pixels in [-1, 1], plus
+    SDXL's size/crop conditioning: original (h, w) and crop (top, left)."""
     from PIL import Image
 
+    th, tw = (resolution, resolution) if isinstance(resolution, int) else resolution
     w, h = image.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(th / h, tw / w)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     resized = image.resize((nw, nh), Image.BILINEAR)
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    crop = resized.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0  # (3, R, R)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    crop = resized.crop((left, top, left + tw, top + th))
+    pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0  # (3, th, tw)
     return pixels, (h, w), (top, left)
 
 
 @dataclass
 class Decoder:
-    """Record → example dict, or SkipSample. `processor` is the image encoder's CLIPImageProcessor (None: no CLIP)."""
+    """Record → example dict, or SkipSample. `processor` is the image encoder's CLIPImageProcessor (None: no CLIP).
+
+    The target gives the VAE's pixels; the condition (CLIP pixels, ID embeddings) comes from the record's reference
+    images when it names any, else from the target. With `references` > 1 the condition tensors get a reference
+    axis (K, ...) after the sample's own; with one they keep the single-reference shapes."""
 
     resolution: int
     processor: Any = None
     id_dim: int = 0
     need_text: bool = True
+    references: int = 1
+    buckets: list[tuple[int, int]] | None = None  # (height, width) sizes; None: square `resolution` crops
 
-    def __call__(self, record: Record) -> dict[str, Any]:
+    def __call__(self, record: Record, size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """`size` (height, width) forces the target's size (a batch's bucket); by default the record's own bucket."""
         if self.need_text and record.text is None:
             raise SkipSample("no caption")
+        if record.refs and len(record.refs) != self.references:
+            raise SkipSample(f"not {self.references} reference image(s)")
+        if not record.refs and self.references != 1:
+            raise SkipSample(f"no reference images ({self.references} needed)")
         out: dict[str, Any] = {"key": record.key, "text": record.text or ""}
         image = open_image(record.image)
-        out["pixels"], out["original_size"], out["crop"] = center_crop(image, self.resolution)
+        if size is None and self.buckets:
+            size = nearest_bucket((image.height, image.width), self.buckets)
+        out["pixels"], out["original_size"], out["crop"] = center_crop(image, size or self.resolution)
         if self.processor is not None:
-            clip_source = open_image(record.face_image, "face image") if record.face_image is not None else image
+            sources = [open_image(r, "reference image") for r in record.refs] or [image]
             # The reference script gives CLIP the uncropped image; its processor does its own resize and crop.
-            out["clip"] = self.processor(images=clip_source, return_tensors="pt").pixel_values[0]
+            out["clip"] = self._per_reference([self.processor(images=s, return_tensors="pt").pixel_values[0]
+                                               for s in sources])
         if self.id_dim:
-            out["id"] = load_id_embed(record.id_embed, self.id_dim)
+            if len(record.id_embeds) != self.references:
+                raise SkipSample(f"not {self.references} ID embedding(s)")
+            out["id"] = self._per_reference([load_id_embed(e, self.id_dim) for e in record.id_embeds])
         return out
+
+    def _per_reference(self, values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(values) if self.references > 1 else values[0]
 
 
 # ---- batches -------------------------------------------------------------------------------------------------------
@@ -421,11 +490,25 @@ class Batches:
     def skipped(self) -> Counter:
         return self.stream.skipped
 
-    def _try(self, record: Record) -> dict[str, Any] | str:
+    def _try(self, record: Record, size: tuple[int, int] | None = None) -> dict[str, Any] | str:
         try:
-            return self.decode(record)
+            return self.decode(record, size) if size is not None else self.decode(record)
         except SkipSample as skip:
             return str(skip)
+
+    def _decode_all(self, records: list[Record], batch: list[dict[str, Any]]) -> list[dict[str, Any] | str]:
+        """Decoded in parallel; with buckets every example takes the size of the batch's first one."""
+        if not getattr(self.decode, "buckets", None):
+            return list(self.pool.map(self._try, records)) if self.pool else [self._try(r) for r in records]
+        results: list[dict[str, Any] | str] = []
+        while records and not batch and not any(isinstance(r, dict) for r in results):
+            results.append(self._try(records.pop(0)))  # until a first example fixes the batch's size
+        first = batch[0] if batch else next((r for r in results if isinstance(r, dict)), None)
+        if first is None or not records:
+            return results
+        size = tuple(first["pixels"].shape[-2:])
+        sized = functools.partial(self._try, size=size)
+        return results + (list(self.pool.map(sized, records)) if self.pool else [sized(r) for r in records])
 
     def next_batch(self) -> list[dict[str, Any]]:
         batch: list[dict[str, Any]] = []
@@ -438,7 +521,7 @@ class Batches:
                     self.exhausted = True
                     break
                 records.append(record)
-            results = list(self.pool.map(self._try, records)) if self.pool else [self._try(r) for r in records]
+            results = self._decode_all(list(records), batch)
             for record, result in zip(records, results):
                 if isinstance(result, str):
                     self.stream.skipped[result] += 1
@@ -466,9 +549,10 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def sdxl_time_ids(original_sizes: list[tuple[int, int]], crops: list[tuple[int, int]], resolution: int) -> torch.Tensor:
+def sdxl_time_ids(original_sizes: list[tuple[int, int]], crops: list[tuple[int, int]],
+                  target: tuple[int, int]) -> torch.Tensor:
     """(B, 6): original (h, w), crop top-left (top, left), target (h, w) — SDXL's micro-conditioning."""
-    return torch.tensor([[*o, *c, resolution, resolution] for o, c in zip(original_sizes, crops)], dtype=torch.float32)
+    return torch.tensor([[*o, *c, *target] for o, c in zip(original_sizes, crops)], dtype=torch.float32)
 
 
 def describe_skips(skipped: Counter) -> str:

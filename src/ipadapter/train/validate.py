@@ -1,93 +1,188 @@
-"""Validation grids: fixed references × fixed prompts, sampled with DDIM and CFG every N steps, saved as PNG.
+"""Validation every N steps through the generation code users run: `ImagePrompter` on a diffusers pipeline built
+around the UNet being trained (DDIM, classifier-free guidance), for a fixed set of references × prompts.
 
-Row r: the reference (as the VAE sees it) followed by one sample per prompt. Everything that does not change
-during training (reference features, their unconditional counterpart, prompt embeddings, starting noise) is
-computed once, so successive grids differ only by the adapter's weights.
+Each validation writes a grid PNG (row r: reference r, then one sample per prompt) and, when a judge CLIP is given,
+CLIP-I (sample vs. its first reference) and CLIP-T (sample vs. its prompt, non-empty prompts only) from the
+evaluation stack, logged to TensorBoard with the grid.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from ipadapter.runtime import AdapterPrompt, Reference
+from ipadapter.errors import IPAdapterError
+
+logger = logging.getLogger("ipadapter.train")
 
 
 @dataclass
-class ValidationSet:
-    features: tuple[torch.Tensor, ...]  # per reference (R, ...), as the projection takes them
-    uncond_features: tuple[torch.Tensor, ...]  # (1, ...): the variant's dropped input
-    reference_pixels: torch.Tensor | None  # (R, 3, H, W) in [-1, 1] (None: decode from latents)
-    reference_latents: torch.Tensor | None  # (R, 4, h, w) scaled latents, when pixels are not at hand
-    prompt_embeds: torch.Tensor  # (P, L, C)
-    negative_embeds: torch.Tensor  # (1, L, C): the empty prompt
-    prompt_pooled: torch.Tensor | None = None  # SDXL (P, D)
-    negative_pooled: torch.Tensor | None = None
+class ValidationReference:
+    images: list[Image.Image]  # the condition: one image per reference
+    face_embeds: torch.Tensor | None = None  # (K, D) ID embeddings for FaceID variants
 
 
-@torch.no_grad()
-def sample_grid(
-    vset: ValidationSet, *, unet: Any, adapter: Any, attachment: Any, vae: Any, scheduler_config: dict[str, Any],
-    resolution: int, steps: int, guidance: float, seed: int,
-) -> np.ndarray:
-    """An (R·H, (P+1)·W, 3) uint8 grid."""
-    from diffusers import DDIMScheduler
+def validation_references(run: Any, count: int = 4) -> list[ValidationReference]:
+    """`validation_images` (in groups of `references`), else the condition images of the data's first samples."""
+    from ipadapter.train.data import SkipSample, load_id_embed, open_image
+    from ipadapter.train.feed import open_stream
 
-    device, dtype = unet.device, unet.dtype
-    r = vset.features[0].shape[0]
-    p = vset.prompt_embeds.shape[0]
-    n = r * p
-    feats = tuple(f.to(device).repeat_interleave(p, dim=0) for f in vset.features)  # (R·P, ...) ref-major
-    tokens = adapter.project(*feats)
-    uncond = adapter.project(*(f.to(device) for f in vset.uncond_features)).expand_as(tokens)
-    text = vset.prompt_embeds.to(device, dtype).repeat(r, 1, 1)  # (R·P, L, C)
-    negative = vset.negative_embeds.to(device, dtype).expand_as(text)
-    added = None
-    if vset.prompt_pooled is not None:
-        pooled = vset.prompt_pooled.to(device, dtype).repeat(r, 1)
-        neg_pooled = vset.negative_pooled.to(device, dtype).expand_as(pooled)
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device, dtype=dtype)
-        added = {"text_embeds": torch.cat([neg_pooled, pooled]), "time_ids": time_ids.repeat(2 * n, 1)}
+    config = run.config
+    k = config.references
+    found: list[ValidationReference] = []
+    if config.validation_images and not config.needs_id_embeds:
+        paths = [Path(p) for p in config.validation_images]
+        for i in range(0, len(paths) - k + 1, k):
+            try:
+                found.append(ValidationReference([open_image(p, "validation image") for p in paths[i : i + k]]))
+            except SkipSample as skip:
+                logger.warning("validation reference %s not used: %s", paths[i], skip)
+    else:
+        stream = open_stream(config, 0, 1, single_pass=True, shuffle=False)
+        for _ in range(4 * count):
+            record = stream.next_record()
+            if record is None or len(found) == count:
+                break
+            try:
+                images = [open_image(r, "reference image") for r in record.refs] or [open_image(record.image)]
+                ids = torch.stack([load_id_embed(e, config.id_dim) for e in record.id_embeds]) \
+                    if config.needs_id_embeds else None
+            except SkipSample:  # a bad reference is skipped here as in training
+                continue
+            if len(images) == k:
+                found.append(ValidationReference(images, ids))
+    if not found:
+        raise IPAdapterError("no usable validation reference (check --validation-images or the data)")
+    return found[:count]
+
+
+def build_pipeline(unet: Any, vae: Any, tokenizers: list[Any], text_encoders: list[Any],
+                   scheduler_config: dict[str, Any]) -> Any:
+    """The diffusers text-to-image pipeline of the base (SD or SDXL) around the given parts, DDIM scheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(steps, device=device)
-    g = torch.Generator().manual_seed(seed)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (n, unet.config.in_channels, resolution // factor, resolution // factor)
-    latents = (torch.randn(shape, generator=g) * scheduler.init_noise_sigma).to(device, dtype)
-    attachment.set_prompts({name: AdapterPrompt([Reference(cond=tokens, uncond=uncond)])
-                            for name in attachment.adapters}, rows=n, cfg=True)
-    try:
-        for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            pred = unet(model_in, t, encoder_hidden_states=torch.cat([negative, text]), added_cond_kwargs=added).sample
-            pred_uncond, pred_cond = pred.chunk(2)
-            latents = scheduler.step(pred_uncond + guidance * (pred_cond - pred_uncond), t, latents).prev_sample
-    finally:
-        attachment.clear()
-    images = decode(vae, latents)
-    if vset.reference_pixels is not None:
-        refs = vset.reference_pixels.to(images)
+    if len(text_encoders) == 2:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                         scheduler=scheduler)
     else:
-        refs = decode(vae, vset.reference_latents.to(device))
-    cols = torch.cat([refs.unsqueeze(1), images.view(r, p, *images.shape[1:])], dim=1)  # (R, P+1, 3, H, W)
-    grid = cols.permute(0, 3, 1, 4, 2).reshape(r * images.shape[-2], (p + 1) * images.shape[-1], 3)
-    return ((grid.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       image_encoder=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
-def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
-    return vae.decode(z).sample.float()  # (N, 3, H, W) in about [-1, 1]
+def grid_image(rows: list[list[Image.Image]], size: int) -> Image.Image:
+    """Rows of images, each fitted into a size × size cell (centre crop of the shortest side)."""
+    from PIL import ImageOps
+
+    width = max(len(r) for r in rows)
+    grid = Image.new("RGB", (width * size, len(rows) * size))
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(ImageOps.fit(image.convert("RGB"), (size, size)), (x * size, y * size))
+    return grid
 
 
-def save_png(grid: np.ndarray, path: Path) -> Path:
-    from PIL import Image
+class Validator:
+    """The fixed references, prompts and judge of a run; `run(step, adapter)` makes one validation."""
 
-    from ipadapter.atomic import save_png as save_image
+    def __init__(self, run: Any, references: list[ValidationReference], judge: Any = None) -> None:
+        self.run_state, self.references, self.judge = run, references, judge
 
-    return save_image(Image.fromarray(grid), path)
+    @classmethod
+    def prepare(cls, run: Any) -> "Validator":
+        from ipadapter.evaluate.judges import ClipJudge
+
+        config = run.config
+        judge = ClipJudge.load(config.validation_judge) if config.validation_judge else None
+        return cls(run, validation_references(run), judge)
+
+    def _parts(self) -> tuple[Any, list[Any], list[Any], Any]:
+        """VAE, text models and image encoder: the run's own, or loaded for this validation when it trains from the
+        feature cache (they leave memory again afterwards)."""
+        from ipadapter.train.models import freeze, load_text_encoders, load_vae
+        from ipadapter.train.feed import load_image_encoder
+
+        run = self.run_state
+        config, device, m = run.config, run.accelerator.device, run.models
+        vae = m.vae if m.vae is not None else load_vae(config.base).to(device)
+        if m.text_encoders:
+            tokenizers, encoders = m.tokenizers, m.text_encoders
+        else:
+            tokenizers, encoders = load_text_encoders(config.base, sdxl=run.sdxl)
+            encoders = [e.to(device) for e in encoders]
+        encoder = run.encoder
+        if encoder is None and run.features:
+            encoder = load_image_encoder(config)
+            encoder.model.to(device)
+        freeze(vae, *encoders, encoder.model if encoder is not None else None)
+        return vae, tokenizers, encoders, encoder
+
+    @torch.no_grad()
+    def run(self, step: int, adapter: Any) -> dict[str, float]:
+        from ipadapter.prompter import ImagePrompter
+
+        run = self.run_state
+        config = run.config
+        vae, tokenizers, encoders, encoder = self._parts()
+        pipe = build_pipeline(run.models.unet, vae, tokenizers, encoders, run.scheduler_config)
+        was_training = run.models.unet.training
+        run.models.unet.eval()
+        prompter = ImagePrompter(pipe, {"0": adapter}, encoder)
+        rows, samples, shown = [], [], []
+        try:
+            with run.accelerator.autocast():
+                for ref in self.references:
+                    name, refs = prompter.references(ref.images, face_embeds=ref.face_embeds)
+                    row = [prompter.generate({name: refs}, prompt=prompt, steps=config.validation_steps,
+                                             guidance=config.validation_guidance, seed=config.seed,
+                                             width=config.resolution, height=config.resolution)[0]
+                           for prompt in config.validation_prompts]
+                    rows.append([ref.images[0], *row])
+                    samples += row
+                    shown.append(ref.images[0])
+        finally:
+            prompter.detach()
+            run.models.unet.train(was_training)
+        grid = grid_image(rows, config.resolution)
+        path = Path(config.output) / "validation" / f"step-{step:08d}.png"
+        from ipadapter.atomic import save_png
+
+        save_png(grid, path)
+        metrics = self._metrics(samples, shown)
+        self._log(step, np.asarray(grid), metrics)
+        return metrics
+
+    def _metrics(self, samples: list[Image.Image], references: list[Image.Image]) -> dict[str, float]:
+        from ipadapter.evaluate.metrics import clip_i, clip_t
+
+        if self.judge is None:
+            return {}
+        prompts = list(self.run_state.config.validation_prompts)
+        per = len(prompts)
+        out = {"clip_i": float(clip_i(self.judge, samples, references, per_reference=per).mean())}
+        texted = [(s, prompts[i % per]) for i, s in enumerate(samples) if prompts[i % per]]
+        if texted:
+            out["clip_t"] = float(clip_t(self.judge, [s for s, _ in texted], [t for _, t in texted]).mean())
+        return out
+
+    def _log(self, step: int, grid: np.ndarray, metrics: dict[str, float]) -> None:
+        acc = self.run_state.accelerator
+        if metrics:
+            logger.info("validation at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if not acc.log_with:
+            return
+        acc.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
+        try:
+            acc.get_tracker("tensorboard").log_images({"validation": grid}, step=step, dataformats="HWC")
+        except (ValueError, AttributeError):  # another tracker than TensorBoard: the grid PNG is on disk
+            pass

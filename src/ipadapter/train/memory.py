@@ -1,0 +1,178 @@
+"""Memory: the optimizer (8-bit states when bitsandbytes is installed) and the `--dry-run` estimate.
+
+The estimate counts what a step holds: frozen weights in the run's precision, the trainable weights in fp32 with
+their gradients, optimizer states (AdamW: 2 × fp32; 8-bit AdamW: 2 × 1 byte) and EMA copy, plus the activations
+kept for the backward pass. Those are measured, not guessed: one forward of the real UNet architecture on PyTorch's
+`meta` device (shapes only, no memory, no weights read) records the size of every tensor saved for backward. It is
+an estimate all the same: allocator overhead, temporary buffers and CUDA kernels' workspaces are not counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("ipadapter.train")
+
+BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def make_optimizer(config: Any, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with the config's settings; `adamw8bit` uses bitsandbytes' AdamW8bit when it is installed and says
+    so (then falls back to torch's AdamW) when it is not."""
+    kwargs = dict(lr=config.learning_rate, weight_decay=config.weight_decay,
+                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            logger.warning("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes), which is not "
+                           "installed: using torch's AdamW (32-bit states) instead")
+        else:
+            return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def count(modules: Iterable[nn.Module | None]) -> int:
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+
+def activation_bytes(unet: nn.Module, adapter: Any, *, batch: int, resolution: tuple[int, int], vae_scale: int,
+                     dtype: torch.dtype, sdxl: bool, text_len: int = 77) -> int:
+    """Bytes of the tensors autograd saves in one training forward of `unet` (on the meta device) with `adapter`
+    attached and trainable: the activations a backward pass needs."""
+    from ipadapter.attach import attach
+    from ipadapter.runtime import AdapterPrompt, Reference
+
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):  # frozen and trainable weights are counted as weights
+            saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    h, w = resolution[0] // vae_scale, resolution[1] // vae_scale
+    cross = unet.config.cross_attention_dim
+    device = torch.device("meta")
+    tokens = torch.zeros(batch, adapter.config.projection.tokens or 257, cross, device=device, dtype=torch.float32)
+    attachment = attach(unet, {"0": adapter})
+    attachment.runtime.cache_kv = False
+    try:
+        attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)])}, cfg=False)
+        added = None
+        if sdxl:
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            added = {"text_embeds": torch.zeros(batch, pooled, device=device, dtype=dtype),
+                     "time_ids": torch.zeros(batch, 6, device=device, dtype=dtype)}
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            unet(torch.zeros(batch, unet.config.in_channels, h, w, device=device, dtype=dtype),
+                 torch.zeros(batch, device=device, dtype=torch.long),
+                 encoder_hidden_states=torch.zeros(batch, text_len, cross, device=device, dtype=dtype),
+                 added_cond_kwargs=added)
+    finally:
+        attachment.detach()
+    return sum(saved.values())
+
+
+@dataclass
+class Estimate:
+    frozen_params: int
+    trainable_params: int
+    static_bytes: int  # weights, gradients, optimizer states, EMA
+    activations: dict[int, int]  # batch size → bytes
+
+    def peak(self, batch: int) -> int:
+        return self.static_bytes + self.activations[batch]
+
+
+def static_bytes(frozen: int, trainable: int, *, dtype: torch.dtype, optimizer: str, ema: bool) -> int:
+    states = 2 if optimizer == "adamw8bit" else 8
+    return frozen * BYTES[dtype] + trainable * (4 + 4 + states + (4 if ema else 0))
+
+
+def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estimate:
+    """The run's models built on the meta device from the base's and encoder's configs (no weights read)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ipadapter.adapter import IPAdapter
+    from ipadapter.train.models import base_configs, resolution_step
+    from ipadapter.train.shapes import adapter_config_for
+
+    unet_config, vae_config = base_configs(config.base)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    sdxl = unet_config.get("addition_embed_type") == "text_time"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        if dtype != torch.float32:
+            unet.to(dtype)
+        frozen = [unet]
+        if not config.cache:  # with a feature cache the VAE and encoders are not in memory while training
+            frozen += [AutoencoderKL.from_config(vae_config), *_text_encoders(config.base, sdxl)]
+        vision = _image_encoder(config.image_encoder) if config.needs_image_encoder else None
+        if vision is not None and not config.cache:
+            frozen.append(vision)
+        widths = {}
+        if vision is not None:
+            patches = (vision.config.image_size // vision.config.patch_size) ** 2 + 1
+            widths = {"embed_dim": vision.config.projection_dim, "hidden_dim": vision.config.hidden_size,
+                      "patch_tokens": patches}
+        cross = unet.config.cross_attention_dim
+        adapter = IPAdapter.for_unet(unet, adapter_config_for(
+            config.variant, cross_dim=cross if isinstance(cross, int) else cross[0], id_dim=config.id_dim,
+            num_tokens=config.num_tokens, lora_rank=config.lora_rank, attention=config.attention, **widths))
+    adapter.float().requires_grad_(True)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    trainable = sum(p.numel() for p in adapter.parameters())
+    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    step = resolution_step(unet_config, vae_config)
+    side = max(step, config.resolution // step * step)
+    activations = {b: activation_bytes(unet, adapter, batch=b, resolution=(side, side), vae_scale=scale, dtype=dtype,
+                                       sdxl=sdxl) for b in batch_sizes}
+    return Estimate(frozen_params=count(frozen), trainable_params=trainable,
+                    static_bytes=static_bytes(count(frozen), trainable, dtype=dtype, optimizer=config.optimizer,
+                                              ema=config.ema_decay > 0),
+                    activations=activations)
+
+
+def _text_encoders(base: str, sdxl: bool) -> list[nn.Module]:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder"))]
+    if sdxl:
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder_2")))
+    return encoders
+
+
+def _image_encoder(source: str) -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(CLIPVisionConfig.from_pretrained(source))
+
+
+def size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def report(config: Any, result: Estimate) -> str:
+    """What `--dry-run` prints."""
+    lines = [
+        f"base {config.base}, variant {config.variant}, {config.resolution} px, precision {config.mixed_precision}, "
+        f"optimizer {config.optimizer}, gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
+        f"feature cache {'on' if config.cache else 'off'}",
+        f"parameters: {result.frozen_params + result.trainable_params:,} "
+        f"(frozen in memory {result.frozen_params:,}; trainable {result.trainable_params:,})",
+        f"weights, gradients, optimizer states{', EMA' if config.ema_decay > 0 else ''}: "
+        f"{size(result.static_bytes)}",
+        "estimated peak memory per process (weights + states + activations saved for backward; allocator overhead "
+        "and kernel workspaces not counted):",
+    ]
+    lines += [f"  batch {b}: {size(result.peak(b))} (activations {size(result.activations[b])})"
+              for b in sorted(result.activations)]
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Resolution stages: a run as a sequence of (resolution, steps), e.g. 512 px then 1024 px, each stage starting from
+the previous stage's final adapter (`init_from`) with a fresh optimizer and schedule.
+
+Stage i trains into `<output>/stages/<i>-<resolution>px/`, a complete run folder of its own (checkpoints, logs,
+model card); a stage whose final adapter is there is done and is not run again, so `--resume latest` continues
+the stage that was interrupted. The last stage's model folder is copied to `<output>`. With a feature cache, each
+stage has its own (`<cache>-<resolution>px`): the cache holds one resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ipadapter.train.config import TrainConfig, parse_stage
+
+logger = logging.getLogger("ipadapter.train")
+
+FOLDER_FILES = ("ip-adapter.safetensors", "adapter.ipadapter.safetensors", "README.md", "loss.png", "samples.png")
+
+
+def stage_configs(config: TrainConfig) -> list[TrainConfig]:
+    """One plain run config per stage (no `stages` of its own), chained by `init_from`."""
+    out, previous, runs = Path(config.output), config.init_from, []
+    for i, text in enumerate(config.stages, start=1):
+        resolution, steps = parse_stage(text)
+        folder = out / "stages" / f"{i}-{resolution}px"
+        runs.append(config.replace(
+            stages=[], resolution=resolution, max_steps=steps, output=str(folder), init_from=previous,
+            cache=f"{config.cache}-{resolution}px" if config.cache else "", resume="latest" if config.resume else "",
+        ))
+        previous = str(folder / "adapter.ipadapter.safetensors")
+    return runs
+
+
+def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> Any:
+    """Each stage with `train_one(config, **kwargs)`; finished stages (final adapter written) are skipped."""
+    result = None
+    stages = stage_configs(config)
+    for stage in stages:
+        done = Path(stage.output) / "adapter.ipadapter.safetensors"
+        if done.is_file():
+            logger.info("stage %s already finished; next stage", stage.output)
+            continue
+        logger.info("stage %s: %d px for %d steps%s", stage.output, stage.resolution, stage.max_steps,
+                    f", from {stage.init_from}" if stage.init_from else "")
+        result = train_one(stage, **kwargs)
+    last, out = Path(stages[-1].output), Path(config.output)
+    for name in FOLDER_FILES:
+        if (last / name).is_file():
+            shutil.copyfile(last / name, out / name)
+    return result

@@ -1,0 +1,147 @@
+"""Aspect-ratio buckets (SDXL's size/crop conditioning follows the bucket) and resolution stages, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter.train import TrainConfig, step, train, trainer
+from ipadapter.train.buckets import bucket_sizes, grouped_order, nearest_bucket
+from tests import factories
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    factories.reset_accelerate()
+
+
+def test_bucket_sizes_are_valid_and_cover_the_ratios() -> None:
+    buckets = bucket_sizes(64, 8)
+    assert (64, 64) in buckets
+    for h, w in buckets:
+        assert h % 8 == 0 and w % 8 == 0 and h * w <= 64 * 64 and 0.5 <= w / h <= 2
+    assert bucket_sizes(16, 4) == [(20, 12), (16, 16), (12, 20)]  # 12·20 = 240 ≤ 256; 8·24 is 3:1, too narrow
+    assert nearest_bucket((20, 40), bucket_sizes(16, 4)) == (12, 20)
+    assert nearest_bucket((40, 21), bucket_sizes(16, 4)) == (20, 12)
+    assert nearest_bucket((30, 31), bucket_sizes(16, 4)) == (16, 16)
+
+
+def test_grouped_order_gives_batches_of_one_group() -> None:
+    groups = [0, 1, 0, 1, 2, 0, 1, 0, 1, 2]
+    order = grouped_order(list(range(10)), groups, 2, torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(10))
+    full = [order[i : i + 2] for i in range(0, 8, 2)]  # 4 full pairs (0,0),(0,0),(1,1),(1,1); the 2-group last
+    assert all(groups[a] == groups[b] for a, b in full)
+
+
+def _mixed(folder, sizes):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w, h), factories.COLOURS[i % 6]).save(folder / f"m{i}.png")
+        lines.append({"image_file": f"m{i}.png", "text": f"a {factories.WORDS[i % 6]} picture"})
+    (folder / "m.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    return folder / "m.jsonl"
+
+
+def expected_time_ids(original: tuple[int, int], bucket: tuple[int, int]) -> list[float]:
+    """Cover the bucket, centre crop: SDXL's (orig h, orig w, crop top, crop left, target h, target w)."""
+    (h, w), (th, tw) = original, bucket
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    return [h, w, (nh - th) // 2, (nw - tw) // 2, th, tw]
+
+
+def test_sdxl_batches_are_bucketed_with_their_size_conditioning(tmp_path, monkeypatch) -> None:
+    manifest = _mixed(tmp_path / "data", [(40, 20), (20, 40), (24, 24), (42, 22), (22, 42), (30, 28)])
+    seen = []
+    forward = trainer.TrainModule.forward
+
+    def recording(self, noisy, timesteps, text, feats, added=None):
+        seen.append((tuple(noisy.shape[-2:]), added["time_ids"].tolist()))
+        return forward(self, noisy, timesteps, text, feats, added)
+
+    monkeypatch.setattr(trainer.TrainModule, "forward", recording)
+    models, encoder = factories.in_memory(sdxl=True)
+    config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), resolution=factories.RES, batch_size=2,
+                         max_steps=3, num_workers=0, save_every=1000, buckets=True, seed=0)
+    result = train(config, models=models, image_encoder=encoder, log_with=None)
+    assert result.step == 3 and all(math.isfinite(v) for v in result.losses)
+    buckets = bucket_sizes(factories.RES, 4)
+    latent_sizes = set()
+    for latent, time_ids in seen:
+        bucket = (latent[0] * 2, latent[1] * 2)  # the tiny VAE halves each side
+        latent_sizes.add(bucket)
+        for row in time_ids:
+            original = (int(row[0]), int(row[1]))
+            assert nearest_bucket(original, buckets) == bucket  # every sample of a batch is of the batch's bucket
+            assert row == expected_time_ids(original, bucket)
+    assert latent_sizes == set(buckets)
+
+
+def test_buckets_keep_exact_resume(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    manifest = _mixed(tmp_path / "data", [(40, 20), (20, 40), (24, 24), (42, 22), (22, 42), (30, 28)])
+    models, encoder = factories.in_memory()
+    options = dict(data=str(manifest), resolution=factories.RES, batch_size=2, max_steps=4, num_workers=0,
+                   save_every=2, buckets=True, seed=0, learning_rate=1e-3)
+    full = train(TrainConfig(output=str(tmp_path / "a"), **options), models=models, image_encoder=encoder,
+                 log_with=None)
+
+    class Killed(Exception):
+        pass
+
+    def stop(s, loss):
+        if s == 3:
+            raise Killed
+
+    config = TrainConfig(output=str(tmp_path / "b"), **options)
+    with pytest.raises(Killed):
+        train(config, models=models, image_encoder=encoder, log_with=None, on_step=stop)
+    resumed = train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
+    a, b = load_file(str(full.published)), load_file(str(resumed.published))
+    assert all(torch.equal(a[k], b[k]) for k in a) and full.losses[2:] == resumed.losses
+
+
+def test_stages_run_in_order_from_the_previous_stage(tmp_path, monkeypatch) -> None:
+    manifest = factories.write_images(tmp_path / "data", 4, size=(28, 28))
+    sizes = []
+    real = step.step_inputs
+
+    def recording(run, batch):
+        out = real(run, batch)
+        sizes.append(run.config.resolution)
+        assert out[0].shape[-1] == run.config.resolution // 2
+        return out
+
+    monkeypatch.setattr(step, "step_inputs", recording)
+    models, encoder = factories.in_memory()
+    config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), batch_size=2, num_workers=0,
+                         save_every=1000, stages=["16:2", "24:1"], seed=0)
+    train(config, models=models, image_encoder=encoder, log_with=None)
+    assert sizes == [16, 16, 24]
+    out = tmp_path / "out"
+    first, second = out / "stages" / "1-16px", out / "stages" / "2-24px"
+    assert json.loads((second / "config.json").read_text())["init_from"] == str(first / "adapter.ipadapter.safetensors")
+    assert (out / "ip-adapter.safetensors").read_bytes() == (second / "ip-adapter.safetensors").read_bytes()
+    assert (out / "README.md").is_file()
+
+    # finished stages are not run again
+    sizes.clear()
+    train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
+    assert sizes == []
+
+
+def test_bad_stage_and_buckets_with_cache_are_refused() -> None:
+    from ipadapter import IPAdapterError
+
+    with pytest.raises(IPAdapterError, match="stages must be RESOLUTION:STEPS.*'512x100'"):
+        TrainConfig(stages=["512x100"])
+    with pytest.raises(IPAdapterError, match="buckets cannot be used with a feature cache"):
+        TrainConfig(buckets=True, cache="c")

@@ -1,0 +1,106 @@
+"""A tiny end-to-end run writes the finished model folder (published file, own file, model card, samples, loss
+curve); the published file loads in diffusers; validation goes through `ImagePrompter` and its CLIP-I / CLIP-T are
+the evaluation stack's, on the images it shows, and reach TensorBoard."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter.train import TrainConfig, train
+from ipadapter.train.model_folder import loss_curve, read_losses
+from tests import factories
+from tests import test_evaluate_factories as eval_factories
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    factories.reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("folder")
+    manifest = factories.write_images(tmp / "data", 4)
+    judge = eval_factories.save_judge(tmp / "judge")
+    models, encoder = factories.in_memory()
+    config = TrainConfig(data=str(manifest), output=str(tmp / "out"), resolution=factories.RES, batch_size=2,
+                         max_steps=2, num_workers=0, save_every=1000, seed=0, validate_every=2, validation_steps=2,
+                         validation_prompts=["", "a red square"], validation_judge=judge,
+                         validation_images=[str(tmp / "data" / "img1.png"), str(tmp / "data" / "img2.png")])
+    result = train(config, models=models, image_encoder=encoder, log_with="tensorboard")
+    factories.reset_accelerate()
+    return {"result": result, "models": models, "encoder": encoder, "judge": judge, "tmp": tmp, "config": config}
+
+
+def test_the_folder_is_complete(finished) -> None:
+    result, config = finished["result"], finished["config"]
+    out = result.output
+    for name in ("ip-adapter.safetensors", "adapter.ipadapter.safetensors", "README.md", "loss.png", "samples.png",
+                 "config.json"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "| variant | base " in card and "| steps | 2 " in card and "| training data | 4 samples" in card
+    assert "![validation samples](samples.png)" in card and "![training loss](loss.png)" in card
+    assert '"learning_rate": 0.0001' in card and "clip_i" in card
+    assert Image.open(out / "samples.png").size == ((1 + 2) * config.resolution, 2 * config.resolution)
+    assert [s for s, _ in read_losses(out)] == [1, 2]
+    assert Image.open(out / "loss.png").size == (640, 360)
+
+
+def test_published_file_of_the_folder_loads_in_diffusers(finished) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    models, result = finished["models"], finished["result"]
+    pipe = StableDiffusionPipeline(
+        vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0],
+        unet=copy.deepcopy(models.unet), scheduler=DDIMScheduler.from_config(models.scheduler_config),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    pipe.load_ip_adapter(str(result.output), subfolder="", weight_name="ip-adapter.safetensors",
+                         image_encoder_folder=None)
+    from safetensors.torch import load_file
+
+    loaded = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    published = load_file(str(result.output / "ip-adapter.safetensors"))
+    torch.testing.assert_close(loaded.image_embeds.weight, published["image_proj.proj.weight"])
+
+
+def test_validation_metrics_are_clip_i_and_clip_t_of_the_shown_images(finished) -> None:
+    """Recomputed here with the evaluation stack's definitions on the grid's own cells and the references."""
+    from ipadapter.evaluate.judges import ClipJudge
+    from ipadapter.evaluate.metrics import clip_i, clip_t
+
+    result, config, tmp = finished["result"], finished["config"], finished["tmp"]
+    res = config.resolution
+    grid = Image.open(result.output / "validation" / "step-00000002.png")
+    cells = [[grid.crop((x * res, y * res, (x + 1) * res, (y + 1) * res)) for x in range(3)] for y in range(2)]
+    samples = [c for row in cells for c in row[1:]]
+    refs = [Image.open(tmp / "data" / f"img{i}.png").convert("RGB") for i in (1, 2)]
+    judge = ClipJudge.load(finished["judge"])
+    metrics = result.validation[2]
+    assert metrics["clip_i"] == pytest.approx(float(clip_i(judge, samples, refs, per_reference=2).mean()), abs=1e-5)
+    assert metrics["clip_t"] == pytest.approx(float(clip_t(judge, samples[1::2], ["a red square"] * 2).mean()),
+                                              abs=1e-5)
+
+
+def test_validation_reaches_tensorboard(finished) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(finished["result"].output / "logs" / "train"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"validation/clip_i", "validation/clip_t", "train/loss", "train/nonfinite_steps"} <= set(tags["scalars"])
+    assert "validation" in tags["images"]
+
+
+def test_loss_curve_draws_finite_points_only() -> None:
+    image = np.asarray(loss_curve([(1, 1.0), (2, float("nan")), (3, 0.5)]).convert("L"))
+    assert image.min() == 0  # something was drawn
+    empty = np.asarray(loss_curve([(1, float("nan"))]).convert("L"))
+    assert (empty < 128).sum() < (image < 128).sum()

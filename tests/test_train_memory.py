@@ -1,0 +1,70 @@
+"""Memory: the 8-bit optimizer's fallback, and `--dry-run`'s counts and estimate on tiny models."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+
+from ipadapter.train import TrainConfig
+from ipadapter.train.memory import estimate, make_optimizer
+from tests import factories
+
+
+def test_adamw8bit_without_bitsandbytes_falls_back_and_says_so(monkeypatch, caplog) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an import of it raises ImportError
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with caplog.at_level(logging.WARNING, logger="ipadapter.train"):
+        optimizer = make_optimizer(TrainConfig(optimizer="adamw8bit", learning_rate=3e-4), params)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["lr"] == 3e-4
+    assert any("needs bitsandbytes" in r.getMessage() and "using torch's AdamW" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dry")
+    return factories.write_base(tmp / "base"), factories.write_image_encoder(tmp / "enc")
+
+
+def test_dry_run_counts_the_real_models_parameters(folders) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ipadapter.encoders import ImageEncoder
+    from ipadapter.train.trainer import adapter_config_for
+    from ipadapter import IPAdapter
+
+    base, enc = folders
+    config = TrainConfig(base=str(base), image_encoder=str(enc), resolution=factories.RES, variant="plus")
+    found = estimate(config, batch_sizes=(1, 2, 4))
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    encoder = ImageEncoder.from_pretrained(str(enc))
+    real = [unet, AutoencoderKL.from_pretrained(base, subfolder="vae"),
+            CLIPTextModel.from_pretrained(base, subfolder="text_encoder"), encoder.model]
+    assert found.frozen_params == sum(p.numel() for m in real for p in m.parameters())
+    adapter = IPAdapter.for_unet(unet, adapter_config_for("plus", cross_dim=factories.CROSS, embed_dim=encoder.global_dim,
+                                                          hidden_dim=encoder.patch_dim,
+                                                          patch_tokens=encoder.patch_tokens))
+    assert found.trainable_params == sum(p.numel() for p in adapter.parameters())
+    # fp32 weights + gradients + AdamW's two states for the trainable part, fp32 frozen weights
+    assert found.static_bytes == 4 * found.frozen_params + 16 * found.trainable_params
+    # activations saved for backward: a per-sample part times the batch plus a shared part (affine in the batch)
+    act = found.activations
+    assert act[1] < act[2] < act[4] and act[4] - act[2] == 2 * (act[2] - act[1])
+    cached = estimate(config.replace(cache="somewhere", gradient_checkpointing=True), batch_sizes=(1,))
+    assert cached.frozen_params == sum(p.numel() for p in unet.parameters())  # the cache replaces the encoders
+    assert cached.activations[1] < found.activations[1]
+
+
+def test_cli_dry_run_prints_the_estimate(folders, capsys) -> None:
+    from ipadapter.cli.main import main
+
+    base, enc = folders
+    code = main(["train", "--dry-run", "--base", str(base), "--image-encoder", str(enc), "--resolution", "16",
+                 "--optimizer", "adamw8bit"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "trainable" in out and "batch 8:" in out and "optimizer adamw8bit" in out
