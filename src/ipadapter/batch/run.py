@@ -121,13 +121,13 @@ def run_manifest(prompter: Any, manifest: Manifest, out: Path, *, batch_size: in
     errors.jsonl for the whole run. Returns every failure of the run (the same list on every process)."""
     out.mkdir(parents=True, exist_ok=True)
     shard.agree(lambda: pin(out, settings, shard))
+    total = sum(len(j.files) for j in manifest.jobs)
+    done = sum(len(j.files) for j in manifest.jobs if finished(out, j))  # counted before any process writes
     if shard.is_main:
         remove_partial_files(out)
     fresh_progress_folder(out / PROGRESS, shard)
     shard.wait()
     plan = batches(manifest.jobs, batch_size)
-    total = sum(len(j.files) for j in manifest.jobs)
-    done = sum(len(j.files) for j in manifest.jobs if finished(out, j))
     log.info("%d of %d images to generate", total - done, total)
     progress = Progress(out / PROGRESS, shard, total, done, "generating")
     failures: list[Failure] = []

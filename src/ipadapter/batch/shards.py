@@ -92,11 +92,11 @@ class Progress:
     process adds them up for its progress bar (the only one shown). On a folder not shared between machines the
     main process sees its own machine's processes only."""
 
-    def __init__(self, folder: Path, shard: Shard, total: int, done: int, desc: str) -> None:
+    def __init__(self, folder: Path, shard: Shard, total: int, done: int, desc: str, show: bool = True) -> None:
         from tqdm import tqdm
 
         self.folder, self.shard, self.count = folder, shard, 0
-        self.bar = tqdm(total=total, initial=done, desc=desc, unit="img", disable=not shard.is_main)
+        self.bar = tqdm(total=total, initial=done, desc=desc, unit="img", disable=not (show and shard.is_main))
         self.start = done
         self._write()
 
@@ -120,6 +120,11 @@ class Progress:
         if self.shard.is_main:
             self.bar.n = self.start + self._overall()
             self.bar.refresh()
+
+    @property
+    def done(self) -> int:
+        """The overall count as the main process last read it."""
+        return self.bar.n
 
     def close(self, done: int | None = None) -> None:
         """`done`: the final overall count, once every process finished."""

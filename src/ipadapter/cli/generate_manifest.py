@@ -38,9 +38,7 @@ def run(args: argparse.Namespace) -> int:
     shard = current()
     if shard.device is not None and args.device in (None, "cuda"):
         args.device = shard.device  # one GPU per process
-    device = check_model_args(args)
-    # Resolved here, as one process on "cuda" would: every process count then makes the same images.
-    args.dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    check_model_args(args)
     control = control_kwargs(args)
     defaults = {name: getattr(args, name) for name in OPTIONS}
     adapters = [str(i) for i in range(max(1, len(args.adapter or [])))]
