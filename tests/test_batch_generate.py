@@ -171,8 +171,11 @@ def test_evaluate_under_two_processes_writes_the_results_of_one(setup, tmp_path)
     eval_factories.save_judge(setup / "judge")
     write_manifest(setup / "refs.jsonl", [{"image_file": f"ref{i}.png", "text": t}
                                           for i, t in enumerate(["a red circle", "a blue square", "a cat"])])
-    args = lambda out: ["evaluate", *_model_flags(setup), "--manifest", str(setup / "refs.jsonl"), "--out", str(out),  # noqa: E731
-                        "--judge", str(setup / "judge"), "--scales", "0,1", "--samples", "1"]
+
+    def args(out: Path) -> list[str]:
+        return ["evaluate", *_model_flags(setup), "--manifest", str(setup / "refs.jsonl"), "--out", str(out),
+                "--judge", str(setup / "judge"), "--scales", "0,1", "--samples", "1"]
+
     with _one_thread():
         assert main(args(tmp_path / "one")) == 0
     proc = _launch(_accelerate(args(tmp_path / "two")), ENV, cwd=tmp_path)
@@ -183,6 +186,27 @@ def test_evaluate_under_two_processes_writes_the_results_of_one(setup, tmp_path)
         for key, value in a.items():
             assert b[key] == pytest.approx(value, abs=1e-6), key
     assert one == two
-    samples = lambda run: {p.relative_to(tmp_path / run): p.read_bytes() for p in (tmp_path / run / "samples").rglob("*.png")}  # noqa: E731
-    assert samples("one") == samples("two") and len(samples("one")) == 6
+    one, two = ({p.relative_to(tmp_path / run): p.read_bytes() for p in (tmp_path / run / "samples").rglob("*.png")}
+                for run in ("one", "two"))
+    assert one == two and len(one) == 6
     assert proc.stdout.count("wrote ") == 1  # only the main process writes the report
+
+
+BAD = {
+    "no out dir": (["--out-dir", ""], "needs --out-dir"),
+    "image flag": (["--image", "{root}/ref0.png"], "--image names one request"),
+    "missing manifest": (["--manifest", "{root}/none.jsonl"], "manifest not found"),
+    "batch size": (["--batch-size", "0"], "--batch-size"),
+    "other model settings": (["--out-dir", "{root}/clean", "--base-lora-scale", "0.5"], "other settings (base_lora_scale)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_writes_nothing(setup, clean, case, tmp_path, capsys) -> None:
+    flags, words = BAD[case]
+    out = tmp_path / "o"
+    before = _pngs(clean[1])
+    code = main([*_generate_args(setup, out), *[f.format(root=setup) for f in flags]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert not out.exists() and _pngs(clean[1]) == before

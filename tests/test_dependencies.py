@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLACES = {
     "src/ipadapter/": None,
     "src/ipadapter/train/": "train",
+    "src/ipadapter/batch/accelerated.py": "train",
     "src/ipadapter/evaluate/": "eval",
     "src/ipadapter/miniature/quality.py": "eval",
     "src/ipadapter/app/": "app",

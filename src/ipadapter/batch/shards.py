@@ -45,41 +45,13 @@ class Shard:
         return step()
 
 
-class AccelerateShard(Shard):
-    def __init__(self) -> None:
-        import torch
-        from accelerate import PartialState
-
-        # On a machine without GPUs the processes talk over gloo (as CI runs them).
-        self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.index, self.count = self.state.process_index, self.state.num_processes
-        self.device = str(self.state.device)
-
-    def wait(self) -> None:
-        self.state.wait_for_everyone()
-
-    def gather(self, items: list) -> list:
-        from accelerate.utils import gather_object
-
-        return list(gather_object(list(items)))
-
-    def agree(self, step: Callable[[], T]) -> T:
-        result, error = None, None
-        try:
-            result = step()
-        except IPAdapterError as err:
-            error = str(err)
-        errors = [e for e in self.gather([error]) if e is not None]
-        if errors:
-            raise IPAdapterError(errors[0])
-        return result
-
-
 def current() -> Shard:
     """This process's shard: from accelerate when launched as several processes, else the only one."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Shard()
     try:
+        from ipadapter.batch.accelerated import AccelerateShard
+
         return AccelerateShard()
     except ModuleNotFoundError as err:
         if err.name != "accelerate":
