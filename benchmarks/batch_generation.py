@@ -2,7 +2,7 @@
 
 The same manifest (N jobs: each its own reference, prompt and seed, equal settings, so every batch is full) runs
 through `ipadapter.batch.run.run_manifest` into a fresh folder at batch size 1 and at each `--batch-size`; the model
-is loaded once, outside the timed region, and one untimed batch warms it up. Runs are interleaved `--repeats` times
+is loaded once, outside the timed region, and one untimed batch (the largest) warms it up. Runs are interleaved `--repeats` times
 (the machine may be shared: interleaving gives every batch size the same load); medians. Files are written as the
 command writes them (PNG encoding and records are in the time). The last column is the largest pixel difference of
 the batched images from the one-at-a-time ones (float rounding of a larger batch; 0 to a few levels of 255).
@@ -105,9 +105,7 @@ def benchmark(args: argparse.Namespace) -> tuple[list[dict], dict]:
             run_manifest(loaded.prompter, jobs, out, batch_size=batch, shard=Shard(), defaults=defaults, settings={})
             return time.perf_counter() - wall, time.process_time() - cpu, out
 
-        warm = type(manifest)(manifest.jobs[: max(args.batch_size)], [])
-        for batch in (1, *args.batch_size):
-            run(batch, warm)
+        run(max(args.batch_size), type(manifest)(manifest.jobs[: max(args.batch_size)], []))  # warm-up
         sizes = [1, *args.batch_size]
         times: dict[int, list[tuple[float, float]]] = {b: [] for b in sizes}
         outs: dict[int, Path] = {}

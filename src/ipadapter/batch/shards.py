@@ -107,7 +107,7 @@ class Progress:
 
 
 def fresh_progress_folder(folder: Path, shard: Shard) -> None:
-    """The main process empties the counts of an earlier run; call before a `wait()`."""
+    """The main process empties the counts (and any temporary file) of an earlier run; call before a `wait()`."""
     if shard.is_main and folder.is_dir():
-        for path in folder.glob("*.json"):
+        for path in folder.iterdir():
             path.unlink(missing_ok=True)
