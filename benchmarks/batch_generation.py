@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 25 for the miniature)")
     p.add_argument("--size", type=int, help="width = height in pixels (default: the model's)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch CPU threads (1: no thread waits counted as CPU time)")
     p.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = p.parse_args(argv)
     if args.quick:
@@ -85,6 +86,8 @@ def benchmark(args: argparse.Namespace) -> tuple[list[dict], dict]:
     from ipadapter.cli.main import build_parser
     from ipadapter.loading import base_geometry
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="batch-bench-"))
     try:
         jobs, flags = references(work, args)
