@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLACES = {
     "src/ipadapter/": None,
     "src/ipadapter/train/": "train",
+    "src/ipadapter/batch/accelerated.py": "train",
     "src/ipadapter/evaluate/": "eval",
     "src/ipadapter/evaluate/judges.py": None,  # CLIP judges on the core's torch + transformers (the miniature's judge)
     "src/ipadapter/miniature/quality.py": "eval",

@@ -189,7 +189,7 @@ def load_prompter(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is not None and dtype not in DTYPES:
         raise IPAdapterError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype] if dtype else (torch.float16 if device == "cuda" else torch.float32)
+    torch_dtype = DTYPES[dtype] if dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     miniature = not base
     base = str(miniature_base()) if miniature else base
     sources = adapter_sources(adapters, base=None if miniature else base, subfolders=subfolders,

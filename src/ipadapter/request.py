@@ -7,14 +7,17 @@ options (crop, tiles, masks, combine mode, negatives, content subtraction, prese
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
 
 from ipadapter.conditioning.combine import combine
-from ipadapter.conditioning.images import prepare_image, tile_image
-from ipadapter.conditioning.negatives import noise_negative, subtract_content
+from ipadapter.conditioning.images import load_image, prepare_image, tile_image
+from ipadapter.conditioning.masks import load_masks
+from ipadapter.conditioning.negatives import noise_negative, parse_noise, subtract_content
 from ipadapter.conditioning.presets import preset
 from ipadapter.conditioning.schedules import check_window
 from ipadapter.errors import IPAdapterError
@@ -55,6 +58,22 @@ class GenerationRequest:
             raise IPAdapterError(f"got {len(self.masks)} mask(s) for {len(self.images)} reference image(s); give one per image")
         if self.tiles and self.masks:
             raise IPAdapterError("tiles= makes its own per-tile masks; do not combine it with masks=")
+
+
+def load_request(options: Mapping[str, Any]) -> GenerationRequest:
+    """A request from `ipadapter generate`'s options by name (its flags, or a manifest job): files are read here."""
+    images = [load_image(p) for p in options["image"]]
+    request = GenerationRequest(
+        images=images, scale=options["scale"],
+        masks=load_masks(options["mask"], len(images)) if options["mask"] else [], start=options["start"],
+        end=options["end"], preset=options["preset"], combine=options["combine"], image_weights=options["image_weight"],
+        negative_image=load_image(options["negative_image"]) if options["negative_image"] else None,
+        noise=parse_noise(options["noise"]) if options["noise"] else None,
+        content_strength=options.get("content_strength", 1.0), embeds_scaling=options["embeds_scaling"],
+        crop=options["crop"], tiles=options["tiles"], lora_scale=options["lora_scale"], seed=options["seed"],
+    )
+    request.validate()
+    return request
 
 
 def _prepared(prompter: ImagePrompter, images: list[Image.Image], crop: str) -> list[Image.Image]:

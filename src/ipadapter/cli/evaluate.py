@@ -98,7 +98,9 @@ def method_names(args: argparse.Namespace, count: int) -> list[str]:
     return [n if names.count(n) == 1 else f"{n} ({i})" for i, n in enumerate(names)]
 
 
-def load_manifest(args: argparse.Namespace, chosen, out: Path):
+def load_manifest(args: argparse.Namespace, chosen, out: Path, write: bool = True):
+    """The references; the miniature protocol's are written into `out` (by the main process: the others, `write`
+    False, read what it wrote)."""
     from ipadapter.evaluate.manifests import read_manifest
 
     if args.manifest:
@@ -106,7 +108,8 @@ def load_manifest(args: argparse.Namespace, chosen, out: Path):
     if chosen.name == "miniature":
         from ipadapter.miniature.protocol import miniature_manifest
 
-        return read_manifest(miniature_manifest(out / "references", args.limit or 12))
+        folder = out / "references"
+        return read_manifest(miniature_manifest(folder, args.limit or 12) if write else folder / "manifest.jsonl")
     raise IPAdapterError(f"the {chosen.name} protocol needs --manifest ({chosen.references})")
 
 
@@ -137,7 +140,14 @@ def run(args: argparse.Namespace) -> int:
         raise as_flags(err) from None
 
 
+def _toolbox(box):
+    """The metrics' reasons for skipping, in the command line's words."""
+    box.skipped = {metric: with_flags(why) for metric, why in box.skipped.items()}
+    return box
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    from ipadapter.batch.shards import current
     from ipadapter.evaluate.protocols import deviations, protocol
     from ipadapter.evaluate.report import Report, write_report
     from ipadapter.evaluate.runner import Plan, generate, prompter_sampler
@@ -162,15 +172,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     judge_source = args.judge or chosen.judge
     args.scheduler = args.scheduler or chosen.scheduler
     device = args.device or "cpu"
-    manifest = load_manifest(args, chosen, out)
+    shard = current()  # under `accelerate launch`: this process's share; the main process measures and reports
+    if shard.device is not None and args.device in (None, "cuda"):
+        args.device = shard.device  # one GPU per process for generation
+    manifest = shard.agree(lambda: load_manifest(args, chosen, out) if shard.is_main else None)
+    manifest = manifest or load_manifest(args, chosen, out, write=False)
 
     # Measuring models first: a wrong judge should fail before hours of generation, not after.
     judge, attributes = judge_loaders(judge_source, device)
     has_attrs = any(e.attrs for e in manifest.entries)
-    box = build_toolbox(chosen.metrics, judge, dino=args.dino, inception=args.inception,
-                        attributes=attributes if has_attrs else None, device=device)
-    box.skipped = {metric: with_flags(why) for metric, why in box.skipped.items()}
-    loaded = load_from_flags(args)
+    box = shard.agree(lambda: _toolbox(build_toolbox(chosen.metrics, judge, dino=args.dino, inception=args.inception,
+                                                     attributes=attributes if has_attrs else None, device=device))
+                      if shard.is_main else None)
+    loaded = shard.agree(lambda: load_from_flags(args))
     loaded.prompter.pipe.set_progress_bar_config(disable=True)
     names = method_names(args, len(loaded.prompter.adapters))
     steps = args.steps or chosen.steps or loaded.default_steps
@@ -182,7 +196,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     plan = Plan(tuple(names), scales, samples, args.seed, empty_prompt, settings)
     sampler = prompter_sampler(loaded.prompter, dict(zip(names, loaded.prompter.adapters)), steps=steps,
                                guidance=guidance, width=args.width, height=args.height)
-    generate(plan, manifest.entries, out, sampler)
+    generate(plan, manifest.entries, out, sampler, shard=shard)
+    shard.wait()
+    if not shard.is_main:
+        return 0
 
     rows = score(plan, manifest.entries, out, box)
     used = {"samples": samples, "scales": list(scales), "steps": steps, "guidance": guidance,

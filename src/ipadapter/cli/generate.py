@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   ipadapter generate --image ref.png --prompt "on a green checker background" --scale 0.7
   ipadapter generate --image ref.png --base-lora miniature-custom       # a custom model fine-tuned from the base
   ipadapter generate --image ref.png --controlnet miniature --control-image mask.png   # object where the mask is
+  ipadapter generate --manifest jobs.jsonl --out-dir out/ --batch-size 8   # many jobs, resumable (docs/scale.md)
+  accelerate launch -m ipadapter.cli.main generate --manifest jobs.jsonl --out-dir out/   # one share per GPU
   ipadapter generate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter h94/IP-Adapter \\
       --subfolder models --weight-name ip-adapter_sd15.bin --image ref.png --out out.png
   ipadapter generate --base black-forest-labs/FLUX.1-dev --adapter XLabs-AI/flux-ip-adapter \\
@@ -135,6 +137,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the bundled mask ControlNet of the miniature model")
     p.add_argument("--control-image", help="the ControlNet's conditioning image (miniature: the object's mask, white on black)")
     p.add_argument("--control-scale", type=finite_float, default=1.0, help="ControlNet conditioning scale (default 1.0)")
+    p.add_argument("--manifest", help="JSONL, one job per line with these options by name (image, prompt, seed, ...; "
+                   "docs/scale.md); the flags give the jobs' defaults")
+    p.add_argument("--out-dir", help="with --manifest: folder for <id>-<k>.png, index.jsonl, errors.jsonl (resumable)")
+    p.add_argument("--batch-size", type=int, default=4, help="with --manifest: jobs per UNet call (default 4)")
     p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run)
 
@@ -188,6 +194,10 @@ def control_kwargs(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.manifest:
+            from ipadapter.cli.generate_manifest import run as run_manifest
+
+            return run_manifest(args)
         return _generate(args)
     except IPAdapterError as err:
         raise as_flags(err) from None
@@ -196,11 +206,8 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from ipadapter.atomic import save_pngs
     from ipadapter.conditioning.embeds_file import check_features
-    from ipadapter.conditioning.images import load_image
-    from ipadapter.conditioning.masks import load_masks
-    from ipadapter.conditioning.negatives import parse_noise
     from ipadapter.loading import base_geometry, check_model_args, text_embeds_for
-    from ipadapter.request import GenerationRequest, build_prompt
+    from ipadapter.request import build_prompt, load_request
 
     check_args(args)
     check_model_args(args)
@@ -209,17 +216,7 @@ def _generate(args: argparse.Namespace) -> int:
     if width is not None or height is not None:
         step, default = base_geometry(args.base)
         width, height = generation_size(width, height, step, default)
-    images = [load_image(p) for p in args.image]
-    request = GenerationRequest(
-        images=images, scale=args.scale,
-        masks=load_masks(args.mask, len(images)) if args.mask else [], start=args.start, end=args.end,
-        preset=args.preset, combine=args.combine, image_weights=args.image_weight,
-        negative_image=load_image(args.negative_image) if args.negative_image else None,
-        noise=parse_noise(args.noise) if args.noise else None, content_strength=args.content_strength,
-        embeds_scaling=args.embeds_scaling, crop=args.crop, tiles=args.tiles, lora_scale=args.lora_scale,
-        seed=args.seed,
-    )
-    request.validate()
+    request = load_request(vars(args))
     control = control_kwargs(args)
     loaded = load_from_flags(args)
     prompter = loaded.prompter

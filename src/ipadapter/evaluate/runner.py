@@ -4,6 +4,8 @@ Every sample has its own seed (`sample_seed`), so an image does not depend on wh
 rerun generates exactly the missing samples and gets the images an uninterrupted run would have. Samples are
 written atomically to DIR/samples/<method>/scale-<s>/<ref>-<k>.png; a PNG on disk is a finished sample.
 DIR/plan.json pins the settings that define the images, so a resumed run cannot mix two models' samples.
+Under `accelerate launch` each process generates the (method, scale, reference) cells at its positions modulo the
+process count (`ipadapter.batch.shards`); the seeds are the cell's, so any process count makes the same images.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
-from ipadapter.errors import IPAdapterError
 from ipadapter.atomic import save_png
+from ipadapter.batch.shards import Progress, Shard, fresh_progress_folder
+from ipadapter.errors import IPAdapterError
 from ipadapter.evaluate.files import slug, write_json
 from ipadapter.evaluate.manifests import Entry
 
@@ -67,22 +69,20 @@ def sample_path(out: Path, method: str, scale: float, ref_index: int, sample: in
     return out / "samples" / slug(method) / f"scale-{scale:g}" / f"{ref_index:05d}-{sample:02d}.png"
 
 
-def jobs(plan: Plan, entries: Sequence[Entry], out: Path) -> list[Job]:
-    """What is still missing, grouped per (method, reference, scale)."""
+def jobs(plan: Plan, entries: Sequence[Entry], out: Path, shard: Shard | None = None) -> list[Job]:
+    """What is still missing of `shard`'s cells (default: all), grouped per (method, reference, scale)."""
+    cells = [(method, scale, entry) for method in plan.methods for scale in plan.scales for entry in entries]
     todo = []
-    for method in plan.methods:
-        for scale in plan.scales:
-            for entry in entries:
-                missing = tuple(k for k in range(plan.samples)
-                                if not sample_path(out, method, scale, entry.index, k).is_file())
-                if missing:
-                    todo.append(Job(method, entry, scale, "" if plan.empty_prompt else entry.text, missing,
-                                    tuple(sample_seed(plan.seed, entry.index, k) for k in missing)))
+    for method, scale, entry in (shard or Shard()).mine(cells):
+        missing = tuple(k for k in range(plan.samples) if not sample_path(out, method, scale, entry.index, k).is_file())
+        if missing:
+            todo.append(Job(method, entry, scale, "" if plan.empty_prompt else entry.text, missing,
+                            tuple(sample_seed(plan.seed, entry.index, k) for k in missing)))
     return todo
 
 
-def pin(plan: Plan, out: Path) -> None:
-    """Record the plan's settings, or check they equal those of the samples already in `out`."""
+def pin(plan: Plan, out: Path, write: bool = True) -> None:
+    """Record the plan's settings (when `write`), or check they equal those of the samples already in `out`."""
     path = out / "plan.json"
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
@@ -91,29 +91,35 @@ def pin(plan: Plan, out: Path) -> None:
             raise IPAdapterError(
                 f"{out} holds samples made with other settings ({', '.join(changed)}); use another output folder or remove it"
             )
-    else:
+    elif write:
         write_json(path, plan.pinned())
 
 
-def generate(plan: Plan, entries: Sequence[Entry], out: Path, sample: SampleFn, progress: bool = True) -> int:
-    """Generate every missing sample; returns how many were generated now. Safe to interrupt at any point."""
+def generate(plan: Plan, entries: Sequence[Entry], out: Path, sample: SampleFn, progress: bool = True,
+             shard: Shard | None = None) -> int:
+    """Generate every missing sample of `shard`'s share (default: all); returns how many this process generated.
+    Safe to interrupt at any point. Only the main process shows progress (the overall count) and writes the plan."""
+    shard = shard or Shard()
     out.mkdir(parents=True, exist_ok=True)
-    pin(plan, out)
-    todo = jobs(plan, entries, out)
+    shard.agree(lambda: pin(plan, out, write=shard.is_main))
     total = len(plan.methods) * len(plan.scales) * len(entries) * plan.samples
-    remaining = sum(len(j.samples) for j in todo)
+    remaining = sum(len(j.samples) for j in jobs(plan, entries, out))  # counted before any process writes
+    fresh_progress_folder(out / ".progress", shard)
+    shard.wait()
     log.info("%d of %d samples to generate (%d already on disk)", remaining, total, total - remaining)
+    bar = Progress(out / ".progress", shard, total, total - remaining, "generating", show=progress)
     done = 0
-    with tqdm(total=total, initial=total - remaining, desc="generating", unit="img", disable=not progress) as bar:
-        for job in todo:
-            images = sample(job, job.entry.image())
-            if len(images) != len(job.seeds):
-                raise RuntimeError(f"the sampler returned {len(images)} images for {len(job.seeds)} seeds")
-            for k, image in zip(job.samples, images):
-                save_png(image, sample_path(out, job.method, job.scale, job.entry.index, k))
-            done += len(images)
-            bar.update(len(images))
-            write_json(out / "progress.json", {"total": total, "done": total - remaining + done, "time": time.time()})
+    for job in jobs(plan, entries, out, shard):
+        images = sample(job, job.entry.image())
+        if len(images) != len(job.seeds):
+            raise RuntimeError(f"the sampler returned {len(images)} images for {len(job.seeds)} seeds")
+        for k, image in zip(job.samples, images):
+            save_png(image, sample_path(out, job.method, job.scale, job.entry.index, k))
+        done += len(images)
+        bar.advance(len(images))
+        if shard.is_main:
+            write_json(out / "progress.json", {"total": total, "done": bar.done, "time": time.time()})
+    bar.close()
     return done
 
 

@@ -1,0 +1,64 @@
+"""`ipadapter generate --manifest FILE.jsonl --out-dir DIR`: the generate flags as per-job defaults, the jobs from the
+manifest, the work from `ipadapter.batch` (sharded when started with `accelerate launch`)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from ipadapter.errors import IPAdapterError
+
+# Flags that name one request's inputs: with --manifest each job names its own (or the flag has no manifest form).
+PER_REQUEST = {"image": "--image", "mask": "--mask", "image_weight": "--image-weight", "embeds": "--embeds",
+               "face_embed": "--face-embed", "content_subtract": "--content-subtract"}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    given = [flag for name, flag in PER_REQUEST.items() if getattr(args, name)]
+    if given:
+        raise IPAdapterError(f"{given[0]} names one request's input; with --manifest give it per job (image, mask, "
+                             "image_weight), as --embeds, --face-embed and --content-subtract have no manifest form")
+    if not args.out_dir:
+        raise IPAdapterError("--manifest needs --out-dir (the folder for the images, index.jsonl and errors.jsonl)")
+    if args.batch_size < 1:
+        raise IPAdapterError("--batch-size must be at least 1")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ipadapter.batch.jobs import OPTIONS, read_jobs
+    from ipadapter.batch.run import Defaults, run_manifest
+    from ipadapter.batch.shards import current
+    from ipadapter.cli.generate import control_kwargs, load_from_flags
+    from ipadapter.loading import base_geometry, check_model_args
+    from ipadapter.validation import output_folder
+
+    check_flags(args)
+    out = output_folder(args.out_dir, "--out-dir")
+    shard = current()
+    if shard.device is not None and args.device in (None, "cuda"):
+        args.device = shard.device  # one GPU per process
+    check_model_args(args)
+    control = control_kwargs(args)
+    defaults = {name: getattr(args, name) for name in OPTIONS}
+    adapters = [str(i) for i in range(max(1, len(args.adapter or [])))]
+    manifest = shard.agree(lambda: read_jobs(args.manifest, defaults, adapters,
+                                             functools.cache(lambda: base_geometry(args.base))))
+    loaded = shard.agree(lambda: load_from_flags(args))
+    prompter = loaded.prompter
+    prompter.pipe.set_progress_bar_config(disable=True)
+    for adapter in prompter.adapters.values():
+        if adapter.variant.shortcut:
+            adapter.image_proj.s_scale = args.s_scale
+    settings = {name: getattr(args, name, None) for name in (
+        "base", "adapter", "subfolder", "weight_name", "image_encoder", "dtype", "scheduler", "base_lora",
+        "base_lora_scale", "controlnet", "control_image", "control_scale", "s_scale")}
+    failures = run_manifest(prompter, manifest, out, batch_size=args.batch_size, shard=shard, settings=settings,
+                            defaults=Defaults(loaded.default_steps, loaded.default_guidance, control))
+    if shard.is_main:
+        jobs = len(manifest.jobs) + len(manifest.failures)
+        print(f"{jobs - len(failures)} of {jobs} jobs done in {out} (index.jsonl)")
+        if failures:
+            print(f"{len(failures)} failed, listed in {out / 'errors.jsonl'}; first: line {failures[0].line}: "
+                  f"{failures[0].error}", file=sys.stderr)
+    return 1 if failures else 0

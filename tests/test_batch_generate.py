@@ -1,0 +1,212 @@
+"""`ipadapter generate --manifest` end to end on tiny local models: batched rows equal one-request generations, bad
+jobs are recorded while the rest runs, a killed run resumes to the same bytes, 2 processes equal 1 (gloo), and
+`ipadapter evaluate` under 2 processes writes the results of 1."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter.cli.main import main
+from ipadapter.evaluate.manifests import write_manifest
+from tests import factories
+from tests import test_evaluate_factories as eval_factories
+from tests.test_train_distributed import _free_port, _launch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+JOBS = [
+    {"image": "ref0.png", "seed": 1},
+    {"image": "ref1.png", "seed": 2, "prompt": "a red circle"},
+    {"image": "ref2.png", "seed": 3, "negative_prompt": "blue"},
+    {"image": "ref3.png", "seed": 4, "scale": 0.5},
+    {"id": "two", "image": "ref4.png", "seed": 5, "num_images": 2},
+    {"image": "missing.png"},
+    {"image": "truncated.png", "seed": 6},  # its header reads: it fails in its batch, beside job 3
+    {"image": "ref0.png", "seed": 1},  # job 1 again
+]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The subprocesses run with OMP_NUM_THREADS=1; the in-process runs they are compared with do too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _model_flags(root: Path) -> list[str]:
+    return ["--base", str(root / "pipe"), "--adapter", str(root / "base.bin"), "--steps", "2", "--width", "32",
+            "--height", "32"]
+
+
+def _generate_args(root: Path, out: Path) -> list[str]:
+    return ["generate", *_model_flags(root), "--manifest", str(root / "jobs.jsonl"), "--out-dir", str(out),
+            "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    factories.save_tiny_sd15_pipeline(root)
+    for i in range(5):
+        factories.reference_image(i).save(root / f"ref{i}.png")
+    factories.reference_image(9).save(root / "whole.png")
+    data = (root / "whole.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in JOBS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean(setup):
+    """One uninterrupted run in this process: the images every other run must reproduce."""
+    out = setup / "clean"
+    with _one_thread():
+        code = main(_generate_args(setup, out))
+    return code, out
+
+
+def _pngs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.glob("*.png")}
+
+
+def _index(out: Path) -> list[dict]:
+    lines = (out / "index.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds_per_image"} for line in lines]
+
+
+def test_bad_jobs_are_recorded_and_the_rest_completes(clean) -> None:
+    code, out = clean
+    assert code == 1  # some jobs failed
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errors] == [6, 7]
+    assert "not found" in errors[0]["error"] and "truncated.png" in errors[1]["error"]
+    index = _index(out)
+    assert [r["line"] for r in index] == [1, 2, 3, 4, 5]  # the repeated job 8 is job 1
+    files = [f for r in index for f in r["files"]]
+    assert sorted(files) == sorted(_pngs(out)) and "two-1.png" in files
+    for name in files:
+        with Image.open(out / name) as image:
+            image.load()
+            assert image.size == (32, 32)
+    assert not list(out.glob(".*.tmp-*"))
+
+
+def test_a_batched_row_is_the_one_request_generation_of_its_job(setup, clean, tmp_path) -> None:
+    """Each row of a UNet batch has its own reference, prompt and seed: `ipadapter generate` of that job alone (one
+    request, one image, the image's seed) gives the same picture, up to the batch's float rounding."""
+    _, out = clean
+    index = {r["line"]: r for r in _index(out)}
+    checks = [(index[1], 0, []), (index[2], 0, ["--prompt", "a red circle"]),
+              (index[3], 0, ["--negative-prompt", "blue"]), (index[5], 1, [])]
+    for record, k, extra in checks:
+        single = tmp_path / f"{record['id']}-{k}.png"
+        with _one_thread():
+            assert main(["generate", *_model_flags(setup), "--image", record["settings"]["image"][0], "--seed",
+                         str(record["seeds"][k]), "--out", str(single), *extra]) == 0
+        batched = np.asarray(Image.open(out / record["files"][k]), dtype=np.int16)
+        alone = np.asarray(Image.open(single), dtype=np.int16)
+        assert np.abs(batched - alone).max() <= 2, record["id"]
+    # rows are not interchangeable: the two rows of the first batch differ
+    first, second = (np.asarray(Image.open(out / index[n]["files"][0]), dtype=np.int16) for n in (1, 2))
+    assert np.abs(first - second).max() > 10
+
+
+def test_a_killed_run_resumes_to_the_images_of_an_uninterrupted_one(setup, clean, tmp_path) -> None:
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "ipadapter.cli.main", *_generate_args(setup, out)]
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if list((out / ".records").glob("*.json")):
+                break
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert list((out / ".records").glob("*.json")), "the run wrote no job before it was killed"
+    stale = out / ".two-0.png.tmp-999999"  # what a write cut short leaves
+    stale.write_bytes(b"\x89PNG half")
+    with _one_thread():
+        assert main(_generate_args(setup, out)) == 1
+    assert _pngs(out) == _pngs(clean[1])
+    assert _index(out) == _index(clean[1])
+    assert not stale.exists() and not list(out.glob(".*.tmp-*"))
+
+
+def test_two_processes_write_the_images_and_index_of_one(setup, clean, tmp_path) -> None:
+    out = tmp_path / "two"
+    proc = _launch(_accelerate(_generate_args(setup, out)), ENV, cwd=tmp_path)
+    assert proc.returncode != 0, proc.stdout[-3000:]  # two jobs of the manifest fail
+    assert (out / "errors.jsonl").read_text() == (clean[1] / "errors.jsonl").read_text(), proc.stdout[-3000:]
+    assert _pngs(out) == _pngs(clean[1])
+    assert _index(out) == _index(clean[1])
+    assert proc.stdout.count("jobs done in") == 1  # only the main process reports
+
+
+def _accelerate(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m", "ipadapter.cli.main", *args]
+
+
+def test_evaluate_under_two_processes_writes_the_results_of_one(setup, tmp_path) -> None:
+    eval_factories.save_judge(setup / "judge")
+    write_manifest(setup / "refs.jsonl", [{"image_file": f"ref{i}.png", "text": t}
+                                          for i, t in enumerate(["a red circle", "a blue square", "a cat"])])
+
+    def args(out: Path) -> list[str]:
+        return ["evaluate", *_model_flags(setup), "--manifest", str(setup / "refs.jsonl"), "--out", str(out),
+                "--judge", str(setup / "judge"), "--scales", "0,1", "--samples", "1"]
+
+    with _one_thread():
+        assert main(args(tmp_path / "one")) == 0
+    proc = _launch(_accelerate(args(tmp_path / "two")), ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
+    for a, b in zip(one.pop("runs"), two.pop("runs")):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert b[key] == pytest.approx(value, abs=1e-6), key
+    assert one == two
+    one, two = ({p.relative_to(tmp_path / run): p.read_bytes() for p in (tmp_path / run / "samples").rglob("*.png")}
+                for run in ("one", "two"))
+    assert one == two and len(one) == 6
+    assert proc.stdout.count("wrote ") == 1  # only the main process writes the report
+
+
+BAD = {
+    "no out dir": (["--out-dir", ""], "needs --out-dir"),
+    "image flag": (["--image", "{root}/ref0.png"], "--image names one request"),
+    "missing manifest": (["--manifest", "{root}/none.jsonl"], "manifest not found"),
+    "batch size": (["--batch-size", "0"], "--batch-size"),
+    "other model settings": (["--out-dir", "{root}/clean", "--base-lora-scale", "0.5"], "other settings (base_lora_scale)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_writes_nothing(setup, clean, case, tmp_path, capsys) -> None:
+    flags, words = BAD[case]
+    out = tmp_path / "o"
+    before = _pngs(clean[1])
+    code = main([*_generate_args(setup, out), *[f.format(root=setup) for f in flags]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert not out.exists() and _pngs(clean[1]) == before

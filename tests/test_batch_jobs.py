@@ -1,0 +1,114 @@
+"""Manifest jobs: identity by content, one-line reasons for bad lines, batches fixed by the manifest; the shard split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ipadapter.batch.jobs import OPTIONS, batches, read_jobs
+from ipadapter.batch.shards import Shard
+from ipadapter.errors import IPAdapterError
+from tests import factories
+
+DEFAULTS = {"image": [], "prompt": "", "negative_prompt": "", "scale": 1.0, "seed": 0, "num_images": 1, "steps": None,
+            "guidance": None, "width": None, "height": None, "mask": [], "start": 0.0, "end": 1.0, "preset": None,
+            "combine": "concat", "image_weight": None, "negative_image": None, "noise": None, "embeds_scaling": "v",
+            "crop": "center", "tiles": False, "lora_scale": 1.0}
+
+
+def _geometry() -> tuple[int, tuple[int, int]]:
+    return 8, (64, 64)
+
+
+def _read(tmp_path, lines: list) -> object:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return read_jobs(path, DEFAULTS, ["0", "1"], _geometry)
+
+
+@pytest.fixture()
+def refs(tmp_path):
+    for i in range(3):
+        factories.reference_image(i).save(tmp_path / f"r{i}.png")
+    return tmp_path
+
+
+def test_defaults_cover_every_option() -> None:
+    assert set(DEFAULTS) == set(OPTIONS)
+
+
+def test_a_job_is_its_content_not_its_line(refs) -> None:
+    a, b = {"image": "r0.png", "seed": 3}, {"image": "r1.png", "prompt": "x", "seed": 3}
+    first = _read(refs, [a, b])
+    second = _read(refs, ["", b, a, a])  # reordered, a blank line, a repeated job
+    assert {j.key for j in first.jobs} == {j.key for j in second.jobs} and len(second.jobs) == 2
+    assert [j.line for j in second.jobs] == [2, 3] and not second.failures
+    # hyphenated keys are the same options; a changed setting is another job
+    assert _read(refs, [{"image": "r0.png", "seed": 3, "num-images": 1}]).jobs[0].key == first.jobs[0].key
+    assert _read(refs, [{"image": "r0.png", "seed": 4}]).jobs[0].key != first.jobs[0].key
+    job = _read(refs, [{"id": "cat", "image": "r0.png", "seed": 7, "num_images": 3}]).jobs[0]
+    assert job.files == ["cat-0.png", "cat-1.png", "cat-2.png"] and job.seeds == [7, 8, 9]
+
+
+BAD = {
+    "not JSON": ("{oops", "not JSON"),
+    "not an object": ("[1]", "not a JSON object"),
+    "unknown option": ({"image": "r0.png", "colour": 1}, "unknown option 'colour'"),
+    "missing reference": ({"image": "nope.png"}, "not found"),
+    "not an image": ({"image": "jobs.jsonl"}, "cannot read"),
+    "nothing asked": ({"seed": 1}, "give image, prompt"),
+    "string scale": ({"image": "r0.png", "scale": "1"}, "scale must be a number"),
+    "infinite scale": ('{"image": "r0.png", "scale": Infinity}', "finite"),
+    "bool seed": ({"image": "r0.png", "seed": True}, "whole number"),
+    "seed too large": ({"image": "r0.png", "seed": 2**64 - 1, "num_images": 2}, "seed + num_images"),
+    "bad window": ({"image": "r0.png", "start": 0.8, "end": 0.2}, "start"),
+    "mask count": ({"image": "r0.png", "mask": ["r1.png", "r2.png"]}, "mask"),
+    "combine one image": ({"image": "r0.png", "combine": "average"}, "at least two"),
+    "unattached adapter": ({"image": "r0.png", "adapter": "7"}, "not attached"),
+    "size step": ({"image": "r0.png", "width": 30}, "multiple"),
+    "bad id": ({"id": "../x", "image": "r0.png"}, "id must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_line_is_a_one_line_failure_and_the_rest_runs(refs, case) -> None:
+    line, words = BAD[case]
+    found = _read(refs, [{"image": "r0.png"}, line])
+    assert len(found.jobs) == 1 and len(found.failures) == 1
+    failure = found.failures[0]
+    assert failure.line == 2 and words in failure.error and "\n" not in failure.error
+
+
+def test_an_id_taken_by_another_job_fails_the_later_line(refs) -> None:
+    found = _read(refs, [{"id": "a", "image": "r0.png"}, {"id": "a", "image": "r1.png"}])
+    assert [j.line for j in found.jobs] == [1] and "line 1" in found.failures[0].error
+
+
+def test_an_empty_manifest_is_a_user_error(tmp_path) -> None:
+    (tmp_path / "jobs.jsonl").write_text("\n\n")
+    with pytest.raises(IPAdapterError, match="no jobs"):
+        read_jobs(tmp_path / "jobs.jsonl", DEFAULTS, ["0"], _geometry)
+
+
+def test_batches_hold_one_group_each_in_manifest_order(refs) -> None:
+    lines = [{"image": f"r{i % 3}.png", "seed": i, "prompt": f"p{i}"} for i in range(5)]
+    lines.insert(2, {"image": "r0.png", "scale": 0.5})  # another group
+    lines.append({"image": ["r0.png", "r1.png"], "seed": 9})  # two references: another group
+    jobs = _read(refs, lines).jobs
+    plan = batches(jobs, 2)
+    assert [[j.line for j in b] for b in plan] == [[1, 2], [4, 5], [6], [3], [7]]
+    for batch in plan:
+        assert len({j.group for j in batch}) == 1
+    tiled = _read(refs, [{"image": "r0.png", "tiles": True}, {"image": "r1.png", "tiles": True}]).jobs
+    assert [len(b) for b in batches(tiled, 4)] == [1, 1]  # a tile count per reference: never shared
+
+
+def test_shards_split_by_position_and_cover_everything_once() -> None:
+    items = list(range(11))
+    shards = []
+    for index in range(3):
+        shard = Shard()
+        shard.index, shard.count = index, 3
+        shards.append(shard.mine(items))
+    assert sorted(sum(shards, [])) == items and shards[1] == [1, 4, 7, 10]
