@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ipadapter.errors import IPAdapterError
-from ipadapter.miniature import assets
+from ipadapter import bundled
 from ipadapter.miniature.runloop import log
 
 DATA_SEED, DATA_SIZE = 100, 16384
@@ -74,7 +74,7 @@ def train_adapter(out: Path, name: str, steps: int | None = None, resume: bool =
     return Path(result.own)
 
 
-def export_adapters(out: Path, assets_dir: Path = assets.ASSETS_DIR) -> dict[str, float]:
+def export_adapters(out: Path, assets_dir: Path = bundled.ASSETS_DIR) -> dict[str, float]:
     """fp16 copies of the trained adapters (own format, metadata kept) into the package; returns sizes in MB."""
     from safetensors import safe_open
 

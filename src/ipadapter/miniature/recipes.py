@@ -16,8 +16,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ipadapter import bundled
 from ipadapter.errors import IPAdapterError
-from ipadapter.miniature import adapters, assets, base_model, judge, tiny_clip
+from ipadapter.miniature import adapters, base_model, judge, tiny_clip
 from ipadapter.miniature.runloop import log
 
 DEFAULT_OUT = Path("runs/miniature")
@@ -149,7 +150,7 @@ def evaluate_base(out: Path = DEFAULT_OUT, n: int = 64, steps: int = 25, guidanc
     return report
 
 
-def export(out: Path = DEFAULT_OUT, assets_dir: Path = assets.ASSETS_DIR) -> dict[str, float]:
+def export(out: Path = DEFAULT_OUT, assets_dir: Path = bundled.ASSETS_DIR) -> dict[str, float]:
     """Write fp16 safetensors of the pipeline, the judge (when the run folder trained one; the shipped judge is kept
     otherwise: it measures images, whatever drew them), the ControlNet, the LoRA and the adapters into the package;
     returns sizes in MB."""
