@@ -15,7 +15,7 @@ from tests import factories
 
 FLUX_JOINT = 32  # joint_attention_dim: T5 width, and the IP tokens' width in the XLabs files
 FLUX_WIDTH = 32  # 2 heads × 16
-CLIP_DIM = 24  # tiny CLIP ViT-L/14 stand-in: image_embeds width (factories.image_encoder)
+CLIP_DIM = 24  # tiny CLIP ViT-L/14 stand-in: image_embeds width (factories.tiny_image_encoder)
 
 
 def flux_transformer(seed: int = 0, *, joint: int = FLUX_JOINT, double: int = 2):
@@ -92,7 +92,7 @@ def flux_pipeline(folder: Path, seed: int = 0):
     tok = CLIPTokenizer.from_pretrained(str(factories.write_tokenizer(folder / "tok")))
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=flux_vae(2 + seed),
-        text_encoder=factories.text_encoder(1 + seed), tokenizer=tok, text_encoder_2=t5(6 + seed),
+        text_encoder=factories.tiny_text_encoder(factories.CROSS, 1 + seed), tokenizer=tok, text_encoder_2=t5(6 + seed),
         tokenizer_2=tok, transformer=flux_transformer(seed),
     )
     pipe.set_progress_bar_config(disable=True)
@@ -180,8 +180,8 @@ def sd3_pipeline(folder: Path, seed: int = 0):
                         use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=sd3_transformer(seed, joint=64), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-        text_encoder=factories.text_encoder(1 + seed, projection=True), tokenizer=tok,
-        text_encoder_2=factories.text_encoder(5 + seed, projection=True), tokenizer_2=tok,
+        text_encoder=factories.tiny_text_encoder(factories.CROSS, 1 + seed, projection=factories.CROSS), tokenizer=tok,
+        text_encoder_2=factories.tiny_text_encoder(factories.CROSS, 5 + seed, projection=factories.CROSS), tokenizer_2=tok,
         text_encoder_3=t5(6 + seed, d_model=64), tokenizer_3=tok,
     )
     pipe.set_progress_bar_config(disable=True)

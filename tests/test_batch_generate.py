@@ -21,7 +21,6 @@ from PIL import Image
 from ipadapter.cli.main import main
 from ipadapter.evaluate.manifests import write_manifest
 from tests import factories
-from tests import test_evaluate_factories as eval_factories
 from tests.test_train_distributed import _free_port, _launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +167,7 @@ def _accelerate(args: list[str]) -> list[str]:
 
 
 def test_evaluate_under_two_processes_writes_the_results_of_one(setup, tmp_path) -> None:
-    eval_factories.save_judge(setup / "judge")
+    factories.save_judge(setup / "judge")
     write_manifest(setup / "refs.jsonl", [{"image_file": f"ref{i}.png", "text": t}
                                           for i, t in enumerate(["a red circle", "a blue square", "a cat"])])
 

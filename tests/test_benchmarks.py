@@ -17,7 +17,7 @@ def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
             found = [r for r in rows if r.label.startswith(f"{arch} {case}")]
             assert len(found) == 1, f"{arch} {case}: {[r.label for r in rows]}"
             r = found[0]
-            assert min(r.plain, r.ours, r.diffusers) > 0
+            assert min(r.plain + r.ours + r.diffusers) > 0 and len(r.plain) == len(r.ours) == len(r.diffusers) > 1
             # Same seed, same weights: the latents of ipadapter and diffusers agree (as in test_parity_diffusers).
             assert r.diff <= 1e-4 + 1e-4 * r.scale, f"{r.label}: |Δ| {r.diff} at output scale {r.scale}"
     text = inference.render(["# t"], rows, memory, notes)

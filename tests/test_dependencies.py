@@ -42,7 +42,7 @@ PLACES = {
 }
 # Used where needed, never imported at module level outside `try: ... except ImportError`: the code says what to
 # install when they are missing (face: the `face` extra; lpips: `pip install lpips`, docs/evaluation.md).
-OPTIONAL = {"insightface", "lpips"}
+OPTIONAL = {"insightface", "lpips", "bitsandbytes"}
 # Loaded by a library by name rather than imported: accelerate's TensorBoard tracker (`log_with="tensorboard"`).
 LOADED_BY_NAME = {"train": {"tensorboard"}}
 FIRST_PARTY = {"ipadapter", "tests", "benchmarks"}

@@ -25,7 +25,7 @@ def test_loss_falls_and_the_file_loads_in_diffusers(tmp_path) -> None:
     from transformers import CLIPImageProcessor
 
     pipe = df.flux_pipeline(tmp_path)
-    encoder = ImageEncoder(factories.image_encoder(), CLIPImageProcessor(
+    encoder = ImageEncoder(factories.tiny_image_encoder()[0], CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), name="tiny-clip")
     colours = [(230, 40, 40), (40, 200, 60), (40, 60, 230), (230, 220, 40)]
     images = [Image.fromarray(np.full((16, 16, 3), c, np.uint8)) for c in colours]

@@ -53,7 +53,7 @@ def kolors():
     from diffusers import EulerDiscreteScheduler
     from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline  # the top-level name needs sentencepiece
 
-    pipe = KolorsPipeline(vae=factories.vae(2), text_encoder=None, tokenizer=None, unet=kolors_unet(),
+    pipe = KolorsPipeline(vae=factories.tiny_vae(2), text_encoder=None, tokenizer=None, unet=kolors_unet(),
                           scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"))
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(9)

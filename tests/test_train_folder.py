@@ -14,7 +14,6 @@ from PIL import Image
 from ipadapter.train import TrainConfig, train
 from ipadapter.train.model_folder import loss_curve, read_losses
 from tests import factories
-from tests import test_evaluate_factories as eval_factories
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +26,7 @@ def _fresh_accelerate_state():
 def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("folder")
     manifest = factories.write_images(tmp / "data", 4)
-    judge = eval_factories.save_judge(tmp / "judge")
+    judge = factories.save_judge(tmp / "judge")
     models, encoder = factories.in_memory()
     config = TrainConfig(data=str(manifest), output=str(tmp / "out"), resolution=factories.RES, batch_size=2,
                          max_steps=2, num_workers=0, save_every=1000, seed=0, validate_every=2, validation_steps=2,

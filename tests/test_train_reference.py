@@ -29,7 +29,7 @@ def _fresh_accelerate_state():
 def clip_global(images: list[Image.Image], processor) -> torch.Tensor:
     """transformers alone, on a fresh copy of the factories' encoder: CLIP `image_embeds` of these images."""
     pixels = processor(images=images, return_tensors="pt").pixel_values
-    return factories.image_encoder(4)(pixel_values=pixels).image_embeds
+    return factories.tiny_image_encoder(4)[0](pixel_values=pixels).image_embeds
 
 
 def _solid(path, colour, size=(24, 20)) -> str:

@@ -8,12 +8,10 @@ index modulo the process count, a split fixed by the item list alone. One proces
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from ipadapter.errors import IPAdapterError
 
 T = TypeVar("T")
 
@@ -43,20 +41,6 @@ class Shard:
         """Run `step`; when it fails on any process with a user error, every process raises that error (the first
         by process order), so none waits forever for a failed one at the next collective step."""
         return step()
-
-
-def current() -> Shard:
-    """This process's shard: from accelerate when launched as several processes, else the only one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Shard()
-    try:
-        from ipadapter.batch.accelerated import AccelerateShard
-
-        return AccelerateShard()
-    except ModuleNotFoundError as err:
-        if err.name != "accelerate":
-            raise
-        raise IPAdapterError("a run over several processes needs accelerate: pip install 'ipadapter[train]'") from None
 
 
 class Progress:

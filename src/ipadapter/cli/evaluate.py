@@ -147,7 +147,7 @@ def _toolbox(box):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ipadapter.batch.shards import current
+    from ipadapter.batch.launch import current
     from ipadapter.evaluate.protocols import deviations, protocol
     from ipadapter.evaluate.report import Report, write_report
     from ipadapter.evaluate.runner import Plan, generate, prompter_sampler

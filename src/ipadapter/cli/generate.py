@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         if args.manifest:
             from ipadapter.cli.generate_manifest import run as run_manifest
 
-            return run_manifest(args)
+            return run_manifest(args, load=load_from_flags, control=control_kwargs)
         return _generate(args)
     except IPAdapterError as err:
         raise as_flags(err) from None

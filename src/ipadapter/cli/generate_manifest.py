@@ -4,6 +4,7 @@ manifest, the work from `ipadapter.batch` (sharded when started with `accelerate
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import functools
 import sys
 
@@ -25,11 +26,11 @@ def check_flags(args: argparse.Namespace) -> None:
         raise IPAdapterError("--batch-size must be at least 1")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:
+    """`load(args)`: the models the flags name; `control(args)`: the ControlNet keywords (both from `cli.generate`)."""
     from ipadapter.batch.jobs import OPTIONS, read_jobs
     from ipadapter.batch.run import Defaults, run_manifest
-    from ipadapter.batch.shards import current
-    from ipadapter.cli.generate import control_kwargs, load_from_flags
+    from ipadapter.batch.launch import current
     from ipadapter.loading import base_geometry, check_model_args
     from ipadapter.validation import output_folder
 
@@ -39,12 +40,12 @@ def run(args: argparse.Namespace) -> int:
     if shard.device is not None and args.device in (None, "cuda"):
         args.device = shard.device  # one GPU per process
     check_model_args(args)
-    control = control_kwargs(args)
+    control = control(args)
     defaults = {name: getattr(args, name) for name in OPTIONS}
     adapters = [str(i) for i in range(max(1, len(args.adapter or [])))]
     manifest = shard.agree(lambda: read_jobs(args.manifest, defaults, adapters,
                                              functools.cache(lambda: base_geometry(args.base))))
-    loaded = shard.agree(lambda: load_from_flags(args))
+    loaded = shard.agree(lambda: load(args))
     prompter = loaded.prompter
     prompter.pipe.set_progress_bar_config(disable=True)
     for adapter in prompter.adapters.values():

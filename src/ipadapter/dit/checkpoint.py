@@ -51,7 +51,7 @@ def _published_config(kind: str, image_proj: dict[str, torch.Tensor], name: str)
     if kind == "flux":
         projection = detect_projection(image_proj)
     else:
-        from ipadapter.projection.time_resampler import detect_time_resampler
+        from ipadapter.projection.detect import detect_time_resampler
 
         projection = detect_time_resampler(image_proj)
     variant = detect_variant_name(projection.head, tokens=projection.tokens, lora_rank=0, file_name=Path(name).name,

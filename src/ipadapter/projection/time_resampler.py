@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ipadapter.errors import IPAdapterError
-from ipadapter.projection.detect import ProjectionConfig
 from ipadapter.projection.resampler import PerceiverAttention, feed_forward
 
 
@@ -70,19 +68,3 @@ class TimeResampler(nn.Module):
             norm, rest = ff[0], ff[1:]
             latents = rest(norm(latents) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]) + latents
         return self.norm_out(self.proj_out(latents)), temb
-
-
-def detect_time_resampler(state: dict[str, torch.Tensor]) -> ProjectionConfig:
-    """The head's sizes from the published keys: widths from proj_in/proj_out, queries from `latents`, heads from
-    to_q rows / 64, the sinusoid width from `time_embedding.linear_1`."""
-    try:
-        dim, in_dim = state["proj_in.weight"].shape
-        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
-        return ProjectionConfig(
-            "time_resampler", in_dim=in_dim, cross_dim=state["proj_out.weight"].shape[0],
-            tokens=state["latents"].shape[1], dim=dim, depth=depth, heads=state["layers.0.0.to_q.weight"].shape[0] // 64,
-            dim_head=64, ff_mult=state["layers.0.1.1.weight"].shape[0] // dim,
-            hidden_dim=state["time_embedding.linear_1.weight"].shape[1],
-        )
-    except (KeyError, ValueError) as err:
-        raise IPAdapterError(f"the SD 3 image projection weights are incomplete: missing {err.args[0]!r}") from None

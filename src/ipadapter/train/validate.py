@@ -142,8 +142,8 @@ class Validator:
         try:
             with run.accelerator.autocast():
                 for ref in self.references:
-                    name, refs = prompter.references(ref.images, face_embeds=ref.face_embeds)
-                    row = [prompter.generate({name: refs}, prompt=prompt, steps=config.validation_steps,
+                    refs = prompter.references(ref.images, face_embeds=ref.face_embeds)
+                    row = [prompter.generate({"0": refs}, prompt=prompt, steps=config.validation_steps,
                                              guidance=config.validation_guidance, seed=config.seed,
                                              width=config.resolution, height=config.resolution)[0]
                            for prompt in config.validation_prompts]
