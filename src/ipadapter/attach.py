@@ -59,24 +59,52 @@ def check_compatible(unet: nn.Module, adapter: IPAdapter, name: str = "adapter")
             )
 
 
-class Attachment:
-    """Adapters attached to one UNet. `runtime` carries the per-generation prompts to the processors."""
+class ProcessorSwap:
+    """What every attachment shares: adapters on one denoiser (a UNet or a transformer), the processors it put in,
+    the originals it put aside, and its pre-call hook; `detach` restores the originals exactly."""
 
-    def __init__(self, unet: nn.Module, adapters: Mapping[str, IPAdapter], scheduler: Any = None) -> None:
-        self.unet = unet
+    def __init__(self, denoiser: nn.Module, adapters: Mapping[str, IPAdapter], scheduler: Any = None) -> None:
+        self.denoiser = denoiser
         self.adapters = dict(adapters)
         self.scheduler = scheduler
         self.runtime = Runtime()
         self.rows: int | None = None
         self._originals: dict[str, Any] = {}
-        self._processors: list[IPAttnProcessor] = []
-        self._cross_names = frozenset(l.name for l in attention_layers(unet) if l.cross)
+        self._processors: list = []
         self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._prepared = False
 
     @property
     def attached(self) -> bool:
         return bool(self._originals)
+
+    def clear(self) -> None:
+        self.rows = None
+        self.runtime.clear()
+
+    def clear_cache(self) -> None:
+        """Forget the K'/V' kept for the next generation (a few MiB at most): frees them, or forces recomputation."""
+        for processor in self._processors:
+            processor.clear_cache()
+
+    def detach(self) -> None:
+        """Put back the exact processor objects that were there before; the denoiser is as if never touched."""
+        for name, original in self._originals.items():
+            self.denoiser.get_submodule(name).set_processor(original)
+        self._originals.clear()
+        self._processors.clear()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+class Attachment(ProcessorSwap):
+    """Adapters attached to one UNet. `runtime` carries the per-generation prompts to the processors."""
+
+    def __init__(self, unet: nn.Module, adapters: Mapping[str, IPAdapter], scheduler: Any = None) -> None:
+        super().__init__(unet, adapters, scheduler)
+        self.unet = unet
+        self._cross_names = frozenset(l.name for l in attention_layers(unet) if l.cross)
+        self._prepared = False
 
     def _install(self) -> None:
         per_layer: dict[str, dict[str, nn.Module]] = {}
@@ -149,24 +177,6 @@ class Attachment:
         self.rows = rows
         self.runtime.set(prompts, cfg=cfg, weights={name: self.adapters[name].weights_token() for name in prompts})
 
-    def clear(self) -> None:
-        self.rows = None
-        self.runtime.clear()
-
-    def clear_cache(self) -> None:
-        """Forget the K'/V' kept for the next generation (a few MiB at most): frees them, or forces recomputation."""
-        for processor in self._processors:
-            processor.clear_cache()
-
-    def detach(self) -> None:
-        """Put back the exact processor objects that were there before; the UNet is as if never touched."""
-        for name, original in self._originals.items():
-            self.unet.get_submodule(name).set_processor(original)
-        self._originals.clear()
-        self._processors.clear()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
 
 
 def _in_compiled_module() -> bool:

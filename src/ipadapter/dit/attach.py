@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipadapter.attach import ProcessorSwap
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.dit.blocks import DESCRIPTIONS, TIMESTEP_SCALE, dit_blocks, dit_kind
 from ipadapter.dit.flux_attention import FluxIPProcessor
@@ -21,7 +22,7 @@ from ipadapter.dit.joint_attention import JointIPProcessor
 from ipadapter.dit.plan import BlockProcessor
 from ipadapter.dit.step import StepState
 from ipadapter.errors import IPAdapterError
-from ipadapter.runtime import AdapterPrompt, Runtime
+from ipadapter.runtime import AdapterPrompt
 
 # The transformer's forward: (hidden_states, encoder_hidden_states, pooled_projections, timestep, ...) for both.
 _TIMESTEP_POSITION = 3
@@ -50,24 +51,14 @@ def check_fits(model: nn.Module, adapter: DiTAdapter, name: str = "adapter") -> 
             )
 
 
-class DiTAttachment:
+class DiTAttachment(ProcessorSwap):
     """Adapters attached to one transformer; the same interface as `attach.Attachment` for the prompter."""
 
     def __init__(self, model: nn.Module, adapters: Mapping[str, DiTAdapter], scheduler: Any = None) -> None:
+        super().__init__(model, adapters, scheduler)
         self.model = model
         self.kind = dit_kind(model)
-        self.adapters = dict(adapters)
-        self.scheduler = scheduler
-        self.runtime = Runtime()
         self.step = StepState()
-        self.rows: int | None = None
-        self._originals: dict[str, Any] = {}
-        self._processors: list[BlockProcessor] = []
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._originals)
 
     def _install(self) -> None:
         processor_class = FluxIPProcessor if self.kind == "flux" else JointIPProcessor
@@ -156,23 +147,6 @@ class DiTAttachment:
         self.runtime.set(prompts, cfg=cfg, weights={name: self.adapters[name].weights_token() for name in prompts})
         self.step.last = ()
 
-    def clear(self) -> None:
-        self.rows = None
-        self.runtime.clear()
-
-    def clear_cache(self) -> None:
-        for processor in self._processors:
-            processor.clear_cache()
-
-    def detach(self) -> None:
-        """Put back the exact processor objects that were there before."""
-        for name, original in self._originals.items():
-            self.model.get_submodule(name).set_processor(original)
-        self._originals.clear()
-        self._processors.clear()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
 
 
 def _grid(ids: torch.Tensor) -> tuple[int, int]:
