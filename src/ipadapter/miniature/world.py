@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 SIZE_PX = 64
-_SUPERSAMPLE = 2
+SUPERSAMPLE = 2
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -180,7 +180,7 @@ def sample_attrs(rng: np.random.Generator, split: str = "train") -> Attrs:
     )
 
 
-def _variant(rgb: np.ndarray) -> np.ndarray:
+def shade(rgb: np.ndarray) -> np.ndarray:
     """A lighter (dark colours) or darker (light colours) shade, so patterns never hide the background colour."""
     luminance = float(rgb @ np.array([0.299, 0.587, 0.114])) / 255.0
     target = 0.0 if luminance > 0.6 else 255.0
@@ -195,12 +195,12 @@ def _grid(scale: int) -> tuple[np.ndarray, np.ndarray]:
 
 # Patterns are axis-aligned on whole pixels and need no anti-aliasing; shape edges are drawn 2x finer.
 _BG_YY, _BG_XX = _grid(1)
-_YY, _XX = _grid(_SUPERSAMPLE)
+_YY, _XX = _grid(SUPERSAMPLE)
 
 
-def _background(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
+def background(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
     base = np.array(PALETTE[attrs.bg_colour], dtype=np.float32)
-    other = _variant(base)
+    other = shade(base)
     period = 8.0
     phase = float(rng.integers(8))
     if attrs.pattern == "plain":
@@ -216,7 +216,7 @@ def _background(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
     return base + weight[..., None] * (other - base)
 
 
-def _shape_mask(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
+def shape_mask(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
     r = _HALF_EXTENT[attrs.size] + float(rng.uniform(-1.0, 1.0))
     row, col = divmod(POSITIONS.index(attrs.position), 3)
     cx = _GRID[col] + float(rng.uniform(-2.0, 2.0))
@@ -246,15 +246,15 @@ def draw_with_mask(attrs: Attrs, rng: np.random.Generator, style: str = "plain")
     every style consumes it the same way, so a seed gives the same scene in each style."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {', '.join(STYLES)}, not {style!r}")
-    background = _background(attrs, rng)
-    s = _SUPERSAMPLE
-    coverage = _shape_mask(attrs, rng).reshape(SIZE_PX, s, SIZE_PX, s).mean(axis=(1, 3))
+    canvas = background(attrs, rng)
+    s = SUPERSAMPLE
+    coverage = shape_mask(attrs, rng).reshape(SIZE_PX, s, SIZE_PX, s).mean(axis=(1, 3))
     colour = np.array(PALETTE[attrs.colour], dtype=np.float32)
     if style == "two-tone":
         rows = np.flatnonzero(coverage.max(axis=1) > 0)
         lower = (_BG_YY > (rows[0] + rows[-1] + 1) / 2).astype(np.float32)[..., None]
-        colour = colour + lower * (_variant(colour) - colour)
-    image = background + coverage[..., None] * (colour - background)
+        colour = colour + lower * (shade(colour) - colour)
+    image = canvas + coverage[..., None] * (colour - canvas)
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), coverage
 
 
@@ -315,7 +315,3 @@ def write_dataset(
                 mask_image(mask).save(out / record["mask_file"])
             f.write(json.dumps(record) + "\n")
     return manifest
-
-# Public names of drawing steps read elsewhere (tests of the drawing formula; the ControlNet's colour mask): `shade`
-# is a pattern's second colour, 35% lighter (dark colours) or darker (light colours).
-background, shape_mask, shade, SUPERSAMPLE = _background, _shape_mask, _variant, _SUPERSAMPLE
