@@ -58,14 +58,19 @@ class ImagePrompter:
         width = adapter.config.projection.clip_dim if variant.face_id else adapter.config.projection.in_dim
         self.encoder.check_fits(width, variant.clip, f"adapter {name!r}")
 
-    def adapter(self, name: str | None) -> tuple[str, IPAdapter]:
+    def adapter_name(self, name: str | None) -> str:
+        """`name` checked against the attached adapters; None names the only one."""
         if name is None:
             if len(self.adapters) != 1:
                 raise IPAdapterError(f"several adapters are attached ({', '.join(self.adapters)}): name one")
             name = next(iter(self.adapters))
         if name not in self.adapters:
             raise IPAdapterError(f"no adapter named {name!r}; attached: {', '.join(self.adapters)}")
-        return name, self.adapters[name]
+        return name
+
+    def adapter(self, name: str | None = None) -> IPAdapter:
+        """The attached adapter called `name` (None: the only one)."""
+        return self.adapters[self.adapter_name(name)]
 
     def features(self, adapter: IPAdapter, images: Sequence[Image.Image], face_embeds: torch.Tensor | None = None) -> Features:
         """Encoder features for a list of images, shaped as the adapter's head takes them: (ID embeddings, CLIP
@@ -123,7 +128,7 @@ class ImagePrompter:
         weights: Sequence[float] | None = None,
     ) -> list[Reference]:
         """One `Reference` per image (tokens computed here, once), for the named adapter (or the only one)."""
-        _, ip = self.adapter(adapter)
+        ip = self.adapter(adapter)
         if features is None:
             if not images:
                 raise IPAdapterError("give at least one reference image (or precomputed embeddings)")
@@ -160,7 +165,7 @@ class ImagePrompter:
         if references is None:
             references = {}
         elif not isinstance(references, Mapping):
-            references = {self.adapter(None)[0]: references}
+            references = {self.adapter_name(None): references}
         prompts = {name: self._prompt(name, given, scale) for name, given in references.items()}
         if not prompts and not (prompt if isinstance(prompt, str) else any(prompt)):
             raise IPAdapterError("give a reference image, a text prompt, or both")

@@ -87,7 +87,8 @@ def _prepared(prompter: ImagePrompter, images: list[Image.Image], crop: str) -> 
 def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: str | None = None) -> dict[str, AdapterPrompt]:
     """The adapter prompt(s) for one request: tokens computed here, once per generation."""
     request.validate()
-    name, ip = prompter.adapter(adapter)
+    name = prompter.adapter_name(adapter)
+    ip = prompter.adapters[name]
     images, masks = list(request.images), list(request.masks) or [None] * len(request.images)
     if request.tiles and images:
         tiled = [t for img in images for t in tile_image(img)]

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     images = [load_image(p) for p in args.image]
     loaded = load_from_flags(args)
     prompter = loaded.prompter
-    _, adapter = prompter.adapter(None)
+    adapter = prompter.adapter()
     if prompter.encoder is None:
         raise IPAdapterError("this adapter takes face embeddings, not CLIP features: pass them with --face-embed")
     features = prompter.features(adapter, images)

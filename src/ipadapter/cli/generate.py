@@ -223,13 +223,13 @@ def _generate(args: argparse.Namespace) -> int:
     if args.face_embed:
         from ipadapter.encoders import load_face_embedding
 
-        _, ip = prompter.adapter(None)
+        ip = prompter.adapter()
         dim = ip.config.projection.in_dim
         request.face_embeds = torch.cat([load_face_embedding(f, dim) for f in args.face_embed])
     if args.embeds:
         from ipadapter.conditioning.embeds_file import EncoderIdentity, load_embeds
 
-        _, ip = prompter.adapter(None)
+        ip = prompter.adapter()
         if prompter.encoder is None or ip.variant.features not in ("global", "patch"):
             raise IPAdapterError("--embeds holds CLIP features; this adapter takes face embeddings (--face-embed)")
         saved = load_embeds(args.embeds, encoder=EncoderIdentity.of(prompter.encoder.model), features=ip.variant.features)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ipadapter import bundled
@@ -119,17 +118,13 @@ def run_recipe(name: str, out: Path = DEFAULT_OUT, steps: int | None = None, res
     return recipe.run(out, steps or recipe.steps, resume)
 
 
-def _grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
-    n, h, w, c = images.shape
-    rows = -(-n // cols)
-    padded = np.concatenate([images, np.zeros((rows * cols - n, h, w, c), images.dtype)])
-    return padded.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-
 def evaluate_base(out: Path = DEFAULT_OUT, n: int = 64, steps: int = 25, guidance: float = 5.0) -> dict:
     """Judge accuracy of text-to-image samples for train-split and held-out captions -> base_eval.json + PNG grids."""
     from diffusers import StableDiffusionPipeline
     from PIL import Image
+
+    from ipadapter.atomic import save_png
+    from ipadapter.evaluate.grid import image_grid
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -142,9 +137,8 @@ def evaluate_base(out: Path = DEFAULT_OUT, n: int = 64, steps: int = 25, guidanc
             "accuracy": scorer.accuracy(images, attrs),
             "clip_t": float(scorer.text_score(images, prompts).mean()),
         }
-        Image.fromarray(_grid(images)).resize((8 * 128, -(-n // 8) * 128), Image.NEAREST).save(
-            out / f"base_samples_{split}.png"
-        )
+        tiles = [Image.fromarray(a) for a in images]
+        save_png(image_grid([("", tiles[c::8]) for c in range(8)], title_lines=0), out / f"base_samples_{split}.png")
         log.info("base eval %s: %s", split, report[split])
     (out / "base_eval.json").write_text(json.dumps(report, indent=2))
     return report
