@@ -37,7 +37,8 @@ def pipeline_path() -> Path:
 
 
 def image_encoder_path() -> Path:
-    """The adapters' image encoder: the tiny CLIP's vision tower (`CLIPVisionModelWithProjection`)."""
+    """The adapters' image encoder (`CLIPVisionModelWithProjection`, 4 px patches), trained against the tiny CLIP's
+    text tower."""
     return _require(pipeline_path() / "image_encoder", "config.json", "pipeline")
 
 

@@ -37,8 +37,8 @@ class AdapterRecipe:
 
 
 ADAPTERS: dict[str, AdapterRecipe] = {
-    "base": AdapterRecipe("base", 2500),
-    "plus": AdapterRecipe("plus", 1500),
+    "base": AdapterRecipe("base", 5000),
+    "plus": AdapterRecipe("plus", 3000),
     "simple": AdapterRecipe("base", 2500, attention="concat"),
 }
 

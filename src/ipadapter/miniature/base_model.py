@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from ipadapter.miniature import tokenizer as tok
 from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
 from ipadapter.miniature.world import (
-    SIZE_PX, attrs_from_label, caption, make_batch, make_masked_batch, partial_caption, random_slots,
+    SIZE_PX, Attrs, attrs_from_label, caption, make_batch, make_masked_batch, partial_caption, random_slots,
 )
 
 LATENT_CHANNELS = 8
@@ -192,15 +193,17 @@ def build_cache(out_dir: str | Path, vae_dir: str | Path, n: int = 49152, seed: 
 
 
 @torch.no_grad()
-def encode_scenes(vae, text_encoder, tokenizer, images: np.ndarray, attrs: list, label: str) -> dict[str, torch.Tensor]:
-    """What every recipe on the frozen UNet trains from: scaled VAE latent means, fp16 caption states, and the empty
-    caption's states (for dropped text), encoded in chunks of 256."""
+def encode_scenes(vae, text_encoder, tokenizer, images: np.ndarray, attrs: list, label: str,
+                  describe: Callable[[Attrs], str] = caption) -> dict[str, torch.Tensor]:
+    """What every recipe on the frozen UNet trains from: scaled VAE latent means, fp16 states of each scene's text
+    (`describe`: the full caption unless a recipe leaves slots out), and the empty caption's states (for dropped
+    text), encoded in chunks of 256."""
     n = len(images)
     latents, states = [], []
     for i in range(0, n, 256):
         x = to_model_range(images[i : i + 256])
         latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-        ids = _ids(tokenizer, [caption(a) for a in attrs[i : i + 256]])
+        ids = _ids(tokenizer, [describe(a) for a in attrs[i : i + 256]])
         states.append(text_encoder(input_ids=ids).last_hidden_state)
         log.info("%s: %d/%d", label, min(n, i + 256), n)
     empty = text_encoder(input_ids=_ids(tokenizer, [""])).last_hidden_state

@@ -2,8 +2,10 @@
 
 A trainable copy of the miniature UNet's encoder (`ControlNetModel.from_unet`) whose conditioning embedding has
 three channel entries, i.e. two stride-2 convolutions, so a 64x64 mask lands on the 16x16 latent grid. It trains
-on the frozen pipeline with the UNet's own objective (epsilon MSE on the DDPM schedule, offset noise), and text is
-dropped often enough that it also works with an empty prompt, where an image prompt replaces the text. The
+on the frozen pipeline with the UNet's own objective (epsilon MSE on the DDPM schedule, offset noise). Its captions
+leave out what the mask decides (shape, size, position): the base model follows those words, so with full captions
+the text alone explains the layout and the ControlNet learns to add nothing. Text is also dropped often enough that
+it works with an empty prompt, where an image prompt replaces the text. The
 IP-Adapter's processors sit on the UNet only; the ControlNet never sees image tokens.
 """
 
@@ -23,10 +25,11 @@ from ipadapter.miniature import tokenizer as tok
 from ipadapter.miniature.base_model import encode_scenes, noisy_batch, training_scheduler
 from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
 from ipadapter.miniature.world import (
-    POSITIONS, SIZE_PX, SIZES, Attrs, caption, draw_with_mask, make_masked_batch, mask_image,
+    POSITIONS, SIZE_PX, SIZES, Attrs, caption, draw_with_mask, make_masked_batch, mask_image, partial_caption,
 )
 
 CONDITIONING_CHANNELS = (16, 32, 64)
+TEXT_SLOTS = frozenset({"colour", "bg_colour", "pattern"})  # what the caption names; the mask gives the rest
 TEXT_DROP = 0.15
 CACHE_NAME = "controlnet_cache.pt"
 
@@ -61,7 +64,8 @@ def build_cache(out_dir: str | Path, pipeline_dir: str | Path, n: int = 4096, se
     text_encoder = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder").eval()
     tokenizer = tok.load_tokenizer(pipeline_dir / "tokenizer")
     images, masks, attrs = make_masked_batch(seed, n)
-    cache = encode_scenes(vae, text_encoder, tokenizer, images, attrs, "controlnet cache")
+    cache = encode_scenes(vae, text_encoder, tokenizer, images, attrs, "controlnet cache",
+                          describe=lambda a: partial_caption(a, TEXT_SLOTS))
     cache["masks"] = torch.from_numpy(mask_u8(masks))
     atomic_torch_save(cache, path)
     log.info("controlnet cache: %d scenes saved to %s", n, path)

@@ -1,7 +1,7 @@
 """The miniature models a report measures: the bundled ones, or any folder laid out as the bundle or as a run.
 
-Two layouts are read. The bundled (v1) one: a diffusers `pipeline/` whose `image_encoder/` is the tiny CLIP's
-vision tower. The stage layout of a rebuild: `clip/` (a full `CLIPModel`), `vae/`, `unet/` and, when trained, a
+Two layouts are read. The bundled one: a diffusers `pipeline/` with the adapters' image encoder in
+`image_encoder/`. The stage layout of a rebuild: `clip/` (a full `CLIPModel`), `vae/`, `unet/` and, when trained, a
 separate `image_encoder/`; without it the adapters read the CLIP's vision tower. A `pipeline/` beside the stages
 (a run folder once assembled) is what generates; `clip/` and `image_encoder/` are still read when present. Beside either: the adapters
 (`adapters/<name>.safetensors` as exported, or `adapter-<name>/adapter.ipadapter.safetensors` as trained),
