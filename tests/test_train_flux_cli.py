@@ -107,3 +107,18 @@ def test_options_a_flux_run_does_not_have_are_refused(tmp_path, capsys, flags: l
 def test_dry_run_is_refused_for_flux(tmp_path, capsys) -> None:
     assert main(["train", "--variant", "flux-v2", "--base", str(tmp_path), "--dry-run"]) == 2
     assert "UNet runs only" in capsys.readouterr().err
+
+
+def test_bf16_keeps_the_adapter_in_fp32(tmp_path) -> None:
+    """--mixed-precision bf16: the frozen models run in bf16, the adapter trains and is written in fp32."""
+    base = df.save_flux_base(tmp_path)
+    _data(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "--variant", "flux-v2", "--base", str(base), "--image-encoder", str(base / "image_encoder"),
+                 "--data", str(tmp_path / "data" / "train.jsonl"), "--resolution", "16", "--max-steps", "2",
+                 "--batch-size", "2", "--mixed-precision", "bf16", "--num-workers", "0", "--output", str(out)]) == 0
+    written = load_file(str(out / "ip-adapter.safetensors"))
+    assert written["ip_adapter_proj_model.proj.weight"].shape[0] == 16 * df.FLUX_JOINT  # flux-v2: 16 tokens
+    assert all(t.dtype == torch.float32 and bool(torch.isfinite(t).all()) for t in written.values())
+    losses = [float(line.split(",")[1]) for line in (out / "logs" / "losses.csv").read_text().splitlines()]
+    assert len(losses) == 2 and all(np.isfinite(losses))
