@@ -23,6 +23,10 @@ def load_pipeline(
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(base), dtype=dtype)
     except (OSError, ValueError, EnvironmentError) as err:
         raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {str(err).splitlines()[0][:200]}") from None
+    except ImportError as err:  # a part whose library is not installed, e.g. Kolors' ChatGLM tokenizer: sentencepiece
+        hint = "; for Kolors: pip install 'ipadapter[kolors]'" if "sentencepiece" in str(err) else ""
+        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {str(err).splitlines()[0][:200]}"
+                             f"{hint}") from None
     if scheduler:
         cls = getattr(diffusers, scheduler, None)
         if cls is None or not hasattr(cls, "from_config"):

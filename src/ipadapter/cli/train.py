@@ -9,12 +9,14 @@ from dataclasses import MISSING, fields
 from ipadapter.extras import needs
 
 HELP = {
-    "base": "diffusers pipeline folder or Hub id (unet, vae, text_encoder, tokenizer, scheduler; + _2 for SDXL)",
+    "base": "diffusers pipeline folder or Hub id (unet, vae, text_encoder, tokenizer, scheduler; + _2 for SDXL; "
+            "a FluxPipeline for --variant flux / flux-v2)",
     "image_encoder": "CLIPVisionModelWithProjection folder or Hub id (its CLIPImageProcessor if saved)",
     "data": "JSON/JSONL manifest of {image_file, text[, ref_image_file, id_embed_file]} or a tar shard pattern "
             "(data-{00000..00099}.tar)",
     "data_root": "folder that manifest paths are relative to (default: the manifest's folder)",
-    "variant": "adapter variant to train",
+    "variant": "adapter variant to train (flux, flux-v2: XLabs' FLUX layout, one process, fewer options: "
+               "docs/training.md)",
     "attention": "decoupled (the paper's IP-Adapter) or concat (its 'simple adapter' ablation: image tokens appended "
                  "to the text tokens of the frozen cross-attention; base variant only)",
     "output": "run folder: checkpoints/, logs/ (TensorBoard), validation/, the final adapter files",
@@ -71,17 +73,23 @@ EXAMPLES = """examples:
       --data data/train.jsonl --variant plus --output runs/plus --cache cache/plus
   accelerate launch --num_processes 8 --config_file deepspeed_zero2.yaml -m ipadapter.cli.main train --config my.yaml
   ipadapter train --config my.yaml --resume latest
+  ipadapter train --base black-forest-labs/FLUX.1-dev --image-encoder openai/clip-vit-large-patch14 \\
+      --data data/train.jsonl --variant flux --mixed-precision bf16 --resolution 512 --output runs/flux
 """
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ipadapter.errors import IPAdapterError
     from ipadapter.train import TrainConfig, train
+    from ipadapter.variants import get_variant
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = TrainConfig.load(args.config, overrides)
+    flux = get_variant(config.variant).denoiser == "flux"
+    if args.dry_run and flux:
+        raise IPAdapterError("--dry-run estimates UNet runs only, not FLUX")
     if args.dry_run:
-        from ipadapter.errors import IPAdapterError
         from ipadapter.train.memory import estimate, report
 
         if not config.base:
@@ -90,7 +98,12 @@ def _run(args: argparse.Namespace) -> int:
             raise IPAdapterError(f"variant {config.variant!r} needs --image-encoder")
         print(report(config, estimate(config)))
         return 0
-    train(config)
+    if flux:
+        from ipadapter.train.flux import train_flux
+
+        train_flux(config)
+    else:
+        train(config)
     return 0
 
 

@@ -4,13 +4,14 @@ Frozen transformer, VAE, text and image encoders; trainable projection head and 
 uniform draw drops the image (zero CLIP embedding, the unconditional input), the text (empty prompt) or both, 5 %
 each; AdamW (lr 1e-4, weight decay 0.01). Loss: x_σ = (1 − σ)·x₀ + σ·ε with σ ~ U(0, 1), the transformer (given
 σ as its timestep, as the pipeline passes t / 1000) predicts ε − x₀, MSE. The result is written in XLabs' layout
-(`save_xlabs`), which diffusers' FLUX loader reads. A small library entry; the `ipadapter train` command line
-covers the UNet families.
+(`save_xlabs`), which diffusers' FLUX loader reads. `train_flux_adapter` trains on images in memory;
+`ipadapter train --variant flux` (train/flux.py) runs the same loop, `fit`, on a manifest or shards.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from ipadapter.errors import IPAdapterError
 from ipadapter.projection.detect import new_projection
 from ipadapter.runtime import AdapterPrompt, Reference
 
-DROP_IMAGE, DROP_TEXT, DROP_BOTH = 0.05, 0.05, 0.05
+PAPER_DROPS = (0.05, 0.05, 0.05)  # image only, text only, both
 
 
 def new_flux_adapter(transformer: torch.nn.Module, *, clip_dim: int, tokens: int = 4) -> DiTAdapter:
@@ -73,29 +74,37 @@ class Encoded:
 @torch.no_grad()
 def encode(pipe: Any, encoder: ImageEncoder, images: list[Image.Image], captions: list[str], size: int,
            max_sequence_length: int = 512) -> Encoded:
-    """VAE latents (packed 2 × 2 as the pipeline does), text embeddings, empty-text embeddings, CLIP embeddings."""
-    pixels = pipe.image_processor.preprocess(images, height=size, width=size).to(pipe.vae.device, pipe.vae.dtype)
-    latents = pipe.vae.encode(pixels).latent_dist.mode()
+    """`encode_pixels` on PIL images: resized to `size` square by the pipeline's image processor."""
+    pixels = pipe.image_processor.preprocess(images, height=size, width=size)
+    return encode_pixels(pipe, encoder, pixels, encoder.pixel_values(images), captions, max_sequence_length)
+
+
+@torch.no_grad()
+def encode_pixels(pipe: Any, encoder: ImageEncoder, pixels: torch.Tensor, clip_pixels: torch.Tensor,
+                  captions: list[str], max_sequence_length: int = 512) -> Encoded:
+    """VAE latents of `pixels` in [-1, 1] (packed 2 × 2 as the pipeline does), text and empty-text embeddings, the
+    CLIP embeddings of `clip_pixels` (the encoder's processor's output)."""
+    latents = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
     latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
     b, c, h, w = latents.shape
     packed = pipe._pack_latents(latents, b, c, h, w)
     ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
     text, pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, max_sequence_length=max_sequence_length)
     empty, empty_pooled, _ = pipe.encode_prompt([""] * b, prompt_2=None, max_sequence_length=max_sequence_length)
-    return Encoded(packed, ids, text, pooled, text_ids, empty, empty_pooled, encoder.encode(images, "global"))
+    return Encoded(packed, ids, text, pooled, text_ids, empty, empty_pooled, encoder.encode_pixels(clip_pixels, "global"))
 
 
 def flow_matching_loss(attachment: Any, adapter: DiTAdapter, batch: Encoded, *, sigma: torch.Tensor,
-                       noise: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """MSE between the transformer's prediction with the adapter and ε − x₀ at x_σ; `drop` (B,) codes 0 keep,
-    1 image dropped, 2 text dropped, 3 both."""
+                       noise: torch.Tensor, drops: Any) -> torch.Tensor:
+    """MSE between the transformer's prediction with the adapter and ε − x₀ at x_σ, with the rows `drops` (the UNet
+    trainer's `train.dropout.Drops`) names given a zero CLIP embedding and/or the empty prompt's embeddings."""
     x0 = batch.latents
-    x_sigma = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-    no_image, no_text = (drop == 1) | (drop == 3), (drop == 2) | (drop == 3)
+    x_sigma = ((1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise).to(x0.dtype)
+    no_image, no_text = drops.image.to(x0.device), drops.text.to(x0.device)
     clip = torch.where(no_image[:, None], torch.zeros_like(batch.clip), batch.clip)
     text = torch.where(no_text[:, None, None], batch.empty_text, batch.text)
     pooled = torch.where(no_text[:, None], batch.empty_pooled, batch.pooled)
-    tokens = adapter.project(clip)
+    tokens = adapter.project(clip.to(adapter.dtype))
     attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)])}, rows=x0.shape[0])
     transformer = attachment.model
     guidance = (torch.ones_like(sigma) if transformer.config.guidance_embeds else None)
@@ -104,11 +113,38 @@ def flow_matching_loss(attachment: Any, adapter: DiTAdapter, batch: Encoded, *, 
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
-def draw_drop(batch: int, generator: torch.Generator) -> torch.Tensor:
-    """One uniform draw per sample: image, text, both dropped with 5 % each."""
-    u = torch.rand(batch, generator=generator)
-    return torch.where(u < DROP_IMAGE, 1, torch.where(u < DROP_IMAGE + DROP_TEXT, 2,
-                                                      torch.where(u < DROP_IMAGE + DROP_TEXT + DROP_BOTH, 3, 0)))
+def fit(
+    transformer: torch.nn.Module, adapter: DiTAdapter, batches: Callable[[torch.Generator], Encoded], *, steps: int,
+    optimizer: torch.optim.Optimizer, seed: int = 0, drop_rates: tuple[float, float, float] = PAPER_DROPS,
+    max_grad_norm: float = 0.0, on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """`steps` optimizer steps on `batches(generator)`; σ, ε and the dropout drawn from one seeded generator, so a run
+    is reproducible. The transformer is left as it was (the adapter detached) however the loop ends."""
+    from ipadapter.train.dropout import draw  # the train extra's place; the dropout itself needs only torch
+
+    g = torch.Generator().manual_seed(seed)
+    attachment = attach_dit(transformer, adapter)
+    losses: list[float] = []
+    try:
+        for step in range(1, steps + 1):
+            batch = batches(g)
+            rows = batch.latents.shape[0]
+            sigma = torch.rand(rows, generator=g).to(transformer.device)
+            noise = torch.randn(batch.latents.shape, generator=g).to(transformer.device, batch.latents.dtype)
+            loss = flow_matching_loss(attachment, adapter, batch, sigma=sigma, noise=noise,
+                                      drops=draw(rows, *drop_rates, generator=g))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(adapter.parameters(), max_grad_norm)
+            optimizer.step()
+            adapter.weights_changed()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step, losses[-1])
+    finally:
+        attachment.detach()
+    return losses
 
 
 def train_flux_adapter(
@@ -116,7 +152,7 @@ def train_flux_adapter(
     adapter: DiTAdapter | None = None, batch_size: int = 4, lr: float = 1e-4, seed: int = 0,
     max_sequence_length: int = 512,
 ) -> tuple[DiTAdapter, list[float]]:
-    """Train (or continue) a FLUX adapter on image-caption pairs; returns it and the loss per step."""
+    """Train (or continue) a FLUX adapter on image-caption pairs held in memory; returns it and the loss per step."""
     if len(images) != len(captions) or not images:
         raise IPAdapterError(f"give one caption per image, got {len(images)} images and {len(captions)} captions")
     transformer = pipe.transformer.requires_grad_(False)
@@ -124,22 +160,6 @@ def train_flux_adapter(
     adapter = adapter.to(transformer.device).train().requires_grad_(True)
     data = encode(pipe, encoder, images, captions, size, max_sequence_length)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    attachment = attach_dit(transformer, adapter)
-    losses = []
-    try:
-        for _ in range(steps):
-            idx = torch.randperm(len(images), generator=g)[:batch_size]
-            batch = data.rows(idx)
-            sigma = torch.rand(len(idx), generator=g).to(transformer.device)
-            noise = torch.randn(batch.latents.shape, generator=g).to(transformer.device, batch.latents.dtype)
-            loss = flow_matching_loss(attachment, adapter, batch, sigma=sigma, noise=noise,
-                                      drop=draw_drop(len(idx), g))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            adapter.weights_changed()
-            losses.append(float(loss.detach()))
-    finally:
-        attachment.detach()
+    losses = fit(transformer, adapter, lambda g: data.rows(torch.randperm(len(images), generator=g)[:batch_size]),
+                 steps=steps, optimizer=optimizer, seed=seed)
     return adapter.eval().requires_grad_(False), losses

@@ -21,6 +21,23 @@ TRAIN_VARIANTS = TRAINABLE
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
+# Settings a FLUX run (train/flux.py) does not have, refused when set away from their defaults, with the reason.
+FLUX_REFUSED = {
+    "attention": "the concat ablation is a UNet experiment",
+    "references": "one reference image per sample",
+    "num_tokens": "the variant sets the tokens (flux: 4, flux-v2: 16)",
+    "lora_rank": "it is a FaceID setting", "id_dim": "it is a FaceID setting",
+    "grad_accum": "one optimizer step per batch", "warmup_steps": "the learning rate is constant",
+    "ema_decay": "no EMA", "noise_offset": "flow matching mixes latents and noise linearly",
+    "prediction_type": "FLUX predicts the flow-matching velocity", "cache": "no feature cache",
+    "cache_dtype": "no feature cache", "buckets": "square crops only", "stages": "one resolution per run",
+    "resume": "FLUX runs write no checkpoints", "save_every": "FLUX runs write no checkpoints",
+    "keep_checkpoints": "FLUX runs write no checkpoints", "validate_every": "no validation samples",
+    "validation_images": "no validation samples", "validation_prompts": "no validation samples",
+    "validation_steps": "no validation samples", "validation_guidance": "no validation samples",
+    "validation_judge": "no validation samples",
+}
+
 
 def parse_stage(text: str) -> tuple[int, int] | None:
     """"512:8000" → (512, 8000); None when it is not two positive integers."""
@@ -135,7 +152,19 @@ class TrainConfig:
         need(not self.validate_every or bool(self.data or self.validation_images),
              "validation needs --validation-images or --data (a feature cache holds features, not images)")
         need(bool(self.validation_prompts), "validation_prompts must hold at least one prompt (\"\" for image only)")
+        if get_variant(self.variant).denoiser == "flux":
+            self._refuse_for_flux()
         return self
+
+    def _refuse_for_flux(self) -> None:
+        for f in fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.name in FLUX_REFUSED and getattr(self, f.name) != default:
+                raise IPAdapterError(f"--{f.name.replace('_', '-')} does not apply to FLUX training: "
+                                     f"{FLUX_REFUSED[f.name]}")
+        if self.mixed_precision == "fp16":
+            raise IPAdapterError("--mixed-precision fp16 does not apply to FLUX training: use bf16 (no loss scaling "
+                                 "here, and FLUX is published in bf16)")
 
     def check_ready(self) -> None:
         """What a run needs that a partial config (a file plus flags still to come) may lack."""

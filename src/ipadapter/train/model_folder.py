@@ -86,7 +86,9 @@ def write_model_card(output: Path, config: Any, adapter: Any, result: Any, *, da
 def model_card(config: Any, adapter: Any, result: Any, *, data_size: int | None, samples: bool) -> str:
     cfg = adapter.config
     trainable = sum(p.numel() for p in adapter.parameters())
-    files = [f"- `{result.published.name}`: the published layout (diffusers' `load_ip_adapter`, ComfyUI, A1111)"
+    readers = ("XLabs' FLUX layout (diffusers' `FluxPipeline.load_ip_adapter`)" if cfg.base == "flux"
+               else "the published layout (diffusers' `load_ip_adapter`, ComfyUI, A1111)")
+    files = [f"- `{result.published.name}`: {readers}"
              if result.published else "- (no published layout: the simple-adapter ablation has none)",
              f"- `{result.own.name}`: the project's own format (`ipadapter generate --adapter ...`)"]
     last_metrics = result.validation[max(result.validation)] if result.validation else {}

@@ -420,6 +420,8 @@ def train(
 
     # 1. config and accelerator
     config.validate()
+    if get_variant(config.variant).denoiser != "unet":
+        raise IPAdapterError(f"variant {config.variant!r} is trained by ipadapter.train.flux.train_flux, not here")
     if models is None:
         config.check_ready()
     elif config.needs_image_encoder and image_encoder is None and not config.image_encoder:

@@ -1,0 +1,131 @@
+"""`ipadapter train --variant flux|flux-v2`: a FLUX adapter trained from the same config, data and model folder as
+a UNet run.
+
+The data is read and decoded as for the UNet (manifest or shards, centre crops, CLIP pixels, bad samples skipped and
+counted); each batch goes through the frozen VAE and text encoders, then `dit.train_flux.fit` (the flow-matching
+recipe). The folder gets XLabs' layout (what diffusers' `FluxPipeline.load_ip_adapter` reads), the project's own
+format, `config.json`, `logs/losses.csv`, `loss.png` and the model card. One process, no checkpoints: the options
+that would need them are refused by `TrainConfig.validate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ipadapter.dit.adapter import DiTAdapter
+from ipadapter.encoders import ImageEncoder
+from ipadapter.errors import IPAdapterError
+from ipadapter.train.config import TrainConfig
+from ipadapter.train.data import Batches, Decoder, collate, describe_skips
+from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult
+from ipadapter.variants import get_variant
+
+logger = logging.getLogger("ipadapter.train")
+
+
+def load_flux_pipeline(source: str, dtype: torch.dtype) -> Any:
+    """The FLUX pipeline of `--base`, without an image encoder (the run loads `--image-encoder` itself)."""
+    from diffusers import FluxPipeline
+
+    try:
+        return FluxPipeline.from_pretrained(source, torch_dtype=dtype)
+    except (OSError, ValueError, TypeError) as err:
+        raise IPAdapterError(f"--base {source} is not a FLUX pipeline ({str(err).splitlines()[0][:200]})") from None
+
+
+def _start(config: TrainConfig, transformer: torch.nn.Module, encoder: ImageEncoder) -> DiTAdapter:
+    """`--init-from` (a FLUX adapter file of the variant being trained) or a new adapter of the variant's tokens."""
+    from ipadapter.dit.checkpoint import load_dit_adapter
+    from ipadapter.dit.train_flux import new_flux_adapter
+
+    if not config.init_from:
+        return new_flux_adapter(transformer, clip_dim=encoder.global_dim, tokens=get_variant(config.variant).tokens)
+    adapter = load_dit_adapter(config.init_from, transformer, dtype=torch.float32)
+    encoder.check_fits(adapter.config.projection.in_dim, "global", config.init_from)
+    if adapter.config.variant != config.variant:
+        raise IPAdapterError(
+            f"--init-from {config.init_from} is a {adapter.config.variant!r} adapter; this run trains {config.variant!r}"
+        )
+    return adapter
+
+
+def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train a FLUX adapter as `config` says; the frozen models in bf16 under `--mixed-precision bf16`, the adapter
+    in fp32 always. `on_step(step, loss)` is called after every optimizer step."""
+    from tqdm.auto import tqdm
+
+    from ipadapter.atomic import write_text
+    from ipadapter.checkpoint import save_adapter
+    from ipadapter.dit.train_flux import encode_pixels, fit, save_xlabs
+    from ipadapter.train.feed import load_image_encoder, open_stream
+    from ipadapter.train.memory import make_optimizer
+    from ipadapter.train.model_folder import append_loss, write_model_card
+    from ipadapter.validation import output_folder
+
+    config.validate()
+    config.check_ready()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise IPAdapterError("FLUX training runs in one process: start it without accelerate launch")
+    output = output_folder(config.output, "--output")
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_flux_pipeline(config.base, dtype)
+    step = pipe.vae_scale_factor * 2  # latents are packed 2 × 2
+    if config.resolution % step:
+        raise IPAdapterError(f"--resolution must be a multiple of {step} for this FLUX base, not {config.resolution}")
+    encoder = load_image_encoder(config)
+    pipe.to(device)
+    encoder.model.to(device, dtype)
+    transformer = pipe.transformer.requires_grad_(False)
+    for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, encoder.model):
+        frozen.requires_grad_(False)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    torch.manual_seed(config.seed)
+    adapter = _start(config, transformer, encoder).to(device, torch.float32).train().requires_grad_(True)
+    stream = open_stream(config, 0, 1)
+    batches = Batches(stream, Decoder(config.resolution, encoder.processor), config.batch_size,
+                      workers=config.num_workers)
+
+    def next_batch(_: torch.Generator) -> Any:
+        batch = collate(batches.next_batch())
+        return encode_pixels(pipe, encoder, batch["pixels"], batch["clip"], batch["text"])
+
+    write_text(output / "config.json", config.to_json())
+    bar = tqdm(total=config.max_steps, desc="training", unit="step", dynamic_ncols=True)
+
+    def logged(i: int, loss: float) -> None:
+        append_loss(output, i, loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if i % config.log_every == 0:
+            logger.info("step %d: loss %.5f", i, loss)
+        if on_step is not None:
+            on_step(i, loss)
+
+    try:
+        losses = fit(transformer, adapter, next_batch, steps=config.max_steps,
+                     optimizer=make_optimizer(config, list(adapter.parameters())), seed=config.seed,
+                     drop_rates=(config.drop_image, config.drop_text, config.drop_both),
+                     max_grad_norm=config.max_grad_norm, on_step=logged)
+    finally:
+        bar.close()
+        batches.close()
+    adapter.eval().requires_grad_(False)
+    result = TrainResult(step=len(losses), output=output, losses=losses, skipped=dict(stream.skipped), adapter=adapter)
+    records = getattr(stream, "records", None)  # shards are never counted up front
+    try:
+        result.published = save_xlabs(adapter, output / PUBLISHED_NAME)
+        result.own = save_adapter(adapter, output / OWN_NAME)
+        write_model_card(output, config, adapter, result, data_size=len(records) if records is not None else None)
+    except OSError as err:
+        raise IPAdapterError(f"could not write the final adapter to {output} ({str(err).splitlines()[0][:160]})") from None
+    logger.info("done at step %d: %s; adapter written to %s", result.step, describe_skips(stream.skipped),
+                result.published)
+    return result
+
