@@ -11,10 +11,11 @@ from PIL import Image, ImageDraw
 def image_grid(columns: Sequence[tuple[str, Sequence[Image.Image]]], *, rows: int | None = None, cell: int = 128,
                title_lines: int = 1) -> Image.Image:
     """Column c shows `columns[c]`'s images top to bottom under its title (wrapped to `title_lines` lines); `rows`
-    caps the rows shown. Cells are resized to `cell` pixels (nearest when enlarging, so small images stay crisp)."""
+    caps the rows shown; `title_lines=0` leaves no header, so cell (c, r) is at (c·cell, r·cell). Cells are resized to
+    `cell` pixels (nearest when enlarging, so small images stay crisp)."""
     shown = max((len(images) for _, images in columns), default=0)
     shown = shown if rows is None else min(rows, shown)
-    header = 4 + 12 * title_lines
+    header = 4 + 12 * title_lines if title_lines else 0
     grid = Image.new("RGB", (cell * len(columns), header + cell * shown), "white")
     draw = ImageDraw.Draw(grid)
     for c, (title, images) in enumerate(columns):

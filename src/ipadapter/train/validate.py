@@ -80,16 +80,16 @@ def build_pipeline(unet: Any, vae: Any, tokenizers: list[Any], text_encoders: li
     return pipe
 
 
-def grid_image(rows: list[list[Image.Image]], size: int) -> Image.Image:
-    """Rows of images, each fitted into a size × size cell (centre crop of the shortest side)."""
+def validation_grid(references: list[Image.Image], rows: list[list[Image.Image]], size: int) -> Image.Image:
+    """One row per reference: the reference (centre crop of its shortest side), then its sample for each prompt;
+    no header, so cell (c, r) is at (c·size, r·size)."""
     from PIL import ImageOps
 
-    width = max(len(r) for r in rows)
-    grid = Image.new("RGB", (width * size, len(rows) * size))
-    for y, row in enumerate(rows):
-        for x, image in enumerate(row):
-            grid.paste(ImageOps.fit(image.convert("RGB"), (size, size)), (x * size, y * size))
-    return grid
+    from ipadapter.evaluate.grid import image_grid
+
+    crops = [ImageOps.fit(ref.convert("RGB"), (size, size)) for ref in references]
+    columns = [("", crops), *(("", [row[k] for row in rows]) for k in range(len(rows[0]) if rows else 0))]
+    return image_grid(columns, cell=size, title_lines=0)
 
 
 class Validator:
@@ -147,13 +147,13 @@ class Validator:
                                              guidance=config.validation_guidance, seed=config.seed,
                                              width=config.resolution, height=config.resolution)[0]
                            for prompt in config.validation_prompts]
-                    rows.append([ref.images[0], *row])
+                    rows.append(row)
                     samples += row
                     shown.append(ref.images[0])
         finally:
             prompter.detach()
             run.models.unet.train(was_training)
-        grid = grid_image(rows, config.resolution)
+        grid = validation_grid(shown, rows, config.resolution)
         path = Path(config.output) / "validation" / f"step-{step:08d}.png"
         from ipadapter.atomic import save_png
 
