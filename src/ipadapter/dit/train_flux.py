@@ -80,18 +80,28 @@ def encode(pipe: Any, encoder: ImageEncoder, images: list[Image.Image], captions
 
 
 @torch.no_grad()
+def empty_prompt(pipe: Any, max_sequence_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empty prompt's (text states, pooled embedding), one row: a dropped caption's input, a constant of the run."""
+    text, pooled, _ = pipe.encode_prompt([""], prompt_2=None, max_sequence_length=max_sequence_length)
+    return text, pooled
+
+
+@torch.no_grad()
 def encode_pixels(pipe: Any, encoder: ImageEncoder, pixels: torch.Tensor, clip_pixels: torch.Tensor,
-                  captions: list[str], max_sequence_length: int = 512) -> Encoded:
+                  captions: list[str], max_sequence_length: int = 512,
+                  empty: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded:
     """VAE latents of `pixels` in [-1, 1] (packed 2 × 2 as the pipeline does), text and empty-text embeddings, the
-    CLIP embeddings of `clip_pixels` (the encoder's processor's output)."""
+    CLIP embeddings of `clip_pixels` (the encoder's processor's output). `empty`: `empty_prompt`'s result, when the
+    caller encodes many batches (otherwise encoded here)."""
     latents = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
     latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
     b, c, h, w = latents.shape
     packed = pipe._pack_latents(latents, b, c, h, w)
     ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
     text, pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, max_sequence_length=max_sequence_length)
-    empty, empty_pooled, _ = pipe.encode_prompt([""] * b, prompt_2=None, max_sequence_length=max_sequence_length)
-    return Encoded(packed, ids, text, pooled, text_ids, empty, empty_pooled, encoder.encode_pixels(clip_pixels, "global"))
+    empty_text, empty_pooled = empty if empty is not None else empty_prompt(pipe, max_sequence_length)
+    return Encoded(packed, ids, text, pooled, text_ids, empty_text.expand(b, -1, -1), empty_pooled.expand(b, -1),
+                   encoder.encode_pixels(clip_pixels, "global"))
 
 
 def flow_matching_loss(attachment: Any, adapter: DiTAdapter, batch: Encoded, *, sigma: torch.Tensor,

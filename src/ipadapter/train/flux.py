@@ -61,7 +61,7 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
 
     from ipadapter.atomic import write_text
     from ipadapter.checkpoint import save_adapter
-    from ipadapter.dit.train_flux import encode_pixels, fit, save_xlabs
+    from ipadapter.dit.train_flux import empty_prompt, encode_pixels, fit, save_xlabs
     from ipadapter.train.feed import load_image_encoder, open_stream
     from ipadapter.train.memory import make_optimizer
     from ipadapter.train.model_folder import append_loss, write_model_card
@@ -92,9 +92,11 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     batches = Batches(stream, Decoder(config.resolution, encoder.processor), config.batch_size,
                       workers=config.num_workers)
 
+    empty = empty_prompt(pipe)  # a dropped caption's input, encoded once rather than with every batch
+
     def next_batch(_: torch.Generator) -> Any:
         batch = collate(batches.next_batch())
-        return encode_pixels(pipe, encoder, batch["pixels"], batch["clip"], batch["text"])
+        return encode_pixels(pipe, encoder, batch["pixels"], batch["clip"], batch["text"], empty=empty)
 
     write_text(output / "config.json", config.to_json())
     bar = tqdm(total=config.max_steps, desc="training", unit="step", dynamic_ncols=True)
