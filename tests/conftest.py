@@ -36,3 +36,10 @@ def sd15_unet(sd15_unet_template):
 @pytest.fixture
 def sdxl_unet(sdxl_unet_template):
     return copy.deepcopy(sdxl_unet_template)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state (mixed precision, ...): a training test leaves none for the next one."""
+    yield
+    factories.reset_accelerate()

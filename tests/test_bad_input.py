@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ipadapter.cli.main import main
 from tests import factories
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 def _png_declaring(path: Path, width: int, height: int) -> Path:
     """A small PNG whose header declares width × height (the pixel data is that of a 1 × 1 image)."""
@@ -264,12 +265,6 @@ def test_pixel_limit_is_configurable(world, monkeypatch) -> None:
 
 
 # ---- training state -------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    factories.reset_accelerate()
-
-
 @pytest.fixture(scope="module")
 def run(world, tmp_path_factory):
     """A finished run: states at steps 1 and 2, `latest` naming state-00000002."""

@@ -14,10 +14,7 @@ from ipadapter.train.buckets import bucket_sizes, grouped_order, nearest_bucket
 from tests import factories
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    factories.reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def test_bucket_sizes_are_valid_and_cover_the_ratios() -> None:

@@ -12,10 +12,7 @@ from ipadapter.train.cache import CacheReader
 from tests import factories
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    factories.reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

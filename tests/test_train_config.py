@@ -11,6 +11,8 @@ from ipadapter.train.config import TrainConfig
 from ipadapter.train.trainer import adapter_config_for
 from tests import factories
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 def test_yaml_and_toml_load_and_flags_override(tmp_path) -> None:
     (tmp_path / "c.yaml").write_text("base: b\nvariant: plus\nlearning_rate: 2e-4\nvalidation_prompts: [a, b]\n")
@@ -66,12 +68,6 @@ def test_sd15_base_adapter_has_the_papers_22m_trainable_parameters() -> None:
         unet = UNet2DConditionModel(cross_attention_dim=768)
         adapter = IPAdapter.for_unet(unet, adapter_config_for("base", cross_dim=768, embed_dim=1024))
     assert sum(p.numel() for p in adapter.parameters()) == 22_319_616
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    factories.reset_accelerate()
 
 
 @pytest.fixture(scope="module")

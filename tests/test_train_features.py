@@ -14,10 +14,7 @@ from ipadapter.train.data import Decoder, read_manifest
 from tests import factories
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    factories.reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @torch.no_grad()

@@ -12,14 +12,11 @@ import torch
 from PIL import Image
 
 from ipadapter.train import TrainConfig, train
-from ipadapter.train.model_folder import loss_curve, read_losses
+from ipadapter.train.model_folder import append_loss, loss_curve, read_losses, restart_losses
 from tests import factories
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    factories.reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +47,26 @@ def test_the_folder_is_complete(finished) -> None:
     assert Image.open(out / "samples.png").size == ((1 + 2) * config.resolution, 2 * config.resolution)
     assert [s for s, _ in read_losses(out)] == [1, 2]
     assert Image.open(out / "loss.png").size == (640, 360)
+
+
+def test_a_run_keeps_only_the_logged_steps_up_to_where_it_starts(tmp_path) -> None:
+    for step, loss in [(1, 0.5), (2, 0.4), (3, 0.3), (2, 0.25)]:
+        append_loss(tmp_path, step, loss)
+    restart_losses(tmp_path, 2)
+    assert read_losses(tmp_path) == [(1, 0.5), (2, 0.25)]
+    restart_losses(tmp_path, 0)
+    assert read_losses(tmp_path) == []
+
+
+def test_a_fresh_run_into_a_used_folder_draws_only_itself(finished) -> None:
+    """A longer earlier run's later steps are not kept in the loss log of a new, shorter run."""
+    tmp = finished["tmp"]
+    out = tmp / "reused"
+    append_loss(out, 7, 9.0)
+    config = TrainConfig(data=finished["config"].data, output=str(out), resolution=factories.RES, batch_size=2,
+                         max_steps=1, num_workers=0, save_every=1000, seed=0)
+    train(config, models=finished["models"], image_encoder=finished["encoder"])
+    assert [s for s, _ in read_losses(out)] == [1]
 
 
 def test_published_file_of_the_folder_loads_in_diffusers(finished) -> None:

@@ -20,10 +20,7 @@ from ipadapter import IPAdapter
 from tests import factories
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    factories.reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _config(tmp_path, data, **kw) -> TrainConfig:

@@ -16,10 +16,7 @@ from ipadapter.train.checkpoint import latest_checkpoint
 from tests import factories
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    factories.reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _config(tmp_path, data, **kw) -> TrainConfig:

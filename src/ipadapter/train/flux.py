@@ -64,7 +64,7 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     from ipadapter.dit.train_flux import empty_prompt, encode_pixels, fit, save_xlabs
     from ipadapter.train.feed import load_image_encoder, open_stream
     from ipadapter.train.memory import make_optimizer
-    from ipadapter.train.model_folder import append_loss, write_model_card
+    from ipadapter.train.model_folder import append_loss, restart_losses, write_model_card
     from ipadapter.validation import output_folder
 
     config.validate()
@@ -99,6 +99,7 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
         return encode_pixels(pipe, encoder, batch["pixels"], batch["clip"], batch["text"], empty=empty)
 
     write_text(output / "config.json", config.to_json())
+    restart_losses(output, 0)
     bar = tqdm(total=config.max_steps, desc="training", unit="step", dynamic_ncols=True)
 
     def logged(i: int, loss: float) -> None:

@@ -3,7 +3,8 @@
 `ip-adapter.safetensors` (published layout) and `adapter.ipadapter.safetensors` (the project's own) are written by
 the trainer; this module adds `README.md` (a model card: base, encoder, variant, data size, steps, config, samples,
 loss), `samples.png` (the last validation grid) and `loss.png` (the loss curve from `logs/losses.csv`, which every
-step appends to, so a resumed run draws its whole history).
+step appends to, so a resumed run draws its whole history; a run starts by dropping the steps after its first one,
+so a fresh run into a used folder draws only itself).
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ def append_loss(output: Path, step: int, loss: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(f"{step},{loss!r}\n")
+
+
+def restart_losses(output: Path, start: int) -> None:
+    """Keep only the logged steps up to `start` (0: a fresh run): the steps after it belong to another run, or to the
+    part of this one a resume from an earlier checkpoint redoes."""
+    path = output / LOSSES
+    if path.is_file():
+        write_text(path, "".join(f"{step},{loss!r}\n" for step, loss in read_losses(output) if step <= start))
 
 
 def read_losses(output: Path) -> list[tuple[int, float]]:

@@ -278,9 +278,11 @@ def _loop(run: _Run, module: Any, adapter: IPAdapter, opt: _Optimization, result
     """Micro-batches until `max_steps` optimizer steps: loss, guarded step, EMA, bar, logs, checkpoints, validation."""
     from tqdm.auto import tqdm
 
-    from ipadapter.train.model_folder import append_loss
+    from ipadapter.train.model_folder import append_loss, restart_losses
 
     config, acc = run.config, run.accelerator
+    if acc.is_main_process:
+        restart_losses(Path(config.output), start)
     validation = _validation_phase(run) if config.validate_every and acc.is_main_process else None
     step, consecutive = start, 0
     bar = tqdm(total=config.max_steps, initial=step, desc="training", unit="step",
