@@ -92,6 +92,15 @@ def test_errors(args, message: str) -> None:
         combine(e, *args)
 
 
+def test_subtract_of_one_batch_row_is_the_first_minus_the_mean_of_the_others() -> None:
+    a, b, c = (torch.randn(1, 4) for _ in range(3))
+    torch.testing.assert_close(combine([a, b, c], "subtract", [2.0, 1.0, 3.0]), 2 * a - (b + 3 * c) / 2)
+    torch.testing.assert_close(combine([a, b], "subtract"), a - b)
+    with pytest.raises(IPAdapterError) as err:
+        combine([a], "subtract")
+    assert str(err.value) == "subtract needs at least two images: the first minus the mean of the others"
+
+
 def test_mismatched_shapes() -> None:
     with pytest.raises(IPAdapterError, match="differ in shape"):
         combine([torch.zeros(1, 4), torch.zeros(1, 5)], "add")

@@ -174,6 +174,26 @@ def test_bad_tiles() -> None:
 def test_grid_tiles() -> None:
     parts = grid_tiles(halves((10, 6)), 2, 3)
     assert [p.size for p in parts] == [(3, 3), (4, 3), (3, 3)] * 2
+    assert [p.size for p in grid_tiles(halves((10, 6)), 1, 1)] == [(10, 6)]
+    assert [p.size for p in grid_tiles(halves((10, 6)), 1, 2)] == [(5, 6)] * 2
+    assert [p.size for p in grid_tiles(halves((10, 6)), 2, 1)] == [(10, 3)] * 2
+    for rows, cols in ((0, 2), (2, 0)):
+        with pytest.raises(IPAdapterError, match=f"the tile grid needs at least 1x1, got {rows}x{cols}"):
+            grid_tiles(halves((10, 6)), rows, cols)
+
+
+@pytest.mark.parametrize("size", [None, (8, 16), (6, 12), (5, 7)])
+def test_tile_mask_covers_every_pixel_its_box_overlaps(size) -> None:
+    """Closed form: a pixel (y, x) of an (H, W) mask spans [y, y + 1) × [x, x + 1) in mask units; it is 1 exactly when
+    that square overlaps the tile's box scaled from the grid to (H, W)."""
+    from ipadapter.conditioning.images import Tile
+
+    tile = Tile(Image.new("RGB", (4, 2)), box=(2, 1, 6, 3), grid=(4, 8))
+    h, w = size or (4, 8)
+    top, bottom, left, right = 1 * h / 4, 3 * h / 4, 2 * w / 8, 6 * w / 8
+    expected = torch.tensor([[float(y + 1 > top and y < bottom and x + 1 > left and x < right) for x in range(w)]
+                             for y in range(h)])
+    torch.testing.assert_close(tile.mask(size), expected)
 
 
 def test_enhancer_on_global_features() -> None:

@@ -40,6 +40,13 @@ def test_not_an_image(tmp_path) -> None:
         load_mask(path)
 
 
+def test_load_masks_reads_one_mask_per_reference(tmp_path) -> None:
+    Image.new("L", (4, 2), 255).save(tmp_path / "white.png")
+    masks = load_masks([tmp_path / "white.png", Image.new("L", (3, 3), 0)], 2)
+    assert [tuple(m.shape) for m in masks] == [(2, 4), (3, 3)]
+    assert masks[0].eq(1).all() and masks[1].eq(0).all()
+
+
 def test_counts() -> None:
     check_mask_count([], 3)
     check_mask_count(["a", "b"], 2)

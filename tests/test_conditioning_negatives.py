@@ -80,6 +80,9 @@ def test_parse_noise() -> None:
     for bad in ("fade:lots", "snow:0.2", "fade:2"):
         with pytest.raises(IPAdapterError):
             parse_noise(bad)
+    with pytest.raises(IPAdapterError) as err:
+        parse_noise("fade:lots")
+    assert str(err.value) == "noise= takes TYPE:STRENGTH such as dissolve:0.4, got 'fade:lots'"
 
 
 def test_content_subtraction_on_global_embeddings() -> None:

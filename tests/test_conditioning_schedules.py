@@ -47,6 +47,25 @@ def test_constant_and_linear() -> None:
         linear(float("inf"), 0.0)
 
 
+def test_a_constant_schedule_defaults_to_the_plain_weight() -> None:
+    assert constant()(0.0) == constant()(0.5) == 1.0
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: constant(float("inf")), "the weight must be a finite number, got inf"),
+    (lambda: linear(float("nan"), 0.0), "the first weight must be a finite number, got nan"),
+    (lambda: linear(0.0, float("-inf")), "the last weight must be a finite number, got -inf"),
+    (lambda: keyframes([]), "a keyframe schedule needs at least one (fraction, weight) point"),
+    (lambda: keyframes([(-0.1, 1.0)]), "a keyframe's position must be a fraction of the run between 0 and 1, got -0.1"),
+    (lambda: keyframes([(0.5, float("inf"))]), "a keyframe's weight must be a finite number, got inf"),
+    (lambda: keyframes([(0.5, 1.0), (0.2, 0.0)]), "keyframe positions must increase strictly, got [0.5, 0.2]"),
+])
+def test_schedule_errors_say_which_value_is_wrong(make, message: str) -> None:
+    with pytest.raises(IPAdapterError) as err:
+        make()
+    assert str(err.value) == message
+
+
 def test_keyframes_interpolate_and_hold_the_ends() -> None:
     s = keyframes([(0.2, 1.0), (0.6, 0.0), (0.8, 0.5)])
     assert s(0.0) == 1.0 and s(0.2) == 1.0

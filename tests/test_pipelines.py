@@ -112,5 +112,82 @@ def test_face_analysis_without_insightface_says_how_to_fix() -> None:
         pass
     from ipadapter.encoders import FaceAnalyzer
 
-    with pytest.raises(IPAdapterError, match="insightface"):
+    with pytest.raises(IPAdapterError) as err:
         FaceAnalyzer()
+    assert str(err.value) == (
+        "computing face embeddings needs insightface (pip install 'ipadapter[face]'); or pass a precomputed "
+        "512-d ArcFace embedding (.npy/.pt) instead"
+    )
+
+
+def _fake_insightface(monkeypatch, faces: list) -> dict:
+    """insightface's FaceAnalysis and face_align.norm_crop as stand-ins that record how they are called."""
+    import sys
+    import types
+
+    calls: dict = {}
+
+    class FaceAnalysis:
+        def __init__(self, name: str, providers: list[str]) -> None:
+            calls["init"] = (name, providers)
+
+        def prepare(self, ctx_id: int, det_size: tuple[int, int]) -> None:
+            calls["prepare"] = (ctx_id, det_size)
+
+        def get(self, bgr):
+            calls["bgr"] = bgr.copy()
+            return faces
+
+    def norm_crop(bgr, landmark, image_size: int):
+        calls["crop"] = (landmark, image_size)
+        return np.ascontiguousarray(bgr[:image_size, :image_size])
+
+    modules = {"insightface": types.ModuleType("insightface"), "insightface.app": types.ModuleType("insightface.app"),
+               "insightface.utils": types.ModuleType("insightface.utils"),
+               "insightface.utils.face_align": types.ModuleType("insightface.utils.face_align")}
+    modules["insightface.app"].FaceAnalysis = FaceAnalysis
+    modules["insightface.utils.face_align"].norm_crop = norm_crop
+    modules["insightface"].app, modules["insightface"].utils = modules["insightface.app"], modules["insightface.utils"]
+    modules["insightface.utils"].face_align = modules["insightface.utils.face_align"]
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+def test_face_analysis_drives_insightface_as_the_faceid_recipe_does(monkeypatch) -> None:
+    """buffalo_l on the CPU, detection at 640 px; the largest face's `normed_embedding` and its 224-px `norm_crop`
+    (docs/checkpoints.md), with insightface's BGR order on the way in and RGB on the way out."""
+    import types
+
+    from ipadapter.encoders import FaceAnalyzer
+
+    def face(box, value):
+        return types.SimpleNamespace(bbox=np.array(box, dtype=np.float32), kps=np.full((5, 2), value),
+                                     normed_embedding=np.full(512, value, dtype=np.float32))
+
+    faces = [face((0, 0, 10, 10), 1.0), face((5, 5, 40, 30), 2.0), face((0, 0, 30, 20), 3.0)]
+    calls = _fake_insightface(monkeypatch, faces)
+    analyzer = FaceAnalyzer()
+    assert calls["init"] == ("buffalo_l", ["CPUExecutionProvider"]) and calls["prepare"] == (-1, (640, 640))
+    rgb = np.random.default_rng(0).integers(0, 256, (240, 250, 3), dtype=np.uint8)
+    embedding, crop = analyzer.analyze(Image.fromarray(rgb))
+    np.testing.assert_array_equal(calls["bgr"], rgb[:, :, ::-1])
+    assert embedding.dtype == torch.float32 and embedding.shape == (1, 512) and embedding.eq(2.0).all()
+    assert calls["crop"][1] == 224 and (calls["crop"][0] == 2.0).all()
+    np.testing.assert_array_equal(np.asarray(crop), rgb[:224, :224])
+    grey = rgb[:, :, 0]
+    analyzer.analyze(Image.fromarray(grey))  # any mode is read as RGB
+    np.testing.assert_array_equal(calls["bgr"], np.repeat(grey[:, :, None], 3, axis=2))
+    FaceAnalyzer("antelopev2", det_size=320)
+    assert calls["init"] == ("antelopev2", ["CPUExecutionProvider"]) and calls["prepare"] == (-1, (320, 320))
+
+
+def test_no_face_found_is_one_sentence_naming_the_image(monkeypatch) -> None:
+    from ipadapter.encoders import FaceAnalyzer
+
+    _fake_insightface(monkeypatch, [])
+    with pytest.raises(IPAdapterError) as err:
+        FaceAnalyzer().analyze(Image.new("RGB", (8, 8)), source="me.png")
+    assert str(err.value) == "no face found in me.png; use a clearer frontal photo or a precomputed embedding"
+    with pytest.raises(IPAdapterError, match="^no face found in the image; "):
+        FaceAnalyzer().analyze(Image.new("RGB", (8, 8)))

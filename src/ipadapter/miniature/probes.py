@@ -82,11 +82,16 @@ def text_state_gap(text_encoder, tokenizer, n: int = 64) -> dict[str, float]:
 
 
 @torch.no_grad()
-def text_told_apart(clip, tokenizer, n: int = 256) -> dict[str, float]:
+def text_told_apart(clip, tokenizer, n: int = 256, image_encoder=None) -> dict[str, float]:
     """Per slot: how often a held-out image is closer to its own caption than to every caption that changes only
-    that slot (all other values), with the CLIP's own embeddings."""
+    that slot (all other values). Images are embedded by the CLIP's own vision tower, or by `image_encoder` (the
+    adapters' encoder, trained into this text tower's embedding space): a caption pair the text tower collapsed
+    cannot be told apart by any image side, so the sharper image side measures the text tower more closely."""
     images, attrs = make_batch(2026, n, "heldout")
-    image_emb = tiny_clip.embed(clip, images=tiny_clip.pixels(images))
+    if image_encoder is None:
+        image_emb = tiny_clip.embed(clip, images=tiny_clip.pixels(images))
+    else:
+        image_emb = F.normalize(image_encoder(pixel_values=tiny_clip.pixels(images)).image_embeds, dim=-1)
     report = {}
     for slot in SLOTS:
         wins = 0

@@ -199,7 +199,9 @@ def measure_stages(loaded: Loaded, judge, size: Size) -> dict[str, Any]:
     log.info("miniature eval: text encoder")
     text: dict[str, Any] = {"state_gap": probes.text_state_gap(loaded.text_encoder, loaded.tokenizer, size.text)}
     if loaded.clip is not None:
-        text["told_apart"] = probes.text_told_apart(loaded.clip, loaded.tokenizer, size.text)
+        text["told_apart_clip"] = probes.text_told_apart(loaded.clip, loaded.tokenizer, size.text)
+        text["told_apart"] = probes.text_told_apart(loaded.clip, loaded.tokenizer, size.text,
+                                                    image_encoder=loaded.encoder.model)
     stages["text_encoder"] = text
     log.info("miniature eval: VAE ceiling")
     stages["vae"] = probes.vae_ceiling(loaded.vae, judge, size.vae)

@@ -37,7 +37,9 @@ def stage_lines(stages: dict[str, Any]) -> list[str]:
     rows = [
         ("image encoder: linear probe, global embedding", _cells(stages.get("image_encoder", {}).get("global"))),
         ("image encoder: linear probe, patch tokens", _cells(stages.get("image_encoder", {}).get("patch"))),
-        ("text encoder: caption vs one slot changed, retrieval (told apart)", _cells(text.get("told_apart"))),
+        ("text encoder: caption vs one slot changed, retrieval (told apart), images by the adapters' encoder",
+         _cells(text.get("told_apart"))),
+        ("the same, images by the CLIP's own vision tower (8 px patches)", _cells(text.get("told_apart_clip"))),
         ("text encoder: relative L2 distance of the text states, caption vs one slot changed",
          " | ".join("–" if gap is None else f"{100 * gap[a]:.1f}%" for a in attrs)),
         ("VAE reconstructions (ceiling for everything drawn)", _cells(stages.get("vae"))),
