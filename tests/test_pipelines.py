@@ -165,7 +165,9 @@ def test_face_analysis_drives_insightface_as_the_faceid_recipe_does(monkeypatch)
         return types.SimpleNamespace(bbox=np.array(box, dtype=np.float32), kps=np.full((5, 2), value),
                                      normed_embedding=np.full(512, value, dtype=np.float32))
 
-    faces = [face((0, 0, 10, 10), 1.0), face((5, 5, 40, 30), 2.0), face((0, 0, 30, 20), 3.0)]
+    # areas 1600 (the largest), 900, 1000, 1500; boxes placed so that a wrong corner in the area picks another one
+    faces = [face((200, 200, 230, 230), 1.0), face((0, 0, 40, 40), 2.0), face((0, 0, 10, 100), 3.0),
+             face((0, -50, 30, 0), 4.0)]
     calls = _fake_insightface(monkeypatch, faces)
     analyzer = FaceAnalyzer()
     assert calls["init"] == ("buffalo_l", ["CPUExecutionProvider"]) and calls["prepare"] == (-1, (640, 640))
