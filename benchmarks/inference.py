@@ -39,7 +39,11 @@ what the generation adds above the loaded models, every byte counted (tensors, a
 The children run with a fixed glibc mmap threshold (64 KiB): otherwise the allocator's adaptive threshold makes
 the same allocations cost tens of MiB more or less depending on the heap's history (measured: one process, the
 same plain generation, 167 or 248 MiB). Before "models loaded" is read every weight is read once, so a
-memory-mapped checkpoint counts there and not in the first generation.
+memory-mapped checkpoint counts there and not in the first generation. Each case is run once untimed before it is
+measured (as the timing passes are warmed up): the RSS also counts the code of every kernel a process calls for the
+first time, so a generation that is the first to call, say, a bicubic resize or a softmax over a 5-d view would be
+charged for library code pages that no later generation needs (at the `--quick` sizes that was most of the
+masked-reference row: 1.6 MiB above plain in a first generation, 0.5 MiB in the next).
 `ru_maxrss` cannot be reset, so it would report model construction's transient peaks (a state dict loaded next to
 its module) instead; a torch.profiler memory profile sees tensor allocations only. CUDA:
 `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus `memory_allocated` at that moment. A
@@ -496,6 +500,8 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
     result = {"loaded": (memory.reset() - start) / MiB}
     for case in CASES:
         setup, run = bench.generation_run(impl, case)
+        setup()
+        run()  # warm-up: see the module docstring
         setup()
         before = memory.reset()
         run()

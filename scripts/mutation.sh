@@ -34,12 +34,15 @@ mutmut="$("$python" -c 'import os, sys; print(os.path.dirname(sys.executable))')
 
 work="${MUTATION_DIR:-$(mktemp -d -t ipadapter-mutation.XXXXXX)}"
 mkdir -p "$work"
-rm -rf "$work/src" "$work/tests"
+rm -rf "$work/src" "$work/tests" "$work/examples"
 [ "${FRESH:-0}" = 1 ] && rm -rf "$work/mutants"
-(cd "$root" && tar --exclude=__pycache__ -cf - src tests pyproject.toml) | tar -xf - -C "$work"
+(cd "$root" && tar --exclude=__pycache__ -cf - src tests pyproject.toml README.md examples) | tar -xf - -C "$work"
 {
   echo "[mutmut]"
   echo "source_paths = src"
+  echo "also_copy ="
+  echo "    README.md"
+  echo "    examples"
   echo "only_mutate ="
   for m in "${@:-${core[@]}}"; do echo "    src/ipadapter/$m"; done
   echo "pytest_add_cli_args_test_selection ="
