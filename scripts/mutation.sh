@@ -8,9 +8,10 @@
 #
 # Works from a fresh clone: mutmut (the "mutation" extra) is installed when missing. Runs in a scratch copy of src/ and
 # tests/ (MUTATION_DIR, default a new temporary folder, kept for `cd $MUTATION_DIR && mutmut browse`), so the
-# working tree never holds a mutant. A reused MUTATION_DIR resumes: mutmut keeps the verdicts of mutants whose function
-# is unchanged (it keys them by a hash of the function) and tests only the rest; FRESH=1 starts over. The score counts killed and timed-out mutants over all tested ones, leaving out
-# those listed in scripts/mutation-equivalent.txt (argued equivalent in docs/testing.md). Exits 1 below MIN_SCORE.
+# working tree never holds a mutant. A reused MUTATION_DIR resumes: mutmut keeps the verdicts of mutants whose
+# function is unchanged (it keys them by a hash of the function) and tests only the rest; FRESH=1 starts over. The
+# score counts killed and timed-out mutants over all tested ones, leaving out those listed in
+# scripts/mutation-equivalent.txt (argued equivalent in docs/testing.md). Exits 1 below MIN_SCORE.
 # Environment: PYTHON (default python), JOBS (mutants run in parallel, default 1), NICE (default 19), MIN_SCORE (95).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"

@@ -88,10 +88,8 @@ def text_told_apart(clip, tokenizer, n: int = 256, image_encoder=None) -> dict[s
     adapters' encoder, trained into this text tower's embedding space): a caption pair the text tower collapsed
     cannot be told apart by any image side, so the sharper image side measures the text tower more closely."""
     images, attrs = make_batch(2026, n, "heldout")
-    if image_encoder is None:
-        image_emb = tiny_clip.embed(clip, images=tiny_clip.pixels(images))
-    else:
-        image_emb = F.normalize(image_encoder(pixel_values=tiny_clip.pixels(images)).image_embeds, dim=-1)
+    encoder = image_encoder if image_encoder is not None else tiny_clip.vision_tower(clip).eval()
+    image_emb = F.normalize(encoder(pixel_values=tiny_clip.pixels(images)).image_embeds, dim=-1)
     report = {}
     for slot in SLOTS:
         wins = 0
