@@ -38,6 +38,8 @@ HELP = {
     "warmup_steps": "linear LR warm-up steps (0: none, the paper's constant LR)",
     "ema_decay": "keep an EMA of the weights with this decay and write it as the final adapter (0: off)",
     "noise_offset": "noise offset (0: off)",
+    "snr_gamma": "min-SNR-gamma loss weighting (Hang et al., 2023; 5 is usual): low-noise steps weigh less "
+                 "(0: off, the paper's uniform MSE)",
     "mixed_precision": "frozen models in this precision and autocast; the adapter trains in fp32",
     "gradient_checkpointing": "recompute UNet activations in the backward pass (less memory, slower)",
     "optimizer": "adamw, or adamw8bit (bitsandbytes' 8-bit states; falls back to adamw with a warning if it is "

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ipadapter.miniature import tokenizer as tok
 from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
+from ipadapter.train.step import min_snr_weights
 from ipadapter.miniature.world import (
     SIZE_PX, Attrs, attrs_from_label, caption, make_batch, make_masked_batch, partial_caption, random_slots,
 )
@@ -271,14 +272,6 @@ def diffusion_loss(
     return F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
 
 
-def min_snr_weights(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction, min(SNR, gamma) / SNR: the many low-noise steps stop
-    dominating the gradient, which converges faster at the same cost."""
-    alphas = noise_scheduler.alphas_cumprod[t]
-    snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr
-
-
 def caption_states(text_encoder, tokenizer, attrs: list, rng: np.random.Generator, empty_prob: float) -> torch.Tensor:
     """Text states of training captions: half name every slot, the rest a random subset; `empty_prob` are empty."""
     texts = ["" if rng.random() < empty_prob else partial_caption(a, random_slots(rng)) for a in attrs]
@@ -338,7 +331,7 @@ def train_unet(
         t = torch.randint(TRAIN_TIMESTEPS, (batch,), generator=g)
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (min_snr_weights(noise_scheduler, t, snr_gamma) * per_sample).mean()
+        loss = (min_snr_weights(noise_scheduler, t, snr_gamma, "epsilon") * per_sample).mean()
         run.optimize(step, loss, lr, unet.parameters())
         _ema_update(ema, unet, step, ema_decay)
         run.step_done(step + 1, loss.item())

@@ -29,6 +29,7 @@ FLUX_REFUSED = {
     "lora_rank": "it is a FaceID setting", "id_dim": "it is a FaceID setting",
     "grad_accum": "one optimizer step per batch", "warmup_steps": "the learning rate is constant",
     "ema_decay": "no EMA", "noise_offset": "flow matching mixes latents and noise linearly",
+    "snr_gamma": "min-SNR weighting is for DDPM noise levels; flow matching samples sigma instead",
     "prediction_type": "FLUX predicts the flow-matching velocity", "cache": "no feature cache",
     "cache_dtype": "no feature cache", "buckets": "square crops only", "stages": "one resolution per run",
     "resume": "FLUX runs write no checkpoints", "save_every": "FLUX runs write no checkpoints",
@@ -84,6 +85,7 @@ class TrainConfig:
     warmup_steps: int = 0
     ema_decay: float = 0.0
     noise_offset: float = 0.0
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting; 0: the paper's uniform MSE
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
@@ -133,7 +135,8 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("num_tokens", "lora_rank", "warmup_steps", "validate_every", "num_workers", "shuffle_buffer"):
             need(getattr(self, name) >= 0, f"{name} must be 0 or more, not {getattr(self, name)}")
-        for name in ("learning_rate", "weight_decay", "max_grad_norm", "noise_offset", "adam_epsilon"):
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "noise_offset", "snr_gamma",
+                     "adam_epsilon"):
             value = getattr(self, name)
             need(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, not {value}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, not {self.learning_rate}")

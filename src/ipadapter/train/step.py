@@ -79,8 +79,18 @@ def step_inputs(run: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
     return latents.float(), text.to(device, dtype), features, added
 
 
+def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al., 2023): min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for
+    v-prediction. The many low-noise steps, whose loss is mostly irreducible, stop dominating the gradient; the
+    high-noise steps, where layout, shape and colour are decided, keep their full weight."""
+    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=gamma) / (snr if prediction == "epsilon" else snr + 1)
+
+
 def diffusion_loss(run: Any, module: Any, noise_scheduler: Any, prediction: str, batch: dict[str, Any]) -> torch.Tensor:
-    """MSE of the UNet's prediction against the noise (epsilon) or the velocity (v-prediction) on DDPM-noised latents."""
+    """MSE of the UNet's prediction against the noise (epsilon) or the velocity (v-prediction) on DDPM-noised latents;
+    per sample weighted by min-SNR-gamma when `snr_gamma` is set."""
     config, device = run.config, run.accelerator.device
     latents, text, features, added = step_inputs(run, batch)
     noise = torch.randn_like(latents)
@@ -91,7 +101,10 @@ def diffusion_loss(run: Any, module: Any, noise_scheduler: Any, prediction: str,
     target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
     with run.accelerator.autocast():
         pred = module(noisy.to(run.weight_dtype), timesteps, text, features, added)
-    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    if not config.snr_gamma:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+    return (min_snr_weights(noise_scheduler, timesteps, config.snr_gamma, prediction) * per_sample).mean()
 
 
 def gradients_finite(params: list[torch.nn.Parameter]) -> bool:

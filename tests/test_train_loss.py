@@ -1,0 +1,81 @@
+"""The training loss: min-SNR-gamma weights against their closed form, and `diffusion_loss` applying them per sample."""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from ipadapter.train import TrainConfig
+from ipadapter.train.step import diffusion_loss, min_snr_weights
+
+SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def closed_form_snr() -> np.ndarray:
+    """SD's scaled-linear schedule written out: betas on a square-root grid, alpha-bar their running product."""
+    betas = np.linspace(SD_BETAS["beta_start"] ** 0.5, SD_BETAS["beta_end"] ** 0.5, 1000, dtype=np.float64) ** 2
+    alpha_bar = np.cumprod(1.0 - betas)
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_the_closed_form(prediction: str) -> None:
+    scheduler = DDPMScheduler(**SD_BETAS)
+    t = torch.tensor([0, 10, 100, 250, 500, 999])
+    snr = closed_form_snr()[t.numpy()]
+    denominator = snr if prediction == "epsilon" else snr + 1
+    expected = np.minimum(snr, 5.0) / denominator
+    got = min_snr_weights(scheduler, t, 5.0, prediction).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert got[0] < 0.01  # the nearly clean step weighs almost nothing
+    if prediction == "epsilon":
+        assert got[-1] == pytest.approx(1.0)  # SNR below gamma: full weight
+
+
+def stub_run(snr_gamma: float, batch: int = 6) -> tuple[SimpleNamespace, dict[str, torch.Tensor]]:
+    """A cached-feature run whose latents are exactly zero, so the noise is recoverable from the noisy input."""
+    config = TrainConfig(snr_gamma=snr_gamma, drop_image=0.0, drop_text=0.0, drop_both=0.0)
+    run = SimpleNamespace(
+        config=config, accelerator=SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext),
+        weight_dtype=torch.float32, cache=object(), sdxl=False, features="global",
+        constants={"uncond_text": torch.zeros(1, 3, 8), "uncond_image": torch.zeros(1, 16)},
+        vae_config={"scaling_factor": 1.0},
+    )
+    data = {"latent_mean": torch.zeros(batch, 4, 8, 8), "latent_std": torch.zeros(batch, 4, 8, 8),
+            "text_embeds": torch.randn(batch, 3, 8), "image": torch.randn(batch, 16)}
+    return run, data
+
+
+@pytest.mark.parametrize("snr_gamma", [0.0, 5.0])
+def test_diffusion_loss_weights_each_sample(snr_gamma: float) -> None:
+    scheduler = DDPMScheduler(**SD_BETAS)
+    run, data = stub_run(snr_gamma)
+    seen = {}
+
+    def module(noisy, timesteps, text, features, added):
+        seen.update(noisy=noisy, t=timesteps)
+        return torch.zeros_like(noisy)
+
+    torch.manual_seed(0)
+    loss = diffusion_loss(run, module, scheduler, "epsilon", data)
+    t = seen["t"].numpy()
+    alpha_bar = closed_form_snr()[t] / (1 + closed_form_snr()[t])
+    noise = seen["noisy"].double().numpy() / np.sqrt(1 - alpha_bar)[:, None, None, None]  # the latents are zero
+    per_sample = (noise ** 2).reshape(len(t), -1).mean(axis=1)  # a zero prediction's squared error is noise²
+    snr = closed_form_snr()[t]
+    weights = np.minimum(snr, snr_gamma) / snr if snr_gamma else np.ones_like(snr)
+    assert float(loss) == pytest.approx(float((weights * per_sample).mean()), rel=1e-4)
+
+
+def test_snr_gamma_is_refused_when_negative_and_for_flux() -> None:
+    from ipadapter.errors import IPAdapterError
+
+    with pytest.raises(IPAdapterError, match="snr_gamma must be a finite number >= 0"):
+        TrainConfig(snr_gamma=-1.0)
+    with pytest.raises(IPAdapterError, match="--snr-gamma does not apply to FLUX"):
+        TrainConfig(variant="flux", snr_gamma=5.0)
