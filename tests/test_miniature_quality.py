@@ -226,3 +226,28 @@ def test_adapter_recipes_train_with_the_project_trainer(tmp_path, monkeypatch) -
     assert shipped.config.encoder == "miniature/pipeline/image_encoder"
     for k, v in trained.state_dict().items():
         torch.testing.assert_close(shipped.state_dict()[k].float(), v.half().float())
+
+
+def test_a_run_folder_with_a_pipeline_reads_the_pipelines_image_encoder(tmp_path) -> None:
+    """The adapters train against pipeline/image_encoder. A run folder's own image_encoder/ (the encoder recipe's
+    output, trained further after the pipeline was assembled) must not replace it: the v2 report was measured that way,
+    the adapters given an encoder they never saw."""
+    import shutil
+
+    from ipadapter import bundled
+    from ipadapter.miniature.models import Loaded
+    from transformers import CLIPVisionModelWithProjection
+
+    from ipadapter.miniature.tiny_clip import image_processor
+
+    root = tmp_path / "run"
+    shutil.copytree(bundled.PIPELINE_DIR, root / "pipeline")
+    shipped = CLIPVisionModelWithProjection.from_pretrained(root / "pipeline" / "image_encoder")
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(shipped.config).save_pretrained(root / "image_encoder")  # same shape, other weights
+    image_processor().save_pretrained(root / "image_encoder")
+    models = Models.from_folder(root)
+    assert models.pipeline == root / "pipeline" and models.image_encoder is None
+    encoder = Loaded(models).encoder.model
+    for name, value in shipped.state_dict().items():
+        assert torch.equal(encoder.state_dict()[name], value), name

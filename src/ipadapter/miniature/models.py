@@ -59,7 +59,10 @@ class Models:
             clip=root / "clip" if (root / "clip" / CONFIG).is_file() else None,
             vae=root / "vae" if pipeline is None else None,
             unet=root / "unet" if pipeline is None else None,
-            image_encoder=root / "image_encoder" if (root / "image_encoder" / CONFIG).is_file() else None,
+            # the adapters train against pipeline/image_encoder; a run's image_encoder/ is only the encoder recipe's
+            # output, which differs from the pipeline's once the encoder trains further
+            image_encoder=root / "image_encoder" if pipeline is None and (root / "image_encoder" / CONFIG).is_file()
+            else None,
             adapters=adapters,
             controlnet=root / "controlnet" if (root / "controlnet" / CONFIG).is_file() else None,
             custom_lora=_first(root / "custom_lora" / "pytorch_lora_weights.safetensors"),
@@ -141,7 +144,7 @@ class Loaded:
 
     @property
     def encoder(self):
-        """The adapters' image encoder: `image_encoder/` when present, else the pipeline's, else the CLIP's tower."""
+        """The adapters' image encoder: the one given, else the pipeline's, else the CLIP's tower."""
         if self._encoder is None:
             from ipadapter.encoders import ImageEncoder
             from ipadapter.miniature.tiny_clip import image_processor, vision_tower

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.loading import MINIATURE_GUIDANCE, MINIATURE_STEPS
 from ipadapter.miniature import probes
 from ipadapter.miniature.models import Loaded, Models
 from ipadapter.miniature.runloop import log
@@ -74,8 +75,8 @@ class Size:
     text: int = 256
     vae: int = 512
     base: int = 64
-    steps: int = 25
-    guidance: float = 5.0
+    steps: int = MINIATURE_STEPS  # the settings `ipadapter generate` uses on the miniature
+    guidance: float = MINIATURE_GUIDANCE
     batch: int = 16
     sweep: bool = True
 
