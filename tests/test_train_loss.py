@@ -11,7 +11,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from ipadapter.train import TrainConfig
-from ipadapter.train.step import diffusion_loss, min_snr_weights
+from ipadapter.snr import min_snr_weights
+from ipadapter.train.step import diffusion_loss
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

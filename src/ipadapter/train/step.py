@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ipadapter.snr import min_snr_weights
 from ipadapter.train import dropout
 from ipadapter.train.data import sdxl_time_ids
 from ipadapter.train.models import encode_text
@@ -77,15 +78,6 @@ def step_inputs(run: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
     if image is not None:
         features = features + (image.to(device).float(),)
     return latents.float(), text.to(device, dtype), features, added
-
-
-def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Min-SNR-gamma weights (Hang et al., 2023): min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for
-    v-prediction. The many low-noise steps, whose loss is mostly irreducible, stop dominating the gradient; the
-    high-noise steps, where layout, shape and colour are decided, keep their full weight."""
-    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / (snr if prediction == "epsilon" else snr + 1)
 
 
 def diffusion_loss(run: Any, module: Any, noise_scheduler: Any, prediction: str, batch: dict[str, Any]) -> torch.Tensor:
