@@ -234,10 +234,10 @@ def test_a_run_folder_with_a_pipeline_reads_the_pipelines_image_encoder(tmp_path
     the adapters given an encoder they never saw."""
     import shutil
 
-    from ipadapter import bundled
-    from ipadapter.miniature.models import Loaded
     from transformers import CLIPVisionModelWithProjection
 
+    from ipadapter import bundled
+    from ipadapter.miniature.models import Loaded
     from ipadapter.miniature.tiny_clip import image_processor
 
     root = tmp_path / "run"

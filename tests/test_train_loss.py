@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ipadapter.train import TrainConfig
 from ipadapter.snr import min_snr_weights
+from ipadapter.train import TrainConfig
 from ipadapter.train.step import diffusion_loss
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -65,10 +65,10 @@ def test_diffusion_loss_weights_each_sample(snr_gamma: float) -> None:
     torch.manual_seed(0)
     loss = diffusion_loss(run, module, scheduler, "epsilon", data)
     t = seen["t"].numpy()
-    alpha_bar = closed_form_snr()[t] / (1 + closed_form_snr()[t])
+    snr = closed_form_snr()[t]
+    alpha_bar = snr / (1 + snr)
     noise = seen["noisy"].double().numpy() / np.sqrt(1 - alpha_bar)[:, None, None, None]  # the latents are zero
     per_sample = (noise ** 2).reshape(len(t), -1).mean(axis=1)  # a zero prediction's squared error is noise²
-    snr = closed_form_snr()[t]
     weights = np.minimum(snr, snr_gamma) / snr if snr_gamma else np.ones_like(snr)
     assert float(loss) == pytest.approx(float((weights * per_sample).mean()), rel=1e-4)
 

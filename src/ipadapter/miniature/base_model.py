@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from ipadapter.miniature import tokenizer as tok
 from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
-from ipadapter.snr import min_snr_weights
 from ipadapter.miniature.world import (
     SIZE_PX, Attrs, attrs_from_label, caption, make_batch, make_masked_batch, partial_caption, random_slots,
 )
+from ipadapter.snr import min_snr_weights
 
 LATENT_CHANNELS = 8
 LATENT_PX = SIZE_PX // 4
