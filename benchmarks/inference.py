@@ -68,7 +68,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ from tests import factories  # noqa: E402  (tiny tokenizer and the --quick model
 MiB = 2**20
 PROMPT = "a photo"
 IMPLS = ("plain", "ipadapter", "diffusers")
+LEAN = "ipadapter, cache_kv=False"  # memory only: K'/V' projected at every call, as diffusers does
 CASES = {
     "full": "(a) full generation, encoding included",
     "second": "(b) second generation, same reference",
@@ -210,11 +211,11 @@ Run = tuple[Callable[[], None], Callable[[], torch.Tensor]]  # (untimed setup, t
 class Bench:
     """One architecture's pipeline with the implementations asked for, all on one UNet; `use` switches them."""
 
-    def __init__(self, s: Setting, impls: tuple[str, ...]) -> None:
+    def __init__(self, s: Setting, impls: tuple[str, ...], cache_kv: bool = True) -> None:
         from ipadapter import load_adapter
         from ipadapter.encoders import ImageEncoder
 
-        self.setting = s
+        self.setting, self.cache_kv = s, cache_kv
         self._tmp = tempfile.TemporaryDirectory()
         folder = Path(self._tmp.name)
         self.pipe = build_pipeline(s, folder).to(s.device, s.torch_dtype)
@@ -259,7 +260,7 @@ class Bench:
         if impl == "ipadapter":
             if cold:
                 self.encoder = ImageEncoder(self.encoder_model, self.processor)
-            self.prompter = ImagePrompter(self.pipe, self.adapter, self.encoder)
+            self.prompter = ImagePrompter(self.pipe, self.adapter, self.encoder, cache_kv=self.cache_kv)
 
     def generate(self, impl: str, case: str) -> torch.Tensor:
         """One generation (latents out) of `case`; only ipadapter's runs differ between (a) and (b)."""
@@ -352,6 +353,13 @@ class Bench:
                 for t in [*module.parameters(), *module.buffers()]:
                     t.sum()
 
+    def kv_mib(self, references: int) -> float:
+        """MiB of K'/V' that ipadapter's cache holds for a CFG generation with `references` references: two rows
+        (conditional, unconditional) of the adapter's tokens at every layer, K' and V' each as wide as the layer."""
+        widths = sum(layer.to_k_ip.out_features + layer.to_v_ip.out_features for _, layer in self.adapter.named_layers())
+        tokens = self.adapter.config.projection.tokens
+        return 2 * references * tokens * widths * self.setting.torch_dtype.itemsize / MiB
+
     def close(self) -> None:
         self._tmp.cleanup()
 
@@ -399,14 +407,12 @@ class Row:
     diffusers: list[float]
     diff: float | None = None  # largest |ipadapter − diffusers| over the outputs
     scale: float | None = None  # largest |diffusers output|, for scale
+    lean: list[float] = field(default_factory=list)  # memory rows: ipadapter with cache_kv=False
+    kv: float | None = None  # memory rows: MiB of K'/V' ipadapter's cache holds in that case
 
     def ratios(self, a: str, b: str) -> list[float]:
         """Pass by pass a / b: the runs of one pass are neighbours in time, so load drifts cancel in the ratio."""
         return [x / y for x, y in zip(getattr(self, a), getattr(self, b))]
-
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.ratios("ours", "diffusers"))
 
 
 def med(values: list[float]) -> float:
@@ -495,7 +501,8 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
     quiet()
     memory = Memory(s.device)
     start = memory.reset()
-    bench = Bench(s, (impl,))
+    bench = Bench(s, ("ipadapter",), cache_kv=False) if impl == LEAN else Bench(s, (impl,))
+    impl = "ipadapter" if impl == LEAN else impl
     bench.touch()
     result = {"loaded": (memory.reset() - start) / MiB}
     for case in CASES:
@@ -506,6 +513,8 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
         before = memory.reset()
         run()
         result[case] = (memory.peak() - before) / MiB
+    if bench.adapter is not None:
+        result.update(kv1=bench.kv_mib(1), kv2=bench.kv_mib(2))
     bench.close()
     return result
 
@@ -513,12 +522,14 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
 def memory_arch(s: Setting, context: Any) -> list[Row]:
     """Memory rows of one architecture, each implementation measured in its own fresh process."""
     found = {}
-    for impl in IMPLS:
+    for impl in (*IMPLS, LEAN):
         with ProcessPoolExecutor(1, mp_context=context) as pool:
             found[impl] = pool.submit(measure_memory, s, impl).result()
     arch = ARCH_NAMES[s.arch]
     labels = {"loaded": "models loaded (MiB)", **{k: f"{v}: peak above the models (MiB)" for k, v in CASES.items()}}
-    return [Row(f"{arch} {label}", *([found[i][key]] for i in IMPLS)) for key, label in labels.items()]
+    kv = {"full": found["ipadapter"]["kv1"], "masked": found["ipadapter"]["kv2"]}
+    return [Row(f"{arch} {label}", *([found[i][key]] for i in IMPLS), lean=[found[LEAN][key]], kv=kv.get(key))
+            for key, label in labels.items()]
 
 
 def forkserver() -> Any:
@@ -561,8 +572,9 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
         lines.append("- Rows slower in the median but not in every pass (within the noise): "
                      + ("; ".join(unsure) if unsure else "none"))
     if memory:
-        higher = [r.label for r in memory if med(r.ours) > med(r.diffusers)]
-        lines.append("- Memory rows above diffusers': " + (", ".join(higher) if higher else "none"))
+        for name, attr in (("ipadapter", "ours"), (LEAN, "lean")):
+            higher = [r.label for r in memory if med(getattr(r, attr)) > med(r.diffusers)]
+            lines.append(f"- Memory rows where {name} is above diffusers: " + (", ".join(higher) if higher else "none"))
     return lines
 
 
@@ -587,10 +599,13 @@ def render(header: list[str], rows: list[Row], memory: list[Row], notes: list[st
                    f"| {pct(r.ratios('ours', 'plain'))} | {pct(r.ratios('diffusers', 'plain'))} "
                    f"| {times_x(r.ratios('ours', 'diffusers'))} | {r.diff:.1e} ({r.scale:.3g}) |")
     if memory:
-        out += ["", "| memory | plain | ipadapter | diffusers | ipadapter / diffusers |", "|---|---|---|---|---|"]
+        out += ["", f"| memory | plain | ipadapter | diffusers | ipadapter / diffusers | {LEAN} | its / diffusers "
+                "| K'/V' the cache holds (MiB) |", "|---|---|---|---|---|---|---|---|"]
         for r in memory:
-            ratio = f"{r.ratio:.2f}x" if r.diffusers[0] > 0 else "–"
-            out.append(f"| {r.label} | {r.plain[0]:.1f} | {r.ours[0]:.1f} | {r.diffusers[0]:.1f} | {ratio} |")
+            ratios = [f"{x[0] / r.diffusers[0]:.2f}x" if r.diffusers[0] > 0 else "–" for x in (r.ours, r.lean)]
+            kv = "–" if r.kv is None else f"{r.kv:.2f}"
+            out.append(f"| {r.label} | {r.plain[0]:.1f} | {r.ours[0]:.1f} | {r.diffusers[0]:.1f} | {ratios[0]} "
+                       f"| {r.lean[0]:.1f} | {ratios[1]} | {kv} |")
     return "\n".join(out + ["", *notes, ""])
 
 

@@ -5,7 +5,10 @@ No timing assertions: the numbers of a smoke run on toy models mean nothing.
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import inference
+from tests import factories
 
 
 def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
@@ -24,9 +27,13 @@ def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
     assert all(r.label in text for r in rows) and "Rows slower than diffusers" in text
 
 
-def test_memory_of_one_configuration(tmp_path) -> None:
-    """The child's measurement, run in this process: models loaded and each case's peak, in MiB."""
+@pytest.mark.parametrize("impl", ["ipadapter", inference.LEAN])
+def test_memory_of_one_configuration(impl: str) -> None:
+    """The child's measurement, run in this process: models loaded and each case's peak, in MiB, and the K'/V' the
+    cache holds (the Plus adapter's 16 tokens, two CFG rows, K' and V' as wide as each layer, float32)."""
     setting = inference.settings_of(inference.parse_args(["--quick", "--archs", "sd15"]))[0]
-    found = inference.measure_memory(setting, "ipadapter")
-    assert set(found) == {"loaded", "full", "second", "masked"}
+    found = inference.measure_memory(setting, impl)
+    assert set(found) == {"loaded", "full", "second", "masked", "kv1", "kv2"}
     assert found["loaded"] > 0 and all(v >= 0 for v in found.values())
+    widths = 2 * sum(m.to_k.out_features for n, m in factories.sd15_unet().named_modules() if n.endswith("attn2"))
+    assert found["kv1"] * 2**20 == pytest.approx(2 * 16 * widths * 4) and found["kv2"] == 2 * found["kv1"]

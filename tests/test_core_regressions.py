@@ -489,3 +489,37 @@ def test_changed_masks_between_generations_equal_diffusers(tmp_path) -> None:
         got = run_unet(unet, "sd15", 2)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     att.detach()
+
+
+# The K'/V' cache is a speed choice only: without it, K'/V' are projected at every call and the images do not change.
+
+
+@pytest.mark.parametrize("cache_kv", [True, False])
+def test_masked_references_with_and_without_the_kv_cache_equal_diffusers(cache_kv: bool, tmp_path) -> None:
+    from ipadapter.encoders import ImageEncoder
+    from ipadapter.prompter import ImagePrompter
+
+    encoder, processor = factories.tiny_image_encoder()
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    weight_file = _saved(tmp_path, factories.published(pipe.unet, "base", CROSS), "base.bin")
+    diffusers_pipe = factories.tiny_sd15_pipeline(tmp_path)
+    diffusers_pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="base.bin", image_encoder_folder=None)
+    diffusers_pipe.image_encoder, diffusers_pipe.feature_extractor = encoder, processor
+    adapter = load_adapter(weight_file, pipe.unet)
+    prompter = ImagePrompter(pipe, adapter, ImageEncoder(encoder, processor), cache_kv=cache_kv)
+    calls = []
+    adapter.named_layers()[0][1].to_k_ip.register_forward_hook(lambda *_: calls.append(1))
+    images = [factories.reference_image(i) for i in range(2)]
+    side = 8 * (32 // pipe.vae_scale_factor)  # 8 px per latent, as SD's images: no bicubic overshoot at the edge
+    left = torch.zeros(side, side)
+    left[:, : side // 2] = 1
+    masks = [left, 1 - left]
+    gen = dict(height=32, width=32, output_type="np", num_inference_steps=3, guidance_scale=6.0)
+    expected = diffusers_pipe(prompt="a red", ip_adapter_image=[images], generator=torch.Generator().manual_seed(0),
+                              cross_attention_kwargs={"ip_adapter_masks": [torch.stack(masks)[None]]}, **gen).images
+    refs = prompter.references(images, masks=masks)
+    got = prompter.generate(refs, prompt="a red", seed=0, steps=3, guidance=6.0, height=32, width=32,
+                            output_type="np")
+    prompter.detach()
+    torch.testing.assert_close(torch.from_numpy(got[0]), torch.from_numpy(expected[0]), atol=1e-4, rtol=0)
+    assert len(calls) == (1 if cache_kv else 3), "K'/V' once per generation with the cache, at every step without"

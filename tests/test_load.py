@@ -93,8 +93,10 @@ def test_load_finds_the_encoder_in_the_pipeline_folder_and_names_several_adapter
 
     folder = factories.save_tiny_sd15_pipeline(tmp_path, adapters=("base", "plus"))
     pipe = StableDiffusionPipeline.from_pretrained(str(folder))
-    with ipadapter.load(pipe, [tmp_path / "base.bin", tmp_path / "plus.bin"], adapter_name=["look", "shape"]) as p:
+    with ipadapter.load(pipe, [tmp_path / "base.bin", tmp_path / "plus.bin"], adapter_name=["look", "shape"],
+                        cache_kv=False) as p:
         assert set(p.adapters) == {"look", "shape"} and p.encoder is not None
+        assert p.attachment.runtime.cache_kv is False
         with pytest.raises(IPAdapterError, match="several adapters"):
             p.generate(factories.reference_image(), steps=1, height=32, width=32)
         images = p.generate({"look": factories.reference_image(0), "shape": [factories.reference_image(1)]},

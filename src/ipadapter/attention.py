@@ -516,8 +516,12 @@ def _add_together(
     batch, heads, length, head_dim = query.shape
     scores = torch.matmul(query, k.transpose(-1, -2))  # (B, h, L, R·T)
     scores = scores.mul_(head_dim**-0.5) if inplace else scores * head_dim**-0.5  # SDPA's scale
-    probs = scores.view(batch, heads, length, together, -1).softmax(dim=-1)
-    probs = probs.mul_(maps) if inplace else probs * maps
+    scores = scores.view(batch, heads, length, together, -1)
+    if inplace:  # softmax in the scores' own buffer: one (B, h, L, R·T) tensor at a time, as SDPA's memory
+        probs = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+        probs = probs.div_(probs.sum(dim=-1, keepdim=True)).mul_(maps)
+    else:
+        probs = scores.softmax(dim=-1) * maps
     return _accumulate(out, torch.matmul(probs.view(batch, heads, length, -1), v), w, None, inplace)
 
 
