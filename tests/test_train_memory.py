@@ -68,3 +68,22 @@ def test_cli_dry_run_prints_the_estimate(folders, capsys) -> None:
     out = capsys.readouterr().out
     assert code == 0
     assert "trainable" in out and "batch 8:" in out and "optimizer adamw8bit" in out
+
+
+def test_dry_run_of_the_simple_adapter_counts_only_its_projection(folders) -> None:
+    """The ablation trains the projection alone (its tokens go through the frozen to_k/to_v); the dry run traces the
+    concatenated attention on the meta device."""
+    from diffusers import UNet2DConditionModel
+
+    from ipadapter.encoders import ImageEncoder
+    from ipadapter.train.trainer import adapter_config_for
+    from ipadapter import IPAdapter
+
+    base, enc = folders
+    config = TrainConfig(base=str(base), image_encoder=str(enc), resolution=factories.RES, attention="concat")
+    found = estimate(config, batch_sizes=(1,))
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    encoder = ImageEncoder.from_pretrained(str(enc))
+    adapter = IPAdapter.for_unet(unet, adapter_config_for("base", cross_dim=factories.CROSS,
+                                                          embed_dim=encoder.global_dim))
+    assert found.trainable_params == sum(p.numel() for p in adapter.image_proj.parameters())

@@ -378,7 +378,9 @@ class IPAttnProcessor(nn.Module):
                 attention_mask = torch.zeros_like(attention_mask, dtype=key.dtype).masked_fill(~attention_mask, -math.inf)
             pad = bias[attention_mask.shape[-1]:].expand(*attention_mask.shape[:-1], -1)
             return key, value, torch.cat([attention_mask, pad], dim=-1)
-        if torch.compiler.is_compiling() or bool(bias.any()):
+        # Decided from the weights, not the bias tensor: reading a tensor back would fail on the meta device
+        # (`ipadapter train --dry-run` traces the models there). A tensor weight comes from the compiled path.
+        if torch.compiler.is_compiling() or any(isinstance(a.image, torch.Tensor) or a.image != 1.0 for a in concat):
             return key, value, bias.view(1, 1, 1, -1)
         return key, value, None
 
