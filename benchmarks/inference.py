@@ -47,7 +47,11 @@ masked-reference row: 1.6 MiB above plain in a first generation, 0.5 MiB in the 
 `ru_maxrss` cannot be reset, so it would report model construction's transient peaks (a state dict loaded next to
 its module) instead; a torch.profiler memory profile sees tensor allocations only. CUDA:
 `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus `memory_allocated` at that moment. A
-"models loaded" row gives the memory of what each child built.
+"models loaded" row gives the memory of what each child built. A fourth child runs ipadapter with `cache_kv=False`
+(K'/V' projected at every call, as diffusers does), and the last column gives the size of what the default cache
+holds in each case, computed from the adapter's layer widths: the difference between the two ipadapter columns.
+The peak does not depend on the number of steps (every step has the same shapes), so `--steps 2` measures it
+faster.
 
     python benchmarks/inference.py            # CPU defaults: SD1.5 128 px 8 steps, SDXL 128 px 4 steps
     python benchmarks/inference.py --quick    # tiny models (the dispatch-bound regime), 9 passes
