@@ -505,8 +505,9 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
     quiet()
     memory = Memory(s.device)
     start = memory.reset()
-    bench = Bench(s, ("ipadapter",), cache_kv=False) if impl == LEAN else Bench(s, (impl,))
-    impl = "ipadapter" if impl == LEAN else impl
+    lean = impl == LEAN
+    impl = "ipadapter" if lean else impl
+    bench = Bench(s, (impl,), cache_kv=not lean)
     bench.touch()
     result = {"loaded": (memory.reset() - start) / MiB}
     for case in CASES:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import pathlib
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -216,8 +217,9 @@ def test_changed_reference_weight_between_generations_equals_diffusers(tmp_path)
     att.detach()
 
 
-def test_changed_reference_weight_between_generations_of_a_prompter_equals_diffusers(tmp_path) -> None:
-    """The UI case: the same image generated again with another weight, against diffusers' pipeline at that scale."""
+def _prompter_and_diffusers(tmp_path, cache_kv: bool = True) -> tuple[Any, Any]:
+    """One random base adapter file on the tiny SD 1.5 pipeline, attached by an `ImagePrompter` and by diffusers'
+    `load_ip_adapter` (the oracle) to a second copy of the pipeline; both read the same image encoder."""
     from ipadapter.encoders import ImageEncoder
     from ipadapter.prompter import ImagePrompter
 
@@ -227,7 +229,14 @@ def test_changed_reference_weight_between_generations_of_a_prompter_equals_diffu
     diffusers_pipe = factories.tiny_sd15_pipeline(tmp_path)
     diffusers_pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="base.bin", image_encoder_folder=None)
     diffusers_pipe.image_encoder, diffusers_pipe.feature_extractor = encoder, processor
-    prompter = ImagePrompter(pipe, load_adapter(weight_file, pipe.unet), ImageEncoder(encoder, processor))
+    prompter = ImagePrompter(pipe, load_adapter(weight_file, pipe.unet), ImageEncoder(encoder, processor),
+                             cache_kv=cache_kv)
+    return prompter, diffusers_pipe
+
+
+def test_changed_reference_weight_between_generations_of_a_prompter_equals_diffusers(tmp_path) -> None:
+    """The UI case: the same image generated again with another weight, against diffusers' pipeline at that scale."""
+    prompter, diffusers_pipe = _prompter_and_diffusers(tmp_path)
     image = factories.reference_image()
     gen = dict(height=32, width=32, output_type="np")
     for weight in (1.0, 0.4):
@@ -496,21 +505,11 @@ def test_changed_masks_between_generations_equal_diffusers(tmp_path) -> None:
 
 @pytest.mark.parametrize("cache_kv", [True, False])
 def test_masked_references_with_and_without_the_kv_cache_equal_diffusers(cache_kv: bool, tmp_path) -> None:
-    from ipadapter.encoders import ImageEncoder
-    from ipadapter.prompter import ImagePrompter
-
-    encoder, processor = factories.tiny_image_encoder()
-    pipe = factories.tiny_sd15_pipeline(tmp_path)
-    weight_file = _saved(tmp_path, factories.published(pipe.unet, "base", CROSS), "base.bin")
-    diffusers_pipe = factories.tiny_sd15_pipeline(tmp_path)
-    diffusers_pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="base.bin", image_encoder_folder=None)
-    diffusers_pipe.image_encoder, diffusers_pipe.feature_extractor = encoder, processor
-    adapter = load_adapter(weight_file, pipe.unet)
-    prompter = ImagePrompter(pipe, adapter, ImageEncoder(encoder, processor), cache_kv=cache_kv)
+    prompter, diffusers_pipe = _prompter_and_diffusers(tmp_path, cache_kv)
     calls = []
-    adapter.named_layers()[0][1].to_k_ip.register_forward_hook(lambda *_: calls.append(1))
+    prompter.adapter().named_layers()[0][1].to_k_ip.register_forward_hook(lambda *_: calls.append(1))
     images = [factories.reference_image(i) for i in range(2)]
-    side = 8 * (32 // pipe.vae_scale_factor)  # 8 px per latent, as SD's images: no bicubic overshoot at the edge
+    side = 8 * (32 // prompter.pipe.vae_scale_factor)  # 8 px per latent, as SD's images: no bicubic overshoot at the edge
     left = torch.zeros(side, side)
     left[:, : side // 2] = 1
     masks = [left, 1 - left]
