@@ -244,6 +244,23 @@ def test_several_outputs_are_written_all_or_none(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked"]
 
 
+def test_written_files_get_the_mode_open_gives(tmp_path) -> None:
+    """safetensors writes its files owner-only; a saved adapter must be as readable as any file made with `open`."""
+    import torch
+
+    from ipadapter.atomic import save_png, save_pngs, save_safetensors, write_text
+
+    (tmp_path / "plain.txt").write_text("made with open")
+    usual = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    written = [
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "a.safetensors"),
+        save_png(Image.new("RGB", (4, 4)), tmp_path / "a.png"),
+        write_text(tmp_path / "a.md", "text"),
+        *save_pngs([Image.new("RGB", (4, 4))], [tmp_path / "b.png"]),
+    ]
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == {p.name: usual for p in written}
+
+
 def test_app_names_a_decompression_bomb(tmp_path) -> None:
     from ipadapter.app.limits import UploadLimits, open_upload
     from ipadapter.errors import IPAdapterError

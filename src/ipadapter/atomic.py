@@ -10,6 +10,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+# Read once, at import: some writers (safetensors) create their file owner-only, and a model file that only its
+# writer can read is a surprise when the folder is shared or served; renamed files get the mode `open` would give.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
@@ -19,9 +24,15 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        _usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _usual_mode(path: Path) -> None:
+    if path.is_file():
+        os.chmod(path, 0o666 & ~_UMASK)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
@@ -37,6 +48,7 @@ def save_pngs(images: list[Image.Image], paths: list[Path]) -> list[Path]:
         for image, path, tmp in zip(images, paths, tmps):
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(tmp, format="PNG")
+            _usual_mode(tmp)
         for path, tmp in zip(paths, tmps):
             os.replace(tmp, path)
     finally:
