@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
+from ipadapter.cli.quiet import show_own_logs
 from ipadapter.errors import IPAdapterError
 from ipadapter.extras import needs
 from ipadapter.validation import output_folder
@@ -16,7 +16,7 @@ def _threads(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    show_own_logs()
 
 
 def _data(args: argparse.Namespace) -> int:

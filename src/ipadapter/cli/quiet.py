@@ -42,3 +42,11 @@ def quiet_libraries() -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+
+
+def show_own_logs() -> None:
+    """This project's INFO lines (stages, resumes, checkpoints) on stderr. The level is set on the "ipadapter" logger
+    itself: accelerate sets the *root* logger's level from ACCELERATE_LOG_LEVEL (errors only, above) each time it
+    makes a logger, which silenced a level set on the root."""
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ipadapter").setLevel(logging.INFO)

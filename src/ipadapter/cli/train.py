@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from dataclasses import MISSING, fields
 
+from ipadapter.cli.quiet import show_own_logs
 from ipadapter.extras import needs
 
 HELP = {
@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     from ipadapter.train import TrainConfig, train
     from ipadapter.variants import get_variant
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    show_own_logs()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = TrainConfig.load(args.config, overrides)
     flux = get_variant(config.variant).denoiser == "flux"
