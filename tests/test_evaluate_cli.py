@@ -87,3 +87,27 @@ def test_without_model_flags_it_evaluates_the_bundled_miniature_with_its_judge(s
     assert all({"clip_i", "clip_t", "attributes"} <= set(r) for r in results["runs"])
     assert (out / "references" / "manifest.jsonl").is_file() and (out / "scale_sweep.png").is_file()
     assert "Judge-classifier agreement" in (out / "report.md").read_text()
+
+
+def test_a_retrained_adapter_under_the_same_path_is_not_mixed_into_old_samples(setup, tmp_path, capsys) -> None:
+    """The plan names the adapter by its path; a file retrained under that path makes other images, so a rerun into
+    the same folder is refused (one line) and the old samples stay as they were."""
+    import shutil
+
+    import torch
+
+    adapter = tmp_path / "adapter.bin"
+    shutil.copy(setup / "base.bin", adapter)
+    out = tmp_path / "run"
+    args = [a if a != str(setup / "base.bin") else str(adapter) for a in _args(setup, out, "--scales", "1")]
+    assert main(args) == 0
+    samples = {p: p.read_bytes() for p in (out / "samples").rglob("*.png")}
+    state = torch.load(adapter, weights_only=True)
+    first = next(iter(state["image_proj"]))
+    state["image_proj"][first] = state["image_proj"][first] + 1.0
+    torch.save(state, adapter)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other settings (adapter_weights)" in err
+    assert {p: p.read_bytes() for p in (out / "samples").rglob("*.png")} == samples

@@ -3,13 +3,15 @@
 Every sample has its own seed (`sample_seed`), so an image does not depend on which others shared its batch: a
 rerun generates exactly the missing samples and gets the images an uninterrupted run would have. Samples are
 written atomically to DIR/samples/<method>/scale-<s>/<ref>-<k>.png; a PNG on disk is a finished sample.
-DIR/plan.json pins the settings that define the images, so a resumed run cannot mix two models' samples.
+DIR/plan.json pins the settings that define the images (with a digest of the adapters' weights: a file retrained
+under the same path is another model), so a resumed run cannot mix two models' samples.
 Under `accelerate launch` each process generates the (method, scale, reference) cells at its positions modulo the
 process count (`ipadapter.batch.shards`); the seeds are the cell's, so any process count makes the same images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from ipadapter.atomic import save_png
@@ -59,6 +62,16 @@ class Plan:
     def pinned(self) -> dict:
         """As JSON reads it back (tuples become lists), so a rerun compares equal."""
         return json.loads(json.dumps({**self.settings, "seed": self.seed, "empty_prompt": self.empty_prompt}))
+
+
+def weights_digest(modules: Sequence[torch.nn.Module]) -> str:
+    """A hash of the modules' weights (names and bytes): adapters are small, so hashing them costs milliseconds."""
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def sample_seed(seed: int, ref_index: int, sample: int) -> int:
@@ -126,8 +139,6 @@ def generate(plan: Plan, entries: Sequence[Entry], out: Path, sample: SampleFn, 
 def prompter_sampler(prompter, adapters: dict[str, str], *, steps: int | None, guidance: float | None,
                      width: int | None = None, height: int | None = None) -> SampleFn:
     """Image-prompted generation with an `ImagePrompter`: one call per job, one seeded generator per sample."""
-    import torch
-
     from ipadapter.request import GenerationRequest, build_prompt
 
     def sample(job: Job, reference: Image.Image) -> list[Image.Image]:
