@@ -228,6 +228,21 @@ def test_adapter_recipes_train_with_the_project_trainer(tmp_path, monkeypatch) -
         torch.testing.assert_close(shipped.state_dict()[k].float(), v.half().float())
 
 
+def test_image_encoder_recipe_runs_the_shipped_schedule(tmp_path, monkeypatch) -> None:
+    """The shipped encoder is a 3,000-step run resumed to 6,000 (the cosine restarts at a resume): the default
+    rebuilds it that way; `--steps N` is one run of N steps; `--resume` continues the stage the checkpoint is in."""
+    from ipadapter.miniature import recipes, tiny_clip
+
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(tiny_clip, "train_image_encoder", lambda out, clip, steps, resume: calls.append((steps, resume)))
+    recipes.run_recipe("image-encoder", tmp_path)
+    recipes.run_recipe("image-encoder", tmp_path, steps=500)
+    recipes.run_recipe("image-encoder", tmp_path, resume=True)
+    assert calls == [(3000, False), (6000, True), (500, False), (3000, True), (6000, True)]
+
+
 def test_a_run_folder_with_a_pipeline_reads_the_pipelines_image_encoder(tmp_path) -> None:
     """The adapters train against pipeline/image_encoder. A run folder's own image_encoder/ (the encoder recipe's
     output, trained further after the pipeline was assembled) must not replace it: the v2 report was measured that way,

@@ -23,7 +23,7 @@ from ipadapter.sources import AdapterSource, default_image_encoder, miniature_ad
 from ipadapter.validation import check_device, model_source
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# The paper's inference guidance (7.5); on the miniature 5.0 and 7.5 measure the same within noise (shipped base adapter,
+# The paper's inference guidance (7.5); on the miniature 5.0 and 7.5 measure the same within noise (v2's base adapter,
 # 96 held-out references: CLIP-I 0.888 vs 0.891, object colour 93% at both; text-only generation likewise).
 MINIATURE_STEPS, MINIATURE_GUIDANCE = 25, 7.5
 # --adapter keywords for the shipped miniature adapters (asset names)

@@ -37,8 +37,16 @@ def _clip(out: Path, steps: int, resume: bool) -> object:
     return tiny_clip.train_clip(out, name="clip", steps=steps, seed=0, batch=64, lr=1e-3, resume=resume)
 
 
+# The shipped encoder ran 3,000 steps and was then resumed with 6,000 in all: the cosine schedule restarts at a
+# resume (5.6e-4 at step 3,000, down to 1e-4), so a single 6,000-step run would decay differently.
+IMAGE_ENCODER_STAGES = (3000, 6000)
+
+
 def _image_encoder(out: Path, steps: int, resume: bool) -> object:
-    return tiny_clip.train_image_encoder(out, out / "clip", steps=steps, resume=resume)
+    totals = IMAGE_ENCODER_STAGES if steps == IMAGE_ENCODER_STAGES[-1] else (steps,)
+    for i, total in enumerate(totals):
+        encoder = tiny_clip.train_image_encoder(out, out / "clip", steps=total, resume=resume or i > 0)
+    return encoder
 
 
 def _vae(out: Path, steps: int, resume: bool) -> object:
@@ -92,7 +100,7 @@ def _adapter(name: str) -> Callable[[Path, int, bool], object]:
 
 RECIPES: dict[str, Recipe] = {
     "clip": Recipe(_clip, 1200, help="tiny CLIP (text encoder + adapters' image encoder)"),
-    "image-encoder": Recipe(_image_encoder, 3000, needs=("clip",),
+    "image-encoder": Recipe(_image_encoder, IMAGE_ENCODER_STAGES[-1], needs=("clip",),
                             help="the adapters' image encoder (4 px patches) against the frozen text tower"),
     "vae": Recipe(_vae, 2000, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x8"),
     "judge": Recipe(_judge, 500, help="judge CLIP + attribute classifier (measurement only)"),
