@@ -70,7 +70,7 @@ def weights_digest(modules: Sequence[torch.nn.Module]) -> str:
     for module in modules:
         for name, tensor in sorted(module.state_dict().items()):
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     return h.hexdigest()[:16]
 
 

@@ -1,8 +1,9 @@
 """The miniature IP-Adapters: each one `ipadapter train` run on the frozen miniature pipeline, as a table.
 
-All three see the same 16,384 training scenes (seed 100, four in five captions partial) and the same recipe (batch 32, AdamW 5e-4 after 100
-warm-up steps, offset noise 0.2 as the UNet was trained with, the paper's 5/5/5% condition dropout, the loss weighted
-by min-SNR-5 and an EMA of the weights, 0.999, which is what is saved); they differ only in what the table says. `simple` is the paper's "simple adapter" ablation: the same projection as `base`, its
+All three see the same 16,384 training scenes (seed 100, four in five captions partial) and the same recipe
+(batch 32, AdamW 5e-4 after 100 warm-up steps, offset noise 0.2 as the UNet was trained with, the paper's 5/5/5%
+condition dropout, the loss weighted by min-SNR-5, an EMA of the weights, 0.999, which is what is saved); they differ
+only in what the table says. `simple` is the paper's "simple adapter" ablation: the same projection as `base`, its
 tokens concatenated to the text tokens of the frozen cross-attention (`attention="concat"`).
 """
 
