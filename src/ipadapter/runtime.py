@@ -136,5 +136,6 @@ class Runtime:
                 raise IPAdapterError(
                     f"{t.shape[0]} image prompts cannot be spread over a batch of {per_half}; give one per prompt"
                 )
-            laid.append(t.repeat_interleave(per_half // t.shape[0], dim=0))
-        return torch.cat(laid, dim=0)  # (batch, T, C)
+            repeats = per_half // t.shape[0]
+            laid.append(t.repeat_interleave(repeats, dim=0) if repeats > 1 else t)  # 1: no copy before the cat's
+        return torch.cat(laid, dim=0)  # (batch, T, C), a new tensor
