@@ -89,6 +89,31 @@ def test_without_model_flags_it_evaluates_the_bundled_miniature_with_its_judge(s
     assert "Judge-classifier agreement" in (out / "report.md").read_text()
 
 
+def test_a_retrained_base_under_the_same_path_is_not_mixed_into_old_samples(setup, tmp_path, capsys) -> None:
+    """The plan names the base by its path too; a VAE decoder fine-tuned in place (as the miniature's was) makes
+    other images, so a rerun into the same folder is refused (one line) and the old samples stay as they were."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    base = tmp_path / "pipe"
+    shutil.copytree(setup / "pipe", base)
+    out = tmp_path / "run"
+    args = [a if a != str(setup / "pipe") else str(base) for a in _args(setup, out, "--scales", "1")]
+    assert main(args) == 0
+    samples = {p: p.read_bytes() for p in (out / "samples").rglob("*.png")}
+    vae = AutoencoderKL.from_pretrained(base / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(1.01)
+    vae.save_pretrained(base / "vae")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other settings (base_weights)" in err
+    assert {p: p.read_bytes() for p in (out / "samples").rglob("*.png")} == samples
+
+
 def test_a_retrained_adapter_under_the_same_path_is_not_mixed_into_old_samples(setup, tmp_path, capsys) -> None:
     """The plan names the adapter by its path; a file retrained under that path makes other images, so a rerun into
     the same folder is refused (one line) and the old samples stay as they were."""

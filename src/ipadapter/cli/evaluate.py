@@ -150,7 +150,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ipadapter.batch.launch import current
     from ipadapter.evaluate.protocols import deviations, protocol
     from ipadapter.evaluate.report import Report, write_report
-    from ipadapter.evaluate.runner import Plan, generate, prompter_sampler, weights_digest
+    from ipadapter.evaluate.runner import Plan, base_modules, generate, prompter_sampler, weights_digest
     from ipadapter.evaluate.scoring import build_toolbox, score
     from ipadapter.cli.generate import load_from_flags
     from ipadapter.loading import base_geometry, check_model_args
@@ -192,6 +192,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = {"manifest_sha256": hashlib.sha256(manifest.path.read_bytes()).hexdigest()[:16], "base": loaded.base,
                 "adapters": args.adapter or ["miniature base"], "weight_names": args.weight_name,
                 "adapter_weights": weights_digest(list(loaded.prompter.adapters.values())),
+                "base_weights": weights_digest(base_modules(loaded.prompter), per_tensor=64),
                 "image_encoder": args.image_encoder, "steps": steps, "guidance": guidance,
                 "scheduler": args.scheduler, "width": args.width, "height": args.height, "dtype": args.dtype}
     plan = Plan(tuple(names), scales, samples, args.seed, empty_prompt, settings)

@@ -64,14 +64,29 @@ class Plan:
         return json.loads(json.dumps({**self.settings, "seed": self.seed, "empty_prompt": self.empty_prompt}))
 
 
-def weights_digest(modules: Sequence[torch.nn.Module]) -> str:
-    """A hash of the modules' weights (names and bytes): adapters are small, so hashing them costs milliseconds."""
+def weights_digest(modules: Sequence[torch.nn.Module], per_tensor: int | None = None) -> str:
+    """A hash of the modules' weights (names, shapes and bytes): adapters are small, so hashing all of them costs
+    milliseconds. `per_tensor`: only that many evenly spaced values of each tensor, for base models of gigabytes
+    (retraining or fine-tuning a tensor changes nearly every value, so a sample is enough to notice)."""
     h = hashlib.sha256()
     for module in modules:
         for name, tensor in sorted(module.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
+            flat = tensor.detach().reshape(-1)  # 0-dim too
+            if per_tensor is not None and flat.numel() > per_tensor:
+                flat = flat[torch.linspace(0, flat.numel() - 1, per_tensor, device=flat.device).long()]
+            h.update(f"{name}{tuple(tensor.shape)}".encode())
+            h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def base_modules(prompter) -> list[torch.nn.Module]:
+    """Every model that draws the images besides the adapters: the pipeline's components (UNet or transformer, VAE,
+    text encoders, ControlNet) and the adapters' image encoder."""
+    found = [m for m in prompter.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    encoder = getattr(prompter.encoder, "model", None)
+    if isinstance(encoder, torch.nn.Module) and all(encoder is not m for m in found):
+        found.append(encoder)
+    return found
 
 
 def sample_seed(seed: int, ref_index: int, sample: int) -> int:
