@@ -87,7 +87,8 @@ def test_bundled_folder_reads_as_the_v1_layout() -> None:
     from ipadapter import bundled
 
     models = Models.bundled()
-    assert models.pipeline == bundled.PIPELINE_DIR and models.clip is None and models.image_encoder is None
+    assert models.pipeline == bundled.PIPELINE_DIR and models.image_encoder is None
+    assert models.clip == bundled.ASSETS_DIR / "clip"
     assert models.judge == bundled.JUDGE_DIR
     assert models.missing("base") is None or "adapter" in models.missing("base")
 
@@ -137,8 +138,11 @@ def test_quick_report_on_the_bundled_models(tmp_path) -> None:
         pytest.skip("the shipped miniature adapter is missing")
     results = quality.evaluate(tmp_path, models, QUICK)
     _check_report(tmp_path, results)
-    assert "told_apart" not in results["stages"]["text_encoder"]  # a pipeline folder keeps no text projection
-    assert "| IP-Adapter, image only, PIL-drawn references |" in (tmp_path / "report.md").read_text()
+    assert set(results["stages"]["text_encoder"]["told_apart"]) == set(ATTRIBUTES)  # the bundle ships its CLIP
+    report = (tmp_path / "report.md").read_text()
+    assert "| IP-Adapter, image only, PIL-drawn references |" in report
+    assert ("what was tried and the next step" in report) == any(
+        t["met"] is False for t in results["targets"].values())
 
 
 def _stage_folder(root, bundled_pipeline):
@@ -229,18 +233,21 @@ def test_adapter_recipes_train_with_the_project_trainer(tmp_path, monkeypatch) -
 
 
 def test_image_encoder_recipe_runs_the_shipped_schedule(tmp_path, monkeypatch) -> None:
-    """The shipped encoder is a 3,000-step run resumed to 6,000 (the cosine restarts at a resume): the default
-    rebuilds it that way; `--steps N` is one run of N steps; `--resume` continues the stage the checkpoint is in."""
+    """The shipped encoder is a 3,000-step run resumed to 6,000 (the cosine restarts at a resume), then to 9,000 with
+    the per-patch read-outs: the default rebuilds it that way; `--steps N` is one run of N steps with today's
+    objective; `--resume` continues the stage the checkpoint is in."""
     from ipadapter.miniature import recipes, tiny_clip
 
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "config.json").write_text("{}")
     calls = []
-    monkeypatch.setattr(tiny_clip, "train_image_encoder", lambda out, clip, steps, resume: calls.append((steps, resume)))
+    monkeypatch.setattr(tiny_clip, "train_image_encoder",
+                        lambda out, clip, steps, resume, per_patch: calls.append((steps, resume, per_patch)))
     recipes.run_recipe("image-encoder", tmp_path)
     recipes.run_recipe("image-encoder", tmp_path, steps=500)
     recipes.run_recipe("image-encoder", tmp_path, resume=True)
-    assert calls == [(3000, False), (6000, True), (500, False), (3000, True), (6000, True)]
+    shipped = [(3000, False, False), (6000, True, False), (9000, True, True)]
+    assert calls == [*shipped, (500, False, True), (3000, True, False), *shipped[1:]]
 
 
 def test_a_run_folder_with_a_pipeline_reads_the_pipelines_image_encoder(tmp_path) -> None:

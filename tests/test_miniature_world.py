@@ -135,15 +135,23 @@ def test_export_is_fp16_and_loads_in_fp32(smoke_run, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
+    from transformers import CLIPModel
+
+    from ipadapter.miniature.models import Loaded, Models
+
     sizes = recipes.export(smoke_run, assets_dir=tmp_path)
-    assert set(sizes) == {"pipeline", "judge"}
+    assert set(sizes) == {"pipeline", "clip", "judge"}
+    exported = Loaded(Models.from_folder(tmp_path)).clip
+    trained = CLIPModel.from_pretrained(smoke_run / "clip")
+    ids = tiny_clip.tokenize(tok.load_tokenizer(tmp_path / "clip"), ["a red circle"])
+    torch.testing.assert_close(tiny_clip.embed(exported, ids=ids), tiny_clip.embed(trained, ids=ids), atol=2e-3, rtol=0)
     kept = tmp_path / "kept"
     (kept / "judge").mkdir(parents=True)
     (kept / "judge" / "marker").write_text("shipped judge")
     no_judge = tmp_path / "run_without_judge"
     no_judge.mkdir()
     (no_judge / "pipeline").symlink_to(smoke_run / "pipeline")
-    assert set(recipes.export(no_judge, assets_dir=kept)) == {"pipeline"}
+    assert set(recipes.export(no_judge, assets_dir=kept)) == {"pipeline"}, "nor does it write a CLIP it has not got"
     assert (kept / "judge" / "marker").read_text() == "shipped judge", "a run without a judge keeps the shipped one"
     with safe_open(tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
@@ -199,3 +207,60 @@ def test_snapshot_resume_restores_fp16_weights_and_rewarms(tmp_path):
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cosine_lr(500, 1000, 1e-3) / REWARM_STEPS)
     resumed.set_lr(500 + REWARM_STEPS, 1e-3)
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cosine_lr(500 + REWARM_STEPS, 1000, 1e-3))
+
+
+@pytest.mark.parametrize("from_snapshot", [False, True])
+def test_a_stage_that_adds_modules_resumes_the_rest_and_restarts_the_optimizer(tmp_path, from_snapshot):
+    """The encoder's third stage adds per-patch heads: the encoder must come back exactly, the new heads keep their
+    fresh weights, and the optimizer (whose parameter list changed) starts again with a re-warmed learning rate."""
+    from ipadapter.miniature.runloop import TrainRun, write_snapshot
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    TrainRun(tmp_path, "toy", 1000, {"model": model}, optimizer).save(500)
+    if from_snapshot:
+        write_snapshot(tmp_path / "toy.ckpt.pt", tmp_path / "toy.state.safetensors")
+        (tmp_path / "toy.ckpt.pt").unlink()
+    fresh, heads = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+    heads_before = heads.weight.clone()
+    new_optimizer = torch.optim.AdamW([*fresh.parameters(), *heads.parameters()], lr=1e-3)
+    resumed = TrainRun(tmp_path, "toy", 1000, {"model": fresh, "heads": heads}, new_optimizer, resume=True)
+    assert resumed.start_step == 500 and resumed.rewarm_from == 500
+    expected = model.weight.half().float() if from_snapshot else model.weight
+    assert torch.equal(fresh.weight, expected)
+    assert torch.equal(heads.weight, heads_before)
+    assert new_optimizer.state_dict()["state"] == {}
+    assert "heads start fresh" in (tmp_path / "toy.log").read_text()
+
+
+def test_patch_heads_targets_follow_the_encoders_token_order():
+    """Per-patch targets (object cover, row, column) must index the tokens the way the CLIP vision tower lays them
+    out; checked against the tower's own patch embedding: a single changed patch moves exactly one token."""
+    from transformers import CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection(tiny_clip.vision_config(TINY_CLIP, 16)).eval()
+    grid, row, col = 4, 1, 2
+    image = torch.zeros(1, 3, 64, 64)
+    changed = image.clone()
+    changed[:, :, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] = 1.0
+    with torch.no_grad():
+        before = encoder.vision_model.embeddings(image)[0, 1:]
+        after = encoder.vision_model.embeddings(changed)[0, 1:]
+    moved = (before - after).abs().sum(-1).nonzero().flatten().tolist()
+    assert moved == [row * grid + col]
+
+    heads = tiny_clip.PatchHeads(TINY_CLIP.hidden, grid)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16] = 1.0
+    cover = torch.nn.functional.avg_pool2d(mask.unsqueeze(1), 64 // grid).flatten(1)
+    assert cover[0].nonzero().flatten().tolist() == moved
+    seen = []
+    heads.scene.loss = lambda rows, labels: seen.append((rows, labels)) or rows.sum() * 0
+    tokens = torch.randn(1, grid * grid, TINY_CLIP.hidden)
+    full = tiny_clip.labels(world.make_batch(0, 1)[1])
+    heads.loss(tokens, mask, full)
+    rows, labels = seen[0]
+    assert torch.equal(rows, tokens[0, moved]) and torch.equal(labels, full)

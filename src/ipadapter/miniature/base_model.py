@@ -123,18 +123,20 @@ def train_vae(
 
 def train_vae_decoder(
     out_dir: str | Path,
-    steps: int = 800,
+    steps: int = 1500,
     seed: int = 4,
     batch: int = 16,
-    lr: float = 5e-4,
-    latent_noise: float = 0.1,
+    lr: float = 2e-4,
+    object_weight: float = 16.0,
     resume: bool = False,
     name: str = "vae_decoder",
 ):
-    """Fine-tune only the decoder of `out_dir/vae` and save the whole VAE to `out_dir/name/`.
+    """Fine-tune only the decoder of `out_dir/vae` with the object-weighted loss and save the whole VAE to
+    `out_dir/name/`.
 
-    The encoder (and so every cached latent the UNet trains on) stays fixed, so this can run alongside the UNet.
-    Latents get noise of up to `latent_noise` (in scaled units) so the decoder tolerates the UNet's small errors.
+    The encoder (and so every cached latent, the UNet and the adapters) stays as it is. The weighting decides it:
+    the plain loss lowered the judge's shape on reconstructions (90.8% -> 88.1%), the object and its edge weighted 8x
+    for 600 steps raised it to 91.8%, 16x for 1,500 steps to 92.6%: the object is a few percent of the pixels.
     """
     from diffusers import AutoencoderKL
 
@@ -150,17 +152,14 @@ def train_vae_decoder(
     run = TrainRun(out, name, steps, {"vae": vae}, optimizer, resume=resume)
     log.info("%s: %d trainable parameters (decoder only)", name, sum(p.numel() for p in params))
     vae.train()
-    sf = vae.config.scaling_factor
     for step in range(run.start_step, steps):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        images, _ = make_batch(seed * 1_000_003 + step, batch)
+        images, masks, _ = make_masked_batch(seed * 1_000_003 + step, batch)
         x = to_model_range(images)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
-            level = torch.rand(batch, 1, 1, 1, generator=g) * latent_noise / sf
-            z = z + level * torch.randn(z.shape, generator=g)
         recon = vae.decode(z).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        w = object_weights(masks, object_weight)
+        loss = (w * ((recon - x) ** 2 + 0.5 * (recon - x).abs())).mean() / w.mean()
         run.optimize(step, loss, lr, params)
         run.step_done(step + 1, loss.item())
     vae.eval()

@@ -1,11 +1,12 @@
 """The miniature models a report measures: the bundled ones, or any folder laid out as the bundle or as a run.
 
 Two layouts are read. The bundled one: a diffusers `pipeline/` with the adapters' image encoder in
-`image_encoder/`. The stage layout of a rebuild: `clip/` (a full `CLIPModel`), `vae/`, `unet/` and, when trained, a
-separate `image_encoder/`; without it the adapters read the CLIP's vision tower. A `pipeline/` beside the stages
-(a run folder once assembled) is what generates; `clip/` and `image_encoder/` are still read when present. Beside either: the adapters
-(`adapters/<name>.safetensors` as exported, or `adapter-<name>/adapter.ipadapter.safetensors` as trained),
-`controlnet/`, `custom_lora/` and `judge/` (the bundled judge when a folder has none).
+`image_encoder/`, and the whole tiny CLIP in `clip/` (the pipeline keeps its text tower only; the report's text
+retrieval check needs the projection too). The stage layout of a rebuild: `clip/`, `vae/`, `unet/` and, when
+trained, a separate `image_encoder/`; without it the adapters read the CLIP's vision tower. A `pipeline/` beside the
+stages (a run folder once assembled) is what generates; `clip/` and `image_encoder/` are still read when present.
+Beside either: the adapters (`adapters/<name>.safetensors` as exported, or `adapter-<name>/adapter.ipadapter.safetensors`
+as trained), `controlnet/`, `custom_lora/` and `judge/` (the bundled judge when a folder has none).
 """
 
 from __future__ import annotations
@@ -108,11 +109,12 @@ class Loaded:
 
     @property
     def clip(self):
-        """The full tiny CLIP of the stage layout (None for a bundled pipeline, which keeps only its towers)."""
+        """The full tiny CLIP (clip/ of a run folder or of the bundle), in fp32 like every model here."""
         if self._clip is None and self.models.clip is not None:
+            import torch
             from transformers import CLIPModel
 
-            self._clip = CLIPModel.from_pretrained(self.models.clip).eval()
+            self._clip = CLIPModel.from_pretrained(self.models.clip, dtype=torch.float32).eval()
         return self._clip
 
     def pipeline(self, model: str = "base", control: bool = False):

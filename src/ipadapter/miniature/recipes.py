@@ -37,15 +37,17 @@ def _clip(out: Path, steps: int, resume: bool) -> object:
     return tiny_clip.train_clip(out, name="clip", steps=steps, seed=0, batch=64, lr=1e-3, resume=resume)
 
 
-# The shipped encoder ran 3,000 steps and was then resumed with 6,000 in all: the cosine schedule restarts at a
-# resume (5.6e-4 at step 3,000, down to 1e-4), so a single 6,000-step run would decay differently.
-IMAGE_ENCODER_STAGES = (3000, 6000)
+# The shipped encoder: 3,000 steps, resumed to 6,000 (the cosine schedule restarts at a resume: 5.6e-4 at step
+# 3,000, down to 1e-4, so one 6,000-step run would decay differently), then resumed to 9,000 with per-patch read-outs
+# added (`tiny_clip.PatchHeads`: Plus's resampler could not see where the object was). (total steps, per-patch).
+IMAGE_ENCODER_STAGES = ((3000, False), (6000, False), (9000, True))
 
 
 def _image_encoder(out: Path, steps: int, resume: bool) -> object:
-    totals = IMAGE_ENCODER_STAGES if steps == IMAGE_ENCODER_STAGES[-1] else (steps,)
-    for i, total in enumerate(totals):
-        encoder = tiny_clip.train_image_encoder(out, out / "clip", steps=total, resume=resume or i > 0)
+    stages = IMAGE_ENCODER_STAGES if steps == IMAGE_ENCODER_STAGES[-1][0] else ((steps, True),)
+    for i, (total, per_patch) in enumerate(stages):
+        encoder = tiny_clip.train_image_encoder(out, out / "clip", steps=total, resume=resume or i > 0,
+                                                per_patch=per_patch)
     return encoder
 
 
@@ -100,12 +102,13 @@ def _adapter(name: str) -> Callable[[Path, int, bool], object]:
 
 RECIPES: dict[str, Recipe] = {
     "clip": Recipe(_clip, 1200, help="tiny CLIP (text encoder + adapters' image encoder)"),
-    "image-encoder": Recipe(_image_encoder, IMAGE_ENCODER_STAGES[-1], needs=("clip",),
+    "image-encoder": Recipe(_image_encoder, IMAGE_ENCODER_STAGES[-1][0], needs=("clip",),
                             help="the adapters' image encoder (4 px patches) against the frozen text tower"),
     "vae": Recipe(_vae, 2000, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x8"),
     "judge": Recipe(_judge, 500, help="judge CLIP + attribute classifier (measurement only)"),
     "unet": Recipe(_unet, 2600, needs=("clip", "vae"), help="UNet on cached latents, then the pipeline folder"),
-    "decoder": Recipe(_decoder, 700, needs=("vae",), help="fine-tune the VAE decoder only (latents unchanged)"),
+    "decoder": Recipe(_decoder, 1500, needs=("vae",),
+                       help="fine-tune the VAE decoder only, object-weighted (latents unchanged)"),
     "custom": Recipe(_custom, 700, help="a custom model: LoRA on the shipped UNet, two-tone scenes"),
     "adapter": Recipe(_adapter("base"), adapters.ADAPTERS["base"].steps, help="IP-Adapter (base: 4 tokens)"),
     "adapter-plus": Recipe(_adapter("plus"), adapters.ADAPTERS["plus"].steps, help="IP-Adapter Plus (resampler)"),
@@ -153,9 +156,9 @@ def evaluate_base(out: Path = DEFAULT_OUT, n: int = 64, steps: int = 25, guidanc
 
 
 def export(out: Path = DEFAULT_OUT, assets_dir: Path = bundled.ASSETS_DIR) -> dict[str, float]:
-    """Write fp16 safetensors of the pipeline, the judge (when the run folder trained one; the shipped judge is kept
-    otherwise: it measures images, whatever drew them), the ControlNet, the LoRA and the adapters into the package;
-    returns sizes in MB."""
+    """Write fp16 safetensors of the pipeline, the tiny CLIP, the judge (when the run folder trained one; the shipped
+    judge is kept otherwise: it measures images, whatever drew them), the ControlNet, the LoRA and the adapters into
+    the package; returns sizes in MB."""
     from diffusers import StableDiffusionPipeline
 
     from ipadapter.miniature.controlnet import export_controlnet
@@ -171,6 +174,10 @@ def export(out: Path = DEFAULT_OUT, assets_dir: Path = bundled.ASSETS_DIR) -> di
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
     base_model.save_pipeline(pipe, pipe_dir, half=True)
     sizes = {"pipeline": _size_mb(pipe_dir)}
+    if (out / "clip" / "config.json").is_file():
+        # the pipeline keeps the text tower only; the whole CLIP (its text projection) lets the report measure
+        # the text encoder's caption-vs-one-slot-changed retrieval on the bundle
+        sizes["clip"] = _export_clip(out / "clip", assets_dir / "clip")
     if (out / "judge" / judge.CLASSIFIER_WEIGHTS).exists():
         sizes["judge"] = _export_judge(out, assets_dir / "judge")
     if (out / "custom_lora" / "pytorch_lora_weights.safetensors").is_file():
@@ -188,9 +195,6 @@ def _size_mb(folder: Path) -> float:
 
 def _export_judge(out: Path, judge_dir: Path) -> float:
     from safetensors.torch import load_file, save_file
-    from transformers import CLIPModel
-
-    from ipadapter.miniature.tokenizer import load_tokenizer
 
     if judge_dir.exists():
         shutil.rmtree(judge_dir)
@@ -198,7 +202,18 @@ def _export_judge(out: Path, judge_dir: Path) -> float:
     state = load_file(out / "judge" / judge.CLASSIFIER_WEIGHTS)
     save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, judge_dir / judge.CLASSIFIER_WEIGHTS)
     shutil.copy(out / "judge" / judge.CLASSIFIER_CONFIG, judge_dir / judge.CLASSIFIER_CONFIG)
-    clip = CLIPModel.from_pretrained(out / "judge_clip", dtype=torch.float32).half()
-    clip.save_pretrained(judge_dir / "clip", safe_serialization=True)
-    load_tokenizer(out / "judge_clip").save_pretrained(judge_dir / "clip")
+    _export_clip(out / "judge_clip", judge_dir / "clip")
     return _size_mb(judge_dir)
+
+
+def _export_clip(source: Path, target: Path) -> float:
+    """A full tiny CLIP (both towers, projections, tokenizer) in fp16."""
+    from transformers import CLIPModel
+
+    from ipadapter.miniature.tokenizer import load_tokenizer
+
+    if target.exists():
+        shutil.rmtree(target)
+    CLIPModel.from_pretrained(source, dtype=torch.float32).half().save_pretrained(target, safe_serialization=True)
+    load_tokenizer(source).save_pretrained(target)
+    return _size_mb(target)

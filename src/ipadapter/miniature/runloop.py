@@ -99,11 +99,16 @@ class TrainRun:
             log.info("%s: no checkpoint at %s, starting from step 0", self.name, self.ckpt_path)
             return 0
         state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        for key, module in self.modules.items():
-            module.load_state_dict(state["modules"][key])
-        self.optimizer.load_state_dict(state["optimizer"])
-        log.info("%s: resumed from %s at step %d", self.name, self.ckpt_path, state["step"])
-        return int(state["step"])
+        step = int(state["step"])
+        new = self._load_modules(state["modules"])
+        if new:
+            self.rewarm_from = step
+            log.info("%s: resumed from %s at step %d; %s start fresh, and so does the optimizer",
+                     self.name, self.ckpt_path, step, ", ".join(new))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+            log.info("%s: resumed from %s at step %d", self.name, self.ckpt_path, step)
+        return step
 
     def _load_snapshot(self) -> int:
         from safetensors import safe_open
@@ -111,14 +116,26 @@ class TrainRun:
         with safe_open(self.snapshot_path, framework="pt") as f:
             step = int(f.metadata()["step"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        for key, module in self.modules.items():
-            prefix = f"{key}."
-            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            reference = module.state_dict()
-            module.load_state_dict({k: v.to(reference[k].dtype) for k, v in own.items()})
+        saved: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            key, _, rest = k.partition(".")
+            saved.setdefault(key, {})[rest] = v
+        new = self._load_modules(saved)
         self.rewarm_from = step
-        log.info("%s: resumed from snapshot %s at step %d (fresh optimizer moments)", self.name, self.snapshot_path, step)
+        log.info("%s: resumed from snapshot %s at step %d (fresh optimizer moments%s)", self.name, self.snapshot_path,
+                 step, f"; {', '.join(new)} start fresh" if new else "")
         return step
+
+    def _load_modules(self, saved: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        """Load every module the saved state holds (strictly); returns the names of those it does not hold.
+
+        A later stage of a run may add modules (read-out heads for a new objective); they start fresh."""
+        for key, module in self.modules.items():
+            if key in saved:
+                reference = module.state_dict()
+                module.load_state_dict({k: v.to(reference[k].dtype) if k in reference else v
+                                        for k, v in saved[key].items()})
+        return [key for key in self.modules if key not in saved]
 
     def save(self, step: int) -> None:
         state = {
