@@ -236,6 +236,23 @@ def test_a_stage_that_adds_modules_resumes_the_rest_and_restarts_the_optimizer(t
     assert "heads start fresh" in (tmp_path / "toy.log").read_text()
 
 
+def test_an_earlier_stage_resumes_from_a_later_stages_checkpoint(tmp_path):
+    """`train image-encoder --resume` runs every stage; during the third the checkpoint holds the per-patch heads,
+    which the first two stages do not have: they load what they share and skip the optimizer state."""
+    from ipadapter.miniature.runloop import TrainRun
+
+    model, heads = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=1e-3)
+    (model(torch.ones(1, 4)).sum() + heads(torch.ones(1, 3)).sum()).backward()
+    optimizer.step()
+    TrainRun(tmp_path, "toy", 1000, {"model": model, "heads": heads}, optimizer).save(700)
+    earlier = torch.nn.Linear(4, 3)
+    resumed = TrainRun(tmp_path, "toy", 500, {"model": earlier}, torch.optim.AdamW(earlier.parameters(), lr=1e-3),
+                       resume=True)
+    assert resumed.start_step == 700 and torch.equal(earlier.weight, model.weight)
+    assert resumed.optimizer.state_dict()["state"] == {}
+
+
 def test_patch_heads_targets_follow_the_encoders_token_order():
     """Per-patch targets (object cover, row, column) must index the tokens the way the CLIP vision tower lays them
     out; checked against the tower's own patch embedding: a single changed patch moves exactly one token."""

@@ -101,10 +101,10 @@ class TrainRun:
         state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         step = int(state["step"])
         new = self._load_modules(state["modules"])
-        if new:
+        if new or set(state["modules"]) != set(self.modules):
             self.rewarm_from = step
-            log.info("%s: resumed from %s at step %d; %s start fresh, and so does the optimizer",
-                     self.name, self.ckpt_path, step, ", ".join(new))
+            log.info("%s: resumed from %s at step %d; the modules differ (%s start fresh), and so does the optimizer",
+                     self.name, self.ckpt_path, step, ", ".join(new) or "none")
         else:
             self.optimizer.load_state_dict(state["optimizer"])
             log.info("%s: resumed from %s at step %d", self.name, self.ckpt_path, step)
@@ -129,7 +129,9 @@ class TrainRun:
     def _load_modules(self, saved: dict[str, dict[str, torch.Tensor]]) -> list[str]:
         """Load every module the saved state holds (strictly); returns the names of those it does not hold.
 
-        A later stage of a run may add modules (read-out heads for a new objective); they start fresh."""
+        A later stage of a run may add modules (read-out heads for a new objective); they start fresh. Resuming an
+        earlier stage from a later stage's checkpoint loads the modules they share (the stage then has nothing
+        left to train)."""
         for key, module in self.modules.items():
             if key in saved:
                 reference = module.state_dict()
