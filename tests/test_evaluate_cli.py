@@ -89,50 +89,48 @@ def test_without_model_flags_it_evaluates_the_bundled_miniature_with_its_judge(s
     assert "Judge-classifier agreement" in (out / "report.md").read_text()
 
 
-def test_a_retrained_base_under_the_same_path_is_not_mixed_into_old_samples(setup, tmp_path, capsys) -> None:
-    """The plan names the base by its path too; a VAE decoder fine-tuned in place (as the miniature's was) makes
-    other images, so a rerun into the same folder is refused (one line) and the old samples stay as they were."""
+def _retrained_in_place_is_refused(setup, tmp_path, capsys, name: str, retrain, pinned: str) -> None:
+    """Evaluate with a copy of `setup/name`, change it in place with `retrain(path)`, rerun into the same folder: the
+    rerun is refused in one line naming the `pinned` setting, and the old samples stay as they were."""
     import shutil
 
+    model = tmp_path / name
+    (shutil.copytree if (setup / name).is_dir() else shutil.copy)(setup / name, model)
+    out = tmp_path / "run"
+    args = [a if a != str(setup / name) else str(model) for a in _args(setup, out, "--scales", "1")]
+    assert main(args) == 0
+    samples = {p: p.read_bytes() for p in (out / "samples").rglob("*.png")}
+    retrain(model)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"other settings ({pinned})" in err
+    assert {p: p.read_bytes() for p in (out / "samples").rglob("*.png")} == samples
+
+
+def test_a_retrained_base_under_the_same_path_is_not_mixed_into_old_samples(setup, tmp_path, capsys) -> None:
+    """The plan names the base by its path too; a VAE decoder fine-tuned in place (as the miniature's was) makes
+    other images."""
     import torch
     from diffusers import AutoencoderKL
 
-    base = tmp_path / "pipe"
-    shutil.copytree(setup / "pipe", base)
-    out = tmp_path / "run"
-    args = [a if a != str(setup / "pipe") else str(base) for a in _args(setup, out, "--scales", "1")]
-    assert main(args) == 0
-    samples = {p: p.read_bytes() for p in (out / "samples").rglob("*.png")}
-    vae = AutoencoderKL.from_pretrained(base / "vae")
-    with torch.no_grad():
-        vae.decoder.conv_out.weight.mul_(1.01)
-    vae.save_pretrained(base / "vae")
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "other settings (base_weights)" in err
-    assert {p: p.read_bytes() for p in (out / "samples").rglob("*.png")} == samples
+    def fine_tune_decoder(base) -> None:
+        vae = AutoencoderKL.from_pretrained(base / "vae")
+        with torch.no_grad():
+            vae.decoder.conv_out.weight.mul_(1.01)
+        vae.save_pretrained(base / "vae")
+
+    _retrained_in_place_is_refused(setup, tmp_path, capsys, "pipe", fine_tune_decoder, "base_weights")
 
 
 def test_a_retrained_adapter_under_the_same_path_is_not_mixed_into_old_samples(setup, tmp_path, capsys) -> None:
-    """The plan names the adapter by its path; a file retrained under that path makes other images, so a rerun into
-    the same folder is refused (one line) and the old samples stay as they were."""
-    import shutil
-
+    """The plan names the adapter by its path; a file retrained under that path makes other images."""
     import torch
 
-    adapter = tmp_path / "adapter.bin"
-    shutil.copy(setup / "base.bin", adapter)
-    out = tmp_path / "run"
-    args = [a if a != str(setup / "base.bin") else str(adapter) for a in _args(setup, out, "--scales", "1")]
-    assert main(args) == 0
-    samples = {p: p.read_bytes() for p in (out / "samples").rglob("*.png")}
-    state = torch.load(adapter, weights_only=True)
-    first = next(iter(state["image_proj"]))
-    state["image_proj"][first] = state["image_proj"][first] + 1.0
-    torch.save(state, adapter)
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "other settings (adapter_weights)" in err
-    assert {p: p.read_bytes() for p in (out / "samples").rglob("*.png")} == samples
+    def retrain(adapter) -> None:
+        state = torch.load(adapter, weights_only=True)
+        first = next(iter(state["image_proj"]))
+        state["image_proj"][first] = state["image_proj"][first] + 1.0
+        torch.save(state, adapter)
+
+    _retrained_in_place_is_refused(setup, tmp_path, capsys, "base.bin", retrain, "adapter_weights")

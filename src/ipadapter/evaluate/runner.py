@@ -3,8 +3,8 @@
 Every sample has its own seed (`sample_seed`), so an image does not depend on which others shared its batch: a
 rerun generates exactly the missing samples and gets the images an uninterrupted run would have. Samples are
 written atomically to DIR/samples/<method>/scale-<s>/<ref>-<k>.png; a PNG on disk is a finished sample.
-DIR/plan.json pins the settings that define the images (with a digest of the adapters' weights: a file retrained
-under the same path is another model), so a resumed run cannot mix two models' samples.
+DIR/plan.json pins the settings that define the images (with digests of the adapters' and the base models' weights:
+a file retrained under the same path is another model), so a resumed run cannot mix two models' samples.
 Under `accelerate launch` each process generates the (method, scale, reference) cells at its positions modulo the
 process count (`ipadapter.batch.shards`); the seeds are the cell's, so any process count makes the same images.
 """

@@ -101,7 +101,7 @@ class TrainRun:
         state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         step = int(state["step"])
         new = self._load_modules(state["modules"])
-        if new or set(state["modules"]) != set(self.modules):
+        if set(state["modules"]) != set(self.modules):
             self.rewarm_from = step
             log.info("%s: resumed from %s at step %d; the modules differ (%s start fresh), and so does the optimizer",
                      self.name, self.ckpt_path, step, ", ".join(new) or "none")
