@@ -272,3 +272,36 @@ def test_masked_references_together_equal_each_alone() -> None:
         alone = sum(run([r], uncond_layer) for r in refs) - 2 * run([], uncond_layer)
         torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
         assert (together - run(refs[2:], uncond_layer)).abs().max() > 1e-3  # the masked references do act
+
+
+def test_each_mask_is_resized_once_per_token_grid_and_generation(monkeypatch, tmp_path) -> None:
+    """What is the same at every layer is decided once: a mask on a token grid is made once per grid size and
+    generation (diffusers resizes it at every call), and made again for the next generation."""
+    import ipadapter.attention as attention
+
+    unet = factories.sd15_unet()
+    state = factories.published(unet, "base", factories.SD15_CROSS)
+    torch.save(state, tmp_path / "base.bin")
+    adapter = load_adapter(tmp_path / "base.bin", unet)
+    f = features("base", batch=2, images=2)
+    with torch.no_grad():
+        tokens = [adapter.project(f["global"][:, i]) for i in range(2)]
+    grids: list[int] = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            module.register_forward_pre_hook(lambda _, args: grids.append(args[0].shape[1]))
+    resized: list[int] = []
+    real = attention.resize_mask
+    monkeypatch.setattr(attention, "resize_mask", lambda m, n, hw: resized.append(n) or real(m, n, hw))
+    left = torch.zeros(64, 64)
+    left[:, :32] = 1
+    att = attach(unet, adapter)
+    for generation in range(2):
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=t, mask=m) for t, m in zip(tokens, (left, 1 - left))])})
+        for _ in range(2):  # two denoising steps
+            run_unet(unet, "sd15", 2)
+        sizes = set(grids)
+        assert len(grids) > len(sizes), "several layers share a grid size (else this test shows nothing)"
+        assert sorted(resized) == sorted(2 * list(sizes)), f"generation {generation}: each mask once per grid size"
+        grids.clear(), resized.clear()
+    att.detach()

@@ -485,11 +485,19 @@ class IPAttnProcessor(nn.Module):
     def _stacked_maps(
         self, p: AdapterPlan, groups: list[Group], seq_len: int, batch: int, dtype: torch.dtype, device: torch.device,
     ) -> torch.Tensor:
-        """The masked references' weights side by side (B or 1, 1, L or 1, R, 1), for one attention over all."""
-        maps = [self._weight_map(p, g, seq_len, batch, dtype, device) for g in groups]
-        maps = [m if m is not None else torch.ones(1, 1, 1, 1, dtype=dtype, device=device) for m in maps]
-        shape = torch.broadcast_shapes(*(m.shape for m in maps))
-        return torch.stack([m.expand(shape) for m in maps], dim=3)
+        """The masked references' weights side by side (B or 1, 1, L or 1, R, 1), for one attention over all; shared
+        by every layer of this token count unless the layer moves the references to the unconditional rows."""
+
+        def stack() -> torch.Tensor:
+            maps = [self._weight_map(p, g, seq_len, batch, dtype, device) for g in groups]
+            maps = [m if m is not None else torch.ones(1, 1, 1, 1, dtype=dtype, device=device) for m in maps]
+            shape = torch.broadcast_shapes(*(m.shape for m in maps))
+            return torch.stack([m.expand(shape) for m in maps], dim=3)
+
+        if p.uncond_layer:
+            return stack()
+        masks = tuple(id(g.mask) for g in groups)
+        return self.runtime.shared(("stacked", masks, seq_len, self.runtime.latent_hw, dtype, device), stack)
 
     def _weight_map(
         self, p: AdapterPlan, group: Group, seq_len: int, batch: int, dtype: torch.dtype, device: torch.device,
@@ -502,13 +510,21 @@ class IPAttnProcessor(nn.Module):
         if key not in self._maps:
             m = None
             if group.mask is not None:
-                m = resize_mask(group.mask.to(device), seq_len, self.runtime.latent_hw)
-                m = None if bool((m == 1).all()) else m.to(dtype)[None, None]  # (1, 1, L, 1)
+                m = self.runtime.shared(("mask", id(group.mask), seq_len, self.runtime.latent_hw, dtype, device),
+                                        lambda: _on_grid(group.mask, seq_len, self.runtime.latent_hw, dtype, device))
             if p.uncond_layer:
                 rows = torch.arange(batch, device=device).lt(batch // 2).to(dtype)[:, None, None, None]
                 m = rows if m is None else m * rows
             self._maps[key] = m
         return self._maps[key]
+
+
+def _on_grid(
+    mask: torch.Tensor, seq_len: int, latent_hw: tuple[int, int] | None, dtype: torch.dtype, device: torch.device,
+) -> torch.Tensor | None:
+    """A mask as (1, 1, L, 1) weights on a layer's token grid; None when it is all ones there."""
+    m = resize_mask(mask.to(device), seq_len, latent_hw)
+    return None if bool((m == 1).all()) else m.to(dtype)[None, None]
 
 
 def _add_together(

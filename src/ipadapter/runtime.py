@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from ipadapter.embed_cache import tensor_key
 from ipadapter.errors import IPAdapterError
 
 SCALING_MODES = ("v", "kv", "kv_penalty", "k_mean_v")
+T = TypeVar("T")
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Runtime:
     weights: dict[str, Hashable] = field(default_factory=dict)
     step_tensor: torch.Tensor | None = field(default=None, repr=False)
     _factors: tuple[tuple, dict[str, float]] = field(default=((), {}), init=False, repr=False)
+    _shared: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
 
     def set(self, prompts: dict[str, AdapterPrompt], *, cfg: bool, weights: dict[str, Hashable] | None = None) -> None:
         """A new generation's prompts; `weights`: each adapter's `IPAdapter.weights_token()` (K'/V' are reused
@@ -103,6 +106,14 @@ class Runtime:
         self.weights = dict(weights or {})
         self.progress = None
         self.generation += 1
+        self._shared = {}
+
+    def shared(self, key: Hashable, make: Callable[[], T]) -> T:
+        """`make()` once per generation for every layer that asks with `key`: a mask on a token grid is the same at
+        every layer of that grid size (SDXL: 70 layers, 3 sizes), so it is resized once, not once per layer."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def clear(self) -> None:
         self.set({}, cfg=False)
