@@ -1,6 +1,7 @@
 """A compiled UNet with adapters attached vs the compiled plain UNet: time per step, compile time, graph count.
 
-SD 1.5's UNet (real architecture, random weights, fp32) at `--latents` (default 32x32, 256 px), CFG batch of 2,
+SD 1.5's UNet (real architecture, random weights; `--dtype`, default fp32, on `--device`, default the CPU) at
+`--latents` (default 32x32, 256 px), CFG batch of 2,
 77 text tokens; a Plus-shaped adapter (16 image tokens per reference) given its tokens directly. One
 `torch.compile(unet)` object serves both, switched by swapping the attention processors (one attachment; its
 pre-call hook, a few µs of Python, also runs for "plain"): it is first called with the original processors
@@ -11,6 +12,7 @@ The compiled output is compared with the eager UNet's.
 
     python benchmarks/compiled.py                   # inductor (needs a C++ compiler on the CPU)
     python benchmarks/compiled.py --latents 16 --backend aot_eager
+    python benchmarks/compiled.py --device cuda --dtype float16 --latents 64 --steps 30   # SD 1.5 at 512 px on a GPU
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inference import SD15_UNET, pct  # noqa: E402
+from benchmarks.inference import SD15_UNET, pct, sync  # noqa: E402
+
+SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="UNet calls per pass")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--backend", default="inductor")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compiled-cpu.md")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=list(SHORT), default="float32")
+    ap.add_argument("--out", type=Path, help="markdown output (default: benchmarks/results/compiled-<device>.md)")
     args = ap.parse_args(argv)
+    out_path = args.out or ROOT / "benchmarks" / "results" / f"compiled-{args.device}.md"
+    place = dict(device=args.device, dtype=getattr(torch, args.dtype))
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from torch._dynamo.utils import counters
 
@@ -51,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     unet = UNet2DConditionModel(**SD15_UNET).eval()
     adapter = IPAdapter.for_unet(unet, AdapterConfig("plus", ProjectionConfig(
         "resampler", in_dim=1280, cross_dim=768, tokens=16, dim=768, depth=1, heads=12)))
+    unet.to(**place)
+    adapter.to(**place)
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(args.steps)
-    sample = torch.randn(2, 4, args.latents, args.latents)
-    text = torch.randn(2, 77, 768)
-    refs = [torch.randn(1, 16, 768) for _ in range(2)]
-    uncond = torch.randn(1, 16, 768)
+    sample = torch.randn(2, 4, args.latents, args.latents).to(**place)  # drawn on the CPU: the same inputs anywhere
+    text = torch.randn(2, 77, 768).to(**place)
+    refs = [torch.randn(1, 16, 768).to(**place) for _ in range(2)]
+    uncond = torch.randn(1, 16, 768).to(**place)
     compiled = torch.compile(unet, backend=args.backend)
     plain_procs = dict(unet.attn_processors)
     att = attach(unet, adapter, scheduler=scheduler)  # switched by processors below: one attachment, its hook kept
@@ -71,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in scheduler.timesteps:
             start = time.perf_counter()
             out = model(sample, t, encoder_hidden_states=text).sample
+            sync(args.device)
             times.append(time.perf_counter() - start)
         return times, out
 
@@ -101,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     breaks = sum(counters["graph_break"].values())
     ratios = [o / p for o, p in zip(per_step["ipadapter"], per_step["plain"])]
     load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    machine = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else
+               f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}")
     lines = [
         "# Compiled UNet with adapters", "",
         f"`python benchmarks/compiled.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-        f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}; torch "
-        f"{torch.__version__}, backend {args.backend}; SD 1.5 UNet (random weights, fp32), {args.latents}x{args.latents} "
+        f"{machine}; torch {torch.__version__}, backend {args.backend}; SD 1.5 UNet (random weights, "
+        f"{SHORT[args.dtype]}), {args.latents}x{args.latents} "
         f"latents, batch 2, one Plus-shaped reference (16 tokens); {args.repeats} interleaved passes of {args.steps} "
         "steps, the scale changing every pass.", "",
         "| | plain compiled | ipadapter compiled |", "|---|---|---|",
@@ -119,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- compiled vs eager output with the adapter: max abs diff {diff:.1e} (max abs output {scale:.3g})", "",
     ]
     text_out = "\n".join(lines)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text_out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(text_out)
     print(text_out)
     return 0
 

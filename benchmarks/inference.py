@@ -162,20 +162,24 @@ def build_pipeline(s: Setting, folder: Path) -> Any:
         return factories.tiny_sd15_pipeline(folder) if s.arch == "sd15" else factories.tiny_sdxl_pipeline(folder)
     tokenizer = factories.tiny_tokenizer(folder)
     tokenizer.model_max_length = 77
-    vae = AutoencoderKL(**SD_VAE)  # SDXL's VAE has the same architecture
-    text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+    # Weights are drawn where they will run: torch draws random numbers on one CPU core, tens of seconds for SDXL in
+    # each of the memory mode's processes; a GPU takes about a second. Schedulers stay on the CPU (numpy reads them).
+    with torch.device(s.device):
+        vae = AutoencoderKL(**SD_VAE)  # SDXL's VAE has the same architecture
+        text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
+        unet = UNet2DConditionModel(**(SD15_UNET if s.arch == "sd15" else SDXL_UNET))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**BIGG_TEXT)) if s.arch == "sdxl" else None
     if s.arch == "sd15":
         scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                                   set_alpha_to_one=False, steps_offset=1)
-        return StableDiffusionPipeline(unet=UNet2DConditionModel(**SD15_UNET), vae=vae, text_encoder=text,
-                                       tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+        return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, image_encoder=None,
+                                       requires_safety_checker=False)
     scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                        steps_offset=1)
     return StableDiffusionXLPipeline(
-        unet=UNet2DConditionModel(**SDXL_UNET), vae=vae, text_encoder=text,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**BIGG_TEXT)), tokenizer=tokenizer,
-        tokenizer_2=tokenizer, scheduler=scheduler, image_encoder=None, feature_extractor=None,
+        unet=unet, vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        scheduler=scheduler, image_encoder=None, feature_extractor=None,
     )
 
 
@@ -187,7 +191,8 @@ def build_encoder(s: Setting) -> tuple[torch.nn.Module, Any]:
     if s.quick:
         return factories.tiny_image_encoder()
     config = dict(VIT_H if s.arch == "sd15" else VIT_BIGG, num_hidden_layers=s.encoder_layers)
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).eval(), CLIPImageProcessor()
+    with torch.device(s.device):  # as build_pipeline: drawn where it runs
+        return CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).eval(), CLIPImageProcessor()
 
 
 def adapter_state(s: Setting, unet: torch.nn.Module, encoder: torch.nn.Module) -> tuple[str, dict]:

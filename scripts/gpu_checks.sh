@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The GPU items no CPU can answer, as one command for a session that is lent a GPU (docs/testing.md "GPU checks"):
+#   issue 19 item 7  training steps/s and peak memory under fp32, fp16 and bf16 mixed precision at SD 1.5's size,
+#                    and SDXL 1024 px with the 24 GB settings           (benchmarks/train_gpu.py)
+#   issue 20 item 4  SD 1.5 512 px and SDXL 1024 px, 30 steps, fp16: plain / ipadapter / diffusers, time and peak
+#                    memory (benchmarks/inference.py), and the compiled UNet with adapters (benchmarks/compiled.py)
+# Every step runs under `timeout` within one budget (GPU_CHECKS_BUDGET_S, default 540 s: the device tool allows 600 s
+# a command), its output tee'd to $OUT/logs/<step>.log; a failing or timed-out step is recorded and the next runs.
+# At the end: $OUT/summary.md (each step's exit code and time, then every result table), the result tables, and the
+# logs joined into $OUT/logs.txt (the device tool returns at most 8 files). Exit 0 only when every step passed.
+#
+# The device has torch, transformers, accelerate, peft, safetensors, ... but not diffusers nor braceexpand: they travel
+# as wheels (pure Python). Prepare them here once, in the repository's root (.whl/ is ignored by git):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl diffusers==0.42.1 braceexpand==0.1.7
+# (diffusers' version is constraints.txt's; its other needs are on the device image.) The tree that travels must stay
+# under 64 MiB and the tracked training state in resume/ (86 MiB) is not needed there: take it out of the index only
+# (its files stay on disk, for the jobs that use them), ~37 MiB and the wheels' 6 MiB are left:
+#   git rm -r -q --cached resume && echo /resume/ >> .git/info/exclude
+# Then one device-tool call, carry [".whl"], timeout_s 600:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PWD/src && bash scripts/gpu_checks.sh
+# and, before anything is committed, put resume/ back:
+#   git reset -q -- resume && sed -i '\#^/resume/$#d' .git/info/exclude
+#
+# GPU_CHECKS_STEPS="train compiled" runs only those steps (names as in the summary), e.g. to rerun one that failed.
+# Smoke test on a CPU (every step's wiring, tiny models, quick settings; a few minutes):
+#   GPU_CHECKS_SMOKE=1 OMP_NUM_THREADS=1 bash scripts/gpu_checks.sh
+set -euo pipefail
+shopt -s nullglob
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+out="$(mkdir -p "${OUT:-out/gpu}" && cd "${OUT:-out/gpu}" && pwd)"
+python="${PYTHON:-python3}"
+export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+steps="${GPU_CHECKS_STEPS:-env train inference-timing inference-memory compiled}"
+# Temporary files in RAM when it has room: the SDXL training rows write ~7 GB of checkpoint and adapter files at their
+# end, and the inference benchmark writes each adapter to a file that diffusers and ipadapter then read.
+if [[ -d /dev/shm ]] && (($(df --output=avail -k /dev/shm | tail -1) > 32 * 1024 * 1024)); then
+  export TMPDIR=/dev/shm
+fi
+
+if [[ "${GPU_CHECKS_SMOKE:-0}" == 1 ]]; then
+  tag=cpu-smoke
+  budget="${GPU_CHECKS_BUDGET_S:-1200}"
+  train=(--tiny)
+  inference=(--quick --device cpu --dtype float32)
+  timing=(--no-memory --repeats 2)
+  memory=(--no-timing)
+  compiled=(--device cpu --dtype float32 --latents 8 --steps 2 --repeats 2 --backend eager)
+else
+  tag=cuda
+  budget="${GPU_CHECKS_BUDGET_S:-540}"
+  train=()
+  inference=(--device cuda --dtype float16 --archs sd15,sdxl --resolution 512 --sdxl-resolution 1024
+             --vith-layers 32 --bigg-layers 48)
+  timing=(--steps 30 --sdxl-steps 30 --repeats 3 --no-memory)
+  memory=(--steps 2 --sdxl-steps 2 --no-timing)  # a peak does not depend on the step count (same shapes each step)
+  compiled=(--device cuda --dtype float16 --latents 64 --steps 30 --repeats 5)
+fi
+
+results="$(mktemp -d)"  # the tables land here and are copied to $OUT at the end: few files while steps run
+rm -rf "$out/logs" "$out/logs.txt" "$out/summary.md"
+mkdir -p "$out/logs"
+start=$SECONDS
+summary=("| step | exit | seconds | limit (s) |" "|---|---|---|---|")
+failed=0
+
+# step NAME CAP COMMAND...: run COMMAND for at most CAP seconds or what is left of the budget, whichever is less.
+step() {
+  local name=$1 cap=$2 left limit began rc=0
+  shift 2
+  [[ " $steps " == *" $name "* ]] || return 0
+  left=$((budget - (SECONDS - start)))
+  limit=$((cap < left ? cap : left))
+  if ((limit < 30)); then
+    echo "== $name: skipped, ${left} s of the budget left" | tee "$out/logs/$name.log"
+    summary+=("| $name | skipped (${left} s left) | 0 | – |")
+    failed=1
+    return 0
+  fi
+  echo "== $name (at most ${limit} s): $*"
+  began=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/logs/$name.log" || rc=$?
+  if ((rc == 124 || rc == 137)); then
+    summary+=("| $name | $rc (timed out) | $((SECONDS - began)) | $limit |")
+  else
+    summary+=("| $name | $rc | $((SECONDS - began)) | $limit |")
+  fi
+  ((rc == 0)) || failed=1
+}
+
+versions='import torch, diffusers, transformers, accelerate, peft
+print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
+print("diffusers", diffusers.__version__, "| transformers", transformers.__version__, "| accelerate",
+      accelerate.__version__, "| peft", peft.__version__)'
+
+step env 60 bash -c 'if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "no nvidia-smi here"; fi
+                     "$0" -c "$1"' "$python" "$versions"
+step train 180 "$python" benchmarks/train_gpu.py "${train[@]}" --out "$results/train-$tag.md"
+step inference-timing 240 "$python" benchmarks/inference.py "${inference[@]}" "${timing[@]}" \
+  --out "$results/inference-$tag-timing.md"
+step inference-memory 150 "$python" benchmarks/inference.py "${inference[@]}" "${memory[@]}" \
+  --out "$results/inference-$tag-memory.md"
+step compiled 240 "$python" benchmarks/compiled.py "${compiled[@]}" --out "$results/compiled-$tag.md"
+
+{
+  echo "# GPU checks ($tag): $((SECONDS - start)) s of a ${budget} s budget${TMPDIR:+, temporary files in $TMPDIR}"
+  echo
+  printf '%s\n' "${summary[@]}"
+  for table in "$results"/*.md; do
+    echo
+    sed 's/^# /## /' "$table"
+  done
+} > "$out/summary.md"
+for table in "$results"/*.md; do cp "$table" "$out/"; done
+for log in "$out"/logs/*.log; do
+  printf '\n===== %s =====\n' "$(basename "$log" .log)"
+  cat "$log"
+done > "$out/logs.txt"
+rm -rf "$out/logs" "$results"
+cat "$out/summary.md"
+echo
+printf '%s\n' "${summary[@]}"  # again, last: the device tool returns only the output's tail
+echo "results in $out: $(cd "$out" && ls | tr '\n' ' ')"
+exit "$failed"
