@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
