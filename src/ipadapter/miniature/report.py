@@ -78,8 +78,7 @@ def render_report(results: dict[str, Any]) -> str:
     for name, target in results["targets"].items():
         lines.append(f"- {name}: **{VERDICT[target['met']]}** ({_measured(target['measured'])})")
     if any(target["met"] is False for target in results["targets"].values()):
-        lines += ["", "For each target not met, what was tried and the next step: docs/miniature.md (\"Known "
-                  "weaknesses\" and \"What the numbers say\")."]
+        lines += ["", "For each target not met, what was tried and the next step: docs/miniature.md, \"Targets\"."]
     if results.get("sweep"):
         lines += ["", "## Image + text across scales (IP-Adapter + text naming another shape)", "",
                   "| scale | shape (text) | colour (image) | bg_colour (image) | pattern (image) |", "|---|---|---|---|---|"]
