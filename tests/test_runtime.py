@@ -1,0 +1,89 @@
+"""Runtime's per-call memos: the step factors once per UNet call, and as a float32 tensor a compiled UNet reads.
+
+The truth here is each AdapterPrompt's own `step_factor` (a closed form of its window and schedule), called directly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipadapter import AdapterPrompt, Reference
+from ipadapter.runtime import Runtime
+
+
+def _prompts() -> dict[str, AdapterPrompt]:
+    tokens = torch.zeros(1, 4, 8)
+    return {
+        "a": AdapterPrompt([Reference(tokens)], start=0.0, end=0.5),
+        "b": AdapterPrompt([Reference(tokens)], start=0.2, end=1.0, schedule=lambda p: 1.0 - p),
+        "c": AdapterPrompt([Reference(tokens)], start=0.0, end=1.0),
+    }
+
+
+_step_factor = AdapterPrompt.step_factor  # the unpatched closed form, for the expected values
+
+
+def _expected(prompts: dict[str, AdapterPrompt], progress: float) -> list[float]:
+    return [_step_factor(p, progress) for p in prompts.values()]
+
+
+def test_step_factors_are_each_prompts_factor_computed_once_per_progress_and_generation(monkeypatch) -> None:
+    calls: list[float | None] = []
+
+    def counted(self: AdapterPrompt, progress: float | None) -> float:
+        calls.append(progress)
+        return _step_factor(self, progress)
+
+    prompts = _prompts()
+    runtime = Runtime()
+    runtime.set(prompts, cfg=False)
+    monkeypatch.setattr(AdapterPrompt, "step_factor", counted)
+    runtime.progress = 0.3
+    for _ in range(5):  # five layers of one UNet call
+        factors = runtime.step_factors()
+    assert list(factors.values()) == pytest.approx(_expected(prompts, 0.3)) and len(calls) == len(prompts)
+    runtime.progress = 0.6
+    factors = runtime.step_factors()
+    assert list(factors.values()) == pytest.approx(_expected(prompts, 0.6)) and len(calls) == 2 * len(prompts)
+    runtime.set(prompts, cfg=False)  # a new generation at the same progress computes again
+    runtime.progress = 0.6
+    runtime.step_factors()
+    assert len(calls) == 3 * len(prompts)
+
+
+def test_step_tensor_holds_the_step_factors_in_prompt_order_as_float32_updated_in_place() -> None:
+    prompts = _prompts()
+    runtime = Runtime()
+    runtime.set(prompts, cfg=False)
+    runtime.progress = 0.1
+    runtime.refresh_step_tensor(torch.device("cpu"))
+    first = runtime.step_tensor
+    assert first.dtype == torch.float32 and first.device.type == "cpu"
+    assert first.tolist() == pytest.approx(_expected(prompts, 0.1))
+    runtime.progress = 0.7
+    runtime.refresh_step_tensor(torch.device("cpu"))
+    assert runtime.step_tensor is first, "a compiled graph holds this tensor: a new step must change its values"
+    assert first.tolist() == pytest.approx(_expected(prompts, 0.7))
+    fewer = dict(list(prompts.items())[:2])
+    runtime.set(fewer, cfg=False)
+    runtime.progress = 0.7
+    runtime.refresh_step_tensor(torch.device("cpu"))
+    assert runtime.step_tensor is not first and runtime.step_tensor.tolist() == pytest.approx(_expected(fewer, 0.7))
+
+
+def test_step_tensor_follows_the_device_and_stays_float32_under_another_default_dtype() -> None:
+    prompts = _prompts()
+    runtime = Runtime()
+    runtime.set(prompts, cfg=False)
+    runtime.progress = 0.3
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        runtime.refresh_step_tensor(torch.device("meta"))
+        assert runtime.step_tensor.device.type == "meta" and runtime.step_tensor.dtype == torch.float32
+        runtime.refresh_step_tensor(torch.device("cpu"))
+        assert runtime.step_tensor.device.type == "cpu" and runtime.step_tensor.dtype == torch.float32
+        assert runtime.step_tensor.tolist() == pytest.approx(_expected(prompts, 0.3))
+    finally:
+        torch.set_default_dtype(previous)
