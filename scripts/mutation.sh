@@ -21,8 +21,9 @@ core=(attention.py adapter.py attach.py runtime.py layers.py checkpoint.py "proj
 # The tests of the core: every test file that runs core code, except the app, training, evaluation, miniature and
 # benchmark tests (the compiled path's tests use dynamo's "eager" backend; the CLI tests run loading, FaceID
 # embeddings and saved-embedding files, which only the CLI reads).
-tests=(test_core_regressions.py test_runtime.py test_projection_shapes.py test_attention.py test_parity_diffusers.py test_checkpoint.py test_prompter.py
-       test_pipelines.py test_embed_cache.py test_conditioning_attention.py test_conditioning_combine.py
+tests=(test_core_regressions.py test_runtime.py test_projection_shapes.py test_attention.py test_parity_diffusers.py
+       test_checkpoint.py test_prompter.py test_pipelines.py test_embed_cache.py test_conditioning_attention.py
+       test_conditioning_combine.py
        test_conditioning_embeds_file.py test_conditioning_images.py test_conditioning_masks.py
        test_conditioning_negatives.py test_conditioning_presets.py test_conditioning_schedules.py test_attach.py
        test_load.py test_variants.py test_dit_sd3.py test_compile.py test_cli_generate.py test_cli_extras.py)

@@ -27,7 +27,8 @@ def _perceiver_layers(prefix: str, dim: int, heads: int, depth: int = 4, ff_mult
         shapes.update({
             f"{p}0.norm1.weight": (dim,), f"{p}0.norm1.bias": (dim,),
             f"{p}0.norm2.weight": (dim,), f"{p}0.norm2.bias": (dim,),
-            f"{p}0.to_q.weight": (inner, dim), f"{p}0.to_kv.weight": (2 * inner, dim), f"{p}0.to_out.weight": (dim, inner),
+            f"{p}0.to_q.weight": (inner, dim), f"{p}0.to_kv.weight": (2 * inner, dim),
+            f"{p}0.to_out.weight": (dim, inner),
             f"{p}1.0.weight": (dim,), f"{p}1.0.bias": (dim,),
             f"{p}1.1.weight": (ff_mult * dim, dim), f"{p}1.3.weight": (dim, ff_mult * dim),
         })
