@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ipadapter.projection import build_projection, new_projection
 from ipadapter.errors import IPAdapterError
+from ipadapter.projection import build_projection, new_projection
 from ipadapter.projection.detect import detect_projection
+from tests import factories
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -104,7 +105,6 @@ def test_a_feed_forward_of_another_width_is_read_from_the_file() -> None:
         config = new_projection(head, cross_dim=128, tokens=4, hidden_dim=96)
         with torch.device("meta"):
             state = build_projection(config).state_dict()
-        state = dict(state)
         for layer in range(config.depth):  # feed-forward x2 instead of x4
             state[f"{prefix}layers.{layer}.1.1.weight"] = torch.empty(2 * 128, 128, device="meta")
             state[f"{prefix}layers.{layer}.1.3.weight"] = torch.empty(128, 2 * 128, device="meta")
@@ -142,8 +142,6 @@ def test_an_unknown_new_head_names_the_valid_ones() -> None:
 def test_a_resampler_with_several_heads_projects_as_diffusers_does(heads: int) -> None:
     """The tiny families elsewhere have one attention head, where a head-merging mistake cannot show; the published
     Plus heads have 12 or 20. diffusers' own conversion of the same published-layout weights is the oracle."""
-    from tests import factories
-
     torch.manual_seed(0)
     dim = 64 * heads
     state = factories._perceiver("", 40, dim, 48, depth=4, heads=heads, latents=8)  # diffusers: depth 4
