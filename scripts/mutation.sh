@@ -9,7 +9,8 @@
 # Works from a fresh clone: mutmut (the "mutation" extra) is installed when missing. Runs in a scratch copy of src/ and
 # tests/ (MUTATION_DIR, default a new temporary folder, kept for `cd $MUTATION_DIR && mutmut browse`), so the
 # working tree never holds a mutant. A reused MUTATION_DIR resumes: mutmut keeps the verdicts of mutants whose
-# function is unchanged (it keys them by a hash of the function) and tests only the rest; FRESH=1 starts over. The
+# function is unchanged (it keys them by a hash of the function) and tests only the rest; FRESH=1 starts over, and
+# RETEST=1 tests the survivors again (mutmut keeps a verdict when only the tests changed). The
 # score counts killed and timed-out mutants over all tested ones, leaving out those listed in
 # scripts/mutation-equivalent.txt (argued equivalent in docs/testing.md). Exits 1 below MIN_SCORE.
 # Environment: PYTHON (default python), JOBS (mutants run in parallel, default 1), NICE (default 19), MIN_SCORE (95).
@@ -42,6 +43,14 @@ mkdir -p "$work"
 rm -rf "$work/src" "$work/tests" "$work/examples"
 [ "${FRESH:-0}" = 1 ] && rm -rf "$work/mutants"
 (cd "$root" && tar --exclude=__pycache__ -cf - src tests pyproject.toml README.md examples) | tar -xf - -C "$work"
+# mutmut regenerates a file's mutants only when its copy under mutants/ is older than the source. A module that an
+# earlier run in this folder copied unmutated (it was not selected then) would stay unmutated: drop such copies.
+for m in "${@:-${core[@]}}"; do
+  for f in "$work"/src/ipadapter/$m; do
+    copy="$work/mutants/${f#"$work"/}"
+    [ -e "$copy.meta" ] || rm -f "$copy"
+  done
+done
 {
   echo "[mutmut]"
   echo "source_paths = src"
@@ -61,6 +70,17 @@ rm -rf "$work/src" "$work/tests" "$work/examples"
 } > "$work/setup.cfg"
 
 cd "$work"
+if [ "${RETEST:-0}" = 1 ] && [ -d mutants ]; then
+  "$python" - <<'EOF'
+import json
+from pathlib import Path
+
+for meta in Path("mutants").rglob("*.meta"):
+    data = json.loads(meta.read_text())
+    data["exit_code_by_key"] = {name: None if code == 0 else code for name, code in data["exit_code_by_key"].items()}
+    meta.write_text(json.dumps(data))
+EOF
+fi
 start=$(date +%s)
 # The original src/ must not be importable: mutmut puts mutants/src first on sys.path.
 env -u PYTHONPATH HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \

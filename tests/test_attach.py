@@ -40,3 +40,22 @@ def test_attach_refuses_an_adapter_on_another_device_without_moving_it() -> None
         attach(unet, adapter)
     assert adapter.device == torch.device("meta")
     assert not any("IPAttn" in type(p).__name__ for p in unet.attn_processors.values())
+
+
+def test_plain_attention_blocks_before_transformer_ones_are_stepped_over() -> None:
+    """UNets may mix plain self-attention blocks (`AttnDownBlock2D`: `attentions.0` is itself the Attention, no
+    transformer blocks) with transformer ones. Only transformer layers take an adapter, each at its position in
+    `unet.attn_processors` (the checkpoint order, docs/checkpoints.md), however many plain ones come before it."""
+    from diffusers import UNet2DConditionModel
+
+    from ipadapter.layers import attention_layers
+
+    unet = UNet2DConditionModel(
+        sample_size=16, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8, down_block_types=("AttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "AttnUpBlock2D"),
+    )
+    names = [k.removesuffix(".processor") for k in unet.attn_processors]
+    expected = {name: i for i, name in enumerate(names) if ".transformer_blocks." in name}
+    assert len(expected) == 8 and len(names) == 11  # 3 plain ones: the first down block's, the last up block's two
+    assert {layer.name: layer.index for layer in attention_layers(unet)} == expected

@@ -35,7 +35,7 @@ class ProjectionConfig:
 def _depth(state: dict[str, torch.Tensor], prefix: str) -> int:
     pattern = re.compile(rf"^{re.escape(prefix)}layers\.(\d+)\.")
     found = {int(m.group(1)) for k in state if (m := pattern.match(k))}
-    return max(found) + 1 if found else 0
+    return max(found) + 1  # callers read layer 0 first: a stack without layers is refused there
 
 
 def _perceiver(state: dict[str, torch.Tensor], prefix: str, dim_head: int = 64) -> dict[str, int]:
@@ -89,7 +89,7 @@ def new_projection(
 ) -> ProjectionConfig:
     """The shape of a new (untrained) head as the published ones are built (docs/checkpoints.md): resamplers of
     depth 4, 64-wide heads, feed-forward ×4, width min(C, encoder width); FaceID's ID MLP 512 → 1024 → N·C.
-    `embed_dim`: the encoder's global width; `hidden_dim`: its patch width."""
+    `embed_dim`: the encoder's global width; `hidden_dim`: its patch width; the head's own must be given."""
     dim = min(cross_dim, hidden_dim)
     shapes = {
         "linear": lambda: ProjectionConfig("linear", in_dim=embed_dim, cross_dim=cross_dim, tokens=tokens),
@@ -106,10 +106,14 @@ def new_projection(
     }
     if head not in shapes:
         raise IPAdapterError(f"unknown projection head {head!r}; valid: {', '.join(shapes)}")
+    needs = {"linear": ("embed_dim", embed_dim), "faceid": ("id_dim", id_dim)}
+    width, value = needs.get(head, ("hidden_dim", hidden_dim))
+    if value <= 0:
+        raise IPAdapterError(f"a new {head} head needs the encoder's width ({width}), got {value}")
     return shapes[head]()
 
 
-def build_projection(config: ProjectionConfig, *, shortcut: bool = False) -> nn.Module:
+def build_projection(config: ProjectionConfig, *, shortcut: bool) -> nn.Module:
     """An untrained head of the given architecture (load weights into it afterwards)."""
     from ipadapter.projection.faceid import FaceIDPlusProjection, FaceIDProjection
     from ipadapter.projection.linear import LinearProjection

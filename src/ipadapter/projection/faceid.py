@@ -35,8 +35,8 @@ class FaceIDPlusProjection(nn.Module):
     """
 
     def __init__(
-        self, *, id_dim: int, hidden_dim: int, cross_dim: int, tokens: int, clip_dim: int, depth: int = 4,
-        heads: int | None = None, dim_head: int = 64, ff_mult: int = 4, shortcut: bool = False,
+        self, *, id_dim: int, hidden_dim: int, cross_dim: int, tokens: int, clip_dim: int, depth: int, heads: int,
+        dim_head: int, ff_mult: int, shortcut: bool,
     ) -> None:
         super().__init__()
         self.tokens, self.cross_dim = tokens, cross_dim
@@ -45,7 +45,7 @@ class FaceIDPlusProjection(nn.Module):
         self.proj = id_mlp(id_dim, hidden_dim, cross_dim, tokens)
         self.norm = nn.LayerNorm(cross_dim)
         self.perceiver_resampler = PerceiverLayers(
-            in_dim=clip_dim, dim=cross_dim, out_dim=cross_dim, depth=depth, heads=heads or cross_dim // dim_head,
+            in_dim=clip_dim, dim=cross_dim, out_dim=cross_dim, depth=depth, heads=heads,
             dim_head=dim_head, ff_mult=ff_mult,
         )
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
     """LayerNorm → Linear(dim → mult·dim) → GELU → Linear(mult·dim → dim); keys `0`, `1`, `3` as published."""
     inner = dim * mult
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
@@ -16,7 +16,7 @@ def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
 class PerceiverAttention(nn.Module):
     """Latents attend over [features; latents]; no biases."""
 
-    def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8) -> None:
+    def __init__(self, *, dim: int, dim_head: int, heads: int) -> None:
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
         inner = dim_head * heads
@@ -65,8 +65,7 @@ class Resampler(PerceiverLayers):
     """Plus head: `queries` learned latents read the patch features (B, P, H) → (B, queries, C)."""
 
     def __init__(
-        self, *, in_dim: int, dim: int, out_dim: int, depth: int = 4, heads: int = 12, dim_head: int = 64,
-        queries: int = 16, ff_mult: int = 4,
+        self, *, in_dim: int, dim: int, out_dim: int, depth: int, heads: int, dim_head: int, queries: int, ff_mult: int,
     ) -> None:
         super().__init__(in_dim=in_dim, dim=dim, out_dim=out_dim, depth=depth, heads=heads, dim_head=dim_head, ff_mult=ff_mult)
         self.latents = nn.Parameter(torch.randn(1, queries, dim) / dim**0.5)

@@ -43,8 +43,8 @@ class ModulatedAttention(PerceiverAttention):
 class TimeResampler(nn.Module):
     """(B, P, in_dim) features and (B,) timesteps → ((B, queries, out_dim) tokens, (B, dim) timestep embedding)."""
 
-    def __init__(self, *, in_dim: int, dim: int, out_dim: int, depth: int, heads: int, dim_head: int = 64,
-                 queries: int = 64, ff_mult: int = 4, timestep_dim: int = 320) -> None:
+    def __init__(self, *, in_dim: int, dim: int, out_dim: int, depth: int, heads: int, dim_head: int, queries: int,
+                 ff_mult: int, timestep_dim: int) -> None:
         super().__init__()
         self.latents = nn.Parameter(torch.randn(1, queries, dim) / dim**0.5)
         self.proj_in = nn.Linear(in_dim, dim)

@@ -9,9 +9,8 @@ from torch import nn
 class TokenMLPProjection(nn.Module):
     """Linear(H → H) → GELU → Linear(H → C) → LayerNorm(C), keys `proj.0`, `proj.2`, `proj.3`."""
 
-    def __init__(self, *, in_dim: int, cross_dim: int, hidden_dim: int | None = None) -> None:
+    def __init__(self, *, in_dim: int, cross_dim: int, hidden_dim: int) -> None:
         super().__init__()
-        hidden_dim = hidden_dim or in_dim
         self.proj = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, cross_dim), nn.LayerNorm(cross_dim)
         )
