@@ -20,14 +20,16 @@ python="${PYTHON:-python}"
 core=(attention.py adapter.py attach.py runtime.py layers.py checkpoint.py "projection/*" "conditioning/*" encoders.py
       prompter.py)
 # The tests of the core: every test file that runs core code, except the app, training, evaluation, miniature and
-# benchmark tests (the compiled path's tests use dynamo's "eager" backend; the CLI tests run loading, FaceID
-# embeddings and saved-embedding files, which only the CLI reads).
+# benchmark tests (the CLI tests run loading, FaceID embeddings and saved-embedding files, which only the CLI reads).
+# The compiled path is checked by test_compiled_plan.py (its plan run without dynamo): test_compile.py counts dynamo's
+# graphs, and dynamo traces mutmut's wrapper around every mutated function, which recompiles on each call.
 tests=(test_core_regressions.py test_runtime.py test_projection_shapes.py test_attention.py test_parity_diffusers.py
        test_checkpoint.py test_prompter.py test_pipelines.py test_embed_cache.py test_conditioning_attention.py
        test_conditioning_combine.py
        test_conditioning_embeds_file.py test_conditioning_images.py test_conditioning_masks.py
        test_conditioning_negatives.py test_conditioning_presets.py test_conditioning_schedules.py test_attach.py
-       test_load.py test_variants.py test_dit_sd3.py test_compile.py test_cli_generate.py test_cli_extras.py)
+       test_load.py test_variants.py test_dit_sd3.py test_compiled_plan.py test_cli_generate.py
+       test_cli_extras.py)
 # Tests that run the package in a child interpreter: mutmut's trampoline there has no configuration (its stats run
 # fails on them) and cannot switch mutants, so they can neither kill nor keep one.
 in_child=(test_load.py::test_readme_python_example_runs_as_written test_cli_extras.py::test_core_commands_run_without_the_extras)
@@ -44,7 +46,13 @@ rm -rf "$work/src" "$work/tests" "$work/examples"
 [ "${FRESH:-0}" = 1 ] && rm -rf "$work/mutants"
 (cd "$root" && tar --exclude=__pycache__ -cf - src tests pyproject.toml README.md examples) | tar -xf - -C "$work"
 # mutmut regenerates a file's mutants only when its copy under mutants/ is older than the source. A module that an
-# earlier run in this folder copied unmutated (it was not selected then) would stay unmutated: drop such copies.
+# earlier run in this folder copied unmutated (it was not selected then) would stay unmutated: drop such copies. Which
+# tests run which function was learnt for the earlier selection: a changed selection learns it again (verdicts stay).
+selection="${*:-${core[*]}}"
+if [ "$(cat "$work/selection.txt" 2>/dev/null)" != "$selection" ]; then
+  rm -f "$work/mutants/mutmut-stats.json"
+fi
+echo "$selection" > "$work/selection.txt"
 for m in "${@:-${core[@]}}"; do
   for f in "$work"/src/ipadapter/$m; do
     copy="$work/mutants/${f#"$work"/}"

@@ -1,0 +1,90 @@
+"""The compiled call's plan (`prepare`, then the branch that reads it), run without dynamo: what a compiled UNet
+computes must equal the eager processor's output for every kind of prompt. tests/test_compile.py checks the same
+under `torch.compile` (one graph, no recompilation); this file lets tools that wrap every function, such as the
+mutation run (docs/testing.md), check the plan's arithmetic too."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from ipadapter import AdapterPrompt, Reference, attach
+from ipadapter.attention import IPAttnProcessor
+from tests.test_compile import CROSS, tiny  # noqa: F401  (the fixture)
+
+ATTACH = importlib.import_module("ipadapter.attach")  # the package exports a function of that name
+
+
+def _as_if_compiled(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    """Dynamo's two flags, as a `torch.compile(unet)` call sets them: inside the compiled module, tracing. A
+    prepared call must never fall back to the eager processor (under dynamo, a graph break)."""
+    if not on:
+        monkeypatch.undo()
+        return
+    monkeypatch.setattr(ATTACH, "_in_compiled_module", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(IPAttnProcessor, "_uncompiled", _no_fallback)
+
+
+def _no_fallback(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a prepared compiled call fell back to the eager processor")
+
+
+def _prompts() -> list[AdapterPrompt]:
+    torch.manual_seed(1)
+    tokens, uncond = torch.randn(1, 4, 16), torch.randn(1, 4, 16)
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1
+    return [
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond)], scale=1.0),
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond)], scale=0.5),
+        AdapterPrompt([Reference(cond=torch.randn(1, 4, 16), uncond=uncond, weight=0.3)], scale=0.7),
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond)], layer_weights={CROSS: 2.0}),
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond)], start=0.5, end=1.0),
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond)], scale=0.6, layer_weights={CROSS: 2.0},
+                      uncond_layers=frozenset({CROSS})),
+        AdapterPrompt([Reference(cond=tokens, mask=mask), Reference(cond=torch.randn(1, 4, 16), mask=1 - mask)],
+                      scale=0.8),
+    ]
+
+
+def test_the_compiled_plan_computes_what_the_eager_processor_does(tiny, monkeypatch) -> None:  # noqa: F811
+    unet, adapter = tiny
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(4)
+    att = attach(unet, adapter, scheduler=scheduler)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    plain = unet(sample, scheduler.timesteps[0], encoder_hidden_states=text).sample  # before any prompt: no adapter
+    try:
+        for prompt in _prompts():
+            att.set_prompts({"0": prompt}, rows=1)
+            for t in scheduler.timesteps[:3:2]:  # progress 0 and 0.5: outside and inside the last prompt's window
+                with torch.no_grad():
+                    _as_if_compiled(monkeypatch, True)
+                    planned = unet(sample, t, encoder_hidden_states=text).sample
+                    _as_if_compiled(monkeypatch, False)
+                    eager = unet(sample, t, encoder_hidden_states=text).sample
+                torch.testing.assert_close(planned, eager, atol=1e-5, rtol=1e-5)
+                if prompt.scale:
+                    assert (eager - plain).abs().max() > 1e-4 or prompt.start > 0
+    finally:
+        att.detach()
+
+
+def test_a_compiled_call_nothing_prepared_for_runs_the_eager_processor(tiny, monkeypatch) -> None:  # noqa: F811
+    """`unet.compile()` compiles the module's forward but skips the attachment's hook: the processor sees no plan."""
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    try:
+        att.set_prompts({"0": _prompts()[1]}, rows=1)
+        with torch.no_grad():
+            eager = unet(sample, 500, encoder_hidden_states=text).sample
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+            unprepared = unet(sample, 500, encoder_hidden_states=text).sample
+        torch.testing.assert_close(unprepared, eager, atol=0, rtol=0)
+    finally:
+        att.detach()
