@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from ipadapter import AdapterPrompt, Reference, attach, load_adapter
@@ -305,3 +306,56 @@ def test_each_mask_is_resized_once_per_token_grid_and_generation(monkeypatch, tm
         assert sorted(resized) == sorted(2 * list(sizes)), f"generation {generation}: each mask once per grid size"
         grids.clear(), resized.clear()
     att.detach()
+
+
+def test_concat_mode_keeps_the_text_attention_mask_and_opens_the_image_columns() -> None:
+    """A text mask (`encoder_attention_mask`) still hides the padded text tokens; the appended image tokens are never
+    masked: the same as the plain UNet reading [text; image] with the mask extended by ones."""
+    unet = factories.sd15_unet()
+    adapter = _concat_adapter(unet)
+    g = torch.Generator().manual_seed(5)
+    cond = torch.randn(1, 4, factories.SD15_CROSS, generator=g)
+    sample = torch.randn(1, 4, 16, 16, generator=g)
+    text = torch.randn(1, 6, factories.SD15_CROSS, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 1]])
+    with torch.no_grad():
+        expected = unet(sample, 500, encoder_hidden_states=torch.cat([text, cond], dim=1),
+                        encoder_attention_mask=torch.cat([mask, torch.ones(1, 4, dtype=mask.dtype)], dim=1)).sample
+        unmasked = unet(sample, 500, encoder_hidden_states=torch.cat([text, cond], dim=1)).sample
+    att = attach(unet, adapter)
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=cond)])})
+    with torch.no_grad():
+        got = unet(sample, 500, encoder_hidden_states=text, encoder_attention_mask=mask).sample
+    att.detach()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (unmasked - expected).abs().max() > 1e-4  # the mask acts
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.3])
+def test_concat_mode_takes_a_boolean_mask_on_one_layer(weight: float) -> None:
+    """A boolean mask (True = attend) as an Attention module takes it, called directly: the image columns open,
+    multiplied by the reference's weight as in the closed form above."""
+    unet = factories.sd15_unet()
+    name = next(n for n in unet.attn_processors if "attn2" in n).rsplit(".processor", 1)[0]
+    attn = unet.get_submodule(name)
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 16, attn.to_q.in_features, generator=g)
+    text = torch.randn(2, 6, factories.SD15_CROSS, generator=g)
+    tokens = torch.randn(1, 4, factories.SD15_CROSS, generator=g)
+    keep = torch.tensor([True, True, False, True, False, True])
+    with torch.no_grad():
+        q = attn.to_q(hidden).view(2, 16, attn.heads, -1).transpose(1, 2)
+        ctx = torch.cat([text, tokens.expand(2, -1, -1)], dim=1)
+        k = attn.to_k(ctx).view(2, 10, attn.heads, -1).transpose(1, 2)
+        v = attn.to_v(ctx).view(2, 10, attn.heads, -1).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).exp()
+        scores[..., :6] *= keep
+        scores[..., 6:] *= weight
+        probs = scores / scores.sum(-1, keepdim=True)
+        expected = attn.to_out[0]((probs @ v).transpose(1, 2).reshape(2, 16, -1))
+    att = attach(unet, _concat_adapter(unet))
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)], scale=weight)})
+    with torch.no_grad():
+        got = attn(hidden, encoder_hidden_states=text, attention_mask=keep.expand(2, 1, 6))
+    att.detach()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -90,3 +90,30 @@ def test_compiled_masked_references_equal_eager_and_new_images_do_not_recompile(
         assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     finally:
         att.detach()
+
+
+def test_the_simple_adapter_compiles_once_and_equals_eager(tiny) -> None:
+    """The simple adapter (image tokens appended to the text's) has no K'/V' of its own: its compiled plan must not
+    ask for them (it did, and crashed before the first step), and its weight is a log bias read from a tensor."""
+    from torch._dynamo.utils import counters
+
+    unet, _ = tiny
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=16, tokens=4), attention="concat")
+    att = attach(unet, IPAdapter.for_unet(unet, config))
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(unet, backend="eager")
+    outputs = []
+    try:
+        for scale in (1.0, 0.4, 0.0):
+            att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 16))], scale=scale)}, rows=1)
+            with torch.no_grad():
+                got = compiled(sample, 500, encoder_hidden_states=text).sample
+                eager = unet(sample, 500, encoder_hidden_states=text).sample
+            torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+            outputs.append(got)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    finally:
+        att.detach()
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4

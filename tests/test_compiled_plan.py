@@ -12,7 +12,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from ipadapter import AdapterPrompt, Reference, attach
+from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.attention import IPAttnProcessor
+from ipadapter.projection import ProjectionConfig
 from tests.test_compile import CROSS, tiny  # noqa: F401  (the fixture)
 
 ATTACH = importlib.import_module("ipadapter.attach")  # the package exports a function of that name
@@ -51,8 +53,18 @@ def _prompts() -> list[AdapterPrompt]:
     ]
 
 
-def test_the_compiled_plan_computes_what_the_eager_processor_does(tiny, monkeypatch) -> None:  # noqa: F811
+@pytest.fixture(params=["decoupled", "concat"])
+def attention(request, tiny) -> tuple:  # noqa: F811
+    """The tiny UNet with a decoupled adapter, or with the simple adapter (image tokens appended to the text's)."""
     unet, adapter = tiny
+    if request.param == "concat":
+        config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=16, tokens=4), attention="concat")
+        adapter = IPAdapter.for_unet(unet, config)
+    return unet, adapter
+
+
+def test_the_compiled_plan_computes_what_the_eager_processor_does(attention, monkeypatch) -> None:
+    unet, adapter = attention
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(4)
     att = attach(unet, adapter, scheduler=scheduler)

@@ -236,8 +236,9 @@ class IPAttnProcessor(nn.Module):
         sizes = grid_sizes(self.runtime.latent_hw)
         prepared = []
         for p in self._resolve(every=True):
-            image = p.prompt.scale if p.uncond_layer else p.layer_weight
-            terms = self._build(p, batch, self.heads, dtype, device, sizes) if p.weights.has_ip else ()
+            decoupled = p.weights.has_ip and not p.weights.concat  # the simple adapter has no K'/V' of its own
+            image = p.prompt.scale if p.uncond_layer and decoupled else p.layer_weight
+            terms = self._build(p, batch, self.heads, dtype, device, sizes) if decoupled else ()
             prepared.append(Prepared(p, names.index(p.name), torch.tensor(image, device=device),
                                      torch.tensor(p.lora_scale, device=device), terms))
         self.kv.settle()
