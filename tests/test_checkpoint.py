@@ -156,3 +156,20 @@ def test_in_memory_state_dict_loads_like_the_file(sd15_unet, tmp_path) -> None:
     for given in (state, _flat(state)):
         got = adapter_from_state_dict(given, sd15_unet).state_dict()
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_own_format_metadata_round_trips_every_field_and_fills_the_defaults() -> None:
+    """Every field the project's own file stores reads back as written; a file that leaves the optional ones out
+    (only the variant and the head are required) reads with the dataclass's own defaults."""
+    from ipadapter.adapter import AdapterConfig
+    from ipadapter.projection import ProjectionConfig
+
+    head = ProjectionConfig("linear", in_dim=8, cross_dim=16, tokens=4)
+    full = AdapterConfig("faceid", head, lora_rank=4, encoder="openai/clip-vit-large-patch14", base="sd15",
+                         extra={"trained_on": "shapes", "steps": "12000"}, attention="concat")
+    meta = full.to_metadata()
+    assert all(isinstance(v, str) for v in meta.values())  # safetensors metadata holds strings only
+    assert AdapterConfig.from_metadata(meta) == full
+    assert (meta["format"], meta["tokens"]) == ("ipadapter/1", "4")
+    minimal = {k: meta[k] for k in ("variant", "projection")}
+    assert AdapterConfig.from_metadata(minimal) == AdapterConfig("faceid", head)

@@ -224,3 +224,52 @@ def test_enhancer_pools_a_mosaic_of_tile_patches(class_token: bool) -> None:
 def test_enhancer_errors() -> None:
     with pytest.raises(IPAdapterError, match="needs 4 tile features, got 3"):
         enhance_features(torch.randn(1, 8), [torch.randn(1, 8)] * 3, (2, 2))
+
+
+def coordinates(width: int, height: int) -> Image.Image:
+    """Each pixel holds its own position: red = x, green = y (sides up to 256)."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    return Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size,target,crop,origin,step", [
+    ((240, 120), 40, "left", (0, 0), 3), ((240, 120), 40, "center", (60, 0), 3), ((240, 120), 40, "right", (120, 0), 3),
+    ((120, 240), 40, "top", (0, 0), 3), ((120, 240), 40, "center", (0, 60), 3), ((120, 240), 40, "bottom", (0, 120), 3),
+    ((240, 120), (60, 20), "top", (0, 0), 4), ((240, 120), (60, 20), "center", (0, 20), 4),
+    ((240, 120), (60, 20), "bottom", (0, 40), 4),
+])
+def test_crop_is_the_largest_box_of_the_target_aspect_at_its_position(size, target, crop, origin, step) -> None:
+    """Closed form: the box is the target's aspect scaled by min(w / tw, h / th) (here `step`), at x0 = 0, (w - cw)/2
+    or w - cw (likewise y0); nearest sampling at pixel centres reads source pixel x0 + step·i + step // 2."""
+    got = np.asarray(prepare_image(coordinates(*size), target, crop=crop, resample="nearest")).astype(int)
+    rows, cols = np.mgrid[0:got.shape[0], 0:got.shape[1]]
+    assert np.array_equal(got[..., 0], origin[0] + step * cols + step // 2)
+    assert np.array_equal(got[..., 1], origin[1] + step * rows + step // 2)
+
+
+@pytest.mark.parametrize("size", [0, (0, 10), (10, 0), (-4, 4)])
+def test_a_target_size_must_be_positive(size) -> None:
+    width, height = (size, size) if isinstance(size, int) else size
+    with pytest.raises(IPAdapterError) as caught:
+        prepare_image(halves(), size)
+    assert str(caught.value) == f"the target size must be positive, got {width}x{height}"
+    assert prepare_image(halves(), (1, 1)).size == (1, 1)
+
+
+@pytest.mark.parametrize("mode,values,expected", [
+    ("I;16", [0, 255, 257, 12850, 65535], [0, 1, 1, 50, 255]),  # 16-bit: / 257, even when every value is under 256
+    ("I", [0, 100, 255], [0, 100, 255]),  # 32-bit integers in 8-bit range: as they are
+    ("I", [0, 256, 2570, 100000], [0, 1, 10, 255]),  # above it: / 257, clipped
+    ("I", [0, 128, 256], [0, 0, 1]),  # 256 is above it
+    ("I", [-10, 0, 200], [0, 0, 200]),  # negatives clip to 0
+    ("F", [0.0, 0.6, 1.0], [0, 153, 255]),  # unit floats (max <= 1): x 255, rounded
+    ("F", [0.0, 1.5, 2.0], [0, 2, 2]),  # floats above 1 in 8-bit range: as they are
+])
+def test_high_depth_and_float_pixels_map_to_8_bit(mode: str, values: list, expected: list) -> None:
+    """The loading rules (conditioning/images.py's docstring): I;16 is 16-bit (/ 257); for I and F, values up to 1
+    (F only) are [0, 1], up to 255 8-bit, anything larger 16-bit; then clipped to [0, 255] and rounded."""
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    image = Image.fromarray(np.array([values], dtype=dtype))
+    assert image.mode == mode
+    got = np.asarray(load_image(image))
+    assert np.array_equal(got[0, :, 0], expected) and np.array_equal(got[..., 0], got[..., 2])
