@@ -359,3 +359,38 @@ def test_concat_mode_takes_a_boolean_mask_on_one_layer(weight: float) -> None:
         got = attn(hidden, encoder_hidden_states=text, attention_mask=keep.expand(2, 1, 6))
     att.detach()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_references_under_autograd_and_in_bf16_equal_the_inference_path(tmp_path) -> None:
+    """Two masked references: inference computes their softmaxes in place (the diffusers-parity tests check that
+    path); with autograd on (training, guidance by gradients) the same attention runs out of place and must give the
+    same output, and a bf16 UNet must give it too, to bf16's precision."""
+    unet = factories.sd15_unet()
+    torch.save(factories.published(unet, "base", factories.SD15_CROSS), tmp_path / "a.bin")
+    adapter = load_adapter(tmp_path / "a.bin", unet)
+    with torch.no_grad():
+        a, b = (adapter.project(t) for t in torch.randn(2, 1, 24, generator=torch.Generator().manual_seed(8)))
+    left = torch.zeros(24, 40)  # not square: the masks follow the latent's 16 x 16 grid all the same
+    left[:, :20] = 1
+    prompt = AdapterPrompt([Reference(cond=a, mask=left), Reference(cond=b, mask=1 - left)], scale=0.7)
+    att = attach(unet, adapter)
+    att.set_prompts({"0": prompt})
+    try:
+        inference = run_unet(unet, "sd15", 1)
+        g = torch.Generator().manual_seed(7)
+        sample, text = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 6, factories.SD15_CROSS, generator=g)
+        with torch.enable_grad():
+            tracked = unet(sample.requires_grad_(), 500, encoder_hidden_states=text).sample
+        att.detach()
+        unet.to(torch.bfloat16)
+        att = attach(unet, adapter)
+        att.set_prompts({"0": prompt})
+        with torch.no_grad():
+            half = unet(sample.detach().bfloat16(), 500, encoder_hidden_states=text.bfloat16()).sample
+    finally:
+        att.detach()
+    plain = run_unet(factories.sd15_unet(), "sd15", 1)
+    assert tracked.requires_grad and (inference - plain).abs().max() > 1e-3
+    torch.testing.assert_close(tracked.detach(), inference, atol=1e-5, rtol=1e-5)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), inference, atol=0.05, rtol=0.05)

@@ -54,3 +54,25 @@ def test_counts() -> None:
         check_mask_count(["a"], 2)
     with pytest.raises(IPAdapterError, match="got 3 mask"):
         load_masks(["missing-1.png", "missing-2.png", "missing-3.png"], 2)
+
+
+@pytest.mark.parametrize("mask_hw", [(48, 80), (80, 48), (30, 30)])
+@pytest.mark.parametrize("seq_len", [60, 61, 15, 240, 7])
+def test_a_mask_without_the_latent_size_is_resized_as_diffusers_does(mask_hw, seq_len: int) -> None:
+    """Without the latent size the token grid is diffusers' estimate from the mask's aspect (h = floor(sqrt(L /
+    aspect)), one more when it does not divide L; w = L // h), bicubic, zero-padded or cut to L tokens: equal to
+    diffusers' own `IPAdapterMaskProcessor.downsample`, which this project clamps to [0, 1] (bicubic overshoots)."""
+    import warnings
+
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    from ipadapter.attention import resize_mask
+
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, mask_hw[0]), torch.linspace(0, 1, mask_hw[1]), indexing="ij")
+    mask = ((xx + 0.5 * yy) > 0.6).float()  # an edge both across and down the grid
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # diffusers warns when it pads or cuts
+        theirs = IPAdapterMaskProcessor.downsample(mask[None], 1, seq_len, 1)[0].clamp(0, 1)
+    ours = resize_mask(mask, seq_len, None)
+    assert ours.shape == (seq_len, 1)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
