@@ -104,3 +104,24 @@ def test_subtract_of_one_batch_row_is_the_first_minus_the_mean_of_the_others() -
 def test_mismatched_shapes() -> None:
     with pytest.raises(IPAdapterError, match="differ in shape"):
         combine([torch.zeros(1, 4), torch.zeros(1, 5)], "add")
+
+
+def test_no_images_or_other_ranks_are_one_sentence() -> None:
+    with pytest.raises(IPAdapterError) as err:
+        combine([], "add")
+    assert str(err.value) == "combine needs at least one image's features"
+    with pytest.raises(IPAdapterError) as err:
+        combine([torch.zeros(4)], "add")
+    assert str(err.value) == "features must be (B, D) or (B, T, D), got shape (4,)"
+
+
+def test_the_default_mode_is_concat_and_half_precision_stays_half() -> None:
+    """concat is the default (the module docstring); weights take the features' dtype, so bf16 features give bf16
+    and equal the float64 definition to bf16's precision."""
+    e = feats((2, 3, 8), n=2)
+    torch.testing.assert_close(combine(e), expected("concat", e, [1.0, 1.0]))
+    half = [x.to(torch.bfloat16) for x in e]
+    got = combine(half, "add", [0.3, 1.7])
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expected("add", [x.double() for x in half], [0.3, 1.7]),
+                               atol=0.05, rtol=0.02)

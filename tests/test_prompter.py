@@ -118,3 +118,33 @@ def test_changed_s_scale_gives_new_faceid_plusv2_tokens(tmp_path) -> None:
         assert not torch.equal(first, second)
     finally:
         prompter.detach()
+
+
+def test_two_prompts_two_images_each_equal_diffusers(tmp_path) -> None:
+    """Several prompts and several images per prompt: the reference lies under every row, as diffusers lays it."""
+    encoder, processor = factories.tiny_image_encoder()
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    weight = _adapter_file(pipe, "base", tmp_path)
+    expected = _diffusers_images(factories.tiny_sd15_pipeline, tmp_path, weight, encoder, processor,
+                                 prompt=["a red", "a blue"], num_images_per_prompt=2)
+    prompter, got = _ours(pipe, weight, encoder, processor, prompt=["a red", "a blue"], num_images=2)
+    prompter.detach()
+    assert got.shape[0] == 4
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt", ["", [""], ["", ""]])
+def test_nothing_to_generate_from_is_one_sentence(prompt, tmp_path) -> None:
+    from ipadapter import IPAdapterError
+
+    encoder, processor = factories.tiny_image_encoder()
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    prompter = ImagePrompter(pipe, load_adapter(_adapter_file(pipe, "base", tmp_path), pipe.unet),
+                             ImageEncoder(encoder, processor))
+    try:
+        with pytest.raises(IPAdapterError) as caught:
+            prompter.generate(prompt=prompt, steps=1)
+        assert str(caught.value) == "give a reference image, a text prompt, or both"
+        assert len(prompter.generate(prompt=["", "a red"], steps=1, height=32, width=32)) == 2  # one text is enough
+    finally:
+        prompter.detach()

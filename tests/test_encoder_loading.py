@@ -1,0 +1,289 @@
+"""Loading the CLIP vision encoder (`ImageEncoder.from_pretrained`, `load_processor`) and its unconditional inputs.
+
+Checked against independent truth: the weights and processor files saved here (read back with safetensors and
+transformers' own `from_pretrained`), CLIP's documented preprocessing (shortest side → size, centre crop, OpenAI CLIP
+mean/std), transformers' own error text for the reason part of our one-line messages, and the transformers model run
+directly for the "patch" unconditional features. Every error message is asserted whole: the CLI prints it as is.
+Tiny random CLIP vision towers (hidden 32, 32 px, patch 8) are built here; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from ipadapter.encoders import ImageEncoder
+from ipadapter.errors import IPAdapterError
+from tests import factories
+
+SUB = "image_encoder"
+# Not CLIP's fallback (mean/std 0.5, resize to 40 then crop 32): a loaded copy of it can only come from the file.
+SAVED_PROCESSOR = dict(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
+                       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+LOAD_TEMPLATE = "could not load a CLIP vision encoder from {} (not found offline, or not a CLIP vision model): {}"
+CONFIG_TEMPLATE = "could not read the CLIP vision config of {}: {}"
+
+
+def _encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
+    return factories.tiny_image_encoder(seed, hidden=32)[0]
+
+
+def _save(folder: Path, *, processor: bool, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    _encoder(seed).to(dtype).save_pretrained(folder)
+    if processor:
+        CLIPImageProcessor(**SAVED_PROCESSOR).save_pretrained(folder)
+    return folder
+
+
+def _first_line(call) -> str:
+    """The reason our messages quote: the first line of transformers' own error, at most 160 characters."""
+    with pytest.raises((OSError, ValueError)) as err:
+        call()
+    return str(err.value).splitlines()[0][:160]
+
+
+def _clip_default(size: int) -> dict:
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).to_dict()
+
+
+def _assert_clip_default(processor: object, size: int) -> None:
+    """CLIP's documented preprocessing sized to the encoder: shortest side → size, centre crop size², CLIP mean/std."""
+    d = processor.to_dict()
+    assert d["size"] == {"shortest_edge": size} and d["crop_size"] == {"height": size, "width": size}
+    assert d["do_resize"] and d["do_center_crop"] and d["do_normalize"]
+    assert list(d["image_mean"]) == list(OPENAI_CLIP_MEAN) and list(d["image_std"]) == list(OPENAI_CLIP_STD)
+    assert d == _clip_default(size)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two pipeline-like roots holding `image_encoder/`: one with a saved processor, one without (read-only)."""
+    base = tmp_path_factory.mktemp("roots")
+    out = {}
+    for name, processor in (("with", True), ("without", False)):
+        _save(base / name / SUB, processor=processor)
+        out[name] = base / name
+    return out
+
+
+# ---- from_pretrained: weights, name, processor, dtype, device ----------------------------------------------
+@pytest.mark.parametrize("via", ["subfolder", "folder"])
+def test_loads_the_saved_weights_and_names_the_folder(roots: dict[str, Path], via: str) -> None:
+    """The weights are the saved ones; the name is the folder read (root/subfolder, or the folder itself)."""
+    root = roots["with"]
+    if via == "subfolder":
+        encoder = ImageEncoder.from_pretrained(root, subfolder=SUB)
+        assert encoder.name == f"{root}/{SUB}"
+    else:
+        encoder = ImageEncoder.from_pretrained(str(root / SUB))
+        assert encoder.name == str(root / SUB)
+    saved = load_file(root / SUB / "model.safetensors")
+    state = encoder.model.state_dict()
+    assert set(state) == set(saved)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert encoder.dtype == torch.float32 and encoder.device == torch.device("cpu")
+    assert not any(p.requires_grad for p in encoder.model.parameters()) and not encoder.model.training
+
+
+@pytest.mark.parametrize("via", ["subfolder", "folder"])
+def test_uses_the_saved_processor(roots: dict[str, Path], via: str) -> None:
+    """A `preprocessor_config.json` beside the weights is the processor used, as transformers reads it."""
+    root = roots["with"]
+    encoder = (ImageEncoder.from_pretrained(root, subfolder=SUB) if via == "subfolder"
+               else ImageEncoder.from_pretrained(root / SUB))
+    expected = CLIPImageProcessor.from_pretrained(str(root / SUB)).to_dict()
+    assert encoder.processor.to_dict() == expected
+    assert expected["size"] == {"shortest_edge": 40} and list(expected["image_mean"]) == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("via", ["subfolder", "folder"])
+def test_without_a_saved_processor_uses_clip_preprocessing_sized_to_the_encoder(roots: dict[str, Path],
+                                                                                 via: str) -> None:
+    """No processor saved: CLIP's own preprocessing at the config's image size (32 here, not CLIP's 224)."""
+    root = roots["without"]
+    encoder = (ImageEncoder.from_pretrained(root, subfolder=SUB) if via == "subfolder"
+               else ImageEncoder.from_pretrained(root / SUB))
+    assert json.loads((root / SUB / "config.json").read_text())["image_size"] == 32
+    _assert_clip_default(encoder.processor, 32)
+    assert encoder.name == (f"{root}/{SUB}" if via == "subfolder" else str(root / SUB))
+
+
+def test_float16_checkpoint_loads_as_float32_unless_auto(tmp_path: Path) -> None:
+    """The default dtype is float32 whatever the file holds; `dtype="auto"` keeps the checkpoint's float16."""
+    folder = _save(tmp_path / "half", processor=False, dtype=torch.float16)
+    saved = load_file(folder / "model.safetensors")
+    assert all(v.dtype == torch.float16 for v in saved.values())
+    for dtype, want in ((None, torch.float32), ("auto", torch.float16), (torch.bfloat16, torch.bfloat16)):
+        encoder = ImageEncoder.from_pretrained(folder, **({} if dtype is None else {"dtype": dtype}))
+        assert encoder.dtype == want
+        state = encoder.model.state_dict()
+        assert all(state[k].dtype == want and torch.equal(state[k], saved[k].to(want)) for k in saved)
+
+
+def test_device_is_applied(roots: dict[str, Path]) -> None:
+    """`device` moves the loaded weights (the meta device stands for an accelerator on a CPU-only machine)."""
+    encoder = ImageEncoder.from_pretrained(roots["without"], subfolder=SUB, device="meta")
+    assert encoder.device.type == "meta"
+    assert all(p.device.type == "meta" for p in encoder.model.parameters())
+
+
+# ---- from_pretrained: errors -------------------------------------------------------------------------------
+def test_missing_folder_is_one_line_error_quoting_transformers(tmp_path: Path) -> None:
+    """A folder that does not exist: our sentence with the path and transformers' first line, cut at 160 chars."""
+    missing = tmp_path / ("missing-" + "x" * 150)
+    reason = _first_line(lambda: CLIPVisionModelWithProjection.from_pretrained(str(missing)))
+    assert len(reason) == 160  # the cut is exercised: transformers' line is longer
+    with pytest.raises(IPAdapterError) as err:
+        ImageEncoder.from_pretrained(missing)
+    assert str(err.value) == LOAD_TEMPLATE.format(missing, reason)
+
+
+def test_missing_subfolder_names_root_and_subfolder(tmp_path: Path) -> None:
+    """An existing root without the subfolder: the message names `root/subfolder`."""
+    root = tmp_path / ("root-" + "y" * 150)
+    root.mkdir()
+    reason = _first_line(lambda: CLIPVisionModelWithProjection.from_pretrained(str(root), subfolder=SUB))
+    assert len(reason) == 160
+    with pytest.raises(IPAdapterError) as err:
+        ImageEncoder.from_pretrained(root, subfolder=SUB)
+    assert str(err.value) == LOAD_TEMPLATE.format(f"{root}/{SUB}", reason)
+
+
+def test_weights_of_another_shape_do_not_fit(tmp_path: Path) -> None:
+    """Vision weights whose config says another width: transformers raises RuntimeError, reported in one line."""
+    folder = _save(tmp_path / "root" / SUB, processor=False)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))
+    with pytest.raises(RuntimeError):
+        CLIPVisionModelWithProjection.from_pretrained(str(folder))
+    with pytest.raises(IPAdapterError) as err:
+        ImageEncoder.from_pretrained(tmp_path / "root", subfolder=SUB)
+    assert str(err.value) == LOAD_TEMPLATE.format(
+        f"{tmp_path / 'root'}/{SUB}", "its weights do not fit a CLIP vision model (a text encoder?)")
+
+
+@pytest.mark.parametrize("via", ["subfolder", "folder"])
+def test_text_encoder_is_refused_with_its_missing_weights(tmp_path: Path, via: str) -> None:
+    """A CLIPTextModelWithProjection folder loads without error in transformers but has none of the vision
+    weights: refused, counting them and naming the first (sorted) missing key."""
+    folder = tmp_path / "root" / SUB
+    factories.tiny_text_encoder(32, projection=32).save_pretrained(folder)
+    saved = set(load_file(folder / "model.safetensors"))
+    vision = set(CLIPVisionModelWithProjection(CLIPVisionConfig.from_pretrained(str(folder))).state_dict())
+    missing = vision - saved
+    assert missing == vision  # no text-encoder key is a vision key
+    where = f"{tmp_path / 'root'}/{SUB}" if via == "subfolder" else str(folder)
+    with pytest.raises(IPAdapterError) as err:
+        if via == "subfolder":
+            ImageEncoder.from_pretrained(tmp_path / "root", subfolder=SUB)
+        else:
+            ImageEncoder.from_pretrained(folder)
+    assert str(err.value) == (
+        f"{where} is not a CLIP vision encoder: {len(missing)} of its weights are missing (e.g. {min(missing)}); "
+        "give a CLIPVisionModelWithProjection folder or Hub id"
+    )
+
+
+# ---- load_processor on its own (configs only) --------------------------------------------------------------
+def test_load_processor_reads_the_saved_processor(roots: dict[str, Path]) -> None:
+    expected = CLIPImageProcessor.from_pretrained(str(roots["with"] / SUB)).to_dict()
+    assert ImageEncoder.load_processor(roots["with"], subfolder=SUB).to_dict() == expected
+    assert ImageEncoder.load_processor(roots["with"] / SUB, image_size=64).to_dict() == expected  # file wins
+
+
+def test_load_processor_sizes_clip_preprocessing_from_the_config(roots: dict[str, Path]) -> None:
+    """Without `image_size` the encoder's config gives it (32), in the subfolder or the folder itself; the root's
+    own (absent) config is not the one read."""
+    _assert_clip_default(ImageEncoder.load_processor(roots["without"], subfolder=SUB), 32)
+    _assert_clip_default(ImageEncoder.load_processor(str(roots["without"] / SUB)), 32)
+
+
+def test_load_processor_given_image_size_reads_no_config(tmp_path: Path) -> None:
+    """With `image_size` given, no config is needed: a folder that does not exist still gets CLIP's preprocessing."""
+    _assert_clip_default(ImageEncoder.load_processor(tmp_path / "absent", subfolder=SUB, image_size=48), 48)
+
+
+@pytest.mark.parametrize("subfolder", [SUB, None])
+def test_load_processor_without_processor_or_config_is_one_line_error(tmp_path: Path, subfolder: str | None) -> None:
+    """Neither processor nor config (the folder does not exist): our sentence + transformers' first line (≤ 160)."""
+    missing = tmp_path / ("absent-" + "z" * 150)
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    reason = _first_line(lambda: CLIPVisionConfig.from_pretrained(str(missing), **kwargs))
+    assert len(reason) == 160
+    with pytest.raises(IPAdapterError) as err:
+        ImageEncoder.load_processor(missing, subfolder=subfolder)
+    where = f"{missing}/{subfolder}" if subfolder else str(missing)
+    assert str(err.value) == CONFIG_TEMPLATE.format(where, reason)
+
+
+@pytest.mark.xfail(strict=True, reason="transformers' CLIPVisionConfig.from_pretrained returns a default (224 px) "
+                   "config for an existing folder without config.json, so load_processor sizes for 224 silently")
+def test_load_processor_on_an_empty_existing_folder_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IPAdapterError, match="could not read the CLIP vision config of"):
+        ImageEncoder.load_processor(tmp_path / "empty")
+
+
+# ---- unconditional inputs ----------------------------------------------------------------------------------
+def _bf16_encoder() -> ImageEncoder:
+    model, _ = factories.tiny_image_encoder(1, hidden=32)
+    return ImageEncoder(model.to(torch.bfloat16), CLIPImageProcessor(**SAVED_PROCESSOR), name="tiny-bf16")
+
+
+def _direct_patch(model: CLIPVisionModelWithProjection) -> torch.Tensor:
+    """The penultimate hidden states of an all-zero pixel tensor, computed with the transformers model itself."""
+    dtype = next(model.parameters()).dtype
+    zeros = torch.zeros(1, 3, model.config.image_size, model.config.image_size, dtype=dtype)
+    with torch.no_grad():
+        return model(pixel_values=zeros, output_hidden_states=True).hidden_states[-2]
+
+
+def test_global_uncond_is_a_zero_embedding_of_the_encoders_dtype() -> None:
+    encoder = _bf16_encoder()
+    uncond = encoder.uncond("global")
+    assert uncond.dtype == torch.bfloat16 and uncond.device == torch.device("cpu")
+    assert uncond.shape == (1, encoder.model.config.projection_dim) and not uncond.any()
+
+
+def test_patch_uncond_is_the_encoders_features_of_zero_pixels() -> None:
+    encoder = _bf16_encoder()
+    uncond = encoder.uncond("patch")
+    expected = _direct_patch(encoder.model)
+    assert expected.shape == (1, (32 // 8) ** 2 + 1, 32)
+    assert uncond.dtype == torch.bfloat16 and torch.equal(uncond, expected)
+
+
+@pytest.mark.parametrize("features", ["global", "patch"])
+def test_uncond_is_on_the_encoders_device_not_the_default_one(features: str) -> None:
+    """With torch's default device elsewhere (meta), the unconditional input still lives on the encoder's (CPU)."""
+    encoder = ImageEncoder(_encoder(2), CLIPImageProcessor(**SAVED_PROCESSOR), name="tiny")
+    expected = _direct_patch(encoder.model) if features == "patch" else torch.zeros(1, 24)
+    torch.set_default_device("meta")
+    try:
+        uncond = encoder.uncond(features)
+    finally:
+        torch.set_default_device(None)
+    assert uncond.device == torch.device("cpu") and torch.equal(uncond, expected)
+
+
+def test_patch_uncond_follows_the_encoder_to_another_dtype_and_device() -> None:
+    """Cached per (device, dtype): moving the encoder gives its new features, not the first ones."""
+    encoder = ImageEncoder(_encoder(3), CLIPImageProcessor(**SAVED_PROCESSOR), name="tiny")
+    first = encoder.uncond("patch")
+    assert first.dtype == torch.float32 and torch.equal(first, _direct_patch(encoder.model))
+    assert encoder.uncond("patch") is first  # cached
+    encoder.model.to(torch.bfloat16)
+    second = encoder.uncond("patch")
+    assert second.dtype == torch.bfloat16 and torch.equal(second, _direct_patch(encoder.model))
+    encoder.model.to("meta")
+    assert encoder.uncond("patch").device.type == "meta"
