@@ -394,3 +394,25 @@ def test_masked_references_under_autograd_and_in_bf16_equal_the_inference_path(t
     torch.testing.assert_close(tracked.detach(), inference, atol=1e-5, rtol=1e-5)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), inference, atol=0.05, rtol=0.05)
+
+
+def test_a_new_lora_starts_as_diffusers_lora_layer_does() -> None:
+    """The FaceID LoRA is diffusers' `LoRALinearLayer` (the authors' code uses that class): no biases, `up` zero, so
+    a new LoRA changes nothing, and `down` drawn with std 1/rank. The std is compared with diffusers' own draw."""
+    import warnings
+
+    from diffusers.models.lora import LoRALinearLayer
+
+    from ipadapter.adapter import LoRA
+
+    torch.manual_seed(0)
+    ours = LoRA(320, 640, rank=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated there in favour of PEFT
+        theirs = LoRALinearLayer(320, 640, rank=8)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert not ours.up.weight.any()
+    assert abs(ours.down.weight.std().item() / theirs.down.weight.std().item() - 1) < 0.05  # 2,560 draws each
+    x = torch.randn(2, 320)
+    half = LoRA(320, 640, rank=8).to(torch.bfloat16)
+    assert half(x).dtype == torch.bfloat16  # fp32 activations into a bf16 LoRA: cast, not an error
