@@ -167,6 +167,7 @@ def test_a_new_head_without_the_encoder_width_it_reads_is_refused() -> None:
     with pytest.raises(IPAdapterError, match=r"^a new faceid head needs the encoder's width \(id_dim\), got 0$"):
         new_projection("faceid", cross_dim=8, tokens=4, id_dim=0)
     assert new_projection("faceid", cross_dim=8, tokens=4).in_dim == 512  # ArcFace's width unless told
+    assert new_projection("linear", cross_dim=8, tokens=4, embed_dim=1).in_dim == 1  # any positive width
 
 
 def _time_resampler(heads: int, depth: int = 2) -> ProjectionConfig:
