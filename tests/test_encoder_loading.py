@@ -226,12 +226,16 @@ def test_load_processor_without_processor_or_config_is_one_line_error(tmp_path: 
     assert str(err.value) == CONFIG_TEMPLATE.format(where, reason)
 
 
-@pytest.mark.xfail(strict=True, reason="transformers' CLIPVisionConfig.from_pretrained returns a default (224 px) "
-                   "config for an existing folder without config.json, so load_processor sizes for 224 silently")
-def test_load_processor_on_an_empty_existing_folder_is_an_error(tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(IPAdapterError, match="could not read the CLIP vision config of"):
-        ImageEncoder.load_processor(tmp_path / "empty")
+@pytest.mark.parametrize("subfolder", ["image_encoder", None])
+def test_load_processor_on_a_folder_without_config_is_an_error(tmp_path: Path, subfolder: str | None) -> None:
+    """transformers makes up a default (224 px) config for an existing folder without config.json: refused here,
+    or the preprocessing would silently be sized for another encoder."""
+    folder = tmp_path / "empty" / (subfolder or "")
+    folder.mkdir(parents=True, exist_ok=True)
+    with pytest.raises(IPAdapterError) as caught:
+        ImageEncoder.load_processor(tmp_path / "empty", subfolder=subfolder)
+    where = f"{tmp_path / 'empty'}" + (f"/{subfolder}" if subfolder else "")
+    assert str(caught.value) == f"could not read the CLIP vision config of {where}: the folder has no config.json"
 
 
 # ---- unconditional inputs ----------------------------------------------------------------------------------

@@ -81,6 +81,10 @@ class ImageEncoder:
         except (OSError, ValueError):
             pass
         if image_size is None:
+            folder = Path(source, subfolder or "")
+            if folder.is_dir() and not (folder / "config.json").is_file():  # transformers would make up a 224 px one
+                raise IPAdapterError(f"could not read the CLIP vision config of {_where(source, subfolder)}: "
+                                     "the folder has no config.json")
             try:
                 image_size = CLIPVisionConfig.from_pretrained(str(source), **kwargs).image_size
             except (OSError, ValueError) as err:
