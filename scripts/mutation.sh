@@ -28,7 +28,8 @@ tests=(test_core_regressions.py test_runtime.py test_projection_shapes.py test_a
        test_conditioning_combine.py
        test_conditioning_embeds_file.py test_conditioning_images.py test_conditioning_masks.py
        test_conditioning_negatives.py test_conditioning_presets.py test_conditioning_schedules.py test_attach.py
-       test_load.py test_variants.py test_dit_sd3.py test_compiled_plan.py test_face_embedding.py test_cli_generate.py
+       test_load.py test_variants.py test_dit_sd3.py test_compiled_plan.py test_face_embedding.py test_encoder_loading.py
+       test_cli_generate.py
        test_cli_extras.py)
 # Tests that run the package in a child interpreter: mutmut's trampoline there has no configuration (its stats run
 # fails on them) and cannot switch mutants, so they can neither kill nor keep one.
