@@ -185,10 +185,16 @@ def test_shuffle_negative_is_the_clipped_rounded_shuffle() -> None:
 
 
 def test_shuffle_runs_without_warnings() -> None:
-    """Indexing and corner alignment are spelled out, so torch has no default to warn about (or to change later)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        noise_negative(reference(), "shuffle", 0.5, seed=1)
+    """Indexing and corner alignment are spelled out, so torch has no default to warn about (or to change later).
+    torch shows some warnings once per process, so they are switched to always for the check."""
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            noise_negative(reference(), "shuffle", 0.5, seed=1)
+    finally:
+        torch.set_warn_always(warn_always)
 
 
 def test_gaussian_and_dissolve_are_exactly_their_definitions() -> None:
