@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from ipadapter.conditioning.images import enhance_features, grid_tiles, load_image, prepare_image, tile_image
 from ipadapter.errors import IPAdapterError
@@ -273,3 +273,37 @@ def test_high_depth_and_float_pixels_map_to_8_bit(mode: str, values: list, expec
     assert image.mode == mode
     got = np.asarray(load_image(image))
     assert np.array_equal(got[0, :, 0], expected) and np.array_equal(got[..., 0], got[..., 2])
+
+
+@pytest.mark.parametrize("size,target,inner,offset", [
+    ((240, 120), 60, (60, 30), (0, 15)), ((120, 240), 60, (30, 60), (15, 0)), ((240, 120), (30, 60), (30, 15), (0, 22)),
+])
+def test_pad_is_the_whole_image_scaled_to_fit_and_centred(size, target, inner, offset) -> None:
+    """Closed form: scale = min(tw / w, th / h), the image resized to round(w·scale) x round(h·scale) and pasted at
+    ((tw − iw) // 2, (th − ih) // 2) on the fill; nearest sampling reads source pixel step·i + step // 2."""
+    got = np.asarray(prepare_image(coordinates(*size), target, pad=True, fill=(0, 0, 255), resample="nearest"))
+    (ox, oy), (iw, ih) = offset, inner
+    step = size[0] // iw
+    rows, cols = np.mgrid[0:ih, 0:iw]
+    inside = got[oy:oy + ih, ox:ox + iw].astype(int)
+    assert np.array_equal(inside[..., 0], step * cols + step // 2)
+    assert np.array_equal(inside[..., 1], step * rows + step // 2)
+    outside = np.ones(got.shape[:2], bool)
+    outside[oy:oy + ih, ox:ox + iw] = False
+    assert (got[outside] == (0, 0, 255)).all()
+
+
+def test_a_sliver_pads_to_at_least_one_pixel() -> None:
+    got = prepare_image(Image.new("RGB", (200, 2), (255, 0, 0)), 50, pad=True, fill=(0, 0, 255), resample="nearest")
+    column = np.asarray(got)[:, 25]
+    assert (column == (255, 0, 0)).all(axis=1).sum() == 1  # round(2 * 0.25) = 0 rows would lose the image
+
+
+@pytest.mark.parametrize("amount", [0.4, 1.5])
+def test_sharpening_is_pil_unsharp_mask_after_resizing(amount: float) -> None:
+    """The documented sharpening: Pillow's UnsharpMask of radius 1, percent 100·amount, threshold 0, after resizing."""
+    noisy = Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 90, 3), dtype=np.uint8))
+    plain = prepare_image(noisy, 32, resample="bilinear")
+    expected = plain.filter(ImageFilter.UnsharpMask(radius=1, percent=round(amount * 100), threshold=0))
+    assert np.array_equal(np.asarray(prepare_image(noisy, 32, resample="bilinear", sharpen=amount)),
+                          np.asarray(expected))
