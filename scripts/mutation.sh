@@ -28,7 +28,8 @@ tests=(test_core_regressions.py test_runtime.py test_projection_shapes.py test_a
        test_conditioning_combine.py test_conditioning_embeds_file.py test_conditioning_images.py
        test_conditioning_masks.py test_conditioning_negatives.py test_conditioning_presets.py
        test_conditioning_schedules.py test_attach.py test_load.py test_variants.py test_dit_sd3.py
-       test_compiled_plan.py test_face_embedding.py test_encoder_loading.py test_cli_generate.py test_cli_extras.py)
+       test_compiled_plan.py test_face_embedding.py test_encoder_loading.py test_prompter_faceid.py
+       test_cli_generate.py test_cli_extras.py)
 # Tests that run the package in a child interpreter: mutmut's trampoline there has no configuration (its stats run
 # fails on them) and cannot switch mutants, so they can neither kill nor keep one.
 in_child=(test_load.py::test_readme_python_example_runs_as_written test_cli_extras.py::test_core_commands_run_without_the_extras)
@@ -46,8 +47,9 @@ rm -rf "$work/src" "$work/tests" "$work/examples"
 (cd "$root" && tar --exclude=__pycache__ -cf - src tests pyproject.toml README.md examples) | tar -xf - -C "$work"
 # mutmut regenerates a file's mutants only when its copy under mutants/ is older than the source. A module that an
 # earlier run in this folder copied unmutated (it was not selected then) would stay unmutated: drop such copies. Which
-# tests run which function was learnt for the earlier selection: a changed selection learns it again (verdicts stay).
-selection="${*:-${core[*]}}"
+# tests run which function was learnt for the earlier selection of modules and tests: a changed selection (a new test
+# file too) learns it again (verdicts stay).
+selection="${*:-${core[*]}} | ${tests[*]}"
 if [ "$(cat "$work/selection.txt" 2>/dev/null)" != "$selection" ]; then
   rm -f "$work/mutants/mutmut-stats.json"
 fi

@@ -59,3 +59,57 @@ def test_plain_attention_blocks_before_transformer_ones_are_stepped_over() -> No
     expected = {name: i for i, name in enumerate(names) if ".transformer_blocks." in name}
     assert len(expected) == 8 and len(names) == 11  # 3 plain ones: the first down block's, the last up block's two
     assert {layer.name: layer.index for layer in attention_layers(unet)} == expected
+
+
+def test_an_adapter_for_an_unknown_family_is_named_by_its_token_width(sd15_unet) -> None:
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=16, tokens=4))
+    adapter = IPAdapter.for_unet(sd15_unet, config)
+    with pytest.raises(IPAdapterError) as err:
+        attach(sd15_unet, adapter)
+    assert str(err.value) == (
+        "adapter '0' was made for a model with 16-wide text tokens (token width 16) but this UNet is a model with "
+        "32-wide text tokens (width 32); use an adapter made for a model with 32-wide text tokens"
+    )
+
+
+def test_detach_leaves_the_unet_as_never_touched_and_may_be_called_twice(sd15_unet) -> None:
+    """The same processor objects and no hook left behind; a second detach (a `with` block around an explicit
+    detach) changes nothing and raises nothing."""
+    processors = dict(sd15_unet.attn_processors)
+    hooks = dict(sd15_unet._forward_pre_hooks)
+    attachment = attach(sd15_unet, _new_adapter(sd15_unet))
+    assert dict(sd15_unet._forward_pre_hooks) != hooks
+    for _ in range(2):
+        attachment.detach()
+        assert dict(sd15_unet._forward_pre_hooks) == hooks
+        assert all(p is processors[n] for n, p in sd15_unet.attn_processors.items())
+
+
+def test_a_processor_replaced_after_attaching_is_one_sentence(sd15_unet) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attachment = attach(sd15_unet, _new_adapter(sd15_unet))
+    name = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    sd15_unet.get_submodule(name).set_processor(AttnProcessor2_0())
+    with pytest.raises(IPAdapterError) as err:
+        attachment.check_intact()
+    attachment.detach()
+    assert str(err.value) == (
+        f"the attention processor of {name} was replaced after the adapter was attached (for example by "
+        "set_attn_processor or enable_xformers_memory_efficient_attention); attach the adapter again"
+    )
+
+
+def test_an_adapters_layer_is_found_by_a_cross_attention_layers_name_only(sd15_unet) -> None:
+    """`IPAdapter.layer(name)`: the weights at a cross-attention layer (diffusers' `Attention.is_cross_attention`),
+    None at every other module path of the UNet, the blocks that hold those layers included."""
+    from diffusers.models.attention_processor import Attention
+
+    from ipadapter.adapter import AdapterLayer
+
+    adapter = _new_adapter(sd15_unet)
+    cross = {n for n, m in sd15_unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
+    assert len(cross) == 16
+    for name, _ in sd15_unet.named_modules():
+        found = adapter.layer(name)
+        assert isinstance(found, AdapterLayer) if name in cross else found is None, name

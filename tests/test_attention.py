@@ -146,8 +146,10 @@ def test_concat_mode_equals_plain_unet_on_concatenated_context() -> None:
     assert torch.equal(off, plain)
 
 
-def test_concat_weight_is_a_log_bias_on_image_columns() -> None:
-    """Closed form for one attention layer: weight w multiplies the image tokens' unnormalised attention by w."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_concat_weight_is_a_log_bias_on_image_columns(dtype: torch.dtype) -> None:
+    """Closed form for one attention layer: weight w multiplies the image tokens' unnormalised attention by w. A bf16
+    UNet gives it to bf16's precision, in bf16, from the fp32 tokens an fp32 projection makes."""
     unet = factories.sd15_unet()
     name = next(n for n, p in unet.attn_processors.items() if "attn2" in n).rsplit(".processor", 1)[0]
     attn = unet.get_submodule(name)
@@ -166,12 +168,15 @@ def test_concat_weight_is_a_log_bias_on_image_columns() -> None:
         scores[..., 6:] *= w
         probs = scores / scores.sum(-1, keepdim=True)
         expected = attn.to_out[0]((probs @ v).transpose(1, 2).reshape(1, 16, -1))
+    unet.to(dtype)
     att = attach(unet, adapter)
     att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)], scale=w)})
     with torch.no_grad():
-        got = attn(hidden, encoder_hidden_states=text)
+        got = attn(hidden.to(dtype), encoder_hidden_states=text.to(dtype))
     att.detach()
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 0.03
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_concat_adapter_round_trips_own_format_and_refuses_published(tmp_path) -> None:
@@ -238,9 +243,12 @@ def test_kv_carried_to_next_generation_only_while_tokens_and_weights_are_the_sam
     torch.testing.assert_close(changed, uncached, atol=1e-5, rtol=1e-5)
 
 
-def test_masked_references_together_equal_each_alone() -> None:
-    """Closed form: before `to_out` the image terms add up, so at one layer the output with references {A, B masked;
-    C plain} equals out(A) + out(B) + out(C) − 2·out(none); A and B take the one-call path, each alone the SDPA path."""
+ONE_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+
+
+def _one_layer(adapters: tuple[str, ...] = ("a",)):
+    """One diffusers cross-attention layer (width 64, 4 heads, 32-wide tokens) with our processor and a fresh random
+    adapter layer per name; the runtime is the processor's."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     from ipadapter.adapter import AdapterLayer
@@ -248,15 +256,25 @@ def test_masked_references_together_equal_each_alone() -> None:
     from ipadapter.layers import AttentionLayer
     from ipadapter.runtime import Runtime
 
-    torch.manual_seed(0)
-    width, cross, hw = 64, 32, (6, 5)
-    attn = Attention(width, cross_attention_dim=cross, heads=4, dim_head=16).eval()
-    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
-    layer = AttentionLayer(name, 0, True, width, cross, "down", 0, 0, 0)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16).eval()
+    layer = AttentionLayer(ONE_LAYER, 0, True, 64, 32, "down", 0, 0, 0)
     runtime = Runtime()
-    proc = IPAttnProcessor(layer, AttnProcessor2_0(), runtime, {"a": AdapterLayer(layer, cross)})
-    x, text = torch.randn(4, hw[0] * hw[1], width), torch.randn(4, 7, cross)
-    masks = [torch.rand(12, 10), (torch.rand(12, 10) > 0.5).float()]
+    weights = {name: AdapterLayer(layer, 32) for name in adapters}
+    return attn, runtime, IPAttnProcessor(layer, AttnProcessor2_0(), runtime, weights)
+
+
+@pytest.mark.parametrize("masks", ["drawn", "all ones"])
+def test_masked_references_together_equal_each_alone(masks: str) -> None:
+    """Closed form: before `to_out` the image terms add up, so at one layer the output with references {A, B masked;
+    C plain} equals out(A) + out(B) + out(C) − 2·out(none); A and B take the one-call path, each alone the SDPA path.
+    A mask of ones is no mask at all (each alone: the plain attention), also when both masks of the one call are."""
+    torch.manual_seed(0)
+    cross, hw = 32, (6, 5)
+    attn, runtime, proc = _one_layer()
+    name = ONE_LAYER
+    x, text = torch.randn(4, hw[0] * hw[1], 64), torch.randn(4, 7, cross)
+    masks = ([torch.rand(12, 10), (torch.rand(12, 10) > 0.5).float()] if masks == "drawn"
+             else [torch.ones(12, 10), torch.ones(9, 9)])
     refs = [Reference(cond=torch.randn(1, 3, cross), uncond=torch.randn(1, 3, cross), mask=masks[0], weight=0.7),
             Reference(cond=torch.randn(1, 3, cross), uncond=torch.randn(1, 3, cross), mask=masks[1]),
             Reference(cond=torch.randn(1, 3, cross), weight=1.3)]
@@ -273,6 +291,94 @@ def test_masked_references_together_equal_each_alone() -> None:
         alone = sum(run([r], uncond_layer) for r in refs) - 2 * run([], uncond_layer)
         torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
         assert (together - run(refs[2:], uncond_layer)).abs().max() > 1e-3  # the masked references do act
+
+
+def test_two_adapters_with_masked_references_each_keep_their_own_masks() -> None:
+    """Closed form: two adapters, each with two masked references on the same token grid, add up at a layer:
+    out(a and b) = out(a) + out(b) − out(none). Each adapter's references are weighted by its own masks."""
+    torch.manual_seed(1)
+    hw = (6, 5)
+    attn, runtime, proc = _one_layer(("a", "b"))
+    x, text = torch.randn(2, hw[0] * hw[1], 64), torch.randn(2, 7, 32)
+    left = torch.zeros(12, 10)
+    left[:, :5] = 1
+    top = torch.zeros(12, 10)
+    top[:6] = 1
+    prompts = {name: AdapterPrompt([Reference(cond=torch.randn(1, 3, 32), mask=m) for m in (half, 1 - half)])
+               for name, half in (("a", left), ("b", top))}
+
+    def run(names: str) -> torch.Tensor:
+        runtime.set({n: prompts[n] for n in names}, cfg=False)
+        runtime.latent_hw = hw
+        with torch.no_grad():
+            return proc(attn, x, text)
+
+    both = run("ab")
+    torch.testing.assert_close(both, run("a") + run("b") - run(""), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_references_together_take_each_query_tokens_own_softmax() -> None:
+    """Query tokens whose attention logits lie hundreds apart (one token 300 times the others): each token's softmax
+    over a reference's tokens is its own, as torch's `softmax` (the autograd path) computes it, finite everywhere."""
+    torch.manual_seed(2)
+    hw = (6, 5)
+    attn, runtime, proc = _one_layer()
+    x, text = torch.randn(2, hw[0] * hw[1], 64), torch.randn(2, 7, 32)
+    x[:, 0] *= 300
+    left = torch.zeros(12, 10)
+    left[:, :5] = 1
+    runtime.set({"a": AdapterPrompt([Reference(cond=torch.randn(1, 3, 32), mask=m) for m in (left, 1 - left)])},
+                cfg=False)
+    runtime.latent_hw = hw
+    with torch.no_grad():
+        inference = proc(attn, x, text)
+    with torch.enable_grad():
+        tracked = proc(attn, x, text)
+    assert torch.isfinite(inference).all()
+    torch.testing.assert_close(inference, tracked.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_grid_sizes_are_exactly_the_token_counts_token_grid_finds_by_halving() -> None:
+    """The compiled path prepares mask weights for each of `grid_sizes(latent)`, the eager path resizes with
+    `token_grid`: a count listed is found on the latent's halvings (rounding up, as the UNet's down-samplings), one
+    not listed takes diffusers' estimate from the mask's aspect (`IPAdapterMaskProcessor.downsample`'s formula)."""
+    import math
+
+    from ipadapter.attention import grid_sizes, token_grid
+
+    def estimate(n: int, mask_hw: tuple[int, int]) -> tuple[int, int]:
+        gh = int(math.sqrt(n / (mask_hw[1] / mask_hw[0])))
+        gh += int(n % gh != 0)
+        return gh, n // gh
+
+    tall = (3, 1)
+    for latent in [(512, 512), (300, 97), (6, 5)]:
+        sizes = grid_sizes(latent)
+        h, w = latent
+        halvings = []
+        for _ in range(12):
+            if (h, w) not in halvings:
+                halvings.append((h, w))
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        assert set(sizes) <= {gh * gw for gh, gw in halvings} and len(set(sizes)) == len(sizes)
+        for gh, gw in halvings:
+            expected = (gh, gw) if gh * gw in sizes else estimate(gh * gw, tall)
+            assert token_grid(gh * gw, latent, tall) == expected, (latent, gh, gw)
+    assert grid_sizes(None) == ()
+
+
+def test_a_mask_on_a_token_grid_is_none_where_all_ones_else_weights_in_the_layers_dtype() -> None:
+    """`_on_grid`'s contract: an all-ones mask (any size) is no weighting at all (None); any other becomes (1, 1, L, 1)
+    weights in the dtype asked for, the values of `resize_mask` (bicubic, clamped to [0, 1])."""
+    from ipadapter.attention import _on_grid, resize_mask
+
+    cpu = torch.device("cpu")
+    assert _on_grid(torch.ones(7, 9), 30, (6, 5), torch.bfloat16, cpu) is None
+    left = torch.zeros(12, 10)
+    left[:, :5] = 1
+    weights = _on_grid(left, 30, (6, 5), torch.bfloat16, cpu)
+    assert weights.dtype == torch.bfloat16 and weights.shape == (1, 1, 30, 1)
+    assert torch.equal(weights[0, 0], resize_mask(left, 30, (6, 5)).bfloat16())
 
 
 def test_each_mask_is_resized_once_per_token_grid_and_generation(monkeypatch, tmp_path) -> None:
@@ -362,17 +468,19 @@ def test_concat_mode_takes_a_boolean_mask_on_one_layer(weight: float) -> None:
 
 
 def test_masked_references_under_autograd_and_in_bf16_equal_the_inference_path(tmp_path) -> None:
-    """Two masked references: inference computes their softmaxes in place (the diffusers-parity tests check that
+    """Masked references: inference computes their softmaxes in place (the diffusers-parity tests check that
     path); with autograd on (training, guidance by gradients) the same attention runs out of place and must give the
-    same output, and a bf16 UNet must give it too, to bf16's precision."""
+    same output, and a bf16 UNet must give it too, to bf16's precision, with autograd off and on. One mask is all
+    ones (no weighting, as the second reference alone would be)."""
     unet = factories.sd15_unet()
     torch.save(factories.published(unet, "base", factories.SD15_CROSS), tmp_path / "a.bin")
     adapter = load_adapter(tmp_path / "a.bin", unet)
     with torch.no_grad():
-        a, b = (adapter.project(t) for t in torch.randn(2, 1, 24, generator=torch.Generator().manual_seed(8)))
+        a, b, c = (adapter.project(t) for t in torch.randn(3, 1, 24, generator=torch.Generator().manual_seed(8)))
     left = torch.zeros(24, 40)  # not square: the masks follow the latent's 16 x 16 grid all the same
     left[:, :20] = 1
-    prompt = AdapterPrompt([Reference(cond=a, mask=left), Reference(cond=b, mask=1 - left)], scale=0.7)
+    prompt = AdapterPrompt([Reference(cond=a, mask=left), Reference(cond=b, mask=1 - left),
+                            Reference(cond=c, mask=torch.ones(24, 40))], scale=0.7)
     att = attach(unet, adapter)
     att.set_prompts({"0": prompt})
     try:
@@ -387,13 +495,16 @@ def test_masked_references_under_autograd_and_in_bf16_equal_the_inference_path(t
         att.set_prompts({"0": prompt})
         with torch.no_grad():
             half = unet(sample.detach().bfloat16(), 500, encoder_hidden_states=text.bfloat16()).sample
+        with torch.enable_grad():
+            half_tracked = unet(sample.detach().bfloat16(), 500, encoder_hidden_states=text.bfloat16()).sample
     finally:
         att.detach()
     plain = run_unet(factories.sd15_unet(), "sd15", 1)
     assert tracked.requires_grad and (inference - plain).abs().max() > 1e-3
     torch.testing.assert_close(tracked.detach(), inference, atol=1e-5, rtol=1e-5)
-    assert half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.float(), inference, atol=0.05, rtol=0.05)
+    for got in (half, half_tracked.detach()):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), inference, atol=0.05, rtol=0.05)
 
 
 def test_a_new_lora_starts_as_diffusers_lora_layer_does() -> None:

@@ -102,6 +102,23 @@ def test_sd15_adapter_on_sdxl_unet_says_so(sd15_unet, sdxl_unet, tmp_path) -> No
     assert "another base model" in str(err.value) or "made for" in str(err.value)
 
 
+@pytest.mark.parametrize("key", ["to_k_ip.weight", "99.to_k_ip.weight"])
+def test_a_published_key_outside_the_layout_is_one_sentence(sd15_unet, key) -> None:
+    """The published layout keys K'/V' as "ip_adapter.{position in unet.attn_processors}.{name}" (docs/checkpoints.md):
+    a key without a position, or with one past the UNet's attention layers, is named in one sentence."""
+    state = factories.published(sd15_unet, "base", factories.SD15_CROSS)
+    state["ip_adapter"][key] = torch.zeros(3, 3)
+    with pytest.raises(IPAdapterError) as err:
+        adapter_from_state_dict(state, sd15_unet, name="x.bin")
+    expected = {
+        "to_k_ip.weight": "x.bin: unexpected key 'to_k_ip.weight' in ip_adapter weights",
+        "99.to_k_ip.weight": f"x.bin has weights for attention layer 99 but this UNet has "
+                             f"{len(sd15_unet.attn_processors)} attention layers; the adapter was made for another "
+                             "base model",
+    }[key]
+    assert str(err.value) == expected
+
+
 def test_wrong_cross_dim_names_both_families(sd15_unet, tmp_path) -> None:
     from ipadapter.adapter import AdapterConfig, IPAdapter
     from ipadapter.attach import check_compatible

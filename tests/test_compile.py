@@ -117,3 +117,30 @@ def test_the_simple_adapter_compiles_once_and_equals_eager(tiny) -> None:
     finally:
         att.detach()
     assert (outputs[0] - outputs[1]).abs().max() > 1e-4
+
+
+def test_a_reference_of_weight_zero_is_left_out_when_compiled_too(tiny) -> None:
+    """Two unmasked references share one softmax over their tokens: one of weight 0 (everywhere, or at a layer by
+    its own layer weights, as the style and composition presets give) must be as if not given, compiled as eager.
+    Its V' is zero, but its K' took a share of the softmax under `torch.compile` (a bug)."""
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    torch.manual_seed(3)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    a, b = torch.randn(1, 4, 16), torch.randn(1, 4, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend="eager")
+    cases = [([Reference(cond=a), Reference(cond=b, weight=0.0)], [Reference(cond=a)]),
+             ([Reference(cond=a), Reference(cond=b, layer_weights={CROSS: 0.0})], [Reference(cond=a)])]
+    try:
+        for given, alone in cases:
+            with torch.no_grad():
+                att.set_prompts({"0": AdapterPrompt(alone)}, rows=1)
+                expected = unet(sample, 500, encoder_hidden_states=text).sample
+                att.set_prompts({"0": AdapterPrompt(given)}, rows=1)
+                eager = unet(sample, 500, encoder_hidden_states=text).sample
+                got = compiled(sample, 500, encoder_hidden_states=text).sample
+            torch.testing.assert_close(eager, expected, atol=0, rtol=0)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        att.detach()

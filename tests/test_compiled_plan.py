@@ -5,6 +5,7 @@ mutation run (docs/testing.md), check the plan's arithmetic too."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
@@ -16,6 +17,8 @@ from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.attention import IPAttnProcessor
 from ipadapter.projection import ProjectionConfig
 from tests.test_compile import CROSS, tiny  # noqa: F401  (the fixture)
+
+UP = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"  # the tiny UNet's other cross-attention layer
 
 ATTACH = importlib.import_module("ipadapter.attach")  # the package exports a function of that name
 
@@ -29,10 +32,15 @@ def _as_if_compiled(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
     monkeypatch.setattr(ATTACH, "_in_compiled_module", lambda: True)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(IPAttnProcessor, "_uncompiled", _no_fallback)
+    monkeypatch.setattr(IPAttnProcessor, "_terms_of", _no_terms_made)
 
 
 def _no_fallback(*args: object, **kwargs: object) -> None:
     raise AssertionError("a prepared compiled call fell back to the eager processor")
+
+
+def _no_terms_made(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a prepared compiled call made K'/V' and masks inside the graph instead of reading prepare's")
 
 
 def _prompts() -> list[AdapterPrompt]:
@@ -50,16 +58,29 @@ def _prompts() -> list[AdapterPrompt]:
                       uncond_layers=frozenset({CROSS})),
         AdapterPrompt([Reference(cond=tokens, mask=mask), Reference(cond=torch.randn(1, 4, 16), mask=1 - mask)],
                       scale=0.8),
+        # A reference of weight 0 (here, or everywhere) takes no share of the softmax it would share with the others.
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond), Reference(cond=torch.randn(1, 4, 16), weight=0.0)]),
+        AdapterPrompt([Reference(cond=tokens, uncond=uncond, layer_weights={CROSS: 1.0}),
+                       Reference(cond=torch.randn(1, 4, 16), uncond=uncond, layer_weights={UP: 1.0})]),
+        AdapterPrompt([Reference(cond=tokens, mask=mask), Reference(cond=torch.randn(1, 4, 16), mask=1 - mask),
+                       Reference(cond=torch.randn(1, 4, 16), mask=mask, weight=0.0)]),
     ]
 
 
-@pytest.fixture(params=["decoupled", "concat"])
+@pytest.fixture(params=["decoupled", "concat", "lora"])
 def attention(request, tiny) -> tuple:  # noqa: F811
-    """The tiny UNet with a decoupled adapter, or with the simple adapter (image tokens appended to the text's)."""
+    """The tiny UNet with a decoupled adapter, with the simple adapter (image tokens appended to the text's), or with
+    a FaceID adapter whose LoRA deltas are not zero (a new LoRA's `up` is)."""
     unet, adapter = tiny
+    head = ProjectionConfig("linear", in_dim=8, cross_dim=16, tokens=4)
     if request.param == "concat":
-        config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=16, tokens=4), attention="concat")
-        adapter = IPAdapter.for_unet(unet, config)
+        adapter = IPAdapter.for_unet(unet, AdapterConfig("base", head, attention="concat"))
+    if request.param == "lora":
+        adapter = IPAdapter.for_unet(unet, AdapterConfig("faceid", head, lora_rank=4))
+        with torch.no_grad():
+            for name, param in adapter.named_parameters():
+                if "_lora.up." in name:
+                    param.normal_(std=0.2, generator=torch.Generator().manual_seed(len(name)))
     return unet, adapter
 
 
@@ -94,6 +115,53 @@ def test_a_compiled_call_nothing_prepared_for_runs_the_eager_processor(tiny, mon
     try:
         att.set_prompts({"0": _prompts()[1]}, rows=1)
         with torch.no_grad():
+            eager = unet(sample, 500, encoder_hidden_states=text).sample
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+            unprepared = unet(sample, 500, encoder_hidden_states=text).sample
+        torch.testing.assert_close(unprepared, eager, atol=0, rtol=0)
+    finally:
+        att.detach()
+
+
+def test_the_compiled_plan_of_a_bf16_unet_under_autograd_computes_what_the_eager_processor_does(
+    attention, monkeypatch,
+) -> None:
+    """The trainer's setting (an fp32 adapter on a bf16 UNet, autograd on) with masked references, one mask all ones:
+    the plan made for the UNet's dtype gives the eager output, in bf16."""
+    unet, adapter = attention
+    unet = copy.deepcopy(unet).to(torch.bfloat16)
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1
+    refs = [Reference(cond=torch.randn(1, 4, 16), mask=m) for m in (mask, 1 - mask, torch.ones(16, 16))]
+    att = attach(unet, adapter)
+    sample, text = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    try:
+        att.set_prompts({"0": AdapterPrompt(refs, scale=0.8)}, rows=1)
+        with torch.enable_grad():
+            _as_if_compiled(monkeypatch, True)
+            planned = unet(sample, 500, encoder_hidden_states=text).sample
+            _as_if_compiled(monkeypatch, False)
+            eager = unet(sample, 500, encoder_hidden_states=text).sample
+    finally:
+        att.detach()
+    assert planned.dtype == eager.dtype == torch.bfloat16 and planned.requires_grad
+    torch.testing.assert_close(planned, eager, atol=0.05, rtol=0.05)  # bf16 roundings in two orders
+
+
+def test_a_compiled_call_after_eager_calls_nothing_prepared_for_runs_the_eager_processor(
+    tiny, monkeypatch,  # noqa: F811
+) -> None:
+    """`torch.compile(unet)` called, then the plain `unet` (what was prepared is forgotten), then `unet.compile()`'s
+    forward (no hook before it): the processor sees no plan and runs the eager processor, the adapter acting."""
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    try:
+        att.set_prompts({"0": _prompts()[1]}, rows=1)
+        with torch.no_grad():
+            _as_if_compiled(monkeypatch, True)
+            unet(sample, 500, encoder_hidden_states=text)
+            _as_if_compiled(monkeypatch, False)
             eager = unet(sample, 500, encoder_hidden_states=text).sample
             monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
             unprepared = unet(sample, 500, encoder_hidden_states=text).sample

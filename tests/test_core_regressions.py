@@ -8,6 +8,7 @@ tests survive changes of internal names. docs/testing.md lists which bug each te
 from __future__ import annotations
 
 import copy
+import importlib
 import pathlib
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +22,7 @@ from ipadapter.conditioning.presets import preset
 from ipadapter.layers import attention_layers
 from ipadapter.projection.detect import ProjectionConfig
 from tests import factories
+from tests.test_compile import tiny  # noqa: F401  (the fixture)
 from tests.test_parity_diffusers import diffusers_unet, features, our_inputs, run_unet
 
 CROSS = factories.SD15_CROSS
@@ -522,3 +524,47 @@ def test_masked_references_with_and_without_the_kv_cache_equal_diffusers(cache_k
     prompter.detach()
     torch.testing.assert_close(torch.from_numpy(got[0]), torch.from_numpy(expected[0]), atol=1e-4, rtol=0)
     assert len(calls) == (1 if cache_kv else 3), "K'/V' once per generation with the cache, at every step without"
+
+
+def test_clear_cache_drops_the_kept_kv_and_the_next_generation_projects_them_again(tmp_path) -> None:
+    """`Attachment.clear_cache` (free the K'/V' a repeated reference would reuse): the same reference generated again
+    reuses K'/V' (no projection), after `clear_cache` projects them once more, and the image still equals diffusers'."""
+    prompter, diffusers_pipe = _prompter_and_diffusers(tmp_path)
+    calls = []
+    prompter.adapter().named_layers()[0][1].to_k_ip.register_forward_hook(lambda *_: calls.append(1))
+    image = factories.reference_image()
+    gen = dict(height=32, width=32, output_type="np")
+    expected = diffusers_pipe(prompt="a red", ip_adapter_image=image, num_inference_steps=2, guidance_scale=6.0,
+                              generator=torch.Generator().manual_seed(0), **gen).images
+    refs = prompter.references([image])
+    counts = []
+    for clear in (False, False, True):
+        if clear:
+            prompter.attachment.clear_cache()
+        got = prompter.generate(refs, prompt="a red", seed=0, steps=2, guidance=6.0, **gen)
+        torch.testing.assert_close(torch.from_numpy(got[0]), torch.from_numpy(expected[0]), atol=1e-4, rtol=0)
+        counts.append(len(calls))
+    prompter.detach()
+    assert counts == [1, 1, 2], "K'/V' made once, reused by the repeat, made again after clear_cache"
+
+
+def test_after_clear_cache_a_compiled_call_nothing_prepared_for_runs_the_eager_processor(tiny, monkeypatch) -> None:  # noqa: F811
+    """`clear_cache` between generations, then a compiled call that nothing prepares for (as under `unet.compile()`,
+    which skips the attachment's hook): it must fall back to the eager processor, not act on an empty plan."""
+    attach_module = importlib.import_module("ipadapter.attach")  # the package exports a function of that name
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    torch.manual_seed(1)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 16), uncond=torch.randn(1, 4, 16))])},
+                    rows=1)
+    try:
+        with torch.no_grad(), monkeypatch.context() as m:
+            eager = unet(sample, 500, encoder_hidden_states=text).sample
+            att.clear_cache()
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            m.setattr(attach_module, "_in_compiled_module", lambda: False)
+            unprepared = unet(sample, 500, encoder_hidden_states=text).sample
+        torch.testing.assert_close(unprepared, eager, atol=0, rtol=0)
+    finally:
+        att.detach()

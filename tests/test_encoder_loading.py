@@ -3,17 +3,20 @@
 Checked against independent truth: the weights and processor files saved here (read back with safetensors and
 transformers' own `from_pretrained`), CLIP's documented preprocessing (shortest side → size, centre crop, OpenAI CLIP
 mean/std), transformers' own error text for the reason part of our one-line messages, and the transformers model run
-directly for the "patch" unconditional features. Every error message is asserted whole: the CLI prints it as is.
-Tiny random CLIP vision towers (hidden 32, 32 px, patch 8) are built here; nothing is downloaded.
+directly for the "patch" unconditional features and for encoded images. Every error message is asserted whole: the
+CLI prints it as is. Tiny random CLIP vision towers (hidden 32, 32 px, patch 8) are built here; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     CLIPImageProcessor,
@@ -22,6 +25,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from ipadapter.conditioning.embeds_file import EncoderIdentity
 from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError
 from tests import factories
@@ -291,3 +295,96 @@ def test_patch_uncond_follows_the_encoder_to_another_dtype_and_device() -> None:
     assert second.dtype == torch.bfloat16 and torch.equal(second, _direct_patch(encoder.model))
     encoder.model.to("meta")
     assert encoder.uncond("patch").device.type == "meta"
+
+
+# ---- name, identity, fit check, encoding -------------------------------------------------------------------
+class _DictConfigModel(torch.nn.Module):
+    """A module whose config is a plain dict (no `_name_or_path` attribute at all), as EncoderIdentity accepts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = {"hidden_size": 8}
+        self.proj = torch.nn.Linear(8, 8)
+
+
+def test_name_defaults_to_the_folder_transformers_loaded_else_clip_vision(tmp_path: Path) -> None:
+    """No name given: the config's `_name_or_path` (set by transformers' own `from_pretrained`), else "clip-vision"
+    for a model built in memory or one whose config has no such attribute."""
+    _save(tmp_path / "enc", processor=False)
+    loaded = CLIPVisionModelWithProjection.from_pretrained(str(tmp_path / "enc"))
+    assert loaded.config._name_or_path == str(tmp_path / "enc")
+    processor = CLIPImageProcessor(**SAVED_PROCESSOR)
+    assert ImageEncoder(loaded, processor).name == str(tmp_path / "enc")
+    built = _encoder()
+    assert built.config._name_or_path == ""
+    assert ImageEncoder(built, processor).name == "clip-vision"
+    assert ImageEncoder(_DictConfigModel(), processor).name == "clip-vision"
+    assert ImageEncoder(built, processor, name="mine").name == "mine"
+
+
+def test_identity_is_the_encoders_name_and_its_config_hash(tmp_path: Path) -> None:
+    """`name#hash`: the name this encoder was given (not the config's own), and EncoderIdentity's hash of its config."""
+    model = _encoder()
+    encoder = ImageEncoder(model, CLIPImageProcessor(**SAVED_PROCESSOR), name="my-vit")
+    assert encoder.identity() == f"my-vit#{EncoderIdentity.of(model.config).config_hash}"
+    assert EncoderIdentity.of(model.config).name == "clip_vision_model"
+
+
+FIT_HINT = ("use the encoder the adapter was trained with (h94/IP-Adapter: models/image_encoder is ViT-H, "
+            "sdxl_models/image_encoder is bigG; '_vit-h' SDXL adapters need ViT-H)")
+
+
+def test_check_fits_names_both_encoder_families() -> None:
+    """A bigG-width projection (1280) against a ViT-H adapter (1024): both named, whole sentence; the patch width
+    (hidden 32) is named by its own table (1280 = ViT-H/14 there)."""
+    model = factories.tiny_image_encoder(0, projection_dim=1280, hidden=32)[0]
+    encoder = ImageEncoder(model, CLIPImageProcessor(**SAVED_PROCESSOR), name="tiny")
+    encoder.check_fits(1280, "global")
+    encoder.check_fits(32, "patch")
+    with pytest.raises(IPAdapterError) as caught:
+        encoder.check_fits(1024, "global")
+    assert str(caught.value) == ("the adapter expects 1024-d (OpenCLIP ViT-H/14) global image features but the image "
+                                 f"encoder tiny gives 1280-d (OpenCLIP ViT-bigG/14); {FIT_HINT}")
+    with pytest.raises(IPAdapterError) as caught:
+        encoder.check_fits(1280, "patch", "adapter 'plus'")
+    assert str(caught.value) == ("adapter 'plus' expects 1280-d (ViT-H/14) patch image features but the image "
+                                 f"encoder tiny gives 32-d; {FIT_HINT}")
+    with pytest.raises(IPAdapterError, match=re.escape("expects 1664-d (ViT-bigG/14) patch image features")):
+        encoder.check_fits(1664, "patch")
+
+
+def _image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (36, 44, 3), dtype=np.uint8))
+
+
+def test_pixel_values_are_the_processors_on_the_encoders_device_and_dtype() -> None:
+    model = _encoder(4).to(torch.bfloat16)
+    processor = CLIPImageProcessor(**SAVED_PROCESSOR)
+    encoder = ImageEncoder(model, processor, name="tiny")
+    images = [_image(0), _image(1)]
+    expected = processor(images=images, return_tensors="pt").pixel_values
+    got = encoder.pixel_values(images)
+    assert got.dtype == torch.bfloat16 and got.device == torch.device("cpu")
+    assert torch.equal(got, expected.to(torch.bfloat16))
+    model.to("meta")
+    assert encoder.pixel_values(images).device.type == "meta"
+
+
+def test_cached_features_follow_the_encoder_to_another_dtype_and_device() -> None:
+    """First encoding: transformers' own image embeddings. After the encoder moves, the same image comes from the
+    cache, converted to the encoder's new dtype, then device (meta stands for an accelerator)."""
+    model = _encoder(5)
+    processor = CLIPImageProcessor(**SAVED_PROCESSOR)
+    encoder = ImageEncoder(model, processor, name="tiny")
+    image = _image(2)
+    with torch.no_grad():
+        direct = model(pixel_values=processor(images=[image], return_tensors="pt").pixel_values).image_embeds
+    first = encoder.encode([image], "global")
+    assert first.dtype == torch.float32 and torch.equal(first, direct)
+    model.to(torch.bfloat16)
+    second = encoder.encode([image], "global")
+    assert encoder.cache.hits == 1
+    assert second.dtype == torch.bfloat16 and torch.equal(second, direct.to(torch.bfloat16))
+    model.to("meta")
+    third = encoder.encode([image], "global")
+    assert encoder.cache.hits == 2 and third.device.type == "meta" and third.dtype == torch.bfloat16

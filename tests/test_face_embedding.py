@@ -4,6 +4,7 @@ exactly; anything else refused in one sentence, and never unpickled."""
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,43 @@ def test_wrong_sizes_and_missing_files_are_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(IPAdapterError) as caught:
         load_face_embedding(tmp_path / "dict.pt")
     assert str(caught.value) == f"a face embedding must hold 512 values per face, got {state!r}"
+
+
+def test_pickled_file_is_refused_even_when_the_environment_allows_unpickling(tmp_path: Path, monkeypatch) -> None:
+    """torch honours TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (unpickle anything) unless the call sets `weights_only`
+    itself: with the variable set, a pickled .pt file must still be refused unopened."""
+    marker = tmp_path / "ran.txt"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump(_Payload(marker), f, protocol=2)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(IPAdapterError) as caught:
+        load_face_embedding(tmp_path / "evil.pt")
+    prefix = f"{tmp_path / 'evil.pt'} is not a readable face embedding (.npy or tensor .pt): "
+    assert str(caught.value).startswith(prefix)
+    assert not marker.exists()
+
+
+def _as_saved_on_a_gpu(src: Path, dst: Path) -> None:
+    """Rewrite a CPU `torch.save` file as one saved from `cuda:0`: torch records each storage's device as a string
+    in `data.pkl` (pickle protocol 2: BINUNICODE, 4-byte little-endian length)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            body = zin.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                assert body.count(b"X\x03\x00\x00\x00cpu") == 1
+                body = body.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            zout.writestr(info.filename, body)
+
+
+def test_embedding_saved_from_a_gpu_loads_on_the_cpu(tmp_path: Path) -> None:
+    """A tensor saved from a GPU names `cuda:0` in the file; it is read onto the CPU (torch itself refuses to restore
+    it on a machine without CUDA unless told where to map it)."""
+    values = torch.from_numpy(_faces(1)).float()
+    torch.save(values, tmp_path / "cpu.pt")
+    _as_saved_on_a_gpu(tmp_path / "cpu.pt", tmp_path / "gpu.pt")
+    assert torch.equal(torch.load(tmp_path / "gpu.pt", map_location="cpu", weights_only=True), values)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "gpu.pt", weights_only=True)
+    got = load_face_embedding(tmp_path / "gpu.pt")
+    assert got.device == torch.device("cpu") and torch.equal(got, values)

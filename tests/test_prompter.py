@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from ipadapter import load_adapter, save_published
+from ipadapter import AdapterPrompt, IPAdapterError, load_adapter, save_published
 from ipadapter.encoders import ImageEncoder
 from ipadapter.prompter import ImagePrompter
 from tests import factories
@@ -100,8 +103,6 @@ def test_saved_published_file_loads_in_diffusers(tmp_path) -> None:
 
 def test_changed_s_scale_gives_new_faceid_plusv2_tokens(tmp_path) -> None:
     """The projected-token cache must not serve tokens made with another `s_scale` (V2's shortcut weight)."""
-    from types import SimpleNamespace
-
     unet = factories.sd15_unet()
     torch.save(factories.published(unet, "faceid-plusv2", factories.SD15_CROSS, lora_rank=4), tmp_path / "v2.bin")
     adapter = load_adapter(tmp_path / "v2.bin", unet, variant="faceid-plusv2")
@@ -135,8 +136,6 @@ def test_two_prompts_two_images_each_equal_diffusers(tmp_path) -> None:
 
 @pytest.mark.parametrize("prompt", ["", [""], ["", ""]])
 def test_nothing_to_generate_from_is_one_sentence(prompt, tmp_path) -> None:
-    from ipadapter import IPAdapterError
-
     encoder, processor = factories.tiny_image_encoder()
     pipe = factories.tiny_sd15_pipeline(tmp_path)
     prompter = ImagePrompter(pipe, load_adapter(_adapter_file(pipe, "base", tmp_path), pipe.unet),
@@ -148,3 +147,149 @@ def test_nothing_to_generate_from_is_one_sentence(prompt, tmp_path) -> None:
         assert len(prompter.generate(prompt=["", "a red"], steps=1, height=32, width=32)) == 2  # one text is enough
     finally:
         prompter.detach()
+
+
+# ---- references, names and sentences (no pipeline: the prompter only needs the UNet) -------------------------------
+
+
+def _clip_embeds(model, processor, images) -> torch.Tensor:
+    """transformers' own CLIP image embeddings, the truth the prompter's encoder must give."""
+    with torch.no_grad():
+        return model(pixel_values=processor(images=images, return_tensors="pt").pixel_values).image_embeds
+
+
+def _base_prompter(unet, tmp_path, adapters=("0",), encoder=True):
+    torch.save(factories.published(unet, "base", factories.SD15_CROSS), tmp_path / "base.bin")
+    loaded = {name: load_adapter(tmp_path / "base.bin", unet) for name in adapters}
+    parts = factories.tiny_image_encoder() if encoder else None
+    prompter = ImagePrompter(SimpleNamespace(unet=unet, scheduler=None), loaded,
+                             ImageEncoder(*parts) if parts else None)
+    return prompter, loaded, parts
+
+
+def test_one_negative_serves_every_reference_in_any_form(sd15_unet, tmp_path) -> None:
+    """One negative image (a list, a tuple of images, or its precomputed embedding) is the unconditional image of
+    every reference: each reference's uncond tokens are the adapter's projection of the negative's CLIP embedding."""
+    prompter, loaded, (model, processor) = _base_prompter(sd15_unet, tmp_path)
+    adapter = loaded["0"]
+    a, b, n = (factories.reference_image(seed=s) for s in (0, 1, 2))
+    embeds = _clip_embeds(model, processor, [a, b, n])
+    with torch.no_grad():
+        cond, neg = adapter.project(embeds[:2]), adapter.project(embeds[2:])
+    try:
+        for negative in ([n], (n,), (embeds[2:],)):
+            refs = prompter.references([a, b], negative=negative)
+            assert len(refs) == 2
+            for i, ref in enumerate(refs):
+                torch.testing.assert_close(ref.cond, cond[i : i + 1], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(ref.uncond, neg, atol=1e-5, rtol=1e-5)
+    finally:
+        prompter.detach()
+
+
+def test_reference_mistakes_are_one_sentence(sd15_unet, tmp_path) -> None:
+    prompter, _, _ = _base_prompter(sd15_unet, tmp_path)
+    a, b, c = (factories.reference_image(seed=s) for s in (0, 1, 2))
+    try:
+        cases = [
+            (dict(images=[]), "give at least one reference image (or precomputed embeddings)"),
+            (dict(images=[a, b, c], negative=[a, b]), "give one negative image, or one per reference (3), not 2"),
+            (dict(images=[a, b], masks=[None]), "1 masks / 2 weights for 2 reference images"),
+            (dict(images=[a, b], weights=[1.0]), "2 masks / 1 weights for 2 reference images"),
+        ]
+        for kwargs, sentence in cases:
+            with pytest.raises(IPAdapterError) as caught:
+                prompter.references(**kwargs)
+            assert str(caught.value) == sentence
+        with pytest.raises(IPAdapterError) as caught:
+            prompter.generate(steps=1, height=32, width=32)
+        assert str(caught.value) == "give a reference image, a text prompt, or both"
+    finally:
+        prompter.detach()
+
+
+def test_adapter_names_and_encoder_mismatches_are_one_sentence(sd15_unet, tmp_path) -> None:
+    prompter, _, _ = _base_prompter(copy.deepcopy(sd15_unet), tmp_path, adapters=("a", "b"))
+    try:
+        with pytest.raises(IPAdapterError) as caught:
+            prompter.adapter_name(None)
+        assert str(caught.value) == "several adapters are attached (a, b): name one"
+        with pytest.raises(IPAdapterError) as caught:
+            prompter.adapter_name("c")
+        assert str(caught.value) == "no adapter named 'c'; attached: a, b"
+    finally:
+        prompter.detach()
+    with pytest.raises(IPAdapterError) as caught:
+        _base_prompter(copy.deepcopy(sd15_unet), tmp_path, adapters=("style",), encoder=False)
+    assert str(caught.value) == "adapter 'style' (base) needs a CLIP image encoder"
+    adapter = load_adapter(tmp_path / "base.bin", sd15_unet)
+    narrow = ImageEncoder(*factories.tiny_image_encoder(projection_dim=16))
+    with pytest.raises(IPAdapterError) as caught:
+        ImagePrompter(SimpleNamespace(unet=sd15_unet, scheduler=None), {"style": adapter}, narrow)
+    assert str(caught.value).startswith("adapter 'style' expects 24-d global image features but the image encoder ")
+
+
+# ---- generation: negative prompts, step windows, the K'/V' cache ---------------------------------------------------
+
+FEW = dict(guidance_scale=6.0, height=32, width=32, output_type="np")
+
+
+def _plain(pipe, steps: int = 2, **extra):
+    return pipe(prompt="a red", generator=torch.Generator().manual_seed(0), num_inference_steps=steps, **FEW,
+                **extra).images
+
+
+def test_generation_follows_the_pipeline_scheduler_and_negative_prompt(tmp_path) -> None:
+    """Against the plain pipeline: a negative prompt reaches it as given; a step window that covers none of the
+    scheduler's steps (progress 0, 1/2 of 2 steps) leaves its image bitwise unchanged, also when the attachment is
+    driven directly before any `generate`; and every layer projects K'/V' once for the whole generation (cache_kv
+    defaults to True)."""
+    encoder, processor = factories.tiny_image_encoder()
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    adapter = load_adapter(_adapter_file(pipe, "base", tmp_path), pipe.unet)
+    prompter = ImagePrompter(pipe, adapter, ImageEncoder(encoder, processor))
+    name = prompter.adapter_name(None)
+    plain = _plain(pipe)
+    try:
+        refs = prompter.references([factories.reference_image()])
+        late = {name: AdapterPrompt(refs, start=0.9)}
+        prompter.attachment.set_prompts(late, rows=1)
+        direct = _plain(pipe)
+        prompter.attachment.clear()
+        np.testing.assert_array_equal(direct, plain)
+        common = dict(prompt="a red", seed=0, steps=2, guidance=6.0, height=32, width=32, output_type="np")
+        np.testing.assert_array_equal(np.stack(prompter.generate(late, **common)), plain)
+        calls, k_ip = [], [n for n, _ in adapter.named_modules() if n.endswith("to_k_ip")]
+        hooks = [adapter.get_submodule(n).register_forward_hook(lambda *_, n=n: calls.append(n)) for n in k_ip]
+        applied = np.stack(prompter.generate({name: AdapterPrompt(refs)}, **common))
+        for hook in hooks:
+            hook.remove()
+        assert np.abs(applied - plain).max() > 1e-3
+        assert k_ip and sorted(calls) == sorted(k_ip)
+        negative = np.stack(prompter.generate(negative_prompt="dark", **common))
+    finally:
+        prompter.detach()
+    expected = _plain(pipe, negative_prompt="dark")
+    assert np.abs(expected - plain).max() > 1e-3
+    np.testing.assert_allclose(negative, expected, atol=1e-6)
+
+
+def test_flux_true_cfg_with_an_empty_negative_prompt(tmp_path) -> None:
+    """FLUX runs true CFG only when given a negative prompt: with true_cfg_scale > 1 and the default empty negative
+    prompt, the image is FluxPipeline's with negative_prompt="" (not its image without true CFG)."""
+    from ipadapter.dit.checkpoint import dit_adapter_from_state_dict
+    from tests import dit_factories as df
+
+    pipe = df.flux_pipeline(tmp_path)
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), pipe.transformer, metadata={"format": "pt"})
+    prompter = ImagePrompter(pipe, adapter, ImageEncoder(*factories.tiny_image_encoder()))
+    common = dict(prompt="a cat", true_cfg_scale=1.5, max_sequence_length=8, width=16, height=16, output_type="np")
+    try:
+        ours = prompter.generate(seed=1, steps=2, guidance=3.5, **common)
+    finally:
+        prompter.detach()
+    run = dict(num_inference_steps=2, guidance_scale=3.5, **common)
+    expected = pipe(negative_prompt="", generator=torch.Generator().manual_seed(1), **run).images
+    without = pipe(generator=torch.Generator().manual_seed(1), **run).images
+    assert np.abs(expected - without).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(ours[0]), expected[0], atol=1e-5, rtol=0)

@@ -60,6 +60,21 @@ class Group(NamedTuple):
     mask: torch.Tensor | None
 
 
+def reference_groups(prompt: AdapterPrompt, layer: str, every_reference: bool = False) -> tuple[Group, ...]:
+    """The groups of a prompt's references at a layer: the unmasked ones together, each masked one alone.
+
+    A reference whose own weight is 0 here is left out (unless `every_reference`: the unconditional-layer feature
+    reads them all), on the compiled path too: its V' would be zero, but its K' would still take a share of the
+    softmax it shares with the others. Its weight is baked into V' when K'/V' are made, so only a weight that crosses
+    0 changes a compiled structure."""
+    refs = prompt.references
+    here = [i for i, r in enumerate(refs) if every_reference or r.weight_at(layer) != 0.0]
+    plain = tuple(i for i in here if refs[i].mask is None)
+    return ((Group(0, plain, None),) if plain else ()) + tuple(
+        Group(1 + i, (i,), refs[i].mask) for i in here if refs[i].mask is not None
+    )
+
+
 class AdapterPlan(NamedTuple):
     """One adapter at one layer for one generation (the prompt is fixed until the next `Runtime.set`).
 
@@ -202,8 +217,8 @@ class IPAttnProcessor(nn.Module):
         return self._plan
 
     def _resolve(self, every: bool) -> list[AdapterPlan]:
-        """Each prompted adapter's plan here; `every`: also those whose weights are 0 now, with all references (the
-        compiled path's structure must not depend on a weight's value)."""
+        """Each prompted adapter's plan here; `every`: also those whose scale or layer weight is 0 now (the compiled
+        path's structure must not depend on those values: they are tensors there)."""
         plans = []
         for name, weights in self.adapters.items():
             prompt = self.runtime.prompts.get(name)
@@ -213,18 +228,9 @@ class IPAttnProcessor(nn.Module):
             layer_weight = prompt.layer_weight(self.layer.name) if weights.has_ip else 0.0
             lora_scale = prompt.lora_scale if weights.has_lora else 0.0
             if every or layer_weight != 0.0 or lora_scale != 0.0 or uncond_layer:
-                groups = self._groups(prompt, uncond_layer, every) if weights.has_ip else ()
+                groups = reference_groups(prompt, self.layer.name, uncond_layer) if weights.has_ip else ()
                 plans.append(AdapterPlan(name, prompt, weights, layer_weight, uncond_layer, lora_scale, groups))
         return plans
-
-    def _groups(self, prompt: AdapterPrompt, uncond_layer: bool, every: bool = False) -> tuple[Group, ...]:
-        """Unmasked references share one attention over their concatenated tokens; each masked one is its own."""
-        refs = prompt.references
-        here = [i for i, r in enumerate(refs) if every or uncond_layer or r.weight_at(self.layer.name) != 0.0]
-        plain = tuple(i for i in here if refs[i].mask is None)
-        return ((Group(0, plain, None),) if plain else ()) + tuple(
-            Group(1 + i, (i,), refs[i].mask) for i in here if refs[i].mask is not None
-        )
 
     def prepare(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         """Make the compiled call's plan, weights and terms for this generation and batch layout (once)."""

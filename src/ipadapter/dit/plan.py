@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ipadapter.attention import Group, resize_mask
+from ipadapter.attention import Group, reference_groups, resize_mask
 from ipadapter.dit.blocks import Block
 from ipadapter.dit.step import StepState
 from ipadapter.runtime import AdapterPrompt, Runtime
@@ -25,16 +25,6 @@ class BlockPlan(NamedTuple):
     weights: nn.Module
     layer_weight: float
     groups: tuple[Group, ...]
-
-
-def reference_groups(prompt: AdapterPrompt, block: str) -> tuple[Group, ...]:
-    """Unmasked references share one attention over their concatenated tokens; each masked one is its own."""
-    refs = prompt.references
-    here = [i for i, r in enumerate(refs) if r.weight_at(block) != 0.0]
-    plain = tuple(i for i in here if refs[i].mask is None)
-    return ((Group(0, plain, None),) if plain else ()) + tuple(
-        Group(1 + i, (i,), refs[i].mask) for i in here if refs[i].mask is not None
-    )
 
 
 class BlockProcessor(nn.Module):
