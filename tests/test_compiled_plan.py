@@ -168,3 +168,48 @@ def test_a_compiled_call_after_eager_calls_nothing_prepared_for_runs_the_eager_p
         torch.testing.assert_close(unprepared, eager, atol=0, rtol=0)
     finally:
         att.detach()
+
+
+def test_the_compiled_plan_keeps_its_structure_when_a_scale_or_layer_weight_is_zero(tiny, monkeypatch) -> None:  # noqa: F811
+    """A compiled graph follows the plan's structure: an adapter at scale 0, or at weight 0 on a layer, must keep its
+    place (its weight is a tensor read at run time), or setting the scale from 0 to 0.5 would compile anew."""
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    tokens = torch.randn(1, 4, 16)
+    prompts = [AdapterPrompt([Reference(cond=tokens)], scale=0.5), AdapterPrompt([Reference(cond=tokens)], scale=0.0),
+               AdapterPrompt([Reference(cond=tokens)], layer_weights={CROSS: 1.0})]
+    structures = []
+    try:
+        for prompt in prompts:
+            att.set_prompts({"0": prompt}, rows=1)
+            _as_if_compiled(monkeypatch, True)
+            with torch.no_grad():
+                unet(sample, 500, encoder_hidden_states=text)
+            _as_if_compiled(monkeypatch, False)
+            structures.append([(c.plan.name, len(c.terms)) for p in att._processors for c in p._prepared])
+    finally:
+        att.detach()
+    assert structures[0] == structures[1] == structures[2] and structures[0]
+
+
+def test_prepare_makes_the_weights_on_the_device_asked_for(tiny) -> None:  # noqa: F811
+    """`prepare` runs before the compiled UNet, on the UNet's device: the weights the graph reads must be made there
+    (the CPU is torch's default device, so the meta device stands in for an accelerator). K'/V' come from the
+    adapter's own weights, on its device."""
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    torch.manual_seed(2)
+    meta = torch.device("meta")
+    try:
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 16)) for _ in range(2)], scale=0.5)},
+                        rows=1)
+        att.runtime.latent_hw = (8, 8)
+        tensors = []
+        for processor in att._processors:
+            processor.prepare(2, torch.float32, meta)
+            for c in processor._prepared:
+                tensors += [c.image, c.lora]
+    finally:
+        att.detach()
+    assert tensors and all(t.device == meta for t in tensors)

@@ -125,3 +125,21 @@ def test_the_default_mode_is_concat_and_half_precision_stays_half() -> None:
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), expected("add", [x.double() for x in half], [0.3, 1.7]),
                                atol=0.05, rtol=0.02)
+
+
+def test_weights_follow_the_features_device() -> None:
+    """The weights are made on the features' device: meta features combine into meta results of the right shape."""
+    meta = [torch.empty(2, 5, 8, device="meta") for _ in range(3)]
+    for mode in ("add", "concat", "max"):
+        got = combine(meta, mode, [1.0, 2.0, 3.0])
+        assert got.device.type == "meta" and got.shape == expected(mode, feats((2, 5, 8)), [1.0] * 3).shape
+
+
+def test_norm_average_of_short_vectors_and_the_zero_sum_sentence() -> None:
+    """Features with norms well below 1 follow the definition too; a zero weight sum is one exact sentence."""
+    e = [0.01 * x for x in feats((2, 8))]
+    w = [1.0, 0.5, 2.0]
+    torch.testing.assert_close(combine(e, "norm average", w), expected("norm average", e, w))
+    with pytest.raises(IPAdapterError) as err:
+        combine(e[:2], "average", [1.0, -1.0])
+    assert str(err.value) == "the image weights of an average sum to 0; give weights with a non-zero sum"

@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from ipadapter.conditioning.images import enhance_features, grid_tiles, load_image, prepare_image, tile_image
+from ipadapter.conditioning.images import (
+    _to_8bit, enhance_features, grid_tiles, load_image, prepare_image, tile_image, to_rgb,
+)
 from ipadapter.errors import IPAdapterError
 
 
@@ -202,9 +204,10 @@ def test_enhancer_on_global_features() -> None:
     torch.testing.assert_close(enhance_features(whole, tiles, (2, 2), 0.3), expected)
 
 
+@pytest.mark.parametrize("g", [2, 3])
 @pytest.mark.parametrize("class_token", [True, False])
-def test_enhancer_pools_a_mosaic_of_tile_patches(class_token: bool) -> None:
-    rows, cols, g, d, b = 2, 3, 2, 5, 1
+def test_enhancer_pools_a_mosaic_of_tile_patches(class_token: bool, g: int) -> None:
+    rows, cols, d, b = 2, 3, 5, 1
     head = int(class_token)
     whole = torch.randn(b, head + g * g, d)
     tiles = [torch.randn(b, head + g * g, d) for _ in range(rows * cols)]
@@ -293,10 +296,13 @@ def test_pad_is_the_whole_image_scaled_to_fit_and_centred(size, target, inner, o
     assert (got[outside] == (0, 0, 255)).all()
 
 
-def test_a_sliver_pads_to_at_least_one_pixel() -> None:
-    got = prepare_image(Image.new("RGB", (200, 2), (255, 0, 0)), 50, pad=True, fill=(0, 0, 255), resample="nearest")
-    column = np.asarray(got)[:, 25]
-    assert (column == (255, 0, 0)).all(axis=1).sum() == 1  # round(2 * 0.25) = 0 rows would lose the image
+@pytest.mark.parametrize("tall", [False, True])
+def test_a_sliver_pads_to_at_least_one_pixel(tall: bool) -> None:
+    size = (2, 200) if tall else (200, 2)
+    got = np.asarray(prepare_image(Image.new("RGB", size, (255, 0, 0)), 50, pad=True, fill=(0, 0, 255),
+                                   resample="nearest"))
+    line = got[25] if tall else got[:, 25]
+    assert (line == (255, 0, 0)).all(axis=1).sum() == 1  # round(2 * 0.25) = 0 pixels would lose the image
 
 
 @pytest.mark.parametrize("amount", [0.4, 1.5])
@@ -307,3 +313,133 @@ def test_sharpening_is_pil_unsharp_mask_after_resizing(amount: float) -> None:
     expected = plain.filter(ImageFilter.UnsharpMask(radius=1, percent=round(amount * 100), threshold=0))
     assert np.array_equal(np.asarray(prepare_image(noisy, 32, resample="bilinear", sharpen=amount)),
                           np.asarray(expected))
+
+
+def test_the_default_size_is_the_encoders_224_and_negative_sharpening_is_one_sentence() -> None:
+    assert prepare_image(halves()).size == (224, 224)
+    with pytest.raises(IPAdapterError) as caught:
+        prepare_image(halves(), 32, sharpen=-0.5)
+    assert str(caught.value) == "the sharpening amount must not be negative, got -0.5"
+
+
+def test_load_errors_are_exact_sentences_naming_the_source(tmp_path, monkeypatch) -> None:
+    """The sentences of ipadapter.validation (file checks, pixel limit) and load_image, with Pillow's own error."""
+    with pytest.raises(IPAdapterError) as caught:
+        load_image(Image.new("RGB", (0, 5)))
+    assert str(caught.value) == "the image has no pixels (0x5)"
+    path = tmp_path / "reference-42.png"
+    path.write_bytes(b"not an image at all")
+    with pytest.raises(OSError) as pillow:
+        Image.open(path)
+    with pytest.raises(IPAdapterError) as caught:
+        load_image(path)
+    assert str(caught.value) == f"cannot read {path} as an image ({type(pillow.value).__name__}: {pillow.value})"
+    with pytest.raises(IPAdapterError) as caught:
+        load_image(tmp_path / "nowhere.png")
+    assert str(caught.value) == f"image file not found: {tmp_path / 'nowhere.png'}"
+    with pytest.raises(IPAdapterError) as caught:
+        load_image(tmp_path)
+    assert str(caught.value) == f"image file {tmp_path} is a folder, not a file"
+    big = tmp_path / "big.png"
+    Image.new("RGB", (6, 4)).save(big)
+    monkeypatch.setenv("IPADAPTER_MAX_PIXELS", "23")
+    with pytest.raises(IPAdapterError) as caught:
+        load_image(big)
+    assert str(caught.value) == (f"{big} is 6x4 px (0.0 MP); images are limited to 0.0 MP "
+                                 "(set IPADAPTER_MAX_PIXELS to allow more)")
+
+
+def test_empty_deep_images_convert_and_deep_images_become_8_bit_grey() -> None:
+    """An empty I / F / I;16 image converts like Pillow converts an empty image; the 8-bit step gives mode L, uint8."""
+    for mode in ("I", "F", "I;16"):
+        got = to_rgb(Image.new(mode, (5, 0)))
+        assert got.mode == "RGB" and got.size == Image.new("L", (5, 0)).convert("RGB").size
+    grey = _to_8bit(Image.fromarray(np.array([[0, 300, 65535]], dtype=np.int32)))
+    assert grey.mode == "L" and np.asarray(grey).dtype == np.uint8
+
+
+def fewest_even_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Brute force: the fewest evenly spread offsets (first 0, last length - tile) whose neighbours share at least
+    `overlap` pixels, i.e. whose spacing is at most tile - overlap."""
+    if length <= tile:
+        return [0]
+    n = 2
+    while (length - tile) / (n - 1) > tile - overlap:
+        n += 1
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+@pytest.mark.parametrize("width,height,tile", [(833, 256, None), (34, 10, 10), (34, 12, 10)])
+def test_default_tiles_are_the_fewest_sharing_a_quarter_tile(width: int, height: int, tile) -> None:
+    """The default tile is 256 px and the default overlap tile // 4 whole pixels (2 for 10-px tiles)."""
+    size = 256 if tile is None else tile
+    got = tile_image(coordinates(width, height) if width <= 256 else Image.new("RGB", (width, height)),
+                     *(() if tile is None else (tile,)), fit=False)
+    expected = [(left, top) for top in fewest_even_starts(height, size, size // 4)
+                for left in fewest_even_starts(width, size, size // 4)]
+    assert [t.box[:2] for t in got] == expected
+    assert all(t.image.size == (size, size) and t.box[2:] == (t.box[0] + size, t.box[1] + size) for t in got)
+
+
+def test_one_pixel_tiles_without_overlap_are_the_pixels() -> None:
+    """tile 1, overlap 0 is valid (a positive size, 0 <= overlap < size): every tile is one pixel, row-major."""
+    tiles = tile_image(coordinates(3, 2), 1, 0, fit=False)
+    assert [t.box for t in tiles] == [(x, y, x + 1, y + 1) for y in range(2) for x in range(3)]
+    assert [t.image.getpixel((0, 0)) for t in tiles] == [(x, y, 0) for y in range(2) for x in range(3)]
+    assert len(tile_image(coordinates(30, 10), 10, 0, fit=False)) == 3
+
+
+def test_fitting_resizes_with_pillow_lanczos() -> None:
+    """fit=True is Pillow's LANCZOS resize of the short side to the tile, then plain crops."""
+    noisy = Image.fromarray(np.random.default_rng(2).integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    fitted = noisy.resize((48, 32), Image.Resampling.LANCZOS)
+    tiles = tile_image(noisy, 32, 8)
+    assert all(np.array_equal(np.asarray(t.image), np.asarray(fitted.crop(t.box))) for t in tiles)
+
+
+def test_enhancer_default_ratio_and_error_sentences() -> None:
+    """The default ratio is one half; errors are the sentences of enhance_features."""
+    whole, tiles = torch.randn(1, 8), [torch.randn(1, 8) for _ in range(2)]
+    torch.testing.assert_close(enhance_features(whole, tiles, (1, 2)), 0.5 * whole + 0.5 * (tiles[0] + tiles[1]) / 2)
+    cases = [
+        ((whole, [torch.randn(1, 9)] * 2, (1, 2)),
+         "tile features must have the whole image's shape; encode tiles and image the same way"),
+        ((whole, tiles, (1, 2), 1.5), "the enhancer ratio must be between 0 and 1, got 1.5"),
+        ((whole, tiles, (1, 2), -0.1), "the enhancer ratio must be between 0 and 1, got -0.1"),
+        ((torch.randn(1, 7, 4), [torch.randn(1, 7, 4)] * 2, (1, 2)),
+         "7 patch tokens do not form a square grid (with or without a class token)"),
+    ]
+    for args, message in cases:
+        with pytest.raises(IPAdapterError) as caught:
+            enhance_features(*args)
+        assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("mode", ["1", "P", "I", "F"])
+def test_without_sharpening_any_mode_is_just_pillows_resize(mode: str) -> None:
+    """sharpen=0 means no filter at all: a square image to a square size is Pillow's own resize, in any mode Pillow
+    resizes (including the modes Pillow's UnsharpMask refuses)."""
+    noisy = Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 40), dtype=np.uint8)).convert(mode)
+    got = prepare_image(noisy, 20, resample="nearest")
+    assert got.mode == mode
+    assert np.array_equal(np.asarray(got), np.asarray(noisy.resize((20, 20), Image.Resampling.NEAREST)))
+
+
+def test_a_mode_pillow_cannot_make_rgba_of_is_one_sentence() -> None:
+    """Pillow's "La" (L with premultiplied alpha) counts as transparent but has no conversion to RGBA: the one
+    sentence every other unconvertible mode gets, not Pillow's ValueError."""
+    with pytest.raises(ValueError):
+        Image.new("La", (2, 2)).convert("RGBA")
+    with pytest.raises(IPAdapterError, match=r"^cannot convert a La image to RGB \(.*\); save it as RGB$"):
+        load_image(Image.new("La", (2, 2)))
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_one_patch_token_is_a_one_by_one_map(tokens: int) -> None:
+    """One token is a 1 x 1 patch map (two: a class token and one patch), whose mosaic pools to the tiles' mean: the
+    enhancer is ratio · whole + (1 − ratio) · mean(tiles), the global closed form, token by token."""
+    torch.manual_seed(0)
+    whole = torch.randn(2, tokens, 4)
+    tiles = [torch.randn(2, tokens, 4) for _ in range(6)]
+    got = enhance_features(whole, tiles, (2, 3), ratio=0.25)
+    torch.testing.assert_close(got, 0.25 * whole + 0.75 * torch.stack(tiles).mean(0))

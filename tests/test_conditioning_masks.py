@@ -76,3 +76,14 @@ def test_a_mask_without_the_latent_size_is_resized_as_diffusers_does(mask_hw, se
     ours = resize_mask(mask, seq_len, None)
     assert ours.shape == (seq_len, 1)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_threshold_bounds_are_inclusive_and_values_at_the_threshold_count(tmp_path) -> None:
+    """`value >= threshold → 1` with threshold in [0, 1]: 0 keeps everything, 1 keeps pure white only."""
+    grey = Image.fromarray(np.array([[0, 128, 255]], dtype=np.uint8))
+    assert load_mask(grey, threshold=0.0).tolist() == [[1.0, 1.0, 1.0]]
+    assert load_mask(grey, threshold=1.0).tolist() == [[0.0, 0.0, 1.0]]
+    for bad in (1.5, -0.25):
+        with pytest.raises(IPAdapterError) as caught:
+            load_mask(grey, threshold=bad)
+        assert str(caught.value) == f"the mask threshold must be between 0 and 1, got {bad}"

@@ -195,3 +195,32 @@ def test_block_weights_by_hand_on_sdxl(unets) -> None:
 def test_block_weight_errors(unets, scales: dict, message: str) -> None:
     with pytest.raises(IPAdapterError, match=message):
         block_weights(scales, unets["sdxl"])
+
+
+def test_presets_carry_their_name_and_need_their_references(unets) -> None:
+    """A preset is named by its name; one reference image is the default, too few give the exact sentence."""
+    assert preset("ease in", unets["sd15"]).name == "ease in"
+    assert preset("composition precise", unets["sd15"]).name == "composition precise"
+    with pytest.raises(IPAdapterError) as caught:
+        preset("style and composition", unets["sd15"])
+    assert str(caught.value) == "preset 'style and composition' needs 2 reference images (style and layout), got 1"
+    partial = [l for l in cross_attention_layers(unets["sd15"]) if l.part != "mid"]
+    with pytest.raises(IPAdapterError) as caught:
+        preset("style transfer", partial)
+    assert str(caught.value) == (
+        f"the style/composition presets know the SD 1.5 and SDXL layouts, but this UNet has {len(SD15_T) - 1} "
+        "transformer models in another arrangement; use a weight type or per-block weights instead"
+    )
+
+
+@pytest.mark.parametrize("scales,message", [
+    ({"mid": {"block_0": 1.0}}, "the mid block takes a number (or a one-element list), not per-block weights"),
+    ({"up": {"block_x": 1.0}}, "up has no block 'block_x' with attentions; valid: block_0, block_1"),
+    ({"up": {"blocks1": 1.0}}, "up has no block 'blocks1' with attentions; valid: block_0, block_1"),
+    ({"down": {"xxxxx_1": 1.0}}, "down has no block 'xxxxx_1' with attentions; valid: block_1, block_2"),
+])
+def test_block_weight_sentences_on_sdxl(unets, scales: dict, message: str) -> None:
+    """SDXL's blocks with attentions (SDXL_T): down 1 and 2, up 0 and 1; a block key is `block_<index>`."""
+    with pytest.raises(IPAdapterError) as caught:
+        block_weights(scales, unets["sdxl"])
+    assert str(caught.value) == message

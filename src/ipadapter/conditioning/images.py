@@ -50,11 +50,11 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     """Any Pillow mode → 8-bit RGB, transparency composited on `background`."""
     if image.mode in _SIXTEEN_BIT + ("I", "F"):
         image = _to_8bit(image)
-    if image.has_transparency_data:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
     try:
+        if image.has_transparency_data:
+            rgba = image.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (*background, 255))
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
         return image.convert("RGB")
     except ValueError as e:
         raise IPAdapterError(f"cannot convert a {image.mode} image to RGB ({e}); save it as RGB") from None
@@ -211,7 +211,7 @@ def enhance_features(
     if whole.dim() == 2:
         return ratio * whole + (1 - ratio) * stack.mean(0)
     tokens = whole.shape[1]
-    head = 1 if math.isqrt(tokens - 1) ** 2 == tokens - 1 else 0
+    head = 1 if tokens > 1 and math.isqrt(tokens - 1) ** 2 == tokens - 1 else 0  # one token is a 1 x 1 patch map
     g = math.isqrt(tokens - head)
     if g * g != tokens - head:
         raise IPAdapterError(f"{tokens} patch tokens do not form a square grid (with or without a class token)")
