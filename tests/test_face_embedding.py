@@ -19,13 +19,14 @@ def _faces(n: int, dim: int = 512) -> np.ndarray:
     return np.random.default_rng(n).standard_normal((n, dim))
 
 
-@pytest.mark.parametrize("suffix", [".npy", ".pt", ".pth"])
+@pytest.mark.parametrize("suffix", [".npy", ".pt", ".pth", ".NPY"])
 @pytest.mark.parametrize("faces", [1, 2])
 def test_saved_embeddings_read_back_one_row_per_face(tmp_path: Path, suffix: str, faces: int) -> None:
     values = _faces(faces)  # float64, as numpy makes them: read as float32
     path = tmp_path / f"face{suffix}"
-    if suffix == ".npy":
-        np.save(path, values[0] if faces == 1 else values)
+    if suffix.lower() == ".npy":
+        with path.open("wb") as f:  # np.save would add ".npy" to a name ending in ".NPY"
+            np.save(f, values[0] if faces == 1 else values)
     else:
         torch.save(torch.from_numpy(values), path)
     got = load_face_embedding(path)
@@ -120,3 +121,15 @@ def test_embedding_saved_from_a_gpu_loads_on_the_cpu(tmp_path: Path) -> None:
             torch.load(tmp_path / "gpu.pt", weights_only=True)
     got = load_face_embedding(tmp_path / "gpu.pt")
     assert got.device == torch.device("cpu") and torch.equal(got, values)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_embedding_is_one_sentence(tmp_path: Path, bad: float) -> None:
+    """NaN or infinity in an ArcFace embedding would make every generated pixel NaN: refused before anything runs."""
+    values = _faces(1)
+    values[0, 3] = bad
+    np.save(tmp_path / "face.npy", values)
+    for source in (tmp_path / "face.npy", values.tolist()):
+        with pytest.raises(IPAdapterError) as caught:
+            load_face_embedding(source)
+        assert str(caught.value) == "a face embedding must hold finite values (it has NaN or infinity)"

@@ -5,6 +5,7 @@ The unconditional input of each kind (docs/checkpoints.md §4) depends only on t
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -172,6 +173,14 @@ class ImageEncoder:
         return self._uncond_patches[key]
 
 
+def decode_embedding(raw: bytes, suffix: str) -> torch.Tensor:
+    """A tensor from the bytes of a `.npy` file or of a tensors-only torch file (`.pt`/`.pth`), never unpickled;
+    shared by generation (a file a user names) and training (a file or a WebDataset member)."""
+    if suffix.lower().lstrip(".") == "npy":
+        return torch.from_numpy(np.load(io.BytesIO(raw), allow_pickle=False))
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+
 def load_face_embedding(
     source: str | os.PathLike | list[float] | np.ndarray | torch.Tensor, dim: int = 512
 ) -> torch.Tensor:
@@ -181,17 +190,17 @@ def load_face_embedding(
         if not path.is_file():
             raise IPAdapterError(f"face embedding file not found: {path}")
         try:
-            if path.suffix == ".npy":
-                data = torch.from_numpy(np.load(path, allow_pickle=False))
-            else:
-                data = torch.load(path, map_location="cpu", weights_only=True)
+            data = decode_embedding(path.read_bytes(), path.suffix)
         except Exception as err:  # noqa: BLE001 - any decoding failure is the same user error
             raise IPAdapterError(f"{path} is not a readable face embedding (.npy or tensor .pt): {err}") from None
     else:
         data = torch.as_tensor(np.asarray(source, dtype=np.float32))
     if not isinstance(data, torch.Tensor) or data.numel() % dim or data.numel() == 0:
         raise IPAdapterError(f"a face embedding must hold {dim} values per face, got {getattr(data, 'shape', data)!r}")
-    return data.float().reshape(-1, dim)
+    data = data.float().reshape(-1, dim)
+    if not bool(torch.isfinite(data).all()):
+        raise IPAdapterError("a face embedding must hold finite values (it has NaN or infinity)")
+    return data
 
 
 class FaceAnalyzer:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ipadapter.encoders import decode_embedding
 from ipadapter.errors import IPAdapterError
 from ipadapter.train.buckets import grouped_order, nearest_bucket
 from ipadapter.validation import check_pixels, read_utf8
@@ -393,15 +394,11 @@ def load_id_embed(source: Path | tuple[str, bytes], id_dim: int) -> torch.Tensor
     if isinstance(source, Path):
         if not source.is_file():
             raise SkipSample("missing ID embedding file")
-        ext, raw = source.suffix.lstrip(".").lower(), source.read_bytes()
+        ext, raw = source.suffix, source.read_bytes()
     else:
         ext, raw = source
     try:
-        if ext == "npy":
-            value = torch.from_numpy(np.load(io.BytesIO(raw), allow_pickle=False).astype(np.float32))
-        else:
-            value = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-            value = torch.as_tensor(value, dtype=torch.float32)
+        value = torch.as_tensor(decode_embedding(raw, ext), dtype=torch.float32)
     except Exception:  # numpy / torch raise many types for a broken file; all mean "unreadable"
         raise SkipSample("unreadable ID embedding") from None
     value = value.flatten()
