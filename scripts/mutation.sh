@@ -10,8 +10,8 @@
 # tests/ (MUTATION_DIR, default a new temporary folder, kept for `cd $MUTATION_DIR && mutmut browse`), so the
 # working tree never holds a mutant. A reused MUTATION_DIR resumes: mutmut keeps the verdicts of mutants whose
 # function is unchanged (it keys them by a hash of the function) and tests only the rest; FRESH=1 starts over, and
-# RETEST=1 tests the survivors again (mutmut keeps a verdict when only the tests changed). The
-# score counts killed and timed-out mutants over all tested ones, leaving out those listed in
+# RETEST=1 tests the survivors and the mutants with no test again (mutmut keeps a verdict when only the tests
+# changed). The score counts killed and timed-out mutants over all tested ones, leaving out those listed in
 # scripts/mutation-equivalent.txt (argued equivalent in docs/testing.md). Exits 1 below MIN_SCORE.
 # Environment: PYTHON (default python), JOBS (mutants run in parallel, default 1), NICE (default 19), MIN_SCORE (95).
 set -euo pipefail
@@ -86,7 +86,7 @@ from pathlib import Path
 
 for meta in Path("mutants").rglob("*.meta"):
     data = json.loads(meta.read_text())
-    data["exit_code_by_key"] = {name: None if code == 0 else code for name, code in data["exit_code_by_key"].items()}
+    data["exit_code_by_key"] = {name: None if code in (0, 33) else code for name, code in data["exit_code_by_key"].items()}
     meta.write_text(json.dumps(data))
 EOF
 fi
