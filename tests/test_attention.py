@@ -527,3 +527,34 @@ def test_a_new_lora_starts_as_diffusers_lora_layer_does() -> None:
     x = torch.randn(2, 320)
     half = LoRA(320, 640, rank=8).to(torch.bfloat16)
     assert half(x).dtype == torch.bfloat16  # fp32 activations into a bf16 LoRA: cast, not an error
+
+
+def test_tensors_are_made_on_the_layers_device_whatever_the_default_device() -> None:
+    """Mask weights (an all-ones mask's too) are made on the device of the layer's inputs, eager and prepared for the
+    compiled call, not on torch's default device: with the default set elsewhere (`with torch.device(...)`, here the
+    meta device, which stands in for an accelerator on a CPU machine), the output is the same."""
+    torch.manual_seed(3)
+    hw = (6, 5)
+    attn, runtime, proc = _one_layer()
+    proc.heads = attn.heads
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    left = torch.zeros(12, 10)
+    left[:, :5] = 1
+    refs = [Reference(cond=torch.randn(1, 3, 32), mask=m) for m in (left, 1 - left, torch.ones(12, 10))]
+
+    def start() -> None:
+        proc.clear_cache()
+        runtime.set({"a": AdapterPrompt(refs, scale=0.8)}, cfg=False)
+        runtime.latent_hw = hw
+
+    start()
+    with torch.no_grad():
+        expected = proc(attn, x, text)
+        start()
+        with torch.device("meta"):
+            got = proc(attn, x, text)
+            start()
+            proc.prepare(2, torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(got, expected)
+    maps = [m for c in proc._prepared for term in c.terms for _, m in term.maps if m is not None]
+    assert maps and all(m.device.type == "cpu" for m in maps)
