@@ -60,7 +60,7 @@ class Group(NamedTuple):
     mask: torch.Tensor | None
 
 
-def reference_groups(prompt: AdapterPrompt, layer: str, every_reference: bool = False) -> tuple[Group, ...]:
+def reference_groups(prompt: AdapterPrompt, layer: str, *, every_reference: bool) -> tuple[Group, ...]:
     """The groups of a prompt's references at a layer: the unmasked ones together, each masked one alone.
 
     A reference whose own weight is 0 here is left out (unless `every_reference`: the unconditional-layer feature
@@ -228,7 +228,7 @@ class IPAttnProcessor(nn.Module):
             layer_weight = prompt.layer_weight(self.layer.name) if weights.has_ip else 0.0
             lora_scale = prompt.lora_scale if weights.has_lora else 0.0
             if every or layer_weight != 0.0 or lora_scale != 0.0 or uncond_layer:
-                groups = reference_groups(prompt, self.layer.name, uncond_layer) if weights.has_ip else ()
+                groups = reference_groups(prompt, self.layer.name, every_reference=uncond_layer) if weights.has_ip else ()
                 plans.append(AdapterPlan(name, prompt, weights, layer_weight, uncond_layer, lora_scale, groups))
         return plans
 

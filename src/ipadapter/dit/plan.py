@@ -54,7 +54,7 @@ class BlockProcessor(nn.Module):
                 weight = prompt.layer_weight(self.block.name) if prompt is not None else 0.0
                 if weight != 0.0:
                     self._plan.append(BlockPlan(name, prompt, weights, weight,
-                                                reference_groups(prompt, self.block.name)))
+                                                reference_groups(prompt, self.block.name, every_reference=False)))
         return self._plan
 
     def active(self) -> list[tuple[BlockPlan, float]]:
