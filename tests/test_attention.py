@@ -558,3 +558,72 @@ def test_tensors_are_made_on_the_layers_device_whatever_the_default_device() -> 
     torch.testing.assert_close(got, expected)
     maps = [m for c in proc._prepared for term in c.terms for _, m in term.maps if m is not None]
     assert maps and all(m.device.type == "cpu" for m in maps)
+
+
+def test_kv_made_once_per_generation_across_latent_sizes_and_carried_over(sd15_unet) -> None:
+    """K'/V' depend on the reference tokens and the batch layout, not on the latent size: one generation run at two
+    sizes projects them once per layer, the next generation with the same tokens reuses them at both sizes, and a
+    new batch layout (no CFG) afterwards projects once more; every output equals the uncached one."""
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.projection import ProjectionConfig
+
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    adapter = IPAdapter.for_unet(sd15_unet, config)
+    att = attach(sd15_unet, adapter)
+    layers = [m for n, m in adapter.named_modules() if n.endswith("to_k_ip")]
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in layers]
+    torch.manual_seed(5)
+    text = torch.randn(2, 6, factories.SD15_CROSS)
+    samples = [torch.randn(2, 4, 16, 16), torch.randn(2, 4, 8, 8)]
+    prompt = AdapterPrompt([Reference(cond=torch.randn(1, 4, 32), uncond=torch.randn(1, 4, 32))])
+
+    def run(sample: torch.Tensor, batch: int = 2) -> torch.Tensor:
+        with torch.no_grad():
+            return sd15_unet(sample[:batch], 500, encoder_hidden_states=text[:batch]).sample
+
+    try:
+        counts, outputs = [], []
+        for _ in range(2):  # two generations, the same tokens
+            att.set_prompts({"0": prompt}, rows=1)
+            for sample in samples:
+                outputs.append(run(sample))
+                counts.append(len(calls))
+        outputs.append(run(samples[0], batch=1))
+        counts.append(len(calls))
+        att.runtime.cache_kv = False
+        att.set_prompts({"0": prompt}, rows=1)
+        expected = [run(s) for s in samples] * 2 + [run(samples[0], batch=1)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        att.detach()
+    n = len(layers)
+    assert counts == [n, n, n, n, 2 * n], "once per layer, reused at the second size and generation; again for batch 1"
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_through_the_image_attention(sd15_unet) -> None:
+    """Training: with autograd on, the image attention is added out of place (SDPA's backward may read its own output),
+    so backward runs, and its output equals the inference one."""
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.projection import ProjectionConfig
+
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    adapter = IPAdapter.for_unet(sd15_unet, config)
+    att = attach(sd15_unet, adapter)
+    torch.manual_seed(6)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 6, factories.SD15_CROSS)
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 32))], scale=0.7)}, rows=2)
+    try:
+        with torch.no_grad():
+            inference = sd15_unet(sample, 500, encoder_hidden_states=text).sample
+        tracked = sd15_unet(sample, 500, encoder_hidden_states=text).sample
+        tracked.square().mean().backward()
+    finally:
+        att.detach()
+    torch.testing.assert_close(tracked.detach(), inference, atol=1e-5, rtol=1e-5)
+    grads = [p.grad for n, p in adapter.named_parameters() if "to_k_ip" in n or "to_v_ip" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().max() > 0 for g in grads)

@@ -213,3 +213,22 @@ def test_prepare_makes_the_weights_on_the_device_asked_for(tiny) -> None:  # noq
     finally:
         att.detach()
     assert tensors and all(t.device == meta for t in tensors)
+
+
+def test_the_compiled_plan_under_autocast_computes_what_the_eager_processor_does(tiny, monkeypatch) -> None:  # noqa: F811
+    """Under autocast the UNet's input is float32, so `prepare` makes K'/V' in float32 while the queries come out of
+    autocast's bf16 Linear: the prepared call must still compute what the eager call (K'/V' in the query's dtype) does."""
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    try:
+        for prompt in (_prompts()[0], _prompts()[6]):  # one reference; two masked ones in one attention
+            att.set_prompts({"0": prompt}, rows=1)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                _as_if_compiled(monkeypatch, True)
+                planned = unet(sample, 500, encoder_hidden_states=text).sample
+                _as_if_compiled(monkeypatch, False)
+                eager = unet(sample, 500, encoder_hidden_states=text).sample
+            torch.testing.assert_close(planned, eager, atol=1e-2, rtol=1e-2)
+    finally:
+        att.detach()
