@@ -530,9 +530,10 @@ def test_a_new_lora_starts_as_diffusers_lora_layer_does() -> None:
 
 
 def test_tensors_are_made_on_the_layers_device_whatever_the_default_device() -> None:
-    """Mask weights (an all-ones mask's too) are made on the device of the layer's inputs, eager and prepared for the
-    compiled call, not on torch's default device: with the default set elsewhere (`with torch.device(...)`, here the
-    meta device, which stands in for an accelerator on a CPU machine), the output is the same."""
+    """Mask weights (an all-ones mask's too, and an unconditional layer's row factors) are made on the device of the
+    layer's inputs, eager and prepared for the compiled call, not on torch's default device: with the default set
+    elsewhere (`with torch.device(...)`, here the meta device, which stands in for an accelerator on a CPU machine),
+    the output is the same."""
     torch.manual_seed(3)
     hw = (6, 5)
     attn, runtime, proc = _one_layer()
@@ -540,24 +541,62 @@ def test_tensors_are_made_on_the_layers_device_whatever_the_default_device() -> 
     x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
     left = torch.zeros(12, 10)
     left[:, :5] = 1
-    refs = [Reference(cond=torch.randn(1, 3, 32), mask=m) for m in (left, 1 - left, torch.ones(12, 10))]
+    refs = [Reference(cond=torch.randn(1, 3, 32), uncond=torch.randn(1, 3, 32), mask=m)
+            for m in (left, 1 - left, torch.ones(12, 10))]
+    for uncond_layers in (frozenset(), frozenset({ONE_LAYER})):
+        def start() -> None:
+            proc.clear_cache()
+            runtime.set({"a": AdapterPrompt(refs, scale=0.8, uncond_layers=uncond_layers)}, cfg=True)
+            runtime.latent_hw = hw
 
-    def start() -> None:
-        proc.clear_cache()
-        runtime.set({"a": AdapterPrompt(refs, scale=0.8)}, cfg=False)
-        runtime.latent_hw = hw
-
-    start()
-    with torch.no_grad():
-        expected = proc(attn, x, text)
         start()
-        with torch.device("meta"):
-            got = proc(attn, x, text)
+        with torch.no_grad():
+            expected = proc(attn, x, text)
             start()
-            proc.prepare(2, torch.float32, torch.device("cpu"))
-    torch.testing.assert_close(got, expected)
-    maps = [m for c in proc._prepared for term in c.terms for _, m in term.maps if m is not None]
-    assert maps and all(m.device.type == "cpu" for m in maps)
+            with torch.device("meta"):
+                got = proc(attn, x, text)
+                start()
+                proc.prepare(2, torch.float32, torch.device("cpu"))
+        torch.testing.assert_close(got, expected)
+        maps = [m for c in proc._prepared for term in c.terms for _, m in term.maps if m is not None]
+        assert maps and all(m.device.type == "cpu" for m in maps)
+
+
+def test_a_black_mask_on_an_unconditional_layer_leaves_the_layer_plain() -> None:
+    """On a layer that takes the image in the unconditional rows, the mask still applies: a black mask (0 everywhere)
+    gives the layer's output without any reference, bit for bit."""
+    torch.manual_seed(4)
+    attn, runtime, proc = _one_layer()
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    outputs = []
+    for refs in ([Reference(cond=torch.randn(1, 3, 32), uncond=torch.randn(1, 3, 32), mask=torch.zeros(12, 10))], []):
+        runtime.set({"a": AdapterPrompt(refs, uncond_layers=frozenset({ONE_LAYER}))} if refs else {}, cfg=True)
+        runtime.latent_hw = (6, 5)
+        with torch.no_grad():
+            outputs.append(proc(attn, x, text))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)
+
+
+def test_terms_are_made_once_per_generation_and_layout(sd15_unet, monkeypatch) -> None:
+    """K'/V' and mask weights are laid out at a generation's first call of each batch layout and read at the later
+    steps (the class's contract): three UNet calls, one build per attached layer."""
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.attention import IPAttnProcessor
+    from ipadapter.projection import ProjectionConfig
+
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    adapter = IPAdapter.for_unet(sd15_unet, config)
+    builds = []
+    build = IPAttnProcessor._build
+    monkeypatch.setattr(IPAttnProcessor, "_build", lambda self, *a, **k: builds.append(1) or build(self, *a, **k))
+    att = attach(sd15_unet, adapter)
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 32))])}, rows=2)
+    try:
+        for _ in range(3):
+            run_unet(sd15_unet, "sd15", 2)
+    finally:
+        att.detach()
+    assert len(builds) == len(adapter.named_layers())
 
 
 def test_kv_made_once_per_generation_across_latent_sizes_and_carried_over(sd15_unet) -> None:
