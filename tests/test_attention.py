@@ -542,7 +542,7 @@ def test_tensors_are_made_on_the_layers_device_whatever_the_default_device() -> 
     left = torch.zeros(12, 10)
     left[:, :5] = 1
     refs = [Reference(cond=torch.randn(1, 3, 32), uncond=torch.randn(1, 3, 32), mask=m)
-            for m in (left, 1 - left, torch.ones(12, 10))]
+            for m in (left, 1 - left, torch.ones(12, 10), None)]
     for uncond_layers in (frozenset(), frozenset({ONE_LAYER})):
         def start() -> None:
             proc.clear_cache()
@@ -666,3 +666,48 @@ def test_gradients_flow_through_the_image_attention(sd15_unet) -> None:
     grads = [p.grad for n, p in adapter.named_parameters() if "to_k_ip" in n or "to_v_ip" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().max() > 0 for g in grads)
+
+
+def test_a_references_own_layer_weight_is_its_weight_at_that_layer() -> None:
+    """`Reference.layer_weights` (what the style and composition presets give each image): a factor of 0.5 at this
+    layer is the same as the reference's weight 0.5 here."""
+    torch.manual_seed(5)
+    attn, runtime, proc = _one_layer()
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    cond, uncond = torch.randn(1, 3, 32), torch.randn(1, 3, 32)
+    outputs = []
+    for ref in (Reference(cond=cond, uncond=uncond, layer_weights={ONE_LAYER: 0.5}),
+                Reference(cond=cond, uncond=uncond, weight=0.5), Reference(cond=cond, uncond=uncond)):
+        runtime.set({"a": AdapterPrompt([ref, Reference(cond=torch.ones(1, 3, 32))])}, cfg=True)
+        runtime.latent_hw = (6, 5)
+        with torch.no_grad():
+            outputs.append(proc(attn, x, text))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)
+    assert (outputs[0] - outputs[2]).abs().max() > 1e-4
+
+
+def test_a_new_generation_frees_the_kv_the_last_one_made_and_did_not_reuse(sd15_unet) -> None:
+    """Memory: K'/V' are kept for one generation after the one that made them (a repeated reference reuses them), and
+    once a generation has made its own, those of the previous generation it did not reuse are dropped."""
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.projection import ProjectionConfig
+
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    adapter = IPAdapter.for_unet(sd15_unet, config)
+    att = attach(sd15_unet, adapter)
+    torch.manual_seed(7)
+    a, b = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
+
+    def kept() -> set:
+        return {ref for proc in att._processors for k in (*proc.kv._now, *proc.kv._before) for ref in k.refs}
+
+    try:
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=a)])}, rows=2)
+        run_unet(sd15_unet, "sd15", 2)
+        first = kept()
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=b)])}, rows=2)
+        run_unet(sd15_unet, "sd15", 2)
+        second = kept()
+    finally:
+        att.detach()
+    assert len(first) == len(second) == 1 and first != second, "only the current generation's K'/V' are kept"
