@@ -560,6 +560,9 @@ def test_tensors_are_made_on_the_layers_device_whatever_the_default_device() -> 
         torch.testing.assert_close(got, expected)
         maps = [m for c in proc._prepared for term in c.terms for _, m in term.maps if m is not None]
         assert maps and all(m.device.type == "cpu" for m in maps)
+        proc.prepare(2, torch.bfloat16, torch.device("cpu"))  # and in the layer's dtype
+        maps = [m for c in proc._prepared for term in c.terms for _, m in term.maps if m is not None]
+        assert maps and all(m.dtype == torch.bfloat16 for m in maps)
 
 
 def test_a_black_mask_on_an_unconditional_layer_leaves_the_layer_plain() -> None:
