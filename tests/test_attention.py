@@ -711,6 +711,11 @@ def test_a_new_generation_frees_the_kv_the_last_one_made_and_did_not_reuse(sd15_
         att.set_prompts({"0": AdapterPrompt([Reference(cond=b)])}, rows=2)
         run_unet(sd15_unet, "sd15", 2)
         second = kept()
+        att.runtime.cache_kv = False
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=a)])}, rows=2)
+        run_unet(sd15_unet, "sd15", 2)
+        uncached = kept()
     finally:
         att.detach()
     assert len(first) == len(second) == 1 and first != second, "only the current generation's K'/V' are kept"
+    assert not uncached, "cache_kv=False keeps nothing"

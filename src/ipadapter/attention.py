@@ -412,6 +412,8 @@ class IPAttnProcessor(nn.Module):
         """The terms of a plan: several masked references in one (with the "v" scaling), the rest one per group,
         each with its weights for every token count in `sizes`."""
         self.kv.roll(self.runtime.generation)
+        if not self.runtime.cache_kv:  # switched off: free what earlier generations kept
+            self.kv.clear()
         layout = (batch, heads, dtype, device)
         groups, terms = p.groups, []
         masked = [g for g in groups if g.mask is not None]
