@@ -719,3 +719,28 @@ def test_a_new_generation_frees_the_kv_the_last_one_made_and_did_not_reuse(sd15_
         att.detach()
     assert len(first) == len(second) == 1 and first != second, "only the current generation's K'/V' are kept"
     assert not uncached, "cache_kv=False keeps nothing"
+
+
+def test_kv_laid_out_for_each_batch_size_of_one_generation(sd15_unet) -> None:
+    """K'/V' are laid out on the batch: per-prompt references for two prompts, one generation run at one image per
+    prompt and then three (no CFG either time), must give each batch what the uncached processor gives it."""
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.projection import ProjectionConfig
+
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    adapter = IPAdapter.for_unet(sd15_unet, config)
+    att = attach(sd15_unet, adapter)
+    torch.manual_seed(8)
+    sample, text = torch.randn(6, 4, 8, 8), torch.randn(6, 6, factories.SD15_CROSS)
+    prompt = AdapterPrompt([Reference(cond=torch.randn(2, 4, 32))])  # one row per prompt
+    outputs = {}
+    try:
+        for cache in (True, False):
+            att.runtime.cache_kv = cache
+            att.set_prompts({"0": prompt}, rows=2)
+            with torch.no_grad():
+                outputs[cache] = [sd15_unet(sample[:n], 500, encoder_hidden_states=text[:n]).sample for n in (2, 6)]
+    finally:
+        att.detach()
+    for got, want in zip(outputs[True], outputs[False]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
