@@ -744,3 +744,62 @@ def test_kv_laid_out_for_each_batch_size_of_one_generation(sd15_unet) -> None:
         att.detach()
     for got, want in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_unconditional_layer_reads_the_cond_tokens_only() -> None:
+    """A layer in `uncond_layers` puts the image into the unconditional rows, from the reference's cond tokens: its
+    uncond tokens (the negative image) play no part there."""
+    torch.manual_seed(9)
+    attn, runtime, proc = _one_layer()
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    cond = torch.randn(1, 3, 32)
+    outputs = []
+    for uncond in (torch.randn(1, 3, 32), torch.randn(1, 3, 32), None):
+        runtime.set({"a": AdapterPrompt([Reference(cond=cond, uncond=uncond)], uncond_layers=frozenset({ONE_LAYER}))},
+                    cfg=True)
+        with torch.no_grad():
+            outputs.append(proc(attn, x, text))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+    torch.testing.assert_close(outputs[0], outputs[2], atol=0, rtol=0)
+    runtime.set({}, cfg=True)
+    with torch.no_grad():
+        plain = proc(attn, x, text)
+    assert (outputs[0][:1] - plain[:1]).abs().max() > 1e-4, "the unconditional row takes the image"
+
+
+def test_kept_kv_are_not_reused_under_another_layout_or_dtype(sd15_unet) -> None:
+    """The next generation reuses K'/V' only for the same layout: the same tokens on layers that then are
+    unconditional ones, then without CFG (a batch of the same size), then with the UNet in bf16 (fp32 tokens into a
+    bf16 adapter): each output equals what the uncached processor gives."""
+    import copy
+
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.projection import ProjectionConfig
+
+    unet = copy.deepcopy(sd15_unet)
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    adapter = IPAdapter.for_unet(unet, config)
+    att = attach(unet, adapter)
+    torch.manual_seed(10)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 6, factories.SD15_CROSS)
+    ref = Reference(cond=torch.randn(1, 4, 32), uncond=torch.randn(1, 4, 32))
+    layers = frozenset(name for name, _ in adapter.named_layers())
+    plain, uncond = AdapterPrompt([ref]), AdapterPrompt([ref], uncond_layers=layers)
+    steps = [(plain, 1, torch.float32), (uncond, 1, torch.float32), (plain, 2, torch.float32),
+             (plain, 1, torch.float32), (plain, 1, torch.bfloat16)]  # each generation after one that kept K'/V'
+    saved = copy.deepcopy(unet.state_dict())  # the adapter's layers too: they hang in the processors
+    outputs = {}
+    try:
+        for cache in (True, False):
+            att.runtime.cache_kv = cache
+            unet.float().load_state_dict(saved)
+            outputs[cache] = []
+            for prompt, rows, dtype in steps:
+                unet.to(dtype)
+                att.set_prompts({"0": prompt}, rows=rows)
+                with torch.no_grad():
+                    outputs[cache].append(unet(sample.to(dtype), 500, encoder_hidden_states=text.to(dtype)).sample)
+    finally:
+        att.detach()
+    for got, want in zip(outputs[True], outputs[False]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
