@@ -190,3 +190,50 @@ def test_own_format_metadata_round_trips_every_field_and_fills_the_defaults() ->
     assert (meta["format"], meta["tokens"]) == ("ipadapter/1", "4")
     minimal = {k: meta[k] for k in ("variant", "projection")}
     assert AdapterConfig.from_metadata(minimal) == AdapterConfig("faceid", head)
+
+
+def test_load_adapter_takes_the_variant_device_and_dtype_it_is_given(tmp_path) -> None:
+    """FaceID-Plus and -PlusV2 files have the same layout (V2 differs only in how the shortcut is used), so the
+    variant a file is loaded as is the caller's to say; device and dtype given override the UNet's (training loads
+    fp32 weights for a low-precision UNet). The meta device stands in for an accelerator."""
+    unet = factories.sd15_unet()
+    torch.save(factories.published(unet, "faceid-plusv2", factories.SD15_CROSS, lora_rank=4), tmp_path / "face.bin")
+    assert load_adapter(tmp_path / "face.bin", unet).config.variant == "faceid-plus"  # what the layout tells
+    adapter = load_adapter(tmp_path / "face.bin", unet, variant="faceid-plusv2", dtype=torch.float64)
+    assert adapter.config.variant == "faceid-plusv2"
+    assert {p.dtype for p in adapter.parameters()} == {torch.float64}
+    on_meta = load_adapter(tmp_path / "face.bin", unet, device="meta")
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("part", ["image projection", "layer"])
+def test_an_own_file_missing_a_weight_names_the_part_it_belongs_to(tmp_path, part: str) -> None:
+    """The project's own format keeps the adapter's own keys: a file missing one is refused before anything is
+    copied, naming the key and whether it belongs to the image projection or to an attention layer."""
+    from safetensors import safe_open
+
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.projection import ProjectionConfig
+
+    unet = factories.sd15_unet()
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    save_adapter(IPAdapter.for_unet(unet, config), tmp_path / "own.safetensors")
+    with safe_open(tmp_path / "own.safetensors", "pt") as f:
+        state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    key = sorted(k for k in state if k.startswith("image_proj.") == (part == "image projection"))[0]
+    del state[key]
+    save_file(state, tmp_path / "cut.safetensors", metadata=metadata)
+    with pytest.raises(IPAdapterError) as caught:
+        load_adapter(tmp_path / "cut.safetensors", unet)
+    assert str(caught.value) == (f"{tmp_path / 'cut.safetensors'}: {part} weights do not fit this UNet (missing {key}); "
+                                 "wrong base model or file?")
+
+
+@pytest.mark.parametrize("lora_rank, variant", [(0, "faceid-portrait"), (4, "faceid")])
+def test_sixteen_id_tokens_are_the_portrait_variant_only_without_lora(tmp_path, lora_rank: int, variant: str) -> None:
+    """The detection table: FaceID-Portrait is the FaceID head with 16 tokens and no LoRA; a FaceID file with 16 tokens
+    and LoRA weights (one trained here with more tokens) is plain FaceID."""
+    unet = factories.sd15_unet()
+    torch.save(factories.published(unet, "faceid-portrait", factories.SD15_CROSS, lora_rank=lora_rank),
+               tmp_path / "face.bin")
+    assert load_adapter(tmp_path / "face.bin", unet).config.variant == variant

@@ -109,7 +109,7 @@ def split(flat: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]
     return {k[len(prefix) + 1 :]: v for k, v in flat.items() if k.startswith(prefix + ".")}
 
 
-def detect_variant(image_proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor], hint: str = "") -> AdapterConfig:
+def detect_variant(image_proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor], hint: str) -> AdapterConfig:
     """Variant, tokens and widths from keys and shapes, the variant from the table's detection rules; `hint` (the
     file name) only tells FaceID-Plus v1 from v2."""
     projection = detect_projection(image_proj)
