@@ -237,3 +237,45 @@ def test_sixteen_id_tokens_are_the_portrait_variant_only_without_lora(tmp_path, 
     torch.save(factories.published(unet, "faceid-portrait", factories.SD15_CROSS, lora_rank=lora_rank),
                tmp_path / "face.bin")
     assert load_adapter(tmp_path / "face.bin", unet).config.variant == variant
+
+
+def _own_state(unet) -> tuple[dict, dict]:
+    from ipadapter.adapter import AdapterConfig, IPAdapter
+    from ipadapter.projection import ProjectionConfig
+
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    adapter = IPAdapter.for_unet(unet, config)
+    return dict(adapter.state_dict()), adapter.config.to_metadata()
+
+
+def test_an_own_file_for_a_transformer_is_refused_by_its_base() -> None:
+    """The own format says which denoiser it was made for (`base`): a file for FLUX or SD 3.5 is refused for a UNet in
+    one sentence naming that model; no base, or "unet", loads."""
+    unet = factories.sd15_unet()
+    state, metadata = _own_state(unet)
+    for base, model in (("flux", "a FLUX transformer"), ("sd3", "an SD 3 / 3.5 transformer")):
+        with pytest.raises(IPAdapterError) as caught:
+            adapter_from_state_dict(state, unet, metadata={**metadata, "base": base}, name="own.safetensors")
+        assert str(caught.value) == (f"own.safetensors is an IP-Adapter for {model}, not for this UNet; give --base a "
+                                     "pipeline of that model")
+    for base in ("", "unet"):
+        assert adapter_from_state_dict(state, unet, metadata={**metadata, "base": base}).config.variant == "base"
+
+
+def test_what_is_not_an_adapter_and_what_is_an_incomplete_one() -> None:
+    """Tensors with none of the adapter's key families are "not an IP-Adapter file" (named "the state dict" when no
+    name is given); a file with only its attention weights, or a metadata dict without a format, is read as a
+    published or own adapter and judged by what it holds."""
+    unet = factories.sd15_unet()
+    with pytest.raises(IPAdapterError) as caught:
+        adapter_from_state_dict({"weight": torch.zeros(2)}, unet)
+    assert str(caught.value) == "the state dict is not an IP-Adapter file (no image_proj / ip_adapter weights)"
+    published = factories.published(unet, "base", factories.SD15_CROSS)
+    assert adapter_from_state_dict(published, unet, metadata={"source": "a hub"}).config.variant == "base"
+    state, metadata = _own_state(unet)
+    layers_only = {k: v for k, v in state.items() if not k.startswith("image_proj.")}
+    with pytest.raises(IPAdapterError, match=r"^the state dict: image projection weights do not fit this UNet"):
+        adapter_from_state_dict(layers_only, unet, metadata=metadata)
+    with pytest.raises(IPAdapterError) as caught:
+        adapter_from_state_dict({"ip_adapter": published["ip_adapter"]}, unet)
+    assert "not an IP-Adapter file" not in str(caught.value)
