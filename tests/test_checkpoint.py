@@ -279,3 +279,23 @@ def test_what_is_not_an_adapter_and_what_is_an_incomplete_one() -> None:
     with pytest.raises(IPAdapterError) as caught:
         adapter_from_state_dict({"ip_adapter": published["ip_adapter"]}, unet)
     assert "not an IP-Adapter file" not in str(caught.value)
+
+
+def test_a_file_for_another_token_width_is_named_in_the_sentence(tmp_path) -> None:
+    """A published file or an own one made for another text width (SDXL's 2048 here) is refused before its weights
+    are read, in a sentence that starts with the file's name; an adapter loads onto the UNet's own device (the meta
+    device stands in for an accelerator)."""
+    import json
+
+    unet = factories.sd15_unet()
+    torch.save(factories.published(unet, "base", 2048), tmp_path / "xl.bin")
+    with pytest.raises(IPAdapterError) as caught:
+        load_adapter(tmp_path / "xl.bin", unet)
+    assert str(caught.value).startswith(f"{tmp_path / 'xl.bin'} was made for ")
+    state, metadata = _own_state(unet)
+    projection = {**json.loads(metadata["projection"]), "cross_dim": 2048}
+    with pytest.raises(IPAdapterError) as caught:
+        adapter_from_state_dict(state, unet, metadata={**metadata, "projection": json.dumps(projection)}, name="own")
+    assert str(caught.value).startswith("own was made for ")
+    on_meta = adapter_from_state_dict(state, unet.to("meta"), metadata=metadata)
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
