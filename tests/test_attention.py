@@ -803,3 +803,37 @@ def test_kept_kv_are_not_reused_under_another_layout_or_dtype(sd15_unet) -> None
         att.detach()
     for got, want in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_a_layer_with_spatial_norm_and_a_residual_connection_equals_diffusers() -> None:
+    """The processor follows diffusers' attention pre- and post-processing on any `Attention` it is set on: a spatial
+    norm (conditioned on `temb`) and a residual connection on 4-D input, against diffusers' own
+    `IPAdapterAttnProcessor2_0` with the same K'/V' weights and scale."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    from ipadapter.adapter import AdapterLayer
+    from ipadapter.attention import IPAttnProcessor
+    from ipadapter.layers import AttentionLayer
+    from ipadapter.runtime import Runtime
+
+    torch.manual_seed(11)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16, spatial_norm_dim=8,
+                     residual_connection=True, rescale_output_factor=2.0).eval()
+    layer = AttentionLayer(ONE_LAYER, 0, True, 64, 32, "down", 0, 0, 0)
+    ours = AdapterLayer(layer, 32)
+    runtime = Runtime()
+    proc = IPAttnProcessor(layer, AttnProcessor2_0(), runtime, {"a": ours})
+    theirs = IPAdapterAttnProcessor2_0(hidden_size=64, cross_attention_dim=32, num_tokens=(3,), scale=0.8)
+    with torch.no_grad():
+        theirs.to_k_ip[0].weight.copy_(ours.to_k_ip.weight)
+        theirs.to_v_ip[0].weight.copy_(ours.to_v_ip.weight)
+    x, text, temb = torch.randn(2, 64, 6, 5), torch.randn(2, 7, 32), torch.randn(2, 8, 3, 3)
+    tokens = torch.randn(1, 3, 32)
+    runtime.set({"a": AdapterPrompt([Reference(cond=tokens)], scale=0.8)}, cfg=False)
+    runtime.latent_hw = (6, 5)
+    with torch.no_grad():
+        got = proc(attn, x, text, temb=temb)
+        expected = theirs(attn, x, (text, [tokens.expand(2, -1, -1)]), temb=temb)
+        plain = AttnProcessor2_0()(attn, x, text, temb=temb)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3
