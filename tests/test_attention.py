@@ -72,14 +72,19 @@ def test_masks_equal_diffusers(tmp_path) -> None:
     att.detach()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
-
-def test_cfg_rows_get_uncond_then_cond_tokens(sd15_unet) -> None:
-    """Under CFG the first half of the batch sees the unconditional tokens: equal to running the halves apart."""
+def _base_adapter(unet):
+    """A new random base adapter (linear head, 8-wide features, 4 tokens) for the tiny SD 1.5 UNet."""
     from ipadapter.adapter import AdapterConfig, IPAdapter
     from ipadapter.projection import ProjectionConfig
 
     config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
-    adapter = IPAdapter.for_unet(sd15_unet, config)
+    return IPAdapter.for_unet(unet, config)
+
+
+
+def test_cfg_rows_get_uncond_then_cond_tokens(sd15_unet) -> None:
+    """Under CFG the first half of the batch sees the unconditional tokens: equal to running the halves apart."""
+    adapter = _base_adapter(sd15_unet)
     cond, uncond = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
     att = attach(sd15_unet, adapter)
     att.set_prompts({"0": AdapterPrompt([Reference(cond=cond, uncond=uncond)])}, rows=1)
@@ -93,11 +98,7 @@ def test_cfg_rows_get_uncond_then_cond_tokens(sd15_unet) -> None:
 
 
 def test_kv_cache_gives_same_output_and_is_invalidated(sd15_unet) -> None:
-    from ipadapter.adapter import AdapterConfig, IPAdapter
-    from ipadapter.projection import ProjectionConfig
-
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
-    adapter = IPAdapter.for_unet(sd15_unet, config)
+    adapter = _base_adapter(sd15_unet)
     att = attach(sd15_unet, adapter)
     a, b = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
     att.set_prompts({"0": AdapterPrompt([Reference(cond=a)])})
@@ -205,11 +206,7 @@ def _counting_kv(adapter) -> list[int]:
 
 
 def test_kv_carried_to_next_generation_only_while_tokens_and_weights_are_the_same(sd15_unet) -> None:
-    from ipadapter.adapter import AdapterConfig, IPAdapter
-    from ipadapter.projection import ProjectionConfig
-
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
-    adapter = IPAdapter.for_unet(sd15_unet, config)
+    adapter = _base_adapter(sd15_unet)
     calls = _counting_kv(adapter)
     att = attach(sd15_unet, adapter)
     a = torch.randn(1, 4, 32)
@@ -583,12 +580,9 @@ def test_a_black_mask_on_an_unconditional_layer_leaves_the_layer_plain() -> None
 def test_terms_are_made_once_per_generation_and_layout(sd15_unet, monkeypatch) -> None:
     """K'/V' and mask weights are laid out at a generation's first call of each batch layout and read at the later
     steps (the class's contract): three UNet calls, one build per attached layer."""
-    from ipadapter.adapter import AdapterConfig, IPAdapter
     from ipadapter.attention import IPAttnProcessor
-    from ipadapter.projection import ProjectionConfig
 
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
-    adapter = IPAdapter.for_unet(sd15_unet, config)
+    adapter = _base_adapter(sd15_unet)
     builds = []
     build = IPAttnProcessor._build
     monkeypatch.setattr(IPAttnProcessor, "_build", lambda self, *a, **k: builds.append(1) or build(self, *a, **k))
@@ -606,11 +600,7 @@ def test_kv_made_once_per_generation_across_latent_sizes_and_carried_over(sd15_u
     """K'/V' depend on the reference tokens and the batch layout, not on the latent size: one generation run at two
     sizes projects them once per layer, the next generation with the same tokens reuses them at both sizes, and a
     new batch layout (no CFG) afterwards projects once more; every output equals the uncached one."""
-    from ipadapter.adapter import AdapterConfig, IPAdapter
-    from ipadapter.projection import ProjectionConfig
-
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
-    adapter = IPAdapter.for_unet(sd15_unet, config)
+    adapter = _base_adapter(sd15_unet)
     att = attach(sd15_unet, adapter)
     layers = [m for n, m in adapter.named_modules() if n.endswith("to_k_ip")]
     calls = []
@@ -649,11 +639,7 @@ def test_kv_made_once_per_generation_across_latent_sizes_and_carried_over(sd15_u
 def test_gradients_flow_through_the_image_attention(sd15_unet) -> None:
     """Training: with autograd on, the image attention is added out of place (SDPA's backward may read its own output),
     so backward runs, and its output equals the inference one."""
-    from ipadapter.adapter import AdapterConfig, IPAdapter
-    from ipadapter.projection import ProjectionConfig
-
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
-    adapter = IPAdapter.for_unet(sd15_unet, config)
+    adapter = _base_adapter(sd15_unet)
     att = attach(sd15_unet, adapter)
     torch.manual_seed(6)
     sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 6, factories.SD15_CROSS)
@@ -692,11 +678,7 @@ def test_a_references_own_layer_weight_is_its_weight_at_that_layer() -> None:
 def test_a_new_generation_frees_the_kv_the_last_one_made_and_did_not_reuse(sd15_unet) -> None:
     """Memory: K'/V' are kept for one generation after the one that made them (a repeated reference reuses them), and
     once a generation has made its own, those of the previous generation it did not reuse are dropped."""
-    from ipadapter.adapter import AdapterConfig, IPAdapter
-    from ipadapter.projection import ProjectionConfig
-
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
-    adapter = IPAdapter.for_unet(sd15_unet, config)
+    adapter = _base_adapter(sd15_unet)
     att = attach(sd15_unet, adapter)
     torch.manual_seed(7)
     a, b = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
@@ -724,11 +706,7 @@ def test_a_new_generation_frees_the_kv_the_last_one_made_and_did_not_reuse(sd15_
 def test_kv_laid_out_for_each_batch_size_of_one_generation(sd15_unet) -> None:
     """K'/V' are laid out on the batch: per-prompt references for two prompts, one generation run at one image per
     prompt and then three (no CFG either time), must give each batch what the uncached processor gives it."""
-    from ipadapter.adapter import AdapterConfig, IPAdapter
-    from ipadapter.projection import ProjectionConfig
-
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
-    adapter = IPAdapter.for_unet(sd15_unet, config)
+    adapter = _base_adapter(sd15_unet)
     att = attach(sd15_unet, adapter)
     torch.manual_seed(8)
     sample, text = torch.randn(6, 4, 8, 8), torch.randn(6, 6, factories.SD15_CROSS)
@@ -773,12 +751,8 @@ def test_kept_kv_are_not_reused_under_another_layout_or_dtype(sd15_unet) -> None
     bf16 adapter): each output equals what the uncached processor gives."""
     import copy
 
-    from ipadapter.adapter import AdapterConfig, IPAdapter
-    from ipadapter.projection import ProjectionConfig
-
     unet = copy.deepcopy(sd15_unet)
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
-    adapter = IPAdapter.for_unet(unet, config)
+    adapter = _base_adapter(unet)
     att = attach(unet, adapter)
     torch.manual_seed(10)
     sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 6, factories.SD15_CROSS)

@@ -107,15 +107,26 @@ def test_the_compiled_plan_computes_what_the_eager_processor_does(attention, mon
         att.detach()
 
 
-def test_a_compiled_call_nothing_prepared_for_runs_the_eager_processor(tiny, monkeypatch) -> None:  # noqa: F811
-    """`unet.compile()` compiles the module's forward but skips the attachment's hook: the processor sees no plan."""
+@pytest.mark.parametrize("before", ["nothing", "a compiled call, then an eager one", "clear_cache"])
+def test_a_compiled_call_nothing_prepared_for_runs_the_eager_processor(
+    tiny, monkeypatch, before: str,  # noqa: F811
+) -> None:
+    """`unet.compile()` compiles the module's forward but skips the attachment's hook: the processor sees no plan and
+    runs the eager processor, the adapter acting. So too after `torch.compile(unet)` then the plain `unet` (what was
+    prepared is forgotten), and after `clear_cache` between generations (not an empty plan that acts on nothing)."""
     unet, adapter = tiny
     att = attach(unet, adapter)
     sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
     try:
         att.set_prompts({"0": _prompts()[1]}, rows=1)
         with torch.no_grad():
+            if before == "a compiled call, then an eager one":
+                _as_if_compiled(monkeypatch, True)
+                unet(sample, 500, encoder_hidden_states=text)
+                _as_if_compiled(monkeypatch, False)
             eager = unet(sample, 500, encoder_hidden_states=text).sample
+            if before == "clear_cache":
+                att.clear_cache()
             monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
             unprepared = unet(sample, 500, encoder_hidden_states=text).sample
         torch.testing.assert_close(unprepared, eager, atol=0, rtol=0)
@@ -148,29 +159,9 @@ def test_the_compiled_plan_of_a_bf16_unet_under_autograd_computes_what_the_eager
     torch.testing.assert_close(planned, eager, atol=0.05, rtol=0.05)  # bf16 roundings in two orders
 
 
-def test_a_compiled_call_after_eager_calls_nothing_prepared_for_runs_the_eager_processor(
+def test_the_compiled_plan_keeps_its_structure_when_a_scale_or_layer_weight_is_zero(
     tiny, monkeypatch,  # noqa: F811
 ) -> None:
-    """`torch.compile(unet)` called, then the plain `unet` (what was prepared is forgotten), then `unet.compile()`'s
-    forward (no hook before it): the processor sees no plan and runs the eager processor, the adapter acting."""
-    unet, adapter = tiny
-    att = attach(unet, adapter)
-    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
-    try:
-        att.set_prompts({"0": _prompts()[1]}, rows=1)
-        with torch.no_grad():
-            _as_if_compiled(monkeypatch, True)
-            unet(sample, 500, encoder_hidden_states=text)
-            _as_if_compiled(monkeypatch, False)
-            eager = unet(sample, 500, encoder_hidden_states=text).sample
-            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-            unprepared = unet(sample, 500, encoder_hidden_states=text).sample
-        torch.testing.assert_close(unprepared, eager, atol=0, rtol=0)
-    finally:
-        att.detach()
-
-
-def test_the_compiled_plan_keeps_its_structure_when_a_scale_or_layer_weight_is_zero(tiny, monkeypatch) -> None:  # noqa: F811
     """A compiled graph follows the plan's structure: an adapter at scale 0, or at weight 0 on a layer, must keep its
     place (its weight is a tensor read at run time), or setting the scale from 0 to 0.5 would compile anew."""
     unet, adapter = tiny
@@ -215,9 +206,12 @@ def test_prepare_makes_the_weights_on_the_device_asked_for(tiny) -> None:  # noq
     assert tensors and all(t.device == meta for t in tensors)
 
 
-def test_the_compiled_plan_under_autocast_computes_what_the_eager_processor_does(tiny, monkeypatch) -> None:  # noqa: F811
+def test_the_compiled_plan_under_autocast_computes_what_the_eager_processor_does(
+    tiny, monkeypatch,  # noqa: F811
+) -> None:
     """Under autocast the UNet's input is float32, so `prepare` makes K'/V' in float32 while the queries come out of
-    autocast's bf16 Linear: the prepared call must still compute what the eager call (K'/V' in the query's dtype) does."""
+    autocast's bf16 Linear: the prepared call must still compute what the eager call (K'/V' in the query's dtype)
+    does."""
     unet, adapter = tiny
     att = attach(unet, adapter)
     sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)

@@ -8,7 +8,6 @@ tests survive changes of internal names. docs/testing.md lists which bug each te
 from __future__ import annotations
 
 import copy
-import importlib
 import pathlib
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +21,6 @@ from ipadapter.conditioning.presets import preset
 from ipadapter.layers import attention_layers
 from ipadapter.projection.detect import ProjectionConfig
 from tests import factories
-from tests.test_compile import tiny  # noqa: F401  (the fixture)
 from tests.test_parity_diffusers import diffusers_unet, features, our_inputs, run_unet
 
 CROSS = factories.SD15_CROSS
@@ -546,25 +544,3 @@ def test_clear_cache_drops_the_kept_kv_and_the_next_generation_projects_them_aga
         counts.append(len(calls))
     prompter.detach()
     assert counts == [1, 1, 2], "K'/V' made once, reused by the repeat, made again after clear_cache"
-
-
-def test_after_clear_cache_a_compiled_call_nothing_prepared_for_runs_the_eager_processor(tiny, monkeypatch) -> None:  # noqa: F811
-    """`clear_cache` between generations, then a compiled call that nothing prepares for (as under `unet.compile()`,
-    which skips the attachment's hook): it must fall back to the eager processor, not act on an empty plan."""
-    attach_module = importlib.import_module("ipadapter.attach")  # the package exports a function of that name
-    unet, adapter = tiny
-    att = attach(unet, adapter)
-    torch.manual_seed(1)
-    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
-    att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 16), uncond=torch.randn(1, 4, 16))])},
-                    rows=1)
-    try:
-        with torch.no_grad(), monkeypatch.context() as m:
-            eager = unet(sample, 500, encoder_hidden_states=text).sample
-            att.clear_cache()
-            m.setattr(torch.compiler, "is_compiling", lambda: True)
-            m.setattr(attach_module, "_in_compiled_module", lambda: False)
-            unprepared = unet(sample, 500, encoder_hidden_states=text).sample
-        torch.testing.assert_close(unprepared, eager, atol=0, rtol=0)
-    finally:
-        att.detach()
