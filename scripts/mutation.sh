@@ -11,8 +11,9 @@
 # working tree never holds a mutant. A reused MUTATION_DIR resumes: mutmut keeps the verdicts of mutants whose
 # function is unchanged (it keys them by a hash of the function) and tests only the rest; FRESH=1 starts over, and
 # RETEST=1 tests the survivors and the mutants with no test again (mutmut keeps a verdict when only the tests
-# changed). The score counts killed and timed-out mutants over all tested ones, leaving out those listed in
-# scripts/mutation-equivalent.txt (argued equivalent in docs/testing.md). Exits 1 below MIN_SCORE.
+# changed), except survivors argued equivalent, which would only survive again at the highest cost. The score counts
+# killed and timed-out mutants over all tested ones, leaving out those listed in scripts/mutation-equivalent.txt
+# (argued equivalent in docs/testing.md). Exits 1 below MIN_SCORE.
 # Environment: PYTHON (default python), JOBS (mutants run in parallel, default 1), NICE (default 19), MIN_SCORE (95).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -47,9 +48,11 @@ rm -rf "$work/src" "$work/tests" "$work/examples"
 (cd "$root" && tar --exclude=__pycache__ -cf - src tests pyproject.toml README.md examples) | tar -xf - -C "$work"
 # mutmut regenerates a file's mutants only when its copy under mutants/ is older than the source. A module that an
 # earlier run in this folder copied unmutated (it was not selected then) would stay unmutated: drop such copies. Which
-# tests run which function was learnt for the earlier selection of modules and tests: a changed selection (a new test
-# file too) learns it again (verdicts stay).
-selection="${*:-${core[*]}} | ${tests[*]}"
+# tests run which function was learnt for the earlier selection of modules and tests and for the code as it was then:
+# mutmut runs only those tests on a mutant, so a test added since, or a function added since, would never run. A
+# changed selection or any change in src/ or tests/ learns it again (one run of the tests; verdicts stay).
+selection="${*:-${core[*]}} | ${tests[*]} | $(cd "$root" && find src tests -name '*.py' | LC_ALL=C sort | xargs cat |
+  sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$work/selection.txt" 2>/dev/null)" != "$selection" ]; then
   rm -f "$work/mutants/mutmut-stats.json"
 fi
@@ -80,13 +83,17 @@ done
 
 cd "$work"
 if [ "${RETEST:-0}" = 1 ] && [ -d mutants ]; then
-  "$python" - <<'EOF'
-import json
+  "$python" - "$root/scripts/mutation-equivalent.txt" <<'EOF'
+import json, sys
 from pathlib import Path
 
+equivalent = {line.split("#")[0].strip() for line in Path(sys.argv[1]).read_text().splitlines()} - {""}
 for meta in Path("mutants").rglob("*.meta"):
     data = json.loads(meta.read_text())
-    data["exit_code_by_key"] = {name: None if code in (0, 33) else code for name, code in data["exit_code_by_key"].items()}
+    data["exit_code_by_key"] = {
+        name: None if code == 33 or (code == 0 and name not in equivalent) else code
+        for name, code in data["exit_code_by_key"].items()
+    }
     meta.write_text(json.dumps(data))
 EOF
 fi

@@ -113,3 +113,34 @@ def test_an_adapters_layer_is_found_by_a_cross_attention_layers_name_only(sd15_u
     for name, _ in sd15_unet.named_modules():
         found = adapter.layer(name)
         assert isinstance(found, AdapterLayer) if name in cross else found is None, name
+
+
+@pytest.mark.parametrize("dynamo", ["inside", "outside", "no flag", "not imported"])
+def test_processors_are_prepared_exactly_when_dynamo_runs_a_compiled_module(sd15_unet, monkeypatch, dynamo) -> None:
+    """The hook prepares every processor's plan when dynamo's own flag (`_is_in_optimized_module`, set while a
+    `torch.compile(module)` call runs) says so, and never otherwise: not outside such a call, not on a torch whose
+    dynamo lacks the flag, not before dynamo is imported. tests/test_compile.py checks the same under real dynamo."""
+    import sys
+
+    import torch._dynamo.eval_frame as eval_frame
+
+    from ipadapter.attention import IPAttnProcessor
+
+    if dynamo == "no flag":
+        monkeypatch.delattr(eval_frame, "_is_in_optimized_module")
+    elif dynamo == "not imported":
+        monkeypatch.delitem(sys.modules, "torch._dynamo.eval_frame")
+    else:
+        monkeypatch.setattr(eval_frame, "_is_in_optimized_module", lambda: dynamo == "inside")
+    prepared = []
+    original = IPAttnProcessor.prepare
+    monkeypatch.setattr(IPAttnProcessor, "prepare",
+                        lambda self, *args, **kwargs: (prepared.append(self), original(self, *args, **kwargs))[1])
+    attachment = attach(sd15_unet, _new_adapter(sd15_unet))
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 6, factories.SD15_CROSS, generator=g)
+    with torch.no_grad():
+        sd15_unet(sample, 10, encoder_hidden_states=text)
+    attachment.detach()
+    assert len(prepared) == (16 if dynamo == "inside" else 0)
+    assert len(set(map(id, prepared))) == len(prepared)

@@ -66,15 +66,21 @@ def test_own_format_is_keyed_by_layer_name(sd15_unet, tmp_path) -> None:
 
 
 class Evil:
+    """Unpickling it runs a shell command that writes `marker` (a file of the test's own, so that a run where the code
+    did run cannot leave a trace that fails later runs)."""
+
+    def __init__(self, marker: os.PathLike) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/ipadapter-pwned",))
+        return (os.system, (f"echo pwned > {self.marker}",))
 
 
 def test_pickle_with_code_is_refused(sd15_unet, tmp_path) -> None:
-    torch.save({"image_proj": {"x": Evil()}, "ip_adapter": {}}, tmp_path / "evil.bin")
+    torch.save({"image_proj": {"x": Evil(tmp_path / "ran")}, "ip_adapter": {}}, tmp_path / "evil.bin")
     with pytest.raises(IPAdapterError, match="refusing to load"):
         load_adapter(tmp_path / "evil.bin", sd15_unet)
-    assert not os.path.exists("/tmp/ipadapter-pwned")
+    assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
@@ -299,3 +305,43 @@ def test_a_file_for_another_token_width_is_named_in_the_sentence(tmp_path) -> No
     assert str(caught.value).startswith("own was made for ")
     on_meta = adapter_from_state_dict(state, unet.to("meta"), metadata=metadata)
     assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+
+
+def test_a_bin_saved_from_a_gpu_loads_on_the_cpu(sd15_unet, tmp_path) -> None:
+    """A published `.bin` saved from a GPU names `cuda:0` for every tensor; it loads on a machine without one, with
+    the same weights as the CPU file (torch alone refuses it unless told where to map it)."""
+    from tests.test_face_embedding import _as_saved_on_a_gpu
+
+    state = factories.published(sd15_unet, "base", factories.SD15_CROSS)
+    torch.save(state, tmp_path / "cpu.bin")
+    _as_saved_on_a_gpu(tmp_path / "cpu.bin", tmp_path / "gpu.bin")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "gpu.bin", weights_only=True)
+    want = load_adapter(tmp_path / "cpu.bin", sd15_unet).state_dict()
+    got = load_adapter(tmp_path / "gpu.bin", sd15_unet).state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_pickled_bin_is_refused_even_when_the_environment_allows_unpickling(sd15_unet, tmp_path, monkeypatch) -> None:
+    """torch unpickles anything under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 unless the call sets `weights_only` itself:
+    with the variable set, a `.bin` whose pickle runs code must still be refused, and the code never run."""
+    marker = tmp_path / "ran"
+    torch.save({"image_proj": {"x": Evil(marker)}, "ip_adapter": {}}, tmp_path / "evil.bin")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(IPAdapterError) as caught:
+        load_adapter(tmp_path / "evil.bin", sd15_unet)
+    assert str(caught.value).startswith(f"refusing to load {tmp_path / 'evil.bin'}: its pickle carries code")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_a_file_with_nan_is_refused_by_its_name_and_the_tensors(sd15_unet, tmp_path, suffix) -> None:
+    """A damaged file (NaN in a weight) is refused in one sentence naming the file and the tensor."""
+    state = factories.published(sd15_unet, "base", factories.SD15_CROSS)
+    state["image_proj"]["proj.weight"][0, 0] = float("nan")
+    path = tmp_path / f"nan{suffix}"
+    torch.save(state, path) if suffix == ".bin" else save_file(_flat(state), path)
+    with pytest.raises(IPAdapterError) as caught:
+        load_adapter(path, sd15_unet)
+    assert str(caught.value).startswith(f"{path}: tensor image_proj.proj.weight holds NaN or Inf values")

@@ -353,6 +353,28 @@ def test_precise_layers_follow_the_schedule_as_a_scale_factor() -> None:
     assert (unscheduled - got).abs().max() > 1e-4
 
 
+# The step window at the ends of what the scheduler says.
+
+
+@pytest.mark.parametrize("timesteps", [[999], []], ids=["one step", "no steps set yet"])
+def test_a_window_at_a_one_step_run_and_before_the_scheduler_is_set(timesteps: list[int]) -> None:
+    """Progress is the step's index over the step count: a one-step run is all at progress 0, so a window starting at
+    0.5 leaves the UNet plain. A scheduler with no timesteps yet gives no progress, and the window is then open: the
+    adapter acts as without one."""
+    unet = factories.sd15_unet()
+    adapter = _random_adapter(unet)
+    tokens = torch.randn(1, 4, CROSS, generator=torch.Generator().manual_seed(8))
+    plain = _run_cfg(unet)
+    att = attach(unet, adapter, scheduler=SimpleNamespace(timesteps=torch.tensor(timesteps, dtype=torch.long)))
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)], scale=0.8)}, cfg=True)
+    unwindowed = _run_cfg(unet)
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)], scale=0.8, start=0.5)}, cfg=True)
+    late = _run_cfg(unet)
+    att.detach()
+    assert (unwindowed - plain).abs().max() > 1e-4
+    torch.testing.assert_close(late, plain if timesteps else unwindowed, atol=0, rtol=0)
+
+
 # FaceID LoRA on `to_out`, alone.
 
 

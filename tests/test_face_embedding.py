@@ -99,12 +99,12 @@ def test_pickled_file_is_refused_even_when_the_environment_allows_unpickling(tmp
 
 def _as_saved_on_a_gpu(src: Path, dst: Path) -> None:
     """Rewrite a CPU `torch.save` file as one saved from `cuda:0`: torch records each storage's device as a string
-    in `data.pkl` (pickle protocol 2: BINUNICODE, 4-byte little-endian length)."""
+    in `data.pkl` (pickle protocol 2: BINUNICODE, 4-byte little-endian length; repeats may be memo references)."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
             body = zin.read(info.filename)
             if info.filename.endswith("/data.pkl"):
-                assert body.count(b"X\x03\x00\x00\x00cpu") == 1
+                assert body.count(b"X\x03\x00\x00\x00cpu") >= 1
                 body = body.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
             zout.writestr(info.filename, body)
 

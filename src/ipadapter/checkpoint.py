@@ -71,8 +71,7 @@ def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise IPAdapterError(f"adapter file not found: {path}")
+    """Flat tensors and metadata of a file `resolve` found: safetensors as stored, torch files tensors only."""
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
