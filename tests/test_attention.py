@@ -811,3 +811,109 @@ def test_a_layer_with_spatial_norm_and_a_residual_connection_equals_diffusers() 
         plain = AttnProcessor2_0()(attn, x, text, temb=temb)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-3
+
+
+def _processor_on(attn, cross_dim: int, **layer_kwargs):
+    """Our processor on one diffusers `Attention`, with one adapter "a" whose K'/V' weights it returns too."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from ipadapter.adapter import AdapterLayer
+    from ipadapter.attention import IPAttnProcessor
+    from ipadapter.layers import AttentionLayer
+    from ipadapter.runtime import Runtime
+
+    layer = AttentionLayer(ONE_LAYER, 0, True, attn.inner_dim, cross_dim, "down", 0, 0, 0)
+    ours = AdapterLayer(layer, cross_dim, **layer_kwargs)
+    runtime = Runtime()
+    return IPAttnProcessor(layer, AttnProcessor2_0(), runtime, {"a": ours}), ours, runtime
+
+
+def test_a_layer_with_group_norm_cross_norm_and_a_per_query_mask_equals_diffusers() -> None:
+    """The rest of diffusers' pre-processing: a group norm on the hidden states, a layer norm on the text
+    (`cross_attention_norm`), and an attention mask given per query token (B, L, S), against diffusers' own
+    `IPAdapterAttnProcessor2_0` with the same K'/V' weights and scale."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    torch.manual_seed(12)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16, norm_num_groups=8,
+                     cross_attention_norm="layer_norm").eval()
+    with torch.no_grad():  # norms that are not the identity, so that leaving one out shows
+        for norm in (attn.group_norm, attn.norm_cross):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    proc, ours, runtime = _processor_on(attn, 32)
+    theirs = IPAdapterAttnProcessor2_0(hidden_size=64, cross_attention_dim=32, num_tokens=(3,), scale=0.8)
+    with torch.no_grad():
+        theirs.to_k_ip[0].weight.copy_(ours.to_k_ip.weight)
+        theirs.to_v_ip[0].weight.copy_(ours.to_v_ip.weight)
+    x, text, tokens = torch.randn(2, 30, 64), torch.randn(2, 7, 32), torch.randn(1, 3, 32)
+    mask = torch.where(torch.rand(2, 30, 7) < 0.3, -10000.0, 0.0)
+    runtime.set({"a": AdapterPrompt([Reference(cond=tokens)], scale=0.8)}, cfg=False)
+    runtime.latent_hw = (6, 5)
+    with torch.no_grad():
+        got = proc(attn, x, text, attention_mask=mask)
+        expected = theirs(attn, x, (text, [tokens.expand(2, -1, -1)]), attention_mask=mask)
+        plain = AttnProcessor2_0()(attn, x, text, attention_mask=mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_a_layer_with_query_and_key_norms_applies_them_to_the_text_attention() -> None:
+    """`qk_norm` (which diffusers' IP-Adapter processor does not read): with the image values zero the image
+    attention adds exactly nothing, so the output is diffusers' plain `AttnProcessor2_0`, which applies the norms."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(13)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16, qk_norm="layer_norm").eval()
+    with torch.no_grad():
+        for norm in (attn.norm_q, attn.norm_k):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    proc, ours, runtime = _processor_on(attn, 32)
+    with torch.no_grad():
+        ours.to_v_ip.weight.zero_()
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    runtime.set({"a": AdapterPrompt([Reference(cond=torch.randn(1, 3, 32))], scale=0.8)}, cfg=False)
+    runtime.latent_hw = (6, 5)
+    with torch.no_grad():
+        got = proc(attn, x, text)
+        expected = AttnProcessor2_0()(attn, x, text)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["decoupled", "concat"])
+def test_a_call_without_text_is_plain_self_attention(attention: str) -> None:
+    """A cross-attention layer called without encoder states attends to its own hidden states (diffusers'
+    convention): no image tokens take part, and a mask given for the call applies to the hidden states."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(14)
+    attn = Attention(64, heads=4, dim_head=16).eval()
+    proc, _, runtime = _processor_on(attn, 64, concat=attention == "concat")
+    x = torch.randn(2, 30, 64)
+    mask = torch.where(torch.rand(2, 30) < 0.3, -10000.0, 0.0)
+    runtime.set({"a": AdapterPrompt([Reference(cond=torch.randn(1, 3, 64))], scale=0.8)}, cfg=False)
+    runtime.latent_hw = (6, 5)
+    with torch.no_grad():
+        got = proc(attn, x, None, attention_mask=mask)
+        expected = AttnProcessor2_0()(attn, x, None, attention_mask=mask)
+        with_text = proc(attn, x, x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert (with_text - AttnProcessor2_0()(attn, x, x)).abs().max() > 1e-3, "the reference acts when text is given"
+
+
+def test_a_simple_adapter_with_lora_at_image_weight_zero_leaves_the_image_columns_out() -> None:
+    """A "concat" adapter that carries LoRA still acts at image weight 0 (its LoRA does): its image columns are
+    then left out, not given log(0). With the LoRA's `up` at its initial zeros the output is the plain layer's."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(15)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16).eval()
+    proc, _, runtime = _processor_on(attn, 32, lora_rank=4, concat=True)
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    runtime.set({"a": AdapterPrompt([Reference(cond=torch.randn(1, 3, 32))], scale=0.0)}, cfg=False)
+    runtime.latent_hw = (6, 5)
+    with torch.no_grad():
+        got = proc(attn, x, text)
+        expected = AttnProcessor2_0()(attn, x, text)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
