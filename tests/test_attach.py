@@ -144,3 +144,22 @@ def test_processors_are_prepared_exactly_when_dynamo_runs_a_compiled_module(sd15
     attachment.detach()
     assert len(prepared) == (16 if dynamo == "inside" else 0)
     assert len(set(map(id, prepared))) == len(prepared)
+
+
+def test_prompts_for_an_adapter_not_attached_are_one_sentence_naming_the_attached_ones(sd15_unet) -> None:
+    """`set_prompts` with a name no attached adapter has: refused before anything is set, naming the first unknown
+    name in sorted order and every attached one; a name that is attached is then accepted."""
+    from ipadapter import AdapterPrompt, Reference
+
+    attachment = attach(sd15_unet, {"style": _new_adapter(sd15_unet), "face": _new_adapter(sd15_unet)})
+    prompt = AdapterPrompt([Reference(cond=torch.randn(1, 4, factories.SD15_CROSS))])
+    try:
+        for names, first in ((["z"], "z"), (["style", "y", "x"], "x")):
+            with pytest.raises(IPAdapterError) as caught:
+                attachment.set_prompts({name: prompt for name in names})
+            assert str(caught.value) == f"no adapter named {first!r}; attached: style, face"
+            assert attachment.runtime.prompts == {}
+        attachment.set_prompts({"face": prompt})
+        assert set(attachment.runtime.prompts) == {"face"}
+    finally:
+        attachment.detach()

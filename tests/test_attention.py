@@ -917,3 +917,34 @@ def test_a_simple_adapter_with_lora_at_image_weight_zero_leaves_the_image_column
         got = proc(attn, x, text)
         expected = AttnProcessor2_0()(attn, x, text)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_simple_adapter_before_a_decoupled_one_leaves_it_acting() -> None:
+    """Closed form: a "concat" adapter acts through the text keys, a decoupled one through its own image term, and
+    before `to_out` (affine) they add up: out(a, b) = out(a) + out(b) − out(none), with the simple adapter first."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from ipadapter.adapter import AdapterLayer
+    from ipadapter.attention import IPAttnProcessor
+    from ipadapter.layers import AttentionLayer
+    from ipadapter.runtime import Runtime
+
+    torch.manual_seed(16)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16).eval()
+    layer = AttentionLayer(ONE_LAYER, 0, True, 64, 32, "down", 0, 0, 0)
+    runtime = Runtime()
+    weights = {"a": AdapterLayer(layer, 32, concat=True), "b": AdapterLayer(layer, 32)}
+    proc = IPAttnProcessor(layer, AttnProcessor2_0(), runtime, weights)
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    prompts = {"a": AdapterPrompt([Reference(cond=torch.randn(1, 3, 32))], scale=0.6),
+               "b": AdapterPrompt([Reference(cond=torch.randn(1, 3, 32))], scale=0.8)}
+
+    def run(*names: str) -> torch.Tensor:
+        runtime.set({name: prompts[name] for name in names}, cfg=False)
+        runtime.latent_hw = (6, 5)
+        with torch.no_grad():
+            return proc(attn, x, text)
+
+    both, none = run("a", "b"), run()
+    torch.testing.assert_close(both, run("a") + run("b") - none, atol=1e-5, rtol=1e-5)
+    assert min((run(name) - none).abs().max() for name in "ab") > 1e-3
