@@ -163,3 +163,39 @@ def test_prompts_for_an_adapter_not_attached_are_one_sentence_naming_the_attache
         assert set(attachment.runtime.prompts) == {"face"}
     finally:
         attachment.detach()
+
+
+@pytest.mark.parametrize("where", ["prompt layer_weights", "uncond_layers", "a reference's layer_weights"])
+def test_a_layer_name_that_is_not_a_cross_attention_layer_is_one_sentence(sd15_unet, where: str) -> None:
+    """Layer names come from three places (the prompt's weights, its unconditional-only layers, each reference's
+    weights); a name that is not one of the UNet's cross-attention layers is refused from any of them, naming the
+    adapter and the first such name, while known names beside it are accepted."""
+    from ipadapter import AdapterPrompt, Reference
+
+    known = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    wrong = ["down_blocks.9.attentions.0.transformer_blocks.0.attn2", "mid_block.attn9"]
+    layer_weights = {known: 1.0}
+    uncond_layers = frozenset({known})
+    ref_weights = {known: 0.5}
+    if where == "prompt layer_weights":
+        layer_weights = {**layer_weights, **dict.fromkeys(wrong, 1.0)}
+    elif where == "uncond_layers":
+        uncond_layers = uncond_layers | set(wrong)
+    else:
+        ref_weights = {**ref_weights, **dict.fromkeys(wrong, 1.0)}
+    tokens = torch.randn(1, 4, factories.SD15_CROSS)
+    prompt = AdapterPrompt([Reference(cond=tokens), Reference(cond=tokens, layer_weights=ref_weights)],
+                           layer_weights=layer_weights, uncond_layers=uncond_layers)
+    attachment = attach(sd15_unet, {"style": _new_adapter(sd15_unet)})
+    try:
+        with pytest.raises(IPAdapterError) as caught:
+            attachment.set_prompts({"style": prompt})
+        assert str(caught.value) == (
+            f"adapter 'style': layer weights name {sorted(wrong)[0]!r}, which is not a cross-attention layer of this "
+            "UNet (a weight map made for another base model?)"
+        )
+        fine = AdapterPrompt([Reference(cond=tokens, layer_weights={known: 0.5})], layer_weights={known: 1.0},
+                             uncond_layers=frozenset({known}))
+        attachment.set_prompts({"style": fine})
+    finally:
+        attachment.detach()

@@ -257,7 +257,7 @@ def _one_layer(adapters: tuple[str, ...] = ("a",)):
     layer = AttentionLayer(ONE_LAYER, 0, True, 64, 32, "down", 0, 0, 0)
     runtime = Runtime()
     weights = {name: AdapterLayer(layer, 32) for name in adapters}
-    return attn, runtime, IPAttnProcessor(layer, AttnProcessor2_0(), runtime, weights)
+    return attn, runtime, IPAttnProcessor(layer, AttnProcessor2_0(), runtime, weights, heads=attn.heads)
 
 
 @pytest.mark.parametrize("masks", ["drawn", "all ones"])
@@ -948,3 +948,72 @@ def test_a_simple_adapter_before_a_decoupled_one_leaves_it_acting() -> None:
     both, none = run("a", "b"), run()
     torch.testing.assert_close(both, run("a") + run("b") - none, atol=1e-5, rtol=1e-5)
     assert min((run(name) - none).abs().max() for name in "ab") > 1e-3
+
+
+class _Recording:
+    """An original processor that records what it is handed and returns a marker: a user's own processor (set
+    before attaching) must get every argument of a call that nothing of ours acts on, unchanged."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.out = torch.zeros(1)
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.out
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled, nothing prepared"])
+@pytest.mark.parametrize("case", ["no prompt", "uncond layer without CFG", "layer weight 0"])
+def test_a_call_nothing_acts_on_goes_to_the_original_processor_with_every_argument(
+    case: str, compiled: bool, monkeypatch,
+) -> None:
+    """Nothing acts (no prompt; the prompt's unconditional-only layer without CFG; layer weight 0): the original
+    processor gets the very call, positional and keyword extras included. A compiled call nothing prepared for (the
+    attachment's hook skipped, as `unet.compile()` does) takes the same way."""
+    from ipadapter.adapter import AdapterLayer
+    from ipadapter.attention import IPAttnProcessor
+    from ipadapter.layers import AttentionLayer
+    from ipadapter.runtime import Runtime
+
+    layer = AttentionLayer(ONE_LAYER, 0, True, 64, 32, "down", 0, 0, 0)
+    runtime, original = Runtime(), _Recording()
+    proc = IPAttnProcessor(layer, original, runtime, {"a": AdapterLayer(layer, 32)})
+    ref = Reference(cond=torch.randn(1, 3, 32))
+    prompts = {"no prompt": {},
+               "uncond layer without CFG": {"a": AdapterPrompt([ref], uncond_layers=frozenset({ONE_LAYER}))},
+               "layer weight 0": {"a": AdapterPrompt([ref], layer_weights={ONE_LAYER: 0.0})}}
+    runtime.set(prompts[case], cfg=False)
+    runtime.latent_hw = (6, 5)
+    if compiled:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    attn, x, text, mask, temb = object(), torch.randn(2, 30, 64), torch.randn(2, 7, 32), torch.zeros(2, 1, 7), object()
+    out = proc(attn, x, text, mask, temb, "extra", scale=0.5)
+    assert out is original.out
+    assert len(original.calls) == 1
+    args, kwargs = original.calls[0]
+    assert args[0] is attn and args[1] is x and args[2] is text and args[3] is mask and args[4] is temb
+    assert args[5:] == ("extra",) and kwargs == {"scale": 0.5}
+
+
+def test_a_prepared_compiled_call_reads_the_attention_mask(monkeypatch) -> None:
+    """The compiled call's plan with a text attention mask computes what the eager processor does with it."""
+    from ipadapter.attention import IPAttnProcessor
+
+    torch.manual_seed(17)
+    attn, runtime, proc = _one_layer()
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    mask = torch.where(torch.rand(2, 7) < 0.4, -10000.0, 0.0)
+    mask[:, 0] = 0.0
+    runtime.set({"a": AdapterPrompt([Reference(cond=torch.randn(1, 3, 32))], scale=0.8)}, cfg=False)
+    runtime.latent_hw = (6, 5)
+    with torch.no_grad():
+        eager = proc(attn, x, text, attention_mask=mask)
+        unmasked = proc(attn, x, text)
+        runtime.refresh_step_tensor(x.device)
+        proc.prepare(2, x.dtype, x.device)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        monkeypatch.setattr(IPAttnProcessor, "_uncompiled", lambda *a, **k: pytest.fail("the plan was not used"))
+        planned = proc(attn, x, text, attention_mask=mask)
+    torch.testing.assert_close(planned, eager, atol=1e-5, rtol=1e-5)
+    assert (eager - unmasked).abs().max() > 1e-3
