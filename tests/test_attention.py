@@ -825,7 +825,7 @@ def _processor_on(attn, cross_dim: int, **layer_kwargs):
     layer = AttentionLayer(ONE_LAYER, 0, True, attn.inner_dim, cross_dim, "down", 0, 0, 0)
     ours = AdapterLayer(layer, cross_dim, **layer_kwargs)
     runtime = Runtime()
-    return IPAttnProcessor(layer, AttnProcessor2_0(), runtime, {"a": ours}), ours, runtime
+    return IPAttnProcessor(layer, AttnProcessor2_0(), runtime, {"a": ours}, heads=attn.heads), ours, runtime
 
 
 def test_a_layer_with_group_norm_cross_norm_and_a_per_query_mask_equals_diffusers() -> None:
@@ -964,13 +964,14 @@ class _Recording:
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled, nothing prepared"])
-@pytest.mark.parametrize("case", ["no prompt", "uncond layer without CFG", "layer weight 0"])
+@pytest.mark.parametrize("case", ["no prompt", "uncond layer without CFG", "layer weight 0", "LoRA only, at scale 0"])
 def test_a_call_nothing_acts_on_goes_to_the_original_processor_with_every_argument(
     case: str, compiled: bool, monkeypatch,
 ) -> None:
-    """Nothing acts (no prompt; the prompt's unconditional-only layer without CFG; layer weight 0): the original
-    processor gets the very call, positional and keyword extras included. A compiled call nothing prepared for (the
-    attachment's hook skipped, as `unet.compile()` does) takes the same way."""
+    """Nothing acts (no prompt; the prompt's unconditional-only layer without CFG; layer weight 0; an adapter with
+    only LoRA here, at LoRA scale 0): the original processor gets the very call, positional and keyword extras
+    included. A compiled call nothing prepared for (the attachment's hook skipped, as `unet.compile()` does) takes
+    the same way."""
     from ipadapter.adapter import AdapterLayer
     from ipadapter.attention import IPAttnProcessor
     from ipadapter.layers import AttentionLayer
@@ -978,11 +979,14 @@ def test_a_call_nothing_acts_on_goes_to_the_original_processor_with_every_argume
 
     layer = AttentionLayer(ONE_LAYER, 0, True, 64, 32, "down", 0, 0, 0)
     runtime, original = Runtime(), _Recording()
-    proc = IPAttnProcessor(layer, original, runtime, {"a": AdapterLayer(layer, 32)})
+    lora_only = case == "LoRA only, at scale 0"
+    weights = AdapterLayer(layer, 32, lora_rank=4 if lora_only else 0, image_branch=not lora_only)
+    proc = IPAttnProcessor(layer, original, runtime, {"a": weights})
     ref = Reference(cond=torch.randn(1, 3, 32))
     prompts = {"no prompt": {},
                "uncond layer without CFG": {"a": AdapterPrompt([ref], uncond_layers=frozenset({ONE_LAYER}))},
-               "layer weight 0": {"a": AdapterPrompt([ref], layer_weights={ONE_LAYER: 0.0})}}
+               "layer weight 0": {"a": AdapterPrompt([ref], layer_weights={ONE_LAYER: 0.0})},
+               "LoRA only, at scale 0": {"a": AdapterPrompt([ref], lora_scale=0.0)}}
     runtime.set(prompts[case], cfg=False)
     runtime.latent_hw = (6, 5)
     if compiled:
@@ -996,24 +1000,28 @@ def test_a_call_nothing_acts_on_goes_to_the_original_processor_with_every_argume
     assert args[5:] == ("extra",) and kwargs == {"scale": 0.5}
 
 
-def test_a_prepared_compiled_call_reads_the_attention_mask(monkeypatch) -> None:
-    """The compiled call's plan with a text attention mask computes what the eager processor does with it."""
+def test_a_prepared_compiled_call_reads_the_attention_mask_and_temb(monkeypatch) -> None:
+    """The compiled call's plan, on a layer with a spatial norm (conditioned on `temb`) and with a text attention
+    mask, computes what the eager processor does with both."""
+    from diffusers.models.attention_processor import Attention
+
     from ipadapter.attention import IPAttnProcessor
 
     torch.manual_seed(17)
-    attn, runtime, proc = _one_layer()
-    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16, spatial_norm_dim=8).eval()
+    proc, _, runtime = _processor_on(attn, 32)
+    x, text, temb = torch.randn(2, 64, 6, 5), torch.randn(2, 7, 32), torch.randn(2, 8, 3, 3)
     mask = torch.where(torch.rand(2, 7) < 0.4, -10000.0, 0.0)
     mask[:, 0] = 0.0
     runtime.set({"a": AdapterPrompt([Reference(cond=torch.randn(1, 3, 32))], scale=0.8)}, cfg=False)
     runtime.latent_hw = (6, 5)
     with torch.no_grad():
-        eager = proc(attn, x, text, attention_mask=mask)
-        unmasked = proc(attn, x, text)
+        eager = proc(attn, x, text, attention_mask=mask, temb=temb)
+        others = [proc(attn, x, text, temb=temb), proc(attn, x, text, attention_mask=mask, temb=temb.flip(0))]
         runtime.refresh_step_tensor(x.device)
         proc.prepare(2, x.dtype, x.device)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         monkeypatch.setattr(IPAttnProcessor, "_uncompiled", lambda *a, **k: pytest.fail("the plan was not used"))
-        planned = proc(attn, x, text, attention_mask=mask)
+        planned = proc(attn, x, text, attention_mask=mask, temb=temb)
     torch.testing.assert_close(planned, eager, atol=1e-5, rtol=1e-5)
-    assert (eager - unmasked).abs().max() > 1e-3
+    assert min((eager - other).abs().max() for other in others) > 1e-3
