@@ -199,3 +199,21 @@ def test_a_layer_name_that_is_not_a_cross_attention_layer_is_one_sentence(sd15_u
         attachment.set_prompts({"style": fine})
     finally:
         attachment.detach()
+
+
+def test_attaching_to_a_unet_that_has_adapters_is_one_sentence_and_changes_nothing(sd15_unet) -> None:
+    """A second `attach` on the same UNet is refused (two attachments would each see the other's processors as the
+    originals); the first attachment still works and detaches the UNet back to its own processors."""
+    originals = dict(sd15_unet.attn_processors)
+    first = attach(sd15_unet, _new_adapter(sd15_unet))
+    attached = dict(sd15_unet.attn_processors)
+    try:
+        with pytest.raises(IPAdapterError) as caught:
+            attach(sd15_unet, _new_adapter(sd15_unet))
+        assert str(caught.value) == (
+            "this UNet already has adapters attached; detach them first or attach all together")
+        assert dict(sd15_unet.attn_processors) == attached
+        first.check_intact()
+    finally:
+        first.detach()
+    assert dict(sd15_unet.attn_processors) == originals
