@@ -36,8 +36,11 @@ def test_attach_to_a_bf16_unet_keeps_the_fp32_adapter_bit_for_bit() -> None:
 def test_attach_refuses_an_adapter_on_another_device_without_moving_it() -> None:
     unet = factories.sd15_unet()
     adapter = _new_adapter(unet).to("meta")
-    with pytest.raises(IPAdapterError, match="is on meta but the UNet on cpu"):
+    with pytest.raises(IPAdapterError) as caught:
         attach(unet, adapter)
+    assert str(caught.value) == (
+        "adapter '0' is on meta but the UNet on cpu; move it first (adapter.to(unet.device)) or load it for this UNet "
+        "(load_adapter places it on the UNet's device)")
     assert adapter.device == torch.device("meta")
     assert not any("IPAttn" in type(p).__name__ for p in unet.attn_processors.values())
 
