@@ -220,3 +220,18 @@ def test_attaching_to_a_unet_that_has_adapters_is_one_sentence_and_changes_nothi
     finally:
         first.detach()
     assert dict(sd15_unet.attn_processors) == originals
+
+
+def test_an_adapter_layer_holds_exactly_the_published_keys_of_its_kind() -> None:
+    """Per layer, the published files hold `to_k_ip`/`to_v_ip` (image branch, cross-attention only) and, for FaceID,
+    the four LoRA pairs; a layer made with the defaults is the plain image branch, with no LoRA."""
+    from ipadapter.adapter import AdapterLayer
+    from ipadapter.layers import AttentionLayer
+
+    cross = AttentionLayer("x.attn2", 0, True, 64, 32, "down", 0, 0, 0)
+    self_attn = AttentionLayer("x.attn1", 0, False, 64, 64, "down", 0, 0, 0)
+    lora = {f"{p}_lora.{ud}.weight" for p in ("to_q", "to_k", "to_v", "to_out") for ud in ("down", "up")}
+    assert set(AdapterLayer(cross, 32).state_dict()) == {"to_k_ip.weight", "to_v_ip.weight"}
+    assert set(AdapterLayer(cross, 32, lora_rank=4).state_dict()) == {"to_k_ip.weight", "to_v_ip.weight"} | lora
+    assert set(AdapterLayer(self_attn, 32, lora_rank=4).state_dict()) == lora
+    assert set(AdapterLayer(cross, 32, concat=True).state_dict()) == set()
