@@ -235,3 +235,5 @@ def test_an_adapter_layer_holds_exactly_the_published_keys_of_its_kind() -> None
     assert set(AdapterLayer(cross, 32, lora_rank=4).state_dict()) == {"to_k_ip.weight", "to_v_ip.weight"} | lora
     assert set(AdapterLayer(self_attn, 32, lora_rank=4).state_dict()) == lora
     assert set(AdapterLayer(cross, 32, concat=True).state_dict()) == set()
+    rank_one = AdapterLayer(self_attn, 32, lora_rank=1).state_dict()
+    assert set(rank_one) == lora and rank_one["to_k_lora.down.weight"].shape == (1, 64)

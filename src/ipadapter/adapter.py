@@ -92,11 +92,11 @@ class AdapterLayer(nn.Module):
             self.to_v_ip = nn.Linear(cross_dim, layer.width, bias=False)
         self.has_lora = lora_rank > 0
         if self.has_lora:
-            kv_in = layer.cross_dim if layer.cross else layer.width
             query_dim = layer.width
             self.to_q_lora = LoRA(query_dim, layer.width, lora_rank)
-            self.to_k_lora = LoRA(kv_in, layer.width, lora_rank)
-            self.to_v_lora = LoRA(kv_in, layer.width, lora_rank)
+            # `cross_dim` is to_k's input width: the text's in cross-attention, the hidden states' in self-attention.
+            self.to_k_lora = LoRA(layer.cross_dim, layer.width, lora_rank)
+            self.to_v_lora = LoRA(layer.cross_dim, layer.width, lora_rank)
             self.to_out_lora = LoRA(layer.width, query_dim, lora_rank)
 
 
