@@ -237,3 +237,58 @@ def test_an_adapter_layer_holds_exactly_the_published_keys_of_its_kind() -> None
     assert set(AdapterLayer(cross, 32, concat=True).state_dict()) == set()
     rank_one = AdapterLayer(self_attn, 32, lora_rank=1).state_dict()
     assert set(rank_one) == lora and rank_one["to_k_lora.down.weight"].shape == (1, 64)
+
+
+def _unet(block_out_channels=(32, 64, 64, 64), layers_per_block=2):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=block_out_channels, layers_per_block=layers_per_block, sample_size=16, in_channels=4,
+        out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=factories.SD15_CROSS,
+        attention_head_dim=8, norm_num_groups=16,
+    ).eval()
+
+
+def _cross_layers(unet) -> list[str]:
+    """diffusers' cross-attention modules in module order: down, up, then mid blocks, the published files' order."""
+    from diffusers.models.attention_processor import Attention
+
+    return [n for n, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention]
+
+
+@pytest.mark.parametrize("made_for", ["more layers", "fewer layers"])
+def test_an_adapter_for_another_layout_of_the_same_width_is_one_sentence(made_for: str) -> None:
+    """Same text width, other blocks (two layers per block against one): refused before anything changes, naming
+    the layer counts (diffusers' cross-attention modules) and the first layer (in checkpoint order) the adapter has
+    and the UNet lacks, or else the first the UNet has and the adapter lacks."""
+    big, small = _unet(layers_per_block=2), _unet(layers_per_block=1)
+    source, target = (big, small) if made_for == "more layers" else (small, big)
+    adapter = _new_adapter(source)
+    before = dict(target.attn_processors)
+    with pytest.raises(IPAdapterError) as caught:
+        attach(target, {"style": adapter})
+    assert dict(target.attn_processors) == before
+    have, need = _cross_layers(source), _cross_layers(target)
+    head = f"adapter 'style' has weights for {len(have)} cross-attention layers but this UNet has {len(need)} ("
+    tail = "); it was made for another UNet architecture"
+    text = str(caught.value)
+    assert text.startswith(head) and text.endswith(tail), text
+    unknown, missing = [n for n in have if n not in need], [n for n in need if n not in have]
+    assert (unknown and not missing) if made_for == "more layers" else (missing and not unknown)
+    expected = f"first unknown layer: {unknown[0]}" if unknown else f"first missing: {missing[0]}"
+    assert text[len(head):-len(tail)] == expected
+
+
+def test_an_adapter_for_other_layer_widths_is_one_sentence_naming_the_layer() -> None:
+    """Same layers and text width, other widths (a block of 32 channels where the adapter's has 64)."""
+    adapter = _new_adapter(_unet(block_out_channels=(32, 64, 64, 64)))
+    target = _unet(block_out_channels=(32, 32, 64, 64))
+    with pytest.raises(IPAdapterError) as caught:
+        attach(target, {"style": adapter})
+    text = str(caught.value)
+    prefix, rest = text.split("'s layer ")
+    layer, widths = rest.split(" is ", 1)
+    assert prefix == "adapter 'style'" and widths == "64 wide but the UNet's is 32"
+    assert target.get_submodule(layer).to_k.out_features == 32

@@ -133,7 +133,7 @@ def test_wrong_cross_dim_names_both_families(sd15_unet, tmp_path) -> None:
 
     config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=2048, tokens=4))
     with pytest.raises(IPAdapterError, match="SDXL"):
-        check_compatible(sd15_unet, IPAdapter(config, attention_layers(sd15_unet)))
+        check_compatible(sd15_unet, IPAdapter(config, attention_layers(sd15_unet)), "adapter")
 
 
 def test_hub_id_offline_without_cache_is_one_sentence(sd15_unet, tmp_path, monkeypatch) -> None:

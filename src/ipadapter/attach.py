@@ -38,7 +38,7 @@ def check_cross_dim(unet: nn.Module, cross_dim: int, name: str = "adapter") -> N
         )
 
 
-def check_compatible(unet: nn.Module, adapter: IPAdapter, name: str = "adapter") -> None:
+def check_compatible(unet: nn.Module, adapter: IPAdapter, name: str) -> None:
     """Raise one sentence saying what does not fit, before anything is changed."""
     check_cross_dim(unet, adapter.config.cross_dim, name)
     layers = {l.name: l for l in attention_layers(unet)}
