@@ -25,7 +25,7 @@ def family_of(cross_dim: int) -> str:
     return _FAMILIES.get(cross_dim, f"a model with {cross_dim}-wide text tokens")
 
 
-def check_cross_dim(unet: nn.Module, cross_dim: int, name: str = "adapter") -> None:
+def check_cross_dim(unet: nn.Module, cross_dim: int, name: str) -> None:
     """The commonest mistake (an SD 1.5 adapter on SDXL, or the reverse) named as such."""
     cross = [l for l in attention_layers(unet) if l.cross]
     if not cross:
