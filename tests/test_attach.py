@@ -292,3 +292,18 @@ def test_an_adapter_for_other_layer_widths_is_one_sentence_naming_the_layer() ->
     layer, widths = rest.split(" is ", 1)
     assert prefix == "adapter 'style'" and widths == "64 wide but the UNet's is 32"
     assert target.get_submodule(layer).to_k.out_features == 32
+
+
+def test_a_unet_without_cross_attention_is_one_sentence() -> None:
+    """A UNet with no cross-attention (plain blocks, no middle block) has nowhere for image tokens to go."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, mid_block_type=None,
+        cross_attention_dim=factories.SD15_CROSS, norm_num_groups=16,
+    ).eval()
+    assert not _cross_layers(unet)
+    with pytest.raises(IPAdapterError) as caught:
+        attach(unet, _new_adapter(factories.sd15_unet()))
+    assert str(caught.value) == "this UNet has no cross-attention layers to attach an IP-Adapter to"
