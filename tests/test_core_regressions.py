@@ -375,6 +375,28 @@ def test_a_window_at_a_one_step_run_and_before_the_scheduler_is_set(timesteps: l
     torch.testing.assert_close(late, plain if timesteps else unwindowed, atol=0, rtol=0)
 
 
+def test_a_fractional_timestep_is_at_the_nearest_step() -> None:
+    """Progress is the index of the scheduler's timestep nearest in value: 948.7 is nearer 999 than 898 (step 0 of
+    2, before a window that starts at 0.5: the plain UNet), 948.3 nearer 898 (step 1, progress 0.5: inside)."""
+    unet = factories.sd15_unet()
+    adapter = _random_adapter(unet)
+    tokens = torch.randn(1, 4, CROSS, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(7)
+    sample, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 6, CROSS, generator=g)
+
+    def run(t: float) -> torch.Tensor:
+        with torch.no_grad():
+            return unet(sample, torch.tensor(t), encoder_hidden_states=text).sample
+
+    plain = {t: run(t) for t in (948.7, 948.3)}
+    att = attach(unet, adapter, scheduler=SimpleNamespace(timesteps=torch.tensor([999, 898])))
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)], scale=0.8, start=0.5)}, cfg=True)
+    late, inside = run(948.7), run(948.3)
+    att.detach()
+    torch.testing.assert_close(late, plain[948.7], atol=0, rtol=0)
+    assert (inside - plain[948.3]).abs().max() > 1e-4
+
+
 # FaceID LoRA on `to_out`, alone.
 
 

@@ -96,6 +96,16 @@ class ProcessorSwap:
             self._hook.remove()
             self._hook = None
 
+    def _progress(self, timestep: Any, scale: float = 1.0) -> float | None:
+        """Fraction of the denoising run at this call: the index of the scheduler's timestep nearest in value to
+        `timestep · scale` (a transformer gets the scheduler's timestep divided by 1000), over the step count."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is None or timestep is None or len(timesteps) == 0:
+            return None
+        # float32 holds every integer timestep exactly and keeps a fractional one (an integer cast would truncate).
+        t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, torch.float32) * scale
+        return int(torch.argmin((timesteps - t).abs())) / len(timesteps)
+
 
 class Attachment(ProcessorSwap):
     """Adapters attached to one UNet. `runtime` carries the per-generation prompts to the processors."""
@@ -139,15 +149,6 @@ class Attachment(ProcessorSwap):
             for processor in self._processors:
                 processor.forget_prepared()
             self._prepared = False
-
-    def _progress(self, timestep: Any) -> float | None:
-        """Fraction of the denoising run at this UNet call, from the scheduler's own timestep list."""
-        timesteps = getattr(self.scheduler, "timesteps", None)
-        if timesteps is None or timestep is None or len(timesteps) == 0:
-            return None
-        t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
-        index = int(torch.argmin((timesteps - t).abs()))
-        return index / len(timesteps)
 
     def check_intact(self) -> None:
         """The adapter is silently lost when something replaces processors after attaching; say so instead."""

@@ -85,7 +85,7 @@ class DiTAttachment(ProcessorSwap):
             self.runtime.latent_hw = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
             if self.rows is not None:
                 self.runtime.cfg = hidden.shape[0] == 2 * self.rows
-        self.runtime.progress = self._progress(timestep)
+        self.runtime.progress = self._progress(timestep, TIMESTEP_SCALE[self.kind])
         current = (self.runtime.generation, None if timestep is None else float(torch.as_tensor(timestep).flatten()[0]))
         self.step.negative = self.kind == "flux" and current == self.step.last and timestep is not None
         self.step.last = current
@@ -108,14 +108,6 @@ class DiTAttachment(ProcessorSwap):
             tokens, temb = adapter.image_proj(features, t.repeat(len(rows)))
             self.step.tokens[name] = list(tokens.split(batch))
             self.step.temb[name] = temb[:batch]
-
-    def _progress(self, timestep: Any) -> float | None:
-        """Fraction of the denoising run at this call, from the scheduler's own timestep list."""
-        timesteps = getattr(self.scheduler, "timesteps", None)
-        if timesteps is None or timestep is None or len(timesteps) == 0:
-            return None
-        t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype) * TIMESTEP_SCALE[self.kind]
-        return int(torch.argmin((timesteps - t).abs())) / len(timesteps)
 
     def check_intact(self) -> None:
         for name in self._originals:
