@@ -293,3 +293,27 @@ def test_flux_true_cfg_with_an_empty_negative_prompt(tmp_path) -> None:
     without = pipe(generator=torch.Generator().manual_seed(1), **run).images
     assert np.abs(expected - without).max() > 1e-3
     np.testing.assert_allclose(np.asarray(ours[0]), expected[0], atol=1e-5, rtol=0)
+
+
+def test_two_adapters_given_the_same_image_each_project_it_with_their_own_weights(sd15_unet, tmp_path) -> None:
+    """Projected tokens are cached per adapter (a repeated reference skips the projection head): two adapters of the
+    same kind, from two files, given the same image each give their own projection of its CLIP embedding."""
+    files = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        torch.save(factories.published(sd15_unet, "base", factories.SD15_CROSS, seed=seed), tmp_path / f"{seed}.bin")
+        files.append(tmp_path / f"{seed}.bin")
+    loaded = {name: load_adapter(path, sd15_unet) for name, path in zip("ab", files)}
+    model, processor = factories.tiny_image_encoder()
+    prompter = ImagePrompter(SimpleNamespace(unet=sd15_unet, scheduler=None), loaded, ImageEncoder(model, processor))
+    image = factories.reference_image(seed=0)
+    embeds = _clip_embeds(model, processor, [image])
+    try:
+        for name in "abab":
+            with torch.no_grad():
+                want = loaded[name].project(embeds)
+            got = prompter.references([image], adapter=name)[0].cond
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert (loaded["a"].project(embeds) - loaded["b"].project(embeds)).abs().max() > 1e-3
+    finally:
+        prompter.detach()
