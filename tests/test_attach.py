@@ -307,3 +307,16 @@ def test_a_unet_without_cross_attention_is_one_sentence() -> None:
     with pytest.raises(IPAdapterError) as caught:
         attach(unet, _new_adapter(factories.sd15_unet()))
     assert str(caught.value) == "this UNet has no cross-attention layers to attach an IP-Adapter to"
+
+
+def test_an_unknown_attention_mode_is_one_sentence_naming_the_modes() -> None:
+    """The paper's decoupled cross-attention, or its "simple adapter" ablation (concatenated tokens); nothing else."""
+    from ipadapter.adapter import AdapterConfig
+    from ipadapter.projection import ProjectionConfig
+
+    head = ProjectionConfig("linear", in_dim=8, cross_dim=32, tokens=4)
+    with pytest.raises(IPAdapterError) as caught:
+        AdapterConfig("base", head, attention="joint")
+    assert str(caught.value) == "unknown attention mode 'joint'; valid: decoupled, concat"
+    assert {AdapterConfig("base", head, attention=mode).attention for mode in ("decoupled", "concat")} == {
+        "decoupled", "concat"}
