@@ -345,3 +345,52 @@ def test_a_file_with_nan_is_refused_by_its_name_and_the_tensors(sd15_unet, tmp_p
     with pytest.raises(IPAdapterError) as caught:
         load_adapter(path, sd15_unet)
     assert str(caught.value).startswith(f"{path}: tensor image_proj.proj.weight holds NaN or Inf values")
+
+
+def test_where_an_adapter_file_is_not_is_one_sentence(sd15_unet, tmp_path, monkeypatch) -> None:
+    """A name with a checkpoint suffix, or a path starting with "." or "/", is a file that is not there (not a Hub
+    id); a folder without the named file says which file and how to name it."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("missing.bin", "missing.safetensors", "missing.pt", "missing.pth", "./missing", str(tmp_path / "x")):
+        with pytest.raises(IPAdapterError) as caught:
+            load_adapter(name, sd15_unet)
+        assert str(caught.value) == f"adapter file not found: {name}"
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(IPAdapterError) as caught:
+        load_adapter(tmp_path / "repo", sd15_unet, subfolder="models", weight_name="a.bin")
+    assert str(caught.value) == (f"no adapter file {tmp_path / 'repo' / 'models' / 'a.bin'} (give weight_name= and "
+                                 f"subfolder= inside {tmp_path / 'repo'})")
+
+
+def test_unreadable_torch_files_are_one_sentence_quoting_torch(sd15_unet, tmp_path) -> None:
+    """A pickle with code quotes the first line of torch's own refusal (at most 120 characters); a damaged file
+    torch's error (at most 160); a file holding something other than a dict names what it holds."""
+    import pickle
+
+    def torch_error(path) -> Exception:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - whatever torch raises is the expected text
+            return err
+        raise AssertionError("torch read the file")
+
+    evil = tmp_path / "evil.bin"
+    torch.save({"image_proj": {"x": Evil(tmp_path / "ran")}, "ip_adapter": {}}, evil)
+    err = torch_error(evil)
+    assert isinstance(err, pickle.UnpicklingError) and len(str(err).splitlines()[0]) > 120
+    with pytest.raises(IPAdapterError) as caught:
+        load_adapter(evil, sd15_unet)
+    assert str(caught.value) == (f"refusing to load {evil}: its pickle carries code or objects other than tensors "
+                                 f"({str(err).splitlines()[0][:120]}); use a .safetensors file")
+    damaged = tmp_path / "damaged.bin"
+    torch.save(factories.published(sd15_unet, "base", factories.SD15_CROSS), damaged)
+    damaged.write_bytes(damaged.read_bytes()[:2000])
+    with pytest.raises(IPAdapterError) as caught:
+        load_adapter(damaged, sd15_unet)
+    assert str(caught.value) == (f"{damaged} is not a readable checkpoint (truncated or corrupt?): "
+                                 f"{str(torch_error(damaged))[:160]}")
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(2), tensor)
+    with pytest.raises(IPAdapterError) as caught:
+        load_adapter(tensor, sd15_unet)
+    assert str(caught.value) == f"{tensor} holds a Tensor, not an IP-Adapter state dict"
