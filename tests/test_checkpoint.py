@@ -394,3 +394,32 @@ def test_unreadable_torch_files_are_one_sentence_quoting_torch(sd15_unet, tmp_pa
     with pytest.raises(IPAdapterError) as caught:
         load_adapter(tensor, sd15_unet)
     assert str(caught.value) == f"{tensor} holds a Tensor, not an IP-Adapter state dict"
+
+
+def test_hub_ids_that_cannot_be_fetched_are_one_exact_sentence(sd15_unet, monkeypatch) -> None:
+    """A repo id needs a weight name; a file missing from the local cache offline, or any other fetch error (its
+    first line), is one sentence. `hf_hub_download` is replaced by a stand-in that raises: no network is touched."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    with pytest.raises(IPAdapterError) as caught:
+        load_adapter("h94/IP-Adapter", sd15_unet)
+    assert str(caught.value) == ("h94/IP-Adapter looks like a Hub repo id: also give the weight name "
+                                 "(e.g. ip-adapter_sd15.bin)")
+    raised: list[Exception] = []
+
+    def download(repo_id, filename, subfolder=None):
+        raise raised[-1]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    offline = ("is not in the local Hugging Face cache and the Hub cannot be reached; download it once with network "
+               "access or pass a local path")
+    for subfolder, shown in (("models", "h94/IP-Adapter/models/a.bin"), (None, "h94/IP-Adapter/a.bin")):
+        raised.append(LocalEntryNotFoundError("not cached"))
+        with pytest.raises(IPAdapterError) as caught:
+            load_adapter("h94/IP-Adapter", sd15_unet, subfolder=subfolder, weight_name="a.bin")
+        assert str(caught.value) == f"{shown} {offline}"
+    raised.append(ValueError("first line\nsecond line"))
+    with pytest.raises(IPAdapterError) as caught:
+        load_adapter("h94/IP-Adapter", sd15_unet, weight_name="a.bin")
+    assert str(caught.value) == "could not fetch a.bin from h94/IP-Adapter: first line"
