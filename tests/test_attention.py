@@ -779,11 +779,22 @@ def test_kept_kv_are_not_reused_under_another_layout_or_dtype(sd15_unet) -> None
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def _diffusers_twin(ours):
+    """diffusers' `IPAdapterAttnProcessor2_0` (width 64, 32-wide tokens, 3 of them, scale 0.8) with our K'/V'."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    theirs = IPAdapterAttnProcessor2_0(hidden_size=64, cross_attention_dim=32, num_tokens=(3,), scale=0.8)
+    with torch.no_grad():
+        theirs.to_k_ip[0].weight.copy_(ours.to_k_ip.weight)
+        theirs.to_v_ip[0].weight.copy_(ours.to_v_ip.weight)
+    return theirs
+
+
 def test_a_layer_with_spatial_norm_and_a_residual_connection_equals_diffusers() -> None:
     """The processor follows diffusers' attention pre- and post-processing on any `Attention` it is set on: a spatial
     norm (conditioned on `temb`) and a residual connection on 4-D input, against diffusers' own
     `IPAdapterAttnProcessor2_0` with the same K'/V' weights and scale."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     from ipadapter.adapter import AdapterLayer
     from ipadapter.attention import IPAttnProcessor
@@ -797,10 +808,7 @@ def test_a_layer_with_spatial_norm_and_a_residual_connection_equals_diffusers() 
     ours = AdapterLayer(layer, 32)
     runtime = Runtime()
     proc = IPAttnProcessor(layer, AttnProcessor2_0(), runtime, {"a": ours})
-    theirs = IPAdapterAttnProcessor2_0(hidden_size=64, cross_attention_dim=32, num_tokens=(3,), scale=0.8)
-    with torch.no_grad():
-        theirs.to_k_ip[0].weight.copy_(ours.to_k_ip.weight)
-        theirs.to_v_ip[0].weight.copy_(ours.to_v_ip.weight)
+    theirs = _diffusers_twin(ours)
     x, text, temb = torch.randn(2, 64, 6, 5), torch.randn(2, 7, 32), torch.randn(2, 8, 3, 3)
     tokens = torch.randn(1, 3, 32)
     runtime.set({"a": AdapterPrompt([Reference(cond=tokens)], scale=0.8)}, cfg=False)
@@ -832,7 +840,7 @@ def test_a_layer_with_group_norm_cross_norm_and_a_per_query_mask_equals_diffuser
     """The rest of diffusers' pre-processing: a group norm on the hidden states, a layer norm on the text
     (`cross_attention_norm`), and an attention mask given per query token (B, L, S), against diffusers' own
     `IPAdapterAttnProcessor2_0` with the same K'/V' weights and scale."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     torch.manual_seed(12)
     attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16, norm_num_groups=8,
@@ -842,10 +850,7 @@ def test_a_layer_with_group_norm_cross_norm_and_a_per_query_mask_equals_diffuser
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.normal_()
     proc, ours, runtime = _processor_on(attn, 32)
-    theirs = IPAdapterAttnProcessor2_0(hidden_size=64, cross_attention_dim=32, num_tokens=(3,), scale=0.8)
-    with torch.no_grad():
-        theirs.to_k_ip[0].weight.copy_(ours.to_k_ip.weight)
-        theirs.to_v_ip[0].weight.copy_(ours.to_v_ip.weight)
+    theirs = _diffusers_twin(ours)
     x, text, tokens = torch.randn(2, 30, 64), torch.randn(2, 7, 32), torch.randn(1, 3, 32)
     mask = torch.where(torch.rand(2, 30, 7) < 0.3, -10000.0, 0.0)
     runtime.set({"a": AdapterPrompt([Reference(cond=tokens)], scale=0.8)}, cfg=False)
