@@ -23,12 +23,12 @@ TOL = 1e-4
 BATCH, H, W, TEXT = 2, 4, 6, 5
 
 
-def inputs(joint: int = df.FLUX_JOINT, seed: int = 5) -> dict[str, torch.Tensor]:
+def inputs(joint: int = df.FLUX_JOINT, seed: int = 5, h: int = H, w: int = W) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(H, W, 3)
-    ids[..., 1] = torch.arange(H)[:, None]
-    ids[..., 2] = torch.arange(W)[None]
-    return {"hidden_states": torch.randn(BATCH, H * W, 4, generator=g),
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None]
+    return {"hidden_states": torch.randn(BATCH, h * w, 4, generator=g),
             "encoder_hidden_states": torch.randn(BATCH, TEXT, joint, generator=g),
             "pooled_projections": torch.randn(BATCH, 32, generator=g), "timestep": torch.full((BATCH,), 0.5),
             "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(TEXT, 3)}
@@ -182,6 +182,175 @@ def test_wrong_files_are_one_sentence(tmp_path) -> None:
         with pytest.raises(IPAdapterError, match="is an IP-Adapter for a FLUX transformer, not for this UNet"):
             adapter_from_state_dict(df.xlabs_state(), factories.sd15_unet(), metadata=metadata)
     assert dit_adapter_from_state_dict(df.xlabs_state(), model, metadata={"format": "pt"}).config.variant == "flux"
+
+
+def image_branch(model, attachment, prompts: list[dict], x: dict, block: int = 1) -> list[tuple]:
+    """Per prompt set: (the block's image-branch output (B, L, width), the attention module's hidden_states input)."""
+    attn = model.transformer_blocks[block].attn
+    seen = []
+    handle = attn.register_forward_hook(lambda m, a, kw, out: seen.append((out[2], kw["hidden_states"])),
+                                        with_kwargs=True)
+    for prompts_now in prompts:
+        attachment.set_prompts(prompts_now, rows=BATCH)
+        run(model, x)
+    handle.remove()
+    return seen
+
+
+def closed_form(attn, weights, hidden: torch.Tensor, refs: list[tuple[torch.Tensor, float]], w: float) -> torch.Tensor:
+    """The published FLUX image branch: w · softmax(Q K'ᵀ/√d) V' with Q the image stream's query after QK-norm (no
+    rotary), K'/V' the biased projections of every reference's tokens concatenated, each V' times its weight."""
+    heads = attn.heads
+    q = attn.norm_q(attn.to_q(hidden).unflatten(-1, (heads, -1))).transpose(1, 2)
+    layout = lambda t: t.expand(hidden.shape[0], -1, -1).unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    k = torch.cat([layout(weights.to_k_ip(t)) for t, _ in refs], dim=2)
+    v = torch.cat([layout(weights.to_v_ip(t)) * f for t, f in refs], dim=2)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return w * o.transpose(1, 2).flatten(2)
+
+
+def test_several_weighted_references_are_one_attention_over_their_tokens() -> None:
+    """Unmasked references of one adapter are attended together: their K'/V' concatenated, each V' times the
+    reference's weight; a reference whose own block weight is 0 leaves that block's softmax. With QKV fused (diffusers'
+    `fuse_qkv_projections`) the query is the fused projection's, which the block itself runs: the branch is the same
+    even when the unfused `to_q` left beside it no longer agrees."""
+    model = df.flux_transformer()
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
+    attachment = attach_dit(model, adapter)
+    a, b = adapter.project(embeds_for(0, 1)), adapter.project(embeds_for(1, 1))
+    both = AdapterPrompt([Reference(cond=a), Reference(cond=b, weight=2.0)], scale=0.8)
+    only_block_0 = {"transformer_blocks.0.attn": 1.0, "transformer_blocks.1.attn": 0.0}
+    b_elsewhere = AdapterPrompt([Reference(cond=a), Reference(cond=b, weight=2.0, layer_weights=only_block_0)],
+                                scale=0.8)
+    x = inputs()
+    (got, hidden), (without_b, _) = image_branch(model, attachment, [{"0": both}, {"0": b_elsewhere}], x)
+    attn, weights = model.transformer_blocks[1].attn, adapter.layer("transformer_blocks.1.attn")
+    with torch.no_grad():
+        expected = closed_form(attn, weights, hidden, [(a, 1.0), (b, 2.0)], 0.8)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(without_b, closed_form(attn, weights, hidden, [(a, 1.0)], 0.8), atol=1e-5, rtol=0)
+    model.fuse_qkv_projections()
+    with torch.no_grad():
+        attn.to_q.weight.zero_()
+    (fused, _), = image_branch(model, attachment, [{"0": both}], x)
+    torch.testing.assert_close(fused, got, atol=1e-5, rtol=0)
+
+
+def test_masks_live_on_the_grid_of_the_position_ids() -> None:
+    """Each masked reference is its own attention, weighted by its mask resized to the image-token grid that FLUX's
+    position ids give (6 × 4 here; a square mask's aspect alone would suggest 4 × 6). Left / right halves of a
+    square mask are exactly the grid's two left / right columns."""
+    model = df.flux_transformer()
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
+    attachment = attach_dit(model, adapter)
+    a, b = adapter.project(embeds_for(0, 1)), adapter.project(embeds_for(1, 1))
+    left = torch.zeros(8, 8)
+    left[:, :4] = 1.0
+    right = 1.0 - left
+    x = inputs(h=6, w=4)
+    prompts = [{"0": AdapterPrompt([Reference(cond=a)])}, {"0": AdapterPrompt([Reference(cond=b)])},
+               {"0": AdapterPrompt([Reference(cond=a, mask=left), Reference(cond=b, mask=right)])}]
+    (plain_a, _), (plain_b, _), (masked, _) = image_branch(model, attachment, prompts, x)
+    on_grid = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(6)[None, :, None]
+    torch.testing.assert_close(masked, plain_a * on_grid + plain_b * (1 - on_grid), atol=1e-5, rtol=0)
+
+
+def test_positional_call_reads_timestep_and_position_ids() -> None:
+    """The transformer called with positional arguments acts as with keywords: the timestep places the step window,
+    the position ids give the mask's grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = df.flux_transformer()
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(2)
+    attachment = attach_dit(model, adapter, scheduler=scheduler)
+    mask = torch.zeros(8, 8)
+    mask[:, :4] = 1.0
+    prompt = our_prompt(adapter, embeds_for(0), start=0.0, end=0.5)
+    prompt.references[0].mask = mask
+    order = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids")
+    for t, acts in zip(scheduler.timesteps, (True, False)):
+        x = {**inputs(h=6, w=4), "timestep": torch.full((BATCH,), float(t) / 1000)}
+        attachment.set_prompts({"0": prompt}, rows=BATCH)
+        keywords = run(model, x)
+        for n in (3, 4, 5, 6):  # the first n arguments by position, the rest by keyword
+            attachment.set_prompts({"0": prompt}, rows=BATCH)
+            with torch.no_grad():
+                mixed = model(*(x[k] for k in order[:n]), **{k: x[k] for k in order[n:]}).sample
+            torch.testing.assert_close(mixed, keywords, atol=1e-6, rtol=0)
+        attachment.set_prompts({"0": prompt}, rows=BATCH)
+        batched_ids = run(model, {**x, "img_ids": x["img_ids"][None], "txt_ids": x["txt_ids"][None]})  # the old form
+        torch.testing.assert_close(batched_ids, keywords, atol=1e-6, rtol=0)
+        attachment.set_prompts({}, rows=BATCH)
+        assert torch.equal(run(model, x), keywords) != acts
+
+
+def test_negative_call_without_unconditional_tokens_uses_zeros() -> None:
+    """FLUX true CFG calls the transformer twice at a timestep; the second call is the negative prompt's and takes
+    the references' unconditional tokens, zero tokens where a reference has none."""
+    model = df.flux_transformer()
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
+    attachment = attach_dit(model, adapter)
+    cond = adapter.project(embeds_for(0, 1))
+    x = inputs()
+    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=cond)])}, rows=BATCH)
+    positive, negative = run(model, x), run(model, x)
+    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=torch.zeros_like(cond))])}, rows=BATCH)
+    torch.testing.assert_close(negative, run(model, x), atol=0, rtol=0)
+    assert not torch.equal(positive, negative)
+
+
+def test_kv_are_projected_once_per_generation() -> None:
+    """K'/V' of a block are made at the generation's first call and reused at its next calls (the negative call
+    of true CFG has its own); a new generation, or `clear_cache`, makes them again."""
+    model = df.flux_transformer()
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
+    attachment = attach_dit(model, adapter)
+    calls = []
+    handle = adapter.layer("transformer_blocks.0.attn").to_k_ip.register_forward_hook(lambda *a: calls.append(1))
+    for t in (0.9, 0.6, 0.3):
+        if t == 0.9:
+            attachment.set_prompts({"0": our_prompt(adapter, embeds_for(0))}, rows=BATCH)
+        run(model, {**inputs(), "timestep": torch.full((BATCH,), t)})
+    assert len(calls) == 1
+    attachment.set_prompts({"0": our_prompt(adapter, embeds_for(0, 1))}, rows=BATCH)
+    x = inputs()
+    run(model, x), run(model, x)  # a step and its negative call
+    assert len(calls) == 3
+    attachment.clear_cache()
+    run(model, {**x, "timestep": torch.full((BATCH,), 0.2)})
+    assert len(calls) == 4
+    handle.remove()
+    single = {k: v[:1] if k.endswith("states") or k.startswith(("pooled", "timestep")) else v for k, v in x.items()}
+    in_the_same_generation = run(model, single)  # another batch size: its own K'/V'
+    attachment.set_prompts({"0": our_prompt(adapter, embeds_for(0, 1))}, rows=1)
+    torch.testing.assert_close(in_the_same_generation, run(model, single), atol=1e-6, rtol=0)
+
+
+def test_bfloat16_model_gets_a_bfloat16_adapter_and_equals_diffusers() -> None:
+    """A bfloat16 transformer (how FLUX is run) gets the adapter in its dtype, and the output stays within bfloat16
+    rounding of diffusers' FLUX IP-Adapter in bfloat16 on the same weights."""
+    model = df.flux_transformer().to(torch.bfloat16)
+    state = df.xlabs_state()
+    adapter = dit_adapter_from_state_dict(state, model)
+    assert {t.dtype for t in adapter.state_dict().values()} == {torch.bfloat16}
+    x = {k: v if k.endswith("_ids") else v.to(torch.bfloat16) for k, v in inputs().items()}
+    embeds = embeds_for(0)
+    ref, ref_embeds = oracle(model, [state], [embeds.to(torch.bfloat16)], [0.8])
+    ref.to(torch.bfloat16)  # diffusers builds the projection in float32
+    expected = run(ref, x, joint_attention_kwargs={"ip_adapter_image_embeds": ref_embeds}).float()
+    base = run(model, x).float()
+    attachment = attach_dit(model, adapter)
+    attachment.set_prompts({"0": our_prompt(adapter, embeds, scale=0.8)}, rows=BATCH)
+    ours = run(model, x).float()
+    assert (expected - base).abs().max() > 0.5
+    torch.testing.assert_close(ours, expected, atol=0.02, rtol=0)  # bfloat16 steps near 1: 0.008
+    attachment.detach()
+    exact = dit_adapter_from_state_dict(state, model, dtype=torch.float32)  # an adapter kept in float32 works too,
+    attachment = attach_dit(model, exact)  # also on tokens in another dtype (projected in bfloat16 here)
+    attachment.set_prompts({"0": our_prompt(adapter, embeds, scale=0.8)}, rows=BATCH)
+    torch.testing.assert_close(run(model, x).float(), expected, atol=0.03, rtol=0)
 
 
 # ---- through the pipeline ---------------------------------------------------------------------------------------

@@ -161,6 +161,158 @@ def test_own_format_round_trip_and_wrong_base(tmp_path) -> None:
         dit_adapter_from_state_dict(df.instantx_state(blocks=3), model)
 
 
+def test_cfg_batches_of_several_prompts_equal_diffusers() -> None:
+    """Two prompts under CFG (batch 4: two negative rows, then two positive): diffusers gets zero features for the
+    negative rows. Without `rows`, `cfg=True` says the same."""
+    model = df.sd3_transformer()
+    state = df.instantx_state()
+    adapter = dit_adapter_from_state_dict(state, model)
+    feats, x = features(2), inputs(4)
+    expected = run(oracle(model, state, [0.7, 0.7]), x,
+                   joint_attention_kwargs={"ip_adapter_image_embeds": torch.cat([torch.zeros_like(feats), feats])})
+    attachment = attach_dit(model, adapter)
+    attachment.set_prompts({"0": prompt(adapter, feats, scale=0.7)}, rows=2)
+    torch.testing.assert_close(run(model, x), expected, atol=TOL, rtol=0)
+    feats, x = features(1), inputs(2)
+    expected = run(oracle(model, state, [0.7, 0.7]), x,
+                   joint_attention_kwargs={"ip_adapter_image_embeds": torch.cat([torch.zeros_like(feats), feats])})
+    attachment.set_prompts({"0": prompt(adapter, feats, scale=0.7)}, cfg=True)
+    torch.testing.assert_close(run(model, x), expected, atol=TOL, rtol=0)
+
+
+def test_negative_rows_take_the_unconditional_features() -> None:
+    """Under CFG each row is an independent sample: the negative row equals a run of that row alone with the
+    unconditional features as its reference, the positive row one with the reference's own."""
+    model = df.sd3_transformer()
+    adapter = dit_adapter_from_state_dict(df.instantx_state(), model)
+    attachment = attach_dit(model, adapter)
+    cond, uncond, x = features(1, 0), features(1, 1), inputs(2)
+    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=cond, uncond=uncond)])}, rows=1)
+    both = run(model, x)
+    rows = []
+    for i, reference in enumerate((uncond, cond)):
+        attachment.set_prompts({"0": AdapterPrompt([Reference(cond=reference)])}, rows=1)
+        rows.append(run(model, {k: v[i : i + 1] for k, v in x.items()}))
+    torch.testing.assert_close(both, torch.cat(rows), atol=1e-5, rtol=0)
+
+
+def test_mask_grid_comes_from_the_latent_shape() -> None:
+    """The patch grid is the latents' (8 × 6 here), not a guess from the mask's aspect (a square mask would suggest
+    6 × 8): the left half of a square mask is exactly the grid's three left columns."""
+    model = df.sd3_transformer()
+    adapter = dit_adapter_from_state_dict(df.instantx_state(), model)
+    attachment = attach_dit(model, adapter)
+    captured = []
+    handle = model.transformer_blocks[0].attn.register_forward_hook(lambda m, a, out: captured.append(out[0]))
+    mask = torch.zeros(6, 6)
+    mask[:, :3] = 1.0
+    for m, scale in ((None, 0.0), (None, 1.0), (mask, 1.0)):
+        p = prompt(adapter, features(2), scale=scale)
+        p.references[0].mask = m
+        attachment.set_prompts({"0": p}, rows=2)
+        run(model, inputs(2))
+    handle.remove()
+    base, plain, masked = captured
+    on_grid = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]).repeat(8)[None, :, None]
+    torch.testing.assert_close(masked - base, (plain - base) * on_grid, atol=1e-5, rtol=0)
+
+
+def test_one_timestep_for_the_batch_and_the_resampler_runs_only_when_needed() -> None:
+    """A single timestep for the whole batch acts as the same timestep per row, with one reference or several. The
+    timestep-aware resampler runs once per transformer call, and not at all outside the step window; an adapter at
+    scale 0, or given no reference, acts nowhere and leaves the others as they are."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = df.sd3_transformer()
+    adapters = {"a": dit_adapter_from_state_dict(df.instantx_state(seed=1), model),
+                "b": dit_adapter_from_state_dict(df.instantx_state(seed=2), model)}
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(2)
+    attachment = attach_dit(model, adapters, scheduler=scheduler)
+    t_in, t_out = float(scheduler.timesteps[1]), float(scheduler.timesteps[0])
+    two = AdapterPrompt([Reference(cond=features(2, 0)), Reference(cond=features(2, 1), weight=0.5)], start=0.5)
+    attachment.set_prompts({"b": two}, rows=2)
+    per_row = run(model, inputs(2, t_in))
+    attachment.set_prompts({"b": two}, rows=2)
+    torch.testing.assert_close(run(model, {**inputs(2, t_in), "timestep": torch.full((1,), t_in)}), per_row,
+                               atol=1e-6, rtol=0)
+    calls = []
+    handle = adapters["b"].image_proj.register_forward_hook(lambda *a: calls.append(1))
+    for idle in (prompt(adapters["a"], features(2, 2), scale=0.0), AdapterPrompt([])):
+        attachment.set_prompts({"a": idle, "b": two}, rows=2)
+        torch.testing.assert_close(run(model, inputs(2, t_in)), per_row, atol=1e-6, rtol=0)
+        outside = run(model, inputs(2, t_out))
+    handle.remove()
+    assert len(calls) == 2
+    attachment.set_prompts({}, rows=2)
+    assert torch.equal(run(model, inputs(2, t_out)), outside)
+    assert not torch.equal(run(model, inputs(2, t_in)), per_row)
+
+
+def test_positional_call_reads_the_latents_and_timestep() -> None:
+    """Called with positional arguments the transformer acts as with keywords: the latents give the patch grid (the
+    mask's), the timestep the resampler's time."""
+    model = df.sd3_transformer()
+    adapter = dit_adapter_from_state_dict(df.instantx_state(), model)
+    attachment = attach_dit(model, adapter)
+    mask = torch.zeros(6, 6)
+    mask[:, :3] = 1.0
+    p = prompt(adapter, features(2))
+    p.references[0].mask = mask
+    x = inputs(2)
+    attachment.set_prompts({"0": p}, rows=2)
+    keywords = run(model, x)
+    attachment.set_prompts({"0": p}, rows=2)
+    with torch.no_grad():
+        positional = model(*(x[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections",
+                                             "timestep"))).sample
+    torch.testing.assert_close(positional, keywords, atol=1e-6, rtol=0)
+
+
+def test_bfloat16_model_gets_a_bfloat16_adapter_and_equals_diffusers() -> None:
+    """A bfloat16 transformer (how SD 3.5 is run) gets the adapter in its dtype; float32 features are cast, and the
+    output under CFG stays within bfloat16 rounding of diffusers' SD 3 IP-Adapter in bfloat16."""
+    model = df.sd3_transformer().to(torch.bfloat16)
+    state = df.instantx_state()
+    adapter = dit_adapter_from_state_dict(state, model)
+    assert {t.dtype for t in adapter.state_dict().values()} == {torch.bfloat16}
+    feats = features(1)
+    x = {k: v.to(torch.bfloat16) for k, v in inputs(2).items()}
+    ref = oracle(model, state, [0.7, 0.7]).to(torch.bfloat16)
+    embeds = torch.cat([torch.zeros_like(feats), feats]).to(torch.bfloat16)
+    expected = run(ref, x, joint_attention_kwargs={"ip_adapter_image_embeds": embeds}).float()
+    base = run(model, x).float()
+    attachment = attach_dit(model, adapter)
+    as_given = AdapterPrompt([Reference(cond=feats, uncond=torch.zeros_like(feats))], scale=0.7)  # float32
+    attachment.set_prompts({"0": as_given}, rows=1)
+    ours = run(model, x).float()
+    assert (expected - base).abs().max() > 0.05
+    torch.testing.assert_close(ours, expected, atol=0.015, rtol=0)  # effect: 0.086; bfloat16 steps near 1: 0.008
+
+
+def test_block_norms_are_diffusers_own() -> None:
+    """The image branch's AdaNorm and RMS norms compute what diffusers' SD 3 IP processor's do on the same weights,
+    also on inputs small enough that each norm's epsilon decides the result."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+
+    model = df.sd3_transformer()
+    adapter = dit_adapter_from_state_dict(df.instantx_state(), model)
+    ours = adapter.layer("transformer_blocks.0.attn")
+    theirs = SD3IPAdapterJointAttnProcessor2_0(df.SD3_WIDTH, df.SD3_WIDTH, df.SD3_WIDTH // 4, timesteps_emb_dim=64)
+    theirs.load_state_dict(ours.state_dict())
+    assert (ours.to_k_ip.bias, ours.to_v_ip.bias) == (None, None)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for magnitude in (1.0, 1e-3):
+            heads = torch.randn(2, 4, 9, 8, generator=g) * magnitude
+            for norm in ("norm_q", "norm_k", "norm_ip_k"):
+                mine, diffusers_own = getattr(ours, norm), getattr(theirs, norm)
+                torch.testing.assert_close(mine(heads), diffusers_own(heads), atol=1e-5, rtol=1e-5)
+            tokens, temb = torch.randn(2, 9, df.SD3_WIDTH, generator=g) * magnitude, torch.randn(2, 64, generator=g)
+            torch.testing.assert_close(ours.norm_ip(tokens, temb), theirs.norm_ip(tokens, temb=temb), atol=1e-5,
+                                       rtol=1e-5)
+
+
 # ---- through the pipeline ---------------------------------------------------------------------------------------
 
 

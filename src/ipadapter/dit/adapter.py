@@ -75,7 +75,7 @@ class DiTAdapter(IPAdapter):
         """FLUX: tokens. SD 3: the features themselves, since its head needs the timestep; the attachment runs the
         head once per transformer call (dit/attach.py)."""
         if self.config.base == "sd3":
-            return features[0].to(self.dtype)
+            return features[0]
         return super().project(*features)
 
     def named_layers(self) -> list[tuple[str, BlockWeights]]:

@@ -28,13 +28,13 @@ from ipadapter.runtime import AdapterPrompt
 _TIMESTEP_POSITION = 3
 
 
-def check_fits(model: nn.Module, adapter: DiTAdapter, name: str = "adapter") -> None:
+def check_fits(model: nn.Module, adapter: DiTAdapter, name: str) -> None:
     """One sentence saying what does not fit, before anything changes."""
     kind = dit_kind(model)
     if adapter.config.base != kind:
         raise IPAdapterError(
-            f"{name} is an IP-Adapter for {DESCRIPTIONS.get(adapter.config.base, adapter.config.base)} but this base "
-            f"is {DESCRIPTIONS.get(kind, type(model).__name__)}; use an adapter made for it"
+            f"{name} is an IP-Adapter for {DESCRIPTIONS[adapter.config.base]} but this base is "
+            f"{DESCRIPTIONS.get(kind, type(model).__name__)}; use an adapter made for it"
         )
     blocks = {b.name: b for b in dit_blocks(model)}
     mine = dict(adapter.named_layers())
@@ -104,8 +104,7 @@ class DiTAttachment(ProcessorSwap):
                 continue
             t = torch.as_tensor(timestep, device=adapter.device).flatten()
             t = t.expand(batch) if t.numel() == 1 else t
-            features = torch.cat(rows).to(adapter.dtype)
-            tokens, temb = adapter.image_proj(features, t.repeat(len(rows)))
+            tokens, temb = adapter.image_proj(torch.cat(rows), t.repeat(len(rows)))  # it casts to its own dtype
             self.step.tokens[name] = list(tokens.split(batch))
             self.step.temb[name] = temb[:batch]
 
@@ -133,12 +132,10 @@ class DiTAttachment(ProcessorSwap):
             if stray:
                 raise IPAdapterError(
                     f"adapter {name!r}: layer weights name {stray[0]!r}, which is not an adapted block of this "
-                    f"transformer (blocks are named like {next(iter(known))!r})"
+                    f"transformer (blocks are named like {next(iter(self._originals))!r})"
                 )
         self.rows = rows
-        self.runtime.set(prompts, cfg=cfg, weights={name: self.adapters[name].weights_token() for name in prompts})
-        self.step.last = ()
-
+        self.runtime.set(prompts, cfg=cfg)  # K'/V' live for one generation here: no weights tokens to compare
 
 
 def _grid(ids: torch.Tensor) -> tuple[int, int]:

@@ -29,7 +29,6 @@ class Block:
     name: str
     index: int
     width: int
-    heads: int
     head_dim: int
 
 
@@ -62,5 +61,5 @@ def dit_blocks(model: nn.Module) -> list[Block]:
     for i, block in enumerate(model.transformer_blocks):
         attn = block.attn
         width = attn.to_q.out_features
-        found.append(Block(f"transformer_blocks.{i}.attn", i, width, attn.heads, width // attn.heads))
+        found.append(Block(f"transformer_blocks.{i}.attn", i, width, width // attn.heads))
     return found

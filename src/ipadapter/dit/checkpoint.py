@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +18,6 @@ from torch import nn
 from ipadapter.adapter import AdapterConfig
 from ipadapter.checkpoint import flatten, read_file, resolve, split
 from ipadapter.dit.adapter import DiTAdapter
-from ipadapter.dit.attach import check_fits
 from ipadapter.dit.blocks import DESCRIPTIONS, dit_blocks, dit_kind
 from ipadapter.dit.layouts import published_layout
 from ipadapter.errors import IPAdapterError
@@ -47,15 +45,14 @@ def _published_parts(flat: Mapping[str, torch.Tensor], name: str) -> tuple[dict,
     return image_proj, blocks
 
 
-def _published_config(kind: str, image_proj: dict[str, torch.Tensor], name: str) -> AdapterConfig:
+def _published_config(kind: str, image_proj: dict[str, torch.Tensor]) -> AdapterConfig:
     if kind == "flux":
         projection = detect_projection(image_proj)
     else:
         from ipadapter.projection.detect import detect_time_resampler
 
         projection = detect_time_resampler(image_proj)
-    variant = detect_variant_name(projection.head, tokens=projection.tokens, lora_rank=0, file_name=Path(name).name,
-                                  denoiser=kind)
+    variant = detect_variant_name(projection.head, tokens=projection.tokens, lora_rank=0, denoiser=kind)
     return AdapterConfig(variant=variant, projection=projection, base=kind)
 
 
@@ -80,7 +77,7 @@ def dit_adapter_from_state_dict(
         )
     if not (metadata and metadata.get("format", "").startswith("ipadapter/")):
         image_proj, per_block = _published_parts(flat, name)
-        config = _published_config(kind, image_proj, name)
+        config = _published_config(kind, image_proj)
         names = {b.index: b.name for b in dit_blocks(model)}
         if set(per_block) != set(names):
             raise IPAdapterError(
@@ -91,8 +88,7 @@ def dit_adapter_from_state_dict(
         own.update({f"layers.{names[i]}.{k}": v for i, tensors in per_block.items() for k, v in tensors.items()})
     adapter = DiTAdapter(config, dit_blocks(model))
     _check_shapes(adapter, own, name)
-    adapter.load_state_dict(own)
-    check_fits(model, adapter, name)
+    adapter.load_state_dict(own)  # built from the model's blocks and checked key for key: it fits
     return adapter.to(device=device or model.device, dtype=dtype or model.dtype)
 
 

@@ -52,9 +52,9 @@ class BlockProcessor(nn.Module):
             for name, weights in self.adapters.items():
                 prompt = self.runtime.prompts.get(name)
                 weight = prompt.layer_weight(self.block.name) if prompt is not None else 0.0
-                if weight != 0.0:
-                    self._plan.append(BlockPlan(name, prompt, weights, weight,
-                                                reference_groups(prompt, self.block.name, every_reference=False)))
+                groups = reference_groups(prompt, self.block.name, every_reference=False) if weight != 0.0 else ()
+                if groups:  # no reference acts here: nothing to add (SD 3 makes no time tokens for it)
+                    self._plan.append(BlockPlan(name, prompt, weights, weight, groups))
         return self._plan
 
     def active(self) -> list[tuple[BlockPlan, float]]:
