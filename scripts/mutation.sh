@@ -18,8 +18,11 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python}"
+# The core: the UNet adapter (attention, attaching, checkpoints, projections, conditioning, encoders, the prompter)
+# and the transformer adapters of FLUX and SD 3.5 in dit/, all but their training loop.
 core=(attention.py adapter.py attach.py runtime.py layers.py checkpoint.py "projection/*" "conditioning/*" encoders.py
-      prompter.py)
+      prompter.py dit/adapter.py dit/attach.py dit/blocks.py dit/checkpoint.py dit/flux_attention.py
+      dit/joint_attention.py dit/layouts.py dit/plan.py dit/step.py)
 # The tests of the core: every test file that runs core code, except the app, training, evaluation, miniature and
 # benchmark tests (the CLI tests run loading, FaceID embeddings and saved-embedding files, which only the CLI reads).
 # The compiled path is checked by test_compiled_plan.py (its plan run without dynamo): test_compile.py counts dynamo's
@@ -28,8 +31,8 @@ tests=(test_core_regressions.py test_runtime.py test_projection_shapes.py test_a
        test_checkpoint.py test_prompter.py test_pipelines.py test_embed_cache.py test_conditioning_attention.py
        test_conditioning_combine.py test_conditioning_embeds_file.py test_conditioning_images.py
        test_conditioning_masks.py test_conditioning_negatives.py test_conditioning_presets.py
-       test_conditioning_schedules.py test_attach.py test_load.py test_variants.py test_dit_sd3.py
-       test_compiled_plan.py test_face_embedding.py test_encoder_loading.py test_prompter_faceid.py
+       test_conditioning_schedules.py test_attach.py test_load.py test_variants.py test_dit_sd3.py test_dit_flux.py
+       test_dit_attach.py test_compiled_plan.py test_face_embedding.py test_encoder_loading.py test_prompter_faceid.py
        test_cli_generate.py test_cli_extras.py)
 # Tests that run the package in a child interpreter: mutmut's trampoline there has no configuration (its stats run
 # fails on them) and cannot switch mutants, so they can neither kill nor keep one.
