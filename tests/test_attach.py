@@ -149,6 +149,31 @@ def test_processors_are_prepared_exactly_when_dynamo_runs_a_compiled_module(sd15
     assert len(set(map(id, prepared))) == len(prepared)
 
 
+def test_prepared_plans_are_forgotten_once_when_the_unet_runs_eager_again(sd15_unet, monkeypatch) -> None:
+    """A compiled call's prepared plans (terms on the device) are dropped at the first eager call after it, once for
+    every processor, and not again at the eager calls that follow."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    from ipadapter.attention import IPAttnProcessor
+
+    compiled = []
+    monkeypatch.setattr(eval_frame, "_is_in_optimized_module", lambda: compiled[-1])
+    forgotten = []
+    original = IPAttnProcessor.forget_prepared
+    monkeypatch.setattr(IPAttnProcessor, "forget_prepared", lambda self: (forgotten.append(self), original(self))[1])
+    attachment = attach(sd15_unet, _new_adapter(sd15_unet))
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 6, factories.SD15_CROSS, generator=g)
+    counts = []
+    for inside in (True, False, False, True, False):
+        compiled.append(inside)
+        with torch.no_grad():
+            sd15_unet(sample, 10, encoder_hidden_states=text)
+        counts.append(len(forgotten))
+    attachment.detach()
+    assert counts == [0, 16, 16, 16, 32]
+
+
 def test_prompts_for_an_adapter_not_attached_are_one_sentence_naming_the_attached_ones(sd15_unet) -> None:
     """`set_prompts` with a name no attached adapter has: refused before anything is set, naming the first unknown
     name in sorted order and every attached one; a name that is attached is then accepted."""

@@ -397,6 +397,36 @@ def test_a_fractional_timestep_is_at_the_nearest_step() -> None:
     assert (inside - plain[948.3]).abs().max() > 1e-4
 
 
+def test_a_unet_called_with_keywords_reads_sample_and_timestep_as_positionally() -> None:
+    """The hook reads the latents (the mask's grid: a 1 × 2 mask on a square grid, whose aspect alone would suggest
+    another grid) and the timestep (the window) wherever the call puts them: by position, by keyword, or mixed."""
+    unet = factories.sd15_unet()
+    adapter = _random_adapter(unet)
+    tokens = torch.randn(1, 4, CROSS, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(7)
+    sample, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 6, CROSS, generator=g)
+    mask = torch.zeros(8, 16)
+    mask[:, :8] = 1.0
+    att = attach(unet, adapter, scheduler=SimpleNamespace(timesteps=torch.tensor([999, 499])))
+    calls = {"positional": lambda t: unet(sample, t, encoder_hidden_states=text),
+             "keywords": lambda t: unet(sample=sample, timestep=t, encoder_hidden_states=text),
+             "mixed": lambda t: unet(sample, timestep=t, encoder_hidden_states=text)}
+    outputs = {}
+    for style, call in calls.items():
+        for t in (999, 499):
+            att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens, mask=mask)], scale=0.8, end=0.5)}, cfg=True)
+            with torch.no_grad():
+                outputs[style, t] = call(torch.tensor(t)).sample
+    att.detach()
+    with torch.no_grad():
+        plain = unet(sample, torch.tensor(499), encoder_hidden_states=text).sample
+    for style in ("keywords", "mixed"):
+        for t in (999, 499):
+            torch.testing.assert_close(outputs[style, t], outputs["positional", t], atol=1e-6, rtol=0)
+    torch.testing.assert_close(outputs["positional", 499], plain, atol=0, rtol=0)
+    assert (outputs["positional", 999] - plain).abs().max() > 1e-4
+
+
 # FaceID LoRA on `to_out`, alone.
 
 

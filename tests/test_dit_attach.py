@@ -207,3 +207,49 @@ def test_wrong_files_name_the_file_and_what_is_wrong(tmp_path) -> None:
                                 "is a FLUX transformer; use an adapter made for this base model")
     with pytest.raises(IPAdapterError, match="^the state dict is not an IP-Adapter file"):
         dit_adapter_from_state_dict({"vae.weight": torch.zeros(1)}, model)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_the_original_processor_gets_every_argument(kind: str) -> None:
+    """Whether an adapter acts or not, the block's own processor is called with every argument the block was
+    given (mask, rotary embedding, extras); a call without text (no joint attention) is the original's alone."""
+    if kind == "flux":
+        model = df.flux_transformer()
+        adapter = flux_adapter(model)
+        embeds = adapter.project(torch.zeros(1, df.CLIP_DIM))
+        x = {"hidden_states": torch.randn(2, 24, 4), "encoder_hidden_states": torch.randn(2, 5, df.FLUX_JOINT),
+             "pooled_projections": torch.randn(2, 32), "timestep": torch.full((2,), 0.5),
+             "img_ids": torch.zeros(24, 3), "txt_ids": torch.zeros(5, 3)}
+        positional, defaults = ("the mask", "the rotary embedding", "an extra"), (None, None)
+        length = 24
+    else:
+        model = df.sd3_transformer()
+        adapter = dit_adapter_from_state_dict(df.instantx_state(), model)
+        embeds = torch.randn(1, 9, df.SIGLIP_DIM)
+        x = {"hidden_states": torch.randn(2, 4, 8, 6), "encoder_hidden_states": torch.randn(2, 5, 32),
+             "pooled_projections": torch.randn(2, 64), "timestep": torch.full((2,), 500.0)}
+        positional, defaults = ("the mask", "an extra"), (None,)
+        length = 48
+    attachment = attach_dit(model, adapter)
+    attn = model.transformer_blocks[0].attn
+    processor = attn.processor
+    seen = []
+
+    def recording(attn, hidden, text=None, *args, **kwargs):
+        seen.append((args, kwargs))
+        return hidden + 1 if text is None else (hidden + 1, text + 1)
+
+    for prompts in ({}, {"0": AdapterPrompt([Reference(cond=embeds)])}):
+        attachment.set_prompts(prompts, rows=2)
+        with torch.no_grad():
+            model(**x)  # the hook's per-call state (SD 3: this call's time tokens)
+            processor.original = recording
+            hidden, text = torch.randn(2, length, attn.to_q.in_features), torch.randn(2, 5, attn.to_q.in_features)
+            out = processor(attn, hidden, text, *positional, extra=1)
+            alone = processor(attn, hidden)
+        processor.original = attachment._originals["transformer_blocks.0.attn"]
+        assert seen[-2:] == [(positional, {"extra": 1}), (defaults, {})]
+        assert torch.equal(out[1], text + 1) and torch.equal(alone, hidden + 1)
+        # FLUX hands its branch back as a third output, SD 3 adds it to the image stream
+        acted = len(out) == 3 if kind == "flux" else not torch.equal(out[0], hidden + 1)
+        assert acted == bool(prompts)

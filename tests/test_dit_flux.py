@@ -197,7 +197,23 @@ def image_branch(model, attachment, prompts: list[dict], x: dict, block: int = 1
     return seen
 
 
-def closed_form(attn, weights, hidden: torch.Tensor, refs: list[tuple[torch.Tensor, float]], w: float) -> torch.Tensor:
+def embeds_scaled(k: torch.Tensor, v: torch.Tensor, w: float, mode: str, width: int) -> tuple:
+    """ComfyUI's embeds scaling, written out from its definition: (K', V', factor on the output). "v": the output
+    times w; "kv": K' and V' times w; "kv_penalty": both times w·width/1280; "k_mean_v": K' times that, and only V''s
+    mean over the tokens."""
+    penalty = w * width / 1280
+    if mode == "v":
+        return k, v, w
+    if mode == "kv":
+        return k * w, v * w, 1.0
+    if mode == "kv_penalty":
+        return k * penalty, v * penalty, 1.0
+    mean = v.mean(dim=-2, keepdim=True)
+    return k * penalty, v - mean + mean * penalty, 1.0
+
+
+def closed_form(attn, weights, hidden: torch.Tensor, refs: list[tuple[torch.Tensor, float]], w: float,
+                mode: str = "v") -> torch.Tensor:
     """The published FLUX image branch: w · softmax(Q K'ᵀ/√d) V' with Q the image stream's query after QK-norm (no
     rotary), K'/V' the biased projections of every reference's tokens concatenated, each V' times its weight."""
     heads = attn.heads
@@ -205,8 +221,22 @@ def closed_form(attn, weights, hidden: torch.Tensor, refs: list[tuple[torch.Tens
     layout = lambda t: t.expand(hidden.shape[0], -1, -1).unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
     k = torch.cat([layout(weights.to_k_ip(t)) for t, _ in refs], dim=2)
     v = torch.cat([layout(weights.to_v_ip(t)) * f for t, f in refs], dim=2)
+    k, v, factor = embeds_scaled(k, v, w, mode, attn.to_q.out_features)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    return w * o.transpose(1, 2).flatten(2)
+    return factor * o.transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("mode", ["kv", "kv_penalty", "k_mean_v"])
+def test_embeds_scaling_modes_follow_their_definitions(mode: str) -> None:
+    model = df.flux_transformer()
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
+    attachment = attach_dit(model, adapter)
+    a = adapter.project(embeds_for(0, 1))
+    (got, hidden), = image_branch(model, attachment, [{"0": AdapterPrompt([Reference(cond=a)], scale=0.7,
+                                                                           scaling=mode)}], inputs())
+    attn, weights = model.transformer_blocks[1].attn, adapter.layer("transformer_blocks.1.attn")
+    with torch.no_grad():
+        torch.testing.assert_close(got, closed_form(attn, weights, hidden, [(a, 1.0)], 0.7, mode), atol=1e-5, rtol=0)
 
 
 def test_several_weighted_references_are_one_attention_over_their_tokens() -> None:
@@ -351,6 +381,26 @@ def test_bfloat16_model_gets_a_bfloat16_adapter_and_equals_diffusers() -> None:
     attachment = attach_dit(model, exact)  # also on tokens in another dtype (projected in bfloat16 here)
     attachment.set_prompts({"0": our_prompt(adapter, embeds, scale=0.8)}, rows=BATCH)
     torch.testing.assert_close(run(model, x).float(), expected, atol=0.03, rtol=0)
+
+
+def test_invalid_calls_fail_as_diffusers_fails() -> None:
+    """A call FLUX itself refuses (no position ids, no timestep) gets diffusers' own error with an adapter attached:
+    the pre-call hook does not fail first."""
+    model = df.flux_transformer()
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
+    x = inputs()
+    invalid = [{k: v for k, v in x.items() if k != "img_ids"}, {**x, "timestep": None}]
+    plain = []
+    for call in invalid:
+        with pytest.raises(Exception) as error:
+            run(model, call)
+        plain.append(error.value)
+    attachment = attach_dit(model, adapter)
+    for call, expected in zip(invalid, plain):
+        attachment.set_prompts({"0": our_prompt(adapter, embeds_for(0))}, rows=BATCH)
+        with pytest.raises(type(expected)) as error:
+            run(model, call)
+        assert str(error.value) == str(expected)
 
 
 # ---- through the pipeline ---------------------------------------------------------------------------------------

@@ -288,6 +288,11 @@ def test_bfloat16_model_gets_a_bfloat16_adapter_and_equals_diffusers() -> None:
     ours = run(model, x).float()
     assert (expected - base).abs().max() > 0.05
     torch.testing.assert_close(ours, expected, atol=0.015, rtol=0)  # effect: 0.086; bfloat16 steps near 1: 0.008
+    attachment.detach()
+    exact = dit_adapter_from_state_dict(state, model, dtype=torch.float32)  # an adapter kept in float32 works too
+    attachment = attach_dit(model, exact)
+    attachment.set_prompts({"0": as_given}, rows=1)
+    torch.testing.assert_close(run(model, x).float(), expected, atol=0.015, rtol=0)
 
 
 def test_block_norms_are_diffusers_own() -> None:
@@ -311,6 +316,48 @@ def test_block_norms_are_diffusers_own() -> None:
             tokens, temb = torch.randn(2, 9, df.SD3_WIDTH, generator=g) * magnitude, torch.randn(2, 64, generator=g)
             torch.testing.assert_close(ours.norm_ip(tokens, temb), theirs.norm_ip(tokens, temb=temb), atol=1e-5,
                                        rtol=1e-5)
+
+
+def sd3_branch(attn, weights, hidden: torch.Tensor, normed: list[torch.Tensor], factors: list[float], w: float,
+               mode: str) -> torch.Tensor:
+    """InstantX's SD 3 image branch as published, added to the block's attention output: the image query and keys
+    (the adapter's RMS norms) attend jointly over [image keys; IP keys] with values [image values; IP values], IP
+    keys RMS-normed per head, each reference's values times its weight, the result through `to_out`'s weight."""
+    from tests.test_dit_flux import embeds_scaled
+
+    heads = attn.heads
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    q, k, v = weights.norm_q(split(attn.to_q(hidden))), weights.norm_k(split(attn.to_k(hidden))), split(attn.to_v(hidden))
+    ip_k = weights.norm_ip_k(split(torch.cat([weights.to_k_ip(n) for n in normed], dim=1)))
+    ip_v = split(torch.cat([weights.to_v_ip(n) * f for n, f in zip(normed, factors)], dim=1))
+    ip_k, ip_v, factor = embeds_scaled(ip_k, ip_v, w, mode, df.SD3_WIDTH)
+    o = torch.nn.functional.scaled_dot_product_attention(q, torch.cat([k, ip_k], dim=2), torch.cat([v, ip_v], dim=2))
+    return factor * o.transpose(1, 2).flatten(2) @ attn.to_out[0].weight.T
+
+
+@pytest.mark.parametrize("mode", ["v", "kv", "kv_penalty", "k_mean_v"])
+def test_weighted_references_and_scaling_modes_follow_the_published_branch(mode: str) -> None:
+    """Two references (the second at weight 2) under each embeds-scaling mode: the block's attention output is the
+    base one plus the published branch, computed here from the AdaNorm'd IP tokens the block received."""
+    model = df.sd3_transformer()
+    adapter = dit_adapter_from_state_dict(df.instantx_state(), model)
+    attachment = attach_dit(model, adapter)
+    attn, weights = model.transformer_blocks[0].attn, adapter.layer("transformer_blocks.0.attn")
+    seen, normed = [], []
+    hooks = [attn.register_forward_hook(lambda m, a, kw, out: seen.append((out[0], kw["hidden_states"])),
+                                        with_kwargs=True),
+             weights.norm_ip.register_forward_hook(lambda m, a, out: normed.append(out))]
+    refs = AdapterPrompt([Reference(cond=features(2, 0)), Reference(cond=features(2, 1), weight=2.0)], scale=0.6,
+                         scaling=mode)
+    for prompts in ({}, {"0": refs}):
+        attachment.set_prompts(prompts, rows=2)
+        run(model, inputs(2))
+    for h in hooks:
+        h.remove()
+    (base, hidden), (got, _) = seen
+    with torch.no_grad():
+        expected = base + sd3_branch(attn, weights, hidden, normed, [1.0, 2.0], 0.6, mode)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 # ---- through the pipeline ---------------------------------------------------------------------------------------

@@ -130,7 +130,6 @@ class Attachment(ProcessorSwap):
             attn.set_processor(processor)
         self._hook = self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
 
-    @torch.compiler.disable
     def _before_unet(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Runs before every UNet call, outside any compiled graph: the call's layout and progress; for a compiled
         UNet (`torch.compile(unet)`) also each processor's terms and the step factors as tensors."""
@@ -149,6 +148,9 @@ class Attachment(ProcessorSwap):
             for processor in self._processors:
                 processor.forget_prepared()
             self._prepared = False
+
+    # Outside compiled graphs; by assignment, not as a decorator, since mutmut skips decorated functions.
+    _before_unet = torch.compiler.disable(_before_unet)
 
     def check_intact(self) -> None:
         """The adapter is silently lost when something replaces processors after attaching; say so instead."""

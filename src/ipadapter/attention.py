@@ -266,10 +266,12 @@ class IPAttnProcessor(nn.Module):
             return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, acts)
         return self._eager(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
-    @torch.compiler.disable
     def _uncompiled(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The eager call inside a compiled graph that nothing prepared for: a graph break, but right."""
         return self._eager(*args, **kwargs)
+
+    # Outside compiled graphs; by assignment, not as a decorator, since mutmut skips decorated functions.
+    _uncompiled = torch.compiler.disable(_uncompiled)
 
     def _eager(
         self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,

@@ -20,7 +20,7 @@ from ipadapter.dit.plan import BlockPlan, BlockProcessor, heads_layout
 
 def image_query(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """The image stream's query as the base processor makes it, in the heads layout (B, h, L, d), no rotary."""
-    if getattr(attn, "fused_projections", False):
+    if attn.fused_projections:  # diffusers' QKV fusion: the block runs `to_qkv`, so the query comes from it
         query = attn.to_qkv(hidden_states).chunk(3, dim=-1)[0]
     else:
         query = attn.to_q(hidden_states)
@@ -30,7 +30,6 @@ def image_query(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 class FluxIPProcessor(BlockProcessor):
     """Replaces one double-stream block's processor while adapters are attached."""
 
-    @torch.compiler.disable
     def __call__(
         self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, *args: Any, **kwargs: Any,
@@ -52,6 +51,9 @@ class FluxIPProcessor(BlockProcessor):
                 m = self.mask_map(p, group, query.shape[2], query)
                 ip = ip + scale * (o if m is None else o * m)
         return image, context, ip.transpose(1, 2).flatten(2).to(image.dtype)  # (B, L, h·d)
+
+    # Outside compiled graphs; by assignment, not as a decorator, since mutmut skips decorated functions.
+    __call__ = torch.compiler.disable(__call__)
 
     def _kv(self, p: BlockPlan, group: Group, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K'/V' (B, h, T, d) of a reference group on this call's batch: the references' tokens, or their
