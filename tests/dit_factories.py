@@ -18,13 +18,15 @@ FLUX_WIDTH = 32  # 2 heads × 16
 CLIP_DIM = 24  # tiny CLIP ViT-L/14 stand-in: image_embeds width (factories.tiny_image_encoder)
 
 
-def flux_transformer(seed: int = 0, *, joint: int = FLUX_JOINT, double: int = 2):
+def flux_transformer(seed: int = 0, *, joint: int = FLUX_JOINT, double: int = 2, head_dim: int = 16):
+    """Two heads of `head_dim` (the rotary axes split it 1:1:2)."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=double, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=joint, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        patch_size=1, in_channels=4, num_layers=double, num_single_layers=1, attention_head_dim=head_dim,
+        num_attention_heads=2, joint_attention_dim=joint, pooled_projection_dim=32,
+        axes_dims_rope=[head_dim // 4, head_dim // 4, head_dim // 2],
     ).eval()
 
 

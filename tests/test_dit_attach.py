@@ -62,7 +62,7 @@ def test_adapters_that_do_not_fit_are_refused_before_anything_changes() -> None:
                                            factories.sd15_unet())
     sd3_adapter = dit_adapter_from_state_dict(df.instantx_state(), df.sd3_transformer())
     deeper = flux_adapter(df.flux_transformer(double=3), blocks=3)
-    wider = dit_adapter_from_state_dict(df.xlabs_state(width=64), _wide_flux())
+    wider = dit_adapter_from_state_dict(df.xlabs_state(width=64), df.flux_transformer(head_dim=32))
     on_meta = flux_adapter(model).to("meta")
     cases = [
         (unet_adapter, "adapter '0' is an IP-Adapter for a UNet; this base is a FLUX transformer"),
@@ -111,14 +111,6 @@ def test_any_one_key_of_a_layout_names_it() -> None:
         for key in keys:
             assert published_layout([key, "unrelated.weight"]) == layout, key
     assert published_layout(["unrelated.weight"]) is None
-
-
-def _wide_flux():
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=1, attention_head_dim=32,
-                                  num_attention_heads=2, joint_attention_dim=df.FLUX_JOINT, pooled_projection_dim=32,
-                                  axes_dims_rope=[8, 8, 16]).eval()
 
 
 def test_a_processor_replaced_after_attaching_is_named() -> None:

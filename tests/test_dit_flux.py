@@ -142,18 +142,11 @@ def test_mask_weights_the_image_branch_per_token() -> None:
     model = df.flux_transformer()
     adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
     attachment = attach_dit(model, adapter)
-    captured = []
-    handle = model.transformer_blocks[1].attn.register_forward_hook(lambda m, a, out: captured.append(out[2]))
-    embeds = embeds_for(0)
+    cond = adapter.project(embeds_for(0))
     mask = torch.zeros(H, W)
     mask[:, : W // 2] = 1.0
-    for m in (None, torch.ones(H, W), mask):
-        prompt = our_prompt(adapter, embeds)
-        prompt.references[0].mask = m
-        attachment.set_prompts({"0": prompt}, rows=BATCH)
-        run(model, inputs())
-    handle.remove()
-    plain, ones, masked = captured
+    prompts = [{"0": AdapterPrompt([Reference(cond=cond, mask=m)])} for m in (None, torch.ones(H, W), mask)]
+    (plain, _), (ones, _), (masked, _) = image_branch(model, attachment, prompts, inputs())
     torch.testing.assert_close(ones, plain, atol=1e-6, rtol=0)
     torch.testing.assert_close(masked, plain * mask.flatten()[None, :, None], atol=1e-6, rtol=0)
 

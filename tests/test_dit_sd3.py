@@ -130,23 +130,37 @@ def test_scale_zero_window_and_detach() -> None:
     assert torch.equal(run(model, steps[0]), base[0])
 
 
-def test_mask_weights_the_branch_on_the_patch_grid() -> None:
+def _rows_2_to_6() -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.zeros(8, 6)
+    mask[2:6, :] = 1.0
+    return mask, mask.flatten()
+
+
+def _square_left_half() -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.zeros(6, 6)
+    mask[:, :3] = 1.0
+    return mask, torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]).repeat(8)
+
+
+@pytest.mark.parametrize("make", [_rows_2_to_6, _square_left_half])
+def test_mask_weights_the_branch_on_the_latent_grid(make) -> None:
+    """The masked branch is the unmasked one times the mask on the patch grid, which is the latents' (8 × 6 here),
+    not a guess from the mask's aspect: the left half of a square mask (whose aspect would suggest 6 × 8) is exactly
+    the grid's three left columns."""
     model = df.sd3_transformer()
     adapter = dit_adapter_from_state_dict(df.instantx_state(), model)
     attachment = attach_dit(model, adapter)
     captured = []
     handle = model.transformer_blocks[0].attn.register_forward_hook(lambda m, a, out: captured.append(out[0]))
-    feats, x = features(2), inputs(2)
-    mask = torch.zeros(8, 6)
-    mask[2:6, :] = 1.0
+    mask, on_grid = make()
     for m, scale in ((None, 0.0), (None, 1.0), (mask, 1.0)):
-        p = prompt(adapter, feats, scale=scale)
+        p = prompt(adapter, features(2), scale=scale)
         p.references[0].mask = m
         attachment.set_prompts({"0": p}, rows=2)
-        run(model, x)
+        run(model, inputs(2))
     handle.remove()
     base, plain, masked = captured
-    torch.testing.assert_close(masked - base, (plain - base) * mask.flatten()[None, :, None], atol=1e-5, rtol=0)
+    torch.testing.assert_close(masked - base, (plain - base) * on_grid[None, :, None], atol=1e-5, rtol=0)
 
 
 def test_own_format_round_trip_and_wrong_base(tmp_path) -> None:
@@ -194,27 +208,6 @@ def test_negative_rows_take_the_unconditional_features() -> None:
         attachment.set_prompts({"0": AdapterPrompt([Reference(cond=reference)])}, rows=1)
         rows.append(run(model, {k: v[i : i + 1] for k, v in x.items()}))
     torch.testing.assert_close(both, torch.cat(rows), atol=1e-5, rtol=0)
-
-
-def test_mask_grid_comes_from_the_latent_shape() -> None:
-    """The patch grid is the latents' (8 × 6 here), not a guess from the mask's aspect (a square mask would suggest
-    6 × 8): the left half of a square mask is exactly the grid's three left columns."""
-    model = df.sd3_transformer()
-    adapter = dit_adapter_from_state_dict(df.instantx_state(), model)
-    attachment = attach_dit(model, adapter)
-    captured = []
-    handle = model.transformer_blocks[0].attn.register_forward_hook(lambda m, a, out: captured.append(out[0]))
-    mask = torch.zeros(6, 6)
-    mask[:, :3] = 1.0
-    for m, scale in ((None, 0.0), (None, 1.0), (mask, 1.0)):
-        p = prompt(adapter, features(2), scale=scale)
-        p.references[0].mask = m
-        attachment.set_prompts({"0": p}, rows=2)
-        run(model, inputs(2))
-    handle.remove()
-    base, plain, masked = captured
-    on_grid = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]).repeat(8)[None, :, None]
-    torch.testing.assert_close(masked - base, (plain - base) * on_grid, atol=1e-5, rtol=0)
 
 
 def test_one_timestep_for_the_batch_and_the_resampler_runs_only_when_needed() -> None:

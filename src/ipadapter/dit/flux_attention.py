@@ -34,7 +34,7 @@ class FluxIPProcessor(BlockProcessor):
         self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, *args: Any, **kwargs: Any,
     ) -> Any:
-        active = self.active() if encoder_hidden_states is not None else []
+        active = self.active(encoder_hidden_states)
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args, **kwargs)
         if not active:
             return out

@@ -57,8 +57,11 @@ class BlockProcessor(nn.Module):
                     self._plan.append(BlockPlan(name, prompt, weights, weight, groups))
         return self._plan
 
-    def active(self) -> list[tuple[BlockPlan, float]]:
-        """(plan, its weight at this step) for every plan that acts now."""
+    def active(self, text: torch.Tensor | None) -> list[tuple[BlockPlan, float]]:
+        """(plan, its weight at this step) for every plan that acts now; none on a call without text (the image
+        branch belongs to the joint text-image attention)."""
+        if text is None:
+            return []
         progress = self.runtime.progress
         acting = [(p, p.layer_weight * p.prompt.step_factor(progress)) for p in self.plan()]
         return [(p, w) for p, w in acting if w != 0.0]
