@@ -154,6 +154,14 @@ CASES = {
     "embeds nan": (GENERATE.replace("--image {w}/ref.png", "--embeds {w}/nan.safetensors")
                    .replace("base.bin", "plus.bin"), "cond.0 holds NaN or Inf"),
     "embeds missing": (GENERATE.replace("--image {w}/ref.png", "--embeds {w}/nope.safetensors"), "not found"),
+    "embeds with noise": (GENERATE.replace("--image {w}/ref.png", "--embeds {w}/good.safetensors")
+                          + " --noise fade:0.5", "--noise makes its negative from --image's pixels"),
+    "content text model without content": (GENERATE + " --content-text-encoder {w}/pipe/text_encoder",
+                                           "--content-text-encoder is the text model of --content-subtract"),
+    "content text model missing": (GENERATE + " --content-subtract cat --content-text-encoder ./nope",
+                                   "CLIP text model not found: ./nope"),
+    "content text model without projection": (GENERATE + " --content-subtract cat --content-text-encoder "
+                                              "{w}/pipe/text_encoder", "holds no trained text projection"),
     "encode out not safetensors": ("encode --base {w}/pipe --adapter {w}/plus.bin --image {w}/ref.png --out {o}/e.bin",
                                    "must name a .safetensors file"),
     "encode out is a folder": ("encode --base {w}/pipe --adapter {w}/plus.bin --image {w}/ref.png "

@@ -213,34 +213,3 @@ def load_prompter(
                     weight_name=[s.weight_name for s in sources], image_encoder=image_encoder)
     return Loaded(prompter, base, miniature, MINIATURE_STEPS if miniature else None,
                   MINIATURE_GUIDANCE if miniature else None)
-
-
-def text_embeds_for(loaded: Loaded, text: str) -> torch.Tensor:
-    """The CLIP text embedding paired with the image encoder, for InstantStyle content subtraction.
-
-    Looks for a `CLIPTextModelWithProjection` beside the encoder (`text_encoder_clip/` in the miniature model,
-    or the encoder folder's sibling `text_encoder/` with a projection); real ViT-H/bigG encoders ship without one.
-    """
-    from pathlib import Path
-
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    encoder = loaded.prompter.encoder
-    root = Path(encoder.name.split("#")[0])
-    for folder in (root.parent / "clip_text", root / "clip_text", root.parent / "text_encoder"):
-        if (folder / "config.json").is_file():
-            try:
-                model = CLIPTextModelWithProjection.from_pretrained(str(folder)).eval()
-                tok_dir = folder if (folder / "vocab.json").is_file() else folder.parent / "tokenizer"
-                tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
-            except (OSError, ValueError):
-                continue
-            if model.config.projection_dim != encoder.global_dim:
-                continue
-            with torch.no_grad():
-                ids = tokenizer([text], padding="max_length", truncation=True, return_tensors="pt").input_ids
-                return model(input_ids=ids).text_embeds.to(encoder.device, encoder.dtype)
-    raise IPAdapterError(
-        "content subtraction needs the CLIP text model paired with the image encoder (CLIPTextModelWithProjection, "
-        f"{encoder.global_dim}-d), and none was found beside {encoder.name}"
-    )

@@ -21,7 +21,7 @@ from ipadapter.conditioning.negatives import noise_negative, parse_noise, subtra
 from ipadapter.conditioning.presets import preset
 from ipadapter.conditioning.schedules import check_window
 from ipadapter.errors import IPAdapterError
-from ipadapter.prompter import ImagePrompter
+from ipadapter.prompter import Features, ImagePrompter
 from ipadapter.runtime import AdapterPrompt
 
 
@@ -84,6 +84,12 @@ def _prepared(prompter: ImagePrompter, images: list[Image.Image], crop: str) -> 
     return [prepare_image(img, size, crop=crop) for img in images]
 
 
+def _combined(features: Features, mode: str, weights: list[float] | None) -> Features:
+    """The references' features merged into one by `mode` (see `conditioning.combine`), each feature tensor alike."""
+    count = features[0].shape[0]
+    return tuple(combine([f[i : i + 1] for i in range(count)], mode, weights) for f in features)
+
+
 def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: str | None = None) -> dict[str, AdapterPrompt]:
     """The adapter prompt(s) for one request: tokens computed here, once per generation."""
     request.validate()
@@ -104,21 +110,20 @@ def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: s
                     *features[1:])
     if not any(m is not None for m in masks):
         masks = [None] * features[0].shape[0]
-    weights = request.image_weights
-    if request.combine != "concat" and features[0].shape[0] > 1:
-        if any(m is not None for m in masks):
-            raise IPAdapterError("masked references cannot be combined into one; use combine=concat with masks=")
-        count = features[0].shape[0]
-        features = tuple(combine([f[i : i + 1] for i in range(count)], request.combine, weights) for f in features)
-        masks, weights = [None], None
-    negative = None
+    negative: list[Image.Image] | Features | None = None
     if request.negative_image is not None:
         negative = [request.negative_image]
     elif request.noise is not None and images:
         kind, strength = request.noise
         negative = [noise_negative(img, kind, strength, seed=request.seed) for img in images]
-        if features[0].shape[0] != len(negative):
-            negative = negative[:1]
+    weights = request.image_weights
+    if request.combine != "concat" and features[0].shape[0] > 1:
+        if any(m is not None for m in masks):
+            raise IPAdapterError("masked references cannot be combined into one; use combine=concat with masks=")
+        features = _combined(features, request.combine, weights)
+        if request.noise is not None and negative is not None:  # one noise negative per image: combined alike
+            negative = _combined(prompter.features(ip, negative), request.combine, weights)
+        masks, weights = [None], None
     refs = prompter.references(adapter=name, features=features, negative=negative, masks=masks, weights=weights)
     layer_weights, uncond_layers = None, frozenset()
     if request.preset:
@@ -129,10 +134,12 @@ def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: s
         uncond_layers = chosen.uncond_layers
         if chosen.references == 1:
             layer_weights = chosen.layer_weights[0]
+        elif len(refs) > chosen.references:
+            raise IPAdapterError(f"preset {request.preset!r} takes {chosen.references} reference images, one per "
+                                 f"role, got {len(refs)}")
         else:
             for ref, per_ref in zip(refs, chosen.layer_weights):
                 ref.layer_weights = per_ref
-            refs = refs[: chosen.references]
     return {name: AdapterPrompt(refs, scale=request.scale, layer_weights=layer_weights, uncond_layers=uncond_layers,
                                 start=request.start, end=request.end, scaling=request.embeds_scaling,
                                 lora_scale=request.lora_scale)}

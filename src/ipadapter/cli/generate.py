@@ -12,7 +12,7 @@ import torch
 
 from ipadapter.errors import IPAdapterError
 from ipadapter.validation import (
-    check_not_negative, check_seed, generation_size, output_file, regular_file,
+    check_not_negative, check_seed, generation_size, model_source, output_file, regular_file,
 )
 
 EXAMPLES = """examples:
@@ -129,6 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise", help="noise negative TYPE:STRENGTH (fade, dissolve, gaussian, shuffle)")
     p.add_argument("--content-subtract", help="words whose CLIP text embedding is removed from the image's")
     p.add_argument("--content-strength", type=finite_float, default=1.0)
+    p.add_argument("--content-text-encoder", help="the CLIP text model paired with the image encoder, for "
+                   "--content-subtract (folder or Hub id; default: found in the base model or beside the encoder)")
     p.add_argument("--embeds-scaling", default="v", help="v, kv, kv_penalty, k_mean_v")
     p.add_argument("--crop", default="center", help="center, top, bottom, left, right")
     p.add_argument("--tiles", action="store_true", help="tile large or non-square references, each tile masked")
@@ -166,12 +168,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise IPAdapterError("give --image or --embeds, not both (--embeds already holds the images' features)")
     if args.embeds and (args.tiles or args.mask or args.crop != "center"):
         raise IPAdapterError("--tiles, --mask and --crop act on --image; saved --embeds cannot be re-cropped or tiled")
+    if args.embeds and args.noise:
+        raise IPAdapterError("--noise makes its negative from --image's pixels, which saved --embeds do not hold; "
+                             "give --negative-image instead")
     if args.combine != "concat" and len(args.image) < 2 and not args.embeds:
         raise IPAdapterError(f"--combine {args.combine} merges several --image references; give at least two")
     if args.image_weight and len(args.image_weight) != len(args.image):
         raise IPAdapterError(f"got {len(args.image_weight)} --image-weight for {len(args.image)} --image; give one per image")
     if args.negative_image and args.noise:
         raise IPAdapterError("give --negative-image or --noise, not both (each is the negative reference)")
+    if args.content_text_encoder:
+        if not args.content_subtract:
+            raise IPAdapterError("--content-text-encoder is the text model of --content-subtract; give both")
+        model_source(args.content_text_encoder, "--content-text-encoder", subfolders=True, label="CLIP text model")
     if args.embeds:
         regular_file(args.embeds, "embeddings file")
     for face in args.face_embed:
@@ -206,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from ipadapter.atomic import save_pngs
     from ipadapter.conditioning.embeds_file import check_features
-    from ipadapter.loading import base_geometry, check_model_args, text_embeds_for
+    from ipadapter.loading import base_geometry, check_model_args
+    from ipadapter.paired_text import paired_text_embeds
     from ipadapter.request import build_prompt, load_request
 
     check_args(args)
@@ -237,7 +247,8 @@ def _generate(args: argparse.Namespace) -> int:
         tail = (enc.global_dim,) if ip.variant.features == "global" else (enc.patch_tokens, enc.patch_dim)
         request.features = check_features(args.embeds, saved.tensors, tail)
     if args.content_subtract:
-        request.content_text_embeds = text_embeds_for(loaded, args.content_subtract)
+        request.content_text_embeds = paired_text_embeds(prompter.pipe, prompter.encoder, args.content_subtract,
+                                                         args.content_text_encoder)
     for adapter in prompter.adapters.values():
         if adapter.variant.shortcut:
             adapter.image_proj.s_scale = args.s_scale

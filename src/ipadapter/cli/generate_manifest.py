@@ -12,7 +12,8 @@ from ipadapter.errors import IPAdapterError
 
 # Flags that name one request's inputs: with --manifest each job names its own (or the flag has no manifest form).
 PER_REQUEST = {"image": "--image", "mask": "--mask", "image_weight": "--image-weight", "embeds": "--embeds",
-               "face_embed": "--face-embed", "content_subtract": "--content-subtract"}
+               "face_embed": "--face-embed", "content_subtract": "--content-subtract",
+               "content_text_encoder": "--content-text-encoder"}
 
 
 def check_flags(args: argparse.Namespace) -> None:

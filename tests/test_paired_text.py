@@ -1,0 +1,100 @@
+"""Content subtraction's text model: the CLIP text tower paired with the image encoder, with its trained projection.
+Expected embeddings come from transformers' own models (`CLIPModel.get_text_features`, the pipeline's
+`text_encoder_2`), computed here; a plain text encoder beside the encoder must be refused, not given a random
+projection."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPModel, CLIPTokenizer
+
+from ipadapter import IPAdapterError
+from ipadapter.bundled import ASSETS_DIR, image_encoder_path
+from ipadapter.cli.main import main
+from ipadapter.encoders import ImageEncoder
+from ipadapter.paired_text import paired_text_embeds
+from tests import factories
+
+NO_PIPE = SimpleNamespace()
+
+
+def _clip_text_features(folder, text: str) -> torch.Tensor:
+    """The oracle: a full CLIPModel's text features, padded to the tokenizer's length."""
+    model = CLIPModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = CLIPTokenizer.from_pretrained(str(folder))([text], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.get_text_features(input_ids=ids)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _encoder(folder, projection_dim: int = 24) -> ImageEncoder:
+    model, processor = factories.tiny_image_encoder(projection_dim=projection_dim)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return ImageEncoder.from_pretrained(str(folder))
+
+
+def test_the_miniature_encoder_pairs_with_the_tiny_clip_it_was_trained_against() -> None:
+    encoder = ImageEncoder.from_pretrained(str(image_encoder_path()))
+    got = paired_text_embeds(NO_PIPE, encoder, "a blue cross")
+    torch.testing.assert_close(got, _clip_text_features(ASSETS_DIR / "clip", "a blue cross"), atol=1e-5, rtol=1e-4)
+
+
+def test_a_text_encoder_without_its_projection_is_never_taken(tmp_path) -> None:
+    """SD's text encoder (a CLIPTextModel) beside the encoder, of the encoder's width: loading it as a model with
+    projection would draw that projection at random."""
+    encoder = _encoder(tmp_path / "image_encoder", projection_dim=32)
+    factories.tiny_text_encoder(32).save_pretrained(tmp_path / "text_encoder")
+    factories.write_tokenizer(tmp_path / "tokenizer", max_length=16)
+    with pytest.raises(IPAdapterError, match="none was found .* --content-text-encoder"):
+        paired_text_embeds(NO_PIPE, encoder, "a cat")
+    with pytest.raises(IPAdapterError, match="no trained text projection"):
+        paired_text_embeds(NO_PIPE, encoder, "a cat", source=str(tmp_path / "text_encoder"))
+
+
+def test_sdxl_second_text_encoder_pairs_when_its_width_matches(tmp_path) -> None:
+    pipe = factories.tiny_sdxl_pipeline(tmp_path)
+    ids = pipe.tokenizer_2(["a red cat"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = pipe.text_encoder_2(input_ids=ids).text_embeds
+    encoder = _encoder(tmp_path / "image_encoder", projection_dim=pipe.text_encoder_2.config.projection_dim)
+    torch.testing.assert_close(paired_text_embeds(pipe, encoder, "a red cat"), expected)
+    narrower = _encoder(tmp_path / "other_encoder", projection_dim=24)
+    with pytest.raises(IPAdapterError, match="none was found"):
+        paired_text_embeds(pipe, narrower, "a red cat")
+
+
+def test_a_named_clip_folder_or_pipeline_text_encoder_is_used(tmp_path) -> None:
+    clip = tmp_path / "clip"
+    factories.tiny_clip().save_pretrained(clip)
+    factories.tiny_tokenizer(clip).save_pretrained(clip)
+    encoder = _encoder(tmp_path / "image_encoder", projection_dim=24)
+    torch.testing.assert_close(paired_text_embeds(NO_PIPE, encoder, "a dog", source=str(clip)),
+                               _clip_text_features(clip, "a dog"))
+    base = factories.write_base(tmp_path / "sdxl", sdxl=True)  # text_encoder_2 with projection, tokenizer_2 beside
+    wide = _encoder(tmp_path / "wide_encoder", projection_dim=factories.CROSS)
+    got = paired_text_embeds(NO_PIPE, wide, "a dog", source=str(base / "text_encoder_2"))
+    from transformers import CLIPTextModelWithProjection
+
+    model = CLIPTextModelWithProjection.from_pretrained(str(base / "text_encoder_2")).eval()
+    ids = CLIPTokenizer.from_pretrained(str(base / "tokenizer_2"))(["a dog"], padding="max_length",
+                                                                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(input_ids=ids).text_embeds)
+    with pytest.raises(IPAdapterError, match="embeds text in 24 dimensions but the image encoder in 32"):
+        paired_text_embeds(NO_PIPE, wide, "a dog", source=str(clip))
+
+
+def test_the_command_line_subtracts_content_on_the_miniature(tmp_path, capsys) -> None:
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (48, 48), (30, 60, 200)).save(ref)
+    common = ["generate", "--image", str(ref), "--steps", "2", "--device", "cpu"]
+    assert main([*common, "--content-subtract", "a blue cross", "--out", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").is_file()
+    assert main([*common, "--content-text-encoder", str(ASSETS_DIR / "clip"), "--out", str(tmp_path / "b.png")]) == 2
+    assert "--content-text-encoder is the text model of --content-subtract" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()

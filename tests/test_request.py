@@ -1,0 +1,110 @@
+"""`build_prompt`: a request's control options (tiles, crop, combine, noise negatives, content subtraction, presets)
+become the references the CLI, the app and the batch runner generate with. Each expectation is built from the
+option's definition (the tile grid, a weighted mean, `image − k·text`) and the prompter's own encode + project of the
+images it should have used, never from `build_prompt`'s output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from ipadapter import IPAdapterError, load_adapter
+from ipadapter.conditioning.images import prepare_image, tile_image
+from ipadapter.conditioning.negatives import noise_negative
+from ipadapter.encoders import ImageEncoder
+from ipadapter.prompter import ImagePrompter
+from ipadapter.request import GenerationRequest, build_prompt
+from tests import factories
+
+
+@pytest.fixture(scope="module")
+def prompter(tmp_path_factory) -> ImagePrompter:
+    folder = tmp_path_factory.mktemp("request")
+    pipe = factories.tiny_sd15_pipeline(folder)
+    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), folder / "base.bin")
+    return ImagePrompter(pipe, load_adapter(folder / "base.bin", pipe.unet), ImageEncoder(*factories.tiny_image_encoder()))
+
+
+def _refs(prompter: ImagePrompter, **request):
+    (prompt,) = build_prompt(prompter, GenerationRequest(**request)).values()
+    return prompt, prompt.references
+
+
+def _encode(prompter: ImagePrompter, images: list[Image.Image]) -> torch.Tensor:
+    return prompter.features(prompter.adapter(), images)[0]
+
+
+def _project(prompter: ImagePrompter, features: torch.Tensor) -> torch.Tensor:
+    return prompter.project(prompter.adapter(), (features,))
+
+
+def test_tiles_become_one_masked_reference_per_tile(prompter) -> None:
+    wide = factories.reference_image(1, 96).resize((96, 40))
+    tiles = tile_image(wide)
+    assert len(tiles) > 1
+    _, refs = _refs(prompter, images=[wide], tiles=True)
+    assert len(refs) == len(tiles)
+    expected = _project(prompter, _encode(prompter, [t.image for t in tiles]))
+    for i, (ref, tile) in enumerate(zip(refs, tiles)):
+        torch.testing.assert_close(ref.cond[0], expected[i])
+        torch.testing.assert_close(ref.mask, tile.mask())
+
+
+def test_a_crop_position_is_applied_before_the_encoder(prompter) -> None:
+    tall = factories.reference_image(2, 64).resize((40, 96))
+    _, (ref,) = _refs(prompter, images=[tall], crop="top")
+    top = prepare_image(tall, prompter.encoder.model.config.image_size, crop="top")
+    torch.testing.assert_close(ref.cond, _project(prompter, _encode(prompter, [top])))
+    _, (centre,) = _refs(prompter, images=[tall])
+    assert (centre.cond - ref.cond).abs().max() > 1e-4
+
+
+def test_combined_references_are_the_weighted_mean_of_their_embeddings(prompter) -> None:
+    images = [factories.reference_image(3), factories.reference_image(4)]
+    each = _encode(prompter, images)
+    _, (ref,) = _refs(prompter, images=images, combine="average", image_weights=[3.0, 1.0])
+    torch.testing.assert_close(ref.cond, _project(prompter, (3 * each[0:1] + each[1:2]) / 4))
+    assert ref.weight == 1.0  # the weights went into the mean, not on top of it
+
+
+def test_noise_negatives_are_made_per_reference_and_combined_like_the_references(prompter) -> None:
+    images = [factories.reference_image(5), factories.reference_image(6)]
+    noisy = [noise_negative(img, "dissolve", 0.4, seed=9) for img in images]
+    _, refs = _refs(prompter, images=images, noise=("dissolve", 0.4), seed=9)
+    expected = _project(prompter, _encode(prompter, noisy))
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(ref.uncond[0], expected[i])
+    _, (mixed,) = _refs(prompter, images=images, noise=("dissolve", 0.4), seed=9, combine="average")
+    torch.testing.assert_close(mixed.uncond, _project(prompter, _encode(prompter, noisy).mean(0, keepdim=True)))
+
+
+def test_content_subtraction_takes_k_times_the_text_embedding_from_the_image_embedding(prompter) -> None:
+    image = factories.reference_image(7)
+    text = torch.randn(1, prompter.encoder.global_dim, generator=torch.Generator().manual_seed(0))
+    _, (ref,) = _refs(prompter, images=[image], content_text_embeds=text, content_strength=0.6)
+    torch.testing.assert_close(ref.cond, _project(prompter, _encode(prompter, [image]) - 0.6 * text))
+
+
+def test_a_two_image_preset_weights_each_image_by_its_role_and_refuses_a_third(prompter) -> None:
+    images = [factories.reference_image(8), factories.reference_image(9)]
+    prompt, (style, layout) = _refs(prompter, images=images, preset="style and composition")
+    assert prompt.layer_weights is None
+    assert style.layer_weights and layout.layer_weights
+    assert not set(style.layer_weights) & set(layout.layer_weights)  # SD 1.5: two different transformer models
+    with pytest.raises(IPAdapterError, match="takes 2 reference images, one per role, got 3"):
+        _refs(prompter, images=[*images, factories.reference_image(10)], preset="style and composition")
+
+
+@pytest.mark.parametrize("request_args, message", [
+    ({"scale": float("nan")}, "scale= must be a finite number"),
+    ({"masks": [torch.ones(4, 4)] * 2}, "got 2 mask"),
+    ({"masks": [torch.ones(4, 4)], "tiles": True}, "tiles= makes its own"),
+    ({"combine": "average", "masks": [torch.ones(4, 4)] * 2, "extra_image": True}, "cannot be combined"),
+])
+def test_contradicting_options_are_refused(prompter, request_args, message) -> None:
+    images = [factories.reference_image(11)]
+    if request_args.pop("extra_image", False):
+        images.append(factories.reference_image(12))
+    with pytest.raises(IPAdapterError, match=message):
+        build_prompt(prompter, GenerationRequest(images=images, **request_args))
