@@ -236,3 +236,20 @@ def test_id_embeddings_from_npy_and_pt(tmp_path) -> None:
     assert torch.equal(load_id_embed(tmp_path / "b.pt", 8), value)
     with pytest.raises(SkipSample, match="missing ID embedding file"):
         load_id_embed(tmp_path / "c.npy", 8)
+
+
+@pytest.mark.parametrize("members, caption", [
+    ({"txt": b"a red circle", "json": b'{"caption": "not this"}'}, "a red circle"),  # the .txt wins
+    ({"json": b'{"caption": "a blue ring", "key": "7"}'}, "a blue ring"),           # img2dataset without .txt
+    ({"json": b'{"text": "a green cross"}'}, "a green cross"),
+    ({"json": b'{"caption": 5}'}, None),                                             # not text: no caption
+    ({"json": b"[1, 2]"}, None),
+    ({"json": b"\xff\xfe{"}, None),
+    ({}, None),
+])
+def test_a_shard_sample_caption_from_txt_else_json(members, caption) -> None:
+    from ipadapter.train.data import shard_record
+
+    record = shard_record({"__key__": b"k", "jpg": b"pixels", "npy": b"x", **members}, need_id=False)
+    assert (record.key, record.text, record.image) == ("k", caption, b"pixels")
+    assert record.id_embeds == []  # ID embeddings are read only for the face variants

@@ -181,13 +181,14 @@ def shard_record(group: dict[str, bytes], *, need_id: bool) -> Record:
     text = None
     if "txt" in group:
         text = group["txt"].decode("utf-8", errors="replace")
-    elif "json" in group:
+    elif "json" in group:  # img2dataset's metadata: {"caption": ...} (or "text")
         try:
             meta = json.loads(group["json"])
-            text = meta.get("caption") or meta.get("text")
-        except (json.JSONDecodeError, AttributeError):
-            text = None
-    ids = _members(group, "", ID_EXTS) or _members(group, "id", ID_EXTS) if need_id else []
+            caption = meta.get("caption") or meta.get("text")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            caption = None
+        text = caption if isinstance(caption, str) else None
+    ids = (_members(group, "", ID_EXTS) or _members(group, "id", ID_EXTS)) if need_id else []
     first, second = ("face", "ref") if need_id else ("ref", "face")
     refs = _members(group, first, IMAGE_EXTS) or _members(group, second, IMAGE_EXTS)
     return Record(key=key, text=text, image=image, id_embeds=ids, refs=[data for _, data in refs])
