@@ -14,7 +14,8 @@
 # changed), except survivors argued equivalent, which would only survive again at the highest cost. The score counts
 # killed and timed-out mutants over all tested ones, leaving out those listed in scripts/mutation-equivalent.txt
 # (argued equivalent in docs/testing.md). Exits 1 below MIN_SCORE.
-# Environment: PYTHON (default python), JOBS (mutants run in parallel, default 1), NICE (default 19), MIN_SCORE (95).
+# Environment: PYTHON (default python), JOBS (mutants run in parallel, default 1), NICE (default 19), MIN_SCORE (95),
+# TESTS (test files under tests/, space-separated, instead of the core's: for modules outside the core).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python}"
@@ -27,13 +28,14 @@ core=(attention.py adapter.py attach.py runtime.py layers.py checkpoint.py "proj
 # benchmark tests (the CLI tests run loading, FaceID embeddings and saved-embedding files, which only the CLI reads).
 # The compiled path is checked by test_compiled_plan.py (its plan run without dynamo): test_compile.py counts dynamo's
 # graphs, and dynamo traces mutmut's wrapper around every mutated function, which recompiles on each call.
-tests=(test_core_regressions.py test_runtime.py test_projection_shapes.py test_attention.py test_parity_diffusers.py
+core_tests=(test_core_regressions.py test_runtime.py test_projection_shapes.py test_attention.py test_parity_diffusers.py
        test_checkpoint.py test_prompter.py test_pipelines.py test_embed_cache.py test_conditioning_attention.py
        test_conditioning_combine.py test_conditioning_embeds_file.py test_conditioning_images.py
        test_conditioning_masks.py test_conditioning_negatives.py test_conditioning_presets.py
        test_conditioning_schedules.py test_attach.py test_load.py test_variants.py test_dit_sd3.py test_dit_flux.py
        test_dit_attach.py test_compiled_plan.py test_face_embedding.py test_encoder_loading.py test_prompter_faceid.py
        test_cli_generate.py test_cli_extras.py)
+read -r -a tests <<< "${TESTS:-${core_tests[*]}}"
 # Tests that run the package in a child interpreter: mutmut's trampoline there has no configuration (its stats run
 # fails on them) and cannot switch mutants, so they can neither kill nor keep one.
 in_child=(test_load.py::test_readme_python_example_runs_as_written test_cli_extras.py::test_core_commands_run_without_the_extras)

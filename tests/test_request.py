@@ -96,15 +96,13 @@ def test_a_two_image_preset_weights_each_image_by_its_role_and_refuses_a_third(p
         _refs(prompter, images=[*images, factories.reference_image(10)], preset="style and composition")
 
 
-@pytest.mark.parametrize("request_args, message", [
-    ({"scale": float("nan")}, "scale= must be a finite number"),
-    ({"masks": [torch.ones(4, 4)] * 2}, "got 2 mask"),
-    ({"masks": [torch.ones(4, 4)], "tiles": True}, "tiles= makes its own"),
-    ({"combine": "average", "masks": [torch.ones(4, 4)] * 2, "extra_image": True}, "cannot be combined"),
+@pytest.mark.parametrize("count, request_args, message", [
+    (1, {"scale": float("nan")}, "scale= must be a finite number"),
+    (1, {"masks": [torch.ones(4, 4)] * 2}, "got 2 mask"),
+    (1, {"masks": [torch.ones(4, 4)], "tiles": True}, "tiles= makes its own"),
+    (2, {"combine": "average", "masks": [torch.ones(4, 4)] * 2}, "cannot be combined"),
 ])
-def test_contradicting_options_are_refused(prompter, request_args, message) -> None:
-    images = [factories.reference_image(11)]
-    if request_args.pop("extra_image", False):
-        images.append(factories.reference_image(12))
+def test_contradicting_options_are_refused(prompter, count, request_args, message) -> None:
+    images = [factories.reference_image(11 + i) for i in range(count)]
     with pytest.raises(IPAdapterError, match=message):
         build_prompt(prompter, GenerationRequest(images=images, **request_args))
