@@ -24,6 +24,25 @@ def test_yaml_and_toml_load_and_flags_override(tmp_path) -> None:
     assert TrainConfig().weight_decay == 0.01 and TrainConfig().learning_rate == 1e-4  # the paper's recipe
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("c.json", b'{"base": "b", "batch_size": 3}', None),
+    ("c.ini", b"base = b", "must end in .yaml, .yml, .json or .toml"),
+    ("c.yaml", b"base: [unclosed", "cannot parse"),
+    ("c.toml", b"base = ", "cannot parse"),
+    ("c.yaml", b"- a list\n- of fields", "must hold a mapping of field: value, not a list"),
+    ("c.yaml", "base: caf\u00e9\n".encode("latin-1"), "is not UTF-8 text"),
+    ("missing.yaml", None, "config file not found"),
+])
+def test_config_files_load_or_fail_with_a_sentence(tmp_path, name, content, message) -> None:
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    if message is None:
+        assert TrainConfig.load(tmp_path / name).batch_size == 3
+        return
+    with pytest.raises(IPAdapterError, match=message):
+        TrainConfig.load(tmp_path / name)
+
+
 @pytest.mark.parametrize("values, message", [
     ({"variant": "huge"}, "unknown variant 'huge'"),
     ({"batch_size": 0}, "batch_size must be at least 1, not 0"),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter.errors import IPAdapterError
-from ipadapter.validation import model_source
+from ipadapter.validation import model_source, read_utf8
 from ipadapter.variants import ATTENTION_MODES, TRAINABLE, get_variant
 
 TRAIN_VARIANTS = TRAINABLE
@@ -226,9 +226,7 @@ class TrainConfig:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise IPAdapterError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "config file")
     try:
         if path.suffix == ".toml":
             try:
@@ -241,7 +239,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text) or {}
         else:
-            raise IPAdapterError(f"config file {path} must end in .yaml, .yml or .toml")
+            raise IPAdapterError(f"config file {path} must end in .yaml, .yml, .json or .toml")
     except IPAdapterError:
         raise
     except Exception as err:  # the parsers' own error types differ; all mean "not valid syntax"
