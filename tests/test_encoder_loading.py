@@ -176,6 +176,25 @@ def test_weights_of_another_shape_do_not_fit(tmp_path: Path) -> None:
         f"{tmp_path / 'root'}/{SUB}", "its weights do not fit a CLIP vision model (a text encoder?)")
 
 
+def test_a_whole_clip_model_loads_its_vision_tower_with_the_models_projection(tmp_path: Path) -> None:
+    """A CLIPModel folder (e.g. openai/clip-vit-large-patch14, FLUX's encoder): transformers writes the vision section
+    with its default projection width (512) beside the model's own (24); the tower must take the model's, and its
+    embeddings equal the CLIPModel's image features."""
+    model = factories.tiny_clip()
+    model.save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["projection_dim"] == 24 and saved["vision_config"].get("projection_dim", 512) == 512
+    encoder = ImageEncoder.from_pretrained(tmp_path)
+    image = factories.reference_image(0, 32)
+    pixels = encoder.pixel_values([image])
+    with torch.no_grad():
+        expected = model.get_image_features(pixel_values=pixels)
+    expected = expected if isinstance(expected, torch.Tensor) else expected.pooler_output
+    assert encoder.global_dim == 24
+    torch.testing.assert_close(encoder.encode([image], "global"), expected)
+
+
 @pytest.mark.parametrize("via", ["subfolder", "folder"])
 def test_text_encoder_is_refused_with_its_missing_weights(tmp_path: Path, via: str) -> None:
     """A CLIPTextModelWithProjection folder loads without error in transformers but has none of the vision

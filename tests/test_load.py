@@ -112,3 +112,37 @@ def test_load_errors_name_parameters(tmp_path) -> None:
     with pytest.raises(IPAdapterError, match="give image_encoder="):
         ipadapter.load(pipe, weight)
     assert not any("IPAttn" in type(p).__name__ for p in pipe.unet.attn_processors.values())
+
+
+@pytest.mark.parametrize("source, subfolder, weight_name, expected", [
+    # h94's table: the SD 1.5 and "_vit-h" SDXL adapters and FaceID-Plus take ViT-H, the other SDXL ones ViT-bigG
+    ("h94/IP-Adapter", "models", "ip-adapter_sd15.bin", ("h94/IP-Adapter", "models/image_encoder")),
+    ("h94/IP-Adapter", "models", "ip-adapter-plus-face_sd15.safetensors", ("h94/IP-Adapter", "models/image_encoder")),
+    ("h94/IP-Adapter", "sdxl_models", "ip-adapter_sdxl.safetensors", ("h94/IP-Adapter", "sdxl_models/image_encoder")),
+    ("h94/IP-Adapter", "sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors",
+     ("h94/IP-Adapter", "models/image_encoder")),
+    ("h94/IP-Adapter-FaceID", None, "ip-adapter-faceid-plusv2_sdxl.bin", ("h94/IP-Adapter", "models/image_encoder")),
+    # the newer families, as their model cards name them
+    ("XLabs-AI/flux-ip-adapter", None, "ip_adapter.safetensors", ("openai/clip-vit-large-patch14", None)),
+    ("XLabs-AI/flux-ip-adapter-v2", None, "ip_adapter.safetensors", ("openai/clip-vit-large-patch14", None)),
+    ("InstantX/SD3.5-Large-IP-Adapter", None, "ip-adapter.bin", ("google/siglip-so400m-patch14-384", None)),
+    ("Kwai-Kolors/Kolors-IP-Adapter-Plus", None, "ip_adapter_plus_general.bin",
+     ("Kwai-Kolors/Kolors-IP-Adapter-Plus", "image_encoder")),
+    ("someone/own-adapter", None, "adapter.bin", None),
+])
+def test_the_default_encoder_of_each_published_adapter(source, subfolder, weight_name, expected) -> None:
+    from ipadapter.sources import AdapterSource, default_image_encoder
+
+    assert default_image_encoder(None, AdapterSource(source, subfolder, weight_name)) == expected
+
+
+def test_a_local_encoder_beside_the_base_or_the_adapter_comes_first(tmp_path) -> None:
+    from ipadapter.sources import AdapterSource, default_image_encoder
+
+    for folder in (tmp_path / "base" / "image_encoder", tmp_path / "adapters" / "image_encoder"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    (tmp_path / "adapters" / "sdxl").mkdir()
+    adapter = AdapterSource(str(tmp_path / "adapters" / "sdxl" / "a.bin"))
+    assert default_image_encoder(str(tmp_path / "base"), adapter) == (str(tmp_path / "base"), "image_encoder")
+    assert default_image_encoder(None, adapter) == (str(tmp_path / "adapters" / "image_encoder"), None)

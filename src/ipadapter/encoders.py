@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,18 @@ def _where(source: str | os.PathLike, subfolder: str | None) -> str:
     return f"{source}{'/' + subfolder if subfolder else ''}"
 
 
+def clip_tower_config(config_class: type, source: str | os.PathLike, subfolder: str | None) -> Any:
+    """One CLIP tower's config (`CLIPVisionConfig` or `CLIPTextConfig`), also from a whole `CLIPModel` folder or
+    repository. Its projection width is then the model's top-level `projection_dim`: the tower's own section may leave
+    it out or hold transformers' default, and a projection of that width would be refused or drawn at random."""
+    found, _ = config_class.get_config_dict(str(source), subfolder=subfolder or "")
+    if found.get("model_type") != "clip":
+        return config_class.from_dict(found)
+    tower = dict(found.get(config_class.base_config_key) or {})
+    tower["projection_dim"] = found.get("projection_dim", tower.get("projection_dim"))
+    return config_class(**tower)
+
+
 class ImageEncoder:
     """A `CLIPVisionModelWithProjection` with its own image processor."""
 
@@ -45,12 +58,13 @@ class ImageEncoder:
         dtype: torch.dtype | str = torch.float32,
     ) -> "ImageEncoder":
         """CLIP vision weights and their processor; `dtype="auto"` keeps the checkpoint's own dtype."""
-        from transformers import CLIPVisionModelWithProjection
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         kwargs = {"subfolder": subfolder} if subfolder else {}
         try:
             model, info = CLIPVisionModelWithProjection.from_pretrained(
-                str(source), dtype=dtype, output_loading_info=True, **kwargs)
+                str(source), config=clip_tower_config(CLIPVisionConfig, source, subfolder), dtype=dtype,
+                output_loading_info=True, **kwargs)
         except (OSError, ValueError, RuntimeError) as err:
             reason = ("its weights do not fit a CLIP vision model (a text encoder?)" if isinstance(err, RuntimeError)
                       else str(err).splitlines()[0][:160])

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ipadapter.encoders import ImageEncoder
+from ipadapter.encoders import ImageEncoder, clip_tower_config
 from ipadapter.errors import IPAdapterError
 from ipadapter.sources import split_hub_path
 
@@ -40,29 +40,17 @@ def _tokenizer_source(repo: str, subfolder: str | None) -> tuple[str, str | None
     return (repo, sibling) if subfolder else (sibling, None)
 
 
-def _text_config(repo: str, subfolder: str | None) -> Any:
-    """The text tower's config; from a whole `CLIPModel` folder with the model's projection width, which its
-    `text_config` may leave out (transformers would then build a projection of its default width, at random)."""
-    from transformers import CLIPTextConfig
-
-    found, _ = CLIPTextConfig.get_config_dict(repo, subfolder=subfolder or "")
-    if found.get("model_type") != "clip":
-        return CLIPTextConfig.from_dict(found)
-    text = dict(found.get("text_config") or {})
-    text["projection_dim"] = found.get("projection_dim", text.get("projection_dim"))
-    return CLIPTextConfig(**text)
-
-
 def load_text_model(source: str, dim: int) -> TextModel:
     """A `CLIPTextModelWithProjection` and its tokenizer from `source`, refused without its trained projection or
     with a width other than `dim`."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     repo, subfolder = split_hub_path(source)
     tokenizer_repo, tokenizer_subfolder = _tokenizer_source(repo, subfolder)
     try:
-        model, info = CLIPTextModelWithProjection.from_pretrained(
-            repo, subfolder=subfolder or "", config=_text_config(repo, subfolder), output_loading_info=True)
+        config = clip_tower_config(CLIPTextConfig, repo, subfolder)
+        model, info = CLIPTextModelWithProjection.from_pretrained(repo, subfolder=subfolder or "", config=config,
+                                                                  output_loading_info=True)
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_repo, subfolder=tokenizer_subfolder or "")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"cannot load a CLIP text model from {source} ({str(err).splitlines()[0][:200]})") from None

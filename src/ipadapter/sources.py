@@ -2,6 +2,8 @@
 
 The published image encoders live next to the adapters (h94/IP-Adapter): `models/image_encoder` is OpenCLIP
 ViT-H/14 (SD 1.5 adapters, FaceID-Plus, and the SDXL "_vit-h" adapters), `sdxl_models/image_encoder` is ViT-bigG/14.
+The newer families name theirs in their model cards: XLabs' FLUX adapters OpenAI's CLIP ViT-L/14, InstantX's SD 3.5
+adapter SigLIP so400m, Kolors' adapter the ViT-L/14-336 in its own repository.
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ from pathlib import Path
 H94 = "h94/IP-Adapter"
 VIT_H = (H94, "models/image_encoder")
 VIT_BIGG = (H94, "sdxl_models/image_encoder")
+# Adapter repository → the encoder it was trained with (repository, subfolder), when no encoder is given.
+PUBLISHED_ENCODERS: dict[str, tuple[str, str | None]] = {
+    "XLabs-AI/flux-ip-adapter": ("openai/clip-vit-large-patch14", None),
+    "XLabs-AI/flux-ip-adapter-v2": ("openai/clip-vit-large-patch14", None),
+    "InstantX/SD3.5-Large-IP-Adapter": ("google/siglip-so400m-patch14-384", None),
+    "Kwai-Kolors/Kolors-IP-Adapter-Plus": ("Kwai-Kolors/Kolors-IP-Adapter-Plus", "image_encoder"),
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,9 @@ def default_image_encoder(base: str | None, adapter: AdapterSource) -> tuple[str
     for candidate in (folder / "image_encoder", folder.parent / "image_encoder"):
         if (candidate / "config.json").is_file():
             return str(candidate), None
+    published = PUBLISHED_ENCODERS.get(split_hub_path(adapter.source)[0])
+    if published:
+        return published
     name = (adapter.weight_name or Path(adapter.source).name).lower()
     if adapter.source.startswith("h94/"):
         sdxl = (adapter.subfolder or "").startswith("sdxl") or "sdxl" in name
