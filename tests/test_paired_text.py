@@ -98,3 +98,59 @@ def test_the_command_line_subtracts_content_on_the_miniature(tmp_path, capsys) -
     assert main([*common, "--content-text-encoder", str(ASSETS_DIR / "clip"), "--out", str(tmp_path / "b.png")]) == 2
     assert "--content-text-encoder is the text model of --content-subtract" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
+
+
+def _with_projection(folder, seed: int, max_length: int | None = None):
+    """A CLIPTextModelWithProjection of width 32 saved at `folder` (with its own tokenizer when `max_length`)."""
+    model = factories.tiny_text_encoder(32, seed, projection=32)
+    model.save_pretrained(folder)
+    if max_length:
+        factories.write_tokenizer(folder, max_length=max_length)
+    return model
+
+
+def _embeds(model, tokenizer_folder, text: str) -> torch.Tensor:
+    ids = CLIPTokenizer.from_pretrained(str(tokenizer_folder))([text], padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=ids.input_ids).text_embeds
+
+
+def test_the_tokenizer_is_the_models_own_else_the_pipelines_sibling(tmp_path) -> None:
+    from ipadapter.paired_text import _tokenizer_source
+
+    base = tmp_path / "sdxl"
+    factories.write_tokenizer(base / "tokenizer_2", max_length=8)
+    own = _with_projection(base / "text_encoder_2", 5, max_length=16)  # its own vocabulary, 16 positions
+    encoder = _encoder(tmp_path / "image_encoder", projection_dim=32)
+    torch.testing.assert_close(paired_text_embeds(NO_PIPE, encoder, "a dog", source=str(base / "text_encoder_2")),
+                               _embeds(own, base / "text_encoder_2", "a dog"))
+    # Hub ids: the sibling subfolder of the same repository; a model folder that is not a pipeline's keeps its own
+    assert _tokenizer_source("org/sdxl", "text_encoder_2") == ("org/sdxl", "tokenizer_2")
+    assert _tokenizer_source("org/sd", "text_encoder") == ("org/sd", "tokenizer")
+    assert _tokenizer_source("org/sdxl", "sub/text_encoder_2") == ("org/sdxl", "sub/tokenizer_2")
+    assert _tokenizer_source("laion/clip", None) == ("laion/clip", None)
+    assert _tokenizer_source(str(tmp_path / "x" / "text_encoder"), None) == (str(tmp_path / "x" / "tokenizer"), None)
+
+
+def test_folders_beside_the_encoder_in_order_and_a_bad_one_is_passed_over(tmp_path) -> None:
+    encoder = _encoder(tmp_path / "image_encoder", projection_dim=32)
+    sibling = _with_projection(tmp_path / "text_encoder", 1)
+    factories.write_tokenizer(tmp_path / "tokenizer", max_length=16)
+    expected = _embeds(sibling, tmp_path / "tokenizer", "a cat")
+    factories.tiny_text_encoder(32, 2).save_pretrained(tmp_path / "clip_text")  # no projection: passed over
+    factories.write_tokenizer(tmp_path / "clip_text", max_length=16)
+    torch.testing.assert_close(paired_text_embeds(NO_PIPE, encoder, "a cat"), expected)
+    beside = _with_projection(tmp_path / "clip_text", 3, max_length=16)  # next to the encoder: before text_encoder/
+    torch.testing.assert_close(paired_text_embeds(NO_PIPE, encoder, "a cat"), _embeds(beside, tmp_path / "clip_text",
+                                                                                      "a cat"))
+    inside = _with_projection(tmp_path / "image_encoder" / "clip_text", 4, max_length=16)  # inside it: first
+    torch.testing.assert_close(paired_text_embeds(NO_PIPE, encoder, "a cat"),
+                               _embeds(inside, tmp_path / "image_encoder" / "clip_text", "a cat"))
+
+
+def test_a_pipelines_first_text_encoder_pairs_when_it_has_a_projection(tmp_path) -> None:
+    tokenizer = factories.tiny_tokenizer(tmp_path / "tok")
+    first = factories.tiny_text_encoder(32, 6, projection=32)
+    pipe = SimpleNamespace(text_encoder=first, tokenizer=tokenizer, text_encoder_2=None)
+    encoder = _encoder(tmp_path / "image_encoder", projection_dim=32)
+    torch.testing.assert_close(paired_text_embeds(pipe, encoder, "a cow"), _embeds(first, tmp_path / "tok", "a cow"))
