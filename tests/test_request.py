@@ -106,3 +106,17 @@ def test_contradicting_options_are_refused(prompter, count, request_args, messag
     images = [factories.reference_image(11 + i) for i in range(count)]
     with pytest.raises(IPAdapterError, match=message):
         build_prompt(prompter, GenerationRequest(images=images, **request_args))
+
+
+def test_the_named_adapter_gets_the_prompt(tmp_path) -> None:
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    for seed in (1, 2):
+        torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS, seed=seed), tmp_path / f"{seed}.bin")
+    adapters = {name: load_adapter(tmp_path / f"{seed}.bin", pipe.unet) for name, seed in (("a", 1), ("b", 2))}
+    prompter = ImagePrompter(pipe, adapters, ImageEncoder(*factories.tiny_image_encoder()))
+    image = factories.reference_image(13)
+    prompts = build_prompt(prompter, GenerationRequest(images=[image]), adapter="b")
+    assert list(prompts) == ["b"]
+    features = prompter.features(adapters["b"], [image])
+    torch.testing.assert_close(prompts["b"].references[0].cond, prompter.project(adapters["b"], features))
+    assert (prompter.project(adapters["a"], features) - prompts["b"].references[0].cond).abs().max() > 1e-4

@@ -117,9 +117,10 @@ def generation_size(width: int | None, height: int | None, step: int, default: t
         width = max(step, round(height * default_w / default_h / step) * step)
     for flag, value in (("--width", width), ("--height", height)):
         if value % step:
-            lower, upper = max(step, value - value % step), value - value % step + step
+            lower = value - value % step
+            nearest = f"{lower} or {lower + step}" if lower else f"{step}"
             raise IPAdapterError(f"{flag} {value} does not fit this base model: sizes are multiples of {step}; "
-                                 f"try {lower} or {upper}")
+                                 f"try {nearest}")
     return width, height
 
 

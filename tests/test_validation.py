@@ -1,0 +1,66 @@
+"""`ipadapter.validation`'s rules written out: sizes on the base's step (a lone side keeps the base's aspect ratio,
+the suggestion is the multiples either side), UTF-8 text files (the first bad byte's line), the pixel limit's
+environment variable. Every sentence is asserted whole: the CLI prints it as the one line of an error."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipadapter import IPAdapterError
+from ipadapter.validation import generation_size, max_pixels, read_utf8
+
+LANDSCAPE = (1024, 768)  # a base whose default is 4:3
+
+
+@pytest.mark.parametrize("width, height, expected", [
+    (None, None, (1024, 768)),
+    (640, 480, (640, 480)),
+    (512, None, (512, 384)),       # 512 · 3/4
+    (None, 384, (512, 384)),       # 384 · 4/3
+    (520, None, (520, 392)),       # 390 rounded to the step: 392
+    (None, 104, (136, 104)),       # 138.7 → 136
+    (8, None, (8, 8)),             # 6 rounds to 8, never below one step
+])
+def test_a_lone_side_keeps_the_bases_aspect_on_its_step(width, height, expected) -> None:
+    assert generation_size(width, height, 8, LANDSCAPE) == expected
+
+
+@pytest.mark.parametrize("width, height, message", [
+    (1, 64, "--width 1 does not fit this base model: sizes are multiples of 8; try 8"),
+    (64, 33, "--height 33 does not fit this base model: sizes are multiples of 8; try 32 or 40"),
+    (None, 5, "--height 5 does not fit this base model: sizes are multiples of 8; try 8"),
+    (0, None, "--width must be a positive number of pixels, got 0"),
+    (64, -8, "--height must be a positive number of pixels, got -8"),
+])
+def test_a_size_off_the_step_names_the_flag_and_the_multiples_either_side(width, height, message) -> None:
+    with pytest.raises(IPAdapterError) as err:
+        generation_size(width, height, 8, LANDSCAPE)
+    assert str(err.value) == message
+
+
+def test_a_text_file_that_is_not_utf8_names_the_byte_and_its_line(tmp_path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_bytes('{"a": 1}\n{"b": "café"}\n'.encode("utf-8") + "{\"c\": \"é\"}\n".encode("latin-1"))
+    with pytest.raises(IPAdapterError) as err:
+        read_utf8(path, "manifest")
+    bad = len('{"a": 1}\n{"b": "café"}\n'.encode("utf-8")) + len('{"c": "')
+    assert str(err.value) == f"manifest {path} is not UTF-8 text (byte {bad}, line 3); save it as UTF-8"
+    path.write_text('{"a": "café"}\n', encoding="utf-8")
+    assert read_utf8(path, "manifest") == '{"a": "café"}\n'
+    with pytest.raises(IPAdapterError) as err:
+        read_utf8(tmp_path / "none.jsonl", "manifest")
+    assert str(err.value) == f"manifest not found: {tmp_path / 'none.jsonl'}"
+
+
+@pytest.mark.parametrize("value, expected", [("", 4096 * 4096), ("1000", 1000), ("2.5e3", 2500), (" 64 ", 64)])
+def test_the_pixel_limit_comes_from_the_environment(monkeypatch, value, expected) -> None:
+    monkeypatch.setenv("IPADAPTER_MAX_PIXELS", value)
+    assert max_pixels() == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "lots"])
+def test_a_pixel_limit_that_is_not_a_positive_number_is_refused(monkeypatch, value) -> None:
+    monkeypatch.setenv("IPADAPTER_MAX_PIXELS", value)
+    with pytest.raises(IPAdapterError) as err:
+        max_pixels()
+    assert str(err.value) == f"IPADAPTER_MAX_PIXELS must be a positive number of pixels, got {value!r}"
