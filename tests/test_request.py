@@ -75,8 +75,27 @@ def test_noise_negatives_are_made_per_reference_and_combined_like_the_references
     expected = _project(prompter, _encode(prompter, noisy))
     for i, ref in enumerate(refs):
         torch.testing.assert_close(ref.uncond[0], expected[i])
-    _, (mixed,) = _refs(prompter, images=images, noise=("dissolve", 0.4), seed=9, combine="average")
-    torch.testing.assert_close(mixed.uncond, _project(prompter, _encode(prompter, noisy).mean(0, keepdim=True)))
+    _, (mixed,) = _refs(prompter, images=images, noise=("dissolve", 0.4), seed=9, combine="average",
+                        image_weights=[1.0, 3.0])
+    each = _encode(prompter, noisy)
+    torch.testing.assert_close(mixed.uncond, _project(prompter, (each[0:1] + 3 * each[1:2]) / 4))
+
+
+def test_a_negative_image_is_every_references_unconditional_input(prompter) -> None:
+    images, negative = [factories.reference_image(14), factories.reference_image(15)], factories.reference_image(16)
+    expected = _project(prompter, _encode(prompter, [negative]))
+    _, refs = _refs(prompter, images=images, negative_image=negative)
+    _, (mixed,) = _refs(prompter, images=images, negative_image=negative, combine="average", image_weights=[1.0, 2.0])
+    for ref in (*refs, mixed):
+        torch.testing.assert_close(ref.uncond, expected)
+
+
+def test_one_reference_is_never_combined(prompter) -> None:
+    image = factories.reference_image(17)
+    _, (alone,) = _refs(prompter, images=[image])
+    for mode in ("subtract", "norm average"):
+        _, (ref,) = _refs(prompter, images=[image], combine=mode)
+        torch.testing.assert_close(ref.cond, alone.cond)
 
 
 def test_content_subtraction_takes_k_times_the_text_embedding_from_the_image_embedding(prompter) -> None:
@@ -97,15 +116,17 @@ def test_a_two_image_preset_weights_each_image_by_its_role_and_refuses_a_third(p
 
 
 @pytest.mark.parametrize("count, request_args, message", [
-    (1, {"scale": float("nan")}, "scale= must be a finite number"),
-    (1, {"masks": [torch.ones(4, 4)] * 2}, "got 2 mask"),
-    (1, {"masks": [torch.ones(4, 4)], "tiles": True}, "tiles= makes its own"),
-    (2, {"combine": "average", "masks": [torch.ones(4, 4)] * 2}, "cannot be combined"),
+    (1, {"scale": float("nan")}, "scale= must be a finite number, got nan"),
+    (1, {"masks": [torch.ones(4, 4)] * 2}, "got 2 mask(s) for 1 reference image(s); give one per image"),
+    (1, {"masks": [torch.ones(4, 4)], "tiles": True}, "tiles= makes its own per-tile masks; do not combine it with masks="),
+    (2, {"combine": "average", "masks": [torch.ones(4, 4)] * 2},
+     "masked references cannot be combined into one; use combine=concat with masks="),
 ])
 def test_contradicting_options_are_refused(prompter, count, request_args, message) -> None:
     images = [factories.reference_image(11 + i) for i in range(count)]
-    with pytest.raises(IPAdapterError, match=message):
+    with pytest.raises(IPAdapterError) as err:
         build_prompt(prompter, GenerationRequest(images=images, **request_args))
+    assert str(err.value) == message
 
 
 def test_the_named_adapter_gets_the_prompt(tmp_path) -> None:
