@@ -209,3 +209,37 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, clean, case, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and words in err, err
     assert not out.exists() and _pngs(clean[1]) == before
+
+
+def test_content_subtraction_per_job_equals_the_one_request_generation(tmp_path) -> None:
+    """Jobs with and without content words share one UNet batch; each row is `ipadapter generate --content-subtract`
+    of that job alone. The paired text model sits beside the encoder (`clip_text/`)."""
+    root = tmp_path
+    factories.save_tiny_sd15_pipeline(root)
+    text = root / "pipe" / "image_encoder" / "clip_text"
+    factories.tiny_text_encoder(32, 7, projection=24).save_pretrained(text)
+    factories.write_tokenizer(text, max_length=16)
+    for i in range(2):
+        factories.reference_image(i).save(root / f"ref{i}.png")
+    jobs = [{"image": "ref0.png", "seed": 1, "content_subtract": "a red", "content_strength": 0.5},
+            {"image": "ref1.png", "seed": 2},
+            {"image": "ref0.png", "seed": 1, "content_subtract": "blue"}]
+    (root / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    out = root / "out"
+    with _one_thread():
+        assert main(["generate", *_model_flags(root), "--manifest", str(root / "jobs.jsonl"), "--out-dir", str(out),
+                     "--batch-size", "3"]) == 0
+    index = _index(out)
+    assert {r["batch"] for r in index} == {3}
+    for record, job in zip(index, jobs):
+        extra = ["--content-subtract", job["content_subtract"]] if "content_subtract" in job else []
+        extra += ["--content-strength", str(job["content_strength"])] if "content_strength" in job else []
+        single = tmp_path / f"single-{record['line']}.png"
+        with _one_thread():
+            assert main(["generate", *_model_flags(root), "--image", str(root / job["image"]), "--seed",
+                         str(job["seed"]), "--out", str(single), *extra]) == 0
+        batched = np.asarray(Image.open(out / record["files"][0]), dtype=np.int16)
+        alone = np.asarray(Image.open(single), dtype=np.int16)
+        assert np.abs(batched - alone).max() <= 2, record["line"]
+    plain, subtracted = (np.asarray(Image.open(out / index[n]["files"][0]), dtype=np.int16) for n in (0, 2))
+    assert np.abs(plain - subtracted).max() > 10  # same reference and seed, other content words

@@ -14,7 +14,7 @@ from tests import factories
 DEFAULTS = {"image": [], "prompt": "", "negative_prompt": "", "scale": 1.0, "seed": 0, "num_images": 1, "steps": None,
             "guidance": None, "width": None, "height": None, "mask": [], "start": 0.0, "end": 1.0, "preset": None,
             "combine": "concat", "image_weight": None, "negative_image": None, "noise": None, "embeds_scaling": "v",
-            "crop": "center", "tiles": False, "lora_scale": 1.0}
+            "crop": "center", "tiles": False, "lora_scale": 1.0, "content_subtract": None, "content_strength": 1.0}
 
 
 def _geometry() -> tuple[int, tuple[int, int]]:
@@ -68,6 +68,9 @@ BAD = {
     "unattached adapter": ({"image": "r0.png", "adapter": "7"}, "not attached"),
     "size step": ({"image": "r0.png", "width": 30}, "multiple"),
     "bad id": ({"id": "../x", "image": "r0.png"}, "id must be"),
+    "negative content strength": ({"image": "r0.png", "content_subtract": "a dog", "content_strength": -1},
+                                  "content_strength must not be negative, got -1.0"),
+    "content words not text": ({"image": "r0.png", "content_subtract": 3}, "content_subtract must be a string, got 3"),
 }
 
 

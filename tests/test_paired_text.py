@@ -154,3 +154,18 @@ def test_a_pipelines_first_text_encoder_pairs_when_it_has_a_projection(tmp_path)
     pipe = SimpleNamespace(text_encoder=first, tokenizer=tokenizer, text_encoder_2=None)
     encoder = _encoder(tmp_path / "image_encoder", projection_dim=32)
     torch.testing.assert_close(paired_text_embeds(pipe, encoder, "a cow"), _embeds(first, tmp_path / "tok", "a cow"))
+
+
+def test_a_manifest_run_loads_its_text_model_once(tmp_path, monkeypatch) -> None:
+    import ipadapter.paired_text as paired
+
+    clip = tmp_path / "clip"
+    factories.tiny_clip().save_pretrained(clip)
+    factories.tiny_tokenizer(clip).save_pretrained(clip)
+    loads = []
+    real = paired.load_text_model
+    monkeypatch.setattr(paired, "load_text_model", lambda *a: loads.append(a) or real(*a))
+    embed = paired.PairedText(NO_PIPE, _encoder(tmp_path / "image_encoder"), str(clip))
+    for words in ("a dog", "a cat", "a dog"):
+        torch.testing.assert_close(embed(words), _clip_text_features(clip, words))
+    assert len(loads) == 1

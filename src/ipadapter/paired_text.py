@@ -93,19 +93,38 @@ def _candidates(pipe: Any, encoder: ImageEncoder) -> Iterator[TextModel]:
                 continue
 
 
+class PairedText:
+    """The text model paired with `encoder`, found (or loaded from `source`) at the first call and kept: a manifest's
+    jobs embed their content words with one model. Calls give (1, D) in the encoder's dtype, on its device."""
+
+    def __init__(self, pipe: Any, encoder: ImageEncoder | None, source: str | None = None) -> None:
+        self.pipe, self.encoder, self.source = pipe, encoder, source
+        self._found: TextModel | None = None
+
+    def _find(self) -> TextModel:
+        encoder = self.encoder
+        if encoder is None:
+            raise IPAdapterError("content subtraction acts on CLIP image embeddings; this adapter has no image encoder")
+        if self.source:
+            return load_text_model(self.source, encoder.global_dim)
+        found = next(_candidates(self.pipe, encoder), None)
+        if found is None:
+            raise IPAdapterError(
+                f"content subtraction needs the CLIP text model paired with the image encoder {encoder.name} "
+                f"({encoder.global_dim}-d, with its text projection) and none was found in the base model or beside "
+                "the encoder; name it with --content-text-encoder (e.g. the CLIP repository the encoder comes from)")
+        return found
+
+    def __call__(self, text: str) -> torch.Tensor:
+        if self._found is None:
+            self._found = self._find()
+        model, tokenizer = self._found
+        device = next(model.parameters()).device
+        ids = tokenizer([text], padding="max_length", truncation=True, return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            return model(input_ids=ids).text_embeds.to(self.encoder.device, self.encoder.dtype)
+
+
 def paired_text_embeds(pipe: Any, encoder: ImageEncoder | None, text: str, source: str | None = None) -> torch.Tensor:
-    """`text`'s CLIP text embedding (1, D) from the text model paired with `encoder`, in the encoder's dtype and on
-    its device; `source` names the text model instead of looking for it."""
-    if encoder is None:
-        raise IPAdapterError("content subtraction acts on CLIP image embeddings; this adapter has no image encoder")
-    found = load_text_model(source, encoder.global_dim) if source else next(_candidates(pipe, encoder), None)
-    if found is None:
-        raise IPAdapterError(
-            f"content subtraction needs the CLIP text model paired with the image encoder {encoder.name} "
-            f"({encoder.global_dim}-d, with its text projection) and none was found in the base model or beside the "
-            "encoder; name it with --content-text-encoder (e.g. the CLIP repository the encoder comes from)")
-    model, tokenizer = found
-    device = next(model.parameters()).device
-    ids = tokenizer([text], padding="max_length", truncation=True, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        return model(input_ids=ids).text_embeds.to(encoder.device, encoder.dtype)
+    """`text`'s CLIP text embedding (1, D) from the text model paired with `encoder` (`PairedText`, for one text)."""
+    return PairedText(pipe, encoder, source)(text)

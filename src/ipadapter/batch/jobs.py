@@ -27,10 +27,12 @@ OPTIONS = {
     "height": "--height", "mask": "--mask", "start": "--start", "end": "--end", "preset": "--preset",
     "combine": "--combine", "image_weight": "--image-weight", "negative_image": "--negative-image", "noise": "--noise",
     "embeds_scaling": "--embeds-scaling", "crop": "--crop", "tiles": "--tiles", "lora_scale": "--lora-scale",
+    "content_subtract": "--content-subtract", "content_strength": "--content-strength",
 }
 PATHS = ("image", "mask", "negative_image")
 # Differ between the rows of one UNet batch: everything else must be equal for jobs to share a call.
-PER_ROW = ("image", "prompt", "negative_prompt", "seed", "negative_image", "noise")
+PER_ROW = ("image", "prompt", "negative_prompt", "seed", "negative_image", "noise", "content_subtract",
+           "content_strength")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -114,7 +116,7 @@ def _coerce(name: str, value: Any) -> Any:
         return value
     if name in ("seed", "num_images", "steps", "width", "height"):
         return _number(value, name, int)
-    if name in ("scale", "guidance", "start", "end", "lora_scale"):
+    if name in ("scale", "guidance", "start", "end", "lora_scale", "content_strength"):
         return _number(value, name, float)
     if not isinstance(value, str):
         raise IPAdapterError(f"{name} must be a string, got {value!r}")
@@ -133,7 +135,7 @@ def _check(settings: dict, geometry: Callable[[], tuple[int, tuple[int, int]]]) 
         raise IPAdapterError("num_images and steps must be at least 1")
     if not 0 <= s["seed"] or s["seed"] + s["num_images"] - 1 > MAX_SEED:
         raise IPAdapterError(f"seed + num_images - 1 must lie in 0 to 2**64-1, got seed {s['seed']}")
-    for name in ("scale", "guidance"):
+    for name in ("scale", "guidance", "content_strength"):
         if s[name] is not None and s[name] < 0:
             raise IPAdapterError(f"{name} must not be negative, got {s[name]}")
     check_window(s["start"], s["end"])

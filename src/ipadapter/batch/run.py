@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from ipadapter.atomic import save_pngs, write_text
 from ipadapter.batch.jobs import Failure, Job, Manifest, batches
 from ipadapter.batch.shards import Progress, Shard, fresh_progress_folder
 from ipadapter.errors import IPAdapterError
+from ipadapter.paired_text import PairedText
 from ipadapter.request import build_prompt, load_request
 from ipadapter.runtime import AdapterPrompt
 
@@ -36,11 +37,13 @@ RECORDS, PROGRESS = ".records", ".progress"
 
 @dataclass(frozen=True)
 class Defaults:
-    """What a job leaves to the model: its default steps and guidance, and extra pipeline arguments (ControlNet)."""
+    """What a job leaves to the model: its default steps and guidance, extra pipeline arguments (ControlNet), and the
+    text model that embeds content words (the run's `--content-text-encoder`; default: the one found)."""
 
     steps: int | None = None
     guidance: float | None = None
     pipe_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    content_text: Callable[[str], torch.Tensor] | None = None  # a job's content words → their embedding
 
 
 def merge(prompts: list[dict[str, AdapterPrompt]]) -> dict[str, AdapterPrompt]:
@@ -64,7 +67,11 @@ def generate_batch(prompter: Any, batch: list[Job], defaults: Defaults) -> tuple
     kept, prompts, failures = [], [], []
     for job in batch:
         try:
-            prompts.append(build_prompt(prompter, load_request(job.settings), adapter=job.adapter))
+            request = load_request(job.settings)
+            if job.settings["content_subtract"]:
+                content_text = defaults.content_text or PairedText(prompter.pipe, prompter.encoder)
+                request.content_text_embeds = content_text(job.settings["content_subtract"])
+            prompts.append(build_prompt(prompter, request, adapter=job.adapter))
             kept.append(job)
         except IPAdapterError as err:
             failures.append(Failure(job.line, job.id, str(err)))

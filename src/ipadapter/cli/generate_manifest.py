@@ -9,18 +9,20 @@ import functools
 import sys
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.validation import model_source
 
 # Flags that name one request's inputs: with --manifest each job names its own (or the flag has no manifest form).
 PER_REQUEST = {"image": "--image", "mask": "--mask", "image_weight": "--image-weight", "embeds": "--embeds",
-               "face_embed": "--face-embed", "content_subtract": "--content-subtract",
-               "content_text_encoder": "--content-text-encoder"}
+               "face_embed": "--face-embed"}
 
 
 def check_flags(args: argparse.Namespace) -> None:
     given = [flag for name, flag in PER_REQUEST.items() if getattr(args, name)]
     if given:
         raise IPAdapterError(f"{given[0]} names one request's input; with --manifest give it per job (image, mask, "
-                             "image_weight), as --embeds, --face-embed and --content-subtract have no manifest form")
+                             "image_weight), as --embeds and --face-embed have no manifest form")
+    if args.content_text_encoder:
+        model_source(args.content_text_encoder, "--content-text-encoder", subfolders=True, label="CLIP text model")
     if not args.out_dir:
         raise IPAdapterError("--manifest needs --out-dir (the folder for the images, index.jsonl and errors.jsonl)")
     if args.batch_size < 1:
@@ -31,6 +33,7 @@ def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:
     """`load(args)`: the models the flags name; `control(args)`: the ControlNet keywords (both from `cli.generate`)."""
     from ipadapter.batch.jobs import OPTIONS, read_jobs
     from ipadapter.batch.run import Defaults, run_manifest
+    from ipadapter.paired_text import PairedText
     from ipadapter.batch.launch import current
     from ipadapter.loading import base_geometry, check_model_args
     from ipadapter.validation import output_folder
@@ -54,9 +57,11 @@ def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:
             adapter.image_proj.s_scale = args.s_scale
     settings = {name: getattr(args, name, None) for name in (
         "base", "adapter", "subfolder", "weight_name", "image_encoder", "dtype", "scheduler", "base_lora",
-        "base_lora_scale", "controlnet", "control_image", "control_scale", "s_scale")}
+        "base_lora_scale", "controlnet", "control_image", "control_scale", "s_scale", "content_text_encoder")}
+    defaults = Defaults(loaded.default_steps, loaded.default_guidance, control,
+                        PairedText(prompter.pipe, prompter.encoder, args.content_text_encoder))
     failures = run_manifest(prompter, manifest, out, batch_size=args.batch_size, shard=shard, settings=settings,
-                            defaults=Defaults(loaded.default_steps, loaded.default_guidance, control))
+                            defaults=defaults)
     if shard.is_main:
         jobs = len(manifest.jobs) + len(manifest.failures)
         print(f"{jobs - len(failures)} of {jobs} jobs done in {out} (index.jsonl)")
