@@ -37,6 +37,9 @@ def tiny(tmp_path_factory) -> Path:
     """A saved SD-1.5-layout pipeline with its image encoder, a base adapter, and a few upload files."""
     root = tmp_path_factory.mktemp("app")
     factories.save_tiny_sd15_pipeline(root)
+    paired = root / "pipe" / "image_encoder" / "clip_text"  # the encoder's CLIP text tower, for content subtraction
+    factories.tiny_text_encoder(32, 7, projection=24).save_pretrained(paired)
+    factories.write_tokenizer(paired, max_length=16)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(root / "ref.png")
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "other.png")
@@ -177,6 +180,19 @@ def test_command_reproduces_the_result(service, tiny, tmp_path) -> None:
     assert np.array_equal(np.asarray(result.images[0]), again), "the command must give the page's pixels"
 
 
+def test_content_subtraction_on_the_page_is_the_commands(service, tiny, tmp_path) -> None:
+    form = _form(tiny, content_subtract="a red", content_strength=0.7, seed=5)
+    result = service.generate(form)
+    argv = shlex.split(result.command)
+    flags = dict(zip(argv[2::2], argv[3::2]))
+    assert (flags["--content-subtract"], flags["--content-strength"]) == ("a red", "0.7")
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli.png")
+    assert main(argv[1:]) == 0
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(Image.open(tmp_path / "cli.png")))
+    plain = service.generate(_form(tiny, seed=5))
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(plain.images[0]))
+
+
 def test_references_are_encoded_once(service, tiny) -> None:
     cache = service.loaded.prompter.encoder.cache
     service.generate(_form(tiny))
@@ -192,6 +208,8 @@ SERVICE_ERRORS = {
     "masks with combine": ({"references": ["ref.png", "other.png"], "masks": [Image.new("L", (4, 4))],
                             "combine": "average"}, "masked references cannot be combined"),
     "bad window": ({"start": 0.9, "end": 0.1}, "start"),
+    "negative content strength": ({"content_subtract": "a cat", "content_strength": -0.5},
+                                  "the content strength must be a number from 0 up, got -0.5"),
 }
 
 

@@ -20,9 +20,22 @@ def test_second_encoding_comes_from_cache() -> None:
     encoder, calls = _counting_encoder(EmbeddingCache())
     a, b = factories.reference_image(0), factories.reference_image(1)
     first = encoder.encode([a, b], "global")
+    assert len(calls) == 2  # one image at a time
     again = encoder.encode([b, a], "patch"), encoder.encode([b, a], "global")
-    assert len(calls) == 2, "patch features are a different entry; the global pair comes from the cache"
+    assert len(calls) == 4, "patch features are a different entry; the global pair comes from the cache"
     assert torch.equal(again[1], first.flip(0))
+
+
+def test_an_images_features_do_not_depend_on_the_images_encoded_with_it() -> None:
+    """What the cache keeps for an image is what that image alone gives, so a later generation's pixels do not depend
+    on which references an earlier one encoded together (a batched matmul rounds differently)."""
+    images = [factories.reference_image(i) for i in range(5)]
+    together, _ = _counting_encoder(EmbeddingCache())
+    alone, _ = _counting_encoder(EmbeddingCache())
+    for features in ("global", "patch"):
+        batch = together.encode(images, features)
+        for i, image in enumerate(images):
+            assert torch.equal(batch[i], alone.encode([image], features)[0])
 
 
 def test_size_zero_disables_and_lru_evicts_by_bytes() -> None:

@@ -163,16 +163,15 @@ class ImageEncoder:
         return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # (B, P, H)
 
     def encode(self, images: list[Image.Image], features: str) -> torch.Tensor:
-        """Features per image; images seen before (same pixels, same encoder) come from the LRU cache."""
+        """Features per image; images seen before (same pixels, same encoder) come from the LRU cache. Each new image
+        is encoded alone: a batched matmul rounds differently, so an image's features (and the pixels made from them)
+        would otherwise depend on which images it was first encoded with."""
         keys = [(self._identity, features, image_key(img)) for img in images]
         found = [self.cache.get(key) for key in keys]
-        todo = [img for img, f in zip(images, found) if f is None]
-        if todo:
-            fresh = iter(self.encode_pixels(self.pixel_values(todo), features))
-            for i, key in enumerate(keys):
-                if found[i] is None:
-                    found[i] = next(fresh)
-                    self.cache.put(key, found[i])
+        for i, (image, key) in enumerate(zip(images, keys)):
+            if found[i] is None:
+                found[i] = self.encode_pixels(self.pixel_values([image]), features)[0]
+                self.cache.put(key, found[i])
         return torch.stack([f.to(self.device, self.dtype) for f in found])
 
     def uncond(self, features: str) -> torch.Tensor:

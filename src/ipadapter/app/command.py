@@ -49,6 +49,8 @@ def generate_argv(model: Sequence[str], form: Form, mask_paths: Sequence[str], o
         argv += ["--combine", form.combine]
     if form.negative_image:
         argv += ["--negative-image", form.negative_image]
+    if form.content_subtract.strip():
+        argv += ["--content-subtract", form.content_subtract, "--content-strength", repr(float(form.content_strength))]
     argv += ["--seed", str(form.seed), "--steps", str(form.steps), "--num-images", str(form.num_images), "--out", out]
     return argv
 

@@ -28,6 +28,8 @@ class Form:
     end: float = 1.0
     combine: str = "concat"
     negative_image: str | None = None
+    content_subtract: str = ""
+    content_strength: float = 1.0
     seed: int = 0
     steps: int = 25
     num_images: int = 1
@@ -42,6 +44,8 @@ class Form:
             raise IPAdapterError(f"the number of images must be between 1 and {MAX_IMAGES}, got {self.num_images}")
         if self.seed < 0:
             raise IPAdapterError(f"the seed must not be negative, got {self.seed}")
+        if not 0 <= self.content_strength < float("inf"):
+            raise IPAdapterError(f"the content strength must be a number from 0 up, got {self.content_strength}")
         extra = [i + 1 for i, m in enumerate(self.masks) if m is not None and i >= len(self.references)]
         if extra:
             n = extra[0]

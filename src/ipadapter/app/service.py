@@ -23,6 +23,7 @@ from ipadapter.app.limits import UploadLimits, open_upload
 from ipadapter.app.masks import fit_mask, full_mask
 from ipadapter.conditioning.masks import load_mask
 from ipadapter.loading import Loaded
+from ipadapter.paired_text import PairedText
 from ipadapter.request import GenerationRequest, build_prompt
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
@@ -54,6 +55,7 @@ class GenerationService:
         self.workdir = Path(workdir)
         self.default_steps = loaded.default_steps or 30
         self._lock = threading.Lock()
+        self._content_text = PairedText(loaded.prompter.pipe, loaded.prompter.encoder)
 
     @classmethod
     def from_args(cls, args: Any, *, limits: UploadLimits, workdir: str | Path) -> GenerationService:
@@ -94,12 +96,14 @@ class GenerationService:
         request = GenerationRequest(
             images=references, scale=form.scale,
             masks=masks.tensors, start=form.start, end=form.end, preset=form.preset or None, combine=form.combine,
-            negative_image=negative, seed=form.seed,
+            negative_image=negative, content_strength=form.content_strength, seed=form.seed,
         )
         request.validate()
         extra = {"callback_on_step_end": _reporter(progress, form.steps)} if progress else {}
         prompter = self.loaded.prompter
         with self._lock:
+            if form.content_subtract.strip():
+                request.content_text_embeds = self._content_text(form.content_subtract)
             prompts = build_prompt(prompter, request)
             images = prompter.generate(
                 prompts, prompt=form.prompt, negative_prompt=form.negative_prompt, num_images=form.num_images,

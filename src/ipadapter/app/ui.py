@@ -72,6 +72,10 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                     combine = gr.Dropdown(list(COMBINE_MODES), value="concat", label="Combine references")
                     negative = gr.File(label="Negative image (steer away from it)", file_count="single",
                                        elem_id="negative-image")
+                    with gr.Row():
+                        content = gr.Textbox(label="Take out content: words for what the reference shows "
+                                             "(keeps its style; global-embedding adapters)", elem_id="content")
+                        content_strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Content strength")
                 with gr.Accordion("Masks: paint where each reference acts, or upload a mask (white = acts)",
                                   open=False):
                     editors = []
@@ -96,6 +100,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                 prompt=values[prompt] or "", negative_prompt=values[negative_prompt] or "", scale=float(values[scale]),
                 preset=None if chosen == NO_PRESET else chosen, start=float(values[start]), end=float(values[end]),
                 combine=values[combine], negative_image=(_paths(values[negative]) or [None])[0],
+                content_subtract=values[content] or "", content_strength=float(values[content_strength]),
                 seed=int(values[seed] or 0), steps=int(values[steps]), num_images=int(values[num_images]),
             )
             progress(0, desc="preparing")
@@ -108,7 +113,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
         references.change(lambda files: check_references(files, service.limits), inputs=references,
                           outputs=[previews, message])
         run.click(on_generate, inputs={references, negative, prompt, negative_prompt, scale, preset, start, end,
-                                       combine, seed, steps, num_images, *editors},
+                                       combine, content, content_strength, seed, steps, num_images, *editors},
                   outputs=[gallery, command, message], concurrency_limit=1)
     return page
 
