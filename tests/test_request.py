@@ -5,6 +5,8 @@ images it should have used, never from `build_prompt`'s output."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +16,7 @@ from ipadapter.conditioning.images import prepare_image, tile_image
 from ipadapter.conditioning.negatives import noise_negative
 from ipadapter.encoders import ImageEncoder
 from ipadapter.prompter import ImagePrompter
-from ipadapter.request import GenerationRequest, build_prompt
+from ipadapter.request import GenerationRequest, build_prompt, load_request
 from tests import factories
 
 
@@ -141,3 +143,50 @@ def test_the_named_adapter_gets_the_prompt(tmp_path) -> None:
     features = prompter.features(adapters["b"], [image])
     torch.testing.assert_close(prompts["b"].references[0].cond, prompter.project(adapters["b"], features))
     assert (prompter.project(adapters["a"], features) - prompts["b"].references[0].cond).abs().max() > 1e-4
+
+
+def test_load_request_reads_every_option_by_its_flags_meaning(tmp_path) -> None:
+    for name, seed in (("a.png", 1), ("b.png", 2), ("neg.png", 3)):
+        factories.reference_image(seed).save(tmp_path / name)
+    for name in ("m1.png", "m2.png"):
+        Image.new("L", (8, 8), 255).save(tmp_path / name)
+    options = dict(image=[str(tmp_path / "a.png"), str(tmp_path / "b.png")], scale=0.8,
+                   mask=[str(tmp_path / "m1.png"), str(tmp_path / "m2.png")], start=0.1, end=0.9,
+                   preset="style transfer", combine="concat", image_weight=[2.0, 0.5],
+                   negative_image=str(tmp_path / "neg.png"), noise=None, content_strength=0.4, embeds_scaling="kv",
+                   crop="top", tiles=False, lora_scale=0.5, seed=7)
+    request = load_request(options)
+    assert (request.scale, request.start, request.end, request.preset, request.combine, request.image_weights,
+            request.content_strength, request.embeds_scaling, request.crop, request.tiles, request.lora_scale,
+            request.seed) == (0.8, 0.1, 0.9, "style transfer", "concat", [2.0, 0.5], 0.4, "kv", "top", False, 0.5, 7)
+    assert [img.tobytes() for img in request.images] == [Image.open(tmp_path / n).convert("RGB").tobytes()
+                                                         for n in ("a.png", "b.png")]
+    assert len(request.masks) == 2 and all(float(m.min()) == 1.0 for m in request.masks)
+    assert request.negative_image.tobytes() == Image.open(tmp_path / "neg.png").convert("RGB").tobytes()
+    noisy = load_request({**options, "mask": [], "negative_image": None, "noise": "fade:0.3", "combine": "average",
+                          "preset": None, "tiles": True})
+    assert (noisy.noise, noisy.combine, noisy.tiles, noisy.masks, noisy.negative_image) == (
+        ("fade", 0.3), "average", True, [], None)
+
+
+def test_the_requests_settings_reach_its_adapter_prompt(prompter) -> None:
+    from ipadapter.conditioning.presets import preset
+
+    images = [factories.reference_image(18), factories.reference_image(19)]
+    prompt, refs = _refs(prompter, images=images, scale=0.8, start=0.1, end=0.9, embeds_scaling="kv", lora_scale=0.5,
+                         image_weights=[2.0, 0.5])
+    assert (prompt.scale, prompt.start, prompt.end, prompt.scaling, prompt.lora_scale) == (0.8, 0.1, 0.9, "kv", 0.5)
+    assert [r.weight for r in refs] == [2.0, 0.5] and prompt.layer_weights is None and not prompt.uncond_layers
+    style, _ = _refs(prompter, images=images[:1], preset="style transfer")
+    assert style.layer_weights == preset("style transfer", prompter.pipe.unet).layer_weights[0]
+    precise, _ = _refs(prompter, images=images[:1], preset="style transfer precise")
+    assert precise.uncond_layers == preset("style transfer precise", prompter.pipe.unet).uncond_layers
+    assert precise.uncond_layers
+
+
+def test_a_preset_on_a_transformer_base_names_the_per_block_weights(prompter, monkeypatch) -> None:
+    monkeypatch.setattr(prompter, "pipe", SimpleNamespace(transformer=object()))
+    with pytest.raises(IPAdapterError) as err:
+        build_prompt(prompter, GenerationRequest(images=[factories.reference_image(20)], preset="style transfer"))
+    assert str(err.value) == ("preset= names UNet layers; on FLUX and SD 3 give per-block weights instead "
+                              "(AdapterPrompt.layer_weights keyed by block names such as transformer_blocks.0.attn)")
