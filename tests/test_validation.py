@@ -64,3 +64,22 @@ def test_a_pixel_limit_that_is_not_a_positive_number_is_refused(monkeypatch, val
     with pytest.raises(IPAdapterError) as err:
         max_pixels()
     assert str(err.value) == f"IPADAPTER_MAX_PIXELS must be a positive number of pixels, got {value!r}"
+
+
+def test_an_output_file_may_replace_a_file_but_not_a_pipe_or_a_folder(tmp_path) -> None:
+    import os
+
+    from ipadapter.validation import output_file
+
+    (tmp_path / "old.png").write_bytes(b"x")
+    assert output_file(tmp_path / "old.png", "--out", ".png") == tmp_path / "old.png"
+    assert output_file(tmp_path / "new" / "a.png", "--out", ".png") == tmp_path / "new" / "a.png"  # made later
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "dir.png").mkdir()
+    for name, message in (("pipe.png", f"--out {tmp_path / 'pipe.png'} exists and is not a regular file"),
+                          ("dir.png", f"--out {tmp_path / 'dir.png'} is a folder; name a file inside it"),
+                          ("a.jpg", f"--out must name a .png file, got {tmp_path / 'a.jpg'}")):
+        with pytest.raises(IPAdapterError) as err:
+            output_file(tmp_path / name, "--out", ".png")
+        assert str(err.value) == message
+    assert not (tmp_path / "new").exists()  # nothing is created while checking
