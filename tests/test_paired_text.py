@@ -50,10 +50,20 @@ def test_a_text_encoder_without_its_projection_is_never_taken(tmp_path) -> None:
     encoder = _encoder(tmp_path / "image_encoder", projection_dim=32)
     factories.tiny_text_encoder(32).save_pretrained(tmp_path / "text_encoder")
     factories.write_tokenizer(tmp_path / "tokenizer", max_length=16)
-    with pytest.raises(IPAdapterError, match="none was found .* --content-text-encoder"):
+    with pytest.raises(IPAdapterError) as err:
         paired_text_embeds(NO_PIPE, encoder, "a cat")
-    with pytest.raises(IPAdapterError, match="no trained text projection"):
+    assert str(err.value) == (
+        f"content subtraction needs the CLIP text model paired with the image encoder {tmp_path / 'image_encoder'} "
+        "(32-d, with its text projection) and none was found in the base model or beside the encoder; name it with "
+        "--content-text-encoder (e.g. the CLIP repository the encoder comes from)")
+    with pytest.raises(IPAdapterError) as err:
         paired_text_embeds(NO_PIPE, encoder, "a cat", source=str(tmp_path / "text_encoder"))
+    assert str(err.value) == (
+        f"{tmp_path / 'text_encoder'} holds no trained text projection (a plain CLIPTextModel, such as a Stable "
+        "Diffusion text encoder); content subtraction needs the CLIP text model with projection")
+    with pytest.raises(IPAdapterError) as err:
+        paired_text_embeds(NO_PIPE, None, "a cat")
+    assert str(err.value) == "content subtraction acts on CLIP image embeddings; this adapter has no image encoder"
 
 
 def test_sdxl_second_text_encoder_pairs_when_its_width_matches(tmp_path) -> None:
@@ -115,11 +125,24 @@ def _embeds(model, tokenizer_folder, text: str) -> torch.Tensor:
         return model(input_ids=ids.input_ids).text_embeds
 
 
+def _other_vocabulary(folder):
+    """A tokenizer folder whose words have other ids than `write_tokenizer`'s: the wrong one gives other embeddings
+    (a longer padding alone would not: CLIP's pooled output is read at the end token, before any padding)."""
+    import json
+
+    factories.write_tokenizer(folder, max_length=16)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    words = [w for w in vocab if vocab[w] > 1]
+    ids = sorted(vocab[w] for w in words)
+    (folder / "vocab.json").write_text(json.dumps({**vocab, **dict(zip(words, reversed(ids)))}))
+    return folder
+
+
 def test_the_tokenizer_is_the_models_own_else_the_pipelines_sibling(tmp_path) -> None:
     from ipadapter.paired_text import _tokenizer_source
 
     base = tmp_path / "sdxl"
-    factories.write_tokenizer(base / "tokenizer_2", max_length=8)
+    _other_vocabulary(base / "tokenizer_2")
     own = _with_projection(base / "text_encoder_2", 5, max_length=16)  # its own vocabulary, 16 positions
     encoder = _encoder(tmp_path / "image_encoder", projection_dim=32)
     torch.testing.assert_close(paired_text_embeds(NO_PIPE, encoder, "a dog", source=str(base / "text_encoder_2")),
@@ -169,3 +192,35 @@ def test_a_manifest_run_loads_its_text_model_once(tmp_path, monkeypatch) -> None
     for words in ("a dog", "a cat", "a dog"):
         torch.testing.assert_close(embed(words), _clip_text_features(clip, words))
     assert len(loads) == 1
+
+
+def test_hub_ids_with_a_subfolder_read_the_model_and_its_sibling_tokenizer(tmp_path, monkeypatch) -> None:
+    """`owner/repo/text_encoder_2` from a Hub cache laid out here (offline): the model from that subfolder, the
+    tokenizer from `tokenizer_2/` of the same repository; a whole CLIP repository from its root."""
+    import huggingface_hub.constants as hub
+    import transformers.utils.hub as transformers_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for name in ("HF_HUB_CACHE", "TRANSFORMERS_CACHE"):
+        if hasattr(transformers_hub, name):
+            monkeypatch.setattr(transformers_hub, name, str(tmp_path / "hub"))
+
+    def snapshot(repo: str):
+        entry = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+        (entry / "refs").mkdir(parents=True)
+        (entry / "refs" / "main").write_text("0" * 40)
+        return entry / "snapshots" / ("0" * 40)
+
+    sdxl = snapshot("org/sdxl")
+    model = _with_projection(sdxl / "text_encoder_2", 8)
+    _other_vocabulary(sdxl / "tokenizer_2")
+    encoder = _encoder(tmp_path / "image_encoder", projection_dim=32)
+    torch.testing.assert_close(paired_text_embeds(NO_PIPE, encoder, "a fox", source="org/sdxl/text_encoder_2"),
+                               _embeds(model, sdxl / "tokenizer_2", "a fox"))
+    clip = snapshot("org/clip")
+    factories.tiny_clip().save_pretrained(clip)
+    factories.tiny_tokenizer(clip).save_pretrained(clip)
+    torch.testing.assert_close(paired_text_embeds(NO_PIPE, _encoder(tmp_path / "e24"), "a fox", source="org/clip"),
+                               _clip_text_features(clip, "a fox"))
