@@ -83,3 +83,42 @@ def test_an_output_file_may_replace_a_file_but_not_a_pipe_or_a_folder(tmp_path) 
             output_file(tmp_path / name, "--out", ".png")
         assert str(err.value) == message
     assert not (tmp_path / "new").exists()  # nothing is created while checking
+
+
+def test_an_output_under_a_file_names_the_output_and_the_file(tmp_path) -> None:
+    from ipadapter.validation import output_file
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(IPAdapterError) as err:
+        output_file(tmp_path / "afile" / "sub" / "out.png", "--out", ".png")
+    assert str(err.value) == f"--out {tmp_path / 'afile' / 'sub' / 'out.png'}: {tmp_path / 'afile'} is a file, not a folder"
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_the_default_device_is_cuda_when_there_is_one(monkeypatch, cuda) -> None:
+    import torch
+
+    from ipadapter.validation import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert check_device(None) == ("cuda" if cuda else "cpu")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:3", "--device cuda:3: this machine has 2 CUDA device(s)"),
+    ("mps", "--device mps: MPS is not available on this machine (use --device cpu)"),
+    ("meta", "unsupported device 'meta'; use cpu, cuda, cuda:N or mps"),
+    ("tpu9", "unknown device 'tpu9'; use cpu, cuda, cuda:N or mps"),
+])
+def test_a_device_this_machine_lacks_is_named(monkeypatch, device, message) -> None:
+    import torch
+
+    from ipadapter.validation import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(IPAdapterError) as err:
+        check_device(device)
+    assert str(err.value) == message
+    assert check_device("cuda:1") == "cuda:1"

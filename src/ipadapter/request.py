@@ -69,7 +69,7 @@ def load_request(options: Mapping[str, Any]) -> GenerationRequest:
         end=options["end"], preset=options["preset"], combine=options["combine"], image_weights=options["image_weight"],
         negative_image=load_image(options["negative_image"]) if options["negative_image"] else None,
         noise=parse_noise(options["noise"]) if options["noise"] else None,
-        content_strength=options.get("content_strength", 1.0), embeds_scaling=options["embeds_scaling"],
+        content_strength=options["content_strength"], embeds_scaling=options["embeds_scaling"],
         crop=options["crop"], tiles=options["tiles"], lora_scale=options["lora_scale"], seed=options["seed"],
     )
     request.validate()
