@@ -25,7 +25,8 @@ NO_PIPE = SimpleNamespace()
 def _clip_text_features(folder, text: str) -> torch.Tensor:
     """The oracle: a full CLIPModel's text features, padded to the tokenizer's length."""
     model = CLIPModel.from_pretrained(str(folder), dtype=torch.float32).eval()
-    ids = CLIPTokenizer.from_pretrained(str(folder))([text], padding="max_length", return_tensors="pt").input_ids
+    ids = CLIPTokenizer.from_pretrained(str(folder))([text], padding="max_length", truncation=True,
+                                                     return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.get_text_features(input_ids=ids)
     return out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -224,3 +225,32 @@ def test_hub_ids_with_a_subfolder_read_the_model_and_its_sibling_tokenizer(tmp_p
     factories.tiny_tokenizer(clip).save_pretrained(clip)
     torch.testing.assert_close(paired_text_embeds(NO_PIPE, _encoder(tmp_path / "e24"), "a fox", source="org/clip"),
                                _clip_text_features(clip, "a fox"))
+
+
+def test_a_text_model_that_does_not_load_is_one_sentence(tmp_path) -> None:
+    import json
+
+    from ipadapter.paired_text import load_text_model
+
+    folder = tmp_path / "t"
+    _with_projection(folder, 1, max_length=16)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "projection_dim": 48}))
+    with pytest.raises(IPAdapterError) as err:
+        load_text_model(str(folder), 48)
+    assert str(err.value) == f"cannot load a CLIP text model from {folder} (its weights do not fit its config)"
+    with pytest.raises(IPAdapterError) as err:
+        load_text_model(str(tmp_path / "empty"), 32)
+    assert str(err.value).startswith(f"cannot load a CLIP text model from {tmp_path / 'empty'} (")
+
+
+def test_long_words_are_cut_to_the_text_models_length_and_the_embedding_takes_the_encoders_dtype(tmp_path) -> None:
+    clip = tmp_path / "clip"
+    factories.tiny_clip().save_pretrained(clip)
+    factories.tiny_tokenizer(clip).save_pretrained(clip)
+    encoder = _encoder(tmp_path / "image_encoder")
+    words = "a small red circle on a wide green field at noon"  # longer than the 16 positions
+    torch.testing.assert_close(paired_text_embeds(NO_PIPE, encoder, words, source=str(clip)),
+                               _clip_text_features(clip, words))
+    encoder.model.to(torch.bfloat16)
+    assert paired_text_embeds(NO_PIPE, encoder, "a dog", source=str(clip)).dtype == torch.bfloat16

@@ -52,7 +52,8 @@ def test_a_text_file_that_is_not_utf8_names_the_byte_and_its_line(tmp_path) -> N
     assert str(err.value) == f"manifest not found: {tmp_path / 'none.jsonl'}"
 
 
-@pytest.mark.parametrize("value, expected", [("", 4096 * 4096), ("1000", 1000), ("2.5e3", 2500), (" 64 ", 64)])
+@pytest.mark.parametrize("value, expected", [("", 4096 * 4096), ("1000", 1000), ("2.5e3", 2500), (" 64 ", 64),
+                                             ("1", 1)])
 def test_the_pixel_limit_comes_from_the_environment(monkeypatch, value, expected) -> None:
     monkeypatch.setenv("IPADAPTER_MAX_PIXELS", value)
     assert max_pixels() == expected
@@ -105,7 +106,7 @@ def test_the_default_device_is_cuda_when_there_is_one(monkeypatch, cuda) -> None
 
 
 @pytest.mark.parametrize("device, message", [
-    ("cuda:3", "--device cuda:3: this machine has 2 CUDA device(s)"),
+    ("cuda:2", "--device cuda:2: this machine has 2 CUDA device(s)"),
     ("mps", "--device mps: MPS is not available on this machine (use --device cpu)"),
     ("meta", "unsupported device 'meta'; use cpu, cuda, cuda:N or mps"),
     ("tpu9", "unknown device 'tpu9'; use cpu, cuda, cuda:N or mps"),
@@ -122,3 +123,48 @@ def test_a_device_this_machine_lacks_is_named(monkeypatch, device, message) -> N
         check_device(device)
     assert str(err.value) == message
     assert check_device("cuda:1") == "cuda:1"
+
+
+def test_an_mps_machine_may_use_mps(monkeypatch) -> None:
+    import torch
+
+    from ipadapter.validation import check_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert check_device("mps") == "mps"
+
+
+def test_the_pixel_sentence_gives_both_sizes_in_megapixels(monkeypatch) -> None:
+    from ipadapter.validation import check_pixels
+
+    monkeypatch.setenv("IPADAPTER_MAX_PIXELS", "10")  # a limit given in the call wins over the environment
+    with pytest.raises(IPAdapterError) as err:
+        check_pixels(1000, 1050, "ref.png", limit=1_000_000)
+    assert str(err.value) == ("ref.png is 1000x1050 px (1.1 MP); images are limited to 1.0 MP "
+                              "(set IPADAPTER_MAX_PIXELS to allow more)")
+    with pytest.raises(IPAdapterError) as err:
+        check_pixels(1_050_001, 1, "wide.png", limit=1_050_000)
+    assert "(1.1 MP); images are limited to 1.1 MP" in str(err.value)
+    check_pixels(1000, 1050, "ref.png", limit=1_050_000)
+
+
+def test_seeds_and_non_negative_values_at_their_bounds() -> None:
+    from ipadapter.validation import MAX_SEED, check_not_negative, check_seed
+
+    assert check_seed(0) == 0 and check_seed(MAX_SEED) == 2**64 - 1
+    check_not_negative([("--scale", 0.0), ("--guidance", 0.5), ("--s-scale", None)])
+    with pytest.raises(IPAdapterError) as err:
+        check_not_negative([("--scale", 1.0), ("--guidance", -0.25)])
+    assert str(err.value) == "--guidance must not be negative, got -0.25"
+
+
+def test_hub_ids_have_one_slash_unless_subfolders_are_allowed(tmp_path) -> None:
+    from ipadapter.validation import model_source
+
+    assert model_source("owner/name", "--base") == "owner/name"
+    assert model_source("owner/name/sub/folder", "--image-encoder", subfolders=True) == "owner/name/sub/folder"
+    assert model_source(str(tmp_path), "--base") == str(tmp_path)  # an existing path, whatever its shape
+    with pytest.raises(IPAdapterError) as err:
+        model_source("owner/name/extra", "--base")
+    assert str(err.value) == ("--base not found: owner/name/extra (no such file or folder; a Hub model id has the form "
+                              "owner/name)")

@@ -52,10 +52,10 @@ def load_text_model(source: str, dim: int) -> TextModel:
         model, info = CLIPTextModelWithProjection.from_pretrained(repo, subfolder=subfolder or "", config=config,
                                                                   output_loading_info=True)
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_repo, subfolder=tokenizer_subfolder or "")
-    except (OSError, ValueError) as err:
-        raise IPAdapterError(f"cannot load a CLIP text model from {source} ({str(err).splitlines()[0][:200]})") from None
-    unloaded = [*info.get("missing_keys", ()), *(str(k) for k in info.get("mismatched_keys", ()))]
-    if any("text_projection" in key for key in unloaded):
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights of other shapes than the config's
+        reason = "its weights do not fit its config" if isinstance(err, RuntimeError) else str(err).splitlines()[0][:200]
+        raise IPAdapterError(f"cannot load a CLIP text model from {source} ({reason})") from None
+    if "text_projection.weight" in info["missing_keys"]:
         raise IPAdapterError(f"{source} holds no trained text projection (a plain CLIPTextModel, such as a Stable "
                              "Diffusion text encoder); content subtraction needs the CLIP text model with projection")
     if model.config.projection_dim != dim:
