@@ -67,7 +67,7 @@ def load_text_model(source: str, dim: int) -> TextModel:
 def _pipeline_models(pipe: Any, dim: int) -> Iterator[TextModel]:
     from transformers import CLIPTextModelWithProjection
 
-    for model_name, tokenizer_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+    for model_name, tokenizer_name in _TOKENIZER_OF.items():
         model, tokenizer = getattr(pipe, model_name, None), getattr(pipe, tokenizer_name, None)
         if isinstance(model, CLIPTextModelWithProjection) and tokenizer is not None and model.config.projection_dim == dim:
             yield model, tokenizer
