@@ -211,10 +211,9 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, clean, case, tmp_path, 
     assert not out.exists() and _pngs(clean[1]) == before
 
 
-def test_content_subtraction_per_job_equals_the_one_request_generation(tmp_path) -> None:
-    """Jobs with and without content words share one UNet batch; each row is `ipadapter generate --content-subtract`
-    of that job alone. The paired text model sits beside the encoder (`clip_text/`)."""
-    root = tmp_path
+def _content_jobs(root: Path) -> list[dict]:
+    """A tiny pipeline whose encoder has its paired text model beside it (`clip_text/`), two references, and a
+    manifest (root/jobs.jsonl) of jobs with and without content words."""
     factories.save_tiny_sd15_pipeline(root)
     text = root / "pipe" / "image_encoder" / "clip_text"
     factories.tiny_text_encoder(32, 7, projection=24).save_pretrained(text)
@@ -225,6 +224,14 @@ def test_content_subtraction_per_job_equals_the_one_request_generation(tmp_path)
             {"image": "ref1.png", "seed": 2},
             {"image": "ref0.png", "seed": 1, "content_subtract": "blue"}]
     (root / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    return jobs
+
+
+def test_content_subtraction_per_job_equals_the_one_request_generation(tmp_path) -> None:
+    """Jobs with and without content words share one UNet batch; each row is `ipadapter generate --content-subtract`
+    of that job alone. The paired text model sits beside the encoder (`clip_text/`)."""
+    root = tmp_path
+    jobs = _content_jobs(root)
     out = root / "out"
     with _one_thread():
         assert main(["generate", *_model_flags(root), "--manifest", str(root / "jobs.jsonl"), "--out-dir", str(out),
@@ -243,3 +250,28 @@ def test_content_subtraction_per_job_equals_the_one_request_generation(tmp_path)
         assert np.abs(batched - alone).max() <= 2, record["line"]
     plain, subtracted = (np.asarray(Image.open(out / index[n]["files"][0]), dtype=np.int16) for n in (0, 2))
     assert np.abs(plain - subtracted).max() > 10  # same reference and seed, other content words
+
+
+def test_a_run_without_a_named_text_model_finds_the_paired_one_once(tmp_path, monkeypatch) -> None:
+    """`run_manifest` called as a library (no `Defaults.content_text`) looks for the paired text model once per run,
+    not once per job: every search loads a model from disk."""
+    from ipadapter import paired_text
+    from ipadapter.batch.jobs import OPTIONS, read_jobs
+    from ipadapter.batch.run import Defaults, run_manifest
+    from ipadapter.batch.shards import Shard
+    from ipadapter.cli.generate import load_from_flags
+    from ipadapter.cli.main import build_parser
+    from ipadapter.loading import base_geometry
+
+    _content_jobs(tmp_path)
+    searches = []
+    find = paired_text.PairedText._find
+    monkeypatch.setattr(paired_text.PairedText, "_find", lambda self: searches.append(1) or find(self))
+    cli = build_parser().parse_args(["generate", *_model_flags(tmp_path), "--manifest", str(tmp_path / "jobs.jsonl"),
+                                     "--out-dir", str(tmp_path / "out")])
+    loaded = load_from_flags(cli)
+    manifest = read_jobs(cli.manifest, {n: getattr(cli, n) for n in OPTIONS}, ["0"], lambda: base_geometry(cli.base))
+    failures = run_manifest(loaded.prompter, manifest, tmp_path / "out", batch_size=1, shard=Shard(),
+                            defaults=Defaults(2), settings={})
+    assert not failures and len(_index(tmp_path / "out")) == 3
+    assert len(searches) == 1

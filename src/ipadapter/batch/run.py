@@ -38,7 +38,8 @@ RECORDS, PROGRESS = ".records", ".progress"
 @dataclass(frozen=True)
 class Defaults:
     """What a job leaves to the model: its default steps and guidance, extra pipeline arguments (ControlNet), and the
-    text model that embeds content words (the run's `--content-text-encoder`; default: the one found)."""
+    text model that embeds content words (the run's `--content-text-encoder`; default: the one `run_manifest` finds
+    once for the whole run)."""
 
     steps: int | None = None
     guidance: float | None = None
@@ -126,6 +127,8 @@ def run_manifest(prompter: Any, manifest: Manifest, out: Path, *, batch_size: in
                  defaults: Defaults, settings: dict) -> list[Failure]:
     """Generate this process's share of the unfinished batches; the main process then writes index.jsonl and
     errors.jsonl for the whole run. Returns every failure of the run (the same list on every process)."""
+    if defaults.content_text is None:
+        defaults = dataclasses.replace(defaults, content_text=PairedText(prompter.pipe, prompter.encoder))
     out.mkdir(parents=True, exist_ok=True)
     shard.agree(lambda: pin(out, settings, shard))
     total = sum(len(j.files) for j in manifest.jobs)
