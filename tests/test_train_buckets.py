@@ -28,6 +28,30 @@ def test_bucket_sizes_are_valid_and_cover_the_ratios() -> None:
     assert nearest_bucket((30, 31), bucket_sizes(16, 4)) == (16, 16)
 
 
+@pytest.mark.parametrize("resolution, multiple", [(512, 64), (768, 64), (1024, 64), (1024, 16), (64, 8)])
+def test_buckets_treat_portrait_and_landscape_alike(resolution: int, multiple: int) -> None:
+    """Every bucket is within the area and the 1:2..2:1 ratios; no landscape size of the largest height for its
+    width is missing; and the set is closed under transposition, so a portrait image gets the mirror of the bucket
+    its landscape transpose gets."""
+    buckets = bucket_sizes(resolution, multiple)
+    area = resolution * resolution
+    for h, w in buckets:
+        assert h % multiple == 0 and w % multiple == 0 and h * w <= area and 0.5 <= w / h <= 2
+    for width in range(resolution, 2 * resolution + 1, multiple):
+        height = max(h for h in range(multiple, width + 1, multiple) if h * width <= area)
+        assert ((height, width) in buckets) == (width <= 2 * height)
+    assert {(w, h) for h, w in buckets} == set(buckets)
+    for size in [(300, 700), (512, 1024), (999, 1001), (400, 1500)]:
+        h, w = nearest_bucket(size, buckets)
+        assert nearest_bucket(size[::-1], buckets) == (w, h)
+
+
+def test_sdxl_buckets_reach_two_to_one_both_ways() -> None:
+    buckets = bucket_sizes(1024, 64)
+    assert buckets[0] == (1408, 704) and buckets[-1] == (704, 1408)  # 704 · 1408 ≤ 1024², exactly 1:2 and 2:1
+    assert (1280, 768) in buckets and (768, 1280) in buckets
+
+
 def test_grouped_order_gives_batches_of_one_group() -> None:
     groups = [0, 1, 0, 1, 2, 0, 1, 0, 1, 2]
     order = grouped_order(list(range(10)), groups, 2, torch.Generator().manual_seed(0))
@@ -54,8 +78,14 @@ def expected_time_ids(original: tuple[int, int], bucket: tuple[int, int]) -> lis
     return [h, w, (nh - th) // 2, (nw - tw) // 2, th, tw]
 
 
+# (width, height): four images for each of the three buckets of 16 px, interleaved. Two epochs of six batches of
+# two: an order that ignored the buckets would pair images of one bucket throughout with probability (27/10395)².
+BUCKETED = [(40, 20), (20, 40), (24, 24), (42, 22), (22, 42), (30, 28), (44, 21), (21, 44), (26, 25), (38, 20),
+            (20, 38), (27, 29)]
+
+
 def test_sdxl_batches_are_bucketed_with_their_size_conditioning(tmp_path, monkeypatch) -> None:
-    manifest = _mixed(tmp_path / "data", [(40, 20), (20, 40), (24, 24), (42, 22), (22, 42), (30, 28)])
+    manifest = _mixed(tmp_path / "data", BUCKETED)
     seen = []
     forward = trainer.TrainModule.forward
 
@@ -66,9 +96,9 @@ def test_sdxl_batches_are_bucketed_with_their_size_conditioning(tmp_path, monkey
     monkeypatch.setattr(trainer.TrainModule, "forward", recording)
     models, encoder = factories.in_memory(sdxl=True)
     config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), resolution=factories.RES, batch_size=2,
-                         max_steps=3, num_workers=0, save_every=1000, buckets=True, seed=0)
+                         max_steps=12, num_workers=0, save_every=1000, buckets=True, seed=0)
     result = train(config, models=models, image_encoder=encoder, log_with=None)
-    assert result.step == 3 and all(math.isfinite(v) for v in result.losses)
+    assert result.step == 12 and all(math.isfinite(v) for v in result.losses)
     buckets = bucket_sizes(factories.RES, 4)
     latent_sizes = set()
     for latent, time_ids in seen:

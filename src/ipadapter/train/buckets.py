@@ -19,13 +19,15 @@ MAX_RATIO = 2.0
 
 
 def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:
-    """(height, width) pairs, widest last, with h·w ≤ resolution², sides multiples of `multiple`, ratio ≤ 2:1."""
+    """(height, width) pairs, widest last, with h·w ≤ resolution², sides multiples of `multiple`, ratio ≤ 2:1. Each
+    landscape size comes with its portrait transpose: rounding the height down to `multiple` for each width alone
+    would give the two orientations different ratios (1024 px: 704×1408 but no 1408×704)."""
     sizes = {(resolution, resolution)}
     area = resolution * resolution
     for width in range(multiple, 2 * resolution + 1, multiple):
         height = area // width // multiple * multiple
-        if height >= multiple and 1 / MAX_RATIO <= width / height <= MAX_RATIO:
-            sizes.add((height, width))
+        if height >= multiple and 1 <= width / height <= MAX_RATIO:
+            sizes |= {(height, width), (width, height)}
     return sorted(sizes, key=lambda s: s[1] / s[0])
 
 
