@@ -165,6 +165,51 @@ def test_stages_run_in_order_from_the_previous_stage(tmp_path, monkeypatch) -> N
     assert sizes == []
 
 
+def test_a_stage_killed_midway_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch) -> None:
+    """Three stages, killed in the second: `--resume latest` skips the first, continues the second from its
+    checkpoint and runs the third, to the bytes of an uninterrupted run. A finished run's command again without
+    `--resume` is refused, as a plain run's is, rather than silently keeping the earlier run's stages."""
+    from safetensors.torch import load_file
+
+    from ipadapter import IPAdapterError
+
+    manifest = factories.write_images(tmp_path / "data", 4, size=(28, 28))
+    sizes = []
+    real = step.step_inputs
+    monkeypatch.setattr(step, "step_inputs", lambda run, batch: sizes.append(run.config.resolution) or real(run, batch))
+    models, encoder = factories.in_memory()
+    options = dict(data=str(manifest), batch_size=2, num_workers=0, save_every=1, stages=["16:1", "24:3", "16:1"],
+                   seed=0, learning_rate=1e-3)
+    train(TrainConfig(output=str(tmp_path / "a"), **options), models=models, image_encoder=encoder, log_with=None)
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def stop(s, loss):
+        calls.append(s)
+        if len(calls) == 3:  # stage 2, after step 2 and its checkpoint: step 3 is left
+            raise Killed
+
+    config = TrainConfig(output=str(tmp_path / "b"), **options)
+    with pytest.raises(Killed):
+        train(config, models=models, image_encoder=encoder, log_with=None, on_step=stop)
+    sizes.clear()
+    train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
+    assert sizes == [24, 16]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in ("1-16px", "2-24px", "3-16px"):
+        assert json.loads((b / "stages" / folder / "config.json").read_text())["stages"] == []
+    assert json.loads((b / "stages" / "3-16px" / "config.json").read_text())["init_from"] == str(
+        b / "stages" / "2-24px" / "adapter.ipadapter.safetensors")
+    final, uninterrupted = load_file(str(b / "ip-adapter.safetensors")), load_file(str(a / "ip-adapter.safetensors"))
+    assert all(torch.equal(final[k], uninterrupted[k]) for k in uninterrupted)
+    assert (b / "ip-adapter.safetensors").read_bytes() == (b / "stages" / "3-16px" / "ip-adapter.safetensors").read_bytes()
+    with pytest.raises(IPAdapterError, match="already holds a staged training run.*--resume latest"):
+        train(TrainConfig(output=str(a), **options), models=models, image_encoder=encoder, log_with=None)
+
+
 def test_bad_stage_and_buckets_with_cache_are_refused() -> None:
     from ipadapter import IPAdapterError
 

@@ -3,8 +3,9 @@ the previous stage's final adapter (`init_from`) with a fresh optimizer and sche
 
 Stage i trains into `<output>/stages/<i>-<resolution>px/`, a complete run folder of its own (checkpoints, logs,
 model card); a stage whose final adapter is there is done and is not run again, so `--resume latest` continues
-the stage that was interrupted. The last stage's model folder is copied to `<output>`. With a feature cache, each
-stage has its own (`<cache>-<resolution>px`): the cache holds one resolution.
+the stage that was interrupted (without `--resume`, an output holding stages is refused, as for a plain run). The
+last stage's model folder is copied to `<output>`. With a feature cache, each stage has its own
+(`<cache>-<resolution>px`): the cache holds one resolution.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ipadapter.errors import IPAdapterError
 from ipadapter.train.config import TrainConfig, parse_stage
 
 logger = logging.getLogger("ipadapter.train")
@@ -39,6 +41,10 @@ def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> Any:
     """Each stage with `train_one(config, **kwargs)`; finished stages (final adapter written) are skipped."""
     result = None
     stages = stage_configs(config)
+    started = [s.output for s in stages if Path(s.output).is_dir() and any(Path(s.output).iterdir())]
+    if started and not config.resume:  # as a plain run: a fresh start never builds on an earlier run's stages
+        raise IPAdapterError(f"{config.output} already holds a staged training run ({started[0]}); continue it with "
+                             "--resume latest or choose another --output")
     for stage in stages:
         done = Path(stage.output) / "adapter.ipadapter.safetensors"
         if done.is_file():
