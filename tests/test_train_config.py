@@ -26,6 +26,8 @@ def test_yaml_and_toml_load_and_flags_override(tmp_path) -> None:
 
 @pytest.mark.parametrize("name, content, message", [
     ("c.json", b'{"base": "b", "batch_size": 3}', None),
+    ("c.yml", b"batch_size: 3", None),
+    ("c.yaml", b"batch_size: many", r"c\.yaml: batch_size must be int, not 'many'"),
     ("c.ini", b"base = b", "must end in .yaml, .yml, .json or .toml"),
     ("c.yaml", b"base: [unclosed", "cannot parse"),
     ("c.toml", b"base = ", "cannot parse"),
@@ -43,6 +45,11 @@ def test_config_files_load_or_fail_with_a_sentence(tmp_path, name, content, mess
         TrainConfig.load(tmp_path / name)
 
 
+def test_a_bad_flag_value_is_said_to_come_from_the_flags() -> None:
+    with pytest.raises(IPAdapterError, match="^the flags: batch_size must be int, not 'x'$"):
+        TrainConfig.load("", {"batch_size": "x"})
+
+
 @pytest.mark.parametrize("values, message", [
     ({"variant": "huge"}, "unknown variant 'huge'"),
     ({"batch_size": 0}, "batch_size must be at least 1, not 0"),
@@ -56,10 +63,57 @@ def test_config_files_load_or_fail_with_a_sentence(tmp_path, name, content, mess
     ({"optimizer": "sgd"}, "optimizer must be one of adamw, adamw8bit, not 'sgd'"),
     ({"references": 0}, "references must be at least 1, not 0"),
     ({"validate_every": 10, "cache": "c"}, "validation needs --validation-images or --data"),
+    ({"stages": ["512:0"]}, "stages must be RESOLUTION:STEPS with positive integers .*not '512:0'"),
+    ({"stages": ["0:100"]}, "not '0:100'"),
+    ({"stages": ["512:100:5"]}, "not '512:100:5'"),
+    ({"buckets": "maybe"}, "buckets must be bool, not 'maybe'"),
+    ({"max_steps": 2.5}, "max_steps must be int, not 2.5"),
+    ({"learning_rate": "fast"}, "learning_rate must be float, not 'fast'"),
+    ({"colour": 1}, "valid fields: base, image_encoder, data, "),
 ])
 def test_validation_names_the_bad_value(values, message) -> None:
     with pytest.raises(IPAdapterError, match=message):
         TrainConfig.from_dict(values)
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"buckets": "yes"}, {"buckets": True}), ({"buckets": "No"}, {"buckets": False}),
+    ({"buckets": "TRUE"}, {"buckets": True}), ({"buckets": "false"}, {"buckets": False}),
+    ({"buckets": "1"}, {"buckets": True}), ({"buckets": "0"}, {"buckets": False}), ({"buckets": 1}, {"buckets": True}),
+    ({"max_steps": 2.0}, {"max_steps": 2}), ({"max_steps": "7"}, {"max_steps": 7}),
+    ({"learning_rate": "3e-4"}, {"learning_rate": 3e-4}),
+    ({"stages": "512:10"}, {"stages": ["512:10"]}), ({"validation_prompts": [1, "a"]}, {"validation_prompts": ["1", "a"]}),
+    ({"base": None, "image_encoder": 7}, {"base": "", "image_encoder": "7"}),
+])
+def test_values_from_a_file_take_their_fields_type(values, expected) -> None:
+    """What YAML/TOML/JSON give (quoted booleans, whole floats, one string for a list, null) becomes the field's
+    type, with the field types and spellings of YAML 1.1's booleans that people write."""
+    config = TrainConfig.from_dict(values)
+    got = {name: getattr(config, name) for name in expected}
+    assert got == expected and all(type(got[n]) is type(v) for n, v in expected.items())
+
+
+@pytest.mark.parametrize("values, message", [
+    ({}, "no base model: give --base"),
+    ({"base": "./nowhere"}, "--base not found: ./nowhere"),
+    ({"base": "{base}", "image_encoder": "./nowhere"}, "--image-encoder not found: ./nowhere"),
+    ({"base": "{base}", "image_encoder": "{encoder}"}, "no training data: give --data"),
+    ({"base": "{base}", "data": "d.jsonl"}, "variant 'base' needs --image-encoder"),
+    ({"base": "{base}", "data": "d.jsonl", "image_encoder": "{encoder}"}, None),
+    ({"base": "{base}", "image_encoder": "{encoder}", "cache": "{cache}"}, None),  # a finished cache needs no data
+])
+def test_a_run_names_what_it_still_lacks(tmp_path, values, message) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "index.json").write_text("{}")
+    config = TrainConfig.from_dict({k: v.format(**{n: str(tmp_path / n) for n in ("base", "encoder", "cache")})
+                                    for k, v in values.items()})
+    if message is None:
+        config.check_ready()
+        return
+    with pytest.raises(IPAdapterError, match=message):
+        config.check_ready()
 
 
 def test_adapter_shapes_per_variant_table() -> None:

@@ -250,7 +250,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kind = f.type  # a string: this module's annotations are postponed (`from __future__ import annotations`)
     try:
         if kind == "bool":
             if isinstance(value, str):
