@@ -86,19 +86,24 @@ def test_condition_comes_from_the_reference_not_the_target(tmp_path, monkeypatch
             torch.testing.assert_close(row, expected)
 
 
-def test_several_references_give_concatenated_tokens(tmp_path, monkeypatch) -> None:
-    manifest, refs, _ = _data(tmp_path, 2)
+@pytest.mark.parametrize("variant, tokens_per_reference", [("base", 4), ("plus", 16)])
+def test_several_references_give_concatenated_tokens(tmp_path, monkeypatch, variant, tokens_per_reference) -> None:
+    """Batches of 3 samples with 2 references each (3 ≠ 2, so rows and references cannot be mistaken for each
+    other); Plus's resampler mixes its input tokens, so a reference projected with another's tokens would show."""
+    manifest, refs, _ = _data(tmp_path, 2, n=6)
     seen = _record_features(monkeypatch)
     models, encoder = factories.in_memory()
-    train(_config(tmp_path, manifest, references=2), models=models, image_encoder=encoder, log_with=None)
-    expected = clip_global(refs, encoder.processor)  # (2, D): reference 0, reference 1
+    train(_config(tmp_path, manifest, references=2, batch_size=3, variant=variant), models=models,
+          image_encoder=encoder, log_with=None)
     assert len(seen) == 2
-    for (features,), tokens, alone in seen:
-        assert features.shape == (2, 2, expected.shape[1])
-        for sample in features:
-            torch.testing.assert_close(sample, expected)
-        assert tokens.shape == (2, 2 * 4, factories.CROSS)  # base variant: 4 tokens per reference
+    for features, tokens, alone in seen:
+        assert tokens.shape == (3, 2 * tokens_per_reference, factories.CROSS)
         torch.testing.assert_close(tokens, alone)
+        if variant == "base":
+            expected = clip_global(refs, encoder.processor)  # (2, D): reference 0, reference 1
+            assert features[0].shape == (3, 2, expected.shape[1])
+            for sample in features[0]:
+                torch.testing.assert_close(sample, expected)
 
 
 def test_cache_stores_the_reference_features(tmp_path) -> None:
