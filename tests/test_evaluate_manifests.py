@@ -40,7 +40,7 @@ def test_coco_converter_takes_the_first_caption_per_image(tmp_path) -> None:
         factories.reference_image(i).save(tmp_path / "val" / f"{i:012d}.jpg")
     captions = {"images": [{"id": 2, "file_name": "000000000002.jpg"}, {"id": 1, "file_name": "000000000001.jpg"}],
                 "annotations": [{"id": 9, "image_id": 1, "caption": "later"}, {"id": 3, "image_id": 1, "caption": " a dog "},
-                                {"id": 5, "image_id": 2, "caption": "a cat"}]}
+                                {"id": 5, "image_id": 2, "caption": "a cat"}, {"id": 7, "image_id": 2, "caption": "later"}]}
     (tmp_path / "captions.json").write_text(json.dumps(captions))
     manifest = read_manifest(from_coco_captions(tmp_path / "captions.json", tmp_path / "val", tmp_path / "out" / "m.jsonl"))
     assert [e.text for e in manifest.entries] == ["a dog", "a cat"] and not manifest.skipped
@@ -50,6 +50,7 @@ PROMPTS = """Classes
 subject_name,class
 backpack,backpack
 dog2,dog
+rc_car,toy
 
 Prompts
 Object Prompts
@@ -66,13 +67,14 @@ prompt_list = [
 
 
 def test_dreambench_converter_pairs_subjects_with_their_prompts(tmp_path) -> None:
-    for subject in ("backpack", "dog2"):
+    for subject in ("backpack", "dog2", "rc_car"):
         (tmp_path / subject).mkdir()
         for i in range(2):
             factories.reference_image(i).save(tmp_path / subject / f"{i:02d}.jpg")
     (tmp_path / "prompts_and_classes.txt").write_text(PROMPTS)
     manifest = read_manifest(from_dreambench(tmp_path, tmp_path / "m.jsonl"))
-    texts = ["a backpack in the jungle", "a backpack on the beach", "a dog wearing a hat"]
+    texts = ["a backpack in the jungle", "a backpack on the beach", "a dog wearing a hat", "a toy in the jungle",
+             "a toy on the beach"]  # rc_car's class is the listed one, not its folder name
     assert [e.text for e in manifest.entries] == texts
     assert all(e.image_file.name == "00.jpg" for e in manifest.entries)
     with pytest.raises(IPAdapterError, match="prompts_and_classes"):
