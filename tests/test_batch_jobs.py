@@ -71,6 +71,32 @@ BAD = {
     "negative content strength": ({"image": "r0.png", "content_subtract": "a dog", "content_strength": -1},
                                   "content_strength must not be negative, got -1.0"),
     "content words not text": ({"image": "r0.png", "content_subtract": 3}, "content_subtract must be a string, got 3"),
+    "image not a path": ({"image": 3}, "image must be a path or a list of paths"),
+    "a number among images": ({"image": ["r0.png", 3]}, "image must be a path or a list of paths"),
+    "mask not a path": ({"image": "r0.png", "mask": 5}, "mask must be a path or a list of paths"),
+    "one weight, not a list": ({"image": ["r0.png", "r1.png"], "image_weight": 0.5},
+                               "image_weight must be a list of numbers, one per image"),
+    "a weight that is text": ({"image": ["r0.png", "r1.png"], "image_weight": [1, "a"]},
+                              "image_weight must be a number, got 'a'"),
+    "weight count": ({"image": ["r0.png", "r1.png"], "image_weight": [1]},
+                     "got 1 image_weight for 2 image; give one per image"),
+    "tiles as text": ({"image": "r0.png", "tiles": "yes"}, "tiles must be true or false, got 'yes'"),
+    "no steps": ({"image": "r0.png", "steps": 0}, "num_images and steps must be at least 1"),
+    "no images": ({"image": "r0.png", "num_images": 0}, "num_images and steps must be at least 1"),
+    "fractional steps": ({"image": "r0.png", "steps": 2.5}, "steps must be a whole number, got 2.5"),
+    "fractional height": ({"image": "r0.png", "height": 64.5}, "height must be a whole number, got 64.5"),
+    "guidance as text": ({"image": "r0.png", "guidance": "high"}, "guidance must be a number, got 'high'"),
+    "start as text": ({"image": "r0.png", "start": "0"}, "start must be a number, got '0'"),
+    "lora scale as text": ({"image": "r0.png", "lora_scale": "1"}, "lora_scale must be a number, got '1'"),
+    "negative guidance": ({"image": "r0.png", "guidance": -1}, "guidance must not be negative, got -1.0"),
+    "negative scale": ({"image": "r0.png", "scale": -0.5}, "scale must not be negative, got -0.5"),
+    "negative seed": ({"image": "r0.png", "seed": -1}, "seed + num_images - 1 must lie in 0 to 2**64-1, got seed -1"),
+    "tiles with a mask": ({"image": "r0.png", "tiles": True, "mask": "r1.png"},
+                          "tiles makes its own per-tile masks; do not combine it with mask"),
+    "negative image and noise": ({"image": "r0.png", "negative_image": "r1.png", "noise": "gaussian"},
+                                 "give negative_image or noise, not both"),
+    "bad noise": ({"image": "r0.png", "noise": "gaussian:x"}, "noise= takes TYPE:STRENGTH"),
+    "prompt not text": ({"prompt": 5}, "prompt must be a string, got 5"),
 }
 
 
@@ -81,6 +107,25 @@ def test_a_bad_line_is_a_one_line_failure_and_the_rest_runs(refs, case) -> None:
     assert len(found.jobs) == 1 and len(found.failures) == 1
     failure = found.failures[0]
     assert failure.line == 2 and words in failure.error and "\n" not in failure.error
+
+
+def test_values_at_their_limits_are_jobs_with_the_flags_types(refs) -> None:
+    """The last seed a job may start from, one step, scale 0, two images combined with weights, tiles, noise."""
+    lines = [
+        {"image": "r0.png", "seed": 2**64 - 2, "num_images": 2, "steps": 1, "scale": 0, "guidance": 0},
+        {"image": ["r0.png", "r1.png"], "combine": "average", "image_weight": [1, 0.5], "start": 0, "end": 1},
+        {"image": "r0.png", "tiles": True, "noise": "gaussian:0.3", "height": 64.0, "lora_scale": 2},
+        {"image": "r0.png", "negative_image": "r1.png", "mask": "r2.png"},
+    ]
+    found = _read(refs, lines)
+    assert not found.failures, found.failures
+    first, second, third, fourth = (j.settings for j in found.jobs)
+    assert found.jobs[0].seeds == [2**64 - 2, 2**64 - 1]
+    assert (first["steps"], first["scale"], first["guidance"]) == (1, 0.0, 0.0)
+    assert second["image_weight"] == [1.0, 0.5] and all(type(w) is float for w in second["image_weight"])
+    assert (type(second["start"]), type(third["lora_scale"]), type(third["height"])) == (float, float, int)
+    assert third["tiles"] is True and third["noise"] == "gaussian:0.3"
+    assert fourth["negative_image"] == str(refs / "r1.png") and fourth["mask"] == [str(refs / "r2.png")]
 
 
 def test_an_id_taken_by_another_job_fails_the_later_line(refs) -> None:

@@ -88,7 +88,9 @@ def digest(settings: dict, adapter: str | None) -> str:
 
 
 def _number(value: Any, name: str, kind: type) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+    """`value` as `kind`; a whole float (64.0, as some JSON writers put every number) is a whole number."""
+    whole = kind is int and isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not (whole or isinstance(value, (int, float) if kind is float else int)):
         raise IPAdapterError(f"{name} must be {'a number' if kind is float else 'a whole number'}, got {value!r}")
     if kind is float and not math.isfinite(value):
         raise IPAdapterError(f"{name} must be a finite number, got {value!r}")
