@@ -67,15 +67,22 @@ prompt_list = [
 
 
 def test_dreambench_converter_pairs_subjects_with_their_prompts(tmp_path) -> None:
-    for subject in ("backpack", "dog2", "rc_car"):
+    for subject, names in {"backpack": ["00.jpg", "01.jpg"], "dog2": ["00.jpg", "01.jpg"],
+                           "rc_car": ["00.jpg", "01.jpg"], "wolf_plushie2": ["01.jpeg", "00.PNG", "notes.txt"]}.items():
         (tmp_path / subject).mkdir()
-        for i in range(2):
-            factories.reference_image(i).save(tmp_path / subject / f"{i:02d}.jpg")
+        for i, name in enumerate(names):
+            factories.reference_image(i).save(tmp_path / subject / name, format="PNG")
+    (tmp_path / "empty_subject").mkdir()
     (tmp_path / "prompts_and_classes.txt").write_text(PROMPTS)
     manifest = read_manifest(from_dreambench(tmp_path, tmp_path / "m.jsonl"))
     texts = ["a backpack in the jungle", "a backpack on the beach", "a dog wearing a hat", "a toy in the jungle",
-             "a toy on the beach"]  # rc_car's class is the listed one, not its folder name
+             "a toy on the beach",  # rc_car's class is the listed one, not its folder name
+             "a wolf plushie in the jungle", "a wolf plushie on the beach"]  # unlisted: the folder name, digits cut
     assert [e.text for e in manifest.entries] == texts
-    assert all(e.image_file.name == "00.jpg" for e in manifest.entries)
+    assert [e.image_file.name for e in manifest.entries] == ["00.jpg"] * 5 + ["00.PNG"] * 2
     with pytest.raises(IPAdapterError, match="prompts_and_classes"):
         from_dreambench(tmp_path / "backpack", tmp_path / "x.jsonl")
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "prompts_and_classes.txt").write_text(PROMPTS)
+    with pytest.raises(IPAdapterError, match="no subjects with images and prompts found in"):
+        from_dreambench(tmp_path / "none", tmp_path / "x.jsonl")
