@@ -103,10 +103,24 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_a_bad_line_is_a_one_line_failure_and_the_rest_runs(refs, case) -> None:
     line, words = BAD[case]
-    found = _read(refs, [{"image": "r0.png"}, line])
-    assert len(found.jobs) == 1 and len(found.failures) == 1
+    found = _read(refs, [{"image": "r0.png"}, line, {"image": "r1.png"}])
+    assert [j.line for j in found.jobs] == [1, 3] and len(found.failures) == 1
     failure = found.failures[0]
     assert failure.line == 2 and words in failure.error and "\n" not in failure.error
+    named = isinstance(line, dict) and isinstance(line.get("id"), str)
+    assert failure.id == (line["id"] if named else None)
+
+
+def test_a_failed_line_keeps_its_id_and_null_keeps_the_default(refs) -> None:
+    found = _read(refs, [{"id": "cat", "image": "nope.png"}, {"image": "r0.png", "scale": None, "adapter": None}])
+    assert [(f.line, f.id) for f in found.failures] == [(1, "cat")]
+    (job,) = found.jobs
+    assert job.settings == {**DEFAULTS, "image": [str(refs / "r0.png")]} and job.adapter is None
+    assert len(job.id) == 16 and job.key.startswith(job.id)  # no id: the first 16 hex digits of the key
+    assert _read(refs, [{"image": "r0.png", "adapter": 0}]).failures[0].error.startswith(
+        "adapter 0 is not attached; attached (--adapter order): 0, 1")
+    second = _read(refs, [{"image": "r0.png", "adapter": "1"}]).jobs[0]
+    assert second.adapter == "1" and second.key != job.key and second.settings == job.settings
 
 
 def test_values_at_their_limits_are_jobs_with_the_flags_types(refs) -> None:

@@ -52,6 +52,29 @@ def test_fid_uses_sample_mean_and_unbiased_covariance() -> None:
         metrics.fid(x[:1], y)
 
 
+def test_a_product_without_a_square_root_gets_the_documented_ridge() -> None:
+    """Σ1Σ2 nilpotent has no square root (scipy returns inf); with eps·I added to both the closed form is
+    Tr((1+ε)[[ε, 1], [0, ε]])^½ = 2√(ε(1+ε)), so the distance is 0 + 1·0 + 2 − 4√(ε(1+ε))."""
+    eps = 1e-6
+    s1, s2 = np.array([[0.0, 1.0], [0.0, 0.0]]), np.eye(2)
+    with pytest.warns(Warning):  # scipy says the matrix is singular
+        value = metrics.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=eps)
+    assert value == pytest.approx(2 - 4 * np.sqrt(eps * (1 + eps)), rel=1e-9)
+
+
+def test_feature_statistics_need_two_rows_of_vectors_and_use_float64() -> None:
+    for bad in (np.zeros(5), np.zeros((1, 3)), np.zeros((2, 3, 1))):
+        with pytest.raises(ValueError, match="FID needs at least 2 feature vectors"):
+            metrics.feature_statistics(bad)
+    rng = np.random.default_rng(3)
+    x = (1e4 + rng.standard_normal((50, 4))).astype(np.float32)  # float32 sums lose the small spread
+    mean, cov = metrics.feature_statistics(x)
+    exact = x.astype(np.float64)
+    np.testing.assert_allclose(mean, exact.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(exact, rowvar=False), rtol=1e-9)
+    assert metrics.feature_statistics(x[:2])[1].shape == (4, 4)
+
+
 def test_clip_score_is_weighted_positive_part() -> None:
     cos = torch.tensor([-0.5, 0.0, 0.1, 0.4])
     assert torch.allclose(metrics.clip_score(cos), torch.tensor([0.0, 0.0, 0.25, 1.0]))
