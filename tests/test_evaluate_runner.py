@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
+import torch
 from PIL import Image
 
 from ipadapter.errors import IPAdapterError
 from ipadapter.evaluate.manifests import read_manifest, write_manifest
-from ipadapter.evaluate.runner import Plan, generate, jobs, sample_path, sample_seed
+from ipadapter.evaluate.runner import Plan, base_modules, generate, jobs, sample_path, sample_seed, weights_digest
 from tests import factories
 
 
@@ -107,3 +110,31 @@ def test_prompter_sampler_images_do_not_depend_on_their_batch(tmp_path) -> None:
     alone = sample(Job("m", entry, 0.7, "a cat", (1,), (6,)), ref)
     a, b = np.asarray(both[1], np.int16), np.asarray(alone[0], np.int16)
     assert np.abs(a - b).max() <= 1 and not np.array_equal(np.asarray(both[0]), np.asarray(both[1]))
+
+
+def test_weights_digest_sees_every_value_or_the_documented_sample() -> None:
+    """Whole: any changed value changes the digest. `per_tensor=4` of 10 values: the evenly spaced indices 0, 3, 6, 9
+    (first and last included) are hashed, the others are not."""
+    def module(values: list[float]) -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.register_buffer("w", torch.tensor(values))
+        return m
+
+    base = [float(i) for i in range(10)]
+    assert weights_digest([module(base)]) == weights_digest([module(list(base))])
+    for i in range(10):
+        changed = base[:i] + [base[i] + 0.5] + base[i + 1:]
+        assert weights_digest([module(changed)]) != weights_digest([module(base)])
+        sampled = weights_digest([module(changed)], per_tensor=4) != weights_digest([module(base)], per_tensor=4)
+        assert sampled == (i in (0, 3, 6, 9)), i
+
+
+def test_base_modules_add_the_image_encoder_once() -> None:
+    unet, vae, encoder = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    pipe = types.SimpleNamespace(components={"unet": unet, "vae": vae, "scheduler": object(), "tokenizer": None})
+    found = base_modules(types.SimpleNamespace(pipe=pipe, encoder=types.SimpleNamespace(model=encoder)))
+    assert [id(m) for m in found] == [id(unet), id(vae), id(encoder)]
+    pipe.components["image_encoder"] = encoder  # already a pipeline component: not twice
+    found = base_modules(types.SimpleNamespace(pipe=pipe, encoder=types.SimpleNamespace(model=encoder)))
+    assert [id(m) for m in found] == [id(unet), id(vae), id(encoder)]
+    assert base_modules(types.SimpleNamespace(pipe=pipe, encoder=None)) == [unet, vae, encoder]
