@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 
 from ipadapter.snr import min_snr_weights
 from ipadapter.train import TrainConfig
-from ipadapter.train.step import diffusion_loss
+from ipadapter.train.step import diffusion_loss, scale_latents
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -52,9 +52,12 @@ def stub_run(snr_gamma: float, batch: int = 6) -> tuple[SimpleNamespace, dict[st
     return run, data
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("snr_gamma", [0.0, 5.0])
-def test_diffusion_loss_weights_each_sample(snr_gamma: float) -> None:
-    scheduler = DDPMScheduler(**SD_BETAS)
+def test_diffusion_loss_weights_each_sample(snr_gamma: float, prediction: str) -> None:
+    """With zero latents the noisy input is √(1−ᾱ)·noise, so the noise is recovered from it; the target is the noise
+    (epsilon) or √ᾱ·noise − √(1−ᾱ)·0 (the velocity), and a zero prediction's error is the target squared."""
+    scheduler = DDPMScheduler(**SD_BETAS, prediction_type=prediction)
     run, data = stub_run(snr_gamma)
     seen = {}
 
@@ -63,14 +66,48 @@ def test_diffusion_loss_weights_each_sample(snr_gamma: float) -> None:
         return torch.zeros_like(noisy)
 
     torch.manual_seed(0)
-    loss = diffusion_loss(run, module, scheduler, "epsilon", data)
+    loss = diffusion_loss(run, module, scheduler, prediction, data)
     t = seen["t"].numpy()
     snr = closed_form_snr()[t]
     alpha_bar = snr / (1 + snr)
     noise = seen["noisy"].double().numpy() / np.sqrt(1 - alpha_bar)[:, None, None, None]  # the latents are zero
-    per_sample = (noise ** 2).reshape(len(t), -1).mean(axis=1)  # a zero prediction's squared error is noise²
-    weights = np.minimum(snr, snr_gamma) / snr if snr_gamma else np.ones_like(snr)
+    target = noise if prediction == "epsilon" else np.sqrt(alpha_bar)[:, None, None, None] * noise
+    per_sample = (target ** 2).reshape(len(t), -1).mean(axis=1)
+    denominator = snr if prediction == "epsilon" else snr + 1
+    weights = np.minimum(snr, snr_gamma) / denominator if snr_gamma else np.ones_like(snr)
     assert float(loss) == pytest.approx(float((weights * per_sample).mean()), rel=1e-4)
+
+
+def test_noise_offset_adds_one_draw_per_sample_and_channel() -> None:
+    """Offset noise (Guttenberg 2023): randn + offset·randn(B, C, 1, 1). With offset 100 each channel's spatial mean
+    is one N(0, 100²) draw of its own, while the noise around it stays standard normal."""
+    scheduler = DDPMScheduler(**SD_BETAS)
+    run, data = stub_run(0.0, batch=8)
+    run.config = run.config.replace(noise_offset=100.0)
+    seen = {}
+
+    def module(noisy, timesteps, text, features, added):
+        seen.update(noisy=noisy, t=timesteps)
+        return torch.zeros_like(noisy)
+
+    torch.manual_seed(0)
+    diffusion_loss(run, module, scheduler, "epsilon", data)
+    alpha_bar = closed_form_snr()[seen["t"].numpy()]
+    alpha_bar = alpha_bar / (1 + alpha_bar)
+    noise = seen["noisy"].double().numpy() / np.sqrt(1 - alpha_bar)[:, None, None, None]
+    means = noise.mean(axis=(2, 3))  # (B, C): 32 draws of N(0, 100²) plus N(0, 1/64)
+    assert 50 < means.std() < 200 and np.abs(means).max() < 450
+    assert 0.8 < (noise - means[:, :, None, None]).std() < 1.2
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"scaling_factor": 0.18215}, lambda x: x * 0.18215),  # SD 1.5's VAE
+    ({"scaling_factor": 1.5305, "shift_factor": 0.0609}, lambda x: (x - 0.0609) * 1.5305),  # SD 3.5's
+    ({"scaling_factor": 0.3611, "shift_factor": None}, lambda x: x * 0.3611),  # a config that writes null
+])
+def test_latents_are_shifted_then_scaled_as_the_vae_config_says(config, expected) -> None:
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(scale_latents(config, x), expected(x))
 
 
 def test_snr_gamma_is_refused_when_negative_and_for_flux() -> None:
