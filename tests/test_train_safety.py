@@ -84,3 +84,19 @@ def test_sdxl_vae_stays_fp32_under_fp16() -> None:
     assert vae_dtype(sdxl_like, torch.float16) == torch.float32
     assert vae_dtype(sdxl_like, torch.bfloat16) == torch.bfloat16  # bf16 has fp32's range
     assert vae_dtype(sd_like, torch.float16) == torch.float16
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5, 2.0, 100.0])
+def test_gradients_are_clipped_to_their_global_norm(max_grad_norm: float) -> None:
+    """With SGD at lr 1 the update is the gradient; clipping scales all gradients together by c/‖g‖ when the
+    global norm ‖g‖ is above c (here ‖g‖ = 5: (3, 4) over two parameters); 0 means no clipping."""
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])
+    optimizer = torch.optim.SGD([a, b], lr=1.0)
+    scheduled = []
+    accelerator = SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
+    assert step.optimizer_step(accelerator, optimizer, SimpleNamespace(step=lambda: scheduled.append(1)), [a, b],
+                               max_grad_norm)
+    factor = min(1.0, max_grad_norm / 5.0) if max_grad_norm else 1.0
+    torch.testing.assert_close(torch.cat([a.data, b.data]), -factor * torch.tensor([3.0, 4.0]))
+    assert scheduled == [1] and a.grad is None and b.grad is None
