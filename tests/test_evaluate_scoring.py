@@ -10,7 +10,7 @@ from ipadapter.evaluate import extractors, metrics
 from ipadapter.evaluate.judges import ClipJudge
 from ipadapter.evaluate.manifests import read_manifest, write_manifest
 from ipadapter.evaluate.runner import Plan, load_samples, sample_path
-from ipadapter.evaluate.scoring import Toolbox, score_run
+from ipadapter.evaluate.scoring import Toolbox, build_toolbox, score_run
 from tests import factories
 
 PLAN = Plan(("ip",), (1.0,), samples=2, seed=0, empty_prompt=False, settings={})
@@ -67,3 +67,32 @@ def test_generations_without_a_face_are_counted_not_averaged(run_dir) -> None:
     row = score_run(PLAN, entries, out, "ip", 1.0, Toolbox(face=faces), chunk=3)
     # generation 1 has no face, and reference 1 has none, so its two samples cannot be compared either
     assert row["face_id"] == pytest.approx(1.0) and row["face_missing"] == 3
+
+
+def test_the_toolbox_loads_what_is_asked_and_says_why_a_network_is_missing(monkeypatch) -> None:
+    """Each metric's network lands in its slot, loaded with the named source and device; one that cannot load
+    (a missing optional package or file) becomes a `skipped` reason instead of failing the run."""
+    calls = []
+
+    def loader(name, fail=False):
+        def load(*args):
+            calls.append((name, args))
+            if fail:
+                raise extractors.MetricUnavailable(f"{name} needs something")
+            return name
+        return load
+
+    monkeypatch.setattr(extractors, "dino_embedder", loader("dino"))
+    monkeypatch.setattr(extractors, "inception_features", loader("inception"))
+    monkeypatch.setattr(extractors, "lpips_distance", loader("lpips", fail=True))
+    monkeypatch.setattr(extractors, "arcface_embedder", loader("face"))
+    box = build_toolbox(["clip_t", "dino_i", "fid", "lpips", "face_id", "attributes"], lambda: "judge",
+                        inception="pt_inception.pt", device="meta")
+    assert (box.judge, box.dino, box.inception, box.lpips, box.face) == ("judge", "dino", "inception", None, "face")
+    assert calls == [("dino", (extractors.DINO_DEFAULT, "meta")), ("inception", ("pt_inception.pt", "meta")),
+                     ("lpips", ("meta",)), ("face", ())]
+    assert box.skipped == {"lpips": "lpips needs something",
+                           "attributes": "per-attribute agreement needs an attribute judge and a manifest with attrs"}
+    calls.clear()
+    box = build_toolbox(["dino_i"], lambda: pytest.fail("no CLIP metric asked"), dino="my/dino")
+    assert box.judge is None and calls == [("dino", ("my/dino", "cpu"))] and not box.skipped
