@@ -401,6 +401,47 @@ def test_rewritten_state_is_verified_by_content(world, run, tmp_path, capsys) ->
     _one_line_error(capsys, _resume(world, output, "--max-steps", "3"), "rng-0.safetensors is not a valid RNG state")
 
 
+def _resume_from(world: Path, output: Path, source: Path, *extra: str) -> int:
+    argv = TRAIN.format(w=world, o=output.parent).split() + ["--resume", str(source), "--save-every", "1",
+                                                            "--keep-checkpoints", "3", *extra]
+    return main(argv)
+
+
+def test_resume_from_a_named_state_or_run_folder_continues_exactly(world, run, tmp_path, caplog) -> None:
+    """`--resume <state folder>` starts from that state, `--resume <run folder>` from the state its `latest` names:
+    from step 1 the run redoes step 2 to the bytes the uninterrupted run wrote."""
+    output = _copy(run, tmp_path)
+    final = (run / "ip-adapter.safetensors").read_bytes()
+    (output / "ip-adapter.safetensors").unlink()
+    with caplog.at_level("INFO", logger="ipadapter.train"):
+        assert _resume_from(world, output, run / "checkpoints" / "state-00000001", "--max-steps", "2") == 0
+    assert "state-00000001 at step 1" in caplog.text
+    assert (output / "ip-adapter.safetensors").read_bytes() == final
+    factories.reset_accelerate()
+    caplog.clear()
+    other = tmp_path / "other" / "run"
+    with caplog.at_level("INFO", logger="ipadapter.train"):
+        assert _resume_from(world, other, run, "--max-steps", "3") == 0
+    assert f"resumed from {run / 'checkpoints' / 'state-00000002'} at step 2" in caplog.text
+    assert (other / "checkpoints" / "latest").read_text().strip() == "state-00000003"
+
+
+@pytest.mark.parametrize("source, damage, words", [
+    ("checkpoints/state-00000002", lambda s: (s / "adapter.safetensors").write_bytes(b""),
+     "the state is incomplete (a file is missing or truncated)"),
+    ("data", None, "no checkpoint there (expected trainer_state.json or checkpoints/latest)"),
+])
+def test_resume_from_a_named_folder_that_cannot_be_resumed_is_refused(world, run, tmp_path, capsys, source, damage,
+                                                                      words) -> None:
+    output = _copy(run, tmp_path)
+    folder = (output / source) if damage else world / source
+    if damage:
+        damage(folder)
+    before = _snapshot(output)
+    _one_line_error(capsys, _resume_from(world, tmp_path / "new" / "run", folder, "--max-steps", "3"), words)
+    assert _snapshot(output) == before and not (tmp_path / "new").exists()
+
+
 def test_checkpoint_holds_no_pickles_but_tensors(run) -> None:
     state = run / "checkpoints" / "state-00000002"
     assert not list(state.glob("*.pkl"))
