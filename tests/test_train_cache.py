@@ -57,6 +57,27 @@ def test_training_from_cache_reuses_it_without_encoders(cached, tmp_path) -> Non
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
 
 
+def test_a_complete_cache_trains_without_the_data_it_was_built_from(cached, tmp_path) -> None:
+    """`--cache` alone (no `--data`): the cache holds what training reads, so the data's fingerprint is not checked."""
+    config = cached["config"].replace(output=str(tmp_path / "alone"), data="")
+    result = train(config, models=cached["models"], image_encoder=cached["encoder"], log_with=None)
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_an_interrupted_cache_build_starts_again(cached, tmp_path) -> None:
+    """A cache folder without index.json is a build that was killed: it is rebuilt from the start, and what the
+    killed build left is gone."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "part-000-00000.safetensors").write_bytes(b"half a file")
+    config = cached["config"].replace(output=str(tmp_path / "out"), cache=str(folder))
+    train(config, models=cached["models"], image_encoder=cached["encoder"], log_with=None)
+    reader = CacheReader(str(folder))
+    assert reader.index["rows"] == 5 and (folder / "part-000-00000.safetensors").read_bytes() != b"half a file"
+    torch.testing.assert_close(reader(reader.records()[0])["image"],
+                               CacheReader(cached["config"].cache)(CacheReader(cached["config"].cache).records()[0])["image"])
+
+
 @pytest.mark.parametrize("change, field", [
     ({"resolution": 20}, "resolution"),
     ({"cache_dtype": "float32"}, "cache_dtype"),
