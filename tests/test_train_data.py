@@ -13,7 +13,8 @@ from PIL import Image
 from ipadapter import IPAdapterError
 from ipadapter.train import dropout
 from ipadapter.train.data import (
-    Batches, Decoder, IndexedStream, ShardStream, center_crop, expand_shards, read_manifest, sdxl_time_ids,
+    Batches, Decoder, IndexedStream, Record, ShardStream, SkipSample, center_crop, expand_shards, read_manifest,
+    sdxl_time_ids,
 )
 from tests import factories
 
@@ -39,12 +40,35 @@ def test_manifest_paths_relative_to_its_folder_or_data_root(tmp_path) -> None:
     ('["a.png"]', "is a str"),
     ('{"image_file": "a.png", "text": 3}\n', "must be strings"),
     ("{not json\n", "not valid JSON"),
+    ('[{"image_file": "a.png", "text": "x"},\n oops]', "is not valid JSON: Expecting value at line 2"),
+    ('{"image_file": "a.png", "text": "x", "ref_image_file": 3}\n', "ref_image_file must be a file name or a list of"),
+    ('{"image_file": "a.png", "text": "x", "ref_image_file": ["r.png", ""]}\n', "ref_image_file must be a file name"),
 ])
 def test_bad_manifests_are_one_line_errors(tmp_path, content, message) -> None:
     path = tmp_path / "m.jsonl"
     path.write_text(content)
     with pytest.raises(IPAdapterError, match=message):
         read_manifest(path)
+
+
+def test_a_sample_the_decoder_cannot_use_is_skipped_with_its_reason(tmp_path) -> None:
+    image = tmp_path / "t.png"
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(image)
+    cases = [
+        (Decoder(16), Record("a", None, image), "no caption"),
+        (Decoder(16, references=2), Record("b", "x", image, refs=[image]), "not 2 reference image(s)"),
+        (Decoder(16, references=2), Record("c", "x", image), "no reference images (2 needed)"),
+        (Decoder(16, id_dim=4), Record("d", "x", image), "not 1 ID embedding(s)"),
+    ]
+    for decoder, record, reason in cases:
+        with pytest.raises(SkipSample, match=f"^{reason.replace('(', '.').replace(')', '.')}$"):
+            decoder(record)
+    assert Decoder(16, need_text=False)(Record("e", None, image))["text"] == ""
+
+
+def test_fewer_samples_than_processes_is_refused() -> None:
+    with pytest.raises(IPAdapterError, match="^1 training samples cannot be split over 2 processes$"):
+        IndexedStream([Record("a", "x", None)], rank=0, world=2)
 
 
 def test_faceid_manifest_needs_id_embed_file(tmp_path) -> None:
