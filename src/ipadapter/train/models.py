@@ -157,11 +157,6 @@ def encode_latents(vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, 
     return dist.mean, dist.std
 
 
-def scale_latents(vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
-    shift = getattr(vae_config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae_config.scaling_factor
-
-
 # ---- identity of models, for the cache's fingerprint ---------------------------------------------------------------
 def module_fingerprint(module: nn.Module | None, samples: int = 256) -> str:
     """A hash of the config and of a strided sample of every tensor: different weights give a different hash."""
