@@ -8,7 +8,6 @@ on VAE reconstructions, and the judge on text-to-image samples (full and partial
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -140,13 +139,3 @@ def base_text_only(pipe, judge, n: int = 64, partial: bool = False, seed: int = 
     images = sample(pipe, [partial_caption(a, k) for a, k in zip(attrs, keeps)], seed=seed, steps=steps,
                     guidance=guidance)
     return partial_accuracy(judge, images, attrs, keeps)
-
-
-def load_clip(clip_dir: str | Path):
-    """The tiny CLIP, its tokenizer, and its vision tower as the `CLIPVisionModelWithProjection` adapters use."""
-    from transformers import CLIPModel
-
-    from ipadapter.miniature.tokenizer import load_tokenizer
-
-    clip = CLIPModel.from_pretrained(clip_dir).eval()
-    return clip, load_tokenizer(clip_dir), tiny_clip.vision_tower(clip).eval()

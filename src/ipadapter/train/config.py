@@ -194,10 +194,6 @@ class TrainConfig:
 
     # ---- loading ----------------------------------------------------------------------------------------------
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "the config") -> "TrainConfig":
         known = {f.name: f for f in fields(cls)}
         values = {k.replace("-", "_"): v for k, v in values.items()}
