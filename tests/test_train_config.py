@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from ipadapter import IPAdapter, IPAdapterError
 from ipadapter.cli.main import main
@@ -182,3 +183,6 @@ def test_cli_config_file_with_flag_override_trains(base_folder, tmp_path) -> Non
     assert (out / "ip-adapter.safetensors").is_file() and (out / "adapter.ipadapter.safetensors").is_file()
     assert '"max_steps": 1' in (out / "config.json").read_text()
     assert list((out / "logs").rglob("events.out.tfevents*"))  # TensorBoard
+    with safe_open(str(out / "adapter.ipadapter.safetensors"), framework="pt") as f:  # where the adapter came from
+        meta = f.metadata()
+    assert (meta["base"], meta["encoder"], meta["variant"]) == (str(base), str(encoder), "base")
