@@ -61,12 +61,44 @@ def test_generations_without_a_face_are_counted_not_averaged(run_dir) -> None:
 
     def faces(images):
         rows = torch.ones(len(images), 4)
-        rows[1] = float("nan")  # the second image of each call has "no face"
+        if len(images) > 1:
+            rows[1] = float("nan")  # the second image of each call has "no face"
         return rows
 
-    row = score_run(PLAN, entries, out, "ip", 1.0, Toolbox(face=faces), chunk=3)
-    # generation 1 has no face, and reference 1 has none, so its two samples cannot be compared either
-    assert row["face_id"] == pytest.approx(1.0) and row["face_missing"] == 3
+    row = score_run(PLAN, entries, out, "ip", 1.0, Toolbox(face=faces), chunk=2)
+    # chunk 1 (references 0, 1): generation 1 has no face, and reference 1 has none, so neither of its samples can
+    # be compared; chunk 2 (reference 2): its second generation has no face. 4 of 6 missing, both chunks counted.
+    assert row["face_id"] == pytest.approx(1.0) and row["face_missing"] == 4
+
+
+def test_attribute_agreement_asks_about_each_sample_of_a_reference_with_attributes(tmp_path) -> None:
+    """Only references with `attrs` are judged, each of its samples against them; chunks are weighted by samples."""
+    records = []
+    for i in range(3):
+        factories.reference_image(i, 32).save(tmp_path / f"r{i}.png")
+        records.append({"image_file": f"r{i}.png", "text": "x", **({"attrs": {"colour": f"c{i}"}} if i != 1 else {})})
+        for k in range(2):
+            sample_path(tmp_path, "ip", 1.0, i, k).parent.mkdir(parents=True, exist_ok=True)
+            factories.reference_image(10 * i + k, 32).save(sample_path(tmp_path, "ip", 1.0, i, k))
+    entries = read_manifest(write_manifest(tmp_path / "m.jsonl", records)).entries
+    asked = []
+
+    class Judge:
+        def accuracy(self, images, attrs):
+            asked.extend((np.asarray(im).tobytes(), a["colour"]) for im, a in zip(images, attrs))
+            return {"colour": float(len(asked) == 2), "all": 0.5}
+
+    row = score_run(PLAN, entries, tmp_path, "ip", 1.0, Toolbox(attributes=Judge()), chunk=2)
+    expected = [(np.asarray(factories.reference_image(10 * i + k, 32)).tobytes(), f"c{i}") for i in (0, 2) for k in (0, 1)]
+    assert asked == expected
+    assert row["attributes"] == {"colour": 0.5, "all": 0.5}  # chunk means 1.0 and 0.0, two samples each
+
+
+def test_fid_of_one_reference_is_not_computed(run_dir) -> None:
+    """A covariance needs two references: with one, the row says None rather than a number from a singular fit."""
+    out, entries = run_dir
+    assert score_run(PLAN, entries[:1], out, "ip", 1.0, Toolbox(inception=_features))["fid"] is None
+    assert score_run(PLAN, entries[:2], out, "ip", 1.0, Toolbox(inception=_features))["fid"] is not None
 
 
 def test_the_toolbox_loads_what_is_asked_and_says_why_a_network_is_missing(monkeypatch) -> None:
