@@ -210,6 +210,25 @@ def test_a_stage_killed_midway_resumes_to_the_uninterrupted_run(tmp_path, monkey
         train(TrainConfig(output=str(a), **options), models=models, image_encoder=encoder, log_with=None)
 
 
+def test_each_stage_caches_its_own_resolution(tmp_path) -> None:
+    """A cache holds one resolution, so `--cache c` with stages builds `c-16px` and `c-24px`, each of its stage's
+    latent size."""
+    from ipadapter.train.cache import CacheReader
+
+    manifest = factories.write_images(tmp_path / "data", 4, size=(28, 28))
+    models, encoder = factories.in_memory()
+    cache = tmp_path / "c"
+    config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), batch_size=2, num_workers=0,
+                         save_every=1000, stages=["16:1", "24:1"], seed=0, cache=str(cache))
+    train(config, models=models, image_encoder=encoder, log_with=None)
+    for i, resolution in enumerate((16, 24), start=1):
+        stage = json.loads((tmp_path / "out" / "stages" / f"{i}-{resolution}px" / "config.json").read_text())
+        assert stage["cache"] == f"{cache}-{resolution}px"
+        reader = CacheReader(stage["cache"])
+        assert reader(reader.records()[0])["latent_mean"].shape[-1] == resolution // 2  # the tiny VAE halves
+    assert not cache.exists()
+
+
 def test_bad_stage_and_buckets_with_cache_are_refused() -> None:
     from ipadapter import IPAdapterError
 

@@ -102,6 +102,7 @@ def test_values_from_a_file_take_their_fields_type(values, expected) -> None:
     ({"base": "{base}", "data": "d.jsonl"}, "variant 'base' needs --image-encoder"),
     ({"base": "{base}", "data": "d.jsonl", "image_encoder": "{encoder}"}, None),
     ({"base": "{base}", "image_encoder": "{encoder}", "cache": "{cache}"}, None),  # a finished cache needs no data
+    ({"base": "{base}", "image_encoder": "h94/IP-Adapter/models/image_encoder", "data": "d.jsonl"}, None),  # Hub subfolder
 ])
 def test_a_run_names_what_it_still_lacks(tmp_path, values, message) -> None:
     (tmp_path / "base").mkdir()

@@ -37,14 +37,12 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ratio))
 
 
-def image_size(source: Path | bytes | None) -> tuple[int, int] | None:
-    """(height, width) from the file's header, None when it cannot be read (the sample is skipped later)."""
-    import io
-
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) from a manifest image's header, None when it cannot be read (the sample is skipped later)."""
     from PIL import Image
 
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+        with Image.open(path) as image:
             return image.height, image.width
     except Exception:  # missing or broken: decoding skips and counts it, with its reason
         return None
