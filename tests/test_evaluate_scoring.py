@@ -128,3 +128,12 @@ def test_the_toolbox_loads_what_is_asked_and_says_why_a_network_is_missing(monke
     calls.clear()
     box = build_toolbox(["dino_i"], lambda: pytest.fail("no CLIP metric asked"), dino="my/dino")
     assert box.judge is None and calls == [("dino", ("my/dino", "cpu"))] and not box.skipped
+
+
+def test_metrics_without_a_defined_value_are_none(run_dir) -> None:
+    """LPIPS diversity needs two samples of a reference; face similarity needs one face: else None, not 0 or NaN."""
+    out, entries = run_dir
+    one_sample = Plan(("ip",), (1.0,), samples=1, seed=0, empty_prompt=False, settings={})
+    box = Toolbox(lpips=lambda a, b: 1.0, face=lambda images: torch.full((len(images), 4), float("nan")))
+    row = score_run(one_sample, entries, out, "ip", 1.0, box)
+    assert row["lpips"] is None and row["face_id"] is None and row["face_missing"] == 3
