@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import types
 
 import pytest
@@ -62,7 +64,8 @@ def test_interrupted_run_resumes_without_redoing_or_losing_samples(tmp_path, ent
     assert len(after) == 12 and all(after[p] == t for p, t in before.items()), "finished samples untouched"
     for e in entries:
         for k in range(2):
-            seed = sample_seed(7, e.index, k)
+            seed = 7 + e.index * 10_000 + k  # docs/evaluation.md: sample k of reference i, the same at every scale
+            assert sample_seed(7, e.index, k) == seed
             assert Image.open(sample_path(out, "m", 1.0, e.index, k)).getpixel((0, 0))[:2] == (seed % 256, seed // 256)
     third = FakeSampler()
     assert generate(PLAN, entries, out, third, progress=False) == 0 and third.calls == 0
@@ -138,3 +141,27 @@ def test_base_modules_add_the_image_encoder_once() -> None:
     found = base_modules(types.SimpleNamespace(pipe=pipe, encoder=types.SimpleNamespace(model=encoder)))
     assert [id(m) for m in found] == [id(unet), id(vae), id(encoder)]
     assert base_modules(types.SimpleNamespace(pipe=pipe, encoder=None)) == [unet, vae, encoder]
+
+
+def test_prompts_progress_and_the_pinned_plan(tmp_path, entries) -> None:
+    """`empty_prompt` gives every job the empty text (else the reference's caption); progress.json says done/total
+    over all samples; a plan.json that lacks or adds a setting is another plan, refused by name."""
+    prompts = []
+
+    def sampler(job, reference):
+        prompts.append(job.prompt)
+        return FakeSampler()(job, reference)
+
+    for plan, expected in ((PLAN, [""] * 6), (dataclasses.replace(PLAN, empty_prompt=False), ["t0", "t1", "t2"] * 2)):
+        out = tmp_path / str(plan.empty_prompt)
+        prompts.clear()
+        generate(plan, entries, out, sampler, progress=False)
+        assert sorted(prompts) == sorted(expected)
+        progress = json.loads((out / "progress.json").read_text())
+        assert (progress["total"], progress["done"]) == (12, 12)
+    out = tmp_path / "True"
+    pinned = json.loads((out / "plan.json").read_text())
+    for changed in ({k: v for k, v in pinned.items() if k != "steps"}, {**pinned, "guidance": 5.0}):
+        (out / "plan.json").write_text(json.dumps(changed))
+        with pytest.raises(IPAdapterError, match=r"holds samples made with other settings \((steps|guidance)\)"):
+            generate(PLAN, entries, out, FakeSampler(), progress=False)
