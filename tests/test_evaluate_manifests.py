@@ -86,3 +86,9 @@ def test_dreambench_converter_pairs_subjects_with_their_prompts(tmp_path) -> Non
     (tmp_path / "none" / "prompts_and_classes.txt").write_text(PROMPTS)
     with pytest.raises(IPAdapterError, match="no subjects with images and prompts found in"):
         from_dreambench(tmp_path / "none", tmp_path / "x.jsonl")
+
+
+def test_a_manifest_is_written_into_folders_it_creates_and_reads_back(tmp_path) -> None:
+    factories.reference_image(0).save(tmp_path / "r.png")
+    path = write_manifest(tmp_path / "a" / "b" / "m.jsonl", [{"image_file": "../../r.png", "text": "un café crème"}])
+    assert [e.text for e in read_manifest(path).entries] == ["un café crème"]
