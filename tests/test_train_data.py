@@ -277,3 +277,14 @@ def test_a_shard_sample_caption_from_txt_else_json(members, caption) -> None:
     record = shard_record({"__key__": b"k", "jpg": b"pixels", "npy": b"x", **members}, need_id=False)
     assert (record.key, record.text, record.image) == ("k", caption, b"pixels")
     assert record.id_embeds == []  # ID embeddings are read only for the face variants
+
+
+@pytest.mark.parametrize("dropped", [0.0, torch.full((3,), 2.0)])
+def test_replaced_rows_keep_the_values_dtype(dropped) -> None:
+    """A bf16 batch stays bf16 whether the dropped row is a number or a float32 tensor (no silent promotion)."""
+    values = torch.ones(4, 3, dtype=torch.bfloat16)
+    out = dropout.replace_rows(values, torch.tensor([True, False, True, False]), dropped)
+    assert out.dtype == torch.bfloat16
+    expected = torch.ones(4, 3)
+    expected[[0, 2]] = torch.as_tensor(dropped, dtype=torch.float32)
+    assert torch.equal(out.float(), expected)
