@@ -52,13 +52,9 @@ def stub_run(snr_gamma: float, batch: int = 6) -> tuple[SimpleNamespace, dict[st
     return run, data
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("snr_gamma", [0.0, 5.0])
-def test_diffusion_loss_weights_each_sample(snr_gamma: float, prediction: str) -> None:
-    """With zero latents the noisy input is √(1−ᾱ)·noise, so the noise is recovered from it; the target is the noise
-    (epsilon) or √ᾱ·noise − √(1−ᾱ)·0 (the velocity), and a zero prediction's error is the target squared."""
-    scheduler = DDPMScheduler(**SD_BETAS, prediction_type=prediction)
-    run, data = stub_run(snr_gamma)
+def _loss_of_a_zero_prediction(run, data, prediction: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """`diffusion_loss` with a UNet that predicts zeros, seeded; with the stub's zero latents the noisy input is
+    √(1−ᾱ)·noise, so the drawn timesteps and noise are read back from it. Returns (loss, timesteps, noise)."""
     seen = {}
 
     def module(noisy, timesteps, text, features, added):
@@ -66,11 +62,22 @@ def test_diffusion_loss_weights_each_sample(snr_gamma: float, prediction: str) -
         return torch.zeros_like(noisy)
 
     torch.manual_seed(0)
-    loss = diffusion_loss(run, module, scheduler, prediction, data)
+    loss = diffusion_loss(run, module, DDPMScheduler(**SD_BETAS, prediction_type=prediction), prediction, data)
     t = seen["t"].numpy()
     snr = closed_form_snr()[t]
+    noise = seen["noisy"].double().numpy() / np.sqrt(1 - snr / (1 + snr))[:, None, None, None]
+    return loss, t, noise
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("snr_gamma", [0.0, 5.0])
+def test_diffusion_loss_weights_each_sample(snr_gamma: float, prediction: str) -> None:
+    """With zero latents the noisy input is √(1−ᾱ)·noise, so the noise is recovered from it; the target is the noise
+    (epsilon) or √ᾱ·noise − √(1−ᾱ)·0 (the velocity), and a zero prediction's error is the target squared."""
+    run, data = stub_run(snr_gamma)
+    loss, t, noise = _loss_of_a_zero_prediction(run, data, prediction)
+    snr = closed_form_snr()[t]
     alpha_bar = snr / (1 + snr)
-    noise = seen["noisy"].double().numpy() / np.sqrt(1 - alpha_bar)[:, None, None, None]  # the latents are zero
     target = noise if prediction == "epsilon" else np.sqrt(alpha_bar)[:, None, None, None] * noise
     per_sample = (target ** 2).reshape(len(t), -1).mean(axis=1)
     denominator = snr if prediction == "epsilon" else snr + 1
@@ -81,20 +88,9 @@ def test_diffusion_loss_weights_each_sample(snr_gamma: float, prediction: str) -
 def test_noise_offset_adds_one_draw_per_sample_and_channel() -> None:
     """Offset noise (Guttenberg 2023): randn + offset·randn(B, C, 1, 1). With offset 100 each channel's spatial mean
     is one N(0, 100²) draw of its own, while the noise around it stays standard normal."""
-    scheduler = DDPMScheduler(**SD_BETAS)
     run, data = stub_run(0.0, batch=8)
     run.config = run.config.replace(noise_offset=100.0)
-    seen = {}
-
-    def module(noisy, timesteps, text, features, added):
-        seen.update(noisy=noisy, t=timesteps)
-        return torch.zeros_like(noisy)
-
-    torch.manual_seed(0)
-    diffusion_loss(run, module, scheduler, "epsilon", data)
-    alpha_bar = closed_form_snr()[seen["t"].numpy()]
-    alpha_bar = alpha_bar / (1 + alpha_bar)
-    noise = seen["noisy"].double().numpy() / np.sqrt(1 - alpha_bar)[:, None, None, None]
+    _, _, noise = _loss_of_a_zero_prediction(run, data, "epsilon")
     means = noise.mean(axis=(2, 3))  # (B, C): 32 draws of N(0, 100²) plus N(0, 1/64)
     assert 50 < means.std() < 200 and np.abs(means).max() < 450
     assert 0.8 < (noise - means[:, :, None, None]).std() < 1.2

@@ -64,14 +64,14 @@ def merge(prompts: list[dict[str, AdapterPrompt]]) -> dict[str, AdapterPrompt]:
 
 
 def generate_batch(prompter: Any, batch: list[Job], defaults: Defaults) -> tuple[dict[str, list], list[Failure]]:
-    """Images per job id for the jobs of one batch that could be prepared, and the failures of the others."""
+    """Images per job id for the jobs of one batch that could be prepared, and the failures of the others
+    (`defaults.content_text` set: `run_manifest` fills it in)."""
     kept, prompts, failures = [], [], []
     for job in batch:
         try:
             request = load_request(job.settings)
             if job.settings["content_subtract"]:
-                content_text = defaults.content_text or PairedText(prompter.pipe, prompter.encoder)
-                request.content_text_embeds = content_text(job.settings["content_subtract"])
+                request.content_text_embeds = defaults.content_text(job.settings["content_subtract"])
             prompts.append(build_prompt(prompter, request, adapter=job.adapter))
             kept.append(job)
         except IPAdapterError as err:
