@@ -252,6 +252,22 @@ def test_several_outputs_are_written_all_or_none(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked"]
 
 
+def test_a_manifest_whose_records_fail_midway_leaves_the_earlier_one(tmp_path) -> None:
+    from ipadapter.evaluate.manifests import write_manifest
+
+    path = write_manifest(tmp_path / "refs.jsonl", [{"image_file": "a.png"}, {"image_file": "b.png"}])
+    before = path.read_bytes()
+
+    def records():
+        yield {"image_file": "c.png"}
+        raise OSError("the captions file went away")
+
+    with pytest.raises(OSError, match="went away"):
+        write_manifest(path, records())
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refs.jsonl"]
+
+
 def test_written_files_get_the_mode_open_gives(tmp_path) -> None:
     """safetensors writes its files owner-only; a saved adapter must be as readable as any file made with `open`."""
     import torch

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ipadapter.miniature import base_model, judge, recipes, tiny_clip, world
 from ipadapter.miniature import tokenizer as tok
@@ -73,6 +74,23 @@ def test_dataset_writer(tmp_path):
     for r in records:
         assert (tmp_path / r["image_file"]).is_file()
         assert r["text"] == world.caption(world.Attrs(**r["attrs"]))
+
+
+def test_an_interrupted_dataset_has_no_manifest(tmp_path, monkeypatch):
+    """The adapter recipe writes its scenes only when the manifest is missing: a build killed after some images must
+    not leave a manifest of those few, which the next run would train on."""
+    real, saved = Image.Image.save, []
+
+    def dies_at_the_third(image, path, *args, **kwargs):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(path)
+        return real(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", dies_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        world.write_dataset(tmp_path, 4, seed=0)
+    assert len(saved) == 2 and not (tmp_path / "manifest.jsonl").exists()
 
 
 @pytest.fixture(scope="module")

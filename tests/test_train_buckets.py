@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,18 +152,44 @@ def test_stages_run_in_order_from_the_previous_stage(tmp_path, monkeypatch) -> N
     models, encoder = factories.in_memory()
     config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), batch_size=2, num_workers=0,
                          save_every=1000, stages=["16:2", "24:1"], seed=0)
-    train(config, models=models, image_encoder=encoder, log_with=None)
+    result = train(config, models=models, image_encoder=encoder, log_with=None)
     assert sizes == [16, 16, 24]
     out = tmp_path / "out"
+    assert (result.step, result.output, result.published) == (1, out, out / "ip-adapter.safetensors")
     first, second = out / "stages" / "1-16px", out / "stages" / "2-24px"
     assert json.loads((second / "config.json").read_text())["init_from"] == str(first / "adapter.ipadapter.safetensors")
     assert (out / "ip-adapter.safetensors").read_bytes() == (second / "ip-adapter.safetensors").read_bytes()
     assert (out / "README.md").is_file()
 
-    # finished stages are not run again
+    # finished stages are not run again; the result still names the finished folder
     sizes.clear()
-    train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
+    again = train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
     assert sizes == []
+    assert (again.step, again.output, again.published, again.own) == (
+        1, out, out / "ip-adapter.safetensors", out / "adapter.ipadapter.safetensors")
+
+
+def test_the_last_stage_is_copied_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    """Copying the last stage's files to the output is atomic: a copy that fails midway leaves the earlier file."""
+    import shutil
+
+    from ipadapter.train import stages
+
+    out, last = tmp_path / "out", tmp_path / "out" / "stages" / "1-16px"
+    last.mkdir(parents=True)
+    (last / "adapter.ipadapter.safetensors").write_bytes(b"new adapter")
+    (out / "adapter.ipadapter.safetensors").write_bytes(b"old adapter")
+
+    def failing_copy(source, target):
+        Path(target).write_bytes(b"new")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", failing_copy)
+    config = TrainConfig(data="unused", output=str(out), stages=["16:1"], resume="latest")
+    with pytest.raises(OSError, match="No space"):
+        stages.run_stages(config, lambda stage, **kwargs: None)
+    assert (out / "adapter.ipadapter.safetensors").read_bytes() == b"old adapter"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.ipadapter.safetensors", "stages"]
 
 
 def test_a_stage_killed_midway_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,12 @@ def save_pngs(images: list[Image.Image], paths: list[Path]) -> list[Path]:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
     return list(paths)
+
+
+def copy_file(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    with replacing(path) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ipadapter.atomic import write_text
 from ipadapter.conditioning.images import load_image
 from ipadapter.errors import IPAdapterError
 from ipadapter.validation import read_utf8
@@ -69,12 +70,7 @@ def read_manifest(path: str | Path, limit: int | None = None) -> Manifest:
 
 def write_manifest(path: str | Path, records: Iterable[dict]) -> Path:
     """Write records (image_file relative to the manifest's folder) one JSON object per line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    return path
+    return write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def relative(image: Path, manifest: Path) -> str:

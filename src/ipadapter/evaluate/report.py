@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ipadapter.atomic import save_png, write_text
+from ipadapter.atomic import replacing, save_png, write_text
 from ipadapter.evaluate.files import slug, write_json
 from ipadapter.evaluate.grid import image_grid
 from ipadapter.evaluate.manifests import Entry
@@ -123,10 +123,25 @@ def sample_grid(plan: Plan, entries: Sequence[Entry], out: Path, method: str) ->
     return image_grid(columns, cell=CELL)
 
 
+Point = tuple[str, float, float]  # (label, CLIP-T, CLIP-I)
+
+
+def sweep_points(report: Report) -> tuple[dict[str, list[Point]], list[Point]]:
+    """What the scale-sweep plot draws: each method (in the rows' order) with its points labelled by scale, in scale
+    order (rows with both CLIP-T and CLIP-I), and the published methods' points when the run is comparable."""
+    rows = [r for r in report.rows if r.get("clip_i") is not None and r.get("clip_t") is not None]
+    lines: dict[str, list[Point]] = {r["name"]: [] for r in rows}
+    for r in sorted(rows, key=lambda r: r["scale"]):
+        lines[r["name"]].append((f"{r['scale']:g}", r["clip_t"], r["clip_i"]))
+    shown = published(report.protocol.published) if report.comparable and report.protocol.published else []
+    return lines, [(p.method, p.values["clip_t"], p.values["clip_i"]) for p in shown
+                   if "clip_i" in p.values and "clip_t" in p.values]
+
+
 def sweep_plot(report: Report, path: Path) -> bool:
     """CLIP-I against CLIP-T over the scales, one line per method (plus the published points when comparable)."""
-    rows = [r for r in report.rows if r.get("clip_i") is not None and r.get("clip_t") is not None]
-    if not rows:
+    lines, others = sweep_points(report)
+    if not lines:
         return False
     import matplotlib
 
@@ -134,24 +149,21 @@ def sweep_plot(report: Report, path: Path) -> bool:
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for method in dict.fromkeys(r["name"] for r in rows):
-        mine = sorted((r for r in rows if r["name"] == method), key=lambda r: r["scale"])
-        ax.plot([r["clip_t"] for r in mine], [r["clip_i"] for r in mine], marker="o", label=method)
-        for r in mine:
-            ax.annotate(f"{r['scale']:g}", (r["clip_t"], r["clip_i"]), textcoords="offset points", xytext=(4, 4))
-    if report.comparable and report.protocol.published:
-        for p in published(report.protocol.published):
-            if "clip_i" in p.values and "clip_t" in p.values:
-                ax.scatter(p.values["clip_t"], p.values["clip_i"], marker="x", color="grey")
-                ax.annotate(p.method, (p.values["clip_t"], p.values["clip_i"]), fontsize=6, color="grey")
+    for method, points in lines.items():
+        ax.plot([t for _, t, _ in points], [i for _, _, i in points], marker="o", label=method)
+        for label, t, i in points:
+            ax.annotate(label, (t, i), textcoords="offset points", xytext=(4, 4))
+    for label, t, i in others:
+        ax.scatter(t, i, marker="x", color="grey")
+        ax.annotate(label, (t, i), fontsize=6, color="grey")
     ax.set_xlabel("CLIP-T (CLIPScore) — follows the text →")
     ax.set_ylabel("CLIP-I — copies the reference →")
     ax.set_title(f"image prompt scale sweep ({report.protocol.name}; labels: scale)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return True
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ipadapter.atomic import write_text
+
 SIZE_PX = 64
 SUPERSAMPLE = 2
 
@@ -289,6 +291,7 @@ def write_dataset(
     out_dir: str | Path, n: int, seed: int, split: str = "train", masks: bool = False, partial: float = 0.0
 ) -> Path:
     """Write `n` PNGs and `manifest.jsonl` (image_file relative to out_dir, text, attrs); returns the manifest path.
+    The manifest is written last, whole: a folder that has one has all its images (an interrupted build has none).
 
     `masks` also writes each object's mask (`masks/*.png`, white object on black) and its `mask_file`, the
     control images of the miniature ControlNet; the images and other fields do not change. `partial` is the share of
@@ -301,17 +304,17 @@ def write_dataset(
         (out / "masks").mkdir(exist_ok=True)
     images, object_masks, attrs = make_masked_batch(seed, n, split)
     rng = np.random.default_rng(seed + 1)
-    manifest = out / "manifest.jsonl"
-    with open(manifest, "w", encoding="utf-8") as f:
-        for i, (image, mask, a) in enumerate(zip(images, object_masks, attrs)):
-            name = f"images/{split}_{i:06d}.png"
-            Image.fromarray(image).save(out / name)
-            text = caption(a)
-            if rng.random() < partial:
-                text = partial_caption(a, frozenset(slot for slot in SLOTS if rng.random() < 0.5))
-            record = {"image_file": name, "text": text, "attrs": asdict(a)}
-            if masks:
-                record["mask_file"] = f"masks/{split}_{i:06d}.png"
-                mask_image(mask).save(out / record["mask_file"])
-            f.write(json.dumps(record) + "\n")
+    lines = []
+    for i, (image, mask, a) in enumerate(zip(images, object_masks, attrs)):
+        name = f"images/{split}_{i:06d}.png"
+        Image.fromarray(image).save(out / name)
+        text = caption(a)
+        if rng.random() < partial:
+            text = partial_caption(a, frozenset(slot for slot in SLOTS if rng.random() < 0.5))
+        record = {"image_file": name, "text": text, "attrs": asdict(a)}
+        if masks:
+            record["mask_file"] = f"masks/{split}_{i:06d}.png"
+            mask_image(mask).save(out / record["mask_file"])
+        lines.append(json.dumps(record) + "\n")
+    manifest = write_text(out / "manifest.jsonl", "".join(lines))
     return manifest

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from ipadapter.atomic import save_png, write_text
+from ipadapter.atomic import copy_file, save_png, write_text
 
 LOSSES = Path("logs") / "losses.csv"
 
@@ -87,7 +86,7 @@ def write_model_card(output: Path, config: Any, adapter: Any, result: Any, *, da
     save_png(loss_curve(read_losses(output)), output / "loss.png")
     grids = sorted((output / "validation").glob("step-*.png"))
     if grids:
-        shutil.copyfile(grids[-1], output / "samples.png")
+        copy_file(grids[-1], output / "samples.png")
     return write_text(output / "README.md", model_card(config, adapter, result, data_size=data_size,
                                                       samples=bool(grids)))
 

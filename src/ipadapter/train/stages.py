@@ -11,16 +11,17 @@ last stage's model folder is copied to `<output>`. With a feature cache, each st
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
+from ipadapter.atomic import copy_file
 from ipadapter.errors import IPAdapterError
 from ipadapter.train.config import TrainConfig, parse_stage
+from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult
 
 logger = logging.getLogger("ipadapter.train")
 
-FOLDER_FILES = ("ip-adapter.safetensors", "adapter.ipadapter.safetensors", "README.md", "loss.png", "samples.png")
+FOLDER_FILES = (PUBLISHED_NAME, OWN_NAME, "README.md", "loss.png", "samples.png")
 
 
 def stage_configs(config: TrainConfig) -> list[TrainConfig]:
@@ -33,12 +34,13 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
             stages=[], resolution=resolution, max_steps=steps, output=str(folder), init_from=previous,
             cache=f"{config.cache}-{resolution}px" if config.cache else "", resume="latest" if config.resume else "",
         ))
-        previous = str(folder / "adapter.ipadapter.safetensors")
+        previous = str(folder / OWN_NAME)
     return runs
 
 
 def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> Any:
-    """Each stage with `train_one(config, **kwargs)`; finished stages (final adapter written) are skipped."""
+    """Each stage with `train_one(config, **kwargs)`; finished stages (final adapter written) are skipped. Returns the
+    last stage's result pointing at the copied model folder (only the paths when every stage had finished before)."""
     result = None
     stages = stage_configs(config)
     started = [s.output for s in stages if Path(s.output).is_dir() and any(Path(s.output).iterdir())]
@@ -46,7 +48,7 @@ def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> Any:
         raise IPAdapterError(f"{config.output} already holds a staged training run ({started[0]}); continue it with "
                              "--resume latest or choose another --output")
     for stage in stages:
-        done = Path(stage.output) / "adapter.ipadapter.safetensors"
+        done = Path(stage.output) / OWN_NAME
         if done.is_file():
             logger.info("stage %s already finished; next stage", stage.output)
             continue
@@ -56,5 +58,10 @@ def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> Any:
     last, out = Path(stages[-1].output), Path(config.output)
     for name in FOLDER_FILES:
         if (last / name).is_file():
-            shutil.copyfile(last / name, out / name)
+            copy_file(last / name, out / name)
+    if result is None:
+        result = TrainResult(step=stages[-1].max_steps, output=out)
+    result.output = out
+    result.published = out / PUBLISHED_NAME if (out / PUBLISHED_NAME).is_file() else None
+    result.own = out / OWN_NAME
     return result
