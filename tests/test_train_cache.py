@@ -117,3 +117,37 @@ def test_folder_models_cache_reused_without_loading_encoders(tmp_path, monkeypat
     monkeypatch.setattr(models, "load_vae", no)
     result = train(config.replace(output=str(tmp_path / "o2")), log_with=None)
     assert result.step == 1
+
+
+def test_validation_of_a_cached_run_loads_the_frozen_parts_from_the_base(tmp_path, monkeypatch) -> None:
+    """Training from the cache holds no VAE, text encoder or image encoder; validation loads them from the run's base
+    and encoder folders, frozen (no gradients, eval mode), and draws its grid."""
+    from ipadapter.train import models
+
+    base, encoder = factories.write_base(tmp_path / "base"), factories.write_image_encoder(tmp_path / "enc")
+    data = factories.write_images(tmp_path / "d", 3)
+    config = TrainConfig(base=str(base), image_encoder=str(encoder), data=str(data), output=str(tmp_path / "o1"),
+                         cache=str(tmp_path / "cache"), resolution=factories.RES, batch_size=2, max_steps=1,
+                         num_workers=0)
+    train(config, log_with=None)
+    factories.reset_accelerate()
+
+    loaded = {}
+
+    def recording(name, load):
+        def wrapped(*args, **kwargs):
+            out = load(*args, **kwargs)
+            loaded[name] = (args, kwargs, out)
+            return out
+        return wrapped
+
+    monkeypatch.setattr(models, "load_vae", recording("vae", models.load_vae))
+    monkeypatch.setattr(models, "load_text_encoders", recording("text", models.load_text_encoders))
+    monkeypatch.setattr(ImageEncoder, "from_pretrained", recording("image", ImageEncoder.from_pretrained))
+    result = train(config.replace(output=str(tmp_path / "o2"), validate_every=1, validation_steps=1,
+                                  validation_images=[str(tmp_path / "d" / "img0.png")]), log_with=None)
+    assert (result.output / "validation" / "step-00000001.png").is_file()
+    assert loaded["vae"][0] == (str(base),) and loaded["text"][0] == (str(base),)
+    assert loaded["text"][1] == {"sdxl": False} and loaded["image"][0] == (str(encoder),)
+    frozen = [loaded["vae"][2], *loaded["text"][2][1], loaded["image"][2].model]
+    assert all(not m.training and not any(p.requires_grad for p in m.parameters()) for m in frozen)

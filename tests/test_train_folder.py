@@ -120,3 +120,62 @@ def test_loss_curve_draws_finite_points_only() -> None:
     assert image.min() == 0  # something was drawn
     empty = np.asarray(loss_curve([(1, float("nan"))]).convert("L"))
     assert (empty < 128).sum() < (image < 128).sum()
+
+
+def _sized(folder, sizes) -> list[str]:
+    """One image per size (width, height), so which file a reference came from reads off its size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, (40 * i, 0, 0)).save(folder / f"v{i}.png")
+        paths.append(str(folder / f"v{i}.png"))
+    return paths
+
+
+def test_validation_images_are_taken_in_groups_of_the_runs_references(tmp_path, caplog) -> None:
+    """`validation_images` in consecutive groups of `references`; a group with an unreadable image is left out (with a
+    warning naming it), an incomplete last group too, and at most `count` are kept."""
+    from types import SimpleNamespace
+
+    from ipadapter.train.validate import validation_references
+
+    paths = _sized(tmp_path, [(10, 10), (11, 11), (12, 12), (13, 13), (14, 14), (15, 15), (16, 16)])
+    (tmp_path / "v1.png").write_bytes(b"not a png")
+    config = TrainConfig(references=2, validation_images=paths)
+    found = validation_references(SimpleNamespace(config=config), count=4)
+    assert [[im.size[0] for im in r.images] for r in found] == [[12, 13], [14, 15]]
+    assert all(r.face_embeds is None for r in found)
+    assert "v0.png" in caplog.text and "not used" in caplog.text
+    assert len(validation_references(SimpleNamespace(config=config), count=1)) == 1
+
+
+def test_validation_references_from_the_data_are_its_condition_images(tmp_path) -> None:
+    """Without `validation_images`: the condition images of the data's first samples in manifest order (the reference
+    images, not the targets), a sample with a bad reference skipped, and for FaceID each one's ID embeddings."""
+    import json
+    from types import SimpleNamespace
+
+    from ipadapter import IPAdapterError
+    from ipadapter.train.validate import validation_references
+
+    _sized(tmp_path, [(10 + i, 10 + i) for i in range(8)])
+    (tmp_path / "v1.png").write_bytes(b"not a png")
+    ids = [np.full(4, i, np.float32) for i in range(7)]
+    for i, value in enumerate(ids):
+        np.save(tmp_path / f"id{i}.npy", value)
+    lines = [{"image_file": "v7.png", "text": "t", "ref_image_file": f"v{i}.png", "id_embed_file": f"id{i}.npy"}
+             for i in range(7)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = SimpleNamespace(config=TrainConfig(data=str(tmp_path / "data.jsonl")))
+    found = validation_references(run, count=2)
+    assert [[im.size[0] for im in r.images] for r in found] == [[10], [12]]
+    assert [[im.size[0] for im in r.images] for r in validation_references(run, count=4)] == [[10], [12], [13], [14]]
+
+    face = SimpleNamespace(config=TrainConfig(data=str(tmp_path / "data.jsonl"), variant="faceid", id_dim=4))
+    found = validation_references(face, count=3)
+    assert [r.images[0].size[0] for r in found] == [10, 12, 13]
+    assert [r.face_embeds.tolist() for r in found] == [[ids[i].tolist()] for i in (0, 2, 3)]
+
+    (tmp_path / "data.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    with pytest.raises(IPAdapterError, match="no usable validation reference"):
+        validation_references(run)
