@@ -151,3 +151,38 @@ def test_validation_of_a_cached_run_loads_the_frozen_parts_from_the_base(tmp_pat
     assert loaded["text"][1] == {"sdxl": False} and loaded["image"][0] == (str(encoder),)
     frozen = [loaded["vae"][2], *loaded["text"][2][1], loaded["image"][2].model]
     assert all(not m.training and not any(p.requires_grad for p in m.parameters()) for m in frozen)
+
+
+@pytest.mark.parametrize("size", [6, 8, 12, 20])
+def test_a_weights_file_is_told_apart_by_its_first_and_last_bytes(tmp_path, size) -> None:
+    """The fingerprint reads a file's size and its first and last `edge` bytes: any change there (for a file under
+    two edges: anywhere) gives another hash."""
+    import hashlib
+
+    from ipadapter.train.cache import _hash_file
+
+    def digest(data: bytes) -> str:
+        (tmp_path / "w.bin").write_bytes(data)
+        h = hashlib.sha256()
+        _hash_file(tmp_path / "w.bin", h, edge=4)
+        return h.hexdigest()
+
+    data = bytes(range(size))
+    changed = [digest(data[:i] + b"\xff" + data[i + 1:]) for i in range(size)]
+    outside = set(range(4, size - 4))  # the middle of a file over two edges is not read, by design
+    assert all((c != digest(data)) == (i not in outside) for i, c in enumerate(changed))
+
+
+def test_a_cache_refuses_any_other_setting_but_no_data(tmp_path) -> None:
+    """Each fingerprint entry must match, falsy ones included (no ID embeddings, not SDXL); only an empty `data`
+    (training from the cache alone) is not compared."""
+    import json
+
+    from ipadapter.train.cache import check_fingerprint
+
+    built = {"image encoder": "abc", "id_dim": 512, "sdxl": True, "resolution": 64, "data": "d1"}
+    (tmp_path / "index.json").write_text(json.dumps({"fingerprint": built, "rows": 1, "files": []}))
+    assert check_fingerprint(tmp_path, {**built, "data": ""})["rows"] == 1
+    for key, value in (("id_dim", 0), ("sdxl", False), ("image encoder", ""), ("data", "d2"), ("resolution", 32)):
+        with pytest.raises(IPAdapterError, match=f"built with {key} = {built[key]!r} but this run has {value!r}"):
+            check_fingerprint(tmp_path, {**built, key: value})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -110,6 +111,47 @@ def test_shards_split_over_processes(tmp_path) -> None:
     assert sorted(seen) == [f"{i:09d}" for i in range(8)]
     one = ShardStream(shards[:1], rank=1, world=2, single_pass=True)  # fewer shards than processes: every 2nd sample
     assert [one.next_record().key, one.next_record()] == ["000000001", None]
+
+
+@pytest.mark.parametrize("per_shard", [2, 3, 6])  # 3, 2 and 1 shards
+def test_three_processes_read_every_sample_once(tmp_path, per_shard) -> None:
+    """As many shards as processes: each reads its own; fewer: each reads all and keeps every world-th sample, rank r
+    the (r+1)-th, (r+1+world)-th, ... in reading order."""
+    world, shards = 3, expand_shards(factories.write_shards(tmp_path, 6, per_shard=per_shard))
+    order = [r.key for r in iter(ShardStream(shards, seed=0, single_pass=True).next_record, None)]
+    per_rank = [[r.key for r in iter(ShardStream(shards, rank=rank, world=world, seed=0, single_pass=True).next_record,
+                                     None)] for rank in range(world)]
+    assert sorted(k for keys in per_rank for k in keys) == sorted(order) == [f"{i:09d}" for i in range(6)]
+    if len(shards) < world:
+        assert per_rank == [order[rank::world] for rank in range(world)]
+    else:  # whole shards: a rank's keys are one shard's consecutive keys
+        assert sorted(sorted(keys) for keys in per_rank) == [[f"{i:09d}", f"{i + 1:09d}"] for i in (0, 2, 4)]
+
+
+def test_tar_members_in_folders_and_folder_entries(tmp_path) -> None:
+    """webdataset's keys: the member's path up to the first dot of its file name, folders included; folder entries
+    of the tar are passed over, not the end of it."""
+    import io
+    import tarfile
+
+    from ipadapter.train.data import iter_tar_groups
+
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, payload in (("a", None), ("a/x.y.jpg", b"1"), ("a/x.y.txt", b"one"), ("b", None),
+                              ("b/x.jpg", b"2"), ("x.JPG", b"3")):
+            info = tarfile.TarInfo(name)
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    skipped = Counter()
+    groups = list(iter_tar_groups(str(path), skipped))
+    assert groups == [{"y.jpg": b"1", "y.txt": b"one", "__key__": b"a/x"}, {"jpg": b"2", "__key__": b"b/x"},
+                      {"jpg": b"3", "__key__": b"x"}]
+    assert not skipped
 
 
 def _keys(stream: ShardStream, n: int) -> list[str]:
@@ -288,3 +330,35 @@ def test_replaced_rows_keep_the_values_dtype(dropped) -> None:
     expected = torch.ones(4, 3)
     expected[[0, 2]] = torch.as_tensor(dropped, dtype=torch.float32)
     assert torch.equal(out.float(), expected)
+
+
+@pytest.mark.parametrize("members, need_id, refs, ids", [
+    ({"jpg": b"T", "ref.png": b"R"}, False, [b"R"], []),
+    ({"jpg": b"T", "ref0.jpg": b"R0", "ref1.webp": b"R1", "ref3.jpg": b"gap"}, False, [b"R0", b"R1"], []),
+    ({"jpg": b"T", "face.jpg": b"F"}, False, [b"F"], []),  # the other field serves when the first is absent
+    ({"jpg": b"T", "face.jpg": b"F", "ref.jpg": b"R"}, False, [b"R"], []),
+    ({"jpg": b"T", "face.jpg": b"F", "ref.jpg": b"R", "npy": b"I"}, True, [b"F"], [("npy", b"I")]),
+    ({"jpg": b"T", "face0.jpg": b"F0", "face1.png": b"F1", "id0.npy": b"I0", "id1.pt": b"I1"}, True,
+     [b"F0", b"F1"], [("npy", b"I0"), ("pt", b"I1")]),
+    ({"jpg": b"T", "npy": b"I", "id0.npy": b"I0"}, True, [], [("npy", b"I")]),
+    ({"jpg": b"T", "npy": b"I"}, False, [], []),
+])
+def test_shard_members_name_references_and_id_embeddings(members, need_id, refs, ids) -> None:
+    """docs/training.md: references are `{key}.ref.<ext>` (one) or `ref0`, `ref1`, ... (several, up to the first
+    missing number); FaceID reads `face` crops first and `{key}.npy` or `id0`, `id1`, ... embeddings."""
+    from ipadapter.train.data import shard_record
+
+    record = shard_record({**members, "__key__": "k/0001".encode()}, need_id=need_id)
+    assert (record.key, record.image, record.refs, record.id_embeds) == ("k/0001", b"T", refs, ids)
+
+
+def test_shard_patterns_take_brace_ranges_globs_and_plain_names(tmp_path) -> None:
+    """Brace ranges as webdataset expands them, glob wildcards (`*`, `?`, `[...]`) as the shell does, a plain name when
+    the file exists; the union sorted once, names that match nothing dropped."""
+    for name in ("a-0.tar", "a-1.tar", "a-2.tar", "b.tar"):
+        (tmp_path / name).write_bytes(b"")
+    t = str(tmp_path)
+    assert expand_shards(f"{t}/*.tar") == [f"{t}/a-0.tar", f"{t}/a-1.tar", f"{t}/a-2.tar", f"{t}/b.tar"]
+    assert expand_shards(f"{t}/a-?.tar") == expand_shards(f"{t}/a-[0-2].tar") == [f"{t}/a-{i}.tar" for i in range(3)]
+    assert expand_shards(f"{t}/a-{{2..4}}.tar") == [f"{t}/a-2.tar"]
+    assert expand_shards(f"{t}/{{b,a-1,a-*}}.tar") == [f"{t}/a-0.tar", f"{t}/a-1.tar", f"{t}/a-2.tar", f"{t}/b.tar"]

@@ -34,13 +34,14 @@ ROWS_PER_FILE = 1024
 
 # ---- fingerprint ----------------------------------------------------------------------------------------------------
 def _hash_file(path: Path, h: "hashlib._Hash", edge: int = 1 << 20) -> None:
-    """Size plus the first and last MiB: cheap for multi-GB weights, different for different weights."""
+    """Size plus the first and last MiB (the whole file when it is under 2 MiB): cheap for multi-GB weights,
+    different for different weights."""
     size = path.stat().st_size
     h.update(f"{path.name}:{size}".encode())
     with open(path, "rb") as fh:
         h.update(fh.read(edge))
-        if size > 2 * edge:
-            fh.seek(size - edge)
+        if size > edge:
+            fh.seek(max(edge, size - edge))
             h.update(fh.read(edge))
 
 
