@@ -362,3 +362,21 @@ def test_shard_patterns_take_brace_ranges_globs_and_plain_names(tmp_path) -> Non
     assert expand_shards(f"{t}/a-?.tar") == expand_shards(f"{t}/a-[0-2].tar") == [f"{t}/a-{i}.tar" for i in range(3)]
     assert expand_shards(f"{t}/a-{{2..4}}.tar") == [f"{t}/a-2.tar"]
     assert expand_shards(f"{t}/{{b,a-1,a-*}}.tar") == [f"{t}/a-0.tar", f"{t}/a-1.tar", f"{t}/a-2.tar", f"{t}/b.tar"]
+
+
+def test_a_faceid_shard_stream_reads_face_crops_and_embeddings(tmp_path) -> None:
+    """The stream passes the run's kind on: a FaceID stream reads the face crop and the ID embedding of a sample that
+    also names a reference; any other stream reads the reference and no embedding."""
+    import io
+    import tarfile
+
+    members = {"000.jpg": b"T", "000.txt": b"a", "000.face.jpg": b"F", "000.ref.jpg": b"R", "000.npy": b"I"}
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    face = ShardStream([str(tmp_path / "s.tar")], need_id=True, single_pass=True).next_record()
+    plain = ShardStream([str(tmp_path / "s.tar")], single_pass=True).next_record()
+    assert (face.refs, face.id_embeds) == ([b"F"], [("npy", b"I")])
+    assert (plain.refs, plain.id_embeds) == ([b"R"], [])
