@@ -186,3 +186,36 @@ def test_a_cache_refuses_any_other_setting_but_no_data(tmp_path) -> None:
     for key, value in (("id_dim", 0), ("sdxl", False), ("image encoder", ""), ("data", "d2"), ("resolution", 32)):
         with pytest.raises(IPAdapterError, match=f"built with {key} = {built[key]!r} but this run has {value!r}"):
             check_fingerprint(tmp_path, {**built, key: value})
+
+
+def test_a_models_fingerprint_reads_its_listed_subfolders(tmp_path, monkeypatch) -> None:
+    """Files of the listed subfolders count (a missing one is passed over, not the end of the list), others do not;
+    a Hub id reads its locally cached snapshot, as loading does, else the id itself is the identity."""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    from ipadapter.train.cache import folder_fingerprint
+
+    base = tmp_path / "base"
+    for sub, name in (("vae", "w.bin"), ("tokenizer", "vocab.json"), ("unet", "w.bin")):
+        (base / sub).mkdir(parents=True)
+        (base / sub / name).write_bytes(b"1")
+    subs = ["vae", "text_encoder_2", "tokenizer"]
+    first = folder_fingerprint(str(base), subs)
+    (base / "unet" / "w.bin").write_bytes(b"2")
+    assert folder_fingerprint(str(base), subs) == first
+    (base / "tokenizer" / "vocab.json").write_bytes(b"2")
+    assert folder_fingerprint(str(base), subs) != first
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--model" / "snapshots" / ("a" * 40)
+    snapshot.parent.parent.joinpath("refs").mkdir(parents=True)
+    snapshot.parent.parent.joinpath("refs", "main").write_text("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "vae").mkdir()
+    (snapshot / "vae" / "w.bin").write_bytes(b"1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert folder_fingerprint("org/model", subs) == folder_fingerprint(str(snapshot), subs)
+    assert folder_fingerprint("org/other", subs) == hashlib.sha256(b"org/other").hexdigest()[:16]
