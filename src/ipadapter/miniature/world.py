@@ -291,7 +291,8 @@ def write_dataset(
     out_dir: str | Path, n: int, seed: int, split: str = "train", masks: bool = False, partial: float = 0.0
 ) -> Path:
     """Write `n` PNGs and `manifest.jsonl` (image_file relative to out_dir, text, attrs); returns the manifest path.
-    The manifest is written last, whole: a folder that has one has all its images (an interrupted build has none).
+    The manifest is written last, whole, so an interrupted first build leaves none (the adapter recipe reads an
+    existing manifest as "scenes written").
 
     `masks` also writes each object's mask (`masks/*.png`, white object on black) and its `mask_file`, the
     control images of the miniature ControlNet; the images and other fields do not change. `partial` is the share of
