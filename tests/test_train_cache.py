@@ -219,3 +219,53 @@ def test_a_models_fingerprint_reads_its_listed_subfolders(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert folder_fingerprint("org/model", subs) == folder_fingerprint(str(snapshot), subs)
     assert folder_fingerprint("org/other", subs) == hashlib.sha256(b"org/other").hexdigest()[:16]
+
+
+def test_cache_files_hold_rows_in_the_cache_dtype_but_time_ids_exact(tmp_path, monkeypatch) -> None:
+    """Each file holds at most ROWS_PER_FILE rows; floating features are stored in `cache_dtype`, SDXL's time_ids in
+    float32 (bf16 would round an original size of 1025 px to 1024) and integers as they are."""
+    from safetensors.torch import load_file
+
+    from ipadapter.train import cache
+
+    monkeypatch.setattr(cache, "ROWS_PER_FILE", 2)
+    writer = cache.CacheWriter(tmp_path, 0, torch.bfloat16)
+    latents = torch.randn(5, 3)
+    time_ids = torch.tensor([[1025.0, 777.0, 0.0, 0.0, 1024.0, 1024.0]] * 5)
+    tokens = torch.arange(5)
+    for i, j in ((0, 2), (2, 3), (3, 5)):
+        writer.add({"latents": latents[i:j], "time_ids": time_ids[i:j], "tokens": tokens[i:j]})
+    writer.flush()
+    assert [f["rows"] for f in writer.files] == [2, 3]  # a file is written once a batch brings it to 2 or more rows
+    parts = [load_file(tmp_path / f["file"]) for f in writer.files]
+    joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    assert {k: v.dtype for k, v in joined.items()} == {
+        "latents": torch.bfloat16, "time_ids": torch.float32, "tokens": torch.int64}
+    assert torch.equal(joined["latents"], latents.to(torch.bfloat16)) and torch.equal(joined["time_ids"], time_ids)
+    assert torch.equal(joined["tokens"], tokens)
+
+
+def test_an_sdxl_faceid_cache_holds_pooled_text_time_ids_and_id_embeddings(tmp_path) -> None:
+    """SDXL's rows keep its pooled text embedding and its micro-conditioning: a 20x28 (w x h) image covers 16x16 at
+    scale 0.8 (16x22, cropped 3 px from the top), so time_ids = (28, 20, 3, 0, 16, 16); FaceID rows keep each
+    sample's ID embedding (at the cache's float16). A run from that cache trains."""
+    import json
+
+    import numpy as np
+
+    manifest = factories.write_images(tmp_path / "data", 3, size=(20, 28), id_dim=8)
+    models, encoder = factories.in_memory(sdxl=True)
+    config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), resolution=factories.RES, batch_size=2,
+                         max_steps=1, num_workers=0, variant="faceid-plus", id_dim=8, lora_rank=4,
+                         cache=str(tmp_path / "cache"), save_every=1000)
+    result = train(config, models=models, image_encoder=encoder, log_with=None)
+    assert result.step == 1 and all(torch.isfinite(torch.tensor(result.losses)))
+    reader = CacheReader(config.cache)
+    rows = [reader(r) for r in reader.records()]
+    assert len(rows) == 3 and {"pooled", "time_ids", "id", "image"} <= set(rows[0])
+    assert all(row["time_ids"].tolist() == [28, 20, 3, 0, 16, 16] for row in rows)
+    entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+    expected = sorted(torch.from_numpy(np.load(tmp_path / "data" / e["id_embed_file"])).half().float().tolist()
+                      for e in entries)  # stored at the cache's dtype, float16 by default
+    assert sorted(row["id"].tolist() for row in rows) == expected
+    assert {tuple(row["pooled"].shape) for row in rows} == {tuple(reader.constants["uncond_pooled"].shape)}
