@@ -336,27 +336,40 @@ def write_images(folder: Path, n: int, *, size: tuple[int, int] = (24, 20), id_d
     return path
 
 
+def write_tar(path: Path, members: dict[str, bytes | None]) -> Path:
+    """A tar of the members in order; a None payload is a folder entry."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
 def write_shards(folder: Path, n: int, per_shard: int, *, corrupt_every: int = 0) -> str:
     """img2dataset-style tar shards: {key}.jpg, {key}.txt, {key}.json."""
     import io
-    import tarfile
 
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(0, n, per_shard):
-        with tarfile.open(folder / f"{s // per_shard:05d}.tar", "w") as tar:
-            for i in range(s, min(n, s + per_shard)):
-                key = f"{i:09d}"
-                buf = io.BytesIO()
-                Image.new("RGB", (20, 18), COLOURS[i % 6]).save(buf, format="JPEG")
-                data = buf.getvalue() if not (corrupt_every and i % corrupt_every == corrupt_every - 1) else b"garbage"
-                members = {f"{key}.jpg": data, f"{key}.txt": f"a {WORDS[i % 6]} image".encode(),
-                           f"{key}.json": json.dumps({"key": key, "caption": f"a {WORDS[i % 6]} image"}).encode()}
-                for name, payload in members.items():
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
+        members: dict[str, bytes | None] = {}
+        for i in range(s, min(n, s + per_shard)):
+            key = f"{i:09d}"
+            buf = io.BytesIO()
+            Image.new("RGB", (20, 18), COLOURS[i % 6]).save(buf, format="JPEG")
+            data = buf.getvalue() if not (corrupt_every and i % corrupt_every == corrupt_every - 1) else b"garbage"
+            members.update({f"{key}.jpg": data, f"{key}.txt": f"a {WORDS[i % 6]} image".encode(),
+                            f"{key}.json": json.dumps({"key": key, "caption": f"a {WORDS[i % 6]} image"}).encode()})
+        write_tar(folder / f"{s // per_shard:05d}.tar", members)
     return str(folder / ("{00000..%05d}.tar" % ((n - 1) // per_shard)))
 
 

@@ -131,22 +131,10 @@ def test_three_processes_read_every_sample_once(tmp_path, per_shard) -> None:
 def test_tar_members_in_folders_and_folder_entries(tmp_path) -> None:
     """webdataset's keys: the member's path up to the first dot of its file name, folders included; folder entries
     of the tar are passed over, not the end of it."""
-    import io
-    import tarfile
-
     from ipadapter.train.data import iter_tar_groups
 
-    path = tmp_path / "s.tar"
-    with tarfile.open(path, "w") as tar:
-        for name, payload in (("a", None), ("a/x.y.jpg", b"1"), ("a/x.y.txt", b"one"), ("b", None),
-                              ("b/x.jpg", b"2"), ("x.JPG", b"3")):
-            info = tarfile.TarInfo(name)
-            if payload is None:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            else:
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    path = factories.write_tar(tmp_path / "s.tar", {"a": None, "a/x.y.jpg": b"1", "a/x.y.txt": b"one", "b": None,
+                                                    "b/x.jpg": b"2", "x.JPG": b"3"})
     skipped = Counter()
     groups = list(iter_tar_groups(str(path), skipped))
     assert groups == [{"y.jpg": b"1", "y.txt": b"one", "__key__": b"a/x"}, {"jpg": b"2", "__key__": b"b/x"},
@@ -367,15 +355,8 @@ def test_shard_patterns_take_brace_ranges_globs_and_plain_names(tmp_path) -> Non
 def test_a_faceid_shard_stream_reads_face_crops_and_embeddings(tmp_path) -> None:
     """The stream passes the run's kind on: a FaceID stream reads the face crop and the ID embedding of a sample that
     also names a reference; any other stream reads the reference and no embedding."""
-    import io
-    import tarfile
-
-    members = {"000.jpg": b"T", "000.txt": b"a", "000.face.jpg": b"F", "000.ref.jpg": b"R", "000.npy": b"I"}
-    with tarfile.open(tmp_path / "s.tar", "w") as tar:
-        for name, payload in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    factories.write_tar(tmp_path / "s.tar", {"000.jpg": b"T", "000.txt": b"a", "000.face.jpg": b"F",
+                                             "000.ref.jpg": b"R", "000.npy": b"I"})
     face = ShardStream([str(tmp_path / "s.tar")], need_id=True, single_pass=True).next_record()
     plain = ShardStream([str(tmp_path / "s.tar")], single_pass=True).next_record()
     assert (face.refs, face.id_embeds) == ([b"F"], [("npy", b"I")])

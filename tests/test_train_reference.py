@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import pytest
 import torch
@@ -131,11 +130,7 @@ def test_webdataset_reference_members(tmp_path) -> None:
 
     members = {"000.png": png(target), "000.txt": b"a", "000.ref.png": png(ref),
                "001.png": png(target), "001.txt": b"b", "001.ref0.png": png(ref), "001.ref1.png": png(target)}
-    with tarfile.open(tmp_path / "s.tar", "w") as tar:
-        for name, payload in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    factories.write_tar(tmp_path / "s.tar", members)
     stream = ShardStream([str(tmp_path / "s.tar")], single_pass=True)
     one, two = stream.next_record(), stream.next_record()
     assert (len(one.refs), len(two.refs)) == (1, 2)
