@@ -38,7 +38,7 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
     return runs
 
 
-def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> Any:
+def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResult:
     """Each stage with `train_one(config, **kwargs)`; finished stages (final adapter written) are skipped. Returns the
     last stage's result pointing at the copied model folder (only the paths when every stage had finished before)."""
     result = None
