@@ -93,6 +93,24 @@ def test_an_interrupted_dataset_has_no_manifest(tmp_path, monkeypatch):
     assert len(saved) == 2 and not (tmp_path / "manifest.jsonl").exists()
 
 
+def test_a_killed_rebuild_leaves_no_stale_manifest(tmp_path, monkeypatch):
+    """Rebuilding over a finished dataset with another seed: once an image is overwritten the old manifest would
+    describe scenes that are no longer there, so it must be gone before the first image is written."""
+    world.write_dataset(tmp_path, 4, seed=0)
+    real, saved = Image.Image.save, []
+
+    def dies_at_the_second(image, path, *args, **kwargs):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path)
+        return real(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", dies_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        world.write_dataset(tmp_path, 4, seed=1)
+    assert len(saved) == 1 and not (tmp_path / "manifest.jsonl").exists()
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """Every training function for 2 steps at tiny sizes, chained as the recipes chain them."""

@@ -291,8 +291,8 @@ def write_dataset(
     out_dir: str | Path, n: int, seed: int, split: str = "train", masks: bool = False, partial: float = 0.0
 ) -> Path:
     """Write `n` PNGs and `manifest.jsonl` (image_file relative to out_dir, text, attrs); returns the manifest path.
-    The manifest is written last, whole, so an interrupted first build leaves none (the adapter recipe reads an
-    existing manifest as "scenes written").
+    The manifest is written last, whole, and an existing one is removed before the first image is overwritten, so an
+    interrupted build leaves none (the adapter recipe reads an existing manifest as "scenes written").
 
     `masks` also writes each object's mask (`masks/*.png`, white object on black) and its `mask_file`, the
     control images of the miniature ControlNet; the images and other fields do not change. `partial` is the share of
@@ -301,6 +301,7 @@ def write_dataset(
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "manifest.jsonl").unlink(missing_ok=True)
     if masks:
         (out / "masks").mkdir(exist_ok=True)
     images, object_masks, attrs = make_masked_batch(seed, n, split)
