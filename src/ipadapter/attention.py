@@ -444,30 +444,19 @@ class IPAttnProcessor(nn.Module):
             found = self.kv.get(key)
             if found is not None:
                 return found
-        # Distinct token rows only (equal CFG halves and repeated images are laid out afterwards), all in one call:
-        # projecting a few tokens reads the whole K'/V' weight, so one read serves every row.
-        rows: list[torch.Tensor] = []
-        for ref, _ in chosen:
-            rows.append(ref.cond)
-            source = ref.cond if p.uncond_layer else ref.uncond
-            if self.runtime.cfg and source is not None and source is not ref.cond:
-                rows.append(source)
+        # The references' tokens laid out on the batch side by side (R references: R·T tokens), each weight read once
+        # for all of them. Projecting the laid-out batch rather than its distinct rows is diffusers' work at one step
+        # for the common batch of two (CFG, one image), and leaves nothing to lay out after the projection.
+        tokens = [self.runtime.batch_tokens(ref.cond, ref.cond if p.uncond_layer else ref.uncond, batch)
+                  for ref, _ in chosen]
         weights = p.weights
-        tokens = torch.cat(rows).to(weights.to_k_ip.weight.dtype)
-        parts = [t.split([r.shape[0] for r in rows]) for t in (weights.to_k_ip(tokens), weights.to_v_ip(tokens))]
-        projected = {id(r): (k, v) for r, k, v in zip(rows, *parts)}
-        ks, vs = [], []
-        for ref, factor in chosen:
-            source = ref.cond if p.uncond_layer else ref.uncond
-            cond, uncond = projected[id(ref.cond)], projected.get(id(source)) if self.runtime.cfg else None
-            ks.append(self.runtime.batch_tokens(cond[0], uncond and uncond[0], batch))
-            v = self.runtime.batch_tokens(cond[1], uncond and uncond[1], batch)
-            vs.append(v * factor if factor != 1.0 else v)
-        # One reference (the common case): no concatenation, i.e. no copy of K'/V' at every call with cache_kv=False
-        # (on CPU such small tensors are heap allocations: the copies left SDXL's heap ~0.5 MiB higher at its peak).
-        head_dim = ks[0].shape[-1] // heads
-        k, v = ((t[0] if len(t) == 1 else torch.cat(t, dim=1)).to(dtype).view(batch, -1, heads, head_dim)
-                .transpose(1, 2) for t in (ks, vs))
+        x = (tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)).to(weights.to_k_ip.weight.dtype)
+        k, v = weights.to_k_ip(x), weights.to_v_ip(x)
+        if any(factor != 1.0 for _, factor in chosen):
+            parts = v.split([t.shape[1] for t in tokens], dim=1)
+            v = torch.cat([part * factor for part, (_, factor) in zip(parts, chosen)], dim=1)
+        head_dim = k.shape[-1] // heads
+        k, v = (t.to(dtype).view(batch, -1, heads, head_dim).transpose(1, 2) for t in (k, v))
         if key is not None:
             self.kv.put(key, (k, v))
         return k, v
