@@ -55,6 +55,7 @@ faster.
 
     python benchmarks/inference.py            # CPU defaults: SD1.5 128 px 8 steps, SDXL 128 px 4 steps
     python benchmarks/inference.py --quick    # tiny models (the dispatch-bound regime), 9 passes
+    python benchmarks/inference.py --archs sdxl --no-memory --steps-only   # rows (d) and (e) alone, after a warm-up
     python benchmarks/inference.py --device cuda --resolution 512 --sdxl-resolution 1024 --sdxl-steps 30 --repeats 5
 """
 
@@ -445,21 +446,24 @@ def compare(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
     return float((ours - theirs).abs().max()), float(theirs.abs().max())
 
 
-def time_arch(s: Setting, repeats: int) -> list[Row]:
-    """Rows (a)-(e) of one architecture, timed in this process."""
+def time_arch(s: Setting, repeats: int, generations: bool = True) -> list[Row]:
+    """Rows (a)-(e) of one architecture, timed in this process; without `generations`, (d) and (e) alone."""
     bench = Bench(s, IMPLS)
     arch = ARCH_NAMES[s.arch]
-    keys = [("plain", "full"), ("ipadapter", "full"), ("ipadapter", "second"), ("diffusers", "full"),
-            ("ipadapter", "masked"), ("diffusers", "masked")]
-    t, out = interleave({k: bench.generation_run(*k) for k in keys}, repeats, s.device)
     rows = []
-    for case, label in CASES.items():
-        theirs = "masked" if case == "masked" else "full"
-        rows.append(Row(f"{arch} {label}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
-                        *compare(out["ipadapter", case], out["diffusers", theirs])))
-    _, so = interleave(bench.step_runs(), repeats, s.device, warmup=False)  # the generations warmed the UNet
-    first = [[run[0] for run in bench.step_times[i]] for i in IMPLS]
-    later = [[med(run[1:]) for run in bench.step_times[i]] for i in IMPLS]  # per pass: its median later step
+    if generations:
+        keys = [("plain", "full"), ("ipadapter", "full"), ("ipadapter", "second"), ("diffusers", "full"),
+                ("ipadapter", "masked"), ("diffusers", "masked")]
+        t, out = interleave({k: bench.generation_run(*k) for k in keys}, repeats, s.device)
+        for case, label in CASES.items():
+            theirs = "masked" if case == "masked" else "full"
+            rows.append(Row(f"{arch} {label}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
+                            *compare(out["ipadapter", case], out["diffusers", theirs])))
+    # The generations warmed the UNet up; without them the steps get a warm-up pass of their own, left out here.
+    _, so = interleave(bench.step_runs(), repeats, s.device, warmup=not generations)
+    passes = {i: bench.step_times[i][int(not generations):] for i in IMPLS}
+    first = [[run[0] for run in passes[i]] for i in IMPLS]
+    later = [[med(run[1:]) for run in passes[i]] for i in IMPLS]  # per pass: its median later step
     lat = s.step_latents
     rows.append(Row(f"{arch} (d) UNet alone, per step: steps 2-{s.steps} ({lat}x{lat} latents, batch 2)",
                     *later, *compare(so["ipadapter"], so["diffusers"])))
@@ -638,6 +642,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
                     help="time the cases in this process (--no-timing: memory rows only)")
     ap.add_argument("--quick", action="store_true", help="tiny models, 32 px, 2 steps, 9 passes")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="time the UNet steps alone, rows (d) and (e), without the generations (a)-(c)")
     ap.add_argument("--out", type=Path, help="markdown output (default: benchmarks/results/inference-<device>[-quick].md)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -674,7 +680,7 @@ def benchmark(args: argparse.Namespace) -> tuple[list[Row], list[Row], list[str]
     rows: list[Row] = []
     for s in settings if args.timing else []:
         t = time.perf_counter()
-        rows += time_arch(s, args.repeats)
+        rows += time_arch(s, args.repeats, generations=not args.steps_only)
         gc.collect()
         notes.append(f"- {ARCH_NAMES[s.arch]} timing: {time.perf_counter() - t:.0f} s")
     return rows, memory, verdicts(settings, rows, memory) + notes

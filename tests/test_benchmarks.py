@@ -27,6 +27,15 @@ def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
     assert all(r.label in text for r in rows) and "Rows slower than diffusers" in text
 
 
+def test_steps_only_times_the_unet_rows_after_a_warm_up_left_out(tmp_path) -> None:
+    args = inference.parse_args(["--quick", "--no-memory", "--steps-only", "--archs", "sd15", "--repeats", "2",
+                                 "--out", str(tmp_path / "bench.md")])
+    rows, _, notes = inference.benchmark(args)
+    assert [r.label.split()[1] for r in rows] == ["(d)", "(e)"]
+    assert all(len(r.plain) == len(r.ours) == len(r.diffusers) == 2 for r in rows)
+    assert any("adapter overhead per denoising step" in line for line in notes)
+
+
 @pytest.mark.parametrize("impl", ["ipadapter", inference.LEAN])
 def test_memory_of_one_configuration(impl: str) -> None:
     """The child's measurement, run in this process: models loaded and each case's peak, in MiB, and the K'/V' the
