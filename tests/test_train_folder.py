@@ -49,6 +49,94 @@ def test_the_folder_is_complete(finished) -> None:
     assert Image.open(out / "loss.png").size == (640, 360)
 
 
+def _section(card: str, title: str) -> str:
+    return card.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def named_line(card: str) -> str:
+    """The Files section's first entry: the published file and who reads it."""
+    return _section(card, "Files").strip().splitlines()[0]
+
+
+def test_the_card_states_the_run(finished) -> None:
+    """Each fact of the card read back from its own source: the front matter through the Hub's own parser, the
+    parameter count from the own file, the numbers from the result, the file names from the folder, the configuration
+    block as JSON."""
+    import json
+    import re
+
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
+    result, config = finished["result"], finished["config"]
+    out, adapter = result.output, result.adapter
+    card = (out / "README.md").read_text()
+    base = config.base or adapter.config.base
+    assert ModelCard(card).data.to_dict() == {"library_name": "ipadapter", "base_model": base,
+                                              "tags": ["ip-adapter", "image-prompt", "diffusers"]}
+    rows = dict(re.findall(r"^\| ([a-z ]+) \| (.*) \|$", card, flags=re.M))
+    assert rows["base model"] == f"`{base}`"
+    assert not config.image_encoder and rows["image encoder"] == "an encoder given in memory (no name)"
+    own = sum(t.numel() for t in load_file(out / "adapter.ipadapter.safetensors").values())
+    assert rows["trainable parameters"] == f"{own:,}"
+    assert rows["steps"] == f"2 × batch 2 × grad accumulation {config.grad_accum} per process"
+    assert rows["resolution"] == f"{factories.RES} px" and rows["skipped"] == "0 samples; 0 non-finite steps"
+    shown = {k: float(v) for k, v in re.findall(r"(\w+) (-?\d+\.\d{4})", rows["last validation"])}
+    assert shown == pytest.approx(result.validation[max(result.validation)], abs=1e-4) and len(shown) == 2
+    named = re.findall(r"^- `([^`]+)`", _section(card, "Files"), flags=re.M)
+    assert named[:2] == ["ip-adapter.safetensors", "adapter.ipadapter.safetensors"]
+    assert all((out / name).is_file() for name in named + ["loss.png", "samples.png"])
+    assert _section(card, "Files").strip().splitlines()[-1] == "- `README.md` (this card), `loss.png`, `samples.png`"
+    assert "the published layout (diffusers' `load_ip_adapter`, ComfyUI, A1111)" in named_line(card)
+    use = _section(card, "Use").strip().splitlines()
+    assert use[:2] == ["```python", "import ipadapter"] and use[-1] == "```"
+    assert 'weight_name="ip-adapter.safetensors"' in use[2]
+    assert use[3] == 'images = prompter.generate(reference, prompt="...", scale=1.0)'
+    assert _section(card, "Samples").strip() == "![validation samples](samples.png)"
+    assert _section(card, "Loss").strip() == "![training loss](loss.png)"
+    block = _section(card, "Training configuration").split("```json\n", 1)[1].split("\n```", 1)[0]
+    assert json.loads(block) == json.loads(json.dumps(config.to_dict()))
+
+
+def test_a_card_without_validation_or_published_layout_says_so(finished) -> None:
+    import dataclasses
+
+    from ipadapter.train.model_folder import model_card
+
+    result, config = finished["result"], finished["config"]
+    bare = dataclasses.replace(result, published=None, validation={})
+    card = model_card(config, result.adapter, bare, data_size=None, samples=False)
+    assert "samples.png" not in card and _section(card, "Samples").strip() == "No validation ran (`--validate-every 0`)."
+    assert _section(card, "Files").strip().splitlines()[-1] == "- `README.md` (this card), `loss.png`"
+    assert named_line(card) == "- (no published layout: the simple-adapter ablation has none)"
+    assert "| last validation | not measured (no validation judge) |" in card
+    assert "| training data | tar shards " in card and "no published layout" in card
+    assert f'weight_name="{result.own.name}"' in _section(card, "Use")
+
+
+def test_the_card_names_the_encoder_the_buckets_and_who_reads_the_file(finished) -> None:
+    """A named encoder is given by name; FaceID reads no CLIP features, so it has none (an in-memory encoder, which has
+    no name, is the complete card's case above); buckets are said; a FLUX adapter's file is read by FluxPipeline."""
+    import dataclasses
+
+    from ipadapter.train.model_folder import model_card
+
+    result, config = finished["result"], finished["config"]
+    named = model_card(dataclasses.replace(config, image_encoder="h94/IP-Adapter/models/image_encoder"),
+                       result.adapter, result, data_size=4, samples=True)
+    assert "| image encoder | `h94/IP-Adapter/models/image_encoder` |" in named
+    assert "| resolution | " + f"{config.resolution} px |" in named
+    bucketed = model_card(dataclasses.replace(config, buckets=True), result.adapter, result, data_size=4, samples=True)
+    assert f"| resolution | {config.resolution} px (aspect-ratio buckets) |" in bucketed
+    flux = copy.copy(result.adapter)
+    flux.config = dataclasses.replace(result.adapter.config, base="flux")
+    flux_card = model_card(config, flux, result, data_size=4, samples=True)
+    assert "XLabs' FLUX layout (diffusers' `FluxPipeline.load_ip_adapter`)" in named_line(flux_card)
+    faceid = copy.copy(result.adapter)
+    faceid.config = dataclasses.replace(result.adapter.config, variant="faceid", encoder="")
+    assert "| image encoder | none (ID embeddings only) |" in model_card(config, faceid, result, data_size=4, samples=True)
+
+
 def test_a_run_keeps_only_the_logged_steps_up_to_where_it_starts(tmp_path) -> None:
     for step, loss in [(1, 0.5), (2, 0.4), (3, 0.3), (2, 0.25)]:
         append_loss(tmp_path, step, loss)

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from ipadapter.atomic import copy_file, save_png, write_text
+from ipadapter.variants import get_variant
 
 LOSSES = Path("logs") / "losses.csv"
 
@@ -113,7 +114,7 @@ def model_card(config: Any, adapter: Any, result: Any, *, data_size: int | None,
         "| | |",
         "|---|---|",
         f"| base model | `{config.base or cfg.base}` |",
-        f"| image encoder | `{config.image_encoder or cfg.encoder or 'none (ID embeddings only)'}` |",
+        f"| image encoder | {_encoder(config, cfg)} |",
         f"| variant | {cfg.variant} (attention: {cfg.attention}; {cfg.projection.tokens or 'one per encoder patch'} tokens per reference; "
         f"{config.references} reference(s) per sample) |",
         f"| trainable parameters | {trainable:,} |",
@@ -153,3 +154,12 @@ def model_card(config: Any, adapter: Any, result: Any, *, data_size: int | None,
         "",
     ]
     return "\n".join(lines)
+
+
+def _encoder(config: Any, cfg: Any) -> str:
+    """The image encoder by name; a variant that reads no CLIP features has none, and one given to `train` as a model
+    in memory has no name to give."""
+    named = config.image_encoder or cfg.encoder
+    if named:
+        return f"`{named}`"
+    return "none (ID embeddings only)" if not get_variant(cfg.variant).clip else "an encoder given in memory (no name)"
