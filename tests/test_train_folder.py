@@ -68,9 +68,13 @@ def test_the_card_states_the_run(finished) -> None:
     from huggingface_hub import ModelCard
     from safetensors.torch import load_file
 
+    from ipadapter.train.model_folder import model_card
+
     result, config = finished["result"], finished["config"]
     out, adapter = result.output, result.adapter
     card = (out / "README.md").read_text()
+    # Made again here, so that a tool that maps functions to the tests calling them (mutmut) counts this test.
+    assert model_card(config, adapter, result, data_size=4, samples=True) == card
     base = config.base or adapter.config.base
     assert ModelCard(card).data.to_dict() == {"library_name": "ipadapter", "base_model": base,
                                               "tags": ["ip-adapter", "image-prompt", "diffusers"]}
