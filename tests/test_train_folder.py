@@ -79,7 +79,9 @@ def test_the_card_states_the_run(finished) -> None:
     assert ModelCard(card).data.to_dict() == {"library_name": "ipadapter", "base_model": base,
                                               "tags": ["ip-adapter", "image-prompt", "diffusers"]}
     rows = dict(re.findall(r"^\| ([a-z ]+) \| (.*) \|$", card, flags=re.M))
-    assert rows["base model"] == f"`{base}`"
+    assert rows["base model"] == f"`{base}`" and f"\n# IP-Adapter (base) for {base}\n" in card
+    assert rows["training data"] == f"4 samples (`{config.data}`)"
+    assert rows["variant"] == f"base (attention: {adapter.config.attention}; 4 tokens per reference; 1 reference(s) per sample)"
     assert not config.image_encoder and rows["image encoder"] == "an encoder given in memory (no name)"
     own = sum(t.numel() for t in load_file(out / "adapter.ipadapter.safetensors").values())
     assert rows["trainable parameters"] == f"{own:,}"
