@@ -76,18 +76,24 @@ def test_dataset_writer(tmp_path):
         assert r["text"] == world.caption(world.Attrs(**r["attrs"]))
 
 
-def test_an_interrupted_dataset_has_no_manifest(tmp_path, monkeypatch):
-    """The adapter recipe writes its scenes only when the manifest is missing: a build killed after some images must
-    not leave a manifest of those few, which the next run would train on."""
+def _saves_then_dies(monkeypatch, n: int) -> list:
+    """Let `n` images be saved, then interrupt the next save as a killed process would; returns the saved paths."""
     real, saved = Image.Image.save, []
 
-    def dies_at_the_third(image, path, *args, **kwargs):
-        if len(saved) == 2:
+    def save(image, path, *args, **kwargs):
+        if len(saved) == n:
             raise KeyboardInterrupt
         saved.append(path)
         return real(image, path, *args, **kwargs)
 
-    monkeypatch.setattr(Image.Image, "save", dies_at_the_third)
+    monkeypatch.setattr(Image.Image, "save", save)
+    return saved
+
+
+def test_an_interrupted_dataset_has_no_manifest(tmp_path, monkeypatch):
+    """The adapter recipe writes its scenes only when the manifest is missing: a build killed after some images must
+    not leave a manifest of those few, which the next run would train on."""
+    saved = _saves_then_dies(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         world.write_dataset(tmp_path, 4, seed=0)
     assert len(saved) == 2 and not (tmp_path / "manifest.jsonl").exists()
@@ -97,15 +103,7 @@ def test_a_killed_rebuild_leaves_no_stale_manifest(tmp_path, monkeypatch):
     """Rebuilding over a finished dataset with another seed: once an image is overwritten the old manifest would
     describe scenes that are no longer there, so it must be gone before the first image is written."""
     world.write_dataset(tmp_path, 4, seed=0)
-    real, saved = Image.Image.save, []
-
-    def dies_at_the_second(image, path, *args, **kwargs):
-        if saved:
-            raise KeyboardInterrupt
-        saved.append(path)
-        return real(image, path, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", dies_at_the_second)
+    saved = _saves_then_dies(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         world.write_dataset(tmp_path, 4, seed=1)
     assert len(saved) == 1 and not (tmp_path / "manifest.jsonl").exists()
