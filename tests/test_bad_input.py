@@ -252,6 +252,44 @@ def test_several_outputs_are_written_all_or_none(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked"]
 
 
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    """An export that fails midway leaves the earlier folder as it was; one that succeeds leaves none of its files."""
+    from ipadapter.atomic import replacing_folder
+
+    target = tmp_path / "pipeline"
+    target.mkdir()
+    (target / "old.txt").write_text("earlier")
+    with pytest.raises(OSError, match="disk full"):
+        with replacing_folder(target) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise OSError("disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    renames = []
+    real = Path.rename
+
+    def refused_once(self: Path, to: Path) -> Path:  # the second rename (new into place) fails
+        renames.append(self.name)
+        if len(renames) == 2:
+            raise OSError("rename refused")
+        return real(self, to)
+
+    monkeypatch.setattr(Path, "rename", refused_once)
+    with pytest.raises(OSError, match="rename refused"):
+        with replacing_folder(target) as tmp:
+            (tmp / "new.txt").write_text("whole")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"], "the earlier folder is put back"
+    with replacing_folder(target) as tmp:
+        (tmp / "new.txt").write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"new.txt": "whole"}
+    with replacing_folder(tmp_path / "fresh") as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert (tmp_path / "fresh" / "a.txt").read_text() == "first"
+
+
 def test_a_manifest_whose_records_fail_midway_leaves_the_earlier_one(tmp_path) -> None:
     from ipadapter.evaluate.manifests import write_manifest
 

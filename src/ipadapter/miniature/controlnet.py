@@ -12,7 +12,6 @@ IP-Adapter's processors sit on the UNet only; the ControlNet never sees image to
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ipadapter.atomic import replacing_folder
 from ipadapter.errors import IPAdapterError
 from ipadapter.miniature import tokenizer as tok
 from ipadapter.miniature.base_model import encode_scenes, noisy_batch, training_scheduler
@@ -252,14 +252,9 @@ def export_controlnet(out: Path, assets_dir: Path) -> float:
     if not (source / "config.json").is_file():
         raise IPAdapterError(f"Cannot export: {source} is missing; run `ipadapter miniature train controlnet` first.")
     target = assets_dir / "controlnet"
-    tmp = assets_dir / ".controlnet.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     model = ControlNetModel.from_pretrained(source, dtype=torch.float32).half()
-    model.save_pretrained(tmp, safe_serialization=True)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    with replacing_folder(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
     log.info("controlnet exported to %s: %.2f MB", target, size)
     return size

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ipadapter import bundled
+from ipadapter.atomic import replacing_folder
 from ipadapter.errors import IPAdapterError
 from ipadapter.miniature import adapters, base_model, judge, tiny_clip
 from ipadapter.miniature.runloop import log
@@ -168,12 +169,10 @@ def export(out: Path = DEFAULT_OUT, assets_dir: Path = bundled.ASSETS_DIR) -> di
         raise IPAdapterError(
             f"Cannot export: {out / 'pipeline' / 'model_index.json'} is missing; run the recipes first (see docs/miniature.md)."
         )
-    pipe_dir = assets_dir / "pipeline"
-    if pipe_dir.exists():
-        shutil.rmtree(pipe_dir)
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
-    base_model.save_pipeline(pipe, pipe_dir, half=True)
-    sizes = {"pipeline": _size_mb(pipe_dir)}
+    with replacing_folder(assets_dir / "pipeline") as pipe_dir:
+        base_model.save_pipeline(pipe, pipe_dir, half=True)
+    sizes = {"pipeline": _size_mb(assets_dir / "pipeline")}
     if (out / "clip" / "config.json").is_file():
         # the pipeline keeps the text tower only; the whole CLIP (its text projection) lets the report measure
         # the text encoder's caption-vs-one-slot-changed retrieval on the bundle
@@ -196,13 +195,11 @@ def _size_mb(folder: Path) -> float:
 def _export_judge(out: Path, judge_dir: Path) -> float:
     from safetensors.torch import load_file, save_file
 
-    if judge_dir.exists():
-        shutil.rmtree(judge_dir)
-    judge_dir.mkdir(parents=True)
     state = load_file(out / "judge" / judge.CLASSIFIER_WEIGHTS)
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, judge_dir / judge.CLASSIFIER_WEIGHTS)
-    shutil.copy(out / "judge" / judge.CLASSIFIER_CONFIG, judge_dir / judge.CLASSIFIER_CONFIG)
-    _export_clip(out / "judge_clip", judge_dir / "clip")
+    with replacing_folder(judge_dir) as tmp:
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, tmp / judge.CLASSIFIER_WEIGHTS)
+        shutil.copy(out / "judge" / judge.CLASSIFIER_CONFIG, tmp / judge.CLASSIFIER_CONFIG)
+        _export_clip(out / "judge_clip", tmp / "clip")
     return _size_mb(judge_dir)
 
 
@@ -212,8 +209,8 @@ def _export_clip(source: Path, target: Path) -> float:
 
     from ipadapter.miniature.tokenizer import load_tokenizer
 
-    if target.exists():
-        shutil.rmtree(target)
-    CLIPModel.from_pretrained(source, dtype=torch.float32).half().save_pretrained(target, safe_serialization=True)
-    load_tokenizer(source).save_pretrained(target)
+    model = CLIPModel.from_pretrained(source, dtype=torch.float32).half()
+    with replacing_folder(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(source).save_pretrained(tmp)
     return _size_mb(target)
