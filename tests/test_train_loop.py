@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,3 +276,61 @@ def test_trains_from_webdataset_shards(tmp_path) -> None:
     result = train(_config(tmp_path, pattern, max_steps=2, batch_size=2), models=models, image_encoder=encoder,
                    log_with=None)
     assert result.step == 2 and result.skipped == {"undecodable image": 1}
+
+
+def test_a_state_saved_with_accelerates_pickles_resumes_exactly(tmp_path, monkeypatch) -> None:
+    """States written before `ema.safetensors` and `rng-<rank>.safetensors` kept the EMA in accelerate's
+    `custom_checkpoint_0.pkl` and the RNG in its `random_states_0.pkl`: such a state verifies, resumes to the
+    uninterrupted run's weights, and one whose EMA pickle holds no EMA is refused by name."""
+    from ipadapter.train import checkpoint, rng_state
+    from ipadapter.train.checkpoint import STATE_FILE, file_manifest
+
+    manifest = factories.write_images(tmp_path / "data", 6)
+    models, encoder = factories.in_memory()
+    options = dict(max_steps=4, batch_size=2, save_every=2, ema_decay=0.9, learning_rate=1e-3, drop_image=0.3,
+                   drop_text=0.3, drop_both=0.1)
+    full = train(_config(tmp_path / "a", manifest, **options), models=models, image_encoder=encoder, log_with=None)
+
+    kept = tmp_path / "accelerate-rng"
+    kept.mkdir()
+    real_save = rng_state.save
+
+    def save_keeping_accelerates_file(folder, rank):  # the pickle accelerate wrote, before the trainer removes it
+        copy_file = Path(folder) / f"random_states_{rank}.pkl"
+        (kept / copy_file.name).write_bytes(copy_file.read_bytes())
+        return real_save(folder, rank)
+
+    monkeypatch.setattr(checkpoint.rng_state, "save", save_keeping_accelerates_file)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    config = _config(tmp_path / "b", manifest, **options)
+    with pytest.raises(Killed):
+        train(config, models=models, image_encoder=encoder, log_with=None, on_step=kill_at_3)
+    monkeypatch.undo()
+    state_dir = latest_checkpoint(config.output)
+    shadow = _weights(state_dir / "ema.safetensors")
+    torch.save({"decay": 0.9, "shadow": [shadow[f"shadow.{i}"] for i in range(len(shadow))]},
+               state_dir / "custom_checkpoint_0.pkl")
+    (state_dir / "ema.safetensors").unlink()
+    (state_dir / "rng-0.safetensors").unlink()
+    (state_dir / "random_states_0.pkl").write_bytes((kept / "random_states_0.pkl").read_bytes())
+    state = json.loads((state_dir / STATE_FILE).read_text())
+    (state_dir / STATE_FILE).write_text(json.dumps({**state, "files": file_manifest(state_dir)}))
+
+    bad = shutil.copytree(state_dir, tmp_path / "bad" / state_dir.name)
+    torch.save({"decay": 0.9, "shadow": "not tensors"}, bad / "custom_checkpoint_0.pkl")
+    (bad / STATE_FILE).write_text(json.dumps({**state, "files": file_manifest(bad)}))
+
+    resumed = train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
+    a, b = _weights(full.published), _weights(resumed.published)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(IPAdapterError, match="custom_checkpoint_0.pkl is not an EMA state"):
+        train(config.replace(resume=str(bad)), models=models, image_encoder=encoder, log_with=None)

@@ -3,7 +3,8 @@
 Layout under `<output>/checkpoints/`: `state-<step>/` (accelerate's `save_state`: adapter weights, optimizer, LR
 schedule, grad scaler; `rng-<rank>.safetensors` per process and `ema.safetensors` instead of pickles; and
 `trainer_state.json` with the step, each process's data cursor and the size and SHA-256 of every other file) and
-`latest`, a one-line pointer replaced atomically.
+`latest`, a one-line pointer replaced atomically. States saved before the safetensors files (the EMA in
+`custom_checkpoint_0.pkl`, the RNG in `random_states_<rank>.pkl`) still resume exactly, read with weights_only.
 
 Saving: a state is written into `.tmp-state-<step>/`, checked (finite weights), renamed into place; only then does
 `latest` move, and only states older than the new one are removed (the `keep` newest stay). A kill at any moment
@@ -23,7 +24,9 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ STATE_FILE = "trainer_state.json"
 POINTER = "latest"
 ADAPTER_FILE = "adapter.safetensors"
 EMA_FILE = "ema.safetensors"
+LEGACY_EMA = "custom_checkpoint_0.pkl"  # the EMA in states saved before EMA_FILE
 _STATE_DIR = re.compile(r"^state-(\d+)$")
 _CHUNK = 1 << 22
 
@@ -266,9 +270,23 @@ def _legacy_load(path: Path, what: str) -> Any:
         raise IPAdapterError(f"{path} is not a readable {what} ({str(err).splitlines()[0][:120]})") from None
 
 
+@contextmanager
+def _without_legacy_ema(path: Path) -> Iterator[Path]:
+    """`path`, or for an older state a folder of links to its files but the EMA pickle: accelerate refuses a folder
+    whose custom_checkpoint_*.pkl files outnumber the objects registered with it, and the EMA is read here instead."""
+    if not (path / LEGACY_EMA).exists():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="ipadapter-state-") as view:
+        for file in path.iterdir():
+            if file.name != LEGACY_EMA:
+                (Path(view) / file.name).symlink_to(file.resolve())
+        yield Path(view)
+
+
 def _ema_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The EMA shadow weights: ema.safetensors, or accelerate's custom_checkpoint_0.pkl in older states."""
-    legacy = path / "custom_checkpoint_0.pkl"
+    legacy = path / LEGACY_EMA
     if (path / EMA_FILE).exists() or not legacy.exists():
         return _read_safetensors(path / EMA_FILE)
     saved = _legacy_load(legacy, "EMA state")
@@ -282,7 +300,8 @@ def load_checkpoint(accelerator: Any, path: Path, adapter: nn.Module, ema: Any |
     """Verify, then restore model, optimizer, schedule and this process's RNG (and the EMA)."""
     state = verify_state(path, adapter, ema)
     try:
-        accelerator.load_state(str(path))
+        with _without_legacy_ema(path) as folder:
+            accelerator.load_state(str(folder))
     except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
         raise IPAdapterError(f"cannot restore the training state {path} ({str(err).splitlines()[0][:160]})") from None
     if ema is not None:
