@@ -194,6 +194,28 @@ def test_shuffle_buffer_resume_counts_a_damaged_shard_once(tmp_path) -> None:
     assert resumed.skipped == full.skipped == {"unreadable shard": 2}
 
 
+def test_shards_without_a_sample_are_refused_not_read_forever(tmp_path) -> None:
+    """A pass over a process's shards that yields nothing would otherwise start the next epoch, and the next: the
+    stream names the process, its shard count and what was wrong, whether the shards are empty or unreadable."""
+    import tarfile
+
+    for name in ("a.tar", "b.tar"):
+        tarfile.open(tmp_path / name, "w").close()
+    for name in ("c.tar", "d.tar"):
+        (tmp_path / name).write_bytes(b"not a tar archive at all" * 40)
+    empty = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    with pytest.raises(IPAdapterError, match=r"process 0 found no samples in a full pass over its 2 shard\(s\) "
+                                             r"\(empty shards\)"):
+        ShardStream(empty).next_record()
+    with pytest.raises(IPAdapterError, match=r"process 1 found no samples .* its 1 shard\(s\) "
+                                             r"\(\{'unreadable shard': 1\}\)"):
+        ShardStream([str(tmp_path / "c.tar"), str(tmp_path / "d.tar")], rank=1, world=2, shuffle_buffer=3).next_record()
+    assert ShardStream(empty, single_pass=True).next_record() is None, "one pass asked for: it ends, no error"
+    good = expand_shards(factories.write_shards(tmp_path / "good", 1, per_shard=1))
+    one = ShardStream([*empty, *good], shuffle_buffer=4)
+    assert [one.next_record().key for _ in range(3)] == ["000000000"] * 3, "one sample is enough: every epoch yields it"
+
+
 def test_manifest_stream_is_a_seeded_permutation_per_epoch_and_resumes(tmp_path) -> None:
     records = read_manifest(factories.write_images(tmp_path, 5))
     s = IndexedStream(records, seed=3)
