@@ -334,3 +334,40 @@ def test_a_state_saved_with_accelerates_pickles_resumes_exactly(tmp_path, monkey
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(IPAdapterError, match="custom_checkpoint_0.pkl is not an EMA state"):
         train(config.replace(resume=str(bad)), models=models, image_encoder=encoder, log_with=None)
+
+
+def test_sdxl_validation_images_are_what_users_generate(tmp_path) -> None:
+    """A validation sample of an SDXL run is the image a user gets from diffusers' own SDXL pipeline, built here from
+    the same parts (each text encoder and tokenizer in its place), with the finished adapter through `ImagePrompter`."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from PIL import Image
+
+    from ipadapter.prompter import ImagePrompter
+
+    manifest = factories.write_images(tmp_path / "data", 4)
+    models, encoder = factories.in_memory(sdxl=True)
+    reference = tmp_path / "data" / "img1.png"
+    config = _config(tmp_path, manifest, max_steps=2, batch_size=2, validate_every=2, validation_steps=2,
+                     validation_prompts=["a red square"], validation_images=[str(reference)])
+    result = train(config, models=models, image_encoder=encoder, log_with=None)
+    res = config.resolution
+    grid = Image.open(result.output / "validation" / "step-00000002.png").convert("RGB")
+    shown = grid.crop((res, 0, 2 * res, res))
+    pipe = StableDiffusionXLPipeline(
+        vae=models.vae, text_encoder=models.text_encoders[0], text_encoder_2=models.text_encoders[1],
+        tokenizer=models.tokenizers[0], tokenizer_2=models.tokenizers[1], unet=models.unet,
+        scheduler=DDIMScheduler.from_config(models.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    with ImagePrompter(pipe, {"0": result.adapter}, encoder) as prompter:
+        refs = prompter.references([Image.open(reference).convert("RGB")])
+        expected = prompter.generate({"0": refs}, prompt="a red square", steps=2, guidance=config.validation_guidance,
+                                     seed=config.seed, width=res, height=res)[0]
+    assert np.array_equal(np.asarray(shown), np.asarray(expected.convert("RGB")))
+    swapped = StableDiffusionXLPipeline(**{**pipe.components, "text_encoder": models.text_encoders[1]})
+    swapped.set_progress_bar_config(disable=True)
+    with ImagePrompter(swapped, {"0": result.adapter}, encoder) as prompter:
+        other = prompter.generate({"0": prompter.references([Image.open(reference).convert("RGB")])},
+                                  prompt="a red square", steps=2, guidance=config.validation_guidance,
+                                  seed=config.seed, width=res, height=res)[0]
+    assert not np.array_equal(np.asarray(other.convert("RGB")), np.asarray(expected.convert("RGB"))), \
+        "the check can tell the text encoders apart"
