@@ -130,6 +130,20 @@ def _weights(path):
     return load_file(str(path))
 
 
+class _Killed(Exception):
+    pass
+
+
+def _train_killed_at_step_3(config: TrainConfig, models, encoder) -> None:
+    """A run killed during step 3: its last checkpoint is the one at step 2 (`save_every=2`)."""
+    def kill(step, loss):
+        if step == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(config, models=models, image_encoder=encoder, log_with=None, on_step=kill)
+
+
 @pytest.mark.parametrize("source", ["manifest", "shards"])
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, source) -> None:
     """Options on (grad accumulation, clipping, warm-up, EMA, noise offset, dropout): the state must carry them all.
@@ -144,16 +158,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, source) -> None:
                    shuffle_buffer=4)
     full = train(_config(tmp_path / "a", manifest, **options), models=models, image_encoder=encoder, log_with=None)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(step, loss):
-        if step == 3:
-            raise Killed
-
     config = _config(tmp_path / "b", manifest, **options)
-    with pytest.raises(Killed):
-        train(config, models=models, image_encoder=encoder, log_with=None, on_step=kill_at_3)
+    _train_killed_at_step_3(config, models, encoder)
     state = json.loads((latest_checkpoint(config.output) / "trainer_state.json").read_text())
     assert state["step"] == 2 and (source == "manifest" or state["data"][0]["buffer"])
     resumed = train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
@@ -302,16 +308,8 @@ def test_a_state_saved_with_accelerates_pickles_resumes_exactly(tmp_path, monkey
 
     monkeypatch.setattr(checkpoint.rng_state, "save", save_keeping_accelerates_file)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(step, loss):
-        if step == 3:
-            raise Killed
-
     config = _config(tmp_path / "b", manifest, **options)
-    with pytest.raises(Killed):
-        train(config, models=models, image_encoder=encoder, log_with=None, on_step=kill_at_3)
+    _train_killed_at_step_3(config, models, encoder)
     monkeypatch.undo()
     state_dir = latest_checkpoint(config.output)
     shadow = _weights(state_dir / "ema.safetensors")
