@@ -130,6 +130,13 @@ def _weights(path):
     return load_file(str(path))
 
 
+def _assert_same_weights(path_a, path_b) -> None:
+    a, b = _weights(path_a), _weights(path_b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 class _Killed(Exception):
     pass
 
@@ -164,10 +171,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, source) -> None:
     assert state["step"] == 2 and (source == "manifest" or state["data"][0]["buffer"])
     resumed = train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
     assert resumed.step == 4
-    a, b = _weights(full.published), _weights(resumed.published)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _assert_same_weights(full.published, resumed.published)
     assert full.losses[2:] == resumed.losses
     assert full.skipped == resumed.skipped
 
@@ -326,10 +330,7 @@ def test_a_state_saved_with_accelerates_pickles_resumes_exactly(tmp_path, monkey
     (bad / STATE_FILE).write_text(json.dumps({**state, "files": file_manifest(bad)}))
 
     resumed = train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
-    a, b = _weights(full.published), _weights(resumed.published)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _assert_same_weights(full.published, resumed.published)
     with pytest.raises(IPAdapterError, match="custom_checkpoint_0.pkl is not an EMA state"):
         train(config.replace(resume=str(bad)), models=models, image_encoder=encoder, log_with=None)
 
