@@ -423,3 +423,25 @@ def test_hub_ids_that_cannot_be_fetched_are_one_exact_sentence(sd15_unet, monkey
     with pytest.raises(IPAdapterError) as caught:
         load_adapter("h94/IP-Adapter", sd15_unet, weight_name="a.bin")
     assert str(caught.value) == "could not fetch a.bin from h94/IP-Adapter: first line"
+
+
+def test_saving_the_same_adapter_twice_writes_the_same_bytes(sd15_unet, tmp_path) -> None:
+    """safetensors writes metadata in a random order on every save; an export that changed nothing must leave files
+    that `git diff` and checksums see as unchanged, and the reordered header must still read back whole."""
+    from safetensors import safe_open
+
+    from ipadapter.atomic import save_safetensors
+
+    adapter = adapter_from_state_dict(factories.published(sd15_unet, "plus", factories.SD15_CROSS), sd15_unet)
+    own = [save_adapter(adapter, tmp_path / f"own{i}.safetensors") for i in range(4)]
+    assert len({p.read_bytes() for p in own}) == 1
+    meta = {f"key {i}": f'value "{i}"\n é' for i in range(12)}
+    tensors = {"b": torch.ones(3, dtype=torch.float16), "a": torch.arange(4.0)}
+    plain = [
+        save_safetensors(tensors, tmp_path / f"plain{i}.safetensors", dict(reversed(meta.items())) if i % 2 else meta)
+        for i in range(4)
+    ]
+    assert len({p.read_bytes() for p in plain}) == 1
+    with safe_open(plain[0], "pt") as f:
+        assert f.metadata() == meta
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -99,8 +100,27 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> Path:
+    """Same tensors and metadata, same bytes: safetensors writes the metadata in a random order each time, so the
+    header is rewritten with it sorted, and an export that changed nothing leaves nothing for `git diff` to show."""
     from safetensors.torch import save_file
 
     with replacing(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
     return Path(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with `__metadata__` sorted; the same keys and values in another order
+    serialise to the same length, so the tensor bytes after it stay where they are."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            return
+        f.seek(8)
+        f.write(text.ljust(size))

@@ -16,7 +16,7 @@ import torch
 
 from ipadapter.errors import IPAdapterError
 from ipadapter import bundled
-from ipadapter.miniature.runloop import log
+from ipadapter.miniature.runloop import log, size_mb
 
 DATA_SEED, DATA_SIZE = 100, 16384
 # Four in five captions name a random subset of the slots (one in 64 of those nothing): with full captions the text
@@ -97,5 +97,5 @@ def export_adapters(out: Path, assets_dir: Path = bundled.ASSETS_DIR) -> dict[st
         target = assets_dir / "adapters" / f"{name}.safetensors"
         target.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors({k: v.to(torch.float16) for k, v in tensors.items()}, target, meta)
-        sizes[name] = target.stat().st_size / 2**20
+        sizes[name] = size_mb(target)
     return sizes

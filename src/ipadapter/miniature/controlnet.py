@@ -23,7 +23,7 @@ from ipadapter.atomic import replacing_folder
 from ipadapter.errors import IPAdapterError
 from ipadapter.miniature import tokenizer as tok
 from ipadapter.miniature.base_model import encode_scenes, noisy_batch, training_scheduler
-from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
+from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log, size_mb
 from ipadapter.miniature.world import (
     POSITIONS, SIZE_PX, SIZES, Attrs, caption, draw_with_mask, make_masked_batch, mask_image, partial_caption,
 )
@@ -255,6 +255,6 @@ def export_controlnet(out: Path, assets_dir: Path) -> float:
     model = ControlNetModel.from_pretrained(source, dtype=torch.float32).half()
     with replacing_folder(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
+    size = size_mb(target)
     log.info("controlnet exported to %s: %.2f MB", target, size)
     return size

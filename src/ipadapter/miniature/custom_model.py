@@ -19,7 +19,7 @@ import torch
 
 from ipadapter.atomic import replacing, save_png, save_safetensors, write_text
 from ipadapter.miniature import base_model
-from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
+from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log, size_mb
 from ipadapter.miniature.world import PALETTE, Attrs, caption, make_batch, shade
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def export_custom(out: str | Path, assets_dir: str | Path) -> float:
         tensors = {k: f.get_tensor(k).half() for k in f.keys()}
         metadata = f.metadata()
     target = save_safetensors(tensors, Path(assets_dir) / LORA_DIR / LORA_WEIGHT_NAME, metadata=metadata)
-    return target.stat().st_size / 2**20
+    return size_mb(target)
 
 
 def load_base(pipeline_dir: str | Path, lora: str | Path | None = None, lora_scale: float = 1.0) -> Any:

@@ -19,7 +19,7 @@ from ipadapter import bundled
 from ipadapter.atomic import replacing_folder
 from ipadapter.errors import IPAdapterError
 from ipadapter.miniature import adapters, base_model, judge, tiny_clip
-from ipadapter.miniature.runloop import log
+from ipadapter.miniature.runloop import log, size_mb
 
 DEFAULT_OUT = Path("runs/miniature")
 
@@ -172,7 +172,7 @@ def export(out: Path = DEFAULT_OUT, assets_dir: Path = bundled.ASSETS_DIR) -> di
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
     with replacing_folder(assets_dir / "pipeline") as pipe_dir:
         base_model.save_pipeline(pipe, pipe_dir, half=True)
-    sizes = {"pipeline": _size_mb(assets_dir / "pipeline")}
+    sizes = {"pipeline": size_mb(assets_dir / "pipeline")}
     if (out / "clip" / "config.json").is_file():
         # the pipeline keeps the text tower only; the whole CLIP (its text projection) lets the report measure
         # the text encoder's caption-vs-one-slot-changed retrieval on the bundle
@@ -188,10 +188,6 @@ def export(out: Path = DEFAULT_OUT, assets_dir: Path = bundled.ASSETS_DIR) -> di
     return sizes
 
 
-def _size_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
-
-
 def _export_judge(out: Path, judge_dir: Path) -> float:
     from safetensors.torch import load_file, save_file
 
@@ -200,7 +196,7 @@ def _export_judge(out: Path, judge_dir: Path) -> float:
         save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, tmp / judge.CLASSIFIER_WEIGHTS)
         shutil.copy(out / "judge" / judge.CLASSIFIER_CONFIG, tmp / judge.CLASSIFIER_CONFIG)
         _export_clip(out / "judge_clip", tmp / "clip")
-    return _size_mb(judge_dir)
+    return size_mb(judge_dir)
 
 
 def _export_clip(source: Path, target: Path) -> float:
@@ -213,4 +209,4 @@ def _export_clip(source: Path, target: Path) -> float:
     with replacing_folder(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(source).save_pretrained(tmp)
-    return _size_mb(target)
+    return size_mb(target)

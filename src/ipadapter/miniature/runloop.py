@@ -37,6 +37,12 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def size_mb(path: Path) -> float:
+    """A file's size, or a folder's (every file under it), in MB of 2**20 bytes: what an export reports."""
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
 def write_snapshot(checkpoint: Path, snapshot: Path) -> int:
     """A checkpoint's modules in fp16 and its step as `snapshot` (safetensors, no optimizer); returns the step."""
     from ipadapter.atomic import save_safetensors
