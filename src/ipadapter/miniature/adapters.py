@@ -37,12 +37,12 @@ class AdapterRecipe:
         return get_variant(self.variant).features
 
 
-# 12,000 steps each (v4): the learning rate is constant after warm-up, so a 12,000-step run follows the schedule of
-# the shipped runs (6,000 steps, resumed to 12,000). Position is the slot that comes last (Plus: 16% at 6,000, 93%
-# at 12,000).
+# The shipped steps (v4): the learning rate is constant after warm-up, so one run follows the schedule of the shipped
+# ones (6,000 steps, resumed to 12,000; Plus then 8,000 more from its weights). Position is the slot that comes last
+# (Plus: 16% at 6,000 steps, 93% at 12,000, 100% at 20,000).
 ADAPTERS: dict[str, AdapterRecipe] = {
     "base": AdapterRecipe("base", 12000),
-    "plus": AdapterRecipe("plus", 12000),
+    "plus": AdapterRecipe("plus", 20000),
     "simple": AdapterRecipe("base", 12000, attention="concat"),
 }
 
