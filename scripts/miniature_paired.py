@@ -35,8 +35,7 @@ def main() -> None:
     for name in args.rows:
         condition = next(c for c in CONDITIONS if c.name == name)
         refs, prompts, truth = inputs.for_condition(condition)
-        predicted = judge.predict(generate(loaded, condition, refs, prompts, inputs.masks, size))
-        right.append([{a: p[a] == getattr(t, a) for a in ATTRIBUTES} for p, t in zip(predicted, truth)])
+        right.append(judge.correct(generate(loaded, condition, refs, prompts, inputs.masks, size), truth))
     a_name, b_name = args.rows
     print(f"| attribute | {a_name} | {b_name} | only the first right | only the second right | McNemar p |")
     print("|---|---|---|---|---|---|")

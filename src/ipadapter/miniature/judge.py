@@ -146,12 +146,16 @@ class Judge:
         index = {n: logits[n].argmax(dim=1).tolist() for n in ATTRIBUTES}
         return [{n: ATTRIBUTES[n][index[n][i]] for n in ATTRIBUTES} for i in range(len(index["shape"]))]
 
+    def correct(self, images, attrs: Sequence[Attrs | Mapping[str, str]]) -> list[dict[str, bool]]:
+        """Per image, whether each attribute is read as asked: what paired comparisons of two rows count."""
+        truth = [a if isinstance(a, Mapping) else asdict(a) for a in attrs]
+        return [{n: p[n] == t[n] for n in ATTRIBUTES} for p, t in zip(self.predict(images), truth)]
+
     def accuracy(self, images, attrs: Sequence[Attrs | Mapping[str, str]]) -> dict[str, float]:
         """Fraction correct per attribute, plus "all" (every attribute right); `attrs` as `Attrs` or dicts."""
-        predictions = self.predict(images)
-        truth = [a if isinstance(a, Mapping) else asdict(a) for a in attrs]
-        report = {n: float(np.mean([p[n] == t[n] for p, t in zip(predictions, truth)])) for n in ATTRIBUTES}
-        report["all"] = float(np.mean([all(p[n] == t[n] for n in ATTRIBUTES) for p, t in zip(predictions, truth)]))
+        right = self.correct(images, attrs)
+        report = {n: float(np.mean([r[n] for r in right])) for n in ATTRIBUTES}
+        report["all"] = float(np.mean([all(r.values()) for r in right]))
         return report
 
     def image_similarity(self, images_a, images_b) -> torch.Tensor:
