@@ -213,6 +213,20 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
     assert not list((good.parent).glob(".tmp-*"))
 
 
+def test_a_step_saved_again_replaces_its_checkpoint_whole(tmp_path) -> None:
+    """Resuming from an older state saves a step that exists: the new folder takes its place, nothing is left aside."""
+    manifest = factories.write_images(tmp_path / "data", 4)
+    models, encoder = factories.in_memory()
+    config = _config(tmp_path, manifest, max_steps=4, batch_size=2, save_every=2, keep_checkpoints=2)
+    train(config, models=models, image_encoder=encoder, log_with=None)
+    root = latest_checkpoint(config.output).parent
+    first = (root / "state-00000004").stat().st_ino
+    train(config.replace(resume=str(root / "state-00000002")), models=models, image_encoder=encoder, log_with=None)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["state-00000002", "state-00000004"]
+    assert (root / "state-00000004").stat().st_ino != first, "the step was saved again, not skipped"
+    assert latest_checkpoint(config.output).name == "state-00000004"
+
+
 def test_sdxl_v_prediction_bf16_checkpointing_trains(tmp_path) -> None:
     """SDXL conditioning (two text encoders, pooled, time_ids), v-prediction, bf16 autocast, gradient checkpointing."""
     manifest = factories.write_images(tmp_path / "data", 4, size=(20, 28))

@@ -35,27 +35,33 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
 @contextmanager
 def replacing_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder next to `path`; on success it takes the place of `path` (whose old contents go
-    whole), on any failure it is removed and `path` is as it was. The swap is two renames: a crash between them
-    leaves the old folder beside, as `.{name}.old-{pid}`, not a mixture of old and new files."""
+    whole, by `swap_in`), on any failure it is removed and `path` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (path.with_name(f".{path.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        if path.exists():
-            path.rename(old)
-        try:
-            tmp.rename(path)
-        except BaseException:
-            if old.exists():
-                old.rename(path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(folder: Path, path: Path) -> None:
+    """Rename the finished `folder` to `path`, replacing what is there whole: the old folder is first renamed aside
+    (`.{name}.old-{pid}`) and put back if the second rename fails, so `path` is never a mixture of old and new."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    try:
+        folder.rename(path)
+    except BaseException:
+        if old.exists():
+            old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _usual_mode(path: Path) -> None:

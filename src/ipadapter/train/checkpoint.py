@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ipadapter.atomic import save_safetensors, write_text
+from ipadapter.atomic import save_safetensors, swap_in, write_text
 from ipadapter.errors import IPAdapterError
 from ipadapter.finite import require_finite
 from ipadapter.train import rng_state
@@ -359,14 +359,7 @@ def save_checkpoint(accelerator: Any, output: str | Path, state: dict[str, Any],
         except IPAdapterError:
             _discard(tmp)
             raise
-        if final.exists():  # the same step saved again (a resume from an older state): replaced, never half-gone
-            aside = root / f".replaced-{name}"
-            _discard(aside)
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            _discard(aside)
-        else:
-            os.replace(tmp, final)
+        swap_in(tmp, final)  # the same step saved again (a resume from an older state) is replaced, never half-gone
         write_text(root / POINTER, name + "\n")
         older = [p for p in state_dirs(output) if step_of(p) < step]
         for old in older[: max(0, len(older) - (keep - 1))]:
