@@ -39,3 +39,11 @@ def test_attribute_agreement_reports_every_attribute_and_all(tmp_path) -> None:
     assert set(report) == set(ATTRIBUTES) | {"all"} and all(0 <= v <= 1 for v in report.values())
     predicted = [Attrs(**p) for p in judge.predict(images)]
     assert judge.accuracy(images, predicted) == dict.fromkeys([*ATTRIBUTES, "all"], 1.0)
+
+
+def test_the_reports_references_are_held_out_unless_the_training_split_is_asked_for() -> None:
+    from ipadapter.miniature.quality import Inputs
+
+    held, seen = Inputs.build(8), Inputs.build(8, "train")
+    assert {a.triple for a in held.attrs} <= HELD_OUT
+    assert not {a.triple for a in seen.attrs} & HELD_OUT

@@ -157,8 +157,10 @@ class Inputs:
     pil_attrs: list[Attrs] = field(default_factory=list)
 
     @classmethod
-    def build(cls, n: int) -> "Inputs":
-        arrays, attrs = make_batch(REFERENCE_SEED, n, "heldout")
+    def build(cls, n: int, split: str = "heldout") -> "Inputs":
+        """The report's inputs; `split="train"` draws the references from the training combinations instead, to
+        tell what does not generalise to unseen (shape, colour, background) triples from what is not learnt."""
+        arrays, attrs = make_batch(REFERENCE_SEED, n, split)
         _, mask_arrays, mask_scenes = make_masked_batch(MASK_SEED, n, "train")
         pil_images, pil_attrs = pil_references(n)
         return cls([Image.fromarray(a) for a in arrays], attrs, other_shapes(attrs),
