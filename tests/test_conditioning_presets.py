@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 
-from ipadapter.conditioning.presets import PRESET_NAMES, block_weights, preset
+from ipadapter.conditioning.presets import (
+    NAMED_PRESETS, PRESET_NAMES, WEIGHT_TYPES, available_presets, block_weights, preset,
+)
 from ipadapter.errors import IPAdapterError
 from ipadapter.layers import cross_attention_layers
+from tests import factories
 
 # Transformer models in execution order (down → mid → up): t = position in these lists.
 SD15_T = [
@@ -224,3 +227,14 @@ def test_block_weight_sentences_on_sdxl(unets, scales: dict, message: str) -> No
     with pytest.raises(IPAdapterError) as caught:
         block_weights(scales, unets["sdxl"])
     assert str(caught.value) == message
+
+
+def test_menus_offer_the_style_presets_only_on_the_layouts_they_are_defined_for(unets) -> None:
+    """docs/control.md: weight types apply to any UNet, style/composition presets to SD 1.5's and SDXL's layouts."""
+    for unet in unets.values():
+        assert available_presets(unet) == PRESET_NAMES
+    other = factories.unet()
+    assert available_presets(other) == tuple(WEIGHT_TYPES)
+    for name in NAMED_PRESETS:
+        with pytest.raises(IPAdapterError, match="SD 1.5 and SDXL layouts"):
+            preset(name, other, references=2)

@@ -22,6 +22,7 @@ from ipadapter.app.form import Form
 from ipadapter.app.limits import UploadLimits, open_upload
 from ipadapter.app.masks import fit_mask, full_mask
 from ipadapter.conditioning.masks import load_mask
+from ipadapter.conditioning.presets import available_presets
 from ipadapter.loading import Loaded
 from ipadapter.paired_text import PairedText
 from ipadapter.request import GenerationRequest, build_prompt
@@ -54,6 +55,8 @@ class GenerationService:
         self.limits = limits
         self.workdir = Path(workdir)
         self.default_steps = loaded.default_steps or 30
+        unet = getattr(loaded.prompter.pipe, "unet", None)  # FLUX and SD 3 take per-block weights, not presets
+        self.presets = available_presets(unet) if unet is not None else ()
         self._lock = threading.Lock()
         self._content_text = PairedText(loaded.prompter.pipe, loaded.prompter.encoder)
 

@@ -15,7 +15,6 @@ from ipadapter.app.limits import UploadLimits, open_upload
 from ipadapter.app.masks import mask_from_editor
 from ipadapter.app.service import GenerationService
 from ipadapter.conditioning.combine import COMBINE_MODES
-from ipadapter.conditioning.presets import PRESET_NAMES
 from ipadapter.errors import IPAdapterError
 
 MASK_SLOTS = 4
@@ -65,7 +64,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                     steps = gr.Slider(1, 100, value=service.default_steps, step=1, label="Steps", elem_id="steps")
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images", elem_id="num-images")
                 with gr.Accordion("Control", open=False):
-                    preset = gr.Dropdown([NO_PRESET, *PRESET_NAMES], value=NO_PRESET, label="Layer preset")
+                    preset = gr.Dropdown([NO_PRESET, *service.presets], value=NO_PRESET, label="Layer preset")
                     with gr.Row():
                         start = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Start (fraction of the steps)")
                         end = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="End")

@@ -157,6 +157,20 @@ def preset(name: str, unet_or_layers: nn.Module | Sequence[AttentionLayer], *, r
     return LayerPreset(name, weights, uncond)
 
 
+def available_presets(unet_or_layers: nn.Module | Sequence[AttentionLayer]) -> tuple[str, ...]:
+    """The presets `preset` accepts on this UNet, for menus: every weight type, and the style/composition presets
+    only on the layouts they are defined for (SD 1.5 and SDXL), so a menu never offers one that must fail."""
+    most = max(len(spec.references) for spec in NAMED_PRESETS.values())
+    names = []
+    for name in PRESET_NAMES:
+        try:
+            preset(name, unet_or_layers, references=most)
+        except IPAdapterError:
+            continue
+        names.append(name)
+    return tuple(names)
+
+
 def _block_values(value: float | Sequence[float], count: int, where: str) -> list[float]:
     if isinstance(value, (int, float)):
         return [float(value)] * count
