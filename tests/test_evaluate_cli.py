@@ -56,6 +56,7 @@ BAD = {
     "judge not a CLIP": (["--judge", "{root}/pipe/image_encoder"], "must be a CLIP"),
     "empty manifest": (["--manifest", "{root}/empty.jsonl"], "no usable references"),
     "bad scales": (["--scales", "0,x"], "--scales"),
+    "negative scale": (["--scales", "0,-1"], "--scales must not be negative, got -1"),
     "no manifest for paper protocol": (["--manifest", ""], "needs --manifest"),
 }
 
@@ -70,6 +71,12 @@ def test_bad_input_is_one_line(setup, case, tmp_path, capsys) -> None:
     assert not (tmp_path / "o" / "samples").exists()
 
 
+def _deviations(report: str) -> set[str]:
+    """The items of report.md's "Deviations from the protocol:" list."""
+    lines = report.split("Deviations from the protocol:\n\n", 1)[1].splitlines()
+    return {line[2:] for line in lines[: lines.index("")]}
+
+
 def test_without_model_flags_it_evaluates_the_bundled_miniature_with_its_judge(setup, tmp_path, monkeypatch, capsys) -> None:
     from ipadapter import bundled
 
@@ -80,9 +87,15 @@ def test_without_model_flags_it_evaluates_the_bundled_miniature_with_its_judge(s
     monkeypatch.setattr(bundled, "PIPELINE_DIR", tmp_path / "assets" / "pipeline")
     monkeypatch.setattr(bundled, "JUDGE_DIR", tmp_path / "assets" / "judge")
     out = tmp_path / "mini"
-    assert main(["evaluate", "--out", str(out), "--limit", "2", "--samples", "1", "--scales", "0,1", "--steps", "2"]) == 0
+    assert main(["evaluate", "--out", str(out), "--limit", "2", "--samples", "1", "--scales", "0,1", "--steps", "2",
+                 "--guidance", "5"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["protocol"] == "miniature" and results["judge"] == "miniature" and results["deviations"]
+    assert results["protocol"] == "miniature" and results["judge"] == "miniature"
+    # Every flag that overrides the protocol (12 references, 2 samples, 5 scales, 25 steps, guidance 7.5, as
+    # docs/evaluation.md states it) is listed in the report.
+    assert _deviations((out / "report.md").read_text()) == {
+        "references: 2 (protocol: 12)", "samples: 1 (protocol: 2)", "steps: 2 (protocol: 25)",
+        "guidance: 5.0 (protocol: 7.5)", "scales: [0.0, 1.0] (protocol: [0.0, 0.25, 0.5, 0.75, 1.0])"}
     assert [r["scale"] for r in results["runs"]] == [0.0, 1.0]
     assert all({"clip_i", "clip_t", "attributes"} <= set(r) for r in results["runs"])
     assert (out / "references" / "manifest.jsonl").is_file() and (out / "scale_sweep.png").is_file()

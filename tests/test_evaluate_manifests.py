@@ -42,7 +42,7 @@ def test_coco_converter_takes_the_first_caption_per_image(tmp_path) -> None:
                 "annotations": [{"id": 9, "image_id": 1, "caption": "later"}, {"id": 3, "image_id": 1, "caption": " a dog "},
                                 {"id": 5, "image_id": 2, "caption": "a cat"}, {"id": 7, "image_id": 2, "caption": "later"}]}
     (tmp_path / "captions.json").write_text(json.dumps(captions))
-    manifest = read_manifest(from_coco_captions(tmp_path / "captions.json", tmp_path / "val", tmp_path / "out" / "m.jsonl"))
+    manifest = read_manifest(from_coco_captions(tmp_path / "captions.json", tmp_path / "val", tmp_path / "out" / "m.jsonl").path)
     assert [e.text for e in manifest.entries] == ["a dog", "a cat"] and not manifest.skipped
 
 
@@ -74,7 +74,7 @@ def test_dreambench_converter_pairs_subjects_with_their_prompts(tmp_path) -> Non
             factories.reference_image(i).save(tmp_path / subject / name, format="PNG")
     (tmp_path / "empty_subject").mkdir()
     (tmp_path / "prompts_and_classes.txt").write_text(PROMPTS)
-    manifest = read_manifest(from_dreambench(tmp_path, tmp_path / "m.jsonl"))
+    manifest = read_manifest(from_dreambench(tmp_path, tmp_path / "m.jsonl").path)
     texts = ["a backpack in the jungle", "a backpack on the beach", "a dog wearing a hat", "a toy in the jungle",
              "a toy on the beach",  # rc_car's class is the listed one, not its folder name
              "a wolf plushie in the jungle", "a wolf plushie on the beach"]  # unlisted: the folder name, digits cut
@@ -92,3 +92,80 @@ def test_a_manifest_is_written_into_folders_it_creates_and_reads_back(tmp_path) 
     factories.reference_image(0).save(tmp_path / "r.png")
     path = write_manifest(tmp_path / "a" / "b" / "m.jsonl", [{"image_file": "../../r.png", "text": "un café crème"}])
     assert [e.text for e in read_manifest(path).entries] == ["un café crème"]
+
+
+def _coco_folder(tmp_path, present=(1, 3)):
+    """Three COCO images (ids 1-3), each with one caption; only those in `present` exist as files."""
+    (tmp_path / "val").mkdir()
+    for i in present:
+        factories.reference_image(i).save(tmp_path / "val" / f"{i:012d}.jpg")
+    captions = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (1, 2, 3)],
+                "annotations": [{"id": 10 + i, "image_id": i, "caption": f"caption {i}"} for i in (1, 2, 3)]}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    return tmp_path / "captions.json", tmp_path / "val"
+
+
+def test_coco_manifest_holds_exactly_the_usable_images_and_lists_the_rest(tmp_path, capsys) -> None:
+    """Image 2's file is missing: the file holds images 1 and 3 only, and the summary counts what the file holds."""
+    from ipadapter.cli.main import main
+
+    captions, images = _coco_folder(tmp_path)
+    out = tmp_path / "m.jsonl"
+    assert main(["manifest", "coco", str(captions), str(images), "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["text"] for line in lines] == ["caption 1", "caption 3"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"wrote {out}: 2 entries, 1 left out"
+    assert len(printed) == 2 and "000000000002.jpg" in printed[1]
+    assert not read_manifest(out).skipped
+
+
+@pytest.mark.parametrize("limit, texts", [(1, ["caption 1"]), (3, ["caption 1", "caption 3"])])
+def test_coco_limit_takes_the_first_images_by_id(tmp_path, limit, texts) -> None:
+    captions, images = _coco_folder(tmp_path)
+    manifest = from_coco_captions(captions, images, tmp_path / "m.jsonl", limit=limit)
+    assert [e.text for e in read_manifest(manifest.path).entries] == texts
+
+
+COCO_BAD = {  # the captions file's bytes (None: no file), and words of the one-line error
+    "captions missing": (None, "captions file not found"),
+    "captions not JSON": (b"hello", "is not JSON (line 1, column 1"),
+    "captions not UTF-8": (b'{"images": "\xff"}', "is not UTF-8"),
+    "captions a JSON object without annotations": (b"{}", "it has no 'images' list"),
+    "captions a JSON list": (b"[]", "is not COCO captions JSON"),
+    "annotation without a caption": (json.dumps({"images": [], "annotations": [{"id": 1, "image_id": 1}]}).encode(),
+                                     "each annotation an id, an image_id and a caption"),
+}
+
+
+@pytest.mark.parametrize("case", list(COCO_BAD))
+def test_bad_coco_captions_are_one_line_and_write_nothing(tmp_path, capsys, case) -> None:
+    from ipadapter.cli.main import main
+
+    _coco_folder(tmp_path)
+    content, words = COCO_BAD[case]
+    captions = tmp_path / "c.json"
+    if content is not None:
+        captions.write_bytes(content)
+    out = tmp_path / "out" / "m.jsonl"
+    assert main(["manifest", "coco", str(captions), str(tmp_path / "val"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("images, out, extra, words", [
+    ("val", "m.jsonl", ["--limit", "-1"], "--limit must be at least 1"),
+    ("val", "m.jsonl", ["--limit", "0"], "--limit must be at least 1"),
+    ("nothere", "m.jsonl", [], "no usable references"),
+    ("val", "captions.json/m.jsonl", [], "is a file, not a folder"),
+    ("val", "/proc/m.jsonl", [], "/proc/m.jsonl"),  # not writable; root passes the access check, then the write fails
+])
+def test_refused_coco_runs_leave_no_manifest(tmp_path, capsys, images, out, extra, words) -> None:
+    from ipadapter.cli.main import main
+
+    captions, _ = _coco_folder(tmp_path)
+    assert main(["manifest", "coco", str(captions), str(tmp_path / images), "--out", str(tmp_path / out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.json", "val"]

@@ -36,6 +36,15 @@ def test_paper_protocol_and_table_are_the_papers() -> None:
         protocol("nope")
 
 
+def test_the_miniature_protocols_steps_guidance_and_reference_count_are_its_own() -> None:
+    """docs/evaluation.md: 12 held-out scenes, 25 steps, guidance 7.5; a run that changes any of them deviates."""
+    p = protocol("miniature")
+    used = {**p.settings(), "steps": 4, "guidance": 5.0, "references": 2}
+    assert sorted(deviations(p, used)) == ["guidance: 5.0 (protocol: 7.5)", "references: 2 (protocol: 12)",
+                                           "steps: 4 (protocol: 25)"]
+    assert deviations(p, {**p.settings(), "steps": 25, "guidance": 7.5, "references": 12}) == []
+
+
 def test_absent_networks_skip_their_metric_and_keep_the_others(tmp_path) -> None:
     box = build_toolbox(("clip_i", "dino_i", "fid", "attributes"), judge=lambda: "judge", dino=str(tmp_path / "none"),
                         inception=str(tmp_path / "none.pt"))

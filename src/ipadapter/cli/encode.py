@@ -17,7 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     p.add_argument("--image", action="append", required=True, help="reference image (repeatable)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--debug", dest="sub_debug", action="store_true")
     p.set_defaults(func=run)
 
 

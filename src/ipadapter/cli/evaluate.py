@@ -10,24 +10,31 @@ from ipadapter.cli.generate import add_model_flags, as_flags, finite_float, with
 from ipadapter.errors import IPAdapterError
 from ipadapter.extras import needs
 
+MANIFEST_EXAMPLES = """examples:
+  ipadapter manifest coco annotations/captions_val2017.json val2017/ --out coco_val2017.jsonl
+  ipadapter manifest dreambench dreambooth/dataset/ --out dreambench.jsonl
+"""
 EXAMPLES = """examples:
   ipadapter evaluate --out eval/miniature                      # bundled miniature model, its judge, held-out scenes
   ipadapter evaluate --out eval/sweep --scales 0,0.5,1 --samples 2 --limit 8
   ipadapter evaluate --protocol paper-table1 --manifest coco_val2017.jsonl --out eval/table1 \\
       --base stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter h94/IP-Adapter --subfolder models \\
       --weight-name ip-adapter_sd15.bin
-  ipadapter manifest coco annotations/captions_val2017.json val2017/ --out coco_val2017.jsonl
-  ipadapter manifest dreambench dreambooth/dataset/ --out dreambench.jsonl
-"""
+""" + MANIFEST_EXAMPLES.removeprefix("examples:\n")
 
 
 def parse_scales(text: str | None) -> tuple[float, ...] | None:
+    """The --scales list; negative scales are refused as `generate --scale` and manifests refuse them."""
+    from ipadapter.validation import check_not_negative
+
     if not text:
         return None
     try:
-        return tuple(finite_float(part.strip()) for part in text.split(",") if part.strip())
+        scales = tuple(finite_float(part.strip()) for part in text.split(",") if part.strip())
     except argparse.ArgumentTypeError as err:
         raise IPAdapterError(f"--scales must be a comma list of numbers: {err}") from None
+    check_not_negative(("--scales", scale) for scale in scales)
+    return scales
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,36 +61,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inception", help="inception-2015-12-05.pt TorchScript file for FID")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
-    p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run)
     needs(p, "eval")
 
     m = sub.add_parser("manifest", help="write an evaluation manifest from COCO captions or a DreamBench folder",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=MANIFEST_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = m.add_subparsers(dest="manifest_kind", required=True)
     coco = kinds.add_parser("coco", help="COCO captions JSON + image folder → one entry per image (first caption)")
     coco.add_argument("captions", help="captions_val2017.json")
     coco.add_argument("images", help="the folder holding the COCO images")
-    coco.add_argument("--limit", type=int, help="first N images by id")
+    coco.add_argument("--limit", type=int, help="first N images by id (N at least 1; default: all)")
     dream = kinds.add_parser("dreambench", help="DreamBench folder → subject × prompt entries")
     dream.add_argument("folder", help="folder with one subfolder per subject and prompts_and_classes.txt")
-    dream.add_argument("--images-per-subject", type=int, default=1)
+    dream.add_argument("--images-per-subject", type=int, default=1, help="reference images per subject (default 1)")
     for kind in (coco, dream):
         kind.add_argument("--out", required=True, help="manifest .jsonl to write")
         kind.set_defaults(func=write_manifest_command)
 
 
 def write_manifest_command(args: argparse.Namespace) -> int:
-    from ipadapter.evaluate.manifests import from_coco_captions, from_dreambench, read_manifest
+    """Check the flags and the output path, convert, then report what the file holds: its entries, and the
+    references left out of it."""
+    from ipadapter.evaluate.manifests import from_coco_captions, from_dreambench
+    from ipadapter.validation import output_file
 
-    if args.manifest_kind == "coco":
-        path = from_coco_captions(args.captions, args.images, args.out, limit=args.limit)
+    coco = args.manifest_kind == "coco"
+    flag, count = ("--limit", args.limit) if coco else ("--images-per-subject", args.images_per_subject)
+    if count is not None and count < 1:
+        raise IPAdapterError(f"{flag} must be at least 1, got {count}")
+    out = output_file(args.out, "--out")
+    if coco:
+        manifest = from_coco_captions(args.captions, args.images, out, limit=args.limit)
     else:
-        path = from_dreambench(args.folder, args.out, images_per_subject=args.images_per_subject)
-    manifest = read_manifest(path)
-    print(f"wrote {path}: {len(manifest.entries)} entries, {len(manifest.skipped)} skipped")
+        manifest = from_dreambench(args.folder, out, images_per_subject=args.images_per_subject)
+    left_out = f", {len(manifest.skipped)} left out" if manifest.skipped else ""
+    print(f"wrote {manifest.path}: {len(manifest.entries)} entries{left_out}")
     for line in manifest.skipped[:20]:
-        print(f"  skipped {line}")
+        print(f"  left out {line}")
+    if len(manifest.skipped) > 20:
+        print(f"  ... and {len(manifest.skipped) - 20} more")
     return 0
 
 
@@ -109,7 +125,8 @@ def load_manifest(args: argparse.Namespace, chosen, out: Path, write: bool = Tru
         from ipadapter.miniature.protocol import miniature_manifest
 
         folder = out / "references"
-        return read_manifest(miniature_manifest(folder, args.limit or 12) if write else folder / "manifest.jsonl")
+        count = args.limit or chosen.reference_count
+        return read_manifest(miniature_manifest(folder, count) if write else folder / "manifest.jsonl")
     raise IPAdapterError(f"the {chosen.name} protocol needs --manifest ({chosen.references})")
 
 
@@ -187,8 +204,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     loaded = shard.agree(lambda: load_from_flags(args))
     loaded.prompter.pipe.set_progress_bar_config(disable=True)
     names = method_names(args, len(loaded.prompter.adapters))
-    steps = args.steps or chosen.steps or loaded.default_steps
-    guidance = args.guidance if args.guidance is not None else chosen.guidance or loaded.default_guidance
+    steps = args.steps or chosen.steps
+    guidance = args.guidance if args.guidance is not None else chosen.guidance
     settings = {"manifest_sha256": hashlib.sha256(manifest.path.read_bytes()).hexdigest()[:16], "base": loaded.base,
                 "adapters": args.adapter or ["miniature base"], "weight_names": args.weight_name,
                 "adapter_weights": weights_digest(list(loaded.prompter.adapters.values())),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Iterator
 
 # Each module exposes `register(subparsers)`; the subcommand it adds sets `func(args) -> int`.
 COMMANDS = ("generate", "encode", "train", "evaluate", "miniature", "app")
@@ -30,10 +31,26 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
-    for command in sub.choices.values():
-        command.add_argument("--verbose", dest="sub_verbose", action="store_true",
-                             help="show library warnings and loading bars")
+    add_shared_flags(parser)
     return parser
+
+
+def add_shared_flags(parser: argparse.ArgumentParser) -> None:
+    """`--debug` and `--verbose` after any subcommand, nested ones too (`miniature data ... --debug`), with one help
+    text. SUPPRESS leaves them unset unless given, so a nested parser's default cannot undo a flag given before it."""
+    for command in {id(p): p for p in _subcommands(parser)}.values():
+        for flag, dest, text in (("--debug", "sub_debug", "show full tracebacks"),
+                                 ("--verbose", "sub_verbose", "show library warnings and loading bars")):
+            if flag not in command._option_string_actions:  # generate, train and app still add their own --debug
+                command.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                yield command
+                yield from _subcommands(command)
 
 
 def main(argv: list[str] | None = None) -> int:

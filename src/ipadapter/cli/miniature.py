@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ipadapter.cli.quiet import show_own_logs
 from ipadapter.errors import IPAdapterError
 from ipadapter.extras import needs
-from ipadapter.validation import output_folder
+from ipadapter.validation import check_seed, output_folder
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -19,15 +22,36 @@ def _threads(args: argparse.Namespace) -> None:
     show_own_logs()
 
 
+@contextmanager
+def _dataset_folder(folder: Path) -> Iterator[Path]:
+    """Create `folder` (and its missing parents) before anything is drawn; if creating or writing fails, remove what
+    was created here, so a refused or broken run leaves no empty or half-written folder (an existing one is kept)."""
+    created = None
+    probe = folder.absolute()
+    while not probe.exists():
+        created, probe = probe, probe.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+    except BaseException as err:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise IPAdapterError(f"--out {folder}: could not write the dataset there ({err.strerror or err})") from None
+        raise
+
+
 def _data(args: argparse.Namespace) -> int:
     from ipadapter.miniature.world import write_dataset
 
     if args.n < 1:
         raise IPAdapterError(f"--n must be at least 1, not {args.n}.")
+    check_seed(args.seed)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise IPAdapterError(f"--out {args.out} is a file; the dataset needs a folder")
     output_folder(args.out, "--out")
-    manifest = write_dataset(args.out, args.n, args.seed, args.split, masks=args.masks)
+    with _dataset_folder(Path(args.out)) as out:
+        manifest = write_dataset(out, args.n, args.seed, args.split, masks=args.masks)
     print(f"wrote {args.n} {args.split} images and {manifest}")
     return 0
 

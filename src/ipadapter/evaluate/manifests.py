@@ -77,21 +77,73 @@ def relative(image: Path, manifest: Path) -> str:
     return Path(os.path.relpath(image.resolve(), manifest.parent.resolve())).as_posix()
 
 
+def _usable(out: Path, candidates: list[tuple[Path, dict]], skipped: list[str]) -> Manifest:
+    """Write the records whose image opens, and nothing when none does: the file then holds exactly the entries the
+    caller reports, and the references left out are listed in `skipped` (the same test `read_manifest` applies)."""
+    entries, records = [], []
+    for image, record in candidates:
+        try:
+            load_image(image)
+        except IPAdapterError as err:
+            skipped.append(str(err))
+            continue
+        entries.append(Entry(len(records), image, str(record.get("text", ""))))
+        records.append({"image_file": relative(image, out), **record})
+    if not records:
+        first = f": {skipped[0]}" if skipped else ""
+        raise IPAdapterError(f"no usable references for {out} ({len(skipped)} skipped{first}); nothing was written")
+    try:
+        write_manifest(out, records)
+    except OSError as err:
+        raise IPAdapterError(f"could not write {out} ({err.strerror or err}); nothing was written") from None
+    return Manifest(out, entries, skipped)
+
+
+def _coco_json(captions_json: str | Path) -> tuple[list[dict], list[dict]]:
+    """(images, annotations) of a COCO captions file, or one sentence saying what is wrong with it."""
+    text = read_utf8(captions_json, "captions file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise IPAdapterError(f"captions file {captions_json} is not JSON (line {err.lineno}, column {err.colno}: "
+                             f"{err.msg})") from None
+    lists = [data.get(key) if isinstance(data, dict) else None for key in ("images", "annotations")]
+    for key, value in zip(("images", "annotations"), lists):
+        if not isinstance(value, list):
+            raise IPAdapterError(f"captions file {captions_json} is not COCO captions JSON: it has no {key!r} list")
+    return lists[0], lists[1]
+
+
 def from_coco_captions(
     captions_json: str | Path, images_dir: str | Path, out: str | Path, limit: int | None = None
-) -> Path:
-    """COCO `captions_val2017.json` → one entry per image with its first caption (by annotation id), image id order."""
-    data = json.loads(Path(captions_json).read_text(encoding="utf-8"))
+) -> Manifest:
+    """COCO `captions_val2017.json` → one entry per image with its first caption (by annotation id), image id order.
+
+    The first `limit` images by id are considered; those without a caption or whose file does not open are left out
+    of the file and listed in the result's `skipped`. Everything is checked before the manifest is written."""
+    if limit is not None and limit < 1:
+        raise IPAdapterError(f"limit must be at least 1, got {limit}")
+    images, annotations = _coco_json(captions_json)
     first: dict[int, tuple[int, str]] = {}
-    for ann in data["annotations"]:
-        current = first.get(ann["image_id"])
-        if current is None or ann["id"] < current[0]:
-            first[ann["image_id"]] = (ann["id"], ann["caption"].strip())
-    images = sorted(data["images"], key=lambda im: im["id"])[:limit]
-    out = Path(out)
-    records = [{"image_file": relative(Path(images_dir) / im["file_name"], out), "text": first[im["id"]][1]}
-               for im in images if im["id"] in first]
-    return write_manifest(out, records)
+    try:
+        for ann in annotations:
+            current = first.get(ann["image_id"])
+            if current is None or ann["id"] < current[0]:
+                first[ann["image_id"]] = (ann["id"], ann["caption"].strip())
+        images = sorted(images, key=lambda im: im["id"])[:limit]
+        named = [(im["id"], Path(images_dir) / im["file_name"]) for im in images]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise IPAdapterError(f"captions file {captions_json} is not COCO captions JSON: each image needs an id and a "
+                             f"file_name, each annotation an id, an image_id and a caption text ({type(err).__name__}: "
+                             f"{err})") from None
+    out, skipped = Path(out), []
+    candidates = []
+    for image_id, image in named:
+        if image_id in first:
+            candidates.append((image, {"text": first[image_id][1]}))
+        else:
+            skipped.append(f"{image}: image id {image_id} has no caption")
+    return _usable(out, candidates, skipped)
 
 
 _CLASS_LINE = re.compile(r"^([\w-]+),([\w ]+)$")
@@ -113,18 +165,20 @@ def parse_dreambench(text: str) -> tuple[dict[str, str], list[str], list[str]]:
     return classes, sections["object"], sections["live"]
 
 
-def from_dreambench(folder: str | Path, out: str | Path, images_per_subject: int = 1) -> Path:
+def from_dreambench(folder: str | Path, out: str | Path, images_per_subject: int = 1) -> Manifest:
     """DreamBooth/DreamBench folder (one subfolder per subject + prompts_and_classes.txt) → subject × prompt entries.
 
     The image prompt carries the subject, so the text is the prompt with the unique token left out
     ("a {0} {1} in the jungle" → "a backpack in the jungle"); the first `images_per_subject` images are references.
     """
+    if images_per_subject < 1:
+        raise IPAdapterError(f"images_per_subject must be at least 1, got {images_per_subject}")
     folder, out = Path(folder), Path(out)
     spec = folder / "prompts_and_classes.txt"
     if not spec.is_file():
         raise IPAdapterError(f"{folder} is not a DreamBench folder: prompts_and_classes.txt not found")
-    classes, object_prompts, live_prompts = parse_dreambench(spec.read_text(encoding="utf-8"))
-    records = []
+    classes, object_prompts, live_prompts = parse_dreambench(read_utf8(spec, "DreamBench prompts file"))
+    candidates = []
     for subject in sorted(p.name for p in folder.iterdir() if p.is_dir()):
         cls = classes.get(subject, re.sub(r"\d+$", "", subject).replace("_", " "))
         prompts = live_prompts if cls in LIVE_CLASSES and live_prompts else object_prompts
@@ -132,7 +186,7 @@ def from_dreambench(folder: str | Path, out: str | Path, images_per_subject: int
         for image in images[:images_per_subject]:
             for prompt in prompts:
                 text = " ".join(prompt.replace("{0}", "").replace("{1}", cls).split())
-                records.append({"image_file": relative(image, out), "text": text, "subject": subject})
-    if not records:
+                candidates.append((image, {"text": text, "subject": subject}))
+    if not candidates:
         raise IPAdapterError(f"no subjects with images and prompts found in {folder}")
-    return write_manifest(out, records)
+    return _usable(out, candidates, [])

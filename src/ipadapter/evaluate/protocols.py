@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 from ipadapter.errors import IPAdapterError
 from ipadapter.evaluate.judges import PAPER_JUDGE
+from ipadapter.loading import MINIATURE_GUIDANCE, MINIATURE_STEPS
 
 MINIATURE_JUDGE = "miniature"
+MINIATURE_REFERENCES = 12  # held-out scenes the miniature protocol draws (`ipadapter.miniature.protocol`)
 
 
 @dataclass(frozen=True)
@@ -22,8 +24,8 @@ class Protocol:
     metrics: tuple[str, ...]
     samples: int
     scales: tuple[float, ...]
-    steps: int | None  # None: the model's default
-    guidance: float | None
+    steps: int
+    guidance: float
     scheduler: str | None
     empty_prompt: bool  # generate from the image alone; the manifest text is then only the CLIP-T target
     judge: str
@@ -59,8 +61,9 @@ PROTOCOLS: dict[str, Protocol] = {
     "miniature": Protocol(
         "miniature", "the bundled shapes world: held-out scenes, the reference's object asked on another background",
         "held-out shapes-world scenes (built automatically; see `ipadapter.miniature.protocol`)",
-        ("clip_i", "clip_t", "attributes"), samples=2, scales=(0.0, 0.25, 0.5, 0.75, 1.0), steps=None,
-        guidance=None, scheduler=None, empty_prompt=False, judge=MINIATURE_JUDGE,
+        ("clip_i", "clip_t", "attributes"), samples=2, scales=(0.0, 0.25, 0.5, 0.75, 1.0), steps=MINIATURE_STEPS,
+        guidance=MINIATURE_GUIDANCE, scheduler=None, empty_prompt=False, judge=MINIATURE_JUDGE,
+        reference_count=MINIATURE_REFERENCES,
     ),
 }
 
@@ -72,7 +75,8 @@ def protocol(name: str) -> Protocol:
 
 
 def deviations(chosen: Protocol, used: dict) -> list[str]:
-    """Settings in `used` that differ from the protocol's, as 'name: used (protocol: x)'; None = the model's own."""
+    """Settings in `used` that differ from the protocol's, as 'name: used (protocol: x)'; None = the model's own
+    (the scheduler) or no fixed size (a benchmark's reference count)."""
     expected = chosen.settings()
     return [f"{k}: {used[k]} (protocol: {v})" for k, v in expected.items()
             if k in used and v is not None and used[k] != v]

@@ -102,7 +102,8 @@ def _adapter(name: str) -> Callable[[Path, int, bool], object]:
 
 
 RECIPES: dict[str, Recipe] = {
-    "clip": Recipe(_clip, 1200, help="tiny CLIP (text encoder + adapters' image encoder)"),
+    "clip": Recipe(_clip, 1200,
+                   help="tiny CLIP: the pipeline's text encoder (image-encoder trains against its text tower)"),
     "image-encoder": Recipe(_image_encoder, IMAGE_ENCODER_STAGES[-1][0], needs=("clip",),
                             help="the adapters' image encoder (4 px patches) against the frozen text tower"),
     "vae": Recipe(_vae, 2000, help="tiny AutoencoderKL, 64x64x3 <-> 16x16x8"),

@@ -1,0 +1,38 @@
+"""Flags every subcommand shares, and what each command's --help says."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipadapter.cli.main import main
+
+LEAVES = [["generate"], ["encode"], ["train"], ["evaluate"], ["app"], ["manifest", "coco"], ["manifest", "dreambench"],
+          ["miniature", "data"], ["miniature", "train"], ["miniature", "eval"], ["miniature", "export"]]
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", LEAVES, ids=" ".join)
+def test_debug_after_any_subcommand_shows_full_tracebacks(command, capsys) -> None:
+    text = " ".join(_help(capsys, command).split())
+    assert "--debug show full tracebacks" in text and "--verbose show library warnings" in text
+
+
+def test_debug_after_a_nested_subcommand_raises_the_error(tmp_path) -> None:
+    from ipadapter.errors import IPAdapterError
+
+    argv = ["miniature", "data", "--out", str(tmp_path / "d"), "--n", "0"]
+    assert main(argv) == 2
+    for debug in (["--debug", *argv], [*argv, "--debug"], ["miniature", "--debug", *argv[1:]]):
+        with pytest.raises(IPAdapterError, match="--n must be at least 1"):
+            main(debug)
+
+
+def test_manifest_help_shows_the_manifest_examples_only(capsys) -> None:
+    text = _help(capsys, ["manifest"])
+    assert "ipadapter manifest coco" in text and "ipadapter evaluate" not in text
+
