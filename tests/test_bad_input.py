@@ -110,7 +110,8 @@ CASES = {
     "negative width": (GENERATE + " --width -64 --height 64", "--width must be a positive number"),
     "negative height alone": (GENERATE + " --height -64", "--height must be a positive number"),
     # references
-    "decompression bomb": (GENERATE.replace("ref.png", "bomb.png"), "images are limited to 16.8 MP"),
+    "decompression bomb": (GENERATE.replace("ref.png", "bomb.png"),
+                           "is 12000x12000 px (144,000,000 pixels); the limit is 16,777,216 pixels"),
     "fifo as image": (GENERATE.replace("ref.png", "fifo.png"), "not a regular file"),
     "folder as image": (GENERATE.replace("{w}/ref.png", "{w}"), "is a folder"),
     "missing image": (GENERATE.replace("ref.png", "nope.png"), "not found"),
@@ -141,6 +142,11 @@ CASES = {
     "missing adapter": (GENERATE.replace("base.bin", "none.bin"), "not found"),
     "text encoder as image encoder": (GENERATE + " --image-encoder {w}/pipe/text_encoder", "not a CLIP vision"),
     "truncated adapter": (GENERATE.replace("base.bin", "truncated.bin"), "truncated or corrupt"),
+    "text file as adapter": (GENERATE.replace("base.bin", "afile"),
+                             "afile is not a readable checkpoint (not a .safetensors, .bin or .pt file, or truncated)"),
+    "image as adapter": (GENERATE.replace("{w}/base.bin", "{w}/ref.png"),
+                         "ref.png is not a readable checkpoint (not a .safetensors, .bin or .pt file, or truncated)"),
+    "two adapters": (GENERATE + " --adapter {w}/plus.bin", "--adapter given 2 times: one generate prompts one adapter"),
     "nan adapter": (GENERATE.replace("base.bin", "nan.bin"), "image_proj.proj.weight holds NaN or Inf"),
     # saved embeddings
     "embeds wrong shape": (GENERATE.replace("--image {w}/ref.png", "--embeds {w}/wrong-shape.safetensors")
@@ -341,6 +347,31 @@ def test_pixel_limit_is_configurable(world, monkeypatch) -> None:
         load_image(world / "ref.png")
     monkeypatch.setenv("IPADAPTER_MAX_PIXELS", str(60 * 40))
     assert load_image(world / "ref.png").size == (60, 40)
+
+
+def test_the_pixel_limit_sentence_gives_exact_counts(world, tmp_path, monkeypatch, capsys) -> None:
+    """One pixel over the limit reads as over it (rounded to megapixels, both were 0.0 MP)."""
+    monkeypatch.setenv("IPADAPTER_MAX_PIXELS", str(60 * 40 - 1))
+    code = main(GENERATE.format(w=world, o=tmp_path).split())
+    _one_line_error(capsys, code, f"{world / 'ref.png'} is 60x40 px (2,400 pixels); the limit is 2,399 pixels "
+                                  "(set IPADAPTER_MAX_PIXELS to allow more)")
+    assert not list(tmp_path.iterdir())
+
+
+def test_app_and_generate_name_a_missing_adapter_alike(tmp_path, monkeypatch, capsys) -> None:
+    """"nothere" is neither a file nor an owner/name Hub id: the app says so in generate's words, before loading."""
+    import ipadapter.loading
+
+    def load_prompter(**_: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(ipadapter.loading, "load_prompter", load_prompter)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["generate", "--prompt", "x"], ["app"]):
+        code = main([*argv, "--adapter", "nothere"])
+        _one_line_error(capsys, code, ": error: --adapter not found: nothere (no such file or folder; a Hub model id "
+                                      "has the form owner/name)")
+    assert not list(tmp_path.iterdir())
 
 
 # ---- training state -------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -55,6 +57,7 @@ BAD = {
     "unknown preset": (["--preset", "nope"], "valid"),
     "missing adapter": (["--adapter", "{root}/none.bin"], "not found"),
     "mask count": (["--mask", "{root}/ref.png", "--mask", "{root}/ref.png"], "mask"),
+    "out-dir without a manifest": (["--out-dir", "{root}/runs"], "--out-dir is the folder of a --manifest run"),
 }
 
 
@@ -100,3 +103,84 @@ def test_encode_then_generate_from_embeds(tiny_base, tmp_path) -> None:
     assert main(["generate", *common, "--image", str(tiny_base / "ref.png"), "--out", str(tmp_path / "b.png")]) == 0
     a, b = np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
     assert np.array_equal(a, b), "saved embeddings must give the same image as encoding on the fly"
+
+
+def _no_loading(monkeypatch) -> None:
+    """Any model load fails the test: what is checked here must be refused before one."""
+    import ipadapter.loading
+
+    def load_prompter(**_: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(ipadapter.loading, "load_prompter", load_prompter)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err.split(": error: ", 1)[1]
+
+
+@pytest.mark.parametrize("inputs", [["--prompt", "a red circle"], ["--image", "{root}/ref.png"]], ids=["text", "image"])
+def test_several_adapters_in_one_generate_are_refused_before_loading(tiny_base, tmp_path, capsys, monkeypatch,
+                                                                     inputs) -> None:
+    """One generate has no way to say which adapter its --image is for: two --adapter are refused in one line that
+    names the ways to use several (a manifest's "adapter" key, the Python API), with or without images."""
+    _no_loading(monkeypatch)
+    code = main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin"), "--adapter",
+                 str(tiny_base / "plus.bin"), *(i.format(root=tiny_base) for i in inputs),
+                 "--out", str(tmp_path / "o.png")])
+    assert code == 2
+    assert _error_line(capsys) == (
+        '--adapter given 2 times: one generate prompts one adapter (--image cannot say which its images are for); to '
+        'use several, give a --manifest whose jobs each name theirs ("adapter": "0", "1", ... in --adapter order), or '
+        "the Python API")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_manifest_with_several_adapters_needs_a_name_only_for_jobs_with_images(tiny_base, tmp_path, capsys) -> None:
+    """Two adapters: the job with images but no "adapter" key fails in one line naming the key (and the others run);
+    the text-only job needs no name and makes the image a one-adapter text-only generate makes (no adapter acts on
+    a text-only prompt); the job naming adapter "1" runs."""
+    ref = str(tiny_base / "ref.png")
+    jobs = [{"id": "text", "prompt": "a red circle", "seed": 5},
+            {"id": "unnamed", "image": ref},
+            {"id": "named", "image": ref, "adapter": "1"}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    size = ["--steps", "2", "--width", "32", "--height", "32"]
+    base = ["--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin")]
+    code = main(["generate", *base, "--adapter", str(tiny_base / "plus.bin"), *size, "--manifest",
+                 str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "out")])
+    assert code == 1
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert errors == [{"line": 2, "id": "unnamed", "error": 'several adapters are attached (0, 1 in --adapter order): '
+                       'give this job an "adapter" key naming the one its images are for'}]
+    assert (tmp_path / "out" / "named-0.png").is_file()
+    assert main(["generate", *base, *size, "--prompt", "a red circle", "--seed", "5", "--out",
+                 str(tmp_path / "alone.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "text-0.png")),
+                          np.asarray(Image.open(tmp_path / "alone.png")))
+
+
+def test_true_cfg_on_a_local_unet_base_is_refused_before_loading(tiny_base, tmp_path, capsys, monkeypatch) -> None:
+    """The base folder's model_index.json names a UNet, no FLUX transformer: known without loading anything."""
+    _no_loading(monkeypatch)
+    assert main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin"), "--prompt",
+                 "x", "--true-cfg", "4", "--out", str(tmp_path / "o.png")]) == 2
+    assert _error_line(capsys) == "--true-cfg is FLUX's option; other bases take --guidance"
+    assert main(["generate", "--prompt", "x", "--true-cfg", "4", "--out", str(tmp_path / "o.png")]) == 2  # miniature
+    assert _error_line(capsys) == "--true-cfg is FLUX's option; other bases take --guidance"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_text_file_as_face_embedding_says_it_is_no_embedding_file(tiny_base, tmp_path, capsys) -> None:
+    """torch reads "hello" as a pickle and fails with KeyError(101): the line says what the file is not instead."""
+    (tmp_path / "h.pt").write_text("hello\n")
+    (tmp_path / "h.npy").write_text("hello\n")
+    for name, why in (("h.pt", "not a torch file (text, an image or another format?), or truncated"),
+                      ("h.npy", "not a .npy file (no NumPy header), or empty")):
+        code = _run(tiny_base, "--adapter", str(tiny_base / "faceid.bin"), "--face-embed", str(tmp_path / name),
+                    out=tmp_path / "o.png")
+        assert code == 2
+        assert _error_line(capsys) == f"{tmp_path / name} is not a readable face embedding (.npy or tensor .pt): {why}"
+    assert not (tmp_path / "o.png").exists()

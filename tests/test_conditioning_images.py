@@ -345,7 +345,7 @@ def test_load_errors_are_exact_sentences_naming_the_source(tmp_path, monkeypatch
     monkeypatch.setenv("IPADAPTER_MAX_PIXELS", "23")
     with pytest.raises(IPAdapterError) as caught:
         load_image(big)
-    assert str(caught.value) == (f"{big} is 6x4 px (0.0 MP); images are limited to 0.0 MP "
+    assert str(caught.value) == (f"{big} is 6x4 px (24 pixels); the limit is 23 pixels "
                                  "(set IPADAPTER_MAX_PIXELS to allow more)")
 
 

@@ -134,17 +134,18 @@ def test_an_mps_machine_may_use_mps(monkeypatch) -> None:
     assert check_device("mps") == "mps"
 
 
-def test_the_pixel_sentence_gives_both_sizes_in_megapixels(monkeypatch) -> None:
+def test_the_pixel_sentence_gives_both_sizes_in_exact_pixels(monkeypatch) -> None:
+    """Exact counts: in megapixels one pixel over the limit read as equal to it ("1.1 MP; limited to 1.1 MP")."""
     from ipadapter.validation import check_pixels
 
     monkeypatch.setenv("IPADAPTER_MAX_PIXELS", "10")  # a limit given in the call wins over the environment
     with pytest.raises(IPAdapterError) as err:
         check_pixels(1000, 1050, "ref.png", limit=1_000_000)
-    assert str(err.value) == ("ref.png is 1000x1050 px (1.1 MP); images are limited to 1.0 MP "
+    assert str(err.value) == ("ref.png is 1000x1050 px (1,050,000 pixels); the limit is 1,000,000 pixels "
                               "(set IPADAPTER_MAX_PIXELS to allow more)")
     with pytest.raises(IPAdapterError) as err:
         check_pixels(1_050_001, 1, "wide.png", limit=1_050_000)
-    assert "(1.1 MP); images are limited to 1.1 MP" in str(err.value)
+    assert "(1,050,001 pixels); the limit is 1,050,000 pixels" in str(err.value)
     check_pixels(1000, 1050, "ref.png", limit=1_050_000)
 
 

@@ -28,11 +28,16 @@ from ipadapter.errors import IPAdapterError
 from ipadapter.finite import require_finite
 from ipadapter.layers import attention_layers
 from ipadapter.projection.detect import detect_projection
+from ipadapter.validation import model_source
 from ipadapter.variants import detect_variant_name, get_variant
 
 _INDEX_KEY = re.compile(r"^(\d+)\.(.+)$")
 VIT_H_TOKENS = 257  # ViT-H/14 at 224 px: 16 x 16 patches and the class token
 _LORA_RANK_KEY = "to_q_lora.down.weight"
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch's sentence naming a refused global, in either of its wordings ("Unsupported global: GLOBAL getattr was not an
+# allowed global by default.", "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.")
+_REFUSED_GLOBAL = re.compile(r"[^\n:]*\bGLOBAL\b[^\n]*?\.(?=\s|$)")
 
 
 def resolve(source: str | os.PathLike, *, subfolder: str | None = None, weight_name: str | None = None) -> Path:
@@ -47,6 +52,7 @@ def resolve(source: str | os.PathLike, *, subfolder: str | None = None, weight_n
         raise IPAdapterError(f"no adapter file {candidate} (give weight_name= and subfolder= inside {path})")
     if path.suffix in {".bin", ".safetensors", ".pt", ".pth"} or str(source).startswith((".", "/")):
         raise IPAdapterError(f"adapter file not found: {source}")
+    model_source(str(source), "adapter")  # "nothere" is a missing path, not a repo id short of a weight name
     if not weight_name:
         raise IPAdapterError(f"{source} looks like a Hub repo id: also give the weight name (e.g. ip-adapter_sd15.bin)")
     from huggingface_hub import hf_hub_download
@@ -80,17 +86,40 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         except (SafetensorError, OSError, RuntimeError) as err:
             raise IPAdapterError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
     try:
+        with path.open("rb") as f:
+            head = f.read(len(_ZIP_MAGIC))
+    except OSError as err:
+        raise IPAdapterError(f"cannot read {path} ({err.strerror or err})") from None
+    if not is_torch_file(head):
+        raise IPAdapterError(f"{path} is not a readable checkpoint (not a .safetensors, .bin or .pt file, or truncated)")
+    try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # noqa: BLE001 - torn bytes make the weights-only unpickler raise anything (KeyError, ...)
+        refused = refused_global(err)
+        if refused is None:
+            raise IPAdapterError(f"{path} is not a readable checkpoint (truncated or corrupt)") from None
         raise IPAdapterError(
-            f"refusing to load {path}: its pickle carries code or objects other than tensors "
-            f"({str(err).splitlines()[0][:120]}); use a .safetensors file"
+            f"refusing to load {path}: its pickle carries code or objects other than tensors ({refused}); "
+            "use a .safetensors file"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise IPAdapterError(f"{path} is not a readable checkpoint (truncated or corrupt?): {str(err)[:160]}") from None
     if not isinstance(data, dict):
         raise IPAdapterError(f"{path} holds a {type(data).__name__}, not an IP-Adapter state dict")
     return flatten(data), {}
+
+
+def is_torch_file(head: bytes) -> bool:
+    """Whether a file's first bytes are those of a `torch.save` file, a zip archive or (the legacy format) a pickle of
+    protocol 2 or later; text, an image or an empty file is not one, whatever torch's unpickler would say of it."""
+    return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def refused_global(err: BaseException) -> str | None:
+    """The sentence in which torch's weights-only unpickler names the global (code, or an object other than tensors)
+    a pickle asked for; None when `err` is any other failure (a torn or garbage file)."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    found = _REFUSED_GLOBAL.search(str(err))
+    return found.group(0).strip().rstrip(".") if found else None
 
 
 def flatten(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from ipadapter.embed_cache import EmbeddingCache, image_key
 from ipadapter.errors import IPAdapterError
 
 _ENCODER_FAMILIES = {1024: "OpenCLIP ViT-H/14", 1280: "OpenCLIP ViT-bigG/14"}
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 def _describe(dim: int, kind: str) -> str:
@@ -194,6 +195,23 @@ def decode_embedding(raw: bytes, suffix: str) -> torch.Tensor:
     return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
 
+def _decode_problem(raw: bytes, suffix: str, err: Exception) -> str:
+    """What is wrong with bytes `decode_embedding` refused, in words: torch's weights-only unpickler reports text or
+    torn bytes as a bare KeyError ("101") or IndexError, which says nothing to the user."""
+    from ipadapter.checkpoint import is_torch_file, refused_global
+
+    if suffix.lower().lstrip(".") == "npy":
+        if not raw.startswith(_NPY_MAGIC):
+            return "not a .npy file (no NumPy header), or empty"
+        return str(err).splitlines()[0] if str(err) else "truncated"  # numpy's own sentence names the problem
+    if not is_torch_file(raw[:4]):
+        return "not a torch file (text, an image or another format?), or truncated"
+    refused = refused_global(err)
+    if refused is not None:
+        return f"its pickle carries code or objects other than tensors ({refused})"
+    return "truncated or corrupt"
+
+
 def load_face_embedding(
     source: str | os.PathLike | list[float] | np.ndarray | torch.Tensor, dim: int = 512
 ) -> torch.Tensor:
@@ -202,10 +220,12 @@ def load_face_embedding(
         path = Path(source)
         if not path.is_file():
             raise IPAdapterError(f"face embedding file not found: {path}")
+        raw = path.read_bytes()
         try:
-            data = decode_embedding(path.read_bytes(), path.suffix)
+            data = decode_embedding(raw, path.suffix)
         except Exception as err:  # noqa: BLE001 - any decoding failure is the same user error
-            raise IPAdapterError(f"{path} is not a readable face embedding (.npy or tensor .pt): {err}") from None
+            raise IPAdapterError(f"{path} is not a readable face embedding (.npy or tensor .pt): "
+                                 f"{_decode_problem(raw, path.suffix, err)}") from None
     else:
         data = torch.as_tensor(np.asarray(source, dtype=np.float32))
     if not isinstance(data, torch.Tensor) or data.numel() % dim or data.numel() == 0:

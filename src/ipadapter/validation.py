@@ -39,10 +39,11 @@ def max_pixels() -> int:
 
 
 def check_pixels(width: int, height: int, what: str, limit: int | None = None) -> None:
+    """Exact pixel counts in the refusal: rounded to megapixels, an image just over the limit read as equal to it."""
     limit = max_pixels() if limit is None else limit
     if width * height > limit:
         raise IPAdapterError(
-            f"{what} is {width}x{height} px ({width * height / 1e6:.1f} MP); images are limited to {limit / 1e6:.1f} MP "
+            f"{what} is {width}x{height} px ({width * height:,} pixels); the limit is {limit:,} pixels "
             f"(set {PIXELS_ENV} to allow more)"
         )
 

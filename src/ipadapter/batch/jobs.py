@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,18 @@ def read_jobs(path: str | Path, defaults: dict, adapters: Iterable[str],
     if not jobs and not failures:
         raise IPAdapterError(f"manifest {path} has no jobs")
     return Manifest(list(jobs.values()), failures)
+
+
+def require_adapter_names(manifest: Manifest, adapters: Sequence[str]) -> Manifest:
+    """With several adapters attached, a job with images fails unless its "adapter" key says which one they are for;
+    a text-only job prompts no adapter and needs no name."""
+    unnamed = [j for j in manifest.jobs if j.adapter is None and j.settings["image"]] if len(adapters) > 1 else []
+    if not unnamed:
+        return manifest
+    why = (f"several adapters are attached ({', '.join(adapters)} in --adapter order): give this job an \"adapter\" "
+           "key naming the one its images are for")
+    failures = sorted([*manifest.failures, *(Failure(j.line, j.id, why) for j in unnamed)], key=lambda f: f.line)
+    return Manifest([j for j in manifest.jobs if j not in unnamed], failures)
 
 
 def batches(jobs: list[Job], size: int) -> list[list[Job]]:

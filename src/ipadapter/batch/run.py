@@ -72,7 +72,8 @@ def generate_batch(prompter: Any, batch: list[Job], defaults: Defaults) -> tuple
             request = load_request(job.settings)
             if job.settings["content_subtract"]:
                 request.content_text_embeds = defaults.content_text(job.settings["content_subtract"])
-            prompts.append(build_prompt(prompter, request, adapter=job.adapter))
+            # A text-only job prompts no adapter, so it names none even when several are attached.
+            prompts.append(build_prompt(prompter, request, adapter=job.adapter) if request.images else {})
             kept.append(job)
         except IPAdapterError as err:
             failures.append(Failure(job.line, job.id, str(err)))

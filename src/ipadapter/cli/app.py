@@ -28,7 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-side", type=int, default=4096, help="largest accepted image side in pixels (default 4096)")
     p.add_argument("--cache-mb", type=float, default=256.0,
                    help="memory for reference embeddings and projected tokens, reused while the app runs (0: off)")
-    p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run)
     needs(p, "app")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from pathlib import Path
@@ -29,6 +30,9 @@ EXAMPLES = """examples:
       --true-cfg 4 --scale 0.7 --out out.png
 """
 
+FLUX_TRANSFORMER = "FluxTransformer2DModel"
+TRUE_CFG_NOT_FLUX = "--true-cfg is FLUX's option; other bases take --guidance"
+
 
 def finite_float(text: str) -> float:
     try:
@@ -43,8 +47,9 @@ def finite_float(text: str) -> float:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--base/--adapter/--image-encoder, shared by generate, encode, evaluate and app."""
     p.add_argument("--base", help="diffusers pipeline folder or Hub id (default: the bundled miniature model)")
-    p.add_argument("--adapter", action="append", help="adapter file, folder or Hub repo id (repeatable); the bundled "
-                   "miniature adapters: miniature (default), miniature-plus, miniature-simple")
+    p.add_argument("--adapter", action="append", help="adapter file, folder or Hub repo id (repeatable for evaluate and "
+                   "generate --manifest, whose jobs name theirs); the bundled miniature adapters: miniature (default), "
+                   "miniature-plus, miniature-simple")
     p.add_argument("--weight-name", action="append", help="adapter file name inside --adapter (per --adapter)")
     p.add_argument("--subfolder", action="append", help="subfolder inside --adapter (per --adapter)")
     p.add_argument("--image-encoder", help="CLIP vision folder or Hub id, 'owner/repo/subfolder' allowed")
@@ -78,8 +83,9 @@ def as_flags(err: IPAdapterError) -> IPAdapterError:
 
 def load_from_flags(args: argparse.Namespace) -> Any:
     """`loading.load_prompter` with the model flags (those of `add_model_flags`, and generate's LoRA/ControlNet)."""
-    from ipadapter.loading import load_prompter
+    from ipadapter.loading import check_model_args, load_prompter
 
+    check_model_args(args)  # every command that loads (the app too) names a missing path as generate does
     try:
         return load_prompter(
             base=args.base, adapters=args.adapter or (), subfolders=args.subfolder or (),
@@ -143,7 +149,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "docs/scale.md); the flags give the jobs' defaults")
     p.add_argument("--out-dir", help="with --manifest: folder for <id>-<k>.png, index.jsonl, errors.jsonl (resumable)")
     p.add_argument("--batch-size", type=int, default=4, help="with --manifest: jobs per UNet call (default 4)")
-    p.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run)
 
 
@@ -160,6 +165,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise IPAdapterError("--num-images and --steps must be at least 1")
     if not args.image and not args.embeds and not args.prompt:
         raise IPAdapterError("give --image (or --embeds), --prompt, or both")
+    if args.out_dir:
+        raise IPAdapterError("--out-dir is the folder of a --manifest run; one generation writes --out")
+    if len(args.adapter or []) > 1:
+        raise IPAdapterError(f"--adapter given {len(args.adapter)} times: one generate prompts one adapter (--image "
+                             "cannot say which its images are for); to use several, give a --manifest whose jobs each "
+                             "name theirs (\"adapter\": \"0\", \"1\", ... in --adapter order), or the Python API")
     check_seed(args.seed)
     check_not_negative([("--scale", args.scale), ("--guidance", args.guidance), ("--true-cfg", args.true_cfg),
                         ("--s-scale", args.s_scale),
@@ -185,6 +196,36 @@ def check_args(args: argparse.Namespace) -> None:
         regular_file(args.embeds, "embeddings file")
     for face in args.face_embed:
         regular_file(face, "face embedding")
+
+
+def index_transformer(base: str | None) -> str | None:
+    """The transformer class a base's model_index.json names ("" for a UNet base), read from a local folder or the
+    local Hub cache; None where only loading would tell (a Hub id not in the cache, an unreadable index)."""
+    from ipadapter.sources import miniature_base
+
+    index = Path(base or miniature_base()) / "model_index.json"
+    if base and not index.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(base, "model_index.json")
+        except ValueError:  # not shaped like a repo id: loading names the problem
+            return None
+        if not isinstance(cached, str):
+            return None
+        index = Path(cached)
+    try:
+        transformer = json.loads(index.read_text(encoding="utf-8")).get("transformer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(transformer[-1]) if isinstance(transformer, list) and transformer else ""
+
+
+def check_true_cfg(args: argparse.Namespace) -> None:
+    """--true-cfg on a base that is not FLUX, refused before loading where the base's index can be read here (after
+    loading, from the pipeline itself, otherwise)."""
+    if args.true_cfg is not None and index_transformer(args.base) not in (None, FLUX_TRANSFORMER):
+        raise IPAdapterError(TRUE_CFG_NOT_FLUX)
 
 
 def control_kwargs(args: argparse.Namespace) -> dict:
@@ -221,6 +262,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     check_args(args)
     check_model_args(args)
+    check_true_cfg(args)
     paths = output_paths(args.out, args.num_images)
     width, height = args.width, args.height
     if width is not None or height is not None:
@@ -253,8 +295,8 @@ def _generate(args: argparse.Namespace) -> int:
         if adapter.variant.shortcut:
             adapter.image_proj.s_scale = args.s_scale
     if args.true_cfg is not None:
-        if type(getattr(prompter.pipe, "transformer", None)).__name__ != "FluxTransformer2DModel":
-            raise IPAdapterError("--true-cfg is FLUX's option; other bases take --guidance")
+        if type(getattr(prompter.pipe, "transformer", None)).__name__ != FLUX_TRANSFORMER:
+            raise IPAdapterError(TRUE_CFG_NOT_FLUX)
         control["true_cfg_scale"] = args.true_cfg
     prompts = build_prompt(prompter, request)
     images_out = prompter.generate(

@@ -31,7 +31,7 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:
     """`load(args)`: the models the flags name; `control(args)`: the ControlNet keywords (both from `cli.generate`)."""
-    from ipadapter.batch.jobs import OPTIONS, read_jobs
+    from ipadapter.batch.jobs import OPTIONS, read_jobs, require_adapter_names
     from ipadapter.batch.run import Defaults, run_manifest
     from ipadapter.paired_text import PairedText
     from ipadapter.batch.launch import current
@@ -47,8 +47,8 @@ def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:
     control = control(args)
     defaults = {name: getattr(args, name) for name in OPTIONS}
     adapters = [str(i) for i in range(max(1, len(args.adapter or [])))]
-    manifest = shard.agree(lambda: read_jobs(args.manifest, defaults, adapters,
-                                             functools.cache(lambda: base_geometry(args.base))))
+    manifest = shard.agree(lambda: require_adapter_names(
+        read_jobs(args.manifest, defaults, adapters, functools.cache(lambda: base_geometry(args.base))), adapters))
     loaded = shard.agree(lambda: load(args))
     prompter = loaded.prompter
     prompter.pipe.set_progress_bar_config(disable=True)
