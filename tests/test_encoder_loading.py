@@ -217,6 +217,16 @@ def test_text_encoder_is_refused_with_its_missing_weights(tmp_path: Path, via: s
     )
 
 
+def test_a_unet_folder_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A diffusers model's folder (here a UNet's) given as the image encoder: named by its class, as an IPAdapterError
+    (transformers' own reading of that config as a CLIP one fails on its fields with an error of another kind)."""
+    folder = tmp_path / "unet"
+    factories.unet().save_pretrained(folder)
+    with pytest.raises(IPAdapterError) as err:
+        ImageEncoder.from_pretrained(folder)
+    assert str(err.value) == LOAD_TEMPLATE.format(folder, "its config is a UNet2DConditionModel's, not a CLIP model's")
+
+
 # ---- load_processor on its own (configs only) --------------------------------------------------------------
 def test_load_processor_reads_the_saved_processor(roots: dict[str, Path]) -> None:
     expected = CLIPImageProcessor.from_pretrained(str(roots["with"] / SUB)).to_dict()

@@ -33,8 +33,11 @@ def _where(source: str | os.PathLike, subfolder: str | None) -> str:
 def clip_tower_config(config_class: type, source: str | os.PathLike, subfolder: str | None) -> Any:
     """One CLIP tower's config (`CLIPVisionConfig` or `CLIPTextConfig`), also from a whole `CLIPModel` folder or
     repository. Its projection width is then the model's top-level `projection_dim`: the tower's own section may leave
-    it out or hold transformers' default, and a projection of that width would be refused or drawn at random."""
+    it out or hold transformers' default, and a projection of that width would be refused or drawn at random.
+    ValueError for a diffusers model's config (callers name the source)."""
     found, _ = config_class.get_config_dict(str(source), subfolder=subfolder or "")
+    if "_class_name" in found:  # a diffusers model's (a UNet's): read as a CLIP config, it fails on its fields
+        raise ValueError(f"its config is a {found['_class_name']}'s, not a CLIP model's")
     if found.get("model_type") != "clip":
         return config_class.from_dict(found)
     tower = dict(found.get(config_class.base_config_key) or {})

@@ -41,8 +41,7 @@ def add_shared_flags(parser: argparse.ArgumentParser) -> None:
     for command in {id(p): p for p in _subcommands(parser)}.values():
         for flag, dest, text in (("--debug", "sub_debug", "show full tracebacks"),
                                  ("--verbose", "sub_verbose", "show library warnings and loading bars")):
-            if flag not in command._option_string_actions:  # generate, train and app still add their own --debug
-                command.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
+            command.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:

@@ -11,7 +11,8 @@ from ipadapter.extras import needs
 HELP = {
     "base": "diffusers pipeline folder or Hub id (unet, vae, text_encoder, tokenizer, scheduler; + _2 for SDXL; "
             "a FluxPipeline for --variant flux / flux-v2)",
-    "image_encoder": "CLIPVisionModelWithProjection folder or Hub id (its CLIPImageProcessor if saved)",
+    "image_encoder": "CLIPVisionModelWithProjection folder, Hub id, or owner/repo/sub/folder for a Hub repo's "
+                     "subfolder (its CLIPImageProcessor if saved)",
     "data": "JSON/JSONL manifest of {image_file, text[, ref_image_file, id_embed_file]} or a tar shard pattern "
             "(data-{00000..00099}.tar)",
     "data_root": "folder that manifest paths are relative to (default: the manifest's folder)",
@@ -71,7 +72,8 @@ HELP = {
 
 EXAMPLES = """examples:
   ipadapter train --config configs/sd15-base.yaml
-  ipadapter train --base runwayml/stable-diffusion-v1-5 --image-encoder h94/IP-Adapter/models/image_encoder \\
+  ipadapter train --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --image-encoder h94/IP-Adapter/models/image_encoder \\
       --data data/train.jsonl --variant plus --output runs/plus --cache cache/plus
   accelerate launch --num_processes 8 --config_file deepspeed_zero2.yaml -m ipadapter.cli.main train --config my.yaml
   ipadapter train --config my.yaml --resume latest
@@ -93,11 +95,15 @@ def _run(args: argparse.Namespace) -> int:
         raise IPAdapterError("--dry-run estimates UNet runs only, not FLUX")
     if args.dry_run:
         from ipadapter.train.memory import estimate, report
+        from ipadapter.validation import model_source
 
         if not config.base:
             raise IPAdapterError("--dry-run needs --base (a diffusers pipeline folder or Hub id)")
         if config.needs_image_encoder and not config.image_encoder:
             raise IPAdapterError(f"variant {config.variant!r} needs --image-encoder")
+        model_source(config.base, "--base")
+        if config.image_encoder:
+            model_source(config.image_encoder, "--image-encoder", subfolders=True)
         print(report(config, estimate(config)))
         return 0
     if flux:
@@ -118,7 +124,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default="", help="YAML or TOML config file")
-    parser.add_argument("--debug", dest="sub_debug", action="store_true", help="show full tracebacks")
     parser.add_argument("--dry-run", action="store_true",
                         help="print parameters, trainable parameters and the estimated peak memory per batch size "
                              "(models built from their configs, no weights read), then stop")

@@ -13,6 +13,7 @@ import torch
 
 from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError
+from ipadapter.sources import split_hub_path
 from ipadapter.train.buckets import bucket_sizes, image_size, nearest_bucket
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import (
@@ -45,8 +46,10 @@ def open_stream(config: TrainConfig, rank: int, world: int, *, single_pass: bool
 
 
 def load_image_encoder(config: TrainConfig) -> ImageEncoder:
-    """In the checkpoint's own dtype, as transformers loads the text encoders; the run casts it where it trains."""
-    return ImageEncoder.from_pretrained(config.image_encoder, dtype="auto")
+    """In the checkpoint's own dtype, as transformers loads the text encoders; the run casts it where it trains.
+    `owner/repo/sub/folder` names a Hub subfolder, as in generate and evaluate."""
+    repo, subfolder = split_hub_path(config.image_encoder)
+    return ImageEncoder.from_pretrained(repo, subfolder=subfolder, dtype="auto")
 
 
 def decoder(run: Any) -> Decoder:
@@ -104,8 +107,9 @@ def prepare_cache(run: Any, given_models: BaseModels | None, given_encoder: Imag
         if given_encoder is not None:
             processor, encoder_id = given_encoder.processor, module_fingerprint(given_encoder.model)
         else:
-            processor = ImageEncoder.load_processor(config.image_encoder)
-            encoder_id = folder_fingerprint(config.image_encoder, [""])
+            repo, subfolder = split_hub_path(config.image_encoder)
+            processor = ImageEncoder.load_processor(repo, subfolder=subfolder)
+            encoder_id = folder_fingerprint(repo, [subfolder or ""])
     else:
         encoder_id = ""
     fp = fingerprint(config=config, base_id=base_identity(config, given_models), encoder_id=encoder_id,

@@ -151,9 +151,27 @@ def _text_encoders(base: str, sdxl: bool) -> list[nn.Module]:
 
 
 def _image_encoder(source: str) -> nn.Module:
+    """Built from its config read as a real run reads it (`owner/repo/sub/folder`, a whole CLIP model), so a source the
+    run would refuse is refused here too, in one line, before any estimate is printed."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    return CLIPVisionModelWithProjection(CLIPVisionConfig.from_pretrained(source))
+    from ipadapter.encoders import clip_tower_config
+    from ipadapter.errors import IPAdapterError
+    from ipadapter.sources import split_hub_path
+
+    repo, subfolder = split_hub_path(source)
+    try:  # a weightless model is built here, so what the real run's weights would refuse is refused by its config
+        found, _ = CLIPVisionConfig.get_config_dict(repo, subfolder=subfolder or "")
+        kind = found.get("model_type") or found.get("_class_name")
+        config = clip_tower_config(CLIPVisionConfig, repo, subfolder) if kind in ("clip_vision_model", "clip") else None
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"could not read a CLIP vision encoder's config from {source} (not found offline, or not "
+                             f"a CLIP vision model): {str(err).splitlines()[0][:160]}") from None
+    if config is None:
+        what = f"its config is a {kind}" if kind else "it has no model config"
+        raise IPAdapterError(f"{source} is not a CLIP vision encoder ({what}); give a CLIPVisionModelWithProjection "
+                             "folder or Hub id")
+    return CLIPVisionModelWithProjection(config)
 
 
 def size(n: int) -> str:

@@ -1,0 +1,119 @@
+"""`train --image-encoder`: the `owner/repo/sub/folder` form generate and evaluate read, in a run, its feature cache and
+its `--dry-run`; a source that is no CLIP vision encoder refused in one line; the shipped configs' encoders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipadapter import IPAdapterError
+from ipadapter.cli.main import main
+from ipadapter.sources import VIT_BIGG, VIT_H, split_hub_path
+from ipadapter.train import config as train_config
+from ipadapter.train.config import TrainConfig
+from tests import factories
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+CONFIGS = Path(train_config.__file__).parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encsrc")
+    return factories.write_base(root / "base"), factories.write_images(root / "data", 2)
+
+
+@pytest.fixture
+def hub_encoder(tmp_path, monkeypatch) -> Path:
+    """`qa/enc` in an offline Hub cache, laid out as huggingface_hub stores it, its encoder in `image_encoder/`."""
+    import huggingface_hub.constants as hub
+    import transformers.utils.hub as transformers_hub
+
+    cache = tmp_path / "hub"
+    entry = cache / "models--qa--enc"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    for name in ("HF_HUB_CACHE", "TRANSFORMERS_CACHE"):
+        if hasattr(transformers_hub, name):
+            monkeypatch.setattr(transformers_hub, name, str(cache))
+    return factories.write_image_encoder(entry / "snapshots" / ("0" * 40) / "image_encoder")
+
+
+def test_a_hub_subfolder_encoder_loads_its_weights(hub_encoder) -> None:
+    from transformers import CLIPVisionModelWithProjection
+
+    from ipadapter.train.feed import load_image_encoder
+
+    encoder = load_image_encoder(TrainConfig(image_encoder="qa/enc/image_encoder"))
+    saved = CLIPVisionModelWithProjection.from_pretrained(hub_encoder).state_dict()
+    loaded = encoder.model.state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert encoder.processor.crop_size == {"height": 32, "width": 32}  # the processor saved beside it, not a default
+
+
+def test_a_hub_subfolder_encoder_trains_with_a_feature_cache(folders, hub_encoder, tmp_path, capsys) -> None:
+    """Building the cache reads the encoder's processor and fingerprints its own files: other weights in the same
+    place refuse the cache (a fingerprint of the id alone would accept it)."""
+    base, data = folders
+    argv = ["train", "--base", str(base), "--image-encoder", "qa/enc/image_encoder", "--data", str(data),
+            "--resolution", "16", "--max-steps", "1", "--num-workers", "0", "--cache", str(tmp_path / "cache")]
+    assert main([*argv, "--output", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "ip-adapter.safetensors").is_file()
+    capsys.readouterr()
+    factories.tiny_image_encoder(seed=9)[0].save_pretrained(hub_encoder)
+    assert main([*argv, "--output", str(tmp_path / "b")]) == 2
+    assert "was built with image encoder = " in capsys.readouterr().err
+
+
+def test_dry_run_counts_a_hub_subfolder_encoder(folders, hub_encoder) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    from ipadapter.train.memory import estimate
+
+    base, _ = folders
+    found = estimate(TrainConfig(base=str(base), image_encoder="qa/enc/image_encoder", resolution=16),
+                     batch_sizes=(1,))
+    real = [UNet2DConditionModel.from_pretrained(base, subfolder="unet"),
+            AutoencoderKL.from_pretrained(base, subfolder="vae"),
+            CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+            CLIPVisionModelWithProjection.from_pretrained(hub_encoder)]
+    assert found.frozen_params == sum(p.numel() for m in real for p in m.parameters())
+
+
+@pytest.mark.parametrize("encoder, message", [
+    ("{base}/unet", "is not a CLIP vision encoder (its config is a UNet2DConditionModel)"),
+    ("{base}/text_encoder", "is not a CLIP vision encoder (its config is a clip_text_model)"),
+    ("{base}", "is not a CLIP vision encoder (it has no model config)"),
+    ("nobody/nothing", "could not read a CLIP vision encoder's config from nobody/nothing"),
+])
+def test_dry_run_refuses_what_is_no_clip_vision_encoder_in_one_line(folders, capsys, encoder, message) -> None:
+    from ipadapter.train.memory import estimate
+
+    base, _ = folders
+    source = encoder.format(base=base)
+    with pytest.raises(IPAdapterError) as info:
+        estimate(TrainConfig(base=str(base), image_encoder=source, resolution=16), batch_sizes=(1,))
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert main(["train", "--dry-run", "--base", str(base), "--image-encoder", source, "--resolution", "16"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ipadapter: error: ") and message in err[0], err
+    assert "batch 1:" not in captured.out
+
+
+def test_the_shipped_configs_name_h94s_published_encoders() -> None:
+    """h94/IP-Adapter's root holds adapters, not an encoder: a config must name the encoder's subfolder."""
+    configs = sorted(CONFIGS.glob("*.yaml"))
+    named = {path.name: TrainConfig.load(path).image_encoder for path in configs if "image_encoder:" in path.read_text()}
+    assert named, configs
+    for name, encoder in named.items():
+        if encoder.startswith("h94/"):
+            assert split_hub_path(encoder) in (VIT_H, VIT_BIGG), (name, encoder)
