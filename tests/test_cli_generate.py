@@ -58,6 +58,9 @@ BAD = {
     "missing adapter": (["--adapter", "{root}/none.bin"], "not found"),
     "mask count": (["--mask", "{root}/ref.png", "--mask", "{root}/ref.png"], "mask"),
     "out-dir without a manifest": (["--out-dir", "{root}/runs"], "--out-dir is the folder of a --manifest run"),
+    "base LoRA scale alone": (["--base-lora-scale", "0.5"], "no --base-lora was given"),
+    "control scale alone": (["--control-scale", "0.5"], "no --controlnet was given"),
+    "content strength alone": (["--content-strength", "0.8"], "no --content-subtract was given"),
 }
 
 

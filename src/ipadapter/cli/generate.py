@@ -34,6 +34,13 @@ FLUX_TRANSFORMER = "FluxTransformer2DModel"
 TRUE_CFG_NOT_FLUX = "--true-cfg is FLUX's option; other bases take --guidance"
 
 
+# Flags that only change what another flag adds (flag, its dest, its default, the flag it needs): a value other
+# than the default without that flag would be silently ignored, so one generation refuses it.
+MODIFIERS = (("--base-lora-scale", "base_lora_scale", 1.0, "base_lora", "--base-lora"),
+             ("--control-scale", "control_scale", 1.0, "controlnet", "--controlnet"),
+             ("--content-strength", "content_strength", 1.0, "content_subtract", "--content-subtract"))
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -167,6 +174,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise IPAdapterError("give --image (or --embeds), --prompt, or both")
     if args.out_dir:
         raise IPAdapterError("--out-dir is the folder of a --manifest run; one generation writes --out")
+    for flag, dest, default, needed, needed_flag in MODIFIERS:
+        if getattr(args, dest) != default and not getattr(args, needed):
+            raise IPAdapterError(f"{flag} changes what {needed_flag} adds, and no {needed_flag} was given")
     if len(args.adapter or []) > 1:
         raise IPAdapterError(f"--adapter given {len(args.adapter)} times: one generate prompts one adapter (--image "
                              "cannot say which its images are for); to use several, give a --manifest whose jobs each "
