@@ -21,6 +21,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if given:
         raise IPAdapterError(f"{given[0]} names one request's input; with --manifest give it per job (image, mask, "
                              "image_weight), as --embeds and --face-embed have no manifest form")
+    if args.true_cfg is not None:  # the jobs' pipeline calls take no true CFG: refused rather than ignored
+        raise IPAdapterError("--true-cfg has no --manifest form yet; FLUX's true CFG runs one generation at a time")
     if args.content_text_encoder:
         model_source(args.content_text_encoder, "--content-text-encoder", subfolders=True, label="CLIP text model")
     if not args.out_dir:
