@@ -61,6 +61,8 @@ BAD = {
     "base LoRA scale alone": (["--base-lora-scale", "0.5"], "no --base-lora was given"),
     "control scale alone": (["--control-scale", "0.5"], "no --controlnet was given"),
     "content strength alone": (["--content-strength", "0.8"], "no --content-subtract was given"),
+    "LoRA scale, no LoRA": (["--lora-scale", "0.6"], "--lora-scale scales a FaceID adapter's LoRA"),
+    "shortcut scale, no shortcut": (["--s-scale", "2"], "this adapter (base) has none"),
 }
 
 

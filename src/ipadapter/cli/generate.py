@@ -301,6 +301,11 @@ def _generate(args: argparse.Namespace) -> int:
     if args.content_subtract:
         request.content_text_embeds = paired_text_embeds(prompter.pipe, prompter.encoder, args.content_subtract,
                                                          args.content_text_encoder)
+    variant = prompter.adapter().variant
+    for flag, value, part, has in (("--lora-scale", args.lora_scale, "LoRA", variant.lora),
+                                   ("--s-scale", args.s_scale, "shortcut (FaceID-PlusV2)", variant.shortcut)):
+        if value != 1.0 and not has:
+            raise IPAdapterError(f"{flag} scales a FaceID adapter's {part}; this adapter ({variant.name}) has none")
     for adapter in prompter.adapters.values():
         if adapter.variant.shortcut:
             adapter.image_proj.s_scale = args.s_scale
