@@ -147,6 +147,11 @@ def check_model_args(args: Any) -> str:
     for adapter in args.adapter or []:
         if adapter not in MINIATURE_ADAPTERS:
             model_source(adapter, "--adapter")
+    adapters = args.adapter or ["miniature"]
+    for flag, values in (("--weight-name", args.weight_name), ("--subfolder", args.subfolder)):
+        for adapter, value in zip(adapters, values or []):
+            if value and adapter in MINIATURE_ADAPTERS:  # one file: a name inside it would be silently ignored
+                raise IPAdapterError(f"{flag} {value} names a file inside --adapter, but {adapter} is a bundled adapter")
     return device
 
 
