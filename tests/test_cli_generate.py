@@ -180,8 +180,10 @@ def test_true_cfg_on_a_local_unet_base_is_refused_before_loading(tiny_base, tmp_
     assert not list(tmp_path.iterdir())
 
 
-def test_a_text_file_as_face_embedding_says_it_is_no_embedding_file(tiny_base, tmp_path, capsys) -> None:
-    """torch reads "hello" as a pickle and fails with KeyError(101): the line says what the file is not instead."""
+def test_a_text_file_as_face_embedding_says_it_is_no_embedding_file(tiny_base, tmp_path, capsys, monkeypatch) -> None:
+    """torch reads "hello" as a pickle and fails with KeyError(101): the line says what the file is not instead,
+    before any model loads."""
+    _no_loading(monkeypatch)
     (tmp_path / "h.pt").write_text("hello\n")
     (tmp_path / "h.npy").write_text("hello\n")
     for name, why in (("h.pt", "not a torch file (text, an image or another format?), or truncated"),

@@ -205,7 +205,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.embeds:
         regular_file(args.embeds, "embeddings file")
     for face in args.face_embed:
+        from ipadapter.encoders import load_face_embedding
+
         regular_file(face, "face embedding")
+        load_face_embedding(face, dim=1)  # readable and finite now; its width is the adapter's, checked once loaded
 
 
 def index_transformer(base: str | None) -> str | None:
