@@ -51,6 +51,19 @@ def test_a_job_is_its_content_not_its_line(refs) -> None:
     assert job.files == ["cat-0.png", "cat-1.png", "cat-2.png"] and job.seeds == [7, 8, 9]
 
 
+def test_a_job_is_the_same_from_any_working_directory(refs, monkeypatch) -> None:
+    """docs/scale.md: a rerun skips finished jobs. The manifest named from its own folder or from the one above reads
+    the same references (joined to the manifest's folder) and must give the same keys."""
+    (refs / "jobs.jsonl").write_text(json.dumps({"image": "r0.png", "mask": ["r1.png"], "negative_image": "r2.png"}))
+    keys = []
+    for cwd, manifest in ((refs, "jobs.jsonl"), (refs.parent, f"{refs.name}/jobs.jsonl")):
+        monkeypatch.chdir(cwd)
+        job = read_jobs(manifest, DEFAULTS, ["0"], _geometry).jobs[0]
+        assert (cwd / job.settings["image"][0]).resolve() == (refs / "r0.png").resolve()
+        keys.append(job.key)
+    assert keys[0] == keys[1]
+
+
 BAD = {
     "not JSON": ("{oops", "not JSON"),
     "not an object": ("[1]", "not a JSON object"),

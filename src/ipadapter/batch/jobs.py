@@ -173,6 +173,9 @@ def parse_job(record: Any, line: int, root: Path, defaults: dict, adapters: Iter
         raise IPAdapterError(f"unknown option {unknown[0]!r}; valid: id, adapter, {', '.join(OPTIONS)}")
     settings = dict(defaults)
     settings.update({k: _coerce(k, v) for k, v in record.items() if k in OPTIONS and v is not None})
+    # The job's key reads its paths as the manifest gives them (relative to its folder), so a rerun started from
+    # another working directory finds the jobs it already finished; the job itself reads them joined to that folder.
+    given = {name: settings[name] for name in PATHS}
     for name in PATHS:
         value = settings[name]
         if isinstance(value, list):
@@ -183,7 +186,7 @@ def parse_job(record: Any, line: int, root: Path, defaults: dict, adapters: Iter
     if adapter is not None and (not isinstance(adapter, str) or adapter not in adapters):
         raise IPAdapterError(f"adapter {adapter!r} is not attached; attached (--adapter order): {', '.join(adapters)}")
     settings = _check(settings, geometry)
-    key = digest(settings, adapter)
+    key = digest({**settings, **given}, adapter)
     ident = record.get("id", key[:16])
     if not isinstance(ident, str) or not _ID.match(ident):
         raise IPAdapterError(f"id must be 1 to 100 letters, digits, '.', '_' or '-' (not first), got {ident!r}")
