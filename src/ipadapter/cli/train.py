@@ -71,7 +71,7 @@ HELP = {
 }
 
 EXAMPLES = """examples:
-  ipadapter train --config configs/sd15-base.yaml
+  ipadapter train --config src/ipadapter/train/configs/sd15-base.yaml      # in a clone of the repository
   ipadapter train --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --image-encoder h94/IP-Adapter/models/image_encoder \\
       --data data/train.jsonl --variant plus --output runs/plus --cache cache/plus
