@@ -12,6 +12,8 @@ from PIL import Image
 
 from ipadapter.train import TrainConfig, step, train, trainer
 from ipadapter.train.buckets import bucket_sizes, grouped_order, nearest_bucket
+from ipadapter.train.model_folder import read_losses
+from ipadapter.train.stages import run_losses, stage_configs
 from tests import factories
 
 
@@ -159,7 +161,10 @@ def test_stages_run_in_order_from_the_previous_stage(tmp_path, monkeypatch) -> N
     first, second = out / "stages" / "1-16px", out / "stages" / "2-24px"
     assert json.loads((second / "config.json").read_text())["init_from"] == str(first / "adapter.ipadapter.safetensors")
     assert (out / "ip-adapter.safetensors").read_bytes() == (second / "ip-adapter.safetensors").read_bytes()
-    assert (out / "README.md").is_file()
+    assert json.loads((out / "config.json").read_text())["stages"] == ["16:2", "24:1"]
+    assert "| 1 | 16 px | 2 | `stages/1-16px/` |\n| 2 | 24 px | 1 | `stages/2-24px/` |" in (out / "README.md").read_text()
+    assert run_losses(stage_configs(config)) == [*read_losses(first), *((2 + s, v) for s, v in read_losses(second))]
+    assert [s for s, _ in run_losses(stage_configs(config))] == [1, 2, 3]
 
     # finished stages are not run again; the result still names the finished folder
     sizes.clear()

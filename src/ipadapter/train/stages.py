@@ -4,7 +4,8 @@ the previous stage's final adapter (`init_from`) with a fresh optimizer and sche
 Stage i trains into `<output>/stages/<i>-<resolution>px/`, a complete run folder of its own (checkpoints, logs,
 model card); a stage whose final adapter is there is done and is not run again, so `--resume latest` continues
 the stage that was interrupted (without `--resume`, an output holding stages is refused, as for a plain run). The
-last stage's model folder is copied to `<output>`. With a feature cache, each stage has its own
+last stage's model folder is copied to `<output>`, with the whole run's `config.json`, a `loss.png` over every stage
+and a card that lists the stages. With a feature cache, each stage has its own
 (`<cache>-<resolution>px`): the cache holds one resolution.
 """
 
@@ -14,9 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ipadapter.atomic import copy_file
+from ipadapter.atomic import copy_file, save_png, write_text
 from ipadapter.errors import IPAdapterError
 from ipadapter.train.config import TrainConfig, parse_stage
+from ipadapter.train.model_folder import loss_curve, read_losses
 from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult
 
 logger = logging.getLogger("ipadapter.train")
@@ -59,9 +61,31 @@ def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResul
     for name in FOLDER_FILES:
         if (last / name).is_file():
             copy_file(last / name, out / name)
+    write_text(out / "config.json", config.to_json())
+    save_png(loss_curve(run_losses(stages)), out / "loss.png")
+    if (out / "README.md").is_file():
+        write_text(out / "README.md", (out / "README.md").read_text(encoding="utf-8") + stages_section(stages, out))
     if result is None:
         result = TrainResult(step=stages[-1].max_steps, output=out)
     result.output = out
     result.published = out / PUBLISHED_NAME if (out / PUBLISHED_NAME).is_file() else None
     result.own = out / OWN_NAME
     return result
+
+
+def run_losses(stages: list[TrainConfig]) -> list[tuple[int, float]]:
+    """(step, loss) of the whole run: each stage's logged losses after the steps of the stages before it."""
+    points, before = [], 0
+    for stage in stages:
+        points += [(before + step, loss) for step, loss in read_losses(Path(stage.output))]
+        before += stage.max_steps
+    return points
+
+
+def stages_section(stages: list[TrainConfig], out: Path) -> str:
+    """The card's account of the stages: its table above is the last stage's own card."""
+    rows = "".join(f"| {i} | {s.resolution} px | {s.max_steps} | `{Path(s.output).relative_to(out)}/` |\n"
+                   for i, s in enumerate(stages, start=1))
+    return ("\n## Stages\n\nTrained in stages, each from the previous stage's adapter; the card above is the last "
+            "stage's, `loss.png` covers every stage.\n\n| stage | resolution | steps | folder |\n|---|---|---|---|\n"
+            + rows)
