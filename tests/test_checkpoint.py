@@ -49,6 +49,19 @@ def test_bin_safetensors_and_own_format_round_trip(sd15_unet, tmp_path) -> None:
         assert set(sa) == set(so) and all(torch.equal(sa[k], so[k]) for k in sa)
 
 
+@pytest.mark.parametrize("name", ["safetensors-as.bin", "torch-as.safetensors", "safetensors-as.pt", "noext"])
+def test_a_file_is_read_by_its_bytes_not_its_name(sd15_unet, tmp_path, name) -> None:
+    """A safetensors file saved under a torch name, or the other way round, loads the tensors it holds: the format is
+    told from the first bytes (safetensors' 8-byte header length and `{`, torch's zip or pickle magic)."""
+    state = factories.published(sd15_unet, "plus", factories.SD15_CROSS)
+    path = tmp_path / name
+    torch.save(state, path) if name.startswith("torch") else save_file(_flat(state), path)
+    loaded = published_state_dict(load_adapter(path, sd15_unet), sd15_unet)
+    for group in state:
+        assert set(loaded[group]) == set(state[group])
+        assert all(torch.equal(loaded[group][k], state[group][k]) for k in state[group])
+
+
 def test_own_format_is_keyed_by_layer_name(sd15_unet, tmp_path) -> None:
     from safetensors import safe_open
 

@@ -2,7 +2,8 @@
 
 Published files key K'/V' by a layer's position in `unet.attn_processors` ("{index}.to_k_ip.weight"); inside the
 package everything is keyed by layer name. The conversion between the two happens here and nowhere else.
-Pickles are never trusted: `.bin` files go through `torch.load(weights_only=True)`, which refuses code.
+Pickles are never trusted: torch files (told from safetensors by their bytes, not their names) go through
+`torch.load(weights_only=True)`, which refuses code.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ _INDEX_KEY = re.compile(r"^(\d+)\.(.+)$")
 VIT_H_TOKENS = 257  # ViT-H/14 at 224 px: 16 x 16 patches and the class token
 _LORA_RANK_KEY = "to_q_lora.down.weight"
 _ZIP_MAGIC = b"PK\x03\x04"
+_SAFETENSORS_HEAD = 9  # the header length (8 bytes) and its JSON's first byte
 # torch's sentence naming a refused global, in either of its wordings ("Unsupported global: GLOBAL getattr was not an
 # allowed global by default.", "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.")
 _REFUSED_GLOBAL = re.compile(r"[^\n:]*\bGLOBAL\b[^\n]*?\.(?=\s|$)")
@@ -77,23 +79,25 @@ def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flat tensors and metadata of a file `resolve` found: safetensors as stored, torch files tensors only."""
-    if path.suffix == ".safetensors":
+    """Flat tensors and metadata of a file `resolve` found, read by what its bytes are, not by its name (a safetensors
+    file saved as `.bin` loads): safetensors as stored, torch files tensors only."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(_SAFETENSORS_HEAD)
+    except OSError as err:
+        raise IPAdapterError(f"cannot read {path} ({err.strerror or err})") from None
+    if is_safetensors_file(head) or (path.suffix == ".safetensors" and not is_torch_file(head)):
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 return {k: f.get_tensor(k) for k in f.keys()}, meta
         except (SafetensorError, OSError, RuntimeError) as err:
             raise IPAdapterError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
-    try:
-        with path.open("rb") as f:
-            head = f.read(len(_ZIP_MAGIC))
-    except OSError as err:
-        raise IPAdapterError(f"cannot read {path} ({err.strerror or err})") from None
     if not is_torch_file(head):
         raise IPAdapterError(f"{path} is not a readable checkpoint (not a .safetensors, .bin or .pt file, or truncated)")
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        with path.open("rb") as f:  # a file object: torch 2.13 reads a path named .safetensors as safetensors
+            data = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torn bytes make the weights-only unpickler raise anything (KeyError, ...)
         refused = refused_global(err)
         if refused is None:
@@ -105,6 +109,11 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not isinstance(data, dict):
         raise IPAdapterError(f"{path} holds a {type(data).__name__}, not an IP-Adapter state dict")
     return flatten(data), {}
+
+
+def is_safetensors_file(head: bytes) -> bool:
+    """Whether a file's first bytes are a safetensors header: an 8-byte little-endian length, then its JSON's `{`."""
+    return len(head) >= _SAFETENSORS_HEAD and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 32
 
 
 def is_torch_file(head: bytes) -> bool:
