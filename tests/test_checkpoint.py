@@ -429,6 +429,21 @@ def test_a_torn_legacy_torch_file_is_no_traceback(sd15_unet, tmp_path) -> None:
             load_adapter(path, sd15_unet)
 
 
+def test_a_legacy_torch_file_cut_anywhere_is_torn_not_code(sd15_unet, tmp_path) -> None:
+    """Cut inside a global's name ("torch._utils._reb", "collections.Ordered"), torch's unpickler refuses the stub as
+    an unsupported GLOBAL: the file is torn, and saying it carries code would send the user after the wrong problem."""
+    path = tmp_path / "legacy.bin"
+    torch.save({"image_proj": {"proj.weight": torch.zeros(2, 2)}}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    messages = set()
+    for cut in range(2, len(raw)):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(IPAdapterError) as caught:
+            load_adapter(path, sd15_unet)
+        messages.add(str(caught.value))
+    assert messages == {f"{path} is not a readable checkpoint (truncated or corrupt)"}
+
+
 def test_a_name_that_is_neither_a_path_nor_a_repo_id_is_not_found(sd15_unet, tmp_path, monkeypatch) -> None:
     """"nothere" is a missing file or folder (as the command line's check says), not a Hub repo id short of a weight
     name; "owner/name/more" is not a repo id either."""

@@ -8,9 +8,12 @@ Pickles are never trusted: torch files (told from safetensors by their bytes, no
 
 from __future__ import annotations
 
+import builtins
+import importlib.util
 import os
 import pickle
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -128,7 +131,31 @@ def refused_global(err: BaseException) -> str | None:
     if not isinstance(err, pickle.UnpicklingError):
         return None
     found = _REFUSED_GLOBAL.search(str(err))
-    return found.group(0).strip().rstrip(".") if found else None
+    if found is None or not names_a_global(found.group(0).split("GLOBAL", 1)[1].split()[:1]):
+        return None
+    return found.group(0).strip().rstrip(".")
+
+
+def names_a_global(words: list[str]) -> bool:
+    """Whether the name a refused GLOBAL quotes can be a real one: a pickle cut inside a name ("torch._utils._reb",
+    "collections") asks for nothing that exists, so the file is torn, not carrying code. Only modules already
+    imported are looked into (nothing the file names is imported); an installed top-level package counts as real."""
+    name = words[0] if words else ""
+    parts = name.split(".")
+    if not all(parts):
+        return False
+    if len(parts) == 1:  # torch quotes builtins (getattr, eval) without their module
+        return hasattr(builtins, name)
+    for cut in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:cut]))
+        if module is not None:
+            found: Any = module
+            for attr in parts[cut:]:
+                if not hasattr(found, attr):
+                    return False
+                found = getattr(found, attr)
+            return True
+    return importlib.util.find_spec(parts[0]) is not None
 
 
 def flatten(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
