@@ -374,6 +374,19 @@ def test_app_and_generate_name_a_missing_adapter_alike(tmp_path, monkeypatch, ca
     assert not list(tmp_path.iterdir())
 
 
+def test_the_app_names_a_bad_model_before_importing_gradio(tmp_path) -> None:
+    """Gradio takes seconds to import: a wrong --adapter is reported without it (checked in a fresh interpreter,
+    where nothing else has imported gradio)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from ipadapter.cli.main import main; "
+              "code = main(['app', '--adapter', 'nothere']); print(code, 'gradio' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "--adapter not found: nothere" in done.stderr
+
+
 # ---- training state -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run(world, tmp_path_factory):

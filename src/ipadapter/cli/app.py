@@ -39,11 +39,12 @@ def run(args: argparse.Namespace) -> int:
         raise IPAdapterError(f"--cache-mb must be 0 (off) or more, got {args.cache_mb}")
     from ipadapter.app.limits import MB, UploadLimits
     from ipadapter.app.service import GenerationService
-    from ipadapter.app.ui import build_ui, launch
 
     limits = UploadLimits(max_bytes=round(args.max_upload_mb * MB), max_side=args.max_side)
     workdir = tempfile.mkdtemp(prefix="ipadapter-app-")
     service = GenerationService.from_args(args, limits=limits, workdir=workdir)
     service.loaded.prompter.cache.resize(round(args.cache_mb * MB))
+    from ipadapter.app.ui import build_ui, launch  # gradio takes seconds to import: only once the models are loaded
+
     launch(build_ui(service), host=args.host, port=args.port, limits=limits)
     return 0
