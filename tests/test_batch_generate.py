@@ -196,7 +196,7 @@ BAD = {
     "image flag": (["--image", "{root}/ref0.png"], "--image names one request"),
     "missing manifest": (["--manifest", "{root}/none.jsonl"], "manifest not found"),
     "batch size": (["--batch-size", "0"], "--batch-size"),
-    "true CFG": (["--true-cfg", "4"], "--true-cfg has no --manifest form"),
+    "true CFG on a UNet base": (["--true-cfg", "4"], "--true-cfg is FLUX's option; other bases take --guidance"),
     "other model settings": (["--out-dir", "{root}/clean", "--base-lora-scale", "0.5"], "other settings (base_lora_scale)"),
 }
 

@@ -4,6 +4,7 @@ weights, plus the guarantees diffusers has no oracle for (window, masks, detach)
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -440,6 +441,29 @@ def test_pipeline_images_equal_diffusers(flux_base, true_cfg: float) -> None:
                    generator=torch.Generator().manual_seed(1)).images
     assert np.abs(expected - plain).max() > 1e-3
     np.testing.assert_allclose(np.asarray(ours[0]), expected[0], atol=TOL, rtol=0)
+
+
+def test_a_manifest_takes_true_cfg_for_every_job_as_generate_does(flux_base, tmp_path) -> None:
+    """`--true-cfg` with `--manifest` applies to every job: each job's image is the one-shot command's with the same
+    seed and settings (which equals diffusers', test above), and true CFG changes it."""
+    from ipadapter.cli.main import main
+
+    root, folder = flux_base
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"id": f"j{seed}", "image": str(root / "ref.png"),
+                                                             "prompt": "a cat", "seed": seed}) + "\n"
+                                                 for seed in (1, 2)))
+    common = ["generate", "--base", str(folder), "--adapter", str(root / "ip_adapter.safetensors"), "--steps", "2",
+              "--width", "16", "--height", "16"]
+    for cfg in ("1", "4"):
+        assert main([*common, "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / cfg),
+                     "--true-cfg", cfg]) == 0
+    for seed in (1, 2):
+        one = tmp_path / f"one-{seed}.png"
+        assert main([*common, "--image", str(root / "ref.png"), "--prompt", "a cat", "--seed", str(seed),
+                     "--true-cfg", "4", "--out", str(one)]) == 0
+        batch, plain = (np.asarray(Image.open(tmp_path / cfg / f"j{seed}-0.png")) for cfg in ("4", "1"))
+        assert np.array_equal(batch, np.asarray(Image.open(one)))
+        assert not np.array_equal(batch, plain)
 
 
 def test_cli_generate_on_a_flux_pipeline(flux_base, tmp_path, capsys) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ipadapter.cli.true_cfg import check_true_cfg, true_cfg_kwargs
 from ipadapter.errors import IPAdapterError
 from ipadapter.validation import (
     check_not_negative, check_seed, generation_size, model_source, output_file, regular_file,
@@ -30,8 +30,6 @@ EXAMPLES = """examples:
       --true-cfg 4 --scale 0.7 --out out.png
 """
 
-FLUX_TRANSFORMER = "FluxTransformer2DModel"
-TRUE_CFG_NOT_FLUX = "--true-cfg is FLUX's option; other bases take --guidance"
 
 
 # Flags that only change what another flag adds (flag, its dest, its default, the flag it needs): a value other
@@ -211,36 +209,6 @@ def check_args(args: argparse.Namespace) -> None:
         load_face_embedding(face, dim=1)  # readable and finite now; its width is the adapter's, checked once loaded
 
 
-def index_transformer(base: str | None) -> str | None:
-    """The transformer class a base's model_index.json names ("" for a UNet base), read from a local folder or the
-    local Hub cache; None where only loading would tell (a Hub id not in the cache, an unreadable index)."""
-    from ipadapter.sources import miniature_base
-
-    index = Path(base or miniature_base()) / "model_index.json"
-    if base and not index.is_file():
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(base, "model_index.json")
-        except ValueError:  # not shaped like a repo id: loading names the problem
-            return None
-        if not isinstance(cached, str):
-            return None
-        index = Path(cached)
-    try:
-        transformer = json.loads(index.read_text(encoding="utf-8")).get("transformer")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(transformer[-1]) if isinstance(transformer, list) and transformer else ""
-
-
-def check_true_cfg(args: argparse.Namespace) -> None:
-    """--true-cfg on a base that is not FLUX, refused before loading where the base's index can be read here (after
-    loading, from the pipeline itself, otherwise)."""
-    if args.true_cfg is not None and index_transformer(args.base) not in (None, FLUX_TRANSFORMER):
-        raise IPAdapterError(TRUE_CFG_NOT_FLUX)
-
-
 def control_kwargs(args: argparse.Namespace) -> dict:
     """The ControlNet pipeline's `image` / `controlnet_conditioning_scale`, checked before any model is loaded."""
     from ipadapter.conditioning.images import load_image
@@ -312,10 +280,7 @@ def _generate(args: argparse.Namespace) -> int:
     for adapter in prompter.adapters.values():
         if adapter.variant.shortcut:
             adapter.image_proj.s_scale = args.s_scale
-    if args.true_cfg is not None:
-        if type(getattr(prompter.pipe, "transformer", None)).__name__ != FLUX_TRANSFORMER:
-            raise IPAdapterError(TRUE_CFG_NOT_FLUX)
-        control["true_cfg_scale"] = args.true_cfg
+    control.update(true_cfg_kwargs(args.true_cfg, prompter.pipe))
     prompts = build_prompt(prompter, request)
     images_out = prompter.generate(
         prompts, prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,

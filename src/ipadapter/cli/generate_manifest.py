@@ -8,6 +8,7 @@ from collections.abc import Callable
 import functools
 import sys
 
+from ipadapter.cli.true_cfg import check_true_cfg, true_cfg_kwargs
 from ipadapter.errors import IPAdapterError
 from ipadapter.validation import model_source
 
@@ -21,8 +22,6 @@ def check_flags(args: argparse.Namespace) -> None:
     if given:
         raise IPAdapterError(f"{given[0]} names one request's input; with --manifest give it per job (image, mask, "
                              "image_weight), as --embeds and --face-embed have no manifest form")
-    if args.true_cfg is not None:  # the jobs' pipeline calls take no true CFG: refused rather than ignored
-        raise IPAdapterError("--true-cfg has no --manifest form yet; FLUX's true CFG runs one generation at a time")
     if args.content_text_encoder:
         model_source(args.content_text_encoder, "--content-text-encoder", subfolders=True, label="CLIP text model")
     if not args.out_dir:
@@ -46,6 +45,7 @@ def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:
     if shard.device is not None and args.device in (None, "cuda"):
         args.device = shard.device  # one GPU per process
     check_model_args(args)
+    check_true_cfg(args)
     control = control(args)
     defaults = {name: getattr(args, name) for name in OPTIONS}
     adapters = [str(i) for i in range(max(1, len(args.adapter or [])))]
@@ -53,13 +53,15 @@ def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:
         read_jobs(args.manifest, defaults, adapters, functools.cache(lambda: base_geometry(args.base))), adapters))
     loaded = shard.agree(lambda: load(args))
     prompter = loaded.prompter
+    control = {**control, **true_cfg_kwargs(args.true_cfg, prompter.pipe)}  # one setting for every job of the run
     prompter.pipe.set_progress_bar_config(disable=True)
     for adapter in prompter.adapters.values():
         if adapter.variant.shortcut:
             adapter.image_proj.s_scale = args.s_scale
     settings = {name: getattr(args, name, None) for name in (
         "base", "adapter", "subfolder", "weight_name", "image_encoder", "dtype", "scheduler", "base_lora",
-        "base_lora_scale", "controlnet", "control_image", "control_scale", "s_scale", "content_text_encoder")}
+        "base_lora_scale", "controlnet", "control_image", "control_scale", "s_scale", "content_text_encoder",
+        "true_cfg")}
     defaults = Defaults(loaded.default_steps, loaded.default_guidance, control,
                         PairedText(prompter.pipe, prompter.encoder, args.content_text_encoder))
     failures = run_manifest(prompter, manifest, out, batch_size=args.batch_size, shard=shard, settings=settings,
