@@ -119,12 +119,35 @@ def test_folder_models_cache_reused_without_loading_encoders(tmp_path, monkeypat
     assert result.step == 1
 
 
-def test_validation_of_a_cached_run_loads_the_frozen_parts_from_the_base(tmp_path, monkeypatch) -> None:
+def _stored_in_fp16(folder: Path) -> None:
+    """Every weights file under `folder` rewritten in fp16, as a base shipped in half precision (the miniature) is;
+    transformers' configs say so (`dtype`), and transformers then loads those models in fp16."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in folder.rglob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(path), metadata=meta)
+    for path in folder.rglob("config.json"):
+        config = json.loads(path.read_text())
+        if "model_type" in config:
+            path.write_text(json.dumps({**config, "dtype": "float16"}))
+
+
+@pytest.mark.parametrize("stored", ["fp32", "fp16"])
+def test_validation_of_a_cached_run_loads_the_frozen_parts_from_the_base(tmp_path, monkeypatch, stored) -> None:
     """Training from the cache holds no VAE, text encoder or image encoder; validation loads them from the run's base
-    and encoder folders, frozen (no gradients, eval mode), and draws its grid."""
+    and encoder folders, frozen (no gradients, eval mode), in the run's precision whatever the files store (a base
+    stored in fp16 met the fp32 UNet as fp16: a dtype error), and draws its grid."""
     from ipadapter.train import models
 
     base, encoder = factories.write_base(tmp_path / "base"), factories.write_image_encoder(tmp_path / "enc")
+    if stored == "fp16":
+        _stored_in_fp16(base)
+        _stored_in_fp16(encoder)
     data = factories.write_images(tmp_path / "d", 3)
     config = TrainConfig(base=str(base), image_encoder=str(encoder), data=str(data), output=str(tmp_path / "o1"),
                          cache=str(tmp_path / "cache"), resolution=factories.RES, batch_size=2, max_steps=1,
@@ -151,6 +174,7 @@ def test_validation_of_a_cached_run_loads_the_frozen_parts_from_the_base(tmp_pat
     assert loaded["text"][1] == {"sdxl": False} and loaded["image"][0] == (str(encoder),)
     frozen = [loaded["vae"][2], *loaded["text"][2][1], loaded["image"][2].model]
     assert all(not m.training and not any(p.requires_grad for p in m.parameters()) for m in frozen)
+    assert {p.dtype for m in frozen for p in m.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("size", [6, 8, 12, 20])

@@ -77,7 +77,7 @@ def test_fp16_scaler_decides_and_lowers_its_scale() -> None:
 
 
 def test_sdxl_vae_stays_fp32_under_fp16() -> None:
-    from ipadapter.train.trainer import vae_dtype
+    from ipadapter.train.models import vae_dtype
 
     sdxl_like = SimpleNamespace(config=SimpleNamespace(force_upcast=True))
     sd_like = SimpleNamespace(config=SimpleNamespace(force_upcast=False))

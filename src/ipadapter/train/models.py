@@ -100,6 +100,11 @@ def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseMo
     return models
 
 
+def vae_dtype(vae: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
+    """fp16 overflows in VAEs that say `force_upcast` (SDXL's): those stay fp32; bf16 has the range."""
+    return torch.float32 if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else weight_dtype
+
+
 def load_vae(source: str) -> nn.Module:
     from diffusers import AutoencoderKL
 

@@ -31,7 +31,7 @@ from ipadapter.runtime import AdapterPrompt, Reference
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import Batches, collate, describe_skips
 from ipadapter.train.feed import data_phase
-from ipadapter.train.models import BaseModels, base_configs, freeze, load_base, module_fingerprint
+from ipadapter.train.models import BaseModels, base_configs, freeze, load_base, module_fingerprint, vae_dtype
 from ipadapter.train.shapes import adapter_config_for
 from ipadapter.train.step import diffusion_loss, optimizer_step, project_references
 from ipadapter.variants import get_variant
@@ -187,11 +187,6 @@ def _model_phase(run: _Run, models: BaseModels | None) -> tuple[IPAdapter, Attac
     adapter.to(device=device, dtype=torch.float32).requires_grad_(True)  # trained in fp32 whatever the UNet's dtype
     attachment = _attach_for_training(m.unet, adapter)
     return adapter, attachment, TrainModule(m.unet, adapter, attachment, config.references)
-
-
-def vae_dtype(vae: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
-    """fp16 overflows in VAEs that say `force_upcast` (SDXL's): those stay fp32; bf16 has the range."""
-    return torch.float32 if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else weight_dtype
 
 
 def _attach_for_training(unet: nn.Module, adapter: IPAdapter) -> Attachment:
