@@ -109,6 +109,8 @@ CASES = {
     "width 0": (GENERATE + " --width 0", "--width must be a positive number"),
     "negative width": (GENERATE + " --width -64 --height 64", "--width must be a positive number"),
     "negative height alone": (GENERATE + " --height -64", "--height must be a positive number"),
+    "more steps than timesteps": (GENERATE.replace("--steps 1", "--steps 1001"),
+                                  "--steps 1001 is more than the scheduler's 1000 training timesteps"),
     # references
     "decompression bomb": (GENERATE.replace("ref.png", "bomb.png"),
                            "is 12000x12000 px (144,000,000 pixels); the limit is 16,777,216 pixels"),

@@ -107,6 +107,20 @@ def test_bad_jobs_are_recorded_and_the_rest_completes(clean) -> None:
     assert not list(out.glob(".*.tmp-*"))
 
 
+def test_a_job_asking_more_steps_than_the_scheduler_has_fails_alone(setup, tmp_path) -> None:
+    """Steps beyond the scheduler's training timesteps make the scheduler raise inside the pipeline: that job is
+    recorded as failed in one line and the other job is made."""
+    jobs = [{"image": str(setup / "ref0.png"), "seed": 1}, {"image": str(setup / "ref1.png"), "seed": 2, "steps": 1001}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    out = tmp_path / "out"
+    code = main(["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", str(out)])
+    assert code == 1
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["error"]) for e in errors] == [
+        (2, "steps=1001 is more than the scheduler's 1000 training timesteps")]
+    assert [r["line"] for r in _index(out)] == [1]
+
+
 def test_a_batched_row_is_the_one_request_generation_of_its_job(setup, clean, tmp_path) -> None:
     """Each row of a UNet batch has its own reference, prompt and seed: `ipadapter generate` of that job alone (one
     request, one image, the image's seed) gives the same picture, up to the batch's float rounding."""

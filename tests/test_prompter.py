@@ -149,6 +149,25 @@ def test_nothing_to_generate_from_is_one_sentence(prompt, tmp_path) -> None:
         prompter.detach()
 
 
+def test_more_steps_than_the_scheduler_has_timesteps_is_one_sentence(tmp_path) -> None:
+    """The scheduler refuses more inference steps than its training timesteps with a ValueError deep in the pipeline;
+    the prompter says so in one sentence before the pipeline runs, and the next generation runs as usual."""
+    encoder, processor = factories.tiny_image_encoder()
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    limit = pipe.scheduler.config.num_train_timesteps
+    with pytest.raises(ValueError):
+        pipe.scheduler.set_timesteps(limit + 1)
+    prompter = ImagePrompter(pipe, load_adapter(_adapter_file(pipe, "base", tmp_path), pipe.unet),
+                             ImageEncoder(encoder, processor))
+    try:
+        with pytest.raises(IPAdapterError) as caught:
+            prompter.generate(factories.reference_image(0), prompt="a red", steps=limit + 1)
+        assert str(caught.value) == f"steps={limit + 1} is more than the scheduler's {limit} training timesteps"
+        assert len(prompter.generate(factories.reference_image(0), steps=1, height=32, width=32)) == 1
+    finally:
+        prompter.detach()
+
+
 # ---- references, names and sentences (no pipeline: the prompter only needs the UNet) -------------------------------
 
 

@@ -175,6 +175,9 @@ class ImagePrompter:
         prompts = {name: self._prompt(name, given, scale) for name, given in references.items()}
         if not prompts and not (prompt if isinstance(prompt, str) else any(prompt)):
             raise IPAdapterError("give a reference image, a text prompt, or both")
+        limit = getattr(self.pipe.scheduler.config, "num_train_timesteps", None)
+        if steps is not None and limit and steps > limit:  # the schedulers raise a ValueError deep in the pipeline
+            raise IPAdapterError(f"steps={steps} is more than the scheduler's {limit} training timesteps")
         self.attachment.check_intact()
         batch = len(prompt) if isinstance(prompt, list) else 1
         self.attachment.scheduler = self.pipe.scheduler

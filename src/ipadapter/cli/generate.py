@@ -70,7 +70,7 @@ PARAMETER_FLAGS = {
     "weight_names": "--weight-name", "weight_name": "--weight-name", "image_encoder": "--image-encoder",
     "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "base_lora": "--base-lora",
     "controlnet": "--controlnet", "scale": "--scale", "tiles": "--tiles", "masks": "--mask", "combine": "--combine",
-    "noise": "--noise", "dino": "--dino", "inception": "--inception",
+    "noise": "--noise", "dino": "--dino", "inception": "--inception", "steps": "--steps",
 }
 _PARAMETER = re.compile(r"\b(" + "|".join(PARAMETER_FLAGS) + r")=(?=(\w?))")
 
