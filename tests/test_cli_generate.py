@@ -193,3 +193,17 @@ def test_a_text_file_as_face_embedding_says_it_is_no_embedding_file(tiny_base, t
         assert code == 2
         assert _error_line(capsys) == f"{tmp_path / name} is not a readable face embedding (.npy or tensor .pt): {why}"
     assert not (tmp_path / "o.png").exists()
+
+
+def test_every_size_the_miniature_suggests_generates(tmp_path, capsys) -> None:
+    """The bundled base's VAE downscales by 4, but diffusers' UNet pipelines take only multiples of 8: a size the
+    error suggests must be one the pipeline takes (68, a multiple of 4, made the pipeline raise)."""
+    out = tmp_path / "o.png"
+    assert main(["generate", "--prompt", "a red circle", "--width", "68", "--steps", "1", "--out", str(out)]) == 2
+    assert _error_line(capsys) == "--width 68 does not fit this base model: sizes are multiples of 8; try 64 or 72"
+    assert not out.exists()
+    for width in (64, 72):
+        assert main(["generate", "--prompt", "a red circle", "--width", str(width), "--steps", "1", "--out",
+                     str(out)]) == 0
+        with Image.open(out) as image:
+            assert image.size[0] == width

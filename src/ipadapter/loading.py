@@ -155,9 +155,13 @@ def check_model_args(args: Any) -> str:
     return device
 
 
+UNET_PIPELINE_STEP = 8  # StableDiffusion(XL)Pipeline.check_inputs: height and width divisible by 8
+
+
 def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
     """(size step, default (width, height)) of a base pipeline from its denoiser and VAE configs, no weights read.
-    UNet: multiples of the VAE's downscale, default the UNet's sample size times it. FLUX: its 2 × 2 latent packing
+    UNet: multiples of the VAE's downscale and of 8 (diffusers' UNet pipelines refuse other sizes, whatever the
+    VAE: the miniature's downscales by 4), default the UNet's sample size times the downscale. FLUX: its 2 × 2 latent packing
     doubles the step, default 128 latents a side (the pipeline's own). SD 3: the step times the patch size, default
     the transformer's sample size."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -173,7 +177,7 @@ def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
         raise IPAdapterError(f"cannot read the base model {source}: {str(err).splitlines()[0][:200]}") from None
     sample = unet["sample_size"]
     height, width = (sample, sample) if isinstance(sample, int) else sample
-    return step, (width * step, height * step)
+    return max(step, UNET_PIPELINE_STEP), (width * step, height * step)
 
 
 def _transformer_geometry(source: str, vae_step: int) -> tuple[int, tuple[int, int]]:
