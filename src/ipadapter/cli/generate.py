@@ -119,7 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="0 to 2**64-1 (default 0)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--width", type=int, help="output width in pixels, a multiple of the base's step (8 for Stable "
-                   "Diffusion and the miniature, 16 for FLUX); alone, the height follows the base's default aspect (square)")
+                   "Diffusion and the miniature, 16 for FLUX); alone, the height follows the base's default aspect "
+                   "(square)")
     p.add_argument("--height", type=int, help="output height; alone, the width follows the base's default aspect")
     p.add_argument("--out", default="out.png", help="output PNG; several images become OUT-0.png, OUT-1.png, ... "
                    "(written all or none)")
