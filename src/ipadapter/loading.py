@@ -161,9 +161,9 @@ UNET_PIPELINE_STEP = 8  # StableDiffusion(XL)Pipeline.check_inputs: height and w
 def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
     """(size step, default (width, height)) of a base pipeline from its denoiser and VAE configs, no weights read.
     UNet: multiples of the VAE's downscale and of 8 (diffusers' UNet pipelines refuse other sizes, whatever the
-    VAE: the miniature's downscales by 4), default the UNet's sample size times the downscale. FLUX: its 2 × 2 latent packing
-    doubles the step, default 128 latents a side (the pipeline's own). SD 3: the step times the patch size, default
-    the transformer's sample size."""
+    VAE: the miniature's downscales by 4), default the UNet's sample size times the downscale. FLUX: its 2 × 2
+    latent packing doubles the step, default 128 latents a side (the pipeline's own). SD 3: the step times the patch
+    size, default the transformer's sample size."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     source = str(miniature_base()) if not base else base
