@@ -146,3 +146,45 @@ def test_a_local_encoder_beside_the_base_or_the_adapter_comes_first(tmp_path) ->
     adapter = AdapterSource(str(tmp_path / "adapters" / "sdxl" / "a.bin"))
     assert default_image_encoder(str(tmp_path / "base"), adapter) == (str(tmp_path / "base"), "image_encoder")
     assert default_image_encoder(None, adapter) == (str(tmp_path / "adapters" / "image_encoder"), None)
+
+
+def test_the_bundled_adapters_load_by_their_command_line_keywords() -> None:
+    """README: diffusers' own `from_pretrained` of the bundled pipeline, then `ipadapter.load(pipe, "miniature-plus")`,
+    the shipped Plus file as `--adapter miniature-plus` is; every part loads in fp32 (transformers follows a config's
+    `dtype`: the fp16 files' configs made the encoders fp16 beside an fp32 UNet); a name inside a bundled adapter
+    (one file) is refused, not ignored."""
+    from diffusers import StableDiffusionPipeline
+
+    from ipadapter.bundled import ASSETS_DIR, pipeline_path
+    from ipadapter.checkpoint import load_adapter
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_path())
+    pipe.set_progress_bar_config(disable=True)
+    parts = (pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_encoder)
+    assert {p.dtype for part in parts for p in part.parameters()} == {torch.float32}
+    for keyword, asset in (("miniature", "base"), ("miniature-plus", "plus")):
+        with ipadapter.load(pipe, keyword) as prompter:
+            loaded = prompter.adapter().state_dict()
+            shipped = load_adapter(ASSETS_DIR / "adapters" / f"{asset}.safetensors", pipe.unet).state_dict()
+            assert loaded.keys() == shipped.keys() and all(torch.equal(loaded[k], shipped[k]) for k in loaded)
+            assert prompter.adapter().variant.name == asset
+            assert prompter.generate(factories.reference_image(0), steps=1)[0].size == (64, 64)
+    with pytest.raises(IPAdapterError) as caught:
+        ipadapter.load(pipe, "miniature", weight_name="plus.safetensors")
+    assert str(caught.value) == "miniature is a bundled adapter, one file: give no subfolder= or weight_name="
+
+
+def test_a_pipeline_shipped_in_half_precision_loads_in_fp32(tmp_path) -> None:
+    """The miniature's export stores fp16 weights (`save_pipeline(half=True)`) whose configs still load as fp32:
+    diffusers' `from_pretrained` then returns one precision, not fp16 encoders beside an fp32 UNet."""
+    from diffusers import StableDiffusionPipeline
+
+    from safetensors import safe_open
+
+    from ipadapter.miniature.base_model import save_pipeline
+
+    folder = save_pipeline(factories.tiny_sd15_pipeline(tmp_path), tmp_path / "shipped", half=True)
+    with safe_open(str(folder / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert {p.dtype for part in (pipe.unet, pipe.vae, pipe.text_encoder) for p in part.parameters()} == {torch.float32}

@@ -91,7 +91,7 @@ def load(
     names = _per_adapter(adapter_name, len(paths), "adapter_name") if adapter_name is not None else None
     if names is not None and len(set(names)) != len(names):
         raise IPAdapterError(f"adapter names must differ, got {', '.join(map(str, names))}")
-    sources = [AdapterSource(str(p), s, w) for p, s, w in zip(
+    sources = [_bundled_or(AdapterSource(str(p), s, w)) for p, s, w in zip(
         paths, _per_adapter(subfolder, len(paths), "subfolder"), _per_adapter(weight_name, len(paths), "weight_name"))]
     keys = names or [str(i) for i in range(len(sources))]
     denoiser = denoiser_of(pipe)
@@ -102,6 +102,16 @@ def load(
     return ImagePrompter(pipe, adapters, encoder, face_analyzer, cache_kv=cache_kv)
 
 
+def _bundled_or(source: AdapterSource) -> AdapterSource:
+    """The bundled adapter a keyword names ("miniature", "miniature-plus", ...), as on the command line; any other
+    source as given."""
+    if source.source not in MINIATURE_ADAPTERS:
+        return source
+    if source.subfolder or source.weight_name:  # one file: a name inside it would be silently ignored
+        raise IPAdapterError(f"{source.source} is a bundled adapter, one file: give no subfolder= or weight_name=")
+    return miniature_adapter(MINIATURE_ADAPTERS[source.source])
+
+
 def adapter_sources(
     adapters: Sequence[str], *, base: str | None, subfolders: Sequence[str] = (), weight_names: Sequence[str] = (),
 ) -> list[AdapterSource]:
@@ -110,8 +120,7 @@ def adapter_sources(
         return [miniature_adapter()] if not base else []
     names = _per_adapter(list(weight_names), len(adapters), "weight_name")
     subs = _per_adapter(list(subfolders), len(adapters), "subfolder")
-    return [miniature_adapter(MINIATURE_ADAPTERS[a]) if a in MINIATURE_ADAPTERS else AdapterSource(a, s, w)
-            for a, s, w in zip(adapters, subs, names)]
+    return [_bundled_or(AdapterSource(a, s, w)) for a, s, w in zip(adapters, subs, names)]
 
 
 def controlnet_source(name: str) -> str:

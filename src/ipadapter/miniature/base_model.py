@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ipadapter.atomic import write_text
 from ipadapter.miniature import tokenizer as tok
 from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
 from ipadapter.miniature.world import (
@@ -375,6 +376,16 @@ def assemble_pipeline(
     return pipe.to(dtype=dtype)
 
 
+def load_as_float32(folder: Path) -> None:
+    """fp16 weights that load as fp32 by default: transformers loads a model in the `dtype` its config names, so
+    configs saved from a half-precision model made `from_pretrained` return fp16 text and image encoders beside
+    diffusers' fp32 UNet (a dtype error on the first step)."""
+    for path in folder.rglob("config.json"):
+        config = json.loads(path.read_text())
+        if config.get("dtype") == "float16":
+            write_text(path, json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
+
+
 def save_pipeline(pipe, out: str | Path, half: bool = False) -> Path:
     """Save as a standard diffusers folder (safetensors); `half` stores fp16 weights for shipping."""
     out = Path(out)
@@ -383,6 +394,7 @@ def save_pipeline(pipe, out: str | Path, half: bool = False) -> Path:
     pipe.save_pretrained(out, safe_serialization=True)
     if half:
         pipe.to(dtype=torch.float32)
+        load_as_float32(out)
     index = json.loads((out / "model_index.json").read_text())
     log.info("pipeline saved to %s: %s", out, sorted(k for k in index if not k.startswith("_")))
     return out

@@ -209,5 +209,6 @@ def _export_clip(source: Path, target: Path) -> float:
     model = CLIPModel.from_pretrained(source, dtype=torch.float32).half()
     with replacing_folder(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        base_model.load_as_float32(tmp)
         load_tokenizer(source).save_pretrained(tmp)
     return size_mb(target)
