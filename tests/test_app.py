@@ -193,6 +193,18 @@ def test_content_subtraction_on_the_page_is_the_commands(service, tiny, tmp_path
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(plain.images[0]))
 
 
+def test_a_text_only_page_with_image_settings_gives_a_command_the_cli_runs(service, tiny, tmp_path) -> None:
+    """Without a reference the page's image settings change nothing, and the CLI refuses them: the command leaves them
+    out and still gives the page's pixels."""
+    form = _form(tiny, references=[], prompt="a red circle", scale=0.7, start=0.2, end=0.8, preset="ease in",
+                 negative_image=str(tiny / "other.png"), content_subtract="a red", seed=4)
+    result = service.generate(form)
+    argv = shlex.split(result.command)
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli.png")
+    assert main(argv[1:]) == 0
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(Image.open(tmp_path / "cli.png")))
+
+
 def test_references_are_encoded_once(service, tiny) -> None:
     cache = service.loaded.prompter.encoder.cache
     service.generate(_form(tiny))

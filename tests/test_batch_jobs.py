@@ -124,6 +124,28 @@ def test_a_bad_line_is_a_one_line_failure_and_the_rest_runs(refs, case) -> None:
     assert failure.id == (line["id"] if named else None)
 
 
+# A job's own image-side keys (values other than the flags' defaults) with no image: nothing for them to act on.
+IMAGE_SIDE = {"negative_image": "r1.png", "start": 0.2, "end": 0.8, "preset": "ease in", "embeds_scaling": "kv",
+              "crop": "top", "tiles": True, "scale": 0.5, "mask": "r1.png", "image_weight": [0.5], "combine": "add",
+              "noise": "fade:0.5", "content_subtract": "a dog"}
+
+
+@pytest.mark.parametrize("key", list(IMAGE_SIDE))
+def test_an_image_side_key_on_a_job_without_an_image_fails_that_job_alone(refs, key) -> None:
+    found = _read(refs, [{"image": "r0.png"}, {"prompt": "a cat", key: IMAGE_SIDE[key]}, {"prompt": "a dog"}])
+    assert [j.line for j in found.jobs] == [1, 3]
+    assert [(f.line, f.error) for f in found.failures] == [(2, f"{key} changes the image prompt, and this job has no "
+                                                               "image")]
+
+
+def test_the_runs_image_side_flags_are_no_text_only_jobs_mistake(refs) -> None:
+    """The flags are every job's defaults: a text-only job among jobs with images takes them without failing."""
+    path = refs / "jobs.jsonl"
+    path.write_text(json.dumps({"image": "r0.png"}) + "\n" + json.dumps({"prompt": "a cat"}) + "\n")
+    found = read_jobs(path, {**DEFAULTS, "scale": 0.5, "start": 0.2, "crop": "top"}, ["0"], _geometry)
+    assert [j.line for j in found.jobs] == [1, 2] and not found.failures
+
+
 def test_a_failed_line_keeps_its_id_and_null_keeps_the_default(refs) -> None:
     found = _read(refs, [{"id": "cat", "image": "nope.png"}, {"image": "r0.png", "scale": None, "adapter": None}])
     assert [(f.line, f.id) for f in found.failures] == [(1, "cat")]

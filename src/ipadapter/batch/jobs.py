@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.request import IMAGE_OPTIONS
 from ipadapter.validation import MAX_SEED, check_image_file, generation_size, read_utf8, regular_file
 
 # Manifest key → the `ipadapter generate` flag it replaces (the keys are the flags' names, "-" written "_").
@@ -171,8 +172,12 @@ def parse_job(record: Any, line: int, root: Path, defaults: dict, adapters: Iter
     unknown = sorted(set(record) - set(OPTIONS) - {"id", "adapter"})
     if unknown:
         raise IPAdapterError(f"unknown option {unknown[0]!r}; valid: id, adapter, {', '.join(OPTIONS)}")
-    settings = dict(defaults)
-    settings.update({k: _coerce(k, v) for k, v in record.items() if k in OPTIONS and v is not None})
+    own = {k: _coerce(k, v) for k, v in record.items() if k in OPTIONS and v is not None}
+    settings = {**defaults, **own}
+    if not settings["image"]:  # the run's flags are every job's defaults: only the job's own keys can be its mistake
+        for _, name, default in IMAGE_OPTIONS:
+            if own.get(name, default) != default:
+                raise IPAdapterError(f"{name} changes the image prompt, and this job has no image")
     # The job's key reads its paths as the manifest gives them (relative to its folder), so a rerun started from
     # another working directory finds the jobs it already finished; the job itself reads them joined to that folder.
     given = {name: settings[name] for name in PATHS}

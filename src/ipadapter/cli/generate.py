@@ -12,6 +12,7 @@ import torch
 
 from ipadapter.cli.true_cfg import check_true_cfg, true_cfg_kwargs
 from ipadapter.errors import IPAdapterError
+from ipadapter.request import IMAGE_OPTIONS
 from ipadapter.validation import (
     check_not_negative, check_seed, generation_size, model_source, output_file, regular_file,
 )
@@ -175,6 +176,10 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, dest, default, needed, needed_flag in MODIFIERS:
         if getattr(args, dest) != default and not getattr(args, needed):
             raise IPAdapterError(f"{flag} changes what {needed_flag} adds, and no {needed_flag} was given")
+    if not (args.image or args.embeds):
+        for flag, dest, default in IMAGE_OPTIONS:
+            if getattr(args, dest) != default:
+                raise IPAdapterError(f"{flag} changes the image prompt, and no --image or --embeds was given")
     if len(args.adapter or []) > 1:
         raise IPAdapterError(f"--adapter given {len(args.adapter)} times: one generate prompts one adapter (--image "
                              "cannot say which its images are for); to use several, give a --manifest whose jobs each "
