@@ -228,3 +228,13 @@ def test_image_side_flags_at_their_defaults_or_with_a_reference_pass_the_checks(
     changed = ["--scale", "0.5", "--start", "0.2", "--crop", "top", "--negative-image", str(tiny_base / "ref.png"),
                "--face-embed", str(tiny_base / "face.npy")]
     check_args(build_parser().parse_args(["generate", "--image", str(tiny_base / "ref.png"), *changed]))
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--num-images"])
+def test_a_count_below_one_names_its_flag_and_value(tiny_base, tmp_path, capsys, monkeypatch, flag) -> None:
+    _no_loading(monkeypatch)
+    code = main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin"), "--image",
+                 str(tiny_base / "ref.png"), flag, "0", "--out", str(tmp_path / "o.png")])
+    assert code == 2
+    assert _error_line(capsys) == f"{flag} must be at least 1, got 0"
+    assert not list(tmp_path.iterdir())

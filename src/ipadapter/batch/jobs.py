@@ -134,8 +134,9 @@ def _check(settings: dict, geometry: Callable[[], tuple[int, tuple[int, int]]]) 
     s = settings
     if not s["image"] and not s["prompt"]:
         raise IPAdapterError("give image, prompt, or both")
-    if s["num_images"] < 1 or (s["steps"] is not None and s["steps"] < 1):
-        raise IPAdapterError("num_images and steps must be at least 1")
+    for name in ("num_images", "steps"):
+        if s[name] is not None and s[name] < 1:
+            raise IPAdapterError(f"{name} must be at least 1, got {s[name]}")
     if not 0 <= s["seed"] or s["seed"] + s["num_images"] - 1 > MAX_SEED:
         raise IPAdapterError(f"seed + num_images - 1 must lie in 0 to 2**64-1, got seed {s['seed']}")
     for name in ("scale", "guidance", "content_strength"):

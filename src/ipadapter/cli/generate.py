@@ -167,8 +167,9 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything about the flags that can be wrong, checked before a file is read or a model loaded."""
-    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
-        raise IPAdapterError("--num-images and --steps must be at least 1")
+    for flag, value in (("--num-images", args.num_images), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise IPAdapterError(f"{flag} must be at least 1, got {value}")
     if not args.image and not args.embeds and not args.prompt:
         raise IPAdapterError("give --image (or --embeds), --prompt, or both")
     if args.out_dir:
