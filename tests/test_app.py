@@ -85,8 +85,12 @@ def test_refused_uploads_say_why_in_one_sentence(tiny, case) -> None:
 
 
 def test_limits_must_be_positive() -> None:
-    with pytest.raises(IPAdapterError, match="positive"):
+    with pytest.raises(IPAdapterError) as caught:
         UploadLimits(max_bytes=0)
+    assert str(caught.value) == "the upload limit max_bytes must be at least 1, got 0"
+    with pytest.raises(IPAdapterError) as caught:
+        UploadLimits(max_side=-3)
+    assert str(caught.value) == "the upload limit max_side must be at least 1, got -3"
 
 
 # --- form and masks ---------------------------------------------------------------------------------------------
@@ -159,6 +163,17 @@ def test_app_refuses_a_bad_port(capsys) -> None:
     assert "--port" in capsys.readouterr().err
     assert main(["app", "--cache-mb", "-1"]) == 2
     assert "--cache-mb" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value", "why"), [
+    ("--max-upload-mb", "-1", "must be a positive number of MB, got -1"),
+    ("--max-upload-mb", "1e-9", "must be a positive number of MB, got 1e-09"),  # rounds to 0 bytes
+    ("--max-upload-mb", "1e308", "must be a positive number of MB, got 1e+308"),  # more bytes than a float holds
+    ("--max-side", "0", "must be at least 1 pixel, got 0"),
+])
+def test_app_names_the_upload_limit_flag_and_value_given(capsys, flag, value, why) -> None:
+    assert main(["app", flag, value]) == 2
+    assert capsys.readouterr().err == f"ipadapter: error: {flag} {why}\n"
 
 
 # --- the service on a tiny model -------------------------------------------------------------------------------
