@@ -6,6 +6,7 @@ Each returns a pipeline whose UNet is the object adapters attach to; none touche
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ def not_cached(err: BaseException) -> bool:
         if link is None or link in seen:
             continue
         seen.append(link)
-        todo += [link.__cause__, link.__context__]  # diffusers raises its own from the connection error, not the cache's
+        todo += [link.__cause__, link.__context__]  # diffusers raises its own from the connection error
     return any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in seen)
 
 
@@ -85,7 +86,6 @@ def fuse_base_lora(pipe: Any, source: str | os.PathLike, scale: float = 1.0) -> 
     adapters attach to the result as to any base model, and fusing before or after attaching gives the same images."""
     import logging
     import warnings
-    from pathlib import Path
 
     from diffusers.utils import logging as diffusers_logging
 

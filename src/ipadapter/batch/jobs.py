@@ -1,9 +1,9 @@
 """The jobs of a generation manifest: one JSON object per line, with the per-image options of `ipadapter generate`.
 
 A job is identified by the digest of its settings (paths as the manifest gives them, defaults filled), never by its
-line: a re-run of an edited or reordered manifest, started from any folder, still finds what it finished. A line that cannot become a job is a `Failure`
-with a one-line reason; the others run. Jobs whose settings differ only in what varies per batch row (references,
-prompts, seed, negative image) share a `group` and can share one UNet call.
+line: a re-run of an edited or reordered manifest, started from any folder, still finds what it finished. A line
+that cannot become a job is a `Failure` with a one-line reason; the others run. Jobs whose settings differ only in
+what varies per batch row (references, prompts, seed, negative image) share a `group` and can share one UNet call.
 """
 
 from __future__ import annotations
