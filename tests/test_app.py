@@ -85,8 +85,12 @@ def test_refused_uploads_say_why_in_one_sentence(tiny, case) -> None:
 
 
 def test_limits_must_be_positive() -> None:
-    with pytest.raises(IPAdapterError, match="positive"):
+    with pytest.raises(IPAdapterError) as caught:
         UploadLimits(max_bytes=0)
+    assert str(caught.value) == "the upload limit max_bytes must be at least 1, got 0"
+    with pytest.raises(IPAdapterError) as caught:
+        UploadLimits(max_side=-3)
+    assert str(caught.value) == "the upload limit max_side must be at least 1, got -3"
 
 
 # --- form and masks ---------------------------------------------------------------------------------------------
@@ -161,6 +165,17 @@ def test_app_refuses_a_bad_port(capsys) -> None:
     assert "--cache-mb" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flag", "value", "why"), [
+    ("--max-upload-mb", "-1", "must be a positive number of MB, got -1"),
+    ("--max-upload-mb", "1e-9", "must be a positive number of MB, got 1e-09"),  # rounds to 0 bytes
+    ("--max-upload-mb", "1e308", "must be a positive number of MB, got 1e+308"),  # more bytes than a float holds
+    ("--max-side", "0", "must be at least 1 pixel, got 0"),
+])
+def test_app_names_the_upload_limit_flag_and_value_given(capsys, flag, value, why) -> None:
+    assert main(["app", flag, value]) == 2
+    assert capsys.readouterr().err == f"ipadapter: error: {flag} {why}\n"
+
+
 # --- the service on a tiny model -------------------------------------------------------------------------------
 
 def test_command_reproduces_the_result(service, tiny, tmp_path) -> None:
@@ -191,6 +206,18 @@ def test_content_subtraction_on_the_page_is_the_commands(service, tiny, tmp_path
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(Image.open(tmp_path / "cli.png")))
     plain = service.generate(_form(tiny, seed=5))
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(plain.images[0]))
+
+
+def test_a_text_only_page_with_image_settings_gives_a_command_the_cli_runs(service, tiny, tmp_path) -> None:
+    """Without a reference the page's image settings change nothing, and the CLI refuses them: the command leaves them
+    out and still gives the page's pixels."""
+    form = _form(tiny, references=[], prompt="a red circle", scale=0.7, start=0.2, end=0.8, preset="ease in",
+                 negative_image=str(tiny / "other.png"), content_subtract="a red", seed=4)
+    result = service.generate(form)
+    argv = shlex.split(result.command)
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli.png")
+    assert main(argv[1:]) == 0
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(Image.open(tmp_path / "cli.png")))
 
 
 def test_references_are_encoded_once(service, tiny) -> None:

@@ -94,8 +94,8 @@ BAD = {
     "weight count": ({"image": ["r0.png", "r1.png"], "image_weight": [1]},
                      "got 1 image_weight for 2 image; give one per image"),
     "tiles as text": ({"image": "r0.png", "tiles": "yes"}, "tiles must be true or false, got 'yes'"),
-    "no steps": ({"image": "r0.png", "steps": 0}, "num_images and steps must be at least 1"),
-    "no images": ({"image": "r0.png", "num_images": 0}, "num_images and steps must be at least 1"),
+    "no steps": ({"image": "r0.png", "steps": 0}, "steps must be at least 1, got 0"),
+    "no images": ({"image": "r0.png", "num_images": -2}, "num_images must be at least 1, got -2"),
     "fractional steps": ({"image": "r0.png", "steps": 2.5}, "steps must be a whole number, got 2.5"),
     "fractional height": ({"image": "r0.png", "height": 64.5}, "height must be a whole number, got 64.5"),
     "guidance as text": ({"image": "r0.png", "guidance": "high"}, "guidance must be a number, got 'high'"),
@@ -122,6 +122,28 @@ def test_a_bad_line_is_a_one_line_failure_and_the_rest_runs(refs, case) -> None:
     assert failure.line == 2 and words in failure.error and "\n" not in failure.error
     named = isinstance(line, dict) and isinstance(line.get("id"), str)
     assert failure.id == (line["id"] if named else None)
+
+
+# A job's own image-side keys (values other than the flags' defaults) with no image: nothing for them to act on.
+IMAGE_SIDE = {"negative_image": "r1.png", "start": 0.2, "end": 0.8, "preset": "ease in", "embeds_scaling": "kv",
+              "crop": "top", "tiles": True, "scale": 0.5, "mask": "r1.png", "image_weight": [0.5], "combine": "add",
+              "noise": "fade:0.5", "content_subtract": "a dog"}
+
+
+@pytest.mark.parametrize("key", list(IMAGE_SIDE))
+def test_an_image_side_key_on_a_job_without_an_image_fails_that_job_alone(refs, key) -> None:
+    found = _read(refs, [{"image": "r0.png"}, {"prompt": "a cat", key: IMAGE_SIDE[key]}, {"prompt": "a dog"}])
+    assert [j.line for j in found.jobs] == [1, 3]
+    assert [(f.line, f.error) for f in found.failures] == [(2, f"{key} changes the image prompt, and this job has no "
+                                                               "image")]
+
+
+def test_the_runs_image_side_flags_are_no_text_only_jobs_mistake(refs) -> None:
+    """The flags are every job's defaults: a text-only job among jobs with images takes them without failing."""
+    path = refs / "jobs.jsonl"
+    path.write_text(json.dumps({"image": "r0.png"}) + "\n" + json.dumps({"prompt": "a cat"}) + "\n")
+    found = read_jobs(path, {**DEFAULTS, "scale": 0.5, "start": 0.2, "crop": "top"}, ["0"], _geometry)
+    assert [j.line for j in found.jobs] == [1, 2] and not found.failures
 
 
 def test_a_failed_line_keeps_its_id_and_null_keeps_the_default(refs) -> None:

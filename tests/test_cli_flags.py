@@ -36,3 +36,19 @@ def test_manifest_help_shows_the_manifest_examples_only(capsys) -> None:
     text = _help(capsys, ["manifest"])
     assert "ipadapter manifest coco" in text and "ipadapter evaluate" not in text
 
+
+
+def test_a_missing_subcommand_is_named_by_its_choices(capsys) -> None:
+    """argparse named the internal dest ("manifest_kind", "miniature_command", "command")."""
+    with pytest.raises(SystemExit) as caught:
+        main(["manifest"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == ("ipadapter manifest: error: the following arguments are required: "
+                                       "{coco,dreambench} (see ipadapter manifest --help)\n")
+    for parent, prog in (([], "ipadapter"), (["miniature"], "ipadapter miniature")):
+        with pytest.raises(SystemExit):
+            main(parent)
+        err = capsys.readouterr().err
+        required = err.split("required: ", 1)[1].split(" (see", 1)[0]
+        children = {leaf[len(parent)] for leaf in LEAVES if leaf[: len(parent)] == parent and len(leaf) > len(parent)}
+        assert err.startswith(f"{prog}: error: ") and children <= set(required.strip("{}").split(",")), err

@@ -207,3 +207,48 @@ def test_every_size_the_miniature_suggests_generates(tmp_path, capsys) -> None:
                      str(out)]) == 0
         with Image.open(out) as image:
             assert image.size[0] == width
+
+
+# Each flag QA found silently dropped (or refused for another reason) when a generation has no reference, with a
+# value other than its default; none of them has anything to act on without --image or --embeds. A face embedding
+# alone made the text-only image: it replaces the face found in --image, so it is one of them.
+IMAGE_SIDE = {"--negative-image": ["{root}/ref.png"], "--start": ["0.2"], "--end": ["0.8"], "--preset": ["ease in"],
+              "--embeds-scaling": ["kv"], "--crop": ["top"], "--tiles": [], "--scale": ["0.5"],
+              "--mask": ["{root}/ref.png"], "--image-weight": ["0.5"], "--combine": ["add"], "--noise": ["fade:0.5"],
+              "--content-subtract": ["a dog"], "--face-embed": ["{root}/face.npy"]}
+
+
+@pytest.mark.parametrize("flag", list(IMAGE_SIDE))
+def test_an_image_side_flag_without_a_reference_is_refused_before_loading(tiny_base, tmp_path, capsys, monkeypatch,
+                                                                          flag) -> None:
+    _no_loading(monkeypatch)
+    values = [v.format(root=tiny_base) for v in IMAGE_SIDE[flag]]
+    code = main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin"), "--prompt",
+                 "a cat", flag, *values, "--out", str(tmp_path / "o.png")])
+    assert code == 2
+    assert _error_line(capsys) == f"{flag} changes the image prompt, and no --image or --embeds was given"
+    assert not list(tmp_path.iterdir())
+
+
+def test_image_side_flags_at_their_defaults_or_with_a_reference_pass_the_checks(tiny_base) -> None:
+    """The defaults written out change nothing, so a text-only generation takes them; with --image the changed
+    flags act on it."""
+    from ipadapter.cli.generate import check_args
+    from ipadapter.cli.main import build_parser
+
+    defaults = ["--scale", "1", "--start", "0", "--end", "1", "--embeds-scaling", "v", "--crop", "center", "--combine",
+                "concat"]
+    check_args(build_parser().parse_args(["generate", "--prompt", "a cat", *defaults]))
+    changed = ["--scale", "0.5", "--start", "0.2", "--crop", "top", "--negative-image", str(tiny_base / "ref.png"),
+               "--face-embed", str(tiny_base / "face.npy")]
+    check_args(build_parser().parse_args(["generate", "--image", str(tiny_base / "ref.png"), *changed]))
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--num-images"])
+def test_a_count_below_one_names_its_flag_and_value(tiny_base, tmp_path, capsys, monkeypatch, flag) -> None:
+    _no_loading(monkeypatch)
+    code = main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin"), "--image",
+                 str(tiny_base / "ref.png"), flag, "0", "--out", str(tmp_path / "o.png")])
+    assert code == 2
+    assert _error_line(capsys) == f"{flag} must be at least 1, got 0"
+    assert not list(tmp_path.iterdir())

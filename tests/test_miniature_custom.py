@@ -190,6 +190,27 @@ def test_bad_base_lora_is_one_line(tiny, other_model_lora, case, tmp_path, capsy
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("name", ["ref.png", "notes.safetensors"])
+def test_an_image_or_text_as_base_lora_is_no_weights_file_before_loading(tiny, name, tmp_path, capsys,
+                                                                         monkeypatch) -> None:
+    """diffusers' own error ("Unable to load weights from checkpoint file") said nothing of what the file is."""
+    import ipadapter.loading
+
+    def load_pipeline(*_: object, **__: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(ipadapter.loading, "load_pipeline", load_pipeline)
+    source = tiny / "ref.png" if name == "ref.png" else tmp_path / name
+    if name != "ref.png":
+        source.write_text("not weights\n")
+    code = main(["generate", "--base", str(tiny / "pipe"), "--adapter", str(tiny / "base.bin"), "--image",
+                 str(tiny / "ref.png"), "--out", str(tmp_path / "o.png"), *GEN, "--base-lora", str(source)])
+    assert code == 2
+    assert capsys.readouterr().err == (f"ipadapter: error: {source} is not a LoRA weights file (not a .safetensors or "
+                                       ".bin file, or truncated)\n")
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_train_resume_export_and_load(tiny, tmp_path) -> None:
     """2 steps on a cache of the tiny pipeline: resuming after step 1 gives the same LoRA as running straight
     through; the saved LoRA is the peft model (via diffusers' loader); the export is fp16 and loads too."""

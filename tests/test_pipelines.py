@@ -193,3 +193,36 @@ def test_no_face_found_is_one_sentence_naming_the_image(monkeypatch) -> None:
     assert str(err.value) == "no face found in me.png; use a clearer frontal photo or a precomputed embedding"
     with pytest.raises(IPAdapterError, match="^no face found in the image; "):
         FaceAnalyzer().analyze(Image.new("RGB", (8, 8)))
+
+
+def test_a_hub_pipeline_missing_from_the_cache_offline_is_one_complete_sentence() -> None:
+    """The tests run offline (conftest): diffusers' own paragraph was cut at 200 characters mid-sentence."""
+    from ipadapter.pipelines import load_pipeline
+
+    with pytest.raises(IPAdapterError) as caught:
+        load_pipeline("ipadapter-tests/no-such-cached-pipeline")
+    assert str(caught.value) == ("the diffusers pipeline ipadapter-tests/no-such-cached-pipeline is not in the local "
+                                 "Hugging Face cache and the Hub cannot be reached; download it once with network "
+                                 "access or pass a local path")
+
+
+def test_a_long_loading_error_is_cut_at_a_word_and_closes_its_parenthesis(monkeypatch) -> None:
+    import diffusers
+
+    from ipadapter.pipelines import load_pipeline
+
+    words = [f"word{i}" for i in range(80)]
+    text = "the model failed (" + " ".join(words) + ") and more\nsecond line"
+
+    def from_pretrained(*_: object, **__: object) -> None:
+        raise ValueError(text)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
+    with pytest.raises(IPAdapterError) as caught:
+        load_pipeline("some/pipe")
+    prefix = "could not load a diffusers pipeline from some/pipe: "
+    message = str(caught.value)
+    assert message.startswith(prefix) and message.endswith("...)")
+    reason = message[len(prefix):-len("...)")]
+    assert len(reason) <= 200 and text.startswith(reason + " ")  # whole words of the first line, none cut
+    assert reason.split(" ")[-1] in words

@@ -273,3 +273,21 @@ def test_validation_references_from_the_data_are_its_condition_images(tmp_path) 
     (tmp_path / "data.jsonl").write_text(json.dumps(lines[1]) + "\n")
     with pytest.raises(IPAdapterError, match="no usable validation reference"):
         validation_references(run)
+
+
+def test_the_cards_command_for_the_own_file_finds_it_in_the_folder(finished) -> None:
+    """The Files line gives the command form: its --adapter and --weight-name, with the folder put in for
+    <this folder>, name the own file (`--adapter <folder>` alone is refused: a folder needs the file's name)."""
+    import shlex
+
+    from ipadapter.checkpoint import resolve
+    from ipadapter.cli.main import build_parser
+
+    result = finished["result"]
+    card = (result.output / "README.md").read_text()
+    (line,) = [ln for ln in _section(card, "Files").splitlines() if ln.startswith(f"- `{result.own.name}`")]
+    command = line.split("(`", 1)[1].split("`)", 1)[0]
+    argv = shlex.split(command.replace("<this folder>", str(result.output)).replace(" ...", ""))
+    assert argv[:2] == ["ipadapter", "generate"]
+    args = build_parser().parse_args(argv[1:])
+    assert resolve(args.adapter[0], weight_name=(args.weight_name or [None])[0]) == result.own

@@ -125,6 +125,17 @@ def is_torch_file(head: bytes) -> bool:
     return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
+def is_weights_file(path: str | os.PathLike) -> bool:
+    """Whether the file's first bytes are those of a safetensors or a torch file, whatever its name says (an image
+    or text given where weights belong is neither); a file that cannot be read is neither."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SAFETENSORS_HEAD)
+    except OSError:
+        return False
+    return is_safetensors_file(head) or is_torch_file(head)
+
+
 def refused_global(err: BaseException) -> str | None:
     """The sentence in which torch's weights-only unpickler names the global (code, or an object other than tensors)
     a pickle asked for; None when `err` is any other failure (a torn or garbage file)."""

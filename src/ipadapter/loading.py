@@ -16,7 +16,7 @@ from ipadapter.dit.blocks import denoiser_of, is_dit
 from ipadapter.dit.checkpoint import load_dit_adapter
 from ipadapter.encoders import FaceAnalyzer, ImageEncoder
 from ipadapter.errors import IPAdapterError
-from ipadapter.pipelines import add_controlnet, fuse_base_lora, load_pipeline
+from ipadapter.pipelines import add_controlnet, check_lora_file, fuse_base_lora, load_pipeline
 from ipadapter.prompter import ImagePrompter
 from ipadapter.siglip import encoder_class
 from ipadapter.sources import AdapterSource, default_image_encoder, miniature_adapter, miniature_base, split_hub_path
@@ -139,8 +139,7 @@ def base_lora_source(name: str) -> str:
         from ipadapter.bundled import custom_lora_path
 
         return str(custom_lora_path())
-    if not Path(name).exists():
-        raise IPAdapterError(f"LoRA not found: {name}")
+    check_lora_file(Path(name))
     return name
 
 

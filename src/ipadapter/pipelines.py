@@ -6,11 +6,33 @@ Each returns a pipeline whose UNet is the object adapters attach to; none touche
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ipadapter.errors import IPAdapterError
+from ipadapter.checkpoint import is_weights_file
+from ipadapter.errors import IPAdapterError, first_clause
+
+
+NOT_CACHED = ("is not in the local Hugging Face cache and the Hub cannot be reached; download it once with network "
+              "access or pass a local path")
+
+
+def not_cached(err: BaseException) -> bool:
+    """Whether a diffusers loading error comes from a Hub id missing from the local cache while offline: diffusers
+    words it as a paragraph, the cause is huggingface_hub's error somewhere in the chain."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [err]
+    while todo:
+        link = todo.pop()
+        if link is None or link in seen:
+            continue
+        seen.append(link)
+        todo += [link.__cause__, link.__context__]  # diffusers raises its own from the connection error
+    return any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in seen)
 
 
 def load_pipeline(
@@ -22,11 +44,12 @@ def load_pipeline(
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(base), dtype=dtype)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {str(err).splitlines()[0][:200]}") from None
+        if not_cached(err):
+            raise IPAdapterError(f"the diffusers pipeline {base} {NOT_CACHED}") from None
+        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}") from None
     except ImportError as err:  # a part whose library is not installed, e.g. Kolors' ChatGLM tokenizer: sentencepiece
         hint = "; for Kolors: pip install 'ipadapter[kolors]'" if "sentencepiece" in str(err) else ""
-        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {str(err).splitlines()[0][:200]}"
-                             f"{hint}") from None
+        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}{hint}") from None
     if scheduler:
         cls = getattr(diffusers, scheduler, None)
         if cls is None or not hasattr(cls, "from_config"):
@@ -42,11 +65,19 @@ def _lora_error(err: Exception) -> str:
     """diffusers' or peft's reason a LoRA did not load, as one short clause (theirs list every layer)."""
     text = str(err).strip()
     if "size mismatch" in text:
-        last = text.splitlines()[-1].strip()[:160]
+        last = first_clause(text.splitlines()[-1], 160)
         return f"its shapes differ from this model's, it was made for another base model ({last})"
     if "not found in the base model" in text:
         return "none of its layers exist in this model, it was made for another base model"
-    return text.splitlines()[0][:200]
+    return first_clause(text)
+
+
+def check_lora_file(path: Path) -> None:
+    """A LoRA path exists, and a file is one of weights (diffusers' own error for an image names no reason)."""
+    if not path.exists():
+        raise IPAdapterError(f"LoRA not found: {path}")
+    if path.is_file() and not is_weights_file(path):
+        raise IPAdapterError(f"{path} is not a LoRA weights file (not a .safetensors or .bin file, or truncated)")
 
 
 def fuse_base_lora(pipe: Any, source: str | os.PathLike, scale: float = 1.0) -> Any:
@@ -55,13 +86,11 @@ def fuse_base_lora(pipe: Any, source: str | os.PathLike, scale: float = 1.0) -> 
     adapters attach to the result as to any base model, and fusing before or after attaching gives the same images."""
     import logging
     import warnings
-    from pathlib import Path
 
     from diffusers.utils import logging as diffusers_logging
 
     path = Path(source)
-    if not path.exists():
-        raise IPAdapterError(f"LoRA not found: {source}")
+    check_lora_file(path)
     if not hasattr(pipe, "load_lora_weights"):
         raise IPAdapterError(f"{type(pipe).__name__} cannot load a LoRA (use a Stable Diffusion 1.5 / 2.x / SDXL base)")
     folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
@@ -105,7 +134,9 @@ def add_controlnet(pipe: Any, source: str | os.PathLike) -> Any:
     try:
         controlnet = diffusers.ControlNetModel.from_pretrained(repo, subfolder=subfolder, dtype=pipe.unet.dtype)
     except (OSError, ValueError) as err:
-        raise IPAdapterError(f"could not load a ControlNet from {source}: {str(err).splitlines()[0][:200]}") from None
+        if not_cached(err):
+            raise IPAdapterError(f"the ControlNet {source} {NOT_CACHED}") from None
+        raise IPAdapterError(f"could not load a ControlNet from {source}: {first_clause(err)}") from None
     mine, base = controlnet.config, pipe.unet.config
     widths, base_widths = tuple(mine.block_out_channels), tuple(base.block_out_channels)
     if mine.cross_attention_dim != base.cross_attention_dim or widths != base_widths:

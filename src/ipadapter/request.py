@@ -24,6 +24,18 @@ from ipadapter.errors import IPAdapterError
 from ipadapter.prompter import Features, ImagePrompter
 from ipadapter.runtime import AdapterPrompt
 
+# The options that act on the image prompt alone (`ipadapter generate`'s flag, its name there and in a manifest, its
+# default): with no reference image (or saved embeddings of one) there is no image prompt, so a value other than the
+# default would be silently dropped and is refused instead (the CLI by flag, a manifest job by key). A face embedding
+# stands in for the face found in its --image, so it is one of them (it has no manifest key).
+IMAGE_OPTIONS: tuple[tuple[str, str, Any], ...] = (
+    ("--scale", "scale", 1.0), ("--negative-image", "negative_image", None), ("--noise", "noise", None),
+    ("--start", "start", 0.0), ("--end", "end", 1.0), ("--preset", "preset", None),
+    ("--embeds-scaling", "embeds_scaling", "v"), ("--crop", "crop", "center"), ("--tiles", "tiles", False),
+    ("--mask", "mask", []), ("--image-weight", "image_weight", None), ("--combine", "combine", "concat"),
+    ("--content-subtract", "content_subtract", None), ("--face-embed", "face_embed", []),
+)
+
 
 @dataclass
 class GenerationRequest:

@@ -30,16 +30,26 @@ def model_flags(args: Any) -> list[str]:
 
 
 def generate_argv(model: Sequence[str], form: Form, mask_paths: Sequence[str], out: str = "out.png") -> list[str]:
-    """The argument list of the reproducing command; defaults left out only where the CLI's equal the app's."""
+    """The argument list of the reproducing command; defaults left out only where the CLI's equal the app's. Without a
+    reference the page's image settings changed nothing, and the CLI refuses them, so they are left out too."""
     argv = ["ipadapter", "generate", *model]
-    for path in form.references:
-        argv += ["--image", path]
-    for path in mask_paths:
-        argv += ["--mask", path]
     if form.prompt:
         argv += ["--prompt", form.prompt]
     if form.negative_prompt:
         argv += ["--negative-prompt", form.negative_prompt]
+    if form.references:
+        argv += image_argv(form, mask_paths)
+    argv += ["--seed", str(form.seed), "--steps", str(form.steps), "--num-images", str(form.num_images), "--out", out]
+    return argv
+
+
+def image_argv(form: Form, mask_paths: Sequence[str]) -> list[str]:
+    """The references and the settings of the image prompt."""
+    argv: list[str] = []
+    for path in form.references:
+        argv += ["--image", path]
+    for path in mask_paths:
+        argv += ["--mask", path]
     argv += ["--scale", repr(float(form.scale))]
     if form.preset:
         argv += ["--preset", form.preset]
@@ -51,7 +61,6 @@ def generate_argv(model: Sequence[str], form: Form, mask_paths: Sequence[str], o
         argv += ["--negative-image", form.negative_image]
     if form.content_subtract.strip():
         argv += ["--content-subtract", form.content_subtract, "--content-strength", repr(float(form.content_strength))]
-    argv += ["--seed", str(form.seed), "--steps", str(form.steps), "--num-images", str(form.num_images), "--out", out]
     return argv
 
 

@@ -27,8 +27,9 @@ class UploadLimits:
     max_side: int = 4096
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.max_side < 1:
-            raise IPAdapterError(f"upload limits must be positive, got {self.max_bytes} bytes and {self.max_side} px")
+        for name, value in (("max_bytes", self.max_bytes), ("max_side", self.max_side)):
+            if value < 1:
+                raise IPAdapterError(f"the upload limit {name} must be at least 1, got {value}")
 
     def check_size(self, width: int, height: int, what: str) -> None:
         if max(width, height) > self.max_side:

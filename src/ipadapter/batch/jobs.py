@@ -1,9 +1,9 @@
 """The jobs of a generation manifest: one JSON object per line, with the per-image options of `ipadapter generate`.
 
-A job is identified by the digest of its settings (paths resolved, defaults filled), never by its line: a re-run
-of an edited or reordered manifest still finds what it finished. A line that cannot become a job is a `Failure`
-with a one-line reason; the others run. Jobs whose settings differ only in what varies per batch row (references,
-prompts, seed, negative image) share a `group` and can share one UNet call.
+A job is identified by the digest of its settings (paths as the manifest gives them, defaults filled), never by its
+line: a re-run of an edited or reordered manifest, started from any folder, still finds what it finished. A line
+that cannot become a job is a `Failure` with a one-line reason; the others run. Jobs whose settings differ only in
+what varies per batch row (references, prompts, seed, negative image) share a `group` and can share one UNet call.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.request import IMAGE_OPTIONS
 from ipadapter.validation import MAX_SEED, check_image_file, generation_size, read_utf8, regular_file
 
 # Manifest key → the `ipadapter generate` flag it replaces (the keys are the flags' names, "-" written "_").
@@ -133,8 +134,9 @@ def _check(settings: dict, geometry: Callable[[], tuple[int, tuple[int, int]]]) 
     s = settings
     if not s["image"] and not s["prompt"]:
         raise IPAdapterError("give image, prompt, or both")
-    if s["num_images"] < 1 or (s["steps"] is not None and s["steps"] < 1):
-        raise IPAdapterError("num_images and steps must be at least 1")
+    for name in ("num_images", "steps"):
+        if s[name] is not None and s[name] < 1:
+            raise IPAdapterError(f"{name} must be at least 1, got {s[name]}")
     if not 0 <= s["seed"] or s["seed"] + s["num_images"] - 1 > MAX_SEED:
         raise IPAdapterError(f"seed + num_images - 1 must lie in 0 to 2**64-1, got seed {s['seed']}")
     for name in ("scale", "guidance", "content_strength"):
@@ -171,8 +173,12 @@ def parse_job(record: Any, line: int, root: Path, defaults: dict, adapters: Iter
     unknown = sorted(set(record) - set(OPTIONS) - {"id", "adapter"})
     if unknown:
         raise IPAdapterError(f"unknown option {unknown[0]!r}; valid: id, adapter, {', '.join(OPTIONS)}")
-    settings = dict(defaults)
-    settings.update({k: _coerce(k, v) for k, v in record.items() if k in OPTIONS and v is not None})
+    own = {k: _coerce(k, v) for k, v in record.items() if k in OPTIONS and v is not None}
+    settings = {**defaults, **own}
+    if not settings["image"]:  # the run's flags are every job's defaults: only the job's own keys can be its mistake
+        for _, name, default in IMAGE_OPTIONS:
+            if own.get(name, default) != default:
+                raise IPAdapterError(f"{name} changes the image prompt, and this job has no image")
     # The job's key reads its paths as the manifest gives them (relative to its folder), so a rerun started from
     # another working directory finds the jobs it already finished; the job itself reads them joined to that folder.
     given = {name: settings[name] for name in PATHS}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 
 from ipadapter.cli.generate import add_model_flags
@@ -40,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from ipadapter.app.limits import MB, UploadLimits
     from ipadapter.app.service import GenerationService
 
-    limits = UploadLimits(max_bytes=round(args.max_upload_mb * MB), max_side=args.max_side)
+    max_bytes = args.max_upload_mb * MB
+    if not (math.isfinite(max_bytes) and round(max_bytes) >= 1):
+        raise IPAdapterError(f"--max-upload-mb must be a positive number of MB, got {args.max_upload_mb:g}")
+    if args.max_side < 1:
+        raise IPAdapterError(f"--max-side must be at least 1 pixel, got {args.max_side}")
+    limits = UploadLimits(max_bytes=round(max_bytes), max_side=args.max_side)
     workdir = tempfile.mkdtemp(prefix="ipadapter-app-")
     service = GenerationService.from_args(args, limits=limits, workdir=workdir)
     service.loaded.prompter.cache.resize(round(args.cache_mb * MB))

@@ -12,6 +12,7 @@ import torch
 
 from ipadapter.cli.true_cfg import check_true_cfg, true_cfg_kwargs
 from ipadapter.errors import IPAdapterError
+from ipadapter.request import IMAGE_OPTIONS
 from ipadapter.validation import (
     check_not_negative, check_seed, generation_size, model_source, output_file, regular_file,
 )
@@ -167,8 +168,9 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything about the flags that can be wrong, checked before a file is read or a model loaded."""
-    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
-        raise IPAdapterError("--num-images and --steps must be at least 1")
+    for flag, value in (("--num-images", args.num_images), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise IPAdapterError(f"{flag} must be at least 1, got {value}")
     if not args.image and not args.embeds and not args.prompt:
         raise IPAdapterError("give --image (or --embeds), --prompt, or both")
     if args.out_dir:
@@ -176,6 +178,10 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, dest, default, needed, needed_flag in MODIFIERS:
         if getattr(args, dest) != default and not getattr(args, needed):
             raise IPAdapterError(f"{flag} changes what {needed_flag} adds, and no {needed_flag} was given")
+    if not (args.image or args.embeds):
+        for flag, dest, default in IMAGE_OPTIONS:
+            if getattr(args, dest) != default:
+                raise IPAdapterError(f"{flag} changes the image prompt, and no --image or --embeds was given")
     if len(args.adapter or []) > 1:
         raise IPAdapterError(f"--adapter given {len(args.adapter)} times: one generate prompts one adapter (--image "
                              "cannot say which its images are for); to use several, give a --manifest whose jobs each "

@@ -32,7 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(sub)
     add_shared_flags(parser)
+    name_subcommands(parser)
     return parser
+
+
+def name_subcommands(parser: argparse.ArgumentParser) -> None:
+    """A missing subcommand is named by its choices, as the usage line shows them ("required: {coco,dreambench}"),
+    not by the internal dest argparse would print ("required: manifest_kind")."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.metavar = action.metavar or "{" + ",".join(action.choices) + "}"
+            for command in action.choices.values():
+                name_subcommands(command)
 
 
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:

@@ -99,7 +99,8 @@ def model_card(config: Any, adapter: Any, result: Any, *, data_size: int | None,
                else "the published layout (diffusers' `load_ip_adapter`, ComfyUI, A1111)")
     files = [f"- `{result.published.name}`: {readers}"
              if result.published else "- (no published layout: the simple-adapter ablation has none)",
-             f"- `{result.own.name}`: the project's own format (`ipadapter generate --adapter ...`)"]
+             f"- `{result.own.name}`: the project's own format (`ipadapter generate --adapter <this folder> "
+             f"--weight-name {result.own.name} ...`)"]
     last_metrics = result.validation[max(result.validation)] if result.validation else {}
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in last_metrics.items()) or "not measured (no validation judge)"
     lines = [
