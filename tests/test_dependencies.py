@@ -93,10 +93,13 @@ def place_of(path: Path) -> str | None:
 
 
 def deferred(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    """Whether the import `node` runs only when a function is called, or sits in a `try` that catches ImportError."""
+    """Whether the import `node` runs only when a function is called, sits in a `try` that catches ImportError, or
+    never runs (`if TYPE_CHECKING:`, for annotations)."""
     while node in parents:
         child, node = node, parents[node]
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            return True
+        if isinstance(node, ast.If) and child in node.body and getattr(node.test, "id", None) == "TYPE_CHECKING":
             return True
         if isinstance(node, ast.Try) and child in node.body:
             caught = [h.type for h in node.handlers if h.type is not None]

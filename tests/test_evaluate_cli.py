@@ -147,3 +147,122 @@ def test_a_retrained_adapter_under_the_same_path_is_not_mixed_into_old_samples(s
         torch.save(state, adapter)
 
     _retrained_in_place_is_refused(setup, tmp_path, capsys, "base.bin", retrain, "adapter_weights")
+
+
+@pytest.fixture(scope="module")
+def miniature_assets(setup, tmp_path_factory):
+    """Tiny stand-ins for the bundled miniature model and judge (the miniature protocol's default models)."""
+    root = tmp_path_factory.mktemp("assets")
+    pipe = factories.tiny_sd15_pipeline(root)
+    factories.fake_miniature_assets(root / "assets", setup / "pipe",
+                                    factories.published(pipe.unet, "base", factories.SD15_CROSS))
+    return root / "assets"
+
+
+@pytest.fixture
+def bundled_miniature(miniature_assets, monkeypatch):
+    from ipadapter import bundled
+
+    monkeypatch.setattr(bundled, "ASSETS_DIR", miniature_assets)
+    monkeypatch.setattr(bundled, "PIPELINE_DIR", miniature_assets / "pipeline")
+    monkeypatch.setattr(bundled, "JUDGE_DIR", miniature_assets / "judge")
+
+
+MINIATURE_REFUSED = {  # flags under the miniature protocol, and the whole one-line error
+    "a --name per adapter": (["--name", "a", "--name", "b"], "give --name once per adapter (1), not 2 times"),
+    "missing judge folder": (["--judge", "{tmp}/nonexistent/judge"], "--judge not found: {tmp}/nonexistent/judge "
+                             "(no such file or folder; a Hub model id has the form owner/name)"),
+    "judge not a CLIP": (["--judge", "{root}/pipe/image_encoder"], "the judge must be a CLIP with image and text "
+                         "towers (CLIPModel), but {root}/pipe/image_encoder is a CLIPVision model"),
+    "DINO unused": (["--dino", "/nope"], "--dino is not used by the miniature protocol (it measures clip_i, clip_t, "
+                    "attributes); it serves --protocol dreambench"),
+    "Inception unused": (["--inception", "/nope.pt"], "--inception is not used by the miniature protocol (it "
+                         "measures clip_i, clip_t, attributes); it serves --protocol face"),
+}
+
+
+@pytest.mark.parametrize("case", list(MINIATURE_REFUSED))
+def test_refused_miniature_runs_leave_no_output_folder(setup, bundled_miniature, tmp_path, capsys, case) -> None:
+    """The miniature protocol builds its references into the output folder: every check runs before that."""
+    flags, message = MINIATURE_REFUSED[case]
+    out = tmp_path / "run"
+    fill = {"tmp": tmp_path, "root": setup}
+    code = main(["evaluate", "--out", str(out), "--limit", "2", "--samples", "1", "--scales", "1", "--steps", "2",
+                 *[f.format(**fill) for f in flags]])
+    assert (code, capsys.readouterr().err.strip()) == (2, f"ipadapter: error: {message.format(**fill)}")
+    assert not out.exists()
+
+
+def test_a_run_failing_in_generation_leaves_nothing_that_stops_a_rerun(setup, tmp_path, monkeypatch, capsys) -> None:
+    """A user error found only when generating (a step count the scheduler refuses): a new folder is removed, and a
+    folder that was there keeps no plan that would refuse the corrected rerun."""
+    from ipadapter.errors import IPAdapterError
+    from ipadapter.evaluate import runner
+
+    def refusing_sampler(*args, **kwargs):
+        def sample(job, reference):
+            raise IPAdapterError("--steps 1001 is more than the scheduler's 1000 training timesteps")
+        return sample
+
+    working = runner.prompter_sampler
+    monkeypatch.setattr(runner, "prompter_sampler", refusing_sampler)
+    fresh, existing = tmp_path / "fresh", tmp_path / "existing"
+    existing.mkdir()
+    for out in (fresh, existing):
+        assert main(_args(setup, out, "--scales", "1", "--samples", "1")) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar, which had started
+        assert last.endswith("ipadapter: error: --steps 1001 is more than the scheduler's 1000 training timesteps")
+    assert not fresh.exists()
+    monkeypatch.setattr(runner, "prompter_sampler", working)
+    assert main([*_args(setup, existing, "--scales", "1", "--samples", "1"), "--steps", "1"]) == 0
+    assert len(list((existing / "samples").rglob("*.png"))) == 2  # two usable references, one sample each
+
+
+UNCACHED = "ipadapter-tests/no-such-judge"
+
+
+def test_an_uncached_hub_judge_offline_is_one_line_after_one_request(setup, tmp_path, monkeypatch, capsys) -> None:
+    """The Hub is asked once, without retries, and only after the local cache: offline that is one sentence at once.
+    `model_info` stands in for the Hub, failing as a machine without network does."""
+    import huggingface_hub
+
+    asked = []
+
+    def unreachable(repo_id, **kwargs):
+        asked.append(repo_id)
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    out = tmp_path / "run"
+    assert main(_args(setup, out, "--judge", UNCACHED)) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ipadapter: error: the judge {UNCACHED} is not in the local Hugging Face cache and the Hub cannot be reached; "
+        f"download it once with network access (huggingface-cli download {UNCACHED}) or give a local folder")
+    assert asked == [UNCACHED] and not out.exists()
+
+
+def test_a_judge_in_the_local_hub_cache_is_read_without_asking_the_hub(setup, tmp_path, monkeypatch) -> None:
+    """Online (HF_HUB_OFFLINE off), a cached judge is still read from the cache: no HTTP request is sent."""
+    import shutil
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    from ipadapter.evaluate.judges import ClipJudge
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / f"models--{UNCACHED.replace('/', '--')}"
+    shutil.copytree(setup / "judge", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    sent = []
+
+    def no_network(client, request, **kwargs):
+        sent.append(str(request.url))
+        raise ConnectionError("no network in tests")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(type(get_session()), "send", no_network)  # every Hub request goes through it
+    judge = ClipJudge.load(UNCACHED)
+    assert judge.name == UNCACHED and sent == []

@@ -157,7 +157,8 @@ def test_bad_coco_captions_are_one_line_and_write_nothing(tmp_path, capsys, case
 @pytest.mark.parametrize("images, out, extra, words", [
     ("val", "m.jsonl", ["--limit", "-1"], "--limit must be at least 1"),
     ("val", "m.jsonl", ["--limit", "0"], "--limit must be at least 1"),
-    ("nothere", "m.jsonl", [], "no usable references"),
+    ("nothere", "m.jsonl", [], "COCO image folder not found: {tmp}/nothere"),
+    ("captions.json", "m.jsonl", [], "COCO image folder {tmp}/captions.json is not a folder"),
     ("val", "captions.json/m.jsonl", [], "is a file, not a folder"),
     ("val", "/proc/m.jsonl", [], "/proc/m.jsonl"),  # not writable; root passes the access check, then the write fails
 ])
@@ -167,5 +168,36 @@ def test_refused_coco_runs_leave_no_manifest(tmp_path, capsys, images, out, extr
     captions, _ = _coco_folder(tmp_path)
     assert main(["manifest", "coco", str(captions), str(tmp_path / images), "--out", str(tmp_path / out), *extra]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and words in err
+    assert len(err.splitlines()) == 1 and words.format(tmp=tmp_path) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.json", "val"]
+
+
+def test_with_nothing_usable_the_commonest_reason_is_the_one_shown(tmp_path, capsys) -> None:
+    """Images 1 and 3 are missing, image 2 has no caption: the error shows a missing file, the commoner reason."""
+    from ipadapter.cli.main import main
+
+    captions, images = _coco_folder(tmp_path, present=())
+    data = json.loads(captions.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 2]
+    captions.write_text(json.dumps(data))
+    out = tmp_path / "m.jsonl"
+    assert main(["manifest", "coco", str(captions), str(images), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ipadapter: error: no usable references for {out} (3 skipped; 2 of them like this: image file not found: "
+        f"{images / '000000000001.jpg'}); nothing was written")
+    assert not out.exists()
+
+
+def test_skipped_lines_are_numbered_as_in_the_file_and_seeds_count_non_empty_lines(tmp_path) -> None:
+    """Line numbers are the file's (an editor's, `generate --manifest`'s); an entry's index (its seeds) counts the
+    non-empty lines before it, so the blank lines here move the numbers but not the indexes."""
+    factories.reference_image(0).save(tmp_path / "a.png")
+    lines = ['{"image_file": "a.png", "text": "first"}', "", '{"image_file": "gone.png"}', "not json", "[1, 2]",
+             '{"text": "no image"}', '{"image_file": 5}', "   ", '{"image_file": "a.png", "text": "last"}']
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = read_manifest(tmp_path / "m.jsonl")
+    assert manifest.skipped == [f"line 3: image file not found: {tmp_path / 'gone.png'}",
+                                "line 4: not JSON (Expecting value at column 1)", "line 5: not a JSON object",
+                                "line 6: a JSON object without image_file",
+                                "line 7: image_file must be a path string, got 5"]
+    assert [(e.index, e.text) for e in manifest.entries] == [(0, "first"), (6, "last")]

@@ -106,8 +106,10 @@ def test_a_judge_that_is_not_a_clip_is_a_user_error(tmp_path) -> None:
     vision.save_pretrained(tmp_path / "vision")
     with pytest.raises(IPAdapterError, match="must be a CLIP"):
         ClipJudge.load(tmp_path / "vision")
-    with pytest.raises(IPAdapterError, match="could not load"):
+    with pytest.raises(IPAdapterError) as missing:
         ClipJudge.load(tmp_path / "nothing-here")
+    assert str(missing.value) == (f"judge not found: {tmp_path / 'nothing-here'} (no such file or folder; a Hub model "
+                                  "id has the form owner/name)")
 
 
 def test_dino_i_is_the_cls_token_cosine(tmp_path) -> None:

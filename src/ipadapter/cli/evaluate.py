@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ipadapter.cli.generate import add_model_flags, as_flags, finite_float, with_flags
 from ipadapter.errors import IPAdapterError
 from ipadapter.extras import needs
+
+if TYPE_CHECKING:
+    from ipadapter.batch.shards import Shard
+    from ipadapter.evaluate.manifests import Manifest
+    from ipadapter.evaluate.protocols import Protocol
 
 MANIFEST_EXAMPLES = """examples:
   ipadapter manifest coco annotations/captions_val2017.json val2017/ --out coco_val2017.jsonl
@@ -103,7 +110,9 @@ def write_manifest_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def method_names(args: argparse.Namespace, count: int) -> list[str]:
+def method_names(args: argparse.Namespace) -> list[str]:
+    """One name per --adapter (the bundled base adapter without one), checked before anything loads."""
+    count = len(args.adapter or ()) or 1
     if args.name:
         if len(args.name) != count:
             raise IPAdapterError(f"give --name once per adapter ({count}), not {len(args.name)} times")
@@ -114,20 +123,58 @@ def method_names(args: argparse.Namespace, count: int) -> list[str]:
     return [n if names.count(n) == 1 else f"{n} ({i})" for i, n in enumerate(names)]
 
 
-def load_manifest(args: argparse.Namespace, chosen, out: Path, write: bool = True):
-    """The references; the miniature protocol's are written into `out` (by the main process: the others, `write`
-    False, read what it wrote)."""
+# The flags that choose a measuring model, and the metrics that model serves: a protocol measuring none of them
+# would leave the flag unused.
+MEASURING_FLAGS = {"judge": ("clip_i", "clip_t"), "dino": ("dino_i",), "inception": ("fid",)}
+
+
+def refuse_unused(args: argparse.Namespace, chosen: Protocol) -> None:
+    """A measuring model the protocol never uses is refused, naming the protocols that would use it."""
+    from ipadapter.evaluate.protocols import PROTOCOLS
+
+    for flag, metrics in MEASURING_FLAGS.items():
+        if getattr(args, flag) is None or set(metrics) & set(chosen.metrics):
+            continue
+        users = [p.name for p in PROTOCOLS.values() if set(metrics) & set(p.metrics)]
+        raise IPAdapterError(f"--{flag} is not used by the {chosen.name} protocol (it measures "
+                             f"{', '.join(chosen.metrics)}); it serves --protocol {' or '.join(users)}")
+
+
+def check_flags(args: argparse.Namespace, chosen: Protocol) -> Path:
+    """Every flag checked, reading configs at most: a refused run loads no model and leaves nothing in --out.
+    Returns the output folder (not created)."""
+    from ipadapter.evaluate.protocols import MINIATURE_JUDGE
+    from ipadapter.loading import base_geometry, check_model_args
+    from ipadapter.validation import check_not_negative, check_seed, generation_size, model_source, output_folder
+
+    for flag in ("samples", "steps", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise IPAdapterError(f"--{flag} must be at least 1")
+    check_model_args(args)
+    check_seed(args.seed)
+    check_not_negative([("--guidance", args.guidance)])
+    refuse_unused(args, chosen)
+    if args.judge and args.judge != MINIATURE_JUDGE:
+        model_source(args.judge, "--judge")
+    if not args.manifest and chosen.name != "miniature":
+        raise IPAdapterError(f"the {chosen.name} protocol needs --manifest ({chosen.references})")
+    out = output_folder(args.out, "--out")
+    if args.width is not None or args.height is not None:
+        args.width, args.height = generation_size(args.width, args.height, *base_geometry(args.base))
+    return out
+
+
+def miniature_references(out: Path, count: int) -> Manifest:
+    """The miniature protocol's references, built whole into `out`/references (by the main process; the others read
+    `out`/references/manifest.jsonl once it is there)."""
+    from ipadapter.atomic import replacing_folder
     from ipadapter.evaluate.manifests import read_manifest
+    from ipadapter.miniature.protocol import miniature_manifest
 
-    if args.manifest:
-        return read_manifest(args.manifest, limit=args.limit)
-    if chosen.name == "miniature":
-        from ipadapter.miniature.protocol import miniature_manifest
-
-        folder = out / "references"
-        count = args.limit or chosen.reference_count
-        return read_manifest(miniature_manifest(folder, count) if write else folder / "manifest.jsonl")
-    raise IPAdapterError(f"the {chosen.name} protocol needs --manifest ({chosen.references})")
+    folder = out / "references"
+    with replacing_folder(folder) as building:
+        miniature_manifest(building, count)
+    return read_manifest(folder / "manifest.jsonl")
 
 
 def judge_loaders(source: str, device: str):
@@ -165,45 +212,53 @@ def _toolbox(box):
 
 def _evaluate(args: argparse.Namespace) -> int:
     from ipadapter.batch.launch import current
-    from ipadapter.evaluate.protocols import deviations, protocol
+    from ipadapter.evaluate.manifests import read_manifest
+    from ipadapter.evaluate.protocols import protocol
+
+    chosen = protocol(args.protocol or ("paper-table1" if args.base else "miniature"))
+    out = check_flags(args, chosen)
+    names = method_names(args)
+    scales = parse_scales(args.scales) or chosen.scales
+    given = read_manifest(args.manifest, limit=args.limit) if args.manifest else None  # read only: checked first
+    shard = current()  # under `accelerate launch`: this process's share; the main process measures and reports
+    if shard.device is not None and args.device in (None, "cuda"):
+        args.device = shard.device  # one GPU per process for generation
+    fresh = not out.exists()
+    try:
+        return _measure(args, chosen, out, names, scales, given, shard)
+    except BaseException:
+        if fresh and shard.count == 1 and not any((out / "samples").rglob("*.png")):
+            shutil.rmtree(out, ignore_errors=True)  # a run that made no sample leaves no folder behind
+        raise
+
+
+def _measure(args: argparse.Namespace, chosen: Protocol, out: Path, names: list[str], scales: tuple[float, ...],
+             given: Manifest | None, shard: Shard) -> int:
+    """Load the measuring and generating models, then write: the references (miniature), the samples, the report."""
+    from ipadapter.cli.generate import load_from_flags
+    from ipadapter.evaluate.manifests import read_manifest
+    from ipadapter.evaluate.protocols import deviations
     from ipadapter.evaluate.report import Report, write_report
     from ipadapter.evaluate.runner import Plan, base_modules, generate, prompter_sampler, weights_digest
     from ipadapter.evaluate.scoring import build_toolbox, score
-    from ipadapter.cli.generate import load_from_flags
-    from ipadapter.loading import base_geometry, check_model_args
-    from ipadapter.validation import check_not_negative, check_seed, generation_size, output_folder
 
-    chosen = protocol(args.protocol or ("paper-table1" if args.base else "miniature"))
-    for flag in ("samples", "steps", "limit"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise IPAdapterError(f"--{flag} must be at least 1")
-    check_model_args(args)
-    check_seed(args.seed)
-    check_not_negative([("--guidance", args.guidance)])
-    out = output_folder(args.out, "--out")
-    if args.width is not None or args.height is not None:
-        args.width, args.height = generation_size(args.width, args.height, *base_geometry(args.base))
-    scales = parse_scales(args.scales) or chosen.scales
     samples = args.samples or chosen.samples
     empty_prompt = chosen.empty_prompt if args.prompt_mode is None else args.prompt_mode == "empty"
     judge_source = args.judge or chosen.judge
     args.scheduler = args.scheduler or chosen.scheduler
     device = args.device or "cpu"
-    shard = current()  # under `accelerate launch`: this process's share; the main process measures and reports
-    if shard.device is not None and args.device in (None, "cuda"):
-        args.device = shard.device  # one GPU per process for generation
-    manifest = shard.agree(lambda: load_manifest(args, chosen, out) if shard.is_main else None)
-    manifest = manifest or load_manifest(args, chosen, out, write=False)
 
     # Measuring models first: a wrong judge should fail before hours of generation, not after.
     judge, attributes = judge_loaders(judge_source, device)
-    has_attrs = any(e.attrs for e in manifest.entries)
+    has_attrs = given is None or any(e.attrs for e in given.entries)  # the miniature's references have them
     box = shard.agree(lambda: _toolbox(build_toolbox(chosen.metrics, judge, dino=args.dino, inception=args.inception,
                                                      attributes=attributes if has_attrs else None, device=device))
                       if shard.is_main else None)
     loaded = shard.agree(lambda: load_from_flags(args))
     loaded.prompter.pipe.set_progress_bar_config(disable=True)
-    names = method_names(args, len(loaded.prompter.adapters))
+    count = args.limit or chosen.reference_count
+    manifest = given or shard.agree(lambda: miniature_references(out, count) if shard.is_main else None)
+    manifest = manifest or read_manifest(out / "references" / "manifest.jsonl")
     steps = args.steps or chosen.steps
     guidance = args.guidance if args.guidance is not None else chosen.guidance
     settings = {"manifest_sha256": hashlib.sha256(manifest.path.read_bytes()).hexdigest()[:16], "base": loaded.base,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,30 +43,50 @@ class Manifest:
 
 
 def read_manifest(path: str | Path, limit: int | None = None) -> Manifest:
-    """Entries whose image opens, in file order (index = line position, stable across reruns); the rest in `skipped`."""
+    """Entries whose image opens, in file order; the rest in `skipped`, by their line in the file (from 1, as an
+    editor and `generate --manifest` number them). An entry's index counts the non-empty lines before it (from 0):
+    its seeds stay the same when blank lines are added or removed."""
     path = Path(path)
     if not path.is_file():
         raise IPAdapterError(f"manifest not found: {path}")
-    entries, skipped = [], []
-    lines = [line for line in read_utf8(path, "manifest").splitlines() if line.strip()]
-    for number, line in enumerate(lines, start=1):
+    entries, skipped, index = [], [], -1
+    for number, line in enumerate(read_utf8(path, "manifest").splitlines(), start=1):
+        if not line.strip():
+            continue
         if limit is not None and len(entries) >= limit:
             break
+        index += 1
         try:
             record = json.loads(line)
-            image_file, text = path.parent / record["image_file"], str(record.get("text", ""))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            skipped.append(f"line {number}: not a JSON object with image_file")
+        except json.JSONDecodeError as err:
+            skipped.append(f"line {number}: not JSON ({err.msg} at column {err.colno})")
             continue
+        problem = _not_a_reference(record)
+        if problem:
+            skipped.append(f"line {number}: {problem}")
+            continue
+        image_file = path.parent / record["image_file"]
         try:
             load_image(image_file)
         except IPAdapterError as err:
             skipped.append(f"line {number}: {err}")
             continue
-        entries.append(Entry(number - 1, image_file, text, record.get("attrs")))
+        entries.append(Entry(index, image_file, str(record.get("text", "")), record.get("attrs")))
     if not entries:
-        raise IPAdapterError(f"manifest {path} has no usable references ({len(skipped)} skipped, {len(lines)} lines)")
+        raise IPAdapterError(f"manifest {path} has no usable references ({len(skipped)} skipped, {index + 1} "
+                             "non-empty lines)")
     return Manifest(path, entries, skipped)
+
+
+def _not_a_reference(record: object) -> str | None:
+    """What keeps a JSON value from being a reference record, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if "image_file" not in record:
+        return "a JSON object without image_file"
+    if not isinstance(record["image_file"], str):
+        return f"image_file must be a path string, got {record['image_file']!r}"
+    return None
 
 
 def write_manifest(path: str | Path, records: Iterable[dict]) -> Path:
@@ -77,26 +98,37 @@ def relative(image: Path, manifest: Path) -> str:
     return Path(os.path.relpath(image.resolve(), manifest.parent.resolve())).as_posix()
 
 
-def _usable(out: Path, candidates: list[tuple[Path, dict]], skipped: list[str]) -> Manifest:
+def _usable(out: Path, candidates: list[tuple[Path, dict]], skipped: list[tuple[str, str]]) -> Manifest:
     """Write the records whose image opens, and nothing when none does: the file then holds exactly the entries the
-    caller reports, and the references left out are listed in `skipped` (the same test `read_manifest` applies)."""
+    caller reports, and the references left out are listed in the result's `skipped` (the same test `read_manifest`
+    applies). `skipped` holds (reason, line) pairs, the reason without the file's name: when nothing is usable, the
+    error shows the commonest reason, which is the one to fix first."""
     entries, records = [], []
     for image, record in candidates:
         try:
             load_image(image)
         except IPAdapterError as err:
-            skipped.append(str(err))
+            skipped.append((str(err).replace(str(image), ""), str(err)))
             continue
         entries.append(Entry(len(records), image, str(record.get("text", ""))))
         records.append({"image_file": relative(image, out), **record})
     if not records:
-        first = f": {skipped[0]}" if skipped else ""
-        raise IPAdapterError(f"no usable references for {out} ({len(skipped)} skipped{first}); nothing was written")
+        raise IPAdapterError(f"no usable references for {out} ({_skips(skipped)}); nothing was written")
     try:
         write_manifest(out, records)
     except OSError as err:
         raise IPAdapterError(f"could not write {out} ({err.strerror or err}); nothing was written") from None
-    return Manifest(out, entries, skipped)
+    return Manifest(out, entries, [line for _, line in skipped])
+
+
+def _skips(skipped: list[tuple[str, str]]) -> str:
+    """"N skipped", with the commonest reason's count and its first example."""
+    if not skipped:
+        return "0 skipped"
+    reason, count = Counter(reason for reason, _ in skipped).most_common(1)[0]
+    example = next(line for why, line in skipped if why == reason)
+    share = "all" if count == len(skipped) else f"{count} of them"
+    return f"{len(skipped)} skipped; {share} like this: {example}"
 
 
 def _coco_json(captions_json: str | Path) -> tuple[list[dict], list[dict]]:
@@ -123,6 +155,9 @@ def from_coco_captions(
     of the file and listed in the result's `skipped`. Everything is checked before the manifest is written."""
     if limit is not None and limit < 1:
         raise IPAdapterError(f"limit must be at least 1, got {limit}")
+    if not Path(images_dir).is_dir():  # else every image would be "left out", each for its own reason
+        raise IPAdapterError(f"COCO image folder {images_dir} is not a folder" if Path(images_dir).exists()
+                             else f"COCO image folder not found: {images_dir}")
     images, annotations = _coco_json(captions_json)
     first: dict[int, tuple[int, str]] = {}
     try:
@@ -142,7 +177,7 @@ def from_coco_captions(
         if image_id in first:
             candidates.append((image, {"text": first[image_id][1]}))
         else:
-            skipped.append(f"{image}: image id {image_id} has no caption")
+            skipped.append(("no caption", f"{image}: image id {image_id} has no caption"))
     return _usable(out, candidates, skipped)
 
 

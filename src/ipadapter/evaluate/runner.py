@@ -110,9 +110,11 @@ def jobs(plan: Plan, entries: Sequence[Entry], out: Path, shard: Shard | None = 
 
 
 def pin(plan: Plan, out: Path, write: bool = True) -> None:
-    """Record the plan's settings (when `write`), or check they equal those of the samples already in `out`."""
+    """Record the plan's settings (when `write`), or check they equal those of the samples already in `out`. A plan
+    beside no sample pins nothing (a run that failed before its first sample): it is replaced, so a corrected rerun
+    into the same folder is not refused."""
     path = out / "plan.json"
-    if path.is_file():
+    if path.is_file() and any((out / "samples").rglob("*.png")):
         before = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in set(before) | set(plan.pinned()) if before.get(k) != plan.pinned().get(k))
         if changed:
@@ -137,17 +139,19 @@ def generate(plan: Plan, entries: Sequence[Entry], out: Path, sample: SampleFn, 
     log.info("%d of %d samples to generate (%d already on disk)", remaining, total, total - remaining)
     bar = Progress(out / ".progress", shard, total, total - remaining, "generating", show=progress)
     done = 0
-    for job in jobs(plan, entries, out, shard):
-        images = sample(job, job.entry.image())
-        if len(images) != len(job.seeds):
-            raise RuntimeError(f"the sampler returned {len(images)} images for {len(job.seeds)} seeds")
-        for k, image in zip(job.samples, images):
-            save_png(image, sample_path(out, job.method, job.scale, job.entry.index, k))
-        done += len(images)
-        bar.advance(len(images))
-        if shard.is_main:
-            write_json(out / "progress.json", {"total": total, "done": bar.done, "time": time.time()})
-    bar.close()
+    try:  # the bar is closed before an error is printed, so the error is the last line
+        for job in jobs(plan, entries, out, shard):
+            images = sample(job, job.entry.image())
+            if len(images) != len(job.seeds):
+                raise RuntimeError(f"the sampler returned {len(images)} images for {len(job.seeds)} seeds")
+            for k, image in zip(job.samples, images):
+                save_png(image, sample_path(out, job.method, job.scale, job.entry.index, k))
+            done += len(images)
+            bar.advance(len(images))
+            if shard.is_main:
+                write_json(out / "progress.json", {"total": total, "done": bar.done, "time": time.time()})
+    finally:
+        bar.close()
     return done
 
 
