@@ -187,3 +187,19 @@ def test_cli_config_file_with_flag_override_trains(base_folder, tmp_path) -> Non
     with safe_open(str(out / "adapter.ipadapter.safetensors"), framework="pt") as f:  # where the adapter came from
         meta = f.metadata()
     assert (meta["base"], meta["encoder"], meta["variant"]) == (str(base), str(encoder), "base")
+
+
+def test_the_bundled_model_trains_by_its_keyword(tmp_path) -> None:
+    """`ipadapter train --base miniature` is the bundled pipeline with its own image encoder, as generate reads the
+    keyword: the run's config names their folders, and its adapter loads on the bundled UNet."""
+    from ipadapter import bundled, load_adapter
+    from ipadapter.miniature.world import write_dataset
+    from ipadapter.pipelines import load_pipeline
+
+    manifest = write_dataset(tmp_path / "data", 4, seed=0)
+    out = tmp_path / "run"
+    assert main(["train", "--base", "miniature", "--data", str(manifest), "--variant", "base", "--resolution", "64",
+                 "--batch-size", "2", "--max-steps", "1", "--num-workers", "0", "--output", str(out)]) == 0
+    config = TrainConfig.load(str(out / "config.json"), {})
+    assert (config.base, config.image_encoder) == (str(bundled.pipeline_path()), str(bundled.image_encoder_path()))
+    load_adapter(out / "adapter.ipadapter.safetensors", load_pipeline(bundled.pipeline_path()).unet)

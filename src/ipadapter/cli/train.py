@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import MISSING, fields
+from typing import Any
 
 from ipadapter.cli.quiet import show_own_logs
 from ipadapter.extras import needs
 
 HELP = {
     "base": "diffusers pipeline folder or Hub id (unet, vae, text_encoder, tokenizer, scheduler; + _2 for SDXL; "
-            "a FluxPipeline for --variant flux / flux-v2)",
+            "a FluxPipeline for --variant flux / flux-v2), or 'miniature': the bundled model",
     "image_encoder": "CLIPVisionModelWithProjection folder, Hub id, or owner/repo/sub/folder for a Hub repo's "
-                     "subfolder (its CLIPImageProcessor if saved)",
+                     "subfolder (its CLIPImageProcessor if saved); with --base miniature, the bundled one by default",
     "data": "JSON/JSONL manifest of {image_file, text[, ref_image_file, id_embed_file]} or a tar shard pattern "
             "(data-{00000..00099}.tar)",
     "data_root": "folder that manifest paths are relative to (default: the manifest's folder)",
@@ -71,6 +72,8 @@ HELP = {
 }
 
 EXAMPLES = """examples:
+  ipadapter miniature data --out data/shapes --n 4096 && ipadapter train --base miniature \\
+      --data data/shapes/manifest.jsonl --variant base --resolution 64 --output runs/base    # the bundled model
   ipadapter train --config src/ipadapter/train/configs/sd15-base.yaml      # in a clone of the repository
   ipadapter train --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --image-encoder h94/IP-Adapter/models/image_encoder \\
@@ -82,6 +85,19 @@ EXAMPLES = """examples:
 """
 
 
+def with_bundled(config: Any) -> Any:
+    """`--base miniature` (and `--image-encoder miniature`) as the bundled model's folders, as generate reads the
+    keyword; with the bundled base, its own image encoder unless another is named."""
+    from ipadapter import bundled
+
+    if config.base == "miniature":
+        encoder = config.image_encoder or ("miniature" if config.needs_image_encoder else "")
+        config = config.replace(base=str(bundled.pipeline_path()), image_encoder=encoder)
+    if config.image_encoder == "miniature":
+        config = config.replace(image_encoder=str(bundled.image_encoder_path()))
+    return config
+
+
 def _run(args: argparse.Namespace) -> int:
     from ipadapter.errors import IPAdapterError
     from ipadapter.train import TrainConfig, train
@@ -89,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
 
     show_own_logs()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    config = TrainConfig.load(args.config, overrides)
+    config = with_bundled(TrainConfig.load(args.config, overrides))
     flux = get_variant(config.variant).denoiser == "flux"
     if args.dry_run and flux:
         raise IPAdapterError("--dry-run estimates UNet runs only, not FLUX")
