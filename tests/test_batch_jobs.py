@@ -110,6 +110,9 @@ BAD = {
                                  "give negative_image or noise, not both"),
     "bad noise": ({"image": "r0.png", "noise": "gaussian:x"}, "noise= takes TYPE:STRENGTH"),
     "prompt not text": ({"prompt": 5}, "prompt must be a string, got 5"),
+    "strength without content words": ({"image": "r0.png", "content_strength": 0.5},
+                                       "content_strength changes what content_subtract takes out, and this job has "
+                                       "none"),
 }
 
 
