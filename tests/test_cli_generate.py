@@ -210,12 +210,11 @@ def test_every_size_the_miniature_suggests_generates(tmp_path, capsys) -> None:
 
 
 # Each flag QA found silently dropped (or refused for another reason) when a generation has no reference, with a
-# value other than its default; none of them has anything to act on without --image or --embeds. A face embedding
-# alone made the text-only image: it replaces the face found in --image, so it is one of them.
+# value other than its default; none of them has anything to act on without --image, --embeds or --face-embed.
 IMAGE_SIDE = {"--negative-image": ["{root}/ref.png"], "--start": ["0.2"], "--end": ["0.8"], "--preset": ["ease in"],
               "--embeds-scaling": ["kv"], "--crop": ["top"], "--tiles": [], "--scale": ["0.5"],
               "--mask": ["{root}/ref.png"], "--image-weight": ["0.5"], "--combine": ["add"], "--noise": ["fade:0.5"],
-              "--content-subtract": ["a dog"], "--face-embed": ["{root}/face.npy"]}
+              "--content-subtract": ["a dog"]}
 
 
 @pytest.mark.parametrize("flag", list(IMAGE_SIDE))
@@ -226,7 +225,8 @@ def test_an_image_side_flag_without_a_reference_is_refused_before_loading(tiny_b
     code = main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin"), "--prompt",
                  "a cat", flag, *values, "--out", str(tmp_path / "o.png")])
     assert code == 2
-    assert _error_line(capsys) == f"{flag} changes the image prompt, and no --image or --embeds was given"
+    assert _error_line(capsys) == (f"{flag} changes the image prompt, and no --image, --embeds or --face-embed was "
+                                   "given")
     assert not list(tmp_path.iterdir())
 
 
@@ -252,3 +252,26 @@ def test_a_count_below_one_names_its_flag_and_value(tiny_base, tmp_path, capsys,
     assert code == 2
     assert _error_line(capsys) == f"{flag} must be at least 1, got 0"
     assert not list(tmp_path.iterdir())
+
+
+def test_a_face_embedding_alone_prompts_the_faceid_adapter_that_reads_only_it(tiny_base, tmp_path, capsys) -> None:
+    """Basic FaceID reads the ID embedding and nothing else, so `--face-embed` needs no `--image`: the image is the
+    one made with a reference image beside the same embedding (which that variant never reads), and not the
+    text-only one. The variants that read the face image too, and the others, say so in one line."""
+    common = ["generate", "--base", str(tiny_base / "pipe"), "--prompt", "a cat", "--steps", "2", "--width", "32",
+              "--height", "32", "--face-embed", str(tiny_base / "face.npy")]
+    faceid = ["--adapter", str(tiny_base / "faceid.bin")]
+    assert main([*common, *faceid, "--out", str(tmp_path / "alone.png")]) == 0
+    assert main([*common, *faceid, "--image", str(tiny_base / "ref.png"), "--out", str(tmp_path / "with.png")]) == 0
+    plain = common[:common.index("--face-embed")]
+    assert main([*plain, *faceid, "--out", str(tmp_path / "text.png")]) == 0
+    alone, with_image, text = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("alone", "with", "text"))
+    assert np.array_equal(alone, with_image) and not np.array_equal(alone, text)
+    capsys.readouterr()
+    for family, message in (("faceid-plus", "--face-embed alone prompts the FaceID adapter that reads only the ID "
+                                             "embedding; faceid-plus also needs the face image (--image)"),
+                            ("base", "--face-embed is a FaceID adapter's ID embedding; this adapter (base) reads the "
+                                     "reference image (--image)")):
+        assert main([*common, "--adapter", str(tiny_base / f"{family}.bin"), "--out", str(tmp_path / "x.png")]) == 2
+        assert _error_line(capsys) == message
+    assert not (tmp_path / "x.png").exists()

@@ -27,13 +27,13 @@ from ipadapter.runtime import AdapterPrompt
 # The options that act on the image prompt alone (`ipadapter generate`'s flag, its name there and in a manifest, its
 # default): with no reference image (or saved embeddings of one) there is no image prompt, so a value other than the
 # default would be silently dropped and is refused instead (the CLI by flag, a manifest job by key). A face embedding
-# stands in for the face found in its --image, so it is one of them (it has no manifest key).
+# is a reference of its own for the FaceID variant that reads nothing else (`build_prompt`).
 IMAGE_OPTIONS: tuple[tuple[str, str, Any], ...] = (
     ("--scale", "scale", 1.0), ("--negative-image", "negative_image", None), ("--noise", "noise", None),
     ("--start", "start", 0.0), ("--end", "end", 1.0), ("--preset", "preset", None),
     ("--embeds-scaling", "embeds_scaling", "v"), ("--crop", "crop", "center"), ("--tiles", "tiles", False),
     ("--mask", "mask", []), ("--image-weight", "image_weight", None), ("--combine", "combine", "concat"),
-    ("--content-subtract", "content_subtract", None), ("--face-embed", "face_embed", []),
+    ("--content-subtract", "content_subtract", None),
 )
 
 
@@ -114,8 +114,11 @@ def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: s
     images = _prepared(prompter, images, request.crop)
     features = request.features
     if features is None:
-        if not images:
+        if not images and request.face_embeds is None:
             return {}
+        if not images and (not ip.variant.face_id or ip.variant.clip):  # FaceID without CLIP needs only the ID
+            raise IPAdapterError(f"face_embeds= alone prompts the FaceID adapter that reads only the ID embedding; "
+                                 f"{ip.variant.name} also needs the face image (image=)")
         features = prompter.features(ip, images, request.face_embeds)
     if request.content_text_embeds is not None:
         features = (subtract_content(features[0], request.content_text_embeds, request.content_strength, ip.variant),

@@ -71,7 +71,8 @@ PARAMETER_FLAGS = {
     "weight_names": "--weight-name", "weight_name": "--weight-name", "image_encoder": "--image-encoder",
     "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "base_lora": "--base-lora",
     "controlnet": "--controlnet", "scale": "--scale", "tiles": "--tiles", "masks": "--mask", "combine": "--combine",
-    "noise": "--noise", "dino": "--dino", "inception": "--inception", "steps": "--steps",
+    "noise": "--noise", "dino": "--dino", "inception": "--inception", "steps": "--steps", "face_embeds": "--face-embed",
+    "image": "--image",
 }
 _PARAMETER = re.compile(r"\b(" + "|".join(PARAMETER_FLAGS) + r")=(?=(\w?))")
 
@@ -171,17 +172,18 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--num-images", args.num_images), ("--steps", args.steps)):
         if value is not None and value < 1:
             raise IPAdapterError(f"{flag} must be at least 1, got {value}")
-    if not args.image and not args.embeds and not args.prompt:
-        raise IPAdapterError("give --image (or --embeds), --prompt, or both")
+    if not args.image and not args.embeds and not args.face_embed and not args.prompt:
+        raise IPAdapterError("give --image (or --embeds, or --face-embed for FaceID), --prompt, or both")
     if args.out_dir:
         raise IPAdapterError("--out-dir is the folder of a --manifest run; one generation writes --out")
     for flag, dest, default, needed, needed_flag in MODIFIERS:
         if getattr(args, dest) != default and not getattr(args, needed):
             raise IPAdapterError(f"{flag} changes what {needed_flag} adds, and no {needed_flag} was given")
-    if not (args.image or args.embeds):
+    if not (args.image or args.embeds or args.face_embed):
         for flag, dest, default in IMAGE_OPTIONS:
             if getattr(args, dest) != default:
-                raise IPAdapterError(f"{flag} changes the image prompt, and no --image or --embeds was given")
+                raise IPAdapterError(f"{flag} changes the image prompt, and no --image, --embeds or --face-embed was "
+                                     "given")
     if len(args.adapter or []) > 1:
         raise IPAdapterError(f"--adapter given {len(args.adapter)} times: one generate prompts one adapter (--image "
                              "cannot say which its images are for); to use several, give a --manifest whose jobs each "
@@ -264,6 +266,9 @@ def _generate(args: argparse.Namespace) -> int:
         from ipadapter.encoders import load_face_embedding
 
         ip = prompter.adapter()
+        if not ip.variant.face_id:
+            raise IPAdapterError(f"--face-embed is a FaceID adapter's ID embedding; this adapter ({ip.variant.name}) "
+                                 "reads the reference image (--image)")
         dim = ip.config.projection.in_dim
         request.face_embeds = torch.cat([load_face_embedding(f, dim) for f in args.face_embed])
     if args.embeds:
