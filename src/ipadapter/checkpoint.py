@@ -85,8 +85,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Flat tensors and metadata of a file `resolve` found, read by what its bytes are, not by its name (a safetensors
     file saved as `.bin` loads): safetensors as stored, torch files tensors only."""
     try:
-        with path.open("rb") as f:
-            head = f.read(_SAFETENSORS_HEAD)
+        head = file_head(path)
     except OSError as err:
         raise IPAdapterError(f"cannot read {path} ({err.strerror or err})") from None
     if is_safetensors_file(head) or (path.suffix == ".safetensors" and not is_torch_file(head)):
@@ -129,11 +128,16 @@ def is_weights_file(path: str | os.PathLike) -> bool:
     """Whether the file's first bytes are those of a safetensors or a torch file, whatever its name says (an image
     or text given where weights belong is neither); a file that cannot be read is neither."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(_SAFETENSORS_HEAD)
+        head = file_head(path)
     except OSError:
         return False
     return is_safetensors_file(head) or is_torch_file(head)
+
+
+def file_head(path: str | os.PathLike) -> bytes:
+    """The first bytes of a file, as many as telling safetensors from torch files takes."""
+    with open(path, "rb") as f:
+        return f.read(_SAFETENSORS_HEAD)
 
 
 def refused_global(err: BaseException) -> str | None:
@@ -142,16 +146,15 @@ def refused_global(err: BaseException) -> str | None:
     if not isinstance(err, pickle.UnpicklingError):
         return None
     found = _REFUSED_GLOBAL.search(str(err))
-    if found is None or not names_a_global(found.group(0).split("GLOBAL", 1)[1].split()[:1]):
+    if found is None or not names_a_global(next(iter(found.group(0).split("GLOBAL", 1)[1].split()), "")):
         return None
     return found.group(0).strip().rstrip(".")
 
 
-def names_a_global(words: list[str]) -> bool:
+def names_a_global(name: str) -> bool:
     """Whether the name a refused GLOBAL quotes can be a real one: a pickle cut inside a name ("torch._utils._reb",
     "collections") asks for nothing that exists, so the file is torn, not carrying code. Only modules already
     imported are looked into (nothing the file names is imported); an installed top-level package counts as real."""
-    name = words[0] if words else ""
     parts = name.split(".")
     if not all(parts):
         return False

@@ -32,7 +32,6 @@ EXAMPLES = """examples:
 """
 
 
-
 # Flags that only change what another flag adds (flag, its dest, its default, the flag it needs): a value other
 # than the default without that flag would be silently ignored, so one generation refuses it.
 MODIFIERS = (("--base-lora-scale", "base_lora_scale", 1.0, "base_lora", "--base-lora"),

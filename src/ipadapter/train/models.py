@@ -105,6 +105,16 @@ def vae_dtype(vae: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else weight_dtype
 
 
+def place_frozen(device: Any, weight_dtype: torch.dtype, vae: nn.Module | None, modules: Any = ()) -> None:
+    """The frozen parts on the run's device in its precision (the VAE as `vae_dtype` says), whatever precision
+    their files were stored in."""
+    for module in modules:
+        if module is not None:
+            module.to(device, weight_dtype)
+    if vae is not None:
+        vae.to(device, vae_dtype(vae, weight_dtype))
+
+
 def load_vae(source: str) -> nn.Module:
     from diffusers import AutoencoderKL
 

@@ -31,7 +31,7 @@ from ipadapter.runtime import AdapterPrompt, Reference
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import Batches, collate, describe_skips
 from ipadapter.train.feed import data_phase
-from ipadapter.train.models import BaseModels, base_configs, freeze, load_base, module_fingerprint, vae_dtype
+from ipadapter.train.models import BaseModels, base_configs, freeze, load_base, module_fingerprint, place_frozen
 from ipadapter.train.shapes import adapter_config_for
 from ipadapter.train.step import diffusion_loss, optimizer_step, project_references
 from ipadapter.variants import get_variant
@@ -177,11 +177,7 @@ def _model_phase(run: _Run, models: BaseModels | None) -> tuple[IPAdapter, Attac
     adapter = _init_from(config, m.unet) if config.init_from else _new_adapter(run)
     m.unet.to(device, run.weight_dtype)
     if not config.cache:
-        for frozen in (*m.text_encoders, run.encoder.model if run.encoder else None):
-            if frozen is not None:
-                frozen.to(device, run.weight_dtype)
-        if m.vae is not None:
-            m.vae.to(device, vae_dtype(m.vae, run.weight_dtype))
+        place_frozen(device, run.weight_dtype, m.vae, (*m.text_encoders, run.encoder.model if run.encoder else None))
     if config.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
     adapter.to(device=device, dtype=torch.float32).requires_grad_(True)  # trained in fp32 whatever the UNet's dtype

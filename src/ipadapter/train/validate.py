@@ -109,24 +109,21 @@ class Validator:
     def _parts(self) -> tuple[Any, list[Any], list[Any], Any]:
         """VAE, text models and image encoder: the run's own, or loaded for this validation when it trains from the
         feature cache (they leave memory again afterwards)."""
-        from ipadapter.train.models import freeze, load_text_encoders, load_vae, vae_dtype
+        from ipadapter.train.models import freeze, load_text_encoders, load_vae, place_frozen
         from ipadapter.train.feed import load_image_encoder
 
         run = self.run_state
-        config, device, m, dtype = run.config, run.accelerator.device, run.models, run.weight_dtype
-        vae = m.vae
-        if vae is None:  # in the run's precision, as the UNet is: a base stored in fp16 loads as fp16
-            vae = load_vae(config.base)
-            vae.to(device, vae_dtype(vae, dtype))
+        config, m = run.config, run.models
+        vae = m.vae if m.vae is not None else load_vae(config.base)
         if m.text_encoders:
             tokenizers, encoders = m.tokenizers, m.text_encoders
         else:
             tokenizers, encoders = load_text_encoders(config.base, sdxl=run.sdxl)
-            encoders = [e.to(device, dtype) for e in encoders]
         encoder = run.encoder
         if encoder is None and run.features:
             encoder = load_image_encoder(config)
-            encoder.model.to(device, dtype)
+        # in the run's precision, as the UNet is (a base stored in fp16 loads as fp16); the run's own are there already
+        place_frozen(run.accelerator.device, run.weight_dtype, vae, [*encoders, encoder.model if encoder else None])
         freeze(vae, *encoders, encoder.model if encoder is not None else None)
         return vae, tokenizers, encoders, encoder
 
