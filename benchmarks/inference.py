@@ -18,7 +18,8 @@ prompter has just run an untimed generation with it, as a UI re-running does (di
 its (a) run); (c) two masked references, encoding included; (d) the UNet alone over a generation's steps at
 `--step-latents` (default 32x32, the issue's per-step setting), the adapter's tokens given, reported per step: the
 adapter's overhead per denoising step, each step timed: (d) the median of steps 2 to n, (e) the median first step,
-where ipadapter also computes K'/V' of the image tokens for the whole generation (diffusers does so at every step).
+where ipadapter also makes the generation's plan (which adapters act where, weights, masks on each token grid) and,
+with `cache_kv=True`, the K'/V' of the image tokens for the whole generation (diffusers makes both at every step).
 
 Time: one process. The three implementations share one pipeline (one UNet: the SDXL one is 10 GB at fp32) and are
 switched between runs, outside the timed region, by swapping the attention processors (and diffusers'
@@ -47,9 +48,10 @@ masked-reference row: 1.6 MiB above plain in a first generation, 0.5 MiB in the 
 `ru_maxrss` cannot be reset, so it would report model construction's transient peaks (a state dict loaded next to
 its module) instead; a torch.profiler memory profile sees tensor allocations only. CUDA:
 `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus `memory_allocated` at that moment. A
-"models loaded" row gives the memory of what each child built. A fourth child runs ipadapter with `cache_kv=False`
-(K'/V' projected at every call, as diffusers does), and the last column gives the size of what the default cache
-holds in each case, computed from the adapter's layer widths: the difference between the two ipadapter columns.
+"models loaded" row gives the memory of what each child built. ipadapter runs with its default (K'/V' projected at
+every call, as diffusers does); a fourth child runs it with `cache_kv=True` (each layer's K'/V' kept for the
+generation), and the last column gives the size of what that cache holds in each case, computed from the adapter's
+layer widths: the difference between the two ipadapter columns.
 The peak does not depend on the number of steps (every step has the same shapes), so `--steps 2` measures it
 faster.
 
@@ -88,7 +90,7 @@ from tests import factories  # noqa: E402  (tiny tokenizer and the --quick model
 MiB = 2**20
 PROMPT = "a photo"
 IMPLS = ("plain", "ipadapter", "diffusers")
-LEAN = "ipadapter, cache_kv=False"  # memory only: K'/V' projected at every call, as diffusers does
+CACHED = "ipadapter, cache_kv=True"  # memory only: K'/V' kept for the generation instead of projected at every call
 CASES = {
     "full": "(a) full generation, encoding included",
     "second": "(b) second generation, same reference",
@@ -221,7 +223,7 @@ Run = tuple[Callable[[], None], Callable[[], torch.Tensor]]  # (untimed setup, t
 class Bench:
     """One architecture's pipeline with the implementations asked for, all on one UNet; `use` switches them."""
 
-    def __init__(self, s: Setting, impls: tuple[str, ...], cache_kv: bool = True) -> None:
+    def __init__(self, s: Setting, impls: tuple[str, ...], cache_kv: bool = False) -> None:
         from ipadapter import load_adapter
         from ipadapter.encoders import ImageEncoder
 
@@ -417,7 +419,7 @@ class Row:
     diffusers: list[float]
     diff: float | None = None  # largest |ipadapter − diffusers| over the outputs
     scale: float | None = None  # largest |diffusers output|, for scale
-    lean: list[float] = field(default_factory=list)  # memory rows: ipadapter with cache_kv=False
+    cached: list[float] = field(default_factory=list)  # memory rows: ipadapter with cache_kv=True
     kv: float | None = None  # memory rows: MiB of K'/V' ipadapter's cache holds in that case
 
     def ratios(self, a: str, b: str) -> list[float]:
@@ -467,7 +469,7 @@ def time_arch(s: Setting, repeats: int, generations: bool = True) -> list[Row]:
     lat = s.step_latents
     rows.append(Row(f"{arch} (d) UNet alone, per step: steps 2-{s.steps} ({lat}x{lat} latents, batch 2)",
                     *later, *compare(so["ipadapter"], so["diffusers"])))
-    rows.append(Row(f"{arch} (e) UNet alone, first step (ipadapter: + K'/V' for the generation)",
+    rows.append(Row(f"{arch} (e) UNet alone, first step (ipadapter: + the generation's plan)",
                     *first, *compare(so["ipadapter"], so["diffusers"])))
     bench.close()
     return rows
@@ -514,9 +516,9 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
     quiet()
     memory = Memory(s.device)
     start = memory.reset()
-    lean = impl == LEAN
-    impl = "ipadapter" if lean else impl
-    bench = Bench(s, (impl,), cache_kv=not lean)
+    cached = impl == CACHED
+    impl = "ipadapter" if cached else impl
+    bench = Bench(s, (impl,), cache_kv=cached)
     bench.touch()
     result = {"loaded": (memory.reset() - start) / MiB}
     for case in CASES:
@@ -536,13 +538,13 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
 def memory_arch(s: Setting, context: Any) -> list[Row]:
     """Memory rows of one architecture, each implementation measured in its own fresh process."""
     found = {}
-    for impl in (*IMPLS, LEAN):
+    for impl in (*IMPLS, CACHED):
         with ProcessPoolExecutor(1, mp_context=context) as pool:
             found[impl] = pool.submit(measure_memory, s, impl).result()
     arch = ARCH_NAMES[s.arch]
     labels = {"loaded": "models loaded (MiB)", **{k: f"{v}: peak above the models (MiB)" for k, v in CASES.items()}}
     kv = {"full": found["ipadapter"]["kv1"], "masked": found["ipadapter"]["kv2"]}
-    return [Row(f"{arch} {label}", *([found[i][key]] for i in IMPLS), lean=[found[LEAN][key]], kv=kv.get(key))
+    return [Row(f"{arch} {label}", *([found[i][key]] for i in IMPLS), cached=[found[CACHED][key]], kv=kv.get(key))
             for key, label in labels.items()]
 
 
@@ -586,7 +588,7 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
         lines.append("- Rows slower in the median but not in every pass (within the noise): "
                      + ("; ".join(unsure) if unsure else "none"))
     if memory:
-        for name, attr in (("ipadapter", "ours"), (LEAN, "lean")):
+        for name, attr in (("ipadapter", "ours"), (CACHED, "cached")):
             higher = [r.label for r in memory if med(getattr(r, attr)) > med(r.diffusers)]
             lines.append(f"- Memory rows where {name} is above diffusers: " + (", ".join(higher) if higher else "none"))
     return lines
@@ -613,13 +615,13 @@ def render(header: list[str], rows: list[Row], memory: list[Row], notes: list[st
                    f"| {pct(r.ratios('ours', 'plain'))} | {pct(r.ratios('diffusers', 'plain'))} "
                    f"| {times_x(r.ratios('ours', 'diffusers'))} | {r.diff:.1e} ({r.scale:.3g}) |")
     if memory:
-        out += ["", f"| memory | plain | ipadapter | diffusers | ipadapter / diffusers | {LEAN} | its / diffusers "
+        out += ["", f"| memory | plain | ipadapter | diffusers | ipadapter / diffusers | {CACHED} | its / diffusers "
                 "| K'/V' the cache holds (MiB) |", "|---|---|---|---|---|---|---|---|"]
         for r in memory:
-            ratios = [f"{x[0] / r.diffusers[0]:.2f}x" if r.diffusers[0] > 0 else "–" for x in (r.ours, r.lean)]
+            ratios = [f"{x[0] / r.diffusers[0]:.2f}x" if r.diffusers[0] > 0 else "–" for x in (r.ours, r.cached)]
             kv = "–" if r.kv is None else f"{r.kv:.2f}"
             out.append(f"| {r.label} | {r.plain[0]:.1f} | {r.ours[0]:.1f} | {r.diffusers[0]:.1f} | {ratios[0]} "
-                       f"| {r.lean[0]:.1f} | {ratios[1]} | {kv} |")
+                       f"| {r.cached[0]:.1f} | {ratios[1]} | {kv} |")
     return "\n".join(out + ["", *notes, ""])
 
 

@@ -7,8 +7,9 @@ milliseconds and hide it). Same weights, same tokens; three processors on the sa
 
   plain      diffusers' `AttnProcessor2_0` (no adapter): the floor every row is measured against
   diffusers  `IPAdapterAttnProcessor2_0` given the projected image tokens, as its pipeline passes them
-  ipadapter  `IPAttnProcessor` after its first call of the generation (K'/V' and resized masks are made once per
-             generation; diffusers makes them at every call)
+  ipadapter  `IPAttnProcessor` after its first call of the generation (the plan and resized masks are made once
+             per generation, K'/V' at every call as diffusers does; diffusers makes all of them at every call)
+  cached     the same with `cache_kv=True`: K'/V' made once per generation too
 
 Cases: one reference; two masked references (left/right halves). Each repeat times `--calls` calls of every
 processor, interleaved, after a warm-up; the table gives min / median / max over `--repeats` of the mean µs per
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-IMPLS = ("plain", "diffusers", "ipadapter")
+IMPLS = ("plain", "diffusers", "ipadapter", "cached")
 NAME = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 
 
@@ -64,12 +65,14 @@ def processors(case: str, tokens: int) -> tuple[torch.nn.Module, dict[str, Calla
 
     layer = AttentionLayer(NAME, 1, True, width, cross, "down", 0, 0, 0)
     weights = AdapterLayer(layer, cross)
-    runtime = Runtime()
-    ours = IPAttnProcessor(layer, AttnProcessor2_0(), runtime, {"a": weights})
     references = [Reference(cond=cond[i : i + 1], uncond=uncond, mask=None if masks is None else masks[i])
                   for i in range(refs)]
-    runtime.set({"a": AdapterPrompt(references)}, cfg=True, weights={"a": ("bench",)})
-    runtime.latent_hw = (side, side)
+    ours = {}
+    for impl, cache_kv in (("ipadapter", False), ("cached", True)):
+        runtime = Runtime(cache_kv=cache_kv)
+        ours[impl] = IPAttnProcessor(layer, AttnProcessor2_0(), runtime, {"a": weights})
+        runtime.set({"a": AdapterPrompt(references)}, cfg=True, weights={"a": ("bench",)})
+        runtime.latent_hw = (side, side)
 
     theirs = IPAdapterAttnProcessor2_0(width, cross, num_tokens=(image_tokens,), scale=1.0).eval()
     theirs.to_k_ip[0].weight.data.copy_(weights.to_k_ip.weight)
@@ -81,12 +84,14 @@ def processors(case: str, tokens: int) -> tuple[torch.nn.Module, dict[str, Calla
     calls = {
         "plain": lambda: plain(attn, x, text),
         "diffusers": lambda: theirs(attn, x, (text, embeds), **extra),
-        "ipadapter": lambda: ours(attn, x, text),
+        "ipadapter": lambda: ours["ipadapter"](attn, x, text),
+        "cached": lambda: ours["cached"](attn, x, text),
     }
     with torch.no_grad():
-        diff = (calls["ipadapter"]() - calls["diffusers"]()).abs().max()
-    if diff > 1e-4:
-        raise RuntimeError(f"ipadapter and diffusers disagree on the {case} case by {float(diff):.2e}")
+        for impl in ("ipadapter", "cached"):
+            diff = (calls[impl]() - calls["diffusers"]()).abs().max()
+            if diff > 1e-4:
+                raise RuntimeError(f"{impl} and diffusers disagree on the {case} case by {float(diff):.2e}")
     return attn, calls
 
 
@@ -124,18 +129,19 @@ def main(argv: list[str] | None = None) -> int:
              "", f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
              f"{torch.__version__}; one layer (width 64, 2 heads, 8 text tokens), batch 2 (CFG), {args.tokens} query "
              f"tokens, 4 image tokens per reference; {args.repeats} repeats of {args.calls} calls each, interleaved.", "",
-             "| case | plain µs/call (min / median / max) | diffusers | ipadapter | diffusers above plain | "
-             "ipadapter above plain | ipadapter − diffusers (median of repeats) |", "|---|---|---|---|---|---|---|"]
+             "| case | plain µs/call (min / median / max) | diffusers | ipadapter | ipadapter, cache_kv=True "
+             "| diffusers above plain | ipadapter above plain | cache_kv=True above plain "
+             "| ipadapter − diffusers (median of repeats) |", "|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for case in ("one reference", "masked"):
         _, calls = processors(case, args.tokens)
         t = measure(calls, args.calls, args.repeats)
-        above = {k: statistics.median(a - p for a, p in zip(t[k], t["plain"])) for k in ("diffusers", "ipadapter")}
+        above = {k: statistics.median(a - p for a, p in zip(t[k], t["plain"])) for k in IMPLS[1:]}
         gap = [o - d for o, d in zip(t["ipadapter"], t["diffusers"])]
         noise = max(max(v) - min(v) for v in t.values())
         label = "two masked references" if case == "masked" else case
-        lines.append(f"| {label} | {spread(t['plain'])} | {spread(t['diffusers'])} | {spread(t['ipadapter'])} | "
-                     f"{above['diffusers']:+.1f} | {above['ipadapter']:+.1f} | {statistics.median(gap):+.1f} "
+        lines.append(f"| {label} | {' | '.join(spread(t[k]) for k in IMPLS)} | "
+                     f"{' | '.join(f'{above[k]:+.1f}' for k in IMPLS[1:])} | {statistics.median(gap):+.1f} "
                      f"({min(gap):+.1f} … {max(gap):+.1f}) |")
         verdict = ("at or below diffusers'" if statistics.median(gap) <= 0 else
                    f"above diffusers' by less than the noise ({noise:.1f} µs)" if statistics.median(gap) <= noise

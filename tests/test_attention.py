@@ -209,6 +209,7 @@ def test_kv_carried_to_next_generation_only_while_tokens_and_weights_are_the_sam
     adapter = _base_adapter(sd15_unet)
     calls = _counting_kv(adapter)
     att = attach(sd15_unet, adapter)
+    att.runtime.cache_kv = True
     a = torch.randn(1, 4, 32)
 
     def generation(tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -587,6 +588,7 @@ def test_terms_are_made_once_per_generation_and_layout(sd15_unet, monkeypatch) -
     build = IPAttnProcessor._build
     monkeypatch.setattr(IPAttnProcessor, "_build", lambda self, *a, **k: builds.append(1) or build(self, *a, **k))
     att = attach(sd15_unet, adapter)
+    att.runtime.cache_kv = True
     att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 32))])}, rows=2)
     try:
         for _ in range(3):
@@ -602,6 +604,7 @@ def test_kv_made_once_per_generation_across_latent_sizes_and_carried_over(sd15_u
     new batch layout (no CFG) afterwards projects once more; every output equals the uncached one."""
     adapter = _base_adapter(sd15_unet)
     att = attach(sd15_unet, adapter)
+    att.runtime.cache_kv = True
     layers = [m for n, m in adapter.named_modules() if n.endswith("to_k_ip")]
     calls = []
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in layers]
@@ -680,6 +683,7 @@ def test_a_new_generation_frees_the_kv_the_last_one_made_and_did_not_reuse(sd15_
     once a generation has made its own, those of the previous generation it did not reuse are dropped."""
     adapter = _base_adapter(sd15_unet)
     att = attach(sd15_unet, adapter)
+    att.runtime.cache_kv = True
     torch.manual_seed(7)
     a, b = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
 

@@ -36,7 +36,7 @@ def test_steps_only_times_the_unet_rows_after_a_warm_up_left_out(tmp_path) -> No
     assert any("adapter overhead per denoising step" in line for line in notes)
 
 
-@pytest.mark.parametrize("impl", ["ipadapter", inference.LEAN])
+@pytest.mark.parametrize("impl", ["ipadapter", inference.CACHED])
 def test_memory_of_one_configuration(impl: str) -> None:
     """The child's measurement, run in this process: models loaded and each case's peak, in MiB, and the K'/V' the
     cache holds (the Plus adapter's 16 tokens, two CFG rows, K' and V' as wide as each layer, float32)."""

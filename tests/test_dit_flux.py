@@ -326,11 +326,13 @@ def test_negative_call_without_unconditional_tokens_uses_zeros() -> None:
 
 
 def test_kv_are_projected_once_per_generation() -> None:
-    """K'/V' of a block are made at the generation's first call and reused at its next calls (the negative call
-    of true CFG has its own); a new generation, or `clear_cache`, makes them again."""
+    """With `cache_kv`, K'/V' of a block are made at the generation's first call and reused at its next calls (the
+    negative call of true CFG has its own); a new generation, or `clear_cache`, makes them again. By default they are
+    made at every call."""
     model = df.flux_transformer()
     adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
     attachment = attach_dit(model, adapter)
+    attachment.runtime.cache_kv = True
     calls = []
     handle = adapter.layer("transformer_blocks.0.attn").to_k_ip.register_forward_hook(lambda *a: calls.append(1))
     for t in (0.9, 0.6, 0.3):
@@ -350,6 +352,12 @@ def test_kv_are_projected_once_per_generation() -> None:
     in_the_same_generation = run(model, single)  # another batch size: its own K'/V'
     attachment.set_prompts({"0": our_prompt(adapter, embeds_for(0, 1))}, rows=1)
     torch.testing.assert_close(in_the_same_generation, run(model, single), atol=1e-6, rtol=0)
+    attachment.runtime.cache_kv = False
+    attachment.set_prompts({"0": our_prompt(adapter, embeds_for(0, 1))}, rows=BATCH)
+    handle = adapter.layer("transformer_blocks.0.attn").to_k_ip.register_forward_hook(lambda *a: calls.append(1))
+    run(model, x), run(model, x)
+    handle.remove()
+    assert len(calls) == 6
 
 
 def test_bfloat16_model_gets_a_bfloat16_adapter_and_equals_diffusers() -> None:

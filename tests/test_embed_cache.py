@@ -113,3 +113,18 @@ def test_size_zero_projects_every_time() -> None:
     prompter.references([img])
     prompter.references([img])
     assert projections == [1, 1, 1, 1]
+
+
+def test_references_hold_the_cached_tokens_not_a_copy() -> None:
+    """A reference's tokens are the cache's own tensors (new or repeated, one image or several distinct ones): a
+    stacked copy would hold every reference's tokens twice through the generation."""
+    cache = EmbeddingCache()
+    prompter, _, _ = _prompter(cache)
+    imgs = [factories.reference_image(6), factories.reference_image(7)]
+
+    def storages(tensors) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
+    for refs in (prompter.references(imgs), prompter.references(imgs[:1])):
+        held = storages(t for r in refs for t in (r.cond, r.uncond))
+        assert held <= storages(cache._items.values())

@@ -261,8 +261,8 @@ def _plain(pipe, steps: int = 2, **extra):
 def test_generation_follows_the_pipeline_scheduler_and_negative_prompt(tmp_path) -> None:
     """Against the plain pipeline: a negative prompt reaches it as given; a step window that covers none of the
     scheduler's steps (progress 0, 1/2 of 2 steps) leaves its image bitwise unchanged, also when the attachment is
-    driven directly before any `generate`; and every layer projects K'/V' once for the whole generation (cache_kv
-    defaults to True)."""
+    driven directly before any `generate`; and by default every layer projects K'/V' at each UNet call, as diffusers
+    does (2 steps: twice), holding none of them between calls."""
     encoder, processor = factories.tiny_image_encoder()
     pipe = factories.tiny_sd15_pipeline(tmp_path)
     adapter = load_adapter(_adapter_file(pipe, "base", tmp_path), pipe.unet)
@@ -284,7 +284,7 @@ def test_generation_follows_the_pipeline_scheduler_and_negative_prompt(tmp_path)
         for hook in hooks:
             hook.remove()
         assert np.abs(applied - plain).max() > 1e-3
-        assert k_ip and sorted(calls) == sorted(k_ip)
+        assert k_ip and sorted(calls) == sorted(k_ip * 2)
         negative = np.stack(prompter.generate(negative_prompt="dark", **common))
     finally:
         prompter.detach()

@@ -139,17 +139,29 @@ class KVCache:
         self._now, self._before = {}, {}
 
 
+class Laid(NamedTuple):
+    """A reference group's tokens laid out on the UNet batch, (B, R·T, C) for R references, with each reference's
+    token count and value factor: what K'/V' are projected from."""
+
+    x: torch.Tensor
+    sizes: tuple[int, ...]
+    factors: tuple[float, ...]
+    scaled: bool  # a factor other than 1
+
+
 class Term(NamedTuple):
     """One image attention of one adapter at one layer, made once per generation and batch layout.
 
     k/v: K'/V' (B, h, T, d) of its references (`together` > 0: that many masked references in one attention, their
-    tokens concatenated); maps: (query tokens, per-token weights or None) for each token count prepared.
+    tokens concatenated), or None with `laid`: projected from those tokens at every call (`cache_kv` off); maps:
+    (query tokens, per-token weights or None) for each token count prepared.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | None
+    v: torch.Tensor | None
     maps: tuple[tuple[int, torch.Tensor | None], ...]
     together: int
+    laid: Laid | None = None
 
 
 class Act(NamedTuple):
@@ -244,7 +256,7 @@ class IPAttnProcessor(nn.Module):
         for p in self._resolve(every=True):
             decoupled = p.weights.has_ip and not p.weights.concat  # the simple adapter has no K'/V' of its own
             image = p.prompt.scale if p.uncond_layer and decoupled else p.layer_weight
-            terms = self._build(p, batch, self.heads, dtype, device, sizes) if decoupled else ()
+            terms = self._build(p, batch, self.heads, dtype, device, sizes, lazy=False) if decoupled else ()
             prepared.append(Prepared(p, names.index(p.name), torch.tensor(image, device=device),
                                      torch.tensor(p.lora_scale, device=device), terms))
         self.kv.settle()
@@ -350,10 +362,12 @@ class IPAttnProcessor(nn.Module):
                     out = self._add_image(out, p, a.image, terms, query, seq_len, inplace)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)  # (B, L, h*d)
 
-        hidden = attn.to_out[0](out)
+        project_out, drop_out = attn.to_out  # unpacked: indexing a ModuleList costs more than the kernels here
+        hidden = project_out(out)
         for a in loras:
             hidden = hidden + a.lora * a.plan.weights.to_out_lora(out).to(hidden.dtype)
-        hidden = attn.to_out[1](hidden)
+        if drop_out.training or not isinstance(drop_out, nn.Dropout):  # an evaluating Dropout returns its input
+            hidden = drop_out(hidden)
         if input_ndim == 4:
             hidden = hidden.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
@@ -395,13 +409,15 @@ class IPAttnProcessor(nn.Module):
 
     def _terms_of(self, p: AdapterPlan, query: torch.Tensor, seq_len: int) -> tuple[Term, ...]:
         """The eager call's terms, made at the generation's first call of this layout and kept for the next calls
-        (made anew at every call while autograd records or without a weights token: training)."""
+        (with K'/V' under `cache_kv`, else with the laid-out tokens they are projected from at each call); made anew
+        at every call while autograd records or without a weights token (training)."""
         batch, heads = query.shape[0], query.shape[1]
-        keep = self.runtime.cache_kv and not torch.is_grad_enabled() and self.runtime.weights.get(p.name) is not None
+        keep = not torch.is_grad_enabled() and self.runtime.weights.get(p.name) is not None
         key = (p.name, batch, self.runtime.cfg, seq_len, self.runtime.latent_hw, query.dtype, query.device)
         terms = self._terms.get(key) if keep else None
         if terms is None:
-            terms = self._build(p, batch, heads, query.dtype, query.device, (seq_len,))
+            lazy = keep and not self.runtime.cache_kv
+            terms = self._build(p, batch, heads, query.dtype, query.device, (seq_len,), lazy=lazy)
             if keep:
                 self._terms[key] = terms
                 if {q.name for q in self._plan if q.weights.has_ip} <= {k[0] for k in self._terms}:
@@ -410,56 +426,79 @@ class IPAttnProcessor(nn.Module):
 
     def _build(
         self, p: AdapterPlan, batch: int, heads: int, dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...],
+        *, lazy: bool,
     ) -> tuple[Term, ...]:
         """The terms of a plan: several masked references in one (with the "v" scaling), the rest one per group,
-        each with its weights for every token count in `sizes`."""
+        each with its weights for every token count in `sizes`; `lazy`: with the laid-out tokens instead of K'/V'."""
         self.kv.roll(self.runtime.generation)
         if not self.runtime.cache_kv:  # switched off: free what earlier generations kept
             self.kv.clear()
-        layout = (batch, heads, dtype, device)
-        groups, terms = p.groups, []
+        groups, parts = p.groups, []
         masked = [g for g in groups if g.mask is not None]
         if len(masked) > 1 and p.prompt.scaling == "v":
-            k, v = self._kv(p, tuple(g.refs[0] for g in masked), *layout)  # (B, h, R·T, d)
-            terms.append(Term(k, v, tuple((n, self._stacked_maps(p, masked, n, batch, dtype, device)) for n in sizes),
-                              len(masked)))
+            parts.append((tuple(g.refs[0] for g in masked), len(masked),
+                          tuple((n, self._stacked_maps(p, masked, n, batch, dtype, device)) for n in sizes)))
             groups = tuple(g for g in groups if g.mask is None)
-        for group in groups:
-            k, v = self._kv(p, group.refs, *layout)
-            terms.append(Term(k, v, tuple((n, self._weight_map(p, group, n, batch, dtype, device)) for n in sizes), 0))
+        parts += [(g.refs, 0, tuple((n, self._weight_map(p, g, n, batch, dtype, device)) for n in sizes))
+                  for g in groups]
+        terms = []
+        for refs, together, maps in parts:
+            laid = self._laid(p, refs, batch, shared=lazy)
+            if lazy:
+                terms.append(Term(None, None, maps, together, laid))
+            else:
+                terms.append(Term(*self._kv(p, refs, laid, batch, heads, dtype, device), maps, together))
         return tuple(terms)
 
-    def _kv(
-        self, p: AdapterPlan, refs: tuple[int, ...], batch: int, heads: int, dtype: torch.dtype, device: torch.device,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K'/V' (B, h, T, d) of a reference group laid out on the batch, from the cache when its key is there."""
+    def _laid(self, p: AdapterPlan, refs: tuple[int, ...], batch: int, *, shared: bool) -> Laid:
+        """A reference group's tokens laid out on the batch side by side (R references: R·T tokens), each projection
+        weight then read once for all of them; `shared`: laid out once per generation for every layer that asks.
+        Projecting the laid-out batch rather than its distinct rows is diffusers' work at one step for the common batch
+        of two (CFG, one image), and leaves nothing to lay out after the projection."""
         # An uncond layer takes each reference at its plain weight (presets weight it there by the layer list).
-        chosen = [(p.prompt.references[i], p.prompt.references[i].weight if p.uncond_layer
-                   else p.prompt.references[i].weight_at(self.layer.name)) for i in refs]
+        chosen = [p.prompt.references[i] for i in refs]
+        factors = tuple(ref.weight if p.uncond_layer else ref.weight_at(self.layer.name) for ref in chosen)
+
+        def lay() -> tuple[torch.Tensor, tuple[int, ...]]:
+            tokens = [self.runtime.batch_tokens(ref.cond, ref.cond if p.uncond_layer else ref.uncond, batch)
+                      for ref in chosen]
+            x = tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)
+            return x.to(p.weights.to_k_ip.weight.dtype), tuple(t.shape[1] for t in tokens)
+
+        key = ("laid", p.name, refs, p.uncond_layer, self.runtime.cfg, batch)
+        x, sizes = self.runtime.shared(key, lay) if shared else lay()
+        return Laid(x, sizes, factors, any(f != 1.0 for f in factors))
+
+    def _kv(
+        self, p: AdapterPlan, refs: tuple[int, ...], laid: Laid, batch: int, heads: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K'/V' (B, h, T, d) of a reference group, from the cache when `cache_kv` is on and its key is there."""
         token = self.runtime.weights.get(p.name)
         key = None
         if self.runtime.cache_kv and token is not None and not torch.is_grad_enabled():
             key = KVKey(p.name, token, batch, self.runtime.cfg, p.uncond_layer, dtype, device,
-                        tuple((ref.tokens_key(), factor) for ref, factor in chosen))
+                        tuple((p.prompt.references[i].tokens_key(), f) for i, f in zip(refs, laid.factors)))
             found = self.kv.get(key)
             if found is not None:
                 return found
-        # The references' tokens laid out on the batch side by side (R references: R·T tokens), each weight read once
-        # for all of them. Projecting the laid-out batch rather than its distinct rows is diffusers' work at one step
-        # for the common batch of two (CFG, one image), and leaves nothing to lay out after the projection.
-        tokens = [self.runtime.batch_tokens(ref.cond, ref.cond if p.uncond_layer else ref.uncond, batch)
-                  for ref, _ in chosen]
-        weights = p.weights
-        x = (tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)).to(weights.to_k_ip.weight.dtype)
-        k, v = weights.to_k_ip(x), weights.to_v_ip(x)
-        if any(factor != 1.0 for _, factor in chosen):
-            parts = v.split([t.shape[1] for t in tokens], dim=1)
-            v = torch.cat([part * factor for part, (_, factor) in zip(parts, chosen)], dim=1)
-        head_dim = k.shape[-1] // heads
-        k, v = (t.to(dtype).view(batch, -1, heads, head_dim).transpose(1, 2) for t in (k, v))
+        k, v = self._project(p, laid, heads, dtype)
         if key is not None:
             self.kv.put(key, (k, v))
         return k, v
+
+    @staticmethod
+    def _project(p: AdapterPlan, laid: Laid, heads: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K'/V' (B, h, R·T, d) of laid-out tokens, each reference's V' times its factor."""
+        weights = p.weights
+        k, v = weights.to_k_ip(laid.x), weights.to_v_ip(laid.x)
+        if laid.scaled:
+            parts = v.split(laid.sizes, dim=1)
+            v = torch.cat([part * factor for part, factor in zip(parts, laid.factors)], dim=1)
+        if k.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
+        batch, head_dim = k.shape[0], k.shape[-1] // heads
+        return k.view(batch, -1, heads, head_dim).transpose(1, 2), v.view(batch, -1, heads, head_dim).transpose(1, 2)
 
     def _add_image(
         self, out: torch.Tensor, p: AdapterPlan, w: float | torch.Tensor, terms: tuple[Term, ...],
@@ -469,7 +508,7 @@ class IPAttnProcessor(nn.Module):
         call, several masked ones together in one more (`_add_together`)."""
         for term in terms:
             weights = next(m for n, m in term.maps if n == seq_len)
-            k, v = term.k, term.v
+            k, v = (term.k, term.v) if term.laid is None else self._project(p, term.laid, query.shape[1], query.dtype)
             if k.dtype != query.dtype:  # compiled under autocast: prepared at the UNet's dtype
                 k, v = k.to(query.dtype), v.to(query.dtype)
             if term.together:

@@ -75,14 +75,14 @@ def load(
     pipe: Any, adapter: PathLike | Sequence[PathLike], *, subfolder: str | Sequence[str | None] | None = None,
     weight_name: str | Sequence[str | None] | None = None, adapter_name: str | Sequence[str] | None = None,
     image_encoder: PathLike | ImageEncoder | None = None, face_analyzer: FaceAnalyzer | None = None,
-    cache_kv: bool = True,
+    cache_kv: bool = False,
 ) -> ImagePrompter:
     """Adapters attached to a diffusers pipeline, ready to `generate`: the one call a diffusers user expects.
 
     `adapter`: a file, a folder or a Hub repo id, or a list of them; `subfolder` and `weight_name` locate the file
     inside it (one value, or one per adapter). `adapter_name` names them (default "0", "1", ...). `image_encoder`: a
     CLIP vision folder or Hub id ("owner/repo/subfolder" allowed), or left out to use the one beside the adapter or in
-    the pipeline's folder. `cache_kv=False` trades per-step speed for the lowest peak memory (`ImagePrompter`).
+    the pipeline's folder. `cache_kv=True` keeps K'/V' for the generation: faster per step, a few MiB more (`ImagePrompter`).
     Detach with `prompter.detach()` or use the result as a context manager.
     """
     paths = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)

@@ -34,12 +34,14 @@ class ImagePrompter:
     def __init__(
         self, pipe: Any, adapters: IPAdapter | Sequence[IPAdapter] | Mapping[str, IPAdapter],
         image_encoder: ImageEncoder | None = None, face_analyzer: FaceAnalyzer | None = None, *,
-        cache_kv: bool = True,
+        cache_kv: bool = False,
     ) -> None:
-        """`cache_kv`: keep each UNet layer's K'/V' for the whole generation (and the next one while the references
-        and weights are unchanged), which saves two projections per layer and step; False projects them at every
-        call, as diffusers does, for the lowest peak memory (the cache holds 2 CFG rows · tokens · Σ 2 × layer width
-        numbers per reference: 5 MiB for SDXL's base adapter at fp32, little beside real-size activations)."""
+        """`cache_kv=True` keeps each layer's K'/V' for the whole generation (and the next one while the references
+        and weights are unchanged): two small projections fewer per layer and step, which counts where Python and
+        dispatch decide (small models, fast GPUs), for memory held through the denoising loop (2 CFG rows · tokens ·
+        Σ 2 × layer width numbers per reference: 5 MiB for SDXL's base adapter at fp32). The default projects them at
+        every call, as diffusers does, so the peak memory is never above diffusers'. A compiled UNet makes them once
+        per generation either way (its graph reads them as prepared tensors)."""
         self.pipe = pipe
         self.encoder = image_encoder
         # Shared with the encoder: one size bound for its features and the adapters' projected tokens.
@@ -121,10 +123,16 @@ class ImagePrompter:
             if key not in found:
                 found[key] = self.cache.get(key)
         todo = [keys.index(k) for k, v in found.items() if v is None]
-        if todo:
-            for i, tokens in zip(todo, adapter.project(*(f[todo] for f in features))):
-                found[keys[i]] = tokens
-                self.cache.put(keys[i], tokens)
+        projected = adapter.project(*(f[todo] for f in features)) if todo else None
+        for i, tokens in zip(todo, projected if projected is not None else ()):
+            found[keys[i]] = tokens
+            self.cache.put(keys[i], tokens)
+        # The cache's own storage where it can be (every row new and distinct, or a single row): a stacked copy would
+        # hold the tokens twice through the generation.
+        if projected is not None and len(todo) == len(keys):
+            return projected
+        if len(keys) == 1:
+            return found[keys[0]][None]
         return torch.stack([found[k] for k in keys])
 
     def references(
@@ -141,7 +149,7 @@ class ImagePrompter:
             features = self.features(ip, images, face_embeds)
         count = features[0].shape[0]
         if negative is None:
-            neg_features = self.uncond_features(ip, count)
+            neg_features = self.uncond_features(ip, 1)  # one row, laid out on every reference below
         elif isinstance(negative, tuple) and all(isinstance(t, torch.Tensor) for t in negative):
             neg_features = negative
         else:

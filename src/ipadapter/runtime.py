@@ -92,7 +92,7 @@ class Runtime:
     cfg: bool = False
     progress: float | None = None
     latent_hw: tuple[int, int] | None = None
-    cache_kv: bool = True
+    cache_kv: bool = False
     generation: int = 0
     weights: dict[str, Hashable] = field(default_factory=dict)
     step_tensor: torch.Tensor | None = field(default=None, repr=False)

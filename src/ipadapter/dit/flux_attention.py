@@ -57,10 +57,11 @@ class FluxIPProcessor(BlockProcessor):
 
     def _kv(self, p: BlockPlan, group: Group, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K'/V' (B, h, T, d) of a reference group on this call's batch: the references' tokens, or their
-        unconditional tokens on a negative-prompt call; kept for the generation when autograd is off."""
+        unconditional tokens on a negative-prompt call; kept for the generation with `cache_kv` and autograd off."""
         negative = self.step.negative
         key = ("kv", p.name, group.id, negative, query.shape[0], query.dtype, query.device)
-        if not torch.is_grad_enabled() and key in self._cache:
+        keep = self.runtime.cache_kv and not torch.is_grad_enabled()
+        if keep and key in self._cache:
             return self._cache[key]
         weights = p.weights
         ks, vs = [], []
@@ -73,6 +74,6 @@ class FluxIPProcessor(BlockProcessor):
             vs.append(v * factor if factor != 1.0 else v)
         heads = query.shape[1]
         kv = tuple(heads_layout(torch.cat(t, dim=1).to(query.dtype), heads) for t in (ks, vs))
-        if not torch.is_grad_enabled():
+        if keep:
             self._cache[key] = kv
         return kv
