@@ -57,6 +57,7 @@ BAD = {
     "empty manifest": (["--manifest", "{root}/empty.jsonl"], "no usable references"),
     "bad scales": (["--scales", "0,x"], "--scales"),
     "negative scale": (["--scales", "0,-1"], "--scales must not be negative, got -1"),
+    "negative first scale": (["--scales", "-1,1"], "--scales must not be negative, got -1"),
     "no manifest for paper protocol": (["--manifest", ""], "needs --manifest"),
 }
 
