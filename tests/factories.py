@@ -435,3 +435,32 @@ def save_dino(folder) -> str:
                           image_size=28, patch_size=14)
     Dinov2Model(config).eval().save_pretrained(folder)
     return str(folder)
+
+
+def write_hub_cache(cache: Path, repo: str, folder: Path) -> None:
+    """`folder` laid out in the Hugging Face cache `cache` as huggingface_hub keeps a download of `repo`."""
+    import shutil
+
+    commit = "0" * 40
+    root = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, root / "snapshots" / commit)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+
+
+def hub_without_network(monkeypatch, cache: Path) -> list[str]:
+    """Offline mode off and the Hugging Face cache at `cache`, every Hub request recorded, then failed as on a
+    machine without network; returns the requests' URLs as they are sent."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    sent: list[str] = []
+
+    def no_network(client, request, **kwargs):
+        sent.append(str(request.url))
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(type(get_session()), "send", no_network)  # every Hub request goes through it
+    return sent

@@ -87,10 +87,10 @@ def test_refused_uploads_say_why_in_one_sentence(tiny, case) -> None:
 def test_limits_must_be_positive() -> None:
     with pytest.raises(IPAdapterError) as caught:
         UploadLimits(max_bytes=0)
-    assert str(caught.value) == "the upload limit max_bytes must be at least 1, got 0"
+    assert str(caught.value) == "the upload limit max_bytes must be at least 1 byte, got 0"
     with pytest.raises(IPAdapterError) as caught:
         UploadLimits(max_side=-3)
-    assert str(caught.value) == "the upload limit max_side must be at least 1, got -3"
+    assert str(caught.value) == "the upload limit max_side must be at least 1 pixel, got -3"
 
 
 # --- form and masks ---------------------------------------------------------------------------------------------
@@ -174,6 +174,16 @@ def test_app_refuses_a_bad_port(capsys) -> None:
 def test_app_names_the_upload_limit_flag_and_value_given(capsys, flag, value, why) -> None:
     assert main(["app", flag, value]) == 2
     assert capsys.readouterr().err == f"ipadapter: error: {flag} {why}\n"
+
+
+@pytest.mark.parametrize("side", ["0", "-3"])
+def test_the_max_side_flag_is_refused_by_the_limits_own_rule(capsys, side) -> None:
+    """One rule for the side limit (`UploadLimits`): the command line words the limits' refusal with its flag."""
+    with pytest.raises(IPAdapterError) as caught:
+        UploadLimits(max_side=int(side))
+    assert main(["app", "--max-side", side]) == 2
+    flagged = str(caught.value).replace("the upload limit max_side", "--max-side")
+    assert capsys.readouterr().err == f"ipadapter: error: {flagged}\n"
 
 
 # --- the service on a tiny model -------------------------------------------------------------------------------

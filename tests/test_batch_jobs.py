@@ -9,6 +9,7 @@ import pytest
 from ipadapter.batch.jobs import OPTIONS, batches, read_jobs
 from ipadapter.batch.shards import Shard
 from ipadapter.errors import IPAdapterError
+from ipadapter.request import MODIFIERS
 from tests import factories
 
 DEFAULTS = {"image": [], "prompt": "", "negative_prompt": "", "scale": 1.0, "seed": 0, "num_images": 1, "steps": None,
@@ -111,8 +112,7 @@ BAD = {
     "bad noise": ({"image": "r0.png", "noise": "gaussian:x"}, "noise= takes TYPE:STRENGTH"),
     "prompt not text": ({"prompt": 5}, "prompt must be a string, got 5"),
     "strength without content words": ({"image": "r0.png", "content_strength": 0.5},
-                                       "content_strength changes what content_subtract takes out, and this job has "
-                                       "none"),
+                                       "content_strength changes what content_subtract does, and this job has none"),
 }
 
 
@@ -212,3 +212,21 @@ def test_shards_split_by_position_and_cover_everything_once() -> None:
         shard.index, shard.count = index, 3
         shards.append(shard.mine(items))
     assert sorted(sum(shards, [])) == items and shards[1] == [1, 4, 7, 10]
+
+
+@pytest.mark.parametrize("modifier", MODIFIERS, ids=lambda m: m[1])
+def test_a_modifier_without_its_option_is_refused_by_generate_and_by_a_manifest_alike(refs, capsys, monkeypatch,
+                                                                                       modifier) -> None:
+    """One rule (`request.MODIFIERS`) for both: the command line names the flags, a manifest job its keys."""
+    import ipadapter.loading
+    from ipadapter.cli.main import main
+
+    flag, name, default, needed_flag, needed = modifier
+    monkeypatch.setattr(ipadapter.loading, "load_prompter", lambda **_: pytest.fail("a model was loaded"))
+    value = default + 0.5
+    assert main(["generate", "--image", str(refs / "r0.png"), flag, str(value), "--out", str(refs / "o.png")]) == 2
+    assert capsys.readouterr().err == (f"ipadapter: error: {flag} changes what {needed_flag} does, and no "
+                                       f"{needed_flag} was given\n")
+    found = _read(refs, [{"image": "r0.png", name: value}, {"image": "r0.png", name: value, needed: "a dog"}])
+    assert [f.error for f in found.failures] == [f"{name} changes what {needed} does, and this job has none"]
+    assert [j.line for j in found.jobs] == [2]

@@ -456,8 +456,9 @@ def test_a_name_that_is_neither_a_path_nor_a_repo_id_is_not_found(sd15_unet, tmp
 
 
 def test_hub_ids_that_cannot_be_fetched_are_one_exact_sentence(sd15_unet, monkeypatch) -> None:
-    """A repo id needs a weight name; a file missing from the local cache offline, or any other fetch error (its
-    first line), is one sentence. `hf_hub_download` is replaced by a stand-in that raises: no network is touched."""
+    """A repo id needs a weight name; a file missing from the local cache while the Hub cannot be reached, or any
+    other fetch error (its first line), is one sentence. `hf_hub_download` and `model_info` are replaced by stand-ins
+    that raise as a machine without network does: no network is touched."""
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -466,18 +467,25 @@ def test_hub_ids_that_cannot_be_fetched_are_one_exact_sentence(sd15_unet, monkey
     assert str(caught.value) == ("h94/IP-Adapter looks like a Hub repo id: also give the weight name "
                                  "(e.g. ip-adapter_sd15.bin)")
     raised: list[Exception] = []
+    downloads: list[bool] = []
 
-    def download(repo_id, filename, subfolder=None):
+    def download(repo_id, filename, subfolder=None, local_files_only=False):
+        downloads.append(local_files_only)
         raise raised[-1]
 
+    def unreachable(repo_id, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
     offline = ("is not in the local Hugging Face cache and the Hub cannot be reached; download it once with network "
-               "access or pass a local path")
-    for subfolder, shown in (("models", "h94/IP-Adapter/models/a.bin"), (None, "h94/IP-Adapter/a.bin")):
+               "access (hf download h94/IP-Adapter {}) or give a local file")
+    for subfolder, part in (("models", "models/a.bin"), (None, "a.bin")):
         raised.append(LocalEntryNotFoundError("not cached"))
         with pytest.raises(IPAdapterError) as caught:
             load_adapter("h94/IP-Adapter", sd15_unet, subfolder=subfolder, weight_name="a.bin")
-        assert str(caught.value) == f"{shown} {offline}"
+        assert str(caught.value) == f"the adapter h94/IP-Adapter/{part} {offline.format(part)}"
+    assert downloads == [True, True]  # the cache only: no download was tried once the Hub did not answer
     raised.append(ValueError("first line\nsecond line"))
     with pytest.raises(IPAdapterError) as caught:
         load_adapter("h94/IP-Adapter", sd15_unet, weight_name="a.bin")

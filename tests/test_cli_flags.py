@@ -52,3 +52,22 @@ def test_a_missing_subcommand_is_named_by_its_choices(capsys) -> None:
         required = err.split("required: ", 1)[1].split(" (see", 1)[0]
         children = {leaf[len(parent)] for leaf in LEAVES if leaf[: len(parent)] == parent and len(leaf) > len(parent)}
         assert err.startswith(f"{prog}: error: ") and children <= set(required.strip("{}").split(",")), err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["evaluate", "--out", "{tmp}/eval", "--scales", "-1,1"], "--scales must not be negative, got -1"),
+    (["generate", "--prompt", "a", "--guidance", "-1e-3"], "--guidance must not be negative, got -0.001"),
+    (["generate", "--prompt", "a", "--true-cfg", "-.5"], "--true-cfg must not be negative, got -0.5"),
+])
+def test_a_value_starting_with_a_minus_reaches_the_options_own_check(argv, message, capsys, monkeypatch,
+                                                                     tmp_path) -> None:
+    """argparse took "-1,1" and "-1e-3" for flags ("expected one argument"); they are values, refused by the option's
+    own one-line check before any model loads, as `--scales=-1,1` was."""
+    import ipadapter.loading
+
+    def no_loading(*_: object, **__: object) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(ipadapter.loading, "load_prompter", no_loading)
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert capsys.readouterr().err == f"ipadapter: error: {message}\n"

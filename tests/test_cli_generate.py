@@ -275,3 +275,54 @@ def test_a_face_embedding_alone_prompts_the_faceid_adapter_that_reads_only_it(ti
         assert main([*common, "--adapter", str(tiny_base / f"{family}.bin"), "--out", str(tmp_path / "x.png")]) == 2
         assert _error_line(capsys) == message
     assert not (tmp_path / "x.png").exists()
+
+
+CACHED = {"ipadapter-tests/tiny-pipe": "pipe", "ipadapter-tests/tiny-encoder": "pipe/image_encoder",
+          "ipadapter-tests/tiny-adapters": "adapters"}
+
+
+@pytest.fixture
+def online_hub_cache(tiny_base, tmp_path, monkeypatch) -> list[str]:
+    """The tiny models in a Hugging Face cache as huggingface_hub keeps downloads (`CACHED`), the Hub unreachable
+    (`factories.hub_without_network`); returns the URLs of the requests sent."""
+    import shutil
+
+    (tiny_base / "adapters" / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_base / "base.bin", tiny_base / "adapters" / "models" / "base.bin")
+    for repo, folder in CACHED.items():
+        factories.write_hub_cache(tmp_path / "hub", repo, tiny_base / folder)
+    return factories.hub_without_network(monkeypatch, tmp_path / "hub")
+
+
+HUB_FLAGS = ["--base", "ipadapter-tests/tiny-pipe", "--adapter", "ipadapter-tests/tiny-adapters", "--subfolder",
+             "models", "--weight-name", "base.bin", "--image-encoder", "ipadapter-tests/tiny-encoder"]
+
+
+def test_hub_ids_in_the_local_cache_generate_without_a_request(tiny_base, tmp_path, online_hub_cache) -> None:
+    """Online (HF_HUB_OFFLINE off), cached ids are read from the cache alone: no request about any of them (the one
+    huggingface_hub may send once a process for its own telemetry, /api/agent-harnesses, names no model)."""
+    assert main(["generate", *HUB_FLAGS, "--image", str(tiny_base / "ref.png"), "--out", str(tmp_path / "o.png"),
+                 "--steps", "2", "--width", "32", "--height", "32"]) == 0
+    assert Image.open(tmp_path / "o.png").size == (32, 32)
+    assert [url for url in online_hub_cache if "ipadapter-tests" in url] == []
+
+
+@pytest.mark.parametrize(("flag", "named"), [
+    ("--base", "the base model ipadapter-tests/not-cached"),
+    ("--adapter", "the adapter ipadapter-tests/not-cached/models/base.bin"),
+    ("--image-encoder", "the image encoder ipadapter-tests/not-cached"),
+])
+def test_an_uncached_hub_id_without_network_is_one_line_after_one_request(tiny_base, tmp_path, capsys,
+                                                                         online_hub_cache, flag, named) -> None:
+    """The Hub is asked once, without retries (huggingface_hub's own downloads retry for about 50 s, logging every
+    try): the one line names the id, the download command and the way out."""
+    flags = list(HUB_FLAGS)
+    flags[flags.index(flag) + 1] = "ipadapter-tests/not-cached"
+    assert main(["generate", *flags, "--image", str(tiny_base / "ref.png"), "--out", str(tmp_path / "o.png"),
+                 "--steps", "2", "--width", "32", "--height", "32"]) == 2
+    message = _error_line(capsys)
+    assert message.startswith(f"{named} is not in the local Hugging Face cache and the Hub cannot be reached; "
+                              "download it once with network access (hf download ipadapter-tests/not-cached")
+    assert [url for url in online_hub_cache if "ipadapter-tests" in url] == [
+        "https://huggingface.co/api/models/ipadapter-tests/not-cached"]
+    assert not (tmp_path / "o.png").exists()

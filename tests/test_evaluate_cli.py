@@ -57,6 +57,7 @@ BAD = {
     "empty manifest": (["--manifest", "{root}/empty.jsonl"], "no usable references"),
     "bad scales": (["--scales", "0,x"], "--scales"),
     "negative scale": (["--scales", "0,-1"], "--scales must not be negative, got -1"),
+    "negative first scale": (["--scales", "-1,1"], "--scales must not be negative, got -1"),
     "no manifest for paper protocol": (["--manifest", ""], "needs --manifest"),
 }
 
@@ -237,32 +238,16 @@ def test_an_uncached_hub_judge_offline_is_one_line_after_one_request(setup, tmp_
     assert main(_args(setup, out, "--judge", UNCACHED)) == 2
     assert capsys.readouterr().err.strip() == (
         f"ipadapter: error: the judge {UNCACHED} is not in the local Hugging Face cache and the Hub cannot be reached; "
-        f"download it once with network access (huggingface-cli download {UNCACHED}) or give a local folder")
+        f"download it once with network access (hf download {UNCACHED}) or give a local folder")
     assert asked == [UNCACHED] and not out.exists()
 
 
 def test_a_judge_in_the_local_hub_cache_is_read_without_asking_the_hub(setup, tmp_path, monkeypatch) -> None:
-    """Online (HF_HUB_OFFLINE off), a cached judge is still read from the cache: no HTTP request is sent."""
-    import shutil
-
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
+    """Online (HF_HUB_OFFLINE off), a cached judge is still read from the cache: no request about it is sent (the one
+    huggingface_hub may send once a process for its own telemetry, /api/agent-harnesses, names no model)."""
     from ipadapter.evaluate.judges import ClipJudge
 
-    commit = "0" * 40
-    repo = tmp_path / "hub" / f"models--{UNCACHED.replace('/', '--')}"
-    shutil.copytree(setup / "judge", repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    sent = []
-
-    def no_network(client, request, **kwargs):
-        sent.append(str(request.url))
-        raise ConnectionError("no network in tests")
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(type(get_session()), "send", no_network)  # every Hub request goes through it
+    factories.write_hub_cache(tmp_path / "hub", UNCACHED, setup / "judge")
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
     judge = ClipJudge.load(UNCACHED)
-    assert judge.name == UNCACHED and sent == []
+    assert judge.name == UNCACHED and [url for url in sent if UNCACHED in url] == []

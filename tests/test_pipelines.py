@@ -203,7 +203,7 @@ def test_a_hub_pipeline_missing_from_the_cache_offline_is_one_complete_sentence(
         load_pipeline("ipadapter-tests/no-such-cached-pipeline")
     assert str(caught.value) == ("the diffusers pipeline ipadapter-tests/no-such-cached-pipeline is not in the local "
                                  "Hugging Face cache and the Hub cannot be reached; download it once with network "
-                                 "access or pass a local path")
+                                 "access (hf download ipadapter-tests/no-such-cached-pipeline) or give a local folder")
 
 
 def test_a_long_loading_error_is_cut_at_a_word_and_closes_its_parenthesis(monkeypatch) -> None:

@@ -46,9 +46,35 @@ def test_config_files_load_or_fail_with_a_sentence(tmp_path, name, content, mess
         TrainConfig.load(tmp_path / name)
 
 
-def test_a_bad_flag_value_is_said_to_come_from_the_flags() -> None:
-    with pytest.raises(IPAdapterError, match="^the flags: batch_size must be int, not 'x'$"):
-        TrainConfig.load("", {"batch_size": "x"})
+def test_a_bad_flag_value_is_said_to_come_from_the_flags(tmp_path) -> None:
+    """Named by the flag, with a config file or without one (the file's name was given to a flag's value)."""
+    (tmp_path / "c.yaml").write_text("batch_size: 2\n")
+    for path in ("", tmp_path / "c.yaml"):
+        with pytest.raises(IPAdapterError, match="^--batch-size must be int, not 'x'$"):
+            TrainConfig.load(path, {"batch_size": "x"})
+
+
+@pytest.mark.parametrize(("file", "flags", "message"), [
+    ("", ["--max-steps", "0"], "--max-steps must be at least 1, not 0"),
+    ("max_steps: 0\n", [], "max_steps must be at least 1, not 0"),
+    ("max_steps: 5\n", ["--max-steps", "0"], "--max-steps must be at least 1, not 0"),
+    ("max_steps: 0\n", ["--batch-size", "2"], "max_steps must be at least 1, not 0"),
+    ("", ["--learning-rate", "0"], "--learning-rate must be > 0, not 0.0"),
+    ("", ["--drop-image", "1.5"], "--drop-image must be a probability in [0, 1], not 1.5"),
+    ("ema_decay: 1.0\n", [], "ema_decay must be in [0, 1), not 1.0"),
+    ("", ["--stages", "512:0"], "--stages must be RESOLUTION:STEPS with positive integers (e.g. 512:8000), not "
+                                "'512:0'"),
+    ("drop_image: 0.5\n", ["--drop-text", "0.6"], "drop_image + --drop-text + drop_both must be <= 1, not 1.15"),
+    ("cache: c\n", ["--buckets"], "--buckets cannot be used with a feature cache (its rows have one size)"),
+])
+def test_a_bad_value_is_named_as_the_user_gave_it(tmp_path, capsys, file, flags, message) -> None:
+    """A value from a flag is named by the flag, one from the config file by its field, in one line each."""
+    config = []
+    if file:
+        (tmp_path / "c.yaml").write_text(file)
+        config = ["--config", str(tmp_path / "c.yaml")]
+    assert main(["train", *config, *flags]) == 2
+    assert capsys.readouterr().err == f"ipadapter: error: {message}\n"
 
 
 @pytest.mark.parametrize("values, message", [
@@ -158,7 +184,7 @@ def base_folder(tmp_path_factory):
     (["--data", "{shards}"], "no tar shards matched"),
     (["--variant", "faceid"], "has no 'id_embed_file' field"),
     (["--base", "{missing}"], "not found"),
-    (["--learning-rate", "-1"], "learning_rate must be a finite number >= 0, not -1.0"),
+    (["--learning-rate", "-1"], "--learning-rate must be a finite number >= 0, not -1.0"),
 ])
 def test_cli_bad_input_is_one_line(base_folder, tmp_path, capsys, extra, message) -> None:
     base, encoder, data = base_folder

@@ -32,6 +32,7 @@ from ipadapter.errors import IPAdapterError
 from ipadapter.finite import require_finite
 from ipadapter.layers import attention_layers
 from ipadapter.projection.detect import detect_projection
+from ipadapter.sources import from_cache_or_hub
 from ipadapter.validation import model_source
 from ipadapter.variants import detect_variant_name, get_variant
 
@@ -46,7 +47,7 @@ _REFUSED_GLOBAL = re.compile(r"[^\n:]*\bGLOBAL\b[^\n]*?\.(?=\s|$)")
 
 
 def resolve(source: str | os.PathLike, *, subfolder: str | None = None, weight_name: str | None = None) -> Path:
-    """A local file, a file in a local folder, or a file of a Hub repo (offline: from the local cache)."""
+    """A local file, a file in a local folder, or a file of a Hub repo (`from_cache_or_hub`)."""
     path = Path(source)
     if path.is_file():
         return path
@@ -61,16 +62,13 @@ def resolve(source: str | os.PathLike, *, subfolder: str | None = None, weight_n
     if not weight_name:
         raise IPAdapterError(f"{source} looks like a Hub repo id: also give the weight name (e.g. ip-adapter_sd15.bin)")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    subfolder = subfolder or None
     try:
-        return Path(hf_hub_download(str(source), filename=weight_name, subfolder=subfolder or None))
-    except LocalEntryNotFoundError:
-        raise IPAdapterError(
-            f"{source}/{subfolder + '/' if subfolder else ''}{weight_name} is not in the local Hugging Face cache and "
-            "the Hub cannot be reached; download it once with network access or pass a local path"
-        ) from None
-    except (HfHubHTTPError, ValueError, OSError) as err:
+        return Path(from_cache_or_hub(lambda local: hf_hub_download(
+            str(source), filename=weight_name, subfolder=subfolder, local_files_only=local), str(source), "the adapter",
+            subfolder=subfolder, filename=weight_name))
+    except (ValueError, OSError) as err:
         raise IPAdapterError(f"could not fetch {weight_name} from {source}: {str(err).splitlines()[0]}") from None
 
 

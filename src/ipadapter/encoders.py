@@ -16,6 +16,7 @@ from PIL import Image
 
 from ipadapter.embed_cache import EmbeddingCache, image_key
 from ipadapter.errors import IPAdapterError
+from ipadapter.sources import from_cache_or_hub
 
 _ENCODER_FAMILIES = {1024: "OpenCLIP ViT-H/14", 1280: "OpenCLIP ViT-bigG/14"}
 _NPY_MAGIC = b"\x93NUMPY"
@@ -30,12 +31,14 @@ def _where(source: str | os.PathLike, subfolder: str | None) -> str:
     return f"{source}{'/' + subfolder if subfolder else ''}"
 
 
-def clip_tower_config(config_class: type, source: str | os.PathLike, subfolder: str | None) -> Any:
+def clip_tower_config(
+    config_class: type, source: str | os.PathLike, subfolder: str | None, local_files_only: bool = False,
+) -> Any:
     """One CLIP tower's config (`CLIPVisionConfig` or `CLIPTextConfig`), also from a whole `CLIPModel` folder or
     repository. Its projection width is then the model's top-level `projection_dim`: the tower's own section may leave
     it out or hold transformers' default, and a projection of that width would be refused or drawn at random.
     ValueError for a diffusers model's config (callers name the source)."""
-    found, _ = config_class.get_config_dict(str(source), subfolder=subfolder or "")
+    found, _ = config_class.get_config_dict(str(source), subfolder=subfolder or "", local_files_only=local_files_only)
     if "_class_name" in found:  # a diffusers model's (a UNet's): read as a CLIP config, it fails on its fields
         raise ValueError(f"its config is a {found['_class_name']}'s, not a CLIP model's")
     if found.get("model_type") != "clip":
@@ -43,6 +46,24 @@ def clip_tower_config(config_class: type, source: str | os.PathLike, subfolder: 
     tower = dict(found.get(config_class.base_config_key) or {})
     tower["projection_dim"] = found.get("projection_dim", tower.get("projection_dim"))
     return config_class(**tower)
+
+
+def _processor(source: str | os.PathLike, subfolder: str | None, image_size: int | None, local: bool) -> object:
+    """`ImageEncoder.load_processor` reading from disk only when `local`; the libraries' errors as they raise them."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    try:
+        return CLIPImageProcessor.from_pretrained(str(source), local_files_only=local, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if image_size is None:
+        folder = Path(source, subfolder or "")
+        if folder.is_dir() and not (folder / "config.json").is_file():  # transformers would make up a 224 px one
+            raise IPAdapterError(f"could not read the CLIP vision config of {_where(source, subfolder)}: "
+                                 "the folder has no config.json")
+        image_size = CLIPVisionConfig.from_pretrained(str(source), local_files_only=local, **kwargs).image_size
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
 class ImageEncoder:
@@ -61,14 +82,20 @@ class ImageEncoder:
         cls, source: str | os.PathLike, *, subfolder: str | None = None, device: str | torch.device = "cpu",
         dtype: torch.dtype | str = torch.float32,
     ) -> "ImageEncoder":
-        """CLIP vision weights and their processor; `dtype="auto"` keeps the checkpoint's own dtype."""
+        """CLIP vision weights and their processor (`from_cache_or_hub`); `dtype="auto"` keeps the checkpoint's own
+        dtype."""
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         kwargs = {"subfolder": subfolder} if subfolder else {}
-        try:
+
+        def read(local: bool) -> tuple[Any, dict, object]:
             model, info = CLIPVisionModelWithProjection.from_pretrained(
-                str(source), config=clip_tower_config(CLIPVisionConfig, source, subfolder), dtype=dtype,
-                output_loading_info=True, **kwargs)
+                str(source), config=clip_tower_config(CLIPVisionConfig, source, subfolder, local), dtype=dtype,
+                output_loading_info=True, local_files_only=local, **kwargs)
+            return model, info, _processor(source, subfolder, model.config.image_size, local)
+
+        try:
+            model, info, processor = from_cache_or_hub(read, str(source), "the image encoder", subfolder=subfolder)
         except (OSError, ValueError, RuntimeError) as err:
             reason = ("its weights do not fit a CLIP vision model (a text encoder?)" if isinstance(err, RuntimeError)
                       else str(err).splitlines()[0][:160])
@@ -82,7 +109,6 @@ class ImageEncoder:
                 f"{_where(source, subfolder)} is not a CLIP vision encoder: {len(missing)} of its weights are missing "
                 f"(e.g. {sorted(missing)[0]}); give a CLIPVisionModelWithProjection folder or Hub id"
             )
-        processor = cls.load_processor(source, subfolder=subfolder, image_size=model.config.image_size)
         return cls(model.to(device), processor, name=_where(source, subfolder))
 
     @staticmethod
@@ -92,25 +118,12 @@ class ImageEncoder:
         """The `CLIPImageProcessor` saved with the encoder, else CLIP's preprocessing (shortest side → size, centre
         crop, CLIP mean/std) sized to the encoder. Reads configs only, so a run training from a feature cache can check
         the cache's fingerprint without loading the weights."""
-        from transformers import CLIPImageProcessor, CLIPVisionConfig
-
-        kwargs = {"subfolder": subfolder} if subfolder else {}
         try:
-            return CLIPImageProcessor.from_pretrained(str(source), **kwargs)
-        except (OSError, ValueError):
-            pass
-        if image_size is None:
-            folder = Path(source, subfolder or "")
-            if folder.is_dir() and not (folder / "config.json").is_file():  # transformers would make up a 224 px one
-                raise IPAdapterError(f"could not read the CLIP vision config of {_where(source, subfolder)}: "
-                                     "the folder has no config.json")
-            try:
-                image_size = CLIPVisionConfig.from_pretrained(str(source), **kwargs).image_size
-            except (OSError, ValueError) as err:
-                raise IPAdapterError(f"could not read the CLIP vision config of {_where(source, subfolder)}: "
-                                     f"{str(err).splitlines()[0][:160]}") from None
-        return CLIPImageProcessor(size={"shortest_edge": image_size},
-                                  crop_size={"height": image_size, "width": image_size})
+            return from_cache_or_hub(lambda local: _processor(source, subfolder, image_size, local), str(source),
+                                     "the image encoder", subfolder=subfolder)
+        except (OSError, ValueError) as err:
+            raise IPAdapterError(f"could not read the CLIP vision config of {_where(source, subfolder)}: "
+                                 f"{str(err).splitlines()[0][:160]}") from None
 
     @property
     def device(self) -> torch.device:

@@ -19,7 +19,9 @@ from ipadapter.errors import IPAdapterError
 from ipadapter.pipelines import add_controlnet, check_lora_file, fuse_base_lora, load_pipeline
 from ipadapter.prompter import ImagePrompter
 from ipadapter.siglip import encoder_class
-from ipadapter.sources import AdapterSource, default_image_encoder, miniature_adapter, miniature_base, split_hub_path
+from ipadapter.sources import (
+    AdapterSource, default_image_encoder, from_cache_or_hub, miniature_adapter, miniature_base, split_hub_path,
+)
 from ipadapter.validation import check_device, model_source
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -175,14 +177,21 @@ def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     source = str(miniature_base()) if not base else base
+    transformer = (Path(source) / "transformer" / "config.json").is_file()
+
+    def read(local: bool) -> tuple[dict, dict | None]:
+        vae = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=local)
+        unet = None if transformer else UNet2DConditionModel.load_config(source, subfolder="unet",
+                                                                        local_files_only=local)
+        return vae, unet
+
     try:
-        vae = AutoencoderKL.load_config(source, subfolder="vae")
-        step = 2 ** (len(vae["block_out_channels"]) - 1)
-        if (Path(source) / "transformer" / "config.json").is_file():
-            return _transformer_geometry(source, step)
-        unet = UNet2DConditionModel.load_config(source, subfolder="unet")
+        vae, unet = from_cache_or_hub(read, source, "the base model")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"cannot read the base model {source}: {str(err).splitlines()[0][:200]}") from None
+    step = 2 ** (len(vae["block_out_channels"]) - 1)
+    if transformer:
+        return _transformer_geometry(source, step)
     sample = unet["sample_size"]
     height, width = (sample, sample) if isinstance(sample, int) else sample
     return max(step, UNET_PIPELINE_STEP), (width * step, height * step)

@@ -23,7 +23,7 @@ import torch
 
 from ipadapter.encoders import ImageEncoder, clip_tower_config
 from ipadapter.errors import IPAdapterError
-from ipadapter.sources import split_hub_path
+from ipadapter.sources import from_cache_or_hub, split_hub_path
 
 TextModel = tuple[Any, Any]  # (CLIPTextModelWithProjection, CLIPTokenizer)
 _TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # diffusers' pipeline layout
@@ -47,11 +47,17 @@ def load_text_model(source: str, dim: int) -> TextModel:
 
     repo, subfolder = split_hub_path(source)
     tokenizer_repo, tokenizer_subfolder = _tokenizer_source(repo, subfolder)
-    try:
-        config = clip_tower_config(CLIPTextConfig, repo, subfolder)
+
+    def read(local: bool) -> tuple[Any, dict, Any]:
+        config = clip_tower_config(CLIPTextConfig, repo, subfolder, local)
         model, info = CLIPTextModelWithProjection.from_pretrained(repo, subfolder=subfolder or "", config=config,
-                                                                  output_loading_info=True)
-        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_repo, subfolder=tokenizer_subfolder or "")
+                                                                  output_loading_info=True, local_files_only=local)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_repo, subfolder=tokenizer_subfolder or "",
+                                                  local_files_only=local)
+        return model, info, tokenizer
+
+    try:
+        model, info, tokenizer = from_cache_or_hub(read, repo, "the CLIP text model", subfolder=subfolder)
     except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights of other shapes than the config's
         reason = "its weights do not fit its config" if isinstance(err, RuntimeError) else str(err).splitlines()[0][:200]
         raise IPAdapterError(f"cannot load a CLIP text model from {source} ({reason})") from None

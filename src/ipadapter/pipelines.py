@@ -13,39 +13,20 @@ import torch
 
 from ipadapter.checkpoint import is_weights_file
 from ipadapter.errors import IPAdapterError, first_clause
-
-
-NOT_CACHED = ("is not in the local Hugging Face cache and the Hub cannot be reached; download it once with network "
-              "access or pass a local path")
-
-
-def not_cached(err: BaseException) -> bool:
-    """Whether a diffusers loading error comes from a Hub id missing from the local cache while offline: diffusers
-    words it as a paragraph, the cause is huggingface_hub's error somewhere in the chain."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    seen: list[BaseException] = []
-    todo: list[BaseException | None] = [err]
-    while todo:
-        link = todo.pop()
-        if link is None or link in seen:
-            continue
-        seen.append(link)
-        todo += [link.__cause__, link.__context__]  # diffusers raises its own from the connection error
-    return any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in seen)
+from ipadapter.sources import from_cache_or_hub, split_hub_path
 
 
 def load_pipeline(
     base: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32, scheduler: str | None = None,
 ) -> Any:
-    """Any diffusers pipeline folder or Hub id; its own saved scheduler unless `scheduler` names another class."""
+    """Any diffusers pipeline folder or Hub id (`from_cache_or_hub`); its own saved scheduler unless `scheduler` names
+    another class."""
     import diffusers
 
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(base), dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as err:
-        if not_cached(err):
-            raise IPAdapterError(f"the diffusers pipeline {base} {NOT_CACHED}") from None
+        pipe = from_cache_or_hub(lambda local: diffusers.DiffusionPipeline.from_pretrained(
+            str(base), dtype=dtype, local_files_only=local), str(base), "the diffusers pipeline")
+    except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}") from None
     except ImportError as err:  # a part whose library is not installed, e.g. Kolors' ChatGLM tokenizer: sentencepiece
         hint = "; for Kolors: pip install 'ipadapter[kolors]'" if "sentencepiece" in str(err) else ""
@@ -118,8 +99,6 @@ def add_controlnet(pipe: Any, source: str | os.PathLike) -> Any:
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
-    from ipadapter.sources import split_hub_path
-
     if isinstance(pipe, diffusers.StableDiffusionXLPipeline):
         cls = diffusers.StableDiffusionXLControlNetPipeline
     elif isinstance(pipe, diffusers.StableDiffusionPipeline):
@@ -132,10 +111,10 @@ def add_controlnet(pipe: Any, source: str | os.PathLike) -> Any:
     if str(repo).startswith((".", os.sep)) and not os.path.exists(repo):
         raise IPAdapterError(f"ControlNet folder not found: {source}")
     try:
-        controlnet = diffusers.ControlNetModel.from_pretrained(repo, subfolder=subfolder, dtype=pipe.unet.dtype)
+        controlnet = from_cache_or_hub(lambda local: diffusers.ControlNetModel.from_pretrained(
+            repo, subfolder=subfolder, dtype=pipe.unet.dtype, local_files_only=local), repo, "the ControlNet",
+            subfolder=subfolder)
     except (OSError, ValueError) as err:
-        if not_cached(err):
-            raise IPAdapterError(f"the ControlNet {source} {NOT_CACHED}") from None
         raise IPAdapterError(f"could not load a ControlNet from {source}: {first_clause(err)}") from None
     mine, base = controlnet.config, pipe.unet.config
     widths, base_widths = tuple(mine.block_out_channels), tuple(base.block_out_channels)

@@ -35,6 +35,12 @@ IMAGE_OPTIONS: tuple[tuple[str, str, Any], ...] = (
     ("--mask", "mask", []), ("--image-weight", "image_weight", None), ("--combine", "combine", "concat"),
     ("--content-subtract", "content_subtract", None),
 )
+# The options that only change what another option does (the flag, its name, its default, then the flag and name of
+# the option it needs): without that option a value other than the default would be silently ignored, so it is
+# refused (the CLI by flag, a manifest job by key).
+MODIFIERS: tuple[tuple[str, str, Any, str, str], ...] = (
+    ("--content-strength", "content_strength", 1.0, "--content-subtract", "content_subtract"),
+)
 
 
 @dataclass

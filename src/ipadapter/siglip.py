@@ -8,11 +8,13 @@ output on zero pixels, which the CLIP Plus adapters use).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
 from ipadapter.encoders import ImageEncoder, _where
 from ipadapter.errors import IPAdapterError
+from ipadapter.sources import from_cache_or_hub
 
 
 class SiglipEncoder(ImageEncoder):
@@ -26,16 +28,21 @@ class SiglipEncoder(ImageEncoder):
         from transformers import SiglipImageProcessor, SiglipVisionModel
 
         kwargs = {"subfolder": subfolder} if subfolder else {}
+
+        def read(local: bool) -> tuple[Any, object]:
+            model = SiglipVisionModel.from_pretrained(str(source), dtype=dtype, local_files_only=local, **kwargs)
+            try:
+                processor = SiglipImageProcessor.from_pretrained(str(source), local_files_only=local, **kwargs)
+            except (OSError, ValueError):
+                size = model.config.image_size
+                processor = SiglipImageProcessor(size={"height": size, "width": size})
+            return model, processor
+
         try:
-            model = SiglipVisionModel.from_pretrained(str(source), dtype=dtype, **kwargs)
+            model, processor = from_cache_or_hub(read, str(source), "the image encoder", subfolder=subfolder)
         except (OSError, ValueError, RuntimeError) as err:
             raise IPAdapterError(f"could not load a SigLIP vision encoder from {_where(source, subfolder)}: "
                                  f"{str(err).splitlines()[0][:160]}") from None
-        try:
-            processor = SiglipImageProcessor.from_pretrained(str(source), **kwargs)
-        except (OSError, ValueError):
-            size = model.config.image_size
-            processor = SiglipImageProcessor(size={"height": size, "width": size})
         return cls(model.to(device), processor, name=_where(source, subfolder))
 
     @property
@@ -59,11 +66,14 @@ class SiglipEncoder(ImageEncoder):
 
 
 def encoder_class(source: str, subfolder: str | None) -> type[ImageEncoder]:
-    """SigLIP for a folder whose config says so, CLIP otherwise (whose loader reports a missing folder)."""
+    """SigLIP for a folder whose config says so, CLIP otherwise (whose loader reports a missing folder). An uncached Hub
+    id the Hub cannot serve fails here, at once (`from_cache_or_hub`)."""
     from transformers import AutoConfig
 
+    kwargs = {"subfolder": subfolder} if subfolder else {}
     try:
-        config = AutoConfig.from_pretrained(source, **({"subfolder": subfolder} if subfolder else {}))
+        config = from_cache_or_hub(lambda local: AutoConfig.from_pretrained(source, local_files_only=local, **kwargs),
+                                   source, "the image encoder", subfolder=subfolder)
     except (OSError, ValueError):
         return ImageEncoder
     return SiglipEncoder if "siglip" in getattr(config, "model_type", "") else ImageEncoder

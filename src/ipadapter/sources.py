@@ -8,8 +8,14 @@ adapter SigLIP so400m, Kolors' adapter the ViT-L/14-336 in its own repository.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from ipadapter.errors import IPAdapterError
+
+T = TypeVar("T")
 
 H94 = "h94/IP-Adapter"
 VIT_H = (H94, "models/image_encoder")
@@ -37,7 +43,6 @@ def miniature_base() -> Path:
 
 
 def miniature_adapter(name: str = "base") -> AdapterSource:
-    from ipadapter.errors import IPAdapterError
     from ipadapter.bundled import ASSETS_DIR
 
     path = ASSETS_DIR / "adapters" / f"{name}.safetensors"
@@ -55,6 +60,56 @@ def split_hub_path(source: str) -> tuple[str, str | None]:
         return source, None
     owner, repo, rest = source.split("/", 2)
     return f"{owner}/{repo}", rest
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source` can only be a Hub repository id: no local path of that name, and a valid id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(source).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_answers(repo_id: str, what: str, *, subfolder: str | None = None, filename: str | None = None) -> None:
+    """One request for `repo_id`'s model page, without retries: raises when the Hub cannot be reached or has no such
+    model, so an uncached model fails in one line and at once offline (huggingface_hub retries each download for
+    about 50 s, logging every try). `subfolder` and `filename` say which part is needed, for the download command."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        huggingface_hub.model_info(repo_id, timeout=10)
+    except HfHubHTTPError as err:
+        reason = str(err).splitlines()[0][:160]
+        raise IPAdapterError(f"could not load {what} {repo_id} from the Hub: {reason}") from None
+    except Exception:  # noqa: BLE001 - offline mode, DNS, refused or timed-out connections: all mean "not reachable"
+        part = "/".join(p for p in (subfolder, filename) if p)
+        command = (f"hf download {repo_id} {part}" if filename else
+                   f"hf download {repo_id} --include '{subfolder}/*'" if subfolder else f"hf download {repo_id}")
+        raise IPAdapterError(
+            f"{what} {repo_id}{'/' + part if part else ''} is not in the local Hugging Face cache and the Hub cannot "
+            f"be reached; download it once with network access ({command}) or give a local "
+            f"{'file' if filename else 'folder'}"
+        ) from None
+
+
+def from_cache_or_hub(load: Callable[[bool], T], source: str, what: str, *, subfolder: str | None = None,
+                      filename: str | None = None) -> T:
+    """`load(local_files_only)` from disk first: a local path, or a Hub id's files in the local Hugging Face cache,
+    without any HTTP request. Only when a Hub id's files are not all there (the libraries raise an OSError) is the
+    Hub asked once (`hub_answers`), then `load(False)` downloads what is missing."""
+    try:
+        return load(True)
+    except OSError:
+        if not is_hub_id(source):
+            raise
+    hub_answers(source, what, subfolder=subfolder, filename=filename)
+    return load(False)
 
 
 def default_image_encoder(base: str | None, adapter: AdapterSource) -> tuple[str, str | None] | None:

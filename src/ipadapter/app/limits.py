@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from ipadapter.conditioning.images import load_image
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import FieldError, IPAdapterError
 from ipadapter.validation import check_pixels
 
 MB = 2**20
@@ -27,9 +27,9 @@ class UploadLimits:
     max_side: int = 4096
 
     def __post_init__(self) -> None:
-        for name, value in (("max_bytes", self.max_bytes), ("max_side", self.max_side)):
+        for name, value, unit in (("max_bytes", self.max_bytes, "byte"), ("max_side", self.max_side, "pixel")):
             if value < 1:
-                raise IPAdapterError(f"the upload limit {name} must be at least 1, got {value}")
+                raise FieldError(name, f"must be at least 1 {unit}, got {value}", owner="the upload limit")
 
     def check_size(self, width: int, height: int, what: str) -> None:
         if max(width, height) > self.max_side:

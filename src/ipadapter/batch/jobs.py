@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter.errors import IPAdapterError
-from ipadapter.request import IMAGE_OPTIONS
+from ipadapter.request import IMAGE_OPTIONS, MODIFIERS
 from ipadapter.validation import MAX_SEED, check_image_file, generation_size, read_utf8, regular_file
 
 # Manifest key → the `ipadapter generate` flag it replaces (the keys are the flags' names, "-" written "_").
@@ -179,8 +179,9 @@ def parse_job(record: Any, line: int, root: Path, defaults: dict, adapters: Iter
         for _, name, default in IMAGE_OPTIONS:
             if own.get(name, default) != default:
                 raise IPAdapterError(f"{name} changes the image prompt, and this job has no image")
-    if own.get("content_strength", 1.0) != 1.0 and not settings["content_subtract"]:
-        raise IPAdapterError("content_strength changes what content_subtract takes out, and this job has none")
+    for _, name, default, _, needed in MODIFIERS:
+        if own.get(name, default) != default and not settings[needed]:
+            raise IPAdapterError(f"{name} changes what {needed} does, and this job has none")
     # The job's key reads its paths as the manifest gives them (relative to its folder), so a rerun started from
     # another working directory finds the jobs it already finished; the job itself reads them joined to that folder.
     given = {name: settings[name] for name in PATHS}

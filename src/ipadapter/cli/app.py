@@ -7,7 +7,7 @@ import math
 import tempfile
 
 from ipadapter.cli.generate import add_model_flags
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import FieldError, IPAdapterError
 from ipadapter.extras import needs
 
 EXAMPLES = """examples:
@@ -42,11 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from ipadapter.app.service import GenerationService
 
     max_bytes = args.max_upload_mb * MB
-    if not (math.isfinite(max_bytes) and round(max_bytes) >= 1):
+    if not (math.isfinite(max_bytes) and round(max_bytes) >= 1):  # in MB: UploadLimits counts bytes
         raise IPAdapterError(f"--max-upload-mb must be a positive number of MB, got {args.max_upload_mb:g}")
-    if args.max_side < 1:
-        raise IPAdapterError(f"--max-side must be at least 1 pixel, got {args.max_side}")
-    limits = UploadLimits(max_bytes=round(max_bytes), max_side=args.max_side)
+    try:
+        limits = UploadLimits(max_bytes=round(max_bytes), max_side=args.max_side)
+    except FieldError as err:
+        raise IPAdapterError(err.worded({"max_side": "--max-side"})) from None
     workdir = tempfile.mkdtemp(prefix="ipadapter-app-")
     service = GenerationService.from_args(args, limits=limits, workdir=workdir)
     service.loaded.prompter.cache.resize(round(args.cache_mb * MB))

@@ -12,7 +12,7 @@ import torch
 
 from ipadapter.cli.true_cfg import check_true_cfg, true_cfg_kwargs
 from ipadapter.errors import IPAdapterError
-from ipadapter.request import IMAGE_OPTIONS
+from ipadapter.request import IMAGE_OPTIONS, MODIFIERS
 from ipadapter.validation import (
     check_not_negative, check_seed, generation_size, model_source, output_file, regular_file,
 )
@@ -32,11 +32,10 @@ EXAMPLES = """examples:
 """
 
 
-# Flags that only change what another flag adds (flag, its dest, its default, the flag it needs): a value other
-# than the default without that flag would be silently ignored, so one generation refuses it.
-MODIFIERS = (("--base-lora-scale", "base_lora_scale", 1.0, "base_lora", "--base-lora"),
-             ("--control-scale", "control_scale", 1.0, "controlnet", "--controlnet"),
-             ("--content-strength", "content_strength", 1.0, "content_subtract", "--content-subtract"))
+# The flags that only change what another flag does: `request.MODIFIERS` (manifest jobs refuse them too) and those
+# of one generation alone (a manifest names no LoRA or ControlNet), in the same layout.
+FLAG_MODIFIERS = (("--base-lora-scale", "base_lora_scale", 1.0, "--base-lora", "base_lora"),
+                  ("--control-scale", "control_scale", 1.0, "--controlnet", "controlnet"), *MODIFIERS)
 
 
 def finite_float(text: str) -> float:
@@ -175,9 +174,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise IPAdapterError("give --image (or --embeds, or --face-embed for FaceID), --prompt, or both")
     if args.out_dir:
         raise IPAdapterError("--out-dir is the folder of a --manifest run; one generation writes --out")
-    for flag, dest, default, needed, needed_flag in MODIFIERS:
+    for flag, dest, default, needed_flag, needed in FLAG_MODIFIERS:
         if getattr(args, dest) != default and not getattr(args, needed):
-            raise IPAdapterError(f"{flag} changes what {needed_flag} adds, and no {needed_flag} was given")
+            raise IPAdapterError(f"{flag} changes what {needed_flag} does, and no {needed_flag} was given")
     if not (args.image or args.embeds or args.face_embed):
         for flag, dest, default in IMAGE_OPTIONS:
             if getattr(args, dest) != default:

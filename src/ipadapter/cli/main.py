@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 # Each module exposes `register(subparsers)`; the subcommand it adds sets `func(args) -> int`.
 COMMANDS = ("generate", "encode", "train", "evaluate", "miniature", "app")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose usage mistakes are one line too (the usage is one `--help` away)."""
+    """argparse whose usage mistakes are one line too (the usage is one `--help` away), and whose option values may
+    start with a minus: argparse reads only plain negative numbers ("-1", "-.5") as values, so `--scales -1,1` or
+    `--scale -1e-3` failed as a missing argument instead of reaching the option's own check ("must not be
+    negative"). No option here is spelt "-" then a digit, so such a word is always a value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ipadapter.train.config import ATTENTION_MODES, MIXED_PRECISION, OPTIMIZERS, TRAIN_VARIANTS, TrainConfig
+    from ipadapter.train.config import ATTENTION_MODES, MIXED_PRECISION, OPTIMIZERS, TRAIN_VARIANTS, TrainConfig, flag
 
     parser = subparsers.add_parser(
         "train", help="train an IP-Adapter (the paper's recipe), on one GPU or many (accelerate launch)",
@@ -147,15 +147,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "prediction_type": ("", "epsilon", "v_prediction"), "cache_dtype": ("float16", "bfloat16", "float32"),
                "optimizer": OPTIMIZERS}
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
         text = f"{HELP.get(f.name, '')} (default: {default!r})"
         if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)
         elif f.type.startswith("list"):
-            parser.add_argument(flag, dest=f.name, nargs="*", default=None, help=text)
+            parser.add_argument(flag(f.name), dest=f.name, nargs="*", default=None, help=text)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=choices.get(f.name), help=text)
+            parser.add_argument(flag(f.name), dest=f.name, type=kind, default=None, choices=choices.get(f.name),
+                                help=text)
     parser.set_defaults(func=_run)
     needs(parser, "train")

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.sources import from_cache_or_hub
 from ipadapter.validation import model_source
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
 
 PAPER_JUDGE = "openai/clip-vit-large-patch14"
 
@@ -30,41 +27,26 @@ def pooled(output: object) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def _judge_config(source: str) -> tuple[PretrainedConfig, bool]:
-    """(the judge's config, whether its files are local): a folder, else the Hub id's copy in the local Hugging Face
-    cache, else the Hub — asked once first, because transformers' own download retries for half a minute, logging
-    each try, before it fails offline. A path that does not exist is named as one, not as a malformed Hub id."""
-    from transformers import AutoConfig
+def _read_judge(source: str, processor: object | None, local: bool) -> tuple[torch.nn.Module, object, object]:
+    """The judge's model, tokenizer and image processor (`processor` when given; else its saved one, else CLIP's
+    preprocessing at its image size); `local`: from disk only."""
+    from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    model_source(source, "judge")
-    try:
-        return AutoConfig.from_pretrained(source, local_files_only=True), True
-    except (OSError, ValueError) as err:
-        if Path(source).expanduser().exists():
-            raise IPAdapterError(f"could not load the judge {source}: {str(err).splitlines()[0][:160]}") from None
-    _hub_answers(source, "the judge")
-    try:
-        return AutoConfig.from_pretrained(source), False
-    except (OSError, ValueError) as err:
-        raise IPAdapterError(f"could not load the judge {source}: {str(err).splitlines()[0][:160]}") from None
-
-
-def _hub_answers(repo_id: str, what: str) -> None:
-    """One request for `repo_id`'s model page, without retries: raises when the Hub cannot be reached or has no such
-    model, so an uncached model fails in one line and at once offline."""
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        huggingface_hub.model_info(repo_id, timeout=10)
-    except HfHubHTTPError as err:
-        reason = str(err).splitlines()[0][:160]
-        raise IPAdapterError(f"could not load {what} {repo_id} from the Hub: {reason}") from None
-    except Exception:  # noqa: BLE001 - offline mode, DNS, refused or timed-out connections: all mean "not reachable"
+    config = AutoConfig.from_pretrained(source, local_files_only=local)
+    if not isinstance(config, CLIPConfig):
         raise IPAdapterError(
-            f"{what} {repo_id} is not in the local Hugging Face cache and the Hub cannot be reached; download it once "
-            f"with network access (huggingface-cli download {repo_id}) or give a local folder"
-        ) from None
+            f"the judge must be a CLIP with image and text towers (CLIPModel), but {source} is a "
+            f"{type(config).__name__.removesuffix('Config') or 'different'} model"
+        )
+    model = CLIPModel.from_pretrained(source, dtype=torch.float32, local_files_only=local)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    if processor is None:
+        try:
+            processor = CLIPImageProcessor.from_pretrained(source, local_files_only=local)
+        except (OSError, ValueError):
+            size = config.vision_config.image_size
+            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return model, tokenizer, processor
 
 
 class ClipJudge:
@@ -79,27 +61,16 @@ class ClipJudge:
     @classmethod
     def load(cls, source: str | os.PathLike, *, processor: object | None = None, device: str = "cpu") -> "ClipJudge":
         """A folder or Hub id holding a full CLIP (both towers); anything else is a user error. Read from disk when it
-        is there (a folder, or the id in the local Hugging Face cache), from the Hub only otherwise."""
-        from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
-
-        config, local = _judge_config(str(source))
-        if not isinstance(config, CLIPConfig):
-            raise IPAdapterError(
-                f"the judge must be a CLIP with image and text towers (CLIPModel), but {source} is a "
-                f"{type(config).__name__.removesuffix('Config') or 'different'} model"
-            )
+        is there (a folder, or the id in the local Hugging Face cache), from the Hub only otherwise
+        (`from_cache_or_hub`). A path that does not exist is named as one, not as a malformed Hub id."""
+        source = str(source)
+        model_source(source, "judge")
         try:
-            model = CLIPModel.from_pretrained(str(source), dtype=torch.float32, local_files_only=local).to(device)
-            tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=local)
+            model, tokenizer, image_processor = from_cache_or_hub(
+                lambda local: _read_judge(source, processor, local), source, "the judge")
         except (OSError, ValueError) as err:
-            raise IPAdapterError(f"could not load the judge CLIP {source}: {str(err).splitlines()[0][:160]}") from None
-        if processor is None:
-            try:
-                processor = CLIPImageProcessor.from_pretrained(str(source), local_files_only=local)
-            except (OSError, ValueError):
-                size = config.vision_config.image_size
-                processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        return cls(model, tokenizer, processor, name=str(source))
+            raise IPAdapterError(f"could not load the judge {source}: {str(err).splitlines()[0][:160]}") from None
+        return cls(model.to(device), tokenizer, image_processor, name=source)
 
     @property
     def device(self) -> torch.device:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import FieldError, IPAdapterError
 from ipadapter.validation import model_source, read_utf8
 from ipadapter.variants import ATTENTION_MODES, TRAINABLE, get_variant
 
@@ -38,6 +39,11 @@ FLUX_REFUSED = {
     "validation_steps": "no validation samples", "validation_guidance": "no validation samples",
     "validation_judge": "no validation samples",
 }
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: every field is one ("max_steps" → "--max-steps")."""
+    return "--" + name.replace("_", "-")
 
 
 def parse_stage(text: str) -> tuple[int, int] | None:
@@ -114,47 +120,53 @@ class TrainConfig:
 
     # ---- validation: every message names the bad value -------------------------------------------------------
     def validate(self) -> "TrainConfig":
-        def need(cond: bool, message: str) -> None:
-            if not cond:
-                raise IPAdapterError(message)
+        """Every value in range, or a `FieldError` naming its field (`from_dict` names a flag's value by the flag)."""
 
-        need(self.variant in TRAIN_VARIANTS, f"unknown variant {self.variant!r}; valid: {', '.join(TRAIN_VARIANTS)}")
-        need(self.attention in ATTENTION_MODES,
-             f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION_MODES)}")
-        need(self.attention == "decoupled" or self.variant == "base",
-             f"attention {self.attention!r} (the simple-adapter ablation) is for the base variant, not {self.variant!r}")
-        need(self.mixed_precision in MIXED_PRECISION,
-             f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
-        need(self.prediction_type in ("", "epsilon", "v_prediction"),
-             f"prediction_type must be epsilon or v_prediction (empty: as the base model), not {self.prediction_type!r}")
-        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
-        need(self.cache_dtype in ("float16", "bfloat16", "float32"),
-             f"cache_dtype must be float16, bfloat16 or float32, not {self.cache_dtype!r}")
+        def need(ok: bool, fields: str | tuple[str, ...], problem: str) -> None:
+            if not ok:
+                raise FieldError(fields, problem)
+
+        if self.variant not in TRAIN_VARIANTS:
+            raise IPAdapterError(f"unknown variant {self.variant!r}; valid: {', '.join(TRAIN_VARIANTS)}")
+        if self.attention not in ATTENTION_MODES:
+            raise IPAdapterError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION_MODES)}")
+        need(self.attention == "decoupled" or self.variant == "base", "attention",
+             f"{self.attention!r} (the simple-adapter ablation) is for the base variant, not {self.variant!r}")
+        need(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
+             f"must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
+        need(self.prediction_type in ("", "epsilon", "v_prediction"), "prediction_type",
+             f"must be epsilon or v_prediction (empty: as the base model), not {self.prediction_type!r}")
+        need(self.optimizer in OPTIMIZERS, "optimizer",
+             f"must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        need(self.cache_dtype in ("float16", "bfloat16", "float32"), "cache_dtype",
+             f"must be float16, bfloat16 or float32, not {self.cache_dtype!r}")
         for name in ("max_steps", "batch_size", "resolution", "grad_accum", "save_every", "keep_checkpoints",
                      "log_every", "validation_steps", "id_dim", "references"):
-            need(getattr(self, name) >= 1, f"{name} must be at least 1, not {getattr(self, name)}")
+            need(getattr(self, name) >= 1, name, f"must be at least 1, not {getattr(self, name)}")
         for name in ("num_tokens", "lora_rank", "warmup_steps", "validate_every", "num_workers", "shuffle_buffer"):
-            need(getattr(self, name) >= 0, f"{name} must be 0 or more, not {getattr(self, name)}")
+            need(getattr(self, name) >= 0, name, f"must be 0 or more, not {getattr(self, name)}")
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "noise_offset", "snr_gamma",
                      "adam_epsilon"):
             value = getattr(self, name)
-            need(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, not {value}")
-        need(self.learning_rate > 0, f"learning_rate must be > 0, not {self.learning_rate}")
+            need(math.isfinite(value) and value >= 0, name, f"must be a finite number >= 0, not {value}")
+        need(self.learning_rate > 0, "learning_rate", f"must be > 0, not {self.learning_rate}")
         for name in ("adam_beta1", "adam_beta2", "ema_decay"):
             value = getattr(self, name)
-            need(0.0 <= value < 1.0, f"{name} must be in [0, 1), not {value}")
+            need(0.0 <= value < 1.0, name, f"must be in [0, 1), not {value}")
         for name in ("drop_image", "drop_text", "drop_both"):
             value = getattr(self, name)
-            need(0.0 <= value <= 1.0, f"{name} must be a probability in [0, 1], not {value}")
+            need(0.0 <= value <= 1.0, name, f"must be a probability in [0, 1], not {value}")
         total = self.drop_image + self.drop_text + self.drop_both
-        need(total <= 1.0 + 1e-9, f"drop_image + drop_text + drop_both must be <= 1, not {total:g}")
-        need(not (self.buckets and self.cache), "buckets cannot be used with a feature cache (its rows have one size)")
+        need(total <= 1.0 + 1e-9, ("drop_image", "drop_text", "drop_both"), f"must be <= 1, not {total:g}")
+        need(not (self.buckets and self.cache), "buckets",
+             "cannot be used with a feature cache (its rows have one size)")
         for stage in self.stages:
-            need(parse_stage(stage) is not None,
-                 f"stages must be RESOLUTION:STEPS with positive integers (e.g. 512:8000), not {stage!r}")
-        need(not self.validate_every or bool(self.data or self.validation_images),
-             "validation needs --validation-images or --data (a feature cache holds features, not images)")
-        need(bool(self.validation_prompts), "validation_prompts must hold at least one prompt (\"\" for image only)")
+            need(parse_stage(stage) is not None, "stages",
+                 f"must be RESOLUTION:STEPS with positive integers (e.g. 512:8000), not {stage!r}")
+        if self.validate_every and not (self.data or self.validation_images):
+            raise IPAdapterError("validation needs --validation-images or --data (a feature cache holds features, "
+                                 "not images)")
+        need(bool(self.validation_prompts), "validation_prompts", "must hold at least one prompt (\"\" for image only)")
         if get_variant(self.variant).denoiser == "flux":
             self._refuse_for_flux()
         return self
@@ -163,8 +175,7 @@ class TrainConfig:
         for f in fields(self):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if f.name in FLUX_REFUSED and getattr(self, f.name) != default:
-                raise IPAdapterError(f"--{f.name.replace('_', '-')} does not apply to FLUX training: "
-                                     f"{FLUX_REFUSED[f.name]}")
+                raise IPAdapterError(f"{flag(f.name)} does not apply to FLUX training: {FLUX_REFUSED[f.name]}")
         if self.mixed_precision == "fp16":
             raise IPAdapterError("--mixed-precision fp16 does not apply to FLUX training: use bf16 (no loss scaling "
                                  "here, and FLUX is published in bf16)")
@@ -194,21 +205,29 @@ class TrainConfig:
 
     # ---- loading ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "the config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], *, source: str = "the config",
+                  flags: Collection[str] = ()) -> "TrainConfig":
+        """A config from field: value pairs; an error about a value names its field (after `source` for a value of the
+        wrong type), or its flag for the fields in `flags` (given on the command line)."""
         known = {f.name: f for f in fields(cls)}
         values = {k.replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise IPAdapterError(f"{source}: unknown field {unknown[0]!r}; valid fields: {', '.join(known)}")
-        converted = {k: _coerce(known[k], v, source) for k, v in values.items()}
-        return cls(**converted)
+        names = {name: flag(name) for name in flags}
+        converted = {k: _coerce(known[k], v, names.get(k, f"{source}: {k}")) for k, v in values.items()}
+        try:
+            return cls(**converted)
+        except FieldError as err:
+            raise IPAdapterError(err.worded(names)) from None
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        """A YAML (.yaml/.yml) or TOML (.toml) file, then `overrides` (e.g. CLI flags) on top."""
+        """A YAML (.yaml/.yml) or TOML (.toml) file, then `overrides` (the command line's flags) on top."""
         values = read_config_file(path) if path else {}
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls.from_dict(values, source=str(path) if path else "the flags")
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        values.update(given)
+        return cls.from_dict(values, source=str(path), flags=given)  # without a file every value is a flag's
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -245,7 +264,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+def _coerce(f: dataclasses.Field, value: Any, name: str) -> Any:
+    """`value` as the field's type; `name` is how an error calls the field."""
     kind = f.type  # a string: this module's annotations are postponed (`from __future__ import annotations`)
     try:
         if kind == "bool":
@@ -268,4 +288,4 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
             return ""
         return str(value)
     except (TypeError, ValueError):
-        raise IPAdapterError(f"{source}: {f.name} must be {kind}, not {value!r}") from None
+        raise IPAdapterError(f"{name} must be {kind}, not {value!r}") from None

@@ -32,8 +32,11 @@ def load_flux_pipeline(source: str, dtype: torch.dtype) -> Any:
     """The FLUX pipeline of `--base`, without an image encoder (the run loads `--image-encoder` itself)."""
     from diffusers import FluxPipeline
 
+    from ipadapter.sources import from_cache_or_hub
+
     try:
-        return FluxPipeline.from_pretrained(source, torch_dtype=dtype)
+        return from_cache_or_hub(lambda local: FluxPipeline.from_pretrained(
+            source, torch_dtype=dtype, local_files_only=local), source, "the base model")
     except (OSError, ValueError, TypeError) as err:
         raise IPAdapterError(f"--base {source} is not a FLUX pipeline ({str(err).splitlines()[0][:200]})") from None
 

@@ -144,9 +144,16 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estima
 def _text_encoders(base: str, sdxl: bool) -> list[nn.Module]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder"))]
+    from ipadapter.sources import from_cache_or_hub
+
+    def config(sub: str) -> CLIPTextConfig:
+        return from_cache_or_hub(
+            lambda local: CLIPTextConfig.from_pretrained(base, subfolder=sub, local_files_only=local), base,
+            "the base model")
+
+    encoders = [CLIPTextModel(config("text_encoder"))]
     if sdxl:
-        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder_2")))
+        encoders.append(CLIPTextModelWithProjection(config("text_encoder_2")))
     return encoders
 
 
@@ -157,13 +164,18 @@ def _image_encoder(source: str) -> nn.Module:
 
     from ipadapter.encoders import clip_tower_config
     from ipadapter.errors import IPAdapterError
-    from ipadapter.sources import split_hub_path
+    from ipadapter.sources import from_cache_or_hub, split_hub_path
 
     repo, subfolder = split_hub_path(source)
-    try:  # a weightless model is built here, so what the real run's weights would refuse is refused by its config
-        found, _ = CLIPVisionConfig.get_config_dict(repo, subfolder=subfolder or "")
+
+    def read(local: bool) -> tuple[str | None, CLIPVisionConfig | None]:
+        found, _ = CLIPVisionConfig.get_config_dict(repo, subfolder=subfolder or "", local_files_only=local)
         kind = found.get("model_type") or found.get("_class_name")
-        config = clip_tower_config(CLIPVisionConfig, repo, subfolder) if kind in ("clip_vision_model", "clip") else None
+        clip = kind in ("clip_vision_model", "clip")
+        return kind, clip_tower_config(CLIPVisionConfig, repo, subfolder, local) if clip else None
+
+    try:  # a weightless model is built here, so what the real run's weights would refuse is refused by its config
+        kind, config = from_cache_or_hub(read, repo, "the image encoder", subfolder=subfolder)
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not read a CLIP vision encoder's config from {source} (not found offline, or not "
                              f"a CLIP vision model): {str(err).splitlines()[0][:160]}") from None

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.sources import from_cache_or_hub
 
 
 @dataclass
@@ -41,9 +42,11 @@ class BaseModels:
 
 
 def _from_pretrained(cls: Any, source: str, what: str, **kwargs: Any) -> Any:
+    """One part of the base, from disk when it is there (`from_cache_or_hub`)."""
     try:
-        return cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+        return from_cache_or_hub(lambda local: cls.from_pretrained(source, local_files_only=local, **kwargs), source,
+                                 "the base model")
+    except (OSError, ValueError) as err:
         where = f"{source}/{kwargs['subfolder']}" if kwargs.get("subfolder") else source
         raise IPAdapterError(f"cannot load the {what} from {where}: {str(err).splitlines()[0][:200]}") from None
 
@@ -53,17 +56,20 @@ def _has(source: str, subfolder: str) -> bool:
     return (path / subfolder).is_dir() if path.is_dir() else True
 
 
+def _config(cls: Any, source: str, sub: str) -> dict[str, Any]:
+    """One part's config, from disk when it is there (`from_cache_or_hub`)."""
+    try:
+        return dict(from_cache_or_hub(lambda local: cls.load_config(source, subfolder=sub, local_files_only=local),
+                                      source, "the base model"))
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"cannot read {source}/{sub}: {str(err).splitlines()[0][:200]}") from None
+
+
 def base_configs(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The UNet's and VAE's configs (no weights read): enough to check a resolution before loading anything."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    def config(cls: Any, sub: str) -> dict[str, Any]:
-        try:
-            return dict(cls.load_config(source, subfolder=sub))
-        except (OSError, ValueError, EnvironmentError) as err:
-            raise IPAdapterError(f"cannot read {source}/{sub}: {str(err).splitlines()[0][:200]}") from None
-
-    return config(UNet2DConditionModel, "unet"), config(AutoencoderKL, "vae")
+    return _config(UNet2DConditionModel, source, "unet"), _config(AutoencoderKL, source, "vae")
 
 
 def resolution_step(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> int:
@@ -88,7 +94,7 @@ def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseMo
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     unet = _from_pretrained(UNet2DConditionModel, source, "UNet", subfolder="unet")
-    scheduler = dict(DDPMScheduler.load_config(source, subfolder="scheduler")) if Path(source, "scheduler").is_dir() or \
+    scheduler = _config(DDPMScheduler, source, "scheduler") if Path(source, "scheduler").is_dir() or \
         not Path(source).is_dir() else None
     if scheduler is None:
         raise IPAdapterError(f"{source} has no scheduler folder; a diffusers pipeline folder has unet, vae, scheduler, ...")

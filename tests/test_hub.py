@@ -1,0 +1,113 @@
+"""`sources.from_cache_or_hub`, the one way every loader reads a Hub id: from disk first without a request, the Hub
+asked once (no retries) only when files are missing, so an uncached id offline fails in one line at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipadapter.errors import IPAdapterError
+from ipadapter.sources import from_cache_or_hub
+
+REPO = "ipadapter-tests/some-model"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """`model_info` stand-in: records each request and raises the exception in `hub["raise"]` (None: answers)."""
+    import huggingface_hub
+
+    state: dict = {"asked": [], "raise": OSError("[Errno -2] Name or service not known")}
+
+    def model_info(repo_id, **kwargs):
+        state["asked"].append((repo_id, kwargs.get("timeout")))
+        if state["raise"] is not None:
+            raise state["raise"]
+
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    return state
+
+
+def _loader(fails_locally: bool):
+    """A load whose local-only read raises as a library does for files not in the cache."""
+    calls: list[bool] = []
+
+    def load(local: bool) -> str:
+        calls.append(local)
+        if local and fails_locally:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+        return "loaded"
+
+    return load, calls
+
+
+def test_a_model_read_from_disk_asks_nothing(hub) -> None:
+    load, calls = _loader(fails_locally=False)
+    assert from_cache_or_hub(load, REPO, "the model") == "loaded"
+    assert calls == [True] and hub["asked"] == []
+
+
+def test_an_uncached_id_the_hub_serves_is_downloaded_after_one_request(hub) -> None:
+    hub["raise"] = None
+    load, calls = _loader(fails_locally=True)
+    assert from_cache_or_hub(load, REPO, "the model") == "loaded"
+    assert calls == [True, False] and hub["asked"] == [(REPO, 10)]
+
+
+@pytest.mark.parametrize(("part", "shown", "command", "local"), [
+    ({}, REPO, f"hf download {REPO}", "folder"),
+    ({"subfolder": "models/enc"}, f"{REPO}/models/enc", f"hf download {REPO} --include 'models/enc/*'", "folder"),
+    ({"subfolder": "models", "filename": "a.bin"}, f"{REPO}/models/a.bin", f"hf download {REPO} models/a.bin", "file"),
+    ({"filename": "a.bin"}, f"{REPO}/a.bin", f"hf download {REPO} a.bin", "file"),
+])
+def test_an_uncached_id_the_hub_cannot_serve_is_one_line_naming_the_download(hub, part, shown, command, local) -> None:
+    load, calls = _loader(fails_locally=True)
+    with pytest.raises(IPAdapterError) as caught:
+        from_cache_or_hub(load, REPO, "the model", **part)
+    assert str(caught.value) == (f"the model {shown} is not in the local Hugging Face cache and the Hub cannot be "
+                                 f"reached; download it once with network access ({command}) or give a local {local}")
+    assert calls == [True] and len(hub["asked"]) == 1
+
+
+def test_offline_mode_asks_nothing_over_the_network_and_fails_at_once(monkeypatch) -> None:
+    """With HF_HUB_OFFLINE (the tests' setting) huggingface_hub itself refuses the request: the same one line."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    load, _ = _loader(fails_locally=True)
+    with pytest.raises(IPAdapterError, match=f"^the model {REPO} is not in the local Hugging Face cache and the Hub "
+                                             "cannot be reached"):
+        from_cache_or_hub(load, REPO, "the model")
+
+
+def test_a_hub_that_has_no_such_model_says_so(monkeypatch) -> None:
+    """The Hub answers 404 (its own session, as huggingface_hub sends every request): its first line, once."""
+    import sys
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    sent = []
+
+    def not_found(client, request, **kwargs):
+        sent.append(str(request.url))
+        http = sys.modules[type(request).__module__.split(".")[0]]  # the HTTP library huggingface_hub uses
+        return http.Response(404, request=request, headers={"X-Error-Code": "RepoNotFound"})
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(type(get_session()), "send", not_found)
+    load, _ = _loader(fails_locally=True)
+    with pytest.raises(IPAdapterError) as caught:
+        from_cache_or_hub(load, REPO, "the model")
+    message = str(caught.value)
+    assert message.startswith(f"could not load the model {REPO} from the Hub: ") and "\n" not in message
+    assert "404" in message and [url for url in sent if "/api/models/" in url] == [
+        f"https://huggingface.co/api/models/{REPO}"]
+
+
+@pytest.mark.parametrize("source", ["{folder}", "./not/here", "/not/here"])
+def test_a_local_path_is_never_looked_up_on_the_hub(hub, tmp_path, source) -> None:
+    """A folder's own error (or a missing path's) is the loader's to word; it is no Hub id to ask about."""
+    load, calls = _loader(fails_locally=True)
+    with pytest.raises(OSError, match="couldn't connect"):
+        from_cache_or_hub(load, source.format(folder=tmp_path), "the model")
+    assert calls == [True] and hub["asked"] == []
