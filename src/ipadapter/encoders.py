@@ -191,16 +191,20 @@ class ImageEncoder:
                 self.cache.put(key, found[i])
         return torch.stack([f.to(self.device, self.dtype) for f in found])
 
-    def uncond(self, features: str) -> torch.Tensor:
-        """Global: a zero embedding. Patch: the encoder's output for zero pixel values (cached: it never changes)."""
+    def uncond(self, features: str, *, keep: bool = True) -> torch.Tensor:
+        """Global: a zero embedding. Patch: the encoder's output for zero pixel values (kept: it never changes;
+        `keep=False` for a caller that keeps what it makes of them instead, as generation keeps their tokens)."""
         if features == "global":
             return torch.zeros(1, self.global_dim, device=self.device, dtype=self.dtype)
         key = (self.device, self.dtype)
-        if key not in self._uncond_patches:
+        found = self._uncond_patches.get(key)
+        if found is None:
             size = self.model.config.image_size
             zeros = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
-            self._uncond_patches[key] = self.encode_pixels(zeros, "patch")
-        return self._uncond_patches[key]
+            found = self.encode_pixels(zeros, "patch")
+            if keep:
+                self._uncond_patches[key] = found
+        return found
 
 
 def decode_embedding(raw: bytes, suffix: str) -> torch.Tensor:

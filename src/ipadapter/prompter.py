@@ -100,11 +100,11 @@ class ImagePrompter:
             raise IPAdapterError(f"{variant.name} needs a CLIP image encoder for the face crop")
         return ids, self.encoder.encode(crops, variant.clip)
 
-    def uncond_features(self, adapter: IPAdapter, count: int) -> Features:
+    def uncond_features(self, adapter: IPAdapter, count: int, *, keep: bool = True) -> Features:
         """The variant's unconditional input: a zero embedding for global and ID features, the encoder's output on
-        zero pixels for patch features."""
+        zero pixels for patch features (`keep`: the encoder keeps those)."""
         variant = adapter.variant
-        clip = self.encoder.uncond(variant.clip) if variant.clip else None
+        clip = self.encoder.uncond(variant.clip, keep=keep) if variant.clip else None
         if not variant.face_id:
             return (clip.expand(count, *clip.shape[1:]),)
         zeros = torch.zeros(count, adapter.config.projection.in_dim, device=adapter.device, dtype=adapter.dtype)
@@ -135,6 +135,21 @@ class ImagePrompter:
             return found[keys[0]][None]
         return torch.stack([found[k] for k in keys])
 
+    @torch.no_grad()
+    def uncond_tokens(self, adapter: IPAdapter) -> torch.Tensor:
+        """The unconditional image's tokens (1, T, C), cached under the adapter's weights and the encoder's identity.
+        The features they come from are made again on a miss and not kept: for patch features they are as large as a
+        reference's (1.3 MiB for ViT-H), and would be held through every generation for this lookup alone."""
+        enc = self.encoder
+        encoder = None if enc is None else (enc.identity(), enc.dtype, enc.device)
+        key = ("uncond", adapter.projection_key(), encoder, adapter.variant.name)
+        found = self.cache.get(key)
+        if found is None:
+            features = self.uncond_features(adapter, 1, keep=False)
+            found = adapter.project(*(f.to(adapter.device, adapter.dtype) for f in features))[0]
+            self.cache.put(key, found)
+        return found[None]
+
     def references(
         self, images: Sequence[Image.Image] | None = None, *, adapter: str | None = None,
         features: Features | None = None, negative: Sequence[Image.Image] | Features | None = None,
@@ -149,14 +164,17 @@ class ImagePrompter:
             features = self.features(ip, images, face_embeds)
         count = features[0].shape[0]
         if negative is None:
-            neg_features = self.uncond_features(ip, 1)  # one row, laid out on every reference below
-        elif isinstance(negative, tuple) and all(isinstance(t, torch.Tensor) for t in negative):
-            neg_features = negative
+            uncond = self.uncond_tokens(ip)
         else:
-            neg_features = self.features(ip, list(negative))
-        if neg_features[0].shape[0] not in (1, count):
-            raise IPAdapterError(f"give one negative image, or one per reference ({count}), not {neg_features[0].shape[0]}")
-        cond, uncond = self.project(ip, features), self.project(ip, neg_features)
+            if isinstance(negative, tuple) and all(isinstance(t, torch.Tensor) for t in negative):
+                neg_features = negative
+            else:
+                neg_features = self.features(ip, list(negative))
+            if neg_features[0].shape[0] not in (1, count):
+                raise IPAdapterError(
+                    f"give one negative image, or one per reference ({count}), not {neg_features[0].shape[0]}")
+            uncond = self.project(ip, neg_features)
+        cond = self.project(ip, features)
         uncond = uncond.expand(count, -1, -1) if uncond.shape[0] == 1 else uncond
         masks = list(masks) if masks is not None else [None] * count
         weights = list(weights) if weights is not None else [1.0] * count

@@ -39,7 +39,7 @@ def dino_embedder(source: str | os.PathLike = DINO_DEFAULT, device: str = "cpu")
     except (OSError, ValueError):
         raise MetricUnavailable(
             f"DINO-I needs the DINOv2 model {source} (Dinov2Model) in a local folder or the Hugging Face cache; "
-            "download it once (huggingface-cli download facebook/dinov2-base) or give dino=FOLDER"
+            "download it once (hf download facebook/dinov2-base) or give dino=FOLDER"
         ) from None
     try:
         processor = AutoImageProcessor.from_pretrained(str(source), local_files_only=True)
