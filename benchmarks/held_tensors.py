@@ -8,6 +8,7 @@ the storages of every live tensor that is not a weight of the models, in MiB, fo
 
     python benchmarks/held_tensors.py                  # SD 1.5 and SDXL, about 5 minutes on 2 cores
     python benchmarks/held_tensors.py --archs sd15
+    python benchmarks/held_tensors.py --quick          # tiny models, seconds (the test suite checks these)
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def weights_of(bench: inference.Bench) -> set[int]:
 
 
 def held(weights: set[int]) -> int:
-    """Bytes of the distinct storages of live tensors that are not model weights."""
+    """Bytes of the distinct storages of live tensors that are not model weights (garbage collected first: only
+    what something still refers to counts)."""
+    gc.collect()
     storages: dict[int, int] = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
@@ -74,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archs", default="sd15,sdxl")
     ap.add_argument("--vith-layers", type=int, default=4, help="ViT-H depth: the encoder's activations are gone by then")
     ap.add_argument("--bigg-layers", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny models, 32 px")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "held-tensors-cpu.md")
     args = ap.parse_args(argv)
     inference.quiet()
     settings = inference.settings_of(inference.parse_args(
         ["--archs", args.archs, "--steps", "2", "--sdxl-steps", "2", "--vith-layers", str(args.vith_layers),
-         "--bigg-layers", str(args.bigg_layers)]))
+         "--bigg-layers", str(args.bigg_layers), *(["--quick"] if args.quick else [])]))
     lines = ["# Tensors held through the denoising loop", "",
              f"`python benchmarks/held_tensors.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              "MiB of live tensors outside the models when the UNet's first up block starts in the last step "

@@ -46,3 +46,17 @@ def test_memory_of_one_configuration(impl: str) -> None:
     assert found["loaded"] > 0 and all(v >= 0 for v in found.values())
     widths = 2 * sum(m.to_k.out_features for n, m in factories.sd15_unet().named_modules() if n.endswith("attn2"))
     assert found["kv1"] * 2**20 == pytest.approx(2 * 16 * widths * 4) and found["kv2"] == 2 * found["kv1"]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_generation_holds_no_more_tensors_than_diffusers(arch: str) -> None:
+    """Through the denoising loop ipadapter's default holds at most what diffusers' own IP-Adapter holds, in every
+    case of the inference benchmark (live tensors outside the models, counted exactly, tiny models); the K'/V' cache
+    holds more, by design."""
+    from benchmarks import held_tensors
+
+    setting = inference.settings_of(inference.parse_args(["--quick", "--archs", arch]))[0]
+    found = held_tensors.measure(setting)
+    for case in inference.CASES:
+        assert found["plain", False, case] < found["ipadapter", False, case] <= found["diffusers", False, case], case
+        assert found["ipadapter", True, case] > found["ipadapter", False, case], case

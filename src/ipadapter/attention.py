@@ -140,13 +140,18 @@ class KVCache:
 
 
 class Laid(NamedTuple):
-    """A reference group's tokens laid out on the UNet batch, (B, R·T, C) for R references, with each reference's
-    token count and value factor: what K'/V' are projected from."""
+    """A reference group's tokens on the UNet batch, what K'/V' are projected from: each reference's batch rows
+    (`Runtime.batch_halves`), its token count and its value factor."""
 
-    x: torch.Tensor
+    halves: tuple[tuple[torch.Tensor, ...], ...]
     sizes: tuple[int, ...]
     factors: tuple[float, ...]
     scaled: bool  # a factor other than 1
+
+    def tokens(self) -> torch.Tensor:
+        """(B, R·T, C), a new tensor: the references side by side, each projection weight then read once for all."""
+        rows = [torch.cat(h, dim=0) if len(h) > 1 else h[0] for h in self.halves]
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
 
 
 class Term(NamedTuple):
@@ -443,31 +448,25 @@ class IPAttnProcessor(nn.Module):
                   for g in groups]
         terms = []
         for refs, together, maps in parts:
-            laid = self._laid(p, refs, batch, shared=lazy)
+            laid = self._laid(p, refs, batch)
             if lazy:
                 terms.append(Term(None, None, maps, together, laid))
             else:
                 terms.append(Term(*self._kv(p, refs, laid, batch, heads, dtype, device), maps, together))
         return tuple(terms)
 
-    def _laid(self, p: AdapterPlan, refs: tuple[int, ...], batch: int, *, shared: bool) -> Laid:
-        """A reference group's tokens laid out on the batch side by side (R references: R·T tokens), each projection
-        weight then read once for all of them; `shared`: laid out once per generation for every layer that asks.
-        Projecting the laid-out batch rather than its distinct rows is diffusers' work at one step for the common batch
-        of two (CFG, one image), and leaves nothing to lay out after the projection."""
+    def _laid(self, p: AdapterPlan, refs: tuple[int, ...], batch: int) -> Laid:
+        """A reference group's tokens on the batch (their rows, not yet concatenated: a term kept for the generation
+        without K'/V' holds no copy of the tokens). Projecting the laid-out batch rather than its distinct rows is
+        diffusers' work at one step for the common batch of two (CFG, one image), and leaves nothing to lay out after
+        the projection."""
         # An uncond layer takes each reference at its plain weight (presets weight it there by the layer list).
         chosen = [p.prompt.references[i] for i in refs]
         factors = tuple(ref.weight if p.uncond_layer else ref.weight_at(self.layer.name) for ref in chosen)
-
-        def lay() -> tuple[torch.Tensor, tuple[int, ...]]:
-            tokens = [self.runtime.batch_tokens(ref.cond, ref.cond if p.uncond_layer else ref.uncond, batch)
-                      for ref in chosen]
-            x = tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)
-            return x.to(p.weights.to_k_ip.weight.dtype), tuple(t.shape[1] for t in tokens)
-
-        key = ("laid", p.name, refs, p.uncond_layer, self.runtime.cfg, batch)
-        x, sizes = self.runtime.shared(key, lay) if shared else lay()
-        return Laid(x, sizes, factors, any(f != 1.0 for f in factors))
+        dtype = p.weights.to_k_ip.weight.dtype
+        halves = tuple(tuple(t.to(dtype) for t in self.runtime.batch_halves(
+            ref.cond, ref.cond if p.uncond_layer else ref.uncond, batch)) for ref in chosen)
+        return Laid(halves, tuple(ref.cond.shape[1] for ref in chosen), factors, any(f != 1.0 for f in factors))
 
     def _kv(
         self, p: AdapterPlan, refs: tuple[int, ...], laid: Laid, batch: int, heads: int, dtype: torch.dtype,
@@ -490,8 +489,8 @@ class IPAttnProcessor(nn.Module):
     @staticmethod
     def _project(p: AdapterPlan, laid: Laid, heads: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K'/V' (B, h, R·T, d) of laid-out tokens, each reference's V' times its factor."""
-        weights = p.weights
-        k, v = weights.to_k_ip(laid.x), weights.to_v_ip(laid.x)
+        weights, x = p.weights, laid.tokens()
+        k, v = weights.to_k_ip(x), weights.to_v_ip(x)
         if laid.scaled:
             parts = v.split(laid.sizes, dim=1)
             v = torch.cat([part * factor for part, factor in zip(parts, laid.factors)], dim=1)

@@ -137,6 +137,11 @@ class Runtime:
 
     def batch_tokens(self, tokens: torch.Tensor, uncond: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Lay (R, T, C) tokens out along a UNet batch: [uncond rows; cond rows] under CFG, repeated per image."""
+        return torch.cat(self.batch_halves(tokens, uncond, batch), dim=0)  # (batch, T, C), a new tensor
+
+    def batch_halves(self, tokens: torch.Tensor, uncond: torch.Tensor | None, batch: int) -> list[torch.Tensor]:
+        """The parts of `batch_tokens` before their concatenation: [uncond rows, cond rows] under CFG, else [cond
+        rows], each repeated per image (once: the tensor given, no copy)."""
         halves = [(uncond if uncond is not None else torch.zeros_like(tokens)), tokens] if self.cfg else [tokens]
         if batch % len(halves):
             raise IPAdapterError(f"a classifier-free-guidance batch must be even, got {batch}")
@@ -148,5 +153,5 @@ class Runtime:
                     f"{t.shape[0]} image prompts cannot be spread over a batch of {per_half}; give one per prompt"
                 )
             repeats = per_half // t.shape[0]
-            laid.append(t.repeat_interleave(repeats, dim=0) if repeats > 1 else t)  # 1: no copy before the cat's
-        return torch.cat(laid, dim=0)  # (batch, T, C), a new tensor
+            laid.append(t.repeat_interleave(repeats, dim=0) if repeats > 1 else t)
+        return laid
