@@ -61,7 +61,8 @@ class SiglipEncoder(ImageEncoder):
         pixels = pixels.to(self.device, self.dtype)
         return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # (B, P, H)
 
-    def uncond(self, features: str) -> torch.Tensor:
+    def uncond(self, features: str, *, keep: bool = True) -> torch.Tensor:
+        """Zero patch features (nothing to keep: `keep` is the CLIP encoder's)."""
         return torch.zeros(1, self.patch_tokens, self.patch_dim, device=self.device, dtype=self.dtype)
 
 
