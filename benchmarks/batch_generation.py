@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ipadapter.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -148,8 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(*benchmark(args))
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_text(args.out, text)  # atomic: a killed run leaves the last result
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ipadapter.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -132,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- compiled vs eager output with the adapter: max abs diff {diff:.1e} (max abs output {scale:.3g})", "",
     ]
     text_out = "\n".join(lines)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(text_out)
+    write_text(out_path, text_out)  # atomic: a killed run leaves the last result
     print(text_out)
     return 0
 

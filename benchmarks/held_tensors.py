@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ipadapter.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -99,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {inference.ARCH_NAMES[s.arch]} {label} | {plain:.3f} | {theirs:.3f} | {ours:.3f} "
                          f"| {ours - theirs:+.3f} | {cached:.3f} |")
     text = "\n".join(lines + [""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text(args.out, text)  # atomic: a killed run leaves the last result
     print(text)
     return 0
 

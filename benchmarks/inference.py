@@ -81,6 +81,8 @@ from typing import Any
 
 import torch
 
+from ipadapter.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -703,8 +705,7 @@ def main(argv: list[str] | None = None) -> int:
               f"total {time.perf_counter() - start:.0f} s. Random weights, real architectures:", "",
               *(f"- {s.describe()}" for s in settings_of(args))]
     text = render(header, rows, memory, notes)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text(args.out, text)  # atomic: a killed run leaves the last result
     print(text)
     print(f"written to {args.out}")
     return 0

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from ipadapter.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -149,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append(f"- {label}: ipadapter's call is {verdict}")
     load = f"; load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
     text = "\n".join(lines + ["", *verdicts, f"- noise: the largest max − min over the repeats of any row{load}", ""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text(args.out, text)  # atomic: a killed run leaves the last result
     print(text)
     return 0
 

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from ipadapter.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -301,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = benchmark(args)
     command = " ".join(["python benchmarks/train_gpu.py", *(sys.argv[1:] if argv is None else argv)])
     text = render(command, args, rows, notes)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text(args.out, text)  # atomic: a killed run leaves the last result
     print(text)
     print(f"written to {args.out}")
     return 1 if any(r.step_s is None for r in rows) else 0

@@ -84,8 +84,8 @@ def load(
     `adapter`: a file, a folder or a Hub repo id, or a list of them; `subfolder` and `weight_name` locate the file
     inside it (one value, or one per adapter). `adapter_name` names them (default "0", "1", ...). `image_encoder`: a
     CLIP vision folder or Hub id ("owner/repo/subfolder" allowed), or left out to use the one beside the adapter or in
-    the pipeline's folder. `cache_kv=True` keeps K'/V' for the generation: faster per step, a few MiB more (`ImagePrompter`).
-    Detach with `prompter.detach()` or use the result as a context manager.
+    the pipeline's folder. `cache_kv=True` keeps K'/V' for the generation: faster per step, a few MiB more
+    (`ImagePrompter`). Detach with `prompter.detach()` or use the result as a context manager.
     """
     paths = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
     if not paths:
