@@ -46,8 +46,10 @@ first time, so a generation that is the first to call, say, a bicubic resize or 
 charged for library code pages that no later generation needs (at the `--quick` sizes that was most of the
 masked-reference row: 1.6 MiB above plain in a first generation, 0.5 MiB in the next).
 `ru_maxrss` cannot be reset, so it would report model construction's transient peaks (a state dict loaded next to
-its module) instead; a torch.profiler memory profile sees tensor allocations only. CUDA:
-`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus `memory_allocated` at that moment. A
+its module) instead; a torch.profiler memory profile sees tensor allocations only. CUDA: no children, one
+process measures each implementation in turn, each built and freed in its turn, since the allocator's counters see
+tensors alone: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus `memory_allocated` at that
+moment. A
 "models loaded" row gives the memory of what each child built. ipadapter runs with its default (K'/V' projected at
 every call, as diffusers does); a fourth child runs it with `cache_kv=True` (each layer's K'/V' kept for the
 generation), and the last column gives the size of what that cache holds in each case, computed from the adapter's
@@ -538,9 +540,14 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
 
 
 def memory_arch(s: Setting, context: Any) -> list[Row]:
-    """Memory rows of one architecture, each implementation measured in its own fresh process."""
+    """Memory rows of one architecture, each implementation measured in its own fresh process (CPU), or in turn in
+    this one (`context` None, CUDA: the allocator's counters see tensors alone, whatever the process holds)."""
     found = {}
     for impl in (*IMPLS, CACHED):
+        if context is None:
+            found[impl] = measure_memory(s, impl)
+            gc.collect()
+            continue
         with ProcessPoolExecutor(1, mp_context=context) as pool:
             found[impl] = pool.submit(measure_memory, s, impl).result()
     arch = ARCH_NAMES[s.arch]
@@ -676,7 +683,9 @@ def benchmark(args: argparse.Namespace) -> tuple[list[Row], list[Row], list[str]
     memory: list[Row] = []
     notes: list[str] = []
     if args.memory:
-        context = forkserver()
+        # CUDA: no child processes. Importing torch and diffusers asks CUDA for its devices, after which a forked
+        # child cannot use CUDA, and spawned ones re-import everything (over 20 s each on the GPU machine).
+        context = forkserver() if args.device == "cpu" else None
         for s in settings:
             t = time.perf_counter()
             memory += memory_arch(s, context)

@@ -48,6 +48,23 @@ def test_memory_of_one_configuration(impl: str) -> None:
     assert found["kv1"] * 2**20 == pytest.approx(2 * 16 * widths * 4) and found["kv2"] == 2 * found["kv1"]
 
 
+def test_memory_rows_measured_in_one_process_as_on_cuda(monkeypatch) -> None:
+    """CUDA's path (no child processes): every implementation built, measured and freed in turn, one row per case with
+    one value per implementation, and the K'/V' column from ipadapter's adapter (twice as much for two references)."""
+
+    def no_children(*args, **kwargs):
+        raise AssertionError("a child process was started")
+
+    monkeypatch.setattr(inference, "ProcessPoolExecutor", no_children)
+    setting = inference.settings_of(inference.parse_args(["--quick", "--archs", "sd15"]))[0]
+    rows = inference.memory_arch(setting, None)
+    assert [r.label.split(" ", 1)[1] for r in rows] == [
+        "models loaded (MiB)", *(f"{label}: peak above the models (MiB)" for label in inference.CASES.values())]
+    assert all(len(r.plain) == len(r.ours) == len(r.diffusers) == len(r.cached) == 1 for r in rows)
+    kv = {r.label.split()[1]: r.kv for r in rows}
+    assert kv["(a)"] > 0 and kv["(c)"] == 2 * kv["(a)"] and kv["models"] is None and kv["(b)"] is None
+
+
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_generation_holds_no_more_tensors_than_diffusers(arch: str) -> None:
     """Through the denoising loop ipadapter's default holds at most what diffusers' own IP-Adapter holds, in every
