@@ -676,8 +676,12 @@ def settings_of(args: argparse.Namespace) -> list[Setting]:
     return [known[a] for a in args.archs.split(",")]
 
 
-def benchmark(args: argparse.Namespace) -> tuple[list[Row], list[Row], list[str]]:
-    """Memory first (the children run while this process holds no model), then time; returns rows and notes."""
+Report = Callable[[list[Row], list[Row], list[str]], None]
+
+
+def benchmark(args: argparse.Namespace, report: Report | None = None) -> tuple[list[Row], list[Row], list[str]]:
+    """Memory first (the children run while this process holds no model), then time; returns rows and notes.
+    `report` is given the rows so far after each architecture: a run stopped at a time limit keeps what it measured."""
     quiet()
     settings = settings_of(args)
     memory: list[Row] = []
@@ -690,32 +694,44 @@ def benchmark(args: argparse.Namespace) -> tuple[list[Row], list[Row], list[str]
             t = time.perf_counter()
             memory += memory_arch(s, context)
             notes.append(f"- {ARCH_NAMES[s.arch]} memory processes: {time.perf_counter() - t:.0f} s")
+            if report:
+                report([], memory, notes)
     rows: list[Row] = []
     for s in settings if args.timing else []:
         t = time.perf_counter()
         rows += time_arch(s, args.repeats, generations=not args.steps_only)
         gc.collect()
         notes.append(f"- {ARCH_NAMES[s.arch]} timing: {time.perf_counter() - t:.0f} s")
+        if report:
+            report(rows, memory, notes)
     return rows, memory, verdicts(settings, rows, memory) + notes
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    rows, memory, notes = benchmark(args)
-    if args.device.startswith("cuda"):
-        device = torch.cuda.get_device_name()
-    else:
-        load = ", load average %.1f at the end" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-        device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}"
     command = " ".join(["python benchmarks/inference.py", *(sys.argv[1:] if argv is None else argv)])
-    header = [f"# Inference benchmark{' (quick smoke run)' if args.quick else ''}", "", f"`{command}`", "",
-              f"Device: {device}; {args.dtype}; {args.repeats} interleaved passes after a warm-up pass (times: medians; overheads and ratios: median of the pass-by-pass ratios [min, max]); "
-              f"total {time.perf_counter() - start:.0f} s. Random weights, real architectures:", "",
-              *(f"- {s.describe()}" for s in settings_of(args))]
-    text = render(header, rows, memory, notes)
-    write_text(args.out, text)  # atomic: a killed run leaves the last result
-    print(text)
+
+    def write(rows: list[Row], memory: list[Row], notes: list[str], final: bool = False) -> str:
+        """The table so far, written atomically: a killed run leaves the last architecture it finished."""
+        if args.device.startswith("cuda"):
+            device = torch.cuda.get_device_name()
+        else:
+            load = ", load average %.1f at the end" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+            device = (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                      f"{torch.get_num_threads()} torch threads{load}")
+        header = [f"# Inference benchmark{' (quick smoke run)' if args.quick else ''}", "", f"`{command}`", "",
+                  f"Device: {device}; {args.dtype}; {args.repeats} interleaved passes after a warm-up pass (times: "
+                  "medians; overheads and ratios: median of the pass-by-pass ratios [min, max]); "
+                  f"total {time.perf_counter() - start:.0f} s{'' if final else ' so far (the run did not finish)'}. "
+                  "Random weights, real architectures:", "",
+                  *(f"- {s.describe()}" for s in settings_of(args))]
+        text = render(header, rows, memory, notes)
+        write_text(args.out, text)
+        return text
+
+    rows, memory, notes = benchmark(args, write)
+    print(write(rows, memory, notes, final=True))
     print(f"written to {args.out}")
     return 0
 

@@ -30,8 +30,12 @@ def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
 def test_steps_only_times_the_unet_rows_after_a_warm_up_left_out(tmp_path) -> None:
     args = inference.parse_args(["--quick", "--no-memory", "--steps-only", "--archs", "sd15", "--repeats", "2",
                                  "--out", str(tmp_path / "bench.md")])
-    rows, _, notes = inference.benchmark(args)
+    reported = []
+    rows, _, notes = inference.benchmark(args, lambda *found: reported.append([list(x) for x in found]))
     assert [r.label.split()[1] for r in rows] == ["(d)", "(e)"]
+    # Reported once, when the architecture is done: its rows and the timing note, before the verdicts are added.
+    assert len(reported) == 1 and reported[0][:2] == [rows, []]
+    assert reported[0][2] == [n for n in notes if n.startswith("- SD1.5 timing:")]
     assert all(len(r.plain) == len(r.ours) == len(r.diffusers) == 2 for r in rows)
     assert any("adapter overhead per denoising step" in line for line in notes)
 
