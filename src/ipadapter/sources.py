@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 
 T = TypeVar("T")
 
@@ -85,7 +85,7 @@ def hub_answers(repo_id: str, what: str, *, subfolder: str | None = None, filena
     try:
         huggingface_hub.model_info(repo_id, timeout=10)
     except HfHubHTTPError as err:
-        reason = str(err).splitlines()[0][:160]
+        reason = first_clause(str(err))
         raise IPAdapterError(f"could not load {what} {repo_id} from the Hub: {reason}") from None
     except Exception:  # noqa: BLE001 - offline mode, DNS, refused or timed-out connections: all mean "not reachable"
         part = "/".join(p for p in (subfolder, filename) if p)
