@@ -457,9 +457,10 @@ def test_a_name_that_is_neither_a_path_nor_a_repo_id_is_not_found(sd15_unet, tmp
 
 def test_hub_ids_that_cannot_be_fetched_are_one_exact_sentence(sd15_unet, monkeypatch) -> None:
     """A repo id needs a weight name; a file missing from the local cache while the Hub cannot be reached, or any
-    other fetch error (its first line), is one sentence. `hf_hub_download` and `model_info` are replaced by stand-ins
-    that raise as a machine without network does: no network is touched."""
+    other fetch error (its first line), is one sentence. Offline mode off, `hf_hub_download` and `model_info` are
+    replaced by stand-ins that raise as a machine without network does: no network is touched."""
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     with pytest.raises(IPAdapterError) as caught:
@@ -478,6 +479,7 @@ def test_hub_ids_that_cannot_be_fetched_are_one_exact_sentence(sd15_unet, monkey
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     offline = ("is not in the local Hugging Face cache and the Hub cannot be reached; download it once with network "
                "access (hf download h94/IP-Adapter {}) or give a local file")
     for subfolder, part in (("models", "models/a.bin"), (None, "a.bin")):

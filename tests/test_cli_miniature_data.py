@@ -11,7 +11,7 @@ from ipadapter.cli.main import main
 
 @pytest.mark.parametrize("out, flags, words", [
     ("{tmp}/d", ["--seed", "-1"], "--seed must be a whole number from 0"),
-    ("/proc/zz", [], "/proc/zz"),  # not writable; root passes the access check, then mkdir fails
+    ("/proc/zz", [], "/proc/zz: the folder /proc is not writable"),  # not even for root: refused before any write
 ])
 def test_bad_seed_or_output_folder_is_one_line_and_writes_nothing(tmp_path, capsys, out, flags, words) -> None:
     out = Path(out.format(tmp=tmp_path))

@@ -222,10 +222,11 @@ def test_a_run_failing_in_generation_leaves_nothing_that_stops_a_rerun(setup, tm
 UNCACHED = "ipadapter-tests/no-such-judge"
 
 
-def test_an_uncached_hub_judge_offline_is_one_line_after_one_request(setup, tmp_path, monkeypatch, capsys) -> None:
-    """The Hub is asked once, without retries, and only after the local cache: offline that is one sentence at once.
-    `model_info` stands in for the Hub, failing as a machine without network does."""
+def test_an_uncached_hub_judge_unreachable_is_one_line_after_one_request(setup, tmp_path, monkeypatch, capsys) -> None:
+    """The Hub is asked once, without retries, and only after the local cache: without network that is one sentence at
+    once. Offline mode off, `model_info` stands in for the Hub, failing as a machine without network does."""
     import huggingface_hub
+    from huggingface_hub import constants
 
     asked = []
 
@@ -234,6 +235,7 @@ def test_an_uncached_hub_judge_offline_is_one_line_after_one_request(setup, tmp_
         raise OSError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     out = tmp_path / "run"
     assert main(_args(setup, out, "--judge", UNCACHED)) == 2
     assert capsys.readouterr().err.strip() == (

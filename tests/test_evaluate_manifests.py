@@ -160,7 +160,7 @@ def test_bad_coco_captions_are_one_line_and_write_nothing(tmp_path, capsys, case
     ("nothere", "m.jsonl", [], "COCO image folder not found: {tmp}/nothere"),
     ("captions.json", "m.jsonl", [], "COCO image folder {tmp}/captions.json is not a folder"),
     ("val", "captions.json/m.jsonl", [], "is a file, not a folder"),
-    ("val", "/proc/m.jsonl", [], "/proc/m.jsonl"),  # not writable; root passes the access check, then the write fails
+    ("val", "/proc/m.jsonl", [], "/proc/m.jsonl: the folder /proc is not writable"),  # not even for root
 ])
 def test_refused_coco_runs_leave_no_manifest(tmp_path, capsys, images, out, extra, words) -> None:
     from ipadapter.cli.main import main

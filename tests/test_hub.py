@@ -7,16 +7,20 @@ import pytest
 
 from ipadapter.errors import IPAdapterError
 from ipadapter.sources import from_cache_or_hub
+from tests import factories
 
 REPO = "ipadapter-tests/some-model"
 
 
 @pytest.fixture
 def hub(monkeypatch):
-    """`model_info` stand-in: records each request and raises the exception in `hub["raise"]` (None: answers)."""
+    """Offline mode off, `model_info` stand-in: records each request and raises the exception in `hub["raise"]`
+    (None: answers)."""
     import huggingface_hub
+    from huggingface_hub import constants
 
     state: dict = {"asked": [], "raise": OSError("[Errno -2] Name or service not known")}
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     def model_info(repo_id, **kwargs):
         state["asked"].append((repo_id, kwargs.get("timeout")))
@@ -68,15 +72,41 @@ def test_an_uncached_id_the_hub_cannot_serve_is_one_line_naming_the_download(hub
     assert calls == [True] and len(hub["asked"]) == 1
 
 
-def test_offline_mode_asks_nothing_over_the_network_and_fails_at_once(monkeypatch) -> None:
-    """With HF_HUB_OFFLINE (the tests' setting) huggingface_hub itself refuses the request: the same one line."""
+@pytest.mark.parametrize(("env", "switch"), [
+    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ({"HF_HUB_OFFLINE": "True", "TRANSFORMERS_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ({"TRANSFORMERS_OFFLINE": "yes"}, "TRANSFORMERS_OFFLINE is set"),
+    ({}, "huggingface_hub.constants.HF_HUB_OFFLINE is on"),
+])
+def test_offline_mode_is_named_and_nothing_is_sent(hub, tmp_path, monkeypatch, env, switch) -> None:
+    """huggingface_hub's offline flag on (it reads it once, at import): the message says offline mode, not an
+    unreachable Hub, names the variable that turned it on, and no request is sent, not even the one `model_info`."""
     from huggingface_hub import constants
 
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    load, calls = _loader(fails_locally=True)
+    with pytest.raises(IPAdapterError) as caught:
+        from_cache_or_hub(load, REPO, "the model", subfolder="models/enc")
+    assert str(caught.value) == (f"the model {REPO}/models/enc is not in the local Hugging Face cache and offline mode "
+                                 f"is on ({switch}); download it once with network access and offline mode off "
+                                 f"(hf download {REPO} --include 'models/enc/*') or give a local folder")
+    assert calls == [True] and hub["asked"] == [] and sent == []
+
+
+def test_huggingface_hubs_own_flag_decides_offline_mode(hub, monkeypatch) -> None:
+    """huggingface_hub reads the variables once, at import, and sends requests by its flag alone: with the flag off
+    the Hub is asked (and named unreachable) whatever the variables say now."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     load, _ = _loader(fails_locally=True)
     with pytest.raises(IPAdapterError, match=f"^the model {REPO} is not in the local Hugging Face cache and the Hub "
-                                             "cannot be reached"):
+                                             "cannot be reached; "):
         from_cache_or_hub(load, REPO, "the model")
+    assert hub["asked"] == [(REPO, 10)]
 
 
 def test_a_hub_that_has_no_such_model_says_so(monkeypatch) -> None:

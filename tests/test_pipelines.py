@@ -196,14 +196,16 @@ def test_no_face_found_is_one_sentence_naming_the_image(monkeypatch) -> None:
 
 
 def test_a_hub_pipeline_missing_from_the_cache_offline_is_one_complete_sentence() -> None:
-    """The tests run offline (conftest): diffusers' own paragraph was cut at 200 characters mid-sentence."""
+    """The tests run offline (conftest sets HF_HUB_OFFLINE): diffusers' own paragraph was cut at 200 characters
+    mid-sentence; the sentence says offline mode, not an unreachable Hub, is why nothing was fetched."""
     from ipadapter.pipelines import load_pipeline
 
     with pytest.raises(IPAdapterError) as caught:
         load_pipeline("ipadapter-tests/no-such-cached-pipeline")
     assert str(caught.value) == ("the diffusers pipeline ipadapter-tests/no-such-cached-pipeline is not in the local "
-                                 "Hugging Face cache and the Hub cannot be reached; download it once with network "
-                                 "access (hf download ipadapter-tests/no-such-cached-pipeline) or give a local folder")
+                                 "Hugging Face cache and offline mode is on (HF_HUB_OFFLINE is set); download it once "
+                                 "with network access and offline mode off (hf download "
+                                 "ipadapter-tests/no-such-cached-pipeline) or give a local folder")
 
 
 def test_a_long_loading_error_is_cut_at_a_word_and_closes_its_parenthesis(monkeypatch) -> None:

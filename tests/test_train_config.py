@@ -178,7 +178,7 @@ def base_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--resolution", "18"], "resolution 18 does not fit this base model: it must be a multiple of 4"),
+    (["--resolution", "18"], "--resolution 18 does not fit this base model: it must be a multiple of 4"),
     (["--data", "{empty}"], "is empty: no training samples"),
     (["--data", "{wrong}"], "entry 1 has no 'text' field"),
     (["--data", "{shards}"], "no tar shards matched"),
@@ -198,6 +198,32 @@ def test_cli_bad_input_is_one_line(base_folder, tmp_path, capsys, extra, message
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ipadapter: error: ") and message in err[0], err
+
+
+# The tiny base halves in its VAE and again in its UNet: a resolution must be a multiple of 4, 18 is not.
+UNFIT = "18 does not fit this base model: it must be a multiple of 4 (VAE downscale × UNet downscale); try 16 or 20"
+
+
+@pytest.mark.parametrize("flags, file, message", [
+    (["--resolution", "18"], "", f"--resolution {UNFIT}"),
+    ([], "resolution: 18\n", f"resolution {UNFIT}"),
+    (["--resolution", "18"], "resolution: 16\n", f"--resolution {UNFIT}"),
+    (["--stages", "18:1"], "", f"--stages entry 18:1: resolution {UNFIT}"),
+    ([], "stages: ['18:1']\n", f"stages entry 18:1: resolution {UNFIT}"),
+])
+def test_cli_names_an_unfit_resolution_as_the_user_gave_it(base_folder, tmp_path, capsys, flags, file,
+                                                           message) -> None:
+    """The base model refuses the resolution only once it is read: the one line calls the value by the flag typed, or
+    by the config file's key, and a stage's resolution by its `stages` entry."""
+    base, encoder, data = base_folder
+    argv = ["train", "--base", str(base), "--image-encoder", str(encoder), "--data", str(data), "--output",
+            str(tmp_path / "out"), "--max-steps", "1", "--num-workers", "0", *flags]
+    if file:
+        (tmp_path / "run.yaml").write_text(file)
+        argv += ["--config", str(tmp_path / "run.yaml")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ipadapter: error: {message}"]
 
 
 def test_cli_config_file_with_flag_override_trains(base_folder, tmp_path) -> None:

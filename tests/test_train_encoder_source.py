@@ -92,8 +92,8 @@ def test_dry_run_counts_a_hub_subfolder_encoder(folders, hub_encoder) -> None:
     ("{base}/unet", "is not a CLIP vision encoder (its config is a UNet2DConditionModel)"),
     ("{base}/text_encoder", "is not a CLIP vision encoder (its config is a clip_text_model)"),
     ("{base}", "is not a CLIP vision encoder (it has no model config)"),
-    ("nobody/nothing", "the image encoder nobody/nothing is not in the local Hugging Face cache and the Hub cannot "
-                       "be reached"),
+    ("nobody/nothing", "the image encoder nobody/nothing is not in the local Hugging Face cache and offline mode is "
+                       "on ("),
 ])
 def test_dry_run_refuses_what_is_no_clip_vision_encoder_in_one_line(folders, capsys, encoder, message) -> None:
     from ipadapter.train.memory import estimate

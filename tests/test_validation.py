@@ -4,6 +4,8 @@ environment variable. Every sentence is asserted whole: the CLI prints it as the
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ipadapter import IPAdapterError
@@ -68,8 +70,6 @@ def test_a_pixel_limit_that_is_not_a_positive_number_is_refused(monkeypatch, val
 
 
 def test_an_output_file_may_replace_a_file_but_not_a_pipe_or_a_folder(tmp_path) -> None:
-    import os
-
     from ipadapter.validation import output_file
 
     (tmp_path / "old.png").write_bytes(b"x")
@@ -93,6 +93,44 @@ def test_an_output_under_a_file_names_the_output_and_the_file(tmp_path) -> None:
     with pytest.raises(IPAdapterError) as err:
         output_file(tmp_path / "afile" / "sub" / "out.png", "--out", ".png")
     assert str(err.value) == f"--out {tmp_path / 'afile' / 'sub' / 'out.png'}: {tmp_path / 'afile'} is a file, not a folder"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_new_file_is_refused_even_where_os_access_says_yes() -> None:
+    """/proc takes no new file from anyone, yet os.access says root may write there: the check makes a file."""
+    from ipadapter.validation import output_folder
+
+    with pytest.raises(OSError):  # the truth, from an actual write
+        open("/proc/ipadapter-write-test", "x").close()
+    with pytest.raises(IPAdapterError) as err:
+        output_folder("/proc/run/out", "--out")
+    assert str(err.value) == "--out /proc/run/out: the folder /proc is not writable"
+
+
+def test_a_read_only_folder_is_refused_exactly_when_a_write_there_fails(tmp_path) -> None:
+    """Mode 0o500 stops a user but not root (which may write there): the check agrees with an actual write, whoever
+    runs it, and leaves nothing behind."""
+    from ipadapter.validation import output_folder
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        try:
+            (folder / "written").touch()
+            (folder / "written").unlink()
+            writable = True
+        except OSError:
+            writable = False
+        if writable:
+            assert output_folder(folder / "new", "--out") == folder / "new"
+        else:
+            with pytest.raises(IPAdapterError) as err:
+                output_folder(folder / "new", "--out")
+            assert str(err.value) == f"--out {folder / 'new'}: the folder {folder} is not writable"
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
 
 
 @pytest.mark.parametrize("cuda", [True, False])

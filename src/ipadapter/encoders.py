@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ipadapter.embed_cache import EmbeddingCache, image_key
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub
 
 _ENCODER_FAMILIES = {1024: "OpenCLIP ViT-H/14", 1280: "OpenCLIP ViT-bigG/14"}
@@ -98,7 +98,7 @@ class ImageEncoder:
             model, info, processor = from_cache_or_hub(read, str(source), "the image encoder", subfolder=subfolder)
         except (OSError, ValueError, RuntimeError) as err:
             reason = ("its weights do not fit a CLIP vision model (a text encoder?)" if isinstance(err, RuntimeError)
-                      else str(err).splitlines()[0][:160])
+                      else first_clause(str(err)))
             raise IPAdapterError(
                 f"could not load a CLIP vision encoder from {_where(source, subfolder)} (not found offline, or not a "
                 f"CLIP vision model): {reason}"
@@ -123,7 +123,7 @@ class ImageEncoder:
                                      "the image encoder", subfolder=subfolder)
         except (OSError, ValueError) as err:
             raise IPAdapterError(f"could not read the CLIP vision config of {_where(source, subfolder)}: "
-                                 f"{str(err).splitlines()[0][:160]}") from None
+                                 f"{first_clause(str(err))}") from None
 
     @property
     def device(self) -> torch.device:

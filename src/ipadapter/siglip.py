@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ipadapter.encoders import ImageEncoder, _where
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub
 
 
@@ -42,7 +42,7 @@ class SiglipEncoder(ImageEncoder):
             model, processor = from_cache_or_hub(read, str(source), "the image encoder", subfolder=subfolder)
         except (OSError, ValueError, RuntimeError) as err:
             raise IPAdapterError(f"could not load a SigLIP vision encoder from {_where(source, subfolder)}: "
-                                 f"{str(err).splitlines()[0][:160]}") from None
+                                 f"{first_clause(str(err))}") from None
         return cls(model.to(device), processor, name=_where(source, subfolder))
 
     @property

@@ -8,12 +8,13 @@ adapter SigLIP so400m, Kolors' adapter the ViT-L/14-336 in its own repository.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 
 T = TypeVar("T")
 
@@ -75,26 +76,45 @@ def is_hub_id(source: str) -> bool:
     return True
 
 
+def _offline_switch() -> str | None:
+    """What put huggingface_hub in offline mode, for the message (None: it is online). Its own flag decides
+    (`constants.HF_HUB_OFFLINE`, read once at import from the first of HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE
+    that is set), so the variable named is the one it read."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    named = next((name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(name)), None)
+    return f"{named} is set" if named else "huggingface_hub.constants.HF_HUB_OFFLINE is on"
+
+
 def hub_answers(repo_id: str, what: str, *, subfolder: str | None = None, filename: str | None = None) -> None:
     """One request for `repo_id`'s model page, without retries: raises when the Hub cannot be reached or has no such
-    model, so an uncached model fails in one line and at once offline (huggingface_hub retries each download for
-    about 50 s, logging every try). `subfolder` and `filename` say which part is needed, for the download command."""
+    model, so an uncached model fails in one line and at once (huggingface_hub retries each download for about 50 s,
+    logging every try). In offline mode no request is sent and the message says offline mode is why. `subfolder` and
+    `filename` say which part is needed, for the download command."""
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError
 
+    part = "/".join(p for p in (subfolder, filename) if p)
+    command = (f"hf download {repo_id} {part}" if filename else
+               f"hf download {repo_id} --include '{subfolder}/*'" if subfolder else f"hf download {repo_id}")
+    missing = f"{what} {repo_id}{'/' + part if part else ''} is not in the local Hugging Face cache"
+    local = "file" if filename else "folder"
+    switch = _offline_switch()
+    if switch:
+        raise IPAdapterError(
+            f"{missing} and offline mode is on ({switch}); download it once with network access and offline mode off "
+            f"({command}) or give a local {local}"
+        )
     try:
         huggingface_hub.model_info(repo_id, timeout=10)
     except HfHubHTTPError as err:
-        reason = str(err).splitlines()[0][:160]
-        raise IPAdapterError(f"could not load {what} {repo_id} from the Hub: {reason}") from None
-    except Exception:  # noqa: BLE001 - offline mode, DNS, refused or timed-out connections: all mean "not reachable"
-        part = "/".join(p for p in (subfolder, filename) if p)
-        command = (f"hf download {repo_id} {part}" if filename else
-                   f"hf download {repo_id} --include '{subfolder}/*'" if subfolder else f"hf download {repo_id}")
+        raise IPAdapterError(f"could not load {what} {repo_id} from the Hub: {first_clause(str(err))}") from None
+    except Exception:  # noqa: BLE001 - DNS, refused or timed-out connections: all mean "not reachable"
         raise IPAdapterError(
-            f"{what} {repo_id}{'/' + part if part else ''} is not in the local Hugging Face cache and the Hub cannot "
-            f"be reached; download it once with network access ({command}) or give a local "
-            f"{'file' if filename else 'folder'}"
+            f"{missing} and the Hub cannot be reached; download it once with network access ({command}) or give a "
+            f"local {local}"
         ) from None
 
 

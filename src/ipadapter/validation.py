@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -91,7 +92,9 @@ def output_file(path: str | os.PathLike, flag: str, suffix: str | None = None) -
 
 
 def output_folder(folder: str | os.PathLike, flag: str, shown: str | os.PathLike | None = None) -> Path:
-    """A folder that exists or can be created, and can be written; nothing is created here."""
+    """A folder that exists or can be created, and can be written; nothing is left here. Writable is tried, not
+    asked: a file is made in the nearest existing folder and removed, since os.access answers yes to root (and for
+    the real, not the effective, user) where a write fails, e.g. in /proc."""
     folder = Path(folder)
     shown = shown or folder
     probe = folder.absolute()
@@ -99,8 +102,11 @@ def output_folder(folder: str | os.PathLike, flag: str, shown: str | os.PathLike
         probe = probe.parent
     if not probe.is_dir():
         raise IPAdapterError(f"{flag} {shown}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise IPAdapterError(f"{flag} {shown}: the folder {probe} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".ipadapter-write-probe-"):
+            pass
+    except OSError:
+        raise IPAdapterError(f"{flag} {shown}: the folder {probe} is not writable") from None
     return folder
 
 

@@ -99,13 +99,25 @@ def with_bundled(config: Any) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ipadapter.errors import IPAdapterError
-    from ipadapter.train import TrainConfig, train
-    from ipadapter.variants import get_variant
+    """The run, its errors about a config field worded with the flag when the value came from one."""
+    from ipadapter.errors import FieldError, IPAdapterError
+    from ipadapter.train import TrainConfig
+    from ipadapter.train.config import flag
 
     show_own_logs()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = with_bundled(TrainConfig.load(args.config, overrides))
+    try:
+        return _train_or_estimate(args, config)
+    except FieldError as err:
+        raise IPAdapterError(err.worded({name: flag(name) for name, v in overrides.items() if v is not None})) from None
+
+
+def _train_or_estimate(args: argparse.Namespace, config: Any) -> int:
+    from ipadapter.errors import IPAdapterError
+    from ipadapter.train import train
+    from ipadapter.variants import get_variant
+
     flux = get_variant(config.variant).denoiser == "flux"
     if args.dry_run and flux:
         raise IPAdapterError("--dry-run estimates UNet runs only, not FLUX")

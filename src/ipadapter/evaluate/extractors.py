@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.evaluate.metrics import EmbedFn
 
 DINO_DEFAULT = "facebook/dinov2-base"
@@ -87,7 +87,7 @@ def inception_features(path: str | os.PathLike | None = None, device: str = "cpu
     try:
         model = torch.jit.load(str(found), map_location=device).eval()
     except RuntimeError as err:
-        raise IPAdapterError(f"{found} is not a TorchScript Inception model: {str(err).splitlines()[0][:160]}") from None
+        raise IPAdapterError(f"{found} is not a TorchScript Inception model: {first_clause(str(err))}") from None
 
     @torch.no_grad()
     def features(images: Sequence[Image.Image]) -> np.ndarray:

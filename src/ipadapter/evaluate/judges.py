@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub
 from ipadapter.validation import model_source
 
@@ -69,7 +69,7 @@ class ClipJudge:
             model, tokenizer, image_processor = from_cache_or_hub(
                 lambda local: _read_judge(source, processor, local), source, "the judge")
         except (OSError, ValueError) as err:
-            raise IPAdapterError(f"could not load the judge {source}: {str(err).splitlines()[0][:160]}") from None
+            raise IPAdapterError(f"could not load the judge {source}: {first_clause(str(err))}") from None
         return cls(model.to(device), tokenizer, image_processor, name=source)
 
     @property

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ipadapter.atomic import save_safetensors, swap_in, write_text
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.finite import require_finite
 from ipadapter.train import rng_state
 
@@ -303,7 +303,7 @@ def load_checkpoint(accelerator: Any, path: Path, adapter: nn.Module, ema: Any |
         with _without_legacy_ema(path) as folder:
             accelerator.load_state(str(folder))
     except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-        raise IPAdapterError(f"cannot restore the training state {path} ({str(err).splitlines()[0][:160]})") from None
+        raise IPAdapterError(f"cannot restore the training state {path} ({first_clause(str(err))})") from None
     if ema is not None:
         saved = _ema_tensors(path)
         ema.load_state_dict({"decay": ema.decay, "shadow": [saved[f"shadow.{i}"] for i in range(len(ema.shadow))]})

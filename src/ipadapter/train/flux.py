@@ -19,7 +19,7 @@ import torch
 
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.encoders import ImageEncoder
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import Batches, Decoder, collate, describe_skips
 from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult
@@ -130,7 +130,7 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
         result.own = save_adapter(adapter, output / OWN_NAME)
         write_model_card(output, config, adapter, result, data_size=len(records) if records is not None else None)
     except OSError as err:
-        raise IPAdapterError(f"could not write the final adapter to {output} ({str(err).splitlines()[0][:160]})") from None
+        raise IPAdapterError(f"could not write the final adapter to {output} ({first_clause(str(err))})") from None
     logger.info("done at step %d: %s; adapter written to %s", result.step, describe_skips(stream.skipped),
                 result.published)
     return result

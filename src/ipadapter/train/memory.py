@@ -163,7 +163,7 @@ def _image_encoder(source: str) -> nn.Module:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from ipadapter.encoders import clip_tower_config
-    from ipadapter.errors import IPAdapterError
+    from ipadapter.errors import IPAdapterError, first_clause
     from ipadapter.sources import from_cache_or_hub, split_hub_path
 
     repo, subfolder = split_hub_path(source)
@@ -178,7 +178,7 @@ def _image_encoder(source: str) -> nn.Module:
         kind, config = from_cache_or_hub(read, repo, "the image encoder", subfolder=subfolder)
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not read a CLIP vision encoder's config from {source} (not found offline, or not "
-                             f"a CLIP vision model): {str(err).splitlines()[0][:160]}") from None
+                             f"a CLIP vision model): {first_clause(str(err))}") from None
     if config is None:
         what = f"its config is a {kind}" if kind else "it has no model config"
         raise IPAdapterError(f"{source} is not a CLIP vision encoder ({what}); give a CLIPVisionModelWithProjection "

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import FieldError, IPAdapterError
 from ipadapter.sources import from_cache_or_hub
 
 
@@ -80,13 +80,12 @@ def resolution_step(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> 
 
 
 def check_resolution(resolution: int, unet_config: dict[str, Any], vae_config: dict[str, Any]) -> None:
+    """A `FieldError` on `resolution` when the base cannot take it, so the CLI names the flag when one was typed."""
     step = resolution_step(unet_config, vae_config)
     if resolution % step:
         lower, upper = max(step, resolution - resolution % step), resolution - resolution % step + step
-        raise IPAdapterError(
-            f"resolution {resolution} does not fit this base model: it must be a multiple of {step} (VAE downscale × "
-            f"UNet downscale); try {lower} or {upper}"
-        )
+        raise FieldError("resolution", f"{resolution} does not fit this base model: it must be a multiple of {step} "
+                                       f"(VAE downscale × UNet downscale); try {lower} or {upper}")
 
 
 def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseModels:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter.atomic import copy_file, save_png, write_text
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import FieldError, IPAdapterError
 from ipadapter.train.config import TrainConfig, parse_stage
 from ipadapter.train.model_folder import loss_curve, read_losses
 from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult
@@ -56,7 +56,13 @@ def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResul
             continue
         logger.info("stage %s: %d px for %d steps%s", stage.output, stage.resolution, stage.max_steps,
                     f", from {stage.init_from}" if stage.init_from else "")
-        result = train_one(stage, **kwargs)
+        try:
+            result = train_one(stage, **kwargs)
+        except FieldError as err:  # a stage's resolution is an entry of `stages`, not the run's `resolution`
+            if err.fields != ("resolution",):
+                raise
+            entry = f"{stage.resolution}:{stage.max_steps}"
+            raise FieldError("stages", f"entry {entry}: resolution {err.problem}") from None
     last, out = Path(stages[-1].output), Path(config.output)
     for name in FOLDER_FILES:
         if (last / name).is_file():

@@ -26,7 +26,7 @@ from torch import nn
 from ipadapter.adapter import IPAdapter
 from ipadapter.attach import Attachment, attach
 from ipadapter.encoders import ImageEncoder
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.runtime import AdapterPrompt, Reference
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import Batches, collate, describe_skips
@@ -381,7 +381,7 @@ def _finish(run: _Run, adapter: IPAdapter, opt: _Optimization, result: TrainResu
         from ipadapter.train.checkpoint import latest_checkpoint
 
         raise IPAdapterError(
-            f"could not write the final adapter to {output} ({str(err).splitlines()[0][:160]}); the training state "
+            f"could not write the final adapter to {output} ({first_clause(str(err))}); the training state "
             f"{latest_checkpoint(output)} is intact: free space and run again with --resume latest"
         ) from None
     message = (f"done at step {result.step}: {describe_skips(totals)}, {result.nonfinite_steps} non-finite step(s) "
