@@ -13,7 +13,8 @@ from PIL import Image
 from ipadapter.train import TrainConfig, step, train, trainer
 from ipadapter.train.buckets import bucket_sizes, grouped_order, nearest_bucket
 from ipadapter.train.model_folder import read_losses
-from ipadapter.train.stages import run_losses, stage_configs
+from ipadapter.errors import FieldError
+from ipadapter.train.stages import run_losses, run_stages, stage_configs
 from tests import factories
 
 
@@ -172,6 +173,18 @@ def test_stages_run_in_order_from_the_previous_stage(tmp_path, monkeypatch) -> N
     assert sizes == []
     assert (again.step, again.output, again.published, again.own) == (
         1, out, out / "ip-adapter.safetensors", out / "adapter.ipadapter.safetensors")
+
+
+def test_an_unfit_later_stage_is_refused_before_the_first_trains(tmp_path) -> None:
+    """The tiny base takes multiples of 4 (VAE and UNet each halve): 18 px in the second stage stops the run before the
+    16 px stage spends its steps, naming the entry."""
+    trained = []
+    models, encoder = factories.in_memory()
+    config = TrainConfig(data=str(tmp_path / "none.jsonl"), output=str(tmp_path / "out"), stages=["16:2", "18:1"])
+    with pytest.raises(FieldError, match=r"^stages entry 18:1: resolution 18 does not fit this base model.*try 16 "
+                                         r"or 20$"):
+        run_stages(config, lambda stage, **kw: trained.append(stage), models=models, image_encoder=encoder)
+    assert trained == [] and not (tmp_path / "out").exists()
 
 
 def test_the_last_stage_is_copied_whole_or_not_at_all(tmp_path, monkeypatch) -> None:

@@ -19,6 +19,7 @@ from ipadapter.atomic import copy_file, save_png, write_text
 from ipadapter.errors import FieldError, IPAdapterError
 from ipadapter.train.config import TrainConfig, parse_stage
 from ipadapter.train.model_folder import loss_curve, read_losses
+from ipadapter.train.models import base_configs, check_resolution
 from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult
 
 logger = logging.getLogger("ipadapter.train")
@@ -40,6 +41,21 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
     return runs
 
 
+def check_stage_resolutions(stages: list[TrainConfig], models: Any = None) -> None:
+    """Every stage's resolution against the base before the first stage trains: an unfit later stage would otherwise
+    stop the run after the earlier stages' hours. The base's configs suffice (no weights read)."""
+    if models is not None and models.vae is not None:
+        unet_config, vae_config = dict(models.unet.config), dict(models.vae.config)
+    else:
+        unet_config, vae_config = base_configs(stages[0].base)
+    for stage in stages:
+        try:
+            check_resolution(stage.resolution, unet_config, vae_config)
+        except FieldError as err:  # a stage's resolution is an entry of `stages`, not the run's `resolution`
+            entry = f"{stage.resolution}:{stage.max_steps}"
+            raise FieldError("stages", f"entry {entry}: resolution {err.problem}") from None
+
+
 def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResult:
     """Each stage with `train_one(config, **kwargs)`; finished stages (final adapter written) are skipped. Returns the
     last stage's result pointing at the copied model folder (only the paths when every stage had finished before)."""
@@ -49,20 +65,16 @@ def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResul
     if started and not config.resume:  # as a plain run: a fresh start never builds on an earlier run's stages
         raise IPAdapterError(f"{config.output} already holds a staged training run ({started[0]}); continue it with "
                              "--resume latest or choose another --output")
+    pending = [s for s in stages if not (Path(s.output) / OWN_NAME).is_file()]
+    if pending:
+        check_stage_resolutions(pending, kwargs.get("models"))
     for stage in stages:
-        done = Path(stage.output) / OWN_NAME
-        if done.is_file():
+        if stage not in pending:
             logger.info("stage %s already finished; next stage", stage.output)
             continue
         logger.info("stage %s: %d px for %d steps%s", stage.output, stage.resolution, stage.max_steps,
                     f", from {stage.init_from}" if stage.init_from else "")
-        try:
-            result = train_one(stage, **kwargs)
-        except FieldError as err:  # a stage's resolution is an entry of `stages`, not the run's `resolution`
-            if err.fields != ("resolution",):
-                raise
-            entry = f"{stage.resolution}:{stage.max_steps}"
-            raise FieldError("stages", f"entry {entry}: resolution {err.problem}") from None
+        result = train_one(stage, **kwargs)
     last, out = Path(stages[-1].output), Path(config.output)
     for name in FOLDER_FILES:
         if (last / name).is_file():
