@@ -87,3 +87,30 @@ def test_dry_run_of_the_simple_adapter_counts_only_its_projection(folders) -> No
     adapter = IPAdapter.for_unet(unet, adapter_config_for("base", cross_dim=factories.CROSS,
                                                           embed_dim=encoder.global_dim))
     assert found.trainable_params == sum(p.numel() for p in adapter.image_proj.parameters())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resolution", "18"], "--resolution 18 does not fit this base model"),
+    (["--stages", "16:1", "18:1"], "--stages entry 18:1: resolution 18 does not fit this base model"),
+])
+def test_cli_dry_run_refuses_a_resolution_the_run_would_refuse(folders, capsys, flags, message) -> None:
+    """The tiny base takes multiples of 4 (VAE and UNet each halve): the estimate of a run that cannot start is not
+    printed, and the one line names what the user typed."""
+    from ipadapter.cli.main import main
+
+    base, enc = folders
+    assert main(["train", "--dry-run", "--base", str(base), "--image-encoder", str(enc), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"ipadapter: error: {message}")
+
+
+def test_dry_run_of_stages_is_the_largest_stage(folders) -> None:
+    """A staged run's peak is its largest stage's: the estimate equals that of a plain run at that size."""
+    from ipadapter.train.memory import report
+
+    base, enc = folders
+    plain = TrainConfig(base=str(base), image_encoder=str(enc), resolution=24)
+    staged = plain.replace(resolution=factories.RES, stages=["16:2", "24:1"])
+    assert estimate(staged, batch_sizes=(2,)) == estimate(plain, batch_sizes=(2,))
+    assert estimate(staged, batch_sizes=(2,)) != estimate(plain.replace(resolution=16), batch_sizes=(2,))
+    assert "24 px (the largest of the stages 16:2, 24:1)" in report(staged, estimate(staged, batch_sizes=(2,)))

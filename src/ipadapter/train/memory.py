@@ -100,10 +100,16 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estima
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ipadapter.adapter import IPAdapter
-    from ipadapter.train.models import base_configs, resolution_step
+    from ipadapter.train.models import base_configs, check_resolution
     from ipadapter.train.shapes import adapter_config_for
+    from ipadapter.train.stages import check_stage_resolutions, stage_configs
 
     unet_config, vae_config = base_configs(config.base)
+    if config.stages:  # refused as the run would refuse them, and estimated at the largest stage
+        check_stage_resolutions(stage_configs(config), unet_config, vae_config)
+    else:
+        check_resolution(config.resolution, unet_config, vae_config)
+    side = largest_resolution(config)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     sdxl = unet_config.get("addition_embed_type") == "text_time"
     with torch.device("meta"):
@@ -131,8 +137,6 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estima
     unet.train()
     trainable = sum(p.numel() for p in adapter.parameters())
     scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    step = resolution_step(unet_config, vae_config)
-    side = max(step, config.resolution // step * step)
     activations = {b: activation_bytes(unet, adapter, batch=b, resolution=(side, side), vae_scale=scale, dtype=dtype,
                                        sdxl=sdxl) for b in batch_sizes}
     return Estimate(frozen_params=count(frozen), trainable_params=trainable,
@@ -190,10 +194,19 @@ def size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def largest_resolution(config: Any) -> int:
+    """The size the run's peak comes from: its largest stage's when it has stages."""
+    from ipadapter.train.config import parse_stage
+
+    return max((parse_stage(s)[0] for s in config.stages), default=config.resolution)
+
+
 def report(config: Any, result: Estimate) -> str:
     """What `--dry-run` prints."""
+    size_px = (f"{largest_resolution(config)} px (the largest of the stages {', '.join(config.stages)})"
+               if config.stages else f"{config.resolution} px")
     lines = [
-        f"base {config.base}, variant {config.variant}, {config.resolution} px, precision {config.mixed_precision}, "
+        f"base {config.base}, variant {config.variant}, {size_px}, precision {config.mixed_precision}, "
         f"optimizer {config.optimizer}, gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
         f"feature cache {'on' if config.cache else 'off'}",
         f"parameters: {result.frozen_params + result.trainable_params:,} "

@@ -41,13 +41,9 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
     return runs
 
 
-def check_stage_resolutions(stages: list[TrainConfig], models: Any = None) -> None:
-    """Every stage's resolution against the base before the first stage trains: an unfit later stage would otherwise
-    stop the run after the earlier stages' hours. The base's configs suffice (no weights read)."""
-    if models is not None and models.vae is not None:
-        unet_config, vae_config = dict(models.unet.config), dict(models.vae.config)
-    else:
-        unet_config, vae_config = base_configs(stages[0].base)
+def check_stage_resolutions(stages: list[TrainConfig], unet_config: dict[str, Any], vae_config: dict[str, Any]) -> None:
+    """Every stage's resolution against the base's configs, before the first stage trains: an unfit later stage would
+    otherwise stop the run after the earlier stages' hours."""
     for stage in stages:
         try:
             check_resolution(stage.resolution, unet_config, vae_config)
@@ -66,8 +62,11 @@ def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResul
         raise IPAdapterError(f"{config.output} already holds a staged training run ({started[0]}); continue it with "
                              "--resume latest or choose another --output")
     pending = [s for s in stages if not (Path(s.output) / OWN_NAME).is_file()]
-    if pending:
-        check_stage_resolutions(pending, kwargs.get("models"))
+    if pending:  # the base's configs suffice (no weights read)
+        models = kwargs.get("models")
+        configs = ((dict(models.unet.config), dict(models.vae.config)) if models is not None and models.vae is not None
+                   else base_configs(config.base))
+        check_stage_resolutions(pending, *configs)
     for stage in stages:
         if stage not in pending:
             logger.info("stage %s already finished; next stage", stage.output)
