@@ -104,6 +104,32 @@ def test_options_a_flux_run_does_not_have_are_refused(tmp_path, capsys, flags: l
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("from_file", [False, True])
+def test_a_resolution_the_flux_base_cannot_take_is_named_as_given(tmp_path, capsys, from_file: bool) -> None:
+    """FLUX latents are the VAE's downscale, packed 2 × 2: a size off that grid is refused before training, by the
+    flag when typed, by the config file's key otherwise."""
+    base = df.save_flux_base(tmp_path)
+    _data(tmp_path / "data")
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    step = 2 ** (len(vae["block_out_channels"]) - 1) * 2
+    size = step + step // 2
+    argv = ["train", "--variant", "flux", "--base", str(base), "--image-encoder", str(base / "image_encoder"),
+            "--data", str(tmp_path / "data" / "train.jsonl"), "--max-steps", "1", "--num-workers", "0",
+            "--output", str(tmp_path / "run")]
+    if from_file:
+        (tmp_path / "run.yaml").write_text(f"resolution: {size}\n")
+        argv += ["--config", str(tmp_path / "run.yaml")]
+    else:
+        argv += ["--resolution", str(size)]
+    capsys.readouterr()  # the factory's own output
+    assert main(argv) == 2
+    called = "resolution" if from_file else "--resolution"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ipadapter: error: {called} {size} does not fit this FLUX base: it must be a multiple of {step} (VAE "
+        "downscale × 2, latents packed 2 × 2)"]
+    assert not any((tmp_path / "run").glob("*.safetensors"))
+
+
 def test_dry_run_is_refused_for_flux(tmp_path, capsys) -> None:
     assert main(["train", "--variant", "flux-v2", "--base", str(tmp_path), "--dry-run"]) == 2
     assert "UNet runs only" in capsys.readouterr().err

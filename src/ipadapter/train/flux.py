@@ -19,7 +19,7 @@ import torch
 
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.encoders import ImageEncoder
-from ipadapter.errors import IPAdapterError, first_clause
+from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import Batches, Decoder, collate, describe_skips
 from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult
@@ -80,7 +80,8 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     pipe = load_flux_pipeline(config.base, dtype)
     step = pipe.vae_scale_factor * 2  # latents are packed 2 × 2
     if config.resolution % step:
-        raise IPAdapterError(f"--resolution must be a multiple of {step} for this FLUX base, not {config.resolution}")
+        raise FieldError("resolution", f"{config.resolution} does not fit this FLUX base: it must be a multiple of "
+                                       f"{step} (VAE downscale × 2, latents packed 2 × 2)")
     encoder = load_image_encoder(config)
     pipe.to(device)
     encoder.model.to(device, dtype)
