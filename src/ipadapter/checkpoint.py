@@ -28,7 +28,7 @@ from ipadapter.atomic import save_safetensors
 from ipadapter.attach import check_compatible, check_cross_dim
 from ipadapter.dit.blocks import DESCRIPTIONS
 from ipadapter.dit.layouts import published_layout
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.finite import require_finite
 from ipadapter.layers import attention_layers
 from ipadapter.projection.detect import detect_projection
@@ -69,7 +69,7 @@ def resolve(source: str | os.PathLike, *, subfolder: str | None = None, weight_n
             str(source), filename=weight_name, subfolder=subfolder, local_files_only=local), str(source), "the adapter",
             subfolder=subfolder, filename=weight_name))
     except (ValueError, OSError) as err:
-        raise IPAdapterError(f"could not fetch {weight_name} from {source}: {str(err).splitlines()[0]}") from None
+        raise IPAdapterError(f"could not fetch {weight_name} from {source}: {first_clause(str(err))}") from None
 
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -15,7 +15,7 @@ from ipadapter.checkpoint import load_adapter
 from ipadapter.dit.blocks import denoiser_of, is_dit
 from ipadapter.dit.checkpoint import load_dit_adapter
 from ipadapter.encoders import FaceAnalyzer, ImageEncoder
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.pipelines import add_controlnet, check_lora_file, fuse_base_lora, load_pipeline
 from ipadapter.prompter import ImagePrompter
 from ipadapter.siglip import encoder_class
@@ -188,7 +188,7 @@ def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
     try:
         vae, unet = from_cache_or_hub(read, source, "the base model")
     except (OSError, ValueError) as err:
-        raise IPAdapterError(f"cannot read the base model {source}: {str(err).splitlines()[0][:200]}") from None
+        raise IPAdapterError(f"cannot read the base model {source}: {first_clause(str(err))}") from None
     step = 2 ** (len(vae["block_out_channels"]) - 1)
     if transformer:
         return _transformer_geometry(source, step)

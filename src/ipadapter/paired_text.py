@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ipadapter.encoders import ImageEncoder, clip_tower_config
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub, split_hub_path
 
 TextModel = tuple[Any, Any]  # (CLIPTextModelWithProjection, CLIPTokenizer)
@@ -59,7 +59,7 @@ def load_text_model(source: str, dim: int) -> TextModel:
     try:
         model, info, tokenizer = from_cache_or_hub(read, repo, "the CLIP text model", subfolder=subfolder)
     except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights of other shapes than the config's
-        reason = "its weights do not fit its config" if isinstance(err, RuntimeError) else str(err).splitlines()[0][:200]
+        reason = "its weights do not fit its config" if isinstance(err, RuntimeError) else first_clause(str(err))
         raise IPAdapterError(f"cannot load a CLIP text model from {source} ({reason})") from None
     if "text_projection.weight" in info["missing_keys"]:
         raise IPAdapterError(f"{source} holds no trained text projection (a plain CLIPTextModel, such as a Stable "

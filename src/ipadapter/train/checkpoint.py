@@ -210,7 +210,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise IPAdapterError(f"{path} is missing") from None
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise IPAdapterError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0][:120]})") from None
+        raise IPAdapterError(f"{path} is not a readable safetensors file ({first_clause(str(err), 120)})") from None
 
 
 def _check_like(path: Path, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -228,7 +228,7 @@ def _optimizer_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
     except FileNotFoundError:
         raise IPAdapterError(f"{path} is missing") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise IPAdapterError(f"{path} is not a readable optimizer state ({str(err).splitlines()[0][:120]})") from None
+        raise IPAdapterError(f"{path} is not a readable optimizer state ({first_clause(str(err), 120)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
         raise IPAdapterError(f"{path} is not an optimizer state")
     return [(f"state.{i}.{k}", v) for i, entry in state["state"].items() for k, v in dict(entry).items()]
@@ -267,7 +267,7 @@ def _legacy_load(path: Path, what: str) -> Any:
     try:
         return load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise IPAdapterError(f"{path} is not a readable {what} ({str(err).splitlines()[0][:120]})") from None
+        raise IPAdapterError(f"{path} is not a readable {what} ({first_clause(str(err), 120)})") from None
 
 
 @contextmanager
@@ -351,7 +351,7 @@ def save_checkpoint(accelerator: Any, output: str | Path, state: dict[str, Any],
         previous = latest_checkpoint(output)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         full = getattr(failure, "errno", None) == errno.ENOSPC or "No space left" in str(failure)
-        reason = "the disk is full" if full else str(failure).splitlines()[0][:200]
+        reason = "the disk is full" if full else first_clause(str(failure))
         raise IPAdapterError(f"could not save the checkpoint at step {step} to {root} ({reason}); {kept}")
     if accelerator.is_main_process:
         try:

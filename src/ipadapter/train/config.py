@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ipadapter.errors import FieldError, IPAdapterError
+from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.validation import model_source, read_utf8
 from ipadapter.variants import ATTENTION_MODES, TRAINABLE, get_variant
 
@@ -258,7 +258,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except IPAdapterError:
         raise
     except Exception as err:  # the parsers' own error types differ; all mean "not valid syntax"
-        raise IPAdapterError(f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+        raise IPAdapterError(f"cannot parse {path}: {first_clause(str(err))}") from None
     if not isinstance(data, dict):
         raise IPAdapterError(f"{path} must hold a mapping of field: value, not a {type(data).__name__}")
     return data

@@ -38,7 +38,7 @@ def load_flux_pipeline(source: str, dtype: torch.dtype) -> Any:
         return from_cache_or_hub(lambda local: FluxPipeline.from_pretrained(
             source, torch_dtype=dtype, local_files_only=local), source, "the base model")
     except (OSError, ValueError, TypeError) as err:
-        raise IPAdapterError(f"--base {source} is not a FLUX pipeline ({str(err).splitlines()[0][:200]})") from None
+        raise IPAdapterError(f"--base {source} is not a FLUX pipeline ({first_clause(str(err))})") from None
 
 
 def _start(config: TrainConfig, transformer: torch.nn.Module, encoder: ImageEncoder) -> DiTAdapter:

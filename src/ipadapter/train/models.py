@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipadapter.errors import FieldError, IPAdapterError
+from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub
 
 
@@ -48,7 +48,7 @@ def _from_pretrained(cls: Any, source: str, what: str, **kwargs: Any) -> Any:
                                  "the base model")
     except (OSError, ValueError) as err:
         where = f"{source}/{kwargs['subfolder']}" if kwargs.get("subfolder") else source
-        raise IPAdapterError(f"cannot load the {what} from {where}: {str(err).splitlines()[0][:200]}") from None
+        raise IPAdapterError(f"cannot load the {what} from {where}: {first_clause(str(err))}") from None
 
 
 def _has(source: str, subfolder: str) -> bool:
@@ -62,7 +62,7 @@ def _config(cls: Any, source: str, sub: str) -> dict[str, Any]:
         return dict(from_cache_or_hub(lambda local: cls.load_config(source, subfolder=sub, local_files_only=local),
                                       source, "the base model"))
     except (OSError, ValueError) as err:
-        raise IPAdapterError(f"cannot read {source}/{sub}: {str(err).splitlines()[0][:200]}") from None
+        raise IPAdapterError(f"cannot read {source}/{sub}: {first_clause(str(err))}") from None
 
 
 def base_configs(source: str) -> tuple[dict[str, Any], dict[str, Any]]:

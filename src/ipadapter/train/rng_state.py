@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from ipadapter.atomic import save_safetensors
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 
 _PY_WORDS = 625  # random.getstate()[1]: 624 Mersenne Twister words and the position
 _NP_WORDS = 624
@@ -57,7 +57,7 @@ def read(folder: str | Path, rank: int) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise IPAdapterError(f"{path} is missing: this state cannot be resumed exactly") from None
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise IPAdapterError(f"{path} is not a readable RNG state ({str(err).splitlines()[0][:120]})") from None
+        raise IPAdapterError(f"{path} is not a readable RNG state ({first_clause(str(err), 120)})") from None
     expected = {"python": (_PY_WORDS,), "numpy_keys": (_NP_WORDS,), "numpy_pos": (2,), "numpy_gauss": (1,),
                 "torch": tuple(torch.get_rng_state().shape)}
     for key, shape in expected.items():
