@@ -101,6 +101,9 @@ FORM_ERRORS = {
     "too many images": ({"num_images": 99}, "number of images"),
     "negative seed": ({"seed": -1}, "seed"),
     "mask without reference": ({"masks": [None, Image.new("L", (8, 8))]}, "mask 2 has no reference"),
+    "content strength without words": ({"content_strength": 0.5, "content_subtract": " "},
+                                       "Content strength acts on the words of Take out content: type them, or set "
+                                       "Content strength back to 1"),
 }
 
 
@@ -333,6 +336,13 @@ def test_page_generates_and_refuses_a_non_image(browser, app_url, tiny) -> None:
     page.goto(app_url)
     page.locator("#references input[type=file]").set_input_files(str(tiny / "ref.png"))
     page.locator("#previews img").first.wait_for()
+    page.get_by_text("Control", exact=True).click()  # the slider takes input only with content words to act on
+    strength = page.locator("#content-strength input[type=range]")
+    assert strength.is_disabled()
+    page.locator("#content textarea").fill("a red ball")
+    page.wait_for_function("() => !document.querySelector('#content-strength input[type=range]').disabled")
+    page.locator("#content textarea").fill("")
+    page.wait_for_function("() => document.querySelector('#content-strength input[type=range]').disabled")
     page.locator("#prompt textarea").fill("a cat")
     page.locator("#steps input[type=number]").fill("2")
     page.locator("#generate").click()

@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from ipadapter.errors import IPAdapterError
+from ipadapter.request import MODIFIERS
 
 MAX_IMAGES = 8
+# The page's labels of the fields `request.MODIFIERS` relates (the rule itself lives there, for the CLI and manifests).
+LABELS = {"content_strength": "Content strength", "content_subtract": "Take out content"}
 
 
 @dataclass
@@ -46,6 +49,10 @@ class Form:
             raise IPAdapterError(f"the seed must not be negative, got {self.seed}")
         if not 0 <= self.content_strength < float("inf"):
             raise IPAdapterError(f"the content strength must be a number from 0 up, got {self.content_strength}")
+        for _, name, default, _, needed in MODIFIERS:  # a setting that would be silently ignored
+            if getattr(self, name) != default and not str(getattr(self, needed) or "").strip():
+                raise IPAdapterError(f"{LABELS[name]} acts on the words of {LABELS[needed]}: type them, or set "
+                                     f"{LABELS[name]} back to {default:g}")
         extra = [i + 1 for i, m in enumerate(self.masks) if m is not None and i >= len(self.references)]
         if extra:
             n = extra[0]

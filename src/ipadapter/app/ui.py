@@ -74,7 +74,8 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                     with gr.Row():
                         content = gr.Textbox(label="Take out content: words for what the reference shows "
                                              "(keeps its style; global-embedding adapters)", elem_id="content")
-                        content_strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Content strength")
+                        content_strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Content strength",
+                                                     interactive=False, elem_id="content-strength")
                 with gr.Accordion("Masks: paint where each reference acts, or upload a mask (white = acts)",
                                   open=False):
                     editors = []
@@ -111,10 +112,16 @@ def build_ui(service: GenerationService) -> gr.Blocks:
 
         references.change(lambda files: check_references(files, service.limits), inputs=references,
                           outputs=[previews, message])
+        content.change(strength_for, inputs=content, outputs=content_strength)
         run.click(on_generate, inputs={references, negative, prompt, negative_prompt, scale, preset, start, end,
                                        combine, content, content_strength, seed, steps, num_images, *editors},
                   outputs=[gallery, command, message], concurrency_limit=1)
     return page
+
+
+def strength_for(words: str | None) -> Any:
+    """The content strength slider takes input only while there are content words for it to act on."""
+    return gr.update(interactive=bool((words or "").strip()))
 
 
 def launch(page: gr.Blocks, *, host: str, port: int, limits: UploadLimits) -> None:
