@@ -100,13 +100,13 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estima
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ipadapter.adapter import IPAdapter
-    from ipadapter.train.models import base_configs, check_resolution
+    from ipadapter.train.config import parse_stage
+    from ipadapter.train.models import base_configs, check_resolution, check_stage_resolutions
     from ipadapter.train.shapes import adapter_config_for
-    from ipadapter.train.stages import check_stage_resolutions, stage_configs
 
     unet_config, vae_config = base_configs(config.base)
     if config.stages:  # refused as the run would refuse them, and estimated at the largest stage
-        check_stage_resolutions(stage_configs(config), unet_config, vae_config)
+        check_stage_resolutions([parse_stage(s) for s in config.stages], unet_config, vae_config)
     else:
         check_resolution(config.resolution, unet_config, vae_config)
     side = largest_resolution(config)

@@ -88,6 +88,17 @@ def check_resolution(resolution: int, unet_config: dict[str, Any], vae_config: d
                                        f"(VAE downscale × UNet downscale); try {lower} or {upper}")
 
 
+def check_stage_resolutions(stages: list[tuple[int, int]], unet_config: dict[str, Any],
+                            vae_config: dict[str, Any]) -> None:
+    """Every stage's (resolution, steps) against the base's configs, before the first stage trains: an unfit later
+    stage would otherwise stop the run after the earlier stages' hours."""
+    for resolution, steps in stages:
+        try:
+            check_resolution(resolution, unet_config, vae_config)
+        except FieldError as err:  # a stage's resolution is an entry of `stages`, not the run's `resolution`
+            raise FieldError("stages", f"entry {resolution}:{steps}: resolution {err.problem}") from None
+
+
 def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseModels:
     """UNet and scheduler config always; VAE and text encoder(s) unless a feature cache replaces them."""
     from diffusers import DDPMScheduler, UNet2DConditionModel

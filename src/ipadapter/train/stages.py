@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ipadapter.atomic import copy_file, save_png, write_text
-from ipadapter.errors import FieldError, IPAdapterError
+from ipadapter.errors import IPAdapterError
 from ipadapter.train.config import TrainConfig, parse_stage
 from ipadapter.train.model_folder import loss_curve, read_losses
-from ipadapter.train.models import base_configs, check_resolution
+from ipadapter.train.models import base_configs, check_stage_resolutions
 from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult
 
 logger = logging.getLogger("ipadapter.train")
@@ -41,17 +41,6 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
     return runs
 
 
-def check_stage_resolutions(stages: list[TrainConfig], unet_config: dict[str, Any], vae_config: dict[str, Any]) -> None:
-    """Every stage's resolution against the base's configs, before the first stage trains: an unfit later stage would
-    otherwise stop the run after the earlier stages' hours."""
-    for stage in stages:
-        try:
-            check_resolution(stage.resolution, unet_config, vae_config)
-        except FieldError as err:  # a stage's resolution is an entry of `stages`, not the run's `resolution`
-            entry = f"{stage.resolution}:{stage.max_steps}"
-            raise FieldError("stages", f"entry {entry}: resolution {err.problem}") from None
-
-
 def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResult:
     """Each stage with `train_one(config, **kwargs)`; finished stages (final adapter written) are skipped. Returns the
     last stage's result pointing at the copied model folder (only the paths when every stage had finished before)."""
@@ -66,7 +55,7 @@ def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResul
         models = kwargs.get("models")
         configs = ((dict(models.unet.config), dict(models.vae.config)) if models is not None and models.vae is not None
                    else base_configs(config.base))
-        check_stage_resolutions(pending, *configs)
+        check_stage_resolutions([(s.resolution, s.max_steps) for s in pending], *configs)
     for stage in stages:
         if stage not in pending:
             logger.info("stage %s already finished; next stage", stage.output)
