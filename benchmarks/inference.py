@@ -217,8 +217,9 @@ def adapter_state(s: Setting, unet: torch.nn.Module, encoder: torch.nn.Module) -
     else:
         projection = ProjectionConfig("linear", in_dim=encoder.config.projection_dim, cross_dim=cross, tokens=4)
         name, variant = "ip-adapter_sdxl.bin", "base"
-    adapter = IPAdapter.for_unet(unet, AdapterConfig(variant, projection))  # on the CPU, fp32: as files ship
-    return name, published_state_dict(adapter, unet)
+    with torch.device(s.device):  # drawn where it runs, as the models (SDXL's: 0.35 B numbers), then saved from the
+        adapter = IPAdapter.for_unet(unet, AdapterConfig(variant, projection))  # CPU in fp32, as files ship
+    return name, published_state_dict(adapter.float().cpu(), unet)
 
 
 Run = tuple[Callable[[], None], Callable[[], torch.Tensor]]  # (untimed setup, timed run returning its output)

@@ -194,6 +194,27 @@ def test_in_memory_state_dict_loads_like_the_file(sd15_unet, tmp_path) -> None:
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
+def test_loading_draws_no_random_weights_and_keeps_no_link_to_a_callers_dict(sd15_unet, tmp_path) -> None:
+    """The adapter is shaped on the meta device and given the file's tensors: torch's random generator is left as it
+    was (a module built on the CPU draws every weight from it). From a dict in memory the weights are copies: the
+    caller changing its tensors afterwards leaves the adapter as loaded."""
+    state = factories.published(sd15_unet, "plus", factories.SD15_CROSS)
+    torch.save(state, tmp_path / "plus.bin")
+    before = torch.get_rng_state()
+    from_file = load_adapter(tmp_path / "plus.bin", sd15_unet)
+    assert torch.equal(torch.get_rng_state(), before)
+    from_dict = adapter_from_state_dict(state, sd15_unet)
+    assert torch.equal(torch.get_rng_state(), before)
+    expected = {k: v.clone() for k, v in from_dict.state_dict().items()}
+    for group in state.values():
+        for tensor in group.values():
+            tensor.add_(1.0)
+    got = from_dict.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(torch.equal(got[k], v) for k, v in from_file.state_dict().items())
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in from_file.parameters())
+
+
 def test_own_format_metadata_round_trips_every_field_and_fills_the_defaults() -> None:
     """Every field the project's own file stores reads back as written; a file that leaves the optional ones out
     (only the variant and the head are required) reads with the dataclass's own defaults."""

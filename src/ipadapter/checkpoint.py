@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -220,13 +220,16 @@ def published_to_own(flat: Mapping[str, torch.Tensor], unet: nn.Module, name: st
 def adapter_from_state_dict(
     state: Mapping[str, Any], unet: nn.Module, *, metadata: Mapping[str, str] | None = None, variant: str | None = None,
     name: str = "the state dict", device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    owned: bool = False,
 ) -> IPAdapter:
     """An adapter for `unet` from tensors in memory: the published layout (nested as in the `.bin` files, or flat
     "image_proj.*" / "ip_adapter.{index}.*" as in `.safetensors`; variant and sizes detected, `name` — the file
     name — tells FaceID-PlusV2) or the project's own (`adapter.state_dict()` keys with `metadata`).
 
     Placed on the UNet's device and in its dtype unless `device` / `dtype` say otherwise; everything is checked
-    before any weight is copied, so a wrong file fails with a sentence, not a half-load.
+    before any weight is copied, so a wrong file fails with a sentence, not a half-load. `owned`: the tensors are
+    this call's to keep (just read from a file) and become the weights without a copy; otherwise they are copied, so
+    the adapter never shares memory with the caller's dict.
     """
     flat = flatten(state)
     own_format = bool(metadata) and metadata.get("format", "").startswith("ipadapter/")
@@ -245,11 +248,28 @@ def adapter_from_state_dict(
     if variant:
         config = replace(config, variant=variant)
     check_cross_dim(unet, config.cross_dim, name)
-    adapter = IPAdapter(config, attention_layers(unet))
+    with torch.device("meta"):
+        adapter = IPAdapter(config, attention_layers(unet))
     _check_fits(adapter, own, name)
-    adapter.load_state_dict(own)
     check_compatible(unet, adapter, name)
-    return adapter.to(device=device or unet.device, dtype=dtype or unet.dtype)
+    return fill(adapter, own, owned=owned, device=device or unet.device, dtype=dtype or unet.dtype)
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def fill(module: M, own: Mapping[str, torch.Tensor], *, owned: bool, device: torch.device | str,
+         dtype: torch.dtype) -> M:
+    """A module built on the meta device (shapes only), given its checked weights: the tensors themselves when
+    `owned` (read from a file for this call), else copies, so it never shares memory with a caller's dict. Random
+    weights drawn to be overwritten, then the copy over them, were most of an SDXL Plus load (5.5 s and 8.3 s on
+    this project's 2-core machine, beside 6.9 s of reading the file)."""
+    if owned:
+        module.load_state_dict(own, assign=True)
+    else:
+        module = module.to_empty(device=device)  # uninitialised: every weight is copied in next
+        module.load_state_dict(own)
+    return module.to(device=device, dtype=dtype)
 
 
 def load_adapter(
@@ -262,7 +282,7 @@ def load_adapter(
     path = resolve(source, subfolder=subfolder, weight_name=weight_name)
     flat, meta = read_file(path)
     return adapter_from_state_dict(flat, unet, metadata=meta, variant=variant, name=str(path), device=device,
-                                   dtype=dtype)
+                                   dtype=dtype, owned=True)
 
 
 def _check_fits(adapter: IPAdapter, state: Mapping[str, torch.Tensor], name: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ipadapter.adapter import AdapterConfig
-from ipadapter.checkpoint import flatten, read_file, resolve, split
+from ipadapter.checkpoint import fill, flatten, read_file, resolve, split
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.dit.blocks import DESCRIPTIONS, dit_blocks, dit_kind
 from ipadapter.dit.layouts import published_layout
@@ -59,8 +59,10 @@ def _published_config(kind: str, image_proj: dict[str, torch.Tensor]) -> Adapter
 def dit_adapter_from_state_dict(
     state: Mapping[str, Any], model: nn.Module, *, metadata: Mapping[str, str] | None = None,
     name: str = "the state dict", device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    owned: bool = False,
 ) -> DiTAdapter:
-    """An adapter for a FLUX or SD 3 transformer from tensors in memory, checked completely before any copy."""
+    """An adapter for a FLUX or SD 3 transformer from tensors in memory, checked completely before any copy;
+    `owned` as for `ipadapter.checkpoint.adapter_from_state_dict`."""
     kind = dit_kind(model)
     flat = flatten(state)
     if metadata and metadata.get("format", "").startswith("ipadapter/"):
@@ -86,10 +88,10 @@ def dit_adapter_from_state_dict(
             )
         own = {f"image_proj.{k}": v for k, v in image_proj.items()}
         own.update({f"layers.{names[i]}.{k}": v for i, tensors in per_block.items() for k, v in tensors.items()})
-    adapter = DiTAdapter(config, dit_blocks(model))
-    _check_shapes(adapter, own, name)
-    adapter.load_state_dict(own)  # built from the model's blocks and checked key for key: it fits
-    return adapter.to(device=device or model.device, dtype=dtype or model.dtype)
+    with torch.device("meta"):
+        adapter = DiTAdapter(config, dit_blocks(model))
+    _check_shapes(adapter, own, name)  # built from the model's blocks and checked key for key: it fits
+    return fill(adapter, own, owned=owned, device=device or model.device, dtype=dtype or model.dtype)
 
 
 def _check_shapes(adapter: DiTAdapter, state: Mapping[str, torch.Tensor], name: str) -> None:
@@ -113,4 +115,5 @@ def load_dit_adapter(
     """Any published or own transformer adapter file for `model` (a FLUX or SD 3 transformer)."""
     path = resolve(source, subfolder=subfolder, weight_name=weight_name)
     flat, meta = read_file(path)
-    return dit_adapter_from_state_dict(flat, model, metadata=meta, name=str(path), device=device, dtype=dtype)
+    return dit_adapter_from_state_dict(flat, model, metadata=meta, name=str(path), device=device, dtype=dtype,
+                                       owned=True)
