@@ -96,8 +96,13 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not is_torch_file(head):
         raise IPAdapterError(f"{path} is not a readable checkpoint (not a .safetensors, .bin or .pt file, or truncated)")
     try:
-        with path.open("rb") as f:  # a file object: torch 2.13 reads a path named .safetensors as safetensors
-            data = torch.load(f, map_location="cpu", weights_only=True)
+        if head.startswith(_ZIP_MAGIC) and path.suffix != ".safetensors":
+            # Mapped, not read: each tensor is backed by the file until used (the adapter takes them as they are;
+            # diffusers reads these files the same way). A legacy pickle cannot be mapped.
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            with path.open("rb") as f:  # a file object: torch 2.13 reads a path named .safetensors as safetensors
+                data = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torn bytes make the weights-only unpickler raise anything (KeyError, ...)
         refused = refused_global(err)
         if refused is None:
