@@ -399,11 +399,16 @@ def interleave(
     runs: dict[Any, Run], repeats: int, device: str, warmup: bool = True
 ) -> tuple[dict[Any, list[float]], dict[Any, torch.Tensor]]:
     """Seconds of each run in each pass (setups untimed) and its last output: a warm-up pass, then `repeats` passes,
-    the runs interleaved within each pass, so that pass i of two runs saw the same machine load."""
+    the runs interleaved within each pass, so that pass i of two runs saw the same machine load. Each pass starts one
+    run later than the one before: no run always comes first after a pass's pause, or always after the heaviest run
+    (on the H200, plain, always first, read slower than ipadapter's generation doing more work)."""
     times: dict[Any, list[float]] = {k: [] for k in runs}
     outputs: dict[Any, torch.Tensor] = {}
+    keys = list(runs)
     for i in range(int(not warmup), repeats + 1):
-        for key, (setup, run) in runs.items():
+        shift = i % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            setup, run = runs[key]
             setup()
             sync(device)
             start = time.perf_counter()

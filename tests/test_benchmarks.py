@@ -81,3 +81,15 @@ def test_generation_holds_no_more_tensors_than_diffusers(arch: str) -> None:
     for case in inference.CASES:
         assert found["plain", False, case] < found["ipadapter", False, case] <= found["diffusers", False, case], case
         assert found["ipadapter", True, case] > found["ipadapter", False, case], case
+
+
+def test_each_pass_starts_one_run_later() -> None:
+    """Every run once per pass, and the first place moves from pass to pass, so no run is always timed first."""
+    import torch
+
+    order = []
+    runs = {k: ((lambda: None), (lambda k=k: order.append(k) or torch.zeros(1))) for k in "abc"}
+    times, _ = inference.interleave(runs, repeats=3, device="cpu")
+    passes = [order[i:i + 3] for i in range(0, len(order), 3)]
+    assert passes == [list("abc"), list("bca"), list("cab"), list("abc")]  # the warm-up pass, then three
+    assert all(len(t) == 3 for t in times.values())
