@@ -215,6 +215,25 @@ def test_loading_draws_no_random_weights_and_keeps_no_link_to_a_callers_dict(sd1
     assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in from_file.parameters())
 
 
+def test_a_file_system_that_cannot_map_files_still_loads(sd15_unet, tmp_path, monkeypatch) -> None:
+    """Torch zip files are mapped; where mapping fails the file is read instead, to the same weights."""
+    state = factories.published(sd15_unet, "base", factories.SD15_CROSS)
+    torch.save(state, tmp_path / "base.bin")
+    mapped = load_adapter(tmp_path / "base.bin", sd15_unet).state_dict()
+    real_load, calls = torch.load, []
+
+    def no_mmap(*args, **kwargs):
+        calls.append(kwargs.get("mmap", False))
+        if kwargs.get("mmap"):
+            raise OSError("mmap: Operation not supported")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_mmap)
+    read = load_adapter(tmp_path / "base.bin", sd15_unet).state_dict()
+    assert calls == [True, False]
+    assert read.keys() == mapped.keys() and all(torch.equal(read[k], mapped[k]) for k in read)
+
+
 def test_own_format_metadata_round_trips_every_field_and_fills_the_defaults() -> None:
     """Every field the project's own file stores reads back as written; a file that leaves the optional ones out
     (only the variant and the head are required) reads with the dataclass's own defaults."""

@@ -96,13 +96,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not is_torch_file(head):
         raise IPAdapterError(f"{path} is not a readable checkpoint (not a .safetensors, .bin or .pt file, or truncated)")
     try:
-        if head.startswith(_ZIP_MAGIC) and path.suffix != ".safetensors":
-            # Mapped, not read: each tensor is backed by the file until used (the adapter takes them as they are;
-            # diffusers reads these files the same way). A legacy pickle cannot be mapped.
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        else:
-            with path.open("rb") as f:  # a file object: torch 2.13 reads a path named .safetensors as safetensors
-                data = torch.load(f, map_location="cpu", weights_only=True)
+        data = _torch_load(path, mapped=head.startswith(_ZIP_MAGIC))
     except Exception as err:  # noqa: BLE001 - torn bytes make the weights-only unpickler raise anything (KeyError, ...)
         refused = refused_global(err)
         if refused is None:
@@ -114,6 +108,19 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not isinstance(data, dict):
         raise IPAdapterError(f"{path} holds a {type(data).__name__}, not an IP-Adapter state dict")
     return flatten(data), {}
+
+
+def _torch_load(path: Path, *, mapped: bool) -> Any:
+    """A torch file's objects, tensors only. A zip file is mapped, not read: each tensor is backed by the file until
+    used (the adapter takes them as they are; diffusers reads these files the same way). Where mapping fails (a file
+    system without mmap, a damaged file) the file is read, and that read's error is the one reported."""
+    if mapped and path.suffix != ".safetensors":
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - judged by the plain read below
+            pass
+    with path.open("rb") as f:  # a file object: torch 2.13 reads a path named .safetensors as safetensors
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def is_safetensors_file(head: bytes) -> bool:
