@@ -215,6 +215,28 @@ def test_loading_draws_no_random_weights_and_keeps_no_link_to_a_callers_dict(sd1
     assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in from_file.parameters())
 
 
+def test_weights_share_memory_with_neither_the_file_nor_each_other(sd15_unet, tmp_path) -> None:
+    """A torch file is mapped, but the adapter's weights are its own: the file rewritten in place (or saved over
+    from the adapter itself) leaves them as loaded, and two keys the file stored as one tensor load as two weights,
+    which the safetensors writer then accepts (it refuses tensors that share memory)."""
+    state = factories.published(sd15_unet, "base", factories.SD15_CROSS)
+    layer = state["ip_adapter"]
+    first_k = next(k for k in layer if k.endswith("to_k_ip.weight"))
+    layer[first_k.replace("to_k_ip", "to_v_ip")] = layer[first_k]  # stored once, under two keys
+    torch.save(state, tmp_path / "a.bin")
+    adapter = load_adapter(tmp_path / "a.bin", sd15_unet)
+    loaded = {k: v.clone() for k, v in adapter.state_dict().items()}
+    pointers = [p.untyped_storage().data_ptr() for p in adapter.parameters()]
+    assert len(set(pointers)) == len(pointers)
+    save_adapter(adapter, tmp_path / "own.safetensors")
+
+    torch.save(adapter.state_dict(), tmp_path / "a.bin")  # over the file it came from: truncated, then written
+    with open(tmp_path / "a.bin", "r+b") as f:  # and scribbled over in place
+        f.seek(0)
+        f.write(bytes(os.path.getsize(tmp_path / "a.bin")))
+    assert all(torch.equal(v, loaded[k]) for k, v in adapter.state_dict().items())
+
+
 def test_a_file_system_that_cannot_map_files_still_loads(sd15_unet, tmp_path, monkeypatch) -> None:
     """Torch zip files are mapped; where mapping fails the file is read instead, to the same weights."""
     state = factories.published(sd15_unet, "base", factories.SD15_CROSS)

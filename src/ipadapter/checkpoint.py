@@ -116,7 +116,7 @@ def _torch_load(path: Path, *, mapped: bool) -> Any:
     system without mmap, a damaged file) the file is read, and that read's error is the one reported."""
     if mapped and path.suffix != ".safetensors":
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # torch<2.3: a str
         except Exception:  # noqa: BLE001 - judged by the plain read below
             pass
     with path.open("rb") as f:  # a file object: torch 2.13 reads a path named .safetensors as safetensors
@@ -232,16 +232,14 @@ def published_to_own(flat: Mapping[str, torch.Tensor], unet: nn.Module, name: st
 def adapter_from_state_dict(
     state: Mapping[str, Any], unet: nn.Module, *, metadata: Mapping[str, str] | None = None, variant: str | None = None,
     name: str = "the state dict", device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    owned: bool = False,
 ) -> IPAdapter:
     """An adapter for `unet` from tensors in memory: the published layout (nested as in the `.bin` files, or flat
     "image_proj.*" / "ip_adapter.{index}.*" as in `.safetensors`; variant and sizes detected, `name` — the file
     name — tells FaceID-PlusV2) or the project's own (`adapter.state_dict()` keys with `metadata`).
 
     Placed on the UNet's device and in its dtype unless `device` / `dtype` say otherwise; everything is checked
-    before any weight is copied, so a wrong file fails with a sentence, not a half-load. `owned`: the tensors are
-    this call's to keep (just read from a file) and become the weights without a copy; otherwise they are copied, so
-    the adapter never shares memory with the caller's dict.
+    before any weight is copied, so a wrong file fails with a sentence, not a half-load. The adapter never shares
+    memory with the tensors given (`fill`).
     """
     flat = flatten(state)
     own_format = bool(metadata) and metadata.get("format", "").startswith("ipadapter/")
@@ -264,24 +262,26 @@ def adapter_from_state_dict(
         adapter = IPAdapter(config, attention_layers(unet))
     _check_fits(adapter, own, name)
     check_compatible(unet, adapter, name)
-    return fill(adapter, own, owned=owned, device=device or unet.device, dtype=dtype or unet.dtype)
+    return fill(adapter, own, device=device or unet.device, dtype=dtype or unet.dtype)
 
 
 M = TypeVar("M", bound=nn.Module)
 
 
-def fill(module: M, own: Mapping[str, torch.Tensor], *, owned: bool, device: torch.device | str,
-         dtype: torch.dtype) -> M:
-    """A module built on the meta device (shapes only), given its checked weights: the tensors themselves when
-    `owned` (read from a file for this call), else copies, so it never shares memory with a caller's dict. Random
-    weights drawn to be overwritten, then the copy over them, were most of an SDXL Plus load (5.5 s and 8.3 s on
-    this project's 2-core machine, beside 6.9 s of reading the file)."""
-    if owned:
-        module.load_state_dict(own, assign=True)
-    else:
-        module = module.to_empty(device=device)  # uninitialised: every weight is copied in next
-        module.load_state_dict(own)
-    return module.to(device=device, dtype=dtype)
+def fill(module: M, own: Mapping[str, torch.Tensor], *, device: torch.device | str, dtype: torch.dtype) -> M:
+    """A module built on the meta device (shapes only), given its checked weights. The tensors become its weights
+    and are moved and cast to `device`/`dtype`, a copy where either differs (a published fp16 file on a GPU or for an
+    fp32 UNet); a weight the move left as it was is copied then, so the module never shares memory with the tensors
+    given: a caller's dict, or a mapped file (saving over it would pull the pages from under the weights). Random
+    weights drawn to be overwritten, then a copy over them, were most of an SDXL Plus load (5.5 s and 8.3 s on this
+    project's 2-core machine, beside 6.9 s of reading the file)."""
+    given = {t.untyped_storage().data_ptr() for t in own.values() if not t.is_meta}
+    module.load_state_dict(own, assign=True)
+    module = module.to(device=device, dtype=dtype)
+    for tensor in (*module.parameters(), *module.buffers()):
+        if not tensor.is_meta and tensor.untyped_storage().data_ptr() in given:
+            tensor.data = tensor.data.clone()  # also unties two weights the file stored as one tensor
+    return module
 
 
 def load_adapter(
@@ -294,7 +294,7 @@ def load_adapter(
     path = resolve(source, subfolder=subfolder, weight_name=weight_name)
     flat, meta = read_file(path)
     return adapter_from_state_dict(flat, unet, metadata=meta, variant=variant, name=str(path), device=device,
-                                   dtype=dtype, owned=True)
+                                   dtype=dtype)
 
 
 def _check_fits(adapter: IPAdapter, state: Mapping[str, torch.Tensor], name: str) -> None:

@@ -59,10 +59,8 @@ def _published_config(kind: str, image_proj: dict[str, torch.Tensor]) -> Adapter
 def dit_adapter_from_state_dict(
     state: Mapping[str, Any], model: nn.Module, *, metadata: Mapping[str, str] | None = None,
     name: str = "the state dict", device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    owned: bool = False,
 ) -> DiTAdapter:
-    """An adapter for a FLUX or SD 3 transformer from tensors in memory, checked completely before any copy;
-    `owned` as for `ipadapter.checkpoint.adapter_from_state_dict`."""
+    """An adapter for a FLUX or SD 3 transformer from tensors in memory, checked completely before any copy."""
     kind = dit_kind(model)
     flat = flatten(state)
     if metadata and metadata.get("format", "").startswith("ipadapter/"):
@@ -91,7 +89,7 @@ def dit_adapter_from_state_dict(
     with torch.device("meta"):
         adapter = DiTAdapter(config, dit_blocks(model))
     _check_shapes(adapter, own, name)  # built from the model's blocks and checked key for key: it fits
-    return fill(adapter, own, owned=owned, device=device or model.device, dtype=dtype or model.dtype)
+    return fill(adapter, own, device=device or model.device, dtype=dtype or model.dtype)
 
 
 def _check_shapes(adapter: DiTAdapter, state: Mapping[str, torch.Tensor], name: str) -> None:
@@ -115,5 +113,4 @@ def load_dit_adapter(
     """Any published or own transformer adapter file for `model` (a FLUX or SD 3 transformer)."""
     path = resolve(source, subfolder=subfolder, weight_name=weight_name)
     flat, meta = read_file(path)
-    return dit_adapter_from_state_dict(flat, model, metadata=meta, name=str(path), device=device, dtype=dtype,
-                                       owned=True)
+    return dit_adapter_from_state_dict(flat, model, metadata=meta, name=str(path), device=device, dtype=dtype)
