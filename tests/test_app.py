@@ -341,8 +341,10 @@ def test_page_generates_and_refuses_a_non_image(browser, app_url, tiny) -> None:
     assert strength.is_disabled()
     page.locator("#content textarea").fill("a red ball")
     page.wait_for_function("() => !document.querySelector('#content-strength input[type=range]').disabled")
-    page.locator("#content textarea").fill("")
-    page.wait_for_function("() => document.querySelector('#content-strength input[type=range]').disabled")
+    strength.fill("0.5")
+    page.locator("#content textarea").fill("")  # back to 1 as it is disabled: the form would refuse 0.5 without words
+    page.wait_for_function("() => { const s = document.querySelector('#content-strength input[type=range]');"
+                           " return s.disabled && Number(s.value) === 1; }")
     page.locator("#prompt textarea").fill("a cat")
     page.locator("#steps input[type=number]").fill("2")
     page.locator("#generate").click()

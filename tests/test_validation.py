@@ -207,3 +207,16 @@ def test_hub_ids_have_one_slash_unless_subfolders_are_allowed(tmp_path) -> None:
         model_source("owner/name/extra", "--base")
     assert str(err.value) == ("--base not found: owner/name/extra (no such file or folder; a Hub model id has the form "
                               "owner/name)")
+
+
+def test_a_folder_that_takes_files_but_keeps_them_is_writable(tmp_path, monkeypatch) -> None:
+    """An append-only folder (chattr +a, some FUSE mounts) lets a file be made but not removed: writing there works,
+    so the folder is accepted; the probe file is what cannot be helped."""
+    from ipadapter import validation
+
+    def refused(path):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(validation.os, "unlink", refused)
+    assert validation.output_folder(tmp_path / "new", "--out") == tmp_path / "new"
+    assert [p.name.startswith(".ipadapter-write-probe-") for p in tmp_path.iterdir()] == [True]

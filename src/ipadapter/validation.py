@@ -12,6 +12,7 @@ Shared by the CLI, the trainer, the app and the evaluation, so one rule holds ev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -103,10 +104,12 @@ def output_folder(folder: str | os.PathLike, flag: str, shown: str | os.PathLike
     if not probe.is_dir():
         raise IPAdapterError(f"{flag} {shown}: {probe} is a file, not a folder")
     try:
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".ipadapter-write-probe-"):
-            pass
+        handle, made = tempfile.mkstemp(dir=probe, prefix=".ipadapter-write-probe-")
     except OSError:
         raise IPAdapterError(f"{flag} {shown}: the folder {probe} is not writable") from None
+    os.close(handle)
+    with contextlib.suppress(OSError):  # an append-only folder takes files but keeps them: writable all the same
+        os.unlink(made)
     return folder
 
 

@@ -120,8 +120,11 @@ def build_ui(service: GenerationService) -> gr.Blocks:
 
 
 def strength_for(words: str | None) -> Any:
-    """The content strength slider takes input only while there are content words for it to act on."""
-    return gr.update(interactive=bool((words or "").strip()))
+    """The content strength slider takes input only while there are content words for it to act on; without them
+    it goes back to 1, which the form requires then (a disabled slider left elsewhere could not be moved back)."""
+    if (words or "").strip():
+        return gr.update(interactive=True)
+    return gr.update(interactive=False, value=1.0)
 
 
 def launch(page: gr.Blocks, *, host: str, port: int, limits: UploadLimits) -> None:
