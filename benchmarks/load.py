@@ -16,6 +16,7 @@ median of the pass-by-pass ratios.
 
     python benchmarks/load.py                    # SD 1.5, about a minute
     python benchmarks/load.py --archs sd15,sdxl  # SDXL's UNet needs about 14 GB
+    python benchmarks/load.py --quick            # the tests' tiny models, seconds
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ if str(ROOT) not in sys.path:
 from benchmarks.inference import ARCH_NAMES, Setting, adapter_state, build_encoder, build_pipeline, quiet  # noqa: E402
 
 
-def measure(arch: str, repeats: int) -> list[str]:
-    """The table rows of one architecture: each library's seconds and the ratio."""
+def measure(arch: str, repeats: int, quick: bool = False) -> list[str]:
+    """The table rows of one architecture: each library's seconds and the ratio (`quick`: the tests' tiny models)."""
     from ipadapter import load_adapter
 
-    s = Setting(arch, "cpu", "float32", 64, 1, 1, False, 8)
+    s = Setting(arch, "cpu", "float32", 64, 1, 1, quick, 8)
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         pipe = build_pipeline(s, folder)
@@ -88,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="sd15", help="comma-separated: sd15, sdxl")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="the tests' tiny models: a smoke run")
     ap.add_argument("--out", type=Path, help="markdown output (default: benchmarks/results/load-cpu.md)")
     args = ap.parse_args(argv)
     out = args.out or ROOT / "benchmarks" / "results" / "load-cpu.md"
     quiet()
-    rows = [row for arch in args.archs.split(",") for row in measure(arch, args.repeats)]
+    rows = [row for arch in args.archs.split(",") for row in measure(arch, args.repeats, args.quick)]
     load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
     text = "\n".join([
         "# Loading a published adapter file", "",

@@ -93,3 +93,17 @@ def test_each_pass_starts_one_run_later() -> None:
     passes = [order[i:i + 3] for i in range(0, len(order), 3)]
     assert passes == [list("abc"), list("bca"), list("cab"), list("abc")]  # the warm-up pass, then three
     assert all(len(t) == 3 for t in times.values())
+
+
+def test_load_benchmark_times_both_libraries_on_tiny_models(tmp_path) -> None:
+    """benchmarks/load.py on the tiny models: a row per base with both libraries' times and their ratio."""
+    import re
+
+    from benchmarks import load
+
+    assert load.main(["--quick", "--archs", "sd15,sdxl", "--repeats", "2", "--out", str(tmp_path / "load.md")]) == 0
+    rows = [line for line in (tmp_path / "load.md").read_text().splitlines() if line.startswith("| SD")]
+    number = r"\d+\.\d\d"
+    assert len(rows) == 2 and all(re.fullmatch(
+        rf"\| SD(1\.5|XL): \S+\.bin, \d+ M parameters \| {number} / {number} / {number} \| {number} / {number} / "
+        rf"{number} \| {number}x \[{number}–{number}\] \|", row) for row in rows), rows
