@@ -49,11 +49,10 @@ masked-reference row: 1.6 MiB above plain in a first generation, 0.5 MiB in the 
 its module) instead; a torch.profiler memory profile sees tensor allocations only. CUDA: no children, one
 process measures each implementation in turn, each built and freed in its turn, since the allocator's counters see
 tensors alone: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus `memory_allocated` at that
-moment. A
-"models loaded" row gives the memory of what each child built. ipadapter runs with its default (K'/V' projected at
-every call, as diffusers does); a fourth child runs it with `cache_kv=True` (each layer's K'/V' kept for the
-generation), and the last column gives the size of what that cache holds in each case, computed from the adapter's
-layer widths: the difference between the two ipadapter columns.
+moment. A "models loaded" row gives the memory of what each child built. ipadapter runs with its default (K'/V'
+projected at every call, as diffusers does); a fourth child runs it with `cache_kv=True` (each layer's K'/V' kept
+for the generation), and the last column gives the size of what that cache holds in each case, computed from the
+adapter's layer widths: the difference between the two ipadapter columns.
 The peak does not depend on the number of steps (every step has the same shapes), so `--steps 2` measures it
 faster.
 

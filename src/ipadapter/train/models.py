@@ -65,8 +65,11 @@ def _config(cls: Any, source: str, sub: str) -> dict[str, Any]:
         raise IPAdapterError(f"cannot read {source}/{sub}: {first_clause(str(err))}") from None
 
 
-def base_configs(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The UNet's and VAE's configs (no weights read): enough to check a resolution before loading anything."""
+def base_configs(source: str, models: BaseModels | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The UNet's and VAE's configs (no weights read): enough to check a resolution before loading anything. Given
+    `models` (already in memory), theirs."""
+    if models is not None:
+        return dict(models.unet.config), dict(models.vae.config) if models.vae else {}
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     return _config(UNet2DConditionModel, source, "unet"), _config(AutoencoderKL, source, "vae")

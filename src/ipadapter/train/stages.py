@@ -52,10 +52,8 @@ def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResul
                              "--resume latest or choose another --output")
     pending = [s for s in stages if not (Path(s.output) / OWN_NAME).is_file()]
     if pending:  # the base's configs suffice (no weights read)
-        models = kwargs.get("models")
-        configs = ((dict(models.unet.config), dict(models.vae.config)) if models is not None and models.vae is not None
-                   else base_configs(config.base))
-        check_stage_resolutions([(s.resolution, s.max_steps) for s in pending], *configs)
+        check_stage_resolutions([(s.resolution, s.max_steps) for s in pending],
+                                *base_configs(config.base, kwargs.get("models")))
     for stage in stages:
         if stage not in pending:
             logger.info("stage %s already finished; next stage", stage.output)

@@ -421,10 +421,7 @@ def train(
         raise IPAdapterError(f"variant {config.variant!r} needs an image encoder")
     output = output_folder(config.output, "--output")
     accelerator = _accelerator_phase(config, log_with)
-    if models is not None:  # the base's configs are enough to refuse a bad resolution before any weights load
-        unet_config, vae_config = dict(models.unet.config), dict(models.vae.config) if models.vae else {}
-    else:
-        unet_config, vae_config = base_configs(config.base)
+    unet_config, vae_config = base_configs(config.base, models)  # enough to refuse a bad resolution before weights
     run = _Run(config=config, accelerator=accelerator, features=clip_features(config.variant),
                sdxl=unet_config.get("addition_embed_type") == "text_time", vae_config=vae_config)
     # 2. data; 3. seed; 4. models
