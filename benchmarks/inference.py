@@ -27,7 +27,9 @@ switched between runs, outside the timed region, by swapping the attention proce
 warm-up pass (none for (d): the generations ran the same UNet shapes), then `--repeats` passes (default 5, `--quick`
 9), the cases interleaved within each pass. Times are medians; overheads and ratios are taken pass by pass (the runs
 of one pass are neighbours in time, so a load change between passes cancels) and given as median [min, max]; the
-verdicts are decided on that spread: "in every pass", "in the median only" (within the noise) or not. Latents of ipadapter and diffusers are compared (same seed, same weights): the last column is their
+verdicts are decided on that spread: "in every pass", "in the median only" (within the noise) or not. On CUDA each
+generation is then run once more, untimed, under torch's sync debug mode, and a note counts the times it made the
+CPU wait for the GPU (a device value read or a copy to the CPU; a wait per step stops the CPU queueing ahead). Latents of ipadapter and diffusers are compared (same seed, same weights): the last column is their
 largest difference, next to the output's largest magnitude.
 
 Peak memory: every implementation of every architecture runs in a fresh process that builds only what that
@@ -74,6 +76,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -457,15 +460,35 @@ def compare(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
     return float((ours - theirs).abs().max()), float(theirs.abs().max())
 
 
-def time_arch(s: Setting, repeats: int, generations: bool = True) -> list[Row]:
-    """Rows (a)-(e) of one architecture, timed in this process; without `generations`, (d) and (e) alone."""
+def device_syncs(bench: Bench, impl: str, case: str) -> int:
+    """How many times one generation made the CPU wait for the GPU without being asked (torch's CUDA sync debug
+    mode: a device value read, a copy to the CPU): once per step, that stops the CPU queueing the next kernels while
+    the GPU still runs the last ones. Untimed: the mode's checks cost time."""
+    setup, run = bench.generation_run(impl, case)
+    setup()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+GENERATIONS = [("plain", "full"), ("ipadapter", "full"), ("ipadapter", "second"), ("diffusers", "full"),
+               ("ipadapter", "masked"), ("diffusers", "masked")]
+
+
+def time_arch(s: Setting, repeats: int, generations: bool = True) -> tuple[list[Row], list[str]]:
+    """Rows (a)-(e) of one architecture, timed in this process, and on CUDA a note of each generation's waits for
+    the GPU; without `generations`, (d) and (e) alone."""
     bench = Bench(s, IMPLS)
     arch = ARCH_NAMES[s.arch]
-    rows = []
+    rows, notes = [], []
     if generations:
-        keys = [("plain", "full"), ("ipadapter", "full"), ("ipadapter", "second"), ("diffusers", "full"),
-                ("ipadapter", "masked"), ("diffusers", "masked")]
-        t, out = interleave({k: bench.generation_run(*k) for k in keys}, repeats, s.device)
+        t, out = interleave({k: bench.generation_run(*k) for k in GENERATIONS}, repeats, s.device)
         for case, label in CASES.items():
             theirs = "masked" if case == "masked" else "full"
             rows.append(Row(f"{arch} {label}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
@@ -480,8 +503,12 @@ def time_arch(s: Setting, repeats: int, generations: bool = True) -> list[Row]:
                     *later, *compare(so["ipadapter"], so["diffusers"])))
     rows.append(Row(f"{arch} (e) UNet alone, first step (ipadapter: + the generation's plan)",
                     *first, *compare(so["ipadapter"], so["diffusers"])))
+    if generations and s.device.startswith("cuda"):
+        syncs = ", ".join(f"{impl} {CASES[case].split(')')[0]})={device_syncs(bench, impl, case)}"
+                          for impl, case in GENERATIONS)
+        notes.append(f"- {arch} waits for the GPU per generation ({s.steps} steps; torch's sync debug mode): {syncs}")
     bench.close()
-    return rows
+    return rows, notes
 
 
 def _status(field: str) -> int:
@@ -704,9 +731,10 @@ def benchmark(args: argparse.Namespace, report: Report | None = None) -> tuple[l
     rows: list[Row] = []
     for s in settings if args.timing else []:
         t = time.perf_counter()
-        rows += time_arch(s, args.repeats, generations=not args.steps_only)
+        timed, syncs = time_arch(s, args.repeats, generations=not args.steps_only)
+        rows += timed
         gc.collect()
-        notes.append(f"- {ARCH_NAMES[s.arch]} timing: {time.perf_counter() - t:.0f} s")
+        notes += [*syncs, f"- {ARCH_NAMES[s.arch]} timing: {time.perf_counter() - t:.0f} s"]
         if report:
             report(rows, memory, notes)
     return rows, memory, verdicts(settings, rows, memory) + notes

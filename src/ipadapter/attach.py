@@ -72,6 +72,7 @@ class ProcessorSwap:
         self._originals: dict[str, Any] = {}
         self._processors: list = []
         self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._timesteps: tuple[torch.Tensor, torch.Tensor] | None = None  # (the scheduler's, their CPU copy)
 
     @property
     def attached(self) -> bool:
@@ -96,15 +97,55 @@ class ProcessorSwap:
             self._hook.remove()
             self._hook = None
 
-    def _progress(self, timestep: Any, scale: float = 1.0) -> float | None:
-        """Fraction of the denoising run at this call: the index of the scheduler's timestep nearest in value to
-        `timestep · scale` (a transformer gets the scheduler's timestep divided by 1000), over the step count."""
-        timesteps = getattr(self.scheduler, "timesteps", None)
-        if timesteps is None or timestep is None or len(timesteps) == 0:
+    def _progress(self, t: float | None, scale: float = 1.0) -> float | None:
+        """Fraction of the denoising run at a call with timestep value `t` (`_timestep_value`): the index of the
+        scheduler's timestep nearest to `t · scale` (a transformer gets the scheduler's timestep divided by 1000),
+        over the step count."""
+        values = self._host_timesteps()
+        if values is None or t is None:
             return None
-        # float32 holds every integer timestep exactly and keeps a fractional one (an integer cast would truncate).
-        t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, torch.float32) * scale
-        return int(torch.argmin((timesteps - t).abs())) / len(timesteps)
+        # float32, as the timesteps: it holds every integer timestep exactly and keeps a fractional one.
+        return int(torch.argmin((values - torch.tensor(t * scale, dtype=torch.float32)).abs())) / len(values)
+
+    def _host_timesteps(self) -> torch.Tensor | None:
+        """The scheduler's timesteps as float32 on the CPU, copied once each time the scheduler sets them (pipelines
+        keep them on the GPU: reading them there at every call would wait for the GPU at every step)."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if timesteps is None or len(timesteps) == 0:
+            return None
+        timesteps = torch.as_tensor(timesteps)
+        held = self._timesteps
+        if held is None or held[0] is not timesteps:  # set_timesteps makes a new tensor each time
+            self._timesteps = held = (timesteps, timesteps.detach().to("cpu", torch.float32))
+        return held[1]
+
+    def _timestep_value(self, timestep: Any) -> float | None:
+        """The call's timestep as a number, read without waiting for the GPU where the pipeline passes one of the
+        scheduler's own timesteps (SD, SDXL and SD 3 pipelines iterate over them: each is a view into them)."""
+        if timestep is None:
+            return None
+        if not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu":
+            return float(torch.as_tensor(timestep).flatten()[0])
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        index = view_index(timestep, timesteps) if isinstance(timesteps, torch.Tensor) else None
+        if index is not None:
+            return float(self._host_timesteps()[index])
+        return float(timestep.flatten()[0])  # a tensor of its own on the GPU (FLUX passes t / 1000): read it
+
+
+def view_index(t: torch.Tensor, timesteps: torch.Tensor) -> int | None:
+    """The position in `timesteps` of the element `t` starts at, when `t` is a view into them (an element, or one
+    expanded over the batch); None otherwise. Reads addresses only, never values."""
+    base = t._base
+    if base is None or timesteps.dim() != 1 or t.dtype != timesteps.dtype or t.device != timesteps.device:
+        return None
+    if base is not timesteps and base is not timesteps._base:
+        return None
+    offset, stride = t.storage_offset() - timesteps.storage_offset(), timesteps.stride(0)
+    if stride <= 0 or offset % stride:
+        return None
+    index = offset // stride
+    return index if 0 <= index < len(timesteps) else None
 
 
 class Attachment(ProcessorSwap):
@@ -138,7 +179,7 @@ class Attachment(ProcessorSwap):
         self.runtime.latent_hw = tuple(sample.shape[-2:])
         if self.rows is not None:
             self.runtime.cfg = sample.shape[0] == 2 * self.rows
-        self.runtime.progress = self._progress(timestep)
+        self.runtime.progress = self._progress(self._timestep_value(timestep))
         if _in_compiled_module():
             self.runtime.refresh_step_tensor(sample.device)
             for processor in self._processors:

@@ -560,9 +560,10 @@ class IPAttnProcessor(nn.Module):
 def _on_grid(
     mask: torch.Tensor, seq_len: int, latent_hw: tuple[int, int] | None, dtype: torch.dtype, device: torch.device,
 ) -> torch.Tensor | None:
-    """A mask as (1, 1, L, 1) weights on a layer's token grid; None when it is all ones there."""
-    m = resize_mask(mask.to(device), seq_len, latent_hw)
-    return None if bool((m == 1).all()) else m.to(dtype)[None, None]
+    """A mask as (1, 1, L, 1) weights on a layer's token grid; None when it is all ones there. Resized where the mask
+    is (the CPU, as masks are given) and moved after: its values are read, which on a GPU would wait for it."""
+    m = resize_mask(mask, seq_len, latent_hw)
+    return None if bool((m == 1).all()) else m.to(device, dtype)[None, None]
 
 
 def _add_together(

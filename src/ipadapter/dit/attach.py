@@ -59,6 +59,7 @@ class DiTAttachment(ProcessorSwap):
         self.model = model
         self.kind = dit_kind(model)
         self.step = StepState()
+        self._ids: tuple[torch.Tensor, tuple[int, int]] | None = None  # FLUX's position ids and their grid
 
     def _install(self) -> None:
         processor_class = FluxIPProcessor if self.kind == "flux" else JointIPProcessor
@@ -79,18 +80,26 @@ class DiTAttachment(ProcessorSwap):
         timestep = args[_TIMESTEP_POSITION] if len(args) > _TIMESTEP_POSITION else kwargs.get("timestep")
         if self.kind == "flux":
             ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
-            self.runtime.latent_hw = None if ids is None else _grid(ids)
+            self.runtime.latent_hw = None if ids is None else self._grid(ids)
         else:
             patch = self.model.config.patch_size
             self.runtime.latent_hw = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
             if self.rows is not None:
                 self.runtime.cfg = hidden.shape[0] == 2 * self.rows
-        self.runtime.progress = self._progress(timestep, TIMESTEP_SCALE[self.kind])
-        current = (self.runtime.generation, None if timestep is None else float(torch.as_tensor(timestep).flatten()[0]))
+        value = self._timestep_value(timestep)
+        self.runtime.progress = self._progress(value, TIMESTEP_SCALE[self.kind])
+        current = (self.runtime.generation, value)
         self.step.negative = self.kind == "flux" and current == self.step.last and timestep is not None
         self.step.last = current
         if self.kind == "sd3":
             self._time_tokens(timestep, hidden.shape[0])
+
+    def _grid(self, ids: torch.Tensor) -> tuple[int, int]:
+        """`_grid_of(ids)`, read once for the ids tensor the pipeline passes at every step of a generation (on a GPU
+        each read waits for it)."""
+        if self._ids is None or self._ids[0] is not ids:
+            self._ids = (ids, _grid_of(ids))
+        return self._ids[1]
 
     def _time_tokens(self, timestep: Any, batch: int) -> None:
         """SD 3: each acting adapter's references through its timestep-aware resampler, once for all blocks."""
@@ -138,7 +147,7 @@ class DiTAttachment(ProcessorSwap):
         self.runtime.set(prompts, cfg=cfg)  # K'/V' live for one generation here: no weights tokens to compare
 
 
-def _grid(ids: torch.Tensor) -> tuple[int, int]:
+def _grid_of(ids: torch.Tensor) -> tuple[int, int]:
     """FLUX's image-token grid from its position ids (row, column in channels 1 and 2)."""
     ids = ids.reshape(-1, ids.shape[-1])
     return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
