@@ -412,6 +412,37 @@ def test_each_mask_is_resized_once_per_token_grid_and_generation(monkeypatch, tm
     att.detach()
 
 
+def test_masked_references_attended_together_keep_only_their_stacked_weights(tmp_path) -> None:
+    """Through a generation only what the calls read is kept: for two masked references attended together, their
+    weights side by side on each token grid, (1, 1, L, 2, 1). Each mask alone on a grid is made for the stack and
+    dropped (it would be held through the denoising loop for nothing)."""
+    unet = factories.sd15_unet()
+    state = factories.published(unet, "base", factories.SD15_CROSS)
+    torch.save(state, tmp_path / "base.bin")
+    adapter = load_adapter(tmp_path / "base.bin", unet)
+    f = features("base", batch=2, images=2)
+    with torch.no_grad():
+        tokens = [adapter.project(f["global"][:, i]) for i in range(2)]
+    grids: set[int] = set()
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            module.register_forward_pre_hook(lambda _, args: grids.add(args[0].shape[1]))
+    left = torch.zeros(64, 64)
+    left[:, :32] = 1
+    att = attach(unet, adapter)
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=t, mask=m) for t, m in zip(tokens, (left, 1 - left))])})
+    run_unet(unet, "sd15", 2)
+    held: dict[int, int] = {}
+    tensors = [v for v in att.runtime._shared.values() if isinstance(v, torch.Tensor)]
+    for processor in att._processors:
+        tensors += [m for m in processor._maps.values() if m is not None]
+        tensors += [m for terms in processor._terms.values() for term in terms for _, m in term.maps if m is not None]
+    for t in tensors:
+        held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    att.detach()
+    assert sum(held.values()) == sum(n * 2 * 4 for n in grids), "two fp32 weights per token, one stack per grid"
+
+
 def test_concat_mode_keeps_the_text_attention_mask_and_opens_the_image_columns() -> None:
     """A text mask (`encoder_attention_mask`) still hides the padded text tokens; the appended image tokens are never
     masked: the same as the plain UNet reading [text; image] with the mask extended by ones."""

@@ -527,8 +527,11 @@ class IPAttnProcessor(nn.Module):
         by every layer of this token count unless the layer moves the references to the unconditional rows."""
 
         def stack() -> torch.Tensor:
-            maps = [self._weight_map(p, g, seq_len, batch, dtype, device) for g in groups]
+            # Each mask on the grid is made here and not kept: only the stack is read at the calls.
+            maps = [_on_grid(g.mask, seq_len, self.runtime.latent_hw, dtype, device) for g in groups]
             maps = [m if m is not None else torch.ones(1, 1, 1, 1, dtype=dtype, device=device) for m in maps]
+            if p.uncond_layer:
+                maps = [m * _uncond_rows(batch, dtype, device) for m in maps]
             shape = torch.broadcast_shapes(*(m.shape for m in maps))
             return torch.stack([m.expand(shape) for m in maps], dim=3)
 
@@ -551,10 +554,15 @@ class IPAttnProcessor(nn.Module):
                 m = self.runtime.shared(("mask", id(group.mask), seq_len, self.runtime.latent_hw, dtype, device),
                                         lambda: _on_grid(group.mask, seq_len, self.runtime.latent_hw, dtype, device))
             if p.uncond_layer:
-                rows = torch.arange(batch, device=device).lt(batch // 2).to(dtype)[:, None, None, None]
+                rows = _uncond_rows(batch, dtype, device)
                 m = rows if m is None else m * rows
             self._maps[key] = m
         return self._maps[key]
+
+
+def _uncond_rows(batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(B, 1, 1, 1): 1 on the unconditional rows (the first half of a CFG batch), 0 on the others."""
+    return torch.arange(batch, device=device).lt(batch // 2).to(dtype)[:, None, None, None]
 
 
 def _on_grid(
