@@ -28,12 +28,13 @@
 # GPU_CHECKS_STEPS="train compiled" runs only those steps (names as in the summary), e.g. to rerun one that failed;
 # GPU_CHECKS_ARCHS=sdxl limits the timing step to one base (default sd15,sdxl; memory always measures both).
 #
-# Measured on the H200 (2026-12-04; machine start and transfers ~40 s a call): env 20 s, train 156 s, SD 1.5 timing
-# 94 s (71 s of passes); SD 1.5 + SDXL timing did not finish in 224 s, compiled's two inductor compiles did not finish
-# in 179 s. The whole list does not fit one 600 s call (and 15 minutes of device time hold about two). The timing and
-# memory tables are rewritten after each base, so a step stopped at its limit keeps the bases it finished. What
-# issue 20 item 4 still needs, in two calls (the SD 1.5 timing is in benchmarks/results/inference-cuda-timing-sd15.md):
-#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="inference-memory inference-timing" GPU_CHECKS_ARCHS=sdxl bash ...
+# Measured on the H200 (two sessions, 2026-12-04; machine start and transfers ~40 s a call, ~10 s warm): env 20 s,
+# train 156 s, SD 1.5 timing 94 s (71 s of passes), SDXL timing 151 s, memory (both bases) 57 s, compiled 185 s (two
+# inductor compiles, 81 s and 70 s). The whole list does not fit one 600 s call; 15 minutes of device time hold
+# two calls. The timing and memory tables are rewritten after each base, so a step stopped at its limit keeps the
+# bases it finished. Everything was measured before the fix of the per-step wait for the GPU (commit f7b48ca); to
+# measure after it (issue 20 item 4), two calls back to back while the machine is warm:
+#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="inference-memory inference-timing" bash ...
 #   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="compiled" bash ...
 # Smoke test on a CPU (every step's wiring, tiny models, quick settings; a few minutes):
 #   GPU_CHECKS_SMOKE=1 OMP_NUM_THREADS=1 bash scripts/gpu_checks.sh
