@@ -205,3 +205,32 @@ def test_the_cli_checks_what_each_extra_installs() -> None:
 def test_the_test_extra_installs_everything_the_suite_needs(extra: str) -> None:
     deps = declared()
     assert deps.get(extra, {extra}) <= deps["test"]
+
+
+# The first torch release with each API the package's code calls (torch's release notes), and the torch floor the
+# core's other requirements set themselves (transformers 4.56 requires torch >= 2.2). The floor in pyproject.toml
+# must be at least each of these: it is only tested at the pinned torch, so it must not claim an older one.
+TORCH_SINCE = {
+    "nn.RMSNorm": "2.4",
+    "torch.compiler.is_compiling": "2.3",
+    "torch.compiler.disable": "2.1",
+    "mmap=True": "2.1",
+}
+TORCH_FOR_REQUIREMENTS = "2.2"
+
+
+def torch_floor_needed(paths: list[Path]) -> tuple[str, list[str]]:
+    from packaging.version import Version
+
+    used = sorted({api for path in paths for api in TORCH_SINCE if api in path.read_text()})
+    return str(max([Version(TORCH_FOR_REQUIREMENTS), *(Version(TORCH_SINCE[api]) for api in used)])), used
+
+
+def test_the_torch_floor_is_at_least_what_the_code_and_the_requirements_need() -> None:
+    from packaging.version import Version
+
+    torch_req = next(r for r in requirements()[None] if r.name == "torch")
+    floor = min(Version(spec.version) for spec in torch_req.specifier if spec.operator == ">=")
+    needed, used = torch_floor_needed(sorted((ROOT / "src").rglob("*.py")))
+    assert used, "the scan finds the APIs in the source (else it shows nothing)"
+    assert floor >= Version(needed), f"pyproject allows torch {floor}, the code needs {needed} ({', '.join(used)})"
