@@ -97,13 +97,15 @@ class ProcessorSwap:
             self._hook.remove()
             self._hook = None
 
-    def _progress(self, t: float | None, scale: float = 1.0) -> float | None:
-        """Fraction of the denoising run at a call with timestep value `t` (`_timestep_value`): the index of the
-        scheduler's timestep nearest to `t · scale` (a transformer gets the scheduler's timestep divided by 1000),
-        over the step count."""
+    def _progress(self, timestep: Any, scale: float = 1.0, value: float | None = None) -> float | None:
+        """Fraction of the denoising run at this call: the index of the scheduler's timestep nearest in value to
+        `timestep · scale` (a transformer gets the scheduler's timestep divided by 1000), over the step count.
+        `value`: the timestep's value when the caller has read it already. Without a scheduler's timesteps the
+        timestep is not read at all (the training-memory estimate runs the UNet on the meta device)."""
         values = self._host_timesteps()
-        if values is None or t is None:
+        if values is None or timestep is None:
             return None
+        t = self._timestep_value(timestep) if value is None else value
         # float32, as the timesteps: it holds every integer timestep exactly and keeps a fractional one.
         return int(torch.argmin((values - torch.tensor(t * scale, dtype=torch.float32)).abs())) / len(values)
 
@@ -179,7 +181,7 @@ class Attachment(ProcessorSwap):
         self.runtime.latent_hw = tuple(sample.shape[-2:])
         if self.rows is not None:
             self.runtime.cfg = sample.shape[0] == 2 * self.rows
-        self.runtime.progress = self._progress(self._timestep_value(timestep))
+        self.runtime.progress = self._progress(timestep)
         if _in_compiled_module():
             self.runtime.refresh_step_tensor(sample.device)
             for processor in self._processors:

@@ -86,11 +86,13 @@ class DiTAttachment(ProcessorSwap):
             self.runtime.latent_hw = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
             if self.rows is not None:
                 self.runtime.cfg = hidden.shape[0] == 2 * self.rows
-        value = self._timestep_value(timestep)
-        self.runtime.progress = self._progress(value, TIMESTEP_SCALE[self.kind])
-        current = (self.runtime.generation, value)
-        self.step.negative = self.kind == "flux" and current == self.step.last and timestep is not None
-        self.step.last = current
+        value = None
+        if self.kind == "flux":  # FLUX's true CFG calls it twice per step: the second call is the negative one
+            value = None if timestep is None else self._timestep_value(timestep)
+            current = (self.runtime.generation, value)
+            self.step.negative = current == self.step.last and timestep is not None
+            self.step.last = current
+        self.runtime.progress = self._progress(timestep, TIMESTEP_SCALE[self.kind], value)
         if self.kind == "sd3":
             self._time_tokens(timestep, hidden.shape[0])
 
