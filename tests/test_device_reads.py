@@ -111,3 +111,34 @@ def test_a_timestep_that_is_not_the_schedulers_own_is_still_placed_by_its_value(
                 assert attachment._progress(given) == i / 4
     finally:
         attachment.detach()
+
+
+def test_the_sd_and_sdxl_pipelines_pass_views_of_their_schedulers_timesteps(tmp_path) -> None:
+    """What the GPU path relies on, checked against diffusers' own pipelines: at every UNet call `t` is a view into
+    `scheduler.timesteps` at the position of its value (text-to-image from the first step, img2img from the step its
+    strength starts at). Where a pipeline passes a copy instead, the value is read (one wait per step), still right."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from ipadapter.attach import view_index
+
+    sd15 = factories.tiny_sd15_pipeline(tmp_path)
+    runs = {
+        "sd15": (sd15, {}),
+        "sd15 img2img": (StableDiffusionImg2ImgPipeline(**sd15.components),
+                         {"image": factories.reference_image(0, 32), "strength": 0.5}),
+        "sdxl": (factories.tiny_sdxl_pipeline(tmp_path), {"height": 32, "width": 32}),
+    }
+    for name, (pipe, extra) in runs.items():
+        found: list[tuple[int | None, int]] = []
+
+        def record(module, args, kwargs) -> None:  # noqa: ANN001
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            timesteps = pipe.scheduler.timesteps
+            found.append((view_index(t, timesteps), int((timesteps == t).nonzero()[0, 0])))
+
+        hook = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+        pipe(prompt="a", num_inference_steps=4, output_type="latent", **extra)
+        hook.remove()
+        assert found and all(view == position for view, position in found), (name, found)
+        assert [p for _, p in found] == list(range(found[0][1], found[0][1] + len(found))), (name, found)
+        assert (found[0][1] > 0) == ("img2img" in name), "img2img starts later in the timesteps"
