@@ -3,7 +3,8 @@
 #   issue 19 item 7  training steps/s and peak memory under fp32, fp16 and bf16 mixed precision at SD 1.5's size,
 #                    and SDXL 1024 px with the 24 GB settings           (benchmarks/train_gpu.py)
 #   issue 20 item 4  SD 1.5 512 px and SDXL 1024 px, 30 steps, fp16: plain / ipadapter / diffusers, time and peak
-#                    memory (benchmarks/inference.py), and the compiled UNet with adapters (benchmarks/compiled.py)
+#                    memory (benchmarks/inference.py), µs per attention call (benchmarks/per_call.py), and the
+#                    compiled UNet with adapters (benchmarks/compiled.py)
 # Every step runs under `timeout` within one budget (GPU_CHECKS_BUDGET_S, default 540 s: the device tool allows 600 s
 # a command), its output tee'd to $OUT/logs/<step>.log; a failing or timed-out step is recorded and the next runs.
 # At the end: $OUT/summary.md (each step's exit code and time, then every result table), the result tables, and the
@@ -35,7 +36,8 @@
 # bases it finished. Everything was measured before the fix of the per-step wait for the GPU (commit f7b48ca); to
 # measure after it (issue 20 item 4), two calls back to back while the machine is warm:
 #   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="inference-memory inference-timing" bash ...
-#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="compiled" bash ...
+#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="per-call compiled" bash ...
+# (per-call, µs per attention call on the GPU, is new: about 30 s on the CPU.)
 # Smoke test on a CPU (every step's wiring, tiny models, quick settings; a few minutes):
 #   GPU_CHECKS_SMOKE=1 OMP_NUM_THREADS=1 bash scripts/gpu_checks.sh
 set -euo pipefail
@@ -45,7 +47,7 @@ cd "$root"
 out="$(mkdir -p "${OUT:-out/gpu}" && cd "${OUT:-out/gpu}" && pwd)"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-steps="${GPU_CHECKS_STEPS:-env train inference-timing inference-memory compiled}"
+steps="${GPU_CHECKS_STEPS:-env train inference-timing inference-memory per-call compiled}"
 # Temporary files in RAM when it has room: the SDXL training rows write ~7 GB of checkpoint and adapter files at their
 # end, and the inference benchmark writes each adapter to a file that diffusers and ipadapter then read.
 if [[ -d /dev/shm ]] && (($(df --output=avail -k /dev/shm | tail -1) > 32 * 1024 * 1024)); then
@@ -59,6 +61,7 @@ if [[ "${GPU_CHECKS_SMOKE:-0}" == 1 ]]; then
   inference=(--quick --device cpu --dtype float32)
   timing=(--no-memory --repeats 2)
   memory=(--no-timing)
+  per_call=(--repeats 2 --calls 20)
   compiled=(--device cpu --dtype float32 --latents 8 --steps 2 --repeats 2 --backend eager)
 else
   tag=cuda
@@ -68,6 +71,7 @@ else
              --vith-layers 32 --bigg-layers 48)
   timing=(--steps 30 --sdxl-steps 30 --repeats 3 --no-memory)
   memory=(--steps 2 --sdxl-steps 2 --no-timing)  # a peak does not depend on the step count (same shapes each step)
+  per_call=(--device cuda --dtype float16 --repeats 15 --calls 300)
   compiled=(--device cuda --dtype float16 --latents 64 --steps 30 --repeats 5)
 fi
 
@@ -116,6 +120,7 @@ step inference-memory 200 "$python" benchmarks/inference.py "${inference[@]}" "$
   --out "$results/inference-$tag-memory.md"
 step inference-timing 400 "$python" benchmarks/inference.py "${inference[@]}" "${timing[@]}" \
   --archs "${GPU_CHECKS_ARCHS:-sd15,sdxl}" --out "$results/inference-$tag-timing.md"
+step per-call 90 "$python" benchmarks/per_call.py "${per_call[@]}" --out "$results/per-call-$tag.md"
 step compiled 540 "$python" benchmarks/compiled.py "${compiled[@]}" --out "$results/compiled-$tag.md"
 
 {
