@@ -16,7 +16,8 @@ Cases per architecture: (a) a full generation, encoding included (cold caches: t
 image both go through the encoder); (b) a second generation with the same reference: ipadapter's
 prompter has just run an untimed generation with it, as a UI re-running does (diffusers caches nothing, so its (b) is
 its (a) run); (c) two masked references, encoding included; (d) the UNet alone over a generation's steps at
-`--step-latents` (default 32x32, the issue's per-step setting), the adapter's tokens given, reported per step: the
+`--step-latents` (default 32x32, the issue's per-step setting), the adapter's tokens given, the timesteps the
+pipeline's scheduler sets on the device (each step's `t` one of them, as in the pipelines), reported per step: the
 adapter's overhead per denoising step, each step timed: (d) the median of steps 2 to n, (e) the median first step,
 where ipadapter also makes the generation's plan (which adapters act where, weights, masks on each token grid) and,
 with `cache_kv=True`, the K'/V' of the image tokens for the whole generation (diffusers makes both at every step).
@@ -335,14 +336,15 @@ class Bench:
             features = torch.randn(2, 1, c.projection_dim, **kw)
         with torch.no_grad():
             tokens = self.adapter.project(features[:, 0])
-        timesteps = [999 - i * 1000 // s.steps for i in range(s.steps)]
         self.step_times = {impl: [] for impl in IMPLS}
 
         def looping(impl: str, **extra: Any) -> Callable[[], torch.Tensor]:
             @torch.no_grad()
             def loop() -> torch.Tensor:
+                # As the pipelines call the UNet: the scheduler's timesteps on the device, each step's `t` a view.
+                self.pipe.scheduler.set_timesteps(s.steps, device=s.device)
                 times = []
-                for t in timesteps:
+                for t in self.pipe.scheduler.timesteps:
                     start = time.perf_counter()
                     out = unet(sample, t, encoder_hidden_states=text, added_cond_kwargs={**added, **extra}).sample
                     sync(s.device)
