@@ -34,8 +34,10 @@ CPU wait for the GPU (a device value read or a copy to the CPU; a wait per step 
 largest difference, next to the output's largest magnitude.
 
 Peak memory: every implementation of every architecture runs in a fresh process that builds only what that
-implementation needs (forked from a forkserver that has imported torch and diffusers but built nothing, so a child
-starts in a second instead of re-importing). The child runs (a), (b), (c) in order, as a user's process would
+implementation needs: a new interpreter (spawned; a forked child of a process that had imported torch read tens of
+MiB more, and not equally for each implementation), which first loads a small adapter with each implementation
+(`benchmarks/memory_warmup.py`: the loading code's first use is not the models' memory). The child runs (a), (b),
+(c) in order, as a user's process would
 (plain: the same plain generation three times, so each row compares the same k-th generation of a process).
 CPU: right before each generation it collects garbage, returns freed heap to the OS (malloc_trim) and resets the
 kernel's RSS high-water mark (Linux /proc/self/clear_refs "5"); the number is VmHWM minus the RSS at that moment:
@@ -553,6 +555,8 @@ class Memory:
 def measure_memory(s: Setting, impl: str) -> dict[str, float]:
     """MiB of the models `impl` needs, and the peak each case's generation adds above them (a fresh process)."""
     quiet()
+    if s.device == "cpu":  # the loading code used once first: its first use is not the models' memory
+        import benchmarks.memory_warmup  # noqa: F401
     memory = Memory(s.device)
     start = memory.reset()
     cached = impl == CACHED
@@ -574,37 +578,40 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
     return result
 
 
-def memory_arch(s: Setting, context: Any) -> list[Row]:
+def memory_arch(s: Setting, context: Any, repeats: int = 1) -> list[Row]:
     """Memory rows of one architecture, each implementation measured in its own fresh process (CPU), or in turn in
-    this one (`context` None, CUDA: the allocator's counters see tensors alone, whatever the process holds)."""
-    found = {}
-    for impl in (*IMPLS, CACHED):
-        if context is None:
-            found[impl] = measure_memory(s, impl)
-            gc.collect()
-            continue
-        with ProcessPoolExecutor(1, mp_context=context) as pool:
-            found[impl] = pool.submit(measure_memory, s, impl).result()
+    this one (`context` None, CUDA: the allocator's counters see tensors alone, whatever the process holds);
+    `repeats` times, each repeat starting one implementation later (the RSS of the same run varies by a tenth of a
+    MiB from one process to the next)."""
+    impls = [*IMPLS, CACHED]
+    found: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
+    for r in range(repeats):
+        for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
+            if context is None:
+                found[impl].append(measure_memory(s, impl))
+                gc.collect()
+                continue
+            with ProcessPoolExecutor(1, mp_context=context) as pool:
+                found[impl].append(pool.submit(measure_memory, s, impl).result())
     arch = ARCH_NAMES[s.arch]
     labels = {"loaded": "models loaded (MiB)", **{k: f"{v}: peak above the models (MiB)" for k, v in CASES.items()}}
-    kv = {"full": found["ipadapter"]["kv1"], "masked": found["ipadapter"]["kv2"]}
-    return [Row(f"{arch} {label}", *([found[i][key]] for i in IMPLS), cached=[found[CACHED][key]], kv=kv.get(key))
+    ours = found["ipadapter"][0]
+    kv = {"full": ours["kv1"], "masked": ours["kv2"]}
+    return [Row(f"{arch} {label}", *([run[key] for run in found[i]] for i in IMPLS),
+                cached=[run[key] for run in found[CACHED]], kv=kv.get(key))
             for key, label in labels.items()]
 
 
-def forkserver() -> Any:
-    """Fresh processes that start with torch/diffusers/transformers imported and nothing built."""
+def fresh_processes() -> Any:
+    """New interpreters (spawn), each importing what it needs: a child forked from a process that has imported torch
+    and diffusers (as a forkserver's children are) read about 24 MiB more "models loaded" at the `--quick` sizes
+    than a new interpreter building the same models, and not by the same amount for each implementation (ipadapter
+    1.1 MiB above diffusers forked, 0.1 MiB below in new interpreters). About 7 s of imports and warm-up a child."""
     # glibc's allocator adapts its mmap threshold to past frees, so the same allocations can raise the RSS peak by
     # tens of MiB or not depending on the heap's history; a fixed threshold returns every large buffer on free and
     # makes the peak that of the live tensors (read at the children's start; this process is unaffected).
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([
-        "torch", "diffusers", "transformers", "ipadapter.prompter", "tests.factories",
-        "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
-        "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl", "transformers.models.clip.modeling_clip",
-    ])
-    return context
+    return multiprocessing.get_context("spawn")
 
 
 def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> list[str]:
@@ -633,8 +640,15 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
                      + ("; ".join(unsure) if unsure else "none"))
     if memory:
         for name, attr in (("ipadapter", "ours"), (CACHED, "cached")):
-            higher = [r.label for r in memory if med(getattr(r, attr)) > med(r.diffusers)]
-            lines.append(f"- Memory rows where {name} is above diffusers: " + (", ".join(higher) if higher else "none"))
+            pairs = {r.label: list(zip(getattr(r, attr), r.diffusers)) for r in memory}
+            always = [label for label, p in pairs.items() if all(x > d for x, d in p)]
+            lines.append(f"- Memory rows where {name} is above diffusers in every repeat: "
+                         + (", ".join(always) if always else "none"))
+            if len(memory[0].diffusers) > 1:
+                sometimes = [f"{label} ({sum(x > d for x, d in p)} of {len(p)})" for label, p in pairs.items()
+                             if label not in always and med([x for x, _ in p]) > med([d for _, d in p])]
+                lines.append(f"- Memory rows where {name} is above diffusers in the median, not in every repeat "
+                             "(within the noise): " + (", ".join(sometimes) if sometimes else "none"))
     return lines
 
 
@@ -662,10 +676,11 @@ def render(header: list[str], rows: list[Row], memory: list[Row], notes: list[st
         out += ["", f"| memory | plain | ipadapter | diffusers | ipadapter / diffusers | {CACHED} | its / diffusers "
                 "| K'/V' the cache holds (MiB) |", "|---|---|---|---|---|---|---|---|"]
         for r in memory:
-            ratios = [f"{x[0] / r.diffusers[0]:.2f}x" if r.diffusers[0] > 0 else "–" for x in (r.ours, r.cached)]
+            ratios = [times_x([x / d for x, d in zip(xs, r.diffusers)]) if min(r.diffusers) > 0 else "–"
+                      for xs in (r.ours, r.cached)]
             kv = "–" if r.kv is None else f"{r.kv:.2f}"
-            out.append(f"| {r.label} | {r.plain[0]:.1f} | {r.ours[0]:.1f} | {r.diffusers[0]:.1f} | {ratios[0]} "
-                       f"| {r.cached[0]:.1f} | {ratios[1]} | {kv} |")
+            out.append(f"| {r.label} | {med(r.plain):.1f} | {med(r.ours):.1f} | {med(r.diffusers):.1f} | {ratios[0]} "
+                       f"| {med(r.cached):.1f} | {ratios[1]} | {kv} |")
     return "\n".join(out + ["", *notes, ""])
 
 
@@ -683,6 +698,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--step-latents", type=int, default=32,
                     help="latent size of the (d) rows (the issue's per-step setting: 32, i.e. 256 px for SD 1.5)")
     ap.add_argument("--repeats", type=int, help="interleaved passes after the warm-up (default 5; --quick: 9)")
+    ap.add_argument("--memory-repeats", type=int,
+                    help="fresh processes per implementation for the memory rows (default 1; --quick on a CPU: 3)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="measure peak memory in fresh processes")
     ap.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
@@ -724,10 +741,11 @@ def benchmark(args: argparse.Namespace, report: Report | None = None) -> tuple[l
     if args.memory:
         # CUDA: no child processes. Importing torch and diffusers asks CUDA for its devices, after which a forked
         # child cannot use CUDA, and spawned ones re-import everything (over 20 s each on the GPU machine).
-        context = forkserver() if args.device == "cpu" else None
+        context = fresh_processes() if args.device == "cpu" else None
         for s in settings:
             t = time.perf_counter()
-            memory += memory_arch(s, context)
+            repeats = args.memory_repeats or (3 if args.quick and args.device == "cpu" else 1)
+            memory += memory_arch(s, context, repeats)
             notes.append(f"- {ARCH_NAMES[s.arch]} memory processes: {time.perf_counter() - t:.0f} s")
             if report:
                 report([], memory, notes)

@@ -54,19 +54,32 @@ def test_memory_of_one_configuration(impl: str) -> None:
 
 def test_memory_rows_measured_in_one_process_as_on_cuda(monkeypatch) -> None:
     """CUDA's path (no child processes): every implementation built, measured and freed in turn, one row per case with
-    one value per implementation, and the K'/V' column from ipadapter's adapter (twice as much for two references)."""
+    one value per implementation and repeat, and the K'/V' column from ipadapter's adapter (twice as much for two
+    references)."""
 
     def no_children(*args, **kwargs):
         raise AssertionError("a child process was started")
 
     monkeypatch.setattr(inference, "ProcessPoolExecutor", no_children)
     setting = inference.settings_of(inference.parse_args(["--quick", "--archs", "sd15"]))[0]
-    rows = inference.memory_arch(setting, None)
+    rows = inference.memory_arch(setting, None, repeats=2)
     assert [r.label.split(" ", 1)[1] for r in rows] == [
         "models loaded (MiB)", *(f"{label}: peak above the models (MiB)" for label in inference.CASES.values())]
-    assert all(len(r.plain) == len(r.ours) == len(r.diffusers) == len(r.cached) == 1 for r in rows)
+    assert all(len(r.plain) == len(r.ours) == len(r.diffusers) == len(r.cached) == 2 for r in rows), "one per repeat"
     kv = {r.label.split()[1]: r.kv for r in rows}
     assert kv["(a)"] > 0 and kv["(c)"] == 2 * kv["(a)"] and kv["models"] is None and kv["(b)"] is None
+
+
+def test_memory_verdicts_tell_every_repeat_from_the_median_alone() -> None:
+    """A row above diffusers in each repeat is reported as such; one above in the median but not in every repeat is
+    reported as within the noise, with its count; one at or below in the median, not at all."""
+    rows = [inference.Row("A always above", [1, 1, 1], [3, 3, 3], [2, 2, 2], cached=[1, 1, 1]),
+            inference.Row("B above in the median", [1, 1, 1], [2.2, 2.1, 1.9], [2, 2, 2], cached=[1, 1, 1]),
+            inference.Row("C below in the median", [1, 1, 1], [2.1, 1.9, 1.8], [2, 2, 2], cached=[1, 1, 1])]
+    lines = inference.verdicts([], [], rows)
+    assert "- Memory rows where ipadapter is above diffusers in every repeat: A always above" in lines
+    assert ("- Memory rows where ipadapter is above diffusers in the median, not in every repeat (within the noise): "
+            "B above in the median (2 of 3)") in lines
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
