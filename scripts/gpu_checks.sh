@@ -60,7 +60,7 @@ if [[ "${GPU_CHECKS_SMOKE:-0}" == 1 ]]; then
   train=(--tiny)
   inference=(--quick --device cpu --dtype float32)
   timing=(--no-memory --repeats 2)
-  memory=(--no-timing)
+  memory=(--no-timing --memory-repeats 1)
   per_call=(--repeats 2 --calls 20)
   compiled=(--device cpu --dtype float32 --latents 8 --steps 2 --repeats 2 --backend eager)
 else
