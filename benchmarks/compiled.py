@@ -19,8 +19,6 @@ The compiled output is compared with the eager UNet's.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inference import SD15_UNET, pct, sync  # noqa: E402
+from benchmarks.inference import SD15_UNET, machine, pct, sync  # noqa: E402
 
 SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -132,13 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     diff, scale = float((got - eager).abs().max()), float(eager.abs().max())
     att.detach()
     breaks = sum(counters["graph_break"].values())
-    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
-    machine = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else
-               f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}")
     lines = [
         "# Compiled UNet with adapters", "",
         f"`python benchmarks/compiled.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-        f"{machine}; torch {torch.__version__}, backend {args.backend}; SD 1.5 UNet (random weights, "
+        f"{machine(args.device)}; torch {torch.__version__}, backend {args.backend}; SD 1.5 UNet (random weights, "
         f"{SHORT[args.dtype]}), {args.latents}x{args.latents} "
         f"latents, batch 2, one Plus-shaped reference (16 tokens); {args.repeats} interleaved passes of {args.steps} "
         "steps, the scale changing every pass.", "",

@@ -401,6 +401,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def machine(device: str) -> str:
+    """What a result was measured on, for its table (called when the table is written): the GPU's name, or the CPU
+    with its cores, torch threads and load average."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}"
+
+
 def interleave(
     runs: dict[Any, Run], repeats: int, device: str, warmup: bool = True
 ) -> tuple[dict[Any, list[float]], dict[Any, torch.Tensor]]:
@@ -768,14 +777,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(rows: list[Row], memory: list[Row], notes: list[str], final: bool = False) -> str:
         """The table so far, written atomically: a killed run leaves the last architecture it finished."""
-        if args.device.startswith("cuda"):
-            device = torch.cuda.get_device_name()
-        else:
-            load = ", load average %.1f at the end" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-            device = (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                      f"{torch.get_num_threads()} torch threads{load}")
         header = [f"# Inference benchmark{' (quick smoke run)' if args.quick else ''}", "", f"`{command}`", "",
-                  f"Device: {device}; {args.dtype}; {args.repeats} interleaved passes after a warm-up pass (times: "
+                  f"Device: {machine(args.device)}; {args.dtype}; {args.repeats} interleaved passes after a warm-up pass (times: "
                   "medians; overheads and ratios: median of the pass-by-pass ratios [min, max]); "
                   f"total {time.perf_counter() - start:.0f} s{'' if final else ' so far (the run did not finish)'}. "
                   "Random weights, real architectures:", "",

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inference import ARCH_NAMES, Setting, adapter_state, build_encoder, build_pipeline, quiet  # noqa: E402
+from benchmarks.inference import (ARCH_NAMES, Setting, adapter_state, build_encoder, build_pipeline,  # noqa: E402
+                                  machine, quiet)
 
 
 def measure(arch: str, repeats: int, quick: bool = False) -> list[str]:
@@ -95,11 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "benchmarks" / "results" / "load-cpu.md"
     quiet()
     rows = [row for arch in args.archs.split(",") for row in measure(arch, args.repeats, args.quick)]
-    load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
     text = "\n".join([
         "# Loading a published adapter file", "",
         f"`python benchmarks/load.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-        f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}; torch "
+        f"{machine('cpu')}; torch "
         f"{torch.__version__}; fp16 file, fp32 UNet, read from the page cache; {args.repeats} alternating loads of "
         "each after one untimed.", "",
         "| file | ipadapter s (min / median / max) | diffusers s | ipadapter / diffusers [min–max] |",

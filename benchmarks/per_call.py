@@ -24,8 +24,6 @@ medians against the spread of the repeats (their largest max − min).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +37,8 @@ from ipadapter.atomic import write_text
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.inference import machine, sync  # noqa: E402
 
 IMPLS = ("plain", "diffusers", "ipadapter", "cached")
 NAME = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
@@ -121,17 +121,6 @@ def measure(calls: dict[str, Callable[[], torch.Tensor]], n: int, repeats: int, 
     return found
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def spread(values: list[float]) -> str:
     return f"{min(values):.1f} / {statistics.median(values):.1f} / {max(values):.1f}"
 
@@ -151,13 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
-    lines = ["# Attention call cost", "", f"`python benchmarks/per_call.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
-             "", f"{machine(args.device)}, torch {torch.__version__}, {args.dtype}; one layer (width 64, 2 heads, 8 text tokens), batch 2 (CFG), {args.tokens} query "
-             f"tokens, 4 image tokens per reference; {args.repeats} repeats of {args.calls} calls each, interleaved.", "",
-             "| case | plain µs/call (min / median / max) | diffusers | ipadapter | ipadapter, cache_kv=True "
-             "| diffusers above plain | ipadapter above plain | cache_kv=True above plain "
-             "| ipadapter − diffusers (median of repeats) |", "|---|---|---|---|---|---|---|---|---|"]
-    verdicts = []
+    rows, verdicts = [], []
     for case in ("one reference", "masked"):
         _, calls = processors(case, args.tokens, args.device, getattr(torch, args.dtype))
         t = measure(calls, args.calls, args.repeats, args.device)
@@ -165,15 +148,22 @@ def main(argv: list[str] | None = None) -> int:
         gap = [o - d for o, d in zip(t["ipadapter"], t["diffusers"])]
         noise = max(max(v) - min(v) for v in t.values())
         label = "two masked references" if case == "masked" else case
-        lines.append(f"| {label} | {' | '.join(spread(t[k]) for k in IMPLS)} | "
+        rows.append(f"| {label} | {' | '.join(spread(t[k]) for k in IMPLS)} | "
                      f"{' | '.join(f'{above[k]:+.1f}' for k in IMPLS[1:])} | {statistics.median(gap):+.1f} "
                      f"({min(gap):+.1f} … {max(gap):+.1f}) |")
         verdict = ("at or below diffusers'" if statistics.median(gap) <= 0 else
                    f"above diffusers' by less than the noise ({noise:.1f} µs)" if statistics.median(gap) <= noise
                    else "ABOVE diffusers'")
         verdicts.append(f"- {label}: ipadapter's call is {verdict}")
-    load = f"; load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
-    text = "\n".join(lines + ["", *verdicts, f"- noise: the largest max − min over the repeats of any row{load}", ""])
+    text = "\n".join([
+        "# Attention call cost", "", f"`python benchmarks/per_call.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        "", f"{machine(args.device)}; torch {torch.__version__}, {args.dtype}; one layer (width 64, 2 heads, 8 text "
+        f"tokens), batch 2 (CFG), {args.tokens} query tokens, 4 image tokens per reference; {args.repeats} repeats of "
+        f"{args.calls} calls each, interleaved.", "",
+        "| case | plain µs/call (min / median / max) | diffusers | ipadapter | ipadapter, cache_kv=True "
+        "| diffusers above plain | ipadapter above plain | cache_kv=True above plain "
+        "| ipadapter − diffusers (median of repeats) |", "|---|---|---|---|---|---|---|---|---|",
+        *rows, "", *verdicts, "- noise: the largest max − min over the repeats of any row", ""])
     write_text(out, text)  # atomic: a killed run leaves the last result
     print(text)
     return 0

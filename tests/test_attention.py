@@ -379,11 +379,9 @@ def test_a_mask_on_a_token_grid_is_none_where_all_ones_else_weights_in_the_layer
     assert torch.equal(weights[0, 0], resize_mask(left, 30, (6, 5)).bfloat16())
 
 
-def test_each_mask_is_resized_once_per_token_grid_and_generation(monkeypatch, tmp_path) -> None:
-    """What is the same at every layer is decided once: a mask on a token grid is made once per grid size and
-    generation (diffusers resizes it at every call), and made again for the next generation."""
-    import ipadapter.attention as attention
-
+def _two_masked_references(tmp_path):
+    """A tiny SD 1.5 UNet, a base adapter loaded from its published file, a prompt of two references masked left and
+    right, and the list every attn2 call appends its query token count to."""
     unet = factories.sd15_unet()
     state = factories.published(unet, "base", factories.SD15_CROSS)
     torch.save(state, tmp_path / "base.bin")
@@ -395,14 +393,24 @@ def test_each_mask_is_resized_once_per_token_grid_and_generation(monkeypatch, tm
     for name, module in unet.named_modules():
         if name.endswith("attn2"):
             module.register_forward_pre_hook(lambda _, args: grids.append(args[0].shape[1]))
+    left = torch.zeros(64, 64)
+    left[:, :32] = 1
+    prompt = AdapterPrompt([Reference(cond=t, mask=m) for t, m in zip(tokens, (left, 1 - left))])
+    return unet, adapter, prompt, grids
+
+
+def test_each_mask_is_resized_once_per_token_grid_and_generation(monkeypatch, tmp_path) -> None:
+    """What is the same at every layer is decided once: a mask on a token grid is made once per grid size and
+    generation (diffusers resizes it at every call), and made again for the next generation."""
+    import ipadapter.attention as attention
+
+    unet, adapter, prompt, grids = _two_masked_references(tmp_path)
     resized: list[int] = []
     real = attention.resize_mask
     monkeypatch.setattr(attention, "resize_mask", lambda m, n, hw: resized.append(n) or real(m, n, hw))
-    left = torch.zeros(64, 64)
-    left[:, :32] = 1
     att = attach(unet, adapter)
     for generation in range(2):
-        att.set_prompts({"0": AdapterPrompt([Reference(cond=t, mask=m) for t, m in zip(tokens, (left, 1 - left))])})
+        att.set_prompts({"0": prompt})
         for _ in range(2):  # two denoising steps
             run_unet(unet, "sd15", 2)
         sizes = set(grids)
@@ -416,21 +424,9 @@ def test_masked_references_attended_together_keep_only_their_stacked_weights(tmp
     """Through a generation only what the calls read is kept: for two masked references attended together, their
     weights side by side on each token grid, (1, 1, L, 2, 1). Each mask alone on a grid is made for the stack and
     dropped (it would be held through the denoising loop for nothing)."""
-    unet = factories.sd15_unet()
-    state = factories.published(unet, "base", factories.SD15_CROSS)
-    torch.save(state, tmp_path / "base.bin")
-    adapter = load_adapter(tmp_path / "base.bin", unet)
-    f = features("base", batch=2, images=2)
-    with torch.no_grad():
-        tokens = [adapter.project(f["global"][:, i]) for i in range(2)]
-    grids: set[int] = set()
-    for name, module in unet.named_modules():
-        if name.endswith("attn2"):
-            module.register_forward_pre_hook(lambda _, args: grids.add(args[0].shape[1]))
-    left = torch.zeros(64, 64)
-    left[:, :32] = 1
+    unet, adapter, prompt, grids = _two_masked_references(tmp_path)
     att = attach(unet, adapter)
-    att.set_prompts({"0": AdapterPrompt([Reference(cond=t, mask=m) for t, m in zip(tokens, (left, 1 - left))])})
+    att.set_prompts({"0": prompt})
     run_unet(unet, "sd15", 2)
     held: dict[int, int] = {}
     tensors = [v for v in att.runtime._shared.values() if isinstance(v, torch.Tensor)]
@@ -440,7 +436,7 @@ def test_masked_references_attended_together_keep_only_their_stacked_weights(tmp
     for t in tensors:
         held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     att.detach()
-    assert sum(held.values()) == sum(n * 2 * 4 for n in grids), "two fp32 weights per token, one stack per grid"
+    assert sum(held.values()) == sum(n * 2 * 4 for n in set(grids)), "two fp32 weights per token, one stack per grid"
 
 
 def test_concat_mode_keeps_the_text_attention_mask_and_opens_the_image_columns() -> None:

@@ -124,8 +124,10 @@ class ProcessorSwap:
     def _timestep_value(self, timestep: Any) -> float | None:
         """The call's timestep as a number, read without waiting for the GPU where the pipeline passes one of the
         scheduler's own timesteps (SD, SDXL and SD 3 pipelines iterate over them: each is a view into them)."""
-        if timestep is None or isinstance(timestep, (int, float)):
-            return None if timestep is None else float(timestep)
+        if timestep is None:
+            return None
+        if isinstance(timestep, (int, float)):
+            return float(timestep)
         if not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu":
             return float(torch.as_tensor(timestep).flatten()[0])
         timesteps = getattr(self.scheduler, "timesteps", None)

@@ -88,7 +88,7 @@ class DiTAttachment(ProcessorSwap):
                 self.runtime.cfg = hidden.shape[0] == 2 * self.rows
         value = None
         if self.kind == "flux":  # FLUX's true CFG calls it twice per step: the second call is the negative one
-            value = None if timestep is None else self._timestep_value(timestep)
+            value = self._timestep_value(timestep)
             current = (self.runtime.generation, value)
             self.step.negative = current == self.step.last and timestep is not None
             self.step.last = current
