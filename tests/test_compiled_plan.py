@@ -159,6 +159,38 @@ def test_the_compiled_plan_of_a_bf16_unet_under_autograd_computes_what_the_eager
     torch.testing.assert_close(planned, eager, atol=0.05, rtol=0.05)  # bf16 roundings in two orders
 
 
+def test_under_autograd_two_generations_before_one_backward_give_the_eager_gradients(attention, monkeypatch) -> None:
+    """Without autograd the prepared K'/V', weights and LoRA scales are written in place from one generation to the
+    next (fixed addresses for CUDA graphs); with it they are new tensors, or the second generation would overwrite
+    what the first one's backward needs (gradient accumulation over two batches)."""
+    unet, adapter = attention
+    att = attach(unet, adapter)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    prompts = [AdapterPrompt([Reference(cond=torch.randn(1, 4, 16))], scale=s) for s in (1.0, 0.5)]
+    grads = []
+    try:
+        for compiled in (True, False):
+            unet.zero_grad()
+            adapter.zero_grad()
+            loss = 0
+            for prompt in prompts:
+                att.set_prompts({"0": prompt}, rows=1)
+                _as_if_compiled(monkeypatch, compiled)
+                loss = loss + unet(sample, 500, encoder_hidden_states=text).sample.square().mean()
+                _as_if_compiled(monkeypatch, False)
+            loss.backward()
+            named = [*unet.named_parameters(), *(("adapter." + n, p) for n, p in adapter.named_parameters())]
+            grads.append({n: p.grad.clone() for n, p in named if p.grad is not None})
+    finally:
+        att.detach()
+        unet.zero_grad()
+        adapter.zero_grad()
+    assert grads[0].keys() == grads[1].keys()
+    assert any(n.startswith("adapter.") for n in grads[0]) or any("attn2.to_k" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
 def test_the_compiled_plan_keeps_its_structure_when_a_scale_or_layer_weight_is_zero(
     tiny, monkeypatch,  # noqa: F811
 ) -> None:

@@ -220,10 +220,11 @@ class IPAttnProcessor(nn.Module):
         self._terms: dict[tuple, tuple[Term, ...]] = {}
         self._prepared: list[Prepared] | None = None
         self._prepared_key: tuple | None = None
+        self._held: dict[Hashable, torch.Tensor] = {}
 
     def clear_cache(self) -> None:
         self.kv.clear()
-        self._maps, self._terms = {}, {}
+        self._maps, self._terms, self._held = {}, {}, {}
         self._prepared = self._prepared_key = None
 
     def plan(self) -> list[AdapterPlan]:
@@ -262,10 +263,34 @@ class IPAttnProcessor(nn.Module):
             decoupled = p.weights.has_ip and not p.weights.concat  # the simple adapter has no K'/V' of its own
             image = p.prompt.scale if p.uncond_layer and decoupled else p.layer_weight
             terms = self._build(p, batch, self.heads, dtype, device, sizes, lazy=False) if decoupled else ()
-            prepared.append(Prepared(p, names.index(p.name), torch.tensor(image, device=device),
-                                     torch.tensor(p.lora_scale, device=device), terms))
+            terms = tuple(self._hold_term((p.name, i), term) for i, term in enumerate(terms))
+            image_t = self._held_as((p.name, "image"), torch.Size(), torch.float32, device).fill_(image)
+            lora_t = self._held_as((p.name, "lora"), torch.Size(), torch.float32, device).fill_(p.lora_scale)
+            prepared.append(Prepared(p, names.index(p.name), image_t, lora_t, terms))
         self.kv.settle()
         self._prepared, self._prepared_key = prepared, key
+
+    def _held_as(self, key: Hashable, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """This layer's tensor for `key`, the same one every generation while its shape, dtype and device stay: the
+        compiled graph then reads its inputs at fixed addresses, and CUDA graphs (`mode="reduce-overhead"`) neither
+        copy them at each replay nor record again. Numbers are written with `fill_`: no copy from the host. Under
+        autograd a new tensor each time: the last generation's backward may still need the one before."""
+        held = self._held.get(key)
+        recording = torch.is_grad_enabled()
+        if recording or held is None or held.shape != shape or held.dtype != dtype or held.device != device:
+            held = torch.empty(shape, dtype=dtype, device=device)
+            if not recording:
+                self._held[key] = held
+                torch._dynamo.mark_static_address(held, guard=False)
+        return held
+
+    def _hold(self, key: Hashable, value: torch.Tensor) -> torch.Tensor:
+        return self._held_as(key, value.shape, value.dtype, value.device).copy_(value)
+
+    def _hold_term(self, key: tuple, term: Term) -> Term:
+        """A prepared term with its K'/V' and weight maps copied into held tensors (`_held_as`)."""
+        maps = tuple((n, None if m is None else self._hold((*key, "map", n), m)) for n, m in term.maps)
+        return term._replace(k=self._hold((*key, "k"), term.k), v=self._hold((*key, "v"), term.v), maps=maps)
 
     def forget_prepared(self) -> None:
         """The UNet runs uncompiled again: what `prepare` made would go stale."""

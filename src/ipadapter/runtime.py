@@ -127,13 +127,15 @@ class Runtime:
 
     def refresh_step_tensor(self, device: torch.device) -> None:
         """`step_tensor` := the step factors in `prompts` order, one float32 tensor: what a compiled UNet reads, so a
-        new step changes a tensor's value and no traced constant."""
+        new step changes a tensor's value and no traced constant. Written in place, at a static address (as the
+        processors' prepared tensors: CUDA graphs replay without copying it)."""
         values = list(self.step_factors().values())
         current = self.step_tensor
         if current is not None and current.device == device and current.shape[0] == len(values):
             current.copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)
         else:
             self.step_tensor = torch.tensor(values, dtype=torch.float32, device=device)
+            torch._dynamo.mark_static_address(self.step_tensor, guard=False)
 
     def batch_tokens(self, tokens: torch.Tensor, uncond: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Lay (R, T, C) tokens out along a UNet batch: [uncond rows; cond rows] under CFG, repeated per image."""
