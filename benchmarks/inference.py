@@ -72,6 +72,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import math
 import multiprocessing
 import os
 import platform
@@ -461,6 +462,22 @@ def pct(values: list[float]) -> str:
     """Ratios as overheads: median and, with several passes, [min, max]."""
     text = f"{100 * (med(values) - 1):+.1f}%"
     return text if len(values) < 2 else f"{text} [{100 * (min(values) - 1):+.1f}, {100 * (max(values) - 1):+.1f}]"
+
+
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median: the order statistics (k, n + 1 − k) with the largest
+    k whose binomial(n, ½) tail stays within (1 − confidence) / 2 on each side; None when n is too small for one."""
+    n, tail, below = len(values), (1 - confidence) / 2, 0.0
+    k = 0
+    while True:
+        below += math.comb(n, k) / 2**n  # P(fewer than k + 1 of n values lie below the median)
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
 
 
 def times_x(values: list[float]) -> str:

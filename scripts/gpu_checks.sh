@@ -4,7 +4,7 @@
 #                    and SDXL 1024 px with the 24 GB settings           (benchmarks/train_gpu.py)
 #   issue 20 item 4  SD 1.5 512 px and SDXL 1024 px, 30 steps, fp16: plain / ipadapter / diffusers, time and peak
 #                    memory (benchmarks/inference.py), µs per attention call (benchmarks/per_call.py), and the
-#                    compiled UNet with adapters (benchmarks/compiled.py)
+#                    compiled UNet: plain / ipadapter / diffusers, default mode and CUDA graphs (benchmarks/compiled.py)
 # Every step runs under `timeout` within one budget (GPU_CHECKS_BUDGET_S, default 540 s: the device tool allows 600 s
 # a command), its output tee'd to $OUT/logs/<step>.log; a failing or timed-out step is recorded and the next runs.
 # At the end: $OUT/summary.md (each step's exit code and time, then every result table), the result tables, and the
@@ -31,13 +31,16 @@
 #
 # Measured on the H200 (two sessions, 2026-12-04; machine start and transfers ~40 s a call, ~10 s warm): env 20 s,
 # train 156 s, SD 1.5 timing 94 s (71 s of passes), SDXL timing 151 s, memory (both bases) 57 s, compiled 185 s (two
-# inductor compiles, 81 s and 70 s). The whole list does not fit one 600 s call; 15 minutes of device time hold
-# two calls. The timing and memory tables are rewritten after each base, so a step stopped at its limit keeps the
-# bases it finished. Everything was measured before the fix of the per-step wait for the GPU (commit f7b48ca); to
-# measure after it (issue 20 item 4), two calls back to back while the machine is warm:
+# inductor compiles, 81 s and 70 s; it now compiles diffusers' UNet too: about 260 s). The whole list does not fit
+# one 600 s call; 15 minutes of device time hold two calls. The timing and memory tables are rewritten after each
+# base, so a step stopped at its limit keeps the bases it finished. Everything was measured before the fix of the
+# per-step wait for the GPU (commit f7b48ca) and before the compiled inputs kept their addresses; to measure after
+# (issue 20 item 4), two calls back to back while the machine is warm:
 #   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="inference-memory inference-timing" bash ...
-#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="per-call compiled" bash ...
-# (per-call, µs per attention call on the GPU, is new: about 30 s on the CPU.)
+#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="per-call compiled-graphs" bash ...
+# (per-call, µs per attention call on the GPU, about 30 s; compiled-graphs is `compiled` under CUDA graphs,
+# `--mode reduce-overhead`, where the adapter's few kernels per layer cost no launches; `compiled`, the default
+# mode, when time is left.)
 # Smoke test on a CPU (every step's wiring, tiny models, quick settings; a few minutes):
 #   GPU_CHECKS_SMOKE=1 OMP_NUM_THREADS=1 bash scripts/gpu_checks.sh
 set -euo pipefail
@@ -47,7 +50,7 @@ cd "$root"
 out="$(mkdir -p "${OUT:-out/gpu}" && cd "${OUT:-out/gpu}" && pwd)"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-steps="${GPU_CHECKS_STEPS:-env train inference-timing inference-memory per-call compiled}"
+steps="${GPU_CHECKS_STEPS:-env train inference-timing inference-memory per-call compiled compiled-graphs}"
 # Temporary files in RAM when it has room: the SDXL training rows write ~7 GB of checkpoint and adapter files at their
 # end, and the inference benchmark writes each adapter to a file that diffusers and ipadapter then read.
 if [[ -d /dev/shm ]] && (($(df --output=avail -k /dev/shm | tail -1) > 32 * 1024 * 1024)); then
@@ -63,6 +66,7 @@ if [[ "${GPU_CHECKS_SMOKE:-0}" == 1 ]]; then
   memory=(--no-timing --memory-repeats 1)
   per_call=(--repeats 2 --calls 20)
   compiled=(--device cpu --dtype float32 --latents 8 --steps 2 --repeats 2 --backend eager)
+  graphs=(--mode reduce-overhead)  # the eager backend ignores the mode: the wiring only (CUDA graphs need CUDA)
 else
   tag=cuda
   budget="${GPU_CHECKS_BUDGET_S:-540}"
@@ -73,6 +77,7 @@ else
   memory=(--steps 2 --sdxl-steps 2 --no-timing)  # a peak does not depend on the step count (same shapes each step)
   per_call=(--device cuda --dtype float16 --repeats 15 --calls 300)
   compiled=(--device cuda --dtype float16 --latents 64 --steps 30 --repeats 5)
+  graphs=(--mode reduce-overhead)
 fi
 
 results="$(mktemp -d)"  # the tables land here and are copied to $OUT at the end: few files while steps run
@@ -122,6 +127,8 @@ step inference-timing 400 "$python" benchmarks/inference.py "${inference[@]}" "$
   --archs "${GPU_CHECKS_ARCHS:-sd15,sdxl}" --out "$results/inference-$tag-timing.md"
 step per-call 90 "$python" benchmarks/per_call.py "${per_call[@]}" --out "$results/per-call-$tag.md"
 step compiled 540 "$python" benchmarks/compiled.py "${compiled[@]}" --out "$results/compiled-$tag.md"
+step compiled-graphs 540 "$python" benchmarks/compiled.py "${compiled[@]}" "${graphs[@]}" \
+  --out "$results/compiled-graphs-$tag.md"
 
 {
   echo "# GPU checks ($tag): $((SECONDS - start)) s of a ${budget} s budget${TMPDIR:+, temporary files in $TMPDIR}"

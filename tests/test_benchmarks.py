@@ -82,6 +82,16 @@ def test_memory_verdicts_tell_every_repeat_from_the_median_alone() -> None:
             "B above in the median (2 of 3)") in lines
 
 
+@pytest.mark.parametrize(("n", "ranks"), [(5, None), (6, (1, 6)), (10, (2, 9)), (20, (6, 15)), (100, (40, 61))])
+def test_median_interval_is_the_published_order_statistics(n: int, ranks: tuple[int, int] | None) -> None:
+    """The distribution-free 95% interval of a median is the pair of order statistics (k, n + 1 − k) of the binomial
+    tables (Conover, Practical Nonparametric Statistics: n = 10 → 2nd and 9th, 20 → 6th and 15th, 100 → 40th and
+    61st; 5 values allow none, since ½⁵ · 2 > 5%)."""
+    values = [float(v) for v in range(n, 0, -1)]  # given unsorted: the helper sorts
+    found = inference.median_ci(values)
+    assert found == (None if ranks is None else (float(ranks[0]), float(ranks[1])))
+
+
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_generation_holds_no_more_tensors_than_diffusers(arch: str) -> None:
     """Through the denoising loop ipadapter's default holds at most what diffusers' own IP-Adapter holds, in every
