@@ -1,10 +1,10 @@
 """A compiled UNet with adapters attached vs the compiled plain UNet and diffusers' compiled IP-Adapter, per step.
 
-SD 1.5's UNet (real architecture, random weights; `--dtype`, default fp32, on `--device`, default the CPU) at
-`--latents` (default 32x32, 256 px), CFG batch of 2, 77 text tokens; a random Plus adapter in the published layout
-(16 tokens, resampler of depth 4 on ViT-H patch features). ipadapter is given the reference's tokens (projected once
-per generation, as its pipelines do); diffusers is given the patch features, which its UNet projects at every step,
-as its pipelines do. One `torch.compile(unet)` object serves all three, switched by swapping the attention
+`--arch`'s UNet (real architecture, random weights; `--dtype`, default fp32, on `--device`, default the CPU) at
+`--latents` (default 32x32), CFG batch of 2, 77 text tokens, with a random adapter in the published layout: SD 1.5
+(default) with Plus (16 tokens, resampler of depth 4 on ViT-H patch features), SDXL with the base adapter (4 tokens
+from the ViT-bigG embedding). ipadapter is given the reference's tokens (projected once per generation, as its
+pipelines do); diffusers is given the image features, which its UNet projects at every step, as its pipelines do. One `torch.compile(unet)` object serves all three, switched by swapping the attention
 processors and diffusers' projection (one attachment; its pre-call hook, a few µs of Python, also runs for the
 others): each is compiled at its first call. Then `--repeats` passes of `--steps` timesteps (descending, as a
 generation's) take turns at every step, each first at every third (a step's three runs are neighbours in time, so a
@@ -19,6 +19,7 @@ them. The compiled output is compared with the eager UNet's, and ipadapter's eag
     python benchmarks/compiled.py --latents 8 --backend eager --steps 2 --repeats 2   # wiring only, in a minute
     python benchmarks/compiled.py --repeats 12 --steps 30   # 360 steps each: a 95% interval of about ±0.3 points here
     python benchmarks/compiled.py --device cuda --dtype float16 --latents 64 --steps 30 --mode reduce-overhead
+    python benchmarks/compiled.py --arch sdxl --device cuda --dtype float16 --latents 128 --steps 30   # 1024 px
 """
 
 from __future__ import annotations
@@ -33,16 +34,36 @@ from typing import Any, NamedTuple
 import torch
 
 from ipadapter.atomic import write_text
+from ipadapter.projection import ProjectionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inference import SD15_UNET, machine, median_ci, quiet, sync  # noqa: E402
+from benchmarks.inference import SD15_UNET, SDXL_UNET, machine, median_ci, quiet, sync  # noqa: E402
 
 SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 TARGET = 0.005  # issue 20: the adapter adds at most 0.5% to a compiled step
 NAMES = ("plain", "ipadapter", "diffusers")
+
+
+class Arch(NamedTuple):
+    """A base model and the published adapter it is timed with."""
+
+    label: str
+    unet: dict[str, Any]
+    variant: str
+    projection: ProjectionConfig
+    features: tuple[int, ...]  # one image's features, as diffusers is given them (patch tokens or one embedding)
+    pooled: int  # width of SDXL's pooled text embedding, which its UNet also takes (0: none)
+
+
+ARCHS = {
+    "sd15": Arch("SD 1.5", SD15_UNET, "plus", ProjectionConfig(
+        "resampler", in_dim=1280, cross_dim=768, tokens=16, dim=768, depth=4, heads=12), (257, 1280), 0),
+    "sdxl": Arch("SDXL", SDXL_UNET, "base", ProjectionConfig("linear", in_dim=1280, cross_dim=2048, tokens=4),
+                 (1280,), 1280),
+}
 
 
 class Impl(NamedTuple):
@@ -83,6 +104,7 @@ def overhead(ratios: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=list(ARCHS), default="sd15")
     ap.add_argument("--latents", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4, help="UNet calls per pass")
     ap.add_argument("--repeats", type=int, default=5)
@@ -101,13 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     from ipadapter import AdapterPrompt, Reference, attach
     from ipadapter.adapter import AdapterConfig, IPAdapter
     from ipadapter.checkpoint import published_state_dict
-    from ipadapter.projection import ProjectionConfig
 
+    arch = ARCHS[args.arch]
     torch.manual_seed(0)
     with torch.device(args.device):  # weights drawn where they run: one CPU core takes tens of seconds for them
-        unet = UNet2DConditionModel(**SD15_UNET).eval()
-        adapter = IPAdapter.for_unet(unet, AdapterConfig("plus", ProjectionConfig(
-            "resampler", in_dim=1280, cross_dim=768, tokens=16, dim=768, depth=4, heads=12)))
+        unet = UNet2DConditionModel(**arch.unet).eval()
+        adapter = IPAdapter.for_unet(unet, AdapterConfig(arch.variant, arch.projection))
     plain = Impl(dict(unet.attn_processors), None, {})
     unet._load_ip_adapter_weights([published_state_dict(adapter, unet)], low_cpu_mem_usage=False)
     unet.to(**place)
@@ -118,12 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(args.steps, device=args.device)  # as the pipelines: each step's `t` a view on the device
     sample = torch.randn(2, 4, args.latents, args.latents).to(**place)  # drawn on the CPU: the same inputs anywhere
-    text = torch.randn(2, 77, 768).to(**place)
-    features = [torch.randn(2, 1, 257, 1280).to(**place) for _ in range(2)]  # per reference: [uncond; cond] rows
+    text = torch.randn(2, 77, unet.config.cross_attention_dim).to(**place)
+    features = [torch.randn(2, 1, *arch.features).to(**place) for _ in range(2)]  # per reference: [uncond; cond]
+    added = {}  # SDXL's pooled text and size conditioning, the same for every implementation
+    if arch.pooled:
+        added = {"text_embeds": torch.randn(2, arch.pooled).to(**place),
+                 "time_ids": torch.tensor([[8 * args.latents] * 2 + [0, 0] + [8 * args.latents] * 2] * 2).to(**place)}
     with torch.no_grad():
         tokens = [adapter.project(f[:, 0]) for f in features]
     att = attach(unet, adapter, scheduler=scheduler)  # switched by processors below: one attachment, its hook kept
     impls = {"plain": plain, "ipadapter": Impl(dict(unet.attn_processors), None, {}), "diffusers": theirs}
+    for name in ("plain", "ipadapter"):
+        impls[name].extra["added_cond_kwargs"] = added
 
     def switch(name: str) -> None:
         unet.encoder_hid_proj = impls[name].projection  # first: diffusers' resampler has attention layers of its own
@@ -133,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         """A new generation for ipadapter (its plan, K'/V', weights) and diffusers' features for that reference."""
         ref = Reference(cond=tokens[reference][1:], uncond=tokens[reference][:1])
         att.set_prompts({"0": AdapterPrompt([ref], scale=scale)}, rows=1)
-        impls["diffusers"].extra["added_cond_kwargs"] = {"image_embeds": [features[reference]]}
+        impls["diffusers"].extra["added_cond_kwargs"] = {**added, "image_embeds": [features[reference]]}
 
     def call(model: torch.nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
         return model(sample, t, encoder_hidden_states=text, **impls[name].extra).sample
@@ -216,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Compiled UNet with adapters", "",
         f"`python benchmarks/compiled.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-        f"{machine(args.device)}; torch {torch.__version__}, backend {args.backend}{mode}; SD 1.5 UNet (random "
-        f"weights, {SHORT[args.dtype]}), {args.latents}x{args.latents} latents, batch 2, a Plus adapter (16 tokens); "
+        f"{machine(args.device)}; torch {torch.__version__}, backend {args.backend}{mode}; {arch.label} UNet (random "
+        f"weights, {SHORT[args.dtype]}), {args.latents}x{args.latents} latents, batch 2, a {arch.variant} adapter "
+        f"({arch.projection.tokens} tokens); "
         f"{args.repeats} passes of {args.steps} steps, the three taking turns at every step, ipadapter's scale and "
         "reference changing every pass.", "",
         "| | plain compiled | ipadapter compiled | diffusers compiled |", "|---|---|---|---|",

@@ -4,7 +4,8 @@
 #                    and SDXL 1024 px with the 24 GB settings           (benchmarks/train_gpu.py)
 #   issue 20 item 4  SD 1.5 512 px and SDXL 1024 px, 30 steps, fp16: plain / ipadapter / diffusers, time and peak
 #                    memory (benchmarks/inference.py), µs per attention call (benchmarks/per_call.py), and the
-#                    compiled UNet: plain / ipadapter / diffusers, default mode and CUDA graphs (benchmarks/compiled.py)
+#                    compiled UNet: plain / ipadapter / diffusers, default mode and CUDA graphs, SD 1.5 and (under
+#                    CUDA graphs) SDXL (benchmarks/compiled.py)
 # Every step runs under `timeout` within one budget (GPU_CHECKS_BUDGET_S, default 540 s: the device tool allows 600 s
 # a command), its output tee'd to $OUT/logs/<step>.log; a failing or timed-out step is recorded and the next runs.
 # At the end: $OUT/summary.md (each step's exit code and time, then every result table), the result tables, and the
@@ -40,7 +41,8 @@
 #   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="per-call compiled-graphs" bash ...
 # (per-call, µs per attention call on the GPU, about 30 s; compiled-graphs is `compiled` under CUDA graphs,
 # `--mode reduce-overhead`, where the adapter's few kernels per layer cost no launches; `compiled`, the default
-# mode, when time is left.)
+# mode, when time is left; `compiled-sdxl`, SDXL at 1024 px under CUDA graphs, three SDXL compiles, in a call of its
+# own in a later session.)
 # Smoke test on a CPU (every step's wiring, tiny models, quick settings; a few minutes):
 #   GPU_CHECKS_SMOKE=1 OMP_NUM_THREADS=1 bash scripts/gpu_checks.sh
 set -euo pipefail
@@ -50,7 +52,7 @@ cd "$root"
 out="$(mkdir -p "${OUT:-out/gpu}" && cd "${OUT:-out/gpu}" && pwd)"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-steps="${GPU_CHECKS_STEPS:-env train inference-timing inference-memory per-call compiled compiled-graphs}"
+steps="${GPU_CHECKS_STEPS:-env train inference-timing inference-memory per-call compiled compiled-graphs compiled-sdxl}"
 # Temporary files in RAM when it has room: the SDXL training rows write ~7 GB of checkpoint and adapter files at their
 # end, and the inference benchmark writes each adapter to a file that diffusers and ipadapter then read.
 if [[ -d /dev/shm ]] && (($(df --output=avail -k /dev/shm | tail -1) > 32 * 1024 * 1024)); then
@@ -67,6 +69,7 @@ if [[ "${GPU_CHECKS_SMOKE:-0}" == 1 ]]; then
   per_call=(--repeats 2 --calls 20)
   compiled=(--device cpu --dtype float32 --latents 8 --steps 2 --repeats 2 --backend eager)
   graphs=(--mode reduce-overhead)  # the eager backend ignores the mode: the wiring only (CUDA graphs need CUDA)
+  compiled_sdxl=(--arch sdxl --device cpu --dtype float32 --latents 8 --steps 2 --repeats 2 --backend eager)
 else
   tag=cuda
   budget="${GPU_CHECKS_BUDGET_S:-540}"
@@ -78,6 +81,7 @@ else
   per_call=(--device cuda --dtype float16 --repeats 15 --calls 300)
   compiled=(--device cuda --dtype float16 --latents 64 --steps 30 --repeats 5)
   graphs=(--mode reduce-overhead)
+  compiled_sdxl=(--arch sdxl --device cuda --dtype float16 --latents 128 --steps 30 --repeats 3)
 fi
 
 results="$(mktemp -d)"  # the tables land here and are copied to $OUT at the end: few files while steps run
@@ -129,6 +133,8 @@ step per-call 90 "$python" benchmarks/per_call.py "${per_call[@]}" --out "$resul
 step compiled 540 "$python" benchmarks/compiled.py "${compiled[@]}" --out "$results/compiled-$tag.md"
 step compiled-graphs 540 "$python" benchmarks/compiled.py "${compiled[@]}" "${graphs[@]}" \
   --out "$results/compiled-graphs-$tag.md"
+step compiled-sdxl 540 "$python" benchmarks/compiled.py "${compiled_sdxl[@]}" "${graphs[@]}" \
+  --out "$results/compiled-sdxl-$tag.md"
 
 {
   echo "# GPU checks ($tag): $((SECONDS - start)) s of a ${budget} s budget${TMPDIR:+, temporary files in $TMPDIR}"
