@@ -129,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     with torch.device(args.device):  # weights drawn where they run: one CPU core takes tens of seconds for them
         unet = UNet2DConditionModel(**arch.unet).eval()
         adapter = IPAdapter.for_unet(unet, AdapterConfig(arch.variant, arch.projection))
-    plain = Impl(dict(unet.attn_processors), None, {})
+    plain_procs = dict(unet.attn_processors)
     unet._load_ip_adapter_weights([published_state_dict(adapter, unet)], low_cpu_mem_usage=False)
     unet.to(**place)
     adapter.to(**place)
     theirs = Impl(dict(unet.attn_processors), unet.encoder_hid_proj, {})
     unet.encoder_hid_proj = None
-    unet.set_attn_processor(dict(plain.processors))
+    unet.set_attn_processor(dict(plain_procs))
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(args.steps, device=args.device)  # as the pipelines: each step's `t` a view on the device
     sample = torch.randn(2, 4, args.latents, args.latents).to(**place)  # drawn on the CPU: the same inputs anywhere
@@ -148,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         tokens = [adapter.project(f[:, 0]) for f in features]
     att = attach(unet, adapter, scheduler=scheduler)  # switched by processors below: one attachment, its hook kept
-    impls = {"plain": plain, "ipadapter": Impl(dict(unet.attn_processors), None, {}), "diffusers": theirs}
-    for name in ("plain", "ipadapter"):
-        impls[name].extra["added_cond_kwargs"] = added
+    impls = {"plain": Impl(plain_procs, None, {"added_cond_kwargs": added}),
+             "ipadapter": Impl(dict(unet.attn_processors), None, {"added_cond_kwargs": added}), "diffusers": theirs}
 
     def switch(name: str) -> None:
         unet.encoder_hid_proj = impls[name].projection  # first: diffusers' resampler has attention layers of its own
@@ -182,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.reset()
     counters.clear()
     compile_s, graphs, breaks = {}, {}, {}
-    set_reference(0)
     for name in NAMES:
         switch(name)
         before_graphs, before_breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())

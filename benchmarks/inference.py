@@ -795,8 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     def write(rows: list[Row], memory: list[Row], notes: list[str], final: bool = False) -> str:
         """The table so far, written atomically: a killed run leaves the last architecture it finished."""
         header = [f"# Inference benchmark{' (quick smoke run)' if args.quick else ''}", "", f"`{command}`", "",
-                  f"Device: {machine(args.device)}; {args.dtype}; {args.repeats} interleaved passes after a warm-up pass (times: "
-                  "medians; overheads and ratios: median of the pass-by-pass ratios [min, max]); "
+                  f"Device: {machine(args.device)}; {args.dtype}; {args.repeats} interleaved passes after a warm-up "
+                  "pass (times: medians; overheads and ratios: median of the pass-by-pass ratios [min, max]); "
                   f"total {time.perf_counter() - start:.0f} s{'' if final else ' so far (the run did not finish)'}. "
                   "Random weights, real architectures:", "",
                   *(f"- {s.describe()}" for s in settings_of(args))]

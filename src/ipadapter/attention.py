@@ -285,6 +285,8 @@ class IPAttnProcessor(nn.Module):
         return held
 
     def _hold(self, key: Hashable, value: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # autograd: `value` itself (a new tensor each generation, see `_held_as`)
+            return value
         return self._held_as(key, value.shape, value.dtype, value.device).copy_(value)
 
     def _hold_term(self, key: tuple, term: Term) -> Term:
