@@ -42,11 +42,12 @@ def weights_of(bench: inference.Bench) -> set[int]:
 
 def held(weights: set[int]) -> int:
     """Bytes of the distinct storages of live tensors that are not model weights (garbage collected first: only
-    what something still refers to counts)."""
+    what something still refers to counts). Plain tensors only: parameters are weights, and the fake tensors a
+    `torch.compile` earlier in the process may leave behind hold no memory (nor a readable data pointer)."""
     gc.collect()
     storages: dict[int, int] = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
+        if type(obj) is torch.Tensor:
             storage = obj.untyped_storage()
             if storage.data_ptr() not in weights:
                 storages[storage.data_ptr()] = storage.nbytes()
