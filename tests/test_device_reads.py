@@ -142,3 +142,63 @@ def test_the_sd_and_sdxl_pipelines_pass_views_of_their_schedulers_timesteps(tmp_
         assert found and all(view == position for view, position in found), (name, found)
         assert [p for _, p in found] == list(range(found[0][1], found[0][1] + len(found))), (name, found)
         assert (found[0][1] > 0) == ("img2img" in name), "img2img starts later in the timesteps"
+
+
+# ---- FLUX: the pipeline passes its own tensor (t / 1000), so the step comes from the pipeline's loop -------------
+
+
+def _flux_on_meta():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ipadapter.dit.attach import attach_dit
+    from ipadapter.dit.checkpoint import dit_adapter_from_state_dict
+    from tests import dit_factories as df
+
+    model = df.flux_transformer()
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    host = scheduler.timesteps.clone()
+    scheduler.timesteps = scheduler.timesteps.to(META)
+    attachment = attach_dit(model, adapter, scheduler=scheduler)
+    tokens = torch.randn(1, 4, df.FLUX_JOINT)
+    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens, uncond=torch.zeros_like(tokens))])}, rows=1)
+    model.to(META), adapter.to(META)
+    for p in attachment.runtime.prompts["0"].references:
+        p.cond, p.uncond = p.cond.to(META), p.uncond.to(META)
+    ids = torch.zeros(4 * 6, 3, device=META)
+    attachment._ids = (ids, (4, 6))  # the grid is read once per ids tensor, i.e. once per generation
+    inputs = dict(hidden_states=torch.randn(1, 24, 4, device=META),
+                  encoder_hidden_states=torch.randn(1, 5, df.FLUX_JOINT, device=META),
+                  pooled_projections=torch.randn(1, 32, device=META), img_ids=ids,
+                  txt_ids=torch.zeros(5, 3, device=META))
+    return model, attachment, scheduler, host, inputs
+
+
+class _Loop:
+    """What the attachment reads of a FLUX pipeline: `current_timestep`, set by its loop before each step."""
+
+    current_timestep: torch.Tensor | None = None
+
+
+def test_flux_steps_read_no_device_value_when_the_pipeline_says_which_step_it_is() -> None:
+    """As FluxPipeline calls its transformer with true CFG: `t / 1000`, a new tensor, twice per step (prompt, then
+    negative prompt). Reading it would wait for the GPU at every call; the pipeline's `current_timestep` (a view of
+    the scheduler's timesteps) places the call instead, and the second call of a step is still the negative one."""
+    model, attachment, scheduler, host, inputs = _flux_on_meta()
+    loop = _Loop()
+    attachment.pipeline = loop
+    seen = []
+    mode = DeviceReads(host.float())
+    with torch.no_grad(), mode:
+        for t in scheduler.timesteps:
+            loop.current_timestep = t
+            timestep = t.expand(1).to(torch.float16) / 1000
+            for _ in range(2):
+                model(**inputs, timestep=timestep)
+                seen.append((attachment.runtime.progress, attachment.step.negative))
+    attachment.detach()
+    assert mode.reads == []
+    assert mode.copies == 1, "the timesteps, copied once for the whole generation"
+    assert seen == [(i / 4, negative) for i in range(4) for negative in (False, True)]
+

@@ -451,6 +451,43 @@ def test_pipeline_images_equal_diffusers(flux_base, true_cfg: float) -> None:
     np.testing.assert_allclose(np.asarray(ours[0]), expected[0], atol=TOL, rtol=0)
 
 
+def test_the_flux_pipeline_says_which_step_each_transformer_call_is(flux_base) -> None:
+    """What the GPU path relies on (tests/test_device_reads.py), checked against diffusers' own FluxPipeline: at
+    every transformer call, true CFG's negative call included, `current_timestep` is a view into the scheduler's
+    timesteps at the call's step. Through the prompter the transformer's own timestep (t / 1000, a new tensor: a
+    wait for the GPU) is then never read. (diffusers' other FLUX pipelines, img2img and inpainting, do not set
+    `current_timestep`: there it is read at each call, as before.)"""
+    import ipadapter
+    from diffusers import FluxPipeline
+
+    from ipadapter.attach import view_index
+
+    root, folder = flux_base
+    pipe = FluxPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    found = []
+
+    def record(module, args, kwargs) -> None:  # noqa: ANN001
+        t, timesteps = pipe.current_timestep, pipe.scheduler.timesteps
+        found.append((view_index(t, timesteps), int((timesteps == t).nonzero()[0, 0])))
+
+    hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    pipe(prompt="a cat", negative_prompt="blurry", true_cfg_scale=3.0, max_sequence_length=8, num_inference_steps=4,
+         width=16, height=16, output_type="latent")
+    hook.remove()
+    assert all(view == position for view, position in found), found
+    assert found[::2] == found[1::2] == [(i, i) for i in range(4)], "a step's two calls, at the steps in order"
+
+    prompter = ipadapter.load(pipe, str(root / "ip_adapter.safetensors"))
+    reads = []
+    read = prompter.attachment._timestep_value
+    prompter.attachment._timestep_value = lambda t: reads.append(t) or read(t)
+    prompter.generate(Image.open(root / "ref.png"), seed=1, steps=3, guidance=3.5, width=16, height=16,
+                      prompt="a cat", negative_prompt="blurry", true_cfg_scale=3.0, max_sequence_length=8)
+    prompter.detach()
+    assert reads == []
+
+
 def test_a_manifest_takes_true_cfg_for_every_job_as_generate_does(flux_base, tmp_path) -> None:
     """`--true-cfg` with `--manifest` applies to every job: each job's image is the one-shot command's with the same
     seed and settings (which equals diffusers', test above), and true CFG changes it."""

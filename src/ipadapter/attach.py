@@ -67,6 +67,7 @@ class ProcessorSwap:
         self.denoiser = denoiser
         self.adapters = dict(adapters)
         self.scheduler = scheduler
+        self.pipeline: Any = None  # the pipeline whose loop calls the denoiser, when known (`_loop_timestep`)
         self.runtime = Runtime()
         self.rows: int | None = None
         self._originals: dict[str, Any] = {}
@@ -100,14 +101,26 @@ class ProcessorSwap:
     def _progress(self, timestep: Any, scale: float = 1.0, value: float | None = None) -> float | None:
         """Fraction of the denoising run at this call: the index of the scheduler's timestep nearest in value to
         `timestep · scale` (a transformer gets the scheduler's timestep divided by 1000), over the step count.
-        `value`: the timestep's value when the caller has read it already. Without a scheduler's timesteps the
-        timestep is not read at all (the training-memory estimate runs the UNet on the meta device)."""
+        `value`: the call's timestep in the scheduler's units, when the caller knows it already. Without a
+        scheduler's timesteps the timestep is not read at all (the training-memory estimate runs the UNet on the meta
+        device)."""
         values = self._host_timesteps()
         if values is None or timestep is None:
             return None
-        t = self._timestep_value(timestep) if value is None else value
+        t = self._timestep_value(timestep) * scale if value is None else value
         # float32, as the timesteps: it holds every integer timestep exactly and keeps a fractional one.
-        return int(torch.argmin((values - torch.tensor(t * scale, dtype=torch.float32)).abs())) / len(values)
+        return int(torch.argmin((values - torch.tensor(t, dtype=torch.float32)).abs())) / len(values)
+
+    def _loop_timestep(self) -> float | None:
+        """The timestep of the pipeline's current step (`current_timestep`, which the FLUX pipelines set before
+        their transformer calls) when it is one of the scheduler's own: its value from their CPU copy, without
+        waiting for the GPU. None outside a pipeline's loop, or for a pipeline that does not say."""
+        t = getattr(self.pipeline, "current_timestep", None)
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        if not isinstance(t, torch.Tensor) or not isinstance(timesteps, torch.Tensor):
+            return None
+        index = view_index(t, timesteps)
+        return None if index is None else float(self._host_timesteps()[index])
 
     def _host_timesteps(self) -> torch.Tensor | None:
         """The scheduler's timesteps as float32 on the CPU, copied once each time the scheduler sets them (pipelines

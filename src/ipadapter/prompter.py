@@ -51,6 +51,7 @@ class ImagePrompter:
         attach_to = attach_dit if is_dit(denoiser) else attach
         self.attachment: Attachment | DiTAttachment = attach_to(denoiser, adapters, scheduler=pipe.scheduler)
         self.attachment.runtime.cache_kv = cache_kv
+        self.attachment.pipeline = pipe  # FLUX: its loop says which step each call is (no wait for the GPU)
         self.adapters = self.attachment.adapters
         for name, adapter in self.adapters.items():
             self._check_encoder(name, adapter)
