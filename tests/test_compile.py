@@ -183,3 +183,43 @@ def test_every_tensor_the_compiled_graph_reads_keeps_its_address_across_generati
     assert len(calls) == 2 and len(calls[0]) == len(calls[1])
     moved = [i for i, (a, b) in enumerate(zip(*calls)) if a != b]
     assert not moved, f"{len(moved)} of {len(calls[0])} graph inputs moved between generations"
+
+
+def test_the_processors_are_prepared_once_per_generation_and_layout_not_at_every_step(tiny, monkeypatch) -> None:
+    """The pre-call hook runs outside the graph at every compiled step; preparing every layer there again would
+    cost host time at each step (SDXL: 70 layers) for the same result. A new generation, a new batch layout, an
+    eager call in between or `clear_cache` prepares again; the step window still follows each step (eager outputs)."""
+    from ipadapter.attention import IPAttnProcessor
+
+    unet, adapter = tiny
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(4)
+    att = attach(unet, adapter, scheduler=scheduler)
+    prepared: list[int] = []
+    real = IPAttnProcessor.prepare
+    monkeypatch.setattr(IPAttnProcessor, "prepare", lambda self, *a: prepared.append(id(self)) or real(self, *a))
+    layers = len(att._processors)
+    text = torch.randn(2, 5, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend="eager")
+    try:
+        for scale in (1.0, 0.5):  # the second half of the steps in the window: each step's factor is read
+            prompt = AdapterPrompt([Reference(cond=torch.randn(1, 4, 16))], scale=scale, start=0.5)
+            att.set_prompts({"0": prompt}, rows=1)
+            sample = torch.randn(2, 4, 8, 8)
+            with torch.no_grad():  # eager first: the compiled steps after it prepare once
+                expected = [unet(sample, t, encoder_hidden_states=text).sample for t in scheduler.timesteps]
+                counts = len(prepared)
+                for t, eager in zip(scheduler.timesteps, expected):
+                    torch.testing.assert_close(compiled(sample, t, encoder_hidden_states=text).sample, eager,
+                                               atol=1e-5, rtol=1e-5)
+            assert len(prepared) - counts == layers, "prepared at the generation's first compiled step only"
+        counts = len(prepared)
+        with torch.no_grad():
+            compiled(torch.randn(1, 4, 8, 8), scheduler.timesteps[0], encoder_hidden_states=text[:1])
+            att.clear_cache()
+            compiled(torch.randn(1, 4, 8, 8), scheduler.timesteps[1], encoder_hidden_states=text[:1])
+        assert len(prepared) - counts == 2 * layers, "a new batch layout, then clear_cache, prepare again"
+        assert sorted(set(prepared)) == sorted(id(p) for p in att._processors)
+    finally:
+        att.detach()

@@ -172,7 +172,11 @@ class Attachment(ProcessorSwap):
         super().__init__(unet, adapters, scheduler)
         self.unet = unet
         self._cross_names = frozenset(l.name for l in attention_layers(unet) if l.cross)
-        self._prepared = False
+        self._prepared: tuple | None = None  # the layout the processors were last prepared for
+
+    def clear_cache(self) -> None:
+        super().clear_cache()
+        self._prepared = None  # the processors forgot what they prepared
 
     def _install(self) -> None:
         per_layer: dict[str, dict[str, nn.Module]] = {}
@@ -199,13 +203,16 @@ class Attachment(ProcessorSwap):
         self.runtime.progress = self._progress(timestep)
         if _in_compiled_module():
             self.runtime.refresh_step_tensor(sample.device)
-            for processor in self._processors:
-                processor.prepare(sample.shape[0], sample.dtype, sample.device)
-            self._prepared = True
-        elif self._prepared:
+            layout = (self.runtime.generation, sample.shape[0], self.runtime.cfg, sample.dtype, sample.device,
+                      self.runtime.latent_hw)
+            if layout != self._prepared:  # once per generation and layout, not at every step (SDXL: 70 layers)
+                for processor in self._processors:
+                    processor.prepare(sample.shape[0], sample.dtype, sample.device)
+                self._prepared = layout
+        elif self._prepared is not None:
             for processor in self._processors:
                 processor.forget_prepared()
-            self._prepared = False
+            self._prepared = None
 
     # Outside compiled graphs; by assignment, not as a decorator, since mutmut skips decorated functions.
     _before_unet = torch.compiler.disable(_before_unet)
