@@ -1,10 +1,15 @@
-"""Tensors each implementation holds through the denoising loop, counted exactly: plain vs ipadapter vs diffusers.
+"""Tensors each implementation holds, counted exactly: plain vs ipadapter vs diffusers.
 
 `inference.py` measures peak memory as the process's RSS, every byte counted, so a difference of a tenth of a MiB is
-within its resolution (allocator slack, page granularity). This script counts tensors instead: when the UNet's first
-up block starts in the last step (the point of a step where the down path's skip activations are all held), it sums
-the storages of every live tensor that is not a weight of the models, in MiB, for each implementation and case of
-`inference.py` (same architectures, same random weights, same cases). Deterministic: equal code, equal numbers.
+within its resolution (allocator slack, page granularity). This script counts tensors instead, for each
+implementation and case of `inference.py` (same architectures, same random weights, same cases), in MiB:
+- held: when the UNet's first up block starts in the last step (the point of a step where the down path's skip
+  activations are all held), the storages of every live tensor that is not a weight of the models;
+- peak: over the whole generation, the most bytes of storages made during it that were alive at once (`LivePeak`:
+  every operator's outputs, tracked until nothing refers to them), the exact counterpart of the RSS peak above the
+  start. Buffers a kernel allocates and frees inside one operator (a convolution's workspace) are not seen; they
+  depend on the shapes alone, which the three implementations share everywhere but in the adapter's attention.
+Deterministic: equal code, equal numbers.
 
     python benchmarks/held_tensors.py                  # SD 1.5 and SDXL, about 5 minutes on 2 cores
     python benchmarks/held_tensors.py --archs sd15
@@ -16,9 +21,13 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import weakref
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from ipadapter.atomic import write_text
 
@@ -40,22 +49,68 @@ def weights_of(bench: inference.Bench) -> set[int]:
     return {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
 
 
-def held(weights: set[int]) -> int:
-    """Bytes of the distinct storages of live tensors that are not model weights (garbage collected first: only
-    what something still refers to counts). Plain tensors only: parameters are weights, and the fake tensors a
-    `torch.compile` earlier in the process may leave behind hold no memory (nor a readable data pointer)."""
+def live_storages(weights: set[int]) -> dict[int, torch.UntypedStorage]:
+    """Data pointer → storage, of the distinct storages of live tensors that are not model weights (garbage collected
+    first: only what something still refers to counts). Plain tensors only: parameters are weights, and the fake
+    tensors a `torch.compile` earlier in the process may leave behind hold no memory (nor a readable data pointer)."""
     gc.collect()
-    storages: dict[int, int] = {}
+    storages: dict[int, torch.UntypedStorage] = {}
     for obj in gc.get_objects():
         if type(obj) is torch.Tensor:
             storage = obj.untyped_storage()
             if storage.data_ptr() not in weights:
-                storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+                storages[storage.data_ptr()] = storage
+    return storages
 
 
-def measure(s: inference.Setting) -> dict[tuple[str, bool, str], float]:
-    """MiB held at the last step's first up block, per (implementation, cache_kv, case)."""
+def held(weights: set[int]) -> int:
+    """Bytes of `live_storages`."""
+    return sum(storage.nbytes() for storage in live_storages(weights).values())
+
+
+class LivePeak(TorchDispatchMode):
+    """The peak of the bytes of storages that operators made while the mode was on and that something still refers
+    to. Each output tensor counts its storage once however many views share it, until the last of them is freed;
+    storages in `before` (weights, caches: alive when the run started) are not counted, and are kept alive through
+    the run so that no new storage takes one of their addresses."""
+
+    def __init__(self, before: dict[int, Any]) -> None:
+        super().__init__()
+        self.before = before
+        self.refs: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def _release(self, ptr: int) -> None:
+        self.refs[ptr] -= 1
+        if not self.refs[ptr]:
+            del self.refs[ptr]
+            self.live -= self.sizes.pop(ptr)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if type(t) is not torch.Tensor or t.device.type == "meta":
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if not ptr or ptr in self.before:
+                continue
+            if ptr not in self.refs:
+                self.refs[ptr], self.sizes[ptr] = 0, t.untyped_storage().nbytes()
+                self.live += self.sizes[ptr]
+                self.peak = max(self.peak, self.live)
+            self.refs[ptr] += 1
+            weakref.finalize(t, self._release, ptr)
+        return out
+
+
+class Found(NamedTuple):
+    held: float  # MiB alive when the first up block starts in the last step
+    peak: float  # MiB at the generation's peak (`LivePeak`)
+
+
+def measure(s: inference.Setting) -> dict[tuple[str, bool, str], Found]:
+    """Both counts per (implementation, cache_kv, case)."""
     bench = inference.Bench(s, ("plain", "ipadapter", "diffusers"))
     weights = weights_of(bench)
     seen: list[int] = []
@@ -67,9 +122,10 @@ def measure(s: inference.Setting) -> dict[tuple[str, bool, str], float]:
             setup, run = bench.generation_run(impl, case)
             setup()
             seen.clear()
-            with torch.no_grad():
+            peak = LivePeak({**dict.fromkeys(weights), **live_storages(weights)})
+            with torch.no_grad(), peak:
                 run()
-            found[impl, cache, case] = seen[-1] / MiB
+            found[impl, cache, case] = Found(seen[-1] / MiB, peak.peak / MiB)
     hook.remove()
     bench.close()
     return found
@@ -87,20 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     settings = inference.settings_of(inference.parse_args(
         ["--archs", args.archs, "--steps", "2", "--sdxl-steps", "2", "--vith-layers", str(args.vith_layers),
          "--bigg-layers", str(args.bigg_layers), *(["--quick"] if args.quick else [])]))
+    found = {s: measure(s) for s in settings}
     lines = ["# Tensors held through the denoising loop", "",
              f"`python benchmarks/held_tensors.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-             "MiB of live tensors outside the models when the UNet's first up block starts in the last step "
-             "(torch " + torch.__version__ + "); the settings of `inference.py`:", "",
-             *(f"- {s.describe()}" for s in settings), "",
-             "| case | plain | diffusers | ipadapter | ipadapter − diffusers | ipadapter, cache_kv=True |",
-             "|---|---|---|---|---|---|"]
-    for s in settings:
-        found = measure(s)
-        for case, label in inference.CASES.items():
-            plain, theirs = found["plain", False, case], found["diffusers", False, case]
-            ours, cached = found["ipadapter", False, case], found["ipadapter", True, case]
-            lines.append(f"| {inference.ARCH_NAMES[s.arch]} {label} | {plain:.3f} | {theirs:.3f} | {ours:.3f} "
-                         f"| {ours - theirs:+.3f} | {cached:.3f} |")
+             "Live tensors outside the models, counted exactly (torch " + torch.__version__ + "); the settings of "
+             "`inference.py`:", "", *(f"- {s.describe()}" for s in settings)]
+    for field, title in (("held", "MiB held when the UNet's first up block starts in the last step"),
+                         ("peak", "MiB at the generation's peak: storages made during it, alive at once")):
+        lines += ["", f"{title}:", "",
+                  "| case | plain | diffusers | ipadapter | ipadapter − diffusers | ipadapter, cache_kv=True |",
+                  "|---|---|---|---|---|---|"]
+        for s in settings:
+            for case, label in inference.CASES.items():
+                plain, theirs, ours, cached = (getattr(found[s][impl, cache, case], field) for impl, cache in IMPLS)
+                lines.append(f"| {inference.ARCH_NAMES[s.arch]} {label} | {plain:.3f} | {theirs:.3f} | {ours:.3f} "
+                             f"| {ours - theirs:+.3f} | {cached:.3f} |")
     text = "\n".join(lines + [""])
     write_text(args.out, text)  # atomic: a killed run leaves the last result
     print(text)

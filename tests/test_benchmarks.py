@@ -94,16 +94,43 @@ def test_median_interval_is_the_published_order_statistics(n: int, ranks: tuple[
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_generation_holds_no_more_tensors_than_diffusers(arch: str) -> None:
-    """Through the denoising loop ipadapter's default holds at most what diffusers' own IP-Adapter holds, in every
-    case of the inference benchmark (live tensors outside the models, counted exactly, tiny models); the K'/V' cache
-    holds more, by design."""
+    """Through the denoising loop, and at the generation's peak, ipadapter's default holds at most what diffusers'
+    own IP-Adapter holds, in every case of the inference benchmark (live tensors outside the models, counted
+    exactly, tiny models); the K'/V' cache holds more through the loop, by design."""
     from benchmarks import held_tensors
 
     setting = inference.settings_of(inference.parse_args(["--quick", "--archs", arch]))[0]
     found = held_tensors.measure(setting)
     for case in inference.CASES:
-        assert found["plain", False, case] < found["ipadapter", False, case] <= found["diffusers", False, case], case
-        assert found["ipadapter", True, case] > found["ipadapter", False, case], case
+        plain, ours, theirs, cached = (found[impl, cache, case] for impl, cache in
+                                       (("plain", False), ("ipadapter", False), ("diffusers", False), ("ipadapter", True)))
+        assert plain.held < ours.held <= theirs.held, case
+        assert cached.held > ours.held, case
+        assert plain.peak <= ours.peak <= theirs.peak, case
+
+
+def test_live_peak_counts_each_storage_once_until_its_last_tensor_is_freed() -> None:
+    """`LivePeak` against the bytes worked out by hand: views and in-place results share their storage, storages
+    alive before the run are not counted, a storage counts until its last view is gone."""
+    import torch
+
+    from benchmarks.held_tensors import LivePeak
+
+    old = torch.ones(1000)
+    with LivePeak({old.untyped_storage().data_ptr(): old.untyped_storage()}) as peak:
+        a = torch.zeros(1000)  # 4000 B
+        view = a[:10].view(2, 5)  # the same storage
+        a.add_(1)  # in place: the same storage
+        b = old * 2  # 4000 B
+        old_view = old[:10]  # a view of a storage from before the run: not counted
+        del a
+        assert peak.live == 8000, "a's storage lives on through its view"
+        del view
+        assert peak.live == 4000
+        c = torch.empty(3000, dtype=torch.float64)  # 24000 B
+        assert peak.live == 28000
+        del b, c, old_view
+    assert (peak.peak, peak.live) == (28000, 0)
 
 
 def test_each_pass_starts_one_run_later() -> None:
