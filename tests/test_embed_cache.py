@@ -26,6 +26,22 @@ def test_second_encoding_comes_from_cache() -> None:
     assert torch.equal(again[1], first.flip(0))
 
 
+def test_one_images_features_are_the_cached_tensor_not_a_copy() -> None:
+    """A single reference's features are the cache's own storage, new or repeated: a copy would be held beside the
+    cached one while the unconditional image is encoded (the peak of a generation's encoding,
+    benchmarks/held_tensors.py); several images are stacked, as a batch must be."""
+    cache = EmbeddingCache()
+    encoder, _ = _counting_encoder(cache)
+    img = factories.reference_image(3)
+    for _ in range(2):
+        features = encoder.encode([img], "patch")
+        cached = {t.untyped_storage().data_ptr() for t in cache._items.values()}
+        assert features.untyped_storage().data_ptr() in cached
+    together = encoder.encode([img, factories.reference_image(4)], "patch")
+    assert together.untyped_storage().data_ptr() not in cached
+    assert torch.equal(together[0], features[0])
+
+
 def test_an_images_features_do_not_depend_on_the_images_encoded_with_it() -> None:
     """What the cache keeps for an image is what that image alone gives, so a later generation's pixels do not depend
     on which references an earlier one encoded together (a batched matmul rounds differently)."""
