@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inference import SD15_UNET, SDXL_UNET, machine, median_ci, quiet, sync  # noqa: E402
+from benchmarks.inference import SD15_UNET, SDXL_UNET, machine, median_ci, quiet, sync, verdict  # noqa: E402
 
 SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 TARGET = 0.005  # issue 20: the adapter adds at most 0.5% to a compiled step
@@ -85,15 +85,6 @@ def step_flops(unet: torch.nn.Module, *args: torch.Tensor, **kwargs: Any) -> int
         with FlopCounterMode(display=False) as counter:
             unet(*args, **kwargs)
     return counter.get_total_flops()
-
-
-def verdict(interval: tuple[float, float] | None, limit: float) -> str:
-    """A target on a ratio judged on its interval: met, not met, or not decided by this many steps."""
-    if interval is None:
-        return "too few steps for an interval"
-    if interval[1] <= limit:
-        return "met"
-    return "NOT met" if interval[0] > limit else "undecided (the interval contains the target)"
 
 
 def overhead(ratios: list[float]) -> str:

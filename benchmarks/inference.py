@@ -28,7 +28,7 @@ switched between runs, outside the timed region, by swapping the attention proce
 warm-up pass (none for (d): the generations ran the same UNet shapes), then `--repeats` passes (default 5, `--quick`
 9), the cases interleaved within each pass. Times are medians; overheads and ratios are taken pass by pass (the runs
 of one pass are neighbours in time, so a load change between passes cancels) and given as median [min, max]; the
-verdicts are decided on that spread: "in every pass", "in the median only" (within the noise) or not. On CUDA each
+targets are judged on the 95% interval of the median (distribution-free, `median_ci`) with 6 passes or more, else on that spread: "in every pass", "in the median only" (within the noise) or not. On CUDA each
 generation is then run once more, untimed, under torch's sync debug mode, and a note counts the times it made the
 CPU wait for the GPU (a device value read or a copy to the CPU; a wait per step stops the CPU queueing ahead). Latents of ipadapter and diffusers are compared (same seed, same weights): the last column is their
 largest difference, next to the output's largest magnitude.
@@ -63,7 +63,8 @@ faster.
 
     python benchmarks/inference.py            # CPU defaults: SD1.5 128 px 8 steps, SDXL 128 px 4 steps
     python benchmarks/inference.py --quick    # tiny models (the dispatch-bound regime), 9 passes
-    python benchmarks/inference.py --archs sdxl --no-memory --steps-only   # rows (d) and (e) alone, after a warm-up
+    python benchmarks/inference.py --archs sdxl --no-memory --rows d   # rows (d) and (e) alone, after a warm-up
+    python benchmarks/inference.py --no-memory --rows b --repeats 15  # row (b)'s target, with a 95% interval
     python benchmarks/inference.py --device cuda --resolution 512 --sdxl-resolution 1024 --sdxl-steps 30 --repeats 5
 """
 
@@ -508,35 +509,46 @@ def device_syncs(bench: Bench, impl: str, case: str) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-GENERATIONS = [("plain", "full"), ("ipadapter", "full"), ("ipadapter", "second"), ("diffusers", "full"),
-               ("ipadapter", "masked"), ("diffusers", "masked")]
+ROWS = {"a": "full", "b": "second", "c": "masked", "d": "steps"}  # --rows: d also gives (e), from the same runs
 
 
-def time_arch(s: Setting, repeats: int, generations: bool = True) -> tuple[list[Row], list[str]]:
-    """Rows (a)-(e) of one architecture, timed in this process, and on CUDA a note of each generation's waits for
-    the GPU; without `generations`, (d) and (e) alone."""
+def generations_for(cases: list[str]) -> list[tuple[str, str]]:
+    """The generations that rows of `cases` compare: plain's, ipadapter's case and diffusers' (its (b) is its (a):
+    it caches nothing)."""
+    runs = [("plain", "full")] if cases else []
+    for case in cases:
+        runs += [("ipadapter", case), ("diffusers", "masked" if case == "masked" else "full")]
+    return list(dict.fromkeys(runs))
+
+
+def time_arch(s: Setting, repeats: int, rows_wanted: str = "abcd") -> tuple[list[Row], list[str]]:
+    """The rows of one architecture named in `rows_wanted` (`ROWS`), timed in this process, and on CUDA a note of
+    each generation's waits for the GPU."""
     bench = Bench(s, IMPLS)
     arch = ARCH_NAMES[s.arch]
     rows, notes = [], []
+    cases = [ROWS[r] for r in rows_wanted if ROWS[r] in CASES]
+    generations = generations_for(cases)
     if generations:
-        t, out = interleave({k: bench.generation_run(*k) for k in GENERATIONS}, repeats, s.device)
-        for case, label in CASES.items():
+        t, out = interleave({k: bench.generation_run(*k) for k in generations}, repeats, s.device)
+        for case in cases:
             theirs = "masked" if case == "masked" else "full"
-            rows.append(Row(f"{arch} {label}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
+            rows.append(Row(f"{arch} {CASES[case]}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
                             *compare(out["ipadapter", case], out["diffusers", theirs])))
-    # The generations warmed the UNet up; without them the steps get a warm-up pass of their own, left out here.
-    _, so = interleave(bench.step_runs(), repeats, s.device, warmup=not generations)
-    passes = {i: bench.step_times[i][int(not generations):] for i in IMPLS}
-    first = [[run[0] for run in passes[i]] for i in IMPLS]
-    later = [[med(run[1:]) for run in passes[i]] for i in IMPLS]  # per pass: its median later step
-    lat = s.step_latents
-    rows.append(Row(f"{arch} (d) UNet alone, per step: steps 2-{s.steps} ({lat}x{lat} latents, batch 2)",
-                    *later, *compare(so["ipadapter"], so["diffusers"])))
-    rows.append(Row(f"{arch} (e) UNet alone, first step (ipadapter: + the generation's plan)",
-                    *first, *compare(so["ipadapter"], so["diffusers"])))
+    if "d" in rows_wanted:
+        # The generations warmed the UNet up; without them the steps get a warm-up pass of their own, left out here.
+        _, so = interleave(bench.step_runs(), repeats, s.device, warmup=not generations)
+        passes = {i: bench.step_times[i][int(not generations):] for i in IMPLS}
+        first = [[run[0] for run in passes[i]] for i in IMPLS]
+        later = [[med(run[1:]) for run in passes[i]] for i in IMPLS]  # per pass: its median later step
+        lat = s.step_latents
+        rows.append(Row(f"{arch} (d) UNet alone, per step: steps 2-{s.steps} ({lat}x{lat} latents, batch 2)",
+                        *later, *compare(so["ipadapter"], so["diffusers"])))
+        rows.append(Row(f"{arch} (e) UNet alone, first step (ipadapter: + the generation's plan)",
+                        *first, *compare(so["ipadapter"], so["diffusers"])))
     if generations and s.device.startswith("cuda"):
         syncs = ", ".join(f"{impl} {CASES[case].split(')')[0]})={device_syncs(bench, impl, case)}"
-                          for impl, case in GENERATIONS)
+                          for impl, case in generations)
         notes.append(f"- {arch} waits for the GPU per generation ({s.steps} steps; torch's sync debug mode): {syncs}")
     bench.close()
     return rows, notes
@@ -678,8 +690,22 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
     return lines
 
 
+def verdict(interval: tuple[float, float] | None, limit: float) -> str:
+    """A target on a ratio judged on the 95% interval of its median: met, not met, or not decided by these runs."""
+    if interval is None:
+        return "too few runs for an interval"
+    if interval[1] <= limit:
+        return "met"
+    return "NOT met" if interval[0] > limit else "undecided (the interval contains the target)"
+
+
 def decide(ratios: list[float], limit: float) -> str:
-    """A target on a ratio, judged on every pass: met in all, in the median only, or not."""
+    """A target on a ratio: on the 95% interval of the median where the passes give one (6 or more), else on every
+    pass: met in all, in the median only, or not."""
+    interval = median_ci(ratios)
+    if interval is not None:
+        low, high = (100 * (x - 1) for x in interval)
+        return f"{verdict(interval, limit)} (95% interval of the median: [{low:+.1f}, {high:+.1f}]%)"
     if max(ratios) <= limit:
         return "met in every pass"
     if med(ratios) <= limit:
@@ -731,10 +757,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
                     help="time the cases in this process (--no-timing: memory rows only)")
     ap.add_argument("--quick", action="store_true", help="tiny models, 32 px, 2 steps, 9 passes")
-    ap.add_argument("--steps-only", action="store_true",
-                    help="time the UNet steps alone, rows (d) and (e), without the generations (a)-(c)")
+    ap.add_argument("--rows", default="abcd",
+                    help="the timed rows: any of a, b, c (generations) and d (the UNet steps, rows (d) and (e)); "
+                         "e.g. --rows b --repeats 15 for row (b)'s target with a tighter interval")
     ap.add_argument("--out", type=Path, help="markdown output (default: benchmarks/results/inference-<device>[-quick].md)")
     args = ap.parse_args(argv)
+    if not args.rows or set(args.rows) - set(ROWS):
+        ap.error(f"--rows takes letters among {''.join(ROWS)}, got {args.rows!r}")
     if args.quick:
         args.resolution = args.sdxl_resolution = 32
         args.steps = args.sdxl_steps = 2
@@ -778,7 +807,7 @@ def benchmark(args: argparse.Namespace, report: Report | None = None) -> tuple[l
     rows: list[Row] = []
     for s in settings if args.timing else []:
         t = time.perf_counter()
-        timed, syncs = time_arch(s, args.repeats, generations=not args.steps_only)
+        timed, syncs = time_arch(s, args.repeats, args.rows)
         rows += timed
         gc.collect()
         notes += [*syncs, f"- {ARCH_NAMES[s.arch]} timing: {time.perf_counter() - t:.0f} s"]

@@ -28,7 +28,7 @@ def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
 
 
 def test_steps_only_times_the_unet_rows_after_a_warm_up_left_out(tmp_path) -> None:
-    args = inference.parse_args(["--quick", "--no-memory", "--steps-only", "--archs", "sd15", "--repeats", "2",
+    args = inference.parse_args(["--quick", "--no-memory", "--rows", "d", "--archs", "sd15", "--repeats", "2",
                                  "--out", str(tmp_path / "bench.md")])
     reported = []
     rows, _, notes = inference.benchmark(args, lambda *found: reported.append([list(x) for x in found]))
@@ -38,6 +38,34 @@ def test_steps_only_times_the_unet_rows_after_a_warm_up_left_out(tmp_path) -> No
     assert reported[0][2] == [n for n in notes if n.startswith("- SD1.5 timing:")]
     assert all(len(r.plain) == len(r.ours) == len(r.diffusers) == 2 for r in rows)
     assert any("adapter overhead per denoising step" in line for line in notes)
+
+
+def test_rows_b_times_only_the_generations_row_b_compares(tmp_path, monkeypatch) -> None:
+    """`--rows b`: plain's generation, ipadapter's second one and diffusers' (its (b) is its (a)), nothing else."""
+    args = inference.parse_args(["--quick", "--no-memory", "--rows", "b", "--archs", "sd15", "--repeats", "2",
+                                 "--out", str(tmp_path / "bench.md")])
+    timed = []
+    interleave = inference.interleave
+    monkeypatch.setattr(inference, "interleave", lambda runs, *a, **k: timed.append(list(runs)) or interleave(runs, *a, **k))
+    rows, _, notes = inference.benchmark(args)
+    assert timed == [[("plain", "full"), ("ipadapter", "second"), ("diffusers", "full")]]
+    assert [r.label.split()[1] for r in rows] == ["(b)"]
+    assert any("second generation, same reference, over plain" in line for line in notes)
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--rows", "bx"])
+
+
+def test_a_target_is_decided_on_the_interval_of_the_median_with_enough_passes() -> None:
+    """With 10 passes the 95% interval of the median runs from the 2nd to the 9th smallest ratio (binomial tables):
+    met when the 9th is within the target, not met when the 2nd is above it, undecided between; with 5 passes
+    (no interval) the passes' range decides, as before."""
+    ten = [1.0 + i / 100 for i in range(10)]  # overheads 0% .. +9%
+    assert inference.decide(ten, 1.08).startswith("met (")  # 9th smallest: +8%
+    assert inference.decide(ten, 1.079).startswith("undecided")
+    assert inference.decide(ten, 1.01).startswith("undecided")  # 2nd smallest: +1%
+    assert inference.decide(ten, 1.009).startswith("NOT met")
+    assert inference.decide(ten[:5], 1.05) == "met in every pass"
+    assert inference.decide(ten[:5], 1.02).startswith("met in the median")
 
 
 @pytest.mark.parametrize("impl", ["ipadapter", inference.CACHED])
