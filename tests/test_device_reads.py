@@ -155,17 +155,15 @@ def _flux_on_meta():
     from tests import dit_factories as df
 
     model = df.flux_transformer()
-    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model).to(META)
+    model.to(META)
     scheduler = FlowMatchEulerDiscreteScheduler()
     scheduler.set_timesteps(4)
-    host = scheduler.timesteps.clone()
+    host = scheduler.timesteps.clone()  # the values; the pipeline puts the timesteps on its device, as here
     scheduler.timesteps = scheduler.timesteps.to(META)
     attachment = attach_dit(model, adapter, scheduler=scheduler)
-    tokens = torch.randn(1, 4, df.FLUX_JOINT)
+    tokens = torch.randn(1, 4, df.FLUX_JOINT, device=META)
     attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens, uncond=torch.zeros_like(tokens))])}, rows=1)
-    model.to(META), adapter.to(META)
-    for p in attachment.runtime.prompts["0"].references:
-        p.cond, p.uncond = p.cond.to(META), p.uncond.to(META)
     ids = torch.zeros(4 * 6, 3, device=META)
     attachment._ids = (ids, (4, 6))  # the grid is read once per ids tensor, i.e. once per generation
     inputs = dict(hidden_states=torch.randn(1, 24, 4, device=META),
