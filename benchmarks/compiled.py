@@ -4,9 +4,10 @@
 `--latents` (default 32x32), CFG batch of 2, 77 text tokens, with a random adapter in the published layout: SD 1.5
 (default) with Plus (16 tokens, resampler of depth 4 on ViT-H patch features), SDXL with the base adapter (4 tokens
 from the ViT-bigG embedding). ipadapter is given the reference's tokens (projected once per generation, as its
-pipelines do); diffusers is given the image features, which its UNet projects at every step, as its pipelines do. One `torch.compile(unet)` object serves all three, switched by swapping the attention
-processors and diffusers' projection (one attachment; its pre-call hook, a few µs of Python, also runs for the
-others): each is compiled at its first call. Then `--repeats` passes of `--steps` timesteps (descending, as a
+pipelines do); diffusers is given the image features, which its UNet projects at every step, as its pipelines do.
+One `torch.compile(unet)` object serves all three, switched by swapping the attention processors and diffusers'
+projection (one attachment; its pre-call hook, a few µs of Python, also runs for the others): each is compiled at
+its first call. Then `--repeats` passes of `--steps` timesteps (descending, as a
 generation's) take turns at every step, each first at every third (a step's three runs are neighbours in time, so a
 change of load is in all), ipadapter's scale changing from pass to pass and its reference at every pass: dynamo's
 counters must show one graph each, no graph break in ours, no recompilation. Each overhead is the median of all the

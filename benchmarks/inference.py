@@ -28,10 +28,12 @@ switched between runs, outside the timed region, by swapping the attention proce
 warm-up pass (none for (d): the generations ran the same UNet shapes), then `--repeats` passes (default 5, `--quick`
 9), the cases interleaved within each pass. Times are medians; overheads and ratios are taken pass by pass (the runs
 of one pass are neighbours in time, so a load change between passes cancels) and given as median [min, max]; the
-targets are judged on the 95% interval of the median (distribution-free, `median_ci`) with 6 passes or more, else on that spread: "in every pass", "in the median only" (within the noise) or not. On CUDA each
-generation is then run once more, untimed, under torch's sync debug mode, and a note counts the times it made the
-CPU wait for the GPU (a device value read or a copy to the CPU; a wait per step stops the CPU queueing ahead). Latents of ipadapter and diffusers are compared (same seed, same weights): the last column is their
-largest difference, next to the output's largest magnitude.
+targets are judged on the 95% interval of the median (distribution-free, `median_ci`) with 6 passes or more, else
+on that spread: "in every pass", "in the median only" (within the noise) or not. On CUDA each generation is then run
+once more, untimed, under torch's sync debug mode, and a note counts the times it made the CPU wait for the GPU (a
+device value read or a copy to the CPU; a wait per step stops the CPU queueing ahead). Latents of ipadapter and
+diffusers are compared (same seed, same weights): the last column is their largest difference, next to the output's
+largest magnitude.
 
 Peak memory: every implementation of every architecture runs in a fresh process that builds only what that
 implementation needs: a new interpreter (spawned; a forked child of a process that had imported torch read tens of
@@ -512,12 +514,16 @@ def device_syncs(bench: Bench, impl: str, case: str) -> int:
 ROWS = {"a": "full", "b": "second", "c": "masked", "d": "steps"}  # --rows: d also gives (e), from the same runs
 
 
+def diffusers_case(case: str) -> str:
+    """diffusers' run for a row: its (b) is its (a), since it caches nothing."""
+    return "masked" if case == "masked" else "full"
+
+
 def generations_for(cases: list[str]) -> list[tuple[str, str]]:
-    """The generations that rows of `cases` compare: plain's, ipadapter's case and diffusers' (its (b) is its (a):
-    it caches nothing)."""
+    """The generations that rows of `cases` compare: plain's, ipadapter's case and diffusers' (`diffusers_case`)."""
     runs = [("plain", "full")] if cases else []
     for case in cases:
-        runs += [("ipadapter", case), ("diffusers", "masked" if case == "masked" else "full")]
+        runs += [("ipadapter", case), ("diffusers", diffusers_case(case))]
     return list(dict.fromkeys(runs))
 
 
@@ -532,7 +538,7 @@ def time_arch(s: Setting, repeats: int, rows_wanted: str = "abcd") -> tuple[list
     if generations:
         t, out = interleave({k: bench.generation_run(*k) for k in generations}, repeats, s.device)
         for case in cases:
-            theirs = "masked" if case == "masked" else "full"
+            theirs = diffusers_case(case)
             rows.append(Row(f"{arch} {CASES[case]}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
                             *compare(out["ipadapter", case], out["diffusers", theirs])))
     if "d" in rows_wanted:

@@ -46,7 +46,8 @@ def test_rows_b_times_only_the_generations_row_b_compares(tmp_path, monkeypatch)
                                  "--out", str(tmp_path / "bench.md")])
     timed = []
     interleave = inference.interleave
-    monkeypatch.setattr(inference, "interleave", lambda runs, *a, **k: timed.append(list(runs)) or interleave(runs, *a, **k))
+    monkeypatch.setattr(inference, "interleave",
+                        lambda runs, *a, **k: timed.append(list(runs)) or interleave(runs, *a, **k))
     rows, _, notes = inference.benchmark(args)
     assert timed == [[("plain", "full"), ("ipadapter", "second"), ("diffusers", "full")]]
     assert [r.label.split()[1] for r in rows] == ["(b)"]
@@ -130,8 +131,8 @@ def test_generation_holds_no_more_tensors_than_diffusers(arch: str) -> None:
     setting = inference.settings_of(inference.parse_args(["--quick", "--archs", arch]))[0]
     found = held_tensors.measure(setting)
     for case in inference.CASES:
-        plain, ours, theirs, cached = (found[impl, cache, case] for impl, cache in
-                                       (("plain", False), ("ipadapter", False), ("diffusers", False), ("ipadapter", True)))
+        plain, ours, theirs, cached = (found[impl, cache, case] for impl, cache in (
+            ("plain", False), ("ipadapter", False), ("diffusers", False), ("ipadapter", True)))
         assert plain.held < ours.held <= theirs.held, case
         assert cached.held > ours.held, case
         assert plain.peak <= ours.peak <= theirs.peak, case

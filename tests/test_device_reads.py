@@ -47,15 +47,22 @@ class DeviceReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _timesteps_on_meta(scheduler, steps: int) -> torch.Tensor:  # noqa: ANN001
+    """Set the scheduler's timesteps and move them to the meta device, as a pipeline puts them on its device; returns
+    their values (what the attachment's one copy per generation is served)."""
+    scheduler.set_timesteps(steps)
+    host = scheduler.timesteps.clone()
+    scheduler.timesteps = scheduler.timesteps.to(META)
+    return host
+
+
 def _meta_setup(masked: bool):
     unet = factories.sdxl_unet()
     config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SDXL_CROSS, tokens=4))
     adapter = IPAdapter.for_unet(unet, config).to(META)
     unet.to(META)
     scheduler = EulerDiscreteScheduler()
-    scheduler.set_timesteps(6)
-    host = scheduler.timesteps.clone()  # the values; the pipeline puts the timesteps on its device, as here
-    scheduler.timesteps = scheduler.timesteps.to(META)
+    host = _timesteps_on_meta(scheduler, 6)
     attachment = attach(unet, adapter, scheduler=scheduler)
     tokens = torch.randn(2, 4, factories.SDXL_CROSS, device=META)
     masks = [torch.zeros(64, 64), torch.zeros(64, 64)]  # on the CPU, as users give them
@@ -158,9 +165,7 @@ def _flux_on_meta():
     adapter = dit_adapter_from_state_dict(df.xlabs_state(), model).to(META)
     model.to(META)
     scheduler = FlowMatchEulerDiscreteScheduler()
-    scheduler.set_timesteps(4)
-    host = scheduler.timesteps.clone()  # the values; the pipeline puts the timesteps on its device, as here
-    scheduler.timesteps = scheduler.timesteps.to(META)
+    host = _timesteps_on_meta(scheduler, 4)
     attachment = attach_dit(model, adapter, scheduler=scheduler)
     tokens = torch.randn(1, 4, df.FLUX_JOINT, device=META)
     attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens, uncond=torch.zeros_like(tokens))])}, rows=1)

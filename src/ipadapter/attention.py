@@ -219,13 +219,12 @@ class IPAttnProcessor(nn.Module):
         self._maps: dict[tuple, torch.Tensor | None] = {}
         self._terms: dict[tuple, tuple[Term, ...]] = {}
         self._prepared: list[Prepared] | None = None
-        self._prepared_key: tuple | None = None
         self._held: dict[Hashable, torch.Tensor] = {}
 
     def clear_cache(self) -> None:
         self.kv.clear()
         self._maps, self._terms, self._held = {}, {}, {}
-        self._prepared = self._prepared_key = None
+        self._prepared = None
 
     def plan(self) -> list[AdapterPlan]:
         """The adapters with a prompt this generation and something to do at this layer (resolved once)."""
@@ -251,10 +250,8 @@ class IPAttnProcessor(nn.Module):
         return plans
 
     def prepare(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Make the compiled call's plan, weights and terms for this generation and batch layout (once)."""
-        key = (self.runtime.generation, batch, self.runtime.cfg, dtype, device, self.runtime.latent_hw)
-        if key == self._prepared_key:
-            return
+        """Make the compiled call's plan, weights and terms for this generation and batch layout; the attachment's
+        hook calls it once per layout (`Attachment._before_unet`)."""
         self.plan()  # a new generation resets the per-generation caches the terms are made from
         names = list(self.runtime.prompts)
         sizes = grid_sizes(self.runtime.latent_hw)
@@ -268,7 +265,7 @@ class IPAttnProcessor(nn.Module):
             lora_t = self._held_as((p.name, "lora"), torch.Size(), torch.float32, device).fill_(p.lora_scale)
             prepared.append(Prepared(p, names.index(p.name), image_t, lora_t, terms))
         self.kv.settle()
-        self._prepared, self._prepared_key = prepared, key
+        self._prepared = prepared
 
     def _held_as(self, key: Hashable, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """This layer's tensor for `key`, the same one every generation while its shape, dtype and device stay: the
@@ -296,7 +293,7 @@ class IPAttnProcessor(nn.Module):
 
     def forget_prepared(self) -> None:
         """The UNet runs uncompiled again: what `prepare` made would go stale."""
-        self._prepared = self._prepared_key = None
+        self._prepared = None
 
     def __call__(
         self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
