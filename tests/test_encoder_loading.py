@@ -366,6 +366,19 @@ def test_identity_is_the_encoders_name_and_its_config_hash(tmp_path: Path) -> No
     assert EncoderIdentity.of(model.config).name == "clip_vision_model"
 
 
+def test_identity_is_hashed_once_not_at_each_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every generation keys its unconditional tokens with it: hashing the config again each time cost ~44 µs."""
+    encoder = ImageEncoder(_encoder(), CLIPImageProcessor(**SAVED_PROCESSOR), name="my-vit")
+    first = encoder.identity()
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("the config was hashed again")
+
+    monkeypatch.setattr(EncoderIdentity, "of", refuse)
+    assert encoder.identity() == first
+    encoder.encode([_image(0)], "global")
+
+
 FIT_HINT = ("use the encoder the adapter was trained with (h94/IP-Adapter: models/image_encoder is ViT-H, "
             "sdxl_models/image_encoder is bigG; '_vit-h' SDXL adapters need ViT-H)")
 
@@ -424,3 +437,80 @@ def test_cached_features_follow_the_encoder_to_another_dtype_and_device() -> Non
     model.to("meta")
     third = encoder.encode([image], "global")
     assert encoder.cache.hits == 2 and third.device.type == "meta" and third.dtype == torch.bfloat16
+
+
+# ---- penultimate patch features --------------------------------------------------------------------------------
+def _vision_models() -> dict[str, torch.nn.Module]:
+    from tests import dit_factories
+
+    return {"clip": factories.tiny_image_encoder(6)[0], "siglip": dit_factories.siglip(8)}
+
+
+def _last_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers 5 names SigLIP's `encoder.layers`, CLIP's `vision_model.encoder.layers`."""
+    return next(m for name, m in model.named_modules() if name.endswith("encoder.layers"))[-1]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_patch_features_are_transformers_penultimate_hidden_states_and_the_last_layer_never_runs(kind: str) -> None:
+    """The truth is what diffusers and the authors' code read: `hidden_states[-2]` of the full forward pass."""
+    from ipadapter.siglip import SiglipEncoder
+
+    model = _vision_models()[kind]
+    encoder = (SiglipEncoder if kind == "siglip" else ImageEncoder)(model, CLIPImageProcessor(), name=kind)
+    size = model.config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    calls = []
+    counter = _last_layer(model).register_forward_hook(lambda *_: calls.append(1))
+    got = encoder.encode_pixels(pixels, "patch")
+    assert calls == [] and got.shape == expected.shape and torch.equal(got, expected)
+    assert not _last_layer(model)._forward_pre_hooks  # the stop is removed: the next forward runs every layer
+    with torch.no_grad():
+        again = model(pixel_values=pixels, output_hidden_states=True)
+    counter.remove()
+    assert calls == [1] and torch.equal(again.hidden_states[-2], expected)
+
+
+def test_another_thread_running_the_same_model_meanwhile_runs_every_layer() -> None:
+    """While one thread's forward waits to stop at the last layer, a second thread's full forward (started from
+    inside the first) gets its usual output: the stop belongs to the thread that set it."""
+    import threading
+
+    from ipadapter.encoders import penultimate_hidden_states
+
+    model = factories.tiny_image_encoder(7)[0]
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(pixel_values=pixels, output_hidden_states=True)
+    seen: list = []
+
+    def other_thread(*_: object) -> None:
+        if not seen:
+            seen.append(None)
+            worker = threading.Thread(target=lambda: seen.append(model(pixel_values=pixels).image_embeds))
+            worker.start()
+            worker.join()
+
+    hook = model.vision_model.embeddings.register_forward_hook(other_thread)
+    try:
+        with torch.no_grad():
+            got = penultimate_hidden_states(model, pixels)
+    finally:
+        hook.remove()
+    assert torch.equal(got, full.hidden_states[-2])
+    assert len(seen) == 2 and torch.equal(seen[1], full.image_embeds)
+
+
+def test_a_model_without_one_encoder_layer_list_gives_its_hidden_states_second_last() -> None:
+    from types import SimpleNamespace
+
+    from ipadapter.encoders import penultimate_hidden_states
+
+    class Stacked(torch.nn.Module):
+        def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> SimpleNamespace:
+            return SimpleNamespace(hidden_states=(pixel_values, 2 * pixel_values, 3 * pixel_values))
+
+    pixels = torch.ones(1, 3, 4, 4)
+    assert torch.equal(penultimate_hidden_states(Stacked(), pixels), 2 * pixels)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ipadapter.encoders import ImageEncoder, _where
+from ipadapter.encoders import ImageEncoder, _where, penultimate_hidden_states
 from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub
 
@@ -59,7 +59,7 @@ class SiglipEncoder(ImageEncoder):
         if features != "patch":
             raise IPAdapterError("a SigLIP encoder gives patch features only; this adapter needs a CLIP encoder")
         pixels = pixels.to(self.device, self.dtype)
-        return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # (B, P, H)
+        return penultimate_hidden_states(self.model, pixels)  # (B, P, H)
 
     def uncond(self, features: str, *, keep: bool = True) -> torch.Tensor:
         """Zero patch features (nothing to keep: `keep` is the CLIP encoder's)."""
