@@ -33,7 +33,9 @@ on that spread: "in every pass", "in the median only" (within the noise) or not.
 once more, untimed, under torch's sync debug mode, and a note counts the times it made the CPU wait for the GPU (a
 device value read or a copy to the CPU; a wait per step stops the CPU queueing ahead). Latents of ipadapter and
 diffusers are compared (same seed, same weights): the last column is their largest difference, next to the output's
-largest magnitude.
+largest magnitude. Where row (b) is timed, each pass also times every layer's K'/V' projections alone for a
+generation's steps (`Bench.projection_run`), and a note splits row (b) pass by pass into them and the rest: without
+`cache_kv` they are projected at every step (as diffusers does), so their time is the floor of row (b).
 
 Peak memory: every implementation of every architecture runs in a fresh process that builds only what that
 implementation needs: a new interpreter (spawned; a forked child of a process that had imported torch read tens of
@@ -320,6 +322,25 @@ class Bench:
 
         return setup, lambda: self.generate(impl, case)
 
+    def projection_run(self) -> Run:
+        """Every layer's K' and V' projection of a CFG pair of token rows, once per step: what row (b) cannot do
+        without while K'/V' are projected at every step (`cache_kv` off; diffusers does the same), timed in the same
+        passes as the generations. At 128 px it is mostly the read of the projection weights (1.36 GB for SDXL)."""
+        s, adapter = self.setting, self.adapter
+        tokens = torch.randn(2, adapter.config.projection.tokens, adapter.config.cross_dim, device=s.device,
+                             dtype=s.torch_dtype)
+        layers = [layer for _, layer in adapter.named_layers()]
+
+        @torch.no_grad()
+        def run() -> torch.Tensor:
+            for _ in range(s.steps):
+                for layer in layers:
+                    layer.to_k_ip(tokens)
+                    out = layer.to_v_ip(tokens)
+            return out
+
+        return (lambda: None), run
+
     def step_runs(self) -> dict[str, Run]:
         """The UNet alone for one generation's steps, batch 2 (CFG), the adapter's input given to both."""
         from ipadapter import AdapterPrompt, Reference
@@ -519,6 +540,28 @@ def diffusers_case(case: str) -> str:
     return "masked" if case == "masked" else "full"
 
 
+PROJECTIONS = ("projections", "second")  # the key of `Bench.projection_run` among row (b)'s runs
+
+
+def interval_text(ratios: list[float]) -> str:
+    """The median overhead and its 95% interval, or the range where the passes are too few for one."""
+    interval = median_ci(ratios)
+    if interval is None:
+        return pct(ratios)
+    low, high = (100 * (x - 1) for x in interval)
+    return f"{100 * (med(ratios) - 1):+.1f}% [{low:+.1f}, {high:+.1f}] (95% interval)"
+
+
+def projection_note(arch: str, steps: int, t: dict[Any, list[float]]) -> str:
+    """Row (b) split pass by pass: the K'/V' projections alone (`Bench.projection_run`) over plain's generation, and
+    the rest of ipadapter's second generation over plain."""
+    plain, ours, kv = t["plain", "full"], t["ipadapter", "second"], t[PROJECTIONS]
+    alone = [1 + k / p for k, p in zip(kv, plain)]
+    rest = [(o - k) / p for o, k, p in zip(ours, kv, plain)]
+    return (f"- {arch} (b), pass by pass: every layer's K'/V' projections alone, {steps} steps: {interval_text(alone)} "
+            f"of plain's generation; the rest of ipadapter's second generation: {interval_text(rest)} over plain")
+
+
 def generations_for(cases: list[str]) -> list[tuple[str, str]]:
     """The generations that rows of `cases` compare: plain's, ipadapter's case and diffusers' (`diffusers_case`)."""
     runs = [("plain", "full")] if cases else []
@@ -536,11 +579,16 @@ def time_arch(s: Setting, repeats: int, rows_wanted: str = "abcd") -> tuple[list
     cases = [ROWS[r] for r in rows_wanted if ROWS[r] in CASES]
     generations = generations_for(cases)
     if generations:
-        t, out = interleave({k: bench.generation_run(*k) for k in generations}, repeats, s.device)
+        runs = {k: bench.generation_run(*k) for k in generations}
+        if "second" in cases:
+            runs[PROJECTIONS] = bench.projection_run()
+        t, out = interleave(runs, repeats, s.device)
         for case in cases:
             theirs = diffusers_case(case)
             rows.append(Row(f"{arch} {CASES[case]}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
                             *compare(out["ipadapter", case], out["diffusers", theirs])))
+        if "second" in cases:
+            notes.append(projection_note(arch, s.steps, t))
     if "d" in rows_wanted:
         # The generations warmed the UNet up; without them the steps get a warm-up pass of their own, left out here.
         _, so = interleave(bench.step_runs(), repeats, s.device, warmup=not generations)

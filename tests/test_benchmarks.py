@@ -49,9 +49,32 @@ def test_rows_b_times_only_the_generations_row_b_compares(tmp_path, monkeypatch)
     monkeypatch.setattr(inference, "interleave",
                         lambda runs, *a, **k: timed.append(list(runs)) or interleave(runs, *a, **k))
     rows, _, notes = inference.benchmark(args)
-    assert timed == [[("plain", "full"), ("ipadapter", "second"), ("diffusers", "full")]]
+    assert timed == [[("plain", "full"), ("ipadapter", "second"), ("diffusers", "full"), inference.PROJECTIONS]]
     assert [r.label.split()[1] for r in rows] == ["(b)"]
     assert any("second generation, same reference, over plain" in line for line in notes)
+    assert any(line.startswith("- SD1.5 (b), pass by pass: every layer's K'/V' projections alone, 2 steps: +")
+               for line in notes), notes
+
+
+def test_the_projection_run_projects_every_layers_k_and_v_once_a_step() -> None:
+    """What row (b) pays while K'/V' are projected at every step: each of the adapter's to_k_ip and to_v_ip once per
+    step, on a CFG pair of the adapter's token rows."""
+    setting = inference.settings_of(inference.parse_args(["--quick", "--archs", "sd15"]))[0]
+    bench = inference.Bench(setting, ("ipadapter",))
+    calls: dict[str, list[tuple[int, ...]]] = {}
+    hooks = [module.register_forward_hook(lambda m, args, out, key=f"{name}.{kind}": calls.setdefault(key, []).append(
+                 tuple(args[0].shape)))
+             for name, layer in bench.adapter.named_layers() for kind, module in
+             (("k", layer.to_k_ip), ("v", layer.to_v_ip))]
+    setup, run = bench.projection_run()
+    setup()
+    run()
+    for hook in hooks:
+        hook.remove()
+    bench.close()
+    config = bench.adapter.config
+    assert len(calls) == 2 * len(bench.adapter.named_layers()) > 0
+    assert all(shapes == [(2, config.projection.tokens, config.cross_dim)] * setting.steps for shapes in calls.values())
     with pytest.raises(SystemExit):
         inference.parse_args(["--rows", "bx"])
 
