@@ -516,11 +516,16 @@ def compare(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
 
 
 def device_syncs(bench: Bench, impl: str, case: str) -> int:
-    """How many times one generation made the CPU wait for the GPU without being asked (torch's CUDA sync debug
-    mode: a device value read, a copy to the CPU): once per step, that stops the CPU queueing the next kernels while
-    the GPU still runs the last ones. Untimed: the mode's checks cost time."""
+    """`count_waits` of one generation of `case` by `impl`."""
     setup, run = bench.generation_run(impl, case)
     setup()
+    return count_waits(run)
+
+
+def count_waits(run: Callable[[], Any]) -> int:
+    """How many times `run` made the CPU wait for the GPU without being asked (torch's CUDA sync debug mode: a device
+    value read, a copy to the CPU): once per step, that stops the CPU queueing the next kernels while the GPU still
+    runs the last ones. Untimed: the mode's checks cost time."""
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -5,7 +5,8 @@
 #   issue 20 item 4  SD 1.5 512 px and SDXL 1024 px, 30 steps, fp16: plain / ipadapter / diffusers, time and peak
 #                    memory (benchmarks/inference.py), µs per attention call (benchmarks/per_call.py), and the
 #                    compiled UNet: plain / ipadapter / diffusers, default mode and CUDA graphs, SD 1.5 and (under
-#                    CUDA graphs) SDXL (benchmarks/compiled.py)
+#                    CUDA graphs) SDXL (benchmarks/compiled.py); and the waits for the GPU in a FLUX generation, plain and
+#                    with the adapter (benchmarks/flux_syncs.py, tiny models: the count follows the code path)
 # Every step runs under `timeout` within one budget (GPU_CHECKS_BUDGET_S, default 540 s: the device tool allows 600 s
 # a command), its output tee'd to $OUT/logs/<step>.log; a failing or timed-out step is recorded and the next runs.
 # At the end: $OUT/summary.md (each step's exit code and time, then every result table), the result tables, and the
@@ -38,8 +39,9 @@
 # per-step wait for the GPU (commit f7b48ca) and before the compiled inputs kept their addresses; to measure after
 # (issue 20 item 4), two calls back to back while the machine is warm:
 #   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="inference-memory inference-timing" bash ...
-#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="per-call compiled-graphs" bash ...
-# (per-call, µs per attention call on the GPU, about 30 s; compiled-graphs is `compiled` under CUDA graphs,
+#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="per-call flux-syncs compiled-graphs" bash ...
+# (per-call, µs per attention call on the GPU, about 30 s; flux-syncs, the FLUX path's waits for the GPU after
+# commit 44d37cf, tiny models, seconds; compiled-graphs is `compiled` under CUDA graphs,
 # `--mode reduce-overhead`, where the adapter's few kernels per layer cost no launches; `compiled`, the default
 # mode, when time is left; `compiled-sdxl`, SDXL at 1024 px under CUDA graphs, three SDXL compiles, in a call of its
 # own in a later session.)
@@ -52,7 +54,7 @@ cd "$root"
 out="$(mkdir -p "${OUT:-out/gpu}" && cd "${OUT:-out/gpu}" && pwd)"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-steps="${GPU_CHECKS_STEPS:-env train inference-timing inference-memory per-call compiled compiled-graphs compiled-sdxl}"
+steps="${GPU_CHECKS_STEPS:-env train inference-timing inference-memory per-call flux-syncs compiled compiled-graphs compiled-sdxl}"
 # Temporary files in RAM when it has room: the SDXL training rows write ~7 GB of checkpoint and adapter files at their
 # end, and the inference benchmark writes each adapter to a file that diffusers and ipadapter then read.
 if [[ -d /dev/shm ]] && (($(df --output=avail -k /dev/shm | tail -1) > 32 * 1024 * 1024)); then
@@ -67,6 +69,7 @@ if [[ "${GPU_CHECKS_SMOKE:-0}" == 1 ]]; then
   timing=(--no-memory --repeats 2)
   memory=(--no-timing --memory-repeats 1)
   per_call=(--repeats 2 --calls 20)
+  flux=(--device cpu --dtype float32)
   compiled=(--device cpu --dtype float32 --latents 8 --steps 2 --repeats 2 --backend eager)
   graphs=(--mode reduce-overhead)  # the eager backend ignores the mode: the wiring only (CUDA graphs need CUDA)
   compiled_sdxl=(--arch sdxl --device cpu --dtype float32 --latents 8 --steps 2 --repeats 2 --backend eager)
@@ -79,6 +82,7 @@ else
   timing=(--steps 30 --sdxl-steps 30 --repeats 3 --no-memory)
   memory=(--steps 2 --sdxl-steps 2 --no-timing)  # a peak does not depend on the step count (same shapes each step)
   per_call=(--device cuda --dtype float16 --repeats 15 --calls 300)
+  flux=(--device cuda --dtype bfloat16)
   compiled=(--device cuda --dtype float16 --latents 64 --steps 30 --repeats 5)
   graphs=(--mode reduce-overhead)
   compiled_sdxl=(--arch sdxl --device cuda --dtype float16 --latents 128 --steps 30 --repeats 3)
@@ -130,6 +134,7 @@ step inference-memory 200 "$python" benchmarks/inference.py "${inference[@]}" "$
 step inference-timing 400 "$python" benchmarks/inference.py "${inference[@]}" "${timing[@]}" \
   --archs "${GPU_CHECKS_ARCHS:-sd15,sdxl}" --out "$results/inference-$tag-timing.md"
 step per-call 90 "$python" benchmarks/per_call.py "${per_call[@]}" --out "$results/per-call-$tag.md"
+step flux-syncs 90 "$python" benchmarks/flux_syncs.py "${flux[@]}" --out "$results/flux-syncs-$tag.md"
 step compiled 540 "$python" benchmarks/compiled.py "${compiled[@]}" --out "$results/compiled-$tag.md"
 step compiled-graphs 540 "$python" benchmarks/compiled.py "${compiled[@]}" "${graphs[@]}" \
   --out "$results/compiled-graphs-$tag.md"
