@@ -54,7 +54,8 @@ cd "$root"
 out="$(mkdir -p "${OUT:-out/gpu}" && cd "${OUT:-out/gpu}" && pwd)"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-steps="${GPU_CHECKS_STEPS:-env train inference-timing inference-memory per-call flux-syncs compiled compiled-graphs compiled-sdxl}"
+all_steps="env train inference-timing inference-memory per-call flux-syncs compiled compiled-graphs compiled-sdxl"
+steps="${GPU_CHECKS_STEPS:-$all_steps}"
 # Temporary files in RAM when it has room: the SDXL training rows write ~7 GB of checkpoint and adapter files at their
 # end, and the inference benchmark writes each adapter to a file that diffusers and ipadapter then read.
 if [[ -d /dev/shm ]] && (($(df --output=avail -k /dev/shm | tail -1) > 32 * 1024 * 1024)); then

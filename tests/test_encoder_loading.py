@@ -514,3 +514,21 @@ def test_a_model_without_one_encoder_layer_list_gives_its_hidden_states_second_l
 
     pixels = torch.ones(1, 3, 4, 4)
     assert torch.equal(penultimate_hidden_states(Stacked(), pixels), 2 * pixels)
+
+
+def test_a_model_that_never_reaches_its_last_layer_is_an_error_not_a_wrong_answer() -> None:
+    from ipadapter.encoders import penultimate_hidden_states
+
+    class Skips(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = torch.nn.Module()
+            self.encoder.layers = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.encoder.layers[0](pixel_values)
+
+    model = Skips()
+    with pytest.raises(RuntimeError, match="Skips returned without running its last encoder layer"):
+        penultimate_hidden_states(model, torch.ones(1, 3, 4, 4))
+    assert not model.encoder.layers[1]._forward_pre_hooks
