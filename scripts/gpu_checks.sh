@@ -5,8 +5,9 @@
 #   issue 20 item 4  SD 1.5 512 px and SDXL 1024 px, 30 steps, fp16: plain / ipadapter / diffusers, time and peak
 #                    memory (benchmarks/inference.py), µs per attention call (benchmarks/per_call.py), and the
 #                    compiled UNet: plain / ipadapter / diffusers, default mode and CUDA graphs, SD 1.5 and (under
-#                    CUDA graphs) SDXL (benchmarks/compiled.py); and the waits for the GPU in a FLUX generation, plain and
-#                    with the adapter (benchmarks/flux_syncs.py, tiny models: the count follows the code path)
+#                    CUDA graphs) SDXL (benchmarks/compiled.py); and the waits for the GPU in a FLUX generation,
+#                    plain and with the adapter (benchmarks/flux_syncs.py, tiny models: the count follows the code
+#                    path)
 # Every step runs under `timeout` within one budget (GPU_CHECKS_BUDGET_S, default 540 s: the device tool allows 600 s
 # a command), its output tee'd to $OUT/logs/<step>.log; a failing or timed-out step is recorded and the next runs.
 # At the end: $OUT/summary.md (each step's exit code and time, then every result table), the result tables, and the
