@@ -488,6 +488,39 @@ def test_the_flux_pipeline_says_which_step_each_transformer_call_is(flux_base) -
     assert reads == []
 
 
+def test_flux_img2img_calls_are_placed_by_the_schedulers_own_position(flux_base) -> None:
+    """FluxImg2ImgPipeline sets no `current_timestep` (nor do FLUX's inpainting, ControlNet and Fill pipelines). The
+    scheduler's position, a Python int, places each call instead: `begin_index` (where img2img starts the schedule)
+    before the first step, `step_index` after. At every call, true CFG's negative one included, it gives the
+    timestep diffusers passes (as t / 1000), and the transformer's own timestep is never read."""
+    import ipadapter
+    from diffusers import FluxImg2ImgPipeline
+
+    root, folder = flux_base
+    pipe = FluxImg2ImgPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    assert not hasattr(pipe, "current_timestep")
+    prompter = ipadapter.load(pipe, str(root / "ip_adapter.safetensors"))
+    attachment = prompter.attachment
+    found = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: found.append((attachment._loop_timestep(), 1000 * float(kwargs["timestep"][0]))),
+        with_kwargs=True)
+    reads = []
+    read = attachment._timestep_value
+    attachment._timestep_value = lambda t: reads.append(t) or read(t)
+    reference = Image.open(root / "ref.png")
+    prompter.generate(reference, image=reference.resize((16, 16)), strength=0.6, seed=1, steps=5, guidance=3.5,
+                      width=16, height=16, prompt="a cat", negative_prompt="blurry", true_cfg_scale=3.0,
+                      max_sequence_length=8)
+    hook.remove()
+    prompter.detach()
+    assert len(found) == 2 * 3, "strength 0.6 of 5 steps: the last 3, two calls each"
+    assert all(ours is not None and ours == pytest.approx(theirs, rel=1e-6) for ours, theirs in found), found
+    assert found[0][1] == pytest.approx(float(pipe.scheduler.timesteps[2]), rel=1e-6), "img2img starts at step 2"
+    assert reads == []
+
+
 def test_a_manifest_takes_true_cfg_for_every_job_as_generate_does(flux_base, tmp_path) -> None:
     """`--true-cfg` with `--manifest` applies to every job: each job's image is the one-shot command's with the same
     seed and settings (which equals diffusers', test above), and true CFG changes it."""

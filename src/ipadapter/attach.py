@@ -112,15 +112,22 @@ class ProcessorSwap:
         return int(torch.argmin((values - torch.tensor(t, dtype=torch.float32)).abs())) / len(values)
 
     def _loop_timestep(self) -> float | None:
-        """The timestep of the pipeline's current step (`current_timestep`, which the FLUX pipelines set before
-        their transformer calls) when it is one of the scheduler's own: its value from their CPU copy, without
-        waiting for the GPU. None outside a pipeline's loop, or for a pipeline that does not say."""
-        t = getattr(self.pipeline, "current_timestep", None)
-        timesteps = getattr(self.scheduler, "timesteps", None)
-        if not isinstance(t, torch.Tensor) or not isinstance(timesteps, torch.Tensor):
+        """The timestep of the pipeline's current step, from the CPU copy of the scheduler's timesteps, without
+        waiting for the GPU. Placed by the pipeline's `current_timestep` where it sets one (FluxPipeline: a view into
+        the timesteps), else by the scheduler's own position, a Python int: `step_index` once it has stepped,
+        `begin_index` before (the img2img and inpainting pipelines set it; FLUX's ControlNet and Fill pipelines set
+        neither, so their first step is read). None outside a loop, or where nothing says."""
+        values = self._host_timesteps()
+        if values is None:
             return None
-        index = view_index(t, timesteps)
-        return None if index is None else float(self._host_timesteps()[index])
+        t = getattr(self.pipeline, "current_timestep", None)
+        if isinstance(t, torch.Tensor):
+            timesteps = self.scheduler.timesteps
+            index = view_index(t, timesteps) if isinstance(timesteps, torch.Tensor) else None
+        else:
+            index = getattr(self.scheduler, "step_index", None)
+            index = getattr(self.scheduler, "begin_index", None) if index is None else index
+        return float(values[index]) if isinstance(index, int) and 0 <= index < len(values) else None
 
     def _host_timesteps(self) -> torch.Tensor | None:
         """The scheduler's timesteps as float32 on the CPU, copied once each time the scheduler sets them (pipelines
