@@ -212,21 +212,26 @@ def test_load_benchmark_times_both_libraries_on_tiny_models(tmp_path) -> None:
 
 
 def test_flux_sync_benchmark_runs_each_generation_with_a_fresh_attachment_where_it_says(tmp_path, monkeypatch) -> None:
-    """benchmarks/flux_syncs.py's wiring on the CPU (the counts need CUDA): four plain generations and four through
-    the prompter, the "first" ones on a new attachment (empty caches), the "next" ones on the same."""
+    """benchmarks/flux_syncs.py's wiring on the CPU (the counts need CUDA): each row a plain generation and one through
+    the prompter, the "first" ones on a new attachment (empty caches), the "next" ones on the same, the img2img row on
+    an attachment to FluxImg2ImgPipeline."""
     import ipadapter
     from benchmarks import flux_syncs
     from ipadapter.prompter import ImagePrompter
 
-    loads, generated = [], []
+    loads, generated, pipes = [], [], []
     load, generate = ipadapter.load, ImagePrompter.generate
-    monkeypatch.setattr(ipadapter, "load", lambda *a, **k: loads.append(1) or load(*a, **k))
+    monkeypatch.setattr(ipadapter, "load", lambda pipe, *a, **k: loads.append(1) or pipes.append(pipe)
+                        or load(pipe, *a, **k))
     monkeypatch.setattr(ImagePrompter, "generate", lambda self, *a, **k: generated.append(len(loads))
                         or generate(self, *a, **k))
     out = tmp_path / "flux.md"
     assert flux_syncs.main(["--device", "cpu", "--dtype", "float32", "--steps", "2", "--out", str(out)]) == 0
-    assert generated == [1, 1, 2, 2], "first and next generation on one attachment, then a new one for true CFG"
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| first") or line.startswith("| next")]
-    assert [r.split(",")[0] for r in rows] == ["| first generation (ipadapter encodes the reference)",
-                                              "| next generation"] * 2
+    assert generated == [1, 1, 2, 2, 3, 3], ("first and next generation on one attachment, a new one for true CFG, "
+                                             "and one on the img2img pipeline: an untimed generation, then the row's")
+    assert [type(loaded).__name__ for loaded in pipes] == ["FluxPipeline"] * 2 + ["FluxImg2ImgPipeline"]
+    rows = [line.split(",")[0] for line in out.read_text().splitlines()
+            if line.startswith(("| first", "| next", "| img2img"))]
+    assert rows == ["| first generation (ipadapter encodes the reference)", "| next generation"] * 2 + [
+        "| img2img (strength 0.6)"]
     assert "not counted: the sync debug mode watches CUDA only" in out.read_text()
