@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ipadapter.encoders import ImageEncoder, _where, penultimate_hidden_states
+from ipadapter.encoders import ImageEncoder, _where
 from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub
 
@@ -54,12 +54,11 @@ class SiglipEncoder(ImageEncoder):
         config = self.model.config
         return (config.image_size // config.patch_size) ** 2
 
-    @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, features: str) -> torch.Tensor:
+        """The CLIP encoder's patch path (penultimate hidden states, `penultimate_hidden_states`); no global one."""
         if features != "patch":
             raise IPAdapterError("a SigLIP encoder gives patch features only; this adapter needs a CLIP encoder")
-        pixels = pixels.to(self.device, self.dtype)
-        return penultimate_hidden_states(self.model, pixels)  # (B, P, H)
+        return super().encode_pixels(pixels, features)  # (B, P, H)
 
     def uncond(self, features: str, *, keep: bool = True) -> torch.Tensor:
         """Zero patch features (nothing to keep: `keep` is the CLIP encoder's)."""
