@@ -211,12 +211,43 @@ def test_hub_ids_have_one_slash_unless_subfolders_are_allowed(tmp_path) -> None:
 
 def test_a_folder_that_takes_files_but_keeps_them_is_writable(tmp_path, monkeypatch) -> None:
     """An append-only folder (chattr +a, some FUSE mounts) lets a file be made but not removed: writing there works,
-    so the folder is accepted; the probe file is what cannot be helped."""
+    so the folder is accepted. Where the system makes unnamed files (Linux) the probe is one, and nothing is left."""
+    import os
+
     from ipadapter import validation
+
+    if not getattr(os, "O_TMPFILE", 0):
+        pytest.skip("this system makes no unnamed files")
 
     def refused(path):
         raise PermissionError(1, "Operation not permitted", str(path))
 
     monkeypatch.setattr(validation.os, "unlink", refused)
     assert validation.output_folder(tmp_path / "new", "--out") == tmp_path / "new"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_unnamed_files_the_probe_is_a_named_file_removed_after(tmp_path, monkeypatch) -> None:
+    """A file system without O_TMPFILE: the named probe decides, and is removed; in an append-only folder it stays
+    (the only trace), and the folder is still accepted."""
+    import os
+
+    from ipadapter import validation
+
+    real_open = os.open
+
+    def no_unnamed(path, flags, *args):
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            raise OSError(95, "Operation not supported", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(validation.os, "open", no_unnamed)
+    assert validation.output_folder(tmp_path / "a", "--out") == tmp_path / "a"
+    assert list(tmp_path.iterdir()) == []
+
+    def refused(path):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(validation.os, "unlink", refused)
+    assert validation.output_folder(tmp_path / "b", "--out") == tmp_path / "b"
     assert [p.name.startswith(".ipadapter-write-probe-") for p in tmp_path.iterdir()] == [True]

@@ -94,8 +94,9 @@ def output_file(path: str | os.PathLike, flag: str, suffix: str | None = None) -
 
 def output_folder(folder: str | os.PathLike, flag: str, shown: str | os.PathLike | None = None) -> Path:
     """A folder that exists or can be created, and can be written; nothing is left here. Writable is tried, not
-    asked: a file is made in the nearest existing folder and removed, since os.access answers yes to root (and for
-    the real, not the effective, user) where a write fails, e.g. in /proc."""
+    asked: a file is made in the nearest existing folder, since os.access answers yes to root (and for the real,
+    not the effective, user) where a write fails, e.g. in /proc. The file is unnamed where the system has those
+    (Linux's O_TMPFILE), so there is nothing to remove, even in an append-only folder; else it is named and removed."""
     folder = Path(folder)
     shown = shown or folder
     probe = folder.absolute()
@@ -103,6 +104,13 @@ def output_folder(folder: str | os.PathLike, flag: str, shown: str | os.PathLike
         probe = probe.parent
     if not probe.is_dir():
         raise IPAdapterError(f"{flag} {shown}: {probe} is a file, not a folder")
+    unnamed = getattr(os, "O_TMPFILE", 0)
+    if unnamed:
+        try:
+            os.close(os.open(probe, unnamed | os.O_WRONLY, 0o600))
+            return folder
+        except OSError:  # not writable, or a file system without unnamed files: the named file decides
+            pass
     try:
         handle, made = tempfile.mkstemp(dir=probe, prefix=".ipadapter-write-probe-")
     except OSError:
