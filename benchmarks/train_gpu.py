@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -219,8 +217,8 @@ def write_manifest(tmp: Path, tiny: bool, n: int) -> Path:
 
 def machine() -> str:
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
-    return f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, no CUDA"
+        return f"{inference.machine('cuda')}, CUDA {torch.version.cuda}"
+    return f"{inference.machine('cpu')}, no CUDA"
 
 
 def render(command: str, args: argparse.Namespace, rows: list[Row], notes: list[str]) -> str:

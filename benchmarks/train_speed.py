@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -29,7 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import inference  # noqa: E402
 
 
 def write_tokenizer(folder: Path) -> Path:
@@ -229,11 +232,10 @@ def main() -> None:
         # what the cache costs over a real run: the paper's 1M steps × 64 samples over 10M pairs ≈ 6.4 epochs
         epochs = 6.4
         amortised = 1 / (1 / cached_sps + build_per_sample / epochs)
-        machine = f"{os.cpu_count()}-core CPU, no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+        machine = inference.machine("cuda" if torch.cuda.is_available() else "cpu")
         enc = "ViT-B/16-shaped (86M)" if args.small_encoder else "ViT-H/14-shaped (632M)"
         print()
-        print(f"machine: {machine} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, fp32")
+        print(f"machine: {machine}; torch {torch.__version__}, fp32")
         print(f"models: SD 1.5 UNet {counts['unet']:.0f}M, VAE {counts['vae']:.0f}M, CLIP-L-shaped text encoder "
               f"{counts['text encoder']:.0f}M, {enc} image encoder; random weights")
         print(f"setting: base adapter, {args.resolution} px ({args.resolution // 8}x{args.resolution // 8} latents), "
