@@ -29,11 +29,13 @@ warm-up pass (none for (d): the generations ran the same UNet shapes), then `--r
 9), the cases interleaved within each pass. Times are medians; overheads and ratios are taken pass by pass (the runs
 of one pass are neighbours in time, so a load change between passes cancels) and given as median [min, max]; the
 targets are judged on the 95% interval of the median (distribution-free, `median_ci`) with 6 passes or more, else
-on that spread: "in every pass", "in the median only" (within the noise) or not. On CUDA each generation is then run
-once more, untimed, under torch's sync debug mode, and a note counts the times it made the CPU wait for the GPU (a
-device value read or a copy to the CPU; a wait per step stops the CPU queueing ahead). Latents of ipadapter and
-diffusers are compared (same seed, same weights): the last column is their largest difference, next to the output's
-largest magnitude. Where row (b) is timed, each pass also times every layer's K'/V' projections alone for a
+on that spread: "in every pass", "in the median only" (within the noise) or not; so is "slower than diffusers" (the
+interval of the median ratio above 1). `--quick` on a CPU times on one torch thread (`--threads`): its kernels take
+microseconds, and split over threads the hand-offs between them are most of the noise. On CUDA each generation is
+then run once more, untimed, under torch's sync debug mode, and a note counts the times it made the CPU wait for the
+GPU (a device value read or a copy to the CPU; a wait per step stops the CPU queueing ahead). Latents of ipadapter
+and diffusers are compared (same seed, same weights): the last column is their largest difference, next to the
+output's largest magnitude. Where row (b) is timed, each pass also times every layer's K'/V' projections alone for a
 generation's steps (`Bench.projection_run`), and a note splits row (b) pass by pass into them and the rest: without
 `cache_kv` they are projected at every step (as diffusers does), so their time is the floor of row (b).
 
@@ -426,13 +428,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def machine(device: str) -> str:
+def machine(device: str, threads: int | None = None) -> str:
     """What a result was measured on, for its table (called when the table is written): the GPU's name, or the CPU
-    with its cores, torch threads and load average."""
+    with its cores, torch threads (`threads`, else torch's setting now) and load average."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
     load = f", load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
-    return f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}"
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores, {threads or torch.get_num_threads()} torch threads{load}"
 
 
 def interleave(
@@ -728,13 +730,7 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
             lines.append(f"- {r.label.split()[0]} second generation, same reference, over plain: {pct(over)} (target "
                          f"≤ +{100 * TARGET['repeat_overhead']:.0f}%): {decide(over, 1 + TARGET['repeat_overhead'])}")
     if rows:
-        slower = [f"{r.label} ({times_x(r.ratios('ours', 'diffusers'))})" for r in rows
-                  if min(r.ratios("ours", "diffusers")) > 1]
-        unsure = [f"{r.label} ({times_x(r.ratios('ours', 'diffusers'))})" for r in rows
-                  if med(r.ratios("ours", "diffusers")) > 1 >= min(r.ratios("ours", "diffusers"))]
-        lines.append("- Rows slower than diffusers in every pass: " + ("; ".join(slower) if slower else "none"))
-        lines.append("- Rows slower in the median but not in every pass (within the noise): "
-                     + ("; ".join(unsure) if unsure else "none"))
+        lines += against_diffusers(rows)
     if memory:
         for name, attr in (("ipadapter", "ours"), (CACHED, "cached")):
             pairs = {r.label: list(zip(getattr(r, attr), r.diffusers)) for r in memory}
@@ -747,6 +743,30 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
                 lines.append(f"- Memory rows where {name} is above diffusers in the median, not in every repeat "
                              "(within the noise): " + (", ".join(sometimes) if sometimes else "none"))
     return lines
+
+
+def against_diffusers(rows: list[Row]) -> list[str]:
+    """Which rows are slower than diffusers beyond the noise: with 6 passes or more, those whose 95% interval of the
+    median ratio lies above 1 (the noise is the passes' own spread); with fewer, those slower in every pass."""
+    def shown(r: Row) -> str:
+        ratios = r.ratios("ours", "diffusers")
+        interval = median_ci(ratios)
+        ci = "" if interval is None else f", 95% interval of the median [{interval[0]:.3f}, {interval[1]:.3f}]"
+        return f"{r.label} ({times_x(ratios)}{ci})"
+
+    intervals = {r.label: median_ci(r.ratios("ours", "diffusers")) for r in rows}
+    if all(i is not None for i in intervals.values()):
+        slower = [shown(r) for r in rows if intervals[r.label][0] > 1]
+        unsure = [shown(r) for r in rows if intervals[r.label][0] <= 1 < med(r.ratios("ours", "diffusers"))]
+        return ["- Rows slower than diffusers beyond the noise (the 95% interval of the median ratio above 1): "
+                + ("; ".join(slower) if slower else "none"),
+                "- Rows slower in the median, within the noise (the interval contains 1): "
+                + ("; ".join(unsure) if unsure else "none")]
+    slower = [shown(r) for r in rows if min(r.ratios("ours", "diffusers")) > 1]
+    unsure = [shown(r) for r in rows if med(r.ratios("ours", "diffusers")) > 1 >= min(r.ratios("ours", "diffusers"))]
+    return ["- Rows slower than diffusers in every pass: " + ("; ".join(slower) if slower else "none"),
+            "- Rows slower in the median but not in every pass (within the noise): "
+            + ("; ".join(unsure) if unsure else "none")]
 
 
 def verdict(interval: tuple[float, float] | None, limit: float) -> str:
@@ -819,8 +839,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rows", default="abcd",
                     help="the timed rows: any of a, b, c (generations) and d (the UNet steps, rows (d) and (e)); "
                          "e.g. --rows b --repeats 15 for row (b)'s target with a tighter interval")
+    ap.add_argument("--threads", type=int,
+                    help="torch threads for the timed rows (default: torch's, and 1 with --quick on a CPU: tiny "
+                         "kernels on one core, as a GPU's host thread dispatches them, with no hand-offs)")
     ap.add_argument("--out", type=Path, help="markdown output (default: benchmarks/results/inference-<device>[-quick].md)")
     args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
     if not args.rows or set(args.rows) - set(ROWS):
         ap.error(f"--rows takes letters among {''.join(ROWS)}, got {args.rows!r}")
     if args.quick:
@@ -828,6 +853,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps = args.sdxl_steps = 2
         args.step_latents = 8
     args.repeats = args.repeats or (9 if args.quick else 5)
+    if args.threads is None and args.quick and args.device == "cpu":
+        args.threads = 1
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.out = args.out or ROOT / "benchmarks" / "results" / f"inference-{args.device}{'-quick' if args.quick else ''}.md"
     return args
@@ -864,14 +891,19 @@ def benchmark(args: argparse.Namespace, report: Report | None = None) -> tuple[l
             if report:
                 report([], memory, notes)
     rows: list[Row] = []
-    for s in settings if args.timing else []:
-        t = time.perf_counter()
-        timed, syncs = time_arch(s, args.repeats, args.rows)
-        rows += timed
-        gc.collect()
-        notes += [*syncs, f"- {ARCH_NAMES[s.arch]} timing: {time.perf_counter() - t:.0f} s"]
-        if report:
-            report(rows, memory, notes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        for s in settings if args.timing else []:
+            t = time.perf_counter()
+            timed, syncs = time_arch(s, args.repeats, args.rows)
+            rows += timed
+            gc.collect()
+            notes += [*syncs, f"- {ARCH_NAMES[s.arch]} timing: {time.perf_counter() - t:.0f} s"]
+            if report:
+                report(rows, memory, notes)
+    finally:
+        torch.set_num_threads(threads)
     return rows, memory, verdicts(settings, rows, memory) + notes
 
 
@@ -883,7 +915,8 @@ def main(argv: list[str] | None = None) -> int:
     def write(rows: list[Row], memory: list[Row], notes: list[str], final: bool = False) -> str:
         """The table so far, written atomically: a killed run leaves the last architecture it finished."""
         header = [f"# Inference benchmark{' (quick smoke run)' if args.quick else ''}", "", f"`{command}`", "",
-                  f"Device: {machine(args.device)}; {args.dtype}; {args.repeats} interleaved passes after a warm-up "
+                  f"Device: {machine(args.device, args.threads)}; {args.dtype}; {args.repeats} interleaved passes "
+                  "after a warm-up "
                   "pass (times: medians; overheads and ratios: median of the pass-by-pass ratios [min, max]); "
                   f"total {time.perf_counter() - start:.0f} s{'' if final else ' so far (the run did not finish)'}. "
                   "Random weights, real architectures:", "",

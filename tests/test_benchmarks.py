@@ -235,3 +235,27 @@ def test_flux_sync_benchmark_runs_each_generation_with_a_fresh_attachment_where_
     assert rows == ["| first generation (ipadapter encodes the reference)", "| next generation"] * 2 + [
         "| img2img (strength 0.6)"]
     assert "not counted: the sync debug mode watches CUDA only" in out.read_text()
+
+
+def test_a_row_is_slower_than_diffusers_beyond_the_noise_when_its_interval_lies_above_one() -> None:
+    """With 9 passes the 95% interval of the median runs from the 2nd to the 8th smallest ratio (binomial(9, ½):
+    P(at most 1 below) = 10/512 ≤ 2.5% < P(at most 2 below) = 46/512)."""
+    plain = [1.0] * 9
+    clear = inference.Row("X (d) clear", plain, [0.9, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.3], plain)
+    noisy = inference.Row("X (e) noisy", plain, [0.8, 0.99, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.3], plain)
+    faster = inference.Row("X (a) faster", plain, [0.9] * 8 + [1.2], plain)
+    slower, unsure = inference.against_diffusers([clear, noisy, faster])
+    assert "X (d) clear" in slower and "[1.010, 1.070]" in slower and "noisy" not in slower
+    assert "X (e) noisy" in unsure and "[0.990, 1.070]" in unsure and "clear" not in unsure
+    assert "faster" not in slower + unsure
+    # Too few passes for an interval: slower in every pass or not.
+    few = [inference.Row("Y (d)", [1.0] * 3, [1.1, 1.2, 1.3], [1.0] * 3),
+           inference.Row("Y (e)", [1.0] * 3, [0.9, 1.2, 1.3], [1.0] * 3)]
+    slower, unsure = inference.against_diffusers(few)
+    assert slower.startswith("- Rows slower than diffusers in every pass: Y (d)") and "Y (e)" in unsure
+
+
+def test_quick_runs_time_on_one_thread_unless_told() -> None:
+    assert inference.parse_args(["--quick", "--device", "cpu"]).threads == 1
+    assert inference.parse_args(["--quick", "--device", "cpu", "--threads", "2"]).threads == 2
+    assert inference.parse_args(["--device", "cpu"]).threads is None
