@@ -431,8 +431,9 @@ def test_masked_references_attended_together_keep_only_their_stacked_weights(tmp
     held: dict[int, int] = {}
     tensors = [v for v in att.runtime._shared.values() if isinstance(v, torch.Tensor)]
     for processor in att._processors:
-        tensors += [m for m in processor._maps.values() if m is not None]
-        tensors += [m for terms in processor._terms.values() for term in terms for _, m in term.maps if m is not None]
+        tensors += [m for m in processor.resolved.maps.values() if m is not None]
+        tensors += [m for terms in processor.resolved.terms.values() for term in terms for _, m in term.maps
+                    if m is not None]
     for t in tensors:
         held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     att.detach()
@@ -623,6 +624,45 @@ def test_terms_are_made_once_per_generation_and_layout(sd15_unet, monkeypatch) -
     finally:
         att.detach()
     assert len(builds) == len(adapter.named_layers())
+
+
+def test_terms_without_kv_are_made_once_per_generation_for_the_layers_that_agree(monkeypatch) -> None:
+    """Without `cache_kv` a layer's terms hold no K'/V', only the references' token rows and mask weights: every
+    layer of a token grid with the same references and factors shares one set, made at the generation's first call
+    (not once per layer); a layer where a reference's own weight differs gets its own, and the outputs are the same
+    as each layer making its own."""
+    from ipadapter.attention import IPAttnProcessor
+
+    unet = factories.sd15_unet()
+    adapter = _base_adapter(unet)
+    grids: list[int] = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            module.register_forward_pre_hook(lambda _, args: grids.append(args[0].shape[1]))
+    builds: list[str] = []
+    build = IPAttnProcessor._build
+    monkeypatch.setattr(IPAttnProcessor, "_build",
+                        lambda self, *a, **k: builds.append(self.layer.name) or build(self, *a, **k))
+    names = [name for name, _ in adapter.named_layers()]
+    cond = torch.randn(1, 4, factories.SD15_CROSS)
+    odd = {name: 1.0 for name in names} | {names[0]: 0.5}
+    att = attach(unet, adapter)
+    outputs = []
+    try:
+        for ref in (Reference(cond=cond), Reference(cond=cond, layer_weights=odd)):
+            att.set_prompts({"0": AdapterPrompt([ref])}, rows=1)
+            builds.clear(), grids.clear()
+            for _ in range(3):
+                outputs.append(run_unet(unet, "sd15", 2))
+            assert len(set(grids)) < len(grids), "several layers share a token grid (else this test shows nothing)"
+            assert len(builds) == len(set(grids)) + (ref.layer_weights is not None), builds
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=cond, layer_weights=odd)])}, rows=1)
+        monkeypatch.setattr(att.runtime, "shared", lambda key, make: make())  # every layer its own
+        alone = run_unet(unet, "sd15", 2)
+    finally:
+        att.detach()
+    assert torch.equal(alone, outputs[-1])
+    assert not torch.equal(outputs[0], outputs[-1])
 
 
 def test_kv_made_once_per_generation_across_latent_sizes_and_carried_over(sd15_unet) -> None:
