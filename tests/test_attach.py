@@ -103,6 +103,23 @@ def test_a_processor_replaced_after_attaching_is_one_sentence(sd15_unet) -> None
     )
 
 
+def test_a_layer_whose_processor_this_attachment_did_not_put_in_is_named(sd15_unet) -> None:
+    """An adapter processor of the same kind, but not the one attached (the layer copied, e.g. by a deep copy of
+    the block), would escape `detach` and the next prompts: named as a replacement too."""
+    import copy
+
+    attachment = attach(sd15_unet, _new_adapter(sd15_unet))
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    original = sd15_unet.get_submodule(block).attn2
+    sd15_unet.get_submodule(block).attn2 = copy.deepcopy(original)
+    try:
+        with pytest.raises(IPAdapterError, match=f"^the attention processor of {block}.attn2 was replaced after"):
+            attachment.check_intact()
+    finally:
+        sd15_unet.get_submodule(block).attn2 = original
+        attachment.detach()
+
+
 def test_an_adapters_layer_is_found_by_a_cross_attention_layers_name_only(sd15_unet) -> None:
     """`IPAdapter.layer(name)`: the weights at a cross-attention layer (diffusers' `Attention.is_cross_attention`),
     None at every other module path of the UNet, the blocks that hold those layers included."""

@@ -205,3 +205,38 @@ def test_flux_steps_read_no_device_value_when_the_pipeline_says_which_step_it_is
     assert mode.copies == 1, "the timesteps, copied once for the whole generation"
     assert seen == [(i / 4, negative) for i in range(4) for negative in (False, True)]
 
+
+
+def test_a_view_of_the_schedulers_timesteps_is_placed_without_a_tensor_operation() -> None:
+    """The SD and SDXL pipelines pass views of their scheduler's timesteps: the attachment looks the place up (no
+    subtraction, no argmin at every UNet call), and it is the place the nearest-value search gives: for a value the
+    schedule repeats (Heun's and DPM2's second-order steps) its first position."""
+    from diffusers import HeunDiscreteScheduler
+
+    unet = factories.sdxl_unet()
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SDXL_CROSS, tokens=4))
+    scheduler = HeunDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    values = scheduler.timesteps.tolist()
+    assert len(set(values)) < len(values), "the schedule repeats values (else this test shows nothing)"
+    attachment = attach(unet, IPAdapter.for_unet(unet, config), scheduler=scheduler)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    try:
+        attachment._progress(scheduler.timesteps[0])  # the one copy of the timesteps, made once per schedule
+        for i, t in enumerate(scheduler.timesteps):
+            with Ops() as mode:
+                found = attachment._progress(t)
+            assert mode.ops == [], mode.ops
+            assert found == values.index(values[i]) / len(values)
+            assert found == attachment._progress(torch.tensor(values[i]))  # by value: the search
+    finally:
+        attachment.detach()

@@ -63,6 +63,8 @@ class ProcessorSwap:
     """What every attachment shares: adapters on one denoiser (a UNet or a transformer), the processors it put in,
     the originals it put aside, and its pre-call hook; `detach` restores the originals exactly."""
 
+    replaced_by = "set_attn_processor"  # what commonly replaces this denoiser's processors, for `check_intact`
+
     def __init__(self, denoiser: nn.Module, adapters: Mapping[str, IPAdapter], scheduler: Any = None) -> None:
         self.denoiser = denoiser
         self.adapters = dict(adapters)
@@ -73,7 +75,8 @@ class ProcessorSwap:
         self._originals: dict[str, Any] = {}
         self._processors: list = []
         self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._timesteps: tuple[torch.Tensor, torch.Tensor] | None = None  # (the scheduler's, their CPU copy)
+        # (the scheduler's timesteps, their CPU copy, each one's first position: what the nearest-value search finds)
+        self._timesteps: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None
 
     @property
     def attached(self) -> bool:
@@ -82,6 +85,20 @@ class ProcessorSwap:
     def clear(self) -> None:
         self.rows = None
         self.runtime.clear()
+
+    def check_intact(self) -> None:
+        """The adapter is silently lost when something replaces processors after attaching; say so instead. Checked
+        at every generation, so each layer is found through the `_modules` dicts (`get_submodule` reads attributes:
+        0.4 ms for SDXL's 70 layers) and its processor compared with the one put in."""
+        for name, processor in zip(self._originals, self._processors):
+            module: nn.Module | None = self.denoiser
+            for part in name.split("."):
+                module = module._modules.get(part) if module is not None else None
+            if module is None or module.processor is not processor:
+                raise IPAdapterError(
+                    f"the attention processor of {name} was replaced after the adapter was attached (for example by "
+                    f"{self.replaced_by}); attach the adapter again"
+                )
 
     def clear_cache(self) -> None:
         """Forget the K'/V' kept for the next generation (a few MiB at most): frees them, or forces recomputation."""
@@ -100,13 +117,19 @@ class ProcessorSwap:
 
     def _progress(self, timestep: Any, scale: float = 1.0, value: float | None = None) -> float | None:
         """Fraction of the denoising run at this call: the index of the scheduler's timestep nearest in value to
-        `timestep · scale` (a transformer gets the scheduler's timestep divided by 1000), over the step count.
+        `timestep · scale` (a transformer gets the scheduler's timestep divided by 1000), over the step count; for a
+        view into the scheduler's timesteps, the first position of its value, looked up (the same index).
         `value`: the call's timestep in the scheduler's units, when the caller knows it already. Without a
         scheduler's timesteps the timestep is not read at all (the training-memory estimate runs the UNet on the meta
         device)."""
         values = self._host_timesteps()
         if values is None or timestep is None:
             return None
+        if value is None and scale == 1.0 and isinstance(timestep, torch.Tensor):
+            timesteps = self.scheduler.timesteps
+            index = view_index(timestep, timesteps) if isinstance(timesteps, torch.Tensor) else None
+            if index is not None:  # one of the scheduler's own (SD, SDXL pipelines): its place, nothing computed
+                return self._timesteps[2][index] / len(values)
         t = self._timestep_value(timestep) * scale if value is None else value
         # float32, as the timesteps: it holds every integer timestep exactly and keeps a fractional one.
         return int(torch.argmin((values - torch.tensor(t, dtype=torch.float32)).abs())) / len(values)
@@ -138,7 +161,10 @@ class ProcessorSwap:
         timesteps = torch.as_tensor(timesteps)
         held = self._timesteps
         if held is None or held[0] is not timesteps:  # set_timesteps makes a new tensor each time
-            self._timesteps = held = (timesteps, timesteps.detach().to("cpu", torch.float32))
+            values = timesteps.detach().to("cpu", torch.float32)
+            first: dict[float, int] = {}
+            places = tuple(first.setdefault(v, i) for i, v in enumerate(values.tolist()))
+            self._timesteps = held = (timesteps, values, places)
         return held[1]
 
     def _timestep_value(self, timestep: Any) -> float | None:
@@ -174,6 +200,8 @@ def view_index(t: torch.Tensor, timesteps: torch.Tensor) -> int | None:
 
 class Attachment(ProcessorSwap):
     """Adapters attached to one UNet. `runtime` carries the per-generation prompts to the processors."""
+
+    replaced_by = "set_attn_processor or enable_xformers_memory_efficient_attention"
 
     def __init__(self, unet: nn.Module, adapters: Mapping[str, IPAdapter], scheduler: Any = None) -> None:
         super().__init__(unet, adapters, scheduler)
@@ -223,15 +251,6 @@ class Attachment(ProcessorSwap):
 
     # Outside compiled graphs; by assignment, not as a decorator, since mutmut skips decorated functions.
     _before_unet = torch.compiler.disable(_before_unet)
-
-    def check_intact(self) -> None:
-        """The adapter is silently lost when something replaces processors after attaching; say so instead."""
-        for name in self._originals:
-            if not isinstance(self.unet.get_submodule(name).processor, IPAttnProcessor):
-                raise IPAdapterError(
-                    f"the attention processor of {name} was replaced after the adapter was attached (for example by "
-                    "set_attn_processor or enable_xformers_memory_efficient_attention); attach the adapter again"
-                )
 
     def set_prompts(self, prompts: Mapping[str, AdapterPrompt], *, rows: int | None = None, cfg: bool = False) -> None:
         """Prompts for the next UNet calls; `rows` (prompts × images) lets the hook recognise a CFG batch."""

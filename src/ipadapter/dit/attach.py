@@ -122,14 +122,6 @@ class DiTAttachment(ProcessorSwap):
             self.step.tokens[name] = list(tokens.split(batch))
             self.step.temb[name] = temb[:batch]
 
-    def check_intact(self) -> None:
-        for name in self._originals:
-            if not isinstance(self.model.get_submodule(name).processor, BlockProcessor):
-                raise IPAdapterError(
-                    f"the attention processor of {name} was replaced after the adapter was attached (for example by "
-                    "set_attn_processor); attach the adapter again"
-                )
-
     def set_prompts(self, prompts: Mapping[str, AdapterPrompt], *, rows: int | None = None, cfg: bool = False) -> None:
         """Prompts for the next transformer calls; `rows` (prompts × images) lets SD 3's hook recognise a CFG batch."""
         unknown = set(prompts) - set(self.adapters)
