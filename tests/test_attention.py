@@ -665,6 +665,51 @@ def test_terms_without_kv_are_made_once_per_generation_for_the_layers_that_agree
     assert not torch.equal(outputs[0], outputs[-1])
 
 
+def test_what_acts_at_a_layer_is_decided_once_while_the_step_factors_stay(sd15_unet, monkeypatch) -> None:
+    """Which adapters act at a layer and with what weight is decided at the generation's first call and kept while
+    the step factors and the CFG layout stay; a step window decides again where it opens or closes, and the outputs
+    are those of deciding at every call."""
+    import ipadapter.attention as attention
+
+    adapter = _base_adapter(sd15_unet)
+    sorted_: list[int] = []
+    real = attention.sort_acts
+    monkeypatch.setattr(attention, "sort_acts", lambda acts, cfg: sorted_.append(1) or real(acts, cfg))
+    att = attach(sd15_unet, adapter)
+    layers = len(adapter.named_layers())
+    cond = torch.randn(1, 4, 32)
+    timesteps = [900, 700, 500, 300]
+
+    g = torch.Generator().manual_seed(7)
+    sample, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 6, 32, generator=g)
+
+    def generation(prompt: AdapterPrompt) -> list[torch.Tensor]:
+        att.set_prompts({"0": prompt}, rows=1)
+        with torch.no_grad():
+            return [sd15_unet(sample, t, encoder_hidden_states=text).sample for t in timesteps]
+
+    try:
+        from diffusers import DDIMScheduler
+
+        att.scheduler = DDIMScheduler()
+        att.scheduler.set_timesteps(4)
+        att.scheduler.timesteps = torch.tensor(timesteps)
+        kept = generation(AdapterPrompt([Reference(cond=cond)]))
+        assert len(sorted_) == layers, "once per layer for the whole generation"
+        sorted_.clear()
+        windowed = generation(AdapterPrompt([Reference(cond=cond)], start=0.25, end=0.75))
+        assert len(sorted_) == 3 * layers, "the first step (off), the window opening (on), its closing (off)"
+        monkeypatch.setattr(attention.Runtime, "step_factors",
+                            lambda self: {n: p.step_factor(self.progress) for n, p in self.prompts.items()})
+        assert all(torch.equal(a, b) for a, b in zip(kept, generation(AdapterPrompt([Reference(cond=cond)]))))
+        again = generation(AdapterPrompt([Reference(cond=cond)], start=0.25, end=0.75))
+        assert all(torch.equal(a, b) for a, b in zip(windowed, again))
+    finally:
+        att.detach()
+    assert torch.equal(windowed[1], kept[1]) and torch.equal(windowed[2], kept[2])  # inside the window
+    assert not torch.equal(windowed[0], kept[0]) and not torch.equal(windowed[3], kept[3])
+
+
 def test_kv_made_once_per_generation_across_latent_sizes_and_carried_over(sd15_unet) -> None:
     """K'/V' depend on the reference tokens and the batch layout, not on the latent size: one generation run at two
     sizes projects them once per layer, the next generation with the same tokens reuses them at both sizes, and a

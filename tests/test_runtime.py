@@ -52,6 +52,20 @@ def test_step_factors_are_each_prompts_factor_computed_once_per_progress_and_gen
     assert len(calls) == 3 * len(prompts)
 
 
+def test_step_factors_are_the_same_dict_while_their_values_stay_and_a_new_one_when_they_change() -> None:
+    """What the processors key their per-step decisions on: without a window or schedule every step gives the same
+    factors, so the same dict; a step where a window opens or closes gives a new one, with the new values."""
+    tokens = torch.zeros(1, 4, 8)
+    runtime = Runtime()
+    runtime.set({"a": AdapterPrompt([Reference(tokens)]), "b": AdapterPrompt([Reference(tokens)], end=0.5)}, cfg=True)
+    seen = []
+    for progress in (0.0, 0.25, 0.5, 0.75):
+        runtime.progress = progress
+        seen.append(runtime.step_factors())
+    assert seen[0] is seen[1] and seen[2] is seen[3] and seen[1] is not seen[2]
+    assert seen[1] == {"a": 1.0, "b": 1.0} and seen[2] == {"a": 1.0, "b": 0.0}
+
+
 def test_step_tensor_holds_the_step_factors_in_prompt_order_as_float32_updated_in_place() -> None:
     prompts = _prompts()
     runtime = Runtime()

@@ -150,8 +150,10 @@ class Laid(NamedTuple):
 
     def tokens(self) -> torch.Tensor:
         """(B, R·T, C), a new tensor: the references side by side, each projection weight then read once for all."""
-        rows = [torch.cat(h, dim=0) if len(h) > 1 else h[0] for h in self.halves]
-        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        if len(self.halves) == 1:  # one reference, no list made: this runs at every call of every layer
+            h = self.halves[0]
+            return torch.cat(h, dim=0) if len(h) > 1 else h[0]
+        return torch.cat([torch.cat(h, dim=0) if len(h) > 1 else h[0] for h in self.halves], dim=1)
 
 
 class Term(NamedTuple):
@@ -179,6 +181,30 @@ class Act(NamedTuple):
     terms: tuple[Term, ...] | None = None
 
 
+class Acts(NamedTuple):
+    """A call's acts, sorted once for `_attend`: every one, those with a LoRA acting, the simple (concat) adapters
+    acting, and the decoupled ones that add an image attention. The eager path keeps them while the step factors
+    and the CFG layout stay (every step, without a step window): a layer's call then decides nothing anew."""
+
+    every: list[Act]
+    lora: list[Act]
+    concat: list[Act]
+    image: list[Act]
+
+
+def sort_acts(acts: list[Act], cfg: bool) -> Acts:
+    def on(x: float | torch.Tensor) -> bool:
+        return isinstance(x, torch.Tensor) or x != 0.0
+
+    return Acts(
+        acts,
+        [a for a in acts if a.plan.weights.has_lora and on(a.lora)],
+        [a for a in acts if a.plan.weights.concat and (isinstance(a.image, torch.Tensor) or a.image > 0.0)],
+        [a for a in acts if a.plan.weights.has_ip and not a.plan.weights.concat
+         and not (a.plan.uncond_layer and not cfg) and on(a.image)],
+    )
+
+
 class Prepared(NamedTuple):
     """An adapter's share of a compiled call, made before the UNet runs: its position in the runtime's step factors,
     its image weight and LoRA scale as tensors (changing them changes no graph), and its terms."""
@@ -195,13 +221,16 @@ class Resolved:
     A plain object, so that renewing it at each generation costs no `nn.Module.__setattr__` (microseconds each,
     paid by every layer)."""
 
-    __slots__ = ("generation", "plan", "maps", "terms")
+    __slots__ = ("generation", "plan", "maps", "terms", "acts", "factors", "cfg")
 
     def __init__(self) -> None:
         self.generation = -1
         self.plan: list[AdapterPlan] = []
         self.maps: dict[tuple, torch.Tensor | None] = {}
         self.terms: dict[tuple, tuple[Term, ...]] = {}
+        self.acts: Acts | None = None  # the eager call's, for `factors` (the runtime's step factors) and `cfg`
+        self.factors: dict[str, float] | None = None
+        self.cfg = False
 
 
 class IPAttnProcessor(nn.Module):
@@ -243,6 +272,7 @@ class IPAttnProcessor(nn.Module):
         r = self.resolved
         if r.generation != self.runtime.generation:
             r.plan, r.maps, r.terms, r.generation = self._resolve(every=False), {}, {}, self.runtime.generation
+            r.acts = r.factors = None
         return r.plan
 
     def _resolve(self, every: bool) -> list[AdapterPlan]:
@@ -316,7 +346,8 @@ class IPAttnProcessor(nn.Module):
                 return self._uncompiled(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
             factors = self.runtime.step_tensor
             acts = [Act(c.plan, c.image * factors[c.index], c.lora, c.terms) for c in self._prepared]
-            return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, acts)
+            return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                sort_acts(acts, self.runtime.cfg))
         return self._eager(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
     def _uncompiled(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -331,23 +362,26 @@ class IPAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any,
     ) -> torch.Tensor:
         """The call with float weights; nothing of ours acting hands it to the original processor (bitwise)."""
-        factors = self.runtime.step_factors()
-        acts = []
-        for p in self.plan():
-            f = factors[p.name]
-            if p.uncond_layer and not p.weights.concat:
-                image = p.prompt.scale * f if self.runtime.cfg else 0.0
-            else:
-                image = p.layer_weight * f if p.layer_weight else 0.0
-            if image != 0.0 or p.lora_scale != 0.0:
-                acts.append(Act(p, image, p.lora_scale))
-        if not acts:
+        plan, r = self.plan(), self.resolved
+        factors, cfg = self.runtime.step_factors(), self.runtime.cfg
+        if r.factors is not factors or r.cfg != cfg:  # a new generation, step factor or batch layout
+            acts = []
+            for p in plan:
+                f = factors[p.name]
+                if p.uncond_layer and not p.weights.concat:
+                    image = p.prompt.scale * f if cfg else 0.0
+                else:
+                    image = p.layer_weight * f if p.layer_weight else 0.0
+                if image != 0.0 or p.lora_scale != 0.0:
+                    acts.append(Act(p, image, p.lora_scale))
+            r.acts, r.factors, r.cfg = sort_acts(acts, cfg), factors, cfg
+        if not r.acts.every:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, acts)
+        return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, r.acts)
 
     def _attend(
         self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-        attention_mask: torch.Tensor | None, temb: torch.Tensor | None, acts: list[Act],
+        attention_mask: torch.Tensor | None, temb: torch.Tensor | None, acts: Acts,
     ) -> torch.Tensor:
         """The layer's attention with `acts` added: LoRA on q/k/v/out, image attention before `to_out`."""
         inplace = not torch.is_grad_enabled()
@@ -371,16 +405,15 @@ class IPAttnProcessor(nn.Module):
             context = attn.norm_encoder_hidden_states(context)
 
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)  # (B, L, h*d)
-        loras = [a for a in acts if a.plan.weights.has_lora and (isinstance(a.lora, torch.Tensor) or a.lora)]
+        loras = acts.lora
         for a in loras:
             query = query + a.lora * a.plan.weights.to_q_lora(hidden_states).to(query.dtype)
             key = key + a.lora * a.plan.weights.to_k_lora(context).to(key.dtype)
             value = value + a.lora * a.plan.weights.to_v_lora(context).to(value.dtype)
 
         cross = self.layer.cross and encoder_hidden_states is not None
-        concat = [a for a in acts if a.plan.weights.concat and (isinstance(a.image, torch.Tensor) or a.image > 0.0)]
-        if concat and cross:
-            key, value, attention_mask = self._concat(attn, concat, key, value, attention_mask, batch)
+        if acts.concat and cross:
+            key, value, attention_mask = self._concat(attn, acts.concat, key, value, attention_mask, batch)
 
         heads = attn.heads
         head_dim = key.shape[-1] // heads
@@ -394,13 +427,9 @@ class IPAttnProcessor(nn.Module):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
 
         if cross:
-            for a in acts:
-                p = a.plan
-                if not p.weights.has_ip or p.weights.concat or (p.uncond_layer and not self.runtime.cfg):
-                    continue
-                if isinstance(a.image, torch.Tensor) or a.image != 0.0:
-                    terms = a.terms if a.terms is not None else self._terms_of(p, query, seq_len)
-                    out = self._add_image(out, p, a.image, terms, query, seq_len, inplace)
+            for a in acts.image:
+                terms = a.terms if a.terms is not None else self._terms_of(a.plan, query, seq_len)
+                out = self._add_image(out, a.plan, a.image, terms, query, seq_len, inplace)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)  # (B, L, h*d)
 
         project_out, drop_out = attn.to_out  # unpacked: indexing a ModuleList costs more than the kernels here
@@ -413,7 +442,8 @@ class IPAttnProcessor(nn.Module):
             hidden = hidden.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             hidden = hidden + residual
-        return hidden / attn.rescale_output_factor
+        # x / 1 is x, bit for bit: skipping it saves a kernel and an output-sized tensor per call (diffusers divides).
+        return hidden / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else hidden
 
     def _concat(
         self, attn: nn.Module, concat: list[Act], key: torch.Tensor, value: torch.Tensor,
@@ -558,7 +588,9 @@ class IPAttnProcessor(nn.Module):
         """out + Σ_terms w · mask ⊙ softmax(Q K'ᵀ/√d) V', all (B, h, L, d): the unmasked references in one SDPA
         call, several masked ones together in one more (`_add_together`)."""
         for term in terms:
-            weights = next(m for n, m in term.maps if n == seq_len)
+            for n, weights in term.maps:  # a loop, not next(generator): this runs at every call of every layer
+                if n == seq_len:
+                    break
             k, v = (term.k, term.v) if term.laid is None else self._project(p, term.laid, query.shape[1], query.dtype)
             if k.dtype != query.dtype:  # compiled under autocast: prepared at the UNet's dtype
                 k, v = k.to(query.dtype), v.to(query.dtype)
@@ -568,8 +600,7 @@ class IPAttnProcessor(nn.Module):
             scale = w
             if p.prompt.scaling != "v":
                 k, v, scale = scale_embeds(k, v, w, p.prompt.scaling, self.layer.width)
-            o = F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)
-            out = _accumulate(out, o, scale, weights, inplace)
+            out = _accumulate(out, F.scaled_dot_product_attention(query, k, v), scale, weights, inplace)
         return out
 
     def _stacked_maps(

@@ -119,10 +119,13 @@ class Runtime:
         self.set({}, cfg=False)
 
     def step_factors(self) -> dict[str, float]:
-        """Each prompt's `step_factor` at the current progress, computed once per UNet call for all its layers."""
+        """Each prompt's `step_factor` at the current progress, computed once per UNet call for all its layers. The
+        same dict while the factors stay the same (every step, without a step window or schedule): the processors
+        keep what they decided from it until it changes."""
         at = (self.generation, self.progress)
         if self._factors[0] != at:
-            self._factors = (at, {name: p.step_factor(self.progress) for name, p in self.prompts.items()})
+            factors = {name: p.step_factor(self.progress) for name, p in self.prompts.items()}
+            self._factors = (at, self._factors[1] if factors == self._factors[1] else factors)
         return self._factors[1]
 
     def refresh_step_tensor(self, device: torch.device) -> None:
