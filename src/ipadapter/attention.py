@@ -492,8 +492,9 @@ class IPAttnProcessor(nn.Module):
                 terms = self.runtime.shared(
                     self._layerless_key(p, key),
                     lambda: self._build(p, batch, heads, query.dtype, query.device, (seq_len,), lazy=True))
-            else:
-                terms = self._build(p, batch, heads, query.dtype, query.device, (seq_len,), lazy=False)
+                self.resolved.terms[key] = terms
+                return terms
+            terms = self._build(p, batch, heads, query.dtype, query.device, (seq_len,), lazy=False)
             if keep:
                 found = self.resolved.terms
                 found[key] = terms
