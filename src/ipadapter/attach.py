@@ -93,7 +93,9 @@ class ProcessorSwap:
         for name, processor in zip(self._originals, self._processors):
             module: nn.Module | None = self.denoiser
             for part in name.split("."):
-                module = module._modules.get(part) if module is not None else None
+                module = module._modules.get(part)
+                if module is None:
+                    break
             if module is None or module.processor is not processor:
                 raise IPAdapterError(
                     f"the attention processor of {name} was replaced after the adapter was attached (for example by "
@@ -126,8 +128,7 @@ class ProcessorSwap:
         if values is None or timestep is None:
             return None
         if value is None and scale == 1.0 and isinstance(timestep, torch.Tensor):
-            timesteps = self.scheduler.timesteps
-            index = view_index(timestep, timesteps) if isinstance(timesteps, torch.Tensor) else None
+            index = self._scheduler_index(timestep)
             if index is not None:  # one of the scheduler's own (SD, SDXL pipelines): its place, nothing computed
                 return self._timesteps[2][index] / len(values)
         t = self._timestep_value(timestep) * scale if value is None else value
@@ -145,8 +146,7 @@ class ProcessorSwap:
             return None
         t = getattr(self.pipeline, "current_timestep", None)
         if isinstance(t, torch.Tensor):
-            timesteps = self.scheduler.timesteps
-            index = view_index(t, timesteps) if isinstance(timesteps, torch.Tensor) else None
+            index = self._scheduler_index(t)
         else:
             index = getattr(self.scheduler, "step_index", None)
             index = getattr(self.scheduler, "begin_index", None) if index is None else index
@@ -176,11 +176,15 @@ class ProcessorSwap:
             return float(timestep)
         if not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu":
             return float(torch.as_tensor(timestep).flatten()[0])
-        timesteps = getattr(self.scheduler, "timesteps", None)
-        index = view_index(timestep, timesteps) if isinstance(timesteps, torch.Tensor) else None
+        index = self._scheduler_index(timestep)
         if index is not None:
             return float(self._host_timesteps()[index])
         return float(timestep.flatten()[0])  # a tensor of its own on the GPU (FLUX passes t / 1000): read it
+
+    def _scheduler_index(self, t: torch.Tensor) -> int | None:
+        """`t`'s position among the scheduler's timesteps when it is a view into them (`view_index`), else None."""
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        return view_index(t, timesteps) if isinstance(timesteps, torch.Tensor) else None
 
 
 def view_index(t: torch.Tensor, timesteps: torch.Tensor) -> int | None:
