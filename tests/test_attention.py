@@ -665,10 +665,48 @@ def test_terms_without_kv_are_made_once_per_generation_for_the_layers_that_agree
     assert not torch.equal(outputs[0], outputs[-1])
 
 
+def test_a_plan_is_resolved_once_for_the_layers_that_agree_on_it(tmp_path, monkeypatch) -> None:
+    """A generation resolves one plan per distinct layer signature, not one per layer: one for all cross-attention
+    layers of a prompt without per-layer weights, one more where a layer's weight, a reference's own weight there or
+    an unconditional layer differs, and FaceID's LoRA-only self-attention layers their own. The outputs are those of
+    every layer resolving its own."""
+    from ipadapter.attention import IPAttnProcessor
+
+    unet = factories.sd15_unet()
+    torch.save(factories.published(unet, "faceid", factories.SD15_CROSS, lora_rank=4), tmp_path / "faceid.bin")
+    adapter = load_adapter(tmp_path / "faceid.bin", unet)
+    resolved: list[str] = []
+    resolve = IPAttnProcessor._resolve
+    monkeypatch.setattr(IPAttnProcessor, "_resolve",
+                        lambda self, every: resolved.append(self.layer.name) or resolve(self, every))
+    names = [name for name, layer in adapter.named_layers() if layer.has_ip]
+    assert len(names) > 2 and len(adapter.named_layers()) > len(names), "cross and LoRA-only self-attention layers"
+    cond = torch.randn(1, 4, factories.SD15_CROSS)
+    prompts = {
+        "uniform": (AdapterPrompt([Reference(cond=cond)]), 2),
+        "a layer weighted": (AdapterPrompt([Reference(cond=cond)], layer_weights={n: 1.0 for n in names} | {names[0]: 0.5}), 3),
+        "a reference weighted": (AdapterPrompt([Reference(cond=cond, layer_weights={n: 1.0 for n in names[1:]})]), 3),
+        "an uncond layer": (AdapterPrompt([Reference(cond=cond)], uncond_layers=frozenset(names[:1])), 3),
+    }
+    att = attach(unet, adapter)
+    try:
+        for what, (prompt, plans) in prompts.items():
+            att.set_prompts({"0": prompt}, rows=1)
+            resolved.clear()
+            shared = run_unet(unet, "sd15", 2)
+            assert len(resolved) == plans, (what, resolved)
+            with monkeypatch.context() as m:
+                m.setattr(att.runtime, "shared", lambda key, make: make())  # every layer its own
+                att.set_prompts({"0": prompt}, rows=1)
+                assert torch.equal(run_unet(unet, "sd15", 2), shared), what
+    finally:
+        att.detach()
+
+
 def test_what_acts_at_a_layer_is_decided_once_while_the_step_factors_stay(sd15_unet, monkeypatch) -> None:
-    """Which adapters act at a layer and with what weight is decided at the generation's first call and kept while
-    the step factors and the CFG layout stay; a step window decides again where it opens or closes, and the outputs
-    are those of deciding at every call."""
+    """Which adapters act and with what weight is decided at the generation's first call, once for the layers that
+    share a plan, and kept while the step factors and the CFG layout stay; a step window decides again where it opens
+    or closes, and the outputs are those of deciding at every call."""
     import ipadapter.attention as attention
 
     adapter = _base_adapter(sd15_unet)
@@ -695,10 +733,10 @@ def test_what_acts_at_a_layer_is_decided_once_while_the_step_factors_stay(sd15_u
         att.scheduler.set_timesteps(4)
         att.scheduler.timesteps = torch.tensor(timesteps)
         kept = generation(AdapterPrompt([Reference(cond=cond)]))
-        assert len(sorted_) == layers, "once per layer for the whole generation"
+        assert layers > 1 and len(sorted_) == 1, "once for all the layers, for the whole generation"
         sorted_.clear()
         windowed = generation(AdapterPrompt([Reference(cond=cond)], start=0.25, end=0.75))
-        assert len(sorted_) == 3 * layers, "the first step (off), the window opening (on), its closing (off)"
+        assert len(sorted_) == 3, "the first step (off), the window opening (on), its closing (off)"
         monkeypatch.setattr(attention.Runtime, "step_factors",
                             lambda self: {n: p.step_factor(self.progress) for n, p in self.prompts.items()})
         assert all(torch.equal(a, b) for a, b in zip(kept, generation(AdapterPrompt([Reference(cond=cond)]))))

@@ -15,7 +15,7 @@ from torch import nn
 from ipadapter.adapter import IPAdapter
 from ipadapter.attention import IPAttnProcessor
 from ipadapter.errors import IPAdapterError
-from ipadapter.layers import attention_layers
+from ipadapter.layers import AttentionLayer, attention_layers
 from ipadapter.runtime import AdapterPrompt, Runtime
 
 _FAMILIES = {768: "SD 1.5", 1024: "SD 2.x", 2048: "SDXL"}
@@ -25,9 +25,10 @@ def family_of(cross_dim: int) -> str:
     return _FAMILIES.get(cross_dim, f"a model with {cross_dim}-wide text tokens")
 
 
-def check_cross_dim(unet: nn.Module, cross_dim: int, name: str) -> None:
-    """The commonest mistake (an SD 1.5 adapter on SDXL, or the reverse) named as such."""
-    cross = [l for l in attention_layers(unet) if l.cross]
+def check_cross_dim(unet: nn.Module, cross_dim: int, name: str, layers: list[AttentionLayer] | None = None) -> None:
+    """The commonest mistake (an SD 1.5 adapter on SDXL, or the reverse) named as such. `layers`: the UNet's
+    `attention_layers`, when the caller has them (finding them walks the whole UNet)."""
+    cross = [l for l in (attention_layers(unet) if layers is None else layers) if l.cross]
     if not cross:
         raise IPAdapterError("this UNet has no cross-attention layers to attach an IP-Adapter to")
     unet_dim = cross[0].cross_dim
@@ -38,10 +39,13 @@ def check_cross_dim(unet: nn.Module, cross_dim: int, name: str) -> None:
         )
 
 
-def check_compatible(unet: nn.Module, adapter: IPAdapter, name: str) -> None:
+def check_compatible(
+    unet: nn.Module, adapter: IPAdapter, name: str, layers: list[AttentionLayer] | None = None
+) -> None:
     """Raise one sentence saying what does not fit, before anything is changed."""
-    check_cross_dim(unet, adapter.config.cross_dim, name)
-    layers = {l.name: l for l in attention_layers(unet)}
+    found = attention_layers(unet) if layers is None else layers
+    check_cross_dim(unet, adapter.config.cross_dim, name, found)
+    layers = {l.name: l for l in found}
     cross = [l for l in layers.values() if l.cross]
     ip_layers = [n for n, l in adapter.named_layers() if l.has_ip]
     missing = [l.name for l in cross if l.name not in ip_layers]
@@ -207,10 +211,14 @@ class Attachment(ProcessorSwap):
 
     replaced_by = "set_attn_processor or enable_xformers_memory_efficient_attention"
 
-    def __init__(self, unet: nn.Module, adapters: Mapping[str, IPAdapter], scheduler: Any = None) -> None:
+    def __init__(
+        self, unet: nn.Module, adapters: Mapping[str, IPAdapter], scheduler: Any = None,
+        layers: list[AttentionLayer] | None = None,
+    ) -> None:
         super().__init__(unet, adapters, scheduler)
         self.unet = unet
-        self._cross_names = frozenset(l.name for l in attention_layers(unet) if l.cross)
+        self._layers = {l.name: l for l in (attention_layers(unet) if layers is None else layers)}
+        self._cross_names = frozenset(name for name, l in self._layers.items() if l.cross)
         self._prepared: tuple | None = None  # the layout the processors were last prepared for
 
     def clear_cache(self) -> None:
@@ -222,11 +230,10 @@ class Attachment(ProcessorSwap):
         for adapter_name, adapter in self.adapters.items():
             for layer_name, weights in adapter.named_layers():
                 per_layer.setdefault(layer_name, {})[adapter_name] = weights
-        layers = {l.name: l for l in attention_layers(self.unet)}
         for layer_name, weights in per_layer.items():
             attn = self.unet.get_submodule(layer_name)
             self._originals[layer_name] = attn.processor
-            processor = IPAttnProcessor(layers[layer_name], attn.processor, self.runtime, weights, heads=attn.heads)
+            processor = IPAttnProcessor(self._layers[layer_name], attn.processor, self.runtime, weights, heads=attn.heads)
             self._processors.append(processor)
             attn.set_processor(processor)
         self._hook = self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
@@ -295,15 +302,16 @@ def attach(
         adapters = [adapters]
     if not isinstance(adapters, Mapping):
         adapters = {str(i): a for i, a in enumerate(adapters)}
-    if any(isinstance(p, IPAttnProcessor) for p in unet.attn_processors.values()):
+    layers = attention_layers(unet)  # walks the whole UNet: once for the checks and the attachment
+    if any(isinstance(unet.get_submodule(l.name).processor, IPAttnProcessor) for l in layers):
         raise IPAdapterError("this UNet already has adapters attached; detach them first or attach all together")
     for name, adapter in adapters.items():
-        check_compatible(unet, adapter, f"adapter {name!r}")
+        check_compatible(unet, adapter, f"adapter {name!r}", layers)
         if adapter.device != unet.device:
             raise IPAdapterError(
                 f"adapter {name!r} is on {adapter.device} but the UNet on {unet.device}; move it first "
                 "(adapter.to(unet.device)) or load it for this UNet (load_adapter places it on the UNet's device)"
             )
-    attachment = Attachment(unet, adapters, scheduler)
+    attachment = Attachment(unet, adapters, scheduler, layers)
     attachment._install()
     return attachment

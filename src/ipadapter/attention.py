@@ -76,15 +76,19 @@ def reference_groups(prompt: AdapterPrompt, layer: str, *, every_reference: bool
 
 
 class AdapterPlan(NamedTuple):
-    """One adapter at one layer for one generation (the prompt is fixed until the next `Runtime.set`).
+    """One adapter at the layers that agree on it, for one generation (the prompt is fixed until the next
+    `Runtime.set`). It holds no weights: one plan serves every layer of the same kind and per-layer factors.
 
-    layer_weight: scale × the prompt's weight for this layer (0 without image K'/V' here); uncond_layer: the layer is
-    one of the prompt's `uncond_layers` (the reference moves to the unconditional rows); lora_scale: 0 without LoRA.
+    has_ip/concat/has_lora: what the layer's `AdapterLayer` has; layer_weight: scale × the prompt's weight for this
+    layer (0 without image K'/V' here); uncond_layer: the layer is one of the prompt's `uncond_layers` (the reference
+    moves to the unconditional rows); lora_scale: 0 without LoRA.
     """
 
     name: str
     prompt: AdapterPrompt
-    weights: AdapterLayer
+    has_ip: bool
+    concat: bool
+    has_lora: bool
     layer_weight: float
     uncond_layer: bool
     lora_scale: float
@@ -198,9 +202,9 @@ def sort_acts(acts: list[Act], cfg: bool) -> Acts:
 
     return Acts(
         acts,
-        [a for a in acts if a.plan.weights.has_lora and on(a.lora)],
-        [a for a in acts if a.plan.weights.concat and (isinstance(a.image, torch.Tensor) or a.image > 0.0)],
-        [a for a in acts if a.plan.weights.has_ip and not a.plan.weights.concat
+        [a for a in acts if a.plan.has_lora and on(a.lora)],
+        [a for a in acts if a.plan.concat and (isinstance(a.image, torch.Tensor) or a.image > 0.0)],
+        [a for a in acts if a.plan.has_ip and not a.plan.concat
          and not (a.plan.uncond_layer and not cfg) and on(a.image)],
     )
 
@@ -217,28 +221,40 @@ class Prepared(NamedTuple):
 
 
 class Resolved:
-    """What one processor resolved for the current generation: its plan, and the weight maps and terms made from it.
-    A plain object, so that renewing it at each generation costs no `nn.Module.__setattr__` (microseconds each,
-    paid by every layer)."""
+    """A generation's plan for the layers that agree on it (`IPAttnProcessor._signature`), and what is made from it
+    for all of them: the sorted acts, the weight maps and the terms without K'/V'. Made at the first such layer's
+    first call and shared by the others (SDXL: 70 layers, one plan for a prompt without per-layer weights)."""
 
-    __slots__ = ("generation", "plan", "maps", "terms", "acts", "factors", "cfg")
+    __slots__ = ("plan", "maps", "terms", "acts", "factors", "cfg")
 
-    def __init__(self) -> None:
-        self.generation = -1
-        self.plan: list[AdapterPlan] = []
+    def __init__(self, plan: list[AdapterPlan]) -> None:
+        self.plan = plan
         self.maps: dict[tuple, torch.Tensor | None] = {}
-        self.terms: dict[tuple, tuple[Term, ...]] = {}
+        self.terms: dict[tuple, tuple[Term, ...]] = {}  # without K'/V' (`cache_kv` off): the same at these layers
         self.acts: Acts | None = None  # the eager call's, for `factors` (the runtime's step factors) and `cfg`
         self.factors: dict[str, float] | None = None
         self.cfg = False
 
 
+class LayerState:
+    """One layer's share of the current generation: the `Resolved` plan it reads (shared with the layers that agree
+    on it) and its own terms with K'/V'. A plain object, so that renewing it at each generation costs no
+    `nn.Module.__setattr__` (microseconds each, paid by every layer)."""
+
+    __slots__ = ("generation", "resolved", "kv_terms")
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self.resolved = Resolved([])
+        self.kv_terms: dict[tuple, tuple[Term, ...]] = {}  # with K'/V' (`cache_kv`): this layer's own
+
+
 class IPAttnProcessor(nn.Module):
     """Replaces one attention layer's processor while adapters are attached; keeps the original to restore it.
 
-    Per generation (each `Runtime.set`) it resolves a plan once: which adapters act here, with which layer weight,
-    LoRA scale and reference groups; per batch layout it makes the terms once (K'/V' from a `KVCache`, masks on
-    the layer's token grid); per call only the step window's factor is applied. Image attention is added to the
+    Per generation (each `Runtime.set`) a plan is resolved once for all the layers that agree on it: which adapters
+    act, with which layer weight, LoRA scale and reference groups; per batch layout the terms are made once (K'/V'
+    from a `KVCache`, masks on the layer's token grid); per call only the step window's factor is applied. Image attention is added to the
     text attention in the heads layout, before `to_out`, in place when autograd is off.
 
     Under `torch.compile` the call is traced whole (no graph break): the attachment calls `prepare` before each
@@ -257,29 +273,58 @@ class IPAttnProcessor(nn.Module):
         self.adapters = nn.ModuleDict(adapters)
         self.heads = heads
         self.kv = KVCache()
-        self.resolved = Resolved()
+        self.state = LayerState()
+        self._weights: dict[str, AdapterLayer] = dict(adapters)  # a plain dict: read at every call
+        # What the plan depends on of this layer's adapters (`_signature`); they are fixed once made.
+        self._kinds = tuple((name, w.has_ip, w.concat, w.has_lora) for name, w in adapters.items())
+        self._uniform = ("plan", self._kinds)  # the signature where no prompt has anything per layer
         self._prepared: list[Prepared] | None = None
         self._held: dict[Hashable, torch.Tensor] = {}
 
     def clear_cache(self) -> None:
         self.kv.clear()
-        self.resolved.maps, self.resolved.terms = {}, {}
+        self.resolved.maps.clear()
+        self.resolved.terms.clear()
+        self.state.kv_terms = {}
         self._held = {}
         self._prepared = None
 
     def plan(self) -> list[AdapterPlan]:
-        """The adapters with a prompt this generation and something to do at this layer (resolved once)."""
-        r = self.resolved
-        if r.generation != self.runtime.generation:
-            r.plan, r.maps, r.terms, r.generation = self._resolve(every=False), {}, {}, self.runtime.generation
-            r.acts = r.factors = None
-        return r.plan
+        """The adapters with a prompt this generation and something to do at this layer (resolved once, shared with
+        the layers that agree on it)."""
+        state = self.state
+        if state.generation != self.runtime.generation:
+            state.resolved = self.runtime.shared(self._signature(), lambda: Resolved(self._resolve(every=False)))
+            state.kv_terms, state.generation = {}, self.runtime.generation
+            if not self.runtime.cache_kv:  # switched off: nothing an earlier generation made is kept
+                self.kv.clear()
+        return state.resolved.plan
+
+    @property
+    def resolved(self) -> Resolved:
+        return self.state.resolved
+
+    def _signature(self) -> tuple:
+        """What this layer's plan depends on: its adapters' kinds and, for a prompt with per-layer weights, this
+        layer's factors in it. Layers with equal signatures have equal plans, maps and terms without K'/V' (their
+        tokens are cast to the adapter's dtype, which its weights token holds); a prompt without per-layer weights
+        (the common case) gives them all one signature."""
+        per_layer = self.runtime.per_layer
+        if not per_layer:
+            return self._uniform
+        layer, factors = self.layer.name, []
+        for name, has_ip, _, _ in self._kinds:
+            if has_ip and name in per_layer:
+                prompt = self.runtime.prompts[name]
+                factors.append((name, prompt.layer_weight(layer), layer in prompt.uncond_layers,
+                                tuple(r.weight_at(layer) for r in prompt.references)))
+        return *self._uniform, *factors
 
     def _resolve(self, every: bool) -> list[AdapterPlan]:
         """Each prompted adapter's plan here; `every`: also those whose scale or layer weight is 0 now (the compiled
         path's structure must not depend on those values: they are tensors there)."""
         plans = []
-        for name, weights in self.adapters.items():
+        for name, weights in self._weights.items():
             prompt = self.runtime.prompts.get(name)
             if prompt is None:
                 continue
@@ -288,7 +333,8 @@ class IPAttnProcessor(nn.Module):
             lora_scale = prompt.lora_scale if weights.has_lora else 0.0
             if every or layer_weight != 0.0 or lora_scale != 0.0 or uncond_layer:
                 groups = reference_groups(prompt, self.layer.name, every_reference=uncond_layer) if weights.has_ip else ()
-                plans.append(AdapterPlan(name, prompt, weights, layer_weight, uncond_layer, lora_scale, groups))
+                plans.append(AdapterPlan(name, prompt, weights.has_ip, weights.concat, weights.has_lora, layer_weight,
+                                         uncond_layer, lora_scale, groups))
         return plans
 
     def prepare(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -299,7 +345,7 @@ class IPAttnProcessor(nn.Module):
         sizes = grid_sizes(self.runtime.latent_hw)
         prepared = []
         for p in self._resolve(every=True):
-            decoupled = p.weights.has_ip and not p.weights.concat  # the simple adapter has no K'/V' of its own
+            decoupled = p.has_ip and not p.concat  # the simple adapter has no K'/V' of its own
             image = p.prompt.scale if p.uncond_layer and decoupled else p.layer_weight
             terms = self._build(p, batch, self.heads, dtype, device, sizes, lazy=False) if decoupled else ()
             terms = tuple(self._hold_term((p.name, i), term) for i, term in enumerate(terms))
@@ -362,13 +408,13 @@ class IPAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any,
     ) -> torch.Tensor:
         """The call with float weights; nothing of ours acting hands it to the original processor (bitwise)."""
-        plan, r = self.plan(), self.resolved
+        plan, r = self.plan(), self.state.resolved
         factors, cfg = self.runtime.step_factors(), self.runtime.cfg
         if r.factors is not factors or r.cfg != cfg:  # a new generation, step factor or batch layout
             acts = []
             for p in plan:
                 f = factors[p.name]
-                if p.uncond_layer and not p.weights.concat:
+                if p.uncond_layer and not p.concat:
                     image = p.prompt.scale * f if cfg else 0.0
                 else:
                     image = p.layer_weight * f if p.layer_weight else 0.0
@@ -407,9 +453,10 @@ class IPAttnProcessor(nn.Module):
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)  # (B, L, h*d)
         loras = acts.lora
         for a in loras:
-            query = query + a.lora * a.plan.weights.to_q_lora(hidden_states).to(query.dtype)
-            key = key + a.lora * a.plan.weights.to_k_lora(context).to(key.dtype)
-            value = value + a.lora * a.plan.weights.to_v_lora(context).to(value.dtype)
+            weights = self._weights[a.plan.name]
+            query = query + a.lora * weights.to_q_lora(hidden_states).to(query.dtype)
+            key = key + a.lora * weights.to_k_lora(context).to(key.dtype)
+            value = value + a.lora * weights.to_v_lora(context).to(value.dtype)
 
         cross = self.layer.cross and encoder_hidden_states is not None
         if acts.concat and cross:
@@ -435,7 +482,7 @@ class IPAttnProcessor(nn.Module):
         project_out, drop_out = attn.to_out  # unpacked: indexing a ModuleList costs more than the kernels here
         hidden = project_out(out)
         for a in loras:
-            hidden = hidden + a.lora * a.plan.weights.to_out_lora(out).to(hidden.dtype)
+            hidden = hidden + a.lora * self._weights[a.plan.name].to_out_lora(out).to(hidden.dtype)
         if drop_out.training or not isinstance(drop_out, nn.Dropout):  # an evaluating Dropout returns its input
             hidden = drop_out(hidden)
         if input_ndim == 4:
@@ -485,32 +532,16 @@ class IPAttnProcessor(nn.Module):
         batch, heads = query.shape[0], query.shape[1]
         keep = not torch.is_grad_enabled() and self.runtime.weights.get(p.name) is not None
         key = (p.name, batch, self.runtime.cfg, seq_len, self.runtime.latent_hw, query.dtype, query.device)
-        terms = self.resolved.terms.get(key) if keep else None
+        lazy = not self.runtime.cache_kv  # no K'/V' in them: the same at every layer that shares the plan
+        found = self.state.resolved.terms if lazy else self.state.kv_terms
+        terms = found.get(key) if keep else None
         if terms is None:
-            if keep and not self.runtime.cache_kv:  # no K'/V' in them: the same at every layer with these references
-                self.kv.clear()  # K'/V' are projected at each call now: nothing an earlier generation made is kept
-                terms = self.runtime.shared(
-                    self._layerless_key(p, key),
-                    lambda: self._build(p, batch, heads, query.dtype, query.device, (seq_len,), lazy=True))
-                self.resolved.terms[key] = terms
-                return terms
-            terms = self._build(p, batch, heads, query.dtype, query.device, (seq_len,), lazy=False)
+            terms = self._build(p, batch, heads, query.dtype, query.device, (seq_len,), lazy=keep and lazy)
             if keep:
-                found = self.resolved.terms
                 found[key] = terms
-                if {q.name for q in self.resolved.plan if q.weights.has_ip} <= {k[0] for k in found}:
+                if not lazy and {q.name for q in self.resolved.plan if q.has_ip} <= {k[0] for k in found}:
                     self.kv.settle()
         return terms
-
-    def _layerless_key(self, p: AdapterPlan, key: tuple) -> tuple:
-        """What terms without K'/V' depend on besides the adapter and layout in `key`: the reference groups (masks by
-        identity), each reference's factor at this layer, whether it is an uncond layer, the projection's dtype. Layers
-        that agree on these share one set, made once per generation instead of once per layer (SDXL: 70 layers)."""
-        refs, layer = p.prompt.references, self.layer.name
-        factors = tuple(refs[i].weight if p.uncond_layer else refs[i].weight_at(layer)
-                        for g in p.groups for i in g.refs)
-        groups = tuple((g.id, g.refs, id(g.mask)) for g in p.groups)
-        return "terms", key, groups, factors, p.uncond_layer, p.weights.to_k_ip.weight.dtype
 
     def _build(
         self, p: AdapterPlan, batch: int, heads: int, dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...],
@@ -546,7 +577,7 @@ class IPAttnProcessor(nn.Module):
         # An uncond layer takes each reference at its plain weight (presets weight it there by the layer list).
         chosen = [p.prompt.references[i] for i in refs]
         factors = tuple(ref.weight if p.uncond_layer else ref.weight_at(self.layer.name) for ref in chosen)
-        dtype = p.weights.to_k_ip.weight.dtype
+        dtype = self._weights[p.name].to_k_ip.weight.dtype
         halves = tuple(tuple(t.to(dtype) for t in self.runtime.batch_halves(
             ref.cond, ref.cond if p.uncond_layer else ref.uncond, batch)) for ref in chosen)
         return Laid(halves, tuple(ref.cond.shape[1] for ref in chosen), factors, any(f != 1.0 for f in factors))
@@ -564,15 +595,15 @@ class IPAttnProcessor(nn.Module):
             found = self.kv.get(key)
             if found is not None:
                 return found
-        k, v = self._project(p, laid, heads, dtype)
+        k, v = self._project(self._weights[p.name], laid, heads, dtype)
         if key is not None:
             self.kv.put(key, (k, v))
         return k, v
 
     @staticmethod
-    def _project(p: AdapterPlan, laid: Laid, heads: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project(weights: AdapterLayer, laid: Laid, heads: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K'/V' (B, h, R·T, d) of laid-out tokens, each reference's V' times its factor."""
-        weights, x = p.weights, laid.tokens()
+        x = laid.tokens()
         k, v = weights.to_k_ip(x), weights.to_v_ip(x)
         if laid.scaled:
             parts = v.split(laid.sizes, dim=1)
@@ -592,7 +623,10 @@ class IPAttnProcessor(nn.Module):
             for n, weights in term.maps:  # a loop, not next(generator): this runs at every call of every layer
                 if n == seq_len:
                     break
-            k, v = (term.k, term.v) if term.laid is None else self._project(p, term.laid, query.shape[1], query.dtype)
+            if term.laid is None:
+                k, v = term.k, term.v
+            else:
+                k, v = self._project(self._weights[p.name], term.laid, query.shape[1], query.dtype)
             if k.dtype != query.dtype:  # compiled under autocast: prepared at the UNet's dtype
                 k, v = k.to(query.dtype), v.to(query.dtype)
             if term.together:

@@ -75,6 +75,12 @@ class AdapterPrompt:
         base = 1.0 if self.layer_weights is None else self.layer_weights.get(layer, 0.0)
         return self.scale * base
 
+    def per_layer(self) -> bool:
+        """Whether anything of this prompt differs between layers: its layer weights, its unconditional layers or a
+        reference's own layer weights (without any, every layer resolves the same plan)."""
+        return (self.layer_weights is not None or bool(self.uncond_layers)
+                or any(r.layer_weights is not None for r in self.references))
+
     def step_factor(self, progress: float | None) -> float:
         """0 outside [start, end), else the schedule's value (1 without one). No progress known → always on."""
         if progress is None:
@@ -95,6 +101,7 @@ class Runtime:
     cache_kv: bool = False
     generation: int = 0
     weights: dict[str, Hashable] = field(default_factory=dict)
+    per_layer: frozenset[str] = frozenset()  # the prompts with anything per layer (`AdapterPrompt.per_layer`)
     step_tensor: torch.Tensor | None = field(default=None, repr=False)
     _factors: tuple[tuple, dict[str, float]] = field(default=((), {}), init=False, repr=False)
     _shared: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
@@ -104,6 +111,7 @@ class Runtime:
         across generations only under an equal token, so without one they are computed every time)."""
         self.prompts, self.cfg = dict(prompts), cfg
         self.weights = dict(weights or {})
+        self.per_layer = frozenset(name for name, prompt in self.prompts.items() if prompt.per_layer())
         self.progress = None
         self.generation += 1
         self._shared = {}
