@@ -57,13 +57,15 @@ def _parse(name: str) -> dict[str, int | str] | None:
 
 def attention_layers(unet: nn.Module) -> list[AttentionLayer]:
     """All attention layers in checkpoint order, each with its execution-order positions filled in."""
-    names = [k[: -len(".processor")] for k in unet.attn_processors]
     raw = []
-    for index, name in enumerate(names):
+    # `unet.attn_processors`' order (a pre-order walk of the children, duplicates kept) without its `hasattr` on every
+    # module instance, which costs an AttributeError on each that is not an attention: several times the walk itself.
+    attentions = [(name, m) for name, m in unet.named_modules(remove_duplicate=False)
+                  if name and hasattr(type(m), "get_processor")]
+    for index, (name, module) in enumerate(attentions):
         parsed = _parse(name)
         if parsed is None:
             continue
-        module = unet.get_submodule(name)
         cross_dim = module.to_k.in_features
         raw.append(AttentionLayer(name=name, index=index, width=module.to_k.out_features, cross_dim=cross_dim,
                                   **parsed))
