@@ -61,8 +61,9 @@ class FluxIPProcessor(BlockProcessor):
         negative = self.step.negative
         key = ("kv", p.name, group.id, negative, query.shape[0], query.dtype, query.device)
         keep = self.runtime.cache_kv and not torch.is_grad_enabled()
-        if keep and key in self._cache:
-            return self._cache[key]
+        cache = self.state.cache
+        if keep and key in cache:
+            return cache[key]
         weights = p.weights
         ks, vs = [], []
         for i, factor in zip(group.refs, self.factors(p, group)):
@@ -75,5 +76,5 @@ class FluxIPProcessor(BlockProcessor):
         heads = query.shape[1]
         kv = tuple(heads_layout(torch.cat(t, dim=1).to(query.dtype), heads) for t in (ks, vs))
         if keep:
-            self._cache[key] = kv
+            cache[key] = kv
         return kv
