@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -36,6 +35,8 @@ from ipadapter.atomic import write_text
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks import inference  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,7 +130,7 @@ def benchmark(args: argparse.Namespace) -> tuple[list[dict], dict]:
                          "cpu_ratio": one[1] / cpu, "diff": diff})
         setting = {"model": cli.base or "bundled miniature", "device": args.device, "jobs": len(manifest.jobs),
                    "steps": cli.steps or loaded.default_steps, "repeats": args.repeats,
-                   "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+                   "machine": inference.machine(args.device)}
         return rows, setting
     finally:
         shutil.rmtree(work, ignore_errors=True)
