@@ -563,13 +563,20 @@ def diffusers_case(case: str) -> str:
 PROJECTIONS = ("projections", "second")  # the key of `Bench.projection_run` among row (b)'s runs
 
 
+def interval_words(interval: tuple[float, float], *, overhead: bool) -> str:
+    """A median's 95% interval in the words every verdict of this report uses: as overheads in points or as ratios."""
+    low, high = interval
+    if overhead:
+        return f"95% interval of the median [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]%"
+    return f"95% interval of the median [{low:.3f}, {high:.3f}]"
+
+
 def interval_text(ratios: list[float]) -> str:
     """The median overhead and its 95% interval, or the range where the passes are too few for one."""
     interval = median_ci(ratios)
     if interval is None:
         return pct(ratios)
-    low, high = (100 * (x - 1) for x in interval)
-    return f"{100 * (med(ratios) - 1):+.1f}% [{low:+.1f}, {high:+.1f}] (95% interval)"
+    return f"{100 * (med(ratios) - 1):+.1f}% ({interval_words(interval, overhead=True)})"
 
 
 def projection_note(arch: str, steps: int, t: dict[Any, list[float]]) -> str:
@@ -764,7 +771,7 @@ def against_diffusers(rows: list[Row]) -> list[str]:
     def shown(r: Row) -> str:
         ratios = r.ratios("ours", "diffusers")
         interval = median_ci(ratios)
-        ci = "" if interval is None else f", 95% interval of the median [{interval[0]:.3f}, {interval[1]:.3f}]"
+        ci = "" if interval is None else f", {interval_words(interval, overhead=False)}"
         return f"{r.label} ({times_x(ratios)}{ci})"
 
     intervals = {r.label: median_ci(r.ratios("ours", "diffusers")) for r in rows}
@@ -796,8 +803,7 @@ def decide(ratios: list[float], limit: float) -> str:
     pass: met in all, in the median only, or not."""
     interval = median_ci(ratios)
     if interval is not None:
-        low, high = (100 * (x - 1) for x in interval)
-        return f"{verdict(interval, limit)} (95% interval of the median: [{low:+.1f}, {high:+.1f}]%)"
+        return f"{verdict(interval, limit)} ({interval_words(interval, overhead=True)})"
     if max(ratios) <= limit:
         return "met in every pass"
     if med(ratios) <= limit:

@@ -255,6 +255,18 @@ def test_a_row_is_slower_than_diffusers_beyond_the_noise_when_its_interval_lies_
     assert slower.startswith("- Rows slower than diffusers in every pass: Y (d)") and "Y (e)" in unsure
 
 
+def test_every_verdict_states_a_median_interval_in_the_same_words() -> None:
+    """The verdict on a target, the note's overheads and the rows slower than diffusers all give the 95% interval of
+    the median as one phrase: with 9 passes, the 2nd and 8th smallest ratios (as above), as points or as ratios."""
+    ratios = [0.9, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.3]
+    words = "95% interval of the median"
+    assert f"({words} [+1.0, +7.0]%)" in inference.decide(ratios, 1.05)
+    assert inference.interval_text(ratios) == f"+4.0% ({words} [+1.0, +7.0]%)"
+    plain = [1.0] * 9
+    slower, _ = inference.against_diffusers([inference.Row("X (d)", plain, ratios, plain)])
+    assert f"{words} [1.010, 1.070]" in slower
+
+
 def test_quick_runs_time_on_one_thread_unless_told() -> None:
     assert inference.parse_args(["--quick", "--device", "cpu"]).threads == 1
     assert inference.parse_args(["--quick", "--device", "cpu", "--threads", "2"]).threads == 2
