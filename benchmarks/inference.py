@@ -395,7 +395,8 @@ class Bench:
             if name is not None:  # the previous generation with another reference: nothing of it is reused
                 self.prompter.attachment.set_prompts({name: AdapterPrompt([Reference(cond=tokens[:1])])}, rows=1)
             self.pipe.scheduler.set_timesteps(s.steps, device=s.device)
-            unet(sample, self.pipe.scheduler.timesteps[0], encoder_hidden_states=text, added_cond_kwargs={**added, **extra})
+            unet(sample, self.pipe.scheduler.timesteps[0], encoder_hidden_states=text,
+                 added_cond_kwargs={**added, **extra})
             if name is not None:
                 self.prompter.attachment.set_prompts(
                     {name: AdapterPrompt([Reference(cond=tokens[1:], uncond=tokens[:1])])}, rows=1)

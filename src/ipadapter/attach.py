@@ -233,7 +233,8 @@ class Attachment(ProcessorSwap):
         for layer_name, weights in per_layer.items():
             attn = self.unet.get_submodule(layer_name)
             self._originals[layer_name] = attn.processor
-            processor = IPAttnProcessor(self._layers[layer_name], attn.processor, self.runtime, weights, heads=attn.heads)
+            processor = IPAttnProcessor(self._layers[layer_name], attn.processor, self.runtime, weights,
+                                        heads=attn.heads)
             self._processors.append(processor)
             attn.set_processor(processor)
         self._hook = self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)

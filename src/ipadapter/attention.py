@@ -254,8 +254,8 @@ class IPAttnProcessor(nn.Module):
 
     Per generation (each `Runtime.set`) a plan is resolved once for all the layers that agree on it: which adapters
     act, with which layer weight, LoRA scale and reference groups; per batch layout the terms are made once (K'/V'
-    from a `KVCache`, masks on the layer's token grid); per call only the step window's factor is applied. Image attention is added to the
-    text attention in the heads layout, before `to_out`, in place when autograd is off.
+    from a `KVCache`, masks on the layer's token grid); per call only the step window's factor is applied. Image
+    attention is added to the text attention in the heads layout, before `to_out`, in place when autograd is off.
 
     Under `torch.compile` the call is traced whole (no graph break): the attachment calls `prepare` before each
     UNet call, outside the graph, and the traced call reads only tensors (weights, step factors, K'/V', masks) and
