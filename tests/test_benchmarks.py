@@ -6,6 +6,7 @@ No timing assertions: the numbers of a smoke run on toy models mean nothing.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks import inference
 from tests import factories
@@ -38,6 +39,35 @@ def test_steps_only_times_the_unet_rows_after_a_warm_up_left_out(tmp_path) -> No
     assert reported[0][2] == [n for n in notes if n.startswith("- SD1.5 timing:")]
     assert all(len(r.plain) == len(r.ours) == len(r.diffusers) == 2 for r in rows)
     assert any("adapter overhead per denoising step" in line for line in notes)
+
+
+def test_each_step_loop_starts_after_one_untimed_call_of_a_previous_generation(monkeypatch) -> None:
+    """Rows (d) and (e): every implementation's setup ends with one UNet call, so the timed first step is not also
+    the first call after switching implementations; ipadapter's was a generation of its own, with another
+    reference, so the timed loop's first step still makes the generation's plan."""
+    import importlib
+
+    attach = importlib.import_module("ipadapter.attach")
+    prompts: list[dict] = []
+    real = attach.Attachment.set_prompts
+    monkeypatch.setattr(attach.Attachment, "set_prompts",
+                        lambda self, given, **kw: prompts.append(given) or real(self, given, **kw))
+    setting = inference.settings_of(inference.parse_args(["--quick", "--archs", "sd15"]))[0]
+    bench = inference.Bench(setting, inference.IMPLS)
+    calls: list[int] = []
+    bench.pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for impl, (setup, _) in bench.step_runs().items():
+            calls.clear()
+            setup()
+            assert len(calls) == 1, impl
+            if impl == "ipadapter":
+                attachment = bench.prompter.attachment
+                assert {p.state.generation for p in attachment._processors} == {attachment.runtime.generation - 1}
+    finally:
+        bench.close()
+    (before,), (timed,) = (list(p.values()) for p in prompts)
+    assert not torch.equal(before.references[0].cond, timed.references[0].cond)
 
 
 def test_rows_b_times_only_the_generations_row_b_compares(tmp_path, monkeypatch) -> None:
