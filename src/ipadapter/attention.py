@@ -81,7 +81,8 @@ class AdapterPlan(NamedTuple):
 
     has_ip/concat/has_lora: what the layer's `AdapterLayer` has; layer_weight: scale × the prompt's weight for this
     layer (0 without image K'/V' here); uncond_layer: the layer is one of the prompt's `uncond_layers` (the reference
-    moves to the unconditional rows); lora_scale: 0 without LoRA.
+    moves to the unconditional rows); lora_scale: 0 without LoRA; gridded: a group is masked or the layer is an uncond
+    layer, so its terms carry weights for each token grid (else one set of terms serves every grid).
     """
 
     name: str
@@ -93,6 +94,7 @@ class AdapterPlan(NamedTuple):
     uncond_layer: bool
     lora_scale: float
     groups: tuple[Group, ...]
+    gridded: bool
 
 
 class KVKey(NamedTuple):
@@ -165,7 +167,7 @@ class Term(NamedTuple):
 
     k/v: K'/V' (B, h, T, d) of its references (`together` > 0: that many masked references in one attention, their
     tokens concatenated), or None with `laid`: projected from those tokens at every call (`cache_kv` off); maps:
-    (query tokens, per-token weights or None) for each token count prepared.
+    (query tokens, per-token weights or None) for each token count prepared, none where the plan is not gridded.
     """
 
     k: torch.Tensor | None
@@ -333,8 +335,9 @@ class IPAttnProcessor(nn.Module):
             lora_scale = prompt.lora_scale if weights.has_lora else 0.0
             if every or layer_weight != 0.0 or lora_scale != 0.0 or uncond_layer:
                 groups = reference_groups(prompt, self.layer.name, every_reference=uncond_layer) if weights.has_ip else ()
+                gridded = uncond_layer or any(g.mask is not None for g in groups)
                 plans.append(AdapterPlan(name, prompt, weights.has_ip, weights.concat, weights.has_lora, layer_weight,
-                                         uncond_layer, lora_scale, groups))
+                                         uncond_layer, lora_scale, groups, gridded))
         return plans
 
     def prepare(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -531,12 +534,13 @@ class IPAttnProcessor(nn.Module):
         at every call while autograd records or without a weights token (training)."""
         batch, heads = query.shape[0], query.shape[1]
         keep = not torch.is_grad_enabled() and self.runtime.weights.get(p.name) is not None
-        key = (p.name, batch, self.runtime.cfg, seq_len, self.runtime.latent_hw, query.dtype, query.device)
+        grid = (seq_len,) if p.gridded else ()  # without weights per token, one set of terms serves every grid
+        key = (p.name, batch, self.runtime.cfg, grid, self.runtime.latent_hw, query.dtype, query.device)
         lazy = not self.runtime.cache_kv  # no K'/V' in them: the same at every layer that shares the plan
         found = self.state.resolved.terms if lazy else self.state.kv_terms
         terms = found.get(key) if keep else None
         if terms is None:
-            terms = self._build(p, batch, heads, query.dtype, query.device, (seq_len,), lazy=keep and lazy)
+            terms = self._build(p, batch, heads, query.dtype, query.device, grid, lazy=keep and lazy)
             if keep:
                 found[key] = terms
                 if not lazy and {q.name for q in self.resolved.plan if q.has_ip} <= {k[0] for k in found}:
@@ -620,8 +624,10 @@ class IPAttnProcessor(nn.Module):
         """out + Σ_terms w · mask ⊙ softmax(Q K'ᵀ/√d) V', all (B, h, L, d): the unmasked references in one SDPA
         call, several masked ones together in one more (`_add_together`)."""
         for term in terms:
-            for n, weights in term.maps:  # a loop, not next(generator): this runs at every call of every layer
+            weights = None  # none made: the term has no weights per token
+            for n, m in term.maps:  # a loop, not next(generator): this runs at every call of every layer
                 if n == seq_len:
+                    weights = m
                     break
             if term.laid is None:
                 k, v = term.k, term.v
