@@ -101,3 +101,19 @@ def test_step_tensor_follows_the_device_and_stays_float32_under_another_default_
         assert runtime.step_tensor.tolist() == pytest.approx(_expected(prompts, 0.3))
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_the_prompts_with_per_layer_weights_are_known_however_the_runtime_got_them() -> None:
+    """Layers share one plan unless a prompt varies per layer; `per_layer` says which do, whether the prompts came
+    through `set` or the constructor, and cannot be given apart from them."""
+    tokens = torch.zeros(1, 4, 8)
+    prompts = {"plain": AdapterPrompt([Reference(tokens)]),
+               "layered": AdapterPrompt([Reference(tokens)], layer_weights={"a": 1.0}),
+               "uncond": AdapterPrompt([Reference(tokens)], uncond_layers=frozenset({"a"})),
+               "own": AdapterPrompt([Reference(tokens, layer_weights={"a": 0.5})])}
+    assert Runtime(prompts=prompts).per_layer == {"layered", "uncond", "own"}
+    runtime = Runtime()
+    runtime.set(prompts, cfg=False)
+    assert runtime.per_layer == {"layered", "uncond", "own"}
+    with pytest.raises(TypeError):
+        Runtime(per_layer=frozenset())

@@ -101,17 +101,21 @@ class Runtime:
     cache_kv: bool = False
     generation: int = 0
     weights: dict[str, Hashable] = field(default_factory=dict)
-    per_layer: frozenset[str] = frozenset()  # the prompts with anything per layer (`AdapterPrompt.per_layer`)
+    # The prompts with anything per layer (`AdapterPrompt.per_layer`): derived from `prompts`, never given.
+    per_layer: frozenset[str] = field(default=frozenset(), init=False)
     step_tensor: torch.Tensor | None = field(default=None, repr=False)
     _factors: tuple[tuple, dict[str, float]] = field(default=((), {}), init=False, repr=False)
     _shared: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.per_layer = _per_layer(self.prompts)
 
     def set(self, prompts: dict[str, AdapterPrompt], *, cfg: bool, weights: dict[str, Hashable] | None = None) -> None:
         """A new generation's prompts; `weights`: each adapter's `IPAdapter.weights_token()` (K'/V' are reused
         across generations only under an equal token, so without one they are computed every time)."""
         self.prompts, self.cfg = dict(prompts), cfg
         self.weights = dict(weights or {})
-        self.per_layer = frozenset(name for name, prompt in self.prompts.items() if prompt.per_layer())
+        self.per_layer = _per_layer(self.prompts)
         self.progress = None
         self.generation += 1
         self._shared = {}
@@ -168,3 +172,7 @@ class Runtime:
             repeats = per_half // t.shape[0]
             laid.append(t.repeat_interleave(repeats, dim=0) if repeats > 1 else t)
         return laid
+
+
+def _per_layer(prompts: dict[str, AdapterPrompt]) -> frozenset[str]:
+    return frozenset(name for name, prompt in prompts.items() if prompt.per_layer())
