@@ -769,25 +769,25 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
 def against_diffusers(rows: list[Row]) -> list[str]:
     """Which rows are slower than diffusers beyond the noise: with 6 passes or more, those whose 95% interval of the
     median ratio lies above 1 (the noise is the passes' own spread); with fewer, those slower in every pass."""
-    def shown(r: Row) -> str:
-        ratios = r.ratios("ours", "diffusers")
-        interval = median_ci(ratios)
-        ci = "" if interval is None else f", {interval_words(interval, overhead=False)}"
-        return f"{r.label} ({times_x(ratios)}{ci})"
+    ratios = {r.label: r.ratios("ours", "diffusers") for r in rows}
+    intervals = {label: median_ci(found) for label, found in ratios.items()}
 
-    intervals = {r.label: median_ci(r.ratios("ours", "diffusers")) for r in rows}
+    def shown(labels: list[str]) -> str:
+        return "; ".join(
+            f"{label} ({times_x(ratios[label])}"
+            + ("" if intervals[label] is None else f", {interval_words(intervals[label], overhead=False)}") + ")"
+            for label in labels) or "none"
+
     if all(i is not None for i in intervals.values()):
-        slower = [shown(r) for r in rows if intervals[r.label][0] > 1]
-        unsure = [shown(r) for r in rows if intervals[r.label][0] <= 1 < med(r.ratios("ours", "diffusers"))]
+        slower = [label for label, i in intervals.items() if i[0] > 1]
+        unsure = [label for label, i in intervals.items() if i[0] <= 1 < med(ratios[label])]
         return ["- Rows slower than diffusers beyond the noise (the 95% interval of the median ratio above 1): "
-                + ("; ".join(slower) if slower else "none"),
-                "- Rows slower in the median, within the noise (the interval contains 1): "
-                + ("; ".join(unsure) if unsure else "none")]
-    slower = [shown(r) for r in rows if min(r.ratios("ours", "diffusers")) > 1]
-    unsure = [shown(r) for r in rows if med(r.ratios("ours", "diffusers")) > 1 >= min(r.ratios("ours", "diffusers"))]
-    return ["- Rows slower than diffusers in every pass: " + ("; ".join(slower) if slower else "none"),
-            "- Rows slower in the median but not in every pass (within the noise): "
-            + ("; ".join(unsure) if unsure else "none")]
+                + shown(slower),
+                "- Rows slower in the median, within the noise (the interval contains 1): " + shown(unsure)]
+    slower = [label for label, found in ratios.items() if min(found) > 1]
+    unsure = [label for label, found in ratios.items() if med(found) > 1 >= min(found)]
+    return ["- Rows slower than diffusers in every pass: " + shown(slower),
+            "- Rows slower in the median but not in every pass (within the noise): " + shown(unsure)]
 
 
 def verdict(interval: tuple[float, float] | None, limit: float) -> str:
