@@ -431,8 +431,8 @@ def test_masked_references_attended_together_keep_only_their_stacked_weights(tmp
     held: dict[int, int] = {}
     tensors = [v for v in att.runtime._shared.values() if isinstance(v, torch.Tensor)]
     for processor in att._processors:
-        tensors += [m for m in processor.resolved.maps.values() if m is not None]
-        tensors += [m for terms in processor.resolved.terms.values() for term in terms for _, m in term.maps
+        tensors += [m for m in processor.state.resolved.maps.values() if m is not None]
+        tensors += [m for terms in processor.state.resolved.terms.values() for term in terms for _, m in term.maps
                     if m is not None]
     for t in tensors:
         held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()

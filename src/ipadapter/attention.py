@@ -285,8 +285,8 @@ class IPAttnProcessor(nn.Module):
 
     def clear_cache(self) -> None:
         self.kv.clear()
-        self.resolved.maps.clear()
-        self.resolved.terms.clear()
+        self.state.resolved.maps.clear()
+        self.state.resolved.terms.clear()
         self.state.kv_terms = {}
         self._held = {}
         self._prepared = None
@@ -301,10 +301,6 @@ class IPAttnProcessor(nn.Module):
             if not self.runtime.cache_kv:  # switched off: nothing an earlier generation made is kept
                 self.kv.clear()
         return state.resolved.plan
-
-    @property
-    def resolved(self) -> Resolved:
-        return self.state.resolved
 
     def _signature(self) -> tuple:
         """What this layer's plan depends on: its adapters' kinds and, for a prompt with per-layer weights, this
@@ -543,7 +539,7 @@ class IPAttnProcessor(nn.Module):
             terms = self._build(p, batch, heads, query.dtype, query.device, grid, lazy=keep and lazy)
             if keep:
                 found[key] = terms
-                if not lazy and {q.name for q in self.resolved.plan if q.has_ip} <= {k[0] for k in found}:
+                if not lazy and {q.name for q in self.state.resolved.plan if q.has_ip} <= {k[0] for k in found}:
                     self.kv.settle()
         return terms
 
@@ -672,7 +668,7 @@ class IPAttnProcessor(nn.Module):
         if group.mask is None and not p.uncond_layer:
             return None
         key = (p.name, group.id, seq_len, self.runtime.latent_hw, batch, device, dtype)
-        maps = self.resolved.maps
+        maps = self.state.resolved.maps
         if key not in maps:
             m = None
             if group.mask is not None:
