@@ -99,6 +99,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ipadapter.atomic import write_text
 
@@ -452,16 +453,17 @@ def machine(device: str, threads: int | None = None) -> str:
 
 
 def interleave(
-    runs: dict[Any, Run], repeats: int, device: str, warmup: bool = True
+    runs: dict[Any, Run], repeats: int, device: str, warmup: bool = True, label: str = "passes"
 ) -> tuple[dict[Any, list[float]], dict[Any, torch.Tensor]]:
     """Seconds of each run in each pass (setups untimed) and its last output: a warm-up pass, then `repeats` passes,
     the runs interleaved within each pass, so that pass i of two runs saw the same machine load. Each pass starts one
     run later than the one before: no run always comes first after a pass's pause, or always after the heaviest run
-    (on the H200, plain, always first, read slower than ipadapter's generation doing more work)."""
+    (on the H200, plain, always first, read slower than ipadapter's generation doing more work). A progress bar
+    counts the passes on stderr: a full-size run takes tens of minutes."""
     times: dict[Any, list[float]] = {k: [] for k in runs}
     outputs: dict[Any, torch.Tensor] = {}
     keys = list(runs)
-    for i in range(int(not warmup), repeats + 1):
+    for i in tqdm(range(int(not warmup), repeats + 1), desc=label, unit="pass", leave=False, mininterval=10):
         shift = i % len(keys)
         for key in keys[shift:] + keys[:shift]:
             setup, run = runs[key]
@@ -610,7 +612,7 @@ def time_arch(s: Setting, repeats: int, rows_wanted: str = "abcd") -> tuple[list
         runs = {k: bench.generation_run(*k) for k in generations}
         if "second" in cases:
             runs[PROJECTIONS] = bench.projection_run()
-        t, out = interleave(runs, repeats, s.device)
+        t, out = interleave(runs, repeats, s.device, label=f"{arch} generations")
         for case in cases:
             theirs = diffusers_case(case)
             rows.append(Row(f"{arch} {CASES[case]}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
@@ -619,7 +621,7 @@ def time_arch(s: Setting, repeats: int, rows_wanted: str = "abcd") -> tuple[list
             notes.append(projection_note(arch, s.steps, t))
     if "d" in rows_wanted:
         # The generations warmed the UNet up; without them the steps get a warm-up pass of their own, left out here.
-        _, so = interleave(bench.step_runs(), repeats, s.device, warmup=not generations)
+        _, so = interleave(bench.step_runs(), repeats, s.device, warmup=not generations, label=f"{arch} steps")
         passes = {i: bench.step_times[i][int(not generations):] for i in IMPLS}
         first = [[run[0] for run in passes[i]] for i in IMPLS]
         later = [[med(run[1:]) for run in passes[i]] for i in IMPLS]  # per pass: its median later step

@@ -215,16 +215,19 @@ def test_live_peak_counts_each_storage_once_until_its_last_tensor_is_freed() -> 
     assert (peak.peak, peak.live) == (28000, 0)
 
 
-def test_each_pass_starts_one_run_later() -> None:
-    """Every run once per pass, and the first place moves from pass to pass, so no run is always timed first."""
+def test_each_pass_starts_one_run_later(capsys) -> None:
+    """Every run once per pass, and the first place moves from pass to pass, so no run is always timed first; a
+    progress bar on stderr counts the passes, warm-up included."""
     import torch
 
     order = []
     runs = {k: ((lambda: None), (lambda k=k: order.append(k) or torch.zeros(1))) for k in "abc"}
-    times, _ = inference.interleave(runs, repeats=3, device="cpu")
+    times, _ = inference.interleave(runs, repeats=3, device="cpu", label="SDXL steps")
     passes = [order[i:i + 3] for i in range(0, len(order), 3)]
     assert passes == [list("abc"), list("bca"), list("cab"), list("abc")]  # the warm-up pass, then three
     assert all(len(t) == 3 for t in times.values())
+    err = capsys.readouterr().err
+    assert "SDXL steps:   0%" in err and "0/4 [" in err
 
 
 def test_load_benchmark_times_both_libraries_on_tiny_models(tmp_path) -> None:
