@@ -704,18 +704,18 @@ def memory_arch(s: Setting, context: Any, repeats: int = 1) -> list[Row]:
     """Memory rows of one architecture, each implementation measured in its own fresh process (CPU), or in turn in
     this one (`context` None, CUDA: the allocator's counters see tensors alone, whatever the process holds);
     `repeats` times, each repeat starting one implementation later (the RSS of the same run varies by a tenth of a
-    MiB from one process to the next)."""
+    MiB from one process to the next). A progress bar counts the measurements on stderr."""
     impls = [*IMPLS, CACHED]
     found: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
-    for r in range(repeats):
-        for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
-            if context is None:
-                found[impl].append(measure_memory(s, impl))
-                gc.collect()
-                continue
-            with ProcessPoolExecutor(1, mp_context=context) as pool:
-                found[impl].append(pool.submit(measure_memory, s, impl).result())
     arch = ARCH_NAMES[s.arch]
+    order = [impl for r in range(repeats) for impl in impls[r % len(impls):] + impls[: r % len(impls)]]
+    for impl in tqdm(order, desc=f"{arch} memory", unit="run", leave=False, mininterval=10):
+        if context is None:
+            found[impl].append(measure_memory(s, impl))
+            gc.collect()
+            continue
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            found[impl].append(pool.submit(measure_memory, s, impl).result())
     labels = {"loaded": "models loaded (MiB)", **{k: f"{v}: peak above the models (MiB)" for k, v in CASES.items()}}
     ours = found["ipadapter"][0]
     kv = {"full": ours["kv1"], "masked": ours["kv2"]}

@@ -134,10 +134,10 @@ def test_memory_of_one_configuration(impl: str) -> None:
     assert found["kv1"] * 2**20 == pytest.approx(2 * 16 * widths * 4) and found["kv2"] == 2 * found["kv1"]
 
 
-def test_memory_rows_measured_in_one_process_as_on_cuda(monkeypatch) -> None:
+def test_memory_rows_measured_in_one_process_as_on_cuda(monkeypatch, capsys) -> None:
     """CUDA's path (no child processes): every implementation built, measured and freed in turn, one row per case with
     one value per implementation and repeat, and the K'/V' column from ipadapter's adapter (twice as much for two
-    references)."""
+    references); a progress bar counts the 4 implementations times 2 repeats."""
 
     def no_children(*args, **kwargs):
         raise AssertionError("a child process was started")
@@ -150,6 +150,8 @@ def test_memory_rows_measured_in_one_process_as_on_cuda(monkeypatch) -> None:
     assert all(len(r.plain) == len(r.ours) == len(r.diffusers) == len(r.cached) == 2 for r in rows), "one per repeat"
     kv = {r.label.split()[1]: r.kv for r in rows}
     assert kv["(a)"] > 0 and kv["(c)"] == 2 * kv["(a)"] and kv["models"] is None and kv["(b)"] is None
+    err = capsys.readouterr().err
+    assert "SD1.5 memory:   0%" in err and "0/8 [" in err
 
 
 def test_memory_verdicts_tell_every_repeat_from_the_median_alone() -> None:
