@@ -212,12 +212,12 @@ class Attachment(ProcessorSwap):
     replaced_by = "set_attn_processor or enable_xformers_memory_efficient_attention"
 
     def __init__(
-        self, unet: nn.Module, adapters: Mapping[str, IPAdapter], scheduler: Any = None,
-        layers: list[AttentionLayer] | None = None,
+        self, unet: nn.Module, adapters: Mapping[str, IPAdapter], scheduler: Any, layers: list[AttentionLayer],
     ) -> None:
+        """`layers`: the UNet's `attention_layers`, which `attach` has already found for its checks."""
         super().__init__(unet, adapters, scheduler)
         self.unet = unet
-        self._layers = {l.name: l for l in (attention_layers(unet) if layers is None else layers)}
+        self._layers = {l.name: l for l in layers}
         self._cross_names = frozenset(name for name, l in self._layers.items() if l.cross)
         self._prepared: tuple | None = None  # the layout the processors were last prepared for
 
