@@ -13,9 +13,11 @@ the text encoders' vocabulary, to the tiny test tokenizer's: an embedding table,
           once by ipadapter and once by diffusers. A shallower encoder only understates what ipadapter saves.
 
 Cases per architecture: (a) a full generation, encoding included (cold caches: the reference and the unconditional
-image both go through the encoder); (b) a second generation with the same reference: ipadapter's
-prompter has just run an untimed generation with it, as a UI re-running does (diffusers caches nothing, so its (b) is
-its (a) run); (c) two masked references, encoding included; (d) the UNet alone over a generation's steps at
+image both go through the encoder), after an untimed one-step generation with another reference on the same
+attachment, as in a session, ipadapter's caches then emptied; (b) a second generation with the same reference:
+ipadapter's prompter has just run an untimed generation with it, as a UI re-running does (diffusers caches nothing,
+so its (b) is its (a) run); (c) two masked references, encoding included, after a generation with two others as in
+(a); (d) the UNet alone over a generation's steps at
 `--step-latents` (default 32x32, the issue's per-step setting), the adapter's tokens given, the timesteps the
 pipeline's scheduler sets on the device (each step's `t` one of them, as in the pipelines), reported per step: the
 adapter's overhead per denoising step, each step timed: (d) the median of steps 2 to n, (e) the median first step,
@@ -24,7 +26,7 @@ with `cache_kv=True`, the K'/V' of the image tokens for the whole generation (di
 Before (d) and (e) each implementation runs one untimed UNet call, a previous generation (for ipadapter with
 another reference): the first step is a generation's first, not also the first call after switching implementations
 (ipadapter's switch attaches anew, whose walk over the UNet's modules slowed the next call's kernels by about 1% on
-the CPU; attaching is once per session, and row (a) still includes it).
+the CPU; attaching is once per session). Rows (a) to (c) follow a generation for the same reason.
 
 Time: one process. The three implementations share one pipeline (one UNet: the SDXL one is 10 GB at fp32) and are
 switched between runs, outside the timed region, by swapping the attention processors (and diffusers'
@@ -271,7 +273,7 @@ class Bench:
         if "ipadapter" in impls:
             self.adapter = load_adapter(folder / weight_name, unet).to(s.device, s.torch_dtype)
             self.encoder = ImageEncoder(self.encoder_model, self.processor)
-        self.images = [factories.reference_image(i, 256) for i in range(2)]
+        self.images = [factories.reference_image(i, 256) for i in range(4)]  # 2 timed, 2 for untimed generations
         # Left and right halves, 8 px per latent as in SD's images: bicubic downsampling by 8 or more has no
         # overshoot at the edge, which ipadapter clamps and diffusers does not (the outputs would differ there).
         side = 8 * (s.resolution // self.pipe.vae_scale_factor)
@@ -280,9 +282,8 @@ class Bench:
         self.masks[1][:, side // 2 :] = 1
         self.use("plain")
 
-    def use(self, impl: str, *, cold: bool = False) -> None:
-        """Put `impl` on the shared UNet; `cold`: ipadapter with empty encoder caches, as in a fresh process."""
-        from ipadapter.encoders import ImageEncoder
+    def use(self, impl: str) -> None:
+        """Put `impl` on the shared UNet."""
         from ipadapter.prompter import ImagePrompter
 
         if self.prompter is not None:
@@ -293,21 +294,23 @@ class Bench:
         unet.encoder_hid_proj = self.diffusers_proj if impl == "diffusers" else None
         unet.set_attn_processor(dict(self.diffusers_procs if impl == "diffusers" else self.plain_procs))
         if impl == "ipadapter":
-            if cold:
-                self.encoder = ImageEncoder(self.encoder_model, self.processor)
             self.prompter = ImagePrompter(self.pipe, self.adapter, self.encoder, cache_kv=self.cache_kv)
 
-    def generate(self, impl: str, case: str) -> torch.Tensor:
-        """One generation (latents out) of `case`; only ipadapter's runs differ between (a) and (b)."""
+    def generate(self, impl: str, case: str, *, other: bool = False) -> torch.Tensor:
+        """One generation (latents out) of `case`; only ipadapter's runs differ between (a) and (b). `other`: one
+        step with other reference images, a previous generation that leaves nothing the timed one can reuse (each
+        step calls the same kernels: one is enough to have called them all)."""
         from ipadapter import AdapterPrompt
 
         s = self.setting
         masked = case == "masked"
-        images = self.images if masked else self.images[:1]
+        chosen = self.images[2:] if other else self.images[:2]
+        images = chosen if masked else chosen[:1]
+        steps = 1 if other else s.steps
         gen = dict(height=s.resolution, width=s.resolution, output_type="latent")
         if impl == "ipadapter":
             refs = self.prompter.references(images, masks=self.masks if masked else None)
-            out = self.prompter.generate(AdapterPrompt(refs), prompt=PROMPT, steps=s.steps,
+            out = self.prompter.generate(AdapterPrompt(refs), prompt=PROMPT, steps=steps,
                                          guidance=s.guidance, seed=0, **gen)
             return torch.stack(out)
         extra: dict[str, Any] = {}
@@ -315,17 +318,21 @@ class Bench:
             extra["ip_adapter_image"] = [images] if masked else images[0]
             if masked:  # (1, images, H, W): diffusers' layout for one adapter's masks
                 extra["cross_attention_kwargs"] = {"ip_adapter_masks": [torch.stack(self.masks)[None]]}
-        return self.pipe(prompt=PROMPT, num_inference_steps=s.steps, guidance_scale=s.guidance,
+        return self.pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=s.guidance,
                          generator=torch.Generator("cpu").manual_seed(0), **gen, **extra).images
 
     def generation_run(self, impl: str, case: str) -> Run:
-        """(a) and (c) start from a fresh attachment with empty caches; (b) is the generation after an untimed one
-        with the same reference and the same attachment, as in a UI re-running a generation."""
+        """Each timed generation follows an untimed one on the same attachment, as in a session (attaching is once
+        per session, and its walk over the UNet's modules left the next generation's first calls colder on the CPU).
+        (a) and (c): after a generation with other references, ipadapter's caches then emptied, so the reference and
+        the unconditional image go through the encoder again; (b): after one with the same reference, as in a UI
+        re-running a generation."""
 
         def setup() -> None:
-            self.use(impl, cold=case != "second")
-            if impl == "ipadapter" and case == "second":
-                self.generate(impl, case)
+            self.use(impl)
+            self.generate(impl, case, other=case != "second")
+            if impl == "ipadapter" and case != "second":
+                self.prompter.cache.clear()
 
         return setup, lambda: self.generate(impl, case)
 

@@ -70,6 +70,30 @@ def test_each_step_loop_starts_after_one_untimed_call_of_a_previous_generation(m
     assert not torch.equal(before.references[0].cond, timed.references[0].cond)
 
 
+def test_rows_a_and_c_encode_everything_again_after_an_untimed_generation_with_other_references() -> None:
+    """(a) and (c) follow a generation on the same attachment, as in a session, and still encode each reference
+    and the unconditional image (SD 1.5's Plus adapter: CLIP runs on zero pixels for it): nothing is reused."""
+    setting = inference.settings_of(inference.parse_args(["--quick", "--archs", "sd15"]))[0]
+    bench = inference.Bench(setting, ("ipadapter",))
+    inputs: list[torch.Tensor] = []
+    bench.encoder_model.register_forward_pre_hook(lambda _, args, kwargs: inputs.append(kwargs["pixel_values"]),
+                                                  with_kwargs=True)
+    try:
+        for case, references in (("full", 1), ("masked", 2)):
+            setup, run = bench.generation_run("ipadapter", case)
+            inputs.clear()
+            setup()
+            before = list(inputs)
+            inputs.clear()
+            hits = bench.prompter.cache.hits
+            run()
+            assert len(inputs) == references + 1 and bench.prompter.cache.hits == hits, case
+            timed = inputs[:references]  # the references, then the unconditional image
+            assert len(before) >= references and not any(torch.equal(b, a) for b in before for a in timed), case
+    finally:
+        bench.close()
+
+
 def test_rows_b_times_only_the_generations_row_b_compares(tmp_path, monkeypatch) -> None:
     """`--rows b`: plain's generation, ipadapter's second one and diffusers' (its (b) is its (a)), nothing else."""
     args = inference.parse_args(["--quick", "--no-memory", "--rows", "b", "--archs", "sd15", "--repeats", "2",

@@ -71,6 +71,18 @@ def test_size_zero_disables_and_lru_evicts_by_bytes() -> None:
     assert len(cache) == 0 and cache.bytes == 0
 
 
+def test_clear_empties_the_cache_and_keeps_its_bound() -> None:
+    encoder, calls = _counting_encoder(EmbeddingCache(max_bytes=2 * 24 * 4))
+    img = factories.reference_image(0)
+    encoder.encode([img], "global")
+    encoder.cache.clear()
+    assert len(encoder.cache) == 0 and encoder.cache.bytes == 0
+    encoder.encode([img], "global")
+    encoder.encode([img], "global")
+    assert len(calls) == 2, "encoded again after the clear, then served from the cache"
+    assert encoder.cache.max_bytes == 2 * 24 * 4 and len(encoder.cache) == 1
+
+
 def test_other_encoder_does_not_reuse_entries() -> None:
     cache = EmbeddingCache()
     first, calls_a = _counting_encoder(cache, seed=0)

@@ -179,7 +179,8 @@ class IPAdapter(nn.Module):
 
     def weights_token(self) -> tuple:
         """Equal while the weights are: this adapter object, its load/change count, its device and dtype."""
-        return (self.uid, self.weights_version, self.device, self.dtype)
+        first = next(self.parameters())
+        return (self.uid, self.weights_version, first.device, first.dtype)
 
     def projection_key(self) -> tuple:
         """Keys the projected-token cache: the weights token and the head's one setting that is not a weight,

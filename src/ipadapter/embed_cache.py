@@ -29,7 +29,7 @@ def tensor_key(*tensors: torch.Tensor | None) -> str:
             continue
         t = t.detach().contiguous()
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+        digest.update(t.reshape(-1).view(torch.uint8).cpu().numpy())  # the bytes in place, no copy on the CPU
     return digest.hexdigest()
 
 
@@ -52,6 +52,11 @@ class EmbeddingCache:
         while self._items and self.bytes > max_bytes:
             _, old = self._items.popitem(last=False)
             self.bytes -= _nbytes(old)
+
+    def clear(self) -> None:
+        """Drop every entry, keeping the bound (a shared app forgetting its users' references)."""
+        self._items.clear()
+        self.bytes = 0
 
     def get(self, key: Hashable) -> torch.Tensor | None:
         if not self.max_bytes:

@@ -158,11 +158,16 @@ class ImageEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.placement()[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.placement()[1]
+
+    def placement(self) -> tuple[torch.device, torch.dtype]:
+        """The model's device and dtype from one look at its parameters (each look walks the model's modules)."""
+        first = next(self.model.parameters())
+        return first.device, first.dtype
 
     @property
     def global_dim(self) -> int:
@@ -202,7 +207,7 @@ class ImageEncoder:
     def encode_pixels(self, pixels: torch.Tensor, features: str) -> torch.Tensor:
         """Features of a preprocessed batch, never cached: the trainer's batches arrive as pixel tensors on the CPU, so
         they are moved to the encoder's device and dtype here."""
-        pixels = pixels.to(self.device, self.dtype)
+        pixels = pixels.to(*self.placement())
         if features == "global":
             return self.model(pixel_values=pixels).image_embeds  # (B, D)
         return penultimate_hidden_states(self.model, pixels)  # (B, P, H)
@@ -217,11 +222,13 @@ class ImageEncoder:
         found = [self.cache.get(key) for key in keys]
         for i, (image, key) in enumerate(zip(images, keys)):
             if found[i] is None:
-                found[i] = self.encode_pixels(self.pixel_values([image]), features)[0]
+                pixels = self.processor(images=[image], return_tensors="pt").pixel_values  # moved by encode_pixels
+                found[i] = self.encode_pixels(pixels, features)[0]
                 self.cache.put(key, found[i])
+        device, dtype = self.placement()
         if len(found) == 1:
-            return found[0].to(self.device, self.dtype)[None]
-        return torch.stack([f.to(self.device, self.dtype) for f in found])
+            return found[0].to(device, dtype)[None]
+        return torch.stack([f.to(device, dtype) for f in found])
 
     def uncond(self, features: str, *, keep: bool = True) -> torch.Tensor:
         """Global: a zero embedding. Patch: the encoder's output for zero pixel values (kept: it never changes;

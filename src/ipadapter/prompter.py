@@ -116,7 +116,8 @@ class ImagePrompter:
         """Tokens (N, T, C) of N feature rows. A row this adapter projected before (same values, same weights) comes
         from the cache: a repeated reference, and the unconditional image, skip the projection head (a Plus
         resampler costs about as much as a denoising step)."""
-        features = tuple(f.to(adapter.device, adapter.dtype) for f in features)
+        device, dtype = adapter.device, adapter.dtype
+        features = tuple(f.to(device, dtype) for f in features)
         version = adapter.projection_key()
         keys = [("tokens", version, tensor_key(*(f[i] for f in features))) for i in range(features[0].shape[0])]
         found: dict[tuple, torch.Tensor | None] = {}
@@ -124,7 +125,8 @@ class ImagePrompter:
             if key not in found:
                 found[key] = self.cache.get(key)
         todo = [keys.index(k) for k, v in found.items() if v is None]
-        projected = adapter.project(*(f[todo] for f in features)) if todo else None
+        rows = features if len(todo) == len(keys) else tuple(f[todo] for f in features)
+        projected = adapter.project(*rows) if todo else None
         for i, tokens in zip(todo, projected if projected is not None else ()):
             found[keys[i]] = tokens
             self.cache.put(keys[i], tokens)
