@@ -101,6 +101,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from ipadapter.atomic import write_text
@@ -414,6 +415,26 @@ class Bench:
                 "diffusers": (lambda: setup("diffusers", image_embeds=[features]),
                               looping("diffusers", image_embeds=[features]))}
 
+    def launches(self) -> dict[str, tuple[int, float]]:
+        """Operators that run a kernel in a UNet step of `step_runs`, per implementation: (the first step, the mean of
+        the later ones). On a GPU each is a launch, and where kernels are fast (small latents, a fast GPU) the launches
+        and the Python around them decide a step's time."""
+        found, marks, mode = {}, [], Launches()
+        hook = self.pipe.unet.register_forward_pre_hook(lambda *_: marks.append(mode.count))
+        try:
+            for impl, (setup, loop) in self.step_runs().items():
+                setup()
+                marks.clear()
+                mode.count = 0
+                with mode:
+                    loop()
+                marks.append(mode.count)
+                per_step = [b - a for a, b in zip(marks, marks[1:])]
+                found[impl] = (per_step[0], sum(per_step[1:]) / len(per_step[1:]))
+        finally:
+            hook.remove()
+        return found
+
     def touch(self) -> None:
         """Read every weight once: a memory-mapped checkpoint (diffusers loads its adapter that way) is then resident,
         so "models loaded" counts it instead of the first generation paging it in."""
@@ -589,6 +610,28 @@ def interval_text(ratios: list[float]) -> str:
     return f"{100 * (med(ratios) - 1):+.1f}% ({interval_words(interval, overhead=True)})"
 
 
+class Launches(TorchDispatchMode):
+    """Counts the operators that run a kernel: views and `_unsafe_view` only relabel memory, empty tensors are only
+    allocated."""
+
+    FREE = frozenset({torch.ops.aten._unsafe_view.default, torch.ops.aten.empty.memory_format,
+                      torch.ops.aten.empty_strided.default})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if not func.is_view and func not in self.FREE:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def launches_note(arch: str, found: dict[str, tuple[int, float]]) -> str:
+    return (f"- {arch} operators that run a kernel per UNet step, as in (d) and (e) (a launch each on a GPU), first / "
+            "later steps: " + ", ".join(f"{impl} {first} / {later:g}" for impl, (first, later) in found.items()))
+
+
 def projection_note(arch: str, steps: int, t: dict[Any, list[float]]) -> str:
     """Row (b) split pass by pass: the K'/V' projections alone (`Bench.projection_run`) over plain's generation, and
     the rest of ipadapter's second generation over plain."""
@@ -637,6 +680,7 @@ def time_arch(s: Setting, repeats: int, rows_wanted: str = "abcd") -> tuple[list
                         *later, *compare(so["ipadapter"], so["diffusers"])))
         rows.append(Row(f"{arch} (e) UNet alone, first step (ipadapter: + the generation's plan)",
                         *first, *compare(so["ipadapter"], so["diffusers"])))
+        notes.append(launches_note(arch, bench.launches()))
     if generations and s.device.startswith("cuda"):
         syncs = ", ".join(f"{impl} {CASES[case].split(')')[0]})={device_syncs(bench, impl, case)}"
                           for impl, case in generations)

@@ -34,9 +34,11 @@ def test_steps_only_times_the_unet_rows_after_a_warm_up_left_out(tmp_path) -> No
     reported = []
     rows, _, notes = inference.benchmark(args, lambda *found: reported.append([list(x) for x in found]))
     assert [r.label.split()[1] for r in rows] == ["(d)", "(e)"]
-    # Reported once, when the architecture is done: its rows and the timing note, before the verdicts are added.
+    # Reported once, when the architecture is done: its rows, the kernels note and the timing note, before the
+    # verdicts are added.
     assert len(reported) == 1 and reported[0][:2] == [rows, []]
-    assert reported[0][2] == [n for n in notes if n.startswith("- SD1.5 timing:")]
+    assert reported[0][2] == [n for n in notes if n.startswith(("- SD1.5 operators that run a kernel", "- SD1.5 timing:"))]
+    assert len(reported[0][2]) == 2
     assert all(len(r.plain) == len(r.ours) == len(r.diffusers) == 2 for r in rows)
     assert any("adapter overhead per denoising step" in line for line in notes)
 
@@ -92,6 +94,29 @@ def test_rows_a_and_c_encode_everything_again_after_an_untimed_generation_with_o
             assert len(before) >= references and not any(torch.equal(b, a) for b in before for a in timed), case
     finally:
         bench.close()
+
+
+def test_launches_counts_the_operators_that_run_a_kernel() -> None:
+    with inference.Launches() as mode:
+        x = torch.ones(2, 3)  # a fill
+        x.view(6), x.t(), x.reshape(3, 2), torch.empty(4)  # relabelled or only allocated memory
+        (x @ x.t()).add_(1)  # a matmul and an add
+    assert mode.count == 3
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_a_unet_step_runs_fewer_kernels_than_diffusers(arch: str) -> None:
+    """Where kernels are fast (a GPU, small latents) each launch costs the CPU's time: with one reference the adapter
+    adds fewer to a UNet step than diffusers' own IP-Adapter on the same weights, first step (the generation's plan)
+    and later ones."""
+    setting = inference.settings_of(inference.parse_args(["--quick", "--archs", arch]))[0]
+    bench = inference.Bench(setting, inference.IMPLS)
+    try:
+        found = bench.launches()
+    finally:
+        bench.close()
+    plain, ours, theirs = (found[impl] for impl in inference.IMPLS)
+    assert plain[0] == plain[1] and all(p < o < t for p, o, t in zip(plain, ours, theirs)), found
 
 
 def test_rows_b_times_only_the_generations_row_b_compares(tmp_path, monkeypatch) -> None:
