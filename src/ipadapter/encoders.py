@@ -222,8 +222,7 @@ class ImageEncoder:
         found = [self.cache.get(key) for key in keys]
         for i, (image, key) in enumerate(zip(images, keys)):
             if found[i] is None:
-                pixels = self.processor(images=[image], return_tensors="pt").pixel_values  # moved by encode_pixels
-                found[i] = self.encode_pixels(pixels, features)[0]
+                found[i] = self.encode_pixels(self.pixel_values([image]), features)[0]
                 self.cache.put(key, found[i])
         device, dtype = self.placement()
         if len(found) == 1:
