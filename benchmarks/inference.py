@@ -35,11 +35,14 @@ warm-up pass (none for (d): the generations ran the same UNet shapes), then `--r
 9), the cases interleaved within each pass. Times are medians; overheads and ratios are taken pass by pass (the runs
 of one pass are neighbours in time, so a load change between passes cancels) and given as median [min, max]; the
 targets are judged on the 95% interval of the median (distribution-free, `median_ci`) with 6 passes or more, else
-on that spread: "in every pass", "in the median only" (within the noise) or not; so is "slower than diffusers" (the
-interval of the median ratio above 1). `--quick` on a CPU times on one torch thread (`--threads`): its kernels take
-microseconds, and split over threads the hand-offs between them are most of the noise. On CUDA each generation is
-then run once more, untimed, under torch's sync debug mode, and a note counts the times it made the CPU wait for the
-GPU (a device value read or a copy to the CPU; a wait per step stops the CPU queueing ahead). Latents of ipadapter
+on that spread: "in every pass", "in the median only" (within the noise) or not. "Slower than diffusers" is judged
+for all the rows of a report together (`against_diffusers`): a row is slower beyond the noise when the interval of its
+median ratio at 1 − 5%/m for m rows (Bonferroni) lies above 1, since at 95% each a report of 10 equal rows would name
+one in up to 22% of runs; memory rows likewise on the median difference of the repeats (`heavier`). `--quick` on a
+CPU times on one torch thread (`--threads`): its kernels take microseconds, and split over threads the hand-offs
+between them are most of the noise. On CUDA each generation is then run once more, untimed, under torch's sync
+debug mode, and a note counts the times it made the CPU wait for the GPU (a device value read or a copy to the CPU; a
+wait per step stops the CPU queueing ahead). Latents of ipadapter
 and diffusers are compared (same seed, same weights): the last column is their largest difference, next to the
 output's largest magnitude. Where row (b) is timed, each pass also times every layer's K'/V' projections alone for a
 generation's steps (`Bench.projection_run`), and a note splits row (b) pass by pass into them and the rest: without
@@ -534,7 +537,10 @@ def pct(values: list[float]) -> str:
     return text if len(values) < 2 else f"{text} [{100 * (min(values) - 1):+.1f}, {100 * (max(values) - 1):+.1f}]"
 
 
-def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+Interval = tuple[float, float] | None  # a median's confidence interval (`median_ci`), None where too few values
+
+
+def median_ci(values: list[float], confidence: float = 0.95) -> Interval:
     """A distribution-free confidence interval of the median: the order statistics (k, n + 1 − k) with the largest
     k whose binomial(n, ½) tail stays within (1 − confidence) / 2 on each side; None when n is too small for one."""
     n, tail, below = len(values), (1 - confidence) / 2, 0.0
@@ -594,12 +600,13 @@ def diffusers_case(case: str) -> str:
 PROJECTIONS = ("projections", "second")  # the key of `Bench.projection_run` among row (b)'s runs
 
 
-def interval_words(interval: tuple[float, float], *, overhead: bool) -> str:
-    """A median's 95% interval in the words every verdict of this report uses: as overheads in points or as ratios."""
+def interval_words(interval: tuple[float, float], *, overhead: bool, confidence: float = 0.95) -> str:
+    """A median's interval in the words every verdict of this report uses: as overheads in points or as ratios."""
     low, high = interval
+    level = f"{100 * confidence:.4g}% interval of the median"
     if overhead:
-        return f"95% interval of the median [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]%"
-    return f"95% interval of the median [{low:.3f}, {high:.3f}]"
+        return f"{level} [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]%"
+    return f"{level} [{low:.3f}, {high:.3f}]"
 
 
 def interval_text(ratios: list[float]) -> str:
@@ -807,40 +814,67 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
         lines += against_diffusers(rows)
     if memory:
         for name, attr in (("ipadapter", "ours"), (CACHED, "cached")):
-            pairs = {r.label: list(zip(getattr(r, attr), r.diffusers)) for r in memory}
-            always = [label for label, p in pairs.items() if all(x > d for x, d in p)]
-            lines.append(f"- Memory rows where {name} is above diffusers in every repeat: "
-                         + (", ".join(always) if always else "none"))
-            if len(memory[0].diffusers) > 1:
-                sometimes = [f"{label} ({sum(x > d for x, d in p)} of {len(p)})" for label, p in pairs.items()
-                             if label not in always and med([x for x, _ in p]) > med([d for _, d in p])]
-                lines.append(f"- Memory rows where {name} is above diffusers in the median, not in every repeat "
-                             "(within the noise): " + (", ".join(sometimes) if sometimes else "none"))
+            lines += heavier(name, {r.label: list(zip(getattr(r, attr), r.diffusers)) for r in memory})
+    return lines
+
+
+def heavier(name: str, pairs: dict[str, list[tuple[float, float]]]) -> list[str]:
+    """Which memory rows `name` holds more in than diffusers, repeat by repeat (each repeat a fresh process of each):
+    beyond the noise when the interval of the median difference, 95% for the rows together as in `against_diffusers`,
+    lies above 0 (9 repeats or more for 8 rows). With fewer, the rows above in every repeat, with the odds of that
+    where nothing differs: 3 repeats put each row above in all of them in 1 of 8 runs (a RSS peak of 1–2 MiB moves by
+    a tenth of a MiB from one process to the next)."""
+    n, family = len(next(iter(pairs.values()))), 1 - 0.05 / len(pairs)
+    joint = {label: median_ci([x - d for x, d in p], family) for label, p in pairs.items()}
+    if all(i is not None for i in joint.values()):
+        listed = [label for label, i in joint.items() if i[0] > 0]
+        shown = [f"{label} (+{joint[label][0]:.2f} to +{joint[label][1]:.2f} MiB)" for label in listed]
+        heading = (f"beyond the noise (the {100 * family:.4g}% interval of the median difference above 0: 95% for the "
+                   f"{len(pairs)} rows together)")
+    else:
+        listed = shown = [label for label, p in pairs.items() if all(x > d for x, d in p)]
+        heading = "in every repeat" + (f" (with no difference, 1 run in {2 ** n} for each row)" if n > 1 else "")
+    lines = [f"- Memory rows where {name} is above diffusers {heading}: " + (", ".join(shown) or "none")]
+    if n > 1:
+        sometimes = [f"{label} ({sum(x > d for x, d in p)} of {n})" for label, p in pairs.items()
+                     if label not in listed and med([x for x, _ in p]) > med([d for _, d in p])]
+        lines.append(f"- Memory rows where {name} is above diffusers in the median, within the noise: "
+                     + (", ".join(sometimes) or "none"))
     return lines
 
 
 def against_diffusers(rows: list[Row]) -> list[str]:
-    """Which rows are slower than diffusers beyond the noise: with 6 passes or more, those whose 95% interval of the
-    median ratio lies above 1 (the noise is the passes' own spread); with fewer, those slower in every pass."""
+    """Which rows are slower than diffusers beyond the noise, judged for the rows together: each median ratio's
+    interval at 1 − 5%/m for m rows (Bonferroni), so that where no row differs a report names none with 95%
+    probability, however the rows depend on each other. At 95% each, 10 equal rows would name one in up to 22% of
+    reports (1 − 0.975¹⁰); the rows whose own 95% interval lies above 1 are still listed, apart. Too few passes for
+    those intervals (9 for 10 rows, 6 for one): the rows slower in every pass."""
     ratios = {r.label: r.ratios("ours", "diffusers") for r in rows}
-    intervals = {label: median_ci(found) for label, found in ratios.items()}
+    family = 1 - 0.05 / len(rows)
+    own = {label: median_ci(found) for label, found in ratios.items()}
+    joint = {label: median_ci(found, family) for label, found in ratios.items()}
 
-    def shown(labels: list[str]) -> str:
-        return "; ".join(
-            f"{label} ({times_x(ratios[label])}"
-            + ("" if intervals[label] is None else f", {interval_words(intervals[label], overhead=False)}") + ")"
-            for label in labels) or "none"
+    def shown(labels: list[str], intervals: dict[str, Interval], confidence: float = 0.95) -> str:
+        def one(label: str) -> str:
+            interval = intervals[label]
+            words = "" if interval is None else ", " + interval_words(interval, overhead=False, confidence=confidence)
+            return f"{label} ({times_x(ratios[label])}{words})"
 
-    if all(i is not None for i in intervals.values()):
-        slower = [label for label, i in intervals.items() if i[0] > 1]
-        unsure = [label for label, i in intervals.items() if i[0] <= 1 < med(ratios[label])]
-        return ["- Rows slower than diffusers beyond the noise (the 95% interval of the median ratio above 1): "
-                + shown(slower),
-                "- Rows slower in the median, within the noise (the interval contains 1): " + shown(unsure)]
+        return "; ".join(one(label) for label in labels) or "none"
+
+    if all(i is not None for i in joint.values()):
+        slower = [label for label, i in joint.items() if i[0] > 1]
+        alone = [label for label, i in own.items() if i[0] > 1 and label not in slower]
+        unsure = [label for label, i in own.items() if i[0] <= 1 < med(ratios[label])]
+        return [f"- Rows slower than diffusers beyond the noise (the {100 * family:.4g}% interval of the median ratio "
+                f"above 1: 95% for the {len(rows)} rows together): " + shown(slower, joint, family),
+                f"- Rows whose own 95% interval lies above 1, within the noise of {len(rows)} rows: "
+                + shown(alone, own),
+                "- Rows slower in the median, within the noise (the 95% interval contains 1): " + shown(unsure, own)]
     slower = [label for label, found in ratios.items() if min(found) > 1]
     unsure = [label for label, found in ratios.items() if med(found) > 1 >= min(found)]
-    return ["- Rows slower than diffusers in every pass: " + shown(slower),
-            "- Rows slower in the median but not in every pass (within the noise): " + shown(unsure)]
+    return ["- Rows slower than diffusers in every pass: " + shown(slower, own),
+            "- Rows slower in the median but not in every pass (within the noise): " + shown(unsure, own)]
 
 
 def verdict(interval: tuple[float, float] | None, limit: float) -> str:
@@ -903,7 +937,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="latent size of the (d) rows (the issue's per-step setting: 32, i.e. 256 px for SD 1.5)")
     ap.add_argument("--repeats", type=int, help="interleaved passes after the warm-up (default 5; --quick: 9)")
     ap.add_argument("--memory-repeats", type=int,
-                    help="fresh processes per implementation for the memory rows (default 1; --quick on a CPU: 3)")
+                    help="fresh processes per implementation for the memory rows (default 1; --quick on a CPU: 3); "
+                         "9 or more decide which rows are heavier than diffusers beyond the noise")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="measure peak memory in fresh processes")
     ap.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,

@@ -5,6 +5,9 @@ No timing assertions: the numbers of a smoke run on toy models mean nothing.
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 import torch
 
@@ -203,16 +206,32 @@ def test_memory_rows_measured_in_one_process_as_on_cuda(monkeypatch, capsys) -> 
     assert "SD1.5 memory:   0%" in err and "0/8 [" in err
 
 
-def test_memory_verdicts_tell_every_repeat_from_the_median_alone() -> None:
-    """A row above diffusers in each repeat is reported as such; one above in the median but not in every repeat is
-    reported as within the noise, with its count; one at or below in the median, not at all."""
+def test_memory_verdicts_with_few_repeats_tell_every_repeat_from_the_median_alone() -> None:
+    """Three repeats decide nothing: a row above diffusers in each is reported as such, with the odds of that where
+    nothing differs (½³); one above in the median but not in every repeat as within the noise, with its count; one at
+    or below in the median, not at all."""
     rows = [inference.Row("A always above", [1, 1, 1], [3, 3, 3], [2, 2, 2], cached=[1, 1, 1]),
             inference.Row("B above in the median", [1, 1, 1], [2.2, 2.1, 1.9], [2, 2, 2], cached=[1, 1, 1]),
             inference.Row("C below in the median", [1, 1, 1], [2.1, 1.9, 1.8], [2, 2, 2], cached=[1, 1, 1])]
     lines = inference.verdicts([], [], rows)
-    assert "- Memory rows where ipadapter is above diffusers in every repeat: A always above" in lines
-    assert ("- Memory rows where ipadapter is above diffusers in the median, not in every repeat (within the noise): "
-            "B above in the median (2 of 3)") in lines
+    assert ("- Memory rows where ipadapter is above diffusers in every repeat (with no difference, 1 run in 8 for "
+            "each row): A always above") in lines
+    assert ("- Memory rows where ipadapter is above diffusers in the median, within the noise: B above in the median "
+            "(2 of 3)") in lines
+
+
+def test_memory_rows_are_heavier_beyond_the_noise_when_the_interval_for_all_rows_lies_above_zero() -> None:
+    """Two rows, 9 repeats: the median difference's interval for both together (97.5% each) runs from the smallest to
+    the largest difference (binomial(9, ½): P(none below) = 1/512 ≤ 1.25% < P(at most 1 below) = 10/512). A row above
+    in all 9 is heavier beyond the noise, with that interval; one above in 8 of 9 is within the noise."""
+    diffusers = [2.0] * 9
+    always = inference.Row("A", [1.0] * 9, [2.1, 2.2, 2.3, 2.1, 2.1, 2.1, 2.1, 2.1, 2.5], diffusers, cached=diffusers)
+    most = inference.Row("B", [1.0] * 9, [1.9] + [2.1] * 8, diffusers, cached=diffusers)
+    lines = inference.heavier("ipadapter", {r.label: list(zip(r.ours, r.diffusers)) for r in (always, most)})
+    assert lines == [
+        "- Memory rows where ipadapter is above diffusers beyond the noise (the 97.5% interval of the median difference "
+        "above 0: 95% for the 2 rows together): A (+0.10 to +0.50 MiB)",
+        "- Memory rows where ipadapter is above diffusers in the median, within the noise: B (8 of 9)"]
 
 
 @pytest.mark.parametrize(("n", "ranks"), [(5, None), (6, (1, 6)), (10, (2, 9)), (20, (6, 15)), (100, (40, 61))])
@@ -321,22 +340,44 @@ def test_flux_sync_benchmark_runs_each_generation_with_a_fresh_attachment_where_
     assert "not counted: the sync debug mode watches CUDA only" in out.read_text()
 
 
-def test_a_row_is_slower_than_diffusers_beyond_the_noise_when_its_interval_lies_above_one() -> None:
-    """With 9 passes the 95% interval of the median runs from the 2nd to the 8th smallest ratio (binomial(9, ½):
-    P(at most 1 below) = 10/512 ≤ 2.5% < P(at most 2 below) = 46/512)."""
+def test_a_row_is_slower_than_diffusers_beyond_the_noise_when_its_interval_for_all_rows_lies_above_one() -> None:
+    """Three rows, 9 passes: the interval that holds 95% for the three together (98.33% each, Bonferroni) runs from
+    the smallest to the largest ratio (binomial(9, ½): P(none below) = 1/512 ≤ 0.83% < P(at most 1 below) = 10/512);
+    each row's own 95% interval from the 2nd to the 8th smallest (10/512 ≤ 2.5% < 46/512)."""
     plain = [1.0] * 9
-    clear = inference.Row("X (d) clear", plain, [0.9, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.3], plain)
+    every = inference.Row("X (a) every pass", plain, [1.01, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.3], plain)
+    alone = inference.Row("X (d) alone", plain, [0.9, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.3], plain)
     noisy = inference.Row("X (e) noisy", plain, [0.8, 0.99, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.3], plain)
-    faster = inference.Row("X (a) faster", plain, [0.9] * 8 + [1.2], plain)
-    slower, unsure = inference.against_diffusers([clear, noisy, faster])
-    assert "X (d) clear" in slower and "[1.010, 1.070]" in slower and "noisy" not in slower
-    assert "X (e) noisy" in unsure and "[0.990, 1.070]" in unsure and "clear" not in unsure
-    assert "faster" not in slower + unsure
-    # Too few passes for an interval: slower in every pass or not.
-    few = [inference.Row("Y (d)", [1.0] * 3, [1.1, 1.2, 1.3], [1.0] * 3),
-           inference.Row("Y (e)", [1.0] * 3, [0.9, 1.2, 1.3], [1.0] * 3)]
+    slower, apart, unsure = inference.against_diffusers([every, alone, noisy])
+    assert slower.startswith("- Rows slower than diffusers beyond the noise (the 98.33% interval of the median ratio "
+                             "above 1: 95% for the 3 rows together): X (a) every pass")
+    assert "98.33% interval of the median [1.010, 1.300]" in slower and "alone" not in slower
+    assert apart.endswith("within the noise of 3 rows: X (d) alone (1.04x [0.90–1.30], 95% interval of the median "
+                          "[1.010, 1.070])")
+    assert "X (e) noisy" in unsure and "[0.990, 1.070]" in unsure and "alone" not in unsure
+    # Too few passes for the rows' joint interval (9 for 10 rows): slower in every pass or not.
+    few = [inference.Row(f"Y ({i})", [1.0] * 8, [1.1] * 8 if i else [0.9] + [1.2] * 7, [1.0] * 8) for i in range(10)]
     slower, unsure = inference.against_diffusers(few)
-    assert slower.startswith("- Rows slower than diffusers in every pass: Y (d)") and "Y (e)" in unsure
+    assert slower.startswith("- Rows slower than diffusers in every pass: Y (1)") and "Y (0)" in unsure
+
+
+def test_a_report_of_equal_rows_names_one_slower_no_more_often_than_its_joint_confidence_allows() -> None:
+    """Ten rows, 9 passes, no row differing (each ratio above or below 1 with probability ½): the report names some
+    row slower only when one row is slower in all 9 passes, 1 − (511/512)¹⁰ = 1.9% of reports (≤ 2.5%, the one side of
+    95%); the rows' own 95% intervals alone would name one in 1 − (502/512)¹⁰ = 17.9%."""
+    rng = random.Random(0)
+    trials, named, apart = 3000, 0, 0
+    plain = [1.0] * 9
+    for _ in range(trials):
+        rows = [inference.Row(f"Z ({i})", plain, [1 + rng.choice((-1, 1)) * rng.random() / 10 for _ in plain], plain)
+                for i in range(10)]
+        slower, alone, _ = inference.against_diffusers(rows)
+        named += not slower.endswith(": none")
+        apart += not (slower.endswith(": none") and alone.endswith(": none"))
+    joint, own = 1 - (511 / 512) ** 10, 1 - (502 / 512) ** 10
+    for found, expected in ((named, joint), (apart, own)):  # within 4 standard errors of a proportion
+        assert abs(found / trials - expected) < 4 * math.sqrt(expected * (1 - expected) / trials)
+    assert joint <= 0.025
 
 
 def test_every_verdict_states_a_median_interval_in_the_same_words() -> None:
@@ -347,7 +388,7 @@ def test_every_verdict_states_a_median_interval_in_the_same_words() -> None:
     assert f"({words} [+1.0, +7.0]%)" in inference.decide(ratios, 1.05)
     assert inference.interval_text(ratios) == f"+4.0% ({words} [+1.0, +7.0]%)"
     plain = [1.0] * 9
-    slower, _ = inference.against_diffusers([inference.Row("X (d)", plain, ratios, plain)])
+    slower, *_ = inference.against_diffusers([inference.Row("X (d)", plain, ratios, plain)])
     assert f"{words} [1.010, 1.070]" in slower
 
 
