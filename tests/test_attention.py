@@ -342,7 +342,7 @@ def test_grid_sizes_are_exactly_the_token_counts_token_grid_finds_by_halving() -
     not listed takes diffusers' estimate from the mask's aspect (`IPAdapterMaskProcessor.downsample`'s formula)."""
     import math
 
-    from ipadapter.attention import grid_sizes, token_grid
+    from ipadapter.token_grids import grid_sizes, token_grid
 
     def estimate(n: int, mask_hw: tuple[int, int]) -> tuple[int, int]:
         gh = int(math.sqrt(n / (mask_hw[1] / mask_hw[0])))
@@ -366,15 +366,15 @@ def test_grid_sizes_are_exactly_the_token_counts_token_grid_finds_by_halving() -
 
 
 def test_a_mask_on_a_token_grid_is_none_where_all_ones_else_weights_in_the_layers_dtype() -> None:
-    """`_on_grid`'s contract: an all-ones mask (any size) is no weighting at all (None); any other becomes (1, 1, L, 1)
+    """`on_grid`'s contract: an all-ones mask (any size) is no weighting at all (None); any other becomes (1, 1, L, 1)
     weights in the dtype asked for, the values of `resize_mask` (bicubic, clamped to [0, 1])."""
-    from ipadapter.attention import _on_grid, resize_mask
+    from ipadapter.token_grids import on_grid, resize_mask
 
     cpu = torch.device("cpu")
-    assert _on_grid(torch.ones(7, 9), 30, (6, 5), torch.bfloat16, cpu) is None
+    assert on_grid(torch.ones(7, 9), 30, (6, 5), torch.bfloat16, cpu) is None
     left = torch.zeros(12, 10)
     left[:, :5] = 1
-    weights = _on_grid(left, 30, (6, 5), torch.bfloat16, cpu)
+    weights = on_grid(left, 30, (6, 5), torch.bfloat16, cpu)
     assert weights.dtype == torch.bfloat16 and weights.shape == (1, 1, 30, 1)
     assert torch.equal(weights[0, 0], resize_mask(left, 30, (6, 5)).bfloat16())
 
@@ -402,12 +402,12 @@ def _two_masked_references(tmp_path):
 def test_each_mask_is_resized_once_per_token_grid_and_generation(monkeypatch, tmp_path) -> None:
     """What is the same at every layer is decided once: a mask on a token grid is made once per grid size and
     generation (diffusers resizes it at every call), and made again for the next generation."""
-    import ipadapter.attention as attention
+    import ipadapter.token_grids as token_grids
 
     unet, adapter, prompt, grids = _two_masked_references(tmp_path)
     resized: list[int] = []
-    real = attention.resize_mask
-    monkeypatch.setattr(attention, "resize_mask", lambda m, n, hw: resized.append(n) or real(m, n, hw))
+    real = token_grids.resize_mask
+    monkeypatch.setattr(token_grids, "resize_mask", lambda m, n, hw: resized.append(n) or real(m, n, hw))
     att = attach(unet, adapter)
     for generation in range(2):
         att.set_prompts({"0": prompt})

@@ -214,7 +214,7 @@ def test_style_and_composition_gives_each_reference_its_own_layers() -> None:
 
 
 def test_resized_masks_stay_within_zero_and_one() -> None:
-    from ipadapter.attention import resize_mask
+    from ipadapter.token_grids import resize_mask
 
     mask = torch.zeros(4, 4)
     mask[:, :2] = 1.0

@@ -66,7 +66,7 @@ def test_a_mask_without_the_latent_size_is_resized_as_diffusers_does(mask_hw, se
 
     from diffusers.image_processor import IPAdapterMaskProcessor
 
-    from ipadapter.attention import resize_mask
+    from ipadapter.token_grids import resize_mask
 
     yy, xx = torch.meshgrid(torch.linspace(0, 1, mask_hw[0]), torch.linspace(0, 1, mask_hw[1]), indexing="ij")
     mask = ((xx + 0.5 * yy) > 0.6).float()  # an edge both across and down the grid

@@ -19,60 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ipadapter.adapter import AdapterLayer
+from ipadapter.groups import Group, reference_groups, scale_embeds
+from ipadapter.kv import KVCache, KVKey
 from ipadapter.layers import AttentionLayer
 from ipadapter.runtime import AdapterPrompt, Runtime
-
-
-def token_grid(seq_len: int, latent_hw: tuple[int, int] | None, mask_hw: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) grid of a layer's tokens: exact from the latent size when known, else diffusers' estimate."""
-    if latent_hw is not None:
-        h, w = latent_hw
-        for _ in range(8):
-            if h * w == seq_len:
-                return h, w
-            h, w = math.ceil(h / 2), math.ceil(w / 2)
-    aspect = mask_hw[1] / mask_hw[0]
-    gh = int(math.sqrt(seq_len / aspect))
-    gh += int(seq_len % gh != 0)
-    return gh, seq_len // gh
-
-
-def resize_mask(mask: torch.Tensor, seq_len: int, latent_hw: tuple[int, int] | None) -> torch.Tensor:
-    """(H, W) mask → (seq_len, 1) weights on the layer's token grid (bicubic, as diffusers), padded or cropped."""
-    gh, gw = token_grid(seq_len, latent_hw, tuple(mask.shape[-2:]))
-    lo, hi = mask.min(), mask.max()
-    if lo == hi:
-        flat = mask.new_full((gh * gw,), float(lo))
-    else:
-        # Bicubic as diffusers, clamped: its overshoot near an edge would otherwise subtract the reference there.
-        flat = F.interpolate(mask[None, None].float(), size=(gh, gw), mode="bicubic").clamp(0, 1).flatten()
-    if flat.numel() < seq_len:
-        flat = torch.cat([flat, flat.new_zeros(seq_len - flat.numel())])
-    return flat[:seq_len, None]
-
-
-class Group(NamedTuple):
-    """References attended together: `id` 0 holds the unmasked ones (one attention over their concatenated tokens),
-    `1 + i` the masked reference i alone (its mask weights the output)."""
-
-    id: int
-    refs: tuple[int, ...]
-    mask: torch.Tensor | None
-
-
-def reference_groups(prompt: AdapterPrompt, layer: str, *, every_reference: bool) -> tuple[Group, ...]:
-    """The groups of a prompt's references at a layer: the unmasked ones together, each masked one alone.
-
-    A reference whose own weight is 0 here is left out (unless `every_reference`: the unconditional-layer feature
-    reads them all), on the compiled path too: its V' would be zero, but its K' would still take a share of the
-    softmax it shares with the others. Its weight is baked into V' when K'/V' are made, so only a weight that crosses
-    0 changes a compiled structure."""
-    refs = prompt.references
-    here = [i for i, r in enumerate(refs) if every_reference or r.weight_at(layer) != 0.0]
-    plain = tuple(i for i in here if refs[i].mask is None)
-    return ((Group(0, plain, None),) if plain else ()) + tuple(
-        Group(1 + i, (i,), refs[i].mask) for i in here if refs[i].mask is not None
-    )
+from ipadapter.token_grids import grid_sizes, on_grid
 
 
 class AdapterPlan(NamedTuple):
@@ -95,54 +46,6 @@ class AdapterPlan(NamedTuple):
     lora_scale: float
     groups: tuple[Group, ...]
     gridded: bool
-
-
-class KVKey(NamedTuple):
-    """What K'/V' of a reference group depend on: the adapter and its weights (`IPAdapter.weights_token`), the
-    UNet batch layout (size, CFG or not, uncond layer), the query's dtype and device, and each reference's tokens
-    (by content digest) with its value factor."""
-
-    adapter: str
-    weights: Hashable
-    batch: int
-    cfg: bool
-    uncond_layer: bool
-    dtype: torch.dtype
-    device: torch.device
-    refs: tuple[tuple[str, float], ...]
-
-
-class KVCache:
-    """K'/V' per `KVKey`, for the current generation and the one before: a generation reuses what the previous one
-    made under the same key (a UI re-running with the same reference), anything older is dropped."""
-
-    def __init__(self) -> None:
-        self.generation = -1
-        self._now: dict[KVKey, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._before: dict[KVKey, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def roll(self, generation: int) -> None:
-        if generation != self.generation:
-            self._before, self._now, self.generation = self._now, {}, generation
-
-    def get(self, key: KVKey) -> tuple[torch.Tensor, torch.Tensor] | None:
-        found = self._now.get(key)
-        if found is None:
-            found = self._before.pop(key, None)
-            if found is not None:
-                self._now[key] = found
-        return found
-
-    def put(self, key: KVKey, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self._now[key] = kv
-
-    def settle(self) -> None:
-        """The generation has taken what it reuses: drop the rest of the previous one's (they would otherwise
-        stay alive through this generation, on top of its own K'/V')."""
-        self._before = {}
-
-    def clear(self) -> None:
-        self._now, self._before = {}, {}
 
 
 class Laid(NamedTuple):
@@ -648,7 +551,7 @@ class IPAttnProcessor(nn.Module):
 
         def stack() -> torch.Tensor:
             # Each mask on the grid is made here and not kept: only the stack is read at the calls.
-            maps = [_on_grid(g.mask, seq_len, self.runtime.latent_hw, dtype, device) for g in groups]
+            maps = [on_grid(g.mask, seq_len, self.runtime.latent_hw, dtype, device) for g in groups]
             maps = [m if m is not None else torch.ones(1, 1, 1, 1, dtype=dtype, device=device) for m in maps]
             if p.uncond_layer:
                 maps = [m * _uncond_rows(batch, dtype, device) for m in maps]
@@ -673,7 +576,7 @@ class IPAttnProcessor(nn.Module):
             m = None
             if group.mask is not None:
                 m = self.runtime.shared(("mask", id(group.mask), seq_len, self.runtime.latent_hw, dtype, device),
-                                        lambda: _on_grid(group.mask, seq_len, self.runtime.latent_hw, dtype, device))
+                                        lambda: on_grid(group.mask, seq_len, self.runtime.latent_hw, dtype, device))
             if p.uncond_layer:
                 rows = _uncond_rows(batch, dtype, device)
                 m = rows if m is None else m * rows
@@ -684,15 +587,6 @@ class IPAttnProcessor(nn.Module):
 def _uncond_rows(batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(B, 1, 1, 1): 1 on the unconditional rows (the first half of a CFG batch), 0 on the others."""
     return torch.arange(batch, device=device).lt(batch // 2).to(dtype)[:, None, None, None]
-
-
-def _on_grid(
-    mask: torch.Tensor, seq_len: int, latent_hw: tuple[int, int] | None, dtype: torch.dtype, device: torch.device,
-) -> torch.Tensor | None:
-    """A mask as (1, 1, L, 1) weights on a layer's token grid; None when it is all ones there. Resized where the mask
-    is (the CPU, as masks are given) and moved after: its values are read, which on a GPU would wait for it."""
-    m = resize_mask(mask, seq_len, latent_hw)
-    return None if bool((m == 1).all()) else m.to(device, dtype)[None, None]
 
 
 def _add_together(
@@ -714,20 +608,6 @@ def _add_together(
     return _accumulate(out, torch.matmul(probs.view(batch, heads, length, -1), v), w, None, inplace)
 
 
-def grid_sizes(latent_hw: tuple[int, int] | None) -> tuple[int, ...]:
-    """The token counts a layer can have on this latent (each down-sampling halves it, rounding up): the
-    candidates `token_grid` matches, so masks can be resized for each before a compiled call."""
-    if latent_hw is None:
-        return ()
-    h, w = latent_hw
-    sizes = []
-    for _ in range(8):
-        if h * w not in sizes:
-            sizes.append(h * w)
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return tuple(sizes)
-
-
 def _accumulate(
     out: torch.Tensor, o: torch.Tensor, scale: float | torch.Tensor, weights: torch.Tensor | None, inplace: bool,
 ) -> torch.Tensor:
@@ -738,16 +618,3 @@ def _accumulate(
     if weights is None:
         return out.add_(o, alpha=scale)
     return out.addcmul_(o, weights, value=scale)
-
-
-def scale_embeds(
-    k: torch.Tensor, v: torch.Tensor, w: float | torch.Tensor, mode: str, width: int,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """ComfyUI's embeds scaling modes; returns (k, v, factor still to apply to the output)."""
-    if mode == "kv":
-        return k * w, v * w, 1.0
-    penalty = w * width / 1280.0
-    if mode == "kv_penalty":
-        return k * penalty, v * penalty, 1.0
-    mean = v.mean(dim=-2, keepdim=True)  # k_mean_v: only the token-mean part of V is scaled
-    return k * penalty, (v - mean) + mean * penalty, 1.0

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ipadapter.attention import Group, scale_embeds
 from ipadapter.dit.plan import BlockPlan, BlockProcessor, heads_layout
+from ipadapter.groups import Group, scale_embeds
 
 
 def image_query(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

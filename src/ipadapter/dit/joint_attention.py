@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ipadapter.attention import scale_embeds
 from ipadapter.dit.plan import BlockProcessor, heads_layout
+from ipadapter.groups import scale_embeds
 
 
 class JointIPProcessor(BlockProcessor):

@@ -11,10 +11,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ipadapter.attention import Group, reference_groups, resize_mask
 from ipadapter.dit.blocks import Block
 from ipadapter.dit.step import StepState
+from ipadapter.groups import Group, reference_groups
 from ipadapter.runtime import AdapterPrompt, Runtime
+from ipadapter.token_grids import resize_mask
 
 
 class BlockPlan(NamedTuple):
