@@ -21,9 +21,9 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python}"
 # The core: the UNet adapter (attention, attaching, checkpoints, projections, conditioning, encoders, the prompter)
 # and the transformer adapters of FLUX and SD 3.5 in dit/, all but their training loop.
-core=(attention.py groups.py kv.py token_grids.py adapter.py attach.py runtime.py layers.py checkpoint.py "projection/*"
-      "conditioning/*" encoders.py prompter.py dit/adapter.py dit/attach.py dit/blocks.py dit/checkpoint.py dit/flux_attention.py
-      dit/joint_attention.py dit/layouts.py dit/plan.py dit/step.py)
+core=(attention.py plan.py groups.py kv.py token_grids.py adapter.py attach.py runtime.py layers.py checkpoint.py
+      "projection/*" "conditioning/*" encoders.py prompter.py dit/adapter.py dit/attach.py dit/blocks.py dit/checkpoint.py
+      dit/flux_attention.py dit/joint_attention.py dit/layouts.py dit/plan.py dit/step.py)
 # The tests of the core: every test file that runs core code, except the app, training, evaluation, miniature and
 # benchmark tests (the CLI tests run loading, FaceID embeddings and saved-embedding files, which only the CLI reads).
 # The compiled path is checked by test_compiled_plan.py (its plan run without dynamo): test_compile.py counts dynamo's
