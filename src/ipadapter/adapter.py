@@ -179,8 +179,7 @@ class IPAdapter(nn.Module):
 
     def weights_token(self) -> tuple:
         """Equal while the weights are: this adapter object, its load/change count, its device and dtype."""
-        first = next(self.parameters())
-        return (self.uid, self.weights_version, first.device, first.dtype)
+        return (self.uid, self.weights_version, *self.placement())
 
     def projection_key(self) -> tuple:
         """Keys the projected-token cache: the weights token and the head's one setting that is not a weight,
@@ -189,8 +188,14 @@ class IPAdapter(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.placement()[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.placement()[1]
+
+    def placement(self) -> tuple[torch.device, torch.dtype]:
+        """The weights' device and dtype from one look at the parameters (each look walks the modules), as
+        `ImageEncoder.placement`."""
+        first = next(self.parameters())
+        return first.device, first.dtype

@@ -116,7 +116,7 @@ class ImagePrompter:
         """Tokens (N, T, C) of N feature rows. A row this adapter projected before (same values, same weights) comes
         from the cache: a repeated reference, and the unconditional image, skip the projection head (a Plus
         resampler costs about as much as a denoising step)."""
-        device, dtype = adapter.device, adapter.dtype
+        device, dtype = adapter.placement()
         features = tuple(f.to(device, dtype) for f in features)
         version = adapter.projection_key()
         keys = [("tokens", version, tensor_key(*(f[i] for f in features))) for i in range(features[0].shape[0])]
