@@ -818,13 +818,23 @@ def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> lis
     return lines
 
 
+def joint_level(rows: int) -> float:
+    """The confidence of each row's interval that holds 95% for `rows` rows together (Bonferroni)."""
+    return 1 - 0.05 / rows
+
+
+def by_chance(repeats: int) -> str:
+    """How often a row comes out on one side in every one of `repeats` paired runs where nothing differs."""
+    return f" (with no difference, 1 run in {2 ** repeats} for each row)" if repeats > 1 else ""
+
+
 def heavier(name: str, pairs: dict[str, list[tuple[float, float]]]) -> list[str]:
     """Which memory rows `name` holds more in than diffusers, repeat by repeat (each repeat a fresh process of each):
     beyond the noise when the interval of the median difference, 95% for the rows together as in `against_diffusers`,
     lies above 0 (9 repeats or more for 8 rows). With fewer, the rows above in every repeat, with the odds of that
     where nothing differs: 3 repeats put each row above in all of them in 1 of 8 runs (a RSS peak of 1–2 MiB moves by
     a tenth of a MiB from one process to the next)."""
-    n, family = len(next(iter(pairs.values()))), 1 - 0.05 / len(pairs)
+    n, family = len(next(iter(pairs.values()))), joint_level(len(pairs))
     joint = {label: median_ci([x - d for x, d in p], family) for label, p in pairs.items()}
     if all(i is not None for i in joint.values()):
         listed = [label for label, i in joint.items() if i[0] > 0]
@@ -833,7 +843,7 @@ def heavier(name: str, pairs: dict[str, list[tuple[float, float]]]) -> list[str]
                    f"{len(pairs)} rows together)")
     else:
         listed = shown = [label for label, p in pairs.items() if all(x > d for x, d in p)]
-        heading = "in every repeat" + (f" (with no difference, 1 run in {2 ** n} for each row)" if n > 1 else "")
+        heading = "in every repeat" + by_chance(n)
     lines = [f"- Memory rows where {name} is above diffusers {heading}: " + (", ".join(shown) or "none")]
     if n > 1:
         sometimes = [f"{label} ({sum(x > d for x, d in p)} of {n})" for label, p in pairs.items()
@@ -851,7 +861,7 @@ def against_diffusers(rows: list[Row]) -> list[str]:
     those intervals (9 for 10 rows, 6 for one): the rows slower in every pass, with the odds of that where nothing
     differs (3 passes: 1 in 8 for each row, so a GPU table of 5 rows names one in about half its runs)."""
     ratios = {r.label: r.ratios("ours", "diffusers") for r in rows}
-    family = 1 - 0.05 / len(rows)
+    family = joint_level(len(rows))
     own = {label: median_ci(found) for label, found in ratios.items()}
     joint = {label: median_ci(found, family) for label, found in ratios.items()}
 
@@ -875,12 +885,11 @@ def against_diffusers(rows: list[Row]) -> list[str]:
     slower = [label for label, found in ratios.items() if min(found) > 1]
     unsure = [label for label, found in ratios.items() if med(found) > 1 >= min(found)]
     passes = len(next(iter(ratios.values())))
-    odds = f" (with no difference, 1 run in {2 ** passes} for each row)" if passes > 1 else ""
-    return [f"- Rows slower than diffusers in every pass{odds}: " + shown(slower, own),
+    return [f"- Rows slower than diffusers in every pass{by_chance(passes)}: " + shown(slower, own),
             "- Rows slower in the median but not in every pass (within the noise): " + shown(unsure, own)]
 
 
-def verdict(interval: tuple[float, float] | None, limit: float) -> str:
+def verdict(interval: Interval, limit: float) -> str:
     """A target on a ratio judged on the 95% interval of its median: met, not met, or not decided by these runs."""
     if interval is None:
         return "too few runs for an interval"
