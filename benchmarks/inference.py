@@ -57,9 +57,13 @@ MiB more, and not equally for each implementation), which first loads a small ad
 CPU: right before each generation it collects garbage, returns freed heap to the OS (malloc_trim) and resets the
 kernel's RSS high-water mark (Linux /proc/self/clear_refs "5"); the number is VmHWM minus the RSS at that moment:
 what the generation adds above the loaded models, every byte counted (tensors, allocator slack, Python objects).
-The children run with a fixed glibc mmap threshold (64 KiB): otherwise the allocator's adaptive threshold makes
-the same allocations cost tens of MiB more or less depending on the heap's history (measured: one process, the
-same plain generation, 167 or 248 MiB). Before "models loaded" is read every weight is read once, so a
+The generations run under a fixed glibc mmap threshold (64 KiB, set once the models are loaded): otherwise the
+allocator's adaptive threshold makes the same allocations cost tens of MiB more or less depending on the heap's
+history (measured: one process, the same plain generation, 167 or 248 MiB). The models are built under glibc's
+default, as in a user's process: under the fixed threshold every weight tensor of 64 KiB or more is a mapping of its
+own, one page over its size (malloc's header on a page-multiple size), which diffusers' weights, views into the
+memory-mapped checkpoint, do not pay (SD 1.5's adapter: 54 tensors, 0.21 MiB). Before "models loaded" is read every
+weight is read once, so a
 memory-mapped checkpoint counts there and not in the first generation. Each case is run once untimed before it is
 measured (as the timing passes are warmed up): the RSS also counts the code of every kernel a process calls for the
 first time, so a generation that is the first to call, say, a bicubic resize or a softmax over a 5-d view would be
@@ -732,8 +736,9 @@ class Memory:
         return _status("VmHWM")
 
 
-def measure_memory(s: Setting, impl: str) -> dict[str, float]:
-    """MiB of the models `impl` needs, and the peak each case's generation adds above them (a fresh process)."""
+def measure_memory(s: Setting, impl: str, child: bool = False) -> dict[str, float]:
+    """MiB of the models `impl` needs, and the peak each case's generation adds above them. `child`: this is a fresh
+    process of its own (CPU), whose allocator may be set for the generations (`fix_mmap_threshold`)."""
     quiet()
     if s.device == "cpu":  # the loading code used once first: its first use is not the models' memory
         import benchmarks.memory_warmup  # noqa: F401
@@ -744,6 +749,8 @@ def measure_memory(s: Setting, impl: str) -> dict[str, float]:
     bench = Bench(s, (impl,), cache_kv=cached)
     bench.touch()
     result = {"loaded": (memory.reset() - start) / MiB}
+    if child:
+        fix_mmap_threshold()
     for case in CASES:
         setup, run = bench.generation_run(impl, case)
         setup()
@@ -773,7 +780,7 @@ def memory_arch(s: Setting, context: Any, repeats: int = 1) -> list[Row]:
             gc.collect()
             continue
         with ProcessPoolExecutor(1, mp_context=context) as pool:
-            found[impl].append(pool.submit(measure_memory, s, impl).result())
+            found[impl].append(pool.submit(measure_memory, s, impl, child=True).result())
     labels = {"loaded": "models loaded (MiB)", **{k: f"{v}: peak above the models (MiB)" for k, v in CASES.items()}}
     ours = found["ipadapter"][0]
     kv = {"full": ours["kv1"], "masked": ours["kv2"]}
@@ -787,11 +794,18 @@ def fresh_processes() -> Any:
     and diffusers (as a forkserver's children are) read about 24 MiB more "models loaded" at the `--quick` sizes
     than a new interpreter building the same models, and not by the same amount for each implementation (ipadapter
     1.1 MiB above diffusers forked, 0.1 MiB below in new interpreters). About 7 s of imports and warm-up a child."""
-    # glibc's allocator adapts its mmap threshold to past frees, so the same allocations can raise the RSS peak by
-    # tens of MiB or not depending on the heap's history; a fixed threshold returns every large buffer on free and
-    # makes the peak that of the live tensors (read at the children's start; this process is unaffected).
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     return multiprocessing.get_context("spawn")
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def fix_mmap_threshold() -> None:
+    """From now on every allocation of 64 KiB or more is a mapping of its own, returned to the OS when freed, so a
+    generation's peak is that of its live buffers: glibc adapts the threshold to past frees, and the same allocations
+    then raise the RSS peak by tens of MiB or not depending on the heap's history."""
+    if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024) != 1:
+        raise RuntimeError("glibc refused a fixed mmap threshold; run with --no-memory")
 
 
 def verdicts(settings: list[Setting], rows: list[Row], memory: list[Row]) -> list[str]:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -397,3 +400,30 @@ def test_quick_runs_time_on_one_thread_unless_told() -> None:
     assert inference.parse_args(["--quick", "--device", "cpu"]).threads == 1
     assert inference.parse_args(["--quick", "--device", "cpu", "--threads", "2"]).threads == 2
     assert inference.parse_args(["--device", "cpu"]).threads is None
+
+
+CHILD = """
+import ctypes, sys
+from benchmarks.inference import fix_mmap_threshold
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(4 << 20))  # a freed mapping of 4 MiB raises glibc's adaptive threshold above 1 MiB
+if sys.argv[1] == "fixed":
+    fix_mmap_threshold()
+address = libc.malloc(1 << 20)
+heap = next(line.split()[0] for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]"))
+start, end = (int(x, 16) for x in heap.split("-"))
+print("heap" if start <= address < end else "own mapping")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize("mode, where", [("adaptive", "heap"), ("fixed", "own mapping")])
+def test_fixed_mmap_threshold_gives_a_large_allocation_its_own_mapping(mode: str, where: str) -> None:
+    """glibc's documented behaviour (mallopt(3)): a freed mapping raises the adaptive threshold, so 1 MiB then comes
+    from the heap; once the memory children fix it at 64 KiB, 1 MiB is a mapping of its own, returned when freed.
+    A new interpreter each: the setting lasts for the process."""
+    root = Path(__file__).resolve().parents[1]
+    found = subprocess.run([sys.executable, "-c", CHILD, mode], cwd=root, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == where
