@@ -84,6 +84,7 @@ faster.
     python benchmarks/inference.py --quick    # tiny models (the dispatch-bound regime), 9 passes
     python benchmarks/inference.py --archs sdxl --no-memory --rows d   # rows (d) and (e) alone, after a warm-up
     python benchmarks/inference.py --no-memory --rows b --repeats 15  # row (b)'s target, with a 95% interval
+    python benchmarks/inference.py --no-memory --rows b --cache-kv   # the same with K'/V' kept for the generation
     python benchmarks/inference.py --device cuda --resolution 512 --sdxl-resolution 1024 --sdxl-steps 30 --repeats 5
 """
 
@@ -167,6 +168,7 @@ class Setting:
     encoder_layers: int
     quick: bool
     step_latents: int
+    cache_kv: bool = False  # the timed ipadapter keeps K'/V' for the generation (memory measures both anyway)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -177,13 +179,15 @@ class Setting:
         return 7.5 if self.arch == "sd15" else 5.0
 
     def describe(self) -> str:
+        cached = "; ipadapter timed with cache_kv=True (K'/V' kept for the generation)" if self.cache_kv else ""
         if self.quick:
-            return f"{ARCH_NAMES[self.arch]}: tiny test models, {self.resolution} px, {self.steps} steps"
+            return f"{ARCH_NAMES[self.arch]}: tiny test models, {self.resolution} px, {self.steps} steps{cached}"
         steps = f"{self.steps} steps, guidance {self.guidance}; (d) at {self.step_latents}x{self.step_latents} latents"
         if self.arch == "sd15":
-            return f"SD1.5: Plus adapter, ViT-H/14 encoder {self.encoder_layers} of 32 layers, {self.resolution} px, {steps}"
+            return (f"SD1.5: Plus adapter, ViT-H/14 encoder {self.encoder_layers} of 32 layers, {self.resolution} px, "
+                    f"{steps}{cached}")
         return (f"SDXL: full UNet, base adapter, ViT-bigG/14 encoder {self.encoder_layers} of 48 layers, "
-                f"{self.resolution} px, {steps}")
+                f"{self.resolution} px, {steps}{cached}")
 
 
 def build_pipeline(s: Setting, folder: Path) -> Any:
@@ -664,21 +668,22 @@ def generations_for(cases: list[str]) -> list[tuple[str, str]]:
 def time_arch(s: Setting, repeats: int, rows_wanted: str = "abcd") -> tuple[list[Row], list[str]]:
     """The rows of one architecture named in `rows_wanted` (`ROWS`), timed in this process, and on CUDA a note of
     each generation's waits for the GPU."""
-    bench = Bench(s, IMPLS)
+    bench = Bench(s, IMPLS, cache_kv=s.cache_kv)
     arch = ARCH_NAMES[s.arch]
     rows, notes = [], []
     cases = [ROWS[r] for r in rows_wanted if ROWS[r] in CASES]
     generations = generations_for(cases)
     if generations:
         runs = {k: bench.generation_run(*k) for k in generations}
-        if "second" in cases:
+        projected = "second" in cases and not s.cache_kv  # with the cache, row (b) projects nothing
+        if projected:
             runs[PROJECTIONS] = bench.projection_run()
         t, out = interleave(runs, repeats, s.device, label=f"{arch} generations")
         for case in cases:
             theirs = diffusers_case(case)
             rows.append(Row(f"{arch} {CASES[case]}", t["plain", "full"], t["ipadapter", case], t["diffusers", theirs],
                             *compare(out["ipadapter", case], out["diffusers", theirs])))
-        if "second" in cases:
+        if projected:
             notes.append(projection_note(arch, s.steps, t))
     if "d" in rows_wanted:
         # The generations warmed the UNet up; without them the steps get a warm-up pass of their own, left out here.
@@ -970,6 +975,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
                     help="time the cases in this process (--no-timing: memory rows only)")
     ap.add_argument("--quick", action="store_true", help="tiny models, 32 px, 2 steps, 9 passes")
+    ap.add_argument("--cache-kv", action="store_true",
+                    help="time ipadapter with cache_kv=True (K'/V' kept for the generation); memory measures both")
     ap.add_argument("--rows", default="abcd",
                     help="the timed rows: any of a, b, c (generations) and d (the UNet steps, rows (d) and (e)); "
                          "e.g. --rows b --repeats 15 for row (b)'s target with a tighter interval")
@@ -996,7 +1003,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings_of(args: argparse.Namespace) -> list[Setting]:
     base = Setting("sd15", args.device, args.dtype, args.resolution, args.steps, args.vith_layers, args.quick,
-                   args.step_latents)
+                   args.step_latents, args.cache_kv)
     known = {"sd15": base,
              "sdxl": replace(base, arch="sdxl", resolution=args.sdxl_resolution, steps=args.sdxl_steps,
                              encoder_layers=args.bigg_layers)}

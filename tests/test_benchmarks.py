@@ -141,6 +141,33 @@ def test_rows_b_times_only_the_generations_row_b_compares(tmp_path, monkeypatch)
                for line in notes), notes
 
 
+@pytest.mark.parametrize("cache_kv", [False, True])
+def test_cache_kv_times_a_second_generation_that_projects_no_k_or_v(tmp_path, monkeypatch, cache_kv: bool) -> None:
+    """`--cache-kv`: the timed ipadapter keeps K'/V' for the generation, so row (b), after a generation with the same
+    reference, calls no to_k_ip / to_v_ip (without it, each of them once a step), the projections are not timed
+    apart, and the table says which ipadapter it timed."""
+    flags = ["--quick", "--no-memory", "--rows", "b", "--archs", "sd15", "--repeats", "1"] + ["--cache-kv"] * cache_kv
+    setting = inference.settings_of(inference.parse_args(flags))[0]
+    assert setting.cache_kv == cache_kv and ("cache_kv=True" in setting.describe()) == cache_kv
+    bench = inference.Bench(setting, ("ipadapter",), cache_kv=setting.cache_kv)
+    setup, run = bench.generation_run("ipadapter", "second")
+    setup()
+    calls = []
+    hooks = [module.register_forward_hook(lambda *_: calls.append(1))
+             for _, layer in bench.adapter.named_layers() for module in (layer.to_k_ip, layer.to_v_ip)]
+    run()
+    for hook in hooks:
+        hook.remove()
+    bench.close()
+    assert len(calls) == (0 if cache_kv else len(hooks) * setting.steps)
+    timed = []
+    interleave = inference.interleave
+    monkeypatch.setattr(inference, "interleave",
+                        lambda runs, *a, **k: timed.append(list(runs)) or interleave(runs, *a, **k))
+    inference.benchmark(inference.parse_args([*flags, "--out", str(tmp_path / "bench.md")]))
+    assert (inference.PROJECTIONS in timed[0]) != cache_kv
+
+
 def test_the_projection_run_projects_every_layers_k_and_v_once_a_step() -> None:
     """What row (b) pays while K'/V' are projected at every step: each of the adapter's to_k_ip and to_v_ip once per
     step, on a CFG pair of the adapter's token rows."""
