@@ -180,14 +180,16 @@ class Setting:
 
     def describe(self) -> str:
         cached = "; ipadapter timed with cache_kv=True (K'/V' kept for the generation)" if self.cache_kv else ""
+        return self._models() + cached
+
+    def _models(self) -> str:
         if self.quick:
-            return f"{ARCH_NAMES[self.arch]}: tiny test models, {self.resolution} px, {self.steps} steps{cached}"
+            return f"{ARCH_NAMES[self.arch]}: tiny test models, {self.resolution} px, {self.steps} steps"
         steps = f"{self.steps} steps, guidance {self.guidance}; (d) at {self.step_latents}x{self.step_latents} latents"
         if self.arch == "sd15":
-            return (f"SD1.5: Plus adapter, ViT-H/14 encoder {self.encoder_layers} of 32 layers, {self.resolution} px, "
-                    f"{steps}{cached}")
+            return f"SD1.5: Plus adapter, ViT-H/14 encoder {self.encoder_layers} of 32 layers, {self.resolution} px, {steps}"
         return (f"SDXL: full UNet, base adapter, ViT-bigG/14 encoder {self.encoder_layers} of 48 layers, "
-                f"{self.resolution} px, {steps}{cached}")
+                f"{self.resolution} px, {steps}")
 
 
 def build_pipeline(s: Setting, folder: Path) -> Any:

@@ -9,6 +9,8 @@ import math
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,18 @@ def test_rows_b_times_only_the_generations_row_b_compares(tmp_path, monkeypatch)
                for line in notes), notes
 
 
+@contextmanager
+def calls_of(modules: list[torch.nn.Module]) -> Iterator[list[int]]:
+    """A list that grows by one at each call of any of `modules` while the block runs."""
+    calls: list[int] = []
+    hooks = [module.register_forward_hook(lambda *_: calls.append(1)) for module in modules]
+    try:
+        yield calls
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @pytest.mark.parametrize("cache_kv", [False, True])
 def test_cache_kv_times_a_second_generation_that_projects_no_k_or_v(tmp_path, monkeypatch, cache_kv: bool) -> None:
     """`--cache-kv`: the timed ipadapter keeps K'/V' for the generation, so row (b), after a generation with the same
@@ -152,14 +166,11 @@ def test_cache_kv_times_a_second_generation_that_projects_no_k_or_v(tmp_path, mo
     bench = inference.Bench(setting, ("ipadapter",), cache_kv=setting.cache_kv)
     setup, run = bench.generation_run("ipadapter", "second")
     setup()
-    calls = []
-    hooks = [module.register_forward_hook(lambda *_: calls.append(1))
-             for _, layer in bench.adapter.named_layers() for module in (layer.to_k_ip, layer.to_v_ip)]
-    run()
-    for hook in hooks:
-        hook.remove()
+    projections = [m for _, layer in bench.adapter.named_layers() for m in (layer.to_k_ip, layer.to_v_ip)]
+    with calls_of(projections) as calls:
+        run()
     bench.close()
-    assert len(calls) == (0 if cache_kv else len(hooks) * setting.steps)
+    assert len(calls) == (0 if cache_kv else len(projections) * setting.steps)
     timed = []
     interleave = inference.interleave
     monkeypatch.setattr(inference, "interleave",
@@ -177,13 +188,11 @@ def test_a_cold_generation_starts_without_the_k_and_v_the_last_one_kept() -> Non
     bench = inference.Bench(setting, ("ipadapter",), cache_kv=True)
     setup, _ = bench.generation_run("ipadapter", "masked")
     setup()
-    calls = []
-    hooks = [layer.to_k_ip.register_forward_hook(lambda *_: calls.append(1)) for _, layer in bench.adapter.named_layers()]
-    bench.generate("ipadapter", "masked", other=True)
-    for hook in hooks:
-        hook.remove()
+    keys = [layer.to_k_ip for _, layer in bench.adapter.named_layers()]
+    with calls_of(keys) as calls:
+        bench.generate("ipadapter", "masked", other=True)
     bench.close()
-    assert len(calls) == len(hooks) > 0  # once a layer: the two masked references are projected together
+    assert len(calls) == len(keys) > 0  # once a layer: the two masked references are projected together
 
 
 def test_the_projection_run_projects_every_layers_k_and_v_once_a_step() -> None:
