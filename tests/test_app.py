@@ -50,7 +50,9 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def service(tiny, tmp_path_factory) -> Iterator[GenerationService]:
-    args = argparse.Namespace(base=str(tiny / "pipe"), **{**MODEL_ARGS, "adapter": [str(tiny / "base.bin")]})
+    """As `ipadapter app` loads it: K'/V' kept (`--cache-kv`, its default); the reproducing commands run without."""
+    args = argparse.Namespace(base=str(tiny / "pipe"), cache_kv=True,
+                              **{**MODEL_ARGS, "adapter": [str(tiny / "base.bin")]})
     service = GenerationService(load_from_flags(args), model_flags(args),
                                 limits=UploadLimits(max_bytes=50_000, max_side=64), workdir=tmp_path_factory.mktemp("work"))
     yield service
@@ -239,6 +241,29 @@ def test_references_are_encoded_once(service, tiny) -> None:
     misses = cache.misses
     service.generate(_form(tiny, seed=1, num_images=2))
     assert cache.misses == misses and cache.hits > 0
+
+
+def test_the_app_keeps_k_and_v_so_a_rerun_projects_none(service, tiny) -> None:
+    """The page's common case, the same reference again with another seed and scale: with the app's `--cache-kv` no
+    layer projects the image tokens again (the seed changes the latents, the scale weighs the attention's output; the
+    tokens stay). `generate` keeps diffusers' default (projected at every step) unless asked."""
+    parse = build_parser().parse_args
+    assert parse(["app"]).cache_kv and not parse(["app", "--no-cache-kv"]).cache_kv
+    assert not parse(["generate"]).cache_kv and parse(["generate", "--cache-kv"]).cache_kv
+    projections = [m for _, layer in service.loaded.prompter.adapters["0"].named_layers()
+                   for m in (layer.to_k_ip, layer.to_v_ip)]
+    calls: list[int] = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in projections]
+    service.loaded.prompter.attachment.clear_cache()  # whatever the tests before left
+    try:
+        service.generate(_form(tiny, seed=7))
+        first = len(calls)
+        service.generate(_form(tiny, seed=8, scale=0.5))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert first == len(projections) > 0  # once a layer for the generation's two steps, not once a step
+    assert len(calls) == first
 
 
 SERVICE_ERRORS = {

@@ -211,11 +211,11 @@ def load_prompter(
     *, base: str | None = None, adapters: Sequence[str] = (), subfolders: Sequence[str] = (),
     weight_names: Sequence[str] = (), image_encoder: str | None = None, device: str | None = None,
     dtype: str | None = None, scheduler: str | None = None, base_lora: str | None = None, base_lora_scale: float = 1.0,
-    controlnet: str | None = None,
+    controlnet: str | None = None, cache_kv: bool = False,
 ) -> Loaded:
     """Everything from names: the base pipeline (the bundled miniature model when `base` is None), a fused custom
     LoRA, a ControlNet, the adapters (file, folder, Hub id, or a miniature keyword) and their image encoder.
-    `dtype`: "float32", "float16" or "bfloat16" (default float16 on CUDA, else float32)."""
+    `dtype`: "float32", "float16" or "bfloat16" (default float16 on CUDA, else float32); `cache_kv` as in `load`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is not None and dtype not in DTYPES:
         raise IPAdapterError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
@@ -236,6 +236,6 @@ def load_prompter(
         found = default_image_encoder(base, sources[0])
         image_encoder = "/".join(part for part in found if part) if found else None
     prompter = load(pipe, [s.source for s in sources], subfolder=[s.subfolder for s in sources],
-                    weight_name=[s.weight_name for s in sources], image_encoder=image_encoder)
+                    weight_name=[s.weight_name for s in sources], image_encoder=image_encoder, cache_kv=cache_kv)
     return Loaded(prompter, base, miniature, MINIATURE_STEPS if miniature else None,
                   MINIATURE_GUIDANCE if miniature else None)

@@ -6,7 +6,7 @@ import argparse
 import math
 import tempfile
 
-from ipadapter.cli.generate import add_model_flags
+from ipadapter.cli.generate import add_cache_kv_flag, add_model_flags
 from ipadapter.errors import FieldError, IPAdapterError
 from ipadapter.extras import needs
 
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-side", type=int, default=4096, help="largest accepted image side in pixels (default 4096)")
     p.add_argument("--cache-mb", type=float, default=256.0,
                    help="memory for reference embeddings and projected tokens, reused while the app runs (0: off)")
+    add_cache_kv_flag(p, default=True)  # a re-run with the same reference is the page's common case
     p.set_defaults(func=run)
     needs(p, "app")
 

@@ -62,6 +62,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="a diffusers scheduler class to use instead of the base model's own")
 
 
+def add_cache_kv_flag(p: argparse.ArgumentParser, *, default: bool) -> None:
+    """--cache-kv / --no-cache-kv (`ImagePrompter`'s `cache_kv`): on by default where references repeat (the app)."""
+    p.add_argument("--cache-kv", action=argparse.BooleanOptionalAction, default=default,
+                   help="keep each layer's K'/V' of the image tokens for the generation, and the next one with the "
+                   "same references: two projections fewer per layer and step for a few MiB (default: "
+                   f"{'on' if default else 'off, projected at every step as diffusers does'}); the images are the same")
+
+
 # Library parameters → the flags that set them: library errors name parameters ("weight_names="), a user of the
 # command line reads the flag instead (`load_prompter`'s and `GenerationRequest`'s).
 PARAMETER_FLAGS = {
@@ -97,6 +105,7 @@ def load_from_flags(args: argparse.Namespace) -> Any:
             weight_names=args.weight_name or (), image_encoder=args.image_encoder, device=args.device,
             dtype=args.dtype, scheduler=args.scheduler, base_lora=getattr(args, "base_lora", None),
             base_lora_scale=getattr(args, "base_lora_scale", 1.0), controlnet=getattr(args, "controlnet", None),
+            cache_kv=getattr(args, "cache_kv", False),
         )
     except IPAdapterError as err:
         raise as_flags(err) from None
@@ -155,6 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "docs/scale.md); the flags give the jobs' defaults")
     p.add_argument("--out-dir", help="with --manifest: folder for <id>-<k>.png, index.jsonl, errors.jsonl (resumable)")
     p.add_argument("--batch-size", type=int, default=4, help="with --manifest: jobs per UNet call (default 4)")
+    add_cache_kv_flag(p, default=False)
     p.set_defaults(func=run)
 
 
