@@ -179,20 +179,21 @@ def test_cache_kv_times_a_second_generation_that_projects_no_k_or_v(tmp_path, mo
     assert (inference.PROJECTIONS in timed[0]) != cache_kv
 
 
-def test_a_cold_generation_starts_without_the_k_and_v_the_last_one_kept() -> None:
+@pytest.mark.parametrize("case", ["full", "masked"])
+def test_a_cold_generation_starts_without_the_k_and_v_the_last_one_kept(case: str) -> None:
     """Rows (a) and (c) with `cache_kv`: the previous generation's K'/V' are emptied with the other caches, so the
     memory baseline does not hold them and the generation pays for its own: run again with the previous generation's
-    two masked references, it projects them anew (kept, it would reuse them and call no to_k_ip). Row (c)'s setup is
-    the one where the embedding cache's emptying alone would leave them reusable."""
+    references, it projects them anew, once a layer (kept, it would reuse them and call no to_k_ip; the embedding
+    cache's emptying alone leaves them reusable: re-encoding gives the same tokens)."""
     setting = inference.settings_of(inference.parse_args(["--quick", "--archs", "sd15"]))[0]
     bench = inference.Bench(setting, ("ipadapter",), cache_kv=True)
-    setup, _ = bench.generation_run("ipadapter", "masked")
+    setup, _ = bench.generation_run("ipadapter", case)
     setup()
     keys = [layer.to_k_ip for _, layer in bench.adapter.named_layers()]
     with calls_of(keys) as calls:
-        bench.generate("ipadapter", "masked", other=True)
+        bench.generate("ipadapter", case, other=True)
     bench.close()
-    assert len(calls) == len(keys) > 0  # once a layer: the two masked references are projected together
+    assert len(calls) == len(keys) > 0  # once a layer: two masked references are projected together
 
 
 def test_the_projection_run_projects_every_layers_k_and_v_once_a_step() -> None:
