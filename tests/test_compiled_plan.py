@@ -64,6 +64,10 @@ def _prompts() -> list[AdapterPrompt]:
                        Reference(cond=torch.randn(1, 4, 16), uncond=uncond, layer_weights={UP: 1.0})]),
         AdapterPrompt([Reference(cond=tokens, mask=mask), Reference(cond=torch.randn(1, 4, 16), mask=1 - mask),
                        Reference(cond=torch.randn(1, 4, 16), mask=mask, weight=0.0)]),
+        # Outside "v" scaling each masked reference is an attention of its own: two terms at a layer, each with its
+        # K'/V' and weight maps of the same shapes, none to be written over the other's.
+        AdapterPrompt([Reference(cond=tokens, mask=mask), Reference(cond=torch.randn(1, 4, 16), mask=1 - mask)],
+                      scaling="kv"),
     ]
 
 
@@ -134,11 +138,13 @@ def test_a_compiled_call_nothing_prepared_for_runs_the_eager_processor(
         att.detach()
 
 
-def test_the_compiled_plan_of_a_bf16_unet_under_autograd_computes_what_the_eager_processor_does(
-    attention, monkeypatch,
+@pytest.mark.parametrize("autograd", [True, False])
+def test_the_compiled_plan_of_a_bf16_unet_computes_what_the_eager_processor_does(
+    attention, monkeypatch, autograd: bool,
 ) -> None:
-    """The trainer's setting (an fp32 adapter on a bf16 UNet, autograd on) with masked references, one mask all ones:
-    the plan made for the UNet's dtype gives the eager output, in bf16."""
+    """An fp32 adapter on a bf16 UNet, with masked references, one mask all ones: the trainer's setting (autograd on,
+    the plan's tensors made anew) and inference's (off: written into the held tensors, which must take the UNet's
+    dtype). The plan made for the UNet's dtype gives the eager output, in bf16."""
     unet, adapter = attention
     unet = copy.deepcopy(unet).to(torch.bfloat16)
     mask = torch.zeros(16, 16)
@@ -148,14 +154,14 @@ def test_the_compiled_plan_of_a_bf16_unet_under_autograd_computes_what_the_eager
     sample, text = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.randn(2, 5, 16, dtype=torch.bfloat16)
     try:
         att.set_prompts({"0": AdapterPrompt(refs, scale=0.8)}, rows=1)
-        with torch.enable_grad():
+        with torch.set_grad_enabled(autograd):
             _as_if_compiled(monkeypatch, True)
             planned = unet(sample, 500, encoder_hidden_states=text).sample
             _as_if_compiled(monkeypatch, False)
             eager = unet(sample, 500, encoder_hidden_states=text).sample
     finally:
         att.detach()
-    assert planned.dtype == eager.dtype == torch.bfloat16 and planned.requires_grad
+    assert planned.dtype == eager.dtype == torch.bfloat16 and planned.requires_grad == autograd
     torch.testing.assert_close(planned, eager, atol=0.05, rtol=0.05)  # bf16 roundings in two orders
 
 
@@ -189,6 +195,34 @@ def test_under_autograd_two_generations_before_one_backward_give_the_eager_gradi
     assert any(n.startswith("adapter.") for n in grads[0]) or any("attn2.to_k" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_every_prepared_tensor_keeps_its_address_from_one_generation_to_the_next(tiny, monkeypatch) -> None:  # noqa: F811
+    """What tests/test_compile.py checks of the compiled graph's inputs, here at the plan: without autograd each
+    prepared K'/V', weight map, image weight and LoRA scale is written in place from one generation to the next (other
+    references and scale, same shapes), so CUDA graphs replay without copying them. The old tensors are kept alive, so
+    an address cannot come back by reuse; the values are checked against the eager processor above."""
+    unet, adapter = tiny
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1
+    att = attach(unet, adapter)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    seen = []
+    try:
+        for scale in (0.8, 0.5):
+            refs = [Reference(cond=torch.randn(1, 4, 16), mask=m) for m in (mask, 1 - mask)]
+            att.set_prompts({"0": AdapterPrompt(refs, scale=scale, scaling="kv")}, rows=1)
+            _as_if_compiled(monkeypatch, True)
+            with torch.no_grad():
+                unet(sample, 500, encoder_hidden_states=text)
+            seen.append([t for p in att._processors for c in p._prepared for t in (
+                c.image, c.lora, *(x for term in c.terms for x in (term.k, term.v, *(m for _, m in term.maps))))])
+            _as_if_compiled(monkeypatch, False)
+    finally:
+        att.detach()
+    kinds = {t.dim() for t in seen[0]}
+    assert kinds >= {0, 4} and len(seen[0]) == len(seen[1])  # scalars, K'/V', maps
+    assert [t.data_ptr() for t in seen[0]] == [t.data_ptr() for t in seen[1]]
 
 
 def test_the_compiled_plan_keeps_its_structure_when_a_scale_or_layer_weight_is_zero(
@@ -236,6 +270,26 @@ def test_prepare_makes_the_weights_on_the_device_asked_for(tiny) -> None:  # noq
     finally:
         att.detach()
     assert tensors and all(t.device == meta for t in tensors)
+
+
+def test_prepared_k_and_v_take_the_dtype_asked_for_after_another(tiny) -> None:  # noqa: F811
+    """A UNet cast between generations (float32, then bfloat16): the held K'/V' are made anew in the new dtype rather
+    than written into the float32 ones, which would keep them at twice the memory the bf16 graph reads."""
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    try:
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 16))])}, rows=1)
+        att.runtime.latent_hw = (8, 8)
+        dtypes = []
+        for dtype in (torch.float32, torch.bfloat16):
+            for processor in att._processors:
+                with torch.no_grad():  # inference: the tensors held from one generation to the next
+                    processor.prepare(2, dtype, torch.device("cpu"))
+            dtypes.append({t.dtype for p in att._processors for c in p._prepared for term in c.terms
+                           for t in (term.k, term.v)})
+    finally:
+        att.detach()
+    assert dtypes == [{torch.float32}, {torch.bfloat16}]
 
 
 def test_the_compiled_plan_under_autocast_computes_what_the_eager_processor_does(
