@@ -114,6 +114,19 @@ def test_kv_cache_gives_same_output_and_is_invalidated(sd15_unet) -> None:
     assert (other - first).abs().max() > 1e-4
 
 
+def test_clear_cache_inside_a_generation_leaves_kept_kv_working(sd15_unet) -> None:
+    """`clear_cache` between two UNet calls of one generation with `cache_kv` on: the next call makes its K'/V' and
+    terms again and gives the same output (nothing is left half-emptied)."""
+    att = attach(sd15_unet, _base_adapter(sd15_unet))
+    att.runtime.cache_kv = True
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 32))])})
+    first = run_unet(sd15_unet, "sd15", 2)
+    att.clear_cache()
+    again = run_unet(sd15_unet, "sd15", 2)
+    att.detach()
+    assert torch.equal(first, again)
+
+
 def _concat_adapter(unet):
     from ipadapter.adapter import AdapterConfig, IPAdapter
     from ipadapter.layers import attention_layers
@@ -261,11 +274,13 @@ def _one_layer(adapters: tuple[str, ...] = ("a",)):
     return attn, runtime, IPAttnProcessor(layer, AttnProcessor2_0(), runtime, weights, heads=attn.heads)
 
 
+@pytest.mark.parametrize("scaling", ["v", "kv"])
 @pytest.mark.parametrize("masks", ["drawn", "all ones"])
-def test_masked_references_together_equal_each_alone(masks: str) -> None:
+def test_masked_references_together_equal_each_alone(masks: str, scaling: str) -> None:
     """Closed form: before `to_out` the image terms add up, so at one layer the output with references {A, B masked;
-    C plain} equals out(A) + out(B) + out(C) − 2·out(none); A and B take the one-call path, each alone the SDPA path.
-    A mask of ones is no mask at all (each alone: the plain attention), also when both masks of the one call are."""
+    C plain} equals out(A) + out(B) + out(C) − 2·out(none); under "v" scaling A and B take the one-call path, each
+    alone the SDPA path; under "kv" each is an attention of its own, weighted by its own mask's map. A mask of ones is
+    no mask at all (each alone: the plain attention), also when both masks of the one call are."""
     torch.manual_seed(0)
     cross, hw = 32, (6, 5)
     attn, runtime, proc = _one_layer()
@@ -279,7 +294,8 @@ def test_masked_references_together_equal_each_alone(masks: str) -> None:
 
     def run(chosen: list[Reference], uncond_layer: bool) -> torch.Tensor:
         uncond_layers = frozenset({name}) if uncond_layer else frozenset()
-        runtime.set({"a": AdapterPrompt(chosen, scale=0.8, uncond_layers=uncond_layers)} if chosen else {}, cfg=True)
+        runtime.set({"a": AdapterPrompt(chosen, scale=0.8, uncond_layers=uncond_layers, scaling=scaling)}
+                    if chosen else {}, cfg=True)
         runtime.latent_hw = hw
         with torch.no_grad():
             return proc(attn, x, text)

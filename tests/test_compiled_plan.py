@@ -111,6 +111,33 @@ def test_the_compiled_plan_computes_what_the_eager_processor_does(attention, mon
         att.detach()
 
 
+def test_two_adapters_keep_their_own_scale_and_lora_scale_in_the_compiled_plan(tiny, monkeypatch) -> None:  # noqa: F811
+    """Two FaceID adapters (each with a LoRA whose deltas are not zero) at different scales and LoRA scales: each
+    prepared weight is its own adapter's, so the planned call gives the eager output."""
+    unet, _ = tiny
+    head = ProjectionConfig("linear", in_dim=8, cross_dim=16, tokens=4)
+    adapters = {}
+    for name in ("a", "b"):
+        adapters[name] = IPAdapter.for_unet(unet, AdapterConfig("faceid", head, lora_rank=4))
+        with torch.no_grad():
+            for key, param in adapters[name].named_parameters():
+                param.normal_(std=0.2, generator=torch.Generator().manual_seed(len(key) + len(name)))
+    att = attach(unet, adapters)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    try:
+        att.set_prompts({"a": AdapterPrompt([Reference(cond=torch.randn(1, 4, 16))], scale=0.9, lora_scale=1.0),
+                         "b": AdapterPrompt([Reference(cond=torch.randn(1, 4, 16))], scale=0.3, lora_scale=0.4)},
+                        rows=1)
+        with torch.no_grad():
+            _as_if_compiled(monkeypatch, True)
+            planned = unet(sample, 500, encoder_hidden_states=text).sample
+            _as_if_compiled(monkeypatch, False)
+            eager = unet(sample, 500, encoder_hidden_states=text).sample
+    finally:
+        att.detach()
+    torch.testing.assert_close(planned, eager, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("before", ["nothing", "a compiled call, then an eager one", "clear_cache"])
 def test_a_compiled_call_nothing_prepared_for_runs_the_eager_processor(
     tiny, monkeypatch, before: str,  # noqa: F811
