@@ -127,6 +127,28 @@ def test_clear_cache_inside_a_generation_leaves_kept_kv_working(sd15_unet) -> No
     assert torch.equal(first, again)
 
 
+def test_cache_kv_makes_k_and_v_anew_while_autograd_records(sd15_unet) -> None:
+    """`cache_kv` on with autograd recording (guidance by gradients, a training step): each call makes its own K'/V',
+    so two forward and backward passes in one generation give the same gradients (reusing the first call's K'/V'
+    would tie the second backward to the first graph, already freed)."""
+    adapter = _base_adapter(sd15_unet)
+    att = attach(sd15_unet, adapter)
+    att.runtime.cache_kv = True
+    att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 32))])})
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 6, factories.SD15_CROSS)
+    grads = []
+    try:
+        for _ in range(2):
+            adapter.zero_grad()
+            sd15_unet(sample, 500, encoder_hidden_states=text).sample.square().mean().backward()
+            grads.append([p.grad.clone() for p in adapter.parameters() if p.grad is not None])
+    finally:
+        att.detach()
+        adapter.zero_grad()
+        sd15_unet.zero_grad()
+    assert grads[0] and all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def _concat_adapter(unet):
     from ipadapter.adapter import AdapterConfig, IPAdapter
     from ipadapter.layers import attention_layers

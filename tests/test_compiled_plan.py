@@ -138,6 +138,27 @@ def test_two_adapters_keep_their_own_scale_and_lora_scale_in_the_compiled_plan(t
     torch.testing.assert_close(planned, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_without_cache_kv_the_compiled_plan_keeps_no_second_copy_of_k_and_v(tiny, monkeypatch) -> None:  # noqa: F811
+    """`cache_kv` off (the default): the prepared terms hold K'/V' in their held tensors, and no cache keeps the
+    projections they were copied from (twice the memory). With it on, the same call keeps them: the check can tell."""
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    kept = []
+    try:
+        for cache_kv in (False, True):
+            att.runtime.cache_kv = cache_kv
+            att.set_prompts({"0": AdapterPrompt([Reference(cond=torch.randn(1, 4, 16))])}, rows=1)
+            _as_if_compiled(monkeypatch, True)
+            with torch.no_grad():
+                unet(sample, 500, encoder_hidden_states=text)
+            _as_if_compiled(monkeypatch, False)
+            kept.append(sum(len(p.kv._now) + len(p.kv._before) for p in att._processors))
+    finally:
+        att.detach()
+    assert kept[0] == 0 < kept[1]
+
+
 @pytest.mark.parametrize("before", ["nothing", "a compiled call, then an eager one", "clear_cache"])
 def test_a_compiled_call_nothing_prepared_for_runs_the_eager_processor(
     tiny, monkeypatch, before: str,  # noqa: F811
