@@ -35,6 +35,16 @@ def _as_if_compiled(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
     monkeypatch.setattr(IPAttnProcessor, "_terms_of", _no_terms_made)
 
 
+def _planned_and_eager(
+    monkeypatch: pytest.MonkeyPatch, unet: torch.nn.Module, sample: torch.Tensor, t: object, text: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's output through the prepared call (as `torch.compile(unet)` makes it), then through the eager one."""
+    _as_if_compiled(monkeypatch, True)
+    planned = unet(sample, t, encoder_hidden_states=text).sample
+    _as_if_compiled(monkeypatch, False)
+    return planned, unet(sample, t, encoder_hidden_states=text).sample
+
+
 def _no_fallback(*args: object, **kwargs: object) -> None:
     raise AssertionError("a prepared compiled call fell back to the eager processor")
 
@@ -100,10 +110,7 @@ def test_the_compiled_plan_computes_what_the_eager_processor_does(attention, mon
             att.set_prompts({"0": prompt}, rows=1)
             for t in scheduler.timesteps[:3:2]:  # progress 0 and 0.5: outside and inside the last prompt's window
                 with torch.no_grad():
-                    _as_if_compiled(monkeypatch, True)
-                    planned = unet(sample, t, encoder_hidden_states=text).sample
-                    _as_if_compiled(monkeypatch, False)
-                    eager = unet(sample, t, encoder_hidden_states=text).sample
+                    planned, eager = _planned_and_eager(monkeypatch, unet, sample, t, text)
                 torch.testing.assert_close(planned, eager, atol=1e-5, rtol=1e-5)
                 if prompt.scale:
                     assert (eager - plain).abs().max() > 1e-4 or prompt.start > 0
@@ -129,10 +136,7 @@ def test_two_adapters_keep_their_own_scale_and_lora_scale_in_the_compiled_plan(t
                          "b": AdapterPrompt([Reference(cond=torch.randn(1, 4, 16))], scale=0.3, lora_scale=0.4)},
                         rows=1)
         with torch.no_grad():
-            _as_if_compiled(monkeypatch, True)
-            planned = unet(sample, 500, encoder_hidden_states=text).sample
-            _as_if_compiled(monkeypatch, False)
-            eager = unet(sample, 500, encoder_hidden_states=text).sample
+            planned, eager = _planned_and_eager(monkeypatch, unet, sample, 500, text)
     finally:
         att.detach()
     torch.testing.assert_close(planned, eager, atol=1e-5, rtol=1e-5)
@@ -203,10 +207,7 @@ def test_the_compiled_plan_of_a_bf16_unet_computes_what_the_eager_processor_does
     try:
         att.set_prompts({"0": AdapterPrompt(refs, scale=0.8)}, rows=1)
         with torch.set_grad_enabled(autograd):
-            _as_if_compiled(monkeypatch, True)
-            planned = unet(sample, 500, encoder_hidden_states=text).sample
-            _as_if_compiled(monkeypatch, False)
-            eager = unet(sample, 500, encoder_hidden_states=text).sample
+            planned, eager = _planned_and_eager(monkeypatch, unet, sample, 500, text)
     finally:
         att.detach()
     assert planned.dtype == eager.dtype == torch.bfloat16 and planned.requires_grad == autograd
@@ -353,10 +354,7 @@ def test_the_compiled_plan_under_autocast_computes_what_the_eager_processor_does
         for prompt in (_prompts()[0], _prompts()[6]):  # one reference; two masked ones in one attention
             att.set_prompts({"0": prompt}, rows=1)
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                _as_if_compiled(monkeypatch, True)
-                planned = unet(sample, 500, encoder_hidden_states=text).sample
-                _as_if_compiled(monkeypatch, False)
-                eager = unet(sample, 500, encoder_hidden_states=text).sample
+                planned, eager = _planned_and_eager(monkeypatch, unet, sample, 500, text)
             torch.testing.assert_close(planned, eager, atol=1e-2, rtol=1e-2)
     finally:
         att.detach()
