@@ -1,12 +1,15 @@
 """The tests' tiny models and files (nothing is downloaded).
 
 Two sizes: the generation and parity models (SD 1.5 / SDXL block layouts, published-layout adapter state dicts,
-whole pipelines), and below them the smaller training-size models, pipeline folders and datasets.
+whole pipelines), and below them the smaller training-size models, pipeline folders and datasets; at the end,
+`calls_of`, which counts a module's calls (how often a projection ran).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -464,3 +467,15 @@ def hub_without_network(monkeypatch, cache: Path) -> list[str]:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(type(get_session()), "send", no_network)  # every Hub request goes through it
     return sent
+
+
+@contextmanager
+def calls_of(modules: list[torch.nn.Module]) -> Iterator[list[int]]:
+    """A list that grows by one at each call of any of `modules` while the block runs."""
+    calls: list[int] = []
+    hooks = [module.register_forward_hook(lambda *_: calls.append(1)) for module in modules]
+    try:
+        yield calls
+    finally:
+        for hook in hooks:
+            hook.remove()

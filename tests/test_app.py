@@ -252,16 +252,11 @@ def test_the_app_keeps_k_and_v_so_a_rerun_projects_none(service, tiny) -> None:
     assert not parse(["generate"]).cache_kv and parse(["generate", "--cache-kv"]).cache_kv
     projections = [m for _, layer in service.loaded.prompter.adapters["0"].named_layers()
                    for m in (layer.to_k_ip, layer.to_v_ip)]
-    calls: list[int] = []
-    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in projections]
     service.loaded.prompter.attachment.clear_cache()  # whatever the tests before left
-    try:
+    with factories.calls_of(projections) as calls:
         service.generate(_form(tiny, seed=7))
         first = len(calls)
         service.generate(_form(tiny, seed=8, scale=0.5))
-    finally:
-        for hook in hooks:
-            hook.remove()
     assert first == len(projections) > 0  # once a layer for the generation's two steps, not once a step
     assert len(calls) == first
 

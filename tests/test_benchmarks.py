@@ -9,8 +9,6 @@ import math
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import torch
 
 from benchmarks import inference
 from tests import factories
+from tests.factories import calls_of
 
 
 def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
@@ -141,18 +140,6 @@ def test_rows_b_times_only_the_generations_row_b_compares(tmp_path, monkeypatch)
     assert any("second generation, same reference, over plain" in line for line in notes)
     assert any(line.startswith("- SD1.5 (b), pass by pass: every layer's K'/V' projections alone, 2 steps: +")
                for line in notes), notes
-
-
-@contextmanager
-def calls_of(modules: list[torch.nn.Module]) -> Iterator[list[int]]:
-    """A list that grows by one at each call of any of `modules` while the block runs."""
-    calls: list[int] = []
-    hooks = [module.register_forward_hook(lambda *_: calls.append(1)) for module in modules]
-    try:
-        yield calls
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 @pytest.mark.parametrize("cache_kv", [False, True])
