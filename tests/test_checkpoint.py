@@ -218,7 +218,7 @@ def test_loading_draws_no_random_weights_and_keeps_no_link_to_a_callers_dict(sd1
 def test_weights_share_memory_with_neither_the_file_nor_each_other(sd15_unet, tmp_path) -> None:
     """A torch file is mapped, but the adapter's weights are its own: the file rewritten in place (or saved over
     from the adapter itself) leaves them as loaded, and two keys the file stored as one tensor load as two weights,
-    which the safetensors writer then accepts (it refuses tensors that share memory)."""
+    no two of them overlapping in memory, which the safetensors writer then accepts (it refuses tensors that do)."""
     state = factories.published(sd15_unet, "base", factories.SD15_CROSS)
     layer = state["ip_adapter"]
     first_k = next(k for k in layer if k.endswith("to_k_ip.weight"))
@@ -226,8 +226,8 @@ def test_weights_share_memory_with_neither_the_file_nor_each_other(sd15_unet, tm
     torch.save(state, tmp_path / "a.bin")
     adapter = load_adapter(tmp_path / "a.bin", sd15_unet)
     loaded = {k: v.clone() for k, v in adapter.state_dict().items()}
-    pointers = [p.untyped_storage().data_ptr() for p in adapter.parameters()]
-    assert len(set(pointers)) == len(pointers)
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.nbytes) for p in adapter.parameters())
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
     save_adapter(adapter, tmp_path / "own.safetensors")
 
     torch.save(adapter.state_dict(), tmp_path / "a.bin")  # over the file it came from: truncated, then written
@@ -235,6 +235,25 @@ def test_weights_share_memory_with_neither_the_file_nor_each_other(sd15_unet, tm
         f.seek(0)
         f.write(bytes(os.path.getsize(tmp_path / "a.bin")))
     assert all(torch.equal(v, loaded[k]) for k, v in adapter.state_dict().items())
+
+
+def test_on_the_cpu_the_weights_are_one_allocation_each_aligned_with_a_storage_of_its_own(sd15_unet) -> None:
+    """Loading copies every weight into one allocation (glibc maps each large allocation on its own, a page over its
+    size): end to end in memory, each starting 64 bytes aligned as an allocation of its own would, each holding the
+    file's values cast to the dtype asked for. Each has a storage of its own as accelerate tells storages apart: its
+    safetensors saver drops all but one of the tensors that share one."""
+    from accelerate.utils import id_tensor_storage
+
+    state = factories.published(sd15_unet, "plus", factories.SD15_CROSS)
+    adapter = adapter_from_state_dict(state, sd15_unet, dtype=torch.float16)
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.nbytes) for p in adapter.parameters())
+    assert all(0 <= start - end < 64 for (_, end), (start, _) in zip(spans, spans[1:]))
+    assert all(p.dtype == torch.float16 and p.data_ptr() % 64 == 0 for p in adapter.parameters())
+    published = published_state_dict(adapter, sd15_unet)
+    assert {g: t.keys() for g, t in published.items()} == {g: t.keys() for g, t in state.items()}
+    assert all(torch.equal(published[g][k], v.half()) for g, tensors in state.items() for k, v in tensors.items())
+    weights = adapter.state_dict().values()
+    assert len({id_tensor_storage(t) for t in weights}) == len(weights)
 
 
 def test_a_file_system_that_cannot_map_files_still_loads(sd15_unet, tmp_path, monkeypatch) -> None:

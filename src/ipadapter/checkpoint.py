@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import itertools
 import os
 import pickle
 import re
@@ -37,6 +38,7 @@ from ipadapter.validation import model_source
 from ipadapter.variants import detect_variant_name, get_variant
 
 _INDEX_KEY = re.compile(r"^(\d+)\.(.+)$")
+_ALIGN_BYTES = 64  # where each weight starts in `_copies`'s block: the alignment torch gives an allocation of its own
 VIT_H_TOKENS = 257  # ViT-H/14 at 224 px: 16 x 16 patches and the class token
 _LORA_RANK_KEY = "to_q_lora.down.weight"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -269,19 +271,37 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def fill(module: M, own: Mapping[str, torch.Tensor], *, device: torch.device | str, dtype: torch.dtype) -> M:
-    """A module built on the meta device (shapes only), given its checked weights. The tensors become its weights
-    and are moved and cast to `device`/`dtype`, a copy where either differs (a published fp16 file on a GPU or for an
-    fp32 UNet); a weight the move left as it was is copied then, so the module never shares memory with the tensors
-    given: a caller's dict, or a mapped file (saving over it would pull the pages from under the weights). Random
-    weights drawn to be overwritten, then a copy over them, were most of an SDXL Plus load (5.5 s and 8.3 s on this
-    project's 2-core machine, beside 6.9 s of reading the file)."""
-    given = {t.untyped_storage().data_ptr() for t in own.values() if not t.is_meta}
+    """A module built on the meta device (shapes only), given its checked weights, copied, moved and cast (floating
+    point to `dtype`) by `_copies`. The module never shares memory with the tensors given (a caller's dict, or a
+    mapped file: saving over it would pull the pages from under the weights), and two weights the file stored as one
+    tensor load as two. Random weights drawn to be overwritten, then a copy over them, were most of an SDXL Plus load
+    (5.5 s and 8.3 s on this project's 2-core machine, beside 6.9 s of reading the file)."""
     module.load_state_dict(own, assign=True)
-    module = module.to(device=device, dtype=dtype)
-    for tensor in (*module.parameters(), *module.buffers()):
-        if not tensor.is_meta and tensor.untyped_storage().data_ptr() in given:
-            tensor.data = tensor.data.clone()  # also unties two weights the file stored as one tensor
+    slots = [(held, name) for m in module.modules() for held in (m._parameters, m._buffers)
+             for name, tensor in held.items() if tensor is not None]
+    old = [held[name] for held, name in slots]
+    with torch.no_grad():  # weights require grad: each copy would record an autograd node
+        new = _copies(old, torch.device(device), dtype)
+    for (held, name), was, tensor in zip(slots, old, new):
+        held[name] = nn.Parameter(tensor, was.requires_grad) if isinstance(was, nn.Parameter) else tensor
     return module
+
+
+def _copies(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each tensor copied to `device`, floating point cast to `dtype`, each with a storage of its own (savers such as
+    accelerate's drop all but one of the tensors that share one). On the CPU the storages are carved from one
+    allocation, 64-byte aligned as torch aligns its own: glibc gives each large allocation a mapping of its own, a
+    page over its size, which cost SDXL's base adapter 0.35 MiB above its 1,340 MiB of weights in the memory
+    benchmark's process (`benchmarks/inference.py`), where the block costs nothing (diffusers' weights are views into
+    the mapped file)."""
+    dtypes = [dtype if t.is_floating_point() else t.dtype for t in tensors]
+    if device.type != "cpu":  # accelerators' caching allocators pay no page per allocation
+        return [t.to(device, d, copy=True) for t, d in zip(tensors, dtypes)]
+    sizes = [t.numel() * d.itemsize for t, d in zip(tensors, dtypes)]
+    starts = list(itertools.accumulate((-(-n // _ALIGN_BYTES) * _ALIGN_BYTES for n in sizes), initial=0))
+    block = torch.UntypedStorage(starts[-1])
+    return [torch.empty(0, dtype=d).set_(block[start : start + n], 0, t.shape).copy_(t)
+            for t, d, n, start in zip(tensors, dtypes, sizes, starts)]
 
 
 def load_adapter(
