@@ -238,8 +238,8 @@ def test_weights_share_memory_with_neither_the_file_nor_each_other(sd15_unet, tm
 
 
 def test_on_the_cpu_the_weights_are_one_allocation_each_aligned_with_a_storage_of_its_own(sd15_unet) -> None:
-    """Loading copies every weight into one allocation (glibc maps each large allocation on its own, a page over its
-    size): end to end in memory, each starting 64 bytes aligned as an allocation of its own would, each holding the
+    """Loading copies every weight into one allocation (separate copies left the allocator's slack between them):
+    end to end in memory, each starting 64 bytes aligned as an allocation of its own would, each holding the
     file's values cast to the dtype asked for. Each has a storage of its own as accelerate tells storages apart: its
     safetensors saver drops all but one of the tensors that share one."""
     from accelerate.utils import id_tensor_storage

@@ -290,10 +290,10 @@ def fill(module: M, own: Mapping[str, torch.Tensor], *, device: torch.device | s
 def _copies(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
     """Each tensor copied to `device`, floating point cast to `dtype`, each with a storage of its own (savers such as
     accelerate's drop all but one of the tensors that share one). On the CPU the storages are carved from one
-    allocation, 64-byte aligned as torch aligns its own: glibc gives each large allocation a mapping of its own, a
-    page over its size, which cost SDXL's base adapter 0.35 MiB above its 1,340 MiB of weights in the memory
-    benchmark's process (`benchmarks/inference.py`), where the block costs nothing (diffusers' weights are views into
-    the mapped file)."""
+    allocation, 64-byte aligned as torch aligns its own: separate copies left the allocator's slack between them,
+    0.35 MiB above the 1,340 MiB of SDXL's base adapter in the memory benchmark's process (`benchmarks/inference.py`;
+    diffusers' weights are views into the mapped file), the block none. Its price: freed, it goes back to the OS, so a
+    second load in the process takes fresh pages (docs/benchmarks.md, "Loading an adapter file")."""
     dtypes = [dtype if t.is_floating_point() else t.dtype for t in tensors]
     if device.type != "cpu":  # accelerators' caching allocators pay no page per allocation
         return [t.to(device, d, copy=True) for t, d in zip(tensors, dtypes)]
