@@ -16,7 +16,6 @@ import torch
 
 from benchmarks import inference
 from tests import factories
-from tests.factories import calls_of
 
 
 def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
@@ -154,7 +153,7 @@ def test_cache_kv_times_a_second_generation_that_projects_no_k_or_v(tmp_path, mo
     setup, run = bench.generation_run("ipadapter", "second")
     setup()
     projections = [m for _, layer in bench.adapter.named_layers() for m in (layer.to_k_ip, layer.to_v_ip)]
-    with calls_of(projections) as calls:
+    with factories.calls_of(projections) as calls:
         run()
     bench.close()
     assert len(calls) == (0 if cache_kv else len(projections) * setting.steps)
@@ -177,7 +176,7 @@ def test_a_cold_generation_starts_without_the_k_and_v_the_last_one_kept(case: st
     setup, _ = bench.generation_run("ipadapter", case)
     setup()
     keys = [layer.to_k_ip for _, layer in bench.adapter.named_layers()]
-    with calls_of(keys) as calls:
+    with factories.calls_of(keys) as calls:
         bench.generate("ipadapter", case, other=True)
     bench.close()
     assert len(calls) == len(keys) > 0  # once a layer: two masked references are projected together
