@@ -88,6 +88,23 @@ def test_detach_leaves_the_unet_as_never_touched_and_may_be_called_twice(sd15_un
         assert all(p is processors[n] for n, p in sd15_unet.attn_processors.items())
 
 
+def test_while_attached_the_adapters_layers_move_with_the_unet() -> None:
+    """Model offloading moves the UNet (`unet.to(...)`) just before it runs: while attached, the adapter's layers are
+    submodules of the UNet's processors, as diffusers' own IP-Adapter processors hold their K'/V' weights, so they
+    move and cast with it (a dtype stands in for a device here). Detached, the UNet holds none of them."""
+    unet = factories.sd15_unet()
+    adapter = _new_adapter(unet)
+    keys = set(unet.state_dict())
+    attachment = attach(unet, adapter)
+    try:
+        unet.to(torch.float64)
+        assert {p.dtype for p in adapter.layers.parameters()} == {torch.float64}
+        assert len(set(unet.state_dict()) - keys) == len(adapter.layers.state_dict())
+    finally:
+        attachment.detach()
+    assert set(unet.state_dict()) == keys
+
+
 def test_a_processor_replaced_after_attaching_is_one_sentence(sd15_unet) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -1103,6 +1103,176 @@ def test_a_layer_with_query_and_key_norms_applies_them_to_the_text_attention() -
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("after", ["training dropout", "another module"])
+def test_the_layer_after_the_output_projection_runs_as_diffusers_runs_it(after: str) -> None:
+    """`to_out[1]` is called as diffusers calls it: a Dropout that is training drops (the same entries, from the same
+    seed), and a module of another kind runs in eval mode too; only an evaluating Dropout, the identity, is skipped.
+    Against diffusers' own `IPAdapterAttnProcessor2_0` with the same K'/V' weights and scale."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(15)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16, dropout=0.5)
+    if after == "another module":
+        attn.to_out[1] = torch.nn.Linear(64, 64)
+        attn.eval()
+    proc, ours, runtime = _processor_on(attn, 32)
+    theirs = _diffusers_twin(ours)
+    x, text, tokens = torch.randn(2, 30, 64), torch.randn(2, 7, 32), torch.randn(1, 3, 32)
+    runtime.set({"a": AdapterPrompt([Reference(cond=tokens)], scale=0.8)}, cfg=False)
+    runtime.latent_hw = (6, 5)
+    with torch.no_grad():
+        torch.manual_seed(16)
+        got = proc(attn, x, text)
+        torch.manual_seed(16)
+        expected = theirs(attn, x, (text, [tokens.expand(2, -1, -1)]))
+        attn.to_out[1] = torch.nn.Identity()
+        skipped = theirs(attn, x, (text, [tokens.expand(2, -1, -1)]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - skipped).abs().max() > 1e-3  # the layer after the projection does change the output
+
+
+def test_a_part_of_an_adapter_at_zero_runs_none_of_its_layers() -> None:
+    """What a call can skip is decided once: a FaceID adapter whose LoRA scale is 0 runs none of its LoRA layers while
+    its image attention acts, and outside its step window (image weight 0) it projects no K'/V' while its LoRA acts.
+    Counted by the adapter's own layers' calls; each part's values are checked against diffusers elsewhere."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(17)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16).eval()
+    proc, ours, runtime = _processor_on(attn, 32, lora_rank=4)
+    calls = {"lora": 0, "image": 0}
+    for module, part in ((ours.to_q_lora, "lora"), (ours.to_k_lora, "lora"), (ours.to_v_lora, "lora"),
+                         (ours.to_out_lora, "lora"), (ours.to_k_ip, "image"), (ours.to_v_ip, "image")):
+        module.register_forward_hook(lambda *_, part=part: calls.__setitem__(part, calls[part] + 1))
+    x, text, tokens = torch.randn(2, 30, 64), torch.randn(2, 7, 32), torch.randn(1, 3, 32)
+
+    def run(progress: float, **prompt: float) -> dict[str, int]:
+        calls.update(lora=0, image=0)
+        runtime.set({"a": AdapterPrompt([Reference(cond=tokens)], start=0.5, end=1.0, **prompt)}, cfg=False,
+                    weights={"a": "w"})
+        runtime.latent_hw, runtime.progress = (6, 5), progress
+        with torch.no_grad():
+            proc(attn, x, text)
+        return dict(calls)
+
+    assert run(0.7) == {"lora": 4, "image": 2}  # both parts act inside the window
+    assert run(0.7, lora_scale=0.0) == {"lora": 0, "image": 2}
+    assert run(0.2) == {"lora": 4, "image": 0}
+
+
+@pytest.mark.parametrize("cache_kv", [True, False])
+def test_a_call_under_autograd_after_one_without_in_the_same_generation_has_every_gradient(cache_kv: bool) -> None:
+    """Terms kept by an inference call of a generation (K'/V', or the laid-out tokens without `cache_kv`) are made
+    without autograd: a later call of the same generation that records (guidance by gradients after a plain pass)
+    must make its own, or the K'/V' weights and the reference tokens get no gradient. Against the same call in a
+    generation that made nothing before it."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(19)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16).eval()
+    proc, ours, runtime = _processor_on(attn, 32)
+    runtime.cache_kv = cache_kv
+    x, text, tokens = torch.randn(2, 30, 64), torch.randn(2, 7, 32), torch.randn(1, 3, 32)
+
+    def grads(after_inference: bool) -> list[torch.Tensor]:
+        ours.zero_grad()
+        cond = tokens.clone().requires_grad_()
+        runtime.set({"a": AdapterPrompt([Reference(cond=cond)], scale=0.8)}, cfg=False, weights={"a": "w"})
+        runtime.latent_hw = (6, 5)
+        if after_inference:
+            with torch.no_grad():
+                proc(attn, x, text)
+        proc(attn, x, text).square().sum().backward()
+        return [ours.to_k_ip.weight.grad, ours.to_v_ip.weight.grad, cond.grad]
+
+    expected = grads(after_inference=False)
+    assert all(g is not None and g.abs().max() > 0 for g in expected)
+    for got, want in zip(grads(after_inference=True), expected):
+        assert got is not None
+        torch.testing.assert_close(got, want)
+
+
+def test_two_adapters_both_reuse_their_k_and_v_in_the_next_generation() -> None:
+    """`cache_kv`: a generation with the same references reuses the K'/V' the last one made, for every adapter at the
+    layer; the last generation's are let go only once each adapter has taken its own (the first adapter's terms must
+    not drop the second's). Counted by the adapters' projection calls."""
+    attn, runtime, proc = _one_layer(("a", "b"))
+    runtime.cache_kv = True
+    projected = []
+    for name in ("a", "b"):
+        proc._weights[name].to_k_ip.register_forward_hook(lambda *_, name=name: projected.append(name))
+    torch.manual_seed(20)
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    prompts = {name: AdapterPrompt([Reference(cond=torch.randn(1, 3, 32))]) for name in ("a", "b")}
+    counts = []
+    for _ in range(2):
+        projected.clear()
+        runtime.set(prompts, cfg=False, weights={"a": "wa", "b": "wb"})
+        runtime.latent_hw = (6, 5)
+        with torch.no_grad():
+            proc(attn, x, text)
+        counts.append(sorted(projected))
+    assert counts == [["a", "b"], []]
+
+
+def test_one_of_two_attached_adapters_prompted_with_per_layer_weights() -> None:
+    """Two adapters attached, one prompted, with a weight for this layer: the other, without a prompt, takes no part
+    in the layer's plan. Closed form: a per-layer weight w at scale 1 is scale w without per-layer weights."""
+    attn, runtime, proc = _one_layer(("a", "b"))
+    torch.manual_seed(21)
+    x, text, tokens = torch.randn(2, 30, 64), torch.randn(2, 7, 32), torch.randn(1, 3, 32)
+    outputs = []
+    for prompt in (AdapterPrompt([Reference(cond=tokens)], layer_weights={ONE_LAYER: 0.5}),
+                   AdapterPrompt([Reference(cond=tokens)], scale=0.5)):
+        runtime.set({"a": prompt}, cfg=False)
+        runtime.latent_hw = (6, 5)
+        with torch.no_grad():
+            outputs.append(proc(attn, x, text))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+
+
+def test_the_last_generations_k_and_v_are_let_go_beside_an_adapter_at_scale_zero() -> None:
+    """Memory, `cache_kv`: once every adapter acting at a layer has taken its K'/V' for a generation, the previous
+    generation's that it did not reuse are dropped; an adapter at scale 0 makes none and must not hold them up."""
+    attn, runtime, proc = _one_layer(("a", "b"))
+    runtime.cache_kv = True
+    torch.manual_seed(22)
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    zero = AdapterPrompt([Reference(cond=torch.randn(1, 3, 32))], scale=0.0)
+    kept = []
+    for tokens in (torch.randn(1, 3, 32), torch.randn(1, 3, 32)):
+        runtime.set({"a": AdapterPrompt([Reference(cond=tokens)]), "b": zero}, cfg=False,
+                    weights={"a": "wa", "b": "wb"})
+        runtime.latent_hw = (6, 5)
+        with torch.no_grad():
+            proc(attn, x, text)
+        kept.append({(key.adapter, key.refs) for key in (*proc.kv._now, *proc.kv._before)})
+    assert len(kept[0]) == len(kept[1]) == 1 and kept[0] != kept[1]
+
+
+def test_the_simple_adapters_bias_from_a_tensor_weight_is_in_the_keys_dtype() -> None:
+    """On the compiled path the simple adapter's weight is a float32 tensor; the bias it becomes on the image columns
+    is made in the keys' dtype (bf16 here), as the eager path's bias from a float is. Closed form: 0 on the text
+    columns, log(w) on the image's."""
+    import math
+
+    from diffusers.models.attention_processor import Attention
+
+    from ipadapter.plan import Act
+
+    torch.manual_seed(18)
+    attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16).eval().to(torch.bfloat16)
+    proc, _, runtime = _processor_on(attn, 32, concat=True)
+    runtime.set({"a": AdapterPrompt([Reference(cond=torch.randn(1, 3, 32))], scale=0.8)}, cfg=False)
+    act = Act(proc.plan()[0], torch.tensor(0.8), torch.tensor(0.0), ())
+    key = value = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _, _, bias = proc._concat(attn, [act], key, value, None, 2)
+    expected = torch.tensor([0.0] * 7 + [math.log(0.8)] * 3, dtype=torch.bfloat16)
+    assert bias.dtype == torch.bfloat16
+    torch.testing.assert_close(bias.flatten(), expected, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("attention", ["decoupled", "concat"])
 def test_a_call_without_text_is_plain_self_attention(attention: str) -> None:
     """A cross-attention layer called without encoder states attends to its own hidden states (diffusers'

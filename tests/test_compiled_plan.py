@@ -321,6 +321,30 @@ def test_prepare_makes_the_weights_on_the_device_asked_for(tiny) -> None:  # noq
     assert tensors and all(t.device == meta for t in tensors)
 
 
+@pytest.mark.parametrize("scaling", ["v", "kv"])
+def test_prepared_weight_maps_are_on_the_device_and_in_the_dtype_asked_for(tiny, scaling: str) -> None:  # noqa: F811
+    """The masks' weights on each token grid, as `prepare` makes them for the compiled graph: on the UNet's device
+    (meta standing in for an accelerator, as above) and in its dtype, for masked references in one attention ("v")
+    and each in its own ("kv")."""
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1
+    meta = torch.device("meta")
+    try:
+        refs = [Reference(cond=torch.randn(1, 4, 16), mask=m) for m in (mask, 1 - mask)]
+        att.set_prompts({"0": AdapterPrompt(refs, scaling=scaling)}, rows=1)
+        att.runtime.latent_hw = (8, 8)
+        maps = []
+        for processor in att._processors:
+            with torch.no_grad():
+                processor.prepare(2, torch.bfloat16, meta)
+            maps += [m for c in processor._prepared for term in c.terms for _, m in term.maps if m is not None]
+    finally:
+        att.detach()
+    assert maps and all(m.device == meta and m.dtype == torch.bfloat16 for m in maps)
+
+
 def test_prepared_k_and_v_take_the_dtype_asked_for_after_another(tiny) -> None:  # noqa: F811
     """A UNet cast between generations (float32, then bfloat16): the held K'/V' are made anew in the new dtype rather
     than written into the float32 ones, which would keep them at twice the memory the bf16 graph reads."""

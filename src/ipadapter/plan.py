@@ -45,7 +45,8 @@ class Laid(NamedTuple):
     scaled: bool  # a factor other than 1
 
     def tokens(self) -> torch.Tensor:
-        """(B, R·T, C), a new tensor: the references side by side, each projection weight then read once for all."""
+        """(B, R·T, C): the references side by side, each projection weight then read once for all (one reference
+        laid out in one part: that tensor itself, nothing to join)."""
         if len(self.halves) == 1:  # one reference, no list made: this runs at every call of every layer
             h = self.halves[0]
             return torch.cat(h, dim=0) if len(h) > 1 else h[0]
