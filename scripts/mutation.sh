@@ -34,7 +34,7 @@ core_tests=(test_core_regressions.py test_runtime.py test_projection_shapes.py t
        test_conditioning_masks.py test_conditioning_negatives.py test_conditioning_presets.py
        test_conditioning_schedules.py test_attach.py test_load.py test_variants.py test_dit_sd3.py test_dit_flux.py
        test_dit_attach.py test_compiled_plan.py test_face_embedding.py test_encoder_loading.py test_prompter_faceid.py
-       test_cli_generate.py test_cli_extras.py)
+       test_cli_generate.py test_cli_extras.py test_device_reads.py)
 read -r -a tests <<< "${TESTS:-${core_tests[*]}}"
 # Tests that run the package in a child interpreter: mutmut's trampoline there has no configuration (its stats run
 # fails on them) and cannot switch mutants, so they can neither kill nor keep one.

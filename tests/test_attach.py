@@ -120,6 +120,18 @@ def test_a_processor_replaced_after_attaching_is_one_sentence(sd15_unet) -> None
     )
 
 
+def test_a_layer_removed_after_attaching_is_named_as_a_replaced_one() -> None:
+    """A block rebuilt after attaching (its attention layer gone from the path) loses the adapter there as surely as
+    a replaced processor: the layer is named, not skipped with every layer after it. (The UNet is the test's own:
+    with a layer gone, it cannot be detached.)"""
+    unet = factories.sd15_unet()
+    attachment = attach(unet, _new_adapter(unet))
+    first = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    del unet.get_submodule(first.rsplit(".", 1)[0]).attn2
+    with pytest.raises(IPAdapterError, match=f"the attention processor of {first} was replaced"):
+        attachment.check_intact()
+
+
 def test_a_layer_whose_processor_this_attachment_did_not_put_in_is_named(sd15_unet) -> None:
     """An adapter processor of the same kind, but not the one attached (the layer copied, e.g. by a deep copy of
     the block), would escape `detach` and the next prompts: named as a replacement too."""

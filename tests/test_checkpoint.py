@@ -525,6 +525,77 @@ def test_a_legacy_torch_file_cut_anywhere_is_torn_not_code(sd15_unet, tmp_path) 
     assert messages == {f"{path} is not a readable checkpoint (truncated or corrupt)"}
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's list of the process's mappings")
+def test_a_torch_zip_file_is_mapped_not_read_when_asked(tmp_path) -> None:
+    """`_torch_load(mapped=True)`: a `torch.save` zip file's tensors lie in a mapping of that file (the kernel's own
+    list, /proc/self/maps, says so), not in memory read from it; `mapped=False`, and the legacy format that cannot be
+    mapped, are read. The values are the file's either way."""
+    from pathlib import Path
+
+    from ipadapter.checkpoint import _torch_load
+
+    def in_mapping_of(t: torch.Tensor, path: Path) -> bool:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == str(path):
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= t.data_ptr() < high:
+                    return True
+        return False
+
+    weights = {"x": torch.arange(6.0)}
+    zipped, legacy = tmp_path / "zipped.bin", tmp_path / "legacy.bin"
+    torch.save(weights, zipped)
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
+    loaded = {(path.name, mapped): _torch_load(path, mapped=mapped)["x"] for path in (zipped, legacy)
+              for mapped in (True, False)}
+    assert {key: in_mapping_of(t, tmp_path / key[0]) for key, t in loaded.items()} == {
+        ("zipped.bin", True): True, ("zipped.bin", False): False, ("legacy.bin", True): False,
+        ("legacy.bin", False): False}
+    assert all(torch.equal(t, weights["x"]) for t in loaded.values())
+
+
+def test_a_weights_file_is_told_by_its_first_bytes_whatever_its_name(tmp_path) -> None:
+    """`is_weights_file`: safetensors and both `torch.save` formats are weights whatever they are called; an image,
+    text, an empty file, a folder or a missing path are not (the last two cannot be read)."""
+    from safetensors.torch import save_file
+
+    from ipadapter.checkpoint import is_weights_file
+
+    weights = {"x": torch.zeros(2)}
+    save_file(weights, tmp_path / "a.png")
+    torch.save(weights, tmp_path / "b.txt")
+    torch.save(weights, tmp_path / "c", _use_new_zipfile_serialization=False)
+    (tmp_path / "d.safetensors").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "e.bin").write_text("hello\n")
+    (tmp_path / "f.pt").write_bytes(b"")
+    (tmp_path / "g.bin").mkdir()
+    found = {name: is_weights_file(tmp_path / name) for name in ("a.png", "b.txt", "c", "d.safetensors", "e.bin",
+                                                                "f.pt", "g.bin", "missing.bin")}
+    assert found == {"a.png": True, "b.txt": True, "c": True, "d.safetensors": False, "e.bin": False, "f.pt": False,
+                     "g.bin": False, "missing.bin": False}
+
+
+def test_a_refused_global_is_code_only_when_its_name_can_exist() -> None:
+    """`names_a_global`, which tells a pickle carrying code from a torn one by the name torch quotes: a builtin
+    (torch quotes them bare), an attribute chain of an imported module, or a package that is installed but not
+    imported (nothing is imported to check) can be real; a name cut short, an attribute a module lacks, an empty
+    part or an uninstalled package cannot. The truth is Python's own: the objects exist or do not."""
+    import importlib.util
+    import sys
+
+    from ipadapter.checkpoint import names_a_global
+
+    installed = next(n for n in ("pip", "setuptools", "wheel", "pytest_xdist", "xdist")
+                     if n not in sys.modules and importlib.util.find_spec(n) is not None)
+    real = [f"{os.system.__module__}.system", "eval", "getattr", "torch._utils._rebuild_tensor_v2", "torch.Tensor.add",
+            "collections.OrderedDict", f"{installed}.anything"]
+    cut = ["torch._utils._reb", "collections.Ordered", "collections", "torch.Tensor.nothere", "torch..Tensor", "",
+           "nosuchpackage_ipadapter.x"]
+    assert [names_a_global(n) for n in real] == [True] * len(real)
+    assert [names_a_global(n) for n in cut] == [False] * len(cut)
+
+
 def test_a_name_that_is_neither_a_path_nor_a_repo_id_is_not_found(sd15_unet, tmp_path, monkeypatch) -> None:
     """"nothere" is a missing file or folder (as the command line's check says), not a Hub repo id short of a weight
     name; "owner/name/more" is not a repo id either."""

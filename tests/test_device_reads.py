@@ -240,3 +240,61 @@ def test_a_view_of_the_schedulers_timesteps_is_placed_without_a_tensor_operation
             assert found == attachment._progress(torch.tensor(values[i]))  # by value: the search
     finally:
         attachment.detach()
+
+
+def test_a_calls_timestep_is_read_as_a_number_from_the_host_copy_where_it_is_a_view() -> None:
+    """`_timestep_value`: a number, a numpy integer (older schedulers' timesteps) and a CPU tensor are read as they
+    are; a device tensor that is a view into the scheduler's timesteps (one of them, or one expanded over the batch)
+    is looked up in the host copy, with no value read from the device; one of its own is read."""
+    import numpy as np
+
+    unet = factories.sd15_unet()
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    scheduler = EulerDiscreteScheduler()
+    host = _timesteps_on_meta(scheduler, 6)
+    attachment = attach(unet, IPAdapter.for_unet(unet, config), scheduler=scheduler)
+    try:
+        read = attachment._timestep_value
+        assert read(None) is None
+        assert [read(500), read(np.int64(500)), read(torch.tensor([500.0, 500.0]))] == [500.0] * 3
+        mode = DeviceReads(host.float())
+        with mode:
+            found = [read(scheduler.timesteps[2]), read(scheduler.timesteps[4].expand(2))]
+        assert mode.reads == []
+        assert found == [float(host[2]), float(host[4])]
+
+        class Serve(TorchDispatchMode):
+            """Answers a value read of a meta tensor with 0.25: a device tensor of its own must be read."""
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+                if func is torch.ops.aten._local_scalar_dense.default and args[0].device == META:
+                    return 0.25
+                return func(*args, **(kwargs or {}))
+
+        with Serve():
+            assert read(torch.empty(1, device=META)) == 0.25  # FLUX's t / 1000, a new tensor: read
+    finally:
+        attachment.detach()
+
+
+def test_outside_the_loop_or_without_a_position_no_step_is_read_from_the_scheduler() -> None:
+    """`_loop_timestep`: a scheduler that has stepped past its last timestep (the UNet called after the loop), or one
+    with neither `step_index` nor `begin_index` (a scheduler of the user's own), places no step: None, not an error."""
+    unet = factories.sd15_unet()
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    scheduler = EulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    attachment = attach(unet, IPAdapter.for_unet(unet, config), scheduler=scheduler)
+    try:
+        scheduler._step_index = 3
+        assert attachment._loop_timestep() == float(scheduler.timesteps[3])  # the last step is still placed
+        scheduler._step_index = 4
+        assert attachment._loop_timestep() is None
+
+        class OwnScheduler:
+            timesteps = torch.tensor([999.0, 500.0, 1.0])
+
+        attachment.scheduler = OwnScheduler()
+        assert attachment._loop_timestep() is None
+    finally:
+        attachment.detach()
