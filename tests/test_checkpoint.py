@@ -556,8 +556,9 @@ def test_a_torch_zip_file_is_mapped_not_read_when_asked(tmp_path) -> None:
 
 
 def test_a_weights_file_is_told_by_its_first_bytes_whatever_its_name(tmp_path) -> None:
-    """`is_weights_file`: safetensors and both `torch.save` formats are weights whatever they are called; an image,
-    text, an empty file, a folder or a missing path are not (the last two cannot be read)."""
+    """`is_weights_file`: safetensors and both `torch.save` formats (the legacy one in pickle protocols 2 to 5) are
+    weights whatever they are called; an image, text, an empty file, a pickle protocol Python lacks, a folder or a
+    missing path are not (the last two cannot be read)."""
     from safetensors.torch import save_file
 
     from ipadapter.checkpoint import is_weights_file
@@ -566,14 +567,16 @@ def test_a_weights_file_is_told_by_its_first_bytes_whatever_its_name(tmp_path) -
     save_file(weights, tmp_path / "a.png")
     torch.save(weights, tmp_path / "b.txt")
     torch.save(weights, tmp_path / "c", _use_new_zipfile_serialization=False)
+    torch.save(weights, tmp_path / "c5", _use_new_zipfile_serialization=False, pickle_protocol=5)
+    (tmp_path / "c6").write_bytes(b"\x80\x06" + bytes(30))  # a pickle protocol Python does not have
     (tmp_path / "d.safetensors").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     (tmp_path / "e.bin").write_text("hello\n")
     (tmp_path / "f.pt").write_bytes(b"")
     (tmp_path / "g.bin").mkdir()
-    found = {name: is_weights_file(tmp_path / name) for name in ("a.png", "b.txt", "c", "d.safetensors", "e.bin",
-                                                                "f.pt", "g.bin", "missing.bin")}
-    assert found == {"a.png": True, "b.txt": True, "c": True, "d.safetensors": False, "e.bin": False, "f.pt": False,
-                     "g.bin": False, "missing.bin": False}
+    found = {name: is_weights_file(tmp_path / name) for name in ("a.png", "b.txt", "c", "c5", "c6", "d.safetensors",
+                                                                "e.bin", "f.pt", "g.bin", "missing.bin")}
+    assert found == {"a.png": True, "b.txt": True, "c": True, "c5": True, "c6": False, "d.safetensors": False,
+                     "e.bin": False, "f.pt": False, "g.bin": False, "missing.bin": False}
 
 
 def test_a_refused_global_is_code_only_when_its_name_can_exist() -> None:

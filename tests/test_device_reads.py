@@ -298,3 +298,38 @@ def test_outside_the_loop_or_without_a_position_no_step_is_read_from_the_schedul
         assert attachment._loop_timestep() is None
     finally:
         attachment.detach()
+
+
+def test_a_view_is_placed_only_inside_the_timesteps_it_is_a_view_of() -> None:
+    """`view_index` on the layouts pipelines make: the img2img pipelines slice their timesteps from a longer schedule
+    (`timesteps[t_start:]`), whose elements are placed from the slice's start; an element of the schedule outside
+    the slice, of another tensor, of another dtype's view of the same memory, of a 2-D or a broadcast (stride 0)
+    tensor is no position. The truth is the slicing itself."""
+    from ipadapter.attach import view_index
+
+    schedule = torch.arange(10.0)
+    timesteps = schedule[2:5]
+    assert [view_index(timesteps[i], timesteps) for i in range(3)] == [0, 1, 2]
+    assert view_index(schedule[3].expand(2), timesteps) == 1  # one expanded over the batch
+    assert [view_index(schedule[i], timesteps) for i in (0, 1, 5, 7)] == [None] * 4
+    assert view_index(torch.arange(10.0)[3], timesteps) is None
+    assert view_index(timesteps.view(torch.int32)[1], timesteps) is None
+    grid = torch.arange(6.0).view(2, 3)
+    assert view_index(grid[1, 0], grid) is None
+    broadcast = torch.tensor([5.0]).expand(4)
+    assert view_index(broadcast[2], broadcast) is None
+
+
+def test_a_scheduler_without_timesteps_places_no_timestep() -> None:
+    """Before `set_timesteps` (or for a scheduler of the user's own without any), no call is placed: None."""
+    unet = factories.sd15_unet()
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    attachment = attach(unet, IPAdapter.for_unet(unet, config), scheduler=EulerDiscreteScheduler())
+    try:
+        view = torch.arange(3.0)[1]
+        attachment.scheduler.timesteps = None
+        assert attachment._scheduler_index(view) is None
+        attachment.scheduler = object()
+        assert attachment._scheduler_index(view) is None
+    finally:
+        attachment.detach()
