@@ -242,17 +242,22 @@ def test_a_view_of_the_schedulers_timesteps_is_placed_without_a_tensor_operation
         attachment.detach()
 
 
+def _sd15_attached(scheduler):  # noqa: ANN001, ANN202
+    """A new base adapter attached to the SD 1.5-shaped test UNet, reading `scheduler`'s position."""
+    unet = factories.sd15_unet()
+    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
+    return attach(unet, IPAdapter.for_unet(unet, config), scheduler=scheduler)
+
+
 def test_a_calls_timestep_is_read_as_a_number_from_the_host_copy_where_it_is_a_view() -> None:
     """`_timestep_value`: a number, a numpy integer (older schedulers' timesteps) and a CPU tensor are read as they
     are; a device tensor that is a view into the scheduler's timesteps (one of them, or one expanded over the batch)
     is looked up in the host copy, with no value read from the device; one of its own is read."""
     import numpy as np
 
-    unet = factories.sd15_unet()
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
     scheduler = EulerDiscreteScheduler()
     host = _timesteps_on_meta(scheduler, 6)
-    attachment = attach(unet, IPAdapter.for_unet(unet, config), scheduler=scheduler)
+    attachment = _sd15_attached(scheduler)
     try:
         read = attachment._timestep_value
         assert read(None) is None
@@ -280,11 +285,9 @@ def test_a_calls_timestep_is_read_as_a_number_from_the_host_copy_where_it_is_a_v
 def test_outside_the_loop_or_without_a_position_no_step_is_read_from_the_scheduler() -> None:
     """`_loop_timestep`: a scheduler that has stepped past its last timestep (the UNet called after the loop), or one
     with neither `step_index` nor `begin_index` (a scheduler of the user's own), places no step: None, not an error."""
-    unet = factories.sd15_unet()
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
     scheduler = EulerDiscreteScheduler()
     scheduler.set_timesteps(4)
-    attachment = attach(unet, IPAdapter.for_unet(unet, config), scheduler=scheduler)
+    attachment = _sd15_attached(scheduler)
     try:
         scheduler._step_index = 3
         assert attachment._loop_timestep() == float(scheduler.timesteps[3])  # the last step is still placed
@@ -322,9 +325,7 @@ def test_a_view_is_placed_only_inside_the_timesteps_it_is_a_view_of() -> None:
 
 def test_a_scheduler_without_timesteps_places_no_timestep() -> None:
     """Before `set_timesteps` (or for a scheduler of the user's own without any), no call is placed: None."""
-    unet = factories.sd15_unet()
-    config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=factories.SD15_CROSS, tokens=4))
-    attachment = attach(unet, IPAdapter.for_unet(unet, config), scheduler=EulerDiscreteScheduler())
+    attachment = _sd15_attached(EulerDiscreteScheduler())
     try:
         view = torch.arange(3.0)[1]
         attachment.scheduler.timesteps = None
