@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import errno
 import os
+import struct
 
 import pytest
 import torch
@@ -101,9 +104,11 @@ def test_truncated_file(sd15_unet, tmp_path, suffix) -> None:
     state = factories.published(sd15_unet, "base", factories.SD15_CROSS)
     path = tmp_path / f"a{suffix}"
     torch.save(state, path) if suffix == ".bin" else save_file(_flat(state), path)
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(IPAdapterError, match="truncated or corrupt"):
-        load_adapter(path, sd15_unet)
+    raw = path.read_bytes()
+    for cut in (len(raw) // 2, 4):  # at 4 bytes not even the header's length is left, whose bytes tell the format
+        path.write_bytes(raw[:cut])
+        with pytest.raises(IPAdapterError, match="truncated or corrupt"):
+            load_adapter(path, sd15_unet)
 
 
 def test_missing_file_and_wrong_content(sd15_unet, tmp_path) -> None:
@@ -146,7 +151,7 @@ def test_wrong_cross_dim_names_both_families(sd15_unet, tmp_path) -> None:
 
     config = AdapterConfig("base", ProjectionConfig("linear", in_dim=8, cross_dim=2048, tokens=4))
     with pytest.raises(IPAdapterError, match="SDXL"):
-        check_compatible(sd15_unet, IPAdapter(config, attention_layers(sd15_unet)), "adapter")
+        check_compatible(attention_layers(sd15_unet), IPAdapter(config, attention_layers(sd15_unet)), "adapter")
 
 
 def test_hub_id_offline_without_cache_is_one_sentence(sd15_unet, tmp_path, monkeypatch) -> None:
@@ -254,6 +259,81 @@ def test_on_the_cpu_the_weights_are_one_allocation_each_aligned_with_a_storage_o
     assert all(torch.equal(published[g][k], v.half()) for g, tensors in state.items() for k, v in tensors.items())
     weights = adapter.state_dict().values()
     assert len({id_tensor_storage(t) for t in weights}) == len(weights)
+
+
+def test_loaded_off_the_cpu_the_weights_are_cast_and_copies_never_the_tensors_given(sd15_unet) -> None:
+    """Off the CPU (the meta device stands in for an accelerator) each weight is cast to the dtype asked for and
+    copied even where the tensor given is already on that device in that dtype: the adapter never shares a storage
+    with the caller's tensors."""
+    unet = copy.deepcopy(sd15_unet).to("meta")
+    state, metadata = _own_state(sd15_unet)
+    for stored, dtype in ((torch.float32, torch.float16), (torch.float16, torch.float16)):
+        given = {k: v.to("meta", stored) for k, v in state.items()}
+        adapter = adapter_from_state_dict(given, unet, metadata=metadata, dtype=dtype)
+        loaded = adapter.state_dict()
+        assert loaded.keys() == given.keys() and {t.dtype for t in loaded.values()} == {dtype}
+        assert all(t.device.type == "meta" for t in loaded.values())
+        assert not {t.untyped_storage()._cdata for t in loaded.values()} & {
+            t.untyped_storage()._cdata for t in given.values()}
+
+
+def test_fill_keeps_what_each_tensor_of_a_module_is() -> None:
+    """`fill` gives a module built on the meta device its weights: a buffer stays a buffer (not a parameter), a weight
+    frozen before loading stays frozen and a trainable one trainable, and only floating-point tensors take the dtype
+    asked for (a step counter stays an integer)."""
+    from ipadapter.checkpoint import fill
+
+    with torch.device("meta"):
+        module = torch.nn.Linear(3, 2)
+        module.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        module.register_buffer("scale", torch.ones(2))
+    module.bias.requires_grad_(False)
+    own = {"weight": torch.randn(2, 3), "bias": torch.randn(2), "steps": torch.tensor(7), "scale": torch.rand(2)}
+    fill(module, own, device="cpu", dtype=torch.float16)
+    assert dict(module.named_buffers()).keys() == {"steps", "scale"}
+    assert dict(module.named_parameters()).keys() == {"weight", "bias"}
+    assert isinstance(module.weight, torch.nn.Parameter) and module.weight.requires_grad
+    assert isinstance(module.bias, torch.nn.Parameter) and not module.bias.requires_grad
+    assert not isinstance(module.steps, torch.nn.Parameter) and not isinstance(module.scale, torch.nn.Parameter)
+    assert module.steps.dtype == torch.int64 and module.steps.item() == 7
+    for name, tensor in own.items():
+        if tensor.is_floating_point():
+            assert torch.equal(getattr(module, name), tensor.half())
+
+
+def test_a_path_that_cannot_be_read_is_one_sentence_with_the_systems_reason(tmp_path) -> None:
+    from ipadapter.checkpoint import read_file
+
+    with pytest.raises(IPAdapterError) as caught:
+        read_file(tmp_path)
+    assert str(caught.value) == f"cannot read {tmp_path} ({os.strerror(errno.EISDIR)})"
+
+
+def test_a_safetensors_header_is_told_by_the_lengths_safetensors_reads(tmp_path) -> None:
+    """`is_safetensors_file` takes the header lengths safetensors' own reader takes: from `{}` (2 bytes) up to the
+    reader's limit, beyond which it says "header too large"; a whole file's bytes are a header as its first bytes
+    are, and reading a file's head reads only what telling the format takes."""
+    from safetensors import SafetensorError, safe_open
+
+    from ipadapter.checkpoint import file_head, is_safetensors_file
+
+    def reader_takes(length: int, body: bytes) -> bool:
+        path = tmp_path / "h.safetensors"
+        path.write_bytes(struct.pack("<Q", length) + body)
+        try:
+            with safe_open(str(path), framework="pt"):
+                return True
+        except SafetensorError as err:  # "invalid header length": a longer file would have been read
+            return "header too large" not in str(err) and "invalid JSON" not in str(err)
+
+    for length, body in ((1, b"{"), (2, b"{}"), (100_000_000, b"{}"), (100_000_001, b"{}"), (1 << 32, b"{}")):
+        head = struct.pack("<Q", length) + body
+        assert is_safetensors_file(head) == reader_takes(length, body), length
+    save_file({"x": torch.zeros(4096)}, tmp_path / "a.safetensors")
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    head = file_head(tmp_path / "a.safetensors")
+    assert is_safetensors_file(raw) and is_safetensors_file(head)
+    assert raw.startswith(head) and len(head) < 64 < len(raw)
 
 
 def test_a_file_system_that_cannot_map_files_still_loads(sd15_unet, tmp_path, monkeypatch) -> None:

@@ -248,9 +248,10 @@ def test_under_autograd_two_generations_before_one_backward_give_the_eager_gradi
 
 def test_every_prepared_tensor_keeps_its_address_from_one_generation_to_the_next(tiny, monkeypatch) -> None:  # noqa: F811
     """What tests/test_compile.py checks of the compiled graph's inputs, here at the plan: without autograd each
-    prepared K'/V', weight map, image weight and LoRA scale is written in place from one generation to the next (other
-    references and scale, same shapes), so CUDA graphs replay without copying them. The old tensors are kept alive, so
-    an address cannot come back by reuse; the values are checked against the eager processor above."""
+    prepared K'/V', weight map, image weight and LoRA scale, and the step factors, is written in place from one
+    generation to the next (other references and scale, same shapes), so CUDA graphs replay without copying them. The
+    old tensors are kept alive, so an address cannot come back by reuse; the values are checked against the eager
+    processor above."""
     unet, adapter = tiny
     mask = torch.zeros(16, 16)
     mask[:, :8] = 1
@@ -264,14 +265,34 @@ def test_every_prepared_tensor_keeps_its_address_from_one_generation_to_the_next
             _as_if_compiled(monkeypatch, True)
             with torch.no_grad():
                 unet(sample, 500, encoder_hidden_states=text)
-            seen.append([t for p in att._processors for c in p._prepared for t in (
-                c.image, c.lora, *(x for term in c.terms for x in (term.k, term.v, *(m for _, m in term.maps))))])
+            seen.append([att.runtime.step_tensor, *(t for p in att._processors for c in p._prepared for t in (
+                c.image, c.lora, *(x for term in c.terms for x in (term.k, term.v, *(m for _, m in term.maps)))))])
             _as_if_compiled(monkeypatch, False)
     finally:
         att.detach()
     kinds = {t.dim() for t in seen[0]}
     assert kinds >= {0, 4} and len(seen[0]) == len(seen[1])  # scalars, K'/V', maps
     assert [t.data_ptr() for t in seen[0]] == [t.data_ptr() for t in seen[1]]
+
+
+def test_a_new_batch_size_in_a_generation_is_planned_anew(tiny, monkeypatch) -> None:  # noqa: F811
+    """The plan is made for a batch's layout: a UNet called with another batch size in the same generation (a
+    dataset's short last batch; here each image has a reference of its own) gets a plan for that batch."""
+    unet, adapter = tiny
+    att = attach(unet, adapter)
+    tokens = torch.randn(2, 4, 16)  # a reference per image: repeated along a batch of 4
+    calls = [(torch.randn(batch, 4, 8, 8), torch.randn(batch, 5, 16)) for batch in (2, 4)]
+    outputs = []
+    try:
+        att.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)], scale=0.8)})
+        for compiled in (True, False):  # the compiled calls one after the other: an eager call forgets the plan
+            _as_if_compiled(monkeypatch, compiled)
+            with torch.no_grad():
+                outputs.append([unet(sample, 500, encoder_hidden_states=text).sample for sample, text in calls])
+    finally:
+        att.detach()
+    for planned, eager in zip(*outputs):
+        torch.testing.assert_close(planned, eager, atol=1e-5, rtol=1e-5)
 
 
 def test_the_compiled_plan_keeps_its_structure_when_a_scale_or_layer_weight_is_zero(

@@ -25,10 +25,10 @@ def family_of(cross_dim: int) -> str:
     return _FAMILIES.get(cross_dim, f"a model with {cross_dim}-wide text tokens")
 
 
-def check_cross_dim(unet: nn.Module, cross_dim: int, name: str, layers: list[AttentionLayer] | None = None) -> None:
+def check_cross_dim(layers: list[AttentionLayer], cross_dim: int, name: str) -> None:
     """The commonest mistake (an SD 1.5 adapter on SDXL, or the reverse) named as such. `layers`: the UNet's
-    `attention_layers`, when the caller has them (finding them walks the whole UNet)."""
-    cross = [l for l in (attention_layers(unet) if layers is None else layers) if l.cross]
+    `attention_layers` (the caller finds them once: that walks the whole UNet)."""
+    cross = [l for l in layers if l.cross]
     if not cross:
         raise IPAdapterError("this UNet has no cross-attention layers to attach an IP-Adapter to")
     unet_dim = cross[0].cross_dim
@@ -39,12 +39,10 @@ def check_cross_dim(unet: nn.Module, cross_dim: int, name: str, layers: list[Att
         )
 
 
-def check_compatible(
-    unet: nn.Module, adapter: IPAdapter, name: str, layers: list[AttentionLayer] | None = None
-) -> None:
-    """Raise one sentence saying what does not fit, before anything is changed."""
-    found = attention_layers(unet) if layers is None else layers
-    check_cross_dim(unet, adapter.config.cross_dim, name, found)
+def check_compatible(found: list[AttentionLayer], adapter: IPAdapter, name: str) -> None:
+    """Raise one sentence saying what does not fit the UNet whose `attention_layers` are `found`, before anything is
+    changed."""
+    check_cross_dim(found, adapter.config.cross_dim, name)
     layers = {l.name: l for l in found}
     cross = [l for l in layers.values() if l.cross]
     ip_layers = [n for n, l in adapter.named_layers() if l.has_ip]
@@ -121,21 +119,20 @@ class ProcessorSwap:
             self._hook.remove()
             self._hook = None
 
-    def _progress(self, timestep: Any, scale: float = 1.0, value: float | None = None) -> float | None:
+    def _progress(self, timestep: Any, value: float | None = None) -> float | None:
         """Fraction of the denoising run at this call: the index of the scheduler's timestep nearest in value to
-        `timestep · scale` (a transformer gets the scheduler's timestep divided by 1000), over the step count; for a
-        view into the scheduler's timesteps, the first position of its value, looked up (the same index).
-        `value`: the call's timestep in the scheduler's units, when the caller knows it already. Without a
-        scheduler's timesteps the timestep is not read at all (the training-memory estimate runs the UNet on the meta
-        device)."""
+        `timestep`, over the step count; for a view into the scheduler's timesteps, the first position of its value,
+        looked up (the same index). `value`: the call's timestep in the scheduler's units, where the caller knows it
+        (FLUX's transformer gets the scheduler's timestep divided by 1000). Without a scheduler's timesteps the
+        timestep is not read at all (the training-memory estimate runs the UNet on the meta device)."""
         values = self._host_timesteps()
         if values is None or timestep is None:
             return None
-        if value is None and scale == 1.0 and isinstance(timestep, torch.Tensor):
+        if value is None and isinstance(timestep, torch.Tensor):
             index = self._scheduler_index(timestep)
             if index is not None:  # one of the scheduler's own (SD, SDXL pipelines): its place, nothing computed
                 return self._timesteps[2][index] / len(values)
-        t = self._timestep_value(timestep) * scale if value is None else value
+        t = self._timestep_value(timestep) if value is None else value
         # float32, as the timesteps: it holds every integer timestep exactly and keeps a fractional one.
         return int(torch.argmin((values - torch.tensor(t, dtype=torch.float32)).abs())) / len(values)
 
@@ -307,7 +304,7 @@ def attach(
     if any(isinstance(unet.get_submodule(l.name).processor, IPAttnProcessor) for l in layers):
         raise IPAdapterError("this UNet already has adapters attached; detach them first or attach all together")
     for name, adapter in adapters.items():
-        check_compatible(unet, adapter, f"adapter {name!r}", layers)
+        check_compatible(layers, adapter, f"adapter {name!r}")
         if adapter.device != unet.device:
             raise IPAdapterError(
                 f"adapter {name!r} is on {adapter.device} but the UNet on {unet.device}; move it first "

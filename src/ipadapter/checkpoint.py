@@ -26,12 +26,12 @@ from torch import nn
 
 from ipadapter.adapter import AdapterConfig, IPAdapter
 from ipadapter.atomic import save_safetensors
-from ipadapter.attach import check_compatible, check_cross_dim
+from ipadapter.attach import check_cross_dim
 from ipadapter.dit.blocks import DESCRIPTIONS
 from ipadapter.dit.layouts import published_layout
 from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.finite import require_finite
-from ipadapter.layers import attention_layers
+from ipadapter.layers import AttentionLayer, attention_layers
 from ipadapter.projection.detect import detect_projection
 from ipadapter.sources import from_cache_or_hub
 from ipadapter.validation import model_source
@@ -43,6 +43,7 @@ VIT_H_TOKENS = 257  # ViT-H/14 at 224 px: 16 x 16 patches and the class token
 _LORA_RANK_KEY = "to_q_lora.down.weight"
 _ZIP_MAGIC = b"PK\x03\x04"
 _SAFETENSORS_HEAD = 9  # the header length (8 bytes) and its JSON's first byte
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the longest header safetensors' reader takes ("header too large" above)
 # torch's sentence naming a refused global, in either of its wordings ("Unsupported global: GLOBAL getattr was not an
 # allowed global by default.", "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.")
 _REFUSED_GLOBAL = re.compile(r"[^\n:]*\bGLOBAL\b[^\n]*?\.(?=\s|$)")
@@ -126,8 +127,10 @@ def _torch_load(path: Path, *, mapped: bool) -> Any:
 
 
 def is_safetensors_file(head: bytes) -> bool:
-    """Whether a file's first bytes are a safetensors header: an 8-byte little-endian length, then its JSON's `{`."""
-    return len(head) >= _SAFETENSORS_HEAD and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 32
+    """Whether a file's first bytes are a safetensors header: an 8-byte little-endian length that safetensors' reader
+    takes (from `{}`'s 2 bytes to its limit), then its JSON's `{`."""
+    length = int.from_bytes(head[:8], "little")
+    return len(head) >= _SAFETENSORS_HEAD and head[8:9] == b"{" and 2 <= length <= _SAFETENSORS_MAX_HEADER
 
 
 def is_torch_file(head: bytes) -> bool:
@@ -211,10 +214,12 @@ def detect_variant(image_proj: dict[str, torch.Tensor], ip: dict[str, torch.Tens
     return AdapterConfig(variant=variant.name, projection=projection, lora_rank=lora_rank)
 
 
-def published_to_own(flat: Mapping[str, torch.Tensor], unet: nn.Module, name: str) -> dict[str, torch.Tensor]:
+def published_to_own(
+    flat: Mapping[str, torch.Tensor], layers: list[AttentionLayer], name: str
+) -> dict[str, torch.Tensor]:
     """The one conversion from the published layout: "ip_adapter.{index}.{rest}" → "layers.{layer name}.{rest}",
-    the index being the layer's position in `unet.attn_processors` (docs/checkpoints.md)."""
-    layers = attention_layers(unet)
+    the index being the layer's position in the UNet's `attn_processors` (`layers`: its `attention_layers`;
+    docs/checkpoints.md)."""
     by_index = {l.index: l.name for l in layers}
     own = {k: v for k, v in flat.items() if k.startswith("image_proj.")}
     for key, value in split(flat, "ip_adapter").items():
@@ -244,6 +249,7 @@ def adapter_from_state_dict(
     memory with the tensors given (`fill`).
     """
     flat = flatten(state)
+    layers = attention_layers(unet)
     own_format = bool(metadata) and metadata.get("format", "").startswith("ipadapter/")
     layout = (metadata.get("base") or "unet") if own_format else published_layout(flat)
     if layout in DESCRIPTIONS and layout != "unet":
@@ -255,15 +261,14 @@ def adapter_from_state_dict(
         config, own = AdapterConfig.from_metadata(dict(metadata)), flat
     else:
         config = detect_variant(split(flat, "image_proj"), split(flat, "ip_adapter"), hint=Path(name).name)
-        check_cross_dim(unet, config.cross_dim, name)
-        own = published_to_own(flat, unet, name)
+        check_cross_dim(layers, config.cross_dim, name)
+        own = published_to_own(flat, layers, name)
     if variant:
         config = replace(config, variant=variant)
-    check_cross_dim(unet, config.cross_dim, name)
+    check_cross_dim(layers, config.cross_dim, name)
     with torch.device("meta"):
-        adapter = IPAdapter(config, attention_layers(unet))
-    _check_fits(adapter, own, name)
-    check_compatible(unet, adapter, name)
+        adapter = IPAdapter(config, layers)
+    _check_fits(adapter, own, name)  # built from the UNet's layers and checked key for key: it fits
     return fill(adapter, own, device=device or unet.device, dtype=dtype or unet.dtype)
 
 

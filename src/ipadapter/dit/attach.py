@@ -86,16 +86,16 @@ class DiTAttachment(ProcessorSwap):
             self.runtime.latent_hw = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
             if self.rows is not None:
                 self.runtime.cfg = hidden.shape[0] == 2 * self.rows
-        scale, value = TIMESTEP_SCALE[self.kind], None
+        value = None
         if self.kind == "flux":  # FLUX's true CFG calls it twice per step: the second call is the negative one
             # FLUX passes its own tensor (t / 1000): read it only where the pipeline does not say which step this is.
             value = self._loop_timestep()
             if value is None and timestep is not None:
-                value = self._timestep_value(timestep) * scale
+                value = self._timestep_value(timestep) * TIMESTEP_SCALE["flux"]
             current = (self.runtime.generation, value)
             self.step.negative = current == self.step.last and timestep is not None
             self.step.last = current
-        self.runtime.progress = self._progress(timestep, scale, value)
+        self.runtime.progress = self._progress(timestep, value)
         if self.kind == "sd3":
             self._time_tokens(timestep, hidden.shape[0])
 
