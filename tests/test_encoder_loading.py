@@ -90,6 +90,31 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+def test_an_uncached_hub_id_is_one_line_naming_the_encoder_and_its_subfolder(tmp_path: Path, monkeypatch) -> None:
+    """Without network, loading the encoder or only its processor asks the Hub once about an id the cache lacks and
+    says what is missing, with the command that downloads that subfolder."""
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    expected = ("the image encoder ipadapter-tests/not-cached/image_encoder is not in the local Hugging Face cache and "
+                "the Hub cannot be reached; download it once with network access (hf download "
+                "ipadapter-tests/not-cached --include 'image_encoder/*') or give a local folder")
+    for load in (ImageEncoder.from_pretrained, ImageEncoder.load_processor):
+        with pytest.raises(IPAdapterError) as caught:
+            load("ipadapter-tests/not-cached", subfolder=SUB)
+        assert str(caught.value) == expected
+    assert [url for url in sent if "ipadapter-tests" in url] == [
+        "https://huggingface.co/api/models/ipadapter-tests/not-cached"] * 2
+
+
+def test_a_cached_hub_id_without_a_saved_processor_is_read_with_no_request(tmp_path: Path, monkeypatch) -> None:
+    """A cached encoder without a saved processor: its config, read for the image size, comes from the cache too."""
+    _save(tmp_path / "repo" / SUB, processor=False)
+    factories.write_hub_cache(tmp_path / "hub", "ipadapter-tests/encoder", tmp_path / "repo")
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    _assert_clip_default(ImageEncoder.load_processor("ipadapter-tests/encoder", subfolder=SUB), 32)
+    _assert_clip_default(ImageEncoder.from_pretrained("ipadapter-tests/encoder", subfolder=SUB).processor, 32)
+    assert [url for url in sent if "ipadapter-tests" in url] == []
+
+
 # ---- from_pretrained: weights, name, processor, dtype, device ----------------------------------------------
 @pytest.mark.parametrize("via", ["subfolder", "folder"])
 def test_loads_the_saved_weights_and_names_the_folder(roots: dict[str, Path], via: str) -> None:
@@ -187,7 +212,8 @@ def test_weights_of_another_shape_do_not_fit(tmp_path: Path) -> None:
 def test_a_whole_clip_model_loads_its_vision_tower_with_the_models_projection(tmp_path: Path) -> None:
     """A CLIPModel folder (e.g. openai/clip-vit-large-patch14, FLUX's encoder): transformers writes the vision section
     with its default projection width (512) beside the model's own (24); the tower must take the model's, and its
-    embeddings equal the CLIPModel's image features."""
+    embeddings equal the CLIPModel's image features. A config written without the model's width (by hand) takes the
+    tower's own."""
     model = factories.tiny_clip()
     model.save_pretrained(tmp_path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
@@ -201,6 +227,10 @@ def test_a_whole_clip_model_loads_its_vision_tower_with_the_models_projection(tm
     expected = expected if isinstance(expected, torch.Tensor) else expected.pooler_output
     assert encoder.global_dim == 24
     torch.testing.assert_close(encoder.encode([image], "global"), expected)
+    del saved["projection_dim"]
+    saved["vision_config"]["projection_dim"] = 24
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    torch.testing.assert_close(ImageEncoder.from_pretrained(tmp_path).encode([image], "global"), expected)
 
 
 @pytest.mark.parametrize("via", ["subfolder", "folder"])
@@ -421,22 +451,30 @@ def test_pixel_values_are_the_processors_on_the_encoders_device_and_dtype() -> N
 
 def test_cached_features_follow_the_encoder_to_another_dtype_and_device() -> None:
     """First encoding: transformers' own image embeddings. After the encoder moves, the same image comes from the
-    cache, converted to the encoder's new dtype, then device (meta stands for an accelerator)."""
+    cache, converted to the encoder's new dtype, then device (meta stands for an accelerator); so are two images
+    asked for together."""
     model = _encoder(5)
     processor = CLIPImageProcessor(**SAVED_PROCESSOR)
     encoder = ImageEncoder(model, processor, name="tiny")
-    image = _image(2)
+    image, other = _image(2), _image(3)
     with torch.no_grad():
-        direct = model(pixel_values=processor(images=[image], return_tensors="pt").pixel_values).image_embeds
+        direct, direct_other = (model(pixel_values=processor(images=[i], return_tensors="pt").pixel_values).image_embeds
+                                for i in (image, other))
     first = encoder.encode([image], "global")
     assert first.dtype == torch.float32 and torch.equal(first, direct)
+    encoder.encode([other], "global")
     model.to(torch.bfloat16)
     second = encoder.encode([image], "global")
     assert encoder.cache.hits == 1
     assert second.dtype == torch.bfloat16 and torch.equal(second, direct.to(torch.bfloat16))
+    both = encoder.encode([image, other], "global")
+    assert encoder.cache.hits == 3 and both.dtype == torch.bfloat16
+    assert torch.equal(both, torch.cat([direct, direct_other]).to(torch.bfloat16))
     model.to("meta")
     third = encoder.encode([image], "global")
-    assert encoder.cache.hits == 2 and third.device.type == "meta" and third.dtype == torch.bfloat16
+    assert encoder.cache.hits == 4 and third.device.type == "meta" and third.dtype == torch.bfloat16
+    both = encoder.encode([image, other], "global")
+    assert encoder.cache.hits == 6 and both.device.type == "meta" and both.dtype == torch.bfloat16
 
 
 # ---- penultimate patch features --------------------------------------------------------------------------------
@@ -503,17 +541,55 @@ def test_another_thread_running_the_same_model_meanwhile_runs_every_layer() -> N
     assert len(seen) == 2 and torch.equal(seen[1], full.image_embeds)
 
 
-def test_a_model_without_one_encoder_layer_list_gives_its_hidden_states_second_last() -> None:
-    from types import SimpleNamespace
+class _Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
 
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.factor * hidden_states
+
+
+class _Layered(torch.nn.Module):
+    """A model laid out as transformers' vision models are: `encoder.layers` run in turn, each given its input by
+    keyword (as some models call them), and every layer's input in `hidden_states` only when asked for."""
+
+    def __init__(self, layers: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Module()
+        self.encoder.layers = layers
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> object:
+        from types import SimpleNamespace
+
+        states = [pixel_values]
+        for layer in self.encoder.layers or [_Scale(2.0), _Scale(1.5)]:  # no layers listed: layers of its own
+            states.append(layer(hidden_states=states[-1]))
+        hidden_states = tuple(states) if output_hidden_states else None
+        return SimpleNamespace(last_hidden_state=states[-1], hidden_states=hidden_states)
+
+
+@pytest.mark.parametrize("layers", ["empty", "sequential"])
+def test_a_model_without_one_encoder_layer_list_gives_its_hidden_states_second_last(layers: str) -> None:
+    """No layers to stop at (an empty list, or layers that are not a `ModuleList`): the whole forward pass, asked for
+    its hidden states."""
     from ipadapter.encoders import penultimate_hidden_states
 
-    class Stacked(torch.nn.Module):
-        def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> SimpleNamespace:
-            return SimpleNamespace(hidden_states=(pixel_values, 2 * pixel_values, 3 * pixel_values))
-
+    listed = torch.nn.ModuleList() if layers == "empty" else torch.nn.Sequential(_Scale(2.0), _Scale(1.5))
     pixels = torch.ones(1, 3, 4, 4)
-    assert torch.equal(penultimate_hidden_states(Stacked(), pixels), 2 * pixels)
+    assert torch.equal(penultimate_hidden_states(_Layered(listed), pixels), 2 * pixels)
+
+
+def test_the_last_of_several_layers_called_by_keyword_is_where_the_pass_stops() -> None:
+    """Three layers, the last given its input by keyword: its input is the product of the first two (closed form),
+    and it never runs."""
+    from ipadapter.encoders import penultimate_hidden_states
+
+    model = _Layered(torch.nn.ModuleList([_Scale(2.0), _Scale(3.0), _Scale(5.0)]))
+    calls = []
+    model.encoder.layers[2].register_forward_hook(lambda *_: calls.append(1))
+    pixels = torch.ones(1, 3, 4, 4)
+    assert torch.equal(penultimate_hidden_states(model, pixels), 6 * pixels) and calls == []
 
 
 def test_a_model_that_never_reaches_its_last_layer_is_an_error_not_a_wrong_answer() -> None:

@@ -133,3 +133,35 @@ def test_a_non_finite_embedding_is_one_sentence(tmp_path: Path, bad: float) -> N
         with pytest.raises(IPAdapterError) as caught:
             load_face_embedding(source)
         assert str(caught.value) == "a face embedding must hold finite values (it has NaN or infinity)"
+
+
+def test_a_damaged_embedding_file_says_what_is_wrong_with_it(tmp_path: Path) -> None:
+    """The reason after the file's name: a .npy cut short quotes numpy's own first line; a torch file that asks for
+    code quotes torch's sentence naming the global; a torch file cut short is torn, not code."""
+    import io
+
+    saved = io.BytesIO()
+    np.save(saved, np.zeros(512, np.float32))
+    (tmp_path / "cut.npy").write_bytes(saved.getvalue()[:200])
+    with pytest.raises(ValueError) as numpy_says:
+        np.load(io.BytesIO((tmp_path / "cut.npy").read_bytes()), allow_pickle=False)
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump(_Payload(tmp_path / "ran.txt"), f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError) as torch_says:
+        torch.load(tmp_path / "evil.pt", weights_only=True)
+    torch.save(torch.zeros(512), tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:300])
+    reasons = {}
+    for name in ("cut.npy", "evil.pt", "cut.pt"):
+        with pytest.raises(IPAdapterError) as caught:
+            load_face_embedding(tmp_path / name)
+        prefix = f"{tmp_path / name} is not a readable face embedding (.npy or tensor .pt): "
+        assert str(caught.value).startswith(prefix)
+        reasons[name] = str(caught.value)[len(prefix):]
+    assert reasons["cut.npy"] == str(numpy_says.value).splitlines()[0]
+    code = "its pickle carries code or objects other than tensors ("
+    assert reasons["evil.pt"].startswith(code) and reasons["evil.pt"].endswith(")")
+    named = reasons["evil.pt"][len(code):-1]  # torch's sentence naming the global, whole
+    assert named.startswith("GLOBAL ") and f" {named}." in str(torch_says.value)
+    assert reasons["cut.pt"] == "truncated or corrupt"
+    assert not (tmp_path / "ran.txt").exists()

@@ -33,7 +33,7 @@ def _where(source: str | os.PathLike, subfolder: str | None) -> str:
 
 
 def clip_tower_config(
-    config_class: type, source: str | os.PathLike, subfolder: str | None, local_files_only: bool = False,
+    config_class: type, source: str | os.PathLike, subfolder: str | None, local_files_only: bool,
 ) -> Any:
     """One CLIP tower's config (`CLIPVisionConfig` or `CLIPTextConfig`), also from a whole `CLIPModel` folder or
     repository. Its projection width is then the model's top-level `projection_dim`: the tower's own section may leave
