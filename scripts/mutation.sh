@@ -128,11 +128,13 @@ print(f"score: {score:.1f}% of {tested} non-equivalent mutants killed")
 for name, s in alive.items():
     if name not in argued:
         print(f"  {s}: {name}")
-# A listed mutant that is killed means its function changed and the list's numbers now name other mutants: every
-# entry of that function must be read again (a renumbered entry can hide a real survivor).
-stale = sorted(name for name in equivalent if status.get(name) in ("killed", "timeout"))
+# A listed mutant that is killed, or no longer exists, means its function changed and the list's numbers now name
+# other mutants: every entry of that function must be read again (a renumbered entry can hide a real survivor).
+run = {name.rsplit(".", 1)[0] for name in status}  # the modules this run mutated
+stale = sorted(name for name in equivalent
+               if status.get(name) in ("killed", "timeout") or (name not in status and name.rsplit(".", 1)[0] in run))
 for name in stale:
-    print(f"  listed as equivalent but killed, re-check its function's entries: {name}")
+    print(f"  listed as equivalent but killed or gone, re-check its function's entries: {name}")
 sys.exit(0 if score >= float(sys.argv[3]) else 1)
 EOF
 echo "details: cd $work && $mutmut results / $mutmut show NAME / $mutmut browse"

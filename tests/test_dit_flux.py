@@ -355,7 +355,8 @@ def test_kv_are_projected_once_per_generation() -> None:
     attachment.runtime.cache_kv = False
     attachment.set_prompts({"0": our_prompt(adapter, embeds_for(0, 1))}, rows=BATCH)
     handle = adapter.layer("transformer_blocks.0.attn").to_k_ip.register_forward_hook(lambda *a: calls.append(1))
-    run(model, x), run(model, x)
+    for t in (0.9, 0.6):  # two steps, without autograd as pipelines run
+        run(model, {**x, "timestep": torch.full((BATCH,), t)})
     handle.remove()
     assert len(calls) == 6
 
@@ -383,6 +384,22 @@ def test_bfloat16_model_gets_a_bfloat16_adapter_and_equals_diffusers() -> None:
     attachment = attach_dit(model, exact)  # also on tokens in another dtype (projected in bfloat16 here)
     attachment.set_prompts({"0": our_prompt(adapter, embeds, scale=0.8)}, rows=BATCH)
     torch.testing.assert_close(run(model, x).float(), expected, atol=0.03, rtol=0)
+
+
+def test_a_masks_weights_are_made_in_the_models_dtype() -> None:
+    """On a bfloat16 transformer a mask's weights on the token grid are bfloat16 too: float32 weights would carry the
+    image branch into float32 (twice its memory and time on a GPU)."""
+    model = df.flux_transformer().to(torch.bfloat16)
+    adapter = dit_adapter_from_state_dict(df.xlabs_state(), model)
+    attachment = attach_dit(model, adapter)
+    mask = torch.zeros(H, W)
+    mask[:, : W // 2] = 1.0
+    cond = adapter.project(embeds_for(0).to(torch.bfloat16))
+    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=cond, mask=mask)])}, rows=BATCH)
+    run(model, {k: v if k.endswith("_ids") else v.to(torch.bfloat16) for k, v in inputs().items()})
+    maps = [m for p in attachment._processors for key, m in p.state.cache.items() if key[0] == "mask"]
+    attachment.detach()
+    assert maps and {m.dtype for m in maps} == {torch.bfloat16}
 
 
 def test_invalid_calls_fail_as_diffusers_fails() -> None:
