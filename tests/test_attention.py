@@ -1215,6 +1215,26 @@ def test_two_adapters_both_reuse_their_k_and_v_in_the_next_generation() -> None:
     assert counts == [["a", "b"], []]
 
 
+def test_kept_k_and_v_are_not_reused_for_other_unconditional_tokens() -> None:
+    """`cache_kv` reuses K'/V' across generations for equal tokens: a new generation with the same cond tokens but
+    other unconditional ones (a new negative image) must give what a fresh processor gives for it, under CFG."""
+    torch.manual_seed(22)
+    x, text = torch.randn(2, 30, 64), torch.randn(2, 7, 32)
+    cond, first, second = torch.randn(1, 3, 32), torch.randn(1, 3, 32), torch.randn(1, 3, 32)
+    outputs = []
+    for unconds in ((first, second), (second,)):  # kept from the first generation; fresh
+        torch.manual_seed(23)  # the same layer and adapter weights both times
+        attn, runtime, proc = _one_layer(("a",))
+        runtime.cache_kv = True
+        for uncond in unconds:
+            runtime.set({"a": AdapterPrompt([Reference(cond=cond, uncond=uncond)])}, cfg=True, weights={"a": "wa"})
+            runtime.latent_hw = (6, 5)
+            with torch.no_grad():
+                out = proc(attn, x, text)
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+
+
 def test_one_of_two_attached_adapters_prompted_with_per_layer_weights() -> None:
     """Two adapters attached, one prompted, with a weight for this layer: the other, without a prompt, takes no part
     in the layer's plan. Closed form: a per-layer weight w at scale 1 is scale w without per-layer weights."""
