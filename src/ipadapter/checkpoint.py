@@ -258,14 +258,13 @@ def adapter_from_state_dict(
     if not any(k.startswith(("image_proj.", "ip_adapter.", "layers.")) for k in flat):
         raise IPAdapterError(f"{name} is not an IP-Adapter file (no image_proj / ip_adapter weights)")
     if own_format:
-        config, own = AdapterConfig.from_metadata(dict(metadata)), flat
+        config = AdapterConfig.from_metadata(dict(metadata))
     else:
         config = detect_variant(split(flat, "image_proj"), split(flat, "ip_adapter"), hint=Path(name).name)
-        check_cross_dim(layers, config.cross_dim, name)
-        own = published_to_own(flat, layers, name)
+    check_cross_dim(layers, config.cross_dim, name)  # the family named before any layer count is compared
+    own = flat if own_format else published_to_own(flat, layers, name)
     if variant:
         config = replace(config, variant=variant)
-    check_cross_dim(layers, config.cross_dim, name)
     with torch.device("meta"):
         adapter = IPAdapter(config, layers)
     _check_fits(adapter, own, name)  # built from the UNet's layers and checked key for key: it fits
