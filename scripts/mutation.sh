@@ -11,9 +11,10 @@
 # working tree never holds a mutant. A reused MUTATION_DIR resumes: mutmut keeps the verdicts of mutants whose
 # function is unchanged (it keys them by a hash of the function) and tests only the rest; FRESH=1 starts over, and
 # RETEST=1 tests the survivors and the mutants with no test again (mutmut keeps a verdict when only the tests
-# changed), except survivors argued equivalent, which would only survive again at the highest cost. The score counts
-# killed and timed-out mutants over all tested ones, leaving out those listed in scripts/mutation-equivalent.txt
-# (argued equivalent in docs/testing.md). Exits 1 below MIN_SCORE.
+# changed), except survivors argued equivalent or killed outside the run, which would only survive again at the highest
+# cost. The score counts killed and timed-out mutants over all tested ones, leaving out those listed in
+# scripts/mutation-equivalent.txt (argued equivalent in docs/testing.md), and counts as killed those listed in
+# scripts/mutation-killed-outside.txt (killed by a test the run cannot run, checked by hand). Exits 1 below MIN_SCORE.
 # Environment: PYTHON (default python), JOBS (mutants run in parallel, default 1), NICE (default 19), MIN_SCORE (95),
 # TESTS (test files under tests/, space-separated, instead of the core's: for modules outside the core).
 set -euo pipefail
@@ -88,11 +89,12 @@ done
 
 cd "$work"
 if [ "${RETEST:-0}" = 1 ] && [ -d mutants ]; then
-  "$python" - "$root/scripts/mutation-equivalent.txt" <<'EOF'
+  "$python" - "$root/scripts/mutation-equivalent.txt" "$root/scripts/mutation-killed-outside.txt" <<'EOF'
 import json, sys
 from pathlib import Path
 
-equivalent = {line.split("#")[0].strip() for line in Path(sys.argv[1]).read_text().splitlines()} - {""}
+equivalent = {line.split("#")[0].strip()
+              for path in sys.argv[1:] for line in Path(path).read_text().splitlines()} - {""}
 for meta in Path("mutants").rglob("*.meta"):
     data = json.loads(meta.read_text())
     data["exit_code_by_key"] = {
@@ -109,32 +111,39 @@ env -u PYTHONPATH HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
 elapsed=$(( $(date +%s) - start ))
 "$mutmut" export-cicd-stats >/dev/null
 "$mutmut" results --all true > results.txt || true
-"$python" - "$root/scripts/mutation-equivalent.txt" "$elapsed" "${MIN_SCORE:-95}" <<'EOF'
+"$python" - "$root/scripts/mutation-equivalent.txt" "$root/scripts/mutation-killed-outside.txt" "$elapsed" \
+  "${MIN_SCORE:-95}" <<'EOF'
 import json, sys
 from pathlib import Path
 
-equivalent = {line.split("#")[0].strip() for line in Path(sys.argv[1]).read_text().splitlines()} - {""}
+
+def listed(path: str) -> set[str]:
+    return {line.split("#")[0].strip() for line in Path(path).read_text().splitlines()} - {""}
+
+
+equivalent, outside = listed(sys.argv[1]), listed(sys.argv[2])
 stats = json.loads(Path("mutants/mutmut-cicd-stats.json").read_text())
 status = dict(l.strip().rsplit(": ", 1) for l in Path("results.txt").read_text().splitlines() if ": " in l)
 alive = {name: s for name, s in status.items() if s not in ("killed", "timeout", "skipped")}
 argued = [name for name, s in alive.items() if name in equivalent and s == "survived"]
+elsewhere = [name for name, s in alive.items() if name in outside and s == "survived"]
 tested = stats["total"] - stats["skipped"] - len(argued)
-killed = stats["killed"] + stats["timeout"]
+killed = stats["killed"] + stats["timeout"] + len(elsewhere)
 score = 100.0 * killed / tested if tested else 0.0
 print(f"mutants: {stats['total']} (killed {stats['killed']}, timeout {stats['timeout']}, survived {stats['survived']}, "
       f"no tests {stats['no_tests']}, suspicious {stats['suspicious']}, skipped {stats['skipped']}; "
-      f"{len(argued)} argued equivalent) in {sys.argv[2]} s")
+      f"{len(argued)} argued equivalent, {len(elsewhere)} killed by tests outside the run) in {sys.argv[3]} s")
 print(f"score: {score:.1f}% of {tested} non-equivalent mutants killed")
 for name, s in alive.items():
-    if name not in argued:
+    if name not in argued and name not in elsewhere:
         print(f"  {s}: {name}")
 # A listed mutant that is killed, or no longer exists, means its function changed and the list's numbers now name
 # other mutants: every entry of that function must be read again (a renumbered entry can hide a real survivor).
 run = {name.rsplit(".", 1)[0] for name in status}  # the modules this run mutated
-stale = sorted(name for name in equivalent
+stale = sorted(name for name in equivalent | outside
                if status.get(name) in ("killed", "timeout") or (name not in status and name.rsplit(".", 1)[0] in run))
 for name in stale:
-    print(f"  listed as equivalent but killed or gone, re-check its function's entries: {name}")
-sys.exit(0 if score >= float(sys.argv[3]) else 1)
+    print(f"  listed but killed or gone, re-check its function's entries: {name}")
+sys.exit(0 if score >= float(sys.argv[4]) else 1)
 EOF
 echo "details: cd $work && $mutmut results / $mutmut show NAME / $mutmut browse"

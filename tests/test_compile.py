@@ -119,6 +119,40 @@ def test_the_simple_adapter_compiles_once_and_equals_eager(tiny) -> None:
     assert (outputs[0] - outputs[1]).abs().max() > 1e-4
 
 
+def test_an_adapter_attached_again_or_another_one_runs_in_the_same_compiled_graph(tiny) -> None:
+    """A prompter per job (`with ImagePrompter(...)`) attaches and detaches each time: the new attachment's step
+    factors are a new tensor, at a new address. The graph must not be bound to the old one's address, or every job
+    would compile again; the same holds for another adapter of the same shape, with weights of its own."""
+    from torch._dynamo.utils import counters
+
+    unet, adapter = tiny
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(4)
+    other = IPAdapter.for_unet(unet, adapter.config)
+    with torch.no_grad():
+        for weight in other.parameters():
+            weight.add_(0.1 * torch.randn_like(weight))
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16)
+    reference = Reference(cond=torch.randn(1, 4, 16), uncond=torch.randn(1, 4, 16))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(unet, backend="eager")
+    outputs = []
+    for attached in (adapter, adapter, other):
+        att = attach(unet, attached, scheduler=scheduler)
+        try:
+            att.set_prompts({"0": AdapterPrompt([reference])}, rows=1)
+            with torch.no_grad():
+                got = compiled(sample, scheduler.timesteps[1], encoder_hidden_states=text).sample
+                eager = unet(sample, scheduler.timesteps[1], encoder_hidden_states=text).sample
+            torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+            outputs.append(got)
+        finally:
+            att.detach()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert (outputs[0] - outputs[2]).abs().max() > 1e-4, "the other adapter's weights act"
+
+
 def test_a_reference_of_weight_zero_is_left_out_when_compiled_too(tiny) -> None:
     """Two unmasked references share one softmax over their tokens: one of weight 0 (everywhere, or at a layer by
     its own layer weights, as the style and composition presets give) must be as if not given, compiled as eager.

@@ -526,9 +526,9 @@ def test_a_batch_the_references_cannot_be_laid_on_is_refused_with_a_sentence(sd1
 
 
 def test_carried_over_k_v_follow_changed_negative_tokens_and_reassigned_references(tmp_path) -> None:
-    """Under CFG, generation after generation on one attachment: a new negative with the same positive, then the
-    same Reference object given other positive, then other negative tokens. Each equals diffusers with the image
-    embeddings of that generation ([negative; positive] rows)."""
+    """Under CFG, generation after generation on one attachment keeping K'/V': a new negative with the same positive,
+    then the same Reference object given other positive, then other negative tokens. Each equals diffusers with the
+    image embeddings of that generation ([negative; positive] rows)."""
     unet = factories.sd15_unet()
     state = factories.published(unet, "base", CROSS)
     g = torch.Generator().manual_seed(9)
@@ -539,6 +539,7 @@ def test_carried_over_k_v_follow_changed_negative_tokens_and_reassigned_referenc
     with torch.no_grad():
         tokens = {id(f): adapter.project(f[:, 0]) for f in pos + neg}
     att = attach(unet, adapter)
+    att.runtime.cache_kv = True  # K'/V' carried over from one generation to the next (`cache_kv`, off by default)
     reference = Reference(cond=tokens[id(pos[0])], uncond=tokens[id(neg[0])])
     steps = [(pos[0], neg[0], reference)]
     reference = Reference(cond=tokens[id(pos[0])], uncond=tokens[id(neg[1])])

@@ -135,6 +135,21 @@ def test_repeated_reference_and_uncond_skip_the_projection_head() -> None:
     assert projections == [1, 1]
 
 
+def test_the_unconditional_images_patch_features_are_not_kept_beside_its_tokens() -> None:
+    """A Plus adapter's unconditional input is the encoder's patch features of a zero image, as large as a reference's.
+    The prompter keeps their projected tokens; the encoder must not keep the features as well (they would be held
+    through every generation for nothing), so once the tokens must be made again the zero image is encoded again."""
+    prompter, adapter, _ = _prompter(EmbeddingCache())
+    encodes: list[int] = []
+    prompter.encoder.model.register_forward_pre_hook(lambda m, a, k: encodes.append(1), with_kwargs=True)
+    img = factories.reference_image(4)
+    prompter.references([img])
+    assert len(encodes) == 2, "the reference and the zero image"
+    adapter.weights_changed()
+    prompter.references([img])
+    assert len(encodes) == 3, "the reference's features come from the cache; the zero image's were not kept"
+
+
 def test_size_zero_projects_every_time() -> None:
     prompter, _, projections = _prompter(EmbeddingCache(max_bytes=0))
     img = factories.reference_image(5)

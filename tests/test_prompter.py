@@ -168,6 +168,59 @@ def test_more_steps_than_the_scheduler_has_timesteps_is_one_sentence(tmp_path) -
         prompter.detach()
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_as_many_steps_as_training_timesteps_run_where_the_scheduler_takes_them(spacing: str, tmp_path) -> None:
+    """SD 1.5's schedulers space their timesteps "leading", from `steps_offset` (1) up: at as many steps as training
+    timesteps the first is one past the last, and diffusers' own scheduler fails at its first step with an
+    IndexError. There the prompter says so in one sentence; one step fewer runs, and "trailing" spacing takes them."""
+    encoder, processor = factories.tiny_image_encoder()
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    limit = 4
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, num_train_timesteps=limit,
+                                                      timestep_spacing=spacing)
+    assert pipe.scheduler.config.steps_offset == 1
+    truth = copy.deepcopy(pipe.scheduler)
+    truth.set_timesteps(limit)
+    sample = torch.zeros(1, 4, 2, 2)
+    fails = spacing == "leading"
+    if fails:
+        with pytest.raises(IndexError):
+            truth.step(sample, truth.timesteps[0], sample)
+    else:
+        truth.step(sample, truth.timesteps[0], sample)
+    prompter = ImagePrompter(pipe, load_adapter(_adapter_file(pipe, "base", tmp_path), pipe.unet),
+                             ImageEncoder(encoder, processor))
+    try:
+        if fails:
+            with pytest.raises(IPAdapterError) as caught:
+                prompter.generate(factories.reference_image(0), steps=limit, height=32, width=32)
+            assert str(caught.value) == (f"steps={limit} is more than the scheduler takes: at most {limit - 1}, its "
+                                         f"{limit} training timesteps less its steps_offset of 1 ('leading' spacing)")
+        steps = limit - 1 if fails else limit
+        assert len(prompter.generate(factories.reference_image(0), steps=steps, height=32, width=32)) == 1
+    finally:
+        prompter.detach()
+
+
+def test_a_scheduler_without_training_timesteps_takes_any_step_count(sd15_unet, tmp_path) -> None:
+    """Some of diffusers' schedulers (AmusedScheduler, KarrasVeScheduler) keep no `num_train_timesteps`: there is
+    nothing to check the steps against, so the pipeline is called with them as given."""
+    from diffusers import AmusedScheduler
+
+    scheduler = AmusedScheduler(mask_token_id=0)
+    assert not hasattr(scheduler.config, "num_train_timesteps")
+    calls = []
+    pipe = type("Pipe", (), {"unet": sd15_unet, "scheduler": scheduler,
+                             "__call__": lambda self, **kw: calls.append(kw) or SimpleNamespace(images=["made"])})()
+    prompter = ImagePrompter(pipe, load_adapter(_adapter_file(pipe, "base", tmp_path), sd15_unet),
+                             ImageEncoder(*factories.tiny_image_encoder()))
+    try:
+        assert prompter.generate(prompt="a red", steps=5000) == ["made"]
+    finally:
+        prompter.detach()
+    assert calls[0]["num_inference_steps"] == 5000
+
+
 # ---- references, names and sentences (no pipeline: the prompter only needs the UNet) -------------------------------
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ipadapter import AdapterPrompt, Reference
+from ipadapter.embed_cache import tensor_key
 from ipadapter.runtime import Runtime
 
 
@@ -117,3 +118,26 @@ def test_the_prompts_with_per_layer_weights_are_known_however_the_runtime_got_th
     assert runtime.per_layer == {"layered", "uncond", "own"}
     with pytest.raises(TypeError):
         Runtime(per_layer=frozenset())
+
+
+def test_a_references_tokens_key_is_the_digest_of_the_tokens_it_holds_at_the_call(monkeypatch) -> None:
+    """`tokens_key` finds K'/V' kept across generations: it must be `tensor_key(cond, uncond)` of the tensors the
+    Reference holds when asked, after either is replaced (by another tensor, or None) or written in place. It is
+    computed once while they stay (the digest reads the tokens: on a GPU, a wait)."""
+    from ipadapter import runtime
+
+    digests = []
+    monkeypatch.setattr(runtime, "tensor_key", lambda *t: digests.append(1) or tensor_key(*t))
+    ref = Reference(torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+    assert ref.tokens_key() == ref.tokens_key() == tensor_key(ref.cond, ref.uncond)
+    assert len(digests) == 1
+    changes = [lambda: setattr(ref, "cond", torch.randn(1, 4, 8)), lambda: setattr(ref, "uncond", torch.randn(1, 4, 8)),
+               lambda: ref.uncond.mul_(2), lambda: ref.cond.mul_(2), lambda: ref.cond[0, 0].add_(1),
+               lambda: setattr(ref, "uncond", None)]
+    for change in changes:
+        before = ref.tokens_key()
+        change()
+        assert ref.tokens_key() == tensor_key(ref.cond, ref.uncond) != before
+    with torch.inference_mode():
+        ref.cond = torch.randn(1, 4, 8)  # keeps no version counter
+    assert ref.tokens_key() == ref.tokens_key() == tensor_key(ref.cond, None)

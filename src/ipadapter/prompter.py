@@ -101,11 +101,11 @@ class ImagePrompter:
             raise IPAdapterError(f"{variant.name} needs a CLIP image encoder for the face crop")
         return ids, self.encoder.encode(crops, variant.clip)
 
-    def uncond_features(self, adapter: IPAdapter, count: int, *, keep: bool = True) -> Features:
+    def uncond_features(self, adapter: IPAdapter, count: int) -> Features:
         """The variant's unconditional input: a zero embedding for global and ID features, the encoder's output on
-        zero pixels for patch features (`keep`: the encoder keeps those)."""
+        zero pixels for patch features (not kept by the encoder: the prompter keeps their tokens instead)."""
         variant = adapter.variant
-        clip = self.encoder.uncond(variant.clip, keep=keep) if variant.clip else None
+        clip = self.encoder.uncond(variant.clip, keep=False) if variant.clip else None
         if not variant.face_id:
             return (clip.expand(count, *clip.shape[1:]),)
         zeros = torch.zeros(count, adapter.config.projection.in_dim, device=adapter.device, dtype=adapter.dtype)
@@ -148,7 +148,7 @@ class ImagePrompter:
         key = ("uncond", adapter.projection_key(), encoder, adapter.variant.name)
         found = self.cache.get(key)
         if found is None:
-            features = self.uncond_features(adapter, 1, keep=False)
+            features = self.uncond_features(adapter, 1)
             found = adapter.project(*(f.to(adapter.device, adapter.dtype) for f in features))[0]
             self.cache.put(key, found)
         return found[None]
@@ -204,9 +204,8 @@ class ImagePrompter:
         prompts = {name: self._prompt(name, given, scale) for name, given in references.items()}
         if not prompts and not (prompt if isinstance(prompt, str) else any(prompt)):
             raise IPAdapterError("give a reference image, a text prompt, or both")
-        limit = getattr(self.pipe.scheduler.config, "num_train_timesteps", None)
-        if steps is not None and limit and steps > limit:  # the schedulers raise a ValueError deep in the pipeline
-            raise IPAdapterError(f"steps={steps} is more than the scheduler's {limit} training timesteps")
+        if steps is not None:
+            self._check_steps(steps)
         self.attachment.check_intact()
         batch = len(prompt) if isinstance(prompt, list) else 1
         self.attachment.scheduler = self.pipe.scheduler
@@ -225,6 +224,21 @@ class ImagePrompter:
         finally:
             self.attachment.clear()
         return list(out.images)
+
+    def _check_steps(self, steps: int) -> None:
+        """One sentence where the scheduler would fail deep in the pipeline (a ValueError, or an IndexError at its
+        first step): more steps than training timesteps, or, with "leading" spacing, as many as those less its
+        `steps_offset` (SD 1.5's own schedulers at 1000 steps start at timestep 1000, one past the last)."""
+        config = self.pipe.scheduler.config
+        limit = getattr(config, "num_train_timesteps", None)
+        if not limit:
+            return
+        if steps > limit:
+            raise IPAdapterError(f"steps={steps} is more than the scheduler's {limit} training timesteps")
+        offset = getattr(config, "steps_offset", 0) if getattr(config, "timestep_spacing", None) == "leading" else 0
+        if steps > limit - offset:
+            raise IPAdapterError(f"steps={steps} is more than the scheduler takes: at most {limit - offset}, its "
+                                 f"{limit} training timesteps less its steps_offset of {offset} ('leading' spacing)")
 
     def _prompt(self, name: str, given: Any, scale: float) -> AdapterPrompt:
         if isinstance(given, AdapterPrompt):

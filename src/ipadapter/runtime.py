@@ -38,15 +38,30 @@ class Reference:
     _key: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def tokens_key(self) -> str:
-        """A digest of the tokens, computed once per Reference: K'/V' of equal tokens are reused across generations."""
-        ids = (id(self.cond), id(self.uncond))
-        if self._key[:2] != ids:
-            self._key = (*ids, tensor_key(self.cond, self.uncond))
-        return self._key[2]
+        """A digest of the tokens, by which K'/V' of equal tokens are reused across generations. Computed again only
+        when the tokens change (reading them waits for the GPU): kept with the tensors it was computed for and their
+        version counters, so another tensor (even one made where a freed one was) or a write in place is seen."""
+        cond, uncond = self.cond, self.uncond
+        versions = (_version(cond), _version(uncond))
+        held = self._key
+        if not held or held[0] is not cond or held[1] is not uncond or held[2] != versions:
+            self._key = held = (cond, uncond, versions, tensor_key(cond, uncond))
+        return held[3]
 
     def weight_at(self, layer: str) -> float:
         """This reference's own factor at a layer (presets like "style and composition" give each image its layers)."""
         return self.weight if self.layer_weights is None else self.weight * self.layer_weights.get(layer, 0.0)
+
+
+def _version(t: torch.Tensor | None) -> int | None:
+    """`t`'s count of in-place writes; None for an inference tensor, which keeps none (and takes no writes outside
+    inference mode)."""
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
 
 
 @dataclass
