@@ -194,8 +194,8 @@ def test_as_many_steps_as_training_timesteps_run_where_the_scheduler_takes_them(
         if fails:
             with pytest.raises(IPAdapterError) as caught:
                 prompter.generate(factories.reference_image(0), steps=limit, height=32, width=32)
-            assert str(caught.value) == (f"steps={limit} is more than the scheduler takes: at most {limit - 1}, its "
-                                         f"{limit} training timesteps less its steps_offset of 1 ('leading' spacing)")
+            assert str(caught.value) == (f"steps={limit} is more than the scheduler's 'leading' spacing fits in its "
+                                         f"{limit} training timesteps from its steps_offset of 1: at most {limit - 1}")
         steps = limit - 1 if fails else limit
         assert len(prompter.generate(factories.reference_image(0), steps=steps, height=32, width=32)) == 1
     finally:

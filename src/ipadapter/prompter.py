@@ -227,8 +227,9 @@ class ImagePrompter:
 
     def _check_steps(self, steps: int) -> None:
         """One sentence where the scheduler would fail deep in the pipeline (a ValueError, or an IndexError at its
-        first step): more steps than training timesteps, or, with "leading" spacing, as many as those less its
-        `steps_offset` (SD 1.5's own schedulers at 1000 steps start at timestep 1000, one past the last)."""
+        first step): more steps than training timesteps, or, with "leading" spacing, more than those less its
+        `steps_offset` (SD 1.5's schedulers at 1000 steps start at timestep 1000, one past the last; the ones that
+        interpolate sigmas, as Euler, would run it, but a schedule past the training range is refused for all)."""
         config = self.pipe.scheduler.config
         limit = getattr(config, "num_train_timesteps", None)
         if not limit:
@@ -237,8 +238,8 @@ class ImagePrompter:
             raise IPAdapterError(f"steps={steps} is more than the scheduler's {limit} training timesteps")
         offset = getattr(config, "steps_offset", 0) if getattr(config, "timestep_spacing", None) == "leading" else 0
         if steps > limit - offset:
-            raise IPAdapterError(f"steps={steps} is more than the scheduler takes: at most {limit - offset}, its "
-                                 f"{limit} training timesteps less its steps_offset of {offset} ('leading' spacing)")
+            raise IPAdapterError(f"steps={steps} is more than the scheduler's 'leading' spacing fits in its {limit} "
+                                 f"training timesteps from its steps_offset of {offset}: at most {limit - offset}")
 
     def _prompt(self, name: str, given: Any, scale: float) -> AdapterPrompt:
         if isinstance(given, AdapterPrompt):
