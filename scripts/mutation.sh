@@ -39,7 +39,12 @@ core_tests=(test_core_regressions.py test_runtime.py test_projection_shapes.py t
 read -r -a tests <<< "${TESTS:-${core_tests[*]}}"
 # Tests that run the package in a child interpreter: mutmut's trampoline there has no configuration (its stats run
 # fails on them) and cannot switch mutants, so they can neither kill nor keep one.
-in_child=(test_load.py::test_readme_python_example_runs_as_written test_cli_extras.py::test_core_commands_run_without_the_extras)
+in_child=(test_load.py::test_readme_python_example_runs_as_written
+          test_cli_extras.py::test_core_commands_run_without_the_extras
+          test_batch_generate.py::test_a_killed_run_resumes_to_the_images_of_an_uninterrupted_one
+          test_batch_generate.py::test_two_processes_write_the_images_and_index_of_one
+          test_batch_generate.py::test_evaluate_under_two_processes_writes_the_results_of_one
+          test_bad_input.py::test_text_files_are_utf8_whatever_the_locale)
 
 if ! "$python" -c "import mutmut" 2>/dev/null; then
   "$python" -m pip install --quiet "mutmut>=3.8,<4"

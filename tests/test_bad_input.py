@@ -296,6 +296,37 @@ def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch) -> None
     with replacing_folder(tmp_path / "fresh") as tmp:
         (tmp / "a.txt").write_text("first")
     assert (tmp_path / "fresh" / "a.txt").read_text() == "first"
+    stale = tmp_path / f".pipeline.old-{os.getpid()}"  # a crash between the two renames left the old folder aside
+    stale.mkdir()
+    (stale / "older.txt").write_text("a crashed run's")
+    with replacing_folder(target) as tmp:
+        (tmp / "new.txt").write_text("again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "pipeline"]
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"new.txt": "again"}
+
+
+def test_text_files_are_utf8_whatever_the_locale(tmp_path) -> None:
+    """Manifests, reports and model cards carry users' captions and paths: they are UTF-8 even where the locale's
+    encoding is not (Windows' cp1252; here the C locale with Python's coercion and UTF-8 mode turned off: ASCII)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    probe = subprocess.run([sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert "utf" not in probe.stdout.lower(), f"the child's locale is {probe.stdout.strip()}: this would show nothing"
+    code = "import sys; from ipadapter.atomic import write_text; write_text(sys.argv[1], 'caf\\u00e9 \\u2713 \\u72ac')"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.md")], env=env, check=True)
+    assert (tmp_path / "t.md").read_bytes() == "café ✓ 犬".encode("utf-8")
+
+
+def test_outputs_in_folders_not_made_yet_are_written_with_their_folders(tmp_path) -> None:
+    from ipadapter.atomic import save_png, save_pngs, write_text
+
+    deep = tmp_path / "a" / "b"
+    written = [save_png(Image.new("RGB", (4, 4)), deep / "one.png"), write_text(deep / "c" / "t.md", "text"),
+               *save_pngs([Image.new("RGB", (4, 4))] * 2, [deep / "d" / "two.png", tmp_path / "e" / "f" / "three.png"])]
+    assert all(p.is_file() for p in written)
 
 
 def test_a_manifest_whose_records_fail_midway_leaves_the_earlier_one(tmp_path) -> None:

@@ -93,9 +93,13 @@ def test_load_finds_the_encoder_in_the_pipeline_folder_and_names_several_adapter
 
     folder = factories.save_tiny_sd15_pipeline(tmp_path, adapters=("base", "plus"))
     pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    with ipadapter.load(pipe.to(torch.float64), tmp_path / "base.bin") as p:
+        assert p.encoder.dtype == torch.float64, "the encoder in the denoiser's dtype"
+    pipe.to(torch.float32)
     with ipadapter.load(pipe, [tmp_path / "base.bin", tmp_path / "plus.bin"], adapter_name=["look", "shape"],
                         cache_kv=False) as p:
         assert set(p.adapters) == {"look", "shape"} and p.encoder is not None
+        assert p.encoder.dtype == torch.float32
         assert p.attachment.runtime.cache_kv is False
         with pytest.raises(IPAdapterError, match="several adapters"):
             p.generate(factories.reference_image(), steps=1, height=32, width=32)
@@ -109,8 +113,9 @@ def test_load_errors_name_parameters(tmp_path) -> None:
     weight = _adapter_file(pipe, tmp_path)
     with pytest.raises(IPAdapterError, match=r"give weight_name= once, or once per adapter \(2\)"):
         ipadapter.load(pipe, [weight, weight], weight_name=["a", "b", "c"])
-    with pytest.raises(IPAdapterError, match="give image_encoder="):
+    with pytest.raises(IPAdapterError) as caught:
         ipadapter.load(pipe, weight)
+    assert str(caught.value) == "cannot tell which image encoder this adapter needs; give image_encoder="
     assert not any("IPAttn" in type(p).__name__ for p in pipe.unet.attn_processors.values())
 
 
@@ -122,6 +127,10 @@ def test_load_errors_name_parameters(tmp_path) -> None:
     ("h94/IP-Adapter", "sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors",
      ("h94/IP-Adapter", "models/image_encoder")),
     ("h94/IP-Adapter-FaceID", None, "ip-adapter-faceid-plusv2_sdxl.bin", ("h94/IP-Adapter", "models/image_encoder")),
+    # the SDXL folder named in the file's path, or by the subfolder alone
+    ("h94/IP-Adapter", None, "sdxl_models/ip-adapter_sdxl.safetensors",
+     ("h94/IP-Adapter", "sdxl_models/image_encoder")),
+    ("h94/IP-Adapter", "sdxl_models", None, ("h94/IP-Adapter", "sdxl_models/image_encoder")),
     # the newer families, as their model cards name them
     ("XLabs-AI/flux-ip-adapter", None, "ip_adapter.safetensors", ("openai/clip-vit-large-patch14", None)),
     ("XLabs-AI/flux-ip-adapter-v2", None, "ip_adapter.safetensors", ("openai/clip-vit-large-patch14", None)),
@@ -146,6 +155,12 @@ def test_a_local_encoder_beside_the_base_or_the_adapter_comes_first(tmp_path) ->
     adapter = AdapterSource(str(tmp_path / "adapters" / "sdxl" / "a.bin"))
     assert default_image_encoder(str(tmp_path / "base"), adapter) == (str(tmp_path / "base"), "image_encoder")
     assert default_image_encoder(None, adapter) == (str(tmp_path / "adapters" / "image_encoder"), None)
+    # h94's layout, downloaded: the encoder in the adapter's own folder, given as the folder or as the file in it
+    (tmp_path / "adapters" / "sdxl" / "image_encoder").mkdir()
+    (tmp_path / "adapters" / "sdxl" / "image_encoder" / "config.json").write_text("{}")
+    own = (str(tmp_path / "adapters" / "sdxl" / "image_encoder"), None)
+    assert default_image_encoder(None, adapter) == own
+    assert default_image_encoder(None, AdapterSource(str(tmp_path / "adapters" / "sdxl"), weight_name="a.bin")) == own
 
 
 def test_the_bundled_adapters_load_by_their_command_line_keywords() -> None:
@@ -172,6 +187,75 @@ def test_the_bundled_adapters_load_by_their_command_line_keywords() -> None:
     with pytest.raises(IPAdapterError) as caught:
         ipadapter.load(pipe, "miniature", weight_name="plus.safetensors")
     assert str(caught.value) == "miniature is a bundled adapter, one file: give no subfolder= or weight_name="
+
+
+def test_transformer_bases_have_the_size_step_and_default_size_of_diffusers_own_pipelines(tmp_path) -> None:
+    """`base_geometry` reads configs only (the command line checks --width/--height before loading anything); for
+    FLUX and SD 3 it must agree with the pipelines diffusers builds from the same folders: their default size, and
+    the step their `check_inputs` asks sizes to be multiples of (FLUX: twice the VAE's scale, for its 2 × 2 latent
+    packing; SD 3: the VAE's scale times the patch size)."""
+    from diffusers import AutoencoderKL, FluxPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from ipadapter.loading import base_geometry
+    from tests import dit_factories as df
+
+    flux_folder, sd3_folder = df.save_flux_base(tmp_path / "flux"), df.save_sd3_base(tmp_path / "sd3")
+    patched = {**SD3Transformer2DModel.load_config(sd3_folder / "transformer"), "patch_size": 2}  # as SD 3.5's
+    SD3Transformer2DModel.from_config(patched).save_pretrained(sd3_folder / "transformer")
+    four = {**AutoencoderKL.load_config(sd3_folder / "vae"), "block_out_channels": [8] * 4,  # SD's 8x downscale
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+    AutoencoderKL.from_config(four).save_pretrained(sd3_folder / "vae")
+    flux = FluxPipeline.from_pretrained(str(flux_folder))
+    sd3 = StableDiffusion3Pipeline.from_pretrained(str(sd3_folder))
+    assert sd3.patch_size > 1 and sd3.vae_scale_factor == 8 and sd3.default_sample_size != 128, "shows nothing else"
+    flux_size = flux.default_sample_size * flux.vae_scale_factor
+    assert base_geometry(str(flux_folder)) == (2 * flux.vae_scale_factor, (flux_size, flux_size))
+    sd3_size = sd3.default_sample_size * sd3.vae_scale_factor
+    assert base_geometry(str(sd3_folder)) == (sd3.vae_scale_factor * sd3.patch_size, (sd3_size, sd3_size))
+
+
+def test_the_adapters_a_command_line_names_and_its_mistakes(tmp_path) -> None:
+    """`adapter_sources`, what `--adapter`/`--subfolder`/`--weight-name` become: the bundled adapter when neither
+    adapters nor a base are named, none for a base alone (`load_prompter` then asks for one), and a count of names
+    that fits neither one nor one per adapter is a sentence naming the flag's parameter."""
+    from ipadapter.loading import adapter_sources, load_prompter
+    from ipadapter.sources import AdapterSource, miniature_adapter
+
+    assert adapter_sources([], base=None) == [miniature_adapter()]
+    assert adapter_sources([], base=str(tmp_path)) == []
+    with pytest.raises(IPAdapterError) as caught:
+        load_prompter(base=str(tmp_path))
+    assert str(caught.value) == "give adapters= (a file, folder or Hub repo id) to use an image prompt with base="
+    assert adapter_sources(["a", "b"], base=None, subfolders=["s"], weight_names=["w1", "w2"]) == [
+        AdapterSource("a", "s", "w1"), AdapterSource("b", "s", "w2")]
+    for given, sentence in ((dict(weight_names=["1", "2", "3"]), "give weight_name= once, or once per adapter (2), "
+                             "not 3 times"), (dict(subfolders=["1", "2", "3"]), "give subfolder= once, or once per "
+                             "adapter (2), not 3 times")):
+        with pytest.raises(IPAdapterError) as caught:
+            adapter_sources(["a", "b"], base=None, **given)
+        assert str(caught.value) == sentence
+
+
+def test_a_missing_bundled_adapter_names_the_command_that_rebuilds_it(tmp_path, monkeypatch) -> None:
+    """A checkout without the shipped files (a partial clone, a deleted asset): one sentence naming the file and the
+    `ipadapter miniature train` target that makes it, one the command line takes."""
+    from ipadapter import bundled
+    from ipadapter.cli.main import main
+    from ipadapter.sources import miniature_adapter
+
+    monkeypatch.setattr(bundled, "ASSETS_DIR", tmp_path)
+    for name in ("base", "plus", "simple"):
+        with pytest.raises(IPAdapterError) as caught:
+            miniature_adapter(name)
+        target = re.search(r"`ipadapter miniature train (\S+)`", str(caught.value)).group(1)
+        assert str(caught.value) == (
+            f"the miniature {name} adapter is missing ({tmp_path / 'adapters' / f'{name}.safetensors'}); rebuild it "
+            f"with the recipe in docs/miniature.md (`ipadapter miniature train {target}` then `ipadapter miniature "
+            "export`)")
+        assert target == ("adapter" if name == "base" else f"adapter-{name}")
+        with pytest.raises(SystemExit) as usage:
+            main(["miniature", "train", target, "--help"])
+        assert usage.value.code == 0, f"{target} is a target of `ipadapter miniature train`"
 
 
 def test_a_pipeline_shipped_in_half_precision_loads_in_fp32(tmp_path) -> None:

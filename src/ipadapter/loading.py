@@ -65,7 +65,7 @@ def _encoder_for(
     if image_encoder is not None:
         found = split_hub_path(str(image_encoder))
     else:
-        found = default_image_encoder(getattr(pipe, "name_or_path", None), sources[0]) if sources else None
+        found = default_image_encoder(getattr(pipe, "name_or_path", None), sources[0])
     if found is None:
         raise IPAdapterError("cannot tell which image encoder this adapter needs; give image_encoder=")
     denoiser = denoiser_of(pipe)
