@@ -226,6 +226,13 @@ def test_the_adapters_a_command_line_names_and_its_mistakes(tmp_path) -> None:
     with pytest.raises(IPAdapterError) as caught:
         load_prompter(base=str(tmp_path))
     assert str(caught.value) == "give adapters= (a file, folder or Hub repo id) to use an image prompt with base="
+    with pytest.raises(IPAdapterError) as caught:
+        load_prompter(dtype="float8")
+    assert str(caught.value) == "unknown dtype 'float8'; valid: float32, float16, bfloat16"
+    loaded = load_prompter(dtype="bfloat16")  # the bundled model, in the dtype named
+    assert {p.dtype for p in loaded.prompter.pipe.unet.parameters()} == {torch.bfloat16}
+    assert loaded.prompter.attachment.runtime.cache_kv is False, "K'/V' made at every call by default, as diffusers"
+    loaded.prompter.detach()
     assert adapter_sources(["a", "b"], base=None, subfolders=["s"], weight_names=["w1", "w2"]) == [
         AdapterSource("a", "s", "w1"), AdapterSource("b", "s", "w2")]
     for given, sentence in ((dict(weight_names=["1", "2", "3"]), "give weight_name= once, or once per adapter (2), "
