@@ -71,3 +71,31 @@ def test_a_value_starting_with_a_minus_reaches_the_options_own_check(argv, messa
     monkeypatch.setattr(ipadapter.loading, "load_prompter", no_loading)
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     assert capsys.readouterr().err == f"ipadapter: error: {message}\n"
+
+
+def test_model_flags_are_checked_before_loading_with_hub_subfolders_where_diffusers_takes_them(tmp_path) -> None:
+    """`check_model_args`: `--image-encoder` and `--controlnet` take "owner/repo/sub/folder" (both are loaded with a
+    subfolder); a missing local ControlNet folder is one sentence; a file name inside a bundled adapter, the default
+    one included, is refused naming the flag that gave it."""
+    from ipadapter.cli.main import build_parser
+    from ipadapter.errors import IPAdapterError
+    from ipadapter.loading import check_model_args
+
+    def check(*flags: str) -> str:
+        return check_model_args(build_parser().parse_args(["generate", "--image", "x.png", "--device", "cpu",
+                                                           *flags]))
+
+    assert check("--image-encoder", "h94/IP-Adapter/models/image_encoder",
+                 "--controlnet", "owner/controlnets/canny") == "cpu"
+    missing = str(tmp_path / "none")
+    for flags, sentence in (
+        (["--controlnet", missing], f"ControlNet folder not found: {missing} (no such file or folder; a Hub model "
+                                    "id has the form owner/name)"),
+        (["--weight-name", "a.bin"], "--weight-name a.bin names a file inside --adapter, but miniature is a bundled "
+                                     "adapter"),
+        (["--adapter", "miniature-plus", "--subfolder", "models"],
+         "--subfolder models names a file inside --adapter, but miniature-plus is a bundled adapter"),
+    ):
+        with pytest.raises(IPAdapterError) as caught:
+            check(*flags)
+        assert str(caught.value) == sentence

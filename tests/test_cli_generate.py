@@ -326,3 +326,32 @@ def test_an_uncached_hub_id_without_network_is_one_line_after_one_request(tiny_b
     assert [url for url in online_hub_cache if "ipadapter-tests" in url] == [
         "https://huggingface.co/api/models/ipadapter-tests/not-cached"]
     assert not (tmp_path / "o.png").exists()
+
+
+def test_steps_and_guidance_left_out_are_the_miniatures_named_in_help_or_the_pipelines_own(tiny_base, monkeypatch,
+                                                                                          tmp_path) -> None:
+    """Without `--steps`/`--guidance` the miniature runs what `--help` names, another base its pipeline's defaults
+    (None)."""
+    import re
+
+    from ipadapter.cli.main import build_parser
+    from ipadapter.prompter import ImagePrompter
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+
+    def named(flag: str) -> float:
+        help_text = next(a.help for a in commands["generate"]._actions if flag in a.option_strings)
+        return float(re.search(r"default: ([\d.]+) miniature", help_text).group(1))
+
+    seen = []
+
+    def generate(self, images, **kwargs):
+        seen.append((kwargs["steps"], kwargs["guidance"]))
+        return [Image.new("RGB", (8, 8))] * kwargs["num_images"]
+
+    monkeypatch.setattr(ImagePrompter, "generate", generate)
+    ref = str(tiny_base / "ref.png")
+    assert main(["generate", "--image", ref, "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin"), "--image",
+                 ref, "--out", str(tmp_path / "b.png")]) == 0
+    assert seen == [(named("--steps"), named("--guidance")), (None, None)]

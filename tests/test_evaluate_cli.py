@@ -37,6 +37,7 @@ def test_evaluate_writes_results_markdown_and_pngs_and_resumes(setup, tmp_path, 
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"] == "paper-table1" and not results["comparable"]
     assert [(r["name"], r["scale"], r["samples"]) for r in results["runs"]] == [("base", 0.0, 4), ("base", 1.0, 4)]
+    assert json.loads((out / "plan.json").read_text())["base"] == str(setup / "pipe"), "the base is pinned"
     for run in results["runs"]:
         assert -1 <= run["clip_i"] <= 1 and -1 <= run["clip_t_cos"] <= 1 and 0 <= run["clip_t"] <= 2.5
     assert len(results["skipped_references"]) == 1 and "missing.png" in results["skipped_references"][0]

@@ -93,14 +93,17 @@ def test_load_finds_the_encoder_in_the_pipeline_folder_and_names_several_adapter
 
     folder = factories.save_tiny_sd15_pipeline(tmp_path, adapters=("base", "plus"))
     pipe = StableDiffusionPipeline.from_pretrained(str(folder))
-    with ipadapter.load(pipe.to(torch.float64), tmp_path / "base.bin") as p:
+    analyzer = object()  # stands for a FaceAnalyzer (insightface), which `load` only passes on
+    with ipadapter.load(pipe.to(torch.float64), tmp_path / "base.bin", face_analyzer=analyzer) as p:
         assert p.encoder.dtype == torch.float64, "the encoder in the denoiser's dtype"
+        assert p.face_analyzer is analyzer
+        assert p.attachment.runtime.cache_kv is False, "K'/V' made at every call by default, as diffusers"
     pipe.to(torch.float32)
     with ipadapter.load(pipe, [tmp_path / "base.bin", tmp_path / "plus.bin"], adapter_name=["look", "shape"],
-                        cache_kv=False) as p:
+                        cache_kv=True) as p:
         assert set(p.adapters) == {"look", "shape"} and p.encoder is not None
         assert p.encoder.dtype == torch.float32
-        assert p.attachment.runtime.cache_kv is False
+        assert p.attachment.runtime.cache_kv is True
         with pytest.raises(IPAdapterError, match="several adapters"):
             p.generate(factories.reference_image(), steps=1, height=32, width=32)
         images = p.generate({"look": factories.reference_image(0), "shape": [factories.reference_image(1)]},
@@ -111,6 +114,18 @@ def test_load_finds_the_encoder_in_the_pipeline_folder_and_names_several_adapter
 def test_load_errors_name_parameters(tmp_path) -> None:
     pipe = factories.tiny_sd15_pipeline(tmp_path)
     weight = _adapter_file(pipe, tmp_path)
+    with pytest.raises(IPAdapterError) as caught:
+        ipadapter.load(pipe, [])
+    assert str(caught.value) == "give at least one adapter"
+    with pytest.raises(IPAdapterError) as caught:
+        ipadapter.load(pipe, [weight, weight], adapter_name=["a", "b", "c"])
+    assert str(caught.value) == "give adapter_name= once, or once per adapter (2), not 3 times"
+    with pytest.raises(IPAdapterError) as caught:
+        ipadapter.load(pipe, [weight, weight], subfolder=["a", "b", "c"])
+    assert str(caught.value) == "give subfolder= once, or once per adapter (2), not 3 times"
+    with pytest.raises(IPAdapterError) as caught:
+        ipadapter.load(pipe, [weight, weight], adapter_name="a")
+    assert str(caught.value) == "adapter names must differ, got a, a"
     with pytest.raises(IPAdapterError, match=r"give weight_name= once, or once per adapter \(2\)"):
         ipadapter.load(pipe, [weight, weight], weight_name=["a", "b", "c"])
     with pytest.raises(IPAdapterError) as caught:
@@ -214,10 +229,92 @@ def test_transformer_bases_have_the_size_step_and_default_size_of_diffusers_own_
     assert base_geometry(str(sd3_folder)) == (sd3.vae_scale_factor * sd3.patch_size, (sd3_size, sd3_size))
 
 
+def test_a_transformer_config_without_size_or_patch_gets_the_defaults_diffusers_gives_it(tmp_path) -> None:
+    """SD 3 configs saved by hand may leave out `sample_size` and `patch_size`; the model class then fills in its
+    own defaults, and the pipeline reads those."""
+    import json
+
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from ipadapter.loading import base_geometry
+    from tests import dit_factories as df
+
+    folder = df.save_sd3_base(tmp_path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder))
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    assert pipe.patch_size == 1 and pipe.default_sample_size != 128, "the defaults differ from the config's"
+    assert base_geometry(str(folder)) == (pipe.vae_scale_factor * pipe.patch_size, (size, size))
+    stripped = {k: v for k, v in SD3Transformer2DModel.load_config(folder / "transformer").items()
+                if k not in ("sample_size", "patch_size")}
+    SD3Transformer2DModel.from_config(stripped).save_pretrained(folder / "transformer")
+    config_file = folder / "transformer" / "config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
+                                       if k not in ("sample_size", "patch_size")}))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder))
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    assert base_geometry(str(folder)) == (pipe.vae_scale_factor * pipe.patch_size, (size, size))
+
+
+def test_a_unet_sample_size_of_height_and_width_gives_the_size_diffusers_generates(tmp_path) -> None:
+    """A UNet's `sample_size` may be [height, width]; the default size is the one diffusers' pipeline makes."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from ipadapter.loading import base_geometry
+
+    folder = factories.save_tiny_sd15_pipeline(tmp_path)
+    config_file = folder / "unet" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "sample_size": [12, 8]}))
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat", num_inference_steps=1).images[0]
+    assert image.size[0] != image.size[1], "shows nothing else"
+    assert base_geometry(str(folder))[1] == image.size
+
+
+def test_an_unreadable_base_is_one_sentence_with_the_libraries_first_clause(tmp_path) -> None:
+    from diffusers import AutoencoderKL
+
+    from ipadapter.errors import first_clause
+    from ipadapter.loading import base_geometry
+
+    folder = tmp_path / "base"
+    (folder / "vae").mkdir(parents=True)
+    with pytest.raises(OSError) as theirs:
+        AutoencoderKL.load_config(str(folder), subfolder="vae", local_files_only=True)
+    with pytest.raises(IPAdapterError) as caught:
+        base_geometry(str(folder))
+    assert str(caught.value) == f"cannot read the base model {folder}: {first_clause(str(theirs.value))}"
+    assert str(theirs.value).strip(), "shows nothing else"
+
+
+@pytest.mark.parametrize("device, dtype", [("cuda", torch.float16), ("cuda:1", torch.float16), ("cpu", torch.float32),
+                                           ("mps", torch.float32), ("meta", torch.float32)])
+def test_the_default_dtype_is_half_precision_on_cuda_only(device, dtype) -> None:
+    """As `load_prompter`'s docstring and the command line's `--dtype` help state it."""
+    from ipadapter.loading import default_dtype
+
+    assert default_dtype(device) == dtype
+
+
+def test_every_part_goes_to_the_device_named() -> None:
+    """`load_prompter(device=...)`: the pipeline, the image encoder and the adapters on that device. The meta device
+    stands for a GPU here: nothing is computed, only placed."""
+    from ipadapter.loading import load_prompter
+
+    prompter = load_prompter(device="meta").prompter
+    parts = [prompter.pipe.unet, prompter.pipe.vae, prompter.pipe.text_encoder, prompter.encoder.model,
+             *prompter.adapters.values()]
+    assert {p.device.type for part in parts for p in part.parameters()} == {"meta"}
+
+
 def test_the_adapters_a_command_line_names_and_its_mistakes(tmp_path) -> None:
     """`adapter_sources`, what `--adapter`/`--subfolder`/`--weight-name` become: the bundled adapter when neither
     adapters nor a base are named, none for a base alone (`load_prompter` then asks for one), and a count of names
     that fits neither one nor one per adapter is a sentence naming the flag's parameter."""
+    import diffusers
+
     from ipadapter.loading import adapter_sources, load_prompter
     from ipadapter.sources import AdapterSource, miniature_adapter
 
@@ -229,10 +326,14 @@ def test_the_adapters_a_command_line_names_and_its_mistakes(tmp_path) -> None:
     with pytest.raises(IPAdapterError) as caught:
         load_prompter(dtype="float8")
     assert str(caught.value) == "unknown dtype 'float8'; valid: float32, float16, bfloat16"
-    loaded = load_prompter(dtype="bfloat16")  # the bundled model, in the dtype named
+    loaded = load_prompter(dtype="bfloat16", scheduler="EulerDiscreteScheduler")  # the bundled model, as named
     assert {p.dtype for p in loaded.prompter.pipe.unet.parameters()} == {torch.bfloat16}
+    assert type(loaded.prompter.pipe.scheduler) is diffusers.EulerDiscreteScheduler, "its own is DDIM"
     assert loaded.prompter.attachment.runtime.cache_kv is False, "K'/V' made at every call by default, as diffusers"
     loaded.prompter.detach()
+    kept = load_prompter(cache_kv=True)
+    assert kept.prompter.attachment.runtime.cache_kv is True
+    kept.prompter.detach()
     assert adapter_sources(["a", "b"], base=None, subfolders=["s"], weight_names=["w1", "w2"]) == [
         AdapterSource("a", "s", "w1"), AdapterSource("b", "s", "w2")]
     for given, sentence in ((dict(weight_names=["1", "2", "3"]), "give weight_name= once, or once per adapter (2), "

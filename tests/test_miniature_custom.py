@@ -151,6 +151,23 @@ def test_fusing_before_or_after_attaching_gives_the_same_images(tiny) -> None:
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_python_api_fuses_a_base_lora_at_diffusers_default_scale(tiny) -> None:
+    """`load_prompter(base_lora=...)` with no scale is diffusers' `fuse_lora()` with no scale."""
+    from diffusers import StableDiffusionPipeline
+
+    from ipadapter.loading import load_prompter
+
+    loaded = load_prompter(base=str(tiny / "pipe"), adapters=[str(tiny / "base.bin")], device="cpu",
+                           base_lora=str(tiny / "lora"))
+    loaded.prompter.detach()
+    truth = StableDiffusionPipeline.from_pretrained(tiny / "pipe", torch_dtype=torch.float32)
+    truth.load_lora_weights(str(tiny / "lora"))
+    truth.fuse_lora()
+    truth.unload_lora_weights()
+    ours, theirs = loaded.prompter.pipe.unet.state_dict(), truth.unet.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_shipped_keyword_names_the_asset(monkeypatch, tmp_path) -> None:
     from ipadapter.loading import base_lora_source
     from ipadapter import bundled

@@ -118,3 +118,15 @@ def test_the_shipped_configs_name_h94s_published_encoders() -> None:
     for name, encoder in named.items():
         if encoder.startswith("h94/"):
             assert split_hub_path(encoder) in (VIT_H, VIT_BIGG), (name, encoder)
+
+
+def test_a_path_that_is_not_there_is_never_split_as_a_hub_id_with_a_subfolder(tmp_path) -> None:
+    """"owner/repo/sub" is a Hub id and a subfolder; a relative or absolute path is a path even when it does not
+    exist (huggingface_hub's own rule: no repo id starts with "." or "/")."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    for path in ("./models/a/b", "/no/such/folder", str(tmp_path / "none" / "x")):
+        with pytest.raises(HFValidationError):
+            validate_repo_id(path.rsplit("/", 1)[0])
+        assert split_hub_path(path) == (path, None)
+    assert split_hub_path("h94/IP-Adapter/models/image_encoder") == VIT_H

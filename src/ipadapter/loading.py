@@ -36,7 +36,6 @@ MINIATURE_ADAPTERS = {"miniature": "base", "miniature-plus": "plus", "miniature-
 class Loaded:
     prompter: ImagePrompter
     base: str
-    miniature: bool
     default_steps: int | None
     default_guidance: float | None
 
@@ -153,7 +152,7 @@ def check_model_args(args: Any) -> str:
     if args.image_encoder:
         model_source(args.image_encoder, "--image-encoder", subfolders=True)
     if getattr(args, "controlnet", None) and args.controlnet != "miniature":
-        model_source(args.controlnet, "--controlnet", subfolders=True, label="ControlNet folder")
+        model_source(args.controlnet, "ControlNet folder", subfolders=True)
     for adapter in args.adapter or []:
         if adapter not in MINIATURE_ADAPTERS:
             model_source(adapter, "--adapter")
@@ -203,8 +202,13 @@ def _transformer_geometry(source: str, vae_step: int) -> tuple[int, tuple[int, i
     config = json.loads((Path(source) / "transformer" / "config.json").read_text())
     if config.get("_class_name") == "FluxTransformer2DModel":
         return vae_step * 2, (128 * vae_step, 128 * vae_step)
-    size = config.get("sample_size", 128) * vae_step
-    return vae_step * config.get("patch_size", 1), (size, size)
+    size = config.get("sample_size", 128) * vae_step  # SD3Transformer2DModel's defaults where a config has none
+    return vae_step * config.get("patch_size", 2), (size, size)
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """float16 on CUDA, as diffusers users run there; float32 elsewhere, where half precision is slow or unsupported."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def load_prompter(
@@ -216,10 +220,10 @@ def load_prompter(
     """Everything from names: the base pipeline (the bundled miniature model when `base` is None), a fused custom
     LoRA, a ControlNet, the adapters (file, folder, Hub id, or a miniature keyword) and their image encoder.
     `dtype`: "float32", "float16" or "bfloat16" (default float16 on CUDA, else float32); `cache_kv` as in `load`."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or check_device(None)
     if dtype is not None and dtype not in DTYPES:
         raise IPAdapterError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype] if dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
     miniature = not base
     base = str(miniature_base()) if miniature else base
     sources = adapter_sources(adapters, base=None if miniature else base, subfolders=subfolders,
@@ -232,10 +236,7 @@ def load_prompter(
         pipe = fuse_base_lora(pipe, lora, base_lora_scale)
     if controlnet:
         pipe = add_controlnet(pipe, controlnet_source(controlnet))
-    if image_encoder is None:  # the base folder's own, else the one beside the first adapter
-        found = default_image_encoder(base, sources[0])
-        image_encoder = "/".join(part for part in found if part) if found else None
     prompter = load(pipe, [s.source for s in sources], subfolder=[s.subfolder for s in sources],
                     weight_name=[s.weight_name for s in sources], image_encoder=image_encoder, cache_kv=cache_kv)
-    return Loaded(prompter, base, miniature, MINIATURE_STEPS if miniature else None,
+    return Loaded(prompter, base, MINIATURE_STEPS if miniature else None,
                   MINIATURE_GUIDANCE if miniature else None)

@@ -176,15 +176,16 @@ def check_device(device: str | None) -> str:
     return device
 
 
-def model_source(value: str, flag: str, *, subfolders: bool = False, label: str | None = None) -> str:
+def model_source(value: str, what: str, *, subfolders: bool = False) -> str:
     """A local path that exists, or something shaped like a Hub id (`owner/name`, `owner/name/sub/folder` where
-    `subfolders`); a path that does not exist is reported as a missing path, not as a malformed Hub id."""
+    `subfolders`); a path that does not exist is reported as a missing path, not as a malformed Hub id. `what`
+    names it in the message: the flag, or the kind of model where that says more."""
     if Path(value).expanduser().exists():
         return value
     parts = value.split("/")
     looks_local = value.startswith((".", "/", "~")) or "\\" in value or value.endswith("/") or len(parts) < 2
     if looks_local or (len(parts) > 2 and not subfolders):
-        raise IPAdapterError(f"{label or flag} not found: {value} (no such file or folder; a Hub model id has the form "
+        raise IPAdapterError(f"{what} not found: {value} (no such file or folder; a Hub model id has the form "
                              "owner/name)")
     return value
 

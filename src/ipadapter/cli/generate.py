@@ -120,8 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--scale", type=finite_float, default=1.0, help="image prompt weight λ (default 1.0)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 25 miniature, else the pipeline's)")
-    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (FLUX: its distilled "
-                   "guidance, default 3.5)")
+    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: 7.5 miniature, "
+                   "else the pipeline's; FLUX: its distilled guidance, default 3.5)")
     p.add_argument("--true-cfg", type=finite_float, help="FLUX only: true classifier-free guidance scale, a second "
                    "transformer call per step with --negative-prompt and the unconditional image tokens (XLabs v1 "
                    "wants about 4, v2 1 = off)")
@@ -216,7 +216,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.content_text_encoder:
         if not args.content_subtract:
             raise IPAdapterError("--content-text-encoder is the text model of --content-subtract; give both")
-        model_source(args.content_text_encoder, "--content-text-encoder", subfolders=True, label="CLIP text model")
+        model_source(args.content_text_encoder, "CLIP text model", subfolders=True)
     if args.embeds:
         regular_file(args.embeds, "embeddings file")
     for face in args.face_embed:
