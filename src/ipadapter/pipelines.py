@@ -20,7 +20,9 @@ def load_pipeline(
     base: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32, scheduler: str | None = None,
 ) -> Any:
     """Any diffusers pipeline folder or Hub id (`from_cache_or_hub`); its own saved scheduler unless `scheduler` names
-    another class."""
+    another class. SD 1.5's safety checker is dropped, as ComfyUI and the web UIs run: it would black out the images
+    it flags. Each generation's step bar is cleared when it ends (`leave=False`): a batch leaves one line, not a bar
+    each."""
     import diffusers
 
     try:
@@ -32,14 +34,25 @@ def load_pipeline(
         hint = "; for Kolors: pip install 'ipadapter[kolors]'" if "sentencepiece" in str(err) else ""
         raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}{hint}") from None
     if scheduler:
-        cls = getattr(diffusers, scheduler, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise IPAdapterError(f"unknown scheduler {scheduler!r} (use a diffusers class name such as DDIMScheduler)")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        pipe.scheduler = _scheduler(scheduler, pipe.scheduler.config)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(device)
+
+
+def _scheduler(name: str, config: Any) -> Any:
+    """The diffusers scheduler class `name` built from `config`. Only names of schedulers count (diffusers' other
+    classes have `from_config` too); one whose library is missing is diffusers' stand-in, which names the library."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if cls is None:
+        raise IPAdapterError(f"unknown scheduler {name!r} (use a diffusers class name such as DDIMScheduler)")
+    try:
+        return cls.from_config(config)
+    except ImportError as err:
+        raise IPAdapterError(f"the scheduler {name} cannot be used here: {first_clause(err)}") from None
 
 
 def _lora_error(err: Exception) -> str:
@@ -64,7 +77,8 @@ def check_lora_file(path: Path) -> None:
 def fuse_base_lora(pipe: Any, source: str | os.PathLike, scale: float = 1.0) -> Any:
     """Turn `pipe` into the custom model a LoRA file (or a folder holding one) describes: load it with diffusers,
     fuse it at `scale`, then drop the LoRA layers. Only weight values change, no module or attention processor, so
-    adapters attach to the result as to any base model, and fusing before or after attaching gives the same images."""
+    adapters attach to the result as to any base model, and fusing before or after attaching gives the same images.
+    A pipeline that already holds LoRA layers is refused: dropping the layers would drop those too."""
     import logging
     import warnings
 
@@ -74,20 +88,23 @@ def fuse_base_lora(pipe: Any, source: str | os.PathLike, scale: float = 1.0) -> 
     check_lora_file(path)
     if not hasattr(pipe, "load_lora_weights"):
         raise IPAdapterError(f"{type(pipe).__name__} cannot load a LoRA (use a Stable Diffusion 1.5 / 2.x / SDXL base)")
-    folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
+    held = sorted({name for names in pipe.get_list_adapters().values() for name in names})
+    if held:
+        raise IPAdapterError(f"this pipeline already holds the LoRA adapters {', '.join(held)}; fuse the base LoRA "
+                             "first, then load them")
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(logging.CRITICAL)  # its own log lines repeat what the error below says
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name="base_lora")
+            pipe.load_lora_weights(str(path), adapter_name="base_lora")
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise IPAdapterError(f"could not load the LoRA {source}: {_lora_error(err)}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    if not any("base_lora" in names for names in pipe.get_list_adapters().values()):
+    if not any(pipe.get_list_adapters().values()):
         raise IPAdapterError(f"no layer of this base model matches the LoRA {source}; it was made for another model")
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["base_lora"])
+    pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
     return pipe
 

@@ -68,7 +68,7 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     from ipadapter.train.feed import load_image_encoder, open_stream
     from ipadapter.train.memory import make_optimizer
     from ipadapter.train.model_folder import append_loss, restart_losses, write_model_card
-    from ipadapter.validation import output_folder
+    from ipadapter.validation import check_device, output_folder
 
     config.validate()
     config.check_ready()
@@ -76,7 +76,7 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
         raise IPAdapterError("FLUX training runs in one process: start it without accelerate launch")
     output = output_folder(config.output, "--output")
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(check_device(None))
     pipe = load_flux_pipeline(config.base, dtype)
     step = pipe.vae_scale_factor * 2  # latents are packed 2 × 2
     if config.resolution % step:
