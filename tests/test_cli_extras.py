@@ -35,9 +35,17 @@ def test_missing_extra_is_one_line(argv, command, extra, position, tmp_path, mon
     out = tmp_path / "out"
     code = main([str(out) if a == "OUT" else a for a in argv])
     captured = capsys.readouterr()
-    assert code != 0
+    assert code == 2
     assert captured.err == f"{command} needs the {extra} extra: pip install 'ipadapter[{extra}]'\n"
     assert captured.out == "" and not out.exists()
+
+
+def test_an_extra_not_in_the_table_is_a_programming_error() -> None:
+    import argparse
+
+    with pytest.raises(ValueError) as caught:
+        extras.needs(argparse.ArgumentParser(prog="ipadapter gpu"), "gpu")
+    assert str(caught.value) == "unknown extra 'gpu'"
 
 
 def test_installed_extra_says_nothing(capsys) -> None:

@@ -16,10 +16,63 @@ def _help(capsys, argv: list[str]) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", LEAVES, ids=" ".join)
-def test_debug_after_any_subcommand_shows_full_tracebacks(command, capsys) -> None:
+@pytest.mark.parametrize("command", [[], *LEAVES], ids=lambda c: " ".join(c) or "ipadapter")
+def test_debug_and_verbose_before_or_after_any_subcommand_say_the_same(command, capsys) -> None:
     text = " ".join(_help(capsys, command).split())
-    assert "--debug show full tracebacks" in text and "--verbose show library warnings" in text
+    assert "--debug show full tracebacks and library warnings" in text
+    assert "--verbose show library warnings and loading bars" in text
+
+
+def test_the_console_script_reads_the_command_line(monkeypatch, capsys) -> None:
+    """`main()` without arguments, as the `ipadapter` script calls it: the words after the program's name."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["ipadapter", "encode", "--help"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: ipadapter encode ")
+
+
+def test_the_help_says_what_the_program_is(capsys) -> None:
+    assert "\n\nImage prompts for Stable Diffusion (IP-Adapter).\n\n" in _help(capsys, [])
+
+
+def _command_that(monkeypatch, outcome: object) -> None:
+    """`ipadapter miniature data` made to return `outcome`, or raise it."""
+    import ipadapter.cli.miniature as miniature
+
+    def run(_: object) -> object:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(miniature, "_data", run)
+
+
+@pytest.mark.parametrize(("outcome", "code", "err"), [
+    (None, 0, ""), (0, 0, ""), (1, 1, ""), (KeyboardInterrupt(), 130, "ipadapter: interrupted\n"),
+])
+def test_the_exit_code_is_the_commands_own(monkeypatch, capsys, outcome, code, err) -> None:
+    """0 for a command that returns nothing, its own code otherwise (`manifest` returns 1 when an item failed); Ctrl-C
+    is one line and 130, the shell's code for an interrupt, not a traceback."""
+    _command_that(monkeypatch, outcome)
+    assert main(["miniature", "data", "--out", "d"]) == code
+    assert capsys.readouterr().err == err
+
+
+@pytest.mark.parametrize(("before", "after", "quiet"), [
+    ([], [], True), (["--verbose"], [], False), (["--debug"], [], False), ([], ["--verbose"], False),
+    ([], ["--debug"], False),
+])
+def test_library_chatter_is_off_unless_verbose_or_debug(monkeypatch, before, after, quiet) -> None:
+    """Either flag, before the subcommand or after it, leaves the libraries' own warnings and loading bars on."""
+    import ipadapter.cli.quiet
+
+    calls: list[int] = []
+    monkeypatch.setattr(ipadapter.cli.quiet, "quiet_libraries", lambda: calls.append(1))
+    _command_that(monkeypatch, 0)
+    assert main([*before, "miniature", "data", "--out", "d", *after]) == 0
+    assert calls == ([1] if quiet else [])
 
 
 def test_debug_after_a_nested_subcommand_raises_the_error(tmp_path) -> None:

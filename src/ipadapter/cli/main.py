@@ -11,6 +11,9 @@ from typing import Any
 
 # Each module exposes `register(subparsers)`; the subcommand it adds sets `func(args) -> int`.
 COMMANDS = ("generate", "encode", "train", "evaluate", "miniature", "app")
+# Flags every command takes, before its name or after it: (flag, help).
+SHARED_FLAGS = (("--debug", "show full tracebacks and library warnings"),
+                ("--verbose", "show library warnings and loading bars"))
 
 
 class Parser(argparse.ArgumentParser):
@@ -19,8 +22,8 @@ class Parser(argparse.ArgumentParser):
     `--scale -1e-3` failed as a missing argument instead of reaching the option's own check ("must not be
     negative"). No option here is spelt "-" then a digit, so such a word is always a value."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -29,17 +32,11 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ipadapter", description="Image prompts for Stable Diffusion (IP-Adapter).")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks (and library warnings)")
-    parser.add_argument("--verbose", action="store_true", help="show library warnings and loading bars")
-    sub = parser.add_subparsers(dest="command", required=True)
+    for flag, text in SHARED_FLAGS:
+        parser.add_argument(flag, action="store_true", help=text)
+    sub = parser.add_subparsers(required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"ipadapter.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"ipadapter.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"ipadapter.cli.{name}").register(sub)
     add_shared_flags(parser)
     name_subcommands(parser)
     return parser
@@ -56,12 +53,12 @@ def name_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:
-    """`--debug` and `--verbose` after any subcommand, nested ones too (`miniature data ... --debug`), with one help
-    text. SUPPRESS leaves them unset unless given, so a nested parser's default cannot undo a flag given before it."""
+    """`--debug` and `--verbose` after any subcommand, nested ones too (`miniature data ... --debug`). SUPPRESS leaves
+    them unset unless given: argparse copies only what a subcommand's parser set, so the top-level default False
+    stands, and no nested parser's default can undo a flag given before it."""
     for command in {id(p): p for p in _subcommands(parser)}.values():
-        for flag, dest, text in (("--debug", "sub_debug", "show full tracebacks"),
-                                 ("--verbose", "sub_verbose", "show library warnings and loading bars")):
-            command.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
+        for flag, text in SHARED_FLAGS:
+            command.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
@@ -82,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if message := missing(args):
         print(message, file=sys.stderr)
         return 2
-    debug = args.debug or getattr(args, "sub_debug", False)
-    if not (debug or args.verbose or getattr(args, "sub_verbose", False)):
+    debug = args.debug
+    if not (debug or args.verbose):
         from ipadapter.cli.quiet import quiet_libraries
 
         quiet_libraries()

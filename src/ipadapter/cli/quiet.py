@@ -9,8 +9,6 @@ worker processes (`accelerate launch`) and to libraries imported later; a value 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import os
 import warnings
@@ -27,21 +25,20 @@ ENVIRONMENT = {
 
 
 def quiet_libraries() -> None:
+    """All of the above, in this process and, through the environment, in the processes it starts."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
     for key, value in ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     warnings.simplefilter("ignore")
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
-    for package in ("transformers", "diffusers"):
-        if importlib.util.find_spec(package) is None:
-            continue
-        lib_logging = importlib.import_module(f"{package}.utils.logging")
-        lib_logging.set_verbosity_error()
-        lib_logging.disable_progress_bar()
-    if importlib.util.find_spec("huggingface_hub") is not None:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+    for library in (transformers_logging, diffusers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    disable_progress_bars()
 
 
 def show_own_logs() -> None:
