@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ipadapter.app.command import generate_argv, generate_command, model_flags
 from ipadapter.app.form import Form
 from ipadapter.app.limits import UploadLimits, open_upload
-from ipadapter.app.masks import fit_mask, mask_from_editor
+from ipadapter.app.masks import fit_mask, full_mask, mask_from_editor
 from ipadapter.app.service import GenerationService
 from ipadapter.cli.main import build_parser, main
 from ipadapter.errors import IPAdapterError
@@ -86,6 +87,49 @@ def test_refused_uploads_say_why_in_one_sentence(tiny, case) -> None:
     assert "\n" not in str(info.value) and str(tiny) not in str(info.value), "name the file, not the server's path"
 
 
+MB = 2**20
+
+
+def test_an_upload_at_the_byte_limit_passes_and_one_over_it_says_both_sizes(tmp_path) -> None:
+    """The size is checked before the file is opened, so any bytes will do; the sizes are MiB as the page shows."""
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"x" * int(2.5 * MB))
+    with pytest.raises(IPAdapterError) as caught:
+        open_upload(path, UploadLimits(max_bytes=int(1.5 * MB)), "reference 1")
+    assert str(caught.value) == "reference 1 (big.bin) is 2.5 MB; uploads are limited to 1.5 MB"
+    with pytest.raises(IPAdapterError) as caught:  # exactly at the limit: on to the next check
+        open_upload(path, UploadLimits(max_bytes=path.stat().st_size), "reference 1")
+    assert str(caught.value) == "reference 1 (big.bin) is not an image; upload a PNG, JPEG or WebP file"
+
+
+def test_an_upload_at_the_side_limit_passes(tiny) -> None:
+    assert open_upload(tiny / "ref.png", UploadLimits(max_side=60), "reference 1").size == (60, 40)
+    with pytest.raises(IPAdapterError) as caught:
+        open_upload(tiny / "ref.png", UploadLimits(max_side=59), "reference 1")
+    assert str(caught.value) == "reference 1 (ref.png) is 60x40 px; images are limited to 59 px per side"
+
+
+def test_an_upload_over_the_pixel_limit_names_the_file_and_the_setting(tiny, monkeypatch) -> None:
+    monkeypatch.setenv("IPADAPTER_MAX_PIXELS", "2000")
+    with pytest.raises(IPAdapterError) as caught:
+        open_upload(tiny / "ref.png", UploadLimits(), "reference 1")
+    assert str(caught.value) == ("reference 1 (ref.png) is 60x40 px (2,400 pixels); the limit is 2,000 pixels (set "
+                                 "IPADAPTER_MAX_PIXELS to allow more)")
+
+
+def test_an_upload_whose_header_reads_but_whose_pixels_do_not_is_damaged(tiny, tmp_path) -> None:
+    data = (tiny / "ref.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(IPAdapterError) as caught:
+        open_upload(tmp_path / "cut.png", UploadLimits(), "reference 2")
+    assert str(caught.value) == "reference 2 (cut.png) could not be decoded as an image; it may be damaged"
+
+
+def test_limits_of_one_are_allowed() -> None:
+    limits = UploadLimits(max_bytes=1, max_side=1)
+    assert (limits.max_bytes, limits.max_side) == (1, 1)
+
+
 def test_limits_must_be_positive() -> None:
     with pytest.raises(IPAdapterError) as caught:
         UploadLimits(max_bytes=0)
@@ -98,21 +142,35 @@ def test_limits_must_be_positive() -> None:
 # --- form and masks ---------------------------------------------------------------------------------------------
 
 FORM_ERRORS = {
-    "nothing to go on": ({"references": [], "prompt": "  "}, "upload a reference image, type a prompt"),
-    "zero steps": ({"steps": 0}, "steps"),
-    "too many images": ({"num_images": 99}, "number of images"),
-    "negative seed": ({"seed": -1}, "seed"),
-    "mask without reference": ({"masks": [None, Image.new("L", (8, 8))]}, "mask 2 has no reference"),
+    "nothing to go on": ({"references": [], "prompt": "  "}, "upload a reference image, type a prompt, or both"),
+    "zero steps": ({"steps": 0}, "steps must be at least 1, got 0"),
+    "no images": ({"num_images": 0}, "the number of images must be between 1 and 8, got 0"),
+    "too many images": ({"num_images": 9}, "the number of images must be between 1 and 8, got 9"),
+    "negative seed": ({"seed": -1}, "the seed must not be negative, got -1"),
+    "infinite content strength": ({"content_subtract": "a cat", "content_strength": float("inf")},
+                                  "the content strength must be a number from 0 up, got inf"),
+    "mask without reference": ({"masks": [None, Image.new("L", (8, 8))]},
+                               "mask 2 has no reference image; upload reference 2 or clear the mask"),
     "content strength without words": ({"content_strength": 0.5, "content_subtract": " "},
                                        "Content strength acts on the words of Take out content: type them, or set "
                                        "Content strength back to 1"),
+    "content strength, empty words": ({"content_strength": 0.5, "content_subtract": ""},
+                                      "Content strength acts on the words of Take out content: type them, or set "
+                                      "Content strength back to 1"),
 }
 
 
 @pytest.mark.parametrize("case", list(FORM_ERRORS))
 def test_form_mistakes(tiny, case) -> None:
-    changes, words = FORM_ERRORS[case]
-    with pytest.raises(IPAdapterError, match=re.escape(words)):
+    changes, message = FORM_ERRORS[case]
+    with pytest.raises(IPAdapterError) as caught:
+        _form(tiny, **changes).check()
+    assert str(caught.value) == message
+
+
+def test_the_form_limits_are_inclusive(tiny) -> None:
+    for changes in ({"steps": 1}, {"num_images": 1}, {"num_images": 8}, {"seed": 0},
+                    {"content_subtract": "a cat", "content_strength": 0.0}):
         _form(tiny, **changes).check()
 
 
@@ -122,6 +180,29 @@ def test_strokes_are_the_mask_whatever_their_colour() -> None:
     layer.paste((200, 30, 30, 255), (0, 0, 5, 10))
     mask = np.asarray(mask_from_editor({"background": background, "layers": [layer], "composite": background}))
     assert mask.shape == (10, 20) and mask[:, :5].min() == 255 and mask[:, 5:].max() == 0
+
+
+def test_several_stroke_layers_are_their_union() -> None:
+    """Each pixel takes the strongest stroke over it, on whichever layer (ImageChops.lighter: the maximum)."""
+    layers = [Image.new("RGBA", (6, 1), (0, 0, 0, 0)) for _ in range(2)]
+    layers[0].putdata([(9, 9, 9, a) for a in (255, 100, 0, 0, 30, 0)])
+    layers[1].putdata([(200, 0, 0, a) for a in (0, 150, 0, 80, 20, 0)])
+    mask = mask_from_editor({"background": None, "layers": layers, "composite": None})
+    assert np.asarray(mask).tolist() == [[255, 150, 0, 80, 30, 0]]
+
+
+def test_transparent_parts_of_an_uploaded_mask_do_not_act() -> None:
+    """As the CLI reads a mask file: transparent pixels count as black."""
+    picture = Image.new("RGBA", (4, 1), (255, 255, 255, 255))
+    picture.putpixel((2, 0), (255, 255, 255, 0))
+    picture.putpixel((3, 0), (255, 255, 255, 0))
+    mask = mask_from_editor({"background": picture, "layers": [], "composite": picture})
+    assert np.asarray(mask).tolist() == [[255, 255, 0, 0]]
+
+
+def test_a_reference_without_a_mask_acts_everywhere() -> None:
+    mask = full_mask((5, 3))
+    assert mask.mode == "L" and mask.size == (5, 3) and np.asarray(mask).min() == 255
 
 
 def test_uploaded_picture_is_the_mask_without_strokes() -> None:
@@ -140,6 +221,16 @@ def test_mask_is_stretched_to_its_reference() -> None:
     assert fit_mask(Image.new("L", (7, 3)), (60, 40)).size == (60, 40)
 
 
+def test_a_stretched_mask_is_interpolated_linearly_and_kept_grey() -> None:
+    """Bilinear with pixel centres: [0, 255] on 2 pixels becomes 0, 255/4, 3·255/4, 255 on 4 (soft edges stay soft,
+    no overshoot); a colour mask becomes its grey levels, one of the right size is returned as is."""
+    two = Image.fromarray(np.array([[0, 255]], np.uint8))
+    assert np.asarray(fit_mask(two, (4, 1))).tolist() == [[0, 64, 191, 255]]
+    colour = Image.new("RGB", (4, 1), (255, 255, 255))
+    fitted = fit_mask(colour, (4, 1))
+    assert fitted.mode == "L" and np.asarray(fitted).tolist() == [[255, 255, 255, 255]]
+
+
 # --- the reproducing command ------------------------------------------------------------------------------------
 
 def test_command_quotes_what_a_shell_would_expand(tiny) -> None:
@@ -150,6 +241,36 @@ def test_command_quotes_what_a_shell_would_expand(tiny) -> None:
     flags = dict(zip(argv[2::2], argv[3::2]))
     assert flags["--prompt"] == form.prompt and flags["--negative-image"] == "/up/neg ative.png"
     assert (flags["--start"], flags["--end"], flags["--num-images"]) == ("0.2", "0.8", "2")
+
+
+def test_the_command_read_by_the_clis_parser_is_the_page(tiny) -> None:
+    """Every setting of the page comes back from `ipadapter generate`'s own parser; what equals the CLI's default is
+    left out of the line."""
+    form = _form(tiny, references=[str(tiny / "ref.png"), str(tiny / "other.png")], negative_prompt="blurry",
+                 scale=0.6, preset="style transfer", start=0.1, end=0.9, combine="average",
+                 negative_image=str(tiny / "big.png"), content_subtract="a red", content_strength=0.3, seed=11, steps=4,
+                 num_images=3)
+    argv = generate_argv(["--base", "/pipe"], form, ["/w/mask-1.png", "/w/mask-2.png"], out="/o.png")
+    args = build_parser().parse_args(argv[1:])
+    masks = ["/w/mask-1.png", "/w/mask-2.png"]
+    assert (args.base, args.image, args.mask, args.out) == ("/pipe", form.references, masks, "/o.png")
+    assert (args.prompt, args.negative_prompt, args.scale, args.preset, args.start, args.end, args.combine) == (
+        form.prompt, "blurry", 0.6, "style transfer", 0.1, 0.9, "average")
+    assert (args.negative_image, args.content_subtract, args.content_strength) == (str(tiny / "big.png"), "a red", 0.3)
+    assert (args.seed, args.steps, args.num_images) == (11, 4, 3)
+    plain = generate_argv([], _form(tiny), [])
+    defaults = build_parser().parse_args(plain[1:])
+    assert not {"--preset", "--start", "--end", "--combine", "--negative-prompt", "--negative-image",
+                "--content-subtract"} & set(plain)
+    assert (defaults.start, defaults.end, defaults.combine) == (Form.start, Form.end, Form.combine)
+
+
+def test_the_command_writes_out_png_in_the_current_folder(tiny) -> None:
+    assert generate_command([], _form(tiny), []).endswith(" --out out.png")
+
+
+def test_model_flags_leave_out_what_the_app_was_not_given() -> None:
+    assert model_flags(argparse.Namespace(base="b")) == ["--base", "b"]
 
 
 def test_model_flags_repeat_per_adapter() -> None:
@@ -197,7 +318,8 @@ def test_command_reproduces_the_result(service, tiny, tmp_path) -> None:
     odd_mask = Image.new("L", (17, 29), 0)
     odd_mask.paste(255, (0, 0, 9, 29))
     form = _form(tiny, references=[str(tiny / "ref.png"), str(tiny / "other.png")], masks=[odd_mask],
-                 negative_image=str(tiny / "other.png"), start=0.0, end=0.5, scale=0.7, seed=3)
+                 negative_image=str(tiny / "other.png"), start=0.0, end=0.5, scale=0.7, seed=3,
+                 negative_prompt="blurry", preset=service.presets[-1])
     steps_seen: list[tuple[int, int]] = []
     result = service.generate(form, lambda done, total: steps_seen.append((done, total)))
     assert steps_seen == [(1, 2), (2, 2)]
@@ -239,7 +361,7 @@ def test_references_are_encoded_once(service, tiny) -> None:
     cache = service.loaded.prompter.encoder.cache
     service.generate(_form(tiny))
     misses = cache.misses
-    service.generate(_form(tiny, seed=1, num_images=2))
+    assert len(service.generate(_form(tiny, seed=1, num_images=2)).images) == 2
     assert cache.misses == misses and cache.hits > 0
 
 
@@ -259,6 +381,97 @@ def test_the_app_keeps_k_and_v_so_a_rerun_projects_none(service, tiny) -> None:
         service.generate(_form(tiny, seed=8, scale=0.5))
     assert first == len(projections) > 0  # once a layer for the generation's two steps, not once a step
     assert len(calls) == first
+
+
+def test_the_page_starts_at_the_models_own_steps_and_offers_its_unets_presets(service) -> None:
+    """30 steps for a base without a default of its own (the miniature's is 25); every preset this UNet's layout has."""
+    from dataclasses import replace
+
+    from ipadapter.conditioning.presets import available_presets
+
+    assert service.default_steps == 30 and service.loaded.default_steps is None
+    assert service.presets == available_presets(service.loaded.prompter.pipe.unet)
+    assert "style transfer" in service.presets
+    own = GenerationService(replace(service.loaded, default_steps=25), [], limits=UploadLimits(), workdir=".")
+    assert own.default_steps == 25
+
+
+def test_a_service_from_the_apps_flags_is_the_fixtures(service, tiny, tmp_path) -> None:
+    """`from_args`, as `ipadapter app` builds its service: the same model flags, limits and work folder, and the same
+    pixels, content subtraction included (its text model is found through the loaded pipeline and encoder)."""
+    args = argparse.Namespace(base=str(tiny / "pipe"), cache_kv=True,
+                              **{**MODEL_ARGS, "adapter": [str(tiny / "base.bin")]})
+    limits = UploadLimits(max_bytes=50_000, max_side=64)
+    built = GenerationService.from_args(args, limits=limits, workdir=tmp_path / "work")
+    try:
+        assert (built.model, built.limits, built.workdir) == (service.model, limits, tmp_path / "work")
+        form = _form(tiny, content_subtract="a red", content_strength=0.7, seed=5)
+        assert np.array_equal(np.asarray(built.generate(form).images[0]), np.asarray(service.generate(form).images[0]))
+    finally:
+        built.loaded.prompter.detach()
+
+
+def test_content_words_are_embedded_by_the_base_models_own_paired_text_model_first(service, tmp_path) -> None:
+    """An SDXL-like base whose second text encoder is the image encoder's CLIP text model (with its projection) is
+    used before any folder beside the encoder (`paired_text`'s order); the service hands it the loaded pipeline."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from transformers import CLIPTokenizer
+
+    model = factories.tiny_text_encoder(32, 9, projection=24)
+    tokenizer = CLIPTokenizer.from_pretrained(factories.write_tokenizer(tmp_path / "tok", max_length=16))
+    encoder = service.loaded.prompter.encoder
+    prompter = SimpleNamespace(pipe=SimpleNamespace(text_encoder_2=model, tokenizer_2=tokenizer), encoder=encoder)
+    built = GenerationService(replace(service.loaded, prompter=prompter), [], limits=UploadLimits(), workdir=".")
+    ids = tokenizer(["a red"], padding="max_length", truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(input_ids=ids).text_embeds
+    torch.testing.assert_close(built._content_text("a red"), expected.to(encoder.dtype), rtol=0, atol=0)
+
+
+def test_a_base_without_a_unet_offers_no_presets(service) -> None:
+    """FLUX and SD 3.5 pipelines have a transformer, not a UNet: their layers take per-block weights instead."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    transformer_only = SimpleNamespace(pipe=SimpleNamespace(transformer=object()), encoder=None)
+    built = GenerationService(replace(service.loaded, prompter=transformer_only), [], limits=UploadLimits(),
+                              workdir=".")
+    assert built.presets == ()
+
+
+def test_the_models_own_guidance_is_used(service, tiny) -> None:
+    """The miniature's guidance (7.5) or a base's own: what `Loaded` says, as `ipadapter generate` uses it."""
+    from dataclasses import replace
+
+    from ipadapter.request import GenerationRequest, build_prompt
+
+    own = GenerationService(replace(service.loaded, default_guidance=2.0), [], limits=UploadLimits(), workdir=".")
+    got = own.generate(_form(tiny, references=[], seed=6)).images[0]
+    prompter = service.loaded.prompter
+    truth = prompter.generate(build_prompt(prompter, GenerationRequest(images=[])), prompt="a cat", steps=2,
+                              guidance=2.0, seed=6)[0]
+    assert np.array_equal(np.asarray(got), np.asarray(truth))
+    default = service.generate(_form(tiny, references=[], seed=6)).images[0]
+    assert not np.array_equal(np.asarray(got), np.asarray(default))
+
+
+def test_mask_files_are_numbered_by_their_reference(service, tiny, tmp_path) -> None:
+    """A mask on the second reference only: the first acts everywhere; files and messages count from 1, in a work
+    folder made on first use."""
+    fresh = GenerationService(service.loaded, service.model, limits=service.limits, workdir=tmp_path / "new" / "work")
+    mask = Image.new("L", (40, 40), 255)
+    form = _form(tiny, references=[str(tiny / "ref.png"), str(tiny / "other.png")], masks=[None, mask])
+    result = fresh.generate(form)
+    argv = shlex.split(result.command)
+    paths = [Path(argv[i + 1]) for i, word in enumerate(argv) if word == "--mask"]
+    assert [p.name for p in paths] == ["mask-1.png", "mask-2.png"]
+    assert np.asarray(Image.open(paths[0])).min() == 255
+    assert result.notes == ["mask 2 (40x40) was stretched to its reference's 32x32"]
+    with pytest.raises(IPAdapterError) as caught:
+        fresh.generate(_form(tiny, references=form.references, masks=[None, Image.new("L", (100, 10))]))
+    assert str(caught.value) == "mask 2 is 100x10 px; images are limited to 64 px per side"
 
 
 SERVICE_ERRORS = {
