@@ -45,7 +45,8 @@ in_child=(test_load.py::test_readme_python_example_runs_as_written
           test_batch_generate.py::test_two_processes_write_the_images_and_index_of_one
           test_batch_generate.py::test_evaluate_under_two_processes_writes_the_results_of_one
           test_bad_input.py::test_text_files_are_utf8_whatever_the_locale
-          test_app.py::test_page_generates_and_refuses_a_non_image)
+          test_app.py::test_page_generates_and_refuses_a_non_image
+          test_true_cfg.py::test_an_index_is_read_as_utf8_whatever_the_locale)
 
 if ! "$python" -c "import mutmut" 2>/dev/null; then
   "$python" -m pip install --quiet "mutmut>=3.8,<4"

@@ -284,11 +284,65 @@ def test_app_binds_to_loopback_by_default() -> None:
     assert (args.host, args.port) == ("127.0.0.1", 7860)
 
 
-def test_app_refuses_a_bad_port(capsys) -> None:
-    assert main(["app", "--port", "70000"]) == 2
-    assert "--port" in capsys.readouterr().err
-    assert main(["app", "--cache-mb", "-1"]) == 2
-    assert "--cache-mb" in capsys.readouterr().err
+def test_app_help_states_each_default_and_the_examples(capsys) -> None:
+    from ipadapter.cli.app import EXAMPLES
+
+    with pytest.raises(SystemExit):
+        main(["app", "--help"])
+    text = capsys.readouterr().out
+    assert text.endswith("\n\n" + EXAMPLES)  # as written: one example a line
+    flat = " ".join(text.split())
+    for line in ("--host HOST address to bind (default 127.0.0.1: this machine only)",
+                 "--port PORT port to serve on (default 7860)",
+                 "--max-upload-mb MAX_UPLOAD_MB largest accepted upload in MB (default 20)",
+                 "--max-side MAX_SIDE largest accepted image side in pixels (default 4096)",
+                 "--cache-mb CACHE_MB MB for reference embeddings and projected tokens, reused while the app runs "
+                 "(default 256; 0: off)"):
+        assert line in flat
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "app start the local web app" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--port", "0"], "--port must be between 1 and 65535, got 0"),
+    (["--port", "65536"], "--port must be between 1 and 65535, got 65536"),
+    (["--cache-mb", "-1"], "--cache-mb must be 0 (off) or more, got -1.0"),
+])
+def test_app_refuses_a_bad_port_or_cache(capsys, flags, message) -> None:
+    assert main(["app", *flags]) == 2
+    assert capsys.readouterr().err == f"ipadapter: error: {message}\n"
+
+
+def _launched(monkeypatch, tiny: Path, *flags: str) -> dict:
+    """`ipadapter app` on the tiny model up to the point it would serve: what it hands to `ui.launch`."""
+    import ipadapter.app.ui as ui
+
+    seen: dict = {}
+    monkeypatch.setattr(ui, "build_ui", lambda service: seen.setdefault("service", service))
+    monkeypatch.setattr(ui, "launch", lambda page, **kw: seen.update(page=page, **kw))
+    assert main(["app", "--base", str(tiny / "pipe"), "--adapter", str(tiny / "base.bin"), "--device", "cpu",
+                 *flags]) == 0
+    seen["service"].loaded.prompter.detach()
+    return seen
+
+
+def test_the_app_serves_the_page_with_the_flags_values(monkeypatch, tiny) -> None:
+    """Each edge value accepted: port 1 and 65535, one byte of upload (1/2^20 MB), a cache of 0 (off) or half a MB."""
+    seen = _launched(monkeypatch, tiny, "--host", "0.0.0.0", "--port", "65535", "--max-upload-mb", repr(1 / 2**20),
+                     "--max-side", "1", "--cache-mb", "0.5")
+    service = seen["service"]
+    assert seen["page"] is service and (seen["host"], seen["port"]) == ("0.0.0.0", 65535)
+    assert seen["limits"] == UploadLimits(max_bytes=1, max_side=1) and service.limits is seen["limits"]
+    assert service.loaded.prompter.cache.max_bytes == 2**19
+    assert service.workdir.is_dir() and service.workdir.name.startswith("ipadapter-app-")
+    assert service.model == ["--base", str(tiny / "pipe"), "--adapter", str(tiny / "base.bin"), "--device", "cpu"]
+    seen = _launched(monkeypatch, tiny, "--port", "1", "--cache-mb", "0")
+    assert (seen["port"], seen["service"].loaded.prompter.cache.max_bytes) == (1, 0)
+    defaults = _launched(monkeypatch, tiny)  # as the help and the examples state them
+    assert (defaults["host"], defaults["port"]) == ("127.0.0.1", 7860)
+    assert defaults["limits"] == UploadLimits(max_bytes=20 * 2**20, max_side=4096)
+    assert defaults["service"].loaded.prompter.cache.max_bytes == 256 * 2**20
 
 
 @pytest.mark.parametrize(("flag", "value", "why"), [

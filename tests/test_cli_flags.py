@@ -33,6 +33,19 @@ def test_the_console_script_reads_the_command_line(monkeypatch, capsys) -> None:
     assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: ipadapter encode ")
 
 
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    """An option without help shows as a bare name in --help; seven did."""
+    import argparse
+
+    from ipadapter.cli.main import _subcommands, build_parser
+
+    parser = build_parser()
+    bare = [f"{command.prog} {action.option_strings[0]}" for command in (parser, *_subcommands(parser))
+            for action in command._actions
+            if action.option_strings and not (action.help and action.help != argparse.SUPPRESS)]
+    assert bare == []
+
+
 def test_the_help_says_what_the_program_is(capsys) -> None:
     assert "\n\nImage prompts for Stable Diffusion (IP-Adapter).\n\n" in _help(capsys, [])
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from ipadapter.cli.main import main
+from ipadapter.errors import IPAdapterError
 from tests import factories
 
 FAMILIES = ["base", "plus", "full", "faceid", "faceid-plus"]
@@ -110,6 +111,54 @@ def test_encode_then_generate_from_embeds(tiny_base, tmp_path) -> None:
     assert main(["generate", *common, "--image", str(tiny_base / "ref.png"), "--out", str(tmp_path / "b.png")]) == 0
     a, b = np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
     assert np.array_equal(a, b), "saved embeddings must give the same image as encoding on the fly"
+
+
+def test_encode_prints_the_file_and_records_the_encoder_by_name(tiny_base, tmp_path, capsys) -> None:
+    """The saved file names the encoder folder that made it (for the refusal when another one reads it)."""
+    from ipadapter.conditioning.embeds_file import load_embeds
+
+    emb = tmp_path / "ref.safetensors"
+    assert main(["encode", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "plus.bin"), "--image",
+                 str(tiny_base / "ref.png"), "--out", str(emb)]) == 0
+    assert capsys.readouterr().out == f"{emb}\n"
+    assert load_embeds(emb).encoder.name == str(tiny_base / "pipe" / "image_encoder")
+
+
+def test_encode_refuses_a_faceid_adapter_and_a_non_safetensors_out(tiny_base, tmp_path, capsys) -> None:
+    from ipadapter.validation import output_file
+
+    assert main(["encode", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "faceid.bin"), "--image",
+                 str(tiny_base / "ref.png"), "--out", str(tmp_path / "f.safetensors")]) == 2
+    assert _error_line(capsys) == ("this adapter takes face embeddings, not CLIP features: pass them with "
+                                   "--face-embed")
+    with pytest.raises(IPAdapterError) as caught:
+        output_file(tmp_path / "f.png", "--out", ".safetensors")
+    assert main(["encode", "--image", str(tiny_base / "ref.png"), "--out", str(tmp_path / "f.png")]) == 2
+    assert _error_line(capsys) == str(caught.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_encode_help_says_what_it_does_with_an_example(capsys) -> None:
+    """The example as written, one command a line; --image is required, and repeatable."""
+    with pytest.raises(SystemExit):
+        main(["encode", "--help"])
+    text = capsys.readouterr().out
+    assert text.endswith("\n\nexample:\n  ipadapter encode --image ref.png --out ref.embeds.safetensors\n"
+                         "  ipadapter generate --embeds ref.embeds.safetensors --out out.png\n")
+    assert "--image IMAGE reference image (repeatable) --out OUT output .safetensors file" in " ".join(text.split())
+    with pytest.raises(SystemExit):
+        main(["encode", "--image", "ref.png"])
+    assert capsys.readouterr().err.endswith("error: the following arguments are required: --out (see ipadapter "
+                                            "encode --help)\n")
+    with pytest.raises(SystemExit) as done:
+        main(["encode", "--out", "e.safetensors"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.endswith("error: the following arguments are required: --image (see ipadapter "
+                                            "encode --help)\n")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the command list to the terminal
+    assert "encode encode reference images once and save the embeddings (safetensors)" in text
 
 
 def _no_loading(monkeypatch) -> None:

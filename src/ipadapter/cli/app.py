@@ -24,11 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload in MB (default 20)")
     p.add_argument("--max-side", type=int, default=4096, help="largest accepted image side in pixels (default 4096)")
     p.add_argument("--cache-mb", type=float, default=256.0,
-                   help="memory for reference embeddings and projected tokens, reused while the app runs (0: off)")
+                   help="MB for reference embeddings and projected tokens, reused while the app runs "
+                        "(default 256; 0: off)")
     add_cache_kv_flag(p, default=True)  # a re-run with the same reference is the page's common case
     p.set_defaults(func=run)
     needs(p, "app")

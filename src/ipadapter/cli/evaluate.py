@@ -66,8 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", action="append", help="method name per --adapter for the tables")
     p.add_argument("--dino", help="DINOv2 folder or cached Hub id for DINO-I (default facebook/dinov2-base)")
     p.add_argument("--inception", help="inception-2015-12-05.pt TorchScript file for FID")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int, help="image width in pixels (default: the base's)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the base's)")
     p.set_defaults(func=run)
     needs(p, "eval")
 

@@ -117,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     p.add_argument("--image", action="append", default=[], help="reference image (repeatable)")
     p.add_argument("--prompt", default="", help="text prompt (default: empty = image-only prompting)")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default="", help="what the image should not show (text)")
     p.add_argument("--scale", type=finite_float, default=1.0, help="image prompt weight λ (default 1.0)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 25 miniature, else the pipeline's)")
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: 7.5 miniature, "
@@ -126,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "transformer call per step with --negative-prompt and the unconditional image tokens (XLabs v1 "
                    "wants about 4, v2 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="0 to 2**64-1 (default 0)")
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--num-images", type=int, default=1, help="how many images to generate (default 1)")
     p.add_argument("--width", type=int, help="output width in pixels, a multiple of the base's step (8 for Stable "
                    "Diffusion and the miniature, 16 for FLUX); alone, the height follows the base's default aspect "
                    "(square)")
@@ -149,7 +149,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-image", help="an image to steer away from")
     p.add_argument("--noise", help="noise negative TYPE:STRENGTH (fade, dissolve, gaussian, shuffle)")
     p.add_argument("--content-subtract", help="words whose CLIP text embedding is removed from the image's")
-    p.add_argument("--content-strength", type=finite_float, default=1.0)
+    p.add_argument("--content-strength", type=finite_float, default=1.0,
+                   help="how much of --content-subtract is removed (default 1.0)")
     p.add_argument("--content-text-encoder", help="the CLIP text model paired with the image encoder, for "
                    "--content-subtract (folder or Hub id; default: found in the base model or beside the encoder)")
     p.add_argument("--embeds-scaling", default="v", help="v, kv, kv_penalty, k_mean_v")

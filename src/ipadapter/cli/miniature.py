@@ -109,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="write PNGs + manifest.jsonl (image_file, text, attrs)")
     data.add_argument("--out", required=True, help="output folder")
     data.add_argument("--n", type=int, default=1000, help="number of images")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=int, default=0, help="seed of the drawn scenes (default 0)")
     data.add_argument("--split", choices=("train", "heldout"), default="train",
                       help="heldout draws only the held-out (shape, colour, background colour) triples")
     data.add_argument("--masks", action="store_true",
