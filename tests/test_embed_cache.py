@@ -171,3 +171,43 @@ def test_references_hold_the_cached_tokens_not_a_copy() -> None:
     for refs in (prompter.references(imgs), prompter.references(imgs[:1])):
         held = storages(t for r in refs for t in (r.cond, r.uncond))
         assert held <= storages(cache._items.values())
+
+
+def _mib(n: float) -> torch.Tensor:
+    return torch.zeros(int(n * 2**18))  # float32: 4 bytes an element
+
+
+def test_the_lru_by_bytes_closed_form() -> None:
+    """An entry of exactly the bound is kept, a larger one refused without evicting anything; replacing a key counts
+    its bytes once; hits and misses are counted one a lookup."""
+    cache = EmbeddingCache(max_bytes=2**20)
+    cache.put("a", _mib(0.25))
+    cache.put("too big", _mib(1.5))
+    assert cache.get("a") is not None and cache.get("too big") is None and cache.bytes == 2**18
+    cache.put("a", _mib(0.5))
+    assert cache.bytes == 2**19
+    cache.put("b", _mib(1))  # exactly the bound: kept, "a" evicted
+    assert cache.get("a") is None and cache.get("b") is not None and cache.bytes == 2**20
+    assert (cache.hits, cache.misses) == (2, 2)
+    cache.get("c")
+    cache.get("c")
+    assert cache.misses == 4
+
+
+def test_a_negative_bound_is_refused_with_its_value() -> None:
+    import pytest
+
+    with pytest.raises(ValueError) as caught:
+        EmbeddingCache(max_bytes=-1)
+    assert str(caught.value) == "cache size must be >= 0 bytes, got -1"
+    with pytest.raises(ValueError) as caught:
+        EmbeddingCache().resize(-5)
+    assert str(caught.value) == "cache size must be >= 0 bytes, got -5"
+
+
+def test_a_tensor_key_reads_every_tensor_after_a_missing_one() -> None:
+    from ipadapter.embed_cache import tensor_key
+
+    a, b = torch.zeros(3), torch.ones(3)
+    assert tensor_key(None, a) != tensor_key(None, b)
+    assert tensor_key(None, a) == tensor_key(None, a.clone()) != tensor_key(a)

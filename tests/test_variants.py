@@ -37,3 +37,23 @@ def test_every_trainable_head_builds(name: str) -> None:
     config = new_projection(v.head, cross_dim=64, tokens=v.tokens or 5, embed_dim=24, hidden_dim=40, id_dim=16)
     assert config.head == v.head and config.tokens == (v.tokens or 5)
     build_projection(config, shortcut=v.shortcut)
+
+
+def test_a_faceid_file_with_lora_is_never_the_portrait_variant() -> None:
+    """FaceID-Portrait: 16 tokens a face and no LoRA; the LoRA decides even where the token count would match."""
+    assert detect_variant_name("faceid", tokens=16, lora_rank=0) == "faceid-portrait"
+    assert detect_variant_name("faceid", tokens=16, lora_rank=128) == "faceid"
+    assert detect_variant_name("faceid", tokens=4, lora_rank=128) == "faceid"
+
+
+def test_unknown_variants_and_heads_are_one_sentence() -> None:
+    from ipadapter.errors import IPAdapterError
+    from ipadapter.variants import get_variant
+
+    with pytest.raises(IPAdapterError) as caught:
+        get_variant("nope")
+    assert str(caught.value) == f"unknown adapter variant 'nope'; valid: {', '.join(VARIANTS)}"
+    assert ", plus, " in str(caught.value)
+    with pytest.raises(IPAdapterError) as caught:
+        detect_variant_name("conv", tokens=4, lora_rank=0)
+    assert str(caught.value) == "no adapter variant has a 'conv' projection head"
