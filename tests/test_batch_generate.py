@@ -226,6 +226,49 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, clean, case, tmp_path, 
     assert not out.exists() and _pngs(clean[1]) == before
 
 
+EXACT = {
+    "no out dir": (["--out-dir", ""], "--manifest needs --out-dir (the folder for the images, index.jsonl and "
+                                      "errors.jsonl)"),
+    "mask flag": (["--mask", "m.png"], "--mask names one request's input; with --manifest give it per job (image, "
+                                       "mask, image_weight), as --embeds and --face-embed have no manifest form"),
+    "batch size": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "out dir a file": (["--out-dir", "{root}/jobs.jsonl"],
+                       "--out-dir {root}/jobs.jsonl: {root}/jobs.jsonl is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT))
+def test_manifest_flag_mistakes_are_their_sentence(setup, case, tmp_path, capsys) -> None:
+    flags, message = EXACT[case]
+    out = tmp_path / "o"
+    assert main([*_generate_args(setup, out), *[f.format(root=setup) for f in flags]]) == 2
+    assert capsys.readouterr().err == f"ipadapter: error: {message.format(root=setup)}\n"
+
+
+def test_the_summary_names_what_was_done_and_the_first_failure(setup, tmp_path, capsys) -> None:
+    """One job made, one failed: the counts on stdout, the failures' file and the first one on stderr; batch size 1
+    is allowed. run.json records the model settings as the command line gave them."""
+    from ipadapter.cli.main import build_parser
+
+    jobs = [{"image": str(setup / "ref0.png"), "seed": 1}, {"image": str(setup / "missing.png")}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    out = tmp_path / "out"
+    argv = ["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", str(out),
+            "--batch-size", "1", "--dtype", "float32", "--s-scale", "0.5"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    error = json.loads((out / "errors.jsonl").read_text())["error"]
+    assert captured.out == f"1 of 2 jobs done in {out} (index.jsonl)\n"
+    assert captured.err.endswith(f"\n1 failed, listed in {out / 'errors.jsonl'}; first: line 2: {error}\n")
+    flags = build_parser().parse_args(argv)
+    recorded = json.loads((out / "run.json").read_text())
+    assert recorded == {name: getattr(flags, name) for name in recorded}
+    assert {"base", "adapter", "subfolder", "weight_name", "image_encoder", "dtype", "scheduler", "base_lora",
+            "base_lora_scale", "controlnet", "control_image", "control_scale", "s_scale", "content_text_encoder",
+            "true_cfg"} == set(recorded)
+    assert (recorded["adapter"], recorded["dtype"], recorded["s_scale"]) == ([str(setup / "base.bin")], "float32", 0.5)
+
+
 def _content_jobs(root: Path) -> list[dict]:
     """A tiny pipeline whose encoder has its paired text model beside it (`clip_text/`), two references, and a
     manifest (root/jobs.jsonl) of jobs with and without content words."""
