@@ -451,6 +451,20 @@ def write_hub_cache(cache: Path, repo: str, folder: Path) -> None:
     (root / "refs" / "main").write_text(commit)
 
 
+def ascii_locale_env() -> dict[str, str]:
+    """The environment of a child process whose default text encoding is not UTF-8 (as Windows' cp1252 is not): the C
+    locale with Python's coercion and UTF-8 mode off. Checked, since a test under a UTF-8 locale would show nothing."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    probe = subprocess.run([sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert "utf" not in probe.stdout.lower(), f"the child's locale is {probe.stdout.strip()}: this would show nothing"
+    return env
+
+
 def hub_without_network(monkeypatch, cache: Path) -> list[str]:
     """Offline mode off and the Hugging Face cache at `cache`, every Hub request recorded, then failed as on a
     machine without network; returns the requests' URLs as they are sent."""

@@ -311,10 +311,7 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path) -> None:
     import subprocess
     import sys
 
-    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
-    probe = subprocess.run([sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
-                           env=env, capture_output=True, text=True, check=True)
-    assert "utf" not in probe.stdout.lower(), f"the child's locale is {probe.stdout.strip()}: this would show nothing"
+    env = factories.ascii_locale_env()
     code = "import sys; from ipadapter.atomic import write_text; write_text(sys.argv[1], 'caf\\u00e9 \\u2713 \\u72ac')"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.md")], env=env, check=True)
     assert (tmp_path / "t.md").read_bytes() == "café ✓ 犬".encode("utf-8")

@@ -103,11 +103,13 @@ def test_a_scheduler_is_named_by_its_diffusers_class(saved) -> None:
 
 
 @pytest.mark.parametrize("name", ["NoSuchScheduler", "UNet2DConditionModel", "SchedulerMixin"])
-def test_a_name_that_is_no_diffusers_scheduler_is_refused(saved, name) -> None:
-    """A model class has `from_config` too: built as the scheduler, it failed only mid-generation."""
-    with pytest.raises(IPAdapterError) as caught:
-        load_pipeline(saved, scheduler=name)
-    assert str(caught.value) == f"unknown scheduler {name!r} (use a diffusers class name such as DDIMScheduler)"
+def test_a_name_that_is_no_diffusers_scheduler_is_refused(saved, name, tmp_path) -> None:
+    """A model class has `from_config` too: built as the scheduler, it failed only mid-generation. The name is
+    checked before the pipeline loads (a missing base is not what the message names)."""
+    for base in (saved, tmp_path / "no-such-base"):
+        with pytest.raises(IPAdapterError) as caught:
+            load_pipeline(base, scheduler=name)
+        assert str(caught.value) == f"unknown scheduler {name!r} (use a diffusers class name such as DDIMScheduler)"
 
 
 @pytest.mark.skipif(not NO_TORCHSDE, reason="torchsde is installed: diffusers' SDE schedulers are real here")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, SiglipImageProcessor, SiglipVisionModel
+from transformers import SiglipImageProcessor, SiglipVisionModel
 
 from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError, first_clause
@@ -23,9 +23,7 @@ def saved(tmp_path_factory):
     model.save_pretrained(root / "with")
     SiglipImageProcessor(size={"height": 24, "width": 24}, image_mean=[0.4] * 3).save_pretrained(root / "with")
     model.save_pretrained(root / "bare" / "vision")
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=16, patch_size=8,
-                                                   projection_dim=8)).save_pretrained(root / "clip")
+    factories.tiny_image_encoder()[0].save_pretrained(root / "clip")
     return root
 
 

@@ -54,16 +54,15 @@ def test_true_cfg_keyword_only_for_a_flux_pipeline() -> None:
 
 
 def test_an_index_is_read_as_utf8_whatever_the_locale(tmp_path) -> None:
-    """A model_index.json holding non-ASCII text (a path, a name) under the C locale, where Python's default text
-    encoding is ASCII: read in a child process with coercion and UTF-8 mode off (as test_bad_input's locale test)."""
-    import os
+    """A model_index.json holding non-ASCII text (a path, a name), read in a child process whose default text
+    encoding is ASCII (`factories.ascii_locale_env`)."""
     import subprocess
     import sys
 
     (tmp_path / "flux").mkdir()
     index = json.dumps({**FLUX, "_name_or_path": "/modèles/flux-犬"}, ensure_ascii=False)
     (tmp_path / "flux" / "model_index.json").write_bytes(index.encode("utf-8"))
-    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    env = factories.ascii_locale_env()
     code = "import sys; from ipadapter.cli.true_cfg import index_transformer; print(index_transformer(sys.argv[1]))"
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "flux")], env=env, capture_output=True,
                           text=True, check=True)

@@ -25,6 +25,7 @@ def load_pipeline(
     each."""
     import diffusers
 
+    new_scheduler = _scheduler_class(scheduler) if scheduler else None  # a misspelt name fails before the load
     try:
         pipe = from_cache_or_hub(lambda local: diffusers.DiffusionPipeline.from_pretrained(
             str(base), dtype=dtype, local_files_only=local), str(base), "the diffusers pipeline")
@@ -33,26 +34,26 @@ def load_pipeline(
     except ImportError as err:  # a part whose library is not installed, e.g. Kolors' ChatGLM tokenizer: sentencepiece
         hint = "; for Kolors: pip install 'ipadapter[kolors]'" if "sentencepiece" in str(err) else ""
         raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}{hint}") from None
-    if scheduler:
-        pipe.scheduler = _scheduler(scheduler, pipe.scheduler.config)
+    if new_scheduler is not None:
+        try:
+            pipe.scheduler = new_scheduler.from_config(pipe.scheduler.config)
+        except ImportError as err:  # diffusers' stand-in for a scheduler whose library is missing names it
+            raise IPAdapterError(f"the scheduler {scheduler} cannot be used here: {first_clause(err)}") from None
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(device)
 
 
-def _scheduler(name: str, config: Any) -> Any:
-    """The diffusers scheduler class `name` built from `config`. Only names of schedulers count (diffusers' other
-    classes have `from_config` too); one whose library is missing is diffusers' stand-in, which names the library."""
+def _scheduler_class(name: str) -> Any:
+    """The diffusers scheduler class `name`. Only names of schedulers count: diffusers' other classes have
+    `from_config` too, and one built as the scheduler failed only mid-generation."""
     import diffusers
 
     cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
     if cls is None:
         raise IPAdapterError(f"unknown scheduler {name!r} (use a diffusers class name such as DDIMScheduler)")
-    try:
-        return cls.from_config(config)
-    except ImportError as err:
-        raise IPAdapterError(f"the scheduler {name} cannot be used here: {first_clause(err)}") from None
+    return cls
 
 
 def _lora_error(err: Exception) -> str:
