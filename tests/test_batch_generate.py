@@ -5,8 +5,10 @@ jobs are recorded while the rest runs, a killed run resumes to the same bytes, 2
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +121,24 @@ def test_a_job_asking_more_steps_than_the_scheduler_has_fails_alone(setup, tmp_p
     assert [(e["line"], e["error"]) for e in errors] == [
         (2, "steps=1001 is more than the scheduler's 1000 training timesteps")]
     assert [r["line"] for r in _index(out)] == [1]
+
+
+def test_a_jobs_lora_scale_for_an_adapter_without_lora_fails_alone(setup, tmp_path, capsys) -> None:
+    """`lora_scale` scales a FaceID adapter's LoRA: for one without, the value would be silently dropped, so the job
+    fails as `ipadapter generate --lora-scale` does, and the other job is made."""
+    jobs = [{"image": str(setup / "ref0.png"), "seed": 1, "lora_scale": 0.6}, {"image": str(setup / "ref1.png")}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    out = tmp_path / "out"
+    assert main(["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
+                 str(out)]) == 1
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["error"]) for e in errors] == [
+        (1, "lora_scale= scales a FaceID adapter's LoRA; this adapter (base) has none")]
+    assert [r["line"] for r in _index(out)] == [2]
+    assert main(["generate", *_model_flags(setup), "--image", str(setup / "ref0.png"), "--lora-scale", "0.6", "--out",
+                 str(tmp_path / "one.png")]) == 2
+    assert capsys.readouterr().err.endswith("--lora-scale scales a FaceID adapter's LoRA; this adapter (base) has "
+                                            "none\n")
 
 
 def test_a_batched_row_is_the_one_request_generation_of_its_job(setup, clean, tmp_path) -> None:
@@ -234,6 +254,11 @@ EXACT = {
     "batch size": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "out dir a file": (["--out-dir", "{root}/jobs.jsonl"],
                        "--out-dir {root}/jobs.jsonl: {root}/jobs.jsonl is a file, not a folder"),
+    "content text model missing": (["--content-text-encoder", "./no-text-model"],
+                                   "CLIP text model not found: ./no-text-model (no such file or folder; a Hub model id "
+                                   "has the form owner/name)"),
+    "shortcut scale, no shortcut": (["--s-scale", "0.5"], "--s-scale scales a FaceID adapter's shortcut "
+                                                          "(FaceID-PlusV2); no attached adapter (base) has one"),
 }
 
 
@@ -254,7 +279,7 @@ def test_the_summary_names_what_was_done_and_the_first_failure(setup, tmp_path, 
     (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
     out = tmp_path / "out"
     argv = ["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", str(out),
-            "--batch-size", "1", "--dtype", "float32", "--s-scale", "0.5"]
+            "--batch-size", "1", "--dtype", "float32", "--scheduler", "DDIMScheduler"]
     assert main(argv) == 1
     captured = capsys.readouterr()
     error = json.loads((out / "errors.jsonl").read_text())["error"]
@@ -266,7 +291,8 @@ def test_the_summary_names_what_was_done_and_the_first_failure(setup, tmp_path, 
     assert {"base", "adapter", "subfolder", "weight_name", "image_encoder", "dtype", "scheduler", "base_lora",
             "base_lora_scale", "controlnet", "control_image", "control_scale", "s_scale", "content_text_encoder",
             "true_cfg"} == set(recorded)
-    assert (recorded["adapter"], recorded["dtype"], recorded["s_scale"]) == ([str(setup / "base.bin")], "float32", 0.5)
+    assert (recorded["adapter"], recorded["dtype"], recorded["scheduler"]) == ([str(setup / "base.bin")], "float32",
+                                                                              "DDIMScheduler")
 
 
 def _content_jobs(root: Path) -> list[dict]:
@@ -333,3 +359,181 @@ def test_a_run_without_a_named_text_model_finds_the_paired_one_once(tmp_path, mo
                             defaults=Defaults(2), settings={})
     assert not failures and len(_index(tmp_path / "out")) == 3
     assert len(searches) == 1
+
+
+def _named_text_model(root: Path) -> tuple[Path, list[dict]]:
+    """A tiny pipeline (root/pipe) with nothing beside its encoder, its encoder's text model in root/text/clip, a
+    reference, and a manifest (root/jobs.jsonl) of one job with content words and one without."""
+    factories.save_tiny_sd15_pipeline(root)
+    text = root / "text" / "clip"
+    factories.tiny_text_encoder(32, 7, projection=24).save_pretrained(text)
+    factories.write_tokenizer(text, max_length=16)
+    factories.reference_image(0).save(root / "ref0.png")
+    jobs = [{"image": "ref0.png", "seed": 1, "content_subtract": "a red", "content_strength": 0.5},
+            {"image": "ref0.png", "seed": 1}]
+    (root / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    return text, jobs
+
+
+def test_a_named_content_text_model_serves_every_job_from_a_folder_or_the_hub_cache(tmp_path, monkeypatch) -> None:
+    """`--content-text-encoder` names the text model when none is beside the encoder: a folder, or a Hub id with a
+    subfolder read from the cache without a request; a job with content words is then the one-request generation
+    with the same flag. Without it, that job alone fails, saying what to name."""
+    text, jobs = _named_text_model(tmp_path)
+    factories.write_hub_cache(tmp_path / "cache", "ipadapter-tests/text-models", tmp_path / "text")
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "cache")
+    runs = {"folder": str(text), "hub": "ipadapter-tests/text-models/clip", "none": None}
+    for run, source in runs.items():
+        named = ["--content-text-encoder", source] if source else []
+        with _one_thread():
+            code = main(["generate", *_model_flags(tmp_path), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
+                         str(tmp_path / run), *named])
+        assert code == (1 if run == "none" else 0), run
+    assert not [url for url in sent if "ipadapter-tests" in url]
+    assert _pngs(tmp_path / "hub") == _pngs(tmp_path / "folder")
+    error = json.loads((tmp_path / "none" / "errors.jsonl").read_text())
+    assert error["line"] == 1 and "name it with --content-text-encoder" in error["error"]
+    single = tmp_path / "single.png"
+    with _one_thread():
+        assert main(["generate", *_model_flags(tmp_path), "--image", str(tmp_path / "ref0.png"), "--seed", "1",
+                     "--content-subtract", "a red", "--content-strength", "0.5", "--content-text-encoder", str(text),
+                     "--out", str(single)]) == 0
+    index = _index(tmp_path / "folder")
+    batched, plain = (np.asarray(Image.open(tmp_path / "folder" / r["files"][0]), dtype=np.int16) for r in index)
+    assert np.abs(batched - np.asarray(Image.open(single), dtype=np.int16)).max() <= 2
+    assert np.abs(batched - plain).max() > 10
+
+
+def test_an_sdxl_run_embeds_content_words_with_the_bases_own_text_model(tmp_path) -> None:
+    """SDXL's `text_encoder_2` is the text tower paired with its image encoder (here both 32-d): a manifest finds it
+    in the base, as the one-request generation does, with nothing beside the encoder."""
+    pipe = factories.tiny_sdxl_pipeline(tmp_path)
+    encoder, processor = factories.tiny_image_encoder(projection_dim=32)
+    folder = tmp_path / "xl"
+    pipe.save_pretrained(folder)
+    encoder.save_pretrained(folder / "image_encoder")
+    processor.save_pretrained(folder / "feature_extractor")
+    torch.save({"image_proj": factories.image_proj_state("base", factories.SDXL_CROSS, embed_dim=32),
+                "ip_adapter": factories.ip_adapter_state(pipe.unet)}, tmp_path / "xl.bin")
+    factories.reference_image(0).save(tmp_path / "ref0.png")
+    jobs = [{"image": "ref0.png", "seed": 1, "content_subtract": "a red"}, {"image": "ref0.png", "seed": 1}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    model = ["generate", "--base", str(folder), "--adapter", str(tmp_path / "xl.bin"), "--steps", "2", "--width", "32",
+             "--height", "32"]
+    with _one_thread():
+        assert main([*model, "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "out")]) == 0
+        assert main([*model, "--image", str(tmp_path / "ref0.png"), "--seed", "1", "--content-subtract", "a red",
+                     "--out", str(tmp_path / "single.png")]) == 0
+    batched, plain = (np.asarray(Image.open(tmp_path / "out" / r["files"][0]), dtype=np.int16)
+                      for r in _index(tmp_path / "out"))
+    assert np.abs(batched - np.asarray(Image.open(tmp_path / "single.png"), dtype=np.int16)).max() <= 2
+    assert np.abs(batched - plain).max() > 10
+
+
+# (the process's device under accelerate, --device, the device the models load on)
+DEVICES = [("cuda:1", None, "cuda:1"), ("cuda:1", "cuda", "cuda:1"), ("cuda:1", "cpu", "cpu"),
+           ("cuda:1", "cuda:0", "cuda:0"), (None, "cuda", "cuda"), (None, None, None)]
+
+
+@pytest.mark.parametrize(("process", "flag", "expected"), DEVICES)
+def test_each_process_loads_on_its_own_gpu_unless_device_names_another(setup, process, flag, expected, tmp_path,
+                                                                       capsys, monkeypatch) -> None:
+    """Under `accelerate launch` each process has its own GPU: `--device` unset or plain `cuda` takes it, any other
+    device is kept. The machine is given two GPUs; loading is where the device is read, and stops the run."""
+    from ipadapter.batch import launch
+    from ipadapter.batch.shards import Shard
+    from ipadapter.cli import generate
+    from ipadapter.errors import IPAdapterError
+
+    shard = Shard()
+    shard.device = process
+    monkeypatch.setattr(launch, "current", lambda: shard)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    seen = []
+
+    def load(args):
+        seen.append(args.device)
+        raise IPAdapterError("stopped at loading")
+
+    monkeypatch.setattr(generate, "load_from_flags", load)
+    assert main([*_generate_args(setup, tmp_path / "o"), *(["--device", flag] if flag else [])]) == 2
+    assert seen == [expected]
+    assert capsys.readouterr().err == "ipadapter: error: stopped at loading\n"
+
+
+def test_jobs_name_their_adapter_and_take_the_bases_own_size(tmp_path, capsys) -> None:
+    """With two adapters attached each job names its own by --adapter position ("0", "1"); only that one acts, so the
+    job is the one-request generation with that adapter alone. A job that gives no size gets the base's default, as
+    diffusers computes it: the UNet's sample size times the VAE's downscale."""
+    factories.save_tiny_sd15_pipeline(tmp_path, adapters=("base", "plus"))
+    factories.reference_image(0).save(tmp_path / "ref0.png")
+    jobs = [{"id": "plus", "image": "ref0.png", "seed": 1, "adapter": "1"},
+            {"id": "base", "image": "ref0.png", "seed": 1, "adapter": "0"}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    base = ["generate", "--base", str(tmp_path / "pipe"), "--steps", "2"]
+    with _one_thread():
+        assert main([*base, "--adapter", str(tmp_path / "base.bin"), "--adapter", str(tmp_path / "plus.bin"),
+                     "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "out")]) == 0
+        assert main([*base, "--adapter", str(tmp_path / "plus.bin"), "--image", str(tmp_path / "ref0.png"), "--seed",
+                     "1", "--out", str(tmp_path / "single.png")]) == 0
+    unet = json.loads((tmp_path / "pipe" / "unet" / "config.json").read_text())
+    vae = json.loads((tmp_path / "pipe" / "vae" / "config.json").read_text())
+    side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    images = {name: np.asarray(Image.open(tmp_path / "out" / f"{name}-0.png"), dtype=np.int16)
+              for name in ("plus", "base")}
+    assert all(image.shape == (side, side, 3) for image in images.values())
+    assert np.abs(images["plus"] - np.asarray(Image.open(tmp_path / "single.png"), dtype=np.int16)).max() <= 2
+    assert np.abs(images["plus"] - images["base"]).max() > 10
+    assert main([*base, "--adapter", str(tmp_path / "base.bin"), "--adapter", str(tmp_path / "plus.bin"),
+                 "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "scaled"), "--s-scale",
+                 "0.5"]) == 2
+    assert capsys.readouterr().err.endswith("--s-scale scales a FaceID adapter's shortcut (FaceID-PlusV2); no attached "
+                                            "adapter (base, plus) has one\n")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_in_a_terminal_a_run_shows_its_own_progress_bar_and_not_the_pipelines(setup, tmp_path, monkeypatch) -> None:
+    """One bar counts the run's images; the pipeline's per-generation step bars would interleave with it."""
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": str(setup / "ref0.png"), "seed": 1}) + "\n")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
+                 str(tmp_path / "out")]) == 0
+    bars = [part for part in re.split(r"[\r\n]", terminal.getvalue()) if "%|" in part]
+    assert bars and all(bar.startswith("generating:") for bar in bars), bars
+
+
+def test_faceid_plusv2_jobs_take_the_runs_shortcut_scale(tmp_path, monkeypatch) -> None:
+    """`--s-scale` sets FaceID-PlusV2's shortcut for every job: a job is the one-request generation with the same
+    scale, which differs from the default's. Face analysis (insightface) is stood in for: it gives the saved
+    embedding and the image as its crop, as `--face-embed` with `--image` does."""
+    from ipadapter import prompter
+
+    factories.save_tiny_sd15_pipeline(tmp_path, adapters=("faceid-plusv2",))
+    factories.reference_image(0).save(tmp_path / "ref0.png")
+    face = np.random.default_rng(0).standard_normal(16).astype(np.float32)
+    np.save(tmp_path / "face.npy", face)
+
+    class Faces:
+        def analyze(self, image, source: str = "the image"):
+            return torch.from_numpy(face)[None], image
+
+    monkeypatch.setattr(prompter, "FaceAnalyzer", Faces)
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": "ref0.png", "seed": 1}) + "\n")
+    model = ["generate", "--base", str(tmp_path / "pipe"), "--adapter", str(tmp_path / "faceid-plusv2.bin"), "--steps",
+             "2", "--width", "32", "--height", "32"]
+    with _one_thread():
+        assert main([*model, "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "out"),
+                     "--s-scale", "0.25"]) == 0
+        for scale in ("0.25", "1"):
+            assert main([*model, "--image", str(tmp_path / "ref0.png"), "--face-embed", str(tmp_path / "face.npy"),
+                         "--seed", "1", "--s-scale", scale, "--out", str(tmp_path / f"single-{scale}.png")]) == 0
+    batched = np.asarray(Image.open(tmp_path / "out" / _index(tmp_path / "out")[0]["files"][0]), dtype=np.int16)
+    scaled, default = (np.asarray(Image.open(tmp_path / f"single-{s}.png"), dtype=np.int16) for s in ("0.25", "1"))
+    assert np.abs(batched - scaled).max() <= 2
+    assert np.abs(batched - default).max() > 10

@@ -380,7 +380,7 @@ def test_an_uncached_hub_id_without_network_is_one_line_after_one_request(tiny_b
 def test_steps_and_guidance_left_out_are_the_miniatures_named_in_help_or_the_pipelines_own(tiny_base, monkeypatch,
                                                                                           tmp_path) -> None:
     """Without `--steps`/`--guidance` the miniature runs what `--help` names, another base its pipeline's defaults
-    (None)."""
+    (None); a manifest's jobs that give neither take the same."""
     import re
 
     from ipadapter.cli.main import build_parser
@@ -396,11 +396,16 @@ def test_steps_and_guidance_left_out_are_the_miniatures_named_in_help_or_the_pip
 
     def generate(self, images, **kwargs):
         seen.append((kwargs["steps"], kwargs["guidance"]))
-        return [Image.new("RGB", (8, 8))] * kwargs["num_images"]
+        rows = len(kwargs["prompt"]) if isinstance(kwargs["prompt"], list) else 1  # a manifest's batch: a list
+        return [Image.new("RGB", (8, 8))] * (rows * kwargs["num_images"])
 
     monkeypatch.setattr(ImagePrompter, "generate", generate)
     ref = str(tiny_base / "ref.png")
+    tiny = ["--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin")]
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": ref}) + "\n")
     assert main(["generate", "--image", ref, "--out", str(tmp_path / "a.png")]) == 0
-    assert main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "base.bin"), "--image",
-                 ref, "--out", str(tmp_path / "b.png")]) == 0
-    assert seen == [(named("--steps"), named("--guidance")), (None, None)]
+    assert main(["generate", *tiny, "--image", ref, "--out", str(tmp_path / "b.png")]) == 0
+    for run, model in (("miniature", []), ("tiny", tiny)):
+        assert main(["generate", *model, "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
+                     str(tmp_path / run)]) == 0
+    assert seen == [(named("--steps"), named("--guidance")), (None, None)] * 2

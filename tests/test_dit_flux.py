@@ -540,13 +540,15 @@ def test_flux_img2img_calls_are_placed_by_the_schedulers_own_position(flux_base)
 
 def test_a_manifest_takes_true_cfg_for_every_job_as_generate_does(flux_base, tmp_path) -> None:
     """`--true-cfg` with `--manifest` applies to every job: each job's image is the one-shot command's with the same
-    seed and settings (which equals diffusers', test above), and true CFG changes it."""
+    seed and settings (which equals diffusers', test above), and true CFG changes it. A job's own width is checked
+    against the FLUX base's sizes: multiples of the VAE's downscale times the 2 × 2 packing (here 4, where a UNet base
+    takes multiples of 8); its height is the flag's."""
     from ipadapter.cli.main import main
 
     root, folder = flux_base
-    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"id": f"j{seed}", "image": str(root / "ref.png"),
-                                                             "prompt": "a cat", "seed": seed}) + "\n"
-                                                 for seed in (1, 2)))
+    jobs = [{"id": f"j{seed}", "image": str(root / "ref.png"), "prompt": "a cat", "seed": seed} for seed in (1, 2)]
+    jobs.append({"id": "narrow", "image": str(root / "ref.png"), "width": 12})
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(job) + "\n" for job in jobs))
     common = ["generate", "--base", str(folder), "--adapter", str(root / "ip_adapter.safetensors"), "--steps", "2",
               "--width", "16", "--height", "16"]
     for cfg in ("1", "4"):
@@ -559,6 +561,8 @@ def test_a_manifest_takes_true_cfg_for_every_job_as_generate_does(flux_base, tmp
         batch, plain = (np.asarray(Image.open(tmp_path / cfg / f"j{seed}-0.png")) for cfg in ("4", "1"))
         assert np.array_equal(batch, np.asarray(Image.open(one)))
         assert not np.array_equal(batch, plain)
+    with Image.open(tmp_path / "4" / "narrow-0.png") as narrow:
+        assert narrow.size == (12, 16)
 
 
 def test_cli_generate_on_a_flux_pipeline(flux_base, tmp_path, capsys) -> None:

@@ -173,15 +173,27 @@ def test_the_requests_settings_reach_its_adapter_prompt(prompter) -> None:
     from ipadapter.conditioning.presets import preset
 
     images = [factories.reference_image(18), factories.reference_image(19)]
-    prompt, refs = _refs(prompter, images=images, scale=0.8, start=0.1, end=0.9, embeds_scaling="kv", lora_scale=0.5,
+    prompt, refs = _refs(prompter, images=images, scale=0.8, start=0.1, end=0.9, embeds_scaling="kv",
                          image_weights=[2.0, 0.5])
-    assert (prompt.scale, prompt.start, prompt.end, prompt.scaling, prompt.lora_scale) == (0.8, 0.1, 0.9, "kv", 0.5)
+    assert (prompt.scale, prompt.start, prompt.end, prompt.scaling) == (0.8, 0.1, 0.9, "kv")
     assert [r.weight for r in refs] == [2.0, 0.5] and prompt.layer_weights is None and not prompt.uncond_layers
     style, _ = _refs(prompter, images=images[:1], preset="style transfer")
     assert style.layer_weights == preset("style transfer", prompter.pipe.unet).layer_weights[0]
     precise, _ = _refs(prompter, images=images[:1], preset="style transfer precise")
     assert precise.uncond_layers == preset("style transfer precise", prompter.pipe.unet).uncond_layers
     assert precise.uncond_layers
+
+
+def test_lora_scale_reaches_a_faceid_adapters_prompt_and_is_refused_without_a_lora(prompter, tmp_path) -> None:
+    """A value nothing would act on is refused rather than dropped: only FaceID adapters carry a LoRA."""
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    torch.save(factories.published(pipe.unet, "faceid", factories.SD15_CROSS, lora_rank=4), tmp_path / "faceid.bin")
+    faceid = ImagePrompter(pipe, load_adapter(tmp_path / "faceid.bin", pipe.unet))
+    prompt, _ = _refs(faceid, face_embeds=torch.randn(1, 16), lora_scale=0.5)
+    assert prompt.lora_scale == 0.5
+    with pytest.raises(IPAdapterError) as err:
+        _refs(prompter, images=[factories.reference_image(21)], lora_scale=0.5)
+    assert str(err.value) == "lora_scale= scales a FaceID adapter's LoRA; this adapter (base) has none"
 
 
 def test_a_preset_on_a_transformer_base_names_the_per_block_weights(prompter, monkeypatch) -> None:

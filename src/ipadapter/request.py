@@ -113,6 +113,8 @@ def build_prompt(prompter: ImagePrompter, request: GenerationRequest, adapter: s
     request.validate()
     name = prompter.adapter_name(adapter)
     ip = prompter.adapters[name]
+    if request.lora_scale != 1.0 and not ip.variant.lora:
+        raise IPAdapterError(f"lora_scale= scales a FaceID adapter's LoRA; this adapter ({ip.variant.name}) has none")
     images, masks = list(request.images), list(request.masks) or [None] * len(request.images)
     if request.tiles and images:
         tiled = [t for img in images for t in tile_image(img)]
