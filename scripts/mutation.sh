@@ -59,6 +59,11 @@ mkdir -p "$work"
 rm -rf "$work/src" "$work/tests" "$work/examples"
 [ "${FRESH:-0}" = 1 ] && rm -rf "$work/mutants"
 (cd "$root" && tar --exclude=__pycache__ -cf - src tests pyproject.toml README.md examples) | tar -xf - -C "$work"
+# mutmut forks each mutant's child from a parent that ran every test, so the children share tqdm's lock between
+# processes (a POSIX semaphore): a child killed at its timeout while drawing a progress bar leaves it held, and every
+# later child hangs at its first bar, each "timing out" at zero CPU. The scratch copy's bars lock within a process.
+printf '\nimport threading  # noqa: E402\n\nfrom tqdm import tqdm  # noqa: E402\n\ntqdm.set_lock(threading.RLock())\n' \
+  >> "$work/tests/conftest.py"
 # mutmut regenerates a file's mutants only when its copy under mutants/ is older than the source. A module that an
 # earlier run in this folder copied unmutated (it was not selected then) would stay unmutated: drop such copies. Which
 # tests run which function was learnt for the earlier selection of modules and tests and for the code as it was then:

@@ -260,6 +260,15 @@ def test_several_outputs_are_written_all_or_none(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked"]
 
 
+@pytest.mark.parametrize("images", [1, 3])
+def test_more_or_fewer_images_than_paths_write_none(tmp_path, images: int) -> None:
+    from ipadapter.atomic import save_pngs
+
+    with pytest.raises(ValueError):
+        save_pngs([Image.new("RGB", (4, 4))] * images, [tmp_path / "a.png", tmp_path / "b.png"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
     """An export that fails midway leaves the earlier folder as it was; one that succeeds leaves none of its files."""
     from ipadapter.atomic import replacing_folder

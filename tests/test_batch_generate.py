@@ -141,24 +141,122 @@ def test_a_jobs_lora_scale_for_an_adapter_without_lora_fails_alone(setup, tmp_pa
                                             "none\n")
 
 
-def test_a_batched_row_is_the_one_request_generation_of_its_job(setup, clean, tmp_path) -> None:
-    """Each row of a UNet batch has its own reference, prompt and seed: `ipadapter generate` of that job alone (one
-    request, one image, the image's seed) gives the same picture, up to the batch's float rounding."""
-    _, out = clean
-    index = {r["line"]: r for r in _index(out)}
-    checks = [(index[1], 0, []), (index[2], 0, ["--prompt", "a red circle"]),
-              (index[3], 0, ["--negative-prompt", "blue"]), (index[5], 1, [])]
-    for record, k, extra in checks:
+# One UNet batch of four rows (batch size 4), each with its own reference, seed and per-row option, then a job of two
+# images. Its own run, not the module's `clean` one: mutation testing credits a fixture's work to its first test only.
+ROWS = [
+    {"image": "ref0.png", "seed": 1},
+    {"image": "ref2.png", "seed": 3, "negative_prompt": "blue"},
+    {"image": "ref3.png", "seed": 4, "negative_image": "ref1.png"},
+    {"image": "ref1.png", "seed": 2, "prompt": "a red circle"},
+    {"id": "two", "image": "ref4.png", "seed": 5, "num_images": 2},
+]
+ROW_FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "negative_image": "--negative-image"}
+
+
+def test_a_batched_row_is_the_one_request_generation_of_its_job(setup, tmp_path) -> None:
+    """Each row of a UNet batch has its own reference, prompt, negative prompt or image and seed: `ipadapter generate`
+    of that job alone (one request, one image, the image's seed) gives the same picture, up to the batch's float
+    rounding."""
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({**job, **{k: str(setup / v) for k, v in job.items()
+                                                                       if k in ("image", "negative_image")}}) + "\n"
+                                                 for job in ROWS))
+    out = tmp_path / "out"
+    with _one_thread():
+        assert main(["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
+                     str(out), "--batch-size", "4"]) == 0
+    index = _index(out)
+    assert [r["batch"] for r in index] == [4, 4, 4, 4, 1]
+    for record, job in zip(index, ROWS):
+        k = job.get("num_images", 1) - 1  # the last image of each job
+        extra = [a for key, flag in ROW_FLAGS.items() if key in job
+                 for a in (flag, str(setup / job[key]) if key == "negative_image" else job[key])]
         single = tmp_path / f"{record['id']}-{k}.png"
         with _one_thread():
-            assert main(["generate", *_model_flags(setup), "--image", record["settings"]["image"][0], "--seed",
+            assert main(["generate", *_model_flags(setup), "--image", str(setup / job["image"]), "--seed",
                          str(record["seeds"][k]), "--out", str(single), *extra]) == 0
         batched = np.asarray(Image.open(out / record["files"][k]), dtype=np.int16)
         alone = np.asarray(Image.open(single), dtype=np.int16)
-        assert np.abs(batched - alone).max() <= 2, record["id"]
-    # rows are not interchangeable: the two rows of the first batch differ
-    first, second = (np.asarray(Image.open(out / index[n]["files"][0]), dtype=np.int16) for n in (1, 2))
+        assert np.abs(batched - alone).max() <= 2, record["line"]
+    # rows are not interchangeable: the two first rows differ
+    first, second = (np.asarray(Image.open(out / index[n]["files"][0]), dtype=np.int16) for n in (0, 1))
     assert np.abs(first - second).max() > 10
+
+
+def test_a_deleted_image_of_a_finished_job_is_made_again(setup, clean, tmp_path, capsys) -> None:
+    """A job is finished when its record and every one of its images exist: an image removed by hand is generated
+    again (its whole batch, so the bytes are the uninterrupted run's), and nothing else changes. The progress bar
+    starts from the finished images: the valid lines of JOBS ask 7 (job 7's reference reads, it fails only when
+    generated), and 4 are finished (job "two" is not)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[1], out)
+    (out / "two-1.png").unlink()
+    with _one_thread():
+        assert main(_generate_args(setup, out)) == 1  # the two bad jobs of the manifest fail again
+    assert _pngs(out) == _pngs(clean[1])
+    assert _index(out) == _index(clean[1])
+    bars = [part for part in re.split(r"[\r\n]", capsys.readouterr().err) if part.startswith("generating:")]
+    assert "4/7" in bars[0] and "6/7" in bars[-1], bars  # the failed job's image is not counted
+
+
+def test_a_folder_made_with_other_settings_is_refused_naming_each_and_left_as_it_was(setup, clean, tmp_path,
+                                                                                      capsys) -> None:
+    """A setting changed since the folder's run, or recorded then and no longer (an older version's), is named."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(clean[1], out)
+    recorded = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**recorded, "s_scale": 2.0, "retired": True}))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(_generate_args(setup, out)) == 2
+    assert capsys.readouterr().err == (f"ipadapter: error: {out} holds images made with other settings (retired, "
+                                       "s_scale); use another --out-dir or remove it\n")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_the_index_records_each_jobs_settings_and_its_share_of_its_batchs_time(setup, tmp_path, monkeypatch) -> None:
+    """Each index line holds the documented keys; `seconds_per_image` is its batch's time over the batch's images,
+    to 4 digits. The pipeline is stood in for: each call takes one second of a clock that only it advances, and
+    records the steps and guidance it was given. The first job's reference fails to load inside its batch: the
+    batch's other rows are still written."""
+    from types import SimpleNamespace
+
+    from ipadapter.batch import jobs, run
+    from ipadapter.cli.main import build_parser
+    from ipadapter.loading import base_geometry
+    from ipadapter.prompter import ImagePrompter
+
+    clock, calls = [0.0], []
+
+    def generate(self, prompts, **kwargs):
+        clock[0] += 1.0
+        calls.append((kwargs["steps"], kwargs["guidance"], len(kwargs["prompt"])))
+        return [Image.new("RGB", (32, 32))] * (len(kwargs["prompt"]) * kwargs["num_images"])
+
+    monkeypatch.setattr(ImagePrompter, "generate", generate)
+    monkeypatch.setattr(run, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    lines = [{"image": str(setup / "truncated.png")}, *({"image": str(setup / f"ref{i}.png"), "seed": i}
+                                                         for i in range(3)),
+             {"image": str(setup / "ref3.png"), "guidance": 3.0, "steps": 4}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
+            str(tmp_path / "out"), "--batch-size", "4"]
+    assert main(argv) == 1
+    assert calls == [(2, None, 3), (4, 3.0, 1)]
+    flags = build_parser().parse_args(argv)
+    expected = jobs.read_jobs(flags.manifest, {n: getattr(flags, n) for n in jobs.OPTIONS}, ["0"],
+                              lambda: base_geometry(flags.base)).jobs
+    index = [json.loads(line) for line in (tmp_path / "out" / "index.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in index] == [2, 3, 4, 5]
+    for record, job in zip(index, expected[1:]):
+        assert set(record) == {"line", "id", "key", "adapter", "seeds", "files", "settings", "seconds_per_image",
+                               "batch"}
+        assert (record["id"], record["key"], record["adapter"], record["seeds"], record["files"]) == (
+            job.id, job.key, None, job.seeds, job.files)
+        assert record["settings"] == job.settings
+    assert [(r["batch"], r["seconds_per_image"]) for r in index] == [(3, 0.3333)] * 3 + [(1, 1.0)]
 
 
 def test_a_killed_run_resumes_to_the_images_of_an_uninterrupted_one(setup, clean, tmp_path) -> None:
@@ -293,6 +391,7 @@ def test_the_summary_names_what_was_done_and_the_first_failure(setup, tmp_path, 
             "true_cfg"} == set(recorded)
     assert (recorded["adapter"], recorded["dtype"], recorded["scheduler"]) == ([str(setup / "base.bin")], "float32",
                                                                               "DDIMScheduler")
+    assert (out / "run.json").read_text() == json.dumps(recorded, indent=2) + "\n"  # for people to read
 
 
 def _content_jobs(root: Path) -> list[dict]:
@@ -428,6 +527,20 @@ def test_an_sdxl_run_embeds_content_words_with_the_bases_own_text_model(tmp_path
                       for r in _index(tmp_path / "out"))
     assert np.abs(batched - np.asarray(Image.open(tmp_path / "single.png"), dtype=np.int16)).max() <= 2
     assert np.abs(batched - plain).max() > 10
+    # The library's own default (no `Defaults.content_text`) finds it too, into a folder not made yet.
+    from ipadapter.batch.jobs import OPTIONS, read_jobs
+    from ipadapter.batch.run import Defaults, run_manifest
+    from ipadapter.batch.shards import Shard
+    from ipadapter.cli.generate import load_from_flags
+    from ipadapter.cli.main import build_parser
+
+    flags = build_parser().parse_args([*model, "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", "unused"])
+    manifest = read_jobs(flags.manifest, {n: getattr(flags, n) for n in OPTIONS}, ["0"], lambda: (8, (32, 32)))
+    library = tmp_path / "new" / "library"
+    with _one_thread():
+        assert run_manifest(load_from_flags(flags).prompter, manifest, library, batch_size=2, shard=Shard(),
+                            defaults=Defaults(), settings={}) == []
+    assert _pngs(library) == _pngs(tmp_path / "out")
 
 
 # (the process's device under accelerate, --device, the device the models load on)

@@ -66,22 +66,34 @@ def test_a_job_is_the_same_from_any_working_directory(refs, monkeypatch) -> None
 
 
 BAD = {
-    "not JSON": ("{oops", "not JSON"),
+    "not JSON": ("{oops", "not JSON (Expecting property name enclosed in double quotes at column 2)"),
     "not an object": ("[1]", "not a JSON object"),
-    "unknown option": ({"image": "r0.png", "colour": 1}, "unknown option 'colour'"),
-    "missing reference": ({"image": "nope.png"}, "not found"),
-    "not an image": ({"image": "jobs.jsonl"}, "cannot read"),
-    "nothing asked": ({"seed": 1}, "give image, prompt"),
-    "string scale": ({"image": "r0.png", "scale": "1"}, "scale must be a number"),
-    "infinite scale": ('{"image": "r0.png", "scale": Infinity}', "finite"),
-    "bool seed": ({"image": "r0.png", "seed": True}, "whole number"),
-    "seed too large": ({"image": "r0.png", "seed": 2**64 - 1, "num_images": 2}, "seed + num_images"),
-    "bad window": ({"image": "r0.png", "start": 0.8, "end": 0.2}, "start"),
-    "mask count": ({"image": "r0.png", "mask": ["r1.png", "r2.png"]}, "mask"),
-    "combine one image": ({"image": "r0.png", "combine": "average"}, "at least two"),
-    "unattached adapter": ({"image": "r0.png", "adapter": "7"}, "not attached"),
-    "size step": ({"image": "r0.png", "width": 30}, "multiple"),
-    "bad id": ({"id": "../x", "image": "r0.png"}, "id must be"),
+    "unknown option": ({"image": "r0.png", "colour": 1},
+                       f"unknown option 'colour'; valid: id, adapter, {', '.join(OPTIONS)}"),
+    "missing reference": ({"image": "nope.png"}, "reference image not found: {refs}/nope.png"),
+    "missing negative image": ({"image": "r0.png", "negative_image": "nope.png"},
+                               "reference image not found: {refs}/nope.png"),
+    "missing mask": ({"image": "r0.png", "mask": "nope.png"}, "mask not found: {refs}/nope.png"),
+    "not an image": ({"image": "jobs.jsonl"},
+                     "cannot read {refs}/jobs.jsonl as an image (UnidentifiedImageError: cannot identify image file "
+                     "'{refs}/jobs.jsonl')"),
+    "nothing asked": ({"seed": 1}, "give image, prompt, or both"),
+    "string scale": ({"image": "r0.png", "scale": "1"}, "scale must be a number, got '1'"),
+    "infinite scale": ('{"image": "r0.png", "scale": Infinity}', "scale must be a finite number, got inf"),
+    "bool seed": ({"image": "r0.png", "seed": True}, "seed must be a whole number, got True"),
+    "seed too large": ({"image": "r0.png", "seed": 2**64 - 1, "num_images": 2},
+                       f"seed + num_images - 1 must lie in 0 to 2**64-1, got seed {2**64 - 1}"),
+    "bad window": ({"image": "r0.png", "start": 0.8, "end": 0.2}, "start (0.8) must not be after end (0.2)"),
+    "mask count": ({"image": "r0.png", "mask": ["r1.png", "r2.png"]},
+                   "got 2 mask(s) for 1 image(s); give one per image"),
+    "combine one image": ({"image": "r0.png", "combine": "average"},
+                          "combine average merges several images; give at least two"),
+    "unattached adapter": ({"image": "r0.png", "adapter": "7"},
+                           "adapter '7' is not attached; attached (--adapter order): 0, 1"),
+    "size step": ({"image": "r0.png", "width": 30},
+                  "--width 30 does not fit this base model: sizes are multiples of 8; try 24 or 32"),
+    "bad id": ({"id": "../x", "image": "r0.png"},
+               "id must be 1 to 100 letters, digits, '.', '_' or '-' (not first), got '../x'"),
     "negative content strength": ({"image": "r0.png", "content_subtract": "a dog", "content_strength": -1},
                                   "content_strength must not be negative, got -1.0"),
     "content words not text": ({"image": "r0.png", "content_subtract": 3}, "content_subtract must be a string, got 3"),
@@ -109,7 +121,8 @@ BAD = {
                           "tiles makes its own per-tile masks; do not combine it with mask"),
     "negative image and noise": ({"image": "r0.png", "negative_image": "r1.png", "noise": "gaussian"},
                                  "give negative_image or noise, not both"),
-    "bad noise": ({"image": "r0.png", "noise": "gaussian:x"}, "noise= takes TYPE:STRENGTH"),
+    "bad noise": ({"image": "r0.png", "noise": "gaussian:x"},
+                  "noise= takes TYPE:STRENGTH such as dissolve:0.4, got 'gaussian:x'"),
     "prompt not text": ({"prompt": 5}, "prompt must be a string, got 5"),
     "strength without content words": ({"image": "r0.png", "content_strength": 0.5},
                                        "content_strength changes what content_subtract does, and this job has none"),
@@ -118,11 +131,11 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_a_bad_line_is_a_one_line_failure_and_the_rest_runs(refs, case) -> None:
-    line, words = BAD[case]
+    line, message = BAD[case]
     found = _read(refs, [{"image": "r0.png"}, line, {"image": "r1.png"}])
     assert [j.line for j in found.jobs] == [1, 3] and len(found.failures) == 1
     failure = found.failures[0]
-    assert failure.line == 2 and words in failure.error and "\n" not in failure.error
+    assert failure.line == 2 and failure.error == message.replace("{refs}", str(refs))
     named = isinstance(line, dict) and isinstance(line.get("id"), str)
     assert failure.id == (line["id"] if named else None)
 
@@ -182,7 +195,33 @@ def test_values_at_their_limits_are_jobs_with_the_flags_types(refs) -> None:
 
 def test_an_id_taken_by_another_job_fails_the_later_line(refs) -> None:
     found = _read(refs, [{"id": "a", "image": "r0.png"}, {"id": "a", "image": "r1.png"}])
-    assert [j.line for j in found.jobs] == [1] and "line 1" in found.failures[0].error
+    assert [j.line for j in found.jobs] == [1]
+    assert [(f.line, f.id, f.error) for f in found.failures] == [(2, "a", "id 'a' already names the job of line 1")]
+
+
+def test_a_jobs_key_does_not_depend_on_the_order_its_options_are_listed_in(refs) -> None:
+    """A rerun by a version that lists the options in another order still finds the jobs it finished."""
+    (refs / "jobs.jsonl").write_text(json.dumps({"image": "r0.png", "seed": 3, "prompt": "a cat"}) + "\n")
+    keys = [read_jobs(refs / "jobs.jsonl", defaults, ["0"], _geometry).jobs[0].key
+            for defaults in (DEFAULTS, dict(reversed(DEFAULTS.items())))]
+    assert keys[0] == keys[1]
+
+
+def test_a_size_given_in_part_is_completed_from_the_bases_aspect_and_nothing_else_is_added(refs) -> None:
+    """The stand-in base is 64 × 64 with steps of 8: a width of 32 alone gets a height of 32."""
+    (job,) = _read(refs, [{"image": "r0.png", "width": 32}]).jobs
+    assert (job.settings["width"], job.settings["height"]) == (32, 32) and set(job.settings) == set(OPTIONS)
+    (job,) = _read(refs, [{"image": "r0.png", "width": 32, "height": 48}]).jobs
+    assert (job.settings["width"], job.settings["height"]) == (32, 48) and set(job.settings) == set(OPTIONS)
+
+
+def test_a_manifest_that_is_not_utf8_is_refused_with_the_line_of_its_first_bad_byte(tmp_path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    data = b'{"prompt": "a cat"}\n{"prompt": "caf\xe9"}\n'  # Latin-1's é
+    path.write_bytes(data)
+    with pytest.raises(IPAdapterError) as err:
+        read_jobs(path, DEFAULTS, ["0"], _geometry)
+    assert str(err.value) == f"manifest {path} is not UTF-8 text (byte {data.index(0xE9)}, line 2); save it as UTF-8"
 
 
 def test_an_empty_manifest_is_a_user_error(tmp_path) -> None:
@@ -230,3 +269,52 @@ def test_a_modifier_without_its_option_is_refused_by_generate_and_by_a_manifest_
     found = _read(refs, [{"image": "r0.png", name: value}, {"image": "r0.png", name: value, needed: "a dog"}])
     assert [f.error for f in found.failures] == [f"{name} changes what {needed} does, and this job has none"]
     assert [j.line for j in found.jobs] == [2]
+
+
+def test_unnamed_jobs_under_several_adapters_fail_in_line_order_among_the_other_failures(refs) -> None:
+    """errors.jsonl lists failures by manifest line, whichever check found them."""
+    from ipadapter.batch.jobs import require_adapter_names
+
+    found = _read(refs, [{"image": "r0.png"}, "not json", {"image": "r1.png", "adapter": "1"},
+                         {"image": "r2.png"}, {"prompt": "text only"}])
+    checked = require_adapter_names(found, ["0", "1"])
+    why = ('several adapters are attached (0, 1 in --adapter order): give this job an "adapter" key naming the one '
+           "its images are for")
+    assert [(f.line, f.error) for f in checked.failures] == [
+        (1, why), (2, "not JSON (Expecting value at column 1)"), (4, why)]
+    assert [j.line for j in checked.jobs] == [3, 5]
+    assert require_adapter_names(found, ["0"]) is found  # one adapter: every job uses it
+
+
+class _Launched:
+    """Stands in for `AccelerateShard`, which needs the processes `accelerate launch` starts."""
+
+
+@pytest.mark.parametrize(("world", "several"), [(None, False), ("1", False), ("2", True), ("8", True)])
+def test_a_process_is_a_shard_of_an_accelerate_run_only_when_launched_as_several(world, several, monkeypatch) -> None:
+    from ipadapter.batch import accelerated, launch
+
+    monkeypatch.setattr(accelerated, "AccelerateShard", _Launched)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    shard = launch.current()
+    assert isinstance(shard, _Launched) if several else type(shard) is Shard
+
+
+def test_several_processes_without_accelerate_is_one_sentence_and_other_missing_modules_propagate(monkeypatch) -> None:
+    import sys
+
+    from ipadapter.batch import launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delitem(sys.modules, "ipadapter.batch.accelerated", raising=False)
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if not installed: importing it fails
+    with pytest.raises(IPAdapterError) as err:
+        launch.current()
+    assert str(err.value) == "a run over several processes needs accelerate: pip install 'ipadapter[train]'"
+    monkeypatch.setitem(sys.modules, "ipadapter.batch.accelerated", None)  # a module of ours missing: a bug, kept
+    with pytest.raises(ModuleNotFoundError) as missing:
+        launch.current()
+    assert missing.value.name == "ipadapter.batch.accelerated"

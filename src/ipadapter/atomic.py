@@ -76,10 +76,11 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
 
 
 def save_pngs(images: list[Image.Image], paths: list[Path]) -> list[Path]:
-    """Several PNGs, all or none: every image is written to a temporary file first, then all are renamed."""
+    """Several PNGs, all or none: every image is written to a temporary file first, then all are renamed. As many
+    images as paths: a count that differs is a caller's bug, raised before anything is renamed."""
     tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
     try:
-        for image, path, tmp in zip(images, paths, tmps):
+        for image, path, tmp in zip(images, paths, tmps, strict=True):
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(tmp, format="PNG")
             _usual_mode(tmp)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from ipadapter.paired_text import PairedText
 from ipadapter.request import build_prompt, load_request
 from ipadapter.runtime import AdapterPrompt
 
-log = logging.getLogger(__name__)
 RECORDS, PROGRESS = ".records", ".progress"
 
 
@@ -139,7 +137,6 @@ def run_manifest(prompter: Any, manifest: Manifest, out: Path, *, batch_size: in
     fresh_progress_folder(out / PROGRESS, shard)
     shard.wait()
     plan = batches(manifest.jobs, batch_size)
-    log.info("%d of %d images to generate", total - done, total)
     progress = Progress(out / PROGRESS, shard, total, done, "generating")
     failures: list[Failure] = []
     for batch in shard.mine(plan):
