@@ -70,7 +70,7 @@ def setup(tmp_path_factory):
     factories.reference_image(9).save(root / "whole.png")
     data = (root / "whole.png").read_bytes()
     (root / "truncated.png").write_bytes(data[: len(data) // 2])
-    (root / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in JOBS))
+    write_manifest(root / "jobs.jsonl", JOBS)
     return root
 
 
@@ -113,7 +113,7 @@ def test_a_job_asking_more_steps_than_the_scheduler_has_fails_alone(setup, tmp_p
     """Steps beyond the scheduler's training timesteps make the scheduler raise inside the pipeline: that job is
     recorded as failed in one line and the other job is made."""
     jobs = [{"image": str(setup / "ref0.png"), "seed": 1}, {"image": str(setup / "ref1.png"), "seed": 2, "steps": 1001}]
-    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    write_manifest(tmp_path / "jobs.jsonl", jobs)
     out = tmp_path / "out"
     code = main(["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", str(out)])
     assert code == 1
@@ -127,7 +127,7 @@ def test_a_jobs_lora_scale_for_an_adapter_without_lora_fails_alone(setup, tmp_pa
     """`lora_scale` scales a FaceID adapter's LoRA: for one without, the value would be silently dropped, so the job
     fails as `ipadapter generate --lora-scale` does, and the other job is made."""
     jobs = [{"image": str(setup / "ref0.png"), "seed": 1, "lora_scale": 0.6}, {"image": str(setup / "ref1.png")}]
-    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    write_manifest(tmp_path / "jobs.jsonl", jobs)
     out = tmp_path / "out"
     assert main(["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
                  str(out)]) == 1
@@ -157,9 +157,8 @@ def test_a_batched_row_is_the_one_request_generation_of_its_job(setup, tmp_path)
     """Each row of a UNet batch has its own reference, prompt, negative prompt or image and seed: `ipadapter generate`
     of that job alone (one request, one image, the image's seed) gives the same picture, up to the batch's float
     rounding."""
-    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({**job, **{k: str(setup / v) for k, v in job.items()
-                                                                       if k in ("image", "negative_image")}}) + "\n"
-                                                 for job in ROWS))
+    write_manifest(tmp_path / "jobs.jsonl", [{**job, **{k: str(setup / v) for k, v in job.items()
+                                                         if k in ("image", "negative_image")}} for job in ROWS])
     out = tmp_path / "out"
     with _one_thread():
         assert main(["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
@@ -240,7 +239,7 @@ def test_the_index_records_each_jobs_settings_and_its_share_of_its_batchs_time(s
     lines = [{"image": str(setup / "truncated.png")}, *({"image": str(setup / f"ref{i}.png"), "seed": i}
                                                          for i in range(3)),
              {"image": str(setup / "ref3.png"), "guidance": 3.0, "steps": 4}]
-    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_manifest(tmp_path / "jobs.jsonl", lines)
     argv = ["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
             str(tmp_path / "out"), "--batch-size", "4"]
     assert main(argv) == 1
@@ -374,7 +373,7 @@ def test_the_summary_names_what_was_done_and_the_first_failure(setup, tmp_path, 
     from ipadapter.cli.main import build_parser
 
     jobs = [{"image": str(setup / "ref0.png"), "seed": 1}, {"image": str(setup / "missing.png")}]
-    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    write_manifest(tmp_path / "jobs.jsonl", jobs)
     out = tmp_path / "out"
     argv = ["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir", str(out),
             "--batch-size", "1", "--dtype", "float32", "--scheduler", "DDIMScheduler"]
@@ -406,7 +405,7 @@ def _content_jobs(root: Path) -> list[dict]:
     jobs = [{"image": "ref0.png", "seed": 1, "content_subtract": "a red", "content_strength": 0.5},
             {"image": "ref1.png", "seed": 2},
             {"image": "ref0.png", "seed": 1, "content_subtract": "blue"}]
-    (root / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    write_manifest(root / "jobs.jsonl", jobs)
     return jobs
 
 
@@ -470,7 +469,7 @@ def _named_text_model(root: Path) -> tuple[Path, list[dict]]:
     factories.reference_image(0).save(root / "ref0.png")
     jobs = [{"image": "ref0.png", "seed": 1, "content_subtract": "a red", "content_strength": 0.5},
             {"image": "ref0.png", "seed": 1}]
-    (root / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    write_manifest(root / "jobs.jsonl", jobs)
     return text, jobs
 
 
@@ -516,7 +515,7 @@ def test_an_sdxl_run_embeds_content_words_with_the_bases_own_text_model(tmp_path
                 "ip_adapter": factories.ip_adapter_state(pipe.unet)}, tmp_path / "xl.bin")
     factories.reference_image(0).save(tmp_path / "ref0.png")
     jobs = [{"image": "ref0.png", "seed": 1, "content_subtract": "a red"}, {"image": "ref0.png", "seed": 1}]
-    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    write_manifest(tmp_path / "jobs.jsonl", jobs)
     model = ["generate", "--base", str(folder), "--adapter", str(tmp_path / "xl.bin"), "--steps", "2", "--width", "32",
              "--height", "32"]
     with _one_thread():
@@ -583,7 +582,7 @@ def test_jobs_name_their_adapter_and_take_the_bases_own_size(tmp_path, capsys) -
     factories.reference_image(0).save(tmp_path / "ref0.png")
     jobs = [{"id": "plus", "image": "ref0.png", "seed": 1, "adapter": "1"},
             {"id": "base", "image": "ref0.png", "seed": 1, "adapter": "0"}]
-    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    write_manifest(tmp_path / "jobs.jsonl", jobs)
     base = ["generate", "--base", str(tmp_path / "pipe"), "--steps", "2"]
     with _one_thread():
         assert main([*base, "--adapter", str(tmp_path / "base.bin"), "--adapter", str(tmp_path / "plus.bin"),
@@ -612,7 +611,7 @@ class _Terminal(io.StringIO):
 
 def test_in_a_terminal_a_run_shows_its_own_progress_bar_and_not_the_pipelines(setup, tmp_path, monkeypatch) -> None:
     """One bar counts the run's images; the pipeline's per-generation step bars would interleave with it."""
-    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": str(setup / "ref0.png"), "seed": 1}) + "\n")
+    write_manifest(tmp_path / "jobs.jsonl", [{"image": str(setup / "ref0.png"), "seed": 1}])
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["generate", *_model_flags(setup), "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
@@ -637,7 +636,7 @@ def test_faceid_plusv2_jobs_take_the_runs_shortcut_scale(tmp_path, monkeypatch) 
             return torch.from_numpy(face)[None], image
 
     monkeypatch.setattr(prompter, "FaceAnalyzer", Faces)
-    (tmp_path / "jobs.jsonl").write_text(json.dumps({"image": "ref0.png", "seed": 1}) + "\n")
+    write_manifest(tmp_path / "jobs.jsonl", [{"image": "ref0.png", "seed": 1}])
     model = ["generate", "--base", str(tmp_path / "pipe"), "--adapter", str(tmp_path / "faceid-plusv2.bin"), "--steps",
              "2", "--width", "32", "--height", "32"]
     with _one_thread():

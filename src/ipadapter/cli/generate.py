@@ -78,7 +78,7 @@ PARAMETER_FLAGS = {
     "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "base_lora": "--base-lora",
     "controlnet": "--controlnet", "scale": "--scale", "tiles": "--tiles", "masks": "--mask", "combine": "--combine",
     "noise": "--noise", "dino": "--dino", "inception": "--inception", "steps": "--steps", "face_embeds": "--face-embed",
-    "image": "--image",
+    "image": "--image", "lora_scale": "--lora-scale",
 }
 _PARAMETER = re.compile(r"\b(" + "|".join(PARAMETER_FLAGS) + r")=(?=(\w?))")
 
@@ -293,11 +293,10 @@ def _generate(args: argparse.Namespace) -> int:
     if args.content_subtract:
         request.content_text_embeds = paired_text_embeds(prompter.pipe, prompter.encoder, args.content_subtract,
                                                          args.content_text_encoder)
-    variant = prompter.adapter().variant
-    for flag, value, part, has in (("--lora-scale", args.lora_scale, "LoRA", variant.lora),
-                                   ("--s-scale", args.s_scale, "shortcut (FaceID-PlusV2)", variant.shortcut)):
-        if value != 1.0 and not has:
-            raise IPAdapterError(f"{flag} scales a FaceID adapter's {part}; this adapter ({variant.name}) has none")
+    variant = prompter.adapter().variant  # --lora-scale is checked by build_prompt, as a manifest job's lora_scale
+    if args.s_scale != 1.0 and not variant.shortcut:
+        raise IPAdapterError(f"--s-scale scales a FaceID adapter's shortcut (FaceID-PlusV2); this adapter "
+                             f"({variant.name}) has none")
     for adapter in prompter.adapters.values():
         if adapter.variant.shortcut:
             adapter.image_proj.s_scale = args.s_scale
