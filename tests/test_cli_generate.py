@@ -63,7 +63,7 @@ BAD = {
     "control scale alone": (["--control-scale", "0.5"], "no --controlnet was given"),
     "content strength alone": (["--content-strength", "0.8"], "no --content-subtract was given"),
     "LoRA scale, no LoRA": (["--lora-scale", "0.6"], "--lora-scale scales a FaceID adapter's LoRA"),
-    "shortcut scale, no shortcut": (["--s-scale", "2"], "this adapter (base) has none"),
+    "shortcut scale, no shortcut": (["--s-scale", "2"], "no attached adapter (base) has one"),
     "weight name of a bundled adapter": (["--adapter", "miniature", "--weight-name", "foo.bin"],
                                          "miniature is a bundled adapter"),
 }

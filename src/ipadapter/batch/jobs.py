@@ -105,25 +105,38 @@ def _strings(value: Any, name: str) -> list[str]:
     return value
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """A manifest value as the flag's type; None keeps the flag's default."""
-    if name in ("image", "mask"):
-        return _strings(value, name)
-    if name == "image_weight":
-        if not isinstance(value, list):
-            raise IPAdapterError("image_weight must be a list of numbers, one per image")
-        return [_number(v, name, float) for v in value]
-    if name == "tiles":
-        if not isinstance(value, bool):
-            raise IPAdapterError(f"tiles must be true or false, got {value!r}")
-        return value
-    if name in ("seed", "num_images", "steps", "width", "height"):
-        return _number(value, name, int)
-    if name in ("scale", "guidance", "start", "end", "lora_scale", "content_strength"):
-        return _number(value, name, float)
+def _whole(value: Any, name: str) -> int:
+    return _number(value, name, int)
+
+
+def _real(value: Any, name: str) -> float:
+    return _number(value, name, float)
+
+
+def _reals(value: Any, name: str) -> list[float]:
+    if not isinstance(value, list):
+        raise IPAdapterError(f"{name} must be a list of numbers, one per image")
+    return [_real(v, name) for v in value]
+
+
+def _boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise IPAdapterError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _string(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise IPAdapterError(f"{name} must be a string, got {value!r}")
     return value
+
+
+# How a manifest value is read as its flag's type; a key not listed is a string.
+_READERS: dict[str, Callable[[Any, str], Any]] = {
+    "image": _strings, "mask": _strings, "image_weight": _reals, "tiles": _boolean,
+    **dict.fromkeys(("seed", "num_images", "steps", "width", "height"), _whole),
+    **dict.fromkeys(("scale", "guidance", "start", "end", "lora_scale", "content_strength"), _real),
+}
 
 
 def _check(settings: dict, geometry: Callable[[], tuple[int, tuple[int, int]]]) -> dict:
@@ -173,7 +186,7 @@ def parse_job(record: Any, line: int, root: Path, defaults: dict, adapters: Iter
     unknown = sorted(set(record) - set(OPTIONS) - {"id", "adapter"})
     if unknown:
         raise IPAdapterError(f"unknown option {unknown[0]!r}; valid: id, adapter, {', '.join(OPTIONS)}")
-    own = {k: _coerce(k, v) for k, v in record.items() if k in OPTIONS and v is not None}
+    own = {k: _READERS.get(k, _string)(v, k) for k, v in record.items() if k in OPTIONS and v is not None}
     settings = {**defaults, **own}
     if not settings["image"]:  # the run's flags are every job's defaults: only the job's own keys can be its mistake
         for _, name, default in IMAGE_OPTIONS:
