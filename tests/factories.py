@@ -376,6 +376,19 @@ def write_shards(folder: Path, n: int, per_shard: int, *, corrupt_every: int = 0
     return str(folder / ("{00000..%05d}.tar" % ((n - 1) // per_shard)))
 
 
+def process_with_gpu(monkeypatch, device: str | None) -> None:
+    """Stand in for a process of `accelerate launch` on a machine of two GPUs, given `device` (None: no GPU of
+    its own)."""
+    from ipadapter.batch import launch
+    from ipadapter.batch.shards import Shard
+
+    shard = Shard()
+    shard.device = device
+    monkeypatch.setattr(launch, "current", lambda: shard)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
 def reset_accelerate() -> None:
     """accelerate keeps process-wide state (mixed precision, ...); tests that build Accelerators start clean."""
     from accelerate.state import AcceleratorState, GradientState

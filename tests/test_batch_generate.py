@@ -552,16 +552,10 @@ def test_each_process_loads_on_its_own_gpu_unless_device_names_another(setup, pr
                                                                        capsys, monkeypatch) -> None:
     """Under `accelerate launch` each process has its own GPU: `--device` unset or plain `cuda` takes it, any other
     device is kept. The machine is given two GPUs; loading is where the device is read, and stops the run."""
-    from ipadapter.batch import launch
-    from ipadapter.batch.shards import Shard
     from ipadapter.cli import generate
     from ipadapter.errors import IPAdapterError
 
-    shard = Shard()
-    shard.device = process
-    monkeypatch.setattr(launch, "current", lambda: shard)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    factories.process_with_gpu(monkeypatch, process)
     seen = []
 
     def load(args):

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from ipadapter.cli.main import main
+from ipadapter.errors import IPAdapterError
 from ipadapter.evaluate.manifests import write_manifest
 from tests import factories
 
@@ -180,6 +181,12 @@ MINIATURE_REFUSED = {  # flags under the miniature protocol, and the whole one-l
                     "attributes); it serves --protocol dreambench"),
     "Inception unused": (["--inception", "/nope.pt"], "--inception is not used by the miniature protocol (it "
                          "measures clip_i, clip_t, attributes); it serves --protocol face"),
+    "no samples": (["--samples", "0"], "--samples must be at least 1"),
+    "no steps": (["--steps", "0"], "--steps must be at least 1"),
+    "no references": (["--limit", "0"], "--limit must be at least 1"),
+    "negative guidance": (["--guidance", "-1"], "--guidance must not be negative, got -1"),
+    "output inside a file": (["--out", "{root}/refs.jsonl/run"], "--out {root}/refs.jsonl/run: {root}/refs.jsonl is a "
+                             "file, not a folder"),
 }
 
 
@@ -254,3 +261,279 @@ def test_a_judge_in_the_local_hub_cache_is_read_without_asking_the_hub(setup, tm
     sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
     judge = ClipJudge.load(UNCACHED)
     assert judge.name == UNCACHED and [url for url in sent if UNCACHED in url] == []
+
+
+def test_a_sample_is_the_generate_command_with_the_runs_settings(setup, tmp_path, capsys) -> None:
+    """Sample k of reference i is `ipadapter generate` of that reference with seed + 10000·i + k and the run's steps,
+    guidance, size, scheduler (the protocol's DDIM) and prompt (its text under --prompt-mode text). plan.json pins
+    what makes the images under the flags' names, results.json's settings say what was measured, and the printed
+    lines give each run's metrics to 4 decimals, the skipped references and the files written."""
+    import hashlib
+
+    import numpy as np
+
+    from ipadapter.evaluate.protocols import protocol
+
+    out = tmp_path / "run"
+    flags = ["--scales", "0.5", "--samples", "1", "--seed", "3", "--guidance", "4", "--prompt-mode", "text",
+             "--height", "40"]
+    assert main(_args(setup, out, *flags)) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert main(["generate", "--base", str(setup / "pipe"), "--adapter", str(setup / "base.bin"), "--image",
+                 str(setup / "ref1.png"), "--prompt", "a blue square", "--scale", "0.5", "--seed", str(3 + 10000 * 2),
+                 "--steps", "2", "--guidance", "4", "--width", "32", "--height", "40", "--scheduler",
+                 protocol("paper-table1").scheduler, "--out", str(tmp_path / "single.png")]) == 0
+    sample = np.asarray(Image.open(out / "samples" / "base" / "scale-0.5" / "00002-00.png"), dtype=np.int16)
+    single = np.asarray(Image.open(tmp_path / "single.png"), dtype=np.int16)
+    assert sample.shape == (40, 32, 3) and np.abs(sample - single).max() <= 1
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan.pop("adapter_weights")) == 16 and len(plan.pop("base_weights")) == 16
+    assert plan == {"manifest_sha256": hashlib.sha256((setup / "refs.jsonl").read_bytes()).hexdigest()[:16],
+                    "base": str(setup / "pipe"), "adapters": [str(setup / "base.bin")], "weight_names": None,
+                    "image_encoder": None, "steps": 2, "guidance": 4.0, "scheduler": "DDIMScheduler", "width": 32,
+                    "height": 40, "dtype": None, "seed": 3, "empty_prompt": False}
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"] == {"samples": 1, "scales": [0.5], "steps": 2, "guidance": 4.0,
+                                   "scheduler": "DDIMScheduler", "empty_prompt": False, "judge": str(setup / "judge"),
+                                   "references": 2, "seed": 3, "methods": ["base"]}
+    [run] = results["runs"]
+    metrics = {k: round(v, 4) for k, v in run.items() if k in ("clip_i", "clip_t", "clip_t_cos")}
+    assert printed == [f"base @ 0.5: {metrics}", f"skipped 1 reference(s); listed in {out / 'report.md'}",
+                       f"wrote {out / 'results.json'} and {out / 'report.md'}"]
+
+
+@pytest.mark.parametrize(("mode", "empty"), [("empty", True), ("text", False), (None, True)])
+def test_prompt_mode_chooses_the_empty_prompt_or_the_text(setup, tmp_path, monkeypatch, mode, empty) -> None:
+    """paper-table1 prompts with the image alone; --prompt-mode overrides it either way."""
+    from ipadapter.evaluate import runner
+
+    seen = []
+
+    def generate(plan, *args, **kwargs):
+        seen.append(plan.empty_prompt)
+        raise IPAdapterError("stopped at generating")
+
+    monkeypatch.setattr(runner, "generate", generate)
+    assert main(_args(setup, tmp_path / "o", "--scales", "1", *(["--prompt-mode", mode] if mode else []))) == 2
+    assert seen == [empty]
+
+
+def _stop_before_measuring(monkeypatch) -> list:
+    """`_measure` replaced by a recorder of what the checks hand it (its arguments; the run's flags as they stand)."""
+    from ipadapter.cli import evaluate
+
+    seen = []
+
+    def measure(args, chosen, out, names, scales, given, shard):
+        seen.append({"width": args.width, "height": args.height, "names": names, "given": given, "out": out})
+        raise IPAdapterError("stopped before measuring")
+
+    monkeypatch.setattr(evaluate, "_measure", measure)
+    return seen
+
+
+@pytest.mark.parametrize(("flags", "size"), [(["--width", "48"], (48, 48)), (["--height", "40"], (40, 40)),
+                                             (["--width", "24", "--height", "40"], (24, 40)), ([], (None, None))])
+def test_one_side_given_the_other_follows_the_bases_square_aspect(setup, tmp_path, monkeypatch, flags, size) -> None:
+    """The tiny base's default size is square (its UNet's sample size times the VAE's factor, both sides)."""
+    seen = _stop_before_measuring(monkeypatch)
+    args = [a for a in _args(setup, tmp_path / "o") if a not in ("--width", "--height", "32")]
+    assert main([*args, *flags]) == 2
+    assert (seen[0]["width"], seen[0]["height"]) == size
+
+
+def test_limit_takes_the_manifests_first_references(setup, tmp_path, monkeypatch) -> None:
+    """--limit 1: the first usable reference."""
+    seen = _stop_before_measuring(monkeypatch)
+    assert main(_args(setup, tmp_path / "o", "--limit", "1")) == 2
+    given = seen[0]["given"]
+    assert [e.image_file.name for e in given.entries] == ["ref0.png"]
+
+
+def test_adapters_are_named_by_name_or_by_file_told_apart_by_position(setup, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    seen = _stop_before_measuring(monkeypatch)
+    (tmp_path / "a").mkdir()
+    shutil.copy(setup / "base.bin", tmp_path / "a" / "base.bin")
+    shutil.copy(setup / "base.bin", tmp_path / "other.bin")
+    more = ["--adapter", str(tmp_path / "a" / "base.bin"), "--adapter", str(tmp_path / "other.bin")]
+    assert main([*_args(setup, tmp_path / "o"), *more]) == 2
+    assert main([*_args(setup, tmp_path / "o"), "--name", "mine"]) == 2
+    assert [s["names"] for s in seen] == [["base (0)", "base (1)", "other"], ["mine"]]
+
+
+def _stop_measuring(monkeypatch, tmp_path, *, samples: bool) -> None:
+    """`_measure` that fails after making the output folder, with or without a finished sample in it."""
+    from ipadapter.cli import evaluate
+
+    def measure(args, chosen, out, *rest):
+        folder = out / "samples" / "base" / "scale-1"
+        folder.mkdir(parents=True)
+        if samples:
+            factories.reference_image(0).save(folder / "00000-00.png")
+        raise IPAdapterError("--steps 1001 is more than the scheduler's 1000 training timesteps")
+
+    monkeypatch.setattr(evaluate, "_measure", measure)
+
+
+@pytest.mark.parametrize(("existing", "samples", "processes", "kept"), [
+    (False, False, 1, False), (False, True, 1, True), (True, False, 1, True), (False, False, 2, True)])
+def test_a_failed_run_removes_only_a_folder_it_made_with_nothing_in_it(setup, tmp_path, monkeypatch, existing,
+                                                                      samples, processes, kept) -> None:
+    """A failure removes the --out folder only if this run created it, made no sample, and is the only process (the
+    others may still be writing); a folder that was there keeps what it held."""
+    from ipadapter.batch import launch
+    from ipadapter.batch.shards import Shard
+
+    shard = Shard()
+    shard.count = processes
+    monkeypatch.setattr(launch, "current", lambda: shard)
+    _stop_measuring(monkeypatch, tmp_path, samples=samples)
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    assert main(_args(setup, out)) == 2
+    assert out.exists() == kept
+    assert not existing or (out / "notes.txt").read_text() == "mine"
+
+
+# (the process's device under accelerate, --device, the device the measuring models load on)
+DEVICES = [("cuda:1", None, "cuda:1"), ("cuda:1", "cuda", "cuda:1"), ("cuda:1", "cpu", "cpu"),
+           ("cuda:1", "cuda:0", "cuda:0"), (None, "cuda", "cuda"), (None, None, "cpu")]
+
+
+@pytest.mark.parametrize(("process", "flag", "expected"), DEVICES)
+def test_the_measuring_models_load_on_the_processs_gpu_unless_device_names_another(
+        setup, tmp_path, monkeypatch, capsys, process, flag, expected) -> None:
+    """As generate's: `--device` unset or plain `cuda` takes the process's GPU; without one the CPU. The machine is
+    given two GPUs; the judge's loading records its device and stops the run."""
+    from ipadapter.evaluate.judges import ClipJudge
+
+    factories.process_with_gpu(monkeypatch, process)
+    seen = []
+
+    def load(source, device="cpu"):
+        seen.append((source, device))
+        raise IPAdapterError("stopped at the judge")
+
+    monkeypatch.setattr(ClipJudge, "load", load)
+    assert main([*_args(setup, tmp_path / "o"), *(["--device", flag] if flag else [])]) == 2
+    assert seen == [(str(setup / "judge"), expected)]
+    assert capsys.readouterr().err == "ipadapter: error: stopped at the judge\n"
+
+
+@pytest.mark.parametrize(("chosen", "flag"), [("dreambench", "--dino"), ("face", "--inception")])
+def test_the_dino_and_inception_flags_reach_the_metrics(setup, tmp_path, monkeypatch, chosen, flag) -> None:
+    """The file each flag names is the one its metric loads (here absent, so the metric is skipped, its reason in
+    the command line's words)."""
+    from ipadapter.evaluate import extractors
+
+    seen = {}
+
+    def dino(source, device):
+        seen["--dino"] = (source, device)
+        raise extractors.MetricUnavailable("DINO-I needs ... or give dino=FOLDER")
+
+    def inception(source, device):
+        seen["--inception"] = (source, device)
+        raise extractors.MetricUnavailable("FID needs ... or give inception=FILE")
+
+    monkeypatch.setattr(extractors, "dino_embedder", dino)
+    monkeypatch.setattr(extractors, "inception_features", inception)
+    monkeypatch.setattr(extractors, "lpips_distance", lambda device: None)
+    monkeypatch.setattr(extractors, "arcface_embedder", lambda: None)
+    from ipadapter.evaluate import runner, scoring
+
+    def score(plan, entries, out, box):
+        seen["skipped"] = box.skipped
+        raise IPAdapterError("stopped at scoring")
+
+    monkeypatch.setattr(runner, "generate", lambda *args, **kwargs: None)
+    monkeypatch.setattr(scoring, "score", score)
+    given = str(tmp_path / "model")
+    args = _args(setup, tmp_path / "o", "--protocol", chosen, flag, given)
+    if chosen == "face":  # measures no CLIP score: --judge is refused
+        args = [a for a in args if a not in ("--judge", str(setup / "judge"))]
+    assert main(args) == 2
+    skipped = seen.pop("skipped")
+    assert seen == {flag: (given, "cpu")}
+    assert list(skipped.values()) == [f"{'DINO-I' if flag == '--dino' else 'FID'} needs ... or give {flag} "
+                                      f"{'FOLDER' if flag == '--dino' else 'FILE'}"]
+
+
+def test_a_judge_the_protocol_never_uses_is_refused_naming_the_protocols_that_would(setup, tmp_path, capsys) -> None:
+    assert main(_args(setup, tmp_path / "o", "--protocol", "face")) == 2
+    assert capsys.readouterr().err == (
+        "ipadapter: error: --judge is not used by the face protocol (it measures face_id, fid, lpips); it serves "
+        "--protocol paper-table1 or dreambench or miniature\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_second_process_reads_the_main_ones_references_and_makes_only_its_share(
+        setup, bundled_miniature, tmp_path, monkeypatch, capsys) -> None:
+    """Under `accelerate launch` the main process builds the miniature references and the others read them back.
+    Here the processes run one after another: the references built first (as the main process does before the
+    others go on), then the second of two processes, which makes every second (method, scale, reference) cell and
+    reports nothing, then a one-process rerun that makes the rest: the samples and results are a one-process run's."""
+    import numpy as np
+
+    from ipadapter.batch import launch
+    from ipadapter.batch.shards import Shard
+    from ipadapter.cli.evaluate import miniature_references
+
+    flags = ["--limit", "2", "--samples", "1", "--scales", "0,1", "--steps", "2"]
+    alone, out = tmp_path / "alone", tmp_path / "shared"
+    assert main(["evaluate", "--out", str(alone), *flags]) == 0
+    cells = [p.relative_to(alone) for scale in ("0", "1")  # the cells' order: scales, then references
+             for p in sorted((alone / "samples").glob(f"*/scale-{scale}/*.png"))]
+    miniature_references(out, 2)
+    second = Shard()
+    second.index, second.count = 1, 2
+    monkeypatch.setattr(launch, "current", lambda: second)
+    capsys.readouterr()
+    assert main(["evaluate", "--out", str(out), *flags]) == 0
+    assert capsys.readouterr().out == ""
+    assert sorted(p.relative_to(out) for p in (out / "samples").rglob("*.png")) == sorted(cells[1::2])
+    monkeypatch.setattr(launch, "current", Shard)
+    assert main(["evaluate", "--out", str(out), *flags]) == 0
+    for cell in cells:
+        assert np.array_equal(np.asarray(Image.open(out / cell)), np.asarray(Image.open(alone / cell)))
+    runs = [json.loads((folder / "results.json").read_text())["runs"] for folder in (alone, out)]
+    assert runs[0] == runs[1]
+
+
+def test_the_defaults_the_help_names_are_the_ones_used() -> None:
+    from ipadapter.cli.evaluate import HELP, MANIFEST_HELP
+    from ipadapter.cli.main import build_parser
+    from ipadapter.evaluate.extractors import DINO_DEFAULT
+    from ipadapter.evaluate.protocols import protocol
+
+    parser = build_parser()
+    args = parser.parse_args(["evaluate", "--out", "x"])
+    assert HELP["--seed"].endswith(f"(default {args.seed})")
+    assert HELP["--limit"].endswith(f"default {protocol('miniature').reference_count})")
+    assert HELP["--dino"].endswith(f"(default {DINO_DEFAULT})")
+    dream = parser.parse_args(["manifest", "dreambench", "f", "--out", "m.jsonl"])
+    assert MANIFEST_HELP["--images-per-subject"].endswith(f"(default {dream.images_per_subject})")
+
+
+@pytest.mark.parametrize("argv", [["evaluate"], ["manifest", "coco", "c.json", "val"], ["manifest", "dreambench", "f"]])
+def test_out_is_required(capsys, argv) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    prog = "ipadapter " + " ".join(argv[:2] if argv[0] == "manifest" else argv[:1])
+    assert capsys.readouterr().err == f"{prog}: error: the following arguments are required: --out (see {prog} --help)\n"
+
+
+def test_the_protocol_is_one_of_the_protocols(capsys, tmp_path) -> None:
+    from ipadapter.evaluate.protocols import PROTOCOLS
+
+    with pytest.raises(SystemExit) as caught:
+        main(["evaluate", "--out", str(tmp_path / "o"), "--protocol", "table1"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ipadapter evaluate: error: argument --protocol: invalid choice: 'table1' (choose from ")
+    assert [err.index(f"'{name}'") for name in sorted(PROTOCOLS)] == sorted(err.index(f"'{n}'") for n in PROTOCOLS)

@@ -159,7 +159,8 @@ def test_bad_coco_captions_are_one_line_and_write_nothing(tmp_path, capsys, case
     ("val", "m.jsonl", ["--limit", "0"], "--limit must be at least 1"),
     ("nothere", "m.jsonl", [], "COCO image folder not found: {tmp}/nothere"),
     ("captions.json", "m.jsonl", [], "COCO image folder {tmp}/captions.json is not a folder"),
-    ("val", "captions.json/m.jsonl", [], "is a file, not a folder"),
+    ("val", "captions.json/m.jsonl", [], "--out {tmp}/captions.json/m.jsonl: {tmp}/captions.json is a file, not a "
+                                         "folder"),
     ("val", "/proc/m.jsonl", [], "/proc/m.jsonl: the folder /proc is not writable"),  # not even for root
 ])
 def test_refused_coco_runs_leave_no_manifest(tmp_path, capsys, images, out, extra, words) -> None:
@@ -201,3 +202,65 @@ def test_skipped_lines_are_numbered_as_in_the_file_and_seeds_count_non_empty_lin
                                 "line 6: a JSON object without image_file",
                                 "line 7: image_file must be a path string, got 5"]
     assert [(e.index, e.text) for e in manifest.entries] == [(0, "first"), (6, "last")]
+
+
+def test_coco_command_limit_takes_the_first_images_by_id(tmp_path, capsys) -> None:
+    """`--limit 1` reaches the converter: the file holds image 1 only (the converter's own test shows which)."""
+    from ipadapter.cli.main import main
+
+    captions, images = _coco_folder(tmp_path)
+    out = tmp_path / "m.jsonl"
+    assert main(["manifest", "coco", str(captions), str(images), "--out", str(out), "--limit", "1"]) == 0
+    assert [e.text for e in read_manifest(out).entries] == ["caption 1"]
+    assert capsys.readouterr().out == f"wrote {out}: 1 entries\n"
+
+
+@pytest.mark.parametrize("missing", [20, 21])
+def test_the_summary_lists_twenty_left_out_references_then_counts_the_rest(tmp_path, capsys, missing) -> None:
+    from ipadapter.cli.main import main
+
+    (tmp_path / "val").mkdir()
+    factories.reference_image(0).save(tmp_path / "val" / "0.jpg")
+    ids = range(missing + 1)
+    captions = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in ids],
+                "annotations": [{"id": i, "image_id": i, "caption": f"caption {i}"} for i in ids]}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    out = tmp_path / "m.jsonl"
+    assert main(["manifest", "coco", str(tmp_path / "captions.json"), str(tmp_path / "val"), "--out", str(out)]) == 0
+    skipped = from_coco_captions(tmp_path / "captions.json", tmp_path / "val", tmp_path / "again.jsonl").skipped
+    expected = [f"wrote {out}: 1 entries, {missing} left out", *(f"  left out {line}" for line in skipped[:20])]
+    expected += [f"  ... and {missing - 20} more"] if missing > 20 else []
+    assert capsys.readouterr().out.splitlines() == expected
+
+
+def _dreambench(root):
+    """Two subjects of three images each, with the prompts above."""
+    for subject in ("backpack", "dog2"):
+        (root / subject).mkdir(parents=True)
+        for i in range(3):
+            factories.reference_image(i).save(root / subject / f"{i:02d}.jpg")
+    (root / "prompts_and_classes.txt").write_text(PROMPTS)
+    return root
+
+
+@pytest.mark.parametrize("flags, per_subject", [([], 1), (["--images-per-subject", "1"], 1),
+                                                (["--images-per-subject", "2"], 2)])
+def test_dreambench_command_writes_what_the_converter_writes(tmp_path, capsys, flags, per_subject) -> None:
+    from ipadapter.cli.main import main
+
+    folder = _dreambench(tmp_path / "bench")
+    out = tmp_path / "m.jsonl"
+    assert main(["manifest", "dreambench", str(folder), "--out", str(out), *flags]) == 0
+    expected = from_dreambench(folder, tmp_path / "direct.jsonl", images_per_subject=per_subject)
+    assert out.read_text() == expected.path.read_text()
+    assert capsys.readouterr().out == f"wrote {out}: {len(expected.entries)} entries\n"
+
+
+def test_dreambench_command_refuses_no_images_per_subject(tmp_path, capsys) -> None:
+    from ipadapter.cli.main import main
+
+    folder = _dreambench(tmp_path / "bench")
+    assert main(["manifest", "dreambench", str(folder), "--out", str(tmp_path / "m.jsonl"),
+                 "--images-per-subject", "0"]) == 2
+    assert capsys.readouterr().err == "ipadapter: error: --images-per-subject must be at least 1, got 0\n"
+    assert not (tmp_path / "m.jsonl").exists()

@@ -44,45 +44,66 @@ def parse_scales(text: str | None) -> tuple[float, ...] | None:
     return scales
 
 
+# Each option's help, by its flag (prose for people, kept apart from the parser's wiring).
+HELP = {
+    "--manifest": "JSONL of {image_file, text} (default on the miniature model: held-out scenes)",
+    "--out": "run folder: samples/, results.json, report.md, PNGs (resumable)",
+    "--protocol": "preset (default: miniature without --base, else paper-table1); flags override its fields",
+    "--scales": "comma list of image prompt scales, e.g. 0,0.5,1.0",
+    "--samples": "samples per reference and scale",
+    "--steps": "denoising steps",
+    "--guidance": "classifier-free guidance scale",
+    "--seed": "sample k of reference i uses seed + 10000·i + k (default 0)",
+    "--judge": "judge CLIP folder or Hub id (a full CLIPModel)",
+    "--prompt-mode": "generate from the image alone (empty) or with the manifest text (text)",
+    "--limit": "use the first N references (the miniature manifest has N, default 12)",
+    "--name": "method name per --adapter for the tables",
+    "--dino": "DINOv2 folder or cached Hub id for DINO-I (default facebook/dinov2-base)",
+    "--inception": "inception-2015-12-05.pt TorchScript file for FID",
+    "--width": "image width in pixels (default: the base's)",
+    "--height": "image height in pixels (default: the base's)",
+}
+MANIFEST_HELP = {
+    "manifest": "write an evaluation manifest from COCO captions or a DreamBench folder",
+    "coco": "COCO captions JSON + image folder → one entry per image (first caption)",
+    "captions": "captions_val2017.json",
+    "images": "the folder holding the COCO images",
+    "--limit": "first N images by id (N at least 1; default: all)",
+    "dreambench": "DreamBench folder → subject × prompt entries",
+    "folder": "folder with one subfolder per subject and prompts_and_classes.txt",
+    "--images-per-subject": "reference images per subject (default 1)",
+    "--out": "manifest .jsonl to write",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ipadapter.evaluate.protocols import PROTOCOLS
 
     p = sub.add_parser("evaluate", help="measure adapters under a protocol: CLIP-I, CLIP-T, DINO-I, FID, LPIPS, face ID",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
-    p.add_argument("--manifest", help="JSONL of {image_file, text} (default on the miniature model: held-out scenes)")
-    p.add_argument("--out", required=True, help="run folder: samples/, results.json, report.md, PNGs (resumable)")
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
-                   help="preset (default: miniature without --base, else paper-table1); flags override its fields")
-    p.add_argument("--scales", help="comma list of image prompt scales, e.g. 0,0.5,1.0")
-    p.add_argument("--samples", type=int, help="samples per reference and scale")
-    p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="sample k of reference i uses seed + 10000·i + k")
-    p.add_argument("--judge", help="judge CLIP folder or Hub id (a full CLIPModel)")
-    p.add_argument("--prompt-mode", choices=("empty", "text"),
-                   help="generate from the image alone (empty) or with the manifest text (text)")
-    p.add_argument("--limit", type=int, help="use the first N references (the miniature manifest has N, default 12)")
-    p.add_argument("--name", action="append", help="method name per --adapter for the tables")
-    p.add_argument("--dino", help="DINOv2 folder or cached Hub id for DINO-I (default facebook/dinov2-base)")
-    p.add_argument("--inception", help="inception-2015-12-05.pt TorchScript file for FID")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the base's)")
-    p.add_argument("--height", type=int, help="image height in pixels (default: the base's)")
+    options = {"--out": {"required": True}, "--protocol": {"choices": sorted(PROTOCOLS)},
+               "--samples": {"type": int}, "--steps": {"type": int}, "--guidance": {"type": finite_float},
+               "--seed": {"type": int, "default": 0}, "--prompt-mode": {"choices": ("empty", "text")},
+               "--limit": {"type": int}, "--name": {"action": "append"}, "--width": {"type": int},
+               "--height": {"type": int}}
+    for flag, text in HELP.items():
+        p.add_argument(flag, help=text, **options.get(flag, {}))
     p.set_defaults(func=run)
     needs(p, "eval")
 
-    m = sub.add_parser("manifest", help="write an evaluation manifest from COCO captions or a DreamBench folder",
-                       epilog=MANIFEST_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = sub.add_parser("manifest", help=MANIFEST_HELP["manifest"], epilog=MANIFEST_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = m.add_subparsers(dest="manifest_kind", required=True)
-    coco = kinds.add_parser("coco", help="COCO captions JSON + image folder → one entry per image (first caption)")
-    coco.add_argument("captions", help="captions_val2017.json")
-    coco.add_argument("images", help="the folder holding the COCO images")
-    coco.add_argument("--limit", type=int, help="first N images by id (N at least 1; default: all)")
-    dream = kinds.add_parser("dreambench", help="DreamBench folder → subject × prompt entries")
-    dream.add_argument("folder", help="folder with one subfolder per subject and prompts_and_classes.txt")
-    dream.add_argument("--images-per-subject", type=int, default=1, help="reference images per subject (default 1)")
+    coco = kinds.add_parser("coco", help=MANIFEST_HELP["coco"])
+    coco.add_argument("captions", help=MANIFEST_HELP["captions"])
+    coco.add_argument("images", help=MANIFEST_HELP["images"])
+    coco.add_argument("--limit", type=int, help=MANIFEST_HELP["--limit"])
+    dream = kinds.add_parser("dreambench", help=MANIFEST_HELP["dreambench"])
+    dream.add_argument("folder", help=MANIFEST_HELP["folder"])
+    dream.add_argument("--images-per-subject", type=int, default=1, help=MANIFEST_HELP["--images-per-subject"])
     for kind in (coco, dream):
-        kind.add_argument("--out", required=True, help="manifest .jsonl to write")
+        kind.add_argument("--out", required=True, help=MANIFEST_HELP["--out"])
         kind.set_defaults(func=write_manifest_command)
 
 
