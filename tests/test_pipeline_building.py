@@ -305,7 +305,8 @@ def test_a_missing_or_empty_controlnet_folder_is_one_sentence(saved, tmp_path, m
     for source in ("./none", str(tmp_path / "none")):
         with pytest.raises(IPAdapterError) as caught:
             add_controlnet(_fresh(saved), source)
-        assert str(caught.value) == f"ControlNet folder not found: {source}"
+        assert str(caught.value) == (f"ControlNet folder not found: {source} (no such file or folder; a Hub model id "
+                                     "has the form owner/name)")
     (tmp_path / "empty").mkdir()
     with pytest.raises(OSError) as theirs:
         ControlNetModel.from_pretrained(tmp_path / "empty", local_files_only=True)

@@ -14,6 +14,7 @@ import torch
 from ipadapter.checkpoint import is_weights_file
 from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub, split_hub_path
+from ipadapter.validation import model_source
 
 
 def load_pipeline(
@@ -125,9 +126,7 @@ def add_controlnet(pipe: Any, source: str | os.PathLike) -> Any:
         raise IPAdapterError(
             f"a ControlNet needs a Stable Diffusion 1.5 / 2.x or SDXL text-to-image base, not {type(pipe).__name__}"
         )
-    repo, subfolder = split_hub_path(str(source))
-    if str(repo).startswith((".", os.sep)) and not os.path.exists(repo):
-        raise IPAdapterError(f"ControlNet folder not found: {source}")
+    repo, subfolder = split_hub_path(model_source(str(source), "ControlNet folder", subfolders=True))
     try:
         controlnet = from_cache_or_hub(lambda local: diffusers.ControlNetModel.from_pretrained(
             repo, subfolder=subfolder, dtype=pipe.unet.dtype, local_files_only=local), repo, "the ControlNet",
