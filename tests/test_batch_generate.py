@@ -348,7 +348,7 @@ EXACT = {
                                       "errors.jsonl)"),
     "mask flag": (["--mask", "m.png"], "--mask names one request's input; with --manifest give it per job (image, "
                                        "mask, image_weight), as --embeds and --face-embed have no manifest form"),
-    "batch size": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "batch size": (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     "out dir a file": (["--out-dir", "{root}/jobs.jsonl"],
                        "--out-dir {root}/jobs.jsonl: {root}/jobs.jsonl is a file, not a folder"),
     "content text model missing": (["--content-text-encoder", "./no-text-model"],

@@ -94,7 +94,7 @@ def test_debug_after_a_nested_subcommand_raises_the_error(tmp_path) -> None:
     argv = ["miniature", "data", "--out", str(tmp_path / "d"), "--n", "0"]
     assert main(argv) == 2
     for debug in (["--debug", *argv], [*argv, "--debug"], ["miniature", "--debug", *argv[1:]]):
-        with pytest.raises(IPAdapterError, match="--n must be at least 1"):
+        with pytest.raises(IPAdapterError, match="--n must be at least 1, got 0"):
             main(debug)
 
 

@@ -181,9 +181,9 @@ MINIATURE_REFUSED = {  # flags under the miniature protocol, and the whole one-l
                     "attributes); it serves --protocol dreambench"),
     "Inception unused": (["--inception", "/nope.pt"], "--inception is not used by the miniature protocol (it "
                          "measures clip_i, clip_t, attributes); it serves --protocol face"),
-    "no samples": (["--samples", "0"], "--samples must be at least 1"),
-    "no steps": (["--steps", "0"], "--steps must be at least 1"),
-    "no references": (["--limit", "0"], "--limit must be at least 1"),
+    "no samples": (["--samples", "0"], "--samples must be at least 1, got 0"),
+    "no steps": (["--steps", "0"], "--steps must be at least 1, got 0"),
+    "no references": (["--limit", "0"], "--limit must be at least 1, got 0"),
     "negative guidance": (["--guidance", "-1"], "--guidance must not be negative, got -1"),
     "output inside a file": (["--out", "{root}/refs.jsonl/run"], "--out {root}/refs.jsonl/run: {root}/refs.jsonl is a "
                              "file, not a folder"),

@@ -155,8 +155,8 @@ def test_bad_coco_captions_are_one_line_and_write_nothing(tmp_path, capsys, case
 
 
 @pytest.mark.parametrize("images, out, extra, words", [
-    ("val", "m.jsonl", ["--limit", "-1"], "--limit must be at least 1"),
-    ("val", "m.jsonl", ["--limit", "0"], "--limit must be at least 1"),
+    ("val", "m.jsonl", ["--limit", "-1"], "--limit must be at least 1, got -1"),
+    ("val", "m.jsonl", ["--limit", "0"], "--limit must be at least 1, got 0"),
     ("nothere", "m.jsonl", [], "COCO image folder not found: {tmp}/nothere"),
     ("captions.json", "m.jsonl", [], "COCO image folder {tmp}/captions.json is not a folder"),
     ("val", "captions.json/m.jsonl", [], "--out {tmp}/captions.json/m.jsonl: {tmp}/captions.json is a file, not a "

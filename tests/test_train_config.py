@@ -55,10 +55,10 @@ def test_a_bad_flag_value_is_said_to_come_from_the_flags(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("file", "flags", "message"), [
-    ("", ["--max-steps", "0"], "--max-steps must be at least 1, not 0"),
-    ("max_steps: 0\n", [], "max_steps must be at least 1, not 0"),
-    ("max_steps: 5\n", ["--max-steps", "0"], "--max-steps must be at least 1, not 0"),
-    ("max_steps: 0\n", ["--batch-size", "2"], "max_steps must be at least 1, not 0"),
+    ("", ["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+    ("max_steps: 0\n", [], "max_steps must be at least 1, got 0"),
+    ("max_steps: 5\n", ["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+    ("max_steps: 0\n", ["--batch-size", "2"], "max_steps must be at least 1, got 0"),
     ("", ["--learning-rate", "0"], "--learning-rate must be > 0, not 0.0"),
     ("", ["--drop-image", "1.5"], "--drop-image must be a probability in [0, 1], not 1.5"),
     ("ema_decay: 1.0\n", [], "ema_decay must be in [0, 1), not 1.0"),
@@ -79,7 +79,7 @@ def test_a_bad_value_is_named_as_the_user_gave_it(tmp_path, capsys, file, flags,
 
 @pytest.mark.parametrize("values, message", [
     ({"variant": "huge"}, "unknown variant 'huge'"),
-    ({"batch_size": 0}, "batch_size must be at least 1, not 0"),
+    ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
     ({"learning_rate": float("nan")}, "learning_rate must be a finite number >= 0, not nan"),
     ({"drop_image": 1.5}, "drop_image must be a probability in \\[0, 1\\], not 1.5"),
     ({"drop_image": 0.5, "drop_text": 0.5, "drop_both": 0.5}, "must be <= 1, not 1.5"),
@@ -88,7 +88,7 @@ def test_a_bad_value_is_named_as_the_user_gave_it(tmp_path, capsys, file, flags,
     ({"max_steps": "many"}, "max_steps must be int, not 'many'"),
     ({"colour": 1}, "unknown field 'colour'"),
     ({"optimizer": "sgd"}, "optimizer must be one of adamw, adamw8bit, not 'sgd'"),
-    ({"references": 0}, "references must be at least 1, not 0"),
+    ({"references": 0}, "references must be at least 1, got 0"),
     ({"validate_every": 10, "cache": "c"}, "validation needs --validation-images or --data"),
     ({"stages": ["512:0"]}, "stages must be RESOLUTION:STEPS with positive integers .*not '512:0'"),
     ({"stages": ["0:100"]}, "not '0:100'"),

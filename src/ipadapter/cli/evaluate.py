@@ -170,7 +170,7 @@ def check_flags(args: argparse.Namespace, chosen: Protocol) -> Path:
 
     for flag in ("samples", "steps", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise IPAdapterError(f"--{flag} must be at least 1")
+            raise IPAdapterError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     check_model_args(args)
     check_seed(args.seed)
     check_not_negative([("--guidance", args.guidance)])

@@ -27,7 +27,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if not args.out_dir:
         raise IPAdapterError("--manifest needs --out-dir (the folder for the images, index.jsonl and errors.jsonl)")
     if args.batch_size < 1:
-        raise IPAdapterError("--batch-size must be at least 1")
+        raise IPAdapterError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
 def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:

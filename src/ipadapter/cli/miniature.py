@@ -45,7 +45,7 @@ def _data(args: argparse.Namespace) -> int:
     from ipadapter.miniature.world import write_dataset
 
     if args.n < 1:
-        raise IPAdapterError(f"--n must be at least 1, not {args.n}.")
+        raise IPAdapterError(f"--n must be at least 1, got {args.n}")
     check_seed(args.seed)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise IPAdapterError(f"--out {args.out} is a file; the dataset needs a folder")
@@ -60,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     from ipadapter.miniature.recipes import run_recipe
 
     if args.steps is not None and args.steps < 1:
-        raise IPAdapterError(f"--steps must be at least 1, not {args.steps}.")
+        raise IPAdapterError(f"--steps must be at least 1, got {args.steps}")
     _threads(args)
     run_recipe(args.recipe, Path(args.out), args.steps, args.resume)
     return 0
@@ -75,7 +75,7 @@ def _quality(args: argparse.Namespace) -> int:
     size = QUICK if args.quick else Size()
     for flag in ("n", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise IPAdapterError(f"--{flag} must be at least 1, not {getattr(args, flag)}.")
+            raise IPAdapterError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     size = replace(size, references=args.n or size.references, steps=args.steps or size.steps)
     if args.models is not None and not Path(args.models).is_dir():
         raise IPAdapterError(f"--models {args.models} is not a folder")

@@ -227,7 +227,7 @@ def evaluate(out: Path, models: Models | None = None, size: Size = Size(),
 
     models = models or Models.bundled()
     if size.references < 1:
-        raise IPAdapterError(f"the number of references must be at least 1, not {size.references}")
+        raise IPAdapterError(f"the number of references must be at least 1, got {size.references}")
     skipped = {c.name: why for c in conditions if (why := models.missing(c.adapter, c.model, c.control))}
     runnable = [c for c in conditions if c.name not in skipped]
     loaded = Loaded(models)

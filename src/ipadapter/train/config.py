@@ -142,7 +142,7 @@ class TrainConfig:
              f"must be float16, bfloat16 or float32, not {self.cache_dtype!r}")
         for name in ("max_steps", "batch_size", "resolution", "grad_accum", "save_every", "keep_checkpoints",
                      "log_every", "validation_steps", "id_dim", "references"):
-            need(getattr(self, name) >= 1, name, f"must be at least 1, not {getattr(self, name)}")
+            need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("num_tokens", "lora_rank", "warmup_steps", "validate_every", "num_workers", "shuffle_buffer"):
             need(getattr(self, name) >= 0, name, f"must be 0 or more, not {getattr(self, name)}")
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "noise_offset", "snr_gamma",
