@@ -405,23 +405,39 @@ DEVICES = [("cuda:1", None, "cuda:1"), ("cuda:1", "cuda", "cuda:1"), ("cuda:1", 
 
 
 @pytest.mark.parametrize(("process", "flag", "expected"), DEVICES)
-def test_the_measuring_models_load_on_the_processs_gpu_unless_device_names_another(
+def test_the_models_load_on_the_processs_gpu_unless_device_names_another(
         setup, tmp_path, monkeypatch, capsys, process, flag, expected) -> None:
     """As generate's: `--device` unset or plain `cuda` takes the process's GPU; without one the CPU. The machine is
-    given two GPUs; the judge's loading records its device and stops the run."""
+    given two GPUs; the judge, DINO and the generating models record the device they are given, and loading the
+    generating models stops the run."""
+    from ipadapter.cli import generate
+    from ipadapter.evaluate import extractors
     from ipadapter.evaluate.judges import ClipJudge
 
     factories.process_with_gpu(monkeypatch, process)
     seen = []
 
-    def load(source, device="cpu"):
-        seen.append((source, device))
-        raise IPAdapterError("stopped at the judge")
+    def load(args):
+        seen.append(("generation", args.device))
+        raise IPAdapterError("stopped at loading")
 
-    monkeypatch.setattr(ClipJudge, "load", load)
-    assert main([*_args(setup, tmp_path / "o"), *(["--device", flag] if flag else [])]) == 2
-    assert seen == [(str(setup / "judge"), expected)]
-    assert capsys.readouterr().err == "ipadapter: error: stopped at the judge\n"
+    monkeypatch.setattr(ClipJudge, "load", lambda source, device="cpu": seen.append(("judge", device)))
+    monkeypatch.setattr(extractors, "dino_embedder", lambda source, device: seen.append(("dino", device)))
+    monkeypatch.setattr(generate, "load_from_flags", load)
+    flags = ["--protocol", "dreambench", "--dino", str(tmp_path / "dino"), *(["--device", flag] if flag else [])]
+    assert main([*_args(setup, tmp_path / "o"), *flags]) == 2
+    assert seen == [("judge", expected), ("dino", expected), ("generation", expected if process or flag else None)]
+    assert capsys.readouterr().err == "ipadapter: error: stopped at loading\n"
+
+
+def test_a_manifest_without_attributes_skips_the_attribute_agreement(setup, bundled_miniature, tmp_path) -> None:
+    """The miniature protocol's attribute agreement reads each reference's attrs: with a given manifest that has
+    none, the metric is skipped with its reason (the attribute judge is not loaded)."""
+    out = tmp_path / "run"
+    assert main(["evaluate", "--out", str(out), "--manifest", str(setup / "refs.jsonl"), "--samples", "1", "--scales",
+                 "1", "--steps", "2"]) == 0
+    skipped = json.loads((out / "results.json").read_text())["skipped_metrics"]
+    assert skipped == {"attributes": "per-attribute agreement needs an attribute judge and a manifest with attrs"}
 
 
 @pytest.mark.parametrize(("chosen", "flag"), [("dreambench", "--dino"), ("face", "--inception")])
@@ -482,6 +498,8 @@ def test_a_second_process_reads_the_main_ones_references_and_makes_only_its_shar
     from ipadapter.batch import launch
     from ipadapter.batch.shards import Shard
     from ipadapter.cli.evaluate import miniature_references
+    from ipadapter.evaluate.protocols import protocol as named
+    from ipadapter.miniature import protocol
 
     flags = ["--limit", "2", "--samples", "1", "--scales", "0,1", "--steps", "2"]
     alone, out = tmp_path / "alone", tmp_path / "shared"
@@ -492,16 +510,23 @@ def test_a_second_process_reads_the_main_ones_references_and_makes_only_its_shar
     second = Shard()
     second.index, second.count = 1, 2
     monkeypatch.setattr(launch, "current", lambda: second)
+    built, real = [], (protocol.clip_judge, protocol.miniature_manifest)
+    # The measuring models and the references are the main process's: the second builds neither.
+    monkeypatch.setattr(protocol, "clip_judge", lambda: built.append("judge"))
+    monkeypatch.setattr(protocol, "miniature_manifest", lambda *args: built.append("references"))
     capsys.readouterr()
     assert main(["evaluate", "--out", str(out), *flags]) == 0
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out == "" and built == []
     assert sorted(p.relative_to(out) for p in (out / "samples").rglob("*.png")) == sorted(cells[1::2])
+    monkeypatch.setattr(protocol, "clip_judge", real[0])
+    monkeypatch.setattr(protocol, "miniature_manifest", real[1])
     monkeypatch.setattr(launch, "current", Shard)
     assert main(["evaluate", "--out", str(out), *flags]) == 0
     for cell in cells:
         assert np.array_equal(np.asarray(Image.open(out / cell)), np.asarray(Image.open(alone / cell)))
     runs = [json.loads((folder / "results.json").read_text())["runs"] for folder in (alone, out)]
     assert runs[0] == runs[1]
+    assert json.loads((out / "plan.json").read_text())["guidance"] == named("miniature").guidance  # no --guidance
 
 
 def test_the_defaults_the_help_names_are_the_ones_used() -> None:
