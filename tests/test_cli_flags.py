@@ -34,15 +34,18 @@ def test_the_console_script_reads_the_command_line(monkeypatch, capsys) -> None:
 
 
 def test_every_option_of_every_command_says_what_it_does() -> None:
-    """An option without help shows as a bare name in --help; seven did."""
+    """An option, argument or subcommand without help shows as a bare name in --help; seven options did."""
     import argparse
 
     from ipadapter.cli.main import _subcommands, build_parser
 
     parser = build_parser()
-    bare = [f"{command.prog} {action.option_strings[0]}" for command in (parser, *_subcommands(parser))
-            for action in command._actions
-            if action.option_strings and not (action.help and action.help != argparse.SUPPRESS)]
+    actions = [(command.prog, action) for command in (parser, *_subcommands(parser)) for action in command._actions]
+    bare = [f"{prog} {(action.option_strings or [action.dest])[0]}" for prog, action in actions
+            if not isinstance(action, argparse._SubParsersAction)
+            and not (action.help and action.help != argparse.SUPPRESS)]
+    bare += [f"{prog} {choice.dest}" for prog, action in actions if isinstance(action, argparse._SubParsersAction)
+             for choice in action._choices_actions if not choice.help]
     assert bare == []
 
 

@@ -278,7 +278,10 @@ def test_a_sample_is_the_generate_command_with_the_runs_settings(setup, tmp_path
     flags = ["--scales", "0.5", "--samples", "1", "--seed", "3", "--guidance", "4", "--prompt-mode", "text",
              "--height", "40"]
     assert main(_args(setup, out, *flags)) == 0
-    printed = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    printed = captured.out.splitlines()
+    bars = {line.split(":")[0] for line in captured.err.replace("\r", "\n").splitlines() if line.strip()}
+    assert bars == {"generating"}, "one progress bar: the samples', not the pipeline's steps"
     assert main(["generate", "--base", str(setup / "pipe"), "--adapter", str(setup / "base.bin"), "--image",
                  str(setup / "ref1.png"), "--prompt", "a blue square", "--scale", "0.5", "--seed", str(3 + 10000 * 2),
                  "--steps", "2", "--guidance", "4", "--width", "32", "--height", "40", "--scheduler",
@@ -338,6 +341,23 @@ def test_one_side_given_the_other_follows_the_bases_square_aspect(setup, tmp_pat
     """The tiny base's default size is square (its UNet's sample size times the VAE's factor, both sides)."""
     seen = _stop_before_measuring(monkeypatch)
     args = [a for a in _args(setup, tmp_path / "o") if a not in ("--width", "--height", "32")]
+    assert main([*args, *flags]) == 2
+    assert (seen[0]["width"], seen[0]["height"]) == size
+
+
+@pytest.mark.parametrize(("flags", "size"), [(["--width", "32"], (32, 16)), (["--height", "32"], (64, 32))])
+def test_one_side_given_the_other_follows_a_wide_bases_aspect(setup, tmp_path, monkeypatch, flags, size) -> None:
+    """A copy of the tiny base whose UNet samples twice as wide as high (its default 64 × 32 pixels): the other side
+    keeps that aspect, read from this base's configs."""
+    import shutil
+
+    shutil.copytree(setup / "pipe", tmp_path / "pipe")
+    config = tmp_path / "pipe" / "unet" / "config.json"
+    sample = json.loads(config.read_text())["sample_size"]
+    config.write_text(json.dumps({**json.loads(config.read_text()), "sample_size": [sample, 2 * sample]}))
+    seen = _stop_before_measuring(monkeypatch)
+    args = [a for a in _args(setup, tmp_path / "o") if a not in ("--width", "--height", "32")]
+    args[args.index(str(setup / "pipe"))] = str(tmp_path / "pipe")
     assert main([*args, *flags]) == 2
     assert (seen[0]["width"], seen[0]["height"]) == size
 
@@ -553,6 +573,14 @@ def test_out_is_required(capsys, argv) -> None:
     assert capsys.readouterr().err == f"{prog}: error: the following arguments are required: --out (see {prog} --help)\n"
 
 
+def test_the_prompt_mode_is_empty_or_text(capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["evaluate", "--out", str(tmp_path / "o"), "--prompt-mode", "image"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.startswith("ipadapter evaluate: error: argument --prompt-mode: invalid choice: "
+                                              "'image' (choose from ")
+
+
 def test_the_protocol_is_one_of_the_protocols(capsys, tmp_path) -> None:
     from ipadapter.evaluate.protocols import PROTOCOLS
 
@@ -562,3 +590,12 @@ def test_the_protocol_is_one_of_the_protocols(capsys, tmp_path) -> None:
     err = capsys.readouterr().err
     assert err.startswith("ipadapter evaluate: error: argument --protocol: invalid choice: 'table1' (choose from ")
     assert [err.index(f"'{name}'") for name in sorted(PROTOCOLS)] == sorted(err.index(f"'{n}'") for n in PROTOCOLS)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "manifest"])
+def test_the_help_ends_with_the_examples_as_written(capsys, command) -> None:
+    from ipadapter.cli.evaluate import EXAMPLES, MANIFEST_EXAMPLES
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert capsys.readouterr().out.endswith("\n\n" + (EXAMPLES if command == "evaluate" else MANIFEST_EXAMPLES))

@@ -44,6 +44,7 @@ def parse_scales(text: str | None) -> tuple[float, ...] | None:
     return scales
 
 
+SUMMARY = "measure adapters under a protocol: CLIP-I, CLIP-T, DINO-I, FID, LPIPS, face ID"
 # Each option's help, by its flag (prose for people, kept apart from the parser's wiring).
 HELP = {
     "--manifest": "JSONL of {image_file, text} (default on the miniature model: held-out scenes)",
@@ -79,8 +80,7 @@ MANIFEST_HELP = {
 def register(sub: argparse._SubParsersAction) -> None:
     from ipadapter.evaluate.protocols import PROTOCOLS
 
-    p = sub.add_parser("evaluate", help="measure adapters under a protocol: CLIP-I, CLIP-T, DINO-I, FID, LPIPS, face ID",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("evaluate", help=SUMMARY, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     options = {"--out": {"required": True}, "--protocol": {"choices": sorted(PROTOCOLS)},
                "--samples": {"type": int}, "--steps": {"type": int}, "--guidance": {"type": finite_float},
