@@ -111,12 +111,28 @@ def test_changed_s_scale_gives_new_faceid_plusv2_tokens(tmp_path) -> None:
         g = torch.Generator().manual_seed(0)
         features = (torch.randn(1, 16, generator=g), torch.randn(1, 5, 40, generator=g))
         first = prompter.project(adapter, features)
-        adapter.image_proj.s_scale = 0.25
+        prompter.set_s_scale(0.25)
+        assert adapter.image_proj.s_scale == 0.25
         second = prompter.project(adapter, features)
         with torch.no_grad():
             expected = adapter.project(*features)
         torch.testing.assert_close(second, expected, rtol=0, atol=0)
         assert not torch.equal(first, second)
+    finally:
+        prompter.detach()
+
+
+def test_s_scale_without_a_shortcut_is_refused_naming_the_attached_variants(tmp_path) -> None:
+    unet = factories.sd15_unet()
+    torch.save(factories.published(unet, "faceid", factories.SD15_CROSS, lora_rank=4), tmp_path / "faceid.bin")
+    adapter = load_adapter(tmp_path / "faceid.bin", unet, variant="faceid")
+    prompter = ImagePrompter(SimpleNamespace(unet=unet, scheduler=None), adapter)
+    try:
+        prompter.set_s_scale(1.0)  # the default: nothing to refuse
+        with pytest.raises(IPAdapterError) as caught:
+            prompter.set_s_scale(0.5)
+        assert str(caught.value) == ("s_scale= scales a FaceID adapter's shortcut (FaceID-PlusV2); no attached adapter "
+                                     "(faceid) has one")
     finally:
         prompter.detach()
 

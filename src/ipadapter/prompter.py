@@ -81,6 +81,17 @@ class ImagePrompter:
         """The attached adapter called `name` (None: the only one)."""
         return self.adapters[self.adapter_name(name)]
 
+    def set_s_scale(self, value: float) -> None:
+        """The weight of FaceID-PlusV2's shortcut (`id_tokens + s_scale · perceiver(...)`) on every attached adapter
+        that has one; a value that no attached adapter would use is refused rather than dropped."""
+        shortcuts = [adapter for adapter in self.adapters.values() if adapter.variant.shortcut]
+        if value != 1.0 and not shortcuts:
+            names = ", ".join(adapter.variant.name for adapter in self.adapters.values())
+            raise IPAdapterError(f"s_scale= scales a FaceID adapter's shortcut (FaceID-PlusV2); no attached adapter "
+                                 f"({names}) has one")
+        for adapter in shortcuts:
+            adapter.image_proj.s_scale = value
+
     def features(self, adapter: IPAdapter, images: Sequence[Image.Image], face_embeds: torch.Tensor | None = None) -> Features:
         """Encoder features for a list of images, shaped as the adapter's head takes them: (ID embeddings, CLIP
         features of the face crops) for FaceID variants, CLIP features alone otherwise."""

@@ -78,7 +78,7 @@ PARAMETER_FLAGS = {
     "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "base_lora": "--base-lora",
     "controlnet": "--controlnet", "scale": "--scale", "tiles": "--tiles", "masks": "--mask", "combine": "--combine",
     "noise": "--noise", "dino": "--dino", "inception": "--inception", "steps": "--steps", "face_embeds": "--face-embed",
-    "image": "--image", "lora_scale": "--lora-scale",
+    "image": "--image", "lora_scale": "--lora-scale", "s_scale": "--s-scale",
 }
 _PARAMETER = re.compile(r"\b(" + "|".join(PARAMETER_FLAGS) + r")=(?=(\w?))")
 
@@ -241,18 +241,6 @@ def control_kwargs(args: argparse.Namespace) -> dict:
             "controlnet_conditioning_scale": args.control_scale}
 
 
-def set_s_scale(prompter: Any, value: float) -> None:
-    """`--s-scale` on every attached FaceID-PlusV2 adapter (the weight of its shortcut); a value that no attached
-    adapter would use is refused rather than dropped."""
-    shortcuts = [adapter for adapter in prompter.adapters.values() if adapter.variant.shortcut]
-    if value != 1.0 and not shortcuts:
-        names = ", ".join(adapter.variant.name for adapter in prompter.adapters.values())
-        raise IPAdapterError(f"--s-scale scales a FaceID adapter's shortcut (FaceID-PlusV2); no attached adapter "
-                             f"({names}) has one")
-    for adapter in shortcuts:
-        adapter.image_proj.s_scale = value
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         if args.manifest:
@@ -305,7 +293,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.content_subtract:
         request.content_text_embeds = paired_text_embeds(prompter.pipe, prompter.encoder, args.content_subtract,
                                                          args.content_text_encoder)
-    set_s_scale(prompter, args.s_scale)  # --lora-scale is checked by build_prompt, as a manifest job's lora_scale
+    prompter.set_s_scale(args.s_scale)  # --lora-scale is checked by build_prompt, as a manifest job's lora_scale
     control.update(true_cfg_kwargs(args.true_cfg, prompter.pipe))
     prompts = build_prompt(prompter, request)
     images_out = prompter.generate(

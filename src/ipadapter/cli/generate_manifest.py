@@ -34,7 +34,6 @@ def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:
     """`load(args)`: the models the flags name; `control(args)`: the ControlNet keywords (both from `cli.generate`)."""
     from ipadapter.batch.jobs import OPTIONS, read_jobs, require_adapter_names
     from ipadapter.batch.run import Defaults, run_manifest
-    from ipadapter.cli.generate import set_s_scale
     from ipadapter.paired_text import PairedText
     from ipadapter.batch.launch import current
     from ipadapter.loading import base_geometry, check_model_args
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:
     prompter = loaded.prompter
     control = {**control, **true_cfg_kwargs(args.true_cfg, prompter.pipe)}  # one setting for every job of the run
     prompter.pipe.set_progress_bar_config(disable=True)
-    set_s_scale(prompter, args.s_scale)
+    prompter.set_s_scale(args.s_scale)
     settings = {name: getattr(args, name) for name in (
         "base", "adapter", "subfolder", "weight_name", "image_encoder", "dtype", "scheduler", "base_lora",
         "base_lora_scale", "controlnet", "control_image", "control_scale", "s_scale", "content_text_encoder",
