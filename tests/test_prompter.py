@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -101,13 +102,23 @@ def test_saved_published_file_loads_in_diffusers(tmp_path) -> None:
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
-def test_changed_s_scale_gives_new_faceid_plusv2_tokens(tmp_path) -> None:
-    """The projected-token cache must not serve tokens made with another `s_scale` (V2's shortcut weight)."""
+@contextmanager
+def _faceid_prompter(tmp_path, variant: str):
+    """A prompter of one FaceID adapter of `variant` on a tiny SD 1.5 UNet (no pipeline: it projects only)."""
     unet = factories.sd15_unet()
-    torch.save(factories.published(unet, "faceid-plusv2", factories.SD15_CROSS, lora_rank=4), tmp_path / "v2.bin")
-    adapter = load_adapter(tmp_path / "v2.bin", unet, variant="faceid-plusv2")
+    path = tmp_path / f"{variant}.bin"
+    torch.save(factories.published(unet, variant, factories.SD15_CROSS, lora_rank=4), path)
+    adapter = load_adapter(path, unet, variant=variant)
     prompter = ImagePrompter(SimpleNamespace(unet=unet, scheduler=None), adapter)
     try:
+        yield adapter, prompter
+    finally:
+        prompter.detach()
+
+
+def test_changed_s_scale_gives_new_faceid_plusv2_tokens(tmp_path) -> None:
+    """The projected-token cache must not serve tokens made with another `s_scale` (V2's shortcut weight)."""
+    with _faceid_prompter(tmp_path, "faceid-plusv2") as (adapter, prompter):
         g = torch.Generator().manual_seed(0)
         features = (torch.randn(1, 16, generator=g), torch.randn(1, 5, 40, generator=g))
         first = prompter.project(adapter, features)
@@ -118,23 +129,15 @@ def test_changed_s_scale_gives_new_faceid_plusv2_tokens(tmp_path) -> None:
             expected = adapter.project(*features)
         torch.testing.assert_close(second, expected, rtol=0, atol=0)
         assert not torch.equal(first, second)
-    finally:
-        prompter.detach()
 
 
 def test_s_scale_without_a_shortcut_is_refused_naming_the_attached_variants(tmp_path) -> None:
-    unet = factories.sd15_unet()
-    torch.save(factories.published(unet, "faceid", factories.SD15_CROSS, lora_rank=4), tmp_path / "faceid.bin")
-    adapter = load_adapter(tmp_path / "faceid.bin", unet, variant="faceid")
-    prompter = ImagePrompter(SimpleNamespace(unet=unet, scheduler=None), adapter)
-    try:
+    with _faceid_prompter(tmp_path, "faceid") as (_, prompter):
         prompter.set_s_scale(1.0)  # the default: nothing to refuse
         with pytest.raises(IPAdapterError) as caught:
             prompter.set_s_scale(0.5)
         assert str(caught.value) == ("s_scale= scales a FaceID adapter's shortcut (FaceID-PlusV2); no attached adapter "
                                      "(faceid) has one")
-    finally:
-        prompter.detach()
 
 
 def test_two_prompts_two_images_each_equal_diffusers(tmp_path) -> None:
