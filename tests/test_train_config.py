@@ -255,3 +255,59 @@ def test_the_bundled_model_trains_by_its_keyword(tmp_path) -> None:
     config = TrainConfig.load(str(out / "config.json"), {})
     assert (config.base, config.image_encoder) == (str(bundled.pipeline_path()), str(bundled.image_encoder_path()))
     load_adapter(out / "adapter.ipadapter.safetensors", load_pipeline(bundled.pipeline_path()).unet)
+
+
+def _train_parser():
+    from ipadapter.cli.main import _subcommands, build_parser
+
+    return next(p for p in _subcommands(build_parser()) if p.prog == "ipadapter train")
+
+
+def test_every_config_field_is_a_flag_whose_help_says_what_it_is_and_its_default() -> None:
+    from dataclasses import MISSING, fields
+
+    helps = {action.dest: action.help for action in _train_parser()._actions}
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        words, _, stated = helps[f.name].rpartition(" (default: ")
+        assert words and stated == f"{default!r})", f.name
+
+
+def test_adams_defaults_are_torchs() -> None:
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    defaults = torch.optim.AdamW(params).defaults
+    config = TrainConfig()
+    assert ((config.adam_beta1, config.adam_beta2), config.adam_epsilon) == (defaults["betas"], defaults["eps"])
+
+
+@pytest.mark.parametrize("flag, value, kind", [("--max-steps", "1.5", "int"), ("--learning-rate", "fast", "float"),
+                                               ("--seed", "x", "int"), ("--drop-image", "half", "float")])
+def test_a_number_flag_refuses_another_type_in_argparses_words(capsys, flag, value, kind) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["train", flag, value])
+    assert caught.value.code == 2
+    assert f"error: argument {flag}: invalid {kind} value: '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, accepted", [
+    ("--variant", ("base", "plus", "faceid")), ("--attention", ("decoupled", "concat")),
+    ("--mixed-precision", ("no", "fp16", "bf16")), ("--prediction-type", ("", "epsilon", "v_prediction")),
+    ("--cache-dtype", ("float16", "bfloat16", "float32")), ("--optimizer", ("adamw", "adamw8bit")),
+])
+def test_a_choice_flag_takes_its_values_and_refuses_others(capsys, flag, accepted) -> None:
+    """Each value a run takes parses; anything else is argparse's one line, before any model is read."""
+    parser = _train_parser()
+    dest = flag[2:].replace("-", "_")
+    for value in accepted:
+        assert getattr(parser.parse_args([flag, value]), dest) == value
+    with pytest.raises(SystemExit):
+        parser.parse_args([flag, "other"])
+    assert f"argument {flag}: invalid choice: 'other'" in capsys.readouterr().err
+
+
+def test_switches_and_lists_leave_the_files_value_unless_given() -> None:
+    parser = _train_parser()
+    assert parser.parse_args([]).gradient_checkpointing is None and parser.parse_args([]).validation_prompts is None
+    assert parser.parse_args(["--gradient-checkpointing"]).gradient_checkpointing is True
+    assert parser.parse_args(["--no-gradient-checkpointing"]).gradient_checkpointing is False
+    assert parser.parse_args(["--validation-prompts", "a", ""]).validation_prompts == ["a", ""]

@@ -114,3 +114,41 @@ def test_dry_run_of_stages_is_the_largest_stage(folders) -> None:
     assert estimate(staged, batch_sizes=(2,)) == estimate(plain, batch_sizes=(2,))
     assert estimate(staged, batch_sizes=(2,)) != estimate(plain.replace(resolution=16), batch_sizes=(2,))
     assert "24 px (the largest of the stages 16:2, 24:1)" in report(staged, estimate(staged, batch_sizes=(2,)))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--variant", "flux", "--base", "{base}"], "--dry-run estimates UNet runs only, not FLUX"),
+    ([], "no base model: give --base (a diffusers pipeline folder or Hub id) or `base:` in the config"),
+    (["--base", "{base}"], "variant 'base' needs --image-encoder (a CLIP vision model folder or Hub id)"),
+    (["--base", "{tmp}/none", "--image-encoder", "{enc}"], "--base not found: {tmp}/none (no such file or folder; a "
+                                                           "Hub model id has the form owner/name)"),
+    (["--base", "{base}", "--image-encoder", "{tmp}/none"], "--image-encoder not found: {tmp}/none (no such file or "
+                                                            "folder; a Hub model id has the form owner/name)"),
+])
+def test_cli_dry_run_refuses_what_a_run_would_in_one_sentence(folders, tmp_path, capsys, flags, message) -> None:
+    """The dry run checks the models as the run does (no data needed), and prints nothing else."""
+    from ipadapter.cli.main import main
+
+    base, enc = folders
+    fill = {"base": base, "enc": enc, "tmp": tmp_path}
+    assert main(["train", "--dry-run", *[f.format(**fill) for f in flags]]) == 2
+    assert tuple(capsys.readouterr()) == ("", f"ipadapter: error: {message.format(**fill)}\n")
+
+
+@pytest.mark.parametrize("variant, encoder", [("faceid", ""), ("base", "image_encoder")])
+def test_dry_run_on_the_bundled_model_takes_its_encoder_only_where_the_variant_reads_one(
+        capsys, variant, encoder) -> None:
+    """`--base miniature`: a CLIP variant gets the bundled image encoder, FaceID (ID embeddings only) none."""
+    from ipadapter import bundled
+    from ipadapter.cli import train
+    from ipadapter.cli.main import main
+
+    seen = []
+    real = train.with_bundled
+    train.with_bundled = lambda config: seen.append(real(config)) or seen[-1]
+    try:
+        assert main(["train", "--dry-run", "--base", "miniature", "--variant", variant, "--resolution", "64"]) == 0
+    finally:
+        train.with_bundled = real
+    assert seen[0].image_encoder == (str(bundled.image_encoder_path()) if encoder else "")
+    assert capsys.readouterr().out.startswith(f"base {bundled.pipeline_path()}, variant {variant}, 64 px")

@@ -28,6 +28,9 @@ HELP = {
     "resolution": "training size in pixels: shortest side → resolution, centre crop (paper: 512)",
     "learning_rate": "AdamW learning rate (paper: 1e-4, constant)",
     "weight_decay": "AdamW weight decay (paper: 0.01)",
+    "adam_beta1": "AdamW's first-moment decay (torch's default)",
+    "adam_beta2": "AdamW's second-moment decay (torch's default)",
+    "adam_epsilon": "AdamW's epsilon (torch's default)",
     "seed": "seed of everything random (initialisation, data order, noise, dropout)",
     "drop_image": "probability of dropping only the image condition (paper: 0.05)",
     "drop_text": "probability of dropping only the text (paper: 0.05)",
@@ -123,15 +126,8 @@ def _train_or_estimate(args: argparse.Namespace, config: Any) -> int:
         raise IPAdapterError("--dry-run estimates UNet runs only, not FLUX")
     if args.dry_run:
         from ipadapter.train.memory import estimate, report
-        from ipadapter.validation import model_source
 
-        if not config.base:
-            raise IPAdapterError("--dry-run needs --base (a diffusers pipeline folder or Hub id)")
-        if config.needs_image_encoder and not config.image_encoder:
-            raise IPAdapterError(f"variant {config.variant!r} needs --image-encoder")
-        model_source(config.base, "--base")
-        if config.image_encoder:
-            model_source(config.image_encoder, "--image-encoder", subfolders=True)
+        config.check_ready(data=False)
         print(report(config, estimate(config)))
         return 0
     if flux:
@@ -151,7 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train an IP-Adapter. Every field of the config file is also a flag; flags override the file.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default="", help="YAML or TOML config file")
+    parser.add_argument("--config", help="YAML or TOML config file")
     parser.add_argument("--dry-run", action="store_true",
                         help="print parameters, trainable parameters and the estimated peak memory per batch size "
                              "(models built from their configs, no weights read), then stop")
@@ -160,7 +156,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "optimizer": OPTIMIZERS}
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else f.default_factory()
-        text = f"{HELP.get(f.name, '')} (default: {default!r})"
+        text = f"{HELP[f.name]} (default: {default!r})"
         if f.type == "bool":
             parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=text)

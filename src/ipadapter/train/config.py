@@ -180,14 +180,15 @@ class TrainConfig:
             raise IPAdapterError("--mixed-precision fp16 does not apply to FLUX training: use bf16 (no loss scaling "
                                  "here, and FLUX is published in bf16)")
 
-    def check_ready(self) -> None:
-        """What a run needs that a partial config (a file plus flags still to come) may lack."""
+    def check_ready(self, *, data: bool = True) -> None:
+        """What a run needs that a partial config (a file plus flags still to come) may lack; `data=False` for what
+        only reads the models (`--dry-run`)."""
         if not self.base:
             raise IPAdapterError("no base model: give --base (a diffusers pipeline folder or Hub id) or `base:` in the config")
         model_source(self.base, "--base")
         if self.image_encoder:
             model_source(self.image_encoder, "--image-encoder", subfolders=True)
-        if not self.data and not self.cache_complete():
+        if data and not self.data and not self.cache_complete():
             raise IPAdapterError("no training data: give --data (a JSON/JSONL manifest or a tar shard pattern)")
         if self.needs_image_encoder and not self.image_encoder:
             raise IPAdapterError(f"variant {self.variant!r} needs --image-encoder (a CLIP vision model folder or Hub id)")
@@ -222,7 +223,7 @@ class TrainConfig:
             raise IPAdapterError(err.worded(names)) from None
 
     @classmethod
-    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+    def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "TrainConfig":
         """A YAML (.yaml/.yml) or TOML (.toml) file, then `overrides` (the command line's flags) on top."""
         values = read_config_file(path) if path else {}
         given = {k: v for k, v in (overrides or {}).items() if v is not None}
