@@ -311,3 +311,12 @@ def test_switches_and_lists_leave_the_files_value_unless_given() -> None:
     assert parser.parse_args(["--gradient-checkpointing"]).gradient_checkpointing is True
     assert parser.parse_args(["--no-gradient-checkpointing"]).gradient_checkpointing is False
     assert parser.parse_args(["--validation-prompts", "a", ""]).validation_prompts == ["a", ""]
+
+
+def test_the_help_describes_the_command_and_ends_with_its_examples(capsys) -> None:
+    from ipadapter.cli.train import DESCRIPTION, EXAMPLES
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert f"\n\n{DESCRIPTION}\n\n" in text and text.endswith("\n\n" + EXAMPLES)

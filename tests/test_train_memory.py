@@ -137,7 +137,7 @@ def test_cli_dry_run_refuses_what_a_run_would_in_one_sentence(folders, tmp_path,
 
 @pytest.mark.parametrize("variant, encoder", [("faceid", ""), ("base", "image_encoder")])
 def test_dry_run_on_the_bundled_model_takes_its_encoder_only_where_the_variant_reads_one(
-        capsys, variant, encoder) -> None:
+        capsys, monkeypatch, variant, encoder) -> None:
     """`--base miniature`: a CLIP variant gets the bundled image encoder, FaceID (ID embeddings only) none."""
     from ipadapter import bundled
     from ipadapter.cli import train
@@ -145,10 +145,7 @@ def test_dry_run_on_the_bundled_model_takes_its_encoder_only_where_the_variant_r
 
     seen = []
     real = train.with_bundled
-    train.with_bundled = lambda config: seen.append(real(config)) or seen[-1]
-    try:
-        assert main(["train", "--dry-run", "--base", "miniature", "--variant", variant, "--resolution", "64"]) == 0
-    finally:
-        train.with_bundled = real
+    monkeypatch.setattr(train, "with_bundled", lambda config: seen.append(real(config)) or seen[-1])
+    assert main(["train", "--dry-run", "--base", "miniature", "--variant", variant, "--resolution", "64"]) == 0
     assert seen[0].image_encoder == (str(bundled.image_encoder_path()) if encoder else "")
     assert capsys.readouterr().out.startswith(f"base {bundled.pipeline_path()}, variant {variant}, 64 px")

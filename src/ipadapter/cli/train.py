@@ -74,6 +74,13 @@ HELP = {
     "validation_guidance": "classifier-free guidance for validation samples",
 }
 
+SUMMARY = "train an IP-Adapter (the paper's recipe), on one GPU or many (accelerate launch)"
+DESCRIPTION = "Train an IP-Adapter. Every field of the config file is also a flag; flags override the file."
+OWN_FLAGS = {
+    "--config": "YAML or TOML config file",
+    "--dry-run": "print parameters, trainable parameters and the estimated peak memory per batch size (models built "
+                 "from their configs, no weights read), then stop",
+}
 EXAMPLES = """examples:
   ipadapter miniature data --out data/shapes --n 4096 && ipadapter train --base miniature \\
       --data data/shapes/manifest.jsonl --variant base --resolution 64 --output runs/base    # the bundled model
@@ -142,29 +149,21 @@ def _train_or_estimate(args: argparse.Namespace, config: Any) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ipadapter.train.config import ATTENTION_MODES, MIXED_PRECISION, OPTIMIZERS, TRAIN_VARIANTS, TrainConfig, flag
 
-    parser = subparsers.add_parser(
-        "train", help="train an IP-Adapter (the paper's recipe), on one GPU or many (accelerate launch)",
-        description="Train an IP-Adapter. Every field of the config file is also a flag; flags override the file.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", help="YAML or TOML config file")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print parameters, trainable parameters and the estimated peak memory per batch size "
-                             "(models built from their configs, no weights read), then stop")
+    parser = subparsers.add_parser("train", help=SUMMARY, description=DESCRIPTION, epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=OWN_FLAGS["--config"])
+    parser.add_argument("--dry-run", action="store_true", help=OWN_FLAGS["--dry-run"])
     choices = {"variant": TRAIN_VARIANTS, "attention": ATTENTION_MODES, "mixed_precision": MIXED_PRECISION,
                "prediction_type": ("", "epsilon", "v_prediction"), "cache_dtype": ("float16", "bfloat16", "float32"),
                "optimizer": OPTIMIZERS}
-    for f in fields(TrainConfig):
+    for f in fields(TrainConfig):  # each flag is None unless given, so the config file's value stands
         default = f.default if f.default is not MISSING else f.default_factory()
-        text = f"{HELP[f.name]} (default: {default!r})"
         if f.type == "bool":
-            parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=text)
+            how: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
         elif f.type.startswith("list"):
-            parser.add_argument(flag(f.name), dest=f.name, nargs="*", default=None, help=text)
+            how = {"nargs": "*"}
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag(f.name), dest=f.name, type=kind, default=None, choices=choices.get(f.name),
-                                help=text)
+            how = {"type": {"int": int, "float": float}.get(f.type), "choices": choices.get(f.name)}
+        parser.add_argument(flag(f.name), help=f"{HELP[f.name]} (default: {default!r})", **how)
     parser.set_defaults(func=_run)
     needs(parser, "train")
