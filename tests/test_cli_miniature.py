@@ -1,0 +1,104 @@
+"""`ipadapter miniature data|train|eval|export` run as a user types them: each command hands its flags to the library
+function it wraps (tested on its own) and prints what that function returned."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ipadapter.cli.main import main
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flags, n, seed, split, masks", [
+    (["--n", "1"], 1, 0, "train", False), (["--n", "3", "--seed", "5", "--split", "heldout", "--masks"], 3, 5,
+                                           "heldout", True)])
+def test_data_writes_what_write_dataset_writes(tmp_path, capsys, flags, n, seed, split, masks) -> None:
+    from ipadapter.miniature.world import write_dataset
+
+    out = tmp_path / "cli"
+    assert main(["miniature", "data", "--out", str(out), *flags]) == 0
+    manifest = write_dataset(tmp_path / "direct", n, seed, split, masks=masks)
+    assert _files(out) == _files(tmp_path / "direct")
+    assert capsys.readouterr().out == f"wrote {n} {split} images and {out / manifest.name}\n"
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("data", ["--n", "0"], "--n must be at least 1, got 0"),
+    ("data", ["--out", "{tmp}/file"], "--out {tmp}/file is a file; the dataset needs a folder"),
+    ("eval", ["--n", "0"], "--n must be at least 1, got 0"),
+    ("eval", ["--steps", "-2"], "--steps must be at least 1, got -2"),
+    ("eval", ["--models", "{tmp}/file"], "--models {tmp}/file is not a folder"),
+    ("train", ["adapter", "--steps", "0"], "--steps must be at least 1, got 0"),
+])
+def test_refusals_are_one_sentence(tmp_path, capsys, command, flags, message) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    argv = ["miniature", command, "--out", str(tmp_path / "out"), *[f.format(tmp=tmp_path) for f in flags]]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"ipadapter: error: {message.format(tmp=tmp_path)}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_quick_prints_the_reports_rows_and_targets(tmp_path, capsys, monkeypatch) -> None:
+    """`--n` and `--steps` replace the quick size's; the printed lines are results.json's rows and targets."""
+    from dataclasses import replace
+
+    from ipadapter.miniature import quality
+
+    sizes = []
+    real = quality.evaluate
+    monkeypatch.setattr(quality, "evaluate", lambda out, models, size: sizes.append(size) or real(out, models, size))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["miniature", "eval", "--quick", "--n", "3", "--steps", "1", "--threads", "2", "--out",
+                     str(tmp_path / "q")]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert sizes == [replace(quality.QUICK, references=3, steps=1)]
+    results = json.loads((tmp_path / "q" / "results.json").read_text())
+    met = {True: "met", False: "NOT met", None: "not measured"}
+    expected = [f"{name}: CLIP-I {row['clip_i']:.3f} {({k: round(v, 2) for k, v in row['agreement'].items()})}"
+                for name, row in results["rows"].items()]
+    expected += [f"{met[target['met']]} - {name}" for name, target in results["targets"].items()]
+    assert capsys.readouterr().out.splitlines() == [*expected, f"report: {tmp_path / 'q' / 'report.md'}"]
+
+
+def test_train_runs_the_recipe_with_the_flags(tmp_path, monkeypatch) -> None:
+    from ipadapter.miniature import recipes
+
+    seen = []
+    monkeypatch.setattr(recipes, "run_recipe", lambda *args: seen.append(args))
+    assert main(["miniature", "train", "adapter", "--out", str(tmp_path), "--steps", "3", "--resume"]) == 0
+    assert main(["miniature", "train", "adapter-simple", "--out", str(tmp_path)]) == 0
+    assert seen == [("adapter", tmp_path, 3, True), ("adapter-simple", tmp_path, None, False)]
+
+
+def test_export_prints_the_sizes_it_wrote(tmp_path, capsys, monkeypatch) -> None:
+    from ipadapter.miniature import recipes
+
+    seen = []
+    monkeypatch.setattr(recipes, "export", lambda out: seen.append(out) or {"pipeline": 1.2345, "adapters": 0.5})
+    assert main(["miniature", "export", "--out", str(tmp_path)]) == 0
+    assert seen == [tmp_path]
+    assert capsys.readouterr().out == "exported (MB): {'pipeline': 1.23, 'adapters': 0.5}\n"
+
+
+def test_eval_without_quick_measures_at_the_reports_own_size(tmp_path, monkeypatch) -> None:
+    from ipadapter.errors import IPAdapterError
+    from ipadapter.miniature import quality
+
+    sizes = []
+
+    def evaluate(out, models, size):
+        sizes.append(size)
+        raise IPAdapterError("stopped before measuring")
+
+    monkeypatch.setattr(quality, "evaluate", evaluate)
+    assert main(["miniature", "eval", "--out", str(tmp_path / "q")]) == 2
+    assert sizes == [quality.Size()]
