@@ -4,6 +4,7 @@ function it wraps (tested on its own) and prints what that function returned."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ def _files(folder) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("flags, n, seed, split, masks", [
-    (["--n", "1"], 1, 0, "train", False), (["--n", "3", "--seed", "5", "--split", "heldout", "--masks"], 3, 5,
-                                           "heldout", True)])
+    (["--n", "1", "--split", "train"], 1, 0, "train", False),
+    (["--n", "3", "--seed", "5", "--split", "heldout", "--masks"], 3, 5, "heldout", True)])
 def test_data_writes_what_write_dataset_writes(tmp_path, capsys, flags, n, seed, split, masks) -> None:
     from ipadapter.miniature.world import write_dataset
 
@@ -35,10 +36,12 @@ def test_data_writes_what_write_dataset_writes(tmp_path, capsys, flags, n, seed,
     ("eval", ["--steps", "-2"], "--steps must be at least 1, got -2"),
     ("eval", ["--models", "{tmp}/file"], "--models {tmp}/file is not a folder"),
     ("train", ["adapter", "--steps", "0"], "--steps must be at least 1, got 0"),
+    ("eval", ["--out", "/proc/zz"], "--out /proc/zz: the folder /proc is not writable"),
 ])
-def test_refusals_are_one_sentence(tmp_path, capsys, command, flags, message) -> None:
+def test_refusals_are_one_sentence(tmp_path, capsys, monkeypatch, command, flags, message) -> None:
     (tmp_path / "file").write_text("not a folder")
     argv = ["miniature", command, "--out", str(tmp_path / "out"), *[f.format(tmp=tmp_path) for f in flags]]
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     assert main(argv) == 2
     assert capsys.readouterr().err == f"ipadapter: error: {message.format(tmp=tmp_path)}\n"
     assert not (tmp_path / "out").exists()
@@ -67,14 +70,20 @@ def test_eval_quick_prints_the_reports_rows_and_targets(tmp_path, capsys, monkey
     assert capsys.readouterr().out.splitlines() == [*expected, f"report: {tmp_path / 'q' / 'report.md'}"]
 
 
-def test_train_runs_the_recipe_with_the_flags(tmp_path, monkeypatch) -> None:
+def test_train_runs_the_recipe_with_the_flags(tmp_path, capsys, monkeypatch) -> None:
     from ipadapter.miniature import recipes
 
-    seen = []
+    seen, threads = [], []
     monkeypatch.setattr(recipes, "run_recipe", lambda *args: seen.append(args))
-    assert main(["miniature", "train", "adapter", "--out", str(tmp_path), "--steps", "3", "--resume"]) == 0
-    assert main(["miniature", "train", "adapter-simple", "--out", str(tmp_path)]) == 0
-    assert seen == [("adapter", tmp_path, 3, True), ("adapter-simple", tmp_path, None, False)]
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert main(["miniature", "train", "adapter", "--out", str(tmp_path), "--steps", "1", "--resume", "--threads",
+                 "2"]) == 0
+    assert main(["miniature", "train", "adapter-simple"]) == 0
+    assert seen == [("adapter", tmp_path, 1, True), ("adapter-simple", recipes.DEFAULT_OUT, None, False)]
+    assert threads == [2], "no --threads: torch's own count"
+    with pytest.raises(SystemExit):
+        main(["miniature", "train", "adapters"])
+    assert "argument recipe: invalid choice: 'adapters'" in capsys.readouterr().err
 
 
 def test_export_prints_the_sizes_it_wrote(tmp_path, capsys, monkeypatch) -> None:
@@ -87,16 +96,28 @@ def test_export_prints_the_sizes_it_wrote(tmp_path, capsys, monkeypatch) -> None
     assert capsys.readouterr().out == "exported (MB): {'pipeline': 1.23, 'adapters': 0.5}\n"
 
 
-def test_eval_without_quick_measures_at_the_reports_own_size(tmp_path, monkeypatch) -> None:
-    from ipadapter.errors import IPAdapterError
+def test_eval_without_quick_measures_at_the_reports_own_size_into_its_own_folder(tmp_path, monkeypatch) -> None:
+    """`evaluate` is `eval`'s other name; without --out the report goes to eval/miniature-quality (README's
+    pictures come from there), with --models that folder's models."""
+    from ipadapter.miniature import quality
+    from ipadapter.miniature.models import Models
+
+    seen = []
+    monkeypatch.setattr(quality, "evaluate", lambda out, models, size: seen.append((out, models, size)) or
+                        {"rows": {}, "targets": {}})
+    monkeypatch.setattr(Models, "from_folder", lambda folder: ("models of", folder))
+    monkeypatch.chdir(tmp_path)
+    assert main(["miniature", "evaluate"]) == 0
+    assert main(["miniature", "eval", "--models", str(tmp_path), "--out", "q"]) == 0
+    assert seen == [(Path("eval/miniature-quality"), None, quality.Size()),
+                    (Path("q"), ("models of", str(tmp_path)), quality.Size())]
+
+
+def test_eval_says_which_targets_were_met(tmp_path, capsys, monkeypatch) -> None:
     from ipadapter.miniature import quality
 
-    sizes = []
-
-    def evaluate(out, models, size):
-        sizes.append(size)
-        raise IPAdapterError("stopped before measuring")
-
-    monkeypatch.setattr(quality, "evaluate", evaluate)
-    assert main(["miniature", "eval", "--out", str(tmp_path / "q")]) == 2
-    assert sizes == [quality.Size()]
+    targets = {"a": {"met": True}, "b": {"met": False}, "c": {"met": None}}
+    monkeypatch.setattr(quality, "evaluate", lambda *args, **kwargs: {"rows": {}, "targets": targets})
+    assert main(["miniature", "eval", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["met - a", "NOT met - b", "not measured - c",
+                                                    f"report: {tmp_path / 'report.md'}"]

@@ -122,7 +122,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = sub.add_parser("train", parents=[common], help="run a training recipe (fixed seeds)")
     train.add_argument("recipe", choices=sorted(RECIPES), help="; ".join(f"{k}: {r.help}" for k, r in RECIPES.items()))
-    train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    train.add_argument("--steps", type=int, help="override the recipe's step count")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.set_defaults(func=_train)
     needs(train, "train")  # the adapter recipes run `ipadapter train`
@@ -134,8 +134,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--models", help="a model folder: the bundled layout (pipeline/, adapters/, ...) or a "
                          "rebuild's (clip/, vae/, unet/, image_encoder/, ...); default: the bundled models")
     quality.add_argument("--quick", action="store_true", help="tiny sizes: the whole report in seconds (a smoke test)")
-    quality.add_argument("--n", type=int, default=None, help="held-out references (default 48)")
-    quality.add_argument("--steps", type=int, default=None, help="DDIM steps per image (default 25)")
+    quality.add_argument("--n", type=int, help="held-out references (default 48)")
+    quality.add_argument("--steps", type=int, help="DDIM steps per image (default 25)")
     quality.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     quality.set_defaults(func=_quality)
     needs(quality, "eval")
