@@ -110,7 +110,7 @@ def test_manifest_help_shows_the_manifest_examples_only(capsys) -> None:
 
 
 def test_a_missing_subcommand_is_named_by_its_choices(capsys) -> None:
-    """argparse named the internal dest ("manifest_kind", "miniature_command", "command")."""
+    """argparse named the internal dest ("manifest_kind", "command"), or nothing where there is none."""
     with pytest.raises(SystemExit) as caught:
         main(["manifest"])
     assert caught.value.code == 2

@@ -17,7 +17,7 @@ def _files(folder) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("flags, n, seed, split, masks", [
-    (["--n", "1", "--split", "train"], 1, 0, "train", False),
+    (["--n", "1"], 1, 0, "train", False), (["--n", "2", "--split", "train"], 2, 0, "train", False),
     (["--n", "3", "--seed", "5", "--split", "heldout", "--masks"], 3, 5, "heldout", True)])
 def test_data_writes_what_write_dataset_writes(tmp_path, capsys, flags, n, seed, split, masks) -> None:
     from ipadapter.miniature.world import write_dataset
@@ -106,8 +106,11 @@ def test_eval_without_quick_measures_at_the_reports_own_size_into_its_own_folder
     monkeypatch.setattr(quality, "evaluate", lambda out, models, size: seen.append((out, models, size)) or
                         {"rows": {}, "targets": {}})
     monkeypatch.setattr(Models, "from_folder", lambda folder: ("models of", folder))
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     monkeypatch.chdir(tmp_path)
     assert main(["miniature", "evaluate"]) == 0
+    assert threads == [], "no --threads: torch's own count"
     assert main(["miniature", "eval", "--models", str(tmp_path), "--out", "q"]) == 0
     assert seen == [(Path("eval/miniature-quality"), None, quality.Size()),
                     (Path("q"), ("models of", str(tmp_path)), quality.Size())]
@@ -121,3 +124,18 @@ def test_eval_says_which_targets_were_met(tmp_path, capsys, monkeypatch) -> None
     assert main(["miniature", "eval", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines() == ["met - a", "NOT met - b", "not measured - c",
                                                     f"report: {tmp_path / 'report.md'}"]
+
+
+def test_the_defaults_the_help_names_are_the_ones_used(capsys) -> None:
+    from ipadapter.cli.main import build_parser
+    from ipadapter.cli.miniature import HELP
+    from ipadapter.miniature.quality import Size
+
+    data = build_parser().parse_args(["miniature", "data", "--out", "d"])
+    assert HELP["data --n"].endswith(f"(default {data.n})") and HELP["data --seed"].endswith(f"(default {data.seed})")
+    assert HELP["data --split"].endswith(f"(default {data.split})")
+    assert HELP["eval --n"].endswith(f"(default {Size().references})")
+    assert HELP["eval --steps"].endswith(f"(default {Size().steps})")
+    with pytest.raises(SystemExit):
+        main(["miniature", "data", "--out", "d", "--split", "test"])
+    assert "argument --split: invalid choice: 'test'" in capsys.readouterr().err

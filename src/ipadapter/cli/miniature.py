@@ -100,45 +100,65 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each command's and option's help, keyed "command" or "command --flag" (prose for people, apart from the wiring).
+HELP = {
+    "miniature": "the offline shapes-world base models (data, training, export)",
+    "data": "write PNGs + manifest.jsonl (image_file, text, attrs)",
+    "data --out": "output folder",
+    "data --n": "number of images (default 1000)",
+    "data --seed": "seed of the drawn scenes (default 0)",
+    "data --split": "heldout draws only the held-out (shape, colour, background colour) triples (default train)",
+    "data --masks": "also write each object's mask (masks/*.png, mask_file): control images for the ControlNet",
+    "--out": "run folder (checkpoints, logs, trained models)",
+    "--threads": "torch threads (default: torch's own count)",
+    "train": "run a training recipe (fixed seeds)",
+    "train --steps": "override the recipe's step count",
+    "train --resume": "continue from the run's last checkpoint",
+    "eval": "the quality report: every stage (encoders, VAE, base model) then the adapters, on held-out scenes",
+    "eval --out": "report folder (report.md, results.json, PNGs)",
+    "eval --models": "a model folder: the bundled layout (pipeline/, adapters/, ...) or a rebuild's (clip/, vae/, "
+                     "unet/, image_encoder/, ...); default: the bundled models",
+    "eval --quick": "tiny sizes: the whole report in seconds (a smoke test)",
+    "eval --n": "held-out references (default 48)",
+    "eval --steps": "DDIM steps per image (default 25)",
+    "export": "write fp16 weights into the package assets",
+}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ipadapter.miniature.recipes import DEFAULT_OUT, RECIPES
 
-    parser = subparsers.add_parser("miniature", help="the offline shapes-world base models (data, training, export)")
-    sub = parser.add_subparsers(dest="miniature_command", required=True)
+    parser = subparsers.add_parser("miniature", help=HELP["miniature"])
+    sub = parser.add_subparsers(required=True)
 
-    data = sub.add_parser("data", help="write PNGs + manifest.jsonl (image_file, text, attrs)")
-    data.add_argument("--out", required=True, help="output folder")
-    data.add_argument("--n", type=int, default=1000, help="number of images")
-    data.add_argument("--seed", type=int, default=0, help="seed of the drawn scenes (default 0)")
-    data.add_argument("--split", choices=("train", "heldout"), default="train",
-                      help="heldout draws only the held-out (shape, colour, background colour) triples")
-    data.add_argument("--masks", action="store_true",
-                      help="also write each object's mask (masks/*.png, mask_file): control images for the ControlNet")
+    data = sub.add_parser("data", help=HELP["data"])
+    data.add_argument("--out", required=True, help=HELP["data --out"])
+    data.add_argument("--n", type=int, default=1000, help=HELP["data --n"])
+    data.add_argument("--seed", type=int, default=0, help=HELP["data --seed"])
+    data.add_argument("--split", choices=("train", "heldout"), default="train", help=HELP["data --split"])
+    data.add_argument("--masks", action="store_true", help=HELP["data --masks"])
     data.set_defaults(func=_data)
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", default=str(DEFAULT_OUT), help="run folder (checkpoints, logs, trained models)")
-    common.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=int, help=HELP["--threads"])
+    common = argparse.ArgumentParser(add_help=False, parents=[threads])
+    common.add_argument("--out", default=str(DEFAULT_OUT), help=HELP["--out"])
 
-    train = sub.add_parser("train", parents=[common], help="run a training recipe (fixed seeds)")
+    train = sub.add_parser("train", parents=[common], help=HELP["train"])
     train.add_argument("recipe", choices=sorted(RECIPES), help="; ".join(f"{k}: {r.help}" for k, r in RECIPES.items()))
-    train.add_argument("--steps", type=int, help="override the recipe's step count")
-    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.add_argument("--steps", type=int, help=HELP["train --steps"])
+    train.add_argument("--resume", action="store_true", help=HELP["train --resume"])
     train.set_defaults(func=_train)
     needs(train, "train")  # the adapter recipes run `ipadapter train`
 
-    quality = sub.add_parser(
-        "eval", aliases=["evaluate"],
-        help="the quality report: every stage (encoders, VAE, base model) then the adapters, on held-out scenes")
-    quality.add_argument("--out", default="eval/miniature-quality", help="report folder (report.md, results.json, PNGs)")
-    quality.add_argument("--models", help="a model folder: the bundled layout (pipeline/, adapters/, ...) or a "
-                         "rebuild's (clip/, vae/, unet/, image_encoder/, ...); default: the bundled models")
-    quality.add_argument("--quick", action="store_true", help="tiny sizes: the whole report in seconds (a smoke test)")
-    quality.add_argument("--n", type=int, help="held-out references (default 48)")
-    quality.add_argument("--steps", type=int, help="DDIM steps per image (default 25)")
-    quality.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    quality = sub.add_parser("eval", aliases=["evaluate"], parents=[threads], help=HELP["eval"])
+    quality.add_argument("--out", default="eval/miniature-quality", help=HELP["eval --out"])
+    quality.add_argument("--models", help=HELP["eval --models"])
+    quality.add_argument("--quick", action="store_true", help=HELP["eval --quick"])
+    quality.add_argument("--n", type=int, help=HELP["eval --n"])
+    quality.add_argument("--steps", type=int, help=HELP["eval --steps"])
     quality.set_defaults(func=_quality)
     needs(quality, "eval")
 
-    export = sub.add_parser("export", parents=[common], help="write fp16 weights into the package assets")
+    export = sub.add_parser("export", parents=[common], help=HELP["export"])
     export.set_defaults(func=_export)
