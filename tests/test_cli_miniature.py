@@ -139,3 +139,11 @@ def test_the_defaults_the_help_names_are_the_ones_used(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["miniature", "data", "--out", "d", "--split", "test"])
     assert "argument --split: invalid choice: 'test'" in capsys.readouterr().err
+
+
+def test_data_needs_an_output_folder(capsys) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["miniature", "data", "--n", "1"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == ("ipadapter miniature data: error: the following arguments are required: --out "
+                                       "(see ipadapter miniature data --help)\n")
