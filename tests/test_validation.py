@@ -197,6 +197,15 @@ def test_seeds_and_non_negative_values_at_their_bounds() -> None:
     assert str(err.value) == "--guidance must not be negative, got -0.25"
 
 
+def test_counts_at_their_bound() -> None:
+    from ipadapter.validation import check_counts
+
+    check_counts([("--steps", 1), ("--limit", None)])
+    with pytest.raises(IPAdapterError) as err:
+        check_counts([("--steps", 2), ("--samples", 0), ("--limit", -1)])
+    assert str(err.value) == "--samples must be at least 1, got 0"
+
+
 def test_hub_ids_have_one_slash_unless_subfolders_are_allowed(tmp_path) -> None:
     from ipadapter.validation import model_source
 

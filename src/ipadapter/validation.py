@@ -148,6 +148,13 @@ def check_seed(seed: int) -> int:
     return seed
 
 
+def check_counts(values: Iterable[tuple[str, int | None]]) -> None:
+    """Counts named by their flag (None: not given) are at least 1."""
+    for flag, value in values:
+        if value is not None and value < 1:
+            raise IPAdapterError(f"{flag} must be at least 1, got {value}")
+
+
 def check_not_negative(values: Iterable[tuple[str, float | None]]) -> None:
     for flag, value in values:
         if value is not None and value < 0:

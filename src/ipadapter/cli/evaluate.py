@@ -111,12 +111,10 @@ def write_manifest_command(args: argparse.Namespace) -> int:
     """Check the flags and the output path, convert, then report what the file holds: its entries, and the
     references left out of it."""
     from ipadapter.evaluate.manifests import from_coco_captions, from_dreambench
-    from ipadapter.validation import output_file
+    from ipadapter.validation import check_counts, output_file
 
     coco = args.manifest_kind == "coco"
-    flag, count = ("--limit", args.limit) if coco else ("--images-per-subject", args.images_per_subject)
-    if count is not None and count < 1:
-        raise IPAdapterError(f"{flag} must be at least 1, got {count}")
+    check_counts([("--limit", args.limit) if coco else ("--images-per-subject", args.images_per_subject)])
     out = output_file(args.out, "--out")
     if coco:
         manifest = from_coco_captions(args.captions, args.images, out, limit=args.limit)
@@ -166,11 +164,10 @@ def check_flags(args: argparse.Namespace, chosen: Protocol) -> Path:
     Returns the output folder (not created)."""
     from ipadapter.evaluate.protocols import MINIATURE_JUDGE
     from ipadapter.loading import base_geometry, check_model_args
-    from ipadapter.validation import check_not_negative, check_seed, generation_size, model_source, output_folder
+    from ipadapter.validation import (check_counts, check_not_negative, check_seed, generation_size, model_source,
+                                      output_folder)
 
-    for flag in ("samples", "steps", "limit"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise IPAdapterError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_counts((f"--{flag}", getattr(args, flag)) for flag in ("samples", "steps", "limit"))
     check_model_args(args)
     check_seed(args.seed)
     check_not_negative([("--guidance", args.guidance)])

@@ -14,7 +14,7 @@ from ipadapter.cli.true_cfg import check_true_cfg, true_cfg_kwargs
 from ipadapter.errors import IPAdapterError
 from ipadapter.request import IMAGE_OPTIONS, MODIFIERS
 from ipadapter.validation import (
-    check_not_negative, check_seed, generation_size, model_source, output_file, regular_file,
+    check_counts, check_not_negative, check_seed, generation_size, model_source, output_file, regular_file,
 )
 
 EXAMPLES = """examples:
@@ -178,9 +178,7 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything about the flags that can be wrong, checked before a file is read or a model loaded."""
-    for flag, value in (("--num-images", args.num_images), ("--steps", args.steps)):
-        if value is not None and value < 1:
-            raise IPAdapterError(f"{flag} must be at least 1, got {value}")
+    check_counts([("--num-images", args.num_images), ("--steps", args.steps)])
     if not args.image and not args.embeds and not args.face_embed and not args.prompt:
         raise IPAdapterError("give --image (or --embeds, or --face-embed for FaceID), --prompt, or both")
     if args.out_dir:

@@ -10,7 +10,7 @@ import sys
 
 from ipadapter.cli.true_cfg import check_true_cfg, true_cfg_kwargs
 from ipadapter.errors import IPAdapterError
-from ipadapter.validation import model_source
+from ipadapter.validation import check_counts, model_source
 
 # Flags that name one request's inputs: with --manifest each job names its own (or the flag has no manifest form).
 PER_REQUEST = {"image": "--image", "mask": "--mask", "image_weight": "--image-weight", "embeds": "--embeds",
@@ -26,8 +26,7 @@ def check_flags(args: argparse.Namespace) -> None:
         model_source(args.content_text_encoder, "CLIP text model", subfolders=True)
     if not args.out_dir:
         raise IPAdapterError("--manifest needs --out-dir (the folder for the images, index.jsonl and errors.jsonl)")
-    if args.batch_size < 1:
-        raise IPAdapterError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_counts([("--batch-size", args.batch_size)])
 
 
 def run(args: argparse.Namespace, load: Callable, control: Callable) -> int:

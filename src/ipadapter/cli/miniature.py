@@ -11,7 +11,7 @@ from pathlib import Path
 from ipadapter.cli.quiet import show_own_logs
 from ipadapter.errors import IPAdapterError
 from ipadapter.extras import needs
-from ipadapter.validation import check_seed, output_folder
+from ipadapter.validation import check_counts, check_seed, output_folder
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -44,8 +44,7 @@ def _dataset_folder(folder: Path) -> Iterator[Path]:
 def _data(args: argparse.Namespace) -> int:
     from ipadapter.miniature.world import write_dataset
 
-    if args.n < 1:
-        raise IPAdapterError(f"--n must be at least 1, got {args.n}")
+    check_counts([("--n", args.n)])
     check_seed(args.seed)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise IPAdapterError(f"--out {args.out} is a file; the dataset needs a folder")
@@ -59,8 +58,7 @@ def _data(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from ipadapter.miniature.recipes import run_recipe
 
-    if args.steps is not None and args.steps < 1:
-        raise IPAdapterError(f"--steps must be at least 1, got {args.steps}")
+    check_counts([("--steps", args.steps)])
     _threads(args)
     run_recipe(args.recipe, Path(args.out), args.steps, args.resume)
     return 0
@@ -73,9 +71,7 @@ def _quality(args: argparse.Namespace) -> int:
     from ipadapter.miniature.quality import QUICK, Size, evaluate
 
     size = QUICK if args.quick else Size()
-    for flag in ("n", "steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise IPAdapterError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_counts((f"--{flag}", getattr(args, flag)) for flag in ("n", "steps"))
     size = replace(size, references=args.n or size.references, steps=args.steps or size.steps)
     if args.models is not None and not Path(args.models).is_dir():
         raise IPAdapterError(f"--models {args.models} is not a folder")
