@@ -59,12 +59,12 @@ def test_a_bad_flag_value_is_said_to_come_from_the_flags(tmp_path) -> None:
     ("max_steps: 0\n", [], "max_steps must be at least 1, got 0"),
     ("max_steps: 5\n", ["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
     ("max_steps: 0\n", ["--batch-size", "2"], "max_steps must be at least 1, got 0"),
-    ("", ["--learning-rate", "0"], "--learning-rate must be > 0, not 0.0"),
-    ("", ["--drop-image", "1.5"], "--drop-image must be a probability in [0, 1], not 1.5"),
-    ("ema_decay: 1.0\n", [], "ema_decay must be in [0, 1), not 1.0"),
+    ("", ["--learning-rate", "0"], "--learning-rate must be > 0, got 0.0"),
+    ("", ["--drop-image", "1.5"], "--drop-image must be a probability in [0, 1], got 1.5"),
+    ("ema_decay: 1.0\n", [], "ema_decay must be in [0, 1), got 1.0"),
     ("", ["--stages", "512:0"], "--stages must be RESOLUTION:STEPS with positive integers (e.g. 512:8000), not "
                                 "'512:0'"),
-    ("drop_image: 0.5\n", ["--drop-text", "0.6"], "drop_image + --drop-text + drop_both must be <= 1, not 1.15"),
+    ("drop_image: 0.5\n", ["--drop-text", "0.6"], "drop_image + --drop-text + drop_both must be <= 1, got 1.15"),
     ("cache: c\n", ["--buckets"], "--buckets cannot be used with a feature cache (its rows have one size)"),
 ])
 def test_a_bad_value_is_named_as_the_user_gave_it(tmp_path, capsys, file, flags, message) -> None:
@@ -80,11 +80,12 @@ def test_a_bad_value_is_named_as_the_user_gave_it(tmp_path, capsys, file, flags,
 @pytest.mark.parametrize("values, message", [
     ({"variant": "huge"}, "unknown variant 'huge'"),
     ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
-    ({"learning_rate": float("nan")}, "learning_rate must be a finite number >= 0, not nan"),
-    ({"drop_image": 1.5}, "drop_image must be a probability in \\[0, 1\\], not 1.5"),
-    ({"drop_image": 0.5, "drop_text": 0.5, "drop_both": 0.5}, "must be <= 1, not 1.5"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number >= 0, got nan"),
+    ({"drop_image": 1.5}, "drop_image must be a probability in \\[0, 1\\], got 1.5"),
+    ({"drop_image": 0.5, "drop_text": 0.5, "drop_both": 0.5}, "must be <= 1, got 1.5"),
     ({"mixed_precision": "fp8"}, "mixed_precision must be one of no, fp16, bf16, not 'fp8'"),
-    ({"ema_decay": 1.0}, "ema_decay must be in \\[0, 1\\), not 1.0"),
+    ({"ema_decay": 1.0}, "ema_decay must be in \\[0, 1\\), got 1.0"),
+    ({"num_workers": -1}, "num_workers must not be negative, got -1"),
     ({"max_steps": "many"}, "max_steps must be int, not 'many'"),
     ({"colour": 1}, "unknown field 'colour'"),
     ({"optimizer": "sgd"}, "optimizer must be one of adamw, adamw8bit, not 'sgd'"),
@@ -184,7 +185,7 @@ def base_folder(tmp_path_factory):
     (["--data", "{shards}"], "no tar shards matched"),
     (["--variant", "faceid"], "has no 'id_embed_file' field"),
     (["--base", "{missing}"], "not found"),
-    (["--learning-rate", "-1"], "--learning-rate must be a finite number >= 0, not -1.0"),
+    (["--learning-rate", "-1"], "--learning-rate must be a finite number >= 0, got -1.0"),
 ])
 def test_cli_bad_input_is_one_line(base_folder, tmp_path, capsys, extra, message) -> None:
     base, encoder, data = base_folder

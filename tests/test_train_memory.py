@@ -145,7 +145,51 @@ def test_dry_run_on_the_bundled_model_takes_its_encoder_only_where_the_variant_r
 
     seen = []
     real = train.with_bundled
-    monkeypatch.setattr(train, "with_bundled", lambda config: seen.append(real(config)) or seen[-1])
+    monkeypatch.setattr(train, "with_bundled", lambda config, **kw: seen.append(real(config, **kw)) or seen[-1])
     assert main(["train", "--dry-run", "--base", "miniature", "--variant", variant, "--resolution", "64"]) == 0
     assert seen[0].image_encoder == (str(bundled.image_encoder_path()) if encoder else "")
     assert capsys.readouterr().out.startswith(f"base {bundled.pipeline_path()}, variant {variant}, 64 px")
+
+
+def _bundled_size() -> int:
+    """The bundled pipeline's own size, from its saved configs: the UNet's sample size times the VAE's downscale."""
+    import json
+
+    from ipadapter import bundled
+
+    folder = bundled.pipeline_path()
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+@pytest.mark.parametrize("flags, config_text, expected", [
+    ([], "", "bundled"),
+    (["--resolution", "32"], "", 32),
+    ([], "resolution: 128\n", 128),
+    (["--resolution", "32"], "resolution: 128\n", 32),
+    ([], "resolution: 512\n", 512),
+])
+def test_the_bundled_base_trains_at_its_own_size_unless_one_is_given(
+        tmp_path, capsys, flags, config_text, expected) -> None:
+    """Without --resolution or a config file's `resolution:`, `--base miniature` trains at the bundled model's size,
+    not the paper's 512 px (64 times the pixels on a model made for 64 px); a size given either way stands."""
+    from ipadapter.cli.main import main
+
+    size = _bundled_size() if expected == "bundled" else expected
+    config = []
+    if config_text:
+        (tmp_path / "run.yaml").write_text(config_text)
+        config = ["--config", str(tmp_path / "run.yaml")]
+    assert main(["train", "--dry-run", "--base", "miniature", *config, *flags]) == 0
+    assert f", variant base, {size} px," in capsys.readouterr().out
+
+
+def test_another_base_keeps_the_papers_size(folders, capsys) -> None:
+    """The bundled model's size rule is for the keyword only: a pipeline folder trains at the paper's 512 px
+    (TrainConfig's default) unless a resolution is given."""
+    from ipadapter.cli.main import main
+
+    base, enc = folders
+    assert main(["train", "--dry-run", "--base", str(base), "--image-encoder", str(enc)]) == 0
+    assert f", variant base, {TrainConfig().resolution} px," in capsys.readouterr().out

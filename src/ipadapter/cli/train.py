@@ -25,7 +25,8 @@ HELP = {
     "init_from": "start from this adapter file (published .bin/.safetensors or ours) instead of a new adapter",
     "max_steps": "optimizer steps to train for",
     "batch_size": "samples per process per micro-batch (paper: 8 per GPU)",
-    "resolution": "training size in pixels: shortest side → resolution, centre crop (paper: 512)",
+    "resolution": "training size in pixels: shortest side → resolution, centre crop (paper: 512; with --base "
+                  "miniature, the bundled model's own size unless given)",
     "learning_rate": "AdamW learning rate (paper: 1e-4, constant)",
     "weight_decay": "AdamW weight decay (paper: 0.01)",
     "adam_beta1": "AdamW's first-moment decay (torch's default)",
@@ -83,7 +84,7 @@ OWN_FLAGS = {
 }
 EXAMPLES = """examples:
   ipadapter miniature data --out data/shapes --n 4096 && ipadapter train --base miniature \\
-      --data data/shapes/manifest.jsonl --variant base --resolution 64 --output runs/base    # the bundled model
+      --data data/shapes/manifest.jsonl --variant base --output runs/base    # the bundled model, at its 64 px
   ipadapter train --config src/ipadapter/train/configs/sd15-base.yaml      # in a clone of the repository
   ipadapter train --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --image-encoder h94/IP-Adapter/models/image_encoder \\
@@ -95,14 +96,19 @@ EXAMPLES = """examples:
 """
 
 
-def with_bundled(config: Any) -> Any:
+def with_bundled(config: Any, *, resolution_given: bool = True) -> Any:
     """`--base miniature` (and `--image-encoder miniature`) as the bundled model's folders, as generate reads the
-    keyword; with the bundled base, its own image encoder unless another is named."""
+    keyword; with the bundled base, its own image encoder unless another is named, and its own size (not the paper's
+    512 px, 64 times the work) unless a resolution is given."""
     from ipadapter import bundled
+    from ipadapter.loading import base_geometry
 
     if config.base == "miniature":
         encoder = config.image_encoder or ("miniature" if config.needs_image_encoder else "")
-        config = config.replace(base=str(bundled.pipeline_path()), image_encoder=encoder)
+        changes = {"base": str(bundled.pipeline_path()), "image_encoder": encoder}
+        if not resolution_given:
+            changes["resolution"] = min(base_geometry(changes["base"])[1])
+        config = config.replace(**changes)
     if config.image_encoder == "miniature":
         config = config.replace(image_encoder=str(bundled.image_encoder_path()))
     return config
@@ -112,11 +118,12 @@ def _run(args: argparse.Namespace) -> int:
     """The run, its errors about a config field worded with the flag when the value came from one."""
     from ipadapter.errors import FieldError, IPAdapterError
     from ipadapter.train import TrainConfig
-    from ipadapter.train.config import flag
+    from ipadapter.train.config import flag, read_config_file
 
     show_own_logs()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    config = with_bundled(TrainConfig.load(args.config, overrides))
+    given = args.resolution is not None or "resolution" in (read_config_file(args.config) if args.config else {})
+    config = with_bundled(TrainConfig.load(args.config, overrides), resolution_given=given)
     try:
         return _train_or_estimate(args, config)
     except FieldError as err:

@@ -144,20 +144,20 @@ class TrainConfig:
                      "log_every", "validation_steps", "id_dim", "references"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("num_tokens", "lora_rank", "warmup_steps", "validate_every", "num_workers", "shuffle_buffer"):
-            need(getattr(self, name) >= 0, name, f"must be 0 or more, not {getattr(self, name)}")
+            need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "noise_offset", "snr_gamma",
                      "adam_epsilon"):
             value = getattr(self, name)
-            need(math.isfinite(value) and value >= 0, name, f"must be a finite number >= 0, not {value}")
-        need(self.learning_rate > 0, "learning_rate", f"must be > 0, not {self.learning_rate}")
+            need(math.isfinite(value) and value >= 0, name, f"must be a finite number >= 0, got {value}")
+        need(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         for name in ("adam_beta1", "adam_beta2", "ema_decay"):
             value = getattr(self, name)
-            need(0.0 <= value < 1.0, name, f"must be in [0, 1), not {value}")
+            need(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value}")
         for name in ("drop_image", "drop_text", "drop_both"):
             value = getattr(self, name)
-            need(0.0 <= value <= 1.0, name, f"must be a probability in [0, 1], not {value}")
+            need(0.0 <= value <= 1.0, name, f"must be a probability in [0, 1], got {value}")
         total = self.drop_image + self.drop_text + self.drop_both
-        need(total <= 1.0 + 1e-9, ("drop_image", "drop_text", "drop_both"), f"must be <= 1, not {total:g}")
+        need(total <= 1.0 + 1e-9, ("drop_image", "drop_text", "drop_both"), f"must be <= 1, got {total:g}")
         need(not (self.buckets and self.cache), "buckets",
              "cannot be used with a feature cache (its rows have one size)")
         for stage in self.stages:
