@@ -119,17 +119,21 @@ CASES = {
     "missing image": (GENERATE.replace("ref.png", "nope.png"), "not found"),
     "non-image": (GENERATE.replace("ref.png", "base.bin"), "cannot read"),
     # outputs
-    "out parent is a file": (GENERATE.replace("{o}/out.png", "{w}/afile/out.png"), "is a file, not a folder"),
-    "out names a folder": (GENERATE.replace("{o}/out.png", "{o}/folder.png"), "is a folder"),
-    "out not png": (GENERATE.replace("out.png", "out.jpg"), "must name a .png file"),
-    "second of three outputs is a folder": (GENERATE.replace("out.png", "many.png") + " --num-images 3", "is a folder"),
+    "out parent is a file": (GENERATE.replace("{o}/out.png", "{w}/afile/out.png"),
+                             "--out {w}/afile/out.png: {w}/afile is a file, not a folder"),
+    "out names a folder": (GENERATE.replace("{o}/out.png", "{o}/folder.png"),
+                            "--out {o}/folder.png is a folder; name a file inside it"),
+    "out not png": (GENERATE.replace("out.png", "out.jpg"), "--out must name a .png file, got {o}/out.jpg"),
+    "second of three outputs is a folder": (GENERATE.replace("out.png", "many.png") + " --num-images 3",
+                                            "--out {o}/many-1.png is a folder; name a file inside it"),
     # ranges and combinations
     "huge seed": (GENERATE + " --seed 100000000000000000000000", "--seed must be a whole number"),
     "seed in e-notation": (GENERATE + " --seed 1e23", "invalid int value"),
     "negative seed": (GENERATE + " --seed -1", "--seed must be a whole number"),
     "negative scale": (GENERATE + " --scale -1", "--scale must not be negative"),
     "negative guidance": (GENERATE + " --guidance -5", "--guidance must not be negative"),
-    "nan scale": (GENERATE + " --scale nan", "must be a finite number"),
+    "nan scale": (GENERATE + " --scale nan", "argument --scale: must be a finite number, got 'nan'"),
+    "scale not a number": (GENERATE + " --scale abc", "argument --scale: not a number: 'abc'"),
     "combine one image": (GENERATE + " --combine average", "give at least two"),
     "embeds and image": (GENERATE + " --embeds {w}/good.safetensors", "not both"),
     "noise and negative image": (GENERATE + " --noise fade:0.5 --negative-image {w}/ref.png", "not both"),
@@ -203,7 +207,7 @@ def test_bad_input_is_one_line_and_changes_nothing(world, tmp_path, capsys, case
         code = main(argv)
     except SystemExit as exit_:  # argparse's own refusals
         code = exit_.code
-    _one_line_error(capsys, code, words)
+    _one_line_error(capsys, code, words.format(w=world, o=out))
     assert _snapshot(out) == before
     assert _snapshot(world) == world_before
 

@@ -48,26 +48,84 @@ def finite_float(text: str) -> float:
     return value
 
 
+SUMMARY = "generate images prompted by reference images"
+# Each option's help, by its flag: prose for people, kept apart from the parser's wiring (`register`).
+MODEL_HELP = {
+    "--base": "diffusers pipeline folder or Hub id (default: the bundled miniature model)",
+    "--adapter": "adapter file, folder or Hub repo id (repeatable for evaluate and generate --manifest, whose jobs name "
+                 "theirs); the bundled miniature adapters: miniature (default), miniature-plus, miniature-simple",
+    "--weight-name": "adapter file name inside --adapter (per --adapter)",
+    "--subfolder": "subfolder inside --adapter (per --adapter)",
+    "--image-encoder": "CLIP vision folder or Hub id, 'owner/repo/subfolder' allowed",
+    "--device": "cpu, cuda, mps (default: cuda when available)",
+    "--dtype": "default: float16 on cuda, else float32",
+    "--scheduler": "a diffusers scheduler class to use instead of the base model's own",
+}
+HELP = {
+    "--image": "reference image (repeatable)",
+    "--prompt": "text prompt (default: empty = image-only prompting)",
+    "--negative-prompt": "what the image should not show (text)",
+    "--scale": "image prompt weight λ (default 1.0)",
+    "--steps": "denoising steps (default: 25 miniature, else the pipeline's)",
+    "--guidance": "classifier-free guidance scale (default: 7.5 miniature, else the pipeline's; FLUX: its distilled "
+                  "guidance, default 3.5)",
+    "--true-cfg": "FLUX only: true classifier-free guidance scale, a second transformer call per step with "
+                  "--negative-prompt and the unconditional image tokens (XLabs v1 wants about 4, v2 1 = off)",
+    "--seed": "0 to 2**64-1 (default 0)",
+    "--num-images": "how many images to generate (default 1)",
+    "--width": "output width in pixels, a multiple of the base's step (8 for Stable Diffusion and the miniature, 16 "
+               "for FLUX); alone, the height follows the base's default aspect (square)",
+    "--height": "output height; alone, the width follows the base's default aspect",
+    "--out": "output PNG; several images become OUT-0.png, OUT-1.png, ... (written all or none)",
+    "--lora-scale": "FaceID LoRA strength (ComfyUI uses 0.6)",
+    "--base-lora": "a custom model's LoRA (file or folder, diffusers or kohya format), fused into --base before the "
+                   "adapter attaches; 'miniature-custom' = the bundled two-tone-style LoRA",
+    "--base-lora-scale": "strength of --base-lora (default 1.0; --lora-scale is the FaceID adapter's own LoRA)",
+    "--s-scale": "FaceID-PlusV2 shortcut scale",
+    "--face-embed": "precomputed ArcFace embedding .npy/.pt",
+    "--mask": "mask image per --image (white = apply)",
+    "--start": "fraction of the run where the adapter starts",
+    "--end": "fraction of the run where it stops",
+    "--preset": "layer-weight preset (e.g. 'style transfer', 'ease in'); see docs/control.md",
+    "--combine": "concat, add, subtract, average, norm average, max, min",
+    "--image-weight": "weight per --image",
+    "--negative-image": "an image to steer away from",
+    "--noise": "noise negative TYPE:STRENGTH (fade, dissolve, gaussian, shuffle)",
+    "--content-subtract": "words whose CLIP text embedding is removed from the image's",
+    "--content-strength": "how much of --content-subtract is removed (default 1.0)",
+    "--content-text-encoder": "the CLIP text model paired with the image encoder, for --content-subtract (folder or "
+                              "Hub id; default: found in the base model or beside the encoder)",
+    "--embeds-scaling": "v, kv, kv_penalty, k_mean_v",
+    "--crop": "center, top, bottom, left, right",
+    "--tiles": "tile large or non-square references, each tile masked",
+    "--embeds": "saved embeddings (from `ipadapter encode`) instead of --image",
+    "--controlnet": "ControlNet folder or Hub id ('owner/repo/subfolder' allowed); 'miniature' = the bundled mask "
+                    "ControlNet of the miniature model",
+    "--control-image": "the ControlNet's conditioning image (miniature: the object's mask, white on black)",
+    "--control-scale": "ControlNet conditioning scale (default 1.0)",
+    "--manifest": "JSONL, one job per line with these options by name (image, prompt, seed, ...; docs/scale.md); the "
+                  "flags give the jobs' defaults",
+    "--out-dir": "with --manifest: folder for <id>-<k>.png, index.jsonl, errors.jsonl (resumable)",
+    "--batch-size": "with --manifest: jobs per UNet call (default 4)",
+}
+CACHE_KV_HELP = ("keep each layer's K'/V' of the image tokens for the generation, and the next one with the same "
+                 "references: two projections fewer per layer and step for a few MiB (default: {default}); the images "
+                 "are the same")
+CACHE_KV_DEFAULT = {True: "on", False: "off, projected at every step as diffusers does"}
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--base/--adapter/--image-encoder, shared by generate, encode, evaluate and app."""
-    p.add_argument("--base", help="diffusers pipeline folder or Hub id (default: the bundled miniature model)")
-    p.add_argument("--adapter", action="append", help="adapter file, folder or Hub repo id (repeatable for evaluate and "
-                   "generate --manifest, whose jobs name theirs); the bundled miniature adapters: miniature (default), "
-                   "miniature-plus, miniature-simple")
-    p.add_argument("--weight-name", action="append", help="adapter file name inside --adapter (per --adapter)")
-    p.add_argument("--subfolder", action="append", help="subfolder inside --adapter (per --adapter)")
-    p.add_argument("--image-encoder", help="CLIP vision folder or Hub id, 'owner/repo/subfolder' allowed")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: float16 on cuda, else float32")
-    p.add_argument("--scheduler", help="a diffusers scheduler class to use instead of the base model's own")
+    options = {"--adapter": {"action": "append"}, "--weight-name": {"action": "append"},
+               "--subfolder": {"action": "append"}, "--dtype": {"choices": ["float32", "float16", "bfloat16"]}}
+    for flag, text in MODEL_HELP.items():
+        p.add_argument(flag, help=text, **options.get(flag, {}))
 
 
 def add_cache_kv_flag(p: argparse.ArgumentParser, *, default: bool) -> None:
     """--cache-kv / --no-cache-kv (`ImagePrompter`'s `cache_kv`): on by default where references repeat (the app)."""
     p.add_argument("--cache-kv", action=argparse.BooleanOptionalAction, default=default,
-                   help="keep each layer's K'/V' of the image tokens for the generation, and the next one with the "
-                   "same references: two projections fewer per layer and step for a few MiB (default: "
-                   f"{'on' if default else 'off, projected at every step as diffusers does'}); the images are the same")
+                   help=CACHE_KV_HELP.format(default=CACHE_KV_DEFAULT[default]))
 
 
 # Library parameters → the flags that set them: library errors name parameters ("weight_names="), a user of the
@@ -112,59 +170,24 @@ def load_from_flags(args: argparse.Namespace) -> Any:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate images prompted by reference images", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("generate", help=SUMMARY, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
-    p.add_argument("--image", action="append", default=[], help="reference image (repeatable)")
-    p.add_argument("--prompt", default="", help="text prompt (default: empty = image-only prompting)")
-    p.add_argument("--negative-prompt", default="", help="what the image should not show (text)")
-    p.add_argument("--scale", type=finite_float, default=1.0, help="image prompt weight λ (default 1.0)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: 25 miniature, else the pipeline's)")
-    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: 7.5 miniature, "
-                   "else the pipeline's; FLUX: its distilled guidance, default 3.5)")
-    p.add_argument("--true-cfg", type=finite_float, help="FLUX only: true classifier-free guidance scale, a second "
-                   "transformer call per step with --negative-prompt and the unconditional image tokens (XLabs v1 "
-                   "wants about 4, v2 1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="0 to 2**64-1 (default 0)")
-    p.add_argument("--num-images", type=int, default=1, help="how many images to generate (default 1)")
-    p.add_argument("--width", type=int, help="output width in pixels, a multiple of the base's step (8 for Stable "
-                   "Diffusion and the miniature, 16 for FLUX); alone, the height follows the base's default aspect "
-                   "(square)")
-    p.add_argument("--height", type=int, help="output height; alone, the width follows the base's default aspect")
-    p.add_argument("--out", default="out.png", help="output PNG; several images become OUT-0.png, OUT-1.png, ... "
-                   "(written all or none)")
-    p.add_argument("--lora-scale", type=finite_float, default=1.0, help="FaceID LoRA strength (ComfyUI uses 0.6)")
-    p.add_argument("--base-lora", help="a custom model's LoRA (file or folder, diffusers or kohya format), fused into "
-                   "--base before the adapter attaches; 'miniature-custom' = the bundled two-tone-style LoRA")
-    p.add_argument("--base-lora-scale", type=finite_float, default=1.0,
-                   help="strength of --base-lora (default 1.0; --lora-scale is the FaceID adapter's own LoRA)")
-    p.add_argument("--s-scale", type=finite_float, default=1.0, help="FaceID-PlusV2 shortcut scale")
-    p.add_argument("--face-embed", action="append", default=[], help="precomputed ArcFace embedding .npy/.pt")
-    p.add_argument("--mask", action="append", default=[], help="mask image per --image (white = apply)")
-    p.add_argument("--start", type=finite_float, default=0.0, help="fraction of the run where the adapter starts")
-    p.add_argument("--end", type=finite_float, default=1.0, help="fraction of the run where it stops")
-    p.add_argument("--preset", help="layer-weight preset (e.g. 'style transfer', 'ease in'); see docs/control.md")
-    p.add_argument("--combine", default="concat", help="concat, add, subtract, average, norm average, max, min")
-    p.add_argument("--image-weight", action="append", type=finite_float, help="weight per --image")
-    p.add_argument("--negative-image", help="an image to steer away from")
-    p.add_argument("--noise", help="noise negative TYPE:STRENGTH (fade, dissolve, gaussian, shuffle)")
-    p.add_argument("--content-subtract", help="words whose CLIP text embedding is removed from the image's")
-    p.add_argument("--content-strength", type=finite_float, default=1.0,
-                   help="how much of --content-subtract is removed (default 1.0)")
-    p.add_argument("--content-text-encoder", help="the CLIP text model paired with the image encoder, for "
-                   "--content-subtract (folder or Hub id; default: found in the base model or beside the encoder)")
-    p.add_argument("--embeds-scaling", default="v", help="v, kv, kv_penalty, k_mean_v")
-    p.add_argument("--crop", default="center", help="center, top, bottom, left, right")
-    p.add_argument("--tiles", action="store_true", help="tile large or non-square references, each tile masked")
-    p.add_argument("--embeds", help="saved embeddings (from `ipadapter encode`) instead of --image")
-    p.add_argument("--controlnet", help="ControlNet folder or Hub id ('owner/repo/subfolder' allowed); 'miniature' = "
-                   "the bundled mask ControlNet of the miniature model")
-    p.add_argument("--control-image", help="the ControlNet's conditioning image (miniature: the object's mask, white on black)")
-    p.add_argument("--control-scale", type=finite_float, default=1.0, help="ControlNet conditioning scale (default 1.0)")
-    p.add_argument("--manifest", help="JSONL, one job per line with these options by name (image, prompt, seed, ...; "
-                   "docs/scale.md); the flags give the jobs' defaults")
-    p.add_argument("--out-dir", help="with --manifest: folder for <id>-<k>.png, index.jsonl, errors.jsonl (resumable)")
-    p.add_argument("--batch-size", type=int, default=4, help="with --manifest: jobs per UNet call (default 4)")
+    number = {"type": finite_float}
+    options = {
+        "--image": {"action": "append", "default": []}, "--prompt": {"default": ""},
+        "--negative-prompt": {"default": ""}, "--scale": {**number, "default": 1.0}, "--steps": {"type": int},
+        "--guidance": number, "--true-cfg": number, "--seed": {"type": int, "default": 0},
+        "--num-images": {"type": int, "default": 1}, "--width": {"type": int}, "--height": {"type": int},
+        "--out": {"default": "out.png"}, "--lora-scale": {**number, "default": 1.0},
+        "--base-lora-scale": {**number, "default": 1.0}, "--s-scale": {**number, "default": 1.0},
+        "--face-embed": {"action": "append", "default": []}, "--mask": {"action": "append", "default": []},
+        "--start": {**number, "default": 0.0}, "--end": {**number, "default": 1.0}, "--combine": {"default": "concat"},
+        "--image-weight": {"action": "append", **number}, "--content-strength": {**number, "default": 1.0},
+        "--embeds-scaling": {"default": "v"}, "--crop": {"default": "center"}, "--tiles": {"action": "store_true"},
+        "--control-scale": {**number, "default": 1.0}, "--batch-size": {"type": int, "default": 4},
+    }
+    for flag, text in HELP.items():
+        p.add_argument(flag, help=text, **options.get(flag, {}))
     add_cache_kv_flag(p, default=False)
     p.set_defaults(func=run)
 
