@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,15 +103,55 @@ class _nothing:
         return False
 
 
-def test_encode_then_generate_from_embeds(tiny_base, tmp_path) -> None:
+@pytest.mark.parametrize("family", ["base", "plus"])  # the global embedding and the patch tokens
+def test_encode_then_generate_from_embeds(tiny_base, tmp_path, family) -> None:
     emb = tmp_path / "ref.safetensors"
-    base = ["--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "plus.bin")]
+    base = ["--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / f"{family}.bin")]
     assert main(["encode", *base, "--image", str(tiny_base / "ref.png"), "--out", str(emb)]) == 0
     common = [*base, "--steps", "2", "--width", "32", "--height", "32", "--seed", "3"]
     assert main(["generate", *common, "--embeds", str(emb), "--out", str(tmp_path / "a.png")]) == 0
     assert main(["generate", *common, "--image", str(tiny_base / "ref.png"), "--out", str(tmp_path / "b.png")]) == 0
     a, b = np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
     assert np.array_equal(a, b), "saved embeddings must give the same image as encoding on the fly"
+
+
+def _encoded(tiny_base, tmp_path) -> Path:
+    emb = tmp_path / "ref.safetensors"
+    assert main(["encode", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "plus.bin"), "--image",
+                 str(tiny_base / "ref.png"), "--out", str(emb)]) == 0
+    return emb
+
+
+@pytest.mark.parametrize("family", ["faceid", "faceid-plus"])
+def test_embeds_for_an_adapter_that_reads_faces_are_refused(tiny_base, tmp_path, capsys, family) -> None:
+    """FaceID reads no CLIP features at all, FaceID-Plus reads them beside the face embedding: neither takes a file
+    of CLIP features as its image prompt."""
+    emb = _encoded(tiny_base, tmp_path)
+    capsys.readouterr()
+    assert main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / f"{family}.bin"),
+                 "--embeds", str(emb), "--out", str(tmp_path / "o.png")]) == 2
+    assert _error_line(capsys) == "--embeds holds CLIP features; this adapter takes face embeddings (--face-embed)"
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_embeds_of_another_encoder_are_refused_naming_both(tiny_base, tmp_path, capsys) -> None:
+    """A file whose recorded encoder differs from the run's (same shapes, another config) is refused by generate."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ipadapter.conditioning.embeds_file import load_embeds
+
+    emb = _encoded(tiny_base, tmp_path)
+    ours = load_embeds(emb).encoder
+    with safe_open(emb, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, other, {**metadata, "encoder": "bigg", "encoder_config_hash": "0123abcd"})
+    capsys.readouterr()
+    assert main(["generate", "--base", str(tiny_base / "pipe"), "--adapter", str(tiny_base / "plus.bin"),
+                 "--embeds", str(other), "--out", str(tmp_path / "o.png")]) == 2
+    assert _error_line(capsys) == (f"{other} was encoded with 'bigg' (config 0123abcd) but this run uses {ours.name!r} "
+                                   f"(config {ours.config_hash}); use that encoder or encode the images again")
 
 
 def test_encode_prints_the_file_and_records_the_encoder_by_name(tiny_base, tmp_path, capsys) -> None:
@@ -409,3 +450,37 @@ def test_steps_and_guidance_left_out_are_the_miniatures_named_in_help_or_the_pip
         assert main(["generate", *model, "--manifest", str(tmp_path / "jobs.jsonl"), "--out-dir",
                      str(tmp_path / run)]) == 0
     assert seen == [(named("--steps"), named("--guidance")), (None, None)] * 2
+
+
+_ALL_MODEL_FLAGS = ["--base", "B", "--adapter", "A", "--subfolder", "S", "--weight-name", "W", "--image-encoder", "E",
+                    "--device", "cpu", "--dtype", "bfloat16", "--scheduler", "DDIMScheduler"]
+
+
+@pytest.mark.parametrize("argv, given", [
+    (["generate", *_ALL_MODEL_FLAGS, "--base-lora", "L", "--base-lora-scale", "0.5", "--controlnet", "C",
+      "--cache-kv"],
+     dict(base="B", adapters=["A"], subfolders=["S"], weight_names=["W"], image_encoder="E", device="cpu",
+          dtype="bfloat16", scheduler="DDIMScheduler", base_lora="L", base_lora_scale=0.5, controlnet="C",
+          cache_kv=True)),
+    (["generate"], dict(adapters=(), subfolders=(), weight_names=())),
+    (["encode", *_ALL_MODEL_FLAGS, "--image", "r.png", "--out", "e.safetensors"],
+     dict(base="B", adapters=["A"], subfolders=["S"], weight_names=["W"], image_encoder="E", device="cpu",
+          dtype="bfloat16", scheduler="DDIMScheduler")),
+    (["app"], dict(adapters=(), subfolders=(), weight_names=(), cache_kv=True)),
+    (["app", "--no-cache-kv"], dict(adapters=(), subfolders=(), weight_names=())),
+], ids=["generate, every flag", "generate, none", "encode", "app", "app --no-cache-kv"])
+def test_each_model_flag_reaches_load_prompter_and_the_rest_are_its_defaults(monkeypatch, argv, given) -> None:
+    """Every command that loads passes its model flags on by name; what a command has no flag for (encode: no LoRA,
+    ControlNet or K'/V' cache) is load_prompter's own default, as the Python API's user gets it."""
+    import inspect
+
+    from ipadapter import loading
+    from ipadapter.cli.generate import load_from_flags
+    from ipadapter.cli.main import build_parser
+
+    defaults = {name: p.default for name, p in inspect.signature(loading.load_prompter).parameters.items()}
+    seen = {}
+    monkeypatch.setattr(loading, "check_model_args", lambda args: None)  # the paths are names only here
+    monkeypatch.setattr(loading, "load_prompter", lambda **kwargs: seen.update(kwargs))
+    load_from_flags(build_parser().parse_args(argv))
+    assert seen == {**defaults, **given}

@@ -236,8 +236,10 @@ def test_miniature_keyword_uses_the_shipped_controlnet(tmp_path) -> None:
 
 
 BAD = {
-    "control image without controlnet": (["--control-image", "{root}/mask.png"], "--control-image needs --controlnet"),
-    "controlnet without control image": (["--controlnet", "{root}/cn"], "--controlnet needs --control-image"),
+    "control image without controlnet": (["--control-image", "{root}/mask.png"], "--control-image needs --controlnet "
+                                         "(a ControlNet folder or Hub id, or 'miniature')"),
+    "controlnet without control image": (["--controlnet", "{root}/cn"], "--controlnet needs --control-image (the "
+                                         "conditioning image, e.g. the object's mask)"),
     "missing control image": (["--controlnet", "{root}/cn", "--control-image", "{root}/none.png"], "not found"),
     "control image not an image": (["--controlnet", "{root}/cn", "--control-image", "{root}/base.bin"], "cannot read"),
     "missing controlnet": (["--controlnet", "{root}/none", "--control-image", "{root}/mask.png"],
@@ -257,3 +259,22 @@ def test_bad_control_input_is_one_line_and_writes_nothing(tiny_base, case, tmp_p
     errors = [line for line in err.splitlines() if line.startswith("ipadapter: error:")]
     assert len(errors) == 1 and words in errors[0] and "Traceback" not in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_transparent_control_image_is_read_on_black(tmp_path) -> None:
+    """The ControlNet's conditioning image is white on black: where a PNG is transparent there is no object, so it
+    reads as black (not as the white a reference image's transparency reads as), whatever colour the hidden pixels
+    hold; its scale is the flag's."""
+    from ipadapter.cli.generate import control_kwargs
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = (90, 200, 30)  # hidden colour under alpha 0
+    rgba[2:6, 2:6] = (255, 255, 255, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "mask.png")
+    args = build_parser().parse_args(["generate", "--controlnet", "cn", "--control-image", str(tmp_path / "mask.png"),
+                                      "--control-scale", "0.7"])
+    found = control_kwargs(args)
+    expected = np.zeros((8, 8, 3), np.uint8)
+    expected[2:6, 2:6] = 255
+    assert found["controlnet_conditioning_scale"] == 0.7
+    assert np.array_equal(np.asarray(found["image"]), expected)

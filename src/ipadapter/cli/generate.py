@@ -307,8 +307,8 @@ def _generate(args: argparse.Namespace) -> int:
         ip = prompter.adapter()
         if prompter.encoder is None or ip.variant.features not in ("global", "patch"):
             raise IPAdapterError("--embeds holds CLIP features; this adapter takes face embeddings (--face-embed)")
-        saved = load_embeds(args.embeds, encoder=EncoderIdentity.of(prompter.encoder.model), features=ip.variant.features)
         enc = prompter.encoder
+        saved = load_embeds(args.embeds, encoder=EncoderIdentity.of(enc.model, enc.name), features=ip.variant.features)
         tail = (enc.global_dim,) if ip.variant.features == "global" else (enc.patch_tokens, enc.patch_dim)
         request.features = check_features(args.embeds, saved.tensors, tail)
     if args.content_subtract:
