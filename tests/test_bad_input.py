@@ -171,7 +171,7 @@ CASES = {
     "content text model without content": (GENERATE + " --content-text-encoder {w}/pipe/text_encoder",
                                            "--content-text-encoder is the text model of --content-subtract"),
     "content text model missing": (GENERATE + " --content-subtract cat --content-text-encoder ./nope",
-                                   "CLIP text model not found: ./nope"),
+                                   "--content-text-encoder not found: ./nope"),
     "content text model without projection": (GENERATE + " --content-subtract cat --content-text-encoder "
                                               "{w}/pipe/text_encoder", "holds no trained text projection"),
     "encode out not safetensors": ("encode --base {w}/pipe --adapter {w}/plus.bin --image {w}/ref.png --out {o}/e.bin",

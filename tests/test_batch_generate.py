@@ -352,8 +352,8 @@ EXACT = {
     "out dir a file": (["--out-dir", "{root}/jobs.jsonl"],
                        "--out-dir {root}/jobs.jsonl: {root}/jobs.jsonl is a file, not a folder"),
     "content text model missing": (["--content-text-encoder", "./no-text-model"],
-                                   "CLIP text model not found: ./no-text-model (no such file or folder; a Hub model id "
-                                   "has the form owner/name)"),
+                                   "--content-text-encoder not found: ./no-text-model (no such file or folder; a Hub "
+                                   "model id has the form owner/name)"),
     "shortcut scale, no shortcut": (["--s-scale", "0.5"], "--s-scale scales a FaceID adapter's shortcut "
                                                           "(FaceID-PlusV2); no attached adapter (base) has one"),
 }

@@ -484,3 +484,84 @@ def test_each_model_flag_reaches_load_prompter_and_the_rest_are_its_defaults(mon
     monkeypatch.setattr(loading, "load_prompter", lambda **kwargs: seen.update(kwargs))
     load_from_flags(build_parser().parse_args(argv))
     assert seen == {**defaults, **given}
+
+
+_R = "{root}/ref.png"
+# Each refusal of `check_args`, by its whole sentence: what is wrong with the flags, before a file is read.
+CHECKS = {
+    "no images": (["--num-images", "0", "--prompt", "x"], "--num-images must be at least 1, got 0"),
+    "no steps": (["--steps", "0", "--prompt", "x"], "--steps must be at least 1, got 0"),
+    "nothing to generate from": ([], "give --image (or --embeds, or --face-embed for FaceID), --prompt, or both"),
+    "out-dir": (["--prompt", "x", "--out-dir", "d"],
+                "--out-dir is the folder of a --manifest run; one generation writes --out"),
+    "base LoRA scale": (["--prompt", "x", "--base-lora-scale", "0.5"],
+                        "--base-lora-scale changes what --base-lora does, and no --base-lora was given"),
+    "control scale": (["--prompt", "x", "--control-scale", "0.5"],
+                      "--control-scale changes what --controlnet does, and no --controlnet was given"),
+    "three adapters": (["--prompt", "x", "--adapter", "a", "--adapter", "b", "--adapter", "c"],
+                       "--adapter given 3 times: one generate prompts one adapter (--image cannot say which its images "
+                       "are for); to use several, give a --manifest whose jobs each name theirs (\"adapter\": \"0\", "
+                       "\"1\", ... in --adapter order), or the Python API"),
+    "negative seed": (["--prompt", "x", "--seed", "-1"], "--seed must be a whole number from 0 to 2**64-1, got -1"),
+    "negative scale": (["--image", _R, "--scale", "-1"], "--scale must not be negative, got -1"),
+    "negative guidance": (["--prompt", "x", "--guidance", "-0.5"], "--guidance must not be negative, got -0.5"),
+    "negative true CFG": (["--prompt", "x", "--true-cfg", "-2"], "--true-cfg must not be negative, got -2"),
+    "negative shortcut": (["--prompt", "x", "--s-scale", "-1"], "--s-scale must not be negative, got -1"),
+    "negative control": (["--prompt", "x", "--controlnet", "c", "--control-scale", "-1"],
+                         "--control-scale must not be negative, got -1"),
+    "negative content": (["--image", _R, "--content-subtract", "a", "--content-strength", "-1"],
+                         "--content-strength must not be negative, got -1"),
+    "embeds and image": (["--image", _R, "--embeds", "e.safetensors"],
+                         "give --image or --embeds, not both (--embeds already holds the images' features)"),
+    "embeds tiled": (["--embeds", "e.safetensors", "--tiles"],
+                     "--tiles, --mask and --crop act on --image; saved --embeds cannot be re-cropped or tiled"),
+    "embeds masked": (["--embeds", "e.safetensors", "--mask", _R],
+                      "--tiles, --mask and --crop act on --image; saved --embeds cannot be re-cropped or tiled"),
+    "embeds cropped": (["--embeds", "e.safetensors", "--crop", "top"],
+                       "--tiles, --mask and --crop act on --image; saved --embeds cannot be re-cropped or tiled"),
+    "embeds with noise": (["--embeds", "e.safetensors", "--noise", "fade:0.5"],
+                          "--noise makes its negative from --image's pixels, which saved --embeds do not hold; give "
+                          "--negative-image instead"),
+    "combine one image": (["--image", _R, "--combine", "add"],
+                          "--combine add merges several --image references; give at least two"),
+    "weights per image": (["--image", _R, "--image", _R, "--image-weight", "1"],
+                          "got 1 --image-weight for 2 --image; give one per image"),
+    "negative image and noise": (["--image", _R, "--negative-image", _R, "--noise", "fade:0.5"],
+                                 "give --negative-image or --noise, not both (each is the negative reference)"),
+    "text model alone": (["--image", _R, "--content-text-encoder", "t"],
+                         "--content-text-encoder is the text model of --content-subtract; give both"),
+    "text model missing": (["--image", _R, "--content-subtract", "a", "--content-text-encoder", "./nope"],
+                           "--content-text-encoder not found: ./nope (no such file or folder; a Hub model id has the "
+                           "form owner/name)"),
+    "embeds missing": (["--embeds", "./nope.safetensors"], "embeddings file not found: ./nope.safetensors"),
+    "face embedding missing": (["--face-embed", "./nope.npy"], "face embedding not found: ./nope.npy"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKS))
+def test_each_flag_mistake_is_its_own_sentence(tiny_base, case) -> None:
+    from ipadapter.cli.generate import check_args
+    from ipadapter.cli.main import build_parser
+
+    flags, sentence = CHECKS[case]
+    with pytest.raises(IPAdapterError) as raised:
+        check_args(build_parser().parse_args(["generate", *[f.format(root=tiny_base) for f in flags]]))
+    assert str(raised.value) == sentence
+
+
+@pytest.mark.parametrize("flags", [
+    ["--prompt", "x", "--num-images", "1", "--steps", "1", "--seed", "0", "--adapter", "a"],
+    ["--image", _R, "--scale", "0", "--guidance", "0", "--s-scale", "0", "--true-cfg", "0", "--content-subtract", "a",
+     "--content-strength", "0", "--content-text-encoder", "{root}/pipe/text_encoder"],
+    ["--image", _R, "--image", _R, "--combine", "add", "--image-weight", "1", "--image-weight", "2"],
+    ["--embeds", "{root}/ref.png", "--combine", "add"],  # saved embeddings may hold several references
+    ["--image", _R, "--negative-image", _R, "--tiles", "--crop", "top", "--mask", _R],
+    ["--image", _R, "--noise", "fade:0.5", "--controlnet", "c", "--control-scale", "0"],
+    ["--face-embed", "{root}/face.npy", "--base-lora", "l", "--base-lora-scale", "0.5"],
+], ids=["counts of one", "zero scales", "two weighted images", "combined embeds", "image options", "noise",
+        "face embedding"])
+def test_flags_at_each_limit_pass_the_checks(tiny_base, flags) -> None:
+    from ipadapter.cli.generate import check_args
+    from ipadapter.cli.main import build_parser
+
+    check_args(build_parser().parse_args(["generate", *[f.format(root=tiny_base) for f in flags]]))

@@ -238,7 +238,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.content_text_encoder:
         if not args.content_subtract:
             raise IPAdapterError("--content-text-encoder is the text model of --content-subtract; give both")
-        model_source(args.content_text_encoder, "CLIP text model", subfolders=True)
+        model_source(args.content_text_encoder, "--content-text-encoder", subfolders=True)
     if args.embeds:
         regular_file(args.embeds, "embeddings file")
     for face in args.face_embed:

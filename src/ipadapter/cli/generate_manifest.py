@@ -23,7 +23,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise IPAdapterError(f"{given[0]} names one request's input; with --manifest give it per job (image, mask, "
                              "image_weight), as --embeds and --face-embed have no manifest form")
     if args.content_text_encoder:
-        model_source(args.content_text_encoder, "CLIP text model", subfolders=True)
+        model_source(args.content_text_encoder, "--content-text-encoder", subfolders=True)
     if not args.out_dir:
         raise IPAdapterError("--manifest needs --out-dir (the folder for the images, index.jsonl and errors.jsonl)")
     check_counts([("--batch-size", args.batch_size)])
