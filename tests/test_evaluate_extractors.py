@@ -219,3 +219,16 @@ def test_a_judge_saved_without_an_image_processor_gets_clips_at_its_image_size(t
     assert judge.processor.size == expected.size and judge.processor.crop_size == expected.crop_size
     assert torch.equal(judge.processor(images=images, return_tensors="pt").pixel_values,
                        expected(images=images, return_tensors="pt").pixel_values)
+
+
+def test_a_judge_that_is_not_a_clip_or_has_no_weights_is_one_sentence(tmp_path) -> None:
+    vision, _ = factories.tiny_image_encoder()
+    vision.save_pretrained(tmp_path / "vision")
+    with pytest.raises(IPAdapterError) as other:
+        ClipJudge.load(tmp_path / "vision")
+    assert str(other.value) == ("the judge must be a CLIP with image and text towers (CLIPModel), but "
+                                f"{tmp_path / 'vision'} is a CLIPVision model")
+    folder = factories.save_judge(tmp_path / "judge")
+    (tmp_path / "judge" / "model.safetensors").unlink()
+    with pytest.raises(IPAdapterError, match=f"^could not load the judge {folder}: .*model.safetensors"):
+        ClipJudge.load(folder)
