@@ -141,6 +141,7 @@ CASES = {
     "unknown preset": (GENERATE + " --preset nope", "valid"),
     "mask count": (GENERATE + " --mask {w}/ref.png --mask {w}/ref.png", "mask"),
     "no cuda": (GENERATE + " --device cuda", "CUDA is not available"),
+    "unknown dtype": (GENERATE + " --dtype float64", "argument --dtype: invalid choice: 'float64' (choose from "),
     "unknown device": (GENERATE + " --device tpu9", "device"),
     # models and files
     "missing local base": (GENERATE.replace("{w}/pipe", "./nonexistent"), "--base not found: ./nonexistent"),
@@ -156,7 +157,8 @@ CASES = {
     "nan adapter": (GENERATE.replace("base.bin", "nan.bin"), "image_proj.proj.weight holds NaN or Inf"),
     # saved embeddings
     "embeds wrong shape": (GENERATE.replace("--image {w}/ref.png", "--embeds {w}/wrong-shape.safetensors")
-                           .replace("base.bin", "plus.bin"), "cond.0 has shape (1, 3, 5)"),
+                           .replace("base.bin", "plus.bin"),
+                           "{w}/wrong-shape.safetensors: cond.0 has shape (1, 3, 5), but this encoder makes (N, 17, 40)"),
     "embeds empty file": (GENERATE.replace("--image {w}/ref.png", "--embeds {w}/empty.safetensors")
                           .replace("base.bin", "plus.bin"), "cannot read"),
     "embeds bad metadata": (GENERATE.replace("--image {w}/ref.png", "--embeds {w}/bad-meta.safetensors")

@@ -556,7 +556,8 @@ def test_each_flag_mistake_is_its_own_sentence(tiny_base, case) -> None:
     ["--image", _R, "--image", _R, "--combine", "add", "--image-weight", "1", "--image-weight", "2"],
     ["--embeds", "{root}/ref.png", "--combine", "add"],  # saved embeddings may hold several references
     ["--image", _R, "--negative-image", _R, "--tiles", "--crop", "top", "--mask", _R],
-    ["--image", _R, "--noise", "fade:0.5", "--controlnet", "c", "--control-scale", "0"],
+    ["--image", _R, "--noise", "fade:0.5", "--controlnet", "c", "--control-scale", "0", "--content-subtract", "a",
+     "--content-text-encoder", "h94/IP-Adapter/models/text_encoder"],  # a Hub repository's subfolder
     ["--face-embed", "{root}/face.npy", "--base-lora", "l", "--base-lora-scale", "0.5"],
 ], ids=["counts of one", "zero scales", "two weighted images", "combined embeds", "image options", "noise",
         "face embedding"])
@@ -565,3 +566,44 @@ def test_flags_at_each_limit_pass_the_checks(tiny_base, flags) -> None:
     from ipadapter.cli.main import build_parser
 
     check_args(build_parser().parse_args(["generate", *[f.format(root=tiny_base) for f in flags]]))
+
+
+def test_embeds_of_the_other_kind_are_refused_by_kind(tiny_base, tmp_path, capsys) -> None:
+    """A base adapter's file holds the global embedding; Plus reads patch tokens."""
+    emb = tmp_path / "ref.safetensors"
+    pipe = ["--base", str(tiny_base / "pipe")]
+    assert main(["encode", *pipe, "--adapter", str(tiny_base / "base.bin"), "--image", str(tiny_base / "ref.png"),
+                 "--out", str(emb)]) == 0
+    capsys.readouterr()
+    assert main(["generate", *pipe, "--adapter", str(tiny_base / "plus.bin"), "--embeds", str(emb), "--out",
+                 str(tmp_path / "o.png")]) == 2
+    assert _error_line(capsys) == f"{emb} holds global features but this adapter needs patch features"
+
+
+def test_generate_prints_each_image_it_wrote(tiny_base, tmp_path, capsys) -> None:
+    assert _run(tiny_base, "--adapter", str(tiny_base / "base.bin"), "--num-images", "2", out=tmp_path / "x.png") == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'x-0.png'}\n{tmp_path / 'x-1.png'}\n"
+
+
+def test_a_failed_write_says_why_and_that_no_image_was_written(tiny_base, tmp_path, capsys, monkeypatch) -> None:
+    import errno
+
+    from ipadapter import atomic
+
+    def full(images, paths):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "save_pngs", full)
+    out = tmp_path / "x.png"
+    assert _run(tiny_base, "--adapter", str(tiny_base / "base.bin"), out=out) == 2
+    last = capsys.readouterr().err.split("\r")[-1]  # after the progress bar's last redraw
+    assert last == f"ipadapter: error: could not write {out} (No space left on device); no image was written\n"
+
+
+def test_a_face_embedding_of_another_width_is_refused_by_the_adapters_width(tiny_base, tmp_path, capsys) -> None:
+    """Before loading, a face file need only be readable and finite (any number of values); the adapter then says
+    how many values per face it reads (16 for the tiny FaceID adapter)."""
+    np.save(tmp_path / "three.npy", np.ones(3, np.float32))
+    assert _run(tiny_base, "--adapter", str(tiny_base / "faceid.bin"), "--face-embed", str(tmp_path / "three.npy"),
+                out=tmp_path / "o.png") == 2
+    assert _error_line(capsys) == "a face embedding must hold 16 values per face, got torch.Size([3])"
