@@ -607,3 +607,27 @@ def test_a_face_embedding_of_another_width_is_refused_by_the_adapters_width(tiny
     assert _run(tiny_base, "--adapter", str(tiny_base / "faceid.bin"), "--face-embed", str(tmp_path / "three.npy"),
                 out=tmp_path / "o.png") == 2
     assert _error_line(capsys) == "a face embedding must hold 16 values per face, got torch.Size([3])"
+
+
+def test_content_words_go_to_the_paired_text_model_search_with_the_loaded_pipeline(tiny_base, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """The search (`paired_text`) looks in the base pipeline's own text models first, then beside the encoder: generate
+    hands it the loaded pipeline and encoder, the words and --content-text-encoder."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from ipadapter import paired_text
+    from ipadapter.encoders import ImageEncoder
+
+    seen = []
+
+    def embed(pipe, encoder, text, source=None):
+        seen.append((pipe, encoder, text, source))
+        return torch.zeros(1, encoder.global_dim)
+
+    monkeypatch.setattr(paired_text, "paired_text_embeds", embed)
+    assert _run(tiny_base, "--adapter", str(tiny_base / "base.bin"), "--content-subtract", "a red",
+                "--content-text-encoder", str(tiny_base / "pipe" / "text_encoder"), out=tmp_path / "o.png") == 0
+    [(pipe, encoder, text, source)] = seen
+    assert isinstance(pipe, StableDiffusionPipeline) and isinstance(encoder, ImageEncoder)
+    assert (text, source) == ("a red", str(tiny_base / "pipe" / "text_encoder"))

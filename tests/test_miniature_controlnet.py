@@ -13,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from ipadapter.cli.main import build_parser, main
+from ipadapter.errors import IPAdapterError
 from ipadapter.miniature import base_model, controlnet, recipes, world
 from ipadapter.miniature import tokenizer as tok
 from tests import factories
@@ -236,10 +237,8 @@ def test_miniature_keyword_uses_the_shipped_controlnet(tmp_path) -> None:
 
 
 BAD = {
-    "control image without controlnet": (["--control-image", "{root}/mask.png"], "--control-image needs --controlnet "
-                                         "(a ControlNet folder or Hub id, or 'miniature')"),
-    "controlnet without control image": (["--controlnet", "{root}/cn"], "--controlnet needs --control-image (the "
-                                         "conditioning image, e.g. the object's mask)"),
+    "control image without controlnet": (["--control-image", "{root}/mask.png"], "--control-image needs --controlnet"),
+    "controlnet without control image": (["--controlnet", "{root}/cn"], "--controlnet needs --control-image"),
     "missing control image": (["--controlnet", "{root}/cn", "--control-image", "{root}/none.png"], "not found"),
     "control image not an image": (["--controlnet", "{root}/cn", "--control-image", "{root}/base.bin"], "cannot read"),
     "missing controlnet": (["--controlnet", "{root}/none", "--control-image", "{root}/mask.png"],
@@ -259,6 +258,18 @@ def test_bad_control_input_is_one_line_and_writes_nothing(tiny_base, case, tmp_p
     errors = [line for line in err.splitlines() if line.startswith("ipadapter: error:")]
     assert len(errors) == 1 and words in errors[0] and "Traceback" not in err, err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags, sentence", [
+    (["--control-image", "m.png"], "--control-image needs --controlnet (a ControlNet folder or Hub id, or 'miniature')"),
+    (["--controlnet", "cn"], "--controlnet needs --control-image (the conditioning image, e.g. the object's mask)"),
+])
+def test_a_controlnet_and_its_image_go_together(flags, sentence) -> None:
+    from ipadapter.cli.generate import control_kwargs
+
+    with pytest.raises(IPAdapterError) as raised:
+        control_kwargs(build_parser().parse_args(["generate", *flags]))
+    assert str(raised.value) == sentence
 
 
 def test_a_transparent_control_image_is_read_on_black(tmp_path) -> None:
