@@ -631,3 +631,77 @@ def test_content_words_go_to_the_paired_text_model_search_with_the_loaded_pipeli
     [(pipe, encoder, text, source)] = seen
     assert isinstance(pipe, StableDiffusionPipeline) and isinstance(encoder, ImageEncoder)
     assert (text, source) == ("a red", str(tiny_base / "pipe" / "text_encoder"))
+
+
+def _generate_parser():
+    from ipadapter.cli.main import _subcommands, build_parser
+
+    return next(p for p in _subcommands(build_parser()) if p.prog.endswith(" generate"))
+
+
+def test_generate_help_states_each_default_the_parser_has() -> None:
+    """A flag with a default other than nothing says it in its help, as argparse will apply it."""
+    parser = _generate_parser()
+    stated = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings
+              and not (a.default is None or a.default is False or a.default in ([], "", "==SUPPRESS=="))}
+    assert len(stated) == 15
+    for flag, text in stated.items():
+        assert f"(default {parser.get_default(flag.lstrip('-').replace('-', '_'))}" in text, (flag, text)
+
+
+@pytest.mark.parametrize("command, state", [("generate", "off, projected at every step as diffusers does"),
+                                            ("app", "on")])
+def test_the_cache_kv_help_states_the_commands_own_default(command, state) -> None:
+    from ipadapter.cli.main import _subcommands, build_parser
+
+    parser = next(p for p in _subcommands(build_parser()) if p.prog.endswith(f" {command}"))
+    action = next(a for a in parser._actions if "--cache-kv" in a.option_strings)
+    assert action.default is (state == "on")
+    assert f"(default: {state}); the images are the same" in action.help
+
+
+def test_generate_defaults_are_the_python_apis() -> None:
+    """What a flag left out means is what the library does with the parameter left out: `ImagePrompter.generate`,
+    `GenerationRequest`, `load_prompter`, and diffusers' ControlNet pipeline for --control-scale."""
+    import dataclasses
+    import inspect
+
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from ipadapter.loading import load_prompter
+    from ipadapter.prompter import ImagePrompter
+    from ipadapter.request import GenerationRequest
+
+    def signature(function) -> dict:
+        return {name: p.default for name, p in inspect.signature(function).parameters.items()}
+
+    library = {f.name: f.default for f in dataclasses.fields(GenerationRequest) if f.default is not dataclasses.MISSING}
+    library |= {k: v for k, v in signature(ImagePrompter.generate).items() if k in ("prompt", "negative_prompt",
+                                                                                      "num_images")}
+    library["base_lora_scale"] = signature(load_prompter)["base_lora_scale"]
+    library["control_scale"] = signature(StableDiffusionControlNetPipeline.__call__)["controlnet_conditioning_scale"]
+    parser = _generate_parser()
+    compared = {name: parser.get_default(name) for name in library if parser.get_default(name) is not None}
+    assert set(compared) >= {"prompt", "negative_prompt", "num_images", "scale", "start", "end", "combine",
+                             "content_strength", "embeds_scaling", "crop", "tiles", "lora_scale", "seed",
+                             "base_lora_scale", "control_scale"}
+    assert compared == {name: library[name] for name in compared}
+
+
+def test_every_example_in_generate_help_is_a_command_it_takes(capsys) -> None:
+    """The examples are shown as written (line breaks kept) and each parses."""
+    import shlex
+
+    from ipadapter.cli.generate import EXAMPLES
+    from ipadapter.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert capsys.readouterr().out.endswith("\n\n" + EXAMPLES)
+    commands = EXAMPLES.removeprefix("examples:\n").replace("\\\n", " ").splitlines()
+    assert len(commands) == 8
+    for line in commands:
+        words = shlex.split(line.split("#")[0])
+        argv = words[words.index("generate"):] if words[0] == "accelerate" else words[1:]
+        assert argv[0] == "generate"
+        build_parser().parse_args(argv)
