@@ -705,3 +705,10 @@ def test_every_example_in_generate_help_is_a_command_it_takes(capsys) -> None:
         argv = words[words.index("generate"):] if words[0] == "accelerate" else words[1:]
         assert argv[0] == "generate"
         build_parser().parse_args(argv)
+
+
+def test_the_dtype_choices_are_the_dtypes_load_prompter_takes() -> None:
+    from ipadapter.loading import DTYPES
+
+    action = next(a for a in _generate_parser()._actions if "--dtype" in a.option_strings)
+    assert action.choices == list(DTYPES)
