@@ -112,28 +112,42 @@ def test_a_missing_dino_is_named_with_how_to_get_it(tmp_path) -> None:
                                   "give dino=FOLDER")
 
 
-class _SquaredLPIPS(torch.nn.Module):
-    """Stands in for `lpips.LPIPS`: records how it was built; its distance is the mean squared difference."""
+class _RecordingLPIPS(torch.nn.Module):
+    """Stands in for `lpips.LPIPS`: records how it was built, where it was moved and what it was given."""
 
     built: list[dict] = []
+    moved: list[str] = []
+    given: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __init__(self, **kwargs) -> None:
         super().__init__()
-        _SquaredLPIPS.built.append(kwargs)
+        _RecordingLPIPS.built.append(kwargs)
+
+    def to(self, device: str) -> "_RecordingLPIPS":
+        _RecordingLPIPS.moved.append(device)
+        return self
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        assert a.shape == b.shape and a.shape[:2] == (1, 3)
-        return ((a - b) ** 2).mean().view(1, 1, 1, 1)
+        _RecordingLPIPS.given.append((a, b))
+        return torch.full((1, 1, 1, 1), 0.25)
 
 
 def test_lpips_is_alexnet_on_both_images_at_the_first_ones_size_in_minus_1_to_1(monkeypatch) -> None:
-    _SquaredLPIPS.built.clear()
-    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=_SquaredLPIPS))
-    distance = extractors.lpips_distance()
+    for record in (_RecordingLPIPS.built, _RecordingLPIPS.moved, _RecordingLPIPS.given):
+        record.clear()
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=_RecordingLPIPS))
+    distance = extractors.lpips_distance(device="meta")
     a, b = factories.reference_image(0, size=48), factories.reference_image(1, size=40).convert("L")
-    expected = ((_pixels(a, a.size) / 127.5 - 1) - (_pixels(b, a.size) / 127.5 - 1)) ** 2
-    assert distance(a, b) == pytest.approx(float(expected.mean()), rel=1e-5)
-    assert _SquaredLPIPS.built == [{"net": "alex", "verbose": False}]
+    assert distance(a, b) == 0.25
+    assert _RecordingLPIPS.built == [{"net": "alex", "verbose": False}] and _RecordingLPIPS.moved == ["meta"]
+    [(x, y)] = _RecordingLPIPS.given
+    for got in (x, y):
+        assert got.device.type == "meta" and got.dtype == torch.float32 and got.shape == (1, 3, 48, 48)
+    extractors.lpips_distance()(a, b)
+    x, y = _RecordingLPIPS.given[-1]
+    for got, image in ((x, a), (y, b)):
+        expected = torch.from_numpy(_pixels(image, a.size) / 127.5 - 1).permute(2, 0, 1)[None]
+        assert got.dtype == torch.float32 and torch.allclose(got, expected)
 
 
 def test_lpips_that_cannot_load_its_weights_or_is_not_installed_is_unavailable(monkeypatch) -> None:
@@ -181,7 +195,7 @@ def test_arcface_without_insightface_is_unavailable_with_the_reason(monkeypatch)
 def test_feature_distance_is_the_mean_squared_difference_of_unit_feature_vectors() -> None:
     """With the identity as the network: per pixel, the RGB vectors in [-1, 1] made unit length, their squared
     difference summed over channels, averaged over pixels."""
-    a, b = factories.reference_image(0, size=20), factories.reference_image(1, size=24)
+    a, b = factories.reference_image(0, size=20), factories.reference_image(1, size=24).convert("L")
     unit = [F.normalize(torch.from_numpy(_pixels(im, (16, 16)) / 127.5 - 1), dim=-1) for im in (a, b)]
     expected = float(((unit[0] - unit[1]) ** 2).sum(dim=-1).mean())
     assert extractors.feature_distance(torch.nn.Identity(), size=16)(a, b) == pytest.approx(expected, rel=1e-5)
@@ -232,3 +246,60 @@ def test_a_judge_that_is_not_a_clip_or_has_no_weights_is_one_sentence(tmp_path) 
     (tmp_path / "judge" / "model.safetensors").unlink()
     with pytest.raises(IPAdapterError, match=f"^could not load the judge {folder}: .*model.safetensors"):
         ClipJudge.load(folder)
+
+
+def test_dino_is_read_from_disk_only_and_moved_to_the_device(monkeypatch) -> None:
+    """Nothing here downloads: the model and its processor are read with local_files_only, then run on `device`."""
+    import transformers
+
+    calls, moved = [], []
+
+    class Model(torch.nn.Module):
+        def to(self, device: str) -> "Model":
+            moved.append(device)
+            return self
+
+    def reader(kind: str, result):
+        return lambda source, **kwargs: calls.append((kind, source, kwargs)) or result
+
+    monkeypatch.setattr(transformers.Dinov2Model, "from_pretrained", reader("model", Model()))
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", reader("processor", None))
+    extractors.dino_embedder("facebook/dinov2-base", device="cuda:1")
+    assert calls == [("model", "facebook/dinov2-base", {"local_files_only": True}),
+                     ("processor", "facebook/dinov2-base", {"local_files_only": True})]
+    assert moved == ["cuda:1"]
+
+
+def test_inception_is_loaded_onto_the_device_and_a_bad_file_gets_torchs_reason(tmp_path, monkeypatch) -> None:
+    from ipadapter.errors import first_clause
+
+    path = tmp_path / extractors.INCEPTION_FILE
+    path.write_bytes(b"not a model")
+    with pytest.raises(RuntimeError) as torch_says:
+        torch.jit.load(str(path))
+    with pytest.raises(IPAdapterError) as raised:
+        extractors.inception_features(path)
+    assert str(raised.value) == f"{path} is not a TorchScript Inception model: {first_clause(str(torch_says.value))}"
+    seen = []
+    monkeypatch.setattr(torch.jit, "load", lambda name, **kwargs: seen.append((name, kwargs)) or _MeanInception())
+    extractors.inception_features(path, device="cuda:1")
+    assert seen == [(str(path), {"map_location": "cuda:1"})]
+
+
+def test_the_judge_is_frozen_float32_on_its_device_with_the_processor_given_or_saved(tmp_path) -> None:
+    """A judge saved in half precision measures in float32; it is never trained; `processor=` replaces the saved
+    one, and the saved one (not CLIP's defaults) is used otherwise."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    folder = factories.save_judge(tmp_path / "judge")
+    CLIPModel.from_pretrained(folder).half().save_pretrained(folder)
+    saved = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
+                               image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+    saved.save_pretrained(folder)
+    judge = ClipJudge.load(folder)
+    assert judge.model.dtype == torch.float32 and judge.name == folder
+    assert not any(p.requires_grad for p in judge.model.parameters())
+    assert (judge.processor.size, judge.processor.image_mean) == (saved.size, saved.image_mean)
+    given = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    assert ClipJudge.load(folder, processor=given).processor is given
+    assert ClipJudge.load(folder, device="meta").device.type == "meta"

@@ -148,9 +148,10 @@ def arcface_embedder() -> EmbedFn:
     return embed
 
 
-def feature_distance(network: Callable[[torch.Tensor], torch.Tensor], size: int = 64) -> Distance:
+def feature_distance(network: Callable[[torch.Tensor], torch.Tensor], size: int) -> Distance:
     """A distance from any feature network: mean squared difference of unit-normalised feature maps (LPIPS-like,
-    without the learned per-channel weights) — for tests and for runs that inject their own network."""
+    without the learned per-channel weights) on images resized to `size` — for tests and for runs that inject their
+    own network."""
 
     @torch.no_grad()
     def distance(a: Image.Image, b: Image.Image) -> float:
