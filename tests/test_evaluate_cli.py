@@ -260,7 +260,7 @@ def test_a_judge_in_the_local_hub_cache_is_read_without_asking_the_hub(setup, tm
     factories.write_hub_cache(tmp_path / "hub", UNCACHED, setup / "judge")
     sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
     judge = ClipJudge.load(UNCACHED)
-    assert judge.name == UNCACHED and [url for url in sent if UNCACHED in url] == []
+    assert judge.text_embeds(["a red circle"]).shape == (1, 24) and [url for url in sent if UNCACHED in url] == []
 
 
 def test_a_sample_is_the_generate_command_with_the_runs_settings(setup, tmp_path, capsys) -> None:

@@ -297,9 +297,16 @@ def test_the_judge_is_frozen_float32_on_its_device_with_the_processor_given_or_s
                                image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
     saved.save_pretrained(folder)
     judge = ClipJudge.load(folder)
-    assert judge.model.dtype == torch.float32 and judge.name == folder
+    assert judge.model.dtype == torch.float32
     assert not any(p.requires_grad for p in judge.model.parameters())
     assert (judge.processor.size, judge.processor.image_mean) == (saved.size, saved.image_mean)
     given = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     assert ClipJudge.load(folder, processor=given).processor is given
     assert ClipJudge.load(folder, device="meta").device.type == "meta"
+
+
+def test_pooled_takes_a_tensor_as_is_or_an_outputs_pooler_output() -> None:
+    """transformers 4's `get_*_features` return the tensor, 5's an output holding it as `pooler_output`."""
+    features = torch.randn(2, 8)
+    assert pooled(features) is features
+    assert pooled(types.SimpleNamespace(pooler_output=features)) is features

@@ -36,7 +36,7 @@ def _read_judge(source: str, processor: object | None, local: bool) -> tuple[tor
     if not isinstance(config, CLIPConfig):
         raise IPAdapterError(
             f"the judge must be a CLIP with image and text towers (CLIPModel), but {source} is a "
-            f"{type(config).__name__.removesuffix('Config') or 'different'} model"
+            f"{type(config).__name__.removesuffix('Config')} model"
         )
     model = CLIPModel.from_pretrained(source, dtype=torch.float32, local_files_only=local)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
@@ -52,11 +52,10 @@ def _read_judge(source: str, processor: object | None, local: bool) -> tuple[tor
 class ClipJudge:
     """Unit-norm CLIP image and text embeddings; CLIP-I and CLIP-T are dot products of these."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: object, processor: object, name: str = "") -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: object, processor: object) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.processor = processor
-        self.name = name
 
     @classmethod
     def load(cls, source: str | os.PathLike, *, processor: object | None = None, device: str = "cpu") -> "ClipJudge":
@@ -70,7 +69,7 @@ class ClipJudge:
                 lambda local: _read_judge(source, processor, local), source, "the judge")
         except (OSError, ValueError) as err:
             raise IPAdapterError(f"could not load the judge {source}: {first_clause(str(err))}") from None
-        return cls(model.to(device), tokenizer, image_processor, name=source)
+        return cls(model.to(device), tokenizer, image_processor)
 
     @property
     def device(self) -> torch.device:
