@@ -96,7 +96,7 @@ EXAMPLES = """examples:
 """
 
 
-def with_bundled(config: Any, *, resolution_given: bool = True) -> Any:
+def with_bundled(config: Any, *, resolution_given: bool) -> Any:
     """`--base miniature` (and `--image-encoder miniature`) as the bundled model's folders, as generate reads the
     keyword; with the bundled base, its own image encoder unless another is named, and its own size (not the paper's
     512 px, 64 times the work) unless a resolution is given."""
