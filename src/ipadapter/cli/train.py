@@ -122,8 +122,9 @@ def _run(args: argparse.Namespace) -> int:
 
     show_own_logs()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    given = args.resolution is not None or "resolution" in (read_config_file(args.config) if args.config else {})
-    config = with_bundled(TrainConfig.load(args.config, overrides), resolution_given=given)
+    values = read_config_file(args.config) if args.config else {}
+    config = TrainConfig.merge(values, overrides, source=str(args.config))
+    config = with_bundled(config, resolution_given=args.resolution is not None or "resolution" in values)
     try:
         return _train_or_estimate(args, config)
     except FieldError as err:

@@ -225,10 +225,14 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "TrainConfig":
         """A YAML (.yaml/.yml) or TOML (.toml) file, then `overrides` (the command line's flags) on top."""
-        values = read_config_file(path) if path else {}
+        return cls.merge(read_config_file(path) if path else {}, overrides, source=str(path))
+
+    @classmethod
+    def merge(cls, values: dict[str, Any], overrides: dict[str, Any] | None, *, source: str) -> "TrainConfig":
+        """A config file's `values` (read from `source`) with the flags given in `overrides` (None: not given) on
+        top, for a caller that also reads the file's values itself."""
         given = {k: v for k, v in (overrides or {}).items() if v is not None}
-        values.update(given)
-        return cls.from_dict(values, source=str(path), flags=given)  # without a file every value is a flag's
+        return cls.from_dict({**values, **given}, source=source, flags=given)  # without a file every value is a flag's
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
