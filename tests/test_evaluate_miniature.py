@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ipadapter.evaluate.manifests import read_manifest
 from ipadapter.miniature.judge import AttributeClassifier, Judge
@@ -47,3 +49,74 @@ def test_the_reports_references_are_held_out_unless_the_training_split_is_asked_
     held, seen = Inputs.build(8), Inputs.build(8, "train")
     assert {a.triple for a in held.attrs} <= HELD_OUT
     assert not {a.triple for a in seen.attrs} & HELD_OUT
+
+
+def test_the_protocols_judges_are_the_bundled_judge_or_the_folder_given(tmp_path) -> None:
+    """Both judges read the shipped judge folder by default, and another folder when one is given: a copy whose
+    weights were changed is what gets loaded then."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ipadapter.bundled import judge_path
+    from ipadapter.evaluate.judges import ClipJudge
+    from ipadapter.miniature import protocol, tiny_clip
+
+    shipped = judge_path()
+    copy = tmp_path / "judge"
+    shutil.copytree(shipped, copy)
+    for path in (copy / "classifier.safetensors", copy / "clip" / "model.safetensors"):
+        save_file({k: v + 1 if v.is_floating_point() else v for k, v in load_file(path).items()}, path)
+    def first_float(path: Path) -> tuple[str, torch.Tensor]:
+        return next((k, v.float()) for k, v in load_file(path).items() if v.is_floating_point())
+
+    for folder, read in ((None, shipped), (shipped, shipped), (str(copy), copy)):
+        clip_name, clip_weight = first_float(read / "clip" / "model.safetensors")
+        classifier_name, classifier_weight = first_float(read / "classifier.safetensors")
+        clip = protocol.clip_judge(folder)
+        assert isinstance(clip, ClipJudge)
+        assert clip.processor.to_dict() == tiny_clip.image_processor().to_dict()
+        torch.testing.assert_close(clip.model.state_dict()[clip_name], clip_weight)
+        judge = protocol.attribute_judge(folder)
+        assert isinstance(judge, Judge)
+        torch.testing.assert_close(judge.classifier.state_dict()[classifier_name], classifier_weight)
+        torch.testing.assert_close(judge.clip.model.state_dict()[clip_name], clip_weight)
+    for name in ("classifier.safetensors", "clip/model.safetensors"):
+        assert not torch.equal(first_float(copy / name)[1], first_float(shipped / name)[1])
+
+
+def test_another_background_keeps_the_object_and_changes_both_background_slots() -> None:
+    import numpy as np
+
+    from ipadapter.miniature.protocol import other_background
+    from ipadapter.miniature.world import COLOURS, PATTERNS
+
+    rng = np.random.default_rng(0)
+    seen_colours, seen_patterns = set(), set()
+    scene = Attrs("ring", "red", "small", "top", "blue", "checkered")
+    for _ in range(400):
+        target = other_background(scene, rng)
+        assert (target.shape, target.colour, target.size, target.position) == ("ring", "red", "small", "top")
+        seen_colours.add(target.bg_colour)
+        seen_patterns.add(target.pattern)
+    assert seen_colours == set(COLOURS) - {"red", "blue"}
+    assert seen_patterns == set(PATTERNS) - {"checkered"}
+
+
+def test_references_are_the_documented_scenes_on_backgrounds_drawn_with_the_next_seed(tmp_path) -> None:
+    """docs/evaluation.md: references are `world.make_batch(4242, N, "heldout")`, new backgrounds drawn with 4243."""
+    import numpy as np
+
+    from ipadapter.miniature.protocol import other_background
+    from ipadapter.miniature.world import make_batch
+
+    path = miniature_manifest(tmp_path, 5)
+    assert path == tmp_path / "manifest.jsonl"
+    images, scenes = make_batch(4242, 5, "heldout")
+    rng = np.random.default_rng(4243)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, (record, image, scene) in enumerate(zip(records, images, scenes, strict=True)):
+        target = other_background(scene, rng)
+        assert record == {"image_file": f"images/heldout_{i:04d}.png", "text": caption(target),
+                          "attrs": target.__dict__, "reference_text": caption(scene)}
+        assert np.array_equal(np.asarray(Image.open(tmp_path / record["image_file"])), image)

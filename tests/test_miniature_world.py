@@ -315,3 +315,189 @@ def test_patch_heads_targets_follow_the_encoders_token_order():
     heads.loss(tokens, mask, full)
     rows, labels = seen[0]
     assert torch.equal(rows, tokens[0, moved]) and torch.equal(labels, full)
+
+
+def test_saved_tokenizer_files_follow_the_published_clip_layout(tmp_path):
+    """The files of openai/clip-vit-large-patch14's tokenizer: BPE merges under a "#version: 0.2" header, the
+    start/end tokens, the end token doubling as padding and unknown, and the class that AutoTokenizer builds."""
+    from transformers import AutoTokenizer
+
+    folder = tok.save_tokenizer(tmp_path / "made" / "here", max_length=12)
+    assert folder == tmp_path / "made" / "here"
+    merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert merges[0] == "#version: 0.2" and all(len(line.split(" ")) == 2 for line in merges[1:])
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    assert vocab["<|startoftext|>"] == 0 and vocab["<|endoftext|>"] == 1
+    assert json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8")) == {
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+    }
+    assert json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")) == {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 12, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "do_lower_case": True,
+    }
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=False)
+    assert type(tokenizer).__name__ == "CLIPTokenizer" and tokenizer.model_max_length == 12
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|startoftext|>", "<|endoftext|>")
+    assert tokenizer.pad_token == tokenizer.unk_token == "<|endoftext|>"
+    padded = tokenizer("a red circle", padding="max_length", max_length=12).input_ids
+    assert padded[:5] == [0] + tokenizer("a red circle").input_ids[1:-1] + [1] and padded[5:] == [1] * 7
+    assert tokenizer.convert_tokens_to_ids("zebra</w>") == 1
+    assert tokenizer("A Red CIRCLE").input_ids == tokenizer("a red circle").input_ids
+
+
+def test_vocabulary_holds_the_start_end_characters_and_every_merge_product():
+    """Ids: start 0, end 1, then every character alone and word-final, then what each merge makes, in merge order;
+    merges are learnt most frequent pair first, so applying them by rank makes every caption word one symbol."""
+    vocab, merges = tok.build_vocab()
+    words = tok.vocabulary_words()
+    assert list(vocab)[:2] == ["<|startoftext|>", "<|endoftext|>"] and sorted(vocab.values()) == list(range(len(vocab)))
+    letters = sorted(set("".join(words)))
+    assert set(letters) | {c + "</w>" for c in letters} <= set(vocab)
+    assert all(vocab[a + b] > vocab[c] for a, b in merges for c in letters)
+    assert {w + "</w>" for w in words} <= set(vocab) and tok.vocab_size() == len(vocab)
+    first = {}
+    for w in words:
+        symbols = [*w[:-1], w[-1] + "</w>"]
+        for pair in zip(symbols, symbols[1:]):
+            first[pair] = first.get(pair, 0) + 1
+    most = max(first.values())
+    assert merges[0] == min(p for p, n in first.items() if n == most)
+    assert len(merges) == len(set(merges))
+
+
+def test_vocabulary_is_the_specials_the_characters_and_the_merge_products_only():
+    vocab, merges = tok.build_vocab()
+    letters = set("".join(tok.vocabulary_words()))
+    expected = {"<|startoftext|>", "<|endoftext|>"} | letters | {c + "</w>" for c in letters}
+    assert set(vocab) == expected | {a + b for a, b in merges}
+
+
+@pytest.mark.parametrize("keep,text", [
+    ({"size"}, "a large object"),
+    ({"shape"}, "a circle"),
+    ({"colour"}, "a red object"),
+    ({"bg_colour"}, "on a blue background"),
+    ({"pattern"}, "on a checkered background"),
+    ({"size", "colour", "position", "pattern"}, "a large red object at the top left on a checkered background"),
+    ({"shape", "bg_colour"}, "a circle on a blue background"),
+])
+def test_partial_captions_read_as_the_grammar_with_the_unnamed_words_left_out(keep, text):
+    a = world.Attrs("circle", "red", "large", "top left", "blue", "checkered")
+    assert world.partial_caption(a, frozenset(keep)) == text
+
+
+def test_every_partial_caption_is_the_full_caption_with_words_left_out():
+    """For all 64 subsets: the words appear in the full caption's order ("object" standing in for the shape), and
+    the words of a slot are there exactly when it is kept."""
+    from itertools import combinations
+
+    a = world.Attrs("cross", "white", "small", "bottom right", "purple", "horizontal striped")
+    full = world.caption(a).split()
+    for k in range(len(world.SLOTS) + 1):
+        for keep in combinations(world.SLOTS, k):
+            words = world.partial_caption(a, frozenset(keep)).split()
+            rest = iter(full)
+            assert all(w in rest for w in words if w != "object"), keep
+            for slot in world.SLOTS:
+                value = getattr(a, slot).split()
+                present = any(words[i:i + len(value)] == value for i in range(len(words)))
+                assert present == (slot in keep), (keep, slot)
+
+
+@pytest.mark.parametrize("full", [0.0, 0.5, 1.0])
+def test_random_slots_names_everything_with_probability_full_else_a_fair_nonempty_subset(full):
+    """A non-empty subset with each slot kept at 1/2 is any of the 63 non-empty subsets alike: each slot is in 32."""
+    rng = np.random.default_rng(7)
+    draws = [world.random_slots(rng, full=full) for _ in range(4000)]
+    assert all(draws) and all(d <= set(world.SLOTS) for d in draws)
+    share_full = np.mean([d == frozenset(world.SLOTS) for d in draws])
+    expected_full = full + (1 - full) / 63
+    assert abs(share_full - expected_full) < 4 * np.sqrt(expected_full * (1 - expected_full) / 4000) + 1e-9
+    for slot in world.SLOTS:
+        kept = np.mean([slot in d for d in draws])
+        expected = full + (1 - full) * 32 / 63
+        assert abs(kept - expected) < 4 * np.sqrt(expected * (1 - expected) / 4000) + 1e-9
+
+
+def test_random_slots_names_every_slot_half_the_time_by_default():
+    by_default, half = np.random.default_rng(9), np.random.default_rng(9)
+    assert [world.random_slots(by_default) for _ in range(200)] == [world.random_slots(half, 0.5) for _ in range(200)]
+
+
+def test_scenes_are_drawn_uniformly_and_a_bad_split_is_named():
+    rng = np.random.default_rng(11)
+    train = [world.sample_attrs(rng) for _ in range(3000)]
+    for name, values in world.ATTRIBUTES.items():
+        counts = np.array([sum(getattr(a, name) == v for a in train) for v in values])
+        assert counts.min() > 0.7 * len(train) / len(values), name
+    held = [world.sample_attrs(rng, "heldout") for _ in range(600)]
+    assert {a.triple for a in held} == world.HELD_OUT
+    for name in ("size", "position", "pattern"):
+        assert {getattr(a, name) for a in held} == set(world.ATTRIBUTES[name])
+    with pytest.raises(ValueError, match="split must be 'train' or 'heldout', not 'test'"):
+        world.sample_attrs(rng, "test")
+
+
+def test_draw_is_the_image_of_draw_with_mask_in_each_style():
+    attrs = world.Attrs("triangle", "cyan", "large", "bottom", "red", "gradient")
+    for style in world.STYLES:
+        image = world.draw(attrs, np.random.default_rng(3), style)
+        assert np.array_equal(image, world.draw_with_mask(attrs, np.random.default_rng(3), style)[0])
+    plain, two_tone = (world.draw(attrs, np.random.default_rng(3), s) for s in world.STYLES)
+    assert not np.array_equal(plain, two_tone)
+    with pytest.raises(ValueError, match="style must be one of plain, two-tone, not 'bold'"):
+        world.draw(attrs, np.random.default_rng(3), "bold")
+
+
+def test_masked_batches_are_the_batches_images_with_the_drawn_masks():
+    images, masks, attrs = world.make_masked_batch(8, 6, "heldout", "two-tone")
+    same, same_attrs = world.make_batch(8, 6, "heldout", "two-tone")
+    assert np.array_equal(images, same) and attrs == same_attrs and {a.triple for a in attrs} <= world.HELD_OUT
+    rng = np.random.default_rng(8)
+    for _ in range(6):
+        world.sample_attrs(rng, "heldout")
+    for image, mask, a in zip(images, masks, attrs):
+        drawn, coverage = world.draw_with_mask(a, rng, "two-tone")
+        assert np.array_equal(image, drawn) and np.array_equal(mask, coverage)
+    assert masks.shape == (6, 64, 64) and masks.dtype == np.float32
+    assert not np.array_equal(world.make_batch(8, 6, "heldout")[0], images)
+
+
+@pytest.mark.parametrize("masks", [False, True])
+def test_the_dataset_holds_the_batches_images_masks_and_a_share_of_partial_captions(tmp_path, masks):
+    """Images and masks are `make_masked_batch(seed, n, split)`'s (plain style); about `partial` of the captions
+    name a subset of the slots; a mask is written, and named, only when asked for."""
+    manifest = world.write_dataset(tmp_path, 40, seed=5, split="heldout", masks=masks, partial=0.5)
+    assert manifest == tmp_path / "manifest.jsonl"
+    images, object_masks, attrs = world.make_masked_batch(5, 40, "heldout")
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(records) == 40 and (tmp_path / "masks").is_dir() == masks
+    partial = 0
+    for i, (record, image, mask, a) in enumerate(zip(records, images, object_masks, attrs)):
+        assert record["image_file"] == f"images/heldout_{i:06d}.png" and record["attrs"] == a.__dict__
+        assert np.array_equal(np.asarray(Image.open(tmp_path / record["image_file"])), image)
+        full = world.caption(a)
+        partial += record["text"] != full
+        assert set(record["text"].split()) <= set(full.split()) | {"object"}
+        if masks:
+            assert record["mask_file"] == f"masks/heldout_{i:06d}.png"
+            assert np.array_equal(np.asarray(Image.open(tmp_path / record["mask_file"])),
+                                  np.asarray(world.mask_image(mask)))
+        else:
+            assert "mask_file" not in record
+    assert 10 <= partial <= 30
+    assert all(json.loads(line)["text"] == world.caption(world.Attrs(**json.loads(line)["attrs"]))
+               for line in world.write_dataset(tmp_path / "full", 10, seed=5).read_text().splitlines())
+
+
+def test_a_dataset_is_a_function_of_its_seed_and_can_be_rebuilt_in_place(tmp_path):
+    """The same seed writes the same manifest (partial captions included), again into the same folder with its
+    masks; with `partial` 0 the same scenes have their full captions."""
+    first = world.write_dataset(tmp_path, 30, seed=2, masks=True, partial=0.6).read_text()
+    again = world.write_dataset(tmp_path, 30, seed=2, masks=True, partial=0.6).read_text()
+    assert first == again
+    texts = [json.loads(line)["text"] for line in first.splitlines()]
+    other = world.write_dataset(tmp_path / "other", 30, seed=2, partial=0.0).read_text()
+    full = [json.loads(line)["text"] for line in other.splitlines()]
+    assert texts != full and sum(t != f for t, f in zip(texts, full)) >= 10

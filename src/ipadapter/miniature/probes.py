@@ -3,6 +3,11 @@
 A stage below its ceiling caps every stage after it, so each recipe's output is measured on held-out scenes:
 linear probes on the image encoder's features, caption-vs-one-slot-changed retrieval for the text tower, the judge
 on VAE reconstructions, and the judge on text-to-image samples (full and partial captions).
+
+Each probe reads its own scenes, so the numbers in docs/miniature.md can be measured again: the encoder probes train
+on `make_batch(2024, 3072, "train")` and test on `make_batch(2025, 1024, "heldout")`, the text probes read
+`make_batch(2026, n, "heldout")` and the VAE's ceiling `make_batch(2027, 512, "heldout")`; the base model's text-only
+check samples 64 captions of `make_batch(778, 64, "heldout")` with 25 DDIM steps at guidance 5.
 """
 
 from __future__ import annotations
