@@ -119,3 +119,28 @@ def test_an_uncached_hub_id_is_one_line_naming_the_base(tmp_path, monkeypatch) -
         "folder")
     assert [url for url in sent if "ipadapter-tests" in url] == [
         "https://huggingface.co/api/models/ipadapter-tests/not-cached"]
+
+
+def test_an_unreadable_config_is_named_with_its_folder(bases, tmp_path) -> None:
+    """The scheduler's config (read by `load_base`) and the UNet's and VAE's (read by `base_configs` before any
+    weights, to check a resolution): "cannot read <base>/<subfolder>: <the library's reason>"."""
+    from ipadapter.train.models import base_configs
+
+    for part, read in (("scheduler", load_base), ("unet", base_configs), ("vae", base_configs)):
+        folder = shutil.copytree(bases["sd"], tmp_path / part)
+        (folder / part / ("scheduler_config.json" if part == "scheduler" else "config.json")).write_text("{ not json")
+        with pytest.raises(IPAdapterError) as caught:
+            read(str(folder))
+        prefix = f"cannot read {folder}/{part}: "
+        assert str(caught.value).startswith(prefix) and len(str(caught.value)) > len(prefix) + 5
+
+
+def test_the_configs_of_an_uncached_hub_id_are_one_line_naming_the_base(tmp_path, monkeypatch) -> None:
+    from ipadapter.train.models import base_configs
+
+    factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    with pytest.raises(IPAdapterError) as caught:
+        base_configs("ipadapter-tests/not-cached")
+    assert str(caught.value).startswith(
+        "the base model ipadapter-tests/not-cached is not in the local Hugging Face cache and the Hub cannot be "
+        "reached")

@@ -41,14 +41,14 @@ class BaseModels:
         return dim if isinstance(dim, int) else dim[0]
 
 
-def _from_pretrained(cls: Any, source: str, what: str, **kwargs: Any) -> Any:
-    """One part of the base, from disk when it is there (`from_cache_or_hub`)."""
+def _from_pretrained(cls: Any, source: str, what: str, subfolder: str) -> Any:
+    """One part of the base (its `subfolder`), from disk when it is there (`from_cache_or_hub`)."""
     try:
-        return from_cache_or_hub(lambda local: cls.from_pretrained(source, local_files_only=local, **kwargs), source,
-                                 "the base model")
+        return from_cache_or_hub(
+            lambda local: cls.from_pretrained(source, subfolder=subfolder, local_files_only=local), source,
+            "the base model")
     except (OSError, ValueError) as err:
-        where = f"{source}/{kwargs['subfolder']}" if kwargs.get("subfolder") else source
-        raise IPAdapterError(f"cannot load the {what} from {where}: {first_clause(str(err))}") from None
+        raise IPAdapterError(f"cannot load the {what} from {source}/{subfolder}: {first_clause(str(err))}") from None
 
 
 def _has(source: str, subfolder: str) -> bool:
@@ -106,7 +106,7 @@ def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseMo
     """UNet and scheduler config always; VAE and text encoder(s) unless a feature cache replaces them."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    unet = _from_pretrained(UNet2DConditionModel, source, "UNet", subfolder="unet")
+    unet = _from_pretrained(UNet2DConditionModel, source, "UNet", "unet")
     scheduler = _config(DDPMScheduler, source, "scheduler") if Path(source, "scheduler").is_dir() or \
         not Path(source).is_dir() else None
     if scheduler is None:
@@ -137,19 +137,19 @@ def place_frozen(device: Any, weight_dtype: torch.dtype, vae: nn.Module | None, 
 def load_vae(source: str) -> nn.Module:
     from diffusers import AutoencoderKL
 
-    return _from_pretrained(AutoencoderKL, source, "VAE", subfolder="vae")
+    return _from_pretrained(AutoencoderKL, source, "VAE", "vae")
 
 
 def load_text_encoders(source: str, *, sdxl: bool) -> tuple[list[Any], list[nn.Module]]:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    tokenizers = [_from_pretrained(CLIPTokenizer, source, "tokenizer", subfolder="tokenizer")]
-    encoders = [_from_pretrained(CLIPTextModel, source, "text encoder", subfolder="text_encoder")]
+    tokenizers = [_from_pretrained(CLIPTokenizer, source, "tokenizer", "tokenizer")]
+    encoders = [_from_pretrained(CLIPTextModel, source, "text encoder", "text_encoder")]
     if sdxl:
         if not _has(source, "text_encoder_2"):
             raise IPAdapterError(f"{source} is an SDXL base but has no text_encoder_2 folder")
-        tokenizers.append(_from_pretrained(CLIPTokenizer, source, "tokenizer 2", subfolder="tokenizer_2"))
-        encoders.append(_from_pretrained(CLIPTextModelWithProjection, source, "text encoder 2", subfolder="text_encoder_2"))
+        tokenizers.append(_from_pretrained(CLIPTokenizer, source, "tokenizer 2", "tokenizer_2"))
+        encoders.append(_from_pretrained(CLIPTextModelWithProjection, source, "text encoder 2", "text_encoder_2"))
     for e in encoders:
         freeze(e)
     return tokenizers, encoders
