@@ -84,6 +84,28 @@ def test_sdxl_vae_stays_fp32_under_fp16() -> None:
     assert vae_dtype(sdxl_like, torch.float16) == torch.float32
     assert vae_dtype(sdxl_like, torch.bfloat16) == torch.bfloat16  # bf16 has fp32's range
     assert vae_dtype(sd_like, torch.float16) == torch.float16
+    assert vae_dtype(SimpleNamespace(config=SimpleNamespace()), torch.float16) == torch.float16  # says nothing
+
+
+@pytest.mark.parametrize("weight_dtype,upcast,vae_expected", [
+    (torch.float16, True, torch.float32),
+    (torch.float16, False, torch.float16),
+    (torch.bfloat16, True, torch.bfloat16),
+])
+def test_frozen_parts_are_placed_in_the_runs_precision_and_the_vae_as_it_needs(weight_dtype, upcast,
+                                                                               vae_expected) -> None:
+    """The text encoder in the run's precision, the VAE in it too unless fp16 would overflow it; a missing part
+    (None) is skipped."""
+    from ipadapter.train.models import place_frozen
+    from tests import factories
+
+    vae, encoder = factories.tiny_vae(), factories.tiny_text_encoder(16)
+    vae.register_to_config(force_upcast=upcast)
+    place_frozen("cpu", weight_dtype, vae, [encoder, None])
+    assert {p.dtype for p in encoder.parameters()} == {weight_dtype}
+    assert {p.dtype for p in vae.parameters()} == {vae_expected}
+    place_frozen("cpu", torch.float32, None, [encoder])
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.5, 2.0, 100.0])
