@@ -57,3 +57,22 @@ def test_the_config_counts_but_not_its_private_or_version_fields() -> None:
     before = module_fingerprint(vae)
     vae.register_to_config(force_upcast=not vae.config.force_upcast)
     assert module_fingerprint(vae) != before
+
+
+def test_precision_and_provenance_fields_of_any_config_do_not_count() -> None:
+    """A diffusers-like config (a mapping): the weights' precision as older and newer transformers name it
+    (`torch_dtype`, `dtype`), the library version and private fields like `_name_or_path` leave the hash alone;
+    every other field is hashed."""
+    def with_config(**config) -> nn.Module:
+        torch.manual_seed(0)
+        module = nn.Linear(4, 4)
+        module.config = {"hidden": 4, **config}
+        return module
+
+    base = module_fingerprint(with_config(torch_dtype="float32", dtype="float32", transformers_version="4.40.0",
+                                          _name_or_path="a"))
+    assert module_fingerprint(with_config(torch_dtype="float16", dtype="bfloat16", transformers_version="5.0.0",
+                                          _name_or_path="b")) == base
+    assert module_fingerprint(with_config()) == base
+    assert module_fingerprint(with_config(hidden=8)) != base
+    assert module_fingerprint(with_config(extra=None)) != base
