@@ -144,3 +144,34 @@ def test_the_configs_of_an_uncached_hub_id_are_one_line_naming_the_base(tmp_path
     assert str(caught.value).startswith(
         "the base model ipadapter-tests/not-cached is not in the local Hugging Face cache and the Hub cannot be "
         "reached")
+
+
+@pytest.mark.parametrize("vae_blocks,unet_blocks,step", [
+    (4, 4, 64),  # SD 1.5: the VAE downscales 8x (three halvings), the UNet three more: sizes in steps of 64 px
+    (4, 3, 32),  # SDXL: the same VAE, a UNet with two halvings
+    (2, 2, 4),   # the tests' tiny models
+])
+def test_resolutions_come_in_steps_of_both_downscales(vae_blocks, unet_blocks, step) -> None:
+    from ipadapter.errors import FieldError
+    from ipadapter.train.models import check_resolution, resolution_step
+
+    vae, unet = {"block_out_channels": [8] * vae_blocks}, {"down_block_types": ["DownBlock2D"] * unet_blocks}
+    assert resolution_step(unet, vae) == step
+    check_resolution(10 * step, unet, vae)
+    with pytest.raises(FieldError) as caught:
+        check_resolution(10 * step + step // 2, unet, vae)
+    assert caught.value.problem == (
+        f"{10 * step + step // 2} does not fit this base model: it must be a multiple of {step} (VAE downscale × "
+        f"UNet downscale); try {10 * step} or {11 * step}")
+
+
+def test_configs_of_models_in_memory_are_theirs_and_a_missing_vae_has_none(bases) -> None:
+    from ipadapter.train.models import base_configs
+
+    models = load_base(str(bases["sd"]), encoders=False)
+    unet, vae = base_configs("ignored", models)
+    assert unet == dict(models.unet.config) and vae == dict(models.vae.config)
+    models.vae = None
+    assert base_configs("ignored", models) == (dict(models.unet.config), {})
+    on_disk = base_configs(str(bases["sd"]))
+    assert on_disk[0]["block_out_channels"] == list(models.unet.config.block_out_channels)

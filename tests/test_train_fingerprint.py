@@ -76,3 +76,24 @@ def test_precision_and_provenance_fields_of_any_config_do_not_count() -> None:
     assert module_fingerprint(with_config()) == base
     assert module_fingerprint(with_config(hidden=8)) != base
     assert module_fingerprint(with_config(extra=None)) != base
+
+
+def test_a_small_tensor_counts_every_value() -> None:
+    module = nn.Module()
+    module.register_buffer("x", torch.zeros(8))
+    before = module_fingerprint(module)
+    module.x[1] = 1.0
+    assert module_fingerprint(module) != before
+
+
+def test_a_configs_field_order_does_not_count_and_any_value_is_hashed() -> None:
+    """Fields written in another order: the same model. A value JSON cannot hold (a dtype) is hashed by its name."""
+    def with_config(config: dict) -> nn.Module:
+        torch.manual_seed(0)
+        module = nn.Linear(2, 2)
+        module.config = config
+        return module
+
+    assert module_fingerprint(with_config({"a": 1, "b": 2})) == module_fingerprint(with_config({"b": 2, "a": 1}))
+    half, bf16 = (module_fingerprint(with_config({"compute": d})) for d in (torch.float16, torch.bfloat16))
+    assert half != bf16
