@@ -384,3 +384,65 @@ def test_sdxl_validation_images_are_what_users_generate(tmp_path) -> None:
                                   seed=config.seed, width=res, height=res)[0]
     assert not np.array_equal(np.asarray(other.convert("RGB")), np.asarray(expected.convert("RGB"))), \
         "the check can tell the text encoders apart"
+
+
+@pytest.mark.parametrize("handlers", [True, False])
+def test_a_finished_run_says_where_its_adapter_is_once(tmp_path, caplog, capsys, monkeypatch, handlers) -> None:
+    """Through logging when the application set it up, else printed once (a library call without logging)."""
+    import logging
+
+    from ipadapter.train import trainer
+
+    manifest = factories.write_images(tmp_path / "data", 4)
+    models, encoder = factories.in_memory()
+    monkeypatch.setattr(trainer.logger, "hasHandlers", lambda: handlers)
+    with caplog.at_level(logging.INFO, logger="ipadapter.train"):
+        result = train(_config(tmp_path, manifest, max_steps=1, batch_size=2), models=models, image_encoder=encoder,
+                       log_with=None)
+    line = f"done at step 1: no samples skipped, 0 non-finite step(s) skipped; adapter written to {result.published}"
+    assert result.published == tmp_path / "out" / "ip-adapter.safetensors"
+    assert line in caplog.messages
+    assert (line in capsys.readouterr().out) != handlers
+
+
+def test_a_final_adapter_that_cannot_be_written_names_the_intact_state(tmp_path, monkeypatch) -> None:
+    """The disk fills while the final files are written (here at the model card, after the weights)."""
+    from ipadapter.train import model_folder
+
+    manifest = factories.write_images(tmp_path / "data", 4)
+    models, encoder = factories.in_memory()
+
+    def full(*args, **kwargs):
+        raise OSError("[Errno 28] No space left on device")
+
+    monkeypatch.setattr(model_folder, "write_model_card", full)
+    with pytest.raises(IPAdapterError) as caught:
+        train(_config(tmp_path, manifest, max_steps=2, batch_size=2, save_every=1), models=models,
+              image_encoder=encoder, log_with=None)
+    out = tmp_path / "out"
+    assert str(caught.value) == (
+        f"could not write the final adapter to {out} ([Errno 28] No space left on device); the training state "
+        f"{out / 'checkpoints' / 'state-00000002'} is intact: free space and run again with --resume latest")
+
+
+def test_init_from_keeps_fp32_master_weights_and_takes_the_variant_being_trained(tmp_path) -> None:
+    """A FaceID-Plus file saved in fp16 read for a FaceID-PlusV2 run (the same weights; V2 adds the face shortcut):
+    the adapter is the V2 variant, in fp32 although the UNet is fp16; read for a FaceID-Plus run, the same in fp32."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from ipadapter.train.trainer import _init_from
+
+    unet = factories.unet(3)
+    state = factories.published(unet, "faceid-plus", factories.CROSS)
+    flat = {f"{group}.{k}": v.half() for group, part in state.items() for k, v in part.items()}
+    save_file(flat, str(tmp_path / "faceid-plus.safetensors"))
+    half = unet.half()
+    adapter = _init_from(SimpleNamespace(init_from=str(tmp_path / "faceid-plus.safetensors"),
+                                         variant="faceid-plusv2"), half)
+    assert adapter.config.variant == "faceid-plusv2"
+    assert {p.dtype for p in adapter.parameters()} == {torch.float32}
+    plain = _init_from(SimpleNamespace(init_from=str(tmp_path / "faceid-plus.safetensors"), variant="faceid-plus"),
+                       half)
+    assert plain.config.variant == "faceid-plus" and {p.dtype for p in plain.parameters()} == {torch.float32}

@@ -287,8 +287,7 @@ def _loop(run: _Run, module: Any, adapter: IPAdapter, opt: _Optimization, result
             with acc.accumulate(module):
                 loss = diffusion_loss(run, module, run.noise_scheduler, run.prediction, batch)
                 acc.backward(loss)
-                applied = True
-                if acc.sync_gradients:
+                if acc.sync_gradients:  # the last micro-batch of a step: the one that sets `applied`
                     applied = optimizer_step(acc, opt.optimizer, opt.lr_scheduler, opt.params, config.max_grad_norm)
             loss_sum += loss.detach()
             micro += 1
