@@ -193,9 +193,9 @@ def encode_latents(vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, 
 
 # ---- identity of models, for the cache's fingerprint ---------------------------------------------------------------
 def module_fingerprint(module: nn.Module | None, samples: int = 256) -> str:
-    """A hash of the config (but where it was saved from and the library's version) and of a strided sample of every
-    tensor (every (numel // samples)-th value, at most `samples`) with its name and shape: different weights give a
-    different hash. No module: ""."""
+    """A hash of the config (without where it was saved from, the library's version or the precision) and of a strided
+    sample of every tensor (every (numel // samples)-th value, at most `samples`) with its name and shape: different
+    weights give a different hash. No module: ""."""
     if module is None:
         return ""
     h = hashlib.sha256()
