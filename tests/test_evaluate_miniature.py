@@ -67,6 +67,7 @@ def test_the_protocols_judges_are_the_bundled_judge_or_the_folder_given(tmp_path
     shutil.copytree(shipped, copy)
     for path in (copy / "classifier.safetensors", copy / "clip" / "model.safetensors"):
         save_file({k: v + 1 if v.is_floating_point() else v for k, v in load_file(path).items()}, path)
+
     def first_float(path: Path) -> tuple[str, torch.Tensor]:
         return next((k, v.float()) for k, v in load_file(path).items() if v.is_floating_point())
 

@@ -91,8 +91,10 @@ class IdentityVae:
 
 
 class RecordingJudge:
-    def __init__(self, right: set[str] = frozenset(ATTRIBUTES)) -> None:
-        self.right, self.seen = right, []
+    """Records what it was shown; predicts the slots in `right` as `truth` has them and every other slot wrong."""
+
+    def __init__(self, truth: list = (), right: frozenset[str] = frozenset(ATTRIBUTES)) -> None:
+        self.truth, self.right, self.seen = truth, right, []
 
     def accuracy(self, images, attrs) -> dict[str, float]:
         self.seen.append((images, attrs))
@@ -117,8 +119,7 @@ def test_the_vae_ceiling_judges_decoded_latent_means_of_held_out_scenes() -> Non
 
 def test_partial_accuracy_counts_only_the_samples_whose_caption_named_the_slot() -> None:
     _, attrs = make_batch(4, 4, "heldout")
-    judge = RecordingJudge(right={"shape", "colour"})
-    judge.truth = attrs
+    judge = RecordingJudge(attrs, right=frozenset({"shape", "colour"}))
     keeps = [frozenset({"shape", "size"}), frozenset({"shape"}), frozenset({"colour", "size"}), frozenset({"size"})]
     report = probes.partial_accuracy(judge, "images", attrs, keeps)
     assert report == {"shape": 1.0, "colour": 1.0, "size": 0.0, "position": None, "bg_colour": None,
@@ -138,8 +139,7 @@ def test_text_only_samples_captions_of_held_out_scenes(monkeypatch, partial) -> 
         return "images"
 
     monkeypatch.setattr(base_model, "sample", sample)
-    judge = RecordingJudge()
-    _, judge.truth = make_batch(31, 24, "heldout")
+    judge = RecordingJudge(make_batch(31, 24, "heldout")[1])
     report = probes.base_text_only("pipe", judge, n=24, partial=partial, seed=31, steps=7, guidance=2.5)
     (pipe, captions, kwargs), = calls
     assert pipe == "pipe" and kwargs == {"seed": 31, "steps": 7, "guidance": 2.5} and judge.seen == ["images"]
@@ -219,8 +219,7 @@ def test_text_only_by_default_samples_the_documented_full_captions(monkeypatch) 
 
     calls = []
     monkeypatch.setattr(base_model, "sample", lambda pipe, captions, **kwargs: calls.append((captions, kwargs)))
-    judge = RecordingJudge()
-    _, judge.truth = make_batch(778, 64, "heldout")
+    judge = RecordingJudge(make_batch(778, 64, "heldout")[1])
     assert probes.base_text_only("pipe", judge) == dict.fromkeys(SLOTS, 1.0)
     (captions, kwargs), = calls
     assert captions == [caption(a) for a in judge.truth] and kwargs == {"seed": 778, "steps": 25, "guidance": 5.0}
