@@ -293,3 +293,18 @@ def test_an_sdxl_faceid_cache_holds_pooled_text_time_ids_and_id_embeddings(tmp_p
                       for e in entries)  # stored at the cache's dtype, float16 by default
     assert sorted(row["id"].tolist() for row in rows) == expected
     assert {tuple(row["pooled"].shape) for row in rows} == {tuple(reader.constants["uncond_pooled"].shape)}
+
+
+def test_a_faceid_run_without_clip_features_trains_from_a_cache(tmp_path) -> None:
+    """Basic FaceID reads the ID embedding alone: its cache holds no image features (nor their dropped constant), and
+    the adapter's widths come from the ID embedding, as in a run without a cache."""
+    manifest = factories.write_images(tmp_path / "data", 3, id_dim=8)
+    models, encoder = factories.in_memory()
+    config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), resolution=factories.RES, batch_size=2,
+                         max_steps=1, num_workers=0, variant="faceid", id_dim=8, lora_rank=4,
+                         cache=str(tmp_path / "cache"), save_every=1000)
+    result = train(config, models=models, image_encoder=encoder, log_with=None)
+    reader = CacheReader(config.cache)
+    assert "uncond_image" not in reader.constants and "image" not in reader(reader.records()[0])
+    assert result.step == 1 and result.adapter.config.variant == "faceid"
+    assert result.adapter.config.projection.in_dim == 8

@@ -59,3 +59,41 @@ def test_warm_up_rises_linearly_to_the_constant_rate(warmup, factors) -> None:
     """Scheduler step i (from 0) scales the rate by (i + 1) / warmup until it reaches 1, then stays there."""
     schedule = warmup_then_constant(warmup)
     assert [schedule(i) for i in range(len(factors))] == pytest.approx(factors)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_the_warm_up_counts_every_processs_scheduler_step(processes: int) -> None:
+    """accelerate steps a prepared scheduler once per process for each optimizer step, so `warmup_steps` optimizer
+    steps are warmup_steps × processes scheduler steps: after k optimizer steps the factor is min(1, (k·n + 1) /
+    (warmup·n))."""
+    from types import SimpleNamespace
+
+    from ipadapter.train import TrainConfig
+    from ipadapter.train.trainer import _optimizer_phase
+
+    adapter = nn.Linear(2, 2)
+    run = SimpleNamespace(config=TrainConfig(warmup_steps=3, learning_rate=1.0),
+                          accelerator=SimpleNamespace(num_processes=processes))
+    opt = _optimizer_phase(run, adapter)
+    rates = []
+    for _ in range(4):
+        rates.append(opt.lr_scheduler.get_last_lr()[0])
+        for _ in range(processes):
+            opt.lr_scheduler.step()
+    assert rates == pytest.approx([min(1.0, (k * processes + 1) / (3 * processes)) for k in range(4)])
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+def test_a_run_keeps_an_average_only_when_asked(tmp_path, decay: float) -> None:
+    """`ema_decay` 0 (the default) keeps no average: its checkpoints hold none."""
+    from ipadapter.train import TrainConfig, train
+    from ipadapter.train.checkpoint import latest_checkpoint
+    from tests import factories
+
+    manifest = factories.write_images(tmp_path / "data", 2)
+    models, encoder = factories.in_memory()
+    config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), resolution=factories.RES, batch_size=2,
+                         max_steps=1, num_workers=0, ema_decay=decay)
+    train(config, models=models, image_encoder=encoder, log_with=None)
+    assert (latest_checkpoint(config.output) / "ema.safetensors").is_file() == (decay > 0)

@@ -181,13 +181,40 @@ def test_resume_refuses_other_variant_and_base(tmp_path) -> None:
     models, encoder = factories.in_memory()
     config = _config(tmp_path, manifest, max_steps=1, batch_size=2)
     train(config, models=models, image_encoder=encoder, log_with=None)
+    processors = dict(models.unet.attn_processors)
     with pytest.raises(IPAdapterError, match="variant 'base'.*'plus'"):
         train(config.replace(variant="plus", resume=config.output, max_steps=2), models=models,
               image_encoder=encoder, log_with=None)
+    assert dict(models.unet.attn_processors) == processors, "a refused run leaves the caller's UNet as it was"
     other, _ = factories.in_memory()
-    other.unet = factories.unet(seed=99)
-    with pytest.raises(IPAdapterError, match="different UNet"):
+    other.unet, other.name = factories.unet(seed=99), ""  # models in memory without a name
+    theirs = dict(other.unet.attn_processors)
+    with pytest.raises(IPAdapterError) as caught:
         train(config.replace(resume=config.output, max_steps=2), models=other, image_encoder=encoder, log_with=None)
+    assert dict(other.unet.attn_processors) == theirs, "refused after the adapter was attached: detached again"
+    assert str(caught.value) == (f"cannot resume from {latest_checkpoint(config.output)}: it was trained on base "
+                                 "'tiny', this run uses 'in-memory base' (a different UNet)")
+
+
+def test_a_checkpoints_state_names_its_base_and_the_sum_of_its_weights(tmp_path) -> None:
+    """The state file says which base it trained (the name a refusal gives) and each replica's sum of the trained
+    weights (replicas must agree): here one process, whose sum is that of the checkpoint's adapter file."""
+    from safetensors.torch import load_file
+
+    manifest = factories.write_images(tmp_path / "data", 4)
+    models, encoder = factories.in_memory()
+    train(_config(tmp_path, manifest, max_steps=2, batch_size=2, save_every=1, keep_checkpoints=2, learning_rate=1e-2),
+          models=models, image_encoder=encoder, log_with=None)
+    for saved in ("state-00000001", "state-00000002"):
+        folder = tmp_path / "out" / "checkpoints" / saved
+        state = json.loads((folder / "trainer_state.json").read_text())
+        weights = load_file(str(folder / "adapter.safetensors"))
+        assert state["base"] == "tiny" and state["num_processes"] == 1
+        assert state["weight_checksums"] == [pytest.approx(sum(float(t.double().sum()) for t in weights.values()),
+                                                           rel=1e-12, abs=1e-9)]
+    first, second = (json.loads((tmp_path / "out" / "checkpoints" / s / "trainer_state.json").read_text())
+                     for s in ("state-00000001", "state-00000002"))
+    assert first["weight_checksums"] != second["weight_checksums"], "a step changed the weights"
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
@@ -253,8 +280,23 @@ def test_simple_adapter_ablation_trains_only_the_projection(tmp_path) -> None:
     with pytest.raises(IPAdapterError, match="'concat' attention, this run 'decoupled'"):
         train(config.replace(attention="decoupled", resume=config.output, max_steps=3), models=models,
               image_encoder=encoder, log_with=None)
+    assert train(config.replace(resume=config.output, max_steps=3), models=models, image_encoder=encoder,
+                 log_with=None).step == 3, "the same attention resumes"
     with pytest.raises(IPAdapterError, match="base variant"):
         config.replace(variant="plus").validate()
+
+
+def test_num_tokens_sets_the_image_tokens_of_a_new_adapter(tmp_path) -> None:
+    """The base variant's projection makes `num_tokens` tokens: the published image_proj.proj is (tokens · cross
+    attention width, CLIP embedding width)."""
+    from safetensors.torch import load_file
+
+    manifest = factories.write_images(tmp_path / "data", 2)
+    models, encoder = factories.in_memory()
+    result = train(_config(tmp_path, manifest, max_steps=1, batch_size=2, num_tokens=2), models=models,
+                   image_encoder=encoder, log_with=None)
+    weight = load_file(str(result.published))["image_proj.proj.weight"]
+    assert tuple(weight.shape) == (2 * factories.CROSS, encoder.global_dim)
 
 
 @pytest.mark.parametrize("variant", ["plus", "full", "faceid", "faceid-plus", "faceid-plusv2"])
@@ -304,8 +346,9 @@ def test_trains_from_webdataset_shards(tmp_path) -> None:
 
 def test_a_state_saved_with_accelerates_pickles_resumes_exactly(tmp_path, monkeypatch) -> None:
     """States written before `ema.safetensors` and `rng-<rank>.safetensors` kept the EMA in accelerate's
-    `custom_checkpoint_0.pkl` and the RNG in its `random_states_0.pkl`: such a state verifies, resumes to the
-    uninterrupted run's weights, and one whose EMA pickle holds no EMA is refused by name."""
+    `custom_checkpoint_0.pkl` and the RNG in its `random_states_0.pkl`, and had no count of non-finite steps: such a
+    state verifies, resumes to the uninterrupted run's weights (counting from 0), and one whose EMA pickle holds no
+    EMA is refused by name."""
     from ipadapter.train import checkpoint, rng_state
     from ipadapter.train.checkpoint import STATE_FILE, file_manifest
 
@@ -336,7 +379,7 @@ def test_a_state_saved_with_accelerates_pickles_resumes_exactly(tmp_path, monkey
     (state_dir / "ema.safetensors").unlink()
     (state_dir / "rng-0.safetensors").unlink()
     (state_dir / "random_states_0.pkl").write_bytes((kept / "random_states_0.pkl").read_bytes())
-    state = json.loads((state_dir / STATE_FILE).read_text())
+    state = {k: v for k, v in json.loads((state_dir / STATE_FILE).read_text()).items() if k != "nonfinite_steps"}
     (state_dir / STATE_FILE).write_text(json.dumps({**state, "files": file_manifest(state_dir)}))
 
     bad = shutil.copytree(state_dir, tmp_path / "bad" / state_dir.name)
@@ -345,6 +388,7 @@ def test_a_state_saved_with_accelerates_pickles_resumes_exactly(tmp_path, monkey
 
     resumed = train(config.replace(resume="latest"), models=models, image_encoder=encoder, log_with=None)
     _assert_same_weights(full.published, resumed.published)
+    assert resumed.nonfinite_steps == 0
     with pytest.raises(IPAdapterError, match="custom_checkpoint_0.pkl is not an EMA state"):
         train(config.replace(resume=str(bad)), models=models, image_encoder=encoder, log_with=None)
 
@@ -423,6 +467,7 @@ def test_a_final_adapter_that_cannot_be_written_names_the_intact_state(tmp_path,
     assert str(caught.value) == (
         f"could not write the final adapter to {out} ([Errno 28] No space left on device); the training state "
         f"{out / 'checkpoints' / 'state-00000002'} is intact: free space and run again with --resume latest")
+    assert not any(type(p).__module__.startswith("ipadapter") for p in models.unet.attn_processors.values())
 
 
 def test_init_from_keeps_fp32_master_weights_and_takes_the_variant_being_trained(tmp_path) -> None:
@@ -446,3 +491,29 @@ def test_init_from_keeps_fp32_master_weights_and_takes_the_variant_being_trained
     plain = _init_from(SimpleNamespace(init_from=str(tmp_path / "faceid-plus.safetensors"), variant="faceid-plus"),
                        half)
     assert plain.config.variant == "faceid-plus" and {p.dtype for p in plain.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_a_steps_logged_loss_is_the_mean_of_its_micro_batches(tmp_path, monkeypatch, grad_accum: int) -> None:
+    """What the bar, losses.csv and the result report for a step: the mean of the losses its micro-batches
+    back-propagated (each recorded as the loss function returned it)."""
+    from ipadapter.train import trainer
+    from ipadapter.train.model_folder import read_losses
+
+    real, returned = trainer.diffusion_loss, []
+
+    def recording(*args):
+        loss = real(*args)
+        returned.append(float(loss))
+        return loss
+
+    monkeypatch.setattr(trainer, "diffusion_loss", recording)
+    manifest = factories.write_images(tmp_path / "data", 4)
+    models, encoder = factories.in_memory()
+    result = train(_config(tmp_path, manifest, max_steps=3, batch_size=2, grad_accum=grad_accum), models=models,
+                   image_encoder=encoder, log_with=None)
+    assert len(returned) == 3 * grad_accum
+    means = [float(np.mean(returned[i:i + grad_accum])) for i in range(0, len(returned), grad_accum)]
+    assert result.losses == pytest.approx(means, rel=1e-6)
+    assert [step for step, _ in read_losses(result.output)] == [1, 2, 3]
+    assert [loss for _, loss in read_losses(result.output)] == result.losses

@@ -113,3 +113,46 @@ def test_snr_gamma_is_refused_when_negative_and_for_flux() -> None:
         TrainConfig(snr_gamma=-1.0)
     with pytest.raises(IPAdapterError, match="--snr-gamma does not apply to FLUX"):
         TrainConfig(variant="flux", snr_gamma=5.0)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("scheduler_predicts, asked, used", [
+    ("epsilon", "", "epsilon"), ("v_prediction", "", "v_prediction"),
+    ("epsilon", "v_prediction", "v_prediction"), ("v_prediction", "epsilon", "epsilon"),
+])
+def test_a_run_trains_the_prediction_its_base_makes_unless_told(tmp_path, monkeypatch, scheduler_predicts: str,
+                                                                asked: str, used: str) -> None:
+    """The target follows the base's scheduler (SD 2.x-style bases predict the velocity); `prediction_type` overrides
+    it. The noise comes from a DDPM scheduler of the base's own betas."""
+    from ipadapter.train import train, trainer
+    from tests import factories
+
+    seen = []
+
+    def recording(run, module, scheduler, prediction, batch):
+        seen.append((type(scheduler).__name__, scheduler.config.prediction_type, float(scheduler.betas[-1]),
+                     prediction))
+        return diffusion_loss(run, module, scheduler, prediction, batch)
+
+    monkeypatch.setattr(trainer, "diffusion_loss", recording)
+    manifest = factories.write_images(tmp_path / "data", 2)
+    models, encoder = factories.in_memory(prediction_type=scheduler_predicts)
+    config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), resolution=factories.RES, batch_size=2,
+                         max_steps=1, num_workers=0, prediction_type=asked)
+    train(config, models=models, image_encoder=encoder, log_with=None)
+    assert seen == [("DDPMScheduler", scheduler_predicts, pytest.approx(SD_BETAS["beta_end"]), used)]
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_base_predicting_the_sample_is_refused(tmp_path) -> None:
+    from ipadapter import IPAdapterError
+    from ipadapter.train import train
+    from tests import factories
+
+    manifest = factories.write_images(tmp_path / "data", 2)
+    models, encoder = factories.in_memory(prediction_type="sample")
+    config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), resolution=factories.RES, batch_size=2,
+                         max_steps=1, num_workers=0)
+    with pytest.raises(IPAdapterError) as caught:
+        train(config, models=models, image_encoder=encoder, log_with=None)
+    assert str(caught.value) == "the base's scheduler predicts 'sample'; only epsilon and v_prediction are supported"

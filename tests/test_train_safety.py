@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ipadapter import IPAdapterError
 from ipadapter.train import TrainConfig, step, train
 from ipadapter.train.checkpoint import latest_checkpoint
 from tests import factories
@@ -52,6 +53,43 @@ def test_a_nan_batch_is_skipped_and_leaves_the_weights_unchanged(tmp_path, monke
     assert any("step 2 skipped: non-finite" in r.getMessage() for r in caplog.records)
     state = json.loads((latest_checkpoint(two.output) / "trainer_state.json").read_text())
     assert state["nonfinite_steps"] == 1
+    monkeypatch.undo()
+    factories.reset_accelerate()
+    with caplog.at_level(logging.INFO, logger="ipadapter.train"):
+        three = train(_config(tmp_path / "b", manifest, max_steps=3, resume="latest"), models=models,
+                      image_encoder=encoder, log_with=None)
+    assert three.step == 3 and three.nonfinite_steps == 1, "the count goes on from the checkpoint's"
+    assert f"resumed from {latest_checkpoint(two.output).parent / 'state-00000002'} at step 2" in caplog.messages
+
+
+def test_a_run_stops_at_the_limit_of_consecutive_non_finite_steps(tmp_path, monkeypatch, caplog) -> None:
+    """Steps 1-2 and 4-6 poisoned, the limit lowered to 3: step 3 applies and resets the count, so the run stops at
+    step 6 (three in a row, five in all), with the caller's UNet as it was."""
+    from ipadapter.train import trainer
+
+    manifest = factories.write_images(tmp_path / "data", 4)
+    models, encoder = factories.in_memory()
+    processors = dict(models.unet.attn_processors)
+    real, calls = step.step_inputs, {"n": 0}
+
+    def poisoned(run, batch):
+        latents, text, features, added = real(run, batch)
+        calls["n"] += 1
+        if calls["n"] != 3:
+            latents = torch.full_like(latents, float("nan"))
+        return latents, text, features, added
+
+    monkeypatch.setattr(step, "step_inputs", poisoned)
+    monkeypatch.setattr(trainer, "NONFINITE_LIMIT", 3)
+    with caplog.at_level(logging.WARNING, logger="ipadapter.train"), pytest.raises(IPAdapterError) as caught:
+        train(_config(tmp_path, manifest, max_steps=10), models=models, image_encoder=encoder, log_with=None)
+    assert str(caught.value) == ("3 consecutive steps had non-finite gradients (last at step 6); lower the learning "
+                                 "rate, check the data, or use bf16 instead of fp16")
+    assert calls["n"] == 6
+    warned = [r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage()]
+    assert warned == [f"step {s} skipped: non-finite loss or gradients ({n} so far)"
+                      for n, s in enumerate([1, 2, 4, 5, 6], start=1)]
+    assert dict(models.unet.attn_processors) == processors
 
 
 def test_fp16_scaler_decides_and_lowers_its_scale() -> None:
@@ -122,3 +160,28 @@ def test_gradients_are_clipped_to_their_global_norm(max_grad_norm: float) -> Non
     factor = min(1.0, max_grad_norm / 5.0) if max_grad_norm else 1.0
     torch.testing.assert_close(torch.cat([a.data, b.data]), -factor * torch.tensor([3.0, 4.0]))
     assert scheduled == [1] and a.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("precision, frozen_dtype", [
+    ("no", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16),
+])
+def test_the_frozen_models_run_in_the_runs_precision_without_gradients(tmp_path, precision, frozen_dtype) -> None:
+    """The UNet, text encoder and image encoder are frozen (no gradient is ever computed for them) and cast to the
+    run's precision; the VAE as its config asks (this one upcasts: fp32 under fp16); the adapter trains in fp32."""
+    manifest = factories.write_images(tmp_path / "data", 4)
+    models, encoder = factories.in_memory()
+    if precision == "fp16":  # given in half precision: the adapter made from its to_k/to_v still trains in fp32
+        models.unet.half()
+    before = {k: v.clone() for k, v in models.unet.state_dict().items()}
+    result = train(_config(tmp_path, manifest, max_steps=2, mixed_precision=precision), models=models,
+                   image_encoder=encoder, log_with=None)
+    frozen = {"unet": models.unet, "text encoder": models.text_encoders[0], "image encoder": encoder.model,
+              "vae": models.vae}
+    for name, module in frozen.items():
+        assert not any(p.requires_grad or p.grad is not None for p in module.parameters()), name
+    vae_dtype = torch.float32 if precision == "fp16" else frozen_dtype
+    assert {name: {p.dtype for p in m.parameters()} for name, m in frozen.items()} == {
+        "unet": {frozen_dtype}, "text encoder": {frozen_dtype}, "image encoder": {frozen_dtype}, "vae": {vae_dtype}}
+    assert {p.dtype for p in result.adapter.parameters()} == {torch.float32}
+    after = models.unet.state_dict()
+    assert all(torch.equal(after[k].float(), before[k].to(frozen_dtype).float()) for k in before)

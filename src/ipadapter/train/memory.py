@@ -61,7 +61,6 @@ def activation_bytes(unet: nn.Module, adapter: Any, *, batch: int, resolution: t
     device = torch.device("meta")
     tokens = torch.zeros(batch, adapter.config.projection.tokens or 257, cross, device=device, dtype=torch.float32)
     attachment = attach(unet, {"0": adapter})
-    attachment.runtime.cache_kv = False
     try:
         attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)])}, cfg=False)
         added = None

@@ -52,7 +52,7 @@ class TrainModule(nn.Module):
     """What accelerate wraps (DDP needs the loss's forward to run through the wrapper): the frozen UNet with the
     adapter attached. `forward` sets this batch's image tokens, then runs the UNet."""
 
-    def __init__(self, unet: nn.Module, adapter: IPAdapter, attachment: Attachment, references: int = 1) -> None:
+    def __init__(self, unet: nn.Module, adapter: IPAdapter, attachment: Attachment, references: int) -> None:
         super().__init__()
         self.unet, self.adapter = unet, adapter
         self.attachment = attachment
@@ -154,7 +154,7 @@ def _accelerator_phase(config: TrainConfig, log_with: str | None) -> Any:
     )
 
 
-def _model_phase(run: _Run, models: BaseModels | None) -> tuple[IPAdapter, Attachment, TrainModule]:
+def _model_phase(run: _Run, models: BaseModels | None) -> tuple[IPAdapter, TrainModule]:
     """Everything frozen, in the run's precision (an SDXL VAE stays fp32 under fp16: it overflows in half
     precision); then the adapter, new or `init_from`, attached in fp32 and trainable."""
     from diffusers import DDPMScheduler
@@ -181,14 +181,12 @@ def _model_phase(run: _Run, models: BaseModels | None) -> tuple[IPAdapter, Attac
     if config.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
     adapter.to(device=device, dtype=torch.float32).requires_grad_(True)  # trained in fp32 whatever the UNet's dtype
-    attachment = _attach_for_training(m.unet, adapter)
-    return adapter, attachment, TrainModule(m.unet, adapter, attachment, config.references)
+    return adapter, TrainModule(m.unet, adapter, _attach_for_training(m.unet, adapter), config.references)
 
 
 def _attach_for_training(unet: nn.Module, adapter: IPAdapter) -> Attachment:
-    attachment = attach(unet, {"0": adapter})
-    attachment.runtime.cache_kv = False  # every batch brings new tokens; never reuse K'/V'
-    return attachment
+    """Attached as for generation; with gradients on, K'/V' are projected at every call and never cached."""
+    return attach(unet, {"0": adapter})
 
 
 def _new_adapter(run: _Run) -> IPAdapter:
@@ -407,7 +405,6 @@ def train(
     `on_step(step, loss)` is called after every optimizer step (it may raise to stop the run)."""
     from accelerate.utils import set_seed
 
-    from ipadapter.atomic import write_text
     from ipadapter.validation import output_folder
 
     # 1. config and accelerator
@@ -426,13 +423,39 @@ def train(
     # 2. data; 3. seed; 4. models
     data_phase(run, models, image_encoder, unet_config)
     set_seed(config.seed)
-    adapter, attachment, module = _model_phase(run, models)
+    inner: TrainModule | None = None
+    try:
+        adapter, inner = _model_phase(run, models)
+        result, module = _train_attached(run, adapter, inner, output, log_with=log_with, on_step=on_step)
+    except BaseException:  # the loop closes the data's decoding threads; none are started before it
+        if inner is not None:  # a refused or stopped run leaves the caller's UNet as it was
+            inner.attachment.detach()
+        raise
+    # The DDP wrapper goes before the process group. Left to the end of this function, torch's Reducer would drop the
+    # last reference to a gloo group and join its worker threads holding the GIL, while a worker may still need the GIL
+    # to release the last collective's tensors: that rank then hangs after training. The group's own Python object
+    # releases the GIL in its destructor.
+    accelerator.free_memory()
+    del module
+    gc.collect()
+    accelerator.end_training()
+    inner.attachment.detach()
+    result.adapter = adapter
+    return result
+
+
+def _train_attached(run: _Run, adapter: IPAdapter, inner: TrainModule, output: Path, *, log_with: str | None,
+                    on_step: Callable[[int, float], None] | None) -> tuple[TrainResult, Any]:
+    """Phases 5-8, with the adapter attached to the UNet: the result, and the module as accelerate wrapped it."""
+    from ipadapter.atomic import write_text
+
+    config, accelerator = run.config, run.accelerator
     # 5. optimizer, one prepare (DeepSpeed infers its micro-batch from dataloaders; ours streams itself, so say it)
     opt = _optimizer_phase(run, adapter)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
-    module, opt.optimizer, opt.lr_scheduler = accelerator.prepare(module, opt.optimizer, opt.lr_scheduler)
+    module, opt.optimizer, opt.lr_scheduler = accelerator.prepare(inner, opt.optimizer, opt.lr_scheduler)
     _register_adapter_hooks(accelerator, adapter)
     # 6. resume; the output folder is written only once all checks have passed
     step, nonfinite = _resume_phase(run, adapter, opt.ema)
@@ -443,24 +466,9 @@ def train(
                                                    for k, v in config.to_dict().items()})
     # 7. loop; 8. the finished model folder
     result = TrainResult(step=step, output=output, nonfinite_steps=nonfinite)
-    try:
-        _loop(run, module, adapter, opt, result, start=step, nonfinite=nonfinite, log_with=log_with, on_step=on_step)
-    except BaseException:
-        accelerator.unwrap_model(module).attachment.detach()  # a stopped run leaves the caller's UNet as it was
-        raise
+    _loop(run, module, adapter, opt, result, start=step, nonfinite=nonfinite, log_with=log_with, on_step=on_step)
     _finish(run, adapter, opt, result)
-    # The DDP wrapper goes before the process group. Left to the end of this function, torch's Reducer would drop the
-    # last reference to a gloo group and join its worker threads holding the GIL, while a worker may still need the GIL
-    # to release the last collective's tensors: that rank then hangs after training. The group's own Python object
-    # releases the GIL in its destructor.
-    final_attachment = accelerator.unwrap_model(module).attachment
-    accelerator.free_memory()
-    del module, attachment
-    gc.collect()
-    accelerator.end_training()
-    final_attachment.detach()
-    result.adapter = adapter
-    return result
+    return result, module
 
 
 def _init_from(config: TrainConfig, unet: nn.Module) -> IPAdapter:
