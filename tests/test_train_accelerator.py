@@ -33,3 +33,32 @@ def test_the_cpu_is_forced_only_for_several_processes_without_gpus(monkeypatch, 
     project = asked.pop("project_config")
     assert asked == {"cpu": cpu, "gradient_accumulation_steps": 3, "mixed_precision": "bf16", "log_with": "tensorboard"}
     assert Path(project.project_dir) == tmp_path / "out" and Path(project.logging_dir) == tmp_path / "out" / "logs"
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_deepspeed_is_told_the_micro_batch(monkeypatch, tmp_path) -> None:
+    """DeepSpeed reads its micro-batch from the dataloaders it is given; ours streams itself, so the run writes
+    `train_micro_batch_size_per_gpu` into the plugin's config before `prepare` (here a stand-in plugin: DeepSpeed needs
+    GPUs, and `prepare` goes its way only for a DeepSpeed distributed type)."""
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState
+
+    from ipadapter.train import train, trainer
+    from tests import factories
+
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}}, enable_msamp=False)
+    real = trainer._accelerator_phase
+
+    def with_plugin(*args):  # made as usual; from then on the state holds the stand-in
+        accelerator = real(*args)
+        monkeypatch.setattr(AcceleratorState, "deepspeed_plugin", property(lambda self: plugin))
+        return accelerator
+
+    monkeypatch.setattr(trainer, "_accelerator_phase", with_plugin)
+    manifest = factories.write_images(tmp_path / "data", 3)
+    models, encoder = factories.in_memory()
+    config = TrainConfig(data=str(manifest), output=str(tmp_path / "out"), resolution=factories.RES, batch_size=3,
+                         max_steps=1, num_workers=0)
+    assert train(config, models=models, image_encoder=encoder, log_with=None).step == 1
+    assert plugin.deepspeed_config == {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 3}

@@ -217,6 +217,23 @@ def test_a_checkpoints_state_names_its_base_and_the_sum_of_its_weights(tmp_path)
     assert first["weight_checksums"] != second["weight_checksums"], "a step changed the weights"
 
 
+def test_train_refuses_a_flux_variant_models_without_an_image_encoder_and_a_file_for_output(tmp_path) -> None:
+    manifest = factories.write_images(tmp_path / "data", 2)
+    models, encoder = factories.in_memory()
+    with pytest.raises(IPAdapterError) as caught:
+        train(_config(tmp_path, manifest, variant="flux", resolution=16), log_with=None)
+    assert str(caught.value) == "variant 'flux' is trained by ipadapter.train.flux.train_flux, not here"
+    with pytest.raises(IPAdapterError) as caught:
+        train(_config(tmp_path, manifest, variant="plus"), models=models, log_with=None)
+    assert str(caught.value) == "variant 'plus' needs an image encoder"
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(IPAdapterError) as caught:
+        train(_config(tmp_path, manifest, output=str(tmp_path / "taken" / "run")), models=models,
+              image_encoder=encoder, log_with=None)
+    assert str(caught.value) == f"--output {tmp_path / 'taken' / 'run'}: {tmp_path / 'taken'} is a file, not a folder"
+
+
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
     from accelerate import Accelerator
 

@@ -84,9 +84,11 @@ def test_tensorboard_gets_the_loss_lr_skips_and_non_finite_steps_every_log_every
         tmp_path, monkeypatch) -> None:
     """log_every 2 over 5 steps logs steps 2, 4 and 5. Step 2 is poisoned (non-finite, skipped): it does not advance
     the warm-up, so the learning rate at a logged step is lr · min(1, (applied + 1) / warmup) with `applied` the steps
-    applied so far. `on_step` gets each step and its loss; `step_times` holds one duration per step, within the run."""
+    applied so far. `on_step` gets each step and its loss; `step_times` holds one duration per step, within the run.
+    The config goes with them as hyperparameters."""
     import time
 
+    import yaml
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from ipadapter.train import step as step_module
@@ -125,3 +127,8 @@ def test_tensorboard_gets_the_loss_lr_skips_and_non_finite_steps_every_log_every
     assert [losses[4], losses[5]] == pytest.approx([result.losses[3], result.losses[4]], rel=1e-6)
     skips = logged("data/skipped")
     assert set(skips) == {2, 4, 5} and skips[2] <= skips[4] <= skips[5] == sum(result.skipped.values()) >= 1
+    # the run's config beside them, as hyperparameters: numbers and strings as they are, a list (stages) as its text
+    (hparams,) = (result.output / "logs" / "train").glob("*/hparams.yml")
+    values = yaml.safe_load(hparams.read_text())
+    assert values["max_steps"] == 5 and values["log_every"] == 2 and values["learning_rate"] == 1e-3
+    assert values["variant"] == "base" and values["gradient_checkpointing"] is False and values["stages"] == "[]"

@@ -59,6 +59,10 @@ def test_a_nan_batch_is_skipped_and_leaves_the_weights_unchanged(tmp_path, monke
         three = train(_config(tmp_path / "b", manifest, max_steps=3, resume="latest"), models=models,
                       image_encoder=encoder, log_with=None)
     assert three.step == 3 and three.nonfinite_steps == 1, "the count goes on from the checkpoint's"
+    factories.reset_accelerate()
+    again = train(_config(tmp_path / "b", manifest, max_steps=3, resume="latest"), models=models,
+                  image_encoder=encoder, log_with=None)
+    assert again.step == 3 and again.losses == [] and again.nonfinite_steps == 1, "resumed at its last step: no step"
     assert f"resumed from {latest_checkpoint(two.output).parent / 'state-00000002'} at step 2" in caplog.messages
 
 

@@ -171,7 +171,7 @@ def _model_phase(run: _Run, models: BaseModels | None) -> tuple[IPAdapter, Train
                              "supported")
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
     device = acc.device
-    freeze(m.unet, m.vae, *m.text_encoders, run.encoder.model if run.encoder else None)
+    freeze(m.unet, m.vae, *m.text_encoders)  # an ImageEncoder's model is frozen when it is made
     run.base_name = config.base or m.name or "in-memory base"
     run.base_id = module_fingerprint(m.unet)  # before any cast: the same UNet in another precision is the same base
     adapter = _init_from(config, m.unet) if config.init_from else _new_adapter(run)
@@ -452,7 +452,7 @@ def _train_attached(run: _Run, adapter: IPAdapter, inner: TrainModule, output: P
     config, accelerator = run.config, run.accelerator
     # 5. optimizer, one prepare (DeepSpeed infers its micro-batch from dataloaders; ours streams itself, so say it)
     opt = _optimizer_phase(run, adapter)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    plugin = accelerator.state.deepspeed_plugin  # None without DeepSpeed
     if plugin is not None:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
     module, opt.optimizer, opt.lr_scheduler = accelerator.prepare(inner, opt.optimizer, opt.lr_scheduler)
@@ -461,7 +461,7 @@ def _train_attached(run: _Run, adapter: IPAdapter, inner: TrainModule, output: P
     step, nonfinite = _resume_phase(run, adapter, opt.ema)
     if accelerator.is_main_process:
         write_text(output / "config.json", config.to_json())
-    if log_with and accelerator.is_main_process:
+    if log_with:  # accelerate starts trackers on the main process only
         accelerator.init_trackers("train", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                    for k, v in config.to_dict().items()})
     # 7. loop; 8. the finished model folder
