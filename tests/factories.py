@@ -339,6 +339,16 @@ def write_images(folder: Path, n: int, *, size: tuple[int, int] = (24, 20), id_d
     return path
 
 
+def train_config(tmp_path: Path, data, **overrides) -> "TrainConfig":
+    """A short training run on `data` into tmp_path/out, on this file's tiny models: 2 steps of 2 samples, no
+    checkpoint before the last step, decoding in the main thread."""
+    from ipadapter.train import TrainConfig
+
+    values = dict(data=str(data), output=str(tmp_path / "out"), resolution=RES, batch_size=2, max_steps=2,
+                  save_every=1000, num_workers=0, seed=0)
+    return TrainConfig(**{**values, **overrides})
+
+
 def write_tar(path: Path, members: dict[str, bytes | None]) -> Path:
     """A tar of the members in order; a None payload is a folder entry."""
     import io

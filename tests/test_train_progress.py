@@ -8,18 +8,11 @@ import re
 
 import pytest
 
-from ipadapter.train import TrainConfig, train
+from ipadapter.train import train
 from tests import factories
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-def _config(tmp_path, data, **kw) -> TrainConfig:
-    values = dict(data=str(data), output=str(tmp_path / "out"), resolution=factories.RES, batch_size=2, max_steps=2,
-                  save_every=1000, num_workers=0, seed=0)
-    values.update(kw)
-    return TrainConfig(**values)
 
 
 def _renders(stderr: str) -> list[str]:
@@ -30,7 +23,8 @@ def _renders(stderr: str) -> list[str]:
 def test_the_bar_counts_steps_and_shows_the_loss_and_the_skips(tmp_path, capsys) -> None:
     manifest = factories.write_images(tmp_path / "data", 4, corrupt=1)
     models, encoder = factories.in_memory()
-    result = train(_config(tmp_path, manifest, max_steps=3), models=models, image_encoder=encoder, log_with=None)
+    result = train(factories.train_config(tmp_path, manifest, max_steps=3), models=models, image_encoder=encoder,
+                   log_with=None)
     renders = _renders(capsys.readouterr().err)
     assert renders, "no progress bar on stderr"
     assert re.search(r"\| 0/3 \[", renders[0]), renders[0]
@@ -45,7 +39,7 @@ def test_the_bar_counts_steps_and_shows_the_loss_and_the_skips(tmp_path, capsys)
 def test_a_resumed_runs_bar_starts_at_its_step(tmp_path, capsys) -> None:
     manifest = factories.write_images(tmp_path / "data", 4)
     models, encoder = factories.in_memory()
-    config = _config(tmp_path, manifest, max_steps=2, save_every=2)
+    config = factories.train_config(tmp_path, manifest, max_steps=2, save_every=2)
     train(config, models=models, image_encoder=encoder, log_with=None)
     factories.reset_accelerate()
     capsys.readouterr()
@@ -58,8 +52,8 @@ def test_the_final_line_counts_the_skipped_samples_by_reason(tmp_path, caplog) -
     manifest = factories.write_images(tmp_path / "data", 4, corrupt=1, missing=1)
     models, encoder = factories.in_memory()
     with caplog.at_level(logging.INFO, logger="ipadapter.train"):
-        result = train(_config(tmp_path, manifest, max_steps=3, batch_size=4), models=models, image_encoder=encoder,
-                       log_with=None)
+        result = train(factories.train_config(tmp_path, manifest, max_steps=3, batch_size=4), models=models,
+                       image_encoder=encoder, log_with=None)
     corrupt, missing = result.skipped["undecodable image"], result.skipped["missing image file"]
     assert corrupt >= 1 and missing >= 1, "12 draws from 6 entries meet each bad one"
     reasons = [(corrupt, "undecodable image"), (missing, "missing image file")]
@@ -76,7 +70,7 @@ def test_only_the_first_process_of_a_machine_draws_a_bar(tmp_path, capsys, monke
     monkeypatch.setattr(Accelerator, "is_local_main_process", property(lambda self: False))
     manifest = factories.write_images(tmp_path / "data", 4)
     models, encoder = factories.in_memory()
-    result = train(_config(tmp_path, manifest), models=models, image_encoder=encoder, log_with=None)
+    result = train(factories.train_config(tmp_path, manifest), models=models, image_encoder=encoder, log_with=None)
     assert result.step == 2 and _renders(capsys.readouterr().err) == []
 
 
@@ -104,7 +98,7 @@ def test_tensorboard_gets_the_loss_lr_skips_and_non_finite_steps_every_log_every
     manifest = factories.write_images(tmp_path / "data", 4, corrupt=1)
     models, encoder = factories.in_memory()
     seen = []
-    config = _config(tmp_path, manifest, max_steps=5, log_every=2, warmup_steps=4, learning_rate=1e-3)
+    config = factories.train_config(tmp_path, manifest, max_steps=5, log_every=2, warmup_steps=4, learning_rate=1e-3)
     started = time.perf_counter()
     result = train(config, models=models, image_encoder=encoder, log_with="tensorboard",
                    on_step=lambda step, loss: seen.append((step, loss)))
