@@ -8,7 +8,7 @@ whole pipelines), and below them the smaller training-size models, pipeline fold
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +21,8 @@ from ipadapter.layers import attention_layers
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
+
+    from ipadapter.train import TrainConfig
 
 SD15_CROSS = 32
 SDXL_CROSS = 64
@@ -339,7 +341,7 @@ def write_images(folder: Path, n: int, *, size: tuple[int, int] = (24, 20), id_d
     return path
 
 
-def train_config(tmp_path: Path, data, **overrides) -> "TrainConfig":
+def train_config(tmp_path: Path, data, **overrides) -> TrainConfig:
     """A short training run on `data` into tmp_path/out, on this file's tiny models: 2 steps of 2 samples, no
     checkpoint before the last step, decoding in the main thread."""
     from ipadapter.train import TrainConfig
@@ -347,6 +349,24 @@ def train_config(tmp_path: Path, data, **overrides) -> "TrainConfig":
     values = dict(data=str(data), output=str(tmp_path / "out"), resolution=RES, batch_size=2, max_steps=2,
                   save_every=1000, num_workers=0, seed=0)
     return TrainConfig(**{**values, **overrides})
+
+
+def poison_micro_batches(monkeypatch, poisoned: Callable[[int], bool]) -> dict[str, int]:
+    """Training inputs whose latents are NaN at the micro-batches `poisoned(n)` picks (n counts from 1), so that
+    their steps are non-finite; returns the count of micro-batches made, as {"n": ...}."""
+    from ipadapter.train import step
+
+    real, calls = step.step_inputs, {"n": 0}
+
+    def inputs(run, batch):
+        latents, text, features, added = real(run, batch)
+        calls["n"] += 1
+        if poisoned(calls["n"]):
+            latents = torch.full_like(latents, float("nan"))
+        return latents, text, features, added
+
+    monkeypatch.setattr(step, "step_inputs", inputs)
+    return calls
 
 
 def write_tar(path: Path, members: dict[str, bytes | None]) -> Path:

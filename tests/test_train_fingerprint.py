@@ -11,6 +11,14 @@ from ipadapter.train.models import module_fingerprint
 from tests import factories
 
 
+def _seeded_linear(config: dict) -> nn.Module:
+    """The same weights every time, with a diffusers-like config (a mapping) of our choosing."""
+    torch.manual_seed(0)
+    module = nn.Linear(4, 4)
+    module.config = config
+    return module
+
+
 def test_no_module_has_an_empty_fingerprint_and_a_copy_has_the_same() -> None:
     module = nn.Linear(8, 4)
     assert module_fingerprint(None) == ""
@@ -64,10 +72,7 @@ def test_precision_and_provenance_fields_of_any_config_do_not_count() -> None:
     (`torch_dtype`, `dtype`), the library version and private fields like `_name_or_path` leave the hash alone;
     every other field is hashed."""
     def with_config(**config) -> nn.Module:
-        torch.manual_seed(0)
-        module = nn.Linear(4, 4)
-        module.config = {"hidden": 4, **config}
-        return module
+        return _seeded_linear({"hidden": 4, **config})
 
     base = module_fingerprint(with_config(torch_dtype="float32", dtype="float32", transformers_version="4.40.0",
                                           _name_or_path="a"))
@@ -88,12 +93,6 @@ def test_a_small_tensor_counts_every_value() -> None:
 
 def test_a_configs_field_order_does_not_count_and_any_value_is_hashed() -> None:
     """Fields written in another order: the same model. A value JSON cannot hold (a dtype) is hashed by its name."""
-    def with_config(config: dict) -> nn.Module:
-        torch.manual_seed(0)
-        module = nn.Linear(2, 2)
-        module.config = config
-        return module
-
-    assert module_fingerprint(with_config({"a": 1, "b": 2})) == module_fingerprint(with_config({"b": 2, "a": 1}))
-    half, bf16 = (module_fingerprint(with_config({"compute": d})) for d in (torch.float16, torch.bfloat16))
+    assert module_fingerprint(_seeded_linear({"a": 1, "b": 2})) == module_fingerprint(_seeded_linear({"b": 2, "a": 1}))
+    half, bf16 = (module_fingerprint(_seeded_linear({"compute": d})) for d in (torch.float16, torch.bfloat16))
     assert half != bf16

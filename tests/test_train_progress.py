@@ -85,16 +85,7 @@ def test_tensorboard_gets_the_loss_lr_skips_and_non_finite_steps_every_log_every
     import yaml
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ipadapter.train import step as step_module
-
-    real, calls = step_module.step_inputs, {"n": 0}
-
-    def poisoned(run, batch):
-        latents, text, features, added = real(run, batch)
-        calls["n"] += 1
-        return (latents.fill_(float("nan")) if calls["n"] == 2 else latents), text, features, added
-
-    monkeypatch.setattr(step_module, "step_inputs", poisoned)
+    factories.poison_micro_batches(monkeypatch, lambda n: n == 2)
     manifest = factories.write_images(tmp_path / "data", 4, corrupt=1)
     models, encoder = factories.in_memory()
     seen = []

@@ -33,16 +33,7 @@ def test_a_nan_batch_is_skipped_and_leaves_the_weights_unchanged(tmp_path, monke
     one = train(_config(tmp_path / "a", manifest, max_steps=1), models=models, image_encoder=encoder, log_with=None)
     factories.reset_accelerate()
 
-    real, calls = step.step_inputs, {"n": 0}
-
-    def poisoned(run, batch):
-        latents, text, features, added = real(run, batch)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            latents = torch.full_like(latents, float("nan"))
-        return latents, text, features, added
-
-    monkeypatch.setattr(step, "step_inputs", poisoned)
+    factories.poison_micro_batches(monkeypatch, lambda n: n == 2)
     with caplog.at_level(logging.WARNING, logger="ipadapter.train"):
         two = train(_config(tmp_path / "b", manifest, max_steps=2), models=models, image_encoder=encoder, log_with=None)
     assert two.step == 2 and two.nonfinite_steps == 1
@@ -74,16 +65,7 @@ def test_a_run_stops_at_the_limit_of_consecutive_non_finite_steps(tmp_path, monk
     manifest = factories.write_images(tmp_path / "data", 4)
     models, encoder = factories.in_memory()
     processors = dict(models.unet.attn_processors)
-    real, calls = step.step_inputs, {"n": 0}
-
-    def poisoned(run, batch):
-        latents, text, features, added = real(run, batch)
-        calls["n"] += 1
-        if calls["n"] != 3:
-            latents = torch.full_like(latents, float("nan"))
-        return latents, text, features, added
-
-    monkeypatch.setattr(step, "step_inputs", poisoned)
+    calls = factories.poison_micro_batches(monkeypatch, lambda n: n != 3)
     monkeypatch.setattr(trainer, "NONFINITE_LIMIT", 3)
     with caplog.at_level(logging.WARNING, logger="ipadapter.train"), pytest.raises(IPAdapterError) as caught:
         train(_config(tmp_path, manifest, max_steps=10), models=models, image_encoder=encoder, log_with=None)
