@@ -651,3 +651,104 @@ def test_page_generates_and_refuses_a_non_image(browser, app_url, tiny) -> None:
     page.locator("#generate").click()
     page.locator("#command").get_by_text("--seed 1").wait_for()
     page.close()
+
+
+# --- the page's handlers, called in this process ----------------------------------------------------------------
+
+class _RecordingService:
+    """What the page needs of a GenerationService; `generate` keeps the form it was given and reports progress."""
+
+    default_steps, presets, limits = 17, ["style", "composition"], UploadLimits(max_side=48)
+
+    def __init__(self, refuse: str = "") -> None:
+        self.forms: list[Form] = []
+        self.refuse = refuse
+
+    def generate(self, form, progress):
+        self.forms.append(form)
+        if self.refuse:
+            raise IPAdapterError(self.refuse)
+        progress(1, 2)
+        return argparse.Namespace(images=["image-1"], command="ipadapter generate ...", notes=["first", "second"])
+
+
+def _handler(page, name: str):
+    """The function the page runs for an event, with its input components by elem_id or label."""
+    (fn,) = [f for f in page.fns.values() if f.name == name]
+    return fn.fn, {c.elem_id or c.label: c for c in fn.inputs}
+
+
+def test_every_control_of_the_page_reaches_its_field_of_the_form(tiny) -> None:
+    """Each control set to a value of its own (none the default), so a control wired to another field is caught."""
+    pytest.importorskip("gradio")
+    from ipadapter.app.ui import build_ui
+
+    service = _RecordingService()
+    generate, controls = _handler(build_ui(service), "on_generate")
+    painted = Image.new("RGBA", (8, 8))
+    painted.putpixel((2, 3), (255, 0, 0, 255))
+    editor = {"background": None, "layers": [painted], "composite": None}
+    values = {"references": [str(tiny / "ref.png"), str(tiny / "other.png")], "prompt": "a cat",
+              "negative-prompt": "blurry", "scale": 0.35, "seed": 7.0, "steps": 3.0, "num-images": 2.0,
+              "Layer preset": "composition", "Start (fraction of the steps)": 0.1, "End": 0.85,
+              "Combine references": "average", "negative-image": str(tiny / "big.png"), "content": "a red ball",
+              "content-strength": 0.4, "mask-1": None, "mask-2": editor, "mask-3": None, "mask-4": None}
+    assert set(values) == set(controls)
+    calls = []
+    images, command, message = generate({controls[k]: v for k, v in values.items()},
+                                        lambda value, desc: calls.append((value, desc)))
+    assert (images, command, message) == (["image-1"], "ipadapter generate ...", "first\n\nsecond")
+    assert calls == [(0, "preparing"), ((1, 2), "denoising")]
+    (form,) = service.forms
+    masks, form.masks = form.masks, []
+    assert form == Form(references=values["references"], prompt="a cat", negative_prompt="blurry", scale=0.35,
+                        preset="composition", start=0.1, end=0.85, combine="average",
+                        negative_image=str(tiny / "big.png"), content_subtract="a red ball", content_strength=0.4,
+                        seed=7, steps=3, num_images=2)
+    assert [m is None for m in masks] == [True, False, True, True]
+    assert masks[1].tobytes() == mask_from_editor(editor).tobytes()
+
+
+def test_a_page_left_empty_is_a_form_of_defaults_and_a_refusal_leaves_the_results(tiny) -> None:
+    """Gradio sends None for an untouched textbox, number or file; the preset "none" is no preset. A refused form puts
+    the sentence in the message area and leaves the gallery and command as they were."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from ipadapter.app.ui import NO_PRESET, build_ui
+
+    service = _RecordingService(refuse="upload a reference image, type a prompt, or both")
+    generate, controls = _handler(build_ui(service), "on_generate")
+    values = {"references": None, "prompt": None, "negative-prompt": None, "scale": 1.0, "seed": None, "steps": 25,
+              "num-images": 1, "Layer preset": NO_PRESET, "Start (fraction of the steps)": 0.0, "End": 1.0,
+              "Combine references": "concat", "negative-image": None, "content": None, "content-strength": 1.0,
+              **{f"mask-{i}": None for i in range(1, 5)}}
+    result = generate({controls[k]: v for k, v in values.items()}, lambda value, desc: None)
+    assert result == (gr.update(), gr.update(), "**Cannot do that:** upload a reference image, type a prompt, or both")
+    assert service.forms == [Form(masks=[None] * 4)]
+
+
+def test_the_page_starts_from_the_services_steps_and_presets_and_checks_uploads_by_its_limits(tiny) -> None:
+    pytest.importorskip("gradio")
+    from ipadapter.app.ui import NO_PRESET, build_ui
+
+    service = _RecordingService()
+    page = build_ui(service)
+    _, controls = _handler(page, "on_generate")
+    assert controls["steps"].value == 17
+    assert [choice[0] for choice in controls["Layer preset"].choices] == [NO_PRESET, "style", "composition"]
+    check, _ = _handler(page, "<lambda>")
+    previews, message = check([str(tiny / "ref.png"), str(tiny / "other.png")])
+    assert len(previews) == 1 and previews[0].size == (32, 32)
+    assert message.startswith("**Cannot do that:** reference 1 (ref.png)") and "48" in message
+
+
+@pytest.mark.parametrize("words, interactive", [("a red ball", True), ("  ", False), (None, False)])
+def test_content_strength_takes_input_only_with_words_and_goes_back_to_one_without(words, interactive) -> None:
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from ipadapter.app.ui import strength_for
+
+    assert strength_for(words) == (gr.update(interactive=True) if interactive else
+                                   gr.update(interactive=False, value=1.0))

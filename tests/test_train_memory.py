@@ -19,8 +19,68 @@ def test_adamw8bit_without_bitsandbytes_falls_back_and_says_so(monkeypatch, capl
     with caplog.at_level(logging.WARNING, logger="ipadapter.train"):
         optimizer = make_optimizer(TrainConfig(optimizer="adamw8bit", learning_rate=3e-4), params)
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["lr"] == 3e-4
-    assert any("needs bitsandbytes" in r.getMessage() and "using torch's AdamW" in r.getMessage()
-               for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records] == [
+        "optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes), which is not installed: using torch's "
+        "AdamW (32-bit states) instead"]
+
+
+def test_every_optimizer_setting_of_the_config_reaches_adamw() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    config = TrainConfig(learning_rate=3e-4, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    optimizer = make_optimizer(config, params)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["params"] == params
+    assert {k: optimizer.defaults[k] for k in ("lr", "weight_decay", "betas", "eps")} == {
+        "lr": 3e-4, "weight_decay": 0.05, "betas": (0.8, 0.95), "eps": 1e-6}
+
+
+def test_adamw8bit_with_bitsandbytes_is_its_adamw8bit_with_the_same_settings(monkeypatch, caplog) -> None:
+    from types import SimpleNamespace
+
+    class AdamW8bit:
+        def __init__(self, params, **kwargs) -> None:
+            self.params, self.kwargs = params, kwargs
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", SimpleNamespace(optim=SimpleNamespace(AdamW8bit=AdamW8bit)))
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    config = TrainConfig(optimizer="adamw8bit", learning_rate=2e-4, weight_decay=0.1, adam_beta1=0.7,
+                         adam_beta2=0.9, adam_epsilon=1e-7)
+    with caplog.at_level(logging.WARNING, logger="ipadapter.train"):
+        optimizer = make_optimizer(config, params)
+    assert type(optimizer) is AdamW8bit and optimizer.params is params
+    assert optimizer.kwargs == {"lr": 2e-4, "weight_decay": 0.1, "betas": (0.7, 0.9), "eps": 1e-7}
+    assert caplog.records == []
+
+
+def test_static_memory_is_weights_gradients_optimizer_states_and_ema() -> None:
+    """Frozen weights in the run's precision; per trainable weight: fp32 value and gradient (4 + 4 bytes), AdamW's two
+    fp32 states (8) or 8-bit AdamW's two 1-byte states (2), and an fp32 EMA copy (4) when asked."""
+    from ipadapter.train.memory import static_bytes
+
+    assert static_bytes(10, 3, dtype=torch.float32, optimizer="adamw", ema=False) == 10 * 4 + 3 * 16
+    assert static_bytes(10, 3, dtype=torch.float16, optimizer="adamw8bit", ema=True) == 10 * 2 + 3 * 14
+    assert static_bytes(10, 3, dtype=torch.bfloat16, optimizer="adamw", ema=True) == 10 * 2 + 3 * 20
+
+
+def test_the_report_adds_each_batchs_activations_to_the_static_part() -> None:
+    from ipadapter.train.memory import Estimate, report
+
+    found = Estimate(frozen_params=1_000_000, trainable_params=2_345, static_bytes=3 * 2**29,
+                     activations={4: 2**29, 1: 2**20 - 2**19})
+    config = TrainConfig(base="some/base", variant="plus", resolution=256, mixed_precision="fp16",
+                         optimizer="adamw8bit", gradient_checkpointing=True, cache="cache", ema_decay=0.999)
+    assert report(config, found).splitlines() == [
+        "base some/base, variant plus, 256 px, precision fp16, optimizer adamw8bit, gradient checkpointing on, "
+        "feature cache on",
+        "parameters: 1,002,345 (frozen in memory 1,000,000; trainable 2,345)",
+        "weights, gradients, optimizer states, EMA: 1.50 GiB",
+        "estimated peak memory per process (weights + states + activations saved for backward; allocator overhead "
+        "and kernel workspaces not counted):",
+        "  batch 1: 1.50 GiB (activations 0.5 MiB)",
+        "  batch 4: 2.00 GiB (activations 512.0 MiB)",
+    ]
+    plain = report(TrainConfig(base="b"), Estimate(1, 1, 2**30 - 2**19, {1: 0}))
+    assert "gradient checkpointing off, feature cache off" in plain
+    assert "weights, gradients, optimizer states: 1023.5 MiB" in plain
 
 
 @pytest.fixture(scope="module")

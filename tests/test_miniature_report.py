@@ -1,0 +1,146 @@
+"""report.md of `ipadapter miniature eval`, written from a results dict made by hand: every number where its table
+puts it, in the format the report promises (percentages rounded, scores to three places, verdict words), and the
+plots written as PNG files."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from ipadapter.miniature.report import render_report, stage_lines
+from ipadapter.miniature.world import ATTRIBUTES
+
+ATTRS = list(ATTRIBUTES)  # shape, colour, size, position, bg_colour, pattern
+HEADER = "| shape | colour | size | position | bg_colour | pattern |"
+
+
+def _per_attribute(*values: float) -> dict[str, float]:
+    return dict(zip(ATTRS, values, strict=True))
+
+
+def _results(**changes) -> dict:
+    results = {
+        "size": {"references": 3, "steps": 4, "guidance": 5.5},
+        "models": {"base": "run/adapter-base", "encoder": "run/image_encoder"},
+        "rows": {
+            "IP-Adapter, image only": {"condition": {"scale": 1.0}, "clip_i": 0.61249, "clip_t": 0.2, "agreement":
+                                       _per_attribute(0.904, 0.125, 1.0, 0.0, 0.5, 0.666)},
+            "IP-Adapter + text (another shape)": {"condition": {"scale": 0.6}, "clip_i": 0.5, "clip_t": 0.23456,
+                                                  "agreement": _per_attribute(0.1, 0.2, 0.3, 0.4, 0.5, 0.6)},
+        },
+        "skipped": {"ControlNet (mask) + IP-Adapter": "the folder has no controlnet/"},
+        "targets": {
+            "VAE reconstruction: every attribute >= 95%": {"met": True, "measured": {"colour": 0.96, "shape": 1.0}},
+            "image + text at the best scale": {"met": False, "measured": {"scale": 0.6, "shape": 0.5}},
+            "decoupled vs simple adapter": {"met": False, "measured": {"clip_i_gap": 0.0312, "composition_gap": -0.1}},
+            "ControlNet (mask) + image": {"met": None, "measured": None},
+        },
+    }
+    return results | changes
+
+
+def _section(report: str, title: str) -> list[str]:
+    """The lines of one `## title` section, without the blank lines."""
+    lines = report.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0].splitlines()
+    return [line for line in lines if line]
+
+
+def test_the_header_names_the_models_the_settings_and_chance_per_attribute() -> None:
+    lines = render_report(_results()).splitlines()
+    chance = {a: f"{round(100 / len(v))}%" for a, v in ATTRIBUTES.items()}
+    assert lines[:4] == [
+        "# Miniature quality report (`ipadapter miniature eval`)", "",
+        "Models: `run/adapter-base`; image encoder: `run/image_encoder`. 3 held-out references; DDIM 4 steps, "
+        "guidance 5.5; judged by the independent judge CLIP (CLIP-I, CLIP-T) and attribute classifier (agreement "
+        "with the asked-for scene).",
+        "Chance: " + ", ".join(f"{a} {chance[a]}" for a in ATTRS) + ".",
+    ]
+
+
+def test_each_condition_is_a_row_and_a_skipped_one_says_why() -> None:
+    assert _section(render_report(_results()), "Image prompts") == [
+        f"| condition | scale | CLIP-I | CLIP-T {HEADER}",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| IP-Adapter, image only | 1.0 | 0.612 | 0.200 | 90% | 12% | 100% | 0% | 50% | 67% |",
+        "| IP-Adapter + text (another shape) | 0.6 | 0.500 | 0.235 | 10% | 20% | 30% | 40% | 50% | 60% |",
+        "| ControlNet (mask) + IP-Adapter | not run: the folder has no controlnet/" + " |" * 9,  # 10 columns
+    ]
+
+
+def test_each_target_has_its_verdict_and_measured_values_and_a_miss_points_to_the_docs() -> None:
+    report = render_report(_results())
+    assert _section(report, "Targets")[:4] == [
+        "- VAE reconstruction: every attribute >= 95%: **met** (colour 96%, shape 100%)",
+        "- image + text at the best scale: **NOT met** (scale 0.6, shape 50%)",
+        "- decoupled vs simple adapter: **NOT met** (clip_i_gap +0.031, composition_gap -0.100)",
+        "- ControlNet (mask) + image: **not measured** (–)",
+    ]
+    assert ("For each target not met, what was tried and the next step: docs/miniature.md, \"Targets\"."
+            in report.splitlines())
+    met = {name: {"met": True, "measured": None} for name in _results()["targets"]}
+    assert "what was tried" not in render_report(_results(targets=met))
+
+
+def test_the_sweep_is_a_table_and_a_plot_only_when_measured() -> None:
+    sweep = {"0.3": _per_attribute(0.25, 0.9, 0.0, 0.0, 0.95, 0.5), "1.0": _per_attribute(0.75, 0.5, 0, 0, 0.4, 0.1)}
+    report = render_report(_results(sweep=sweep))
+    assert _section(report, "Image + text across scales (IP-Adapter + text naming another shape)") == [
+        "| scale | shape (text) | colour (image) | bg_colour (image) | pattern (image) |", "|---|---|---|---|---|",
+        "| 0.3 | 25% | 90% | 95% | 50% |", "| 1.0 | 75% | 50% | 40% | 10% |",
+        "![image + text trade-off](text_image_sweep.png)", "![per-attribute agreement](agreement.png)",
+        "![samples](samples.png)",
+    ]
+    for no_sweep in (_results(), _results(sweep={})):
+        text = render_report(no_sweep)
+        assert "## Image + text" not in text and "text_image_sweep.png" not in text
+    assert render_report(_results()).endswith("![per-attribute agreement](agreement.png)\n\n![samples](samples.png)\n")
+
+
+def test_stages_come_first_with_one_row_per_measurement() -> None:
+    stages = {
+        "image_encoder": {"global": _per_attribute(1, 1, 0.5, 0.25, 1, 0.9), "patch": None},
+        "text_encoder": {"told_apart": _per_attribute(0.95, 1, 1, 1, 1, 1),
+                         "state_gap": _per_attribute(0.1234, 0.5, 0.0, 0.001, 0.2, 1.0)},
+        "vae": _per_attribute(0.99, 0.98, 0.97, 0.96, 0.955, 0.944),
+    }
+    report = render_report(_results(stages=stages))
+    assert report.index("## Stages") < report.index("## Image prompts")
+    assert _section(report, "Stages") == [
+        f"| stage (held-out) {HEADER}", "|---|---|---|---|---|---|---|",
+        "| image encoder: linear probe, global embedding | 100% | 100% | 50% | 25% | 100% | 90% |",
+        "| image encoder: linear probe, patch tokens | – | – | – | – | – | – |",
+        "| text encoder: caption vs one slot changed, retrieval (told apart), images by the adapters' encoder "
+        "| 95% | 100% | 100% | 100% | 100% | 100% |",
+        "| the same, images by the CLIP's own vision tower (8 px patches) | – | – | – | – | – | – |",
+        "| text encoder: relative L2 distance of the text states, caption vs one slot changed "
+        "| 12.3% | 50.0% | 0.0% | 0.1% | 20.0% | 100.0% |",
+        "| VAE reconstructions (ceiling for everything drawn) | 99% | 98% | 97% | 96% | 96% | 94% |",
+        "| base model, text only, full caption | – | – | – | – | – | – |",
+        "| base model, text only, partial captions (each named attribute) | – | – | – | – | – | – |",
+    ]
+    assert "## Stages" not in render_report(_results()) and "## Stages" not in render_report(_results(stages={}))
+
+
+def test_without_retrieval_the_stage_table_says_what_is_measured_instead() -> None:
+    lines = stage_lines({"text_encoder": {"state_gap": None}})
+    assert lines[-6] == ("| text encoder: relative L2 distance of the text states, caption vs one slot changed "
+                         "| – | – | – | – | – | – |")
+    assert lines[-2:] == ["", "Retrieval needs the CLIP's text projection, which a bundled pipeline does not keep "
+                          "(its text encoder is the tower alone); the relative distance of the text states is "
+                          "measured instead."]
+    with_retrieval = stage_lines({"text_encoder": {"told_apart": _per_attribute(1, 1, 1, 1, 1, 1)}})
+    assert len(with_retrieval) == 10 and not any("Retrieval needs" in line for line in with_retrieval)
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_the_plots_are_png_files(tmp_path, sweep) -> None:
+    pytest.importorskip("matplotlib")
+    from ipadapter.miniature.report import plot_agreement, plot_sweep
+
+    results = _results(stages={"vae": _per_attribute(1, 1, 1, 1, 1, 1)},
+                       sweep={"0.3": _per_attribute(0.2, 0.9, 0, 0, 0.9, 0.5), "1.0": _per_attribute(1, 0, 0, 0, 0, 0)})
+    path = tmp_path / "plot.png"
+    (plot_sweep if sweep else plot_agreement)(results, path)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > image.height > 100
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # written through a temporary file, then renamed

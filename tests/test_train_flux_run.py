@@ -1,0 +1,169 @@
+"""`train_flux` from Python on a tiny FLUX pipeline folder: what one run reports (`on_step`, the log, the loss file, the
+bar, the card, skipped samples), the frozen models it sets up, that a seed fixes the run and the dropout rates reach
+the loop, and the refusals that stop it before or after training in one line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ipadapter.errors import IPAdapterError
+from ipadapter.train import TrainConfig
+from ipadapter.train.flux import train_flux
+from tests import dit_factories as df
+from tests import factories
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return df.save_flux_base(tmp_path_factory.mktemp("flux"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Four good images and one that cannot be decoded."""
+    return factories.write_images(tmp_path_factory.mktemp("data"), 4, corrupt=1)
+
+
+def _config(base, data, tmp_path, **overrides) -> TrainConfig:
+    values = dict(variant="flux-v2", base=str(base), image_encoder=str(base / "image_encoder"), data=str(data),
+                  resolution=16, batch_size=2, max_steps=3, num_workers=0, seed=0, output=str(tmp_path / "run"))
+    return TrainConfig(**{**values, **overrides})
+
+
+def _projection(path) -> torch.Tensor:
+    return load_file(str(path))["ip_adapter_proj_model.proj.weight"]
+
+
+def test_a_run_reports_every_step_logs_every_nth_and_counts_what_it_skipped(base, data, tmp_path, caplog,
+                                                                             capsys) -> None:
+    seen: list[tuple[int, float]] = []
+    with caplog.at_level(logging.INFO, logger="ipadapter.train"):
+        result = train_flux(_config(base, data, tmp_path, log_every=2), on_step=lambda i, loss: seen.append((i, loss)))
+    out = tmp_path / "run"
+    assert seen == list(enumerate(result.losses, start=1)) and result.step == 3
+    rows = [line.split(",") for line in (out / "logs" / "losses.csv").read_text().splitlines()]
+    assert [(int(step), float(loss)) for step, loss in rows] == seen
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[0] for m in messages if m.startswith("step ")] == ["step 2"]
+    skipped = result.skipped["undecodable image"]  # the bad file, met once in each pass over the data
+    assert skipped >= 1 and sum(result.skipped.values()) == skipped
+    assert f"done at step 3: skipped {skipped} sample(s): {skipped} undecodable image; adapter written to " \
+           f"{out / 'ip-adapter.safetensors'}" in messages
+    bar = capsys.readouterr().err
+    assert "training" in bar and "3/3" in bar and f"loss={seen[-1][1]:.4f}" in bar
+    manifest_lines = len(data.read_text().splitlines())
+    assert f"| training data | {manifest_lines:,} samples" in (out / "README.md").read_text()
+    assert (out / "config.json").read_text() == _config(base, data, tmp_path, log_every=2).to_json()
+    assert result.published == out / "ip-adapter.safetensors" and result.own == out / "adapter.ipadapter.safetensors"
+    assert not result.adapter.training
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in result.adapter.parameters())
+
+
+def test_bf16_runs_the_frozen_models_in_bf16_and_checkpointing_reaches_the_transformer(base, data, tmp_path,
+                                                                                     monkeypatch) -> None:
+    import ipadapter.train.feed as feed
+    import ipadapter.train.flux as flux
+
+    made = {}
+
+    def pipeline(source, dtype):
+        made["pipe"] = load(source, dtype)
+        return made["pipe"]
+
+    def image_encoder(config):
+        made["encoder"] = read(config)
+        return made["encoder"]
+
+    load, read = flux.load_flux_pipeline, feed.load_image_encoder
+    monkeypatch.setattr(flux, "load_flux_pipeline", pipeline)
+    monkeypatch.setattr(feed, "load_image_encoder", image_encoder)
+    train_flux(_config(base, data, tmp_path, mixed_precision="bf16", gradient_checkpointing=True, max_steps=1))
+    pipe = made["pipe"]
+    frozen = [pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, made["encoder"].model]
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for m in frozen for p in m.parameters())
+    assert pipe.transformer.is_gradient_checkpointing
+    assert not any("ip" in type(p).__name__.lower() for p in pipe.transformer.attn_processors.values())
+
+
+def test_the_seed_fixes_the_run_and_another_seed_changes_it(base, data, tmp_path) -> None:
+    runs = [train_flux(_config(base, data, tmp_path / name, seed=seed, max_steps=2))
+            for name, seed in (("a", 4), ("b", 4), ("c", 5))]
+    assert runs[0].losses == runs[1].losses != runs[2].losses
+    first, again, other = (_projection(r.published) for r in runs)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_an_image_dropped_from_every_sample_leaves_the_projections_weight_where_it_started(base, data,
+                                                                                        tmp_path) -> None:
+    """With the CLIP embedding zeroed in every row the projection's weight gets a zero gradient; without weight decay
+    AdamW leaves it untouched. With the image kept, it moves."""
+    from diffusers import FluxTransformer2DModel
+
+    from ipadapter.dit.train_flux import new_flux_adapter
+    from ipadapter.encoders import ImageEncoder
+
+    transformer = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer")
+    torch.manual_seed(0)  # the run seeds torch with its seed just before making its new adapter
+    start = new_flux_adapter(transformer, clip_dim=ImageEncoder.from_pretrained(str(base / "image_encoder")).global_dim,
+                             tokens=16).state_dict()["image_proj.proj.weight"]
+    dropped = train_flux(_config(base, data, tmp_path / "dropped", drop_image=1.0, drop_text=0.0, drop_both=0.0,
+                                 weight_decay=0.0, max_steps=2))
+    kept = train_flux(_config(base, data, tmp_path / "kept", drop_image=0.0, drop_text=0.0, drop_both=0.0,
+                              weight_decay=0.0, max_steps=2))
+    assert torch.equal(_projection(dropped.published), start)
+    assert not torch.equal(_projection(kept.published), start)
+
+
+def test_init_from_an_adapter_of_the_other_flux_variant_is_refused(base, data, tmp_path) -> None:
+    first = train_flux(_config(base, data, tmp_path / "first", variant="flux", max_steps=1))
+    with pytest.raises(IPAdapterError) as err:
+        train_flux(_config(base, data, tmp_path, init_from=str(first.published)))
+    assert str(err.value) == f"--init-from {first.published} is a 'flux' adapter; this run trains 'flux-v2'"
+    assert not (tmp_path / "run" / "ip-adapter.safetensors").exists()
+
+
+def test_init_from_an_adapter_for_another_image_encoder_is_refused(base, data, tmp_path) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    from ipadapter.dit.train_flux import new_flux_adapter, save_xlabs
+    from ipadapter.encoders import ImageEncoder
+
+    transformer = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer")
+    other = save_xlabs(new_flux_adapter(transformer, clip_dim=7, tokens=16), tmp_path / "other.safetensors")
+    width = ImageEncoder.from_pretrained(str(base / "image_encoder")).global_dim
+    with pytest.raises(IPAdapterError) as err:
+        train_flux(_config(base, data, tmp_path, init_from=str(other)))
+    assert str(err.value).startswith(f"{other} expects 7-d global image features but the image encoder "
+                                     f"{base / 'image_encoder'} gives {width}-d; ")
+
+
+def test_a_run_under_several_processes_is_refused_before_loading(base, data, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(IPAdapterError, match="^FLUX training runs in one process: start it without accelerate launch$"):
+        train_flux(_config(base, data, tmp_path))
+
+
+def test_a_unet_base_is_not_taken_for_a_flux_pipeline(data, tmp_path) -> None:
+    unet_base = factories.write_base(tmp_path / "sd")
+    config = _config(unet_base, data, tmp_path, image_encoder=str(factories.write_image_encoder(tmp_path / "enc")))
+    with pytest.raises(IPAdapterError, match=rf"^--base {unet_base} is not a FLUX pipeline \("):
+        train_flux(config)
+
+
+def test_a_final_adapter_that_cannot_be_written_is_one_sentence(base, data, tmp_path, monkeypatch) -> None:
+    import ipadapter.dit.train_flux as train_module
+
+    def full_disk(adapter, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_module, "save_xlabs", full_disk)
+    with pytest.raises(IPAdapterError) as err:
+        train_flux(_config(base, data, tmp_path, max_steps=1))
+    assert str(err.value) == (f"could not write the final adapter to {tmp_path / 'run'} ([Errno 28] No space left on "
+                              "device)")
