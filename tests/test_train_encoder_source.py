@@ -130,3 +130,58 @@ def test_a_path_that_is_not_there_is_never_split_as_a_hub_id_with_a_subfolder(tm
             validate_repo_id(path.rsplit("/", 1)[0])
         assert split_hub_path(path) == (path, None)
     assert split_hub_path("h94/IP-Adapter/models/image_encoder") == VIT_H
+
+
+def test_dry_run_counts_the_vision_tower_of_a_whole_clip_model(folders, tmp_path) -> None:
+    """A whole `CLIPModel` folder as the encoder: the run uses its vision tower and visual projection only, at the
+    model's `projection_dim`."""
+    from ipadapter.train.memory import estimate
+
+    base, _ = folders
+    clip = factories.tiny_clip()
+    clip.save_pretrained(tmp_path / "clip")
+    plain = estimate(TrainConfig(base=str(base), image_encoder=str(factories.write_image_encoder(tmp_path / "enc")),
+                                 resolution=16), batch_sizes=(1,))
+    whole = estimate(TrainConfig(base=str(base), image_encoder=str(tmp_path / "clip"), resolution=16),
+                     batch_sizes=(1,))
+    from transformers import CLIPVisionModelWithProjection
+
+    saved = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "enc")
+    tower = sum(p.numel() for m in (clip.vision_model, clip.visual_projection) for p in m.parameters())
+    assert whole.frozen_params - plain.frozen_params == tower - sum(p.numel() for p in saved.parameters())
+
+
+def test_an_uncached_hub_encoder_in_a_subfolder_is_named_with_its_download_command(folders) -> None:
+    from ipadapter.train.memory import estimate
+
+    base, _ = folders
+    with pytest.raises(IPAdapterError) as info:
+        estimate(TrainConfig(base=str(base), image_encoder="nobody/nothing/image_encoder", resolution=16),
+                 batch_sizes=(1,))
+    assert str(info.value).startswith("the image encoder nobody/nothing/image_encoder is not in the local Hugging Face "
+                                      "cache and offline mode is on (")
+    assert str(info.value).endswith("(hf download nobody/nothing --include 'image_encoder/*') or give a local folder")
+
+
+def test_dry_run_reads_a_cached_hub_base_and_encoder_without_a_request(folders, tmp_path, monkeypatch) -> None:
+    """Online (offline mode off), a base and an encoder in the cache are read from it alone: no request names them."""
+    import shutil
+
+    from ipadapter.train.memory import estimate
+
+    base, _ = folders
+    cache = tmp_path / "hub"
+    for repo in ("base", "enc"):
+        (cache / f"models--qa--{repo}" / "refs").mkdir(parents=True)
+        (cache / f"models--qa--{repo}" / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(base, cache / "models--qa--base" / "snapshots" / ("0" * 40))
+    factories.write_image_encoder(cache / "models--qa--enc" / "snapshots" / ("0" * 40) / "image_encoder")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    sent = factories.hub_without_network(monkeypatch, cache)
+    cached = estimate(TrainConfig(base="qa/base", image_encoder="qa/enc/image_encoder", resolution=16),
+                      batch_sizes=(1,))
+    assert [url for url in sent if "qa/" in url] == []
+    local = estimate(TrainConfig(base=str(base), image_encoder=str(factories.write_image_encoder(tmp_path / "enc")),
+                                 resolution=16), batch_sizes=(1,))
+    assert cached == local
