@@ -5,6 +5,7 @@ the loop, and the refusals that stop it before or after training in one line."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def data(tmp_path_factory):
 
 
 def _config(base, data, tmp_path, **overrides) -> TrainConfig:
-    values = dict(variant="flux-v2", base=str(base), image_encoder=str(base / "image_encoder"), data=str(data),
+    values = dict(variant="flux-v2", base=str(base), image_encoder=str(Path(base) / "image_encoder"), data=str(data),
                   resolution=16, batch_size=2, max_steps=3, num_workers=0, seed=0, output=str(tmp_path / "run"))
     return TrainConfig(**{**values, **overrides})
 
@@ -56,17 +57,20 @@ def test_a_run_reports_every_step_logs_every_nth_and_counts_what_it_skipped(base
     assert f"done at step 3: skipped {skipped} sample(s): {skipped} undecodable image; adapter written to " \
            f"{out / 'ip-adapter.safetensors'}" in messages
     bar = capsys.readouterr().err
-    assert "training" in bar and "3/3" in bar and f"loss={seen[-1][1]:.4f}" in bar
+    assert "training" in bar and "3/3" in bar and "step/s" in bar and f"loss={seen[-1][1]:.4f}" in bar
     manifest_lines = len(data.read_text().splitlines())
     assert f"| training data | {manifest_lines:,} samples" in (out / "README.md").read_text()
     assert (out / "config.json").read_text() == _config(base, data, tmp_path, log_every=2).to_json()
     assert result.published == out / "ip-adapter.safetensors" and result.own == out / "adapter.ipadapter.safetensors"
     assert not result.adapter.training
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in result.adapter.parameters())
+    again = train_flux(_config(base, data, tmp_path, max_steps=1))  # the same folder: the loss file is the new run's
+    assert (out / "logs" / "losses.csv").read_text().splitlines() == [f"1,{again.losses[0]!r}"]
 
 
-def test_bf16_runs_the_frozen_models_in_bf16_and_checkpointing_reaches_the_transformer(base, data, tmp_path,
-                                                                                     monkeypatch) -> None:
+@pytest.mark.parametrize("precision, checkpointing", [("bf16", True), ("no", False)])
+def test_the_frozen_models_run_in_the_runs_precision_and_checkpointing_only_when_asked(
+        base, data, tmp_path, monkeypatch, precision, checkpointing) -> None:
     import ipadapter.train.feed as feed
     import ipadapter.train.flux as flux
 
@@ -83,11 +87,13 @@ def test_bf16_runs_the_frozen_models_in_bf16_and_checkpointing_reaches_the_trans
     load, read = flux.load_flux_pipeline, feed.load_image_encoder
     monkeypatch.setattr(flux, "load_flux_pipeline", pipeline)
     monkeypatch.setattr(feed, "load_image_encoder", image_encoder)
-    train_flux(_config(base, data, tmp_path, mixed_precision="bf16", gradient_checkpointing=True, max_steps=1))
+    train_flux(_config(base, data, tmp_path, mixed_precision=precision, gradient_checkpointing=checkpointing,
+                       max_steps=1))
     pipe = made["pipe"]
     frozen = [pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, made["encoder"].model]
-    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for m in frozen for p in m.parameters())
-    assert pipe.transformer.is_gradient_checkpointing
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert all(p.dtype == dtype and not p.requires_grad for m in frozen for p in m.parameters())
+    assert pipe.transformer.is_gradient_checkpointing == checkpointing
     assert not any("ip" in type(p).__name__.lower() for p in pipe.transformer.attn_processors.values())
 
 
@@ -122,6 +128,7 @@ def test_an_image_dropped_from_every_sample_leaves_the_projections_weight_where_
 
 def test_init_from_an_adapter_of_the_other_flux_variant_is_refused(base, data, tmp_path) -> None:
     first = train_flux(_config(base, data, tmp_path / "first", variant="flux", max_steps=1))
+    assert _projection(first.published).shape[0] == 4 * df.FLUX_JOINT  # the first FLUX adapter: 4 tokens
     with pytest.raises(IPAdapterError) as err:
         train_flux(_config(base, data, tmp_path, init_from=str(first.published)))
     assert str(err.value) == f"--init-from {first.published} is a 'flux' adapter; this run trains 'flux-v2'"
@@ -167,3 +174,19 @@ def test_a_final_adapter_that_cannot_be_written_is_one_sentence(base, data, tmp_
         train_flux(_config(base, data, tmp_path, max_steps=1))
     assert str(err.value) == (f"could not write the final adapter to {tmp_path / 'run'} ([Errno 28] No space left on "
                               "device)")
+
+
+def test_a_cached_hub_base_and_encoder_train_without_a_request(base, data, tmp_path, monkeypatch) -> None:
+    """Online (offline mode off), a FLUX base and an encoder in the Hugging Face cache are read from it alone."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    for repo, folder in (("flux", base), ("enc", base / "image_encoder")):
+        (cache / f"models--qa--{repo}" / "refs").mkdir(parents=True)
+        (cache / f"models--qa--{repo}" / "refs" / "main").write_text("0" * 40)
+        shutil.copytree(folder, cache / f"models--qa--{repo}" / "snapshots" / ("0" * 40))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    sent = factories.hub_without_network(monkeypatch, cache)
+    result = train_flux(_config("qa/flux", data, tmp_path, image_encoder="qa/enc", max_steps=1))
+    assert result.step == 1 and [url for url in sent if "qa/" in url] == []
