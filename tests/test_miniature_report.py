@@ -98,25 +98,29 @@ def test_the_sweep_is_a_table_and_a_plot_only_when_measured() -> None:
 
 def test_stages_come_first_with_one_row_per_measurement() -> None:
     stages = {
-        "image_encoder": {"global": _per_attribute(1, 1, 0.5, 0.25, 1, 0.9), "patch": None},
+        "image_encoder": {"global": _per_attribute(1, 1, 0.5, 0.25, 1, 0.9),
+                          "patch": _per_attribute(0.11, 0.21, 0.31, 0.41, 0.51, 0.61)},
         "text_encoder": {"told_apart": _per_attribute(0.95, 1, 1, 1, 1, 1),
+                         "told_apart_clip": _per_attribute(0.12, 0.22, 0.32, 0.42, 0.52, 0.62),
                          "state_gap": _per_attribute(0.1234, 0.5, 0.0, 0.001, 0.2, 1.0)},
         "vae": _per_attribute(0.99, 0.98, 0.97, 0.96, 0.955, 0.944),
+        "base_full": _per_attribute(0.13, 0.23, 0.33, 0.43, 0.53, 0.63),
+        "base_partial": _per_attribute(0.14, 0.24, 0.34, 0.44, 0.54, 0.64),
     }
     report = render_report(_results(stages=stages))
     assert report.index("## Stages") < report.index("## Image prompts")
     assert _section(report, "Stages") == [
         f"| stage (held-out) {HEADER}", "|---|---|---|---|---|---|---|",
         "| image encoder: linear probe, global embedding | 100% | 100% | 50% | 25% | 100% | 90% |",
-        "| image encoder: linear probe, patch tokens | – | – | – | – | – | – |",
+        "| image encoder: linear probe, patch tokens | 11% | 21% | 31% | 41% | 51% | 61% |",
         "| text encoder: caption vs one slot changed, retrieval (told apart), images by the adapters' encoder "
         "| 95% | 100% | 100% | 100% | 100% | 100% |",
-        "| the same, images by the CLIP's own vision tower (8 px patches) | – | – | – | – | – | – |",
+        "| the same, images by the CLIP's own vision tower (8 px patches) | 12% | 22% | 32% | 42% | 52% | 62% |",
         "| text encoder: relative L2 distance of the text states, caption vs one slot changed "
         "| 12.3% | 50.0% | 0.0% | 0.1% | 20.0% | 100.0% |",
         "| VAE reconstructions (ceiling for everything drawn) | 99% | 98% | 97% | 96% | 96% | 94% |",
-        "| base model, text only, full caption | – | – | – | – | – | – |",
-        "| base model, text only, partial captions (each named attribute) | – | – | – | – | – | – |",
+        "| base model, text only, full caption | 13% | 23% | 33% | 43% | 53% | 63% |",
+        "| base model, text only, partial captions (each named attribute) | 14% | 24% | 34% | 44% | 54% | 64% |",
     ]
     assert "## Stages" not in render_report(_results()) and "## Stages" not in render_report(_results(stages={}))
 
@@ -130,6 +134,25 @@ def test_without_retrieval_the_stage_table_says_what_is_measured_instead() -> No
                           "measured instead."]
     with_retrieval = stage_lines({"text_encoder": {"told_apart": _per_attribute(1, 1, 1, 1, 1, 1)}})
     assert len(with_retrieval) == 10 and not any("Retrieval needs" in line for line in with_retrieval)
+    nothing = stage_lines({})  # no stage measured: every cell a dash, and the note on what would be measured
+    assert all(line.endswith("| – | – | – | – | – | – |") for line in nothing[2:10])
+    assert nothing[-1].startswith("Retrieval needs")
+
+
+def test_the_samples_grid_is_one_titled_column_per_kind_with_eight_rows(tmp_path) -> None:
+    """The grid's layout (docs of `evaluate.grid.image_grid`): 96 px cells under a header of three title lines
+    (4 + 12 × 3 px), so column c, row r starts at (96 c, 40 + 96 r)."""
+    from ipadapter.miniature.report import samples_grid
+
+    colours = [[(20 * r, 10 * c, 200) for r in range(10)] for c in range(3)]
+    columns = [(f"column {c}", [Image.new("RGB", (64, 64), colour) for colour in colours[c]]) for c in range(3)]
+    for rows, path in ((8, tmp_path / "default.png"), (2, tmp_path / "two.png")):
+        samples_grid(columns, path, **({} if rows == 8 else {"rows": rows}))
+        with Image.open(path) as grid:
+            assert grid.format == "PNG" and grid.size == (3 * 96, 40 + rows * 96)
+            for c in range(3):
+                for r in range(rows):
+                    assert grid.getpixel((96 * c + 48, 40 + 96 * r + 48)) == colours[c][r]
 
 
 @pytest.mark.parametrize("sweep", [False, True])
