@@ -167,3 +167,87 @@ def test_the_plots_are_png_files(tmp_path, sweep) -> None:
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width > image.height > 100
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # written through a temporary file, then renamed
+
+
+def test_the_whole_report_is_its_sections_in_order_one_blank_line_apart() -> None:
+    stages = {"vae": _per_attribute(1, 1, 1, 1, 1, 1), "text_encoder": {"told_apart": _per_attribute(1, 1, 1, 1, 1, 1)}}
+    sweep = {"0.3": _per_attribute(0.25, 0.9, 0.0, 0.0, 0.95, 0.5)}
+    report = render_report(_results(stages=stages, sweep=sweep))
+    blocks = [block.splitlines() for block in report.split("\n\n")]
+    firsts = [block[0] if block else "" for block in blocks]
+    assert firsts == [
+        "# Miniature quality report (`ipadapter miniature eval`)", blocks[1][0], "## Stages",
+        f"| stage (held-out) {HEADER}",
+        "## Image prompts", f"| condition | scale | CLIP-I | CLIP-T {HEADER}", "## Targets",
+        "- VAE reconstruction: every attribute >= 95%: **met** (colour 96%, shape 100%)",
+        "For each target not met, what was tried and the next step: docs/miniature.md, \"Targets\".",
+        "## Image + text across scales (IP-Adapter + text naming another shape)",
+        "| scale | shape (text) | colour (image) | bg_colour (image) | pattern (image) |",
+        "![image + text trade-off](text_image_sweep.png)", "![per-attribute agreement](agreement.png)",
+        "![samples](samples.png)"]
+    assert blocks[1][0].startswith("Models: ") and blocks[1][1].startswith("Chance: ") and len(blocks[1]) == 2
+    assert [len(block) for block in blocks[3:11]] == [10, 1, 5, 1, 4, 1, 1, 3]
+    assert report.endswith("![samples](samples.png)\n")
+
+
+def _drawn(monkeypatch, plot, results) -> object:
+    """The figure `plot` draws, taken where it would be written."""
+    from ipadapter.miniature import report
+
+    figures = []
+    monkeypatch.setattr(report, "_figure_png", lambda fig, path: figures.append(fig))
+    plot(results, "unused.png")
+    (figure,) = figures
+    return figure.axes[0]
+
+
+def test_the_agreement_plot_draws_each_value_as_a_bar_with_chance_dotted(monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    from ipadapter.miniature.report import plot_agreement
+
+    vae, base = _per_attribute(0.9, 0.8, 0.7, 0.6, 0.5, 0.4), _per_attribute(0.1, 0.2, 0.3, 0.35, 0.45, 0.55)
+    results = _results(stages={"vae": vae, "base_full": base})
+    ax = _drawn(monkeypatch, plot_agreement, results)
+    groups = {"stage: VAE": vae, "stage: base, full caption": base,
+              **{name: row["agreement"] for name, row in results["rows"].items()}}
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == list(groups)
+    heights = [bar.get_height() for bar in ax.patches]
+    assert heights == [values[a] for values in groups.values() for a in ATTRS]
+    lefts = [bar.get_x() for bar in ax.patches]
+    width = ax.patches[0].get_width()
+    assert width == pytest.approx(0.8 / len(groups))
+    assert all(lefts[i * 6 + j] + width / 2 == pytest.approx(j + i * width) for i in range(len(groups))
+               for j in range(6))  # attribute j's group starts at j, one bar width per series
+    chance = [segment for lines in ax.collections for segment in lines.get_segments()]  # one dotted line each
+    assert all(lines.get_linestyle() != [(0, None)] for lines in ax.collections)  # not solid
+    assert [y for (_, y0), (_, y1) in chance for y in (y0, y1)] == pytest.approx(
+        [1 / len(v) for v in ATTRIBUTES.values() for _ in range(2)])
+    for j, ((x0, _), (x1, _)) in enumerate(chance):  # over its attribute's bars: centred on the group
+        group = ax.patches[j::6]
+        middle = (min(b.get_x() for b in group) + max(b.get_x() + width for b in group)) / 2
+        assert abs((x0 + x1) / 2 - middle) < width and x1 - x0 >= 0.8 - width
+    assert [label.get_text() for label in ax.get_xticklabels()] == ATTRS
+    middles = [(ax.patches[j].get_x() + ax.patches[-6 + j].get_x() + width) / 2 for j in range(6)]
+    assert list(ax.get_xticks()) == pytest.approx(middles)  # each name under the middle of its bars
+    assert ax.get_ylim() == (0, 1) and ax.get_ylabel() == "judge agrees with the asked-for scene"
+    assert ax.get_title() == "Miniature model, 3 held-out references (dotted: chance)"
+    assert len(_drawn(monkeypatch, plot_agreement, _results()).get_legend().get_texts()) == 2  # no stages: rows only
+
+
+def test_the_sweep_plot_draws_each_attribute_against_the_scale(monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    from ipadapter.miniature.report import plot_sweep
+
+    sweep = {"0.3": _per_attribute(0.2, 0.9, 0, 0, 0.8, 0.5), "1.0": _per_attribute(0.9, 0.3, 0, 0, 0.4, 0.1)}
+    ax = _drawn(monkeypatch, plot_sweep, _results(sweep=sweep))
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines
+              if not line.get_label().startswith("_")}
+    assert curves == {"shape follows the text": ([0.3, 1.0], [0.2, 0.9]),
+                      "object colour follows the image": ([0.3, 1.0], [0.9, 0.3]),
+                      "background colour follows the image": ([0.3, 1.0], [0.8, 0.4]),
+                      "pattern follows the image": ([0.3, 1.0], [0.5, 0.1])}
+    (target,) = [line for line in ax.lines if line.get_label().startswith("_")]
+    assert list(target.get_ydata()) == [0.7, 0.7] and target.get_linestyle() == ":"
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == list(curves)
+    assert ax.get_xlabel() == "IP-Adapter scale" and ax.get_ylabel() == "judge agreement" and ax.get_ylim() == (0, 1)
+    assert ax.get_title() == "Image + text naming another shape (3 references)"
