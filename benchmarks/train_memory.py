@@ -34,6 +34,7 @@ CLIP_L_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers
                "projection_dim": 768, "model_type": "clip_text_model"}
 CLIP_G_TEXT = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
                "projection_dim": 1280, "model_type": "clip_text_model"}
+TOKENIZER = {"model_max_length": 77}  # the captions' length in tokens, as every SD 1.5 / SDXL tokenizer pads them
 VIT_H = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
          "patch_size": 14, "image_size": 224, "projection_dim": 1024, "model_type": "clip_vision_model"}
 
@@ -47,6 +48,7 @@ def write_configs(root: Path, sdxl: bool) -> tuple[Path, Path]:
     put(base / "unet", "config.json", SDXL_UNET if sdxl else SD15_UNET)
     put(base / "vae", "config.json", {**VAE, "force_upcast": sdxl})
     put(base / "text_encoder", "config.json", CLIP_L_TEXT)
+    put(base / "tokenizer", "tokenizer_config.json", TOKENIZER)
     if sdxl:
         put(base / "text_encoder_2", "config.json", CLIP_G_TEXT)
     put(root / "vit-h", "config.json", VIT_H)

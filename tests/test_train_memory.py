@@ -119,6 +119,63 @@ def test_dry_run_counts_the_real_models_parameters(folders) -> None:
     assert cached.activations[1] < found.activations[1]
 
 
+def _saved_by_the_training_forward(monkeypatch) -> list[int]:
+    """Per call of the real training forward (`TrainModule.forward`, on the CPU, as `train` runs it): the bytes of the
+    tensors autograd saved for backward that the prediction's graph still holds when it returns. Weights, and views
+    of them, are not activations (they are counted as weights)."""
+    import weakref
+
+    from ipadapter.train.trainer import TrainModule
+
+    calls: list[int] = []
+    forward = TrainModule.forward
+
+    def measured(self, *args, **kwargs):
+        saved = {}
+
+        def pack(t):
+            if not isinstance(t._base if t._base is not None else t, torch.nn.Parameter):
+                saved[id(t)] = weakref.ref(t), t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            prediction = forward(self, *args, **kwargs)
+        calls.append(sum(size for alive, size in saved.values() if alive() is not None))
+        return prediction
+
+    monkeypatch.setattr(TrainModule, "forward", measured)
+    return calls
+
+
+@pytest.mark.parametrize("sdxl, variant, settings", [
+    (False, "base", {}),
+    (False, "plus", {"references": 2}),
+    (True, "plus", {}),
+    (False, "faceid-plus", {"id_dim": 16}),
+    (False, "base", {"attention": "concat"}),
+])
+def test_the_estimated_activations_are_what_a_real_training_forward_saves(tmp_path, monkeypatch, sdxl, variant,
+                                                                            settings) -> None:
+    """The dry run (meta device, shapes from the configs) against a real run's first forward on the CPU, whose
+    attention runs PyTorch's fused CPU kernel: captions as long as the base's tokenizer pads them, the encoder's
+    features through the trainable projection, SDXL's added conditioning, several references per sample."""
+    from ipadapter.train import train
+
+    import json
+
+    base = factories.write_base(tmp_path / "base", sdxl=sdxl)
+    data = factories.write_images(tmp_path / "data", 2, id_dim=settings.get("id_dim", 0))
+    if settings.get("references", 1) > 1:  # each sample conditioned on both images
+        entries = [json.loads(line) for line in data.read_text().splitlines()]
+        data.write_text("".join(json.dumps({**e, "ref_image_file": ["img0.png", "img1.png"]}) + "\n" for e in entries))
+    config = factories.train_config(tmp_path, data, base=str(base), variant=variant, max_steps=1,
+                                    image_encoder=str(factories.write_image_encoder(tmp_path / "enc")), **settings)
+    found = estimate(config, batch_sizes=(2,))
+    calls = _saved_by_the_training_forward(monkeypatch)
+    train(config)
+    assert calls == [found.activations[2]]
+
+
 def test_cli_dry_run_prints_the_estimate(folders, capsys) -> None:
     from ipadapter.cli.main import main
 

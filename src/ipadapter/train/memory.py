@@ -3,18 +3,24 @@
 The estimate counts what a step holds: frozen weights in the run's precision, the trainable weights in fp32 with
 their gradients, optimizer states (AdamW: 2 × fp32; 8-bit AdamW: 2 × 1 byte) and EMA copy, plus the activations
 kept for the backward pass. Those are measured, not guessed: one forward of the real UNet architecture on PyTorch's
-`meta` device (shapes only, no memory, no weights read) records the size of every tensor saved for backward. It is
-an estimate all the same: allocator overhead, temporary buffers and CUDA kernels' workspaces are not counted.
+`meta` device (shapes only, no memory, no weights read), with captions as long as the base's tokenizer makes them and
+attention run by the fused kernel a real run uses, records the size of every tensor saved for backward. It is an
+estimate all the same: allocator overhead, temporary buffers and CUDA kernels' workspaces are not counted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger("ipadapter.train")
@@ -42,40 +48,53 @@ def count(modules: Iterable[nn.Module | None]) -> int:
     return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
 
-def activation_bytes(unet: nn.Module, adapter: Any, *, batch: int, resolution: tuple[int, int], vae_scale: int,
-                     dtype: torch.dtype, sdxl: bool, text_len: int = 77) -> int:
-    """Bytes of the tensors autograd saves in one training forward of `unet` (on the meta device) with `adapter`
-    attached and trainable: the activations a backward pass needs."""
-    from ipadapter.attach import attach
-    from ipadapter.runtime import AdapterPrompt, Reference
+@contextmanager
+def _fused_attention() -> Iterator[None]:
+    """Attention as the fused kernels compute it (FlashAttention on a GPU, its CPU version on a CPU). On the meta
+    device PyTorch takes the math path, which saves every attention matrix for backward (quadratic in the tokens); the
+    fused kernels save the query, key, value, output and one log-sum-exp per query."""
+    plain = F.scaled_dot_product_attention
 
-    saved: dict[int, int] = {}
+    def fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = plain
+
+
+def activation_bytes(module: nn.Module, *, batch: int, latent: int, text_len: int, features: list[tuple[int, ...]],
+                     dtype: torch.dtype, sdxl: bool) -> int:
+    """Bytes of the tensors autograd saves in one forward of the trainer's `TrainModule` (the frozen UNet with the
+    trainable adapter attached) on the meta device, for `batch` samples of `latent`-square latents, `text_len`-token
+    captions and encoder features of the shapes `features` (per sample): the activations a backward pass needs."""
+    saved: dict[int, tuple[weakref.ref, int]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, nn.Parameter):  # frozen and trainable weights are counted as weights
-            saved[id(t)] = t.numel() * t.element_size()
+        if not isinstance(t._base if t._base is not None else t, nn.Parameter):  # weights (and views) are counted
+            saved[id(t)] = weakref.ref(t), t.numel() * t.element_size()
         return t
 
-    h, w = resolution[0] // vae_scale, resolution[1] // vae_scale
-    cross = unet.config.cross_attention_dim
-    device = torch.device("meta")
-    tokens = torch.zeros(batch, adapter.config.projection.tokens or 257, cross, device=device, dtype=torch.float32)
-    attachment = attach(unet, {"0": adapter})
-    try:
-        attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)])}, cfg=False)
-        added = None
-        if sdxl:
-            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-            added = {"text_embeds": torch.zeros(batch, pooled, device=device, dtype=dtype),
-                     "time_ids": torch.zeros(batch, 6, device=device, dtype=dtype)}
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(torch.zeros(batch, unet.config.in_channels, h, w, device=device, dtype=dtype),
-                 torch.zeros(batch, device=device, dtype=torch.long),
-                 encoder_hidden_states=torch.zeros(batch, text_len, cross, device=device, dtype=dtype),
-                 added_cond_kwargs=added)
-    finally:
-        attachment.detach()
-    return sum(saved.values())
+    unet, meta = module.unet, torch.device("meta")
+    added = None
+    if sdxl:
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.zeros(batch, pooled, device=meta, dtype=dtype),
+                 "time_ids": torch.zeros(batch, 6, device=meta, dtype=dtype)}
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _fused_attention():
+        prediction = module(torch.zeros(batch, unet.config.in_channels, latent, latent, device=meta, dtype=dtype),
+                            torch.zeros(batch, device=meta, dtype=torch.long),
+                            torch.zeros(batch, text_len, unet.config.cross_attention_dim, device=meta, dtype=dtype),
+                            tuple(torch.zeros(batch, *shape, device=meta) for shape in features), added)
+    # Counted while the prediction, and so its graph, is alive: what a computation whose result was dropped saved is
+    # freed already, as it would be on a GPU before the backward pass.
+    held = sum(size for alive, size in saved.values() if alive() is not None)
+    del prediction
+    return held
 
 
 @dataclass
@@ -99,9 +118,11 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estima
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ipadapter.adapter import IPAdapter
+    from ipadapter.attach import attach
     from ipadapter.train.config import parse_stage
     from ipadapter.train.models import base_configs, check_resolution, check_stage_resolutions
     from ipadapter.train.shapes import adapter_config_for
+    from ipadapter.train.trainer import TrainModule
 
     unet_config, vae_config = base_configs(config.base)
     if config.stages:  # refused as the run would refuse them, and estimated at the largest stage
@@ -130,18 +151,47 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estima
         adapter = IPAdapter.for_unet(unet, adapter_config_for(
             config.variant, cross_dim=cross if isinstance(cross, int) else cross[0], id_dim=config.id_dim,
             num_tokens=config.num_tokens, lora_rank=config.lora_rank, attention=config.attention, **widths))
+    unet.requires_grad_(False)  # frozen, as in training: no input is kept for a gradient of its own weights
     adapter.float().requires_grad_(True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    trainable = sum(p.numel() for p in adapter.parameters())
-    scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    activations = {b: activation_bytes(unet, adapter, batch=b, resolution=(side, side), vae_scale=scale, dtype=dtype,
-                                       sdxl=sdxl) for b in batch_sizes}
-    return Estimate(frozen_params=count(frozen), trainable_params=trainable,
-                    static_bytes=static_bytes(count(frozen), trainable, dtype=dtype, optimizer=config.optimizer,
-                                              ema=config.ema_decay > 0),
-                    activations=activations)
+    frozen_params, trainable = count(frozen), sum(p.numel() for p in adapter.parameters())  # before attaching it
+    latent = side // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    module = TrainModule(unet, adapter, attach(unet, {"0": adapter}), config.references)  # a meta UNet of our own
+    features, text_len = _feature_shapes(config, widths), _text_length(config.base)
+    activations = {b: activation_bytes(module, batch=b, latent=latent, text_len=text_len, features=features,
+                                       dtype=dtype, sdxl=sdxl) for b in batch_sizes}
+    return Estimate(frozen_params=frozen_params, trainable_params=trainable, activations=activations,
+                    static_bytes=static_bytes(frozen_params, trainable, dtype=dtype, optimizer=config.optimizer,
+                                              ema=config.ema_decay > 0))
+
+
+def _feature_shapes(config: Any, widths: dict[str, int]) -> list[tuple[int, ...]]:
+    """Per sample, the encoder features the variant's projection reads, in the order the trainer passes them (ID
+    embedding, then CLIP features); with several references per sample, one of each per reference."""
+    from ipadapter.variants import get_variant
+
+    per_reference = (config.references,) if config.references > 1 else ()
+    shapes = {"faceid": (config.id_dim,), "global": (widths.get("embed_dim"),),
+              "patch": (widths.get("patch_tokens"), widths.get("hidden_dim"))}
+    return [(*per_reference, *shapes[kind]) for kind in get_variant(config.variant).features.split("+")]
+
+
+def _text_length(base: str) -> int:
+    """The tokens every caption is padded to in training: the base tokenizer's `model_max_length` (77 for SD 1.5 and
+    SDXL), read from its config file alone."""
+    from transformers.utils import cached_file
+
+    from ipadapter.errors import IPAdapterError, first_clause
+    from ipadapter.sources import from_cache_or_hub
+
+    try:
+        path = from_cache_or_hub(lambda local: cached_file(base, "tokenizer_config.json", subfolder="tokenizer",
+                                                           local_files_only=local), base, "the base model")
+    except OSError as err:
+        raise IPAdapterError(f"cannot read {base}/tokenizer: {first_clause(str(err))}") from None
+    return int(json.loads(Path(path).read_text(encoding="utf-8"))["model_max_length"])
 
 
 def _text_encoders(base: str, sdxl: bool) -> list[nn.Module]:
