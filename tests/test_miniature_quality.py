@@ -273,3 +273,73 @@ def test_a_run_folder_with_a_pipeline_reads_the_pipelines_image_encoder(tmp_path
     encoder = Loaded(models).encoder.model
     for name, value in shipped.state_dict().items():
         assert torch.equal(encoder.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("position", ["top left", "center", "bottom"])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_each_pil_shape_has_its_own_geometry_in_its_cell(position, size) -> None:
+    """Closed-form checks per shape, at 128 px (k = 2): half-extent r = 6/10/14 × k, centred on the position's cell
+    (16 + 16·column, 16 + 16·row) × k; a disc fills π (r + ½)², a square (half side 0.85 r) its box, a diamond (half
+    diagonal 1.1 r) half its box, a triangle is wider at its base than at its top, a ring is empty at its centre, a
+    cross fills its centre but not its box's corners."""
+    import numpy as np
+
+    from ipadapter.miniature.world import PALETTE, POSITIONS
+
+    side, k = 128, 2
+    r = {"small": 6, "large": 14}[size] * k
+    row, col = divmod(POSITIONS.index(position), 3)
+    cx, cy = (16 + 16 * col) * k, (16 + 16 * row) * k
+
+    def drawn(shape: str) -> np.ndarray:
+        scene = replace(REF, shape=shape, size=size, position=position, colour="red", bg_colour="blue")
+        pixels = np.asarray(quality.draw_with_pil(scene, side))
+        assert ((pixels == PALETTE["red"]).all(-1) | (pixels == PALETTE["blue"]).all(-1)).all()  # two colours only
+        return (pixels == PALETTE["red"]).all(-1)
+
+    def box(mask: np.ndarray) -> tuple[int, int, int, int]:
+        ys, xs = np.nonzero(mask)
+        return xs.min(), ys.min(), xs.max(), ys.max()
+
+    circle = drawn("circle")
+    area = np.pi * (r + 0.5) ** 2  # PIL fills the box's end pixels too: a diameter of 2r + 1 pixels
+    assert abs(circle.sum() - area) < 0.05 * area
+    x0, y0, x1, y1 = box(circle)
+    assert abs((x0 + x1) / 2 - cx) <= 1 and abs((y0 + y1) / 2 - cy) <= 1 and abs(x1 - x0 - 2 * r) <= 2
+    square = drawn("square")
+    x0, y0, x1, y1 = box(square)
+    assert square.sum() == (x1 - x0 + 1) * (y1 - y0 + 1) and abs(x1 - x0 - 2 * 0.85 * r) <= 2
+    diamond = drawn("diamond")
+    x0, y0, x1, y1 = box(diamond)
+    assert abs(x1 - x0 - 2 * 1.1 * r) <= 2 and abs(diamond.sum() / ((x1 - x0 + 1) * (y1 - y0 + 1)) - 0.5) < 0.08
+    triangle = drawn("triangle")
+    x0, y0, x1, y1 = box(triangle)
+    widths = triangle[y0:y1 + 1].sum(axis=1)
+    assert widths[0] <= 3 and widths[-1] >= 2 * r - 2 and (np.diff(widths) >= 0).all()  # apex up, base down
+    assert abs(y0 - (cy - r)) <= 1 and abs(y1 - (cy + 0.8 * r)) <= 1
+    ring = drawn("ring")
+    assert not ring[cy, cx] and ring[cy, cx + r - 1] and ring.sum() < 0.8 * circle.sum()
+    cross = drawn("cross")
+    x0, y0, x1, y1 = box(cross)
+    assert cross[cy, cx] and not cross[y0, x0] and not cross[y1, x1] and abs(x1 - x0 - 2 * r) <= 2
+
+
+def test_pil_references_cycle_through_the_sizes_on_plain_backgrounds() -> None:
+    from ipadapter.miniature.quality import PIL_SIDES, pil_references
+
+    images, attrs = pil_references(6)
+    assert [image.size for image in images] == [(PIL_SIDES[i % len(PIL_SIDES)],) * 2 for i in range(6)]
+    assert {a.pattern for a in attrs} == {"plain"}
+    again, same = pil_references(6)
+    assert same == attrs and all(a.tobytes() == b.tobytes() for a, b in zip(images, again))
+
+
+def test_the_pil_row_asks_for_what_was_drawn_without_text() -> None:
+    inputs = quality.Inputs.build(3)
+    pil_row = next(c for c in CONDITIONS if c.references == "pil")
+    refs, prompts, truth = inputs.for_condition(pil_row)
+    assert refs is inputs.pil_images and prompts == ["", "", ""] and truth == inputs.pil_attrs
+    text_row = next(c for c in CONDITIONS if c.prompt == "shape")
+    refs, prompts, truth = inputs.for_condition(text_row)
+    assert refs is inputs.images and prompts == [f"a {s}" for s in inputs.shapes]
+    assert [t.shape for t in truth] == inputs.shapes and [t.colour for t in truth] == [a.colour for a in inputs.attrs]
