@@ -279,9 +279,9 @@ def test_a_run_folder_with_a_pipeline_reads_the_pipelines_image_encoder(tmp_path
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_each_pil_shape_has_its_own_geometry_in_its_cell(position, size) -> None:
     """Closed-form checks per shape, at 128 px (k = 2): half-extent r = 6/10/14 × k, centred on the position's cell
-    (16 + 16·column, 16 + 16·row) × k; a disc fills π (r + ½)², a square (half side 0.85 r) its box, a diamond (half
-    diagonal 1.1 r) half its box, a triangle is wider at its base than at its top, a ring is empty at its centre, a
-    cross fills its centre but not its box's corners."""
+    (16 + 16·column, 16 + 16·row) × k; a disc fills π (r + ½)², a square (half side 0.85 r) its box, a diamond
+    (half diagonal 1.1 r) half its box, a triangle is wider at its base than at its top, a ring is empty at its
+    centre, a cross fills its centre but not its box's corners."""
     import numpy as np
 
     from ipadapter.miniature.world import PALETTE, POSITIONS
