@@ -159,8 +159,23 @@ def test_a_run_under_several_processes_is_refused_before_loading(base, data, tmp
 def test_a_unet_base_is_not_taken_for_a_flux_pipeline(data, tmp_path) -> None:
     unet_base = factories.write_base(tmp_path / "sd")
     config = _config(unet_base, data, tmp_path, image_encoder=str(factories.write_image_encoder(tmp_path / "enc")))
-    with pytest.raises(IPAdapterError, match=rf"^--base {unet_base} is not a FLUX pipeline \("):
-        train_flux(config)
+    with pytest.raises(IPAdapterError, match=rf"^--base {unet_base} is not a FLUX pipeline \(.*FluxPipeline"):
+        train_flux(config)  # diffusers' own reason, in its first clause
+
+
+def test_an_uncached_hub_base_is_named_with_its_download_command(data, tmp_path) -> None:
+    with pytest.raises(IPAdapterError) as err:
+        train_flux(_config("nobody/flux", data, tmp_path, image_encoder=str(tmp_path)))
+    assert str(err.value).startswith("the base model nobody/flux is not in the local Hugging Face cache and offline "
+                                     "mode is on (")
+    assert str(err.value).endswith("(hf download nobody/flux) or give a local folder")
+
+
+def test_an_output_under_a_file_is_refused_by_its_flag_before_loading(base, data, tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(IPAdapterError) as err:
+        train_flux(_config(base, data, tmp_path, output=str(tmp_path / "file" / "run")))
+    assert str(err.value) == f"--output {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not a folder"
 
 
 def test_a_final_adapter_that_cannot_be_written_is_one_sentence(base, data, tmp_path, monkeypatch) -> None:
