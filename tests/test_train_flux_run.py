@@ -205,3 +205,19 @@ def test_a_cached_hub_base_and_encoder_train_without_a_request(base, data, tmp_p
     sent = factories.hub_without_network(monkeypatch, cache)
     result = train_flux(_config("qa/flux", data, tmp_path, image_encoder="qa/enc", max_steps=1))
     assert result.step == 1 and [url for url in sent if "qa/" in url] == []
+
+
+def test_a_half_precision_init_file_trains_and_is_written_in_fp32(base, data, tmp_path) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    from ipadapter.dit.train_flux import new_flux_adapter, save_xlabs
+    from ipadapter.encoders import ImageEncoder
+
+    transformer = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer")
+    width = ImageEncoder.from_pretrained(str(base / "image_encoder")).global_dim
+    start = save_xlabs(new_flux_adapter(transformer, clip_dim=width, tokens=16).to(torch.bfloat16),
+                       tmp_path / "bf16.safetensors")
+    assert {t.dtype for t in load_file(str(start)).values()} == {torch.bfloat16}
+    result = train_flux(_config(base, data, tmp_path, init_from=str(start), max_steps=1))
+    assert {t.dtype for t in load_file(str(result.published)).values()} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in result.adapter.parameters())
