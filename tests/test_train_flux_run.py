@@ -207,6 +207,17 @@ def test_a_cached_hub_base_and_encoder_train_without_a_request(base, data, tmp_p
     assert result.step == 1 and [url for url in sent if "qa/" in url] == []
 
 
+def test_an_fp32_init_file_is_not_rounded_to_the_bf16_of_the_frozen_models(base, data, tmp_path) -> None:
+    """Under bf16 the transformer is bf16, the adapter read from `--init-from` fp32: at a learning rate far below
+    fp32's resolution the written weights are the file's, bit for bit (rounded through bf16, most would differ)."""
+    start = train_flux(_config(base, data, tmp_path / "start", max_steps=1)).published
+    result = train_flux(_config(base, data, tmp_path, init_from=str(start), mixed_precision="bf16", max_steps=1,
+                                learning_rate=1e-20, weight_decay=0.0))
+    written, initial = load_file(str(result.published)), load_file(str(start))
+    assert written.keys() == initial.keys() and all(torch.equal(written[k], initial[k]) for k in initial)
+    assert not all(torch.equal(t, t.bfloat16().float()) for t in initial.values())
+
+
 def test_a_half_precision_init_file_trains_and_is_written_in_fp32(base, data, tmp_path) -> None:
     from diffusers import FluxTransformer2DModel
 

@@ -48,7 +48,7 @@ def _start(config: TrainConfig, transformer: torch.nn.Module, encoder: ImageEnco
 
     if not config.init_from:
         return new_flux_adapter(transformer, clip_dim=encoder.global_dim, tokens=get_variant(config.variant).tokens)
-    adapter = load_dit_adapter(config.init_from, transformer)  # in the file's precision; the run casts it to fp32
+    adapter = load_dit_adapter(config.init_from, transformer, dtype=torch.float32)  # not the transformer's bf16
     encoder.check_fits(adapter.config.projection.in_dim, "global", config.init_from)
     if adapter.config.variant != config.variant:
         raise IPAdapterError(
