@@ -2,10 +2,11 @@
 
 The estimate counts what a step holds: frozen weights in the run's precision, the trainable weights in fp32 with
 their gradients, optimizer states (AdamW: 2 × fp32; 8-bit AdamW: 2 × 1 byte) and EMA copy, plus the activations
-kept for the backward pass. Those are measured, not guessed: one forward of the real UNet architecture on PyTorch's
-`meta` device (shapes only, no memory, no weights read), with captions as long as the base's tokenizer makes them and
-attention run by the fused kernel a real run uses, records the size of every tensor saved for backward. It is an
-estimate all the same: allocator overhead, temporary buffers and CUDA kernels' workspaces are not counted.
+kept for the backward pass. Those are measured, not guessed: one forward of the trainer's own module (the projection,
+then the frozen UNet with the adapter attached) on fake CPU tensors (shapes and dtypes only, no memory, no weights
+read), with inputs of the run's shapes, under the run's mixed precision, records the size of every tensor saved for
+backward; attention takes the fused kernel, as on a GPU. It is an estimate all the same: allocator overhead,
+temporary buffers, CUDA kernels' workspaces and a checkpointed block recomputed in the backward pass are not counted.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 logger = logging.getLogger("ipadapter.train")
 
@@ -49,29 +50,22 @@ def count(modules: Iterable[nn.Module | None]) -> int:
 
 
 @contextmanager
-def _fused_attention() -> Iterator[None]:
-    """Attention as the fused kernels compute it (FlashAttention on a GPU, its CPU version on a CPU). On the meta
-    device PyTorch takes the math path, which saves every attention matrix for backward (quadratic in the tokens); the
-    fused kernels save the query, key, value, output and one log-sum-exp per query."""
-    plain = F.scaled_dot_product_attention
-
-    def fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
-
-    F.scaled_dot_product_attention = fused
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = plain
+        torch.set_default_dtype(previous)
 
 
 def activation_bytes(module: nn.Module, *, batch: int, latent: int, text_len: int, features: list[tuple[int, ...]],
                      dtype: torch.dtype, sdxl: bool) -> int:
     """Bytes of the tensors autograd saves in one forward of the trainer's `TrainModule` (the frozen UNet with the
-    trainable adapter attached) on the meta device, for `batch` samples of `latent`-square latents, `text_len`-token
-    captions and encoder features of the shapes `features` (per sample): the activations a backward pass needs."""
+    trainable adapter attached), for `batch` samples of `latent`-square latents, `text_len`-token captions and encoder
+    features of the shapes `features` (per sample), under autocast to `dtype` when that is half precision, as the run's
+    mixed precision does: the activations a backward pass needs. Run inside the `FakeTensorMode` the module was made
+    in, so that the inputs are fake too."""
     saved: dict[int, tuple[weakref.ref, int]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -79,17 +73,18 @@ def activation_bytes(module: nn.Module, *, batch: int, latent: int, text_len: in
             saved[id(t)] = weakref.ref(t), t.numel() * t.element_size()
         return t
 
-    unet, meta = module.unet, torch.device("meta")
+    unet = module.unet
     added = None
     if sdxl:
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        added = {"text_embeds": torch.zeros(batch, pooled, device=meta, dtype=dtype),
-                 "time_ids": torch.zeros(batch, 6, device=meta, dtype=dtype)}
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _fused_attention():
-        prediction = module(torch.zeros(batch, unet.config.in_channels, latent, latent, device=meta, dtype=dtype),
-                            torch.zeros(batch, device=meta, dtype=torch.long),
-                            torch.zeros(batch, text_len, unet.config.cross_attention_dim, device=meta, dtype=dtype),
-                            tuple(torch.zeros(batch, *shape, device=meta) for shape in features), added)
+        added = {"text_embeds": torch.zeros(batch, pooled, dtype=dtype), "time_ids": torch.zeros(batch, 6, dtype=dtype)}
+    inputs = (torch.zeros(batch, unet.config.in_channels, latent, latent, dtype=dtype),
+              torch.zeros(batch, dtype=torch.long),
+              torch.zeros(batch, text_len, unet.config.cross_attention_dim, dtype=dtype),
+              tuple(torch.zeros(batch, *shape) for shape in features), added)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        prediction = module(*inputs)
     # Counted while the prediction, and so its graph, is alive: what a computation whose result was dropped saved is
     # freed already, as it would be on a GPU before the backward pass.
     held = sum(size for alive, size in saved.values() if alive() is not None)
@@ -114,7 +109,7 @@ def static_bytes(frozen: int, trainable: int, *, dtype: torch.dtype, optimizer: 
 
 
 def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estimate:
-    """The run's models built on the meta device from the base's and encoder's configs (no weights read)."""
+    """The run's models built from the base's and encoder's configs (no weights read, no memory taken)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ipadapter.adapter import IPAdapter
@@ -132,36 +127,35 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estima
     side = largest_resolution(config)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     sdxl = unet_config.get("addition_embed_type") == "text_time"
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        if dtype != torch.float32:
-            unet.to(dtype)
-        frozen = [unet]
+    with torch.device("meta"):  # counted only: weightless on the meta device
+        frozen: list[nn.Module] = []
         if not config.cache:  # with a feature cache the VAE and encoders are not in memory while training
             frozen += [AutoencoderKL.from_config(vae_config), *_text_encoders(config.base, sdxl)]
         vision = _image_encoder(config.image_encoder) if config.needs_image_encoder else None
-        if vision is not None and not config.cache:
-            frozen.append(vision)
-        widths = {}
-        if vision is not None:
-            patches = (vision.config.image_size // vision.config.patch_size) ** 2 + 1
-            widths = {"embed_dim": vision.config.projection_dim, "hidden_dim": vision.config.hidden_size,
-                      "patch_tokens": patches}
+    if vision is not None and not config.cache:
+        frozen.append(vision)
+    widths = {}
+    if vision is not None:
+        patches = (vision.config.image_size // vision.config.patch_size) ** 2 + 1
+        widths = {"embed_dim": vision.config.projection_dim, "hidden_dim": vision.config.hidden_size,
+                  "patch_tokens": patches}
+    with FakeTensorMode():  # run as well: fake CPU tensors (shapes and dtypes, no memory) take CPU kernels and autocast
+        with _default_dtype(dtype):  # made in the run's precision (a fake tensor cannot be cast in place)
+            unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(False)  # frozen, as in training
         cross = unet.config.cross_attention_dim
-        adapter = IPAdapter.for_unet(unet, adapter_config_for(
+        adapter = IPAdapter.for_unet(unet, adapter_config_for(  # fp32, torch's default, as the run trains it
             config.variant, cross_dim=cross if isinstance(cross, int) else cross[0], id_dim=config.id_dim,
             num_tokens=config.num_tokens, lora_rank=config.lora_rank, attention=config.attention, **widths))
-    unet.requires_grad_(False)  # frozen, as in training: no input is kept for a gradient of its own weights
-    adapter.float().requires_grad_(True)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    frozen_params, trainable = count(frozen), sum(p.numel() for p in adapter.parameters())  # before attaching it
-    latent = side // 2 ** (len(vae_config["block_out_channels"]) - 1)
-    module = TrainModule(unet, adapter, attach(unet, {"0": adapter}), config.references)  # a meta UNet of our own
-    features, text_len = _feature_shapes(config, widths), _text_length(config.base)
-    activations = {b: activation_bytes(module, batch=b, latent=latent, text_len=text_len, features=features,
-                                       dtype=dtype, sdxl=sdxl) for b in batch_sizes}
+        adapter.requires_grad_(True)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        frozen_params, trainable = count([unet, *frozen]), sum(p.numel() for p in adapter.parameters())
+        latent = side // 2 ** (len(vae_config["block_out_channels"]) - 1)
+        module = TrainModule(unet, adapter, attach(unet, {"0": adapter}), config.references)
+        features, text_len = _feature_shapes(config, widths), _text_length(config.base)
+        activations = {b: activation_bytes(module, batch=b, latent=latent, text_len=text_len, features=features,
+                                           dtype=dtype, sdxl=sdxl) for b in batch_sizes}
     return Estimate(frozen_params=frozen_params, trainable_params=trainable, activations=activations,
                     static_bytes=static_bytes(frozen_params, trainable, dtype=dtype, optimizer=config.optimizer,
                                               ema=config.ema_decay > 0))
