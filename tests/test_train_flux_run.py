@@ -4,6 +4,7 @@ the loop, and the refusals that stop it before or after training in one line."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def test_a_run_reports_every_step_logs_every_nth_and_counts_what_it_skipped(base
     assert f"| training data | {manifest_lines:,} samples" in (out / "README.md").read_text()
     assert (out / "config.json").read_text() == _config(base, data, tmp_path, log_every=2).to_json()
     assert result.published == out / "ip-adapter.safetensors" and result.own == out / "adapter.ipadapter.safetensors"
+    assert result.output == out
     assert not result.adapter.training
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in result.adapter.parameters())
     again = train_flux(_config(base, data, tmp_path, max_steps=1))  # the same folder: the loss file is the new run's
@@ -232,3 +234,41 @@ def test_a_half_precision_init_file_trains_and_is_written_in_fp32(base, data, tm
     result = train_flux(_config(base, data, tmp_path, init_from=str(start), max_steps=1))
     assert {t.dtype for t in load_file(str(result.published)).values()} == {torch.float32}
     assert all(p.dtype == torch.float32 for p in result.adapter.parameters())
+
+
+def test_one_pass_over_the_data_meets_every_sample_once(base, tmp_path, monkeypatch) -> None:
+    """One process reads the whole manifest: the first pass (two batches of three here) meets each sample once."""
+    import ipadapter.dit.train_flux as train_module
+
+    data = factories.write_images(tmp_path / "six", 6)
+    entries = [{**json.loads(line), "text": f"sample {i}"} for i, line in enumerate(data.read_text().splitlines())]
+    data.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    seen = []
+    encode = train_module.encode_pixels
+
+    def spy(pipe, encoder, pixels, clip, texts, **kwargs):
+        seen.append(list(texts))
+        return encode(pipe, encoder, pixels, clip, texts, **kwargs)
+
+    monkeypatch.setattr(train_module, "encode_pixels", spy)
+    train_flux(_config(base, data, tmp_path, batch_size=3, max_steps=2))
+    assert len(seen) == 2 and sorted(seen[0] + seen[1]) == [f"sample {i}" for i in range(6)]
+
+
+def test_a_tiny_gradient_norm_limit_holds_the_weights_back(base, data, tmp_path) -> None:
+    """Gradients clipped to a norm of 1e-12 are far below AdamW's epsilon (1e-8), so its steps shrink by orders of
+    magnitude; without the limit (0) the first step moves each weight by about the learning rate."""
+    def moved(max_grad_norm: float) -> float:
+        start = train_flux(_config(base, data, tmp_path / f"s{max_grad_norm}", max_steps=1, learning_rate=1e-20,
+                                   weight_decay=0.0)).published  # the seeded start, unmoved
+        end = train_flux(_config(base, data, tmp_path / f"e{max_grad_norm}", max_steps=1, learning_rate=1e-3,
+                                 weight_decay=0.0, max_grad_norm=max_grad_norm)).published
+        return float((_projection(end) - _projection(start)).abs().max())
+
+    assert moved(1e-12) < 1e-3 * moved(0.0)
+
+
+def test_a_run_on_tar_shards_says_so_in_its_card(base, tmp_path) -> None:
+    shards = factories.write_shards(tmp_path / "shards", 4, 2)
+    result = train_flux(_config(base, shards, tmp_path, max_steps=1))
+    assert f"| training data | tar shards (`{shards}`) |" in (result.output / "README.md").read_text()
