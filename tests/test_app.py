@@ -752,3 +752,109 @@ def test_content_strength_takes_input_only_with_words_and_goes_back_to_one_witho
 
     assert strength_for(words) == (gr.update(interactive=True) if interactive else
                                    gr.update(interactive=False, value=1.0))
+
+
+def _components(page) -> dict:
+    """The page's components by elem_id, else by label."""
+    return {b.elem_id or getattr(b, "label", None): b for b in page.blocks.values()
+            if b.elem_id or getattr(b, "label", None)}
+
+
+def test_the_page_as_it_opens_sends_the_forms_defaults(tiny) -> None:
+    """Every control starts where the form (and so `ipadapter generate`) starts: generating from the untouched page
+    asks for the form's defaults, at the model's own number of steps."""
+    pytest.importorskip("gradio")
+    from ipadapter.app.ui import build_ui
+
+    service = _RecordingService()
+    generate, controls = _handler(build_ui(service), "on_generate")
+    generate({c: c.value for c in controls.values()}, lambda value, desc: None)
+    assert service.forms == [Form(masks=[None] * 4, steps=service.default_steps)]
+
+
+def test_each_control_offers_what_the_form_accepts(tiny) -> None:
+    pytest.importorskip("gradio")
+    from ipadapter.app.form import MAX_IMAGES
+    from ipadapter.app.ui import NO_PRESET, build_ui
+    from ipadapter.conditioning.combine import COMBINE_MODES
+
+    def refused(**values) -> bool:
+        try:
+            _form(tiny, **values).check()
+        except IPAdapterError:
+            return True
+        return False
+
+    service = _RecordingService()
+    c = _components(build_ui(service))
+    images, seed, steps = c["num-images"], c["seed"], c["steps"]
+    assert (images.minimum, images.maximum, images.step) == (1, MAX_IMAGES, 1)
+    assert refused(num_images=0) and not refused(num_images=MAX_IMAGES) and refused(num_images=MAX_IMAGES + 1)
+    assert (seed.minimum, seed.precision) == (0, 0) and refused(seed=-1) and not refused(seed=0)
+    assert (steps.minimum, steps.step) == (1, 1) and refused(steps=0) and steps.maximum >= service.default_steps
+    for window in (c["Start (fraction of the steps)"], c["End"]):  # fractions of the steps, both ends reachable
+        assert (window.minimum, window.maximum) == (0.0, 1.0) and (1 / window.step).is_integer()
+    scale, strength = c["scale"], c["content-strength"]
+    for slider in (scale, strength):  # off (0) and full (1) both on the slider's grid
+        assert slider.minimum == 0.0 and slider.maximum >= 1.0 and (1 / slider.step).is_integer()
+    assert strength.interactive is False and strength.value == 1.0  # as strength_for leaves it without words
+    assert [choice[0] for choice in c["Combine references"].choices] == list(COMBINE_MODES)
+    assert [choice[0] for choice in c["Layer preset"].choices] == [NO_PRESET, *service.presets]
+    assert (c["references"].file_count, c["negative-image"].file_count) == ("multiple", "single")
+    assert c["gallery"].format == "png" and c["command"].language == "shell"
+
+
+def test_mask_i_belongs_to_reference_i_and_the_extras_start_closed() -> None:
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from ipadapter.app.ui import MASK_SLOTS, build_ui
+
+    page = build_ui(_RecordingService())
+    tabs = [b.label for b in page.blocks.values() if isinstance(b, gr.Tab)]
+    editors = [b for b in page.blocks.values() if isinstance(b, gr.ImageEditor)]
+    assert tabs == [f"Reference {i}" for i in range(1, MASK_SLOTS + 1)]
+    assert [(e.label, e.elem_id) for e in editors] == [(f"Mask for reference {i}", f"mask-{i}")
+                                                       for i in range(1, MASK_SLOTS + 1)]
+    assert all(e.type == "pil" and "upload" in e.sources for e in editors)  # what mask_from_editor reads
+    assert [b.open for b in page.blocks.values() if isinstance(b, gr.Accordion)] == [False, False]
+    inputs = [b for b in page.blocks.values() if isinstance(b, (gr.Textbox, gr.Slider, gr.Number, gr.Dropdown,
+                                                                gr.File, gr.ImageEditor))]
+    assert all(b.label for b in inputs)  # each named, for screen readers and for the browser test
+
+
+def test_the_events_go_to_their_handlers_and_outputs() -> None:
+    pytest.importorskip("gradio")
+    from ipadapter.app.ui import build_ui, strength_for
+
+    page = build_ui(_RecordingService())
+    events = {f.name: f for f in page.fns.values()}
+    generate = events["on_generate"]
+    assert [o.elem_id for o in generate.outputs] == ["gallery", "command", "message"]
+    assert generate.concurrency_limit == 1  # one generation at a time on the one model
+    strength = events["strength_for"]
+    assert strength.fn is strength_for
+    assert [i.elem_id for i in strength.inputs] == ["content"]
+    assert [o.elem_id for o in strength.outputs] == ["content-strength"]
+    previews = events["<lambda>"]
+    assert [i.elem_id for i in previews.inputs] == ["references"]
+    assert [o.elem_id for o in previews.outputs] == ["previews", "message"]
+
+
+def test_launch_serves_one_request_at_a_time_with_the_upload_limit() -> None:
+    pytest.importorskip("gradio")
+    from ipadapter.app.ui import launch
+
+    calls = []
+
+    class Page:
+        def queue(self, **kwargs):
+            calls.append(("queue", kwargs))
+
+        def launch(self, **kwargs):
+            calls.append(("launch", kwargs))
+
+    launch(Page(), host="127.0.0.1", port=7861, limits=UploadLimits(max_bytes=12_345))
+    assert calls == [("queue", {"default_concurrency_limit": 1}),
+                     ("launch", {"server_name": "127.0.0.1", "server_port": 7861, "max_file_size": 12_345,
+                                 "ssr_mode": False})]
