@@ -173,13 +173,37 @@ def test_the_estimated_activations_are_what_a_real_training_forward_saves(tmp_pa
         data.write_text("".join(json.dumps({**e, "ref_image_file": ["img0.png", "img1.png"]}) + "\n" for e in entries))
     config = factories.train_config(tmp_path, data, base=str(base), variant=variant, max_steps=1,
                                     image_encoder=str(factories.write_image_encoder(tmp_path / "enc")), **settings)
-    found = estimate(config, batch_sizes=(2,))
+    found = estimate(config, batch_sizes=(2,), autocast="cpu")  # the CPU run's mixed precision
     calls = _saved_by_the_training_forward(monkeypatch)
     train(config)
     if config.mixed_precision == "no":
         assert calls == [found.activations[2]]
     else:  # the fake kernels' layer norms keep their row statistics in bf16, the CPU's in fp32: a few bytes each
         assert len(calls) == 1 and calls[0] == pytest.approx(found.activations[2], rel=1e-3)
+
+
+def test_cudas_autocast_keeps_normalisations_and_softmax_in_fp32() -> None:
+    """PyTorch's autocast reference lists group_norm, layer_norm and softmax among the CUDA operations that autocast
+    to float32; linear layers autocast to the half precision either way."""
+    import torch.nn.functional as F
+
+    from ipadapter.train.memory import _CudaAutocast
+
+    x = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _CudaAutocast():
+        outputs = [F.group_norm(x, 2), F.layer_norm(x, (3,)), F.softmax(x, -1), torch.softmax(x, -1), x.softmax(-1)]
+        linear = F.linear(torch.randn(2, 3), torch.randn(5, 3))
+    assert [o.dtype for o in outputs] == [torch.float32] * 5 and linear.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CPU's own rules, for contrast
+        assert F.group_norm(x, 2).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision, more", [("bf16", True), ("fp16", True), ("no", False)])
+def test_a_gpu_runs_estimate_keeps_more_under_mixed_precision_than_a_cpu_runs(folders, precision, more) -> None:
+    base, enc = folders
+    config = TrainConfig(base=str(base), image_encoder=str(enc), resolution=factories.RES, mixed_precision=precision)
+    gpu, cpu = (estimate(config, batch_sizes=(2,), autocast=rules).activations[2] for rules in ("cuda", "cpu"))
+    assert (gpu > cpu) if more else (gpu == cpu)
 
 
 def test_cli_dry_run_prints_the_estimate(folders, capsys) -> None:

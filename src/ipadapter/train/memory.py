@@ -4,8 +4,8 @@ The estimate counts what a step holds: frozen weights in the run's precision, th
 their gradients, optimizer states (AdamW: 2 × fp32; 8-bit AdamW: 2 × 1 byte) and EMA copy, plus the activations
 kept for the backward pass. Those are measured, not guessed: one forward of the trainer's own module (the projection,
 then the frozen UNet with the adapter attached) on fake CPU tensors (shapes and dtypes only, no memory, no weights
-read), with inputs of the run's shapes, under the run's mixed precision, records the size of every tensor saved for
-backward; attention takes the fused kernel, as on a GPU. It is an estimate all the same: allocator overhead,
+read), with inputs of the run's shapes, under the run's mixed precision by CUDA's autocast rules, records the size of
+every tensor saved for backward; attention takes the fused kernel, as on a GPU. It is an estimate all the same: allocator overhead,
 temporary buffers, CUDA kernels' workspaces and a checkpointed block recomputed in the backward pass are not counted.
 """
 
@@ -15,14 +15,16 @@ import json
 import logging
 import weakref
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger("ipadapter.train")
 
@@ -59,13 +61,34 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+# What CUDA's autocast runs in fp32 whatever its input's precision (PyTorch's autocast op reference), of the operations
+# a UNet applies to whole activations; the CPU's autocast leaves them in half precision.
+CUDA_FP32_OPS = (F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax)
+
+
+class _CudaAutocast(TorchFunctionMode):
+    """Over the CPU's autocast, the operations of `CUDA_FP32_OPS` in fp32, so that fake CPU tensors keep what a GPU
+    keeps: fp32 outputs, and the fp32 activations that follow them."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in CUDA_FP32_OPS:
+            return func(*args, **kwargs)
+
+        def up(value: Any) -> Any:
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        with torch.autocast("cpu", enabled=False):
+            return func(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+
+
 def activation_bytes(module: nn.Module, *, batch: int, latent: int, text_len: int, features: list[tuple[int, ...]],
-                     dtype: torch.dtype, sdxl: bool) -> int:
+                     dtype: torch.dtype, sdxl: bool, autocast: str = "cuda") -> int:
     """Bytes of the tensors autograd saves in one forward of the trainer's `TrainModule` (the frozen UNet with the
     trainable adapter attached), for `batch` samples of `latent`-square latents, `text_len`-token captions and encoder
-    features of the shapes `features` (per sample), under autocast to `dtype` when that is half precision, as the run's
-    mixed precision does: the activations a backward pass needs. Run inside the `FakeTensorMode` the module was made
-    in, so that the inputs are fake too."""
+    features of the shapes `features` (per sample), under autocast to `dtype` when that is half precision, by the
+    rules of `autocast` ("cuda" or "cpu"), as the run's mixed precision does: the activations a backward pass needs.
+    Run inside the `FakeTensorMode` the module was made in, so that the inputs are fake too."""
     saved: dict[int, tuple[weakref.ref, int]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -82,8 +105,10 @@ def activation_bytes(module: nn.Module, *, batch: int, latent: int, text_len: in
               torch.zeros(batch, dtype=torch.long),
               torch.zeros(batch, text_len, unet.config.cross_attention_dim, dtype=dtype),
               tuple(torch.zeros(batch, *shape) for shape in features), added)
+    half = dtype != torch.float32
+    rules = _CudaAutocast() if half and autocast == "cuda" else nullcontext()
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            torch.autocast("cpu", dtype=dtype, enabled=half), rules:
         prediction = module(*inputs)
     # Counted while the prediction, and so its graph, is alive: what a computation whose result was dropped saved is
     # freed already, as it would be on a GPU before the backward pass.
@@ -108,8 +133,9 @@ def static_bytes(frozen: int, trainable: int, *, dtype: torch.dtype, optimizer: 
     return frozen * BYTES[dtype] + trainable * (4 + 4 + states + (4 if ema else 0))
 
 
-def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estimate:
-    """The run's models built from the base's and encoder's configs (no weights read, no memory taken)."""
+def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autocast: str = "cuda") -> Estimate:
+    """The run's models built from the base's and encoder's configs (no weights read, no memory taken); mixed
+    precision by the rules of CUDA's autocast (a GPU run's), or the CPU's with `autocast="cpu"`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ipadapter.adapter import IPAdapter
@@ -155,7 +181,7 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8)) -> Estima
         module = TrainModule(unet, adapter, attach(unet, {"0": adapter}), config.references)
         features, text_len = _feature_shapes(config, widths), _text_length(config.base)
         activations = {b: activation_bytes(module, batch=b, latent=latent, text_len=text_len, features=features,
-                                           dtype=dtype, sdxl=sdxl) for b in batch_sizes}
+                                           dtype=dtype, sdxl=sdxl, autocast=autocast) for b in batch_sizes}
     return Estimate(frozen_params=frozen_params, trainable_params=trainable, activations=activations,
                     static_bytes=static_bytes(frozen_params, trainable, dtype=dtype, optimizer=config.optimizer,
                                               ema=config.ema_decay > 0))
