@@ -5,8 +5,9 @@ their gradients, optimizer states (AdamW: 2 × fp32; 8-bit AdamW: 2 × 1 byte) a
 kept for the backward pass. Those are measured, not guessed: one forward of the trainer's own module (the projection,
 then the frozen UNet with the adapter attached) on fake CPU tensors (shapes and dtypes only, no memory, no weights
 read), with inputs of the run's shapes, under the run's mixed precision by CUDA's autocast rules, records the size of
-every tensor saved for backward; attention takes the fused kernel, as on a GPU. It is an estimate all the same: allocator overhead,
-temporary buffers, CUDA kernels' workspaces and a checkpointed block recomputed in the backward pass are not counted.
+every tensor saved for backward; attention takes the fused kernel, as on a GPU. It is an estimate all the same:
+allocator overhead, temporary buffers, CUDA kernels' workspaces and a checkpointed block recomputed in the backward
+pass are not counted.
 """
 
 from __future__ import annotations
