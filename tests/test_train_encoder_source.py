@@ -132,6 +132,24 @@ def test_a_path_that_is_not_there_is_never_split_as_a_hub_id_with_a_subfolder(tm
     assert split_hub_path("h94/IP-Adapter/models/image_encoder") == VIT_H
 
 
+def test_an_encoder_whose_config_is_unreadable_or_of_another_model_is_one_sentence(folders, tmp_path) -> None:
+    from ipadapter.train.memory import estimate
+
+    base, _ = folders
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(IPAdapterError) as info:
+        estimate(TrainConfig(base=str(base), image_encoder=str(broken), resolution=16), batch_sizes=(1,))
+    assert str(info.value).startswith(f"could not read a CLIP vision encoder's config from {broken} (not found "
+                                      "offline, or not a CLIP vision model): ")
+    assert str(broken / "config.json") in str(info.value)  # transformers' own reason follows, naming the file
+    with pytest.raises(IPAdapterError) as info:
+        estimate(TrainConfig(base=str(base), image_encoder=f"{base}/unet", resolution=16), batch_sizes=(1,))
+    assert str(info.value) == (f"{base}/unet is not a CLIP vision encoder (its config is a UNet2DConditionModel); give a "
+                               "CLIPVisionModelWithProjection folder or Hub id")
+
+
 def test_dry_run_counts_the_vision_tower_of_a_whole_clip_model(folders, tmp_path) -> None:
     """A whole `CLIPModel` folder as the encoder: the run uses its vision tower and visual projection only, at the
     model's `projection_dim`."""

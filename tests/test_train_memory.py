@@ -78,6 +78,9 @@ def test_the_report_adds_each_batchs_activations_to_the_static_part() -> None:
         "  batch 1: 1.50 GiB (activations 0.5 MiB)",
         "  batch 4: 2.00 GiB (activations 512.0 MiB)",
     ]
+    from ipadapter.train.memory import size
+
+    assert (size(2**30), size(2**30 - 2**19)) == ("1.00 GiB", "1023.5 MiB")  # GiB from one GiB up
     plain = report(TrainConfig(base="b"), Estimate(1, 1, 2**30 - 2**19, {1: 0}))
     assert "gradient checkpointing off, feature cache off" in plain
     assert "weights, gradients, optimizer states: 1023.5 MiB" in plain
