@@ -146,8 +146,8 @@ def test_an_encoder_whose_config_is_unreadable_or_of_another_model_is_one_senten
     assert str(broken / "config.json") in str(info.value)  # transformers' own reason follows, naming the file
     with pytest.raises(IPAdapterError) as info:
         estimate(TrainConfig(base=str(base), image_encoder=f"{base}/unet", resolution=16), batch_sizes=(1,))
-    assert str(info.value) == (f"{base}/unet is not a CLIP vision encoder (its config is a UNet2DConditionModel); give a "
-                               "CLIPVisionModelWithProjection folder or Hub id")
+    assert str(info.value) == (f"{base}/unet is not a CLIP vision encoder (its config is a UNet2DConditionModel); "
+                               "give a CLIPVisionModelWithProjection folder or Hub id")
 
 
 def test_dry_run_counts_the_vision_tower_of_a_whole_clip_model(folders, tmp_path) -> None:
