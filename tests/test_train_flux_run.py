@@ -58,7 +58,7 @@ def test_a_run_reports_every_step_logs_every_nth_and_counts_what_it_skipped(base
     assert f"done at step 3: skipped {skipped} sample(s): {skipped} undecodable image; adapter written to " \
            f"{out / 'ip-adapter.safetensors'}" in messages
     bar = capsys.readouterr().err
-    assert "training" in bar and "3/3" in bar and "step/s" in bar and f"loss={seen[-1][1]:.4f}" in bar
+    assert "training: " in bar and "3/3" in bar and "step/s" in bar and f"loss={seen[-1][1]:.4f}" in bar
     manifest_lines = len(data.read_text().splitlines())
     assert f"| training data | {manifest_lines:,} samples" in (out / "README.md").read_text()
     assert (out / "config.json").read_text() == _config(base, data, tmp_path, log_every=2).to_json()
@@ -105,6 +105,15 @@ def test_the_seed_fixes_the_run_and_another_seed_changes_it(base, data, tmp_path
     assert runs[0].losses == runs[1].losses != runs[2].losses
     first, again, other = (_projection(r.published) for r in runs)
     assert torch.equal(first, again) and not torch.equal(first, other)
+    # From one start file, on data whose order cannot matter (one sample, twice), the seed still decides the noise,
+    # the noise levels and the dropout of every step.
+    twice = tmp_path / "twice.jsonl"
+    line = data.read_text().splitlines()[0]
+    twice.write_text(f"{line}\n{line}\n".replace('"image_file": "', f'"image_file": "{data.parent}/'))
+    start = str(runs[0].published)
+    resumed = [train_flux(_config(base, twice, tmp_path / name, seed=seed, max_steps=1, init_from=start))
+               for name, seed in (("d", 4), ("e", 5), ("f", 5))]
+    assert resumed[0].losses != resumed[1].losses == resumed[2].losses
 
 
 def test_an_image_dropped_from_every_sample_leaves_the_projections_weight_where_it_started(base, data,
