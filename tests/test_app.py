@@ -858,3 +858,31 @@ def test_launch_serves_one_request_at_a_time_with_the_upload_limit() -> None:
     assert calls == [("queue", {"default_concurrency_limit": 1}),
                      ("launch", {"server_name": "127.0.0.1", "server_port": 7861, "max_file_size": 12_345,
                                  "ssr_mode": False})]
+
+
+def test_the_page_sends_no_analytics_and_opens_with_its_instructions(monkeypatch) -> None:
+    """Whatever gradio's environment says: the app runs offline and tells nobody about its use."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from ipadapter.app.ui import INTRO, build_ui
+
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    page = build_ui(_RecordingService())
+    assert page.analytics_enabled is False
+    markdown = [b.value for b in page.blocks.values() if isinstance(b, gr.Markdown) and b.value]
+    assert INTRO in markdown[0]
+    assert _components(page)["previews"].interactive is False  # shows the uploads; nothing is dropped on it
+
+
+def test_each_refused_upload_is_its_own_paragraph(tiny, tmp_path) -> None:
+    pytest.importorskip("gradio")
+    from ipadapter.app.ui import check_references
+
+    (tmp_path / "a.txt").write_text("no")
+    (tmp_path / "b.txt").write_text("no")
+    previews, message = check_references([str(tmp_path / "a.txt"), str(tiny / "ref.png"), str(tmp_path / "b.txt")],
+                                         UploadLimits())
+    first, second = message.split("\n\n")
+    assert len(previews) == 1 and "reference 1 (a.txt)" in first and "reference 3 (b.txt)" in second
+    assert first.startswith("**Cannot do that:** ") and second.startswith("**Cannot do that:** ")
