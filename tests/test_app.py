@@ -886,3 +886,22 @@ def test_each_refused_upload_is_its_own_paragraph(tiny, tmp_path) -> None:
     first, second = message.split("\n\n")
     assert len(previews) == 1 and "reference 1 (a.txt)" in first and "reference 3 (b.txt)" in second
     assert first.startswith("**Cannot do that:** ") and second.startswith("**Cannot do that:** ")
+
+
+def test_the_page_keeps_the_names_the_browser_test_finds_it_by() -> None:
+    """`test_page_generates_and_refuses_a_non_image` (and any user's script) finds the page's parts by these ids,
+    the Generate button by its id, and opens the controls by the text "Control"."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from ipadapter.app.ui import build_ui
+
+    page = build_ui(_RecordingService())
+    ids = {b.elem_id for b in page.blocks.values() if b.elem_id}
+    assert ids == {"references", "previews", "prompt", "negative-prompt", "scale", "seed", "steps", "num-images",
+                   "negative-image", "content", "content-strength", "mask-1", "mask-2", "mask-3", "mask-4", "generate",
+                   "message", "gallery", "command"}
+    (button,) = [b for b in page.blocks.values() if isinstance(b, gr.Button)]
+    assert (button.elem_id, button.value, button.variant) == ("generate", "Generate", "primary")
+    accordions = [b.label for b in page.blocks.values() if isinstance(b, gr.Accordion)]
+    assert accordions[0] == "Control" and accordions[1].startswith("Masks")
