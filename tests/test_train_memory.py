@@ -192,11 +192,16 @@ def test_cudas_autocast_keeps_normalisations_and_softmax_in_fp32() -> None:
 
     from ipadapter.train.memory import _CudaAutocast
 
-    x = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    x, w = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16), torch.randn(3, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16), _CudaAutocast():
-        outputs = [F.group_norm(x, 2), F.layer_norm(x, (3,)), F.softmax(x, -1), torch.softmax(x, -1), x.softmax(-1)]
+        outputs = [F.group_norm(x, 2), F.layer_norm(x, (3,), weight=w), F.softmax(x, dim=-1), torch.softmax(x, -1),
+                   x.softmax(dim=2)]
         linear = F.linear(torch.randn(2, 3), torch.randn(5, 3))
     assert [o.dtype for o in outputs] == [torch.float32] * 5 and linear.dtype == torch.bfloat16
+    x32 = x.float()  # computed in fp32 from the half-precision input, keyword arguments and all
+    expected = [F.group_norm(x32, 2), F.layer_norm(x32, (3,), weight=w.float()), F.softmax(x32, dim=-1),
+                torch.softmax(x32, -1), x32.softmax(dim=2)]
+    assert all(torch.equal(o, e) for o, e in zip(outputs, expected))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the CPU's own rules, for contrast
         assert F.group_norm(x, 2).dtype == torch.bfloat16
 

@@ -84,7 +84,7 @@ class _CudaAutocast(TorchFunctionMode):
 
 
 def activation_bytes(module: nn.Module, *, batch: int, latent: int, text_len: int, features: list[tuple[int, ...]],
-                     dtype: torch.dtype, sdxl: bool, autocast: str = "cuda") -> int:
+                     dtype: torch.dtype, sdxl: bool, autocast: str) -> int:
     """Bytes of the tensors autograd saves in one forward of the trainer's `TrainModule` (the frozen UNet with the
     trainable adapter attached), for `batch` samples of `latent`-square latents, `text_len`-token captions and encoder
     features of the shapes `features` (per sample), under autocast to `dtype` when that is half precision, by the
