@@ -212,6 +212,64 @@ def test_a_gpu_runs_estimate_keeps_more_under_mixed_precision_than_a_cpu_runs(fo
     config = TrainConfig(base=str(base), image_encoder=str(enc), resolution=factories.RES, mixed_precision=precision)
     gpu, cpu = (estimate(config, batch_sizes=(2,), autocast=rules).activations[2] for rules in ("cuda", "cpu"))
     assert (gpu > cpu) if more else (gpu == cpu)
+    assert estimate(config, batch_sizes=(2,)).activations[2] == gpu  # what `--dry-run` prints: a GPU run's
+
+
+def test_an_sdxl_dry_run_counts_both_text_encoders(tmp_path) -> None:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    base = factories.write_base(tmp_path / "xl", sdxl=True)
+    config = TrainConfig(base=str(base), variant="faceid", id_dim=16, resolution=factories.RES)
+    uncached, cached = (estimate(c, batch_sizes=(1,)) for c in (config, config.replace(cache="somewhere")))
+    from diffusers import AutoencoderKL
+
+    parts = [AutoencoderKL.from_pretrained(base, subfolder="vae"),
+             CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+             CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2")]
+    assert uncached.frozen_params - cached.frozen_params == sum(p.numel() for m in parts for p in m.parameters())
+
+
+def test_a_base_without_a_tokenizer_is_named_in_one_line(tmp_path) -> None:
+    import shutil
+
+    from ipadapter.errors import IPAdapterError
+
+    base = factories.write_base(tmp_path / "base")
+    shutil.rmtree(base / "tokenizer")
+    with pytest.raises(IPAdapterError) as info:
+        estimate(TrainConfig(base=str(base), variant="faceid", id_dim=16, resolution=factories.RES), batch_sizes=(1,))
+    assert str(info.value).startswith(f"cannot read {base}/tokenizer: ") and "tokenizer_config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("missing, command", [("tokenizer", "hf download qa/base"),
+                                              ("text_encoder", "hf download qa/base"), ("nothing", None)])
+def test_a_hub_base_cached_in_part_names_itself_and_its_download(tmp_path, monkeypatch, missing, command) -> None:
+    """Offline, a Hub base whose configs are cached but not its tokenizer (or text encoder): the one line names the
+    base and the command that downloads it."""
+    import shutil
+
+    from ipadapter.errors import IPAdapterError
+
+    cache = tmp_path / "hub"
+    entry = cache / "models--qa--base"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(factories.write_base(tmp_path / "base"), entry / "snapshots" / ("0" * 40),
+                    ignore=shutil.ignore_patterns(missing))
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    config = TrainConfig(base="qa/base", variant="faceid", id_dim=16, resolution=factories.RES)
+    if command is None:  # the whole base cached: read from the cache, so the refusals above are of the part missing
+        assert estimate(config, batch_sizes=(1,)).frozen_params > 0
+        return
+    with pytest.raises(IPAdapterError) as info:
+        estimate(config, batch_sizes=(1,))
+    assert str(info.value).startswith("the base model qa/base is not in the local Hugging Face cache and offline mode "
+                                      "is on (")
+    assert f"({command})" in str(info.value)
 
 
 def test_cli_dry_run_prints_the_estimate(folders, capsys) -> None:

@@ -155,9 +155,8 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     sdxl = unet_config.get("addition_embed_type") == "text_time"
     with torch.device("meta"):  # counted only: weightless on the meta device
-        frozen: list[nn.Module] = []
-        if not config.cache:  # with a feature cache the VAE and encoders are not in memory while training
-            frozen += [AutoencoderKL.from_config(vae_config), *_text_encoders(config.base, sdxl)]
+        # with a feature cache the VAE and encoders are not in memory while training
+        frozen = [] if config.cache else [AutoencoderKL.from_config(vae_config), *_text_encoders(config.base, sdxl)]
         vision = _image_encoder(config.image_encoder) if config.needs_image_encoder else None
     if vision is not None and not config.cache:
         frozen.append(vision)
