@@ -215,6 +215,41 @@ def test_a_gpu_runs_estimate_keeps_more_under_mixed_precision_than_a_cpu_runs(fo
     assert estimate(config, batch_sizes=(2,)).activations[2] == gpu  # what `--dry-run` prints: a GPU run's
 
 
+def test_the_vaes_downscale_is_two_to_the_number_of_its_halvings() -> None:
+    from ipadapter.train.models import vae_downscale
+
+    assert vae_downscale({"block_out_channels": [128, 256, 512, 512]}) == 8  # SD 1.5 / SDXL: 512 px → 64 latents
+    assert [vae_downscale({"block_out_channels": [1] * n}) for n in (1, 2, 3)] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("change, per_trainable", [({"optimizer": "adamw8bit"}, -6), ({"ema_decay": 0.5}, 4)])
+def test_the_optimizer_and_ema_change_the_static_part_by_their_states(folders, change, per_trainable) -> None:
+    """8-bit AdamW keeps 2 one-byte states where AdamW keeps 2 fp32 ones (6 bytes fewer per trainable weight); an EMA
+    of any decay above 0 keeps one fp32 copy more (4 bytes)."""
+    base, enc = folders
+    config = TrainConfig(base=str(base), image_encoder=str(enc), resolution=factories.RES)
+    plain, changed = (estimate(c, batch_sizes=(1,)) for c in (config, config.replace(**change)))
+    assert changed.static_bytes - plain.static_bytes == per_trainable * plain.trainable_params
+
+
+@pytest.mark.parametrize("variant, settings", [("base", {"num_tokens": 8}), ("faceid", {"lora_rank": 4, "id_dim": 16})])
+def test_the_trainable_count_follows_tokens_and_lora_rank(folders, variant, settings) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from ipadapter import IPAdapter
+    from ipadapter.encoders import ImageEncoder
+    from ipadapter.train.trainer import adapter_config_for
+
+    base, enc = folders
+    found = estimate(TrainConfig(base=str(base), image_encoder=str(enc), resolution=factories.RES, variant=variant,
+                                 **settings), batch_sizes=(1,))
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    encoder = ImageEncoder.from_pretrained(str(enc))
+    adapter = IPAdapter.for_unet(unet, adapter_config_for(variant, cross_dim=factories.CROSS,
+                                                          embed_dim=encoder.global_dim, **settings))
+    assert found.trainable_params == sum(p.numel() for p in adapter.parameters())
+
+
 def test_an_sdxl_dry_run_counts_both_text_encoders(tmp_path) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 

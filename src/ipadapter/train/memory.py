@@ -142,7 +142,7 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
     from ipadapter.adapter import IPAdapter
     from ipadapter.attach import attach
     from ipadapter.train.config import parse_stage
-    from ipadapter.train.models import base_configs, check_resolution, check_stage_resolutions
+    from ipadapter.train.models import base_configs, check_resolution, check_stage_resolutions, vae_downscale
     from ipadapter.train.shapes import adapter_config_for
     from ipadapter.train.trainer import TrainModule
 
@@ -177,7 +177,7 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
             unet.enable_gradient_checkpointing()
         unet.train()
         frozen_params, trainable = count([unet, *frozen]), sum(p.numel() for p in adapter.parameters())
-        latent = side // 2 ** (len(vae_config["block_out_channels"]) - 1)
+        latent = side // vae_downscale(vae_config)
         module = TrainModule(unet, adapter, attach(unet, {"0": adapter}), config.references)
         features, text_len = _feature_shapes(config, widths), _text_length(config.base)
         activations = {b: activation_bytes(module, batch=b, latent=latent, text_len=text_len, features=features,

@@ -75,11 +75,15 @@ def base_configs(source: str, models: BaseModels | None = None) -> tuple[dict[st
     return _config(UNet2DConditionModel, source, "unet"), _config(AutoencoderKL, source, "vae")
 
 
+def vae_downscale(vae_config: dict[str, Any]) -> int:
+    """Pixels per latent along a side: the VAE halves the image between its blocks (SD's four blocks: 8)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def resolution_step(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> int:
     """Pixel sizes must be multiples of the VAE's downscale × the UNet's."""
-    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     unet_scale = 2 ** (len(unet_config["down_block_types"]) - 1)
-    return vae_scale * unet_scale
+    return vae_downscale(vae_config) * unet_scale
 
 
 def check_resolution(resolution: int, unet_config: dict[str, Any], vae_config: dict[str, Any]) -> None:
