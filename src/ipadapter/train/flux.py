@@ -66,7 +66,7 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     from ipadapter.checkpoint import save_adapter
     from ipadapter.dit.train_flux import empty_prompt, encode_pixels, fit, save_xlabs
     from ipadapter.train.feed import load_image_encoder, open_stream
-    from ipadapter.train.memory import make_optimizer
+    from ipadapter.train.optim import make_optimizer
     from ipadapter.train.model_folder import append_loss, restart_losses, write_model_card
     from ipadapter.validation import check_device, output_folder
 

@@ -1,4 +1,4 @@
-"""Memory: the optimizer (8-bit states when bitsandbytes is installed) and the `--dry-run` estimate.
+"""Memory: the `--dry-run` estimate of what a training step holds.
 
 The estimate counts what a step holds: frozen weights in the run's precision, the trainable weights in fp32 with
 their gradients, optimizer states (AdamW: 2 × fp32; 8-bit AdamW: 2 × 1 byte) and EMA copy, plus the activations
@@ -13,7 +13,6 @@ pass are not counted.
 from __future__ import annotations
 
 import json
-import logging
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -27,25 +26,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
-logger = logging.getLogger("ipadapter.train")
-
 BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-
-
-def make_optimizer(config: Any, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW with the config's settings; `adamw8bit` uses bitsandbytes' AdamW8bit when it is installed and says
-    so (then falls back to torch's AdamW) when it is not."""
-    kwargs = dict(lr=config.learning_rate, weight_decay=config.weight_decay,
-                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
-    if config.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            logger.warning("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes), which is not "
-                           "installed: using torch's AdamW (32-bit states) instead")
-        else:
-            return bitsandbytes.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
 
 
 def count(modules: Iterable[nn.Module | None]) -> int:

@@ -218,7 +218,7 @@ class _Optimization:
 def _optimizer_phase(run: _Run, adapter: IPAdapter) -> _Optimization:
     """AdamW (8-bit when asked and bitsandbytes is there), constant LR after an optional warm-up (scheduler steps
     count every process), optional EMA."""
-    from ipadapter.train.memory import make_optimizer
+    from ipadapter.train.optim import make_optimizer
 
     config, world = run.config, run.accelerator.num_processes
     params = [p for p in adapter.parameters() if p.requires_grad]
