@@ -35,6 +35,7 @@ def count(modules: Iterable[nn.Module | None]) -> int:
 
 @contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules made inside hold their weights in `dtype`: a fake tensor cannot be cast in place afterwards."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
