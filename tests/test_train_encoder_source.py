@@ -183,17 +183,13 @@ def test_an_uncached_hub_encoder_in_a_subfolder_is_named_with_its_download_comma
 
 def test_dry_run_reads_a_cached_hub_base_and_encoder_without_a_request(folders, tmp_path, monkeypatch) -> None:
     """Online (offline mode off), a base and an encoder in the cache are read from it alone: no request names them."""
-    import shutil
-
     from ipadapter.train.memory import estimate
 
     base, _ = folders
     cache = tmp_path / "hub"
-    for repo in ("base", "enc"):
-        (cache / f"models--qa--{repo}" / "refs").mkdir(parents=True)
-        (cache / f"models--qa--{repo}" / "refs" / "main").write_text("0" * 40)
-    shutil.copytree(base, cache / "models--qa--base" / "snapshots" / ("0" * 40))
-    factories.write_image_encoder(cache / "models--qa--enc" / "snapshots" / ("0" * 40) / "image_encoder")
+    factories.write_hub_cache(cache, "qa/base", base)
+    factories.write_image_encoder(tmp_path / "enc-repo" / "image_encoder")
+    factories.write_hub_cache(cache, "qa/enc", tmp_path / "enc-repo")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     sent = factories.hub_without_network(monkeypatch, cache)

@@ -204,13 +204,9 @@ def test_a_final_adapter_that_cannot_be_written_is_one_sentence(base, data, tmp_
 
 def test_a_cached_hub_base_and_encoder_train_without_a_request(base, data, tmp_path, monkeypatch) -> None:
     """Online (offline mode off), a FLUX base and an encoder in the Hugging Face cache are read from it alone."""
-    import shutil
-
     cache = tmp_path / "hub"
-    for repo, folder in (("flux", base), ("enc", base / "image_encoder")):
-        (cache / f"models--qa--{repo}" / "refs").mkdir(parents=True)
-        (cache / f"models--qa--{repo}" / "refs" / "main").write_text("0" * 40)
-        shutil.copytree(folder, cache / f"models--qa--{repo}" / "snapshots" / ("0" * 40))
+    for repo, folder in (("qa/flux", base), ("qa/enc", base / "image_encoder")):
+        factories.write_hub_cache(cache, repo, folder)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     sent = factories.hub_without_network(monkeypatch, cache)

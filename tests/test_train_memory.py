@@ -210,13 +210,12 @@ def test_the_trainable_count_follows_tokens_and_lora_rank(folders, variant, sett
 
 
 def test_an_sdxl_dry_run_counts_both_text_encoders(tmp_path) -> None:
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     base = factories.write_base(tmp_path / "xl", sdxl=True)
     config = TrainConfig(base=str(base), variant="faceid", id_dim=16, resolution=factories.RES)
     uncached, cached = (estimate(c, batch_sizes=(1,)) for c in (config, config.replace(cache="somewhere")))
-    from diffusers import AutoencoderKL
-
     parts = [AutoencoderKL.from_pretrained(base, subfolder="vae"),
              CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
              CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2")]
@@ -242,16 +241,15 @@ def test_a_hub_base_cached_in_part_names_itself_and_its_download(tmp_path, monke
     base and the command that downloads it."""
     import shutil
 
-    from ipadapter.errors import IPAdapterError
-
-    cache = tmp_path / "hub"
-    entry = cache / "models--qa--base"
-    (entry / "refs").mkdir(parents=True)
-    (entry / "refs" / "main").write_text("0" * 40)
-    shutil.copytree(factories.write_base(tmp_path / "base"), entry / "snapshots" / ("0" * 40),
-                    ignore=shutil.ignore_patterns(missing))
     import huggingface_hub.constants as hub
 
+    from ipadapter.errors import IPAdapterError
+
+    base = factories.write_base(tmp_path / "base")
+    if command is not None:
+        shutil.rmtree(base / missing)
+    cache = tmp_path / "hub"
+    factories.write_hub_cache(cache, "qa/base", base)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
