@@ -113,19 +113,31 @@ def measure(s: inference.Setting) -> dict[tuple[str, bool, str], Found]:
     """Both counts per (implementation, cache_kv, case)."""
     bench = inference.Bench(s, ("plain", "ipadapter", "diffusers"))
     weights = weights_of(bench)
-    seen: list[int] = []
-    hook = bench.pipe.unet.up_blocks[0].register_forward_pre_hook(lambda *_: seen.append(held(weights)))
+    # One UNet call per step (CFG is batched). Only the last step's count is kept, and a count walks every object of
+    # the process (about a quarter of a second each in a test run), so the earlier calls are only counted.
+    calls: list[int] = []
+    last: list[int] = []
+
+    def count(*_: Any) -> None:
+        calls.append(1)
+        if len(calls) == s.steps:
+            last.append(held(weights))
+
+    hook = bench.pipe.unet.up_blocks[0].register_forward_pre_hook(count)
     found = {}
     for impl, cache in IMPLS:
         bench.cache_kv = cache
         for case in inference.CASES:
             setup, run = bench.generation_run(impl, case)
             setup()
-            seen.clear()
+            calls.clear()
+            last.clear()
             peak = LivePeak({**dict.fromkeys(weights), **live_storages(weights)})
             with torch.no_grad(), peak:
                 run()
-            found[impl, cache, case] = Found(seen[-1] / MiB, peak.peak / MiB)
+            if len(calls) != s.steps:
+                raise RuntimeError(f"{impl} {case}: {len(calls)} UNet calls for {s.steps} steps")
+            found[impl, cache, case] = Found(last[0] / MiB, peak.peak / MiB)
     hook.remove()
     bench.close()
     return found

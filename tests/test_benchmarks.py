@@ -19,7 +19,7 @@ from tests import factories
 
 
 def test_quick_run_has_every_row_and_equals_diffusers(tmp_path) -> None:
-    args = inference.parse_args(["--quick", "--no-memory", "--out", str(tmp_path / "bench.md")])
+    args = inference.parse_args(["--quick", "--no-memory", "--repeats", "2", "--out", str(tmp_path / "bench.md")])
     rows, memory, notes = inference.benchmark(args)
     assert memory == []
     for arch in ("SD1.5", "SDXL"):
