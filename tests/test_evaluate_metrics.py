@@ -126,6 +126,15 @@ def test_dino_i_is_the_cls_token_cosine(tmp_path) -> None:
     assert torch.allclose(metrics.embedding_cosine(embed, images, images[:1], per_reference=3), expected, atol=1e-5)
 
 
+def test_a_cosine_of_batches_of_different_shapes_is_refused_not_broadcast() -> None:
+    """Three generations against one reference embedding without `per_reference=3` is a caller's mistake; broadcasting
+    would score all three against the first reference without a word."""
+    generated, reference = torch.randn(3, 8), torch.randn(1, 8)
+    with pytest.raises(ValueError, match=r"\(3, 8\) and \(1, 8\)"):
+        metrics.cosine(generated, reference)
+    assert torch.allclose(metrics.cosine(generated, generated), torch.ones(3))
+
+
 def test_missing_networks_are_reported_by_name(tmp_path) -> None:
     with pytest.raises(extractors.MetricUnavailable, match="dinov2"):
         extractors.dino_embedder(tmp_path / "no-dinov2")

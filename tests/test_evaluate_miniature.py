@@ -43,6 +43,24 @@ def test_attribute_agreement_reports_every_attribute_and_all(tmp_path) -> None:
     assert judge.accuracy(images, predicted) == dict.fromkeys([*ATTRIBUTES, "all"], 1.0)
 
 
+def test_agreement_counts_each_attribute_and_all_over_every_image(tmp_path) -> None:
+    """Against the classifier's own reading with one slot changed in image 0 and another in image 1 of 3: those
+    attributes 2/3, the rest 1, "all" (every attribute right) 1/3; a truth list of another length is refused."""
+    import pytest
+
+    torch.manual_seed(0)
+    judge = Judge(AttributeClassifier(width=8), clip=None)
+    images = [e.image() for e in read_manifest(miniature_manifest(tmp_path, 3)).entries]
+    read = judge.predict(images)
+    other = {n: next(v for v in values if v != read[0][n]) for n, values in ATTRIBUTES.items()}
+    truth = [read[0] | {"shape": other["shape"]}, read[1] | {"pattern": other["pattern"]}, read[2]]
+    expected = dict.fromkeys(ATTRIBUTES, 1.0) | {"shape": 2 / 3, "pattern": 2 / 3, "all": 1 / 3}
+    assert judge.accuracy(images, truth) == pytest.approx(expected, abs=1e-12)
+    assert judge.correct(images, truth)[1] == dict.fromkeys(ATTRIBUTES, True) | {"pattern": False}
+    with pytest.raises(ValueError):
+        judge.accuracy(images, truth[:2])
+
+
 def test_the_reports_references_are_held_out_unless_the_training_split_is_asked_for() -> None:
     from ipadapter.miniature.quality import Inputs
 

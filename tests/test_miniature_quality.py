@@ -11,7 +11,9 @@ import torch
 
 from ipadapter.miniature import quality
 from ipadapter.miniature.models import Models
-from ipadapter.miniature.quality import CONDITIONS, QUICK, Condition, asked_for, check_targets, other_shapes, prompt_for
+from ipadapter.miniature.quality import (
+    CONDITIONS, QUICK, SWEEP_CONDITION, Condition, asked_for, check_targets, other_shapes, prompt_for,
+)
 from ipadapter.miniature.world import ATTRIBUTES, COLOURS, Attrs
 
 REF = Attrs("circle", "red", "large", "top left", "blue", "checkered")
@@ -81,6 +83,89 @@ def test_targets_are_judged_on_the_right_rows() -> None:
     }
     best = next(t for n, t in check_targets(results).items() if n.startswith("image + text"))
     assert best["measured"]["scale"] == 1.0
+
+
+# Each target of docs/miniature.md's table at its threshold (met) and just past it (not met), one attribute at a time.
+# Values are chosen so that the subtractions are exact in binary floating point (0.03 - 0.0, 0.05 - 0.0).
+FLOORS = {
+    "image encoder": ("image_encoder", dict.fromkeys(ATTRIBUTES, 0.9)),
+    "text encoder": ("text_encoder", dict.fromkeys(ATTRIBUTES, 0.95)),
+    "VAE reconstruction": ("vae", dict.fromkeys(ATTRIBUTES, 0.95)),
+    "base, text only, full caption": ("base_full", {"shape": 0.8, "position": 0.8, "colour": 0.9, "size": 0.9,
+                                                    "bg_colour": 0.9, "pattern": 0.9}),
+    "base, partial captions": ("base_partial", dict.fromkeys(ATTRIBUTES, 0.8)),
+    "IP-Adapter, image only": ("IP-Adapter, image only", {"colour": 0.85, "bg_colour": 0.85, "pattern": 0.85,
+                                                          "shape": 0.7, "size": 0.7}),
+    "ControlNet (mask) + image": ("ControlNet (mask) + IP-Adapter", {"position": 0.85, "colour": 0.8, "bg_colour": 0.8}),
+}
+
+
+def _floor_results(target: str, values: dict) -> dict:
+    where, _ = FLOORS[target]
+    if where in ("image_encoder", "text_encoder"):
+        inner = {"global": values} if where == "image_encoder" else {"told_apart": values}
+        return _results({}, stages={where: inner})
+    if where in ("vae", "base_full", "base_partial"):
+        return _results({}, stages={where: values})
+    return _results({where: (0.5, _agreement(**values))})
+
+
+def _verdict(results: dict, target: str) -> bool | None:
+    (found,) = [t["met"] for name, t in check_targets(results).items() if name.split(":")[0] == target]
+    return found
+
+
+@pytest.mark.parametrize("target", list(FLOORS))
+def test_each_floor_target_is_met_at_its_threshold_and_missed_just_below_it(target: str) -> None:
+    _, floors = FLOORS[target]
+    at = dict.fromkeys(ATTRIBUTES, 0.0) | floors
+    assert _verdict(_floor_results(target, at), target) is True
+    for attribute, floor in floors.items():
+        assert _verdict(_floor_results(target, at | {attribute: floor - 0.001}), target) is False, attribute
+    unmeasured = at | {next(iter(floors)): None}
+    assert _verdict(_floor_results(target, unmeasured), target) is None
+
+
+def test_the_comparison_targets_at_their_thresholds() -> None:
+    base, simple = "IP-Adapter, image only", "simple adapter (ablation), image only"
+    level = _agreement(**dict.fromkeys(ATTRIBUTES, 0.5))
+    for attribute in ATTRIBUTES:  # Plus: level everywhere is met, one attribute below base is not
+        rows = {base: (0.5, level), "IP-Adapter Plus, image only": (0.5, level | {attribute: 0.499})}
+        assert _verdict(_results(rows), "Plus, image only") is False, attribute
+        rows["IP-Adapter Plus, image only"] = (0.5, level)
+        assert _verdict(_results(rows), "Plus, image only") is True
+        custom = "IP-Adapter on the custom model, image only"  # within 5 points either way, not 5.1
+        for base_value, custom_value, met in ((0.0, 0.05, True), (0.05, 0.0, True), (0.0, 0.051, False),
+                                              (0.051, 0.0, False)):
+            rows = {base: (0.5, level | {attribute: base_value}), custom: (0.5, level | {attribute: custom_value})}
+            assert _verdict(_results(rows), "same adapter on the custom model") is met, (attribute, base_value)
+    drawn = "IP-Adapter, image only, PIL-drawn references"  # colours within 5 points below the world's references
+    for attribute in ("colour", "bg_colour"):
+        for base_value, met in ((0.05, True), (0.06, False)):
+            rows = {base: (0.5, level | {attribute: base_value}), drawn: (0.5, level | {attribute: 0.0})}
+            assert _verdict(_results(rows), "PIL-drawn references") is met, (attribute, base_value)
+    rows = {base: (0.5, level), drawn: (0.5, level | {"shape": 0.0, "pattern": 0.0})}
+    assert _verdict(_results(rows), "PIL-drawn references") is True, "only the colours are compared"
+    # Decoupled vs simple: CLIP-I ahead by 0.03 or more, and strictly ahead on image + text (shape from the text,
+    # colours from the image: the weakest of the three).
+    with_text, simple_text = SWEEP_CONDITION, "simple adapter (ablation) + text (another shape)"
+    for clip_i, composed, simple_composed, met in ((0.03, 0.7, 0.6, True), (0.029, 0.7, 0.6, False),
+                                                   (0.03, 0.6, 0.6, False), (0.03, 0.7, 0.69, True)):
+        ours = _agreement(shape=composed, colour=0.9, bg_colour=0.9)
+        theirs = _agreement(shape=0.9, colour=simple_composed, bg_colour=0.9)
+        rows = {base: (clip_i, level), simple: (0.0, level), with_text: (0.5, ours), simple_text: (0.5, theirs)}
+        assert _verdict(_results(rows), "decoupled vs simple adapter") is met, (clip_i, composed, simple_composed)
+    # Image + text: the row's own scale without a sweep; each of shape, colour and background at 70% at least.
+    for attribute in ("shape", "colour", "bg_colour"):
+        row = _agreement(shape=0.7, colour=0.7, bg_colour=0.7)
+        assert _verdict(_results({with_text: (0.5, row)}), "image + text at the best scale") is True
+        low = _results({with_text: (0.5, row | {attribute: 0.699})})
+        assert _verdict(low, "image + text at the best scale") is False, attribute
+
+
+def test_every_target_is_unjudged_without_its_measurements() -> None:
+    targets = check_targets({"rows": {}})
+    assert len(targets) == 12 and all(t["met"] is None for t in targets.values())
 
 
 def test_bundled_folder_reads_as_the_v1_layout() -> None:

@@ -24,7 +24,10 @@ CLIP_SCORE_WEIGHT = 2.5
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine of two [N, D] batches."""
+    """Row-wise cosine of two [N, D] batches of the same shape: broadcasting one row against N would pair every
+    generation with one reference without saying so."""
+    if a.shape != b.shape:
+        raise ValueError(f"cosine of row batches of different shapes: {tuple(a.shape)} and {tuple(b.shape)}")
     return F.cosine_similarity(a.float(), b.float(), dim=-1)
 
 

@@ -147,9 +147,10 @@ class Judge:
         return [{n: ATTRIBUTES[n][index[n][i]] for n in ATTRIBUTES} for i in range(len(index["shape"]))]
 
     def correct(self, images, attrs: Sequence[Attrs | Mapping[str, str]]) -> list[dict[str, bool]]:
-        """Per image, whether each attribute is read as asked: what paired comparisons of two rows count."""
+        """Per image, whether each attribute is read as asked: what paired comparisons of two rows count. One truth per
+        image: a list of another length is refused rather than scored on the shorter of the two."""
         truth = [a if isinstance(a, Mapping) else asdict(a) for a in attrs]
-        return [{n: p[n] == t[n] for n in ATTRIBUTES} for p, t in zip(self.predict(images), truth)]
+        return [{n: p[n] == t[n] for n in ATTRIBUTES} for p, t in zip(self.predict(images), truth, strict=True)]
 
     def accuracy(self, images, attrs: Sequence[Attrs | Mapping[str, str]]) -> dict[str, float]:
         """Fraction correct per attribute, plus "all" (every attribute right); `attrs` as `Attrs` or dicts."""
