@@ -332,6 +332,21 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path) -> None:
     assert (tmp_path / "t.md").read_bytes() == "café ✓ 犬".encode("utf-8")
 
 
+def test_a_checkpoint_that_fails_midway_leaves_the_earlier_one(tmp_path) -> None:
+    """The miniature runs' checkpoints: a save that fails while pickling (a lambda cannot be) keeps the last one whole,
+    with no temporary file beside it."""
+    import torch
+
+    from ipadapter.atomic import save_torch
+
+    path = save_torch({"step": 1, "w": torch.ones(3)}, tmp_path / "run.ckpt.pt")
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_torch({"step": 2, "w": torch.zeros(3), "hook": lambda: None}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["run.ckpt.pt"]
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
 def test_outputs_in_folders_not_made_yet_are_written_with_their_folders(tmp_path) -> None:
     from ipadapter.atomic import save_png, save_pngs, write_text
 
@@ -361,7 +376,7 @@ def test_written_files_get_the_mode_open_gives(tmp_path) -> None:
     """safetensors writes its files owner-only; a saved adapter must be as readable as any file made with `open`."""
     import torch
 
-    from ipadapter.atomic import save_png, save_pngs, save_safetensors, write_text
+    from ipadapter.atomic import save_png, save_pngs, save_safetensors, save_torch, write_text
 
     (tmp_path / "plain.txt").write_text("made with open")
     usual = (tmp_path / "plain.txt").stat().st_mode & 0o777
@@ -369,6 +384,7 @@ def test_written_files_get_the_mode_open_gives(tmp_path) -> None:
         save_safetensors({"w": torch.zeros(2)}, tmp_path / "a.safetensors"),
         save_png(Image.new("RGB", (4, 4)), tmp_path / "a.png"),
         write_text(tmp_path / "a.md", "text"),
+        save_torch({"w": torch.zeros(2)}, tmp_path / "a.pt"),
         *save_pngs([Image.new("RGB", (4, 4))], [tmp_path / "b.png"]),
     ]
     assert {p.name: p.stat().st_mode & 0o777 for p in written} == {p.name: usual for p in written}

@@ -104,6 +104,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def save_torch(obj: object, path: str | os.PathLike) -> Path:
+    """A `torch.save` checkpoint (the miniature runs' own, with optimizer state), whole or not at all."""
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> Path:

@@ -335,11 +335,6 @@ def _check_fits(adapter: IPAdapter, state: Mapping[str, torch.Tensor], name: str
             raise IPAdapterError(f"{name}: weight {key} has shape {tuple(value.shape)}, expected {tuple(want[key].shape)}")
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """safetensors written to a temporary file and renamed: a crash never leaves a half-written file."""
-    return save_safetensors(tensors, path, metadata)
-
-
 def published_state_dict(adapter: IPAdapter, unet: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """{"image_proj": ..., "ip_adapter": {"{index}.to_k_ip.weight": ...}} in checkpoint order for `unet`."""
     index_of = {l.name: l.index for l in attention_layers(unet)}
@@ -353,10 +348,10 @@ def save_published(adapter: IPAdapter, unet: nn.Module, path: str | os.PathLike)
         raise IPAdapterError(f"a {adapter.config.attention!r} adapter has no published layout; save it with save_adapter")
     nested = published_state_dict(adapter, unet)
     flat = {f"{group}.{k}": v for group, tensors in nested.items() for k, v in tensors.items()}
-    return atomic_save(flat, path)
+    return save_safetensors(flat, path)
 
 
 def save_adapter(adapter: IPAdapter, path: str | os.PathLike) -> Path:
     """The project's own format: `adapter.state_dict()` (keys are layer names) plus metadata (variant, tokens,
     encoder, base family)."""
-    return atomic_save(dict(adapter.state_dict()), path, metadata=adapter.config.to_metadata())
+    return save_safetensors(dict(adapter.state_dict()), path, metadata=adapter.config.to_metadata())

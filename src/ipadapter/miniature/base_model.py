@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ipadapter.atomic import write_text
+from ipadapter.atomic import save_torch, write_text
 from ipadapter.miniature import tokenizer as tok
-from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log
+from ipadapter.miniature.runloop import TrainRun, log
 from ipadapter.miniature.world import (
     SIZE_PX, Attrs, attrs_from_label, caption, make_batch, make_masked_batch, partial_caption, random_slots,
 )
@@ -188,7 +188,7 @@ def build_cache(out_dir: str | Path, vae_dir: str | Path, n: int = 49152, seed: 
         labels.append(torch.tensor([a.label() for a in attrs]))
         log.info("cache: %d/%d", start + len(images), n)
     cache = {"latents": torch.cat(latents), "labels": torch.cat(labels)}
-    atomic_torch_save(cache, path)
+    save_torch(cache, path)
     log.info("cache: latents std %.3f saved to %s", cache["latents"].float().std().item(), path)
     return path
 

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ipadapter.atomic import replacing_folder
+from ipadapter.atomic import replacing_folder, save_torch
 from ipadapter.errors import IPAdapterError
 from ipadapter.miniature import tokenizer as tok
 from ipadapter.miniature.base_model import encode_scenes, noisy_batch, training_scheduler
-from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log, size_mb
+from ipadapter.miniature.runloop import TrainRun, log, size_mb
 from ipadapter.miniature.world import (
     POSITIONS, SIZE_PX, SIZES, Attrs, caption, draw_with_mask, make_masked_batch, mask_image, partial_caption,
 )
@@ -67,7 +67,7 @@ def build_cache(out_dir: str | Path, pipeline_dir: str | Path, n: int = 4096, se
     cache = encode_scenes(vae, text_encoder, tokenizer, images, attrs, "controlnet cache",
                           describe=lambda a: partial_caption(a, TEXT_SLOTS))
     cache["masks"] = torch.from_numpy(mask_u8(masks))
-    atomic_torch_save(cache, path)
+    save_torch(cache, path)
     log.info("controlnet cache: %d scenes saved to %s", n, path)
     return path
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ipadapter.atomic import replacing, save_png, save_safetensors, write_text
+from ipadapter.atomic import replacing, save_png, save_safetensors, save_torch, write_text
 from ipadapter.miniature import base_model
-from ipadapter.miniature.runloop import TrainRun, atomic_torch_save, log, size_mb
+from ipadapter.miniature.runloop import TrainRun, log, size_mb
 from ipadapter.miniature.world import PALETTE, Attrs, caption, make_batch, shade
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def build_style_cache(out_dir: str | Path, pipeline_dir: str | Path, n: int = 40
     images, attrs = make_batch(seed, n, style=STYLE)
     cache = base_model.encode_scenes(pipe.vae, pipe.text_encoder, pipe.tokenizer, images, attrs, "custom cache")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(cache, path)
+    save_torch(cache, path)
     log.info("custom cache: %d pairs, latents std %.3f, saved to %s", n, cache["latents"].std().item(), path)
     return path
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from ipadapter.atomic import save_torch
 
 log = logging.getLogger("ipadapter.miniature")
 REWARM_STEPS = 100
@@ -28,13 +29,6 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 50, floor: float
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temporary file, then rename, so a kill mid-write never leaves a truncated checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def size_mb(path: Path) -> float:
@@ -151,7 +145,7 @@ class TrainRun:
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optimizer": self.optimizer.state_dict(),
         }
-        atomic_torch_save(state, self.ckpt_path)
+        save_torch(state, self.ckpt_path)  # a kill mid-write leaves the previous checkpoint
         self._last_save = time.monotonic()
 
     def set_lr(self, step: int, peak: float) -> None:

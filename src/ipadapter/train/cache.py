@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ipadapter.checkpoint import atomic_save
+from ipadapter.atomic import save_safetensors, write_text
 from ipadapter.errors import IPAdapterError
 from ipadapter.train.data import Record
 
@@ -137,7 +136,7 @@ class CacheWriter:
         name = f"part-{self.rank:03d}-{len(self.files):05d}.safetensors"
         tensors = {k: torch.stack(v).to(self.dtype if v[0].is_floating_point() and k != "time_ids" else v[0].dtype)
                    for k, v in self.rows.items()}
-        atomic_save(tensors, self.dir / name)
+        save_safetensors(tensors, self.dir / name)
         self.files.append({"file": name, "rows": len(next(iter(self.rows.values())))})
         self.rows = {}
 
@@ -169,10 +168,10 @@ def build_cache(
     writer.flush()
     bar.close()
     part = {"files": writer.files, "skipped": dict(batches.skipped)}
-    (cache_dir / f"part-{rank:03d}.json").write_text(json.dumps(part))
+    write_text(cache_dir / f"part-{rank:03d}.json", json.dumps(part))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_save(constants, cache_dir / "constants.safetensors")
+        save_safetensors(constants, cache_dir / "constants.safetensors")
         files, skipped = [], Counter()
         for r in range(accelerator.num_processes):
             p = json.loads((cache_dir / f"part-{r:03d}.json").read_text())
@@ -181,9 +180,7 @@ def build_cache(
         index = {"fingerprint": fp, "files": files, "rows": sum(f["rows"] for f in files), "skipped": dict(skipped)}
         if index["rows"] == 0:
             raise IPAdapterError(f"no usable sample to cache ({dict(skipped)})")
-        tmp = cache_dir / "index.json.tmp"
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, cache_dir / "index.json")
+        write_text(cache_dir / "index.json", json.dumps(index, indent=1))
     accelerator.wait_for_everyone()
     return read_index(cache_dir)
 
