@@ -223,6 +223,65 @@ def test_with_slot_changes_one_slot_and_keeps_colours_apart():
         assert world.attrs_from_label(a.label()) == a
 
 
+def test_the_learning_rate_warms_up_linearly_then_follows_a_cosine_to_its_floor():
+    from ipadapter.miniature.runloop import cosine_lr
+
+    peak, total, warmup, floor = 2e-3, 1050, 50, 0.1
+    assert cosine_lr(0, total, peak) == pytest.approx(peak / warmup)
+    assert cosine_lr(24, total, peak) == pytest.approx(peak * 25 / warmup)
+    assert cosine_lr(warmup - 1, total, peak) == pytest.approx(peak)
+    assert cosine_lr(warmup, total, peak) == pytest.approx(peak)  # the decay's start: cos 0
+    assert cosine_lr(warmup + 500, total, peak) == pytest.approx(peak * (floor + (1 - floor) / 2))  # half way: cos π/2
+    assert cosine_lr(warmup + 250, total, peak) == pytest.approx(peak * (floor + (1 - floor) * (1 + 2**-0.5) / 2))
+    assert cosine_lr(total, total, peak) == pytest.approx(peak * floor)
+    assert cosine_lr(total + 100, total, peak) == pytest.approx(peak * floor)  # past the end: held at the floor
+    assert cosine_lr(10, 1000, 1.0, warmup=20, floor=0.5) == pytest.approx(11 / 20)
+    assert cosine_lr(1000, 1000, 1.0, warmup=20, floor=0.5) == pytest.approx(0.5)
+
+
+def _toy_run(folder, steps: int, stop: int | None = None, resume: bool = False) -> torch.nn.Module:
+    """A toy regression trained with `TrainRun` the way the miniature recipes train (batches a function of the step),
+    checkpointing after every step; `stop`: the process dies after that many steps."""
+    from ipadapter.miniature.runloop import TrainRun
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    run = TrainRun(folder, "toy", steps, {"model": model}, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                   resume=resume, checkpoint_every_s=0.0, log_every=2)
+    for step in range(run.start_step, stop if stop is not None else steps):
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+        loss = ((model(x) - x.sum(dim=1, keepdim=True)) ** 2).mean()
+        run.optimize(step, loss, 1e-2)
+        run.step_done(step + 1, loss.item())
+    return model
+
+
+def test_a_killed_miniature_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    whole = _toy_run(tmp_path / "whole", 60)
+    _toy_run(tmp_path / "cut", 60, stop=37)
+    resumed = _toy_run(tmp_path / "cut", 60, resume=True)
+    assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
+    assert "resumed from" in (tmp_path / "cut" / "toy.log").read_text()
+    assert not [p.name for p in (tmp_path / "cut").iterdir() if ".tmp" in p.name]
+
+
+def test_the_logged_loss_is_the_mean_since_the_last_line(tmp_path):
+    from ipadapter.miniature.runloop import TrainRun
+
+    model = torch.nn.Linear(1, 1)
+    run = TrainRun(tmp_path, "toy", 5, {"model": model}, torch.optim.SGD(model.parameters(), lr=0.1), log_every=2)
+    for step, loss in enumerate((1.0, 2.0, 4.0, 8.0, 16.0), start=1):
+        run.step_done(step, loss)
+        if step == 2:
+            assert run.last_loss == 1.5
+        if step == 4:
+            assert run.last_loss == 6.0
+    assert run.last_loss == 16.0  # the last step is logged whatever log_every says
+    lines = (tmp_path / "toy.log").read_text().splitlines()
+    assert [line.split(" loss ")[1].split()[0] for line in lines if " loss " in line] == ["1.5000", "6.0000", "16.0000"]
+    assert (tmp_path / "toy.ckpt.pt").exists(), "the last step is checkpointed whatever the timer says"
+
+
 def test_snapshot_resume_restores_fp16_weights_and_rewarms(tmp_path):
     from ipadapter.miniature.runloop import REWARM_STEPS, TrainRun, cosine_lr, write_snapshot
 
