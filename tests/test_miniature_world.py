@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -374,6 +375,61 @@ def test_patch_heads_targets_follow_the_encoders_token_order():
     heads.loss(tokens, mask, full)
     rows, labels = seen[0]
     assert torch.equal(rows, tokens[0, moved]) and torch.equal(labels, full)
+
+
+def test_the_contrastive_loss_is_symmetric_infonce_with_each_images_own_negatives():
+    """Against the definition written one row at a time: image i's logits are its cosines with every caption of the
+    batch and with its own k negatives (none of the other images'), caption j's with every image; each term is the
+    cross-entropy of the matching pair, the loss the mean of the two directions' means; the scale is capped at 100."""
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    n, k, dim = 3, 2, 5
+    images = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(n + n * k, dim, generator=g), dim=-1)
+
+    def by_rows(scale: float) -> float:
+        captions, negatives = texts[:n], texts[n:].view(n, k, dim)
+        per_image = []
+        for i in range(n):
+            logits = [scale * float(images[i] @ c) for c in captions] + [scale * float(images[i] @ x) for x in negatives[i]]
+            per_image.append(math.log(sum(math.exp(v) for v in logits)) - logits[i])
+        per_caption = []
+        for j in range(n):
+            logits = [scale * float(images[m] @ captions[j]) for m in range(n)]
+            per_caption.append(math.log(sum(math.exp(v) for v in logits)) - logits[j])
+        return 0.5 * (sum(per_image) / n + sum(per_caption) / n)
+
+    for log_scale, scale in ((math.log(3.0), 3.0), (math.log(500.0), 100.0)):
+        got = tiny_clip.contrastive_loss(images, texts, torch.tensor(log_scale))
+        assert float(got) == pytest.approx(by_rows(scale), rel=1e-5)
+
+
+def test_hard_negatives_change_one_slot_or_swap_the_colours_of_their_own_scene():
+    rng = np.random.default_rng(0)
+    _, attrs = world.make_batch(4, 60)
+    negatives = tiny_clip.hard_negatives(attrs, rng, k=5)
+    assert len(negatives) == 5 * len(attrs)
+    swaps = 0
+    for i, a in enumerate(attrs):
+        changed = [replace(a, **{slot: v}) for slot, values in world.ATTRIBUTES.items() for v in values
+                   if v != getattr(a, slot)]
+        one_slot = {world.caption(c) for c in changed if c.colour != c.bg_colour}  # the colours stay apart
+        swapped = world.caption(replace(a, colour=a.bg_colour, bg_colour=a.colour))
+        for negative in negatives[5 * i: 5 * i + 5]:  # grouped by scene
+            assert negative in one_slot | {swapped}
+            swaps += negative == swapped
+    assert 0.05 < swaps / len(negatives) < 0.25  # one draw in seven: 43 of 300 expected
+
+
+def test_labels_give_each_slot_its_index_and_the_absent_class_to_slots_left_out():
+    a = world.Attrs("ring", "blue", "small", "bottom right", "white", "checkered")
+    full = tiny_clip.labels([a])
+    assert full.tolist() == [a.label()]
+    some = tiny_clip.labels([a, a], keep=[frozenset({"shape", "pattern"}), frozenset(world.SLOTS)])
+    absent = [len(values) for values in world.ATTRIBUTES.values()]
+    expected = [a.label()[i] if name in ("shape", "pattern") else absent[i] for i, name in enumerate(world.ATTRIBUTES)]
+    assert some.tolist() == [expected, a.label()]
 
 
 def test_saved_tokenizer_files_follow_the_published_clip_layout(tmp_path):
