@@ -138,6 +138,51 @@ def test_mask_iou_scores_the_object_against_its_own_mask() -> None:
         assert controlnet.mask_iou(image, np.roll(mask, 32, axis=(0, 1)), a) < 0.2
 
 
+def test_the_eval_asks_for_each_reference_at_another_position_and_draws_its_mask_there() -> None:
+    """The masks of `evaluate_controlnet` come from scenes moved off the reference's own cell (so copying the
+    reference's layout scores as a miss): each mask's centre lies in its target's grid cell (16, 32 or 48 px, ±2 px
+    of jitter), and only position and size change."""
+    _, _, refs = world.make_masked_batch(3, 40)
+    targets, masks = controlnet._moved(refs, np.random.default_rng(4))
+    assert masks.shape == (40, 64, 64)
+    for ref, target, mask in zip(refs, targets, masks):
+        assert target.position != ref.position
+        assert replace(target, position=ref.position, size=ref.size) == ref
+        row, col = divmod(world.POSITIONS.index(target.position), 3)
+        ys, xs = np.nonzero(mask > 0.5)
+        box_centre = ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2)
+        assert abs(box_centre[0] - (16 + 16 * col)) <= 3.5 and abs(box_centre[1] - (16 + 16 * row)) <= 3.5
+    assert len({t.size for t in targets}) == 3
+
+
+def test_the_eval_scores_are_fractions_of_the_judges_readings_and_of_the_iou() -> None:
+    """Two images judged by a stand-in: one drawn exactly on its mask (IoU 1), one of background only (IoU 0);
+    position and size against the target's, position also against the reference's, colour and shape."""
+
+    class Reading:
+        def __init__(self, readings):
+            self.readings = readings
+
+        def predict(self, images):
+            assert len(images) == len(self.readings)
+            return self.readings
+
+    target = world.Attrs("ring", "red", "small", "top left", "blue", "plain")
+    ref = replace(target, position="center", size="large")
+    mask = np.zeros((64, 64), np.float32)
+    mask[10:20, 10:20] = 1.0
+    drawn = np.zeros((64, 64, 3), np.uint8)
+    drawn[:] = world.PALETTE["blue"]
+    empty = drawn.copy()
+    drawn[mask > 0.5] = world.PALETTE["red"]
+    readings = [{"position": "top left", "size": "large", "colour": "red", "shape": "cross"},
+                {"position": "center", "size": "small", "colour": "green", "shape": "cross"}]
+    got = controlnet._scores(Reading(readings), np.stack([drawn, empty]), np.stack([mask, mask]), [target] * 2,
+                             [ref] * 2)
+    assert got == {"position": 0.5, "size": 0.5, "position_of_reference": 0.5, "colour": 0.5, "shape": 0.0,
+                   "mask_iou": 0.5, "iou_at_least_0.5": 0.5}
+
+
 # --- `ipadapter generate --controlnet` ------------------------------------------------------------------------
 
 
