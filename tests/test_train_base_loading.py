@@ -175,3 +175,14 @@ def test_configs_of_models_in_memory_are_theirs_and_a_missing_vae_has_none(bases
     assert base_configs("ignored", models) == (dict(models.unet.config), {})
     on_disk = base_configs(str(bases["sd"]))
     assert on_disk[0]["block_out_channels"] == list(models.unet.config.block_out_channels)
+
+
+def test_a_per_block_text_width_is_read_from_the_first_block() -> None:
+    """diffusers lets a UNet config give `cross_attention_dim` per down block; the adapter's tokens take the first."""
+    from types import SimpleNamespace
+
+    from ipadapter.train.models import cross_dim
+
+    assert cross_dim(SimpleNamespace(cross_attention_dim=(32, 64))) == 32
+    assert cross_dim(SimpleNamespace(cross_attention_dim=[48, 48])) == 48
+    assert cross_dim(SimpleNamespace(cross_attention_dim=96)) == 96

@@ -124,7 +124,9 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
     from ipadapter.adapter import IPAdapter
     from ipadapter.attach import attach
     from ipadapter.train.config import parse_stage
-    from ipadapter.train.models import base_configs, check_resolution, check_stage_resolutions, vae_downscale
+    from ipadapter.train.models import (
+        base_configs, check_resolution, check_stage_resolutions, cross_dim, vae_downscale,
+    )
     from ipadapter.train.shapes import adapter_config_for
     from ipadapter.train.trainer import TrainModule
 
@@ -150,9 +152,8 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
     with FakeTensorMode():  # run as well: fake CPU tensors (shapes and dtypes, no memory) take CPU kernels and autocast
         with _default_dtype(dtype):  # made in the run's precision (a fake tensor cannot be cast in place)
             unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(False)  # frozen, as in training
-        cross = unet.config.cross_attention_dim
         adapter = IPAdapter.for_unet(unet, adapter_config_for(  # fp32, torch's default, as the run trains it
-            config.variant, cross_dim=cross if isinstance(cross, int) else cross[0], id_dim=config.id_dim,
+            config.variant, cross_dim=cross_dim(unet.config), id_dim=config.id_dim,
             num_tokens=config.num_tokens, lora_rank=config.lora_rank, attention=config.attention, **widths))
         adapter.requires_grad_(True)
         if config.gradient_checkpointing:

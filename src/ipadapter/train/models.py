@@ -37,8 +37,13 @@ class BaseModels:
 
     @property
     def cross_dim(self) -> int:
-        dim = self.unet.config.cross_attention_dim
-        return dim if isinstance(dim, int) else dim[0]
+        return cross_dim(self.unet.config)
+
+
+def cross_dim(unet_config: Any) -> int:
+    """The text tokens' width an adapter's K'/V' read: a UNet config may give one per block, the first is taken."""
+    dim = unet_config.cross_attention_dim
+    return dim if isinstance(dim, int) else dim[0]
 
 
 def _from_pretrained(cls: Any, source: str, what: str, subfolder: str) -> Any:
