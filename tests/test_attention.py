@@ -1108,7 +1108,7 @@ def test_the_layer_after_the_output_projection_runs_as_diffusers_runs_it(after: 
     """`to_out[1]` is called as diffusers calls it: a Dropout that is training drops (the same entries, from the same
     seed), and a module of another kind runs in eval mode too; only an evaluating Dropout, the identity, is skipped.
     Against diffusers' own `IPAdapterAttnProcessor2_0` with the same K'/V' weights and scale."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from diffusers.models.attention_processor import Attention
 
     torch.manual_seed(15)
     attn = Attention(64, cross_attention_dim=32, heads=4, dim_head=16, dropout=0.5)
