@@ -67,7 +67,6 @@ def build_style_cache(out_dir: str | Path, pipeline_dir: str | Path, n: int = 40
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
     images, attrs = make_batch(seed, n, style=STYLE)
     cache = base_model.encode_scenes(pipe.vae, pipe.text_encoder, pipe.tokenizer, images, attrs, "custom cache")
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_torch(cache, path)
     log.info("custom cache: %d pairs, latents std %.3f, saved to %s", n, cache["latents"].std().item(), path)
     return path
