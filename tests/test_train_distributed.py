@@ -61,16 +61,19 @@ def _launch(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Co
     return subprocess.CompletedProcess(command, proc.returncode, output)
 
 
-def test_two_processes_train_in_sync(tmp_path) -> None:
+def test_two_processes_train_in_sync(tmp_path, fresh_accelerate_state) -> None:
+    from ipadapter.cli.main import main
+    from ipadapter.train.model_folder import read_losses
+
     base, encoder = factories.write_base(tmp_path / "base"), factories.write_image_encoder(tmp_path / "enc")
     data = factories.write_images(tmp_path / "data", 6, corrupt=1)
     out = tmp_path / "out"
+    train = ["train", "--base", str(base), "--image-encoder", str(encoder), "--data", str(data),
+             "--resolution", str(factories.RES), "--batch-size", "2", "--max-steps", "2", "--num-workers", "0",
+             "--learning-rate", "1e-3"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()),
-               "-m", "ipadapter.cli.main", "train", "--base", str(base), "--image-encoder", str(encoder),
-               "--data", str(data), "--output", str(out), "--resolution", str(factories.RES), "--batch-size", "2",
-               "--max-steps", "2", "--num-workers", "0", "--learning-rate", "1e-3"]
+               "--main_process_port", str(_free_port()), "-m", "ipadapter.cli.main", *train, "--output", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = _launch(command, env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -86,3 +89,8 @@ def test_two_processes_train_in_sync(tmp_path) -> None:
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
     assert load_adapter(out / "ip-adapter.safetensors", unet).config.variant == "base"
+    # The logged loss is the mean over the processes of each one's loss (accelerate's reduce, "mean"), not their sum:
+    # the same run in one process logs a loss of the same size (each is an MSE against unit-variance noise).
+    assert main([*train, "--output", str(tmp_path / "one")]) == 0
+    for (step, two), (_, one) in zip(read_losses(out), read_losses(tmp_path / "one"), strict=True):
+        assert 0.7 < two / one < 1.3, (step, two, one)
