@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,6 +304,46 @@ def test_snapshot_resume_restores_fp16_weights_and_rewarms(tmp_path):
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cosine_lr(500 + REWARM_STEPS, 1000, 1e-3))
 
 
+def test_a_snapshot_keeps_nested_names_and_integer_buffers_and_says_what_it_resumed(tmp_path):
+    """Nested modules (`model.0.weight`) come back under their own module, an integer buffer (BatchNorm's count)
+    stays an integer, and the log says where the run resumed from."""
+    from ipadapter.miniature.runloop import TrainRun, write_snapshot
+
+    def make() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+
+    torch.manual_seed(0)
+    model = make()
+    model(torch.randn(5, 4))  # BatchNorm counts a batch: num_batches_tracked 1
+    TrainRun(tmp_path, "toy", 1000, {"model": model}, torch.optim.AdamW(model.parameters())).save(300)
+    snapshot = tmp_path / "toy.state.safetensors"
+    assert write_snapshot(tmp_path / "toy.ckpt.pt", snapshot) == 300
+    (tmp_path / "toy.ckpt.pt").unlink()
+    from safetensors import safe_open
+
+    with safe_open(snapshot, framework="pt") as f:
+        assert f.get_tensor("model.1.num_batches_tracked").dtype == torch.int64
+        assert f.get_tensor("model.0.weight").dtype == torch.float16
+    fresh = make()
+    TrainRun(tmp_path, "toy", 1000, {"model": fresh}, torch.optim.AdamW(fresh.parameters()), resume=True)
+    assert torch.equal(fresh[0].weight, model[0].weight.half().float())
+    assert torch.equal(fresh[1].running_mean, model[1].running_mean.half().float())
+    assert int(fresh[1].num_batches_tracked) == 1
+    assert f"toy: resumed from snapshot {snapshot} at step 300 (fresh optimizer moments)\n" in (
+        tmp_path / "toy.log").read_text()
+
+
+def test_a_checkpoint_holding_code_is_refused_not_unpickled(tmp_path):
+    import pickle
+
+    from ipadapter.miniature.runloop import write_snapshot
+
+    torch.save({"step": 1, "modules": {}, "hook": Path}, tmp_path / "evil.ckpt.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        write_snapshot(tmp_path / "evil.ckpt.pt", tmp_path / "evil.state.safetensors")
+    assert not (tmp_path / "evil.state.safetensors").exists()
+
+
 @pytest.mark.parametrize("from_snapshot", [False, True])
 def test_a_stage_that_adds_modules_resumes_the_rest_and_restarts_the_optimizer(tmp_path, from_snapshot):
     """The encoder's third stage adds per-patch heads: the encoder must come back exactly, the new heads keep their
@@ -327,7 +368,10 @@ def test_a_stage_that_adds_modules_resumes_the_rest_and_restarts_the_optimizer(t
     assert torch.equal(fresh.weight, expected)
     assert torch.equal(heads.weight, heads_before)
     assert new_optimizer.state_dict()["state"] == {}
-    assert "heads start fresh" in (tmp_path / "toy.log").read_text()
+    said = (f"toy: resumed from snapshot {tmp_path / 'toy.state.safetensors'} at step 500 (fresh optimizer moments; "
+            "heads start fresh)" if from_snapshot else f"toy: resumed from {tmp_path / 'toy.ckpt.pt'} at step 500; the "
+            "modules differ (heads start fresh), and so does the optimizer")
+    assert said + "\n" in (tmp_path / "toy.log").read_text()
 
 
 def test_an_earlier_stage_resumes_from_a_later_stages_checkpoint(tmp_path):
