@@ -239,6 +239,7 @@ def test_the_learning_rate_warms_up_linearly_then_follows_a_cosine_to_its_floor(
     assert cosine_lr(total + 100, total, peak) == pytest.approx(peak * floor)  # past the end: held at the floor
     assert cosine_lr(10, 1000, 1.0, warmup=20, floor=0.5) == pytest.approx(11 / 20)
     assert cosine_lr(1000, 1000, 1.0, warmup=20, floor=0.5) == pytest.approx(0.5)
+    assert cosine_lr(21, 21, 1.0, warmup=20, floor=0.5) == pytest.approx(0.5)  # one step of decay: at its end
 
 
 def _toy_run(folder, steps: int, stop: int | None = None, resume: bool = False) -> torch.nn.Module:
@@ -282,6 +283,64 @@ def test_the_logged_loss_is_the_mean_since_the_last_line(tmp_path):
     lines = (tmp_path / "toy.log").read_text().splitlines()
     assert [line.split(" loss ")[1].split()[0] for line in lines if " loss " in line] == ["1.5000", "6.0000", "16.0000"]
     assert (tmp_path / "toy.ckpt.pt").exists(), "the last step is checkpointed whatever the timer says"
+
+
+def test_the_log_line_gives_the_rate_and_time_left_and_the_timer_checkpoints(tmp_path, monkeypatch):
+    """With the clock stood in for: a run resumed at step 2 of 10 logs, at step 4, 2 steps done in 6 s (3.00 s/step)
+    and 6 steps left (0.3 min); it checkpoints once more than `checkpoint_every_s` has passed since the last save."""
+    from ipadapter.miniature import runloop
+
+    now = [100.0]
+    monkeypatch.setattr(runloop.time, "monotonic", lambda: now[0])
+    model = torch.nn.Linear(1, 1)
+    run = runloop.TrainRun(tmp_path, "toy", 10, {"model": model}, torch.optim.SGD(model.parameters(), lr=0.1))
+    run.save(2)
+    resumed = runloop.TrainRun(tmp_path, "toy", 10, {"model": model}, torch.optim.SGD(model.parameters(), lr=0.1),
+                               resume=True, checkpoint_every_s=10.0, log_every=2)
+    assert resumed.start_step == 2
+    now[0] = 103.0
+    resumed.step_done(3, 1.0)
+    now[0] = 106.0
+    resumed.step_done(4, 2.0)
+    assert resumed.elapsed_s() == 6.0
+    lines = (tmp_path / "toy.log").read_text().splitlines()
+    assert lines[-2].endswith(f"toy: resumed from {tmp_path / 'toy.ckpt.pt'} at step 2")
+    assert lines[-1].endswith("toy step 4/10 loss 1.5000 lr 1.00e-01 3.00s/step eta 0.3min")
+    saved = lambda: torch.load(tmp_path / "toy.ckpt.pt", weights_only=True)["step"]  # noqa: E731
+    assert saved() == 2, "6 s since the last save: no checkpoint yet"
+    now[0] = 110.0
+    resumed.step_done(5, 1.0)
+    assert saved() == 2, "exactly 10 s: not more than checkpoint_every_s"
+    now[0] = 110.5
+    resumed.step_done(6, 1.0)
+    assert saved() == 6
+
+
+def test_a_resume_without_a_checkpoint_starts_at_step_zero_and_says_so(tmp_path):
+    from ipadapter.miniature.runloop import TrainRun
+
+    model = torch.nn.Linear(1, 1)
+    run = TrainRun(tmp_path, "toy", 10, {"model": model}, torch.optim.SGD(model.parameters(), lr=0.1), resume=True)
+    assert run.start_step == 0 and run.rewarm_from is None
+    assert (tmp_path / "toy.log").read_text().splitlines()[-1].endswith(
+        f"toy: no checkpoint at {tmp_path / 'toy.ckpt.pt'}, starting from step 0")
+
+
+def test_an_optimizer_step_cuts_the_gradient_norm_to_one_and_leaves_parameters_without_one(tmp_path):
+    """SGD at learning rate 1 moves the clipped parameter by its gradient cut to norm 1; a parameter the loss no
+    longer reaches keeps no stale zero gradient (set to None), so AdamW's decay and moments do not move it."""
+    from ipadapter.miniature.runloop import TrainRun
+
+    used, unused = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.ones(2))
+    run = TrainRun(tmp_path, "toy", 100, {}, torch.optim.SGD([used], lr=1.0))
+    run.set_lr = lambda step, peak: None  # the learning rate as given
+    run.optimize(0, (used * torch.tensor([30.0, 40.0])).sum(), 1.0, clip=[used])
+    assert torch.allclose(used.detach(), torch.tensor([-0.6, -0.8]))
+    decayed = TrainRun(tmp_path, "toy2", 100, {}, torch.optim.AdamW([used, unused], lr=0.1, weight_decay=0.5))
+    decayed.optimize(60, used.sum() + unused.sum(), 0.1)  # both reached once
+    after_first = unused.detach().clone()
+    decayed.optimize(61, used.sum(), 0.1)
+    assert unused.grad is None and torch.equal(unused.detach(), after_first)
 
 
 def test_snapshot_resume_restores_fp16_weights_and_rewarms(tmp_path):
@@ -336,12 +395,15 @@ def test_a_snapshot_keeps_nested_names_and_integer_buffers_and_says_what_it_resu
 def test_a_checkpoint_holding_code_is_refused_not_unpickled(tmp_path):
     import pickle
 
-    from ipadapter.miniature.runloop import write_snapshot
+    from ipadapter.miniature.runloop import TrainRun, write_snapshot
 
     torch.save({"step": 1, "modules": {}, "hook": Path}, tmp_path / "evil.ckpt.pt")
     with pytest.raises(pickle.UnpicklingError):
         write_snapshot(tmp_path / "evil.ckpt.pt", tmp_path / "evil.state.safetensors")
     assert not (tmp_path / "evil.state.safetensors").exists()
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(pickle.UnpicklingError):
+        TrainRun(tmp_path, "evil", 10, {"model": model}, torch.optim.SGD(model.parameters(), lr=0.1), resume=True)
 
 
 @pytest.mark.parametrize("from_snapshot", [False, True])
