@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -314,6 +315,37 @@ def test_the_log_line_gives_the_rate_and_time_left_and_the_timer_checkpoints(tmp
     now[0] = 110.5
     resumed.step_done(6, 1.0)
     assert saved() == 6
+
+
+def test_a_runs_defaults_folder_log_format_and_sizes(tmp_path, monkeypatch):
+    """A run makes its folder, ignores an earlier checkpoint unless resuming, logs every 10 steps with the time of day
+    first, checkpoints every 3 minutes, and reports sizes in MiB of a file or of every file under a folder."""
+    import re
+
+    from ipadapter.miniature import runloop
+
+    now = [0.0]
+    monkeypatch.setattr(runloop.time, "monotonic", lambda: now[0])
+    model = torch.nn.Linear(1, 1)
+    folder = tmp_path / "a" / "b"
+    runloop.TrainRun(folder, "toy", 100, {"model": model}, torch.optim.SGD(model.parameters(), lr=0.1)).save(40)
+    run = runloop.TrainRun(folder, "toy", 100, {"model": model}, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert run.start_step == 0 and math.isnan(run.last_loss)
+    for step in range(1, 12):
+        run.step_done(step, 1.0)
+    lines = (folder / "toy.log").read_text().splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"\d\d:\d\d:\d\d toy step 10/100 loss 1\.0000 .*", lines[0])
+    now[0] = 180.0
+    run.step_done(12, 1.0)
+    assert torch.load(folder / "toy.ckpt.pt", weights_only=True)["step"] == 40
+    now[0] = 180.5
+    run.step_done(13, 1.0)
+    assert torch.load(folder / "toy.ckpt.pt", weights_only=True)["step"] == 13
+    (tmp_path / "sizes" / "sub").mkdir(parents=True)
+    (tmp_path / "sizes" / "one").write_bytes(b"x" * 2**19)
+    (tmp_path / "sizes" / "sub" / "two").write_bytes(b"x" * 2**20)
+    assert runloop.size_mb(tmp_path / "sizes" / "one") == 0.5
+    assert runloop.size_mb(tmp_path / "sizes") == 1.5
 
 
 def test_a_resume_without_a_checkpoint_starts_at_step_zero_and_says_so(tmp_path):

@@ -134,9 +134,7 @@ class TrainRun:
         left to train)."""
         for key, module in self.modules.items():
             if key in saved:
-                reference = module.state_dict()
-                module.load_state_dict({k: v.to(reference[k].dtype) if k in reference else v
-                                        for k, v in saved[key].items()})
+                module.load_state_dict(saved[key])  # copied into the module's own dtypes (a snapshot is fp16)
         return [key for key in self.modules if key not in saved]
 
     def save(self, step: int) -> None:
