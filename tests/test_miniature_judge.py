@@ -1,0 +1,64 @@
+"""The judge's attribute classifier as its recipe trains it: a killed run resumes to the weights of an uninterrupted one,
+and what it saves is what `Judge.load` reads back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipadapter.miniature import judge, runloop
+
+
+@pytest.fixture
+def every_step_checkpoints(monkeypatch):
+    """A clock that jumps 1,000 s at each reading, so the run checkpoints after every step."""
+    now = [0.0]
+
+    def tick() -> float:
+        now[0] += 1000.0
+        return now[0]
+
+    monkeypatch.setattr(runloop.time, "monotonic", tick)
+
+
+def test_a_killed_classifier_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, every_step_checkpoints):
+    torch.manual_seed(0)
+    whole = judge.train_classifier(tmp_path / "whole", steps=4, batch=4)
+    real = judge.make_batch
+    calls = []
+
+    def dies_at_the_third_step(seed, n, *args, **kwargs):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(seed, n, *args, **kwargs)
+
+    monkeypatch.setattr(judge, "make_batch", dies_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        judge.train_classifier(tmp_path / "cut", steps=4, batch=4)
+    monkeypatch.setattr(judge, "make_batch", real)
+    assert torch.load(tmp_path / "cut" / "classifier.ckpt.pt", weights_only=True)["step"] == 2
+    resumed = judge.train_classifier(tmp_path / "cut", steps=4, batch=4, resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    log = (tmp_path / "cut" / "classifier.log").read_text()
+    parameters = sum(p.numel() for p in whole.parameters())
+    assert f"classifier: {parameters} parameters" in log
+    assert f"classifier: saved to {tmp_path / 'cut' / 'judge'} (final loss " in log
+
+
+def test_the_saved_classifier_reads_back_as_the_judge_that_predicts_as_it_does(tmp_path, monkeypatch) -> None:
+    from ipadapter.miniature.world import make_batch
+
+    torch.manual_seed(0)
+    model = judge.train_classifier(tmp_path, steps=2, batch=4)
+    monkeypatch.setattr(judge.ClipJudge, "load", classmethod(lambda cls, *a, **k: None))  # the classifier alone
+    loaded = judge.Judge.load(tmp_path / "judge")
+    images, _ = make_batch(7, 6, "heldout")
+    pixels = judge.tiny_clip.pixels(judge.to_uint8(images))
+    with torch.no_grad():
+        expected = {n: logits.argmax(dim=1) for n, logits in model.eval()(pixels).items()}
+    predicted = loaded.predict(images)
+    for name, values in judge.ATTRIBUTES.items():
+        assert [p[name] for p in predicted] == [values[i] for i in expected[name].tolist()], name
+    assert loaded.classifier.width == model.width == 32
