@@ -9,10 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from ipadapter.errors import IPAdapterError
 from ipadapter.miniature import quality
 from ipadapter.miniature.models import Models
 from ipadapter.miniature.quality import (
-    CONDITIONS, QUICK, SWEEP_CONDITION, Condition, asked_for, check_targets, other_shapes, prompt_for,
+    CONDITIONS, QUICK, SWEEP_CONDITION, Condition, Size, asked_for, check_targets, other_shapes, prompt_for,
 )
 from ipadapter.miniature.world import ATTRIBUTES, COLOURS, Attrs
 
@@ -166,6 +167,64 @@ def test_the_comparison_targets_at_their_thresholds() -> None:
 def test_every_target_is_unjudged_without_its_measurements() -> None:
     targets = check_targets({"rows": {}})
     assert len(targets) == 12 and all(t["met"] is None for t in targets.values())
+
+
+@pytest.mark.parametrize("with_clip", [True, False])
+def test_each_stage_is_measured_on_its_model_with_its_count(monkeypatch, with_clip: bool) -> None:
+    """`measure_stages` against stand-ins that record their calls: each probe gets the model it measures and the
+    count `Size` gives it; the text checks that need the whole CLIP run only when there is one; the base model is
+    measured from full captions, then partial ones."""
+    from types import SimpleNamespace
+
+    calls: list[tuple] = []
+
+    def record(name):
+        def probe(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return name
+
+        return probe
+
+    for name in ("encoder_probes", "text_state_gap", "text_told_apart", "vae_ceiling", "base_text_only"):
+        monkeypatch.setattr(quality.probes, name, record(name))
+    pipes: list[str] = []
+    loaded = SimpleNamespace(encoder=SimpleNamespace(model="encoder"), text_encoder="text", tokenizer="tok",
+                             clip="clip" if with_clip else None, vae="vae",
+                             pipeline=lambda model: pipes.append(model) or "base pipeline")
+    size = Size(probe_train=11, probe_test=12, probe_iters=13, text=14, vae=15, base=16, steps=17, guidance=1.5)
+    stages = quality.measure_stages(loaded, "judge", size)
+    text_calls = [("text_told_apart", ("clip", "tok", 14), {}),
+                  ("text_told_apart", ("clip", "tok", 14), {"image_encoder": "encoder"})] if with_clip else []
+    assert calls == [
+        ("encoder_probes", ("encoder", 11, 12, 13), {}),
+        ("text_state_gap", ("text", "tok", 14), {}),
+        *text_calls,
+        ("vae_ceiling", ("vae", "judge", 15), {}),
+        ("base_text_only", ("base pipeline", "judge", 16), {"partial": False, "steps": 17, "guidance": 1.5}),
+        ("base_text_only", ("base pipeline", "judge", 16), {"partial": True, "steps": 17, "guidance": 1.5}),
+    ]
+    assert pipes == ["base"]
+    text = {"state_gap": "text_state_gap"} | (
+        {"told_apart_clip": "text_told_apart", "told_apart": "text_told_apart"} if with_clip else {})
+    assert stages == {"image_encoder": "encoder_probes", "text_encoder": text, "vae": "vae_ceiling",
+                      "base_full": "base_text_only", "base_partial": "base_text_only"}
+
+
+def test_a_row_whose_model_is_missing_is_skipped_saying_which(tmp_path) -> None:
+    """The bundled models without the custom LoRA and the ControlNet: those rows are skipped with the recipe that makes
+    each, no image is generated; one reference is enough, none is refused."""
+    models = replace(Models.bundled(), custom_lora=None, controlnet=None)
+    if models.missing("base"):
+        pytest.skip("the shipped miniature adapter is missing")
+    by_name = {c.name: c for c in CONDITIONS}
+    rows = (by_name["IP-Adapter on the custom model, image only"], by_name["ControlNet (mask) + IP-Adapter"])
+    results = quality.evaluate(tmp_path, models, replace(QUICK, references=1), conditions=rows, stages=False)
+    assert results["skipped"] == {rows[0].name: "no custom_lora/ (`ipadapter miniature train custom`)",
+                                  rows[1].name: "no controlnet/ (`ipadapter miniature train controlnet`)"}
+    assert results["rows"] == {}
+    with pytest.raises(IPAdapterError) as refused:
+        quality.evaluate(tmp_path / "none", models, replace(QUICK, references=0), conditions=rows, stages=False)
+    assert str(refused.value) == "the number of references must be at least 1, got 0"
 
 
 def test_bundled_folder_reads_as_the_v1_layout() -> None:
