@@ -227,6 +227,31 @@ def test_a_row_whose_model_is_missing_is_skipped_saying_which(tmp_path) -> None:
     assert str(refused.value) == "the number of references must be at least 1, got 0"
 
 
+def test_the_sweep_regenerates_the_image_and_text_row_at_each_scale(tmp_path) -> None:
+    """The sweep's 0.6 entry is the table's own row (same prompts, seed and scale); 0.3 and 1.0 are that row generated
+    again at those scales and judged against the same asked-for scenes; the sweep is plotted."""
+    from ipadapter.miniature.models import Loaded
+
+    models = Models.bundled()
+    if models.missing("base"):
+        pytest.skip("the shipped miniature adapter is missing")
+    row = next(c for c in CONDITIONS if c.name == SWEEP_CONDITION)
+    size = replace(QUICK, references=2, sweep=True)
+    out = tmp_path / "made" / "here"
+    results = quality.evaluate(out, models, size, conditions=(row,), stages=False)
+    assert list(results["sweep"]) == ["0.3", "0.6", "1.0"]
+    assert results["sweep"]["0.6"] == results["rows"][row.name]["agreement"]
+    loaded, inputs = Loaded(models), quality.Inputs.build(size.references)
+    judge = loaded.judge()
+    for scale in (0.3, 1.0):
+        refs, prompts, truth = inputs.for_condition(replace(row, scale=scale))
+        images = quality.generate(loaded, replace(row, scale=scale), refs, prompts, inputs.masks, size)
+        expected = {k: v for k, v in judge.accuracy(images, truth).items() if k in ATTRIBUTES}
+        assert results["sweep"][str(scale)] == expected
+    assert (out / "text_image_sweep.png").stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())["sweep"] == results["sweep"]
+
+
 def test_bundled_folder_reads_as_the_v1_layout() -> None:
     from ipadapter import bundled
 
