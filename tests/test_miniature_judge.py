@@ -62,3 +62,39 @@ def test_the_saved_classifier_reads_back_as_the_judge_that_predicts_as_it_does(t
     for name, values in judge.ATTRIBUTES.items():
         assert [p[name] for p in predicted] == [values[i] for i in expected[name].tolist()], name
     assert loaded.classifier.width == model.width == 32
+
+
+def test_images_of_any_form_become_64px_uint8_the_way_pil_would_make_them() -> None:
+    """PIL images of any mode and size, arrays of another size, floats in [0, 1] (clipped, rounded to the nearest
+    level) all give [N, 64, 64, 3] uint8; an image already at 64 px comes back unchanged."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    exact = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(small).resize((64, 64), Image.BICUBIC))
+    grey = Image.fromarray(exact[..., 0], mode="L")
+    got = judge.to_uint8([Image.fromarray(small), grey, exact])
+    assert got.dtype == np.uint8 and got.shape == (3, 64, 64, 3)
+    assert np.array_equal(got[0], resized)
+    assert np.array_equal(got[1], np.repeat(exact[..., :1], 3, axis=-1))
+    assert np.array_equal(got[2], exact)
+    assert np.array_equal(judge.to_uint8(np.stack([small, small])), np.stack([resized, resized]))
+    floats = np.array([-0.5, 0.0, 0.5 / 255, 0.49 / 255, 0.5, 1.0, 2.0], np.float32)
+    batch = np.broadcast_to(floats[:, None, None, None], (7, 64, 64, 3))
+    assert judge.to_uint8(batch)[:, 0, 0, 0].tolist() == [0, 0, 1, 0, 128, 255, 255]
+    assert np.array_equal(judge.to_uint8(batch), judge.to_uint8(list(batch)))
+
+
+def test_the_judge_reads_its_clip_from_the_folder_given_else_beside_the_classifier(tmp_path, monkeypatch) -> None:
+    torch.manual_seed(0)
+    judge.train_classifier(tmp_path, steps=1, batch=2)
+    loads = []
+    monkeypatch.setattr(judge.ClipJudge, "load", classmethod(lambda cls, where, **kw: loads.append((where, kw))))
+    judge.Judge.load(tmp_path / "judge")
+    judge.Judge.load(tmp_path / "judge", clip_dir=tmp_path / "elsewhere")
+    assert [where for where, _ in loads] == [tmp_path / "judge" / "clip", tmp_path / "elsewhere"]
+    expected = judge.tiny_clip.image_processor()
+    for _, kwargs in loads:
+        assert kwargs["processor"].to_dict() == expected.to_dict()

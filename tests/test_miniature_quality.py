@@ -164,6 +164,29 @@ def test_the_comparison_targets_at_their_thresholds() -> None:
         assert _verdict(low, "image + text at the best scale") is False, attribute
 
 
+def test_the_comparison_targets_report_their_differences_and_pick_the_best_scale_by_its_weakest_attribute() -> None:
+    base, plus = _agreement(**dict.fromkeys(ATTRIBUTES, 0.5)), _agreement(**dict.fromkeys(ATTRIBUTES, 0.75))
+    custom, drawn = base | {"shape": 0.25}, base | {"colour": 1.0, "bg_colour": 0.25}
+    rows = {"IP-Adapter, image only": (0.75, base), "IP-Adapter Plus, image only": (0.5, plus),
+            "simple adapter (ablation), image only": (0.5, base),
+            "IP-Adapter on the custom model, image only": (0.5, custom),
+            "IP-Adapter, image only, PIL-drawn references": (0.5, drawn),
+            "simple adapter (ablation) + text (another shape)": (0.5, _agreement(shape=0.5, colour=0.75, bg_colour=1.0)),
+            SWEEP_CONDITION: (0.5, _agreement(shape=0.75, colour=1.0, bg_colour=1.0))}
+    # The lowest scale's weakest attribute is the highest: it is the best, though not the highest scale
+    sweep = {"0.3": _agreement(shape=0.875, colour=0.875, bg_colour=1.0), "0.6": rows[SWEEP_CONDITION][1],
+             "1.0": _agreement(shape=1.0, colour=0.25, bg_colour=1.0)}
+    measured = {name.split(":")[0]: t["measured"] for name, t in check_targets(_results(rows, sweep=sweep)).items()}
+    assert measured["Plus, image only"] == dict.fromkeys(ATTRIBUTES, 0.25)
+    assert measured["same adapter on the custom model"] == dict.fromkeys(ATTRIBUTES, 0.0) | {"shape": -0.25}
+    assert measured["PIL-drawn references"] == {"colour": 0.5, "bg_colour": -0.25}
+    assert measured["decoupled vs simple adapter"] == {"clip_i_gap": 0.25, "composition_gap": 0.25}
+    assert measured["image + text at the best scale"] == {"scale": 0.3, "shape": 0.875, "colour": 0.875,
+                                                          "bg_colour": 1.0}
+    del rows["simple adapter (ablation), image only"]
+    assert _verdict(_results(rows), "decoupled vs simple adapter") is None
+
+
 def test_every_target_is_unjudged_without_its_measurements() -> None:
     targets = check_targets({"rows": {}})
     assert len(targets) == 12 and all(t["met"] is None for t in targets.values())

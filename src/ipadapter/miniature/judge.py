@@ -104,14 +104,11 @@ def to_uint8(images) -> np.ndarray:
     """PIL images, a list of arrays, or an array ([N,H,W,3] uint8 or float in [0,1]) -> uint8 [N, 64, 64, 3]."""
     from PIL import Image
 
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        arr = images
-    else:
-        arr = np.stack([
-            np.asarray(im.convert("RGB").resize((SIZE_PX, SIZE_PX), Image.BICUBIC))
-            if isinstance(im, Image.Image) else np.asarray(im)
-            for im in images
-        ])
+    arr = np.stack([
+        np.asarray(im.convert("RGB").resize((SIZE_PX, SIZE_PX), Image.BICUBIC)) if isinstance(im, Image.Image)
+        else np.asarray(im)
+        for im in images
+    ])
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
     if arr.shape[1:3] != (SIZE_PX, SIZE_PX):
@@ -135,8 +132,7 @@ class Judge:
         judge_dir = Path(judge_dir)
         config = json.loads((judge_dir / CLASSIFIER_CONFIG).read_text())
         classifier = AttributeClassifier(width=config["width"])
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(judge_dir / CLASSIFIER_WEIGHTS).items()}
-        classifier.load_state_dict(state)
+        classifier.load_state_dict(load_file(judge_dir / CLASSIFIER_WEIGHTS))  # copied into its fp32 weights
         clip_dir = Path(clip_dir) if clip_dir is not None else judge_dir / "clip"
         return cls(classifier, ClipJudge.load(clip_dir, processor=tiny_clip.image_processor()))
 

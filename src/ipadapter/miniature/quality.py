@@ -295,7 +295,6 @@ def _floor(values: dict[str, float | None] | None, floors: dict[str, float]) -> 
 def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The issue's stage table, each target with its measured values and whether it is met (None: not measured)."""
     stages = results.get("stages", {})
-    every = dict.fromkeys(ATTRIBUTES, 0.0)
     targets: dict[str, dict[str, Any]] = {
         "image encoder: linear probe on the global embedding, every attribute >= 90%":
             _floor(stages.get("image_encoder", {}).get("global"), dict.fromkeys(ATTRIBUTES, 0.9)),
@@ -314,7 +313,7 @@ def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     base, plus = _agreement(results, "IP-Adapter, image only"), _agreement(results, "IP-Adapter Plus, image only")
     targets["Plus, image only: >= the base adapter on every attribute"] = (
         {"measured": None, "met": None} if base is None or plus is None else
-        {"measured": {a: plus[a] - base[a] for a in every}, "met": all(plus[a] >= base[a] for a in every)})
+        {"measured": {a: plus[a] - base[a] for a in ATTRIBUTES}, "met": all(plus[a] >= base[a] for a in ATTRIBUTES)})
     sweep = results.get("sweep") or ({"0.6": _agreement(results, SWEEP_CONDITION)}
                                      if _agreement(results, SWEEP_CONDITION) else {})
     best = max(sweep.items(), key=lambda kv: _composition(kv[1]), default=None)
@@ -333,7 +332,7 @@ def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     custom = _agreement(results, "IP-Adapter on the custom model, image only")
     targets["same adapter on the custom model: within 5 points of the base model on every attribute"] = (
         {"measured": None, "met": None} if base is None or custom is None else
-        {"measured": {a: custom[a] - base[a] for a in every}, "met": all(abs(custom[a] - base[a]) <= 0.05 for a in every)})
+        {"measured": {a: custom[a] - base[a] for a in ATTRIBUTES}, "met": all(abs(custom[a] - base[a]) <= 0.05 for a in ATTRIBUTES)})
     targets["ControlNet (mask) + image: position >= 85%, colours kept >= 80%"] = _floor(
         _agreement(results, "ControlNet (mask) + IP-Adapter"), {"position": 0.85, "colour": 0.8, "bg_colour": 0.8})
     drawn = _agreement(results, "IP-Adapter, image only, PIL-drawn references")
