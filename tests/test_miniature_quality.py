@@ -468,18 +468,18 @@ def test_a_run_folder_with_a_pipeline_reads_the_pipelines_image_encoder(tmp_path
 
 
 @pytest.mark.parametrize("position", ["top left", "center", "bottom"])
-@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("size", ["small", "medium", "large"])
 def test_each_pil_shape_has_its_own_geometry_in_its_cell(position, size) -> None:
     """Closed-form checks per shape, at 128 px (k = 2): half-extent r = 6/10/14 × k, centred on the position's cell
     (16 + 16·column, 16 + 16·row) × k; a disc fills π (r + ½)², a square (half side 0.85 r) its box, a diamond
-    (half diagonal 1.1 r) half its box, a triangle is wider at its base than at its top, a ring is empty at its
-    centre, a cross fills its centre but not its box's corners."""
+    (half diagonal 1.1 r) half its box, a triangle is wider at its base than at its top, a ring (0.45 r wide) is
+    empty inside 0.55 r, a cross (bars 0.66 r wide) fills its centre and two bars' area but not its box's corners."""
     import numpy as np
 
     from ipadapter.miniature.world import PALETTE, POSITIONS
 
     side, k = 128, 2
-    r = {"small": 6, "large": 14}[size] * k
+    r = {"small": 6, "medium": 10, "large": 14}[size] * k
     row, col = divmod(POSITIONS.index(position), 3)
     cx, cy = (16 + 16 * col) * k, (16 + 16 * row) * k
 
@@ -511,9 +511,12 @@ def test_each_pil_shape_has_its_own_geometry_in_its_cell(position, size) -> None
     assert abs(y0 - (cy - r)) <= 1 and abs(y1 - (cy + 0.8 * r)) <= 1
     ring = drawn("ring")
     assert not ring[cy, cx] and ring[cy, cx + r - 1] and ring.sum() < 0.8 * circle.sum()
+    assert not ring[cy, cx + round(0.45 * r)] and ring[cy, cx + round(0.65 * r)]  # 0.45 r wide, hole of 0.55 r
     cross = drawn("cross")
     x0, y0, x1, y1 = box(cross)
     assert cross[cy, cx] and not cross[y0, x0] and not cross[y1, x1] and abs(x1 - x0 - 2 * r) <= 2
+    bars = 2 * (2 * r) * (0.66 * r) - (0.66 * r) ** 2  # two bars 2r by 0.66r sharing their middle square
+    assert abs(cross.sum() - bars) < 0.2 * bars
 
 
 def test_pil_references_cycle_through_the_sizes_on_plain_backgrounds() -> None:
