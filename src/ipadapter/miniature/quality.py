@@ -313,7 +313,8 @@ def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     base, plus = _agreement(results, "IP-Adapter, image only"), _agreement(results, "IP-Adapter Plus, image only")
     targets["Plus, image only: >= the base adapter on every attribute"] = (
         {"measured": None, "met": None} if base is None or plus is None else
-        {"measured": {a: plus[a] - base[a] for a in ATTRIBUTES}, "met": all(plus[a] >= base[a] for a in ATTRIBUTES)})
+        {"measured": {a: plus[a] - base[a] for a in ATTRIBUTES},
+         "met": all(plus[a] >= base[a] for a in ATTRIBUTES)})
     sweep = results.get("sweep") or ({"0.6": _agreement(results, SWEEP_CONDITION)}
                                      if _agreement(results, SWEEP_CONDITION) else {})
     best = max(sweep.items(), key=lambda kv: _composition(kv[1]), default=None)
@@ -332,7 +333,8 @@ def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     custom = _agreement(results, "IP-Adapter on the custom model, image only")
     targets["same adapter on the custom model: within 5 points of the base model on every attribute"] = (
         {"measured": None, "met": None} if base is None or custom is None else
-        {"measured": {a: custom[a] - base[a] for a in ATTRIBUTES}, "met": all(abs(custom[a] - base[a]) <= 0.05 for a in ATTRIBUTES)})
+        {"measured": {a: custom[a] - base[a] for a in ATTRIBUTES},
+         "met": all(abs(custom[a] - base[a]) <= 0.05 for a in ATTRIBUTES)})
     targets["ControlNet (mask) + image: position >= 85%, colours kept >= 80%"] = _floor(
         _agreement(results, "ControlNet (mask) + IP-Adapter"), {"position": 0.85, "colour": 0.8, "bg_colour": 0.8})
     drawn = _agreement(results, "IP-Adapter, image only, PIL-drawn references")
