@@ -98,3 +98,27 @@ def test_the_judge_reads_its_clip_from_the_folder_given_else_beside_the_classifi
     expected = judge.tiny_clip.image_processor()
     for _, kwargs in loads:
         assert kwargs["processor"].to_dict() == expected.to_dict()
+
+
+def test_the_judge_recipe_trains_both_models_and_reports_held_out_accuracy(tmp_path) -> None:
+    """`train_judge`: the judge CLIP at its own size for the steps given, the classifier for three times as many, then
+    the classifier's accuracy on 2,048 held-out scenes, returned and written to judge_eval.json."""
+    import json
+
+    from transformers import CLIPConfig
+
+    from ipadapter.miniature.world import make_batch
+
+    torch.manual_seed(0)
+    report = judge.train_judge(tmp_path, steps=1)
+    config = CLIPConfig.from_pretrained(tmp_path / "judge_clip")
+    size = judge.JUDGE_CLIP_SIZE
+    assert (config.text_config.hidden_size, config.text_config.num_hidden_layers, config.projection_dim) == (
+        size.hidden, size.layers, size.projection)
+    assert "classifier step 3/3 " in (tmp_path / "classifier.log").read_text()
+    saved = json.loads((tmp_path / "judge_eval.json").read_text())
+    assert saved == {"heldout_n": 2048, "accuracy": report}
+    images, attrs = make_batch(12345, 2048, "heldout")
+    loaded = judge.Judge.load(tmp_path / "judge", clip_dir=tmp_path / "judge_clip")
+    assert report == loaded.accuracy(images, attrs)
+    assert set(report) == {*judge.ATTRIBUTES, "all"}
