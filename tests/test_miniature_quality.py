@@ -15,7 +15,7 @@ from ipadapter.miniature.models import Models
 from ipadapter.miniature.quality import (
     CONDITIONS, QUICK, SWEEP_CONDITION, Condition, Size, asked_for, check_targets, other_shapes, prompt_for,
 )
-from ipadapter.miniature.world import ATTRIBUTES, COLOURS, Attrs
+from ipadapter.miniature.world import ATTRIBUTES, COLOURS, SHAPES, Attrs
 
 REF = Attrs("circle", "red", "large", "top left", "blue", "checkered")
 MASK_SCENE = Attrs("cross", "green", "small", "bottom right", "white", "plain")
@@ -34,6 +34,7 @@ def test_shape_prompt_never_names_a_colour() -> None:
     assert "square" in text and not set(text.split()) & set(COLOURS)
     assert prompt_for(Condition("t", adapter="base"), "square") == ""
     assert all(s != r.shape for s, r in zip(other_shapes([REF] * 50), [REF] * 50))
+    assert set(other_shapes([REF] * 100)) == set(SHAPES) - {REF.shape}, "every other shape can be asked for"
 
 
 @pytest.mark.parametrize("side", [48, 200])
@@ -150,11 +151,13 @@ def test_the_comparison_targets_at_their_thresholds() -> None:
     # Decoupled vs simple: CLIP-I ahead by 0.03 or more, and strictly ahead on image + text (shape from the text,
     # colours from the image: the weakest of the three).
     with_text, simple_text = SWEEP_CONDITION, "simple adapter (ablation) + text (another shape)"
-    for clip_i, composed, simple_composed, met in ((0.03, 0.7, 0.6, True), (0.029, 0.7, 0.6, False),
-                                                   (0.03, 0.6, 0.6, False), (0.03, 0.7, 0.69, True)):
+    for clip_i, simple_clip_i, composed, simple_composed, met in (
+            (0.03, 0.0, 0.7, 0.6, True), (0.029, 0.0, 0.7, 0.6, False), (0.03, 0.0, 0.6, 0.6, False),
+            (0.03, 0.0, 0.7, 0.69, True), (0.53, 0.5, 0.7, 0.6, True), (0.529, 0.5, 0.7, 0.6, False)):
         ours = _agreement(shape=composed, colour=0.9, bg_colour=0.9)
         theirs = _agreement(shape=0.9, colour=simple_composed, bg_colour=0.9)
-        rows = {base: (clip_i, level), simple: (0.0, level), with_text: (0.5, ours), simple_text: (0.5, theirs)}
+        rows = {base: (clip_i, level), simple: (simple_clip_i, level), with_text: (0.5, ours),
+                simple_text: (0.5, theirs)}
         assert _verdict(_results(rows), "decoupled vs simple adapter") is met, (clip_i, composed, simple_composed)
     # Image + text: the row's own scale without a sweep; each of shape, colour and background at 70% at least.
     for attribute in ("shape", "colour", "bg_colour"):
@@ -241,7 +244,9 @@ def test_a_row_whose_model_is_missing_is_skipped_saying_which(tmp_path) -> None:
         pytest.skip("the shipped miniature adapter is missing")
     by_name = {c.name: c for c in CONDITIONS}
     rows = (by_name["IP-Adapter on the custom model, image only"], by_name["ControlNet (mask) + IP-Adapter"])
-    results = quality.evaluate(tmp_path, models, replace(QUICK, references=1), conditions=rows, stages=False)
+    results = quality.evaluate(tmp_path, models, replace(QUICK, references=1, sweep=True), conditions=rows,
+                               stages=False)
+    assert "sweep" not in results, "no sweep without the row it sweeps"
     assert results["skipped"] == {rows[0].name: "no custom_lora/ (`ipadapter miniature train custom`)",
                                   rows[1].name: "no controlnet/ (`ipadapter miniature train controlnet`)"}
     assert results["rows"] == {}
@@ -273,6 +278,15 @@ def test_the_sweep_regenerates_the_image_and_text_row_at_each_scale(tmp_path) ->
         assert results["sweep"][str(scale)] == expected
     assert (out / "text_image_sweep.png").stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["sweep"] == results["sweep"]
+
+
+def test_the_inputs_are_the_same_held_out_scenes_and_masks_every_time() -> None:
+    from ipadapter.miniature.world import HELD_OUT
+
+    a, b = quality.Inputs.build(6), quality.Inputs.build(6)
+    assert a.attrs == b.attrs and a.mask_scenes == b.mask_scenes and a.pil_attrs == b.pil_attrs
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(a.masks + a.images, b.masks + b.images))
+    assert {s.triple for s in a.pil_attrs} <= HELD_OUT and {s.triple for s in a.attrs} <= HELD_OUT
 
 
 def test_bundled_folder_reads_as_the_v1_layout() -> None:
