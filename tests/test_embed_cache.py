@@ -95,14 +95,10 @@ def test_other_encoder_does_not_reuse_entries() -> None:
     assert len(calls_a) == 1 and len(calls_b) == 1
 
 
-def _prompter(cache: EmbeddingCache):
+def _prompter(cache: EmbeddingCache, folder):
     from ipadapter import load_adapter
     from ipadapter.prompter import ImagePrompter
 
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(tempfile.mkdtemp())
     pipe = factories.tiny_sd15_pipeline(folder)
     torch.save(factories.published(pipe.unet, "plus", factories.SD15_CROSS), folder / "plus.bin")
     adapter = load_adapter(folder / "plus.bin", pipe.unet)
@@ -112,8 +108,8 @@ def _prompter(cache: EmbeddingCache):
     return ImagePrompter(pipe, adapter, encoder), adapter, projections
 
 
-def test_repeated_reference_and_uncond_skip_the_projection_head() -> None:
-    prompter, adapter, projections = _prompter(EmbeddingCache())
+def test_repeated_reference_and_uncond_skip_the_projection_head(tmp_path) -> None:
+    prompter, adapter, projections = _prompter(EmbeddingCache(), tmp_path)
     img = factories.reference_image(4)
     first = prompter.references([img, img])
     assert projections == [1, 1], "two equal images: one row projected; the unconditional row once"
@@ -135,11 +131,11 @@ def test_repeated_reference_and_uncond_skip_the_projection_head() -> None:
     assert projections == [1, 1]
 
 
-def test_the_unconditional_images_patch_features_are_not_kept_beside_its_tokens() -> None:
+def test_the_unconditional_images_patch_features_are_not_kept_beside_its_tokens(tmp_path) -> None:
     """A Plus adapter's unconditional input is the encoder's patch features of a zero image, as large as a reference's.
     The prompter keeps their projected tokens; the encoder must not keep the features as well (they would be held
     through every generation for nothing), so once the tokens must be made again the zero image is encoded again."""
-    prompter, adapter, _ = _prompter(EmbeddingCache())
+    prompter, adapter, _ = _prompter(EmbeddingCache(), tmp_path)
     encodes: list[int] = []
     prompter.encoder.model.register_forward_pre_hook(lambda m, a, k: encodes.append(1), with_kwargs=True)
     img = factories.reference_image(4)
@@ -150,19 +146,19 @@ def test_the_unconditional_images_patch_features_are_not_kept_beside_its_tokens(
     assert len(encodes) == 3, "the reference's features come from the cache; the zero image's were not kept"
 
 
-def test_size_zero_projects_every_time() -> None:
-    prompter, _, projections = _prompter(EmbeddingCache(max_bytes=0))
+def test_size_zero_projects_every_time(tmp_path) -> None:
+    prompter, _, projections = _prompter(EmbeddingCache(max_bytes=0), tmp_path)
     img = factories.reference_image(5)
     prompter.references([img])
     prompter.references([img])
     assert projections == [1, 1, 1, 1]
 
 
-def test_references_hold_the_cached_tokens_not_a_copy() -> None:
+def test_references_hold_the_cached_tokens_not_a_copy(tmp_path) -> None:
     """A reference's tokens are the cache's own tensors (new or repeated, one image or several distinct ones): a
     stacked copy would hold every reference's tokens twice through the generation."""
     cache = EmbeddingCache()
-    prompter, _, _ = _prompter(cache)
+    prompter, _, _ = _prompter(cache, tmp_path)
     imgs = [factories.reference_image(6), factories.reference_image(7)]
 
     def storages(tensors) -> set[int]:
