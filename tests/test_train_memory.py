@@ -175,7 +175,7 @@ def test_a_gpu_runs_estimate_keeps_more_under_mixed_precision_than_a_cpu_runs(fo
 
 
 def test_the_vaes_downscale_is_two_to_the_number_of_its_halvings() -> None:
-    from ipadapter.train.models import vae_downscale
+    from ipadapter.validation import vae_downscale
 
     assert vae_downscale({"block_out_channels": [128, 256, 512, 512]}) == 8  # SD 1.5 / SDXL: 512 px → 64 latents
     assert [vae_downscale({"block_out_channels": [1] * n}) for n in (1, 2, 3)] == [1, 2, 4]

@@ -22,7 +22,7 @@ from ipadapter.siglip import encoder_class
 from ipadapter.sources import (
     AdapterSource, default_image_encoder, from_cache_or_hub, miniature_adapter, miniature_base, split_hub_path,
 )
-from ipadapter.validation import check_device, model_source
+from ipadapter.validation import check_device, model_source, vae_downscale
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The paper's inference guidance (7.5); on the miniature 5.0 and 7.5 measure the same within noise (v2's base adapter,
@@ -188,7 +188,7 @@ def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
         vae, unet = from_cache_or_hub(read, source, "the base model")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"cannot read the base model {source}: {first_clause(str(err))}") from None
-    step = 2 ** (len(vae["block_out_channels"]) - 1)
+    step = vae_downscale(vae)
     if transformer:
         return _transformer_geometry(source, step)
     sample = unet["sample_size"]

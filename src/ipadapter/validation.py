@@ -18,6 +18,7 @@ import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ipadapter.errors import IPAdapterError
 
@@ -119,6 +120,12 @@ def output_folder(folder: str | os.PathLike, flag: str, shown: str | os.PathLike
     with contextlib.suppress(OSError):  # an append-only folder takes files but keeps them: writable all the same
         os.unlink(made)
     return folder
+
+
+def vae_downscale(vae_config: Any) -> int:
+    """Pixels per latent along a side: the VAE halves the image between its blocks (SD's four blocks: 8). A base's
+    generation sizes and training resolutions are multiples of it."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def generation_size(width: int | None, height: int | None, step: int, default: tuple[int, int]) -> tuple[int, int]:

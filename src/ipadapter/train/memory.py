@@ -124,11 +124,10 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
     from ipadapter.adapter import IPAdapter
     from ipadapter.attach import attach
     from ipadapter.train.config import parse_stage
-    from ipadapter.train.models import (
-        base_configs, check_resolution, check_stage_resolutions, cross_dim, vae_downscale,
-    )
+    from ipadapter.train.models import base_configs, check_resolution, check_stage_resolutions, cross_dim
     from ipadapter.train.shapes import adapter_config_for
     from ipadapter.train.trainer import TrainModule
+    from ipadapter.validation import vae_downscale
 
     unet_config, vae_config = base_configs(config.base)
     if config.stages:  # refused as the run would refuse them, and estimated at the largest stage

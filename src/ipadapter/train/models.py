@@ -18,6 +18,7 @@ from torch import nn
 
 from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub
+from ipadapter.validation import vae_downscale
 
 
 @dataclass
@@ -78,11 +79,6 @@ def base_configs(source: str, models: BaseModels | None = None) -> tuple[dict[st
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     return _config(UNet2DConditionModel, source, "unet"), _config(AutoencoderKL, source, "vae")
-
-
-def vae_downscale(vae_config: dict[str, Any]) -> int:
-    """Pixels per latent along a side: the VAE halves the image between its blocks (SD's four blocks: 8)."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def resolution_step(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> int:
