@@ -61,27 +61,6 @@ def test_agreement_counts_each_attribute_and_all_over_every_image(tmp_path) -> N
         judge.accuracy(images, truth[:2])
 
 
-def test_the_judge_trains_on_images_half_of_them_blurred_all_with_faint_noise() -> None:
-    """`_degrade` on 1-px checks, whose 2x2 average is flat grey: a blurred image is 0.5 plus noise, a kept one the
-    checks plus noise; half are blurred, the noise has standard deviation 0.05, and the same generator state gives
-    the same batch."""
-    import pytest
-
-    from ipadapter.miniature.judge import _degrade
-
-    checks = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2).float()
-    x = checks.expand(800, 3, 8, 8)
-    out = _degrade(x, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape
-    blurred = ((out - 0.5).abs().amax(dim=(1, 2, 3)) < 0.3)
-    kept = ((out - x).abs().amax(dim=(1, 2, 3)) < 0.3)
-    assert bool((blurred ^ kept).all()), "every image is either blurred or kept"
-    assert blurred.float().mean().item() == pytest.approx(0.5, abs=0.06)
-    noise = torch.cat([(out[blurred] - 0.5).flatten(), (out[kept] - x[kept]).flatten()])
-    assert noise.mean().item() == pytest.approx(0.0, abs=0.005) and noise.std().item() == pytest.approx(0.05, rel=0.05)
-    assert torch.equal(out, _degrade(x, torch.Generator().manual_seed(0)))
-
-
 def test_the_reports_references_are_held_out_unless_the_training_split_is_asked_for() -> None:
     from ipadapter.miniature.quality import Inputs
 

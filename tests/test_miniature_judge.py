@@ -1,5 +1,5 @@
-"""The judge's attribute classifier as its recipe trains it: a killed run resumes to the weights of an uninterrupted one,
-and what it saves is what `Judge.load` reads back."""
+"""The judge's attribute classifier as its recipe trains it: the degraded images it trains on, a killed run resuming to
+the weights of an uninterrupted one, what it saves being what `Judge.load` reads back."""
 
 from __future__ import annotations
 
@@ -19,6 +19,23 @@ def every_step_checkpoints(monkeypatch):
         return now[0]
 
     monkeypatch.setattr(runloop.time, "monotonic", tick)
+
+
+def test_the_judge_trains_on_images_half_of_them_blurred_all_with_faint_noise() -> None:
+    """`_degrade` on 1-px checks, whose 2x2 average is flat grey: a blurred image is 0.5 plus noise, a kept one the
+    checks plus noise; half are blurred, the noise has standard deviation 0.05, and the same generator state gives
+    the same batch."""
+    checks = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2).float()
+    x = checks.expand(800, 3, 8, 8)
+    out = judge._degrade(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    blurred = ((out - 0.5).abs().amax(dim=(1, 2, 3)) < 0.3)
+    kept = ((out - x).abs().amax(dim=(1, 2, 3)) < 0.3)
+    assert bool((blurred ^ kept).all()), "every image is either blurred or kept"
+    assert blurred.float().mean().item() == pytest.approx(0.5, abs=0.06)
+    noise = torch.cat([(out[blurred] - 0.5).flatten(), (out[kept] - x[kept]).flatten()])
+    assert noise.mean().item() == pytest.approx(0.0, abs=0.005) and noise.std().item() == pytest.approx(0.05, rel=0.05)
+    assert torch.equal(out, judge._degrade(x, torch.Generator().manual_seed(0)))
 
 
 def test_a_killed_classifier_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, every_step_checkpoints):
