@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation testing of the core with mutmut 3: small bugs are put into the core modules one at a time and the fast
 # core tests are run against each; a mutant no test fails on "survives". A developer's periodic check, not part of CI
-# (the whole core takes hours on two cores): docs/testing.md has the last result, the time it takes and the survivors.
+# (the whole core takes hours on two cores): docs/testing.md has the results and the time it takes,
+# docs/mutation-log.md every run's survivors.
 #
 #   scripts/mutation.sh                           # every core module
 #   scripts/mutation.sh runtime.py layers.py      # some of them (paths under src/ipadapter/, globs allowed)
@@ -13,7 +14,7 @@
 # RETEST=1 tests the survivors and the mutants with no test again (mutmut keeps a verdict when only the tests
 # changed), except survivors argued equivalent or killed outside the run, which would only survive again at the highest
 # cost. The score counts killed and timed-out mutants over all tested ones, leaving out those listed in
-# scripts/mutation-equivalent.txt (argued equivalent in docs/testing.md), and counts as killed those listed in
+# scripts/mutation-equivalent.txt (argued equivalent in docs/mutation-log.md), and counts as killed those listed in
 # scripts/mutation-killed-outside.txt (killed by a test the run cannot run, checked by hand). Exits 1 below MIN_SCORE.
 # Environment: PYTHON (default python), JOBS (mutants run in parallel, default 1), NICE (default 19), MIN_SCORE (95),
 # TESTS (test files under tests/, space-separated, instead of the core's: for modules outside the core).
