@@ -334,3 +334,76 @@ def test_a_transparent_control_image_is_read_on_black(tmp_path) -> None:
     expected[2:6, 2:6] = 255
     assert found["controlnet_conditioning_scale"] == 0.7
     assert np.array_equal(np.asarray(found["image"]), expected)
+
+
+def test_the_eval_generates_from_moved_masks_as_diffusers_controlnet_pipeline_does(tmp_path) -> None:
+    """`evaluate_controlnet` on the bundled models, 2 references, 2 steps: the text rows are diffusers' own ControlNet
+    pipeline given each moved scene's caption and mask at control scale 1 and 0; the image rows the same pipeline
+    under the shipped base adapter with the reference and no text; each row the judge's scores of those images.
+    The report and its grid are written."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from ipadapter import bundled
+    from ipadapter.checkpoint import load_adapter
+    from ipadapter.encoders import ImageEncoder
+    from ipadapter.miniature import judge
+    from ipadapter.prompter import ImagePrompter
+
+    for name, source in (("pipeline", bundled.PIPELINE_DIR), ("controlnet", bundled.CONTROLNET_DIR),
+                         ("judge", bundled.JUDGE_DIR), ("judge_clip", bundled.JUDGE_DIR / "clip")):
+        (tmp_path / name).symlink_to(source)
+    report = controlnet.evaluate_controlnet(tmp_path, n=2, steps=2, guidance=4.0, seed=30)
+    refs, _, ref_attrs = world.make_masked_batch(30, 2, "heldout")
+    targets, masks = controlnet._moved(ref_attrs, np.random.default_rng(31))
+    controls = [world.mask_image(m).convert("RGB") for m in masks]
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        bundled.PIPELINE_DIR, controlnet=ControlNetModel.from_pretrained(bundled.CONTROLNET_DIR), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    scorer = judge.Judge.load(bundled.JUDGE_DIR)
+    gen = {"num_inference_steps": 2, "guidance_scale": 4.0, "height": 64, "width": 64, "output_type": "np"}
+    for scale in (1.0, 0.0):
+        drawn = np.concatenate([pipe(world.caption(targets[i]), image=controls[i], controlnet_conditioning_scale=scale,
+                                     generator=torch.Generator().manual_seed(30 + i), **gen).images for i in range(2)])
+        images = (np.clip(drawn, 0, 1) * 255 + 0.5).astype(np.uint8)
+        assert report[f"text_prompt_controlnet_{scale:g}"] == controlnet._scores(scorer, images, masks, targets,
+                                                                                 ref_attrs)
+    encoder = ImageEncoder.from_pretrained(bundled.PIPELINE_DIR, subfolder="image_encoder")
+    prompter = ImagePrompter(pipe, load_adapter(bundled.ASSETS_DIR / "adapters" / "base.safetensors", pipe.unet),
+                             encoder)
+    for scale in (1.0, 0.0):
+        drawn = np.concatenate([prompter.generate([Image.fromarray(refs[i])], prompt="", scale=1.0, image=controls[i],
+                                                  controlnet_conditioning_scale=scale, seed=30 + i, steps=2,
+                                                  guidance=4.0, width=64, height=64, output_type="np")
+                                for i in range(2)])
+        images = (np.clip(drawn, 0, 1) * 255 + 0.5).astype(np.uint8)
+        assert report[f"image_prompt_controlnet_{scale:g}"] == controlnet._scores(scorer, images, masks, targets,
+                                                                                  ref_attrs)
+    assert (report["n"], report["ddim_steps"], report["guidance"]) == (2, 2, 4.0)
+    assert json.loads((tmp_path / "controlnet_eval.json").read_text()) == report
+    assert (tmp_path / "controlnet_samples.png").is_file()
+
+
+@pytest.mark.parametrize("with_judge", [False, True])
+def test_the_recipe_caches_scenes_once_trains_on_the_frozen_pipeline_and_evaluates_with_a_judge(tmp_path, monkeypatch,
+                                                                                                with_judge) -> None:
+    from ipadapter.miniature import judge
+
+    seen = []
+    monkeypatch.setattr(controlnet, "build_cache", lambda *a, **k: seen.append(("cache", a, k)))
+    monkeypatch.setattr(controlnet, "train_controlnet", lambda *a, **k: seen.append(("train", a, k)))
+    monkeypatch.setattr(controlnet, "evaluate_controlnet", lambda *a: seen.append(("eval", a)) or {"scores": 1})
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    if with_judge:
+        (tmp_path / "judge").mkdir()
+        (tmp_path / "judge" / judge.CLASSIFIER_WEIGHTS).write_bytes(b"")
+    first = controlnet.run(tmp_path, 400, False)
+    (tmp_path / controlnet.CACHE_NAME).write_bytes(b"")
+    again = controlnet.run(tmp_path, 500, True, batch=8)
+    cache = tmp_path / controlnet.CACHE_NAME
+    train = [("train", (tmp_path, cache, tmp_path / "pipeline"), {"steps": 400, "batch": 64, "resume": False}),
+             ("train", (tmp_path, cache, tmp_path / "pipeline"), {"steps": 500, "batch": 8, "resume": True})]
+    evaluation = [("eval", (tmp_path,))] if with_judge else []
+    assert seen == [("cache", (tmp_path, tmp_path / "pipeline"), {"n": 8192}), train[0], *evaluation, train[1],
+                    *evaluation]
+    assert first == again == ({"scores": 1} if with_judge else None)

@@ -254,3 +254,135 @@ def test_train_resume_export_and_load(tiny, tmp_path) -> None:
     assert all(torch.allclose(full[k], half[k], atol=1e-3) for k in full)
     with pytest.raises(IPAdapterError, match="train custom"):
         custom_model.export_custom(tmp_path / "none", tmp_path / "assets")
+
+
+def _diffusers_images(prompts: list[str], seed: int, lora_scale: float | None) -> np.ndarray:
+    """The bundled pipeline drawing `prompts` through diffusers alone (the shipped LoRA fused at `lora_scale` by its own
+    `load_lora_weights` + `fuse_lora`), DDIM 2 steps, guidance 5, one generator seeded `seed`, as uint8."""
+    from diffusers import StableDiffusionPipeline
+
+    from ipadapter import bundled
+
+    pipe = StableDiffusionPipeline.from_pretrained(bundled.PIPELINE_DIR, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_scale is not None:
+        pipe.load_lora_weights(str(bundled.CUSTOM_LORA_DIR))
+        pipe.fuse_lora(lora_scale=lora_scale)
+    images = pipe(prompts, num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="np",
+                  generator=torch.Generator().manual_seed(seed)).images
+    return (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def test_the_style_check_scores_the_base_and_the_custom_model_at_each_lora_scale(tmp_path) -> None:
+    """`style_check` (custom_eval.json's "style"): the same training captions drawn by the base model and by the
+    custom model at each LoRA scale, each scored for two-tone and by the judge; the drawn scenes as the bounds."""
+    from ipadapter import bundled
+    from ipadapter.miniature.judge import Judge
+
+    report = custom_model.style_check(bundled.PIPELINE_DIR, bundled.CUSTOM_LORA_DIR, bundled.JUDGE_DIR,
+                                      tmp_path / "check.png", n=2, seed=3, steps=2, scales=(1.0, 2.5))
+    styled, attrs = world.make_batch(3, 2, split="train", style=custom_model.STYLE)
+    plain, _ = world.make_batch(3, 2, split="train")
+    judge = Judge.load(bundled.JUDGE_DIR)
+    assert report["drawn"] == {"plain": custom_model.two_tone_score(plain, attrs),
+                               "two_tone": custom_model.two_tone_score(styled, attrs)}
+    prompts = [world.caption(a) for a in attrs]
+    for label, scale in (("base", None), ("custom x1", 1.0), ("custom x2.5", 2.5)):
+        images = _diffusers_images(prompts, 3, scale)
+        assert report[label] == {"two_tone": custom_model.two_tone_score(images, attrs),
+                                 "accuracy": judge.accuracy(images, attrs)}, label
+    assert set(report) == {"n", "ddim_steps", "guidance", "drawn", "base", "custom x1", "custom x2.5"}
+    assert (report["n"], report["ddim_steps"], report["guidance"]) == (2, 2, 5.0)
+    assert (tmp_path / "check.png").is_file()
+
+
+@pytest.mark.parametrize("own_pipeline", [False, True])
+def test_the_evaluation_reuses_the_base_adapter_of_the_pipeline_the_lora_was_trained_for(tmp_path, monkeypatch,
+                                                                                         own_pipeline) -> None:
+    """`evaluate`: a LoRA trained on the shipped pipeline is checked with the shipped base adapter; one trained on a
+    run folder's own pipeline with that folder's adapter (an adapter fits only its own UNet), and with none when the
+    folder has not trained one. Both checks go to custom_eval.json, written whole."""
+    import json
+
+    from ipadapter import bundled
+
+    seen = []
+    monkeypatch.setattr(custom_model, "style_check", lambda *a: seen.append(("style", a)) or {"s": 1})
+    monkeypatch.setattr(custom_model, "reuse_check", lambda *a: seen.append(("reuse", a)) or {"r": 2})
+    if own_pipeline:
+        (tmp_path / "pipeline").mkdir()
+        (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    lora = tmp_path / "lora.safetensors"
+    report = custom_model.evaluate(tmp_path, lora)
+    pipeline = tmp_path / "pipeline" if own_pipeline else bundled.pipeline_path()
+    style = ("style", (pipeline, lora, bundled.judge_path(), tmp_path / "custom_check.png"))
+    if own_pipeline:
+        assert seen == [style] and report == {"style": {"s": 1}}
+        own = tmp_path / "adapter-base" / "adapter.ipadapter.safetensors"
+        own.parent.mkdir()
+        own.write_bytes(b"")
+        seen.clear()
+        report = custom_model.evaluate(tmp_path, lora)
+        adapter = own
+    else:
+        adapter = bundled.ASSETS_DIR / "adapters" / "base.safetensors"
+    assert seen == [style, ("reuse", (adapter, pipeline, lora, bundled.judge_path(), tmp_path / "custom_reuse.png"))]
+    assert report == {"style": {"s": 1}, "reuse": {"r": 2}}
+    assert json.loads((tmp_path / "custom_eval.json").read_text()) == report
+
+
+def test_the_reuse_check_prompts_both_models_with_each_held_out_reference(tmp_path) -> None:
+    """`reuse_check` (the quality report's custom row): reference i of the held-out scenes of `seed` given alone to
+    the same base adapter on the base model and on the custom model (the LoRA fused by diffusers), seed + i, and the
+    judge's bound for the custom style: the same scenes drawn two-tone."""
+    from diffusers import StableDiffusionPipeline
+
+    from ipadapter import bundled
+    from ipadapter.checkpoint import load_adapter
+    from ipadapter.encoders import ImageEncoder
+    from ipadapter.miniature.judge import Judge
+    from ipadapter.prompter import ImagePrompter
+
+    adapter = bundled.ASSETS_DIR / "adapters" / "base.safetensors"
+    report = custom_model.reuse_check(adapter, bundled.PIPELINE_DIR, bundled.CUSTOM_LORA_DIR, bundled.JUDGE_DIR,
+                                      tmp_path / "reuse.png", n=2, seed=11, scale=0.7, steps=2, guidance=4.0)
+    references, attrs = world.make_batch(11, 2, split="heldout")
+    styled, _ = world.make_batch(11, 2, split="heldout", style=custom_model.STYLE)
+    judge = Judge.load(bundled.JUDGE_DIR)
+    assert report["references"] == {"accuracy": judge.accuracy(references, attrs)}
+    assert report["references_two_tone"] == {"accuracy": judge.accuracy(styled, attrs)}
+    encoder = ImageEncoder.from_pretrained(str(bundled.PIPELINE_DIR), subfolder="image_encoder")
+    for label, lora in (("base", False), ("custom", True)):
+        pipe = StableDiffusionPipeline.from_pretrained(bundled.PIPELINE_DIR, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        if lora:
+            pipe.load_lora_weights(str(bundled.CUSTOM_LORA_DIR))
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        prompter = ImagePrompter(pipe, load_adapter(str(adapter), pipe.unet), encoder)
+        images = np.stack([np.asarray(prompter.generate([Image.fromarray(r)], scale=0.7, steps=2, guidance=4.0,
+                                                        seed=11 + i)[0].convert("RGB"))
+                           for i, r in enumerate(references)])
+        assert report[label] == {"accuracy": judge.accuracy(images, attrs),
+                                 "two_tone": custom_model.two_tone_score(images, attrs)}, label
+    assert (report["adapter"], report["n"], report["scale"], report["ddim_steps"], report["guidance"]) == (
+        str(adapter), 2, 0.7, 2, 4.0)
+    assert (tmp_path / "reuse.png").is_file()
+
+
+def test_the_recipe_caches_the_style_once_trains_the_lora_and_evaluates_it(tmp_path, monkeypatch) -> None:
+    from ipadapter import bundled
+
+    seen = []
+    monkeypatch.setattr(custom_model, "build_style_cache", lambda *a: seen.append(("cache", a)))
+    monkeypatch.setattr(custom_model, "train_custom", lambda *a, **k: seen.append(("train", a, k)) or tmp_path / "l")
+    monkeypatch.setattr(custom_model, "evaluate", lambda *a: seen.append(("eval", a)))
+    assert custom_model.run(tmp_path, 700, False) == tmp_path / "l"
+    (tmp_path / "custom_cache.pt").write_bytes(b"")
+    custom_model.run(tmp_path, 900, True)
+    cache, shipped = tmp_path / "custom_cache.pt", bundled.pipeline_path()
+    assert seen == [("cache", (tmp_path, shipped)),
+                    ("train", (tmp_path, shipped, cache), {"steps": 700, "resume": False}),
+                    ("eval", (tmp_path, tmp_path / "l")),
+                    ("train", (tmp_path, shipped, cache), {"steps": 900, "resume": True}),
+                    ("eval", (tmp_path, tmp_path / "l"))]

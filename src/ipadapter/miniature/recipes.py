@@ -136,7 +136,7 @@ def evaluate_base(out: Path = DEFAULT_OUT, n: int = 64, steps: int = 25, guidanc
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from ipadapter.atomic import save_png
+    from ipadapter.atomic import save_png, write_text
     from ipadapter.evaluate.grid import image_grid
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
@@ -153,7 +153,7 @@ def evaluate_base(out: Path = DEFAULT_OUT, n: int = 64, steps: int = 25, guidanc
         tiles = [Image.fromarray(a) for a in images]
         save_png(image_grid([("", tiles[c::8]) for c in range(8)], title_lines=0), out / f"base_samples_{split}.png")
         log.info("base eval %s: %s", split, report[split])
-    (out / "base_eval.json").write_text(json.dumps(report, indent=2))
+    write_text(out / "base_eval.json", json.dumps(report, indent=2))
     return report
 
 
