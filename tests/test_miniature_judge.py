@@ -38,6 +38,34 @@ def test_the_judge_trains_on_images_half_of_them_blurred_all_with_faint_noise() 
     assert torch.equal(out, judge._degrade(x, torch.Generator().manual_seed(0)))
 
 
+def _upsample_2x(v: torch.Tensor) -> torch.Tensor:
+    """Bilinear 2x upsampling on pixel centres written out: output pixel i reads the input at (i + 0.5) / 2 - 0.5,
+    clamped to the image, along each axis in turn."""
+    def along_last(a: torch.Tensor) -> torch.Tensor:
+        n = a.shape[-1]
+        s = ((torch.arange(2 * n, dtype=torch.float64) + 0.5) / 2 - 0.5).clamp(0, n - 1)
+        lo = s.floor().long()
+        hi = (lo + 1).clamp(max=n - 1)
+        return a[..., lo] * (1 - (s - lo)) + a[..., hi] * (s - lo)
+
+    return along_last(along_last(v).transpose(-1, -2)).transpose(-1, -2)
+
+
+def test_the_judges_blur_is_the_2x2_average_upsampled_bilinearly_on_pixel_centres() -> None:
+    """A blurred image is its 2x2 block means spread back by bilinear interpolation between pixel centres (as PIL and
+    the VAE's decoder place pixels); which images are blurred and the noise come from the generator in that order."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(64, 3, 8, 8, generator=g, dtype=torch.float64)
+    out = judge._degrade(x, torch.Generator().manual_seed(1))
+    again = torch.Generator().manual_seed(1)
+    pick = (torch.rand(64, 1, 1, 1, generator=again) < 0.5).double()
+    noise = torch.randn(x.shape, generator=again, dtype=torch.float32).double()
+    means = x.reshape(64, 3, 4, 2, 4, 2).mean(dim=(3, 5))
+    expected = pick * _upsample_2x(means) + (1 - pick) * x + 0.05 * noise
+    assert 0 < pick.sum() < 64
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
 def test_a_killed_classifier_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, every_step_checkpoints):
     torch.manual_seed(0)
     whole = judge.train_classifier(tmp_path / "whole", steps=4, batch=4)
@@ -150,3 +178,33 @@ def test_the_shipped_judge_reads_scenes_drawn_by_the_world() -> None:
     images, attrs = make_batch(4242, 128, "heldout")
     accuracy = judge.Judge(judge.Judge.load(bundled.JUDGE_DIR).classifier, clip=None).accuracy(images, attrs)
     assert all(accuracy[name] >= 0.95 for name in judge.ATTRIBUTES), accuracy
+
+
+def test_the_shipped_classifier_is_four_conv_blocks_then_a_relu_layer_then_one_head_per_attribute() -> None:
+    """The docstring's architecture written out with functional ops on the shipped weights: four blocks of a 3x3
+    stride-2 convolution, batch norm on its running statistics and a ReLU, then a ReLU layer of 256 on the flattened
+    4x4 map, then a linear head per attribute."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from ipadapter import bundled
+    from ipadapter.miniature import tiny_clip
+    from ipadapter.miniature.world import ATTRIBUTES, make_batch
+
+    w = {k: v.float() for k, v in load_file(bundled.JUDGE_DIR / judge.CLASSIFIER_WEIGHTS).items()}
+    images, _ = make_batch(21, 6, "heldout")
+    h = tiny_clip.pixels(images)
+    for block in range(4):
+        conv, norm = f"features.{3 * block}", f"features.{3 * block + 1}"
+        h = F.conv2d(h, w[f"{conv}.weight"], w[f"{conv}.bias"], stride=2, padding=1)
+        h = F.batch_norm(h, w[f"{norm}.running_mean"], w[f"{norm}.running_var"], w[f"{norm}.weight"],
+                         w[f"{norm}.bias"], training=False, eps=1e-5)
+        h = F.relu(h)
+    assert h.shape[1:] == (128, 4, 4)
+    h = F.relu(F.linear(h.flatten(1), w["features.13.weight"], w["features.13.bias"]))
+    model = judge.Judge.load(bundled.JUDGE_DIR).classifier
+    with torch.no_grad():
+        logits = model(tiny_clip.pixels(images))
+    for name in ATTRIBUTES:
+        expected = F.linear(h, w[f"heads.{name}.weight"], w[f"heads.{name}.bias"])
+        torch.testing.assert_close(logits[name], expected, rtol=1e-4, atol=1e-4)
