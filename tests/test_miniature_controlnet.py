@@ -156,8 +156,10 @@ def test_the_eval_asks_for_each_reference_at_another_position_and_draws_its_mask
 
 
 def test_the_eval_scores_are_fractions_of_the_judges_readings_and_of_the_iou() -> None:
-    """Two images judged by a stand-in: one drawn exactly on its mask (IoU 1), one of background only (IoU 0);
-    position and size against the target's, position also against the reference's, colour and shape."""
+    """Three images judged by a stand-in: one drawn exactly on its mask (IoU 1), one on half of it (IoU 0.5, which
+    counts as followed), one of background only (IoU 0); each attribute read right a different number of times, so a
+    fraction of wrong readings cannot pass for one of right ones: position and size against the target's, position
+    also against the reference's, colour and shape."""
 
     class Reading:
         def __init__(self, readings):
@@ -171,16 +173,32 @@ def test_the_eval_scores_are_fractions_of_the_judges_readings_and_of_the_iou() -
     ref = replace(target, position="center", size="large")
     mask = np.zeros((64, 64), np.float32)
     mask[10:20, 10:20] = 1.0
-    drawn = np.zeros((64, 64, 3), np.uint8)
-    drawn[:] = world.PALETTE["blue"]
-    empty = drawn.copy()
+    empty = np.zeros((64, 64, 3), np.uint8)
+    empty[:] = world.PALETTE["blue"]
+    drawn, half = empty.copy(), empty.copy()
     drawn[mask > 0.5] = world.PALETTE["red"]
+    half[10:15, 10:20] = world.PALETTE["red"]
     readings = [{"position": "top left", "size": "large", "colour": "red", "shape": "cross"},
+                {"position": "top left", "size": "large", "colour": "red", "shape": "cross"},
                 {"position": "center", "size": "small", "colour": "green", "shape": "cross"}]
-    got = controlnet._scores(Reading(readings), np.stack([drawn, empty]), np.stack([mask, mask]), [target] * 2,
-                             [ref] * 2)
-    assert got == {"position": 0.5, "size": 0.5, "position_of_reference": 0.5, "colour": 0.5, "shape": 0.0,
-                   "mask_iou": 0.5, "iou_at_least_0.5": 0.5}
+    got = controlnet._scores(Reading(readings), np.stack([drawn, half, empty]), np.stack([mask] * 3), [target] * 3,
+                             [ref] * 3)
+    assert got == {"position": 2 / 3, "size": 1 / 3, "position_of_reference": 1 / 3, "colour": 2 / 3, "shape": 0.0,
+                   "mask_iou": 0.5, "iou_at_least_0.5": 2 / 3}
+
+
+def test_the_mask_is_its_pixels_covered_more_than_half_and_no_object_anywhere_scores_0() -> None:
+    """An edge pixel the mask covers exactly half is outside it; a mask and an image both without an object give
+    IoU 0, not the 1 of a perfect match."""
+    target = world.Attrs("ring", "red", "small", "top left", "blue", "plain")
+    background = np.full((64, 64, 3), world.PALETTE["blue"], np.uint8)
+    image = background.copy()
+    image[10:20, 10:20] = world.PALETTE["red"]
+    mask = np.zeros((64, 64), np.float32)
+    mask[10:20, 10:20] = 1.0
+    mask[10:20, 20] = 0.5
+    assert controlnet.mask_iou(image, mask, target) == 1.0
+    assert controlnet.mask_iou(background, np.zeros_like(mask), target) == 0.0
 
 
 # --- `ipadapter generate --controlnet` ------------------------------------------------------------------------

@@ -447,8 +447,12 @@ def test_image_encoder_recipe_runs_the_shipped_schedule(tmp_path, monkeypatch) -
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "config.json").write_text("{}")
     calls = []
-    monkeypatch.setattr(tiny_clip, "train_image_encoder",
-                        lambda out, clip, steps, resume, per_patch: calls.append((steps, resume, per_patch)))
+
+    def train_image_encoder(out, clip, steps, resume, per_patch):
+        assert (out, clip) == (tmp_path, tmp_path / "clip")  # trained in the run folder against its CLIP
+        calls.append((steps, resume, per_patch))
+
+    monkeypatch.setattr(tiny_clip, "train_image_encoder", train_image_encoder)
     recipes.run_recipe("image-encoder", tmp_path)
     recipes.run_recipe("image-encoder", tmp_path, steps=500)
     recipes.run_recipe("image-encoder", tmp_path, resume=True)
