@@ -43,3 +43,17 @@ def fresh_accelerate_state():
     """accelerate keeps process-wide state (mixed precision, ...): a training test leaves none for the next one."""
     yield
     factories.reset_accelerate()
+
+
+@pytest.fixture
+def every_step_checkpoints(monkeypatch):
+    """A clock that jumps 1,000 s at each reading, so a miniature run checkpoints after every step."""
+    from ipadapter.miniature import runloop
+
+    now = [0.0]
+
+    def tick() -> float:
+        now[0] += 1000.0
+        return now[0]
+
+    monkeypatch.setattr(runloop.time, "monotonic", tick)

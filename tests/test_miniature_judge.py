@@ -6,19 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ipadapter.miniature import judge, runloop
-
-
-@pytest.fixture
-def every_step_checkpoints(monkeypatch):
-    """A clock that jumps 1,000 s at each reading, so the run checkpoints after every step."""
-    now = [0.0]
-
-    def tick() -> float:
-        now[0] += 1000.0
-        return now[0]
-
-    monkeypatch.setattr(runloop.time, "monotonic", tick)
+from ipadapter.miniature import judge
 
 
 def test_the_judge_trains_on_images_half_of_them_blurred_all_with_faint_noise() -> None:

@@ -73,9 +73,22 @@ def object_weights(masks: np.ndarray, weight: float) -> torch.Tensor:
     return 1.0 + weight * F.max_pool2d(m, 3, stride=1, padding=1)
 
 
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-pixel MSE + 0.5 L1 weighted by `weights` (`object_weights`) and divided by their mean: the weighting moves
+    the loss onto the object without changing its scale, so one learning rate serves any weight."""
+    err = recon - x
+    return (weights * (err**2 + 0.5 * err.abs())).mean() / weights.mean()
+
+
+def kl_per_element(posterior) -> torch.Tensor:
+    """The posterior's KL to N(0, 1) per latent element, averaged over the batch (diffusers' `kl()` sums each
+    sample's elements), so the KL weight does not depend on the latent's size."""
+    return posterior.kl().mean() / posterior.mean[0].numel()
+
+
 def train_vae(
     out_dir: str | Path,
-    steps: int = 2500,
+    steps: int = 2000,
     seed: int = 1,
     batch: int = 16,
     lr: float = 1e-3,
@@ -100,10 +113,11 @@ def train_vae(
         images, masks, _ = make_masked_batch(seed * 1_000_003 + step, batch)
         x = to_model_range(images)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        w = object_weights(masks, object_weight)
-        kl = posterior.kl().mean() / (LATENT_CHANNELS * LATENT_PX * LATENT_PX)
-        loss = (w * ((recon - x) ** 2 + 0.5 * (recon - x).abs())).mean() / w.mean() + kl_weight * kl
+        # the latent's noise drawn from the step's own generator, as the batch is: a resumed run draws what the
+        # uninterrupted one drew
+        recon = vae.decode(posterior.sample(torch.Generator().manual_seed(seed * 1_000_003 + step))).sample
+        kl = kl_per_element(posterior)
+        loss = reconstruction_loss(recon, x, object_weights(masks, object_weight)) + kl_weight * kl
         run.optimize(step, loss, lr, vae.parameters())
         run.step_done(step + 1, loss.item())
     vae.eval()
@@ -159,8 +173,7 @@ def train_vae_decoder(
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         recon = vae.decode(z).sample
-        w = object_weights(masks, object_weight)
-        loss = (w * ((recon - x) ** 2 + 0.5 * (recon - x).abs())).mean() / w.mean()
+        loss = reconstruction_loss(recon, x, object_weights(masks, object_weight))
         run.optimize(step, loss, lr, params)
         run.step_done(step + 1, loss.item())
     vae.eval()

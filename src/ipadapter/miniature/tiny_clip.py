@@ -263,7 +263,7 @@ def clip_loss(model, heads: ClipObjective, images: torch.Tensor, attrs: list[Att
 def train_clip(
     out_dir: str | Path,
     name: str = "clip",
-    steps: int = 1500,
+    steps: int = 1200,
     seed: int = 0,
     size: ClipSize = ClipSize(),
     batch: int = 64,
@@ -328,8 +328,11 @@ def train_image_encoder(
     torch.manual_seed(seed)
     encoder = CLIPVisionModelWithProjection(vision_config(size, patch))
     heads = ClipObjective(size)
-    scale = torch.nn.Parameter(clip.logit_scale.detach().clone())
-    modules: dict[str, torch.nn.Module] = {"encoder": encoder, "heads": heads}
+    # The learnt temperature starts at the CLIP's and is checkpointed with the rest: a resume that restarted it would
+    # not continue the run it resumes.
+    temperature = torch.nn.ParameterDict({"logit_scale": clip.logit_scale.detach().clone()})
+    scale = temperature["logit_scale"]
+    modules: dict[str, torch.nn.Module] = {"encoder": encoder, "heads": heads, "temperature": temperature}
     params = [*encoder.parameters(), *heads.image.parameters(), *heads.patches.parameters(), scale]
     patch_heads = PatchHeads(size.hidden, SIZE_PX // patch) if per_patch else None
     if patch_heads is not None:
