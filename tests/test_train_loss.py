@@ -38,6 +38,21 @@ def test_min_snr_weights_match_the_closed_form(prediction: str) -> None:
         assert got[-1] == pytest.approx(1.0)  # SNR below gamma: full weight
 
 
+
+def test_the_weighted_loss_is_each_samples_mse_times_its_weight_averaged() -> None:
+    """`min_snr_mse`, which the trainer and the miniature UNet recipe share, written out sample by sample in float64."""
+    from ipadapter.snr import min_snr_mse
+
+    scheduler = DDPMScheduler(**SD_BETAS)
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 2, 3, 3, generator=g).half(), torch.randn(4, 2, 3, 3, generator=g)
+    t = torch.tensor([3, 80, 400, 990])
+    weights = np.minimum(closed_form_snr()[t.numpy()], 5.0) / closed_form_snr()[t.numpy()]
+    errors = (pred.double().numpy() - target.double().numpy()) ** 2
+    expected = np.mean([w * e.mean() for w, e in zip(weights, errors)])
+    got = min_snr_mse(pred, target, scheduler, t, 5.0, "epsilon")
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(expected, rel=1e-4)
+
 def stub_run(snr_gamma: float, batch: int = 6) -> tuple[SimpleNamespace, dict[str, torch.Tensor]]:
     """A cached-feature run whose latents are exactly zero, so the noise is recoverable from the noisy input."""
     config = TrainConfig(snr_gamma=snr_gamma, drop_image=0.0, drop_text=0.0, drop_both=0.0)

@@ -20,7 +20,7 @@ from ipadapter.miniature.runloop import TrainRun, log
 from ipadapter.miniature.world import (
     SIZE_PX, Attrs, attrs_from_label, caption, make_batch, make_masked_batch, partial_caption, random_slots,
 )
-from ipadapter.snr import min_snr_weights
+from ipadapter.snr import min_snr_mse
 
 LATENT_CHANNELS = 8
 LATENT_PX = SIZE_PX // 4
@@ -343,8 +343,7 @@ def train_unet(
         noise = torch.randn(x0.shape, generator=g) + offset_noise * torch.randn(batch, x0.shape[1], 1, 1, generator=g)
         t = torch.randint(TRAIN_TIMESTEPS, (batch,), generator=g)
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (min_snr_weights(noise_scheduler, t, snr_gamma, "epsilon") * per_sample).mean()
+        loss = min_snr_mse(pred, noise, noise_scheduler, t, snr_gamma, "epsilon")
         run.optimize(step, loss, lr, unet.parameters())
         _ema_update(ema, unet, step, ema_decay)
         run.step_done(step + 1, loss.item())

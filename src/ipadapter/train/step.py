@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ipadapter.snr import min_snr_weights
+from ipadapter.snr import min_snr_mse
 from ipadapter.train import dropout
 from ipadapter.train.data import sdxl_time_ids
 from ipadapter.train.models import encode_text
@@ -95,8 +95,7 @@ def diffusion_loss(run: Any, module: Any, noise_scheduler: Any, prediction: str,
         pred = module(noisy.to(run.weight_dtype), timesteps, text, features, added)
     if not config.snr_gamma:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
-    return (min_snr_weights(noise_scheduler, timesteps, config.snr_gamma, prediction) * per_sample).mean()
+    return min_snr_mse(pred, target, noise_scheduler, timesteps, config.snr_gamma, prediction)
 
 
 def gradients_finite(params: list[torch.nn.Parameter]) -> bool:
