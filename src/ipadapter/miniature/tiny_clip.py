@@ -210,11 +210,12 @@ def hard_negatives(attrs: list[Attrs], rng: np.random.Generator, k: int = 3) -> 
     return out
 
 
-def augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Soften a quarter of the batch and add faint noise: references may be resized drawings or generated images."""
+def augment(images: torch.Tensor, g: torch.Generator, soften: float = 0.25, noise: float = 0.02) -> torch.Tensor:
+    """Soften a share `soften` of the batch (2x2 means spread back bilinearly) and add Gaussian noise of standard
+    deviation `noise`: references may be resized drawings or generated images."""
     soft = F.interpolate(F.avg_pool2d(images, 2), scale_factor=2, mode="bilinear", align_corners=False)
-    pick = (torch.rand(len(images), 1, 1, 1, generator=g) < 0.25).float()
-    return pick * soft + (1 - pick) * images + 0.02 * torch.randn(images.shape, generator=g)
+    pick = (torch.rand(len(images), 1, 1, 1, generator=g) < soften).float()
+    return pick * soft + (1 - pick) * images + noise * torch.randn(images.shape, generator=g)
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
