@@ -208,15 +208,16 @@ def test_the_test_extra_installs_everything_the_suite_needs(extra: str) -> None:
 
 
 # The first torch release with each API the package's code calls (torch's release notes), and the torch floor the
-# core's other requirements set themselves (transformers 4.56 requires torch >= 2.2). The floor in pyproject.toml
-# must be at least each of these: it is only tested at the pinned torch, so it must not claim an older one.
+# core's other requirements set themselves (transformers 5 disables PyTorch below 2.6: its utils/import_utils.py).
+# The floor in pyproject.toml must be at least each of these: it is only tested at the pinned torch, so it must not
+# claim an older one.
 TORCH_SINCE = {
     "nn.RMSNorm": "2.4",
     "torch.compiler.is_compiling": "2.3",
     "torch.compiler.disable": "2.1",
     "mmap=True": "2.1",
 }
-TORCH_FOR_REQUIREMENTS = "2.2"
+TORCH_FOR_REQUIREMENTS = "2.6"
 
 
 def torch_floor_needed(paths: list[Path]) -> tuple[str, list[str]]:
