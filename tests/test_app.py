@@ -320,7 +320,7 @@ def _launched(monkeypatch, tiny: Path, *flags: str) -> dict:
 
     seen: dict = {}
     monkeypatch.setattr(ui, "build_ui", lambda service: seen.setdefault("service", service))
-    monkeypatch.setattr(ui, "launch", lambda page, **kw: seen.update(page=page, **kw))
+    monkeypatch.setattr(ui, "launch", lambda page, **kw: seen.update(page=page, serving=page.workdir.is_dir(), **kw))
     assert main(["app", "--base", str(tiny / "pipe"), "--adapter", str(tiny / "base.bin"), "--device", "cpu",
                  *flags]) == 0
     seen["service"].loaded.prompter.detach()
@@ -335,7 +335,8 @@ def test_the_app_serves_the_page_with_the_flags_values(monkeypatch, tiny) -> Non
     assert seen["page"] is service and (seen["host"], seen["port"]) == ("0.0.0.0", 65535)
     assert seen["limits"] == UploadLimits(max_bytes=1, max_side=1) and service.limits is seen["limits"]
     assert service.loaded.prompter.cache.max_bytes == 2**19
-    assert service.workdir.is_dir() and service.workdir.name.startswith("ipadapter-app-")
+    assert seen["serving"] and service.workdir.name.startswith("ipadapter-app-")  # its files while it serves
+    assert not service.workdir.exists()  # and none left once it stops
     assert service.model == ["--base", str(tiny / "pipe"), "--adapter", str(tiny / "base.bin"), "--device", "cpu"]
     seen = _launched(monkeypatch, tiny, "--port", "1", "--cache-mb", "0")
     assert (seen["port"], seen["service"].loaded.prompter.cache.max_bytes) == (1, 0)
@@ -594,12 +595,16 @@ def app_url(tiny, tmp_path):
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
     app_args = ["--base", str(tiny / "pipe"), "--adapter", str(tiny / "base.bin"), "--device", "cpu"]
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where the app keeps its page's files while it serves
+    (tmp_path / "tmp").mkdir()
     with ExitStack() as stack:
         try:
             url = stack.enter_context(serving(app_args, tmp_path, env, timeout_s=180))
         except RuntimeError as err:
             pytest.fail(str(err))
+        assert len(list((tmp_path / "tmp").glob("ipadapter-app-*"))) == 1
         yield url
+    assert not list((tmp_path / "tmp").glob("ipadapter-app-*")), "the app, stopped by SIGTERM, left its files"
 
 
 @pytest.fixture

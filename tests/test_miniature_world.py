@@ -150,6 +150,39 @@ def test_pipeline_takes_the_trained_image_encoder_when_given(smoke_run):
         smoke_run / "vae", smoke_run / "clip", smoke_run / "unet").image_encoder.config.patch_size
 
 
+
+def test_assemble_prefers_the_tuned_decoder_and_trained_encoder_and_checks_only_with_a_judge(smoke_run, tmp_path,
+                                                                                             monkeypatch):
+    """`recipes.assemble`: the pipeline folder from the run's CLIP, UNet and VAE, with the decoder-tuned VAE and the
+    trained image encoder once they exist (else the plain VAE and the CLIP's own vision tower), and the base model's
+    check only when a judge was trained."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionModelWithProjection
+
+    checked = []
+    monkeypatch.setattr(recipes, "evaluate_base", lambda out: checked.append(out))
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("clip", "vae", "unet"):
+        (out / name).symlink_to(smoke_run / name)
+
+    def saved(folder: Path) -> dict:
+        return AutoencoderKL.from_pretrained(folder).state_dict()
+
+    recipes.assemble(out)
+    plain, trained = saved(out / "pipeline" / "vae"), saved(smoke_run / "vae")
+    assert all(torch.equal(v, trained[k]) for k, v in plain.items())
+    own_tower = CLIPVisionModelWithProjection.from_pretrained(out / "pipeline" / "image_encoder")
+    assert own_tower.config.patch_size != 16 and checked == []
+    for name in ("vae_decoder", "image_encoder", "judge"):
+        (out / name).symlink_to(smoke_run / name)
+    recipes.assemble(out)
+    tuned, decoder = saved(out / "pipeline" / "vae"), saved(smoke_run / "vae_decoder")
+    assert all(torch.equal(v, decoder[k]) for k, v in tuned.items()) and any(
+        not torch.equal(v, trained[k]) for k, v in tuned.items())
+    assert CLIPVisionModelWithProjection.from_pretrained(out / "pipeline" / "image_encoder").config.patch_size == 16
+    assert checked == [out]
+
 def test_training_resumes_from_checkpoint(smoke_run):
     tiny_clip.train_clip(smoke_run, name="clip", steps=3, size=TINY_CLIP, batch=8, resume=True)
     assert "resumed from" in (smoke_run / "clip.log").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import tempfile
 
 from ipadapter.cli.generate import add_cache_kv_flag, add_model_flags
@@ -50,10 +51,17 @@ def run(args: argparse.Namespace) -> int:
         limits = UploadLimits(max_bytes=round(max_bytes), max_side=args.max_side)
     except FieldError as err:
         raise IPAdapterError(err.worded({"max_side": "--max-side"})) from None
-    workdir = tempfile.mkdtemp(prefix="ipadapter-app-")
-    service = GenerationService.from_args(args, limits=limits, workdir=workdir)
-    service.loaded.prompter.cache.resize(round(args.cache_mb * MB))
-    from ipadapter.app.ui import build_ui, launch  # gradio takes seconds to import: only once the models are loaded
+    # The page's files (masks of uploads, generated images) live while it serves and go when it stops, on Ctrl-C or
+    # on the SIGTERM of `kill`, `docker stop` or a service manager, which stops it the same way.
+    signal.signal(signal.SIGTERM, _interrupt)
+    with tempfile.TemporaryDirectory(prefix="ipadapter-app-", ignore_cleanup_errors=True) as workdir:
+        service = GenerationService.from_args(args, limits=limits, workdir=workdir)
+        service.loaded.prompter.cache.resize(round(args.cache_mb * MB))
+        from ipadapter.app.ui import build_ui, launch  # gradio takes seconds to import: only once the models load
 
-    launch(build_ui(service), host=args.host, port=args.port, limits=limits)
+        launch(build_ui(service), host=args.host, port=args.port, limits=limits)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # gradio closes its server on it, as on Ctrl-C
