@@ -7,6 +7,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -337,6 +338,7 @@ def test_the_app_serves_the_page_with_the_flags_values(monkeypatch, tiny) -> Non
     assert service.loaded.prompter.cache.max_bytes == 2**19
     assert seen["serving"] and service.workdir.name.startswith("ipadapter-app-")  # its files while it serves
     assert not service.workdir.exists()  # and none left once it stops
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the process's own handling back
     assert service.model == ["--base", str(tiny / "pipe"), "--adapter", str(tiny / "base.bin"), "--device", "cpu"]
     seen = _launched(monkeypatch, tiny, "--port", "1", "--cache-mb", "0")
     assert (seen["port"], seen["service"].loaded.prompter.cache.max_bytes) == (1, 0)

@@ -51,15 +51,18 @@ def run(args: argparse.Namespace) -> int:
         limits = UploadLimits(max_bytes=round(max_bytes), max_side=args.max_side)
     except FieldError as err:
         raise IPAdapterError(err.worded({"max_side": "--max-side"})) from None
-    # The page's files (masks of uploads, generated images) live while it serves and go when it stops, on Ctrl-C or
-    # on the SIGTERM of `kill`, `docker stop` or a service manager, which stops it the same way.
-    signal.signal(signal.SIGTERM, _interrupt)
-    with tempfile.TemporaryDirectory(prefix="ipadapter-app-", ignore_cleanup_errors=True) as workdir:
-        service = GenerationService.from_args(args, limits=limits, workdir=workdir)
-        service.loaded.prompter.cache.resize(round(args.cache_mb * MB))
-        from ipadapter.app.ui import build_ui, launch  # gradio takes seconds to import: only once the models load
+    # The masks the page writes live while it serves and go when it stops, on Ctrl-C or on the SIGTERM of `kill`,
+    # `docker stop` or a service manager, which stops it the same way.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ipadapter-app-", ignore_cleanup_errors=True) as workdir:
+            service = GenerationService.from_args(args, limits=limits, workdir=workdir)
+            service.loaded.prompter.cache.resize(round(args.cache_mb * MB))
+            from ipadapter.app.ui import build_ui, launch  # gradio takes seconds to import: once the models load
 
-        launch(build_ui(service), host=args.host, port=args.port, limits=limits)
+            launch(build_ui(service), host=args.host, port=args.port, limits=limits)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
