@@ -330,6 +330,7 @@ def _launched(monkeypatch, tiny: Path, *flags: str) -> dict:
 
 def test_the_app_serves_the_page_with_the_flags_values(monkeypatch, tiny) -> None:
     """Each edge value accepted: port 1 and 65535, one byte of upload (1/2^20 MB), a cache of 0 (off) or half a MB."""
+    own_handling = signal.getsignal(signal.SIGTERM)
     seen = _launched(monkeypatch, tiny, "--host", "0.0.0.0", "--port", "65535", "--max-upload-mb", repr(1 / 2**20),
                      "--max-side", "1", "--cache-mb", "0.5")
     service = seen["service"]
@@ -338,7 +339,7 @@ def test_the_app_serves_the_page_with_the_flags_values(monkeypatch, tiny) -> Non
     assert service.loaded.prompter.cache.max_bytes == 2**19
     assert seen["serving"] and service.workdir.name.startswith("ipadapter-app-")  # its files while it serves
     assert not service.workdir.exists()  # and none left once it stops
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the process's own handling back
+    assert signal.getsignal(signal.SIGTERM) is own_handling  # the process's own handling back
     assert service.model == ["--base", str(tiny / "pipe"), "--adapter", str(tiny / "base.bin"), "--device", "cpu"]
     seen = _launched(monkeypatch, tiny, "--port", "1", "--cache-mb", "0")
     assert (seen["port"], seen["service"].loaded.prompter.cache.max_bytes) == (1, 0)
