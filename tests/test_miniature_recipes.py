@@ -38,7 +38,7 @@ DOCUMENTED = {
     "clip": ("tiny_clip.train_clip", {"name": "clip", "steps": 1200, "batch": 64, "lr": 1e-3, "seed": 0}),
     "vae": ("base_model.train_vae", {"steps": 2000, "batch": 16, "lr": 1e-3, "seed": 1}),
     "judge": ("judge.train_judge", {"steps": 500}),
-    "decoder": ("base_model.train_vae_decoder", {"steps": 1500}),
+    "decoder": ("base_model.train_vae_decoder", {"steps": 1500, "seed": 4}),
 }
 
 
@@ -93,7 +93,8 @@ def test_each_adapter_recipe_trains_its_adapter(calls, tmp_path, name, adapter, 
 
 def test_the_base_models_defaults_are_the_documented_recipe() -> None:
     """What the recipes leave to the functions' defaults (docs/miniature.md, "Recipes"): the UNet's batch 64, AdamW
-    8e-4, offset noise 0.2, EMA 0.999, min-SNR-5; the decoder's AdamW 2e-4, batch 16, object weighted 16x."""
+    8e-4, offset noise 0.2, EMA 0.999, min-SNR-5; the decoder's AdamW 2e-4, batch 16, object weighted 16x; the image
+    encoder's patches and batch."""
     def defaults(function) -> dict:
         return {k: p.default for k, p in inspect.signature(function).parameters.items()}
 
@@ -103,6 +104,8 @@ def test_the_base_models_defaults_are_the_documented_recipe() -> None:
     assert defaults(base_model.build_cache)["n"] == 49152
     decoder = defaults(base_model.train_vae_decoder)
     assert (decoder["lr"], decoder["batch"], decoder["object_weight"]) == (2e-4, 16, 16.0)
+    encoder = defaults(tiny_clip.train_image_encoder)  # the table of "What is shipped": 4 px patches, batch 32
+    assert (encoder["patch"], encoder["batch"]) == (4, 32)
 
 
 @pytest.mark.parametrize("name, variant, attention, cache", [("base", "base", "decoupled", "base"),
