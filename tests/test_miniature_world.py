@@ -234,6 +234,31 @@ def test_export_is_fp16_and_loads_in_fp32(smoke_run, tmp_path):
     assert scorer.text_score(images, [world.caption(a) for a in attrs]).shape == (4,)
 
 
+
+def test_export_writes_the_runs_controlnet_and_lora_with_the_rest(smoke_run, tmp_path):
+    """A run folder that trained a ControlNet and a custom LoRA exports both beside the pipeline, each whole and in
+    fp16 (here the shipped ones stand in for trained ones), and reports their sizes."""
+    from safetensors.torch import load_file
+
+    from ipadapter import bundled
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("pipeline", "clip"):
+        (run / name).symlink_to(smoke_run / name)
+    (run / "controlnet").symlink_to(bundled.CONTROLNET_DIR)
+    (run / "custom_lora").symlink_to(bundled.CUSTOM_LORA_DIR)
+    assets = tmp_path / "assets"
+    sizes = recipes.export(run, assets_dir=assets)
+    assert set(sizes) == {"pipeline", "clip", "controlnet", "custom_lora"}
+    for name, weights in (("controlnet", "diffusion_pytorch_model.safetensors"),
+                          ("custom_lora", "pytorch_lora_weights.safetensors")):
+        written, source = load_file(assets / name / weights), load_file(run / name / weights)
+        assert written.keys() == source.keys() and all(torch.equal(written[k], source[k].half()) for k in source)
+        assert sizes[name] == pytest.approx(sum(f.stat().st_size for f in (assets / name).iterdir()) / 2**20)
+    assert sizes["pipeline"] == pytest.approx(
+        sum(f.stat().st_size for f in (assets / "pipeline").rglob("*") if f.is_file()) / 2**20)
+
 def test_partial_caption_names_exactly_the_kept_slots():
     a = world.Attrs("circle", "red", "large", "top left", "blue", "checkered")
     assert world.partial_caption(a, frozenset(world.SLOTS)) == world.caption(a)
