@@ -573,6 +573,34 @@ def test_patch_heads_targets_follow_the_encoders_token_order():
     assert torch.equal(rows, tokens[0, moved]) and torch.equal(labels, full)
 
 
+
+def test_the_per_patch_loss_is_objectness_plus_half_the_cell_read_outs_plus_the_scene_on_the_object():
+    """`PatchHeads.loss` term by term: binary cross-entropy of each patch against the share of it the object covers,
+    half the cross-entropies of each patch's row and column (row-major patches), and the scene's slots read from the
+    patches the object covers more than a quarter of."""
+    import torch.nn.functional as F
+
+    grid, dim = 4, 8
+    torch.manual_seed(2)
+    heads = tiny_clip.PatchHeads(dim, grid)
+    tokens = torch.randn(2, grid * grid, dim)
+    masks = torch.zeros(2, 64, 64)
+    masks[0, 0:24, 0:24] = 1.0  # patches (0,0) whole, (0,1), (1,0) half, (1,1) a quarter
+    masks[1, 40:64, 48:64] = 1.0
+    full = tiny_clip.labels(world.make_batch(3, 2)[1])
+    cover = torch.stack([masks[:, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16].mean(dim=(1, 2))
+                         for r in range(grid) for c in range(grid)], dim=1)
+    objectness = F.binary_cross_entropy_with_logits(heads.mask(tokens).squeeze(-1), cover)
+    rows = torch.tensor([r for r in range(grid) for _ in range(grid)] * 2)
+    cols = torch.tensor(list(range(grid)) * grid * 2)
+    where = F.cross_entropy(heads.row(tokens).reshape(-1, grid), rows) + F.cross_entropy(
+        heads.col(tokens).reshape(-1, grid), cols)
+    on = [(i, p) for i in range(2) for p in range(grid * grid) if cover[i, p] > 0.25]
+    assert [p for i, p in on if i == 0] == [0, 1, 4]  # the quarter-covered patch is not on the object
+    scene = heads.scene.loss(torch.stack([tokens[i, p] for i, p in on]), torch.stack([full[i] for i, _ in on]))
+    expected = objectness + 0.5 * where + scene
+    torch.testing.assert_close(heads.loss(tokens, masks, full), expected, rtol=1e-6, atol=1e-6)
+
 def test_the_contrastive_loss_is_symmetric_infonce_with_each_images_own_negatives():
     """Against the definition written one row at a time: image i's logits are its cosines with every caption of the
     batch and with its own k negatives (none of the other images'), caption j's with every image; each term is the
