@@ -17,6 +17,7 @@ from ipadapter.errors import IPAdapterError
 from ipadapter.miniature import base_model, controlnet, recipes, world
 from ipadapter.miniature import tokenizer as tok
 from tests import factories
+from tests.killed_runs import assert_same_weights, kill_and_resume
 
 GEN = ["--steps", "2", "--width", "32", "--height", "32", "--guidance", "6.0", "--seed", "3"]
 
@@ -430,22 +431,10 @@ def test_the_recipe_caches_scenes_once_trains_on_the_frozen_pipeline_and_evaluat
 def test_a_killed_controlnet_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_run, tmp_path, monkeypatch,
                                                                                 every_step_checkpoints) -> None:
     cache = controlnet.build_cache(tmp_path, tiny_run / "pipeline", n=8)
-    whole = controlnet.train_controlnet(tmp_path / "whole", cache, tiny_run / "pipeline", steps=3, batch=2)
-    real, drawn = controlnet.noisy_batch, []
 
-    def dies_at_the_third_step(*args, **kwargs):
-        drawn.append(args)
-        if len(drawn) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def run(out, resume):
+        return controlnet.train_controlnet(out, cache, tiny_run / "pipeline", steps=3, batch=2, resume=resume)
 
-    monkeypatch.setattr(controlnet, "noisy_batch", dies_at_the_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        controlnet.train_controlnet(tmp_path / "cut", cache, tiny_run / "pipeline", steps=3, batch=2)
-    drawn.clear()
-    monkeypatch.setattr(controlnet, "noisy_batch", lambda *a, **k: drawn.append(a) or real(*a, **k))
-    resumed = controlnet.train_controlnet(tmp_path / "cut", cache, tiny_run / "pipeline", steps=3, batch=2,
-                                          resume=True)
-    assert len(drawn) == 1
-    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), key
+    whole, resumed, drawn = kill_and_resume(run, controlnet, "noisy_batch", tmp_path, monkeypatch)
+    assert drawn == 1
+    assert_same_weights(whole, resumed)

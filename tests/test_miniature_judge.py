@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ipadapter.miniature import judge, tiny_clip
+from tests.killed_runs import assert_same_weights, kill_and_resume
 
 
 def _upsample_2x(v: torch.Tensor) -> torch.Tensor:
@@ -42,24 +43,17 @@ def test_a_blurred_training_image_is_its_2x2_average_upsampled_bilinearly_on_pix
 
 def test_a_killed_classifier_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, every_step_checkpoints):
     torch.manual_seed(0)
-    whole = judge.train_classifier(tmp_path / "whole", steps=4, batch=4)
-    real = judge.make_batch
-    calls = []
 
-    def dies_at_the_third_step(seed, n, *args, **kwargs):
-        calls.append(seed)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(seed, n, *args, **kwargs)
+    def run(out, resume):
+        return judge.train_classifier(out, steps=4, batch=4, resume=resume)
 
-    monkeypatch.setattr(judge, "make_batch", dies_at_the_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        judge.train_classifier(tmp_path / "cut", steps=4, batch=4)
-    monkeypatch.setattr(judge, "make_batch", real)
-    assert torch.load(tmp_path / "cut" / "classifier.ckpt.pt", weights_only=True)["step"] == 2
-    resumed = judge.train_classifier(tmp_path / "cut", steps=4, batch=4, resume=True)
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    def checkpointed_two_steps(cut):
+        assert torch.load(cut / "classifier.ckpt.pt", weights_only=True)["step"] == 2
+
+    whole, resumed, drawn = kill_and_resume(run, judge, "make_batch", tmp_path, monkeypatch,
+                                            after_kill=checkpointed_two_steps)
+    assert drawn == 2 and "resumed from" in (tmp_path / "cut" / "classifier.log").read_text()
+    assert_same_weights(whole, resumed)
     log = (tmp_path / "cut" / "classifier.log").read_text()
     parameters = sum(p.numel() for p in whole.parameters())
     assert f"classifier: {parameters} parameters" in log

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ipadapter.miniature import base_model, tiny_clip
+from tests.killed_runs import assert_same_weights, kill_and_resume
 
 TINY_CLIP = tiny_clip.ClipSize(hidden=32, layers=1, heads=2, projection=32)
 
@@ -53,25 +54,9 @@ def _stage(name: str, prepared: Path) -> tuple[Callable[[Path, bool], torch.nn.M
 def test_a_killed_stage_resumes_to_the_weights_of_an_uninterrupted_run(stage, prepared, tmp_path, monkeypatch,
                                                                         every_step_checkpoints) -> None:
     run, module, batches = _stage(stage, prepared)
-    whole = run(tmp_path / "whole", False)
-    real = getattr(module, batches)
-    drawn = []
-
-    def dies_at_the_third_step(*args, **kwargs):
-        drawn.append(args)
-        if len(drawn) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, batches, dies_at_the_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", False)
-    drawn.clear()
-    monkeypatch.setattr(module, batches, lambda *a, **k: drawn.append(a) or real(*a, **k))
-    resumed = run(tmp_path / "cut", True)
-    assert len(drawn) == 1, "only the last step's batch is drawn again"
-    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), key
+    whole, resumed, drawn = kill_and_resume(run, module, batches, tmp_path, monkeypatch)
+    assert drawn == 1, "only the last step's batch is drawn again"
+    assert_same_weights(whole, resumed)
     assert "resumed from" in next((tmp_path / "cut").glob("*.log")).read_text()
 
 
