@@ -130,7 +130,8 @@ def test_load_errors_name_parameters(tmp_path) -> None:
         ipadapter.load(pipe, [weight, weight], weight_name=["a", "b", "c"])
     with pytest.raises(IPAdapterError) as caught:
         ipadapter.load(pipe, weight)
-    assert str(caught.value) == "cannot tell which image encoder this adapter needs; give image_encoder="
+    assert str(caught.value) == ("cannot tell which image encoder the adapters need (24-wide global features, which "
+                                 "no published encoder alone gives); give image_encoder=")
     assert not any("IPAttn" in type(p).__name__ for p in pipe.unet.attn_processors.values())
 
 
@@ -158,6 +159,67 @@ def test_the_default_encoder_of_each_published_adapter(source, subfolder, weight
     from ipadapter.sources import AdapterSource, default_image_encoder
 
     assert default_image_encoder(None, AdapterSource(source, subfolder, weight_name)) == expected
+
+
+class _EncoderAsked(Exception):
+    pass
+
+
+def _ask_encoder(monkeypatch) -> None:
+    """`load` stops where it would read an image encoder, telling which (source, subfolder) it asked for."""
+    class Asked:
+        @staticmethod
+        def from_pretrained(source, subfolder=None, **_):
+            raise _EncoderAsked(source, subfolder)
+
+    monkeypatch.setattr("ipadapter.loading.encoder_class", lambda source, subfolder: Asked)
+
+
+VIT_H, VIT_BIGG = ("h94/IP-Adapter", "models/image_encoder"), ("h94/IP-Adapter", "sdxl_models/image_encoder")
+
+
+@pytest.mark.parametrize("family, widths, expected", [
+    # the widths h94's files read (docs/checkpoints.md): ip-adapter_sd15 ViT-H's 1024-wide embedding, ip-adapter_sdxl
+    # and _sd15_vit-G bigG's 1280-wide one, the Plus and FaceID-Plus adapters ViT-H's 1280-wide patches; bigG's patches
+    # are 1664 wide; XLabs' FLUX adapters read OpenAI ViT-L/14's 768-wide embedding
+    ("base", {"embed_dim": 1024}, VIT_H),
+    ("base", {"embed_dim": 1280}, VIT_BIGG),
+    ("base", {"embed_dim": 768}, ("openai/clip-vit-large-patch14", None)),
+    ("plus", {"patch_dim": 1280}, VIT_H),
+    ("plus", {"patch_dim": 1664}, VIT_BIGG),
+    ("faceid-plus", {"patch_dim": 1280}, VIT_H),
+])
+def test_an_adapter_of_unknown_origin_gets_the_encoder_its_width_names(tmp_path, monkeypatch, family, widths,
+                                                                        expected) -> None:
+    """A renamed or community file, no encoder beside it: the width its head reads names the published encoder."""
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    weight = tmp_path / "adapters" / "my-adapter.bin"
+    weight.parent.mkdir()
+    state = factories.published(pipe.unet, family, factories.SD15_CROSS)
+    state["image_proj"] = factories.image_proj_state(family, factories.SD15_CROSS, **widths)
+    torch.save(state, weight)
+    _ask_encoder(monkeypatch)
+    with pytest.raises(_EncoderAsked) as asked:
+        ipadapter.load(pipe, weight)
+    assert asked.value.args == expected
+
+
+def test_adapters_needing_different_encoders_are_not_guessed(tmp_path, monkeypatch) -> None:
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    files = []
+    for family, widths in (("base", {"embed_dim": 1024}), ("plus", {"patch_dim": 1664})):
+        state = factories.published(pipe.unet, family, factories.SD15_CROSS)
+        state["image_proj"] = factories.image_proj_state(family, factories.SD15_CROSS, **widths)
+        torch.save(state, tmp_path / f"{family}.bin")
+        files.append(tmp_path / f"{family}.bin")
+    _ask_encoder(monkeypatch)
+    with pytest.raises(IPAdapterError) as caught:
+        ipadapter.load(pipe, files)
+    assert str(caught.value) == ("cannot tell which image encoder the adapters need (1024-wide global and 1664-wide "
+                                 "patch features, which no published encoder alone gives); give image_encoder=")
+    with pytest.raises(_EncoderAsked) as asked:  # one named: no guess
+        ipadapter.load(pipe, files, image_encoder="me/encoder/sub")
+    assert asked.value.args == ("me/encoder", "sub")
 
 
 def test_a_local_encoder_beside_the_base_or_the_adapter_comes_first(tmp_path) -> None:

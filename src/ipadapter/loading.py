@@ -20,7 +20,8 @@ from ipadapter.pipelines import add_controlnet, check_lora_file, fuse_base_lora,
 from ipadapter.prompter import ImagePrompter
 from ipadapter.siglip import encoder_class
 from ipadapter.sources import (
-    AdapterSource, default_image_encoder, from_cache_or_hub, miniature_adapter, miniature_base, split_hub_path,
+    AdapterSource, default_image_encoder, encoder_by_width, from_cache_or_hub, miniature_adapter, miniature_base,
+    split_hub_path,
 )
 from ipadapter.validation import check_device, model_source, vae_downscale
 
@@ -61,12 +62,16 @@ def _encoder_for(
         return image_encoder
     if not any(a.variant.clip for a in adapters.values()):
         return None
+    needs = {(a.variant.clip, a.clip_width) for a in adapters.values() if a.variant.clip}
     if image_encoder is not None:
         found = split_hub_path(str(image_encoder))
     else:
-        found = default_image_encoder(getattr(pipe, "name_or_path", None), sources[0])
+        found = (default_image_encoder(getattr(pipe, "name_or_path", None), sources[0])
+                 or encoder_by_width(needs))
     if found is None:
-        raise IPAdapterError("cannot tell which image encoder this adapter needs; give image_encoder=")
+        widths = " and ".join(sorted(f"{width}-wide {features}" for features, width in needs))
+        raise IPAdapterError(f"cannot tell which image encoder the adapters need ({widths} features, which no "
+                             "published encoder alone gives); give image_encoder=")
     denoiser = denoiser_of(pipe)
     cls = encoder_class(found[0], found[1])
     return cls.from_pretrained(found[0], subfolder=found[1], device=denoiser.device, dtype=denoiser.dtype)

@@ -64,8 +64,7 @@ class ImagePrompter:
             if variant.face_id:  # the crop's patches may come precomputed
                 return
             raise IPAdapterError(f"adapter {name!r} ({variant.name}) needs a CLIP image encoder")
-        width = adapter.config.projection.clip_dim if variant.face_id else adapter.config.projection.in_dim
-        self.encoder.check_fits(width, variant.clip, f"adapter {name!r}")
+        self.encoder.check_fits(adapter.clip_width, variant.clip, f"adapter {name!r}")
 
     def adapter_name(self, name: str | None) -> str:
         """`name` checked against the attached adapters; None names the only one."""

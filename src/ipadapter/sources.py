@@ -3,7 +3,8 @@
 The published image encoders live next to the adapters (h94/IP-Adapter): `models/image_encoder` is OpenCLIP
 ViT-H/14 (SD 1.5 adapters, FaceID-Plus, and the SDXL "_vit-h" adapters), `sdxl_models/image_encoder` is ViT-bigG/14.
 The newer families name theirs in their model cards: XLabs' FLUX adapters OpenAI's CLIP ViT-L/14, InstantX's SD 3.5
-adapter SigLIP so400m, Kolors' adapter the ViT-L/14-336 in its own repository.
+adapter SigLIP so400m, Kolors' adapter the ViT-L/14-336 in its own repository. Any other adapter gets the encoder
+its features' width names.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ PUBLISHED_ENCODERS: dict[str, tuple[str, str | None]] = {
     "XLabs-AI/flux-ip-adapter-v2": ("openai/clip-vit-large-patch14", None),
     "InstantX/SD3.5-Large-IP-Adapter": ("google/siglip-so400m-patch14-384", None),
     "Kwai-Kolors/Kolors-IP-Adapter-Plus": ("Kwai-Kolors/Kolors-IP-Adapter-Plus", "image_encoder"),
+}
+
+# An adapter of unknown origin (a renamed file, a community adapter) reads the encoder whose features have the width
+# its head takes, where one published encoder gives that width: ViT-H/14 gives 1024-wide global embeddings and
+# 1280-wide patches, ViT-bigG/14 1280 and 1664, OpenAI's ViT-L/14 768-wide embeddings, SigLIP so400m 1152-wide patches.
+# (1024-wide patches are ViT-L/14's at 224 px and at 336 px alike, so they name no encoder.)
+ENCODERS_BY_WIDTH: dict[tuple[str, int], tuple[str, str | None]] = {
+    ("global", 1024): VIT_H,
+    ("patch", 1280): VIT_H,
+    ("global", 1280): VIT_BIGG,
+    ("patch", 1664): VIT_BIGG,
+    ("global", 768): ("openai/clip-vit-large-patch14", None),
+    ("patch", 1152): ("google/siglip-so400m-patch14-384", None),
 }
 
 
@@ -148,3 +162,10 @@ def default_image_encoder(base: str | None, adapter: AdapterSource) -> tuple[str
         sdxl = (adapter.subfolder or "").startswith("sdxl") or "sdxl" in name
         return VIT_BIGG if sdxl and "vit-h" not in name and "faceid" not in name else VIT_H
     return None
+
+
+def encoder_by_width(needs: set[tuple[str, int]]) -> tuple[str, str | None] | None:
+    """The one published encoder giving every (features, width) in `needs`; None when a width names none, or the
+    adapters need different encoders."""
+    found = {ENCODERS_BY_WIDTH.get(need) for need in needs}
+    return found.pop() if len(found) == 1 else None
