@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The GPU items no CPU can answer, as one command for a session that is lent a GPU (docs/testing.md "GPU checks"):
+#   cuda-tests       the suite's CUDA cases (tests/test_offload.py: images under model CPU offload equal those kept on
+#                    the GPU, SD 1.5, FLUX and SD 3; tiny models, seconds)
 #   issue 19 item 7  training steps/s and peak memory under fp32, fp16 and bf16 mixed precision at SD 1.5's size,
 #                    and SDXL 1024 px with the 24 GB settings           (benchmarks/train_gpu.py)
 #   issue 20 item 4  SD 1.5 512 px and SDXL 1024 px, 30 steps, fp16: plain / ipadapter / diffusers, time and peak
@@ -13,15 +15,15 @@
 # At the end: $OUT/summary.md (each step's exit code and time, then every result table), the result tables, and the
 # logs joined into $OUT/logs.txt (the device tool returns at most 8 files). Exit 0 only when every step passed.
 #
-# The device has torch, transformers, accelerate, peft, safetensors, ... but not diffusers nor braceexpand: they travel
-# as wheels (pure Python). Prepare them here once, in the repository's root (.whl/ is ignored by git):
+# The device has torch, transformers, accelerate, peft, safetensors, ... but not diffusers, braceexpand nor pytest: they
+# travel as wheels (pure Python). Prepare them here once, in the repository's root (.whl/ is ignored by git):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl diffusers==0.42.1 braceexpand==0.1.7
-# (diffusers' version is constraints.txt's; its other needs are on the device image.) The tree that travels must stay
+#     -d .whl diffusers==0.42.1 braceexpand==0.1.7 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0
+# (the versions are constraints.txt's and the test venv's; their other needs are on the device image.) The tree that travels must stay
 # under 64 MiB and the tracked training state in resume/ (86 MiB) is not needed there: take it out of the index only
-# (its files stay on disk, for the jobs that use them), ~37 MiB and the wheels' 6 MiB are left:
+# (its files stay on disk, for the jobs that use them), ~37 MiB and the wheels' 8 MiB are left:
 #   git rm -r -q --cached resume && echo /resume/ >> .git/info/exclude
 # Then one device-tool call, carry [".whl"], timeout_s 600:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -40,7 +42,7 @@
 # per-step wait for the GPU (commit f7b48ca) and before the compiled inputs kept their addresses; to measure after
 # (issue 20 item 4), two calls back to back while the machine is warm:
 #   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="inference-memory inference-timing" bash ...
-#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="per-call flux-syncs compiled-graphs" bash ...
+#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="cuda-tests per-call flux-syncs compiled-graphs" bash ...
 # (per-call, µs per attention call on the GPU, about 30 s; flux-syncs, the FLUX path's waits for the GPU after
 # commit 44d37cf, tiny models, seconds; compiled-graphs is `compiled` under CUDA graphs,
 # `--mode reduce-overhead`, where the adapter's few kernels per layer cost no launches; `compiled`, the default
@@ -55,7 +57,7 @@ cd "$root"
 out="$(mkdir -p "${OUT:-out/gpu}" && cd "${OUT:-out/gpu}" && pwd)"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-all_steps="env train inference-timing inference-memory per-call flux-syncs compiled compiled-graphs compiled-sdxl"
+all_steps="env cuda-tests train inference-timing inference-memory per-call flux-syncs compiled compiled-graphs compiled-sdxl"
 steps="${GPU_CHECKS_STEPS:-$all_steps}"
 # Temporary files in RAM when it has room: the SDXL training rows write ~7 GB of checkpoint and adapter files at their
 # end, and the inference benchmark writes each adapter to a file that diffusers and ipadapter then read.
@@ -130,6 +132,7 @@ print("diffusers", diffusers.__version__, "| transformers", transformers.__versi
 
 step env 60 bash -c 'if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "no nvidia-smi here"; fi
                      "$0" -c "$1"' "$python" "$versions"
+step cuda-tests 120 "$python" -m pytest -p no:randomly -p no:cacheprovider -rs tests/test_offload.py
 step train 180 "$python" benchmarks/train_gpu.py "${train[@]}" --out "$results/train-$tag.md"
 step inference-memory 200 "$python" benchmarks/inference.py "${inference[@]}" "${memory[@]}" \
   --out "$results/inference-$tag-memory.md"

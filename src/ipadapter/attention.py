@@ -353,8 +353,8 @@ class IPAttnProcessor(nn.Module):
         # An uncond layer takes each reference at its plain weight (presets weight it there by the layer list).
         chosen = [p.prompt.references[i] for i in refs]
         factors = tuple(ref.weight if p.uncond_layer else ref.weight_at(self.layer.name) for ref in chosen)
-        dtype = self._weights[p.name].to_k_ip.weight.dtype
-        halves = tuple(tuple(t.to(dtype) for t in self.runtime.batch_halves(
+        weight = self._weights[p.name].to_k_ip.weight  # tokens come from the head, which model offload leaves behind
+        halves = tuple(tuple(t.to(weight.device, weight.dtype) for t in self.runtime.batch_halves(
             ref.cond, ref.cond if p.uncond_layer else ref.uncond, batch)) for ref in chosen)
         return Laid(halves, tuple(ref.cond.shape[1] for ref in chosen), factors, any(f != 1.0 for f in factors))
 
