@@ -338,23 +338,24 @@ class IPAttnProcessor(nn.Module):
                   for g in groups]
         terms = []
         for refs, together, maps in parts:
-            laid = self._laid(p, refs, batch)
+            laid = self._laid(p, refs, batch, device)
             if lazy:
                 terms.append(Term(None, None, maps, together, laid))
             else:
                 terms.append(Term(*self._kv(p, refs, laid, batch, heads, dtype, device), maps, together))
         return tuple(terms)
 
-    def _laid(self, p: AdapterPlan, refs: tuple[int, ...], batch: int) -> Laid:
+    def _laid(self, p: AdapterPlan, refs: tuple[int, ...], batch: int, device: torch.device) -> Laid:
         """A reference group's tokens on the batch (their rows, not yet concatenated: a term kept for the generation
         without K'/V' holds no copy of the tokens). Projecting the laid-out batch rather than its distinct rows is
         diffusers' work at one step for the common batch of two (CFG, one image), and leaves nothing to lay out after
-        the projection."""
+        the projection. The tokens move to the UNet call's `device`: model offload leaves the projection head on the
+        CPU while it moves the UNet, and sequential offload moves each weight only while its module runs."""
         # An uncond layer takes each reference at its plain weight (presets weight it there by the layer list).
         chosen = [p.prompt.references[i] for i in refs]
         factors = tuple(ref.weight if p.uncond_layer else ref.weight_at(self.layer.name) for ref in chosen)
-        weight = self._weights[p.name].to_k_ip.weight  # tokens come from the head, which model offload leaves behind
-        halves = tuple(tuple(t.to(weight.device, weight.dtype) for t in self.runtime.batch_halves(
+        dtype = self._weights[p.name].to_k_ip.weight.dtype
+        halves = tuple(tuple(t.to(device, dtype) for t in self.runtime.batch_halves(
             ref.cond, ref.cond if p.uncond_layer else ref.uncond, batch)) for ref in chosen)
         return Laid(halves, tuple(ref.cond.shape[1] for ref in chosen), factors, any(f != 1.0 for f in factors))
 

@@ -89,7 +89,8 @@ def load(
     inside it (one value, or one per adapter). `adapter_name` names them (default "0", "1", ...). `image_encoder`: a
     CLIP vision folder or Hub id ("owner/repo/subfolder" allowed), or left out to use the one beside the adapter or in
     the pipeline's folder. `cache_kv=True` keeps K'/V' for the generation: faster per step, a few MiB more
-    (`ImagePrompter`). Detach with `prompter.detach()` or use the result as a context manager.
+    (`ImagePrompter`). Detach with `prompter.detach()` or use the result as a context manager. Model offload
+    (`pipe.enable_model_cpu_offload()`) may be turned on before or after; sequential offload only after.
     """
     paths = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
     if not paths:
@@ -101,6 +102,9 @@ def load(
         paths, _per_adapter(subfolder, len(paths), "subfolder"), _per_adapter(weight_name, len(paths), "weight_name"))]
     keys = names or [str(i) for i in range(len(sources))]
     denoiser = denoiser_of(pipe)
+    if hasattr(denoiser, "_hf_hook") and next(denoiser.parameters()).is_meta:  # accelerate's hook, weights away
+        raise IPAdapterError("the pipeline's weights are offloaded module by module (enable_sequential_cpu_offload): "
+                             "load the adapters first, then turn offloading on")
     loader = load_dit_adapter if is_dit(denoiser) else load_adapter
     adapters = {str(k): loader(s.source, denoiser, subfolder=s.subfolder, weight_name=s.weight_name)
                 for k, s in zip(keys, sources)}

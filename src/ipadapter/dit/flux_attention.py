@@ -69,8 +69,9 @@ class FluxIPProcessor(BlockProcessor):
         for i, factor in zip(group.refs, self.factors(p, group)):
             ref = p.prompt.references[i]
             tokens = ref.cond if not negative else (ref.uncond if ref.uncond is not None else torch.zeros_like(ref.cond))
-            weight = weights.to_k_ip.weight  # tokens come from the head, which model offload leaves behind
-            tokens = self.runtime.batch_tokens(tokens, None, query.shape[0]).to(weight.device, weight.dtype)
+            # on the call's device: offload leaves the projection head on the CPU (attention.py `_laid`)
+            tokens = self.runtime.batch_tokens(tokens, None, query.shape[0]).to(query.device,
+                                                                               weights.to_k_ip.weight.dtype)
             ks.append(weights.to_k_ip(tokens))
             v = weights.to_v_ip(tokens)
             vs.append(v * factor if factor != 1.0 else v)

@@ -37,12 +37,12 @@ class JointIPProcessor(BlockProcessor):
         for p, w in active:
             weights = p.weights
             q, k = weights.norm_q(query), weights.norm_k(key)
-            weight = weights.to_k_ip.weight  # tokens come from the head, which model offload leaves behind
-            tokens, temb = self.step.tokens[p.name], self.step.temb[p.name].to(weight.device)
+            # on the call's device: offload leaves the projection head on the CPU (attention.py `_laid`)
+            tokens, temb = self.step.tokens[p.name], self.step.temb[p.name].to(query.device)
             for group in p.groups:
                 ip_k, ip_v = [], []
                 for i, factor in zip(group.refs, self.factors(p, group)):
-                    normed = weights.norm_ip(tokens[i].to(weight.device, weight.dtype), temb)
+                    normed = weights.norm_ip(tokens[i].to(query.device, weights.to_k_ip.weight.dtype), temb)
                     ip_k.append(weights.to_k_ip(normed))
                     v = weights.to_v_ip(normed)
                     ip_v.append(v * factor if factor != 1.0 else v)
