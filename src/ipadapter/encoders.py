@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ipadapter import clip_file
 from ipadapter.embed_cache import EmbeddingCache, image_key
 from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub
@@ -64,6 +65,13 @@ def _processor(source: str | os.PathLike, subfolder: str | None, image_size: int
             raise IPAdapterError(f"could not read the CLIP vision config of {_where(source, subfolder)}: "
                                  "the folder has no config.json")
         image_size = CLIPVisionConfig.from_pretrained(str(source), local_files_only=local, **kwargs).image_size
+    return _clip_processor(image_size)
+
+
+def _clip_processor(image_size: int) -> object:
+    """CLIP's own preprocessing at the encoder's size: shortest side → size (bicubic), centre crop, CLIP mean/std."""
+    from transformers import CLIPImageProcessor
+
     return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
@@ -113,10 +121,13 @@ class ImageEncoder:
         cls, source: str | os.PathLike, *, subfolder: str | None = None, device: str | torch.device = "cpu",
         dtype: torch.dtype | str = torch.float32,
     ) -> "ImageEncoder":
-        """CLIP vision weights and their processor (`from_cache_or_hub`); `dtype="auto"` keeps the checkpoint's own
-        dtype."""
+        """CLIP vision weights and their processor (`from_cache_or_hub`), or one `.safetensors` file as ComfyUI keeps
+        it (clip_file.py); `dtype="auto"` keeps the checkpoint's own dtype."""
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+        if Path(source).is_file() and not subfolder:
+            model = clip_file.load_model(source, dtype)
+            return cls(model.to(device), _clip_processor(model.config.image_size), name=str(source))
         kwargs = {"subfolder": subfolder} if subfolder else {}
 
         def read(local: bool) -> tuple[Any, dict, object]:
@@ -149,6 +160,8 @@ class ImageEncoder:
         """The `CLIPImageProcessor` saved with the encoder, else CLIP's preprocessing (shortest side → size, centre
         crop, CLIP mean/std) sized to the encoder. Reads configs only, so a run training from a feature cache can check
         the cache's fingerprint without loading the weights."""
+        if Path(source).is_file() and not subfolder:
+            return _clip_processor(image_size or clip_file.vision_config(source).image_size)
         try:
             return from_cache_or_hub(lambda local: _processor(source, subfolder, image_size, local), str(source),
                                      "the image encoder", subfolder=subfolder)

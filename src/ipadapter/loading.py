@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ipadapter import clip_file
 from ipadapter.adapter import IPAdapter
 from ipadapter.checkpoint import load_adapter
 from ipadapter.dit.blocks import denoiser_of, is_dit
@@ -66,8 +67,10 @@ def _encoder_for(
     if image_encoder is not None:
         found = split_hub_path(str(image_encoder))
     else:
-        found = (default_image_encoder(getattr(pipe, "name_or_path", None), sources[0])
-                 or encoder_by_width(needs))
+        found = default_image_encoder(getattr(pipe, "name_or_path", None), sources[0])
+        if found is None:
+            comfy = clip_file.comfy_encoder(_file_of(sources[0]), needs)
+            found = (comfy, None) if comfy else encoder_by_width(needs)
     if found is None:
         widths = " and ".join(sorted(f"{width}-wide {features}" for features, width in needs))
         raise IPAdapterError(f"cannot tell which image encoder the adapters need ({widths} features, which no "
@@ -75,6 +78,10 @@ def _encoder_for(
     denoiser = denoiser_of(pipe)
     cls = encoder_class(found[0], found[1])
     return cls.from_pretrained(found[0], subfolder=found[1], device=denoiser.device, dtype=denoiser.dtype)
+
+
+def _file_of(source: AdapterSource) -> Path:
+    return Path(source.source, source.subfolder or "", source.weight_name or "")
 
 
 def load(

@@ -1,0 +1,122 @@
+"""Image encoders kept as one `.safetensors` file, and ComfyUI's folders (`models/ipadapter`, `models/clip_vision`).
+
+The oracle is transformers itself: the same weights saved by `save_pretrained` with the published tower's config
+(h94/IP-Adapter's `image_encoder/config.json`: 16 heads, GELU), read from that folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import ipadapter
+from ipadapter import IPAdapterError
+from ipadapter.cli.main import main
+from ipadapter.encoders import ImageEncoder
+from tests import factories
+
+# Published towers at toy depth and size: ViT-H/14's width (1280, projection 1024) and ViT-bigG/14's (1664, 1280),
+# 28 px images of 14 px patches (5 tokens); the MLP width is read from the shapes, so a small one serves.
+TOWERS = {"vit-h": dict(hidden_size=1280, projection_dim=1024, num_hidden_layers=2),
+          "vit-bigg": dict(hidden_size=1664, projection_dim=1280, num_hidden_layers=1)}
+
+
+def _tower(folder: Path, name: str, **changes) -> Path:
+    """A CLIP vision tower saved by transformers into `folder` (the oracle); returns its one weights file."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(len(name))
+    config = CLIPVisionConfig(**{**TOWERS[name], **changes}, num_attention_heads=16, hidden_act="gelu",
+                              intermediate_size=64, image_size=28, patch_size=14)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    # CLIP's preprocessing, saved beside the weights as it is published (transformers' CLIP mean/std defaults)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder / "model.safetensors"
+
+
+def _image() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_one_file_gives_the_features_of_its_folder(tmp_path, name: str) -> None:
+    weights = _tower(tmp_path / "folder", name)
+    single = tmp_path / "clip_vision" / f"CLIP-{name}.safetensors"
+    single.parent.mkdir()
+    state = load_file(weights)
+    state["vision_model.embeddings.position_ids"] = torch.arange(5)[None]  # older saves kept this buffer
+    save_file(state, single)
+    folder, file = ImageEncoder.from_pretrained(tmp_path / "folder"), ImageEncoder.from_pretrained(single)
+    assert file.name == str(single)
+    for features in ("global", "patch"):  # equal but for summation order (the weights' memory differs)
+        torch.testing.assert_close(file.encode([_image()], features), folder.encode([_image()], features),
+                                   rtol=0, atol=1e-5)
+    assert ImageEncoder.load_processor(single).crop_size == {"height": 28, "width": 28}
+
+
+def test_a_file_it_cannot_read_is_one_sentence(tmp_path) -> None:
+    weights = _tower(tmp_path / "l14", "vit-h", hidden_size=1024, projection_dim=768)  # OpenAI ViT-L/14's widths
+    with pytest.raises(IPAdapterError) as caught:
+        ImageEncoder.from_pretrained(weights)
+    assert str(caught.value) == (f"{weights} is a 1024-wide CLIP vision tower; one file is read only for ViT-H (1280) "
+                                 "and ViT-bigG (1664): give the encoder's folder with its config.json")
+    (tmp_path / "a.bin").write_bytes(b"not a safetensors file")
+    with pytest.raises(IPAdapterError, match=r"a\.bin is not a \.safetensors file \(.*\); give the image encoder's"):
+        ImageEncoder.from_pretrained(tmp_path / "a.bin")
+    save_file({"image_proj.proj.weight": torch.zeros(2, 2)}, tmp_path / "adapter.safetensors")
+    with pytest.raises(IPAdapterError, match="is not a CLIP vision encoder in transformers' layout"):
+        ImageEncoder.from_pretrained(tmp_path / "adapter.safetensors")
+    state = load_file(_tower(tmp_path / "whole", "vit-h"))
+    del state["vision_model.post_layernorm.weight"]
+    save_file(state, tmp_path / "cut.safetensors")
+    with pytest.raises(IPAdapterError, match=r"cut\.safetensors is not a whole CLIP vision encoder: 1 of its weights"):
+        ImageEncoder.from_pretrained(tmp_path / "cut.safetensors")
+
+
+def _comfy(root: Path) -> tuple[Path, Path, Path]:
+    """ComfyUI's models folder: a Plus adapter on ViT-H patches in ipadapter/, both published towers in clip_vision/
+    under the names ComfyUI's IPAdapter nodes ask for; returns (pipeline folder, adapter, ViT-H file)."""
+    pipe = factories.tiny_sd15_pipeline(root)
+    pipe.save_pretrained(root / "pipe")  # no image_encoder/ of its own
+    models = root / "ComfyUI" / "models"
+    (models / "ipadapter").mkdir(parents=True)
+    (models / "clip_vision").mkdir()
+    state = factories.published(pipe.unet, "plus", factories.SD15_CROSS)
+    state["image_proj"] = factories.image_proj_state("plus", factories.SD15_CROSS, patch_dim=1280)
+    adapter = models / "ipadapter" / "ip-adapter-plus_sd15.safetensors"
+    save_file({f"{g}.{k}": v.contiguous() for g, t in state.items() for k, v in t.items()}, adapter)
+    vit_h = models / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+    shutil.copy(_tower(root / "vit-h", "vit-h"), vit_h)
+    shutil.copy(_tower(root / "vit-bigg", "vit-bigg"), models / "clip_vision" / "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors")
+    return root / "pipe", adapter, vit_h
+
+
+def test_comfyui_folders_give_the_encoder_the_adapter_reads(tmp_path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe_dir, adapter, vit_h = _comfy(tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipe_dir))
+    pipe.set_progress_bar_config(disable=True)
+    settings = dict(scale=0.7, seed=0, steps=2, height=32, width=32, output_type="np")
+    with ipadapter.load(pipe, str(adapter)) as prompter:
+        assert prompter.encoder.name == str(vit_h)
+        got = prompter.generate(_image(), **settings)
+    oracle = ImageEncoder.from_pretrained(tmp_path / "vit-h")  # the folder transformers saved: its config, its weights
+    with ipadapter.load(pipe, str(adapter), image_encoder=oracle) as prompter:
+        want = prompter.generate(_image(), **settings)
+    np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=0, atol=1e-4)
+
+
+def test_comfyui_folders_on_the_command_line(tmp_path) -> None:
+    pipe_dir, adapter, _ = _comfy(tmp_path)
+    _image().save(tmp_path / "ref.png")
+    out = tmp_path / "out.png"
+    code = main(["generate", "--base", str(pipe_dir), "--adapter", str(adapter), "--image", str(tmp_path / "ref.png"),
+                 "--steps", "2", "--width", "32", "--height", "32", "--out", str(out)])
+    assert code == 0 and Image.open(out).size == (32, 32)
