@@ -43,8 +43,11 @@ def test_readme_python_example_runs_as_written(tmp_path) -> None:
     pipe.save_pretrained(_cache_repo(cache, "stable-diffusion-v1-5/stable-diffusion-v1-5"))
     models = _cache_repo(cache, "h94/IP-Adapter") / "models"
     models.mkdir()
-    torch.save(factories.published(pipe.unet, "base", factories.SD15_CROSS), models / "ip-adapter_sd15.bin")
-    encoder, processor = factories.tiny_image_encoder()
+    # ViT-H's 1024-wide embedding, as the published file reads (the width names the encoder, models/image_encoder)
+    state = factories.published(pipe.unet, "base", factories.SD15_CROSS)
+    state["image_proj"] = factories.image_proj_state("base", factories.SD15_CROSS, embed_dim=1024)
+    torch.save(state, models / "ip-adapter_sd15.bin")
+    encoder, processor = factories.tiny_image_encoder(projection_dim=1024)
     encoder.save_pretrained(models / "image_encoder")
     processor.save_pretrained(models / "image_encoder")
     work = tmp_path / "work"
@@ -136,23 +139,14 @@ def test_load_errors_name_parameters(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("source, subfolder, weight_name, expected", [
-    # h94's table: the SD 1.5 and "_vit-h" SDXL adapters and FaceID-Plus take ViT-H, the other SDXL ones ViT-bigG
-    ("h94/IP-Adapter", "models", "ip-adapter_sd15.bin", ("h94/IP-Adapter", "models/image_encoder")),
-    ("h94/IP-Adapter", "models", "ip-adapter-plus-face_sd15.safetensors", ("h94/IP-Adapter", "models/image_encoder")),
-    ("h94/IP-Adapter", "sdxl_models", "ip-adapter_sdxl.safetensors", ("h94/IP-Adapter", "sdxl_models/image_encoder")),
-    ("h94/IP-Adapter", "sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors",
-     ("h94/IP-Adapter", "models/image_encoder")),
-    ("h94/IP-Adapter-FaceID", None, "ip-adapter-faceid-plusv2_sdxl.bin", ("h94/IP-Adapter", "models/image_encoder")),
-    # the SDXL folder named in the file's path, or by the subfolder alone
-    ("h94/IP-Adapter", None, "sdxl_models/ip-adapter_sdxl.safetensors",
-     ("h94/IP-Adapter", "sdxl_models/image_encoder")),
-    ("h94/IP-Adapter", "sdxl_models", None, ("h94/IP-Adapter", "sdxl_models/image_encoder")),
     # the newer families, as their model cards name them
     ("XLabs-AI/flux-ip-adapter", None, "ip_adapter.safetensors", ("openai/clip-vit-large-patch14", None)),
     ("XLabs-AI/flux-ip-adapter-v2", None, "ip_adapter.safetensors", ("openai/clip-vit-large-patch14", None)),
     ("InstantX/SD3.5-Large-IP-Adapter", None, "ip-adapter.bin", ("google/siglip-so400m-patch14-384", None)),
     ("Kwai-Kolors/Kolors-IP-Adapter-Plus", None, "ip_adapter_plus_general.bin",
      ("Kwai-Kolors/Kolors-IP-Adapter-Plus", "image_encoder")),
+    # h94's are told by the width they read (test_each_h94_adapter_gets_the_encoder_it_was_trained_with)
+    ("h94/IP-Adapter", "models", "ip-adapter_sd15.bin", None),
     ("someone/own-adapter", None, "adapter.bin", None),
 ])
 def test_the_default_encoder_of_each_published_adapter(source, subfolder, weight_name, expected) -> None:
@@ -220,6 +214,35 @@ def test_adapters_needing_different_encoders_are_not_guessed(tmp_path, monkeypat
     with pytest.raises(_EncoderAsked) as asked:  # one named: no guess
         ipadapter.load(pipe, files, image_encoder="me/encoder/sub")
     assert asked.value.args == ("me/encoder", "sub")
+
+
+@pytest.mark.parametrize("subfolder, weight_name, family, widths, expected", [
+    # h94's files and the widths their heads read (docs/checkpoints.md): the SD 1.5 adapters, the SDXL "_vit-h" ones
+    # and FaceID-Plus on ViT-H, the other SDXL adapters and ip-adapter_sd15_vit-G on bigG
+    ("models", "ip-adapter_sd15.safetensors", "base", {"embed_dim": 1024}, VIT_H),
+    ("models", "ip-adapter_sd15_vit-G.safetensors", "base", {"embed_dim": 1280}, VIT_BIGG),
+    ("models", "ip-adapter-plus-face_sd15.safetensors", "plus", {"patch_dim": 1280}, VIT_H),
+    ("sdxl_models", "ip-adapter_sdxl.safetensors", "base", {"embed_dim": 1280}, VIT_BIGG),
+    ("sdxl_models", "ip-adapter_sdxl_vit-h.safetensors", "base", {"embed_dim": 1024}, VIT_H),
+    ("sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors", "plus", {"patch_dim": 1280}, VIT_H),
+    (None, "ip-adapter-faceid-plusv2_sd15.bin", "faceid-plusv2", {"patch_dim": 1280}, VIT_H),
+])
+def test_each_h94_adapter_gets_the_encoder_it_was_trained_with(tmp_path, monkeypatch, subfolder, weight_name, family,
+                                                               widths, expected) -> None:
+    """As downloaded from the Hub (its cache, no network), the encoder asked for is the one h94 published for it."""
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    folder = tmp_path / "repo" / (subfolder or "")
+    folder.mkdir(parents=True)
+    state = factories.published(pipe.unet, family, factories.SD15_CROSS, lora_rank=4 if "faceid" in family else 0)
+    state["image_proj"] = factories.image_proj_state(family, factories.SD15_CROSS, **widths)
+    torch.save(state, folder / weight_name)
+    repo = "h94/IP-Adapter-FaceID" if "faceid" in family else "h94/IP-Adapter"
+    factories.write_hub_cache(tmp_path / "hub", repo, tmp_path / "repo")
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    _ask_encoder(monkeypatch)
+    with pytest.raises(_EncoderAsked) as asked:
+        ipadapter.load(pipe, repo, subfolder=subfolder, weight_name=weight_name)
+    assert asked.value.args == expected and not [url for url in sent if "h94" in url], "read from the cache alone"
 
 
 def test_a_local_encoder_beside_the_base_or_the_adapter_comes_first(tmp_path) -> None:

@@ -1,10 +1,10 @@
 """Where models come from: the bundled miniature model by default, local folders, or Hugging Face Hub ids.
 
 The published image encoders live next to the adapters (h94/IP-Adapter): `models/image_encoder` is OpenCLIP
-ViT-H/14 (SD 1.5 adapters, FaceID-Plus, and the SDXL "_vit-h" adapters), `sdxl_models/image_encoder` is ViT-bigG/14.
-The newer families name theirs in their model cards: XLabs' FLUX adapters OpenAI's CLIP ViT-L/14, InstantX's SD 3.5
-adapter SigLIP so400m, Kolors' adapter the ViT-L/14-336 in its own repository. Any other adapter gets the encoder
-its features' width names.
+ViT-H/14 (most SD 1.5 adapters, FaceID-Plus, and the SDXL "_vit-h" adapters), `sdxl_models/image_encoder` is
+ViT-bigG/14 (the other SDXL adapters and `ip-adapter_sd15_vit-G`); the width an adapter reads tells which. The newer
+families name theirs in their model cards: XLabs' FLUX adapters OpenAI's CLIP ViT-L/14, InstantX's SD 3.5 adapter
+SigLIP so400m, Kolors' adapter the ViT-L/14-336 in its own repository.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ PUBLISHED_ENCODERS: dict[str, tuple[str, str | None]] = {
     "Kwai-Kolors/Kolors-IP-Adapter-Plus": ("Kwai-Kolors/Kolors-IP-Adapter-Plus", "image_encoder"),
 }
 
-# An adapter of unknown origin (a renamed file, a community adapter) reads the encoder whose features have the width
-# its head takes, where one published encoder gives that width: ViT-H/14 gives 1024-wide global embeddings and
+# An adapter reads the encoder whose features have the width its head takes, where one published encoder gives that
+# width (h94's adapters, renamed files, community adapters): ViT-H/14 gives 1024-wide global embeddings and
 # 1280-wide patches, ViT-bigG/14 1280 and 1664, OpenAI's ViT-L/14 768-wide embeddings, SigLIP so400m 1152-wide patches.
 # (1024-wide patches are ViT-L/14's at 224 px and at 336 px alike, so they name no encoder.)
 ENCODERS_BY_WIDTH: dict[tuple[str, int], tuple[str, str | None]] = {
@@ -147,21 +147,16 @@ def from_cache_or_hub(load: Callable[[bool], T], source: str, what: str, *, subf
 
 
 def default_image_encoder(base: str | None, adapter: AdapterSource) -> tuple[str, str | None] | None:
-    """The encoder a user almost always means: the base folder's own, else the one published beside the adapter."""
+    """The encoder a user almost always means: the base folder's own, one beside the adapter, or the one a newer
+    family's model card names. h94's adapters are left to `encoder_by_width`: their widths tell ViT-H from bigG
+    exactly, where file names do not (`ip-adapter_sd15_vit-G` is an SD 1.5 adapter on bigG)."""
     if base and (Path(base) / "image_encoder" / "config.json").is_file():
         return str(Path(base)), "image_encoder"
     folder = Path(adapter.source) if Path(adapter.source).is_dir() else Path(adapter.source).parent
     for candidate in (folder / "image_encoder", folder.parent / "image_encoder"):
         if (candidate / "config.json").is_file():
             return str(candidate), None
-    published = PUBLISHED_ENCODERS.get(split_hub_path(adapter.source)[0])
-    if published:
-        return published
-    name = (adapter.weight_name or Path(adapter.source).name).lower()
-    if adapter.source.startswith("h94/"):
-        sdxl = (adapter.subfolder or "").startswith("sdxl") or "sdxl" in name
-        return VIT_BIGG if sdxl and "vit-h" not in name and "faceid" not in name else VIT_H
-    return None
+    return PUBLISHED_ENCODERS.get(split_hub_path(adapter.source)[0])
 
 
 def encoder_by_width(needs: set[tuple[str, int]]) -> tuple[str, str | None] | None:
