@@ -120,3 +120,24 @@ def test_comfyui_folders_on_the_command_line(tmp_path) -> None:
     code = main(["generate", "--base", str(pipe_dir), "--adapter", str(adapter), "--image", str(tmp_path / "ref.png"),
                  "--steps", "2", "--width", "32", "--height", "32", "--out", str(out)])
     assert code == 0 and Image.open(out).size == (32, 32)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_training_reads_an_encoder_kept_as_one_file(tmp_path) -> None:
+    from transformers import CLIPVisionModelWithProjection
+
+    from ipadapter.train.config import TrainConfig
+    from ipadapter.train.memory import estimate
+
+    base, data = factories.write_base(tmp_path / "base"), factories.write_images(tmp_path / "data", 2)
+    single = tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+    shutil.copy(_tower(tmp_path / "vit-h", "vit-h"), single)
+    found = estimate(TrainConfig(base=str(base), image_encoder=str(single), resolution=16), batch_sizes=(1,))
+    without = estimate(TrainConfig(base=str(base), variant="faceid", resolution=16), batch_sizes=(1,))
+    tower = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "vit-h")
+    assert found.frozen_params - without.frozen_params == sum(p.numel() for p in tower.parameters())
+    out = tmp_path / "out"
+    assert main(["train", "--base", str(base), "--image-encoder", str(single), "--data", str(data), "--resolution",
+                 "16", "--max-steps", "1", "--num-workers", "0", "--output", str(out)]) == 0
+    weights = load_file(out / "ip-adapter.safetensors")
+    assert weights["image_proj.proj.weight"].shape[1] == 1024, "the head reads the tower's 1024-wide embedding"

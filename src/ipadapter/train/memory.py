@@ -221,6 +221,10 @@ def _image_encoder(source: str) -> nn.Module:
     from ipadapter.errors import IPAdapterError, first_clause
     from ipadapter.sources import from_cache_or_hub, split_hub_path
 
+    if Path(source).is_file():  # one .safetensors file, as ComfyUI keeps encoders
+        from ipadapter.clip_file import vision_config
+
+        return CLIPVisionModelWithProjection(vision_config(source))
     repo, subfolder = split_hub_path(source)
 
     def read(local: bool) -> tuple[str | None, CLIPVisionConfig | None]:
