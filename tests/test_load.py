@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -243,6 +244,56 @@ def test_each_h94_adapter_gets_the_encoder_it_was_trained_with(tmp_path, monkeyp
     with pytest.raises(_EncoderAsked) as asked:
         ipadapter.load(pipe, repo, subfolder=subfolder, weight_name=weight_name)
     assert asked.value.args == expected and not [url for url in sent if "h94" in url], "read from the cache alone"
+
+
+def _encoder_config(folder: Path, hidden: int, projection: int) -> Path:
+    """An encoder folder's config.json alone: where the encoder is chosen, only its widths are read."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", "hidden_size": hidden,
+                                                    "projection_dim": projection}))
+    return folder
+
+
+@pytest.mark.parametrize("subfolder, weight_name, family, widths, encoder", [
+    # h94/IP-Adapter copied to disk: ViT-H in models/, bigG in sdxl_models/, whatever folder the adapter is in
+    ("sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors", "plus", {"patch_dim": 1280}, "models"),
+    ("sdxl_models", "ip-adapter_sdxl_vit-h.safetensors", "base", {"embed_dim": 1024}, "models"),
+    ("sdxl_models", "ip-adapter_sdxl.safetensors", "base", {"embed_dim": 1280}, "sdxl_models"),
+    ("models", "ip-adapter_sd15.safetensors", "base", {"embed_dim": 1024}, "models"),
+    ("models", "ip-adapter_sd15_vit-G.safetensors", "base", {"embed_dim": 1280}, "sdxl_models"),
+])
+def test_a_local_copy_of_h94_gives_each_adapter_the_encoder_it_reads(tmp_path, monkeypatch, subfolder, weight_name,
+                                                                    family, widths, encoder) -> None:
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    repo = tmp_path / "IP-Adapter"
+    _encoder_config(repo / "models" / "image_encoder", 1280, 1024)  # ViT-H/14 (docs/checkpoints.md)
+    _encoder_config(repo / "sdxl_models" / "image_encoder", 1664, 1280)  # ViT-bigG/14
+    state = factories.published(pipe.unet, family, factories.SD15_CROSS)
+    state["image_proj"] = factories.image_proj_state(family, factories.SD15_CROSS, **widths)
+    torch.save(state, repo / subfolder / weight_name)
+    _ask_encoder(monkeypatch)
+    for given in (dict(adapter=repo / subfolder / weight_name), dict(adapter=repo, subfolder=subfolder,
+                                                                       weight_name=weight_name)):
+        with pytest.raises(_EncoderAsked) as asked:
+            ipadapter.load(pipe, given.pop("adapter"), **given)
+        assert asked.value.args == (str(repo / encoder / "image_encoder"), None)
+
+
+def test_a_base_folders_own_encoder_is_passed_over_when_it_does_not_fit(tmp_path, monkeypatch) -> None:
+    """An SDXL pipeline folder keeping bigG, with a "_vit-h" adapter: ViT-H from h94, not a size mismatch."""
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    pipe.save_pretrained(tmp_path / "base")
+    _encoder_config(tmp_path / "base" / "image_encoder", 1664, 1280)
+    state = factories.published(pipe.unet, "plus", factories.SD15_CROSS)
+    state["image_proj"] = factories.image_proj_state("plus", factories.SD15_CROSS, patch_dim=1280)
+    torch.save(state, tmp_path / "plus_vit-h.bin")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "base"))
+    _ask_encoder(monkeypatch)
+    with pytest.raises(_EncoderAsked) as asked:
+        ipadapter.load(pipe, tmp_path / "plus_vit-h.bin")
+    assert asked.value.args == VIT_H
 
 
 def test_a_local_encoder_beside_the_base_or_the_adapter_comes_first(tmp_path) -> None:
