@@ -113,13 +113,21 @@ def test_comfyui_folders_give_the_encoder_the_adapter_reads(tmp_path) -> None:
     np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=0, atol=1e-4)
 
 
-def test_comfyui_folders_on_the_command_line(tmp_path) -> None:
-    pipe_dir, adapter, _ = _comfy(tmp_path)
+def test_comfyui_folders_on_the_command_line(tmp_path, capsys) -> None:
+    pipe_dir, adapter, vit_h = _comfy(tmp_path)
     _image().save(tmp_path / "ref.png")
     out = tmp_path / "out.png"
-    code = main(["generate", "--base", str(pipe_dir), "--adapter", str(adapter), "--image", str(tmp_path / "ref.png"),
-                 "--steps", "2", "--width", "32", "--height", "32", "--out", str(out)])
-    assert code == 0 and Image.open(out).size == (32, 32)
+    argv = ["generate", "--base", str(pipe_dir), "--adapter", str(adapter), "--image", str(tmp_path / "ref.png"),
+            "--steps", "2", "--width", "32", "--height", "32", "--out", str(out)]
+    assert main(argv) == 0 and Image.open(out).size == (32, 32)
+    capsys.readouterr()
+    out.unlink()
+    bigg = vit_h.parent / "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"
+    assert main([*argv, "--image-encoder", str(bigg)]) == 2 and not out.exists()
+    assert capsys.readouterr().err.strip() == (
+        f"ipadapter: error: adapter '0' expects 1280-d (ViT-H/14) patch image features but the image encoder {bigg} "
+        "gives 1664-d (ViT-bigG/14); the published encoder of that width is --image-encoder "
+        "h94/IP-Adapter/models/image_encoder")
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")

@@ -10,7 +10,6 @@ CLI prints it as is. Tiny random CLIP vision towers (hidden 32, 32 px, patch 8) 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -409,8 +408,8 @@ def test_identity_is_hashed_once_not_at_each_lookup(monkeypatch: pytest.MonkeyPa
     encoder.encode([_image(0)], "global")
 
 
-FIT_HINT = ("use the encoder the adapter was trained with (h94/IP-Adapter: models/image_encoder is ViT-H, "
-            "sdxl_models/image_encoder is bigG; '_vit-h' SDXL adapters need ViT-H)")
+# h94's encoders by the widths they give (docs/checkpoints.md): ViT-H 1024 global / 1280 patch, bigG 1280 / 1664
+VIT_H_HINT = "the published encoder of that width is image_encoder=h94/IP-Adapter/models/image_encoder"
 
 
 def test_check_fits_names_both_encoder_families() -> None:
@@ -423,13 +422,19 @@ def test_check_fits_names_both_encoder_families() -> None:
     with pytest.raises(IPAdapterError) as caught:
         encoder.check_fits(1024, "global")
     assert str(caught.value) == ("the adapter expects 1024-d (OpenCLIP ViT-H/14) global image features but the image "
-                                 f"encoder tiny gives 1280-d (OpenCLIP ViT-bigG/14); {FIT_HINT}")
+                                 f"encoder tiny gives 1280-d (OpenCLIP ViT-bigG/14); {VIT_H_HINT}")
     with pytest.raises(IPAdapterError) as caught:
         encoder.check_fits(1280, "patch", "adapter 'plus'")
     assert str(caught.value) == ("adapter 'plus' expects 1280-d (ViT-H/14) patch image features but the image "
-                                 f"encoder tiny gives 32-d; {FIT_HINT}")
-    with pytest.raises(IPAdapterError, match=re.escape("expects 1664-d (ViT-bigG/14) patch image features")):
+                                 f"encoder tiny gives 32-d; {VIT_H_HINT}")
+    with pytest.raises(IPAdapterError) as caught:
         encoder.check_fits(1664, "patch")
+    assert str(caught.value).startswith("the adapter expects 1664-d (ViT-bigG/14) patch image features")
+    assert str(caught.value).endswith("; the published encoder of that width is "
+                                      "image_encoder=h94/IP-Adapter/sdxl_models/image_encoder")
+    with pytest.raises(IPAdapterError) as caught:  # a width no published encoder gives
+        encoder.check_fits(48, "patch")
+    assert str(caught.value).endswith("gives 32-d; use the encoder the adapter was trained with")
 
 
 def _image(seed: int) -> Image.Image:

@@ -18,7 +18,7 @@ from PIL import Image
 from ipadapter import clip_file
 from ipadapter.embed_cache import EmbeddingCache, image_key
 from ipadapter.errors import IPAdapterError, first_clause
-from ipadapter.sources import from_cache_or_hub
+from ipadapter.sources import ENCODERS_BY_WIDTH, from_cache_or_hub
 
 _ENCODER_FAMILIES = {1024: "OpenCLIP ViT-H/14", 1280: "OpenCLIP ViT-bigG/14"}
 _NPY_MAGIC = b"\x93NUMPY"
@@ -204,12 +204,14 @@ class ImageEncoder:
         return self.global_dim if features == "global" else self.patch_dim
 
     def check_fits(self, in_dim: int, features: str, adapter_name: str = "the adapter") -> None:
+        """The mismatch users meet most: the message names the published encoder of that width, where one is."""
         if self.dim(features) != in_dim:
+            published = ENCODERS_BY_WIDTH.get((features, in_dim))
+            hint = (f"the published encoder of that width is image_encoder={'/'.join(filter(None, published))}"
+                    if published else "use the encoder the adapter was trained with")
             raise IPAdapterError(
                 f"{adapter_name} expects {_describe(in_dim, features)} {features} image features but the image "
-                f"encoder {self.name} gives {_describe(self.dim(features), features)}; use the encoder the adapter was "
-                "trained with (h94/IP-Adapter: models/image_encoder is ViT-H, sdxl_models/image_encoder is bigG; "
-                "'_vit-h' SDXL adapters need ViT-H)"
+                f"encoder {self.name} gives {_describe(self.dim(features), features)}; {hint}"
             )
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
