@@ -56,7 +56,9 @@ MODEL_HELP = {
                  "theirs); the bundled miniature adapters: miniature (default), miniature-plus, miniature-simple",
     "--weight-name": "adapter file name inside --adapter (per --adapter)",
     "--subfolder": "subfolder inside --adapter (per --adapter)",
-    "--image-encoder": "CLIP vision folder or Hub id, 'owner/repo/subfolder' allowed",
+    "--image-encoder": "CLIP vision folder or Hub id ('owner/repo/subfolder' allowed) or one .safetensors file "
+                       "(ComfyUI's clip_vision); default: the one beside the adapter, else the published one of the "
+                       "width the adapter reads",
     "--device": "cpu, cuda, mps (default: cuda when available)",
     "--dtype": "default: float16 on cuda, else float32",
     "--scheduler": "a diffusers scheduler class to use instead of the base model's own",
