@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import ipadapter
 from ipadapter import IPAdapterError
 from ipadapter.cli.main import main
+from ipadapter.clip_file import PATCH_EMBEDDING as PATCH
 from ipadapter.encoders import ImageEncoder
 from tests import factories
 
@@ -27,16 +28,16 @@ TOWERS = {"vit-h": dict(hidden_size=1280, projection_dim=1024, num_hidden_layers
           "vit-bigg": dict(hidden_size=1664, projection_dim=1280, num_hidden_layers=1)}
 
 
-def _tower(folder: Path, name: str, **changes) -> Path:
+def _tower(folder: Path, name: str, size: int = 28, **changes) -> Path:
     """A CLIP vision tower saved by transformers into `folder` (the oracle); returns its one weights file."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(len(name))
     config = CLIPVisionConfig(**{**TOWERS[name], **changes}, num_attention_heads=16, hidden_act="gelu",
-                              intermediate_size=64, image_size=28, patch_size=14)
+                              intermediate_size=64, image_size=size, patch_size=14)
     CLIPVisionModelWithProjection(config).save_pretrained(folder)
     # CLIP's preprocessing, saved beside the weights as it is published (transformers' CLIP mean/std defaults)
-    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
     return folder / "model.safetensors"
 
 
@@ -44,20 +45,21 @@ def _image() -> Image.Image:
     return Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("name", list(TOWERS))
-def test_one_file_gives_the_features_of_its_folder(tmp_path, name: str) -> None:
-    weights = _tower(tmp_path / "folder", name)
+@pytest.mark.parametrize("name, size", [("vit-h", 28), ("vit-bigg", 42)])  # 2 × 2 and 3 × 3 patches
+def test_one_file_gives_the_features_of_its_folder(tmp_path, name: str, size: int) -> None:
+    weights = _tower(tmp_path / "folder", name, size)
     single = tmp_path / "clip_vision" / f"CLIP-{name}.safetensors"
     single.parent.mkdir()
     state = load_file(weights)
-    state["vision_model.embeddings.position_ids"] = torch.arange(5)[None]  # older saves kept this buffer
+    state["vision_model.embeddings.position_ids"] = torch.arange((size // 14) ** 2 + 1)[None]  # older saves kept it
     save_file(state, single)
     folder, file = ImageEncoder.from_pretrained(tmp_path / "folder"), ImageEncoder.from_pretrained(single)
     assert file.name == str(single)
     for features in ("global", "patch"):  # equal but for summation order (the weights' memory differs)
         torch.testing.assert_close(file.encode([_image()], features), folder.encode([_image()], features),
                                    rtol=0, atol=1e-5)
-    assert ImageEncoder.load_processor(single).crop_size == {"height": 28, "width": 28}
+    assert ImageEncoder.load_processor(single).crop_size == {"height": size, "width": size}
+    assert ImageEncoder.from_pretrained(single, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_a_file_it_cannot_read_is_one_sentence(tmp_path) -> None:
@@ -67,12 +69,26 @@ def test_a_file_it_cannot_read_is_one_sentence(tmp_path) -> None:
     assert str(caught.value) == (f"{weights} is a 1024-wide CLIP vision tower; one file is read only for ViT-H (1280) "
                                  "and ViT-bigG (1664): give the encoder's folder with its config.json")
     (tmp_path / "a.bin").write_bytes(b"not a safetensors file")
-    with pytest.raises(IPAdapterError, match=r"a\.bin is not a \.safetensors file \(.*\); give the image encoder's"):
+    with pytest.raises(IPAdapterError) as caught:
         ImageEncoder.from_pretrained(tmp_path / "a.bin")
-    save_file({"image_proj.proj.weight": torch.zeros(2, 2)}, tmp_path / "adapter.safetensors")
-    with pytest.raises(IPAdapterError, match="is not a CLIP vision encoder in transformers' layout"):
-        ImageEncoder.from_pretrained(tmp_path / "adapter.safetensors")
+    assert str(caught.value).startswith(f"{tmp_path / 'a.bin'} is not a .safetensors file (")
+    assert str(caught.value).endswith("); give the image encoder's folder (with its config.json) or its .safetensors "
+                                      "file") and "\n" not in str(caught.value)
     state = load_file(_tower(tmp_path / "whole", "vit-h"))
+    for cut in ("visual_projection.weight", "vision_model.embeddings.patch_embedding.weight"):  # e.g. no projection
+        save_file({k: v for k, v in state.items() if k != cut}, tmp_path / "part.safetensors")
+        with pytest.raises(IPAdapterError) as caught:
+            ImageEncoder.from_pretrained(tmp_path / "part.safetensors")
+        assert str(caught.value) == (
+            f"{tmp_path / 'part.safetensors'} is not a CLIP vision encoder in transformers' layout (no "
+            "vision_model.embeddings.patch_embedding.weight or visual_projection.weight); give the image encoder's "
+            "folder with its config.json")
+    odd = {**state, "vision_model.embeddings.position_embedding.weight": torch.zeros(6, 1280)}
+    save_file(odd, tmp_path / "odd.safetensors")
+    with pytest.raises(IPAdapterError) as caught:
+        ImageEncoder.from_pretrained(tmp_path / "odd.safetensors")
+    assert str(caught.value) == f"{tmp_path / 'odd.safetensors'} has no square grid of patch positions: not a CLIP " \
+                                "vision tower"
     del state["vision_model.post_layernorm.weight"]
     save_file(state, tmp_path / "cut.safetensors")
     with pytest.raises(IPAdapterError, match=r"cut\.safetensors is not a whole CLIP vision encoder: 1 of its weights"):
@@ -87,10 +103,7 @@ def _comfy(root: Path) -> tuple[Path, Path, Path]:
     models = root / "ComfyUI" / "models"
     (models / "ipadapter").mkdir(parents=True)
     (models / "clip_vision").mkdir()
-    state = factories.published(pipe.unet, "plus", factories.SD15_CROSS)
-    state["image_proj"] = factories.image_proj_state("plus", factories.SD15_CROSS, patch_dim=1280)
-    adapter = models / "ipadapter" / "ip-adapter-plus_sd15.safetensors"
-    save_file({f"{g}.{k}": v.contiguous() for g, t in state.items() for k, v in t.items()}, adapter)
+    adapter = _adapter(pipe, models / "ipadapter" / "ip-adapter-plus_sd15.safetensors", "plus", patch_dim=1280)
     vit_h = models / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
     shutil.copy(_tower(root / "vit-h", "vit-h"), vit_h)
     shutil.copy(_tower(root / "vit-bigg", "vit-bigg"), models / "clip_vision" / "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors")
@@ -111,6 +124,70 @@ def test_comfyui_folders_give_the_encoder_the_adapter_reads(tmp_path) -> None:
     with ipadapter.load(pipe, str(adapter), image_encoder=oracle) as prompter:
         want = prompter.generate(_image(), **settings)
     np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=0, atol=1e-4)
+
+
+def _adapter(pipe, path: Path, family: str, **widths) -> Path:
+    state = factories.published(pipe.unet, family, factories.SD15_CROSS)
+    state["image_proj"] = factories.image_proj_state(family, factories.SD15_CROSS, **widths)
+    save_file({f"{g}.{k}": v.contiguous() for g, t in state.items() for k, v in t.items()}, path)
+    return path
+
+
+@pytest.mark.parametrize("adapters, expected", [
+    # what each adapter reads (docs/checkpoints.md): ViT-H 1024 global / 1280 patch, bigG 1280 global
+    ({"ip-adapter_sd15.safetensors": ("base", {"embed_dim": 1024})}, "vit-h"),
+    ({"ip-adapter_sdxl.safetensors": ("base", {"embed_dim": 1280})}, "bigg"),
+    ({"ip-adapter_sd15.safetensors": ("base", {"embed_dim": 1024}),
+      "ip-adapter-plus_sd15.safetensors": ("plus", {"patch_dim": 1280})}, "vit-h"),
+    ({"ip-adapter_sdxl.safetensors": ("base", {"embed_dim": 1280}),
+      "ip-adapter-plus_sd15.safetensors": ("plus", {"patch_dim": 1280})}, None),  # no one file gives both
+])
+def test_comfyui_clip_vision_files_are_matched_by_width(tmp_path, monkeypatch, adapters, expected) -> None:
+    pipe_dir, adapter, vit_h = _comfy(tmp_path)
+    files = {"vit-h": vit_h, "bigg": vit_h.parent / "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"}
+    # another kind of file, named to come first: passed over
+    save_file({PATCH: torch.zeros(1280, 3, 14, 14)}, vit_h.parent / "A-clip_g-text.safetensors")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipe_dir))
+    paths = [_adapter(pipe, adapter.parent / name, family, **widths) for name, (family, widths) in adapters.items()]
+    asked = []
+
+    class Asked:
+        @staticmethod
+        def from_pretrained(source, subfolder=None, **_):
+            asked.append((source, subfolder))
+            raise LookupError
+
+    monkeypatch.setattr("ipadapter.loading.encoder_class", lambda source, subfolder: Asked)
+    given = [dict(adapter=[str(p) for p in paths]),  # as files, as the folder and names, as a subfolder
+             dict(adapter=[str(adapter.parent)] * len(paths), weight_name=[p.name for p in paths]),
+             dict(adapter=[str(adapter.parent.parent)] * len(paths), subfolder="ipadapter",
+                  weight_name=[p.name for p in paths])]
+    for kwargs in given:
+        with pytest.raises((LookupError, IPAdapterError)):
+            ipadapter.load(pipe, kwargs.pop("adapter"), **kwargs)
+    assert asked == ([(str(files[expected]), None)] * 3 if expected else [])
+
+
+def test_comfyui_falls_back_to_the_published_encoder_when_none_fits(tmp_path, monkeypatch) -> None:
+    pipe_dir, adapter, vit_h = _comfy(tmp_path)
+    vit_h.unlink()
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipe_dir))
+    asked = []
+
+    class Asked:
+        @staticmethod
+        def from_pretrained(source, subfolder=None, **_):
+            asked.append((source, subfolder))
+            raise LookupError
+
+    monkeypatch.setattr("ipadapter.loading.encoder_class", lambda source, subfolder: Asked)
+    with pytest.raises(LookupError):
+        ipadapter.load(pipe, str(adapter))
+    assert asked == [("h94/IP-Adapter", "models/image_encoder")]
 
 
 def test_comfyui_folders_on_the_command_line(tmp_path, capsys) -> None:

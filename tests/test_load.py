@@ -279,21 +279,33 @@ def test_a_local_copy_of_h94_gives_each_adapter_the_encoder_it_reads(tmp_path, m
         assert asked.value.args == (str(repo / encoder / "image_encoder"), None)
 
 
-def test_a_base_folders_own_encoder_is_passed_over_when_it_does_not_fit(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("config, fits", [
+    ({"model_type": "clip_vision_model", "hidden_size": 1664, "projection_dim": 1280}, False),  # bigG's tower
+    # a whole CLIP model's config: the tower nested, its projection width at the top level (the tower's own may hold
+    # transformers' default)
+    ({"model_type": "clip", "projection_dim": 1280, "vision_config": {"hidden_size": 1664, "projection_dim": 1024}},
+     False),
+    ({"model_type": "clip", "projection_dim": 1024, "vision_config": {"hidden_size": 1280}}, True),  # ViT-H's
+    ({"model_type": "clip_vision_model", "hidden_size": 1664}, True),  # no projection width: cannot tell, so kept
+    ("{not json", True),  # unreadable: kept, and its loader says what is wrong with it
+])
+def test_a_base_folders_own_encoder_is_taken_only_when_it_fits(tmp_path, monkeypatch, config, fits) -> None:
     """An SDXL pipeline folder keeping bigG, with a "_vit-h" adapter: ViT-H from h94, not a size mismatch."""
-    pipe = factories.tiny_sd15_pipeline(tmp_path)
-    pipe.save_pretrained(tmp_path / "base")
-    _encoder_config(tmp_path / "base" / "image_encoder", 1664, 1280)
-    state = factories.published(pipe.unet, "plus", factories.SD15_CROSS)
-    state["image_proj"] = factories.image_proj_state("plus", factories.SD15_CROSS, patch_dim=1280)
-    torch.save(state, tmp_path / "plus_vit-h.bin")
     from diffusers import StableDiffusionPipeline
 
+    pipe = factories.tiny_sd15_pipeline(tmp_path)
+    pipe.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "image_encoder").mkdir()
+    (tmp_path / "base" / "image_encoder" / "config.json").write_text(
+        config if isinstance(config, str) else json.dumps(config))
+    state = factories.published(pipe.unet, "base", factories.SD15_CROSS)
+    state["image_proj"] = factories.image_proj_state("base", factories.SD15_CROSS, embed_dim=1024)
+    torch.save(state, tmp_path / "sdxl_vit-h.bin")
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "base"))
     _ask_encoder(monkeypatch)
     with pytest.raises(_EncoderAsked) as asked:
-        ipadapter.load(pipe, tmp_path / "plus_vit-h.bin")
-    assert asked.value.args == VIT_H
+        ipadapter.load(pipe, tmp_path / "sdxl_vit-h.bin")
+    assert asked.value.args == ((str(tmp_path / "base"), "image_encoder") if fits else VIT_H)
 
 
 def test_a_local_encoder_beside_the_base_or_the_adapter_comes_first(tmp_path) -> None:
@@ -310,6 +322,9 @@ def test_a_local_encoder_beside_the_base_or_the_adapter_comes_first(tmp_path) ->
     (tmp_path / "adapters" / "sdxl" / "image_encoder").mkdir()
     (tmp_path / "adapters" / "sdxl" / "image_encoder" / "config.json").write_text("{}")
     own = (str(tmp_path / "adapters" / "sdxl" / "image_encoder"), None)
+    assert default_image_encoder(None, adapter) == own
+    (tmp_path / "adapters" / "a" / "image_encoder").mkdir(parents=True)  # a sibling's, sorted first: after its own
+    (tmp_path / "adapters" / "a" / "image_encoder" / "config.json").write_text("{}")
     assert default_image_encoder(None, adapter) == own
     assert default_image_encoder(None, AdapterSource(str(tmp_path / "adapters" / "sdxl"), weight_name="a.bin")) == own
 

@@ -9,13 +9,14 @@ Other widths are refused: OpenAI's towers use another activation, which a wrong 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 
 PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding.weight"
 # Width → what the shapes cannot tell (the published OpenCLIP towers' configs).
@@ -33,8 +34,8 @@ def shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), "pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as err:  # noqa: BLE001 - the library raises its own error types for a file it cannot parse
-        raise IPAdapterError(f"{path} is not a .safetensors file ({type(err).__name__}); give the image encoder's "
-                             "folder (with its config.json) or its .safetensors file") from None
+        raise IPAdapterError(f"{path} is not a .safetensors file ({first_clause(str(err))}); give the image "
+                             "encoder's folder (with its config.json) or its .safetensors file") from None
 
 
 def vision_config(path: str | os.PathLike) -> Any:
@@ -49,10 +50,13 @@ def vision_config(path: str | os.PathLike) -> Any:
     if hidden not in TOWERS:
         raise IPAdapterError(f"{path} is a {hidden}-wide CLIP vision tower; one file is read only for ViT-H (1280) and "
                              "ViT-bigG (1664): give the encoder's folder with its config.json")
-    positions = found["vision_model.embeddings.position_embedding.weight"][0]
+    grid = found["vision_model.embeddings.position_embedding.weight"][0] - 1  # positions: the class token, a grid
+    side = math.isqrt(grid)
+    if side * side != grid:
+        raise IPAdapterError(f"{path} has no square grid of patch positions: not a CLIP vision tower")
     layers = {key.split(".")[3] for key in found if key.startswith("vision_model.encoder.layers.")}
     return CLIPVisionConfig(
-        hidden_size=hidden, patch_size=patch, image_size=round((positions - 1) ** 0.5) * patch,
+        hidden_size=hidden, patch_size=patch, image_size=side * patch,
         num_hidden_layers=len(layers), projection_dim=found["visual_projection.weight"][0],
         intermediate_size=found["vision_model.encoder.layers.0.mlp.fc1.weight"][0], **TOWERS[hidden],
     )
@@ -75,22 +79,19 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str) -> Any:
     from transformers import CLIPVisionModelWithProjection
 
     config = vision_config(path)
-    state = load_file(str(path))
-    state.pop("vision_model.embeddings.position_ids", None)  # a buffer older saves kept
     model, info = CLIPVisionModelWithProjection.from_pretrained(
-        None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+        None, config=config, state_dict=load_file(str(path)), dtype=dtype, output_loading_info=True)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise IPAdapterError(f"{path} is not a whole CLIP vision encoder: {len(missing)} of its weights are missing "
                              f"(e.g. {missing[0]})")
-    model.config._name_or_path = str(path)
     return model
 
 
 def comfy_encoder(adapter: str | os.PathLike, needs: set[tuple[str, int]]) -> str | None:
     """ComfyUI's layout: for an adapter file in `models/ipadapter/`, the first file (by name) in `models/clip_vision/`
     that gives every (features, width) the adapters need."""
-    folder = Path(adapter).parent.parent / "clip_vision"
-    if not needs or not Path(adapter).is_file() or not folder.is_dir():
+    if not Path(adapter).is_file():
         return None
+    folder = Path(adapter).parent.parent / "clip_vision"
     return next((str(f) for f in sorted(folder.glob("*.safetensors")) if needs <= feature_widths(f)), None)

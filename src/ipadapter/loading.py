@@ -67,7 +67,7 @@ def _encoder_for(
     if image_encoder is not None:
         found = split_hub_path(str(image_encoder))
     else:
-        found = default_image_encoder(getattr(pipe, "name_or_path", None), sources[0], needs)
+        found = default_image_encoder(pipe.name_or_path, sources[0], needs)
         if found is None:
             comfy = clip_file.comfy_encoder(_file_of(sources[0]), needs)
             found = (comfy, None) if comfy else encoder_by_width(needs)

@@ -150,18 +150,18 @@ def from_cache_or_hub(load: Callable[[bool], T], source: str, what: str, *, subf
 def default_image_encoder(
     base: str | None, adapter: AdapterSource, needs: set[tuple[str, int]] = frozenset(),
 ) -> tuple[str, str | None] | None:
-    """The encoder a user almost always means: the base folder's own, one beside the adapter or in a sibling folder
-    (a local copy of h94/IP-Adapter keeps ViT-H in `models/` and bigG in `sdxl_models/`), the first whose config gives
-    the (features, width) pairs the adapters `needs`; else the one a newer family's model card names. h94's adapters
-    on the Hub are left to `encoder_by_width`: their widths tell ViT-H from bigG exactly, where file names do not
-    (`ip-adapter_sd15_vit-G` is an SD 1.5 adapter on bigG)."""
+    """The encoder a user almost always means: the base folder's own, one beside the adapter, in the folder above or
+    in a sibling folder (a local copy of h94/IP-Adapter keeps ViT-H in `models/` and bigG in `sdxl_models/`), the
+    first whose config gives the (features, width) pairs the adapters `needs`; else the one a newer family's model
+    card names. h94's adapters on the Hub are left to `encoder_by_width`: their widths tell ViT-H from bigG exactly,
+    where file names do not (`ip-adapter_sd15_vit-G` is an SD 1.5 adapter on bigG)."""
     if base and (Path(base) / "image_encoder" / "config.json").is_file() and _fits(Path(base, "image_encoder"), needs):
         return str(Path(base)), "image_encoder"
     folder = Path(adapter.source) if Path(adapter.source).is_dir() else Path(adapter.source).parent
     if adapter.subfolder:
         folder = folder / adapter.subfolder
-    siblings = sorted(folder.parent.glob("*/image_encoder")) if folder.parent.is_dir() else []
-    for candidate in (folder / "image_encoder", *siblings, folder.parent / "image_encoder"):
+    for candidate in (folder / "image_encoder", folder.parent / "image_encoder",
+                      *sorted(folder.parent.glob("*/image_encoder"))):
         if (candidate / "config.json").is_file() and _fits(candidate, needs):
             return str(candidate), None
     return PUBLISHED_ENCODERS.get(split_hub_path(adapter.source)[0])
@@ -174,8 +174,8 @@ def _fits(folder: Path, needs: set[tuple[str, int]]) -> bool:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return True
-    tower = config.get("vision_config") or config
-    hidden, projection = tower.get("hidden_size"), config.get("projection_dim", tower.get("projection_dim"))
+    tower = config.get("vision_config") or config  # a whole CLIP model's: its projection width is the top level's
+    hidden, projection = tower.get("hidden_size"), config.get("projection_dim")
     if hidden is None or projection is None:
         return True
     return needs <= {("global", projection), ("patch", hidden)}
