@@ -136,6 +136,20 @@ def _adapter(pipe, path: Path, family: str, **widths) -> Path:
     return path
 
 
+def _asked_encoders(monkeypatch) -> list[tuple[str, str | None]]:
+    """`load` stops (LookupError) where it would read an image encoder; the list records which it asked for."""
+    asked = []
+
+    class Asked:
+        @staticmethod
+        def from_pretrained(source, subfolder=None, **_):
+            asked.append((source, subfolder))
+            raise LookupError
+
+    monkeypatch.setattr("ipadapter.loading.encoder_class", lambda source, subfolder: Asked)
+    return asked
+
+
 @pytest.mark.parametrize("adapters, expected", [
     # what each adapter reads (docs/checkpoints.md): ViT-H 1024 global / 1280 patch, bigG 1280 global
     ({"ip-adapter_sd15.safetensors": ("base", {"embed_dim": 1024})}, "vit-h"),
@@ -154,15 +168,7 @@ def test_comfyui_clip_vision_files_are_matched_by_width(tmp_path, monkeypatch, a
 
     pipe = StableDiffusionPipeline.from_pretrained(str(pipe_dir))
     paths = [_adapter(pipe, adapter.parent / name, family, **widths) for name, (family, widths) in adapters.items()]
-    asked = []
-
-    class Asked:
-        @staticmethod
-        def from_pretrained(source, subfolder=None, **_):
-            asked.append((source, subfolder))
-            raise LookupError
-
-    monkeypatch.setattr("ipadapter.loading.encoder_class", lambda source, subfolder: Asked)
+    asked = _asked_encoders(monkeypatch)
     given = [dict(adapter=[str(p) for p in paths]),  # as files, as the folder and names, as a subfolder
              dict(adapter=[str(adapter.parent)] * len(paths), weight_name=[p.name for p in paths]),
              dict(adapter=[str(adapter.parent.parent)] * len(paths), subfolder="ipadapter",
@@ -179,15 +185,7 @@ def test_comfyui_falls_back_to_the_published_encoder_when_none_fits(tmp_path, mo
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(pipe_dir))
-    asked = []
-
-    class Asked:
-        @staticmethod
-        def from_pretrained(source, subfolder=None, **_):
-            asked.append((source, subfolder))
-            raise LookupError
-
-    monkeypatch.setattr("ipadapter.loading.encoder_class", lambda source, subfolder: Asked)
+    asked = _asked_encoders(monkeypatch)
     with pytest.raises(LookupError):
         ipadapter.load(pipe, str(adapter))
     assert asked == [("h94/IP-Adapter", "models/image_encoder")]
