@@ -508,6 +508,20 @@ def ascii_locale_env() -> dict[str, str]:
     return env
 
 
+class EncoderAsked(Exception):
+    """Raised where `load` would read an image encoder; its args are the (source, subfolder) it asked for."""
+
+
+def ask_encoder(monkeypatch) -> None:
+    """`ipadapter.load` stops at its image encoder (`EncoderAsked`): which one it chose, without loading it."""
+    class Asked:
+        @staticmethod
+        def from_pretrained(source, subfolder=None, **_):
+            raise EncoderAsked(source, subfolder)
+
+    monkeypatch.setattr("ipadapter.loading.encoder_class", lambda source, subfolder: Asked)
+
+
 def hub_without_network(monkeypatch, cache: Path) -> list[str]:
     """Offline mode off and the Hugging Face cache at `cache`, every Hub request recorded, then failed as on a
     machine without network; returns the requests' URLs as they are sent."""

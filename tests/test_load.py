@@ -156,20 +156,6 @@ def test_the_default_encoder_of_each_published_adapter(source, subfolder, weight
     assert default_image_encoder(None, AdapterSource(source, subfolder, weight_name)) == expected
 
 
-class _EncoderAsked(Exception):
-    pass
-
-
-def _ask_encoder(monkeypatch) -> None:
-    """`load` stops where it would read an image encoder, telling which (source, subfolder) it asked for."""
-    class Asked:
-        @staticmethod
-        def from_pretrained(source, subfolder=None, **_):
-            raise _EncoderAsked(source, subfolder)
-
-    monkeypatch.setattr("ipadapter.loading.encoder_class", lambda source, subfolder: Asked)
-
-
 VIT_H, VIT_BIGG = ("h94/IP-Adapter", "models/image_encoder"), ("h94/IP-Adapter", "sdxl_models/image_encoder")
 
 
@@ -193,8 +179,8 @@ def test_an_adapter_of_unknown_origin_gets_the_encoder_its_width_names(tmp_path,
     state = factories.published(pipe.unet, family, factories.SD15_CROSS)
     state["image_proj"] = factories.image_proj_state(family, factories.SD15_CROSS, **widths)
     torch.save(state, weight)
-    _ask_encoder(monkeypatch)
-    with pytest.raises(_EncoderAsked) as asked:
+    factories.ask_encoder(monkeypatch)
+    with pytest.raises(factories.EncoderAsked) as asked:
         ipadapter.load(pipe, weight)
     assert asked.value.args == expected
 
@@ -207,12 +193,12 @@ def test_adapters_needing_different_encoders_are_not_guessed(tmp_path, monkeypat
         state["image_proj"] = factories.image_proj_state(family, factories.SD15_CROSS, **widths)
         torch.save(state, tmp_path / f"{family}.bin")
         files.append(tmp_path / f"{family}.bin")
-    _ask_encoder(monkeypatch)
+    factories.ask_encoder(monkeypatch)
     with pytest.raises(IPAdapterError) as caught:
         ipadapter.load(pipe, files)
     assert str(caught.value) == ("cannot tell which image encoder the adapters need (1024-wide global and 1664-wide "
                                  "patch features, which no published encoder alone gives); give image_encoder=")
-    with pytest.raises(_EncoderAsked) as asked:  # one named: no guess
+    with pytest.raises(factories.EncoderAsked) as asked:  # one named: no guess
         ipadapter.load(pipe, files, image_encoder="me/encoder/sub")
     assert asked.value.args == ("me/encoder", "sub")
 
@@ -240,8 +226,8 @@ def test_each_h94_adapter_gets_the_encoder_it_was_trained_with(tmp_path, monkeyp
     repo = "h94/IP-Adapter-FaceID" if "faceid" in family else "h94/IP-Adapter"
     factories.write_hub_cache(tmp_path / "hub", repo, tmp_path / "repo")
     sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
-    _ask_encoder(monkeypatch)
-    with pytest.raises(_EncoderAsked) as asked:
+    factories.ask_encoder(monkeypatch)
+    with pytest.raises(factories.EncoderAsked) as asked:
         ipadapter.load(pipe, repo, subfolder=subfolder, weight_name=weight_name)
     assert asked.value.args == expected and not [url for url in sent if "h94" in url], "read from the cache alone"
 
@@ -271,10 +257,10 @@ def test_a_local_copy_of_h94_gives_each_adapter_the_encoder_it_reads(tmp_path, m
     state = factories.published(pipe.unet, family, factories.SD15_CROSS)
     state["image_proj"] = factories.image_proj_state(family, factories.SD15_CROSS, **widths)
     torch.save(state, repo / subfolder / weight_name)
-    _ask_encoder(monkeypatch)
+    factories.ask_encoder(monkeypatch)
     for given in (dict(adapter=repo / subfolder / weight_name), dict(adapter=repo, subfolder=subfolder,
                                                                        weight_name=weight_name)):
-        with pytest.raises(_EncoderAsked) as asked:
+        with pytest.raises(factories.EncoderAsked) as asked:
             ipadapter.load(pipe, given.pop("adapter"), **given)
         assert asked.value.args == (str(repo / encoder / "image_encoder"), None)
 
@@ -302,8 +288,8 @@ def test_a_base_folders_own_encoder_is_taken_only_when_it_fits(tmp_path, monkeyp
     state["image_proj"] = factories.image_proj_state("base", factories.SD15_CROSS, embed_dim=1024)
     torch.save(state, tmp_path / "sdxl_vit-h.bin")
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "base"))
-    _ask_encoder(monkeypatch)
-    with pytest.raises(_EncoderAsked) as asked:
+    factories.ask_encoder(monkeypatch)
+    with pytest.raises(factories.EncoderAsked) as asked:
         ipadapter.load(pipe, tmp_path / "sdxl_vit-h.bin")
     assert asked.value.args == ((str(tmp_path / "base"), "image_encoder") if fits else VIT_H)
 

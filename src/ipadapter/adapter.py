@@ -172,9 +172,9 @@ class IPAdapter(nn.Module):
     @property
     def clip_width(self) -> int:
         """The width of the CLIP features the head reads (0: none): what the image encoder must deliver."""
-        projection = self.config.projection
         if not self.variant.clip:
             return 0
+        projection = self.config.projection
         return projection.clip_dim if self.variant.face_id else projection.in_dim
 
     def _weights_loaded(self, module: nn.Module, incompatible_keys: Any) -> None:

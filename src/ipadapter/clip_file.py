@@ -38,14 +38,20 @@ def shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
                              "encoder's folder (with its config.json) or its .safetensors file") from None
 
 
-def vision_config(path: str | os.PathLike) -> Any:
-    """The `CLIPVisionConfig` of a single-file CLIP vision tower, from its shapes and `TOWERS`."""
-    from transformers import CLIPVisionConfig
-
+def tower_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """`shapes` of a file that holds a CLIP vision tower with its projection, in transformers' layout."""
     found = shapes(path)
     if PATCH_EMBEDDING not in found or "visual_projection.weight" not in found:
         raise IPAdapterError(f"{path} is not a CLIP vision encoder in transformers' layout (no {PATCH_EMBEDDING} or "
                              "visual_projection.weight); give the image encoder's folder with its config.json")
+    return found
+
+
+def vision_config(path: str | os.PathLike) -> Any:
+    """The `CLIPVisionConfig` of a single-file CLIP vision tower, from its shapes and `TOWERS`."""
+    from transformers import CLIPVisionConfig
+
+    found = tower_shapes(path)
     hidden, _, patch, _ = found[PATCH_EMBEDDING]
     if hidden not in TOWERS:
         raise IPAdapterError(f"{path} is a {hidden}-wide CLIP vision tower; one file is read only for ViT-H (1280) and "
@@ -65,10 +71,8 @@ def vision_config(path: str | os.PathLike) -> Any:
 def feature_widths(path: str | os.PathLike) -> set[tuple[str, int]]:
     """(features, width) the file's encoder gives, for matching adapters; empty for any other file."""
     try:
-        found = shapes(path)
+        found = tower_shapes(path)
     except IPAdapterError:
-        return set()
-    if PATCH_EMBEDDING not in found or "visual_projection.weight" not in found:
         return set()
     return {("global", found["visual_projection.weight"][0]), ("patch", found[PATCH_EMBEDDING][0])}
 

@@ -18,14 +18,16 @@ from PIL import Image
 from ipadapter import clip_file
 from ipadapter.embed_cache import EmbeddingCache, image_key
 from ipadapter.errors import IPAdapterError, first_clause
-from ipadapter.sources import ENCODERS_BY_WIDTH, from_cache_or_hub
+from ipadapter.sources import ENCODERS_BY_WIDTH, VIT_BIGG, VIT_H, from_cache_or_hub
 
-_ENCODER_FAMILIES = {1024: "OpenCLIP ViT-H/14", 1280: "OpenCLIP ViT-bigG/14"}
+_ENCODER_NAMES = {VIT_H: "ViT-H/14", VIT_BIGG: "ViT-bigG/14"}  # h94's, named by the width (ENCODERS_BY_WIDTH)
 _NPY_MAGIC = b"\x93NUMPY"
 
 
 def _describe(dim: int, kind: str) -> str:
-    name = _ENCODER_FAMILIES.get(dim) if kind == "global" else {1280: "ViT-H/14", 1664: "ViT-bigG/14"}.get(dim)
+    name = _ENCODER_NAMES.get(ENCODERS_BY_WIDTH.get((kind, dim)))
+    if name and kind == "global":  # the embeddings are OpenCLIP's projection
+        name = f"OpenCLIP {name}"
     return f"{dim}-d{f' ({name})' if name else ''}"
 
 

@@ -69,7 +69,7 @@ def _encoder_for(
     else:
         found = default_image_encoder(pipe.name_or_path, sources[0], needs)
         if found is None:
-            comfy = clip_file.comfy_encoder(_file_of(sources[0]), needs)
+            comfy = clip_file.comfy_encoder(sources[0].path, needs)
             found = (comfy, None) if comfy else encoder_by_width(needs)
     if found is None:
         widths = " and ".join(sorted(f"{width}-wide {features}" for features, width in needs))
@@ -78,10 +78,6 @@ def _encoder_for(
     denoiser = denoiser_of(pipe)
     cls = encoder_class(found[0], found[1])
     return cls.from_pretrained(found[0], subfolder=found[1], device=denoiser.device, dtype=denoiser.dtype)
-
-
-def _file_of(source: AdapterSource) -> Path:
-    return Path(source.source, source.subfolder or "", source.weight_name or "")
 
 
 def load(

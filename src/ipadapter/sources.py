@@ -51,6 +51,11 @@ class AdapterSource:
     subfolder: str | None = None
     weight_name: str | None = None
 
+    @property
+    def path(self) -> Path:
+        """Where the adapter would lie on disk: the file, or the folder holding it when no file is named."""
+        return Path(self.source, self.subfolder or "", self.weight_name or "")
+
 
 def miniature_base() -> Path:
     from ipadapter.bundled import pipeline_path
@@ -157,9 +162,7 @@ def default_image_encoder(
     where file names do not (`ip-adapter_sd15_vit-G` is an SD 1.5 adapter on bigG)."""
     if base and (Path(base) / "image_encoder" / "config.json").is_file() and _fits(Path(base, "image_encoder"), needs):
         return str(Path(base)), "image_encoder"
-    folder = Path(adapter.source) if Path(adapter.source).is_dir() else Path(adapter.source).parent
-    if adapter.subfolder:
-        folder = folder / adapter.subfolder
+    folder = adapter.path if adapter.path.is_dir() else adapter.path.parent
     for candidate in (folder / "image_encoder", folder.parent / "image_encoder",
                       *sorted(folder.parent.glob("*/image_encoder"))):
         if (candidate / "config.json").is_file() and _fits(candidate, needs):
