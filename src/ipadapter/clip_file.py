@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ipadapter.errors import IPAdapterError, first_clause
+from ipadapter.errors import IPAdapterError
+from ipadapter.validation import tensor_shapes
 
 PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding.weight"
 # Width → what the shapes cannot tell (the published OpenCLIP towers' configs).
@@ -28,14 +29,7 @@ TOWERS: dict[int, dict[str, Any]] = {
 
 def shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape, from the file's header alone (no weight is read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as err:  # noqa: BLE001 - the library raises its own error types for a file it cannot parse
-        raise IPAdapterError(f"{path} is not a .safetensors file ({first_clause(str(err))}); give the image "
-                             "encoder's folder (with its config.json) or its .safetensors file") from None
+    return tensor_shapes(path, "give the image encoder's folder (with its config.json) or its .safetensors file")
 
 
 def tower_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ipadapter import clip_file
+from ipadapter import clip_file, single_file
 from ipadapter.adapter import IPAdapter
 from ipadapter.checkpoint import load_adapter
 from ipadapter.dit.blocks import denoiser_of, is_dit
@@ -187,7 +187,8 @@ def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
     size, default the transformer's sample size."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    source = str(miniature_base()) if not base else base
+    source = str(miniature_base()) if not base else str(single_file.config_folder(base)) \
+        if single_file.is_single_file(base) else base
     transformer = (Path(source) / "transformer" / "config.json").is_file()
 
     def read(local: bool) -> tuple[dict, dict | None]:

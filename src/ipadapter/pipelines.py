@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ipadapter import single_file
 from ipadapter.checkpoint import is_weights_file
 from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub, split_hub_path
@@ -20,21 +21,12 @@ from ipadapter.validation import model_source
 def load_pipeline(
     base: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32, scheduler: str | None = None,
 ) -> Any:
-    """Any diffusers pipeline folder or Hub id (`from_cache_or_hub`); its own saved scheduler unless `scheduler` names
-    another class. SD 1.5's safety checker is dropped, as ComfyUI and the web UIs run: it would black out the images
-    it flags. Each generation's step bar is cleared when it ends (`leave=False`): a batch leaves one line, not a bar
-    each."""
-    import diffusers
-
+    """Any diffusers pipeline folder or Hub id (`from_cache_or_hub`), or a whole checkpoint in one file
+    (`single_file`); its own saved scheduler unless `scheduler` names another class. SD 1.5's safety checker is
+    dropped, as ComfyUI and the web UIs run: it would black out the images it flags. Each generation's step bar is
+    cleared when it ends (`leave=False`): a batch leaves one line, not a bar each."""
     new_scheduler = _scheduler_class(scheduler) if scheduler else None  # a misspelt name fails before the load
-    try:
-        pipe = from_cache_or_hub(lambda local: diffusers.DiffusionPipeline.from_pretrained(
-            str(base), dtype=dtype, local_files_only=local), str(base), "the diffusers pipeline")
-    except (OSError, ValueError) as err:
-        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}") from None
-    except ImportError as err:  # a part whose library is not installed, e.g. Kolors' ChatGLM tokenizer: sentencepiece
-        hint = "; for Kolors: pip install 'ipadapter[kolors]'" if "sentencepiece" in str(err) else ""
-        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}{hint}") from None
+    pipe = single_file.load_pipeline(base, dtype) if single_file.is_single_file(base) else _from_folder(base, dtype)
     if new_scheduler is not None:
         try:
             pipe.scheduler = new_scheduler.from_config(pipe.scheduler.config)
@@ -44,6 +36,19 @@ def load_pipeline(
         pipe.safety_checker = None
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(device)
+
+
+def _from_folder(base: str | os.PathLike, dtype: torch.dtype) -> Any:
+    import diffusers
+
+    try:
+        return from_cache_or_hub(lambda local: diffusers.DiffusionPipeline.from_pretrained(
+            str(base), dtype=dtype, local_files_only=local), str(base), "the diffusers pipeline")
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}") from None
+    except ImportError as err:  # a part whose library is not installed, e.g. Kolors' ChatGLM tokenizer: sentencepiece
+        hint = "; for Kolors: pip install 'ipadapter[kolors]'" if "sentencepiece" in str(err) else ""
+        raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}{hint}") from None
 
 
 def _scheduler_class(name: str) -> Any:

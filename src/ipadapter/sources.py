@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -108,24 +108,27 @@ def _offline_switch() -> str | None:
     return f"{named} is set" if named else "huggingface_hub.constants.HF_HUB_OFFLINE is on"
 
 
-def hub_answers(repo_id: str, what: str, *, subfolder: str | None = None, filename: str | None = None) -> None:
+def hub_answers(repo_id: str, what: str, *, subfolder: str | None = None, filename: str | None = None,
+                include: Sequence[str] = (), instead: str | None = None) -> None:
     """One request for `repo_id`'s model page, without retries: raises when the Hub cannot be reached or has no such
     model, so an uncached model fails in one line and at once (huggingface_hub retries each download for about 50 s,
     logging every try). In offline mode no request is sent and the message says offline mode is why. `subfolder` and
-    `filename` say which part is needed, for the download command."""
+    `filename` (or the patterns `include`) say which part is needed, for the download command; `instead` replaces
+    the advice to give a local copy."""
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError
 
     part = "/".join(p for p in (subfolder, filename) if p)
-    command = (f"hf download {repo_id} {part}" if filename else
-               f"hf download {repo_id} --include '{subfolder}/*'" if subfolder else f"hf download {repo_id}")
+    patterns = " ".join(f"'{pattern}'" for pattern in include or ([f"{subfolder}/*"] if subfolder else []))
+    command = f"hf download {repo_id} {part}" if filename else f"hf download {repo_id} --include {patterns}" \
+        if patterns else f"hf download {repo_id}"
     missing = f"{what} {repo_id}{'/' + part if part else ''} is not in the local Hugging Face cache"
-    local = "file" if filename else "folder"
+    instead = instead or f"give a local {'file' if filename else 'folder'}"
     switch = _offline_switch()
     if switch:
         raise IPAdapterError(
             f"{missing} and offline mode is on ({switch}); download it once with network access and offline mode off "
-            f"({command}) or give a local {local}"
+            f"({command}) or {instead}"
         )
     try:
         huggingface_hub.model_info(repo_id, timeout=10)
@@ -133,13 +136,12 @@ def hub_answers(repo_id: str, what: str, *, subfolder: str | None = None, filena
         raise IPAdapterError(f"could not load {what} {repo_id} from the Hub: {first_clause(str(err))}") from None
     except Exception:  # noqa: BLE001 - DNS, refused or timed-out connections: all mean "not reachable"
         raise IPAdapterError(
-            f"{missing} and the Hub cannot be reached; download it once with network access ({command}) or give a "
-            f"local {local}"
+            f"{missing} and the Hub cannot be reached; download it once with network access ({command}) or {instead}"
         ) from None
 
 
 def from_cache_or_hub(load: Callable[[bool], T], source: str, what: str, *, subfolder: str | None = None,
-                      filename: str | None = None) -> T:
+                      filename: str | None = None, include: Sequence[str] = (), instead: str | None = None) -> T:
     """`load(local_files_only)` from disk first: a local path, or a Hub id's files in the local Hugging Face cache,
     without any HTTP request. Only when a Hub id's files are not all there (the libraries raise an OSError) is the
     Hub asked once (`hub_answers`), then `load(False)` downloads what is missing."""
@@ -148,7 +150,7 @@ def from_cache_or_hub(load: Callable[[bool], T], source: str, what: str, *, subf
     except OSError:
         if not is_hub_id(source):
             raise
-    hub_answers(source, what, subfolder=subfolder, filename=filename)
+    hub_answers(source, what, subfolder=subfolder, filename=filename, include=include, instead=instead)
     return load(False)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ipadapter.errors import IPAdapterError
+from ipadapter.errors import IPAdapterError, first_clause
 
 PIXELS_ENV = "IPADAPTER_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -202,6 +202,18 @@ def model_source(value: str, what: str, *, subfolders: bool = False) -> str:
         raise IPAdapterError(f"{what} not found: {value} (no such file or folder; a Hub model id has the form "
                              "owner/name)")
     return value
+
+
+def tensor_shapes(path: str | os.PathLike, advice: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, from its header alone (no weight is read): what a file holds is
+    checked before anything is loaded. A file safetensors cannot parse is refused, followed by `advice`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001 - the library raises its own error types for a file it cannot parse
+        raise IPAdapterError(f"{path} is not a .safetensors file ({first_clause(str(err))}); {advice}") from None
 
 
 def read_utf8(path: str | os.PathLike, what: str) -> str:

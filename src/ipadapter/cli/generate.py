@@ -51,7 +51,8 @@ def finite_float(text: str) -> float:
 SUMMARY = "generate images prompted by reference images"
 # Each option's help, by its flag: prose for people, kept apart from the parser's wiring (`register`).
 MODEL_HELP = {
-    "--base": "diffusers pipeline folder or Hub id (default: the bundled miniature model)",
+    "--base": "diffusers pipeline folder or Hub id, or a whole SD 1.x / 2.x / SDXL checkpoint in one .safetensors file "
+              "(web UIs' and ComfyUI's models/checkpoints; default: the bundled miniature model)",
     "--adapter": "adapter file, folder or Hub repo id (repeatable for evaluate and generate --manifest, whose jobs name "
                  "theirs); the bundled miniature adapters: miniature (default), miniature-plus, miniature-simple",
     "--weight-name": "adapter file name inside --adapter (per --adapter)",

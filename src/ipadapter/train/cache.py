@@ -45,8 +45,13 @@ def _hash_file(path: Path, h: "hashlib._Hash", edge: int = 1 << 20) -> None:
 
 
 def folder_fingerprint(source: str, subfolders: list[str]) -> str:
-    """A hash of the files of a model folder (or of a Hub id's locally cached snapshot, else of the id itself)."""
+    """A hash of the files of a model folder (or of a Hub id's locally cached snapshot, else of the id itself); of a
+    single-file base, the file, which holds every part."""
     root = Path(source)
+    if root.is_file():
+        h = hashlib.sha256()
+        _hash_file(root, h)
+        return h.hexdigest()[:16]
     if not root.is_dir():
         try:
             from huggingface_hub import snapshot_download

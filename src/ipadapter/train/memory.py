@@ -187,7 +187,9 @@ def _text_length(base: str) -> int:
 
     from ipadapter.errors import IPAdapterError, first_clause
     from ipadapter.sources import from_cache_or_hub
+    from ipadapter.train.models import config_source
 
+    base = config_source(base)
     try:
         path = from_cache_or_hub(lambda local: cached_file(base, "tokenizer_config.json", subfolder="tokenizer",
                                                            local_files_only=local), base, "the base model")
@@ -200,6 +202,9 @@ def _text_encoders(base: str, sdxl: bool) -> list[nn.Module]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ipadapter.sources import from_cache_or_hub
+    from ipadapter.train.models import config_source
+
+    base = config_source(base)
 
     def config(sub: str) -> CLIPTextConfig:
         return from_cache_or_hub(

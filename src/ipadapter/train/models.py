@@ -1,4 +1,5 @@
-"""The frozen base a run trains against, from a diffusers pipeline folder (or Hub id).
+"""The frozen base a run trains against, from a diffusers pipeline folder (or Hub id), or a whole checkpoint in one
+file (`ipadapter.single_file`: its parts laid out as its family's published configs, which are read for them).
 
 A base is a folder with `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler` (+ `text_encoder_2`, `tokenizer_2`
 for SDXL). The image encoder is `ipadapter.encoders.ImageEncoder`, the one inference uses. Loaders raise
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipadapter import single_file
 from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub
 from ipadapter.validation import vae_downscale
@@ -78,7 +80,13 @@ def base_configs(source: str, models: BaseModels | None = None) -> tuple[dict[st
         return dict(models.unet.config), dict(models.vae.config) if models.vae else {}
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    return _config(UNet2DConditionModel, source, "unet"), _config(AutoencoderKL, source, "vae")
+    layout = config_source(source)
+    return _config(UNet2DConditionModel, layout, "unet"), _config(AutoencoderKL, layout, "vae")
+
+
+def config_source(source: str) -> str:
+    """Where the base's configs are: a single file's family configs, else the base itself."""
+    return str(single_file.config_folder(source)) if single_file.is_single_file(source) else source
 
 
 def resolution_step(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> int:
@@ -111,6 +119,8 @@ def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseMo
     """UNet and scheduler config always; VAE and text encoder(s) unless a feature cache replaces them."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    if single_file.is_single_file(source):
+        return _single_file_base(source, encoders=encoders, vae=vae)
     unet = _from_pretrained(UNet2DConditionModel, source, "UNet", "unet")
     scheduler = _config(DDPMScheduler, source, "scheduler") if Path(source, "scheduler").is_dir() or \
         not Path(source).is_dir() else None
@@ -139,15 +149,35 @@ def place_frozen(device: Any, weight_dtype: torch.dtype, vae: nn.Module | None, 
         vae.to(device, vae_dtype(vae, weight_dtype))
 
 
+def _single_file_base(source: str, *, encoders: bool, vae: bool) -> BaseModels:
+    """Every part of a single-file checkpoint at once (diffusers reads the file whole); the scheduler's config is its
+    family's, as a folder's is its own."""
+    from diffusers import DDPMScheduler
+
+    pipe = single_file.load_pipeline(source, torch.float32)
+    models = BaseModels(unet=pipe.unet, scheduler_config=_config(DDPMScheduler, config_source(source), "scheduler"),
+                        vae=pipe.vae if vae else None, name=str(source))
+    if encoders:
+        models.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+        models.text_encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+        freeze(*models.text_encoders)
+    return models
+
+
 def load_vae(source: str) -> nn.Module:
     from diffusers import AutoencoderKL
 
+    if single_file.is_single_file(source):
+        return _single_file_base(source, encoders=False, vae=True).vae
     return _from_pretrained(AutoencoderKL, source, "VAE", "vae")
 
 
 def load_text_encoders(source: str, *, sdxl: bool) -> tuple[list[Any], list[nn.Module]]:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if single_file.is_single_file(source):
+        models = _single_file_base(source, encoders=True, vae=False)
+        return models.tokenizers, models.text_encoders
     tokenizers = [_from_pretrained(CLIPTokenizer, source, "tokenizer", "tokenizer")]
     encoders = [_from_pretrained(CLIPTextModel, source, "text encoder", "text_encoder")]
     if sdxl:

@@ -1,0 +1,91 @@
+"""Base models kept as one file in the original Stable Diffusion layout, as web UIs, ComfyUI (`models/checkpoints/`)
+and model sites share fine-tuned models.
+
+diffusers' `from_single_file` reads the weights. The layout they fill (block counts, widths, the tokenizer, the
+scheduler) is that of the published diffusers repository of the file's family, which diffusers tells from the file's
+key names and shapes (`infer_diffusers_model_type`; the header is enough, no weight is read for it). Only that
+repository's config and tokenizer files are read: from the Hugging Face cache when they are there, else downloaded
+once (a few hundred kB), never its weights. Whole text-to-image checkpoints of the Stable Diffusion families are
+taken; anything else is refused by name before a weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ipadapter.errors import IPAdapterError, first_clause
+from ipadapter.sources import from_cache_or_hub
+
+UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # the first convolution, in every SD checkpoint
+# diffusers' names of the families a base file can be (`infer_diffusers_model_type`) → how messages call them.
+FAMILIES = {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x", "xl_base": "SDXL",
+            "playground-v2-5": "Playground v2.5"}
+# A diffusers repository's files that describe it without weights, at any depth (huggingface_hub matches with
+# fnmatch, whose `*` crosses folders): configs, tokenizer vocabularies and merges, sentencepiece models.
+CONFIG_FILES = ("*.json", "*.txt", "*.model")
+EXPECTED = ("--base takes a whole Stable Diffusion 1.x, 2.x or SDXL checkpoint in one .safetensors file, or a "
+            "diffusers pipeline folder or Hub id")
+
+
+def is_single_file(base: str | os.PathLike) -> bool:
+    """Whether `base` names one file (a diffusers pipeline is a folder or a Hub id)."""
+    return Path(base).expanduser().is_file()
+
+
+def family(path: str | os.PathLike) -> tuple[str, str]:
+    """(diffusers' family name, its published repository) of a single-file checkpoint, from its header alone."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
+
+    from ipadapter.checkpoint import file_head, is_torch_file
+    from ipadapter.validation import tensor_shapes
+
+    if is_torch_file(file_head(path)):
+        raise IPAdapterError(f"{path} is a pickle (.ckpt); ipadapter does not open pickled base models, which can "
+                             "carry code: use the model's .safetensors file")
+    shapes = tensor_shapes(path, EXPECTED)
+    if UNET_KEY not in shapes:
+        raise IPAdapterError(f"{path} holds no Stable Diffusion UNet in the original layout (no {UNET_KEY}); {EXPECTED}")
+    name = infer_diffusers_model_type({key: torch.empty(shape, device="meta") for key, shape in shapes.items()})
+    if name not in FAMILIES:
+        raise IPAdapterError(f"{path} is not a text-to-image base (diffusers reads it as the family {name!r}); "
+                             f"{EXPECTED}")
+    return name, DIFFUSERS_DEFAULT_PIPELINE_PATHS[name]["pretrained_model_name_or_path"]
+
+
+def config_folder(path: str | os.PathLike) -> Path:
+    """The local folder of the configs that describe the file's layout (its family's published repository, configs
+    and tokenizers only)."""
+    from huggingface_hub import snapshot_download
+
+    name, repo = family(path)
+
+    def fetch(local: bool) -> Path:
+        folder = Path(snapshot_download(repo, allow_patterns=list(CONFIG_FILES), local_files_only=local))
+        if not (folder / "model_index.json").is_file():  # a cache entry holding other files of the repository
+            raise FileNotFoundError(f"no model_index.json in {folder}")
+        return folder
+
+    try:
+        return from_cache_or_hub(fetch, repo, f"the {FAMILIES[name]} layout", include=CONFIG_FILES,
+                                 instead="give --base the model as a diffusers pipeline folder")
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"could not fetch the configs of {repo}: {first_clause(str(err))}") from None
+
+
+def load_pipeline(path: str | os.PathLike, dtype: torch.dtype) -> Any:
+    """The text-to-image pipeline of a single-file checkpoint, its parts laid out as its family's repository."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    folder = config_folder(path)
+    cls = getattr(diffusers, json.loads((folder / "model_index.json").read_text(encoding="utf-8"))["_class_name"])
+    try:
+        return cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype, local_files_only=True)
+    except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:  # weights that do not fit
+        reason = getattr(err, "message", None) or str(err)  # SingleFileComponentError keeps its text in .message
+        raise IPAdapterError(f"could not load {path} as a {cls.__name__}: {first_clause(reason)}") from None

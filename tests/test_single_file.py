@@ -1,0 +1,190 @@
+"""Base models in one file, in the original Stable Diffusion layout (web UIs, ComfyUI's `models/checkpoints/`).
+
+The fixture is the tests' SD 1.5-layout pipeline written by `ldm_format` under the original names; the truth is
+that pipeline itself: its weights, and the images `--base <its folder>` makes. The family's published configs
+come from a Hugging Face cache the tests write, with the Hub unreachable and every request recorded.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ipadapter import IPAdapterError
+from ipadapter.cli.main import main
+from ipadapter.loading import base_geometry
+from ipadapter.pipelines import load_pipeline
+from ipadapter.single_file import CONFIG_FILES, UNET_KEY, family
+from tests import factories, ldm_format
+
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the SD 1.5 repository diffusers' table names
+SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """`pipe/` (the diffusers folder), `model.safetensors` (the same weights as one original-layout file), the
+    family's configs without weights in `configs/`, an adapter and a reference image."""
+    root = tmp_path_factory.mktemp("single")
+    folder = factories.save_tiny_sd15_pipeline(root)
+    pipe = load_pipeline(folder)
+    ldm_format.write_sd15_single_file(pipe, root / "model.safetensors")
+    shutil.copytree(folder, root / "configs", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    factories.reference_image(seed=1, size=32).save(root / "ref.png")
+    return root
+
+
+@pytest.fixture
+def cached(base, tmp_path, monkeypatch) -> list[str]:
+    """The SD 1.5 configs (no weights) in the Hugging Face cache, the Hub unreachable; the requests sent."""
+    factories.write_hub_cache(tmp_path / "hub", SD15_REPO, base / "configs")
+    return factories.hub_without_network(monkeypatch, tmp_path / "hub")
+
+
+def test_the_file_loads_as_the_pipeline_it_was_written_from(base, cached) -> None:
+    """Every weight of the UNet, VAE and text encoder as written, the family's pipeline class, no request sent: the
+    configs come from the cache, the weights from the file (the cache holds none)."""
+    pipe, original = load_pipeline(base / "model.safetensors"), load_pipeline(base / "pipe")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    for part in ("unet", "vae", "text_encoder"):
+        mine, truth = getattr(pipe, part).state_dict(), getattr(original, part).state_dict()
+        assert mine.keys() == truth.keys()
+        assert all(torch.equal(mine[key], truth[key]) for key in truth), part
+    assert pipe.safety_checker is None
+    assert cached == []
+
+
+def test_generate_from_the_file_makes_the_folders_images(base, cached, tmp_path) -> None:
+    """The command line end to end: `--base model.safetensors` gives the pixels `--base pipe/` gives, and the
+    size check before loading reads the family's configs (its default size is the folder's)."""
+    def run(source: Path, out: Path) -> np.ndarray:
+        assert main(["generate", "--base", str(source), "--adapter", str(base / "base.bin"), "--image-encoder",
+                     str(base / "pipe" / "image_encoder"), "--image", str(base / "ref.png"), "--steps", "2",
+                     "--out", str(out)]) == 0
+        return np.asarray(Image.open(out))
+
+    from_file = run(base / "model.safetensors", tmp_path / "file.png")
+    assert np.array_equal(from_file, run(base / "pipe", tmp_path / "folder.png"))
+    assert from_file.shape == (32, 32, 3)
+    assert base_geometry(str(base / "model.safetensors")) == base_geometry(str(base / "pipe"))
+    assert cached == []
+
+
+def test_only_the_configs_are_downloaded(base, tmp_path, monkeypatch) -> None:
+    """Not cached and online: one download, of the family's repository with patterns that keep its configs and
+    tokenizer and leave out every weight file SD 1.5's repository publishes."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    asked = []
+
+    def download(repo, *, allow_patterns, local_files_only):
+        asked.append((repo, local_files_only))
+        if local_files_only:
+            raise FileNotFoundError("not in the cache")
+        published = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                     "unet/diffusion_pytorch_model.fp16.bin", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt",
+                     "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                     "vae/diffusion_pytorch_model.safetensors", "safety_checker/pytorch_model.bin"]
+        kept = list(filter_repo_objects(published, allow_patterns=allow_patterns))
+        assert kept == ["model_index.json", "unet/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"]
+        return str(base / "configs")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", download)
+    monkeypatch.setattr("ipadapter.sources.hub_answers", lambda *args, **kwargs: None)
+    assert type(load_pipeline(base / "model.safetensors")).__name__ == "StableDiffusionPipeline"
+    assert asked == [(SD15_REPO, True), (SD15_REPO, False)]
+
+
+@pytest.mark.parametrize(("offline", "says"), [
+    (True, "offline mode is on"), (False, "the Hub cannot be reached")])
+def test_configs_not_cached_and_not_reachable_name_the_download(base, tmp_path, monkeypatch, offline, says) -> None:
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "empty-hub")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", offline)
+    with pytest.raises(IPAdapterError) as err:
+        load_pipeline(base / "model.safetensors")
+    message = str(err.value)
+    assert says in message and "\n" not in message
+    assert f"hf download {SD15_REPO} --include {' '.join(repr(p) for p in CONFIG_FILES)}" in message
+    assert "give --base the model as a diffusers pipeline folder" in message
+    assert all("/resolve/" not in url for url in sent)  # nothing was downloaded
+
+
+def _header_only(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    save_file({key: torch.zeros(shape) for key, shape in shapes.items()}, str(path))
+    return path
+
+
+def test_the_family_is_read_from_the_header(tmp_path) -> None:
+    """SD 1.5's text width (768) and SDXL's second text encoder, by the names the original checkpoints use."""
+    v1 = {UNET_KEY: (1, 4, 1, 1), "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+          (1, 768)}
+    xl = {UNET_KEY: (1, 4, 1, 1), "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1,)}
+    assert family(_header_only(tmp_path / "v1.safetensors", v1)) == ("v1", SD15_REPO)
+    assert family(_header_only(tmp_path / "xl.safetensors", xl)) == ("xl_base", SDXL_REPO)
+
+
+@pytest.mark.parametrize(("name", "write", "says"), [
+    ("model.ckpt", lambda p: torch.save({"state_dict": {}}, p), "is a pickle (.ckpt); ipadapter does not open"),
+    ("lora.safetensors", lambda p: _header_only(p, {"lora_unet_down.alpha": (1,)}), "holds no Stable Diffusion UNet"),
+    ("inpaint.safetensors", lambda p: _header_only(p, {UNET_KEY: (1, 9, 1, 1)}), "family 'inpainting'"),
+    ("notes.safetensors", lambda p: p.write_text("not weights"), "is not a .safetensors file"),
+])
+def test_a_file_that_is_not_a_whole_base_is_refused_in_one_line(base, tmp_path, capsys, name, write, says) -> None:
+    """Before any weight or config is read, on the command line: the reason, then what to give instead."""
+    write(tmp_path / name)
+    assert main(["generate", "--base", str(tmp_path / name), "--adapter", str(base / "base.bin"), "--image",
+                 str(base / "ref.png"), "--out", str(tmp_path / "out.png")]) != 0
+    err = capsys.readouterr().err.strip()
+    instead = "use the model's .safetensors file" if name.endswith(".ckpt") else "--base takes a whole Stable Diffusion"
+    assert says in err and instead in err and "\n" not in err
+    assert not (tmp_path / "out.png").exists()
+
+
+def _training_base(root: Path) -> Path:
+    """The training tests' tiny base (`factories.write_base`) saved whole by diffusers, as `from_pretrained` reads it
+    and as a family's published repository lays it out."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parts = factories.write_base(root / "parts")
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_pretrained(parts / "unet"), vae=AutoencoderKL.from_pretrained(parts / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(parts / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer"),
+        scheduler=DDPMScheduler.from_pretrained(parts / "scheduler"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    ldm_format.write_sd15_single_file(pipe, root / "model.safetensors")
+    shutil.copytree(root / "pipe", root / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
+    return root
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_training_on_the_file_ends_at_the_weights_training_on_the_folder_does(tmp_path, monkeypatch, capsys) -> None:
+    """`ipadapter train --base model.safetensors`: the memory estimate (from the family's configs) is the folder's,
+    and the adapter trained on the file's weights equals the one trained on the diffusers folder, bit for bit."""
+    from safetensors.torch import load_file
+
+    root = _training_base(tmp_path / "base")
+    factories.write_hub_cache(tmp_path / "hub", SD15_REPO, root / "configs")
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    data, encoder = factories.write_images(tmp_path / "data", 2), factories.write_image_encoder(tmp_path / "enc")
+    adapters, estimates = [], []
+    for name, source in (("folder", root / "pipe"), ("file", root / "model.safetensors")):
+        factories.reset_accelerate()
+        flags = ["--base", str(source), "--image-encoder", str(encoder), "--resolution", str(factories.RES)]
+        assert main(["train", *flags, "--dry-run"]) == 0
+        estimates.append(capsys.readouterr().out.replace(str(source), "BASE"))
+        assert main(["train", *flags, "--data", str(data), "--max-steps", "2", "--batch-size", "2", "--num-workers",
+                     "0", "--output", str(tmp_path / name)]) == 0
+        adapters.append(load_file(tmp_path / name / "ip-adapter.safetensors"))
+    assert estimates[0] == estimates[1] and "parameters" in estimates[0]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][key], adapters[1][key]) for key in adapters[0])
+    assert sent == []
