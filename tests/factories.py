@@ -133,11 +133,11 @@ def tiny_tokenizer(folder) -> "CLIPTokenizer":
     return CLIPTokenizer.from_pretrained(str(write_tokenizer(Path(folder), max_length=16)))
 
 
-def tiny_text_encoder(hidden: int, seed: int = 0, projection: int | None = None):
+def tiny_text_encoder(hidden: int, seed: int = 0, projection: int | None = None, layers: int = 2):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=80, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    config = CLIPTextConfig(vocab_size=80, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                             num_attention_heads=2, max_position_embeddings=16, projection_dim=projection or hidden,
                             bos_token_id=0, eos_token_id=1, pad_token_id=1)
     model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)

@@ -1,6 +1,7 @@
-"""A diffusers SD 1.5-layout pipeline written as one file in the original (CompVis LDM) layout, the way web UIs,
+"""A diffusers SD 1.5- or SDXL-layout pipeline written as one file in the original (CompVis LDM) layout, the way web UIs,
 ComfyUI and model sites keep checkpoints: the fixture for loading a single-file base. Written from the LDM names
-(`model.diffusion_model.input_blocks…`, `first_stage_model.encoder.down…`, `cond_stage_model.transformer…`), so
+(`model.diffusion_model.input_blocks…`, `first_stage_model.encoder.down…`, `cond_stage_model.transformer…`,
+`conditioner.embedders.1.model.transformer.resblocks…`), so
 diffusers' own `from_single_file`, reading them back, is the independent side of a round trip.
 """
 
@@ -52,6 +53,8 @@ def unet_state(unet: Any) -> dict[str, torch.Tensor]:
         has_attention = any(key.startswith(f"up_blocks.{i}.attentions.") for key in state)
         last = i * (per + 1) + per
         out |= _renamed(state, f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{last}.{2 if has_attention else 1}.")
+    out |= _renamed(state, "add_embedding.linear_1", "label_emb.0.0")  # SDXL's size and pooled-text conditioning
+    out |= _renamed(state, "add_embedding.linear_2", "label_emb.0.2")
     out |= _renamed(state, "mid_block.resnets.0.", "middle_block.0.", RESNET)
     out |= _renamed(state, "mid_block.attentions.0.", "middle_block.1.")
     out |= _renamed(state, "mid_block.resnets.1.", "middle_block.2.", RESNET)
@@ -93,9 +96,39 @@ def _text_model(key: str) -> str:
     return key if key.startswith("text_model.") else "text_model." + key
 
 
-def write_sd15_single_file(pipe: Any, path: Path) -> Path:
-    """`pipe`'s UNet, VAE and text encoder in one safetensors file, as an SD 1.5 checkpoint is shared."""
-    state = {**unet_state(pipe.unet), **vae_state(pipe.vae),
-             **{TEXT + _text_model(key): value for key, value in pipe.text_encoder.state_dict().items()}}
+def open_clip_text_state(encoder: Any) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection by OpenCLIP's names (SDXL's second text encoder): one packed q/k/v projection
+    per layer (`attn.in_proj_weight`), `ln_1`/`ln_2`, `mlp.c_fc`/`c_proj`, and the text projection stored
+    transposed, (width, projection)."""
+    state = {_text_model(key) if not key.startswith("text_projection") else key: value
+             for key, value in encoder.state_dict().items()}
+    out = {"token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": state["text_model.final_layer_norm.weight"],
+           "ln_final.bias": state["text_model.final_layer_norm.bias"],
+           "text_projection": state["text_projection.weight"].T}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for i in range(encoder.config.num_hidden_layers):
+        layer, block = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[block + f"attn.in_proj_{p}"] = torch.cat([state[layer + f"self_attn.{x}_proj.{p}"] for x in "qkv"])
+            for theirs, ours in names.items():
+                out[block + f"{ours}.{p}"] = state[layer + f"{theirs}.{p}"]
+    return out
+
+
+def write_single_file(pipe: Any, path: Path) -> Path:
+    """`pipe`'s UNet, VAE and text encoder(s) in one safetensors file, as an SD 1.5 or SDXL checkpoint is shared:
+    SDXL keeps its first text encoder under `conditioner.embedders.0.transformer.`, its second in OpenCLIP's layout
+    under `conditioner.embedders.1.model.`."""
+    text = pipe.text_encoder.state_dict().items()
+    state = {**unet_state(pipe.unet), **vae_state(pipe.vae)}
+    if getattr(pipe, "text_encoder_2", None) is None:
+        state |= {TEXT + _text_model(key): value for key, value in text}
+    else:
+        state |= {"conditioner.embedders.0.transformer." + _text_model(key): value for key, value in text}
+        state |= {"conditioner.embedders.1.model." + key: value
+                  for key, value in open_clip_text_state(pipe.text_encoder_2).items()}
     save_file({key: value.contiguous() for key, value in state.items()}, str(path))
     return path

@@ -23,46 +23,74 @@ from ipadapter.pipelines import load_pipeline
 from ipadapter.single_file import CONFIG_FILES, UNET_KEY, family
 from tests import factories, ldm_format
 
-SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the SD 1.5 repository diffusers' table names
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the published repositories diffusers' table names
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+REPOS = {"sd15": SD15_REPO, "sdxl": SDXL_REPO}
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
+def _sdxl_folder(root: Path) -> Path:
+    """The tests' SDXL-layout pipeline saved with an image encoder and a base adapter. Its text encoders differ in
+    width, as SDXL's do (768, 1280), and the second has 10 layers: diffusers tells the two apart by width, and the
+    family by the second's tenth layer."""
+    pipe = factories.tiny_sdxl_pipeline(root)
+    pipe.text_encoder = factories.tiny_text_encoder(24)
+    pipe.text_encoder_2 = factories.tiny_text_encoder(40, 1, projection=32, layers=10)
+    pipe.save_pretrained(root / "pipe")
+    factories.write_image_encoder(root / "pipe" / "image_encoder")
+    torch.save(factories.published(pipe.unet, "base", factories.SDXL_CROSS), root / "base.bin")
+    return root / "pipe"
+
+
+def _write(root: Path, kind: str) -> Path:
     """`pipe/` (the diffusers folder), `model.safetensors` (the same weights as one original-layout file), the
-    family's configs without weights in `configs/`, an adapter and a reference image."""
-    root = tmp_path_factory.mktemp("single")
-    folder = factories.save_tiny_sd15_pipeline(root)
-    pipe = load_pipeline(folder)
-    ldm_format.write_sd15_single_file(pipe, root / "model.safetensors")
+    family's configs without weights in `configs/`, an adapter `base.bin` and a reference image."""
+    folder = factories.save_tiny_sd15_pipeline(root) if kind == "sd15" else _sdxl_folder(root)
+    ldm_format.write_single_file(load_pipeline(folder), root / "model.safetensors")
     shutil.copytree(folder, root / "configs", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     factories.reference_image(seed=1, size=32).save(root / "ref.png")
     return root
 
 
+@pytest.fixture(scope="module", params=list(REPOS))
+def family_base(request, tmp_path_factory) -> tuple[str, Path]:
+    """(SD 1.5 or SDXL, the folder `_write` filled)."""
+    return request.param, _write(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """SD 1.5's `_write` folder, for what does not depend on the family."""
+    return _write(tmp_path_factory.mktemp("sd15"), "sd15")
+
+
 @pytest.fixture
-def cached(base, tmp_path, monkeypatch) -> list[str]:
-    """The SD 1.5 configs (no weights) in the Hugging Face cache, the Hub unreachable; the requests sent."""
-    factories.write_hub_cache(tmp_path / "hub", SD15_REPO, base / "configs")
+def cached(family_base, tmp_path, monkeypatch) -> list[str]:
+    """The family's configs (no weights) in the Hugging Face cache, the Hub unreachable; the requests sent."""
+    kind, root = family_base
+    factories.write_hub_cache(tmp_path / "hub", REPOS[kind], root / "configs")
     return factories.hub_without_network(monkeypatch, tmp_path / "hub")
 
 
-def test_the_file_loads_as_the_pipeline_it_was_written_from(base, cached) -> None:
-    """Every weight of the UNet, VAE and text encoder as written, the family's pipeline class, no request sent: the
-    configs come from the cache, the weights from the file (the cache holds none)."""
+def test_the_file_loads_as_the_pipeline_it_was_written_from(family_base, cached) -> None:
+    """Every weight of the UNet, VAE and text encoder(s) as written, the family's pipeline class, no request sent:
+    the configs come from the cache, the weights from the file (the cache holds none)."""
+    kind, base = family_base
     pipe, original = load_pipeline(base / "model.safetensors"), load_pipeline(base / "pipe")
-    assert type(pipe).__name__ == "StableDiffusionPipeline"
-    for part in ("unet", "vae", "text_encoder"):
+    assert type(pipe) is type(original)
+    assert type(pipe).__name__ == {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[kind]
+    for part in ("unet", "vae", "text_encoder", *(["text_encoder_2"] if kind == "sdxl" else [])):
         mine, truth = getattr(pipe, part).state_dict(), getattr(original, part).state_dict()
         assert mine.keys() == truth.keys()
         assert all(torch.equal(mine[key], truth[key]) for key in truth), part
-    assert pipe.safety_checker is None
+    assert getattr(pipe, "safety_checker", None) is None
     assert cached == []
 
 
-def test_generate_from_the_file_makes_the_folders_images(base, cached, tmp_path) -> None:
+def test_generate_from_the_file_makes_the_folders_images(family_base, cached, tmp_path) -> None:
     """The command line end to end: `--base model.safetensors` gives the pixels `--base pipe/` gives, and the
     size check before loading reads the family's configs (its default size is the folder's)."""
+    _, base = family_base
+
     def run(source: Path, out: Path) -> np.ndarray:
         assert main(["generate", "--base", str(source), "--adapter", str(base / "base.bin"), "--image-encoder",
                      str(base / "pipe" / "image_encoder"), "--image", str(base / "ref.png"), "--steps", "2",
@@ -160,7 +188,7 @@ def _training_base(root: Path) -> Path:
         scheduler=DDPMScheduler.from_pretrained(parts / "scheduler"), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.save_pretrained(root / "pipe")
-    ldm_format.write_sd15_single_file(pipe, root / "model.safetensors")
+    ldm_format.write_single_file(pipe, root / "model.safetensors")
     shutil.copytree(root / "pipe", root / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
     return root
 
