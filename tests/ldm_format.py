@@ -1,8 +1,8 @@
-"""A diffusers SD 1.5- or SDXL-layout pipeline written as one file in the original (CompVis LDM) layout, the way web UIs,
-ComfyUI and model sites keep checkpoints: the fixture for loading a single-file base. Written from the LDM names
+"""A diffusers SD 1.5- or SDXL-layout pipeline written as one file in the original (CompVis LDM) layout, the way web
+UIs, ComfyUI and model sites keep checkpoints: the fixture for loading a single-file base. Written from the LDM names
 (`model.diffusion_model.input_blocks…`, `first_stage_model.encoder.down…`, `cond_stage_model.transformer…`,
-`conditioner.embedders.1.model.transformer.resblocks…`), so
-diffusers' own `from_single_file`, reading them back, is the independent side of a round trip.
+`conditioner.embedders.1.model.transformer.resblocks…`), so diffusers' own `from_single_file`, reading them back, is
+the independent side of a round trip.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def vae_state(vae: Any) -> dict[str, torch.Tensor]:
         out |= {f"{part}.{name}.{p}": state[f"{part}.{name}.{p}"] for name in ("conv_in", "conv_out")
                 for p in ("weight", "bias")}
         out |= _renamed(state, f"{part}.conv_norm_out.", f"{part}.norm_out.")
-        out |= _renamed(state, f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", {"conv_shortcut": "nin_shortcut"})
-        out |= _renamed(state, f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", {"conv_shortcut": "nin_shortcut"})
+        out |= _renamed(state, f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.")
+        out |= _renamed(state, f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.")
         for diffusers_name, ldm in VAE_ATTENTION.items():
             for p in ("weight", "bias"):
                 value = state[f"{part}.mid_block.attentions.0.{diffusers_name}.{p}"]

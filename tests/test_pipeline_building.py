@@ -210,6 +210,19 @@ def _renamed(path: Path, old: str, new: str) -> Path:
     return out
 
 
+def test_a_file_that_is_no_lora_is_refused_with_diffusers_reason(saved, tmp_path) -> None:
+    """Weights named without `lora` (a model's own weights given as a LoRA): diffusers' reason, its first clause."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "not-a-lora.safetensors"
+    save_file({"unet.down_blocks.0.weight": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError) as theirs:
+        _fresh(saved).load_lora_weights(str(path), adapter_name="base_lora")
+    with pytest.raises(IPAdapterError) as caught:
+        fuse_base_lora(_fresh(saved), path)
+    assert str(caught.value) == f"could not load the LoRA {path}: {first_clause(str(theirs.value))}"
+
+
 def test_a_lora_whose_layers_this_model_lacks_is_refused(saved, tmp_path) -> None:
     """Keys under the UNet that name no layer of it (peft's "not found in the base model"), and keys for no part of
     the pipeline at all (diffusers loads nothing and only logs it)."""

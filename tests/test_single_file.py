@@ -63,12 +63,20 @@ def base(tmp_path_factory) -> Path:
     return _write(tmp_path_factory.mktemp("sd15"), "sd15")
 
 
-@pytest.fixture
-def cached(family_base, tmp_path, monkeypatch) -> list[str]:
+def _cache(kind: str, root: Path, tmp_path: Path, monkeypatch) -> list[str]:
     """The family's configs (no weights) in the Hugging Face cache, the Hub unreachable; the requests sent."""
-    kind, root = family_base
     factories.write_hub_cache(tmp_path / "hub", REPOS[kind], root / "configs")
     return factories.hub_without_network(monkeypatch, tmp_path / "hub")
+
+
+@pytest.fixture
+def cached(family_base, tmp_path, monkeypatch) -> list[str]:
+    return _cache(*family_base, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def sd15_cached(base, tmp_path, monkeypatch) -> list[str]:
+    return _cache("sd15", base, tmp_path, monkeypatch)
 
 
 def test_the_file_loads_as_the_pipeline_it_was_written_from(family_base, cached) -> None:
@@ -104,6 +112,48 @@ def test_generate_from_the_file_makes_the_folders_images(family_base, cached, tm
     assert cached == []
 
 
+def test_the_parts_load_in_the_dtype_asked_for(base, sd15_cached) -> None:
+    """`--dtype bfloat16` with a file: every part in bfloat16, as the folder loads in it."""
+    pipe, original = (load_pipeline(source, dtype=torch.bfloat16) for source in (base / "model.safetensors",
+                                                                                  base / "pipe"))
+    for part in ("unet", "vae", "text_encoder"):
+        mine, truth = getattr(pipe, part), getattr(original, part)
+        assert mine.dtype == truth.dtype == torch.bfloat16
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), truth.state_dict().values()))
+
+
+def test_a_file_missing_a_part_is_refused_in_one_line_naming_it(base, sd15_cached, tmp_path) -> None:
+    """An SD 1.5 file without its VAE (some are shared so): diffusers' reason, its first line, after the file."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "no-vae.safetensors"
+    save_file({k: v for k, v in load_file(base / "model.safetensors").items() if not k.startswith(ldm_format.VAE)},
+              str(path))
+    with pytest.raises(IPAdapterError) as err:
+        load_pipeline(path)
+    assert str(err.value) == (f"could not load {path} as a StableDiffusionPipeline: Failed to load AutoencoderKL. "
+                              "Weights for this component appear to be missing in the checkpoint.")
+
+
+def test_a_cache_entry_without_the_pipeline_index_is_fetched_again(base, tmp_path, monkeypatch) -> None:
+    """A cached snapshot holding other files of the repository (a UNet config alone) is not the layout: the Hub is
+    asked for the configs; a download still without `model_index.json` is refused, naming the repository."""
+    partial = tmp_path / "partial"
+    shutil.copytree(base / "configs" / "unet", partial / "unet")
+    asked = []
+
+    def download(repo, *, allow_patterns, local_files_only):
+        asked.append(local_files_only)
+        return str(partial)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", download)
+    monkeypatch.setattr("ipadapter.sources.hub_answers", lambda *args, **kwargs: None)
+    with pytest.raises(IPAdapterError) as err:
+        load_pipeline(base / "model.safetensors")
+    assert str(err.value) == f"could not fetch the configs of {SD15_REPO}: no model_index.json in {partial}"
+    assert asked == [True, False]
+
+
 def test_only_the_configs_are_downloaded(base, tmp_path, monkeypatch) -> None:
     """Not cached and online: one download, of the family's repository with patterns that keep its configs and
     tokenizer and leave out every weight file SD 1.5's repository publishes."""
@@ -137,9 +187,10 @@ def test_configs_not_cached_and_not_reachable_name_the_download(base, tmp_path, 
     with pytest.raises(IPAdapterError) as err:
         load_pipeline(base / "model.safetensors")
     message = str(err.value)
+    assert message.startswith(f"the Stable Diffusion 1.x layout {SD15_REPO} is not in the local Hugging Face cache")
     assert says in message and "\n" not in message
-    assert f"hf download {SD15_REPO} --include {' '.join(repr(p) for p in CONFIG_FILES)}" in message
-    assert "give --base the model as a diffusers pipeline folder" in message
+    assert f"(hf download {SD15_REPO} --include {' '.join(repr(p) for p in CONFIG_FILES)})" in message
+    assert message.endswith(") or give --base the model as a diffusers pipeline folder")
     assert all("/resolve/" not in url for url in sent)  # nothing was downloaded
 
 
@@ -169,8 +220,11 @@ def test_a_file_that_is_not_a_whole_base_is_refused_in_one_line(base, tmp_path, 
     assert main(["generate", "--base", str(tmp_path / name), "--adapter", str(base / "base.bin"), "--image",
                  str(base / "ref.png"), "--out", str(tmp_path / "out.png")]) != 0
     err = capsys.readouterr().err.strip()
-    instead = "use the model's .safetensors file" if name.endswith(".ckpt") else "--base takes a whole Stable Diffusion"
-    assert says in err and instead in err and "\n" not in err
+    instead = (": use the model's .safetensors file" if name.endswith(".ckpt") else
+               "; --base takes a whole Stable Diffusion 1.x, 2.x or SDXL checkpoint in one .safetensors file, or a "
+               "diffusers pipeline folder or Hub id")
+    assert err.startswith(f"ipadapter: error: {tmp_path / name} ")
+    assert says in err and err.endswith(instead) and "\n" not in err
     assert not (tmp_path / "out.png").exists()
 
 

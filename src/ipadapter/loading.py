@@ -21,8 +21,8 @@ from ipadapter.pipelines import add_controlnet, check_lora_file, fuse_base_lora,
 from ipadapter.prompter import ImagePrompter
 from ipadapter.siglip import encoder_class
 from ipadapter.sources import (
-    AdapterSource, default_image_encoder, encoder_by_width, from_cache_or_hub, miniature_adapter, miniature_base,
-    split_hub_path,
+    AdapterSource, default_image_encoder, encoder_by_width, from_cache_or_hub, is_published_name, miniature_adapter,
+    miniature_base, published_adapter, published_files, split_hub_path,
 )
 from ipadapter.validation import check_device, model_source, vae_downscale
 
@@ -101,10 +101,11 @@ def load(
     names = _per_adapter(adapter_name, len(paths), "adapter_name") if adapter_name is not None else None
     if names is not None and len(set(names)) != len(names):
         raise IPAdapterError(f"adapter names must differ, got {', '.join(map(str, names))}")
-    sources = [_bundled_or(AdapterSource(str(p), s, w)) for p, s, w in zip(
-        paths, _per_adapter(subfolder, len(paths), "subfolder"), _per_adapter(weight_name, len(paths), "weight_name"))]
-    keys = names or [str(i) for i in range(len(sources))]
     denoiser = denoiser_of(pipe)
+    named = [_named(AdapterSource(str(p), s, w)) for p, s, w in zip(
+        paths, _per_adapter(subfolder, len(paths), "subfolder"), _per_adapter(weight_name, len(paths), "weight_name"))]
+    sources = [published_adapter(s.source, unet_family(denoiser)) if is_published_name(s.source) else s for s in named]
+    keys = names or [str(i) for i in range(len(sources))]
     if hasattr(denoiser, "_hf_hook") and next(denoiser.parameters()).is_meta:  # accelerate's hook, weights away
         raise IPAdapterError("the pipeline's weights are offloaded module by module (enable_sequential_cpu_offload): "
                              "load the adapters first, then turn offloading on")
@@ -115,14 +116,32 @@ def load(
     return ImagePrompter(pipe, adapters, encoder, face_analyzer, cache_kv=cache_kv)
 
 
-def _bundled_or(source: AdapterSource) -> AdapterSource:
-    """The bundled adapter a keyword names ("miniature", "miniature-plus", ...), as on the command line; any other
-    source as given."""
-    if source.source not in MINIATURE_ADAPTERS:
-        return source
-    if source.subfolder or source.weight_name:  # one file: a name inside it would be silently ignored
-        raise IPAdapterError(f"{source.source} is a bundled adapter, one file: give no subfolder= or weight_name=")
-    return miniature_adapter(MINIATURE_ADAPTERS[source.source])
+def keyword_kind(adapter: str) -> str | None:
+    """What an adapter keyword names, for messages; None for a path or Hub id."""
+    return "a bundled adapter" if adapter in MINIATURE_ADAPTERS else \
+        "a published adapter" if is_published_name(adapter) else None
+
+
+def unet_family(denoiser: Any) -> str | None:
+    """Which of h94's files an `h94:` name means on this denoiser: "sdxl" for SDXL's UNet (size and pooled-text
+    conditioning, CLIP text), "sd15" for SD 1.x's (2.x's too: its width then refuses the file); None for FLUX, SD 3
+    and Kolors (whose UNet projects ChatGLM's text: `encoder_hid_dim_type`)."""
+    if is_dit(denoiser) or getattr(denoiser.config, "encoder_hid_dim_type", None) is not None:
+        return None
+    return "sdxl" if getattr(denoiser.config, "addition_embed_type", None) == "text_time" else "sd15"
+
+
+def _named(source: AdapterSource) -> AdapterSource:
+    """The file a bundled adapter's keyword names ("miniature", "miniature-plus", ...); an h94 name ("h94:plus") is
+    checked here and its file chosen by `load`, where the base is known; any other source as given."""
+    kind = keyword_kind(source.source)
+    if kind and (source.subfolder or source.weight_name):  # one file: a name inside it would be silently ignored
+        raise IPAdapterError(f"{source.source} is {kind}, one file: give no subfolder= or weight_name=")
+    if source.source in MINIATURE_ADAPTERS:
+        return miniature_adapter(MINIATURE_ADAPTERS[source.source])
+    if is_published_name(source.source):
+        published_files(source.source)  # an unknown name fails before a model loads
+    return source
 
 
 def adapter_sources(
@@ -133,7 +152,7 @@ def adapter_sources(
         return [miniature_adapter()] if not base else []
     names = _per_adapter(list(weight_names), len(adapters), "weight_name")
     subs = _per_adapter(list(subfolders), len(adapters), "subfolder")
-    return [_bundled_or(AdapterSource(a, s, w)) for a, s, w in zip(adapters, subs, names)]
+    return [_named(AdapterSource(a, s, w)) for a, s, w in zip(adapters, subs, names)]
 
 
 def controlnet_source(name: str) -> str:
@@ -166,13 +185,16 @@ def check_model_args(args: Any) -> str:
     if getattr(args, "controlnet", None) and args.controlnet != "miniature":
         model_source(args.controlnet, "ControlNet folder", subfolders=True)
     for adapter in args.adapter or []:
-        if adapter not in MINIATURE_ADAPTERS:
+        if is_published_name(adapter):
+            published_files(adapter)
+        elif adapter not in MINIATURE_ADAPTERS:
             model_source(adapter, "--adapter")
     adapters = args.adapter or ["miniature"]
     for flag, values in (("--weight-name", args.weight_name), ("--subfolder", args.subfolder)):
         for adapter, value in zip(adapters, values or []):
-            if value and adapter in MINIATURE_ADAPTERS:  # one file: a name inside it would be silently ignored
-                raise IPAdapterError(f"{flag} {value} names a file inside --adapter, but {adapter} is a bundled adapter")
+            if value and keyword_kind(adapter):  # one file: a name inside it would be silently ignored
+                raise IPAdapterError(f"{flag} {value} names a file inside --adapter, but {adapter} is "
+                                     f"{keyword_kind(adapter)}")
     return device
 
 
@@ -187,8 +209,7 @@ def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
     size, default the transformer's sample size."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    source = str(miniature_base()) if not base else str(single_file.config_folder(base)) \
-        if single_file.is_single_file(base) else base
+    source = single_file.configs_of(base) if base else str(miniature_base())
     transformer = (Path(source) / "transformer" / "config.json").is_file()
 
     def read(local: bool) -> tuple[dict, dict | None]:

@@ -49,7 +49,8 @@ def family(path: str | os.PathLike) -> tuple[str, str]:
                              "carry code: use the model's .safetensors file")
     shapes = tensor_shapes(path, EXPECTED)
     if UNET_KEY not in shapes:
-        raise IPAdapterError(f"{path} holds no Stable Diffusion UNet in the original layout (no {UNET_KEY}); {EXPECTED}")
+        raise IPAdapterError(f"{path} holds no Stable Diffusion UNet in the original layout (no {UNET_KEY}); "
+                             f"{EXPECTED}")
     name = infer_diffusers_model_type({key: torch.empty(shape, device="meta") for key, shape in shapes.items()})
     if name not in FAMILIES:
         raise IPAdapterError(f"{path} is not a text-to-image base (diffusers reads it as the family {name!r}); "
@@ -77,15 +78,19 @@ def config_folder(path: str | os.PathLike) -> Path:
         raise IPAdapterError(f"could not fetch the configs of {repo}: {first_clause(str(err))}") from None
 
 
+def configs_of(base: str) -> str:
+    """Where a base's configs are read: a single file's family layout (`config_folder`), else the base itself."""
+    return str(config_folder(base)) if is_single_file(base) else base
+
+
 def load_pipeline(path: str | os.PathLike, dtype: torch.dtype) -> Any:
     """The text-to-image pipeline of a single-file checkpoint, its parts laid out as its family's repository."""
     import diffusers
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     folder = config_folder(path)
-    cls = getattr(diffusers, json.loads((folder / "model_index.json").read_text(encoding="utf-8"))["_class_name"])
-    try:
-        return cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype, local_files_only=True)
+    cls = getattr(diffusers, json.loads((folder / "model_index.json").read_bytes())["_class_name"])
+    try:  # every file it reads is local: the checkpoint and the config folder
+        return cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype)
     except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:  # weights that do not fit
-        reason = getattr(err, "message", None) or str(err)  # SingleFileComponentError keeps its text in .message
-        raise IPAdapterError(f"could not load {path} as a {cls.__name__}: {first_clause(reason)}") from None
+        raise IPAdapterError(f"could not load {path} as a {cls.__name__}: {first_clause(str(err))}") from None

@@ -57,6 +57,63 @@ class AdapterSource:
         return Path(self.source, self.subfolder or "", self.weight_name or "")
 
 
+H94_FACEID = "h94/IP-Adapter-FaceID"
+PUBLISHED_PREFIX = "h94:"
+
+
+def _h94(sd15: str | None, sdxl: str | None) -> dict[str, AdapterSource]:
+    """One short name's files in h94/IP-Adapter (`models/` for SD 1.5, `sdxl_models/` for SDXL)."""
+    files = {"sd15": ("models", sd15), "sdxl": ("sdxl_models", sdxl)}
+    return {family: AdapterSource(H94, folder, name) for family, (folder, name) in files.items() if name}
+
+
+def _faceid(sd15: str | None, sdxl: str | None) -> dict[str, AdapterSource]:
+    """One short name's files at the top of h94/IP-Adapter-FaceID (their LoRA inside each file)."""
+    return {family: AdapterSource(H94_FACEID, None, name) for family, name in (("sd15", sd15), ("sdxl", sdxl)) if name}
+
+
+# `--adapter h94:NAME`: h94's published adapters by what they do, the file for the base's family (docs/checkpoints.md).
+# SDXL's "base" and "plus" files are the ViT-H ones, so that every h94 adapter but "base-vit-g" shares one encoder
+# and any of them combine; "base-vit-g" is the bigG-trained pair (`ip-adapter_sd15_vit-G`, `ip-adapter_sdxl`).
+PUBLISHED_ADAPTERS: dict[str, dict[str, AdapterSource]] = {
+    "base": _h94("ip-adapter_sd15.safetensors", "ip-adapter_sdxl_vit-h.safetensors"),
+    "base-vit-g": _h94("ip-adapter_sd15_vit-G.safetensors", "ip-adapter_sdxl.safetensors"),
+    "light": _h94("ip-adapter_sd15_light_v11.bin", None),
+    "plus": _h94("ip-adapter-plus_sd15.safetensors", "ip-adapter-plus_sdxl_vit-h.safetensors"),
+    "plus-face": _h94("ip-adapter-plus-face_sd15.safetensors", "ip-adapter-plus-face_sdxl_vit-h.safetensors"),
+    "full-face": _h94("ip-adapter-full-face_sd15.safetensors", None),
+    "faceid": _faceid("ip-adapter-faceid_sd15.bin", "ip-adapter-faceid_sdxl.bin"),
+    "faceid-plus": _faceid("ip-adapter-faceid-plus_sd15.bin", None),
+    "faceid-plusv2": _faceid("ip-adapter-faceid-plusv2_sd15.bin", "ip-adapter-faceid-plusv2_sdxl.bin"),
+    "faceid-portrait": _faceid("ip-adapter-faceid-portrait-v11_sd15.bin", "ip-adapter-faceid-portrait_sdxl.bin"),
+}
+FAMILY_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+
+
+def is_published_name(source: str) -> bool:
+    """Whether an adapter source is an `h94:` short name (checked against the table when resolved)."""
+    return str(source).startswith(PUBLISHED_PREFIX)
+
+
+def published_files(source: str) -> dict[str, AdapterSource]:
+    """The files an `h94:NAME` stands for, by base family; an unknown name is refused with the valid ones."""
+    files = PUBLISHED_ADAPTERS.get(source[len(PUBLISHED_PREFIX):])
+    if files is None:
+        raise IPAdapterError(f"unknown published adapter {source!r}; valid: "
+                             f"{', '.join(PUBLISHED_PREFIX + n for n in PUBLISHED_ADAPTERS)}")
+    return files
+
+
+def published_adapter(source: str, family: str | None) -> AdapterSource:
+    """The h94 file an `h94:NAME` names for a base of `family` ("sd15", "sdxl"; None: neither, e.g. FLUX)."""
+    files = published_files(source)
+    if family not in files:
+        made = " and ".join(FAMILY_NAMES[f] for f in files)
+        raise IPAdapterError(f"{source} is published for {made} only, and this base is "
+                             f"{FAMILY_NAMES.get(family, 'neither')}")
+    return files[family]
+
+
 def miniature_base() -> Path:
     from ipadapter.bundled import pipeline_path
 

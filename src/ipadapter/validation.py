@@ -213,7 +213,8 @@ def tensor_shapes(path: str | os.PathLike, advice: str) -> dict[str, tuple[int, 
         with safe_open(str(path), "pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as err:  # noqa: BLE001 - the library raises its own error types for a file it cannot parse
-        raise IPAdapterError(f"{path} is not a .safetensors file ({first_clause(str(err))}); {advice}") from None
+        reason = first_clause(str(err))
+        raise IPAdapterError(f"{path} is not a .safetensors file ({reason}); {advice}") from None
 
 
 def read_utf8(path: str | os.PathLike, what: str) -> str:

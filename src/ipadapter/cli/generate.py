@@ -54,7 +54,9 @@ MODEL_HELP = {
     "--base": "diffusers pipeline folder or Hub id, or a whole SD 1.x / 2.x / SDXL checkpoint in one .safetensors file "
               "(web UIs' and ComfyUI's models/checkpoints; default: the bundled miniature model)",
     "--adapter": "adapter file, folder or Hub repo id (repeatable for evaluate and generate --manifest, whose jobs name "
-                 "theirs); the bundled miniature adapters: miniature (default), miniature-plus, miniature-simple",
+                 "theirs); h94's published ones by name, the file chosen for the base: h94:base, h94:plus, "
+                 "h94:plus-face, h94:faceid, ... (docs/checkpoints.md); the bundled miniature adapters: miniature "
+                 "(default), miniature-plus, miniature-simple",
     "--weight-name": "adapter file name inside --adapter (per --adapter)",
     "--subfolder": "subfolder inside --adapter (per --adapter)",
     "--image-encoder": "CLIP vision folder or Hub id ('owner/repo/subfolder' allowed) or one .safetensors file "

@@ -187,9 +187,9 @@ def _text_length(base: str) -> int:
 
     from ipadapter.errors import IPAdapterError, first_clause
     from ipadapter.sources import from_cache_or_hub
-    from ipadapter.train.models import config_source
+    from ipadapter.single_file import configs_of
 
-    base = config_source(base)
+    base = configs_of(base)
     try:
         path = from_cache_or_hub(lambda local: cached_file(base, "tokenizer_config.json", subfolder="tokenizer",
                                                            local_files_only=local), base, "the base model")
@@ -202,9 +202,9 @@ def _text_encoders(base: str, sdxl: bool) -> list[nn.Module]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ipadapter.sources import from_cache_or_hub
-    from ipadapter.train.models import config_source
+    from ipadapter.single_file import configs_of
 
-    base = config_source(base)
+    base = configs_of(base)
 
     def config(sub: str) -> CLIPTextConfig:
         return from_cache_or_hub(

@@ -80,13 +80,8 @@ def base_configs(source: str, models: BaseModels | None = None) -> tuple[dict[st
         return dict(models.unet.config), dict(models.vae.config) if models.vae else {}
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    layout = config_source(source)
+    layout = single_file.configs_of(source)
     return _config(UNet2DConditionModel, layout, "unet"), _config(AutoencoderKL, layout, "vae")
-
-
-def config_source(source: str) -> str:
-    """Where the base's configs are: a single file's family configs, else the base itself."""
-    return str(single_file.config_folder(source)) if single_file.is_single_file(source) else source
 
 
 def resolution_step(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> int:
@@ -155,8 +150,8 @@ def _single_file_base(source: str, *, encoders: bool, vae: bool) -> BaseModels:
     from diffusers import DDPMScheduler
 
     pipe = single_file.load_pipeline(source, torch.float32)
-    models = BaseModels(unet=pipe.unet, scheduler_config=_config(DDPMScheduler, config_source(source), "scheduler"),
-                        vae=pipe.vae if vae else None, name=str(source))
+    scheduler = _config(DDPMScheduler, str(single_file.config_folder(source)), "scheduler")
+    models = BaseModels(unet=pipe.unet, scheduler_config=scheduler, vae=pipe.vae if vae else None, name=str(source))
     if encoders:
         models.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
         models.text_encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
