@@ -31,7 +31,7 @@ from tests import factories
 from tests.app_process import CHROMIUM, CHROMIUM_FLAGS, answers, serving
 
 MODEL_ARGS = {"adapter": None, "weight_name": None, "subfolder": None, "image_encoder": None, "device": "cpu",
-              "dtype": None, "scheduler": None}
+              "dtype": None, "scheduler": None, "vae": None}
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +278,20 @@ def test_model_flags_repeat_per_adapter() -> None:
     args = argparse.Namespace(base="b", **{**MODEL_ARGS, "adapter": ["a1", "a2"], "weight_name": ["w1", "w2"]})
     assert model_flags(args) == ["--base", "b", "--adapter", "a1", "--adapter", "a2", "--weight-name", "w1",
                                  "--weight-name", "w2", "--device", "cpu"]
+
+
+def test_the_reproducing_command_carries_every_model_flag_the_app_was_started_with() -> None:
+    """Each flag of `add_model_flags` given to `app` reaches `generate` with its value (argparse reads both)."""
+    from ipadapter.cli.generate import MODEL_HELP
+
+    given = {flag: [f"value-of-{flag[2:]}"] for flag in MODEL_HELP}
+    given["--dtype"], given["--adapter"] = ["bfloat16"], ["a1", "a2"]
+    argv = [item for flag, values in given.items() for value in values for item in (flag, value)]
+    app = build_parser().parse_args(["app", *argv])
+    again = build_parser().parse_args(["generate", *model_flags(app)])
+    for flag in MODEL_HELP:
+        attribute = flag[2:].replace("-", "_")
+        assert getattr(again, attribute) == getattr(app, attribute), flag
 
 
 def test_app_binds_to_loopback_by_default() -> None:

@@ -453,19 +453,19 @@ def test_steps_and_guidance_left_out_are_the_miniatures_named_in_help_or_the_pip
 
 
 _ALL_MODEL_FLAGS = ["--base", "B", "--adapter", "A", "--subfolder", "S", "--weight-name", "W", "--image-encoder", "E",
-                    "--device", "cpu", "--dtype", "bfloat16", "--scheduler", "DDIMScheduler"]
+                    "--device", "cpu", "--dtype", "bfloat16", "--scheduler", "DDIMScheduler", "--vae", "V"]
 
 
 @pytest.mark.parametrize("argv, given", [
     (["generate", *_ALL_MODEL_FLAGS, "--base-lora", "L", "--base-lora-scale", "0.5", "--controlnet", "C",
       "--cache-kv"],
      dict(base="B", adapters=["A"], subfolders=["S"], weight_names=["W"], image_encoder="E", device="cpu",
-          dtype="bfloat16", scheduler="DDIMScheduler", base_lora="L", base_lora_scale=0.5, controlnet="C",
+          dtype="bfloat16", scheduler="DDIMScheduler", vae="V", base_lora="L", base_lora_scale=0.5, controlnet="C",
           cache_kv=True)),
     (["generate"], dict(adapters=(), subfolders=(), weight_names=())),
     (["encode", *_ALL_MODEL_FLAGS, "--image", "r.png", "--out", "e.safetensors"],
      dict(base="B", adapters=["A"], subfolders=["S"], weight_names=["W"], image_encoder="E", device="cpu",
-          dtype="bfloat16", scheduler="DDIMScheduler")),
+          dtype="bfloat16", scheduler="DDIMScheduler", vae="V")),
     (["app"], dict(adapters=(), subfolders=(), weight_names=(), cache_kv=True)),
     (["app", "--no-cache-kv"], dict(adapters=(), subfolders=(), weight_names=())),
 ], ids=["generate, every flag", "generate, none", "encode", "app", "app --no-cache-kv"])

@@ -182,6 +182,8 @@ def check_model_args(args: Any) -> str:
         model_source(args.base, "--base")
     if args.image_encoder:
         model_source(args.image_encoder, "--image-encoder", subfolders=True)
+    if getattr(args, "vae", None):
+        model_source(args.vae, "--vae", subfolders=True)
     if getattr(args, "controlnet", None) and args.controlnet != "miniature":
         model_source(args.controlnet, "ControlNet folder", subfolders=True)
     for adapter in args.adapter or []:
@@ -249,10 +251,11 @@ def load_prompter(
     *, base: str | None = None, adapters: Sequence[str] = (), subfolders: Sequence[str] = (),
     weight_names: Sequence[str] = (), image_encoder: str | None = None, device: str | None = None,
     dtype: str | None = None, scheduler: str | None = None, base_lora: str | None = None, base_lora_scale: float = 1.0,
-    controlnet: str | None = None, cache_kv: bool = False,
+    controlnet: str | None = None, cache_kv: bool = False, vae: str | None = None,
 ) -> Loaded:
     """Everything from names: the base pipeline (the bundled miniature model when `base` is None), a fused custom
-    LoRA, a ControlNet, the adapters (file, folder, Hub id, or a miniature keyword) and their image encoder.
+    LoRA, a ControlNet, the adapters (file, folder, Hub id, or a keyword) and their image encoder; `vae` replaces the
+    base's VAE (`pipelines.load_vae`).
     `dtype`: "float32", "float16" or "bfloat16" (default float16 on CUDA, else float32); `cache_kv` as in `load`."""
     device = device or check_device(None)
     if dtype is not None and dtype not in DTYPES:
@@ -265,7 +268,7 @@ def load_prompter(
     if not sources:
         raise IPAdapterError("give adapters= (a file, folder or Hub repo id) to use an image prompt with base=")
     lora = base_lora_source(base_lora) if base_lora else None
-    pipe = load_pipeline(base, device=device, dtype=torch_dtype, scheduler=scheduler)
+    pipe = load_pipeline(base, device=device, dtype=torch_dtype, scheduler=scheduler, vae=vae)
     if lora:
         pipe = fuse_base_lora(pipe, lora, base_lora_scale)
     if controlnet:

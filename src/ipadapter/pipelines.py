@@ -20,13 +20,17 @@ from ipadapter.validation import model_source
 
 def load_pipeline(
     base: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32, scheduler: str | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> Any:
     """Any diffusers pipeline folder or Hub id (`from_cache_or_hub`), or a whole checkpoint in one file
-    (`single_file`); its own saved scheduler unless `scheduler` names another class. SD 1.5's safety checker is
-    dropped, as ComfyUI and the web UIs run: it would black out the images it flags. Each generation's step bar is
-    cleared when it ends (`leave=False`): a batch leaves one line, not a bar each."""
+    (`single_file`); its own saved scheduler unless `scheduler` names another class, its own VAE unless `vae` names
+    another (`load_vae`). SD 1.5's safety checker is dropped, as ComfyUI and the web UIs run: it would black out the
+    images it flags. Each generation's step bar is cleared when it ends (`leave=False`): a batch leaves one line, not
+    a bar each."""
     new_scheduler = _scheduler_class(scheduler) if scheduler else None  # a misspelt name fails before the load
-    pipe = single_file.load_pipeline(base, dtype) if single_file.is_single_file(base) else _from_folder(base, dtype)
+    parts = {"vae": load_vae(vae, base=str(base), dtype=dtype)} if vae else {}
+    pipe = single_file.load_pipeline(base, dtype, **parts) if single_file.is_single_file(base) else \
+        _from_folder(base, dtype, **parts)
     if new_scheduler is not None:
         try:
             pipe.scheduler = new_scheduler.from_config(pipe.scheduler.config)
@@ -38,17 +42,67 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def _from_folder(base: str | os.PathLike, dtype: torch.dtype) -> Any:
+def _from_folder(base: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> Any:
     import diffusers
 
     try:
         return from_cache_or_hub(lambda local: diffusers.DiffusionPipeline.from_pretrained(
-            str(base), dtype=dtype, local_files_only=local), str(base), "the diffusers pipeline")
+            str(base), dtype=dtype, local_files_only=local, **parts), str(base), "the diffusers pipeline")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}") from None
     except ImportError as err:  # a part whose library is not installed, e.g. Kolors' ChatGLM tokenizer: sentencepiece
         hint = "; for Kolors: pip install 'ipadapter[kolors]'" if "sentencepiece" in str(err) else ""
         raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}{hint}") from None
+
+
+def load_vae(source: str | os.PathLike, *, base: str, dtype: torch.dtype) -> Any:
+    """A VAE to use instead of the base's own, as web UIs let one pick (a fine-tuned decoder, SDXL's fp16-safe one):
+    an `AutoencoderKL` folder or Hub id ("owner/repo/subfolder" allowed), or one `.safetensors` file in the original
+    or diffusers names, laid out as the base's VAE. One whose latents differ from the base's is refused."""
+    from diffusers import AutoencoderKL
+
+    layout = single_file.configs_of(base)
+    expected = _config(AutoencoderKL, layout, "vae", "the base's VAE config")
+    if single_file.is_single_file(source):
+        mine = _vae_from_file(AutoencoderKL, Path(source), layout, dtype)
+    else:
+        repo, subfolder = split_hub_path(model_source(str(source), "--vae", subfolders=True))
+        try:
+            mine = from_cache_or_hub(lambda local: AutoencoderKL.from_pretrained(
+                repo, subfolder=subfolder, torch_dtype=dtype, local_files_only=local), repo, "the VAE",
+                subfolder=subfolder)
+        except (OSError, ValueError) as err:
+            raise IPAdapterError(f"could not load a VAE from {source}: {first_clause(err)}") from None
+    channels, base_channels = mine.config.latent_channels, expected["latent_channels"]
+    if channels != base_channels:
+        raise IPAdapterError(f"the VAE {source} was made for another base model ({channels} latent channels; this "
+                             f"base's VAE has {base_channels})")
+    return mine
+
+
+def _vae_from_file(cls: Any, path: Path, layout: str, dtype: torch.dtype) -> Any:
+    """A VAE kept as one file, in the base's VAE layout. Every weight must be in the file: diffusers leaves the
+    missing ones on the meta device, which torch then cannot copy (a NotImplementedError)."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    try:
+        return from_cache_or_hub(lambda local: cls.from_single_file(
+            str(path), config=layout, subfolder="vae", torch_dtype=dtype, local_files_only=local), layout,
+            "the base's VAE config", subfolder="vae")
+    except NotImplementedError:
+        raise IPAdapterError(f"the VAE {path} lacks weights of the base's VAE; it was made for another base "
+                             "model") from None
+    except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:
+        raise IPAdapterError(f"could not load the VAE {path}: {first_clause(str(err))}") from None
+
+
+def _config(cls: Any, source: str, subfolder: str, what: str) -> dict[str, Any]:
+    try:
+        return dict(from_cache_or_hub(lambda local: cls.load_config(source, subfolder=subfolder,
+                                                                    local_files_only=local), source, what,
+                                      subfolder=subfolder))
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"cannot read {what} in {source}: {first_clause(err)}") from None
 
 
 def _scheduler_class(name: str) -> Any:

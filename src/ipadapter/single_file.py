@@ -83,14 +83,15 @@ def configs_of(base: str) -> str:
     return str(config_folder(base)) if is_single_file(base) else base
 
 
-def load_pipeline(path: str | os.PathLike, dtype: torch.dtype) -> Any:
-    """The text-to-image pipeline of a single-file checkpoint, its parts laid out as its family's repository."""
+def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> Any:
+    """The text-to-image pipeline of a single-file checkpoint, its parts laid out as its family's repository; `parts`
+    (a `vae=`) replace the file's own."""
     import diffusers
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     folder = config_folder(path)
     cls = getattr(diffusers, json.loads((folder / "model_index.json").read_bytes())["_class_name"])
     try:  # every file it reads is local: the checkpoint and the config folder
-        return cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype)
+        return cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype, **parts)
     except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:  # weights that do not fit
         raise IPAdapterError(f"could not load {path} as a {cls.__name__}: {first_clause(str(err))}") from None

@@ -65,6 +65,8 @@ MODEL_HELP = {
     "--device": "cpu, cuda, mps (default: cuda when available)",
     "--dtype": "default: float16 on cuda, else float32",
     "--scheduler": "a diffusers scheduler class to use instead of the base model's own",
+    "--vae": "a VAE to use instead of the base model's own: AutoencoderKL folder or Hub id ('owner/repo/subfolder' "
+             "allowed) or one .safetensors file (web UIs' models/VAE)",
 }
 HELP = {
     "--image": "reference image (repeatable)",
@@ -138,7 +140,7 @@ def add_cache_kv_flag(p: argparse.ArgumentParser, *, default: bool) -> None:
 PARAMETER_FLAGS = {
     "base": "--base", "adapters": "--adapter", "subfolders": "--subfolder", "subfolder": "--subfolder",
     "weight_names": "--weight-name", "weight_name": "--weight-name", "image_encoder": "--image-encoder",
-    "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "base_lora": "--base-lora",
+    "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "vae": "--vae", "base_lora": "--base-lora",
     "controlnet": "--controlnet", "scale": "--scale", "tiles": "--tiles", "masks": "--mask", "combine": "--combine",
     "noise": "--noise", "dino": "--dino", "inception": "--inception", "steps": "--steps", "face_embeds": "--face-embed",
     "image": "--image", "lora_scale": "--lora-scale", "s_scale": "--s-scale",
@@ -168,7 +170,7 @@ def load_from_flags(args: argparse.Namespace) -> Any:
             weight_names=args.weight_name or (), image_encoder=args.image_encoder, device=args.device,
             dtype=args.dtype, scheduler=args.scheduler, base_lora=getattr(args, "base_lora", None),
             base_lora_scale=getattr(args, "base_lora_scale", 1.0), controlnet=getattr(args, "controlnet", None),
-            cache_kv=getattr(args, "cache_kv", False),
+            cache_kv=getattr(args, "cache_kv", False), vae=args.vae,
         )
     except IPAdapterError as err:
         raise as_flags(err) from None
