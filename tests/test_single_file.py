@@ -228,19 +228,32 @@ def test_a_file_that_is_not_a_whole_base_is_refused_in_one_line(base, tmp_path, 
     assert not (tmp_path / "out.png").exists()
 
 
-def _training_base(root: Path) -> Path:
+def _training_base(root: Path, kind: str) -> Path:
     """The training tests' tiny base (`factories.write_base`) saved whole by diffusers, as `from_pretrained` reads it
-    and as a family's published repository lays it out."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    and as a family's published repository lays it out, with its one-file form. SDXL's text encoders are given
+    different widths (20 and 44, 64 together as the UNet reads them), as SDXL's are, and the second 10 layers."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
-    parts = factories.write_base(root / "parts")
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel.from_pretrained(parts / "unet"), vae=AutoencoderKL.from_pretrained(parts / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(parts / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer"),
-        scheduler=DDPMScheduler.from_pretrained(parts / "scheduler"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+    sdxl = kind == "sdxl"
+    parts = factories.write_base(root / "parts", sdxl=sdxl)
+    components = dict(unet=UNet2DConditionModel.from_pretrained(parts / "unet"),
+                      vae=AutoencoderKL.from_pretrained(parts / "vae"),
+                      tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer"),
+                      scheduler=DDPMScheduler.from_pretrained(parts / "scheduler"))
+    if sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(
+            **components, text_encoder=factories.tiny_text_encoder(20, seed=1),
+            text_encoder_2=factories.tiny_text_encoder(44, seed=5, projection=factories.CROSS, layers=10),
+            tokenizer_2=CLIPTokenizer.from_pretrained(parts / "tokenizer_2"))
+    else:
+        from diffusers import StableDiffusionPipeline
+        from transformers import CLIPTextModel
+
+        pipe = StableDiffusionPipeline(**components, text_encoder=CLIPTextModel.from_pretrained(parts / "text_encoder"),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(root / "pipe")
     ldm_format.write_single_file(pipe, root / "model.safetensors")
     shutil.copytree(root / "pipe", root / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
@@ -248,13 +261,15 @@ def _training_base(root: Path) -> Path:
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_training_on_the_file_ends_at_the_weights_training_on_the_folder_does(tmp_path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("kind", list(REPOS))
+def test_training_on_the_file_ends_at_the_weights_training_on_the_folder_does(tmp_path, monkeypatch, capsys,
+                                                                               kind) -> None:
     """`ipadapter train --base model.safetensors`: the memory estimate (from the family's configs) is the folder's,
     and the adapter trained on the file's weights equals the one trained on the diffusers folder, bit for bit."""
     from safetensors.torch import load_file
 
-    root = _training_base(tmp_path / "base")
-    factories.write_hub_cache(tmp_path / "hub", SD15_REPO, root / "configs")
+    root = _training_base(tmp_path / "base", kind)
+    factories.write_hub_cache(tmp_path / "hub", REPOS[kind], root / "configs")
     sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
     data, encoder = factories.write_images(tmp_path / "data", 2), factories.write_image_encoder(tmp_path / "enc")
     adapters, estimates = [], []
