@@ -139,6 +139,7 @@ def test_generate_with_a_published_name_from_the_cache(tmp_path, monkeypatch) ->
     sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
     factories.reference_image().save(tmp_path / "ref.png")
     assert main(["generate", "--base", str(folder), "--adapter", "h94:plus", "--image", str(tmp_path / "ref.png"),
-                 "--image-encoder", str(folder / "image_encoder"), "--steps", "2", "--out", str(tmp_path / "o.png")]) == 0
+                 "--image-encoder", str(folder / "image_encoder"), "--steps", "2",
+                 "--out", str(tmp_path / "o.png")]) == 0
     assert Image.open(tmp_path / "o.png").size == (32, 32)
     assert not [url for url in sent if "h94" in url]

@@ -211,7 +211,9 @@ def test_the_family_is_read_from_the_header(tmp_path) -> None:
 @pytest.mark.parametrize(("name", "write", "says"), [
     ("model.ckpt", lambda p: torch.save({"state_dict": {}}, p), "is a pickle (.ckpt); ipadapter does not open"),
     ("lora.safetensors", lambda p: _header_only(p, {"lora_unet_down.alpha": (1,)}), "holds no Stable Diffusion UNet"),
-    ("inpaint.safetensors", lambda p: _header_only(p, {UNET_KEY: (1, 9, 1, 1)}), "family 'inpainting'"),
+    ("inpaint.safetensors", lambda p: _header_only(p, {UNET_KEY: (1, 9, 1, 1)}), "is of the family 'inpainting'"),
+    ("flux1-schnell.safetensors", lambda p: _header_only(p, {"double_blocks.0.img_attn.norm.key_norm.scale": (1,),
+                                                         "img_in.weight": (1, 64)}), "is of the family 'flux-schnell'"),
     ("notes.safetensors", lambda p: p.write_text("not weights"), "is not a .safetensors file"),
 ])
 def test_a_file_that_is_not_a_whole_base_is_refused_in_one_line(base, tmp_path, capsys, name, write, says) -> None:

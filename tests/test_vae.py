@@ -33,7 +33,8 @@ def root(tmp_path_factory) -> Path:
     vae.save_pretrained(root / "vae")
     state = {key[len(ldm_format.VAE):]: value for key, value in ldm_format.vae_state(vae).items()}
     save_file({key: value.contiguous() for key, value in state.items()}, str(root / "vae-original.safetensors"))
-    save_file({key: value.contiguous() for key, value in vae.state_dict().items()}, str(root / "vae-diffusers.safetensors"))
+    save_file({key: value.contiguous() for key, value in vae.state_dict().items()},
+              str(root / "vae-diffusers.safetensors"))
     shutil.copytree(folder, root / "swapped")
     shutil.rmtree(root / "swapped" / "vae")
     shutil.copytree(root / "vae", root / "swapped" / "vae")

@@ -48,12 +48,12 @@ def family(path: str | os.PathLike) -> tuple[str, str]:
         raise IPAdapterError(f"{path} is a pickle (.ckpt); ipadapter does not open pickled base models, which can "
                              "carry code: use the model's .safetensors file")
     shapes = tensor_shapes(path, EXPECTED)
-    if UNET_KEY not in shapes:
-        raise IPAdapterError(f"{path} holds no Stable Diffusion UNet in the original layout (no {UNET_KEY}); "
-                             f"{EXPECTED}")
     name = infer_diffusers_model_type({key: torch.empty(shape, device="meta") for key, shape in shapes.items()})
-    if name not in FAMILIES:
-        raise IPAdapterError(f"{path} is not a text-to-image base (diffusers reads it as the family {name!r}); "
+    if name not in FAMILIES:  # an inpainting or refiner model, a FLUX or SD 3 transformer, a ControlNet, ...
+        raise IPAdapterError(f"{path} is of the family {name!r} (as diffusers names it), not SD 1.x, 2.x or SDXL; "
+                             f"{EXPECTED}")
+    if UNET_KEY not in shapes:  # diffusers' rules end at SD 1.x: a LoRA or any other file reads as one
+        raise IPAdapterError(f"{path} holds no Stable Diffusion UNet in the original layout (no {UNET_KEY}); "
                              f"{EXPECTED}")
     return name, DIFFUSERS_DEFAULT_PIPELINE_PATHS[name]["pretrained_model_name_or_path"]
 
