@@ -116,6 +116,21 @@ def test_a_base_of_another_family_is_refused(tmp_path) -> None:
     assert str(caught.value) == "h94:plus is published for SD 1.5 and SDXL only, and this base is neither"
 
 
+def test_a_unet_reading_other_text_is_refused(tmp_path) -> None:
+    """Kolors' UNet is SDXL's with a projection of ChatGLM's text (`encoder_hid_dim_type`): h94's SDXL files would
+    load onto it by shape alone, and mean nothing there."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    sdxl = {key: value for key, value in factories.sdxl_unet().config.items() if not key.startswith("_")}
+    unet = UNet2DConditionModel.from_config({**sdxl, "encoder_hid_dim_type": "text_proj", "encoder_hid_dim": 48})
+    assert unet.config.addition_embed_type == "text_time"
+    with pytest.raises(IPAdapterError) as caught:
+        ipadapter.load(SimpleNamespace(unet=unet), "h94:plus")
+    assert str(caught.value) == "h94:plus is published for SD 1.5 and SDXL only, and this base is neither"
+
+
 def test_the_command_line_refuses_unknown_names_and_names_inside_before_loading(tmp_path, capsys) -> None:
     """Before any model loads: an unknown name lists the valid ones; a file name inside one is refused."""
     image = tmp_path / "ref.png"

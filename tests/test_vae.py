@@ -114,3 +114,53 @@ def test_a_missing_vae_is_one_line_before_loading(root, tmp_path, capsys) -> Non
                  str(root / "ref.png"), "--vae", str(tmp_path / "nothere.safetensors")]) == 2
     assert capsys.readouterr().err.strip() == (f"ipadapter: error: --vae not found: {tmp_path / 'nothere.safetensors'} "
                                                "(no such file or folder; a Hub model id has the form owner/name)")
+
+
+def test_a_vae_by_hub_id_and_subfolder_is_read_from_the_cache(root, tmp_path, monkeypatch) -> None:
+    """`owner/repo/subfolder` (a pipeline's `vae/` on the Hub), from the cache alone."""
+    factories.write_hub_cache(tmp_path / "hub", "ipadapter-tests/tiny-swapped", root / "swapped")
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    pipe = load_pipeline(root / "pipe", vae="ipadapter-tests/tiny-swapped/vae")
+    assert _same_weights(pipe.vae, load_pipeline(root / "swapped").vae)
+    assert not [url for url in sent if "tiny-swapped" in url]
+
+
+def test_generate_takes_a_vae_by_hub_id_and_subfolder(root, tmp_path, monkeypatch) -> None:
+    """On the command line too: `--vae owner/repo/subfolder` passes the flags' check, and gives the swapped folder's
+    pixels."""
+    factories.write_hub_cache(tmp_path / "hub", "ipadapter-tests/tiny-swapped", root / "swapped")
+    factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    images = []
+    for extra in (["--base", str(root / "pipe"), "--vae", "ipadapter-tests/tiny-swapped/vae"],
+                  ["--base", str(root / "swapped")]):
+        out = tmp_path / f"{len(images)}.png"
+        assert main(["generate", *extra, "--adapter", str(root / "base.bin"), "--image", str(root / "ref.png"),
+                     "--steps", "2", "--out", str(out)]) == 0
+        images.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*images)
+
+
+def test_a_vae_file_for_a_base_by_hub_id_takes_its_layout_from_the_cache(root, tmp_path, monkeypatch) -> None:
+    factories.write_hub_cache(tmp_path / "hub", "ipadapter-tests/tiny-pipe", root / "pipe")
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    pipe = load_pipeline("ipadapter-tests/tiny-pipe", vae=str(root / "vae-original.safetensors"))
+    assert _same_weights(pipe.vae, load_pipeline(root / "swapped").vae)
+    assert not [url for url in sent if "tiny-pipe" in url]
+
+
+def test_a_base_whose_vae_config_cannot_be_read_is_named(root, tmp_path, monkeypatch) -> None:
+    """Before any weight: the base's VAE config, not cached and the Hub unreachable, in one line."""
+    factories.hub_without_network(monkeypatch, tmp_path / "empty-hub")
+    with pytest.raises(IPAdapterError) as caught:
+        load_pipeline("ipadapter-tests/not-cached", vae=str(root / "vae-original.safetensors"))
+    assert str(caught.value) == (
+        "the base's VAE config ipadapter-tests/not-cached/vae is not in the local Hugging Face cache and the Hub cannot "
+        "be reached; download it once with network access (hf download ipadapter-tests/not-cached --include 'vae/*') "
+        "or give a local folder")
+
+
+def test_a_missing_vae_is_named_by_the_library(root) -> None:
+    with pytest.raises(IPAdapterError) as caught:
+        load_pipeline(root / "pipe", vae="./nothere")
+    assert str(caught.value) == ("VAE not found: ./nothere (no such file or folder; a Hub model id has the form "
+                                 "owner/name)")

@@ -126,9 +126,9 @@ def unet_family(denoiser: Any) -> str | None:
     """Which of h94's files an `h94:` name means on this denoiser: "sdxl" for SDXL's UNet (size and pooled-text
     conditioning, CLIP text), "sd15" for SD 1.x's (2.x's too: its width then refuses the file); None for FLUX, SD 3
     and Kolors (whose UNet projects ChatGLM's text: `encoder_hid_dim_type`)."""
-    if is_dit(denoiser) or getattr(denoiser.config, "encoder_hid_dim_type", None) is not None:
+    if is_dit(denoiser) or denoiser.config.encoder_hid_dim_type is not None:
         return None
-    return "sdxl" if getattr(denoiser.config, "addition_embed_type", None) == "text_time" else "sd15"
+    return "sdxl" if denoiser.config.addition_embed_type == "text_time" else "sd15"
 
 
 def _named(source: AdapterSource) -> AdapterSource:
@@ -182,7 +182,7 @@ def check_model_args(args: Any) -> str:
         model_source(args.base, "--base")
     if args.image_encoder:
         model_source(args.image_encoder, "--image-encoder", subfolders=True)
-    if getattr(args, "vae", None):
+    if args.vae:
         model_source(args.vae, "--vae", subfolders=True)
     if getattr(args, "controlnet", None) and args.controlnet != "miniature":
         model_source(args.controlnet, "ControlNet folder", subfolders=True)

@@ -66,7 +66,7 @@ def load_vae(source: str | os.PathLike, *, base: str, dtype: torch.dtype) -> Any
     if single_file.is_single_file(source):
         mine = _vae_from_file(AutoencoderKL, Path(source), layout, dtype)
     else:
-        repo, subfolder = split_hub_path(model_source(str(source), "--vae", subfolders=True))
+        repo, subfolder = split_hub_path(model_source(str(source), "VAE", subfolders=True))
         try:
             mine = from_cache_or_hub(lambda local: AutoencoderKL.from_pretrained(
                 repo, subfolder=subfolder, torch_dtype=dtype, local_files_only=local), repo, "the VAE",

@@ -57,35 +57,28 @@ class AdapterSource:
         return Path(self.source, self.subfolder or "", self.weight_name or "")
 
 
-H94_FACEID = "h94/IP-Adapter-FaceID"
 PUBLISHED_PREFIX = "h94:"
-
-
-def _h94(sd15: str | None, sdxl: str | None) -> dict[str, AdapterSource]:
-    """One short name's files in h94/IP-Adapter (`models/` for SD 1.5, `sdxl_models/` for SDXL)."""
-    files = {"sd15": ("models", sd15), "sdxl": ("sdxl_models", sdxl)}
-    return {family: AdapterSource(H94, folder, name) for family, (folder, name) in files.items() if name}
-
-
-def _faceid(sd15: str | None, sdxl: str | None) -> dict[str, AdapterSource]:
-    """One short name's files at the top of h94/IP-Adapter-FaceID (their LoRA inside each file)."""
-    return {family: AdapterSource(H94_FACEID, None, name) for family, name in (("sd15", sd15), ("sdxl", sdxl)) if name}
-
-
-# `--adapter h94:NAME`: h94's published adapters by what they do, the file for the base's family (docs/checkpoints.md).
-# SDXL's "base" and "plus" files are the ViT-H ones, so that every h94 adapter but "base-vit-g" shares one encoder
-# and any of them combine; "base-vit-g" is the bigG-trained pair (`ip-adapter_sd15_vit-G`, `ip-adapter_sdxl`).
-PUBLISHED_ADAPTERS: dict[str, dict[str, AdapterSource]] = {
-    "base": _h94("ip-adapter_sd15.safetensors", "ip-adapter_sdxl_vit-h.safetensors"),
-    "base-vit-g": _h94("ip-adapter_sd15_vit-G.safetensors", "ip-adapter_sdxl.safetensors"),
-    "light": _h94("ip-adapter_sd15_light_v11.bin", None),
-    "plus": _h94("ip-adapter-plus_sd15.safetensors", "ip-adapter-plus_sdxl_vit-h.safetensors"),
-    "plus-face": _h94("ip-adapter-plus-face_sd15.safetensors", "ip-adapter-plus-face_sdxl_vit-h.safetensors"),
-    "full-face": _h94("ip-adapter-full-face_sd15.safetensors", None),
-    "faceid": _faceid("ip-adapter-faceid_sd15.bin", "ip-adapter-faceid_sdxl.bin"),
-    "faceid-plus": _faceid("ip-adapter-faceid-plus_sd15.bin", None),
-    "faceid-plusv2": _faceid("ip-adapter-faceid-plusv2_sd15.bin", "ip-adapter-faceid-plusv2_sdxl.bin"),
-    "faceid-portrait": _faceid("ip-adapter-faceid-portrait-v11_sd15.bin", "ip-adapter-faceid-portrait_sdxl.bin"),
+# `--adapter h94:NAME`: h94's published adapters by what they do, the file for the base's family, as
+# "owner/repo/path" (docs/checkpoints.md). SDXL's "base" and "plus" files are the ViT-H ones, so that every h94
+# adapter but "base-vit-g" shares one encoder and any of them combine; "base-vit-g" is the bigG-trained pair.
+PUBLISHED_ADAPTERS: dict[str, dict[str, str]] = {
+    "base": {"sd15": "h94/IP-Adapter/models/ip-adapter_sd15.safetensors",
+             "sdxl": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl_vit-h.safetensors"},
+    "base-vit-g": {"sd15": "h94/IP-Adapter/models/ip-adapter_sd15_vit-G.safetensors",
+                   "sdxl": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors"},
+    "light": {"sd15": "h94/IP-Adapter/models/ip-adapter_sd15_light_v11.bin"},
+    "plus": {"sd15": "h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors",
+             "sdxl": "h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors"},
+    "plus-face": {"sd15": "h94/IP-Adapter/models/ip-adapter-plus-face_sd15.safetensors",
+                  "sdxl": "h94/IP-Adapter/sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors"},
+    "full-face": {"sd15": "h94/IP-Adapter/models/ip-adapter-full-face_sd15.safetensors"},
+    "faceid": {"sd15": "h94/IP-Adapter-FaceID/ip-adapter-faceid_sd15.bin",
+               "sdxl": "h94/IP-Adapter-FaceID/ip-adapter-faceid_sdxl.bin"},
+    "faceid-plus": {"sd15": "h94/IP-Adapter-FaceID/ip-adapter-faceid-plus_sd15.bin"},
+    "faceid-plusv2": {"sd15": "h94/IP-Adapter-FaceID/ip-adapter-faceid-plusv2_sd15.bin",
+                      "sdxl": "h94/IP-Adapter-FaceID/ip-adapter-faceid-plusv2_sdxl.bin"},
+    "faceid-portrait": {"sd15": "h94/IP-Adapter-FaceID/ip-adapter-faceid-portrait-v11_sd15.bin",
+                        "sdxl": "h94/IP-Adapter-FaceID/ip-adapter-faceid-portrait_sdxl.bin"},
 }
 FAMILY_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
 
@@ -95,7 +88,7 @@ def is_published_name(source: str) -> bool:
     return str(source).startswith(PUBLISHED_PREFIX)
 
 
-def published_files(source: str) -> dict[str, AdapterSource]:
+def published_files(source: str) -> dict[str, str]:
     """The files an `h94:NAME` stands for, by base family; an unknown name is refused with the valid ones."""
     files = PUBLISHED_ADAPTERS.get(source[len(PUBLISHED_PREFIX):])
     if files is None:
@@ -111,7 +104,9 @@ def published_adapter(source: str, family: str | None) -> AdapterSource:
         made = " and ".join(FAMILY_NAMES[f] for f in files)
         raise IPAdapterError(f"{source} is published for {made} only, and this base is "
                              f"{FAMILY_NAMES.get(family, 'neither')}")
-    return files[family]
+    owner, repo, path = files[family].split("/", 2)
+    folder, _, name = path.rpartition("/")
+    return AdapterSource(f"{owner}/{repo}", folder or None, name)
 
 
 def miniature_base() -> Path:
