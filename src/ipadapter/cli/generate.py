@@ -26,6 +26,8 @@ EXAMPLES = """examples:
   accelerate launch -m ipadapter.cli.main generate --manifest jobs.jsonl --out-dir out/   # one share per GPU
   ipadapter generate --base stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter h94/IP-Adapter \\
       --subfolder models --weight-name ip-adapter_sd15.bin --image ref.png --out out.png
+  ipadapter generate --base models/checkpoints/dreamshaper_8.safetensors --adapter h94:plus-face \\
+      --vae stabilityai/sd-vae-ft-mse --image face.png --out out.png   # a web UI's files, h94's file by name
   ipadapter generate --base black-forest-labs/FLUX.1-dev --adapter XLabs-AI/flux-ip-adapter \\
       --weight-name ip_adapter.safetensors --image-encoder openai/clip-vit-large-patch14 --image ref.png \\
       --true-cfg 4 --scale 0.7 --out out.png
