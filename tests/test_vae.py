@@ -164,3 +164,51 @@ def test_a_missing_vae_is_named_by_the_library(root) -> None:
         load_pipeline(root / "pipe", vae="./nothere")
     assert str(caught.value) == ("VAE not found: ./nothere (no such file or folder; a Hub model id has the form "
                                  "owner/name)")
+
+
+def test_an_uncached_vae_by_hub_id_names_the_download(root, tmp_path, monkeypatch) -> None:
+    factories.hub_without_network(monkeypatch, tmp_path / "empty-hub")
+    with pytest.raises(IPAdapterError) as caught:
+        load_pipeline(root / "pipe", vae="ipadapter-tests/not-cached/vae")
+    assert str(caught.value) == (
+        "the VAE ipadapter-tests/not-cached/vae is not in the local Hugging Face cache and the Hub cannot be reached; "
+        "download it once with network access (hf download ipadapter-tests/not-cached --include 'vae/*') or give a "
+        "local folder")
+
+
+def test_a_vae_that_diffusers_cannot_read_carries_its_reason(root, tmp_path) -> None:
+    """A folder without a VAE in it, and a file of other widths: diffusers' own error, its first clause."""
+    from diffusers import AutoencoderKL
+
+    from ipadapter.errors import first_clause
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError) as theirs:
+        AutoencoderKL.from_pretrained(tmp_path / "empty")
+    with pytest.raises(IPAdapterError) as caught:
+        load_pipeline(root / "pipe", vae=str(tmp_path / "empty"))
+    assert str(caught.value) == f"could not load a VAE from {tmp_path / 'empty'}: {first_clause(str(theirs.value))}"
+    wide = AutoencoderKL(block_out_channels=(32, 32), norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2)
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(Exception) as theirs:
+        AutoencoderKL.from_single_file(str(tmp_path / "wide.safetensors"), config=str(root / "pipe"), subfolder="vae")
+    with pytest.raises(IPAdapterError) as caught:
+        load_pipeline(root / "pipe", vae=str(tmp_path / "wide.safetensors"))
+    assert str(caught.value) == (f"could not load the VAE {tmp_path / 'wide.safetensors'}: "
+                                 f"{first_clause(str(theirs.value))}")
+
+
+def test_a_base_without_a_vae_config_is_named(root, tmp_path) -> None:
+    shutil.copytree(root / "pipe", tmp_path / "no-vae")
+    shutil.rmtree(tmp_path / "no-vae" / "vae")
+    from diffusers import AutoencoderKL
+
+    from ipadapter.errors import first_clause
+
+    with pytest.raises(OSError) as theirs:
+        AutoencoderKL.load_config(tmp_path / "no-vae", subfolder="vae")
+    with pytest.raises(IPAdapterError) as caught:
+        load_pipeline(tmp_path / "no-vae", vae=str(root / "vae"))
+    assert str(caught.value) == (f"cannot read the base's VAE config in {tmp_path / 'no-vae'}: "
+                                 f"{first_clause(str(theirs.value))}")

@@ -85,10 +85,9 @@ def _vae_from_file(cls: Any, path: Path, layout: str, dtype: torch.dtype) -> Any
     missing ones on the meta device, which torch then cannot copy (a NotImplementedError)."""
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-    try:
-        return from_cache_or_hub(lambda local: cls.from_single_file(
-            str(path), config=layout, subfolder="vae", torch_dtype=dtype, local_files_only=local), layout,
-            "the base's VAE config", subfolder="vae")
+    try:  # the layout's VAE config is on disk by now (`load_vae` read it)
+        return cls.from_single_file(str(path), config=layout, subfolder="vae", torch_dtype=dtype,
+                                    local_files_only=True)
     except NotImplementedError:
         raise IPAdapterError(f"the VAE {path} lacks weights of the base's VAE; it was made for another base "
                              "model") from None

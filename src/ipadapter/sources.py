@@ -105,8 +105,7 @@ def published_adapter(source: str, family: str | None) -> AdapterSource:
         raise IPAdapterError(f"{source} is published for {made} only, and this base is "
                              f"{FAMILY_NAMES.get(family, 'neither')}")
     owner, repo, path = files[family].split("/", 2)
-    folder, _, name = path.rpartition("/")
-    return AdapterSource(f"{owner}/{repo}", folder or None, name)
+    return AdapterSource(f"{owner}/{repo}", None, path)  # the path inside the repository names the file
 
 
 def miniature_base() -> Path:
