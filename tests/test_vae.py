@@ -154,9 +154,9 @@ def test_a_base_whose_vae_config_cannot_be_read_is_named(root, tmp_path, monkeyp
     with pytest.raises(IPAdapterError) as caught:
         load_pipeline("ipadapter-tests/not-cached", vae=str(root / "vae-original.safetensors"))
     assert str(caught.value) == (
-        "the base's VAE config ipadapter-tests/not-cached/vae is not in the local Hugging Face cache and the Hub cannot "
-        "be reached; download it once with network access (hf download ipadapter-tests/not-cached --include 'vae/*') "
-        "or give a local folder")
+        "the base's VAE config ipadapter-tests/not-cached/vae is not in the local Hugging Face cache and the Hub "
+        "cannot be reached; download it once with network access (hf download ipadapter-tests/not-cached --include "
+        "'vae/*') or give a local folder")
 
 
 def test_a_missing_vae_is_named_by_the_library(root) -> None:
