@@ -158,3 +158,15 @@ def test_generate_with_a_published_name_from_the_cache(tmp_path, monkeypatch) ->
                  "--out", str(tmp_path / "o.png")]) == 0
     assert Image.open(tmp_path / "o.png").size == (32, 32)
     assert not [url for url in sent if "h94" in url]
+
+
+def test_an_unknown_name_fails_before_the_base_loads(monkeypatch) -> None:
+    """`load_prompter` checks the names first: a misspelt one costs no pipeline load."""
+    from ipadapter import loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base was loaded before the adapter names were checked")
+
+    monkeypatch.setattr(loading, "load_pipeline", no_load)
+    with pytest.raises(IPAdapterError, match=r"^unknown published adapter 'h94:pluss'; valid: h94:base,"):
+        loading.load_prompter(base="some/base", adapters=["h94:pluss"])
