@@ -10,7 +10,8 @@ from PIL import Image
 
 from ipadapter.dit.attach import attach_dit
 from ipadapter.dit.checkpoint import load_dit_adapter
-from ipadapter.dit.train_flux import encode, flow_matching_loss, save_xlabs, train_flux_adapter
+from ipadapter.dit.flow import encode, flow_matching_loss, train_dit_adapter
+from ipadapter.dit.train_flux import save_xlabs
 from ipadapter.encoders import ImageEncoder
 from ipadapter.train.dropout import Drops
 from tests import dit_factories as df
@@ -43,7 +44,7 @@ def test_loss_falls_and_the_file_loads_in_diffusers(tmp_path) -> None:
     torch.manual_seed(0)
     start = new_flux_adapter(pipe.transformer, clip_dim=encoder.global_dim)
     before = fixed_loss(start)
-    trained, losses = train_flux_adapter(pipe, encoder, images, captions, steps=60, size=16, adapter=start, lr=3e-3,
+    trained, losses = train_dit_adapter(pipe, encoder, images, captions, steps=60, size=16, adapter=start, lr=3e-3,
                                          max_sequence_length=8)
     after = fixed_loss(trained)
     assert len(losses) == 60 and after < 0.9 * before
@@ -55,12 +56,13 @@ def test_loss_falls_and_the_file_loads_in_diffusers(tmp_path) -> None:
     x = {"hidden_states": data.latents, "encoder_hidden_states": data.text, "pooled_projections": data.pooled,
          "timestep": sigma, "img_ids": data.image_ids, "txt_ids": data.text_ids}
     with torch.no_grad():
-        expected = pipe.transformer(**x, joint_attention_kwargs={"ip_adapter_image_embeds": [data.clip[:, None]]}).sample
+        embeds = [data.image[:, None]]
+        expected = pipe.transformer(**x, joint_attention_kwargs={"ip_adapter_image_embeds": embeds}).sample
     pipe.unload_ip_adapter()
     from ipadapter.runtime import AdapterPrompt, Reference
 
     attachment = attach_dit(pipe.transformer, ours)
-    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=ours.project(data.clip))])}, rows=4)
+    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=ours.project(data.image))])}, rows=4)
     with torch.no_grad():
         got = pipe.transformer(**x).sample
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -137,7 +137,7 @@ def test_an_unknown_new_head_names_the_valid_ones() -> None:
     with pytest.raises(IPAdapterError) as caught:
         new_projection("perceiver", cross_dim=8, tokens=4)
     assert str(caught.value) == (
-        "unknown projection head 'perceiver'; valid: linear, resampler, token_mlp, faceid, faceid_plus")
+        "unknown projection head 'perceiver'; valid: linear, resampler, token_mlp, time_resampler, faceid, faceid_plus")
 
 
 @pytest.mark.parametrize("heads", [2, 3])

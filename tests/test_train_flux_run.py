@@ -1,4 +1,4 @@
-"""`train_flux` from Python on a tiny FLUX pipeline folder: what one run reports (`on_step`, the log, the loss file, the
+"""`train_transformer` on a tiny FLUX pipeline folder: what one run reports (`on_step`, the log, the loss file, the
 bar, the card, skipped samples), the frozen models it sets up, that a seed fixes the run and the dropout rates reach
 the loop, and the refusals that stop it before or after training in one line."""
 
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ipadapter.errors import IPAdapterError
 from ipadapter.train import TrainConfig
-from ipadapter.train.flux import train_flux
+from ipadapter.train.transformer import train_transformer as train_flux
 from tests import dit_factories as df
 from tests import factories
 
@@ -74,20 +74,20 @@ def test_a_run_reports_every_step_logs_every_nth_and_counts_what_it_skipped(base
 def test_the_frozen_models_run_in_the_runs_precision_and_checkpointing_only_when_asked(
         base, data, tmp_path, monkeypatch, precision, checkpointing) -> None:
     import ipadapter.train.feed as feed
-    import ipadapter.train.flux as flux
+    import ipadapter.train.transformer as run
 
     made = {}
 
-    def pipeline(source, dtype):
-        made["pipe"] = load(source, dtype)
+    def pipeline(source, family, dtype):
+        made["pipe"] = load(source, family, dtype)
         return made["pipe"]
 
     def image_encoder(config):
         made["encoder"] = read(config)
         return made["encoder"]
 
-    load, read = flux.load_flux_pipeline, feed.load_image_encoder
-    monkeypatch.setattr(flux, "load_flux_pipeline", pipeline)
+    load, read = run.load_transformer_pipeline, feed.load_image_encoder
+    monkeypatch.setattr(run, "load_transformer_pipeline", pipeline)
     monkeypatch.setattr(feed, "load_image_encoder", image_encoder)
     train_flux(_config(base, data, tmp_path, mixed_precision=precision, gradient_checkpointing=checkpointing,
                        max_steps=1))
@@ -190,12 +190,14 @@ def test_an_output_under_a_file_is_refused_by_its_flag_before_loading(base, data
 
 
 def test_a_final_adapter_that_cannot_be_written_is_one_sentence(base, data, tmp_path, monkeypatch) -> None:
+    import dataclasses
+
     import ipadapter.dit.train_flux as train_module
 
     def full_disk(adapter, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train_module, "save_xlabs", full_disk)
+    monkeypatch.setattr(train_module, "FAMILY", dataclasses.replace(train_module.FAMILY, save=full_disk))
     with pytest.raises(IPAdapterError) as err:
         train_flux(_config(base, data, tmp_path, max_steps=1))
     assert str(err.value) == (f"could not write the final adapter to {tmp_path / 'run'} ([Errno 28] No space left on "
@@ -243,6 +245,8 @@ def test_a_half_precision_init_file_trains_and_is_written_in_fp32(base, data, tm
 
 def test_one_pass_over_the_data_meets_every_sample_once(base, tmp_path, monkeypatch) -> None:
     """One process reads the whole manifest: the first pass (two batches of three here) meets each sample once."""
+    import dataclasses
+
     import ipadapter.dit.train_flux as train_module
 
     data = factories.write_images(tmp_path / "six", 6)
@@ -255,7 +259,7 @@ def test_one_pass_over_the_data_meets_every_sample_once(base, tmp_path, monkeypa
         seen.append(list(texts))
         return encode(pipe, encoder, pixels, clip, texts, **kwargs)
 
-    monkeypatch.setattr(train_module, "encode_pixels", spy)
+    monkeypatch.setattr(train_module, "FAMILY", dataclasses.replace(train_module.FAMILY, encode=spy))
     train_flux(_config(base, data, tmp_path, batch_size=3, max_steps=2))
     assert len(seen) == 2 and sorted(seen[0] + seen[1]) == [f"sample {i}" for i in range(6)]
 

@@ -222,7 +222,7 @@ def test_train_refuses_a_flux_variant_models_without_an_image_encoder_and_a_file
     models, encoder = factories.in_memory()
     with pytest.raises(IPAdapterError) as caught:
         train(_config(tmp_path, manifest, variant="flux", resolution=16), log_with=None)
-    assert str(caught.value) == "variant 'flux' is trained by ipadapter.train.flux.train_flux, not here"
+    assert str(caught.value) == "variant 'flux' is trained by ipadapter.train.transformer.train_transformer, not here"
     with pytest.raises(IPAdapterError) as caught:
         train(_config(tmp_path, manifest, variant="plus"), models=models, log_with=None)
     assert str(caught.value) == "variant 'plus' needs an image encoder"

@@ -322,9 +322,9 @@ def test_dry_run_of_stages_is_the_largest_stage(folders) -> None:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--variant", "flux", "--base", "{base}"], "--dry-run estimates UNet runs only, not FLUX"),
+    (["--variant", "flux", "--base", "{base}"], "--dry-run estimates UNet runs only, not FLUX or SD 3"),
     ([], "no base model: give --base (a diffusers pipeline folder or Hub id) or `base:` in the config"),
-    (["--base", "{base}"], "variant 'base' needs --image-encoder (a CLIP vision model folder or Hub id)"),
+    (["--base", "{base}"], "variant 'base' needs --image-encoder (a CLIP or SigLIP vision model folder or Hub id)"),
     (["--base", "{tmp}/none", "--image-encoder", "{enc}"], "--base not found: {tmp}/none (no such file or folder; a "
                                                            "Hub model id has the form owner/name)"),
     (["--base", "{base}", "--image-encoder", "{tmp}/none"], "--image-encoder not found: {tmp}/none (no such file or "

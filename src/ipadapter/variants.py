@@ -75,7 +75,7 @@ VARIANTS: dict[str, Variant] = {
                 description="XLabs FLUX v1: CLIP ViT-L/14 embedding → 4 tokens on the double-stream blocks"),
         Variant("flux-v2", "linear", "global", tokens=16, when_tokens=16, denoiser="flux",
                 description="XLabs FLUX v2: CLIP ViT-L/14 embedding → 16 tokens on the double-stream blocks"),
-        Variant("sd3", "time_resampler", "patch", tokens=64, trainable=False, denoiser="sd3",
+        Variant("sd3", "time_resampler", "patch", tokens=64, denoiser="sd3",
                 description="InstantX SD 3.5: SigLIP patches → timestep-aware resampler on every joint block"),
     )
 }

@@ -11,14 +11,16 @@ from ipadapter.extras import needs
 
 HELP = {
     "base": "diffusers pipeline folder or Hub id (unet, vae, text_encoder, tokenizer, scheduler; + _2 for SDXL; "
-            "a FluxPipeline for --variant flux / flux-v2), or 'miniature': the bundled model",
-    "image_encoder": "CLIPVisionModelWithProjection folder, Hub id, or owner/repo/sub/folder for a Hub repo's "
-                     "subfolder (its CLIPImageProcessor if saved); with --base miniature, the bundled one by default",
+            "a FluxPipeline for --variant flux / flux-v2, a StableDiffusion3Pipeline for sd3), or 'miniature': the "
+            "bundled model",
+    "image_encoder": "CLIPVisionModelWithProjection folder (SigLIP for sd3), Hub id, or owner/repo/sub/folder for a "
+                     "Hub repo's subfolder (its image processor if saved); with --base miniature, the bundled one by "
+                     "default",
     "data": "JSON/JSONL manifest of {image_file, text[, ref_image_file, id_embed_file]} or a tar shard pattern "
             "(data-{00000..00099}.tar)",
     "data_root": "folder that manifest paths are relative to (default: the manifest's folder)",
-    "variant": "adapter variant to train (flux, flux-v2: XLabs' FLUX layout, one process, fewer options: "
-               "docs/training.md)",
+    "variant": "adapter variant to train (flux, flux-v2: XLabs' FLUX layout; sd3: InstantX's SD 3.5 layout; these "
+               "run in one process with fewer options: docs/training.md)",
     "attention": "decoupled (the paper's IP-Adapter) or concat (its 'simple adapter' ablation: image tokens appended "
                  "to the text tokens of the frozen cross-attention; base variant only)",
     "output": "run folder: checkpoints/, logs/ (TensorBoard), validation/, the final adapter files",
@@ -93,6 +95,8 @@ EXAMPLES = """examples:
   ipadapter train --config my.yaml --resume latest
   ipadapter train --base black-forest-labs/FLUX.1-dev --image-encoder openai/clip-vit-large-patch14 \\
       --data data/train.jsonl --variant flux --mixed-precision bf16 --resolution 512 --output runs/flux
+  ipadapter train --base stabilityai/stable-diffusion-3.5-large --image-encoder google/siglip-so400m-patch14-384 \
+      --data data/train.jsonl --variant sd3 --mixed-precision bf16 --resolution 1024 --output runs/sd3
 """
 
 
@@ -136,19 +140,19 @@ def _train_or_estimate(args: argparse.Namespace, config: Any) -> int:
     from ipadapter.train import train
     from ipadapter.variants import get_variant
 
-    flux = get_variant(config.variant).denoiser == "flux"
-    if args.dry_run and flux:
-        raise IPAdapterError("--dry-run estimates UNet runs only, not FLUX")
+    transformer = get_variant(config.variant).denoiser != "unet"
+    if args.dry_run and transformer:
+        raise IPAdapterError("--dry-run estimates UNet runs only, not FLUX or SD 3")
     if args.dry_run:
         from ipadapter.train.memory import estimate, report
 
         config.check_ready(data=False)
         print(report(config, estimate(config)))
         return 0
-    if flux:
-        from ipadapter.train.flux import train_flux
+    if transformer:
+        from ipadapter.train.transformer import train_transformer
 
-        train_flux(config)
+        train_transformer(config)
     else:
         train(config)
     return 0

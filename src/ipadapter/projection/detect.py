@@ -10,6 +10,8 @@ from torch import nn
 
 from ipadapter.errors import IPAdapterError
 
+TIME_WIDTH, TIME_SINUSOID = 1280, 320  # InstantX's SD 3.5 resampler: its width, its timestep features
+
 
 @dataclass(frozen=True)
 class ProjectionConfig:
@@ -88,7 +90,8 @@ def new_projection(
     head: str, *, cross_dim: int, tokens: int, embed_dim: int = 0, hidden_dim: int = 0, id_dim: int = 512,
 ) -> ProjectionConfig:
     """The shape of a new (untrained) head as the published ones are built (docs/checkpoints.md): resamplers of
-    depth 4, 64-wide heads, feed-forward ×4, width min(C, encoder width); FaceID's ID MLP 512 → 1024 → N·C.
+    depth 4, 64-wide heads, feed-forward ×4, width min(C, encoder width); SD 3's timestep-aware one as InstantX's,
+    width min(1280, C) and 320 sinusoid channels; FaceID's ID MLP 512 → 1024 → N·C.
     `embed_dim`: the encoder's global width; `hidden_dim`: its patch width; the head's own must be given."""
     dim = min(cross_dim, hidden_dim)
     shapes = {
@@ -97,6 +100,10 @@ def new_projection(
                                               dim=dim, depth=4, heads=max(1, dim // 64), dim_head=64, ff_mult=4),
         "token_mlp": lambda: ProjectionConfig("token_mlp", in_dim=hidden_dim, cross_dim=cross_dim, tokens=tokens,
                                               hidden_dim=hidden_dim),
+        "time_resampler": lambda: ProjectionConfig(
+            "time_resampler", in_dim=hidden_dim, cross_dim=cross_dim, tokens=tokens, dim=min(TIME_WIDTH, cross_dim),
+            depth=4, heads=max(1, min(TIME_WIDTH, cross_dim) // 64), dim_head=64, ff_mult=4, hidden_dim=TIME_SINUSOID,
+        ),
         "faceid": lambda: ProjectionConfig("faceid", in_dim=id_dim, cross_dim=cross_dim, tokens=tokens,
                                            hidden_dim=2 * id_dim),
         "faceid_plus": lambda: ProjectionConfig(

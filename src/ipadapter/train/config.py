@@ -22,19 +22,21 @@ TRAIN_VARIANTS = TRAINABLE
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
-# Settings a FLUX run (train/flux.py) does not have, refused when set away from their defaults, with the reason.
-FLUX_REFUSED = {
+# Settings a FLUX or SD 3 run (train/transformer.py) does not have, refused when set away from their defaults, with
+# the reason; and how those runs are named in the refusal.
+TRANSFORMER_RUNS = {"flux": "FLUX", "sd3": "SD 3"}
+TRANSFORMER_REFUSED = {
     "attention": "the concat ablation is a UNet experiment",
     "references": "one reference image per sample",
-    "num_tokens": "the variant sets the tokens (flux: 4, flux-v2: 16)",
+    "num_tokens": "the variant sets the tokens (flux: 4, flux-v2: 16, sd3: 64)",
     "lora_rank": "it is a FaceID setting", "id_dim": "it is a FaceID setting",
     "grad_accum": "one optimizer step per batch", "warmup_steps": "the learning rate is constant",
     "ema_decay": "no EMA", "noise_offset": "flow matching mixes latents and noise linearly",
     "snr_gamma": "min-SNR weighting is for DDPM noise levels; flow matching samples sigma instead",
-    "prediction_type": "FLUX predicts the flow-matching velocity", "cache": "no feature cache",
+    "prediction_type": "the transformer predicts the flow-matching velocity", "cache": "no feature cache",
     "cache_dtype": "no feature cache", "buckets": "square crops only", "stages": "one resolution per run",
-    "resume": "FLUX runs write no checkpoints", "save_every": "FLUX runs write no checkpoints",
-    "keep_checkpoints": "FLUX runs write no checkpoints", "validate_every": "no validation samples",
+    "resume": "these runs write no checkpoints", "save_every": "these runs write no checkpoints",
+    "keep_checkpoints": "these runs write no checkpoints", "validate_every": "no validation samples",
     "validation_images": "no validation samples", "validation_prompts": "no validation samples",
     "validation_steps": "no validation samples", "validation_guidance": "no validation samples",
     "validation_judge": "no validation samples",
@@ -167,18 +169,19 @@ class TrainConfig:
             raise IPAdapterError("validation needs --validation-images or --data (a feature cache holds features, "
                                  "not images)")
         need(bool(self.validation_prompts), "validation_prompts", "must hold at least one prompt (\"\" for image only)")
-        if get_variant(self.variant).denoiser == "flux":
-            self._refuse_for_flux()
+        run = TRANSFORMER_RUNS.get(get_variant(self.variant).denoiser)
+        if run:
+            self._refuse_for_transformer(run)
         return self
 
-    def _refuse_for_flux(self) -> None:
+    def _refuse_for_transformer(self, run: str) -> None:
         for f in fields(self):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if f.name in FLUX_REFUSED and getattr(self, f.name) != default:
-                raise IPAdapterError(f"{flag(f.name)} does not apply to FLUX training: {FLUX_REFUSED[f.name]}")
+            if f.name in TRANSFORMER_REFUSED and getattr(self, f.name) != default:
+                raise IPAdapterError(f"{flag(f.name)} does not apply to {run} training: {TRANSFORMER_REFUSED[f.name]}")
         if self.mixed_precision == "fp16":
-            raise IPAdapterError("--mixed-precision fp16 does not apply to FLUX training: use bf16 (no loss scaling "
-                                 "here, and FLUX is published in bf16)")
+            raise IPAdapterError(f"--mixed-precision fp16 does not apply to {run} training: use bf16 (no loss scaling "
+                                 "on this path; FLUX and SD 3.5 are published in bf16)")
 
     def check_ready(self, *, data: bool = True) -> None:
         """What a run needs that a partial config (a file plus flags still to come) may lack; `data=False` for what
@@ -191,7 +194,8 @@ class TrainConfig:
         if data and not self.data and not self.cache_complete():
             raise IPAdapterError("no training data: give --data (a JSON/JSONL manifest or a tar shard pattern)")
         if self.needs_image_encoder and not self.image_encoder:
-            raise IPAdapterError(f"variant {self.variant!r} needs --image-encoder (a CLIP vision model folder or Hub id)")
+            raise IPAdapterError(f"variant {self.variant!r} needs --image-encoder (a CLIP or SigLIP vision model "
+                                 "folder or Hub id)")
 
     def cache_complete(self) -> bool:
         return bool(self.cache) and (Path(self.cache) / "index.json").is_file()

@@ -47,9 +47,12 @@ def open_stream(config: TrainConfig, rank: int, world: int, *, single_pass: bool
 
 def load_image_encoder(config: TrainConfig) -> ImageEncoder:
     """In the checkpoint's own dtype, as transformers loads the text encoders; the run casts it where it trains.
-    `owner/repo/sub/folder` names a Hub subfolder, as in generate and evaluate."""
+    `owner/repo/sub/folder` names a Hub subfolder, as in generate and evaluate. CLIP, or SigLIP where its config says
+    so (the SD 3 adapters' encoder)."""
+    from ipadapter.siglip import encoder_class
+
     repo, subfolder = split_hub_path(config.image_encoder)
-    return ImageEncoder.from_pretrained(repo, subfolder=subfolder, dtype="auto")
+    return encoder_class(repo, subfolder).from_pretrained(repo, subfolder=subfolder, dtype="auto")
 
 
 def decoder(run: Any) -> Decoder:

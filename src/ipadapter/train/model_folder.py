@@ -93,10 +93,13 @@ def write_model_card(output: Path, config: Any, adapter: Any, result: Any, *, da
 
 
 def model_card(config: Any, adapter: Any, result: Any, *, data_size: int | None, samples: bool) -> str:
+    from ipadapter.dit.flow import family
+    from ipadapter.train.config import TRANSFORMER_RUNS
+
     cfg = adapter.config
     trainable = sum(p.numel() for p in adapter.parameters())
-    readers = ("XLabs' FLUX layout (diffusers' `FluxPipeline.load_ip_adapter`)" if cfg.base == "flux"
-               else "the published layout (diffusers' `load_ip_adapter`, ComfyUI, A1111)")
+    readers = family(cfg.base).readers if cfg.base in TRANSFORMER_RUNS else \
+        "the published layout (diffusers' `load_ip_adapter`, ComfyUI, A1111)"
     files = [f"- `{result.published.name}`: {readers}"
              if result.published else "- (no published layout: the simple-adapter ablation has none)",
              f"- `{result.own.name}`: the project's own format (`ipadapter generate --adapter <this folder> "

@@ -410,7 +410,8 @@ def train(
     # 1. config and accelerator
     config.validate()
     if get_variant(config.variant).denoiser != "unet":
-        raise IPAdapterError(f"variant {config.variant!r} is trained by ipadapter.train.flux.train_flux, not here")
+        raise IPAdapterError(f"variant {config.variant!r} is trained by ipadapter.train.transformer.train_transformer, "
+                             "not here")
     if models is None:
         config.check_ready()
     elif config.needs_image_encoder and image_encoder is None and not config.image_encoder:

@@ -1,11 +1,12 @@
-"""`ipadapter train --variant flux|flux-v2`: a FLUX adapter trained from the same config, data and model folder as
-a UNet run.
+"""`ipadapter train --variant flux|flux-v2|sd3`: a FLUX or SD 3 adapter trained from the same config, data and model
+folder as a UNet run.
 
-The data is read and decoded as for the UNet (manifest or shards, centre crops, CLIP pixels, bad samples skipped and
-counted); each batch goes through the frozen VAE and text encoders, then `dit.train_flux.fit` (the flow-matching
-recipe). The folder gets XLabs' layout (what diffusers' `FluxPipeline.load_ip_adapter` reads), the project's own
-format, `config.json`, `logs/losses.csv`, `loss.png` and the model card. One process, no checkpoints: the options
-that would need them are refused by `TrainConfig.validate`.
+The data is read and decoded as for the UNet (manifest or shards, centre crops, the image encoder's pixels, bad
+samples skipped and counted); each batch goes through the frozen VAE and text encoders, then `dit.flow.fit` (the
+flow-matching recipe) with the family's parts (`dit.flow.family`). The folder gets the family's published layout
+(XLabs' for FLUX, InstantX's for SD 3: what diffusers' `load_ip_adapter` reads), the project's own format,
+`config.json`, `logs/losses.csv`, `loss.png` and the model card. One process, no checkpoints: the options that would
+need them are refused by `TrainConfig.validate`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from ipadapter.dit.adapter import DiTAdapter
+from ipadapter.dit.flow import TransformerFamily
 from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.train.config import TrainConfig
@@ -28,28 +30,30 @@ from ipadapter.variants import get_variant
 logger = logging.getLogger("ipadapter.train")
 
 
-def load_flux_pipeline(source: str, dtype: torch.dtype) -> Any:
-    """The FLUX pipeline of `--base`, without an image encoder (the run loads `--image-encoder` itself)."""
-    from diffusers import FluxPipeline
+def load_transformer_pipeline(source: str, family: TransformerFamily, dtype: torch.dtype) -> Any:
+    """The `family.pipeline` of `--base`, without an image encoder (the run loads `--image-encoder` itself)."""
+    import diffusers
 
     from ipadapter.sources import from_cache_or_hub
 
+    cls = getattr(diffusers, family.pipeline)
     try:
-        return from_cache_or_hub(lambda local: FluxPipeline.from_pretrained(
+        return from_cache_or_hub(lambda local: cls.from_pretrained(
             source, torch_dtype=dtype, local_files_only=local), source, "the base model")
     except (OSError, ValueError, TypeError) as err:
-        raise IPAdapterError(f"--base {source} is not a FLUX pipeline ({first_clause(str(err))})") from None
+        raise IPAdapterError(f"--base {source} is not a {family.name} pipeline ({first_clause(str(err))})") from None
 
 
-def _start(config: TrainConfig, transformer: torch.nn.Module, encoder: ImageEncoder) -> DiTAdapter:
-    """`--init-from` (a FLUX adapter file of the variant being trained) or a new adapter of the variant's tokens."""
+def _start(config: TrainConfig, family: TransformerFamily, transformer: torch.nn.Module,
+           encoder: ImageEncoder) -> DiTAdapter:
+    """`--init-from` (an adapter file of the variant being trained) or a new adapter of the variant's tokens."""
     from ipadapter.dit.checkpoint import load_dit_adapter
-    from ipadapter.dit.train_flux import new_flux_adapter
 
+    variant = get_variant(config.variant)
     if not config.init_from:
-        return new_flux_adapter(transformer, clip_dim=encoder.global_dim, tokens=get_variant(config.variant).tokens)
+        return family.new_adapter(transformer, encoder, variant.tokens)
     adapter = load_dit_adapter(config.init_from, transformer, dtype=torch.float32)  # not the transformer's bf16
-    encoder.check_fits(adapter.config.projection.in_dim, "global", config.init_from)
+    encoder.check_fits(adapter.config.projection.in_dim, variant.clip, config.init_from)
     if adapter.config.variant != config.variant:
         raise IPAdapterError(
             f"--init-from {config.init_from} is a {adapter.config.variant!r} adapter; this run trains {config.variant!r}"
@@ -57,14 +61,15 @@ def _start(config: TrainConfig, transformer: torch.nn.Module, encoder: ImageEnco
     return adapter
 
 
-def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train a FLUX adapter as `config` says; the frozen models in bf16 under `--mixed-precision bf16`, the adapter
-    in fp32 always. `on_step(step, loss)` is called after every optimizer step."""
+def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train a FLUX or SD 3 adapter as `config` says; the frozen models in bf16 under `--mixed-precision bf16`, the
+    adapter in fp32 always. `on_step(step, loss)` is called after every optimizer step."""
     from tqdm.auto import tqdm
 
     from ipadapter.atomic import write_text
     from ipadapter.checkpoint import save_adapter
-    from ipadapter.dit.train_flux import empty_prompt, encode_pixels, fit, save_xlabs
+    from ipadapter.dit.flow import family as family_of
+    from ipadapter.dit.flow import fit
     from ipadapter.train.feed import load_image_encoder, open_stream
     from ipadapter.train.optim import make_optimizer
     from ipadapter.train.model_folder import append_loss, restart_losses, write_model_card
@@ -72,35 +77,37 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
 
     config.validate()
     config.check_ready()
+    family = family_of(get_variant(config.variant).denoiser)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise IPAdapterError("FLUX training runs in one process: start it without accelerate launch")
+        raise IPAdapterError(f"{family.name} training runs in one process: start it without accelerate launch")
     output = output_folder(config.output, "--output")
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
     device = torch.device(check_device(None))
-    pipe = load_flux_pipeline(config.base, dtype)
-    step = pipe.vae_scale_factor * 2  # latents are packed 2 × 2
+    pipe = load_transformer_pipeline(config.base, family, dtype)
+    step = family.size_step(pipe)
     if config.resolution % step:
-        raise FieldError("resolution", f"{config.resolution} does not fit this FLUX base: it must be a multiple of "
-                                       f"{step} (VAE downscale × 2, latents packed 2 × 2)")
+        raise FieldError("resolution", f"{config.resolution} does not fit this {family.name} base: it must be a "
+                                       f"multiple of {step} ({family.size_rule})")
     encoder = load_image_encoder(config)
     pipe.to(device)
     encoder.model.to(device, dtype)
-    transformer = pipe.transformer.requires_grad_(False)
-    for frozen in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, encoder.model):
-        frozen.requires_grad_(False)
+    for part in (*pipe.components.values(), encoder.model):
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False)
+    transformer = pipe.transformer
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(config.seed)
-    adapter = _start(config, transformer, encoder).to(device, torch.float32).train().requires_grad_(True)
+    adapter = _start(config, family, transformer, encoder).to(device, torch.float32).train().requires_grad_(True)
     stream = open_stream(config, 0, 1)
     batches = Batches(stream, Decoder(config.resolution, encoder.processor), config.batch_size,
                       workers=config.num_workers)
 
-    empty = empty_prompt(pipe)  # a dropped caption's input, encoded once rather than with every batch
+    empty = family.empty_prompt(pipe)  # a dropped caption's input, encoded once rather than with every batch
 
     def next_batch(_: torch.Generator) -> Any:
         batch = collate(batches.next_batch())
-        return encode_pixels(pipe, encoder, batch["pixels"], batch["clip"], batch["text"], empty=empty)
+        return family.encode(pipe, encoder, batch["pixels"], batch["clip"], batch["text"], empty=empty)
 
     write_text(output / "config.json", config.to_json())
     restart_losses(output, 0)
@@ -117,8 +124,8 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
 
     try:
         losses = fit(transformer, adapter, next_batch, steps=config.max_steps,
-                     optimizer=make_optimizer(config, list(adapter.parameters())), seed=config.seed,
-                     drop_rates=(config.drop_image, config.drop_text, config.drop_both),
+                     optimizer=make_optimizer(config, list(adapter.parameters())), sigmas=family.sigmas(pipe),
+                     seed=config.seed, drop_rates=(config.drop_image, config.drop_text, config.drop_both),
                      max_grad_norm=config.max_grad_norm, on_step=logged)
     finally:
         bar.close()
@@ -127,7 +134,7 @@ def train_flux(config: TrainConfig, *, on_step: Callable[[int, float], None] | N
     result = TrainResult(step=len(losses), output=output, losses=losses, skipped=dict(stream.skipped), adapter=adapter)
     records = getattr(stream, "records", None)  # shards are never counted up front
     try:
-        result.published = save_xlabs(adapter, output / PUBLISHED_NAME)
+        result.published = family.save(adapter, output / PUBLISHED_NAME)
         result.own = save_adapter(adapter, output / OWN_NAME)
         write_model_card(output, config, adapter, result, data_size=len(records) if records is not None else None)
     except OSError as err:

@@ -1,0 +1,165 @@
+"""Training a transformer IP-Adapter on the flow-matching loss its base was trained with: the loop shared by FLUX and
+SD 3, and what a family must supply to it (`TransformerFamily`).
+
+The paper's recipe, unchanged but for the loss: frozen transformer, VAE, text and image encoders; per sample one
+uniform draw drops the image (the family's unconditional image input), the text (the empty prompt) or both, 5 % each;
+AdamW. Loss: x_σ = (1 − σ)·x₀ + σ·ε, the transformer predicts ε − x₀, MSE; how σ is drawn is the family's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ipadapter.dit.adapter import DiTAdapter
+from ipadapter.dit.attach import attach_dit
+from ipadapter.dit.blocks import dit_kind
+from ipadapter.encoders import ImageEncoder
+from ipadapter.errors import IPAdapterError
+from ipadapter.runtime import AdapterPrompt, Reference
+from ipadapter.variants import get_variant
+
+PAPER_DROPS = (0.05, 0.05, 0.05)  # image only, text only, both
+
+SigmaDraw = Callable[[int, torch.Generator], torch.Tensor]
+
+
+class Batch(Protocol):
+    """One batch with every frozen encoder applied: what `flow_matching_loss` reads of a family's batch."""
+
+    latents: torch.Tensor
+    image: torch.Tensor  # the image encoder's features, one row per sample; zeros are the unconditional input
+    text: torch.Tensor
+    pooled: torch.Tensor
+    empty_text: torch.Tensor
+    empty_pooled: torch.Tensor
+
+    def call(self, model: torch.nn.Module, x_sigma: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+             pooled: torch.Tensor) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class TransformerFamily:
+    """What differs between transformer families when training: their pipeline, encoders, σ draw and file layout.
+
+    name: as messages say it. variant: the one trained when none is named; new_adapter(transformer, encoder,
+    tokens) makes an untrained one. pipeline: the diffusers pipeline class of `--base`. readers: who reads the published
+    file (the model card). size_step(pipe): pixel sizes must be multiples of it, for the reason `size_rule`.
+    sigmas(pipe): the σ draw. encode(pipe, encoder, pixels, image_pixels, captions, max_sequence_length, empty): a
+    batch; empty_prompt(pipe, max_sequence_length): the empty prompt's (text, pooled), one row.
+    """
+
+    name: str
+    variant: str
+    pipeline: str
+    readers: str
+    new_adapter: Callable[[torch.nn.Module, ImageEncoder, int], DiTAdapter]
+    encode: Callable[..., Batch]
+    empty_prompt: Callable[[Any, int], tuple[torch.Tensor, torch.Tensor]]
+    sigmas: Callable[[Any], SigmaDraw]
+    save: Callable[[DiTAdapter, str | os.PathLike], Path]
+    size_step: Callable[[Any], int]
+    size_rule: str
+
+
+def family(kind: str) -> TransformerFamily:
+    """The training parts of "flux" or "sd3" (`dit.blocks.dit_kind`)."""
+    from ipadapter.dit import train_flux, train_sd3
+
+    return {"flux": train_flux.FAMILY, "sd3": train_sd3.FAMILY}[kind]
+
+
+def rows_where(rows: torch.Tensor, then: torch.Tensor, otherwise: torch.Tensor) -> torch.Tensor:
+    """Per sample (the first dimension), `then` where `rows` holds, else `otherwise`."""
+    mask = rows.to(otherwise.device).view(-1, *([1] * (otherwise.dim() - 1)))
+    return torch.where(mask, then, otherwise)
+
+
+def flow_matching_loss(attachment: Any, adapter: DiTAdapter, batch: Batch, *, sigma: torch.Tensor,
+                       noise: torch.Tensor, drops: Any) -> torch.Tensor:
+    """MSE between the transformer's prediction with the adapter and ε − x₀ at x_σ, with the rows `drops` (the UNet
+    trainer's `train.dropout.Drops`) names given zero image features and/or the empty prompt's embeddings."""
+    x0 = batch.latents
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    x_sigma = ((1 - s) * x0 + s * noise).to(x0.dtype)
+    image = rows_where(drops.image, torch.zeros_like(batch.image), batch.image)
+    text = rows_where(drops.text, batch.empty_text, batch.text)
+    pooled = rows_where(drops.text, batch.empty_pooled, batch.pooled)
+    tokens = adapter.project(image.to(adapter.dtype))
+    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)])}, rows=x0.shape[0])
+    model = attachment.model
+    pred = model(**batch.call(model, x_sigma, sigma, text, pooled)).sample
+    return F.mse_loss(pred.float(), (noise - x0).float())
+
+
+def fit(
+    transformer: torch.nn.Module, adapter: DiTAdapter, batches: Callable[[torch.Generator], Batch], *, steps: int,
+    optimizer: torch.optim.Optimizer, sigmas: SigmaDraw, seed: int = 0,
+    drop_rates: tuple[float, float, float] = PAPER_DROPS, max_grad_norm: float = 0.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """`steps` optimizer steps on `batches(generator)`; σ, ε and the dropout drawn from one seeded generator, so a run
+    is reproducible. The transformer is left as it was (the adapter detached) however the loop ends."""
+    from ipadapter.train.dropout import draw  # the train extra's place; the dropout itself needs only torch
+
+    g = torch.Generator().manual_seed(seed)
+    attachment = attach_dit(transformer, adapter)
+    losses: list[float] = []
+    try:
+        for step in range(1, steps + 1):
+            batch = batches(g)
+            rows = batch.latents.shape[0]
+            sigma = sigmas(rows, g).to(transformer.device)
+            noise = torch.randn(batch.latents.shape, generator=g).to(transformer.device, batch.latents.dtype)
+            loss = flow_matching_loss(attachment, adapter, batch, sigma=sigma, noise=noise,
+                                      drops=draw(rows, *drop_rates, generator=g))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(adapter.parameters(), max_grad_norm)
+            optimizer.step()
+            adapter.weights_changed()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step, losses[-1])
+    finally:
+        attachment.detach()
+    return losses
+
+
+@torch.no_grad()
+def encode(pipe: Any, encoder: ImageEncoder, images: list[Image.Image], captions: list[str], size: int,
+           max_sequence_length: int | None = None) -> Batch:
+    """A batch of PIL images (resized to `size` square by the pipeline's image processor) and their captions; text
+    tokens up to `max_sequence_length`, else the family's pipeline's default."""
+    pixels = pipe.image_processor.preprocess(images, height=size, width=size)
+    parts = family(dit_kind(pipe.transformer))
+    length = {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
+    return parts.encode(pipe, encoder, pixels, encoder.pixel_values(images), captions, **length)
+
+
+def train_dit_adapter(
+    pipe: Any, encoder: ImageEncoder, images: list[Image.Image], captions: list[str], *, steps: int, size: int,
+    adapter: DiTAdapter | None = None, batch_size: int = 4, lr: float = 1e-4, seed: int = 0,
+    max_sequence_length: int | None = None,
+) -> tuple[DiTAdapter, list[float]]:
+    """Train (or continue) a FLUX or SD 3 adapter on image-caption pairs held in memory; returns it and the loss per
+    step."""
+    if len(images) != len(captions) or not images:
+        raise IPAdapterError(f"give one caption per image, got {len(images)} images and {len(captions)} captions")
+    transformer = pipe.transformer.requires_grad_(False)
+    parts = family(dit_kind(transformer))
+    adapter = adapter or parts.new_adapter(transformer, encoder, get_variant(parts.variant).tokens)
+    adapter = adapter.to(transformer.device).train().requires_grad_(True)
+    data = encode(pipe, encoder, images, captions, size, max_sequence_length)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.01)
+    losses = fit(transformer, adapter, lambda g: data.rows(torch.randperm(len(images), generator=g)[:batch_size]),
+                 steps=steps, optimizer=optimizer, sigmas=parts.sigmas(pipe), seed=seed)
+    return adapter.eval().requires_grad_(False), losses
