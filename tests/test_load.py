@@ -422,7 +422,7 @@ def test_an_unreadable_base_is_one_sentence_with_the_libraries_first_clause(tmp_
         AutoencoderKL.load_config(str(folder), subfolder="vae", local_files_only=True)
     with pytest.raises(IPAdapterError) as caught:
         base_geometry(str(folder))
-    assert str(caught.value) == f"cannot read the base model {folder}: {first_clause(str(theirs.value))}"
+    assert str(caught.value) == f"cannot read {folder}/vae: {first_clause(str(theirs.value))}"
     assert str(theirs.value).strip(), "shows nothing else"
 
 

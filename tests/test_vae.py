@@ -149,14 +149,15 @@ def test_a_vae_file_for_a_base_by_hub_id_takes_its_layout_from_the_cache(root, t
 
 
 def test_a_base_whose_vae_config_cannot_be_read_is_named(root, tmp_path, monkeypatch) -> None:
-    """Before any weight: the base's VAE config, not cached and the Hub unreachable, in one line."""
+    """Before any weight: the base's VAE config, not cached and the Hub unreachable, in one line naming the base
+    (the whole pipeline is loaded next)."""
     factories.hub_without_network(monkeypatch, tmp_path / "empty-hub")
     with pytest.raises(IPAdapterError) as caught:
         load_pipeline("ipadapter-tests/not-cached", vae=str(root / "vae-original.safetensors"))
     assert str(caught.value) == (
-        "the base's VAE config ipadapter-tests/not-cached/vae is not in the local Hugging Face cache and the Hub "
-        "cannot be reached; download it once with network access (hf download ipadapter-tests/not-cached --include "
-        "'vae/*') or give a local folder")
+        "the base model ipadapter-tests/not-cached is not in the local Hugging Face cache and the Hub cannot be "
+        "reached; download it once with network access (hf download ipadapter-tests/not-cached) or give a local "
+        "folder")
 
 
 def test_a_missing_vae_is_named_by_the_library(root) -> None:
@@ -210,5 +211,4 @@ def test_a_base_without_a_vae_config_is_named(root, tmp_path) -> None:
         AutoencoderKL.load_config(tmp_path / "no-vae", subfolder="vae")
     with pytest.raises(IPAdapterError) as caught:
         load_pipeline(tmp_path / "no-vae", vae=str(root / "vae"))
-    assert str(caught.value) == (f"cannot read the base's VAE config in {tmp_path / 'no-vae'}: "
-                                 f"{first_clause(str(theirs.value))}")
+    assert str(caught.value) == f"cannot read {tmp_path / 'no-vae'}/vae: {first_clause(str(theirs.value))}"

@@ -16,13 +16,13 @@ from ipadapter.checkpoint import load_adapter
 from ipadapter.dit.blocks import denoiser_of, is_dit
 from ipadapter.dit.checkpoint import load_dit_adapter
 from ipadapter.encoders import FaceAnalyzer, ImageEncoder
-from ipadapter.errors import IPAdapterError, first_clause
+from ipadapter.errors import IPAdapterError
 from ipadapter.pipelines import add_controlnet, check_lora_file, fuse_base_lora, load_pipeline
 from ipadapter.prompter import ImagePrompter
 from ipadapter.siglip import encoder_class
 from ipadapter.sources import (
-    AdapterSource, default_image_encoder, encoder_by_width, from_cache_or_hub, is_published_name, miniature_adapter,
-    miniature_base, published_adapter, published_files, split_hub_path,
+    AdapterSource, default_image_encoder, encoder_by_width, is_published_name, miniature_adapter, miniature_base,
+    published_adapter, published_files, read_config, split_hub_path,
 )
 from ipadapter.validation import check_device, model_source, vae_downscale
 
@@ -212,22 +212,10 @@ def base_geometry(base: str | None) -> tuple[int, tuple[int, int]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     source = single_file.configs_of(base) if base else str(miniature_base())
-    transformer = (Path(source) / "transformer" / "config.json").is_file()
-
-    def read(local: bool) -> tuple[dict, dict | None]:
-        vae = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=local)
-        unet = None if transformer else UNet2DConditionModel.load_config(source, subfolder="unet",
-                                                                        local_files_only=local)
-        return vae, unet
-
-    try:
-        vae, unet = from_cache_or_hub(read, source, "the base model")
-    except (OSError, ValueError) as err:
-        raise IPAdapterError(f"cannot read the base model {source}: {first_clause(str(err))}") from None
-    step = vae_downscale(vae)
-    if transformer:
+    step = vae_downscale(read_config(AutoencoderKL, source, "vae"))
+    if (Path(source) / "transformer" / "config.json").is_file():
         return _transformer_geometry(source, step)
-    sample = unet["sample_size"]
+    sample = read_config(UNet2DConditionModel, source, "unet")["sample_size"]
     height, width = (sample, sample) if isinstance(sample, int) else sample
     return max(step, UNET_PIPELINE_STEP), (width * step, height * step)
 

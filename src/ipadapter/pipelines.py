@@ -14,7 +14,7 @@ import torch
 from ipadapter import single_file
 from ipadapter.checkpoint import is_weights_file
 from ipadapter.errors import IPAdapterError, first_clause
-from ipadapter.sources import from_cache_or_hub, split_hub_path
+from ipadapter.sources import from_cache_or_hub, read_config, split_hub_path
 from ipadapter.validation import model_source
 
 
@@ -62,7 +62,7 @@ def load_vae(source: str | os.PathLike, *, base: str, dtype: torch.dtype) -> Any
     from diffusers import AutoencoderKL
 
     layout = single_file.configs_of(base)
-    expected = _config(AutoencoderKL, layout, "vae", "the base's VAE config")
+    expected = read_config(AutoencoderKL, layout, "vae")
     if single_file.is_single_file(source):
         mine = _vae_from_file(AutoencoderKL, Path(source), layout, dtype)
     else:
@@ -93,15 +93,6 @@ def _vae_from_file(cls: Any, path: Path, layout: str, dtype: torch.dtype) -> Any
                              "model") from None
     except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:
         raise IPAdapterError(f"could not load the VAE {path}: {first_clause(str(err))}") from None
-
-
-def _config(cls: Any, source: str, subfolder: str, what: str) -> dict[str, Any]:
-    try:
-        return dict(from_cache_or_hub(lambda local: cls.load_config(source, subfolder=subfolder,
-                                                                    local_files_only=local), source, what,
-                                      subfolder=subfolder))
-    except (OSError, ValueError) as err:
-        raise IPAdapterError(f"cannot read {what} in {source}: {first_clause(err)}") from None
 
 
 def _scheduler_class(name: str) -> Any:

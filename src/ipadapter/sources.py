@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ipadapter.errors import IPAdapterError, first_clause
 
@@ -171,8 +171,12 @@ def hub_answers(repo_id: str, what: str, *, subfolder: str | None = None, filena
 
     part = "/".join(p for p in (subfolder, filename) if p)
     patterns = " ".join(f"'{pattern}'" for pattern in include or ([f"{subfolder}/*"] if subfolder else []))
-    command = f"hf download {repo_id} {part}" if filename else f"hf download {repo_id} --include {patterns}" \
-        if patterns else f"hf download {repo_id}"
+    if filename:
+        command = f"hf download {repo_id} {part}"
+    elif patterns:
+        command = f"hf download {repo_id} --include {patterns}"
+    else:
+        command = f"hf download {repo_id}"
     missing = f"{what} {repo_id}{'/' + part if part else ''} is not in the local Hugging Face cache"
     instead = instead or f"give a local {'file' if filename else 'folder'}"
     switch = _offline_switch()
@@ -203,6 +207,17 @@ def from_cache_or_hub(load: Callable[[bool], T], source: str, what: str, *, subf
             raise
     hub_answers(source, what, subfolder=subfolder, filename=filename, include=include, instead=instead)
     return load(False)
+
+
+def read_config(cls: Any, source: str, subfolder: str) -> dict[str, Any]:
+    """A base part's config (`cls.load_config`: no weights read), from disk when it is there (`from_cache_or_hub`;
+    the download advice names the whole base, which the caller goes on to use). Unreadable: one line naming the
+    folder, with the libraries' reason."""
+    try:
+        return dict(from_cache_or_hub(lambda local: cls.load_config(source, subfolder=subfolder, local_files_only=local),
+                                      source, "the base model"))
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"cannot read {source}/{subfolder}: {first_clause(str(err))}") from None
 
 
 def default_image_encoder(

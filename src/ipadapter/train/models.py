@@ -19,7 +19,7 @@ from torch import nn
 
 from ipadapter import single_file
 from ipadapter.errors import FieldError, IPAdapterError, first_clause
-from ipadapter.sources import from_cache_or_hub
+from ipadapter.sources import from_cache_or_hub, read_config
 from ipadapter.validation import vae_downscale
 
 
@@ -64,15 +64,6 @@ def _has(source: str, subfolder: str) -> bool:
     return (path / subfolder).is_dir() if path.is_dir() else True
 
 
-def _config(cls: Any, source: str, sub: str) -> dict[str, Any]:
-    """One part's config, from disk when it is there (`from_cache_or_hub`)."""
-    try:
-        return dict(from_cache_or_hub(lambda local: cls.load_config(source, subfolder=sub, local_files_only=local),
-                                      source, "the base model"))
-    except (OSError, ValueError) as err:
-        raise IPAdapterError(f"cannot read {source}/{sub}: {first_clause(str(err))}") from None
-
-
 def base_configs(source: str, models: BaseModels | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The UNet's and VAE's configs (no weights read): enough to check a resolution before loading anything. Given
     `models` (already in memory), theirs."""
@@ -81,7 +72,7 @@ def base_configs(source: str, models: BaseModels | None = None) -> tuple[dict[st
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     layout = single_file.configs_of(source)
-    return _config(UNet2DConditionModel, layout, "unet"), _config(AutoencoderKL, layout, "vae")
+    return read_config(UNet2DConditionModel, layout, "unet"), read_config(AutoencoderKL, layout, "vae")
 
 
 def resolution_step(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> int:
@@ -117,7 +108,7 @@ def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseMo
     if single_file.is_single_file(source):
         return _single_file_base(source, encoders=encoders, vae=vae)
     unet = _from_pretrained(UNet2DConditionModel, source, "UNet", "unet")
-    scheduler = _config(DDPMScheduler, source, "scheduler") if Path(source, "scheduler").is_dir() or \
+    scheduler = read_config(DDPMScheduler, source, "scheduler") if Path(source, "scheduler").is_dir() or \
         not Path(source).is_dir() else None
     if scheduler is None:
         raise IPAdapterError(f"{source} has no scheduler folder; a diffusers pipeline folder has unet, vae, scheduler, ...")
@@ -150,7 +141,7 @@ def _single_file_base(source: str, *, encoders: bool, vae: bool) -> BaseModels:
     from diffusers import DDPMScheduler
 
     pipe = single_file.load_pipeline(source, torch.float32)
-    scheduler = _config(DDPMScheduler, str(single_file.config_folder(source)), "scheduler")
+    scheduler = read_config(DDPMScheduler, str(single_file.config_folder(source)), "scheduler")
     models = BaseModels(unet=pipe.unet, scheduler_config=scheduler, vae=pipe.vae if vae else None, name=str(source))
     if encoders:
         models.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
