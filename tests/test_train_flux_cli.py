@@ -21,6 +21,7 @@ from ipadapter.encoders import ImageEncoder
 from ipadapter.train.dropout import Drops
 from tests import dit_factories as df
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # the run builds an Accelerator
 COLOURS = [(230, 40, 40), (40, 200, 60), (40, 60, 230), (230, 220, 40)]
 
 
@@ -88,7 +89,7 @@ def test_train_flux_cli_loss_falls_and_diffusers_loads_the_file(tmp_path) -> Non
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--resume", "latest"], "--resume does not apply to FLUX training"),
+    (["--warmup-steps", "10"], "--warmup-steps does not apply to FLUX training"),
     (["--buckets"], "--buckets does not apply to FLUX training"),
     (["--mixed-precision", "fp16"], "--mixed-precision fp16 does not apply to FLUX training"),
     (["--num-tokens", "8"], "--num-tokens does not apply to FLUX training"),

@@ -66,8 +66,11 @@ def test_a_run_reports_every_step_logs_every_nth_and_counts_what_it_skipped(base
     assert result.output == out
     assert not result.adapter.training
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in result.adapter.parameters())
-    again = train_flux(_config(base, data, tmp_path, max_steps=1))  # the same folder: the loss file is the new run's
-    assert (out / "logs" / "losses.csv").read_text().splitlines() == [f"1,{again.losses[0]!r}"]
+    before = (out / "logs" / "losses.csv").read_text()
+    with pytest.raises(IPAdapterError, match=r"already holds a training run .*; continue it with --resume latest or "
+                                             r"choose another --output$"):
+        train_flux(_config(base, data, tmp_path, max_steps=1))  # the same folder without --resume: refused as is
+    assert (out / "logs" / "losses.csv").read_text() == before
 
 
 @pytest.mark.parametrize("precision, checkpointing", [("bf16", True), ("no", False)])

@@ -22,6 +22,7 @@ from ipadapter.siglip import SiglipEncoder
 from ipadapter.train.dropout import Drops
 from tests import dit_factories as df
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # the run builds an Accelerator
 COLOURS = [(230, 40, 40), (40, 200, 60), (40, 60, 230), (230, 220, 40)]
 
 
@@ -182,7 +183,7 @@ def test_cli_trains_writes_the_model_folder_and_generate_reads_it(base, tmp_path
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--resume", "latest"], "--resume does not apply to SD 3 training: these runs write no checkpoints"),
+    (["--stages", "16:2"], "--stages does not apply to SD 3 training: one resolution per run"),
     (["--num-tokens", "16"], "--num-tokens does not apply to SD 3 training: the variant sets the tokens"),
     (["--mixed-precision", "fp16"], "--mixed-precision fp16 does not apply to SD 3 training: use bf16"),
     (["--snr-gamma", "5"], "--snr-gamma does not apply to SD 3 training"),
@@ -207,6 +208,17 @@ def test_a_resolution_the_sd3_base_cannot_take_and_a_flux_adapter_to_start_from_
     assert capsys.readouterr().err.strip() == (
         f"ipadapter: error: --resolution {8 * step + 1} does not fit this SD 3 base: it must be a multiple of {step} "
         "(VAE downscale × the transformer's patch size)")
+    pipe = _pipe(folder)  # the largest size: as many latent patches a side as diffusers' positions cover
+    largest = pipe.transformer.config.pos_embed_max_size * pipe.transformer.config.patch_size * step
+    with torch.no_grad():
+        pipe.transformer(hidden_states=torch.zeros(1, 4, largest // step, 1), timestep=torch.ones(1),
+                         encoder_hidden_states=torch.zeros(1, 1, 64), pooled_projections=torch.zeros(1, 64))
+        with pytest.raises(ValueError, match="cannot be greater than"):
+            pipe.transformer(hidden_states=torch.zeros(1, 4, largest // step + 1, 1), timestep=torch.ones(1),
+                             encoder_hidden_states=torch.zeros(1, 1, 64), pooled_projections=torch.zeros(1, 64))
+    assert main([*common, "--resolution", str(largest + step)]) != 0
+    assert capsys.readouterr().err.strip() == (
+        f"ipadapter: error: --resolution {largest + step} is larger than this SD 3 base takes ({largest} px)")
     flux_file = tmp_path / "flux.safetensors"
     from safetensors.torch import save_file
 

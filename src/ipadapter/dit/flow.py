@@ -51,7 +51,8 @@ class TransformerFamily:
 
     name: as messages say it. variant: the one trained when none is named; new_adapter(transformer, encoder,
     tokens) makes an untrained one. pipeline: the diffusers pipeline class of `--base`. readers: who reads the published
-    file (the model card). size_step(pipe): pixel sizes must be multiples of it, for the reason `size_rule`.
+    file (the model card). size_step(pipe): pixel sizes must be multiples of it, for the reason `size_rule`;
+    max_size(pipe): the largest it takes, if any.
     sigmas(pipe): the σ draw. encode(pipe, encoder, pixels, image_pixels, captions, max_sequence_length, empty): a
     batch; empty_prompt(pipe, max_sequence_length): the empty prompt's (text, pooled), one row.
     """
@@ -67,6 +68,7 @@ class TransformerFamily:
     save: Callable[[DiTAdapter, str | os.PathLike], Path]
     size_step: Callable[[Any], int]
     size_rule: str
+    max_size: Callable[[Any], int | None]
 
 
 def family(kind: str) -> TransformerFamily:
@@ -99,21 +101,28 @@ def flow_matching_loss(attachment: Any, adapter: DiTAdapter, batch: Batch, *, si
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one step's draws (σ, ε, the dropout), from the run's seed and the step alone: a run resumed at
+    any step draws what the uninterrupted run drew."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def fit(
     transformer: torch.nn.Module, adapter: DiTAdapter, batches: Callable[[torch.Generator], Batch], *, steps: int,
-    optimizer: torch.optim.Optimizer, sigmas: SigmaDraw, seed: int = 0,
+    optimizer: torch.optim.Optimizer, sigmas: SigmaDraw, seed: int = 0, start: int = 0,
     drop_rates: tuple[float, float, float] = PAPER_DROPS, max_grad_norm: float = 0.0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """`steps` optimizer steps on `batches(generator)`; σ, ε and the dropout drawn from one seeded generator, so a run
-    is reproducible. The transformer is left as it was (the adapter detached) however the loop ends."""
+    """Optimizer steps `start` + 1 … `steps` on `batches(generator)`, each step's draws from `step_generator`, so a
+    run is reproducible and resumable. The transformer is left as it was (the adapter detached) however the loop
+    ends."""
     from ipadapter.train.dropout import draw  # the train extra's place; the dropout itself needs only torch
 
-    g = torch.Generator().manual_seed(seed)
     attachment = attach_dit(transformer, adapter)
     losses: list[float] = []
     try:
-        for step in range(1, steps + 1):
+        for step in range(start + 1, steps + 1):
+            g = step_generator(seed, step)
             batch = batches(g)
             rows = batch.latents.shape[0]
             sigma = sigmas(rows, g).to(transformer.device)

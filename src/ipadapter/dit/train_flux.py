@@ -106,4 +106,5 @@ FAMILY = TransformerFamily(
                                                                       tokens=tokens),
     encode=encode_pixels, empty_prompt=empty_prompt, sigmas=uniform_sigmas, save=save_xlabs,
     size_step=lambda pipe: pipe.vae_scale_factor * 2, size_rule="VAE downscale × 2, latents packed 2 × 2",
+    max_size=lambda pipe: None,
 )

@@ -130,4 +130,6 @@ FAMILY = TransformerFamily(
     encode=encode_pixels, empty_prompt=empty_prompt, sigmas=shifted_logit_normal, save=save_instantx,
     size_step=lambda pipe: pipe.vae_scale_factor * pipe.transformer.config.patch_size,
     size_rule="VAE downscale × the transformer's patch size",
+    max_size=lambda pipe: pipe.transformer.config.pos_embed_max_size * pipe.transformer.config.patch_size
+    * pipe.vae_scale_factor,  # its learned positions cover that many patches a side
 )

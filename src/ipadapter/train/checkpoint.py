@@ -174,8 +174,19 @@ def resume_point(resume: str, output: str | Path, say: Callable[[str], None]) ->
     return None
 
 
+def resume_from(resume: str, output: Path, variant: str, say: Callable[[str], None]) -> Path | None:
+    """`resume_point`, and a state of another variant refused before any weights load."""
+    path = resume_point(resume, output, say)
+    if path is not None:
+        found = read_state(path).get("variant")
+        if found != variant:
+            raise IPAdapterError(f"cannot resume from {path}: it trains variant {found!r}, this run {variant!r}")
+    return path
+
+
 def check_resumable(
     state: dict[str, Any], path: Path, *, variant: str, base_id: str, base: str, world: int, attention: str = "decoupled",
+    model: str = "UNet",
 ) -> None:
     if state.get("variant") != variant:
         raise IPAdapterError(
@@ -188,7 +199,7 @@ def check_resumable(
     if state.get("base_id") != base_id:
         raise IPAdapterError(
             f"cannot resume from {path}: it was trained on base {state.get('base')!r}, this run uses {base!r} "
-            "(a different UNet)"
+            f"(a different {model})"
         )
     if state.get("num_processes") != world or len(state["data"]) != world or len(state["skipped"]) != world:
         raise IPAdapterError(
@@ -373,3 +384,25 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def register_adapter_hooks(accelerator: Any, adapter: nn.Module) -> None:
+    """Checkpoints hold the adapter's weights only (`ADAPTER_FILE`), not the frozen model that the wrapped module may
+    also contain."""
+    from ipadapter.checkpoint import save_adapter
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            save_adapter(adapter, Path(output_dir) / ADAPTER_FILE)
+        while weights:
+            weights.pop()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        adapter.load_state_dict(load_file(str(Path(input_dir) / ADAPTER_FILE)))
+        while models:
+            models.pop()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -150,18 +150,13 @@ def prepare_cache(run: Any, given_models: BaseModels | None, given_encoder: Imag
 def data_phase(run: Any, models: BaseModels | None, image_encoder: ImageEncoder | None,
                 unet_config: dict[str, Any]) -> None:
     """Refuse what can be refused from configs alone, then open the data: the feature cache or the raw stream."""
-    from ipadapter.train.checkpoint import read_state, resume_point
+    from ipadapter.train.checkpoint import resume_from
 
     config, acc = run.config, run.accelerator
     rank, world = acc.process_index, acc.num_processes
     check_resolution(config.resolution, unet_config, run.vae_config)
-    run.resume_path = resume_point(config.resume, Path(config.output),
-                                   say=logger.warning if acc.is_main_process else logger.debug)
-    if run.resume_path is not None:
-        found = read_state(run.resume_path).get("variant")
-        if found != config.variant:  # refused before any weights load
-            raise IPAdapterError(f"cannot resume from {run.resume_path}: it trains variant {found!r}, this run "
-                                 f"{config.variant!r}")
+    run.resume_path = resume_from(config.resume, Path(config.output), config.variant,
+                                  say=logger.warning if acc.is_main_process else logger.debug)
     if config.cache:
         run.cache = prepare_cache(run, models, image_encoder)
         run.constants = run.cache.constants

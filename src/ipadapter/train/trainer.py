@@ -449,6 +449,7 @@ def _train_attached(run: _Run, adapter: IPAdapter, inner: TrainModule, output: P
                     on_step: Callable[[int, float], None] | None) -> tuple[TrainResult, Any]:
     """Phases 5-8, with the adapter attached to the UNet: the result, and the module as accelerate wrapped it."""
     from ipadapter.atomic import write_text
+    from ipadapter.train.checkpoint import register_adapter_hooks
 
     config, accelerator = run.config, run.accelerator
     # 5. optimizer, one prepare (DeepSpeed infers its micro-batch from dataloaders; ours streams itself, so say it)
@@ -457,7 +458,7 @@ def _train_attached(run: _Run, adapter: IPAdapter, inner: TrainModule, output: P
     if plugin is not None:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
     module, opt.optimizer, opt.lr_scheduler = accelerator.prepare(inner, opt.optimizer, opt.lr_scheduler)
-    _register_adapter_hooks(accelerator, adapter)
+    register_adapter_hooks(accelerator, adapter)
     # 6. resume; the output folder is written only once all checks have passed
     step, nonfinite = _resume_phase(run, adapter, opt.ema)
     if accelerator.is_main_process:
@@ -484,24 +485,3 @@ def _init_from(config: TrainConfig, unet: nn.Module) -> IPAdapter:
     if loaded.config.variant != config.variant:  # faceid-plus and -plusv2 share weights; the shortcut is the variant's
         loaded = load_adapter(config.init_from, unet, variant=config.variant, dtype=torch.float32)
     return loaded
-
-
-def _register_adapter_hooks(accelerator: Any, adapter: IPAdapter) -> None:
-    """Checkpoints hold the adapter's weights only, not the frozen UNet that the wrapped module also contains."""
-    from ipadapter.checkpoint import save_adapter
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if accelerator.is_main_process:
-            save_adapter(adapter, Path(output_dir) / "adapter.safetensors")
-        while weights:
-            weights.pop()
-
-    def load_hook(models: list, input_dir: str) -> None:
-        from safetensors.torch import load_file
-
-        adapter.load_state_dict(load_file(str(Path(input_dir) / "adapter.safetensors")))
-        while models:
-            models.pop()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)

@@ -5,8 +5,8 @@ The data is read and decoded as for the UNet (manifest or shards, centre crops, 
 samples skipped and counted); each batch goes through the frozen VAE and text encoders, then `dit.flow.fit` (the
 flow-matching recipe) with the family's parts (`dit.flow.family`). The folder gets the family's published layout
 (XLabs' for FLUX, InstantX's for SD 3: what diffusers' `load_ip_adapter` reads), the project's own format,
-`config.json`, `logs/losses.csv`, `loss.png` and the model card. One process, no checkpoints: the options that would
-need them are refused by `TrainConfig.validate`.
+`config.json`, `logs/losses.csv`, `loss.png` and the model card. Checkpoints and exact resume as a UNet run's
+(`_States`). One process; the options it does not have are refused by `TrainConfig.validate`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,9 +71,10 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     from ipadapter.checkpoint import save_adapter
     from ipadapter.dit.flow import family as family_of
     from ipadapter.dit.flow import fit
+    from ipadapter.train.checkpoint import resume_from
     from ipadapter.train.feed import load_image_encoder, open_stream
-    from ipadapter.train.optim import make_optimizer
     from ipadapter.train.model_folder import append_loss, restart_losses, write_model_card
+    from ipadapter.train.models import module_fingerprint
     from ipadapter.validation import check_device, output_folder
 
     config.validate()
@@ -81,6 +83,7 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise IPAdapterError(f"{family.name} training runs in one process: start it without accelerate launch")
     output = output_folder(config.output, "--output")
+    resume = resume_from(config.resume, output, config.variant, say=logger.warning)
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
     device = torch.device(check_device(None))
     pipe = load_transformer_pipeline(config.base, family, dtype)
@@ -88,6 +91,10 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     if config.resolution % step:
         raise FieldError("resolution", f"{config.resolution} does not fit this {family.name} base: it must be a "
                                        f"multiple of {step} ({family.size_rule})")
+    largest = family.max_size(pipe)
+    if largest is not None and config.resolution > largest:
+        raise FieldError("resolution", f"{config.resolution} is larger than this {family.name} base takes "
+                                       f"({largest} px)")
     encoder = load_image_encoder(config)
     pipe.to(device)
     encoder.model.to(device, dtype)
@@ -102,6 +109,8 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     stream = open_stream(config, 0, 1)
     batches = Batches(stream, Decoder(config.resolution, encoder.processor), config.batch_size,
                       workers=config.num_workers)
+    states = _States(config, adapter, stream, base=module_fingerprint(transformer), device=device)
+    start = states.restore(resume) if resume is not None else 0
 
     empty = family.empty_prompt(pipe)  # a dropped caption's input, encoded once rather than with every batch
 
@@ -110,8 +119,8 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
         return family.encode(pipe, encoder, batch["pixels"], batch["clip"], batch["text"], empty=empty)
 
     write_text(output / "config.json", config.to_json())
-    restart_losses(output, 0)
-    bar = tqdm(total=config.max_steps, desc="training", unit="step", dynamic_ncols=True)
+    restart_losses(output, start)
+    bar = tqdm(total=config.max_steps, initial=start, desc="training", unit="step", dynamic_ncols=True)
 
     def logged(i: int, loss: float) -> None:
         append_loss(output, i, loss)
@@ -119,19 +128,22 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
         bar.set_postfix(loss=f"{loss:.4f}")
         if i % config.log_every == 0:
             logger.info("step %d: loss %.5f", i, loss)
+        if i % config.save_every == 0 or i == config.max_steps:
+            states.save(i)
         if on_step is not None:
             on_step(i, loss)
 
     try:
-        losses = fit(transformer, adapter, next_batch, steps=config.max_steps,
-                     optimizer=make_optimizer(config, list(adapter.parameters())), sigmas=family.sigmas(pipe),
-                     seed=config.seed, drop_rates=(config.drop_image, config.drop_text, config.drop_both),
+        losses = fit(transformer, adapter, next_batch, steps=config.max_steps, optimizer=states.optimizer,
+                     sigmas=family.sigmas(pipe), seed=config.seed, start=start,
+                     drop_rates=(config.drop_image, config.drop_text, config.drop_both),
                      max_grad_norm=config.max_grad_norm, on_step=logged)
     finally:
         bar.close()
         batches.close()
     adapter.eval().requires_grad_(False)
-    result = TrainResult(step=len(losses), output=output, losses=losses, skipped=dict(stream.skipped), adapter=adapter)
+    result = TrainResult(step=start + len(losses), output=output, losses=losses, skipped=dict(stream.skipped),
+                         adapter=adapter)
     records = getattr(stream, "records", None)  # shards are never counted up front
     try:
         result.published = family.save(adapter, output / PUBLISHED_NAME)
@@ -143,3 +155,46 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
                 result.published)
     return result
 
+
+class _States:
+    """The run's checkpoints, as a UNet run's (train/checkpoint.py: atomic, verified, the newest `keep` kept) through
+    accelerate in this one process: the adapter's weights, the optimizer, the data cursor and skip counts; each step's
+    draws come from the seed and the step (`dit.flow.step_generator`), so a resumed run continues exactly."""
+
+    def __init__(self, config: TrainConfig, adapter: DiTAdapter, stream: Any, *, base: str,
+                 device: torch.device) -> None:
+        from accelerate import Accelerator
+
+        from ipadapter.train.checkpoint import register_adapter_hooks
+        from ipadapter.train.optim import make_optimizer
+
+        self.config, self.adapter, self.stream, self.base = config, adapter, stream, base
+        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+        _, self.optimizer = self.accelerator.prepare(adapter, make_optimizer(config, list(adapter.parameters())))
+        register_adapter_hooks(self.accelerator, adapter)
+
+    def restore(self, path: Path) -> int:
+        """The state at `path`, every file verified first; returns its step."""
+        from ipadapter.train.checkpoint import check_resumable, load_checkpoint, read_state
+
+        state = read_state(path)
+        if state.get("mixed_precision") != self.config.mixed_precision:
+            raise IPAdapterError(f"cannot resume from {path} exactly: it ran with --mixed-precision "
+                                 f"{state.get('mixed_precision')}, this run with {self.config.mixed_precision}")
+        check_resumable(state, path, variant=self.config.variant, base_id=self.base, base=self.config.base, world=1,
+                        model="transformer")
+        load_checkpoint(self.accelerator, path, self.adapter, None)
+        self.stream.load_state_dict(state["data"][0])
+        self.stream.skipped.update(state["skipped"][0])
+        logger.info("resumed from %s at step %d", path, state["step"])
+        return int(state["step"])
+
+    def save(self, step: int) -> None:
+        from ipadapter.train.checkpoint import save_checkpoint
+
+        config = self.config
+        save_checkpoint(self.accelerator, Path(config.output), {
+            "step": step, "variant": config.variant, "base": config.base, "base_id": self.base,
+            "mixed_precision": config.mixed_precision, "num_processes": 1, "data": [self.stream.state_dict()],
+            "skipped": [dict(self.stream.skipped)],
+        }, keep=config.keep_checkpoints)

@@ -1,0 +1,96 @@
+"""Checkpoints of FLUX and SD 3 runs: a run killed after a checkpoint and resumed with `--resume latest` ends with
+the weights, loss file and skip counts of the run that was never stopped (bit for bit), the newest `--keep-checkpoints`
+states are kept, and a resume that cannot continue exactly is refused before anything changes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ipadapter.errors import IPAdapterError
+from ipadapter.train.config import TrainConfig
+from ipadapter.train.transformer import train_transformer
+from tests import dit_factories as df
+from tests import factories
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds an Accelerator
+FAMILIES = {"flux": df.save_flux_base, "sd3": df.save_sd3_base}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def setup(request, tmp_path_factory):
+    """(variant, base folder, a manifest of five good images and one that cannot be decoded)."""
+    root = tmp_path_factory.mktemp(request.param)
+    return request.param, FAMILIES[request.param](root), factories.write_images(root / "data", 5, corrupt=1)
+
+
+def _config(setup, out: Path, **overrides) -> TrainConfig:
+    variant, base, data = setup
+    values = dict(variant=variant, base=str(base), image_encoder=str(base / "image_encoder"), data=str(data),
+                  resolution=16, batch_size=2, max_steps=4, save_every=2, num_workers=0, seed=3,
+                  learning_rate=1e-2, output=str(out))
+    return TrainConfig(**{**values, **overrides})
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(step: int):
+    def on_step(i: int, loss: float) -> None:
+        if i == step:
+            raise Killed
+
+    return on_step
+
+
+def test_a_killed_run_resumed_ends_where_the_uninterrupted_run_ends(setup, tmp_path, caplog) -> None:
+    whole = train_transformer(_config(setup, tmp_path / "whole"))
+    with pytest.raises(Killed):
+        train_transformer(_config(setup, tmp_path / "cut"), on_step=_kill_after(3))  # after the step-2 state
+    states = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("state-*"))
+    assert states == ["state-00000002"]
+    with caplog.at_level(logging.INFO, logger="ipadapter.train"):
+        resumed = train_transformer(_config(setup, tmp_path / "cut", resume="latest"))
+    assert any(r.getMessage().startswith(f"resumed from {tmp_path / 'cut' / 'checkpoints' / 'state-00000002'} at "
+                                         "step 2") for r in caplog.records)
+    assert resumed.step == whole.step == 4 and resumed.losses == whole.losses[2:]
+    for name in ("ip-adapter.safetensors", "adapter.ipadapter.safetensors"):
+        ours, theirs = load_file(str(tmp_path / "cut" / name)), load_file(str(tmp_path / "whole" / name))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (tmp_path / "cut" / "logs" / "losses.csv").read_text() == \
+        (tmp_path / "whole" / "logs" / "losses.csv").read_text()
+    assert resumed.skipped == whole.skipped and sum(whole.skipped.values()) >= 1
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("state-*")) == ["state-00000004"]
+
+
+def test_each_step_draws_anew_from_the_seed_and_the_step_alone() -> None:
+    """What makes a resume exact without a saved generator: a step's draws depend on (seed, step) only, and differ
+    from step to step and seed to seed (the same noise at every step would be a broken recipe that resumes fine)."""
+    from ipadapter.dit.flow import step_generator
+
+    def draws(seed: int, step: int) -> torch.Tensor:
+        return torch.randn(8, generator=step_generator(seed, step))
+
+    assert torch.equal(draws(3, 2), draws(3, 2))
+    assert not torch.equal(draws(3, 2), draws(3, 3)) and not torch.equal(draws(3, 2), draws(4, 2))
+
+
+def test_a_resume_that_cannot_continue_exactly_is_refused_and_changes_nothing(setup, tmp_path) -> None:
+    variant, base, _ = setup
+    train_transformer(_config(setup, tmp_path / "run", max_steps=2))
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    state = tmp_path / "run" / "checkpoints" / "state-00000002"
+    with pytest.raises(IPAdapterError) as caught:
+        train_transformer(_config(setup, tmp_path / "run", resume="latest", max_steps=4, mixed_precision="bf16"))
+    assert str(caught.value) == (f"cannot resume from {state} exactly: it ran with --mixed-precision no, this run "
+                                 "with bf16")
+    other = {"flux": "flux-v2", "sd3": "flux"}[variant]
+    with pytest.raises(IPAdapterError) as caught:
+        train_transformer(_config(setup, tmp_path / "run", resume="latest", variant=other))
+    assert str(caught.value) == f"cannot resume from {state}: it trains variant {variant!r}, this run {other!r}"
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
