@@ -94,3 +94,38 @@ def test_two_processes_train_in_sync(tmp_path, fresh_accelerate_state) -> None:
     assert main([*train, "--output", str(tmp_path / "one")]) == 0
     for (step, two), (_, one) in zip(read_losses(out), read_losses(tmp_path / "one"), strict=True):
         assert 0.7 < two / one < 1.3, (step, two, one)
+
+
+def test_two_processes_train_an_sd3_adapter_in_sync(tmp_path, fresh_accelerate_state) -> None:
+    """A transformer run (SD 3 here; FLUX takes the same path) under `accelerate launch`: each process reads its own
+    samples, the averaged gradients keep the replicas equal, one checkpoint holds both cursors, and the loss logged is
+    the mean of the processes' (the same size as one process's)."""
+    from diffusers import SD3Transformer2DModel
+
+    from ipadapter.cli.main import main
+    from ipadapter.dit.checkpoint import load_dit_adapter
+    from ipadapter.train.model_folder import read_losses
+    from tests import dit_factories as df
+
+    base = df.save_sd3_base(tmp_path / "base")
+    data = factories.write_images(tmp_path / "data", 6, corrupt=1)
+    out = tmp_path / "out"
+    train = ["train", "--variant", "sd3", "--base", str(base), "--image-encoder", str(base / "image_encoder"),
+             "--data", str(data), "--resolution", "16", "--batch-size", "2", "--max-steps", "2", "--num-workers", "0",
+             "--learning-rate", "1e-3"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "ipadapter.cli.main", *train, "--output", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = _launch(command, env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    state = json.loads((out / "checkpoints" / "state-00000002" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and len(state["data"]) == 2
+    assert all(d["epoch"] > 0 or d["pos"] >= 4 for d in state["data"])  # each process read its own ≥ 4 samples
+    a, b = state["weight_checksums"]
+    assert a == b  # gradients were averaged: the replicas hold the same weights
+    transformer = SD3Transformer2DModel.from_pretrained(base / "transformer")
+    assert load_dit_adapter(out / "ip-adapter.safetensors", transformer).config.variant == "sd3"
+    assert main([*train, "--output", str(tmp_path / "one")]) == 0
+    for (step, two), (_, one) in zip(read_losses(out), read_losses(tmp_path / "one"), strict=True):
+        assert 0.5 < two / one < 2.0, (step, two, one)

@@ -164,12 +164,6 @@ def test_init_from_an_adapter_for_another_image_encoder_is_refused(base, data, t
                                      f"{base / 'image_encoder'} gives {width}-d; ")
 
 
-def test_a_run_under_several_processes_is_refused_before_loading(base, data, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(IPAdapterError, match="^FLUX training runs in one process: start it without accelerate launch$"):
-        train_flux(_config(base, data, tmp_path))
-
-
 def test_a_unet_base_is_not_taken_for_a_flux_pipeline(data, tmp_path) -> None:
     unet_base = factories.write_base(tmp_path / "sd")
     config = _config(unet_base, data, tmp_path, image_encoder=str(factories.write_image_encoder(tmp_path / "enc")))

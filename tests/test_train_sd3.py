@@ -5,6 +5,7 @@ loss computed through it), and `ipadapter generate` reading the trained file as 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -249,3 +250,42 @@ def test_an_image_dropped_from_every_sample_is_zero_features_the_head_cannot_lea
 
     initial = load_file(str(start))["image_proj.proj_in.weight"]
     assert torch.equal(weights[1.0], initial) and not torch.equal(weights[0.0], initial)
+
+
+def test_training_in_memory_takes_its_arguments_and_refuses_unpaired_data(base) -> None:
+    """`train_dit_adapter`: a new adapter of the family's own variant when none is given, the batch size (4 unless
+    given), the text length, the learning rate and the seed reach the loop; the result is frozen; images without one
+    caption each are refused in one sentence."""
+    from ipadapter.errors import IPAdapterError
+
+    root, folder = base
+    pipe = _pipe(folder)
+    encoder = SiglipEncoder.from_pretrained(str(folder / "image_encoder"))
+    images = _images(root) + _images(root)[:2]
+    seen: list[tuple[int, int]] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["hidden_states"].shape[0],
+                                                  kwargs["encoder_hidden_states"].shape[1])), with_kwargs=True)
+    text_length = pipe.encode_prompt(["a square"], None, None, do_classifier_free_guidance=False,
+                                     max_sequence_length=8)[0].shape[1]
+    torch.manual_seed(0)
+    still, _ = train_dit_adapter(pipe, encoder, images, ["a square"] * 6, steps=2, size=16, lr=0.0,
+                                 max_sequence_length=8)
+    assert seen == [(4, text_length)] * 2
+    assert (still.config.variant, still.config.tokens) == ("sd3", 64)
+    assert not still.training and not any(p.requires_grad for p in still.parameters())
+    torch.manual_seed(0)
+    start = new_sd3_adapter(pipe.transformer, feature_dim=encoder.patch_dim)
+    assert all(torch.equal(a, b) for a, b in zip(still.state_dict().values(), start.state_dict().values()))
+    seen.clear()
+    first = new_sd3_adapter(pipe.transformer, feature_dim=encoder.patch_dim, tokens=8)
+    runs = [train_dit_adapter(pipe, encoder, images, ["a square"] * 6, steps=2, size=16, lr=1e-2, batch_size=3,
+                              seed=seed, adapter=copy.deepcopy(first))[0] for seed in (1, 1, 2)]
+    hook.remove()
+    assert [rows for rows, _ in seen] == [3] * 6
+    same = [all(torch.equal(a, b) for a, b in zip(runs[0].state_dict().values(), other.state_dict().values()))
+            for other in (*runs[1:], first)]
+    assert same == [True, False, False]
+    with pytest.raises(IPAdapterError) as caught:
+        train_dit_adapter(pipe, encoder, images, ["a square"] * 5, steps=1, size=16)
+    assert str(caught.value) == "give one caption per image, got 6 images and 5 captions"

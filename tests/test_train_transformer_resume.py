@@ -94,3 +94,21 @@ def test_a_resume_that_cannot_continue_exactly_is_refused_and_changes_nothing(se
         train_transformer(_config(setup, tmp_path / "run", resume="latest", variant=other))
     assert str(caught.value) == f"cannot resume from {state}: it trains variant {variant!r}, this run {other!r}"
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_a_deepspeed_launch_is_refused_before_anything_loads(setup, tmp_path, monkeypatch) -> None:
+    """DeepSpeed's engine would own the backward pass the transformer loop runs itself: refused in one sentence."""
+    import accelerate
+
+    class DeepSpeedLaunch:
+        state = type("State", (), {"deepspeed_plugin": object()})()
+
+        def __init__(self, **kwargs: object) -> None:
+            pass
+
+    monkeypatch.setattr(accelerate, "Accelerator", DeepSpeedLaunch)
+    with pytest.raises(IPAdapterError) as caught:
+        train_transformer(_config(setup, tmp_path / "run"))
+    assert str(caught.value) == ("FLUX and SD 3 runs do not run under DeepSpeed: launch them without a DeepSpeed "
+                                 "config (several processes are taken)")
+    assert not (tmp_path / "run").exists()

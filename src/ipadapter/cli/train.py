@@ -20,7 +20,7 @@ HELP = {
             "(data-{00000..00099}.tar)",
     "data_root": "folder that manifest paths are relative to (default: the manifest's folder)",
     "variant": "adapter variant to train (flux, flux-v2: XLabs' FLUX layout; sd3: InstantX's SD 3.5 layout; these "
-               "run in one process with fewer options: docs/training.md)",
+               "have fewer options: docs/training.md)",
     "attention": "decoupled (the paper's IP-Adapter) or concat (its 'simple adapter' ablation: image tokens appended "
                  "to the text tokens of the frozen cross-attention; base variant only)",
     "output": "run folder: checkpoints/, logs/ (TensorBoard), validation/, the final adapter files",

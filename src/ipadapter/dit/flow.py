@@ -101,28 +101,30 @@ def flow_matching_loss(attachment: Any, adapter: DiTAdapter, batch: Batch, *, si
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of one step's draws (σ, ε, the dropout), from the run's seed and the step alone: a run resumed at
-    any step draws what the uninterrupted run drew."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The generator of one step's draws (σ, ε, the dropout) in process `rank`, from the run's seed, the step and the
+    rank alone: a run resumed at any step draws what the uninterrupted run drew, and each process draws its own."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
 def fit(
     transformer: torch.nn.Module, adapter: DiTAdapter, batches: Callable[[torch.Generator], Batch], *, steps: int,
     optimizer: torch.optim.Optimizer, sigmas: SigmaDraw, seed: int = 0, start: int = 0,
     drop_rates: tuple[float, float, float] = PAPER_DROPS, max_grad_norm: float = 0.0,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None, rank: int = 0,
+    average: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[float]:
     """Optimizer steps `start` + 1 … `steps` on `batches(generator)`, each step's draws from `step_generator`, so a
-    run is reproducible and resumable. The transformer is left as it was (the adapter detached) however the loop
-    ends."""
+    run is reproducible and resumable. Under several processes `average` (accelerate's mean over them) is applied to
+    the gradients before the step, which keeps the replicas equal, and to the loss that is reported. The transformer is
+    left as it was (the adapter detached) however the loop ends."""
     from ipadapter.train.dropout import draw  # the train extra's place; the dropout itself needs only torch
 
     attachment = attach_dit(transformer, adapter)
     losses: list[float] = []
     try:
         for step in range(start + 1, steps + 1):
-            g = step_generator(seed, step)
+            g = step_generator(seed, step, rank)
             batch = batches(g)
             rows = batch.latents.shape[0]
             sigma = sigmas(rows, g).to(transformer.device)
@@ -131,6 +133,11 @@ def fit(
                                       drops=draw(rows, *drop_rates, generator=g))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if average is not None:
+                for p in adapter.parameters():
+                    if p.grad is not None:
+                        p.grad.copy_(average(p.grad))
+                loss = average(loss.detach())
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(adapter.parameters(), max_grad_norm)
             optimizer.step()

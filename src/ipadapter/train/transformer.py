@@ -6,13 +6,13 @@ samples skipped and counted); each batch goes through the frozen VAE and text en
 flow-matching recipe) with the family's parts (`dit.flow.family`). The folder gets the family's published layout
 (XLabs' for FLUX, InstantX's for SD 3: what diffusers' `load_ip_adapter` reads), the project's own format,
 `config.json`, `logs/losses.csv`, `loss.png` and the model card. Checkpoints and exact resume as a UNet run's
-(`_States`). One process; the options it does not have are refused by `TrainConfig.validate`.
+(`_States`); under `accelerate launch` each process reads its own share of the data and the gradients are averaged
+over them. The options it does not have are refused by `TrainConfig.validate`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,24 +68,23 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     from tqdm.auto import tqdm
 
     from ipadapter.atomic import write_text
-    from ipadapter.checkpoint import save_adapter
     from ipadapter.dit.flow import family as family_of
     from ipadapter.dit.flow import fit
     from ipadapter.train.checkpoint import resume_from
     from ipadapter.train.feed import load_image_encoder, open_stream
-    from ipadapter.train.model_folder import append_loss, restart_losses, write_model_card
+    from ipadapter.train.model_folder import append_loss, restart_losses
     from ipadapter.train.models import module_fingerprint
-    from ipadapter.validation import check_device, output_folder
+    from ipadapter.validation import output_folder
 
     config.validate()
     config.check_ready()
     family = family_of(get_variant(config.variant).denoiser)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise IPAdapterError(f"{family.name} training runs in one process: start it without accelerate launch")
     output = output_folder(config.output, "--output")
-    resume = resume_from(config.resume, output, config.variant, say=logger.warning)
+    accelerator = _accelerator()
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    resume = resume_from(config.resume, output, config.variant, say=logger.warning if main else logger.debug)
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    device = torch.device(check_device(None))
+    device = accelerator.device
     pipe = load_transformer_pipeline(config.base, family, dtype)
     step = family.size_step(pipe)
     if config.resolution % step:
@@ -106,10 +105,10 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(config.seed)
     adapter = _start(config, family, transformer, encoder).to(device, torch.float32).train().requires_grad_(True)
-    stream = open_stream(config, 0, 1)
+    stream = open_stream(config, rank, world)
     batches = Batches(stream, Decoder(config.resolution, encoder.processor), config.batch_size,
                       workers=config.num_workers)
-    states = _States(config, adapter, stream, base=module_fingerprint(transformer), device=device)
+    states = _States(config, accelerator, adapter, stream, base=module_fingerprint(transformer))
     start = states.restore(resume) if resume is not None else 0
 
     empty = family.empty_prompt(pipe)  # a dropped caption's input, encoded once rather than with every batch
@@ -118,15 +117,18 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
         batch = collate(batches.next_batch())
         return family.encode(pipe, encoder, batch["pixels"], batch["clip"], batch["text"], empty=empty)
 
-    write_text(output / "config.json", config.to_json())
-    restart_losses(output, start)
-    bar = tqdm(total=config.max_steps, initial=start, desc="training", unit="step", dynamic_ncols=True)
+    if main:
+        write_text(output / "config.json", config.to_json())
+        restart_losses(output, start)
+    bar = tqdm(total=config.max_steps, initial=start, desc="training", unit="step", dynamic_ncols=True,
+               disable=not main)
 
     def logged(i: int, loss: float) -> None:
-        append_loss(output, i, loss)
+        if main:
+            append_loss(output, i, loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if i % config.log_every == 0:
+        if i % config.log_every == 0 and main:
             logger.info("step %d: loss %.5f", i, loss)
         if i % config.save_every == 0 or i == config.max_steps:
             states.save(i)
@@ -137,39 +139,61 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
         losses = fit(transformer, adapter, next_batch, steps=config.max_steps, optimizer=states.optimizer,
                      sigmas=family.sigmas(pipe), seed=config.seed, start=start,
                      drop_rates=(config.drop_image, config.drop_text, config.drop_both),
-                     max_grad_norm=config.max_grad_norm, on_step=logged)
+                     max_grad_norm=config.max_grad_norm, on_step=logged, rank=rank,
+                     average=(lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None)
     finally:
         bar.close()
         batches.close()
     adapter.eval().requires_grad_(False)
     result = TrainResult(step=start + len(losses), output=output, losses=losses, skipped=dict(stream.skipped),
                          adapter=adapter)
+    if main:
+        _write_folder(output, config, family, result, stream)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _accelerator() -> Any:
+    """One process, or each of `accelerate launch`'s (gloo on a machine without GPUs). The frozen models get their
+    precision from `--mixed-precision` directly, so accelerate casts nothing. Not DeepSpeed: its engine would own the
+    backward pass this loop runs itself."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    if accelerator.state.deepspeed_plugin is not None:
+        raise IPAdapterError("FLUX and SD 3 runs do not run under DeepSpeed: launch them without a DeepSpeed config "
+                             "(several processes are taken)")
+    return accelerator
+
+
+def _write_folder(output: Path, config: TrainConfig, family: TransformerFamily, result: TrainResult,
+                  stream: Any) -> None:
+    """The final adapter in the family's published layout and the own format, and the model card."""
+    from ipadapter.checkpoint import save_adapter
+    from ipadapter.train.model_folder import write_model_card
+
     records = getattr(stream, "records", None)  # shards are never counted up front
     try:
-        result.published = family.save(adapter, output / PUBLISHED_NAME)
-        result.own = save_adapter(adapter, output / OWN_NAME)
-        write_model_card(output, config, adapter, result, data_size=len(records) if records is not None else None)
+        result.published = family.save(result.adapter, output / PUBLISHED_NAME)
+        result.own = save_adapter(result.adapter, output / OWN_NAME)
+        write_model_card(output, config, result.adapter, result,
+                         data_size=len(records) if records is not None else None)
     except OSError as err:
         raise IPAdapterError(f"could not write the final adapter to {output} ({first_clause(str(err))})") from None
     logger.info("done at step %d: %s; adapter written to %s", result.step, describe_skips(stream.skipped),
                 result.published)
-    return result
 
 
 class _States:
-    """The run's checkpoints, as a UNet run's (train/checkpoint.py: atomic, verified, the newest `keep` kept) through
-    accelerate in this one process: the adapter's weights, the optimizer, the data cursor and skip counts; each step's
-    draws come from the seed and the step (`dit.flow.step_generator`), so a resumed run continues exactly."""
+    """The run's checkpoints, as a UNet run's (train/checkpoint.py through accelerate: atomic, verified, the newest
+    `keep` kept): the adapter's weights, the optimizer, each process's data cursor and skip counts; each step's draws
+    come from the seed, the step and the process (`dit.flow.step_generator`), so a resumed run continues exactly."""
 
-    def __init__(self, config: TrainConfig, adapter: DiTAdapter, stream: Any, *, base: str,
-                 device: torch.device) -> None:
-        from accelerate import Accelerator
-
+    def __init__(self, config: TrainConfig, accelerator: Any, adapter: DiTAdapter, stream: Any, *, base: str) -> None:
         from ipadapter.train.checkpoint import register_adapter_hooks
         from ipadapter.train.optim import make_optimizer
 
-        self.config, self.adapter, self.stream, self.base = config, adapter, stream, base
-        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+        self.config, self.accelerator, self.adapter, self.stream, self.base = config, accelerator, adapter, stream, base
         _, self.optimizer = self.accelerator.prepare(adapter, make_optimizer(config, list(adapter.parameters())))
         register_adapter_hooks(self.accelerator, adapter)
 
@@ -181,20 +205,28 @@ class _States:
         if state.get("mixed_precision") != self.config.mixed_precision:
             raise IPAdapterError(f"cannot resume from {path} exactly: it ran with --mixed-precision "
                                  f"{state.get('mixed_precision')}, this run with {self.config.mixed_precision}")
-        check_resumable(state, path, variant=self.config.variant, base_id=self.base, base=self.config.base, world=1,
-                        model="transformer")
-        load_checkpoint(self.accelerator, path, self.adapter, None)
-        self.stream.load_state_dict(state["data"][0])
-        self.stream.skipped.update(state["skipped"][0])
+        acc = self.accelerator
+        check_resumable(state, path, variant=self.config.variant, base_id=self.base, base=self.config.base,
+                        world=acc.num_processes, model="transformer")
+        load_checkpoint(acc, path, self.adapter, None)
+        self.stream.load_state_dict(state["data"][acc.process_index])
+        self.stream.skipped.update(state["skipped"][acc.process_index])
         logger.info("resumed from %s at step %d", path, state["step"])
         return int(state["step"])
 
     def save(self, step: int) -> None:
+        """Every process calls it: each one's data cursor, skip counts and weight checksum are gathered."""
+        from accelerate.utils import gather_object
+
         from ipadapter.train.checkpoint import save_checkpoint
 
-        config = self.config
-        save_checkpoint(self.accelerator, Path(config.output), {
+        config, acc = self.config, self.accelerator
+        checksum = float(sum(p.detach().double().sum() for p in self.adapter.parameters()))  # replicas must agree
+        per_rank = gather_object([{"data": self.stream.state_dict(), "skipped": dict(self.stream.skipped),
+                                   "checksum": checksum}])
+        save_checkpoint(acc, Path(config.output), {
             "step": step, "variant": config.variant, "base": config.base, "base_id": self.base,
-            "mixed_precision": config.mixed_precision, "num_processes": 1, "data": [self.stream.state_dict()],
-            "skipped": [dict(self.stream.skipped)],
+            "mixed_precision": config.mixed_precision, "num_processes": acc.num_processes,
+            "data": [p["data"] for p in per_rank], "skipped": [p["skipped"] for p in per_rank],
+            "weight_checksums": [p["checksum"] for p in per_rank],
         }, keep=config.keep_checkpoints)
