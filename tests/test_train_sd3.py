@@ -289,3 +289,34 @@ def test_training_in_memory_takes_its_arguments_and_refuses_unpaired_data(base) 
     with pytest.raises(IPAdapterError) as caught:
         train_dit_adapter(pipe, encoder, images, ["a square"] * 5, steps=1, size=16)
     assert str(caught.value) == "give one caption per image, got 6 images and 5 captions"
+
+
+def test_validation_samples_are_what_the_user_gets_from_the_adapter_of_that_step(base, tmp_path) -> None:
+    """`--validate-every`: a grid PNG per validation (row: the reference, then one sample per prompt) and the card's
+    samples.png; each sample is the image `ipadapter.load(...).generate(...)` makes with the adapter of that step
+    (here the last step's, the written file) on the same pipeline, prompt, seed, steps, guidance and size."""
+    import ipadapter
+    from ipadapter.train.config import TrainConfig
+    from ipadapter.train.transformer import train_transformer
+
+    root, folder = base
+    reference = root / "data" / "images" / "2.png"
+    out = tmp_path / "run"
+    result = train_transformer(TrainConfig(
+        variant="sd3", base=str(folder), image_encoder=str(folder / "image_encoder"),
+        data=str(root / "data" / "train.jsonl"), resolution=16, max_steps=2, batch_size=2, num_workers=0,
+        learning_rate=1e-2, validate_every=2, validation_images=[str(reference)], validation_prompts=["", "a square"],
+        validation_steps=2, validation_guidance=3.0, output=str(out)))
+    grid = Image.open(out / "validation" / "step-00000002.png").convert("RGB")
+    assert grid.size == (3 * 16, 16) and set(result.validation) == {2}
+    assert (out / "samples.png").read_bytes() == (out / "validation" / "step-00000002.png").read_bytes()
+    pipe = _pipe(folder)
+    prompter = ipadapter.load(pipe, str(out / "ip-adapter.safetensors"), image_encoder=str(folder / "image_encoder"))
+    for column, prompt in enumerate(["", "a square"], start=1):
+        expected = prompter.generate(Image.open(reference), prompt=prompt, steps=2, guidance=3.0, seed=42, width=16,
+                                     height=16)[0]
+        plain = prompter.generate(Image.open(reference), prompt=prompt, steps=2, guidance=3.0, seed=42, width=16,
+                                  height=16, scale=0.0)[0]
+        got = grid.crop((16 * column, 0, 16 * column + 16, 16))
+        assert np.abs(np.asarray(got, np.int16) - np.asarray(expected, np.int16)).max() <= 1
+        assert np.abs(np.asarray(plain, np.int16) - np.asarray(expected, np.int16)).max() > 8  # the adapter acts

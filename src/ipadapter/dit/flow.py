@@ -112,12 +112,14 @@ def fit(
     optimizer: torch.optim.Optimizer, sigmas: SigmaDraw, seed: int = 0, start: int = 0,
     drop_rates: tuple[float, float, float] = PAPER_DROPS, max_grad_norm: float = 0.0,
     on_step: Callable[[int, float], None] | None = None, rank: int = 0,
-    average: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    average: Callable[[torch.Tensor], torch.Tensor] | None = None, validate_every: int = 0,
+    validate: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Optimizer steps `start` + 1 … `steps` on `batches(generator)`, each step's draws from `step_generator`, so a
     run is reproducible and resumable. Under several processes `average` (accelerate's mean over them) is applied to
-    the gradients before the step, which keeps the replicas equal, and to the loss that is reported. The transformer is
-    left as it was (the adapter detached) however the loop ends."""
+    the gradients before the step, which keeps the replicas equal, and to the loss that is reported. Every
+    `validate_every` steps `validate(step)` runs with the adapter detached (it generates through the user's path,
+    which attaches it itself). The transformer is left as it was (the adapter detached) however the loop ends."""
     from ipadapter.train.dropout import draw  # the train extra's place; the dropout itself needs only torch
 
     attachment = attach_dit(transformer, adapter)
@@ -145,6 +147,12 @@ def fit(
             losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(step, losses[-1])
+            if validate is not None and validate_every and step % validate_every == 0:
+                attachment.detach()
+                try:
+                    validate(step)
+                finally:
+                    attachment = attach_dit(transformer, adapter)
     finally:
         attachment.detach()
     return losses

@@ -35,10 +35,6 @@ TRANSFORMER_REFUSED = {
     "snr_gamma": "min-SNR weighting is for DDPM noise levels; flow matching samples sigma instead",
     "prediction_type": "the transformer predicts the flow-matching velocity", "cache": "no feature cache",
     "cache_dtype": "no feature cache", "buckets": "square crops only", "stages": "one resolution per run",
-    "validate_every": "no validation samples",
-    "validation_images": "no validation samples", "validation_prompts": "no validation samples",
-    "validation_steps": "no validation samples", "validation_guidance": "no validation samples",
-    "validation_judge": "no validation samples",
 }
 
 

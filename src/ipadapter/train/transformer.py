@@ -135,18 +135,26 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
         if on_step is not None:
             on_step(i, loss)
 
+    result = TrainResult(step=start, output=output, adapter=adapter)
+    validator = _validator(config, accelerator) if config.validate_every else None
+
+    def validate(i: int) -> None:
+        if validator is not None:
+            result.validation[i] = validator.sample(i, pipe, adapter, encoder)
+        accelerator.wait_for_everyone()
+
     try:
-        losses = fit(transformer, adapter, next_batch, steps=config.max_steps, optimizer=states.optimizer,
-                     sigmas=family.sigmas(pipe), seed=config.seed, start=start,
-                     drop_rates=(config.drop_image, config.drop_text, config.drop_both),
-                     max_grad_norm=config.max_grad_norm, on_step=logged, rank=rank,
-                     average=(lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None)
+        result.losses = fit(transformer, adapter, next_batch, steps=config.max_steps, optimizer=states.optimizer,
+                            sigmas=family.sigmas(pipe), seed=config.seed, start=start,
+                            drop_rates=(config.drop_image, config.drop_text, config.drop_both),
+                            max_grad_norm=config.max_grad_norm, on_step=logged, rank=rank,
+                            average=(lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None,
+                            validate_every=config.validate_every, validate=validate)
     finally:
         bar.close()
         batches.close()
     adapter.eval().requires_grad_(False)
-    result = TrainResult(step=start + len(losses), output=output, losses=losses, skipped=dict(stream.skipped),
-                         adapter=adapter)
+    result.step, result.skipped = start + len(result.losses), dict(stream.skipped)
     if main:
         _write_folder(output, config, family, result, stream)
     accelerator.wait_for_everyone()
@@ -164,6 +172,21 @@ def _accelerator() -> Any:
         raise IPAdapterError("FLUX and SD 3 runs do not run under DeepSpeed: launch them without a DeepSpeed config "
                              "(several processes are taken)")
     return accelerator
+
+
+def _validator(config: TrainConfig, accelerator: Any) -> Any:
+    """The main process's validation (`train.validate.Validator`: grids under validation/, CLIP-I/CLIP-T with
+    `--validation-judge`), on the run's own pipeline; None on the other processes."""
+    from types import SimpleNamespace
+
+    from ipadapter.evaluate.judges import ClipJudge
+    from ipadapter.train.validate import Validator, validation_references
+
+    if not accelerator.is_main_process:
+        return None
+    run = SimpleNamespace(config=config, accelerator=accelerator)  # what the validator reads of a run
+    judge = ClipJudge.load(config.validation_judge) if config.validation_judge else None
+    return Validator(run, validation_references(run), judge)
 
 
 def _write_folder(output: Path, config: TrainConfig, family: TransformerFamily, result: TrainResult,

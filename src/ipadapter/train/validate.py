@@ -129,30 +129,39 @@ class Validator:
 
     @torch.no_grad()
     def run(self, step: int, adapter: Any) -> dict[str, float]:
-        from ipadapter.prompter import ImagePrompter
-
+        """A UNet run's validation: a pipeline around the UNet being trained, in the run's autocast."""
         run = self.run_state
-        config = run.config
         vae, tokenizers, encoders, encoder = self._parts()
         pipe = build_pipeline(run.models.unet, vae, tokenizers, encoders, run.scheduler_config)
         was_training = run.models.unet.training
         run.models.unet.eval()
+        try:
+            with run.accelerator.autocast():
+                return self.sample(step, pipe, adapter, encoder)
+        finally:
+            run.models.unet.train(was_training)
+
+    @torch.no_grad()
+    def sample(self, step: int, pipe: Any, adapter: Any, encoder: Any) -> dict[str, float]:
+        """The grid (and metrics) of `adapter` on `pipe`, any pipeline `ImagePrompter` takes (a FLUX or SD 3 run's
+        own), written to validation/step-<step>.png."""
+        from ipadapter.prompter import ImagePrompter
+
+        config = self.run_state.config
         prompter = ImagePrompter(pipe, {"0": adapter}, encoder)
         rows, samples, shown = [], [], []
         try:
-            with run.accelerator.autocast():
-                for ref in self.references:
-                    refs = prompter.references(ref.images, face_embeds=ref.face_embeds)
-                    row = [prompter.generate({"0": refs}, prompt=prompt, steps=config.validation_steps,
-                                             guidance=config.validation_guidance, seed=config.seed,
-                                             width=config.resolution, height=config.resolution)[0]
-                           for prompt in config.validation_prompts]
-                    rows.append(row)
-                    samples += row
-                    shown.append(ref.images[0])
+            for ref in self.references:
+                refs = prompter.references(ref.images, face_embeds=ref.face_embeds)
+                row = [prompter.generate({"0": refs}, prompt=prompt, steps=config.validation_steps,
+                                         guidance=config.validation_guidance, seed=config.seed,
+                                         width=config.resolution, height=config.resolution)[0]
+                       for prompt in config.validation_prompts]
+                rows.append(row)
+                samples += row
+                shown.append(ref.images[0])
         finally:
             prompter.detach()
-            run.models.unet.train(was_training)
         grid = validation_grid(shown, rows, config.resolution)
         path = Path(config.output) / "validation" / f"step-{step:08d}.png"
         from ipadapter.atomic import save_png
