@@ -66,3 +66,19 @@ def test_loss_falls_and_the_file_loads_in_diffusers(tmp_path) -> None:
     with torch.no_grad():
         got = pipe.transformer(**x).sample
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_a_new_adapter_is_v1_or_v2_by_its_tokens_and_a_guidance_distilled_base_gets_guidance_one() -> None:
+    """XLabs' v2 is the 16-token shape; FLUX.1-dev embeds guidance, which training holds at 1 (schnell has none)."""
+    from types import SimpleNamespace
+
+    from ipadapter.dit.train_flux import Encoded, new_flux_adapter
+
+    transformer = df.flux_transformer()
+    assert [new_flux_adapter(transformer, clip_dim=8, tokens=t).config.variant for t in (4, 16)] == ["flux", "flux-v2"]
+    sigma = torch.tensor([0.2, 0.7])
+    batch = Encoded(*([torch.zeros(1)] * 8))
+    for embeds, expected in ((True, torch.ones(2)), (False, None)):
+        model = SimpleNamespace(config=SimpleNamespace(guidance_embeds=embeds))
+        got = batch.call(model, torch.zeros(2), sigma, torch.zeros(1), torch.zeros(1))["guidance"]
+        assert (got is None and expected is None) or torch.equal(got, expected)

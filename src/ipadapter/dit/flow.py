@@ -95,7 +95,7 @@ def flow_matching_loss(attachment: Any, adapter: DiTAdapter, batch: Batch, *, si
     text = rows_where(drops.text, batch.empty_text, batch.text)
     pooled = rows_where(drops.text, batch.empty_pooled, batch.pooled)
     tokens = adapter.project(image.to(adapter.dtype))
-    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)])}, rows=x0.shape[0])
+    attachment.set_prompts({"0": AdapterPrompt([Reference(cond=tokens)])})  # no CFG in training
     model = attachment.model
     pred = model(**batch.call(model, x_sigma, sigma, text, pooled)).sample
     return F.mse_loss(pred.float(), (noise - x0).float())
@@ -171,11 +171,11 @@ def encode(pipe: Any, encoder: ImageEncoder, images: list[Image.Image], captions
 
 def train_dit_adapter(
     pipe: Any, encoder: ImageEncoder, images: list[Image.Image], captions: list[str], *, steps: int, size: int,
-    adapter: DiTAdapter | None = None, batch_size: int = 4, lr: float = 1e-4, seed: int = 0,
-    max_sequence_length: int | None = None,
+    adapter: DiTAdapter | None = None, batch_size: int = 4, lr: float = 1e-4, weight_decay: float = 0.01,
+    seed: int = 0, max_sequence_length: int | None = None,
 ) -> tuple[DiTAdapter, list[float]]:
-    """Train (or continue) a FLUX or SD 3 adapter on image-caption pairs held in memory; returns it and the loss per
-    step."""
+    """Train (or continue) a FLUX or SD 3 adapter on image-caption pairs held in memory, with the paper's AdamW by
+    default; returns it and the loss per step."""
     if len(images) != len(captions) or not images:
         raise IPAdapterError(f"give one caption per image, got {len(images)} images and {len(captions)} captions")
     transformer = pipe.transformer.requires_grad_(False)
@@ -183,7 +183,7 @@ def train_dit_adapter(
     adapter = adapter or parts.new_adapter(transformer, encoder, get_variant(parts.variant).tokens)
     adapter = adapter.to(transformer.device).train().requires_grad_(True)
     data = encode(pipe, encoder, images, captions, size, max_sequence_length)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=weight_decay)
     losses = fit(transformer, adapter, lambda g: data.rows(torch.randperm(len(images), generator=g)[:batch_size]),
                  steps=steps, optimizer=optimizer, sigmas=parts.sigmas(pipe), seed=seed)
     return adapter.eval().requires_grad_(False), losses

@@ -113,7 +113,7 @@ def encode_pixels(pipe: Any, encoder: ImageEncoder, pixels: torch.Tensor, image_
 
 def shifted_logit_normal(pipe: Any) -> SigmaDraw:
     """The σ draw of the module docstring, with the shift of `pipe`'s scheduler."""
-    shift = float(pipe.scheduler.config.get("shift", 1.0))
+    shift = float(pipe.scheduler.config.shift)  # a flow-matching scheduler always has one (1.0 unless set)
 
     def draw(rows: int, g: torch.Generator) -> torch.Tensor:
         u = torch.sigmoid(torch.randn(rows, generator=g))
