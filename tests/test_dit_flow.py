@@ -87,7 +87,13 @@ def test_the_in_memory_trainer_defaults_to_the_papers_adamw_and_leaves_the_trans
     pipe, encoder, images, start = parts
     frozen = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     common = dict(steps=2, size=16, batch_size=2)
+    sizes: list[tuple[int, ...]] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(tuple(kwargs["hidden_states"].shape[-2:])), with_kwargs=True)
     default = train_dit_adapter(pipe, encoder, images, ["a"] * 2, adapter=copy.deepcopy(start), **common)[0]
+    hook.remove()
+    latent = 16 // pipe.vae_scale_factor  # the 24 px images resized to `size`
+    assert sizes == [(latent, latent)] * 2
     paper = train_dit_adapter(pipe, encoder, images, ["a"] * 2, adapter=copy.deepcopy(start), lr=1e-4,
                               weight_decay=0.01, seed=0, **common)[0]
     no_decay = train_dit_adapter(pipe, encoder, images, ["a"] * 2, adapter=copy.deepcopy(start), weight_decay=0.0,

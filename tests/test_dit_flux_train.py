@@ -76,6 +76,10 @@ def test_a_new_adapter_is_v1_or_v2_by_its_tokens_and_a_guidance_distilled_base_g
 
     transformer = df.flux_transformer()
     assert [new_flux_adapter(transformer, clip_dim=8, tokens=t).config.variant for t in (4, 16)] == ["flux", "flux-v2"]
+    from ipadapter.dit.train_flux import uniform_sigmas
+
+    drawn = uniform_sigmas(None)(3, torch.Generator().manual_seed(4))  # σ ~ U(0, 1) from the step's generator
+    assert torch.equal(drawn, torch.rand(3, generator=torch.Generator().manual_seed(4)))
     sigma = torch.tensor([0.2, 0.7])
     batch = Encoded(*([torch.zeros(1)] * 8))
     for embeds, expected in ((True, torch.ones(2)), (False, None)):

@@ -77,6 +77,7 @@ def test_each_step_draws_anew_from_the_seed_and_the_step_alone() -> None:
         return torch.randn(8, generator=step_generator(seed, step))
 
     assert torch.equal(draws(3, 2), draws(3, 2))
+    assert torch.equal(draws(3, 2), torch.randn(8, generator=step_generator(3, 2, 0)))  # one process: rank 0
     assert not torch.equal(draws(3, 2), draws(3, 3)) and not torch.equal(draws(3, 2), draws(4, 2))
 
 
