@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ipadapter.dit.flow import encode, fit, step_generator, train_dit_adapter
+from ipadapter.dit.flow import fit, step_generator
+from ipadapter.dit.train import encode, train_dit_adapter
 from ipadapter.dit.train_sd3 import new_sd3_adapter
 from tests import dit_factories as df
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from ipadapter.dit.attach import attach_dit
 from ipadapter.dit.checkpoint import load_dit_adapter
-from ipadapter.dit.flow import encode, flow_matching_loss, train_dit_adapter
+from ipadapter.dit.flow import flow_matching_loss
+from ipadapter.dit.train import encode, train_dit_adapter
 from ipadapter.dit.train_flux import save_xlabs
 from ipadapter.encoders import ImageEncoder
 from ipadapter.train.dropout import Drops

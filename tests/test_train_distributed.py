@@ -61,6 +61,26 @@ def _launch(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Co
     return subprocess.CompletedProcess(command, proc.returncode, output)
 
 
+def _train_in_two_processes(train: list[str], out: Path, cwd: Path) -> None:
+    """`ipadapter train` under `accelerate launch` on 2 CPU processes (gloo), and what its step-2 checkpoint must
+    show: each process read its own samples, one state holds both cursors, no pickles, and the averaged gradients
+    left the replicas equal."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "ipadapter.cli.main", *train, "--output", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = _launch(command, env, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    state_dir = out / "checkpoints" / "state-00000002"
+    state = json.loads((state_dir / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and len(state["data"]) == 2
+    assert all(d["epoch"] > 0 or d["pos"] >= 4 for d in state["data"])  # each process read its own ≥ 4 samples
+    assert (state_dir / "rng-0.safetensors").is_file() and (state_dir / "rng-1.safetensors").is_file()
+    assert not list(state_dir.glob("*.pkl"))  # no pickles in a checkpoint
+    a, b = state["weight_checksums"]
+    assert a == b  # gradients were averaged: the replicas hold the same weights
+
+
 def test_two_processes_train_in_sync(tmp_path, fresh_accelerate_state) -> None:
     from ipadapter.cli.main import main
     from ipadapter.train.model_folder import read_losses
@@ -71,20 +91,7 @@ def test_two_processes_train_in_sync(tmp_path, fresh_accelerate_state) -> None:
     train = ["train", "--base", str(base), "--image-encoder", str(encoder), "--data", str(data),
              "--resolution", str(factories.RES), "--batch-size", "2", "--max-steps", "2", "--num-workers", "0",
              "--learning-rate", "1e-3"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "ipadapter.cli.main", *train, "--output", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = _launch(command, env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    state_dir = out / "checkpoints" / "state-00000002"
-    state = json.loads((state_dir / "trainer_state.json").read_text())
-    assert state["num_processes"] == 2 and len(state["data"]) == 2
-    assert all(d["epoch"] > 0 or d["pos"] >= 4 for d in state["data"])  # each process read its own ≥ 4 samples
-    assert (state_dir / "rng-0.safetensors").is_file() and (state_dir / "rng-1.safetensors").is_file()
-    assert not list(state_dir.glob("*.pkl"))  # no pickles in a checkpoint
-    a, b = state["weight_checksums"]
-    assert a == b  # gradients were averaged: the replicas hold the same weights
+    _train_in_two_processes(train, out, tmp_path)
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
@@ -97,9 +104,9 @@ def test_two_processes_train_in_sync(tmp_path, fresh_accelerate_state) -> None:
 
 
 def test_two_processes_train_an_sd3_adapter_in_sync(tmp_path, fresh_accelerate_state) -> None:
-    """A transformer run (SD 3 here; FLUX takes the same path) under `accelerate launch`: each process reads its own
-    samples, the averaged gradients keep the replicas equal, one checkpoint holds both cursors, and the loss logged is
-    the mean of the processes' (the same size as one process's)."""
+    """A transformer run (SD 3 here; FLUX takes the same path) under `accelerate launch`: what every 2-process run
+    shows (`_train_in_two_processes`), a file diffusers' layout reads, and the loss logged is the mean of the
+    processes' (the same size as one process's)."""
     from diffusers import SD3Transformer2DModel
 
     from ipadapter.cli.main import main
@@ -113,17 +120,7 @@ def test_two_processes_train_an_sd3_adapter_in_sync(tmp_path, fresh_accelerate_s
     train = ["train", "--variant", "sd3", "--base", str(base), "--image-encoder", str(base / "image_encoder"),
              "--data", str(data), "--resolution", "16", "--batch-size", "2", "--max-steps", "2", "--num-workers", "0",
              "--learning-rate", "1e-3"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "ipadapter.cli.main", *train, "--output", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = _launch(command, env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    state = json.loads((out / "checkpoints" / "state-00000002" / "trainer_state.json").read_text())
-    assert state["num_processes"] == 2 and len(state["data"]) == 2
-    assert all(d["epoch"] > 0 or d["pos"] >= 4 for d in state["data"])  # each process read its own ≥ 4 samples
-    a, b = state["weight_checksums"]
-    assert a == b  # gradients were averaged: the replicas hold the same weights
+    _train_in_two_processes(train, out, tmp_path)
     transformer = SD3Transformer2DModel.from_pretrained(base / "transformer")
     assert load_dit_adapter(out / "ip-adapter.safetensors", transformer).config.variant == "sd3"
     assert main([*train, "--output", str(tmp_path / "one")]) == 0

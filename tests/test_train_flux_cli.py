@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from ipadapter.cli.main import main
 from ipadapter.dit.attach import attach_dit
 from ipadapter.dit.checkpoint import load_dit_adapter
-from ipadapter.dit.flow import encode, flow_matching_loss
+from ipadapter.dit.flow import flow_matching_loss
+from ipadapter.dit.train import encode
 from ipadapter.dit.train_flux import new_flux_adapter, save_xlabs
 from ipadapter.encoders import ImageEncoder
 from ipadapter.train.dropout import Drops

@@ -189,12 +189,12 @@ def test_an_output_under_a_file_is_refused_by_its_flag_before_loading(base, data
 def test_a_final_adapter_that_cannot_be_written_is_one_sentence(base, data, tmp_path, monkeypatch) -> None:
     import dataclasses
 
-    import ipadapter.dit.train_flux as train_module
+    from ipadapter.dit import train as families
 
     def full_disk(adapter, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train_module, "FAMILY", dataclasses.replace(train_module.FAMILY, save=full_disk))
+    monkeypatch.setitem(families.FAMILIES, "flux", dataclasses.replace(families.FAMILIES["flux"], save=full_disk))
     with pytest.raises(IPAdapterError) as err:
         train_flux(_config(base, data, tmp_path, max_steps=1))
     assert str(err.value) == (f"could not write the final adapter to {tmp_path / 'run'} ([Errno 28] No space left on "
@@ -244,19 +244,19 @@ def test_one_pass_over_the_data_meets_every_sample_once(base, tmp_path, monkeypa
     """One process reads the whole manifest: the first pass (two batches of three here) meets each sample once."""
     import dataclasses
 
-    import ipadapter.dit.train_flux as train_module
+    from ipadapter.dit import train as families
 
     data = factories.write_images(tmp_path / "six", 6)
     entries = [{**json.loads(line), "text": f"sample {i}"} for i, line in enumerate(data.read_text().splitlines())]
     data.write_text("".join(json.dumps(e) + "\n" for e in entries))
     seen = []
-    encode = train_module.encode_pixels
+    encode = families.FAMILIES["flux"].encode
 
     def spy(pipe, encoder, pixels, clip, texts, **kwargs):
         seen.append(list(texts))
         return encode(pipe, encoder, pixels, clip, texts, **kwargs)
 
-    monkeypatch.setattr(train_module, "FAMILY", dataclasses.replace(train_module.FAMILY, encode=spy))
+    monkeypatch.setitem(families.FAMILIES, "flux", dataclasses.replace(families.FAMILIES["flux"], encode=spy))
     train_flux(_config(base, data, tmp_path, batch_size=3, max_steps=2))
     assert len(seen) == 2 and sorted(seen[0] + seen[1]) == [f"sample {i}" for i in range(6)]
 

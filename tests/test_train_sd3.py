@@ -16,7 +16,8 @@ from PIL import Image
 from ipadapter.cli.main import main
 from ipadapter.dit.attach import attach_dit
 from ipadapter.dit.checkpoint import load_dit_adapter
-from ipadapter.dit.flow import encode, flow_matching_loss, train_dit_adapter
+from ipadapter.dit.flow import flow_matching_loss
+from ipadapter.dit.train import encode, train_dit_adapter
 from ipadapter.dit.train_sd3 import new_sd3_adapter, save_instantx, shifted_logit_normal
 from ipadapter.projection.detect import detect_time_resampler, new_projection
 from ipadapter.siglip import SiglipEncoder

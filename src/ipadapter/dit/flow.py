@@ -1,5 +1,5 @@
 """Training a transformer IP-Adapter on the flow-matching loss its base was trained with: the loop shared by FLUX and
-SD 3, and what a family must supply to it (`TransformerFamily`).
+SD 3, and what a family must supply to it (`TransformerFamily`; the families by kind: dit/train.py).
 
 The paper's recipe, unchanged but for the loss: frozen transformer, VAE, text and image encoders; per sample one
 uniform draw drops the image (the family's unconditional image input), the text (the empty prompt) or both, 5 % each;
@@ -16,15 +16,11 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.dit.attach import attach_dit
-from ipadapter.dit.blocks import dit_kind
 from ipadapter.encoders import ImageEncoder
-from ipadapter.errors import IPAdapterError
 from ipadapter.runtime import AdapterPrompt, Reference
-from ipadapter.variants import get_variant
 
 PAPER_DROPS = (0.05, 0.05, 0.05)  # image only, text only, both
 
@@ -40,6 +36,8 @@ class Batch(Protocol):
     pooled: torch.Tensor
     empty_text: torch.Tensor
     empty_pooled: torch.Tensor
+
+    def rows(self, idx: torch.Tensor) -> "Batch": ...
 
     def call(self, model: torch.nn.Module, x_sigma: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
              pooled: torch.Tensor) -> dict[str, Any]: ...
@@ -69,13 +67,6 @@ class TransformerFamily:
     size_step: Callable[[Any], int]
     size_rule: str
     max_size: Callable[[Any], int | None]
-
-
-def family(kind: str) -> TransformerFamily:
-    """The training parts of "flux" or "sd3" (`dit.blocks.dit_kind`)."""
-    from ipadapter.dit import train_flux, train_sd3
-
-    return {"flux": train_flux.FAMILY, "sd3": train_sd3.FAMILY}[kind]
 
 
 def rows_where(rows: torch.Tensor, then: torch.Tensor, otherwise: torch.Tensor) -> torch.Tensor:
@@ -156,34 +147,3 @@ def fit(
     finally:
         attachment.detach()
     return losses
-
-
-@torch.no_grad()
-def encode(pipe: Any, encoder: ImageEncoder, images: list[Image.Image], captions: list[str], size: int,
-           max_sequence_length: int | None = None) -> Batch:
-    """A batch of PIL images (resized to `size` square by the pipeline's image processor) and their captions; text
-    tokens up to `max_sequence_length`, else the family's pipeline's default."""
-    pixels = pipe.image_processor.preprocess(images, height=size, width=size)
-    parts = family(dit_kind(pipe.transformer))
-    length = {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
-    return parts.encode(pipe, encoder, pixels, encoder.pixel_values(images), captions, **length)
-
-
-def train_dit_adapter(
-    pipe: Any, encoder: ImageEncoder, images: list[Image.Image], captions: list[str], *, steps: int, size: int,
-    adapter: DiTAdapter | None = None, batch_size: int = 4, lr: float = 1e-4, weight_decay: float = 0.01,
-    seed: int = 0, max_sequence_length: int | None = None,
-) -> tuple[DiTAdapter, list[float]]:
-    """Train (or continue) a FLUX or SD 3 adapter on image-caption pairs held in memory, with the paper's AdamW by
-    default; returns it and the loss per step."""
-    if len(images) != len(captions) or not images:
-        raise IPAdapterError(f"give one caption per image, got {len(images)} images and {len(captions)} captions")
-    transformer = pipe.transformer.requires_grad_(False)
-    parts = family(dit_kind(transformer))
-    adapter = adapter or parts.new_adapter(transformer, encoder, get_variant(parts.variant).tokens)
-    adapter = adapter.to(transformer.device).train().requires_grad_(True)
-    data = encode(pipe, encoder, images, captions, size, max_sequence_length)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=weight_decay)
-    losses = fit(transformer, adapter, lambda g: data.rows(torch.randperm(len(images), generator=g)[:batch_size]),
-                 steps=steps, optimizer=optimizer, sigmas=parts.sigmas(pipe), seed=seed)
-    return adapter.eval().requires_grad_(False), losses

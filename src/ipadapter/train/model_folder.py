@@ -93,7 +93,7 @@ def write_model_card(output: Path, config: Any, adapter: Any, result: Any, *, da
 
 
 def model_card(config: Any, adapter: Any, result: Any, *, data_size: int | None, samples: bool) -> str:
-    from ipadapter.dit.flow import family
+    from ipadapter.dit.train import family
     from ipadapter.train.config import TRANSFORMER_RUNS
 
     cfg = adapter.config

@@ -3,7 +3,7 @@ folder as a UNet run.
 
 The data is read and decoded as for the UNet (manifest or shards, centre crops, the image encoder's pixels, bad
 samples skipped and counted); each batch goes through the frozen VAE and text encoders, then `dit.flow.fit` (the
-flow-matching recipe) with the family's parts (`dit.flow.family`). The folder gets the family's published layout
+flow-matching recipe) with the family's parts (`dit.train.family`). The folder gets the family's published layout
 (XLabs' for FLUX, InstantX's for SD 3: what diffusers' `load_ip_adapter` reads), the project's own format,
 `config.json`, `logs/losses.csv`, `loss.png` and the model card. Checkpoints and exact resume as a UNet run's
 (`_States`); under `accelerate launch` each process reads its own share of the data and the gradients are averaged
@@ -68,7 +68,7 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     from tqdm.auto import tqdm
 
     from ipadapter.atomic import write_text
-    from ipadapter.dit.flow import family as family_of
+    from ipadapter.dit.train import family as family_of
     from ipadapter.dit.flow import fit
     from ipadapter.train.checkpoint import resume_from
     from ipadapter.train.feed import load_image_encoder, open_stream
