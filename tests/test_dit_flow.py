@@ -103,3 +103,52 @@ def test_the_in_memory_trainer_defaults_to_the_papers_adamw_and_leaves_the_trans
     assert not all(torch.equal(a, b) for a, b in zip(default.parameters(), no_decay.parameters(), strict=True))
     assert not any(p.requires_grad for p in pipe.transformer.parameters())
     assert all(torch.equal(frozen[k], v) for k, v in pipe.transformer.state_dict().items())
+
+
+class _Scaled:
+    """A batch whose loss is `coefficient · Σ weight` of the adapter's first weight: its gradient is the coefficient
+    everywhere, so what an optimizer step does is closed-form."""
+
+    def __init__(self, coefficient: float) -> None:
+        self.latents, self.coefficient = torch.zeros(1, 1), coefficient
+
+
+def _closed_form_fit(parts, monkeypatch, coefficients: list[float], **kwargs) -> tuple[torch.Tensor, list[float]]:
+    """`fit` with plain SGD (lr 1) on batches cycling through `coefficients`; (first weight's change, losses)."""
+    import ipadapter.dit.flow as flow
+
+    start = parts[3]
+    adapter = copy.deepcopy(start).train().requires_grad_(True)
+    first = next(adapter.parameters())
+    monkeypatch.setattr(flow, "flow_matching_loss", lambda attachment, adapter, batch, **kw:
+                        batch.coefficient * first.sum())
+    feed = iter(coefficients * 10)
+    losses = fit(parts[0].transformer, adapter, lambda g: _Scaled(next(feed)),
+                 optimizer=torch.optim.SGD([first], lr=1.0), sigmas=lambda rows, g: torch.zeros(rows), **kwargs)
+    return (first - next(start.parameters())).detach(), losses
+
+
+def test_accumulated_batches_step_once_on_their_mean_gradient_and_loss(parts, monkeypatch) -> None:
+    change, losses = _closed_form_fit(parts, monkeypatch, [1.0, 3.0], steps=2, accumulate=2)
+    assert torch.allclose(change, torch.full_like(change, -2 * 2.0))  # two steps of the mean gradient (1 + 3) / 2
+    total = float(next(parts[3].parameters()).sum())
+    n = next(parts[3].parameters()).numel()
+    assert losses == pytest.approx([2.0 * total, 2.0 * (total - 2.0 * n)], rel=1e-5)
+
+
+def test_a_schedule_sets_each_steps_learning_rate(parts, monkeypatch) -> None:
+    """The paper's constant rate after a linear warm-up: steps 1, 2, 3, 4 at 1/3, 2/3, 1, 1 of it."""
+    from ipadapter.train.trainer import warmup_then_constant
+
+    import ipadapter.dit.flow as flow
+
+    start = parts[3]
+    adapter = copy.deepcopy(start).train().requires_grad_(True)
+    first = next(adapter.parameters())
+    monkeypatch.setattr(flow, "flow_matching_loss", lambda attachment, adapter, batch, **kw: first.sum())
+    optimizer = torch.optim.SGD([first], lr=1.0)
+    fit(parts[0].transformer, adapter, lambda g: _Scaled(1.0), steps=4, optimizer=optimizer,
+        sigmas=lambda rows, g: torch.zeros(rows),
+        schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(3)))
+    change = (first - next(start.parameters())).detach()
+    assert torch.allclose(change, torch.full_like(change, -(1 / 3 + 2 / 3 + 1 + 1)))

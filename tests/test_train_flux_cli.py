@@ -90,7 +90,7 @@ def test_train_flux_cli_loss_falls_and_diffusers_loads_the_file(tmp_path) -> Non
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--warmup-steps", "10"], "--warmup-steps does not apply to FLUX training"),
+    (["--lora-rank", "64"], "--lora-rank does not apply to FLUX training"),
     (["--buckets"], "--buckets does not apply to FLUX training"),
     (["--mixed-precision", "fp16"], "--mixed-precision fp16 does not apply to FLUX training"),
     (["--num-tokens", "8"], "--num-tokens does not apply to FLUX training"),

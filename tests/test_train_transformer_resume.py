@@ -1,6 +1,7 @@
 """Checkpoints of FLUX and SD 3 runs: a run killed after a checkpoint and resumed with `--resume latest` ends with
-the weights, loss file and skip counts of the run that was never stopped (bit for bit), the newest `--keep-checkpoints`
-states are kept, and a resume that cannot continue exactly is refused before anything changes."""
+the weights, loss file and skip counts of the run that was never stopped (bit for bit; with gradient accumulation and
+a warm-up, whose schedule the state carries), the newest `--keep-checkpoints` states are kept, and a resume that
+cannot continue exactly is refused before anything changes."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _config(setup, out: Path, **overrides) -> TrainConfig:
     variant, base, data = setup
     values = dict(variant=variant, base=str(base), image_encoder=str(base / "image_encoder"), data=str(data),
                   resolution=16, batch_size=2, max_steps=4, save_every=2, num_workers=0, seed=3,
-                  learning_rate=1e-2, output=str(out))
+                  learning_rate=1e-2, grad_accum=2, warmup_steps=3, output=str(out))
     return TrainConfig(**{**values, **overrides})
 
 

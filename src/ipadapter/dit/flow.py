@@ -100,15 +100,16 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 def fit(
     transformer: torch.nn.Module, adapter: DiTAdapter, batches: Callable[[torch.Generator], Batch], *, steps: int,
-    optimizer: torch.optim.Optimizer, sigmas: SigmaDraw, seed: int = 0, start: int = 0,
-    drop_rates: tuple[float, float, float] = PAPER_DROPS, max_grad_norm: float = 0.0,
+    optimizer: torch.optim.Optimizer, sigmas: SigmaDraw, seed: int = 0, start: int = 0, accumulate: int = 1,
+    schedule: Any = None, drop_rates: tuple[float, float, float] = PAPER_DROPS, max_grad_norm: float = 0.0,
     on_step: Callable[[int, float], None] | None = None, rank: int = 0,
     average: Callable[[torch.Tensor], torch.Tensor] | None = None, validate_every: int = 0,
     validate: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Optimizer steps `start` + 1 … `steps` on `batches(generator)`, each step's draws from `step_generator`, so a
-    run is reproducible and resumable. Under several processes `average` (accelerate's mean over them) is applied to
-    the gradients before the step, which keeps the replicas equal, and to the loss that is reported. Every
+    """Optimizer steps `start` + 1 … `steps`, each on `accumulate` batches of `batches(generator)` (their gradients
+    and losses averaged), each step's draws from `step_generator`, so a run is reproducible and resumable; `schedule`
+    (a learning-rate scheduler) steps after the optimizer. Under several processes `average` (accelerate's mean over
+    them) is applied to the gradients before the step, which keeps the replicas equal, and to the loss reported. Every
     `validate_every` steps `validate(step)` runs with the adapter detached (it generates through the user's path,
     which attaches it itself). The transformer is left as it was (the adapter detached) however the loop ends."""
     from ipadapter.train.dropout import draw  # the train extra's place; the dropout itself needs only torch
@@ -118,24 +119,29 @@ def fit(
     try:
         for step in range(start + 1, steps + 1):
             g = step_generator(seed, step, rank)
-            batch = batches(g)
-            rows = batch.latents.shape[0]
-            sigma = sigmas(rows, g).to(transformer.device)
-            noise = torch.randn(batch.latents.shape, generator=g).to(transformer.device, batch.latents.dtype)
-            loss = flow_matching_loss(attachment, adapter, batch, sigma=sigma, noise=noise,
-                                      drops=draw(rows, *drop_rates, generator=g))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss: torch.Tensor | None = None
+            for _ in range(accumulate):
+                batch = batches(g)
+                rows = batch.latents.shape[0]
+                sigma = sigmas(rows, g).to(transformer.device)
+                noise = torch.randn(batch.latents.shape, generator=g).to(transformer.device, batch.latents.dtype)
+                part = flow_matching_loss(attachment, adapter, batch, sigma=sigma, noise=noise,
+                                          drops=draw(rows, *drop_rates, generator=g)) / accumulate
+                part.backward()
+                loss = part.detach() if loss is None else loss + part.detach()
             if average is not None:
                 for p in adapter.parameters():
                     if p.grad is not None:
                         p.grad.copy_(average(p.grad))
-                loss = average(loss.detach())
+                loss = average(loss)
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(adapter.parameters(), max_grad_norm)
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             adapter.weights_changed()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss))
             if on_step is not None:
                 on_step(step, losses[-1])
             if validate is not None and validate_every and step % validate_every == 0:

@@ -25,7 +25,7 @@ from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import Batches, Decoder, collate, describe_skips
-from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult
+from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult, warmup_then_constant
 from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
@@ -145,7 +145,8 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
 
     try:
         result.losses = fit(transformer, adapter, next_batch, steps=config.max_steps, optimizer=states.optimizer,
-                            sigmas=family.sigmas(pipe), seed=config.seed, start=start,
+                            sigmas=family.sigmas(pipe), seed=config.seed, start=start, accumulate=config.grad_accum,
+                            schedule=states.schedule,
                             drop_rates=(config.drop_image, config.drop_text, config.drop_both),
                             max_grad_norm=config.max_grad_norm, on_step=logged, rank=rank,
                             average=(lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None,
@@ -217,7 +218,11 @@ class _States:
         from ipadapter.train.optim import make_optimizer
 
         self.config, self.accelerator, self.adapter, self.stream, self.base = config, accelerator, adapter, stream, base
-        _, self.optimizer = self.accelerator.prepare(adapter, make_optimizer(config, list(adapter.parameters())))
+        optimizer = make_optimizer(config, list(adapter.parameters()))
+        # accelerate steps a prepared scheduler once per process at each step, as in a UNet run
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_then_constant(config.warmup_steps * accelerator.num_processes))
+        _, self.optimizer, self.schedule = accelerator.prepare(adapter, optimizer, schedule)
         register_adapter_hooks(self.accelerator, adapter)
 
     def restore(self, path: Path) -> int:
