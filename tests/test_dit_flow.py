@@ -5,6 +5,7 @@ AdamW) and what it leaves untouched."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -152,3 +153,20 @@ def test_a_schedule_sets_each_steps_learning_rate(parts, monkeypatch) -> None:
         schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(3)))
     change = (first - next(start.parameters())).detach()
     assert torch.allclose(change, torch.full_like(change, -(1 / 3 + 2 / 3 + 1 + 1)))
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_too_many_in_a_row_end_the_run(parts, monkeypatch,
+                                                                                       caplog) -> None:
+    import ipadapter.train.step as step_module
+    from ipadapter.errors import IPAdapterError
+
+    with caplog.at_level("WARNING", logger="ipadapter.train"):
+        change, losses = _closed_form_fit(parts, monkeypatch, [1.0, float("nan"), 1.0], steps=3)
+    assert torch.allclose(change, torch.full_like(change, -2.0))  # steps 1 and 3 applied, step 2 left the weights
+    assert math.isnan(losses[1]) and not any(math.isnan(v) for v in (losses[0], losses[2]))
+    assert [r.getMessage() for r in caplog.records] == ["step 2 skipped: non-finite gradients (1 in a row)"]
+    monkeypatch.setattr(step_module, "NONFINITE_LIMIT", 3)
+    with pytest.raises(IPAdapterError) as caught:
+        _closed_form_fit(parts, monkeypatch, [1.0, float("inf"), float("nan"), float("inf")], steps=6)
+    assert str(caught.value) == ("3 consecutive steps had non-finite gradients (last at step 4); lower the learning "
+                                 "rate or check the data")

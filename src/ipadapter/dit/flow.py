@@ -8,6 +8,7 @@ AdamW. Loss: x_σ = (1 − σ)·x₀ + σ·ε, the transformer predicts ε − x
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ import torch.nn.functional as F
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.dit.attach import attach_dit
 from ipadapter.encoders import ImageEncoder
+from ipadapter.errors import IPAdapterError
 from ipadapter.runtime import AdapterPrompt, Reference
 
+logger = logging.getLogger("ipadapter.train")
 PAPER_DROPS = (0.05, 0.05, 0.05)  # image only, text only, both
 
 SigmaDraw = Callable[[int, torch.Generator], torch.Tensor]
@@ -108,14 +111,19 @@ def fit(
 ) -> list[float]:
     """Optimizer steps `start` + 1 … `steps`, each on `accumulate` batches of `batches(generator)` (their gradients
     and losses averaged), each step's draws from `step_generator`, so a run is reproducible and resumable; `schedule`
-    (a learning-rate scheduler) steps after the optimizer. Under several processes `average` (accelerate's mean over
-    them) is applied to the gradients before the step, which keeps the replicas equal, and to the loss reported. Every
-    `validate_every` steps `validate(step)` runs with the adapter detached (it generates through the user's path,
-    which attaches it itself). The transformer is left as it was (the adapter detached) however the loop ends."""
+    (a learning-rate scheduler) steps after the optimizer. A step whose gradients are not finite is skipped (the
+    weights unchanged), and `NONFINITE_LIMIT` in a row end the run. Under several processes `average` (accelerate's
+    mean over them) is applied to the gradients before the step, which keeps the replicas equal, and to the loss
+    reported. Every `validate_every` steps `validate(step)` runs with the adapter detached (it generates through the
+    user's path, which attaches it itself). The transformer is left as it was (the adapter detached) however the loop
+    ends."""
     from ipadapter.train.dropout import draw  # the train extra's place; the dropout itself needs only torch
+    from ipadapter.train.step import NONFINITE_LIMIT, gradients_finite
 
     attachment = attach_dit(transformer, adapter)
+    params = list(adapter.parameters())
     losses: list[float] = []
+    consecutive = 0  # steps skipped in a row for non-finite gradients
     try:
         for step in range(start + 1, steps + 1):
             g = step_generator(seed, step, rank)
@@ -135,12 +143,20 @@ def fit(
                     if p.grad is not None:
                         p.grad.copy_(average(p.grad))
                 loss = average(loss)
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(adapter.parameters(), max_grad_norm)
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-            adapter.weights_changed()
+            if gradients_finite(params):
+                consecutive = 0
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                if schedule is not None:
+                    schedule.step()
+                adapter.weights_changed()
+            else:  # the weights stay as they were: one bad batch or overflow does not end a long run
+                consecutive += 1
+                logger.warning("step %d skipped: non-finite gradients (%d in a row)", step, consecutive)
+                if consecutive >= NONFINITE_LIMIT:
+                    raise IPAdapterError(f"{consecutive} consecutive steps had non-finite gradients (last at step "
+                                         f"{step}); lower the learning rate or check the data")
             losses.append(float(loss))
             if on_step is not None:
                 on_step(step, losses[-1])

@@ -98,6 +98,9 @@ def diffusion_loss(run: Any, module: Any, noise_scheduler: Any, prediction: str,
     return min_snr_mse(pred, target, noise_scheduler, timesteps, config.snr_gamma, prediction)
 
 
+NONFINITE_LIMIT = 50  # consecutive skipped steps after which a run stops: its learning rate or data is broken
+
+
 def gradients_finite(params: list[torch.nn.Parameter]) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True

@@ -33,7 +33,7 @@ from ipadapter.train.data import Batches, collate, describe_skips
 from ipadapter.train.feed import data_phase
 from ipadapter.train.models import BaseModels, base_configs, freeze, load_base, module_fingerprint, place_frozen
 from ipadapter.train.shapes import adapter_config_for
-from ipadapter.train.step import diffusion_loss, optimizer_step, project_references
+from ipadapter.train.step import NONFINITE_LIMIT, diffusion_loss, optimizer_step, project_references
 from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
@@ -137,7 +137,6 @@ class _Run:
 
 
 # ---- the phases ---------------------------------------------------------------------------------------------------
-NONFINITE_LIMIT = 50  # consecutive skipped steps after which a run stops: its learning rate or data is broken
 
 
 def _accelerator_phase(config: TrainConfig, log_with: str | None) -> Any:
