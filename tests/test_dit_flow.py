@@ -167,6 +167,6 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_too_many_in_a_row_end_t
     assert [r.getMessage() for r in caplog.records] == ["step 2 skipped: non-finite gradients (1 in a row)"]
     monkeypatch.setattr(step_module, "NONFINITE_LIMIT", 3)
     with pytest.raises(IPAdapterError) as caught:
-        _closed_form_fit(parts, monkeypatch, [1.0, float("inf"), float("nan"), float("inf")], steps=6)
-    assert str(caught.value) == ("3 consecutive steps had non-finite gradients (last at step 4); lower the learning "
+        _closed_form_fit(parts, monkeypatch, [float("inf"), float("nan"), float("inf"), 1.0], steps=6)
+    assert str(caught.value) == ("3 consecutive steps had non-finite gradients (last at step 3); lower the learning "
                                  "rate or check the data")
