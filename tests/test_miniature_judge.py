@@ -113,15 +113,24 @@ def test_the_judge_reads_its_clip_from_the_folder_given_else_beside_the_classifi
         assert kwargs["processor"].to_dict() == expected.to_dict()
 
 
-def test_the_judge_recipe_trains_both_models_and_reports_held_out_accuracy(tmp_path) -> None:
+def test_the_judge_recipe_trains_both_models_and_reports_held_out_accuracy(tmp_path, monkeypatch) -> None:
     """`train_judge`: the judge CLIP at its own size for the steps given, the classifier for three times as many, then
-    the classifier's accuracy on 2,048 held-out scenes, returned and written to judge_eval.json."""
+    the classifier's accuracy on 2,048 held-out scenes, returned and written to judge_eval.json. The scenes are drawn
+    once (a second identical draw took a second): a call with the same arguments gets a copy of the same batch."""
     import json
 
     from transformers import CLIPConfig
 
-    from ipadapter.miniature.world import make_batch
+    drawn: dict[tuple, tuple] = {}
+    real = judge.make_batch
 
+    def make_batch(*args):
+        if args not in drawn:
+            drawn[args] = real(*args)
+        images, attrs = drawn[args]
+        return images.copy(), list(attrs)
+
+    monkeypatch.setattr(judge, "make_batch", make_batch)
     torch.manual_seed(0)
     report = judge.train_judge(tmp_path, steps=1)
     config = CLIPConfig.from_pretrained(tmp_path / "judge_clip")
