@@ -95,7 +95,7 @@ EXAMPLES = """examples:
   ipadapter train --config my.yaml --resume latest
   ipadapter train --base black-forest-labs/FLUX.1-dev --image-encoder openai/clip-vit-large-patch14 \\
       --data data/train.jsonl --variant flux --mixed-precision bf16 --resolution 512 --output runs/flux
-  ipadapter train --base stabilityai/stable-diffusion-3.5-large --image-encoder google/siglip-so400m-patch14-384 \
+  ipadapter train --base stabilityai/stable-diffusion-3.5-large --image-encoder google/siglip-so400m-patch14-384 \\
       --data data/train.jsonl --variant sd3 --mixed-precision bf16 --resolution 1024 --output runs/sd3
 """
 

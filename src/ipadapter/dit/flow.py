@@ -139,7 +139,7 @@ def fit(
                 part.backward()
                 loss = part.detach() if loss is None else loss + part.detach()
             if average is not None:
-                for p in adapter.parameters():
+                for p in params:
                     if p.grad is not None:
                         p.grad.copy_(average(p.grad))
                 loss = average(loss)

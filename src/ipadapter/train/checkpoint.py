@@ -184,6 +184,17 @@ def resume_from(resume: str, output: Path, variant: str, say: Callable[[str], No
     return path
 
 
+def processes_progress(stream: Any, params: Any) -> dict[str, list]:
+    """Every process's data cursor, skip counts and weight checksum (the replicas must agree), gathered for the state
+    all processes save; every process calls it."""
+    from accelerate.utils import gather_object
+
+    checksum = float(sum(p.detach().double().sum() for p in params))
+    per_rank = gather_object([{"data": stream.state_dict(), "skipped": dict(stream.skipped), "checksum": checksum}])
+    return {"data": [p["data"] for p in per_rank], "skipped": [p["skipped"] for p in per_rank],
+            "weight_checksums": [p["checksum"] for p in per_rank]}
+
+
 def check_resumable(
     state: dict[str, Any], path: Path, *, variant: str, base_id: str, base: str, world: int, attention: str = "decoupled",
     model: str = "UNet",

@@ -93,12 +93,11 @@ def write_model_card(output: Path, config: Any, adapter: Any, result: Any, *, da
 
 
 def model_card(config: Any, adapter: Any, result: Any, *, data_size: int | None, samples: bool) -> str:
-    from ipadapter.dit.train import family
-    from ipadapter.train.config import TRANSFORMER_RUNS
+    from ipadapter.dit.train import FAMILIES
 
     cfg = adapter.config
     trainable = sum(p.numel() for p in adapter.parameters())
-    readers = family(cfg.base).readers if cfg.base in TRANSFORMER_RUNS else \
+    readers = FAMILIES[cfg.base].readers if cfg.base in FAMILIES else \
         "the published layout (diffusers' `load_ip_adapter`, ComfyUI, A1111)"
     files = [f"- `{result.published.name}`: {readers}"
              if result.published else "- (no published layout: the simple-adapter ablation has none)",

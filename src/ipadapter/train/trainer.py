@@ -245,18 +245,12 @@ def _resume_phase(run: _Run, adapter: IPAdapter, ema: EMA | None) -> tuple[int, 
 
 
 def _save_state(run: _Run, step: int, nonfinite: int, opt: _Optimization) -> None:
-    from accelerate.utils import gather_object
-
-    from ipadapter.train.checkpoint import save_checkpoint
+    from ipadapter.train.checkpoint import processes_progress, save_checkpoint
 
     config, acc = run.config, run.accelerator
-    checksum = float(sum(p.detach().double().sum() for p in opt.params))  # replicas must agree
-    per_rank = gather_object([{"data": run.stream.state_dict(), "skipped": dict(run.stream.skipped),
-                               "checksum": checksum}])
     save_checkpoint(acc, Path(config.output), {
         "step": step, "variant": config.variant, "attention": config.attention, "base": run.base_name,
-        "base_id": run.base_id, "num_processes": acc.num_processes, "data": [p["data"] for p in per_rank],
-        "skipped": [p["skipped"] for p in per_rank], "weight_checksums": [p["checksum"] for p in per_rank],
+        "base_id": run.base_id, "num_processes": acc.num_processes, **processes_progress(run.stream, opt.params),
         "nonfinite_steps": nonfinite,
     }, keep=config.keep_checkpoints, ema=opt.ema)
 

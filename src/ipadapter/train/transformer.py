@@ -180,14 +180,11 @@ def _validator(config: TrainConfig, accelerator: Any) -> Any:
     `--validation-judge`), on the run's own pipeline; None on the other processes."""
     from types import SimpleNamespace
 
-    from ipadapter.evaluate.judges import ClipJudge
-    from ipadapter.train.validate import Validator, validation_references
+    from ipadapter.train.validate import Validator
 
     if not accelerator.is_main_process:
         return None
-    run = SimpleNamespace(config=config, accelerator=accelerator)  # what the validator reads of a run
-    judge = ClipJudge.load(config.validation_judge) if config.validation_judge else None
-    return Validator(run, validation_references(run), judge)
+    return Validator.prepare(SimpleNamespace(config=config, accelerator=accelerator))  # what it reads of a run
 
 
 def _write_folder(output: Path, config: TrainConfig, family: TransformerFamily, result: TrainResult,
@@ -243,18 +240,12 @@ class _States:
         return int(state["step"])
 
     def save(self, step: int) -> None:
-        """Every process calls it: each one's data cursor, skip counts and weight checksum are gathered."""
-        from accelerate.utils import gather_object
-
-        from ipadapter.train.checkpoint import save_checkpoint
+        """Every process calls it (`processes_progress` gathers each one's cursor)."""
+        from ipadapter.train.checkpoint import processes_progress, save_checkpoint
 
         config, acc = self.config, self.accelerator
-        checksum = float(sum(p.detach().double().sum() for p in self.adapter.parameters()))  # replicas must agree
-        per_rank = gather_object([{"data": self.stream.state_dict(), "skipped": dict(self.stream.skipped),
-                                   "checksum": checksum}])
         save_checkpoint(acc, Path(config.output), {
             "step": step, "variant": config.variant, "base": config.base, "base_id": self.base,
             "mixed_precision": config.mixed_precision, "num_processes": acc.num_processes,
-            "data": [p["data"] for p in per_rank], "skipped": [p["skipped"] for p in per_rank],
-            "weight_checksums": [p["checksum"] for p in per_rank],
+            **processes_progress(self.stream, self.adapter.parameters()),
         }, keep=config.keep_checkpoints)

@@ -8,10 +8,12 @@ evaluation stack, logged to TensorBoard with the grid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 import torch
@@ -136,30 +138,32 @@ class Validator:
         was_training = run.models.unet.training
         run.models.unet.eval()
         try:
-            with run.accelerator.autocast():
-                return self.sample(step, pipe, adapter, encoder)
+            return self.sample(step, pipe, adapter, encoder, precision=run.accelerator.autocast)
         finally:
             run.models.unet.train(was_training)
 
     @torch.no_grad()
-    def sample(self, step: int, pipe: Any, adapter: Any, encoder: Any) -> dict[str, float]:
+    def sample(self, step: int, pipe: Any, adapter: Any, encoder: Any,
+               precision: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
         """The grid (and metrics) of `adapter` on `pipe`, any pipeline `ImagePrompter` takes (a FLUX or SD 3 run's
-        own), written to validation/step-<step>.png."""
+        own), written to validation/step-<step>.png; the images generated inside `precision()` (a run's autocast),
+        the metrics outside it."""
         from ipadapter.prompter import ImagePrompter
 
         config = self.run_state.config
         prompter = ImagePrompter(pipe, {"0": adapter}, encoder)
         rows, samples, shown = [], [], []
         try:
-            for ref in self.references:
-                refs = prompter.references(ref.images, face_embeds=ref.face_embeds)
-                row = [prompter.generate({"0": refs}, prompt=prompt, steps=config.validation_steps,
-                                         guidance=config.validation_guidance, seed=config.seed,
-                                         width=config.resolution, height=config.resolution)[0]
-                       for prompt in config.validation_prompts]
-                rows.append(row)
-                samples += row
-                shown.append(ref.images[0])
+            with precision():
+                for ref in self.references:
+                    refs = prompter.references(ref.images, face_embeds=ref.face_embeds)
+                    row = [prompter.generate({"0": refs}, prompt=prompt, steps=config.validation_steps,
+                                             guidance=config.validation_guidance, seed=config.seed,
+                                             width=config.resolution, height=config.resolution)[0]
+                           for prompt in config.validation_prompts]
+                    rows.append(row)
+                    samples += row
+                    shown.append(ref.images[0])
         finally:
             prompter.detach()
         grid = validation_grid(shown, rows, config.resolution)
