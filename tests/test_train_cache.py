@@ -214,6 +214,17 @@ def test_a_cache_refuses_any_other_setting_but_no_data(tmp_path) -> None:
             check_fingerprint(tmp_path, {**built, key: value})
 
 
+def test_a_cache_built_before_the_denoiser_was_recorded_is_a_unet_cache(tmp_path) -> None:
+    import json
+
+    from ipadapter.train.cache import check_fingerprint
+
+    (tmp_path / "index.json").write_text(json.dumps({"fingerprint": {"resolution": 64}, "rows": 1, "files": []}))
+    assert check_fingerprint(tmp_path, {"denoiser": "unet", "resolution": 64})["rows"] == 1
+    with pytest.raises(IPAdapterError, match="built with denoiser = 'unet' but this run has 'sd3'"):
+        check_fingerprint(tmp_path, {"denoiser": "sd3", "resolution": 64})
+
+
 def test_a_models_fingerprint_reads_its_listed_subfolders(tmp_path, monkeypatch) -> None:
     """Files of the listed subfolders count (a missing one is passed over, not the end of the list), others do not;
     a Hub id reads its locally cached snapshot, as loading does, else the id itself is the identity."""

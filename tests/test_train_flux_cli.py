@@ -95,7 +95,7 @@ def test_train_flux_cli_loss_falls_and_diffusers_loads_the_file(tmp_path) -> Non
     (["--mixed-precision", "fp16"], "--mixed-precision fp16 does not apply to FLUX training"),
     (["--num-tokens", "8"], "--num-tokens does not apply to FLUX training"),
     (["--noise-offset", "0.1"], "--noise-offset does not apply to FLUX training"),
-    (["--cache", "cache"], "--cache does not apply to FLUX training"),
+    (["--stages", "16:2"], "--stages does not apply to FLUX training"),
     (["--ema-decay", "0.9"], "--ema-decay does not apply to FLUX training"),
     (["--attention", "concat"], "is for the base variant, not 'flux'"),
 ])

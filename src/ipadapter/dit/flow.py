@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.dit.attach import attach_dit
-from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError
 from ipadapter.runtime import AdapterPrompt, Reference
 
@@ -50,26 +49,40 @@ class Batch(Protocol):
 class TransformerFamily:
     """What differs between transformer families when training: their pipeline, encoders, σ draw and file layout.
 
-    name: as messages say it. variant: the one trained when none is named; new_adapter(transformer, encoder,
-    tokens) makes an untrained one. pipeline: the diffusers pipeline class of `--base`. readers: who reads the published
-    file (the model card). size_step(pipe): pixel sizes must be multiples of it, for the reason `size_rule`;
-    max_size(pipe): the largest it takes, if any.
-    sigmas(pipe): the σ draw. encode(pipe, encoder, pixels, image_pixels, captions, max_sequence_length, empty): a
-    batch; empty_prompt(pipe, max_sequence_length): the empty prompt's (text, pooled), one row.
+    name: as messages say it. variant: the one trained when none is named; new_adapter(transformer, width, tokens)
+    makes an untrained one reading `width`-wide image features of kind `image_features` ("global" or "patch").
+    pipeline, transformer: the diffusers classes of `--base` and of its transformer. readers: who reads the published
+    file (the model card). size_step(vae_config, transformer_config): pixel sizes must be multiples of it, for the
+    reason `size_rule`; max_size(...): the largest it takes, if any (configs alone: a run refuses a size before any
+    weights load). sigmas(pipe): the σ draw.
+    The frozen encoders in two halves, so that a feature cache can sit between them: features(pipe, encoder, pixels,
+    image_pixels, captions, max_sequence_length) → a row per sample ("latents", "text", "pooled", "image");
+    assemble(rows, empty) → the batch the loss reads, `empty` being empty_prompt(pipe, max_sequence_length): the empty
+    prompt's (text, pooled), one row.
     """
 
     name: str
     variant: str
     pipeline: str
+    transformer: str
     readers: str
-    new_adapter: Callable[[torch.nn.Module, ImageEncoder, int], DiTAdapter]
-    encode: Callable[..., Batch]
+    image_features: str
+    new_adapter: Callable[[torch.nn.Module, int, int], DiTAdapter]
+    features: Callable[..., dict[str, torch.Tensor]]
+    assemble: Callable[[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], Batch]
     empty_prompt: Callable[[Any, int], tuple[torch.Tensor, torch.Tensor]]
     sigmas: Callable[[Any], SigmaDraw]
     save: Callable[[DiTAdapter, str | os.PathLike], Path]
-    size_step: Callable[[Any], int]
+    size_step: Callable[[dict[str, Any], dict[str, Any]], int]
     size_rule: str
-    max_size: Callable[[Any], int | None]
+    max_size: Callable[[dict[str, Any], dict[str, Any]], int | None]
+
+
+def vae_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The latents both families train on: the posterior's mode of `pixels` in [-1, 1], shifted and scaled as their
+    pipelines decode them."""
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
 
 def rows_where(rows: torch.Tensor, then: torch.Tensor, otherwise: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ def encode(pipe: Any, encoder: ImageEncoder, images: list[Image.Image], captions
     pixels = pipe.image_processor.preprocess(images, height=size, width=size)
     parts = family(dit_kind(pipe.transformer))
     length = {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
-    return parts.encode(pipe, encoder, pixels, encoder.pixel_values(images), captions, **length)
+    rows = parts.features(pipe, encoder, pixels, encoder.pixel_values(images), captions, **length)
+    return parts.assemble(rows, parts.empty_prompt(pipe, **length))
 
 
 def train_dit_adapter(
@@ -47,7 +48,8 @@ def train_dit_adapter(
         raise IPAdapterError(f"give one caption per image, got {len(images)} images and {len(captions)} captions")
     transformer = pipe.transformer.requires_grad_(False)
     parts = family(dit_kind(transformer))
-    adapter = adapter or parts.new_adapter(transformer, encoder, get_variant(parts.variant).tokens)
+    adapter = adapter or parts.new_adapter(transformer, encoder.dim(parts.image_features),
+                                           get_variant(parts.variant).tokens)
     adapter = adapter.to(transformer.device).train().requires_grad_(True)
     data = encode(pipe, encoder, images, captions, size, max_sequence_length)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=weight_decay)

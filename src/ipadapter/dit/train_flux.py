@@ -20,9 +20,10 @@ from ipadapter.adapter import AdapterConfig
 from ipadapter.atomic import save_safetensors
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.dit.blocks import dit_blocks
-from ipadapter.dit.flow import SigmaDraw, TransformerFamily
+from ipadapter.dit.flow import SigmaDraw, TransformerFamily, vae_latents
 from ipadapter.encoders import ImageEncoder
 from ipadapter.projection.detect import new_projection
+from ipadapter.validation import vae_downscale
 
 
 def new_flux_adapter(transformer: torch.nn.Module, *, clip_dim: int, tokens: int = 4) -> DiTAdapter:
@@ -77,21 +78,28 @@ def empty_prompt(pipe: Any, max_sequence_length: int = 512) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def encode_pixels(pipe: Any, encoder: ImageEncoder, pixels: torch.Tensor, image_pixels: torch.Tensor,
-                  captions: list[str], max_sequence_length: int = 512,
-                  empty: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded:
-    """VAE latents of `pixels` in [-1, 1] (packed 2 × 2 as the pipeline does), text and empty-text embeddings, the
-    CLIP embeddings of `image_pixels` (the encoder's processor's output). `empty`: `empty_prompt`'s result, when the
-    caller encodes many batches (otherwise encoded here)."""
-    latents = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode()
-    latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+def features(pipe: Any, encoder: ImageEncoder, pixels: torch.Tensor, image_pixels: torch.Tensor,
+             captions: list[str], max_sequence_length: int = 512) -> dict[str, torch.Tensor]:
+    """Per sample: the VAE latents of `pixels` in [-1, 1], the T5 states and pooled CLIP embedding of the caption,
+    the CLIP embedding of `image_pixels` (the encoder's processor's output)."""
+    text, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, max_sequence_length=max_sequence_length)
+    return {"latents": vae_latents(pipe.vae, pixels), "text": text, "pooled": pooled,
+            "image": encoder.encode_pixels(image_pixels, "global")}
+
+
+def assemble(rows: dict[str, torch.Tensor], empty: tuple[torch.Tensor, torch.Tensor]) -> Encoded:
+    """The batch of `features` rows: latents packed 2 × 2 and their position ids as the pipeline makes them, the text
+    tokens' ids (zeros, as its `encode_prompt`), the empty prompt once per sample."""
+    from diffusers import FluxPipeline
+
+    latents, text = rows["latents"], rows["text"]
     b, c, h, w = latents.shape
-    packed = pipe._pack_latents(latents, b, c, h, w)
-    ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
-    text, pooled, text_ids = pipe.encode_prompt(captions, prompt_2=None, max_sequence_length=max_sequence_length)
-    empty_text, empty_pooled = empty if empty is not None else empty_prompt(pipe, max_sequence_length)
-    return Encoded(packed, ids, text, pooled, text_ids, empty_text.expand(b, -1, -1), empty_pooled.expand(b, -1),
-                   encoder.encode_pixels(image_pixels, "global"))
+    packed = FluxPipeline._pack_latents(latents, b, c, h, w)
+    ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+    text_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=text.dtype)
+    empty_text, empty_pooled = empty
+    return Encoded(packed, ids, text, rows["pooled"], text_ids, empty_text.expand(b, -1, -1),
+                   empty_pooled.expand(b, -1), rows["image"])
 
 
 def uniform_sigmas(_: Any) -> SigmaDraw:
@@ -100,11 +108,10 @@ def uniform_sigmas(_: Any) -> SigmaDraw:
 
 
 FAMILY = TransformerFamily(
-    name="FLUX", variant="flux", pipeline="FluxPipeline",
-    readers="XLabs' FLUX layout (diffusers' `FluxPipeline.load_ip_adapter`)",
-    new_adapter=lambda transformer, encoder, tokens: new_flux_adapter(transformer, clip_dim=encoder.global_dim,
-                                                                      tokens=tokens),
-    encode=encode_pixels, empty_prompt=empty_prompt, sigmas=uniform_sigmas, save=save_xlabs,
-    size_step=lambda pipe: pipe.vae_scale_factor * 2, size_rule="VAE downscale × 2, latents packed 2 × 2",
-    max_size=lambda pipe: None,
+    name="FLUX", variant="flux", pipeline="FluxPipeline", transformer="FluxTransformer2DModel",
+    readers="XLabs' FLUX layout (diffusers' `FluxPipeline.load_ip_adapter`)", image_features="global",
+    new_adapter=lambda transformer, width, tokens: new_flux_adapter(transformer, clip_dim=width, tokens=tokens),
+    features=features, assemble=assemble, empty_prompt=empty_prompt, sigmas=uniform_sigmas, save=save_xlabs,
+    size_step=lambda vae, _: vae_downscale(vae) * 2, size_rule="VAE downscale × 2, latents packed 2 × 2",
+    max_size=lambda vae, transformer: None,
 )

@@ -25,9 +25,10 @@ from ipadapter.adapter import AdapterConfig
 from ipadapter.atomic import save_safetensors
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.dit.blocks import dit_blocks
-from ipadapter.dit.flow import SigmaDraw, TransformerFamily
+from ipadapter.dit.flow import SigmaDraw, TransformerFamily, vae_latents
 from ipadapter.encoders import ImageEncoder
 from ipadapter.projection.detect import new_projection
+from ipadapter.validation import vae_downscale
 
 TIMESTEP = 1000.0  # the SD 3 pipeline passes t = 1000·σ
 # A block's own norm whose weights the adapter's starts from: (the adapter's, the block's).
@@ -94,21 +95,22 @@ def empty_prompt(pipe: Any, max_sequence_length: int = 256) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def encode_pixels(pipe: Any, encoder: ImageEncoder, pixels: torch.Tensor, image_pixels: torch.Tensor,
-                  captions: list[str], max_sequence_length: int = 256,
-                  empty: tuple[torch.Tensor, torch.Tensor] | None = None) -> Encoded:
-    """VAE latents of `pixels` in [-1, 1] (shifted and scaled as the pipeline decodes them), the three text
-    encoders' states and pooled embedding of the captions and of the empty prompt (`empty`, when the caller encodes
-    it once), and the patch features of `image_pixels` (the encoder's processor's output)."""
-    vae = pipe.vae
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+def features(pipe: Any, encoder: ImageEncoder, pixels: torch.Tensor, image_pixels: torch.Tensor,
+             captions: list[str], max_sequence_length: int = 256) -> dict[str, torch.Tensor]:
+    """Per sample: the VAE latents of `pixels` in [-1, 1], the three text encoders' states and pooled embedding of
+    the caption, the patch features of `image_pixels` (the encoder's processor's output)."""
     text, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
                                             max_sequence_length=max_sequence_length)
-    empty_text, empty_pooled = empty if empty is not None else empty_prompt(pipe, max_sequence_length)
-    b = latents.shape[0]
-    return Encoded(latents, text, pooled, empty_text.expand(b, -1, -1), empty_pooled.expand(b, -1),
-                   encoder.encode_pixels(image_pixels, "patch"))
+    return {"latents": vae_latents(pipe.vae, pixels), "text": text, "pooled": pooled,
+            "image": encoder.encode_pixels(image_pixels, "patch")}
+
+
+def assemble(rows: dict[str, torch.Tensor], empty: tuple[torch.Tensor, torch.Tensor]) -> Encoded:
+    """The batch of `features` rows, the empty prompt once per sample."""
+    b = rows["latents"].shape[0]
+    empty_text, empty_pooled = empty
+    return Encoded(rows["latents"], rows["text"], rows["pooled"], empty_text.expand(b, -1, -1),
+                   empty_pooled.expand(b, -1), rows["image"])
 
 
 def shifted_logit_normal(pipe: Any) -> SigmaDraw:
@@ -123,13 +125,12 @@ def shifted_logit_normal(pipe: Any) -> SigmaDraw:
 
 
 FAMILY = TransformerFamily(
-    name="SD 3", variant="sd3", pipeline="StableDiffusion3Pipeline",
-    readers="InstantX's SD 3.5 layout (diffusers' `StableDiffusion3Pipeline.load_ip_adapter`)",
-    new_adapter=lambda transformer, encoder, tokens: new_sd3_adapter(transformer, feature_dim=encoder.patch_dim,
-                                                                     tokens=tokens),
-    encode=encode_pixels, empty_prompt=empty_prompt, sigmas=shifted_logit_normal, save=save_instantx,
-    size_step=lambda pipe: pipe.vae_scale_factor * pipe.transformer.config.patch_size,
+    name="SD 3", variant="sd3", pipeline="StableDiffusion3Pipeline", transformer="SD3Transformer2DModel",
+    readers="InstantX's SD 3.5 layout (diffusers' `StableDiffusion3Pipeline.load_ip_adapter`)", image_features="patch",
+    new_adapter=lambda transformer, width, tokens: new_sd3_adapter(transformer, feature_dim=width, tokens=tokens),
+    features=features, assemble=assemble, empty_prompt=empty_prompt, sigmas=shifted_logit_normal, save=save_instantx,
+    size_step=lambda vae, transformer: vae_downscale(vae) * transformer["patch_size"],
     size_rule="VAE downscale × the transformer's patch size",
-    max_size=lambda pipe: pipe.transformer.config.pos_embed_max_size * pipe.transformer.config.patch_size
-    * pipe.vae_scale_factor,  # its learned positions cover that many patches a side
+    max_size=lambda vae, transformer: transformer["pos_embed_max_size"] * transformer["patch_size"]
+    * vae_downscale(vae),  # its learned positions cover that many patches a side
 )

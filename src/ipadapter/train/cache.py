@@ -1,8 +1,10 @@
 """The feature cache: the frozen models' outputs computed once, then training reads them instead of running them.
 
-Per sample: the VAE posterior (mean and std, so every step still draws a fresh latent as the reference does), the
-text embeddings (+ SDXL's pooled embedding and size/crop `time_ids`), the image-encoder features (global or patch)
-and the ID embedding (FaceID). Constants: the empty prompt's embeddings and the image features of a dropped image.
+Per sample, for a UNet run: the VAE posterior (mean and std, so every step still draws a fresh latent as the
+reference does), the text embeddings (+ SDXL's pooled embedding and size/crop `time_ids`), the image-encoder features
+(global or patch) and the ID embedding (FaceID). For a FLUX or SD 3 run: what its family's `features` gives (the
+latents, the text states and pooled embedding, the image features). Constants: the empty prompt's embeddings and the
+image features of a dropped image.
 Files: `part-{rank}-{k}.safetensors` shards, `constants.safetensors`, and `index.json` written last (its presence
 means the cache is complete) holding the fingerprint: what models and settings produced it. A cache is refused for a
 run whose fingerprint differs, naming the first difference.
@@ -28,6 +30,7 @@ from ipadapter.train.data import Record
 logger = logging.getLogger("ipadapter.train")
 
 FORMAT = "ipadapter-cache/1"
+BEFORE_KEYS = {"denoiser": "unet"}  # what a cache built before a key was recorded had: UNet caches only
 ROWS_PER_FILE = 1024
 
 
@@ -81,11 +84,14 @@ def data_identity(data: str, data_root: str) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(*, config: Any, base_id: str, encoder_id: str, processor: Any, features: str, sdxl: bool) -> dict[str, Any]:
-    """What a cache depends on: the frozen models, the preprocessing, the data, and the storage dtype."""
+def fingerprint(*, config: Any, base_id: str, encoder_id: str, processor: Any, features: str, sdxl: bool,
+                denoiser: str = "unet") -> dict[str, Any]:
+    """What a cache depends on: the denoiser it is for ("unet", "flux", "sd3": what its rows hold), the frozen models,
+    the preprocessing, the data, and the storage dtype."""
     proc = json.dumps(processor.to_dict(), sort_keys=True, default=str) if processor is not None else ""
     return {
         "format": FORMAT,
+        "denoiser": denoiser,
         "base (VAE + text encoders)": base_id,
         "image encoder": encoder_id,
         "image processor": hashlib.sha256(proc.encode()).hexdigest()[:16],
@@ -104,9 +110,10 @@ def check_fingerprint(cache_dir: Path, expected: dict[str, Any]) -> dict[str, An
     for key, value in expected.items():
         if key == "data" and not value:
             continue  # training from the cache alone: the data it was built from is what it holds
-        if found.get(key) != value:
+        built = found.get(key, BEFORE_KEYS.get(key))
+        if built != value:
             raise IPAdapterError(
-                f"the feature cache {cache_dir} was built with {key} = {found.get(key)!r} but this run has {value!r}; "
+                f"the feature cache {cache_dir} was built with {key} = {built!r} but this run has {value!r}; "
                 "use another --cache folder (or delete this one to rebuild it)"
             )
     return index

@@ -32,8 +32,8 @@ TRANSFORMER_REFUSED = {
     "lora_rank": "it is a FaceID setting", "id_dim": "it is a FaceID setting",
     "ema_decay": "no EMA", "noise_offset": "flow matching mixes latents and noise linearly",
     "snr_gamma": "min-SNR weighting is for DDPM noise levels; flow matching samples sigma instead",
-    "prediction_type": "the transformer predicts the flow-matching velocity", "cache": "no feature cache",
-    "cache_dtype": "no feature cache", "buckets": "square crops only", "stages": "one resolution per run",
+    "prediction_type": "the transformer predicts the flow-matching velocity", "buckets": "square crops only",
+    "stages": "one resolution per run",
 }
 
 

@@ -90,33 +90,31 @@ def dropped_constants(run: Any) -> dict[str, torch.Tensor]:
     return {k: v.float().cpu() for k, v in out.items()}
 
 
+# The base's parts a cache replaces, by folder (those a base lacks are skipped): every family's VAE and text encoders.
+ENCODER_FOLDERS = ["vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
+
+
 def base_identity(config: TrainConfig, models: BaseModels | None) -> str:
     from ipadapter.train.cache import folder_fingerprint
 
     if models is not None:
         parts = [module_fingerprint(models.vae)] + [module_fingerprint(e) for e in models.text_encoders]
         return "|".join(parts)
-    return folder_fingerprint(config.base, ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"])
+    return folder_fingerprint(config.base, ENCODER_FOLDERS)
 
 
-def prepare_cache(run: Any, given_models: BaseModels | None, given_encoder: ImageEncoder | None):
-    """Check the cache's fingerprint, or build it (loading the frozen encoders only for that), and open it."""
-    from ipadapter.train.cache import CacheReader, build_cache, check_fingerprint, fingerprint, folder_fingerprint
+def encoder_identity(config: TrainConfig) -> str:
+    """The fingerprint of `--image-encoder`'s files (its weights, config and preprocessor config): no weights read."""
+    from ipadapter.train.cache import folder_fingerprint
 
-    config, acc = run.config, run.accelerator
-    cache_dir = Path(config.cache)
-    processor = None
-    if run.features:
-        if given_encoder is not None:
-            processor, encoder_id = given_encoder.processor, module_fingerprint(given_encoder.model)
-        else:
-            repo, subfolder = split_hub_path(config.image_encoder)
-            processor = ImageEncoder.load_processor(repo, subfolder=subfolder)
-            encoder_id = folder_fingerprint(repo, [subfolder or ""])
-    else:
-        encoder_id = ""
-    fp = fingerprint(config=config, base_id=base_identity(config, given_models), encoder_id=encoder_id,
-                     processor=processor, features=run.features, sdxl=run.sdxl)
+    repo, subfolder = split_hub_path(config.image_encoder)
+    return folder_fingerprint(repo, [subfolder or ""])
+
+
+def open_cache(cache_dir: Path, fp: dict[str, Any], config: TrainConfig) -> Any:
+    """A complete cache whose fingerprint is `fp`, opened (a `CacheReader`); None when there is none yet to build."""
+    from ipadapter.train.cache import CacheReader, check_fingerprint
+
     if config.cache_complete():
         index = check_fingerprint(cache_dir, fp)
         logger.info("training from the feature cache %s (%d samples; when built: %s)", cache_dir, index["rows"],
@@ -125,6 +123,27 @@ def prepare_cache(run: Any, given_models: BaseModels | None, given_encoder: Imag
     if not config.data:
         raise IPAdapterError(f"{cache_dir} holds no complete feature cache and no --data was given to build one")
     logger.info("building the feature cache %s (one pass over the data)", cache_dir)
+    return None
+
+
+def prepare_cache(run: Any, given_models: BaseModels | None, given_encoder: ImageEncoder | None):
+    """Check the cache's fingerprint, or build it (loading the frozen encoders only for that), and open it."""
+    from ipadapter.train.cache import CacheReader, build_cache, fingerprint
+
+    config, acc = run.config, run.accelerator
+    cache_dir = Path(config.cache)
+    processor, encoder_id = None, ""
+    if run.features:
+        if given_encoder is not None:
+            processor, encoder_id = given_encoder.processor, module_fingerprint(given_encoder.model)
+        else:
+            repo, subfolder = split_hub_path(config.image_encoder)
+            processor, encoder_id = ImageEncoder.load_processor(repo, subfolder=subfolder), encoder_identity(config)
+    fp = fingerprint(config=config, base_id=base_identity(config, given_models), encoder_id=encoder_id,
+                     processor=processor, features=run.features, sdxl=run.sdxl)
+    reader = open_cache(cache_dir, fp, config)
+    if reader is not None:
+        return reader
     run.models = given_models or load_base(config.base, encoders=True, vae=True)
     if run.features:
         run.encoder = given_encoder or load_image_encoder(config)

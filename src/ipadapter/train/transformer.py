@@ -2,8 +2,9 @@
 folder as a UNet run.
 
 The data is read and decoded as for the UNet (manifest or shards, centre crops, the image encoder's pixels, bad
-samples skipped and counted); each batch goes through the frozen VAE and text encoders, then `dit.flow.fit` (the
-flow-matching recipe) with the family's parts (`dit.train.family`). The folder gets the family's published layout
+samples skipped and counted); each batch goes through the frozen VAE and text encoders, or comes from the feature
+cache (train/transformer_feed.py), then `dit.flow.fit` (the flow-matching recipe) with the family's parts
+(`dit.train.family`). The folder gets the family's published layout
 (XLabs' for FLUX, InstantX's for SD 3: what diffusers' `load_ip_adapter` reads), the project's own format,
 `config.json`, `logs/losses.csv`, `loss.png` and the model card. Checkpoints and exact resume as a UNet run's
 (`_States`); under `accelerate launch` each process reads its own share of the data and the gradients are averaged
@@ -21,40 +22,31 @@ import torch
 
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.dit.flow import TransformerFamily
-from ipadapter.encoders import ImageEncoder
-from ipadapter.errors import FieldError, IPAdapterError, first_clause
+from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.train.config import TrainConfig
-from ipadapter.train.data import Batches, Decoder, collate, describe_skips
+from ipadapter.train.data import describe_skips
 from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult, warmup_then_constant
 from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
 
 
-def load_transformer_pipeline(source: str, family: TransformerFamily, dtype: torch.dtype) -> Any:
-    """The `family.pipeline` of `--base`, without an image encoder (the run loads `--image-encoder` itself)."""
-    import diffusers
-
-    from ipadapter.sources import from_cache_or_hub
-
-    cls = getattr(diffusers, family.pipeline)
-    try:
-        return from_cache_or_hub(lambda local: cls.from_pretrained(
-            source, torch_dtype=dtype, local_files_only=local), source, "the base model")
-    except (OSError, ValueError, TypeError) as err:
-        raise IPAdapterError(f"--base {source} is not a {family.name} pipeline ({first_clause(str(err))})") from None
-
-
-def _start(config: TrainConfig, family: TransformerFamily, transformer: torch.nn.Module,
-           encoder: ImageEncoder) -> DiTAdapter:
-    """`--init-from` (an adapter file of the variant being trained) or a new adapter of the variant's tokens."""
+def _start(config: TrainConfig, family: TransformerFamily, transformer: torch.nn.Module, feed: Any) -> DiTAdapter:
+    """`--init-from` (an adapter file of the variant being trained, for the image features the run reads) or a new
+    adapter of the variant's tokens."""
     from ipadapter.dit.checkpoint import load_dit_adapter
 
     variant = get_variant(config.variant)
     if not config.init_from:
-        return family.new_adapter(transformer, encoder, variant.tokens)
+        return family.new_adapter(transformer, feed.width, variant.tokens)
     adapter = load_dit_adapter(config.init_from, transformer, dtype=torch.float32)  # not the transformer's bf16
-    encoder.check_fits(adapter.config.projection.in_dim, variant.clip, config.init_from)
+    in_dim = adapter.config.projection.in_dim
+    if feed.encoder is not None:
+        feed.encoder.check_fits(in_dim, variant.clip, config.init_from)
+    elif in_dim != feed.width:
+        raise IPAdapterError(f"{config.init_from} expects {in_dim}-wide image features but the feature cache "
+                             f"{config.cache} holds {feed.width}-wide ones; use the image encoder the adapter was "
+                             "trained with")
     if adapter.config.variant != config.variant:
         raise IPAdapterError(
             f"--init-from {config.init_from} is a {adapter.config.variant!r} adapter; this run trains {config.variant!r}"
@@ -71,9 +63,9 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     from ipadapter.dit.train import family as family_of
     from ipadapter.dit.flow import fit
     from ipadapter.train.checkpoint import resume_from
-    from ipadapter.train.feed import load_image_encoder, open_stream
     from ipadapter.train.model_folder import append_loss, restart_losses
     from ipadapter.train.models import module_fingerprint
+    from ipadapter.train.transformer_feed import Feed, check_size
     from ipadapter.validation import output_folder
 
     config.validate()
@@ -84,38 +76,16 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     resume = resume_from(config.resume, output, config.variant, say=logger.warning if main else logger.debug)
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    device = accelerator.device
-    pipe = load_transformer_pipeline(config.base, family, dtype)
-    step = family.size_step(pipe)
-    if config.resolution % step:
-        raise FieldError("resolution", f"{config.resolution} does not fit this {family.name} base: it must be a "
-                                       f"multiple of {step} ({family.size_rule})")
-    largest = family.max_size(pipe)
-    if largest is not None and config.resolution > largest:
-        raise FieldError("resolution", f"{config.resolution} is larger than this {family.name} base takes "
-                                       f"({largest} px)")
-    encoder = load_image_encoder(config)
-    pipe.to(device)
-    encoder.model.to(device, dtype)
-    for part in (*pipe.components.values(), encoder.model):
-        if isinstance(part, torch.nn.Module):
-            part.requires_grad_(False)
-    transformer = pipe.transformer
+    check_size(config, family)
+    feed = Feed(config, family, accelerator, dtype)
+    transformer = feed.pipe.transformer
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(config.seed)
-    adapter = _start(config, family, transformer, encoder).to(device, torch.float32).train().requires_grad_(True)
-    stream = open_stream(config, rank, world)
-    batches = Batches(stream, Decoder(config.resolution, encoder.processor), config.batch_size,
-                      workers=config.num_workers)
-    states = _States(config, accelerator, adapter, stream, base=module_fingerprint(transformer))
+    adapter = _start(config, family, transformer, feed)
+    adapter = adapter.to(accelerator.device, torch.float32).train().requires_grad_(True)
+    states = _States(config, accelerator, adapter, feed.stream, base=module_fingerprint(transformer))
     start = states.restore(resume) if resume is not None else 0
-
-    empty = family.empty_prompt(pipe)  # a dropped caption's input, encoded once rather than with every batch
-
-    def next_batch(_: torch.Generator) -> Any:
-        batch = collate(batches.next_batch())
-        return family.encode(pipe, encoder, batch["pixels"], batch["clip"], batch["text"], empty=empty)
 
     if main:
         write_text(output / "config.json", config.to_json())
@@ -140,24 +110,25 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
 
     def validate(i: int) -> None:
         if validator is not None:
+            pipe, encoder = feed.for_generation()
             result.validation[i] = validator.sample(i, pipe, adapter, encoder)
         accelerator.wait_for_everyone()
 
     try:
-        result.losses = fit(transformer, adapter, next_batch, steps=config.max_steps, optimizer=states.optimizer,
-                            sigmas=family.sigmas(pipe), seed=config.seed, start=start, accumulate=config.grad_accum,
-                            schedule=states.schedule,
+        result.losses = fit(transformer, adapter, feed.next_batch, steps=config.max_steps, optimizer=states.optimizer,
+                            sigmas=family.sigmas(feed.pipe), seed=config.seed, start=start,
+                            accumulate=config.grad_accum, schedule=states.schedule,
                             drop_rates=(config.drop_image, config.drop_text, config.drop_both),
                             max_grad_norm=config.max_grad_norm, on_step=logged, rank=rank,
                             average=(lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None,
                             validate_every=config.validate_every, validate=validate)
     finally:
         bar.close()
-        batches.close()
+        feed.close()
     adapter.eval().requires_grad_(False)
-    result.step, result.skipped = start + len(result.losses), dict(stream.skipped)
+    result.step, result.skipped = start + len(result.losses), dict(feed.stream.skipped)
     if main:
-        _write_folder(output, config, family, result, stream)
+        _write_folder(output, config, family, result, feed.stream)
     accelerator.wait_for_everyone()
     return result
 

@@ -1,0 +1,117 @@
+"""The feature cache of FLUX and SD 3 runs (`--cache`): built by one pass of the frozen models, it trains the adapter
+the run without it trains (bit for bit, in fp32 and one sample a batch, where both encode each image alone); a run
+from the complete cache loads the transformer and scheduler alone and needs no data, and its validation grid is the
+uncached run's; a cache of other settings or of another denoiser is refused in one line, before any output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ipadapter.cli.main import main
+from ipadapter.errors import IPAdapterError
+from ipadapter.train.config import TrainConfig
+from ipadapter.train.transformer import train_transformer
+from tests import dit_factories as df
+from tests import factories
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # every run builds an Accelerator
+FAMILIES = {"flux": df.save_flux_base, "sd3": df.save_sd3_base}
+FROZEN = {"flux": ("vae", "text_encoder", "text_encoder_2"), "sd3": ("vae", "text_encoder", "text_encoder_2",
+                                                                      "text_encoder_3")}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def setup(request, tmp_path_factory):
+    """(variant, base folder, a manifest of four images)."""
+    root = tmp_path_factory.mktemp(request.param)
+    return request.param, FAMILIES[request.param](root), factories.write_images(root / "data", 4)
+
+
+def _flags(setup, out: Path, cache: Path | None, *, data: bool = True) -> list[str]:
+    variant, base, manifest = setup
+    flags = ["--variant", variant, "--base", str(base), "--image-encoder", str(base / "image_encoder"),
+             "--resolution", "16", "--batch-size", "1", "--max-steps", "3", "--num-workers", "0", "--seed", "3",
+             "--learning-rate", "1e-2", "--drop-text", "0.4", "--drop-both", "0.3", "--validate-every", "3", "--validation-images", str(manifest.parent / "img1.png"),
+             "--validation-prompts", "", "--validation-steps", "2", "--output", str(out)]
+    if data:
+        flags += ["--data", str(manifest)]
+    if cache is not None:
+        flags += ["--cache", str(cache), "--cache-dtype", "float32"]
+    return flags
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "ip-adapter.safetensors"))
+
+
+def test_the_cache_trains_what_the_frozen_models_train_and_a_run_from_it_loads_the_transformer_alone(
+        setup, tmp_path, monkeypatch) -> None:
+    """Three runs of one config: without the cache, building it, and from it alone (no --data), as a user runs them.
+    The third loads no frozen model to train; its validation loads them around the trained transformer, for the
+    grid alone."""
+    import ipadapter.train.feed as feed
+    import ipadapter.train.transformer_feed as transformer_feed
+
+    variant, base, _ = setup
+    cache = tmp_path / "cache"
+    assert main(["train", *_flags(setup, tmp_path / "plain", None)]) == 0
+    assert main(["train", *_flags(setup, tmp_path / "built", cache)]) == 0
+    assert (cache / "index.json").is_file()
+
+    pipes, encoders = [], []
+    load_pipe, load_encoder = transformer_feed.load_transformer_pipeline, feed.load_image_encoder
+
+    def pipeline(source, family, dtype, **parts):
+        pipes.append(load_pipe(source, family, dtype, **parts))
+        return pipes[-1]
+
+    def image_encoder(config):
+        assert len(pipes) == 2, "the image encoder was loaded to train from a complete cache"
+        encoders.append(load_encoder(config))
+        return encoders[-1]
+
+    monkeypatch.setattr(transformer_feed, "load_transformer_pipeline", pipeline)
+    monkeypatch.setattr(feed, "load_image_encoder", image_encoder)
+    assert main(["train", *_flags(setup, tmp_path / "cached", cache, data=False)]) == 0
+    trained, drew = pipes
+    assert trained.scheduler is not None and all(getattr(trained, part) is None for part in FROZEN[variant])
+    assert drew.transformer is trained.transformer and len(encoders) == 1
+    assert all(getattr(drew, part) is not None for part in FROZEN[variant])
+
+    plain = _weights(tmp_path / "plain")
+    for run in ("built", "cached"):
+        weights = _weights(tmp_path / run)
+        assert weights.keys() == plain.keys() and all(torch.equal(weights[k], plain[k]) for k in plain), run
+        assert (tmp_path / run / "logs" / "losses.csv").read_text() == \
+            (tmp_path / "plain" / "logs" / "losses.csv").read_text()
+        assert (tmp_path / run / "validation" / "step-00000003.png").read_bytes() == \
+            (tmp_path / "plain" / "validation" / "step-00000003.png").read_bytes()
+
+
+def _config(setup, out: Path, cache: Path, **overrides) -> TrainConfig:
+    variant, base, manifest = setup
+    values = dict(variant=variant, base=str(base), image_encoder=str(base / "image_encoder"), data=str(manifest),
+                  resolution=16, batch_size=2, max_steps=1, num_workers=0, cache=str(cache), output=str(out))
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_a_cache_of_other_settings_or_of_another_denoiser_is_refused(setup, tmp_path) -> None:
+    cache = tmp_path / "cache"
+    train_transformer(_config(setup, tmp_path / "built", cache))
+    fingerprint = json.loads((cache / "index.json").read_text())["fingerprint"]
+    assert fingerprint["denoiser"] == setup[0] and fingerprint["cache_dtype"] == "float16"
+    assert {t.dtype for f in cache.glob("part-*.safetensors") for t in load_file(str(f)).values()} == {torch.float16}
+    with pytest.raises(IPAdapterError, match=r"^the feature cache .* was built with cache_dtype = 'float16' but "
+                                             r"this run has 'bfloat16'; use another --cache folder"):
+        train_transformer(_config(setup, tmp_path / "other", cache, cache_dtype="bfloat16"))
+    index = json.loads((cache / "index.json").read_text())
+    del index["fingerprint"]["denoiser"]  # as a UNet run's cache built before the denoiser was recorded
+    (cache / "index.json").write_text(json.dumps(index))
+    with pytest.raises(IPAdapterError, match=rf"was built with denoiser = 'unet' but this run has '{setup[0]}'"):
+        train_transformer(_config(setup, tmp_path / "unet", cache))
+    assert not (tmp_path / "other").exists() and not (tmp_path / "unet").exists()
