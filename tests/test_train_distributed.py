@@ -109,9 +109,10 @@ def test_two_processes_train_in_sync(tmp_path, fresh_accelerate_state) -> None:
 
 
 def test_two_processes_train_an_sd3_adapter_in_sync(tmp_path, fresh_accelerate_state) -> None:
-    """A transformer run (SD 3 here; FLUX takes the same path) under `accelerate launch`: what every 2-process run
-    shows (`_train_in_two_processes`), a file diffusers' layout reads, and the loss logged is the mean of the
-    processes' (the same size as one process's)."""
+    """A transformer run (SD 3 here; FLUX takes the same path) under `accelerate launch`, its feature cache built by
+    both processes and trained from: what every 2-process run shows (`_train_in_two_processes`), a cache holding every
+    good sample once, a file diffusers' layout reads, and the loss logged is the mean of the processes' (the same
+    size as one process's, which trains from the same cache)."""
     from diffusers import SD3Transformer2DModel
 
     from ipadapter.dit.checkpoint import load_dit_adapter
@@ -122,8 +123,11 @@ def test_two_processes_train_an_sd3_adapter_in_sync(tmp_path, fresh_accelerate_s
     out = tmp_path / "out"
     train = ["train", "--variant", "sd3", "--base", str(base), "--image-encoder", str(base / "image_encoder"),
              "--data", str(data), "--resolution", "16", "--batch-size", "2", "--max-steps", "2", "--num-workers", "0",
-             "--learning-rate", "1e-3"]
+             "--learning-rate", "1e-3", "--cache", str(tmp_path / "cache")]
     _train_in_two_processes(train, out, tmp_path)
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["rows"] == 6 and sum(index["skipped"].values()) == 1  # six good images, one corrupt
+    assert {f["file"][:8] for f in index["files"]} == {"part-000", "part-001"}  # each process encoded its share
     transformer = SD3Transformer2DModel.from_pretrained(base / "transformer")
     assert load_dit_adapter(out / "ip-adapter.safetensors", transformer).config.variant == "sd3"
     _logged_loss_is_the_mean(train, out, tmp_path / "one", (0.5, 2.0))

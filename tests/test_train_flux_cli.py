@@ -91,12 +91,11 @@ def test_train_flux_cli_loss_falls_and_diffusers_loads_the_file(tmp_path) -> Non
 
 @pytest.mark.parametrize("flags, says", [
     (["--lora-rank", "64"], "--lora-rank does not apply to FLUX training"),
-    (["--buckets"], "--buckets does not apply to FLUX training"),
     (["--mixed-precision", "fp16"], "--mixed-precision fp16 does not apply to FLUX training"),
     (["--num-tokens", "8"], "--num-tokens does not apply to FLUX training"),
     (["--noise-offset", "0.1"], "--noise-offset does not apply to FLUX training"),
-    (["--stages", "16:2"], "--stages does not apply to FLUX training"),
-    (["--ema-decay", "0.9"], "--ema-decay does not apply to FLUX training"),
+    (["--references", "2"], "--references does not apply to FLUX training: one reference image per sample"),
+    (["--snr-gamma", "5"], "--snr-gamma does not apply to FLUX training"),
     (["--attention", "concat"], "is for the base variant, not 'flux'"),
 ])
 def test_options_a_flux_run_does_not_have_are_refused(tmp_path, capsys, flags: list[str], says: str) -> None:

@@ -185,7 +185,7 @@ def test_cli_trains_writes_the_model_folder_and_generate_reads_it(base, tmp_path
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--stages", "16:2"], "--stages does not apply to SD 3 training: one resolution per run"),
+    (["--prediction-type", "epsilon"], "--prediction-type does not apply to SD 3 training: the transformer predicts"),
     (["--num-tokens", "16"], "--num-tokens does not apply to SD 3 training: the variant sets the tokens"),
     (["--mixed-precision", "fp16"], "--mixed-precision fp16 does not apply to SD 3 training: use bf16"),
     (["--snr-gamma", "5"], "--snr-gamma does not apply to SD 3 training"),

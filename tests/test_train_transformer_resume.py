@@ -1,6 +1,6 @@
 """Checkpoints of FLUX and SD 3 runs: a run killed after a checkpoint and resumed with `--resume latest` ends with
-the weights, loss file and skip counts of the run that was never stopped (bit for bit; with gradient accumulation and
-a warm-up, whose schedule the state carries), the newest `--keep-checkpoints` states are kept, and a resume that
+the weights, loss file and skip counts of the run that was never stopped (bit for bit; with gradient accumulation, a
+warm-up and an EMA, whose schedule and averaged weights the state carries), the newest `--keep-checkpoints` states are kept, and a resume that
 cannot continue exactly is refused before anything changes."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _config(setup, out: Path, **overrides) -> TrainConfig:
     variant, base, data = setup
     values = dict(variant=variant, base=str(base), image_encoder=str(base / "image_encoder"), data=str(data),
                   resolution=16, batch_size=2, max_steps=4, save_every=2, num_workers=0, seed=3,
-                  learning_rate=1e-2, grad_accum=2, warmup_steps=3, output=str(out))
+                  learning_rate=1e-2, grad_accum=2, warmup_steps=3, ema_decay=0.5, output=str(out))
     return TrainConfig(**{**values, **overrides})
 
 
@@ -80,6 +80,39 @@ def test_each_step_draws_anew_from_the_seed_and_the_step_alone() -> None:
     assert torch.equal(draws(3, 2), draws(3, 2))
     assert torch.equal(draws(3, 2), torch.randn(8, generator=step_generator(3, 2, 0)))  # one process: rank 0
     assert not torch.equal(draws(3, 2), draws(3, 3)) and not torch.equal(draws(3, 2), draws(4, 2))
+
+
+def test_the_written_adapter_is_the_ema_of_the_weights_after_each_step(setup, tmp_path, monkeypatch) -> None:
+    """`--ema-decay d`: shadow₀ = the starting weights, shadowₖ = d·shadowₖ₋₁ + (1 − d)·(the weights after step k),
+    and the file holds the last shadow; the training itself is the run's without an EMA."""
+    import ipadapter.train.transformer as run
+
+    start, adapters, trajectory = run._start, [], []
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in adapters[-1].state_dict().items()}
+
+    def spied(*args):
+        adapters.append(start(*args))
+        trajectory.append(weights())
+        return adapters[-1]
+
+    monkeypatch.setattr(run, "_start", spied)
+    plain = train_transformer(_config(setup, tmp_path / "plain", ema_decay=0.0, save_every=10))
+    trajectory.clear()
+    averaged = train_transformer(_config(setup, tmp_path / "ema", ema_decay=0.75, save_every=10),
+                                 on_step=lambda i, loss: trajectory.append(weights()))
+    assert averaged.losses == plain.losses and len(trajectory) == 1 + 4
+    assert all(torch.equal(trajectory[-1][k], v) for k, v in plain.adapter.state_dict().items())
+    shadow = trajectory[0]
+    for after in trajectory[1:]:
+        shadow = {k: 0.75 * shadow[k] + 0.25 * after[k] for k in shadow}
+    written = averaged.adapter.state_dict()
+    for k in shadow:
+        torch.testing.assert_close(written[k], shadow[k], rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(written[k], trajectory[-1][k]) for k in written)
+    ours, theirs = load_file(str(averaged.published)), load_file(str(plain.published))  # the file is the average
+    assert ours.keys() == theirs.keys() and any(not torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_a_resume_that_cannot_continue_exactly_is_refused_and_changes_nothing(setup, tmp_path) -> None:

@@ -149,12 +149,7 @@ def _train_or_estimate(args: argparse.Namespace, config: Any) -> int:
         config.check_ready(data=False)
         print(report(config, estimate(config)))
         return 0
-    if transformer:
-        from ipadapter.train.transformer import train_transformer
-
-        train_transformer(config)
-    else:
-        train(config)
+    train(config)
     return 0
 
 

@@ -120,14 +120,14 @@ def fit(
     schedule: Any = None, drop_rates: tuple[float, float, float] = PAPER_DROPS, max_grad_norm: float = 0.0,
     on_step: Callable[[int, float], None] | None = None, rank: int = 0,
     average: Callable[[torch.Tensor], torch.Tensor] | None = None, validate_every: int = 0,
-    validate: Callable[[int], None] | None = None,
+    validate: Callable[[int], None] | None = None, on_update: Callable[[], None] | None = None,
 ) -> list[float]:
     """Optimizer steps `start` + 1 … `steps`, each on `accumulate` batches of `batches(generator)` (their gradients
     and losses averaged), each step's draws from `step_generator`, so a run is reproducible and resumable; `schedule`
     (a learning-rate scheduler) steps after the optimizer. A step whose gradients are not finite is skipped (the
     weights unchanged), and `NONFINITE_LIMIT` in a row end the run. Under several processes `average` (accelerate's
     mean over them) is applied to the gradients before the step, which keeps the replicas equal, and to the loss
-    reported. Every `validate_every` steps `validate(step)` runs with the adapter detached (it generates through the
+    reported. `on_update()` follows each step that changed the weights (an EMA's update). Every `validate_every` steps `validate(step)` runs with the adapter detached (it generates through the
     user's path, which attaches it itself). The transformer is left as it was (the adapter detached) however the loop
     ends."""
     from ipadapter.train.dropout import draw  # the train extra's place; the dropout itself needs only torch
@@ -164,6 +164,8 @@ def fit(
                 if schedule is not None:
                     schedule.step()
                 adapter.weights_changed()
+                if on_update is not None:
+                    on_update()
             else:  # the weights stay as they were: one bad batch or overflow does not end a long run
                 consecutive += 1
                 logger.warning("step %d skipped: non-finite gradients (%d in a row)", step, consecutive)

@@ -12,11 +12,18 @@ __all__ = ["TrainConfig", "train"]
 
 
 def train(config: TrainConfig, **kwargs):
-    """Run a training job (its stages in order when it has any); see `ipadapter.train.trainer.train`."""
-    from ipadapter.train.trainer import train as _train
+    """Run a training job (its stages in order when it has any): a UNet adapter (`ipadapter.train.trainer.train`) or
+    a FLUX or SD 3 one (`ipadapter.train.transformer.train_transformer`), as the variant says."""
+    from ipadapter.variants import get_variant
 
+    check = None
+    if get_variant(config.variant).denoiser == "unet":
+        from ipadapter.train.trainer import train as train_one
+    else:
+        from ipadapter.train.transformer import check_stages as check
+        from ipadapter.train.transformer import train_transformer as train_one
     if config.stages:
         from ipadapter.train.stages import run_stages
 
-        return run_stages(config, _train, **kwargs)
-    return _train(config, **kwargs)
+        return run_stages(config, train_one, check=check, **kwargs)
+    return train_one(config, **kwargs)

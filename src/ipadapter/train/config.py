@@ -30,10 +30,9 @@ TRANSFORMER_REFUSED = {
     "references": "one reference image per sample",
     "num_tokens": "the variant sets the tokens (flux: 4, flux-v2: 16, sd3: 64)",
     "lora_rank": "it is a FaceID setting", "id_dim": "it is a FaceID setting",
-    "ema_decay": "no EMA", "noise_offset": "flow matching mixes latents and noise linearly",
+    "noise_offset": "flow matching mixes latents and noise linearly",
     "snr_gamma": "min-SNR weighting is for DDPM noise levels; flow matching samples sigma instead",
-    "prediction_type": "the transformer predicts the flow-matching velocity", "buckets": "square crops only",
-    "stages": "one resolution per run",
+    "prediction_type": "the transformer predicts the flow-matching velocity",
 }
 
 

@@ -12,6 +12,7 @@ and a card that lists the stages. With a feature cache, each stage has its own
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,11 @@ def stage_configs(config: TrainConfig) -> list[TrainConfig]:
     return runs
 
 
-def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResult:
+def run_stages(config: TrainConfig, train_one: Any, check: Callable[[list[TrainConfig]], None] | None = None,
+               **kwargs: Any) -> TrainResult:
     """Each stage with `train_one(config, **kwargs)`; finished stages (final adapter written) are skipped. Returns the
-    last stage's result pointing at the copied model folder (only the paths when every stage had finished before)."""
+    last stage's result pointing at the copied model folder (only the paths when every stage had finished before).
+    `check(stages)` refuses a stage the base cannot take before the first one trains (by default a UNet base's)."""
     result = None
     stages = stage_configs(config)
     started = [s.output for s in stages if Path(s.output).is_dir() and any(Path(s.output).iterdir())]
@@ -51,7 +54,9 @@ def run_stages(config: TrainConfig, train_one: Any, **kwargs: Any) -> TrainResul
         raise IPAdapterError(f"{config.output} already holds a staged training run ({started[0]}); continue it with "
                              "--resume latest or choose another --output")
     pending = [s for s in stages if not (Path(s.output) / OWN_NAME).is_file()]
-    if pending:  # the base's configs suffice (no weights read)
+    if pending and check is not None:
+        check(pending)
+    elif pending:  # the base's configs suffice (no weights read)
         check_stage_resolutions([(s.resolution, s.max_steps) for s in pending],
                                 *base_configs(config.base, kwargs.get("models")))
     for stage in stages:

@@ -22,10 +22,10 @@ import torch
 
 from ipadapter.dit.adapter import DiTAdapter
 from ipadapter.dit.flow import TransformerFamily
-from ipadapter.errors import IPAdapterError, first_clause
+from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import describe_skips
-from ipadapter.train.trainer import OWN_NAME, PUBLISHED_NAME, TrainResult, warmup_then_constant
+from ipadapter.train.trainer import EMA, OWN_NAME, PUBLISHED_NAME, TrainResult, warmup_then_constant
 from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
@@ -76,8 +76,7 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     resume = resume_from(config.resume, output, config.variant, say=logger.warning if main else logger.debug)
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    check_size(config, family)
-    feed = Feed(config, family, accelerator, dtype)
+    feed = Feed(config, family, accelerator, dtype, buckets=check_size(config, family))
     transformer = feed.pipe.transformer
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -121,16 +120,32 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
                             drop_rates=(config.drop_image, config.drop_text, config.drop_both),
                             max_grad_norm=config.max_grad_norm, on_step=logged, rank=rank,
                             average=(lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None,
-                            validate_every=config.validate_every, validate=validate)
+                            validate_every=config.validate_every, validate=validate,
+                            on_update=states.ema.update if states.ema is not None else None)
     finally:
         bar.close()
         feed.close()
     adapter.eval().requires_grad_(False)
+    if states.ema is not None:  # the averaged weights are the result, as in a UNet run
+        states.ema.copy_to()
+        adapter.weights_changed()
     result.step, result.skipped = start + len(result.losses), dict(feed.stream.skipped)
     if main:
         _write_folder(output, config, family, result, feed.stream)
     accelerator.wait_for_everyone()
     return result
+
+
+def check_stages(stages: list[TrainConfig]) -> None:
+    """Every stage's size against the base's configs (`--stages`), before the first stage trains."""
+    from ipadapter.dit.train import family as family_of
+    from ipadapter.train.transformer_feed import check_size
+
+    for stage in stages:
+        try:
+            check_size(stage, family_of(get_variant(stage.variant).denoiser))
+        except FieldError as err:  # a stage's resolution is an entry of `stages`, not the run's `resolution`
+            raise FieldError("stages", f"entry {stage.resolution}:{stage.max_steps}: resolution {err.problem}") from None
 
 
 def _accelerator() -> Any:
@@ -178,15 +193,18 @@ def _write_folder(output: Path, config: TrainConfig, family: TransformerFamily, 
 
 class _States:
     """The run's checkpoints, as a UNet run's (train/checkpoint.py through accelerate: atomic, verified, the newest
-    `keep` kept): the adapter's weights, the optimizer, each process's data cursor and skip counts; each step's draws
-    come from the seed, the step and the process (`dit.flow.step_generator`), so a resumed run continues exactly."""
+    `keep` kept): the adapter's weights, the optimizer, the EMA (`--ema-decay`), each process's data cursor and skip
+    counts; each step's draws come from the seed, the step and the process (`dit.flow.step_generator`), so a resumed
+    run continues exactly."""
 
     def __init__(self, config: TrainConfig, accelerator: Any, adapter: DiTAdapter, stream: Any, *, base: str) -> None:
         from ipadapter.train.checkpoint import register_adapter_hooks
         from ipadapter.train.optim import make_optimizer
 
         self.config, self.accelerator, self.adapter, self.stream, self.base = config, accelerator, adapter, stream, base
-        optimizer = make_optimizer(config, list(adapter.parameters()))
+        params = list(adapter.parameters())
+        optimizer = make_optimizer(config, params)
+        self.ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
         # accelerate steps a prepared scheduler once per process at each step, as in a UNet run
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_then_constant(config.warmup_steps * accelerator.num_processes))
@@ -204,7 +222,7 @@ class _States:
         acc = self.accelerator
         check_resumable(state, path, variant=self.config.variant, base_id=self.base, base=self.config.base,
                         world=acc.num_processes, model="transformer")
-        load_checkpoint(acc, path, self.adapter, None)
+        load_checkpoint(acc, path, self.adapter, self.ema)
         self.stream.load_state_dict(state["data"][acc.process_index])
         self.stream.skipped.update(state["skipped"][acc.process_index])
         logger.info("resumed from %s at step %d", path, state["step"])
@@ -219,4 +237,4 @@ class _States:
             "step": step, "variant": config.variant, "base": config.base, "base_id": self.base,
             "mixed_precision": config.mixed_precision, "num_processes": acc.num_processes,
             **processes_progress(self.stream, self.adapter.parameters()),
-        }, keep=config.keep_checkpoints)
+        }, keep=config.keep_checkpoints, ema=self.ema)

@@ -22,6 +22,7 @@ from ipadapter.dit.flow import Batch, TransformerFamily
 from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.train.config import TrainConfig
+from ipadapter.train.buckets import bucket_sizes
 from ipadapter.train.data import Batches, Decoder, IndexedStream, collate, describe_skips
 
 logger = logging.getLogger("ipadapter.train")
@@ -51,8 +52,9 @@ def _frozen_parts(family: TransformerFamily) -> dict[str, None]:
     return {name: None for name in names if name not in ("self", *KEPT)}
 
 
-def check_size(config: TrainConfig, family: TransformerFamily) -> None:
-    """`--resolution` against the base's VAE and transformer configs, before any weights load."""
+def check_size(config: TrainConfig, family: TransformerFamily) -> list[tuple[int, int]] | None:
+    """`--resolution` (and with `--buckets` its sizes, returned) against the base's VAE and transformer configs,
+    before any weights load."""
     import diffusers
 
     from ipadapter.errors import FieldError
@@ -66,10 +68,16 @@ def check_size(config: TrainConfig, family: TransformerFamily) -> None:
     if config.resolution % step:
         raise FieldError("resolution", f"{config.resolution} does not fit this {family.name} base: it must be a "
                                        f"multiple of {step} ({family.size_rule})")
+    buckets = bucket_sizes(config.resolution, step) if config.buckets else None
+    side = max(max(b) for b in buckets) if buckets else config.resolution
     largest = family.max_size(vae, transformer)
-    if largest is not None and config.resolution > largest:
-        raise FieldError("resolution", f"{config.resolution} is larger than this {family.name} base takes "
+    if largest is not None and side > largest:
+        made = f" makes sides up to {side} px with --buckets, which is" if buckets else " is"
+        raise FieldError("resolution", f"{config.resolution}{made} larger than this {family.name} base takes "
                                        f"({largest} px)")
+    if buckets:
+        logger.info("aspect-ratio buckets (height × width): %s", ", ".join(f"{h}×{w}" for h, w in buckets))
+    return buckets
 
 
 def _place(pipe: Any, encoder: ImageEncoder | None, device: torch.device, dtype: torch.dtype) -> None:
@@ -84,9 +92,11 @@ def _place(pipe: Any, encoder: ImageEncoder | None, device: torch.device, dtype:
 
 class Feed:
     """What a step reads (`next_batch`), the pipeline it trains on, and the data's stream (its cursor is in the
-    checkpoints). `width`: the image features' width, for a new adapter and `--init-from`'s check."""
+    checkpoints). `width`: the image features' width, for a new adapter and `--init-from`'s check. `buckets`: the
+    aspect-ratio sizes of `--buckets` (each batch one of them), None for square crops."""
 
-    def __init__(self, config: TrainConfig, family: TransformerFamily, accelerator: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: TrainConfig, family: TransformerFamily, accelerator: Any, dtype: torch.dtype,
+                 buckets: list[tuple[int, int]] | None = None) -> None:
         from ipadapter.train.feed import load_image_encoder, open_stream
 
         self.config, self.family, self.accelerator, self.dtype = config, family, accelerator, dtype
@@ -103,8 +113,8 @@ class Feed:
         else:
             empty = family.empty_prompt(self.pipe)  # a dropped caption's input, encoded once for every batch
             self.width = self.encoder.dim(family.image_features)
-            self.stream = open_stream(config, rank, world)
-            decode = Decoder(config.resolution, self.encoder.processor)
+            self.stream = open_stream(config, rank, world, buckets=buckets)
+            decode = Decoder(config.resolution, self.encoder.processor, buckets=buckets)
         self.batches = Batches(self.stream, decode, config.batch_size, workers=config.num_workers)
         self._empty, self._cached = empty, cache is not None
 
