@@ -94,7 +94,8 @@ EXAMPLES = """examples:
   accelerate launch --num_processes 8 --config_file deepspeed_zero2.yaml -m ipadapter.cli.main train --config my.yaml
   ipadapter train --config my.yaml --resume latest
   ipadapter train --base black-forest-labs/FLUX.1-dev --image-encoder openai/clip-vit-large-patch14 \\
-      --data data/train.jsonl --variant flux --mixed-precision bf16 --resolution 512 --output runs/flux
+      --data data/train.jsonl --variant flux --mixed-precision bf16 --resolution 512 --output runs/flux \\
+      --cache cache/flux    # T5 and the VAE run once, then stay on disk
   ipadapter train --base stabilityai/stable-diffusion-3.5-large --image-encoder google/siglip-so400m-patch14-384 \\
       --data data/train.jsonl --variant sd3 --mixed-precision bf16 --resolution 1024 --output runs/sd3
 """

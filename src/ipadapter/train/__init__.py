@@ -2,8 +2,9 @@
 
 Layout: config (what to train) ← data, buckets, dropout, cache (what it sees), feed (the data phase) ← models (the
 frozen base), shapes (a new adapter's shape) ← step (one guarded step) ← trainer (the phases, in accelerate's fixed
-order) ← checkpoint, validate, model_folder; stages (a sequence of runs); memory (optimizer choice, the dry-run
-estimate). The CLI (`ipadapter.cli.train`) is a thin layer over `train`.
+order) ← checkpoint, validate, model_folder; transformer (FLUX and SD 3 runs: the same config, checkpoints and
+validation around `dit.flow`) ← transformer_feed (their data phase); stages (a sequence of runs of either); memory
+(optimizer choice, the dry-run estimate). The CLI (`ipadapter.cli.train`) is a thin layer over `train`.
 """
 
 from ipadapter.train.config import TrainConfig
