@@ -36,7 +36,8 @@ def _flags(setup, out: Path, cache: Path | None, *, data: bool = True) -> list[s
     variant, base, manifest = setup
     flags = ["--variant", variant, "--base", str(base), "--image-encoder", str(base / "image_encoder"),
              "--resolution", "16", "--batch-size", "1", "--max-steps", "3", "--num-workers", "0", "--seed", "3",
-             "--learning-rate", "1e-2", "--drop-text", "0.4", "--drop-both", "0.3", "--validate-every", "3", "--validation-images", str(manifest.parent / "img1.png"),
+             "--learning-rate", "1e-2", "--drop-text", "0.4", "--drop-both", "0.3", "--validate-every", "3",
+             "--validation-images", str(manifest.parent / "img1.png"),
              "--validation-prompts", "", "--validation-steps", "2", "--output", str(out)]
     if data:
         flags += ["--data", str(manifest)]
@@ -115,3 +116,22 @@ def test_a_cache_of_other_settings_or_of_another_denoiser_is_refused(setup, tmp_
     with pytest.raises(IPAdapterError, match=rf"was built with denoiser = 'unet' but this run has '{setup[0]}'"):
         train_transformer(_config(setup, tmp_path / "unet", cache))
     assert not (tmp_path / "other").exists() and not (tmp_path / "unet").exists()
+
+
+def test_an_init_file_for_other_features_than_the_cache_holds_is_refused(setup, tmp_path) -> None:
+    """From a complete cache no image encoder is loaded: the cache's own rows give the width the file must read."""
+    from ipadapter.dit.train import family
+    from ipadapter.train.transformer_feed import load_transformer_pipeline
+
+    variant, base, _ = setup
+    cache = tmp_path / "cache"
+    train_transformer(_config(setup, tmp_path / "built", cache))
+    parts = family(variant)
+    transformer = load_transformer_pipeline(str(base), parts, torch.float32).transformer
+    width = load_file(str(cache / "part-000-00000.safetensors"))["image"].shape[-1]
+    tokens = 4 if variant == "flux" else 64
+    other = parts.save(parts.new_adapter(transformer, width + 3, tokens), tmp_path / "other.safetensors")
+    with pytest.raises(IPAdapterError) as caught:
+        train_transformer(_config(setup, tmp_path / "run", cache, data="", init_from=str(other)))
+    assert str(caught.value) == (f"{other} expects {width + 3}-wide image features but the feature cache {cache} "
+                                 f"holds {width}-wide ones; use the image encoder the adapter was trained with")

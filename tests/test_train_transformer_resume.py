@@ -1,7 +1,7 @@
-"""Checkpoints of FLUX and SD 3 runs: a run killed after a checkpoint and resumed with `--resume latest` ends with
-the weights, loss file and skip counts of the run that was never stopped (bit for bit; with gradient accumulation, a
-warm-up and an EMA, whose schedule and averaged weights the state carries), the newest `--keep-checkpoints` states are kept, and a resume that
-cannot continue exactly is refused before anything changes."""
+"""Checkpoints of FLUX and SD 3 runs: a run killed after a checkpoint and resumed with `--resume latest` ends with the
+weights, loss file and skip counts of the run that was never stopped (bit for bit; with gradient accumulation, a
+warm-up and an EMA, whose schedule and averaged weights the state carries), the newest `--keep-checkpoints` states
+are kept, and a resume that cannot continue exactly is refused before anything changes."""
 
 from __future__ import annotations
 

@@ -127,9 +127,9 @@ def fit(
     (a learning-rate scheduler) steps after the optimizer. A step whose gradients are not finite is skipped (the
     weights unchanged), and `NONFINITE_LIMIT` in a row end the run. Under several processes `average` (accelerate's
     mean over them) is applied to the gradients before the step, which keeps the replicas equal, and to the loss
-    reported. `on_update()` follows each step that changed the weights (an EMA's update). Every `validate_every` steps `validate(step)` runs with the adapter detached (it generates through the
-    user's path, which attaches it itself). The transformer is left as it was (the adapter detached) however the loop
-    ends."""
+    reported. `on_update()` follows each step that changed the weights (an EMA's update). Every `validate_every`
+    steps `validate(step)` runs with the adapter detached (it generates through the user's path, which attaches it
+    itself). The transformer is left as it was (the adapter detached) however the loop ends."""
     from ipadapter.train.dropout import draw  # the train extra's place; the dropout itself needs only torch
     from ipadapter.train.step import NONFINITE_LIMIT, gradients_finite
 

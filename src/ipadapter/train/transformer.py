@@ -145,7 +145,8 @@ def check_stages(stages: list[TrainConfig]) -> None:
         try:
             check_size(stage, family_of(get_variant(stage.variant).denoiser))
         except FieldError as err:  # a stage's resolution is an entry of `stages`, not the run's `resolution`
-            raise FieldError("stages", f"entry {stage.resolution}:{stage.max_steps}: resolution {err.problem}") from None
+            raise FieldError("stages",
+                             f"entry {stage.resolution}:{stage.max_steps}: resolution {err.problem}") from None
 
 
 def _accelerator() -> Any:
