@@ -6,6 +6,7 @@ uncached run's; a cache of other settings or of another denoiser is refused in o
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,6 @@ def test_the_cache_trains_what_the_frozen_models_train_and_a_run_from_it_loads_t
     variant, base, _ = setup
     cache = tmp_path / "cache"
     assert main(["train", *_flags(setup, tmp_path / "plain", None)]) == 0
-    assert main(["train", *_flags(setup, tmp_path / "built", cache)]) == 0
-    assert (cache / "index.json").is_file()
-
     pipes, encoders = [], []
     load_pipe, load_encoder = transformer_feed.load_transformer_pipeline, feed.load_image_encoder
 
@@ -72,16 +70,21 @@ def test_the_cache_trains_what_the_frozen_models_train_and_a_run_from_it_loads_t
         return pipes[-1]
 
     def image_encoder(config):
-        assert len(pipes) == 2, "the image encoder was loaded to train from a complete cache"
-        encoders.append(load_encoder(config))
-        return encoders[-1]
+        encoders.append((len(pipes), load_encoder(config)))
+        return encoders[-1][1]
 
     monkeypatch.setattr(transformer_feed, "load_transformer_pipeline", pipeline)
     monkeypatch.setattr(feed, "load_image_encoder", image_encoder)
+    assert main(["train", *_flags(setup, tmp_path / "built", cache)]) == 0
+    assert (cache / "index.json").is_file()
+    building = pipes[0]  # the cache is built without the transformer in memory
+    assert building.transformer is None and all(getattr(building, part) is not None for part in FROZEN[variant])
+    pipes.clear(), encoders.clear()
     assert main(["train", *_flags(setup, tmp_path / "cached", cache, data=False)]) == 0
+    assert [when for when, _ in encoders] == [2], "the image encoder was loaded to train from a complete cache"
     trained, drew = pipes
     assert trained.scheduler is not None and all(getattr(trained, part) is None for part in FROZEN[variant])
-    assert drew.transformer is trained.transformer and len(encoders) == 1
+    assert drew.transformer is trained.transformer
     assert all(getattr(drew, part) is not None for part in FROZEN[variant])
 
     plain = _weights(tmp_path / "plain")
@@ -106,6 +109,7 @@ def test_a_cache_of_other_settings_or_of_another_denoiser_is_refused(setup, tmp_
     train_transformer(_config(setup, tmp_path / "built", cache))
     fingerprint = json.loads((cache / "index.json").read_text())["fingerprint"]
     assert fingerprint["denoiser"] == setup[0] and fingerprint["cache_dtype"] == "float16"
+    assert fingerprint["features"] == {"flux": "global", "sd3": "patch"}[setup[0]] and fingerprint["sdxl"] is False
     assert {t.dtype for f in cache.glob("part-*.safetensors") for t in load_file(str(f)).values()} == {torch.float16}
     with pytest.raises(IPAdapterError, match=r"^the feature cache .* was built with cache_dtype = 'float16' but "
                                              r"this run has 'bfloat16'; use another --cache folder"):
@@ -135,3 +139,52 @@ def test_an_init_file_for_other_features_than_the_cache_holds_is_refused(setup, 
         train_transformer(_config(setup, tmp_path / "run", cache, data="", init_from=str(other)))
     assert str(caught.value) == (f"{other} expects {width + 3}-wide image features but the feature cache {cache} "
                                  f"holds {width}-wide ones; use the image encoder the adapter was trained with")
+
+
+def test_the_frozen_models_that_build_the_cache_and_draw_its_grids_are_in_the_runs_precision(setup, tmp_path,
+                                                                                              monkeypatch) -> None:
+    import ipadapter.train.feed as feed
+    import ipadapter.train.transformer_feed as transformer_feed
+
+    variant = setup[0]
+    made, load_pipe, load_encoder = [], transformer_feed.load_transformer_pipeline, feed.load_image_encoder
+
+    def pipeline(*args, **parts):
+        made.append(load_pipe(*args, **parts))
+        return made[-1]
+
+    def image_encoder(config):
+        encoder = load_encoder(config)
+        made.append(encoder.model)
+        return encoder
+
+    monkeypatch.setattr(transformer_feed, "load_transformer_pipeline", pipeline)
+    monkeypatch.setattr(feed, "load_image_encoder", image_encoder)
+    flags = _flags(setup, tmp_path / "run", tmp_path / "cache")
+    flags[flags.index("--max-steps") + 1] = "1"
+    flags[flags.index("--validate-every") + 1] = "1"
+    assert main(["train", *flags, "--mixed-precision", "bf16"]) == 0
+    built, encoder, trained, drew, drew_encoder = made  # the build's pipeline and encoder; training's; validation's
+    models = [getattr(p, part) for p in (built, drew) for part in FROZEN[variant]] + [encoder, drew_encoder]
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for m in models for p in m.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in trained.transformer.parameters())
+
+
+@pytest.mark.parametrize("changed", ["vae", "image_encoder"])
+def test_a_cache_of_other_frozen_models_is_refused(setup, tmp_path, changed) -> None:
+    """Another VAE (or text encoder) or another image encoder than built the cache: refused, naming which."""
+    import shutil
+
+    variant, base, manifest = setup
+    cache = tmp_path / "cache"
+    train_transformer(_config(setup, tmp_path / "built", cache))
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    weights = next((other / changed).glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    overrides = {"base": str(other)} if changed == "vae" else {"image_encoder": str(other / changed)}
+    entry = "base (VAE + text encoders)" if changed == "vae" else "image encoder"
+    with pytest.raises(IPAdapterError, match=rf"^the feature cache {cache} was built with {re.escape(entry)} = "):
+        train_transformer(_config(setup, tmp_path / "run", cache, **overrides))

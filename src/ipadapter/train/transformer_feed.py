@@ -48,8 +48,8 @@ def _frozen_parts(family: TransformerFamily) -> dict[str, None]:
     """Every component of the family's pipeline but the transformer and the scheduler, as None (not loaded)."""
     import diffusers
 
-    names = inspect.signature(getattr(diffusers, family.pipeline).__init__).parameters
-    return {name: None for name in names if name not in ("self", *KEPT)}
+    names = inspect.signature(getattr(diffusers, family.pipeline)).parameters
+    return {name: None for name in names if name not in KEPT}
 
 
 def check_size(config: TrainConfig, family: TransformerFamily) -> list[tuple[int, int]] | None:
