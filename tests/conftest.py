@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +16,17 @@ from tests import factories  # noqa: E402
 
 # Toy-sized models gain nothing from threads, and contention with other processes makes them much slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _older_objects_frozen() -> None:
+    """Each file starts with the garbage of the files before it collected and every object still alive frozen
+    (`gc.freeze`): the imports of torch, diffusers and transformers are some 400 000 objects, which every full
+    collection (the interpreter's own, and one per training run) walked again: a third of a training file's time, a
+    tenth of others'. What a test makes is still collected; an object alive at a file's start that later becomes part
+    of an unreachable cycle stays in memory until the worker exits (a few thousand objects in a whole run)."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
