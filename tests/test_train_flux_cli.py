@@ -132,11 +132,6 @@ def test_a_resolution_the_flux_base_cannot_take_is_named_as_given(tmp_path, caps
     assert not any((tmp_path / "run").glob("*.safetensors"))
 
 
-def test_dry_run_is_refused_for_flux(tmp_path, capsys) -> None:
-    assert main(["train", "--variant", "flux-v2", "--base", str(tmp_path), "--dry-run"]) == 2
-    assert "UNet runs only" in capsys.readouterr().err
-
-
 def test_bf16_keeps_the_adapter_in_fp32(tmp_path) -> None:
     """--mixed-precision bf16: the frozen models run in bf16, the adapter trains and is written in fp32."""
     base = df.save_flux_base(tmp_path)

@@ -322,7 +322,8 @@ def test_dry_run_of_stages_is_the_largest_stage(folders) -> None:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--variant", "flux", "--base", "{base}"], "--dry-run estimates UNet runs only, not FLUX or SD 3"),
+    (["--variant", "flux", "--base", "{base}", "--image-encoder", "{enc}"],
+     "--base {base} is not a FLUX pipeline: it has no transformer folder"),
     ([], "no base model: give --base (a diffusers pipeline folder or Hub id) or `base:` in the config"),
     (["--base", "{base}"], "variant 'base' needs --image-encoder (a CLIP or SigLIP vision model folder or Hub id)"),
     (["--base", "{tmp}/none", "--image-encoder", "{enc}"], "--base not found: {tmp}/none (no such file or folder; a "

@@ -189,7 +189,6 @@ def test_cli_trains_writes_the_model_folder_and_generate_reads_it(base, tmp_path
     (["--num-tokens", "16"], "--num-tokens does not apply to SD 3 training: the variant sets the tokens"),
     (["--mixed-precision", "fp16"], "--mixed-precision fp16 does not apply to SD 3 training: use bf16"),
     (["--snr-gamma", "5"], "--snr-gamma does not apply to SD 3 training"),
-    (["--dry-run"], "--dry-run estimates UNet runs only, not FLUX or SD 3"),
 ])
 def test_options_an_sd3_run_does_not_have_are_refused(base, tmp_path, capsys, flags: list[str], says: str) -> None:
     root, folder = base

@@ -137,18 +137,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train_or_estimate(args: argparse.Namespace, config: Any) -> int:
-    from ipadapter.errors import IPAdapterError
     from ipadapter.train import train
     from ipadapter.variants import get_variant
 
-    transformer = get_variant(config.variant).denoiser != "unet"
-    if args.dry_run and transformer:
-        raise IPAdapterError("--dry-run estimates UNet runs only, not FLUX or SD 3")
     if args.dry_run:
         from ipadapter.train.memory import estimate, report
+        from ipadapter.train.transformer_memory import estimate_transformer
 
         config.check_ready(data=False)
-        print(report(config, estimate(config)))
+        unet = get_variant(config.variant).denoiser == "unet"
+        print(report(config, (estimate if unet else estimate_transformer)(config)))
         return 0
     train(config)
     return 0

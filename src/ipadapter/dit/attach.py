@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from ipadapter.attach import ProcessorSwap
 from ipadapter.dit.adapter import DiTAdapter
@@ -78,9 +79,10 @@ class DiTAttachment(ProcessorSwap):
     def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         timestep = args[_TIMESTEP_POSITION] if len(args) > _TIMESTEP_POSITION else kwargs.get("timestep")
+        readable = _has_values(hidden)
         if self.kind == "flux":
             ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
-            self.runtime.latent_hw = None if ids is None else self._grid(ids)
+            self.runtime.latent_hw = None if ids is None or not readable else self._grid(ids)
         else:
             patch = self.model.config.patch_size
             self.runtime.latent_hw = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
@@ -90,7 +92,7 @@ class DiTAttachment(ProcessorSwap):
         if self.kind == "flux":  # FLUX's true CFG calls it twice per step: the second call is the negative one
             # FLUX passes its own tensor (t / 1000): read it only where the pipeline does not say which step this is.
             value = self._loop_timestep()
-            if value is None and timestep is not None:
+            if value is None and timestep is not None and readable:
                 value = self._timestep_value(timestep) * TIMESTEP_SCALE["flux"]
             current = (self.runtime.generation, value)
             self.step.negative = current == self.step.last and timestep is not None
@@ -142,6 +144,13 @@ class DiTAttachment(ProcessorSwap):
                 )
         self.rows = rows
         self.runtime.set(prompts, cfg=cfg)  # K'/V' live for one generation here: no weights tokens to compare
+
+
+@torch.compiler.disable  # outside a compiled graph, where the tensor is what it is
+def _has_values(t: torch.Tensor) -> bool:
+    """False for a fake tensor (`ipadapter train --dry-run` runs the model on them): no values to read a latent grid
+    or a timestep from."""
+    return not is_fake(t)
 
 
 def _grid_of(ids: torch.Tensor) -> tuple[int, int]:

@@ -54,7 +54,8 @@ class TransformerFamily:
     pipeline, transformer: the diffusers classes of `--base` and of its transformer. readers: who reads the published
     file (the model card). size_step(vae_config, transformer_config): pixel sizes must be multiples of it, for the
     reason `size_rule`; max_size(...): the largest it takes, if any (configs alone: a run refuses a size before any
-    weights load). sigmas(pipe): the σ draw.
+    weights load). sigmas(pipe): the σ draw. text_tokens(base): the tokens of a caption's text states as the
+    family's `features` pads them (the `--dry-run` estimate's shapes).
     The frozen encoders in two halves, so that a feature cache can sit between them: features(pipe, encoder, pixels,
     image_pixels, captions, max_sequence_length) → a row per sample ("latents", "text", "pooled", "image");
     assemble(rows, empty) → the batch the loss reads, `empty` being empty_prompt(pipe, max_sequence_length): the empty
@@ -76,6 +77,7 @@ class TransformerFamily:
     size_step: Callable[[dict[str, Any], dict[str, Any]], int]
     size_rule: str
     max_size: Callable[[dict[str, Any], dict[str, Any]], int | None]
+    text_tokens: Callable[[str], int]
 
 
 def vae_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ from ipadapter.encoders import ImageEncoder
 from ipadapter.projection.detect import new_projection
 from ipadapter.validation import vae_downscale
 
+TEXT_TOKENS = 512  # T5's states per caption, padded to the pipeline's default max_sequence_length
+
 
 def new_flux_adapter(transformer: torch.nn.Module, *, clip_dim: int, tokens: int = 4) -> DiTAdapter:
     """An untrained adapter shaped for `transformer` (tokens as wide as its text tokens, as XLabs' files)."""
@@ -71,7 +73,7 @@ class Encoded:
 
 
 @torch.no_grad()
-def empty_prompt(pipe: Any, max_sequence_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def empty_prompt(pipe: Any, max_sequence_length: int = TEXT_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """The empty prompt's (text states, pooled embedding), one row: a dropped caption's input, a constant of the run."""
     text, pooled, _ = pipe.encode_prompt([""], prompt_2=None, max_sequence_length=max_sequence_length)
     return text, pooled
@@ -79,7 +81,7 @@ def empty_prompt(pipe: Any, max_sequence_length: int = 512) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def features(pipe: Any, encoder: ImageEncoder, pixels: torch.Tensor, image_pixels: torch.Tensor,
-             captions: list[str], max_sequence_length: int = 512) -> dict[str, torch.Tensor]:
+             captions: list[str], max_sequence_length: int = TEXT_TOKENS) -> dict[str, torch.Tensor]:
     """Per sample: the VAE latents of `pixels` in [-1, 1], the T5 states and pooled CLIP embedding of the caption,
     the CLIP embedding of `image_pixels` (the encoder's processor's output)."""
     text, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, max_sequence_length=max_sequence_length)
@@ -113,5 +115,5 @@ FAMILY = TransformerFamily(
     new_adapter=lambda transformer, width, tokens: new_flux_adapter(transformer, clip_dim=width, tokens=tokens),
     features=features, assemble=assemble, empty_prompt=empty_prompt, sigmas=uniform_sigmas, save=save_xlabs,
     size_step=lambda vae, _: vae_downscale(vae) * 2, size_rule="VAE downscale × 2, latents packed 2 × 2",
-    max_size=lambda vae, transformer: None,
+    max_size=lambda vae, transformer: None, text_tokens=lambda base: TEXT_TOKENS,
 )

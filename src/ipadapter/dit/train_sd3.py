@@ -31,6 +31,7 @@ from ipadapter.projection.detect import new_projection
 from ipadapter.validation import vae_downscale
 
 TIMESTEP = 1000.0  # the SD 3 pipeline passes t = 1000·σ
+T5_TOKENS = 256  # T5's states per caption, after the CLIP tokenizer's (77): the pipeline's default max_sequence_length
 # A block's own norm whose weights the adapter's starts from: (the adapter's, the block's).
 NORMS = (("norm_q", "norm_q"), ("norm_k", "norm_k"), ("norm_ip_k", "norm_added_k"))
 
@@ -86,7 +87,7 @@ class Encoded:
 
 
 @torch.no_grad()
-def empty_prompt(pipe: Any, max_sequence_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def empty_prompt(pipe: Any, max_sequence_length: int = T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """The empty prompt's (text states, pooled embedding), one row: a dropped caption's input, and the SD 3 pipeline's
     own negative prompt."""
     text, _, pooled, _ = pipe.encode_prompt([""], None, None, do_classifier_free_guidance=False,
@@ -96,7 +97,7 @@ def empty_prompt(pipe: Any, max_sequence_length: int = 256) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def features(pipe: Any, encoder: ImageEncoder, pixels: torch.Tensor, image_pixels: torch.Tensor,
-             captions: list[str], max_sequence_length: int = 256) -> dict[str, torch.Tensor]:
+             captions: list[str], max_sequence_length: int = T5_TOKENS) -> dict[str, torch.Tensor]:
     """Per sample: the VAE latents of `pixels` in [-1, 1], the three text encoders' states and pooled embedding of
     the caption, the patch features of `image_pixels` (the encoder's processor's output)."""
     text, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
@@ -133,4 +134,12 @@ FAMILY = TransformerFamily(
     size_rule="VAE downscale × the transformer's patch size",
     max_size=lambda vae, transformer: transformer["pos_embed_max_size"] * transformer["patch_size"]
     * vae_downscale(vae),  # its learned positions cover that many patches a side
+    text_tokens=lambda base: clip_tokens(base) + T5_TOKENS,
 )
+
+
+def clip_tokens(base: str) -> int:
+    """The CLIP tokens of a caption's states: the base tokenizer's `model_max_length`, from its config file alone."""
+    from ipadapter.train.memory import tokenizer_length
+
+    return tokenizer_length(base)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ def count(modules: Iterable[nn.Module | None]) -> int:
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Modules made inside hold their weights in `dtype`: a fake tensor cannot be cast in place afterwards."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -72,13 +72,6 @@ def activation_bytes(module: nn.Module, *, batch: int, latent: int, text_len: in
     features of the shapes `features` (per sample), under autocast to `dtype` when that is half precision, by the
     rules of `autocast` ("cuda" or "cpu"), as the run's mixed precision does: the activations a backward pass needs.
     Run inside the `FakeTensorMode` the module was made in, so that the inputs are fake too."""
-    saved: dict[int, tuple[weakref.ref, int]] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t._base if t._base is not None else t, nn.Parameter):  # weights (and views) are counted
-            saved[id(t)] = weakref.ref(t), t.numel() * t.element_size()
-        return t
-
     unet = module.unet
     added = None
     if sdxl:
@@ -90,13 +83,25 @@ def activation_bytes(module: nn.Module, *, batch: int, latent: int, text_len: in
               tuple(torch.zeros(batch, *shape) for shape in features), added)
     half = dtype != torch.float32
     rules = _CudaAutocast() if half and autocast == "cuda" else nullcontext()
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=dtype, enabled=half), rules:
-        prediction = module(*inputs)
-    # Counted while the prediction, and so its graph, is alive: what a computation whose result was dropped saved is
-    # freed already, as it would be on a GPU before the backward pass.
+    with torch.autocast("cpu", dtype=dtype, enabled=half), rules:
+        return saved_bytes(lambda: module(*inputs))
+
+
+def saved_bytes(forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves in `forward()` for its backward pass (weights, which are counted apart,
+    left out), counted while its result, and so its graph, is alive: what a computation whose result was dropped
+    saved is freed already, as it would be on a GPU before the backward pass."""
+    saved: dict[int, tuple[weakref.ref, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t._base if t._base is not None else t, nn.Parameter):  # weights (and views) are counted
+            saved[id(t)] = weakref.ref(t), t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = forward()
     held = sum(size for alive, size in saved.values() if alive() is not None)
-    del prediction
+    del result
     return held
 
 
@@ -140,7 +145,7 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
     with torch.device("meta"):  # counted only: weightless on the meta device
         # with a feature cache the VAE and encoders are not in memory while training
         frozen = [] if config.cache else [AutoencoderKL.from_config(vae_config), *_text_encoders(config.base, sdxl)]
-        vision = _image_encoder(config.image_encoder) if config.needs_image_encoder else None
+        vision = image_encoder_from_config(config.image_encoder) if config.needs_image_encoder else None
     if vision is not None and not config.cache:
         frozen.append(vision)
     widths = {}
@@ -149,7 +154,7 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
         widths = {"embed_dim": vision.config.projection_dim, "hidden_dim": vision.config.hidden_size,
                   "patch_tokens": patches}
     with FakeTensorMode():  # run as well: fake CPU tensors (shapes and dtypes, no memory) take CPU kernels and autocast
-        with _default_dtype(dtype):  # made in the run's precision (a fake tensor cannot be cast in place)
+        with default_dtype(dtype):  # made in the run's precision (a fake tensor cannot be cast in place)
             unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(False)  # frozen, as in training
         adapter = IPAdapter.for_unet(unet, adapter_config_for(  # fp32, torch's default, as the run trains it
             config.variant, cross_dim=cross_dim(unet.config), id_dim=config.id_dim,
@@ -161,7 +166,7 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
         frozen_params, trainable = count([unet, *frozen]), sum(p.numel() for p in adapter.parameters())
         latent = side // vae_downscale(vae_config)
         module = TrainModule(unet, adapter, attach(unet, {"0": adapter}), config.references)
-        features, text_len = _feature_shapes(config, widths), _text_length(config.base)
+        features, text_len = _feature_shapes(config, widths), tokenizer_length(config.base)
         activations = {b: activation_bytes(module, batch=b, latent=latent, text_len=text_len, features=features,
                                            dtype=dtype, sdxl=sdxl, autocast=autocast) for b in batch_sizes}
     return Estimate(frozen_params=frozen_params, trainable_params=trainable, activations=activations,
@@ -180,7 +185,7 @@ def _feature_shapes(config: Any, widths: dict[str, int]) -> list[tuple[int, ...]
     return [(*per_reference, *shapes[kind]) for kind in get_variant(config.variant).features.split("+")]
 
 
-def _text_length(base: str) -> int:
+def tokenizer_length(base: str) -> int:
     """The tokens every caption is padded to in training: the base tokenizer's `model_max_length` (77 for SD 1.5 and
     SDXL), read from its config file alone."""
     from transformers.utils import cached_file
@@ -217,7 +222,7 @@ def _text_encoders(base: str, sdxl: bool) -> list[nn.Module]:
     return encoders
 
 
-def _image_encoder(source: str) -> nn.Module:
+def image_encoder_from_config(source: str) -> nn.Module:
     """Built from its config read as a real run reads it (`owner/repo/sub/folder`, a whole CLIP model), so a source the
     run would refuse is refused here too, in one line, before any estimate is printed."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
