@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -281,45 +282,83 @@ def test_a_killed_run_resumes_to_the_images_of_an_uninterrupted_one(setup, clean
     assert not stale.exists() and not list(out.glob(".*.tmp-*"))
 
 
-def test_two_processes_write_the_images_and_index_of_one(setup, clean, tmp_path) -> None:
-    out = tmp_path / "two"
-    proc = _launch(_accelerate(_generate_args(setup, out)), ENV, cwd=tmp_path)
-    assert proc.returncode != 0, proc.stdout[-3000:]  # two jobs of the manifest fail
-    assert (out / "errors.jsonl").read_text() == (clean[1] / "errors.jsonl").read_text(), proc.stdout[-3000:]
-    assert _pngs(out) == _pngs(clean[1])
-    assert _index(out) == _index(clean[1])
-    assert proc.stdout.count("jobs done in") == 1  # only the main process reports
+def _evaluate_args(root: Path, out: Path) -> list[str]:
+    return ["evaluate", *_model_flags(root), "--manifest", str(root / "refs.jsonl"), "--out", str(out), "--judge",
+            str(root / "judge"), "--scales", "0,1", "--samples", "1"]
 
 
-def _accelerate(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "ipadapter.cli.main", *args]
+@dataclass
+class Launch:
+    """What one `accelerate launch` of `tests.cli_sequence` left: command n's exit code and output in each process."""
+
+    folder: Path
+    output: str  # the launcher's own stdout and stderr
+
+    def codes(self, n: int) -> list[int | None]:
+        """Command n's exit code in processes 0 and 1 (None: it did not return)."""
+        files = [self.folder / f"plan-{n}-rank{rank}.code" for rank in range(2)]
+        return [int(f.read_text()) if f.is_file() else None for f in files]
+
+    def output_of(self, n: int) -> str:
+        """Command n's stdout and stderr in both processes."""
+        files = [self.folder / f"plan-{n}-rank{rank}.log" for rank in range(2)]
+        return "".join(f.read_text() for f in files if f.is_file())
+
+    def why(self, n: int) -> str:
+        return (self.output_of(n) + self.output)[-3000:]
 
 
-def test_evaluate_under_two_processes_writes_the_results_of_one(setup, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def two_processes(setup) -> Launch:
+    """`ipadapter generate --manifest` (into `generate/`), then `ipadapter evaluate` (into `evaluate/`), in the same
+    2 processes of one `accelerate launch` (`tests.cli_sequence`): each launch starts three interpreters, and the two
+    tests that hold a 2-process run against its 1-process one share this launch. Only the children's work is shared:
+    each test makes and checks its own 1-process run; mutation testing sees nothing of child processes
+    (scripts/mutation.sh leaves such tests out), so no work is credited to the wrong test."""
     factories.save_judge(setup / "judge")
     write_manifest(setup / "refs.jsonl", [{"image_file": f"ref{i}.png", "text": t}
                                           for i, t in enumerate(["a red circle", "a blue square", "a cat"])])
+    folder = setup / "two"
+    folder.mkdir()
+    plan = folder / "plan.json"
+    commands = [_generate_args(setup, folder / "generate"), _evaluate_args(setup, folder / "evaluate")]
+    plan.write_text(json.dumps(commands))
+    proc = _launch(_accelerate(["-m", "tests.cli_sequence", str(plan)]), ENV, cwd=folder)
+    return Launch(folder, proc.stdout)
 
-    def args(out: Path) -> list[str]:
-        return ["evaluate", *_model_flags(setup), "--manifest", str(setup / "refs.jsonl"), "--out", str(out),
-                "--judge", str(setup / "judge"), "--scales", "0,1", "--samples", "1"]
 
+def test_two_processes_write_the_images_and_index_of_one(setup, clean, two_processes) -> None:
+    out = two_processes.folder / "generate"
+    codes, why = two_processes.codes(0), two_processes.why(0)
+    assert None not in codes and codes != [0, 0], why  # two jobs of the manifest fail
+    assert (out / "errors.jsonl").read_text() == (clean[1] / "errors.jsonl").read_text(), why
+    assert _pngs(out) == _pngs(clean[1])
+    assert _index(out) == _index(clean[1])
+    assert two_processes.output_of(0).count("jobs done in") == 1  # only the main process reports
+
+
+def _accelerate(program: list[str]) -> list[str]:
+    """`accelerate launch` of 2 processes on the CPU running `program` (`-m module args...`)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), *program]
+
+
+def test_evaluate_under_two_processes_writes_the_results_of_one(setup, two_processes, tmp_path) -> None:
     with _one_thread():
-        assert main(args(tmp_path / "one")) == 0
-    proc = _launch(_accelerate(args(tmp_path / "two")), ENV, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
+        assert main(_evaluate_args(setup, tmp_path / "one")) == 0
+    assert two_processes.codes(1) == [0, 0], two_processes.why(1)
+    runs = {"one": tmp_path / "one", "two": two_processes.folder / "evaluate"}
+    one, two = (json.loads((runs[run] / "results.json").read_text()) for run in ("one", "two"))
     for a, b in zip(one.pop("runs"), two.pop("runs")):
         assert a.keys() == b.keys()
         for key, value in a.items():
             assert b[key] == pytest.approx(value, abs=1e-6), key
     assert one == two
-    one, two = ({p.relative_to(tmp_path / run): p.read_bytes() for p in (tmp_path / run / "samples").rglob("*.png")}
+    one, two = ({p.relative_to(runs[run]): p.read_bytes() for p in (runs[run] / "samples").rglob("*.png")}
                 for run in ("one", "two"))
     assert one == two and len(one) == 6
-    assert proc.stdout.count("wrote ") == 1  # only the main process writes the report
+    assert two_processes.output_of(1).count("wrote ") == 1  # only the main process writes the report
 
 
 BAD = {
