@@ -172,6 +172,28 @@ def test_a_unet_base_is_not_taken_for_a_flux_pipeline(data, tmp_path) -> None:
         train_flux(config)
 
 
+def test_a_base_whose_weights_cannot_be_read_is_named_in_one_line(base, data, tmp_path, monkeypatch) -> None:
+    """Its configs read, its weights not: a folder missing a part (diffusers' reason, first clause), and a Hub id
+    whose configs alone are in the cache (the download advice)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(IPAdapterError, match=rf"^--base {broken} is not a FLUX pipeline \(Error no file named "):
+        train_flux(_config(broken, data, tmp_path / "a"))
+    for weights in broken.rglob("*.safetensors"):
+        weights.unlink()
+    factories.write_hub_cache(tmp_path / "hub", "qa/configs", broken)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(IPAdapterError) as err:
+        train_flux(_config("qa/configs", data, tmp_path / "b", image_encoder=str(base / "image_encoder")))
+    assert str(err.value).startswith("the base model qa/configs is not in the local Hugging Face cache and offline "
+                                     "mode is on (")
+
+
 def test_an_uncached_hub_base_is_named_with_its_download_command(data, tmp_path) -> None:
     with pytest.raises(IPAdapterError) as err:
         train_flux(_config("nobody/flux", data, tmp_path, image_encoder=str(tmp_path)))

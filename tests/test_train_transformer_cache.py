@@ -6,6 +6,7 @@ uncached run's; a cache of other settings or of another denoiser is refused in o
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -104,9 +105,11 @@ def _config(setup, out: Path, cache: Path, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
-def test_a_cache_of_other_settings_or_of_another_denoiser_is_refused(setup, tmp_path) -> None:
+def test_a_cache_of_other_settings_or_of_another_denoiser_is_refused(setup, tmp_path, caplog) -> None:
     cache = tmp_path / "cache"
-    train_transformer(_config(setup, tmp_path / "built", cache))
+    with caplog.at_level(logging.INFO, logger="ipadapter.train"):
+        train_transformer(_config(setup, tmp_path / "built", cache))
+    assert "feature cache built: no samples skipped" in caplog.messages
     fingerprint = json.loads((cache / "index.json").read_text())["fingerprint"]
     assert fingerprint["denoiser"] == setup[0] and fingerprint["cache_dtype"] == "float16"
     assert fingerprint["features"] == {"flux": "global", "sd3": "patch"}[setup[0]] and fingerprint["sdxl"] is False
