@@ -214,6 +214,37 @@ def test_a_cache_refuses_any_other_setting_but_no_data(tmp_path) -> None:
             check_fingerprint(tmp_path, {**built, key: value})
 
 
+def test_a_build_removes_only_what_a_killed_build_left(tmp_path) -> None:
+    """A build starts by removing the folder it is given: only a killed build's files (shards, part records,
+    constants, atomic writes' temporary files) may be there, so that `--cache` naming another folder deletes nothing."""
+    import shutil
+
+    from ipadapter.train.cache import check_rebuildable
+
+    folder = tmp_path / "cache"
+    check_rebuildable(folder)  # absent
+    folder.mkdir()
+    for name in ("part-000-00000.safetensors", "part-001.json", "constants.safetensors",
+                 ".part-000-00001.safetensors.tmp-4242"):
+        (folder / name).write_bytes(b"")
+    check_rebuildable(folder)
+    for name in ("photo.png", "index.json.bak", "part-000.safetensors", "sub/"):
+        other = tmp_path / "other"
+        shutil.copytree(folder, other)
+        if name.endswith("/"):
+            (other / name).mkdir()
+        else:
+            (other / name).write_bytes(b"")
+        with pytest.raises(IPAdapterError) as caught:
+            check_rebuildable(other)
+        assert str(caught.value) == (f"--cache {other} holds files that are not a feature cache's "
+                                     f"({name.rstrip('/')}); give a new or empty folder for the cache")
+        shutil.rmtree(other)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(IPAdapterError, match=r" is a file, not a folder$"):
+        check_rebuildable(tmp_path / "file")
+
+
 def test_a_cache_built_before_the_denoiser_was_recorded_is_a_unet_cache(tmp_path) -> None:
     import json
 

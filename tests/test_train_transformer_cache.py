@@ -191,3 +191,16 @@ def test_a_cache_of_other_frozen_models_is_refused(setup, tmp_path, changed) -> 
     entry = "base (VAE + text encoders)" if changed == "vae" else "image encoder"
     with pytest.raises(IPAdapterError, match=rf"^the feature cache {cache} was built with {re.escape(entry)} = "):
         train_transformer(_config(setup, tmp_path / "run", cache, **overrides))
+
+
+def test_a_cache_folder_holding_other_files_is_refused_before_anything_loads(setup, tmp_path, monkeypatch) -> None:
+    """`--cache` naming the data's folder (by a slip): the build would start by emptying it; refused, nothing lost."""
+    import ipadapter.train.transformer_feed as transformer_feed
+
+    variant, base, manifest = setup
+    before = {p: p.read_bytes() for p in manifest.parent.iterdir()}
+    monkeypatch.setattr(transformer_feed, "load_transformer_pipeline", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(IPAdapterError) as caught:
+        train_transformer(_config(setup, tmp_path / "run", manifest.parent))
+    assert str(caught.value).startswith(f"--cache {manifest.parent} holds files that are not a feature cache's (")
+    assert {p: p.read_bytes() for p in manifest.parent.iterdir()} == before

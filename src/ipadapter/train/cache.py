@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -153,6 +154,22 @@ class CacheWriter:
         self.rows = {}
 
 
+CACHE_FILE = re.compile(r"(part-\d+-\d+\.safetensors|part-\d+\.json|constants\.safetensors|\..+\.tmp-\d+)")
+
+
+def check_rebuildable(cache_dir: Path) -> None:
+    """A build starts by removing the folder: refused unless it is absent, a file-less folder, or what a killed build
+    left (shards, part records, constants, atomic writes' temporary files), so `--cache` naming any other folder (the
+    data's, a home) never deletes a user's files."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise IPAdapterError(f"--cache {cache_dir} is a file, not a folder")
+    foreign = sorted(p.name for p in cache_dir.iterdir() if not CACHE_FILE.fullmatch(p.name)) if cache_dir.is_dir() \
+        else []
+    if foreign:
+        raise IPAdapterError(f"--cache {cache_dir} holds files that are not a feature cache's ({foreign[0]}); give a "
+                             "new or empty folder for the cache")
+
+
 def build_cache(
     cache_dir: Path, *, batches: Any, encode: Any, constants: dict[str, torch.Tensor], fp: dict[str, Any],
     accelerator: Any, dtype: torch.dtype,
@@ -164,6 +181,7 @@ def build_cache(
     from tqdm.auto import tqdm
 
     rank = accelerator.process_index
+    check_rebuildable(cache_dir)  # by every process, so that none waits below for a main process that refused
     if accelerator.is_main_process:
         if cache_dir.exists():
             shutil.rmtree(cache_dir)  # an incomplete build (no index.json): start again

@@ -113,7 +113,7 @@ def encoder_identity(config: TrainConfig) -> str:
 
 def open_cache(cache_dir: Path, fp: dict[str, Any], config: TrainConfig) -> Any:
     """A complete cache whose fingerprint is `fp`, opened (a `CacheReader`); None when there is none yet to build."""
-    from ipadapter.train.cache import CacheReader, check_fingerprint
+    from ipadapter.train.cache import CacheReader, check_fingerprint, check_rebuildable
 
     if config.cache_complete():
         index = check_fingerprint(cache_dir, fp)
@@ -122,6 +122,7 @@ def open_cache(cache_dir: Path, fp: dict[str, Any], config: TrainConfig) -> Any:
         return CacheReader(cache_dir)
     if not config.data:
         raise IPAdapterError(f"{cache_dir} holds no complete feature cache and no --data was given to build one")
+    check_rebuildable(cache_dir)  # before any model loads
     logger.info("building the feature cache %s (one pass over the data)", cache_dir)
     return None
 
