@@ -220,9 +220,14 @@ def test_a_checkpoints_state_names_its_base_and_the_sum_of_its_weights(tmp_path)
 def test_train_refuses_a_flux_variant_models_without_an_image_encoder_and_a_file_for_output(tmp_path) -> None:
     manifest = factories.write_images(tmp_path / "data", 2)
     models, encoder = factories.in_memory()
+    from ipadapter.train.trainer import train as train_unet
+
     with pytest.raises(IPAdapterError) as caught:
-        train(_config(tmp_path, manifest, variant="flux", resolution=16), log_with=None)
+        train_unet(_config(tmp_path, manifest, variant="flux", resolution=16), log_with=None)
     assert str(caught.value) == "variant 'flux' is trained by ipadapter.train.transformer.train_transformer, not here"
+    with pytest.raises(IPAdapterError) as caught:  # the entry point for every family takes a UNet run's options
+        train(_config(tmp_path, manifest, variant="flux", resolution=16), models=models, log_with=None)
+    assert str(caught.value) == "a 'flux' run takes on_step only, not log_with, models"
     with pytest.raises(IPAdapterError) as caught:
         train(_config(tmp_path, manifest, variant="plus"), models=models, log_with=None)
     assert str(caught.value) == "variant 'plus' needs an image encoder"

@@ -140,6 +140,6 @@ FAMILY = TransformerFamily(
 
 def clip_tokens(base: str) -> int:
     """The CLIP tokens of a caption's states: the base tokenizer's `model_max_length`, from its config file alone."""
-    from ipadapter.train.memory import tokenizer_length
+    from ipadapter.train.models import tokenizer_length
 
     return tokenizer_length(base)

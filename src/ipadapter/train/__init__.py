@@ -21,8 +21,13 @@ def train(config: TrainConfig, **kwargs):
     if get_variant(config.variant).denoiser == "unet":
         from ipadapter.train.trainer import train as train_one
     else:
+        from ipadapter.errors import IPAdapterError
         from ipadapter.train.transformer import check_stages as check
         from ipadapter.train.transformer import train_transformer as train_one
+
+        unet_only = sorted(set(kwargs) - {"on_step"})  # models in memory, trackers: a UNet run's
+        if unet_only:
+            raise IPAdapterError(f"a {config.variant!r} run takes on_step only, not {', '.join(unet_only)}")
     if config.stages:
         from ipadapter.train.stages import run_stages
 

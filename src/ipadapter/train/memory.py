@@ -12,7 +12,6 @@ pass are not counted.
 
 from __future__ import annotations
 
-import json
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -129,7 +128,9 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
     from ipadapter.adapter import IPAdapter
     from ipadapter.attach import attach
     from ipadapter.train.config import parse_stage
-    from ipadapter.train.models import base_configs, check_resolution, check_stage_resolutions, cross_dim
+    from ipadapter.train.models import (
+        base_configs, check_resolution, check_stage_resolutions, cross_dim, tokenizer_length,
+    )
     from ipadapter.train.shapes import adapter_config_for
     from ipadapter.train.trainer import TrainModule
     from ipadapter.validation import vae_downscale
@@ -183,24 +184,6 @@ def _feature_shapes(config: Any, widths: dict[str, int]) -> list[tuple[int, ...]
     shapes = {"faceid": (config.id_dim,), "global": (widths.get("embed_dim"),),
               "patch": (widths.get("patch_tokens"), widths.get("hidden_dim"))}
     return [(*per_reference, *shapes[kind]) for kind in get_variant(config.variant).features.split("+")]
-
-
-def tokenizer_length(base: str) -> int:
-    """The tokens every caption is padded to in training: the base tokenizer's `model_max_length` (77 for SD 1.5 and
-    SDXL), read from its config file alone."""
-    from transformers.utils import cached_file
-
-    from ipadapter.errors import IPAdapterError, first_clause
-    from ipadapter.sources import from_cache_or_hub
-    from ipadapter.single_file import configs_of
-
-    base = configs_of(base)
-    try:
-        path = from_cache_or_hub(lambda local: cached_file(base, "tokenizer_config.json", subfolder="tokenizer",
-                                                           local_files_only=local), base, "the base model")
-    except OSError as err:
-        raise IPAdapterError(f"cannot read {base}/tokenizer: {first_clause(str(err))}") from None
-    return int(json.loads(Path(path).read_text(encoding="utf-8"))["model_max_length"])
 
 
 def _text_encoders(base: str, sdxl: bool) -> list[nn.Module]:

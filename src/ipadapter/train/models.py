@@ -101,6 +101,20 @@ def check_stage_resolutions(stages: list[tuple[int, int]], unet_config: dict[str
             raise FieldError("stages", f"entry {resolution}:{steps}: resolution {err.problem}") from None
 
 
+def tokenizer_length(base: str) -> int:
+    """The tokens every caption is padded to in training: the base tokenizer's `model_max_length` (77 for SD 1.5 and
+    SDXL), read from its config file alone."""
+    from transformers.utils import cached_file
+
+    base = single_file.configs_of(base)
+    try:
+        path = from_cache_or_hub(lambda local: cached_file(base, "tokenizer_config.json", subfolder="tokenizer",
+                                                           local_files_only=local), base, "the base model")
+    except OSError as err:
+        raise IPAdapterError(f"cannot read {base}/tokenizer: {first_clause(str(err))}") from None
+    return int(json.loads(Path(path).read_text(encoding="utf-8"))["model_max_length"])
+
+
 def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseModels:
     """UNet and scheduler config always; VAE and text encoder(s) unless a feature cache replaces them."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
