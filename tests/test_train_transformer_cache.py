@@ -106,10 +106,10 @@ def _config(setup, out: Path, cache: Path, **overrides) -> TrainConfig:
 
 
 def test_a_cache_of_other_settings_or_of_another_denoiser_is_refused(setup, tmp_path, caplog) -> None:
-    cache = tmp_path / "cache"
+    cache, data = tmp_path / "cache", factories.write_images(tmp_path / "data", 3, corrupt=1)
     with caplog.at_level(logging.INFO, logger="ipadapter.train"):
-        train_transformer(_config(setup, tmp_path / "built", cache))
-    assert "feature cache built: no samples skipped" in caplog.messages
+        train_transformer(_config(setup, tmp_path / "built", cache, data=str(data)))
+    assert any(m.startswith("feature cache built: skipped 1 sample(s): 1 ") for m in caplog.messages)
     fingerprint = json.loads((cache / "index.json").read_text())["fingerprint"]
     assert fingerprint["denoiser"] == setup[0] and fingerprint["cache_dtype"] == "float16"
     assert fingerprint["features"] == {"flux": "global", "sd3": "patch"}[setup[0]] and fingerprint["sdxl"] is False
@@ -204,3 +204,24 @@ def test_a_cache_folder_holding_other_files_is_refused_before_anything_loads(set
         train_transformer(_config(setup, tmp_path / "run", manifest.parent))
     assert str(caught.value).startswith(f"--cache {manifest.parent} holds files that are not a feature cache's (")
     assert {p: p.read_bytes() for p in manifest.parent.iterdir()} == before
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_each_process_reads_its_own_share_of_the_samples(setup, tmp_path, cached) -> None:
+    """Under two processes, process 0 and process 1 read disjoint halves of the four samples (or cache rows)."""
+    from types import SimpleNamespace
+
+    from ipadapter.dit.train import family
+    from ipadapter.train.transformer_feed import Feed
+
+    cache = tmp_path / "cache"
+    if cached:
+        train_transformer(_config(setup, tmp_path / "built", cache))
+    config = _config(setup, tmp_path / "run", cache if cached else "", batch_size=1)
+    shares = []
+    for rank in (0, 1):
+        process = SimpleNamespace(process_index=rank, num_processes=2, device=torch.device("cpu"))
+        feed = Feed(config, family(setup[0]), process, torch.float32)
+        shares.append({feed.stream.next_record().key for _ in range(2)})
+        feed.close()
+    assert len(shares[0]) == len(shares[1]) == 2 and shares[0].isdisjoint(shares[1])

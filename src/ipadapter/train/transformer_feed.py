@@ -81,11 +81,12 @@ def check_size(config: TrainConfig, family: TransformerFamily) -> list[tuple[int
 
 
 def _place(pipe: Any, encoder: ImageEncoder | None, device: torch.device, dtype: torch.dtype) -> None:
-    """On the run's device, frozen; the image encoder in the run's precision as the pipeline is."""
+    """On the run's device, frozen (an `ImageEncoder`'s model is frozen when it is made); the image encoder in the
+    run's precision, as the pipeline is."""
     pipe.to(device)
     if encoder is not None:
         encoder.model.to(device, dtype)
-    for part in (*pipe.components.values(), encoder.model if encoder is not None else None):
+    for part in pipe.components.values():
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False)
 
