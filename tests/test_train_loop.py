@@ -227,7 +227,7 @@ def test_train_refuses_a_flux_variant_models_without_an_image_encoder_and_a_file
     assert str(caught.value) == "variant 'flux' is trained by ipadapter.train.transformer.train_transformer, not here"
     with pytest.raises(IPAdapterError) as caught:  # the entry point for every family takes a UNet run's options
         train(_config(tmp_path, manifest, variant="flux", resolution=16), models=models, log_with=None)
-    assert str(caught.value) == "a 'flux' run takes on_step only, not log_with, models"
+    assert str(caught.value) == "a 'flux' run takes on_step and log_with only, not models"
     with pytest.raises(IPAdapterError) as caught:
         train(_config(tmp_path, manifest, variant="plus"), models=models, log_with=None)
     assert str(caught.value) == "variant 'plus' needs an image encoder"

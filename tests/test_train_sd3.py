@@ -310,6 +310,11 @@ def test_validation_samples_are_what_the_user_gets_from_the_adapter_of_that_step
     grid = Image.open(out / "validation" / "step-00000002.png").convert("RGB")
     assert grid.size == (3 * 16, 16) and set(result.validation) == {2}
     assert (out / "samples.png").read_bytes() == (out / "validation" / "step-00000002.png").read_bytes()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "train"))
+    events.Reload()
+    assert "validation" in events.Tags()["images"] and "train/loss" in events.Tags()["scalars"]
     pipe = _pipe(folder)
     prompter = ipadapter.load(pipe, str(out / "ip-adapter.safetensors"), image_encoder=str(folder / "image_encoder"))
     for column, prompt in enumerate(["", "a square"], start=1):

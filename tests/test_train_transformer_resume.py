@@ -49,7 +49,29 @@ def _kill_after(step: int):
     return on_step
 
 
-def test_a_killed_run_resumed_ends_where_the_uninterrupted_run_ends(setup, tmp_path, caplog) -> None:
+def _skip_step(monkeypatch, skipped: int) -> None:
+    """Step `skipped`'s first loss is NaN: the step is skipped as non-finite, in a run and in a resumed one."""
+    import ipadapter.dit.flow as flow
+
+    step_generator, loss, current = flow.step_generator, flow.flow_matching_loss, {}
+
+    def generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+        current["step"] = step
+        return step_generator(seed, step, rank)
+
+    def poisoned(*args, **kwargs) -> torch.Tensor:
+        value = loss(*args, **kwargs)
+        return value * float("nan") if current["step"] == skipped else value
+
+    monkeypatch.setattr(flow, "step_generator", generator)
+    monkeypatch.setattr(flow, "flow_matching_loss", poisoned)
+
+
+def test_a_killed_run_resumed_ends_where_the_uninterrupted_run_ends(setup, tmp_path, caplog, monkeypatch) -> None:
+    """With a step skipped as non-finite before the cut: the resumed run counts it too, and TensorBoard has it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _skip_step(monkeypatch, 2)
     whole = train_transformer(_config(setup, tmp_path / "whole"))
     with pytest.raises(Killed):
         train_transformer(_config(setup, tmp_path / "cut"), on_step=_kill_after(3))  # after the step-2 state
@@ -66,6 +88,11 @@ def test_a_killed_run_resumed_ends_where_the_uninterrupted_run_ends(setup, tmp_p
     assert (tmp_path / "cut" / "logs" / "losses.csv").read_text() == \
         (tmp_path / "whole" / "logs" / "losses.csv").read_text()
     assert resumed.skipped == whole.skipped and sum(whole.skipped.values()) >= 1
+    assert resumed.nonfinite_steps == whole.nonfinite_steps == 1
+    events = EventAccumulator(str(tmp_path / "whole" / "logs" / "train"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/nonfinite_steps")] == [(4, 1.0)]  # the last step
+    assert [e.step for e in events.Scalars("train/loss")] == [4] and "train/lr" in events.Tags()["scalars"]
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("state-*")) == ["state-00000004"]
 
 

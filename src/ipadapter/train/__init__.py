@@ -25,9 +25,10 @@ def train(config: TrainConfig, **kwargs):
         from ipadapter.train.transformer import check_stages as check
         from ipadapter.train.transformer import train_transformer as train_one
 
-        unet_only = sorted(set(kwargs) - {"on_step"})  # models in memory, trackers: a UNet run's
+        unet_only = sorted(set(kwargs) - {"on_step", "log_with"})  # models and encoders in memory: a UNet run's
         if unet_only:
-            raise IPAdapterError(f"a {config.variant!r} run takes on_step only, not {', '.join(unet_only)}")
+            raise IPAdapterError(f"a {config.variant!r} run takes on_step and log_with only, not "
+                                 f"{', '.join(unet_only)}")
     if config.stages:
         from ipadapter.train.stages import run_stages
 

@@ -92,6 +92,13 @@ class EMA:
         self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params)]
 
 
+def start_trackers(accelerator: Any, config: TrainConfig) -> None:
+    """The run's tracker (TensorBoard by default), its hyperparameters the config's, lists and paths as text;
+    accelerate starts trackers on the main process only."""
+    accelerator.init_trackers("train", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                               for k, v in config.to_dict().items()})
+
+
 def warmup_then_constant(warmup: int) -> Callable[[int], float]:
     """The paper's constant LR, with an optional linear warm-up over `warmup` scheduler steps."""
     return lambda i: 1.0 if warmup <= 0 else min(1.0, (i + 1) / warmup)
@@ -456,9 +463,8 @@ def _train_attached(run: _Run, adapter: IPAdapter, inner: TrainModule, output: P
     step, nonfinite = _resume_phase(run, adapter, opt.ema)
     if accelerator.is_main_process:
         write_text(output / "config.json", config.to_json())
-    if log_with:  # accelerate starts trackers on the main process only
-        accelerator.init_trackers("train", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                   for k, v in config.to_dict().items()})
+    if log_with:
+        start_trackers(accelerator, config)
     # 7. loop; 8. the finished model folder
     result = TrainResult(step=step, output=output, nonfinite_steps=nonfinite)
     _loop(run, module, adapter, opt, result, start=step, nonfinite=nonfinite, log_with=log_with, on_step=on_step)

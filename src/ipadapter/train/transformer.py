@@ -25,7 +25,7 @@ from ipadapter.dit.flow import TransformerFamily
 from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import describe_skips
-from ipadapter.train.trainer import EMA, OWN_NAME, PUBLISHED_NAME, TrainResult, warmup_then_constant
+from ipadapter.train.trainer import EMA, OWN_NAME, PUBLISHED_NAME, TrainResult, start_trackers, warmup_then_constant
 from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
@@ -54,9 +54,11 @@ def _start(config: TrainConfig, family: TransformerFamily, transformer: torch.nn
     return adapter
 
 
-def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], None] | None = None,
+                      log_with: str | None = "tensorboard") -> TrainResult:
     """Train a FLUX or SD 3 adapter as `config` says; the frozen models in bf16 under `--mixed-precision bf16`, the
-    adapter in fp32 always. `on_step(step, loss)` is called after every optimizer step."""
+    adapter in fp32 always. `on_step(step, loss)` is called after every optimizer step; `log_with`: accelerate's
+    tracker under `<output>/logs` (None: none), as a UNet run's."""
     from tqdm.auto import tqdm
 
     from ipadapter.atomic import write_text
@@ -72,7 +74,7 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     config.check_ready()
     family = family_of(get_variant(config.variant).denoiser)
     output = output_folder(config.output, "--output")
-    accelerator = _accelerator()
+    accelerator = _accelerator(output, log_with)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     resume = resume_from(config.resume, output, config.variant, say=logger.warning if main else logger.debug)
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
@@ -84,27 +86,41 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     adapter = _start(config, family, transformer, feed)
     adapter = adapter.to(accelerator.device, torch.float32).train().requires_grad_(True)
     states = _States(config, accelerator, adapter, feed.stream, base=module_fingerprint(transformer))
-    start = states.restore(resume) if resume is not None else 0
+    start, nonfinite = states.restore(resume) if resume is not None else (0, 0)
+    updates = 0  # steps that changed the weights in this process's run: the others were skipped as non-finite
 
     if main:
         write_text(output / "config.json", config.to_json())
         restart_losses(output, start)
+    if log_with:
+        start_trackers(accelerator, config)
     bar = tqdm(total=config.max_steps, initial=start, desc="training", unit="step", dynamic_ncols=True,
                disable=not main)
 
+    def updated() -> None:
+        nonlocal updates
+        updates += 1
+        if states.ema is not None:
+            states.ema.update()
+
     def logged(i: int, loss: float) -> None:
+        result.nonfinite_steps = nonfinite + (i - start) - updates
         if main:
             append_loss(output, i, loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if i % config.log_every == 0 and main:
             logger.info("step %d: loss %.5f", i, loss)
+        if log_with and (i % config.log_every == 0 or i == config.max_steps):
+            accelerator.log({"train/loss": loss, "train/lr": states.schedule.get_last_lr()[0],
+                             "data/skipped": sum(feed.stream.skipped.values()),
+                             "train/nonfinite_steps": result.nonfinite_steps}, step=i)
         if i % config.save_every == 0 or i == config.max_steps:
-            states.save(i)
+            states.save(i, result.nonfinite_steps)
         if on_step is not None:
             on_step(i, loss)
 
-    result = TrainResult(step=start, output=output, adapter=adapter)
+    result = TrainResult(step=start, output=output, adapter=adapter, nonfinite_steps=nonfinite)
     validator = _validator(config, accelerator) if config.validate_every else None
 
     def validate(i: int) -> None:
@@ -121,7 +137,7 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
                             max_grad_norm=config.max_grad_norm, on_step=logged, rank=rank,
                             average=(lambda t: accelerator.reduce(t, reduction="mean")) if world > 1 else None,
                             validate_every=config.validate_every, validate=validate,
-                            on_update=states.ema.update if states.ema is not None else None)
+                            on_update=updated)
     finally:
         bar.close()
         feed.close()
@@ -133,6 +149,7 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     if main:
         _write_folder(output, config, family, result, feed.stream)
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return result
 
 
@@ -149,13 +166,16 @@ def check_stages(stages: list[TrainConfig]) -> None:
                              f"entry {stage.resolution}:{stage.max_steps}: resolution {err.problem}") from None
 
 
-def _accelerator() -> Any:
-    """One process, or each of `accelerate launch`'s (gloo on a machine without GPUs). The frozen models get their
-    precision from `--mixed-precision` directly, so accelerate casts nothing. Not DeepSpeed: its engine would own the
-    backward pass this loop runs itself."""
+def _accelerator(output: Path, log_with: str | None) -> Any:
+    """One process, or each of `accelerate launch`'s (gloo on a machine without GPUs), its tracker writing under
+    `output`/logs. The frozen models get their precision from `--mixed-precision` directly, so accelerate casts
+    nothing. Not DeepSpeed: its engine would own the backward pass this loop runs itself."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", log_with=log_with,
+                              project_config=ProjectConfiguration(project_dir=str(output),
+                                                                  logging_dir=str(output / "logs")))
     if accelerator.state.deepspeed_plugin is not None:
         raise IPAdapterError("FLUX and SD 3 runs do not run under DeepSpeed: launch them without a DeepSpeed config "
                              "(several processes are taken)")
@@ -212,8 +232,8 @@ class _States:
         _, self.optimizer, self.schedule = accelerator.prepare(adapter, optimizer, schedule)
         register_adapter_hooks(self.accelerator, adapter)
 
-    def restore(self, path: Path) -> int:
-        """The state at `path`, every file verified first; returns its step."""
+    def restore(self, path: Path) -> tuple[int, int]:
+        """The state at `path`, every file verified first; returns its step and the steps skipped as non-finite."""
         from ipadapter.train.checkpoint import check_resumable, load_checkpoint, read_state
 
         state = read_state(path)
@@ -227,15 +247,16 @@ class _States:
         self.stream.load_state_dict(state["data"][acc.process_index])
         self.stream.skipped.update(state["skipped"][acc.process_index])
         logger.info("resumed from %s at step %d", path, state["step"])
-        return int(state["step"])
+        return int(state["step"]), int(state.get("nonfinite_steps", 0))
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, nonfinite: int) -> None:
         """Every process calls it (`processes_progress` gathers each one's cursor)."""
         from ipadapter.train.checkpoint import processes_progress, save_checkpoint
 
         config, acc = self.config, self.accelerator
         save_checkpoint(acc, Path(config.output), {
-            "step": step, "variant": config.variant, "base": config.base, "base_id": self.base,
+            "step": step, "nonfinite_steps": nonfinite, "variant": config.variant, "base": config.base,
+            "base_id": self.base,
             "mixed_precision": config.mixed_precision, "num_processes": acc.num_processes,
             **processes_progress(self.stream, self.adapter.parameters()),
         }, keep=config.keep_checkpoints, ema=self.ema)
