@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -51,7 +52,8 @@ def _config(setup, tmp_path, **overrides) -> TrainConfig:
 
 
 @pytest.mark.parametrize("variant", sorted(FAMILIES))
-def test_each_batch_is_one_bucket_the_nearest_to_each_images_aspect(bases, variant, tmp_path, monkeypatch) -> None:
+def test_each_batch_is_one_bucket_the_nearest_to_each_images_aspect(bases, variant, tmp_path, monkeypatch,
+                                                                    caplog) -> None:
     from ipadapter.dit import train as families
 
     setup = bases(variant)
@@ -63,9 +65,11 @@ def test_each_batch_is_one_bucket_the_nearest_to_each_images_aspect(bases, varia
         return family.features(pipe, encoder, pixels, clip, texts, **kwargs)
 
     monkeypatch.setitem(families.FAMILIES, variant, dataclasses.replace(family, features=spy))
-    result = train_transformer(_config(setup, tmp_path))
+    with caplog.at_level(logging.INFO, logger="ipadapter.train"):
+        result = train_transformer(_config(setup, tmp_path))
     assert len(result.losses) == 6 and all(loss == loss for loss in result.losses)
     buckets = bucket_sizes(16, FAMILIES[variant][1])
+    assert "aspect-ratio buckets (height × width): " + ", ".join(f"{h}×{w}" for h, w in buckets) in caplog.messages
     expected = {f"shape {i}": nearest_bucket(size, buckets) for i, size in enumerate(SHAPES)}
     assert len(seen) == 6 and {size for _, size in seen} == set(expected.values()) and len(set(expected.values())) == 3
     assert all(expected[text] == size for texts, size in seen for text in texts)
@@ -146,3 +150,15 @@ def test_buckets_a_base_cannot_take_are_refused_before_any_weights_load(bases, t
     assert capsys.readouterr().err.strip() == (f"ipadapter: error: --resolution 144 makes sides up to {side} px with "
                                                "--buckets, which is larger than this SD 3 base takes (192 px)")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_size_sd3_positions_cover_is_taken_and_one_step_more_is_not(bases, tmp_path) -> None:
+    """192 px on this tiny base (96 learned positions a side × patch 1 × VAE downscale 2): taken; 194 px: refused."""
+    from ipadapter.dit.train import family
+    from ipadapter.errors import FieldError
+    from ipadapter.train.transformer_feed import check_size
+
+    setup = bases("sd3")
+    assert check_size(_config(setup, tmp_path, resolution=192, buckets=False), family("sd3")) is None
+    with pytest.raises(FieldError, match=r"^resolution 194 is larger than this SD 3 base takes \(192 px\)$"):
+        check_size(_config(setup, tmp_path, resolution=194, buckets=False), family("sd3"))
