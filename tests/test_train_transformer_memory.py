@@ -112,3 +112,42 @@ def test_a_size_the_run_would_refuse_is_refused_by_the_dry_run(setup, capsys, fl
                  "--dry-run", *flags]) != 0
     assert capsys.readouterr().err.strip().startswith(f"ipadapter: error: {says} does not fit this {name} base: it "
                                                       f"must be a multiple of {step} (")
+
+
+def test_the_optimizer_and_ema_change_the_static_part_by_their_states(setup, tmp_path) -> None:
+    """Per trainable weight: 8-bit AdamW keeps 2 one-byte states where AdamW keeps 2 fp32 ones (6 bytes fewer), an
+    EMA one fp32 copy more (4 bytes); the frozen weights are counted in the run's precision."""
+    plain = estimate_transformer(_config(setup, tmp_path), batch_sizes=(1,))
+    assert plain.static_bytes == plain.frozen_params * 4 + plain.trainable_params * (4 + 4 + 8)
+    for change, per_trainable in (({"optimizer": "adamw8bit"}, -6), ({"ema_decay": 0.999}, 4)):
+        changed = estimate_transformer(_config(setup, tmp_path, **change), batch_sizes=(1,))
+        assert changed.static_bytes - plain.static_bytes == per_trainable * plain.trainable_params
+    half = estimate_transformer(_config(setup, tmp_path, mixed_precision="bf16"), batch_sizes=(1,))
+    assert plain.static_bytes - half.static_bytes == 2 * plain.frozen_params
+
+
+def test_a_hub_base_and_encoder_are_read_from_the_cache_alone(setup, tmp_path, monkeypatch) -> None:
+    """Online, a base and an encoder (in a subfolder of its repository) in the Hugging Face cache are read from it
+    without a request, as a run reads them; a part missing from the cache is named with its download advice."""
+    import shutil
+
+    from ipadapter.errors import IPAdapterError
+
+    variant, base, _ = setup
+    cache = tmp_path / "hub"
+    factories.write_hub_cache(cache, "qa/base", base)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    sent = factories.hub_without_network(monkeypatch, cache)
+    local = estimate_transformer(_config(setup, tmp_path), batch_sizes=(1,))
+    hub = _config(setup, tmp_path, base="qa/base", image_encoder="qa/base/image_encoder")
+    assert estimate_transformer(hub, batch_sizes=(1,)) == local and [url for url in sent if "qa/" in url] == []
+    snapshot = next((cache / "models--qa--base" / "snapshots").iterdir())
+    for part in ("text_encoder/config.json", "model_index.json", "image_encoder/config.json"):
+        (snapshot / part).rename(tmp_path / "aside")
+        with pytest.raises(IPAdapterError) as caught:
+            estimate_transformer(hub, batch_sizes=(1,))
+        what = "the image encoder" if part.startswith("image") else "the base model"
+        assert str(caught.value).startswith(f"{what} qa/base")
+        assert "hf download qa/base" in str(caught.value)
+        shutil.move(tmp_path / "aside", snapshot / part)

@@ -46,7 +46,7 @@ def estimate_transformer(config: TrainConfig, batch_sizes: tuple[int, ...] = (1,
     with torch.device("meta"):  # counted only: weightless on the meta device
         vision = _vision(config.image_encoder)
         frozen = [] if config.cache else [diffusers.AutoencoderKL.from_config(vae_config),
-                                          *_text_encoders(config.base, family), vision]
+                                          *_text_encoders(config.base), vision]
     width, features = _features(vision, family)
     latent = largest_resolution(config) // vae_downscale(vae_config)
     text = family.text_tokens(config.base)
@@ -119,7 +119,7 @@ def _vision(source: str) -> nn.Module:
     return SiglipVisionModel(config)
 
 
-def _text_encoders(base: str, family: TransformerFamily) -> list[nn.Module]:
+def _text_encoders(base: str) -> list[nn.Module]:
     """The base's text encoders (the modules its model_index.json names besides the transformer, VAE and image
     encoder), each built from its config."""
     import transformers
@@ -131,7 +131,7 @@ def _text_encoders(base: str, family: TransformerFamily) -> list[nn.Module]:
                               "the base model")
     encoders = []
     for name, entry in sorted(index.items()):
-        if not name.startswith("text_encoder") or not isinstance(entry, list) or entry[0] != "transformers":
+        if not name.startswith("text_encoder") or entry[0] != "transformers":  # [library, class]; [None, None]
             continue
         cls = getattr(transformers, entry[1])
         config = from_cache_or_hub(lambda local: transformers.AutoConfig.from_pretrained(
