@@ -109,13 +109,13 @@ def _vision(source: str) -> nn.Module:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     from ipadapter.siglip import SiglipEncoder, encoder_class
-    from ipadapter.sources import from_cache_or_hub, split_hub_path
+    from ipadapter.sources import split_hub_path
 
     repo, subfolder = split_hub_path(source)
     if encoder_class(repo, subfolder) is not SiglipEncoder:
         return image_encoder_from_config(source)
-    config = from_cache_or_hub(lambda local: SiglipVisionConfig.from_pretrained(
-        repo, subfolder=subfolder or "", local_files_only=local), repo, "the image encoder", subfolder=subfolder)
+    # encoder_class has just read this config (from the Hub cache, or downloaded into it): read it from disk
+    config = SiglipVisionConfig.from_pretrained(repo, subfolder=subfolder or "", local_files_only=True)
     return SiglipVisionModel(config)
 
 
