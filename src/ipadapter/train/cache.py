@@ -3,8 +3,8 @@
 Per sample, for a UNet run: the VAE posterior (mean and std, so every step still draws a fresh latent as the
 reference does), the text embeddings (+ SDXL's pooled embedding and size/crop `time_ids`), the image-encoder features
 (global or patch) and the ID embedding (FaceID). For a FLUX or SD 3 run: what its family's `features` gives (the
-latents, the text states and pooled embedding, the image features). Constants: the empty prompt's embeddings and the
-image features of a dropped image.
+latents, the text states and pooled embedding, the image features). Constants: the empty prompt's embeddings, and a
+UNet run's image features of a dropped image (a transformer run's are zeros).
 Files: `part-{rank}-{k}.safetensors` shards, `constants.safetensors`, and `index.json` written last (its presence
 means the cache is complete) holding the fingerprint: what models and settings produced it. A cache is refused for a
 run whose fingerprint differs, naming the first difference.

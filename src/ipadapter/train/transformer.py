@@ -1,14 +1,14 @@
 """`ipadapter train --variant flux|flux-v2|sd3`: a FLUX or SD 3 adapter trained from the same config, data and model
 folder as a UNet run.
 
-The data is read and decoded as for the UNet (manifest or shards, centre crops, the image encoder's pixels, bad
-samples skipped and counted); each batch goes through the frozen VAE and text encoders, or comes from the feature
-cache (train/transformer_feed.py), then `dit.flow.fit` (the flow-matching recipe) with the family's parts
-(`dit.train.family`). The folder gets the family's published layout
-(XLabs' for FLUX, InstantX's for SD 3: what diffusers' `load_ip_adapter` reads), the project's own format,
-`config.json`, `logs/losses.csv`, `loss.png` and the model card. Checkpoints and exact resume as a UNet run's
-(`_States`); under `accelerate launch` each process reads its own share of the data and the gradients are averaged
-over them. The options it does not have are refused by `TrainConfig.validate`.
+The data is read and decoded as for the UNet (manifest or shards, centre crops, the image encoder's pixels, bad samples
+skipped and counted); each batch goes through the frozen VAE and text encoders, or comes from the feature cache
+(train/transformer_feed.py), then `dit.flow.fit` (the flow-matching recipe) with the family's parts
+(`dit.train.family`). The folder gets the family's published layout (XLabs' for FLUX, InstantX's for SD 3: what
+diffusers' `load_ip_adapter` reads), the project's own format, `config.json`, `logs/losses.csv`, `loss.png` and the
+model card. Checkpoints and exact resume as a UNet run's (`_States`); under `accelerate launch` each process reads its
+own share of the data and the gradients are averaged over them. The options it does not have are refused by
+`TrainConfig.validate`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.data import describe_skips
 from ipadapter.train.trainer import EMA, OWN_NAME, PUBLISHED_NAME, TrainResult, start_trackers, warmup_then_constant
+from ipadapter.train.transformer_feed import Feed, check_size
 from ipadapter.variants import get_variant
 
 logger = logging.getLogger("ipadapter.train")
 
 
-def _start(config: TrainConfig, family: TransformerFamily, transformer: torch.nn.Module, feed: Any) -> DiTAdapter:
+def _start(config: TrainConfig, family: TransformerFamily, transformer: torch.nn.Module, feed: Feed) -> DiTAdapter:
     """`--init-from` (an adapter file of the variant being trained, for the image features the run reads) or a new
     adapter of the variant's tokens."""
     from ipadapter.dit.checkpoint import load_dit_adapter
@@ -67,7 +68,6 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
     from ipadapter.train.checkpoint import resume_from
     from ipadapter.train.model_folder import append_loss, restart_losses
     from ipadapter.train.models import module_fingerprint
-    from ipadapter.train.transformer_feed import Feed, check_size
     from ipadapter.validation import output_folder
 
     config.validate()
@@ -156,7 +156,6 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
 def check_stages(stages: list[TrainConfig]) -> None:
     """Every stage's size against the base's configs (`--stages`), before the first stage trains."""
     from ipadapter.dit.train import family as family_of
-    from ipadapter.train.transformer_feed import check_size
 
     for stage in stages:
         try:
