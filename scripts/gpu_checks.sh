@@ -2,6 +2,9 @@
 # The GPU items no CPU can answer, as one command for a session that is lent a GPU (docs/testing.md "GPU checks"):
 #   cuda-tests       the suite's CUDA cases (tests/test_offload.py: images under model CPU offload equal those kept on
 #                    the GPU, SD 1.5, FLUX and SD 3; tiny models, seconds)
+#   train-transformer  FLUX and SD 3 training on the GPU: the feature cache, buckets, stages, resume and the dry run
+#                    (tests/test_train_transformer_*.py, tiny models; on a CPU their `.to(device)` calls move nothing,
+#                    so only a GPU tells whether each tensor is where the step needs it)
 #   issue 19 item 7  training steps/s and peak memory under fp32, fp16 and bf16 mixed precision at SD 1.5's size,
 #                    and SDXL 1024 px with the 24 GB settings           (benchmarks/train_gpu.py)
 #   issue 20 item 4  SD 1.5 512 px and SDXL 1024 px, 30 steps, fp16: plain / ipadapter / diffusers, time and peak
@@ -42,7 +45,7 @@
 # per-step wait for the GPU (commit f7b48ca) and before the compiled inputs kept their addresses; to measure after
 # (issue 20 item 4), two calls back to back while the machine is warm:
 #   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="inference-memory inference-timing" bash ...
-#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="cuda-tests per-call flux-syncs compiled-graphs" bash ...
+#   GPU_CHECKS_BUDGET_S=570 GPU_CHECKS_STEPS="cuda-tests train-transformer per-call flux-syncs compiled-graphs" bash ...
 # (per-call, µs per attention call on the GPU, about 30 s; flux-syncs, the FLUX path's waits for the GPU after
 # commit 44d37cf, tiny models, seconds; compiled-graphs is `compiled` under CUDA graphs,
 # `--mode reduce-overhead`, where the adapter's few kernels per layer cost no launches; `compiled`, the default
@@ -57,7 +60,9 @@ cd "$root"
 out="$(mkdir -p "${OUT:-out/gpu}" && cd "${OUT:-out/gpu}" && pwd)"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-all_steps="env cuda-tests train inference-timing inference-memory per-call flux-syncs compiled compiled-graphs compiled-sdxl"
+all_steps="env cuda-tests train-transformer train inference-timing inference-memory per-call flux-syncs compiled
+           compiled-graphs compiled-sdxl"
+all_steps="$(echo $all_steps)"  # one line, the names space-separated
 steps="${GPU_CHECKS_STEPS:-$all_steps}"
 # Temporary files in RAM when it has room: the SDXL training rows write ~7 GB of checkpoint and adapter files at their
 # end, and the inference benchmark writes each adapter to a file that diffusers and ipadapter then read.
@@ -133,6 +138,7 @@ print("diffusers", diffusers.__version__, "| transformers", transformers.__versi
 step env 60 bash -c 'if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "no nvidia-smi here"; fi
                      "$0" -c "$1"' "$python" "$versions"
 step cuda-tests 120 "$python" -m pytest -p no:randomly -p no:cacheprovider -rs tests/test_offload.py
+step train-transformer 180 "$python" -m pytest -p no:randomly -p no:cacheprovider -rs tests/test_train_transformer_*.py
 step train 180 "$python" benchmarks/train_gpu.py "${train[@]}" --out "$results/train-$tag.md"
 step inference-memory 200 "$python" benchmarks/inference.py "${inference[@]}" "${memory[@]}" \
   --out "$results/inference-$tag-memory.md"
