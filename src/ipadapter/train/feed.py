@@ -129,7 +129,7 @@ def open_cache(cache_dir: Path, fp: dict[str, Any], config: TrainConfig) -> Any:
 
 def prepare_cache(run: Any, given_models: BaseModels | None, given_encoder: ImageEncoder | None):
     """Check the cache's fingerprint, or build it (loading the frozen encoders only for that), and open it."""
-    from ipadapter.train.cache import CacheReader, build_cache, fingerprint
+    from ipadapter.train.cache import fingerprint
 
     config, acc = run.config, run.accelerator
     cache_dir = Path(config.cache)
@@ -153,17 +153,31 @@ def prepare_cache(run: Any, given_models: BaseModels | None, given_encoder: Imag
         if m is not None:
             freeze(m)
             m.to(device)
-    stream = open_stream(config, acc.process_index, acc.num_processes, single_pass=True, shuffle=False)
-    batches = Batches(stream, decoder(run), config.batch_size, workers=config.num_workers)
-    dtype = getattr(torch, config.cache_dtype)
-    build_cache(cache_dir, batches=batches, encode=lambda ex: encode_for_cache(run, ex), constants=dropped_constants(run),
-                fp=fp, accelerator=acc, dtype=dtype)
-    batches.close()
-    logger.info("feature cache built: %s", describe_skips(batches.skipped))
+    reader = build_from_data(config, acc, decoder(run), lambda ex: encode_for_cache(run, ex), dropped_constants(run),
+                             fp)
     if given_models is None:
         run.models = None  # the frozen encoders leave memory before training starts
     run.encoder = None if given_encoder is None else given_encoder
-    return CacheReader(cache_dir)
+    return reader
+
+
+def build_from_data(config: TrainConfig, accelerator: Any, decode: Callable[[Record], dict[str, Any]],
+                    encode: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+                    constants: dict[str, torch.Tensor], fp: dict[str, Any]) -> Any:
+    """The cache at `--cache` built by one pass over this process's share of the data, in order (`decode` each
+    record, `encode` each batch into rows), then opened (a `CacheReader`): a UNet run's and a transformer run's."""
+    from ipadapter.train.cache import CacheReader, build_cache
+
+    stream = open_stream(config, accelerator.process_index, accelerator.num_processes, single_pass=True,
+                         shuffle=False)
+    batches = Batches(stream, decode, config.batch_size, workers=config.num_workers)
+    try:
+        build_cache(Path(config.cache), batches=batches, encode=encode, constants=constants, fp=fp,
+                    accelerator=accelerator, dtype=getattr(torch, config.cache_dtype))
+    finally:
+        batches.close()
+    logger.info("feature cache built: %s", describe_skips(batches.skipped))
+    return CacheReader(Path(config.cache))
 
 
 

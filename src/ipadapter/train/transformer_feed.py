@@ -23,7 +23,7 @@ from ipadapter.encoders import ImageEncoder
 from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.train.config import TrainConfig
 from ipadapter.train.buckets import bucket_sizes
-from ipadapter.train.data import Batches, Decoder, IndexedStream, collate, describe_skips
+from ipadapter.train.data import Batches, Decoder, IndexedStream, collate
 
 logger = logging.getLogger("ipadapter.train")
 KEPT = ("transformer", "scheduler")  # what a run from the cache loads of the base
@@ -148,8 +148,8 @@ class Feed:
 def _open_or_build(config: TrainConfig, family: TransformerFamily, accelerator: Any, dtype: torch.dtype) -> Any:
     """The cache at `--cache`, its fingerprint checked; built first when it is not complete, with every frozen model
     but the transformer, which then leave memory."""
-    from ipadapter.train.cache import CacheReader, build_cache, fingerprint
-    from ipadapter.train.feed import base_identity, encoder_identity, load_image_encoder, open_cache, open_stream
+    from ipadapter.train.cache import fingerprint
+    from ipadapter.train.feed import base_identity, build_from_data, encoder_identity, load_image_encoder, open_cache
 
     cache_dir = Path(config.cache)
     # the processor is not hashed apart: its config is one of the encoder folder's files, which are
@@ -161,19 +161,11 @@ def _open_or_build(config: TrainConfig, family: TransformerFamily, accelerator: 
     pipe = load_transformer_pipeline(config.base, family, dtype, transformer=None)
     encoder = load_image_encoder(config)
     _place(pipe, encoder, accelerator.device, dtype)
-    stream = open_stream(config, accelerator.process_index, accelerator.num_processes, single_pass=True,
-                         shuffle=False)
-    batches = Batches(stream, Decoder(config.resolution, encoder.processor), config.batch_size,
-                      workers=config.num_workers)
     text, pooled = family.empty_prompt(pipe)
 
     def encode(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = collate(examples)
         return family.features(pipe, encoder, batch["pixels"], batch["clip"], batch["text"])
 
-    build_cache(cache_dir, batches=batches, encode=encode, fp=fp, accelerator=accelerator,
-                constants={"uncond_text": text[0].float().cpu(), "uncond_pooled": pooled[0].float().cpu()},
-                dtype=getattr(torch, config.cache_dtype))
-    batches.close()
-    logger.info("feature cache built: %s", describe_skips(batches.skipped))
-    return CacheReader(cache_dir)
+    return build_from_data(config, accelerator, Decoder(config.resolution, encoder.processor), encode,
+                           {"uncond_text": text[0].float().cpu(), "uncond_pooled": pooled[0].float().cpu()}, fp)
