@@ -38,12 +38,12 @@ def chatglm_tokenizer(folder):
     return ChatGLMTokenizer(vocab_file=str(folder / "tokenizer.model"))
 
 
-def chatglm(seed: int = 5):
-    """One ChatGLM layer of TEXT width: its hidden states are what the Kolors UNet's text projection reads."""
+def chatglm(seed: int = 5, layers: int = 1):
+    """ChatGLM layers of TEXT width: their hidden states are what the Kolors UNet's text projection reads."""
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
 
     torch.manual_seed(seed)
-    model = ChatGLMModel(ChatGLMConfig(num_layers=1, padded_vocab_size=64, hidden_size=TEXT, ffn_hidden_size=64,
+    model = ChatGLMModel(ChatGLMConfig(num_layers=layers, padded_vocab_size=64, hidden_size=TEXT, ffn_hidden_size=64,
                                        kv_channels=TEXT // 2, num_attention_heads=2, seq_length=256,
                                        original_rope=True), empty_init=False).eval()
     with torch.no_grad():  # its RMSNorm weights are left uninitialised (torch.empty) even with empty_init=False
@@ -53,15 +53,15 @@ def chatglm(seed: int = 5):
     return model
 
 
-@pytest.fixture(scope="module")
-def kolors_folder(tmp_path_factory):
-    """(root, pipeline folder, image encoder folder, adapter file, reference image file)."""
+def write_kolors(root, layers: int = 1):
+    """`root` holding a Kolors pipeline folder (`kolors/`), the image encoder (`clip/`), a Plus adapter file in the
+    published layout and a reference image (`ref.png`)."""
     from diffusers import EulerDiscreteScheduler
     from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline
 
-    root = tmp_path_factory.mktemp("kolors")
-    pipe = KolorsPipeline(vae=factories.tiny_vae(2), text_encoder=chatglm(), tokenizer=chatglm_tokenizer(root / "tok"),
-                          unet=kolors_unet(), scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"))
+    pipe = KolorsPipeline(vae=factories.tiny_vae(2), text_encoder=chatglm(layers=layers),
+                          tokenizer=chatglm_tokenizer(root / "tok"), unet=kolors_unet(),
+                          scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"))
     pipe.save_pretrained(root / "kolors")
     encoder = vit_l_336_like()
     encoder.model.save_pretrained(root / "clip")
@@ -72,6 +72,11 @@ def kolors_folder(tmp_path_factory):
     reference = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8))
     reference.save(root / "ref.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def kolors_folder(tmp_path_factory):
+    return write_kolors(tmp_path_factory.mktemp("kolors"))
 
 
 def test_cli_generate_on_kolors_equals_diffusers(kolors_folder, tmp_path) -> None:

@@ -172,8 +172,8 @@ def test_validation_of_a_cached_run_loads_the_frozen_parts_from_the_base(tmp_pat
     result = train(config.replace(output=str(tmp_path / "o2"), validate_every=1, validation_steps=1,
                                   validation_images=[str(tmp_path / "d" / "img0.png")]), log_with=None)
     assert (result.output / "validation" / "step-00000001.png").is_file()
-    assert loaded["vae"][0] == (str(base),) and loaded["text"][0] == (str(base),)
-    assert loaded["text"][1] == {"sdxl": False} and loaded["image"][0] == (str(encoder),)
+    assert loaded["vae"][0] == (str(base),) and loaded["text"][0][0] == str(base)
+    assert loaded["text"][1] == {} and loaded["image"][0] == (str(encoder),)
     frozen = [loaded["vae"][2], *loaded["text"][2][1], loaded["image"][2].model]
     assert all(not m.training and not any(p.requires_grad for p in m.parameters()) for m in frozen)
     assert {p.dtype for m in frozen for p in m.parameters()} == {torch.float32}

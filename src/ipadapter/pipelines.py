@@ -14,7 +14,7 @@ import torch
 from ipadapter import single_file
 from ipadapter.checkpoint import is_weights_file
 from ipadapter.errors import IPAdapterError, first_clause
-from ipadapter.sources import from_cache_or_hub, read_config, split_hub_path
+from ipadapter.sources import from_cache_or_hub, plain_or_fp16, read_config, split_hub_path
 from ipadapter.validation import model_source
 
 
@@ -46,8 +46,10 @@ def _from_folder(base: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> A
     import diffusers
 
     try:
-        return from_cache_or_hub(lambda local: diffusers.DiffusionPipeline.from_pretrained(
-            str(base), dtype=dtype, local_files_only=local, **parts), str(base), "the diffusers pipeline")
+        return from_cache_or_hub(lambda local: plain_or_fp16(
+            lambda variant: diffusers.DiffusionPipeline.from_pretrained(
+                str(base), dtype=dtype, local_files_only=local, **parts, **variant)), str(base),
+            "the diffusers pipeline")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}") from None
     except ImportError as err:  # a part whose library is not installed, e.g. Kolors' ChatGLM tokenizer: sentencepiece
@@ -68,8 +70,8 @@ def load_vae(source: str | os.PathLike, *, base: str, dtype: torch.dtype) -> Any
     else:
         repo, subfolder = split_hub_path(model_source(str(source), "VAE", subfolders=True))
         try:
-            mine = from_cache_or_hub(lambda local: AutoencoderKL.from_pretrained(
-                repo, subfolder=subfolder, torch_dtype=dtype, local_files_only=local), repo, "the VAE",
+            mine = from_cache_or_hub(lambda local: plain_or_fp16(lambda variant: AutoencoderKL.from_pretrained(
+                repo, subfolder=subfolder, torch_dtype=dtype, local_files_only=local, **variant)), repo, "the VAE",
                 subfolder=subfolder)
         except (OSError, ValueError) as err:
             raise IPAdapterError(f"could not load a VAE from {source}: {first_clause(err)}") from None
@@ -177,9 +179,10 @@ def add_controlnet(pipe: Any, source: str | os.PathLike) -> Any:
         )
     repo, subfolder = split_hub_path(model_source(str(source), "ControlNet folder", subfolders=True))
     try:
-        controlnet = from_cache_or_hub(lambda local: diffusers.ControlNetModel.from_pretrained(
-            repo, subfolder=subfolder, dtype=pipe.unet.dtype, local_files_only=local), repo, "the ControlNet",
-            subfolder=subfolder)
+        controlnet = from_cache_or_hub(lambda local: plain_or_fp16(
+            lambda variant: diffusers.ControlNetModel.from_pretrained(
+                repo, subfolder=subfolder, dtype=pipe.unet.dtype, local_files_only=local, **variant)), repo,
+            "the ControlNet", subfolder=subfolder)
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not load a ControlNet from {source}: {first_clause(err)}") from None
     mine, base = controlnet.config, pipe.unet.config

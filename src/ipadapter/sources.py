@@ -209,6 +209,22 @@ def from_cache_or_hub(load: Callable[[bool], T], source: str, what: str, *, subf
     return load(False)
 
 
+FP16 = {"variant": "fp16"}  # diffusers' and transformers' name for weights stored as `*.fp16.safetensors`
+
+
+def plain_or_fp16(load: Callable[[dict[str, str]], T]) -> T:
+    """`load({})`, the weight files without a variant in their names, else `load(FP16)`: some repositories hold only
+    the fp16 files (Kwai-Kolors/Kolors-diffusers), which the libraries read only when told the variant. Neither:
+    the first error."""
+    try:
+        return load({})
+    except OSError as err:
+        try:
+            return load(FP16)
+        except OSError:
+            raise err from None
+
+
 def read_config(cls: Any, source: str, subfolder: str) -> dict[str, Any]:
     """A base part's config (`cls.load_config`: no weights read), from disk when it is there (`from_cache_or_hub`;
     the download advice names the whole base, which the caller goes on to use). Unreadable: one line naming the

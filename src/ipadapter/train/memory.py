@@ -67,18 +67,22 @@ class _CudaAutocast(TorchFunctionMode):
 def activation_bytes(module: nn.Module, *, batch: int, latent: int, text_len: int, features: list[tuple[int, ...]],
                      dtype: torch.dtype, sdxl: bool, autocast: str) -> int:
     """Bytes of the tensors autograd saves in one forward of the trainer's `TrainModule` (the frozen UNet with the
-    trainable adapter attached), for `batch` samples of `latent`-square latents, `text_len`-token captions and encoder
-    features of the shapes `features` (per sample), under autocast to `dtype` when that is half precision, by the
-    rules of `autocast` ("cuda" or "cpu"), as the run's mixed precision does: the activations a backward pass needs.
-    Run inside the `FakeTensorMode` the module was made in, so that the inputs are fake too."""
+    trainable adapter attached), for `batch` samples of `latent`-square latents, `text_len`-token captions (as wide as
+    the UNet reads them: ChatGLM's width for Kolors) and encoder features of the shapes `features` (per sample), under
+    autocast to `dtype` when that is half precision, by the rules of `autocast` ("cuda" or "cpu"), as the run's mixed
+    precision does: the activations a backward pass needs. Run inside the `FakeTensorMode` the module was made in, so
+    that the inputs are fake too."""
+    from ipadapter.train.chatglm import is_kolors
+
     unet = module.unet
+    text_width = unet.config.encoder_hid_dim if is_kolors(unet.config) else unet.config.cross_attention_dim
     added = None
     if sdxl:
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         added = {"text_embeds": torch.zeros(batch, pooled, dtype=dtype), "time_ids": torch.zeros(batch, 6, dtype=dtype)}
     inputs = (torch.zeros(batch, unet.config.in_channels, latent, latent, dtype=dtype),
               torch.zeros(batch, dtype=torch.long),
-              torch.zeros(batch, text_len, unet.config.cross_attention_dim, dtype=dtype),
+              torch.zeros(batch, text_len, text_width, dtype=dtype),
               tuple(torch.zeros(batch, *shape) for shape in features), added)
     half = dtype != torch.float32
     rules = _CudaAutocast() if half and autocast == "cuda" else nullcontext()
@@ -128,9 +132,7 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
     from ipadapter.adapter import IPAdapter
     from ipadapter.attach import attach
     from ipadapter.train.config import parse_stage
-    from ipadapter.train.models import (
-        base_configs, check_resolution, check_stage_resolutions, cross_dim, tokenizer_length,
-    )
+    from ipadapter.train.models import base_configs, check_resolution, check_stage_resolutions, cross_dim
     from ipadapter.train.shapes import adapter_config_for
     from ipadapter.train.trainer import TrainModule
     from ipadapter.validation import vae_downscale
@@ -145,7 +147,8 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
     sdxl = unet_config.get("addition_embed_type") == "text_time"
     with torch.device("meta"):  # counted only: weightless on the meta device
         # with a feature cache the VAE and encoders are not in memory while training
-        frozen = [] if config.cache else [AutoencoderKL.from_config(vae_config), *_text_encoders(config.base, sdxl)]
+        frozen = [] if config.cache else [AutoencoderKL.from_config(vae_config),
+                                          *_text_encoders(config.base, unet_config)]
         vision = image_encoder_from_config(config.image_encoder) if config.needs_image_encoder else None
     if vision is not None and not config.cache:
         frozen.append(vision)
@@ -167,7 +170,7 @@ def estimate(config: Any, batch_sizes: tuple[int, ...] = (1, 2, 4, 8), *, autoca
         frozen_params, trainable = count([unet, *frozen]), sum(p.numel() for p in adapter.parameters())
         latent = side // vae_downscale(vae_config)
         module = TrainModule(unet, adapter, attach(unet, {"0": adapter}), config.references)
-        features, text_len = _feature_shapes(config, widths), tokenizer_length(config.base)
+        features, text_len = _feature_shapes(config, widths), text_length(config.base, unet_config)
         activations = {b: activation_bytes(module, batch=b, latent=latent, text_len=text_len, features=features,
                                            dtype=dtype, sdxl=sdxl, autocast=autocast) for b in batch_sizes}
     return Estimate(frozen_params=frozen_params, trainable_params=trainable, activations=activations,
@@ -186,12 +189,23 @@ def _feature_shapes(config: Any, widths: dict[str, int]) -> list[tuple[int, ...]
     return [(*per_reference, *shapes[kind]) for kind in get_variant(config.variant).features.split("+")]
 
 
-def _text_encoders(base: str, sdxl: bool) -> list[nn.Module]:
+def text_length(base: str, unet_config: dict[str, Any]) -> int:
+    """The tokens of a training caption: Kolors' fixed ChatGLM length, else the base tokenizer's."""
+    from ipadapter.train import chatglm
+    from ipadapter.train.models import tokenizer_length
+
+    return chatglm.MAX_LENGTH if chatglm.is_kolors(unet_config) else tokenizer_length(base)
+
+
+def _text_encoders(base: str, unet_config: dict[str, Any]) -> list[nn.Module]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ipadapter.sources import from_cache_or_hub
     from ipadapter.single_file import configs_of
+    from ipadapter.train import chatglm
 
+    if chatglm.is_kolors(unet_config):
+        return [chatglm.from_config(base)]
     base = configs_of(base)
 
     def config(sub: str) -> CLIPTextConfig:
@@ -200,7 +214,7 @@ def _text_encoders(base: str, sdxl: bool) -> list[nn.Module]:
             "the base model")
 
     encoders = [CLIPTextModel(config("text_encoder"))]
-    if sdxl:
+    if unet_config.get("addition_embed_type") == "text_time":
         encoders.append(CLIPTextModelWithProjection(config("text_encoder_2")))
     return encoders
 

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from ipadapter import single_file
+from ipadapter.train import chatglm
 from ipadapter.errors import FieldError, IPAdapterError, first_clause
-from ipadapter.sources import from_cache_or_hub, read_config
+from ipadapter.sources import from_cache_or_hub, plain_or_fp16, read_config
 from ipadapter.validation import vae_downscale
 
 
@@ -39,6 +40,10 @@ class BaseModels:
         return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
 
     @property
+    def is_kolors(self) -> bool:
+        return chatglm.is_kolors(self.unet.config)
+
+    @property
     def cross_dim(self) -> int:
         return cross_dim(self.unet.config)
 
@@ -49,11 +54,12 @@ def cross_dim(unet_config: Any) -> int:
     return dim if isinstance(dim, int) else dim[0]
 
 
-def _from_pretrained(cls: Any, source: str, what: str, subfolder: str) -> Any:
+def from_pretrained(cls: Any, source: str, what: str, subfolder: str) -> Any:
     """One part of the base (its `subfolder`), from disk when it is there (`from_cache_or_hub`)."""
     try:
         return from_cache_or_hub(
-            lambda local: cls.from_pretrained(source, subfolder=subfolder, local_files_only=local), source,
+            lambda local: plain_or_fp16(lambda variant: cls.from_pretrained(
+                source, subfolder=subfolder, local_files_only=local, **variant)), source,
             "the base model")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"cannot load the {what} from {source}/{subfolder}: {first_clause(str(err))}") from None
@@ -121,7 +127,7 @@ def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseMo
 
     if single_file.is_single_file(source):
         return _single_file_base(source, encoders=encoders, vae=vae)
-    unet = _from_pretrained(UNet2DConditionModel, source, "UNet", "unet")
+    unet = from_pretrained(UNet2DConditionModel, source, "UNet", "unet")
     scheduler = read_config(DDPMScheduler, source, "scheduler") if Path(source, "scheduler").is_dir() or \
         not Path(source).is_dir() else None
     if scheduler is None:
@@ -130,7 +136,7 @@ def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseMo
     if vae:
         models.vae = load_vae(source)
     if encoders:
-        models.tokenizers, models.text_encoders = load_text_encoders(source, sdxl=models.is_sdxl)
+        models.tokenizers, models.text_encoders = load_text_encoders(source, models.unet.config)
     return models
 
 
@@ -169,22 +175,26 @@ def load_vae(source: str) -> nn.Module:
 
     if single_file.is_single_file(source):
         return _single_file_base(source, encoders=False, vae=True).vae
-    return _from_pretrained(AutoencoderKL, source, "VAE", "vae")
+    return from_pretrained(AutoencoderKL, source, "VAE", "vae")
 
 
-def load_text_encoders(source: str, *, sdxl: bool) -> tuple[list[Any], list[nn.Module]]:
+def load_text_encoders(source: str, unet_config: Any) -> tuple[list[Any], list[nn.Module]]:
+    """The tokenizers and text encoders the UNet reads (by its config): CLIP's (two for SDXL), or Kolors' ChatGLM."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if single_file.is_single_file(source):
         models = _single_file_base(source, encoders=True, vae=False)
         return models.tokenizers, models.text_encoders
-    tokenizers = [_from_pretrained(CLIPTokenizer, source, "tokenizer", "tokenizer")]
-    encoders = [_from_pretrained(CLIPTextModel, source, "text encoder", "text_encoder")]
-    if sdxl:
+    if chatglm.is_kolors(unet_config):
+        tokenizer, encoder = chatglm.load(source)
+        return [tokenizer], [encoder]
+    tokenizers = [from_pretrained(CLIPTokenizer, source, "tokenizer", "tokenizer")]
+    encoders = [from_pretrained(CLIPTextModel, source, "text encoder", "text_encoder")]
+    if dict(unet_config).get("addition_embed_type") == "text_time":
         if not _has(source, "text_encoder_2"):
             raise IPAdapterError(f"{source} is an SDXL base but has no text_encoder_2 folder")
-        tokenizers.append(_from_pretrained(CLIPTokenizer, source, "tokenizer 2", "tokenizer_2"))
-        encoders.append(_from_pretrained(CLIPTextModelWithProjection, source, "text encoder 2", "text_encoder_2"))
+        tokenizers.append(from_pretrained(CLIPTokenizer, source, "tokenizer 2", "tokenizer_2"))
+        encoders.append(from_pretrained(CLIPTextModelWithProjection, source, "text encoder 2", "text_encoder_2"))
     for e in encoders:
         freeze(e)
     return tokenizers, encoders
@@ -200,7 +210,9 @@ def freeze(*modules: nn.Module | None) -> None:
 # ---- running the frozen encoders (the parts the feature cache replaces) ------------------------------------------
 @torch.no_grad()
 def encode_text(models: BaseModels, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, L, C) prompt embeddings (+ (B, P) pooled for SDXL), as the base's own pipeline computes them."""
+    """(B, L, C) prompt embeddings (+ (B, P) pooled for SDXL and Kolors), as the base's own pipeline computes them."""
+    if models.is_kolors:
+        return chatglm.encode(models.tokenizers[0], models.text_encoders[0], texts, device)
     if models.is_sdxl:
         hidden, pooled = [], None
         for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):

@@ -34,12 +34,12 @@ def load_transformer_pipeline(source: str, family: TransformerFamily, dtype: tor
     replace components (None: not loaded)."""
     import diffusers
 
-    from ipadapter.sources import from_cache_or_hub
+    from ipadapter.sources import from_cache_or_hub, plain_or_fp16
 
     cls = getattr(diffusers, family.pipeline)
     try:
-        return from_cache_or_hub(lambda local: cls.from_pretrained(
-            source, torch_dtype=dtype, local_files_only=local, **parts), source, "the base model")
+        return from_cache_or_hub(lambda local: plain_or_fp16(lambda variant: cls.from_pretrained(
+            source, torch_dtype=dtype, local_files_only=local, **parts, **variant)), source, "the base model")
     except (OSError, ValueError, TypeError) as err:
         raise IPAdapterError(f"--base {source} is not a {family.name} pipeline ({first_clause(str(err))})") from None
 

@@ -66,11 +66,16 @@ def validation_references(run: Any, count: int = 4) -> list[ValidationReference]
 
 def build_pipeline(unet: Any, vae: Any, tokenizers: list[Any], text_encoders: list[Any],
                    scheduler_config: dict[str, Any]) -> Any:
-    """The diffusers text-to-image pipeline of the base (SD or SDXL) around the given parts, DDIM scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The diffusers text-to-image pipeline of the base (SD, SDXL or Kolors) around the given parts, DDIM scheduler."""
+    from diffusers import DDIMScheduler, KolorsPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ipadapter.train.chatglm import is_kolors
 
     scheduler = DDIMScheduler.from_config(scheduler_config)
-    if len(text_encoders) == 2:
+    if is_kolors(unet.config):
+        pipe = KolorsPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
+                              scheduler=scheduler)
+    elif len(text_encoders) == 2:
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
                                          tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
                                          scheduler=scheduler)
@@ -120,7 +125,7 @@ class Validator:
         if m.text_encoders:
             tokenizers, encoders = m.tokenizers, m.text_encoders
         else:
-            tokenizers, encoders = load_text_encoders(config.base, sdxl=run.sdxl)
+            tokenizers, encoders = load_text_encoders(config.base, m.unet.config)
         encoder = run.encoder
         if encoder is None and run.features:
             encoder = load_image_encoder(config)
