@@ -131,3 +131,27 @@ def test_a_kolors_dry_run_counts_chatglm(kolors_folder, capsys) -> None:
     assert uncached.frozen_params - cached.frozen_params == sum(
         p.numel() for m in (vae, chatglm, vision) for p in m.parameters())
     assert uncached.activations[1] > 0
+
+
+def test_fine_tuning_starts_from_kolors_published_plus_file(kolors_folder, tmp_path) -> None:
+    """`--init-from` Kolors' Plus file (here one in its published layout, `ip_adapter_plus_general`): one step at
+    lr ≈ 0 writes back those very weights, under the same keys."""
+    from safetensors.torch import load_file
+
+    published = kolors_folder / "ip_adapter_plus_general.safetensors"
+    assert _train(kolors_folder, tmp_path, "run", "--init-from", str(published), "--max-steps", "1",
+                  "--learning-rate", "1e-12", "--weight-decay", "0") == 0
+    start, after = load_file(str(published)), load_file(str(tmp_path / "run" / "ip-adapter.safetensors"))
+    assert start.keys() == after.keys()
+    assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start)
+
+
+def test_a_kolors_run_without_sentencepiece_is_a_one_line_error(kolors_folder, tmp_path, monkeypatch, capsys) -> None:
+    """The tokenizer's own check (as on a machine without sentencepiece) becomes one line naming the extra."""
+    import diffusers.pipelines.kolors.tokenizer as chatglm_tokenizer_module
+
+    monkeypatch.setattr(chatglm_tokenizer_module, "is_sentencepiece_available", lambda: False)
+    assert _train(kolors_folder, tmp_path, "run") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("for Kolors: pip install 'ipadapter[kolors]'")
+    assert not (tmp_path / "run" / "ip-adapter.safetensors").exists()

@@ -221,8 +221,18 @@ def plain_or_fp16(load: Callable[[dict[str, str]], T]) -> T:
     except OSError as err:
         try:
             return load(FP16)
-        except OSError:
+        except (OSError, ValueError):  # diffusers says ValueError where no file has the variant
             raise err from None
+
+
+def base_part(cls: Any, source: str, what: str, subfolder: str) -> Any:
+    """One part of a base (`cls` from its `subfolder`), from disk when it is there (`from_cache_or_hub`), in plain or
+    fp16 files; unreadable: one line naming it."""
+    try:
+        return from_cache_or_hub(lambda local: plain_or_fp16(lambda variant: cls.from_pretrained(
+            source, subfolder=subfolder, local_files_only=local, **variant)), source, "the base model")
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"cannot load the {what} from {source}/{subfolder}: {first_clause(str(err))}") from None
 
 
 def read_config(cls: Any, source: str, subfolder: str) -> dict[str, Any]:

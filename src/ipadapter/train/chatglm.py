@@ -28,16 +28,14 @@ def load(source: str) -> tuple[Any, nn.Module]:
     needs sentencepiece, which the `kolors` extra brings."""
     from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 
-    from ipadapter.train.models import freeze, from_pretrained
+    from ipadapter.sources import base_part
 
     try:
-        tokenizer = from_pretrained(ChatGLMTokenizer, source, "tokenizer", "tokenizer")
+        tokenizer = base_part(ChatGLMTokenizer, source, "tokenizer", "tokenizer")
     except ImportError as err:
         raise IPAdapterError(f"cannot load the tokenizer of {source}: {first_clause(str(err))}; for Kolors: "
                              "pip install 'ipadapter[kolors]'") from None
-    encoder = from_pretrained(ChatGLMModel, source, "text encoder", "text_encoder")
-    freeze(encoder)
-    return tokenizer, encoder
+    return tokenizer, base_part(ChatGLMModel, source, "text encoder", "text_encoder").requires_grad_(False).eval()
 
 
 @torch.no_grad()

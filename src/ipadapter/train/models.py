@@ -20,7 +20,7 @@ from torch import nn
 from ipadapter import single_file
 from ipadapter.train import chatglm
 from ipadapter.errors import FieldError, IPAdapterError, first_clause
-from ipadapter.sources import from_cache_or_hub, plain_or_fp16, read_config
+from ipadapter.sources import base_part, from_cache_or_hub, read_config
 from ipadapter.validation import vae_downscale
 
 
@@ -52,17 +52,6 @@ def cross_dim(unet_config: Any) -> int:
     """The text tokens' width an adapter's K'/V' read: a UNet config may give one per block, the first is taken."""
     dim = unet_config.cross_attention_dim
     return dim if isinstance(dim, int) else dim[0]
-
-
-def from_pretrained(cls: Any, source: str, what: str, subfolder: str) -> Any:
-    """One part of the base (its `subfolder`), from disk when it is there (`from_cache_or_hub`)."""
-    try:
-        return from_cache_or_hub(
-            lambda local: plain_or_fp16(lambda variant: cls.from_pretrained(
-                source, subfolder=subfolder, local_files_only=local, **variant)), source,
-            "the base model")
-    except (OSError, ValueError) as err:
-        raise IPAdapterError(f"cannot load the {what} from {source}/{subfolder}: {first_clause(str(err))}") from None
 
 
 def _has(source: str, subfolder: str) -> bool:
@@ -127,7 +116,7 @@ def load_base(source: str, *, encoders: bool = True, vae: bool = True) -> BaseMo
 
     if single_file.is_single_file(source):
         return _single_file_base(source, encoders=encoders, vae=vae)
-    unet = from_pretrained(UNet2DConditionModel, source, "UNet", "unet")
+    unet = base_part(UNet2DConditionModel, source, "UNet", "unet")
     scheduler = read_config(DDPMScheduler, source, "scheduler") if Path(source, "scheduler").is_dir() or \
         not Path(source).is_dir() else None
     if scheduler is None:
@@ -175,7 +164,7 @@ def load_vae(source: str) -> nn.Module:
 
     if single_file.is_single_file(source):
         return _single_file_base(source, encoders=False, vae=True).vae
-    return from_pretrained(AutoencoderKL, source, "VAE", "vae")
+    return base_part(AutoencoderKL, source, "VAE", "vae")
 
 
 def load_text_encoders(source: str, unet_config: Any) -> tuple[list[Any], list[nn.Module]]:
@@ -188,13 +177,13 @@ def load_text_encoders(source: str, unet_config: Any) -> tuple[list[Any], list[n
     if chatglm.is_kolors(unet_config):
         tokenizer, encoder = chatglm.load(source)
         return [tokenizer], [encoder]
-    tokenizers = [from_pretrained(CLIPTokenizer, source, "tokenizer", "tokenizer")]
-    encoders = [from_pretrained(CLIPTextModel, source, "text encoder", "text_encoder")]
+    tokenizers = [base_part(CLIPTokenizer, source, "tokenizer", "tokenizer")]
+    encoders = [base_part(CLIPTextModel, source, "text encoder", "text_encoder")]
     if dict(unet_config).get("addition_embed_type") == "text_time":
         if not _has(source, "text_encoder_2"):
             raise IPAdapterError(f"{source} is an SDXL base but has no text_encoder_2 folder")
-        tokenizers.append(from_pretrained(CLIPTokenizer, source, "tokenizer 2", "tokenizer_2"))
-        encoders.append(from_pretrained(CLIPTextModelWithProjection, source, "text encoder 2", "text_encoder_2"))
+        tokenizers.append(base_part(CLIPTokenizer, source, "tokenizer 2", "tokenizer_2"))
+        encoders.append(base_part(CLIPTextModelWithProjection, source, "text encoder 2", "text_encoder_2"))
     for e in encoders:
         freeze(e)
     return tokenizers, encoders
