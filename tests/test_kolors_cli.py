@@ -125,3 +125,20 @@ def test_a_kolors_base_without_sentencepiece_is_a_one_line_error(kolors_folder, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "ipadapter[kolors]" in err[0]
     assert not out.exists()
+
+
+def test_a_kolors_folder_missing_its_tokenizer_is_a_one_line_error(kolors_folder, tmp_path, capsys) -> None:
+    """diffusers hands ChatGLM's tokenizer a missing vocabulary as None, which fails with a TypeError (a traceback):
+    every part model_index.json names is looked for first."""
+    import shutil
+
+    base = tmp_path / "kolors"
+    shutil.copytree(kolors_folder / "kolors", base)
+    shutil.rmtree(base / "tokenizer")
+    root = kolors_folder
+    code = main(["generate", "--base", str(base), "--adapter", str(root / "ip_adapter_plus_general.safetensors"),
+                 "--image-encoder", str(root / "clip"), "--image", str(root / "ref.png"), "--device", "cpu",
+                 "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"ipadapter: error: {base} is missing its tokenizer folder (its model_index.json "
+                                 "names a ChatGLMTokenizer)"]

@@ -155,3 +155,44 @@ def test_a_kolors_run_without_sentencepiece_is_a_one_line_error(kolors_folder, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("for Kolors: pip install 'ipadapter[kolors]'")
     assert not (tmp_path / "run" / "ip-adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("missing, says", [("tokenizer", "cannot load the tokenizer from {base}/tokenizer: "),
+                                           ("text_encoder", "cannot load the text encoder from {base}/text_encoder: ")])
+def test_a_kolors_base_missing_a_text_part_is_named_in_one_line(kolors_folder, tmp_path, capsys, missing,
+                                                                says) -> None:
+    import shutil
+
+    base = tmp_path / "kolors"
+    shutil.copytree(kolors_folder / "kolors", base)
+    shutil.rmtree(base / missing)
+    code = main(["train", "--base", str(base), "--variant", "plus", "--image-encoder", str(kolors_folder / "clip"),
+                 "--data", str(factories.write_images(tmp_path / "data", 2)), "--output", str(tmp_path / "run"),
+                 "--resolution", "16", "--max-steps", "1", "--num-workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ipadapter: error: " + says.format(base=base))
+
+
+@pytest.mark.parametrize("missing", [None, "text_encoder/config.json"])
+def test_a_kolors_hub_base_dry_run_reads_chatglms_config_from_the_cache(kolors_folder, tmp_path, monkeypatch,
+                                                                        missing) -> None:
+    """From the local Hugging Face cache, no request: the estimate is the folder's; a ChatGLM config missing there
+    is one line naming the base and its download."""
+    from ipadapter.errors import IPAdapterError
+    from ipadapter.train.config import TrainConfig
+    from ipadapter.train.memory import estimate
+
+    factories.write_hub_cache(tmp_path / "hub", "qa/kolors", kolors_folder / "kolors")
+    if missing:
+        next((tmp_path / "hub").glob(f"models--qa--kolors/snapshots/*/{missing}")).unlink()
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    config = TrainConfig(base="qa/kolors", image_encoder=str(kolors_folder / "clip"), resolution=16, variant="plus")
+    if missing is None:
+        found = estimate(config, batch_sizes=(1,))
+        assert found == estimate(config.replace(base=str(kolors_folder / "kolors")), batch_sizes=(1,))
+        assert [url for url in sent if "qa/kolors" in url] == []
+        return
+    with pytest.raises(IPAdapterError) as info:
+        estimate(config, batch_sizes=(1,))
+    assert str(info.value).startswith("the base model qa/kolors is not in the local Hugging Face cache and the Hub "
+                                      "cannot be reached")

@@ -5,6 +5,7 @@ Each returns a pipeline whose UNet is the object adapters attach to; none touche
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ def load_pipeline(
 def _from_folder(base: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> Any:
     import diffusers
 
+    _check_parts(Path(base), parts)
     try:
         return from_cache_or_hub(lambda local: plain_or_fp16(
             lambda variant: diffusers.DiffusionPipeline.from_pretrained(
@@ -55,6 +57,21 @@ def _from_folder(base: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> A
     except ImportError as err:  # a part whose library is not installed, e.g. Kolors' ChatGLM tokenizer: sentencepiece
         hint = "; for Kolors: pip install 'ipadapter[kolors]'" if "sentencepiece" in str(err) else ""
         raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}{hint}") from None
+
+
+def _check_parts(folder: Path, given: dict[str, Any]) -> None:
+    """Every part a local pipeline folder's `model_index.json` names is there: diffusers names a missing one in an
+    error, except some (Kolors' ChatGLM tokenizer takes its missing vocabulary for None and fails with a TypeError)."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return
+    try:
+        named = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"could not read {index}: {first_clause(err)}") from None
+    for name, entry in named.items():
+        if isinstance(entry, list) and None not in entry and name not in given and not (folder / name).is_dir():
+            raise IPAdapterError(f"{folder} is missing its {name} folder (its model_index.json names a {entry[1]})")
 
 
 def load_vae(source: str | os.PathLike, *, base: str, dtype: torch.dtype) -> Any:

@@ -17,25 +17,32 @@ from ipadapter.errors import IPAdapterError, first_clause
 MAX_LENGTH = 256  # tokens a caption is padded to: KolorsPipeline's `max_sequence_length`
 
 
-def is_kolors(unet_config: Mapping[str, Any] | Any) -> bool:
-    """Whether the UNet reads ChatGLM's states through its own text projection (Kolors)."""
-    get = unet_config.get if isinstance(unet_config, Mapping) else lambda k: getattr(unet_config, k, None)
-    return get("encoder_hid_dim_type") == "text_proj"
+def is_kolors(unet_config: Mapping[str, Any]) -> bool:
+    """Whether the UNet (its config, a diffusers `FrozenDict` or a dict) reads ChatGLM's states through its own text
+    projection (Kolors)."""
+    return unet_config.get("encoder_hid_dim_type") == "text_proj"
 
 
 def load(source: str) -> tuple[Any, nn.Module]:
-    """The base's tokenizer and text encoder (diffusers' copies of ChatGLM's), frozen; the tokenizer's vocabulary
-    needs sentencepiece, which the `kolors` extra brings."""
+    """The base's tokenizer and text encoder (diffusers' copies of ChatGLM's); the tokenizer's vocabulary needs
+    sentencepiece, which the `kolors` extra brings."""
     from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 
-    from ipadapter.sources import base_part
+    from transformers.utils import cached_file
 
+    from ipadapter.sources import base_part, from_cache_or_hub
+
+    try:  # found first: ChatGLM's tokenizer takes a missing vocabulary for None and fails on it with a TypeError
+        from_cache_or_hub(lambda local: cached_file(source, "tokenizer.model", subfolder="tokenizer",
+                                                    local_files_only=local), source, "the base model")
+    except OSError as err:
+        raise IPAdapterError(f"cannot load the tokenizer from {source}/tokenizer: {first_clause(str(err))}") from None
     try:
         tokenizer = base_part(ChatGLMTokenizer, source, "tokenizer", "tokenizer")
     except ImportError as err:
         raise IPAdapterError(f"cannot load the tokenizer of {source}: {first_clause(str(err))}; for Kolors: "
                              "pip install 'ipadapter[kolors]'") from None
-    return tokenizer, base_part(ChatGLMModel, source, "text encoder", "text_encoder").requires_grad_(False).eval()
+    return tokenizer, base_part(ChatGLMModel, source, "text encoder", "text_encoder")
 
 
 @torch.no_grad()
@@ -50,14 +57,14 @@ def encode(tokenizer: Any, encoder: nn.Module, texts: list[str], device: torch.d
 
 
 def from_config(base: str) -> nn.Module:
-    """The encoder built from the base's config alone (on whatever device is current: the dry run's meta)."""
-    from ipadapter.sources import from_cache_or_hub
-
+    """The encoder built from the base's config alone, for counting (the dry run builds it on the meta device)."""
     from diffusers.pipelines.kolors import ChatGLMModel
+
+    from ipadapter.sources import from_cache_or_hub
 
     try:
         config = from_cache_or_hub(lambda local: ChatGLMModel.config_class.from_pretrained(
             base, subfolder="text_encoder", local_files_only=local), base, "the base model")
     except OSError as err:
         raise IPAdapterError(f"cannot read {base}/text_encoder: {first_clause(str(err))}") from None
-    return ChatGLMModel(config, empty_init=False)
+    return ChatGLMModel(config)

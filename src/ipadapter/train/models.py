@@ -168,24 +168,31 @@ def load_vae(source: str) -> nn.Module:
 
 
 def load_text_encoders(source: str, unet_config: Any) -> tuple[list[Any], list[nn.Module]]:
-    """The tokenizers and text encoders the UNet reads (by its config): CLIP's (two for SDXL), or Kolors' ChatGLM."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
+    """The tokenizers and text encoders the UNet reads (by its config), frozen: CLIP's (two for SDXL), or Kolors'
+    ChatGLM."""
     if single_file.is_single_file(source):
         models = _single_file_base(source, encoders=True, vae=False)
         return models.tokenizers, models.text_encoders
     if chatglm.is_kolors(unet_config):
         tokenizer, encoder = chatglm.load(source)
-        return [tokenizer], [encoder]
+        tokenizers, encoders = [tokenizer], [encoder]
+    else:
+        tokenizers, encoders = _clip_text(source, sdxl=unet_config.get("addition_embed_type") == "text_time")
+    for e in encoders:
+        freeze(e)
+    return tokenizers, encoders
+
+
+def _clip_text(source: str, *, sdxl: bool) -> tuple[list[Any], list[nn.Module]]:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
     tokenizers = [base_part(CLIPTokenizer, source, "tokenizer", "tokenizer")]
     encoders = [base_part(CLIPTextModel, source, "text encoder", "text_encoder")]
-    if dict(unet_config).get("addition_embed_type") == "text_time":
+    if sdxl:
         if not _has(source, "text_encoder_2"):
             raise IPAdapterError(f"{source} is an SDXL base but has no text_encoder_2 folder")
         tokenizers.append(base_part(CLIPTokenizer, source, "tokenizer 2", "tokenizer_2"))
         encoders.append(base_part(CLIPTextModelWithProjection, source, "text encoder 2", "text_encoder_2"))
-    for e in encoders:
-        freeze(e)
     return tokenizers, encoders
 
 
