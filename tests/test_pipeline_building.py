@@ -68,8 +68,11 @@ def _unconditional():
 # --- load_pipeline ----------------------------------------------------------------------------------------------
 
 
-def test_load_pipeline_drops_the_safety_checker_and_clears_its_step_bar(tmp_path) -> None:
-    """A folder saved with SD 1.5's safety checker: diffusers loads it, `load_pipeline` leaves it out."""
+def test_load_pipeline_drops_the_safety_checker_and_clears_its_step_bar(tmp_path, monkeypatch) -> None:
+    """A folder saved with SD 1.5's safety checker: diffusers loads it, `load_pipeline` leaves it out without reading
+    it, and takes a copy whose checker folder was deleted to save space (its model_index.json still names one)."""
+    import shutil
+
     from diffusers import StableDiffusionPipeline
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
@@ -83,8 +86,15 @@ def test_load_pipeline_drops_the_safety_checker_and_clears_its_step_bar(tmp_path
                                "feature_extractor": CLIPImageProcessor(size=32, crop_size=32)},
                             requires_safety_checker=True).save_pretrained(tmp_path / "checked")
     assert StableDiffusionPipeline.from_pretrained(tmp_path / "checked").safety_checker is not None
-    loaded = load_pipeline(tmp_path / "checked")
-    assert type(loaded) is StableDiffusionPipeline and loaded.safety_checker is None
+    shutil.copytree(tmp_path / "checked", tmp_path / "pruned")
+    shutil.rmtree(tmp_path / "pruned" / "safety_checker")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the safety checker was read")
+
+    monkeypatch.setattr(StableDiffusionSafetyChecker, "from_pretrained", never)
+    loaded, pruned = load_pipeline(tmp_path / "checked"), load_pipeline(tmp_path / "pruned")
+    assert type(loaded) is StableDiffusionPipeline and loaded.safety_checker is None and pruned.safety_checker is None
     bar = loaded.progress_bar(total=1)
     assert bar.leave is False
     bar.close()
@@ -143,8 +153,10 @@ def test_a_saved_part_whose_library_is_missing_is_one_line_without_the_kolors_hi
     assert str(caught.value) == f"could not load a diffusers pipeline from {folder}: {first_clause(theirs.value)}"
 
 
-def test_a_missing_sentencepiece_names_the_kolors_extra(monkeypatch) -> None:
+def test_a_missing_sentencepiece_names_the_kolors_extra(monkeypatch, tmp_path) -> None:
     """Kolors' ChatGLM tokenizer's own error, as diffusers raises it while loading the pipeline."""
+    import json
+
     import diffusers
     import diffusers.pipelines.kolors.tokenizer as chatglm
 
@@ -156,9 +168,12 @@ def test_a_missing_sentencepiece_names_the_kolors_extra(monkeypatch) -> None:
         raise theirs.value
 
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
+    folder = tmp_path / "kolors"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KolorsPipeline"}))
     with pytest.raises(IPAdapterError) as caught:
-        load_pipeline("some/kolors")
-    assert str(caught.value) == (f"could not load a diffusers pipeline from some/kolors: {first_clause(theirs.value)}; "
+        load_pipeline(folder)
+    assert str(caught.value) == (f"could not load a diffusers pipeline from {folder}: {first_clause(theirs.value)}; "
                                  "for Kolors: pip install 'ipadapter[kolors]'")
 
 

@@ -37,8 +37,6 @@ def load_pipeline(
             pipe.scheduler = new_scheduler.from_config(pipe.scheduler.config)
         except ImportError as err:  # diffusers' stand-in for a scheduler whose library is missing names it
             raise IPAdapterError(f"the scheduler {scheduler} cannot be used here: {first_clause(err)}") from None
-    if getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(device)
 
@@ -46,7 +44,10 @@ def load_pipeline(
 def _from_folder(base: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> Any:
     import diffusers
 
-    _check_parts(Path(base), parts)
+    index = _model_index(base)
+    if "safety_checker" in index:  # never read (nor downloaded): SD 1.5's checker is dropped, as the web UIs run
+        parts = {"safety_checker": None, "requires_safety_checker": False, **parts}
+    _check_parts(Path(base), index, parts)
     try:
         return from_cache_or_hub(lambda local: plain_or_fp16(
             lambda variant: diffusers.DiffusionPipeline.from_pretrained(
@@ -59,17 +60,23 @@ def _from_folder(base: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> A
         raise IPAdapterError(f"could not load a diffusers pipeline from {base}: {first_clause(err)}{hint}") from None
 
 
-def _check_parts(folder: Path, given: dict[str, Any]) -> None:
+def _model_index(base: str | os.PathLike) -> dict[str, Any]:
+    """The pipeline's `model_index.json` (its class and parts), from disk when it is there; none: empty."""
+    import diffusers
+
+    try:
+        return dict(from_cache_or_hub(lambda local: diffusers.DiffusionPipeline.load_config(
+            str(base), local_files_only=local), str(base), "the diffusers pipeline"))
+    except (OSError, ValueError):  # the pipeline's own load says what is wrong, in its words
+        return {}
+
+
+def _check_parts(folder: Path, index: dict[str, Any], given: dict[str, Any]) -> None:
     """Every part a local pipeline folder's `model_index.json` names is there: diffusers names a missing one in an
     error, except some (Kolors' ChatGLM tokenizer takes its missing vocabulary for None and fails with a TypeError)."""
-    index = folder / "model_index.json"
-    if not index.is_file():
+    if not folder.is_dir():
         return
-    try:
-        named = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise IPAdapterError(f"could not read {index}: {first_clause(err)}") from None
-    for name, entry in named.items():
+    for name, entry in index.items():
         if isinstance(entry, list) and None not in entry and name not in given and not (folder / name).is_dir():
             raise IPAdapterError(f"{folder} is missing its {name} folder (its model_index.json names a {entry[1]})")
 
