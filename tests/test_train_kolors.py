@@ -153,24 +153,47 @@ def test_a_kolors_run_without_sentencepiece_is_a_one_line_error(kolors_folder, t
     monkeypatch.setattr(chatglm_tokenizer_module, "is_sentencepiece_available", lambda: False)
     assert _train(kolors_folder, tmp_path, "run") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].endswith("for Kolors: pip install 'ipadapter[kolors]'")
+    assert len(err) == 1 and err[0].endswith("; for Kolors: pip install 'ipadapter[kolors]'")
+    assert "sentencepiece" in err[0].split("; for Kolors")[0]  # the library's own reason comes first
     assert not (tmp_path / "run" / "ip-adapter.safetensors").exists()
 
 
-@pytest.mark.parametrize("missing, says", [("tokenizer", "cannot load the tokenizer from {base}/tokenizer: "),
-                                           ("text_encoder", "cannot load the text encoder from {base}/text_encoder: ")])
-def test_a_kolors_base_missing_a_text_part_is_named_in_one_line(kolors_folder, tmp_path, capsys, missing,
-                                                                says) -> None:
+@pytest.mark.parametrize("broken, says, reason", [
+    ("tokenizer", "cannot load the tokenizer from {base}/tokenizer: ", "tokenizer.model"),
+    ("tokenizer/tokenizer_config.json", "cannot load the tokenizer from {base}/tokenizer: ", "line 1"),
+    ("text_encoder", "cannot load the text encoder from {base}/text_encoder: ", "no file named"),
+])
+def test_a_kolors_base_with_a_text_part_missing_or_broken_is_named_in_one_line(kolors_folder, tmp_path, capsys,
+                                                                               broken, says, reason) -> None:
+    """A part deleted (or a config that is not JSON): one line naming the part, with the library's reason."""
     import shutil
 
     base = tmp_path / "kolors"
     shutil.copytree(kolors_folder / "kolors", base)
-    shutil.rmtree(base / missing)
+    if (base / broken).is_dir():
+        shutil.rmtree(base / broken)
+    else:
+        (base / broken).write_text("{not json")
     code = main(["train", "--base", str(base), "--variant", "plus", "--image-encoder", str(kolors_folder / "clip"),
                  "--data", str(factories.write_images(tmp_path / "data", 2)), "--output", str(tmp_path / "run"),
                  "--resolution", "16", "--max-steps", "1", "--num-workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("ipadapter: error: " + says.format(base=base))
+    assert reason in err[0][len("ipadapter: error: " + says.format(base=base)):]
+
+
+def test_a_kolors_hub_base_cached_without_its_vocabulary_names_the_download(kolors_folder, tmp_path, monkeypatch,
+                                                                             capsys) -> None:
+    factories.write_hub_cache(tmp_path / "hub", "qa/kolors", kolors_folder / "kolors")
+    next((tmp_path / "hub").glob("models--qa--kolors/snapshots/*/tokenizer/tokenizer.model")).unlink()
+    factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    code = main(["train", "--base", "qa/kolors", "--variant", "plus", "--image-encoder", str(kolors_folder / "clip"),
+                 "--data", str(factories.write_images(tmp_path / "data", 2)), "--output", str(tmp_path / "run"),
+                 "--resolution", "16", "--max-steps", "1", "--num-workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("ipadapter: error: the base model qa/kolors is not in the local Hugging Face cache and "
+                             "the Hub cannot be reached")
 
 
 @pytest.mark.parametrize("missing", [None, "text_encoder/config.json"])
@@ -196,3 +219,19 @@ def test_a_kolors_hub_base_dry_run_reads_chatglms_config_from_the_cache(kolors_f
         estimate(config, batch_sizes=(1,))
     assert str(info.value).startswith("the base model qa/kolors is not in the local Hugging Face cache and the Hub "
                                       "cannot be reached")
+
+
+def test_a_kolors_dry_run_with_chatglms_config_broken_is_one_line(kolors_folder, tmp_path) -> None:
+    import shutil
+
+    from ipadapter.errors import IPAdapterError
+    from ipadapter.train.config import TrainConfig
+    from ipadapter.train.memory import estimate
+
+    base = tmp_path / "kolors"
+    shutil.copytree(kolors_folder / "kolors", base)
+    (base / "text_encoder" / "config.json").write_text("{not json")
+    with pytest.raises(IPAdapterError) as info:
+        estimate(TrainConfig(base=str(base), image_encoder=str(kolors_folder / "clip"), resolution=16,
+                             variant="plus"), batch_sizes=(1,))
+    assert str(info.value).startswith(f"cannot read {base}/text_encoder: ") and "config.json" in str(info.value)
