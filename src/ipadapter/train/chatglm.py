@@ -27,7 +27,6 @@ def load(source: str) -> tuple[Any, nn.Module]:
     """The base's tokenizer and text encoder (diffusers' copies of ChatGLM's); the tokenizer's vocabulary needs
     sentencepiece, which the `kolors` extra brings."""
     from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
-
     from transformers.utils import cached_file
 
     from ipadapter.sources import base_part, from_cache_or_hub

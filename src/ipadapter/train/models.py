@@ -2,7 +2,7 @@
 file (`ipadapter.single_file`: its parts laid out as its family's published configs, which are read for them).
 
 A base is a folder with `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler` (+ `text_encoder_2`, `tokenizer_2`
-for SDXL). The image encoder is `ipadapter.encoders.ImageEncoder`, the one inference uses. Loaders raise
+for SDXL; Kolors' text encoder is ChatGLM: `train/chatglm.py`). The image encoder is `ipadapter.encoders.ImageEncoder`, the one inference uses. Loaders raise
 `IPAdapterError` sentences, never tracebacks.
 """
 
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ipadapter import single_file
-from ipadapter.train import chatglm
 from ipadapter.errors import FieldError, IPAdapterError, first_clause
 from ipadapter.sources import base_part, from_cache_or_hub, read_config
+from ipadapter.train import chatglm
 from ipadapter.validation import vae_downscale
 
 
