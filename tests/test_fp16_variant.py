@@ -66,3 +66,25 @@ def test_generate_and_train_read_a_hub_base_cached_with_only_fp16_files(tmp_path
                  "--resolution", "16", "--max-steps", "1", "--batch-size", "2", "--num-workers", "0"]) == 0
     assert (tmp_path / "run" / "ip-adapter.safetensors").is_file()
     assert [url for url in sent if REPO in url] == []
+
+
+def test_a_vae_and_a_controlnet_held_as_fp16_files_alone_load(tmp_path) -> None:
+    """`--vae` and `--controlnet` folders whose weights are only `*.fp16.*` files: the weights written are the ones
+    loaded."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from ipadapter.pipelines import add_controlnet, load_pipeline, load_vae
+
+    folder = factories.save_tiny_sd15_pipeline(tmp_path)
+    vae = factories.tiny_vae(seed=9)
+    vae.save_pretrained(tmp_path / "vae", variant="fp16")
+    pipe = load_pipeline(folder)
+    controlnet = ControlNetModel.from_unet(pipe.unet)
+    controlnet.save_pretrained(tmp_path / "cn", variant="fp16")
+    for saved in (tmp_path / "vae", tmp_path / "cn"):
+        assert [p.name for p in saved.glob("*.safetensors")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    for mine, truth in ((load_vae(tmp_path / "vae", base=str(folder), dtype=torch.float32), vae),
+                        (add_controlnet(pipe, tmp_path / "cn").controlnet, controlnet)):
+        a, b = mine.state_dict(), truth.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

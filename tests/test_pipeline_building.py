@@ -95,6 +95,7 @@ def test_load_pipeline_drops_the_safety_checker_and_clears_its_step_bar(tmp_path
     monkeypatch.setattr(StableDiffusionSafetyChecker, "from_pretrained", never)
     loaded, pruned = load_pipeline(tmp_path / "checked"), load_pipeline(tmp_path / "pruned")
     assert type(loaded) is StableDiffusionPipeline and loaded.safety_checker is None and pruned.safety_checker is None
+    assert loaded.config.requires_safety_checker is False  # saved True: diffusers would warn that it is off
     bar = loaded.progress_bar(total=1)
     assert bar.leave is False
     bar.close()
