@@ -84,7 +84,9 @@ def test_a_vae_and_a_controlnet_held_as_fp16_files_alone_load(tmp_path) -> None:
     controlnet.save_pretrained(tmp_path / "cn", variant="fp16")
     for saved in (tmp_path / "vae", tmp_path / "cn"):
         assert [p.name for p in saved.glob("*.safetensors")] == ["diffusion_pytorch_model.fp16.safetensors"]
-    for mine, truth in ((load_vae(tmp_path / "vae", base=str(folder), dtype=torch.float32), vae),
-                        (add_controlnet(pipe, tmp_path / "cn").controlnet, controlnet)):
-        a, b = mine.state_dict(), truth.state_dict()
+    half = load_pipeline(folder, dtype=torch.bfloat16)  # the ControlNet takes the UNet's dtype
+    for mine, truth in ((load_vae(tmp_path / "vae", base=str(folder), dtype=torch.bfloat16), vae),
+                        (add_controlnet(half, tmp_path / "cn").controlnet, controlnet)):
+        a, b = mine.state_dict(), truth.to(torch.bfloat16).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert {t.dtype for t in a.values() if t.is_floating_point()} == {torch.bfloat16}

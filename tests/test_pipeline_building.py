@@ -154,6 +154,44 @@ def test_a_saved_part_whose_library_is_missing_is_one_line_without_the_kolors_hi
     assert str(caught.value) == f"could not load a diffusers pipeline from {folder}: {first_clause(theirs.value)}"
 
 
+def test_a_folder_diffusers_cannot_read_is_one_line_with_its_reason(saved, tmp_path) -> None:
+    """Every part there, but the UNet's weights gone: diffusers' own error (tried again as fp16 files, which are not
+    there either), first clause, after the folder's name."""
+    import shutil
+
+    import diffusers
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(saved, folder)
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(OSError) as theirs:
+        diffusers.DiffusionPipeline.from_pretrained(folder)
+    with pytest.raises(IPAdapterError) as caught:
+        load_pipeline(folder)
+    assert str(caught.value) == f"could not load a diffusers pipeline from {folder}: {first_clause(theirs.value)}"
+
+
+@pytest.mark.parametrize("cached", ["nothing", "configs"])
+def test_a_hub_base_not_in_the_cache_offline_names_its_download(saved, tmp_path, monkeypatch, cached) -> None:
+    """Offline, a Hub id with nothing in the cache, or its configs without the weights: one line naming the id and
+    the command that downloads it."""
+    import huggingface_hub.constants as hub
+
+    if cached == "configs":
+        factories.write_hub_cache(tmp_path / "hub", "qa/pipe", saved)
+        for weights in (tmp_path / "hub").rglob("*.safetensors"):
+            weights.unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(IPAdapterError) as caught:
+        load_pipeline("qa/pipe")
+    assert str(caught.value).startswith("the diffusers pipeline qa/pipe is not in the local Hugging Face cache and "
+                                        "offline mode is on (")
+    assert "(hf download qa/pipe" in str(caught.value)
+
+
 def test_a_missing_sentencepiece_names_the_kolors_extra(monkeypatch, tmp_path) -> None:
     """Kolors' ChatGLM tokenizer's own error, as diffusers raises it while loading the pipeline."""
     import json
