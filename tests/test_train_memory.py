@@ -264,6 +264,18 @@ def test_a_hub_base_cached_in_part_names_itself_and_its_download(tmp_path, monke
     assert f"({command})" in str(info.value)
 
 
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_a_hub_base_is_estimated_from_the_cache_without_a_request(tmp_path, monkeypatch, sdxl) -> None:
+    """Online mode on, the base cached: its text encoders' configs are read from the cache alone (the requests are
+    recorded, and fail), and the estimate is the folder's."""
+    base = factories.write_base(tmp_path / "base", sdxl=sdxl)
+    factories.write_hub_cache(tmp_path / "hub", "qa/base", base)
+    sent = factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    config = TrainConfig(base="qa/base", variant="faceid", id_dim=16, resolution=factories.RES)
+    assert estimate(config, batch_sizes=(1,)) == estimate(config.replace(base=str(base)), batch_sizes=(1,))
+    assert [url for url in sent if "qa/base" in url] == []
+
+
 def test_cli_dry_run_prints_the_estimate(folders, capsys) -> None:
     from ipadapter.cli.main import main
 
