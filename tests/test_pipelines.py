@@ -208,7 +208,9 @@ def test_a_hub_pipeline_missing_from_the_cache_offline_is_one_complete_sentence(
                                  "ipadapter-tests/no-such-cached-pipeline) or give a local folder")
 
 
-def test_a_long_loading_error_is_cut_at_a_word_and_closes_its_parenthesis(monkeypatch) -> None:
+def test_a_long_loading_error_is_cut_at_a_word_and_closes_its_parenthesis(monkeypatch, tmp_path) -> None:
+    import json
+
     import diffusers
 
     from ipadapter.pipelines import load_pipeline
@@ -220,9 +222,12 @@ def test_a_long_loading_error_is_cut_at_a_word_and_closes_its_parenthesis(monkey
         raise ValueError(text)
 
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
+    folder = tmp_path / "pipe"  # a pipeline folder (its index read first), which diffusers then fails to load
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(IPAdapterError) as caught:
-        load_pipeline("some/pipe")
-    prefix = "could not load a diffusers pipeline from some/pipe: "
+        load_pipeline(folder)
+    prefix = f"could not load a diffusers pipeline from {folder}: "
     message = str(caught.value)
     assert message.startswith(prefix) and message.endswith("...)")
     reason = message[len(prefix):-len("...)")]
