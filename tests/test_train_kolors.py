@@ -62,16 +62,19 @@ def _train(root, tmp_path, out: str, *flags: str) -> int:
                  *flags])
 
 
-def test_a_trained_kolors_adapter_makes_in_diffusers_what_its_validation_shows(kolors_folder, tmp_path) -> None:
+def test_a_trained_kolors_adapter_makes_in_diffusers_what_its_validation_shows(kolors_folder, tmp_path,
+                                                                             capsys) -> None:
     """`ipadapter train` on the Kolors base as a user runs it; the written file through diffusers' KolorsPipeline and
     its own `load_ip_adapter` gives the validation sample (same DDIM steps, guidance and seed), and differs from the
-    plain pipeline's image."""
+    plain pipeline's image. The validation's own sampling shows no progress bar beside the run's."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     reference = tmp_path / "data" / "img1.png"
     assert _train(kolors_folder, tmp_path, "run", "--validate-every", "2", "--validation-steps", "2",
                   "--validation-guidance", "5", "--validation-prompts", "a cat",
                   "--validation-images", str(reference)) == 0
+    err = capsys.readouterr().err
+    assert "step/s" in err and "it/s]" not in err and "s/it]" not in err  # the run's bar only, not diffusers'
     grid = Image.open(tmp_path / "run" / "validation" / "step-00000002.png").convert("RGB")
     shown = np.asarray(grid.crop((16, 0, 32, 16))).astype(np.int16)
 
