@@ -142,3 +142,21 @@ def test_a_kolors_folder_missing_its_tokenizer_is_a_one_line_error(kolors_folder
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"ipadapter: error: {base} is missing its tokenizer folder (its model_index.json "
                                  "names a ChatGLMTokenizer)"]
+
+
+def test_a_kolors_tokenizer_without_its_vocabulary_is_a_one_line_error(kolors_folder, tmp_path, capsys) -> None:
+    """The tokenizer folder there but its sentencepiece model gone: ChatGLM's tokenizer would get None for it (a
+    TypeError); the file is looked for first and named."""
+    import shutil
+
+    base = tmp_path / "kolors"
+    shutil.copytree(kolors_folder / "kolors", base)
+    (base / "tokenizer" / "tokenizer.model").unlink()
+    root = kolors_folder
+    code = main(["generate", "--base", str(base), "--adapter", str(root / "ip_adapter_plus_general.safetensors"),
+                 "--image-encoder", str(root / "clip"), "--image", str(root / "ref.png"), "--device", "cpu",
+                 "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"ipadapter: error: cannot load the tokenizer from {base}/tokenizer: ")
+    assert "tokenizer/tokenizer.model" in err[0]

@@ -163,20 +163,24 @@ def test_a_kolors_run_without_sentencepiece_is_a_one_line_error(kolors_folder, t
 
 @pytest.mark.parametrize("broken, says, reason", [
     ("tokenizer", "cannot load the tokenizer from {base}/tokenizer: ", "tokenizer.model"),
+    ("tokenizer/tokenizer.model", "cannot load the tokenizer from {base}/tokenizer: ", "tokenizer.model"),
     ("tokenizer/tokenizer_config.json", "cannot load the tokenizer from {base}/tokenizer: ", "line 1"),
     ("text_encoder", "cannot load the text encoder from {base}/text_encoder: ", "no file named"),
 ])
 def test_a_kolors_base_with_a_text_part_missing_or_broken_is_named_in_one_line(kolors_folder, tmp_path, capsys,
                                                                                broken, says, reason) -> None:
-    """A part deleted (or a config that is not JSON): one line naming the part, with the library's reason."""
+    """A part or the vocabulary deleted (or a config that is not JSON): one line naming the part, with the library's
+    reason."""
     import shutil
 
     base = tmp_path / "kolors"
     shutil.copytree(kolors_folder / "kolors", base)
     if (base / broken).is_dir():
         shutil.rmtree(base / broken)
-    else:
+    elif broken.endswith(".json"):
         (base / broken).write_text("{not json")
+    else:
+        (base / broken).unlink()
     code = main(["train", "--base", str(base), "--variant", "plus", "--image-encoder", str(kolors_folder / "clip"),
                  "--data", str(factories.write_images(tmp_path / "data", 2)), "--output", str(tmp_path / "run"),
                  "--resolution", "16", "--max-steps", "1", "--num-workers", "0"])

@@ -5,7 +5,6 @@ Each returns a pipeline whose UNet is the object adapters attach to; none touche
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 from ipadapter import single_file
 from ipadapter.checkpoint import is_weights_file
 from ipadapter.errors import IPAdapterError, first_clause
-from ipadapter.sources import from_cache_or_hub, plain_or_fp16, read_config, split_hub_path
+from ipadapter.sources import from_cache_or_hub, plain_or_fp16, read_config, require_vocabulary, split_hub_path
 from ipadapter.validation import model_source
 
 
@@ -48,6 +47,9 @@ def _from_folder(base: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> A
     if "safety_checker" in index:  # never read (nor downloaded): SD 1.5's checker is dropped, as the web UIs run
         parts = {"safety_checker": None, "requires_safety_checker": False, **parts}
     _check_parts(Path(base), index, parts)
+    tokenizer = index.get("tokenizer")
+    if isinstance(tokenizer, list) and "tokenizer" not in parts:
+        require_vocabulary(str(tokenizer[-1]), str(base), "the diffusers pipeline")
     try:
         return from_cache_or_hub(lambda local: plain_or_fp16(
             lambda variant: diffusers.DiffusionPipeline.from_pretrained(
@@ -72,8 +74,8 @@ def _model_index(base: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_parts(folder: Path, index: dict[str, Any], given: dict[str, Any]) -> None:
-    """Every part a local pipeline folder's `model_index.json` names is there: diffusers names a missing one in an
-    error, except some (Kolors' ChatGLM tokenizer takes its missing vocabulary for None and fails with a TypeError)."""
+    """Every part a local pipeline folder's `model_index.json` names is there, named in one line (diffusers' own
+    errors say "no file named ..." of the folder, or worse: Kolors' ChatGLM tokenizer fails with a TypeError)."""
     if not folder.is_dir():
         return
     for name, entry in index.items():

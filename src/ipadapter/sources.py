@@ -235,6 +235,25 @@ def base_part(cls: Any, source: str, what: str, subfolder: str) -> Any:
         raise IPAdapterError(f"cannot load the {what} from {source}/{subfolder}: {first_clause(str(err))}") from None
 
 
+# Tokenizers that take a missing vocabulary file for None and fail on it with a TypeError (a traceback, not a reason):
+# the file each reads, looked for first.
+VOCABULARIES = {"ChatGLMTokenizer": "tokenizer.model"}
+
+
+def require_vocabulary(tokenizer_class: str, source: str, what: str, subfolder: str = "tokenizer") -> None:
+    """The vocabulary file a `VOCABULARIES` tokenizer reads is there (from disk, else the Hub); missing: one line."""
+    from transformers.utils import cached_file
+
+    filename = VOCABULARIES.get(tokenizer_class)
+    if filename is None:
+        return
+    try:
+        from_cache_or_hub(lambda local: cached_file(source, filename, subfolder=subfolder, local_files_only=local),
+                          source, what)
+    except OSError as err:
+        raise IPAdapterError(f"cannot load the tokenizer from {source}/{subfolder}: {first_clause(str(err))}") from None
+
+
 def read_config(cls: Any, source: str, subfolder: str) -> dict[str, Any]:
     """A base part's config (`cls.load_config`: no weights read), from disk when it is there (`from_cache_or_hub`;
     the download advice names the whole base, which the caller goes on to use). Unreadable: one line naming the

@@ -27,15 +27,10 @@ def load(source: str) -> tuple[Any, nn.Module]:
     """The base's tokenizer and text encoder (diffusers' copies of ChatGLM's); the tokenizer's vocabulary needs
     sentencepiece, which the `kolors` extra brings."""
     from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
-    from transformers.utils import cached_file
 
-    from ipadapter.sources import base_part, from_cache_or_hub
+    from ipadapter.sources import base_part, require_vocabulary
 
-    try:  # found first: ChatGLM's tokenizer takes a missing vocabulary for None and fails on it with a TypeError
-        from_cache_or_hub(lambda local: cached_file(source, "tokenizer.model", subfolder="tokenizer",
-                                                    local_files_only=local), source, "the base model")
-    except OSError as err:
-        raise IPAdapterError(f"cannot load the tokenizer from {source}/tokenizer: {first_clause(str(err))}") from None
+    require_vocabulary(ChatGLMTokenizer.__name__, source, "the base model")
     try:
         tokenizer = base_part(ChatGLMTokenizer, source, "tokenizer", "tokenizer")
     except ImportError as err:
