@@ -258,6 +258,30 @@ def _base_prompter(unet, tmp_path, adapters=("0",), encoder=True):
     return prompter, loaded, parts
 
 
+def test_without_an_image_encoder_images_are_refused_and_precomputed_features_taken(sd15_unet, tmp_path) -> None:
+    """As diffusers takes `ip_adapter_image_embeds` with no image encoder loaded: the features (and the negative's,
+    which for patch features only an encoder makes) are the adapter's projections of what was given."""
+    prompter, loaded, _ = _base_prompter(sd15_unet, tmp_path, encoder=False)
+    adapter = loaded["0"]
+    embeds = torch.randn(3, adapter.clip_width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = adapter.project(embeds)
+    try:
+        for call, says in ((lambda: prompter.references([factories.reference_image()]), "reference images (give "
+                            "image_encoder, or precomputed features)"),
+                           (lambda: prompter.references(features=(embeds[:2],)), "its unconditional image (give "
+                            "image_encoder, or negative features)")):
+            with pytest.raises(IPAdapterError) as caught:
+                call()
+            assert str(caught.value) == f"base needs a CLIP image encoder for {says}"
+        refs = prompter.references(features=(embeds[:2],), negative=(embeds[2:],))
+        for i, ref in enumerate(refs):
+            torch.testing.assert_close(ref.cond, expected[i : i + 1], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(ref.uncond, expected[2:], atol=1e-6, rtol=1e-6)
+    finally:
+        prompter.detach()
+
+
 def test_one_negative_serves_every_reference_in_any_form(sd15_unet, tmp_path) -> None:
     """One negative image (a list, a tuple of images, or its precomputed embedding) is the unconditional image of
     every reference: each reference's uncond tokens are the adapter's projection of the negative's CLIP embedding."""
@@ -310,9 +334,6 @@ def test_adapter_names_and_encoder_mismatches_are_one_sentence(sd15_unet, tmp_pa
         assert str(caught.value) == "no adapter named 'c'; attached: a, b"
     finally:
         prompter.detach()
-    with pytest.raises(IPAdapterError) as caught:
-        _base_prompter(copy.deepcopy(sd15_unet), tmp_path, adapters=("style",), encoder=False)
-    assert str(caught.value) == "adapter 'style' (base) needs a CLIP image encoder"
     adapter = load_adapter(tmp_path / "base.bin", sd15_unet)
     narrow = ImageEncoder(*factories.tiny_image_encoder(projection_dim=16))
     with pytest.raises(IPAdapterError) as caught:

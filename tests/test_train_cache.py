@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,9 +142,15 @@ def _stored_in_fp16(folder: Path) -> None:
 
 @pytest.mark.parametrize("stored", ["fp32", "fp16"])
 def test_validation_of_a_cached_run_loads_the_frozen_parts_from_the_base(tmp_path, monkeypatch, stored) -> None:
-    """Training from the cache holds no VAE, text encoder or image encoder; validation loads them from the run's base
-    and encoder folders, frozen (no gradients, eval mode), in the run's precision whatever the files store (a base
-    stored in fp16 met the fp32 UNet as fp16: a dtype error), and draws its grid."""
+    """Training from the cache holds no VAE, text encoder or image encoder; the first validation loads them from the
+    run's base and encoder folders, frozen (no gradients, eval mode), in the run's precision whatever the files store
+    (a base stored in fp16 met the fp32 UNet as fp16: a dtype error), and encodes its prompts and references; the
+    next loads the VAE alone, and its grid is what a user gets from that step's adapter on the whole pipeline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ipadapter.prompter import ImagePrompter
     from ipadapter.train import models
 
     base, encoder = factories.write_base(tmp_path / "base"), factories.write_image_encoder(tmp_path / "enc")
@@ -157,26 +164,47 @@ def test_validation_of_a_cached_run_loads_the_frozen_parts_from_the_base(tmp_pat
     train(config, log_with=None)
     factories.reset_accelerate()
 
-    loaded = {}
+    loaded: dict[str, list] = {"vae": [], "text": [], "image": []}
 
     def recording(name, load):
         def wrapped(*args, **kwargs):
             out = load(*args, **kwargs)
-            loaded[name] = (args, kwargs, out)
+            loaded[name].append((args, kwargs, out))
             return out
         return wrapped
 
     monkeypatch.setattr(models, "load_vae", recording("vae", models.load_vae))
     monkeypatch.setattr(models, "load_text_encoders", recording("text", models.load_text_encoders))
     monkeypatch.setattr(ImageEncoder, "from_pretrained", recording("image", ImageEncoder.from_pretrained))
-    result = train(config.replace(output=str(tmp_path / "o2"), validate_every=1, validation_steps=1,
-                                  validation_images=[str(tmp_path / "d" / "img0.png")]), log_with=None)
-    assert (result.output / "validation" / "step-00000001.png").is_file()
-    assert loaded["vae"][0] == (str(base),) and loaded["text"][0][0] == str(base)
-    assert loaded["text"][1] == {} and loaded["image"][0] == (str(encoder),)
-    frozen = [loaded["vae"][2], *loaded["text"][2][1], loaded["image"][2].model]
+    reference = tmp_path / "d" / "img0.png"
+    result = train(config.replace(output=str(tmp_path / "o2"), validate_every=1, validation_steps=2, max_steps=2,
+                                  validation_images=[str(reference)], validation_prompts=["", "a cat"]),
+                   log_with=None)
+    assert [len(loaded[name]) for name in ("vae", "text", "image")] == [2, 1, 1]
+    (vae_args, _, vae), (text_args, text_kwargs, (_, texts)), (image_args, _, image) = (
+        loaded["vae"][0], loaded["text"][0], loaded["image"][0])
+    assert vae_args == (str(base),) and text_args[0] == str(base)
+    assert text_kwargs == {} and image_args == (str(encoder),)
+    frozen = [vae, *texts, image.model]
     assert all(not m.training and not any(p.requires_grad for p in m.parameters()) for m in frozen)
     assert {p.dtype for m in frozen for p in m.parameters()} == {torch.float32}
+
+    grid = Image.open(result.output / "validation" / "step-00000002.png").convert("RGB")
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(base / "vae").float(), unet=UNet2DConditionModel.from_pretrained(
+            base / "unet").float(), text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder").float(),
+        tokenizer=CLIPTokenizer.from_pretrained(base / "tokenizer"), safety_checker=None, feature_extractor=None,
+        scheduler=DDIMScheduler.from_pretrained(base / "scheduler"), requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    res = factories.RES
+    image_encoder = ImageEncoder.from_pretrained(str(encoder), dtype=torch.float32)
+    with ImagePrompter(pipe, {"0": result.adapter}, image_encoder) as prompter:
+        for column, prompt in enumerate(["", "a cat"], start=1):
+            expected = prompter.generate(Image.open(reference).convert("RGB"), prompt=prompt, steps=2,
+                                         guidance=config.validation_guidance, seed=config.seed, width=res,
+                                         height=res)[0]
+            got = grid.crop((res * column, 0, res * column + res, res))
+            assert np.abs(np.asarray(got, np.int16) - np.asarray(expected, np.int16)).max() <= 1
 
 
 @pytest.mark.parametrize("size", [6, 8, 12, 20])

@@ -66,11 +66,12 @@ def test_a_trained_kolors_adapter_makes_in_diffusers_what_its_validation_shows(k
                                                                              capsys) -> None:
     """`ipadapter train` on the Kolors base as a user runs it; the written file through diffusers' KolorsPipeline and
     its own `load_ip_adapter` gives the validation sample (same DDIM steps, guidance and seed), and differs from the
-    plain pipeline's image. The validation's own sampling shows no progress bar beside the run's."""
+    plain pipeline's image (the sample is the second validation's: ChatGLM encoded its prompt at the first). The
+    validation's own sampling shows no progress bar beside the run's."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     reference = tmp_path / "data" / "img1.png"
-    assert _train(kolors_folder, tmp_path, "run", "--validate-every", "2", "--validation-steps", "2",
+    assert _train(kolors_folder, tmp_path, "run", "--validate-every", "1", "--validation-steps", "2",
                   "--validation-guidance", "5", "--validation-prompts", "a cat",
                   "--validation-images", str(reference)) == 0
     err = capsys.readouterr().err

@@ -417,7 +417,8 @@ def test_a_state_saved_with_accelerates_pickles_resumes_exactly(tmp_path, monkey
 
 def test_sdxl_validation_images_are_what_users_generate(tmp_path) -> None:
     """A validation sample of an SDXL run is the image a user gets from diffusers' own SDXL pipeline, built here from
-    the same parts (each text encoder and tokenizer in its place), with the finished adapter through `ImagePrompter`."""
+    the same parts (each text encoder and tokenizer in its place), with the finished adapter through `ImagePrompter`;
+    the sample is the second validation's, drawn from the prompt and reference the first encoded."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     from PIL import Image
 
@@ -426,7 +427,7 @@ def test_sdxl_validation_images_are_what_users_generate(tmp_path) -> None:
     manifest = factories.write_images(tmp_path / "data", 4)
     models, encoder = factories.in_memory(sdxl=True)
     reference = tmp_path / "data" / "img1.png"
-    config = _config(tmp_path, manifest, max_steps=2, batch_size=2, validate_every=2, validation_steps=2,
+    config = _config(tmp_path, manifest, max_steps=2, batch_size=2, validate_every=1, validation_steps=2,
                      validation_prompts=["a red square"], validation_images=[str(reference)])
     result = train(config, models=models, image_encoder=encoder, log_with=None)
     res = config.resolution

@@ -294,7 +294,8 @@ def test_training_in_memory_takes_its_arguments_and_refuses_unpaired_data(base) 
 def test_validation_samples_are_what_the_user_gets_from_the_adapter_of_that_step(base, tmp_path) -> None:
     """`--validate-every`: a grid PNG per validation (row: the reference, then one sample per prompt) and the card's
     samples.png; each sample is the image `ipadapter.load(...).generate(...)` makes with the adapter of that step
-    (here the last step's, the written file) on the same pipeline, prompt, seed, steps, guidance and size."""
+    (here the last step's, the written file, in the second validation, which draws from the prompts and reference
+    the first encoded) on the same pipeline, prompt, seed, steps, guidance and size."""
     import ipadapter
     from ipadapter.train.config import TrainConfig
     from ipadapter.train.transformer import train_transformer
@@ -305,10 +306,10 @@ def test_validation_samples_are_what_the_user_gets_from_the_adapter_of_that_step
     result = train_transformer(TrainConfig(
         variant="sd3", base=str(folder), image_encoder=str(folder / "image_encoder"),
         data=str(root / "data" / "train.jsonl"), resolution=16, max_steps=2, batch_size=2, num_workers=0,
-        learning_rate=1e-2, validate_every=2, validation_images=[str(reference)], validation_prompts=["", "a square"],
+        learning_rate=1e-2, validate_every=1, validation_images=[str(reference)], validation_prompts=["", "a square"],
         validation_steps=2, validation_guidance=3.0, output=str(out)))
     grid = Image.open(out / "validation" / "step-00000002.png").convert("RGB")
-    assert grid.size == (3 * 16, 16) and set(result.validation) == {2}
+    assert grid.size == (3 * 16, 16) and set(result.validation) == {1, 2}
     assert (out / "samples.png").read_bytes() == (out / "validation" / "step-00000002.png").read_bytes()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

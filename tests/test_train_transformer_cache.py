@@ -38,7 +38,7 @@ def _flags(setup, out: Path, cache: Path | None, *, data: bool = True) -> list[s
     variant, base, manifest = setup
     flags = ["--variant", variant, "--base", str(base), "--image-encoder", str(base / "image_encoder"),
              "--resolution", "16", "--batch-size", "1", "--max-steps", "3", "--num-workers", "0", "--seed", "3",
-             "--learning-rate", "1e-2", "--drop-text", "0.4", "--drop-both", "0.3", "--validate-every", "3",
+             "--learning-rate", "1e-2", "--drop-text", "0.4", "--drop-both", "0.3", "--validate-every", "1",
              "--validation-images", str(manifest.parent / "img1.png"),
              "--validation-prompts", "", "--validation-steps", "2", "--output", str(out)]
     if data:
@@ -55,8 +55,8 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 def test_the_cache_trains_what_the_frozen_models_train_and_a_run_from_it_loads_the_transformer_alone(
         setup, tmp_path, monkeypatch) -> None:
     """Three runs of one config: without the cache, building it, and from it alone (no --data), as a user runs them.
-    The third loads no frozen model to train; its validation loads them around the trained transformer, for the
-    grid alone."""
+    The third loads no frozen model to train; its first validation loads them around the trained transformer to
+    encode the prompts and references, and the later ones load the VAE alone."""
     import ipadapter.train.feed as feed
     import ipadapter.train.transformer_feed as transformer_feed
 
@@ -83,10 +83,12 @@ def test_the_cache_trains_what_the_frozen_models_train_and_a_run_from_it_loads_t
     pipes.clear(), encoders.clear()
     assert main(["train", *_flags(setup, tmp_path / "cached", cache, data=False)]) == 0
     assert [when for when, _ in encoders] == [2], "the image encoder was loaded to train from a complete cache"
-    trained, drew = pipes
+    trained, drew, *redrew = pipes
     assert trained.scheduler is not None and all(getattr(trained, part) is None for part in FROZEN[variant])
-    assert drew.transformer is trained.transformer
+    assert len(redrew) == 2 and all(p.transformer is trained.transformer for p in (drew, *redrew))
     assert all(getattr(drew, part) is not None for part in FROZEN[variant])
+    assert all(p.vae is not None and all(getattr(p, part) is None for part in FROZEN[variant] if part != "vae")
+               for p in redrew)
 
     plain = _weights(tmp_path / "plain")
     for run in ("built", "cached"):
@@ -94,8 +96,9 @@ def test_the_cache_trains_what_the_frozen_models_train_and_a_run_from_it_loads_t
         assert weights.keys() == plain.keys() and all(torch.equal(weights[k], plain[k]) for k in plain), run
         assert (tmp_path / run / "logs" / "losses.csv").read_text() == \
             (tmp_path / "plain" / "logs" / "losses.csv").read_text()
-        assert (tmp_path / run / "validation" / "step-00000003.png").read_bytes() == \
-            (tmp_path / "plain" / "validation" / "step-00000003.png").read_bytes()
+        for step in (1, 2, 3):
+            assert (tmp_path / run / "validation" / f"step-{step:08d}.png").read_bytes() == \
+                (tmp_path / "plain" / "validation" / f"step-{step:08d}.png").read_bytes()
 
 
 def _config(setup, out: Path, cache: Path, **overrides) -> TrainConfig:

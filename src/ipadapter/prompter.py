@@ -60,10 +60,8 @@ class ImagePrompter:
         variant = adapter.variant
         if not variant.clip:
             return
-        if self.encoder is None:
-            if variant.face_id:  # the crop's patches may come precomputed
-                return
-            raise IPAdapterError(f"adapter {name!r} ({variant.name}) needs a CLIP image encoder")
+        if self.encoder is None:  # features may come precomputed; images are refused where they are encoded
+            return
         self.encoder.check_fits(adapter.clip_width, variant.clip, f"adapter {name!r}")
 
     def adapter_name(self, name: str | None) -> str:
@@ -96,6 +94,9 @@ class ImagePrompter:
         features of the face crops) for FaceID variants, CLIP features alone otherwise."""
         variant = adapter.variant
         if not variant.face_id:
+            if self.encoder is None:
+                raise IPAdapterError(f"{variant.name} needs a CLIP image encoder for reference images (give "
+                                     "image_encoder, or precomputed features)")
             return (self.encoder.encode(list(images), variant.clip),)
         ids = face_embeds
         crops = list(images)
@@ -115,6 +116,9 @@ class ImagePrompter:
         """The variant's unconditional input: a zero embedding for global and ID features, the encoder's output on
         zero pixels for patch features (not kept by the encoder: the prompter keeps their tokens instead)."""
         variant = adapter.variant
+        if variant.clip and self.encoder is None:
+            raise IPAdapterError(f"{variant.name} needs a CLIP image encoder for its unconditional image (give "
+                                 "image_encoder, or negative features)")
         clip = self.encoder.uncond(variant.clip, keep=False) if variant.clip else None
         if not variant.face_id:
             return (clip.expand(count, *clip.shape[1:]),)
@@ -200,24 +204,31 @@ class ImagePrompter:
 
     def generate(
         self, references: Image.Image | Sequence[Image.Image] | Mapping[str, Any] | None = None, *,
-        prompt: str | list[str] = "", negative_prompt: str | list[str] = "", scale: float = 1.0, num_images: int = 1,
+        prompt: str | list[str] | None = "", negative_prompt: str | list[str] | None = "", scale: float = 1.0,
+        num_images: int = 1,
         steps: int | None = None, guidance: float | None = None, seed: int | None = None,
         width: int | None = None, height: int | None = None, **pipe_kwargs: Any,
     ) -> list[Image.Image]:
         """Images from the pipeline with the image prompts applied. `references`: a PIL image or a list of them for
         the only adapter, or a mapping adapter name → image(s), `Reference`s, or a full `AdapterPrompt` (per-layer
-        weights, window, masks, ...). `scale` applies to all but the `AdapterPrompt`s, which carry their own."""
+        weights, window, masks, ...). `scale` applies to all but the `AdapterPrompt`s, which carry their own.
+        The text may come encoded instead, as the pipeline takes it (`prompt_embeds`, `negative_prompt_embeds`,
+        pooled ones: a prompt-weighting library's output, or a training run's validation prompts)."""
         if references is None:
             references = {}
         elif not isinstance(references, Mapping):
             references = {self.adapter_name(None): references}
         prompts = {name: self._prompt(name, given, scale) for name, given in references.items()}
-        if not prompts and not (prompt if isinstance(prompt, str) else any(prompt)):
+        embeds = pipe_kwargs.get("prompt_embeds")
+        for text, given in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if _has_text(given) and pipe_kwargs.get(f"{text}_embeds") is not None:
+                raise IPAdapterError(f"give {text} or {text}_embeds, not both")
+        if not prompts and not _has_text(prompt) and embeds is None:
             raise IPAdapterError("give a reference image, a text prompt, or both")
         if steps is not None:
             self._check_steps(steps)
         self.attachment.check_intact()
-        batch = len(prompt) if isinstance(prompt, list) else 1
+        batch = embeds.shape[0] if embeds is not None else len(prompt) if isinstance(prompt, list) else 1
         self.attachment.scheduler = self.pipe.scheduler
         self.attachment.set_prompts(prompts, rows=batch * num_images)
         kwargs = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance), ("width", width),
@@ -228,7 +239,9 @@ class ImagePrompter:
             # An empty negative prompt is passed as None so SDXL keeps its zeroed negative embeddings; FLUX's true CFG
             # runs only with a negative prompt, so there an empty one is passed as such.
             true_cfg = pipe_kwargs.get("true_cfg_scale", 1.0) > 1.0
-            out = self.pipe(prompt=prompt, negative_prompt=negative_prompt or ("" if true_cfg else None),
+            negative = negative_prompt or ("" if true_cfg and pipe_kwargs.get("negative_prompt_embeds") is None
+                                           else None)
+            out = self.pipe(prompt=None if embeds is not None else prompt, negative_prompt=negative,
                             num_images_per_prompt=num_images,
                             **kwargs, **pipe_kwargs)
         finally:
@@ -267,3 +280,7 @@ class ImagePrompter:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+
+def _has_text(prompt: str | list[str] | None) -> bool:
+    return any(prompt) if isinstance(prompt, list) else bool(prompt)

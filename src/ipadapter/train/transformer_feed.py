@@ -44,12 +44,13 @@ def load_transformer_pipeline(source: str, family: TransformerFamily, dtype: tor
         raise IPAdapterError(f"--base {source} is not a {family.name} pipeline ({first_clause(str(err))})") from None
 
 
-def _frozen_parts(family: TransformerFamily) -> dict[str, None]:
-    """Every component of the family's pipeline but the transformer and the scheduler, as None (not loaded)."""
+def _frozen_parts(family: TransformerFamily, keep: tuple[str, ...] = KEPT) -> dict[str, None]:
+    """Every component of the family's pipeline but those kept (the transformer and the scheduler), as None (not
+    loaded)."""
     import diffusers
 
     names = inspect.signature(getattr(diffusers, family.pipeline)).parameters
-    return {name: None for name in names if name not in KEPT}
+    return {name: None for name in names if name not in keep}
 
 
 def check_size(config: TrainConfig, family: TransformerFamily) -> list[tuple[int, int]] | None:
@@ -129,15 +130,18 @@ class Feed:
                                         examples["text"])
         return self.family.assemble(rows, self._empty)
 
-    def for_generation(self) -> tuple[Any, ImageEncoder]:
-        """A whole pipeline around the trained transformer and the image encoder: the run's own, or (training from
-        the cache) loaded for the caller, to be let go of when it is done."""
+    def for_generation(self, encoders: bool = True) -> tuple[Any, ImageEncoder | None]:
+        """A pipeline around the trained transformer and the image encoder: the run's own, or (training from the
+        cache) loaded for the caller, to be let go of when it is done; without `encoders`, a pipeline of the VAE
+        alone around the transformer and no image encoder (for prompts and references encoded before)."""
         from ipadapter.train.feed import load_image_encoder
 
         if not self._cached:
             return self.pipe, self.encoder
-        pipe = load_transformer_pipeline(self.config.base, self.family, self.dtype, transformer=self.pipe.transformer)
-        encoder = load_image_encoder(self.config)
+        parts = {} if encoders else _frozen_parts(self.family, keep=(*KEPT, "vae"))
+        pipe = load_transformer_pipeline(self.config.base, self.family, self.dtype,
+                                         **{**parts, "transformer": self.pipe.transformer})
+        encoder = load_image_encoder(self.config) if encoders else None
         _place(pipe, encoder, self.accelerator.device, self.dtype)
         return pipe, encoder
 
