@@ -101,6 +101,72 @@ def flux_pipeline(folder: Path, seed: int = 0):
     return pipe
 
 
+def flux_transformer_full_width(seed: int = 0):
+    """A FLUX.1 [dev] transformer at FLUX.1's own width (24 heads of 128: diffusers' conversion of Black Forest
+    Labs' files is written for 3,072) with one block of each kind, 531M parameters in bf16; its text and latent
+    widths are the tiny pipeline's. Random normal weights × 0.02, drawn in bf16 (a second or two)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=FLUX_JOINT,
+                                       pooled_projection_dim=32, guidance_embeds=True)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=g, dtype=torch.bfloat16) * 0.02)
+    return model.eval()
+
+
+def flux_as_bfl(model) -> dict[str, torch.Tensor]:
+    """A FLUX transformer's weights in Black Forest Labs' layout (ComfyUI's `models/unet/` files), written out from
+    the inverse of diffusers' `convert_flux_transformer_checkpoint_to_diffusers`: fused q/k/v (and the single blocks'
+    MLP input), the final modulation's shift and scale in BFL's order."""
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+
+    def same(bfl: str, ours: str) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{bfl}.{kind}"] = sd.pop(f"{ours}.{kind}")
+
+    def fused(bfl: str, ours: list[str]) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{bfl}.{kind}"] = torch.cat([sd.pop(f"{name}.{kind}") for name in ours])
+
+    for bfl, ours in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
+                      ("guidance_in", "guidance_embedder")):
+        same(f"{bfl}.in_layer", f"time_text_embed.{ours}.linear_1")
+        same(f"{bfl}.out_layer", f"time_text_embed.{ours}.linear_2")
+    same("txt_in", "context_embedder")
+    same("img_in", "x_embedder")
+    same("final_layer.linear", "proj_out")
+    for kind in ("weight", "bias"):
+        scale, shift = sd.pop(f"norm_out.linear.{kind}").chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([shift, scale])
+    for i in range(model.config.num_layers):
+        d, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for bfl, ours in (("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
+                          ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
+                          ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2"),
+                          ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out")):
+            same(d + bfl, b + ours)
+        fused(d + "img_attn.qkv", [f"{b}attn.to_{x}" for x in "qkv"])
+        fused(d + "txt_attn.qkv", [f"{b}attn.add_{x}_proj" for x in "qkv"])
+        for bfl, ours in (("img_attn.norm.query_norm", "norm_q"), ("img_attn.norm.key_norm", "norm_k"),
+                          ("txt_attn.norm.query_norm", "norm_added_q"), ("txt_attn.norm.key_norm", "norm_added_k")):
+            out[f"{d}{bfl}.scale"] = sd.pop(f"{b}attn.{ours}.weight")
+    for i in range(model.config.num_single_layers):
+        s, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        same(s + "modulation.lin", b + "norm.linear")
+        fused(s + "linear1", [f"{b}attn.to_{x}" for x in "qkv"] + [f"{b}proj_mlp"])
+        same(s + "linear2", b + "proj_out")
+        out[f"{s}norm.query_norm.scale"] = sd.pop(f"{b}attn.norm_q.weight")
+        out[f"{s}norm.key_norm.scale"] = sd.pop(f"{b}attn.norm_k.weight")
+    assert not sd, f"weights the layout does not place: {sorted(sd)}"
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def save_flux_base(root: Path) -> Path:
     """A FLUX pipeline folder with an image_encoder/ beside it, as `ipadapter generate --base` reads it."""
     pipe = flux_pipeline(root / "parts")

@@ -212,8 +212,9 @@ def test_the_family_is_read_from_the_header(tmp_path) -> None:
     ("model.ckpt", lambda p: torch.save({"state_dict": {}}, p), "is a pickle (.ckpt); ipadapter does not open"),
     ("lora.safetensors", lambda p: _header_only(p, {"lora_unet_down.alpha": (1,)}), "holds no Stable Diffusion UNet"),
     ("inpaint.safetensors", lambda p: _header_only(p, {UNET_KEY: (1, 9, 1, 1)}), "is of the family 'inpainting'"),
-    ("flux1-schnell.safetensors", lambda p: _header_only(p, {"double_blocks.0.img_attn.norm.key_norm.scale": (1,),
-                                                         "img_in.weight": (1, 64)}), "is of the family 'flux-schnell'"),
+    ("flux1-fill.safetensors", lambda p: _header_only(p, {"double_blocks.0.img_attn.norm.key_norm.scale": (1,),
+                                                      "guidance_in.in_layer.bias": (1,), "img_in.weight": (1, 384)}),
+     "is of the family 'flux-fill'"),
     ("notes.safetensors", lambda p: p.write_text("not weights"), "is not a .safetensors file"),
 ])
 def test_a_file_that_is_not_a_whole_base_is_refused_in_one_line(base, tmp_path, capsys, name, write, says) -> None:
@@ -223,8 +224,8 @@ def test_a_file_that_is_not_a_whole_base_is_refused_in_one_line(base, tmp_path, 
                  str(base / "ref.png"), "--out", str(tmp_path / "out.png")]) != 0
     err = capsys.readouterr().err.strip()
     instead = (": use the model's .safetensors file" if name.endswith(".ckpt") else
-               "; --base takes a whole Stable Diffusion 1.x, 2.x or SDXL checkpoint in one .safetensors file, or a "
-               "diffusers pipeline folder or Hub id")
+               "; --base takes a whole Stable Diffusion 1.x, 2.x or SDXL checkpoint or a FLUX.1 transformer in one "
+               ".safetensors file, or a diffusers pipeline folder or Hub id")
     assert err.startswith(f"ipadapter: error: {tmp_path / name} ")
     assert says in err and err.endswith(instead) and "\n" not in err
     assert not (tmp_path / "out.png").exists()

@@ -1,12 +1,14 @@
 """Base models kept as one file in the original Stable Diffusion layout, as web UIs, ComfyUI (`models/checkpoints/`)
-and model sites share fine-tuned models.
+and model sites share fine-tuned models; and FLUX.1 transformers kept alone in Black Forest Labs' layout, as ComfyUI
+(`models/unet/`) and model sites share FLUX fine-tunes.
 
 diffusers' `from_single_file` reads the weights. The layout they fill (block counts, widths, the tokenizer, the
 scheduler) is that of the published diffusers repository of the file's family, which diffusers tells from the file's
-key names and shapes (`infer_diffusers_model_type`; the header is enough, no weight is read for it). Only that
-repository's config and tokenizer files are read: from the Hugging Face cache when they are there, else downloaded
-once (a few hundred kB), never its weights. Whole text-to-image checkpoints of the Stable Diffusion families are
-taken; anything else is refused by name before a weight is read.
+key names and shapes (`infer_diffusers_model_type`; the header is enough, no weight is read for it). For a whole
+Stable Diffusion checkpoint only that repository's config and tokenizer files are read: from the Hugging Face cache
+when they are there, else downloaded once (a few hundred kB), never its weights. A FLUX.1 file holds the transformer
+alone, so the other parts (text encoders, VAE) are that repository's own, from the cache or downloaded once, and its
+transformer's weights are never read. Anything else is refused by name before a weight is read.
 """
 
 from __future__ import annotations
@@ -19,17 +21,21 @@ from typing import Any
 import torch
 
 from ipadapter.errors import IPAdapterError, first_clause
-from ipadapter.sources import from_cache_or_hub
+from ipadapter.sources import from_cache_or_hub, plain_or_fp16
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # the first convolution, in every SD checkpoint
 # diffusers' names of the families a base file can be (`infer_diffusers_model_type`) → how messages call them.
 FAMILIES = {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x", "xl_base": "SDXL",
             "playground-v2-5": "Playground v2.5"}
+# Families whose file is a transformer alone (diffusers' names → how messages call them): the rest of the pipeline
+# comes from the family's repository.
+TRANSFORMER_FAMILIES = {"flux-dev": "FLUX.1 [dev]", "flux-schnell": "FLUX.1 [schnell]"}
+_LABELS = {**FAMILIES, **TRANSFORMER_FAMILIES}
 # A diffusers repository's files that describe it without weights, at any depth (huggingface_hub matches with
 # fnmatch, whose `*` crosses folders): configs, tokenizer vocabularies and merges, sentencepiece models.
 CONFIG_FILES = ("*.json", "*.txt", "*.model")
-EXPECTED = ("--base takes a whole Stable Diffusion 1.x, 2.x or SDXL checkpoint in one .safetensors file, or a "
-            "diffusers pipeline folder or Hub id")
+EXPECTED = ("--base takes a whole Stable Diffusion 1.x, 2.x or SDXL checkpoint or a FLUX.1 transformer in one "
+            ".safetensors file, or a diffusers pipeline folder or Hub id")
 
 
 def is_single_file(base: str | os.PathLike) -> bool:
@@ -49,10 +55,11 @@ def family(path: str | os.PathLike) -> tuple[str, str]:
                              "carry code: use the model's .safetensors file")
     shapes = tensor_shapes(path, EXPECTED)
     name = infer_diffusers_model_type({key: torch.empty(shape, device="meta") for key, shape in shapes.items()})
-    if name not in FAMILIES:  # an inpainting or refiner model, a FLUX or SD 3 transformer, a ControlNet, ...
-        raise IPAdapterError(f"{path} is of the family {name!r} (as diffusers names it), not SD 1.x, 2.x or SDXL; "
-                             f"{EXPECTED}")
-    if UNET_KEY not in shapes:  # diffusers' rules end at SD 1.x: a LoRA or any other file reads as one
+    if name not in FAMILIES and name not in TRANSFORMER_FAMILIES:  # an inpainting model, an SD 3 transformer, ...
+        raise IPAdapterError(f"{path} is of the family {name!r} (as diffusers names it), not SD 1.x, 2.x, SDXL or "
+                             f"FLUX.1; {EXPECTED}")
+    # diffusers' rules end at SD 1.x: a LoRA or any other file reads as one
+    if name in FAMILIES and UNET_KEY not in shapes:
         raise IPAdapterError(f"{path} holds no Stable Diffusion UNet in the original layout (no {UNET_KEY}); "
                              f"{EXPECTED}")
     return name, DIFFUSERS_DEFAULT_PIPELINE_PATHS[name]["pretrained_model_name_or_path"]
@@ -72,7 +79,7 @@ def config_folder(path: str | os.PathLike) -> Path:
         return folder
 
     try:
-        return from_cache_or_hub(fetch, repo, f"the {FAMILIES[name]} layout", include=CONFIG_FILES,
+        return from_cache_or_hub(fetch, repo, f"the {_LABELS[name]} layout", include=CONFIG_FILES,
                                  instead="give --base the model as a diffusers pipeline folder")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not fetch the configs of {repo}: {first_clause(str(err))}") from None
@@ -83,15 +90,55 @@ def configs_of(base: str) -> str:
     return str(config_folder(base)) if is_single_file(base) else base
 
 
+def pipeline_name(path: str | os.PathLike) -> str:
+    """The diffusers pipeline class a single file loads as (its family repository's)."""
+    return json.loads((config_folder(path) / "model_index.json").read_bytes())["_class_name"]
+
+
+def parts_source(base: str) -> str:
+    """Where a base's text encoders and VAE are read: a transformer file's family repository, else the base."""
+    if is_single_file(base) and (layout := family(base))[0] in TRANSFORMER_FAMILIES:
+        return layout[1]
+    return base
+
+
 def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> Any:
     """The text-to-image pipeline of a single-file checkpoint, its parts laid out as its family's repository; `parts`
-    (a `vae=`) replace the file's own."""
+    (a `vae=`; None: not loaded) replace the file's own or, for a transformer file, the repository's."""
     import diffusers
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     folder = config_folder(path)
-    cls = getattr(diffusers, json.loads((folder / "model_index.json").read_bytes())["_class_name"])
+    index = json.loads((folder / "model_index.json").read_bytes())
+    cls = getattr(diffusers, index["_class_name"])
+    name, repo = family(path)
+    if name in TRANSFORMER_FAMILIES:
+        transformer = getattr(diffusers, index["transformer"][1])
+        return _around_transformer(path, (name, repo), cls, transformer, folder, dtype, parts)
     try:  # every file it reads is local: the checkpoint and the config folder
         return cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype, **parts)
     except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:  # weights that do not fit
         raise IPAdapterError(f"could not load {path} as a {cls.__name__}: {first_clause(str(err))}") from None
+
+
+def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: Any, transformer_cls: Any,
+                        folder: Path, dtype: torch.dtype, parts: dict[str, Any]) -> Any:
+    """The transformer from the file (unless `parts` gives one, or None), every other part from its family's
+    repository (`layout`: its name and repository): the Hugging Face cache first, else downloaded once, the
+    repository's own transformer left out."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    name, repo = layout
+    if "transformer" not in parts:
+        try:
+            parts = {**parts, "transformer": transformer_cls.from_single_file(
+                str(path), config=str(folder), subfolder="transformer", torch_dtype=dtype)}
+        except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:
+            raise IPAdapterError(f"could not load {path} as a {transformer_cls.__name__}: "
+                                 f"{first_clause(str(err))}") from None
+    what = f"the {_LABELS[name]} text encoders and VAE"
+    try:
+        return from_cache_or_hub(lambda local: plain_or_fp16(lambda variant: cls.from_pretrained(
+            repo, torch_dtype=dtype, local_files_only=local, **parts, **variant)), repo, what)
+    except (OSError, ValueError) as err:
+        raise IPAdapterError(f"could not load {what} from {repo}: {first_clause(str(err))}") from None

@@ -95,12 +95,13 @@ ENCODER_FOLDERS = ["vae", "text_encoder", "text_encoder_2", "text_encoder_3", "t
 
 
 def base_identity(config: TrainConfig, models: BaseModels | None) -> str:
+    from ipadapter.single_file import parts_source
     from ipadapter.train.cache import folder_fingerprint
 
     if models is not None:
         parts = [module_fingerprint(models.vae)] + [module_fingerprint(e) for e in models.text_encoders]
         return "|".join(parts)
-    return folder_fingerprint(config.base, ENCODER_FOLDERS)
+    return folder_fingerprint(parts_source(config.base), ENCODER_FOLDERS)
 
 
 def encoder_identity(config: TrainConfig) -> str:

@@ -34,9 +34,12 @@ def load_transformer_pipeline(source: str, family: TransformerFamily, dtype: tor
     replace components (None: not loaded)."""
     import diffusers
 
+    from ipadapter import single_file
     from ipadapter.sources import from_cache_or_hub, plain_or_fp16
 
     cls = getattr(diffusers, family.pipeline)
+    if single_file.is_single_file(source):  # a FLUX.1 transformer file (check_size has told it is one)
+        return single_file.load_pipeline(source, dtype, **parts)
     try:
         return from_cache_or_hub(lambda local: plain_or_fp16(lambda variant: cls.from_pretrained(
             source, torch_dtype=dtype, local_files_only=local, **parts, **variant)), source, "the base model")
@@ -58,13 +61,18 @@ def check_size(config: TrainConfig, family: TransformerFamily) -> list[tuple[int
     before any weights load."""
     import diffusers
 
+    from ipadapter import single_file
     from ipadapter.errors import FieldError
     from ipadapter.sources import read_config
 
     if Path(config.base).is_dir() and not (Path(config.base) / "transformer").is_dir():
         raise IPAdapterError(f"--base {config.base} is not a {family.name} pipeline: it has no transformer folder")
-    transformer = read_config(getattr(diffusers, family.transformer), config.base, "transformer")
-    vae = read_config(diffusers.AutoencoderKL, config.base, "vae")
+    if single_file.is_single_file(config.base) and (made := single_file.pipeline_name(config.base)) != family.pipeline:
+        raise IPAdapterError(f"--base {config.base} is not a {family.name} transformer file: diffusers reads it as a "
+                             f"{made}")
+    layout = single_file.configs_of(config.base)
+    transformer = read_config(getattr(diffusers, family.transformer), layout, "transformer")
+    vae = read_config(diffusers.AutoencoderKL, layout, "vae")
     step = family.size_step(vae, transformer)
     if config.resolution % step:
         raise FieldError("resolution", f"{config.resolution} does not fit this {family.name} base: it must be a "

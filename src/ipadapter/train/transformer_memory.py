@@ -26,6 +26,7 @@ def estimate_transformer(config: TrainConfig, batch_sizes: tuple[int, ...] = (1,
     import diffusers
 
     from ipadapter.dit.train import family as family_of
+    from ipadapter.single_file import configs_of
     from ipadapter.sources import read_config
     from ipadapter.train.stages import stage_configs
     from ipadapter.train.transformer import check_stages
@@ -41,15 +42,16 @@ def estimate_transformer(config: TrainConfig, batch_sizes: tuple[int, ...] = (1,
         check_size(config, family)
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
     transformer_class = getattr(diffusers, family.transformer)
-    transformer_config = read_config(transformer_class, config.base, "transformer")
-    vae_config = read_config(diffusers.AutoencoderKL, config.base, "vae")
+    layout = configs_of(config.base)  # a FLUX.1 transformer file: its family's repository's configs
+    transformer_config = read_config(transformer_class, layout, "transformer")
+    vae_config = read_config(diffusers.AutoencoderKL, layout, "vae")
     with torch.device("meta"):  # counted only: weightless on the meta device
         vision = _vision(config.image_encoder)
         frozen = [] if config.cache else [diffusers.AutoencoderKL.from_config(vae_config),
-                                          *_text_encoders(config.base), vision]
+                                          *_text_encoders(layout), vision]
     width, features = _features(vision, family)
     latent = largest_resolution(config) // vae_downscale(vae_config)
-    text = family.text_tokens(config.base)
+    text = family.text_tokens(layout)
     with FakeTensorMode():  # fake CPU tensors: shapes and dtypes, no memory
         batches = {b: _batch(family, transformer_config, b, latent, text, features, dtype) for b in batch_sizes}
         with default_dtype(dtype):  # frozen in the run's precision, as the run casts them
