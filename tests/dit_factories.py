@@ -197,6 +197,65 @@ def sd3_transformer(seed: int = 0, *, layers: int = 2, joint: int = 32):
                                  pooled_projection_dim=64, out_channels=4).eval()
 
 
+def sd35_large_like(seed: int = 0):
+    """A tiny SD 3.5 transformer that diffusers reads as SD 3.5 Large from Stability's layout: 38 joint blocks (the
+    header rule is block 37's presence; the conversion takes every width from the file) with RMS query/key norms."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=38, attention_head_dim=8,
+                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+                                 pooled_projection_dim=64, out_channels=4, qk_norm="rms_norm").eval()
+
+
+def sd3_as_stability(model) -> dict[str, torch.Tensor]:
+    """An SD 3 / 3.5 transformer's weights in Stability's layout (`sd3.5_large.safetensors`), written out from the
+    inverse of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`: fused q/k/v, the last block's text side
+    without output projection or MLP, the last modulations' shift and scale in Stability's order."""
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {"pos_embed": sd.pop("pos_embed.pos_embed")}
+
+    def same(theirs: str, ours: str) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{theirs}.{kind}"] = sd.pop(f"{ours}.{kind}")
+
+    def swapped(theirs: str, ours: str) -> None:
+        for kind in ("weight", "bias"):
+            scale, shift = sd.pop(f"{ours}.{kind}").chunk(2)
+            out[f"{theirs}.{kind}"] = torch.cat([shift, scale])
+
+    same("x_embedder.proj", "pos_embed.proj")
+    same("context_embedder", "context_embedder")
+    for theirs, ours in (("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")):
+        same(f"{theirs}.mlp.0", f"time_text_embed.{ours}.linear_1")
+        same(f"{theirs}.mlp.2", f"time_text_embed.{ours}.linear_2")
+    last = model.config.num_layers - 1
+    for i in range(model.config.num_layers):
+        j, b = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
+        for block, names in (("x_block", [f"{b}attn.to_{x}" for x in "qkv"]),
+                             ("context_block", [f"{b}attn.add_{x}_proj" for x in "qkv"])):
+            for kind in ("weight", "bias"):
+                out[f"{j}{block}.attn.qkv.{kind}"] = torch.cat([sd.pop(f"{name}.{kind}") for name in names])
+        for theirs, ours in (("x_block.attn.ln_q", "norm_q"), ("x_block.attn.ln_k", "norm_k"),
+                             ("context_block.attn.ln_q", "norm_added_q"), ("context_block.attn.ln_k", "norm_added_k")):
+            out[f"{j}{theirs}.weight"] = sd.pop(f"{b}attn.{ours}.weight")
+        same(j + "x_block.attn.proj", b + "attn.to_out.0")
+        same(j + "x_block.adaLN_modulation.1", b + "norm1.linear")
+        same(j + "x_block.mlp.fc1", b + "ff.net.0.proj")
+        same(j + "x_block.mlp.fc2", b + "ff.net.2")
+        if i == last:
+            swapped(j + "context_block.adaLN_modulation.1", b + "norm1_context.linear")
+        else:
+            same(j + "context_block.attn.proj", b + "attn.to_add_out")
+            same(j + "context_block.adaLN_modulation.1", b + "norm1_context.linear")
+            same(j + "context_block.mlp.fc1", b + "ff_context.net.0.proj")
+            same(j + "context_block.mlp.fc2", b + "ff_context.net.2")
+    same("final_layer.linear", "proj_out")
+    swapped("final_layer.adaLN_modulation.1", "norm_out.linear")
+    assert not sd, f"weights the layout does not place: {sorted(sd)}"
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def instantx_state(*, blocks: int = 2, width: int = SD3_WIDTH, feature_dim: int = SIGLIP_DIM, queries: int = 8,
                    hidden: int = 64, timestep_dim: int = 16, seed: int = 1) -> dict[str, dict[str, torch.Tensor]]:
     """An InstantX SD 3.5 IP-Adapter `.bin`'s nested tensors, random, in the published key names."""

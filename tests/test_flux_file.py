@@ -121,5 +121,47 @@ def test_a_unet_variant_refuses_the_file_in_one_line(flux_file, monkeypatch, tmp
     assert main(["train", "--base", str(flux_file.path), "--image-encoder", str(flux_file.root / "encoder"),
                  "--data", str(data), "--output", str(tmp_path / "run"), "--resolution", "16"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"ipadapter: error: {flux_file.path} is a FLUX.1 transformer, which UNet variants do not train: "
-                   "give --variant flux or flux-v2"]
+    assert err == [f"ipadapter: error: {flux_file.path} is a transformer of FLUX.1 [dev], which UNet variants do "
+                   "not train: give --variant flux or flux-v2"]
+
+
+def _cache_holding(flux_file, folder, patterns) -> Path:
+    """A Hugging Face cache holding the repository's files that match `patterns` (fnmatch: `*` crosses folders)."""
+    import fnmatch
+    import shutil
+
+    kept = folder / "kept"
+    kept.mkdir(parents=True)
+    for path in flux_file.repo.rglob("*"):
+        relative = path.relative_to(flux_file.repo).as_posix()
+        if path.is_file() and any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
+            (kept / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, kept / relative)
+    factories.write_hub_cache(folder / "hub", REPO, kept)
+    return folder / "hub"
+
+
+@pytest.mark.parametrize("cached", ["nothing", "configs"])
+def test_a_repository_not_in_the_cache_is_one_line_with_the_download_that_suffices(flux_file, monkeypatch, tmp_path,
+                                                                                   capsys, cached) -> None:
+    """Offline with nothing of FLUX.1 [dev] cached, or its configs alone: one line naming one `hf download` for every
+    file the file's pipeline reads; a cache holding exactly what that command fetches then generates."""
+    patterns = ["*.json", "*.txt", "*.model", "scheduler/*", "vae/*", "text_encoder/*", "tokenizer/*",
+                "text_encoder_2/*", "tokenizer_2/*"]
+    cache = _cache_holding(flux_file, tmp_path / "partial", patterns[:3] if cached == "configs" else ["none"])
+    factories.hub_without_network(monkeypatch, cache)
+    root = flux_file.root
+    argv = ["generate", "--base", str(flux_file.path), "--adapter", str(root / "ip_adapter.safetensors"),
+            "--image-encoder", str(root / "encoder"), "--image", str(root / "ref.png"), "--steps", "1", "--width",
+            "16", "--height", "16"]
+    assert main([*argv, "--out", str(tmp_path / "no.png")]) != 0
+    what = "layout" if cached == "nothing" else "text encoders and VAE"
+    command = f"hf download {REPO} --include " + " ".join(f"'{p}'" for p in patterns)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ipadapter: error: the FLUX.1 [dev] {what} {REPO} is not in the local Hugging Face cache and the Hub cannot "
+        f"be reached; download it once with network access ({command}) or give --base the model as a diffusers "
+        "pipeline folder"]
+    if cached == "configs":
+        factories.hub_without_network(monkeypatch, _cache_holding(flux_file, tmp_path / "all", patterns))
+        assert main([*argv, "--out", str(tmp_path / "yes.png")]) == 0
+

@@ -224,8 +224,8 @@ def test_a_file_that_is_not_a_whole_base_is_refused_in_one_line(base, tmp_path, 
                  str(base / "ref.png"), "--out", str(tmp_path / "out.png")]) != 0
     err = capsys.readouterr().err.strip()
     instead = (": use the model's .safetensors file" if name.endswith(".ckpt") else
-               "; --base takes a whole Stable Diffusion 1.x, 2.x or SDXL checkpoint or a FLUX.1 transformer in one "
-               ".safetensors file, or a diffusers pipeline folder or Hub id")
+               "; --base takes a whole Stable Diffusion 1.x, 2.x or SDXL checkpoint, or a FLUX.1 or SD 3 / 3.5 "
+               "transformer, in one .safetensors file, or a diffusers pipeline folder or Hub id")
     assert err.startswith(f"ipadapter: error: {tmp_path / name} ")
     assert says in err and err.endswith(instead) and "\n" not in err
     assert not (tmp_path / "out.png").exists()

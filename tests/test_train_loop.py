@@ -453,6 +453,39 @@ def test_sdxl_validation_images_are_what_users_generate(tmp_path) -> None:
         "the check can tell the text encoders apart"
 
 
+def test_faceid_validation_images_are_what_users_generate_from_the_samples_id_embedding(tmp_path) -> None:
+    """A FaceID-Plus run's validation references are the data's first samples with their own ID embeddings (no face
+    is detected): its second validation's sample, drawn from the first's encoding, is what a user gets from
+    diffusers' SD 1.5 pipeline with the finished adapter, that image and that embedding; another embedding differs."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    from ipadapter.prompter import ImagePrompter
+
+    manifest = factories.write_images(tmp_path / "data", 4, id_dim=8)
+    models, encoder = factories.in_memory()
+    config = _config(tmp_path, manifest, max_steps=2, batch_size=2, validate_every=1, validation_steps=2,
+                     validation_prompts=["a face"], variant="faceid-plus", id_dim=8, lora_rank=4)
+    result = train(config, models=models, image_encoder=encoder, log_with=None)
+    res = config.resolution
+    shown = Image.open(result.output / "validation" / "step-00000002.png").convert("RGB").crop((res, 0, 2 * res, res))
+    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoders[0], tokenizer=models.tokenizers[0],
+                                   unet=models.unet, scheduler=DDIMScheduler.from_config(models.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(tmp_path / "data" / "img0.png").convert("RGB")
+
+    def drawn(ids: torch.Tensor) -> np.ndarray:
+        with ImagePrompter(pipe, {"0": result.adapter}, encoder) as prompter:
+            refs = prompter.references([image], face_embeds=ids)
+            return np.asarray(prompter.generate({"0": refs}, prompt="a face", steps=2, seed=config.seed, width=res,
+                                                height=res, guidance=config.validation_guidance)[0].convert("RGB"))
+
+    own = torch.from_numpy(np.load(tmp_path / "data" / "id0.npy"))[None]
+    assert np.array_equal(np.asarray(shown), drawn(own))
+    assert not np.array_equal(np.asarray(shown), drawn(torch.from_numpy(np.load(tmp_path / "data" / "id1.npy"))[None]))
+
+
 @pytest.mark.parametrize("handlers", [True, False])
 def test_a_finished_run_says_where_its_adapter_is_once(tmp_path, caplog, capsys, monkeypatch, handlers) -> None:
     """Through logging when the application set it up, else printed once (a library call without logging)."""

@@ -1,22 +1,23 @@
 """Base models kept as one file in the original Stable Diffusion layout, as web UIs, ComfyUI (`models/checkpoints/`)
-and model sites share fine-tuned models; and FLUX.1 transformers kept alone in Black Forest Labs' layout, as ComfyUI
-(`models/unet/`) and model sites share FLUX fine-tunes.
+and model sites share fine-tuned models; and transformers kept alone, FLUX.1's in Black Forest Labs' layout and SD 3 /
+3.5's in Stability's, as ComfyUI (`models/unet/`) and model sites share them.
 
 diffusers' `from_single_file` reads the weights. The layout they fill (block counts, widths, the tokenizer, the
 scheduler) is that of the published diffusers repository of the file's family, which diffusers tells from the file's
 key names and shapes (`infer_diffusers_model_type`; the header is enough, no weight is read for it). For a whole
 Stable Diffusion checkpoint only that repository's config and tokenizer files are read: from the Hugging Face cache
-when they are there, else downloaded once (a few hundred kB), never its weights. A FLUX.1 file holds the transformer
-alone, so the other parts (text encoders, VAE) are that repository's own, from the cache or downloaded once, and its
-transformer's weights are never read. Anything else is refused by name before a weight is read.
+when they are there, else downloaded once (a few hundred kB), never its weights. A transformer file holds the
+transformer alone, so the other parts (text encoders, VAE) are that repository's own, from the cache or downloaded
+once, and its transformer's weights are never read. Anything else is refused by name before a weight is read.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,15 +28,29 @@ UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # the first convolut
 # diffusers' names of the families a base file can be (`infer_diffusers_model_type`) → how messages call them.
 FAMILIES = {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x", "xl_base": "SDXL",
             "playground-v2-5": "Playground v2.5"}
-# Families whose file is a transformer alone (diffusers' names → how messages call them): the rest of the pipeline
-# comes from the family's repository.
-TRANSFORMER_FAMILIES = {"flux-dev": "FLUX.1 [dev]", "flux-schnell": "FLUX.1 [schnell]"}
-_LABELS = {**FAMILIES, **TRANSFORMER_FAMILIES}
+
+
+class TransformerFamily(NamedTuple):
+    label: str  # as messages call it
+    pipeline: str  # the diffusers pipeline around it
+    variants: str  # the `--variant`s that train adapters for it
+
+
+# Families whose file is a transformer alone, by diffusers' names: the rest of the pipeline comes from the family's
+# repository.
+TRANSFORMER_FAMILIES = {
+    "flux-dev": TransformerFamily("FLUX.1 [dev]", "FluxPipeline", "flux or flux-v2"),
+    "flux-schnell": TransformerFamily("FLUX.1 [schnell]", "FluxPipeline", "flux or flux-v2"),
+    "sd35_large": TransformerFamily("SD 3.5 Large", "StableDiffusion3Pipeline", "sd3"),
+    "sd35_medium": TransformerFamily("SD 3.5 Medium", "StableDiffusion3Pipeline", "sd3"),
+    "sd3": TransformerFamily("SD 3 Medium", "StableDiffusion3Pipeline", "sd3"),
+}
+_LABELS = {**FAMILIES, **{name: family.label for name, family in TRANSFORMER_FAMILIES.items()}}
 # A diffusers repository's files that describe it without weights, at any depth (huggingface_hub matches with
 # fnmatch, whose `*` crosses folders): configs, tokenizer vocabularies and merges, sentencepiece models.
 CONFIG_FILES = ("*.json", "*.txt", "*.model")
-EXPECTED = ("--base takes a whole Stable Diffusion 1.x, 2.x or SDXL checkpoint or a FLUX.1 transformer in one "
-            ".safetensors file, or a diffusers pipeline folder or Hub id")
+EXPECTED = ("--base takes a whole Stable Diffusion 1.x, 2.x or SDXL checkpoint, or a FLUX.1 or SD 3 / 3.5 transformer, "
+            "in one .safetensors file, or a diffusers pipeline folder or Hub id")
 
 
 def is_single_file(base: str | os.PathLike) -> bool:
@@ -55,9 +70,9 @@ def family(path: str | os.PathLike) -> tuple[str, str]:
                              "carry code: use the model's .safetensors file")
     shapes = tensor_shapes(path, EXPECTED)
     name = infer_diffusers_model_type({key: torch.empty(shape, device="meta") for key, shape in shapes.items()})
-    if name not in FAMILIES and name not in TRANSFORMER_FAMILIES:  # an inpainting model, an SD 3 transformer, ...
-        raise IPAdapterError(f"{path} is of the family {name!r} (as diffusers names it), not SD 1.x, 2.x, SDXL or "
-                             f"FLUX.1; {EXPECTED}")
+    if name not in FAMILIES and name not in TRANSFORMER_FAMILIES:  # an inpainting model, FLUX Fill, ...
+        raise IPAdapterError(f"{path} is of the family {name!r} (as diffusers names it), not SD 1.x, 2.x, SDXL, "
+                             f"FLUX.1 or SD 3 / 3.5; {EXPECTED}")
     # diffusers' rules end at SD 1.x: a LoRA or any other file reads as one
     if name in FAMILIES and UNET_KEY not in shapes:
         raise IPAdapterError(f"{path} holds no Stable Diffusion UNet in the original layout (no {UNET_KEY}); "
@@ -79,10 +94,22 @@ def config_folder(path: str | os.PathLike) -> Path:
         return folder
 
     try:
-        return from_cache_or_hub(fetch, repo, f"the {_LABELS[name]} layout", include=CONFIG_FILES,
+        return from_cache_or_hub(fetch, repo, f"the {_LABELS[name]} layout", include=_needed(name),
                                  instead="give --base the model as a diffusers pipeline folder")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not fetch the configs of {repo}: {first_clause(str(err))}") from None
+
+
+def _needed(name: str) -> tuple[str, ...]:
+    """The repository files a family's single file needs, as download patterns (one command fetches them all): the
+    configs, and for a transformer file every part its pipeline requires but the transformer."""
+    import diffusers
+
+    if name not in TRANSFORMER_FAMILIES:
+        return CONFIG_FILES
+    params = inspect.signature(getattr(diffusers, TRANSFORMER_FAMILIES[name].pipeline)).parameters
+    return (*CONFIG_FILES, *(f"{part}/*" for part, param in params.items()
+                             if param.default is inspect.Parameter.empty and part != "transformer"))
 
 
 def configs_of(base: str) -> str:
@@ -139,6 +166,7 @@ def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: A
     what = f"the {_LABELS[name]} text encoders and VAE"
     try:
         return from_cache_or_hub(lambda local: plain_or_fp16(lambda variant: cls.from_pretrained(
-            repo, torch_dtype=dtype, local_files_only=local, **parts, **variant)), repo, what)
+            repo, torch_dtype=dtype, local_files_only=local, **parts, **variant)), repo, what, include=_needed(name),
+            instead="give --base the model as a diffusers pipeline folder")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not load {what} from {repo}: {first_clause(str(err))}") from None

@@ -66,9 +66,11 @@ def base_configs(source: str, models: BaseModels | None = None) -> tuple[dict[st
         return dict(models.unet.config), dict(models.vae.config) if models.vae else {}
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    if single_file.is_single_file(source) and single_file.family(source)[0] in single_file.TRANSFORMER_FAMILIES:
-        raise IPAdapterError(f"{source} is a FLUX.1 transformer, which UNet variants do not train: give --variant "
-                             "flux or flux-v2")
+    family = single_file.TRANSFORMER_FAMILIES.get(single_file.family(source)[0]) \
+        if single_file.is_single_file(source) else None
+    if family is not None:
+        raise IPAdapterError(f"{source} is a transformer of {family.label}, which UNet variants do not train: give "
+                             f"--variant {family.variants}")
     layout = single_file.configs_of(source)
     return read_config(UNet2DConditionModel, layout, "unet"), read_config(AutoencoderKL, layout, "vae")
 

@@ -92,7 +92,7 @@ def build_pipeline(unet: Any, vae: Any, tokenizers: list[Any], text_encoders: li
     tok, enc = (list(tokenizers) or [None, None]), (list(text_encoders) or [None, None])
     if is_kolors(unet.config):
         pipe = KolorsPipeline(vae=vae, text_encoder=enc[0], tokenizer=tok[0], unet=unet, scheduler=scheduler)
-    elif getattr(unet.config, "addition_embed_type", None) == "text_time":
+    elif unet.config.addition_embed_type == "text_time":
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=enc[0], text_encoder_2=enc[1], tokenizer=tok[0],
                                          tokenizer_2=tok[1], unet=unet, scheduler=scheduler)
     else:

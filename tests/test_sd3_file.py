@@ -1,0 +1,93 @@
+"""An SD 3.5 transformer kept alone in one file, in Stability's layout (`sd3.5_large.safetensors`, ComfyUI's
+`models/unet/`) as `--base`: the transformer from the file, the text encoders and VAE from SD 3.5 Large's repository
+in the Hugging Face cache, whose own transformer weights are never read (the cache here holds none).
+
+diffusers tells SD 3.5 Large from the header by its 38th joint block and takes every width from the file, so a tiny
+transformer with 38 blocks stands in. The file is written from that transformer by the inverse of diffusers'
+conversion (`dit_factories.sd3_as_stability`); the truth is that transformer object, in a pipeline built around it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ipadapter.cli.main import main
+from tests import dit_factories as df
+from tests import factories
+
+REPO = "stabilityai/stable-diffusion-3.5-large"
+
+
+@pytest.fixture(scope="module")
+def sd3_file(tmp_path_factory):
+    from transformers import SiglipImageProcessor
+
+    root = tmp_path_factory.mktemp("sd3-file")
+    transformer = df.sd35_large_like()
+    repo = root / "repo"
+    df.sd3_pipeline(root / "parts").save_pretrained(repo)
+    for weights in (repo / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    transformer.save_config(repo / "transformer")
+    factories.write_hub_cache(root / "hub", REPO, repo)
+    path = root / "sd3.5_large_finetune.safetensors"
+    save_file(df.sd3_as_stability(transformer), str(path))
+    torch.save(df.instantx_state(blocks=38), root / "ip-adapter.bin")
+    df.siglip().save_pretrained(root / "siglip")
+    SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(root / "siglip")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "ref.png")
+    return SimpleNamespace(root=root, path=path, repo=repo, transformer=transformer)
+
+
+def test_generate_from_the_file_makes_the_image_of_its_transformer(sd3_file, monkeypatch, tmp_path) -> None:
+    """The file loads back bit for bit, with the repository's other parts from the cache and no request naming it;
+    `ipadapter generate` from it makes the image `ipadapter.load` makes on a pipeline holding that transformer."""
+    import ipadapter
+    from diffusers import StableDiffusion3Pipeline
+
+    from ipadapter.pipelines import load_pipeline
+
+    root = sd3_file.root
+    sent = factories.hub_without_network(monkeypatch, root / "hub")
+    pipe = load_pipeline(sd3_file.path)
+    loaded, written = pipe.transformer.state_dict(), sd3_file.transformer.state_dict()
+    assert isinstance(pipe, StableDiffusion3Pipeline) and loaded.keys() == written.keys()
+    assert all(torch.equal(loaded[k], written[k]) for k in written)
+    out = tmp_path / "out.png"
+    assert main(["generate", "--base", str(sd3_file.path), "--adapter", str(root / "ip-adapter.bin"),
+                 "--image-encoder", str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(out),
+                 "--prompt", "a cat", "--steps", "2", "--width", "16", "--height", "16", "--seed", "3"]) == 0
+    assert [url for url in sent if "stabilityai" in url] == []
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_file.repo), transformer=sd3_file.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    with ipadapter.load(pipe, str(root / "ip-adapter.bin"), image_encoder=str(root / "siglip")) as prompter:
+        expected, plain = (prompter.generate(Image.open(root / "ref.png"), prompt="a cat", steps=2, width=16,
+                                             height=16, seed=3, scale=scale)[0] for scale in (1.0, 0.0))
+    got = np.asarray(Image.open(out).convert("RGB"), np.int16)
+    assert np.abs(got - np.asarray(expected, np.int16)).max() <= 1
+    assert np.abs(np.asarray(plain, np.int16) - np.asarray(expected, np.int16)).max() > 8  # the adapter acts
+
+
+def test_an_sd3_adapter_trains_on_the_file_and_a_unet_variant_refuses_it(sd3_file, monkeypatch, tmp_path,
+                                                                          capsys) -> None:
+    from safetensors.torch import load_file
+
+    root = sd3_file.root
+    sent = factories.hub_without_network(monkeypatch, root / "hub")
+    data = factories.write_images(tmp_path / "data", 2)
+    flags = ["--base", str(sd3_file.path), "--image-encoder", str(root / "siglip"), "--data", str(data),
+             "--resolution", "16", "--max-steps", "1", "--batch-size", "1", "--num-workers", "0"]
+    assert main(["train", "--variant", "sd3", *flags, "--output", str(tmp_path / "run")]) == 0
+    assert [url for url in sent if "stabilityai" in url] == []
+    written = load_file(str(tmp_path / "run" / "ip-adapter.safetensors"))
+    assert {key.split(".")[1] for key in written if key.startswith("ip_adapter.")} == {str(i) for i in range(38)}
+    capsys.readouterr()
+    assert main(["train", *flags, "--output", str(tmp_path / "unet")]) != 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ipadapter: error: {sd3_file.path} is a transformer of SD 3.5 Large, which UNet variants do not train: give "
+        "--variant sd3"]
