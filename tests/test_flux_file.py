@@ -10,6 +10,7 @@ is that transformer object itself, in a pipeline built around it in memory."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
