@@ -91,3 +91,24 @@ def test_an_sd3_adapter_trains_on_the_file_and_a_unet_variant_refuses_it(sd3_fil
     assert capsys.readouterr().err.strip().splitlines() == [
         f"ipadapter: error: {sd3_file.path} is a transformer of SD 3.5 Large, which UNet variants do not train: give "
         "--variant sd3"]
+
+
+def test_a_file_missing_a_weight_is_one_line_naming_it(sd3_file, monkeypatch, tmp_path, capsys) -> None:
+    """A transformer file cut short (its final projection gone): diffusers' conversion fails on the missing key, and
+    the command says which file and which weight in one line, with nothing written."""
+    from safetensors.torch import load_file
+
+    factories.hub_without_network(monkeypatch, sd3_file.root / "hub")
+    weights = load_file(str(sd3_file.path))
+    del weights["final_layer.linear.weight"]
+    cut = tmp_path / "cut.safetensors"
+    save_file(weights, str(cut))
+    out = tmp_path / "out.png"
+    assert main(["generate", "--base", str(cut), "--adapter", str(sd3_file.root / "ip-adapter.bin"),
+                 "--image-encoder", str(sd3_file.root / "siglip"), "--image", str(sd3_file.root / "ref.png"),
+                 "--out", str(out), "--steps", "1", "--width", "16", "--height", "16"]) != 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ipadapter: error: could not load {cut} as a SD3Transformer2DModel: it has no weight "
+        "final_layer.linear.weight"]
+    assert not out.exists()
+

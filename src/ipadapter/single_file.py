@@ -30,7 +30,9 @@ FAMILIES = {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x", "xl_base
             "playground-v2-5": "Playground v2.5"}
 
 
-class TransformerFamily(NamedTuple):
+class TransformerFile(NamedTuple):
+    """What a transformer-only file of a family needs around it."""
+
     label: str  # as messages call it
     pipeline: str  # the diffusers pipeline around it
     variants: str  # the `--variant`s that train adapters for it
@@ -39,11 +41,11 @@ class TransformerFamily(NamedTuple):
 # Families whose file is a transformer alone, by diffusers' names: the rest of the pipeline comes from the family's
 # repository.
 TRANSFORMER_FAMILIES = {
-    "flux-dev": TransformerFamily("FLUX.1 [dev]", "FluxPipeline", "flux or flux-v2"),
-    "flux-schnell": TransformerFamily("FLUX.1 [schnell]", "FluxPipeline", "flux or flux-v2"),
-    "sd35_large": TransformerFamily("SD 3.5 Large", "StableDiffusion3Pipeline", "sd3"),
-    "sd35_medium": TransformerFamily("SD 3.5 Medium", "StableDiffusion3Pipeline", "sd3"),
-    "sd3": TransformerFamily("SD 3 Medium", "StableDiffusion3Pipeline", "sd3"),
+    "flux-dev": TransformerFile("FLUX.1 [dev]", "FluxPipeline", "flux or flux-v2"),
+    "flux-schnell": TransformerFile("FLUX.1 [schnell]", "FluxPipeline", "flux or flux-v2"),
+    "sd35_large": TransformerFile("SD 3.5 Large", "StableDiffusion3Pipeline", "sd3"),
+    "sd35_medium": TransformerFile("SD 3.5 Medium", "StableDiffusion3Pipeline", "sd3"),
+    "sd3": TransformerFile("SD 3 Medium", "StableDiffusion3Pipeline", "sd3"),
 }
 _LABELS = {**FAMILIES, **{name: family.label for name, family in TRANSFORMER_FAMILIES.items()}}
 # A diffusers repository's files that describe it without weights, at any depth (huggingface_hub matches with
@@ -161,8 +163,8 @@ def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: A
             parts = {**parts, "transformer": transformer_cls.from_single_file(
                 str(path), config=str(folder), subfolder="transformer", torch_dtype=dtype)}
         except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:
-            raise IPAdapterError(f"could not load {path} as a {transformer_cls.__name__}: "
-                                 f"{first_clause(str(err))}") from None
+            reason = f"it has no weight {err.args[0]}" if isinstance(err, KeyError) else first_clause(str(err))
+            raise IPAdapterError(f"could not load {path} as a {transformer_cls.__name__}: {reason}") from None
     what = f"the {_LABELS[name]} text encoders and VAE"
     try:
         return from_cache_or_hub(lambda local: plain_or_fp16(lambda variant: cls.from_pretrained(
