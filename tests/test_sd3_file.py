@@ -112,3 +112,33 @@ def test_a_file_missing_a_weight_is_one_line_naming_it(sd3_file, monkeypatch, tm
         "final_layer.linear.weight"]
     assert not out.exists()
 
+
+def test_a_feature_cache_built_from_the_file_trains_without_the_data(sd3_file, monkeypatch, tmp_path) -> None:
+    """`--cache` from a transformer file: built once with the repository's encoders, then a run from it alone (no
+    `--data`) loads the transformer from the file and nothing else of the repository but its scheduler, and trains
+    the first run's weights bit for bit (fp32 cache)."""
+    from safetensors.torch import load_file
+
+    import ipadapter.single_file as single_file
+
+    root = sd3_file.root
+    factories.hub_without_network(monkeypatch, root / "hub")
+    data = factories.write_images(tmp_path / "data", 2)
+    flags = ["train", "--variant", "sd3", "--base", str(sd3_file.path), "--image-encoder", str(root / "siglip"),
+             "--resolution", "16", "--max-steps", "2", "--batch-size", "1", "--num-workers", "0", "--cache",
+             str(tmp_path / "cache"), "--cache-dtype", "float32"]
+    assert main([*flags, "--data", str(data), "--output", str(tmp_path / "built")]) == 0
+    loads, load = [], single_file.load_pipeline
+
+    def recording(path, dtype, **parts):
+        loads.append(parts)
+        return load(path, dtype, **parts)
+
+    monkeypatch.setattr(single_file, "load_pipeline", recording)
+    assert main([*flags, "--output", str(tmp_path / "cached")]) == 0
+    loaded, = loads
+    assert "transformer" not in loaded and "scheduler" not in loaded
+    assert {"vae", "text_encoder", "text_encoder_2", "text_encoder_3"} <= {k for k, v in loaded.items() if v is None}
+    built, cached = (load_file(str(tmp_path / run / "ip-adapter.safetensors")) for run in ("built", "cached"))
+    assert built.keys() == cached.keys() and all(torch.equal(built[k], cached[k]) for k in built)
+
