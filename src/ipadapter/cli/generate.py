@@ -54,7 +54,8 @@ SUMMARY = "generate images prompted by reference images"
 # Each option's help, by its flag: prose for people, kept apart from the parser's wiring (`register`).
 MODEL_HELP = {
     "--base": "diffusers pipeline folder or Hub id, or a whole SD 1.x / 2.x / SDXL checkpoint in one .safetensors file "
-              "(web UIs' and ComfyUI's models/checkpoints; default: the bundled miniature model)",
+              "(web UIs' and ComfyUI's models/checkpoints), or a FLUX.1 / SD 3.5 transformer alone (ComfyUI's "
+              "models/unet; the rest from its family's repository); default: the bundled miniature model",
     "--adapter": "adapter file, folder or Hub repo id (repeatable for evaluate and generate --manifest, whose jobs name "
                  "theirs); h94's published ones by name, the file chosen for the base: h94:base, h94:plus, "
                  "h94:plus-face, h94:faceid, ... (docs/checkpoints.md); the bundled miniature adapters: miniature "

@@ -11,7 +11,8 @@ from ipadapter.extras import needs
 
 HELP = {
     "base": "diffusers pipeline folder or Hub id (unet, vae, text_encoder, tokenizer, scheduler; + _2 for SDXL; "
-            "a FluxPipeline for --variant flux / flux-v2, a StableDiffusion3Pipeline for sd3), or 'miniature': the "
+            "a FluxPipeline for --variant flux / flux-v2, a StableDiffusion3Pipeline for sd3), a base in one "
+            ".safetensors file (a whole SD checkpoint, or a FLUX.1 / SD 3.5 transformer alone), or 'miniature': the "
             "bundled model",
     "image_encoder": "CLIPVisionModelWithProjection folder (SigLIP for sd3), Hub id, or owner/repo/sub/folder for a "
                      "Hub repo's subfolder (its image processor if saved); with --base miniature, the bundled one by "
