@@ -142,3 +142,19 @@ def test_a_feature_cache_built_from_the_file_trains_without_the_data(sd3_file, m
     built, cached = (load_file(str(tmp_path / run / "ip-adapter.safetensors")) for run in ("built", "cached"))
     assert built.keys() == cached.keys() and all(torch.equal(built[k], cached[k]) for k in built)
 
+
+def test_a_file_stored_in_fp8_loads_its_values_in_the_runs_precision(sd3_file, monkeypatch, tmp_path) -> None:
+    """ComfyUI's fp8 files (float8_e4m3fn weights, no scales): each weight is the fp8 value, exactly, in float32."""
+    from safetensors.torch import load_file
+
+    from ipadapter.pipelines import load_pipeline
+
+    factories.hub_without_network(monkeypatch, sd3_file.root / "hub")
+    fp8 = tmp_path / "sd3.5_large_fp8_e4m3fn.safetensors"
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in load_file(str(sd3_file.path)).items()}, str(fp8))
+    loaded = load_pipeline(fp8).transformer.state_dict()
+    expected = {k: v.to(torch.float8_e4m3fn).float() for k, v in sd3_file.transformer.state_dict().items()}
+    assert loaded.keys() == expected.keys()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], expected[k]) for k in expected)
+    assert not all(torch.equal(expected[k], v) for k, v in sd3_file.transformer.state_dict().items())  # fp8 rounds
+
