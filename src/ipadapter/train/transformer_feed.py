@@ -38,7 +38,7 @@ def load_transformer_pipeline(source: str, family: TransformerFamily, dtype: tor
     from ipadapter.sources import from_cache_or_hub, plain_or_fp16
 
     cls = getattr(diffusers, family.pipeline)
-    if single_file.is_single_file(source):  # a FLUX.1 transformer file (check_size has told it is one)
+    if single_file.is_single_file(source):  # a transformer file of the family (check_size has told it is one)
         return single_file.load_pipeline(source, dtype, **parts)
     try:
         return from_cache_or_hub(lambda local: plain_or_fp16(lambda variant: cls.from_pretrained(
