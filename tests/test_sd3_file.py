@@ -58,6 +58,9 @@ def test_generate_from_the_file_makes_the_image_of_its_transformer(sd3_file, mon
     loaded, written = pipe.transformer.state_dict(), sd3_file.transformer.state_dict()
     assert isinstance(pipe, StableDiffusion3Pipeline) and loaded.keys() == written.keys()
     assert all(torch.equal(loaded[k], written[k]) for k in written)
+    half = load_pipeline(sd3_file.path, dtype=torch.bfloat16)  # every part in the precision asked for
+    assert {p.dtype for part in (half.transformer, half.vae, half.text_encoder, half.text_encoder_3)
+            for p in part.parameters()} == {torch.bfloat16}
     out = tmp_path / "out.png"
     assert main(["generate", "--base", str(sd3_file.path), "--adapter", str(root / "ip-adapter.bin"),
                  "--image-encoder", str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(out),
@@ -128,11 +131,12 @@ def test_a_feature_cache_built_from_the_file_trains_without_the_data(sd3_file, m
              "--resolution", "16", "--max-steps", "2", "--batch-size", "1", "--num-workers", "0", "--cache",
              str(tmp_path / "cache"), "--cache-dtype", "float32"]
     assert main([*flags, "--data", str(data), "--output", str(tmp_path / "built")]) == 0
-    loads, load = [], single_file.load_pipeline
+    loads, made, load = [], [], single_file.load_pipeline
 
     def recording(path, dtype, **parts):
         loads.append(parts)
-        return load(path, dtype, **parts)
+        made.append(load(path, dtype, **parts))
+        return made[-1]
 
     monkeypatch.setattr(single_file, "load_pipeline", recording)
     assert main([*flags, "--output", str(tmp_path / "cached")]) == 0
@@ -141,6 +145,18 @@ def test_a_feature_cache_built_from_the_file_trains_without_the_data(sd3_file, m
     assert {"vae", "text_encoder", "text_encoder_2", "text_encoder_3"} <= {k for k, v in loaded.items() if v is None}
     built, cached = (load_file(str(tmp_path / run / "ip-adapter.safetensors")) for run in ("built", "cached"))
     assert built.keys() == cached.keys() and all(torch.equal(built[k], cached[k]) for k in built)
+
+    # The cache holds the outputs of the repository's encoders alone: another fine-tune of the family trains from it,
+    # and its validation draws around the transformer being trained, not one loaded again from the file.
+    other = tmp_path / "another-finetune.safetensors"
+    save_file(df.sd3_as_stability(df.sd35_large_like(seed=5)), str(other))
+    made.clear()
+    flags[flags.index("--base") + 1] = str(other)
+    assert main([*flags, "--output", str(tmp_path / "other"), "--validate-every", "2", "--validation-images",
+                 str(data.parent / "img0.png"), "--validation-steps", "1"]) == 0
+    trained, drew = made
+    assert drew.transformer is trained.transformer and drew.text_encoder is not None
+    assert not torch.equal(trained.transformer.proj_out.weight, sd3_file.transformer.proj_out.weight)
 
 
 def test_a_file_stored_in_fp8_loads_its_values_in_the_runs_precision(sd3_file, monkeypatch, tmp_path) -> None:
@@ -157,4 +173,52 @@ def test_a_file_stored_in_fp8_loads_its_values_in_the_runs_precision(sd3_file, m
     assert loaded.keys() == expected.keys()
     assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], expected[k]) for k in expected)
     assert not all(torch.equal(expected[k], v) for k, v in sd3_file.transformer.state_dict().items())  # fp8 rounds
+
+
+def test_a_repository_not_in_the_cache_is_one_line_with_the_download_that_suffices(sd3_file, monkeypatch, tmp_path,
+                                                                                   capsys) -> None:
+    """Offline with nothing of SD 3.5 Large cached: one line naming one `hf download` for every part its pipeline
+    reads (three text encoders) but the transformer."""
+    factories.hub_without_network(monkeypatch, tmp_path / "empty")
+    root = sd3_file.root
+    assert main(["generate", "--base", str(sd3_file.path), "--adapter", str(root / "ip-adapter.bin"),
+                 "--image-encoder", str(root / "siglip"), "--image", str(root / "ref.png"), "--out",
+                 str(tmp_path / "out.png")]) != 0
+    patterns = ["*.json", "*.txt", "*.model", "scheduler/*", "vae/*", "text_encoder/*", "tokenizer/*",
+                "text_encoder_2/*", "tokenizer_2/*", "text_encoder_3/*", "tokenizer_3/*"]
+    command = f"hf download {REPO} --include " + " ".join(f"'{p}'" for p in patterns)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ipadapter: error: the SD 3.5 Large layout {REPO} is not in the local Hugging Face cache and the Hub cannot "
+        f"be reached; download it once with network access ({command}) or give --base the model as a diffusers "
+        "pipeline folder"]
+
+
+def test_a_repository_holding_fp16_files_alone_serves_the_file(sd3_file, monkeypatch, tmp_path) -> None:
+    """The repository's parts saved as `*.fp16.safetensors` only (as some are published): read all the same."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from ipadapter.pipelines import load_pipeline
+
+    repo = tmp_path / "repo"
+    StableDiffusion3Pipeline.from_pretrained(str(sd3_file.repo), transformer=None).save_pretrained(repo, variant="fp16")
+    (repo / "transformer").mkdir(exist_ok=True)
+    sd3_file.transformer.save_config(repo / "transformer")
+    (repo / "model_index.json").write_bytes((sd3_file.repo / "model_index.json").read_bytes())  # names the transformer
+    assert not list(repo.rglob("diffusion_pytorch_model.safetensors")) and list(repo.rglob("*.fp16.safetensors"))
+    factories.write_hub_cache(tmp_path / "hub", REPO, repo)
+    factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    pipe = load_pipeline(sd3_file.path)
+    expected = StableDiffusion3Pipeline.from_pretrained(str(sd3_file.repo), transformer=None).vae.state_dict()
+    assert all(torch.equal(pipe.vae.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_a_flux_run_refuses_an_sd3_file_in_one_line(sd3_file, monkeypatch, tmp_path, capsys) -> None:
+    factories.hub_without_network(monkeypatch, sd3_file.root / "hub")
+    data = factories.write_images(tmp_path / "data", 2)
+    assert main(["train", "--variant", "flux", "--base", str(sd3_file.path), "--image-encoder",
+                 str(sd3_file.root / "siglip"), "--data", str(data), "--output", str(tmp_path / "run"),
+                 "--resolution", "16"]) != 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ipadapter: error: --base {sd3_file.path} is not a FLUX transformer file: diffusers reads it as a "
+        "StableDiffusion3Pipeline"]
 
