@@ -110,3 +110,27 @@ def test_encoded_prompts_alone_are_a_prompt(prompter) -> None:
     settings = dict(steps=2, guidance=5.0, seed=1, width=32, height=32)
     got = prompter.generate(**encode_prompt(prompter.pipe, "a cat"), **settings)[0]
     assert np.array_equal(np.asarray(got), np.asarray(prompter.generate(prompt="a cat", **settings)[0]))
+
+
+def test_flux_true_cfg_takes_an_encoded_negative(tmp_path) -> None:
+    """FLUX's true CFG from encoded prompts: the negative's encoding (renamed to the negative keywords) makes the
+    image the negative's text makes, with the image prompt; `encode_prompt` passes the call's own options on (T5's
+    length here, which changes the image)."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    save_file(df.xlabs_state(), str(tmp_path / "ip_adapter.safetensors"))
+    pipe = FluxPipeline.from_pretrained(str(df.save_flux_base(tmp_path)))
+    pipe.set_progress_bar_config(disable=True)
+    reference = factories.reference_image()
+    settings = dict(steps=2, guidance=3.5, seed=1, width=16, height=16, true_cfg_scale=3.0)
+    with ipadapter.load(pipe, str(tmp_path / "ip_adapter.safetensors")) as prompter:
+        expected = prompter.generate(reference, prompt="a cat", negative_prompt="blurry", max_sequence_length=8,
+                                     **settings)[0]
+        negative = {f"negative_{k}": v for k, v in encode_prompt(pipe, "blurry", max_sequence_length=8).items()}
+        got = prompter.generate(reference, **encode_prompt(pipe, "a cat", max_sequence_length=8), **negative,
+                                **settings)[0]
+        unguided = prompter.generate(reference, prompt="a cat", **{**settings, "true_cfg_scale": 1.0})[0]
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
+    assert not np.array_equal(np.asarray(unguided), np.asarray(expected)), "the negative acts"
+

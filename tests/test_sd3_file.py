@@ -78,15 +78,25 @@ def test_generate_from_the_file_makes_the_image_of_its_transformer(sd3_file, mon
 
 def test_an_sd3_adapter_trains_on_the_file_and_a_unet_variant_refuses_it(sd3_file, monkeypatch, tmp_path,
                                                                           capsys) -> None:
+    """In bf16 the file's transformer and the repository's parts are frozen in bf16, as from a folder."""
     from safetensors.torch import load_file
+
+    import ipadapter.single_file as single_file
 
     root = sd3_file.root
     sent = factories.hub_without_network(monkeypatch, root / "hub")
+    made, load = [], single_file.load_pipeline
+    monkeypatch.setattr(single_file, "load_pipeline", lambda *args, **parts: made.append(load(*args, **parts))
+                        or made[-1])
     data = factories.write_images(tmp_path / "data", 2)
     flags = ["--base", str(sd3_file.path), "--image-encoder", str(root / "siglip"), "--data", str(data),
              "--resolution", "16", "--max-steps", "1", "--batch-size", "1", "--num-workers", "0"]
-    assert main(["train", "--variant", "sd3", *flags, "--output", str(tmp_path / "run")]) == 0
+    assert main(["train", "--variant", "sd3", *flags, "--mixed-precision", "bf16", "--output",
+                 str(tmp_path / "run")]) == 0
     assert [url for url in sent if "stabilityai" in url] == []
+    pipe, = made
+    assert {p.dtype for part in (pipe.transformer, pipe.vae, pipe.text_encoder_3) for p in part.parameters()} == {
+        torch.bfloat16}
     written = load_file(str(tmp_path / "run" / "ip-adapter.safetensors"))
     assert {key.split(".")[1] for key in written if key.startswith("ip_adapter.")} == {str(i) for i in range(38)}
     capsys.readouterr()

@@ -22,9 +22,10 @@ OUTPUTS: dict[str, tuple[str | None, ...]] = {
 }
 
 
-def encode_prompt(pipe: Any, prompt: str) -> dict[str, torch.Tensor]:
+def encode_prompt(pipe: Any, prompt: str, **options: Any) -> dict[str, torch.Tensor]:
     """`prompt` for one image, with the negative the pipeline makes when none is given (encoded whether or not a call
-    guides: one that does not leaves it unread), exactly as the pipeline's call would encode them."""
+    guides: one that does not leaves it unread), exactly as the pipeline's call would encode them. `options` go to
+    `encode_prompt` as the call would pass them (`max_sequence_length=`, `clip_skip=`)."""
     names = OUTPUTS.get(type(pipe).__name__)
     if names is None:
         raise IPAdapterError(f"{type(pipe).__name__} takes no prompts encoded ahead here; known: {', '.join(OUTPUTS)}")
@@ -33,6 +34,7 @@ def encode_prompt(pipe: Any, prompt: str) -> dict[str, torch.Tensor]:
     kwargs.update({name: None for name in ("prompt_2", "prompt_3") if name in params})
     if "do_classifier_free_guidance" in params:
         kwargs["do_classifier_free_guidance"] = True
+    kwargs.update(options)
     with torch.no_grad():  # as in the pipeline's call: tensors that need no gradient take the same attention kernels
         outputs = pipe.encode_prompt(**kwargs)
     return {name: out for name, out in zip(names, outputs) if name is not None and out is not None}

@@ -138,7 +138,7 @@ class Feed:
                                         examples["text"])
         return self.family.assemble(rows, self._empty)
 
-    def for_generation(self, encoders: bool = True) -> tuple[Any, ImageEncoder | None]:
+    def for_generation(self, encoders: bool) -> tuple[Any, ImageEncoder | None]:
         """A pipeline around the trained transformer and the image encoder: the run's own, or (training from the
         cache) loaded for the caller, to be let go of when it is done; without `encoders`, a pipeline of the VAE
         alone around the transformer and no image encoder (for prompts and references encoded before)."""
