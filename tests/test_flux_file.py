@@ -24,6 +24,7 @@ from tests import dit_factories as df
 from tests import factories
 
 REPO = "black-forest-labs/FLUX.1-dev"
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # runs build Accelerators
 
 
 def _asked(sent: list[str]) -> list[str]:

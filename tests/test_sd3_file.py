@@ -21,6 +21,7 @@ from tests import dit_factories as df
 from tests import factories
 
 REPO = "stabilityai/stable-diffusion-3.5-large"
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # runs build Accelerators
 
 
 @pytest.fixture(scope="module")
