@@ -8,6 +8,7 @@ conversion (`dit_factories.sd3_as_stability`); the truth is that transformer obj
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -186,11 +187,25 @@ def test_a_file_stored_in_fp8_loads_its_values_in_the_runs_precision(sd3_file, m
     assert not all(torch.equal(expected[k], v) for k, v in sd3_file.transformer.state_dict().items())  # fp8 rounds
 
 
+def _configs_only(sd3_file, folder: Path) -> Path:
+    """A Hugging Face cache holding the repository's config and tokenizer files alone."""
+    import shutil
+
+    for path in sd3_file.repo.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".txt", ".model"):
+            (folder / "kept" / path.relative_to(sd3_file.repo)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, folder / "kept" / path.relative_to(sd3_file.repo))
+    factories.write_hub_cache(folder / "hub", REPO, folder / "kept")
+    return folder / "hub"
+
+
+@pytest.mark.parametrize("cached", ["nothing", "configs"])
 def test_a_repository_not_in_the_cache_is_one_line_with_the_download_that_suffices(sd3_file, monkeypatch, tmp_path,
-                                                                                   capsys) -> None:
-    """Offline with nothing of SD 3.5 Large cached: one line naming one `hf download` for every part its pipeline
-    reads (three text encoders) but the transformer."""
-    factories.hub_without_network(monkeypatch, tmp_path / "empty")
+                                                                                   capsys, cached) -> None:
+    """Offline with nothing of SD 3.5 Large cached, or its configs alone: one line naming one `hf download` for every
+    part its pipeline reads (three text encoders) but the transformer."""
+    factories.hub_without_network(monkeypatch, tmp_path / "empty" if cached == "nothing" else
+                                  _configs_only(sd3_file, tmp_path))
     root = sd3_file.root
     assert main(["generate", "--base", str(sd3_file.path), "--adapter", str(root / "ip-adapter.bin"),
                  "--image-encoder", str(root / "siglip"), "--image", str(root / "ref.png"), "--out",
@@ -198,8 +213,9 @@ def test_a_repository_not_in_the_cache_is_one_line_with_the_download_that_suffic
     patterns = ["*.json", "*.txt", "*.model", "scheduler/*", "vae/*", "text_encoder/*", "tokenizer/*",
                 "text_encoder_2/*", "tokenizer_2/*", "text_encoder_3/*", "tokenizer_3/*"]
     command = f"hf download {REPO} --include " + " ".join(f"'{p}'" for p in patterns)
+    what = "layout" if cached == "nothing" else "text encoders and VAE"
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"ipadapter: error: the SD 3.5 Large layout {REPO} is not in the local Hugging Face cache and the Hub cannot "
+        f"ipadapter: error: the SD 3.5 Large {what} {REPO} is not in the local Hugging Face cache and the Hub cannot "
         f"be reached; download it once with network access ({command}) or give --base the model as a diffusers "
         "pipeline folder"]
 
@@ -232,4 +248,31 @@ def test_a_flux_run_refuses_an_sd3_file_in_one_line(sd3_file, monkeypatch, tmp_p
     assert capsys.readouterr().err.strip().splitlines() == [
         f"ipadapter: error: --base {sd3_file.path} is not a FLUX transformer file: diffusers reads it as a "
         "StableDiffusion3Pipeline"]
+
+
+def test_weights_that_do_not_fit_are_one_line_naming_the_part(sd3_file, monkeypatch, tmp_path, capsys) -> None:
+    """A transformer weight of another shape, or a repository VAE of another size: diffusers' own reason, after the
+    file or the repository it came from, in one line."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(sd3_file.path))
+    weights["final_layer.linear.weight"] = weights["final_layer.linear.weight"][:, :-1].contiguous()
+    save_file(weights, str(tmp_path / "narrow.safetensors"))
+    repo = tmp_path / "repo"
+    df.sd3_pipeline(tmp_path / "parts").save_pretrained(repo)
+    df.flux_vae().save_pretrained(repo / "vae")  # another VAE's weights under the repository's VAE config
+    for part in ("vae", "transformer"):
+        (repo / part / "config.json").write_bytes((sd3_file.repo / part / "config.json").read_bytes())
+    factories.write_hub_cache(tmp_path / "hub", REPO, repo)
+    factories.hub_without_network(monkeypatch, tmp_path / "hub")
+    root = sd3_file.root
+    argv = ["generate", "--adapter", str(root / "ip-adapter.bin"), "--image-encoder", str(root / "siglip"),
+            "--image", str(root / "ref.png"), "--out", str(tmp_path / "out.png")]
+    for base, says in ((tmp_path / "narrow.safetensors", f"could not load {tmp_path / 'narrow.safetensors'} as a "
+                        "SD3Transformer2DModel: "),
+                       (sd3_file.path, f"could not load the SD 3.5 Large text encoders and VAE from {REPO}: ")):
+        assert main([*argv, "--base", str(base)]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"ipadapter: error: {says}") and "shape" in err[0], err
+    assert not (tmp_path / "out.png").exists()
 
