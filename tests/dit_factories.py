@@ -7,8 +7,11 @@ shrink. Nothing here touches the network.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from tests import factories
@@ -99,6 +102,25 @@ def flux_pipeline(folder: Path, seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def transformer_file(root: Path, repo_id: str, pipe, transformer, original: Callable, name: str) -> SimpleNamespace:
+    """What the transformer-file tests share: `transformer` written alone in its family's original layout
+    (`original`) as `root/name`; `pipe` laid out as the family repository `repo_id` in a Hugging Face cache
+    (`root/hub`), its transformer that one's config alone (the repository's own weights absent, so a read of them
+    fails); a reference image `root/ref.png`."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    repo = root / "repo"
+    pipe.save_pretrained(repo)
+    for weights in (repo / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    transformer.save_config(repo / "transformer")
+    factories.write_hub_cache(root / "hub", repo_id, repo)
+    save_file(original(transformer), str(root / name))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "ref.png")
+    return SimpleNamespace(root=root, cache=root / "hub", path=root / name, repo=repo, transformer=transformer)
 
 
 def flux_transformer_full_width(seed: int = 0):

@@ -11,7 +11,6 @@ is that transformer object itself, in a pipeline built around it in memory."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,20 +33,11 @@ def _asked(sent: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def flux_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux-file")
-    transformer = df.flux_transformer_full_width()
-    repo = root / "repo"
-    df.flux_pipeline(root / "parts").save_pretrained(repo)
-    for weights in (repo / "transformer").glob("*.safetensors"):
-        weights.unlink()  # the repository's transformer: configs only, as a run must never read its weights
-    transformer.save_config(repo / "transformer")
-    cache = root / "hub"
-    factories.write_hub_cache(cache, REPO, repo)
-    path = root / "my-flux-finetune.safetensors"
-    save_file(df.flux_as_bfl(transformer), str(path))
+    made = df.transformer_file(root, REPO, df.flux_pipeline(root / "parts"), df.flux_transformer_full_width(),
+                               df.flux_as_bfl, "my-flux-finetune.safetensors")
     save_file(df.xlabs_state(width=3072, blocks=1), str(root / "ip_adapter.safetensors"))
     factories.write_image_encoder(root / "encoder")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "ref.png")
-    return SimpleNamespace(root=root, cache=cache, path=path, repo=repo, transformer=transformer)
+    return made
 
 
 def test_the_file_is_the_transformer_and_the_rest_is_the_repositorys_read_from_the_cache(flux_file,

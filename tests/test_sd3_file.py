@@ -9,7 +9,6 @@ conversion (`dit_factories.sd3_as_stability`); the truth is that transformer obj
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,20 +29,12 @@ def sd3_file(tmp_path_factory):
     from transformers import SiglipImageProcessor
 
     root = tmp_path_factory.mktemp("sd3-file")
-    transformer = df.sd35_large_like()
-    repo = root / "repo"
-    df.sd3_pipeline(root / "parts").save_pretrained(repo)
-    for weights in (repo / "transformer").glob("*.safetensors"):
-        weights.unlink()
-    transformer.save_config(repo / "transformer")
-    factories.write_hub_cache(root / "hub", REPO, repo)
-    path = root / "sd3.5_large_finetune.safetensors"
-    save_file(df.sd3_as_stability(transformer), str(path))
+    made = df.transformer_file(root, REPO, df.sd3_pipeline(root / "parts"), df.sd35_large_like(),
+                               df.sd3_as_stability, "sd3.5_large_finetune.safetensors")
     torch.save(df.instantx_state(blocks=38), root / "ip-adapter.bin")
     df.siglip().save_pretrained(root / "siglip")
     SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(root / "siglip")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "ref.png")
-    return SimpleNamespace(root=root, path=path, repo=repo, transformer=transformer)
+    return made
 
 
 def test_generate_from_the_file_makes_the_image_of_its_transformer(sd3_file, monkeypatch, tmp_path) -> None:
