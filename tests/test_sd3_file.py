@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import ipadapter
 from ipadapter.cli.main import main
 from tests import dit_factories as df
 from tests import factories
@@ -40,7 +41,6 @@ def sd3_file(tmp_path_factory):
 def test_generate_from_the_file_makes_the_image_of_its_transformer(sd3_file, monkeypatch, tmp_path) -> None:
     """The file loads back bit for bit, with the repository's other parts from the cache and no request naming it;
     `ipadapter generate` from it makes the image `ipadapter.load` makes on a pipeline holding that transformer."""
-    import ipadapter
     from diffusers import StableDiffusion3Pipeline
 
     from ipadapter.pipelines import load_pipeline
@@ -72,7 +72,6 @@ def test_generate_from_the_file_makes_the_image_of_its_transformer(sd3_file, mon
 def test_an_sd3_adapter_trains_on_the_file_and_a_unet_variant_refuses_it(sd3_file, monkeypatch, tmp_path,
                                                                           capsys) -> None:
     """In bf16 the file's transformer and the repository's parts are frozen in bf16, as from a folder."""
-    from safetensors.torch import load_file
 
     import ipadapter.single_file as single_file
 
@@ -102,7 +101,6 @@ def test_an_sd3_adapter_trains_on_the_file_and_a_unet_variant_refuses_it(sd3_fil
 def test_a_file_missing_a_weight_is_one_line_naming_it(sd3_file, monkeypatch, tmp_path, capsys) -> None:
     """A transformer file cut short (its final projection gone): diffusers' conversion fails on the missing key, and
     the command says which file and which weight in one line, with nothing written."""
-    from safetensors.torch import load_file
 
     factories.hub_without_network(monkeypatch, sd3_file.root / "hub")
     weights = load_file(str(sd3_file.path))
@@ -123,7 +121,6 @@ def test_a_feature_cache_built_from_the_file_trains_without_the_data(sd3_file, m
     """`--cache` from a transformer file: built once with the repository's encoders, then a run from it alone (no
     `--data`) loads the transformer from the file and nothing else of the repository but its scheduler, and trains
     the first run's weights bit for bit (fp32 cache)."""
-    from safetensors.torch import load_file
 
     import ipadapter.single_file as single_file
 
@@ -164,7 +161,6 @@ def test_a_feature_cache_built_from_the_file_trains_without_the_data(sd3_file, m
 
 def test_a_file_stored_in_fp8_loads_its_values_in_the_runs_precision(sd3_file, monkeypatch, tmp_path) -> None:
     """ComfyUI's fp8 files (float8_e4m3fn weights, no scales): each weight is the fp8 value, exactly, in float32."""
-    from safetensors.torch import load_file
 
     from ipadapter.pipelines import load_pipeline
 
@@ -176,6 +172,92 @@ def test_a_file_stored_in_fp8_loads_its_values_in_the_runs_precision(sd3_file, m
     assert loaded.keys() == expected.keys()
     assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], expected[k]) for k in expected)
     assert not all(torch.equal(expected[k], v) for k, v in sd3_file.transformer.state_dict().items())  # fp8 rounds
+
+
+def _scaled(path: Path, out: Path, layout: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The file at `path` written to `out` as ComfyUI writes a scaled fp8 file: each linear weight divided by its
+    scale (its largest magnitude over fp8's largest) and stored as float8_e4m3fn, in the older layout (`scaled_fp8`
+    marker, `scale_weight`, `scale_input`) or the newer (`comfy_quant`, `weight_scale`, `input_scale`), under `prefix`.
+    Returns what each stored weight stands for: the fp8 value times its scale, in float32."""
+    import json
+
+    stored, meant = {}, {}
+    for key, value in load_file(str(path)).items():
+        meant[key] = value
+        if key.endswith(".weight") and value.ndim == 2:
+            layer, scale = prefix + key.removesuffix(".weight"), value.abs().amax().float() / 448
+            stored[prefix + key] = (value / scale).to(torch.float8_e4m3fn)
+            meant[key] = stored[prefix + key].float() * scale
+            names = ("scale_weight", "scale_input") if layout == "older" else ("weight_scale", "input_scale")
+            stored[f"{layer}.{names[0]}"], stored[f"{layer}.{names[1]}"] = scale, torch.tensor(1.0)
+            if layout == "newer":
+                stored[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
+                                                              dtype=torch.uint8)
+        else:
+            stored[prefix + key] = value
+    if layout == "older":
+        stored[prefix + "scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    if prefix:  # an all-in-one file: a text encoder beside the transformer, itself scaled (never read for it)
+        stored["text_encoders.t5xxl.transformer.shared.weight"] = torch.ones(4, 4, dtype=torch.float8_e4m3fn)
+        stored["text_encoders.t5xxl.transformer.shared.scale_weight"] = torch.tensor(3.0)
+    save_file(stored, str(out))
+    return meant
+
+
+@pytest.mark.parametrize(("layout", "prefix", "dtype"), [("older", "", torch.float32),
+                                                         ("newer", "model.diffusion_model.", torch.bfloat16)])
+def test_a_scaled_fp8_file_loads_each_weight_times_its_scale(sd3_file, monkeypatch, tmp_path, layout, prefix,
+                                                             dtype) -> None:
+    """ComfyUI's scaled fp8 files (`sd3.5_large_fp8_scaled`, alone or with its text encoders): the transformer
+    diffusers loads from a plain file of the dequantized weights (fp8 value × scale), in the precision asked for; the
+    raw fp8 values are hundreds of times those. Generating from the file makes that transformer's image."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from ipadapter.pipelines import load_pipeline
+
+    factories.hub_without_network(monkeypatch, sd3_file.root / "hub")
+    scaled = tmp_path / "sd3.5_large_fp8_scaled.safetensors"
+    meant = _scaled(sd3_file.path, scaled, layout, prefix)
+    save_file(meant, str(tmp_path / "plain.safetensors"))
+    truth = SD3Transformer2DModel.from_single_file(str(tmp_path / "plain.safetensors"), config=str(sd3_file.repo),
+                                                   subfolder="transformer", torch_dtype=dtype)
+    loaded, expected = load_pipeline(scaled, dtype=dtype).transformer.state_dict(), truth.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(loaded[k].dtype == dtype and torch.equal(loaded[k], expected[k]) for k in expected)
+    raw = load_file(str(scaled))[prefix + "final_layer.linear.weight"].float()
+    assert raw.abs().max() > 100 * meant["final_layer.linear.weight"].abs().max()  # the scales matter
+    if dtype == torch.float32:
+        root, out = sd3_file.root, tmp_path / "out.png"
+        assert main(["generate", "--base", str(scaled), "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
+                     str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(out), "--prompt", "a cat",
+                     "--steps", "2", "--width", "16", "--height", "16", "--seed", "3"]) == 0
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_file.repo), transformer=truth)
+        pipe.set_progress_bar_config(disable=True)
+        with ipadapter.load(pipe, str(root / "ip-adapter.bin"), image_encoder=str(root / "siglip")) as prompter:
+            image = prompter.generate(Image.open(root / "ref.png"), prompt="a cat", steps=2, width=16, height=16,
+                                      seed=3)[0]
+        got = np.asarray(Image.open(out).convert("RGB"), np.int16)
+        assert np.abs(got - np.asarray(image, np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("conf", [b'{"format": "nvfp4"}', b"\xff"])
+def test_a_layer_quantized_otherwise_is_one_line(sd3_file, monkeypatch, tmp_path, capsys, conf) -> None:
+    """A layer in another of ComfyUI's formats (nvfp4's block scales), or one whose format cannot be read: the file
+    and the layer named, in one line, with nothing written."""
+    factories.hub_without_network(monkeypatch, sd3_file.root / "hub")
+    scaled = tmp_path / "nvfp4.safetensors"
+    _scaled(sd3_file.path, scaled, "newer")
+    stored = load_file(str(scaled))
+    stored["final_layer.linear.comfy_quant"] = torch.tensor(list(conf), dtype=torch.uint8)
+    save_file(stored, str(scaled))
+    root, out = sd3_file.root, tmp_path / "out.png"
+    assert main(["generate", "--base", str(scaled), "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
+                 str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(out), "--steps", "1"]) != 0
+    kind = "nvfp4" if b"nvfp4" in conf else "an unreadable format"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ipadapter: error: {scaled}: final_layer.linear is quantized as {kind}, which ipadapter does not read (it "
+        "reads float8_e4m3fn and float8_e5m2 with one scale per weight); use the model's bf16 or fp8 file"]
+    assert not out.exists()
 
 
 def _configs_only(sd3_file, folder: Path) -> Path:
@@ -244,7 +326,6 @@ def test_a_flux_run_refuses_an_sd3_file_in_one_line(sd3_file, monkeypatch, tmp_p
 def test_weights_that_do_not_fit_are_one_line_naming_the_part(sd3_file, monkeypatch, tmp_path, capsys) -> None:
     """A transformer weight of another shape, or a repository VAE of another size: diffusers' own reason, after the
     file or the repository it came from, in one line."""
-    from safetensors.torch import load_file
 
     weights = load_file(str(sd3_file.path))
     weights["final_layer.linear.weight"] = weights["final_layer.linear.weight"][:, :-1].contiguous()

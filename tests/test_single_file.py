@@ -135,6 +135,21 @@ def test_a_file_missing_a_part_is_refused_in_one_line_naming_it(base, sd15_cache
                               "Weights for this component appear to be missing in the checkpoint.")
 
 
+@pytest.mark.parametrize("marks", [("scaled_fp8", "model.diffusion_model.out.2.scale_weight"),
+                                   ("model.diffusion_model.out.2.weight_scale",)])
+def test_a_whole_checkpoint_in_scaled_fp8_is_refused_in_one_line(base, sd15_cached, tmp_path, marks) -> None:
+    """diffusers' whole-pipeline loader would read the fp8 values and leave their scales unread: refused, not
+    loaded wrong."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "sd15_fp8_scaled.safetensors"
+    save_file({**load_file(base / "model.safetensors"), **{mark: torch.ones(()) for mark in marks}}, str(path))
+    with pytest.raises(IPAdapterError) as err:
+        load_pipeline(path)
+    assert str(err.value) == (f"{path} stores its weights as scaled fp8, which ipadapter reads for FLUX.1 and SD 3 / "
+                              "3.5 transformer files only; use the checkpoint's fp16 or bf16 file")
+
+
 def test_a_cache_entry_without_the_pipeline_index_is_fetched_again(base, tmp_path, monkeypatch) -> None:
     """A cached snapshot holding other files of the repository (a UNet config alone) is not the layout: the Hub is
     asked for the configs; a download still without `model_index.json` is refused, naming the repository."""

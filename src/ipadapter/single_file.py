@@ -8,7 +8,8 @@ key names and shapes (`infer_diffusers_model_type`; the header is enough, no wei
 Stable Diffusion checkpoint only that repository's config and tokenizer files are read: from the Hugging Face cache
 when they are there, else downloaded once (a few hundred kB), never its weights. A transformer file holds the
 transformer alone, so the other parts (text encoders, VAE) are that repository's own, from the cache or downloaded
-once, and its transformer's weights are never read. Anything else is refused by name before a weight is read.
+once, and its transformer's weights are never read. ComfyUI's scaled fp8 transformer files are dequantized first
+(`scaled_fp8.py`). Anything else is refused by name before a weight is read.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ipadapter import scaled_fp8
 from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub, plain_or_fp16
+from ipadapter.validation import tensor_shapes
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # the first convolution, in every SD checkpoint
 # diffusers' names of the families a base file can be (`infer_diffusers_model_type`) → how messages call them.
@@ -65,7 +68,6 @@ def family(path: str | os.PathLike) -> tuple[str, str]:
     from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
 
     from ipadapter.checkpoint import file_head, is_torch_file
-    from ipadapter.validation import tensor_shapes
 
     if is_torch_file(file_head(path)):
         raise IPAdapterError(f"{path} is a pickle (.ckpt); ipadapter does not open pickled base models, which can "
@@ -144,6 +146,9 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> 
     if name in TRANSFORMER_FAMILIES:
         transformer = getattr(diffusers, index["transformer"][1])
         return _around_transformer(path, (name, repo), cls, transformer, folder, dtype, parts)
+    if scaled_fp8.is_scaled(tensor_shapes(path, EXPECTED)):
+        raise IPAdapterError(f"{path} stores its weights as scaled fp8, which ipadapter reads for FLUX.1 and SD 3 / 3.5 "
+                             "transformer files only; use the checkpoint's fp16 or bf16 file")
     try:  # every file it reads is local: the checkpoint and the config folder
         return cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype, **parts)
     except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:  # weights that do not fit
@@ -159,9 +164,11 @@ def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: A
 
     name, repo = layout
     if "transformer" not in parts:
+        weights = scaled_fp8.dequantized(path, dtype) if scaled_fp8.is_scaled(tensor_shapes(path, EXPECTED)) \
+            else str(path)
         try:
             parts = {**parts, "transformer": transformer_cls.from_single_file(
-                str(path), config=str(folder), subfolder="transformer", torch_dtype=dtype)}
+                weights, config=str(folder), subfolder="transformer", torch_dtype=dtype)}
         except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:
             reason = f"it has no weight {err.args[0]}" if isinstance(err, KeyError) else first_clause(str(err))
             raise IPAdapterError(f"could not load {path} as a {transformer_cls.__name__}: {reason}") from None
