@@ -210,13 +210,16 @@ _INSTANTX_NAMES = [("ln0", "0.norm1"), ("ln1", "0.norm2"), ("attn.to_q", "0.to_q
                    ("ff.net.2", "1.3"), ("adaln_proj", "2.1")]
 
 
-def sd3_transformer(seed: int = 0, *, layers: int = 2, joint: int = 32):
+def sd3_transformer(seed: int = 0, *, layers: int = 2, joint: int = 32, dual: tuple[int, ...] = ()):
+    """A tiny SD 3 transformer; with `dual`, SD 3.5 Medium's kind (MMDiT-X): those blocks add a second attention
+    (`attn2`, the image tokens alone), and every block normalises queries and keys (RMS)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
+    medium = {"dual_attention_layers": dual, "qk_norm": "rms_norm"} if dual else {}
     return SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=layers, attention_head_dim=8,
                                  num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=joint,
-                                 pooled_projection_dim=64, out_channels=4).eval()
+                                 pooled_projection_dim=64, out_channels=4, **medium).eval()
 
 
 def sd35_large_like(seed: int = 0):
@@ -315,9 +318,10 @@ def siglip(seed: int = 7):
     return SiglipVisionModel(cfg).eval()
 
 
-def sd3_pipeline(folder: Path, seed: int = 0):
+def sd3_pipeline(folder: Path, seed: int = 0, dual: tuple[int, ...] = ()):
     """A StableDiffusion3Pipeline with tiny random weights (CLIP-style tokenizers for all three text encoders: the
-    pipeline only calls them). T5 is 64 wide: the two CLIP encoders' hidden states (32 + 32) are padded to it."""
+    pipeline only calls them). T5 is 64 wide: the two CLIP encoders' hidden states (32 + 32) are padded to it. `dual`:
+    the transformer's blocks with a second attention (SD 3.5 Medium's kind)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer
 
@@ -328,7 +332,7 @@ def sd3_pipeline(folder: Path, seed: int = 0):
                         latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,
                         use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5).eval()
     pipe = StableDiffusion3Pipeline(
-        transformer=sd3_transformer(seed, joint=64), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        transformer=sd3_transformer(seed, joint=64, dual=dual), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=factories.tiny_text_encoder(factories.CROSS, 1 + seed, projection=factories.CROSS), tokenizer=tok,
         text_encoder_2=factories.tiny_text_encoder(factories.CROSS, 5 + seed, projection=factories.CROSS), tokenizer_2=tok,
         text_encoder_3=t5(6 + seed, d_model=64), tokenizer_3=tok,
@@ -337,12 +341,12 @@ def sd3_pipeline(folder: Path, seed: int = 0):
     return pipe
 
 
-def save_sd3_base(root: Path) -> Path:
-    """An SD 3 pipeline folder with a SigLIP image_encoder/ beside it."""
+def save_sd3_base(root: Path, dual: tuple[int, ...] = ()) -> Path:
+    """An SD 3 pipeline folder (`dual`: as `sd3_pipeline`) with a SigLIP image_encoder/ beside it."""
     from transformers import SiglipImageProcessor
 
     folder = root / "sd3"
-    sd3_pipeline(root / "parts").save_pretrained(folder)
+    sd3_pipeline(root / "parts", dual=dual).save_pretrained(folder)
     siglip().save_pretrained(folder / "image_encoder")
     SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(folder / "image_encoder")
     return folder

@@ -70,6 +70,43 @@ def test_transformer_equals_diffusers(cfg: bool) -> None:
     torch.testing.assert_close(run(model, x), expected, atol=TOL, rtol=0)
 
 
+def test_sd35_medium_blocks_with_a_second_attention_equal_diffusers_processor() -> None:
+    """SD 3.5 Medium (MMDiT-X): its first blocks add a second attention over the image tokens alone (`attn2`), which
+    InstantX's design leaves without an image branch. diffusers' `load_ip_adapter` counts those attentions as blocks
+    (the weights of block i land on the i-th processor of any kind), so the oracle is diffusers' own processor and
+    image projection placed on each block's joint attention by hand."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+
+    model = df.sd3_transformer(layers=3, dual=(0, 1))
+    assert [name for name in model.attn_processors if "attn2" in name] == [
+        "transformer_blocks.0.attn2.processor", "transformer_blocks.1.attn2.processor"]
+    state = df.instantx_state(blocks=3)
+    adapter = dit_adapter_from_state_dict(state, model, name="ip-adapter.bin")
+    ref = copy.deepcopy(model)
+    processors, config = dict(ref.attn_processors), ref.config
+    width = config.attention_head_dim * config.num_attention_heads
+    for i in range(config.num_layers):
+        processor = SD3IPAdapterJointAttnProcessor2_0(
+            hidden_size=width, ip_hidden_states_dim=width, head_dim=config.attention_head_dim,
+            timesteps_emb_dim=state["ip_adapter"]["0.norm_ip.linear.weight"].shape[1])
+        processor.load_state_dict({k.split(".", 1)[1]: v for k, v in state["ip_adapter"].items()
+                                   if k.split(".", 1)[0] == str(i)})
+        processor.scale = 0.7
+        processors[f"transformer_blocks.{i}.attn.processor"] = processor
+    ref.set_attn_processor(processors)
+    ref.image_proj = ref._convert_ip_adapter_image_proj_to_diffusers(copy.deepcopy(state["image_proj"]),
+                                                                     low_cpu_mem_usage=False)
+    feats, x = features(2), inputs(2)
+    expected = run(ref, x, joint_attention_kwargs={"ip_adapter_image_embeds": feats})
+    base = run(model, x)
+    attachment = attach_dit(model, adapter)
+    attachment.set_prompts({"0": prompt(adapter, feats, scale=0.7)}, rows=2)
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(run(model, x), expected, atol=TOL, rtol=0)
+    attachment.detach()
+    assert torch.equal(run(model, x), base)
+
+
 def test_block_weights_equal_per_block_scales() -> None:
     model = df.sd3_transformer()
     state = df.instantx_state()

@@ -184,6 +184,31 @@ def test_cli_trains_writes_the_model_folder_and_generate_reads_it(base, tmp_path
     assert Image.open(image).size == (16, 16)
 
 
+def test_an_sd35_medium_base_trains_and_generates(base, tmp_path) -> None:
+    """SD 3.5 Medium's kind of transformer (blocks with a second attention, `attn2`): a run trains one image branch
+    per block, on the joint attention (`attn2` keeps its own processor), and `generate` reads the written file, the
+    branch acting on the image."""
+    from diffusers import StableDiffusion3Pipeline
+
+    root, _ = base
+    folder = df.save_sd3_base(tmp_path / "medium", dual=(0,))
+    out = tmp_path / "run"
+    assert main(["train", "--variant", "sd3", "--base", str(folder), "--image-encoder", str(folder / "image_encoder"),
+                 "--data", str(root / "data" / "train.jsonl"), "--resolution", "16", "--max-steps", "2",
+                 "--batch-size", "2", "--seed", "3", "--num-workers", "0", "--output", str(out)]) == 0
+    transformer = StableDiffusion3Pipeline.from_pretrained(str(folder)).transformer
+    trained = load_dit_adapter(out / "ip-adapter.safetensors", transformer)
+    assert [name for name, _ in trained.named_layers()] == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+    images = []
+    for scale in ("1.0", "0.0"):
+        assert main(["generate", "--base", str(folder), "--adapter", str(out / "ip-adapter.safetensors"),
+                     "--image", str(root / "data" / "images" / "0.png"), "--prompt", "a square", "--out",
+                     str(tmp_path / f"{scale}.png"), "--steps", "2", "--width", "16", "--height", "16",
+                     "--scale", scale, "--seed", "1"]) == 0
+        images.append(np.asarray(Image.open(tmp_path / f"{scale}.png"), np.int16))
+    assert np.abs(images[0] - images[1]).max() > 0
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--prediction-type", "epsilon"], "--prediction-type does not apply to SD 3 training: the transformer predicts"),
     (["--num-tokens", "16"], "--num-tokens does not apply to SD 3 training: the variant sets the tokens"),
