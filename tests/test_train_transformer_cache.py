@@ -56,7 +56,7 @@ def test_the_cache_trains_what_the_frozen_models_train_and_a_run_from_it_loads_t
         setup, tmp_path, monkeypatch) -> None:
     """Three runs of one config: without the cache, building it, and from it alone (no --data), as a user runs them.
     The third loads no frozen model to train; its first validation loads them around the trained transformer to
-    encode the prompts and references, and the later ones load the VAE alone."""
+    encode the prompts and references, and the later ones load nothing but draw with that VAE."""
     import ipadapter.train.feed as feed
     import ipadapter.train.transformer_feed as transformer_feed
 
@@ -87,7 +87,7 @@ def test_the_cache_trains_what_the_frozen_models_train_and_a_run_from_it_loads_t
     assert trained.scheduler is not None and all(getattr(trained, part) is None for part in FROZEN[variant])
     assert len(redrew) == 2 and all(p.transformer is trained.transformer for p in (drew, *redrew))
     assert all(getattr(drew, part) is not None for part in FROZEN[variant])
-    assert all(p.vae is not None and all(getattr(p, part) is None for part in FROZEN[variant] if part != "vae")
+    assert all(p.vae is drew.vae and all(getattr(p, part) is None for part in FROZEN[variant] if part != "vae")
                for p in redrew)
 
     plain = _weights(tmp_path / "plain")

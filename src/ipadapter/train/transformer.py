@@ -125,8 +125,8 @@ def train_transformer(config: TrainConfig, *, on_step: Callable[[int, float], No
 
     def validate(i: int) -> None:
         if validator is not None:
-            pipe, encoder = feed.for_generation(encoders=validator.needs_encoders)
-            result.validation[i] = validator.sample(i, pipe, adapter, encoder)
+            with feed.for_generation(encoders=validator.needs_encoders) as (pipe, encoder):
+                result.validation[i] = validator.sample(i, pipe, adapter, encoder)
         accelerator.wait_for_everyone()
 
     try:

@@ -3,16 +3,17 @@ cache (`--cache`), built on first use by one pass of the frozen models and read 
 
 Training from a complete cache loads the transformer and the scheduler alone. The VAE, the text encoders (FLUX's
 T5-XXL, SD 3's three) and the image encoder stay on disk; they are loaded only to build the cache (the transformer
-is not loaded then) and, for a moment, to draw a validation grid. A cache row holds what the family's `features`
-gives; each step's batch is assembled from rows exactly as from features computed on the spot, so the two paths train
-the same adapter. The cache is the UNet run's format (train/cache.py) with the denoiser in its fingerprint.
+is not loaded then) and for the first validation grid (the VAE then stays, on the CPU between grids). A cache row
+holds what the family's `features` gives; each step's batch is assembled from rows exactly as from features computed
+on the spot, so the two paths train the same adapter. The cache is the UNet run's format (train/cache.py) with the denoiser in its fingerprint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,7 @@ class Feed:
             decode = Decoder(config.resolution, self.encoder.processor, buckets=buckets)
         self.batches = Batches(self.stream, decode, config.batch_size, workers=config.num_workers)
         self._empty, self._cached = empty, cache is not None
+        self._vae: dict[str, Any] = {}  # a cached run's VAE, once a validation has loaded it
 
     def next_batch(self, _: torch.Generator) -> Batch:
         """The next batch, every frozen model applied (or read from the cache)."""
@@ -138,20 +140,26 @@ class Feed:
                                         examples["text"])
         return self.family.assemble(rows, self._empty)
 
-    def for_generation(self, encoders: bool) -> tuple[Any, ImageEncoder | None]:
-        """A pipeline around the trained transformer and the image encoder: the run's own, or (training from the
-        cache) loaded for the caller, to be let go of when it is done; without `encoders`, a pipeline of the VAE
-        alone around the transformer and no image encoder (for prompts and references encoded before)."""
+    @contextlib.contextmanager
+    def for_generation(self, encoders: bool) -> Iterator[tuple[Any, ImageEncoder | None]]:
+        """A pipeline around the trained transformer and the image encoder, for the block: the run's own, or
+        (training from the cache) loaded for it and let go of after; without `encoders`, a pipeline of the VAE alone
+        around the transformer and no image encoder (for prompts and references encoded before). A cached run loads
+        the VAE once and keeps it on the CPU between blocks, so training holds no more on the device than before."""
         from ipadapter.train.feed import load_image_encoder
 
         if not self._cached:
-            return self.pipe, self.encoder
-        parts = {} if encoders else _frozen_parts(self.family, keep=(*KEPT, "vae"))
+            yield self.pipe, self.encoder
+            return
+        parts = {} if encoders else {**_frozen_parts(self.family, keep=(*KEPT, "vae")), **self._vae}
         pipe = load_transformer_pipeline(self.config.base, self.family, self.dtype,
                                          **{**parts, "transformer": self.pipe.transformer})
         encoder = load_image_encoder(self.config) if encoders else None
         _place(pipe, encoder, self.accelerator.device, self.dtype)
-        return pipe, encoder
+        try:
+            yield pipe, encoder
+        finally:
+            self._vae = {"vae": pipe.vae.to("cpu")}
 
     def close(self) -> None:
         self.batches.close()

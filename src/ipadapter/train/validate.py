@@ -121,6 +121,7 @@ class Validator:
     def __init__(self, run: Any, references: list[ValidationReference], judge: Any = None) -> None:
         self.run_state, self.references, self.judge = run, references, judge
         self.encoded: Encoded | None = None
+        self.vae: Any = None  # a cached run's VAE, once loaded: on the CPU between validations
 
     @property
     def needs_encoders(self) -> bool:
@@ -137,13 +138,16 @@ class Validator:
 
     def _parts(self) -> tuple[Any, list[Any], list[Any], Any]:
         """VAE, and for the first validation the text models and image encoder: the run's own, or loaded for this
-        validation when it trains from the feature cache (they leave memory again afterwards)."""
+        validation when it trains from the feature cache (the encoders leave memory again afterwards, the VAE stays
+        on the CPU)."""
         from ipadapter.train.models import freeze, load_text_encoders, load_vae, place_frozen
         from ipadapter.train.feed import load_image_encoder
 
         run = self.run_state
         config, m = run.config, run.models
-        vae = m.vae if m.vae is not None else load_vae(config.base)
+        if m.vae is None and self.vae is None:
+            self.vae = load_vae(config.base)
+        vae = m.vae if m.vae is not None else self.vae
         tokenizers, encoders, encoder = [], [], None
         if self.needs_encoders:
             tokenizers, encoders = (m.tokenizers, m.text_encoders) if m.text_encoders else \
@@ -166,6 +170,8 @@ class Validator:
             return self.sample(step, pipe, adapter, encoder, precision=run.accelerator.autocast)
         finally:
             run.models.unet.train(was_training)
+            if self.vae is not None:  # training holds no more on the device than before
+                self.vae.to("cpu")
 
     @torch.no_grad()
     def sample(self, step: int, pipe: Any, adapter: Any, encoder: Any,
