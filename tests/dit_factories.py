@@ -350,3 +350,45 @@ def save_sd3_base(root: Path, dual: tuple[int, ...] = ()) -> Path:
     siglip().save_pretrained(folder / "image_encoder")
     SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(folder / "image_encoder")
     return folder
+
+
+def sd35_all_in_one(root: Path, repo_id: str) -> SimpleNamespace:
+    """An SD 3.5 Large-like file that holds its text encoders and VAE too (ComfyUI's `models/checkpoints/` files,
+    Stability's `sd3_medium_incl_clips_t5xxlfp16`): the transformer under `model.diffusion_model.`, the VAE in the
+    original layout under `first_stage_model.`, CLIP-L, CLIP-G and T5 by transformers' names under
+    `text_encoders.clip_l|clip_g|t5xxl.transformer.`. diffusers tells the two CLIPs in such a file apart by their
+    widths, so they differ here (32 and 48) as CLIP-L's and CLIP-G's do (768, 1280). The pipeline is laid out as the family repository `repo_id` in the Hugging Face cache `root/hub` (its
+    transformer's config alone, as `transformer_file` does) and returned with the file's path."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from safetensors.torch import save_file
+    from transformers import CLIPTokenizer
+
+    from tests import ldm_format
+
+    parts = sd3_pipeline(root / "parts")
+    torch.manual_seed(11)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=38,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=96, pooled_projection_dim=64, out_channels=4,
+                                        qk_norm="rms_norm").eval()
+    tok = CLIPTokenizer.from_pretrained(str(factories.write_tokenizer(root / "tok")))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=parts.scheduler, vae=parts.vae, tokenizer=tok, tokenizer_2=tok,
+        tokenizer_3=tok, text_encoder=factories.tiny_text_encoder(32, 21, projection=32),
+        text_encoder_2=factories.tiny_text_encoder(48, 22, projection=32), text_encoder_3=t5(23, d_model=96))
+    pipe.set_progress_bar_config(disable=True)
+    state = {"model.diffusion_model." + key: value for key, value in sd3_as_stability(transformer).items()}
+    state |= ldm_format.vae_state(pipe.vae)
+    for name, encoder in {"clip_l": pipe.text_encoder, "clip_g": pipe.text_encoder_2,
+                          "t5xxl": pipe.text_encoder_3}.items():
+        state |= {f"text_encoders.{name}.transformer." + (key if name == "t5xxl" or key.startswith("text_projection")
+                                                         else ldm_format._text_model(key)): value
+                  for key, value in encoder.state_dict().items()}
+    path = root / "sd3.5_large_all_in_one.safetensors"
+    save_file({key: value.clone().contiguous() for key, value in state.items()}, str(path))
+    repo = root / "repo"
+    pipe.save_pretrained(repo)
+    for weights in (repo / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    factories.write_hub_cache(root / "hub", repo_id, repo)
+    return SimpleNamespace(root=root, path=path, repo=repo, pipe=pipe)

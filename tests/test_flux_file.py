@@ -157,3 +157,32 @@ def test_a_repository_not_in_the_cache_is_one_line_with_the_download_that_suffic
         factories.hub_without_network(monkeypatch, _cache_holding(flux_file, tmp_path / "all", patterns))
         assert main([*argv, "--out", str(tmp_path / "yes.png")]) == 0
 
+
+
+def test_a_file_holding_every_part_needs_the_repositorys_configs_alone(flux_file, monkeypatch, tmp_path) -> None:
+    """ComfyUI's FLUX checkpoints (`flux1-dev-fp8.safetensors`): the transformer under `model.diffusion_model.`, the
+    VAE under `first_stage_model.`, CLIP-L and T5 under `text_encoders.clip_l|t5xxl.transformer.`. With the
+    repository's configs alone cached, every part is the file's, in eval mode (diffusers' loader leaves T5 training,
+    dropout on), and nothing is requested."""
+    from diffusers import FluxPipeline
+
+    from ipadapter.pipelines import load_pipeline
+    from tests import ldm_format
+
+    repo = FluxPipeline.from_pretrained(str(flux_file.repo), transformer=None)  # its parts written into the file
+    state = {"model.diffusion_model." + key: value for key, value in df.flux_as_bfl(flux_file.transformer).items()}
+    state |= ldm_format.vae_state(repo.vae)
+    state |= {"text_encoders.clip_l.transformer." + ldm_format._text_model(key): value
+              for key, value in repo.text_encoder.state_dict().items()}
+    state |= {"text_encoders.t5xxl.transformer." + key: value for key, value in repo.text_encoder_2.state_dict().items()}
+    path = tmp_path / "flux1-dev-all-in-one.safetensors"
+    save_file({key: value.clone().contiguous() for key, value in state.items()}, str(path))
+    sent = factories.hub_without_network(monkeypatch, _cache_holding(flux_file, tmp_path / "configs",
+                                                                     ["*.json", "*.txt", "*.model"]))
+    pipe = load_pipeline(path, dtype=torch.bfloat16)
+    assert _asked(sent) == []
+    for part, truth in (("transformer", flux_file.transformer), ("vae", repo.vae), ("text_encoder", repo.text_encoder),
+                        ("text_encoder_2", repo.text_encoder_2)):
+        ours, theirs = getattr(pipe, part).state_dict(), truth.state_dict()
+        assert all(torch.equal(ours[k], theirs[k].to(torch.bfloat16)) for k in theirs), part
+        assert not getattr(pipe, part).training, part

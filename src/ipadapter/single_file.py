@@ -8,8 +8,9 @@ key names and shapes (`infer_diffusers_model_type`; the header is enough, no wei
 Stable Diffusion checkpoint only that repository's config and tokenizer files are read: from the Hugging Face cache
 when they are there, else downloaded once (a few hundred kB), never its weights. A transformer file holds the
 transformer alone, so the other parts (text encoders, VAE) are that repository's own, from the cache or downloaded
-once, and its transformer's weights are never read. ComfyUI's scaled fp8 transformer files are dequantized first
-(`scaled_fp8.py`). Anything else is refused by name before a weight is read.
+once, and its transformer's weights are never read; a file that also holds text encoders and a VAE (ComfyUI's
+checkpoints) gives those itself, and only what it lacks comes from the repository. ComfyUI's scaled fp8 transformers
+are dequantized first (`scaled_fp8.py`). Anything else is refused by name before a weight is read.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import inspect
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -51,6 +53,15 @@ TRANSFORMER_FAMILIES = {
     "sd3": TransformerFile("SD 3 Medium", "StableDiffusion3Pipeline", "sd3"),
 }
 _LABELS = {**FAMILIES, **{name: family.label for name, family in TRANSFORMER_FAMILIES.items()}}
+# Where a file that holds more than the transformer (ComfyUI's `models/checkpoints/` files, Stability's
+# `sd3_medium_incl_clips_t5xxlfp16`) keeps each other part with weights, by pipeline: the parts' key prefixes, as
+# diffusers' single-file loaders read them.
+HELD_PREFIXES = {
+    "FluxPipeline": {"text_encoder": "text_encoders.clip_l.", "text_encoder_2": "text_encoders.t5xxl.",
+                     "vae": "first_stage_model."},
+    "StableDiffusion3Pipeline": {"text_encoder": "text_encoders.clip_l.", "text_encoder_2": "text_encoders.clip_g.",
+                                 "text_encoder_3": "text_encoders.t5xxl.", "vae": "first_stage_model."},
+}
 # A diffusers repository's files that describe it without weights, at any depth (huggingface_hub matches with
 # fnmatch, whose `*` crosses folders): configs, tokenizer vocabularies and merges, sentencepiece models.
 CONFIG_FILES = ("*.json", "*.txt", "*.model")
@@ -98,22 +109,34 @@ def config_folder(path: str | os.PathLike) -> Path:
         return folder
 
     try:
-        return from_cache_or_hub(fetch, repo, f"the {_LABELS[name]} layout", include=_needed(name),
+        return from_cache_or_hub(fetch, repo, f"the {_LABELS[name]} layout", include=_needed(name, held_parts(path)),
                                  instead="give --base the model as a diffusers pipeline folder")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not fetch the configs of {repo}: {first_clause(str(err))}") from None
 
 
-def _needed(name: str) -> tuple[str, ...]:
+def _needed(name: str, held: frozenset[str] = frozenset()) -> tuple[str, ...]:
     """The repository files a family's single file needs, as download patterns (one command fetches them all): the
-    configs, and for a transformer file every part its pipeline requires but the transformer."""
+    configs, and for a transformer file every part its pipeline requires but the transformer and those it `held`."""
     import diffusers
 
     if name not in TRANSFORMER_FAMILIES:
         return CONFIG_FILES
     params = inspect.signature(getattr(diffusers, TRANSFORMER_FAMILIES[name].pipeline)).parameters
     return (*CONFIG_FILES, *(f"{part}/*" for part, param in params.items()
-                             if param.default is inspect.Parameter.empty and part != "transformer"))
+                             if param.default is inspect.Parameter.empty and part not in {"transformer", *held}))
+
+
+def held_parts(path: str | os.PathLike) -> frozenset[str]:
+    """The parts besides the transformer that a transformer family's file holds in a form diffusers reads (one stored
+    as scaled fp8 is not: diffusers would leave its scales unread), from the header alone."""
+    name, _ = family(path)
+    if name not in TRANSFORMER_FAMILIES:
+        return frozenset()
+    keys = tensor_shapes(path, EXPECTED)
+    prefixes = HELD_PREFIXES[TRANSFORMER_FAMILIES[name].pipeline]
+    return frozenset(part for part, prefix in prefixes.items()
+                     if (mine := [key for key in keys if key.startswith(prefix)]) and not scaled_fp8.is_scaled(mine))
 
 
 def configs_of(base: str) -> str:
@@ -127,8 +150,9 @@ def pipeline_name(path: str | os.PathLike) -> str:
 
 
 def parts_source(base: str) -> str:
-    """Where a base's text encoders and VAE are read: a transformer file's family repository, else the base."""
-    if is_single_file(base) and (layout := family(base))[0] in TRANSFORMER_FAMILIES:
+    """Where a base's text encoders and VAE are read: a transformer file's family repository when the file holds none
+    of them, else the base."""
+    if is_single_file(base) and (layout := family(base))[0] in TRANSFORMER_FAMILIES and not held_parts(base):
         return layout[1]
     return base
 
@@ -137,7 +161,6 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> 
     """The text-to-image pipeline of a single-file checkpoint, its parts laid out as its family's repository; `parts`
     (a `vae=`; None: not loaded) replace the file's own or, for a transformer file, the repository's."""
     import diffusers
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     folder = config_folder(path)
     index = json.loads((folder / "model_index.json").read_bytes())
@@ -149,33 +172,61 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> 
     if scaled_fp8.is_scaled(tensor_shapes(path, EXPECTED)):
         raise IPAdapterError(f"{path} stores its weights as scaled fp8, which ipadapter reads for FLUX.1 and SD 3 / 3.5 "
                              "transformer files only; use the checkpoint's fp16 or bf16 file")
-    try:  # every file it reads is local: the checkpoint and the config folder
-        return cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype, **parts)
-    except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:  # weights that do not fit
-        raise IPAdapterError(f"could not load {path} as a {cls.__name__}: {first_clause(str(err))}") from None
+    # every file it reads is local: the checkpoint and the config folder
+    return _from_file(path, cls, lambda: cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype,
+                                                              **parts))
 
 
 def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: Any, transformer_cls: Any,
                         folder: Path, dtype: torch.dtype, parts: dict[str, Any]) -> Any:
-    """The transformer from the file (unless `parts` gives one, or None), every other part from its family's
-    repository (`layout`: its name and repository): the Hugging Face cache first, else downloaded once, the
-    repository's own transformer left out."""
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
-
+    """The transformer from the file (unless `parts` gives one, or None), and so every other part the file holds
+    (`held_parts`); the rest from its family's repository (`layout`: its name and repository)."""
     name, repo = layout
-    if "transformer" not in parts:
+    held = held_parts(path) - set(parts)
+    if "transformer" not in parts and (not held or scaled_fp8.is_scaled(tensor_shapes(path, EXPECTED))):
         weights = scaled_fp8.dequantized(path, dtype) if scaled_fp8.is_scaled(tensor_shapes(path, EXPECTED)) \
             else str(path)
-        try:
-            parts = {**parts, "transformer": transformer_cls.from_single_file(
-                weights, config=str(folder), subfolder="transformer", torch_dtype=dtype)}
-        except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:
-            reason = f"it has no weight {err.args[0]}" if isinstance(err, KeyError) else first_clause(str(err))
-            raise IPAdapterError(f"could not load {path} as a {transformer_cls.__name__}: {reason}") from None
-    what = f"the {_LABELS[name]} text encoders and VAE"
+        parts = {**parts, "transformer": _from_file(path, transformer_cls, lambda: transformer_cls.from_single_file(
+            weights, config=str(folder), subfolder="transformer", torch_dtype=dtype))}
+    if not held:  # the transformer alone
+        return _from_repo(layout, cls, dtype, parts, "text encoders and VAE")
+    if missing := sorted(set(HELD_PREFIXES[cls.__name__]) - held - set(parts)):
+        source = _from_repo(layout, cls, dtype, {**parts, "transformer": None, **dict.fromkeys(held)},
+                            " and ".join(missing), held)
+        parts = {**parts, **{part: getattr(source, part) for part in missing}}
+    return _evaluating(_from_file(path, cls, lambda: cls.from_single_file(str(path), config=str(folder),
+                                                                          torch_dtype=dtype, **parts)))
+
+
+def _evaluating(pipe: Any) -> Any:
+    """`pipe` with every model in eval mode: diffusers' single-file loader leaves T5 in training mode (dropout on,
+    so a prompt's embedding changed from call to call)."""
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            part.eval()
+    return pipe
+
+
+def _from_repo(layout: tuple[str, str], cls: Any, dtype: torch.dtype, parts: dict[str, Any], what: str,
+               held: frozenset[str] = frozenset()) -> Any:
+    """The family repository's pipeline, `parts` given (None: not loaded): the Hugging Face cache first, else
+    downloaded once; offline, one line naming the download of `what` it reads (the parts the file `held` left out)."""
+    name, repo = layout
+    what = f"the {_LABELS[name]} {what}"
     try:
         return from_cache_or_hub(lambda local: plain_or_fp16(lambda variant: cls.from_pretrained(
-            repo, torch_dtype=dtype, local_files_only=local, **parts, **variant)), repo, what, include=_needed(name),
-            instead="give --base the model as a diffusers pipeline folder")
+            repo, torch_dtype=dtype, local_files_only=local, **parts, **variant)), repo, what,
+            include=_needed(name, held), instead="give --base the model as a diffusers pipeline folder")
     except (OSError, ValueError) as err:
         raise IPAdapterError(f"could not load {what} from {repo}: {first_clause(str(err))}") from None
+
+
+def _from_file(path: str | os.PathLike, cls: Any, load: Callable[[], Any]) -> Any:
+    """`load()`, its failure on weights that are missing or do not fit one line naming the file and the class."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    try:
+        return load()
+    except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:
+        reason = f"it has no weight {err.args[0]}" if isinstance(err, KeyError) else first_clause(str(err))
+        raise IPAdapterError(f"could not load {path} as a {cls.__name__}: {reason}") from None

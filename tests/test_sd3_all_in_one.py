@@ -1,0 +1,149 @@
+"""An SD 3.5 file that holds its text encoders and VAE beside the transformer (ComfyUI's `models/checkpoints/`
+files, Stability's `sd3_medium_incl_clips_t5xxlfp16`) as `--base`: every part the file holds comes from it, so the
+family repository's configs and tokenizers are all that must be cached; a part it does not hold, or holds as scaled
+fp8, comes from the repository. The truth is diffusers reading the whole file (`StableDiffusion3Pipeline.
+from_single_file`) and the objects the file was written from."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import ipadapter
+from ipadapter.cli.main import main
+from ipadapter.pipelines import load_pipeline
+from tests import dit_factories as df
+from tests import factories
+
+REPO = "stabilityai/stable-diffusion-3.5-large"
+PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # runs build Accelerators
+
+
+@pytest.fixture(scope="module")
+def aio(tmp_path_factory):
+    from transformers import SiglipImageProcessor
+
+    root = tmp_path_factory.mktemp("sd3-aio")
+    made = df.sd35_all_in_one(root, REPO)
+    kept = root / "configs"  # the repository's configs and tokenizers alone, in a cache of their own
+    for path in made.repo.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".txt", ".model"):
+            (kept / path.relative_to(made.repo)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, kept / path.relative_to(made.repo))
+    factories.write_hub_cache(root / "configs-hub", REPO, kept)
+    torch.save(df.instantx_state(blocks=38), root / "ip-adapter.bin")
+    df.siglip().save_pretrained(root / "siglip")
+    SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(root / "siglip")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "ref.png")
+    return made
+
+
+def _equal(model, truth) -> bool:
+    mine, theirs = model.state_dict(), truth.state_dict()
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def _without(aio, tmp_path: Path, prefix: str) -> Path:
+    path = tmp_path / "sd3.5_large_incl_clips.safetensors"
+    save_file({k: v for k, v in load_file(str(aio.path)).items() if not k.startswith(prefix)}, str(path))
+    return path
+
+
+def test_a_file_holding_every_part_needs_the_repositorys_configs_alone(aio, monkeypatch, tmp_path) -> None:
+    """With only the repository's configs and tokenizers cached and no network: the pipeline diffusers reads from
+    the whole file, the parts as written (CLIP-L's projection is the identity, diffusers' rule for these files, which
+    keep none), every part in eval mode; `generate` makes that pipeline's image; a run trains on the file; nothing is
+    requested."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from ipadapter.single_file import parts_source
+
+    sent = factories.hub_without_network(monkeypatch, aio.root / "configs-hub")
+    pipe = load_pipeline(aio.path)
+    truth = StableDiffusion3Pipeline.from_single_file(str(aio.path), config=str(aio.repo))
+    truth.text_encoder_3.eval()  # diffusers leaves it in training mode: dropout, another embedding at each call
+    assert not any(getattr(pipe, part).training for part in PARTS)
+    assert all(_equal(getattr(pipe, part), getattr(truth, part)) for part in PARTS)
+    assert all(_equal(getattr(pipe, part), getattr(aio.pipe, part))
+               for part in ("transformer", "vae", "text_encoder_2", "text_encoder_3"))
+    assert torch.equal(pipe.text_encoder.text_projection.weight, torch.eye(32))
+    assert parts_source(str(aio.path)) == str(aio.path)  # a feature cache is keyed by the file's encoders
+
+    root, out = aio.root, tmp_path / "out.png"
+    assert main(["generate", "--base", str(aio.path), "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
+                 str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(out), "--prompt", "a cat",
+                 "--steps", "2", "--width", "16", "--height", "16", "--seed", "3"]) == 0
+    truth.set_progress_bar_config(disable=True)
+    with ipadapter.load(truth, str(root / "ip-adapter.bin"), image_encoder=str(root / "siglip")) as prompter:
+        expected = prompter.generate(Image.open(root / "ref.png"), prompt="a cat", steps=2, width=16, height=16,
+                                     seed=3)[0]
+    got = np.asarray(Image.open(out).convert("RGB"), np.int16)
+    assert np.abs(got - np.asarray(expected, np.int16)).max() <= 1
+
+    data = factories.write_images(tmp_path / "data", 2)
+    assert main(["train", "--variant", "sd3", "--base", str(aio.path), "--image-encoder", str(root / "siglip"),
+                 "--data", str(data), "--resolution", "16", "--max-steps", "1", "--batch-size", "1",
+                 "--num-workers", "0", "--output", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "ip-adapter.safetensors").is_file()
+    assert sent == []
+
+
+def test_a_part_the_file_lacks_comes_from_the_repository(aio, monkeypatch, tmp_path, capsys) -> None:
+    """A file with the two CLIPs and the VAE but no T5 (Stability's `sd3_medium_incl_clips`): T5 from the repository
+    in the cache, the rest from the file; with the configs alone cached, one line naming the download of T5 and the
+    configs, and nothing else."""
+    path = _without(aio, tmp_path, "text_encoders.t5xxl.")
+    factories.hub_without_network(monkeypatch, aio.root / "hub")
+    pipe = load_pipeline(path)
+    assert _equal(pipe.text_encoder_3, aio.pipe.text_encoder_3)
+    assert all(_equal(getattr(pipe, part), getattr(aio.pipe, part)) for part in ("transformer", "vae", "text_encoder_2"))
+
+    factories.hub_without_network(monkeypatch, aio.root / "configs-hub")
+    root = aio.root
+    assert main(["generate", "--base", str(path), "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
+                 str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(tmp_path / "out.png")]) != 0
+    patterns = ["*.json", "*.txt", "*.model", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "text_encoder_3/*",
+                "tokenizer_3/*"]
+    command = f"hf download {REPO} --include " + " ".join(f"'{p}'" for p in patterns)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ipadapter: error: the SD 3.5 Large text_encoder_3 {REPO} is not in the local Hugging Face cache and the Hub "
+        f"cannot be reached; download it once with network access ({command}) or give --base the model as a "
+        "diffusers pipeline folder"]
+
+
+def test_parts_stored_as_scaled_fp8_are_dequantized_or_read_from_the_repository(aio, monkeypatch, tmp_path) -> None:
+    """ComfyUI's `sd3.5_large_fp8_scaled`: the transformer and T5 stored as scaled fp8, the CLIPs and VAE as they
+    are. The transformer is its weights times their scales (diffusers reading a plain file of those); T5, which
+    diffusers would read without its scales, is the repository's; the CLIPs and VAE are the file's."""
+    from diffusers import SD3Transformer2DModel
+
+    stored, meant = {}, {}
+    for key, value in load_file(str(aio.path)).items():
+        layer = key.removesuffix(".weight")
+        if key.startswith(("model.diffusion_model.", "text_encoders.t5xxl.")) and key.endswith(".weight") and \
+                value.ndim == 2:
+            scale = value.abs().amax().float() / 448
+            stored[key] = (value / scale).to(torch.float8_e4m3fn)
+            stored[layer + ".scale_weight"] = scale
+            value = stored[key].float() * scale
+        else:
+            stored[key] = value
+        if key.startswith("model.diffusion_model."):
+            meant[key.removeprefix("model.diffusion_model.")] = value
+    stored["model.diffusion_model.scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    scaled = tmp_path / "sd3.5_large_fp8_scaled.safetensors"
+    save_file(stored, str(scaled))
+    save_file(meant, str(tmp_path / "plain.safetensors"))
+    factories.hub_without_network(monkeypatch, aio.root / "hub")
+    pipe = load_pipeline(scaled)
+    assert _equal(pipe.transformer, SD3Transformer2DModel.from_single_file(
+        str(tmp_path / "plain.safetensors"), config=str(aio.repo), subfolder="transformer"))
+    assert all(_equal(getattr(pipe, part), getattr(aio.pipe, part)) for part in ("vae", "text_encoder_2",
+                                                                                   "text_encoder_3"))
