@@ -173,8 +173,8 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> 
         raise IPAdapterError(f"{path} stores its weights as scaled fp8, which ipadapter reads for FLUX.1 and SD 3 / 3.5 "
                              "transformer files only; use the checkpoint's fp16 or bf16 file")
     # every file it reads is local: the checkpoint and the config folder
-    return _from_file(path, cls, lambda: cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype,
-                                                              **parts))
+    return _evaluating(_from_file(path, cls, lambda: cls.from_single_file(str(path), config=str(folder),
+                                                                          torch_dtype=dtype, **parts)))
 
 
 def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: Any, transformer_cls: Any,
