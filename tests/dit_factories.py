@@ -357,8 +357,9 @@ def sd35_all_in_one(root: Path, repo_id: str) -> SimpleNamespace:
     Stability's `sd3_medium_incl_clips_t5xxlfp16`): the transformer under `model.diffusion_model.`, the VAE in the
     original layout under `first_stage_model.`, CLIP-L, CLIP-G and T5 by transformers' names under
     `text_encoders.clip_l|clip_g|t5xxl.transformer.`. diffusers tells the two CLIPs in such a file apart by their
-    widths, so they differ here (32 and 48) as CLIP-L's and CLIP-G's do (768, 1280). The pipeline is laid out as the family repository `repo_id` in the Hugging Face cache `root/hub` (its
-    transformer's config alone, as `transformer_file` does) and returned with the file's path."""
+    widths, so they differ here (32 and 48) as CLIP-L's and CLIP-G's do (768, 1280). The pipeline is laid out as the
+    family repository `repo_id` in the Hugging Face cache `root/hub` (its transformer's config alone, as
+    `transformer_file` does) and returned with the file's path."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from safetensors.torch import save_file
     from transformers import CLIPTokenizer

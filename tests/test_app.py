@@ -31,7 +31,7 @@ from tests import factories
 from tests.app_process import CHROMIUM, CHROMIUM_FLAGS, answers, serving
 
 MODEL_ARGS = {"adapter": None, "weight_name": None, "subfolder": None, "image_encoder": None, "device": "cpu",
-              "dtype": None, "scheduler": None, "vae": None}
+              "dtype": None, "scheduler": None, "vae": None, "text_encoder": None}
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +285,7 @@ def test_the_reproducing_command_carries_every_model_flag_the_app_was_started_wi
     from ipadapter.cli.generate import MODEL_HELP
 
     given = {flag: [f"value-of-{flag[2:]}"] for flag in MODEL_HELP}
-    given["--dtype"], given["--adapter"] = ["bfloat16"], ["a1", "a2"]
+    given["--dtype"], given["--adapter"], given["--text-encoder"] = ["bfloat16"], ["a1", "a2"], ["t1", "t2"]
     argv = [item for flag, values in given.items() for value in values for item in (flag, value)]
     app = build_parser().parse_args(["app", *argv])
     again = build_parser().parse_args(["generate", *model_flags(app)])

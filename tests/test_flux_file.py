@@ -174,7 +174,8 @@ def test_a_file_holding_every_part_needs_the_repositorys_configs_alone(flux_file
     state |= ldm_format.vae_state(repo.vae)
     state |= {"text_encoders.clip_l.transformer." + ldm_format._text_model(key): value
               for key, value in repo.text_encoder.state_dict().items()}
-    state |= {"text_encoders.t5xxl.transformer." + key: value for key, value in repo.text_encoder_2.state_dict().items()}
+    state |= {"text_encoders.t5xxl.transformer." + key: value
+              for key, value in repo.text_encoder_2.state_dict().items()}
     path = tmp_path / "flux1-dev-all-in-one.safetensors"
     save_file({key: value.clone().contiguous() for key, value in state.items()}, str(path))
     sent = factories.hub_without_network(monkeypatch, _cache_holding(flux_file, tmp_path / "configs",

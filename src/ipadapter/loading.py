@@ -24,7 +24,7 @@ from ipadapter.sources import (
     AdapterSource, default_image_encoder, encoder_by_width, is_published_name, miniature_adapter, miniature_base,
     published_adapter, published_files, read_config, split_hub_path,
 )
-from ipadapter.validation import check_device, model_source, vae_downscale
+from ipadapter.validation import check_device, model_source, regular_file, vae_downscale
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The paper's inference guidance (7.5); on the miniature 5.0 and 7.5 measure the same within noise (v2's base adapter,
@@ -184,6 +184,8 @@ def check_model_args(args: Any) -> str:
         model_source(args.image_encoder, "--image-encoder", subfolders=True)
     if args.vae:
         model_source(args.vae, "--vae", subfolders=True)
+    for path in getattr(args, "text_encoder", None) or []:
+        regular_file(path, "--text-encoder")
     if getattr(args, "controlnet", None) and args.controlnet != "miniature":
         model_source(args.controlnet, "ControlNet folder", subfolders=True)
     for adapter in args.adapter or []:
@@ -239,11 +241,11 @@ def load_prompter(
     *, base: str | None = None, adapters: Sequence[str] = (), subfolders: Sequence[str] = (),
     weight_names: Sequence[str] = (), image_encoder: str | None = None, device: str | None = None,
     dtype: str | None = None, scheduler: str | None = None, base_lora: str | None = None, base_lora_scale: float = 1.0,
-    controlnet: str | None = None, cache_kv: bool = False, vae: str | None = None,
+    controlnet: str | None = None, cache_kv: bool = False, vae: str | None = None, text_encoders: Sequence[str] = (),
 ) -> Loaded:
     """Everything from names: the base pipeline (the bundled miniature model when `base` is None), a fused custom
     LoRA, a ControlNet, the adapters (file, folder, Hub id, or a keyword) and their image encoder; `vae` replaces the
-    base's VAE (`pipelines.load_vae`).
+    base's VAE (`pipelines.load_vae`), `text_encoders` files its text encoders (`text_encoder_files`).
     `dtype`: "float32", "float16" or "bfloat16" (default float16 on CUDA, else float32); `cache_kv` as in `load`."""
     device = device or check_device(None)
     if dtype is not None and dtype not in DTYPES:
@@ -256,7 +258,8 @@ def load_prompter(
     if not sources:
         raise IPAdapterError("give adapters= (a file, folder or Hub repo id) to use an image prompt with base=")
     lora = base_lora_source(base_lora) if base_lora else None
-    pipe = load_pipeline(base, device=device, dtype=torch_dtype, scheduler=scheduler, vae=vae)
+    pipe = load_pipeline(base, device=device, dtype=torch_dtype, scheduler=scheduler, vae=vae,
+                         text_encoders=text_encoders)
     if lora:
         pipe = fuse_base_lora(pipe, lora, base_lora_scale)
     if controlnet:

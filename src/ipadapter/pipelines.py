@@ -6,6 +6,7 @@ Each returns a pipeline whose UNet is the object adapters attach to; none touche
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,19 @@ from ipadapter.validation import model_source
 
 def load_pipeline(
     base: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32, scheduler: str | None = None,
-    vae: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None, text_encoders: Sequence[str | os.PathLike] = (),
 ) -> Any:
     """Any diffusers pipeline folder or Hub id (`from_cache_or_hub`), or a whole checkpoint in one file
     (`single_file`); its own saved scheduler unless `scheduler` names another class, its own VAE unless `vae` names
-    another (`load_vae`). SD 1.5's safety checker is dropped, as ComfyUI and the web UIs run: it would black out the
-    images it flags. Each generation's step bar is cleared when it ends (`leave=False`): a batch leaves one line, not
-    a bar each."""
+    another (`load_vae`), its own text encoders but those `text_encoders` files replace (`text_encoder_files`). SD
+    1.5's safety checker is dropped, as ComfyUI and the web UIs run: it would black out the images it flags. Each
+    generation's step bar is cleared when it ends (`leave=False`): a batch leaves one line, not a bar each."""
+    from ipadapter.text_encoder_files import load_text_encoder_files
+
     new_scheduler = _scheduler_class(scheduler) if scheduler else None  # a misspelt name fails before the load
     parts = {"vae": load_vae(vae, base=str(base), dtype=dtype)} if vae else {}
+    if text_encoders:
+        parts |= load_text_encoder_files(list(text_encoders), base=str(base), dtype=dtype)
     pipe = single_file.load_pipeline(base, dtype, **parts) if single_file.is_single_file(base) else \
         _from_folder(base, dtype, **parts)
     if new_scheduler is not None:

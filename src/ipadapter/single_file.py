@@ -170,8 +170,8 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> 
         transformer = getattr(diffusers, index["transformer"][1])
         return _around_transformer(path, (name, repo), cls, transformer, folder, dtype, parts)
     if scaled_fp8.is_scaled(tensor_shapes(path, EXPECTED)):
-        raise IPAdapterError(f"{path} stores its weights as scaled fp8, which ipadapter reads for FLUX.1 and SD 3 / 3.5 "
-                             "transformer files only; use the checkpoint's fp16 or bf16 file")
+        raise IPAdapterError(f"{path} stores its weights as scaled fp8, which ipadapter reads for FLUX.1 and SD 3 / "
+                             "3.5 transformer files only; use the checkpoint's fp16 or bf16 file")
     # every file it reads is local: the checkpoint and the config folder
     return _evaluating(_from_file(path, cls, lambda: cls.from_single_file(str(path), config=str(folder),
                                                                           torch_dtype=dtype, **parts)))
@@ -188,11 +188,14 @@ def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: A
             else str(path)
         parts = {**parts, "transformer": _from_file(path, transformer_cls, lambda: transformer_cls.from_single_file(
             weights, config=str(folder), subfolder="transformer", torch_dtype=dtype))}
-    if not held:  # the transformer alone
-        return _from_repo(layout, cls, dtype, parts, "text encoders and VAE")
-    if missing := sorted(set(HELD_PREFIXES[cls.__name__]) - held - set(parts)):
-        source = _from_repo(layout, cls, dtype, {**parts, "transformer": None, **dict.fromkeys(held)},
-                            " and ".join(missing), held)
+    weighted = set(HELD_PREFIXES[cls.__name__])
+    missing = sorted(weighted - held - set(parts))
+    what = "text encoders and VAE" if set(missing) == weighted else " and ".join(missing)
+    if not held:  # the transformer alone, and what `parts` gives
+        return _from_repo(layout, cls, dtype, parts, what, frozenset(parts))
+    if missing:
+        source = _from_repo(layout, cls, dtype, {**parts, "transformer": None, **dict.fromkeys(held)}, what,
+                            held | frozenset(parts))
         parts = {**parts, **{part: getattr(source, part) for part in missing}}
     return _evaluating(_from_file(path, cls, lambda: cls.from_single_file(str(path), config=str(folder),
                                                                           torch_dtype=dtype, **parts)))
@@ -208,9 +211,10 @@ def _evaluating(pipe: Any) -> Any:
 
 
 def _from_repo(layout: tuple[str, str], cls: Any, dtype: torch.dtype, parts: dict[str, Any], what: str,
-               held: frozenset[str] = frozenset()) -> Any:
+               held: frozenset[str]) -> Any:
     """The family repository's pipeline, `parts` given (None: not loaded): the Hugging Face cache first, else
-    downloaded once; offline, one line naming the download of `what` it reads (the parts the file `held` left out)."""
+    downloaded once; offline, one line naming the download of `what` it reads (the parts `held` elsewhere left
+    out)."""
     name, repo = layout
     what = f"the {_LABELS[name]} {what}"
     try:

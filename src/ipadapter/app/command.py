@@ -16,7 +16,7 @@ from ipadapter.app.form import Form
 MODEL_FLAGS = {
     "base": "--base", "adapter": "--adapter", "weight_name": "--weight-name", "subfolder": "--subfolder",
     "image_encoder": "--image-encoder", "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler",
-    "vae": "--vae",
+    "vae": "--vae", "text_encoder": "--text-encoder",
 }
 
 

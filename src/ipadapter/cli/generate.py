@@ -31,6 +31,10 @@ EXAMPLES = """examples:
   ipadapter generate --base black-forest-labs/FLUX.1-dev --adapter XLabs-AI/flux-ip-adapter \\
       --weight-name ip_adapter.safetensors --image-encoder openai/clip-vit-large-patch14 --image ref.png \\
       --true-cfg 4 --scale 0.7 --out out.png
+  ipadapter generate --base models/unet/flux1-dev.safetensors --vae models/vae/ae.safetensors \\
+      --text-encoder models/clip/clip_l.safetensors --text-encoder models/clip/t5xxl_fp16.safetensors \\
+      --adapter XLabs-AI/flux-ip-adapter --weight-name ip_adapter.safetensors \\
+      --image-encoder openai/clip-vit-large-patch14 --image ref.png --out out.png   # ComfyUI's separate files
 """
 
 
@@ -70,6 +74,9 @@ MODEL_HELP = {
     "--scheduler": "a diffusers scheduler class to use instead of the base model's own",
     "--vae": "a VAE to use instead of the base model's own: AutoencoderKL folder or Hub id ('owner/repo/subfolder' "
              "allowed) or one .safetensors file (web UIs' models/VAE)",
+    "--text-encoder": "a text encoder to use instead of one of the base model's own: one .safetensors file "
+                      "(ComfyUI's models/clip: clip_l, clip_g, t5xxl, fp8 and scaled fp8 too), the one it replaces "
+                      "told by its kind and width (repeatable)",
 }
 HELP = {
     "--image": "reference image (repeatable)",
@@ -127,6 +134,7 @@ CACHE_KV_DEFAULT = {True: "on", False: "off, projected at every step as diffuser
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--base/--adapter/--image-encoder, shared by generate, encode, evaluate and app."""
     options = {"--adapter": {"action": "append"}, "--weight-name": {"action": "append"},
+               "--text-encoder": {"action": "append"},
                "--subfolder": {"action": "append"}, "--dtype": {"choices": ["float32", "float16", "bfloat16"]}}
     for flag, text in MODEL_HELP.items():
         p.add_argument(flag, help=text, **options.get(flag, {}))
@@ -143,7 +151,8 @@ def add_cache_kv_flag(p: argparse.ArgumentParser, *, default: bool) -> None:
 PARAMETER_FLAGS = {
     "base": "--base", "adapters": "--adapter", "subfolders": "--subfolder", "subfolder": "--subfolder",
     "weight_names": "--weight-name", "weight_name": "--weight-name", "image_encoder": "--image-encoder",
-    "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "vae": "--vae", "base_lora": "--base-lora",
+    "device": "--device", "dtype": "--dtype", "scheduler": "--scheduler", "vae": "--vae",
+    "text_encoders": "--text-encoder", "base_lora": "--base-lora",
     "controlnet": "--controlnet", "scale": "--scale", "tiles": "--tiles", "masks": "--mask", "combine": "--combine",
     "noise": "--noise", "dino": "--dino", "inception": "--inception", "steps": "--steps", "face_embeds": "--face-embed",
     "image": "--image", "lora_scale": "--lora-scale", "s_scale": "--s-scale",
@@ -173,7 +182,7 @@ def load_from_flags(args: argparse.Namespace) -> Any:
             weight_names=args.weight_name or (), image_encoder=args.image_encoder, device=args.device,
             dtype=args.dtype, scheduler=args.scheduler, base_lora=getattr(args, "base_lora", None),
             base_lora_scale=getattr(args, "base_lora_scale", 1.0), controlnet=getattr(args, "controlnet", None),
-            cache_kv=getattr(args, "cache_kv", False), vae=args.vae,
+            cache_kv=getattr(args, "cache_kv", False), vae=args.vae, text_encoders=args.text_encoder or (),
         )
     except IPAdapterError as err:
         raise as_flags(err) from None

@@ -5,7 +5,8 @@ Training from a complete cache loads the transformer and the scheduler alone. Th
 T5-XXL, SD 3's three) and the image encoder stay on disk; they are loaded only to build the cache (the transformer
 is not loaded then) and for the first validation grid (the VAE then stays, on the CPU between grids). A cache row
 holds what the family's `features` gives; each step's batch is assembled from rows exactly as from features computed
-on the spot, so the two paths train the same adapter. The cache is the UNet run's format (train/cache.py) with the denoiser in its fingerprint.
+on the spot, so the two paths train the same adapter. The cache is the UNet run's format (train/cache.py) with the
+denoiser in its fingerprint.
 """
 
 from __future__ import annotations
