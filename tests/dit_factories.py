@@ -359,8 +359,10 @@ def sd35_all_in_one(root: Path, repo_id: str) -> SimpleNamespace:
     `text_encoders.clip_l|clip_g|t5xxl.transformer.`. diffusers tells the two CLIPs in such a file apart by their
     widths, so they differ here (32 and 48) as CLIP-L's and CLIP-G's do (768, 1280). The pipeline is laid out as the
     family repository `repo_id` in the Hugging Face cache `root/hub` (its transformer's config alone, as
-    `transformer_file` does) and returned with the file's path."""
+    `transformer_file` does) and returned with the file's path; beside them an InstantX adapter and its SigLIP
+    (`sd35_adapter_files`) and a reference image `root/ref.png`."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from PIL import Image
     from safetensors.torch import save_file
     from transformers import CLIPTokenizer
 
@@ -392,4 +394,49 @@ def sd35_all_in_one(root: Path, repo_id: str) -> SimpleNamespace:
     for weights in (repo / "transformer").glob("*.safetensors"):
         weights.unlink()
     factories.write_hub_cache(root / "hub", repo_id, repo)
+    sd35_adapter_files(root)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "ref.png")
     return SimpleNamespace(root=root, path=path, repo=repo, pipe=pipe)
+
+
+def configs_only_hub(repo: Path, repo_id: str, folder: Path) -> Path:
+    """A Hugging Face cache at `folder/hub` holding the pipeline folder `repo`'s configs and tokenizers alone (no
+    weights), as `repo_id`."""
+    import shutil
+
+    for path in repo.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".txt", ".model"):
+            (folder / "kept" / path.relative_to(repo)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, folder / "kept" / path.relative_to(repo))
+    factories.write_hub_cache(folder / "hub", repo_id, folder / "kept")
+    return folder / "hub"
+
+
+def sd35_adapter_files(root: Path) -> None:
+    """An InstantX adapter for the 38-block SD 3.5 Large-like transformers (`root/ip-adapter.bin`) and the tiny
+    SigLIP it reads (`root/siglip`)."""
+    from transformers import SiglipImageProcessor
+
+    torch.save(instantx_state(blocks=38), root / "ip-adapter.bin")
+    siglip().save_pretrained(root / "siglip")
+    SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(root / "siglip")
+
+
+def assert_generate_matches(root: Path, base_flags: list[str], pipe, out: Path) -> None:
+    """`ipadapter generate` with `base_flags` and the files of `sd35_adapter_files` in `root` (reference
+    `root/ref.png`) makes, within one level, the image `ipadapter.load` makes on `pipe`, the pipeline those flags
+    should have loaded."""
+    import ipadapter
+    from PIL import Image
+
+    from ipadapter.cli.main import main
+
+    assert main(["generate", *base_flags, "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
+                 str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(out), "--prompt", "a cat",
+                 "--steps", "2", "--width", "16", "--height", "16", "--seed", "3"]) == 0
+    pipe.set_progress_bar_config(disable=True)
+    with ipadapter.load(pipe, str(root / "ip-adapter.bin"), image_encoder=str(root / "siglip")) as prompter:
+        expected = prompter.generate(Image.open(root / "ref.png"), prompt="a cat", steps=2, width=16, height=16,
+                                     seed=3)[0]
+    got = np.asarray(Image.open(out).convert("RGB"), np.int16)
+    assert np.abs(got - np.asarray(expected, np.int16)).max() <= 1

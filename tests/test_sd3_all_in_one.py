@@ -6,16 +6,12 @@ from_single_file`) and the objects the file was written from."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import ipadapter
 from ipadapter.cli.main import main
 from ipadapter.pipelines import load_pipeline
 from tests import dit_factories as df
@@ -28,20 +24,9 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # runs build Acc
 
 @pytest.fixture(scope="module")
 def aio(tmp_path_factory):
-    from transformers import SiglipImageProcessor
-
     root = tmp_path_factory.mktemp("sd3-aio")
     made = df.sd35_all_in_one(root, REPO)
-    kept = root / "configs"  # the repository's configs and tokenizers alone, in a cache of their own
-    for path in made.repo.rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".txt", ".model"):
-            (kept / path.relative_to(made.repo)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, kept / path.relative_to(made.repo))
-    factories.write_hub_cache(root / "configs-hub", REPO, kept)
-    torch.save(df.instantx_state(blocks=38), root / "ip-adapter.bin")
-    df.siglip().save_pretrained(root / "siglip")
-    SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(root / "siglip")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "ref.png")
+    made.configs = df.configs_only_hub(made.repo, REPO, root / "configs")
     return made
 
 
@@ -65,7 +50,7 @@ def test_a_file_holding_every_part_needs_the_repositorys_configs_alone(aio, monk
 
     from ipadapter.single_file import parts_source
 
-    sent = factories.hub_without_network(monkeypatch, aio.root / "configs-hub")
+    sent = factories.hub_without_network(monkeypatch, aio.configs)
     pipe = load_pipeline(aio.path)
     truth = StableDiffusion3Pipeline.from_single_file(str(aio.path), config=str(aio.repo))
     truth.text_encoder_3.eval()  # diffusers leaves it in training mode: dropout, another embedding at each call
@@ -76,16 +61,8 @@ def test_a_file_holding_every_part_needs_the_repositorys_configs_alone(aio, monk
     assert torch.equal(pipe.text_encoder.text_projection.weight, torch.eye(32))
     assert parts_source(str(aio.path)) == str(aio.path)  # a feature cache is keyed by the file's encoders
 
-    root, out = aio.root, tmp_path / "out.png"
-    assert main(["generate", "--base", str(aio.path), "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
-                 str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(out), "--prompt", "a cat",
-                 "--steps", "2", "--width", "16", "--height", "16", "--seed", "3"]) == 0
-    truth.set_progress_bar_config(disable=True)
-    with ipadapter.load(truth, str(root / "ip-adapter.bin"), image_encoder=str(root / "siglip")) as prompter:
-        expected = prompter.generate(Image.open(root / "ref.png"), prompt="a cat", steps=2, width=16, height=16,
-                                     seed=3)[0]
-    got = np.asarray(Image.open(out).convert("RGB"), np.int16)
-    assert np.abs(got - np.asarray(expected, np.int16)).max() <= 1
+    root = aio.root
+    df.assert_generate_matches(root, ["--base", str(aio.path)], truth, tmp_path / "out.png")
 
     data = factories.write_images(tmp_path / "data", 2)
     assert main(["train", "--variant", "sd3", "--base", str(aio.path), "--image-encoder", str(root / "siglip"),
@@ -106,7 +83,7 @@ def test_a_part_the_file_lacks_comes_from_the_repository(aio, monkeypatch, tmp_p
     assert all(_equal(getattr(pipe, part), getattr(aio.pipe, part))
                for part in ("transformer", "vae", "text_encoder_2"))
 
-    factories.hub_without_network(monkeypatch, aio.root / "configs-hub")
+    factories.hub_without_network(monkeypatch, aio.configs)
     root = aio.root
     assert main(["generate", "--base", str(path), "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
                  str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(tmp_path / "out.png")]) != 0

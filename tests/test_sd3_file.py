@@ -27,14 +27,10 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # runs build Acc
 
 @pytest.fixture(scope="module")
 def sd3_file(tmp_path_factory):
-    from transformers import SiglipImageProcessor
-
     root = tmp_path_factory.mktemp("sd3-file")
     made = df.transformer_file(root, REPO, df.sd3_pipeline(root / "parts"), df.sd35_large_like(),
                                df.sd3_as_stability, "sd3.5_large_finetune.safetensors")
-    torch.save(df.instantx_state(blocks=38), root / "ip-adapter.bin")
-    df.siglip().save_pretrained(root / "siglip")
-    SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(root / "siglip")
+    df.sd35_adapter_files(root)
     return made
 
 
@@ -227,17 +223,8 @@ def test_a_scaled_fp8_file_loads_each_weight_times_its_scale(sd3_file, monkeypat
     raw = load_file(str(scaled))[prefix + "final_layer.linear.weight"].float()
     assert raw.abs().max() > 100 * meant["final_layer.linear.weight"].abs().max()  # the scales matter
     if dtype == torch.float32:
-        root, out = sd3_file.root, tmp_path / "out.png"
-        assert main(["generate", "--base", str(scaled), "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
-                     str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(out), "--prompt", "a cat",
-                     "--steps", "2", "--width", "16", "--height", "16", "--seed", "3"]) == 0
         pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_file.repo), transformer=truth)
-        pipe.set_progress_bar_config(disable=True)
-        with ipadapter.load(pipe, str(root / "ip-adapter.bin"), image_encoder=str(root / "siglip")) as prompter:
-            image = prompter.generate(Image.open(root / "ref.png"), prompt="a cat", steps=2, width=16, height=16,
-                                      seed=3)[0]
-        got = np.asarray(Image.open(out).convert("RGB"), np.int16)
-        assert np.abs(got - np.asarray(image, np.int16)).max() <= 1
+        df.assert_generate_matches(sd3_file.root, ["--base", str(scaled)], pipe, tmp_path / "out.png")
 
 
 @pytest.mark.parametrize("conf", [b'{"format": "nvfp4"}', b"\xff"])
@@ -260,25 +247,13 @@ def test_a_layer_quantized_otherwise_is_one_line(sd3_file, monkeypatch, tmp_path
     assert not out.exists()
 
 
-def _configs_only(sd3_file, folder: Path) -> Path:
-    """A Hugging Face cache holding the repository's config and tokenizer files alone."""
-    import shutil
-
-    for path in sd3_file.repo.rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".txt", ".model"):
-            (folder / "kept" / path.relative_to(sd3_file.repo)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, folder / "kept" / path.relative_to(sd3_file.repo))
-    factories.write_hub_cache(folder / "hub", REPO, folder / "kept")
-    return folder / "hub"
-
-
 @pytest.mark.parametrize("cached", ["nothing", "configs"])
 def test_a_repository_not_in_the_cache_is_one_line_with_the_download_that_suffices(sd3_file, monkeypatch, tmp_path,
                                                                                    capsys, cached) -> None:
     """Offline with nothing of SD 3.5 Large cached, or its configs alone: one line naming one `hf download` for every
     part its pipeline reads (three text encoders) but the transformer."""
     factories.hub_without_network(monkeypatch, tmp_path / "empty" if cached == "nothing" else
-                                  _configs_only(sd3_file, tmp_path))
+                                  df.configs_only_hub(sd3_file.repo, REPO, tmp_path))
     root = sd3_file.root
     assert main(["generate", "--base", str(sd3_file.path), "--adapter", str(root / "ip-adapter.bin"),
                  "--image-encoder", str(root / "siglip"), "--image", str(root / "ref.png"), "--out",

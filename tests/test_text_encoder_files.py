@@ -5,15 +5,10 @@ reading the same weights laid out as one all-in-one file (`StableDiffusion3Pipel
 
 from __future__ import annotations
 
-import shutil
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import ipadapter
 from ipadapter.cli.main import main
 from ipadapter.pipelines import load_pipeline
 from tests import dit_factories as df
@@ -27,8 +22,6 @@ def files(tmp_path_factory):
     """ComfyUI's separate files of an SD 3.5 model, cut from an all-in-one file: the transformer
     (`models/unet/`), the VAE (`models/vae/`), CLIP-L without a projection, CLIP-G and T5 without its tied input
     embedding (`models/clip/`); a cache of the repository's configs and tokenizers alone."""
-    from transformers import SiglipImageProcessor
-
     root = tmp_path_factory.mktemp("te-files")
     made = df.sd35_all_in_one(root, REPO)
     state = load_file(str(made.path))
@@ -43,16 +36,7 @@ def files(tmp_path_factory):
     made.clip_l = part("text_encoders.clip_l.transformer.", "clip_l.safetensors", ("text_projection.weight",))
     made.clip_g = part("text_encoders.clip_g.transformer.", "clip_g.safetensors")
     made.t5 = part("text_encoders.t5xxl.transformer.", "t5xxl.safetensors", ("encoder.embed_tokens.weight",))
-    kept = root / "configs"
-    for path in made.repo.rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".txt", ".model"):
-            (kept / path.relative_to(made.repo)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, kept / path.relative_to(made.repo))
-    factories.write_hub_cache(root / "configs-hub", REPO, kept)
-    torch.save(df.instantx_state(blocks=38), root / "ip-adapter.bin")
-    df.siglip().save_pretrained(root / "siglip")
-    SiglipImageProcessor(size={"height": 24, "width": 24}).save_pretrained(root / "siglip")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "ref.png")
+    made.configs = df.configs_only_hub(made.repo, REPO, root / "configs")
     return made
 
 
@@ -67,7 +51,7 @@ def test_comfyuis_separate_files_generate_from_the_repositorys_configs_alone(fil
     the identity, as there), and `generate` makes that pipeline's image."""
     from diffusers import StableDiffusion3Pipeline
 
-    sent = factories.hub_without_network(monkeypatch, files.root / "configs-hub")
+    sent = factories.hub_without_network(monkeypatch, files.configs)
     encoders = [files.t5, files.clip_g, files.clip_l]
     pipe = load_pipeline(files.unet, vae=files.vae, text_encoders=encoders)
     truth = StableDiffusion3Pipeline.from_single_file(str(files.path), config=str(files.repo))
@@ -76,18 +60,9 @@ def test_comfyuis_separate_files_generate_from_the_repositorys_configs_alone(fil
         assert _equal(getattr(pipe, part), getattr(truth, part)), part
         assert not getattr(pipe, part).training, part
 
-    root, out = files.root, tmp_path / "out.png"
-    assert main(["generate", "--base", files.unet, "--vae", files.vae, *[x for f in encoders
-                 for x in ("--text-encoder", f)], "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
-                 str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(out), "--prompt", "a cat",
-                 "--steps", "2", "--width", "16", "--height", "16", "--seed", "3"]) == 0
+    flags = ["--base", files.unet, "--vae", files.vae, *[x for f in encoders for x in ("--text-encoder", f)]]
+    df.assert_generate_matches(files.root, flags, truth, tmp_path / "out.png")
     assert [url for url in sent if "stabilityai" in url] == []  # huggingface_hub's telemetry names no model
-    truth.set_progress_bar_config(disable=True)
-    with ipadapter.load(truth, str(root / "ip-adapter.bin"), image_encoder=str(root / "siglip")) as prompter:
-        expected = prompter.generate(Image.open(root / "ref.png"), prompt="a cat", steps=2, width=16, height=16,
-                                     seed=3)[0]
-    got = np.asarray(Image.open(out).convert("RGB"), np.int16)
-    assert np.abs(got - np.asarray(expected, np.int16)).max() <= 1
 
 
 def test_a_scaled_fp8_t5_replaces_a_folder_bases_own(tmp_path) -> None:

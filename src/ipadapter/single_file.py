@@ -190,7 +190,7 @@ def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: A
             weights, config=str(folder), subfolder="transformer", torch_dtype=dtype))}
     weighted = set(HELD_PREFIXES[cls.__name__])
     missing = sorted(weighted - held - set(parts))
-    what = "text encoders and VAE" if set(missing) == weighted else " and ".join(missing)
+    what = "text encoders and VAE" if set(missing) == weighted else " and ".join(missing) or "configs and tokenizers"
     if not held:  # the transformer alone, and what `parts` gives
         return _from_repo(layout, cls, dtype, parts, what, frozenset(parts))
     if missing:
