@@ -80,6 +80,8 @@ def test_a_part_the_file_lacks_comes_from_the_repository(aio, monkeypatch, tmp_p
     factories.hub_without_network(monkeypatch, aio.root / "hub")
     pipe = load_pipeline(path)
     assert _equal(pipe.text_encoder_3, aio.pipe.text_encoder_3)
+    half = load_pipeline(path, dtype=torch.bfloat16)  # the repository's part in the precision asked for too
+    assert {p.dtype for part in PARTS for p in getattr(half, part).parameters()} == {torch.bfloat16}
     assert all(_equal(getattr(pipe, part), getattr(aio.pipe, part))
                for part in ("transformer", "vae", "text_encoder_2"))
 

@@ -62,10 +62,10 @@ def dequantized(path: str | os.PathLike, dtype: torch.dtype) -> dict[str, torch.
 def _check_format(path: str | os.PathLike, layer: str, conf: torch.Tensor) -> None:
     """Refuses a layer quantized as anything but fp8 with one scale (nvfp4's block scales, say), in one line."""
     try:
-        kind = json.loads(bytes(conf.to(torch.uint8).tolist()).decode("utf-8")).get("format")
+        kind = json.loads(bytes(conf.to(torch.uint8).tolist())).get("format")
     except (ValueError, AttributeError):
-        kind = None
+        kind = "an unreadable format"
     if kind not in FORMATS:
-        raise IPAdapterError(f"{path}: {layer} is quantized as {kind or 'an unreadable format'}, which ipadapter does "
+        raise IPAdapterError(f"{path}: {layer} is quantized as {kind}, which ipadapter does "
                              f"not read (it reads {' and '.join(FORMATS)} with one scale per weight); use the model's "
                              "bf16 or fp8 file")

@@ -28,7 +28,8 @@ WIDTH_KEYS = {"CLIP": ("text_model.embeddings.token_embedding.weight", "embeddin
 # The base's text encoder classes → their kind, and the config entry that is their width.
 KINDS = {"CLIPTextModel": ("CLIP", "hidden_size"), "CLIPTextModelWithProjection": ("CLIP", "hidden_size"),
          "T5EncoderModel": ("T5", "d_model")}
-TIED = (("shared.weight", "encoder.embed_tokens.weight"),)  # T5's input embedding is its shared one: either names both
+# T5's input embedding is its shared one: a file may hold either name, which then stands for both.
+TIED = {"shared.weight": "encoder.embed_tokens.weight", "encoder.embed_tokens.weight": "shared.weight"}
 ADVICE = "give --text-encoder a CLIP or T5 text encoder in one .safetensors file"
 
 
@@ -59,10 +60,13 @@ def _slots(layout: Path) -> dict[str, tuple[str, int, Any]]:
     index = json.loads((layout / "model_index.json").read_bytes())
     slots = {}
     for slot, entry in index.items():
-        if slot.startswith("text_encoder") and isinstance(entry, list) and entry[-1] in KINDS:
-            kind, width_key = KINDS[entry[-1]]
+        if not (slot.startswith("text_encoder") and isinstance(entry, list)):
+            continue
+        _, name = entry
+        if name in KINDS:
+            kind, width_key = KINDS[name]
             config = json.loads((layout / slot / "config.json").read_bytes())
-            slots[slot] = (kind, int(config[width_key]), getattr(transformers, entry[-1]))
+            slots[slot] = (kind, int(config[width_key]), getattr(transformers, name))
     return slots
 
 
@@ -71,7 +75,7 @@ def _kind(path: Path) -> tuple[str, int]:
     shapes = tensor_shapes(path, ADVICE)
     for kind, keys in WIDTH_KEYS.items():
         if key := next((k for k in keys if k in shapes), None):
-            return kind, shapes[key][-1]
+            return kind, shapes[key][1]
     raise IPAdapterError(f"{path} holds no CLIP or T5 text encoder by transformers' names (no {WIDTH_KEYS['CLIP'][0]} "
                          f"or {WIDTH_KEYS['T5'][0]}); {ADVICE}")
 
@@ -80,25 +84,20 @@ def _load(path: Path, cls: Any, config_dir: Path, dtype: torch.dtype) -> Any:
     """The slot's model with the file's weights: scaled fp8 ones multiplied back, names matched to the model's
     (with or without `text_model.`), an absent square CLIP projection the identity (SD 3's CLIP-L is published
     without one, which diffusers reads as the identity too), anything else absent refused."""
-    from safetensors.torch import load_file
-
     config = cls.config_class.from_pretrained(str(config_dir))
     with torch.device("meta"):
         expected = {key: value.shape for key, value in cls(config).state_dict().items()}
-    stored = scaled_fp8.dequantized(path, dtype) if scaled_fp8.is_scaled(tensor_shapes(path, ADVICE)) else \
-        load_file(str(path))
     weights = {}
-    for key, value in stored.items():
+    for key, value in scaled_fp8.dequantized(path, dtype).items():  # a file without scales: as stored
         name = next((k for k in (key, key.removeprefix("text_model."), "text_model." + key) if k in expected), None)
         if name is not None:
             weights[name] = value
-    for one, other in TIED:
-        if one in expected and (one in weights) != (other in weights):
-            weights.setdefault(one, weights.get(other))
-            weights.setdefault(other, weights[one])
+    for key, source in TIED.items():
+        if key in expected and key not in weights and source in weights:
+            weights[key] = weights[source]
     projection = "text_projection.weight"
-    if projection in expected and projection not in weights and expected[projection][0] == expected[projection][1]:
-        weights[projection] = torch.eye(expected[projection][0])
+    if projection in expected and projection not in weights and len(set(expected[projection])) == 1:
+        weights[projection] = torch.eye(*expected[projection])
     missing = [key for key in expected if key not in weights]
     if missing:
         raise IPAdapterError(f"{path} lacks {len(missing)} weights of this base's {config_dir.name} "
