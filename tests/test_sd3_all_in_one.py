@@ -98,6 +98,22 @@ def test_a_part_the_file_lacks_comes_from_the_repository(aio, monkeypatch, tmp_p
         "diffusers pipeline folder"]
 
 
+def test_a_part_whose_weights_do_not_fit_is_one_line(aio, monkeypatch, tmp_path, capsys) -> None:
+    """A file whose VAE lacks its decoder's last convolution (diffusers leaves it on the meta device and fails to
+    copy it): one line naming the file and the pipeline it was read as, with nothing written."""
+    path = tmp_path / "no-vae-out.safetensors"
+    cut = "first_stage_model.decoder.conv_out"
+    save_file({k: v for k, v in load_file(str(aio.path)).items() if not k.startswith(cut)}, str(path))
+    factories.hub_without_network(monkeypatch, aio.configs)
+    root, out = aio.root, tmp_path / "out.png"
+    assert main(["generate", "--base", str(path), "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
+                 str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(out), "--steps", "1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"ipadapter: error: could not load {path} as a StableDiffusion3Pipeline: a part it "
+                                "holds lacks some of its weights; it was cut short or made for another model"]
+    assert not out.exists()
+
+
 def test_parts_stored_as_scaled_fp8_are_dequantized_or_read_from_the_repository(aio, monkeypatch, tmp_path) -> None:
     """ComfyUI's `sd3.5_large_fp8_scaled`: the transformer and T5 stored as scaled fp8, the CLIPs and VAE as they
     are. The transformer is its weights times their scales (diffusers reading a plain file of those); T5, which

@@ -27,7 +27,7 @@ DENOISER = "model.diffusion_model."  # the prefix of the denoiser's weights in a
 
 def is_scaled(keys: Iterable[str]) -> bool:
     """Whether a file with these tensor names stores scaled weights (its header alone tells)."""
-    return any(key.rsplit(".", 1)[-1] in (MARKER, *SCALES, "comfy_quant") for key in keys)
+    return any(key.split(".")[-1] in (MARKER, *SCALES) for key in keys)
 
 
 def dequantized(path: str | os.PathLike, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -41,7 +41,7 @@ def dequantized(path: str | os.PathLike, dtype: torch.dtype) -> dict[str, torch.
         wanted = {key for key in keys if key.startswith(DENOISER)} or keys
         out = {}
         for key in sorted(wanted):
-            name = key.rsplit(".", 1)[-1]
+            name = key.split(".")[-1]
             if name in (MARKER, *SCALES, *UNREAD):
                 continue
             layer = key.removesuffix(".weight")

@@ -231,6 +231,9 @@ def _from_file(path: str | os.PathLike, cls: Any, load: Callable[[], Any]) -> An
 
     try:
         return load()
+    except NotImplementedError:  # diffusers leaves a part's missing weights on the meta device, which cannot be copied
+        raise IPAdapterError(f"could not load {path} as a {cls.__name__}: a part it holds lacks some of its weights; "
+                             "it was cut short or made for another model") from None
     except (SingleFileComponentError, OSError, ValueError, RuntimeError, KeyError) as err:
         reason = f"it has no weight {err.args[0]}" if isinstance(err, KeyError) else first_clause(str(err))
         raise IPAdapterError(f"could not load {path} as a {cls.__name__}: {reason}") from None
