@@ -62,7 +62,7 @@ def dequantized(path: str | os.PathLike, dtype: torch.dtype) -> dict[str, torch.
 def _check_format(path: str | os.PathLike, layer: str, conf: torch.Tensor) -> None:
     """Refuses a layer quantized as anything but fp8 with one scale (nvfp4's block scales, say), in one line."""
     try:
-        kind = json.loads(bytes(conf.to(torch.uint8).tolist())).get("format")
+        kind = json.loads(bytes(conf.tolist())).get("format")
     except (ValueError, AttributeError):
         kind = "an unreadable format"
     if kind not in FORMATS:
