@@ -699,7 +699,7 @@ def test_every_example_in_generate_help_is_a_command_it_takes(capsys) -> None:
         main(["generate", "--help"])
     assert capsys.readouterr().out.endswith("\n\n" + EXAMPLES)
     commands = EXAMPLES.removeprefix("examples:\n").replace("\\\n", " ").splitlines()
-    assert len(commands) == 9
+    assert len(commands) == 10
     for line in commands:
         words = shlex.split(line.split("#")[0])
         argv = words[words.index("generate"):] if words[0] == "accelerate" else words[1:]
