@@ -35,9 +35,9 @@ def _equal(model, truth) -> bool:
     return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
 
 
-def _without(aio, tmp_path: Path, prefix: str) -> Path:
+def _without(aio, tmp_path: Path, prefixes: tuple[str, ...]) -> Path:
     path = tmp_path / "sd3.5_large_incl_clips.safetensors"
-    save_file({k: v for k, v in load_file(str(aio.path)).items() if not k.startswith(prefix)}, str(path))
+    save_file({k: v for k, v in load_file(str(aio.path)).items() if not k.startswith(prefixes)}, str(path))
     return path
 
 
@@ -64,37 +64,44 @@ def test_a_file_holding_every_part_needs_the_repositorys_configs_alone(aio, monk
     root = aio.root
     df.assert_generate_matches(root, ["--base", str(aio.path)], truth, tmp_path / "out.png")
 
-    data = factories.write_images(tmp_path / "data", 2)
-    assert main(["train", "--variant", "sd3", "--base", str(aio.path), "--image-encoder", str(root / "siglip"),
-                 "--data", str(data), "--resolution", "16", "--max-steps", "1", "--batch-size", "1",
-                 "--num-workers", "0", "--output", str(tmp_path / "run")]) == 0
-    assert (tmp_path / "run" / "ip-adapter.safetensors").is_file()
+    data = factories.write_images(tmp_path / "data", 2)  # a run that builds a feature cache, then one from it alone
+    run = ["train", "--variant", "sd3", "--base", str(aio.path), "--image-encoder", str(root / "siglip"),
+           "--resolution", "16", "--max-steps", "1", "--batch-size", "1", "--num-workers", "0", "--cache",
+           str(tmp_path / "cache"), "--validate-every", "1", "--validation-image", str(root / "ref.png"),
+           "--validation-steps", "1"]
+    assert main([*run, "--data", str(data), "--output", str(tmp_path / "built")]) == 0
+    factories.reset_accelerate()
+    assert main([*run, "--output", str(tmp_path / "cached")]) == 0
+    for out in ("built", "cached"):
+        assert (tmp_path / out / "ip-adapter.safetensors").is_file()
+        assert (tmp_path / out / "validation" / "step-00000001.png").is_file()
     assert [url for url in sent if "stabilityai" in url] == []  # huggingface_hub's telemetry names no model
 
 
-def test_a_part_the_file_lacks_comes_from_the_repository(aio, monkeypatch, tmp_path, capsys) -> None:
-    """A file with the two CLIPs and the VAE but no T5 (Stability's `sd3_medium_incl_clips`): T5 from the repository
-    in the cache, the rest from the file; with the configs alone cached, one line naming the download of T5 and the
-    configs, and nothing else."""
-    path = _without(aio, tmp_path, "text_encoders.t5xxl.")
+@pytest.mark.parametrize("lacks", [("text_encoder_3",), ("text_encoder_2", "text_encoder_3")])
+def test_a_part_the_file_lacks_comes_from_the_repository(aio, monkeypatch, tmp_path, capsys, lacks) -> None:
+    """A file without T5 (Stability's `sd3_medium_incl_clips`), or without CLIP-G too: those from the repository in
+    the cache, the rest from the file; with the configs alone cached, one line naming the download of those parts and
+    the configs, and nothing else."""
+    prefixes = {"text_encoder_2": "text_encoders.clip_g.", "text_encoder_3": "text_encoders.t5xxl."}
+    path = _without(aio, tmp_path, tuple(prefixes[part] for part in lacks))
     factories.hub_without_network(monkeypatch, aio.root / "hub")
     pipe = load_pipeline(path)
-    assert _equal(pipe.text_encoder_3, aio.pipe.text_encoder_3)
-    half = load_pipeline(path, dtype=torch.bfloat16)  # the repository's part in the precision asked for too
+    assert all(_equal(getattr(pipe, part), getattr(aio.pipe, part)) for part in lacks)
+    half = load_pipeline(path, dtype=torch.bfloat16)  # the repository's parts in the precision asked for too
     assert {p.dtype for part in PARTS for p in getattr(half, part).parameters()} == {torch.bfloat16}
-    assert all(_equal(getattr(pipe, part), getattr(aio.pipe, part))
-               for part in ("transformer", "vae", "text_encoder_2"))
+    assert all(_equal(getattr(pipe, part), getattr(aio.pipe, part)) for part in ("transformer", "vae"))
 
     factories.hub_without_network(monkeypatch, aio.configs)
     root = aio.root
     assert main(["generate", "--base", str(path), "--adapter", str(root / "ip-adapter.bin"), "--image-encoder",
                  str(root / "siglip"), "--image", str(root / "ref.png"), "--out", str(tmp_path / "out.png")]) != 0
-    patterns = ["*.json", "*.txt", "*.model", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "text_encoder_3/*",
-                "tokenizer_3/*"]
+    patterns = ["*.json", "*.txt", "*.model", "scheduler/*", "tokenizer/*", *(["text_encoder_2/*"] if len(lacks) > 1
+                else []), "tokenizer_2/*", "text_encoder_3/*", "tokenizer_3/*"]
     command = f"hf download {REPO} --include " + " ".join(f"'{p}'" for p in patterns)
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"ipadapter: error: the SD 3.5 Large text_encoder_3 {REPO} is not in the local Hugging Face cache and the Hub "
-        f"cannot be reached; download it once with network access ({command}) or give --base the model as a "
+        f"ipadapter: error: the SD 3.5 Large {' and '.join(lacks)} {REPO} is not in the local Hugging Face cache and "
+        f"the Hub cannot be reached; download it once with network access ({command}) or give --base the model as a "
         "diffusers pipeline folder"]
 
 
