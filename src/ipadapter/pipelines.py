@@ -16,6 +16,7 @@ from ipadapter import single_file
 from ipadapter.checkpoint import is_weights_file
 from ipadapter.errors import IPAdapterError, first_clause
 from ipadapter.sources import from_cache_or_hub, plain_or_fp16, read_config, require_vocabulary, split_hub_path
+from ipadapter.text_encoder_files import load_text_encoder_files
 from ipadapter.validation import model_source
 
 
@@ -28,8 +29,6 @@ def load_pipeline(
     another (`load_vae`), its own text encoders but those `text_encoders` files replace (`text_encoder_files`). SD
     1.5's safety checker is dropped, as ComfyUI and the web UIs run: it would black out the images it flags. Each
     generation's step bar is cleared when it ends (`leave=False`): a batch leaves one line, not a bar each."""
-    from ipadapter.text_encoder_files import load_text_encoder_files
-
     new_scheduler = _scheduler_class(scheduler) if scheduler else None  # a misspelt name fails before the load
     parts = {"vae": load_vae(vae, base=str(base), dtype=dtype)} if vae else {}
     if text_encoders:

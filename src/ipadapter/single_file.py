@@ -18,8 +18,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -172,9 +172,7 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, **parts: Any) -> 
     if scaled_fp8.is_scaled(tensor_shapes(path, EXPECTED)):
         raise IPAdapterError(f"{path} stores its weights as scaled fp8, which ipadapter reads for FLUX.1 and SD 3 / "
                              "3.5 transformer files only; use the checkpoint's fp16 or bf16 file")
-    # every file it reads is local: the checkpoint and the config folder
-    return _evaluating(_from_file(path, cls, lambda: cls.from_single_file(str(path), config=str(folder),
-                                                                          torch_dtype=dtype, **parts)))
+    return _whole_file(path, cls, folder, dtype, parts)
 
 
 def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: Any, transformer_cls: Any,
@@ -183,9 +181,9 @@ def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: A
     (`held_parts`); the rest from its family's repository (`layout`: its name and repository)."""
     name, repo = layout
     held = held_parts(path) - set(parts)
-    if "transformer" not in parts and (not held or scaled_fp8.is_scaled(tensor_shapes(path, EXPECTED))):
-        weights = scaled_fp8.dequantized(path, dtype) if scaled_fp8.is_scaled(tensor_shapes(path, EXPECTED)) \
-            else str(path)
+    scaled = scaled_fp8.is_scaled(tensor_shapes(path, EXPECTED))
+    if "transformer" not in parts and (not held or scaled):
+        weights = scaled_fp8.dequantized(path, dtype) if scaled else str(path)
         parts = {**parts, "transformer": _from_file(path, transformer_cls, lambda: transformer_cls.from_single_file(
             weights, config=str(folder), subfolder="transformer", torch_dtype=dtype))}
     weighted = set(HELD_PREFIXES[cls.__name__])
@@ -197,13 +195,15 @@ def _around_transformer(path: str | os.PathLike, layout: tuple[str, str], cls: A
         source = _from_repo(layout, cls, dtype, {**parts, "transformer": None, **dict.fromkeys(held)}, what,
                             held | frozenset(parts))
         parts = {**parts, **{part: getattr(source, part) for part in missing}}
-    return _evaluating(_from_file(path, cls, lambda: cls.from_single_file(str(path), config=str(folder),
-                                                                          torch_dtype=dtype, **parts)))
+    return _whole_file(path, cls, folder, dtype, parts)
 
 
-def _evaluating(pipe: Any) -> Any:
-    """`pipe` with every model in eval mode: diffusers' single-file loader leaves T5 in training mode (dropout on,
-    so a prompt's embedding changed from call to call)."""
+def _whole_file(path: str | os.PathLike, cls: Any, folder: Path, dtype: torch.dtype, parts: dict[str, Any]) -> Any:
+    """diffusers' `from_single_file` of the pipeline `cls`, every file it reads local (the checkpoint and the config
+    folder), each model in eval mode: its loader leaves T5 in training mode (dropout on, so a prompt's embedding
+    changed from call to call)."""
+    pipe = _from_file(path, cls, lambda: cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype,
+                                                              **parts))
     for part in pipe.components.values():
         if isinstance(part, torch.nn.Module):
             part.eval()
