@@ -440,3 +440,25 @@ def assert_generate_matches(root: Path, base_flags: list[str], pipe, out: Path) 
                                      seed=3)[0]
     got = np.asarray(Image.open(out).convert("RGB"), np.int16)
     assert np.abs(got - np.asarray(expected, np.int16)).max() <= 1
+
+
+def scaled_fp8_state(state: dict[str, torch.Tensor], layout: str = "older", chosen: Callable[[str], bool] = lambda key: True,
+                     marker: str = "scaled_fp8") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`state` as ComfyUI writes a scaled fp8 file: each `chosen` linear weight divided by its scale (its largest
+    magnitude over fp8's largest) and stored as float8_e4m3fn, in the older layout (`scale_weight`, `scale_input`, the
+    `marker` tensor) or the newer (`weight_scale`, `input_scale`, `comfy_quant`); every other tensor as it is. Returns
+    that, and what each tensor stands for: a stored fp8 value times its scale, in float32, or the tensor itself."""
+    names = ("scale_weight", "scale_input") if layout == "older" else ("weight_scale", "input_scale")
+    stored, meant = {}, {}
+    for key, value in state.items():
+        stored[key] = meant[key] = value
+        if key.endswith(".weight") and value.ndim == 2 and chosen(key):
+            layer, scale = key.removesuffix(".weight"), value.abs().amax().float() / 448
+            stored[key] = (value / scale).to(torch.float8_e4m3fn)
+            meant[key] = stored[key].float() * scale
+            stored[f"{layer}.{names[0]}"], stored[f"{layer}.{names[1]}"] = scale, torch.ones(())
+            if layout == "newer":
+                stored[f"{layer}.comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    if layout == "older":
+        stored[marker] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    return stored, meant

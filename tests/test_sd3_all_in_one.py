@@ -127,23 +127,13 @@ def test_parts_stored_as_scaled_fp8_are_dequantized_or_read_from_the_repository(
     diffusers would read without its scales, is the repository's; the CLIPs and VAE are the file's."""
     from diffusers import SD3Transformer2DModel
 
-    stored, meant = {}, {}
-    for key, value in load_file(str(aio.path)).items():
-        layer = key.removesuffix(".weight")
-        if key.startswith(("model.diffusion_model.", "text_encoders.t5xxl.")) and key.endswith(".weight") and \
-                value.ndim == 2:
-            scale = value.abs().amax().float() / 448
-            stored[key] = (value / scale).to(torch.float8_e4m3fn)
-            stored[layer + ".scale_weight"] = scale
-            value = stored[key].float() * scale
-        else:
-            stored[key] = value
-        if key.startswith("model.diffusion_model."):
-            meant[key.removeprefix("model.diffusion_model.")] = value
-    stored["model.diffusion_model.scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    denoiser = "model.diffusion_model."
+    stored, meant = df.scaled_fp8_state(load_file(str(aio.path)), chosen=lambda key: key.startswith(
+        (denoiser, "text_encoders.t5xxl.")), marker=denoiser + "scaled_fp8")
     scaled = tmp_path / "sd3.5_large_fp8_scaled.safetensors"
     save_file(stored, str(scaled))
-    save_file(meant, str(tmp_path / "plain.safetensors"))
+    save_file({k.removeprefix(denoiser): v for k, v in meant.items() if k.startswith(denoiser)},
+              str(tmp_path / "plain.safetensors"))
     factories.hub_without_network(monkeypatch, aio.root / "hub")
     pipe = load_pipeline(scaled)
     assert _equal(pipe.transformer, SD3Transformer2DModel.from_single_file(

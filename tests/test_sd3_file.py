@@ -175,29 +175,13 @@ def _scaled(path: Path, out: Path, layout: str, prefix: str = "") -> dict[str, t
     scale (its largest magnitude over fp8's largest) and stored as float8_e4m3fn, in the older layout (`scaled_fp8`
     marker, `scale_weight`, `scale_input`) or the newer (`comfy_quant`, `weight_scale`, `input_scale`), under `prefix`.
     Returns what each stored weight stands for: the fp8 value times its scale, in float32."""
-    import json
-
-    stored, meant = {}, {}
-    for key, value in load_file(str(path)).items():
-        meant[key] = value
-        if key.endswith(".weight") and value.ndim == 2:
-            layer, scale = prefix + key.removesuffix(".weight"), value.abs().amax().float() / 448
-            stored[prefix + key] = (value / scale).to(torch.float8_e4m3fn)
-            meant[key] = stored[prefix + key].float() * scale
-            names = ("scale_weight", "scale_input") if layout == "older" else ("weight_scale", "input_scale")
-            stored[f"{layer}.{names[0]}"], stored[f"{layer}.{names[1]}"] = scale, torch.tensor(1.0)
-            if layout == "newer":
-                stored[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
-                                                              dtype=torch.uint8)
-        else:
-            stored[prefix + key] = value
-    if layout == "older":
-        stored[prefix + "scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    stored, meant = df.scaled_fp8_state({prefix + k: v for k, v in load_file(str(path)).items()}, layout,
+                                        marker=prefix + "scaled_fp8")
     if prefix:  # an all-in-one file: a text encoder beside the transformer, itself scaled (never read for it)
         stored["text_encoders.t5xxl.transformer.shared.weight"] = torch.ones(4, 4, dtype=torch.float8_e4m3fn)
         stored["text_encoders.t5xxl.transformer.shared.scale_weight"] = torch.tensor(3.0)
     save_file(stored, str(out))
-    return meant
+    return {k.removeprefix(prefix): v for k, v in meant.items()}
 
 
 @pytest.mark.parametrize(("layout", "prefix", "dtype"), [("older", "", torch.float32),

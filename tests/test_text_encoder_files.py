@@ -75,15 +75,9 @@ def test_a_scaled_fp8_t5_replaces_a_folder_bases_own(tmp_path) -> None:
 
     folder = df.save_flux_base(tmp_path / "flux")
     own = FluxPipeline.from_pretrained(str(folder))
-    stored, meant = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
-    for key, value in df.t5(9).state_dict().items():  # the tied input embedding kept, `shared.weight` not
-        if key.endswith(".weight") and value.ndim == 2 and key != "shared.weight":
-            scale = value.abs().amax().float() / 448
-            stored[key] = (value / scale).to(torch.float8_e4m3fn)
-            stored[key.removesuffix(".weight") + ".scale_weight"] = scale
-            meant[key] = (stored[key].float() * scale).to(torch.bfloat16)
-        elif key != "shared.weight":
-            stored[key], meant[key] = value, value.to(torch.bfloat16)
+    t5 = {k: v for k, v in df.t5(9).state_dict().items() if k != "shared.weight"}  # the tied input embedding kept
+    stored, meant = df.scaled_fp8_state(t5)
+    meant = {k: v.to(torch.bfloat16) for k, v in meant.items()}
     save_file(stored, str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
     pipe = load_pipeline(folder, dtype=torch.bfloat16,
                          text_encoders=[tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"])
